@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+from connectors.base import Positions, Record, TopicPartition
+
+
+class MemoryLog:
+    """An append-only in-process log of topics and partitions, shared by MemorySink and MemorySource."""
+
+    def __init__(self) -> None:
+        self._data: dict[TopicPartition, list[Record]] = {}
+        self._cond = threading.Condition()
+
+    def create(self, topic: str, partitions: int = 1) -> None:
+        with self._cond:
+            for p in range(partitions):
+                self._data.setdefault(TopicPartition(topic, p), [])
+
+    def partitions(self, topic: str) -> list[TopicPartition]:
+        with self._cond:
+            return sorted(tp for tp in self._data if tp.topic == topic)
+
+    def append(self, topic: str, value: bytes, key: bytes | None, timestamp_ms: int | None) -> Record:
+        with self._cond:
+            parts = [tp for tp in self._data if tp.topic == topic] or [TopicPartition(topic, 0)]
+            # Same rule as Kafka's default partitioner in spirit: a key always maps to one partition.
+            index = 0 if key is None else _stable_hash(key) % len(parts)
+            tp = sorted(parts)[index]
+            log = self._data.setdefault(tp, [])
+            ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+            record = Record(tp.topic, tp.partition, len(log), key, value, ts)
+            log.append(record)
+            self._cond.notify_all()
+            return record
+
+    def read(self, tp: TopicPartition, offset: int, limit: int) -> list[Record]:
+        with self._cond:
+            return self._data.get(tp, [])[offset : offset + limit]
+
+    def wait(self, timeout_s: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout_s)
+
+
+def _stable_hash(data: bytes) -> int:
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+class MemorySink:
+    def __init__(self, log: MemoryLog, topic: str) -> None:
+        self.log = log
+        self.topic = topic
+        self._closed = False
+
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+        if self._closed:
+            raise RuntimeError("send on a closed MemorySink")
+        self.log.append(self.topic, value, key, timestamp_ms)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class MemorySource:
+    def __init__(self, log: MemoryLog, topics: list[str]) -> None:
+        self.log = log
+        self.topics = topics
+        self._next: Positions = {}
+        self._cursor = 0
+
+    def partitions(self) -> list[TopicPartition]:
+        return [tp for topic in self.topics for tp in self.log.partitions(topic)]
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        positions = positions or {}
+        self._next = {tp: int(positions.get(tp, 0)) for tp in self.partitions()}
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            batch = self._take(max_records)
+            remaining = deadline - time.monotonic()
+            if batch or remaining <= 0:
+                return batch
+            self.log.wait(min(remaining, 0.05))
+
+    def _take(self, max_records: int) -> list[Record]:
+        for tp in self.partitions():
+            self._next.setdefault(tp, 0)
+        out: list[Record] = []
+        pairs = sorted(self._next)
+        # Round-robin over partitions so one busy partition cannot starve the others.
+        for i in range(len(pairs)):
+            tp = pairs[(self._cursor + i) % len(pairs)]
+            records = self.log.read(tp, self._next[tp], max_records - len(out))
+            if records:
+                out.extend(records)
+                self._next[tp] = records[-1].offset + 1
+            if len(out) >= max_records:
+                break
+        self._cursor += 1
+        return out
+
+    def position(self) -> Positions:
+        return dict(self._next)
+
+    def close(self) -> None:
+        self._next = {}
