@@ -1,0 +1,460 @@
+"""A real single-node Apache Kafka broker (KRaft) run from the jars that ``deploy/kafka/pom.xml`` pulls from
+Maven Central: for tests, CI and the local demo. No tarball, no Docker, no mock.
+
+State folder layout (everything the broker writes stays there)::
+
+    <state_dir>/server.properties   generated config (ports, log.dirs)
+    <state_dir>/data/                KRaft metadata log + topic data
+    <state_dir>/broker.log           broker stdout/stderr (log4j2 console appender)
+    <state_dir>/broker.json          pid, ports, version, start time: how `reloop kafka status/down` find it
+
+Example (needs Java 17 and Maven)::
+
+    broker = LocalBroker(Path("/tmp/k"))
+    broker.start()           # a few seconds
+    broker.bootstrap         # "127.0.0.1:41234"
+    broker.stop()
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KAFKA_HOME = REPO_ROOT / "deploy" / "kafka"
+READY_LINE = "Kafka Server started"
+_MARKER = ".complete"
+_JAR_VERSION = re.compile(r"^kafka_2\.\d+-(?P<version>[\w.\-]+)\.jar$")
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be fetched, started or reached; the message says why (with the log tail)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    """What ``broker.json`` records about a started broker."""
+
+    pid: int
+    port: int
+    controller_port: int
+    version: str
+    cluster_id: str
+    started_at: float
+    start_seconds: float
+    log_path: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatus:
+    running: bool
+    info: BrokerInfo | None
+    reachable: bool
+    rss_mb: float | None
+    detail: str
+
+
+def free_port() -> int:
+    """A port the OS just handed out on 127.0.0.1 (free now; a tiny race remains, as with any such scheme)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _die_with_parent() -> None:
+    """preexec hook: the kernel sends SIGTERM to the broker when the process that started it dies,
+    so a killed test run never leaves an orphan broker behind."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class LocalBroker:
+    """One KRaft broker+controller process on 127.0.0.1 with its state under ``state_dir``.
+
+    ``port``/``controller_port`` default to the ports of the previous run in the same state folder when
+    they are still free (restarts keep the bootstrap address), else to fresh free ports.
+    ``detached=True`` lets the broker outlive this Python process (``reloop kafka up``); otherwise the
+    broker is terminated when its parent dies.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        port: int | None = None,
+        *,
+        controller_port: int | None = None,
+        kafka_home: Path | str = KAFKA_HOME,
+        heap_mb: int = 512,
+        java: str = "java",
+        detached: bool = False,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.kafka_home = Path(kafka_home).resolve()
+        self.heap_mb = heap_mb
+        self.java = java
+        self.detached = detached
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._info: BrokerInfo | None = None
+
+    # ----------------------------------------------------------------------------------------- paths
+    @property
+    def lib_dir(self) -> Path:
+        return self.kafka_home / "lib"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "broker.log"
+
+    @property
+    def info_path(self) -> Path:
+        return self.state_dir / "broker.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir / "server.properties"
+
+    # ------------------------------------------------------------------------------------------ jars
+    def ensure_jars(self) -> Path:
+        """Copy the broker jars into ``lib/`` with Maven unless ``lib/`` already matches the pom.
+
+        The marker file holds the pom's sha256, so a second call downloads nothing, and editing the pom
+        (a Kafka upgrade) wipes the old jars instead of mixing two versions on the classpath.
+        """
+        pom = self.kafka_home / "pom.xml"
+        if not pom.is_file():
+            raise BrokerError(f"no Kafka pom at {pom}")
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+        marker = self.lib_dir / _MARKER
+        if marker.is_file() and marker.read_text().strip() == digest and self._kafka_jar() is not None:
+            return self.lib_dir
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise BrokerError("Maven ('mvn') is not on PATH; it is needed once to fetch the Kafka jars")
+        if self.lib_dir.exists():
+            shutil.rmtree(self.lib_dir)
+        cmd = [mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or self._kafka_jar() is None:
+            output = f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            raise BrokerError(f"{' '.join(cmd)} failed ({done.returncode}):\n{output}")
+        marker.write_text(digest + "\n")
+        return self.lib_dir
+
+    def _kafka_jar(self) -> Path | None:
+        if not self.lib_dir.is_dir():
+            return None
+        return next((p for p in sorted(self.lib_dir.iterdir()) if _JAR_VERSION.match(p.name)), None)
+
+    @property
+    def version(self) -> str:
+        """The Kafka version of the jars on the classpath (e.g. "4.4.0")."""
+        if self._info is not None:
+            return self._info.version
+        jar = self._kafka_jar()
+        if jar is None:
+            raise BrokerError(f"no kafka_2.13-*.jar in {self.lib_dir}; run `reloop kafka fetch`")
+        match = _JAR_VERSION.match(jar.name)
+        assert match is not None
+        return match.group("version")
+
+    # --------------------------------------------------------------------------------- lifecycle
+    @property
+    def bootstrap(self) -> str:
+        if self._info is None:
+            raise BrokerError("the broker is not started")
+        return self._info.bootstrap
+
+    @property
+    def info(self) -> BrokerInfo | None:
+        return self._info
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._info is None else self._info.pid
+
+    def start(self, timeout_s: float = 90.0) -> BrokerInfo:
+        """Format storage if new, start the broker, and return once it answers a metadata request."""
+        if self.status().running:
+            raise BrokerError(f"a broker already runs from {self.state_dir} (pid {self.pid})")
+        self.ensure_jars()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        previous = _read_info(self.info_path)
+        port = self.port or _reuse(previous.port if previous else None) or free_port()
+        controller_port = self.controller_port or _reuse(previous.controller_port if previous else None)
+        controller_port = controller_port or free_port()
+        if controller_port == port:
+            controller_port = free_port()
+        self.config_path.write_text(self._server_properties(port, controller_port))
+        began = time.monotonic()
+        cluster_id = self._format_storage()
+
+        if self.log_path.exists():
+            self.log_path.replace(self.state_dir / "broker.previous.log")
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                self._java_cmd("kafka.Kafka", str(self.config_path), heap=f"-Xmx{self.heap_mb}m", xms=True),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.state_dir,
+                start_new_session=self.detached,
+                preexec_fn=None if self.detached else _die_with_parent,
+            )
+        try:
+            self._wait_ready(port, began + timeout_s)
+        except BaseException:
+            self._terminate(self._proc.pid, 10.0)
+            raise
+        self._info = BrokerInfo(
+            pid=self._proc.pid,
+            port=port,
+            controller_port=controller_port,
+            version=self.version,
+            cluster_id=cluster_id,
+            started_at=time.time(),
+            start_seconds=round(time.monotonic() - began, 3),
+            log_path=str(self.log_path),
+        )
+        self.info_path.write_text(json.dumps(asdict(self._info), indent=2) + "\n")
+        return self._info
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """SIGTERM (Kafka's clean shutdown), wait, SIGKILL after ``timeout_s``; True if one was stopped."""
+        info = self._info or _read_info(self.info_path)
+        stopped = False
+        if info is not None and _is_broker_process(info.pid, self.config_path):
+            stopped = self._terminate(info.pid, timeout_s)
+        if self._proc is not None:
+            self._proc.poll()
+            self._proc = None
+        # broker.json stays: the next start reuses its ports so the bootstrap address survives down/up.
+        self._info = None
+        return stopped
+
+    def status(self) -> BrokerStatus:
+        """Whether the broker recorded in the state folder is alive, and whether it answers metadata."""
+        info = self._info or _read_info(self.info_path)
+        if info is None:
+            return BrokerStatus(False, None, False, None, f"no broker recorded in {self.state_dir}")
+        if not _is_broker_process(info.pid, self.config_path):
+            return BrokerStatus(False, info, False, None, f"not running (last pid {info.pid})")
+        self._info = info
+        reachable, detail = _metadata_ok(info.bootstrap, timeout_s=5.0)
+        return BrokerStatus(True, info, reachable, self.rss_mb(), detail)
+
+    def rss_mb(self) -> float | None:
+        """Resident memory of the broker JVM in MB (None when not running)."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+        except psutil.Error:
+            return None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no broker log)"
+
+    def ready_line(self) -> str | None:
+        """The broker's own 'Kafka Server started' log line (proof it ran from the project's jars)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            return next((ln for ln in lines if READY_LINE in ln), None)
+        except FileNotFoundError:
+            return None
+
+    def __enter__(self) -> LocalBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _java_cmd(self, main: str, *args: str, heap: str, xms: bool = False) -> list[str]:
+        cmd = [self.java, heap]
+        if xms:
+            # Small-footprint flags: one GC thread, C1 only (fast start, a few hundred MB); the broker is
+            # a dev/CI tool here, not a production deployment.
+            cmd += ["-Xms128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-XX:+ExitOnOutOfMemoryError"]
+        cmd += [
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.kafka_home / 'log4j2.xml'}",
+            "-cp",
+            f"{self.lib_dir}/*",
+            main,
+            *args,
+        ]
+        return cmd
+
+    def _format_storage(self) -> str:
+        meta = self.data_dir / "meta.properties"
+        if meta.is_file():
+            # Already formatted: keep its cluster id (and the topics) across down/up.
+            match = re.search(r"^cluster\.id=(.+)$", meta.read_text(), re.MULTILINE)
+            if match:
+                return match.group(1).strip()
+        cluster_id = new_cluster_id()
+        cmd = self._java_cmd(
+            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_path),
+            "--ignore-formatted", heap="-Xmx256m",
+        )
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.state_dir)
+        if done.returncode != 0:
+            raise BrokerError(f"formatting storage failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return cluster_id
+
+    def _server_properties(self, port: int, controller_port: int) -> str:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "num.network.threads": "1",
+            "num.io.threads": "2",
+            "log.cleaner.dedupe.buffer.size": "2097152",
+        }
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _wait_ready(self, port: int, deadline: float) -> None:
+        assert self._proc is not None
+        while READY_LINE not in self.log_path.read_text(errors="replace"):
+            if self._proc.poll() is not None:
+                raise BrokerError(f"the broker exited with {self._proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no '{READY_LINE}' in {self.log_path} in time:\n{self.log_tail()}")
+            time.sleep(0.1)
+        # The log line says the server object started; a metadata round trip says clients can use it.
+        while True:
+            ok, detail = _metadata_ok(f"127.0.0.1:{port}", timeout_s=max(1.0, deadline - time.monotonic()))
+            if ok:
+                return
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise BrokerError(f"the broker does not answer metadata: {detail}\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _terminate(pid: int, timeout_s: float) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        except psutil.NoSuchProcess:
+            return False
+        return True
+
+
+def _reuse(port: int | None) -> int | None:
+    return port if port is not None and _port_is_free(port) else None
+
+
+def _read_info(path: Path) -> BrokerInfo | None:
+    try:
+        return BrokerInfo(**json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _is_broker_process(pid: int, config_path: Path) -> bool:
+    """Alive, not a zombie, and the Kafka JVM of this state folder (never signal a recycled pid)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+        return "kafka.Kafka" in cmdline and str(config_path) in cmdline
+    except psutil.Error:
+        return False
+
+
+def _metadata_ok(bootstrap: str, timeout_s: float) -> tuple[bool, str]:
+    """A real client round trip: the cluster must list an unfenced broker."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    timeout_ms = int(max(timeout_s, 1.0) * 1000)
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+        )
+    except (KafkaError, OSError) as exc:
+        return False, f"cannot connect to {bootstrap}: {exc!r}"
+    try:
+        cluster = admin.describe_cluster()
+    except (KafkaError, OSError) as exc:
+        return False, f"metadata request to {bootstrap} failed: {exc!r}"
+    finally:
+        admin.close()
+    brokers = [b for b in cluster.get("brokers", []) if not b.get("is_fenced", False)]
+    if not brokers:
+        return False, f"no unfenced broker in the metadata of {bootstrap}"
+    return True, f"cluster {cluster.get('cluster_id')} answers with {len(brokers)} broker(s)"
+
+
+def read_bootstrap(state_dir: Path | str) -> str | None:
+    """The bootstrap address of the broker recorded in ``state_dir`` if it is alive, else None.
+
+    For other commands (demo, run) that want to find the broker `reloop kafka up` started.
+    """
+    state = Path(state_dir).resolve()
+    info = _read_info(state / "broker.json")
+    if info is None or not _is_broker_process(info.pid, state / "server.properties"):
+        return None
+    return info.bootstrap

@@ -1,0 +1,89 @@
+"""``reloop kafka up | status | down | fetch``: the local development broker.
+
+The state folder is ``.state/kafka`` under the repository, or ``$RELOOP_STATE_DIR/kafka``, or ``--state-dir``.
+``up`` leaves the broker running in the background; ``status`` and ``down`` find it through
+``<state>/broker.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
+
+
+def default_state_dir() -> Path:
+    root = os.environ.get("RELOOP_STATE_DIR")
+    return (Path(root) if root else REPO_ROOT / ".state") / "kafka"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["up", "status", "down", "fetch"], help="what to do")
+    parser.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="broker state folder (default: $RELOOP_STATE_DIR/kafka or .state/kafka in the repository)",
+    )
+    parser.add_argument("--port", type=int, default=None, help="client port for `up` (default: a free port)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for `up`/`down`")
+
+
+def main(args: argparse.Namespace) -> int:
+    broker = LocalBroker(args.state_dir or default_state_dir(), port=args.port, detached=True)
+    try:
+        return _ACTIONS[args.action](broker, args)
+    except BrokerError as exc:
+        print(f"reloop kafka {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _fetch(broker: LocalBroker, args: argparse.Namespace) -> int:
+    began = time.monotonic()
+    lib = broker.ensure_jars()
+    jars = sum(1 for p in lib.glob("*.jar"))
+    print(f"Kafka {broker.version}: {jars} jars in {lib} ({time.monotonic() - began:.1f} s)")
+    return 0
+
+
+def _up(broker: LocalBroker, args: argparse.Namespace) -> int:
+    current = broker.status()
+    if current.running and current.info is not None:
+        info = current.info
+        print(f"already running: Kafka {info.version} at {info.bootstrap} (pid {info.pid})")
+        return 0
+    info = broker.start(timeout_s=args.timeout)
+    print(
+        f"Kafka {info.version} started at {info.bootstrap} in {info.start_seconds:.1f} s "
+        f"(pid {info.pid}, RSS {broker.rss_mb()} MB, state {broker.state_dir})"
+    )
+    print(f"  stop it with: reloop kafka down --state-dir {broker.state_dir}")
+    return 0
+
+
+def _status(broker: LocalBroker, args: argparse.Namespace) -> int:
+    status = broker.status()
+    if not status.running or status.info is None:
+        print(f"not running: {status.detail}")
+        return 1
+    info = status.info
+    uptime = time.time() - info.started_at
+    print(
+        f"running: Kafka {info.version} at {info.bootstrap} (pid {info.pid}, up {uptime:.0f} s, "
+        f"RSS {status.rss_mb} MB)\n  metadata: {'ok' if status.reachable else 'FAILED'}: {status.detail}\n"
+        f"  log: {info.log_path}"
+    )
+    return 0 if status.reachable else 1
+
+
+def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
+    if broker.stop(timeout_s=args.timeout):
+        print(f"stopped the broker in {broker.state_dir}")
+    else:
+        print(f"no running broker in {broker.state_dir}")
+    return 0
+
+
+_ACTIONS = {"up": _up, "status": _status, "down": _down, "fetch": _fetch}
