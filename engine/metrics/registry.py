@@ -89,6 +89,9 @@ class MetricsRegistry:
     def get(self, name: str) -> _Metric:
         return self._metrics[name]
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._metrics
+
     def names(self) -> list[str]:
         return list(self._metrics)
 
@@ -178,6 +181,15 @@ class _Metric:
     def label_values(self) -> list[tuple[str, ...]]:
         with self._lock:
             return list(self._children)
+
+    def clone_into(self, registry: MetricsRegistry) -> _Metric:
+        """The same definition registered in another registry (for tests with their own)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._children = {}
+        clone._lock = registry.lock
+        registry.register(clone)
+        return clone
 
     def _unlabelled(self):
         if self.labelnames:
@@ -452,6 +464,13 @@ CANONICAL: tuple[_Metric, ...] = (
     SERVE_REQUESTS, SERVE_LATENCY, SERVE_RELOADS, SERVE_MODEL_VERSION,
     IMPRESSIONS_LOGGED, IMPRESSIONS_DROPPED,
 )
+
+
+def ensure_canonical(registry: MetricsRegistry) -> None:
+    """Register the canonical set in ``registry`` where missing (``REGISTRY`` already has it)."""
+    for metric in CANONICAL:
+        if metric.name not in registry:
+            metric.clone_into(registry)
 
 
 def exported_series_names() -> frozenset[str]:

@@ -1,0 +1,472 @@
+"""Online metrics for a binary click label: ``update`` / ``revert`` / ``get``, in the style of river.
+
+* ``ExactAUC``: exact ROC AUC (ties count one half) of every sample added and not reverted.
+  Two sorted lists (positives' and negatives' scores) and the Mann-Whitney U kept up to date,
+  so ``update`` and ``revert`` are O(log n) and ``get`` is O(1). river's ``RollingROCAUC`` and a
+  numpy rank recompute both pay O(window) on each read (see docs/bench-metrics.md).
+* ``LogLoss`` and ``Calibration``: running sums.
+* ``RollingBinaryMetrics``: the three over the last ``window_size`` samples, with ``revert`` for a
+  late click that turns an emitted negative into a positive::
+
+      >>> m = RollingBinaryMetrics(window_size=3)
+      >>> for y, p in [(0, 0.2), (1, 0.9), (0, 0.7)]:
+      ...     m.update(y, p)
+      >>> round(m.auc.get(), 3)
+      1.0
+      >>> m.revert(0, 0.7)  # the click for the 0.7 impression arrived late
+      True
+      >>> m.update(1, 0.7)
+      >>> m.auc.get()
+      1.0
+      >>> m.update(0, 0.8)  # the window holds 3 samples: (0, 0.2) falls out
+      >>> m.auc.get()
+      0.5
+
+* ``OnlineMetricsBook``: one ``RollingBinaryMetrics`` per (arm, model version), keeping the
+  ``max_versions`` newest versions of each arm; ``bind()`` publishes them into the registry's
+  ``reloop_rolling_*`` gauges at scrape time.
+
+``snapshot()`` / ``restore()`` return and accept plain data (lists, dicts, numbers) for the
+engine's snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sortedcontainers import SortedList
+
+from engine.events.schema import LabeledSample
+from engine.metrics import registry as reg
+
+_EPS = 1e-15
+
+
+def _check(y: int, p: float) -> tuple[int, float]:
+    if y != 0 and y != 1:
+        raise ValueError(f"label must be 0 or 1, got {y!r}")
+    p = float(p)
+    if math.isnan(p):
+        raise ValueError("score is NaN")
+    return int(y), p
+
+
+class ExactAUC:
+    """Exact ROC AUC with revert. ``get()`` is NaN until both classes are present."""
+
+    def __init__(self) -> None:
+        self._pos: SortedList = SortedList()
+        self._neg: SortedList = SortedList()
+        # Twice the Mann-Whitney U statistic: an integer, so no float drift however long it runs.
+        self._u2 = 0
+
+    def update(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        if y:
+            self._u2 += self._neg.bisect_left(p) + self._neg.bisect_right(p)
+            self._pos.add(p)
+        else:
+            n_pos = len(self._pos)
+            self._u2 += 2 * n_pos - self._pos.bisect_left(p) - self._pos.bisect_right(p)
+            self._neg.add(p)
+
+    def revert(self, y: int, p: float) -> None:
+        """Undo one earlier ``update(y, p)``; ValueError if there is none to undo."""
+        y, p = _check(y, p)
+        if y:
+            self._pos.remove(p)
+            self._u2 -= self._neg.bisect_left(p) + self._neg.bisect_right(p)
+        else:
+            self._neg.remove(p)
+            n_pos = len(self._pos)
+            self._u2 -= 2 * n_pos - self._pos.bisect_left(p) - self._pos.bisect_right(p)
+
+    def get(self) -> float:
+        n_pos, n_neg = len(self._pos), len(self._neg)
+        if n_pos == 0 or n_neg == 0:
+            return math.nan
+        return self._u2 / (2 * n_pos * n_neg)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self._pos)
+
+    @property
+    def n_neg(self) -> int:
+        return len(self._neg)
+
+    @classmethod
+    def from_samples(cls, ys: np.ndarray, ps: np.ndarray) -> ExactAUC:
+        """Bulk build in O(n log n) with numpy (used by restore)."""
+        ys = np.asarray(ys, dtype=np.int8)
+        ps = np.asarray(ps, dtype=np.float64)
+        if ys.size and (np.isnan(ps).any() or not np.isin(ys, (0, 1)).all()):
+            raise ValueError("labels must be 0/1 and scores not NaN")
+        pos = np.sort(ps[ys == 1])
+        neg = np.sort(ps[ys == 0])
+        auc = cls()
+        auc._pos = SortedList(pos.tolist())
+        auc._neg = SortedList(neg.tolist())
+        auc._u2 = int(
+            np.searchsorted(neg, pos, side="left").sum() + np.searchsorted(neg, pos, side="right").sum()
+        )
+        return auc
+
+
+class LogLoss:
+    """Mean binary cross-entropy; predictions are clipped to [1e-15, 1 - 1e-15]."""
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._n = 0
+
+    @staticmethod
+    def _loss(y: int, p: float) -> float:
+        p = min(max(p, _EPS), 1.0 - _EPS)
+        return -math.log(p) if y else -math.log1p(-p)
+
+    def update(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        self._sum += self._loss(y, p)
+        self._n += 1
+
+    def revert(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        if self._n == 0:
+            raise ValueError("nothing to revert")
+        self._sum -= self._loss(y, p)
+        self._n -= 1
+        if self._n == 0:
+            self._sum = 0.0  # drop the rounding residue of the subtractions
+
+    def get(self) -> float:
+        return self._sum / self._n if self._n else math.nan
+
+
+class Calibration:
+    """Mean predicted CTR against observed CTR; ``get()`` is their ratio (1.0 = calibrated)."""
+
+    def __init__(self) -> None:
+        self._sum_p = 0.0
+        self._clicks = 0
+        self._n = 0
+
+    def update(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        self._sum_p += p
+        self._clicks += y
+        self._n += 1
+
+    def revert(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        if self._n == 0:
+            raise ValueError("nothing to revert")
+        self._sum_p -= p
+        self._clicks -= y
+        self._n -= 1
+        if self._n == 0:
+            self._sum_p = 0.0
+
+    @property
+    def mean_prediction(self) -> float:
+        return self._sum_p / self._n if self._n else math.nan
+
+    @property
+    def observed_ctr(self) -> float:
+        return self._clicks / self._n if self._n else math.nan
+
+    def get(self) -> float:
+        if self._n == 0 or self._clicks == 0:
+            return math.nan
+        return self._sum_p / self._clicks
+
+
+class RollingBinaryMetrics:
+    """AUC, LogLoss and calibration over the last ``window_size`` samples.
+
+    ``revert(y, p)`` removes the most recent sample in the window equal to (y, p) and returns
+    True, or returns False when no such sample is in the window any more (it already fell out,
+    so there is nothing to undo). Reverted samples leave a tombstone in the queue that is
+    skipped when it reaches the front, so a revert is O(log n) too.
+    """
+
+    def __init__(self, window_size: int) -> None:
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        self.window_size = window_size
+        self.auc = ExactAUC()
+        self.logloss = LogLoss()
+        self.calibration = Calibration()
+        # Each entry is [y, p, alive]; _index maps (y, p) to its live entries, oldest first.
+        self._queue: deque[list] = deque()
+        self._index: dict[tuple[int, float], deque[list]] = {}
+        self._live = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def update(self, y: int, p: float) -> None:
+        y, p = _check(y, p)
+        entry = [y, p, True]
+        self._queue.append(entry)
+        key = (y, p)
+        same = self._index.get(key)
+        if same is None:
+            self._index[key] = deque((entry,))
+        else:
+            same.append(entry)
+        self._add(y, p)
+        self._live += 1
+        if self._live > self.window_size:
+            self._evict_oldest()
+
+    def revert(self, y: int, p: float) -> bool:
+        y, p = _check(y, p)
+        key = (y, p)
+        same = self._index.get(key)
+        if not same:
+            return False
+        entry = same.pop()
+        if not same:
+            del self._index[key]
+        entry[2] = False
+        self._remove(y, p)
+        self._live -= 1
+        return True
+
+    def _evict_oldest(self) -> None:
+        queue = self._queue
+        while True:
+            y, p, alive = queue.popleft()
+            if alive:
+                break
+        key = (y, p)
+        same = self._index[key]
+        same.popleft()
+        if not same:
+            del self._index[key]
+        self._remove(y, p)
+        self._live -= 1
+
+    def _add(self, y: int, p: float) -> None:
+        self.auc.update(y, p)
+        self.logloss.update(y, p)
+        self.calibration.update(y, p)
+
+    def _remove(self, y: int, p: float) -> None:
+        self.auc.revert(y, p)
+        self.logloss.revert(y, p)
+        self.calibration.revert(y, p)
+
+    def window(self) -> list[tuple[int, float]]:
+        """The live samples, oldest first."""
+        return [(y, p) for y, p, alive in self._queue if alive]
+
+    def get(self) -> dict[str, float]:
+        return {
+            "auc": self.auc.get(),
+            "logloss": self.logloss.get(),
+            "mean_prediction": self.calibration.mean_prediction,
+            "observed_ctr": self.calibration.observed_ctr,
+            "samples": float(self._live),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        live = self.window()
+        return {
+            "window_size": self.window_size,
+            "y": [y for y, _ in live],
+            "p": [p for _, p in live],
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> RollingBinaryMetrics:
+        try:
+            window_size = int(state["window_size"])
+            ys, ps = list(state["y"]), [float(p) for p in state["p"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad rolling metric state: {exc}") from exc
+        if len(ys) != len(ps):
+            raise ValueError("bad rolling metric state: y and p differ in length")
+        # A smaller window in the new config keeps the newest samples.
+        ys, ps = ys[len(ys) - min(len(ys), window_size):], ps[len(ps) - min(len(ps), window_size):]
+        m = cls(window_size)
+        m.auc = ExactAUC.from_samples(np.asarray(ys), np.asarray(ps))
+        for y, p in zip(ys, ps, strict=True):
+            y, p = _check(y, p)
+            entry = [y, p, True]
+            m._queue.append(entry)
+            m._index.setdefault((y, p), deque()).append(entry)
+            m.logloss.update(y, p)
+            m.calibration.update(y, p)
+        m._live = len(ys)
+        return m
+
+
+def slot_name(rank: int) -> str:
+    """Label value for the rank of a version within its arm: 0 newest -> current, 1 -> previous."""
+    return "current" if rank == 0 else "previous" if rank == 1 else f"previous_{rank}"
+
+
+class OnlineMetricsBook:
+    """Rolling metrics per (arm, model version), keeping the ``max_versions`` newest versions per arm.
+
+    Samples for a version older than every kept one are ignored (``update`` returns False): late
+    labels for a model two reloads ago must not push the current one out. Thread-safe for one
+    writer and scraping readers (one lock per call; batch with ``update_many`` on hot paths).
+    """
+
+    def __init__(self, *, window_size: int = 100_000, max_versions: int = 2) -> None:
+        if max_versions < 1:
+            raise ValueError(f"max_versions must be >= 1, got {max_versions}")
+        self.window_size = window_size
+        self.max_versions = max_versions
+        self._arms: dict[str, dict[int, RollingBinaryMetrics]] = {}
+        self._lock = threading.Lock()
+        self._published: set[tuple[str, str, str]] = set()
+
+    def _metrics_for(self, arm: str, version: int) -> RollingBinaryMetrics | None:
+        versions = self._arms.setdefault(arm, {})
+        m = versions.get(version)
+        if m is not None:
+            return m
+        if len(versions) >= self.max_versions and version < min(versions):
+            return None
+        m = versions[version] = RollingBinaryMetrics(self.window_size)
+        while len(versions) > self.max_versions:
+            del versions[min(versions)]
+        return m
+
+    def update(self, arm: str, version: int, y: int, p: float) -> bool:
+        with self._lock:
+            m = self._metrics_for(arm, int(version))
+            if m is None:
+                return False
+            m.update(y, p)
+            return True
+
+    def revert(self, arm: str, version: int, y: int, p: float) -> bool:
+        with self._lock:
+            m = self._arms.get(arm, {}).get(int(version))
+            return m.revert(y, p) if m is not None else False
+
+    def update_sample(self, s: LabeledSample) -> bool:
+        """Feed one joined sample; a correction replaces the negative emitted earlier for it."""
+        with self._lock:
+            m = self._metrics_for(s.arm, int(s.served_version))
+            if m is None:
+                return False
+            if s.is_correction and s.label == 1:
+                m.revert(0, s.served_prediction)
+            m.update(s.label, s.served_prediction)
+            return True
+
+    def update_many(self, samples: list[LabeledSample]) -> int:
+        """``update_sample`` for a batch under one lock; returns how many were counted."""
+        counted = 0
+        with self._lock:
+            for s in samples:
+                m = self._metrics_for(s.arm, int(s.served_version))
+                if m is None:
+                    continue
+                if s.is_correction and s.label == 1:
+                    m.revert(0, s.served_prediction)
+                m.update(s.label, s.served_prediction)
+                counted += 1
+        return counted
+
+    def versions(self, arm: str) -> list[int]:
+        with self._lock:
+            return sorted(self._arms.get(arm, {}), reverse=True)
+
+    def arms(self) -> list[str]:
+        with self._lock:
+            return sorted(self._arms)
+
+    def get(self, arm: str, version: int) -> dict[str, float]:
+        with self._lock:
+            return self._arms[arm][int(version)].get()
+
+    def report(self) -> list[dict[str, Any]]:
+        """One row per (arm, version), newest version first: arm, model_version, slot and the values."""
+        rows: list[dict[str, Any]] = []
+        with self._lock:
+            for arm in sorted(self._arms):
+                versions = self._arms[arm]
+                for rank, version in enumerate(sorted(versions, reverse=True)):
+                    row = {"arm": arm, "model_version": version, "slot": slot_name(rank)}
+                    rows.append({**row, **versions[version].get()})
+        return rows
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "window_size": self.window_size,
+                "max_versions": self.max_versions,
+                "arms": {
+                    arm: {str(v): m.snapshot() for v, m in versions.items()}
+                    for arm, versions in self._arms.items()
+                },
+            }
+
+    @classmethod
+    def restore(
+        cls, state: dict[str, Any], *, window_size: int | None = None, max_versions: int | None = None
+    ) -> OnlineMetricsBook:
+        """Rebuild from ``snapshot()``; window_size/max_versions from the new config win when given."""
+        try:
+            book = cls(
+                window_size=int(window_size if window_size is not None else state["window_size"]),
+                max_versions=int(max_versions if max_versions is not None else state["max_versions"]),
+            )
+            for arm, versions in state["arms"].items():
+                for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:
+                    part = dict(versions[str(v)], window_size=book.window_size)
+                    book._arms.setdefault(str(arm), {})[v] = RollingBinaryMetrics.restore(part)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"bad online metrics state: missing or malformed {exc}") from exc
+        return book
+
+    def bind(self, registry: reg.MetricsRegistry = reg.REGISTRY) -> Callable[[], None]:
+        """Publish into the ``reloop_rolling_*`` gauges whenever ``registry`` is collected.
+
+        Series of versions no longer kept are removed, so the label set stays bounded by
+        arms x max_versions. Returns the hook (pass it to ``registry.remove_collect_hook``).
+        """
+        reg.ensure_canonical(registry)
+        gauges = {
+            "auc": registry.get(reg.ROLLING_AUC.name),
+            "logloss": registry.get(reg.ROLLING_LOGLOSS.name),
+            "mean_prediction": registry.get(reg.ROLLING_MEAN_PREDICTION.name),
+            "observed_ctr": registry.get(reg.ROLLING_OBSERVED_CTR.name),
+            "samples": registry.get(reg.ROLLING_SAMPLES.name),
+        }
+
+        def publish() -> None:
+            rows = self.report()
+            seen: set[tuple[str, str, str]] = set()
+            for row in rows:
+                key = (row["arm"], str(row["model_version"]), row["slot"])
+                seen.add(key)
+                labels = dict(zip(("arm", "model_version", "slot"), key, strict=True))
+                for field_name, gauge in gauges.items():
+                    value = row[field_name]
+                    # An undefined value (one class only, empty window) is left out rather than NaN,
+                    # so alert comparisons and dashboards see no series instead of a gap-filled one.
+                    if math.isnan(value):
+                        gauge.remove(**labels)
+                    else:
+                        gauge.labels(**labels).set(value)
+            for key in self._published - seen:
+                labels = dict(zip(("arm", "model_version", "slot"), key, strict=True))
+                for gauge in gauges.values():
+                    gauge.remove(**labels)
+            self._published = seen
+
+        registry.add_collect_hook(publish)
+        return publish

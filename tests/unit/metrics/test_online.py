@@ -1,0 +1,241 @@
+"""Online metrics: exact rolling AUC against brute force, reverts included; LogLoss; calibration; the book."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.events.schema import LabeledSample
+from engine.metrics import registry as reg
+from engine.metrics.online import (
+    Calibration,
+    ExactAUC,
+    LogLoss,
+    OnlineMetricsBook,
+    RollingBinaryMetrics,
+)
+
+
+def brute_auc(window: list[tuple[int, float]]) -> float:
+    pos = [p for y, p in window if y == 1]
+    neg = [p for y, p in window if y == 0]
+    if not pos or not neg:
+        return math.nan
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+class WindowModel:
+    """The documented semantics, written the slow obvious way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[tuple[int, float]] = []
+
+    def update(self, y: int, p: float) -> None:
+        self.items.append((y, p))
+        if len(self.items) > self.size:
+            self.items.pop(0)
+
+    def revert(self, y: int, p: float) -> bool:
+        for i in range(len(self.items) - 1, -1, -1):
+            if self.items[i] == (y, p):
+                del self.items[i]
+                return True
+        return False
+
+
+# Scores from a small grid make ties common; the float strategy covers the general case.
+scores = st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]), st.floats(0.0, 1.0))
+kinds = st.sampled_from(["update", "update", "update", "revert", "late_click"])
+ops = st.lists(st.tuples(kinds, st.integers(0, 1), scores), max_size=120)
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(window=st.integers(1, 12), ops=ops)
+def test_rolling_auc_equals_brute_force_on_the_same_window(window, ops):
+    m = RollingBinaryMetrics(window)
+    model = WindowModel(window)
+    emitted: list[float] = []
+    for op, y, p in ops:
+        if op == "update":
+            m.update(y, p)
+            model.update(y, p)
+            if y == 0:
+                emitted.append(p)
+        elif op == "revert":
+            assert m.revert(y, p) == model.revert(y, p)
+        elif emitted:
+            # A late click: the negative emitted earlier becomes a positive.
+            p = emitted.pop(0)
+            assert m.revert(0, p) == model.revert(0, p)
+            m.update(1, p)
+            model.update(1, p)
+        assert m.window() == model.items
+        assert len(m) == len(model.items)
+        assert same(m.auc.get(), brute_auc(model.items))
+        ys = [y for y, _ in model.items]
+        expected_ctr = sum(ys) / len(ys) if ys else math.nan
+        assert same(m.calibration.observed_ctr, expected_ctr)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), scores), max_size=60), st.integers(1, 30))
+def test_restore_equals_original(samples, window):
+    m = RollingBinaryMetrics(window)
+    for y, p in samples:
+        m.update(y, p)
+    r = RollingBinaryMetrics.restore(m.snapshot())
+    assert r.window() == m.window()
+    for key, value in m.get().items():
+        assert same(r.get()[key], value), key
+    # And it keeps working identically after the restore.
+    for y, p in [(1, 0.3), (0, 0.3), (0, 0.9)]:
+        m.update(y, p)
+        r.update(y, p)
+    assert same(r.auc.get(), m.auc.get())
+
+
+def test_exact_auc_matches_rank_formula_on_random_data():
+    rng = np.random.default_rng(7)
+    ys = rng.integers(0, 2, 2000)
+    ps = np.round(rng.random(2000), 2)  # rounding forces many ties
+    auc = ExactAUC()
+    for y, p in zip(ys, ps, strict=True):
+        auc.update(int(y), float(p))
+    # Mann-Whitney with mid-ranks.
+    order = np.argsort(ps, kind="mergesort")
+    ranks = np.empty(len(ps))
+    sorted_ps = ps[order]
+    i = 0
+    while i < len(ps):
+        j = i
+        while j + 1 < len(ps) and sorted_ps[j + 1] == sorted_ps[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos = int(ys.sum())
+    n_neg = len(ys) - n_pos
+    expected = (ranks[ys == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    assert auc.get() == pytest.approx(expected, abs=1e-12)
+    assert ExactAUC.from_samples(ys, ps).get() == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_undefined_with_one_class_and_revert_of_unknown_sample_raises():
+    auc = ExactAUC()
+    auc.update(1, 0.4)
+    assert math.isnan(auc.get())
+    with pytest.raises(ValueError):
+        auc.revert(0, 0.4)
+    with pytest.raises(ValueError):
+        auc.update(2, 0.4)
+    with pytest.raises(ValueError):
+        auc.update(1, float("nan"))
+
+
+def test_logloss_values_and_revert():
+    ll = LogLoss()
+    ll.update(1, 0.8)
+    ll.update(0, 0.3)
+    assert ll.get() == pytest.approx(-(math.log(0.8) + math.log(0.7)) / 2)
+    ll.revert(0, 0.3)
+    assert ll.get() == pytest.approx(-math.log(0.8))
+    ll.revert(1, 0.8)
+    assert math.isnan(ll.get())
+    with pytest.raises(ValueError):
+        ll.revert(1, 0.8)
+    # Clipping keeps a confident mistake finite.
+    ll.update(1, 0.0)
+    assert ll.get() == pytest.approx(-math.log(1e-15))
+
+
+def test_calibration_mean_prediction_vs_observed_ctr():
+    cal = Calibration()
+    for y, p in [(1, 0.2), (0, 0.2), (0, 0.2), (0, 0.2)]:
+        cal.update(y, p)
+    assert cal.mean_prediction == pytest.approx(0.2)
+    assert cal.observed_ctr == pytest.approx(0.25)
+    assert cal.get() == pytest.approx(0.8)  # under-predicts by 20%
+    cal.revert(1, 0.2)
+    assert cal.observed_ctr == 0.0
+    assert math.isnan(cal.get())
+
+
+def sample(arm: str, version: int, y: int, p: float, correction: bool = False) -> LabeledSample:
+    return LabeledSample(
+        sample_id="s", features={}, label=y, served_prediction=p, served_version=version,
+        event_time_ms=0, arm=arm, is_correction=correction,
+    )
+
+
+def test_book_keeps_newest_versions_and_ignores_older_ones():
+    book = OnlineMetricsBook(window_size=10, max_versions=2)
+    assert book.update("a", 1, 1, 0.9)
+    assert book.update("a", 2, 1, 0.9)
+    assert book.update("a", 3, 0, 0.1)
+    assert book.versions("a") == [3, 2]
+    assert not book.update("a", 1, 0, 0.5)  # a late label for a retired version
+    assert book.versions("a") == [3, 2]
+    assert book.update("b", 1, 0, 0.5)
+    assert book.arms() == ["a", "b"]
+
+
+def test_book_correction_replaces_the_negative():
+    book = OnlineMetricsBook(window_size=10, max_versions=2)
+    book.update_many([sample("a", 1, 0, 0.8), sample("a", 1, 0, 0.3), sample("a", 1, 1, 0.6)])
+    assert book.get("a", 1)["auc"] == pytest.approx(0.5)
+    book.update_sample(sample("a", 1, 1, 0.8, correction=True))
+    got = book.get("a", 1)
+    assert got["samples"] == 3
+    assert got["auc"] == pytest.approx(1.0)
+    assert got["observed_ctr"] == pytest.approx(2 / 3)
+
+
+def test_book_snapshot_restore_roundtrip_is_plain_data():
+    import json
+
+    book = OnlineMetricsBook(window_size=5, max_versions=2)
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        book.update(["a", "b"][i % 2], 1 + i // 15, int(rng.integers(0, 2)), float(rng.random()))
+    state = json.loads(json.dumps(book.snapshot()))
+    restored = OnlineMetricsBook.restore(state)
+    got, want = restored.report(), book.report()
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want, strict=True):
+        for key, value in w.items():
+            assert same(g[key], value) if isinstance(value, float) else g[key] == value, key
+    smaller = OnlineMetricsBook.restore(state, max_versions=1)
+    assert all(len(smaller.versions(arm)) == 1 for arm in smaller.arms())
+    with pytest.raises(ValueError):
+        OnlineMetricsBook.restore({"window_size": 5})
+
+
+def test_bind_publishes_bounded_series_at_collect_time():
+    registry = reg.MetricsRegistry()
+    book = OnlineMetricsBook(window_size=50, max_versions=2)
+    book.bind(registry)
+    for v in (1, 2):
+        book.update("a", v, 1, 0.9)
+        book.update("a", v, 0, 0.1)
+
+    def series() -> dict[tuple, float]:
+        fams = {f.name: f for f in registry.collect()}
+        return {tuple(sorted(s.labels.items())): s.value for s in fams["reloop_rolling_auc"].samples}
+
+    got = series()
+    assert got == {
+        (("arm", "a"), ("model_version", "2"), ("slot", "current")): 1.0,
+        (("arm", "a"), ("model_version", "1"), ("slot", "previous")): 1.0,
+    }
+    book.update("a", 3, 1, 0.2)  # version 1 retires; version 3 has one class only -> no AUC yet
+    got = series()
+    assert got == {(("arm", "a"), ("model_version", "2"), ("slot", "previous")): 1.0}
