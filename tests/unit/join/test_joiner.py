@@ -1,0 +1,294 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.join import Joiner, JoinerConfig
+
+
+class FakeClock:
+    def __init__(self, now: int = 1_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def make(**overrides) -> tuple[Joiner, FakeClock]:
+    base = dict(window_ms=1_000, allowed_lateness_ms=100, idle_timeout_ms=5_000, click_grace_ms=500,
+                retention_ms=10_000, bucket_ms=50)
+    base.update(overrides)
+    clock = FakeClock()
+    return Joiner(JoinerConfig(**base), clock=clock), clock
+
+
+def labels(out) -> list[tuple[str, int, bool]]:
+    return [(j.impression_id, j.label, j.is_correction) for j in out]
+
+
+def test_click_inside_window_emits_positive_at_once_with_payload():
+    j, _ = make()
+    assert j.on_impression("a", 10_000, b"A") == []
+    out = j.on_click("a", 10_900)
+    assert labels(out) == [("a", 1, False)]
+    assert out[0].payload == b"A" and out[0].event_time_ms == 10_000
+    assert j.pending_count == 0
+
+
+def test_negative_only_when_watermark_passes_window_end():
+    j, _ = make()
+    j.on_impression("a", 10_000, b"A")
+    # watermark = 11_050 - 100 = 10_950 < 11_000: still pending
+    assert j.on_impression("b", 11_050, b"B") == []
+    out = j.on_impression("c", 11_100, b"C")  # watermark 11_000 reaches a's deadline
+    assert labels(out) == [("a", 0, False)]
+    assert j.stats.negatives == 1 and j.pending_count == 2
+
+
+def test_negatives_come_out_in_deadline_order():
+    j, _ = make()
+    j.on_impression("late", 10_300, b"")
+    j.on_impression("early", 10_100, b"")
+    j.on_impression("mid", 10_200, b"")
+    out = j.on_impression("x", 20_000, b"")
+    assert [x.impression_id for x in out] == ["early", "mid", "late"]
+
+
+def test_idle_watermark_advances_with_wall_clock():
+    j, clock = make()
+    j.on_impression("a", 10_000, b"A")
+    clock.now += 4_999
+    assert j.advance() == []  # not idle long enough
+    clock.now += 1  # idle for exactly the timeout: the watermark is still the event one (9_900)
+    assert j.advance() == []
+    clock.now += 1_099  # 9_900 + 1_099 = 10_999 < 11_000
+    assert j.advance() == []
+    clock.now += 1
+    assert labels(j.advance()) == [("a", 0, False)]
+    assert j.stats.idle_advances >= 1
+
+
+def test_idle_watermark_does_not_fire_while_input_flows():
+    j, clock = make()
+    j.on_impression("a", 10_000, b"A")
+    for i in range(20):
+        clock.now += 1_000
+        j.on_click("zz", 10_000 + i)  # input with old event times keeps the joiner busy
+        assert j.advance() == []
+    assert j.pending_count == 1
+
+
+def test_watermark_never_goes_back_after_idle():
+    j, clock = make()
+    j.on_impression("a", 10_000, b"A")
+    clock.now += 10_000
+    j.advance()
+    wm = j.watermark_ms
+    j.on_impression("b", 10_500, b"B")  # older than the idle watermark allows for its window? no: 11_500 > wm
+    assert j.watermark_ms == wm
+
+
+def test_duplicate_impression_dropped_while_pending_and_after_emit():
+    j, _ = make()
+    j.on_impression("a", 10_000, b"A")
+    assert j.on_impression("a", 10_010, b"A2") == []
+    j.on_click("a", 10_100)
+    assert j.on_impression("a", 10_020, b"A3") == []
+    assert j.stats.duplicate_impressions == 2
+    assert j.stats.positives == 1
+
+
+def test_several_clicks_make_one_positive():
+    j, _ = make()
+    j.on_impression("a", 10_000, b"A")
+    out = j.on_click("a", 10_100) + j.on_click("a", 10_200) + j.on_click("a", 10_300)
+    assert labels(out) == [("a", 1, False)]
+    assert j.stats.duplicate_clicks == 2
+    out = j.on_impression("z", 30_000, b"")
+    assert labels(out) == []  # no negative for a after its positive
+
+
+def test_click_before_impression_is_held_for_grace():
+    j, _ = make()
+    assert j.on_click("a", 10_050) == []
+    assert j.early_click_count == 1
+    out = j.on_impression("a", 10_000, b"A")
+    assert labels(out) == [("a", 1, False)]
+    assert j.stats.early_clicks_held == 1 and j.stats.early_clicks_matched == 1
+
+
+def test_orphan_click_counted_and_dropped_after_grace():
+    j, _ = make()
+    j.on_click("ghost", 10_000)
+    j.on_impression("b", 10_599, b"")  # watermark 10_499 < 10_500
+    assert j.stats.orphan_clicks == 0
+    j.on_impression("c", 10_600, b"")  # watermark 10_500: grace over
+    assert j.stats.orphan_clicks == 1 and j.early_click_count == 0
+    # The impression arriving after the grace period becomes a plain negative later.
+    j.on_impression("ghost", 10_550, b"G")
+    out = j.on_impression("d", 20_000, b"")
+    assert ("ghost", 0, False) in labels(out)
+
+
+def test_late_click_policy_drop():
+    j, _ = make(late_click_policy="drop")
+    j.on_impression("a", 10_000, b"A")
+    assert labels(j.on_impression("x", 11_100, b"")) == [("a", 0, False)]
+    assert j.on_click("a", 11_200) == []
+    assert j.stats.late_clicks_dropped == 1 and j.stats.corrections == 0
+
+
+def test_late_click_policy_correct_emits_one_flagged_positive():
+    j, _ = make(late_click_policy="correct")
+    j.on_impression("a", 10_000, b"A")
+    j.on_impression("x", 11_100, b"")
+    out = j.on_click("a", 11_200)
+    assert labels(out) == [("a", 1, True)]
+    assert out[0].payload == b"A"
+    assert j.on_click("a", 11_300) == []  # a second late click: no second correction
+    assert j.stats.late_clicks_corrected == 1 and j.stats.duplicate_clicks == 1
+
+
+@pytest.mark.parametrize("policy,expected", [("drop", [("a", 0, False)]),
+                                             ("correct", [("a", 0, False), ("a", 1, True)])])
+def test_click_beyond_window_arriving_early_gives_same_result_as_arriving_late(policy, expected):
+    j, _ = make(late_click_policy=policy, allowed_lateness_ms=5_000)
+    j.on_impression("a", 10_000, b"A")
+    assert j.on_click("a", 11_500) == []  # beyond W, but the negative is not out yet (lateness)
+    out = j.on_impression("x", 16_000, b"")
+    assert labels(out) == expected
+
+
+def test_late_impression_is_decided_immediately():
+    j, _ = make()
+    j.on_impression("x", 20_000, b"")
+    out = j.on_impression("old", 15_000, b"O")  # window ended at 16_000 < watermark 19_900
+    assert labels(out) == [("old", 0, False)]
+    assert j.stats.late_impressions == 1
+
+
+def test_too_late_impression_dropped():
+    j, _ = make()
+    j.on_impression("x", 100_000, b"")
+    assert j.on_impression("ancient", 1_000, b"") == []
+    assert j.stats.too_late_impressions == 1
+
+
+def test_max_pending_evicts_oldest_and_counts():
+    j, _ = make(max_pending=3)
+    for i, t in enumerate([10_000, 10_100, 10_200, 10_300]):
+        j.on_impression(f"i{i}", t, b"")
+    assert j.pending_count == 3
+    assert j.stats.evicted_pending == 1
+    out = j.on_click("unknown", 50_000)  # only moves the watermark
+    assert sorted(x.impression_id for x in out) == ["i1", "i2", "i3"]
+
+
+def test_max_early_clicks_bound_counted():
+    j, _ = make(max_early_clicks=2)
+    for i in range(4):
+        j.on_click(f"c{i}", 10_000)
+    assert j.early_click_count == 2 and j.stats.evicted_early_clicks == 2
+
+
+def test_max_closed_bound_counted():
+    j, _ = make(max_closed=2)
+    for i in range(4):
+        j.on_impression(f"i{i}", 10_000 + i, b"")
+        j.on_click(f"i{i}", 10_000 + i)
+    assert j.closed_count == 2 and j.stats.evicted_closed == 2
+
+
+def test_ttl_drops_pending_by_wall_clock():
+    j, clock = make(ttl_ms=3_000, idle_timeout_ms=10**9)
+    j.on_impression("a", 10_000, b"A")
+    clock.now += 2_000
+    j.on_impression("b", 10_001, b"B")
+    clock.now += 1_500
+    j.advance()
+    assert j.stats.expired_ttl == 1 and j.pending_count == 1
+    clock.now += 2_000
+    j.advance()
+    assert j.stats.expired_ttl == 2 and j.pending_count == 0
+
+
+def test_retention_forgets_closed_entries():
+    j, _ = make(retention_ms=1_000)
+    j.on_impression("a", 10_000, b"A")
+    j.on_click("a", 10_100)
+    assert j.closed_count == 1
+    j.on_impression("x", 12_200, b"")  # watermark 12_100 > 10_000 + 1_000 + 1_000
+    assert j.closed_count == 0
+
+
+def test_flush_closes_everything():
+    j, _ = make()
+    j.on_impression("a", 10_000, b"")
+    j.on_impression("b", 10_500, b"")
+    assert [x.label for x in j.flush()] == [0, 0]
+    assert j.pending_count == 0
+
+
+def _random_stream(seed: int, n: int = 400):
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        t = 10_000 + i * 20 + rng.randint(-200, 200)
+        events.append(("imp", f"i{i}", t))
+        if rng.random() < 0.1:
+            events.append(("imp", f"i{i}", t))
+        r = rng.random()
+        if r < 0.3:
+            events.append(("click", f"i{i}", t + rng.randint(0, 900)))
+        elif r < 0.4:
+            events.append(("click", f"i{i}", t + rng.randint(1_100, 3_000)))
+        elif r < 0.45:
+            events.append(("click", f"ghost{i}", t))
+    # Local shuffles: skew between partitions.
+    for k in range(0, len(events) - 3, 3):
+        if rng.random() < 0.3:
+            events[k], events[k + 2] = events[k + 2], events[k]
+    return events
+
+
+def _feed(j: Joiner, events) -> list:
+    out = []
+    for kind, key, t in events:
+        out.extend(j.on_impression(key, t, key.encode()) if kind == "imp" else j.on_click(key, t))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["drop", "correct"])
+def test_snapshot_restore_continues_identically(policy):
+    events = _random_stream(7)
+    ref, clock = make(late_click_policy=policy)
+    expected = _feed(ref, events) + ref.flush()
+    for cut in (1, 57, 200, len(events) - 1):
+        j, clock = make(late_click_policy=policy)
+        got = _feed(j, events[:cut])
+        data = j.snapshot()
+        restored = Joiner.restore(data, clock=clock)
+        got += _feed(restored, events[cut:]) + restored.flush()
+        assert got == expected
+        assert restored.stats == ref.stats
+
+
+def test_every_impression_is_labeled_exactly_once_plus_corrections():
+    events = _random_stream(11)
+    j, _ = make(late_click_policy="correct")
+    out = _feed(j, events) + j.flush()
+    plain = [x.impression_id for x in out if not x.is_correction]
+    unique_imps = {key for kind, key, _ in events if kind == "imp"}
+    assert sorted(plain) == sorted(unique_imps) == sorted(set(plain))
+    corrections = [x.impression_id for x in out if x.is_correction]
+    assert len(corrections) == len(set(corrections)) == j.stats.corrections
+    negatives = {x.impression_id for x in out if x.label == 0}
+    assert set(corrections) <= negatives
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ValueError, match="window_ms"):
+        JoinerConfig(window_ms=0)
+    with pytest.raises(ValueError, match="late_click_policy"):
+        JoinerConfig(late_click_policy="weight")  # type: ignore[arg-type]
