@@ -1,0 +1,82 @@
+"""The HTTP face of the scoring service (FastAPI)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from engine.serve.schema import ScoreRequest, ScoreResponse
+from engine.serve.service import NotReady, ScoringService
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    service: ScoringService,
+    *,
+    stats: Callable[[], dict[str, Any]] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+) -> FastAPI:
+    """``stats`` adds to ``GET /stats``; ``metrics`` returns (body, content type) for ``GET /metrics``."""
+    app = FastAPI(title="reloop scoring service", version="1")
+
+    @app.post("/score", response_model=ScoreResponse, responses={503: {"description": "no model loaded yet"}})
+    def score(request: ScoreRequest) -> Response:
+        # A plain `def`: FastAPI runs it in its worker thread pool, so model inference never blocks the loop.
+        try:
+            response = service.score(request)
+        except NotReady as exc:
+            return JSONResponse(status_code=503, content={"detail": str(exc)})
+        except Exception:
+            service.failed += 1
+            log.exception("scoring request %s failed", request.request_id)
+            return JSONResponse(status_code=500, content={"detail": "scoring failed; see the service log"})
+        return Response(content=response.model_dump_json(), media_type="application/json")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ready = service.ready()
+        body = {"ready": ready, "versions": service.versions()}
+        return JSONResponse(status_code=200 if ready else 503, content=body)
+
+    @app.get("/stats")
+    def get_stats() -> dict[str, Any]:
+        body: dict[str, Any] = {"versions": service.versions(), "failed_requests": service.failed}
+        body["arms"] = {
+            name: {
+                "version": arm.holder.version,
+                "reloads": arm.holder.reloads,
+                **(
+                    {
+                        "impressions_accepted": arm.logger.accepted,
+                        "impressions_sent": arm.logger.sent,
+                        "impressions_dropped": arm.logger.dropped,
+                        "impressions_pending": arm.logger.pending,
+                        "sink_errors": arm.logger.send_errors,
+                    }
+                    if arm.logger is not None
+                    else {}
+                ),
+            }
+            for name, arm in service.arms.items()
+        }
+        if stats is not None:
+            body.update(stats())
+        return body
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        def get_metrics() -> Response:
+            body, content_type = metrics()
+            return Response(content=body, media_type=content_type)
+
+    return app

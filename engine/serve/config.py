@@ -1,0 +1,118 @@
+"""Configuration of the scoring service: frozen pydantic models, loaded in one place.
+
+One YAML file may hold several sections (the demo's does); the service reads ``serve``, ``arms`` and
+``kafka``. Environment overrides: ``RELOOP_KAFKA_BOOTSTRAP`` replaces ``kafka.bootstrap``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ArmConfig(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    weight: float = Field(default=1.0, gt=0)
+    registry: Path = Field(description="snapshot registry root this arm's trainer writes")
+    impressions_topic: str = "impressions"
+    clicks_topic: str = "clicks"
+    # Settings for this arm's trainer (the demo passes them to `reloop run`); the service ignores them.
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class LogConfig(_Frozen):
+    enabled: bool = True
+    max_buffer: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    linger_s: float = Field(default=0.02, ge=0)
+
+
+class KafkaConfig(_Frozen):
+    bootstrap: str | None = None
+    # Passed through to the client untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServeConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    top_k: int = Field(default=10, ge=1)
+    reload_interval_s: float = Field(default=1.0, gt=0)
+    torch_threads: int = Field(default=1, ge=1)
+    salt: str = "reloop"
+    arms: tuple[ArmConfig, ...] = Field(min_length=1)
+    log: LogConfig = LogConfig()
+    kafka: KafkaConfig = KafkaConfig()
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> ServeConfig:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms: duplicate names {names}")
+        topics = [a.impressions_topic for a in self.arms]
+        if len(self.arms) > 1 and len(set(topics)) != len(topics):
+            raise ValueError(
+                "arms: each arm needs its own impressions_topic (each arm trains on its own feedback)"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def serve_config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> ServeConfig:
+    """Build a ServeConfig from a whole config document (sections ``serve``, ``arms``, ``kafka``)."""
+    merged: dict[str, Any] = dict(data.get("serve") or {})
+    if "arms" in data:
+        merged["arms"] = data["arms"]
+    if "kafka" in data:
+        merged["kafka"] = data["kafka"]
+    if "salt" in data and "salt" not in merged:
+        merged["salt"] = data["salt"]
+    bootstrap = os.environ.get("RELOOP_KAFKA_BOOTSTRAP")
+    if bootstrap:
+        merged["kafka"] = {**(merged.get("kafka") or {}), "bootstrap": bootstrap}
+    try:
+        config = ServeConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from exc
+    if base_dir is not None:
+        arms = tuple(
+            a if a.registry.is_absolute() else a.model_copy(update={"registry": base_dir / a.registry})
+            for a in config.arms
+        )
+        config = config.model_copy(update={"arms": arms})
+    return config
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    return serve_config_from_dict(read_yaml(path))
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{key}: {err['msg']}")
+    return "bad serve config: " + "; ".join(lines)

@@ -1,0 +1,129 @@
+"""The scoring core, free of HTTP: route the user to an arm, score with that arm's live bundle,
+rank, and hand the shown items to the arm's impression logger.
+
+The response and the logged impressions are built from the same numbers in the same place, so the
+log holds exactly what was served (prediction, model version, arm, features, ids, time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.events.schema import Impression
+from engine.metrics.registry import SERVE_LATENCY, SERVE_MODEL_VERSION, SERVE_REQUESTS
+from engine.serve.arms import ArmRouter
+from engine.serve.bundle import ModelHolder
+from engine.serve.impression_log import ImpressionLogger
+from engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
+
+
+class NotReady(RuntimeError):
+    """No snapshot is loaded yet for the arm a request was routed to."""
+
+
+@dataclass(slots=True)
+class ArmRuntime:
+    name: str
+    holder: ModelHolder
+    logger: ImpressionLogger | None = None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _new_impression_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ScoringService:
+    def __init__(
+        self,
+        *,
+        router: ArmRouter,
+        arms: Mapping[str, ArmRuntime],
+        top_k: int = 10,
+        clock_ms: Callable[[], int] = _now_ms,
+        new_impression_id: Callable[[], str] = _new_impression_id,
+    ) -> None:
+        missing = set(router.names) - set(arms)
+        if missing:
+            raise ValueError(f"router names arms without a runtime: {sorted(missing)}")
+        self.router = router
+        self.arms = dict(arms)
+        self.top_k = top_k
+        self.clock_ms = clock_ms
+        self.new_impression_id = new_impression_id
+        # Metrics children are single-writer; request threads share them, so updates take this lock.
+        self._metrics_lock = threading.Lock()
+        self._requests = {name: SERVE_REQUESTS.labels(arm=name) for name in self.arms}
+        self._latency = {name: SERVE_LATENCY.labels(arm=name) for name in self.arms}
+        for name, arm in self.arms.items():
+            SERVE_MODEL_VERSION.labels(arm=name).set_function(
+                lambda h=arm.holder: float(h.version) if h.version is not None else -1.0
+            )
+        self.failed = 0
+
+    def ready(self) -> bool:
+        return all(arm.holder.current is not None for arm in self.arms.values())
+
+    def versions(self) -> dict[str, int | None]:
+        return {name: arm.holder.version for name, arm in self.arms.items()}
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        start = time.perf_counter()
+        arm = self.arms[self.router.route(request.user_id)]
+        bundle = arm.holder.current  # read once: this request uses this version throughout
+        if bundle is None:
+            raise NotReady(f"arm {arm.name!r} has no model loaded yet")
+        rows = [{**request.context, **c.features} for c in request.candidates]
+        scores = bundle.score(rows)
+        k = min(request.top_k or self.top_k, len(rows))
+        # Stable sort: equal scores keep request order, so the ranking is deterministic.
+        order = np.argsort(-scores, kind="stable")[:k]
+        event_time = request.event_time_ms if request.event_time_ms is not None else self.clock_ms()
+        ranking: list[RankedItem] = []
+        impressions: list[Impression] = []
+        for position, i in enumerate(order.tolist()):
+            item_id = request.candidates[i].item_id
+            score = float(scores[i])
+            impression_id = self.new_impression_id()
+            ranking.append(
+                RankedItem(item_id=item_id, score=score, position=position, impression_id=impression_id)
+            )
+            impressions.append(
+                Impression(
+                    impression_id=impression_id,
+                    request_id=request.request_id,
+                    user_id=request.user_id,
+                    item_id=item_id,
+                    features=rows[i],
+                    event_time_ms=event_time,
+                    served_prediction=score,
+                    model_version=bundle.version,
+                    arm=arm.name,
+                )
+            )
+        if arm.logger is not None:
+            arm.logger.log(impressions)
+        response = ScoreResponse(
+            request_id=request.request_id,
+            arm=arm.name,
+            model_version=bundle.version,
+            scores=[
+                ScoredItem(item_id=c.item_id, score=float(s))
+                for c, s in zip(request.candidates, scores, strict=True)
+            ],
+            ranking=ranking,
+        )
+        elapsed = time.perf_counter() - start
+        with self._metrics_lock:
+            self._requests[arm.name].inc()
+            self._latency[arm.name].observe(elapsed)
+        return response

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from connectors.memory.memory import MemoryLog, MemorySink
+from engine.events.codec import decode_impression, encode
+from engine.serve.app import create_app
+from engine.serve.arms import ArmRouter
+from engine.serve.bundle import ModelHolder
+from engine.serve.impression_log import ImpressionLogger
+from engine.serve.service import ArmRuntime, ScoringService
+
+from .fakes import bundle
+
+
+def _client(loaded: bool = True):
+    mlog = MemoryLog()
+    holder = ModelHolder(bundle(2) if loaded else None)
+    logger = ImpressionLogger(sink=MemorySink(mlog, "imp"), encode=encode, arm="A", linger_s=0).start()
+    service = ScoringService(
+        router=ArmRouter([("A", 1.0)], salt="s"), arms={"A": ArmRuntime("A", holder, logger)}, top_k=2
+    )
+    return TestClient(create_app(service)), holder, logger, mlog
+
+
+BODY = {
+    "request_id": "r1",
+    "user_id": "u1",
+    "context": {"device": "mobile"},
+    "candidates": [{"item_id": f"i{j}", "features": {"x": j / 10}} for j in range(5)],
+}
+
+
+def test_score_returns_ranking_and_logs_it():
+    client, _, logger, mlog = _client()
+    r = client.post("/score", json=BODY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == 2 and body["arm"] == "A"
+    assert [x["item_id"] for x in body["ranking"]] == ["i4", "i3"]
+    logger.close()
+    logged = [decode_impression(rec.value) for rec in mlog.read(mlog.partitions("imp")[0], 0, 10)]
+    assert [(e.impression_id, e.served_prediction) for e in logged] == [
+        (x["impression_id"], x["score"]) for x in body["ranking"]
+    ]
+
+
+def test_health_and_readiness():
+    client, holder, logger, _ = _client(loaded=False)
+    assert client.get("/healthz").status_code == 200
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    assert client.post("/score", json=BODY).status_code == 503
+    holder.swap(bundle(1))
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["versions"] == {"A": 1}
+    logger.close()
+
+
+def test_bad_requests_get_clear_422():
+    client, _, logger, _ = _client()
+    cases = [
+        ({**BODY, "candidates": []}, "candidates"),
+        ({k: v for k, v in BODY.items() if k != "user_id"}, "user_id"),
+        ({**BODY, "candidates": [{"item_id": "a"}, {"item_id": "a"}]}, "duplicate item_id"),
+        ({**BODY, "candidates": [{"item_id": "a", "features": {"x": {"nested": 1}}}]}, "features"),
+        ({**BODY, "top_k": 0}, "top_k"),
+        ({**BODY, "surprise": 1}, "surprise"),
+    ]
+    for body, needle in cases:
+        r = client.post("/score", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert needle in r.text, r.text
+    r = client.post("/score", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert logger.accepted == 0
+    logger.close()
+
+
+def test_stats_reports_versions_and_log_counters():
+    client, _, logger, _ = _client()
+    client.post("/score", json=BODY)
+    stats = client.get("/stats").json()
+    assert stats["arms"]["A"]["version"] == 2
+    assert stats["arms"]["A"]["impressions_accepted"] == 2
+    logger.close()

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+
+from connectors.memory.memory import MemoryLog, MemorySink
+from engine.events.schema import Impression
+from engine.serve.impression_log import ImpressionLogger
+
+
+def _imp(i: int) -> Impression:
+    return Impression(
+        impression_id=f"imp{i}",
+        request_id=f"r{i}",
+        user_id="u",
+        item_id=f"i{i}",
+        features={"x": i},
+        event_time_ms=1_000 + i,
+        served_prediction=0.5,
+        model_version=3,
+        arm="A",
+    )
+
+
+def _encode(imp: Impression) -> bytes:
+    return orjson.dumps({"impression_id": imp.impression_id, "p": imp.served_prediction})
+
+
+def _wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert cond()
+
+
+def test_events_reach_the_sink_in_order_with_key_and_time():
+    mlog = MemoryLog()
+    logger = ImpressionLogger(sink=MemorySink(mlog, "impressions"), encode=_encode, batch_size=7).start()
+    logger.log([_imp(i) for i in range(20)])
+    logger.log([_imp(i) for i in range(20, 30)])
+    _wait(lambda: logger.sent == 30)
+    logger.close()
+    records = mlog.read(mlog.partitions("impressions")[0], 0, 100)
+    assert [r.key for r in records] == [f"imp{i}".encode() for i in range(30)]
+    assert [r.timestamp_ms for r in records] == [1_000 + i for i in range(30)]
+    assert logger.dropped == 0
+
+
+class BlockingSink:
+    """A sink whose send blocks until released: Kafka with a full producer buffer."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sent: list[bytes] = []
+
+    def send(self, value, key=None, timestamp_ms=None):
+        self.release.wait()
+        self.sent.append(value)
+
+    def flush(self, timeout_s=None):
+        pass
+
+    def close(self):
+        self.release.set()
+
+
+def test_log_never_blocks_and_drops_beyond_the_bound():
+    sink = BlockingSink()
+    logger = ImpressionLogger(sink=sink, encode=_encode, max_buffer=50, batch_size=10, linger_s=0).start()
+    start = time.perf_counter()
+    dropped = sum(logger.log([_imp(i)]) for i in range(200))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0  # the sink is blocked, the caller is not
+    # The drain thread holds at most one batch; the buffer holds max_buffer; the rest is dropped and counted.
+    assert logger.accepted + logger.dropped == 200
+    assert dropped == logger.dropped
+    assert 200 - 50 - 10 <= logger.dropped <= 200 - 50
+    sink.release.set()
+    _wait(lambda: logger.sent == logger.accepted)
+    logger.close()
+    assert len(sink.sent) == logger.accepted
+
+
+class FlakySink:
+    """Raises while ``down`` is set (a broker outage), then accepts everything."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.values: list[bytes] = []
+
+    def send(self, value, key=None, timestamp_ms=None):
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        self.values.append(value)
+
+    def flush(self, timeout_s=None):
+        if self.down:
+            raise ConnectionError("broker unreachable")
+
+    def close(self):
+        pass
+
+
+def test_outage_keeps_events_and_delivers_after_recovery():
+    sink = FlakySink()
+    logger = ImpressionLogger(sink=sink, encode=_encode, max_buffer=1000, batch_size=16, retry_backoff_s=0.01)
+    logger.start()
+    logger.log([_imp(i) for i in range(100)])
+    _wait(lambda: logger.send_errors >= 2)
+    assert sink.values == []
+    sink.down = False
+    _wait(lambda: logger.sent == 100)
+    logger.close()
+    ids = [orjson.loads(v)["impression_id"] for v in sink.values]
+    assert ids == [f"imp{i}" for i in range(100)]
+    assert logger.dropped == 0
+
+
+def test_close_drains_the_buffer():
+    mlog = MemoryLog()
+    logger = ImpressionLogger(sink=MemorySink(mlog, "t"), encode=_encode, linger_s=0.2).start()
+    logger.log([_imp(i) for i in range(5)])
+    logger.close()
+    assert logger.sent == 5
+    assert len(mlog.read(mlog.partitions("t")[0], 0, 10)) == 5

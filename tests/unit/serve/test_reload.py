@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from engine.serve.bundle import ModelHolder
+from engine.serve.reload import ArmSource, ReloadWatcher
+
+from .fakes import bundle
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.corrupt: set[int] = set()
+        self.loads: list[int] = []
+
+    def latest(self):
+        return max(self.versions) if self.versions else None
+
+    def load(self, version: int):
+        self.loads.append(version)
+        if version in self.corrupt:
+            raise ValueError(f"snapshot v{version}: checksum mismatch")
+        return bundle(version)
+
+
+def test_watcher_loads_newer_versions_only():
+    reg = FakeRegistry()
+    holder = ModelHolder()
+    watcher = ReloadWatcher(sources=[ArmSource("A", holder, reg.latest, reg.load)])
+    assert watcher.poll_once() == 0 and holder.current is None
+    reg.versions = [1]
+    assert watcher.poll_once() == 1 and holder.version == 1
+    assert watcher.poll_once() == 0 and reg.loads == [1]  # nothing new: nothing loaded
+    reg.versions = [1, 2, 3]
+    watcher.poll_once()
+    assert holder.version == 3 and reg.loads == [1, 3]  # jumps straight to the newest
+
+
+def test_corrupt_snapshot_is_refused_and_the_old_model_keeps_serving():
+    reg = FakeRegistry()
+    holder = ModelHolder(bundle(1))
+    watcher = ReloadWatcher(sources=[ArmSource("A", holder, reg.latest, reg.load)])
+    reg.versions = [1, 2]
+    reg.corrupt = {2}
+    assert watcher.poll_once() == 0
+    assert holder.version == 1 and watcher.refused == 1
+    watcher.poll_once()
+    assert reg.loads == [2]  # a refused version is not retried every poll
+    reg.versions.append(3)
+    watcher.poll_once()
+    assert holder.version == 3
+
+
+def test_registry_error_does_not_stop_other_arms():
+    def broken():
+        raise OSError("registry unreadable")
+
+    reg = FakeRegistry()
+    reg.versions = [7]
+    a, b = ModelHolder(), ModelHolder()
+    watcher = ReloadWatcher(
+        sources=[ArmSource("A", a, broken, reg.load), ArmSource("B", b, reg.latest, reg.load)]
+    )
+    assert watcher.poll_once() == 1
+    assert a.current is None and b.version == 7
+
+
+def test_background_thread_picks_up_new_versions():
+    import time
+
+    reg = FakeRegistry()
+    holder = ModelHolder()
+    watcher = ReloadWatcher(sources=[ArmSource("A", holder, reg.latest, reg.load)], interval_s=0.01).start()
+    try:
+        reg.versions = [1]
+        deadline = time.monotonic() + 5
+        while holder.version != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert holder.version == 1
+    finally:
+        watcher.close()

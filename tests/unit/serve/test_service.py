@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+import pytest
+
+from connectors.memory.memory import MemoryLog, MemorySink
+from engine.events.codec import decode_impression, encode
+from engine.serve.arms import ArmRouter
+from engine.serve.bundle import ModelHolder
+from engine.serve.impression_log import ImpressionLogger
+from engine.serve.schema import ScoreRequest
+from engine.serve.service import ArmRuntime, NotReady, ScoringService
+
+from .fakes import bundle, version_of
+
+
+def _request(i: int, n: int = 20, user: str | None = None) -> ScoreRequest:
+    return ScoreRequest.model_validate(
+        {
+            "request_id": f"r{i}",
+            "user_id": user or f"user{i}",
+            "context": {"device": "mobile", "hour": "3"},
+            "candidates": [
+                {"item_id": f"item{j}", "features": {"x": (j * 7919 % 23) / 10.0}} for j in range(n)
+            ],
+        }
+    )
+
+
+def _service(mlog: MemoryLog, arms=("A",), versions=None, **kw):
+    runtimes = {}
+    for name in arms:
+        holder = ModelHolder()
+        if versions is not None:
+            holder.swap(bundle(versions[name]))
+        logger = ImpressionLogger(
+            sink=MemorySink(mlog, f"impressions.{name}"), encode=encode, arm=name, linger_s=0
+        )
+        runtimes[name] = ArmRuntime(name=name, holder=holder, logger=logger.start())
+    router = ArmRouter([(a, 1.0) for a in arms], salt="t")
+    return ScoringService(router=router, arms=runtimes, **kw), runtimes
+
+
+def _logged(mlog: MemoryLog, topic: str):
+    out = []
+    for tp in mlog.partitions(topic):
+        out.extend(decode_impression(r.value) for r in mlog.read(tp, 0, 1_000_000))
+    return out
+
+
+def test_logs_exactly_the_top_k_it_returned():
+    mlog = MemoryLog()
+    service, runtimes = _service(mlog, versions={"A": 4}, top_k=5)
+    responses = [service.score(_request(i)) for i in range(30)]
+    runtimes["A"].logger.close()
+    logged = {imp.impression_id: imp for imp in _logged(mlog, "impressions.A")}
+    assert len(logged) == 30 * 5
+    for req_i, resp in enumerate(responses):
+        req = _request(req_i)
+        assert [s.item_id for s in resp.scores] == [c.item_id for c in req.candidates]
+        ranked = sorted(resp.scores, key=lambda s: -s.score)[:5]
+        assert [r.item_id for r in resp.ranking] == [s.item_id for s in ranked]
+        for r in resp.ranking:
+            imp = logged[r.impression_id]
+            cand = next(c for c in req.candidates if c.item_id == r.item_id)
+            assert imp.served_prediction == r.score
+            assert imp.model_version == resp.model_version == 4
+            assert imp.arm == resp.arm == "A"
+            assert (
+                imp.request_id == req.request_id and imp.user_id == req.user_id and imp.item_id == r.item_id
+            )
+            assert imp.features == {**req.context, **cand.features}
+
+
+def test_request_top_k_and_event_time_override():
+    mlog = MemoryLog()
+    service, runtimes = _service(mlog, versions={"A": 1}, top_k=5, clock_ms=lambda: 777)
+    req = _request(0).model_copy(update={"top_k": 3})
+    resp = service.score(req)
+    assert len(resp.ranking) == 3
+    resp2 = service.score(_request(1).model_copy(update={"event_time_ms": 123}))
+    runtimes["A"].logger.close()
+    times = {imp.impression_id: imp.event_time_ms for imp in _logged(mlog, "impressions.A")}
+    assert {times[r.impression_id] for r in resp.ranking} == {777}
+    assert {times[r.impression_id] for r in resp2.ranking} == {123}
+
+
+def test_not_ready_until_a_model_is_loaded():
+    service, runtimes = _service(MemoryLog())
+    assert not service.ready()
+    with pytest.raises(NotReady):
+        service.score(_request(0))
+    runtimes["A"].holder.swap(bundle(1))
+    assert service.ready()
+    assert service.score(_request(0)).model_version == 1
+
+
+def test_each_user_always_gets_the_same_arm():
+    mlog = MemoryLog()
+    service, _ = _service(mlog, arms=("A", "B"), versions={"A": 1, "B": 2})
+    first = {u: service.score(_request(0, user=f"u{u}")).arm for u in range(100)}
+    again = {u: service.score(_request(1, user=f"u{u}")).arm for u in range(100)}
+    assert first == again
+    assert set(first.values()) == {"A", "B"}
+    # Each arm scores with its own model.
+    for u, arm in first.items():
+        assert service.score(_request(2, user=f"u{u}")).model_version == {"A": 1, "B": 2}[arm]
+
+
+def test_hot_swap_under_concurrent_requests_fails_nothing():
+    mlog = MemoryLog()
+    service, runtimes = _service(mlog, versions={"A": 1}, top_k=4)
+    holder = runtimes["A"].holder
+    errors: list[BaseException] = []
+    seen: dict[int, list[int]] = {}
+    stop = threading.Event()
+
+    def client(tid: int) -> None:
+        versions = seen.setdefault(tid, [])
+        i = 0
+        while not stop.is_set():
+            req = _request(tid * 100_000 + i)
+            i += 1
+            try:
+                resp = service.score(req)
+            except BaseException as exc:  # noqa: BLE001 - the test counts every failure
+                errors.append(exc)
+                continue
+            # Every score of one response comes from the single version the response names.
+            xs = {c.item_id: c.features["x"] for c in req.candidates}
+            if {version_of(s.score, xs[s.item_id]) for s in resp.scores} != {resp.model_version}:
+                errors.append(AssertionError(f"mixed versions in {req.request_id}"))
+            versions.append(resp.model_version)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    # Slow models make requests straddle swaps.
+    for v in range(2, 60):
+        holder.swap(bundle(v, delay_s=0.0005))
+        time.sleep(0.003)
+    stop.set()
+    for t in threads:
+        t.join()
+    runtimes["A"].logger.close()
+    assert errors == []
+    for versions in seen.values():
+        assert versions == sorted(versions)  # a thread never goes back to an older version
+    assert all(len(set(v)) > 10 for v in seen.values())  # every client saw many versions
+    # Every impression carries the version that scored it.
+    for imp in _logged(mlog, "impressions.A"):
+        assert version_of(imp.served_prediction, imp.features["x"]) == imp.model_version
+
+
+def test_swap_ignores_older_versions():
+    holder = ModelHolder(bundle(5))
+    assert not holder.swap(bundle(3))
+    assert not holder.swap(bundle(5))
+    assert holder.swap(bundle(6))
+    assert holder.version == 6 and holder.reloads == 1
+
+
+def test_logger_outage_fails_no_request():
+    class DeadSink:
+        def send(self, value, key=None, timestamp_ms=None):
+            raise ConnectionError("no broker")
+
+        def flush(self, timeout_s=None):
+            raise ConnectionError("no broker")
+
+        def close(self):
+            pass
+
+    holder = ModelHolder(bundle(1))
+    logger = ImpressionLogger(
+        sink=DeadSink(), encode=encode, max_buffer=100, retry_backoff_s=0.01, arm="A"
+    ).start()
+    service = ScoringService(
+        router=ArmRouter([("A", 1.0)], salt="t"), arms={"A": ArmRuntime("A", holder, logger)}, top_k=10
+    )
+    responses = [service.score(_request(i)) for i in range(50)]
+    assert len(responses) == 50 and all(len(r.ranking) == 10 for r in responses)
+    assert logger.accepted + logger.dropped == 500
+    assert logger.dropped >= 500 - 100 - 500 // 10
+    logger.close(timeout_s=0.1)
+    assert orjson.dumps(responses[0].model_dump())  # responses are complete JSON-able objects
