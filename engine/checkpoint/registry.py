@@ -1,0 +1,197 @@
+"""Atomic snapshot store with monotonic versions.
+
+Layout under ``root``::
+
+    v000000000007/            one committed snapshot
+        manifest.json         version, created time, meta (JSON), sha256 + size of every part
+        model.pt, state.pt    one torch.save file per part: tensors and plain data only
+    .tmp-.../                 a snapshot being written (ignored; removed on the next publish)
+
+A snapshot becomes visible by one ``rename`` of its finished directory (files and directory fsynced
+first, the root fsynced after), so a reader sees a whole snapshot or none. Versions are the largest
+committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
+(``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+A part whose sha256 differs from the manifest is refused (``ChecksumError``).
+
+>>> import tempfile
+>>> reg = SnapshotRegistry(tempfile.mkdtemp(), keep=2)
+>>> [reg.publish({"model": {"w": [1.0]}}, meta={"step": i}) for i in range(3)]
+[1, 2, 3]
+>>> reg.versions(), reg.latest_version(), reg.load().meta["step"]
+([2, 3], 3, 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+_DIR_RE = re.compile(r"^v(\d{12})$")
+_PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+log = logging.getLogger(__name__)
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be used."""
+
+
+class ChecksumError(SnapshotError):
+    """A snapshot part whose content does not match its manifest checksum."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    created_unix: float
+    meta: dict[str, Any]
+    state: dict[str, Any]
+
+
+class SnapshotRegistry:
+    def __init__(self, root: str | os.PathLike[str], *, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError("keep must be >= 1 (the newest snapshot carries the version counter)")
+        self.root = Path(root)
+        self.keep = keep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def versions(self) -> list[int]:
+        out = []
+        for entry in os.scandir(self.root):
+            m = _DIR_RE.match(entry.name)
+            if m and entry.is_dir():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest_version(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version:012d}"
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        try:
+            data = json.loads((self.path(version) / "manifest.json").read_text())
+        except FileNotFoundError as exc:
+            raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
+        except json.JSONDecodeError as exc:
+            raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc})") from exc
+        body = {k: v for k, v in data.items() if k != "manifest_sha256"}
+        if data.get("manifest_sha256") != _sha256(_canonical(body)):
+            raise ChecksumError(f"snapshot {version}: manifest checksum mismatch")
+        if data.get("format") != FORMAT or data.get("version") != version:
+            raise SnapshotError(f"snapshot {version}: unexpected format or version in manifest")
+        return data
+
+    def load(self, version: int | None = None, parts: Iterable[str] | None = None) -> Snapshot:
+        """Load ``version`` (or the newest snapshot that passes its checksums) with the named parts
+        (all when None). A named version that fails its checksum raises ``ChecksumError``."""
+        if version is not None:
+            return self._load(version, parts)
+        refused: list[str] = []
+        for v in reversed(self.versions()):
+            try:
+                return self._load(v, parts)
+            except SnapshotError as exc:
+                log.error("refusing snapshot %d: %s", v, exc)
+                refused.append(str(exc))
+        detail = f" (refused: {'; '.join(refused)})" if refused else ""
+        raise SnapshotError(f"no usable snapshot under {self.root}{detail}")
+
+    def _load(self, version: int, parts: Iterable[str] | None) -> Snapshot:
+        manifest = self.manifest(version)
+        wanted = list(manifest["parts"]) if parts is None else list(parts)
+        state: dict[str, Any] = {}
+        for name in wanted:
+            info = manifest["parts"].get(name)
+            if info is None:
+                raise SnapshotError(f"snapshot {version} has no part {name!r}")
+            data = (self.path(version) / info["file"]).read_bytes()
+            if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
+                raise ChecksumError(f"snapshot {version}: part {name!r} fails its sha256 checksum")
+            state[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return Snapshot(version, float(manifest["created_unix"]), manifest["meta"], state)
+
+    # ------------------------------------------------------------------ writing
+    def publish(self, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> int:
+        """Write ``state`` (part name -> tensors/plain data) and ``meta`` (JSON) as the next version."""
+        for name in state:
+            if not _PART_RE.match(name):
+                raise ValueError(f"bad snapshot part name {name!r}")
+        self._remove_stale_temps()
+        version = (self.latest_version() or 0) + 1
+        tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            parts = {}
+            for name, value in state.items():
+                buf = io.BytesIO()
+                torch.save(value, buf)
+                data = buf.getvalue()
+                _write_durable(tmp / f"{name}.pt", data)
+                parts[name] = {"file": f"{name}.pt", "bytes": len(data), "sha256": _sha256(data)}
+            body = {
+                "format": FORMAT,
+                "version": version,
+                "created_unix": time.time(),
+                "meta": dict(meta or {}),
+                "parts": parts,
+            }
+            manifest = dict(body, manifest_sha256=_sha256(_canonical(body)))
+            _write_durable(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp)
+            os.rename(tmp, self.path(version))
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._retain()
+        return version
+
+    def _retain(self) -> None:
+        for v in self.versions()[: -self.keep]:
+            shutil.rmtree(self.path(v), ignore_errors=True)
+
+    def _remove_stale_temps(self) -> None:
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".tmp-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
