@@ -1,0 +1,1 @@
+"""File-backed connectors: dataset readers (``connectors.files.datasets``) and JSONL logs."""

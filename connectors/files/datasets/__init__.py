@@ -1,0 +1,74 @@
+"""Dataset loaders: files -> time-ordered rows -> Impression/Click events (or labeled samples).
+
+>>> ds = open_dataset("movielens-100k", "/path/to/movielens-100k")   # doctest: +SKIP
+>>> events = to_events(ds.rows(), make_delay("exponential", ms=30_000, seed=1))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from connectors.files.datasets.avazu import Avazu
+from connectors.files.datasets.base import Dataset, DatasetError, DatasetRow, FieldInfo, field_names
+from connectors.files.datasets.criteo import Criteo
+from connectors.files.datasets.delay import (
+    ClickDelay,
+    ExponentialDelay,
+    FixedDelay,
+    ImmediateDelay,
+    LogNormalDelay,
+    make_delay,
+)
+from connectors.files.datasets.events import PLACEHOLDER_VERSION, RunningBaseRate, to_events, to_samples
+from connectors.files.datasets.frappe import FrappeLibFM, FrappeRaw
+from connectors.files.datasets.impression_log import ImpressionLog
+from connectors.files.datasets.movielens import MovieLens100K
+
+DATASETS = ("movielens-100k", "frappe", "frappe-libfm", "criteo", "avazu", "impression-log")
+
+
+def open_dataset(name: str, path: str | Path, **options: Any) -> Dataset:
+    """A loader by name; ``options`` go to its constructor (e.g. ``seed`` for Frappe's negatives)."""
+    p = Path(path)
+    if name == "movielens-100k":
+        return MovieLens100K(p, **options)
+    if name == "frappe":
+        return FrappeRaw(p, **options)
+    if name == "frappe-libfm":
+        files = sorted(p.glob("*.libfm")) if p.is_dir() else [p]
+        return FrappeLibFM(files, **options)
+    if name == "criteo":
+        return Criteo(p, **options)
+    if name == "avazu":
+        return Avazu(p, **options)
+    if name == "impression-log":
+        return ImpressionLog(p, **options)
+    raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+
+
+__all__ = [
+    "DATASETS",
+    "PLACEHOLDER_VERSION",
+    "Avazu",
+    "ClickDelay",
+    "Criteo",
+    "Dataset",
+    "DatasetError",
+    "DatasetRow",
+    "ExponentialDelay",
+    "FieldInfo",
+    "FixedDelay",
+    "FrappeLibFM",
+    "FrappeRaw",
+    "ImmediateDelay",
+    "ImpressionLog",
+    "LogNormalDelay",
+    "MovieLens100K",
+    "RunningBaseRate",
+    "field_names",
+    "make_delay",
+    "open_dataset",
+    "to_events",
+    "to_samples",
+]

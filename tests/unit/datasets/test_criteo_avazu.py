@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from connectors.files.datasets import Avazu, Criteo, DatasetError
+from connectors.files.datasets.avazu import hour_to_ms
+
+
+def test_tsv_and_csv_give_the_same_rows(criteo_files: tuple[Path, Path]) -> None:
+    tsv, csv = criteo_files
+    a, b = list(Criteo(tsv).rows()), list(Criteo(csv).rows())
+    assert [r.label for r in a] == [1, 0, 0]
+    assert [r.features for r in a] == [r.features for r in b]
+    assert [r.event_time_ms for r in a] == sorted(r.event_time_ms for r in a)
+
+
+def test_numeric_floats_and_missing_values_left_out(criteo_files: tuple[Path, Path]) -> None:
+    first, second, _ = Criteo(criteo_files[0]).rows()
+    assert first.features["I1"] == 5.0 and "I2" not in first.features and first.features["C26"] == "c25"
+    assert second.features == {"C26": "zz"}
+    kinds = {f.name: f.kind for f in Criteo(criteo_files[0]).fields}
+    assert kinds["I13"] == "numeric" and kinds["C1"] == "categorical" and len(kinds) == 39
+
+
+def test_criteo_bad_rows(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1\t2\t3\n")
+    with pytest.raises(DatasetError, match="bad.txt:1: expected 40 columns"):
+        list(Criteo(bad).rows())
+    bad.write_text("2" + "\t" * 39 + "\n")
+    with pytest.raises(DatasetError, match="label must be 0 or 1"):
+        list(Criteo(bad).rows())
+
+
+def test_avazu_sorted_by_hour_keeping_file_order(avazu_csv: Path) -> None:
+    rows = list(Avazu(avazu_csv).rows())
+    assert [r.row_id for r in rows] == ["avazu-b", "avazu-d", "avazu-a", "avazu-c"]
+    assert rows[0].event_time_ms == hour_to_ms("14102100") and rows[2].event_time_ms == hour_to_ms("14102101")
+    assert rows[2].event_time_ms - rows[0].event_time_ms == 3_600_000
+    assert [r.label for r in rows] == [1, 1, 0, 0]
+    assert rows[2].features["hour_of_day"] == "1" and rows[2].features["weekday"] == "1"  # a Tuesday
+    assert "id" not in rows[0].features and "click" not in rows[0].features
+    # Placeholder ids fall back to the ip (user) and the app (item).
+    assert rows[3].user_id == "ip1" and rows[3].item_id == "app1"
+
+
+def test_avazu_bad_hour(tmp_path: Path, avazu_csv: Path) -> None:
+    text = avazu_csv.read_text().replace("14102101", "2014-10-21", 1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    with pytest.raises(DatasetError, match="bad.csv:2: hour must be YYMMDDHH"):
+        list(Avazu(bad).rows())

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from connectors.files.datasets import DatasetError, FrappeLibFM, FrappeRaw
+from connectors.files.datasets.base import PSEUDO_TIME_ORIGIN_MS
+
+
+def test_two_negatives_per_positive_with_same_context_and_unused_items(frappe_csv: Path) -> None:
+    rows = list(FrappeRaw(frappe_csv, seed=3).rows())
+    assert len(rows) == 12 * 3
+    used: dict[str, set[str]] = {}
+    for r in rows:
+        if r.label:
+            used.setdefault(r.user_id, set()).add(r.item_id)
+    for start in range(0, len(rows), 3):
+        pos, *negs = rows[start : start + 3]
+        assert pos.label == 1 and [n.label for n in negs] == [0, 0]
+        assert len({pos.request_id, *(n.request_id for n in negs)}) == 1
+        assert len({n.item_id for n in negs}) == 2
+        for n in negs:
+            assert n.item_id not in used[pos.user_id]
+            ctx = {k: v for k, v in n.features.items() if k != "item"}
+            assert ctx == {k: v for k, v in pos.features.items() if k != "item"}
+            assert n.features["item"] == n.item_id
+        assert "cnt" not in pos.features
+
+
+def test_pseudo_time_is_file_order_and_seed_decides_the_negatives(frappe_csv: Path) -> None:
+    ds = FrappeRaw(frappe_csv, seed=3, step_ms=10)
+    assert ds.time_kind == "pseudo"
+    rows = list(ds.rows())
+    assert [r.event_time_ms for r in rows[::3]] == [PSEUDO_TIME_ORIGIN_MS + 10 * i for i in range(12)]
+    assert [r.item_id for r in rows[::3]] == [str(i) for i in range(12)]
+    again = list(FrappeRaw(frappe_csv, seed=3).rows())
+    assert [r.item_id for r in again] == [r.item_id for r in rows]
+    other = [list(FrappeRaw(frappe_csv, seed=s).rows()) for s in range(4, 8)]
+    assert any([r.item_id for r in o] != [r.item_id for r in rows] for o in other)
+
+
+def test_more_negatives_than_free_items_fails(frappe_csv: Path) -> None:
+    with pytest.raises(DatasetError, match="cannot sample"):
+        list(FrappeRaw(frappe_csv, negatives=9).rows())
+
+
+def test_libfm_labels_and_fields(tmp_path: Path) -> None:
+    a = tmp_path / "a.libfm"
+    a.write_text("1 3:1 960:1 5039:1 5046:1 5053:1 5055:1 5058:1 5060:1 5069:1 5149:1\n")
+    b = tmp_path / "b.libfm"
+    b.write_text("-1 4:1 961:1 5040:1 5047:1 5054:1 5056:1 5059:1 5061:1 5070:1 5150:1\n")
+    rows = list(FrappeLibFM([a, b]).rows())
+    assert [r.label for r in rows] == [1, 0]
+    assert rows[0].features["user"] == "3" and rows[1].features["city"] == "5150"
+    assert rows[0].event_time_ms < rows[1].event_time_ms
+    b.write_text("-1 4:1 961:1\n")
+    with pytest.raises(DatasetError, match="b.libfm:1"):
+        list(FrappeLibFM([b]).rows())

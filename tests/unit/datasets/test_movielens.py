@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from connectors.files.datasets import DatasetError, MovieLens100K, open_dataset
+
+
+def test_rows_are_time_sorted_with_stable_ties_and_threshold_labels(movielens_dir: Path) -> None:
+    rows = list(MovieLens100K(movielens_dir).rows())
+    assert [r.event_time_ms for r in rows] == [50_000, 100_000, 100_000, 200_000, 300_000, 400_000]
+    # The two rows at t=100 keep file order (line 3 before line 5).
+    assert [r.row_id for r in rows[1:3]] == ["ml100k-3", "ml100k-5"]
+    # ratings in time order: 4, 3, 1, 4, 5, 2 -> click iff rating >= 4
+    assert [r.label for r in rows] == [1, 0, 0, 1, 1, 0]
+    assert len({r.row_id for r in rows}) == len(rows)
+
+
+def test_side_features_joined(movielens_dir: Path) -> None:
+    first = next(iter(MovieLens100K(movielens_dir).rows()))
+    assert first.user_id == "3" and first.item_id == "10"
+    assert first.features == {
+        "user_id": "3",
+        "item_id": "10",
+        "age": "23",
+        "gender": "M",
+        "occupation": "writer",
+        "zip_prefix": "32",
+        "release_year": "1995",
+        "genres": ["Animation", "Children's", "Comedy"],
+    }
+    no_year = [r for r in MovieLens100K(movielens_dir).rows() if r.item_id == "12"][0]
+    assert "release_year" not in no_year.features and no_year.features["genres"] == []
+
+
+def test_threshold_is_configurable_and_side_files_optional(movielens_dir: Path) -> None:
+    (movielens_dir / "ml-100k.user").unlink()
+    rows = list(open_dataset("movielens-100k", movielens_dir, click_threshold=5).rows())
+    assert sum(r.label for r in rows) == 1
+    assert "age" not in rows[0].features and "genres" in rows[0].features
+
+
+def test_field_kinds(movielens_dir: Path) -> None:
+    kinds = {f.name: f.kind for f in MovieLens100K(movielens_dir).fields}
+    assert kinds["genres"] == "multi" and kinds["user_id"] == "categorical"
+    row_fields = set().union(*(r.features for r in MovieLens100K(movielens_dir).rows()))
+    assert row_fields <= set(kinds)
+
+
+def test_malformed_line_names_file_and_line(movielens_dir: Path) -> None:
+    inter = movielens_dir / "ml-100k.inter"
+    inter.write_text(inter.read_text() + "4\t10\tfive\t10\n")
+    with pytest.raises(DatasetError, match=r"ml-100k.inter:8: column 'rating'"):
+        list(MovieLens100K(movielens_dir).rows())
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        list(MovieLens100K(tmp_path).rows())
