@@ -433,6 +433,10 @@ ROLLING_SAMPLES = Gauge(
 SNAPSHOT_VERSION = Gauge("reloop_snapshot_version", "Version number of the last snapshot written.")
 SNAPSHOT_TIMESTAMP = Gauge(
     "reloop_snapshot_timestamp_seconds", "Wall-clock time the last snapshot was written (Unix seconds).")
+SNAPSHOT_PERIOD = Gauge(
+    "reloop_snapshot_period_seconds",
+    "Expected wall-clock seconds between snapshots: the configured period when it is wall-clock based, "
+    "otherwise the last observed interval (the stale-snapshot alert fires at twice this).")
 SNAPSHOTS = Counter("reloop_snapshots_total", "Snapshots written.")
 
 CONSUMER_LAG = Gauge(
@@ -459,7 +463,7 @@ CANONICAL: tuple[_Metric, ...] = (
     JOINER_DROPPED_BY_BOUND, JOINER_WATERMARK,
     TRAIN_STEPS, TRAIN_SAMPLES, TRAIN_LOSS, TRAIN_SC_ACTIVE,
     ROLLING_AUC, ROLLING_LOGLOSS, ROLLING_MEAN_PREDICTION, ROLLING_OBSERVED_CTR, ROLLING_SAMPLES,
-    SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOTS,
+    SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOT_PERIOD, SNAPSHOTS,
     CONSUMER_LAG,
     SERVE_REQUESTS, SERVE_LATENCY, SERVE_RELOADS, SERVE_MODEL_VERSION,
     IMPRESSIONS_LOGGED, IMPRESSIONS_DROPPED,
