@@ -1,0 +1,1 @@
+"""Backbones behind one Learner protocol, built by name from typed configs (see registry)."""

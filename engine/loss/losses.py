@@ -1,0 +1,236 @@
+"""Training losses as small objects: CE, KD (distillation from the last model) and ReLoop.
+
+All three are defined on probabilities exactly as in docs/reloop-method.md, per sample, and then
+averaged over the batch as ``mean_i(w_i * L_i)`` (weights default to 1). They take LOGITS so the log
+terms are computed stably (BCE with logits), never ``log`` of a rounded probability.
+
+* CE:      ``L = -y log p - (1-y) log(1-p)``
+* KD:      ``L = alpha * [-y_last log p - (1-y_last) log(1-p)] + (1-alpha) * CE``
+* ReLoop:  ``L = alpha * [y max(y_last-p, 0) + (1-y) max(p-y_last, 0)] + (1-alpha) * CE``
+
+``y_last`` is a constant (the last model's prediction, no gradient), clamped to [0, 1]. A sample
+whose ``y_last`` is unknown (``None`` for the whole batch, or NaN for that sample: e.g. the first
+period, or an impression served by no model) is trained with plain CE at full weight, so a missing
+teacher never silently shrinks the learning rate by (1 - alpha).
+
+>>> import torch
+>>> loss = make_loss("reloop", alpha=0.5)
+>>> value, stats = loss(torch.tensor([0.0]), torch.tensor([1.0]), y_last=torch.tensor([0.75]))
+>>> round(stats.sc, 4), round(stats.ce, 4), stats.sc_active_fraction   # p = 0.5 is worse than 0.75
+(0.25, 0.6931, 1.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STRATEGIES: tuple[str, ...] = ("ce", "kd", "reloop")
+
+
+@dataclass(frozen=True, slots=True)
+class LossStats:
+    """What one loss evaluation was made of (batch means, weighted like the total).
+
+    ``aux`` is the mixed-in term: L_sc for ReLoop, L_kd for KD, 0 for CE; ``sc`` and ``kd`` name it
+    per strategy for readability. ``sc_active_fraction``: among samples with a known y_last, the
+    fraction where the new model is worse than the last one (L_sc > 0); 0 for other strategies.
+    """
+
+    strategy: str
+    alpha: float
+    total: float
+    ce: float
+    aux: float
+    sc_active_fraction: float
+    n: int
+    n_with_last: int
+
+    @property
+    def sc(self) -> float:
+        return self.aux if self.strategy == "reloop" else 0.0
+
+    @property
+    def kd(self) -> float:
+        return self.aux if self.strategy == "kd" else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Loss(Protocol):
+    strategy: str
+    alpha: float
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        y_last: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LossStats]:
+        """The scalar loss (with gradient to ``logits``) and its stats."""
+        ...
+
+    def raw_gradient(
+        self,
+        raw: np.ndarray,
+        labels: np.ndarray,
+        y_last: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """d L_i / d z_i per sample (NOT divided by the batch size), z = logit; float64 numpy.
+
+        For learners that do their own updates (river, FTRL): multiply by the feature value.
+        """
+        ...
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+@dataclass(frozen=True, slots=True)
+class _MixedLoss:
+    """Shared machinery: alpha * aux + (1 - alpha) * CE where y_last is known, CE elsewhere."""
+
+    alpha: float = 0.0
+    strategy: ClassVar[str] = "ce"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or not np.isfinite(self.alpha):
+            raise ValueError(f"loss alpha must be in [0, 1], got {self.alpha}")
+
+    # Per-sample auxiliary term and (numpy) its derivative with respect to the logit.
+    def _aux(self, logits: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor):
+        return torch.zeros_like(p)
+
+    def _aux_grad(self, p: np.ndarray, labels: np.ndarray, y_last: np.ndarray) -> np.ndarray:
+        return np.zeros_like(p)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        y_last: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LossStats]:
+        logits = logits.reshape(-1)
+        labels = labels.reshape(-1).to(logits.dtype)
+        n = logits.shape[0]
+        if n == 0:
+            raise ValueError("loss of an empty batch")
+        w = torch.ones_like(logits) if weights is None else weights.reshape(-1).to(logits.dtype)
+        ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        mixing = self.strategy != "ce" and self.alpha > 0.0
+        if y_last is None or not mixing:
+            has_last = (
+                torch.zeros_like(logits, dtype=torch.bool)
+                if y_last is None
+                else ~torch.isnan(y_last.reshape(-1))
+            )
+            per_sample = ce
+            aux = torch.zeros_like(ce)
+            active = torch.zeros_like(ce)
+        else:
+            yl = y_last.reshape(-1).to(logits.dtype).detach()
+            has_last = ~torch.isnan(yl)
+            yl = torch.where(has_last, yl.clamp(0.0, 1.0), torch.zeros_like(yl))
+            p = torch.sigmoid(logits)
+            aux = self._aux(logits, p, labels, yl) * has_last
+            mixed = self.alpha * aux + (1.0 - self.alpha) * ce
+            per_sample = torch.where(has_last, mixed, ce)
+            active = (aux > 0) & has_last
+        total = (w * per_sample).sum() / n
+        with torch.no_grad():
+            n_last = int(has_last.sum())
+            stats = LossStats(
+                strategy=self.strategy,
+                alpha=float(self.alpha),
+                total=float(total),
+                ce=float((w * ce).sum() / n),
+                aux=float((w * aux).sum() / n),
+                sc_active_fraction=float(active.sum()) / n_last
+                if (n_last and self.strategy == "reloop")
+                else 0.0,
+                n=int(n),
+                n_with_last=n_last,
+            )
+        return total, stats
+
+    def raw_gradient(
+        self,
+        raw: np.ndarray,
+        labels: np.ndarray,
+        y_last: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> np.ndarray:
+        z = np.asarray(raw, dtype=np.float64).reshape(-1)
+        y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        p = _sigmoid(z)
+        grad = p - y
+        if y_last is not None and self.strategy != "ce" and self.alpha > 0.0:
+            yl = np.asarray(y_last, dtype=np.float64).reshape(-1)
+            has_last = ~np.isnan(yl)
+            yl = np.where(has_last, np.clip(yl, 0.0, 1.0), 0.0)
+            mixed = self.alpha * self._aux_grad(p, y, yl) + (1.0 - self.alpha) * grad
+            grad = np.where(has_last, mixed, grad)
+        if weights is not None:
+            grad = grad * np.asarray(weights, dtype=np.float64).reshape(-1)
+        return grad
+
+
+@dataclass(frozen=True, slots=True)
+class CrossEntropyLoss(_MixedLoss):
+    """Plain log loss; ``alpha`` is accepted and ignored so every strategy has the same signature."""
+
+    strategy: ClassVar[str] = "ce"
+
+
+@dataclass(frozen=True, slots=True)
+class DistillationLoss(_MixedLoss):
+    """KD: imitate the last model (soft-target log loss), mixed with CE by alpha."""
+
+    strategy: ClassVar[str] = "kd"
+
+    def _aux(self, logits, p, labels, y_last):
+        return F.binary_cross_entropy_with_logits(logits, y_last, reduction="none")
+
+    def _aux_grad(self, p, labels, y_last):
+        return p - y_last
+
+
+@dataclass(frozen=True, slots=True)
+class ReLoopLoss(_MixedLoss):
+    """ReLoop: a one-sided penalty where the new model is worse than the last one, mixed with CE."""
+
+    strategy: ClassVar[str] = "reloop"
+
+    def _aux(self, logits, p, labels, y_last):
+        return labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
+
+    def _aux_grad(self, p, labels, y_last):
+        # dp/dz = p (1 - p); the max() counts only where strictly active (subgradient 0 at a tie).
+        dp = p * (1.0 - p)
+        return labels * np.where(y_last > p, -dp, 0.0) + (1.0 - labels) * np.where(p > y_last, dp, 0.0)
+
+
+_LOSSES: dict[str, type[_MixedLoss]] = {
+    "ce": CrossEntropyLoss,
+    "kd": DistillationLoss,
+    "reloop": ReLoopLoss,
+}
+
+
+def make_loss(strategy: str, alpha: float = 0.0) -> Loss:
+    """The loss for a strategy name (``ce``, ``kd``, ``reloop``); unknown names fail naming the choices."""
+    try:
+        cls = _LOSSES[strategy]
+    except KeyError:
+        raise ValueError(f"unknown loss strategy {strategy!r}; choose one of {sorted(_LOSSES)}") from None
+    return cls(alpha=float(alpha))

@@ -1,0 +1,255 @@
+"""Reusable layers the backbones are composed of (shapes follow FuxiCTR: embeddings are [B, F, D]).
+
+No block knows about losses, optimizers or training loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from engine.features.featurizer import TorchFeatureBatch
+from engine.features.spec import FeatureSpec
+
+EMBEDDING_INIT_STD = 1e-4  # FuxiCTR's default embedding initializer
+
+
+class GenDropout(nn.Module):
+    """Dropout drawing its mask from an injected generator, so a learner can seed it and snapshot its
+    state: a run restored from a snapshot then draws the same masks as an uninterrupted one."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
+class FeatureEmbedding(nn.Module):
+    """One shared table for all fields of a spec -> [B, F, D] (field order: cat, dense, multi).
+
+    Dense numeric fields scale their field's single row by the value; multi-valued fields are
+    mean-pooled over their real (unmasked) values. ``sparse=True`` makes the table's gradient sparse
+    (only the looked-up rows), which the learner pairs with SparseAdam/Adagrad (docs/perf-notes.md).
+    """
+
+    def __init__(self, spec: FeatureSpec, dim: int, sparse: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.n_cat = len(spec.cat_fields)
+        self.n_dense = len(spec.dense_fields)
+        self.n_multi = len(spec.multi_fields)
+        self.num_fields = spec.num_fields
+        self.table = nn.Embedding(spec.total_rows, dim, sparse=sparse)
+        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
+        self.register_buffer("dense_rows", torch.tensor(spec.dense_rows, dtype=torch.long), persistent=False)
+
+    def forward(self, x: TorchFeatureBatch) -> torch.Tensor:
+        b = x.cat.shape[0]
+        parts = [x.cat]
+        if self.n_dense:
+            parts.append(self.dense_rows.expand(b, self.n_dense))
+        if self.n_multi:
+            parts.append(x.multi.reshape(b, -1))
+        ids = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        emb = self.table(ids)  # one lookup: one sparse gradient per step
+        out = [emb[:, : self.n_cat]]
+        pos = self.n_cat
+        if self.n_dense:
+            out.append(emb[:, pos : pos + self.n_dense] * x.num.unsqueeze(-1))
+            pos += self.n_dense
+        if self.n_multi:
+            m = emb[:, pos:].reshape(b, self.n_multi, -1, self.dim)
+            mask = x.multi_mask.unsqueeze(-1)
+            count = x.multi_mask.sum(-1, keepdim=True).clamp_min(1.0)
+            out.append((m * mask).sum(2) / count)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+class LinearPart(nn.Module):
+    """First-order term (logistic regression): per-row scalar weights summed over fields, plus a bias."""
+
+    def __init__(self, spec: FeatureSpec, sparse: bool = True) -> None:
+        super().__init__()
+        self.weights = FeatureEmbedding(spec, 1, sparse=sparse)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: TorchFeatureBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit [B], the looked-up weights [B, F, 1] for regularisation)."""
+        w = self.weights(x)
+        return w.sum(dim=(1, 2)) + self.bias, w
+
+
+def fm_bi_interaction(emb: torch.Tensor) -> torch.Tensor:
+    """Bi-interaction pooling 0.5 * ((sum_f e_f)^2 - sum_f e_f^2): [B, F, D] -> [B, D] (NFM; FM sums it)."""
+    return 0.5 * (emb.sum(dim=1).square() - emb.square().sum(dim=1))
+
+
+class MLP(nn.Module):
+    """Linear -> (BatchNorm) -> ReLU -> (Dropout) per hidden layer, then an optional linear output."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        output_dim: int | None = 1,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(dim, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(GenDropout(dropout))
+            dim = h
+        if output_dim is not None:
+            layers.append(nn.Linear(dim, output_dim))
+            dim = output_dim
+        self.out_dim = dim
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossNet(nn.Module):
+    """DCN cross network: x_{l+1} = x_0 * (x_l . w_l) + b_l + x_l (a vector w per layer)."""
+
+    def __init__(self, dim: int, layers: int) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(
+            [nn.Parameter(torch.empty(dim).normal_(std=dim**-0.5)) for _ in range(layers)]
+        )
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(layers)])
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for w, b in zip(self.w, self.b, strict=True):
+            x = x0 * (x @ w).unsqueeze(-1) + b + x
+        return x
+
+
+class CrossNetV2(nn.Module):
+    """DCNv2 cross network: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l (a full matrix per layer)."""
+
+    def __init__(self, dim: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, dim) for _ in range(layers)])
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class CIN(nn.Module):
+    """xDeepFM's compressed interaction network (FuxiCTR layout): [B, F, D] -> [B, output_dim]."""
+
+    def __init__(self, num_fields: int, hidden: Sequence[int], output_dim: int = 1) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        prev = num_fields
+        for h in hidden:
+            self.convs.append(nn.Conv1d(num_fields * prev, h, kernel_size=1))
+            prev = h
+        self.fc = nn.Linear(sum(hidden), output_dim)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        b, _, d = x0.shape
+        x = x0
+        pooled = []
+        for conv in self.convs:
+            hadamard = torch.einsum("bhd,bmd->bhmd", x0, x).reshape(b, -1, d)
+            x = conv(hadamard)
+            pooled.append(x.sum(dim=-1))
+        return self.fc(torch.cat(pooled, dim=-1))
+
+
+class InnerProduct(nn.Module):
+    """All pairwise inner products <e_i, e_j>, i < j: [B, F, D] -> [B, F(F-1)/2] (IPNN)."""
+
+    def __init__(self, num_fields: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.num_pairs = int(rows.numel())
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return (emb[:, self.rows] * emb[:, self.cols]).sum(-1)
+
+
+class FieldMatrixedInteraction(nn.Module):
+    """FmFM: sum over field pairs of (e_i M_ij) . e_j with one D x D matrix per field pair -> [B]."""
+
+    def __init__(self, num_fields: int, dim: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        eye = torch.eye(dim).expand(rows.numel(), dim, dim).clone()
+        self.matrices = nn.Parameter(eye + 0.01 * torch.randn_like(eye))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        left = torch.einsum("bpd,pde->bpe", emb[:, self.rows], self.matrices)
+        return (left * emb[:, self.cols]).sum(dim=(1, 2))
+
+
+class LogarithmicTransformation(nn.Module):
+    """AFN's logarithmic neurons: exp(W log|e|) learns arbitrary-order cross features.
+
+    [B, F, D] -> [B, neurons * D], with FuxiCTR's batch norms around the log and exp.
+    """
+
+    def __init__(self, num_fields: int, dim: int, neurons: int) -> None:
+        super().__init__()
+        self.log_bn = nn.BatchNorm1d(num_fields)
+        self.coefficients = nn.Linear(num_fields, neurons, bias=False)
+        self.exp_bn = nn.BatchNorm1d(neurons)
+        self.out_dim = neurons * dim
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        # |e| is clamped away from 0 so log stays finite (FuxiCTR uses 1e-5; the paper 1e-7).
+        logged = self.log_bn(torch.log(emb.abs().clamp_min(1e-5)))
+        crossed = torch.exp(self.coefficients(logged.transpose(1, 2))).transpose(1, 2)
+        return self.exp_bn(crossed).flatten(start_dim=1)
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every Linear/Conv1d (FuxiCTR's init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv1d):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+__all__ = [
+    "CIN",
+    "MLP",
+    "CrossNet",
+    "CrossNetV2",
+    "FeatureEmbedding",
+    "FieldMatrixedInteraction",
+    "GenDropout",
+    "InnerProduct",
+    "LinearPart",
+    "LogarithmicTransformation",
+    "fm_bi_interaction",
+    "init_linear_layers",
+]

@@ -1,0 +1,52 @@
+"""Typed, frozen, JSON-round-trippable configs for learners (stored in snapshots next to the weights)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+
+from engine.features.spec import FeatureSpec
+
+
+class FrozenConfig(BaseModel):
+    """Unknown keys are refused, so a typo in a config fails fast and names the key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OptimizerConfig(FrozenConfig):
+    """Torch learners: Adam for dense parameters; the embedding table gets a sparse optimizer when
+    ``sparse_embeddings`` (SparseAdam or Adagrad), otherwise it joins the dense Adam."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    embedding_lr: float | None = Field(default=None, gt=0, description="defaults to lr")
+    sparse_embeddings: bool = True
+    embedding_optimizer: Literal["adam", "adagrad"] = "adam"
+    embedding_l2: float = Field(default=0.0, ge=0, description="L2 on the embedding rows a batch looks up")
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay on dense parameters")
+    grad_clip_norm: float | None = Field(default=None, gt=0)
+
+
+class BackboneConfig(FrozenConfig):
+    """Base of every backbone's typed config."""
+
+    embedding_dim: int = Field(default=10, ge=1)
+
+
+class LearnerConfig(FrozenConfig):
+    """Everything needed to rebuild a learner from nothing (``registry.learner_from_config``)."""
+
+    backbone: str
+    strategy: str
+    alpha: float = Field(ge=0.0, le=1.0)
+    seed: int = 0
+    spec: FeatureSpec
+    model: SerializeAsAny[BackboneConfig]
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return self.model_dump_json()

@@ -1,0 +1,206 @@
+"""Backbones by name, each with a typed config, and the one way to build a learner.
+
+>>> from engine.features.spec import CategoricalField, FeatureSpec
+>>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=9), CategoricalField(name="i", buckets=9)))
+>>> learner = build_learner("dcn", spec, strategy="reloop", alpha=0.2, seed=1, hidden_units=(32, 32))
+>>> learner.config.model.cross_layers, learner.config.model.hidden_units
+(3, (32, 32))
+>>> build_learner("dcn", spec, strategy="ce", alpha=0.0, seed=1, cross_layer=2)
+Traceback (most recent call last):
+...
+ValueError: backbone 'dcn': bad config: cross_layer: Extra inputs are not permitted
+
+Other modules add backbones with ``register_backbone`` (river backbones live in
+``engine/models/river_*.py``, imported on first use of the registry).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.features.spec import FeatureSpec
+from engine.loss.losses import STRATEGIES
+from engine.models import backbones as bb
+from engine.models.config import BackboneConfig, LearnerConfig, OptimizerConfig
+from engine.models.ftrl import FTRLConfig, FTRLLearner
+from engine.models.learner import Learner, TorchLearner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    config_cls: type[BackboneConfig]
+    make: Callable[[LearnerConfig], Learner]
+    description: str
+    kind: str = "torch"
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+_plugins_loaded = False
+
+
+def register_backbone(
+    name: str,
+    config_cls: type[BackboneConfig],
+    make: Callable[[LearnerConfig], Learner],
+    description: str,
+    kind: str = "torch",
+) -> None:
+    """Add a backbone; ``make`` builds a Learner from a validated LearnerConfig (seed it from config.seed)."""
+    if name in _REGISTRY and _REGISTRY[name].make is not make:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _REGISTRY[name] = BackboneEntry(name, config_cls, make, description, kind)
+
+
+def _torch_maker(model_cls: type[bb.CTRModel]) -> Callable[[LearnerConfig], Learner]:
+    def make(config: LearnerConfig) -> Learner:
+        import torch
+
+        # The model is initialised from the config's seed without touching the process-wide RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = model_cls(config.spec, config.model, config.optimizer.sparse_embeddings)
+        return TorchLearner(model=model, config=config)
+
+    return make
+
+
+for _name, _cfg, _cls, _desc in (
+    ("lr", bb.LinearConfig, bb.LR, "logistic regression (first-order weights)"),
+    ("fm", bb.FMConfig, bb.FM, "factorization machine"),
+    ("nfm", bb.DeepConfig, bb.NFM, "neural FM: bi-interaction pooling into an MLP"),
+    ("pnn", bb.DeepConfig, bb.PNN, "product-based NN (inner products, IPNN)"),
+    ("wide_deep", bb.DeepConfig, bb.WideDeep, "Wide & Deep"),
+    ("deepfm", bb.DeepConfig, bb.DeepFM, "DeepFM: FM + MLP"),
+    ("dcn", bb.DCNConfig, bb.DCN, "Deep & Cross network"),
+    ("dcnv2", bb.DCNv2Config, bb.DCNv2, "DCN-V2 (matrix cross layers)"),
+    ("xdeepfm", bb.XDeepFMConfig, bb.XDeepFM, "xDeepFM: linear + CIN + MLP"),
+    ("fmfm", bb.FMConfig, bb.FmFM, "field-matrixed FM"),
+    ("afn", bb.AFNConfig, bb.AFN, "adaptive factorization network (AFN+ with ensemble_dnn)"),
+):
+    register_backbone(_name, _cfg, _torch_maker(_cls), _desc)
+register_backbone(
+    "ftrl",
+    FTRLConfig,
+    lambda config: FTRLLearner(config=config),
+    "FTRL-Proximal logistic regression",
+    "numpy",
+)
+
+
+def _load_plugins() -> None:
+    """Import engine/models/river_*.py once so their register_backbone calls run."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import engine.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("river_"):
+            try:
+                importlib.import_module(f"engine.models.{info.name}")
+            except ImportError as exc:
+                log.warning("backbone module engine.models.%s not loaded: %s", info.name, exc)
+
+
+def available_backbones() -> list[str]:
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def backbone_entry(name: str) -> BackboneEntry:
+    _load_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_REGISTRY)}") from None
+
+
+def available_strategies() -> list[str]:
+    return list(STRATEGIES)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def make_config(
+    backbone: str,
+    spec: FeatureSpec,
+    strategy: str,
+    alpha: float,
+    seed: int = 0,
+    optimizer: OptimizerConfig | dict[str, Any] | None = None,
+    **model_config: Any,
+) -> LearnerConfig:
+    """A validated LearnerConfig; a bad key or value fails here, naming it."""
+    entry = backbone_entry(backbone)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    try:
+        model = entry.config_cls(**model_config)
+    except ValidationError as exc:
+        raise ValueError(f"backbone {backbone!r}: bad config: {_validation_message(exc)}") from None
+    try:
+        opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(**(optimizer or {}))
+        return LearnerConfig(
+            backbone=backbone,
+            strategy=strategy,
+            alpha=alpha,
+            seed=seed,
+            spec=spec,
+            model=model,
+            optimizer=opt,
+        )
+    except ValidationError as exc:
+        raise ValueError(f"learner config: {_validation_message(exc)}") from None
+
+
+def build_learner(
+    backbone: str,
+    spec: FeatureSpec,
+    strategy: str,
+    alpha: float,
+    seed: int = 0,
+    optimizer: OptimizerConfig | dict[str, Any] | None = None,
+    **model_config: Any,
+) -> Learner:
+    """A fresh learner: ``build_learner("dcn", spec, "reloop", 0.2, seed=1, hidden_units=(400, 400))``."""
+    return learner_from_config(make_config(backbone, spec, strategy, alpha, seed, optimizer, **model_config))
+
+
+def config_from_dict(data: dict[str, Any]) -> LearnerConfig:
+    """Inverse of ``LearnerConfig.to_dict()``: the model section is typed by the backbone's config class."""
+    try:
+        entry = backbone_entry(data["backbone"])
+        model = entry.config_cls.model_validate(data.get("model", {}))
+        return LearnerConfig.model_validate({**data, "model": model})
+    except KeyError as exc:
+        raise ValueError(f"learner config: missing key {exc}") from None
+    except ValidationError as exc:
+        raise ValueError(f"learner config: {_validation_message(exc)}") from None
+
+
+def learner_from_config(config: LearnerConfig | dict[str, Any]) -> Learner:
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    return backbone_entry(config.backbone).make(config)
+
+
+def learner_from_state(state: dict[str, Any]) -> Learner:
+    """Rebuild a learner from ``Learner.state_dict()`` alone (what a snapshot restore needs)."""
+    import orjson
+
+    learner = learner_from_config(config_from_dict(orjson.loads(state["config_json"])))
+    learner.load_state_dict(state)
+    return learner
