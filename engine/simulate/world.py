@@ -154,7 +154,7 @@ class World:
         }
 
     def item_features(self, item: int) -> dict[str, str]:
-        return {"item_category": f"c{self.item_category[item]}"}
+        return {"item_id": self.item_id(item), "item_category": f"c{self.item_category[item]}"}
 
     @staticmethod
     def item_id(item: int) -> str:

@@ -1,0 +1,174 @@
+"""The simulator loop: ask the scoring service to rank candidates, let simulated users click the
+shown items with their true probability, and send each click when its (random) delay has passed.
+
+The service is reached through a ``score(body) -> response | None`` callable (HTTP in production,
+an in-process call in unit tests); clicks go to one ``connectors.base.Sink`` per arm, keyed by
+impression id, stamped with the click's event time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from connectors.base import Sink
+from engine.events.codec import encode
+from engine.events.schema import Click
+from engine.simulate.stats import SimStats
+from engine.simulate.world import World
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[dict[str, Any]], dict[str, Any] | None]
+
+
+class NotReadyYet(Exception):
+    """The service answered 503: no model loaded yet."""
+
+
+class ClickQueue:
+    """Clicks waiting for their event time, ordered by it."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, str, Click]] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def push(self, arm: str, click: Click) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (click.event_time_ms, self._seq, arm, click))
+            self._seq += 1
+
+    def pop_due(self, now_ms: int) -> list[tuple[str, Click]]:
+        out = []
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now_ms:
+                _, _, arm, click = heapq.heappop(self._heap)
+                out.append((arm, click))
+        return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._heap)
+
+
+class Simulator:
+    def __init__(
+        self,
+        *,
+        world: World,
+        score: ScoreFn,
+        click_sink: Callable[[str], Sink],
+        stats: SimStats | None = None,
+        top_k: int = 10,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.world = world
+        self.score = score
+        self.click_sink = click_sink
+        self.stats = stats or SimStats()
+        self.top_k = top_k
+        self.clock_ms = clock_ms
+        self.start_ms = clock_ms()
+        self.clicks = ClickQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._n = 0
+
+    def t_s(self, now_ms: int) -> float:
+        return (now_ms - self.start_ms) / 1000.0
+
+    def step(self) -> dict[str, Any] | None:
+        """One page view: get a ranking, draw clicks on the shown items, queue them; returns the response."""
+        now = self.clock_ms()
+        t = self.t_s(now)
+        request = self.world.sample_request(t)
+        self._n += 1
+        context = self.world.context_features(request)
+        body = {
+            "request_id": f"sim-{self.start_ms}-{self._n}",
+            "user_id": context["user_id"],
+            "context": context,
+            "candidates": [
+                {"item_id": World.item_id(i), "features": self.world.item_features(i)}
+                for i in request.candidates.tolist()
+            ],
+            "top_k": self.top_k,
+            "event_time_ms": now,
+        }
+        try:
+            response = self.score(body)
+        except NotReadyYet:
+            with self.stats.lock:
+                self.stats.not_ready += 1
+            return None
+        except Exception as exc:  # noqa: BLE001 - a failed request is counted, the simulation goes on
+            with self.stats.lock:
+                self.stats.errors += 1
+            log.warning("simulate: request failed: %s", exc)
+            return None
+        shown = response["ranking"]
+        items = np.array([World.parse_item_id(r["item_id"]) for r in shown], dtype=np.int64)
+        served = np.array([r["score"] for r in shown], dtype=np.float64)
+        true_p = self.world.click_probability(request, t, items)
+        clicked = self.world.draw_clicks(true_p)
+        delays = self.world.draw_delays_s(int(clicked.sum()))
+        window = self.world.config.attribution_window_s
+        arm = response["arm"]
+        clicked_rows = [r for r, c in zip(shown, clicked.tolist(), strict=True) if c]
+        for r, delay in zip(clicked_rows, delays.tolist(), strict=True):
+            self.clicks.push(
+                arm, Click(impression_id=r["impression_id"], event_time_ms=now + int(delay * 1000))
+            )
+        with self.stats.lock:
+            self.stats.clicks_late += int((delays > window).sum())
+            self.stats.arm(arm).record(int(response["model_version"]), served, true_p, clicked)
+        return response
+
+    def emit_due_clicks(self, now_ms: int | None = None) -> int:
+        due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
+        for arm, click in due:
+            sink = self._sinks.get(arm)
+            if sink is None:
+                sink = self._sinks[arm] = self.click_sink(arm)
+            sink.send(encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms)
+        if due:
+            with self.stats.lock:
+                self.stats.clicks_sent += len(due)
+        return len(due)
+
+    def run(
+        self, *, rate: float, duration_s: float | None = None, stop: threading.Event | None = None
+    ) -> None:
+        """Send ``rate`` requests per second (paced, not bursty) until ``duration_s`` or ``stop``."""
+        stop = stop or threading.Event()
+        interval = 1.0 / rate
+        start = time.monotonic()
+        next_at = start
+        while not stop.is_set():
+            now = time.monotonic()
+            if duration_s is not None and now - start >= duration_s:
+                break
+            if now < next_at:
+                stop.wait(min(next_at - now, 0.05))
+                self.emit_due_clicks()
+                continue
+            self.step()
+            self.emit_due_clicks()
+            # Behind schedule (slow service) we do not try to catch up in a burst.
+            next_at = max(next_at + interval, time.monotonic() - interval)
+
+    def close(self) -> None:
+        """Send the clicks already due, flush the sinks; clicks still in the future are counted, not sent."""
+        self.emit_due_clicks()
+        with self.stats.lock:
+            self.stats.clicks_pending_at_end = len(self.clicks)
+        for sink in self._sinks.values():
+            sink.flush(timeout_s=10.0)
+            sink.close()
+        self._sinks.clear()

@@ -1,0 +1,143 @@
+"""What the simulator knows and a real site never does: the true click probability of every shown item.
+
+Per arm it keeps the expected CTR (mean true probability of the shown items: low-variance), the
+realized CTR (the clicks it drew), a rolling exact AUC of the served predictions against the drawn
+clicks, and the same per model version, so a report can show quality rising as versions advance.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.metrics.online import ExactAUC, RollingBinaryMetrics
+
+
+@dataclass
+class VersionStats:
+    impressions: int = 0
+    clicks: int = 0
+    true_p_sum: float = 0.0
+    auc: ExactAUC = field(default_factory=ExactAUC)
+
+
+class ArmStats:
+    def __init__(self, name: str, *, window: int = 5000) -> None:
+        self.name = name
+        self.requests = 0
+        self.impressions = 0
+        self.clicks = 0
+        self.true_p_sum = 0.0
+        self.oracle_auc = ExactAUC()  # the true probability as a ranker: the ceiling for any model
+        self.served_auc = ExactAUC()
+        self.rolling = RollingBinaryMetrics(window)
+        self.by_version: dict[int, VersionStats] = {}
+        self.first_version: int | None = None
+        self.last_version: int | None = None
+
+    def record(self, version: int, served: np.ndarray, true_p: np.ndarray, clicked: np.ndarray) -> None:
+        self.requests += 1
+        self.impressions += len(served)
+        self.clicks += int(clicked.sum())
+        self.true_p_sum += float(true_p.sum())
+        vs = self.by_version.setdefault(version, VersionStats())
+        vs.impressions += len(served)
+        vs.clicks += int(clicked.sum())
+        vs.true_p_sum += float(true_p.sum())
+        for y, p, t in zip(clicked.tolist(), served.tolist(), true_p.tolist(), strict=True):
+            y = int(y)
+            p = min(max(float(p), 1e-7), 1 - 1e-7)
+            self.served_auc.update(y, p)
+            self.oracle_auc.update(y, float(t))
+            self.rolling.update(y, p)
+            vs.auc.update(y, p)
+        if self.first_version is None:
+            self.first_version = version
+        self.last_version = version if self.last_version is None else max(self.last_version, version)
+
+    @property
+    def true_ctr(self) -> float:
+        return self.true_p_sum / self.impressions if self.impressions else math.nan
+
+    @property
+    def realized_ctr(self) -> float:
+        return self.clicks / self.impressions if self.impressions else math.nan
+
+    def rolling_auc(self) -> float:
+        return _safe_auc(self.rolling.auc)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "arm": self.name,
+            "requests": self.requests,
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "true_ctr": self.true_ctr,
+            "realized_ctr": self.realized_ctr,
+            "served_auc": _safe_auc(self.served_auc),
+            "rolling_auc": self.rolling_auc(),
+            "oracle_auc": _safe_auc(self.oracle_auc),
+            "first_version": self.first_version,
+            "last_version": self.last_version,
+            "versions": {
+                v: {
+                    "impressions": s.impressions,
+                    "true_ctr": s.true_p_sum / s.impressions if s.impressions else math.nan,
+                    "auc": _safe_auc(s.auc),
+                }
+                for v, s in sorted(self.by_version.items())
+            },
+        }
+
+
+def _safe_auc(auc: ExactAUC) -> float:
+    return auc.get() if auc.n_pos and auc.n_neg else math.nan
+
+
+class SimStats:
+    """All arms' stats behind one lock (the request thread writes, the display thread reads)."""
+
+    def __init__(self, *, window: int = 5000) -> None:
+        self.window = window
+        self.arms: dict[str, ArmStats] = {}
+        self.lock = threading.Lock()
+        self.not_ready = 0
+        self.errors = 0
+        self.clicks_sent = 0
+        self.clicks_late = 0  # drawn beyond the attribution window
+        self.clicks_pending_at_end = 0
+
+    def arm(self, name: str) -> ArmStats:
+        stats = self.arms.get(name)
+        if stats is None:
+            stats = self.arms[name] = ArmStats(name, window=self.window)
+        return stats
+
+
+def lift(treatment: float, control: float) -> float:
+    """Relative lift of treatment over control: CTR_t / CTR_c - 1."""
+    if not control or math.isnan(control) or math.isnan(treatment):
+        return math.nan
+    return treatment / control - 1.0
+
+
+def ab_report(
+    stats: SimStats, *, treatment: str, control: str, aa: tuple[str, str] | None = None
+) -> dict[str, float]:
+    """The paper's online readout: the A/B lift minus the A/A lift (the noise between two identical
+    arms), computed from the true CTR and from the drawn clicks."""
+    arms = stats.arms
+    out: dict[str, float] = {}
+    for kind, attr in (("true", "true_ctr"), ("clicks", "realized_ctr")):
+        if treatment not in arms or control not in arms:
+            continue
+        ab = lift(getattr(arms[treatment], attr), getattr(arms[control], attr))
+        out[f"ab_lift_{kind}"] = ab
+        if aa is not None and aa[0] in arms and aa[1] in arms:
+            aa_lift = lift(getattr(arms[aa[0]], attr), getattr(arms[aa[1]], attr))
+            out[f"aa_lift_{kind}"] = aa_lift
+            out[f"ab_minus_aa_{kind}"] = ab - aa_lift
+    return out
