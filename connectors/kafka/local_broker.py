@@ -336,8 +336,14 @@ class LocalBroker:
                 return match.group(1).strip()
         cluster_id = new_cluster_id()
         cmd = self._java_cmd(
-            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_path),
-            "--ignore-formatted", heap="-Xmx256m",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.config_path),
+            "--ignore-formatted",
+            heap="-Xmx256m",
         )
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.state_dir)
         if done.returncode != 0:
@@ -432,7 +438,9 @@ def _metadata_ok(bootstrap: str, timeout_s: float) -> tuple[bool, str]:
     timeout_ms = int(max(timeout_s, 1.0) * 1000)
     try:
         admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=timeout_ms,
+            bootstrap_timeout_ms=timeout_ms,
         )
     except (KafkaError, OSError) as exc:
         return False, f"cannot connect to {bootstrap}: {exc!r}"

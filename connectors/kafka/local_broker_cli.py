@@ -24,7 +24,9 @@ def default_state_dir() -> Path:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "status", "down", "fetch"], help="what to do")
     parser.add_argument(
-        "--state-dir", type=Path, default=None,
+        "--state-dir",
+        type=Path,
+        default=None,
         help="broker state folder (default: $RELOOP_STATE_DIR/kafka or .state/kafka in the repository)",
     )
     parser.add_argument("--port", type=int, default=None, help="client port for `up` (default: a free port)")

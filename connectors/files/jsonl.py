@@ -1,0 +1,203 @@
+"""JSON-lines logs as a Source and a Sink: one file per topic partition, one record per line.
+
+Layout under ``root``::
+
+    <root>/<topic>/partition-00000.jsonl
+    <root>/<topic>/partition-00001.jsonl   (one file per partition; the count is fixed when created)
+
+A record's offset is its line index in the file and its value is the line's bytes (without the
+newline). Keys and timestamps are not stored: records read back have ``key=None`` and
+``timestamp_ms=-1`` (Kafka's "no timestamp"); put event time inside the JSON. The sink still routes by
+key (crc32 of the key modulo the partition count, stable across processes), so one key stays on one
+partition; keyless records go round-robin.
+
+A writer may be appending while a reader tails the file: the reader delivers only lines that end with
+a newline, so a partially written last line is read once it is complete, never half.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from connectors.base import Positions, Record, TopicPartition
+
+_NO_TIMESTAMP = -1
+_IDLE_SLEEP_S = 0.02
+
+
+def partition_path(root: Path | str, topic: str, partition: int) -> Path:
+    return Path(root) / topic / f"partition-{partition:05d}.jsonl"
+
+
+def create_topic(root: Path | str, topic: str, partitions: int = 1) -> None:
+    """Create the partition files (empty); an existing topic must have the same partition count."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    existing = _partition_files(Path(root), topic)
+    if existing and len(existing) != partitions:
+        raise ValueError(
+            f"JSONL topic {topic!r} under {root} has {len(existing)} partitions, not {partitions}"
+        )
+    for p in range(partitions):
+        path = partition_path(root, topic, p)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+
+
+def _partition_files(root: Path, topic: str) -> list[Path]:
+    folder = root / topic
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("partition-*.jsonl"))
+
+
+class JsonlSink:
+    """Appends records to ``<root>/<topic>/partition-*.jsonl``; ``partitions`` fixes the count on creation."""
+
+    def __init__(self, *, root: Path | str, topic: str, partitions: int = 1) -> None:
+        self.root = Path(root)
+        self.topic = topic
+        create_topic(self.root, topic, partitions)
+        self.partitions = partitions
+        self._files: dict[int, BinaryIO] = {}
+        self._round_robin = 0
+        self._closed = False
+
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+        if self._closed:
+            raise RuntimeError("send on a closed JsonlSink")
+        if b"\n" in value or b"\r" in value:
+            raise ValueError("a JSONL record value must not contain a line break")
+        if key is None:
+            partition = self._round_robin % self.partitions
+            self._round_robin += 1
+        else:
+            partition = zlib.crc32(key) % self.partitions
+        handle = self._files.get(partition)
+        if handle is None:
+            # Held open across sends and closed by close(), hence no with-block.
+            path = partition_path(self.root, self.topic, partition)
+            handle = self._files[partition] = open(path, "ab")  # noqa: SIM115
+        # One write call per line keeps a concurrent reader from seeing a line without its newline for
+        # longer than the OS needs to finish that write.
+        handle.write(value + b"\n")
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        for handle in self._files.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        self._closed = True
+
+
+class _Cursor:
+    """Reading state of one partition file: next line index and the byte offset where it starts."""
+
+    __slots__ = ("line", "byte", "handle")
+
+    def __init__(self, line: int, byte: int, handle: BinaryIO) -> None:
+        self.line = line
+        self.byte = byte
+        self.handle = handle
+
+
+class JsonlSource:
+    """Reads ``topics`` from JSONL partition files, tailing them for lines appended later."""
+
+    def __init__(self, *, root: Path | str, topics: list[str]) -> None:
+        if not topics:
+            raise ValueError("JsonlSource needs at least one topic")
+        self.root = Path(root)
+        self.topics = list(topics)
+        self._cursors: dict[TopicPartition, _Cursor] = {}
+        self._rotation = 0
+
+    def partitions(self) -> list[TopicPartition]:
+        out: list[TopicPartition] = []
+        for topic in self.topics:
+            files = _partition_files(self.root, topic)
+            if not files:
+                raise ValueError(f"JSONL topic {topic!r} does not exist under {self.root}")
+            out += [TopicPartition(topic, p) for p in range(len(files))]
+        return out
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        positions = positions or {}
+        pairs = self.partitions()
+        unknown = set(positions) - set(pairs)
+        if unknown:
+            raise ValueError(f"positions name partitions this source does not read: {sorted(unknown)}")
+        self.close()
+        for tp in pairs:
+            handle = open(partition_path(self.root, tp.topic, tp.partition), "rb")  # noqa: SIM115
+            line = int(positions.get(tp, 0))
+            self._cursors[tp] = _Cursor(line, _skip_lines(handle, line, tp), handle)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        if not self._cursors:
+            raise RuntimeError("JsonlSource.poll before open")
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            batch = self._take(max_records)
+            if batch:
+                return batch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(_IDLE_SLEEP_S, remaining))
+
+    def _take(self, max_records: int) -> list[Record]:
+        pairs = sorted(self._cursors)
+        out: list[Record] = []
+        # Start at a different partition each poll so one long file cannot starve the others.
+        for i in range(len(pairs)):
+            tp = pairs[(self._rotation + i) % len(pairs)]
+            out += self._read(tp, self._cursors[tp], max_records - len(out))
+            if len(out) >= max_records:
+                break
+        self._rotation += 1
+        return out
+
+    @staticmethod
+    def _read(tp: TopicPartition, cursor: _Cursor, limit: int) -> list[Record]:
+        out: list[Record] = []
+        cursor.handle.seek(cursor.byte)
+        while len(out) < limit:
+            line = cursor.handle.readline()
+            if not line.endswith(b"\n"):
+                break  # end of file, or a line still being written: take it on a later poll
+            out.append(Record(tp.topic, tp.partition, cursor.line, None, line.rstrip(b"\r\n"), _NO_TIMESTAMP))
+            cursor.line += 1
+            cursor.byte += len(line)
+        return out
+
+    def position(self) -> Positions:
+        return {tp: cursor.line for tp, cursor in self._cursors.items()}
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.handle.close()
+        self._cursors = {}
+
+
+def _skip_lines(handle: BinaryIO, lines: int, tp: TopicPartition) -> int:
+    """Byte offset of line ``lines`` (counting complete lines only)."""
+    byte = 0
+    for index in range(lines):
+        line = handle.readline()
+        if not line.endswith(b"\n"):
+            raise ValueError(f"position {lines} for {tp} is past its last complete line ({index})")
+        byte += len(line)
+    return byte

@@ -1,0 +1,118 @@
+"""Topic administration and timestamp lookups on kafka-python, for setup scripts, tests and replay.
+
+``client_config`` is passed to kafka-python unchanged (``security_protocol``, ``sasl_mechanism``,
+``sasl_plain_username``, ``ssl_cafile`` ...), so the same code talks to a secured cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import TopicPartition as KafkaTopicPartition
+from kafka.errors import TopicAlreadyExistsError
+
+from connectors.base import Positions, TopicPartition
+
+
+def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
+
+
+def create_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    configs: Mapping[str, str] | None = None,
+    timeout_s: float = 30.0,
+    client_config: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Create each ``{name: partitions}`` topic that does not exist yet and wait until every partition of
+    every named topic has a leader. Returns the names that were newly created.
+
+    A topic that already exists with fewer partitions than asked is an error (the key routing of the
+    producer would silently differ from what the caller expects).
+    """
+    admin = admin_client(bootstrap, client_config)
+    try:
+        existing = set(admin.list_topics())
+        wanted = {
+            name: {
+                "num_partitions": int(partitions),
+                "replication_factor": replication_factor,
+                "configs": dict(configs or {}),
+            }
+            for name, partitions in topics.items()
+            if name not in existing
+        }
+        created: list[str] = []
+        if wanted:
+            result = admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+            for topic in result["topics"]:
+                code = topic.get("error_code", 0)
+                if code == 0:
+                    created.append(topic["name"])
+                elif code != TopicAlreadyExistsError.errno:  # lost a race with another creator: fine
+                    raise RuntimeError(f"creating topic {topic['name']!r} failed: {topic}")
+        admin.wait_for_topics(list(topics), timeout_ms=int(timeout_s * 1000))
+        counts = partition_counts(admin, topics)
+        short = {name: (counts[name], want) for name, want in topics.items() if counts[name] < want}
+        if short:
+            raise RuntimeError(f"existing topics have fewer partitions than asked (have, want): {short}")
+        return created
+    finally:
+        admin.close()
+
+
+def partition_counts(admin: KafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:
+    return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(topics))}
+
+
+def delete_topics(
+    bootstrap: str, topics: Iterable[str], client_config: Mapping[str, Any] | None = None
+) -> None:
+    admin = admin_client(bootstrap, client_config)
+    try:
+        admin.delete_topics(list(topics), raise_errors=False)
+    finally:
+        admin.close()
+
+
+def offsets_for_times(
+    bootstrap: str,
+    topics: Iterable[str],
+    timestamp_ms: int,
+    *,
+    client_config: Mapping[str, Any] | None = None,
+) -> Positions:
+    """Per partition of ``topics``, the first offset whose record timestamp is >= ``timestamp_ms``,
+    or the end offset when no such record exists yet (so a replay from there waits for new data).
+
+    Use the result as ``Source.open(positions)`` to start a replay at a point in time.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        allow_auto_create_topics=False,
+        **dict(client_config or {}),
+    )
+    try:
+        pairs: list[KafkaTopicPartition] = []
+        for topic in topics:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                raise ValueError(f"topic {topic!r} does not exist")
+            pairs += [KafkaTopicPartition(topic, p) for p in sorted(partitions)]
+        found = consumer.offsets_for_times(dict.fromkeys(pairs, int(timestamp_ms)))
+        ends = consumer.end_offsets(pairs)
+        out: Positions = {}
+        for tp in pairs:
+            hit = found.get(tp)
+            out[TopicPartition(tp.topic, tp.partition)] = (
+                int(hit.offset) if hit is not None else int(ends[tp])
+            )
+        return out
+    finally:
+        consumer.close(autocommit=False)

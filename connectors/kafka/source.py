@@ -1,0 +1,162 @@
+"""KafkaSource: a connectors.base.Source over kafka-python.
+
+The engine owns the positions (they live in its snapshots), so the source never subscribes and never
+lets Kafka choose where to read: it assigns every partition of its topics and seeks to the positions it
+is opened with. Group offsets are written only by an explicit ``commit(positions)``, which the
+checkpoint loop calls after a snapshot is durable (quix-streams' order: flush, persist, commit), so
+the committed offset is never ahead of what a restart can rebuild.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kafka import KafkaConsumer, OffsetAndMetadata
+from kafka import TopicPartition as KafkaTopicPartition
+
+from connectors.base import Positions, Record, TopicPartition
+
+# Settings the Source contract depends on; client_config may not change them.
+_RESERVED = {
+    "bootstrap_servers": "pass bootstrap=...",
+    "group_id": "pass group_id=...",
+    "enable_auto_commit": "offsets are committed only by KafkaSource.commit()",
+    "key_deserializer": "records carry raw bytes",
+    "value_deserializer": "records carry raw bytes",
+}
+
+
+class KafkaSource:
+    """Reads every partition of ``topics`` from the positions given to ``open``.
+
+    ``client_config`` goes to ``kafka.KafkaConsumer`` unchanged (SASL/SSL, timeouts, fetch sizes).
+    ``group_id`` is only needed for ``commit`` (offsets visible to Kafka tooling and lag monitors).
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str | None = None,
+        client_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not topics:
+            raise ValueError("KafkaSource needs at least one topic")
+        for key in client_config or {}:
+            if key in _RESERVED:
+                raise ValueError(f"client_config[{key!r}] is not allowed: {_RESERVED[key]}")
+        self.bootstrap = bootstrap
+        self.topics = list(topics)
+        self.group_id = group_id
+        self.client_config = dict(client_config or {})
+        self._consumer: KafkaConsumer | None = None
+        self._partitions: list[TopicPartition] | None = None
+        self._next: Positions = {}
+        self._closed = False
+
+    def _client(self) -> KafkaConsumer:
+        if self._closed:
+            raise RuntimeError("KafkaSource is closed")
+        if self._consumer is None:
+            config: dict[str, Any] = {
+                # An out-of-range position (data deleted by retention) restarts at the oldest record left.
+                "auto_offset_reset": "earliest",
+                # A typo in a topic name must fail, not create an empty topic.
+                "allow_auto_create_topics": False,
+                "fetch_max_wait_ms": 100,
+                **self.client_config,
+            }
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                **config,
+            )
+        return self._consumer
+
+    def partitions(self) -> list[TopicPartition]:
+        if self._partitions is None:
+            consumer = self._client()
+            out: list[TopicPartition] = []
+            for topic in self.topics:
+                found = consumer.partitions_for_topic(topic)
+                if not found:
+                    raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
+                out += [TopicPartition(topic, p) for p in sorted(found)]
+            self._partitions = out
+        return list(self._partitions)
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        positions = positions or {}
+        pairs = self.partitions()
+        unknown = set(positions) - set(pairs)
+        if unknown:
+            raise ValueError(f"positions name partitions this source does not read: {sorted(unknown)}")
+        consumer = self._client()
+        kafka_pairs = [KafkaTopicPartition(tp.topic, tp.partition) for tp in pairs]
+        consumer.assign(kafka_pairs)
+        missing = [k for k, tp in zip(kafka_pairs, pairs, strict=True) if tp not in positions]
+        # "Beginning" is the oldest offset still stored, resolved now so position() is exact at once.
+        starts = consumer.beginning_offsets(missing) if missing else {}
+        self._next = {}
+        for kafka_tp, tp in zip(kafka_pairs, pairs, strict=True):
+            offset = int(positions[tp]) if tp in positions else int(starts[kafka_tp])
+            if offset < 0:
+                raise ValueError(f"negative position {offset} for {tp}")
+            consumer.seek(kafka_tp, offset)
+            self._next[tp] = offset
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        if not self._next:
+            raise RuntimeError("KafkaSource.poll before open")
+        batches = self._client().poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        out: list[Record] = []
+        for kafka_tp, messages in batches.items():
+            tp = TopicPartition(kafka_tp.topic, kafka_tp.partition)
+            for m in messages:
+                # A tombstone (null value) becomes b"": Record.value is always bytes.
+                out.append(Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp))
+            if messages:
+                self._next[tp] = messages[-1].offset + 1
+        return out
+
+    def position(self) -> Positions:
+        return dict(self._next)
+
+    def commit(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        """Commit ``positions`` (default: the current position) as the group's offsets, synchronously.
+
+        Call it only after the state that covers these positions is durable.
+        """
+        if self.group_id is None:
+            raise RuntimeError("KafkaSource.commit needs a group_id")
+        positions = self.position() if positions is None else positions
+        offsets = {
+            KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(int(offset), "", -1)
+            for tp, offset in positions.items()
+        }
+        if offsets:
+            self._client().commit(offsets)
+
+    def committed(self) -> Positions:
+        """The group's committed offsets for this source's partitions (absent when none)."""
+        if self.group_id is None:
+            raise RuntimeError("KafkaSource.committed needs a group_id")
+        consumer = self._client()
+        out: Positions = {}
+        for tp in self.partitions():
+            offset = consumer.committed(KafkaTopicPartition(tp.topic, tp.partition))
+            if offset is not None:
+                out[tp] = int(offset)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+        self._next = {}

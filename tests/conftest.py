@@ -1,0 +1,76 @@
+"""Shared fixtures: the real local Kafka broker (one per test run) and unique topic names.
+
+With CI=true a broker that cannot start fails every test that needs it; elsewhere those tests are
+skipped with the reason, so a laptop without Java can still run the unit tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from connectors.kafka.local_broker import BrokerError, LocalBroker
+
+_KAFKA_OUTCOMES: dict[str, int] = {}
+_BROKER_LINES: list[str] = []
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A started LocalBroker (``.bootstrap`` = "127.0.0.1:PORT"), stopped after the last test."""
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka-broker"))
+    try:
+        info = broker.start()
+    except (BrokerError, OSError) as exc:
+        broker.stop()
+        message = f"the local Kafka broker did not start: {exc}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message + " (CI=true makes this a failure)")
+    _BROKER_LINES.append(
+        f"kafka_broker: Apache Kafka {info.version} from {broker.lib_dir} at {info.bootstrap} "
+        f"started in {info.start_seconds:.1f} s, RSS {broker.rss_mb()} MB"
+    )
+    _BROKER_LINES.append(f"kafka_broker log: {broker.ready_line()}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def unique_topic() -> Callable[[str], str]:
+    """``unique_topic("impressions")`` -> "impressions-3f9c2a1b7d": topics never collide across tests."""
+
+    def make(prefix: str = "t") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kafka-python 3.0 loads its protocol schemas with importlib.resources' legacy API; noise, not ours.
+    config.addinivalue_line("filterwarnings", "ignore:read_text is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "kafka" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _KAFKA_OUTCOMES[report.outcome] = _KAFKA_OUTCOMES.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 (pytest's own type is private)
+    for line in _BROKER_LINES:
+        terminalreporter.write_line(line)
+    if _KAFKA_OUTCOMES:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(_KAFKA_OUTCOMES.items()))
+        terminalreporter.write_line(f"kafka-marked tests: {counts}")
