@@ -1,0 +1,233 @@
+"""The processor's configuration: one YAML (or TOML) file plus environment overrides, validated once.
+
+Environment overrides use ``RELOOP__SECTION__KEY=value`` (double underscores separate levels, names are
+case-insensitive), e.g. ``RELOOP__TRAIN__BATCH_SIZE=512``. A value is parsed as a YAML scalar/flow value,
+so ``512`` is an int, ``true`` a bool and ``[1, 2]`` a list. A bad key or value fails at load time with
+an error that names it (``train.batch_size: Input should be greater than 0``).
+
+>>> cfg = load_config_dict({"model": {"backbone": "dcn", "spec": {"fields": [
+...     {"kind": "categorical", "name": "user", "buckets": 100}]}}}, env={"RELOOP__TRAIN__BATCH_SIZE": "512"})
+>>> cfg.train.batch_size, cfg.join.window_ms
+(512, 900000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.join.joiner import JoinerConfig
+
+ENV_PREFIX = "RELOOP__"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceSection(_Section):
+    kind: Literal["kafka"] = "kafka"
+    bootstrap: str = "127.0.0.1:9092"
+    impressions_topic: str = "impressions"
+    clicks_topic: str = "clicks"
+    group_id: str | None = "reloop-trainer"
+    client_config: dict[str, Any] = Field(default_factory=dict, description="passed to the Kafka client")
+    poll_max_records: int = Field(default=4096, gt=0)
+    poll_timeout_s: float = Field(default=0.1, ge=0)
+    merge_idle_ms: int = Field(
+        default=2_000, ge=0,
+        description="release records of other partitions after one partition had nothing for this long",
+    )
+
+
+class SinkSection(_Section):
+    samples_topic: str | None = None
+    dead_letter_topic: str | None = "reloop.deadletter"
+    client_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JoinSection(_Section):
+    window_ms: int = Field(default=15 * 60_000, gt=0)
+    allowed_lateness_ms: int = Field(default=5_000, ge=0)
+    idle_timeout_ms: int = Field(default=10_000, ge=0)
+    click_grace_ms: int = Field(default=60_000, ge=0)
+    retention_ms: int = Field(default=60 * 60_000, ge=0)
+    late_click_policy: Literal["drop", "correct"] = "correct"
+    max_pending: int = Field(default=2_000_000, gt=0)
+    max_closed: int = Field(default=2_000_000, gt=0)
+    max_early_clicks: int = Field(default=200_000, gt=0)
+    ttl_ms: int = Field(default=6 * 60 * 60_000, gt=0)
+    bucket_ms: int = Field(default=1_000, gt=0)
+
+    def joiner_config(self) -> JoinerConfig:
+        return JoinerConfig(**self.model_dump())
+
+
+class ModelSection(_Section):
+    backbone: str
+    strategy: Literal["ce", "kd", "reloop"] = "reloop"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    seed: int = 0
+    spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
+    spec_file: str | None = Field(default=None, description="or a JSON/YAML file holding it")
+    optimizer: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="backbone settings (hidden_units ...)")
+
+    @model_validator(mode="after")
+    def _one_spec(self) -> ModelSection:
+        if (self.spec is None) == (self.spec_file is None):
+            raise ValueError("give exactly one of spec and spec_file")
+        return self
+
+
+class TrainSection(_Section):
+    batch_size: int = Field(default=1024, gt=0)
+    y_last: Literal["logged", "snapshot"] = "logged"
+    version_mismatch: Literal["use_logged", "recompute", "skip_sc"] = "use_logged"
+    deterministic: bool = False
+    threads: int | None = Field(default=None, gt=0)
+    progressive_window: int = Field(default=100_000, gt=0)
+
+
+class PeriodSection(_Section):
+    """Exactly one trigger: every N trained samples, every N ms of event time, or every N wall seconds."""
+
+    every_samples: int | None = Field(default=None, gt=0)
+    every_event_ms: int | None = Field(default=None, gt=0)
+    every_wall_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> PeriodSection:
+        names = ("every_samples", "every_event_ms", "every_wall_s")
+        given = [n for n in names if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of every_samples, every_event_ms, every_wall_s (got {given})")
+        return self
+
+
+class CheckpointSection(_Section):
+    dir: str = "runs/snapshots"
+    keep: int = Field(default=5, ge=1)
+    ledger: str | None = Field(default=None, description="append-only list of trained sample ids (tests)")
+
+
+class MetricsSection(_Section):
+    window_size: int = Field(default=100_000, gt=0)
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
+
+
+class LogSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stats_every_s: float = Field(default=10.0, gt=0)
+
+
+class RunConfig(_Section):
+    source: SourceSection = SourceSection()
+    sink: SinkSection = SinkSection()
+    join: JoinSection = JoinSection()
+    model: ModelSection
+    train: TrainSection = TrainSection()
+    period: PeriodSection = PeriodSection(every_samples=100_000)
+    checkpoint: CheckpointSection = CheckpointSection()
+    metrics: MetricsSection = MetricsSection()
+    log: LogSection = LogSection()
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the training result (model, train, join); stored in every snapshot."""
+        data = {k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RunConfig:
+    """Read ``path`` (.yaml/.yml/.toml), apply ``RELOOP__`` overrides from ``env`` (default os.environ)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc}") from exc
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        kind = "TOML" if p.suffix == ".toml" else "YAML"
+        raise ConfigError(f"config {p} is not valid {kind}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p}: the top level must be a mapping")
+    return load_config_dict(data, env=env, base_dir=p.parent)
+
+
+def load_config_dict(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> RunConfig:
+    merged = _apply_env(dict(data), os.environ if env is None else env)
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if cfg.model.spec_file and base_dir is not None and not Path(cfg.model.spec_file).is_absolute():
+        model = cfg.model.model_copy(update={"spec_file": str(base_dir / cfg.model.spec_file)})
+        cfg = cfg.model_copy(update={"model": model})
+    return cfg
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in sorted(env.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key part")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: cannot parse {raw!r}: {exc}") from exc
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: {'.'.join(path[: i + 1])} is not a section")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_feature_spec(section: ModelSection) -> Any:
+    """The FeatureSpec of the model section (inline or from ``spec_file``)."""
+    from engine.features.spec import FeatureSpec
+
+    data = section.spec
+    if data is None:
+        assert section.spec_file is not None
+        text = Path(section.spec_file).read_text()
+        data = json.loads(text) if section.spec_file.endswith(".json") else yaml.safe_load(text)
+    try:
+        return FeatureSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc).replace("invalid config: ", "invalid config: model.spec.")) from None

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+
+from engine.runtime.config import ConfigError, load_config, load_feature_spec
+
+BASE = """
+model:
+  backbone: dcn
+  strategy: reloop
+  alpha: 0.3
+  spec:
+    fields:
+      - {kind: categorical, name: user, buckets: 100}
+train:
+  batch_size: 256
+period:
+  every_samples: 1000
+"""
+
+
+def _write(tmp_path, text: str, name: str = "cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_yaml_loads_with_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), env={})
+    assert cfg.train.batch_size == 256 and cfg.model.alpha == 0.3
+    assert cfg.join.late_click_policy == "correct"
+    assert load_feature_spec(cfg.model).field_names == ("user",)
+
+
+def test_env_overrides_nested_keys_and_types(tmp_path):
+    env = {"RELOOP__TRAIN__BATCH_SIZE": "512", "reloop__join__late_click_policy": "drop",
+           "RELOOP__SOURCE__CLIENT_CONFIG__SECURITY_PROTOCOL": "SASL_SSL", "OTHER": "x"}
+    cfg = load_config(_write(tmp_path, BASE), env=env)
+    assert cfg.train.batch_size == 512
+    assert cfg.join.late_click_policy == "drop"
+    assert cfg.source.client_config == {"security_protocol": "SASL_SSL"}
+
+
+def test_toml_equivalent(tmp_path):
+    text = """
+[model]
+backbone = "lr"
+spec = { fields = [ { kind = "categorical", name = "user", buckets = 100 } ] }
+[period]
+every_wall_s = 60
+"""
+    cfg = load_config(_write(tmp_path, text, "cfg.toml"), env={})
+    assert cfg.model.backbone == "lr" and cfg.period.every_wall_s == 60
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"RELOOP__TRAIN__BATCH_SIZE": "0"}, "train.batch_size"),
+    ({"RELOOP__TRAIN__BACTH_SIZE": "5"}, "train.bacth_size: unknown key"),
+    ({"RELOOP__JOIN__LATE_CLICK_POLICY": "weight"}, "join.late_click_policy"),
+    ({"RELOOP__MODEL__ALPHA": "1.5"}, "model.alpha"),
+    ({"RELOOP__PERIOD__EVERY_WALL_S": "5"}, "every_samples, every_event_ms, every_wall_s"),
+    ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size is not a section"),
+])
+def test_bad_values_name_the_key(tmp_path, env, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config(_write(tmp_path, BASE), env=env)
+
+
+def test_missing_model_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="model: Field required"):
+        load_config(_write(tmp_path, "train: {batch_size: 4}\n"), env={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [1,\n"), env={})
+
+
+def test_fingerprint_changes_with_training_settings_only(tmp_path):
+    a = load_config(_write(tmp_path, BASE), env={})
+    b = load_config(_write(tmp_path, BASE), env={"RELOOP__LOG__LEVEL": "DEBUG"})
+    c = load_config(_write(tmp_path, BASE), env={"RELOOP__MODEL__ALPHA": "0.4"})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
