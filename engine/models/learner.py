@@ -185,7 +185,8 @@ class TorchLearner:
             "format": STATE_FORMAT,
             "config_json": self.config.to_json(),
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            # deep copies: optimizer.state_dict() shares its tensors with the live optimizer
+            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.optimizers.items()},
             "rng": self.generator.get_state(),
             "steps": self.steps,
         }
