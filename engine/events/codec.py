@@ -1,0 +1,185 @@
+"""THE wire format of events: one compact JSON object per Kafka record, written and read with orjson.
+
+orjson won against msgpack on our own events, for encoding and for decode+validate alike
+(bench/codec.py, docs/bench-codec.md), and JSON stays readable in `kafka-console-consumer`.
+
+Wire shape: the dataclass fields by name (``dataclasses`` order), no whitespace, ``schema_version``
+always written. Readers ignore fields they do not know (see engine/events/validation.py for the
+versioning rule). Times are int ms since epoch, floats are written in their shortest exact form, so
+``decode(encode(e)) == e`` for every valid event.
+
+>>> from engine.events.schema import Click
+>>> data = encode(Click(impression_id="i1", event_time_ms=1_700_000_000_000))
+>>> data
+b'{"impression_id":"i1","event_time_ms":1700000000000,"value":null,"schema_version":1}'
+>>> decode_click(data) == Click(impression_id="i1", event_time_ms=1_700_000_000_000)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
+from engine.events.validation import (
+    DEFAULT_MAX_BYTES,
+    EventError,
+    _click,
+    _impression,
+    _sample,
+)
+
+CONTENT_TYPE = "application/json"
+EventKind = Literal["impression", "click", "sample"]
+Event = Impression | Click | LabeledSample
+E = TypeVar("E")
+
+_dumps = orjson.dumps
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+
+
+def encode(event: Event, *, check: bool = False) -> bytes:
+    """The wire bytes of ``event``.
+
+    Producers build events from their own typed values, so by default nothing is re-checked (the
+    scoring service logs a hundred candidates per request). ``check=True`` decodes the result with the
+    consumer's rules and raises the EventError a consumer would: use it in tests and at trust boundaries.
+    A value JSON cannot hold (a non-str feature key, an int over 64 bits) raises EventError("wrong_type").
+    """
+    kind = type(event)
+    try:
+        if kind is Impression or kind is Click:
+            # orjson writes (slotted) dataclasses natively, field by field, in C.
+            data = _dumps(event)
+        elif kind is LabeledSample:
+            data = _dumps(_sample_wire(event))
+        else:
+            raise TypeError(f"encode() takes an Impression, Click or LabeledSample, not {kind.__name__}")
+    except orjson.JSONEncodeError as exc:
+        raise EventError("wrong_type", f"{kind.__name__} cannot be encoded as JSON: {exc}") from None
+    if check:
+        _DECODERS[_KIND_OF[kind]](data)
+    return data
+
+
+def _sample_wire(s: LabeledSample) -> dict[str, Any]:
+    # LabeledSample has no schema_version field; the wire carries one so readers can apply the rule.
+    return {
+        "sample_id": s.sample_id,
+        "features": s.features,
+        "label": s.label,
+        "served_prediction": s.served_prediction,
+        "served_version": s.served_version,
+        "event_time_ms": s.event_time_ms,
+        "arm": s.arm,
+        "weight": s.weight,
+        "is_correction": s.is_correction,
+        "extra": s.extra,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def _parse(data: object, max_bytes: int) -> object:
+    """Size check before parsing, then orjson; every failure is an EventError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise EventError("malformed", f"record value must be bytes, got {type(data).__name__}")
+    size = memoryview(data).nbytes if type(data) is memoryview else len(data)
+    if size > max_bytes:
+        raise EventError("oversized", f"record of {size} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return _loads(data)
+    except _JSONDecodeError as exc:
+        raise EventError("malformed", f"not valid JSON: {exc}") from None
+
+
+def decode_impression(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Impression:
+    """One impression from its wire bytes; raises EventError."""
+    return _impression(_parse(data, max_bytes), True)
+
+
+def decode_click(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Click:
+    """One click from its wire bytes; raises EventError."""
+    return _click(_parse(data, max_bytes))
+
+
+def decode_sample(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> LabeledSample:
+    """One labeled sample from its wire bytes; raises EventError."""
+    return _sample(_parse(data, max_bytes), True)
+
+
+_DECODERS: dict[str, Callable[..., Event]] = {
+    "impression": decode_impression,
+    "click": decode_click,
+    "sample": decode_sample,
+}
+_KIND_OF: dict[type, EventKind] = {Impression: "impression", Click: "click", LabeledSample: "sample"}
+
+
+def decode_event(kind: EventKind, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
+    """Decode by topic kind ("impression", "click" or "sample"); raises EventError on bad data.
+
+    An unknown ``kind`` is a programming error and raises ValueError.
+    """
+    try:
+        decoder = _DECODERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown event kind {kind!r}; expected one of {sorted(_DECODERS)}") from None
+    return decoder(data, max_bytes=max_bytes)
+
+
+def _decode_many(
+    values: Sequence[bytes], convert: Callable[[object], E], one: Callable[..., E], max_bytes: int
+) -> tuple[list[E], list[tuple[int, EventError]]]:
+    good: list[E] = []
+    bad: list[tuple[int, EventError]] = []
+    append = good.append
+    loads = _loads
+    # The hot loop: a plain bytes value under the limit goes straight to orjson and the fast check;
+    # anything else takes the careful single-record path, which raises the right EventError.
+    for i, data in enumerate(values):
+        try:
+            if type(data) is bytes and len(data) <= max_bytes:
+                append(convert(loads(data)))
+            else:
+                append(one(data, max_bytes=max_bytes))
+        except EventError as exc:
+            bad.append((i, exc))
+        except _JSONDecodeError as exc:
+            bad.append((i, EventError("malformed", f"not valid JSON: {exc}")))
+    return good, bad
+
+
+def _impression_json(obj: object) -> Impression:
+    return _impression(obj, True)
+
+
+def _sample_json(obj: object) -> LabeledSample:
+    return _sample(obj, True)
+
+
+def decode_impressions(
+    values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[Impression], list[tuple[int, EventError]]]:
+    """Decode a batch: the valid impressions in input order, and (index into ``values``, error) for the rest.
+
+    Never raises on bad data: every record ends up in exactly one of the two lists.
+    """
+    return _decode_many(values, _impression_json, decode_impression, max_bytes)
+
+
+def decode_clicks(
+    values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[Click], list[tuple[int, EventError]]]:
+    """Batch form of decode_click; see decode_impressions."""
+    return _decode_many(values, _click, decode_click, max_bytes)
+
+
+def decode_samples(
+    values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[LabeledSample], list[tuple[int, EventError]]]:
+    """Batch form of decode_sample; see decode_impressions."""
+    return _decode_many(values, _sample_json, decode_sample, max_bytes)
