@@ -19,9 +19,8 @@ def create_app(
     service: ScoringService,
     *,
     stats: Callable[[], dict[str, Any]] | None = None,
-    metrics: Callable[[], tuple[bytes, str]] | None = None,
 ) -> FastAPI:
-    """``stats`` adds to ``GET /stats``; ``metrics`` returns (body, content type) for ``GET /metrics``."""
+    """``stats`` adds to ``GET /stats``. ``GET /metrics`` is mounted by the caller (engine.serve.stack)."""
     app = FastAPI(title="reloop scoring service", version="1")
 
     @app.post("/score", response_model=ScoreResponse, responses={503: {"description": "no model loaded yet"}})
@@ -71,12 +70,5 @@ def create_app(
         if stats is not None:
             body.update(stats())
         return body
-
-    if metrics is not None:
-
-        @app.get("/metrics")
-        def get_metrics() -> Response:
-            body, content_type = metrics()
-            return Response(content=body, media_type=content_type)
 
     return app

@@ -18,12 +18,24 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ColdStart(_Frozen):
+    """An untrained model served as version 0 while the arm's registry is still empty. Without it the
+    loop could never start: no snapshot without samples, no samples without served impressions.
+    Built with the same seed as the trainer's initial model, so both agree on what v0 predicted."""
+
+    backbone: str
+    spec: dict[str, Any] = Field(description="FeatureSpec as data")
+    seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict, description="backbone settings")
+
+
 class ArmConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     weight: float = Field(default=1.0, gt=0)
     registry: Path = Field(description="snapshot registry root this arm's trainer writes")
     impressions_topic: str = "impressions"
     clicks_topic: str = "clicks"
+    cold_start: ColdStart | None = None
     # Settings for this arm's trainer (the demo passes them to `reloop run`); the service ignores them.
     train: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,0 +1,50 @@
+"""``reloop serve --config FILE``: the scoring service (FastAPI on uvicorn, 127.0.0.1 by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from engine.serve.config import ConfigError, load_serve_config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML with sections serve, arms, kafka")
+    parser.add_argument("--host", help="override serve.host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="override serve.port")
+    parser.add_argument("--bootstrap", help="override kafka.bootstrap")
+    parser.add_argument("--no-log", action="store_true", help="do not log impressions (benchmarks)")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_serve_config(args.config)
+    except ConfigError as exc:
+        print(f"reloop serve: {exc}", file=sys.stderr)
+        return 2
+    update: dict = {}
+    if args.bootstrap:
+        update["kafka"] = config.kafka.model_copy(update={"bootstrap": args.bootstrap})
+    if args.no_log:
+        update["log"] = config.log.model_copy(update={"enabled": False})
+    config = config.model_copy(update=update)
+
+    from engine.serve.stack import ServingStack
+
+    try:
+        stack = ServingStack(config).start()
+    except ValueError as exc:
+        print(f"reloop serve: {exc}", file=sys.stderr)
+        return 2
+    url = stack.serve_in_thread(host=args.host, port=args.port)
+    print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    stack.close()
+    return 0

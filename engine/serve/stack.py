@@ -1,0 +1,186 @@
+"""Assemble the scoring service from its config: per arm a registry watcher, a model holder and an
+impression logger; the router; the FastAPI app; and (optionally) an in-thread uvicorn server.
+
+The Kafka sink is created lazily by the logger thread, so the service starts, scores and stays ready
+while the broker is unreachable (the events wait in the bounded buffer, then are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from connectors.base import Sink
+from engine.events.codec import encode
+from engine.serve.app import create_app
+from engine.serve.arms import ArmRouter
+from engine.serve.bundle import ModelBundle, ModelHolder
+from engine.serve.config import ArmConfig, ServeConfig
+from engine.serve.impression_log import ImpressionLogger
+from engine.serve.reload import ArmSource, ReloadWatcher
+from engine.serve.service import ArmRuntime, ScoringService
+
+log = logging.getLogger(__name__)
+
+SinkFactory = Callable[[ArmConfig], Sink]
+LoaderFactory = Callable[[ArmConfig], tuple[Callable[[], int | None], Callable[[int], ModelBundle]]]
+
+
+class LazySink:
+    """Builds the real sink on first use and again after a failure, so 'broker down' is one more
+    retryable send error rather than a crash at startup."""
+
+    def __init__(self, make: Callable[[], Sink]) -> None:
+        self._make = make
+        self._sink: Sink | None = None
+
+    def _get(self) -> Sink:
+        if self._sink is None:
+            self._sink = self._make()
+        return self._sink
+
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+        self._get().send(value, key=key, timestamp_ms=timestamp_ms)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self._sink is not None:
+            self._sink.flush(timeout_s)
+
+    def close(self) -> None:
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.close()
+
+
+def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
+    bootstrap = config.kafka.bootstrap
+    if not bootstrap:
+        raise ValueError(
+            "kafka.bootstrap is not set (config key kafka.bootstrap or env RELOOP_KAFKA_BOOTSTRAP)"
+        )
+    # A broker that is down must cost the logger thread seconds, not the producer's default minute.
+    settings = {"max_block_ms": 5000, "request_timeout_ms": 5000, **config.kafka.settings}
+
+    def make(arm: ArmConfig) -> Sink:
+        from connectors.kafka.sink import KafkaSink
+
+        return LazySink(
+            lambda: KafkaSink(bootstrap=bootstrap, topic=arm.impressions_topic, client_config=settings)
+        )
+
+    return make
+
+
+def registry_loader_factory(arm: ArmConfig):
+    """``latest``/``load`` over the arm's registry; with ``cold_start``, an empty registry reads as
+    version 0, an untrained model, until the trainer publishes version 1."""
+    from engine.checkpoint.registry import SnapshotRegistry
+    from engine.serve.loader import cold_start_bundle, registry_loader
+
+    registry = SnapshotRegistry(arm.registry)
+    load_snapshot = registry_loader(registry)
+    if arm.cold_start is None:
+        return registry.latest_version, load_snapshot
+    cold = arm.cold_start
+
+    def latest() -> int | None:
+        v = registry.latest_version()
+        return 0 if v is None else v
+
+    def load(version: int) -> ModelBundle:
+        return cold_start_bundle(cold) if version == 0 else load_snapshot(version)
+
+    return latest, load
+
+
+class ServingStack:
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        sink_factory: SinkFactory | None = None,
+        loader_factory: LoaderFactory = registry_loader_factory,
+    ) -> None:
+        self.config = config
+        if config.log.enabled and sink_factory is None:
+            sink_factory = kafka_sink_factory(config)
+        self.arms: dict[str, ArmRuntime] = {}
+        sources: list[ArmSource] = []
+        for arm in config.arms:
+            holder = ModelHolder()
+            logger = None
+            if config.log.enabled:
+                assert sink_factory is not None
+                logger = ImpressionLogger(
+                    sink=sink_factory(arm),
+                    encode=encode,
+                    max_buffer=config.log.max_buffer,
+                    batch_size=config.log.batch_size,
+                    linger_s=config.log.linger_s,
+                    arm=arm.name,
+                )
+            self.arms[arm.name] = ArmRuntime(name=arm.name, holder=holder, logger=logger)
+            latest, load = loader_factory(arm)
+            sources.append(ArmSource(arm.name, holder, latest, load))
+        self.router = ArmRouter([(a.name, a.weight) for a in config.arms], salt=config.salt)
+        self.service = ScoringService(router=self.router, arms=self.arms, top_k=config.top_k)
+        self.watcher = ReloadWatcher(sources=sources, interval_s=config.reload_interval_s)
+        self.app = create_app(self.service)
+        # The one metrics adapter serves the canonical registry (serve latency, reloads, impressions).
+        from connectors.metrics.prometheus import metrics_asgi_app
+
+        self.app.mount("/metrics", metrics_asgi_app())
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start(self) -> ServingStack:
+        """Start the watcher and the loggers (not the HTTP server)."""
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
+        self.watcher.poll_once()
+        self.watcher.start()
+        for arm in self.arms.values():
+            if arm.logger is not None:
+                arm.logger.start()
+        return self
+
+    def serve_in_thread(self, *, host: str | None = None, port: int | None = None) -> str:
+        """Run uvicorn on a daemon thread; returns the base URL. Port 0 picks a free port (no race:
+        the socket is bound here and handed to uvicorn)."""
+        import uvicorn
+
+        host = host or self.config.host
+        port = self.config.port if port is None else port
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        server.install_signal_handlers = lambda: None  # the owner of the process handles signals
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the scoring service did not start")
+            time.sleep(0.02)
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._thread is not None:
+                self._thread.join(10)
+        self.watcher.close()
+        for arm in self.arms.values():
+            if arm.logger is not None:
+                arm.logger.close()
