@@ -1,0 +1,494 @@
+"""river learners behind the engine's Learner interface, trained with CE, KD or ReLoop.
+
+Three backbones:
+
+* ``river_lr``: river's ``linear_model.LogisticRegression``, one ``learn_one`` per sample.
+* ``river_fm``: river's ``facto.FMClassifier``, one ``learn_one`` per sample. Its pairwise interactions
+  are a Python loop over all field pairs, so it manages only ~400 samples/s on 39 fields: usable for a
+  handful of fields only (docs/bench-river.md has the numbers).
+* ``river_fm_np``: the same FM and the same plain-SGD update rule as ``river_fm`` (zeros for the linear
+  weights, N(0, sigma) latents, intercept learned at ``intercept_lr``), written in numpy over a dense table
+  indexed by the FeatureSpec's global rows. ``mode="sequential"`` updates after every sample exactly as
+  river does (same parameters in, same parameters out, see the unit tests); ``mode="minibatch"`` takes
+  one step per mini-batch with the batch-mean gradient (the convention of river's ``learn_many``), which
+  is much faster but is a different optimiser: its learning rate must be larger.
+
+How the loss reaches river: river asks its loss object for d(loss)/d(raw score) given (y, raw score).
+ReLoop and KD also need the sample's ``y_last``, so ``ScoreGradientLoss`` is a river ``BinaryLoss`` that
+carries the current sample's ``y_last`` and is set right before each ``learn_one``.
+
+Features: a sample's river input is ``{global embedding row: value}``: 1.0 for a categorical id, the
+dense value for a numeric field (its single row, the FuxiCTR convention) and 1/len for the values of a
+multi-valued field (mean pooling). Row 0 of each field (missing value) is skipped.
+
+>>> from engine.features.featurizer import Featurizer
+>>> from engine.features.spec import CategoricalField, FeatureSpec
+>>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=8), CategoricalField(name="i", buckets=8)))
+>>> learner = build_river_learner("river_fm_np", spec, strategy="reloop", alpha=0.5, seed=0)
+>>> learner.predict_proba(Featurizer(spec).transform([{"u": "a", "i": "b"}])).shape
+(1,)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from river import facto, linear_model, optim, utils
+
+from engine.features.featurizer import FeatureBatch
+from engine.features.spec import FeatureSpec
+from engine.loss import Loss, LossStats, make_loss
+from engine.models.config import BackboneConfig, LearnerConfig
+from engine.models.learner import check_same_architecture
+from engine.models.registry import build_learner, register_backbone
+
+RIVER_BACKBONES: tuple[str, ...] = ("river_lr", "river_fm", "river_fm_np")
+FMMode = Literal["sequential", "minibatch"]
+STATE_FORMAT = 1
+
+
+def score_gradient(strategy: str, alpha: float, y: float, z: float, y_last: float) -> float:
+    """d L / d z for ONE sample (z = raw score), in plain floats.
+
+    The same math as ``Loss.raw_gradient`` (engine.loss) but scalar: river calls its loss once per
+    sample, and a numpy call costs more than river's whole linear update. ``y_last`` NaN = unknown ->
+    plain CE, as in engine.loss.
+    """
+    p = 0.5 * (1.0 + math.tanh(0.5 * z))
+    ce = p - y
+    if strategy == "ce" or alpha == 0.0 or y_last != y_last:
+        return ce
+    yl = min(max(y_last, 0.0), 1.0)
+    if strategy == "kd":
+        aux = p - yl
+    elif strategy == "reloop":
+        dp = p * (1.0 - p)
+        aux = -dp if (y > 0.5 and yl > p) else (dp if (y < 0.5 and p > yl) else 0.0)
+    else:
+        raise ValueError(f"unknown loss strategy {strategy!r}")
+    return alpha * aux + (1.0 - alpha) * ce
+
+
+class ScoreGradientLoss(optim.losses.BinaryLoss):
+    """A river BinaryLoss for CE / KD / ReLoop; set ``y_last`` before each ``learn_one``."""
+
+    def __init__(self, strategy: str, alpha: float) -> None:
+        make_loss(strategy, alpha)  # validates the name and alpha with the engine's own rules
+        self.strategy = strategy
+        self.alpha = float(alpha)
+        self.y_last = math.nan
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        loss = make_loss(self.strategy, self.alpha)
+        z = torch.as_tensor(np.atleast_1d(np.asarray(y_pred, dtype=np.float64)))
+        y = torch.as_tensor(np.atleast_1d(np.asarray(y_true, dtype=np.float64)))
+        value, _ = loss(z, y, y_last=torch.tensor([self.y_last], dtype=torch.float64).expand_as(z))
+        return float(value)
+
+    def gradient(self, y_true: Any, y_pred: Any) -> Any:
+        return score_gradient(self.strategy, self.alpha, float(y_true), float(y_pred), self.y_last)
+
+
+class _Layout:
+    """Maps a FeatureBatch to (ids, values) [B, K]: cat ids (value 1), dense rows (value), multi (1/len)."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.missing_rows = np.asarray(spec.cat_offsets, dtype=np.int64)
+        self.dense_rows = np.asarray(spec.dense_rows, dtype=np.int64)
+
+    def __call__(self, batch: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        ids = [batch.cat]
+        # A categorical id equal to its field's first row is the missing value: value 0 removes it.
+        vals = [(batch.cat != self.missing_rows[None, :]).astype(np.float64)]
+        if len(self.dense_rows):
+            ids.append(np.broadcast_to(self.dense_rows, (n, len(self.dense_rows))))
+            vals.append(batch.num.astype(np.float64))
+        if batch.multi.shape[1]:
+            counts = batch.multi_mask.sum(axis=2, keepdims=True)
+            ids.append(batch.multi.reshape(n, -1))
+            vals.append((batch.multi_mask / np.maximum(counts, 1.0)).reshape(n, -1).astype(np.float64))
+        return np.concatenate(ids, axis=1), np.concatenate(vals, axis=1)
+
+    def dicts(self, batch: FeatureBatch) -> list[dict[int, float]]:
+        ids, vals = self(batch)
+        out = []
+        for r, v in zip(ids.tolist(), vals.tolist(), strict=True):
+            out.append({i: x for i, x in zip(r, v, strict=True) if x != 0.0})
+        return out
+
+
+def _stats(loss: Loss, raw: np.ndarray, labels: np.ndarray, y_last: np.ndarray | None,
+           weights: np.ndarray | None) -> LossStats:
+    """Loss stats of the scores the updates were computed from (predict-then-learn)."""
+    _, stats = loss(
+        torch.from_numpy(np.asarray(raw, dtype=np.float64)),
+        torch.from_numpy(np.asarray(labels, dtype=np.float64)),
+        y_last=None if y_last is None else torch.from_numpy(np.asarray(y_last, dtype=np.float64)),
+        weights=None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float64)),
+    )
+    return stats
+
+
+def _check_lengths(n: int, labels: np.ndarray, y_last: np.ndarray | None, weights: np.ndarray | None) -> None:
+    for name, arr in (("labels", labels), ("y_last", y_last), ("weights", weights)):
+        if arr is not None and len(arr) != n:
+            raise ValueError(f"learn: {name} has {len(arr)} values for a batch of {n}")
+
+
+class RiverLRConfig(BackboneConfig):
+    """river's SGD settings (river's defaults). The learner's ``optimizer`` section (torch) is unused."""
+
+    embedding_dim: int = Field(default=1, ge=1, le=1)
+    lr: float = Field(default=0.01, gt=0)
+    intercept_lr: float = Field(default=0.01, ge=0)
+    l2: float = Field(default=0.0, ge=0)
+    clip_gradient: float = Field(default=1e12, gt=0)
+
+
+class RiverFMConfig(RiverLRConfig):
+    """``embedding_dim`` is river's ``n_factors`` (0 turns the numpy FM into river's LR)."""
+
+    embedding_dim: int = Field(default=10, ge=0)
+    init_sigma: float = Field(default=0.1, gt=0)
+
+
+class NumpyFMConfig(RiverFMConfig):
+    mode: FMMode = "sequential"
+
+
+class _RiverLearnerBase:
+    """Shared Learner plumbing: loss, feature layout, frozen copies."""
+
+    backbone: str
+
+    def __init__(self, config: LearnerConfig) -> None:
+        if config.backbone != self.backbone:
+            raise TypeError(f"{type(self).__name__} builds {self.backbone!r}, not {config.backbone!r}")
+        self.config = config
+        self.options = config.model
+        self.strategy = config.strategy
+        self.alpha = float(config.alpha)
+        self.loss = make_loss(config.strategy, config.alpha)
+        self.layout = _Layout(config.spec)
+        self.frozen = False
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.config.spec
+
+    def _header(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "config_json": self.config.to_json()}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{self.backbone} state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        check_same_architecture(state, self.config)
+
+    def clone_frozen(self) -> _RiverLearnerBase:
+        """An independent copy that predicts like this one now and refuses to learn."""
+        clone = copy.deepcopy(self)
+        clone.frozen = True
+        return clone
+
+    def _check_learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None,
+                     weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.frozen:
+            raise RuntimeError(f"{self.backbone}: a frozen clone cannot learn")
+        _check_lengths(len(batch), labels, y_last, weights)
+        n = len(batch)
+        y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        yl = np.full(n, np.nan) if y_last is None else np.asarray(y_last, dtype=np.float64).reshape(-1)
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        return y, yl, w
+
+
+class RiverLogisticRegression(_RiverLearnerBase):
+    """river's LogisticRegression, one learn_one per sample with the engine's loss."""
+
+    backbone = "river_lr"
+
+    def __init__(self, config: LearnerConfig) -> None:
+        super().__init__(config)
+        options = self.options
+        self.river_loss = ScoreGradientLoss(self.strategy, self.alpha)
+        self.model = linear_model.LogisticRegression(
+            optimizer=optim.SGD(options.lr),
+            loss=self.river_loss,
+            l2=options.l2,
+            intercept_lr=options.intercept_lr,
+            clip_gradient=options.clip_gradient,
+        )
+
+    def _raw_one(self, x: dict[int, float]) -> float:
+        return self.model._raw_dot_one(x)
+
+    def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
+        dicts = self.layout.dicts(batch)
+        raw = np.fromiter((self._raw_one(x) for x in dicts), dtype=np.float64, count=len(batch))
+        return 1.0 / (1.0 + np.exp(-raw))
+
+    def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> LossStats:
+        y, yl, w = self._check_learn(batch, labels, y_last, weights)
+        raw = np.empty(len(batch))
+        learn_one, rl = self.model.learn_one, self.river_loss
+        for i, x in enumerate(self.layout.dicts(batch)):
+            raw[i] = self._raw_one(x)
+            rl.y_last = yl[i]
+            learn_one(x, y[i], w[i])
+        return _stats(self.loss, raw, y, y_last, weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = self.model._weights.to_dict()
+        keys = np.fromiter(weights.keys(), dtype=np.int64, count=len(weights))
+        return {
+            **self._header(),
+            "keys": torch.from_numpy(keys),
+            "values": torch.tensor([weights[k] for k in keys.tolist()], dtype=torch.float64),
+            "intercept": float(self.model.intercept),
+            "n_iterations": int(self.model.optimizer.n_iterations),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        keys, values = state["keys"].tolist(), state["values"].tolist()
+        self.model._weights = utils.VectorDict(dict(zip(keys, values, strict=True)))
+        self.model.intercept = float(state["intercept"])
+        self.model.optimizer.n_iterations = int(state["n_iterations"])
+
+
+class RiverFM(_RiverLearnerBase):
+    """river's FMClassifier, one learn_one per sample with the engine's loss (slow on many fields)."""
+
+    backbone = "river_fm"
+
+    def __init__(self, config: LearnerConfig) -> None:
+        super().__init__(config)
+        options, seed = self.options, config.seed
+        self.river_loss = ScoreGradientLoss(self.strategy, self.alpha)
+        self.model = facto.FMClassifier(
+            n_factors=options.embedding_dim,
+            weight_optimizer=optim.SGD(options.lr),
+            latent_optimizer=optim.SGD(options.lr),
+            loss=self.river_loss,
+            l2_weight=options.l2,
+            l2_latent=options.l2,
+            intercept_lr=options.intercept_lr,
+            latent_initializer=optim.initializers.Normal(mu=0.0, sigma=options.init_sigma, seed=seed),
+            clip_gradient=options.clip_gradient,
+            seed=seed,
+        )
+
+    def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
+        raw = np.fromiter((self.model._raw_dot(x) for x in self.layout.dicts(batch)), dtype=np.float64,
+                          count=len(batch))
+        return 1.0 / (1.0 + np.exp(-raw))
+
+    def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> LossStats:
+        y, yl, w = self._check_learn(batch, labels, y_last, weights)
+        raw = np.empty(len(batch))
+        model, rl = self.model, self.river_loss
+        for i, x in enumerate(self.layout.dicts(batch)):
+            raw[i] = model._raw_dot(x)
+            rl.y_last = yl[i]
+            model.learn_one(x, y[i], w[i])
+        return _stats(self.loss, raw, y, y_last, weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        m = self.model
+        wkeys = list(m.weights.keys())
+        lkeys = list(m.latents.keys())
+        rng_name, rng_keys, rng_pos, has_gauss, cached = m.latent_initializer._rng.get_state()
+        return {
+            **self._header(),
+            "weight_keys": torch.tensor(wkeys, dtype=torch.int64),
+            "weights": torch.tensor([m.weights[k] for k in wkeys], dtype=torch.float64),
+            "latent_keys": torch.tensor(lkeys, dtype=torch.int64),
+            "latents": torch.from_numpy(np.stack([m.latents[k] for k in lkeys]) if lkeys
+                                        else np.zeros((0, m.n_factors))),
+            "intercept": float(m.intercept),
+            "weight_iterations": int(m.weight_optimizer.n_iterations),
+            "latent_iterations": int(m.latent_optimizer.n_iterations),
+            # The latent initialiser draws lazily, so its RNG is state: a restored model must draw the
+            # same vectors for features it has not seen yet.
+            "rng_keys": torch.from_numpy(rng_keys.astype(np.int64)),
+            "rng_pos": int(rng_pos),
+            "rng_has_gauss": int(has_gauss),
+            "rng_cached": float(cached),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        m = self.model
+        m.weights.clear()
+        m.weights.update(zip(state["weight_keys"].tolist(), state["weights"].tolist(), strict=True))
+        m.latents.clear()
+        for k, v in zip(state["latent_keys"].tolist(), state["latents"].numpy(), strict=True):
+            m.latents[k] = v.astype(np.float64).copy()
+        m.intercept = float(state["intercept"])
+        m.weight_optimizer.n_iterations = int(state["weight_iterations"])
+        m.latent_optimizer.n_iterations = int(state["latent_iterations"])
+        m.latent_initializer._rng.set_state((
+            "MT19937", state["rng_keys"].numpy().astype(np.uint32), int(state["rng_pos"]),
+            int(state["rng_has_gauss"]), float(state["rng_cached"]),
+        ))
+
+
+class NumpyFM(_RiverLearnerBase):
+    """river's FMClassifier math (plain SGD) on a dense numpy table; ``embedding_dim=0`` is river's LR.
+
+    The table is initialised eagerly (river draws each latent lazily on first sight), so the two agree
+    exactly once they start from the same parameters; ``init_from_river``-style checks live in the tests.
+    """
+
+    backbone = "river_fm_np"
+
+    def __init__(self, config: LearnerConfig) -> None:
+        super().__init__(config)
+        options = self.options
+        rng = np.random.default_rng(config.seed)
+        rows = config.spec.total_rows
+        self.w0 = 0.0
+        self.w = np.zeros(rows, dtype=np.float64)
+        self.v = rng.normal(0.0, options.init_sigma, size=(rows, options.embedding_dim))
+        self.steps = 0
+
+    def raw_scores(self, batch: FeatureBatch) -> np.ndarray:
+        ids, vals = self.layout(batch)
+        return self._raw(ids, vals)
+
+    def _raw(self, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        linear = (self.w[ids] * vals).sum(axis=1)
+        xv = self.v[ids] * vals[..., None]
+        s = xv.sum(axis=1)
+        pair = 0.5 * ((s * s).sum(axis=1) - (xv * xv).sum(axis=(1, 2)))
+        return self.w0 + linear + pair
+
+    def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
+        raw = self.raw_scores(batch)
+        return 1.0 / (1.0 + np.exp(-raw))
+
+    def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> LossStats:
+        y, yl, w = self._check_learn(batch, labels, y_last, weights)
+        ids, vals = self.layout(batch)
+        if self.options.mode == "sequential":
+            raw = self._learn_sequential(ids, vals, y, yl, w)
+        else:
+            raw = self._learn_minibatch(ids, vals, y, y_last, w)
+        return _stats(self.loss, raw, y, y_last, weights)
+
+    def _learn_sequential(self, ids: np.ndarray, vals: np.ndarray, y: np.ndarray, yl: np.ndarray,
+                          w: np.ndarray) -> np.ndarray:
+        o = self.options
+        lr, ilr, l2, clip = o.lr, o.intercept_lr, o.l2, o.clip_gradient
+        grad_of: Callable[..., float] = score_gradient
+        strategy, alpha = self.strategy, self.alpha
+        W, V = self.w, self.v
+        raw = np.empty(len(y))
+        for i in range(len(y)):
+            r, x = ids[i], vals[i]
+            keep = x != 0.0
+            if not keep.all():
+                r, x = r[keep], x[keep]
+            wr, vr = W[r], V[r]
+            xcol = x[:, None]
+            xv = vr * xcol
+            s = xv.sum(axis=0)
+            z = self.w0 + float(wr @ x) + 0.5 * (float(s @ s) - float((xv * xv).sum()))
+            raw[i] = z
+            # river order: clamp the loss gradient, then scale it by the sample weight.
+            g = min(max(grad_of(strategy, alpha, y[i], z, yl[i]), -clip), clip) * w[i]
+            self.w0 -= ilr * g
+            W[r] = wr - lr * (g * x + l2 * wr)
+            V[r] = vr - lr * (g * (xcol * s - vr * (xcol * xcol)) + l2 * vr)
+        self.steps += len(y)
+        return raw
+
+    def _learn_minibatch(self, ids: np.ndarray, vals: np.ndarray, y: np.ndarray, y_last: np.ndarray | None,
+                         w: np.ndarray) -> np.ndarray:
+        o = self.options
+        n = len(y)
+        raw = self._raw(ids, vals)
+        g = self.loss.raw_gradient(raw, y, y_last, None)
+        g = np.clip(g, -o.clip_gradient, o.clip_gradient) * w
+        flat = ids.reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        x = vals.reshape(-1)
+        g_occ = np.repeat(g, ids.shape[1]) * x
+        wr = self.w[uniq]
+        vr = self.v[uniq]
+        counts = np.bincount(inverse, weights=(x != 0.0).astype(np.float64), minlength=len(uniq))
+        grad_w = np.bincount(inverse, weights=g_occ, minlength=len(uniq)) + o.l2 * counts * wr
+        s = (self.v[ids] * vals[..., None]).sum(axis=1)  # [B, k], before the update
+        per_occ = g_occ[:, None] * (np.repeat(s, ids.shape[1], axis=0) - self.v[flat] * x[:, None])
+        grad_v = np.zeros_like(vr)
+        np.add.at(grad_v, inverse, per_occ)
+        grad_v += o.l2 * counts[:, None] * vr
+        # Batch mean, like river's learn_many.
+        self.w0 -= o.intercept_lr * float(g.sum()) / n
+        self.w[uniq] = wr - o.lr * grad_w / n
+        self.v[uniq] = vr - o.lr * grad_v / n
+        self.steps += 1
+        return raw
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._header(),
+            "w0": float(self.w0),
+            "w": torch.from_numpy(self.w.copy()),
+            "v": torch.from_numpy(self.v.copy()),
+            "steps": int(self.steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        w, v = state["w"].numpy(), state["v"].numpy()
+        if w.shape != self.w.shape or v.shape != self.v.shape:
+            raise ValueError(f"river_fm_np: state shapes {w.shape}/{v.shape} do not match {self.w.shape}/"
+                             f"{self.v.shape}")
+        self.w0 = float(state["w0"])
+        self.w = w.astype(self.w.dtype).copy()
+        self.v = v.astype(self.v.dtype).copy()
+        self.steps = int(state["steps"])
+
+
+register_backbone("river_lr", RiverLRConfig, RiverLogisticRegression,
+                  "river LogisticRegression, learn_one per sample", "river")
+register_backbone("river_fm", RiverFMConfig, RiverFM,
+                  "river FMClassifier, learn_one per sample (slow beyond a few fields)", "river")
+register_backbone("river_fm_np", NumpyFMConfig, NumpyFM,
+                  "river FMClassifier math in numpy: sequential (exact) or minibatch", "river")
+
+
+def build_river_learner(backbone: str, spec: FeatureSpec, strategy: str = "ce", alpha: float = 0.0,
+                        seed: int = 0, **model_config: Any) -> _RiverLearnerBase:
+    """``registry.build_learner`` restricted to the river backbones (a wrong name fails naming them)."""
+    if backbone not in RIVER_BACKBONES:
+        raise ValueError(f"unknown river backbone {backbone!r}; choose one of {list(RIVER_BACKBONES)}")
+    learner = build_learner(backbone, spec, strategy, alpha, seed, **model_config)
+    assert isinstance(learner, _RiverLearnerBase)
+    return learner
+
+
+__all__ = [
+    "RIVER_BACKBONES",
+    "NumpyFM",
+    "NumpyFMConfig",
+    "RiverFM",
+    "RiverFMConfig",
+    "RiverLRConfig",
+    "RiverLogisticRegression",
+    "ScoreGradientLoss",
+    "build_river_learner",
+    "score_gradient",
+]
