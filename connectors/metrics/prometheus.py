@@ -22,7 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    make_asgi_app,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -125,8 +131,14 @@ def serve_metrics(
     return MetricsServer(server, thread, host, server.server_port, prom)
 
 
+def render_metrics(
+    registry: MetricsRegistry = REGISTRY, *, process_metrics: bool = True
+) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``registry`` and its content type, for an app's ``GET /metrics``."""
+    prom = build_collector_registry(registry, process_metrics=process_metrics)
+    return generate_latest(prom), CONTENT_TYPE_LATEST
+
+
 def metrics_asgi_app(registry: MetricsRegistry = REGISTRY, *, process_metrics: bool = True):
     """An ASGI app serving the metrics, for the FastAPI scoring service: ``app.mount("/metrics", ...)``."""
-    from prometheus_client import make_asgi_app
-
     return make_asgi_app(registry=build_collector_registry(registry, process_metrics=process_metrics))

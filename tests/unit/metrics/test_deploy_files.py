@@ -1,0 +1,158 @@
+"""Deploy files can't run here (no Docker, no cluster, no Grafana): check they parse, agree with each
+other, embed configs the engine's own loaders accept, and only query metrics the engine exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.metrics.registry import exported_series_names
+from engine.runtime.config import load_config_dict
+from engine.serve.config import serve_config_from_dict
+
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+METRIC_RE = re.compile(r"\breloop_[a-z0-9_]+")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def names_in(expr: str) -> set[str]:
+    return set(METRIC_RE.findall(expr))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load(DEPLOY / "compose.yaml")
+
+
+def test_compose_services_and_images(compose):
+    services = compose["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+    assert services["processor"]["command"][:2] == ["reloop", "run"]
+    assert services["serve"]["command"][:2] == ["reloop", "serve"]
+
+
+def test_compose_publishes_on_loopback_only_and_mounts_existing_files(compose):
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), (name, source)
+
+
+def test_compose_embedded_configs_pass_the_engines_loaders(compose):
+    run = yaml.safe_load(compose["configs"]["run-config"]["content"])
+    cfg = load_config_dict(run, env={})
+    assert cfg.metrics.prometheus_port == 9464
+    assert cfg.metrics.prometheus_host == "0.0.0.0"
+    serve = serve_config_from_dict(yaml.safe_load(compose["configs"]["serve-config"]["content"]))
+    assert serve.host == "0.0.0.0"
+    # The snapshots the processor writes are where the service looks.
+    assert str(serve.arms[0].registry) == cfg.checkpoint.dir
+
+
+def test_prometheus_targets_match_the_ports_the_services_listen_on(compose):
+    prom = load(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in prom["scrape_configs"]}
+    run = yaml.safe_load(compose["configs"]["run-config"]["content"])
+    serve = yaml.safe_load(compose["configs"]["serve-config"]["content"])
+    assert targets["reloop-processor"] == f"processor:{run['metrics']['prometheus_port']}"
+    assert targets["reloop-serve"] == f"serve:{serve['serve']['port']}"
+    assert prom["rule_files"] == ["alerts.yml"]
+
+
+def test_alert_rules_only_use_exported_metrics():
+    rules = [r for g in load(DEPLOY / "prometheus" / "alerts.yml")["groups"] for r in g["rules"]]
+    assert len(rules) >= 6
+    for rule in rules:
+        assert names_in(rule["expr"]) <= exported_series_names(), rule["alert"]
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "reloop.json").read_text())
+
+
+def test_dashboard_queries_name_only_metrics_the_engine_exports(dashboard):
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels
+    queried: set[str] = set()
+    for panel in panels:
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert exprs, panel["title"]
+        for expr in exprs:
+            found = names_in(expr)
+            assert found, (panel["title"], expr)
+            unknown = found - exported_series_names()
+            assert not unknown, (panel["title"], unknown)
+            queried |= found
+    extras = (dashboard["templating"]["list"][0]["definition"], dashboard["annotations"]["list"][0]["expr"])
+    for extra in extras:
+        assert names_in(extra) <= exported_series_names()
+    # The views the dashboard exists for.
+    assert {
+        "reloop_rolling_auc", "reloop_events_consumed_total", "reloop_consumer_lag_records",
+        "reloop_joiner_pending", "reloop_train_loss", "reloop_snapshot_timestamp_seconds",
+    } <= queried
+
+
+def test_dashboard_layout_and_datasource_agree_with_provisioning(dashboard, compose):
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
+    ds = load(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")["datasources"][0]
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    assert uids == {ds["uid"]}
+    assert ds["url"] == "http://prometheus:9090"
+    provider = load(DEPLOY / "grafana" / "provisioning" / "dashboards" / "reloop.yaml")["providers"][0]
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"] if v.startswith("./"))
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+
+
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_k8s_manifests_parse_and_kustomization_lists_them():
+    kust = load(DEPLOY / "k8s" / "kustomization.yaml")
+    for res in kust["resources"]:
+        assert (DEPLOY / "k8s" / res).is_file()
+    kinds = sorted(d["kind"] for d in k8s_docs())
+    assert kinds.count("Deployment") == 2 and kinds.count("Service") == 2
+    assert "ConfigMap" in kinds and "PersistentVolumeClaim" in kinds
+
+
+def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports():
+    docs = k8s_docs()
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    run = load_config_dict(yaml.safe_load(cm["data"]["run.yaml"]), env={})
+    serve_config_from_dict(yaml.safe_load(cm["data"]["serve.yaml"]))
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        pod = dep["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["port"] in ports, (dep["metadata"]["name"], probe)
+        assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports.values()
+        assert pod["metadata"]["labels"].items() >= dep["spec"]["selector"]["matchLabels"].items()
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    processor = next(d for d in docs if d["kind"] == "Deployment" and "processor" in d["metadata"]["name"])
+    assert processor["spec"]["replicas"] == 1
+    assert processor["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
+        run.metrics.prometheus_port
+    )
