@@ -152,7 +152,7 @@ class _MixedLoss:
             stats = LossStats(
                 strategy=self.strategy,
                 alpha=float(self.alpha),
-                total=float(total),
+                total=float(total.detach()),
                 ce=float((w * ce).sum() / n),
                 aux=float((w * aux).sum() / n),
                 sc_active_fraction=float(active.sum()) / n_last

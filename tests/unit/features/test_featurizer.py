@@ -1,0 +1,160 @@
+"""Feature spec round trips and the featurizer's rows: offsets, missing values, bucketing, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from engine.features import (
+    CategoricalField,
+    FeatureBatch,
+    FeatureError,
+    FeatureSpec,
+    Featurizer,
+    MultiCategoricalField,
+    NumericField,
+    criteo_spec,
+)
+from engine.features.featurizer import log_bucket
+
+SPEC = FeatureSpec(
+    fields=(
+        CategoricalField(name="user", buckets=50),
+        NumericField(name="count", transform="log_bucket", buckets=30),
+        NumericField(name="age", transform="minmax", min=10.0, max=60.0),
+        NumericField(name="price"),
+        MultiCategoricalField(name="tags", buckets=40, max_len=3),
+        CategoricalField(name="item", buckets=20),
+    )
+)
+
+
+def test_spec_json_round_trip_keeps_every_field_and_the_layout():
+    restored = FeatureSpec.from_json(SPEC.to_json())
+    assert restored == SPEC
+    assert FeatureSpec.from_dict(json.loads(SPEC.to_json())) == SPEC
+    assert restored.field_names == ("user", "count", "item", "age", "price", "tags")
+    assert restored.cat_offsets == (0, 50, 80) and restored.dense_rows == (100, 101)
+    assert restored.multi_offsets == (102,) and restored.total_rows == 142
+
+
+def test_bad_specs_fail_naming_the_problem():
+    with pytest.raises(ValidationError, match="duplicate field names"):
+        FeatureSpec(fields=(CategoricalField(name="a", buckets=4), CategoricalField(name="a", buckets=4)))
+    with pytest.raises(ValidationError, match="minmax needs min and max"):
+        NumericField(name="x", transform="minmax")
+    with pytest.raises(ValidationError, match="buckets"):
+        CategoricalField(name="x", buckets=1)
+    with pytest.raises(ValidationError, match="extra"):
+        FeatureSpec.from_json('{"fields": [{"kind": "categorical", "name": "a", "buckets": 4, "bukets": 2}]}')
+
+
+def test_ids_stay_in_their_field_block_and_missing_values_use_row_zero():
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "user": f"u{rng.integers(1000)}",
+            "item": int(rng.integers(100)),
+            "count": float(rng.integers(0, 500)),
+        }
+        for _ in range(300)
+    ]
+    rows += [{}, {"user": None, "item": "", "count": None}]
+    b = Featurizer(SPEC).transform(rows)
+    assert b.cat.dtype == np.int64 and b.cat.shape == (302, 3)
+    for j, (f, off) in enumerate(zip(SPEC.cat_fields, SPEC.cat_offsets, strict=True)):
+        assert np.all((b.cat[:300, j] > off) & (b.cat[:300, j] < off + f.buckets))
+        assert np.all(b.cat[300:, j] == off)  # missing -> row 0 of the block
+    assert len(np.unique(b.cat[:300, 0])) > 40  # hashing spreads values
+
+
+def test_same_value_same_row_whatever_else_is_in_the_batch():
+    f = Featurizer(SPEC)
+    alone = f.transform([{"user": "ab", "item": 3}])
+    mixed = f.transform([{"user": "a much longer user name é", "item": "x" * 50}, {"user": "ab", "item": 3}])
+    np.testing.assert_array_equal(alone.cat[0], mixed.cat[1])
+    assert f.transform([{"item": "3"}]).cat[0, 2] == alone.cat[0, 2]  # categorical values hash by str()
+    assert f.transform([{"user": "ba"}]).cat[0, 0] != alone.cat[0, 0]
+
+
+def test_log_bucketing_follows_the_criteo_rule():
+    x = np.array([np.nan, -1.0, 0.0, 1.0, 2.0, 2.5, 3.0, 100.0, 1e6])
+    expected = [0, -1, 0, 1, 2, int(np.floor(np.log(2.5) ** 2)), 1, 21, 190]
+    assert log_bucket(x).tolist() == expected
+    f = Featurizer(SPEC)
+    rows = f.transform([{"count": 3.0}, {"count": 1.0}, {"count": 100.0}, {"count": 105.0}]).cat[:, 1]
+    assert rows[0] == rows[1]  # both bucket 1
+    assert rows[2] == rows[3]  # floor(log(100)^2) = floor(log(105)^2) = 21
+    assert rows[0] != rows[2]
+
+
+def test_dense_values_identity_and_minmax_with_fill():
+    b = Featurizer(SPEC).transform([{"age": 35.0, "price": 2.5}, {"age": 100.0, "price": None}, {"age": 0}])
+    np.testing.assert_allclose(b.num, [[0.5, 2.5], [1.0, 0.0], [0.0, 0.0]])
+    assert b.num.dtype == np.float32
+
+
+def test_multi_valued_fields_are_padded_truncated_and_masked():
+    b = Featurizer(SPEC).transform([{"tags": ["a", "b", "c", "d"]}, {"tags": []}, {"tags": ["a", ""]}, {}])
+    assert b.multi.shape == (4, 1, 3) and b.multi_mask.shape == (4, 1, 3)
+    np.testing.assert_array_equal(b.multi_mask[:, 0], [[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    assert b.multi[0, 0, 0] == b.multi[2, 0, 0]  # "a" -> same row
+    off = SPEC.multi_offsets[0]
+    assert np.all((b.multi >= off) & (b.multi < off + 40))
+
+
+def test_bad_values_fail_naming_the_field():
+    f = Featurizer(SPEC)
+    with pytest.raises(FeatureError, match="'price'"):
+        f.transform([{"price": "cheap"}])
+    with pytest.raises(FeatureError, match="'tags'"):
+        f.transform([{"tags": "not-a-list"}])
+
+
+def test_batch_helpers_and_torch_view():
+    b = Featurizer(SPEC).transform([{"user": str(i), "tags": ["t"]} for i in range(5)])
+    both = FeatureBatch.concat([b.take(slice(0, 2)), b.take(np.array([4]))])
+    np.testing.assert_array_equal(both.cat, b.cat[[0, 1, 4]])
+    t = both.to_torch()
+    assert len(t) == 3 and t.cat.dtype == torch.int64 and t.multi_mask.dtype == torch.float32
+
+
+_CHILD = """
+import json, sys
+from engine.features import FeatureSpec, Featurizer
+spec = FeatureSpec.from_json(sys.argv[1])
+rows = json.loads(sys.argv[2])
+b = Featurizer(spec).transform(rows)
+print(json.dumps([b.cat.tolist(), b.multi.tolist()]))
+"""
+
+
+def test_rows_are_identical_in_another_process_with_another_hash_seed():
+    spec = criteo_spec(buckets=10_000)
+    rng = np.random.default_rng(3)
+    rows = [
+        {
+            **{f"C{i}": format(int(rng.integers(2**32)), "08x") for i in range(1, 27)},
+            **{f"I{i}": float(rng.integers(0, 10_000)) for i in range(1, 14)},
+        }
+        for _ in range(20)
+    ]
+    here = Featurizer(spec).transform(rows)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, spec.to_json(), json.dumps(rows)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=os.getcwd(),
+    )
+    cat, multi = json.loads(out.stdout)
+    assert cat == here.cat.tolist() and multi == here.multi.tolist()

@@ -1,0 +1,158 @@
+"""CE, KD and ReLoop against hand-computed values and gradients (docs/reloop-method.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.loss import LossStats, make_loss
+
+LN2 = math.log(2.0)
+
+
+def _run(strategy, alpha, z, y, y_last=None, w=None):
+    logits = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    loss, stats = make_loss(strategy, alpha)(
+        logits,
+        torch.tensor(y, dtype=torch.float64),
+        None if y_last is None else torch.tensor(y_last, dtype=torch.float64),
+        None if w is None else torch.tensor(w, dtype=torch.float64),
+    )
+    loss.backward()
+    return float(loss.detach()), logits.grad.numpy(), stats
+
+
+def _sig(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_ce_matches_the_log_loss_formula_and_its_gradient():
+    z, y = [0.3, -1.2, 2.0], [1.0, 0.0, 0.0]
+    value, grad, stats = _run("ce", 0.0, z, y)
+    p = [_sig(v) for v in z]
+    expected = -np.mean(
+        [yi * math.log(pi) + (1 - yi) * math.log(1 - pi) for yi, pi in zip(y, p, strict=True)]
+    )
+    assert value == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(grad, (np.array(p) - np.array(y)) / 3, rtol=1e-12)
+    assert stats.ce == pytest.approx(expected) and stats.aux == 0.0 and stats.sc_active_fraction == 0.0
+
+
+def test_reloop_when_new_prediction_equals_last_has_no_sc_term_and_no_sc_gradient():
+    # p = sigmoid(0) = 0.5 = y_last: the new model is exactly as good as the last one.
+    value, grad, stats = _run("reloop", 0.4, [0.0, 0.0], [1.0, 0.0], [0.5, 0.5])
+    assert stats.sc == 0.0 and stats.sc_active_fraction == 0.0
+    assert value == pytest.approx(0.6 * LN2)
+    np.testing.assert_allclose(grad, 0.6 * np.array([-0.5, 0.5]) / 2)
+
+
+def test_reloop_hand_computed_positive_and_negative_sample():
+    # positive, p = 0.5 < y_last = 0.8: SC = 0.3; negative, p = 0.5 > y_last = 0.1: SC = 0.4.
+    alpha = 0.25
+    value, grad, stats = _run("reloop", alpha, [0.0, 0.0], [1.0, 0.0], [0.8, 0.1])
+    sc = (0.3 + 0.4) / 2
+    assert stats.sc == pytest.approx(sc)
+    assert value == pytest.approx(alpha * sc + (1 - alpha) * LN2)
+    assert stats.sc_active_fraction == 1.0
+    # d SC / d z = -/+ p(1-p) = -/+ 0.25 ; d CE / d z = p - y.
+    expected = np.array([alpha * -0.25 + (1 - alpha) * -0.5, alpha * 0.25 + (1 - alpha) * 0.5]) / 2
+    np.testing.assert_allclose(grad, expected)
+
+
+def test_reloop_is_inactive_where_the_new_model_is_already_better():
+    # positive with p = 0.5 > y_last = 0.2 and negative with p = 0.5 < y_last = 0.9: both better.
+    value, grad, stats = _run("reloop", 0.5, [0.0, 0.0], [1.0, 0.0], [0.2, 0.9])
+    assert stats.sc == 0.0 and stats.sc_active_fraction == 0.0
+    assert value == pytest.approx(0.5 * LN2)
+    np.testing.assert_allclose(grad, 0.5 * np.array([-0.5, 0.5]) / 2)
+
+
+def test_saturated_predictions_stay_finite_and_sc_gradient_vanishes():
+    # confidently wrong: z = +60 on a negative, z = -60 on a positive.
+    value, grad, stats = _run("reloop", 1.0, [60.0, -60.0], [0.0, 1.0], [0.3, 0.6])
+    assert math.isfinite(value) and np.all(np.isfinite(grad))
+    assert stats.sc == pytest.approx((0.7 + 0.6) / 2, abs=1e-12)  # probability-space penalty is bounded
+    np.testing.assert_allclose(grad, 0.0, atol=1e-20)  # sigmoid'(60) ~ 1e-26: SC alone cannot pull it back
+    value_ce, grad_ce, stats_ce = _run("reloop", 0.0, [60.0, -60.0], [0.0, 1.0], [0.3, 0.6])
+    assert value_ce == pytest.approx(60.0, rel=1e-6)  # CE from logits: no log(0)
+    np.testing.assert_allclose(grad_ce, [0.5, -0.5], rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["kd", "reloop"])
+def test_alpha_zero_is_exactly_ce(strategy):
+    rng = np.random.default_rng(0)
+    z, y, yl = rng.normal(size=8), rng.integers(0, 2, 8).astype(float), rng.random(8)
+    v1, g1, _ = _run(strategy, 0.0, z, y, yl)
+    v2, g2, _ = _run("ce", 0.0, z, y)
+    assert v1 == v2
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_alpha_one_reloop_is_pure_sc():
+    value, grad, stats = _run("reloop", 1.0, [math.log(3.0)], [0.0], [0.5])  # p = 0.75
+    assert value == pytest.approx(0.25)
+    np.testing.assert_allclose(grad, [0.75 * 0.25])
+    assert stats.ce == pytest.approx(-math.log(0.25))
+
+
+def test_kd_hand_computed():
+    # z = 0: p = 0.5; KD = -0.8 log 0.5 - 0.2 log 0.5 = ln 2; d KD / dz = p - y_last = -0.3.
+    value, grad, stats = _run("kd", 0.5, [0.0], [0.0], [0.8])
+    assert stats.kd == pytest.approx(LN2) and stats.sc == 0.0
+    assert value == pytest.approx(LN2)
+    np.testing.assert_allclose(grad, [0.5 * -0.3 + 0.5 * 0.5])
+
+
+def test_weights_scale_each_sample_and_the_batch_mean_divides_by_n():
+    value, grad, stats = _run("reloop", 0.5, [0.0, 0.0], [1.0, 0.0], [0.8, 0.1], w=[2.0, 0.0])
+    per_sample_0 = 0.5 * 0.3 + 0.5 * LN2
+    assert value == pytest.approx(2.0 * per_sample_0 / 2)
+    assert grad[1] == 0.0
+    assert stats.total == pytest.approx(value)
+
+
+def test_unknown_y_last_trains_that_sample_with_full_ce():
+    value, grad, stats = _run("reloop", 0.7, [0.0, 0.0], [1.0, 1.0], [float("nan"), 0.9])
+    assert stats.n_with_last == 1
+    assert value == pytest.approx((LN2 + 0.7 * 0.4 + 0.3 * LN2) / 2)
+    assert grad[0] == pytest.approx(-0.5 / 2)
+    none_value, _, none_stats = _run("reloop", 0.7, [0.0], [1.0], None)
+    assert none_value == pytest.approx(LN2) and none_stats.n_with_last == 0
+
+
+def test_y_last_outside_unit_interval_is_clamped():
+    v_clamped, _, _ = _run("reloop", 1.0, [0.0], [1.0], [1.7])
+    assert v_clamped == pytest.approx(0.5)
+
+
+def test_sc_active_fraction_counts_worse_samples_among_those_with_y_last():
+    _, _, stats = _run("reloop", 0.5, [0.0] * 4, [1.0, 1.0, 0.0, 0.0], [0.9, 0.1, 0.9, float("nan")])
+    assert stats.sc_active_fraction == pytest.approx(1 / 3)
+    assert isinstance(stats, LossStats) and stats.to_dict()["n"] == 4
+
+
+@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
+    rng = np.random.default_rng(1)
+    n = 64
+    z = rng.normal(scale=3.0, size=n)
+    y = rng.integers(0, 2, n).astype(float)
+    yl = rng.random(n)
+    yl[::7] = np.nan
+    w = rng.random(n) * 2
+    _, grad, _ = _run(strategy, alpha, z, y, yl, w)
+    raw = make_loss(strategy, alpha).raw_gradient(z, y, yl, w)
+    np.testing.assert_allclose(raw, grad * n, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_strategy_and_alpha_fail_naming_them():
+    with pytest.raises(ValueError, match="unknown loss strategy 'focal'"):
+        make_loss("focal", 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        make_loss("reloop", 1.5)
+    with pytest.raises(ValueError, match="empty"):
+        make_loss("ce")(torch.zeros(0), torch.zeros(0))
