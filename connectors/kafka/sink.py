@@ -12,10 +12,14 @@ A send that fails is not lost silently: the first error is kept and raised by th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.errors import UnknownError
+
+_FLUSH_ATTEMPTS = 10
 
 _RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",
@@ -80,8 +84,23 @@ class KafkaSink:
     def flush(self, timeout_s: float | None = None) -> None:
         if self._producer is None:
             return
-        self._producer.flush(timeout=timeout_s)
+        self._flush(self._producer, timeout_s)
         self._raise_if_failed()
+
+    @staticmethod
+    def _flush(producer: KafkaProducer, timeout_s: float | None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for _ in range(_FLUSH_ATTEMPTS):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                producer.flush(timeout=remaining)
+                return
+            except UnknownError:
+                # kafka-python 3.0 raises UnknownError('Future not done') from flush when the broker
+                # rejected a batch as too large and the producer split it and re-queued the halves;
+                # flushing again waits for those (their failures reach _on_error as usual).
+                continue
+        producer.flush(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _raise_if_failed(self) -> None:
         with self._lock:
@@ -97,7 +116,7 @@ class KafkaSink:
             return
         producer, self._producer = self._producer, None
         try:
-            producer.flush()
+            self._flush(producer, None)
         finally:
             producer.close()
         self._raise_if_failed()

@@ -1,0 +1,164 @@
+"""KafkaSource / KafkaSink / admin behaviour beyond the shared contract, on the real broker."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from connectors.base import TopicPartition
+from connectors.kafka.admin import create_topics, offsets_for_times
+from connectors.kafka.sink import KafkaSink, KafkaSinkError
+from connectors.kafka.source import KafkaSource
+
+pytestmark = pytest.mark.kafka
+
+
+def fill(bootstrap: str, topic: str, n: int, ts0: int = 1_700_000_000_000) -> None:
+    sink = KafkaSink(bootstrap=bootstrap, topic=topic)
+    for i in range(n):
+        sink.send(b"%d" % i, key=b"k", timestamp_ms=ts0 + 1000 * i)
+    sink.close()
+
+
+def drain(source: KafkaSource, n: int) -> list:
+    out: list = []
+    for _ in range(40):
+        out += source.poll(1000, 0.5)
+        if len(out) >= n:
+            break
+    assert len(out) == n
+    return out
+
+
+def test_group_offsets_are_committed_only_on_commit(kafka_broker, unique_topic) -> None:
+    topic, group = unique_topic("commit"), unique_topic("group")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    fill(kafka_broker.bootstrap, topic, 10)
+    tp = TopicPartition(topic, 0)
+
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=group)
+    source.open()
+    drain(source, 10)
+    assert source.committed() == {}, "reading must not commit anything"
+    source.commit({tp: 6})
+    assert source.committed() == {tp: 6}
+    source.close()  # closing must not commit the read position (10) either
+
+    other = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=group)
+    try:
+        assert other.committed() == {tp: 6}
+        other.open(other.committed())
+        assert [r.value for r in drain(other, 4)] == [b"6", b"7", b"8", b"9"]
+        other.commit()
+        assert other.committed() == {tp: 10}
+    finally:
+        other.close()
+
+
+def test_commit_without_group_is_refused(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("nogroup")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        with pytest.raises(RuntimeError, match="group_id"):
+            source.commit()
+    finally:
+        source.close()
+
+
+def test_offsets_for_times_starts_a_replay_at_a_time(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("times")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    ts0 = 1_700_000_000_000
+    fill(kafka_broker.bootstrap, topic, 10, ts0=ts0)
+    tp = TopicPartition(topic, 0)
+
+    assert offsets_for_times(kafka_broker.bootstrap, [topic], ts0 + 5_500) == {tp: 6}
+    assert offsets_for_times(kafka_broker.bootstrap, [topic], ts0) == {tp: 0}
+    # After the last record: the end offset, so a replay from there waits for new data.
+    assert offsets_for_times(kafka_broker.bootstrap, [topic], ts0 + 60_000) == {tp: 10}
+
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open(offsets_for_times(kafka_broker.bootstrap, [topic], ts0 + 7_000))
+        assert [r.timestamp_ms for r in drain(source, 3)] == [ts0 + 7_000, ts0 + 8_000, ts0 + 9_000]
+    finally:
+        source.close()
+
+
+def test_create_topics_is_idempotent_and_checks_partitions(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("create")
+    assert create_topics(kafka_broker.bootstrap, {topic: 3}) == [topic]
+    assert create_topics(kafka_broker.bootstrap, {topic: 3}) == []
+    with pytest.raises(RuntimeError, match="fewer partitions"):
+        create_topics(kafka_broker.bootstrap, {topic: 5})
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        assert len(source.partitions()) == 3
+    finally:
+        source.close()
+
+
+def test_missing_topic_is_a_clear_error_and_not_created(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("missing")
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        with pytest.raises(ValueError, match="does not exist"):
+            source.partitions()
+    finally:
+        source.close()
+
+
+def test_a_failed_delivery_is_raised_by_flush(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("small")
+    # The broker rejects records over 1 kB on this topic; the producer only learns it asynchronously.
+    create_topics(kafka_broker.bootstrap, {topic: 1}, configs={"max.message.bytes": "1024"})
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    sink.send(b"ok")
+    sink.send(b"x" * 4096)
+    with pytest.raises(KafkaSinkError, match="not delivered"):
+        sink.flush(timeout_s=30)
+    # kafka-python treats the rejection as fatal for an idempotent producer: the caller replaces the sink.
+    with contextlib.suppress(KafkaSinkError):
+        sink.close()
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        assert [r.value for r in drain(source, 1)] == [b"ok"]
+        assert source.poll(10, 0.5) == []
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("key", ["enable_auto_commit", "group_id", "value_deserializer"])
+def test_source_refuses_client_config_that_breaks_the_contract(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        KafkaSource(bootstrap="127.0.0.1:1", topics=["t"], client_config={key: True})
+
+
+@pytest.mark.parametrize("key", ["acks", "enable_idempotence"])
+def test_sink_refuses_client_config_that_weakens_durability(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        KafkaSink(bootstrap="127.0.0.1:1", topic="t", client_config={key: 1})
+
+
+def test_client_config_reaches_the_client(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("cfg")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    source = KafkaSource(
+        bootstrap=kafka_broker.bootstrap, topics=[topic], client_config={"client_id": "reloop-test-src"}
+    )
+    sink = KafkaSink(
+        bootstrap=kafka_broker.bootstrap, topic=topic, client_config={"client_id": "reloop-test-sink"}
+    )
+    try:
+        source.open()
+        assert source._consumer is not None and source._consumer.config["client_id"] == "reloop-test-src"
+        assert sink._producer is not None and sink._producer.config["client_id"] == "reloop-test-sink"
+        assert sink._producer.config["acks"] in ("all", -1)
+        assert sink._producer.config["enable_idempotence"] is True
+    finally:
+        source.close()
+        sink.close()
