@@ -51,14 +51,11 @@ def encode(event: Event, *, check: bool = False) -> bytes:
     A value JSON cannot hold (a non-str feature key, an int over 64 bits) raises EventError("wrong_type").
     """
     kind = type(event)
+    if kind is not Impression and kind is not Click and kind is not LabeledSample:
+        raise TypeError(f"encode() takes an Impression, Click or LabeledSample, not {kind.__name__}")
     try:
-        if kind is Impression or kind is Click:
-            # orjson writes (slotted) dataclasses natively, field by field, in C.
-            data = _dumps(event)
-        elif kind is LabeledSample:
-            data = _dumps(_sample_wire(event))
-        else:
-            raise TypeError(f"encode() takes an Impression, Click or LabeledSample, not {kind.__name__}")
+        # orjson writes (slotted) dataclasses natively, field by field, in C.
+        data = _dumps(_sample_wire(event) if kind is LabeledSample else event)
     except orjson.JSONEncodeError as exc:
         raise EventError("wrong_type", f"{kind.__name__} cannot be encoded as JSON: {exc}") from None
     if check:
