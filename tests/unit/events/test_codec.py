@@ -24,8 +24,16 @@ def test_round_trips(impression_dict, click_dict, sample_dict):
     imp = Impression(**impression_dict())
     click = Click(impression_id="imp-1", event_time_ms=5, value=0.75)
     sample = LabeledSample(
-        sample_id="s", features={"x": ["a"]}, label=0, served_prediction=0.1, served_version=2,
-        event_time_ms=9, arm="a", weight=0.5, is_correction=True, extra={"k": "v"},
+        sample_id="s",
+        features={"x": ["a"]},
+        label=0,
+        served_prediction=0.1,
+        served_version=2,
+        event_time_ms=9,
+        arm="a",
+        weight=0.5,
+        is_correction=True,
+        extra={"k": "v"},
     )
     assert decode_impression(encode(imp)) == imp
     assert decode_click(encode(click)) == click
@@ -85,7 +93,8 @@ def test_undecodable_values(data, reason):
 
 def test_bytes_like_values_are_accepted(impression_dict):
     data = encode(Impression(**impression_dict()))
-    assert decode_impression(bytearray(data)) == decode_impression(memoryview(data)) == decode_impression(data)
+    expected = decode_impression(data)
+    assert decode_impression(bytearray(data)) == decode_impression(memoryview(data)) == expected
 
 
 def test_oversized_is_rejected_before_parsing(monkeypatch, impression_dict):

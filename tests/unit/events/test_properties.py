@@ -80,12 +80,29 @@ json_values = st.recursive(
     max_leaves=12,
 )
 IMPRESSION_KEYS = [
-    "impression_id", "request_id", "user_id", "item_id", "features",
-    "event_time_ms", "served_prediction", "model_version", "arm", "schema_version",
+    "impression_id",
+    "request_id",
+    "user_id",
+    "item_id",
+    "features",
+    "event_time_ms",
+    "served_prediction",
+    "model_version",
+    "arm",
+    "schema_version",
 ]
 SAMPLE_KEYS = [
-    "sample_id", "features", "label", "served_prediction", "served_version",
-    "event_time_ms", "arm", "weight", "is_correction", "extra", "schema_version",
+    "sample_id",
+    "features",
+    "label",
+    "served_prediction",
+    "served_version",
+    "event_time_ms",
+    "arm",
+    "weight",
+    "is_correction",
+    "extra",
+    "schema_version",
 ]
 
 
