@@ -1,0 +1,50 @@
+"""The ``simulate`` section of a config file (the demo's YAML holds it next to ``serve`` and ``arms``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.simulate.world import WorldConfig
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ReportConfig(_Frozen):
+    """Which arms the A/B readout compares; ``aa`` names two arms that run the same model."""
+
+    treatment: str | None = None
+    control: str | None = None
+    aa: tuple[str, str] | None = None
+
+
+class SimulateConfig(_Frozen):
+    rate: float = Field(default=30.0, gt=0, description="requests per second")
+    top_k: int = Field(default=10, ge=1, description="items shown per request")
+    window: int = Field(default=5000, ge=10, description="rolling AUC window (impressions per arm)")
+    world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields")
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _world_ok(self) -> SimulateConfig:
+        self.world_config()
+        return self
+
+    def world_config(self) -> WorldConfig:
+        unknown = set(self.world) - set(WorldConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"simulate.world: unknown keys {sorted(unknown)}")
+        return WorldConfig(**self.world)
+
+
+def simulate_config_from_dict(data: dict[str, Any]) -> SimulateConfig:
+    from engine.serve.config import ConfigError
+
+    try:
+        return SimulateConfig.model_validate(data.get("simulate") or {})
+    except ValidationError as exc:
+        msgs = "; ".join(f"simulate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"bad simulate config: {msgs}") from exc

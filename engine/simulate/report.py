@@ -1,0 +1,87 @@
+"""Tables for the terminal (rich): live per-arm progress and the final summary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from rich.table import Table
+
+from engine.simulate.config import ReportConfig
+from engine.simulate.stats import SimStats, ab_report
+
+
+def _f(x: object, fmt: str = ".4f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "-" if math.isnan(x) else format(x, fmt)
+    return str(x)
+
+
+def arms_table(stats: SimStats, *, title: str, serving: Mapping[str, int | None] | None = None) -> Table:
+    table = Table(title=title)
+    for col in (
+        "arm",
+        "served v",
+        "impressions",
+        "clicks",
+        "true CTR",
+        "click CTR",
+        "rolling AUC",
+        "AUC (all)",
+        "oracle AUC",
+        "versions seen",
+    ):
+        table.add_column(col, justify="right" if col != "arm" else "left")
+    with stats.lock:
+        summaries = [a.summary() for a in stats.arms.values()]
+    for s in sorted(summaries, key=lambda s: str(s["arm"])):
+        live = serving.get(str(s["arm"])) if serving else s["last_version"]
+        table.add_row(
+            str(s["arm"]),
+            _f(live),
+            _f(s["impressions"]),
+            _f(s["clicks"]),
+            _f(s["true_ctr"]),
+            _f(s["realized_ctr"]),
+            _f(s["rolling_auc"]),
+            _f(s["served_auc"]),
+            _f(s["oracle_auc"]),
+            f"{s['first_version']}..{s['last_version']}",
+        )
+    return table
+
+
+def versions_table(stats: SimStats, arm: str, *, max_rows: int = 12) -> Table:
+    """AUC and true CTR of the impressions each model version served: quality over time."""
+    table = Table(title=f"arm {arm}: by model version")
+    for col in ("version", "impressions", "true CTR", "AUC"):
+        table.add_column(col, justify="right")
+    with stats.lock:
+        versions = stats.arms[arm].summary()["versions"]
+    items = list(versions.items())  # type: ignore[union-attr]
+    if len(items) > max_rows:  # keep the first and the most recent ones
+        items = items[:2] + items[-(max_rows - 2) :]
+    for v, s in items:
+        table.add_row(str(v), str(s["impressions"]), _f(s["true_ctr"]), _f(s["auc"]))
+    return table
+
+
+def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:
+    if not (report.treatment and report.control):
+        return []
+    with stats.lock:
+        rep = ab_report(stats, treatment=report.treatment, control=report.control, aa=report.aa)
+    lines = []
+    for kind, label in (("true", "true CTR"), ("clicks", "drawn clicks")):
+        if f"ab_lift_{kind}" not in rep:
+            continue
+        line = f"A/B lift {report.treatment} vs {report.control} ({label}): {rep[f'ab_lift_{kind}']:+.2%}"
+        if f"aa_lift_{kind}" in rep and report.aa:
+            line += (
+                f"; A/A lift {report.aa[0]} vs {report.aa[1]}: {rep[f'aa_lift_{kind}']:+.2%}"
+                f"; A/B minus A/A: {rep[f'ab_minus_aa_{kind}']:+.2%}"
+            )
+        lines.append(line)
+    return lines
