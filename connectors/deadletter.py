@@ -55,7 +55,9 @@ class DeadLetterSink:
         if self.sink is None:
             return
         envelope = self.envelope(record, error, reason)
-        self.sink.send(orjson.dumps(envelope), key=_bytes_or_none(getattr(record, "key", None)))
+        # Exact-size copy: orjson's own output buffer is over-allocated (see engine/events/codec.py).
+        value = bytes(memoryview(orjson.dumps(envelope)))
+        self.sink.send(value, key=_bytes_or_none(getattr(record, "key", None)))
 
     def send_many(self, records: Sequence[Record], errors: Sequence[tuple[int, BaseException]]) -> None:
         """Dead-letter the failures of a batch decode: ``errors`` holds (index into ``records``, error)."""

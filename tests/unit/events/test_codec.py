@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import doctest
+import tracemalloc
 
 import orjson
 import pytest
@@ -150,3 +151,16 @@ def test_empty_batch():
 def test_module_doctests():
     failures, tried = doctest.testmod(codec)
     assert tried > 0 and failures == 0
+
+
+def test_encoded_events_hold_no_oversized_buffers(impression_dict):
+    events = [Impression(**impression_dict(impression_id=f"imp-{i}")) for i in range(200)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = [encode(e) for e in events]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    payload = sum(map(len, encoded))
+    assert held < 2 * payload + 64 * 1024, (held, payload)

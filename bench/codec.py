@@ -1,0 +1,257 @@
+"""orjson vs msgpack on our own impression events: encode, and decode + validate, in one process.
+
+Events are Criteo-shaped impressions (13 integer + 26 categorical fields, empty fields left out, uuid-like
+ids, ~850 bytes as JSON), built from the rows of the Kaggle Criteo sample when it is present
+(``--criteo``), otherwise from a seeded generator with the same shape.
+
+Contenders, each over the same list of events per round:
+
+* encode: ``engine.events.codec.encode`` (orjson writes the dataclass, then an exact-size copy of its
+  over-allocated buffer) vs msgpack ``Packer.pack`` of the field dict (msgpack cannot write a dataclass
+  itself; the dict is built by an ``attrgetter``), outputs kept in a list as a batch would be; plus bare
+  ``orjson.dumps`` without the copy, to show why the copy is there.
+* decode+validate: ``engine.events.codec.decode_impressions`` (the production path) vs the same loop with
+  ``msgpack.unpackb`` + the full validator (msgpack data can hold NaN and bytes keys, so the JSON-only
+  shortcuts do not apply to it).
+* parse only, for reference: ``orjson.loads`` vs ``msgpack.unpackb``; and stdlib ``json.loads``.
+
+Rounds alternate the contenders in this one process (the machine's speed drifts between processes);
+the report gives median rates and the median of per-round ratios.
+
+    .venv/bin/python -m bench.codec                      # writes docs/bench-codec.md
+    .venv/bin/python -m bench.codec --events 2000 --rounds 5 --out /tmp/bench-codec.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import platform
+import random
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgpack
+import orjson
+
+from engine.events.codec import decode_impressions, encode
+from engine.events.schema import Impression
+from engine.events.validation import DEFAULT_MAX_BYTES, EventError, impression_from_obj
+
+DEFAULT_CRITEO = Path(__file__).resolve().parents[2] / "shared/data/criteo-sample/wideresdnn_criteo_train.tsv"
+FIELDS = ("impression_id", "request_id", "user_id", "item_id", "features", "event_time_ms",
+          "served_prediction", "model_version", "arm", "schema_version")  # fmt: skip
+
+
+def _hex(rng: random.Random, bits: int) -> str:
+    return f"{rng.getrandbits(bits):0{bits // 4}x}"
+
+
+def criteo_rows(path: Path, n: int, seed: int) -> list[list[str]]:
+    """Up to ``n`` raw rows (label + 39 fields) of the Kaggle TSV, or synthetic rows of the same shape."""
+    if path.exists():
+        with path.open() as f:
+            rows = [line.rstrip("\n").split("\t") for line in f]
+        rows = [r for r in rows if len(r) == 40]
+        return [rows[i % len(rows)] for i in range(n)]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ints = ["" if rng.random() < 0.2 else str(int(rng.expovariate(0.01))) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else _hex(rng, 32) for _ in range(26)]
+        out.append(["0", *ints, *cats])
+    return out
+
+
+def make_events(n: int, seed: int, criteo: Path) -> list[Impression]:
+    rng = random.Random(seed)
+    events = []
+    t0 = 1_764_255_600_000
+    for i, row in enumerate(criteo_rows(criteo, n, seed)):
+        features: dict[str, str | int | float | list[str]] = {}
+        for j, raw in enumerate(row[1:14], start=1):
+            if raw:
+                features[f"I{j}"] = int(raw)
+        for j, raw in enumerate(row[14:40], start=1):
+            if raw:
+                features[f"C{j}"] = raw
+        events.append(
+            Impression(
+                impression_id=_hex(rng, 128),
+                request_id=_hex(rng, 128),
+                user_id=f"u{rng.randrange(10**7):07d}",
+                item_id=f"i{rng.randrange(10**6):06d}",
+                features=features,
+                event_time_ms=t0 + i * 37,
+                served_prediction=rng.random() * 0.2,
+                model_version=rng.randrange(1, 500),
+                arm=rng.choice(["control", "reloop"]),
+            )
+        )
+    return events
+
+
+_fields_of = operator.attrgetter(*FIELDS)
+
+
+def msgpack_encoder() -> Callable[[Impression], bytes]:
+    pack = msgpack.Packer().pack
+
+    def encode_msgpack(event: Impression) -> bytes:
+        return pack(dict(zip(FIELDS, _fields_of(event), strict=True)))
+
+    return encode_msgpack
+
+
+def msgpack_decode_impressions(
+    values: Sequence[bytes], max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[list[Impression], list[tuple[int, EventError]]]:
+    """decode_impressions with msgpack in place of orjson: same loop, same validator (full checks)."""
+    good: list[Impression] = []
+    bad: list[tuple[int, EventError]] = []
+    append = good.append
+    unpackb = msgpack.unpackb
+    for i, data in enumerate(values):
+        try:
+            if len(data) > max_bytes:
+                raise EventError("oversized", f"{len(data)} bytes")
+            append(impression_from_obj(unpackb(data, raw=False)))
+        except EventError as exc:
+            bad.append((i, exc))
+        except ValueError as exc:
+            bad.append((i, EventError("malformed", str(exc))))
+    return good, bad
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def held_bytes_per_event(fn: Callable[[Impression], bytes], events: Sequence[Impression]) -> float:
+    """Memory really held by a list of encoded events (tracemalloc sees the allocations, not just len)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = [fn(e) for e in events]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return held / len(out)
+
+
+def run(n_events: int, rounds: int, seed: int, criteo: Path) -> dict:
+    events = make_events(n_events, seed, criteo)
+    enc_msgpack = msgpack_encoder()
+    js = [encode(e) for e in events]
+    mp = [enc_msgpack(e) for e in events]
+    # Correctness first: both paths give back exactly the events we started from.
+    assert decode_impressions(js) == (events, [])
+    assert msgpack_decode_impressions(mp) == (events, [])
+
+    cases: dict[str, Callable[[], object]] = {
+        "encode orjson": lambda: [encode(e) for e in events],
+        "encode msgpack": lambda: [enc_msgpack(e) for e in events],
+        "encode orjson.dumps, untrimmed": lambda: [orjson.dumps(e) for e in events],
+        "decode+validate orjson": lambda: decode_impressions(js),
+        "decode+validate msgpack": lambda: msgpack_decode_impressions(mp),
+        "parse only orjson": lambda: [orjson.loads(v) for v in js],
+        "parse only msgpack": lambda: [msgpack.unpackb(v, raw=False) for v in mp],
+        "parse only stdlib json": lambda: [json.loads(v) for v in js],
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()  # warm-up
+    for r in range(rounds):
+        # Alternate the order every round so neither side always runs first.
+        names = list(cases) if r % 2 == 0 else list(reversed(cases))
+        for name in names:
+            rates[name].append(timed(cases[name], n_events))
+    held = {
+        "encode orjson": held_bytes_per_event(encode, events),
+        "encode msgpack": held_bytes_per_event(enc_msgpack, events),
+        "encode orjson.dumps, untrimmed": held_bytes_per_event(orjson.dumps, events),
+    }
+    return {
+        "events": events,
+        "held": held,
+        "json_bytes": statistics.mean(map(len, js)),
+        "msgpack_bytes": statistics.mean(map(len, mp)),
+        "features": statistics.mean(len(e.features) for e in events),
+        "rates": rates,
+        "source": str(criteo.resolve()) if criteo.exists() else "synthetic Criteo-shaped rows",
+    }
+
+
+def _ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
+
+def report(result: dict, command: str, rounds: int) -> str:
+    rates = result["rates"]
+    med = {name: statistics.median(values) for name, values in rates.items()}
+    lines = [
+        "# Codec benchmark: orjson vs msgpack on our impression events",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"orjson {orjson.__version__}, msgpack {'.'.join(map(str, msgpack.version))}. "
+        f"Events: {len(result['events'])} impressions from {result['source']}, "
+        f"{result['features']:.1f} features each on average, "
+        f"{result['json_bytes']:.0f} B as JSON, {result['msgpack_bytes']:.0f} B as msgpack. "
+        f"{rounds} alternating rounds in one process; medians.",
+        "",
+        "| path | events/s (median) | us/event | rounds min..max |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, values in rates.items():
+        lines.append(
+            f"| {name} | {med[name]:,.0f} | {1e6 / med[name]:.2f} | {min(values):,.0f}..{max(values):,.0f} |"
+        )
+    lines += [
+        "",
+        "Memory held per encoded event in a batch (tracemalloc): "
+        + ", ".join(f"{name} {value:,.0f} B" for name, value in result["held"].items())
+        + ".",
+        "",
+        "Median per-round ratios (orjson / msgpack, > 1 means orjson is faster):",
+        "",
+        f"- encode: {_ratio(rates, 'encode orjson', 'encode msgpack'):.2f}x",
+        f"- decode+validate: {_ratio(rates, 'decode+validate orjson', 'decode+validate msgpack'):.2f}x",
+        f"- parse only: {_ratio(rates, 'parse only orjson', 'parse only msgpack'):.2f}x",
+        f"- validation share of orjson decode: "
+        f"{1 - med['decode+validate orjson'] / med['parse only orjson']:.0%} of the time "
+        f"(decode+validate {1e6 / med['decode+validate orjson']:.2f} us"
+        f" vs parse {1e6 / med['parse only orjson']:.2f} us)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--criteo", type=Path, default=DEFAULT_CRITEO, help="Kaggle Criteo TSV (optional)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-codec.md"))
+    args = parser.parse_args(argv)
+    command = "python -m bench.codec " + " ".join(
+        f"--{k} {v}" for k, v in (("events", args.events), ("rounds", args.rounds)) if v is not None
+    )
+    result = run(args.events, args.rounds, args.seed, args.criteo)
+    text = report(result, f".venv/bin/{command}", args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
