@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any
 
 from engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
@@ -186,8 +186,8 @@ _new_click = _click_builder()
 _new_sample = _sample_builder()
 
 _DEFAULT_ARM = next(f.default for f in fields(Impression) if f.name == "arm")
-assert _DEFAULT_ARM is not MISSING
-_SCALAR_TYPES = frozenset({str, int, float})
+# An event without the field predates it: it is major 1 whatever the current major is.
+_ABSENT_SCHEMA_VERSION = 1
 _FEATURE_TYPES = frozenset({str, int, float, list})
 _V = SCHEMA_VERSION
 _T = MAX_EVENT_TIME_MS
@@ -236,7 +236,7 @@ def _impression(obj: object, json_safe: bool) -> Impression:
         p = g("served_prediction")
         mv = g("model_version")
         arm = g("arm", _DEFAULT_ARM)
-        sv = g("schema_version", _V)
+        sv = g("schema_version", _ABSENT_SCHEMA_VERSION)
         if (
             type(iid) is str
             and iid
@@ -269,7 +269,7 @@ def _click(obj: object) -> Click:
         iid = g("impression_id")
         t = g("event_time_ms")
         value = g("value")
-        sv = g("schema_version", _V)
+        sv = g("schema_version", _ABSENT_SCHEMA_VERSION)
         if (
             type(iid) is str
             and iid
@@ -296,7 +296,7 @@ def _sample(obj: object, json_safe: bool) -> LabeledSample:
         w = g("weight", 1.0)
         corr = g("is_correction", False)
         extra = g("extra")
-        sv = g("schema_version", _V)
+        sv = g("schema_version", _ABSENT_SCHEMA_VERSION)
         if (
             type(sid) is str
             and sid
@@ -347,7 +347,7 @@ def _required(obj: dict, name: str) -> Any:
 
 
 def _schema_version(obj: dict) -> int:
-    sv = obj.get("schema_version", _V)
+    sv = obj.get("schema_version", _ABSENT_SCHEMA_VERSION)
     if type(sv) is not int:
         raise _wrong_type("schema_version", "an int", sv)
     if sv not in SUPPORTED_SCHEMA_VERSIONS:

@@ -207,3 +207,10 @@ def test_event_error_pickles_and_prints(impression_dict):
     copy = pickle.loads(pickle.dumps(info.value))
     assert (copy.reason, copy.detail, copy.field) == (info.value.reason, info.value.detail, info.value.field)
     assert str(info.value).startswith("bad_prediction: served_prediction 7.0")
+
+
+def test_fast_builder_refuses_a_changed_schema():
+    from engine.events.validation import _setters
+
+    with pytest.raises(RuntimeError, match="fields changed"):
+        _setters(Click, ("impression_id", "event_time_ms", "value"))
