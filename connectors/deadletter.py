@@ -18,13 +18,14 @@ import base64
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from connectors.base import Record, Sink
 
 log = logging.getLogger(__name__)
+E = TypeVar("E")
 
 
 class DeadLetterSink:
@@ -63,6 +64,17 @@ class DeadLetterSink:
         """Dead-letter the failures of a batch decode: ``errors`` holds (index into ``records``, error)."""
         for index, error in errors:
             self.send(records[index], error)
+
+    def decode_records(
+        self,
+        records: Sequence[Record],
+        decode_many: Callable[[list[bytes]], tuple[list[E], list[tuple[int, BaseException]]]],
+    ) -> list[E]:
+        """Decode a polled batch with e.g. ``engine.events.codec.decode_impressions``: the valid events
+        come back in order, every bad record is dead-lettered here."""
+        good, errors = decode_many([record.value for record in records])
+        self.send_many(records, errors)
+        return good
 
     def envelope(self, record: Record, error: BaseException, reason: str) -> dict[str, Any]:
         detail = getattr(error, "detail", None)

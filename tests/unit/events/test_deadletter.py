@@ -155,3 +155,18 @@ def test_decode_raw_refuses_non_bytes_envelopes():
     with pytest.raises(ValueError):
         decode_raw({"encoding": "repr", "data": "'x'"})
     assert decode_raw(None) is None
+
+
+def test_decode_records_returns_valid_events_and_dead_letters_the_rest(impression_dict):
+    event = Impression(**impression_dict())
+    records = [
+        Record("impressions", 0, 0, None, encode(event), 0),
+        Record("impressions", 0, 1, None, b"nope", 0),
+        Record("impressions", 0, 2, None, encode(event), 0),
+    ]
+    log = MemoryLog()
+    dead = DeadLetterSink(MemorySink(log, "dl"))
+    assert dead.decode_records(records, decode_impressions) == [event, event]
+    assert dead.counts == {"malformed": 1}
+    (letter,) = log.read(log.partitions("dl")[0], 0, 10)
+    assert orjson.loads(letter.value)["offset"] == 1
