@@ -68,7 +68,7 @@ class DeadLetterSink:
     def decode_records(
         self,
         records: Sequence[Record],
-        decode_many: Callable[[list[bytes]], tuple[list[E], list[tuple[int, BaseException]]]],
+        decode_many: Callable[[list[bytes]], tuple[list[E], Sequence[tuple[int, BaseException]]]],
     ) -> list[E]:
         """Decode a polled batch with e.g. ``engine.events.codec.decode_impressions``: the valid events
         come back in order, every bad record is dead-lettered here."""
