@@ -22,9 +22,11 @@
       >>> m.auc.get()
       0.5
 
-* ``OnlineMetricsBook``: one ``RollingBinaryMetrics`` per (arm, model version), keeping the
-  ``max_versions`` newest versions of each arm; ``bind()`` publishes them into the registry's
-  ``reloop_rolling_*`` gauges at scrape time.
+* ``OnlineMetricsBook``: the same metrics per (arm, model version), keeping the ``max_versions``
+  newest versions of each arm; ``bind()`` publishes them into the registry's ``reloop_rolling_*``
+  gauges at scrape time. It holds ``rolling_batch.BatchRollingMetrics`` (same semantics, numpy,
+  updates buffered and applied a batch at a time: well under 1 us per sample instead of ~20 us),
+  because the book sits on the trainer's hot path.
 
 ``snapshot()`` / ``restore()`` return and accept plain data (lists, dicts, numbers) for the
 engine's snapshot.
@@ -43,6 +45,7 @@ from sortedcontainers import SortedList
 
 from engine.events.schema import LabeledSample
 from engine.metrics import registry as reg
+from engine.metrics.rolling_batch import BatchRollingMetrics
 
 _EPS = 1e-15
 
@@ -51,7 +54,7 @@ def _check(y: int, p: float) -> tuple[int, float]:
     if y != 0 and y != 1:
         raise ValueError(f"label must be 0 or 1, got {y!r}")
     p = float(p)
-    if math.isnan(p):
+    if p != p:  # NaN: it would corrupt the sorted lists' order
         raise ValueError("score is NaN")
     return int(y), p
 
@@ -66,25 +69,32 @@ class ExactAUC:
         self._u2 = 0
 
     def update(self, y: int, p: float) -> None:
-        y, p = _check(y, p)
-        if y:
-            self._u2 += self._neg.bisect_left(p) + self._neg.bisect_right(p)
-            self._pos.add(p)
-        else:
-            n_pos = len(self._pos)
-            self._u2 += 2 * n_pos - self._pos.bisect_left(p) - self._pos.bisect_right(p)
-            self._neg.add(p)
+        self._add(*_check(y, p))
 
     def revert(self, y: int, p: float) -> None:
         """Undo one earlier ``update(y, p)``; ValueError if there is none to undo."""
-        y, p = _check(y, p)
+        self._remove(*_check(y, p))
+
+    # Unchecked paths for RollingBinaryMetrics, which validates once per sample.
+    def _add(self, y: int, p: float) -> None:
+        if y:
+            neg = self._neg
+            self._u2 += neg.bisect_left(p) + neg.bisect_right(p)
+            self._pos.add(p)
+        else:
+            pos = self._pos
+            self._u2 += 2 * len(pos) - pos.bisect_left(p) - pos.bisect_right(p)
+            self._neg.add(p)
+
+    def _remove(self, y: int, p: float) -> None:
         if y:
             self._pos.remove(p)
-            self._u2 -= self._neg.bisect_left(p) + self._neg.bisect_right(p)
+            neg = self._neg
+            self._u2 -= neg.bisect_left(p) + neg.bisect_right(p)
         else:
             self._neg.remove(p)
-            n_pos = len(self._pos)
-            self._u2 -= 2 * n_pos - self._pos.bisect_left(p) - self._pos.bisect_right(p)
+            pos = self._pos
+            self._u2 -= 2 * len(pos) - pos.bisect_left(p) - pos.bisect_right(p)
 
     def get(self) -> float:
         n_pos, n_neg = len(self._pos), len(self._neg)
@@ -131,18 +141,22 @@ class LogLoss:
         return -math.log(p) if y else -math.log1p(-p)
 
     def update(self, y: int, p: float) -> None:
-        y, p = _check(y, p)
-        self._sum += self._loss(y, p)
-        self._n += 1
+        self._add(*_check(y, p))
 
     def revert(self, y: int, p: float) -> None:
         y, p = _check(y, p)
         if self._n == 0:
             raise ValueError("nothing to revert")
-        self._sum -= self._loss(y, p)
+        self._remove(y, p)
+
+    def _add(self, y: int, p: float) -> None:
+        self._sum += self._loss(y, p)
+        self._n += 1
+
+    def _remove(self, y: int, p: float) -> None:
         self._n -= 1
-        if self._n == 0:
-            self._sum = 0.0  # drop the rounding residue of the subtractions
+        # At zero, drop the rounding residue of the subtractions.
+        self._sum = self._sum - self._loss(y, p) if self._n else 0.0
 
     def get(self) -> float:
         return self._sum / self._n if self._n else math.nan
@@ -157,20 +171,23 @@ class Calibration:
         self._n = 0
 
     def update(self, y: int, p: float) -> None:
-        y, p = _check(y, p)
-        self._sum_p += p
-        self._clicks += y
-        self._n += 1
+        self._add(*_check(y, p))
 
     def revert(self, y: int, p: float) -> None:
         y, p = _check(y, p)
         if self._n == 0:
             raise ValueError("nothing to revert")
-        self._sum_p -= p
+        self._remove(y, p)
+
+    def _add(self, y: int, p: float) -> None:
+        self._sum_p += p
+        self._clicks += y
+        self._n += 1
+
+    def _remove(self, y: int, p: float) -> None:
         self._clicks -= y
         self._n -= 1
-        if self._n == 0:
-            self._sum_p = 0.0
+        self._sum_p = self._sum_p - p if self._n else 0.0
 
     @property
     def mean_prediction(self) -> float:
@@ -254,14 +271,14 @@ class RollingBinaryMetrics:
         self._live -= 1
 
     def _add(self, y: int, p: float) -> None:
-        self.auc.update(y, p)
-        self.logloss.update(y, p)
-        self.calibration.update(y, p)
+        self.auc._add(y, p)
+        self.logloss._add(y, p)
+        self.calibration._add(y, p)
 
     def _remove(self, y: int, p: float) -> None:
-        self.auc.revert(y, p)
-        self.logloss.revert(y, p)
-        self.calibration.revert(y, p)
+        self.auc._remove(y, p)
+        self.logloss._remove(y, p)
+        self.calibration._remove(y, p)
 
     def window(self) -> list[tuple[int, float]]:
         """The live samples, oldest first."""
@@ -302,8 +319,8 @@ class RollingBinaryMetrics:
             entry = [y, p, True]
             m._queue.append(entry)
             m._index.setdefault((y, p), deque()).append(entry)
-            m.logloss.update(y, p)
-            m.calibration.update(y, p)
+            m.logloss._add(y, p)
+            m.calibration._add(y, p)
         m._live = len(ys)
         return m
 
@@ -318,7 +335,7 @@ class OnlineMetricsBook:
 
     Samples for a version older than every kept one are ignored (``update`` returns False): late
     labels for a model two reloads ago must not push the current one out. Thread-safe for one
-    writer and scraping readers (one lock per call; batch with ``update_many`` on hot paths).
+    writer and scraping readers (one lock per call; ``update_many`` takes it once per batch).
     """
 
     def __init__(self, *, window_size: int = 100_000, max_versions: int = 2) -> None:
@@ -326,18 +343,18 @@ class OnlineMetricsBook:
             raise ValueError(f"max_versions must be >= 1, got {max_versions}")
         self.window_size = window_size
         self.max_versions = max_versions
-        self._arms: dict[str, dict[int, RollingBinaryMetrics]] = {}
+        self._arms: dict[str, dict[int, BatchRollingMetrics]] = {}
         self._lock = threading.Lock()
         self._published: set[tuple[str, str, str]] = set()
 
-    def _metrics_for(self, arm: str, version: int) -> RollingBinaryMetrics | None:
+    def _metrics_for(self, arm: str, version: int) -> BatchRollingMetrics | None:
         versions = self._arms.setdefault(arm, {})
         m = versions.get(version)
         if m is not None:
             return m
         if len(versions) >= self.max_versions and version < min(versions):
             return None
-        m = versions[version] = RollingBinaryMetrics(self.window_size)
+        m = versions[version] = BatchRollingMetrics(self.window_size)
         while len(versions) > self.max_versions:
             del versions[min(versions)]
         return m
@@ -379,6 +396,15 @@ class OnlineMetricsBook:
                 m.update(s.label, s.served_prediction)
                 counted += 1
         return counted
+
+    def update_arrays(self, arm: str, version: int, ys: np.ndarray, ps: np.ndarray) -> bool:
+        """Columnar feed for one (arm, version): no per-sample Python work at all."""
+        with self._lock:
+            m = self._metrics_for(arm, int(version))
+            if m is None:
+                return False
+            m.update_many(ys, ps)
+            return True
 
     def versions(self, arm: str) -> list[int]:
         with self._lock:
@@ -427,7 +453,7 @@ class OnlineMetricsBook:
             for arm, versions in state["arms"].items():
                 for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:
                     part = dict(versions[str(v)], window_size=book.window_size)
-                    book._arms.setdefault(str(arm), {})[v] = RollingBinaryMetrics.restore(part)
+                    book._arms.setdefault(str(arm), {})[v] = BatchRollingMetrics.restore(part)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad online metrics state: missing or malformed {exc}") from exc
         return book

@@ -18,6 +18,7 @@ from engine.metrics.online import (
     OnlineMetricsBook,
     RollingBinaryMetrics,
 )
+from engine.metrics.rolling_batch import BatchRollingMetrics
 
 
 def brute_auc(window: list[tuple[int, float]]) -> float:
@@ -239,3 +240,96 @@ def test_bind_publishes_bounded_series_at_collect_time():
     book.update("a", 3, 1, 0.2)  # version 1 retires; version 3 has one class only -> no AUC yet
     got = series()
     assert got == {(("arm", "a"), ("model_version", "2"), ("slot", "previous")): 1.0}
+
+
+# The batch-fed numpy version must match the same model, batch boundaries anywhere.
+batch_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 1), scores), max_size=15)),
+        st.tuples(st.just("revert"), st.tuples(st.integers(0, 1), scores)),
+        st.tuples(st.just("late_click"), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(window=st.integers(1, 12), flush=st.integers(1, 4), ops=batch_ops)
+def test_batch_rolling_metrics_equal_brute_force(window, flush, ops):
+    m = BatchRollingMetrics(window, flush_size=flush)
+    model = WindowModel(window)
+    emitted: list[float] = []
+    for op, arg in ops:
+        if op == "batch":
+            m.update_many([y for y, _ in arg], [p for _, p in arg])
+            for y, p in arg:
+                model.update(y, p)
+                if y == 0:
+                    emitted.append(p)
+        elif op == "revert":
+            assert m.revert(*arg) == model.revert(*arg)
+        elif emitted:
+            p = emitted.pop(0)
+            assert m.revert(0, p) == model.revert(0, p)
+            m.update(1, p)
+            model.update(1, p)
+        assert m.window() == model.items
+        got = m.get()
+        assert same(got["auc"], brute_auc(model.items))
+        ys = [y for y, _ in model.items]
+        ll = [-math.log(min(max(p, 1e-15), 1 - 1e-15)) if y else -math.log1p(-min(max(p, 1e-15), 1 - 1e-15))
+              for y, p in model.items]
+        assert same(got["observed_ctr"], sum(ys) / len(ys) if ys else math.nan)
+        assert got["logloss"] == pytest.approx(sum(ll) / len(ll), rel=1e-9, abs=1e-9) if ll else math.isnan(
+            got["logloss"]
+        )
+
+
+def test_batch_and_sorted_versions_agree_and_share_the_snapshot_format():
+    rng = np.random.default_rng(3)
+    ys = rng.integers(0, 2, 5000)
+    ps = np.round(rng.random(5000), 3)
+    a, b = RollingBinaryMetrics(700), BatchRollingMetrics(700)
+    for y, p in zip(ys.tolist(), ps.tolist(), strict=True):
+        a.update(y, p)
+    for start in range(0, 5000, 333):
+        b.update_many(ys[start : start + 333], ps[start : start + 333])
+    assert a.window() == b.window()
+    for key, value in a.get().items():
+        assert b.get()[key] == pytest.approx(value, rel=1e-9), key
+    assert BatchRollingMetrics.restore(a.snapshot()).window() == a.window()
+    assert RollingBinaryMetrics.restore(b.snapshot()).window() == b.window()
+    with pytest.raises(ValueError):
+        b.update_many([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        b.update_many([0], [float("nan")])
+
+
+def test_batch_version_survives_ring_compaction_with_reverted_entries():
+    rng = np.random.default_rng(11)
+    m, model = BatchRollingMetrics(5, flush_size=7), WindowModel(5)
+    for step in range(4000):  # ~4x the ring's capacity: compaction runs many times
+        y, p = int(rng.integers(0, 2)), float(rng.integers(0, 20)) / 20
+        m.update(y, p)
+        model.update(y, p)
+        if step % 3 == 0:
+            ry, rp = int(rng.integers(0, 2)), float(rng.integers(0, 20)) / 20
+            assert m.revert(ry, rp) == model.revert(ry, rp)
+        if step % 50 == 0:
+            assert m.window() == model.items
+            assert same(m.get()["auc"], brute_auc(model.items))
+    assert m.window() == model.items
+
+
+def test_book_columnar_feed_matches_per_sample_feed():
+    rng = np.random.default_rng(5)
+    ys, ps = rng.integers(0, 2, 3000), np.round(rng.random(3000), 3)
+    a, b = OnlineMetricsBook(window_size=1000), OnlineMetricsBook(window_size=1000)
+    for y, p in zip(ys.tolist(), ps.tolist(), strict=True):
+        a.update("x", 4, y, p)
+    assert b.update_arrays("x", 4, ys[:1700], ps[:1700])
+    assert b.update_arrays("x", 4, ys[1700:], ps[1700:])
+    assert a.get("x", 4) == b.get("x", 4) or all(
+        same(a.get("x", 4)[k], v) for k, v in b.get("x", 4).items()
+    )
+    assert a.get("x", 4)["samples"] == 1000
