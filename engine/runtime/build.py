@@ -1,0 +1,91 @@
+"""Build a Pipeline from a RunConfig and already-made connectors (Kafka, files or memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from connectors.base import Positions, Sink, Source
+from connectors.deadletter import DeadLetterSink
+from engine.checkpoint.registry import SnapshotRegistry
+from engine.features.featurizer import Featurizer
+from engine.metrics import registry as m
+from engine.metrics.online import OnlineMetricsBook
+from engine.models.registry import build_learner
+from engine.runtime.clock import system_clock
+from engine.runtime.config import RunConfig, load_feature_spec
+from engine.runtime.pipeline import Pipeline, PipelineSettings
+from engine.train.ledger import Ledger
+from engine.train.period import PeriodTrigger
+from engine.train.stream import StreamTrainer, StreamTrainerConfig
+
+
+def apply_determinism(cfg: RunConfig) -> None:
+    """Deterministic CPU settings when asked (the resume-equals-uninterrupted guarantee is exact then)."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+
+
+def build_pipeline(
+    cfg: RunConfig,
+    *,
+    source: Source,
+    samples_sink: Sink | None = None,
+    dead_letter_sink: Sink | None = None,
+    commit: Callable[[Positions], None] | None = None,
+    clock: Callable[[], int] = system_clock,
+    stats: m.MetricsRegistry = m.REGISTRY,
+    checkpoint_dir: str | Path | None = None,
+) -> Pipeline:
+    apply_determinism(cfg)
+    spec = load_feature_spec(cfg.model)
+    learner = build_learner(
+        cfg.model.backbone,
+        spec,
+        cfg.model.strategy,
+        cfg.model.alpha,
+        seed=cfg.model.seed,
+        optimizer=cfg.model.optimizer or None,
+        **cfg.model.params,
+    )
+    trainer = StreamTrainer(
+        learner=learner,
+        featurizer=Featurizer(spec),
+        config=StreamTrainerConfig(
+            batch_size=cfg.train.batch_size,
+            y_last=cfg.train.y_last,
+            version_mismatch=cfg.train.version_mismatch,
+            progressive_window=cfg.train.progressive_window,
+        ),
+    )
+    p = cfg.period
+    return Pipeline(
+        source=source,
+        joiner_config=cfg.join.joiner_config(),
+        trainer=trainer,
+        registry=SnapshotRegistry(checkpoint_dir or cfg.checkpoint.dir, keep=cfg.checkpoint.keep),
+        period=PeriodTrigger(
+            every_samples=p.every_samples, every_event_ms=p.every_event_ms, every_wall_s=p.every_wall_s
+        ),
+        settings=PipelineSettings(
+            impressions_topic=cfg.source.impressions_topic,
+            clicks_topic=cfg.source.clicks_topic,
+            poll_max_records=cfg.source.poll_max_records,
+            poll_timeout_s=cfg.source.poll_timeout_s,
+            merge_idle_ms=cfg.source.merge_idle_ms,
+            fingerprint=cfg.fingerprint(),
+        ),
+        clock=clock,
+        samples_sink=samples_sink,
+        dead_letters=DeadLetterSink(dead_letter_sink),
+        served_metrics=OnlineMetricsBook(window_size=cfg.metrics.window_size),
+        ledger=Ledger(cfg.checkpoint.ledger) if cfg.checkpoint.ledger else None,
+        commit=commit,
+        meta={"config": cfg.model_dump(mode="json")},
+        stats=stats,
+    )

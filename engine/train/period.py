@@ -1,0 +1,71 @@
+"""Period boundaries: when the trainer publishes a snapshot.
+
+Exactly one trigger: every ``every_samples`` trained samples, each time event time crosses a multiple
+of ``every_event_ms`` (e.g. each hour of event time, aligned to the epoch), or every ``every_wall_s``
+seconds of wall clock. The pipeline asks after each optimisation step, so the count and event-time
+triggers fire at the same step however the input was chunked (a restart reproduces them exactly).
+
+>>> p = PeriodTrigger(every_event_ms=3_600_000)
+>>> p.due(samples=10, event_time_ms=3_599_999, now_ms=0), p.due(samples=20, event_time_ms=3_600_000, now_ms=0)
+(False, True)
+>>> p.mark(samples=20, event_time_ms=3_600_000, now_ms=0)
+>>> p.due(samples=30, event_time_ms=7_199_999, now_ms=0)
+False
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PeriodTrigger:
+    def __init__(
+        self,
+        *,
+        every_samples: int | None = None,
+        every_event_ms: int | None = None,
+        every_wall_s: float | None = None,
+    ) -> None:
+        given = [x for x in (every_samples, every_event_ms, every_wall_s) if x is not None]
+        if len(given) != 1 or given[0] <= 0:
+            raise ValueError(
+                "give exactly one positive period: every_samples, every_event_ms or every_wall_s"
+            )
+        self.every_samples = every_samples
+        self.every_event_ms = every_event_ms
+        self.every_wall_s = every_wall_s
+        self.last_samples = 0
+        self.last_period: int | None = None  # event-time period index of the last boundary
+        self.last_wall_ms: int | None = None
+
+    def due(self, *, samples: int, event_time_ms: int | None, now_ms: int) -> bool:
+        if self.every_samples is not None:
+            return samples - self.last_samples >= self.every_samples
+        if self.every_event_ms is not None:
+            if event_time_ms is None:
+                return False
+            period = event_time_ms // self.every_event_ms
+            if self.last_period is None:
+                self.last_period = period  # the first period starts with the first sample
+                return False
+            return period > self.last_period
+        assert self.every_wall_s is not None
+        if self.last_wall_ms is None:
+            self.last_wall_ms = now_ms
+            return False
+        return now_ms - self.last_wall_ms >= self.every_wall_s * 1000
+
+    def mark(self, *, samples: int, event_time_ms: int | None, now_ms: int) -> None:
+        """A snapshot was taken now."""
+        self.last_samples = samples
+        if event_time_ms is not None and self.every_event_ms is not None:
+            self.last_period = event_time_ms // self.every_event_ms
+        self.last_wall_ms = now_ms
+
+    def state(self) -> dict[str, Any]:
+        return {"last_samples": self.last_samples, "last_period": self.last_period}
+
+    def restore(self, state: dict[str, Any], now_ms: int) -> None:
+        self.last_samples = int(state["last_samples"])
+        self.last_period = state["last_period"]
+        self.last_wall_ms = now_ms

@@ -1,0 +1,167 @@
+"""The streaming trainer: mini-batches of LabeledSamples, predict-then-learn, CE | KD | ReLoop.
+
+Predict-then-learn (progressive validation): every sample is scored by the current model before the
+model trains on it; those scores feed ``progressive`` (rolling AUC / LogLoss of the model in training).
+Correction samples (a late click re-emitted as a positive) are trained on but left out of the
+progressive metric: the negative they correct was already counted and its old score is not kept.
+
+Where y_last comes from (``y_last``):
+
+* ``logged`` (default): the prediction served and logged with the impression. When the impression was
+  served by another version than the previous snapshot (``prev_version``), ``version_mismatch`` decides:
+  ``use_logged`` keeps the logged value (what production actually showed), ``recompute`` scores the
+  sample with the previous snapshot's model, ``skip_sc`` gives that sample no teacher (y_last = NaN:
+  plain CE at full weight, see engine/loss). Before the first snapshot there is no previous version and
+  the logged value is used.
+* ``snapshot``: always the previous snapshot's model recomputed (no teacher before the first snapshot).
+
+The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``state()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.events.schema import LabeledSample
+from engine.loss.losses import LossStats
+from engine.metrics.online import RollingBinaryMetrics
+
+YLastMode = Literal["logged", "snapshot"]
+MismatchPolicy = Literal["use_logged", "recompute", "skip_sc"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTrainerConfig:
+    batch_size: int = 1024
+    y_last: YLastMode = "logged"
+    version_mismatch: MismatchPolicy = "use_logged"
+    progressive_window: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError("train.batch_size must be positive")
+        if self.y_last not in ("logged", "snapshot"):
+            raise ValueError("train.y_last must be 'logged' or 'snapshot'")
+        if self.version_mismatch not in ("use_logged", "recompute", "skip_sc"):
+            raise ValueError("train.version_mismatch must be use_logged, recompute or skip_sc")
+
+    @property
+    def needs_previous_model(self) -> bool:
+        return self.y_last == "snapshot" or self.version_mismatch == "recompute"
+
+
+@dataclass(slots=True)
+class TrainCounters:
+    steps: int = 0
+    samples: int = 0
+    positives: int = 0
+    corrections: int = 0
+    version_mismatches: int = 0
+    y_last_recomputed: int = 0
+    y_last_skipped: int = 0
+    y_last_missing: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One optimisation step: the samples it trained on, their pre-update scores and the loss parts."""
+
+    samples: list[LabeledSample]
+    scores: np.ndarray
+    y_last: np.ndarray
+    loss: LossStats
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamTrainer:
+    def __init__(self, *, learner: Any, featurizer: Any, config: StreamTrainerConfig) -> None:
+        self.learner = learner
+        self.featurizer = featurizer
+        self.config = config
+        self.counters = TrainCounters()
+        self.progressive = RollingBinaryMetrics(config.progressive_window)
+        self.prev_model: Any | None = None
+        self.prev_version: int | None = None
+        self.last_loss: LossStats | None = None
+
+    def train_batch(self, samples: Sequence[LabeledSample]) -> StepResult:
+        """Score, then learn from, one mini-batch (any size >= 1; the pipeline sends full batches)."""
+        samples = list(samples)
+        if not samples:
+            raise ValueError("train_batch needs at least one sample")
+        batch = self.featurizer.transform([s.features for s in samples])
+        labels = np.fromiter((s.label for s in samples), dtype=np.float32, count=len(samples))
+        weights = np.fromiter((s.weight for s in samples), dtype=np.float32, count=len(samples))
+        scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
+        y_last = self._y_last(samples, batch)
+        stats = self.learner.learn(batch, labels, y_last, None if np.all(weights == 1.0) else weights)
+        c = self.counters
+        c.steps += 1
+        c.samples += len(samples)
+        for s, p in zip(samples, scores.tolist(), strict=True):
+            c.positives += s.label
+            if s.is_correction:
+                c.corrections += 1
+            else:
+                self.progressive.update(s.label, p)
+        self.last_loss = stats
+        return StepResult(samples, scores, y_last, stats)
+
+    def _y_last(self, samples: list[LabeledSample], batch: Any) -> np.ndarray:
+        n = len(samples)
+        c = self.counters
+        if self.config.y_last == "snapshot":
+            if self.prev_model is None:
+                c.y_last_missing += n
+                return np.full(n, np.nan, dtype=np.float32)
+            c.y_last_recomputed += n
+            return np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)
+        y = np.fromiter((s.served_prediction for s in samples), dtype=np.float32, count=n)
+        if self.prev_version is None:
+            return y
+        mismatch = np.fromiter((s.served_version != self.prev_version for s in samples), dtype=bool, count=n)
+        k = int(mismatch.sum())
+        if k == 0:
+            return y
+        c.version_mismatches += k
+        policy = self.config.version_mismatch
+        if policy == "skip_sc":
+            y[mismatch] = np.nan
+            c.y_last_skipped += k
+        elif policy == "recompute":
+            if self.prev_model is None:
+                raise RuntimeError("version_mismatch=recompute needs the previous snapshot's model")
+            y[mismatch] = np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)[mismatch]
+            c.y_last_recomputed += k
+        return y
+
+    def on_snapshot(self, version: int) -> None:
+        """The model as it is now was published as ``version``: it becomes the previous model."""
+        self.prev_version = version
+        if self.config.needs_previous_model:
+            self.prev_model = self.learner.clone_frozen()
+
+    # ------------------------------------------------------------------ snapshot
+    def state(self) -> dict[str, Any]:
+        """Plain data; the learner's own state is snapshotted separately (``learner.state_dict()``)."""
+        return {
+            "counters": self.counters.as_dict(),
+            "progressive": self.progressive.snapshot(),
+            "prev_version": self.prev_version,
+        }
+
+    def restore(self, state: dict[str, Any], version: int) -> None:
+        """Restore counters and metrics; the learner must already hold the snapshot's weights, which are
+        also the previous model's (the snapshot being restored IS the previous snapshot)."""
+        self.counters = TrainCounters(**state["counters"])
+        self.progressive = RollingBinaryMetrics.restore(
+            dict(state["progressive"], window_size=self.config.progressive_window)
+        )
+        self.on_snapshot(version)

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.events.schema import LabeledSample
+from engine.features.featurizer import Featurizer
+from engine.features.spec import FeatureSpec
+from engine.models.registry import build_learner
+from engine.runtime.synthetic import SPEC
+from engine.train.period import PeriodTrigger
+from engine.train.stream import StreamTrainer, StreamTrainerConfig
+
+
+class Recorder:
+    """Wraps a learner and records what learn() was given."""
+
+    def __init__(self, learner):
+        self.inner = learner
+        self.calls = []
+
+    def predict_proba(self, batch):
+        return self.inner.predict_proba(batch)
+
+    def learn(self, batch, labels, y_last=None, weights=None):
+        self.calls.append((labels.copy(), None if y_last is None else y_last.copy()))
+        return self.inner.learn(batch, labels, y_last, weights)
+
+    def clone_frozen(self):
+        return self.inner.clone_frozen()
+
+
+def _trainer(**cfg):
+    spec = FeatureSpec.model_validate(SPEC)
+    learner = Recorder(build_learner("lr", spec, "reloop", 0.5, seed=0))
+    return StreamTrainer(learner=learner, featurizer=Featurizer(spec), config=StreamTrainerConfig(**cfg))
+
+
+def _samples(n, version=0, pred=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        LabeledSample(sample_id=f"s{i}", features={"user": f"u{rng.integers(50)}", "item": "a", "ctx": 1},
+                      label=int(i % 3 == 0), served_prediction=pred, served_version=version,
+                      event_time_ms=1000 + i, is_correction=(i == 1))
+        for i in range(n)
+    ]
+
+
+def test_predict_then_learn_scores_before_the_update():
+    t = _trainer(batch_size=8)
+    batch = _samples(8)
+    before = t.learner.predict_proba(t.featurizer.transform([s.features for s in batch]))
+    res = t.train_batch(batch)
+    np.testing.assert_allclose(res.scores, before)
+    after = t.learner.predict_proba(t.featurizer.transform([s.features for s in batch]))
+    assert not np.allclose(after, before)
+    assert len(t.progressive) == 7  # the correction sample is trained on but not scored twice
+    assert t.counters.corrections == 1 and t.counters.samples == 8
+
+
+def test_logged_y_last_is_the_served_prediction():
+    t = _trainer(batch_size=4)
+    t.train_batch(_samples(4, pred=0.4))
+    np.testing.assert_allclose(t.learner.calls[-1][1], 0.4)
+
+
+@pytest.mark.parametrize("policy", ["use_logged", "recompute", "skip_sc"])
+def test_version_mismatch_policies(policy):
+    t = _trainer(batch_size=4, version_mismatch=policy)
+    t.train_batch(_samples(4, version=0))
+    t.on_snapshot(7)
+    frozen = t.prev_model
+    mixed = _samples(4, version=7, pred=0.4)[:2] + _samples(4, version=3, pred=0.4)[2:]
+    t.train_batch(mixed)
+    y_last = t.learner.calls[-1][1]
+    np.testing.assert_allclose(y_last[:2], 0.4)
+    assert t.counters.version_mismatches == 2
+    if policy == "use_logged":
+        np.testing.assert_allclose(y_last[2:], 0.4)
+    elif policy == "skip_sc":
+        assert all(math.isnan(x) for x in y_last[2:])
+    else:
+        expect = frozen.predict_proba(t.featurizer.transform([s.features for s in mixed]))[2:]
+        np.testing.assert_allclose(y_last[2:], expect, rtol=1e-6)
+
+
+def test_snapshot_mode_recomputes_with_the_previous_model_only():
+    t = _trainer(batch_size=4, y_last="snapshot")
+    t.train_batch(_samples(4))
+    assert all(math.isnan(x) for x in t.learner.calls[-1][1])  # no previous snapshot yet
+    t.on_snapshot(1)
+    frozen_scores = t.prev_model.predict_proba(t.featurizer.transform([s.features for s in _samples(4)]))
+    t.train_batch(_samples(4))
+    t.train_batch(_samples(4))  # the previous model stays the snapshot's, not the moving one
+    np.testing.assert_allclose(t.learner.calls[-1][1], frozen_scores, rtol=1e-6)
+
+
+def test_state_roundtrip():
+    t = _trainer(batch_size=4)
+    t.train_batch(_samples(4))
+    state = t.state()
+    u = _trainer(batch_size=4)
+    u.restore(state, version=3)
+    assert u.counters == t.counters and u.prev_version == 3
+    assert u.progressive.window() == t.progressive.window()
+
+
+def test_period_triggers():
+    p = PeriodTrigger(every_samples=100)
+    assert not p.due(samples=99, event_time_ms=None, now_ms=0)
+    assert p.due(samples=100, event_time_ms=None, now_ms=0)
+    p.mark(samples=100, event_time_ms=None, now_ms=0)
+    assert not p.due(samples=150, event_time_ms=None, now_ms=0)
+    w = PeriodTrigger(every_wall_s=2)
+    assert not w.due(samples=0, event_time_ms=None, now_ms=1000)
+    assert not w.due(samples=0, event_time_ms=None, now_ms=2999)
+    assert w.due(samples=0, event_time_ms=None, now_ms=3000)
+    with pytest.raises(ValueError, match="exactly one"):
+        PeriodTrigger(every_samples=1, every_wall_s=1)
