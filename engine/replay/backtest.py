@@ -1,0 +1,309 @@
+"""Backtests: training strategies x backbones x seeds over time periods, under two protocols.
+
+* ``periodic`` (the paper's setting, periodic retraining): in period t each strategy starts from ITS OWN
+  model of period t-1, is first evaluated on period t (before it has seen it), then trains on period t
+  for ``epochs`` epochs. y_last is that same previous model's prediction on the sample ("recomputed"),
+  or the prediction logged with the sample ("logged").
+* ``streaming`` (live mode): one pass in time order; every mini-batch is predicted, then learned
+  (progressive validation). At each period boundary a frozen snapshot is taken; y_last is the
+  prediction of the snapshot that would have been serving ("recomputed"), or the logged one.
+
+Period 0 is warm-up in both: no previous model exists, so every strategy trains with plain CE there,
+and it is not evaluated. Metrics are per (protocol, backbone, strategy, seed, period).
+
+Every strategy of a seed sees the same initial weights and the same shuffles (both drawn from the seed
+alone), so differences against CE are paired.
+
+A per-event river LogisticRegression (predict one, learn one, CE) on the same stream is a peer baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.events.schema import LabeledSample
+from engine.features.featurizer import FeatureBatch, Featurizer
+from engine.features.spec import FeatureSpec
+
+Protocol_ = Literal["periodic", "streaming"]
+YLastSource = Literal["recomputed", "logged"]
+PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
+_EPS = 1e-15
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """A loss: ``ce`` (alpha ignored), ``kd`` or ``reloop`` mixed with CE by ``alpha``."""
+
+    strategy: str
+    alpha: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "ce" if self.strategy == "ce" else f"{self.strategy}@{self.alpha:g}"
+
+
+def strategy_grid(strategies: Iterable[str], alphas: Iterable[float]) -> tuple[Strategy, ...]:
+    """CE once, then each other strategy at each alpha: ``strategy_grid(["ce","reloop"], [0.2, 0.5])``."""
+    out: list[Strategy] = []
+    alphas = list(alphas)
+    for s in strategies:
+        if s == "ce":
+            out.append(Strategy("ce", 0.0))
+        else:
+            out.extend(Strategy(s, a) for a in alphas)
+    if not any(s.strategy == "ce" for s in out):
+        raise ValueError("the strategies must include ce: every comparison is paired against it")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BacktestData:
+    """A featurised, time-ordered stream cut into periods ``[bounds[t], bounds[t+1])``."""
+
+    spec: FeatureSpec
+    batch: FeatureBatch
+    labels: np.ndarray
+    logged: np.ndarray
+    times_ms: np.ndarray
+    bounds: tuple[int, ...]
+    raw_features: Sequence[dict[str, Any]] = field(repr=False, default=())
+
+    @property
+    def n_periods(self) -> int:
+        return len(self.bounds) - 1
+
+    def period(self, t: int) -> slice:
+        return slice(self.bounds[t], self.bounds[t + 1])
+
+
+def period_bounds_by_time(times_ms: np.ndarray, period_ms: int, min_size: int = 1) -> tuple[int, ...]:
+    """Cut points of fixed event-time periods starting at the first event; a period smaller than
+    ``min_size`` is merged into the one before it (the last partial week, say)."""
+    if period_ms <= 0:
+        raise ValueError(f"period_ms must be > 0, got {period_ms}")
+    if len(times_ms) == 0:
+        return (0,)
+    if np.any(np.diff(times_ms) < 0):
+        raise ValueError("times must be sorted")
+    idx = (times_ms - times_ms[0]) // period_ms
+    cuts = [0, *(np.flatnonzero(np.diff(idx)) + 1).tolist(), len(times_ms)]
+    merged = [cuts[0]]
+    for c in cuts[1:]:
+        if c - merged[-1] < min_size and len(merged) > 1:
+            merged[-1] = c
+        else:
+            merged.append(c)
+    return tuple(merged)
+
+
+def period_bounds_by_count(n: int, chunks: int) -> tuple[int, ...]:
+    """``chunks`` nearly equal consecutive chunks (for pseudo-time streams)."""
+    if chunks < 1 or chunks > max(n, 1):
+        raise ValueError(f"chunks must be in [1, {n}], got {chunks}")
+    return tuple(int(round(i * n / chunks)) for i in range(chunks + 1))
+
+
+def prepare(
+    samples: Iterable[LabeledSample],
+    spec: FeatureSpec,
+    period: Callable[[np.ndarray], tuple[int, ...]],
+    keep_raw: bool = True,
+) -> BacktestData:
+    """Featurise the whole stream once (columnar), then cut it into periods with ``period(times)``."""
+    items = list(samples)
+    times = np.array([s.event_time_ms for s in items], dtype=np.int64)
+    raw = [s.features for s in items]
+    return BacktestData(
+        spec=spec,
+        batch=Featurizer(spec).transform(raw),
+        labels=np.array([s.label for s in items], dtype=np.float32),
+        logged=np.array([s.served_prediction for s in items], dtype=np.float64),
+        times_ms=times,
+        bounds=period(times),
+        raw_features=raw if keep_raw else (),
+    )
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Exact ROC AUC with ties counted one half; NaN when a class is missing."""
+    y = np.asarray(labels) > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    s = np.asarray(scores)[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # Average ranks over ties (1-based).
+    _, first, counts = np.unique(s, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a backbone, a strategy, a seed, a protocol and the knobs they share."""
+
+    protocol: str
+    backbone: str
+    strategy: Strategy
+    seed: int
+    y_last: YLastSource = "recomputed"
+    epochs: int = 1
+    batch_size: int = 256
+    model_options: tuple[tuple[str, Any], ...] = ()
+    optimizer: tuple[tuple[str, Any], ...] = ()
+
+
+LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
+
+
+def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
+    from engine.models.registry import build_learner
+
+    return build_learner(
+        run.backbone,
+        spec,
+        run.strategy.strategy,
+        run.strategy.alpha,
+        seed=run.seed,
+        optimizer=dict(run.optimizer),
+        **dict(run.model_options),
+    )
+
+
+def _row(run: RunSpec, t: int, labels: np.ndarray, probs: np.ndarray, **extra: Any) -> dict[str, Any]:
+    return {
+        "protocol": run.protocol,
+        "backbone": run.backbone,
+        "strategy": run.strategy.name,
+        "loss": run.strategy.strategy,
+        "alpha": run.strategy.alpha,
+        "seed": run.seed,
+        "period": t,
+        "n": int(len(labels)),
+        "ctr": float(np.mean(labels)) if len(labels) else math.nan,
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, probs),
+        **extra,
+    }
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+def run_periodic(
+    data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
+) -> list[dict[str, Any]]:
+    learner = factory(run, data.spec)
+    rows: list[dict[str, Any]] = []
+    for t in range(data.n_periods):
+        sl = data.period(t)
+        batch, labels = data.batch.take(sl), data.labels[sl]
+        if len(labels) == 0:
+            continue
+        y_last: np.ndarray | None = None
+        if t > 0:
+            # The model of period t-1 scores period t before learning it: this is both the
+            # evaluation and (recomputed mode) the y_last of that strategy's own last model.
+            probs = learner.predict_proba(batch)
+            y_last = probs if run.y_last == "recomputed" else data.logged[sl]
+            rows.append(_row(run, t, labels, probs))
+        active: list[float] = []
+        for epoch in range(run.epochs):
+            # The shuffle depends on (seed, period, epoch) only, so every strategy sees the same order.
+            order = np.random.default_rng([run.seed, t, epoch]).permutation(len(labels))
+            for b in _batches(len(order), run.batch_size):
+                idx = order[b]
+                stats = learner.learn(batch.take(idx), labels[idx], None if y_last is None else y_last[idx])
+                active.append(stats.sc_active_fraction)
+        if rows and rows[-1]["period"] == t:
+            rows[-1]["sc_active"] = float(np.mean(active)) if active else 0.0
+    return rows
+
+
+def run_streaming(
+    data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
+) -> list[dict[str, Any]]:
+    learner = factory(run, data.spec)
+    snapshot = None
+    rows: list[dict[str, Any]] = []
+    for t in range(data.n_periods):
+        sl = data.period(t)
+        batch, labels, logged = data.batch.take(sl), data.labels[sl], data.logged[sl]
+        probs = np.empty(len(labels), dtype=np.float64)
+        active: list[float] = []
+        for b in _batches(len(labels), run.batch_size):
+            mb = batch.take(b)
+            probs[b] = learner.predict_proba(mb)
+            if snapshot is None:
+                y_last = None
+            elif run.y_last == "recomputed":
+                y_last = snapshot.predict_proba(mb)
+            else:
+                y_last = logged[b]
+            stats = learner.learn(mb, labels[b], y_last)
+            active.append(stats.sc_active_fraction)
+        if t > 0 and len(labels):
+            rows.append(_row(run, t, labels, probs, sc_active=float(np.mean(active))))
+        snapshot = learner.clone_frozen()
+    return rows
+
+
+def run_one(
+    data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
+) -> list[dict[str, Any]]:
+    if run.protocol == "periodic":
+        return run_periodic(data, run, factory)
+    if run.protocol == "streaming":
+        return run_streaming(data, run, factory)
+    raise ValueError(f"unknown protocol {run.protocol!r}: use one of {PROTOCOLS}")
+
+
+def _river_x(features: dict[str, Any]) -> dict[str, float]:
+    x: dict[str, float] = {}
+    for k, v in features.items():
+        if isinstance(v, list):
+            for item in v:
+                x[f"{k}={item}"] = 1.0 / len(v)
+        elif isinstance(v, float):
+            x[k] = math.log1p(max(v, 0.0))
+        else:
+            x[f"{k}={v}"] = 1.0
+    return x
+
+
+def run_river_baseline(data: BacktestData, lr: float = 0.05) -> list[dict[str, Any]]:
+    """Per-event predict-then-learn river LogisticRegression (SGD, CE) on one-hot raw features."""
+    from river import linear_model, optim
+
+    if not data.raw_features:
+        raise ValueError("the river baseline needs the raw features (prepare(..., keep_raw=True))")
+    model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
+    rows = []
+    run = RunSpec("streaming", "river_lr", Strategy("ce"), 0)
+    for t in range(data.n_periods):
+        sl = data.period(t)
+        labels = data.labels[sl]
+        probs = np.empty(len(labels))
+        for i, features in enumerate(data.raw_features[sl]):
+            x = _river_x(features)
+            probs[i] = model.predict_proba_one(x).get(True, 0.0)
+            model.learn_one(x, bool(labels[i]))
+        if t > 0 and len(labels):
+            rows.append(_row(run, t, labels, probs, sc_active=0.0))
+    return rows

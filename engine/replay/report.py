@@ -1,0 +1,273 @@
+"""Backtest results -> paired comparisons against CE, a markdown report, PNG plots and the raw CSV.
+
+A difference is always paired: strategy minus CE on the same backbone, seed and period. Two 95%
+intervals (Student t) are given, because they answer different questions:
+
+* over seeds: per seed, the mean difference over periods; the spread is training randomness;
+* over periods: per period, the mean difference over seeds; the spread is how much the effect moves
+  with the data (periods are not independent draws, so read this one as descriptive).
+
+Verdict per (backbone, strategy), on AUC and LogLoss separately: "wins" when the over-seeds interval
+lies entirely on the better side of 0, "loses" when entirely on the worse side, else "ties".
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CSV_COLUMNS = (
+    "dataset", "protocol", "backbone", "strategy", "loss", "alpha", "seed", "period", "n", "ctr",
+    "auc", "logloss", "sc_active",
+)  # fmt: skip
+METRICS = ("auc", "logloss")
+BETTER = {"auc": 1.0, "logloss": -1.0}
+
+
+def write_csv(rows: Iterable[dict[str, Any]], path: Path, append: bool = False) -> None:
+    exists = path.exists() and append
+    with path.open("a" if append else "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if not exists:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with path.open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            row: dict[str, Any] = dict(rec)
+            for k in ("alpha", "ctr", "auc", "logloss", "sc_active"):
+                row[k] = float(rec[k]) if rec.get(k) not in (None, "") else math.nan
+            for k in ("seed", "period", "n"):
+                row[k] = int(rec[k])
+            out.append(row)
+    return out
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student t interval); half-width NaN with fewer than 2 values."""
+    x = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    from scipy.stats import t
+
+    return float(x.mean()), float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    dataset: str
+    protocol: str
+    backbone: str
+    strategy: str
+    metric: str
+    mean: float  # mean of the strategy's metric (over seeds and periods)
+    ce_mean: float
+    diff_seeds: tuple[float, float]
+    diff_periods: tuple[float, float]
+    n_seeds: int
+    n_periods: int
+    seed_wins: int  # seeds whose mean difference is on the better side
+
+    @property
+    def verdict(self) -> str:
+        m, h = self.diff_seeds
+        if math.isnan(h):
+            return "n/a"
+        sign = BETTER[self.metric]
+        if sign * (m - h) > 0 and sign * (m + h) > 0:
+            return "wins"
+        if sign * (m - h) < 0 and sign * (m + h) < 0:
+            return "loses"
+        return "ties"
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, str]:
+    return (r.get("dataset", ""), r["protocol"], r["backbone"])
+
+
+def compare(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
+    """Each non-CE strategy against CE of the same (dataset, protocol, backbone), paired by seed, period."""
+    cells: dict[tuple, dict[tuple[int, int], dict[str, float]]] = defaultdict(dict)
+    for r in rows:
+        cells[(*_key(r), r["strategy"])][(r["seed"], r["period"])] = {m: r[m] for m in METRICS}
+    out = []
+    for (dataset, protocol, backbone, strategy), cell in sorted(cells.items()):
+        ce = cells.get((dataset, protocol, backbone, "ce"))
+        if strategy == "ce" or ce is None:
+            continue
+        pairs = sorted(set(cell) & set(ce))
+        seeds = sorted({s for s, _ in pairs})
+        periods = sorted({p for _, p in pairs})
+        for metric in METRICS:
+            d = {k: cell[k][metric] - ce[k][metric] for k in pairs}
+            per_seed = [np.nanmean([d[k] for k in pairs if k[0] == s]) for s in seeds]
+            per_period = [np.nanmean([d[k] for k in pairs if k[1] == p]) for p in periods]
+            out.append(
+                Comparison(
+                    dataset=dataset,
+                    protocol=protocol,
+                    backbone=backbone,
+                    strategy=strategy,
+                    metric=metric,
+                    mean=float(np.nanmean([cell[k][metric] for k in pairs])),
+                    ce_mean=float(np.nanmean([ce[k][metric] for k in pairs])),
+                    diff_seeds=t_interval(per_seed),
+                    diff_periods=t_interval(per_period),
+                    n_seeds=len(seeds),
+                    n_periods=len(periods),
+                    seed_wins=sum(BETTER[metric] * v > 0 for v in per_seed),
+                )
+            )
+    return out
+
+
+def _fmt(mean: float, half: float, scale: float = 1.0, digits: int = 2) -> str:
+    if math.isnan(half):
+        return f"{mean * scale:+.{digits}f}"
+    return f"{mean * scale:+.{digits}f} ± {half * scale:.{digits}f}"
+
+
+def _strategy_order(name: str) -> tuple[int, float]:
+    loss, _, alpha = name.partition("@")
+    return ({"ce": 0, "kd": 1, "reloop": 2}.get(loss, 3), float(alpha or 0))
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """One table per (dataset, protocol, backbone): metrics and paired differences in 1e-3 units."""
+    comps = compare(rows)
+    by_cell: dict[tuple, dict[str, dict[str, Comparison]]] = defaultdict(lambda: defaultdict(dict))
+    for c in comps:
+        by_cell[(c.dataset, c.protocol, c.backbone)][c.strategy][c.metric] = c
+    means: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        means[(*_key(r), r["strategy"])]["auc"].append(r["auc"])
+        means[(*_key(r), r["strategy"])]["logloss"].append(r["logloss"])
+    parts = []
+    header = (
+        "| strategy | AUC | LogLoss | ΔAUC ×1e3 (seeds) | ΔAUC ×1e3 (periods) | ΔLogLoss ×1e3 (seeds) "
+        "| ΔLogLoss ×1e3 (periods) | seeds better AUC / LogLoss | verdict AUC / LogLoss |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    cells = sorted({_key(r) for r in rows})
+    for cell in cells:
+        strategies = sorted({r["strategy"] for r in rows if _key(r) == cell}, key=_strategy_order)
+        lines = [f"#### {cell[0]} · {cell[1]} · {cell[2]}".replace("#### ·", "####"), "", header]
+        for s in strategies:
+            m = means[(*cell, s)]
+            auc_m, ll_m = float(np.nanmean(m["auc"])), float(np.nanmean(m["logloss"]))
+            comp = by_cell.get(cell, {}).get(s)
+            if s == "ce" or not comp:
+                lines.append(f"| {s} | {auc_m:.4f} | {ll_m:.4f} | | | | | | |")
+                continue
+            a, ll = comp["auc"], comp["logloss"]
+            lines.append(
+                f"| {s} | {auc_m:.4f} | {ll_m:.4f} "
+                f"| {_fmt(*a.diff_seeds, 1e3)} | {_fmt(*a.diff_periods, 1e3)} "
+                f"| {_fmt(*ll.diff_seeds, 1e3)} | {_fmt(*ll.diff_periods, 1e3)} "
+                f"| {a.seed_wins}/{a.n_seeds} · {ll.seed_wins}/{ll.n_seeds} | {a.verdict} / {ll.verdict} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Path]:
+    """Per (protocol, backbone): metrics per period per strategy and the paired difference vs CE per
+    period (band = 95% interval over seeds); plus one summary of all differences with both intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    river = [r for r in rows if r["backbone"] == "river_lr"]
+    for cell in sorted({_key(r) for r in rows if r["backbone"] != "river_lr"}):
+        cell_rows = [r for r in rows if _key(r) == cell]
+        strategies = sorted({r["strategy"] for r in cell_rows}, key=_strategy_order)
+        periods = sorted({r["period"] for r in cell_rows})
+        fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
+        for j, metric in enumerate(METRICS):
+            ax = axes[0, j]
+            for s in strategies:
+                ys = [
+                    np.nanmean([r[metric] for r in cell_rows if r["strategy"] == s and r["period"] == p])
+                    for p in periods
+                ]
+                ax.plot(periods, ys, label=s, lw=2 if s == "ce" else 1)
+            riv = [r for r in river if r.get("dataset", "") == cell[0] and r["protocol"] == "streaming"]
+            if riv:
+                ax.plot(
+                    [r["period"] for r in riv], [r[metric] for r in riv], "k:", label="river LR (per event)"
+                )
+            ax.set_title(f"{metric} per period (mean over seeds)")
+            ax.grid(alpha=0.3)
+            ax = axes[1, j]
+            ce = {(r["seed"], r["period"]): r[metric] for r in cell_rows if r["strategy"] == "ce"}
+            for s in strategies:
+                if s == "ce":
+                    continue
+                mid, half = [], []
+                for p in periods:
+                    d = [
+                        r[metric] - ce[(r["seed"], p)]
+                        for r in cell_rows
+                        if r["strategy"] == s and r["period"] == p and (r["seed"], p) in ce
+                    ]
+                    m, h = t_interval(d)
+                    mid.append(m)
+                    half.append(0.0 if math.isnan(h) else h)
+                mid_a, half_a = np.array(mid), np.array(half)
+                line = ax.plot(periods, mid_a, label=s)[0]
+                ax.fill_between(periods, mid_a - half_a, mid_a + half_a, color=line.get_color(), alpha=0.12)
+            ax.axhline(0, color="k", lw=0.8)
+            better = "higher" if metric == "auc" else "lower"
+            ax.set_title(f"{metric}: strategy − CE per period (95% over seeds; {better} is better)")
+            ax.set_xlabel("period")
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=7, ncol=2)
+        axes[1, 0].legend(fontsize=7, ncol=2)
+        fig.suptitle(" · ".join(x for x in cell if x))
+        fig.tight_layout()
+        path = out_dir / f"{prefix}{'_'.join(x for x in cell if x)}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    comps = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
+    if comps:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(comps) / 2 + 2.5))
+        for j, metric in enumerate(METRICS):
+            ax = axes[j]
+            cs = [c for c in comps if c.metric == metric]
+            labels = [f"{c.protocol} {c.backbone} {c.strategy}" for c in cs]
+            y = np.arange(len(cs))
+            for off, attr, colour, name in (
+                (-0.15, "diff_seeds", "C0", "over seeds"),
+                (0.15, "diff_periods", "C1", "over periods"),
+            ):
+                m = np.array([getattr(c, attr)[0] for c in cs]) * 1e3
+                h = np.nan_to_num(np.array([getattr(c, attr)[1] for c in cs]) * 1e3)
+                ax.errorbar(m, y + off, xerr=h, fmt="o", color=colour, label=name, ms=3, capsize=2)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(y, labels, fontsize=7)
+            ax.set_title(f"Δ{metric} ×1e3 vs CE (95% intervals)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{prefix}differences.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
