@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,8 @@ class ArmStats:
         self.oracle_auc = ExactAUC()  # the true probability as a ranker: the ceiling for any model
         self.served_auc = ExactAUC()
         self.rolling = RollingBinaryMetrics(window)
+        self._rolling_true: deque[float] = deque(maxlen=window)
+        self._rolling_true_sum = 0.0
         self.by_version: dict[int, VersionStats] = {}
         self.first_version: int | None = None
         self.last_version: int | None = None
@@ -54,6 +57,10 @@ class ArmStats:
             self.oracle_auc.update(y, float(t))
             self.rolling.update(y, p)
             vs.auc.update(y, p)
+            if len(self._rolling_true) == self._rolling_true.maxlen:
+                self._rolling_true_sum -= self._rolling_true[0]
+            self._rolling_true.append(float(t))
+            self._rolling_true_sum += float(t)
         if self.first_version is None:
             self.first_version = version
         self.last_version = version if self.last_version is None else max(self.last_version, version)
@@ -69,6 +76,10 @@ class ArmStats:
     def rolling_auc(self) -> float:
         return _safe_auc(self.rolling.auc)
 
+    def rolling_true_ctr(self) -> float:
+        """Mean true click probability of the last ``window`` shown items."""
+        return self._rolling_true_sum / len(self._rolling_true) if self._rolling_true else math.nan
+
     def summary(self) -> dict[str, object]:
         return {
             "arm": self.name,
@@ -79,6 +90,7 @@ class ArmStats:
             "realized_ctr": self.realized_ctr,
             "served_auc": _safe_auc(self.served_auc),
             "rolling_auc": self.rolling_auc(),
+            "rolling_true_ctr": self.rolling_true_ctr(),
             "oracle_auc": _safe_auc(self.oracle_auc),
             "first_version": self.first_version,
             "last_version": self.last_version,

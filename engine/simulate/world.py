@@ -39,8 +39,8 @@ class WorldConfig:
     dim: int = 8
     n_candidates: int = 50
     # Logit = base + affinity_scale * <user, item> + device effect + item popularity.
-    base_logit: float = -2.5
-    affinity_scale: float = 1.6
+    base_logit: float = -3.0
+    affinity_scale: float = 2.5
     personal_scale: float = 0.6
     device_scale: float = 0.4
     popularity_scale: float = 0.4

@@ -1,0 +1,524 @@
+"""``reloop demo``: the whole loop, live, on a simulated world.
+
+    reloop demo --duration 120
+
+starts (1) a local Kafka broker (unless ``--bootstrap``), (2) one ``reloop run`` trainer process per arm,
+each reading its arm's impressions and clicks topics and publishing snapshots to its own registry,
+(3) the scoring service (HTTP on loopback) that hot-reloads each arm's newest snapshot and logs what it
+shows, and (4) the simulator that sends page views to the service and clicks to Kafka. A rich table shows
+events/s, the rolling AUC and CTR per arm and the model versions until Ctrl-C or ``--duration``; then
+everything stops in order (simulator, service, trainers, broker) and a per-arm summary is printed.
+
+Before the first snapshot each arm serves an untrained model as version 0 (``cold_start``), built with the
+trainer's own seed: without it the loop could not start (no snapshot without samples, no samples
+without served impressions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from engine.serve.config import ConfigError, ServeConfig, read_yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "deploy" / "config" / "demo.yaml"
+log = logging.getLogger(__name__)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DemoArm(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    weight: float = Field(default=1.0, gt=0)
+    train: dict[str, Any] = Field(default_factory=dict, description="merged over `run` for this arm")
+
+
+class DemoSection(_Frozen):
+    refresh_s: float = Field(default=1.0, gt=0)
+    trainer_stop_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class DemoConfig(_Frozen):
+    salt: str = "reloop-demo"
+    serve: dict[str, Any] = Field(default_factory=dict)
+    arms: tuple[DemoArm, ...] = Field(min_length=1)
+    run: dict[str, Any]
+    simulate: dict[str, Any] = Field(default_factory=dict)
+    kafka: dict[str, Any] = Field(default_factory=dict)
+    demo: DemoSection = DemoSection()
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` wins; nested mappings merge key by key (lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """Everything one arm needs, derived from the demo config and this run's folder and broker."""
+
+    name: str
+    weight: float
+    impressions_topic: str
+    clicks_topic: str
+    registry: Path
+    run_config: dict[str, Any]
+    run_config_path: Path
+    log_path: Path
+
+
+def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
+    """Per-arm topics, folders and validated `reloop run` configs (a bad key fails here, before any start)."""
+    from engine.runtime.config import ConfigError as RunConfigError
+    from engine.runtime.config import load_config_dict
+
+    plans = []
+    for arm in config.arms:
+        folder = workdir / arm.name
+        impressions, clicks = f"demo-{run_id}.impressions.{arm.name}", f"demo-{run_id}.clicks.{arm.name}"
+        run = deep_merge(config.run, arm.train)
+        run = deep_merge(
+            run,
+            {
+                "source": {
+                    "bootstrap": bootstrap,
+                    "impressions_topic": impressions,
+                    "clicks_topic": clicks,
+                    "group_id": f"reloop-demo-{run_id}-{arm.name}",
+                    "client_config": dict(config.kafka.get("settings") or {}),
+                },
+                "sink": {"dead_letter_topic": f"demo-{run_id}.deadletter.{arm.name}"},
+                "checkpoint": {"dir": str(folder / "snapshots")},
+            },
+        )
+        try:
+            load_config_dict(run, env={})
+        except RunConfigError as exc:
+            raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
+        plans.append(
+            ArmPlan(
+                name=arm.name,
+                weight=arm.weight,
+                impressions_topic=impressions,
+                clicks_topic=clicks,
+                registry=folder / "snapshots",
+                run_config=run,
+                run_config_path=folder / "run.yaml",
+                log_path=folder / "trainer.log",
+            )
+        )
+    return plans
+
+
+def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -> ServeConfig:
+    arms = []
+    for plan in plans:
+        model = plan.run_config["model"]
+        arms.append(
+            {
+                "name": plan.name,
+                "weight": plan.weight,
+                "registry": str(plan.registry),
+                "impressions_topic": plan.impressions_topic,
+                "clicks_topic": plan.clicks_topic,
+                "cold_start": {
+                    "backbone": model["backbone"],
+                    "spec": model["spec"],
+                    "seed": model.get("seed", 0),
+                    "params": model.get("params") or {},
+                },
+            }
+        )
+    data = {
+        **config.serve,
+        "port": 0,
+        "salt": config.salt,
+        "arms": arms,
+        "kafka": {"bootstrap": bootstrap, "settings": dict(config.kafka.get("settings") or {})},
+    }
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"bad serve section: {exc}") from exc
+
+
+class TrainerProcess:
+    """One `reloop run` per arm, in its own session so a terminal Ctrl-C reaches only the demo, which
+    then stops the trainers in order (SIGTERM: final snapshot, clean exit)."""
+
+    def __init__(self, plan: ArmPlan) -> None:
+        self.plan = plan
+        plan.run_config_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.run_config_path.write_text(yaml.safe_dump(plan.run_config, sort_keys=False))
+        self._log = open(plan.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env.pop("RELOOP_KAFKA_BOOTSTRAP", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, timeout_s: float) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("trainer %s did not stop in %.0f s; killing it", self.plan.name, timeout_s)
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.plan.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
+    parser.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--bootstrap", help="use this Kafka broker instead of starting a local one")
+    parser.add_argument(
+        "--workdir", help="folder for snapshots, logs and the broker (default: a temp folder)"
+    )
+    parser.add_argument("--rate", type=float, help="override simulate.rate (requests/s)")
+    parser.add_argument(
+        "--no-live", action="store_true", help="print a status line every 10 s instead of a live table"
+    )
+
+
+def _fmt(x: float | int | None, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec) if isinstance(x, float) else str(x)
+
+
+class Dashboard:
+    """The live view: rates from deltas between refreshes, per-arm quality from the simulator's truth."""
+
+    def __init__(
+        self, *, stack, sim, trainers: dict[str, TrainerProcess], registries, duration: float | None
+    ):
+        self.stack = stack
+        self.sim = sim
+        self.trainers = trainers
+        self.registries = registries
+        self.duration = duration
+        self.start = time.monotonic()
+        self._last = (self.start, 0, 0, 0)
+        self.rates = (0.0, 0.0, 0.0)
+        self.auc_history: dict[str, list[tuple[float, float]]] = {name: [] for name in trainers}
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        stats = self.sim.stats
+        with stats.lock:
+            requests = sum(a.requests for a in stats.arms.values())
+            impressions = sum(a.impressions for a in stats.arms.values())
+            clicks = stats.clicks_sent
+            for name, arm in stats.arms.items():
+                auc = arm.rolling_auc()
+                if not math.isnan(auc):
+                    self.auc_history.setdefault(name, []).append((now - self.start, auc))
+        t0, r0, i0, c0 = self._last
+        dt = max(now - t0, 1e-6)
+        self.rates = ((requests - r0) / dt, (impressions - i0) / dt, (clicks - c0) / dt)
+        self._last = (now, requests, impressions, clicks)
+
+    def render(self) -> Group:
+        elapsed = time.monotonic() - self.start
+        req_s, imp_s, clk_s = self.rates
+        until = f" / {self.duration:.0f} s" if self.duration else " (Ctrl-C to stop)"
+        header = Text(
+            f"reloop demo  {elapsed:5.0f} s{until}   requests/s {req_s:6.1f}   impressions/s {imp_s:7.1f}   "
+            f"clicks/s {clk_s:6.1f}   not-ready {self.sim.stats.not_ready}   errors {self.sim.stats.errors}",
+            style="bold",
+        )
+        table = Table(expand=False)
+        for col in (
+            "arm",
+            "trainer",
+            "snapshot",
+            "serving v",
+            "impressions",
+            "logged",
+            "dropped",
+            "rolling AUC",
+            "AUC 30 s ago",
+            "rolling true CTR",
+            "rolling click CTR",
+        ):
+            table.add_column(col, justify="left" if col in ("arm", "trainer") else "right")
+        stats = self.sim.stats
+        for name, trainer in self.trainers.items():
+            rc = trainer.returncode
+            state = "[green]running[/]" if rc is None else f"[red]exited {rc}[/]"
+            runtime = self.stack.arms[name]
+            logger = runtime.logger
+            with stats.lock:
+                arm = stats.arms.get(name)
+                auc = arm.rolling_auc() if arm else math.nan
+                true_ctr = arm.rolling_true_ctr() if arm else math.nan
+                click_ctr = arm.rolling.calibration.observed_ctr if arm and len(arm.rolling) else math.nan
+                impressions = arm.impressions if arm else 0
+            past = [a for t, a in self.auc_history.get(name, []) if t <= elapsed - 30]
+            table.add_row(
+                name,
+                state,
+                _fmt(self.registries[name].latest_version()),
+                _fmt(runtime.holder.version),
+                _fmt(impressions),
+                _fmt(logger.sent if logger else None),
+                _fmt(logger.dropped if logger else None),
+                _fmt(auc),
+                _fmt(past[-1] if past else None),
+                _fmt(true_ctr),
+                _fmt(click_ctr),
+            )
+        return Group(header, table)
+
+    def status_line(self) -> str:
+        parts = []
+        for name in self.trainers:
+            with self.sim.stats.lock:
+                arm = self.sim.stats.arms.get(name)
+                auc = arm.rolling_auc() if arm else math.nan
+            parts.append(f"{name}: v{self.stack.arms[name].holder.version} auc {_fmt(auc)}")
+        return f"[{time.monotonic() - self.start:5.0f} s] req/s {self.rates[0]:.1f}  " + "  ".join(parts)
+
+
+def print_summary(console: Console, *, sim, stack, trainers, registries, sim_config, trainer_rcs) -> None:
+    from engine.simulate.report import ab_lines, arms_table, versions_table
+
+    console.rule("reloop demo: summary")
+    console.print(
+        arms_table(sim.stats, title="per arm (truth from the simulator)", serving=stack.service.versions())
+    )
+    for name in trainers:
+        if name in sim.stats.arms:
+            console.print(versions_table(sim.stats, name))
+    rows = Table(title="per arm: model versions and logging")
+    for col in (
+        "arm",
+        "snapshots published",
+        "served versions",
+        "AUC first version",
+        "AUC last 3 versions",
+        "impressions logged",
+        "dropped",
+        "trainer exit",
+    ):
+        rows.add_column(col, justify="left" if col == "arm" else "right")
+    for name in trainers:
+        with sim.stats.lock:
+            arm = sim.stats.arms.get(name)
+            summary = arm.summary() if arm else None
+        logger = stack.arms[name].logger
+        first_auc = last_auc = math.nan
+        served = "-"
+        if summary:
+            versions = summary["versions"]
+            keys = sorted(versions)
+            served = f"{keys[0]}..{keys[-1]} ({len(keys)})"
+            first_auc = versions[keys[0]]["auc"]
+            tail = [versions[k] for k in keys[-3:]]
+            n = sum(v["impressions"] for v in tail)
+            last_auc = sum(v["auc"] * v["impressions"] for v in tail if not math.isnan(v["auc"])) / max(n, 1)
+        rows.add_row(
+            name,
+            _fmt(registries[name].latest_version()),
+            served,
+            _fmt(first_auc),
+            _fmt(last_auc),
+            _fmt(logger.sent if logger else None),
+            _fmt(logger.dropped if logger else None),
+            _fmt(trainer_rcs[name]),
+        )
+    console.print(rows)
+    for line in ab_lines(sim.stats, sim_config.report):
+        console.print(line)
+    s = sim.stats
+    console.print(
+        f"clicks sent {s.clicks_sent} (beyond the attribution window: {s.clicks_late}, not yet due at stop: "
+        f"{s.clicks_pending_at_end}); requests not ready {s.not_ready}, failed {s.errors}"
+    )
+
+
+def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop sequence reads best whole
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console()
+    try:
+        doc = read_yaml(args.config)
+        config = DemoConfig.model_validate(doc)
+        from engine.simulate.config import simulate_config_from_dict
+
+        sim_config = simulate_config_from_dict(doc)
+    except (ConfigError, ValidationError) as exc:
+        print(f"reloop demo: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reloop-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    broker = None
+    stack = None
+    sim = None
+    scorer = None
+    sim_thread = None
+    trainers: dict[str, TrainerProcess] = {}
+    trainer_rcs: dict[str, int | None] = {}
+    registries: dict = {}
+    exit_code = 0
+    try:
+        bootstrap = args.bootstrap
+        if not bootstrap:
+            from connectors.kafka.local_broker import LocalBroker
+
+            console.print(f"starting a local Kafka broker (state in {workdir / 'kafka'}) ...")
+            broker = LocalBroker(workdir / "kafka")
+            bootstrap = broker.start().bootstrap
+        console.print(f"Kafka at {bootstrap}; run folder {workdir}")
+        plans = plan_arms(config, workdir=workdir, bootstrap=bootstrap, run_id=run_id)
+        from connectors.kafka.admin import create_topics
+
+        topics = {t: 1 for p in plans for t in (p.impressions_topic, p.clicks_topic)}
+        create_topics(bootstrap, topics, client_config=config.kafka.get("settings") or {})
+        for plan in plans:
+            trainers[plan.name] = TrainerProcess(plan)
+        console.print(f"trainers started: {', '.join(trainers)} (logs: {workdir}/<arm>/trainer.log)")
+
+        from engine.checkpoint.registry import SnapshotRegistry
+        from engine.serve.stack import ServingStack
+        from engine.simulate.cli import build_simulator, kafka_click_sinks, wait_ready
+        from engine.simulate.http import HttpScorer
+
+        stack = ServingStack(serve_config_for(config, plans, bootstrap)).start()
+        url = stack.serve_in_thread(port=0)
+        registries = {p.name: SnapshotRegistry(p.registry) for p in plans}
+        console.print(f"scoring service at {url} (GET /stats, /metrics)")
+        scorer = HttpScorer(url)
+        if not wait_ready(scorer, 60):
+            raise RuntimeError("the scoring service did not become ready")
+        sim = build_simulator(
+            sim_config,
+            score=scorer,
+            click_sink=kafka_click_sinks(
+                bootstrap, {p.name: p.clicks_topic for p in plans}, config.kafka.get("settings") or {}
+            ),
+        )
+        rate = args.rate or sim_config.rate
+        sim_thread = threading.Thread(
+            target=sim.run, kwargs={"rate": rate, "stop": stop}, name="simulator", daemon=True
+        )
+        sim_thread.start()
+
+        dash = Dashboard(
+            stack=stack, sim=sim, trainers=trainers, registries=registries, duration=args.duration
+        )
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        refresh = config.demo.refresh_s
+
+        def tick() -> bool:
+            stop.wait(refresh)
+            dash.sample()
+            dead = [n for n, t in trainers.items() if t.returncode is not None]
+            if dead:
+                console.print(f"[red]trainer(s) exited early: {dead}[/]")
+                for n in dead:
+                    console.print(f"--- {n} trainer log (tail) ---\n{trainers[n].log_tail()}")
+                return False
+            return not stop.is_set() and (deadline is None or time.monotonic() < deadline)
+
+        if args.no_live or not console.is_terminal:
+            last_line = 0.0
+            while tick():
+                if time.monotonic() - last_line >= 10:
+                    console.print(dash.status_line())
+                    last_line = time.monotonic()
+            console.print(dash.render())
+        else:
+            with Live(dash.render(), console=console, refresh_per_second=4) as live:
+                while tick():
+                    live.update(dash.render())
+        if any(t.returncode is not None for t in trainers.values()):
+            exit_code = 1
+    except Exception as exc:  # noqa: BLE001 - report, then still stop everything below
+        console.print(f"[red]reloop demo failed: {exc!r}[/]")
+        exit_code = 1
+    finally:
+        stop.set()
+        console.print("stopping: simulator, service, trainers, broker ...")
+        if sim_thread is not None:
+            sim_thread.join(15)
+        if sim is not None:
+            try:
+                sim.close()
+            except Exception as exc:  # noqa: BLE001 - a broker problem at exit must not hide the summary
+                console.print(f"[yellow]flushing clicks failed: {exc!r}[/]")
+        if scorer is not None:
+            scorer.close()
+        if stack is not None:
+            stack.close()
+        for name, trainer in trainers.items():
+            trainer_rcs[name] = trainer.stop(config.demo.trainer_stop_timeout_s)
+        if broker is not None:
+            broker.stop()
+    if sim is not None and stack is not None:
+        print_summary(
+            console,
+            sim=sim,
+            stack=stack,
+            trainers=trainers,
+            registries=registries,
+            sim_config=sim_config,
+            trainer_rcs=trainer_rcs,
+        )
+    bad = {n: rc for n, rc in trainer_rcs.items() if rc not in (0, None)}
+    if bad:
+        console.print(f"[red]trainers ended with errors: {bad}[/] (logs under {workdir})")
+        exit_code = exit_code or 1
+    console.print(f"run folder: {workdir}")
+    return exit_code
