@@ -5,6 +5,7 @@ No block knows about losses, optimizers or training loops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -222,6 +223,15 @@ class LogarithmicTransformation(nn.Module):
         self.coefficients = nn.Linear(num_fields, neurons, bias=False)
         self.exp_bn = nn.BatchNorm1d(neurons)
         self.out_dim = neurons * dim
+        # Start the running statistics at the initial distribution instead of (0, 1): with embeddings
+        # ~ N(0, s^2), log|e| has mean log(s) - 0.635 and variance pi^2/8, and exp of a unit normal has
+        # mean e^0.5 and variance (e - 1) e. An untrained model then predicts sane values in eval mode
+        # (the stream predicts before it learns) instead of exp() of ~ -9 * fan-in.
+        with torch.no_grad():
+            self.log_bn.running_mean.fill_(math.log(EMBEDDING_INIT_STD) - 0.635)
+            self.log_bn.running_var.fill_(math.pi**2 / 8)
+            self.exp_bn.running_mean.fill_(math.exp(0.5))
+            self.exp_bn.running_var.fill_((math.e - 1) * math.e)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         # |e| is clamped away from 0 so log stays finite (FuxiCTR uses 1e-5; the paper 1e-7).

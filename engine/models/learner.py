@@ -141,7 +141,7 @@ class TorchLearner:
             return self.model(batch.to_torch())["logit"]
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
-        return torch.sigmoid(self.forward_logits(batch)).double().numpy()
+        return torch.sigmoid(self.forward_logits(batch).double()).numpy()
 
     def hidden(self, batch: FeatureBatch) -> np.ndarray:
         """The representation under the output layer, float32 [B, H] (ReLoop2's memory key)."""
@@ -210,13 +210,13 @@ class FrozenTorchLearner:
 
     def __init__(self, *, model: nn.Module, config: LearnerConfig) -> None:
         self.config = config
+        # Parameters keep requires_grad: flipping it changes some CPU kernels (BatchNorm), and the frozen
+        # copy must predict bit-for-bit like the learner it was cloned from. inference_mode stops autograd.
         self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():
-            return torch.sigmoid(self.model(batch.to_torch())["logit"]).double().numpy()
+            return torch.sigmoid(self.model(batch.to_torch())["logit"].double()).numpy()
 
     def hidden(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():

@@ -1,0 +1,198 @@
+"""Every torch/numpy backbone learns planted pairwise interactions, round-trips its state exactly and is
+reproducible for a seed. (river backbones have their own suite: test_river_learners.py.)"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField, NumericField
+from engine.models.registry import available_backbones, backbone_entry, build_learner, learner_from_state
+from engine.train.offline import ArrayDataset, OfflineConfig, OfflineTrainer, evaluate
+
+BACKBONES = [n for n in available_backbones() if backbone_entry(n).kind in {"torch", "numpy"}]
+CARD = 8
+SMALL = {"embedding_dim": 8, "hidden_units": (64, 64)}
+CONFIGS: dict[str, dict] = {
+    "lr": {},
+    "ftrl": {},
+    "fm": {"embedding_dim": 8},
+    "fmfm": {"embedding_dim": 8},
+    "nfm": SMALL,
+    "pnn": SMALL,
+    "wide_deep": SMALL,
+    "deepfm": SMALL,
+    "dcn": SMALL,
+    "dcnv2": SMALL,
+    "xdeepfm": {**SMALL, "cin_hidden_units": (8, 8)},
+    "afn": {
+        "embedding_dim": 8,
+        "logarithmic_neurons": 16,
+        "afn_hidden_units": (64, 64),
+        "dnn_hidden_units": (64, 64),
+    },
+}
+SPEC = FeatureSpec(fields=tuple(CategoricalField(name=f"f{j}", buckets=64) for j in range(6)))
+
+
+def _planted(n: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    """Label logit = 2 T01[f0, f1] + 2 T23[f2, f3] + 0.5 m[f4]; f5 is noise. T are random +-1 tables, so
+    most of the signal is in the two pairwise interactions a linear model cannot represent."""
+    tables = np.random.default_rng(99)
+    t01, t23 = tables.choice([-1.0, 1.0], (CARD, CARD)), tables.choice([-1.0, 1.0], (CARD, CARD))
+    main = tables.normal(size=CARD)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, CARD, (n, 6))
+    logit = 2.0 * t01[x[:, 0], x[:, 1]] + 2.0 * t23[x[:, 2], x[:, 3]] + 0.5 * main[x[:, 4]]
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    return [{f"f{j}": f"v{x[i, j]}" for j in range(6)} for i in range(n)], y
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one thread is faster and keeps runs comparable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def task() -> tuple[ArrayDataset, ArrayDataset]:
+    fz = Featurizer(SPEC)
+    (tr, ytr), (te, yte) = _planted(4000, 1), _planted(2000, 2)
+    return ArrayDataset(fz.transform(tr), ytr), ArrayDataset(fz.transform(te), yte)
+
+
+def _fit_auc(name: str, task) -> float:
+    train, test = task
+    learner = build_learner(name, SPEC, "ce", 0.0, seed=0, optimizer={"lr": 0.01}, **CONFIGS[name])
+    with torch.random.fork_rng(devices=[]):
+        OfflineTrainer(OfflineConfig(epochs=10, batch_size=256, single_thread=True)).fit(learner, train)
+    return evaluate(learner, test).auc
+
+
+@pytest.fixture(scope="module")
+def lr_auc(task) -> float:
+    return _fit_auc("lr", task)
+
+
+def test_every_owned_backbone_has_a_test_config():
+    assert set(BACKBONES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(set(BACKBONES) - {"lr", "ftrl"}))
+def test_interaction_backbones_beat_logistic_regression_on_planted_interactions(name, task, lr_auc):
+    auc = _fit_auc(name, task)
+    assert lr_auc > 0.65  # LR finds the main effect and the tables' marginals...
+    assert auc > lr_auc + 0.04, f"{name}: AUC {auc:.4f} vs LR {lr_auc:.4f}"  # ...but not the interactions
+
+
+def test_ftrl_learns_the_linear_part_well_above_chance(task):
+    # FTRL is linear, so it cannot beat LR on interactions; it must still learn the linear signal.
+    assert _fit_auc("ftrl", task) > 0.65
+
+
+MIXED_SPEC = FeatureSpec(
+    fields=(
+        CategoricalField(name="u", buckets=30),
+        NumericField(name="x", transform="minmax", min=0.0, max=1.0),
+        NumericField(name="n", transform="log_bucket", buckets=20),
+        MultiCategoricalField(name="tags", buckets=25, max_len=3),
+    )
+)
+
+
+def _mixed_batch(n: int, seed: int) -> tuple[ArrayDataset, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows = [
+        {
+            "u": str(rng.integers(12)),
+            "x": float(rng.random()),
+            "n": float(rng.integers(0, 50)),
+            "tags": [str(t) for t in rng.integers(0, 6, size=rng.integers(0, 4))],
+        }
+        for _ in range(n)
+    ]
+    y = rng.integers(0, 2, n).astype(np.float32)
+    y_last = rng.random(n).astype(np.float32)
+    return ArrayDataset(Featurizer(MIXED_SPEC).transform(rows), y, y_last), y_last
+
+
+def _tiny(name: str) -> dict:
+    cfg = dict(CONFIGS[name])
+    if name not in {"lr", "ftrl"}:
+        cfg["embedding_dim"] = 4
+    if "hidden_units" in cfg:
+        cfg["hidden_units"] = (16,)
+        cfg["dropout"] = 0.2  # exercises the learner-owned dropout generator
+    return cfg
+
+
+def _steps(learner, data: ArrayDataset, k: int, batch: int = 64) -> None:
+    for i in range(k):
+        part = data.take(slice(i * batch, (i + 1) * batch))
+        learner.learn(part.batch, part.labels, part.y_last)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_state_round_trip_through_weights_only_load_reproduces_predictions_and_training(name):
+    data, _ = _mixed_batch(512, 0)
+    learner = build_learner(name, MIXED_SPEC, "reloop", 0.3, seed=5, **_tiny(name))
+    _steps(learner, data, 3)
+    buf = io.BytesIO()
+    torch.save(learner.state_dict(), buf)
+    buf.seek(0)
+    restored = learner_from_state(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(restored.predict_proba(data.batch), learner.predict_proba(data.batch))
+    # Continuing from the restored state equals continuing uninterrupted (optimizer + dropout RNG restored).
+    rest = data.take(slice(192, 512))
+    _steps(learner, rest, 4)
+    _steps(restored, rest, 4)
+    np.testing.assert_array_equal(restored.predict_proba(data.batch), learner.predict_proba(data.batch))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_same_seed_same_model_different_seed_different_model(name):
+    data, _ = _mixed_batch(256, 1)
+
+    def run(seed: int) -> np.ndarray:
+        learner = build_learner(name, MIXED_SPEC, "kd", 0.5, seed=seed, **_tiny(name))
+        _steps(learner, data, 4)
+        return learner.predict_proba(data.batch)
+
+    a, b = run(7), run(7)
+    np.testing.assert_array_equal(a, b)
+    if name != "ftrl":  # FTRL starts from zeros: no random initialisation to differ
+        assert not np.array_equal(a, run(8))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_clone_frozen_is_independent_and_predict_only(name):
+    data, _ = _mixed_batch(256, 2)
+    learner = build_learner(name, MIXED_SPEC, "ce", 0.0, seed=1, **_tiny(name))
+    _steps(learner, data, 2)
+    frozen = learner.clone_frozen()
+    before = learner.predict_proba(data.batch)
+    np.testing.assert_array_equal(frozen.predict_proba(data.batch), before)
+    _steps(learner, data, 2)
+    assert not np.array_equal(learner.predict_proba(data.batch), before)
+    np.testing.assert_array_equal(frozen.predict_proba(data.batch), before)
+    with pytest.raises(RuntimeError, match="only predicts"):
+        frozen.learn(data.batch, data.labels)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_predictions_are_probabilities_and_prediction_has_no_side_effects(name):
+    data, _ = _mixed_batch(128, 3)
+    learner = build_learner(name, MIXED_SPEC, "reloop", 0.5, seed=0, **_tiny(name))
+    p1 = learner.predict_proba(data.batch)
+    p2 = learner.predict_proba(data.batch)
+    assert p1.shape == (128,) and p1.dtype == np.float64
+    assert np.all((p1 > 0) & (p1 < 1))
+    np.testing.assert_array_equal(p1, p2)
+    stats = learner.learn(data.batch, data.labels, data.y_last)
+    assert stats.strategy == "reloop" and stats.n == 128 and 0.0 <= stats.sc_active_fraction <= 1.0

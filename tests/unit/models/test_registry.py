@@ -1,0 +1,133 @@
+"""The registry: typed configs that fail fast, config round trips, state compatibility checks, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from engine.features import CategoricalField, FeatureSpec, Featurizer
+from engine.models import cli
+from engine.models.learner import Learner
+from engine.models.registry import (
+    available_backbones,
+    available_strategies,
+    build_learner,
+    config_from_dict,
+    learner_from_config,
+    learner_from_state,
+    make_config,
+)
+
+SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=20), CategoricalField(name="i", buckets=20)))
+PAPER_BACKBONES = {
+    "ftrl",
+    "lr",
+    "fm",
+    "nfm",
+    "pnn",
+    "wide_deep",
+    "deepfm",
+    "dcn",
+    "dcnv2",
+    "xdeepfm",
+    "fmfm",
+    "afn",
+}
+
+
+def _batch(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"u": str(rng.integers(8)), "i": str(rng.integers(8))} for _ in range(n)]
+    return Featurizer(SPEC).transform(rows), rng.integers(0, 2, n).astype(np.float32)
+
+
+def test_all_paper_backbones_and_strategies_are_registered():
+    assert set(available_backbones()) >= PAPER_BACKBONES
+    assert available_strategies() == ["ce", "kd", "reloop"]
+
+
+def test_learners_satisfy_the_protocol():
+    for name in sorted(PAPER_BACKBONES):
+        learner = build_learner(
+            name, SPEC, "ce", 0.0, seed=0, **({"hidden_units": (8,)} if name == "dcn" else {})
+        )
+        assert isinstance(learner, Learner)
+        assert isinstance(learner.clone_frozen(), Learner)
+
+
+def test_bad_config_fails_fast_naming_the_key():
+    with pytest.raises(ValueError, match="unknown backbone 'dcnn'"):
+        build_learner("dcnn", SPEC, "ce", 0.0)
+    with pytest.raises(ValueError, match="cross_layer"):
+        build_learner("dcn", SPEC, "ce", 0.0, cross_layer=2)
+    with pytest.raises(ValueError, match="hidden_units"):
+        build_learner("dcn", SPEC, "ce", 0.0, hidden_units="big")
+    with pytest.raises(ValueError, match="unknown strategy 'sc'"):
+        build_learner("fm", SPEC, "sc", 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        build_learner("fm", SPEC, "reloop", 2.0)
+    with pytest.raises(ValueError, match="lrate"):
+        build_learner("fm", SPEC, "ce", 0.0, optimizer={"lrate": 0.1})
+
+
+def test_config_round_trips_through_json_with_its_typed_model_section():
+    cfg = make_config("dcnv2", SPEC, "reloop", 0.2, seed=4, optimizer={"lr": 0.005}, structure="stacked")
+    back = config_from_dict(json.loads(cfg.to_json()))
+    assert back == cfg
+    assert back.model.structure == "stacked" and back.model.cross_layers == 3
+    assert learner_from_config(cfg.to_dict()).config == cfg
+
+
+def test_state_of_another_architecture_is_refused():
+    a = build_learner("dcn", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))
+    b = build_learner("dcn", SPEC, "ce", 0.0, seed=0, hidden_units=(16,))
+    with pytest.raises(ValueError, match="different model"):
+        b.load_state_dict(a.state_dict())
+    # A different loss is fine: continue a CE-trained state under ReLoop.
+    c = build_learner("dcn", SPEC, "reloop", 0.3, seed=0, hidden_units=(8,))
+    c.load_state_dict(a.state_dict())
+    batch, _ = _batch()
+    np.testing.assert_array_equal(c.predict_proba(batch), a.predict_proba(batch))
+    assert learner_from_state(a.state_dict()).config == a.config
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("embedding_optimizer", ["adam", "adagrad"])
+def test_sparse_and_dense_embedding_optimizers_both_reduce_the_loss(sparse, embedding_optimizer):
+    batch, y = _batch(256)
+    opt = {
+        "lr": 0.02,
+        "sparse_embeddings": sparse,
+        "embedding_optimizer": embedding_optimizer,
+        "embedding_l2": 1e-4,
+    }
+    learner = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, optimizer=opt, hidden_units=(16,))
+    first = learner.learn(batch, y).ce
+    for _ in range(30):
+        last = learner.learn(batch, y).ce
+    assert last < first - 0.02
+    table = learner.model.embedding.table
+    assert table.sparse is sparse
+    assert ("embedding" in learner.optimizers) is sparse
+
+
+def test_labels_and_y_last_must_match_the_batch():
+    batch, y = _batch(10)
+    learner = build_learner("fm", SPEC, "reloop", 0.5)
+    with pytest.raises(ValueError, match="y_last has 3 values for a batch of 10"):
+        learner.learn(batch, y, y_last=np.zeros(3))
+
+
+def test_cli_lists_backbones_with_their_defaults(capsys):
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert cli.main(parser.parse_args(["--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_name = {b["name"]: b for b in out["backbones"]}
+    assert by_name["dcn"]["config"]["cross_layers"] == 3
+    assert by_name["dcn"]["config"]["hidden_units"] == [400, 400, 400]
+    assert by_name["dcn"]["config"]["embedding_dim"] == 10
+    assert out["strategies"] == ["ce", "kd", "reloop"]
