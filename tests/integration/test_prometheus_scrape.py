@@ -1,23 +1,43 @@
-"""A real Prometheus server scrapes a running reloop exporter; we read the series back from its HTTP API."""
+"""A real Prometheus server scrapes the real stream processor (`reloop run` on the local Kafka broker).
+
+The processor exports through the one adapter (connectors/metrics/prometheus.py) from the plain
+registry; we read the series back from Prometheus' HTTP API, as a dashboard or an alert would.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import pytest
+import yaml
 
-from connectors.metrics.local_prometheus import LocalPrometheus, find_binary
-from connectors.metrics.prometheus import serve_metrics
+from connectors.kafka.admin import create_topics
+from connectors.kafka.sink import KafkaSink
+from connectors.metrics.local_prometheus import LocalPrometheus, find_binary, free_port
+from engine.events.codec import encode
+from engine.events.schema import Click, Impression
 from engine.metrics import registry as reg
-from engine.metrics.online import OnlineMetricsBook
+from engine.runtime.synthetic import SPEC
 
-pytestmark = pytest.mark.prometheus
+pytestmark = [pytest.mark.prometheus, pytest.mark.kafka]
+
+ROOT = Path(__file__).resolve().parents[2]
+START_MS = 1_700_000_000_000
+WINDOW_MS = 2_000
+# Served predictions separate the classes better on the "reloop" arm than on "control".
+ARMS = {"control": 0.15, "reloop": 0.35}
 
 
-def require_binary(name: str):
+def require_binary(name: str) -> Path:
     path = find_binary(name)
     if path is None:
         message = f"{name} not found: run deploy/prometheus/fetch.sh"
@@ -27,89 +47,165 @@ def require_binary(name: str):
     return path
 
 
-class FedExporter:
-    """An exporter over its own registry, fed by a thread as the engine would feed it."""
+@dataclass
+class Feed:
+    bootstrap: str
+    impressions: str
+    clicks: str
+    t_ms: int = START_MS
+    seq: int = 0
 
-    def __init__(self) -> None:
-        self.registry = reg.MetricsRegistry()
-        reg.ensure_canonical(self.registry)
-        self.book = OnlineMetricsBook(window_size=2000, max_versions=2)
-        self.book.bind(self.registry)
-        self.server = serve_metrics(self.registry, port=0, process_metrics=False)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._feed, daemon=True)
-        self.thread.start()
+    def send(self, n: int, rng: random.Random) -> int:
+        """n impressions alternating arms, ~25% clicked within the window; returns records sent."""
+        imp = KafkaSink(bootstrap=self.bootstrap, topic=self.impressions)
+        clk = KafkaSink(bootstrap=self.bootstrap, topic=self.clicks)
+        sent = 0
+        for _ in range(n):
+            iid = f"imp{self.seq:07d}"
+            arm = "control" if self.seq % 2 else "reloop"
+            clicked = rng.random() < 0.25
+            p = min(0.99, max(0.01, rng.uniform(0.05, 0.45) + (ARMS[arm] if clicked else 0.0)))
+            imp.send(encode(Impression(
+                impression_id=iid, request_id=f"r{iid}", user_id=f"u{rng.randrange(50)}",
+                item_id=f"it{rng.randrange(80)}",
+                features={"user": f"u{rng.randrange(50)}", "item": f"it{rng.randrange(80)}",
+                          "ctx": rng.randrange(10)},
+                event_time_ms=self.t_ms, served_prediction=round(p, 6), model_version=3, arm=arm,
+            )), key=iid.encode(), timestamp_ms=self.t_ms)
+            sent += 1
+            if clicked:
+                ct = self.t_ms + rng.randint(1, WINDOW_MS // 2)
+                click = encode(Click(impression_id=iid, event_time_ms=ct))
+                clk.send(click, key=iid.encode(), timestamp_ms=ct)
+                sent += 1
+            self.seq += 1
+            self.t_ms += 10
+        # Two malformed impressions: dead letters with a reason.
+        for _ in range(2):
+            imp.send(b"{not json", key=b"bad", timestamp_ms=self.t_ms)
+            sent += 1
+        imp.close()
+        clk.close()
+        return sent
 
-    def _feed(self) -> None:
-        rng = np.random.default_rng(0)
-        consumed = self.registry.get(reg.EVENTS_CONSUMED.name).labels(topic="impressions")
-        lag = self.registry.get(reg.CONSUMER_LAG.name).labels(topic="impressions", partition=0)
-        while not self.stop.wait(0.05):
-            for arm, version, skill in (("control", 1, 0.5), ("reloop", 2, 1.5), ("reloop", 1, 1.0)):
-                y = rng.integers(0, 2, 50)
-                # A higher skill separates the classes more: the AUC differs per arm/version.
-                p = 1 / (1 + np.exp(-(skill * (2 * y - 1) + rng.normal(size=50))))
-                for yi, pi in zip(y.tolist(), p.tolist(), strict=True):
-                    self.book.update(arm, version, yi, pi)
-            consumed.inc(150)
-            lag.set(int(rng.integers(0, 100)))
 
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
+def processor_config(tmp: Path, feed: Feed, metrics_port: int, group: str) -> Path:
+    cfg = {
+        "source": {"bootstrap": feed.bootstrap, "impressions_topic": feed.impressions,
+                   "clicks_topic": feed.clicks, "group_id": group, "poll_max_records": 256,
+                   "merge_idle_ms": 200},
+        "sink": {"samples_topic": None, "dead_letter_topic": None},
+        # A short idle timeout lets the watermark advance when the feed pauses, so the joiner emits
+        # the last negatives without a sentinel event.
+        "join": {"window_ms": WINDOW_MS, "allowed_lateness_ms": 100, "click_grace_ms": 500,
+                 "idle_timeout_ms": 1_000, "retention_ms": 5_000},
+        "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+        "train": {"batch_size": 32},
+        "period": {"every_samples": 256},
+        "checkpoint": {"dir": str(tmp / "snaps"), "keep": 3},
+        "metrics": {"window_size": 5_000, "prometheus_host": "127.0.0.1", "prometheus_port": metrics_port},
+        "log": {"stats_every_s": 1.0},
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
-@pytest.fixture(scope="session")
-def prometheus_binary():
-    return require_binary("prometheus")
+@dataclass
+class Running:
+    prom: LocalPrometheus
+    feed: Feed
+    proc: subprocess.Popen
+    log: Path
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[FedExporter]:
-    exp = FedExporter()
-    yield exp
-    exp.close()
+def running(kafka_broker, tmp_path_factory) -> Iterator[Running]:
+    binary = require_binary("prometheus")
+    tmp = tmp_path_factory.mktemp("scrape")
+    tag = uuid.uuid4().hex[:10]  # module scope: the conftest's unique_topic is per test
+    feed = Feed(kafka_broker.bootstrap, f"impressions-{tag}", f"clicks-{tag}")
+    create_topics(feed.bootstrap, {feed.impressions: 2, feed.clicks: 2})
+    rng = random.Random(5)
+    feed.send(800, rng)
+    port = free_port()
+    config = processor_config(tmp, feed, port, group=f"g-{tag}")
+    log = tmp / "run.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(config)],
+                                cwd=ROOT, stdout=out, stderr=out, env=env)
+    prom = LocalPrometheus(targets={"reloop-processor": [f"127.0.0.1:{port}"]},
+                           workdir=tmp / "prometheus", binary=binary)
+    try:
+        with prom:
+            yield Running(prom, feed, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-@pytest.fixture(scope="module")
-def prometheus(prometheus_binary, exporter, tmp_path_factory) -> Iterator[LocalPrometheus]:
-    prom = LocalPrometheus(
-        targets={"reloop-processor": [f"127.0.0.1:{exporter.server.port}"]},
-        workdir=tmp_path_factory.mktemp("prometheus"),
-        binary=prometheus_binary,
-    )
-    with prom:
-        yield prom
+def wait_for(r: Running, promql: str, min_results: int = 1, timeout: float = 90) -> list[dict]:
+    try:
+        return r.prom.wait_for(promql, timeout=timeout, min_results=min_results)
+    except TimeoutError as exc:
+        tail = r.log.read_text()[-3000:]
+        raise AssertionError(f"{exc}\nprocessor exit={r.proc.poll()} log:\n{tail}") from exc
 
 
-def test_rolling_auc_per_arm_and_version_is_scraped(prometheus):
-    series = prometheus.wait_for("reloop_rolling_auc", timeout=30, min_results=3)
-    by_key = {
-        (s["metric"]["arm"], s["metric"]["model_version"], s["metric"]["slot"]): float(s["value"][1])
-        for s in series
-    }
-    assert set(by_key) == {
-        ("control", "1", "current"), ("reloop", "2", "current"), ("reloop", "1", "previous"),
-    }
-    assert all(0.0 <= v <= 1.0 for v in by_key.values())
-    # The feeder separates classes better for reloop v2 than for control: the scraped values show it.
-    assert by_key[("reloop", "2", "current")] > by_key[("control", "1", "current")]
-    assert all(s["metric"]["job"] == "reloop-processor" for s in series)
+def test_rolling_auc_per_arm_is_scraped_from_the_processor(running):
+    series = wait_for(running, 'reloop_rolling_auc{job="reloop-processor"}', min_results=2)
+    by_arm = {s["metric"]["arm"]: s for s in series}
+    assert set(by_arm) == set(ARMS)
+    for s in series:
+        assert s["metric"]["model_version"] == "3"
+        assert s["metric"]["slot"] == "current"
+        assert 0.0 <= float(s["value"][1]) <= 1.0
+    # The feed separates clicks better on the reloop arm: the scraped AUCs say so.
+    assert float(by_arm["reloop"]["value"][1]) > float(by_arm["control"]["value"][1]) > 0.5
+    samples = wait_for(running, "reloop_rolling_window_samples", min_results=2)
+    assert all(float(s["value"][1]) > 0 for s in samples)
 
 
-def test_events_counter_increases_between_scrapes(prometheus):
-    prometheus.wait_for("reloop_events_consumed_total", timeout=30)
-    increase = prometheus.wait_for('increase(reloop_events_consumed_total{topic="impressions"}[5s]) > 0',
-                                   timeout=20)
-    assert float(increase[0]["value"][1]) > 0
+def test_events_counter_increases_as_events_arrive(running):
+    def consumed() -> float:
+        topic = running.feed.impressions
+        result = running.prom.query(f'sum(reloop_events_consumed_total{{topic="{topic}"}})')
+        return float(result[0]["value"][1]) if result else 0.0
+
+    wait_for(running, f'reloop_events_consumed_total{{topic="{running.feed.impressions}"}} > 0')
+    deadline = time.monotonic() + 60
+    before = consumed()
+    while time.monotonic() < deadline:  # let the first feed drain, so the rise below is the new one
+        time.sleep(2)
+        now = consumed()
+        if now == before:
+            break
+        before = now
+    running.feed.send(300, random.Random(6))
+    wait_for(running, f'sum(reloop_events_consumed_total{{topic="{running.feed.impressions}"}}) > {before}')
+    dead = wait_for(running, "reloop_dead_letters_total > 0")
+    assert all(s["metric"]["reason"] for s in dead)
 
 
-def test_no_unbounded_labels_are_exported(prometheus):
-    prometheus.wait_for("reloop_rolling_auc", timeout=30)
-    names = prometheus.query('count by (__name__) ({job="reloop-processor", __name__=~"reloop_.*"})')
+def test_only_canonical_series_and_bounded_labels(running):
+    wait_for(running, "reloop_rolling_auc", min_results=2)
+    names = running.prom.query('count by (__name__) ({job="reloop-processor", __name__=~"reloop_.*"})')
     exported = {s["metric"]["__name__"] for s in names}
+    assert {"reloop_events_consumed_total", "reloop_rolling_auc", "reloop_joiner_pending"} <= exported
     assert exported <= reg.exported_series_names()
-    allowed = {"__name__", "job", "instance", "topic", "partition", "arm", "model_version", "slot"}
-    for s in prometheus.query('{job="reloop-processor", __name__=~"reloop_.*"}'):
+    allowed = {"__name__", "job", "instance", "topic", "partition", "arm", "model_version", "slot",
+               "reason", "label", "part", "kind", "policy", "outcome"}
+    for s in running.prom.query('{job="reloop-processor", __name__=~"reloop_.*"}'):
         assert set(s["metric"]) <= allowed, s["metric"]
+
+
+def test_processor_stops_cleanly_after_being_scraped(running):
+    wait_for(running, "reloop_train_samples_total > 0")
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(timeout=60) == 0, running.log.read_text()[-3000:]
