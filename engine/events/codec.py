@@ -154,14 +154,6 @@ def _decode_many(
     return good, bad
 
 
-def _impression_json(obj: object) -> Impression:
-    return _impression(obj, True)
-
-
-def _sample_json(obj: object) -> LabeledSample:
-    return _sample(obj, True)
-
-
 def decode_impressions(
     values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[Impression], list[tuple[int, EventError]]]:
@@ -169,7 +161,7 @@ def decode_impressions(
 
     Never raises on bad data: every record ends up in exactly one of the two lists.
     """
-    return _decode_many(values, _impression_json, decode_impression, max_bytes)
+    return _decode_many(values, _impression, decode_impression, max_bytes)
 
 
 def decode_clicks(
@@ -183,4 +175,4 @@ def decode_samples(
     values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[LabeledSample], list[tuple[int, EventError]]]:
     """Batch form of decode_sample; see decode_impressions."""
-    return _decode_many(values, _sample_json, decode_sample, max_bytes)
+    return _decode_many(values, _sample, decode_sample, max_bytes)
