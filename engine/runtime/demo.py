@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -227,6 +228,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _json_default(x: object) -> object:
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON: {type(x).__name__}")
+
+
 def _fmt(x: float | int | None, spec: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -327,6 +334,41 @@ class Dashboard:
         return f"[{time.monotonic() - self.start:5.0f} s] req/s {self.rates[0]:.1f}  " + "  ".join(parts)
 
 
+def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs) -> dict[str, Any]:
+    """The summary as data (written to <workdir>/summary.json for scripts and tests)."""
+    from engine.simulate.stats import ab_report
+
+    arms = {}
+    for name in trainers:
+        with sim.stats.lock:
+            arm = sim.stats.arms.get(name)
+            truth = arm.summary() if arm else {}
+        logger = stack.arms[name].logger
+        arms[name] = {
+            **truth,
+            "snapshots_published": registries[name].latest_version() if name in registries else None,
+            "serving_version": stack.arms[name].holder.version,
+            "impressions_logged": logger.sent if logger else None,
+            "impressions_dropped": logger.dropped if logger else None,
+            "trainer_exit": trainer_rcs.get(name),
+        }
+    report = sim_config.report
+    ab = {}
+    if report.treatment and report.control:
+        with sim.stats.lock:
+            ab = ab_report(sim.stats, treatment=report.treatment, control=report.control, aa=report.aa)
+    s = sim.stats
+    return {
+        "arms": arms,
+        "ab": ab,
+        "clicks_sent": s.clicks_sent,
+        "clicks_beyond_window": s.clicks_late,
+        "clicks_pending_at_end": s.clicks_pending_at_end,
+        "not_ready": s.not_ready,
+        "failed_requests": s.errors,
+    }
+
+
 def print_summary(console: Console, *, sim, stack, trainers, registries, sim_config, trainer_rcs) -> None:
     from engine.simulate.report import ab_lines, arms_table, versions_table
 
@@ -386,7 +428,8 @@ def print_summary(console: Console, *, sim, stack, trainers, registries, sim_con
 
 def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop sequence reads best whole
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console = Console()
+    # Piped output (CI logs) gets a wide console so the tables stay readable.
+    console = Console() if Console().is_terminal else Console(width=160)
     try:
         doc = read_yaml(args.config)
         config = DemoConfig.model_validate(doc)
@@ -424,7 +467,11 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         plans = plan_arms(config, workdir=workdir, bootstrap=bootstrap, run_id=run_id)
         from connectors.kafka.admin import create_topics
 
-        topics = {t: 1 for p in plans for t in (p.impressions_topic, p.clicks_topic)}
+        topics = {
+            t: 1
+            for p in plans
+            for t in (p.impressions_topic, p.clicks_topic, p.run_config["sink"]["dead_letter_topic"])
+        }
         create_topics(bootstrap, topics, client_config=config.kafka.get("settings") or {})
         for plan in plans:
             trainers[plan.name] = TrainerProcess(plan)
@@ -451,7 +498,10 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         )
         rate = args.rate or sim_config.rate
         sim_thread = threading.Thread(
-            target=sim.run, kwargs={"rate": rate, "stop": stop}, name="simulator", daemon=True
+            target=sim.run,
+            kwargs={"rate": rate, "stop": stop, "concurrency": sim_config.concurrency},
+            name="simulator",
+            daemon=True,
         )
         sim_thread.start()
 
@@ -507,15 +557,17 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         if broker is not None:
             broker.stop()
     if sim is not None and stack is not None:
-        print_summary(
-            console,
-            sim=sim,
-            stack=stack,
-            trainers=trainers,
-            registries=registries,
-            sim_config=sim_config,
-            trainer_rcs=trainer_rcs,
-        )
+        parts = {
+            "sim": sim,
+            "stack": stack,
+            "trainers": trainers,
+            "registries": registries,
+            "sim_config": sim_config,
+            "trainer_rcs": trainer_rcs,
+        }
+        print_summary(console, **parts)
+        summary = summary_dict(**parts)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     bad = {n: rc for n, rc in trainer_rcs.items() if rc not in (0, None)}
     if bad:
         console.print(f"[red]trainers ended with errors: {bad}[/] (logs under {workdir})")

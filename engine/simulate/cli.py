@@ -106,7 +106,9 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    sim.run(rate=args.rate or config.rate, duration_s=args.duration, stop=stop)
+    sim.run(
+        rate=args.rate or config.rate, duration_s=args.duration, stop=stop, concurrency=config.concurrency
+    )
     sim.close()
     scorer.close()
     console.print(arms_table(sim.stats, title="simulate: truth per arm"))

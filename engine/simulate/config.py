@@ -23,6 +23,7 @@ class ReportConfig(_Frozen):
 
 class SimulateConfig(_Frozen):
     rate: float = Field(default=30.0, gt=0, description="requests per second")
+    concurrency: int = Field(default=2, ge=1, le=64, description="client threads sending requests")
     top_k: int = Field(default=10, ge=1, description="items shown per request")
     window: int = Field(default=5000, ge=10, description="rolling AUC window (impressions per arm)")
     world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig fields")

@@ -79,19 +79,24 @@ class Simulator:
         self.clicks = ClickQueue()
         self._sinks: dict[str, Sink] = {}
         self._n = 0
+        # The world's random generator is not thread-safe; HTTP calls happen outside this lock.
+        self._world_lock = threading.Lock()
+        self._emit_lock = threading.Lock()
 
     def t_s(self, now_ms: int) -> float:
         return (now_ms - self.start_ms) / 1000.0
 
     def step(self) -> dict[str, Any] | None:
         """One page view: get a ranking, draw clicks on the shown items, queue them; returns the response."""
-        now = self.clock_ms()
-        t = self.t_s(now)
-        request = self.world.sample_request(t)
-        self._n += 1
+        with self._world_lock:
+            now = self.clock_ms()
+            t = self.t_s(now)
+            request = self.world.sample_request(t)
+            self._n += 1
+            n = self._n
         context = self.world.context_features(request)
         body = {
-            "request_id": f"sim-{self.start_ms}-{self._n}",
+            "request_id": f"sim-{self.start_ms}-{n}",
             "user_id": context["user_id"],
             "context": context,
             "candidates": [
@@ -116,8 +121,9 @@ class Simulator:
         items = np.array([World.parse_item_id(r["item_id"]) for r in shown], dtype=np.int64)
         served = np.array([r["score"] for r in shown], dtype=np.float64)
         true_p = self.world.click_probability(request, t, items)
-        clicked = self.world.draw_clicks(true_p)
-        delays = self.world.draw_delays_s(int(clicked.sum()))
+        with self._world_lock:
+            clicked = self.world.draw_clicks(true_p)
+            delays = self.world.draw_delays_s(int(clicked.sum()))
         window = self.world.config.attribution_window_s
         arm = response["arm"]
         clicked_rows = [r for r, c in zip(shown, clicked.tolist(), strict=True) if c]
@@ -131,12 +137,13 @@ class Simulator:
         return response
 
     def emit_due_clicks(self, now_ms: int | None = None) -> int:
-        due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
-        for arm, click in due:
-            sink = self._sinks.get(arm)
-            if sink is None:
-                sink = self._sinks[arm] = self.click_sink(arm)
-            sink.send(encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms)
+        with self._emit_lock:
+            due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
+            for arm, click in due:
+                sink = self._sinks.get(arm)
+                if sink is None:
+                    sink = self._sinks[arm] = self.click_sink(arm)
+                sink.send(encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms)
         if due:
             with self.stats.lock:
                 self.stats.clicks_sent += len(due)
