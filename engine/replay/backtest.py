@@ -171,8 +171,11 @@ LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
 
 
 def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
-    from engine.models.registry import build_learner
+    """``build_learner`` with the model options this backbone has (an FM has no MLP to size)."""
+    from engine.models.registry import backbone_entry, build_learner
 
+    known = backbone_entry(run.backbone).config_cls.model_fields
+    options = {k: v for k, v in run.model_options if k in known}
     return build_learner(
         run.backbone,
         spec,
@@ -180,7 +183,7 @@ def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
         run.strategy.alpha,
         seed=run.seed,
         optimizer=dict(run.optimizer),
-        **dict(run.model_options),
+        **options,
     )
 
 

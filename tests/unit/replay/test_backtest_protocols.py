@@ -1,0 +1,150 @@
+"""The two backtest protocols, checked with a recording learner whose predictions encode its state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.events.schema import LabeledSample
+from engine.features.spec import CategoricalField, FeatureSpec
+from engine.metrics.online import ExactAUC
+from engine.replay.backtest import (
+    RunSpec,
+    Strategy,
+    auc,
+    logloss,
+    period_bounds_by_count,
+    period_bounds_by_time,
+    prepare,
+    run_periodic,
+    run_streaming,
+    strategy_grid,
+)
+
+SPEC = FeatureSpec(fields=(CategoricalField(name="x", buckets=50),))
+
+
+class Recorder:
+    """Predicts ``0.1 + 0.01 * steps`` (so a prediction tells which state made it) and logs every call."""
+
+    def __init__(self, log: list, steps: int = 0) -> None:
+        self.log, self.steps, self.frozen = log, steps, False
+
+    def predict_proba(self, batch):
+        self.log.append(("predict", self.frozen, self.steps, len(batch)))
+        return np.full(len(batch), 0.1 + 0.01 * self.steps)
+
+    def learn(self, batch, labels, y_last=None, weights=None):
+        assert not self.frozen
+        self.log.append(
+            ("learn", self.steps, None if y_last is None else np.asarray(y_last).copy(), len(batch))
+        )
+        self.steps += 1
+
+        class Stats:
+            sc_active_fraction = 0.0
+
+        return Stats()
+
+    def clone_frozen(self):
+        clone = Recorder(self.log, self.steps)
+        clone.frozen = True
+        return clone
+
+
+def _data(n: int = 12, per: int = 4):
+    samples = [
+        LabeledSample(f"s{i}", {"x": str(i % 5)}, i % 2, served_prediction=0.5 + i / 100, served_version=0,
+                      event_time_ms=1000 * i)
+        for i in range(n)
+    ]  # fmt: skip
+    return prepare(samples, SPEC, lambda t: period_bounds_by_count(len(t), n // per))
+
+
+def _factory(log):
+    return lambda run, spec: Recorder(log)
+
+
+def test_periodic_evaluates_before_training_and_uses_its_own_last_model() -> None:
+    log: list = []
+    data = _data()
+    rows = run_periodic(
+        data, RunSpec("periodic", "fake", Strategy("reloop", 0.5), 0, epochs=2, batch_size=2), _factory(log)
+    )
+    assert [r["period"] for r in rows] == [1, 2]
+    learns = [e for e in log if e[0] == "learn"]
+    # 4 samples per period, batch 2, 2 epochs -> 4 steps per period
+    assert len(learns) == 12
+    assert all(e[2] is None for e in learns[:4])  # period 0: no last model
+    # period 1 is scored by the model after 4 steps, and those scores are its y_last for every step
+    preds = [e for e in log if e[0] == "predict"]
+    assert [p[2] for p in preds] == [4, 8]
+    for e in learns[4:8]:
+        assert np.allclose(e[2], 0.1 + 0.01 * 4)
+    for e in learns[8:]:
+        assert np.allclose(e[2], 0.1 + 0.01 * 8)
+    assert rows[0]["n"] == 4 and rows[0]["strategy"] == "reloop@0.5"
+
+
+def test_periodic_logged_y_last_and_same_shuffle_for_every_strategy() -> None:
+    data = _data()
+    logs = []
+    for strategy in (Strategy("ce"), Strategy("kd", 0.2)):
+        log: list = []
+        run_periodic(
+            data, RunSpec("periodic", "f", strategy, 3, y_last="logged", batch_size=1), _factory(log)
+        )
+        logs.append(log)
+    learned = [[e[2] for e in log if e[0] == "learn"] for log in logs]
+    for a, b in zip(learned[0], learned[1], strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    # logged y_last values are the samples' served predictions of periods 1 and 2, in shuffled order
+    seen = sorted(float(v[0]) for v in learned[0][4:])
+    assert seen == pytest.approx(sorted(data.logged[4:]))
+
+
+def test_streaming_predicts_then_learns_with_the_serving_snapshot() -> None:
+    log: list = []
+    data = _data()
+    rows = run_streaming(
+        data, RunSpec("streaming", "f", Strategy("reloop", 0.2), 0, batch_size=2), _factory(log)
+    )
+    assert [r["period"] for r in rows] == [1, 2]
+    kinds = [(e[0], e[1]) if e[0] == "predict" else ("learn",) for e in log]
+    # period 0: predict (live model) then learn, twice; no snapshot yet
+    assert kinds[:4] == [("predict", False), ("learn",), ("predict", False), ("learn",)]
+    learns = [e for e in log if e[0] == "learn"]
+    assert learns[0][2] is None and learns[1][2] is None
+    # period 1's y_last comes from the snapshot frozen after 2 steps, period 2's after 4
+    assert np.allclose(learns[2][2], 0.12) and np.allclose(learns[3][2], 0.12)
+    assert np.allclose(learns[4][2], 0.14) and np.allclose(learns[5][2], 0.14)
+    frozen_steps = [e[2] for e in log if e[0] == "predict" and e[1]]
+    assert frozen_steps == [2, 2, 4, 4]
+
+
+def test_period_bounds() -> None:
+    t = np.array([0, 1, 2, 10, 11, 25, 26, 27, 28], dtype=np.int64)
+    assert period_bounds_by_time(t, 10) == (0, 3, 5, 9)
+    # the middle period (2 samples) is merged into the one before it
+    assert period_bounds_by_time(t, 10, min_size=3) == (0, 5, 9)
+    assert period_bounds_by_count(10, 3) == (0, 3, 7, 10)
+    with pytest.raises(ValueError):
+        period_bounds_by_time(t[::-1].copy(), 10)
+
+
+def test_auc_matches_the_exact_online_auc_with_ties_and_logloss() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = np.round(rng.random(500), 1)  # many ties
+    assert auc(y, p) == pytest.approx(ExactAUC.from_samples(y, p).get())
+    assert math.isnan(auc(np.ones(3), np.array([0.1, 0.2, 0.3])))
+    assert logloss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(math.log(2))
+
+
+def test_strategy_grid_needs_ce() -> None:
+    grid = strategy_grid(["ce", "kd", "reloop"], [0.2, 0.5])
+    assert [s.name for s in grid] == ["ce", "kd@0.2", "kd@0.5", "reloop@0.2", "reloop@0.5"]
+    with pytest.raises(ValueError, match="include ce"):
+        strategy_grid(["reloop"], [0.2])

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from engine.replay.report import compare, markdown_tables, plot, read_csv, t_interval, write_csv
+
+
+def _rows(shift_auc: dict[int, float], strategy: str = "reloop@0.5") -> list[dict]:
+    rows = []
+    for seed in range(3):
+        for period in (1, 2, 3):
+            base = 0.70 + 0.01 * period + 0.001 * seed
+            for s, d in (("ce", 0.0), (strategy, shift_auc[seed])):
+                rows.append(
+                    {
+                        "dataset": "d",
+                        "protocol": "periodic",
+                        "backbone": "dcn",
+                        "strategy": s,
+                        "loss": s.split("@")[0],
+                        "alpha": 0.5,
+                        "seed": seed,
+                        "period": period,
+                        "n": 10,
+                        "ctr": 0.5,
+                        "auc": base + d,
+                        "logloss": 0.5 - d,
+                        "sc_active": 0.1,
+                    }
+                )
+    return rows
+
+
+def test_paired_differences_and_verdicts() -> None:
+    wins = compare(_rows({0: 0.010, 1: 0.011, 2: 0.012}))
+    auc = next(c for c in wins if c.metric == "auc")
+    ll = next(c for c in wins if c.metric == "logloss")
+    assert auc.diff_seeds[0] == pytest.approx(0.011) and auc.verdict == "wins" and auc.seed_wins == 3
+    assert ll.diff_seeds[0] == pytest.approx(-0.011) and ll.verdict == "wins"
+    assert auc.n_seeds == 3 and auc.n_periods == 3
+    loses = compare(_rows({0: -0.010, 1: -0.011, 2: -0.012}))
+    assert {c.verdict for c in loses} == {"loses"}
+    ties = compare(_rows({0: -0.010, 1: 0.011, 2: 0.001}))
+    assert {c.verdict for c in ties} == {"ties"}
+
+
+def test_t_interval() -> None:
+    m, h = t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(t_interval([1.0])[1])
+
+
+def test_csv_round_trip_tables_and_plots(tmp_path: Path) -> None:
+    rows = _rows({0: 0.019, 1: 0.02, 2: 0.021})
+    path = tmp_path / "r.csv"
+    write_csv(rows[:5], path)
+    write_csv(rows[5:], path, append=True)
+    back = read_csv(path)
+    assert len(back) == len(rows) and back[3]["auc"] == pytest.approx(rows[3]["auc"])
+    md = markdown_tables(back)
+    assert "| reloop@0.5 |" in md and "+20.00 ±" in md and "wins / wins" in md
+    pngs = plot(back, tmp_path / "plots")
+    assert {p.name for p in pngs} == {"d_periodic_dcn.png", "differences.png"}
+    assert all(p.stat().st_size > 1000 for p in pngs)
