@@ -26,7 +26,9 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-chmod 0755 "$work"  # apt-get download drops privileges to _apt, which must reach this folder
+# apt-get download drops privileges to _apt, which must be able to write here.
+chmod 0755 "$work"
+if [[ "$(id -u)" == 0 ]] && id _apt >/dev/null 2>&1; then chown _apt "$work"; fi
 cd "$work"
 
 # apt-get download needs package lists; refresh them once if the package is unknown.
