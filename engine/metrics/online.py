@@ -473,7 +473,13 @@ class OnlineMetricsBook:
             "samples": registry.get(reg.ROLLING_SAMPLES.name),
         }
 
+        publish_lock = threading.Lock()  # two concurrent scrapes must not interleave the removals
+
         def publish() -> None:
+            with publish_lock:
+                _publish()
+
+        def _publish() -> None:
             rows = self.report()
             seen: set[tuple[str, str, str]] = set()
             for row in rows:
