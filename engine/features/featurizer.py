@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.features.hashing import fnv1a_strings, splitmix64, to_bucket
+from engine.features.hashing import fnv1a_utf8, splitmix64, to_bucket
 from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 
@@ -87,13 +87,6 @@ class FeatureError(ValueError):
     """A feature value that cannot be read as its field's kind (names the field)."""
 
 
-def _string_column(values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, missing mask) of a column of scalar values, hashed by their str() form."""
-    col = np.array(["" if v is None else v for v in values], dtype=str)
-    missing = col == ""
-    return fnv1a_strings(col), missing
-
-
 def log_bucket(x: np.ndarray) -> np.ndarray:
     """The Criteo-winners bucketing: floor(log(x)^2) for x > 2, else floor(x) (int64; nan -> 0)."""
     safe = np.where(np.isnan(x), 0.0, x)
@@ -104,78 +97,103 @@ def log_bucket(x: np.ndarray) -> np.ndarray:
 
 
 class Featurizer:
-    """Turns feature dicts into FeatureBatch rows for one FeatureSpec. Stateless, so it is thread safe."""
+    """Turns feature dicts (or columns) into FeatureBatch rows for one FeatureSpec. Stateless: thread safe."""
 
     def __init__(self, spec: FeatureSpec) -> None:
         self.spec = spec
+        self._names = tuple(f.name for f in spec.fields)
 
     def transform(self, features: Sequence[Mapping[str, Any]]) -> FeatureBatch:
+        """Rows from one feature dict per sample (absent keys are missing values)."""
+        names = self._names
+        if not features:
+            return self.transform_columns({name: () for name in names})
+        # One C-level map per dict, then a transpose: the cheapest way out of row-shaped Python data.
+        columns = zip(*[list(map(d.get, names)) for d in features], strict=True)
+        return self.transform_columns(dict(zip(names, columns, strict=True)))
+
+    def transform_columns(self, columns: Mapping[str, Sequence[Any]]) -> FeatureBatch:
+        """Rows from columnar input (field name -> one value per sample); absent fields are missing."""
+        lengths = {len(c) for c in columns.values()}
+        if len(lengths) > 1:
+            raise FeatureError(f"columns have different lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
         spec = self.spec
-        n = len(features)
+        missing_col = (None,) * n
+
+        def col(name: str) -> Sequence[Any]:
+            return columns.get(name, missing_col)
+
         cat = np.zeros((n, len(spec.cat_fields)), dtype=np.int64)
         for j, (f, offset) in enumerate(zip(spec.cat_fields, spec.cat_offsets, strict=True)):
-            cat[:, j] = offset + self._cat_rows(f, [d.get(f.name) for d in features])
+            cat[:, j] = offset + self._cat_rows(f, col(f.name))
         num = np.zeros((n, len(spec.dense_fields)), dtype=np.float32)
         for j, f in enumerate(spec.dense_fields):
-            num[:, j] = self._dense(f, [d.get(f.name) for d in features])
+            num[:, j] = self._dense(f, col(f.name))
         length = spec.max_multi_len
         multi = np.zeros((n, len(spec.multi_fields), length), dtype=np.int64)
         mask = np.zeros((n, len(spec.multi_fields), length), dtype=np.float32)
         for j, (f, offset) in enumerate(zip(spec.multi_fields, spec.multi_offsets, strict=True)):
-            ids, m = self._multi(f, [d.get(f.name) for d in features], length)
+            ids, m = self._multi(f, col(f.name), length)
             multi[:, j, :] = offset + ids
             mask[:, j, :] = m
         return FeatureBatch(cat=cat, num=num, multi=multi, multi_mask=mask)
 
-    def _cat_rows(self, f: CategoricalField | NumericField, values: list[Any]) -> np.ndarray:
+    @staticmethod
+    def _hash(f: CategoricalField | MultiCategoricalField, values: Sequence[Any]) -> np.ndarray:
+        try:
+            h, missing = fnv1a_utf8(values)
+        except TypeError as exc:
+            raise FeatureError(f"field {f.name!r}: {exc}") from exc
+        return np.where(missing, 0, to_bucket(h, f.buckets))
+
+    def _cat_rows(self, f: CategoricalField | NumericField, values: Sequence[Any]) -> np.ndarray:
         if isinstance(f, NumericField):
             x = self._floats(f, values)
             rows = to_bucket(splitmix64(log_bucket(x)), f.buckets)
             return np.where(np.isnan(x), 0, rows)
-        try:
-            h, missing = _string_column(values)
-        except (TypeError, ValueError) as exc:
-            raise FeatureError(f"field {f.name!r}: categorical values must be scalars ({exc})") from exc
-        return np.where(missing, 0, to_bucket(h, f.buckets))
+        return self._hash(f, values)
 
     @staticmethod
-    def _floats(f: NumericField, values: list[Any]) -> np.ndarray:
+    def _floats(f: NumericField, values: Sequence[Any]) -> np.ndarray:
+        try:
+            return np.asarray(values, dtype=np.float64)  # None -> nan already
+        except (TypeError, ValueError):
+            pass
         try:
             return np.array([np.nan if v is None or v == "" else v for v in values], dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise FeatureError(f"field {f.name!r}: numeric values expected ({exc})") from exc
 
-    def _dense(self, f: NumericField, values: list[Any]) -> np.ndarray:
+    def _dense(self, f: NumericField, values: Sequence[Any]) -> np.ndarray:
         x = self._floats(f, values)
         if f.transform == "minmax":
             assert f.min is not None and f.max is not None
             x = np.clip((x - f.min) / (f.max - f.min), 0.0, 1.0)
         return np.where(np.isnan(x), f.fill, x)
 
-    @staticmethod
-    def _multi(f: MultiCategoricalField, values: list[Any], length: int) -> tuple[np.ndarray, np.ndarray]:
+    def _multi(
+        self, f: MultiCategoricalField, values: Sequence[Any], length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         n = len(values)
         lists = []
         for v in values:
-            if v is None:
+            if v is None or v == "":
                 lists.append(())
             elif isinstance(v, list | tuple):
                 lists.append(v[: f.max_len])
             else:
                 raise FeatureError(f"field {f.name!r}: a list of strings expected, got {type(v).__name__}")
-        counts = np.fromiter((len(v) for v in lists), dtype=np.int64, count=n)
+        counts = np.fromiter(map(len, lists), dtype=np.int64, count=n)
         ids = np.zeros((n, length), dtype=np.int64)
         mask = np.zeros((n, length), dtype=np.float32)
         total = int(counts.sum())
         if total == 0:
             return ids, mask
-        try:
-            h, missing = _string_column(list(chain.from_iterable(lists)))
-        except (TypeError, ValueError) as exc:
-            raise FeatureError(f"field {f.name!r}: list items must be strings ({exc})") from exc
+        rows = self._hash(f, list(chain.from_iterable(lists)))
         rows_flat = np.repeat(np.arange(n), counts)
         starts = np.cumsum(counts) - counts
         cols_flat = np.arange(total) - np.repeat(starts, counts)
-        ids[rows_flat, cols_flat] = np.where(missing, 0, to_bucket(h, f.buckets))
-        mask[rows_flat, cols_flat] = np.where(missing, 0.0, 1.0)
+        ids[rows_flat, cols_flat] = rows
+        mask[rows_flat, cols_flat] = (rows != 0).astype(np.float32)
         return ids, mask

@@ -1,15 +1,17 @@
 """Deterministic, vectorised hashing of strings and integers into buckets.
 
-Python's ``hash()`` is salted per process, so it can never decide an embedding row. These hashes are
-64-bit FNV-1a over the Unicode code points of a string (numpy ``U`` arrays are UCS-4, so each code
-point is one uint32 column) and the splitmix64 finaliser for integers: the same value gets the same
-row in every process and on every machine.
+Python's ``hash()`` is salted per process, so it can never decide an embedding row. Strings use 64-bit
+FNV-1a over their UTF-8 bytes (the standard definition, so other languages can reproduce the rows),
+integers the splitmix64 finaliser: the same value gets the same row in every process and machine.
 
->>> bool(fnv1a_strings(np.array(["a"]))[0] == fnv1a_strings(np.array(["a", "bb"]))[0])
-True
+>>> hex(int(fnv1a_utf8(["a", "foobar"])[0][0])), hex(int(fnv1a_utf8(["a", "foobar"])[0][1]))
+('0xaf63dc4c8601ec8c', '0x85944171f73967e8')
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,25 +20,48 @@ FNV_PRIME = np.uint64(0x100000001B3)
 _U64 = np.uint64
 
 
-def fnv1a_strings(values: np.ndarray) -> np.ndarray:
-    """uint64 FNV-1a of each string in a numpy unicode array; trailing padding is not hashed."""
-    if values.dtype.kind != "U":
-        raise TypeError(f"fnv1a_strings needs a numpy unicode array, got dtype {values.dtype}")
-    n = values.shape[0]
-    width = values.dtype.itemsize // 4
+_SCALARS = (str, int, float, bool, np.integer, np.floating)
+
+
+def _as_strings(values: Sequence[Any]) -> list[str]:
+    out = ["" if v is None else (v if type(v) is str else str(v)) for v in values]
+    bad = next((v for v in values if v is not None and not isinstance(v, _SCALARS)), None)
+    if bad is not None:
+        raise TypeError(f"a scalar value expected, got {type(bad).__name__}")
+    return out
+
+
+def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 FNV-1a of each value's str() as UTF-8, mask of missing values: None or "").
+
+    The strings are joined into one buffer and hashed column by column (one numpy pass per byte
+    position up to the longest string), so the Python work per value is a join and a len().
+    """
+    try:
+        joined = "".join(values)  # fast path: all str
+        strings: Sequence[str] = values
+    except TypeError:
+        strings = _as_strings(values)
+        joined = "".join(strings)
+    data = joined.encode("utf-8")
+    n = len(strings)
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    missing = lengths == 0
+    if len(data) != len(joined):  # non-ASCII somewhere: lengths in bytes differ from lengths in chars
+        lengths = np.fromiter((len(s.encode("utf-8")) for s in strings), dtype=np.int64, count=n)
     h = np.full(n, FNV_OFFSET, dtype=np.uint64)
-    if n == 0 or width == 0:
-        return h
-    codes = np.ascontiguousarray(values).view(np.uint32).reshape(n, width).astype(np.uint64)
-    lengths = np.strings.str_len(values)
-    # Fold a position into the hash only while it is inside the string, so the batch's widest string
-    # (which sets the array width) never changes another string's hash.
+    if not data:
+        return h, missing
+    buf = np.frombuffer(data, dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    last = buf.size - 1
     with np.errstate(over="ignore"):
-        for j in range(width):
+        for j in range(int(lengths.max())):
+            # Only positions inside a string are folded in, so a value's hash never depends on its batch.
             active = lengths > j
-            mixed = (h ^ codes[:, j]) * FNV_PRIME
-            h = np.where(active, mixed, h)
-    return h
+            byte = buf[np.minimum(starts + j, last)].astype(np.uint64)
+            h = np.where(active, (h ^ byte) * FNV_PRIME, h)
+    return h, missing
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from engine.features import (
     criteo_spec,
 )
 from engine.features.featurizer import log_bucket
+from engine.features.hashing import fnv1a_utf8
 
 SPEC = FeatureSpec(
     fields=(
@@ -116,6 +117,33 @@ def test_bad_values_fail_naming_the_field():
         f.transform([{"price": "cheap"}])
     with pytest.raises(FeatureError, match="'tags'"):
         f.transform([{"tags": "not-a-list"}])
+    with pytest.raises(FeatureError, match="'user'.*dict"):
+        f.transform([{"user": "ok"}, {"user": {"nested": 1}}])
+    with pytest.raises(FeatureError, match="different lengths"):
+        f.transform_columns({"user": ["a", "b"], "item": ["c"]})
+
+
+def test_fnv1a_known_vectors_and_non_ascii():
+    h, missing = fnv1a_utf8(["", "a", "foobar", None, "é", 7])
+    assert [hex(int(v)) for v in h[:3]] == ["0xcbf29ce484222325", "0xaf63dc4c8601ec8c", "0x85944171f73967e8"]
+    assert missing.tolist() == [True, False, False, True, False, False]
+    assert h[5] == fnv1a_utf8(["7"])[0][0]
+    # UTF-8 bytes of "é" are c3 a9: FNV-1a by hand.
+    expected = 0xCBF29CE484222325
+    for byte in "é".encode():
+        expected = ((expected ^ byte) * 0x100000001B3) % 2**64
+    assert int(h[4]) == expected
+
+
+def test_columnar_input_equals_row_input():
+    rows = [{"user": "u1", "count": 5, "age": 20.0, "tags": ["x"]}, {"item": 4, "price": 1.5}]
+    cols = {name: [r.get(name) for r in rows] for name in SPEC.field_names}
+    a, b = Featurizer(SPEC).transform(rows), Featurizer(SPEC).transform_columns(cols)
+    for x, y in zip(
+        (a.cat, a.num, a.multi, a.multi_mask), (b.cat, b.num, b.multi, b.multi_mask), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+    assert len(Featurizer(SPEC).transform([])) == 0
 
 
 def test_batch_helpers_and_torch_view():
