@@ -1,0 +1,686 @@
+"""Frappe offline benchmark with the BARS ``Frappe_x1`` protocol (see docs/frappe-offline.md).
+
+Data: the NFM/BARS test and validation splits are used exactly as published (``nfm_libfm``); their train
+split is not public, so it is rebuilt from ``raw/frappe.csv``: the positives are the raw rows that are not
+in test/validation (a multiset difference on the full row: user, item and the 8 context fields), and each
+gets 2 sampled negatives (items the user never used anywhere in the log, with the positive's context).
+
+The libFM files are one-hot indices; raw values map to them by order of first appearance per column
+(user and item ids are already indices). ``load_splits`` checks that mapping on the data itself: every
+positive test/validation row must be a raw row, otherwise it refuses to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path("/work/shared/data/frappe")
+FIELDS = ("user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city")
+# Cardinalities from the NFM README; field k owns libFM indices OFFSETS[k] .. OFFSETS[k] + SIZES[k] - 1.
+SIZES = (957, 4082, 7, 7, 2, 3, 2, 9, 80, 233)
+OFFSETS = tuple(int(x) for x in np.concatenate([[0], np.cumsum(SIZES)[:-1]]))
+
+
+class FrappeDataError(ValueError):
+    """The Frappe files do not match the layout this benchmark relies on."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # (n, 10) int64, per-field ids 1..size (0 is kept for a missing value)
+    y: np.ndarray  # (n,) float32 in {0, 1}
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class FrappeSplits:
+    train: Split
+    valid: Split
+    test: Split
+    info: dict
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """raw/frappe.csv -> (n, 10) global libFM indices."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader)
+        missing = [c for c in FIELDS if c not in header]
+        if missing:
+            raise FrappeDataError(f"{path}: header lacks {missing}")
+        cols = [header.index(c) for c in FIELDS]
+        rows = [[r[c] for c in cols] for r in reader]
+    out = np.empty((len(rows), len(FIELDS)), dtype=np.int64)
+    out[:, 0] = [int(r[0]) for r in rows]
+    out[:, 1] = [OFFSETS[1] + int(r[1]) for r in rows]
+    for k in range(2, len(FIELDS)):
+        first_seen: dict[str, int] = {}
+        for r in rows:
+            first_seen.setdefault(r[k], len(first_seen))
+        if len(first_seen) != SIZES[k]:
+            raise FrappeDataError(f"{path}: {FIELDS[k]} has {len(first_seen)} values, expected {SIZES[k]}")
+        out[:, k] = [OFFSETS[k] + first_seen[r[k]] for r in rows]
+    if out[:, 0].max() >= SIZES[0] or out[:, 1].max() >= OFFSETS[1] + SIZES[1]:
+        raise FrappeDataError(f"{path}: user or item id out of range")
+    return out
+
+
+def _read_libfm(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    labels, idx = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if len(parts) != 1 + len(FIELDS):
+                raise FrappeDataError(
+                    f"{path}:{lineno}: expected {len(FIELDS)} features, got {len(parts) - 1}")
+            labels.append(1.0 if parts[0] == "1" else 0.0)
+            idx.append([int(p.split(":", 1)[0]) for p in parts[1:]])
+    x = np.asarray(idx, dtype=np.int64)
+    lo, hi = np.asarray(OFFSETS), np.asarray(OFFSETS) + np.asarray(SIZES)
+    if ((x < lo) | (x >= hi)).any():
+        raise FrappeDataError(f"{path}: an index falls outside its field's range")
+    return x, np.asarray(labels, dtype=np.float32)
+
+
+def _local(x: np.ndarray) -> np.ndarray:
+    """Global libFM indices -> per-field ids 1..size."""
+    return x - np.asarray(OFFSETS, dtype=np.int64) + 1
+
+
+def sample_negatives(pos: np.ndarray, used: dict[int, np.ndarray], n_items: int, per_positive: int,
+                     rng: np.random.Generator, avoid: set[tuple[int, ...]]) -> np.ndarray:
+    """``per_positive`` distinct never-used items per positive row, keeping the row's user and context.
+
+    Rows that would duplicate a test/validation row (``avoid``) are redrawn, so the test split stays
+    unseen; that changes well under 1% of the draws.
+    """
+    all_items = np.arange(n_items)
+    out = np.repeat(pos, per_positive, axis=0)
+    order = np.argsort(pos[:, 0], kind="stable")
+    users, starts = np.unique(pos[order, 0], return_index=True)
+    bounds = np.append(starts, len(order))
+    for u, a, b in zip(users, bounds[:-1], bounds[1:], strict=True):
+        candidates = np.setdiff1d(all_items, used[int(u)], assume_unique=True)
+        for i in order[a:b]:
+            picked = rng.choice(candidates, size=per_positive, replace=False)
+            for j, item in enumerate(picked):
+                row = out[i * per_positive + j]
+                row[1] = OFFSETS[1] + int(item)
+                tries = 0
+                while tuple(row) in avoid and tries < 100:
+                    row[1] = OFFSETS[1] + int(rng.choice(candidates))
+                    tries += 1
+    return out
+
+
+def load_splits(data_dir: Path = DEFAULT_DATA, seed: int = 2026, negatives: int = 2) -> FrappeSplits:
+    raw = _read_raw(data_dir / "raw" / "frappe.csv")
+    x_test, y_test = _read_libfm(data_dir / "nfm_libfm" / "frappe.test.libfm")
+    x_val, y_val = _read_libfm(data_dir / "nfm_libfm" / "frappe.validation.libfm")
+
+    raw_rows = Counter(map(tuple, raw.tolist()))
+    held_pos = Counter(map(tuple, np.concatenate([x_test[y_test == 1], x_val[y_val == 1]]).tolist()))
+    unmatched = held_pos - raw_rows
+    if unmatched:
+        raise FrappeDataError(
+            f"{sum(unmatched.values())} test/validation positives are not raw rows: the value->index map "
+            "(first appearance per column) does not hold for these files"
+        )
+    train_pos = np.asarray(sorted((raw_rows - held_pos).elements()), dtype=np.int64)
+
+    used: dict[int, set[int]] = defaultdict(set)
+    for u, item in raw[:, :2].tolist():
+        used[u].add(item - OFFSETS[1])
+    used_arr = {u: np.fromiter(sorted(s), dtype=np.int64) for u, s in used.items()}
+    bad_neg = sum(1 for row in x_test[y_test == 0].tolist() + x_val[y_val == 0].tolist()
+                  if row[1] - OFFSETS[1] in used[row[0]])
+    if bad_neg:
+        raise FrappeDataError(
+            f"{bad_neg} held-out negatives use an item their user used: not the NFM protocol")
+    avoid = set(map(tuple, np.concatenate([x_test, x_val]).tolist()))
+    rng = np.random.default_rng(seed)
+    train_neg = sample_negatives(train_pos, used_arr, SIZES[1], negatives, rng, avoid)
+
+    x_train = np.concatenate([train_pos, train_neg])
+    y_train = np.concatenate([np.ones(len(train_pos), np.float32), np.zeros(len(train_neg), np.float32)])
+    perm = rng.permutation(len(y_train))
+    info = {
+        "raw_rows": len(raw),
+        "train_positives": len(train_pos),
+        "train_negatives": len(train_neg),
+        "valid_rows": len(y_val),
+        "test_rows": len(y_test),
+        "negative_seed": seed,
+        "bars_train_rows": 288_609 - len(y_val) - len(y_test),
+    }
+    return FrappeSplits(
+        train=Split(_local(x_train[perm]), y_train[perm]),
+        valid=Split(_local(x_val), y_val),
+        test=Split(_local(x_test), y_test),
+        info=info,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and the BARS training protocol
+
+# Published BARS Frappe_x1 test results (AUC, LogLoss). DeepFM/DCN/DCNv2 are the numbers in
+# docs/reloop-method.md; the others are recalled from the BARS leaderboard without a way to check them
+# here, so the report marks them as uncertain.
+BARS_REFERENCE: dict[str, tuple[float, float | None, bool]] = {
+    "deepfm": (0.9842, 0.1482, True),
+    "dcn": (0.9839, 0.1527, True),
+    "dcnv2": (0.9845, 0.1491, True),
+    "lr": (0.9382, None, False),
+    "fm": (0.9708, None, False),
+    "nfm": (0.9746, None, False),
+    "pnn": (0.9836, None, False),
+    "wide_deep": (0.9833, None, False),
+    "xdeepfm": (0.9843, None, False),
+    "afn": (0.9826, None, False),
+    "fmfm": (0.9775, None, False),
+}
+DEFAULT_BACKBONES = (
+    "deepfm", "dcn", "dcnv2", "lr", "fm", "nfm", "pnn", "wide_deep", "xdeepfm", "fmfm", "afn",
+)
+DEEP = {"nfm", "pnn", "wide_deep", "deepfm", "dcn", "dcnv2", "xdeepfm"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The BARS Frappe_x1 settings (FuxiCTR), as used for every backbone here."""
+
+    batch_size: int = 4096
+    lr: float = 1e-3
+    embedding_dim: int = 10
+    hidden_units: tuple[int, ...] = (400, 400, 400)
+    dropout: float = 0.2
+    batch_norm: bool = True
+    cross_layers: int = 3
+    embedding_regularizer: float = 0.05
+    max_epochs: int = 100
+    patience: int = 2
+    lr_decay: float = 0.1
+    min_lr: float = 1e-6
+
+
+def frappe_spec():
+    from engine.features.spec import CategoricalField, FeatureSpec
+
+    return FeatureSpec(fields=tuple(
+        CategoricalField(name=name, buckets=size + 1) for name, size in zip(FIELDS, SIZES, strict=True)
+    ))
+
+
+def to_dataset(split: Split, spec):
+    """Per-field ids -> the spec's global rows, as a FeatureBatch (vocabulary ids: no hashing)."""
+    from engine.features.featurizer import FeatureBatch
+    from engine.train.offline import ArrayDataset
+
+    n = len(split)
+    cat = split.x + np.asarray(spec.cat_offsets, dtype=np.int64)
+    batch = FeatureBatch(
+        cat=np.ascontiguousarray(cat),
+        num=np.zeros((n, 0), np.float32),
+        multi=np.zeros((n, 0, 0), np.int64),
+        multi_mask=np.zeros((n, 0, 0), np.float32),
+    )
+    return ArrayDataset(batch, split.y)
+
+
+def model_config(backbone: str, p: Protocol) -> dict:
+    cfg: dict = {"embedding_dim": 1 if backbone == "lr" else p.embedding_dim}
+    if backbone in DEEP:
+        cfg.update(hidden_units=p.hidden_units, dropout=p.dropout, batch_norm=p.batch_norm)
+    if backbone in ("dcn", "dcnv2"):
+        cfg["cross_layers"] = p.cross_layers
+    if backbone == "afn":
+        cfg.update(afn_hidden_units=p.hidden_units, dnn_hidden_units=p.hidden_units, dropout=p.dropout,
+                   batch_norm=p.batch_norm)
+    return cfg
+
+
+def build(backbone: str, spec, p: Protocol, seed: int):
+    """A learner with FuxiCTR's embedding regularizer: L2 on the WHOLE embedding tables.
+
+    FuxiCTR adds ``(lambda / 2) * ||E||^2`` over every nn.Embedding to the batch loss; with Adam that is
+    exactly coupled weight decay on the embedding parameters only. The engine's ``embedding_l2`` instead
+    penalises the rows a batch looks up (divided by the batch size), a much weaker pull on rare rows, so
+    the benchmark gives the embedding tables their own Adam parameter group with
+    ``weight_decay = lambda`` (dense embedding gradients; the table is only 5,393 rows).
+    """
+    import torch
+    from torch import nn
+
+    from engine.models.registry import build_learner
+
+    learner = build_learner(backbone, spec, "ce", 0.0, seed=seed,
+                            optimizer={"lr": p.lr, "sparse_embeddings": False}, **model_config(backbone, p))
+    emb = [m.weight for m in learner.model.modules() if isinstance(m, nn.Embedding)]
+    emb_ids = {id(w) for w in emb}
+    rest = [w for w in learner.model.parameters() if id(w) not in emb_ids and w.requires_grad]
+    groups = [{"params": emb, "weight_decay": p.embedding_regularizer}, {"params": rest, "weight_decay": 0.0}]
+    learner.optimizers = {"dense": torch.optim.Adam(groups, lr=p.lr)}
+    return learner
+
+
+def _set_lr(learner, factor: float, floor: float) -> float:
+    lr = 0.0
+    for opt in getattr(learner, "optimizers", {}).values():
+        for group in opt.param_groups:
+            group["lr"] = max(group["lr"] * factor, floor)
+            lr = group["lr"]
+    return lr
+
+
+class DeviceSteps:
+    """Training/eval steps for a TorchLearner on any torch device.
+
+    On the CPU a step IS ``learner.learn`` (the engine's path). TorchLearner feeds CPU tensors only, so
+    on an accelerator the same step is spelled out here over the learner's own model, loss and
+    optimizers, with the whole split resident on the device.
+    """
+
+    def __init__(self, learner, device: str, seed: int, manual: bool = False) -> None:
+        import torch
+
+        from engine.models.blocks import GenDropout
+
+        self.learner = learner
+        self.device = torch.device(device)
+        # ``manual`` on the CPU runs the spelled-out step there: it must match learner.learn exactly.
+        self.manual = manual or self.device.type != "cpu"
+        if self.manual:
+            learner.model.to(self.device)  # in place: the optimizers keep the same Parameter objects
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            for m in learner.model.modules():
+                if isinstance(m, GenDropout):
+                    m.generator = gen
+
+    def put(self, data):
+        """An ArrayDataset -> what ``step``/``predict`` take (device tensors, or the dataset on CPU)."""
+        import torch
+
+        if not self.manual:
+            return data
+        return (torch.from_numpy(data.batch.cat).to(self.device),
+                torch.from_numpy(data.labels.astype(np.float32)).to(self.device))
+
+    def size(self, resident) -> int:
+        return int(resident[1].shape[0]) if self.manual else len(resident)
+
+    def step(self, resident, index: np.ndarray) -> float:
+        import torch
+
+        learner = self.learner
+        if not self.manual:
+            part = resident.take(index)
+            return learner.learn(part.batch, part.labels).total
+        cat, labels = resident
+        idx = torch.from_numpy(index).to(self.device)
+        learner.model.train()
+        out = learner.model(self._batch(cat[idx]))
+        loss, stats = learner.loss(out["logit"], labels[idx])
+        for o in learner.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in learner.optimizers.values():
+            o.step()
+        learner.steps += 1
+        return stats.total
+
+    def _batch(self, cat):
+        import torch
+
+        from engine.features.featurizer import TorchFeatureBatch
+
+        b = cat.shape[0]
+        return TorchFeatureBatch(
+            cat=cat,
+            num=torch.zeros((b, 0), device=self.device),
+            multi=torch.zeros((b, 0, 0), dtype=torch.long, device=self.device),
+            multi_mask=torch.zeros((b, 0, 0), device=self.device),
+        )
+
+    def predict(self, resident, batch_size: int = 16384) -> np.ndarray:
+        import torch
+
+        from engine.train.offline import predict
+
+        if not self.manual:
+            return predict(self.learner, resident, batch_size)
+        cat, _ = resident
+        model = self.learner.model.eval()
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, cat.shape[0], batch_size):
+                outs.append(torch.sigmoid(model(self._batch(cat[i:i + batch_size]))["logit"]).double().cpu())
+        return torch.cat(outs).numpy()
+
+
+def run_backbone(backbone: str, splits: FrappeSplits, p: Protocol, seed: int, device: str,
+                 log=print) -> dict:
+    """BARS protocol: Adam, validation AUC each epoch; on no improvement lr *= 0.1; stop after
+    ``patience`` epochs without improvement; evaluate the best epoch's weights on the test split."""
+    import copy
+
+    import torch
+
+    from engine.train.offline import log_loss, roc_auc
+
+    spec = frappe_spec()
+    torch.manual_seed(seed)
+    learner = build(backbone, spec, p, seed)
+    steps = DeviceSteps(learner, device, seed)
+    train, valid, test = (steps.put(to_dataset(s, spec)) for s in (splits.train, splits.valid, splits.test))
+    y_valid, y_test = splits.valid.y, splits.test.y
+    rng = np.random.default_rng(seed)
+    n = steps.size(train)
+    best_auc, best_epoch, best_state, stale = -1.0, 0, None, 0
+    epochs = []
+    t_start = time.perf_counter()
+    train_seconds = 0.0
+    for epoch in range(1, p.max_epochs + 1):
+        order = rng.permutation(n)
+        t0 = time.perf_counter()
+        total = 0.0
+        for i in range(0, n, p.batch_size):
+            idx = order[i:i + p.batch_size]
+            total += steps.step(train, idx) * len(idx)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        pv = steps.predict(valid)
+        auc, ll = roc_auc(y_valid, pv), log_loss(y_valid, pv)
+        lr_now = learner.optimizers["dense"].param_groups[0]["lr"]
+        epochs.append({"epoch": epoch, "train_loss": total / n, "valid_auc": auc, "valid_logloss": ll,
+                       "seconds": seconds, "lr": lr_now})
+        log(f"  {backbone} seed={seed} epoch {epoch}: loss {total / n:.4f} valid AUC {auc:.4f} "
+            f"logloss {ll:.4f} lr {lr_now:g} ({seconds:.1f}s)")
+        if auc > best_auc:
+            best_auc, best_epoch, stale = auc, epoch, 0
+            best_state = copy.deepcopy({k: v.detach() for k, v in learner.model.state_dict().items()})
+        else:
+            stale += 1
+            if stale >= p.patience:
+                break
+            _set_lr(learner, p.lr_decay, p.min_lr)
+    assert best_state is not None
+    learner.model.load_state_dict(best_state)
+    pt = steps.predict(test)
+    pv = steps.predict(valid)
+    return {
+        "backbone": backbone,
+        "seed": seed,
+        "device": device,
+        "test_auc": roc_auc(y_test, pt),
+        "test_logloss": log_loss(y_test, pt),
+        "valid_auc": roc_auc(y_valid, pv),
+        "valid_logloss": log_loss(y_valid, pv),
+        "best_epoch": best_epoch,
+        "epochs_run": len(epochs),
+        "train_seconds": train_seconds,
+        "train_samples_per_s": n * len(epochs) / train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "parameters": int(sum(v.numel() for v in learner.model.parameters())),
+        "epochs": epochs,
+    }
+
+
+def measure_throughput(backbone: str, splits: FrappeSplits, p: Protocol, batch_sizes: tuple[int, ...],
+                       rounds: int, seconds_per_round: float, seed: int = 0) -> dict[int, dict]:
+    """Training samples/s through ``learner.learn`` (the engine's CPU path), per batch size.
+
+    Batch sizes alternate round by round in one process (docs/perf-notes.md: the machine changes
+    speed between processes), each round runs whole steps for about ``seconds_per_round``; the median
+    round is reported, after one warm-up step per size.
+    """
+    spec = frappe_spec()
+    data = to_dataset(splits.train, spec)
+    learner = build(backbone, spec, p, seed)
+    rng = np.random.default_rng(seed)
+    parts = {b: [data.take(rng.choice(len(data), b, replace=False)) for _ in range(4)] for b in batch_sizes}
+    for b in batch_sizes:
+        learner.learn(parts[b][0].batch, parts[b][0].labels)
+    rates: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    for r in range(rounds):
+        for b in batch_sizes:
+            done, t0 = 0, time.perf_counter()
+            while True:
+                part = parts[b][(done // b + r) % 4]
+                learner.learn(part.batch, part.labels)
+                done += b
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds_per_round:
+                    break
+            rates[b].append(done / elapsed)
+    return {b: {"median": float(np.median(v)), "rounds": v} for b, v in rates.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line and the report
+
+ANALYSIS = """\
+## Reading the numbers
+
+* The train split is rebuilt, not the published one: the positives are exactly BARS's (raw rows minus the
+  test/validation positives), the negatives are our own draw of 2 never-used items per positive (the
+  published train split holds 134,423 negatives, our draw 135,208: 2 per train positive). Published
+  scores come from a different negative draw, so a gap of a few 1e-4 AUC is expected noise on top of
+  the seed-to-seed spread (BARS reports ~1e-3 AUC seed spread on Avazu).
+* The published reference numbers other than DeepFM/DCN/DCNv2 (marked `~`) were recalled from the BARS
+  leaderboard without a source at hand; treat them as approximate.
+* Every backbone here uses the same BARS DeepFM-style settings (dropout 0.2, batch norm, embedding
+  regularizer 0.05, Adam 1e-3, batch 4096, lr x0.1 on a validation plateau, patience 2). BARS tuned each
+  model separately (e.g. different regularizers/dropout per model), so the untuned ones (LR, FM, FmFM,
+  NFM, AFN+) are the likeliest to miss their published scores.
+"""
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _summary(runs: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in runs:
+        out.setdefault(r["backbone"], {"runs": []})["runs"].append(r)
+    for d in out.values():
+        aucs = np.array([r["test_auc"] for r in d["runs"]])
+        lls = np.array([r["test_logloss"] for r in d["runs"]])
+        d.update(auc=float(aucs.mean()), auc_sd=float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
+                 logloss=float(lls.mean()), n=len(aucs))
+    return out
+
+
+def write_report(accuracy: dict | None, throughput: dict | None, out: Path) -> None:
+    lines = ["# Frappe offline benchmark (BARS Frappe_x1 protocol)", "",
+             "Generated by `bench/frappe_offline.py report`; every number below comes from the JSON "
+             "written by the commands named in each section (do not edit by hand).", ""]
+    if accuracy:
+        info, p = accuracy["data"], accuracy["protocol"]
+        lines += [
+            "## Data", "",
+            f"* test: `nfm_libfm/frappe.test.libfm` as published ({info['test_rows']:,} rows); validation: "
+            f"`frappe.validation.libfm` ({info['valid_rows']:,} rows), used for early stopping only.",
+            f"* train: rebuilt from `raw/frappe.csv` ({info['raw_rows']:,} rows): "
+            f"{info['train_positives']:,} positives = raw rows not in test/validation (matched on the "
+            f"full row), plus "
+            f"{info['train_negatives']:,} negatives (2 per positive: items the user never used, the "
+            f"positive's context; draw seed {info['negative_seed']}, redrawn where a draw equals a "
+            f"test/validation row). The published train split had {info['bars_train_rows']:,} rows.",
+            "* Frappe has no timestamps; this offline benchmark does not need any.", "",
+            "## Protocol", "",
+            f"Batch {p['batch_size']}, Adam lr {p['lr']:g}, embedding dim {p['embedding_dim']}, MLP "
+            f"{list(p['hidden_units'])}, dropout {p['dropout']}, batch norm {p['batch_norm']}, "
+            f"{p['cross_layers']} cross layers (DCN, DCNv2), embedding regularizer "
+            f"{p['embedding_regularizer']} (FuxiCTR: L2 over the whole embedding tables = Adam weight decay "
+            f"on them), validation AUC after every epoch, lr x{p['lr_decay']} when it does not improve, "
+            f"stop after {p['patience']} epochs "
+            f"without improvement (max {p['max_epochs']}), test on the best epoch's weights. CE loss.", "",
+            f"Command: `{accuracy['command']}`  ",
+            f"Device: {accuracy['device_name']}; torch {accuracy['torch']}; "
+            f"total {accuracy['wall_seconds']:.0f} s.",
+            "",
+            "## Test results", "",
+            "| backbone | test AUC | test LogLoss | seeds | BARS AUC | BARS LogLoss | AUC - BARS "
+            "| within 0.003 | best epoch | epochs |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for b, d in _summary(accuracy["runs"]).items():
+            ref_auc, ref_ll, sure = BARS_REFERENCE.get(b, (None, None, False))
+            mark = "" if sure else "~"
+            auc = d["auc"] if d["auc_sd"] is None else None
+            auc_txt = _fmt(auc) if auc is not None else f"{d['auc']:.4f} ± {d['auc_sd']:.4f}"
+            delta = None if ref_auc is None else d["auc"] - ref_auc
+            within = "n/a" if delta is None else ("yes" if abs(delta) <= 0.003 else "**no**")
+            lines.append(
+                f"| {b} | {auc_txt} | {_fmt(d['logloss'])} | {d['n']} | "
+                f"{mark}{_fmt(ref_auc)} | {_fmt(ref_ll)} | {'n/a' if delta is None else f'{delta:+.4f}'} | "
+                f"{within} | {', '.join(str(r['best_epoch']) for r in d['runs'])} | "
+                f"{', '.join(str(r['epochs_run']) for r in d['runs'])} |"
+            )
+        lines += ["", "`~` = reference recalled from the BARS leaderboard, not checked against the source; "
+                  "± = sample standard deviation over seeds.", "", ANALYSIS]
+    if throughput:
+        sizes = [str(b) for b in throughput["batch_sizes"]]
+        lines += [
+            "## Training throughput on the development machine", "",
+            f"`learner.learn` (the engine's CPU path) with the settings above, samples/s, median of "
+            f"{throughput['rounds']} rounds of ~{throughput['seconds_per_round']:g} s, batch sizes "
+            f"alternating in one process. Machine: {throughput['machine']}; load average when it started "
+            f"{throughput['load_start']}, at the end {throughput['load_end']} (shared with other engineers: "
+            "treat these as lower bounds, ratios between rows are more stable than the absolute values).", "",
+            f"Command: `{throughput['command']}`", "",
+            "| backbone | " + " | ".join(f"samples/s @ {b}" for b in sizes) + " |",
+            "| --- | " + " | ".join("---" for _ in sizes) + " |",
+        ]
+        for b, per in throughput["results"].items():
+            lines.append(f"| {b} | " + " | ".join(f"{per[s]['median']:,.0f}" for s in sizes) + " |")
+        lines.append("")
+    if accuracy:
+        lines += ["## Training throughput during the accuracy runs", "",
+                  f"Whole epochs (batch {accuracy['protocol']['batch_size']}, shuffled indexing on the "
+                  f"device) on {accuracy['device_name']}, mean over the epochs of each run:", "",
+                  "| backbone | seed | samples/s | parameters |", "| --- | --- | --- | --- |"]
+        for r in accuracy["runs"]:
+            lines.append(f"| {r['backbone']} | {r['seed']} | {r['train_samples_per_s']:,.0f} | "
+                         f"{r['parameters']:,} |")
+        lines += ["", "<details><summary>Per-epoch validation log</summary>", "", "```"]
+        for r in accuracy["runs"]:
+            for e in r["epochs"]:
+                lines.append(f"{r['backbone']:>9} seed {r['seed']} ep {e['epoch']:>3} "
+                             f"loss {e['train_loss']:.4f} valid AUC {e['valid_auc']:.4f} "
+                             f"logloss {e['valid_logloss']:.4f} lr {e['lr']:g}")
+        lines += ["```", "", "</details>", ""]
+    out.write_text("\n".join(lines))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} ({os.cpu_count()} CPU cores)"
+    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+
+
+def _cmd_accuracy(args: argparse.Namespace) -> int:
+    import torch
+
+    p = Protocol(max_epochs=args.max_epochs)
+    splits = load_splits(args.data, seed=args.negative_seed)
+    print(f"data: {splits.info}", flush=True)
+    plan = [(b, args.seed) for b in args.backbones]
+    plan += [(b, args.seed + k) for k in range(1, args.seeds) for b in args.more_seeds_for]
+    result = {"command": " ".join(["python -m bench.frappe_offline", *sys.argv[1:]]), "data": splits.info,
+              "protocol": {**p.__dict__, "hidden_units": list(p.hidden_units)}, "device": args.device,
+              "device_name": _device_name(args.device), "torch": torch.__version__, "runs": [],
+              "skipped": []}
+    t0 = time.perf_counter()
+    for backbone, seed in plan:
+        if time.perf_counter() - t0 > args.budget_s:
+            result["skipped"].append([backbone, seed])
+            continue
+        r = run_backbone(backbone, splits, p, seed, args.device, log=lambda m: print(m, flush=True))
+        print(f"{backbone} seed {seed}: test AUC {r['test_auc']:.4f} logloss {r['test_logloss']:.4f} "
+              f"(best epoch {r['best_epoch']}, {r['wall_seconds']:.0f}s)", flush=True)
+        result["runs"].append(r)
+        result["wall_seconds"] = time.perf_counter() - t0
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    p = Protocol()
+    splits = load_splits(args.data)
+    result = {"command": " ".join(["python -m bench.frappe_offline", *sys.argv[1:]]),
+              "machine": _device_name("cpu"), "batch_sizes": args.batch_sizes, "rounds": args.rounds,
+              "seconds_per_round": args.seconds, "load_start": [round(x, 1) for x in os.getloadavg()],
+              "results": {}}
+    for b in args.backbones:
+        r = measure_throughput(b, splits, p, tuple(args.batch_sizes), args.rounds, args.seconds)
+        result["results"][b] = {str(k): v for k, v in r.items()}
+        print(b, {k: round(v["median"]) for k, v in r.items()}, flush=True)
+        result["load_end"] = [round(x, 1) for x in os.getloadavg()]
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    acc = json.loads(args.accuracy.read_text()) if args.accuracy else None
+    thr = json.loads(args.throughput.read_text()) if args.throughput else None
+    write_report(acc, thr, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    csv_list = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    acc = sub.add_parser("accuracy", help="train every backbone with the BARS protocol, test AUC/LogLoss")
+    acc.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    acc.add_argument("--device", default="cpu")
+    acc.add_argument("--backbones", type=csv_list, default=list(DEFAULT_BACKBONES))
+    acc.add_argument("--seed", type=int, default=2026)
+    acc.add_argument("--seeds", type=int, default=1, help="seeds for --more-seeds-for backbones")
+    acc.add_argument("--more-seeds-for", type=csv_list, default=["deepfm", "dcn", "dcnv2"])
+    acc.add_argument("--negative-seed", type=int, default=2026)
+    acc.add_argument("--max-epochs", type=int, default=100)
+    acc.add_argument("--budget-s", type=float, default=math.inf, help="start no new run after this")
+    acc.add_argument("--json", type=Path, required=True)
+    acc.set_defaults(fn=_cmd_accuracy)
+    thr = sub.add_parser("throughput", help="training samples/s per backbone through learner.learn")
+    thr.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    thr.add_argument("--backbones", type=csv_list, default=list(DEFAULT_BACKBONES))
+    thr.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096])
+    thr.add_argument("--rounds", type=int, default=3)
+    thr.add_argument("--seconds", type=float, default=3.0)
+    thr.add_argument("--json", type=Path, required=True)
+    thr.set_defaults(fn=_cmd_throughput)
+    rep = sub.add_parser("report", help="write docs/frappe-offline.md from the JSON results")
+    rep.add_argument("--accuracy", type=Path)
+    rep.add_argument("--throughput", type=Path)
+    rep.add_argument("--out", type=Path, default=Path("docs/frappe-offline.md"))
+    rep.set_defaults(fn=_cmd_report)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
