@@ -334,7 +334,7 @@ class Dashboard:
         return f"[{time.monotonic() - self.start:5.0f} s] req/s {self.rates[0]:.1f}  " + "  ".join(parts)
 
 
-def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs) -> dict[str, Any]:
+def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs, run_id) -> dict[str, Any]:
     """The summary as data (written to <workdir>/summary.json for scripts and tests)."""
     from engine.simulate.stats import ab_report
 
@@ -351,6 +351,8 @@ def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs) -
             "impressions_logged": logger.sent if logger else None,
             "impressions_dropped": logger.dropped if logger else None,
             "trainer_exit": trainer_rcs.get(name),
+            "impressions_topic": trainers[name].plan.impressions_topic,
+            "clicks_topic": trainers[name].plan.clicks_topic,
         }
     report = sim_config.report
     ab = {}
@@ -359,6 +361,7 @@ def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs) -
             ab = ab_report(sim.stats, treatment=report.treatment, control=report.control, aa=report.aa)
     s = sim.stats
     return {
+        "run_id": run_id,
         "arms": arms,
         "ab": ab,
         "clicks_sent": s.clicks_sent,
@@ -454,6 +457,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
     trainers: dict[str, TrainerProcess] = {}
     trainer_rcs: dict[str, int | None] = {}
     registries: dict = {}
+    failed: list[str] = []
     exit_code = 0
     try:
         bootstrap = args.bootstrap
@@ -514,6 +518,10 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         def tick() -> bool:
             stop.wait(refresh)
             dash.sample()
+            if not sim_thread.is_alive() and not stop.is_set():
+                console.print("[red]the simulator stopped unexpectedly (see the traceback above)[/]")
+                failed.append("simulator")
+                return False
             dead = [n for n, t in trainers.items() if t.returncode is not None]
             if dead:
                 console.print(f"[red]trainer(s) exited early: {dead}[/]")
@@ -533,7 +541,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             with Live(dash.render(), console=console, refresh_per_second=4) as live:
                 while tick():
                     live.update(dash.render())
-        if any(t.returncode is not None for t in trainers.values()):
+        if failed or any(t.returncode is not None for t in trainers.values()):
             exit_code = 1
     except Exception as exc:  # noqa: BLE001 - report, then still stop everything below
         console.print(f"[red]reloop demo failed: {exc!r}[/]")
@@ -566,8 +574,11 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             "trainer_rcs": trainer_rcs,
         }
         print_summary(console, **parts)
-        summary = summary_dict(**parts)
+        summary = summary_dict(**parts, run_id=run_id)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if sim is not None and exit_code == 0 and not any(a.impressions for a in sim.stats.arms.values()):
+        console.print("[red]no impression was served: the loop did not run[/]")
+        exit_code = 1
     bad = {n: rc for n, rc in trainer_rcs.items() if rc not in (0, None)}
     if bad:
         console.print(f"[red]trainers ended with errors: {bad}[/] (logs under {workdir})")

@@ -150,10 +150,31 @@ class Simulator:
         return len(due)
 
     def run(
-        self, *, rate: float, duration_s: float | None = None, stop: threading.Event | None = None
+        self,
+        *,
+        rate: float,
+        duration_s: float | None = None,
+        stop: threading.Event | None = None,
+        concurrency: int = 1,
     ) -> None:
-        """Send ``rate`` requests per second (paced, not bursty) until ``duration_s`` or ``stop``."""
+        """Send ``rate`` requests per second (paced, not bursty) until ``duration_s`` or ``stop``, from
+        ``concurrency`` threads (each at rate / concurrency) so one slow answer does not stall the rest."""
         stop = stop or threading.Event()
+        if concurrency > 1:
+            workers = [
+                threading.Thread(
+                    target=self.run,
+                    kwargs={"rate": rate / concurrency, "duration_s": duration_s, "stop": stop},
+                    name=f"simulator-{i}",
+                    daemon=True,
+                )
+                for i in range(concurrency)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            return
         interval = 1.0 / rate
         start = time.monotonic()
         next_at = start
