@@ -1,0 +1,117 @@
+"""The benchmark framework's arithmetic and report rendering (no timing is asserted)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from bench.suite import (
+    FIGURES,
+    Figure,
+    Row,
+    alternate,
+    fmt_number,
+    median_ratio,
+    percentiles,
+    render_markdown,
+    render_table,
+)
+
+
+def test_median_ratio_is_the_median_of_per_round_ratios_not_the_ratio_of_medians() -> None:
+    a = [1.0, 10.0, 3.0]
+    b = [1.0, 2.0, 6.0]
+    # per-round ratios 1.0, 5.0, 0.5 -> median 1.0; ratio of medians would be 3/2
+    assert median_ratio(a, b) == pytest.approx(1.0)
+
+
+def test_median_ratio_refuses_unpaired_rounds() -> None:
+    with pytest.raises(ValueError):
+        median_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        median_ratio([], [])
+
+
+def test_alternate_swaps_the_order_every_round_and_pairs_values() -> None:
+    calls: list[str] = []
+    counter = itertools.count(1)
+
+    def a() -> float:
+        calls.append("a")
+        return float(next(counter))
+
+    def b() -> float:
+        calls.append("b")
+        return 2.0
+
+    a_values, b_values, ratio = alternate(a, b, rounds=4, warmup=True, between=lambda: None)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(a_values) == len(b_values) == 4
+    assert a_values == [2.0, 3.0, 4.0, 5.0]  # the warm-up value (1.0) is not recorded
+    assert ratio == pytest.approx((3.0 / 2 + 4.0 / 2) / 2)
+
+
+def test_alternate_without_warmup_and_with_bad_rounds() -> None:
+    a_values, b_values, ratio = alternate(lambda: 3.0, lambda: 1.5, rounds=1, warmup=False)
+    assert (a_values, b_values, ratio) == ([3.0], [1.5], 2.0)
+    with pytest.raises(ValueError):
+        alternate(lambda: 1.0, lambda: 1.0, rounds=0)
+
+
+def test_percentiles_interpolate_like_numpy() -> None:
+    np = pytest.importorskip("numpy")
+    values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0]
+    qs = [0, 50, 90, 99, 99.9, 100]
+    assert percentiles(values, qs) == pytest.approx(list(np.percentile(values, qs)))
+
+
+def test_fmt_number_sizes() -> None:
+    assert fmt_number(1_234_567.0) == "1,234,567"
+    assert fmt_number(123.45) == "123.5"
+    assert fmt_number(1.2345) == "1.23"
+    assert fmt_number(0.012345) == "0.0123"
+    assert fmt_number(None) == ""
+    assert fmt_number(float("nan")) == "n/a"
+
+
+def test_row_round_trips_through_dict() -> None:
+    row = Row("x", 1.5, "s", "base", 3.0, 0.5, "<= 1 s", False, "python -m bench --only x")
+    assert Row.from_dict(row.to_dict()) == row
+    fig = Figure(key="k", title="T", rows=[row], notes="n", error=None, seconds=2.0)
+    assert Figure.from_dict(fig.to_dict()) == fig
+
+
+def test_table_escapes_pipes_and_marks_misses() -> None:
+    rows = [
+        Row("a | b", 300_000.0, "events/s", "dict join", 1e6, 0.3, ">= 300k/s", True, "cmd"),
+        Row("c", 6.2, "ms", target="<= 5 ms", met=False),
+        Row("d", 1.0, "x"),
+    ]
+    text = render_table(rows)
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 + 3
+    assert "a \\| b" in lines[2]
+    assert "300,000 events/s" in lines[2] and "0.300" in lines[2] and "| yes |" in lines[2]
+    assert "**no**" in lines[3]
+    assert lines[4].count("|") == lines[0].count("|")
+
+
+def test_markdown_counts_targets_and_shows_failures() -> None:
+    figs = [
+        Figure("a", "A title", rows=[Row("r1", 1.0, "s", target="<= 2 s", met=True)], notes="about A"),
+        Figure("b", "B title", rows=[Row("r2", 9.0, "s", target="<= 2 s", met=False)]),
+        Figure("c", "C title", error="RuntimeError: broker down"),
+    ]
+    machine = {"date": "2026-01-01 00:00 UTC", "cpu": "Test CPU", "cores": "2", "load": "1.0"}
+    text = render_markdown(figs, machine, "python -m bench", quick=True)
+    assert "Targets met: 1 of 2." in text
+    assert "## A title" in text and "about A" in text
+    assert "**Failed**: RuntimeError: broker down" in text
+    assert "Test CPU" in text and "--quick" in text
+
+
+def test_every_figure_names_a_loadable_target() -> None:
+    for spec in FIGURES.values():
+        module, func = spec.target.split(":")
+        assert module.startswith("bench.") and func
