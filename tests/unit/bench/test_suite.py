@@ -115,3 +115,27 @@ def test_every_figure_names_a_loadable_target() -> None:
     for spec in FIGURES.values():
         module, func = spec.target.split(":")
         assert module.startswith("bench.") and func
+
+
+def test_collapse_top_counts_self_at_the_leaf_and_inclusive_once_per_stack() -> None:
+    from bench.suite_profile import collapse_top, render_pyspy
+
+    stacks = {"main;work;work;leaf": 5, "main;other": 3, "main;work": 2}
+    own, inclusive = collapse_top(stacks, top=10)
+    assert dict(own) == {"leaf": 5, "other": 3, "work": 2}
+    # "work" appears twice in one stack but counts once for it
+    assert dict(inclusive) == {"main": 10, "work": 7, "leaf": 5, "other": 3}
+    text = render_pyspy(stacks, 3, "t")
+    assert "50.0%  leaf" in text and "100.0%  main" in text
+    assert render_pyspy({}, 3, "t") == "(t: no samples)"
+
+
+def test_cprofile_top_returns_the_result_and_names_the_hot_function() -> None:
+    from bench.suite_profile import cprofile_top
+
+    def hot() -> int:
+        return sum(i * i for i in range(20_000))
+
+    result, text = cprofile_top(hot, top=5)
+    assert result == sum(i * i for i in range(20_000))
+    assert "genexpr" in text and text.startswith("cProfile")
