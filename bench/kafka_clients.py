@@ -219,9 +219,10 @@ RSS {broker["rss_start"]} MB after start and {broker["rss_end"]} MB after the be
 
 Records: {args.records:,} orjson-encoded `Impression` events per run, {avg_bytes:.0f} bytes on average,
 keyed by impression id, {PARTITIONS} partitions, no compression. Producers: `acks=all`, idempotent,
-`linger.ms=5`, other settings at each client's defaults (kafka-python `batch_size` 16 KiB; librdkafka
-batches up to 1 MB). Produce time runs from the first send to the end of the final flush/close; consume
-time from opening the source to the last of the {args.records:,} records (assign + seek, no group).
+`linger.ms=5`; kafka-python as KafkaSink configures it (`batch_size` 256 KiB, C crc32c installed),
+librdkafka at its defaults (batches up to 1 MB). Produce time runs from the first send to the end
+of the final flush/close; consume time from opening the source to the last of the {args.records:,}
+records (assign + seek, no group).
 {args.rounds} rounds, client order alternating each round; medians over rounds; "vs kafka-python" is
 the median of per-round ratios.
 

@@ -105,7 +105,8 @@ class LocalBroker:
     ``port``/``controller_port`` default to the ports of the previous run in the same state folder when
     they are still free (restarts keep the bootstrap address), else to fresh free ports.
     ``detached=True`` lets the broker outlive this Python process (``reloop kafka up``); otherwise the
-    broker is terminated when its parent dies.
+    broker is terminated when its parent dies (Linux PR_SET_PDEATHSIG, which fires when the *thread*
+    that called ``start`` exits: start a non-detached broker from a thread that outlives it).
     """
 
     def __init__(
