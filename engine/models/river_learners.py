@@ -125,16 +125,53 @@ class _Layout:
         return out
 
 
-def _stats(loss: Loss, raw: np.ndarray, labels: np.ndarray, y_last: np.ndarray | None,
-           weights: np.ndarray | None) -> LossStats:
-    """Loss stats of the scores the updates were computed from (predict-then-learn)."""
-    _, stats = loss(
-        torch.from_numpy(np.asarray(raw, dtype=np.float64)),
-        torch.from_numpy(np.asarray(labels, dtype=np.float64)),
-        y_last=None if y_last is None else torch.from_numpy(np.asarray(y_last, dtype=np.float64)),
-        weights=None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float64)),
+def _bce_logits(z: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.maximum(z, 0.0) - z * target + np.log1p(np.exp(-np.abs(z)))
+
+
+def loss_stats(loss: Loss, raw: np.ndarray, labels: np.ndarray, y_last: np.ndarray | None,
+               weights: np.ndarray | None) -> LossStats:
+    """The engine loss's LossStats for the scores the updates were computed from, in numpy.
+
+    Same definitions as ``engine.loss`` (checked by the tests); numpy because a small torch call
+    right after numpy work can stall for tens of ms on a busy 2-core machine (docs/perf-notes.md).
+    """
+    z = np.asarray(raw, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError("loss of an empty batch")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    ce = _bce_logits(z, y)
+    aux = np.zeros(n)
+    active = np.zeros(n, dtype=bool)
+    per_sample = ce
+    if y_last is None:
+        has_last = np.zeros(n, dtype=bool)
+    else:
+        yl = np.asarray(y_last, dtype=np.float64).reshape(-1)
+        has_last = ~np.isnan(yl)
+        if loss.strategy != "ce" and loss.alpha > 0.0:
+            yl = np.where(has_last, np.clip(yl, 0.0, 1.0), 0.0)
+            if loss.strategy == "kd":
+                aux = _bce_logits(z, yl)
+            else:
+                p = 0.5 * (1.0 + np.tanh(0.5 * z))
+                aux = y * np.maximum(yl - p, 0.0) + (1.0 - y) * np.maximum(p - yl, 0.0)
+            aux = aux * has_last
+            per_sample = np.where(has_last, loss.alpha * aux + (1.0 - loss.alpha) * ce, ce)
+            active = (aux > 0) & has_last
+    n_last = int(has_last.sum())
+    return LossStats(
+        strategy=loss.strategy,
+        alpha=float(loss.alpha),
+        total=float((w * per_sample).sum() / n),
+        ce=float((w * ce).sum() / n),
+        aux=float((w * aux).sum() / n),
+        sc_active_fraction=float(active.sum()) / n_last if (n_last and loss.strategy == "reloop") else 0.0,
+        n=int(n),
+        n_with_last=n_last,
     )
-    return stats
 
 
 def _check_lengths(n: int, labels: np.ndarray, y_last: np.ndarray | None, weights: np.ndarray | None) -> None:
@@ -239,12 +276,14 @@ class RiverLogisticRegression(_RiverLearnerBase):
               weights: np.ndarray | None = None) -> LossStats:
         y, yl, w = self._check_learn(batch, labels, y_last, weights)
         raw = np.empty(len(batch))
-        learn_one, rl = self.model.learn_one, self.river_loss
+        learn_one, raw_one, rl = self.model.learn_one, self.model._raw_dot_one, self.river_loss
+        # Python scalars: river's per-sample arithmetic is several times slower on numpy scalars.
+        ys, yls, ws = y.tolist(), yl.tolist(), w.tolist()
         for i, x in enumerate(self.layout.dicts(batch)):
-            raw[i] = self._raw_one(x)
-            rl.y_last = yl[i]
-            learn_one(x, y[i], w[i])
-        return _stats(self.loss, raw, y, y_last, weights)
+            raw[i] = raw_one(x)
+            rl.y_last = yls[i]
+            learn_one(x, ys[i], ws[i])
+        return loss_stats(self.loss, raw, y, y_last, weights)
 
     def state_dict(self) -> dict[str, Any]:
         weights = self.model._weights.to_dict()
@@ -297,11 +336,12 @@ class RiverFM(_RiverLearnerBase):
         y, yl, w = self._check_learn(batch, labels, y_last, weights)
         raw = np.empty(len(batch))
         model, rl = self.model, self.river_loss
+        ys, yls, ws = y.tolist(), yl.tolist(), w.tolist()
         for i, x in enumerate(self.layout.dicts(batch)):
             raw[i] = model._raw_dot(x)
-            rl.y_last = yl[i]
-            model.learn_one(x, y[i], w[i])
-        return _stats(self.loss, raw, y, y_last, weights)
+            rl.y_last = yls[i]
+            model.learn_one(x, ys[i], ws[i])
+        return loss_stats(self.loss, raw, y, y_last, weights)
 
     def state_dict(self) -> dict[str, Any]:
         m = self.model
@@ -385,55 +425,75 @@ class NumpyFM(_RiverLearnerBase):
             raw = self._learn_sequential(ids, vals, y, yl, w)
         else:
             raw = self._learn_minibatch(ids, vals, y, y_last, w)
-        return _stats(self.loss, raw, y, y_last, weights)
+        return loss_stats(self.loss, raw, y, y_last, weights)
 
     def _learn_sequential(self, ids: np.ndarray, vals: np.ndarray, y: np.ndarray, yl: np.ndarray,
                           w: np.ndarray) -> np.ndarray:
+        # Per-sample numpy calls dominate here, so one-hot rows (the common case) take a path with as
+        # few calls as possible and all scalars are Python floats.
         o = self.options
         lr, ilr, l2, clip = o.lr, o.intercept_lr, o.l2, o.clip_gradient
         grad_of: Callable[..., float] = score_gradient
         strategy, alpha = self.strategy, self.alpha
         W, V = self.w, self.v
-        raw = np.empty(len(y))
-        for i in range(len(y)):
-            r, x = ids[i], vals[i]
-            keep = x != 0.0
-            if not keep.all():
+        one_hot = (vals == 1.0).all(axis=1).tolist()
+        ys, yls, ws = y.tolist(), yl.tolist(), w.tolist()
+        raw = [0.0] * len(ys)
+        w0 = self.w0
+        for i in range(len(ys)):
+            r = ids[i]
+            if one_hot[i] and l2 == 0.0:
+                wr, vr = W[r], V[r]
+                s = vr.sum(axis=0)
+                z = w0 + float(wr.sum()) + 0.5 * (float(s.dot(s)) - float(np.vdot(vr, vr)))
+                g = min(max(grad_of(strategy, alpha, ys[i], z, yls[i]), -clip), clip) * ws[i]
+                step = lr * g
+                W[r] = wr - step
+                vr += step * (vr - s)  # vr is a copy (fancy index): v_j -= lr * g * (s - v_j)
+                V[r] = vr
+            else:
+                x = vals[i]
+                keep = x != 0.0
                 r, x = r[keep], x[keep]
-            wr, vr = W[r], V[r]
-            xcol = x[:, None]
-            xv = vr * xcol
-            s = xv.sum(axis=0)
-            z = self.w0 + float(wr @ x) + 0.5 * (float(s @ s) - float((xv * xv).sum()))
+                wr, vr = W[r], V[r]
+                xcol = x[:, None]
+                xv = vr * xcol
+                s = xv.sum(axis=0)
+                z = w0 + float(wr @ x) + 0.5 * (float(s @ s) - float((xv * xv).sum()))
+                # river order: clamp the loss gradient, then scale it by the sample weight.
+                g = min(max(grad_of(strategy, alpha, ys[i], z, yls[i]), -clip), clip) * ws[i]
+                W[r] = wr - lr * (g * x + l2 * wr)
+                V[r] = vr - lr * (g * (xcol * s - vr * (xcol * xcol)) + l2 * vr)
             raw[i] = z
-            # river order: clamp the loss gradient, then scale it by the sample weight.
-            g = min(max(grad_of(strategy, alpha, y[i], z, yl[i]), -clip), clip) * w[i]
-            self.w0 -= ilr * g
-            W[r] = wr - lr * (g * x + l2 * wr)
-            V[r] = vr - lr * (g * (xcol * s - vr * (xcol * xcol)) + l2 * vr)
-        self.steps += len(y)
-        return raw
+            w0 -= ilr * g
+        self.w0 = w0
+        self.steps += len(ys)
+        return np.asarray(raw)
 
     def _learn_minibatch(self, ids: np.ndarray, vals: np.ndarray, y: np.ndarray, y_last: np.ndarray | None,
                          w: np.ndarray) -> np.ndarray:
         o = self.options
         n = len(y)
-        raw = self._raw(ids, vals)
+        emb = self.v[ids]  # [B, F, k], gathered once for the scores and the gradients
+        xv = emb * vals[..., None]
+        s = xv.sum(axis=1)
+        pair = 0.5 * ((s * s).sum(axis=1) - (xv * xv).sum(axis=(1, 2)))
+        raw = self.w0 + (self.w[ids] * vals).sum(axis=1) + pair
         g = self.loss.raw_gradient(raw, y, y_last, None)
         g = np.clip(g, -o.clip_gradient, o.clip_gradient) * w
-        flat = ids.reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        x = vals.reshape(-1)
-        g_occ = np.repeat(g, ids.shape[1]) * x
-        wr = self.w[uniq]
-        vr = self.v[uniq]
-        counts = np.bincount(inverse, weights=(x != 0.0).astype(np.float64), minlength=len(uniq))
-        grad_w = np.bincount(inverse, weights=g_occ, minlength=len(uniq)) + o.l2 * counts * wr
-        s = (self.v[ids] * vals[..., None]).sum(axis=1)  # [B, k], before the update
-        per_occ = g_occ[:, None] * (np.repeat(s, ids.shape[1], axis=0) - self.v[flat] * x[:, None])
-        grad_v = np.zeros_like(vr)
-        np.add.at(grad_v, inverse, per_occ)
-        grad_v += o.l2 * counts[:, None] * vr
+        uniq, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        m = len(uniq)
+        gx = (g[:, None] * vals).reshape(-1)  # d raw / d w_j per occurrence, times g
+        per_occ = gx[:, None] * (np.repeat(s, ids.shape[1], axis=0) - xv.reshape(-1, xv.shape[2]))
+        wr, vr = self.w[uniq], self.v[uniq]
+        grad_w = np.bincount(inverse, weights=gx, minlength=m)
+        # One bincount per factor: much cheaper than np.add.at on [occurrences, k].
+        grad_v = np.stack([np.bincount(inverse, weights=per_occ[:, c], minlength=m)
+                           for c in range(per_occ.shape[1])], axis=1) if per_occ.shape[1] else vr * 0.0
+        if o.l2:
+            counts = np.bincount(inverse, weights=(vals.reshape(-1) != 0.0).astype(np.float64), minlength=m)
+            grad_w += o.l2 * counts * wr
+            grad_v += o.l2 * counts[:, None] * vr
         # Batch mean, like river's learn_many.
         self.w0 -= o.intercept_lr * float(g.sum()) / n
         self.w[uniq] = wr - o.lr * grad_w / n

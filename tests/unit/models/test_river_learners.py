@@ -237,3 +237,28 @@ def test_missing_values_are_skipped_like_river_skips_absent_keys() -> None:
     ref = linear_model.LogisticRegression(optimizer=optim.SGD(0.5), loss=ScoreGradientLoss("ce", 0.0))
     ref.learn_one({int(batch.cat[0, 0]): 1.0}, True)
     assert learner.model.weights == ref.weights
+
+
+def test_minibatch_step_is_sgd_on_the_batch_mean_loss() -> None:
+    """One minibatch step = params - lr * autograd gradient of the mean engine loss (repeated ids too)."""
+    batch, y = _task(64, seed=12)  # 40 users/items in 64 rows: rows repeat inside the batch
+    y_last = np.random.default_rng(12).uniform(0, 1, 64)
+    lr = 0.5
+    learner = build_river_learner("river_fm_np", SPEC, strategy="reloop", alpha=0.5, seed=6, lr=lr,
+                                  intercept_lr=lr, mode="minibatch", embedding_dim=4)
+    learner.w[:] = np.random.default_rng(1).normal(0, 0.1, learner.w.shape)
+    w0 = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    learner.w0 = 0.2
+    w = torch.tensor(learner.w, requires_grad=True)
+    v = torch.tensor(learner.v, requires_grad=True)
+    ids = torch.from_numpy(batch.cat)
+    e = v[ids]
+    s = e.sum(1)
+    raw = w0 + w[ids].sum(1) + 0.5 * ((s * s).sum(1) - (e * e).sum((1, 2)))
+    loss, _ = learner.loss(raw, torch.from_numpy(y), y_last=torch.from_numpy(y_last))
+    loss.backward()
+
+    learner.learn(batch, y, y_last=y_last)
+    assert learner.w0 == pytest.approx(0.2 - lr * float(w0.grad), abs=1e-12)
+    np.testing.assert_allclose(learner.w, (w - lr * w.grad).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(learner.v, (v - lr * v.grad).detach().numpy(), atol=1e-12)

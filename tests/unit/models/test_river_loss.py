@@ -10,7 +10,7 @@ import torch
 from river import linear_model, optim
 
 from engine.loss import make_loss
-from engine.models.river_learners import ScoreGradientLoss, score_gradient
+from engine.models.river_learners import ScoreGradientLoss, loss_stats, score_gradient
 
 
 def _autograd_per_sample(strategy: str, alpha: float, z: np.ndarray, y: np.ndarray, y_last: np.ndarray):
@@ -82,3 +82,23 @@ def test_river_loss_value_matches_engine_loss() -> None:
     loss.y_last = 0.3
     expected, _ = make_loss("kd", 0.4)(torch.tensor([0.7]), torch.tensor([1.0]), y_last=torch.tensor([0.3]))
     assert loss(True, 0.7) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop"])
+@pytest.mark.parametrize("with_last", [True, False])
+def test_numpy_loss_stats_equal_the_engine_loss_stats(strategy: str, with_last: bool) -> None:
+    rng = np.random.default_rng(11)
+    n = 300
+    z = rng.normal(0.0, 4.0, n)
+    y = rng.integers(0, 2, n).astype(np.float64)
+    y_last = rng.uniform(-0.1, 1.1, n)  # out-of-range values are clamped by both
+    y_last[::13] = np.nan
+    w = rng.uniform(0.5, 2.0, n)
+    loss = make_loss(strategy, 0.4)
+    _, expected = loss(torch.tensor(z), torch.tensor(y), y_last=torch.tensor(y_last) if with_last else None,
+                       weights=torch.tensor(w))
+    got = loss_stats(loss, z, y, y_last if with_last else None, w)
+    for field in ("total", "ce", "aux", "sc_active_fraction"):
+        assert getattr(got, field) == pytest.approx(getattr(expected, field), rel=1e-10, abs=1e-12), field
+    assert (got.n, got.n_with_last, got.strategy, got.alpha) == (
+        expected.n, expected.n_with_last, expected.strategy, expected.alpha)
