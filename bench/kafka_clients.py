@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Callable
@@ -214,8 +215,12 @@ Command (broker started by the script from `deploy/kafka/lib`):
 
 Machine: {os.cpu_count()} CPU cores (shared with other work while measured), {python},
 broker and clients on the same host. Broker: Apache Kafka {broker["version"]}
-(KRaft, single node, `-Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1`), started in {broker["start_s"]} s,
-RSS {broker["rss_start"]} MB after start and {broker["rss_end"]} MB after the benchmark.
+(KRaft, single node, `-Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1`). Load average (1 min) was
+{broker["load"]} during the run: the rates are lower and noisier than on an idle machine.
+
+Broker start (format storage + JVM start until `Kafka Server started` and a metadata round trip),
+{broker["starts"]}: {broker["start_list"]} s, median {broker["start_s"]} s. RSS {broker["rss_start"]} MB
+after start and {broker["rss_end"]} MB after the benchmark.
 
 Records: {args.records:,} orjson-encoded `Impression` events per run, {avg_bytes:.0f} bytes on average,
 keyed by impression id, {PARTITIONS} partitions, no compression. Producers: `acks=all`, idempotent,
@@ -247,14 +252,23 @@ def reading(rates: dict[str, dict[str, list[float]]]) -> str:
         for kind in ("produce", "consume")
     }
     floor = {kind: min(rates[base][kind]) for kind in ("produce", "consume")}
-    return (
+    first = (
         f"Reading: in this run {other} produced {ratio['produce']:.1f}x and consumed {ratio['consume']:.1f}x "
-        f"as fast as kafka-python (median per-round ratios). The engine's connectors use kafka-python "
-        f"(pure Python, no native library to ship); its slowest round still moved {floor['produce']:,.0f} "
-        f"records/s in and {floor['consume']:,.0f} records/s out. A deployment whose event rate exceeds that "
-        f"can implement the same Source/Sink protocol on confluent-kafka; the contract suite in "
-        f"tests/contract is what such an implementation must pass."
+        "as fast as kafka-python (median per-round ratios). The engine's connectors use kafka-python (pure "
+        "Python, no native library to ship); its slowest round still moved "
+        f"{floor['produce']:,.0f} records/s "
+        f"in and {floor['consume']:,.0f} records/s out. A deployment whose event rate exceeds that can "
+        "implement the same Source/Sink protocol on confluent-kafka; the contract suite in tests/contract "
+        "is what such an implementation must pass."
     )
+    second = (
+        "Without the `crc32c` package kafka-python falls back to a pure-Python CRC32C for every record "
+        "batch: an earlier run of this script on the same machine measured kafka-python at 1,000-2,500 "
+        "records/s produce and 1,400-2,900 consume (confluent-kafka 18x / 107x faster). Hence the "
+        "dependency `kafka-python[crc32c]`. The default `batch_size` of 16 KiB (~19 events) cost another "
+        "1.3-1.6x on produce in a side run, hence KafkaSink's 256 KiB."
+    )
+    return textwrap.fill(first, 100) + "\n\n" + textwrap.fill(second, 100, break_on_hyphens=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,29 +277,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--broker-starts", type=int, default=2, help="extra broker starts to time")
     parser.add_argument("--bootstrap", default=None, help="use a running broker instead of starting one")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         broker = None
-        meta = {"version": "?", "start_s": "?", "rss_start": "?", "rss_end": "?"}
+        meta = {key: "?" for key in ("version", "start_s", "start_list", "starts", "rss_start", "rss_end")}
+        load = [os.getloadavg()[0]]
         if args.bootstrap is None:
+            starts = []
+            for i in range(args.broker_starts):
+                probe = LocalBroker(Path(tmp) / f"probe-{i}")
+                starts.append(probe.start().start_seconds)
+                probe.stop()
             broker = LocalBroker(Path(tmp) / "kafka")
             info = broker.start()
+            starts.append(info.start_seconds)
             bootstrap = info.bootstrap
             meta.update(
-                version=info.version, start_s=f"{info.start_seconds:.1f}", rss_start=str(broker.rss_mb())
+                version=info.version,
+                start_s=f"{statistics.median(starts):.1f}",
+                start_list=", ".join(f"{s:.1f}" for s in starts),
+                starts=f"{len(starts)} fresh starts",
+                rss_start=str(broker.rss_mb()),
             )
-            print(
-                f"broker: Kafka {info.version} at {bootstrap}, started in {info.start_seconds:.1f} s, "
-                f"RSS {broker.rss_mb()} MB",
-                flush=True,
-            )
+            print(f"broker: Kafka {info.version} at {bootstrap}, starts {starts} s, RSS {broker.rss_mb()} MB")
         else:
             bootstrap = args.bootstrap
         try:
             rates = run(bootstrap, args.records, args.rounds)
+            load.append(os.getloadavg()[0])
+            meta["load"] = f"{load[0]:.1f} at the start and {load[1]:.1f} at the end"
             if broker is not None:
                 meta["rss_end"] = str(broker.rss_mb())
         finally:
