@@ -53,6 +53,68 @@ def _bodies(n: int, candidates: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+class _NullSink:
+    """Accepts and discards: isolates the request-path cost of logging from Kafka itself."""
+
+    def send(self, value, key=None, timestamp_ms=None):
+        pass
+
+    def flush(self, timeout_s=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def inprocess(bodies: list[bytes], backbone: str, params: dict, rounds: int) -> None:
+    """``ScoringService.score`` alone (parse excluded), with a logger (null sink) vs without, alternating."""
+    import torch
+
+    from engine.events.codec import encode
+    from engine.features.featurizer import Featurizer
+    from engine.features.spec import FeatureSpec
+    from engine.models.registry import build_learner
+    from engine.serve.arms import ArmRouter
+    from engine.serve.bundle import ModelBundle, ModelHolder
+    from engine.serve.impression_log import ImpressionLogger
+    from engine.serve.schema import ScoreRequest
+    from engine.serve.service import ArmRuntime, ScoringService
+    from engine.simulate.spec import world_spec_dict
+
+    torch.set_num_threads(1)
+    spec = FeatureSpec.from_dict(world_spec_dict())
+    learner = build_learner(backbone, spec, "reloop", 0.5, seed=0, **params).clone_frozen()
+    bundle = ModelBundle(version=1, learner=learner, featurizer=Featurizer(spec))
+    logger = ImpressionLogger(sink=_NullSink(), encode=encode, arm="A").start()
+    services = {
+        mode: ScoringService(
+            router=ArmRouter([("A", 1.0)], salt="b"),
+            arms={"A": ArmRuntime("A", ModelHolder(bundle), logger if mode == "log" else None)},
+        )
+        for mode in ("log", "nolog")
+    }
+    requests = [ScoreRequest.model_validate_json(b) for b in bodies]
+    times: dict[str, list[float]] = {"log": [], "nolog": []}
+    for r in range(rounds * 2):
+        mode = ("log", "nolog")[r % 2]
+        for req in requests:
+            t0 = time.perf_counter()
+            services[mode].score(req)
+            times[mode].append(time.perf_counter() - t0)
+    logger.close()
+    parse = []
+    for b in bodies:
+        t0 = time.perf_counter()
+        ScoreRequest.model_validate_json(b)
+        parse.append(time.perf_counter() - t0)
+    print("in-process ScoringService.score (no HTTP), 100 candidates:")
+    for mode in ("nolog", "log"):
+        lat = np.array(times[mode]) * 1e3
+        p50, p99 = np.percentile(lat, [50, 99])
+        print(f"  {mode:5s}: p50 {p50:.3f} ms, p99 {p99:.3f} ms (n={len(lat)})")
+    print(f"  request JSON parse + validation: p50 {np.percentile(np.array(parse) * 1e3, 50):.3f} ms")
+
+
 def _publish_snapshot(root: Path, backbone: str, params: dict) -> None:
     from engine.checkpoint.registry import SnapshotRegistry
     from engine.features.spec import FeatureSpec
@@ -89,7 +151,7 @@ async def _load(url: str, bodies: list[bytes], rate: float, seconds: float) -> t
     n = int(rate * seconds)
     latencies = np.full(n, np.nan)
     errors = 0
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
     async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client:
         start = time.perf_counter() + 0.05
 
@@ -99,9 +161,13 @@ async def _load(url: str, bodies: list[bytes], rate: float, seconds: float) -> t
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            r = await client.post(
-                "/score", content=bodies[i % len(bodies)], headers={"content-type": "application/json"}
-            )
+            try:
+                r = await client.post(
+                    "/score", content=bodies[i % len(bodies)], headers={"content-type": "application/json"}
+                )
+            except httpx.HTTPError:
+                errors += 1
+                return
             if r.status_code != 200:
                 errors += 1
                 return
@@ -119,13 +185,19 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--backbone", default="fm", help="fm (the demo's model) or dcn ...")
     ap.add_argument("--embedding-dim", type=int, default=8)
+    ap.add_argument("--inprocess-only", action="store_true", help="only the in-process breakdown")
     args = ap.parse_args()
+    params = {"embedding_dim": args.embedding_dim}
+    bodies = _bodies(500, args.candidates)
+    inprocess(bodies, args.backbone, params, rounds=args.rounds)
+    if args.inprocess_only:
+        return 0
 
     from connectors.kafka.admin import create_topics
     from connectors.kafka.local_broker import LocalBroker, free_port
 
     work = Path(tempfile.mkdtemp(prefix="reloop-bench-serve-"))
-    _publish_snapshot(work / "reg", args.backbone, {"embedding_dim": args.embedding_dim})
+    _publish_snapshot(work / "reg", args.backbone, params)
     broker = LocalBroker(work / "kafka")
     procs: list[subprocess.Popen] = []
     try:
@@ -145,7 +217,6 @@ def main() -> int:
             urls[mode] = f"http://127.0.0.1:{port}"
         for url in urls.values():
             _wait_ready(url)
-        bodies = _bodies(500, args.candidates)
         # Warm-up (JIT-free, but caches, connection pools and torch's first calls).
         for url in urls.values():
             asyncio.run(_load(url, bodies, args.rate, 2.0))
