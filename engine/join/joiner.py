@@ -259,24 +259,32 @@ class Joiner:
 
     def _set_watermark(self, watermark_ms: int, out: list[Joined]) -> None:
         self._watermark = watermark_ms
-        window = self.config.window_ms
-        pending = self._pending
-        for key in self._pending_idx.pop_due(watermark_ms, lambda k: _deadline(pending.get(k), window)):
-            imp_time, payload = pending.pop(key)
-            self._emit_negative(key, imp_time, payload, out)
-        early = self._early
-        grace = self.config.click_grace_ms
-        for key in self._early_idx.pop_due(
-            watermark_ms, lambda k: None if (t := early.get(k)) is None else t + grace
-        ):
-            del early[key]
-            self.stats.orphan_clicks += 1
-        closed = self._closed
-        horizon = window + self.config.retention_ms
-        for key in self._closed_idx.pop_due(
-            watermark_ms, lambda k: None if (e := closed.get(k)) is None else e[0] + horizon
-        ):
-            del closed[key]
+        if watermark_ms >= self._pending_idx.horizon:
+            pending = self._pending
+            for key in self._pending_idx.pop_due(watermark_ms, self._pending_deadline):
+                imp_time, payload = pending.pop(key)
+                self._emit_negative(key, imp_time, payload, out)
+        if watermark_ms >= self._early_idx.horizon:
+            early = self._early
+            for key in self._early_idx.pop_due(watermark_ms, self._early_deadline):
+                del early[key]
+                self.stats.orphan_clicks += 1
+        if watermark_ms >= self._closed_idx.horizon:
+            closed = self._closed
+            for key in self._closed_idx.pop_due(watermark_ms, self._closed_deadline):
+                del closed[key]
+
+    def _pending_deadline(self, key: str) -> int | None:
+        entry = self._pending.get(key)
+        return None if entry is None else entry[0] + self.config.window_ms
+
+    def _early_deadline(self, key: str) -> int | None:
+        t = self._early.get(key)
+        return None if t is None else t + self.config.click_grace_ms
+
+    def _closed_deadline(self, key: str) -> int | None:
+        entry = self._closed.get(key)
+        return None if entry is None else entry[0] + self.config.window_ms + self.config.retention_ms
 
     def _emit_negative(self, key: str, imp_time: int, payload: Any, out: list[Joined]) -> None:
         out.append(Joined(key, imp_time, payload, 0, False))
@@ -300,21 +308,15 @@ class Joiner:
         self._closed[key] = (imp_time, state, payload)
         self._closed_idx.add(key, imp_time + self.config.window_ms + self.config.retention_ms)
         if len(self._closed) > self.config.max_closed:
-            horizon = self.config.window_ms + self.config.retention_ms
-            closed = self._closed
-            victim = self._closed_idx.pop_earliest(
-                lambda k: None if (e := closed.get(k)) is None else e[0] + horizon
-            )
+            victim = self._closed_idx.pop_earliest(self._closed_deadline)
             if victim is not None:
-                del closed[victim]
+                del self._closed[victim]
                 self.stats.evicted_closed += 1
 
     def _evict_pending(self) -> None:
-        window = self.config.window_ms
-        pending = self._pending
-        victim = self._pending_idx.pop_earliest(lambda k: _deadline(pending.get(k), window))
+        victim = self._pending_idx.pop_earliest(self._pending_deadline)
         if victim is not None:
-            del pending[victim]
+            del self._pending[victim]
             self._late_marked.pop(victim, None)
             self.stats.evicted_pending += 1
 
@@ -380,6 +382,3 @@ class Joiner:
         joiner.stats = JoinStats(**data["stats"])
         return joiner
 
-
-def _deadline(entry: tuple[int, Any] | None, window_ms: int) -> int | None:
-    return None if entry is None else entry[0] + window_ms

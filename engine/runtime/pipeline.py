@@ -65,6 +65,7 @@ class PipelineSettings:
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
     error_backoff_s: float = 1.0
+    flush_timeout_s: float = 30.0
 
 
 class Pipeline:
@@ -167,16 +168,26 @@ class Pipeline:
         self._opened = True
 
     def close(self, *, final_snapshot: bool = True) -> int | None:
-        """Stop: a last snapshot (samples not yet trained are carried in it), then release everything."""
+        """Stop: a last snapshot (samples not yet trained are carried in it), then release everything.
+
+        When the sinks cannot flush (broker down) the final snapshot is skipped, so a restart re-processes
+        from the previous one and the records those sinks still held are sent again, not lost.
+        """
         version = None
+        flushed = True
         try:
             if final_snapshot and self._opened:
-                version = self.snapshot()
+                try:
+                    version = self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - the previous snapshot stays the restart point
+                    flushed = False
+                    log.error("final snapshot skipped", extra={"fields": {"error": repr(exc)}})
         finally:
             self.source.close()
-            if self.samples_sink is not None:
-                self.samples_sink.close()
-            self.dead_letters.close()
+            if flushed:
+                if self.samples_sink is not None:
+                    self.samples_sink.close()
+                self.dead_letters.close()
             if self.ledger is not None:
                 self.ledger.close()
         return version
@@ -329,13 +340,17 @@ class Pipeline:
         if self.period.due(
             samples=self.trainer.counters.samples, event_time_ms=wm if wm > 0 else None, now_ms=self.clock()
         ):
-            self.snapshot()
+            try:
+                self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - retried at the next step; processing goes on
+                log.warning("snapshot postponed", extra={"fields": {"error": repr(exc)}})
 
-    def snapshot(self) -> int:
-        """Publish a snapshot of everything now; returns its version."""
+    def snapshot(self, flush_timeout_s: float | None = None) -> int:
+        """Publish a snapshot of everything now; returns its version. The sinks are flushed first: a
+        flush that fails raises before anything is written."""
         if self.samples_sink is not None:
-            self.samples_sink.flush()
-        self.dead_letters.flush()
+            self.samples_sink.flush(flush_timeout_s)
+        self.dead_letters.flush(flush_timeout_s)
         ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
         positions = dict(self._positions)
         state = {

@@ -88,16 +88,32 @@ def _config(
     return path
 
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_processors():
+    """A failed test must not leave a processor running against the next test's directories."""
+    yield
+    while _CHILDREN:
+        proc = _CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start(config: Path, tmp: Path) -> subprocess.Popen:
     err = open(tmp / "run.log", "ab")  # noqa: SIM115 - handed to the child
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(config)],
         cwd=ROOT,
         stdout=err,
         stderr=err,
         env=env,
     )
+    _CHILDREN.append(proc)
+    return proc
 
 
 def _trained(reg: SnapshotRegistry) -> int:
@@ -209,6 +225,7 @@ def _read_samples_raw(bootstrap: str, topic: str, n: int, timeout_s: float = 20)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigkill_resume_equals_uninterrupted_run(kafka_broker, unique_topic, tmp_path):
     synth = generate(2500, seed=5, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = _topics(unique_topic)
@@ -218,6 +235,7 @@ def test_sigkill_resume_equals_uninterrupted_run(kafka_broker, unique_topic, tmp
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     ref_topics = dict(topics, samples=unique_topic("samples"))
+    create_topics(kafka_broker.bootstrap, {ref_topics["samples"]: 1})
     proc = _start(_config(ref_dir, kafka_broker.bootstrap, ref_topics, "correct"), ref_dir)
     _wait_trained(proc, SnapshotRegistry(ref_dir / "snaps"), n, ref_dir)
     assert _stop(proc) == 0
@@ -256,6 +274,7 @@ def test_sigkill_resume_equals_uninterrupted_run(kafka_broker, unique_topic, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_broker_restart_mid_run(tmp_path, unique_topic):
     broker = LocalBroker(tmp_path / "broker")
     broker.start()
