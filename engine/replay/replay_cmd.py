@@ -1,0 +1,248 @@
+"""``reloop replay``: logged impressions/clicks through the same pipeline, with isolated state.
+
+From Kafka, between two timestamps or two offset sets (no consumer group: nothing is committed)::
+
+    reloop replay --config run.yaml --kafka 127.0.0.1:9092 --start-time 2026-11-27T10:00:00Z \\
+        --end-time 2026-11-27T12:00:00Z --out runs/replay-1
+
+From JSONL topic files (``<root>/<topic>/partition-*.jsonl``) or a dataset::
+
+    reloop replay --config run.yaml --jsonl runs/log --out runs/replay-2
+    reloop replay --dataset movielens-100k --data ../shared/data/movielens-100k --delay exponential:60000 \\
+        --backbone dcn --strategy reloop --alpha 0.5 --out runs/replay-ml
+
+Writes ``OUT/snapshots`` (its own registry), ``OUT/samples/samples/partition-00000.jsonl`` with
+``--samples``, and ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from connectors.base import Positions, TopicPartition
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--kafka", metavar="BOOTSTRAP", help="replay the config's topics from this broker")
+    src.add_argument("--jsonl", type=Path, metavar="ROOT", help="replay JSONL topic files under ROOT")
+    src.add_argument("--dataset", help="replay a dataset (movielens-100k, frappe, criteo, avazu, ...)")
+    parser.add_argument("--config", type=Path, help="run config (YAML/TOML); required except for --dataset")
+    parser.add_argument("--out", type=Path, required=True, help="replay state: snapshots, samples, summary")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/snapshots instead of refusing"
+    )
+    parser.add_argument("--samples", action="store_true", help="also write the joined samples as JSONL")
+    kafka = parser.add_argument_group("Kafka range (default: from the beginning to the current end)")
+    kafka.add_argument("--start-time", help="ISO-8601 or epoch ms: first record at or after this time")
+    kafka.add_argument("--end-time", help="ISO-8601 or epoch ms: stop before the first record at this time")
+    kafka.add_argument("--start-offsets", help="topic:partition=offset,... (overrides --start-time)")
+    kafka.add_argument("--end-offsets", help="topic:partition=offset,... exclusive (overrides --end-time)")
+    parser.add_argument(
+        "--timestamps",
+        choices=("record", "event"),
+        default=None,
+        help="merge order: record timestamps (Kafka default) or event time in the payload (files default)",
+    )
+    ds = parser.add_argument_group("dataset replay")
+    ds.add_argument("--data", type=Path, help="the dataset's file or folder")
+    ds.add_argument(
+        "--delay",
+        default="immediate",
+        help="click delay: immediate | fixed:MS | exponential:MEAN_MS | lognormal:MEDIAN_MS[:SIGMA]",
+    )
+    ds.add_argument("--delay-seed", type=int, default=0)
+    ds.add_argument("--max-rows", type=int, default=0)
+    ds.add_argument("--backbone", default="dcn")
+    ds.add_argument("--strategy", default="reloop", choices=("ce", "kd", "reloop"))
+    ds.add_argument("--alpha", type=float, default=0.5)
+    ds.add_argument("--batch-size", type=int, default=512)
+    ds.add_argument("--every-event-ms", type=int, default=7 * 86_400_000, help="snapshot period (event time)")
+    ds.add_argument("--buckets", type=int, default=10_000)
+    ds.add_argument("--window-ms", type=int, default=3_600_000, help="attribution window of the join")
+
+
+def parse_time(text: str) -> int:
+    """Epoch milliseconds from ``1764237600000`` or an ISO-8601 time (``Z`` or an offset; naive = UTC)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        from datetime import UTC
+
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def parse_offsets(text: str) -> Positions:
+    """``impressions:0=10,clicks:0=4`` -> positions."""
+    out: Positions = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, offset = part.rpartition("=")
+        topic, sep2, partition = name.rpartition(":")
+        if not sep or not sep2 or not partition.isdigit() or not offset.lstrip("-").isdigit():
+            raise ValueError(f"offsets must look like topic:partition=offset, got {part!r}")
+        out[TopicPartition(topic, int(partition))] = int(offset)
+    return out
+
+
+def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
+    """Complete lines per partition file now: a replay of files stops where they end when it starts."""
+    from connectors.files.jsonl import partition_path
+
+    out: Positions = {}
+    for topic in topics:
+        p = 0
+        while (path := partition_path(root, topic, p)).exists():
+            with path.open("rb") as fh:
+                out[TopicPartition(topic, p)] = sum(1 for line in fh if line.endswith(b"\n"))
+            p += 1
+        if p == 0:
+            raise ValueError(f"JSONL topic {topic!r} does not exist under {root}")
+    return out
+
+
+def _parse_delay(text: str, seed: int):
+    from connectors.files.datasets import make_delay
+
+    kind, _, rest = text.partition(":")
+    parts = [float(x) for x in rest.split(":") if x]
+    ms = parts[0] if parts else 0.0
+    sigma = parts[1] if len(parts) > 1 else 1.0
+    return make_delay(kind, ms=ms, sigma=sigma, seed=seed)  # type: ignore[arg-type]
+
+
+def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
+    from connectors.files.datasets.spec import feature_spec
+
+    return {
+        "model": {
+            "backbone": args.backbone,
+            "strategy": args.strategy,
+            "alpha": args.alpha,
+            "spec": feature_spec(fields, buckets=args.buckets).to_dict(),
+        },
+        "train": {"batch_size": args.batch_size},
+        "period": {"every_event_ms": args.every_event_ms},
+        # A click later than the window turns into a correction; keep the window well above the delays.
+        "join": {
+            "window_ms": args.window_ms,
+            "retention_ms": 2 * args.window_ms,
+            "ttl_ms": max(6 * 3_600_000, 4 * args.window_ms),
+        },
+        "source": {"group_id": None},
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.replay.replay import run_replay
+    from engine.runtime.config import ConfigError, load_config, load_config_dict
+
+    snapshots = args.out / "snapshots"
+    if snapshots.exists() and any(snapshots.iterdir()) and not args.resume:
+        print(
+            f"reloop replay: {snapshots} already holds snapshots; use --resume or another --out",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.dataset:
+            source, end, timestamps, cfg = _dataset_source(args, load_config, load_config_dict)
+            start = None
+        else:
+            if args.config is None:
+                print("reloop replay: --config is required with --kafka/--jsonl", file=sys.stderr)
+                return 2
+            cfg = load_config(args.config)
+            topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
+            if args.kafka:
+                source, start, end = _kafka_source(args, cfg, topics)
+                timestamps = args.timestamps or "record"
+            else:
+                from connectors.files.jsonl import JsonlSource
+
+                source = JsonlSource(root=args.jsonl, topics=topics)
+                start = parse_offsets(args.start_offsets) if args.start_offsets else None
+                end = (
+                    parse_offsets(args.end_offsets)
+                    if args.end_offsets
+                    else jsonl_end_positions(args.jsonl, topics)
+                )
+                timestamps = args.timestamps or "event"
+    except (ConfigError, ValueError) as exc:
+        print(f"reloop replay: {exc}", file=sys.stderr)
+        return 2
+    sink = None
+    if args.samples:
+        from connectors.files.jsonl import JsonlSink
+
+        sink = JsonlSink(root=args.out / "samples", topic="samples")
+    total = sum(end.values()) - sum((start or {}).values())
+    bar = tqdm(total=max(total, 0), desc="replay", unit="rec")
+
+    def progress(n: int) -> None:
+        bar.update(n - bar.n)
+
+    result = run_replay(
+        cfg,
+        source=source,
+        end=end,
+        start=start,
+        checkpoint_dir=snapshots,
+        timestamps=timestamps,
+        samples_sink=sink,
+        on_progress=progress,
+    )
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
+    # Kafka is imported only by this entry point, never by the engine.
+    from connectors.kafka.admin import offsets_for_times
+    from connectors.kafka.source import KafkaSource
+
+    client = cfg.source.client_config
+    if args.start_offsets:
+        start = parse_offsets(args.start_offsets)
+    elif args.start_time:
+        start = offsets_for_times(args.kafka, topics, parse_time(args.start_time), client_config=client)
+    else:
+        start = None
+    if args.end_offsets:
+        end = parse_offsets(args.end_offsets)
+    else:
+        # No record at or after a far-future time: offsets_for_times answers with the end offsets.
+        t = parse_time(args.end_time) if args.end_time else 2**62
+        end = offsets_for_times(args.kafka, topics, t, client_config=client)
+    source = KafkaSource(bootstrap=args.kafka, topics=topics, group_id=None, client_config=client)
+    return source, start, end
+
+
+def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
+    import itertools
+
+    from connectors.files.datasets import open_dataset, to_events
+    from engine.replay.sources import EventListSource
+
+    if args.data is None:
+        raise ValueError("--dataset needs --data")
+    ds = open_dataset(args.dataset, args.data)
+    cfg = (
+        load_config(args.config) if args.config else load_config_dict(dataset_config(args, ds.fields), env={})
+    )
+    rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
+    events = to_events(rows, _parse_delay(args.delay, args.delay_seed))
+    source = EventListSource(events, cfg.source.impressions_topic, cfg.source.clicks_topic)
+    return source, source.end_positions(), args.timestamps or "record", cfg

@@ -1,0 +1,241 @@
+"""Sources for replay: a bounded, deterministic, clock-driving wrapper around any Source, and an
+in-memory source of dataset events.
+
+``ReplaySource`` is what makes a replay reproducible whatever it reads from. It merges the wrapped
+source's partitions itself by (timestamp, topic, partition, offset), releasing a record only while every
+partition not yet finished has a buffered head, and hands the merged stream out in batches of a fixed
+size. So the sequence of ``poll`` results is a function of the records in the range alone, not of how a
+Kafka fetch or a file read happened to cut them, and a replay of the same log from Kafka and from files
+feeds the pipeline identically. It also drives the simulated clock: after each poll the clock is set to
+the newest timestamp handed out (event time stands in for wall time; a replay never waits).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Literal
+
+import orjson
+
+from connectors.base import Positions, Record, Source, TopicPartition
+from engine.events.codec import encode
+from engine.events.schema import Click, Impression
+
+TimestampMode = Literal["record", "event"]
+
+
+class ReplayStalled(RuntimeError):
+    """The wrapped source stopped delivering before the end of the replay range."""
+
+
+def event_time_of(value: bytes) -> int | None:
+    """The ``event_time_ms`` inside an event's JSON, or None when it has none (a malformed record)."""
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    t = data.get("event_time_ms") if isinstance(data, dict) else None
+    return t if isinstance(t, int) and not isinstance(t, bool) else None
+
+
+class ReplaySource:
+    """Reads ``inner`` from ``start`` (default: where ``open`` is told, else the beginning) up to
+    ``end`` (exclusive, per partition) in a deterministic merged order.
+
+    ``timestamps="event"`` orders by the event time inside each record (files carry no record
+    timestamps); ``"record"`` by the record's own timestamp, as the live pipeline does.
+    ``set_clock`` receives the newest timestamp handed out after every poll.
+    """
+
+    def __init__(
+        self,
+        inner: Source,
+        *,
+        end: Mapping[TopicPartition, int],
+        start: Mapping[TopicPartition, int] | None = None,
+        batch_size: int = 1024,
+        timestamps: TimestampMode = "record",
+        set_clock: Callable[[int], None] | None = None,
+        stall_timeout_s: float = 30.0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.inner = inner
+        self.end = dict(end)
+        self.start = dict(start or {})
+        self.batch_size = batch_size
+        self.timestamps = timestamps
+        self.set_clock = set_clock
+        self.stall_timeout_s = stall_timeout_s
+        self._buf: dict[TopicPartition, deque[Record]] = {}
+        self._next: Positions = {}
+        self._heap: list[tuple[int, str, int, int]] = []
+        self.records_out = 0
+        self.first_timestamp_ms: int | None = None
+        self.last_timestamp_ms: int | None = None
+
+    def partitions(self) -> list[TopicPartition]:
+        return self.inner.partitions()
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        pairs = self.inner.partitions()
+        missing = [tp for tp in pairs if tp not in self.end]
+        if missing:
+            raise ValueError(f"replay end positions missing for {missing}")
+        begin = {**self.start, **dict(positions or {})}
+        self.inner.open(begin or None)
+        actual = self.inner.position()
+        self._next = {tp: int(actual.get(tp, begin.get(tp, 0))) for tp in pairs}
+        self._buf = {tp: deque() for tp in pairs}
+        self._heap = []
+
+    def end_positions(self) -> Positions:
+        return dict(self.end)
+
+    def position(self) -> Positions:
+        """Next offset the replay will hand out; the end offset once a partition is finished."""
+        out = dict(self._next)
+        for tp in out:
+            if self._finished(tp):
+                out[tp] = max(out[tp], self.end[tp])
+        return out
+
+    def done(self) -> bool:
+        return all(self._finished(tp) for tp in self._buf)
+
+    def _fetched_all(self, tp: TopicPartition) -> bool:
+        return self.inner.position().get(tp, 0) >= self.end[tp]
+
+    def _finished(self, tp: TopicPartition) -> bool:
+        return not self._buf[tp] and (self._next[tp] >= self.end[tp] or self._fetched_all(tp))
+
+    def _stamp(self, r: Record) -> Record:
+        if self.timestamps == "event":
+            t = event_time_of(r.value)
+            # A record without an event time keeps its place by offset (the pipeline dead-letters it).
+            return replace(r, timestamp_ms=t if t is not None else max(r.timestamp_ms, 0))
+        return r
+
+    def _fill(self, timeout_s: float) -> None:
+        """Poll until every unfinished partition has a buffered head.
+
+        This waits for the wrapped source rather than returning early: the records of the range are
+        known to exist, and a batch cut short by a slow fetch would make the replay depend on timing.
+        """
+        stalled_since = time.monotonic()
+        while True:
+            hungry = [tp for tp, b in self._buf.items() if not b and not self._fetched_all(tp)]
+            if not hungry:
+                return
+            records = self.inner.poll(max(self.batch_size, 256), min(0.1, max(timeout_s, 0.0)))
+            got = False
+            for r in records:
+                tp = TopicPartition(r.topic, r.partition)
+                if tp in self._buf and r.offset < self.end[tp]:
+                    self._buf[tp].append(self._stamp(r))
+                    got = True
+            now = time.monotonic()
+            if got:
+                stalled_since = now
+            elif now - stalled_since > self.stall_timeout_s:
+                raise ReplayStalled(
+                    f"no records for {self.stall_timeout_s}s from partitions {sorted(hungry)} before their "
+                    f"replay end {[self.end[tp] for tp in sorted(hungry)]} (deleted by retention?)"
+                )
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self._fill(timeout_s)
+        out: list[Record] = []
+        limit = min(max_records, self.batch_size)
+        while len(out) < limit:
+            # A partition with nothing buffered that may still hold older records blocks the merge.
+            if any(not b and not self._fetched_all(tp) for tp, b in self._buf.items()):
+                break
+            heads = [
+                (b[0].timestamp_ms, tp.topic, tp.partition, b[0].offset) for tp, b in self._buf.items() if b
+            ]
+            if not heads:
+                break
+            _, topic, partition, _ = min(heads)
+            tp = TopicPartition(topic, partition)
+            r = self._buf[tp].popleft()
+            self._next[tp] = r.offset + 1
+            out.append(r)
+            if not self._buf[tp] and not self._fetched_all(tp):
+                self._fill(timeout_s)
+        if out:
+            self.records_out += len(out)
+            newest = max(r.timestamp_ms for r in out)
+            if self.first_timestamp_ms is None:
+                self.first_timestamp_ms = out[0].timestamp_ms
+            self.last_timestamp_ms = newest
+            if self.set_clock is not None:
+                self.set_clock(newest)
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class EventListSource:
+    """Dataset events as a bounded in-memory log: topic ``impressions`` and ``clicks``, one partition each,
+    record timestamp = event time, key = impression id (as the scoring service produces them)."""
+
+    def __init__(
+        self,
+        events: Iterable[Impression | Click],
+        impressions_topic: str = "impressions",
+        clicks_topic: str = "clicks",
+    ) -> None:
+        self.imp_tp = TopicPartition(impressions_topic, 0)
+        self.clk_tp = TopicPartition(clicks_topic, 0)
+        self._log: dict[TopicPartition, list[Record]] = {self.imp_tp: [], self.clk_tp: []}
+        for e in events:
+            tp = self.imp_tp if isinstance(e, Impression) else self.clk_tp
+            log = self._log[tp]
+            log.append(
+                Record(tp.topic, tp.partition, len(log), e.impression_id.encode(), encode(e), e.event_time_ms)
+            )
+        self._next: Positions = {}
+        # Merged order of the whole log, computed once: poll hands it out in slices.
+        self._order = list(
+            heapq.merge(
+                *(
+                    [(r.timestamp_ms, r.topic, r.partition, r.offset) for r in log]
+                    for log in self._log.values()
+                )
+            )
+        )
+        self._cursor = 0
+
+    def partitions(self) -> list[TopicPartition]:
+        return sorted(self._log)
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        positions = positions or {}
+        self._next = {tp: int(positions.get(tp, 0)) for tp in self._log}
+        self._cursor = 0
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        out: list[Record] = []
+        while self._cursor < len(self._order) and len(out) < max_records:
+            _, topic, partition, offset = self._order[self._cursor]
+            self._cursor += 1
+            tp = TopicPartition(topic, partition)
+            if offset >= self._next[tp]:
+                out.append(self._log[tp][offset])
+                self._next[tp] = offset + 1
+        return out
+
+    def position(self) -> Positions:
+        return dict(self._next)
+
+    def end_positions(self) -> Positions:
+        return {tp: len(log) for tp, log in self._log.items()}
+
+    def close(self) -> None:
+        self._next = {}
