@@ -78,3 +78,12 @@ def test_fingerprint_changes_with_training_settings_only(tmp_path):
     b = load_config(_write(tmp_path, BASE), env={"RELOOP__LOG__LEVEL": "DEBUG"})
     c = load_config(_write(tmp_path, BASE), env={"RELOOP__MODEL__ALPHA": "0.4"})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    cfg = load_config(root / "deploy/config/reloop.example.yaml", env={})
+    assert len(load_feature_spec(cfg.model).fields) == 39
+    assert cfg.period.every_event_ms == 3_600_000
