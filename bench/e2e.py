@@ -118,15 +118,10 @@ def main() -> None:
             bare.run,
             args.rounds,
         )
-    print(
-        f"DCN batch {args.batch}, {target:,} samples per pass, {args.rounds} rounds (engine and bare loop alternate)"
-    )
-    print(
-        f"  engine from Kafka : {', '.join(f'{x:,.0f}' for x in eng)} samples/s (median {statistics.median(eng):,.0f})"
-    )
-    print(
-        f"  bare torch loop   : {', '.join(f'{x:,.0f}' for x in base)} samples/s (median {statistics.median(base):,.0f})"
-    )
+    print(f"DCN batch {args.batch}, {target:,} samples per pass, {args.rounds} rounds, alternating")
+    for name, vals in (("engine from Kafka", eng), ("bare torch loop", base)):
+        rates = ", ".join(f"{x:,.0f}" for x in vals)
+        print(f"  {name:18s}: {rates} samples/s (median {statistics.median(vals):,.0f})")
     print(f"  ratio engine/bare : {ratio:.3f} (median of per-round ratios)")
     print("stage breakdown, microseconds per sample (each stage alone, same events):")
     for stage, us in breakdown(imps, clicks, spec, args.batch).items():

@@ -116,10 +116,12 @@ def main() -> None:
     print(f"python {os.sys.version.split()[0]}, pid {os.getpid()}")
     t = bench_throughput(args.events, args.rounds)
     print(f"throughput: {t['events_per_s_median']:,.0f} events/s median over {args.rounds} rounds "
-          f"(min {t['events_per_s_min']:,.0f}, max {t['events_per_s_max']:,.0f}); {t['emitted']:,} samples emitted")
+          f"(min {t['events_per_s_min']:,.0f}, max {t['events_per_s_max']:,.0f}); "
+          f"{t['emitted']:,} samples emitted")
     for fields in (3, 39):
         mem = bench_memory(args.pending, fields)
-        print(f"memory, {mem['pending']:,} pending, {fields}-field impressions ({mem['payload_bytes']} B payload, "
+        print(f"memory, {mem['pending']:,} pending, {fields}-field impressions "
+              f"({mem['payload_bytes']} B payload, "
               f"{mem['id_chars']}-char ids): joiner structures {mem['own_bytes_per_pending']:.0f} B/pending, "
               f"with payload {mem['total_bytes_per_pending']:.0f} B/pending")
 
