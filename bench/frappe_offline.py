@@ -555,7 +555,11 @@ def write_report(accuracy: list[dict], throughput: dict | None, out: Path) -> No
             "The model, loss and optimizer are the engine's (`build_learner`); on the accelerator the "
             "training step is spelled out in `DeviceSteps` (TorchLearner feeds CPU tensors only) and was "
             "checked to give bit-identical losses to `learner.learn` on the CPU.", "",
-            "Commands (accelerator runs; the split is rebuilt from the data folder given by `--data`):", "",
+            "Commands (accelerator runs; the split is rebuilt from the data folder given by `--data`; "
+            "`.frappe-carry` was an ignored link to `/work/shared/data/frappe` that carried the files to the "
+            "accelerator machine, never committed). Without `--device` the same protocol runs on the CPU "
+            "through `learner.learn`; on the shared 2-core development machine that is ~1-2 min per DeepFM "
+            "epoch, too slow for the full table, hence the accelerator:", "",
         ]
         for a in accuracy:
             lines.append(f"* `{a['command']}` ({a['device_name']}, torch {a['torch']}, "
