@@ -215,6 +215,29 @@ class TrainerProcess:
             return ""
 
 
+def _count_logged(
+    console: Console, bootstrap: str | None, trainers: dict[str, TrainerProcess], settings: dict
+):
+    """Read each arm's impressions and clicks back from Kafka (what a real site could measure)."""
+    from connectors.kafka.source import KafkaSource
+    from engine.simulate.logged import count_logged
+
+    out = {}
+    if bootstrap is None:
+        return out
+    for name, trainer in trainers.items():
+        try:
+            out[name] = count_logged(
+                KafkaSource(
+                    bootstrap=bootstrap, topics=[trainer.plan.impressions_topic], client_config=settings
+                ),
+                KafkaSource(bootstrap=bootstrap, topics=[trainer.plan.clicks_topic], client_config=settings),
+            )
+        except Exception as exc:  # noqa: BLE001 - the summary goes on without this line
+            console.print(f"[yellow]reading the logs of arm {name} back failed: {exc!r}[/]")
+    return out
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
     parser.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
@@ -334,9 +357,11 @@ class Dashboard:
         return f"[{time.monotonic() - self.start:5.0f} s] req/s {self.rates[0]:.1f}  " + "  ".join(parts)
 
 
-def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs, run_id) -> dict[str, Any]:
+def summary_dict(
+    *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged, run_id
+) -> dict[str, Any]:
     """The summary as data (written to <workdir>/summary.json for scripts and tests)."""
-    from engine.simulate.stats import ab_report
+    from engine.simulate.stats import ab_minus_aa, ab_report
 
     arms = {}
     for name in trainers:
@@ -351,6 +376,9 @@ def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs, r
             "impressions_logged": logger.sent if logger else None,
             "impressions_dropped": logger.dropped if logger else None,
             "trainer_exit": trainer_rcs.get(name),
+            "logged_impressions": logged[name].impressions if name in logged else None,
+            "logged_clicked": logged[name].clicked if name in logged else None,
+            "logged_ctr": logged[name].ctr if name in logged else None,
             "impressions_topic": trainers[name].plan.impressions_topic,
             "clicks_topic": trainers[name].plan.clicks_topic,
         }
@@ -359,6 +387,11 @@ def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs, r
     if report.treatment and report.control:
         with sim.stats.lock:
             ab = ab_report(sim.stats, treatment=report.treatment, control=report.control, aa=report.aa)
+        logged_ctr = {name: c.ctr for name, c in logged.items()}
+        for key, value in ab_minus_aa(
+            logged_ctr, treatment=report.treatment, control=report.control, aa=report.aa
+        ).items():
+            ab[f"{key}_logged"] = value
     s = sim.stats
     return {
         "run_id": run_id,
@@ -372,7 +405,9 @@ def summary_dict(*, sim, stack, trainers, registries, sim_config, trainer_rcs, r
     }
 
 
-def print_summary(console: Console, *, sim, stack, trainers, registries, sim_config, trainer_rcs) -> None:
+def print_summary(
+    console: Console, *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged
+) -> None:
     from engine.simulate.report import ab_lines, arms_table, versions_table
 
     console.rule("reloop demo: summary")
@@ -422,6 +457,20 @@ def print_summary(console: Console, *, sim, stack, trainers, registries, sim_con
     console.print(rows)
     for line in ab_lines(sim.stats, sim_config.report):
         console.print(line)
+    report = sim_config.report
+    if logged and report.treatment and report.control:
+        from engine.simulate.stats import ab_minus_aa
+
+        ctr = {name: c.ctr for name, c in logged.items()}
+        rep = ab_minus_aa(ctr, treatment=report.treatment, control=report.control, aa=report.aa)
+        line = (
+            "A/B lift from the Kafka logs (clicked / logged impressions): "
+            + ", ".join(f"{n} {c.clicked}/{c.impressions} = {c.ctr:.4f}" for n, c in logged.items())
+            + f"; A/B {rep.get('ab_lift', math.nan):+.2%}"
+        )
+        if "aa_lift" in rep:
+            line += f", A/A {rep['aa_lift']:+.2%}, A/B minus A/A {rep['ab_minus_aa']:+.2%}"
+        console.print(line)
     s = sim.stats
     console.print(
         f"clicks sent {s.clicks_sent} (beyond the attribution window: {s.clicks_late}, not yet due at stop: "
@@ -458,6 +507,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
     trainer_rcs: dict[str, int | None] = {}
     registries: dict = {}
     failed: list[str] = []
+    logged: dict = {}
+    bootstrap = None
     exit_code = 0
     try:
         bootstrap = args.bootstrap
@@ -562,6 +613,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             stack.close()
         for name, trainer in trainers.items():
             trainer_rcs[name] = trainer.stop(config.demo.trainer_stop_timeout_s)
+        if trainers and exit_code == 0:
+            logged = _count_logged(console, bootstrap, trainers, config.kafka.get("settings") or {})
         if broker is not None:
             broker.stop()
     if sim is not None and stack is not None:
@@ -572,6 +625,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             "registries": registries,
             "sim_config": sim_config,
             "trainer_rcs": trainer_rcs,
+            "logged": logged,
         }
         print_summary(console, **parts)
         summary = summary_dict(**parts, run_id=run_id)

@@ -136,20 +136,27 @@ def lift(treatment: float, control: float) -> float:
     return treatment / control - 1.0
 
 
+def ab_minus_aa(
+    ctr: dict[str, float], *, treatment: str, control: str, aa: tuple[str, str] | None = None
+) -> dict[str, float]:
+    """``ab_lift``, and with an A/A pair ``aa_lift`` and ``ab_minus_aa``, from per-arm CTRs."""
+    if treatment not in ctr or control not in ctr:
+        return {}
+    out = {"ab_lift": lift(ctr[treatment], ctr[control])}
+    if aa is not None and aa[0] in ctr and aa[1] in ctr:
+        out["aa_lift"] = lift(ctr[aa[0]], ctr[aa[1]])
+        out["ab_minus_aa"] = out["ab_lift"] - out["aa_lift"]
+    return out
+
+
 def ab_report(
     stats: SimStats, *, treatment: str, control: str, aa: tuple[str, str] | None = None
 ) -> dict[str, float]:
     """The paper's online readout: the A/B lift minus the A/A lift (the noise between two identical
     arms), computed from the true CTR and from the drawn clicks."""
-    arms = stats.arms
     out: dict[str, float] = {}
     for kind, attr in (("true", "true_ctr"), ("clicks", "realized_ctr")):
-        if treatment not in arms or control not in arms:
-            continue
-        ab = lift(getattr(arms[treatment], attr), getattr(arms[control], attr))
-        out[f"ab_lift_{kind}"] = ab
-        if aa is not None and aa[0] in arms and aa[1] in arms:
-            aa_lift = lift(getattr(arms[aa[0]], attr), getattr(arms[aa[1]], attr))
-            out[f"aa_lift_{kind}"] = aa_lift
-            out[f"ab_minus_aa_{kind}"] = ab - aa_lift
+        ctr = {name: getattr(arm, attr) for name, arm in stats.arms.items()}
+        for key, value in ab_minus_aa(ctr, treatment=treatment, control=control, aa=aa).items():
+            out[f"{key}_{kind}"] = value
     return out

@@ -82,6 +82,9 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         assert arm["impressions_dropped"] == 0
         assert arm["impressions_logged"] == arm["impressions"] > 0
         assert 0.0 <= arm["served_auc"] <= 1.0
+        # Read back from Kafka by the demo: every logged impression, and clicks joined to them.
+        assert arm["logged_impressions"] == arm["impressions_logged"]
+        assert 0 < arm["logged_clicked"] <= arm["clicks"]
         # What reached Kafka: every logged impression, with versions that advance over the log.
         versions = _versions_in_topic(kafka_broker.bootstrap, arm["impressions_topic"])
         assert len(versions) == arm["impressions_logged"]
@@ -91,6 +94,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         ordered = sorted(first_offset)
         assert ordered[0] == 0 and len(ordered) >= 3
         assert [first_offset[v] for v in ordered] == sorted(first_offset[v] for v in ordered)
+    assert {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged"} <= set(summary["ab"])
     # Each trainer wrote a log and a config next to its snapshots.
     for name in summary["arms"]:
         assert (workdir / name / "run.yaml").exists() and (workdir / name / "trainer.log").exists()

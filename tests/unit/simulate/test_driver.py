@@ -143,3 +143,30 @@ def test_run_paces_requests_from_several_threads():
     # Paced: about rate x duration, never a burst far beyond it.
     assert 50 <= requests <= 110
     assert sim.stats.arms["A"].impressions == 3 * requests
+
+
+def test_logged_ctr_counts_each_clicked_impression_once():
+    from connectors.memory.memory import MemorySource
+    from engine.events.codec import encode
+    from engine.events.schema import Click, Impression
+    from engine.simulate.logged import count_logged
+
+    mlog = MemoryLog()
+    imp_sink, click_sink = MemorySink(mlog, "imp"), MemorySink(mlog, "clk")
+    for i in range(10):
+        imp = Impression(
+            impression_id=f"i{i}",
+            request_id="r",
+            user_id="u",
+            item_id="x",
+            features={},
+            event_time_ms=1,
+            served_prediction=0.5,
+            model_version=0,
+        )
+        imp_sink.send(encode(imp))
+    for imp_id in ("i1", "i1", "i2", "ghost"):
+        click_sink.send(encode(Click(impression_id=imp_id, event_time_ms=2)))
+    counts = count_logged(MemorySource(mlog, ["imp"]), MemorySource(mlog, ["clk"]), idle_s=0.1)
+    assert (counts.impressions, counts.clicked, counts.orphan_clicks) == (10, 2, 1)
+    assert counts.ctr == 0.2
