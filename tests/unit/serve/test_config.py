@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.serve.config import ConfigError, load_serve_config, serve_config_from_dict
+
+
+def _doc(**over):
+    doc = {"arms": [{"name": "A", "registry": "/tmp/reg-a"}], "serve": {"top_k": 5}}
+    doc.update(over)
+    return doc
+
+
+def test_defaults_bind_loopback():
+    cfg = serve_config_from_dict(_doc())
+    assert cfg.host == "127.0.0.1" and cfg.top_k == 5 and cfg.arms[0].impressions_topic == "impressions"
+
+
+def test_bad_key_fails_naming_it():
+    with pytest.raises(ConfigError, match=r"top_kk"):
+        serve_config_from_dict(_doc(serve={"top_kk": 3}))
+    with pytest.raises(ConfigError, match=r"arms.0.weight"):
+        serve_config_from_dict(_doc(arms=[{"name": "A", "registry": "/r", "weight": -1}]))
+    with pytest.raises(ConfigError, match="impressions_topic"):
+        serve_config_from_dict(_doc(arms=[{"name": "A", "registry": "/r"}, {"name": "B", "registry": "/s"}]))
+
+
+def test_env_overrides_bootstrap(monkeypatch):
+    monkeypatch.setenv("RELOOP_KAFKA_BOOTSTRAP", "10.0.0.1:9093")
+    cfg = serve_config_from_dict(_doc(kafka={"bootstrap": "x:1", "settings": {"security_protocol": "SSL"}}))
+    assert cfg.kafka.bootstrap == "10.0.0.1:9093" and cfg.kafka.settings == {"security_protocol": "SSL"}
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_serve_config(tmp_path / "nope.yaml")
+
+
+def test_reloop_serve_exits_2_on_a_bad_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: []\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "arms" in proc.stderr

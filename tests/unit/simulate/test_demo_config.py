@@ -1,0 +1,55 @@
+"""The demo's config plumbing (engine/runtime/demo.py): merging, per-arm plans, fail-fast validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.runtime.demo import DEFAULT_CONFIG, DemoConfig, deep_merge, plan_arms, serve_config_for
+from engine.serve.config import ConfigError, read_yaml
+from engine.simulate.config import simulate_config_from_dict
+from engine.simulate.spec import world_spec_dict
+
+
+def test_deep_merge_overrides_nested_keys_without_touching_the_base():
+    base = {"model": {"backbone": "fm", "params": {"embedding_dim": 8}}, "train": {"batch_size": 64}}
+    merged = deep_merge(base, {"model": {"strategy": "reloop", "params": {"embedding_dim": 4}}})
+    assert merged == {
+        "model": {"backbone": "fm", "strategy": "reloop", "params": {"embedding_dim": 4}},
+        "train": {"batch_size": 64},
+    }
+    assert base["model"]["params"]["embedding_dim"] == 8
+
+
+def test_shipped_demo_config_plans_valid_arms(tmp_path):
+    doc = read_yaml(DEFAULT_CONFIG)
+    config = DemoConfig.model_validate(doc)
+    sim = simulate_config_from_dict(doc)
+    plans = plan_arms(config, workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="abc")
+    assert [p.name for p in plans] == ["reloop", "ce", "ce_aa"]
+    assert len({p.impressions_topic for p in plans}) == 3 and len({p.clicks_topic for p in plans}) == 3
+    strategies = {p.name: p.run_config["model"]["strategy"] for p in plans}
+    assert strategies == {"reloop": "reloop", "ce": "ce", "ce_aa": "ce"}
+    # The A/A arms differ only in names, topics and folders.
+    a, b = (p.run_config for p in plans if p.name in ("ce", "ce_aa"))
+    assert {k: v for k, v in a.items() if k not in ("source", "sink", "checkpoint")} == {
+        k: v for k, v in b.items() if k not in ("source", "sink", "checkpoint")
+    }
+    # The world's features and the model's spec agree; the attribution windows agree.
+    assert plans[0].run_config["model"]["spec"] == world_spec_dict()
+    assert plans[0].run_config["join"]["window_ms"] == sim.world_config().attribution_window_s * 1000
+    serve = serve_config_for(config, plans, "127.0.0.1:1")
+    assert serve.host == "127.0.0.1"
+    assert all(arm.cold_start is not None and arm.cold_start.backbone == "fm" for arm in serve.arms)
+    assert sim.report.aa == ("ce_aa", "ce")
+
+
+def test_bad_trainer_key_fails_before_anything_starts(tmp_path):
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["arms"][0]["train"] = {"train": {"batch_sizee": 3}}
+    with pytest.raises(ConfigError, match="batch_sizee"):
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="b:1", run_id="x")
+
+
+def test_bad_world_key_fails():
+    with pytest.raises(ConfigError, match="unknown keys"):
+        simulate_config_from_dict({"simulate": {"world": {"n_userz": 3}}})
