@@ -384,10 +384,12 @@ class RiverFM(_RiverLearnerBase):
 
 
 class NumpyFM(_RiverLearnerBase):
-    """river's FMClassifier math (plain SGD) on a dense numpy table; ``embedding_dim=0`` is river's LR.
+    """river's FMClassifier math (plain SGD) on a dense numpy table.
 
+    ``embedding_dim=0`` is river's LogisticRegression math when ``l2 == 0`` (river's LR applies its l2
+    to every weight at every step, its FM only to the sample's features; this class does the latter).
     The table is initialised eagerly (river draws each latent lazily on first sight), so the two agree
-    exactly once they start from the same parameters; ``init_from_river``-style checks live in the tests.
+    exactly once they start from the same parameters, which is how the tests compare them.
     """
 
     backbone = "river_fm_np"
