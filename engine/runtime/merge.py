@@ -62,21 +62,16 @@ class RecordMerger:
     ) -> list[Record]:
         """Records that can go out now, in merge order.
 
-        ``positions``: the source's next offset per partition (what it has delivered to us);
-        ``end_positions``: the log end per partition when the source knows it.
+        ``positions``: the source's next offset per partition (what it has delivered to us).
+        ``end_positions``: the log end per partition, from a source that knows it; then a partition with
+        nothing buffered blocks the others until it is at its end, however long that takes (an empty
+        mapping: ends unknown right now, e.g. the broker is down, so every such partition blocks).
+        None: the source cannot tell, and the ``idle_ms`` rule decides.
         """
         now = self.clock()
-        blocking: list[TopicPartition] = []
         for tp, buf in self._buf.items():
-            if buf:
-                continue
-            if _at_end(tp, positions, end_positions):
-                continue
-            if now - self._last_seen[tp] >= self.idle_ms:
-                continue
-            blocking.append(tp)
-        if blocking:
-            return []
+            if not buf and self._blocks(tp, now, positions, end_positions):
+                return []
         heap = [
             (buf[0].timestamp_ms, tp.topic, tp.partition, buf[0].offset)
             for tp, buf in self._buf.items()
@@ -93,9 +88,25 @@ class RecordMerger:
             if buf:
                 head = buf[0]
                 heapq.heappush(heap, (head.timestamp_ms, topic, partition, head.offset))
-            elif now - self._last_seen[tp] < self.idle_ms and not _at_end(tp, positions, end_positions):
+            elif self._blocks(tp, now, positions, end_positions):
                 break  # this partition ran dry: what it holds next may be older than the other heads
         return out
+
+    def needs_ends(self) -> bool:
+        """Whether some partition has nothing buffered (only then are end positions worth asking for)."""
+        return any(not buf for buf in self._buf.values())
+
+    def _blocks(
+        self,
+        tp: TopicPartition,
+        now: int,
+        positions: Mapping[TopicPartition, int] | None,
+        end_positions: Mapping[TopicPartition, int] | None,
+    ) -> bool:
+        """Whether an empty partition ``tp`` may still deliver something older than the other heads."""
+        if end_positions is not None:
+            return not _at_end(tp, positions, end_positions)
+        return now - self._last_seen[tp] < self.idle_ms
 
     def drain(self) -> list[Record]:
         """Everything buffered, in merge order, ignoring idleness (end of a bounded replay)."""

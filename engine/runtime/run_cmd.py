@@ -36,13 +36,17 @@ def main(args: argparse.Namespace) -> int:
     from connectors.kafka.sink import KafkaSink
     from connectors.kafka.source import KafkaSource
     from engine.runtime.build import build_pipeline
+    from engine.runtime.sources import EndOffsets
 
     src = cfg.source
-    source = KafkaSource(
-        bootstrap=src.bootstrap,
-        topics=[src.impressions_topic, src.clicks_topic],
-        group_id=src.group_id,
-        client_config=src.client_config,
+    # EndOffsets: the merge waits for a lagging partition instead of guessing from idleness.
+    source = EndOffsets(
+        KafkaSource(
+            bootstrap=src.bootstrap,
+            topics=[src.impressions_topic, src.clicks_topic],
+            group_id=src.group_id,
+            client_config=src.client_config,
+        )
     )
     sink_cfg = {**src.client_config, **cfg.sink.client_config}
     samples = (

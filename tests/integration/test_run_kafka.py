@@ -284,8 +284,8 @@ def test_broker_restart_mid_run(tmp_path, unique_topic):
         _produce(broker.bootstrap, topics, synth)
         run_dir = tmp_path / "run"
         run_dir.mkdir()
-        # A merge idleness longer than the outage: a broker restart must not reorder the partitions.
-        config = _config(run_dir, broker.bootstrap, topics, "correct", merge_idle_ms=30_000)
+        # With end offsets unknown during the outage the merge holds back instead of guessing the order.
+        config = _config(run_dir, broker.bootstrap, topics, "correct")
         reg = SnapshotRegistry(run_dir / "snaps")
         proc = _start(config, run_dir)
         deadline = time.monotonic() + 120

@@ -131,6 +131,7 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
     ref = _pipeline(_config(tmp_path / "ref"), log, clock)
     _run_to_end(ref, log, clock)
     expected = _params(ref)
+    ref_stats, ref_snapshots = ref.joiner.stats, ref.trainer.counters.samples // (4 * BATCH)
     ref.close()
 
     cfg = _config(tmp_path / "crash")
@@ -150,6 +151,9 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
             since = 0
     assert len(restored) == 3
     got = _params(p)
+    assert p.joiner.stats == ref_stats
+    # Boundaries fall on the same sample counts as in the uninterrupted run.
+    assert p.registry.manifest(p.version)["meta"]["samples_trained"] == ref_snapshots * 4 * BATCH
     p.close()
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
