@@ -2,20 +2,26 @@
 
 from engine.loss.losses import (
     STRATEGIES,
+    VARIANTS,
     CrossEntropyLoss,
     DistillationLoss,
+    LogitReLoopLoss,
     Loss,
     LossStats,
+    NormalisedReLoopLoss,
     ReLoopLoss,
     make_loss,
 )
 
 __all__ = [
     "STRATEGIES",
+    "VARIANTS",
     "CrossEntropyLoss",
     "DistillationLoss",
+    "LogitReLoopLoss",
     "Loss",
     "LossStats",
+    "NormalisedReLoopLoss",
     "ReLoopLoss",
     "make_loss",
 ]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 STRATEGIES: tuple[str, ...] = ("ce", "kd", "reloop")
+# Variants for the paper's open scale question (docs/reloop-method.md, question 2); not in the paper.
+VARIANTS: tuple[str, ...] = ("reloop_norm", "reloop_logit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ class LossStats:
 
     @property
     def sc(self) -> float:
-        return self.aux if self.strategy == "reloop" else 0.0
+        return self.aux if self.strategy.startswith("reloop") else 0.0
 
     @property
     def kd(self) -> float:
@@ -107,10 +109,19 @@ class _MixedLoss:
             raise ValueError(f"loss alpha must be in [0, 1], got {self.alpha}")
 
     # Per-sample auxiliary term and (numpy) its derivative with respect to the logit.
-    def _aux(self, logits: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor):
+    def _aux(
+        self,
+        logits: torch.Tensor,
+        p: torch.Tensor,
+        labels: torch.Tensor,
+        y_last: torch.Tensor,
+        has_last: torch.Tensor,
+    ):
         return torch.zeros_like(p)
 
-    def _aux_grad(self, p: np.ndarray, labels: np.ndarray, y_last: np.ndarray) -> np.ndarray:
+    def _aux_grad(
+        self, p: np.ndarray, labels: np.ndarray, y_last: np.ndarray, has_last: np.ndarray
+    ) -> np.ndarray:
         return np.zeros_like(p)
 
     def __call__(
@@ -142,7 +153,7 @@ class _MixedLoss:
             has_last = ~torch.isnan(yl)
             yl = torch.where(has_last, yl.clamp(0.0, 1.0), torch.zeros_like(yl))
             p = torch.sigmoid(logits)
-            aux = self._aux(logits, p, labels, yl) * has_last
+            aux = self._aux(logits, p, labels, yl, has_last) * has_last
             mixed = self.alpha * aux + (1.0 - self.alpha) * ce
             per_sample = torch.where(has_last, mixed, ce)
             active = (aux > 0) & has_last
@@ -156,7 +167,7 @@ class _MixedLoss:
                 ce=float((w * ce).sum() / n),
                 aux=float((w * aux).sum() / n),
                 sc_active_fraction=float(active.sum()) / n_last
-                if (n_last and self.strategy == "reloop")
+                if (n_last and self.strategy.startswith("reloop"))
                 else 0.0,
                 n=int(n),
                 n_with_last=n_last,
@@ -178,7 +189,7 @@ class _MixedLoss:
             yl = np.asarray(y_last, dtype=np.float64).reshape(-1)
             has_last = ~np.isnan(yl)
             yl = np.where(has_last, np.clip(yl, 0.0, 1.0), 0.0)
-            mixed = self.alpha * self._aux_grad(p, y, yl) + (1.0 - self.alpha) * grad
+            mixed = self.alpha * self._aux_grad(p, y, yl, has_last) + (1.0 - self.alpha) * grad
             grad = np.where(has_last, mixed, grad)
         if weights is not None:
             grad = grad * np.asarray(weights, dtype=np.float64).reshape(-1)
@@ -198,10 +209,10 @@ class DistillationLoss(_MixedLoss):
 
     strategy: ClassVar[str] = "kd"
 
-    def _aux(self, logits, p, labels, y_last):
+    def _aux(self, logits, p, labels, y_last, has_last):
         return F.binary_cross_entropy_with_logits(logits, y_last, reduction="none")
 
-    def _aux_grad(self, p, labels, y_last):
+    def _aux_grad(self, p, labels, y_last, has_last):
         return p - y_last
 
 
@@ -211,24 +222,78 @@ class ReLoopLoss(_MixedLoss):
 
     strategy: ClassVar[str] = "reloop"
 
-    def _aux(self, logits, p, labels, y_last):
+    def _aux(self, logits, p, labels, y_last, has_last):
         return labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
 
-    def _aux_grad(self, p, labels, y_last):
+    def _aux_grad(self, p, labels, y_last, has_last):
         # dp/dz = p (1 - p); the max() counts only where strictly active (subgradient 0 at a tie).
         dp = p * (1.0 - p)
         return labels * np.where(y_last > p, -dp, 0.0) + (1.0 - labels) * np.where(p > y_last, dp, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class NormalisedReLoopLoss(_MixedLoss):
+    """Variant: L_sc averaged over the samples where it is active instead of over the whole batch.
+
+    Plain ReLoop's SC term shrinks with the fraction of active samples, so its weight against CE drifts
+    as the model improves; here each active sample's penalty is scaled by n_with_last / n_active.
+    """
+
+    strategy: ClassVar[str] = "reloop_norm"
+
+    @staticmethod
+    def _scale(active, has_last) -> float:
+        n_active = int(active.sum())
+        return int(has_last.sum()) / n_active if n_active else 0.0
+
+    def _aux(self, logits, p, labels, y_last, has_last):
+        sc = labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
+        return sc * self._scale((sc.detach() > 0) & has_last, has_last)
+
+    def _aux_grad(self, p, labels, y_last, has_last):
+        dp = p * (1.0 - p)
+        worse_pos = (labels > 0.5) & (y_last > p)
+        worse_neg = (labels < 0.5) & (p > y_last)
+        grad = np.where(worse_pos, -dp, 0.0) + np.where(worse_neg, dp, 0.0)
+        return grad * self._scale((worse_pos | worse_neg) & has_last, has_last)
+
+
+_LOGIT_EPS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class LogitReLoopLoss(_MixedLoss):
+    """Variant: the one-sided penalty as a margin in logit space, z vs logit(y_last).
+
+    ``y max(z_last - z, 0) + (1-y) max(z - z_last, 0)``: its gradient is +-1 where active, the same
+    scale as CE's, and it does not vanish when the prediction saturates (probability-space SC does).
+    """
+
+    strategy: ClassVar[str] = "reloop_logit"
+
+    def _aux(self, logits, p, labels, y_last, has_last):
+        z_last = torch.logit(y_last.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS))
+        return labels * torch.relu(z_last - logits) + (1.0 - labels) * torch.relu(logits - z_last)
+
+    def _aux_grad(self, p, labels, y_last, has_last):
+        yl = np.clip(y_last, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        # Compare in probability space: sigma is monotone, and p is what raw_gradient has.
+        return labels * np.where(yl > p, -1.0, 0.0) + (1.0 - labels) * np.where(p > yl, 1.0, 0.0)
 
 
 _LOSSES: dict[str, type[_MixedLoss]] = {
     "ce": CrossEntropyLoss,
     "kd": DistillationLoss,
     "reloop": ReLoopLoss,
+    "reloop_norm": NormalisedReLoopLoss,
+    "reloop_logit": LogitReLoopLoss,
 }
 
 
 def make_loss(strategy: str, alpha: float = 0.0) -> Loss:
-    """The loss for a strategy name (``ce``, ``kd``, ``reloop``); unknown names fail naming the choices."""
+    """The loss for a strategy name (``ce``, ``kd``, ``reloop`` or a variant in ``VARIANTS``).
+
+    Unknown names fail naming the choices."""
     try:
         cls = _LOSSES[strategy]
     except KeyError:

@@ -35,5 +35,5 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"  {r['name']:<10} [{r['kind']}] {r['description']}\n      {defaults}")
-    print("strategies: " + ", ".join(strategies) + "  (loss = alpha * aux + (1 - alpha) * CE; see docs)")
+    print("strategies: " + ", ".join(strategies) + "  (alpha * aux + (1 - alpha) * CE; see engine/loss)")
     return 0

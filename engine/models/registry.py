@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.features.spec import FeatureSpec
-from engine.loss.losses import STRATEGIES
+from engine.loss.losses import STRATEGIES, VARIANTS
 from engine.models import backbones as bb
 from engine.models.config import BackboneConfig, LearnerConfig, OptimizerConfig
 from engine.models.ftrl import FTRLConfig, FTRLLearner
@@ -127,7 +127,8 @@ def backbone_entry(name: str) -> BackboneEntry:
 
 
 def available_strategies() -> list[str]:
-    return list(STRATEGIES)
+    """The paper's strategies (ce, kd, reloop), then the ReLoop variants."""
+    return [*STRATEGIES, *VARIANTS]
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -145,8 +146,8 @@ def make_config(
 ) -> LearnerConfig:
     """A validated LearnerConfig; a bad key or value fails here, naming it."""
     entry = backbone_entry(backbone)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    if strategy not in available_strategies():
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {available_strategies()}")
     try:
         model = entry.config_cls(**model_config)
     except ValidationError as exc:

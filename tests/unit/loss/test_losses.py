@@ -134,7 +134,7 @@ def test_sc_active_fraction_counts_worse_samples_among_those_with_y_last():
     assert isinstance(stats, LossStats) and stats.to_dict()["n"] == 4
 
 
-@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop"])
+@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop", "reloop_norm", "reloop_logit"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
     rng = np.random.default_rng(1)
@@ -147,6 +147,26 @@ def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
     _, grad, _ = _run(strategy, alpha, z, y, yl, w)
     raw = make_loss(strategy, alpha).raw_gradient(z, y, yl, w)
     np.testing.assert_allclose(raw, grad * n, rtol=1e-9, atol=1e-12)
+
+
+def test_logit_variant_is_a_margin_in_logit_space_with_unit_gradient():
+    # z = 0 on a positive whose last prediction was 0.8: margin logit(0.8) - 0 = ln 4.
+    value, grad, stats = _run("reloop_logit", 1.0, [0.0, 60.0], [1.0, 0.0], [0.8, 0.5])
+    assert stats.sc == pytest.approx((math.log(4.0) + 60.0) / 2)
+    np.testing.assert_allclose(grad, [-1 / 2, 1 / 2])  # does not vanish at z = 60, unlike probability SC
+    assert stats.sc_active_fraction == 1.0
+
+
+def test_normalised_variant_averages_sc_over_active_samples_only():
+    # 4 samples with y_last, only the first is worse than the last model (SC = 0.3).
+    z, y, yl = [0.0] * 4, [1.0, 1.0, 0.0, 0.0], [0.8, 0.2, 0.9, 0.7]
+    _, grad, stats = _run("reloop_norm", 1.0, z, y, yl)
+    _, grad_plain, plain = _run("reloop", 1.0, z, y, yl)
+    assert plain.sc == pytest.approx(0.3 / 4) and stats.sc == pytest.approx(0.3)
+    np.testing.assert_allclose(grad, grad_plain * 4)
+    # Samples without y_last do not count as inactive ones.
+    _, _, with_nan = _run("reloop_norm", 1.0, z + [0.0], y + [1.0], yl + [float("nan")])
+    assert with_nan.sc == pytest.approx(0.3 * 4 / 5)
 
 
 def test_bad_strategy_and_alpha_fail_naming_them():
