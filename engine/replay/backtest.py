@@ -30,7 +30,6 @@ from engine.events.schema import LabeledSample
 from engine.features.featurizer import FeatureBatch, Featurizer
 from engine.features.spec import FeatureSpec
 
-Protocol_ = Literal["periodic", "streaming"]
 YLastSource = Literal["recomputed", "logged"]
 PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
 _EPS = 1e-15

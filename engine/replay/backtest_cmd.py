@@ -90,6 +90,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild report.md and PNGs from results.csv"
+    )
 
 
 def _period(spec: str, min_size: int):
@@ -144,6 +147,10 @@ def main(args: argparse.Namespace) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "results.csv"
+    if args.report_only:
+        data, time_kind = load_data(args)
+        write_report(args, read_csv(csv_path), data, time_kind, math.nan)
+        return 0
     if csv_path.exists() and not args.resume:
         csv_path.unlink()
     t0 = time.perf_counter()
@@ -227,7 +234,7 @@ def write_report(
     )
     text = f"""# Backtest: {args.title or args.dataset}
 
-Command: `reloop backtest {" ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""}`
+Command: `reloop backtest {" ".join(a for a in sys.argv[2:] if a != "--report-only")}`
 
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
@@ -235,7 +242,8 @@ Command: `reloop backtest {" ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""}`
 - y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; \
 Adam lr {args.lr}; embedding dim {args.embedding_dim}; MLP {args.hidden_units}; \
 {args.buckets} hash buckets per field
-- wall time: {seconds / 60:.1f} min on this machine
+- wall time: {"(report rebuilt from the CSV)" if math.isnan(seconds) else f"{seconds / 60:.1f} min"} \
+on a shared 2-core machine
 
 Metrics are per period, averaged over periods and seeds; Δ = strategy − CE, paired by seed and period,
 in units of 1e-3, with a 95% Student-t half-width over seeds (per-seed means over periods) and over periods

@@ -197,6 +197,7 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
     for cell in sorted({_key(r) for r in rows if r["backbone"] != "river_lr"}):
         cell_rows = [r for r in rows if _key(r) == cell]
         strategies = sorted({r["strategy"] for r in cell_rows}, key=_strategy_order)
+        colour = {s: f"C{i}" for i, s in enumerate(strategies)}  # the same colour in every panel
         periods = sorted({r["period"] for r in cell_rows})
         fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
         for j, metric in enumerate(METRICS):
@@ -206,7 +207,7 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
                     np.nanmean([r[metric] for r in cell_rows if r["strategy"] == s and r["period"] == p])
                     for p in periods
                 ]
-                ax.plot(periods, ys, label=s, lw=2 if s == "ce" else 1)
+                ax.plot(periods, ys, label=s, lw=2 if s == "ce" else 1, color=colour[s])
             riv = [r for r in river if r.get("dataset", "") == cell[0] and r["protocol"] == "streaming"]
             if riv:
                 ax.plot(
@@ -230,8 +231,8 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
                     mid.append(m)
                     half.append(0.0 if math.isnan(h) else h)
                 mid_a, half_a = np.array(mid), np.array(half)
-                line = ax.plot(periods, mid_a, label=s)[0]
-                ax.fill_between(periods, mid_a - half_a, mid_a + half_a, color=line.get_color(), alpha=0.12)
+                ax.plot(periods, mid_a, label=s, color=colour[s])
+                ax.fill_between(periods, mid_a - half_a, mid_a + half_a, color=colour[s], alpha=0.12)
             ax.axhline(0, color="k", lw=0.8)
             better = "higher" if metric == "auc" else "lower"
             ax.set_title(f"{metric}: strategy − CE per period (95% over seeds; {better} is better)")
