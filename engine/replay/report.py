@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,15 +98,29 @@ def _key(r: dict[str, Any]) -> tuple[str, str, str]:
     return (r.get("dataset", ""), r["protocol"], r["backbone"])
 
 
-def compare(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
-    """Each non-CE strategy against CE of the same (dataset, protocol, backbone), paired by seed, period."""
+def against_ce(strategy: str) -> str | None:
+    return None if strategy == "ce" else "ce"
+
+
+def against_kd(strategy: str) -> str | None:
+    """ReLoop at alpha against KD at the same alpha (the paper's closest baseline)."""
+    loss, _, alpha = strategy.partition("@")
+    return f"kd@{alpha}" if loss == "reloop" and alpha else None
+
+
+def compare(
+    rows: Sequence[dict[str, Any]], baseline_of: Callable[[str], str | None] = against_ce
+) -> list[Comparison]:
+    """Each strategy against its baseline (``baseline_of``, CE by default) of the same (dataset,
+    protocol, backbone), paired by seed and period; ``ce_mean`` is then the baseline's mean."""
     cells: dict[tuple, dict[tuple[int, int], dict[str, float]]] = defaultdict(dict)
     for r in rows:
         cells[(*_key(r), r["strategy"])][(r["seed"], r["period"])] = {m: r[m] for m in METRICS}
     out = []
     for (dataset, protocol, backbone, strategy), cell in sorted(cells.items()):
-        ce = cells.get((dataset, protocol, backbone, "ce"))
-        if strategy == "ce" or ce is None:
+        baseline = baseline_of(strategy)
+        ce = cells.get((dataset, protocol, backbone, baseline)) if baseline else None
+        if ce is None:
             continue
         pairs = sorted(set(cell) & set(ce))
         seeds = sorted({s for s, _ in pairs})
@@ -178,6 +192,27 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
                 f"| {_fmt(*a.diff_seeds, 1e3)} | {_fmt(*a.diff_periods, 1e3)} "
                 f"| {_fmt(*ll.diff_seeds, 1e3)} | {_fmt(*ll.diff_periods, 1e3)} "
                 f"| {a.seed_wins}/{a.n_seeds} · {ll.seed_wins}/{ll.n_seeds} | {a.verdict} / {ll.verdict} |"
+            )
+        parts.append("\n".join(lines))
+    kd = compare(rows, against_kd)
+    if kd:
+        lines = [
+            "#### ReLoop − KD at the same alpha (×1e3, 95% over seeds / over periods)",
+            "",
+            "| dataset · protocol · backbone | strategy | ΔAUC (seeds) | ΔAUC (periods) | ΔLogLoss (seeds) "
+            "| ΔLogLoss (periods) | verdict AUC / LogLoss |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        by: dict[tuple, dict[str, Comparison]] = defaultdict(dict)
+        for c in kd:
+            by[(c.dataset, c.protocol, c.backbone, c.strategy)][c.metric] = c
+        for (d, p, b, s), m in sorted(by.items()):
+            a, ll = m["auc"], m["logloss"]
+            cell = " · ".join(x for x in (d, p, b) if x)
+            lines.append(
+                f"| {cell} | {s} vs kd | {_fmt(*a.diff_seeds, 1e3)} | {_fmt(*a.diff_periods, 1e3)} "
+                f"| {_fmt(*ll.diff_seeds, 1e3)} | {_fmt(*ll.diff_periods, 1e3)} "
+                f"| {a.verdict} / {ll.verdict} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"

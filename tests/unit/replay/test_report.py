@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.replay.report import compare, markdown_tables, plot, read_csv, t_interval, write_csv
+from engine.replay.report import against_kd, compare, markdown_tables, plot, read_csv, t_interval, write_csv
 
 
 def _rows(shift_auc: dict[int, float], strategy: str = "reloop@0.5") -> list[dict]:
@@ -65,3 +65,18 @@ def test_csv_round_trip_tables_and_plots(tmp_path: Path) -> None:
     pngs = plot(back, tmp_path / "plots")
     assert {p.name for p in pngs} == {"d_periodic_dcn.png", "differences.png"}
     assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_reloop_is_also_paired_against_kd_at_the_same_alpha() -> None:
+    rows = _rows({0: 0.010, 1: 0.011, 2: 0.012}, strategy="reloop@0.5")
+    kd = [
+        dict(r, strategy="kd@0.5")
+        for r in _rows({0: 0.004, 1: 0.005, 2: 0.006}, strategy="x")
+        if r["strategy"] == "x"
+    ]
+    comps = compare(rows + kd, against_kd)
+    auc = next(c for c in comps if c.metric == "auc")
+    assert (
+        auc.strategy == "reloop@0.5" and auc.diff_seeds[0] == pytest.approx(0.006) and auc.verdict == "wins"
+    )
+    assert "reloop@0.5 vs kd" in markdown_tables(rows + kd)
