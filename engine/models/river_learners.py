@@ -85,11 +85,10 @@ class ScoreGradientLoss(optim.losses.BinaryLoss):
         self.y_last = math.nan
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        z = np.atleast_1d(np.asarray(y_pred, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y_true, dtype=np.float64))
         loss = make_loss(self.strategy, self.alpha)
-        z = torch.as_tensor(np.atleast_1d(np.asarray(y_pred, dtype=np.float64)))
-        y = torch.as_tensor(np.atleast_1d(np.asarray(y_true, dtype=np.float64)))
-        value, _ = loss(z, y, y_last=torch.tensor([self.y_last], dtype=torch.float64).expand_as(z))
-        return float(value)
+        return loss_stats(loss, z, y, np.full(z.shape, self.y_last), None).total
 
     def gradient(self, y_true: Any, y_pred: Any) -> Any:
         return score_gradient(self.strategy, self.alpha, float(y_true), float(y_pred), self.y_last)
