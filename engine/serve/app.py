@@ -24,8 +24,10 @@ def create_app(
     app = FastAPI(title="reloop scoring service", version="1")
 
     @app.post("/score", response_model=ScoreResponse, responses={503: {"description": "no model loaded yet"}})
-    def score(request: ScoreRequest) -> Response:
-        # A plain `def`: FastAPI runs it in its worker thread pool, so model inference never blocks the loop.
+    async def score(request: ScoreRequest) -> Response:
+        # Scoring runs inline on the event loop: it is ~1-2 ms of CPU under the GIL either way, and a
+        # hand-off to the thread pool costs two more thread wake-ups per request (measured: on a busy
+        # 2-core machine each wake-up waits for a time slice; see docs/bench-serve.md).
         try:
             response = service.score(request)
         except NotReady as exc:
@@ -37,17 +39,17 @@ def create_app(
         return Response(content=response.model_dump_json(), media_type="application/json")
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         ready = service.ready()
         body = {"ready": ready, "versions": service.versions()}
         return JSONResponse(status_code=200 if ready else 503, content=body)
 
     @app.get("/stats")
-    def get_stats() -> dict[str, Any]:
+    async def get_stats() -> dict[str, Any]:
         body: dict[str, Any] = {"versions": service.versions(), "failed_requests": service.failed}
         body["arms"] = {
             name: {

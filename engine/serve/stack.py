@@ -8,7 +8,6 @@ while the broker is unreachable (the events wait in the bounded buffer, then are
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -151,28 +150,28 @@ class ServingStack:
         return self
 
     def serve_in_thread(self, *, host: str | None = None, port: int | None = None) -> str:
-        """Run uvicorn on a daemon thread; returns the base URL. Port 0 picks a free port (no race:
-        the socket is bound here and handed to uvicorn)."""
+        """Run uvicorn on a daemon thread; returns the base URL. Port 0 lets the OS pick a free port.
+
+        uvicorn binds the socket itself: handing it a pre-bound socket (``sockets=[...]``) left the
+        accepted connections without TCP_NODELAY, and every response waited ~40 ms for a delayed ACK
+        (measured, docs/bench-serve.md)."""
         import uvicorn
 
         host = host or self.config.host
         port = self.config.port if port is None else port
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        server = uvicorn.Server(
+            uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False)
+        )
         server.install_signal_handlers = lambda: None  # the owner of the process handles signals
         self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
-        )
+        self._thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
         self._thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the scoring service did not start")
+                raise RuntimeError(f"the scoring service did not start on {host}:{port}")
             time.sleep(0.02)
+        self.port = int(server.servers[0].sockets[0].getsockname()[1])
         return f"http://{host}:{self.port}"
 
     def close(self) -> None:
