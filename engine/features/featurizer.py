@@ -36,6 +36,14 @@ class TorchFeatureBatch:
     def __len__(self) -> int:
         return int(self.cat.shape[0])
 
+    def to(self, device: torch.device | str) -> TorchFeatureBatch:
+        return TorchFeatureBatch(
+            cat=self.cat.to(device),
+            num=self.num.to(device),
+            multi=self.multi.to(device),
+            multi_mask=self.multi_mask.to(device),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FeatureBatch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from engine.features.spec import FeatureSpec
 
@@ -25,7 +25,21 @@ class OptimizerConfig(FrozenConfig):
     embedding_optimizer: Literal["adam", "adagrad"] = "adam"
     embedding_l2: float = Field(default=0.0, ge=0, description="L2 on the embedding rows a batch looks up")
     weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay on dense parameters")
+    embedding_weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        description="FuxiCTR's embedding_regularizer: (lambda/2)||E||^2 over the WHOLE tables, i.e. Adam "
+        "weight decay on the embedding parameters; needs sparse_embeddings=false",
+    )
     grad_clip_norm: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_sparse(self) -> OptimizerConfig:
+        if self.embedding_weight_decay > 0 and self.sparse_embeddings:
+            raise ValueError(
+                "embedding_weight_decay needs sparse_embeddings=false (sparse optimizers lack weight decay)"
+            )
+        return self
 
 
 class BackboneConfig(FrozenConfig):

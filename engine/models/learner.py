@@ -15,7 +15,7 @@ import orjson
 import torch
 from torch import nn
 
-from engine.features.featurizer import FeatureBatch
+from engine.features.featurizer import FeatureBatch, TorchFeatureBatch
 from engine.loss.losses import Loss, LossStats, make_loss
 from engine.models.blocks import GenDropout
 from engine.models.config import LearnerConfig, OptimizerConfig
@@ -75,11 +75,11 @@ def _as_tensor(a: np.ndarray | None, name: str, n: int) -> torch.Tensor | None:
     return torch.from_numpy(arr)
 
 
-def _fused_adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _fused_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # fused kernels missing on this build/device
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr)
 
 
 def check_same_architecture(state: dict[str, Any], config: LearnerConfig) -> None:
@@ -97,17 +97,30 @@ def check_same_architecture(state: dict[str, Any], config: LearnerConfig) -> Non
             )
 
 
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class TorchLearner:
-    """A torch backbone trained with mini-batch steps (see Learner)."""
+    """A torch backbone trained with mini-batch steps (see Learner).
+
+    CPU by default; ``to(device)`` moves it (the numpy-facing methods then copy each batch over, and
+    ``learn_tensors`` / ``logits_tensors`` take batches already on the device). State is always saved
+    on the CPU, so a snapshot loads anywhere.
+    """
 
     def __init__(self, *, model: nn.Module, config: LearnerConfig, loss: Loss | None = None) -> None:
         self.config = config
         self.model = model
         self.loss = loss if loss is not None else make_loss(config.strategy, config.alpha)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        for m in model.modules():
-            if isinstance(m, GenDropout):
-                m.generator = self.generator
+        self.device = torch.device("cpu")
+        self.generator = self._seed_dropout(self.device)
         self.optimizers = self._make_optimizers(config.optimizer)
         self.steps = 0
 
@@ -115,16 +128,33 @@ class TorchLearner:
     def spec(self):
         return self.config.spec
 
-    def _make_optimizers(self, opt: OptimizerConfig) -> dict[str, torch.optim.Optimizer]:
-        sparse_params: list[nn.Parameter] = []
+    def _seed_dropout(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device).manual_seed(self.config.seed)
         for m in self.model.modules():
-            if isinstance(m, nn.Embedding) and m.sparse:
-                sparse_params.append(m.weight)
+            if isinstance(m, GenDropout):
+                m.generator = generator
+        return generator
+
+    def _make_optimizers(self, opt: OptimizerConfig) -> dict[str, torch.optim.Optimizer]:
+        tables = [m.weight for m in self.model.modules() if isinstance(m, nn.Embedding)]
+        table_ids = {id(p) for p in tables}
+        sparse_params = [
+            p for m in self.model.modules() if isinstance(m, nn.Embedding) and m.sparse for p in (m.weight,)
+        ]
         sparse_ids = {id(p) for p in sparse_params}
-        dense_params = [p for p in self.model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+        dense_tables = [p for p in tables if id(p) not in sparse_ids]
+        rest = [p for p in self.model.parameters() if id(p) not in table_ids and p.requires_grad]
+        groups = [
+            g
+            for g in (
+                {"params": rest, "weight_decay": opt.weight_decay},
+                {"params": dense_tables, "weight_decay": opt.embedding_weight_decay},
+            )
+            if g["params"]
+        ]
         optimizers: dict[str, torch.optim.Optimizer] = {}
-        if dense_params:
-            optimizers["dense"] = _fused_adam(dense_params, opt.lr, opt.weight_decay)
+        if groups:
+            optimizers["dense"] = _fused_adam(groups, opt.lr)
         if sparse_params:
             lr = opt.embedding_lr or opt.lr
             optimizers["embedding"] = (
@@ -134,11 +164,30 @@ class TorchLearner:
             )
         return optimizers
 
-    def forward_logits(self, batch: FeatureBatch) -> torch.Tensor:
-        """Logits in eval mode without gradient (for callers needing raw scores)."""
+    def to(self, device: torch.device | str) -> TorchLearner:
+        """Move the model and optimizer state; dropout is reseeded from the config's seed on the device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        self.model.to(device)
+        for o in self.optimizers.values():
+            for state in o.state.values():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        state[k] = v.to(device)
+        self.device = device
+        self.generator = self._seed_dropout(device)
+        return self
+
+    def logits_tensors(self, batch: TorchFeatureBatch) -> torch.Tensor:
+        """Eval-mode logits without gradient for a batch already on the learner's device."""
         self.model.eval()
         with torch.inference_mode():
-            return self.model(batch.to_torch())["logit"]
+            return self.model(batch)["logit"]
+
+    def forward_logits(self, batch: FeatureBatch) -> torch.Tensor:
+        """Logits (on the CPU) in eval mode without gradient, for callers needing raw scores."""
+        return self.logits_tensors(batch.to_torch(self.device)).cpu()
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         return torch.sigmoid(self.forward_logits(batch).double()).numpy()
@@ -147,7 +196,7 @@ class TorchLearner:
         """The representation under the output layer, float32 [B, H] (ReLoop2's memory key)."""
         self.model.eval()
         with torch.inference_mode():
-            return self.model(batch.to_torch())["hidden"].float().numpy()
+            return self.model(batch.to_torch(self.device))["hidden"].float().cpu().numpy()
 
     def learn(
         self,
@@ -159,11 +208,23 @@ class TorchLearner:
         n = len(batch)
         y = _as_tensor(labels, "labels", n)
         assert y is not None
+        yl, w = _as_tensor(y_last, "y_last", n), _as_tensor(weights, "weights", n)
+        if self.device.type != "cpu":
+            y, yl, w = (None if t is None else t.to(self.device) for t in (y, yl, w))
+        return self.learn_tensors(batch.to_torch(self.device), y, yl, w)
+
+    def learn_tensors(
+        self,
+        batch: TorchFeatureBatch,
+        labels: torch.Tensor,
+        y_last: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> LossStats:
+        """``learn`` for tensors already on the learner's device (y_last NaN = unknown)."""
+        n = len(batch)
         self.model.train()
-        out = self.model(batch.to_torch())
-        loss, stats = self.loss(
-            out["logit"], y, _as_tensor(y_last, "y_last", n), _as_tensor(weights, "weights", n)
-        )
+        out = self.model(batch)
+        loss, stats = self.loss(out["logit"], labels, y_last, weights)
         opt = self.config.optimizer
         if opt.embedding_l2 > 0:
             loss = loss + opt.embedding_l2 * sum(e.square().sum() for e in out["embeddings"]) / n
@@ -184,10 +245,11 @@ class TorchLearner:
         return {
             "format": STATE_FORMAT,
             "config_json": self.config.to_json(),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            # deep copies: optimizer.state_dict() shares its tensors with the live optimizer
-            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.optimizers.items()},
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+            # copies on the CPU: optimizer.state_dict() shares its tensors with the live optimizer
+            "optimizers": {k: _to_cpu(o.state_dict()) for k, o in self.optimizers.items()},
             "rng": self.generator.get_state(),
+            "rng_device": self.device.type,
             "steps": self.steps,
         }
 
@@ -197,8 +259,11 @@ class TorchLearner:
         check_same_architecture(state, self.config)
         self.model.load_state_dict(state["model"])
         for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        self.generator.set_state(state["rng"])
+            o.load_state_dict(state["optimizers"][k])  # torch casts the state to each parameter's device
+        if state.get("rng_device", "cpu") == self.device.type:
+            self.generator.set_state(state["rng"])
+        else:  # generator states do not transfer between device types: a deterministic reseed instead
+            self.generator.manual_seed(self.config.seed + int(state["steps"]))
         self.steps = int(state["steps"])
 
     def clone_frozen(self) -> FrozenTorchLearner:
@@ -213,14 +278,16 @@ class FrozenTorchLearner:
         # Parameters keep requires_grad: flipping it changes some CPU kernels (BatchNorm), and the frozen
         # copy must predict bit-for-bit like the learner it was cloned from. inference_mode stops autograd.
         self.model = model.eval()
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():
-            return torch.sigmoid(self.model(batch.to_torch())["logit"].double()).numpy()
+            logits = self.model(batch.to_torch(self.device))["logit"]
+            return torch.sigmoid(logits.double()).cpu().numpy()
 
     def hidden(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():
-            return self.model(batch.to_torch())["hidden"].float().numpy()
+            return self.model(batch.to_torch(self.device))["hidden"].float().cpu().numpy()
 
     def learn(self, batch, labels, y_last=None, weights=None) -> LossStats:
         raise RuntimeError("a frozen learner only predicts")
@@ -229,7 +296,7 @@ class FrozenTorchLearner:
         return {
             "format": STATE_FORMAT,
             "config_json": self.config.to_json(),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.features import CategoricalField, FeatureSpec, Featurizer
 from engine.models import cli
@@ -131,3 +132,36 @@ def test_cli_lists_backbones_with_their_defaults(capsys):
     assert by_name["dcn"]["config"]["hidden_units"] == [400, 400, 400]
     assert by_name["dcn"]["config"]["embedding_dim"] == 10
     assert out["strategies"][:3] == ["ce", "kd", "reloop"]
+
+
+def test_embedding_weight_decay_is_fuxictr_whole_table_l2_and_needs_dense_tables():
+    with pytest.raises(ValueError, match="embedding_weight_decay needs sparse_embeddings=false"):
+        build_learner("fm", SPEC, "ce", 0.0, optimizer={"embedding_weight_decay": 0.1})
+    batch, y = _batch(64)
+    # A row this batch never looks up: only weight decay can move it.
+    untouched = min(set(range(SPEC.total_rows)) - set(batch.cat.ravel().tolist()))
+
+    def row_after_one_step(decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+        opt = {"sparse_embeddings": False, "embedding_weight_decay": decay, "lr": 0.01}
+        learner = build_learner("fm", SPEC, "ce", 0.0, seed=0, optimizer=opt)
+        before = learner.model.embedding.table.weight[untouched].detach().clone()
+        learner.learn(batch, y)
+        return before, learner.model.embedding.table.weight[untouched].detach()
+
+    before, after = row_after_one_step(0.0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # Its gradient is decay * w; Adam's first step is lr * sign(gradient): towards zero by lr (as FuxiCTR).
+    before, after = row_after_one_step(0.5)
+    torch.testing.assert_close(after, before - 0.01 * before.sign(), rtol=0, atol=2e-4)  # Adam eps
+
+
+def test_learn_tensors_is_learn_for_batches_already_on_the_device():
+    batch, y = _batch(64)
+    a = build_learner("dcn", SPEC, "reloop", 0.3, seed=2, hidden_units=(8,))
+    b = build_learner("dcn", SPEC, "reloop", 0.3, seed=2, hidden_units=(8,))
+    assert b.to("cpu") is b
+    y_last = np.full(64, 0.4, dtype=np.float32)
+    sa = a.learn(batch, y, y_last)
+    sb = b.learn_tensors(batch.to_torch(), torch.from_numpy(y), torch.from_numpy(y_last))
+    assert sa == sb
+    np.testing.assert_array_equal(a.predict_proba(batch), b.predict_proba(batch))
