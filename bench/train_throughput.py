@@ -152,6 +152,16 @@ def main() -> None:
             v = results[(name, b)]
             cells.append(f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for kind in ("lr", "dcn"):
+        bare = f"bare torch {kind} (baseline)"
+        if bare not in learners:
+            continue
+        for b in args.batches:
+            ratios = [e / r for e, r in zip(results[(kind, b)], results[(bare, b)], strict=True)]
+            print(
+                f"engine {kind} / bare torch {kind}, batch {b}: "
+                f"median per-round ratio {statistics.median(ratios):.2f}"
+            )
 
 
 if __name__ == "__main__":
