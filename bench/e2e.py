@@ -29,10 +29,11 @@ import numpy as np
 def breakdown(imps, clicks, spec, batch: int) -> dict[str, float]:
     """Microseconds per sample of each stage, run alone on the same events."""
     from bench.suite_e2e import make_learner
-    from engine.events.codec import decode_clicks, decode_impression, decode_impressions, encode
-    from engine.events.schema import LabeledSample
+    from engine.events.codec import decode_clicks, decode_impressions, encode
     from engine.features.featurizer import Featurizer
     from engine.join.joiner import Joiner, JoinerConfig
+    from engine.metrics.online import OnlineMetricsBook
+    from engine.runtime.pipeline import sample_from_joined
 
     imp_bytes = [encode(e) for e in imps[:-1]]
     clk_bytes = [encode(c) for c in clicks]
@@ -54,21 +55,13 @@ def breakdown(imps, clicks, spec, batch: int) -> dict[str, float]:
     joined += j.flush()
     out["join"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = []
-    for x in joined:
-        imp = decode_impression(x.payload)
-        samples.append(
-            LabeledSample(
-                sample_id=x.impression_id,
-                features=imp.features,
-                label=x.label,
-                served_prediction=imp.served_prediction,
-                served_version=imp.model_version,
-                event_time_ms=imp.event_time_ms,
-                arm=imp.arm,
-            )
-        )
-    out["build samples (re-decode payload)"] = time.perf_counter() - t0
+    samples = [sample_from_joined(x) for x in joined]
+    out["build samples (parse payload)"] = time.perf_counter() - t0
+    book = OnlineMetricsBook()
+    t0 = time.perf_counter()
+    for i in range(0, len(samples), batch):
+        book.update_many(samples[i : i + batch])
+    out["served-prediction metrics"] = time.perf_counter() - t0
     fz = Featurizer(spec)
     learner = make_learner("dcn", spec)
     m = (len(samples) // batch) * batch
@@ -90,7 +83,9 @@ def breakdown(imps, clicks, spec, batch: int) -> dict[str, float]:
     for b, y, yl in zip(batches, labels, ylast, strict=True):
         learner.learn(b, y, yl)
     out["learn (Learner.learn, ReLoop loss)"] = time.perf_counter() - t0
-    return {k: v / max(1, n if k.startswith(("decode", "join")) else m) * 1e6 for k, v in out.items()}
+    per = {k: v / max(1, n if k.startswith(("decode", "join")) else m) * 1e6 for k, v in out.items()}
+    per["total"] = sum(per.values())
+    return per
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from connectors.base import (
     Positions,
     Record,
@@ -36,7 +38,7 @@ from connectors.base import (
 )
 from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import SnapshotRegistry
-from engine.events.codec import decode_clicks, decode_impression, decode_impressions, decode_samples, encode
+from engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
 from engine.events.schema import LabeledSample
 from engine.events.validation import EventError
 from engine.join.joiner import Joined, Joiner, JoinerConfig
@@ -316,20 +318,9 @@ class Pipeline:
     def _accept(self, joined: list[Joined]) -> None:
         sink = self.samples_sink
         for j in joined:
-            imp = decode_impression(j.payload)
-            sample = LabeledSample(
-                sample_id=j.impression_id,
-                features=imp.features,
-                label=j.label,
-                served_prediction=imp.served_prediction,
-                served_version=imp.model_version,
-                event_time_ms=imp.event_time_ms,
-                arm=imp.arm,
-                is_correction=j.is_correction,
-            )
+            sample = sample_from_joined(j)
             if sink is not None:
-                sink.send(encode(sample), key=j.impression_id.encode(), timestamp_ms=imp.event_time_ms)
-            self.served_metrics.update_sample(sample)
+                sink.send(encode(sample), key=j.impression_id.encode(), timestamp_ms=j.event_time_ms)
             self._metrics.joined(sample)
             self._buffer.append(sample)
             if len(self._buffer) >= self.trainer.config.batch_size:
@@ -340,6 +331,8 @@ class Pipeline:
                 self._maybe_snapshot()
 
     def _train(self, batch: list[LabeledSample]) -> StepResult:
+        # Served-prediction metrics are fed per batch (one lock); the buffer in a snapshot is not yet counted.
+        self.served_metrics.update_many(batch)
         result = self.trainer.train_batch(batch)
         if self.ledger is not None:
             self.ledger.append(self.trainer.counters.steps, batch)
@@ -430,6 +423,22 @@ class Pipeline:
     @property
     def buffered_samples(self) -> int:
         return len(self._buffer)
+
+
+def sample_from_joined(j: Joined) -> LabeledSample:
+    """The labeled sample of a joined impression. Its payload passed validation when it arrived
+    (``decode_impressions``), so it is only parsed here, not checked again."""
+    obj = orjson.loads(j.payload)
+    return LabeledSample(
+        sample_id=j.impression_id,
+        features=obj["features"],
+        label=j.label,
+        served_prediction=float(obj["served_prediction"]),
+        served_version=int(obj["model_version"]),
+        event_time_ms=j.event_time_ms,
+        arm=obj.get("arm") or "default",
+        is_correction=j.is_correction,
+    )
 
 
 class _Publisher:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from connectors.kafka.admin import create_topics
-from connectors.kafka.local_broker import LocalBroker
+from connectors.kafka.local_broker import LocalBroker, free_port
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
 from engine.checkpoint import SnapshotRegistry
@@ -276,7 +276,9 @@ def test_sigkill_resume_equals_uninterrupted_run(kafka_broker, unique_topic, tmp
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_broker_restart_mid_run(tmp_path, unique_topic):
-    broker = LocalBroker(tmp_path / "broker")
+    # Fixed ports: the restarted broker must come back at the same address (the default may pick a new
+    # port when the old one is not free yet, and the processor would then wait for a broker that moved).
+    broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
     broker.start()
     try:
         synth = generate(1500, seed=8, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
