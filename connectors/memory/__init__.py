@@ -1,4 +1,4 @@
-"""List-backed source and sink for unit tests of engine logic (never a stand-in for Kafka in integration tests)."""
+"""List-backed source and sink for unit tests of engine logic; never a stand-in for Kafka."""
 
 from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
 
