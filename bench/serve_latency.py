@@ -201,7 +201,9 @@ def main() -> int:
     broker = LocalBroker(work / "kafka")
     procs: list[subprocess.Popen] = []
     try:
-        bootstrap = broker.start().bootstrap
+        from engine.runtime.demo import start_broker
+
+        bootstrap = start_broker(broker)
         create_topics(bootstrap, {"bench.impressions": 1})
         config = {
             "serve": {"top_k": 10, "reload_interval_s": 1.0},

@@ -215,6 +215,21 @@ class TrainerProcess:
             return ""
 
 
+def start_broker(broker, attempts: int = 3) -> str:
+    """Start the local broker, retrying: a random cluster id that starts with '-' makes Kafka's
+    storage tool misread it as an option (about 1 start in 64; connectors/kafka/local_broker.py)."""
+    from connectors.kafka.local_broker import BrokerError
+
+    for attempt in range(attempts):
+        try:
+            return broker.start().bootstrap
+        except BrokerError as exc:
+            if attempt == attempts - 1 or "formatting storage failed" not in str(exc):
+                raise
+            log.warning("broker start failed (%s); retrying with a new cluster id", str(exc).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
 def _count_logged(
     console: Console, bootstrap: str | None, trainers: dict[str, TrainerProcess], settings: dict
 ):
@@ -517,7 +532,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
 
             console.print(f"starting a local Kafka broker (state in {workdir / 'kafka'}) ...")
             broker = LocalBroker(workdir / "kafka")
-            bootstrap = broker.start().bootstrap
+            bootstrap = start_broker(broker)
         console.print(f"Kafka at {bootstrap}; run folder {workdir}")
         plans = plan_arms(config, workdir=workdir, bootstrap=bootstrap, run_id=run_id)
         from connectors.kafka.admin import create_topics
