@@ -84,3 +84,11 @@ def test_stats_reports_versions_and_log_counters():
     assert stats["arms"]["A"]["version"] == 2
     assert stats["arms"]["A"]["impressions_accepted"] == 2
     logger.close()
+
+
+def test_openapi_documents_the_request_body():
+    client, _, logger, _ = _client()
+    doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "candidates" in body["properties"] and "Candidate" in body["$defs"]
+    logger.close()
