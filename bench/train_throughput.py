@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="reloop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare torch baselines")
+    parser.add_argument(
+        "--device", default="cpu", help="TorchLearner.to(device); numpy learners stay on the CPU"
+    )
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic samples to cycle through")
     args = parser.parse_args()
     if args.threads:
@@ -124,8 +127,11 @@ def main() -> None:
     spec = criteo_spec()
     data = synthetic_criteo(spec, args.rows)
     learners = {name: build_learner(name, spec, args.strategy, 0.2, seed=0) for name in args.backbones}
+    for learner in learners.values():
+        if hasattr(learner, "to"):
+            learner.to(args.device)
     for kind in ("lr", "dcn"):
-        if kind in learners and args.bare:
+        if kind in learners and args.bare and args.device == "cpu":
             learners[f"bare torch {kind} (baseline)"] = BareLoop(kind, spec.total_rows, spec.num_fields)
     for learner in learners.values():  # warm-up: first-step allocations and lazy imports
         measure(learner, data, 1024, 0.0, 0)
@@ -138,7 +144,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(
         f"Criteo-shaped synthetic: {spec.num_fields} fields, {spec.total_rows:,} embedding rows; strategy "
-        f"{args.strategy} with y_last; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.strategy} with y_last; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {args.device}; "
         f"{args.rounds} rounds x {args.seconds}s; load average {load_before:.1f} -> {load_after:.1f}"
     )
     header = (

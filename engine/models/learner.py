@@ -123,6 +123,7 @@ class TorchLearner:
         self.generator = self._seed_dropout(self.device)
         self.optimizers = self._make_optimizers(config.optimizer)
         self.steps = 0
+        self._pending_rng: tuple[str, torch.Tensor] | None = None
 
     @property
     def spec(self):
@@ -165,7 +166,8 @@ class TorchLearner:
         return optimizers
 
     def to(self, device: torch.device | str) -> TorchLearner:
-        """Move the model and optimizer state; dropout is reseeded from the config's seed on the device."""
+        """Move the model and optimizer state. Dropout draws from a generator on the device: reseeded from
+        the config's seed, or set from a loaded state that was saved on this device type."""
         device = torch.device(device)
         if device == self.device:
             return self
@@ -177,6 +179,10 @@ class TorchLearner:
                         state[k] = v.to(device)
         self.device = device
         self.generator = self._seed_dropout(device)
+        pending = self._pending_rng
+        if pending is not None and pending[0] == device.type:
+            self.generator.set_state(pending[1])  # a state saved on this device type, loaded elsewhere
+            self._pending_rng = None
         return self
 
     def logits_tensors(self, batch: TorchFeatureBatch) -> torch.Tensor:
@@ -260,10 +266,12 @@ class TorchLearner:
         self.model.load_state_dict(state["model"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])  # torch casts the state to each parameter's device
-        if state.get("rng_device", "cpu") == self.device.type:
+        self._pending_rng = None
+        rng_device = state.get("rng_device", "cpu")
+        if rng_device == self.device.type:
             self.generator.set_state(state["rng"])
-        else:  # generator states do not transfer between device types: a deterministic reseed instead
-            self.generator.manual_seed(self.config.seed + int(state["steps"]))
+        else:  # generator states do not transfer between device types: applied by to(rng_device)
+            self._pending_rng = (rng_device, state["rng"])
         self.steps = int(state["steps"])
 
     def clone_frozen(self) -> FrozenTorchLearner:
