@@ -164,6 +164,31 @@ def alternate(
     return a_values, b_values, median_ratio(a_values, b_values)
 
 
+def alternate_many(
+    fns: Sequence[Callable[[], float]],
+    rounds: int,
+    *,
+    warmup: bool = True,
+    between: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """``alternate`` for several contenders: round r runs them rotated by r (ABC, BCA, CAB, ...), so
+    each takes every position equally often; returns one list of values per function."""
+    if rounds < 1 or not fns:
+        raise ValueError("need rounds >= 1 and at least one function")
+    settle = between if between is not None else gc.collect
+    if warmup:
+        for fn in fns:
+            fn()
+    values: list[list[float]] = [[] for _ in fns]
+    k = len(fns)
+    for r in range(rounds):
+        for i in range(k):
+            j = (i + r) % k
+            settle()
+            values[j].append(float(fns[j]()))
+    return values
+
+
 def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
     """Linear-interpolated percentiles (numpy's default), without importing numpy."""
     if not values:

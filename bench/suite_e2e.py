@@ -33,6 +33,11 @@ COMMAND = "python -m bench --only e2e"
 TITLE = "1. End to end: Kafka -> decode -> join -> featurise -> train"
 T0 = 1_764_000_000_000
 WINDOW_MS = 2_000
+STALL_S = 30.0
+
+
+class SourceStalled(RuntimeError):
+    """The Kafka source delivered no record at all although the topics hold data."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -124,15 +129,41 @@ def engine_pass(
         clock=system_clock,
         stats=MetricsRegistry(),
     )
-    deadline = time.monotonic() + 900
+    began = time.monotonic()
+    deadline = began + 900
+
+    def until(p: Pipeline) -> bool:
+        now = time.monotonic()
+        if p.records_processed == 0 and now - began > STALL_S:
+            raise SourceStalled(f"no record from Kafka within {STALL_S:.0f} s of opening the source")
+        return p.trainer.counters.samples >= target or now > deadline
+
     t0 = time.perf_counter()
-    pipeline.run(until=lambda p: p.trainer.counters.samples >= target or time.monotonic() > deadline)
+    try:
+        pipeline.run(until=until)
+    finally:
+        pipeline.close(final_snapshot=False)
     elapsed = time.perf_counter() - t0
     done = trainer.counters.samples
-    pipeline.close(final_snapshot=False)
     if done < target:
         raise RuntimeError(f"the pipeline trained {done} of {target} samples within 900 s")
     return done / elapsed
+
+
+STALLS: list[str] = []
+
+
+def engine_rate(*args: Any) -> float:
+    """``engine_pass``, retried (at most 3 times) when the source delivers nothing at all; the stalls
+    are counted in STALLS and reported: they are a finding about the source, not noise to hide."""
+    for attempt in range(4):
+        try:
+            return engine_pass(*args)
+        except SourceStalled as exc:
+            STALLS.append(str(exc))
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------------------------------ baseline
@@ -189,9 +220,7 @@ def run(ctx: Context) -> Figure:
 
     n = ctx.pick(40_960, 4_096)
     rounds = ctx.rounds
-    configs = ctx.pick(
-        [("dcn", 1024), ("dcn", 4096), ("deepfm", 1024), ("deepfm", 4096)], [("dcn", 1024)]
-    )
+    configs = ctx.pick([("dcn", 1024), ("dcn", 4096), ("deepfm", 1024), ("deepfm", 4096)], [("dcn", 1024)])
     spec = criteo_spec()
     imps, clicks = make_events(n)
     clicked = {c.impression_id for c in clicks}
@@ -209,7 +238,7 @@ def run(ctx: Context) -> Figure:
             target = (n // batch) * batch
             bare = BareLoop(backbone, spec, imps[:n], labels, batch)
             eng, base, ratio = alternate(
-                lambda b=backbone, bs=batch, t=target: engine_pass(bootstrap, topics, b, spec, bs, t, work),
+                lambda b=backbone, bs=batch, t=target: engine_rate(bootstrap, topics, b, spec, bs, t, work),
                 bare.run,
                 rounds,
             )
@@ -233,7 +262,7 @@ def run(ctx: Context) -> Figure:
             )
             if ratio < 0.9 and not profile:
                 _, profile = cprofile_top(
-                    lambda b=backbone, bs=batch, t=target: engine_pass(
+                    lambda b=backbone, bs=batch, t=target: engine_rate(
                         bootstrap, topics, b, spec, bs, t, work
                     ),
                     top=25,
@@ -249,6 +278,17 @@ def run(ctx: Context) -> Figure:
             f"dim 10, MLP 400-400-400), SparseAdam for the table and fused Adam for the rest in both.",
             "",
             *lines,
+            *(
+                [
+                    "",
+                    f"**Source stalls**: {len(STALLS)} engine pass(es) got no record at all from a fresh "
+                    f"`KafkaSource` (assign + seek to the beginning of topics holding data) within "
+                    f"{STALL_S:.0f} s and were re-run with a new source: {STALLS[0]}. This is a bug to "
+                    f"chase in the Kafka source (kafka-python), not a cost of the engine.",
+                ]
+                if STALLS
+                else []
+            ),
             *(["", profile] if profile else []),
         ]
     )

@@ -139,3 +139,23 @@ def test_cprofile_top_returns_the_result_and_names_the_hot_function() -> None:
     result, text = cprofile_top(hot, top=5)
     assert result == sum(i * i for i in range(20_000))
     assert "genexpr" in text and text.startswith("cProfile")
+
+
+def test_alternate_many_rotates_so_each_takes_every_position() -> None:
+    from bench.suite import alternate_many
+
+    calls: list[str] = []
+
+    def make(name: str, value: float):
+        def fn() -> float:
+            calls.append(name)
+            return value
+
+        return fn
+
+    values = alternate_many([make("a", 1.0), make("b", 2.0), make("c", 4.0)], rounds=3, between=lambda: None)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert values == [[1.0] * 3, [2.0] * 3, [4.0] * 3]
+    with pytest.raises(ValueError):
+        alternate_many([], rounds=1)
