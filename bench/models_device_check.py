@@ -53,7 +53,8 @@ def main() -> int:
             stats = learner.learn(batch.take(sl), y[sl], y_last[sl])
         p_dev = learner.predict_proba(batch)
         frozen = learner.clone_frozen()
-        same_frozen = np.array_equal(frozen.predict_proba(batch), p_dev)
+        # Bit-equal on the CPU (unit tests); on CUDA MLP backbones differed in the last bits (2026-11-27).
+        diff_frozen = float(np.abs(frozen.predict_proba(batch) - p_dev).max())
         buf = io.BytesIO()
         torch.save(learner.state_dict(), buf)
         buf.seek(0)
@@ -64,11 +65,11 @@ def main() -> int:
         back.learn(batch.take(slice(0, 256)), y[:256], y_last[:256])
         learner.learn(batch.take(slice(0, 256)), y[:256], y_last[:256])
         diff_continue = float(np.abs(back.predict_proba(batch) - learner.predict_proba(batch)).max())
-        ok = same_frozen and diff_cpu < 1e-4 and diff_continue < 1e-4 and np.isfinite(stats.total)
+        ok = diff_frozen < 1e-6 and diff_cpu < 1e-4 and diff_continue < 1e-4 and np.isfinite(stats.total)
         failed |= not ok
         print(
             f"{name:10s} {'OK ' if ok else 'BAD'} device={learner.device} loss={stats.total:.4f} "
-            f"frozen_equal={same_frozen} |cpu-device|={diff_cpu:.2e} |continue|={diff_continue:.2e}",
+            f"|frozen-learner|={diff_frozen:.2e} |cpu-device|={diff_cpu:.2e} |continue|={diff_continue:.2e}",
             flush=True,
         )
     return 1 if failed else 0

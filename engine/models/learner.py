@@ -173,9 +173,11 @@ class TorchLearner:
             return self
         self.model.to(device)
         for o in self.optimizers.values():
+            # Fused/capturable Adam keeps its step counters on the parameters' device, the others on the CPU.
+            steps_follow = bool(o.defaults.get("fused") or o.defaults.get("capturable"))
             for state in o.state.values():
                 for k, v in state.items():
-                    if isinstance(v, torch.Tensor) and k != "step":
+                    if isinstance(v, torch.Tensor) and (k != "step" or steps_follow):
                         state[k] = v.to(device)
         self.device = device
         self.generator = self._seed_dropout(device)
