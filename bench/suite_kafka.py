@@ -19,8 +19,8 @@ TITLE = "3. Kafka clients: kafka-python vs confluent-kafka"
 def run(ctx: Context) -> Figure:
     from bench import kafka_clients as kc
 
-    records = ctx.pick(50_000, 5_000)
-    rounds = ctx.rounds
+    records = ctx.pick(30_000, 5_000)
+    rounds = min(ctx.rounds, 3)
     with local_broker() as bootstrap:
         rates = kc.run(bootstrap, records, rounds)
     base, other = kc.CLIENTS[0].name, kc.CLIENTS[1].name

@@ -299,8 +299,8 @@ def run(ctx: Context) -> Figure:
     from connectors.kafka.local_broker import free_port
 
     counts = (1, 10, 100)
-    rounds = ctx.rounds
-    seconds = ctx.pick(10.0, 2.0)
+    rounds = min(ctx.rounds, 4)
+    seconds = ctx.pick(8.0, 2.0)
     rate = ctx.pick(100.0, 50.0)
     ramp_seconds = ctx.pick(5.0, 2.0)
     rows: list[Row] = []
