@@ -80,11 +80,22 @@ def free_port() -> int:
 
 
 def new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random KRaft cluster id (22 url-safe base64 characters).
+
+    Never one that starts with "-": the storage tool's argument parser would take it for an option
+    (Kafka's own Uuid.randomUuid() skips those for the same reason; 1 id in 64 would fail).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # The broker binds with SO_REUSEADDR, so connections of its previous run still in TIME_WAIT do
+        # not block it; check the same way, or a restart would move to a new port for no reason.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -277,7 +288,7 @@ class LocalBroker:
         if not _is_broker_process(info.pid, self.config_path):
             return BrokerStatus(False, info, False, None, f"not running (last pid {info.pid})")
         self._info = info
-        reachable, detail = _metadata_ok(info.bootstrap, timeout_s=5.0)
+        reachable, detail = _metadata_ok(info.bootstrap, timeout_s=10.0)
         return BrokerStatus(True, info, reachable, self.rss_mb(), detail)
 
     def rss_mb(self) -> float | None:

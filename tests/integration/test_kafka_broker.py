@@ -19,6 +19,13 @@ def reloop_kafka(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_fetch_skips_when_jars_are_complete(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broker = LocalBroker(tmp_path)
     lib = broker.ensure_jars()
@@ -32,7 +39,8 @@ def test_fetch_skips_when_jars_are_complete(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_up_status_down(tmp_path: Path) -> None:
     state = tmp_path / "kafka"
-    assert reloop_kafka("status", state=state).returncode == 1
+    before = reloop_kafka("status", state=state)
+    assert before.returncode == 1, before.stdout
 
     up = reloop_kafka("up", state=state)
     try:
@@ -46,15 +54,27 @@ def test_up_status_down(tmp_path: Path) -> None:
         status = reloop_kafka("status", state=state)
         assert status.returncode == 0, status.stdout
         assert f"Kafka {info.version} at {info.bootstrap}" in status.stdout
-        assert "metadata: ok" in status.stdout
+        assert "metadata: ok" in status.stdout, status.stdout
 
         again = reloop_kafka("up", state=state)
-        assert again.returncode == 0 and "already running" in again.stdout
+        assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
     finally:
         down = reloop_kafka("down", state=state)
-    assert down.returncode == 0 and "stopped" in down.stdout
-    assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE
-    assert reloop_kafka("status", state=state).returncode == 1
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert _gone(info.pid)
+    after = reloop_kafka("status", state=state)
+    assert after.returncode == 1, after.stdout
     assert read_bootstrap(state) is None
     # The broker shut down cleanly on SIGTERM (Kafka logs the transition) rather than being killed.
     assert "SHUTTING_DOWN" in (state / "broker.log").read_text()
+
+    # Up again from the same folder: same address (despite the old connections in TIME_WAIT), same cluster.
+    again = reloop_kafka("up", state=state)
+    try:
+        assert again.returncode == 0, again.stderr + again.stdout
+        restarted = LocalBroker(state).status()
+        assert restarted.running and restarted.reachable and restarted.info is not None, restarted
+        assert restarted.info.bootstrap == info.bootstrap
+        assert restarted.info.cluster_id == info.cluster_id
+    finally:
+        assert reloop_kafka("down", state=state).returncode == 0
