@@ -225,6 +225,8 @@ class LocalBroker:
         """Format storage if new, start the broker, and return once it answers a metadata request."""
         if self.status().running:
             raise BrokerError(f"a broker already runs from {self.state_dir} (pid {self.pid})")
+        if shutil.which(self.java) is None:
+            raise BrokerError(f"{self.java!r} is not on PATH: the local Kafka broker needs Java 17+")
         self.ensure_jars()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         previous = _read_info(self.info_path)
