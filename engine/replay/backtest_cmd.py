@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -234,7 +235,7 @@ def write_report(
     )
     text = f"""# Backtest: {args.title or args.dataset}
 
-Command: `reloop backtest {" ".join(a for a in sys.argv[2:] if a != "--report-only")}`
+Command: `reloop backtest {shlex.join(a for a in sys.argv[2:] if a != "--report-only")}`
 
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
