@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     from engine.simulate.http import HttpScorer
 
     scorer = HttpScorer(args.url)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=160)
     if not wait_ready(scorer, 60):
         print(f"reloop simulate: the service at {args.url} is not ready after 60 s", file=sys.stderr)
         return 1
