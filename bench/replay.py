@@ -46,6 +46,7 @@ def _setup(data: Path, rows: int, backbone: str, batch: int):
         batch_size=batch,
         every_event_ms=7 * 86_400_000,
         window_ms=3_600_000,
+        y_last="logged",  # what the offline loop uses too: the samples' served prediction
     )
     cfg = load_config_dict(dataset_config(args, ds.fields), env={})
     return cfg, events, samples

@@ -66,6 +66,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ds.add_argument("--every-event-ms", type=int, default=7 * 86_400_000, help="snapshot period (event time)")
     ds.add_argument("--buckets", type=int, default=10_000)
     ds.add_argument("--window-ms", type=int, default=3_600_000, help="attribution window of the join")
+    ds.add_argument(
+        "--y-last",
+        choices=("snapshot", "logged"),
+        default="snapshot",
+        help="snapshot: the previous snapshot recomputed; logged: the placeholder in the events",
+    )
 
 
 def parse_time(text: str) -> int:
@@ -128,7 +134,9 @@ def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
             "alpha": args.alpha,
             "spec": feature_spec(fields, buckets=args.buckets).to_dict(),
         },
-        "train": {"batch_size": args.batch_size},
+        # A dataset's logged predictions are placeholders (version 0), so by default y_last is the previous
+        # snapshot's prediction, recomputed.
+        "train": {"batch_size": args.batch_size, "y_last": args.y_last},
         "period": {"every_event_ms": args.every_event_ms},
         # A click later than the window turns into a correction; keep the window well above the delays.
         "join": {

@@ -163,3 +163,19 @@ def test_bad_offsets_fail_fast(tmp_path: Path, bad: str) -> None:
         bad,
     ]
     assert main(argv) == 2
+
+
+def test_dataset_replay_recomputes_y_last_by_default() -> None:
+    """A dataset's served predictions are placeholders, so the default teacher is the previous snapshot."""
+    import argparse
+
+    from engine.replay.replay_cmd import configure, dataset_config
+    from engine.runtime.config import load_config_dict
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    base = ["--dataset", "movielens-100k", "--data", "x", "--out", "y"]
+    cfg = load_config_dict(dataset_config(parser.parse_args(base), FIELDS), env={})
+    assert cfg.train.y_last == "snapshot" and cfg.join.window_ms == 3_600_000
+    args = parser.parse_args([*base, "--y-last", "logged"])
+    assert load_config_dict(dataset_config(args, FIELDS), env={}).train.y_last == "logged"
