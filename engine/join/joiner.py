@@ -154,7 +154,7 @@ class Joiner:
     def on_impression(self, impression_id: str, event_time_ms: int, payload: Any) -> list[Joined]:
         cfg = self.config
         self.stats.impressions += 1
-        self._last_input_wall_ms = self.clock()
+        now = self._last_input_wall_ms = self.clock()
         out: list[Joined] = []
         if impression_id in self._pending or impression_id in self._closed:
             self.stats.duplicate_impressions += 1
@@ -179,12 +179,20 @@ class Joiner:
             self._emit_negative(impression_id, event_time_ms, payload, out)
             self._observe(event_time_ms, out)
             return out
-        self._pending[impression_id] = (event_time_ms, payload)
+        pending = self._pending
+        pending[impression_id] = (event_time_ms, payload)
         self._pending_idx.add(impression_id, deadline)
-        self._note_arrival(impression_id)
-        if len(self._pending) > cfg.max_pending:
+        # The TTL's arrival list, inlined: this is the hot path of the joiner.
+        second = now // 1000
+        arrivals = self._arrivals
+        if arrivals and arrivals[-1][0] == second:
+            arrivals[-1][1].append(impression_id)
+        else:
+            arrivals.append([second, [impression_id]])
+        if len(pending) > cfg.max_pending:
             self._evict_pending()
-        self._observe(event_time_ms, out)
+        if event_time_ms > self._max_event_ms:
+            self._observe(event_time_ms, out)
         return out
 
     def on_click(self, impression_id: str, event_time_ms: int) -> list[Joined]:
@@ -319,13 +327,6 @@ class Joiner:
             del self._pending[victim]
             self._late_marked.pop(victim, None)
             self.stats.evicted_pending += 1
-
-    def _note_arrival(self, key: str) -> None:
-        second = self._last_input_wall_ms // 1000
-        if self._arrivals and self._arrivals[-1][0] == second:
-            self._arrivals[-1][1].append(key)
-        else:
-            self._arrivals.append([second, [key]])
 
     def _expire_ttl(self, now_ms: int) -> None:
         ttl_s = self.config.ttl_ms / 1000.0
