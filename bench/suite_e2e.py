@@ -17,6 +17,7 @@ Engine and baseline alternate round by round in this process; ratio = median per
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 import uuid
@@ -151,6 +152,18 @@ def engine_pass(
 
 
 STALLS: list[str] = []
+WARNINGS: list[str] = []
+
+
+class _Warnings(logging.Handler):
+    """Keeps the pipeline's warnings ("step failed, retrying" and the like) for the report: a step that
+    fails loses the records it had taken from the merge, which shows up here as a stall."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        WARNINGS.append(f"{record.getMessage()} {getattr(record, 'fields', '')}".strip())
+
+
+logging.getLogger("reloop.pipeline").addHandler(_Warnings(level=logging.WARNING))
 
 
 def engine_rate(*args: Any) -> float:
@@ -287,6 +300,15 @@ def run(ctx: Context) -> Figure:
                     f"chase in the Kafka source (kafka-python), not a cost of the engine.",
                 ]
                 if STALLS
+                else []
+            ),
+            *(
+                [
+                    "",
+                    f"**Pipeline warnings** during the figure ({len(WARNINGS)}): "
+                    + "; ".join(sorted(set(WARNINGS))[:5]),
+                ]
+                if WARNINGS
                 else []
             ),
             *(["", profile] if profile else []),
