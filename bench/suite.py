@@ -215,10 +215,7 @@ def machine_info() -> dict[str, str]:
     for name in ("torch", "numpy", "river", "kafka", "confluent_kafka", "orjson"):
         try:
             mod = importlib.import_module(name)
-            version = getattr(mod, "__version__", None)
-            if name == "confluent_kafka":
-                version = mod.version()[0]
-            info[name] = str(version)
+            info[name] = str(getattr(mod, "__version__", "?"))
         except ImportError:
             info[name] = "not installed"
     try:
