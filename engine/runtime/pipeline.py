@@ -109,7 +109,7 @@ class Pipeline:
         self.records_processed = 0
         self.last_commit_error: str | None = None
         self._opened = False
-        self._metrics = _Publisher(stats)
+        self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s)
         self._restore_latest()
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,6 +230,7 @@ class Pipeline:
         if idle_out:
             self._accept(idle_out)
         self._metrics.publish(self)
+        self._metrics.lag(self.source)
         if self.period.every_wall_s is not None:
             self._maybe_snapshot()
         return len(released)
@@ -444,9 +445,19 @@ def sample_from_joined(j: Joined) -> LabeledSample:
 class _Publisher:
     """Copies engine counters into the stats registry (deltas of the joiner's own counters)."""
 
-    def __init__(self, stats: m.MetricsRegistry) -> None:
+    def __init__(
+        self, stats: m.MetricsRegistry, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
+    ) -> None:
         m.ensure_canonical(stats)
         g = stats.get
+        self._wall_period_s = wall_period_s
+        self._lag_interval_s = lag_interval_s
+        self._lag_at = float("-inf")
+        self._lag = g(m.CONSUMER_LAG.name)
+        self._snap_period = g(m.SNAPSHOT_PERIOD.name)
+        self._last_snap_wall: float | None = None
+        if wall_period_s is not None:
+            self._snap_period.set(wall_period_s)
         self.consumed_by_topic: dict[str, Any] = {}
         self._events = g(m.EVENTS_CONSUMED.name)
         self._joined = {
@@ -498,9 +509,34 @@ class _Publisher:
         self._sc_active.set(loss.sc_active_fraction)
 
     def snapshotted(self, version: int) -> None:
+        now = time.time()
         self._snap_version.set(version)
-        self._snap_time.set(time.time())
+        self._snap_time.set(now)
         self._snaps.inc()
+        # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
+        # last observed interval instead.
+        if self._wall_period_s is None and self._last_snap_wall is not None:
+            self._snap_period.set(now - self._last_snap_wall)
+        self._last_snap_wall = now
+
+    def lag(self, source: Any) -> None:
+        """End offset minus position per partition, at most once per ``lag_interval_s`` (a metadata
+        round trip); on the processing thread because a consumer is not thread-safe."""
+        end_positions = getattr(source, "end_positions", None)
+        now = time.monotonic()
+        if end_positions is None or now - self._lag_at < self._lag_interval_s:
+            return
+        self._lag_at = now
+        try:
+            ends = end_positions()
+        except Exception as exc:  # noqa: BLE001 - lag is best effort; processing goes on
+            log.debug("lag unavailable", extra={"fields": {"error": repr(exc)}})
+            return
+        positions = source.position()
+        for tp, end in ends.items():
+            pos = positions.get(tp)
+            if pos is not None:
+                self._lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, end - pos))
 
     def publish(self, p: Pipeline) -> None:
         j = p.joiner

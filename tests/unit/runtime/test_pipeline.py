@@ -175,3 +175,30 @@ def test_fingerprint_mismatch_refused(tmp_path):
 
     with pytest.raises(SnapshotMismatch, match="fingerprint"):
         _pipeline(_config(tmp_path, policy="drop"), log, clock)
+
+
+def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
+    synth = generate(400, seed=4, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(0)
+    stats = MetricsRegistry()
+    p = build_pipeline(
+        _config(tmp_path),
+        source=EndAwareSource(log, ["impressions", "clicks"]),
+        clock=clock,
+        stats=stats,
+    )
+    p.step()
+    lag = stats.get("reloop_consumer_lag_records")
+    impressions_end = len(log._data[TopicPartition("impressions", 0)])
+    first = lag.labels(topic="impressions", partition="0").get()
+    assert 0 < first <= impressions_end  # one poll of 37 records cannot have read the whole log
+    p._metrics._lag_interval_s = 0.0
+    _run_to_end(p, log, clock)
+    p.step()
+    assert lag.labels(topic="impressions", partition="0").get() == 0
+    assert lag.labels(topic="clicks", partition="0").get() == 0
+    # A count-based period has no fixed wall length: the gauge holds the last observed interval.
+    assert stats.get("reloop_snapshot_version").labels().get() >= 2
+    assert stats.get("reloop_snapshot_period_seconds").labels().get() > 0
+    p.close()
