@@ -34,6 +34,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"markdown report (default {DEFAULT_OUT} for a full run; --quick/--only print to stdout)",
     )
     parser.add_argument("--json-dir", type=Path, default=None, help="also keep each figure's raw JSON here")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --only and --json-dir: report every figure, taking the ones not run now from --json-dir "
+        "(a rerun of some figures merged into the last full report)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per figure")
     parser.add_argument("--figure", help=argparse.SUPPRESS)  # internal: run one figure in this process
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -101,12 +107,28 @@ def main(args: argparse.Namespace) -> int:
     keys = _selected(args.only)
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="reloop-bench-") as tmp:
-        figures = [_run_child(key, args, rounds, Path(tmp)) for key in keys]
+        fresh = {key: _run_child(key, args, rounds, Path(tmp)) for key in keys}
     command = (
         "python -m bench" + (f" --only {args.only}" if args.only else "") + (" --quick" if args.quick else "")
     )
+    figures = list(fresh.values())
+    if args.reuse and args.json_dir is not None:
+        figures = []
+        for key in FIGURES:
+            path = args.json_dir / f"{key}.json"
+            if key in fresh:
+                figures.append(fresh[key])
+            elif path.exists():
+                figures.append(Figure.from_dict(json.loads(path.read_text())))
+        command = (
+            f"python -m bench --json-dir {args.json_dir}` then `{command} --json-dir {args.json_dir} --reuse"
+        )
     text = render_markdown(figures, machine, command, args.quick)
-    out = args.out if args.out is not None else (None if args.quick or args.only else DEFAULT_OUT)
+    out = (
+        args.out
+        if args.out is not None
+        else (None if args.quick or (args.only and not args.reuse) else DEFAULT_OUT)
+    )
     if out is None:
         print(text)
     else:

@@ -38,7 +38,7 @@ STALL_S = 30.0
 
 
 class SourceStalled(RuntimeError):
-    """The Kafka source delivered no record at all although the topics hold data."""
+    """The Kafka source stopped delivering records although the topics hold more."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -133,10 +133,19 @@ def engine_pass(
     began = time.monotonic()
     deadline = began + 900
 
+    progress = [0, began]
+
     def until(p: Pipeline) -> bool:
         now = time.monotonic()
-        if p.records_processed == 0 and now - began > STALL_S:
-            raise SourceStalled(f"no record from Kafka within {STALL_S:.0f} s of opening the source")
+        if p.records_processed != progress[0]:
+            progress[0], progress[1] = p.records_processed, now
+        elif now - progress[1] > STALL_S:
+            where = {f"{tp.topic}:{tp.partition}": off for tp, off in p.source.position().items()}
+            raise SourceStalled(
+                f"the Kafka source delivered nothing for {STALL_S:.0f} s after {p.records_processed} "
+                f"records (source positions {where}; the topics hold {target} + sentinel impressions "
+                f"and their clicks)"
+            )
         return p.trainer.counters.samples >= target or now > deadline
 
     t0 = time.perf_counter()
@@ -167,7 +176,7 @@ logging.getLogger("reloop.pipeline").addHandler(_Warnings(level=logging.WARNING)
 
 
 def engine_rate(*args: Any) -> float:
-    """``engine_pass``, retried (at most 3 times) when the source delivers nothing at all; the stalls
+    """``engine_pass``, retried (at most 3 times) when the source stops delivering records; the stalls
     are counted in STALLS and reported: they are a finding about the source, not noise to hide."""
     for attempt in range(4):
         try:
@@ -175,7 +184,8 @@ def engine_rate(*args: Any) -> float:
         except SourceStalled as exc:
             STALLS.append(str(exc))
             if attempt == 3:
-                raise
+                seen = "; ".join(sorted(set(WARNINGS))[:3]) or "none"
+                raise SourceStalled(f"{exc} (4 attempts; pipeline warnings: {seen})") from exc
     raise AssertionError("unreachable")
 
 
@@ -294,10 +304,10 @@ def run(ctx: Context) -> Figure:
             *(
                 [
                     "",
-                    f"**Source stalls**: {len(STALLS)} engine pass(es) got no record at all from a fresh "
-                    f"`KafkaSource` (assign + seek to the beginning of topics holding data) within "
-                    f"{STALL_S:.0f} s and were re-run with a new source: {STALLS[0]}. This is a bug to "
-                    f"chase in the Kafka source (kafka-python), not a cost of the engine.",
+                    f"**Source stalls**: {len(STALLS)} engine pass(es) stopped receiving records from a "
+                    f"fresh `KafkaSource` (assign + seek to the beginning of topics holding data) before "
+                    f"the end of the topics and were re-run with a new source; first: {STALLS[0]}. "
+                    f"This is a bug to chase in the Kafka source (kafka-python), not a cost of the engine.",
                 ]
                 if STALLS
                 else []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 _LINE_NO = re.compile(r":\d+\)")
+_GENERIC = ("threading.py", "asyncio/", "uvicorn/", "starlette/", "fastapi/", "anyio/", "concurrent/")
 
 
 def cprofile_top(fn: Callable[[], Any], top: int = 15, sort: str = "tottime") -> tuple[Any, str]:
@@ -91,10 +92,18 @@ def render_pyspy(stacks: dict[str, int], top: int, title: str) -> str:
     total = sum(stacks.values())
     if not total:
         return f"({title}: no samples)"
-    own, inclusive = collapse_top(stacks, top)
+    own, _ = collapse_top(stacks, top)
+    # Inclusive time without the frames every request passes through (threads, event loop, ASGI stack).
+    _, inclusive = collapse_top(
+        {
+            ";".join(f for f in s.split(";") if not any(g in f for g in _GENERIC)): n
+            for s, n in stacks.items()
+        },
+        top,
+    )
     lines = [f"{'self %':>7}  function (file:line)"]
     lines += [f"{100 * n / total:6.1f}%  {_short(f)}" for f, n in own]
-    lines += ["", f"{'incl %':>7}  function"]
+    lines += ["", f"{'incl %':>7}  function (thread, event-loop and ASGI frames left out)"]
     lines += [f"{100 * n / total:6.1f}%  {_short(f)}" for f, n in inclusive]
     return f"{title}, {total} samples (all threads, busy only):\n\n```\n" + "\n".join(lines) + "\n```"
 

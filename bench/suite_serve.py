@@ -301,7 +301,9 @@ def run(ctx: Context) -> Figure:
     counts = (1, 10, 100)
     rounds = min(ctx.rounds, 4)
     seconds = ctx.pick(8.0, 2.0)
-    rate = ctx.pick(100.0, 50.0)
+    # Below the sustainable rate of every candidate count (100 candidates saturate near 75-100 req/s
+    # here): latency under load, not queueing behind an overloaded service.
+    rate = 50.0
     ramp_seconds = ctx.pick(5.0, 2.0)
     rows: list[Row] = []
     table = [
