@@ -96,7 +96,7 @@ def render_pyspy(stacks: dict[str, int], top: int, title: str) -> str:
     # Inclusive time without the frames every request passes through (threads, event loop, ASGI stack).
     _, inclusive = collapse_top(
         {
-            ";".join(f for f in s.split(";") if not any(g in f for g in _GENERIC)): n
+            ";".join(f for f in s.split(";") if not any(g in f for g in _GENERIC)) or "(event loop)": n
             for s, n in stacks.items()
         },
         top,
