@@ -12,7 +12,6 @@ dataset; ratios are medians of per-round ratios.
 
 from __future__ import annotations
 
-import itertools
 import os
 import statistics
 import tempfile
@@ -30,33 +29,17 @@ DATA = Path(os.environ.get("RELOOP_DATA", "/work/shared/data")) / "movielens-100
 
 
 def run(ctx: Context) -> Figure:
-    import argparse
-
-    from bench.replay import offline_rate, replay_rate
-    from connectors.files.datasets import make_delay, open_dataset, to_events, to_samples
-    from engine.replay.replay_cmd import dataset_config
-    from engine.runtime.config import load_config_dict, load_feature_spec
+    from bench.replay import _setup, offline_rate, replay_rate
+    from engine.runtime.config import load_feature_spec
 
     if not DATA.exists():
         raise FileNotFoundError(f"MovieLens-100K not found at {DATA} (set RELOOP_DATA)")
-    max_rows = ctx.pick(None, 5_000)
-    ds = open_dataset("movielens-100k", DATA)
-    rows = list(itertools.islice(ds.rows(), max_rows))
-    events = list(to_events(rows, make_delay("exponential", ms=60_000, seed=0)))
-    samples = list(to_samples(rows))
-    settings = argparse.Namespace(
-        backbone="dcn",
-        strategy="reloop",
-        alpha=0.5,
-        buckets=10_000,
-        batch_size=512,
-        every_event_ms=7 * 86_400_000,
-        window_ms=3_600_000,
-    )
-    cfg = load_config_dict(dataset_config(settings, ds.fields), env={})
+    # The owner's set-up (rows, delays, run config), so this figure and bench/replay.py measure the same.
+    cfg, events, samples = _setup(DATA, ctx.pick(10**9, 5_000), "dcn", 512)
+    rows = samples
     spec = load_feature_spec(cfg.model)
     labels = np.array([float(s.label) for s in samples])
-    bare = BareLoop(settings.backbone, spec, samples, labels, settings.batch_size)
+    bare = BareLoop("dcn", spec, samples, labels, 512)
     rounds = min(ctx.rounds, 3)  # a replay pass over the whole dataset takes tens of seconds
     with tempfile.TemporaryDirectory(prefix="reloop-bench-replay-") as tmp:
         work = Path(tmp)
