@@ -134,6 +134,26 @@ def engine_pass(
     deadline = began + 900
 
     progress = [0, began]
+    # Instrumentation for the stall report: what the source handed out, and any step that failed
+    # (Pipeline.run logs and retries those, and the records a failed step took are gone).
+    delivered = [0]
+    failures: list[str] = []
+    source_poll, pipeline_step = pipeline.source.poll, pipeline.step
+
+    def poll(max_records: int, timeout_s: float) -> list:
+        out = source_poll(max_records, timeout_s)
+        delivered[0] += len(out)
+        return out
+
+    def step() -> int:
+        try:
+            return pipeline_step()
+        except Exception as exc:
+            failures.append(repr(exc))
+            raise
+
+    pipeline.source.poll = poll  # type: ignore[method-assign]
+    pipeline.step = step  # type: ignore[method-assign]
 
     def until(p: Pipeline) -> bool:
         now = time.monotonic()
@@ -143,8 +163,9 @@ def engine_pass(
             where = {f"{tp.topic}:{tp.partition}": off for tp, off in p.source.position().items()}
             raise SourceStalled(
                 f"the Kafka source delivered nothing for {STALL_S:.0f} s after {p.records_processed} "
-                f"records (source positions {where}; the topics hold {target} + sentinel impressions "
-                f"and their clicks)"
+                f"records (source positions {where}, {delivered[0]} records handed out by poll, "
+                f"{len(failures)} failed steps {failures[:2]}, {p._merger.buffered() if p._merger else 0} "
+                f"held in the merge; the topics hold {target} + sentinel impressions and their clicks)"
             )
         return p.trainer.counters.samples >= target or now > deadline
 

@@ -202,8 +202,8 @@ def run(ctx: Context) -> Figure:
         "",
         f"Memory: {n_pending:,} pending impressions with 32-character ids created per impression and a "
         f"shared {len(PAYLOAD)}-byte payload (the payload is the raw record value, which a run holds "
-        f"once whether or not it joins: add its size per pending impression for the total); RSS growth "
-        f"per impression as traced by tracemalloc, {mem_rounds} rounds alternating: joiner "
+        f"once whether or not it joins: add its size per pending impression for the total); Python "
+        f"heap bytes per impression (tracemalloc), {mem_rounds} rounds alternating: joiner "
         + ", ".join(f"{x:.0f}" for x in j_mem)
         + " B, dict "
         + ", ".join(f"{x:.0f}" for x in d_mem)
