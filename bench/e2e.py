@@ -88,19 +88,6 @@ def breakdown(imps, clicks, spec, batch: int) -> dict[str, float]:
     return per
 
 
-def _recent(imps: list, clicks: list) -> tuple[list, list]:
-    """Shift event times to an hour ago: the broker's time-based retention (7 days) deletes records
-    stamped further back while the benchmark runs, and the engine pass would then stall."""
-    import dataclasses
-
-    shift = int(time.time() * 1000) - 3_600_000 - imps[0].event_time_ms
-    moved = [dataclasses.replace(e, event_time_ms=e.event_time_ms + shift) for e in imps[:-1]]
-    # The far-future sentinel is also refused by the broker (timestamps > 1 h ahead): a minute past the
-    # last window closes everything just the same.
-    moved.append(dataclasses.replace(imps[-1], event_time_ms=moved[-1].event_time_ms + 60_000))
-    return moved, [dataclasses.replace(c, event_time_ms=c.event_time_ms + shift) for c in clicks]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=40_960, help="impressions (samples) per engine pass")
@@ -114,7 +101,7 @@ def main() -> None:
     from engine.features.spec import criteo_spec
 
     spec = criteo_spec()
-    imps, clicks = _recent(*make_events(args.n))
+    imps, clicks = make_events(args.n)
     clicked = {c.impression_id for c in clicks}
     labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[: args.n]])
     target = (args.n // args.batch) * args.batch
