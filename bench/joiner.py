@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import random
 import statistics
 import time
 
 import psutil
 
+from bench.suite_joiner import make_stream
 from engine.events.codec import encode
 from engine.events.schema import Impression
 from engine.join.joiner import Joiner, JoinerConfig
@@ -35,27 +35,6 @@ def _payload(i: int, fields: int) -> bytes:
         impression_id=f"{i:032x}", request_id=f"r{i:031x}", user_id=f"u{i % 100000}", item_id=f"it{i % 5000}",
         features=feats, event_time_ms=1_700_000_000_000 + i, served_prediction=0.1234, model_version=7,
     ))
-
-
-def _stream(n_events: int, seed: int = 0) -> list[tuple[int, str, int]]:
-    rng = random.Random(seed)
-    events: list[tuple[int, int, str]] = []  # (time, kind, id); kind 0 impression, 1 click
-    t0 = 1_700_000_000_000
-    i = 0
-    while len(events) < n_events:
-        t = t0 + i  # 1,000 impressions per second of event time
-        iid = f"{i:032x}"
-        events.append((t, 0, iid))
-        r = rng.random()
-        if r < 0.30:
-            events.append((t + rng.randint(1, 50_000), 1, iid))
-        elif r < 0.35:
-            events.append((t + rng.randint(61_000, 120_000), 1, iid))
-        if rng.random() < 0.03:
-            events.append((t + rng.randint(1, 500), 0, iid))
-        i += 1
-    events.sort()
-    return [(kind, iid, t) for t, kind, iid in events[:n_events]]
 
 
 def _joiner_pass(events: list[tuple[int, str, int]], payload: bytes) -> float:
@@ -93,7 +72,7 @@ def _dict_pass(events: list[tuple[int, str, int]], payload: bytes) -> float:
 
 def bench_throughput(n_events: int, rounds: int) -> dict[str, float]:
     """Joiner and bare dict join alternate round by round in this process (A B, B A, ...)."""
-    events = _stream(n_events)
+    events = make_stream(n_events)
     payload = _payload(1, 39)
     joiner: list[float] = []
     bare: list[float] = []
