@@ -8,7 +8,8 @@ Snapshots are off during the measurement (figure 5 measures them). Samples/s = s
 wall time from opening the source to the last full batch trained.
 
 Stream: Criteo-shaped impressions (13 integer + 26 hashed fields, ~1e6 embedding rows, Zipf ids), 1,000
-per second of event time, 25% clicked 10-1,500 ms later; a sentinel a minute after the last click closes every window.
+per second of event time, 25% clicked 10-1,500 ms later; a sentinel a minute after the last click
+closes every window.
 
 Baseline: the same backbone (same registry config, same seed) trained by a bare torch loop on tensors
 built beforehand from the same samples: forward, BCE-with-logits, backward, SparseAdam + fused Adam.
