@@ -128,16 +128,8 @@ class WideDeep(CTRModel):
         return _out(lin + self.fc(h).reshape(-1), h, w, emb)
 
 
-class DeepFM(CTRModel):
-    def __init__(self, spec: FeatureSpec, cfg: DeepConfig, sparse: bool) -> None:
-        super().__init__()
-        self.linear = LinearPart(spec, sparse)
-        self.embedding = FeatureEmbedding(spec, cfg.embedding_dim, sparse)
-        self.mlp = MLP(
-            spec.num_fields * cfg.embedding_dim, cfg.hidden_units, None, cfg.dropout, cfg.batch_norm
-        )
-        self.fc = nn.Linear(self.mlp.out_dim, 1)
-        init_linear_layers(self)
+class DeepFM(WideDeep):
+    """Wide & Deep's parts plus the FM second-order term on the shared embeddings."""
 
     def forward(self, x: TorchFeatureBatch) -> dict:
         lin, w = self.linear(x)
