@@ -1,8 +1,19 @@
 """An append-only ledger of trained samples: proof that every sample was trained exactly once.
 
-One line per trained sample: ``step<TAB>sample_id<TAB>label<TAB>is_correction``. The snapshot stores the
-ledger's length in bytes; a restart truncates the file to that length, so lines written after the
-snapshot (by a run that then crashed) disappear together with the training they describe.
+One JSON array per line: ``[step, sample_id, label, is_correction]``. JSON escapes every character an
+id may hold (tabs, newlines, quotes, any Unicode), so the format is unambiguous for any id the event
+contract accepts. The snapshot stores the ledger's length in bytes; a restart truncates the file to
+that length, so lines written after the snapshot (by a run that then crashed) disappear together with
+the training they describe.
+
+>>> import tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.jsonl"
+>>> from engine.events.schema import LabeledSample
+>>> ledger = Ledger(path)
+>>> ledger.append(1, [LabeledSample("a\\tb\\nc", {}, 1, 0.5, 0, 0)])
+>>> ledger.close()
+>>> Ledger.read(path)
+[(1, 'a\\tb\\nc', 1, False)]
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+import orjson
 
 from engine.events.schema import LabeledSample
 
@@ -21,8 +34,10 @@ class Ledger:
         self._f = open(self.path, "ab")  # noqa: SIM115 - held open for the life of the run
 
     def append(self, step: int, samples: Iterable[LabeledSample]) -> None:
-        lines = [f"{step}\t{s.sample_id}\t{s.label}\t{int(s.is_correction)}\n" for s in samples]
-        self._f.write("".join(lines).encode())
+        dumps = orjson.dumps
+        self._f.write(
+            b"".join(dumps([step, s.sample_id, s.label, s.is_correction]) + b"\n" for s in samples)
+        )
 
     def sync(self) -> int:
         """Make everything written so far durable; returns the length to store in a snapshot."""
@@ -43,7 +58,7 @@ class Ledger:
     @staticmethod
     def read(path: str | os.PathLike[str]) -> list[tuple[int, str, int, bool]]:
         out = []
-        for line in Path(path).read_text().splitlines():
-            step, sample_id, label, corr = line.split("\t")
-            out.append((int(step), sample_id, int(label), corr == "1"))
+        for line in Path(path).read_bytes().splitlines():
+            step, sample_id, label, corr = orjson.loads(line)
+            out.append((int(step), sample_id, int(label), bool(corr)))
         return out

@@ -80,7 +80,7 @@ def _config(
         },
         "train": {"batch_size": BATCH, "deterministic": True},
         "period": {"every_samples": PERIOD},
-        "checkpoint": {"dir": str(tmp / "snaps"), "keep": 100, "ledger": str(tmp / "ledger.tsv")},
+        "checkpoint": {"dir": str(tmp / "snaps"), "keep": 100, "ledger": str(tmp / "ledger.jsonl")},
         "log": {"stats_every_s": 1.0},
     }
     path = tmp / "run.yaml"
@@ -157,7 +157,7 @@ def _read_samples(bootstrap: str, topic: str, n: int, timeout_s: float = 30) -> 
 
 
 def _ledger_keys(tmp: Path) -> list[tuple[str, bool]]:
-    return [(sid, corr) for _, sid, _, corr in Ledger.read(tmp / "ledger.tsv")]
+    return [(sid, corr) for _, sid, _, corr in Ledger.read(tmp / "ledger.jsonl")]
 
 
 def _final_model(tmp: Path) -> dict[str, torch.Tensor]:

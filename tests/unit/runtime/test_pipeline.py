@@ -37,7 +37,7 @@ def _config(tmp_path, policy="correct", **train):
             "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
             "train": {"batch_size": BATCH, "deterministic": True, **train},
             "period": {"every_samples": 4 * BATCH},
-            "checkpoint": {"dir": str(tmp_path / "snaps"), "keep": 3, "ledger": str(tmp_path / "ledger.tsv")},
+            "checkpoint": {"dir": str(tmp_path / "snaps"), "keep": 3, "ledger": str(tmp_path / "ledger.jsonl")},
             "source": {"poll_max_records": 37},
         },
         env={},
@@ -102,7 +102,7 @@ def test_samples_match_ground_truth(tmp_path):
     assert p.trainer.counters.samples == len(synth.expected)  # padded: no partial batch left
     assert p.buffered_samples == 0
     p.close()
-    ledger = Ledger.read(tmp_path / "ledger.tsv")
+    ledger = Ledger.read(tmp_path / "ledger.jsonl")
     assert sorted((sid, corr) for _, sid, _, corr in ledger) == sorted(synth.expected)
     versions = SnapshotRegistry(tmp_path / "snaps").versions()
     assert len(versions) == 3 and versions[-1] > 3  # retention keeps 3 of the increasing versions
@@ -157,7 +157,7 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
     p.close()
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
-    ledger = Ledger.read(tmp_path / "crash" / "ledger.tsv")
+    ledger = Ledger.read(tmp_path / "crash" / "ledger.jsonl")
     keys = [(sid, corr) for _, sid, _, corr in ledger]
     assert sorted(keys) == sorted(synth.expected) and len(keys) == len(set(keys))
 
