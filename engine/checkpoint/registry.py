@@ -2,16 +2,20 @@
 
 Layout under ``root``::
 
-    v000000000007/            one committed snapshot
+    v000000000007/            one committed snapshot (a model version: serving loads these)
         manifest.json         version, created time, meta (JSON), sha256 + size of every part
         model.pt, state.pt    one torch.save file per part: tensors and plain data only
     .tmp-.../                 a snapshot being written (ignored; removed on the next publish)
+    checkpoints/              ``checkpoints``: a registry of its own for state saved between period
+                              boundaries (a graceful stop); never a model version, never served
 
 A snapshot becomes visible by one ``rename`` of its finished directory (files and directory fsynced
 first, the root fsynced after), so a reader sees a whole snapshot or none. Versions are the largest
 committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
 (``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
-A part whose sha256 differs from the manifest is refused (``ChecksumError``).
+A part whose sha256 differs from the manifest is refused (``ChecksumError``); a part that passes its
+checksum but does not load (a pickle refused by ``weights_only``, a truncated file resealed) is refused
+too (``SnapshotError``), so ``load()`` falls back to the newest snapshot that loads.
 
 >>> import tempfile
 >>> reg = SnapshotRegistry(tempfile.mkdtemp(), keep=2)
@@ -42,6 +46,7 @@ import torch
 FORMAT = 1
 _DIR_RE = re.compile(r"^v(\d{12})$")
 _PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+CHECKPOINTS_DIR = "checkpoints"
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +74,13 @@ class SnapshotRegistry:
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def checkpoints(self) -> SnapshotRegistry:
+        """State saved between period boundaries (e.g. at a graceful stop). It lives beside the model
+        versions without taking a version number, so a stop never shifts the version sequence and
+        serving, which lists only ``v*`` folders here, never loads one."""
+        return SnapshotRegistry(self.root / CHECKPOINTS_DIR, keep=2)
+
     # ------------------------------------------------------------------ reading
     def versions(self) -> list[int]:
         out = []
@@ -90,13 +102,32 @@ class SnapshotRegistry:
             data = json.loads((self.path(version) / "manifest.json").read_text())
         except FileNotFoundError as exc:
             raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
-        except json.JSONDecodeError as exc:
+        except OSError as exc:
+            raise SnapshotError(f"snapshot {version}: manifest cannot be read ({exc})") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ChecksumError(f"snapshot {version}: manifest is not a JSON object")
         body = {k: v for k, v in data.items() if k != "manifest_sha256"}
         if data.get("manifest_sha256") != _sha256(_canonical(body)):
             raise ChecksumError(f"snapshot {version}: manifest checksum mismatch")
         if data.get("format") != FORMAT or data.get("version") != version:
             raise SnapshotError(f"snapshot {version}: unexpected format or version in manifest")
+        parts = data.get("parts")
+        if (
+            not isinstance(data.get("meta"), dict)
+            or not isinstance(data.get("created_unix"), int | float)
+            or not isinstance(parts, dict)
+            or not all(
+                isinstance(p, dict)
+                and isinstance(p.get("file"), str)
+                and "/" not in p["file"]
+                and isinstance(p.get("bytes"), int)
+                and isinstance(p.get("sha256"), str)
+                for p in parts.values()
+            )
+        ):
+            raise SnapshotError(f"snapshot {version}: manifest lacks meta, created_unix or parts")
         return data
 
     def load(self, version: int | None = None, parts: Iterable[str] | None = None) -> Snapshot:
@@ -122,10 +153,17 @@ class SnapshotRegistry:
             info = manifest["parts"].get(name)
             if info is None:
                 raise SnapshotError(f"snapshot {version} has no part {name!r}")
-            data = (self.path(version) / info["file"]).read_bytes()
+            try:
+                data = (self.path(version) / info["file"]).read_bytes()
+            except OSError as exc:
+                raise SnapshotError(f"snapshot {version}: part {name!r} cannot be read ({exc})") from exc
             if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
                 raise ChecksumError(f"snapshot {version}: part {name!r} fails its sha256 checksum")
-            state[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            try:
+                state[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses, the part is unusable
+                detail = f"{exc!r:.300}"
+                raise SnapshotError(f"snapshot {version}: part {name!r} does not load ({detail})") from exc
         return Snapshot(version, float(manifest["created_unix"]), manifest["meta"], state)
 
     # ------------------------------------------------------------------ writing

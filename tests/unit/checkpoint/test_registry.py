@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import fractions
+import hashlib
+import io
 import json
+import os
 
 import pytest
 import torch
@@ -65,8 +68,83 @@ def test_tampered_manifest_is_refused(tmp_path):
 def test_pickled_objects_are_not_loaded(tmp_path):
     reg = SnapshotRegistry(tmp_path)
     v = reg.publish({"model": {"obj": fractions.Fraction(1, 3)}})  # any non-allowlisted class
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(SnapshotError, match="[Ww]eights only"):
         reg.load(v)
+
+
+def reseal(reg: SnapshotRegistry, version: int, part: str, data: bytes) -> None:
+    """Replace a part and recompute every checksum, as an attacker (or a buggy tool) could."""
+    folder = reg.path(version)
+    (folder / f"{part}.pt").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["parts"][part].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_resealed_pickle_passes_the_checksum_but_is_refused_and_load_falls_back(tmp_path):
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    v2 = reg.publish(_state(2.0))
+    buf = io.BytesIO()
+    torch.save({"w": _Boom()}, buf)
+    reseal(reg, v2, "model", buf.getvalue())
+    with pytest.raises(SnapshotError, match="does not load"):
+        reg.load(v2)
+    snap = reg.load()
+    assert snap.version == 1
+    assert torch.equal(snap.state["model"]["w"], torch.full((3,), 1.0))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "manifest.json").unlink(),
+        lambda d: (d / "manifest.json").write_text("[1, 2]"),
+        lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe"),
+        lambda d: (d / "model.pt").unlink(),
+    ],
+    ids=["no-manifest", "manifest-not-object", "manifest-not-utf8", "part-missing"],
+)
+def test_every_kind_of_broken_snapshot_is_refused(tmp_path, damage):
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    damage(reg.path(reg.publish(_state(2.0))))
+    assert reg.load().version == 1
+
+
+def test_resealed_manifest_pointing_outside_its_folder_is_refused(tmp_path):
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    v2 = reg.publish(_state(2.0))
+    folder = reg.path(v2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["parts"]["model"]["file"] = "../v000000000001/model.pt"
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="manifest"):
+        reg.load(v2)
+
+
+def test_checkpoints_take_no_version_and_are_not_listed(tmp_path):
+    reg = SnapshotRegistry(tmp_path, keep=3)
+    assert reg.publish(_state(1.0)) == 1
+    assert reg.checkpoints.publish(_state(1.5), meta={"base_version": 1}) == 1
+    assert reg.versions() == [1] and reg.latest_version() == 1
+    assert reg.publish(_state(2.0)) == 2  # the checkpoint did not take version 2
+    assert reg.checkpoints.load().meta == {"base_version": 1}
+    for i in range(3):
+        reg.checkpoints.publish(_state(float(i)))
+    assert len(reg.checkpoints.versions()) == 2
 
 
 def test_leftover_temp_dirs_are_invisible_and_cleaned(tmp_path):
