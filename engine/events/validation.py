@@ -44,6 +44,7 @@ REASONS = frozenset(
         "bad_prediction",
         "bad_time",
         "bad_label",
+        "bad_feature",
         "unknown_schema_version",
     }
 )

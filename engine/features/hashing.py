@@ -54,13 +54,18 @@ def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         return h, missing
     buf = np.frombuffer(data, dtype=np.uint8)
     starts = np.cumsum(lengths) - lengths
-    last = buf.size - 1
+    # Longest first: at byte position j the strings still running are a prefix of this order, so the
+    # work is the total byte count, not (number of values x longest value).
+    order = np.argsort(-lengths, kind="stable")
+    sorted_starts = starts[order]
+    running = np.cumsum(np.bincount(lengths)[::-1])[::-1]  # running[j] = #values longer than j-1
+    hs = h[order]
     with np.errstate(over="ignore"):
         for j in range(int(lengths.max())):
-            # Only positions inside a string are folded in, so a value's hash never depends on its batch.
-            active = lengths > j
-            byte = buf[np.minimum(starts + j, last)].astype(np.uint64)
-            h = np.where(active, (h ^ byte) * FNV_PRIME, h)
+            k = int(running[j + 1]) if j + 1 < running.size else 0
+            byte = buf[sorted_starts[:k] + j].astype(np.uint64)
+            hs[:k] = (hs[:k] ^ byte) * FNV_PRIME
+    h[order] = hs
     return h, missing
 
 

@@ -1,0 +1,155 @@
+"""Check feature values against the feature spec BEFORE anything keeps them (joiner, trainer, scorer).
+
+The event contract (engine/events/validation.py) only knows that features are str | int | float |
+list[str]; whether ``price: "abc"`` or a list for a categorical field can be read is a question of the
+spec. Answering it at the door is what lets the featurizer never fail inside a training batch (where
+one bad value would cost the whole batch) or a scoring request (a 500 instead of a 422).
+
+Rules per field kind (a key the spec does not name is ignored; an absent key is a missing value):
+
+* ``categorical``: a str, int or float (lists are refused), strings at most ``max_chars`` long;
+* ``numeric``: an int or float, or a string that parses as a finite float ("" = missing);
+* ``multi``: a list of strings (or "" = missing), at most ``max_list`` items of at most ``max_chars``.
+
+The bounds also bound the work: hashing costs one numpy pass per character position, so a single
+1,000,000-character value would stall a batch (or the scoring event loop) for seconds.
+
+The check is columnar: per field, one C-level pass over the column's types and lengths; only a column
+that fails is walked row by row to name the bad rows.
+
+>>> from engine.features.spec import FeatureSpec, CategoricalField, NumericField
+>>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=9), NumericField(name="price")))
+>>> checker = SpecChecker(spec)
+>>> [(i, e.reason, e.detail) for i, e in checker.check_rows([{"u": "a", "price": 1.5}, {"price": "abc"}])]
+[(1, 'bad_feature', "features['price'] must be a number or a numeric string, got 'abc'")]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.events.validation import EventError
+from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+
+_SCALARS = frozenset({str, int, float, type(None)})
+_NUMBERS = frozenset({int, float, type(None)})
+_MULTI = frozenset({list, type(None)})
+
+
+class FeatureLimits(BaseModel):
+    """Bounds on one feature value (shared by the stream processor and the scoring service)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_chars: int = Field(default=4096, gt=0, description="longest string value (characters)")
+    max_list: int = Field(default=1024, gt=0, description="most items in a multi-valued feature")
+
+
+class SpecChecker:
+    """Finds the rows whose feature values the featurizer of ``spec`` could not read."""
+
+    def __init__(self, spec: FeatureSpec, limits: FeatureLimits | None = None) -> None:
+        self.spec = spec
+        self.limits = limits or FeatureLimits()
+        self._names = tuple(f.name for f in spec.fields)
+        self._fields = spec.fields
+
+    def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, EventError]]:
+        """(row index, error) for every bad row, in row order; at most one error per row."""
+        if not rows:
+            return []
+        names = self._names
+        columns = zip(*[list(map(row.get, names)) for row in rows], strict=True)
+        bad: dict[int, EventError] = {}
+        for f, column in zip(self._fields, columns, strict=True):
+            if not self._column_ok(f, column):
+                for i, value in enumerate(column):
+                    if i not in bad:
+                        err = self.check_value(f, value)
+                        if err is not None:
+                            bad[i] = err
+        return sorted(bad.items())
+
+    def check_row(self, row: Mapping[str, Any]) -> EventError | None:
+        found = self.check_rows([row])
+        return found[0][1] if found else None
+
+    def _column_ok(self, f: Any, column: tuple[Any, ...]) -> bool:
+        """The fast, all-rows-good test (False only means: look row by row)."""
+        kinds = set(map(type, column))
+        limit = self.limits.max_chars
+        if isinstance(f, CategoricalField):
+            if not kinds <= _SCALARS:
+                return False
+            return str not in kinds or max(len(v) for v in column if type(v) is str) <= limit
+        if isinstance(f, NumericField):
+            return kinds <= _NUMBERS and (float not in kinds or all(map(_finite, column)))
+        if not kinds <= _MULTI:
+            return False
+        lists = [v for v in column if v is not None]
+        if not lists:
+            return True
+        if max(map(len, lists)) > self.limits.max_list:
+            return False
+        items = list(chain.from_iterable(lists))
+        return not items or (set(map(type, items)) == {str} and max(map(len, items)) <= limit)
+
+    def check_value(self, f: Any, value: Any) -> EventError | None:
+        """The precise check of one value: None when the featurizer can read it, else the error."""
+        if value is None:
+            return None
+        name = f"features[{f.name!r}]"
+        limit = self.limits.max_chars
+        kind = type(value)
+        if isinstance(f, CategoricalField):
+            if kind not in _SCALARS:
+                return _bad(f"{name} must be a single value (string or number), got {kind.__name__}", f)
+            if kind is str and len(value) > limit:
+                return _bad(f"{name} is {len(value)} characters long (limit {limit})", f)
+            return None
+        if isinstance(f, NumericField):
+            if kind is int:
+                return None
+            if kind is float:
+                return None if math.isfinite(value) else _bad(f"{name} must be finite, got {value!r}", f)
+            if kind is str:
+                if value == "":
+                    return None
+                if len(value) <= 64:
+                    try:
+                        if math.isfinite(float(value)):
+                            return None
+                    except ValueError:
+                        pass
+                return _bad(f"{name} must be a number or a numeric string, got {_short(value)}", f)
+            return _bad(f"{name} must be a number, got {kind.__name__}", f)
+        assert isinstance(f, MultiCategoricalField)
+        if kind is str and value == "":
+            return None
+        if kind is not list:
+            return _bad(f"{name} must be a list of strings, got {kind.__name__}", f)
+        if len(value) > self.limits.max_list:
+            return _bad(f"{name} has {len(value)} items (limit {self.limits.max_list})", f)
+        for item in value:
+            if type(item) is not str:
+                return _bad(f"{name} items must be strings, got {type(item).__name__}", f)
+            if len(item) > limit:
+                return _bad(f"{name} has an item {len(item)} characters long (limit {limit})", f)
+        return None
+
+
+def _finite(v: Any) -> bool:
+    return type(v) is not float or math.isfinite(v)
+
+
+def _short(value: str, n: int = 40) -> str:
+    return repr(value) if len(value) <= n else f"{value[:n]!r}... ({len(value)} characters)"
+
+
+def _bad(detail: str, f: Any) -> EventError:
+    return EventError("bad_feature", detail, f"features.{f.name}")
