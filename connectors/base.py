@@ -53,10 +53,15 @@ class Source(Protocol):
         ...
 
 
+class RecordTooLarge(ValueError):
+    """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
+
+
 @runtime_checkable
 class Sink(Protocol):
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
-        """Queue one record (may return before it is durable)."""
+        """Queue one record (may return before it is durable). Raises ``RecordTooLarge`` for a record
+        the sink can never deliver because of its size; any other error is about the sink."""
         ...
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -10,11 +10,18 @@ The envelope is one compact JSON object (so a Kafka `dead-letters` topic and a J
 
 The raw value is kept byte for byte (as text when it is valid UTF-8, else base64), so a fixed consumer
 can replay it. The dead letter keeps the original key, so it lands on the matching dead-letter partition.
+
+Bounded: an envelope must fit the dead-letter topic (Kafka refuses records over ~1 MiB, and JSON may
+escape a value to six times its size). When the whole envelope would exceed ``max_envelope_bytes`` it
+keeps only the first ``TRUNCATED_VALUE_BYTES`` of the value, adds ``"truncated": true``, the value's full
+size (``value_bytes``) and its ``value_sha256``, so the record can still be identified and counted. A key
+over ``MAX_KEY_BYTES`` is replaced, in the envelope and as the dead letter's Kafka key, by its sha256.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +34,11 @@ from connectors.base import Record, Sink
 log = logging.getLogger(__name__)
 E = TypeVar("E")
 
+DEFAULT_MAX_ENVELOPE_BYTES = 256 * 1024
+TRUNCATED_VALUE_BYTES = 4096
+MAX_KEY_BYTES = 1024
+MAX_DETAIL_CHARS = 2000
+
 
 class DeadLetterSink:
     """Counts bad records per reason and forwards their envelopes to ``sink`` (when given).
@@ -36,10 +48,20 @@ class DeadLetterSink:
     the pipeline before its offsets are committed, so the record is read again after a restart.
     """
 
-    def __init__(self, sink: Sink | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sink: Sink | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+    ) -> None:
+        if max_envelope_bytes < 4 * TRUNCATED_VALUE_BYTES:
+            raise ValueError(f"max_envelope_bytes must be at least {4 * TRUNCATED_VALUE_BYTES}")
         self.sink = sink
         self.clock = clock
+        self.max_envelope_bytes = max_envelope_bytes
         self.counts: dict[str, int] = {}
+        self.truncated = 0
 
     @property
     def total(self) -> int:
@@ -58,7 +80,10 @@ class DeadLetterSink:
         envelope = self.envelope(record, error, reason)
         # Exact-size copy: orjson's own output buffer is over-allocated (see engine/events/codec.py).
         value = bytes(memoryview(orjson.dumps(envelope)))
-        self.sink.send(value, key=_bytes_or_none(getattr(record, "key", None)))
+        if len(value) > self.max_envelope_bytes:
+            self.truncated += 1
+            value = bytes(memoryview(orjson.dumps(self.envelope(record, error, reason, truncate=True))))
+        self.sink.send(value, key=_bounded_key(getattr(record, "key", None)))
 
     def send_many(self, records: Sequence[Record], errors: Sequence[tuple[int, BaseException]]) -> None:
         """Dead-letter the failures of a batch decode: ``errors`` holds (index into ``records``, error)."""
@@ -76,20 +101,34 @@ class DeadLetterSink:
         self.send_many(records, errors)
         return good
 
-    def envelope(self, record: Record, error: BaseException, reason: str) -> dict[str, Any]:
+    def envelope(
+        self, record: Record, error: BaseException, reason: str, *, truncate: bool = False
+    ) -> dict[str, Any]:
         detail = getattr(error, "detail", None)
-        return {
+        detail_text = _text(detail) if detail is not None else _text(str(error))
+        value = getattr(record, "value", None)
+        out = {
             "topic": _text(getattr(record, "topic", None)),
             "partition": _int(getattr(record, "partition", None)),
             "offset": _int(getattr(record, "offset", None)),
             "timestamp_ms": _int(getattr(record, "timestamp_ms", None)),
-            "key": _raw(getattr(record, "key", None)),
-            "value": _raw(getattr(record, "value", None)),
+            "key": _raw(_bounded_key(getattr(record, "key", None))),
+            "value": _raw(value),
             "reason": reason,
-            "detail": _text(detail) if detail is not None else _text(str(error)),
+            "detail": detail_text[:MAX_DETAIL_CHARS] if detail_text else detail_text,
             "field": _text(getattr(error, "field", None)),
             "dead_lettered_at_ms": int(self.clock() * 1000),
         }
+        if truncate and isinstance(value, bytes | bytearray | memoryview):
+            raw = bytes(value)
+            out["value"] = _raw(raw[:TRUNCATED_VALUE_BYTES])
+            out["truncated"] = True
+            out["value_bytes"] = len(raw)
+            out["value_sha256"] = hashlib.sha256(raw).hexdigest()
+        elif truncate:
+            out["value"] = {"encoding": "repr", "data": repr(value)[:TRUNCATED_VALUE_BYTES]}
+            out["truncated"] = True
+        return out
 
     def flush(self, timeout_s: float | None = None) -> None:
         if self.sink is not None:
@@ -137,5 +176,9 @@ def _int(value: object) -> int | None:
     return value if type(value) is int and -(2**63) <= value < 2**64 else None
 
 
-def _bytes_or_none(value: object) -> bytes | None:
-    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
+def _bounded_key(value: object) -> bytes | None:
+    """The key to keep: itself when it is bytes of a sane size, its sha256 (hex) when longer."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        return None
+    raw = bytes(value)
+    return raw if len(raw) <= MAX_KEY_BYTES else hashlib.sha256(raw).hexdigest().encode()

@@ -7,19 +7,28 @@ clicks), so the default murmur2 partitioner puts an impression and its click on 
 number of their topics, as the Java client would.
 
 A send that fails is not lost silently: the first error is kept and raised by the next ``flush``.
+A record too large for the producer's ``max_request_size`` raises ``RecordTooLarge`` at ``send`` (the
+sink stays usable: the caller dead-letters that one record). ``max_block_ms`` defaults to 10 s, not
+kafka-python's 60 s, so a send waiting for metadata of an unreachable broker cannot hold a stop request
+for a minute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import UnknownError
+from kafka.errors import MessageSizeTooLargeError, UnknownError
+
+from connectors.base import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
+# Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).
+_RECORD_OVERHEAD = 256
 
 _RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",
@@ -60,8 +69,11 @@ class KafkaSink:
             # 256 KiB measured 1.3-1.6x the produce rate in bench/kafka_clients (docs/bench-kafka.md).
             "batch_size": 262_144,
             "max_in_flight_requests_per_connection": 5,  # the most idempotence allows while keeping order
+            "max_block_ms": 10_000,
             **self.client_config,
         }
+        default_max = KafkaProducer.DEFAULT_CONFIG["max_request_size"]
+        self.max_request_size = int(config.get("max_request_size", default_max))
         self._producer: KafkaProducer | None = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
@@ -75,7 +87,15 @@ class KafkaSink:
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
         if self._producer is None:
             raise RuntimeError("send on a closed KafkaSink")
-        future = self._producer.send(self.topic, value=value, key=key, timestamp_ms=timestamp_ms)
+        size = len(value) + len(key or b"") + _RECORD_OVERHEAD
+        if size > self.max_request_size:
+            raise RecordTooLarge(
+                f"record of ~{size} bytes exceeds max_request_size {self.max_request_size} for {self.topic!r}"
+            )
+        try:
+            future = self._producer.send(self.topic, value=value, key=key, timestamp_ms=timestamp_ms)
+        except MessageSizeTooLargeError as exc:
+            raise RecordTooLarge(f"{self.topic!r}: {exc}") from exc
         future.add_errback(self._on_error)
 
     def _on_error(self, exc: BaseException) -> None:
@@ -113,6 +133,14 @@ class KafkaSink:
             raise KafkaSinkError(
                 f"{failed} record(s) to {self.topic!r} were not delivered: {error!r}"
             ) from error
+
+    def abort(self) -> None:
+        """Release the producer at once, without waiting for what it still holds (a failed pipeline
+        is rebuilt from its last snapshot, which sends those records again)."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):  # a broken producer is being thrown away
+                producer.close(timeout=0)
 
     def close(self) -> None:
         if self._producer is None:

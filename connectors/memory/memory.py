@@ -4,7 +4,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from connectors.base import Positions, Record, TopicPartition
+from connectors.base import Positions, Record, RecordTooLarge, TopicPartition
 
 
 class MemoryLog:
@@ -53,14 +53,20 @@ def _stable_hash(data: bytes) -> int:
 
 
 class MemorySink:
-    def __init__(self, log: MemoryLog, topic: str) -> None:
+    """``max_record_bytes`` plays a broker's record size limit (key + value), for tests."""
+
+    def __init__(self, log: MemoryLog, topic: str, *, max_record_bytes: int | None = None) -> None:
         self.log = log
         self.topic = topic
+        self.max_record_bytes = max_record_bytes
         self._closed = False
 
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
         if self._closed:
             raise RuntimeError("send on a closed MemorySink")
+        size = len(value) + len(key or b"")
+        if self.max_record_bytes is not None and size > self.max_record_bytes:
+            raise RecordTooLarge(f"record of {size} bytes exceeds {self.max_record_bytes} for {self.topic!r}")
         self.log.append(self.topic, value, key, timestamp_ms)
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -170,3 +170,31 @@ def test_decode_records_returns_valid_events_and_dead_letters_the_rest(impressio
     assert dead.counts == {"malformed": 1}
     (letter,) = log.read(log.partitions("dl")[0], 0, 10)
     assert orjson.loads(letter.value)["offset"] == 1
+
+
+@pytest.mark.parametrize("value", [b"\x00" * 600_000, ("\u0001" * 300_000).encode(), b"x" * 2_000_000])
+def test_oversized_records_reach_the_dead_letter_sink_truncated_with_size_and_digest(value):
+    import hashlib
+
+    log = MemoryLog()
+    # The sink plays Kafka's 1 MiB record limit: an untruncated envelope of these values would not fit.
+    dead = DeadLetterSink(MemorySink(log, "dead", max_record_bytes=1_048_576))
+    key = b"k" * 5000
+    dead.send(Record("impressions", 0, 7, key, value, 1), EventError("oversized", "too big"))
+    [rec] = log.read(log.partitions("dead")[0], 0, 10)
+    assert len(rec.value) <= dead.max_envelope_bytes
+    env = orjson.loads(rec.value)
+    assert env["truncated"] is True and env["value_bytes"] == len(value)
+    assert env["value_sha256"] == hashlib.sha256(value).hexdigest()
+    assert decode_raw(env["value"]) == value[:4096]
+    assert (env["reason"], env["offset"], env["topic"]) == ("oversized", 7, "impressions")
+    assert rec.key == hashlib.sha256(key).hexdigest().encode() == decode_raw(env["key"])
+    assert dead.truncated == 1 and dead.counts == {"oversized": 1}
+
+
+def test_small_records_are_kept_whole():
+    log = MemoryLog()
+    dead = DeadLetterSink(MemorySink(log, "dead"))
+    dead.send(Record("clicks", 0, 1, b"key", b"{bad", 1), EventError("malformed", "x"))
+    env = orjson.loads(log.read(log.partitions("dead")[0], 0, 1)[0].value)
+    assert "truncated" not in env and decode_raw(env["value"]) == b"{bad"
