@@ -187,7 +187,7 @@ def engine_pass(
     try:
         pipeline.run(until=until)
     finally:
-        pipeline.close(final_snapshot=False)
+        pipeline.close(final=None)
     elapsed = time.perf_counter() - t0
     done = trainer.counters.samples
     if done < target:

@@ -396,6 +396,10 @@ JOINER_LATE_CLICKS = Counter(
     ("policy",))
 JOINER_ORPHAN_CLICKS = Counter(
     "reloop_joiner_orphan_clicks_total", "Clicks whose impression the joiner never saw.")
+JOINER_TOO_LATE = Counter(
+    "reloop_joiner_too_late_total",
+    "Events dropped because their window was already closed and forgotten (retention passed), by kind "
+    "(impression or click). A jump means the watermark moved far ahead of the data.", ("kind",))
 JOINER_DUPLICATES = Counter(
     "reloop_joiner_duplicates_total", "Duplicate events ignored by the joiner (kind: impression or click).",
     ("kind",))
@@ -438,6 +442,13 @@ SNAPSHOT_PERIOD = Gauge(
     "Expected wall-clock seconds between snapshots: the configured period when it is wall-clock based, "
     "otherwise the last observed interval (the stale-snapshot alert fires at twice this).")
 SNAPSHOTS = Counter("reloop_snapshots_total", "Snapshots written.")
+SNAPSHOT_RESTORE_FALLBACKS = Counter(
+    "reloop_snapshot_restore_fallbacks_total",
+    "Snapshots or checkpoints refused at restore (corrupt, unloadable) before an older one was used.")
+PIPELINE_RESTARTS = Counter(
+    "reloop_pipeline_restarts_total",
+    "Times the stream processor was rebuilt from its last snapshot after a failure that was not about "
+    "one record (a sink or broker failure, a bug).")
 
 CONSUMER_LAG = Gauge(
     "reloop_consumer_lag_records", "End offset minus the consumer position, per topic and partition.",
@@ -459,11 +470,13 @@ IMPRESSIONS_DROPPED = Counter(
 
 CANONICAL: tuple[_Metric, ...] = (
     EVENTS_CONSUMED, DEAD_LETTERS, JOINED_SAMPLES,
-    JOINER_PENDING, JOINER_EXPIRED, JOINER_LATE_CLICKS, JOINER_ORPHAN_CLICKS, JOINER_DUPLICATES,
+    JOINER_PENDING, JOINER_EXPIRED, JOINER_LATE_CLICKS, JOINER_ORPHAN_CLICKS, JOINER_TOO_LATE,
+    JOINER_DUPLICATES,
     JOINER_DROPPED_BY_BOUND, JOINER_WATERMARK,
     TRAIN_STEPS, TRAIN_SAMPLES, TRAIN_LOSS, TRAIN_SC_ACTIVE,
     ROLLING_AUC, ROLLING_LOGLOSS, ROLLING_MEAN_PREDICTION, ROLLING_OBSERVED_CTR, ROLLING_SAMPLES,
-    SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOT_PERIOD, SNAPSHOTS,
+    SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOT_PERIOD, SNAPSHOTS, SNAPSHOT_RESTORE_FALLBACKS,
+    PIPELINE_RESTARTS,
     CONSUMER_LAG,
     SERVE_REQUESTS, SERVE_LATENCY, SERVE_RELOADS, SERVE_MODEL_VERSION,
     IMPRESSIONS_LOGGED, IMPRESSIONS_DROPPED,

@@ -97,7 +97,7 @@ def run_replay(
     pipeline.drain()
     pipeline.flush_join()
     pipeline.train_remaining()
-    version = pipeline.close(final_snapshot=True)
+    version = pipeline.close(final="snapshot")
     seconds = time.perf_counter() - t0
     progressive = pipeline.trainer.progressive.get()
     return ReplayResult(

@@ -10,6 +10,7 @@ import torch
 from connectors.base import Positions, Sink, Source
 from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import SnapshotRegistry
+from engine.features.check import FeatureLimits, SpecChecker
 from engine.features.featurizer import Featurizer
 from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
@@ -79,6 +80,10 @@ def build_pipeline(
             poll_timeout_s=cfg.source.poll_timeout_s,
             merge_idle_ms=cfg.source.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
+            flush_timeout_s=cfg.recovery.flush_timeout_s,
+            max_event_bytes=cfg.validation.max_event_bytes,
+            max_future_ms=cfg.validation.max_future_ms,
+            max_past_ms=cfg.validation.max_past_ms,
         ),
         clock=clock,
         samples_sink=samples_sink,
@@ -86,6 +91,12 @@ def build_pipeline(
         served_metrics=OnlineMetricsBook(window_size=cfg.metrics.window_size),
         ledger=Ledger(cfg.checkpoint.ledger) if cfg.checkpoint.ledger else None,
         commit=commit,
-        meta={"config": cfg.model_dump(mode="json")},
+        meta={"config": cfg.redacted_dump()},
         stats=stats,
+        checker=SpecChecker(
+            spec,
+            FeatureLimits(
+                max_chars=cfg.validation.max_feature_chars, max_list=cfg.validation.max_feature_list
+            ),
+        ),
     )

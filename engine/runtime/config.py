@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,6 +130,49 @@ class MetricsSection(_Section):
     prometheus_host: str = "127.0.0.1"
 
 
+class ValidationSection(_Section):
+    """Record-level bounds. A record beyond them goes to the dead-letter topic with its reason (the run
+    goes on); they also bound the work one record can cause (hashing is per character)."""
+
+    max_event_bytes: int = Field(
+        default=512 * 1024, gt=0, le=900 * 1024,
+        description="largest impression/click record; under Kafka's 1 MiB so its sample can be forwarded",
+    )
+    max_feature_chars: int = Field(default=4096, gt=0, description="longest string feature value")
+    max_feature_list: int = Field(default=1024, gt=0, description="most items in a multi-valued feature")
+    max_future_ms: int | None = Field(
+        default=300_000, ge=0,
+        description="event times further ahead of the processor clock are refused (null: no bound); one "
+        "event from the far future would otherwise move the watermark and drop everything after it",
+    )
+    max_past_ms: int | None = Field(
+        default=None, ge=0, description="event times further behind the clock are refused (null: no bound)"
+    )
+
+
+class RecoverySection(_Section):
+    """What happens on a failure that is not about one record (broker or sink down, a bug)."""
+
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    give_up_after_s: float = Field(
+        default=900.0, gt=0,
+        description="exit non-zero when failures went on this long without a snapshot being written",
+    )
+    flush_timeout_s: float = Field(default=10.0, gt=0, description="longest wait for the sinks at a snapshot")
+    stop_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="after SIGTERM/SIGINT, exit at the latest this much later (without the final "
+        "checkpoint if it could not be written by then; the last snapshot stays the restart point)",
+    )
+
+    @model_validator(mode="after")
+    def _stop_after_flush(self) -> RecoverySection:
+        if self.stop_timeout_s <= self.flush_timeout_s:
+            raise ValueError("stop_timeout_s must exceed flush_timeout_s (the final checkpoint flushes)")
+        return self
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stats_every_s: float = Field(default=10.0, gt=0)
@@ -143,12 +187,36 @@ class RunConfig(_Section):
     period: PeriodSection = PeriodSection(every_samples=100_000)
     checkpoint: CheckpointSection = CheckpointSection()
     metrics: MetricsSection = MetricsSection()
+    validation: ValidationSection = ValidationSection()
+    recovery: RecoverySection = RecoverySection()
     log: LogSection = LogSection()
 
     def fingerprint(self) -> str:
         """sha256 of what decides the training result (model, train, join); stored in every snapshot."""
         data = {k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def redacted_dump(self) -> dict[str, Any]:
+        """The config as JSON data with every secret-looking client setting replaced: what may be
+        written to files (snapshot manifests are read by serving and by people)."""
+        data = self.model_dump(mode="json")
+        for section in ("source", "sink"):
+            data[section]["client_config"] = redact(data[section]["client_config"])
+        return data
+
+
+# Client settings whose values are credentials (kafka-python and librdkafka names).
+_SECRET_KEY = re.compile(r"password|secret|token|credential|oauth|jaas|private|api_?key", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the value of every credential-like key replaced by a marker.
+
+    >>> redact({"security_protocol": "SASL_SSL", "sasl_plain_password": "hunter2"})
+    {'security_protocol': 'SASL_SSL', 'sasl_plain_password': '<redacted>'}
+    """
+    return {k: REDACTED if _SECRET_KEY.search(str(k)) else v for k, v in settings.items()}
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RunConfig:

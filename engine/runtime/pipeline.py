@@ -14,6 +14,21 @@ position, so records buffered in the merge are read again after a restart.
 
 Delivery: training is exactly-once (the snapshot is the only truth); the samples topic and the
 dead-letter topic are at-least-once (records re-processed after a crash are sent again).
+
+Failure rule ("nothing lost, nothing wedged"): a record that cannot be processed (undecodable, against
+the contract or the feature spec, an event time beyond ``max_future_ms`` of the clock, too large to
+forward) goes to the dead-letter sink with its reason and the run goes on. Any other exception is not
+about one record: it propagates out of ``step()`` with the in-memory state possibly half-updated, and
+the caller must throw this Pipeline away and build a new one, which restores the last snapshot (see
+engine/runtime/supervisor.py). Nothing is ever skipped: positions only move forward in a snapshot.
+
+Snapshots and checkpoints: at each period boundary a snapshot is published as the next model version
+(the model serving loads, the "previous model" for y_last). Anything saved between boundaries (the
+final save of a graceful stop) is a *checkpoint* (``registry.checkpoints``): it takes no version
+number, does not re-base the period trigger and does not become the previous model, so a stopped and
+restarted run reaches its next boundary with the same version, the same samples and the same previous
+model as an uninterrupted run. Restoring prefers the newest checkpoint made after the newest usable
+snapshot; a snapshot or checkpoint that does not load is refused and the next older one is tried.
 """
 
 from __future__ import annotations
@@ -21,15 +36,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
 from connectors.base import (
     Positions,
     Record,
+    RecordTooLarge,
     Sink,
     Source,
     TopicPartition,
@@ -37,10 +53,11 @@ from connectors.base import (
     positions_to_json,
 )
 from connectors.deadletter import DeadLetterSink
-from engine.checkpoint.registry import SnapshotRegistry
+from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
 from engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
-from engine.events.schema import LabeledSample
+from engine.events.schema import Click, Impression, LabeledSample
 from engine.events.validation import EventError
+from engine.features.check import SpecChecker
 from engine.join.joiner import Joined, Joiner, JoinerConfig
 from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
@@ -53,8 +70,15 @@ log = logging.getLogger("reloop.pipeline")
 STATE_FORMAT = 1
 
 
+SaveKind = Literal["snapshot", "checkpoint"]
+
+
 class SnapshotMismatch(RuntimeError):
     """The newest snapshot was made with a different training configuration."""
+
+
+class NoUsableSnapshot(SnapshotError):
+    """Snapshots exist but none loads: starting from scratch would silently retrain everything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +90,28 @@ class PipelineSettings:
     merge_idle_ms: int = 2_000
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
-    error_backoff_s: float = 1.0
-    flush_timeout_s: float = 30.0
+    flush_timeout_s: float = 10.0
+    # Record-level bounds (a record beyond them is dead-lettered, see engine/runtime/config.py).
+    max_event_bytes: int = 512 * 1024
+    max_future_ms: int | None = 300_000
+    max_past_ms: int | None = None
+
+
+class _RestorePoint(NamedTuple):
+    kind: SaveKind
+    number: int  # version (snapshot) or checkpoint number
+    base_version: int  # the period snapshot this state follows (== number for a snapshot)
+
+
+class _Unsent(NamedTuple):
+    """A sample the samples sink refused, in the shape the dead-letter envelope reads."""
+
+    topic: str
+    partition: None
+    offset: None
+    key: bytes
+    value: bytes
+    timestamp_ms: int
 
 
 class Pipeline:
@@ -88,6 +132,7 @@ class Pipeline:
         commit: Callable[[Positions], None] | None = None,
         meta: Mapping[str, Any] | None = None,
         stats: m.MetricsRegistry = m.REGISTRY,
+        checker: SpecChecker | None = None,
     ) -> None:
         self.source = source
         self.trainer = trainer
@@ -101,57 +146,121 @@ class Pipeline:
         self.ledger = ledger
         self.commit = commit
         self.meta = dict(meta or {})
+        self.checker = checker
         self.joiner = Joiner(joiner_config, clock=clock)
         self._buffer: list[LabeledSample] = []
         self._positions: Positions = {}
         self._merger: RecordMerger | None = None
-        self.version: int | None = None
+        self.version: int | None = None  # the newest period snapshot (model version) this state follows
         self.records_processed = 0
+        self.snapshots_written = 0  # snapshots and checkpoints published by THIS object
+        self.restore_fallbacks = 0  # restore points refused before one loaded
+        self.restored_from: str | None = None
         self.last_commit_error: str | None = None
         self._opened = False
         self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s)
         self._restore_latest()
 
     # ------------------------------------------------------------------ lifecycle
+    def _restore_points(self) -> Iterator[_RestorePoint]:
+        """Newest first: per period snapshot, the checkpoints made after it, then the snapshot itself."""
+        checkpoints: dict[int, list[int]] = {}
+        for c in reversed(self.registry.checkpoints.versions()):
+            try:
+                base = self.registry.checkpoints.manifest(c)["meta"].get("base_version")
+            except SnapshotError as exc:
+                log.error("refusing checkpoint", extra={"fields": {"checkpoint": c, "error": str(exc)}})
+                continue
+            if isinstance(base, int):
+                checkpoints.setdefault(base, []).append(c)
+        for v in reversed(self.registry.versions()):
+            for c in checkpoints.get(v, []):
+                yield _RestorePoint("checkpoint", c, v)
+            yield _RestorePoint("snapshot", v, v)
+
     def _restore_latest(self) -> None:
-        if self.registry.latest_version() is None:
-            if self.ledger is not None:
-                self.ledger.truncate(0)  # lines of a run that died before its first snapshot
+        refused: list[str] = []
+        for point in self._restore_points():
+            try:
+                self._restore(point)
+            except SnapshotMismatch:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
+                refused.append(f"{point.kind} {point.number}: {exc!r:.300}")
+                self.restore_fallbacks += 1
+                self._metrics.restore_fallback()
+                log.error(
+                    "refusing restore point, falling back",
+                    extra={"fields": {"kind": point.kind, "number": point.number, "error": repr(exc)}},
+                )
+                continue
+            if refused:
+                log.error(
+                    "restored from an older restore point",
+                    extra={"fields": {"restored": self.restored_from, "refused": refused}},
+                )
             return
-        snap = self.registry.load()
+        if refused:
+            raise NoUsableSnapshot(
+                f"no snapshot under {self.registry.root} loads; refusing to start from scratch "
+                f"(refused: {'; '.join(refused)})"
+            )
+        if self.ledger is not None:
+            self.ledger.truncate(0)  # lines of a run that died before its first snapshot
+
+    def _load_point(self, point: _RestorePoint) -> Snapshot:
+        if point.kind == "checkpoint":
+            return self.registry.checkpoints.load(point.number)
+        return self.registry.load(point.number)
+
+    def _restore(self, point: _RestorePoint) -> None:
+        snap = self._load_point(point)
         meta = snap.meta
         fp = meta.get("fingerprint")
         if fp != self.settings.fingerprint and not self.settings.allow_fingerprint_change:
             raise SnapshotMismatch(
-                f"snapshot {snap.version} was made with config fingerprint {fp}, this config is "
+                f"{point.kind} {point.number} was made with config fingerprint {fp}, this config is "
                 f"{self.settings.fingerprint}; use a fresh checkpoint dir or allow_fingerprint_change"
             )
         state = snap.state["state"]
         if state.get("format") != STATE_FORMAT:
-            raise SnapshotMismatch(f"snapshot {snap.version}: unknown state format {state.get('format')!r}")
-        self.trainer.learner.load_state_dict(snap.state["model"])
-        self.joiner = Joiner.restore(state["joiner"], clock=self.clock, config=self.joiner.config)
-        self.trainer.restore(state["trainer"], snap.version)
-        self.served_metrics = OnlineMetricsBook.restore(
+            raise SnapshotError(f"{point.kind} {point.number}: unknown state format {state.get('format')!r}")
+        learner = self.trainer.learner
+        previous = None
+        if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
+            # The previous model is the one of the period snapshot this checkpoint follows.
+            learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
+            previous = learner.clone_frozen()
+        learner.load_state_dict(snap.state["model"])
+        joiner = Joiner.restore(state["joiner"], clock=self.clock, config=self.joiner.config)
+        samples, bad = decode_samples(state["buffer"])
+        if bad:
+            raise SnapshotError(f"{point.kind} {point.number}: {len(bad)} buffered samples do not decode")
+        served = OnlineMetricsBook.restore(
             state["served_metrics"],
             window_size=self.served_metrics.window_size,
             max_versions=self.served_metrics.max_versions,
         )
-        samples, bad = decode_samples(state["buffer"])
-        if bad:
-            raise SnapshotMismatch(f"snapshot {snap.version}: {len(bad)} buffered samples do not decode")
-        self._buffer = samples
+        positions = positions_from_json(meta["positions"])
+        self.trainer.restore(state["trainer"], point.base_version)
+        if previous is not None:
+            self.trainer.prev_model = previous
         self.period.restore(state["period"], now_ms=self.clock())
-        self._positions = positions_from_json(meta["positions"])
+        self.joiner = joiner
+        self.served_metrics = served
+        self._buffer = samples
+        self._positions = positions
         if self.ledger is not None:
             self.ledger.truncate(int(state["ledger_bytes"]))
-        self.version = snap.version
+        self.version = point.base_version
+        self.restored_from = f"{point.kind} {point.number}"
         self._metrics.restore(self)
         log.info(
             "restored",
             extra={
                 "fields": {
-                    "version": snap.version,
+                    "from": self.restored_from,
+                    "version": self.version,
                     "positions": meta["positions"],
                     "samples_trained": self.trainer.counters.samples,
                 }
@@ -169,30 +278,54 @@ class Pipeline:
         )
         self._opened = True
 
-    def close(self, *, final_snapshot: bool = True) -> int | None:
-        """Stop: a last snapshot (samples not yet trained are carried in it), then release everything.
+    def close(self, *, final: SaveKind | None = "checkpoint") -> int | None:
+        """Stop: save the state a last time (``final``: a checkpoint, which takes no model version, or a
+        snapshot, e.g. at the end of a replay; None: nothing), then release everything. Returns the
+        snapshot version or checkpoint number written, or None.
 
-        When the sinks cannot flush (broker down) the final snapshot is skipped, so a restart re-processes
+        When the sinks cannot flush (broker down) the final save is skipped, so a restart re-processes
         from the previous one and the records those sinks still held are sent again, not lost.
         """
-        version = None
-        flushed = True
+        number = None
+        saved = True
         try:
-            if final_snapshot and self._opened:
+            if final is not None and self._opened:
                 try:
-                    version = self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
+                    number = self.snapshot(kind=final, flush_timeout_s=self.settings.flush_timeout_s)
                 except Exception as exc:  # noqa: BLE001 - the previous snapshot stays the restart point
-                    flushed = False
-                    log.error("final snapshot skipped", extra={"fields": {"error": repr(exc)}})
+                    saved = False
+                    log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
             self.source.close()
-            if flushed:
+            if saved:
                 if self.samples_sink is not None:
                     self.samples_sink.close()
                 self.dead_letters.close()
+            else:
+                self._abort_sinks()
             if self.ledger is not None:
                 self.ledger.close()
-        return version
+        return number
+
+    def abort(self) -> None:
+        """Release everything without saving (after a failure: the last snapshot is the restart point,
+        and what the sinks still hold is sent again by the pipeline that resumes from it)."""
+        for release in (self.source.close, self._abort_sinks):
+            try:
+                release()
+            except Exception as exc:  # noqa: BLE001 - tearing down a failed pipeline
+                log.warning("abort: release failed", extra={"fields": {"error": repr(exc)}})
+        if self.ledger is not None:
+            self.ledger.close()
+
+    def _abort_sinks(self) -> None:
+        for sink in (self.samples_sink, self.dead_letters.sink):
+            if sink is not None:
+                abort = getattr(sink, "abort", None)
+                try:
+                    (abort or sink.close)()
+                except Exception as exc:  # noqa: BLE001 - a broken sink is being thrown away
+                    log.warning("abort: sink release failed", extra={"fields": {"error": repr(exc)}})
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -201,17 +334,11 @@ class Pipeline:
         stop: threading.Event | None = None,
         on_step: Callable[[Pipeline], None] | None = None,
     ) -> None:
-        """Call ``step()`` until ``stop`` is set or ``until(self)`` is true. Source errors are logged and
-        retried after a back-off: the state is untouched by a failed poll, so nothing is lost."""
+        """Call ``step()`` until ``stop`` is set or ``until(self)`` is true. An exception is never
+        swallowed here (see the failure rule in the module docstring)."""
         self.open()
         while not (stop is not None and stop.is_set()) and not (until is not None and until(self)):
-            try:
-                self.step()
-            except (EventError, SnapshotMismatch):
-                raise
-            except Exception as exc:  # noqa: BLE001 - a broker outage: keep the state, retry
-                log.warning("step failed, retrying", extra={"fields": {"error": repr(exc)}})
-                time.sleep(self.settings.error_backoff_s)
+            self.step()
             if on_step is not None:
                 on_step(self)
 
@@ -281,32 +408,28 @@ class Pipeline:
                 clk_values.append(r.value)
             else:
                 kinds.append(2)
-        imps, imp_bad = decode_impressions(imp_values)
-        clks, clk_bad = decode_clicks(clk_values)
-        imp_errors = dict(imp_bad)
-        clk_errors = dict(clk_bad)
-        imp_iter, clk_iter = iter(imps), iter(clks)
+        limit = s.max_event_bytes
+        imps, imp_errors = self._checked(decode_impressions(imp_values, max_bytes=limit), len(imp_values))
+        clks, clk_errors = self._checked(decode_clicks(clk_values, max_bytes=limit), len(clk_values))
         i_imp = i_clk = 0
         joiner = self.joiner
         positions = self._positions
         for r, kind in zip(records, kinds, strict=True):
             out: list[Joined] = []
             if kind == 0:
-                err = imp_errors.get(i_imp)
-                i_imp += 1
-                if err is None:
-                    ev = next(imp_iter)
+                ev = imps[i_imp]
+                if ev is not None:
                     out = joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
                 else:
-                    self.dead_letters.send(r, err)
+                    self.dead_letters.send(r, imp_errors[i_imp])
+                i_imp += 1
             elif kind == 1:
-                err = clk_errors.get(i_clk)
-                i_clk += 1
-                if err is None:
-                    ck = next(clk_iter)
+                ck = clks[i_clk]
+                if ck is not None:
                     out = joiner.on_click(ck.impression_id, ck.event_time_ms)
                 else:
-                    self.dead_letters.send(r, err)
+                    self.dead_letters.send(r, clk_errors[i_clk])
+                i_clk += 1
             else:
                 self.dead_letters.send(
                     r, EventError("bad_value", f"record from unexpected topic {r.topic!r}")
@@ -316,20 +439,66 @@ class Pipeline:
             if out:
                 self._accept(out)
 
+    def _checked(
+        self, decoded: tuple[list[Any], list[tuple[int, EventError]]], n: int
+    ) -> tuple[list[Any], dict[int, EventError]]:
+        """Decoded events aligned with their records (None where refused) and the errors by index:
+        the contract check of the codec, then the clock bound and (impressions) the feature spec."""
+        good, bad = decoded
+        errors = dict(bad)
+        events: list[Impression | Click | None] = [None] * n
+        it = iter(good)
+        for i in range(n):
+            if i not in errors:
+                events[i] = next(it)
+        s = self.settings
+        if s.max_future_ms is not None or s.max_past_ms is not None:
+            now = self.clock()
+            hi = now + s.max_future_ms if s.max_future_ms is not None else None
+            lo = now - s.max_past_ms if s.max_past_ms is not None else None
+            for i, ev in enumerate(events):
+                if ev is None:
+                    continue
+                t = ev.event_time_ms
+                if (hi is not None and t > hi) or (lo is not None and t < lo):
+                    events[i] = None
+                    errors[i] = EventError(
+                        "bad_time",
+                        f"event_time_ms {t} is {t - now:+d} ms from the processor clock ({now}); "
+                        f"allowed: -{s.max_past_ms} .. +{s.max_future_ms} ms",
+                        "event_time_ms",
+                    )
+        if self.checker is not None and good and type(good[0]) is Impression:
+            live = [i for i, ev in enumerate(events) if ev is not None]
+            for k, err in self.checker.check_rows([events[i].features for i in live]):  # type: ignore[union-attr]
+                events[live[k]] = None
+                errors[live[k]] = err
+        return events, errors
+
     def _accept(self, joined: list[Joined]) -> None:
         sink = self.samples_sink
         for j in joined:
             sample = sample_from_joined(j)
             if sink is not None:
-                sink.send(encode(sample), key=j.impression_id.encode(), timestamp_ms=j.event_time_ms)
+                value = encode(sample)
+                key = j.impression_id.encode()
+                try:
+                    sink.send(value, key=key, timestamp_ms=j.event_time_ms)
+                except RecordTooLarge as exc:
+                    # Still trained: only its copy on the samples topic is replaced by a dead letter.
+                    unsent = _Unsent("samples", None, None, key, value, j.event_time_ms)
+                    self.dead_letters.send(unsent, EventError("oversized", str(exc)))
             self._metrics.joined(sample)
             self._buffer.append(sample)
-            if len(self._buffer) >= self.trainer.config.batch_size:
-                bs = self.trainer.config.batch_size
-                batch = self._buffer[:bs]
-                del self._buffer[:bs]
-                self._train(batch)
-                self._maybe_snapshot()
+        # Train only once ALL of ``joined`` is in the buffer: a snapshot at a boundary then holds every
+        # emitted sample (trained, or in its buffer). Snapshotting between two samples of one joiner
+        # output lost the rest of it on restore: the joiner state already counted them as emitted.
+        bs = self.trainer.config.batch_size
+        while len(self._buffer) >= bs:
+            batch = self._buffer[:bs]
+            del self._buffer[:bs]
+            self._train(batch)
+            self._maybe_snapshot()
 
     def _train(self, batch: list[LabeledSample]) -> StepResult:
         # Served-prediction metrics are fed per batch (one lock); the buffer in a snapshot is not yet counted.
@@ -341,29 +510,36 @@ class Pipeline:
         return result
 
     def _maybe_snapshot(self) -> None:
+        """A due period boundary is published before anything else is processed; if publishing
+        fails, the exception propagates (the boundary is never postponed past more input, which
+        would change what the snapshot holds and shift the schedule)."""
         wm = self.joiner.watermark_ms
         if self.period.due(
             samples=self.trainer.counters.samples, event_time_ms=wm if wm > 0 else None, now_ms=self.clock()
         ):
-            try:
-                self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - retried at the next step; processing goes on
-                log.warning("snapshot postponed", extra={"fields": {"error": repr(exc)}})
+            self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
 
-    def snapshot(self, flush_timeout_s: float | None = None) -> int:
-        """Publish a snapshot of everything now; returns its version. The sinks are flushed first: a
-        flush that fails raises before anything is written."""
+    def snapshot(self, *, kind: SaveKind = "snapshot", flush_timeout_s: float | None = None) -> int:
+        """Publish everything now as the next model version (``kind="snapshot"``: a period boundary)
+        or as a checkpoint (no version, no boundary; see the module docstring). Returns the version or
+        checkpoint number. The sinks are flushed first: a flush that fails raises before anything is
+        written."""
         if self.samples_sink is not None:
             self.samples_sink.flush(flush_timeout_s)
         self.dead_letters.flush(flush_timeout_s)
         ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
         positions = dict(self._positions)
-        # The snapshot must hold the trigger as it is AFTER this boundary, or a restart fires it again.
+        boundary = kind == "snapshot"
+        # A snapshot holds the trigger as it is AFTER its boundary, or a restart fires it again; a
+        # checkpoint holds it untouched, so the next boundary comes where it would have come.
         period_before = self.period.state()
-        wm = self.joiner.watermark_ms
-        self.period.mark(
-            samples=self.trainer.counters.samples, event_time_ms=wm if wm > 0 else None, now_ms=self.clock()
-        )
+        if boundary:
+            wm = self.joiner.watermark_ms
+            self.period.mark(
+                samples=self.trainer.counters.samples,
+                event_time_ms=wm if wm > 0 else None,
+                now_ms=self.clock(),
+            )
         state = {
             "format": STATE_FORMAT,
             "joiner": self.joiner.snapshot(),
@@ -375,6 +551,7 @@ class Pipeline:
         }
         meta = {
             **self.meta,
+            "kind": kind,
             "fingerprint": self.settings.fingerprint,
             "positions": positions_to_json(positions),
             "samples_trained": self.trainer.counters.samples,
@@ -384,38 +561,40 @@ class Pipeline:
             "buffered_samples": len(self._buffer),
             "previous_version": self.version,
         }
+        if not boundary:
+            meta["base_version"] = self.version  # the period snapshot this checkpoint follows
+        target = self.registry if boundary else self.registry.checkpoints
         t0 = time.perf_counter()
         try:
-            version = self.registry.publish(
-                {"model": self.trainer.learner.state_dict(), "state": state}, meta
-            )
+            number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
         except BaseException:
             self.period.restore(period_before, now_ms=self.clock())
             raise
-        self.version = version
-        self.trainer.on_snapshot(version)
-        self._metrics.snapshotted(version)
+        self.snapshots_written += 1
+        if boundary:
+            self.version = number
+            self.trainer.on_snapshot(number)
+            self._metrics.snapshotted(number)
         if self.commit is not None:
             try:
                 self.commit(positions)
                 self.last_commit_error = None
             except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
                 self.last_commit_error = repr(exc)
-                log.warning(
-                    "offset commit failed", extra={"fields": {"version": version, "error": repr(exc)}}
-                )
+                log.warning("offset commit failed", extra={"fields": {"number": number, "error": repr(exc)}})
         log.info(
-            "snapshot",
+            kind,
             extra={
                 "fields": {
-                    "version": version,
+                    "number": number,
+                    "version": self.version,
                     "samples_trained": self.trainer.counters.samples,
                     "positions": meta["positions"],
                     "seconds": round(time.perf_counter() - t0, 4),
                 }
             },
         )
-        return version
+        return number
 
     @property
     def positions(self) -> Positions:
@@ -469,6 +648,10 @@ class _Publisher:
         self._expired = g(m.JOINER_EXPIRED.name)
         self._late = g(m.JOINER_LATE_CLICKS.name)
         self._orphans = g(m.JOINER_ORPHAN_CLICKS.name)
+        self._too_late = {
+            kind: g(m.JOINER_TOO_LATE.name).labels(kind=kind) for kind in ("impression", "click")
+        }
+        self._fallbacks = g(m.SNAPSHOT_RESTORE_FALLBACKS.name)
         self._dupes = g(m.JOINER_DUPLICATES.name)
         self._bound = g(m.JOINER_DROPPED_BY_BOUND.name)
         self._steps = g(m.TRAIN_STEPS.name)
@@ -486,6 +669,9 @@ class _Publisher:
         # Counters restart at zero in a new process (Prometheus handles resets); start deltas from the
         # restored joiner so its history is not exported twice.
         self._last_join = p.joiner.stats.as_dict()
+
+    def restore_fallback(self) -> None:
+        self._fallbacks.inc()
 
     def consumed(self, records: list[Record]) -> None:
         counts: dict[str, int] = {}
@@ -553,7 +739,15 @@ class _Publisher:
             self._expired.inc(delta("negatives"))
             self._late.labels(policy="drop").inc(delta("late_clicks_dropped"))
             self._late.labels(policy="correct").inc(delta("late_clicks_corrected"))
-            self._orphans.inc(delta("orphan_clicks") + delta("too_late_clicks"))
+            self._orphans.inc(delta("orphan_clicks"))
+            late_imps = delta("too_late_impressions")
+            if late_imps:
+                self._too_late["impression"].inc(late_imps)
+                log.warning(
+                    "impressions dropped as too late",
+                    extra={"fields": {"count": late_imps, "watermark_ms": j.watermark_ms}},
+                )
+            self._too_late["click"].inc(delta("too_late_clicks"))
             self._dupes.labels(kind="impression").inc(delta("duplicate_impressions"))
             self._dupes.labels(kind="click").inc(delta("duplicate_clicks"))
             self._bound.inc(delta("evicted_pending") + delta("expired_ttl"))

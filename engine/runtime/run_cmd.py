@@ -1,19 +1,26 @@
 """``reloop run --config FILE``: the long-running stream processor.
 
 Kafka in (impressions + clicks), optionally a ``samples`` topic and a dead-letter topic out, snapshots
-into the checkpoint registry, Kafka group offsets committed after each durable snapshot. SIGTERM/SIGINT
-stop it gracefully with a final snapshot; logs are JSON lines on stderr.
+into the checkpoint registry, Kafka group offsets committed after each durable snapshot. A failure that
+is not about one record rebuilds the pipeline from its last snapshot (engine/runtime/supervisor.py).
+SIGTERM/SIGINT stop it gracefully with a final checkpoint; the process exits at the latest
+``recovery.stop_timeout_s`` after the signal whatever the broker does (a second signal exits at once).
+Logs are JSON lines on stderr. Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or
+unusable snapshots.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from typing import Any
 
-from engine.runtime.config import ConfigError, load_config
+from engine.runtime.config import ConfigError, RunConfig, load_config
 from engine.runtime.jsonlog import setup_json_logging
 
 log = logging.getLogger("reloop.run")
@@ -24,14 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, help="override log.level")
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"reloop run: {exc}", flush=True)
-        return 2
-    setup_json_logging(args.log_level or cfg.log.level)
-
+def kafka_pipeline_factory(cfg: RunConfig) -> Any:
+    """A function building a fresh Pipeline over new Kafka clients (the supervisor calls it again
+    after every failure, so no client that went through an outage is reused)."""
     # Imported here: the engine itself never imports a Kafka client; only this entry point wires one in.
     from connectors.kafka.sink import KafkaSink
     from connectors.kafka.source import KafkaSource
@@ -39,48 +41,132 @@ def main(args: argparse.Namespace) -> int:
     from engine.runtime.sources import EndOffsets
 
     src = cfg.source
-    # EndOffsets: the merge waits for a lagging partition instead of guessing from idleness.
-    source = EndOffsets(
-        KafkaSource(
-            bootstrap=src.bootstrap,
-            topics=[src.impressions_topic, src.clicks_topic],
-            group_id=src.group_id,
-            client_config=src.client_config,
-        )
-    )
     sink_cfg = {**src.client_config, **cfg.sink.client_config}
-    samples = (
-        KafkaSink(bootstrap=src.bootstrap, topic=cfg.sink.samples_topic, client_config=sink_cfg)
-        if cfg.sink.samples_topic
-        else None
-    )
-    dead = (
-        KafkaSink(bootstrap=src.bootstrap, topic=cfg.sink.dead_letter_topic, client_config=sink_cfg)
-        if cfg.sink.dead_letter_topic
-        else None
-    )
-    commit = source.commit if src.group_id else None
-    pipeline = build_pipeline(cfg, source=source, samples_sink=samples, dead_letter_sink=dead, commit=commit)
+
+    def build() -> Any:
+        opened: list[Any] = []
+        try:
+            # EndOffsets: the merge waits for a lagging partition instead of guessing from idleness.
+            source = EndOffsets(
+                KafkaSource(
+                    bootstrap=src.bootstrap,
+                    topics=[src.impressions_topic, src.clicks_topic],
+                    group_id=src.group_id,
+                    client_config=src.client_config,
+                )
+            )
+            opened.append(source)
+            samples = dead = None
+            if cfg.sink.samples_topic:
+                samples = KafkaSink(
+                    bootstrap=src.bootstrap, topic=cfg.sink.samples_topic, client_config=sink_cfg
+                )
+                opened.append(samples)
+            if cfg.sink.dead_letter_topic:
+                dead = KafkaSink(
+                    bootstrap=src.bootstrap, topic=cfg.sink.dead_letter_topic, client_config=sink_cfg
+                )
+                opened.append(dead)
+            commit = source.commit if src.group_id else None
+            return build_pipeline(
+                cfg, source=source, samples_sink=samples, dead_letter_sink=dead, commit=commit
+            )
+        except BaseException:
+            for thing in opened:
+                release = getattr(thing, "abort", None) or thing.close
+                try:
+                    release()
+                except Exception:  # noqa: BLE001 - releasing what a failed build opened
+                    log.debug("release after a failed build failed", exc_info=True)
+            raise
+
+    return build
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: set ``event`` and arm a watchdog that ends the process ``timeout_s`` later if
+    the graceful stop has not finished by then (a stop must never wait on the broker)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.event = threading.Event()
+        self.timeout_s = timeout_s
+        self._timer: threading.Timer | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.event.is_set():
+            self._force(f"second {name}")
+        log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
+        self.event.set()
+        self._timer = threading.Timer(
+            self.timeout_s, self._force, args=(f"{self.timeout_s:g} s after {name}",)
+        )
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @staticmethod
+    def _force(why: str) -> None:
+        log.critical(
+            "stop did not finish in time: exiting without a final checkpoint "
+            "(the last snapshot stays the restart point)",
+            extra={"fields": {"why": why}},
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"reloop run: {exc}", file=sys.stderr, flush=True)
+        return 2
+    setup_json_logging(args.log_level or cfg.log.level)
+    from engine.metrics.registry import REGISTRY
+    from engine.runtime.pipeline import NoUsableSnapshot, SnapshotMismatch
+    from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
 
     metrics_server = None
     if cfg.metrics.prometheus_port is not None:
         from connectors.metrics.prometheus import serve_metrics
 
-        pipeline.served_metrics.bind()
         metrics_server = serve_metrics(host=cfg.metrics.prometheus_host, port=cfg.metrics.prometheus_port)
         log.info(
             "metrics",
             extra={"fields": {"url": f"http://{metrics_server.host}:{metrics_server.port}/metrics"}},
         )
 
-    stop = threading.Event()
+    stop = StopRequest(cfg.recovery.stop_timeout_s)
+    stop.install()
+    hook: list[Any] = []
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_pipeline(p) -> None:  # noqa: ANN001
+        if metrics_server is not None:
+            for old in hook:
+                REGISTRY.remove_collect_hook(old)
+            hook[:] = [p.served_metrics.bind()]
+        log.info(
+            "started",
+            extra={
+                "fields": {
+                    "config": args.config,
+                    "fingerprint": cfg.fingerprint(),
+                    "restored": p.restored_from,
+                    "version": p.version,
+                    "bootstrap": cfg.source.bootstrap,
+                    "topics": [cfg.source.impressions_topic, cfg.source.clicks_topic],
+                }
+            },
+        )
 
     last_log = [time.monotonic()]
 
@@ -105,33 +191,45 @@ def main(args: argparse.Namespace) -> int:
             },
         )
 
+    r = cfg.recovery
+    supervisor = Supervisor(
+        kafka_pipeline_factory(cfg),
+        stop=stop.event,
+        policy=RetryPolicy(
+            backoff_initial_s=r.backoff_initial_s,
+            backoff_max_s=r.backoff_max_s,
+            give_up_after_s=r.give_up_after_s,
+        ),
+        on_pipeline=on_pipeline,
+        on_step=report,
+        final="checkpoint",
+    )
+    code = 0
+    try:
+        supervisor.run()
+    except (SnapshotMismatch, NoUsableSnapshot) as exc:
+        log.critical("cannot resume", extra={"fields": {"error": str(exc)}})
+        print(f"reloop run: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except GaveUp as exc:
+        print(f"reloop run: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        stop.disarm()
+        if metrics_server is not None:
+            metrics_server.close()
+    p = supervisor.pipeline
     log.info(
-        "starting",
+        "stopped",
         extra={
             "fields": {
-                "config": args.config,
-                "fingerprint": cfg.fingerprint(),
-                "restored_version": pipeline.version,
-                "bootstrap": src.bootstrap,
-                "topics": [src.impressions_topic, src.clicks_topic],
+                "exit_code": code,
+                "final_checkpoint": supervisor.final_number,
+                "restarts": supervisor.restarts,
+                "version": p.version if p is not None else None,
+                "samples_trained": p.trainer.counters.samples if p is not None else 0,
+                "dead_letters": p.dead_letters.counts if p is not None else {},
             }
         },
     )
-    try:
-        pipeline.run(stop=stop, on_step=report)
-    finally:
-        version = pipeline.close(final_snapshot=True)
-        if metrics_server is not None:
-            metrics_server.close()
-        log.info(
-            "stopped",
-            extra={
-                "fields": {
-                    "final_version": version,
-                    "samples_trained": pipeline.trainer.counters.samples,
-                    "join": pipeline.joiner.stats.as_dict(),
-                    "dead_letters": pipeline.dead_letters.counts,
-                }
-            },
-        )
-    return 0
+    return code

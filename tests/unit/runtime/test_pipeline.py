@@ -14,6 +14,7 @@ from engine.runtime.synthetic import SPEC, generate
 from engine.train.ledger import Ledger
 
 BATCH = 16
+START = 1_700_000_000_000  # the synthetic log starts here; the clock must not be far behind it
 
 
 class EndAwareSource(MemorySource):
@@ -37,7 +38,8 @@ def _config(tmp_path, policy="correct", **train):
             "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
             "train": {"batch_size": BATCH, "deterministic": True, **train},
             "period": {"every_samples": 4 * BATCH},
-            "checkpoint": {"dir": str(tmp_path / "snaps"), "keep": 3, "ledger": str(tmp_path / "ledger.jsonl")},
+            "checkpoint": {"dir": str(tmp_path / "snaps"), "keep": 3,
+                           "ledger": str(tmp_path / "ledger.jsonl")},
             "source": {"poll_max_records": 37},
         },
         env={},
@@ -85,7 +87,7 @@ def _run_to_end(p, log, clock, max_steps=10_000):
 def test_samples_match_ground_truth(tmp_path):
     synth = generate(400, seed=3, pad_to_multiple=BATCH)
     log = _log(synth)
-    clock = ManualClock(0)
+    clock = ManualClock(START)
     out = MemoryLog()
     p = _pipeline(_config(tmp_path), log, clock, samples=MemorySink(out, "samples"))
     _run_to_end(p, log, clock)
@@ -111,7 +113,7 @@ def test_samples_match_ground_truth(tmp_path):
 def test_drop_policy_counts(tmp_path):
     synth = generate(300, seed=5, policy="drop", pad_to_multiple=BATCH)
     log = _log(synth)
-    clock = ManualClock(0)
+    clock = ManualClock(START)
     p = _pipeline(_config(tmp_path, policy="drop"), log, clock)
     _run_to_end(p, log, clock)
     assert p.joiner.stats.late_clicks_dropped == synth.cases["beyond"]
@@ -127,7 +129,7 @@ def _params(p):
 def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
     synth = generate(500, seed=9, pad_to_multiple=BATCH)
     log = _log(synth)
-    clock = ManualClock(0)
+    clock = ManualClock(START)
     ref = _pipeline(_config(tmp_path / "ref"), log, clock)
     _run_to_end(ref, log, clock)
     expected = _params(ref)
@@ -165,7 +167,7 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
 def test_fingerprint_mismatch_refused(tmp_path):
     synth = generate(100, seed=1, pad_to_multiple=BATCH)
     log = _log(synth)
-    clock = ManualClock(0)
+    clock = ManualClock(START)
     p = _pipeline(_config(tmp_path), log, clock)
     _run_to_end(p, log, clock)
     p.close()
@@ -180,7 +182,7 @@ def test_fingerprint_mismatch_refused(tmp_path):
 def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
     synth = generate(400, seed=4, pad_to_multiple=BATCH)
     log = _log(synth)
-    clock = ManualClock(0)
+    clock = ManualClock(START)
     stats = MetricsRegistry()
     p = build_pipeline(
         _config(tmp_path),

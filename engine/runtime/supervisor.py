@@ -1,0 +1,141 @@
+"""Keep a stream processor running through failures without ever skipping input.
+
+A failure that is not about one record (the broker is down at a snapshot, a sink refuses to flush, a
+bug) leaves the Pipeline's memory half-updated: records polled, samples taken off the buffer, positions
+moved. Going on with that state is how data used to be lost silently. The supervisor instead throws the
+Pipeline away (``abort``: nothing saved, sinks released without flushing) and builds a new one, which
+restores the last snapshot and re-reads everything after it: the same path a process restart takes,
+already proven exact by the kill-and-resume tests. The sinks are new objects too (a Kafka producer that
+went through a long outage is never reused).
+
+Retries back off exponentially (``backoff_initial_s`` doubling up to ``backoff_max_s``). When failures
+have gone on for ``give_up_after_s`` without a single snapshot written in between, the supervisor gives
+up: it raises, the process exits non-zero, and an orchestrator restarts it (where a human can see it).
+Errors that retrying cannot fix (a snapshot made with another config, no usable snapshot) are raised at
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.metrics import registry as m
+from engine.runtime.pipeline import NoUsableSnapshot, Pipeline, SaveKind, SnapshotMismatch
+
+log = logging.getLogger("reloop.supervisor")
+
+FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot)
+
+
+class GaveUp(RuntimeError):
+    """Failures went on for longer than the retry budget without any snapshot being written."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    give_up_after_s: float = 900.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, attempt - 1))
+
+
+class Supervisor:
+    """Runs ``build()``'s pipeline until ``stop`` is set; rebuilds it after a failure (see module doc).
+
+    ``on_pipeline`` is called with every new pipeline (e.g. to bind its metrics); ``on_step`` after
+    each step. ``final`` is what ``close`` saves on a clean stop.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], Pipeline],
+        *,
+        stop: threading.Event,
+        policy: RetryPolicy | None = None,
+        on_pipeline: Callable[[Pipeline], None] | None = None,
+        on_step: Callable[[Pipeline], None] | None = None,
+        final: SaveKind | None = "checkpoint",
+        monotonic: Callable[[], float] = time.monotonic,
+        stats: m.MetricsRegistry = m.REGISTRY,
+    ) -> None:
+        self.build = build
+        self.stop = stop
+        self.policy = policy or RetryPolicy()
+        self.on_pipeline = on_pipeline
+        self.on_step = on_step
+        self.final = final
+        self.monotonic = monotonic
+        self.pipeline: Pipeline | None = None
+        self.restarts = 0
+        self.final_number: int | None = None
+        self._failing_since: float | None = None
+        self._attempt = 0
+        m.ensure_canonical(stats)
+        self._restarts_metric = stats.get(m.PIPELINE_RESTARTS.name)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pipeline: Pipeline | None = None
+            try:
+                pipeline = self.build()
+                self.pipeline = pipeline
+                if self.on_pipeline is not None:
+                    self.on_pipeline(pipeline)
+                pipeline.run(stop=self.stop, on_step=self._stepped)
+            except FATAL:
+                if pipeline is not None:
+                    pipeline.abort()
+                raise
+            except Exception as exc:  # noqa: BLE001 - not about one record: rebuild from the snapshot
+                if pipeline is not None:
+                    pipeline.abort()
+                self._failed(exc)
+                continue
+            self.final_number = pipeline.close(final=self.final)
+            return
+
+    def _stepped(self, pipeline: Pipeline) -> None:
+        if pipeline.snapshots_written and self._failing_since is not None:
+            log.info("recovered", extra={"fields": {"after_restarts": self._attempt}})
+            self._failing_since = None
+            self._attempt = 0
+        if self.on_step is not None:
+            self.on_step(pipeline)
+
+    def _failed(self, exc: Exception) -> None:
+        now = self.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        self._attempt += 1
+        self.restarts += 1
+        self._restarts_metric.inc()
+        failing_for = now - self._failing_since
+        if failing_for >= self.policy.give_up_after_s:
+            log.critical(
+                "giving up",
+                extra={"fields": {"failing_for_s": round(failing_for, 1), "error": repr(exc)}},
+            )
+            raise GaveUp(
+                f"the stream processor failed for {failing_for:.0f} s without writing a snapshot "
+                f"({self._attempt} attempts); last error: {exc!r}"
+            ) from exc
+        wait = self.policy.backoff(self._attempt)
+        log.error(
+            "pipeline failed; rebuilding from the last snapshot",
+            extra={
+                "fields": {
+                    "error": repr(exc),
+                    "attempt": self._attempt,
+                    "retry_in_s": wait,
+                    "failing_for_s": round(failing_for, 1),
+                }
+            },
+            exc_info=exc,
+        )
+        self.stop.wait(wait)

@@ -1,0 +1,139 @@
+"""A failure that is not about one record never loses or repeats a sample: the supervisor rebuilds the
+pipeline from its last snapshot (memory connectors; the Kafka version is in tests/integration)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from connectors.memory.memory import MemoryLog, MemorySink
+from engine.metrics.registry import MetricsRegistry
+from engine.runtime.build import build_pipeline
+from engine.runtime.clock import ManualClock
+from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
+from engine.runtime.synthetic import generate
+from engine.train.ledger import Ledger
+
+from .test_pipeline import BATCH, START, EndAwareSource, _config, _ends, _log
+
+
+class FlakySink(MemorySink):
+    """Fails (like a broker that went away) on chosen calls to send or flush."""
+
+    def __init__(self, log: MemoryLog, topic: str, fail_sends: set[int], fail_flushes: set[int]) -> None:
+        super().__init__(log, topic)
+        self.fail_sends, self.fail_flushes = fail_sends, fail_flushes
+        self.sends = self.flushes = 0
+
+    def send(self, value, key=None, timestamp_ms=None):
+        self.sends += 1
+        if self.sends in self.fail_sends:
+            raise ConnectionError("broker unreachable (injected)")
+        super().send(value, key, timestamp_ms)
+
+    def flush(self, timeout_s=None):
+        self.flushes += 1
+        if self.flushes in self.fail_flushes:
+            raise TimeoutError("flush timed out (injected)")
+
+
+class _Done(threading.Event):
+    """Stop once the whole log is processed (the supervisor's loop checks this between steps)."""
+
+    def __init__(self, log, clock, holder) -> None:
+        super().__init__()
+        self.ends, self.clock, self.holder = _ends(log), clock, holder
+
+    def is_set(self) -> bool:
+        p = self.holder.pipeline
+        self.clock.advance(10)
+        return p is not None and all(p.positions.get(tp, 0) >= n for tp, n in self.ends.items())
+
+    def wait(self, timeout=None) -> bool:  # back-off waits cost no test time
+        return False
+
+
+def _run(tmp_path, log, clock, make_sink, policy=None):
+    cfg = _config(tmp_path)
+    holder = type("H", (), {"pipeline": None})()
+    stop = _Done(log, clock, holder)
+
+    def build():
+        return build_pipeline(
+            cfg,
+            source=EndAwareSource(log, ["impressions", "clicks"]),
+            clock=clock,
+            samples_sink=make_sink(),
+            stats=MetricsRegistry(),
+        )
+
+    sup = Supervisor(
+        build,
+        stop=stop,
+        policy=policy or RetryPolicy(backoff_initial_s=0.01),
+        on_pipeline=lambda p: setattr(holder, "pipeline", p),
+        final="snapshot",
+        stats=MetricsRegistry(),
+    )
+    sup.run()
+    return sup
+
+
+def test_sink_failures_mid_run_lose_and_repeat_nothing(tmp_path):
+    synth = generate(600, seed=21, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    ref = _run(tmp_path / "ref", log, ManualClock(START), lambda: MemorySink(MemoryLog(), "samples"))
+    assert ref.restarts == 0
+    out = MemoryLog()
+    # The first sink fails at its 150th send (a batch half-accepted), the second at its second flush
+    # (a snapshot), the rest work: two rebuilds from the last snapshot.
+    plans = iter([({150}, set()), (set(), {2})])
+    sinks: list[FlakySink] = []
+
+    def make_sink():
+        sends, flushes = next(plans, (set(), set()))
+        sinks.append(FlakySink(out, "samples", sends, flushes))
+        return sinks[-1]
+
+    got = _run(tmp_path / "flaky", log, ManualClock(START), make_sink)
+    assert got.restarts == 2 and len(sinks) == 3
+    keys = [(sid, corr) for _, sid, _, corr in Ledger.read(tmp_path / "flaky" / "ledger.jsonl")]
+    assert sorted(keys) == sorted(synth.expected) and len(keys) == len(set(keys))
+    a, b = ref.pipeline.trainer.learner.model.state_dict(), got.pipeline.trainer.learner.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_gives_up_after_the_budget_without_a_snapshot(tmp_path):
+    synth = generate(200, seed=3, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    now = [0.0]
+
+    def always_failing():
+        class Dead(MemorySink):
+            def send(self, *a, **k):
+                now[0] += 100.0
+                raise ConnectionError("down")
+
+        return Dead(MemoryLog(), "samples")
+
+    with pytest.raises(GaveUp, match="without writing a snapshot"):
+        cfg = _config(tmp_path)
+        clock = ManualClock(START)
+        sup = Supervisor(
+            lambda: build_pipeline(
+                cfg,
+                source=EndAwareSource(log, ["impressions", "clicks"]),
+                clock=clock,
+                samples_sink=always_failing(),
+                stats=MetricsRegistry(),
+            ),
+            stop=threading.Event(),
+            policy=RetryPolicy(backoff_initial_s=0.001, backoff_max_s=0.001, give_up_after_s=250.0),
+            monotonic=lambda: now[0],
+            stats=MetricsRegistry(),
+        )
+        sup.run()
+    assert sup.restarts == 4  # failed at t=100, 200, 300 (>= 250 since the first at 100: give up)
