@@ -460,6 +460,10 @@ SERVE_LATENCY = Histogram(
 SERVE_RELOADS = Counter(
     "reloop_serve_reloads_total", "Snapshot reloads by the scoring service (outcome: ok or refused).",
     ("outcome",))
+SERVE_FALLBACK = Gauge(
+    "reloop_serve_snapshot_fallback",
+    "1 while an arm serves an older snapshot than the newest in its registry because the newer ones "
+    "were refused (checksum, format, unloadable); 0 otherwise.", ("arm",))
 SERVE_MODEL_VERSION = Gauge(
     "reloop_serve_model_version", "Snapshot version the scoring service is serving, per arm.", ("arm",))
 IMPRESSIONS_LOGGED = Counter(
@@ -478,7 +482,7 @@ CANONICAL: tuple[_Metric, ...] = (
     SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOT_PERIOD, SNAPSHOTS, SNAPSHOT_RESTORE_FALLBACKS,
     PIPELINE_RESTARTS,
     CONSUMER_LAG,
-    SERVE_REQUESTS, SERVE_LATENCY, SERVE_RELOADS, SERVE_MODEL_VERSION,
+    SERVE_REQUESTS, SERVE_LATENCY, SERVE_RELOADS, SERVE_FALLBACK, SERVE_MODEL_VERSION,
     IMPRESSIONS_LOGGED, IMPRESSIONS_DROPPED,
 )
 

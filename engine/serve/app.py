@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from engine.serve.schema import ScoreRequest, ScoreResponse
-from engine.serve.service import NotReady, ScoringService
+from engine.serve.service import BadRequest, NotReady, ScoringService
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,22 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed ``limit`` (from Content-Length, or while
+    reading a chunked body): a 10 MB body is refused without being read whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(
     service: ScoringService,
     *,
@@ -33,20 +49,30 @@ def create_app(
 ) -> FastAPI:
     """``stats`` adds to ``GET /stats``. ``GET /metrics`` is mounted by the caller (engine.serve.stack)."""
     app = FastAPI(title="reloop scoring service", version="1")
+    max_body_bytes = service.limits.max_body_bytes
 
     @app.post(
         "/score",
         response_model=ScoreResponse,
-        responses={422: {"description": "invalid request"}, 503: {"description": "no model loaded yet"}},
+        responses={
+            413: {"description": "request body too large"},
+            422: {"description": "invalid request"},
+            503: {"description": "no model loaded yet"},
+        },
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": _SCHEMA}}}
         },
     )
     async def score(http_request: Request) -> Response:
+        body = await _bounded_body(http_request, max_body_bytes)
+        if body is None:
+            return JSONResponse(
+                status_code=413, content={"detail": f"request body larger than {max_body_bytes} bytes"}
+            )
         # The body is validated by pydantic-core straight from bytes (model_validate_json): about 3x
         # cheaper than FastAPI's json.loads + dependency validation for 100 candidates.
         try:
-            request = ScoreRequest.model_validate_json(await http_request.body())
+            request = ScoreRequest.model_validate_json(body)
         except ValidationError as exc:
             return JSONResponse(status_code=422, content={"detail": _errors(exc)})
         # Scoring runs inline on the event loop: it is ~1-2 ms of CPU under the GIL either way, and a
@@ -55,6 +81,8 @@ def create_app(
             response = service.score(request)
         except NotReady as exc:
             return JSONResponse(status_code=503, content={"detail": str(exc)})
+        except BadRequest as exc:
+            return JSONResponse(status_code=422, content={"detail": exc.errors})
         except Exception:
             service.failed += 1
             log.exception("scoring request %s failed", request.request_id)

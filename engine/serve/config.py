@@ -47,6 +47,21 @@ class LogConfig(_Frozen):
     linger_s: float = Field(default=0.02, ge=0)
 
 
+class RequestLimits(_Frozen):
+    """Bounds on one scoring request; beyond them it is refused (413 for the body, 422 otherwise) before
+    any scoring work, so one request can never stall the service."""
+
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="413 above this")
+    max_feature_chars: int = Field(default=4096, gt=0, description="longest string feature value")
+    max_feature_list: int = Field(default=1024, gt=0, description="most items in a multi-valued feature")
+    max_future_ms: int | None = Field(
+        default=300_000, ge=0, description="event_time_ms further ahead of the service clock is refused"
+    )
+    max_past_ms: int | None = Field(
+        default=86_400_000, ge=0, description="event_time_ms further behind the service clock is refused"
+    )
+
+
 class KafkaConfig(_Frozen):
     bootstrap: str | None = None
     # Passed through to the client untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
@@ -55,6 +70,11 @@ class KafkaConfig(_Frozen):
 
 class ServeConfig(_Frozen):
     host: str = "127.0.0.1"
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="require 'Authorization: Bearer <token>' (file content) on everything but the probes; "
+        "the RELOOP_SERVE_TOKEN environment variable does the same",
+    )
     port: int = Field(default=8000, ge=0, le=65535)
     top_k: int = Field(default=10, ge=1)
     reload_interval_s: float = Field(default=1.0, gt=0)
@@ -63,6 +83,7 @@ class ServeConfig(_Frozen):
     arms: tuple[ArmConfig, ...] = Field(min_length=1)
     log: LogConfig = LogConfig()
     kafka: KafkaConfig = KafkaConfig()
+    limits: RequestLimits = RequestLimits()
 
     @model_validator(mode="after")
     def _unique_arms(self) -> ServeConfig:

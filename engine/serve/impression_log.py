@@ -5,6 +5,14 @@ the sink. The drain thread batches events, encodes them and hands them to a ``co
 (Kafka in production, MemorySink in unit tests). When the sink is slow or down the buffer fills up to
 ``max_buffer`` events; beyond that new events are dropped and counted, so a Kafka outage costs logged
 events (visible in ``dropped``) but never a failed or slow request.
+
+A record the sink can NEVER take must not hold the others back (it used to go back to the front of the
+buffer and be retried forever, so one 10 MB impression stopped all logging). So: an encoded event over
+``max_record_bytes`` is dropped at once (reason ``oversized``); a flush that fails with an error that
+says it will not succeed on retry (``retriable`` False on the error or its cause: a timestamp the broker
+refuses, a record too large) makes the logger send that batch one record at a time, dropping (reason
+``rejected``) exactly the records that fail that way. A retriable failure (broker unreachable) keeps the
+whole batch for a retry after ``retry_backoff_s``. Every drop is counted by reason.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from connectors.base import Sink
+from connectors.base import RecordTooLarge, Sink
 from engine.events.schema import Impression
 from engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
 
@@ -34,6 +42,8 @@ class ImpressionLogger:
         batch_size: int = 500,
         linger_s: float = 0.02,
         retry_backoff_s: float = 0.5,
+        max_record_bytes: int = 900 * 1024,
+        flush_timeout_s: float = 10.0,
         arm: str = "default",
     ) -> None:
         if max_buffer < 1 or batch_size < 1:
@@ -44,6 +54,8 @@ class ImpressionLogger:
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.retry_backoff_s = retry_backoff_s
+        self.max_record_bytes = max_record_bytes
+        self.flush_timeout_s = flush_timeout_s
         self.arm = arm
         self._logged_metric = IMPRESSIONS_LOGGED.labels(arm=arm)
         self._buffer: deque[Impression] = deque()
@@ -56,6 +68,7 @@ class ImpressionLogger:
         self.sent = 0
         self.send_errors = 0
         self.encode_errors = 0
+        self.dropped_by_reason: dict[str, int] = {}
 
     # ------------------------------------------------------------------ request path
     def log(self, impressions: Sequence[Impression]) -> int:
@@ -66,10 +79,17 @@ class ImpressionLogger:
             self._buffer.extend(take)
             dropped = len(impressions) - len(take)
             self.accepted += len(take)
-            self.dropped += dropped
             if take:
                 self._cond.notify()
+        if dropped:
+            self._drop("queue_full", dropped)
         return dropped
+
+    def _drop(self, reason: str, n: int) -> None:
+        with self._cond:
+            self.dropped += n
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
+        IMPRESSIONS_DROPPED.labels(reason=reason).inc(n)
 
     @property
     def pending(self) -> int:
@@ -98,10 +118,9 @@ class ImpressionLogger:
         with self._cond:
             room = self.max_buffer - len(self._buffer)
             keep = batch[: max(room, 0)]
-            if len(keep) < len(batch):
-                self.dropped += len(batch) - len(keep)
-                IMPRESSIONS_DROPPED.labels(reason="sink_error").inc(len(batch) - len(keep))
             self._buffer.extendleft(reversed(keep))
+        if len(keep) < len(batch):
+            self._drop("sink_error", len(batch) - len(keep))
 
     def _run(self) -> None:
         while True:
@@ -110,33 +129,89 @@ class ImpressionLogger:
                 if self._stop:
                     return
                 continue
-            if not self._send(batch):
-                self._put_back(batch)
+            unsent = self._send(batch)
+            if unsent:
+                self._put_back(unsent)
                 if self._stop:
                     return
                 time.sleep(self.retry_backoff_s)
 
-    def _send(self, batch: list[Impression]) -> bool:
-        payloads: list[tuple[bytes, bytes, int]] = []
+    def _encode(self, batch: list[Impression]) -> list[tuple[Impression, bytes]]:
+        out = []
         for imp in batch:
             try:
-                payloads.append((self.encode(imp), imp.impression_id.encode(), imp.event_time_ms))
+                value = self.encode(imp)
             except Exception:  # noqa: BLE001 - one bad event must not stop the others
                 self.encode_errors += 1
+                self._drop("encode_error", 1)
                 log.exception("impression log: cannot encode impression %s", imp.impression_id)
+                continue
+            if len(value) > self.max_record_bytes:
+                self._drop("oversized", 1)
+                log.warning(
+                    "impression log %s: impression %s is %d bytes (limit %d): dropped",
+                    self.arm,
+                    imp.impression_id[:64],
+                    len(value),
+                    self.max_record_bytes,
+                )
+                continue
+            out.append((imp, value))
+        return out
+
+    def _send(self, batch: list[Impression]) -> list[Impression]:
+        """Send a batch; returns the impressions to retry later (empty when done)."""
+        payloads = self._encode(batch)
         try:
-            for value, key, ts in payloads:
-                self.sink.send(value, key=key, timestamp_ms=ts)
-            self.sink.flush(timeout_s=10.0)
-        except Exception as exc:  # noqa: BLE001 - any sink failure means: keep the events, retry later
+            sent = self._deliver(payloads)
+        except Exception as exc:  # noqa: BLE001 - any sink failure: keep or isolate, never lose silently
             self.send_errors += 1
+            if _retriable(exc):
+                log.warning(
+                    "impression log %s: sink failed (%s); %d events kept for retry",
+                    self.arm,
+                    exc,
+                    len(payloads),
+                )
+                return [imp for imp, _ in payloads]
             log.warning(
-                "impression log %s: sink failed (%s); %d events kept for retry", self.arm, exc, len(batch)
+                "impression log %s: sink refused a batch (%s); sending it record by record", self.arm, exc
             )
-            return False
-        self.sent += len(payloads)
-        self._logged_metric.inc(len(payloads))
-        return True
+            return self._isolate(payloads)
+        self._count_sent(sent)
+        return []
+
+    def _deliver(self, payloads: list[tuple[Impression, bytes]]) -> int:
+        """Send and flush; a record the sink refuses for its size is dropped here. Returns how many went."""
+        n = 0
+        for imp, value in payloads:
+            try:
+                self.sink.send(value, key=imp.impression_id.encode(), timestamp_ms=imp.event_time_ms)
+                n += 1
+            except RecordTooLarge:
+                self._drop("oversized", 1)
+        self.sink.flush(timeout_s=self.flush_timeout_s)
+        return n
+
+    def _isolate(self, payloads: list[tuple[Impression, bytes]]) -> list[Impression]:
+        """One record per flush: drop those refused for good, keep the rest from a retriable failure on."""
+        for k, (imp, value) in enumerate(payloads):
+            try:
+                self._count_sent(self._deliver([(imp, value)]))
+            except Exception as exc:  # noqa: BLE001 - classified below
+                self.send_errors += 1
+                if _retriable(exc):
+                    return [i for i, _ in payloads[k:]]
+                self._drop("rejected", 1)
+                log.warning(
+                    "impression log %s: impression %s rejected: %s", self.arm, imp.impression_id[:64], exc
+                )
+        return []
+
+    def _count_sent(self, n: int) -> None:
+        if n:
+            self.sent += n
+            self._logged_metric.inc(n)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Drain what is buffered (up to ``timeout_s``), then close the sink."""
@@ -152,3 +227,16 @@ class ImpressionLogger:
             self.sink.close()
         except Exception:  # noqa: BLE001 - closing a dead sink must not hide the shutdown
             log.exception("impression log %s: closing the sink failed", self.arm)
+
+
+def _retriable(exc: BaseException) -> bool:
+    """False when the error (or an error it was raised from) says retrying cannot succeed: Kafka client
+    errors carry a ``retriable`` flag; a RecordTooLarge never succeeds."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, RecordTooLarge) or getattr(seen, "retriable", True) is False:
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True

@@ -2,8 +2,11 @@
 
 Loading (reading files, verifying the checksum, building the model) happens on the watcher thread,
 off the request path; only the finished immutable bundle is swapped in, by one reference assignment.
-A snapshot that fails to load (bad checksum, wrong format) is refused and counted; the arm keeps
-serving what it served before, and the same version is not retried until a newer one appears.
+A snapshot that fails to load (bad checksum, wrong format, a part that does not unpickle) is refused
+and counted, and the next older version not yet tried is loaded instead when it is newer than what is
+live: a service that (re)starts next to a broken newest snapshot serves the newest one that loads,
+rather than staying not-ready. ``reloop_serve_snapshot_fallback`` is 1 while an arm serves an older
+version than the newest in its registry. A refused version is not retried.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.metrics.registry import SERVE_RELOADS
+from engine.metrics.registry import SERVE_FALLBACK, SERVE_RELOADS
 from engine.serve.bundle import ModelBundle, ModelHolder
 
 log = logging.getLogger(__name__)
@@ -21,13 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ArmSource:
-    """Where one arm's snapshots come from: ``latest()`` -> newest version or None, ``load(v)`` -> bundle."""
+    """Where one arm's snapshots come from: ``latest()`` -> newest version or None, ``load(v)`` -> bundle,
+    ``versions()`` -> every version available (for falling back; without it only the newest is tried)."""
 
     name: str
     holder: ModelHolder
     latest: Callable[[], int | None]
     load: Callable[[int], ModelBundle]
-    refused_version: int | None = None
+    versions: Callable[[], list[int]] | None = None
+    refused: set[int] = field(default_factory=set)
 
 
 class ReloadWatcher:
@@ -45,26 +50,41 @@ class ReloadWatcher:
         for src in self.sources:
             try:
                 latest = src.latest()
+                live = src.holder.version
+                if latest is None or (live is not None and latest <= live):
+                    self._fallback(src, latest)
+                    continue
+                candidates = [latest] if src.versions is None else sorted(src.versions(), reverse=True)
             except Exception:  # noqa: BLE001 - a registry hiccup must not kill the watcher
                 log.exception("reload %s: cannot list the registry", src.name)
                 continue
+            for version in candidates:
+                if (live is not None and version <= live) or version in src.refused:
+                    continue
+                try:
+                    bundle = src.load(version)
+                except Exception as exc:  # noqa: BLE001 - refuse the snapshot, try the next older one
+                    src.refused.add(version)
+                    self.refused += 1
+                    SERVE_RELOADS.labels(outcome="refused").inc()
+                    log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
+                    continue
+                if src.holder.swap(bundle):
+                    swapped += 1
+                    self.loaded += 1
+                    SERVE_RELOADS.labels(outcome="ok").inc()
+                    log.info("reload %s: now serving v%s (newest v%s)", src.name, bundle.version, latest)
+                break
             live = src.holder.version
-            if latest is None or (live is not None and latest <= live) or latest == src.refused_version:
-                continue
-            try:
-                bundle = src.load(latest)
-            except Exception as exc:  # noqa: BLE001 - refuse the snapshot, keep serving the old one
-                src.refused_version = latest
-                self.refused += 1
-                SERVE_RELOADS.labels(outcome="refused").inc()
-                log.error("reload %s: snapshot v%s refused: %s", src.name, latest, exc)
-                continue
-            if src.holder.swap(bundle):
-                swapped += 1
-                self.loaded += 1
-                SERVE_RELOADS.labels(outcome="ok").inc()
-                log.info("reload %s: now serving v%s", src.name, bundle.version)
+            if live is not None:
+                src.refused = {v for v in src.refused if v > live}  # bounded: only what is newer
+            self._fallback(src, latest)
         return swapped
+
+    @staticmethod
+    def _fallback(src: ArmSource, latest: int | None) -> None:
+        live = src.holder.version
+        SERVE_FALLBACK.labels(arm=src.name).set(1.0 if latest is not None and (live or 0) < latest else 0.0)
 
     def start(self) -> ReloadWatcher:
         if self._thread is None:

@@ -16,15 +16,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.events.schema import Impression
+from engine.features.check import FeatureLimits, SpecChecker
 from engine.metrics.registry import SERVE_LATENCY, SERVE_MODEL_VERSION, SERVE_REQUESTS
 from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelHolder
+from engine.serve.bundle import ModelBundle, ModelHolder
+from engine.serve.config import RequestLimits
 from engine.serve.impression_log import ImpressionLogger
 from engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
 
 
 class NotReady(RuntimeError):
     """No snapshot is loaded yet for the arm a request was routed to."""
+
+
+class BadRequest(ValueError):
+    """A request the service refuses to score (422): ``errors`` in FastAPI's shape (loc, msg, type)."""
+
+    def __init__(self, errors: list[dict]) -> None:
+        super().__init__("; ".join(e["msg"] for e in errors))
+        self.errors = errors
 
 
 @dataclass(slots=True)
@@ -51,6 +61,7 @@ class ScoringService:
         top_k: int = 10,
         clock_ms: Callable[[], int] = _now_ms,
         new_impression_id: Callable[[], str] = _new_impression_id,
+        limits: RequestLimits | None = None,
     ) -> None:
         missing = set(router.names) - set(arms)
         if missing:
@@ -60,6 +71,12 @@ class ScoringService:
         self.top_k = top_k
         self.clock_ms = clock_ms
         self.new_impression_id = new_impression_id
+        self.limits = limits or RequestLimits()
+        self._feature_limits = FeatureLimits(
+            max_chars=self.limits.max_feature_chars, max_list=self.limits.max_feature_list
+        )
+        # Per arm: the bundle a checker was built for (rebuilt after a hot reload; cheap).
+        self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None]] = {}
         # Metrics children are single-writer; request threads share them, so updates take this lock.
         self._metrics_lock = threading.Lock()
         self._requests = {name: SERVE_REQUESTS.labels(arm=name) for name in self.arms}
@@ -76,6 +93,47 @@ class ScoringService:
     def versions(self) -> dict[str, int | None]:
         return {name: arm.holder.version for name, arm in self.arms.items()}
 
+    def _check(self, arm: str, bundle: ModelBundle, request: ScoreRequest, rows: list[dict]) -> None:
+        """Refuse what the model's feature spec cannot read and event times far from the clock: a 422
+        here instead of a 500 (or seconds of hashing) later."""
+        lim = self.limits
+        t = request.event_time_ms
+        if t is not None:
+            now = self.clock_ms()
+            if (lim.max_future_ms is not None and t > now + lim.max_future_ms) or (
+                lim.max_past_ms is not None and t < now - lim.max_past_ms
+            ):
+                raise BadRequest(
+                    [
+                        {
+                            "loc": ["body", "event_time_ms"],
+                            "msg": f"event_time_ms {t} is {t - now:+d} ms from the service clock; allowed: "
+                            f"-{lim.max_past_ms} .. +{lim.max_future_ms} ms",
+                            "type": "value_error",
+                        }
+                    ]
+                )
+        cached = self._checkers.get(arm)
+        if cached is None or cached[0] is not bundle:
+            spec = getattr(bundle.featurizer, "spec", None)
+            cached = (bundle, SpecChecker(spec, self._feature_limits) if spec is not None else None)
+            self._checkers[arm] = cached
+        checker = cached[1]
+        if checker is None:
+            return
+        bad = checker.check_rows(rows)
+        if bad:
+            raise BadRequest(
+                [
+                    {
+                        "loc": ["body", "candidates", i, *(err.field or "features").split(".")],
+                        "msg": err.detail,
+                        "type": err.reason,
+                    }
+                    for i, err in bad[:20]
+                ]
+            )
+
     def score(self, request: ScoreRequest) -> ScoreResponse:
         start = time.perf_counter()
         arm = self.arms[self.router.route(request.user_id)]
@@ -83,6 +141,7 @@ class ScoringService:
         if bundle is None:
             raise NotReady(f"arm {arm.name!r} has no model loaded yet")
         rows = [{**request.context, **c.features} for c in request.candidates]
+        self._check(arm.name, bundle, request, rows)
         scores = bundle.score(rows)
         k = min(request.top_k or self.top_k, len(rows))
         # Stable sort: equal scores keep request order, so the ranking is deterministic.

@@ -26,12 +26,17 @@ from engine.serve.service import ArmRuntime, ScoringService
 log = logging.getLogger(__name__)
 
 SinkFactory = Callable[[ArmConfig], Sink]
-LoaderFactory = Callable[[ArmConfig], tuple[Callable[[], int | None], Callable[[int], ModelBundle]]]
+# (latest version, load a version, every version available) of one arm's registry.
+LoaderFactory = Callable[
+    [ArmConfig],
+    tuple[Callable[[], int | None], Callable[[int], ModelBundle], Callable[[], list[int]]],
+]
 
 
 class LazySink:
     """Builds the real sink on first use and again after a failure, so 'broker down' is one more
-    retryable send error rather than a crash at startup."""
+    retryable send error rather than a crash at startup, and a producer left in an error state by a
+    refused batch (Kafka's idempotent producer can be) is never reused."""
 
     def __init__(self, make: Callable[[], Sink]) -> None:
         self._make = make
@@ -47,7 +52,20 @@ class LazySink:
 
     def flush(self, timeout_s: float | None = None) -> None:
         if self._sink is not None:
-            self._sink.flush(timeout_s)
+            try:
+                self._sink.flush(timeout_s)
+            except Exception:
+                self._discard()
+                raise
+
+    def _discard(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            release = getattr(sink, "abort", None) or sink.close
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - a failed sink is being thrown away
+                log.debug("releasing a failed sink failed", exc_info=True)
 
     def close(self) -> None:
         if self._sink is not None:
@@ -75,15 +93,15 @@ def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
 
 
 def registry_loader_factory(arm: ArmConfig):
-    """``latest``/``load`` over the arm's registry; with ``cold_start``, an empty registry reads as
-    version 0, an untrained model, until the trainer publishes version 1."""
+    """``latest``/``load``/``versions`` over the arm's registry; with ``cold_start``, version 0 is an
+    untrained model (the newest version of an empty registry, and the last fallback)."""
     from engine.checkpoint.registry import SnapshotRegistry
     from engine.serve.loader import cold_start_bundle, registry_loader
 
     registry = SnapshotRegistry(arm.registry)
     load_snapshot = registry_loader(registry)
     if arm.cold_start is None:
-        return registry.latest_version, load_snapshot
+        return registry.latest_version, load_snapshot, registry.versions
     cold = arm.cold_start
 
     def latest() -> int | None:
@@ -93,7 +111,7 @@ def registry_loader_factory(arm: ArmConfig):
     def load(version: int) -> ModelBundle:
         return cold_start_bundle(cold) if version == 0 else load_snapshot(version)
 
-    return latest, load
+    return latest, load, lambda: [*registry.versions(), 0]
 
 
 class ServingStack:
@@ -123,16 +141,22 @@ class ServingStack:
                     arm=arm.name,
                 )
             self.arms[arm.name] = ArmRuntime(name=arm.name, holder=holder, logger=logger)
-            latest, load = loader_factory(arm)
-            sources.append(ArmSource(arm.name, holder, latest, load))
+            latest, load, versions = loader_factory(arm)
+            sources.append(ArmSource(arm.name, holder, latest, load, versions))
         self.router = ArmRouter([(a.name, a.weight) for a in config.arms], salt=config.salt)
-        self.service = ScoringService(router=self.router, arms=self.arms, top_k=config.top_k)
+        self.service = ScoringService(
+            router=self.router, arms=self.arms, top_k=config.top_k, limits=config.limits
+        )
         self.watcher = ReloadWatcher(sources=sources, interval_s=config.reload_interval_s)
         self.app = create_app(self.service)
         # The one metrics adapter serves the canonical registry (serve latency, reloads, impressions).
         from connectors.metrics.prometheus import metrics_asgi_app
 
         self.app.mount("/metrics", metrics_asgi_app())
+        from engine.serve.auth import BearerAuth, load_token
+
+        token = load_token(config.auth_token_file)
+        self.asgi: Any = BearerAuth(self.app, token) if token else self.app
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
@@ -160,7 +184,7 @@ class ServingStack:
         host = host or self.config.host
         port = self.config.port if port is None else port
         server = uvicorn.Server(
-            uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False)
+            uvicorn.Config(self.asgi, host=host, port=port, log_level="warning", access_log=False)
         )
         server.install_signal_handlers = lambda: None  # the owner of the process handles signals
         self._server = server

@@ -125,3 +125,73 @@ def test_close_drains_the_buffer():
     logger.close()
     assert logger.sent == 5
     assert len(mlog.read(mlog.partitions("t")[0], 0, 10)) == 5
+
+
+class _Refused(Exception):
+    retriable = False  # what Kafka's InvalidTimestampError / RecordTooLarge say
+
+
+class _Down(Exception):
+    retriable = True
+
+
+class PickySink:
+    """Accepts records, but a flush fails for good while a refused record is in it (like a broker that
+    rejects a record batch holding one bad timestamp), and fails retriably while ``down``."""
+
+    def __init__(self, refused: set[bytes]) -> None:
+        self.refused = refused
+        self.down = False
+        self.pending: list[bytes] = []
+        self.delivered: list[bytes] = []
+        self.flushes = 0
+
+    def send(self, value, key=None, timestamp_ms=None):
+        self.pending.append(key)
+
+    def flush(self, timeout_s=None):
+        self.flushes += 1
+        batch, self.pending = self.pending, []
+        if self.down:
+            raise _Down("broker unreachable")
+        if self.refused & set(batch):
+            raise RuntimeError("2 records not delivered") from _Refused("invalid timestamp")
+        self.delivered += batch
+
+    def close(self):
+        pass
+
+
+def test_a_record_the_sink_refuses_for_good_is_dropped_and_the_rest_delivered():
+    sink = PickySink(refused={b"imp3", b"imp17"})
+    logger = ImpressionLogger(sink=sink, encode=_encode, batch_size=10, retry_backoff_s=0.01).start()
+    logger.log([_imp(i) for i in range(40)])
+    _wait(lambda: logger.sent + logger.dropped == 40)
+    logger.close()
+    assert sorted(sink.delivered) == sorted(f"imp{i}".encode() for i in range(40) if i not in (3, 17))
+    assert logger.dropped_by_reason == {"rejected": 2} and logger.sent == 38
+
+
+def test_oversized_events_are_dropped_before_the_sink():
+    sink = PickySink(refused=set())
+    big = _imp(1)
+    logger = ImpressionLogger(
+        sink=sink, encode=lambda imp: b"x" * (2000 if imp is big else 10), max_record_bytes=1000
+    ).start()
+    logger.log([_imp(0), big, _imp(2)])
+    _wait(lambda: logger.sent + logger.dropped == 3)
+    logger.close()
+    assert sink.delivered == [b"imp0", b"imp2"] and logger.dropped_by_reason == {"oversized": 1}
+
+
+def test_a_retriable_failure_keeps_the_batch_until_the_sink_is_back():
+    sink = PickySink(refused=set())
+    sink.down = True
+    logger = ImpressionLogger(sink=sink, encode=_encode, batch_size=5, retry_backoff_s=0.01).start()
+    logger.log([_imp(i) for i in range(12)])
+    _wait(lambda: sink.flushes >= 3)
+    assert logger.sent == 0 and logger.dropped == 0 and logger.pending > 0
+    sink.down = False
+    _wait(lambda: logger.sent == 12)
+    logger.close()
+    assert sorted(sink.delivered) == sorted(f"imp{i}".encode() for i in range(12))

@@ -61,3 +61,52 @@ def test_cold_start_is_version_zero_and_deterministic():
     assert a.version == 0
     np.testing.assert_array_equal(a.score(rows), b.score(rows))
     assert ((a.score(rows) > 0) & (a.score(rows) < 1)).all()
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "no-manifest", "resealed-pickle"])
+def test_a_fresh_service_falls_back_to_the_newest_snapshot_that_loads(tmp_path, damage):
+    import io
+    import os
+
+    import torch
+
+    from engine.metrics.registry import SERVE_FALLBACK
+    from engine.serve.bundle import ModelHolder
+    from engine.serve.config import ArmConfig
+    from engine.serve.reload import ArmSource, ReloadWatcher
+    from engine.serve.stack import registry_loader_factory
+
+    from ..checkpoint.test_registry import reseal
+
+    learner, _ = _trained()
+    reg = SnapshotRegistry(tmp_path)
+    for _ in range(3):
+        reg.publish({"model": learner.state_dict()})
+    newest = reg.path(3)
+    if damage == "flip-byte":
+        part = newest / "model.pt"
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        part.write_bytes(bytes(data))
+    elif damage == "no-manifest":
+        (newest / "manifest.json").unlink()
+    else:
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("true",))
+
+        buf = io.BytesIO()
+        torch.save({"config_json": "{}", "x": Evil()}, buf)
+        reseal(reg, 3, "model", buf.getvalue())
+    latest, load, versions = registry_loader_factory(ArmConfig(name="fb", registry=tmp_path))
+    holder = ModelHolder()
+    watcher = ReloadWatcher(sources=[ArmSource("fb", holder, latest, load, versions)])
+    watcher.poll_once()
+    assert holder.version == 2 and watcher.refused == 1  # ready, on the newest version that loads
+    assert SERVE_FALLBACK.labels(arm="fb").get() == 1.0
+    watcher.poll_once()
+    assert watcher.refused == 1  # the refused version is not retried
+    reg.publish({"model": learner.state_dict()})
+    watcher.poll_once()
+    assert holder.version == 4 and SERVE_FALLBACK.labels(arm="fb").get() == 0.0

@@ -1,0 +1,58 @@
+"""Optional bearer-token protection of the scoring service.
+
+Off by default because the service binds to 127.0.0.1. A deployment that exposes it beyond loopback
+sets a token (``serve.auth_token_file``, or the ``RELOOP_SERVE_TOKEN`` environment variable, e.g. from a
+Kubernetes Secret); every request except the probes (``/healthz``, ``/readyz``) must then carry
+``Authorization: Bearer <token>``, or it gets a 401. The comparison is constant-time. The token is
+never logged and never written anywhere by the service.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+TOKEN_ENV = "RELOOP_SERVE_TOKEN"
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
+
+
+def load_token(token_file: str | Path | None) -> str | None:
+    """The token from ``token_file`` (surrounding whitespace stripped), else from the environment."""
+    if token_file is not None:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"serve.auth_token_file {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless the request carries the bearer token (probes excepted)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"detail":"missing or wrong bearer token"}'})
