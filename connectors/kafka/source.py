@@ -9,6 +9,7 @@ the committed offset is never ahead of what a restart can rebuild.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,8 @@ class KafkaSource:
         self._partitions: list[TopicPartition] | None = None
         self._next: Positions = {}
         self._closed = False
+        self._ends: Positions | None = None
+        self._ends_at = 0.0
 
     def _client(self) -> KafkaConsumer:
         if self._closed:
@@ -125,7 +128,23 @@ class KafkaSource:
     def position(self) -> Positions:
         return dict(self._next)
 
-    def commit(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+    def end_positions(self, *, max_age_s: float = 0.1, timeout_s: float = 2.0) -> Positions:
+        """The log end offset of every assigned partition (cached for ``max_age_s``). The merge uses it to
+        tell a partition that is caught up from one whose records are not fetched yet, so the merge
+        order is exact. Bounded by ``timeout_s``: while the broker is down this raises instead of
+        holding the processing thread (and a stop request) for the client's request timeout."""
+        now = time.monotonic()
+        if self._ends is not None and now - self._ends_at < max_age_s:
+            return self._ends
+        consumer = self._client()
+        ends = consumer.end_offsets(list(consumer.assignment()), timeout_ms=int(timeout_s * 1000))
+        self._ends = {TopicPartition(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+        self._ends_at = now
+        return self._ends
+
+    def commit(
+        self, positions: Mapping[TopicPartition, int] | None = None, *, timeout_s: float = 2.0
+    ) -> None:
         """Commit ``positions`` (default: the current position) as the group's offsets, synchronously.
 
         Call it only after the state that covers these positions is durable.
@@ -138,7 +157,8 @@ class KafkaSource:
             for tp, offset in positions.items()
         }
         if offsets:
-            self._client().commit(offsets)
+            # Bounded: during an outage a commit would otherwise retry for ever (and hold a stop).
+            self._client().commit(offsets, timeout_ms=int(timeout_s * 1000))
 
     def committed(self) -> Positions:
         """The group's committed offsets for this source's partitions (absent when none)."""
@@ -157,6 +177,6 @@ class KafkaSource:
             return
         self._closed = True
         if self._consumer is not None:
-            self._consumer.close(autocommit=False)
+            self._consumer.close(autocommit=False, timeout_ms=2000)
             self._consumer = None
         self._next = {}

@@ -397,20 +397,24 @@ class Pipeline:
     def _process(self, records: list[Record]) -> None:
         s = self.settings
         kinds: list[int] = []
-        imp_values: list[bytes] = []
-        clk_values: list[bytes] = []
+        imp_records: list[Record] = []
+        clk_records: list[Record] = []
         for r in records:
             if r.topic == s.impressions_topic:
                 kinds.append(0)
-                imp_values.append(r.value)
+                imp_records.append(r)
             elif r.topic == s.clicks_topic:
                 kinds.append(1)
-                clk_values.append(r.value)
+                clk_records.append(r)
             else:
                 kinds.append(2)
         limit = s.max_event_bytes
-        imps, imp_errors = self._checked(decode_impressions(imp_values, max_bytes=limit), len(imp_values))
-        clks, clk_errors = self._checked(decode_clicks(clk_values, max_bytes=limit), len(clk_values))
+        imps, imp_errors = self._checked(
+            decode_impressions([r.value for r in imp_records], max_bytes=limit), imp_records
+        )
+        clks, clk_errors = self._checked(
+            decode_clicks([r.value for r in clk_records], max_bytes=limit), clk_records
+        )
         i_imp = i_clk = 0
         joiner = self.joiner
         positions = self._positions
@@ -440,12 +444,18 @@ class Pipeline:
                 self._accept(out)
 
     def _checked(
-        self, decoded: tuple[list[Any], list[tuple[int, EventError]]], n: int
+        self, decoded: tuple[list[Any], list[tuple[int, EventError]]], records: list[Record]
     ) -> tuple[list[Any], dict[int, EventError]]:
         """Decoded events aligned with their records (None where refused) and the errors by index:
-        the contract check of the codec, then the clock bound and (impressions) the feature spec."""
+        the contract check of the codec, then the time bound and (impressions) the feature spec.
+
+        The time bound's reference is the earlier of the processor clock and the record's own Kafka
+        timestamp (when it has one): an event far ahead of when it was written is refused even while
+        the processor works through an hour-old backlog, where the wall clock alone would let it in
+        and its event time would still close every window of the data around it."""
         good, bad = decoded
         errors = dict(bad)
+        n = len(records)
         events: list[Impression | Click | None] = [None] * n
         it = iter(good)
         for i in range(n):
@@ -454,18 +464,20 @@ class Pipeline:
         s = self.settings
         if s.max_future_ms is not None or s.max_past_ms is not None:
             now = self.clock()
-            hi = now + s.max_future_ms if s.max_future_ms is not None else None
-            lo = now - s.max_past_ms if s.max_past_ms is not None else None
+            ahead = s.max_future_ms
+            behind = s.max_past_ms
             for i, ev in enumerate(events):
                 if ev is None:
                     continue
                 t = ev.event_time_ms
-                if (hi is not None and t > hi) or (lo is not None and t < lo):
+                ts = records[i].timestamp_ms
+                ref = ts if 0 < ts < now else now
+                if (ahead is not None and t > ref + ahead) or (behind is not None and t < now - behind):
                     events[i] = None
                     errors[i] = EventError(
                         "bad_time",
-                        f"event_time_ms {t} is {t - now:+d} ms from the processor clock ({now}); "
-                        f"allowed: -{s.max_past_ms} .. +{s.max_future_ms} ms",
+                        f"event_time_ms {t} is {t - ref:+d} ms from the processor clock / record time "
+                        f"({ref}); allowed: -{behind} .. +{ahead} ms",
                         "event_time_ms",
                     )
         if self.checker is not None and good and type(good[0]) is Impression:

@@ -38,7 +38,6 @@ def kafka_pipeline_factory(cfg: RunConfig) -> Any:
     from connectors.kafka.sink import KafkaSink
     from connectors.kafka.source import KafkaSource
     from engine.runtime.build import build_pipeline
-    from engine.runtime.sources import EndOffsets
 
     src = cfg.source
     sink_cfg = {**src.client_config, **cfg.sink.client_config}
@@ -46,14 +45,12 @@ def kafka_pipeline_factory(cfg: RunConfig) -> Any:
     def build() -> Any:
         opened: list[Any] = []
         try:
-            # EndOffsets: the merge waits for a lagging partition instead of guessing from idleness.
-            source = EndOffsets(
-                KafkaSource(
-                    bootstrap=src.bootstrap,
-                    topics=[src.impressions_topic, src.clicks_topic],
-                    group_id=src.group_id,
-                    client_config=src.client_config,
-                )
+            # It reports end offsets: the merge waits for a lagging partition instead of guessing.
+            source = KafkaSource(
+                bootstrap=src.bootstrap,
+                topics=[src.impressions_topic, src.clicks_topic],
+                group_id=src.group_id,
+                client_config=src.client_config,
             )
             opened.append(source)
             samples = dead = None

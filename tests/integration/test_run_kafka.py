@@ -303,11 +303,15 @@ def test_resume_after_sigterm_and_sigkill_equals_uninterrupted_run(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_broker_restart_mid_run(tmp_path, unique_topic):
+def test_broker_outages_neither_lose_samples_nor_wedge_the_processor(tmp_path, unique_topic):
+    """A broker outage long enough for snapshot flushes to time out: the processor rebuilds from its
+    last snapshot (new producers) and catches up once the broker is back, instead of retrying a dead
+    producer after every step; a SIGTERM during an outage ends the process within stop_timeout_s."""
     # Fixed ports: the restarted broker must come back at the same address (the default may pick a new
     # port when the old one is not free yet, and the processor would then wait for a broker that moved).
     broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
     broker.start()
+    recovery = {"flush_timeout_s": 2.0, "stop_timeout_s": 6.0, "backoff_initial_s": 0.5, "backoff_max_s": 2.0}
     try:
         synth = generate(1500, seed=8, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
         topics = _topics(unique_topic)
@@ -315,7 +319,7 @@ def test_broker_restart_mid_run(tmp_path, unique_topic):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         # With end offsets unknown during the outage the merge holds back instead of guessing the order.
-        config = _config(run_dir, broker.bootstrap, topics, "correct")
+        config = _config(run_dir, broker.bootstrap, topics, "correct", recovery=recovery)
         reg = SnapshotRegistry(run_dir / "snaps")
         proc = _start(config, run_dir)
         deadline = time.monotonic() + 120
@@ -323,9 +327,28 @@ def test_broker_restart_mid_run(tmp_path, unique_topic):
             assert proc.poll() is None, (run_dir / "run.log").read_text()[-3000:]
             time.sleep(0.05)
         broker.stop()
-        time.sleep(2)
+        time.sleep(12)  # several flush timeouts and rebuilds
+        assert proc.poll() is None, (run_dir / "run.log").read_text()[-3000:]
         broker.start()
         _wait_trained(proc, reg, len(synth.expected), run_dir, timeout_s=240)
+        log_text = (run_dir / "run.log").read_text()
+        assert "rebuilding from the last snapshot" in log_text, log_text[-3000:]
+
+        broker.stop()
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        stopped_in = time.monotonic() - t0
+        assert stopped_in < recovery["stop_timeout_s"] + 3, (
+            stopped_in,
+            (run_dir / "run.log").read_text()[-3000:],
+        )
+        assert code in (0, 1)
+
+        broker.start()
+        proc = _start(config, run_dir)
+        time.sleep(3)
         assert _stop(proc) == 0
         keys = _ledger_keys(run_dir)
         assert len(keys) == len(set(keys)) and set(keys) == set(synth.expected)
