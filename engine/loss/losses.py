@@ -174,6 +174,19 @@ class _MixedLoss:
             )
         return total, stats
 
+    def event_gradient(self, p: float, label: float, y_last: float) -> float:
+        """``raw_gradient`` of one sample as a Python float, given its probability ``p``, for learners
+        that update per event (engine/models/wide.py). ``y_last`` NaN = unknown (CE for that sample).
+        Variants normalised over a batch (``reloop_norm``) use their per-sample form here (scale 1)."""
+        grad = p - label
+        if self.strategy != "ce" and self.alpha > 0.0 and y_last == y_last:  # y_last not NaN
+            yl = 0.0 if y_last < 0.0 else 1.0 if y_last > 1.0 else y_last
+            return self.alpha * self._aux_event(p, label, yl) + (1.0 - self.alpha) * grad
+        return grad
+
+    def _aux_event(self, p: float, label: float, y_last: float) -> float:
+        return 0.0
+
     def raw_gradient(
         self,
         raw: np.ndarray,
@@ -215,6 +228,9 @@ class DistillationLoss(_MixedLoss):
     def _aux_grad(self, p, labels, y_last, has_last):
         return p - y_last
 
+    def _aux_event(self, p, label, y_last):
+        return p - y_last
+
 
 @dataclass(frozen=True, slots=True)
 class ReLoopLoss(_MixedLoss):
@@ -229,6 +245,10 @@ class ReLoopLoss(_MixedLoss):
         # dp/dz = p (1 - p); the max() counts only where strictly active (subgradient 0 at a tie).
         dp = p * (1.0 - p)
         return labels * np.where(y_last > p, -dp, 0.0) + (1.0 - labels) * np.where(p > y_last, dp, 0.0)
+
+    def _aux_event(self, p, label, y_last):
+        dp = p * (1.0 - p)
+        return label * (-dp if y_last > p else 0.0) + (1.0 - label) * (dp if p > y_last else 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +277,10 @@ class NormalisedReLoopLoss(_MixedLoss):
         grad = np.where(worse_pos, -dp, 0.0) + np.where(worse_neg, dp, 0.0)
         return grad * self._scale((worse_pos | worse_neg) & has_last, has_last)
 
+    def _aux_event(self, p, label, y_last):
+        dp = p * (1.0 - p)
+        return label * (-dp if y_last > p else 0.0) + (1.0 - label) * (dp if p > y_last else 0.0)
+
 
 _LOGIT_EPS = 1e-6
 
@@ -279,6 +303,10 @@ class LogitReLoopLoss(_MixedLoss):
         yl = np.clip(y_last, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
         # Compare in probability space: sigma is monotone, and p is what raw_gradient has.
         return labels * np.where(yl > p, -1.0, 0.0) + (1.0 - labels) * np.where(p > yl, 1.0, 0.0)
+
+    def _aux_event(self, p, label, y_last):
+        yl = min(max(y_last, _LOGIT_EPS), 1.0 - _LOGIT_EPS)
+        return label * (-1.0 if yl > p else 0.0) + (1.0 - label) * (1.0 if p > yl else 0.0)
 
 
 _LOSSES: dict[str, type[_MixedLoss]] = {

@@ -16,13 +16,21 @@ class FrozenConfig(BaseModel):
 
 
 class OptimizerConfig(FrozenConfig):
-    """Torch learners: Adam for dense parameters; the embedding table gets a sparse optimizer when
-    ``sparse_embeddings`` (SparseAdam or Adagrad), otherwise it joins the dense Adam."""
+    """How a torch learner learns (the defaults were chosen for streaming, docs/backtest/ablation.md).
+
+    * dense parameters: Adam at ``lr``;
+    * embedding tables: with ``sparse_embeddings`` a sparse optimizer, Adagrad (per-row learning rates:
+      rows seen rarely keep large steps) at ``embedding_lr`` (0.03 by default) or SparseAdam (at ``lr``
+      by default); without, they join the dense Adam;
+    * ``wide``: ``bayes`` adds a first-order part learned per event by Bayesian filtering to the
+      backbone's logit (engine/models/wide.py; ``wide_prior_variance`` is its one setting,
+      ``wide_moderate`` scores with the predictive probability); ``off`` trains the backbone alone.
+    """
 
     lr: float = Field(default=1e-3, gt=0)
-    embedding_lr: float | None = Field(default=None, gt=0, description="defaults to lr")
+    embedding_lr: float | None = Field(default=None, gt=0, description="default: 0.03 (adagrad), lr (adam)")
     sparse_embeddings: bool = True
-    embedding_optimizer: Literal["adam", "adagrad"] = "adam"
+    embedding_optimizer: Literal["adam", "adagrad"] = "adagrad"
     embedding_l2: float = Field(default=0.0, ge=0, description="L2 on the embedding rows a batch looks up")
     weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay on dense parameters")
     embedding_weight_decay: float = Field(
@@ -32,6 +40,9 @@ class OptimizerConfig(FrozenConfig):
         "weight decay on the embedding parameters; needs sparse_embeddings=false",
     )
     grad_clip_norm: float | None = Field(default=None, gt=0)
+    wide: Literal["bayes", "off"] = "bayes"
+    wide_prior_variance: float = Field(default=1.0, gt=0)
+    wide_moderate: bool = True
 
     @model_validator(mode="after")
     def _check_sparse(self) -> OptimizerConfig:
@@ -40,6 +51,20 @@ class OptimizerConfig(FrozenConfig):
                 "embedding_weight_decay needs sparse_embeddings=false (sparse optimizers lack weight decay)"
             )
         return self
+
+    @property
+    def effective_embedding_lr(self) -> float:
+        if self.embedding_lr is not None:
+            return self.embedding_lr
+        return ADAGRAD_EMBEDDING_LR if self.embedding_optimizer == "adagrad" else self.lr
+
+    @classmethod
+    def previous_defaults(cls, **overrides: object) -> OptimizerConfig:
+        """The defaults before the streaming study (SparseAdam at lr, no wide part): for comparisons."""
+        return cls(**{"embedding_optimizer": "adam", "wide": "off", **overrides})
+
+
+ADAGRAD_EMBEDDING_LR = 0.03
 
 
 class BackboneConfig(FrozenConfig):

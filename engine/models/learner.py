@@ -8,6 +8,7 @@ load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -19,8 +20,13 @@ from engine.features.featurizer import FeatureBatch, TorchFeatureBatch
 from engine.loss.losses import Loss, LossStats, make_loss
 from engine.models.blocks import GenDropout
 from engine.models.config import LearnerConfig, OptimizerConfig
+from engine.models.wide import OnlineWide
 
 STATE_FORMAT = 1
+
+# torch's sparse Adagrad builds its update with sparse_coo_tensor and warns once that invariant checks
+# are off; the indices come from an embedding gradient, which satisfies them.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 @runtime_checkable
@@ -75,6 +81,38 @@ def _as_tensor(a: np.ndarray | None, name: str, n: int) -> torch.Tensor | None:
     return torch.from_numpy(arr)
 
 
+def _numpy_batch(batch: TorchFeatureBatch) -> FeatureBatch:
+    return FeatureBatch(
+        cat=batch.cat.cpu().numpy(),
+        num=batch.num.cpu().numpy(),
+        multi=batch.multi.cpu().numpy(),
+        multi_mask=batch.multi_mask.cpu().numpy(),
+    )
+
+
+def _sigmoid64(z: np.ndarray) -> np.ndarray:
+    """The one logistic every scoring path uses (float64; bit-identical across them)."""
+    return torch.sigmoid(torch.from_numpy(np.asarray(z, dtype=np.float64))).numpy()
+
+
+def _make_wide(config: LearnerConfig) -> OnlineWide | None:
+    opt = config.optimizer
+    if opt.wide == "off":
+        return None
+    return OnlineWide(config.spec, opt.wide_prior_variance, opt.wide_moderate)
+
+
+def _load_wide(wide: OnlineWide | None, state: dict[str, Any]) -> None:
+    """A state with a wide part needs a learner with one; a state without it (made before the wide part
+    existed, or with ``wide=off``) starts this learner's wide part from its prior."""
+    if "wide" in state:
+        if wide is None:
+            raise ValueError("learner state has a wide part (optimizer.wide='bayes'); this learner has none")
+        wide.load_state_dict(state["wide"])
+    elif wide is not None:
+        wide.reset()
+
+
 def _fused_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     try:
         return torch.optim.Adam(groups, lr=lr, fused=True)
@@ -122,6 +160,7 @@ class TorchLearner:
         self.device = torch.device("cpu")
         self.generator = self._seed_dropout(self.device)
         self.optimizers = self._make_optimizers(config.optimizer)
+        self.wide = _make_wide(config)
         self.steps = 0
         self._pending_rng: tuple[str, torch.Tensor] | None = None
 
@@ -157,7 +196,7 @@ class TorchLearner:
         if groups:
             optimizers["dense"] = _fused_adam(groups, opt.lr)
         if sparse_params:
-            lr = opt.embedding_lr or opt.lr
+            lr = opt.effective_embedding_lr
             optimizers["embedding"] = (
                 torch.optim.SparseAdam(sparse_params, lr=lr)
                 if opt.embedding_optimizer == "adam"
@@ -194,11 +233,26 @@ class TorchLearner:
             return self.model(batch)["logit"]
 
     def forward_logits(self, batch: FeatureBatch) -> torch.Tensor:
-        """Logits (on the CPU) in eval mode without gradient, for callers needing raw scores."""
-        return self.logits_tensors(batch.to_torch(self.device)).cpu()
+        """Scoring logits (on the CPU, float64 with a wide part) in eval mode without gradient: the
+        backbone's, plus the wide part's when there is one."""
+        deep = self.logits_tensors(batch.to_torch(self.device)).cpu()
+        if self.wide is None:
+            return deep
+        return torch.from_numpy(self.wide.logits(batch, deep.double().numpy()))
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         return torch.sigmoid(self.forward_logits(batch).double()).numpy()
+
+    def _train_forward_is_eval_forward(self) -> bool:
+        """No dropout or batch norm: the training forward's logits are the eval-mode scores."""
+        cached = getattr(self, "_same_forward", None)
+        if cached is None:
+            cached = not any(
+                (isinstance(m, GenDropout) and m.p > 0) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for m in self.model.modules()
+            )
+            self._same_forward = cached
+        return cached
 
     def hidden(self, batch: FeatureBatch) -> np.ndarray:
         """The representation under the output layer, float32 [B, H] (ReLoop2's memory key)."""
@@ -213,13 +267,70 @@ class TorchLearner:
         y_last: np.ndarray | None = None,
         weights: np.ndarray | None = None,
     ) -> LossStats:
+        return self._learn(batch, labels, y_last, weights, scored=False)[1]
+
+    def learn_scored(
+        self,
+        batch: FeatureBatch,
+        labels: np.ndarray,
+        y_last: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, LossStats]:
+        """Predict-then-learn in one call: (P(click) of each sample from BEFORE it was learned, stats).
+
+        The backbone scores the batch as it was before this step; the wide part (if any) scores each
+        sample after learning every earlier sample of the batch, one event at a time. Without dropout
+        or batch norm the backbone's training forward pass doubles as its scoring pass."""
+        probs, stats = self._learn(batch, labels, y_last, weights, scored=True)
+        assert probs is not None
+        return probs, stats
+
+    def learn_replay(
+        self,
+        batch: FeatureBatch,
+        labels: np.ndarray,
+        y_last: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> LossStats:
+        """A step on samples learned before (a replay buffer's draw): the backbone learns; the wide part,
+        whose belief already counts these samples, only gives its offset (learning them again would
+        count the same evidence twice)."""
+        if self.wide is None:
+            return self.learn(batch, labels, y_last, weights)
         n = len(batch)
         y = _as_tensor(labels, "labels", n)
         assert y is not None
         yl, w = _as_tensor(y_last, "y_last", n), _as_tensor(weights, "weights", n)
         if self.device.type != "cpu":
             y, yl, w = (None if t is None else t.to(self.device) for t in (y, yl, w))
-        return self.learn_tensors(batch.to_torch(self.device), y, yl, w)
+        return self._step(
+            batch.to_torch(self.device), y, yl, w, batch, y_last, weights, None, wide_learns=False
+        )[2]
+
+    def _learn(
+        self,
+        batch: FeatureBatch,
+        labels: np.ndarray,
+        y_last: np.ndarray | None,
+        weights: np.ndarray | None,
+        scored: bool,
+    ) -> tuple[np.ndarray | None, LossStats]:
+        n = len(batch)
+        y = _as_tensor(labels, "labels", n)
+        assert y is not None
+        yl, w = _as_tensor(y_last, "y_last", n), _as_tensor(weights, "weights", n)
+        eval_deep: np.ndarray | None = None
+        if scored and not self._train_forward_is_eval_forward():
+            eval_deep = self.logits_tensors(batch.to_torch(self.device)).double().cpu().numpy()
+        if self.device.type != "cpu":
+            y, yl, w = (None if t is None else t.to(self.device) for t in (y, yl, w))
+        deep, wide_scores, stats = self._step(
+            batch.to_torch(self.device), y, yl, w, batch, y_last, weights, eval_deep, want_deep=scored
+        )
+        if not scored:
+            return None, stats
+        logits = next(x for x in (wide_scores, eval_deep, deep) if x is not None)
+        return _sigmoid64(logits), stats
 
     def learn_tensors(
         self,
@@ -228,11 +339,60 @@ class TorchLearner:
         y_last: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
     ) -> LossStats:
-        """``learn`` for tensors already on the learner's device (y_last NaN = unknown)."""
+        """``learn`` for tensors already on the learner's device (y_last NaN = unknown). The wide part,
+        if any, reads the batch on the CPU."""
+        if self.wide is None:
+            return self._step(batch, labels, y_last, weights, None, None, None, None)[2]
+        host = _numpy_batch(batch)
+        yl = None if y_last is None else y_last.detach().cpu().numpy()
+        w = None if weights is None else weights.detach().cpu().numpy()
+        return self._step(batch, labels, y_last, weights, host, yl, w, None)[2]
+
+    def _step(
+        self,
+        batch: TorchFeatureBatch,
+        labels: torch.Tensor,
+        y_last: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        host: FeatureBatch | None,
+        host_y_last: np.ndarray | None,
+        host_weights: np.ndarray | None,
+        eval_deep: np.ndarray | None,
+        want_deep: bool = False,
+        wide_learns: bool = True,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, LossStats]:
+        """One optimisation step; returns (the backbone's training-forward logits if asked or used,
+        the wide part's per-event scoring logits if any, stats).
+
+        With a wide part, the backbone's logits go through the wide part's per-event pass first (its
+        scores use ``eval_deep`` when given, for backbones whose training forward differs), and the
+        backbone then learns with the updated wide logits as a constant offset."""
         n = len(batch)
         self.model.train()
         out = self.model(batch)
-        loss, stats = self.loss(out["logit"], labels, y_last, weights)
+        logit = out["logit"]
+        deep: np.ndarray | None = None
+        wide_scores: np.ndarray | None = None
+        if self.wide is not None or want_deep:
+            deep = logit.detach().double().cpu().numpy()
+        if self.wide is not None:
+            assert deep is not None
+            if host is None:
+                host = _numpy_batch(batch)
+        if self.wide is not None and wide_learns:
+            wide_scores = self.wide.learn(
+                host,
+                deep,
+                labels.detach().cpu().numpy(),
+                self.loss,
+                host_y_last,
+                host_weights,
+                score_deep=eval_deep,
+            )
+        if self.wide is not None:
+            offset, _ = self.wide.moments(host)
+            logit = logit + torch.from_numpy(offset).to(device=logit.device, dtype=logit.dtype)
+        loss, stats = self.loss(logit, labels, y_last, weights)
         opt = self.config.optimizer
         if opt.embedding_l2 > 0:
             loss = loss + opt.embedding_l2 * sum(e.square().sum() for e in out["embeddings"]) / n
@@ -247,7 +407,7 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.step()
         self.steps += 1
-        return stats
+        return deep, wide_scores, stats
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -259,6 +419,7 @@ class TorchLearner:
             "rng": self.generator.get_state(),
             "rng_device": self.device.type,
             "steps": self.steps,
+            **({"wide": self.wide.state_dict()} if self.wide is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,25 +436,33 @@ class TorchLearner:
         else:  # generator states do not transfer between device types: applied by to(rng_device)
             self._pending_rng = (rng_device, state["rng"])
         self.steps = int(state["steps"])
+        _load_wide(self.wide, state)
 
     def clone_frozen(self) -> FrozenTorchLearner:
-        return FrozenTorchLearner(model=copy.deepcopy(self.model), config=self.config)
+        return FrozenTorchLearner(
+            model=copy.deepcopy(self.model),
+            config=self.config,
+            wide=None if self.wide is None else self.wide.copy(),
+        )
 
 
 class FrozenTorchLearner:
     """A predict-only copy of a torch learner (the last model that produces y_last)."""
 
-    def __init__(self, *, model: nn.Module, config: LearnerConfig) -> None:
+    def __init__(self, *, model: nn.Module, config: LearnerConfig, wide: OnlineWide | None = None) -> None:
         self.config = config
         # Parameters keep requires_grad: flipping it changes some CPU kernels (BatchNorm), and the frozen
         # copy must predict bit-for-bit like the learner it was cloned from. inference_mode stops autograd.
         self.model = model.eval()
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.wide = wide if wide is not None or config.optimizer.wide == "off" else _make_wide(config)
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():
             logits = self.model(batch.to_torch(self.device))["logit"]
+        if self.wide is None:
             return torch.sigmoid(logits.double()).cpu().numpy()
+        return _sigmoid64(self.wide.logits(batch, logits.double().cpu().numpy()))
 
     def hidden(self, batch: FeatureBatch) -> np.ndarray:
         with torch.inference_mode():
@@ -307,11 +476,17 @@ class FrozenTorchLearner:
             "format": STATE_FORMAT,
             "config_json": self.config.to_json(),
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+            **({"wide": self.wide.state_dict()} if self.wide is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_architecture(state, self.config)
         self.model.load_state_dict(state["model"])
+        _load_wide(self.wide, state)
 
     def clone_frozen(self) -> FrozenTorchLearner:
-        return FrozenTorchLearner(model=copy.deepcopy(self.model), config=self.config)
+        return FrozenTorchLearner(
+            model=copy.deepcopy(self.model),
+            config=self.config,
+            wide=None if self.wide is None else self.wide.copy(),
+        )

@@ -6,7 +6,11 @@
   or the prediction logged with the sample ("logged").
 * ``streaming`` (live mode): one pass in time order; every mini-batch is predicted, then learned
   (progressive validation). At each period boundary a frozen snapshot is taken; y_last is the
-  prediction of the snapshot that would have been serving ("recomputed"), or the logged one.
+  prediction of the snapshot that would have been serving ("recomputed"), or the logged one. A
+  learner with ``learn_scored`` (torch learners) scores and learns in one call, as the stream trainer
+  does: a per-event wide part scores each sample after learning the earlier ones of its batch. With
+  ``replay_size > 0`` a replay buffer of the latest samples is replayed after each batch (as in
+  engine/train/stream.py).
 
 Period 0 is warm-up in both: no previous model exists, so every strategy trains with plain CE there,
 and it is not evaluated. Metrics are per (protocol, backbone, strategy, seed, period).
@@ -164,6 +168,8 @@ class RunSpec:
     batch_size: int = 256
     model_options: tuple[tuple[str, Any], ...] = ()
     optimizer: tuple[tuple[str, Any], ...] = ()
+    replay_size: int = 0  # streaming: replay buffer capacity (0 = off)
+    replay_ratio: float = 1.0  # streaming: replayed samples per new one
 
 
 LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
@@ -241,7 +247,14 @@ def run_periodic(
 def run_streaming(
     data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
 ) -> list[dict[str, Any]]:
+    from engine.train.replay_buffer import ReplayBuffer
+
     learner = factory(run, data.spec)
+    learn_scored = getattr(learner, "learn_scored", None)
+    replay = (
+        ReplayBuffer(run.replay_size, run.replay_ratio, run.batch_size, run.seed) if run.replay_size else None
+    )
+    learn_replay = getattr(learner, "learn_replay", learner.learn)
     snapshot = None
     rows: list[dict[str, Any]] = []
     for t in range(data.n_periods):
@@ -251,15 +264,23 @@ def run_streaming(
         active: list[float] = []
         for b in _batches(len(labels), run.batch_size):
             mb = batch.take(b)
-            probs[b] = learner.predict_proba(mb)
+            if learn_scored is None:
+                probs[b] = learner.predict_proba(mb)
             if snapshot is None:
                 y_last = None
             elif run.y_last == "recomputed":
                 y_last = snapshot.predict_proba(mb)
             else:
                 y_last = logged[b]
-            stats = learner.learn(mb, labels[b], y_last)
+            if learn_scored is None:
+                stats = learner.learn(mb, labels[b], y_last)
+            else:
+                probs[b], stats = learn_scored(mb, labels[b], y_last)
             active.append(stats.sc_active_fraction)
+            if replay is not None:
+                replay.add(mb, labels[b], y_last)
+                for draw in replay.take():
+                    learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
         if t > 0 and len(labels):
             rows.append(_row(run, t, labels, probs, sc_active=float(np.mean(active))))
         snapshot = learner.clone_frozen()

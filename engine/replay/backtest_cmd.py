@@ -77,7 +77,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per period (periodic protocol)")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense parameters")
+    parser.add_argument(
+        "--optimizer",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other learner optimizer setting (engine/models/config.py OptimizerConfig), e.g. "
+        "wide=off, embedding_optimizer=adam, embedding_lr=0.01, wide_prior_variance=0.5",
+    )
+    parser.add_argument(
+        "--replay-size",
+        type=int,
+        default=0,
+        help="streaming: replay buffer of the latest N samples (0 = off)",
+    )
+    parser.add_argument(
+        "--replay-ratio", type=float, default=1.0, help="streaming: replayed samples per new one"
+    )
     parser.add_argument("--embedding-dim", type=int, default=10)
     parser.add_argument("--hidden-units", default="400,400,400")
     parser.add_argument("--buckets", type=int, default=10_000, help="hash buckets per field")
@@ -90,10 +108,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes (each uses one torch thread)")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
+    parser.add_argument(
+        "--report-from",
+        type=int,
+        default=1,
+        metavar="PERIOD",
+        help="tables and verdicts use periods >= PERIOD (settings chosen on the earlier ones); "
+        "the CSV and the plots keep every period",
+    )
     parser.add_argument("--title", default="")
     parser.add_argument(
         "--report-only", action="store_true", help="rebuild report.md and PNGs from results.csv"
     )
+
+
+def _optimizer_options(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``--optimizer`` values typed for OptimizerConfig: true/false become booleans."""
+    out = []
+    for key, value in items:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        out.append((key, value))
+    return out
 
 
 def _period(spec: str, min_size: int):
@@ -172,7 +208,9 @@ def main(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         model_options=(("embedding_dim", args.embedding_dim), ("hidden_units", hidden)),
-        optimizer=(("lr", args.lr),),
+        optimizer=(("lr", args.lr), *_optimizer_options(args.optimizer)),
+        replay_size=args.replay_size,
+        replay_ratio=args.replay_ratio,
     )
     done = _done_keys(csv_path)
     runs = [
@@ -217,10 +255,31 @@ def _half(h: float) -> float:
 def write_report(
     args: argparse.Namespace, rows: list[dict[str, Any]], data: BacktestData, time_kind: str, seconds: float
 ) -> None:
+    from engine.models.config import OptimizerConfig
     from engine.replay.report import compare
 
     pngs = plot(rows, args.out)
+    report_from = getattr(args, "report_from", 1)
+    rows = [r for r in rows if r["period"] >= report_from]
     sizes = [data.bounds[i + 1] - data.bounds[i] for i in range(data.n_periods)]
+    opt = OptimizerConfig(lr=args.lr, **dict(_optimizer_options(getattr(args, "optimizer", []))))
+    wide = (
+        f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
+        f"{', moderated scores' if opt.wide_moderate else ''})"
+        if opt.wide == "bayes"
+        else "no wide part"
+    )
+    emb = (
+        f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
+        f"{opt.effective_embedding_lr:g} on the embedding tables"
+        if opt.sparse_embeddings
+        else "embedding tables in the dense Adam"
+    )
+    replay = (
+        f"replay buffer {args.replay_size} samples, {args.replay_ratio:g} replayed per new one (streaming)"
+        if getattr(args, "replay_size", 0)
+        else "no replay"
+    )
     verdicts = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
     summary = [
         f"- {c.protocol} · {c.backbone} · {c.strategy}: {c.metric} {c.verdict} "
@@ -241,8 +300,13 @@ Command: `reloop backtest {shlex.join(a for a in sys.argv[2:] if a != "--report-
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
 - {time_note}
 - y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; \
-Adam lr {args.lr}; embedding dim {args.embedding_dim}; MLP {args.hidden_units}; \
-{args.buckets} hash buckets per field
+Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; \
+MLP {args.hidden_units}; {args.buckets} hash buckets per field
+- tables: periods {report_from} and later{
+        " (the earlier ones were used to choose settings; the plots show every period)"
+        if report_from > 1
+        else ""
+    }
 - wall time: {"(report rebuilt from the CSV)" if math.isnan(seconds) else f"{seconds / 60:.1f} min"} \
 on a shared 2-core machine
 

@@ -15,6 +15,14 @@ Where y_last comes from (``y_last``):
   the logged value is used.
 * ``snapshot``: always the previous snapshot's model recomputed (no teacher before the first snapshot).
 
+Learners with ``learn_scored`` (torch learners) score and learn in one call: the backbone scores the
+batch as it was before the step, and a per-event wide part (engine/models/wide.py) scores each sample
+after learning the earlier ones of the batch.
+
+Replay (``replay_size > 0``, off by default): a bounded buffer of the latest samples
+(engine/train/replay_buffer.py) is replayed for ``replay_ratio`` extra samples per new one after each
+batch; the buffer is part of ``state()``, so a restored trainer replays what an uninterrupted one does.
+
 The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``state()``.
 """
 
@@ -29,6 +37,7 @@ import numpy as np
 from engine.events.schema import LabeledSample
 from engine.loss.losses import LossStats
 from engine.metrics.online import RollingBinaryMetrics
+from engine.train.replay_buffer import ReplayBuffer
 
 YLastMode = Literal["logged", "snapshot"]
 MismatchPolicy = Literal["use_logged", "recompute", "skip_sc"]
@@ -40,10 +49,17 @@ class StreamTrainerConfig:
     y_last: YLastMode = "logged"
     version_mismatch: MismatchPolicy = "use_logged"
     progressive_window: int = 100_000
+    replay_size: int = 0
+    replay_ratio: float = 1.0
+    replay_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError("train.batch_size must be positive")
+        if self.replay_size < 0 or self.replay_ratio < 0:
+            raise ValueError("train.replay_size and train.replay_ratio must be >= 0")
+        if self.replay_batch_size is not None and self.replay_batch_size <= 0:
+            raise ValueError("train.replay_batch_size must be positive")
         if self.y_last not in ("logged", "snapshot"):
             raise ValueError("train.y_last must be 'logged' or 'snapshot'")
         if self.version_mismatch not in ("use_logged", "recompute", "skip_sc"):
@@ -64,6 +80,7 @@ class TrainCounters:
     y_last_recomputed: int = 0
     y_last_skipped: int = 0
     y_last_missing: int = 0
+    replayed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -90,6 +107,14 @@ class StreamTrainer:
         self.prev_model: Any | None = None
         self.prev_version: int | None = None
         self.last_loss: LossStats | None = None
+        self.replay: ReplayBuffer | None = None
+        if config.replay_size > 0:
+            self.replay = ReplayBuffer(
+                config.replay_size,
+                config.replay_ratio,
+                config.replay_batch_size or config.batch_size,
+                seed=int(getattr(getattr(learner, "config", None), "seed", 0)),
+            )
 
     def train_batch(self, samples: Sequence[LabeledSample]) -> StepResult:
         """Score, then learn from, one mini-batch (any size >= 1; the pipeline sends full batches)."""
@@ -99,10 +124,23 @@ class StreamTrainer:
         batch = self.featurizer.transform([s.features for s in samples])
         labels = np.fromiter((s.label for s in samples), dtype=np.float32, count=len(samples))
         weights = np.fromiter((s.weight for s in samples), dtype=np.float32, count=len(samples))
-        scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
-        y_last = self._y_last(samples, batch)
-        stats = self.learner.learn(batch, labels, y_last, None if np.all(weights == 1.0) else weights)
+        w = None if np.all(weights == 1.0) else weights
+        learn_scored = getattr(self.learner, "learn_scored", None)
+        if learn_scored is not None:
+            y_last = self._y_last(samples, batch)
+            scores, stats = learn_scored(batch, labels, y_last, w)
+            scores = np.asarray(scores, dtype=np.float64)
+        else:
+            scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
+            y_last = self._y_last(samples, batch)
+            stats = self.learner.learn(batch, labels, y_last, w)
         c = self.counters
+        if self.replay is not None:
+            self.replay.add(batch, labels, y_last, w)
+            learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
+            for draw in self.replay.take():
+                learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
+                c.replayed += len(draw.labels)
         c.steps += 1
         c.samples += len(samples)
         for s, p in zip(samples, scores.tolist(), strict=True):
@@ -151,16 +189,26 @@ class StreamTrainer:
     # ------------------------------------------------------------------ snapshot
     def state(self) -> dict[str, Any]:
         """Plain data; the learner's own state is snapshotted separately (``learner.state_dict()``)."""
-        return {
+        out = {
             "counters": self.counters.as_dict(),
             "progressive": self.progressive.snapshot(),
             "prev_version": self.prev_version,
         }
+        if self.replay is not None:
+            out["replay"] = self.replay.state()
+        return out
 
     def restore(self, state: dict[str, Any], version: int) -> None:
         """Restore counters and metrics; the learner must already hold the snapshot's weights, which are
         also the previous model's (the snapshot being restored IS the previous snapshot)."""
         self.counters = TrainCounters(**state["counters"])
+        if self.replay is not None:
+            if "replay" in state:
+                self.replay.restore(state["replay"])
+            else:  # a snapshot from a run without replay: start with an empty buffer
+                self.replay = ReplayBuffer(
+                    self.replay.capacity, self.replay.ratio, self.replay.batch_size, self.replay.seed
+                )
         self.progressive = RollingBinaryMetrics.restore(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )

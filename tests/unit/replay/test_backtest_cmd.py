@@ -46,3 +46,22 @@ def test_backtest_writes_csv_report_and_plots(tmp_path: Path) -> None:
     assert main([*argv, "--resume"]) == 0
     with (out / "results.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == len(rows)
+
+
+def test_backtest_learner_options_and_report_periods(tmp_path: Path) -> None:
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(out)]
+    options = (
+        "--period week --min-period-size 50 --backbones dcn --hidden-units 8 --strategies ce --seeds 1 "
+        "--batch-size 64 --buckets 64 --embedding-dim 4 --protocols streaming --no-river "
+        "--optimizer wide_prior_variance=0.5 --optimizer embedding_lr=0.05 --replay-size 200 --report-from 3"
+    )
+    argv += options.split(" ")
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "Adagrad lr 0.05 on the embedding tables" in report
+    assert "per-event Bayesian wide part (prior variance 0.5, moderated scores)" in report
+    assert "replay buffer 200 samples" in report and "tables: periods 3 and later" in report
+    with (out / "results.csv").open() as fh:
+        assert min(int(r["period"]) for r in csv.DictReader(fh)) == 1  # the CSV keeps every period
