@@ -121,6 +121,9 @@ FIGURES: dict[str, FigureSpec] = {
         FigureSpec("snapshots", "5. Snapshots: write and publish-to-serving time", "bench.snapshots:run"),
         FigureSpec("replay", "6. Replay on MovieLens-100K", "bench.suite_replay:run"),
         FigureSpec("river", "7. river backbones", "bench.suite_river:run"),
+        FigureSpec(
+            "trainer", "8. Streaming trainer: new learner defaults vs the old ones", "bench.suite_trainer:run"
+        ),
     )
 }
 
