@@ -1,0 +1,479 @@
+"""Ablation harness for the streaming learner: what makes a deep model learn well from a stream?
+
+Runs the backtest's streaming protocol (predict-then-learn in time order, period 0 = warm-up, CE) on
+MovieLens-100K or Frappe with one mechanism changed at a time, on the SELECTION periods only (the first
+third of the evaluated periods: MovieLens weeks 1-10 of 30, Frappe chunks 1-3 of 9), and writes
+per-period AUC / LogLoss to a CSV; ``--summary`` prints the table docs/backtest/ablation.md shows.
+
+    .venv/bin/python -m bench.learner_ablation --dataset movielens-100k \\
+        --data ../shared/data/movielens-100k --variants all --seeds 0,1,2,3,4 --river --out /tmp/abl-ml.csv
+    .venv/bin/python -m bench.learner_ablation --summary /tmp/abl-ml.csv --ref new
+
+Two kinds of variant:
+
+* ``engine`` variants run the engine itself (``engine.replay.backtest.run_streaming`` / ``run_periodic``
+  with the learner ``build_learner`` makes from ``opt``): what ``reloop backtest`` runs.
+* the others run ``ExperimentLearner`` below: a registry backbone with hand-made optimizer groups,
+  optional micro-batches (update granularity), and wide parts the engine does not ship (per-event SGD or
+  Adagrad, chunked updates, a backbone trained without the wide part's offset, drift). Its Bayesian
+  wide part is the same filter as engine/models/wide.py (``new_harness`` = ``new`` within float noise).
+
+Every setting was chosen on the selection periods; the reported periods are evaluated by
+``reloop backtest --report-from`` (docs/backtest/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.features.featurizer import FeatureBatch
+from engine.replay.backtest import BacktestData, auc, logloss
+
+# ------------------------------------------------------------------------------------------ settings
+# The harness's base is the learner of the first backtest reports: Adam at 1e-2 everywhere (SparseAdam
+# on the tables), no wide part, batch 512, MLP 64x64, embedding dim 10, 10,000 buckets per field.
+BASE: dict[str, Any] = {
+    "backbone": "dcn",
+    "hidden": (64, 64),
+    "dim": 10,
+    "buckets": 10_000,
+    "batch": 512,  # featurisation / pipeline batch
+    "micro": 0,  # update granularity inside the batch (0 = the whole batch)
+    "dense_lr": 1e-2,
+    "emb_opt": "adam",  # adam (SparseAdam) | adagrad
+    "emb_lr": 1e-2,
+    "wide": "",  # "" | "sgd" | "adagrad" | "bayes": a per-row first-order part added to the logit
+    "wide_lr": 0.05,  # sgd / adagrad
+    "wide_every": 1,  # sgd / adagrad: update per event (1) or per chunk of this many events
+    "wide_sweeps": 0,  # adagrad: > 0 = the whole batch at once, this many Jacobi sweeps (no loop)
+    "wide_prior": 1.0,  # bayes: prior variance per weight
+    "wide_moderate": 1,  # bayes: score with the predictive (variance-moderated) probability
+    "wide_drift": 0.0,  # bayes: variance added to a row each time it is seen (forgetting)
+    "joint": 1,  # 1: the backbone learns with the wide logits as an offset; 0: the backbone alone
+    "warm_epochs": 1,  # epochs over period 0
+    # engine variants
+    "engine": 0,
+    "opt": {},  # OptimizerConfig settings
+    "protocol": "streaming",
+    "epochs": 1,  # periodic protocol
+    "replay": 0,
+    "replay_ratio": 1.0,
+}
+NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
+OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam", "wide": "off"}}  # previous defaults, lr 1e-2
+NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {}}  # the new defaults
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # today's learner
+    "old": OLD,
+    "old_lr1e-3": {**OLD, "dense_lr": 1e-3},
+    # 1. update granularity of the whole model (micro-batches inside the 512 batch)
+    "old_micro128": {"micro": 128},
+    "old_micro32": {"micro": 32},
+    "old_micro8": {"micro": 8},
+    "old_micro8_lr3e-3": {"micro": 8, "dense_lr": 3e-3, "emb_lr": 3e-3},
+    "old_micro1_lr3e-3": {"micro": 1, "dense_lr": 3e-3, "emb_lr": 3e-3},
+    # 2. optimizer of the embeddings and learning rate per group (no wide part)
+    "adagrad0.01": {"emb_opt": "adagrad", "emb_lr": 0.01},
+    "adagrad0.03": {"emb_opt": "adagrad", "emb_lr": 0.03},
+    "adagrad0.1": {"emb_opt": "adagrad", "emb_lr": 0.1},
+    "adagrad0.03_dense1e-3": {**NEW, "opt": {"wide": "off"}},
+    "adam1e-3_dense1e-3": {**OLD, "dense_lr": 1e-3},
+    # 3. a first-order (wide) part, per event, on top of the new backbone optimizer
+    "wide_sgd0.05": {**NEW_DEEP, "wide": "sgd", "wide_lr": 0.05},
+    "wide_adagrad0.1": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.1},
+    "wide_adagrad0.3": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3},
+    "wide_adagrad0.3_every4": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 4},
+    "wide_adagrad0.3_every16": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 16},
+    "wide_adagrad0.3_every64": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 64},
+    "wide_adagrad0.3_every512": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 512},
+    "wide_adagrad0.3_jacobi3": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_sweeps": 3},
+    "wide_bayes_prior0.1": {**NEW, "opt": {"wide_prior_variance": 0.1}},
+    "wide_bayes_prior0.3": {**NEW, "opt": {"wide_prior_variance": 0.3}},
+    "new": NEW,
+    "wide_bayes_prior3": {**NEW, "opt": {"wide_prior_variance": 3.0}},
+    "wide_bayes_unmoderated": {**NEW, "opt": {"wide_moderate": False}},
+    "wide_bayes_not_joint": {**NEW_DEEP, "wide": "bayes", "joint": 0},
+    "wide_bayes_drift1e-3": {**NEW_DEEP, "wide": "bayes", "wide_drift": 1e-3},
+    "wide_bayes_only": {**NEW_DEEP, "wide": "bayes", "dense_lr": 1e-9, "emb_lr": 1e-9},
+    "new_harness": {**NEW_DEEP, "wide": "bayes"},
+    # 4. on top of the new defaults
+    "new_dense1e-2": {**NEW, "dense_lr": 1e-2},
+    "new_sparseadam1e-3": {**NEW, "opt": {"embedding_optimizer": "adam"}},
+    "new_micro64": {**NEW_DEEP, "wide": "bayes", "micro": 64},
+    "new_replay8k_x1": {**NEW, "replay": 8192, "replay_ratio": 1.0},
+    "new_replay32k_x2": {**NEW, "replay": 32768, "replay_ratio": 2.0},
+    "new_warm3": {**NEW_DEEP, "wide": "bayes", "warm_epochs": 3},
+    "new_buckets100k": {**NEW, "buckets": 100_000},
+    "old_buckets100k": {**OLD, "buckets": 100_000},
+    "new_deepfm": {**NEW, "backbone": "deepfm"},
+    "old_deepfm": {**OLD, "backbone": "deepfm"},
+}
+SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
+PERIODIC_GRID = {
+    f"periodic_lr{lr:g}_ep{ep}": {**NEW, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
+    for lr, ep in ((1e-3, 1), (1e-3, 3), (3e-3, 1), (3e-3, 3), (1e-2, 1))
+}
+
+
+# ------------------------------------------------------------------------------------------ learner
+class ExperimentLearner:
+    """A registry backbone with its own optimizer groups and an optional per-row wide part."""
+
+    def __init__(self, s: dict[str, Any], spec: Any, seed: int) -> None:
+        from engine.loss.losses import make_loss
+        from engine.models.registry import backbone_entry, build_learner
+
+        known = backbone_entry(s["backbone"]).config_cls.model_fields
+        opts = {k: v for k, v in (("embedding_dim", s["dim"]), ("hidden_units", s["hidden"])) if k in known}
+        base = build_learner(s["backbone"], spec, "ce", 0.0, seed=seed, optimizer={"wide": "off"}, **opts)
+        self.model = base.model
+        self.loss = make_loss("ce")
+        self.s = s
+        self.spec = spec
+        tables = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
+        table_ids = {id(p) for p in tables}
+        dense = [p for p in self.model.parameters() if id(p) not in table_ids]
+        self.opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=s["dense_lr"])]
+        if s["emb_opt"] == "adam":
+            self.opts.append(torch.optim.SparseAdam(tables, lr=s["emb_lr"]))
+        else:
+            self.opts.append(torch.optim.Adagrad(tables, lr=s["emb_lr"]))
+        self.wide = None
+        if s["wide"] == "bayes":
+            from engine.models.wide import OnlineWide
+
+            self.wide = OnlineWide(spec, s["wide_prior"], bool(s["wide_moderate"]))
+        elif s["wide"]:
+            self.w = np.zeros(spec.total_rows + 1)
+            self.n = np.zeros(spec.total_rows + 1)
+
+    def deep_logits(self, batch: FeatureBatch) -> np.ndarray:
+        self.model.eval()
+        with torch.inference_mode():
+            return self.model(batch.to_torch())["logit"].double().numpy()
+
+    def deep_learn(self, batch: FeatureBatch, labels: np.ndarray, offset: np.ndarray | None) -> None:
+        self.model.train()
+        logit = self.model(batch.to_torch())["logit"]
+        if offset is not None and self.s["joint"]:
+            logit = logit + torch.from_numpy(offset.astype(np.float32))
+        loss, _ = self.loss(logit, torch.from_numpy(labels.astype(np.float32)), None, None)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in self.opts:
+            o.step()
+
+    # -- wide parts: return (scoring logits of each event before it was learned, offset after learning)
+    def wide_step(
+        self, batch: FeatureBatch, deep: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        s = self.s
+        if not s["wide"]:
+            return deep, None
+        if self.wide is not None:
+            if s["wide_drift"]:
+                self._drift(batch)
+            z = self.wide.learn(batch, deep, labels, self.loss)
+            return z, self.wide.moments(batch)[0]
+        from engine.models.ftrl import _active
+
+        rows, vals = _active(self.spec, batch)
+        if s["wide_sweeps"]:
+            wide = self._jacobi(deep, rows, vals, labels)
+        else:
+            wide = self._sequential(deep, rows, vals, labels)
+        return deep + wide, (self.w[rows] * vals).sum(axis=1)
+
+    def _drift(self, batch: FeatureBatch) -> None:
+        """Forgetting, applied per batch to the rows it touches (a row's variance grows by drift per
+        sighting, bounded by the prior)."""
+        from engine.models.ftrl import _active
+
+        assert self.wide is not None
+        rows, vals = _active(self.spec, batch)
+        r, counts = np.unique(rows[vals != 0], return_counts=True)
+        self.wide.var[r] = np.minimum(
+            self.wide.var[r] + self.s["wide_drift"] * counts, self.wide.prior_variance
+        )
+
+    def _sequential(
+        self, deep: np.ndarray, rows: np.ndarray, vals: np.ndarray, labels: np.ndarray
+    ) -> np.ndarray:
+        """Per chunk of ``wide_every`` events: score with the current weights, then update them (SGD or
+        Adagrad on the summed gradient of each row)."""
+        every, lr = self.s["wide_every"], self.s["wide_lr"]
+        out = np.empty(len(labels))
+        w, n = self.w, self.n
+        for a in range(0, len(labels), every):
+            r, v = rows[a : a + every], vals[a : a + every]
+            z = (w[r] * v).sum(axis=1)
+            out[a : a + every] = z
+            g = (1.0 / (1.0 + np.exp(-(z + deep[a : a + every]))) - labels[a : a + every])[:, None] * v
+            coords, inv = np.unique(r.reshape(-1), return_inverse=True)
+            gs = np.bincount(inv, weights=g.reshape(-1), minlength=coords.size)
+            if self.s["wide"] == "adagrad":
+                n[coords] += gs * gs
+                w[coords] -= lr * gs / (np.sqrt(n[coords]) + 1e-8)
+            else:
+                w[coords] -= lr * gs
+        return out
+
+    def _jacobi(self, deep: np.ndarray, rows: np.ndarray, vals: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per-event Adagrad for the whole batch without a Python loop: ``wide_sweeps`` Jacobi sweeps of
+        the triangular system "event i is scored after events < i were learned" (exact after B sweeps)."""
+        lr, sweeps = self.s["wide_lr"], self.s["wide_sweeps"]
+        b, k = rows.shape
+        ev = np.repeat(np.arange(b), k)
+        c, x = rows.reshape(-1), vals.reshape(-1)
+        keep = x != 0
+        ev, c, x = ev[keep], c[keep], x[keep]
+        order = np.argsort(c, kind="stable")
+        ev, c, x = ev[order], c[order], x[order]
+        start = np.ones(len(c), dtype=bool)
+        start[1:] = c[1:] != c[:-1]
+        gid = np.cumsum(start) - 1
+        firsts = np.flatnonzero(start)
+
+        def seg_cumsum(v: np.ndarray) -> np.ndarray:
+            cs = np.cumsum(v)
+            return cs - np.concatenate([[0.0], cs[firsts[1:] - 1]])[gid]
+
+        n0 = self.n[c]
+        z0 = deep + np.bincount(ev, weights=self.w[c] * x, minlength=b)
+        z = z0
+        for _ in range(sweeps + 1):
+            g = 1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))) - labels
+            ge = g[ev] * x
+            ncum = n0 + seg_cumsum(ge * ge)
+            step = -lr * ge / np.sqrt(np.maximum(ncum, 1e-30))
+            z_prev, z = z, z0 + np.bincount(ev, weights=(seg_cumsum(step) - step) * x, minlength=b)
+        coords = c[firsts]
+        self.w[coords] += np.add.reduceat(step, firsts)
+        self.n[coords] = ncum[np.concatenate([firsts[1:] - 1, [len(c) - 1]])]
+        return z_prev - deep
+
+
+# ------------------------------------------------------------------------------------------ protocols
+def _trim(data: BacktestData, last_period: int) -> BacktestData:
+    return BacktestData(
+        spec=data.spec,
+        batch=data.batch,
+        labels=data.labels,
+        logged=data.logged,
+        times_ms=data.times_ms,
+        bounds=data.bounds[: last_period + 2],
+        raw_features=data.raw_features,
+    )
+
+
+def run_harness(data: BacktestData, s: dict[str, Any], seed: int, last_period: int) -> list[dict[str, Any]]:
+    """The streaming protocol (CE) with ExperimentLearner, periods 0..last_period; rows for periods >= 1."""
+    torch.manual_seed(seed)
+    learner = ExperimentLearner(s, data.spec, seed)
+    micro = s["micro"] or s["batch"]
+    rows: list[dict[str, Any]] = []
+    for t in range(last_period + 1):
+        sl = data.period(t)
+        probs = np.empty(sl.stop - sl.start)
+        epochs = s["warm_epochs"] if t == 0 else 1
+        for _ in range(epochs):
+            for a in range(sl.start, sl.stop, s["batch"]):
+                end = min(a + s["batch"], sl.stop)
+                for m in range(a, end, micro):
+                    idx = slice(m, min(m + micro, end))
+                    batch, labels = data.batch.take(idx), data.labels[idx].astype(np.float64)
+                    z, offset = learner.wide_step(batch, learner.deep_logits(batch), labels)
+                    probs[idx.start - sl.start : idx.stop - sl.start] = 1.0 / (1.0 + np.exp(-z))
+                    learner.deep_learn(batch, labels, offset)
+        if t > 0:
+            y = data.labels[sl]
+            rows.append({"period": t, "n": len(y), "auc": auc(y, probs), "logloss": logloss(y, probs)})
+    return rows
+
+
+def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: int) -> list[dict[str, Any]]:
+    """The engine's protocol (``reloop backtest``'s code) on periods 0..last_period."""
+    from engine.replay.backtest import RunSpec, Strategy, run_one
+
+    run = RunSpec(
+        protocol=s["protocol"],
+        backbone=s["backbone"],
+        strategy=Strategy("ce"),
+        seed=seed,
+        epochs=s["epochs"],
+        batch_size=s["batch"],
+        model_options=(("embedding_dim", s["dim"]), ("hidden_units", tuple(s["hidden"]))),
+        optimizer=(("lr", s["dense_lr"]), *s["opt"].items()),
+        replay_size=s["replay"],
+        replay_ratio=s["replay_ratio"],
+    )
+    return [
+        {k: r[k] for k in ("period", "n", "auc", "logloss")} for r in run_one(_trim(data, last_period), run)
+    ]
+
+
+def run_river(data: BacktestData, last_period: int) -> list[dict[str, Any]]:
+    from engine.replay.backtest import run_river_baseline
+
+    return [
+        {k: r[k] for k in ("period", "n", "auc", "logloss")}
+        for r in run_river_baseline(_trim(data, last_period))
+    ]
+
+
+# ------------------------------------------------------------------------------------------ data
+_CACHE: dict[tuple, BacktestData] = {}
+
+
+def load(dataset: str, path: Path, buckets: int) -> BacktestData:
+    """Periods as in docs/backtest: MovieLens weeks (smaller than 500 merged), Frappe 10 chunks."""
+    key = (dataset, str(path), buckets)
+    if key not in _CACHE:
+        from connectors.files.datasets import open_dataset, to_samples
+        from connectors.files.datasets.spec import feature_spec
+        from engine.replay.backtest import period_bounds_by_count, period_bounds_by_time, prepare
+
+        ds = open_dataset(dataset, path)
+        spec = feature_spec(ds.fields, buckets=buckets)
+        if ds.time_kind == "pseudo":
+            period = lambda t: period_bounds_by_count(len(t), 10)  # noqa: E731
+        else:
+            period = lambda t: period_bounds_by_time(t, 7 * 86_400_000, 500)  # noqa: E731
+        _CACHE[key] = prepare(to_samples(ds.rows()), spec, period)
+    return _CACHE[key]
+
+
+def selection_last_period(data: BacktestData) -> int:
+    """The last period of the first third of the evaluated periods 1..P-1."""
+    return max(1, (data.n_periods - 1) // 3)
+
+
+COLUMNS = ("dataset", "variant", "seed", "period", "n", "auc", "logloss", "seconds")
+
+
+def summarise(path: Path, ref: str, order: list[str] | None = None) -> str:
+    """Per dataset and variant: mean AUC / LogLoss over seeds and selection periods, and the paired
+    difference to ``ref`` (same seed and period) with a 95% t half-width over seeds. river_lr (one
+    deterministic run) is paired by period with the reference's mean over seeds."""
+    from engine.replay.report import t_interval
+
+    cells: dict[tuple[str, str], dict[tuple[int, int], tuple[float, float]]] = {}
+    secs: dict[tuple[str, str], list[float]] = {}
+    for r in csv.DictReader(path.open()):
+        key = (r["dataset"], r["variant"])
+        cells.setdefault(key, {})[(int(r["seed"]), int(r["period"]))] = (float(r["auc"]), float(r["logloss"]))
+        secs.setdefault(key, []).append(float(r["seconds"]))
+    rank = {name: i for i, name in enumerate(order or list(VARIANTS))}
+    lines = [
+        "| dataset | variant | seeds | AUC | LogLoss | ΔAUC ×1e3 vs ref | ΔLogLoss ×1e3 vs ref |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for ds, name in sorted(cells, key=lambda k: (k[0], rank.get(k[1], -1), k[1])):
+        cell = cells[(ds, name)]
+        refc = cells.get((ds, ref), {})
+        seeds = sorted({s for s, _ in cell})
+        diffs = []
+        for m in (0, 1):
+            per_seed = []
+            for s in seeds:
+                if name == "river_lr":
+                    pairs = [
+                        (v[m], np.mean([refc[k][m] for k in refc if k[1] == p]))
+                        for (_, p), v in cell.items()
+                        if any(k[1] == p for k in refc)
+                    ]
+                else:
+                    pairs = [
+                        (v[m], refc[(s, p)][m]) for (s2, p), v in cell.items() if s2 == s and (s, p) in refc
+                    ]
+                if pairs:
+                    per_seed.append(float(np.mean([x - y for x, y in pairs])))
+            mean, half = t_interval(per_seed)
+            diffs.append(
+                ""
+                if math.isnan(mean)
+                else f"{mean * 1e3:+.2f}" + ("" if math.isnan(half) else f" ± {half * 1e3:.2f}")
+            )
+        a = np.mean([v[0] for v in cell.values()])
+        ll = np.mean([v[1] for v in cell.values()])
+        lines.append(f"| {ds} | {name} | {len(seeds)} | {a:.4f} | {ll:.4f} | {diffs[0]} | {diffs[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="movielens-100k")
+    p.add_argument("--data", type=Path)
+    p.add_argument(
+        "--variants", default="all", help="comma-separated names, 'all' (but the slow ones), 'periodic'"
+    )
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
+    p.add_argument("--out", type=Path, help="CSV (appended to)")
+    p.add_argument("--summary", type=Path, help="print the table of this CSV and exit")
+    p.add_argument("--ref", default="new", help="--summary: the reference variant")
+    args = p.parse_args(argv)
+    if args.summary:
+        print(summarise(args.summary, args.ref, [*VARIANTS, *PERIODIC_GRID]))
+        return 0
+    if args.data is None or args.out is None:
+        p.error("--data and --out are required (or --summary)")
+    torch.set_num_threads(1)
+    catalogue = {**VARIANTS, **PERIODIC_GRID}
+    if args.variants == "all":
+        names = [n for n in VARIANTS if n not in SLOW]
+    elif args.variants == "periodic":
+        names = list(PERIODIC_GRID)
+    else:
+        names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in catalogue]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(catalogue)}")
+    new_file = not args.out.exists()
+    with args.out.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        if new_file:
+            w.writeheader()
+        if args.river:
+            data = load(args.dataset, args.data, BASE["buckets"])
+            t0 = time.perf_counter()
+            rows = run_river(data, selection_last_period(data))
+            dt = time.perf_counter() - t0
+            for r in rows:
+                w.writerow({"dataset": args.dataset, "variant": "river_lr", "seed": 0, **r, "seconds": dt})
+            fh.flush()
+        for name in names:
+            s = {**BASE, **catalogue[name]}
+            data = load(args.dataset, args.data, s["buckets"])
+            last = selection_last_period(data)
+            for seed in (int(x) for x in args.seeds.split(",")):
+                t0 = time.perf_counter()
+                rows = (run_engine if s["engine"] else run_harness)(data, s, seed, last)
+                dt = time.perf_counter() - t0
+                for r in rows:
+                    w.writerow({"dataset": args.dataset, "variant": name, "seed": seed, **r, "seconds": dt})
+                fh.flush()
+                print(
+                    f"{args.dataset} {name} seed {seed}: AUC {np.mean([r['auc'] for r in rows]):.4f} "
+                    f"LogLoss {np.mean([r['logloss'] for r in rows]):.4f} ({dt:.0f} s, "
+                    f"load {os.getloadavg()[0]:.1f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
