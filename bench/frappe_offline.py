@@ -275,7 +275,8 @@ def build(backbone: str, spec, p: Protocol, seed: int):
         return build_learner(backbone, spec, "ce", 0.0, seed=seed, lr=p.river_lr, intercept_lr=p.river_lr,
                              embedding_dim=p.embedding_dim)
     learner = build_learner(backbone, spec, "ce", 0.0, seed=seed,
-                            optimizer={"lr": p.lr, "sparse_embeddings": False}, **model_config(backbone, p))
+                            optimizer={"lr": p.lr, "sparse_embeddings": False, "wide": "off"},
+                            **model_config(backbone, p))
     emb = [m.weight for m in learner.model.modules() if isinstance(m, nn.Embedding)]
     emb_ids = {id(w) for w in emb}
     rest = [w for w in learner.model.parameters() if id(w) not in emb_ids and w.requires_grad]

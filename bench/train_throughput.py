@@ -2,8 +2,10 @@
 
 39 fields (I1..I13 log-bucketed, C1..C26 hashed; ~1e6 embedding rows), Zipf-distributed ids,
 pre-featurised (bench/featurize_throughput.py measures featurisation). Backbones use their registry
-defaults (BARS: embedding dim 10, MLP [400, 400, 400], 3 cross layers) and the default optimizer
-(sparse embedding gradients + SparseAdam, Adam for the rest). Every step gets y_last, so the loss is
+defaults (BARS: embedding dim 10, MLP [400, 400, 400], 3 cross layers) and the optimizer the bare loop
+has too (sparse embedding gradients + SparseAdam, Adam for the rest, no wide part: the learner defaults
+before the streaming study, ``OptimizerConfig.previous_defaults()``; the streaming defaults are measured
+against them by ``python -m bench.suite_trainer``). Every step gets y_last, so the loss is
 the full ReLoop loss. Backbones are measured round-robin over several rounds and the median is shown,
 because the shared machine's speed drifts (docs/perf-notes.md).
 
@@ -22,6 +24,7 @@ import torch
 
 from engine.features.featurizer import FeatureBatch
 from engine.features.spec import FeatureSpec, criteo_spec
+from engine.models.config import OptimizerConfig
 from engine.models.registry import available_backbones, backbone_entry, build_learner
 
 
@@ -126,7 +129,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     spec = criteo_spec()
     data = synthetic_criteo(spec, args.rows)
-    learners = {name: build_learner(name, spec, args.strategy, 0.2, seed=0) for name in args.backbones}
+    previous = OptimizerConfig.previous_defaults()  # FTRL ignores it
+    learners = {
+        name: build_learner(name, spec, args.strategy, 0.2, seed=0, optimizer=previous)
+        for name in args.backbones
+    }
     for learner in learners.values():
         if hasattr(learner, "to"):
             learner.to(args.device)
