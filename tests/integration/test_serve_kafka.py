@@ -199,3 +199,57 @@ def test_kafka_outage_fails_no_request(tmp_path):
     assert stats["impressions_dropped"] >= 60 * 5 - 50 - 10
     assert stats["impressions_sent"] == 0
     stack.close()
+
+
+def test_undeliverable_impressions_are_dropped_and_counted_not_retried_for_ever(kafka_broker, unique_topic):
+    """A 10 MB impression and one stamped 2 h in the future (the broker refuses both) used to go back to
+    the front of the buffer for ever: 3,000 pending, 0 sent. Now they are dropped with a reason and
+    everything around them is delivered."""
+    from engine.events.codec import encode
+    from engine.events.schema import Impression
+    from engine.serve.impression_log import ImpressionLogger
+    from engine.serve.stack import LazySink
+
+    topic = unique_topic("impressions")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+
+    def make():
+        from connectors.kafka.sink import KafkaSink
+
+        return KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic, client_config={"max_block_ms": 5000})
+
+    now = int(time.time() * 1000)
+
+    def imp(i: int, **kw) -> Impression:
+        fields = {"features": {"x": str(i)}, "event_time_ms": now, **kw}
+        return Impression(
+            impression_id=f"imp{i}",
+            request_id="r",
+            user_id="u",
+            item_id=f"i{i}",
+            served_prediction=0.5,
+            model_version=1,
+            **fields,
+        )
+
+    logger = ImpressionLogger(
+        sink=LazySink(make), encode=encode, batch_size=500, retry_backoff_s=0.05
+    ).start()
+    batch = [imp(i) for i in range(3000)]
+    batch[700] = imp(700, features={"blob": "x" * 10_000_000})
+    batch[1900] = imp(1900, event_time_ms=now + 2 * 3_600_000)
+    logger.log(batch)
+    deadline = time.monotonic() + 120
+    while logger.sent + logger.dropped < 3000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logger.close()
+    assert logger.sent == 2998 and logger.pending == 0
+    assert logger.dropped_by_reason == {"oversized": 1, "rejected": 1}
+    src = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    src.open()
+    keys: set[bytes] = set()
+    deadline = time.monotonic() + 30
+    while len(keys) < 2998 and time.monotonic() < deadline:
+        keys |= {r.key for r in src.poll(5000, 0.5)}
+    src.close()
+    assert keys == {f"imp{i}".encode() for i in range(3000) if i not in (700, 1900)}

@@ -38,8 +38,11 @@ def _config(tmp_path, policy="correct", **train):
             "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
             "train": {"batch_size": BATCH, "deterministic": True, **train},
             "period": {"every_samples": 4 * BATCH},
-            "checkpoint": {"dir": str(tmp_path / "snaps"), "keep": 3,
-                           "ledger": str(tmp_path / "ledger.jsonl")},
+            "checkpoint": {
+                "dir": str(tmp_path / "snaps"),
+                "keep": 3,
+                "ledger": str(tmp_path / "ledger.jsonl"),
+            },
             "source": {"poll_max_records": 37},
         },
         env={},
@@ -203,4 +206,36 @@ def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
     # A count-based period has no fixed wall length: the gauge holds the last observed interval.
     assert stats.get("reloop_snapshot_version").labels().get() >= 2
     assert stats.get("reloop_snapshot_period_seconds").labels().get() > 0
+    p.close()
+
+
+def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
+    """Watermark poisoning: an event far ahead of the clock is dead-lettered (bad_time); events that
+    arrive after their window was forgotten are counted in reloop_joiner_too_late_total."""
+    from engine.events.codec import encode
+    from engine.events.schema import Impression
+
+    def imp(iid: str, t: int) -> bytes:
+        return encode(Impression(iid, "r", "u", "i", {"user": "u"}, t, 0.5, 0))
+
+    log = MemoryLog()
+    log.create("impressions")
+    log.create("clicks")
+    t0 = START
+    log.append("impressions", imp("a", t0), b"a", t0)
+    log.append("impressions", imp("year3000", 32_503_680_000_000), b"y", t0)  # dead-lettered
+    log.append("impressions", imp("b", t0 + 1_000), b"b", t0 + 1_000)
+    log.append("impressions", imp("late-but-in-bound", t0 + 60_000), b"c", t0 + 60_000)
+    log.append("impressions", imp("too-late", t0 - 10_000), b"d", t0)  # retention 5 s: forgotten
+    stats = MetricsRegistry()
+    clock = ManualClock(t0 + 60_000)
+    p = build_pipeline(
+        _config(tmp_path), source=EndAwareSource(log, ["impressions", "clicks"]), clock=clock, stats=stats
+    )
+    _run_to_end(p, log, clock)
+    assert p.dead_letters.counts == {"bad_time": 1}
+    assert p.joiner.stats.too_late_impressions == 1
+    assert p.joiner.watermark_ms < t0 + 61_000  # never moved to the year 3000
+    too_late = stats.get("reloop_joiner_too_late_total")
+    assert too_late.labels(kind="impression").get() == 1
     p.close()
