@@ -6,24 +6,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from engine.serve.schema import ScoreRequest, ScoreResponse
 from engine.serve.service import BadRequest, NotReady, ScoringService
+from engine.serve.wire import WireError, decode_request, error_body
 
 log = logging.getLogger(__name__)
 
 _SCHEMA = ScoreRequest.model_json_schema()  # OpenAPI 3.1 accepts JSON Schema with local $defs
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """JSON-safe validation errors: where (loc), what (msg), the error type."""
-    return [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes | None:
@@ -40,6 +33,76 @@ async def _bounded_body(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def too_large(limit: int) -> bytes:
+    return orjson.dumps({"detail": f"request body larger than {limit} bytes"})
+
+
+def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
+    """``POST /score``: (status, JSON body). Parsed and validated by msgspec (engine.serve.wire); scoring
+    runs inline on the event loop (~1-2 ms of CPU under the GIL either way; a hand-off to a thread pool
+    costs two more thread wake-ups per request)."""
+    try:
+        request = decode_request(body)
+    except WireError as exc:
+        return 422, error_body(exc.errors)
+    try:
+        return 200, service.score_json(request)
+    except NotReady as exc:
+        return 503, orjson.dumps({"detail": str(exc)})
+    except BadRequest as exc:
+        return 422, error_body(exc.errors)
+    except Exception:
+        service.failed += 1
+        log.exception("scoring request %s failed", request.request_id[:256])
+        return 500, b'{"detail":"scoring failed; see the service log"}'
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ScoreRoute:
+    """ASGI front door: ``POST /score`` straight to ``score_body`` (no routing, no Request object, no
+    dependency injection: ~0.1 ms less per request than the FastAPI route); everything else goes on to
+    ``app``. The body limit is enforced from Content-Length and while reading a chunked body."""
+
+    def __init__(self, app: Any, service: ScoringService) -> None:
+        self.app = app
+        self.service = service
+        self.limit = service.limits.max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/score" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        status = 0
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    status = 413
+                break
+        body = b""
+        if not status:
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    status = 413
+                    break
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        status, content = (413, too_large(limit)) if status == 413 else score_body(self.service, body)
+        await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": content})
 
 
 def create_app(
@@ -64,30 +127,11 @@ def create_app(
         },
     )
     async def score(http_request: Request) -> Response:
+        # Served by ScoreRoute in front of this app (engine.serve.stack); this route is its documented
+        # twin and what an app without the front door answers (the same score_body).
         body = await _bounded_body(http_request, max_body_bytes)
-        if body is None:
-            return JSONResponse(
-                status_code=413, content={"detail": f"request body larger than {max_body_bytes} bytes"}
-            )
-        # The body is validated by pydantic-core straight from bytes (model_validate_json): about 3x
-        # cheaper than FastAPI's json.loads + dependency validation for 100 candidates.
-        try:
-            request = ScoreRequest.model_validate_json(body)
-        except ValidationError as exc:
-            return JSONResponse(status_code=422, content={"detail": _errors(exc)})
-        # Scoring runs inline on the event loop: it is ~1-2 ms of CPU under the GIL either way, and a
-        # hand-off to the thread pool costs two more thread wake-ups per request.
-        try:
-            response = service.score(request)
-        except NotReady as exc:
-            return JSONResponse(status_code=503, content={"detail": str(exc)})
-        except BadRequest as exc:
-            return JSONResponse(status_code=422, content={"detail": exc.errors})
-        except Exception:
-            service.failed += 1
-            log.exception("scoring request %s failed", request.request_id)
-            return JSONResponse(status_code=500, content={"detail": "scoring failed; see the service log"})
-        return Response(content=response.model_dump_json(), media_type="application/json")
+        status, content = (413, too_large(max_body_bytes)) if body is None else score_body(service, body)
+        return Response(content=content, status_code=status, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -8,13 +8,35 @@ makes one fail: in-flight requests finish on the old bundle, new ones get the ne
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from engine.events.schema import Features
+from engine.features.featurizer import Featurizer
+from engine.serve.columns import ColumnFeaturizer
+
+# One column featurizer (and so one hash memo) per feature spec, shared by the bundles of every
+# version: a reload every second must not start the memo over. Bounded: the newest few specs.
+_COLUMNS: dict[str, ColumnFeaturizer] = {}
+_COLUMNS_KEEP = 4
+_COLUMNS_LOCK = threading.Lock()
+
+
+def column_featurizer(featurizer: Any) -> ColumnFeaturizer | None:
+    """The shared ColumnFeaturizer of a real Featurizer's spec; None for anything else (test doubles)."""
+    if type(featurizer) is not Featurizer:
+        return None
+    key = featurizer.spec.to_json()
+    with _COLUMNS_LOCK:
+        found = _COLUMNS.get(key)
+        if found is None:
+            found = _COLUMNS[key] = ColumnFeaturizer(featurizer.spec)
+            while len(_COLUMNS) > _COLUMNS_KEEP:
+                del _COLUMNS[next(iter(_COLUMNS))]
+        return found
 
 
 class Scorer(Protocol):
@@ -28,15 +50,29 @@ class ModelBundle:
     version: int
     learner: Any
     featurizer: Any
+    columns: ColumnFeaturizer | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.columns is None:
+            object.__setattr__(self, "columns", column_featurizer(self.featurizer))
 
     def score(self, rows: Sequence[Features]) -> np.ndarray:
         batch = self.featurizer.transform(list(rows))
+        return self._predict(batch, len(rows))
+
+    def score_request(self, context: Mapping[str, Any], features: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Scores of ``{**context, **f}`` for each ``f``, featurised as columns (engine.serve.columns)."""
+        if self.columns is None:
+            return self.score([{**context, **f} for f in features])
+        return self._predict(self.columns.transform(context, features), len(features))
+
+    def _predict(self, batch: Any, n: int) -> np.ndarray:
         probs = self.learner.predict_proba(batch)
         if hasattr(probs, "detach"):  # a torch tensor
             probs = probs.detach().cpu().numpy()
         out = np.asarray(probs, dtype=np.float64).reshape(-1)
-        if out.shape[0] != len(rows):
-            raise RuntimeError(f"model v{self.version} returned {out.shape[0]} scores for {len(rows)} rows")
+        if out.shape[0] != n:
+            raise RuntimeError(f"model v{self.version} returned {out.shape[0]} scores for {n} rows")
         return out
 
 

@@ -79,6 +79,8 @@ class ServeConfig(_Frozen):
     top_k: int = Field(default=10, ge=1)
     reload_interval_s: float = Field(default=1.0, gt=0)
     torch_threads: int = Field(default=1, ge=1)
+    keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
+    workers: int = Field(default=1, ge=1, description="serving processes sharing the port (SO_REUSEPORT)")
     salt: str = "reloop"
     arms: tuple[ArmConfig, ...] = Field(min_length=1)
     log: LogConfig = LogConfig()

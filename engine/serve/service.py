@@ -7,13 +7,16 @@ log holds exactly what was served (prediction, model version, arm, features, ids
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from engine.events.schema import Impression
 from engine.features.check import FeatureLimits, SpecChecker
@@ -93,9 +96,17 @@ class ScoringService:
     def versions(self) -> dict[str, int | None]:
         return {name: arm.holder.version for name, arm in self.arms.items()}
 
-    def _check(self, arm: str, bundle: ModelBundle, request: ScoreRequest, rows: list[dict]) -> None:
+    def _check(
+        self,
+        arm: str,
+        bundle: ModelBundle,
+        request: Any,
+        context: Mapping[str, Any],
+        features: list[Mapping[str, Any]],
+    ) -> None:
         """Refuse what the model's feature spec cannot read and event times far from the clock: a 422
-        here instead of a 500 (or seconds of hashing) later."""
+        here instead of a 500 (or seconds of hashing) later. The context is checked once and each
+        candidate's own features once: together that is every value of every merged row."""
         lim = self.limits
         t = request.event_time_ms
         if t is not None:
@@ -121,72 +132,119 @@ class ScoringService:
         checker = cached[1]
         if checker is None:
             return
-        bad = checker.check_rows(rows)
-        if bad:
-            raise BadRequest(
-                [
-                    {
-                        "loc": ["body", "candidates", i, *(err.field or "features").split(".")],
-                        "msg": err.detail,
-                        "type": err.reason,
-                    }
-                    for i, err in bad[:20]
-                ]
-            )
+        errors = []
+        if context:
+            bad_ctx = checker.check_rows([context])
+            if bad_ctx:
+                err = bad_ctx[0][1]
+                name = (err.field or "features").split(".")[-1]
+                # A context value every candidate overrides is never scored: only refuse a used one.
+                if not all(name in f for f in features):
+                    errors.append({"loc": ["body", "context", name], "msg": err.detail, "type": err.reason})
+        bad = checker.check_rows(features)
+        errors += [
+            {
+                "loc": ["body", "candidates", i, *(err.field or "features").split(".")],
+                "msg": err.detail,
+                "type": err.reason,
+            }
+            for i, err in bad[:20]
+        ]
+        if errors:
+            raise BadRequest(errors)
 
-    def score(self, request: ScoreRequest) -> ScoreResponse:
+    def _score(self, request: Any) -> _Scored:
+        """Route, check, score and rank one request (a ScoreRequest or a WireRequest), log its top k."""
         start = time.perf_counter()
         arm = self.arms[self.router.route(request.user_id)]
         bundle = arm.holder.current  # read once: this request uses this version throughout
         if bundle is None:
             raise NotReady(f"arm {arm.name!r} has no model loaded yet")
-        rows = [{**request.context, **c.features} for c in request.candidates]
-        self._check(arm.name, bundle, request, rows)
-        scores = bundle.score(rows)
-        k = min(request.top_k or self.top_k, len(rows))
+        context = request.context
+        candidates = request.candidates
+        features = [c.features for c in candidates]
+        self._check(arm.name, bundle, request, context, features)
+        scores = bundle.score_request(context, features)
+        n = len(candidates)
+        k = min(request.top_k or self.top_k, n)
         # Stable sort: equal scores keep request order, so the ranking is deterministic.
-        order = np.argsort(-scores, kind="stable")[:k]
-        event_time = request.event_time_ms if request.event_time_ms is not None else self.clock_ms()
-        ranking: list[RankedItem] = []
-        impressions: list[Impression] = []
-        for position, i in enumerate(order.tolist()):
-            item_id = request.candidates[i].item_id
-            score = float(scores[i])
-            impression_id = self.new_impression_id()
-            # model_construct: the values are ours and typed; validating them again costs ~1 us each.
-            ranking.append(
-                RankedItem.model_construct(
-                    item_id=item_id, score=score, position=position, impression_id=impression_id
-                )
-            )
-            if arm.logger is not None:
-                impressions.append(
+        order = np.argsort(-scores, kind="stable")[:k].tolist()
+        values = scores.tolist()
+        ids = self.new_impression_ids(k)
+        logger = arm.logger
+        if logger is not None:
+            event_time = request.event_time_ms if request.event_time_ms is not None else self.clock_ms()
+            logger.log(
+                [
                     Impression(
                         impression_id=impression_id,
                         request_id=request.request_id,
                         user_id=request.user_id,
-                        item_id=item_id,
-                        features=rows[i],
+                        item_id=candidates[i].item_id,
+                        features={**context, **features[i]},
                         event_time_ms=event_time,
-                        served_prediction=score,
+                        served_prediction=values[i],
                         model_version=bundle.version,
                         arm=arm.name,
                     )
-                )
-        if arm.logger is not None:
-            arm.logger.log(impressions)
-        response = ScoreResponse.model_construct(
-            request_id=request.request_id,
-            arm=arm.name,
-            model_version=bundle.version,
-            scores=[
-                ScoredItem.model_construct(item_id=c.item_id, score=s)
-                for c, s in zip(request.candidates, scores.tolist(), strict=True)
-            ],
-            ranking=ranking,
-        )
+                    for i, impression_id in zip(order, ids, strict=True)
+                ]
+            )
         elapsed = time.perf_counter() - start
         with self._metrics_lock:
             self._requests[arm.name].inc()
             self._latency[arm.name].observe(elapsed)
-        return response
+        return _Scored(arm.name, bundle.version, candidates, values, order, ids)
+
+    def new_impression_ids(self, k: int) -> list[str]:
+        if self.new_impression_id is not _new_impression_id:
+            return [self.new_impression_id() for _ in range(k)]
+        # One read of the OS's random source per request, not one per impression (uuid4 each).
+        raw = os.urandom(16 * k).hex()
+        return [raw[32 * j : 32 * j + 32] for j in range(k)]
+
+    def score(self, request: ScoreRequest | Any) -> ScoreResponse:
+        """Score a request; the response as pydantic objects (the in-process API)."""
+        r = self._score(request)
+        return ScoreResponse.model_construct(
+            request_id=request.request_id,
+            arm=r.arm,
+            model_version=r.version,
+            scores=[
+                ScoredItem.model_construct(item_id=c.item_id, score=s)
+                for c, s in zip(r.candidates, r.scores, strict=True)
+            ],
+            # model_construct: the values are ours and typed; validating them again costs ~1 us each.
+            ranking=[
+                RankedItem.model_construct(
+                    item_id=r.candidates[i].item_id, score=r.scores[i], position=p, impression_id=imp
+                )
+                for p, (i, imp) in enumerate(zip(r.order, r.impression_ids, strict=True))
+            ],
+        )
+
+    def score_json(self, request: Any) -> bytes:
+        """Score a request; the response as the JSON bytes of ``ScoreResponse`` (the HTTP path)."""
+        r = self._score(request)
+        cands, scores = r.candidates, r.scores
+        return orjson.dumps(
+            {
+                "request_id": request.request_id,
+                "arm": r.arm,
+                "model_version": r.version,
+                "scores": [{"item_id": c.item_id, "score": s} for c, s in zip(cands, scores, strict=True)],
+                "ranking": [
+                    {"item_id": cands[i].item_id, "score": scores[i], "position": p, "impression_id": imp}
+                    for p, (i, imp) in enumerate(zip(r.order, r.impression_ids, strict=True))
+                ],
+            }
+        )
+
+
+class _Scored(NamedTuple):
+    arm: str
+    version: int
+    candidates: Sequence[Any]
+    scores: list[float]
+    order: list[int]
+    impression_ids: list[str]

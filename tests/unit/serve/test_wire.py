@@ -1,0 +1,70 @@
+"""The msgspec request decoder accepts and refuses what the documented pydantic schema does."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from engine.serve.schema import MAX_CANDIDATES, ScoreRequest
+from engine.serve.wire import WireError, decode_request
+
+BASE = {
+    "request_id": "r1",
+    "user_id": "u1",
+    "context": {"device": "mobile", "n": 3, "x": 1.5, "tags": ["a"]},
+    "candidates": [{"item_id": "a", "features": {"x": 0.1}}, {"item_id": "b"}],
+}
+
+CASES = [
+    (BASE, None),
+    ({**BASE, "top_k": 2, "event_time_ms": 5}, None),
+    ({**BASE, "top_k": None, "event_time_ms": None}, None),
+    ({**BASE, "candidates": []}, "candidates"),
+    ({**BASE, "candidates": [{"item_id": f"i{j}"} for j in range(MAX_CANDIDATES + 1)]}, "candidates"),
+    ({k: v for k, v in BASE.items() if k != "user_id"}, "user_id"),
+    ({**BASE, "user_id": ""}, "user_id"),
+    ({**BASE, "request_id": "x" * 257}, "request_id"),
+    ({**BASE, "candidates": [{"item_id": "a"}, {"item_id": "a"}]}, "duplicate item_id"),
+    ({**BASE, "candidates": [{"item_id": "a", "features": {"x": {"nested": 1}}}]}, "candidates"),
+    ({**BASE, "candidates": [{"item_id": "a", "features": {"x": [1, 2]}}]}, "candidates"),
+    ({**BASE, "candidates": [{"item_id": "a", "extra": 1}]}, "extra"),
+    ({**BASE, "candidates": [{"item_id": 7}]}, "item_id"),
+    ({**BASE, "top_k": 0}, "top_k"),
+    ({**BASE, "top_k": MAX_CANDIDATES + 1}, "top_k"),
+    ({**BASE, "event_time_ms": -1}, "event_time_ms"),
+    ({**BASE, "surprise": 1}, "surprise"),
+    ({**BASE, "context": {"a": None}}, "context"),
+]
+
+
+@pytest.mark.parametrize(("body", "needle"), CASES)
+def test_same_verdict_as_the_pydantic_schema(body, needle):
+    raw = orjson.dumps(body)
+    try:
+        ScoreRequest.model_validate_json(raw)
+        pydantic_ok = True
+    except ValidationError:
+        pydantic_ok = False
+    if needle is None:
+        assert pydantic_ok
+        req = decode_request(raw)
+        assert [c.item_id for c in req.candidates] == [c["item_id"] for c in body["candidates"]]
+        assert req.context == body["context"]
+        return
+    assert not pydantic_ok
+    with pytest.raises(WireError) as info:
+        decode_request(raw)
+    text = orjson.dumps(info.value.errors).decode()
+    assert needle in text, text
+    assert all(e["loc"][0] == "body" for e in info.value.errors)
+
+
+def test_locations_point_at_the_bad_value():
+    body = {**BASE, "candidates": [{"item_id": "a"}, {"item_id": "b", "features": {"x": {"y": 1}}}]}
+    with pytest.raises(WireError) as info:
+        decode_request(orjson.dumps(body))
+    assert info.value.errors[0]["loc"][:4] == ["body", "candidates", 1, "features"]
+    with pytest.raises(WireError) as info:
+        decode_request(b"{not json")
+    assert info.value.errors[0]["type"] == "json_invalid"
