@@ -61,7 +61,8 @@ class RecordTooLarge(ValueError):
 class Sink(Protocol):
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
         """Queue one record (may return before it is durable). Raises ``RecordTooLarge`` for a record
-        the sink can never deliver because of its size; any other error is about the sink."""
+        the sink can never deliver because of its size; any other error is about the sink. Sinks that
+        can address partitions also take ``partition=`` (the key then does not choose it)."""
         ...
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -84,7 +84,13 @@ class KafkaSink:
         self._error: BaseException | None = None
         self._failed = 0
 
-    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+    def send(
+        self,
+        value: bytes,
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
+    ) -> None:
         if self._producer is None:
             raise RuntimeError("send on a closed KafkaSink")
         size = len(value) + len(key or b"") + _RECORD_OVERHEAD
@@ -93,7 +99,9 @@ class KafkaSink:
                 f"record of ~{size} bytes exceeds max_request_size {self.max_request_size} for {self.topic!r}"
             )
         try:
-            future = self._producer.send(self.topic, value=value, key=key, timestamp_ms=timestamp_ms)
+            future = self._producer.send(
+                self.topic, value=value, key=key, timestamp_ms=timestamp_ms, partition=partition
+            )
         except MessageSizeTooLargeError as exc:
             raise RecordTooLarge(f"{self.topic!r}: {exc}") from exc
         future.add_errback(self._on_error)

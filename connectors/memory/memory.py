@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from connectors.base import Positions, Record, RecordTooLarge, TopicPartition
 
@@ -23,12 +24,24 @@ class MemoryLog:
         with self._cond:
             return sorted(tp for tp in self._data if tp.topic == topic)
 
-    def append(self, topic: str, value: bytes, key: bytes | None, timestamp_ms: int | None) -> Record:
+    def append(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        timestamp_ms: int | None,
+        partition: int | None = None,
+    ) -> Record:
         with self._cond:
             parts = [tp for tp in self._data if tp.topic == topic] or [TopicPartition(topic, 0)]
-            # Same rule as Kafka's default partitioner in spirit: a key always maps to one partition.
-            index = 0 if key is None else _stable_hash(key) % len(parts)
-            tp = sorted(parts)[index]
+            if partition is not None:
+                tp = TopicPartition(topic, partition)
+                if tp not in parts:
+                    raise ValueError(f"{topic!r} has no partition {partition}")
+            else:
+                # Same rule as Kafka's default partitioner in spirit: a key always maps to one partition.
+                index = 0 if key is None else _stable_hash(key) % len(parts)
+                tp = sorted(parts)[index]
             log = self._data.setdefault(tp, [])
             ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
             record = Record(tp.topic, tp.partition, len(log), key, value, ts)
@@ -61,13 +74,19 @@ class MemorySink:
         self.max_record_bytes = max_record_bytes
         self._closed = False
 
-    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+    def send(
+        self,
+        value: bytes,
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
+    ) -> None:
         if self._closed:
             raise RuntimeError("send on a closed MemorySink")
         size = len(value) + len(key or b"")
         if self.max_record_bytes is not None and size > self.max_record_bytes:
             raise RecordTooLarge(f"record of {size} bytes exceeds {self.max_record_bytes} for {self.topic!r}")
-        self.log.append(self.topic, value, key, timestamp_ms)
+        self.log.append(self.topic, value, key, timestamp_ms, partition)
 
     def flush(self, timeout_s: float | None = None) -> None:
         return None
@@ -121,3 +140,60 @@ class MemorySource:
 
     def close(self) -> None:
         self._next = {}
+
+
+class MemoryGroupSource:
+    """A one-member consumer group over a MemoryLog (unit tests of the join stage): the first poll
+    assigns every partition of ``topics``; ``revoke_all()`` plays a rebalance that takes them away."""
+
+    def __init__(self, log: MemoryLog, topics: list[str]) -> None:
+        self.log = log
+        self.topics = topics
+        self._listener: Any = None
+        self._assigned: list[TopicPartition] = []
+        self._next: Positions = {}
+        self._committed: Positions = {}
+
+    def subscribe(self, listener: Any) -> None:
+        self._listener = listener
+
+    def partition_count(self, topic: str) -> int:
+        return len(self.log.partitions(topic))
+
+    def revoke_all(self) -> None:
+        revoked, self._assigned = self._assigned, []
+        self._next = {}
+        if revoked:
+            self._listener.on_revoked(list(revoked))
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        if not self._assigned:
+            self._assigned = [tp for topic in self.topics for tp in self.log.partitions(topic)]
+            self._listener.on_assigned(list(self._assigned))
+        out: list[Record] = []
+        for tp in self._assigned:
+            records = self.log.read(tp, self._next[tp], max_records - len(out))
+            if records:
+                out.extend(records)
+                self._next[tp] = records[-1].offset + 1
+            if len(out) >= max_records:
+                break
+        if not out and timeout_s > 0:
+            self.log.wait(min(timeout_s, 0.01))
+        return out
+
+    def seek(self, positions: Mapping[TopicPartition, int | None]) -> None:
+        for tp, offset in positions.items():
+            self._next[tp] = 0 if offset is None else int(offset)
+
+    def position(self) -> Positions:
+        return dict(self._next)
+
+    def end_positions(self) -> Positions:
+        return {tp: len(self.log._data[tp]) for tp in self._assigned}
+
+    def commit(self, positions: Mapping[TopicPartition, int]) -> None:
+        self._committed.update(positions)
+
+    def close(self) -> None:
+        self._assigned = []

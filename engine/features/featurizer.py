@@ -2,6 +2,9 @@
 
 Work is columnar: one list comprehension per field pulls the values out of the dicts (the only
 per-sample Python), then hashing, bucketing and offsets are numpy operations over the whole column.
+Columns may also be pyarrow arrays (the samples topic's batches, engine/events/sample_batch.py): strings
+are hashed straight from the Arrow buffers and numbers read as numpy, with no Python object per value;
+the rows are the same as for the same values given as Python objects.
 
 >>> from engine.features.spec import CategoricalField, FeatureSpec, NumericField
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=10), NumericField(name="x")))
@@ -18,9 +21,11 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from engine.features.hashing import fnv1a_utf8, splitmix64, to_bucket
+from engine.features.hashing import fnv1a_arrow, fnv1a_utf8, splitmix64, to_bucket
 from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 
@@ -120,9 +125,14 @@ class Featurizer:
         columns = zip(*[list(map(d.get, names)) for d in features], strict=True)
         return self.transform_columns(dict(zip(names, columns, strict=True)))
 
-    def transform_columns(self, columns: Mapping[str, Sequence[Any]]) -> FeatureBatch:
-        """Rows from columnar input (field name -> one value per sample); absent fields are missing."""
+    def transform_columns(
+        self, columns: Mapping[str, Sequence[Any] | pa.Array], *, rows: int | None = None
+    ) -> FeatureBatch:
+        """Rows from columnar input (field name -> one value per sample, a sequence or a pyarrow array);
+        absent fields are missing. ``rows`` gives the count when no column may be present."""
         lengths = {len(c) for c in columns.values()}
+        if rows is not None:
+            lengths.add(rows)
         if len(lengths) > 1:
             raise FeatureError(f"columns have different lengths {sorted(lengths)}")
         n = lengths.pop() if lengths else 0
@@ -148,14 +158,18 @@ class Featurizer:
         return FeatureBatch(cat=cat, num=num, multi=multi, multi_mask=mask)
 
     @staticmethod
-    def _hash(f: CategoricalField | MultiCategoricalField, values: Sequence[Any]) -> np.ndarray:
+    def _hash(f: CategoricalField | MultiCategoricalField, values: Sequence[Any] | pa.Array) -> np.ndarray:
         try:
-            h, missing = fnv1a_utf8(values)
+            if isinstance(values, pa.Array):
+                values = _arrow_strings(values)
+                h, missing = fnv1a_arrow(values) if isinstance(values, pa.Array) else fnv1a_utf8(values)
+            else:
+                h, missing = fnv1a_utf8(values)
         except TypeError as exc:
             raise FeatureError(f"field {f.name!r}: {exc}") from exc
         return np.where(missing, 0, to_bucket(h, f.buckets))
 
-    def _cat_rows(self, f: CategoricalField | NumericField, values: Sequence[Any]) -> np.ndarray:
+    def _cat_rows(self, f: CategoricalField | NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
         if isinstance(f, NumericField):
             x = self._floats(f, values)
             rows = to_bucket(splitmix64(log_bucket(x)), f.buckets)
@@ -163,7 +177,15 @@ class Featurizer:
         return self._hash(f, values)
 
     @staticmethod
-    def _floats(f: NumericField, values: Sequence[Any]) -> np.ndarray:
+    def _floats(f: NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
+        if isinstance(values, pa.Array):
+            if (
+                pa.types.is_integer(values.type)
+                or pa.types.is_floating(values.type)
+                or pa.types.is_null(values.type)
+            ):
+                return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)  # null -> nan
+            values = values.to_pylist()  # numbers as text (rare): the Python rules below
         try:
             return np.asarray(values, dtype=np.float64)  # None -> nan already
         except (TypeError, ValueError):
@@ -184,6 +206,10 @@ class Featurizer:
         self, f: MultiCategoricalField, values: Sequence[Any], length: int
     ) -> tuple[np.ndarray, np.ndarray]:
         n = len(values)
+        if isinstance(values, pa.Array) and pa.types.is_list(values.type):
+            return self._multi_arrow(f, values, length)
+        if isinstance(values, pa.Array):
+            values = values.to_pylist()
         lists = []
         for v in values:
             if v is None or v == "":
@@ -205,3 +231,39 @@ class Featurizer:
         ids[rows_flat, cols_flat] = rows
         mask[rows_flat, cols_flat] = (rows != 0).astype(np.float32)
         return ids, mask
+
+    def _multi_arrow(
+        self, f: MultiCategoricalField, values: pa.Array, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``_multi`` for a list<string> array: the first ``max_len`` items of each row, from buffers."""
+        n = len(values)
+        offsets = values.offsets.to_numpy().astype(np.int64)
+        counts = np.diff(offsets)
+        if values.null_count:
+            counts = np.where(values.is_null().to_numpy(zero_copy_only=False), 0, counts)
+        keep = np.minimum(counts, f.max_len)
+        ids = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, length), dtype=np.float32)
+        total = int(keep.sum())
+        if total == 0:
+            return ids, mask
+        rows_flat = np.repeat(np.arange(n), keep)
+        cols_flat = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
+        items = values.values.take(pa.array(offsets[:-1][rows_flat] + cols_flat))
+        rows = self._hash(f, items)
+        ids[rows_flat, cols_flat] = rows
+        mask[rows_flat, cols_flat] = (rows != 0).astype(np.float32)
+        return ids, mask
+
+
+def _arrow_strings(values: pa.Array) -> pa.Array | list[str | None]:
+    """A column to hash as text, the way ``str(value)`` spells it: strings as they are, integers cast
+    in Arrow (the same decimal digits), anything else through Python's ``str``."""
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values
+    if pa.types.is_integer(kind):
+        return pc.cast(values, pa.string())
+    if pa.types.is_null(kind):
+        return pa.nulls(len(values), pa.string())
+    return [None if v is None else str(v) for v in values.to_pylist()]

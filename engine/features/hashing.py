@@ -49,11 +49,37 @@ def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     missing = lengths == 0
     if len(data) != len(joined):  # non-ASCII somewhere: lengths in bytes differ from lengths in chars
         lengths = np.fromiter((len(s.encode("utf-8")) for s in strings), dtype=np.int64, count=n)
-    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
-    if not data:
-        return h, missing
     buf = np.frombuffer(data, dtype=np.uint8)
-    starts = np.cumsum(lengths) - lengths
+    return fnv1a_spans(buf, np.cumsum(lengths) - lengths, lengths), missing
+
+
+def fnv1a_arrow(array: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``fnv1a_utf8`` of a pyarrow string array, read straight from its offsets and data buffers (no
+    Python object per value). Nulls and empty strings are missing, as None and "" are."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    n = len(array)
+    wide = pa.types.is_large_string(array.type)
+    if not (wide or pa.types.is_string(array.type)):
+        raise TypeError(f"a string array expected, got {array.type}")
+    validity, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
+    offsets = offsets[array.offset : array.offset + n + 1].astype(np.int64)
+    lengths = np.diff(offsets)
+    if validity is not None and array.null_count:
+        lengths = np.where(array.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    buf = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.empty(0, np.uint8)
+    return fnv1a_spans(buf, offsets[:-1], lengths), lengths == 0
+
+
+def fnv1a_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """FNV-1a (uint64) of each byte span ``buf[starts[i] : starts[i] + lengths[i]]``."""
+    n = len(lengths)
+    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    if n == 0 or not buf.size or not lengths.any():
+        return h
     # Longest first: at byte position j the strings still running are a prefix of this order, so the
     # work is the total byte count, not (number of values x longest value).
     order = np.argsort(-lengths, kind="stable")
@@ -66,7 +92,7 @@ def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
             byte = buf[sorted_starts[:k] + j].astype(np.uint64)
             hs[:k] = (hs[:k] ^ byte) * FNV_PRIME
     h[order] = hs
-    return h, missing
+    return h
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:

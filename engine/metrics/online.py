@@ -397,6 +397,33 @@ class OnlineMetricsBook:
                 counted += 1
         return counted
 
+    def update_columns(
+        self, arms: np.ndarray, versions: np.ndarray, ys: np.ndarray, ps: np.ndarray, corrections: np.ndarray
+    ) -> int:
+        """``update_many`` for columns: the same result in the same order, fed as runs of rows that share
+        an (arm, version) (one batched update each); a correction row is applied on its own."""
+        n = len(ys)
+        if n == 0:
+            return 0
+        cut = np.zeros(n + 1, dtype=bool)
+        cut[0] = cut[n] = True
+        cut[1:n] |= (arms[1:] != arms[:-1]) | (versions[1:] != versions[:-1])
+        fix = np.flatnonzero(corrections & (ys == 1))
+        cut[fix] = True
+        cut[fix + 1] = True
+        bounds = np.flatnonzero(cut)
+        counted = 0
+        with self._lock:
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                m = self._metrics_for(str(arms[a]), int(versions[a]))
+                if m is None:
+                    continue
+                if b - a == 1 and corrections[a] and ys[a] == 1:
+                    m.revert(0, float(ps[a]))
+                m.update_many(ys[a:b], ps[a:b])
+                counted += b - a
+        return counted
+
     def update_arrays(self, arm: str, version: int, ys: np.ndarray, ps: np.ndarray) -> bool:
         """Columnar feed for one (arm, version): no per-sample Python work at all."""
         with self._lock:

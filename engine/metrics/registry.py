@@ -386,6 +386,8 @@ DEAD_LETTERS = Counter(
     ("reason",))
 JOINED_SAMPLES = Counter(
     "reloop_joined_samples_total", "Labelled samples emitted by the joiner, by label (0 or 1).", ("label",))
+JOIN_TASKS = Gauge(
+    "reloop_join_tasks", "Join tasks (co-partitioned partition pairs) this join process owns.")
 JOINER_PENDING = Gauge(
     "reloop_joiner_pending", "Impressions waiting in the joiner for a click or for the window to close.")
 JOINER_EXPIRED = Counter(
@@ -411,6 +413,9 @@ JOINER_WATERMARK = Gauge(
 
 TRAIN_STEPS = Counter("reloop_train_steps_total", "Optimizer steps taken.")
 TRAIN_SAMPLES = Counter("reloop_train_samples_total", "Samples trained on.")
+TRAIN_DUPLICATES = Counter(
+    "reloop_train_duplicates_dropped_total",
+    "Samples the train stage received again (a join task resumed from its checkpoint) and dropped.")
 TRAIN_LOSS = Gauge(
     "reloop_train_loss",
     "Loss of the last mini-batch, by part: ce, sc (ReLoop self-correction), kd, total.", ("part",))
@@ -473,11 +478,11 @@ IMPRESSIONS_DROPPED = Counter(
     ("reason",))
 
 CANONICAL: tuple[_Metric, ...] = (
-    EVENTS_CONSUMED, DEAD_LETTERS, JOINED_SAMPLES,
+    EVENTS_CONSUMED, DEAD_LETTERS, JOINED_SAMPLES, JOIN_TASKS,
     JOINER_PENDING, JOINER_EXPIRED, JOINER_LATE_CLICKS, JOINER_ORPHAN_CLICKS, JOINER_TOO_LATE,
     JOINER_DUPLICATES,
     JOINER_DROPPED_BY_BOUND, JOINER_WATERMARK,
-    TRAIN_STEPS, TRAIN_SAMPLES, TRAIN_LOSS, TRAIN_SC_ACTIVE,
+    TRAIN_STEPS, TRAIN_SAMPLES, TRAIN_DUPLICATES, TRAIN_LOSS, TRAIN_SC_ACTIVE,
     ROLLING_AUC, ROLLING_LOGLOSS, ROLLING_MEAN_PREDICTION, ROLLING_OBSERVED_CTR, ROLLING_SAMPLES,
     SNAPSHOT_VERSION, SNAPSHOT_TIMESTAMP, SNAPSHOT_PERIOD, SNAPSHOTS, SNAPSHOT_RESTORE_FALLBACKS,
     PIPELINE_RESTARTS,

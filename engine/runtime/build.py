@@ -1,4 +1,5 @@
-"""Build a Pipeline from a RunConfig and already-made connectors (Kafka, files or memory)."""
+"""Build the stream processor's parts from a RunConfig and already-made connectors (Kafka, files or
+memory): the single-process Pipeline, or the join stage and the train stage of the two-stage plane."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from engine.metrics.online import OnlineMetricsBook
 from engine.models.registry import build_learner
 from engine.runtime.clock import system_clock
 from engine.runtime.config import RunConfig, load_feature_spec
+from engine.runtime.intake import IntakeLimits
+from engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
 from engine.runtime.pipeline import Pipeline, PipelineSettings
+from engine.runtime.train_stage import TrainStage, TrainStageSettings
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StreamTrainer, StreamTrainerConfig
@@ -32,17 +36,7 @@ def apply_determinism(cfg: RunConfig) -> None:
         torch.set_num_threads(1)
 
 
-def build_pipeline(
-    cfg: RunConfig,
-    *,
-    source: Source,
-    samples_sink: Sink | None = None,
-    dead_letter_sink: Sink | None = None,
-    commit: Callable[[Positions], None] | None = None,
-    clock: Callable[[], int] = system_clock,
-    stats: m.MetricsRegistry = m.REGISTRY,
-    checkpoint_dir: str | Path | None = None,
-) -> Pipeline:
+def build_trainer(cfg: RunConfig) -> StreamTrainer:
     apply_determinism(cfg)
     spec = load_feature_spec(cfg.model)
     learner = build_learner(
@@ -54,7 +48,7 @@ def build_pipeline(
         optimizer=cfg.model.optimizer or None,
         **cfg.model.params,
     )
-    trainer = StreamTrainer(
+    return StreamTrainer(
         learner=learner,
         featurizer=Featurizer(spec),
         config=StreamTrainerConfig(
@@ -64,15 +58,50 @@ def build_pipeline(
             progressive_window=cfg.train.progressive_window,
         ),
     )
+
+
+def _period(cfg: RunConfig) -> PeriodTrigger:
     p = cfg.period
+    return PeriodTrigger(
+        every_samples=p.every_samples, every_event_ms=p.every_event_ms, every_wall_s=p.every_wall_s
+    )
+
+
+def _checker(cfg: RunConfig) -> SpecChecker:
+    v = cfg.validation
+    return SpecChecker(
+        load_feature_spec(cfg.model),
+        FeatureLimits(max_chars=v.max_feature_chars, max_list=v.max_feature_list),
+    )
+
+
+def _limits(cfg: RunConfig) -> IntakeLimits:
+    v = cfg.validation
+    return IntakeLimits(
+        max_event_bytes=v.max_event_bytes, max_future_ms=v.max_future_ms, max_past_ms=v.max_past_ms
+    )
+
+
+def build_pipeline(
+    cfg: RunConfig,
+    *,
+    source: Source,
+    samples_sink: Sink | None = None,
+    dead_letter_sink: Sink | None = None,
+    commit: Callable[[Positions], None] | None = None,
+    clock: Callable[[], int] = system_clock,
+    stats: m.MetricsRegistry = m.REGISTRY,
+    checkpoint_dir: str | Path | None = None,
+) -> Pipeline:
+    """The single-process pipeline (source -> join -> train in one loop)."""
+    trainer = build_trainer(cfg)
+    lim = _limits(cfg)
     return Pipeline(
         source=source,
         joiner_config=cfg.join.joiner_config(),
         trainer=trainer,
         registry=SnapshotRegistry(checkpoint_dir or cfg.checkpoint.dir, keep=cfg.checkpoint.keep),
-        period=PeriodTrigger(
-            every_samples=p.every_samples, every_event_ms=p.every_event_ms, every_wall_s=p.every_wall_s
-        ),
+        period=_period(cfg),
         settings=PipelineSettings(
             impressions_topic=cfg.source.impressions_topic,
             clicks_topic=cfg.source.clicks_topic,
@@ -81,9 +110,9 @@ def build_pipeline(
             merge_idle_ms=cfg.source.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
-            max_event_bytes=cfg.validation.max_event_bytes,
-            max_future_ms=cfg.validation.max_future_ms,
-            max_past_ms=cfg.validation.max_past_ms,
+            max_event_bytes=lim.max_event_bytes,
+            max_future_ms=lim.max_future_ms,
+            max_past_ms=lim.max_past_ms,
         ),
         clock=clock,
         samples_sink=samples_sink,
@@ -93,10 +122,77 @@ def build_pipeline(
         commit=commit,
         meta={"config": cfg.redacted_dump()},
         stats=stats,
-        checker=SpecChecker(
-            spec,
-            FeatureLimits(
-                max_chars=cfg.validation.max_feature_chars, max_list=cfg.validation.max_feature_list
-            ),
+        checker=_checker(cfg),
+    )
+
+
+def build_join_stage(
+    cfg: RunConfig,
+    *,
+    source: GroupSource,
+    samples_sink: Sink,
+    dead_letter_sink: Sink | None = None,
+    clock: Callable[[], int] = system_clock,
+    stats: m.MetricsRegistry = m.REGISTRY,
+    checkpoint_dir: str | Path | None = None,
+) -> JoinStage:
+    """The join stage: this process's share of the join tasks, into the samples topic."""
+    st = cfg.stages
+    return JoinStage(
+        source=source,
+        samples=samples_sink,
+        dead_letters=DeadLetterSink(dead_letter_sink),
+        checkpoint_root=checkpoint_dir or cfg.checkpoint.dir,
+        joiner_config=cfg.join.joiner_config(),
+        limits=_limits(cfg),
+        settings=JoinStageSettings(
+            impressions_topic=cfg.source.impressions_topic,
+            clicks_topic=cfg.source.clicks_topic,
+            samples_topic=st.samples_topic,
+            poll_max_records=cfg.source.poll_max_records,
+            poll_timeout_s=cfg.source.poll_timeout_s,
+            merge_idle_ms=cfg.source.merge_idle_ms,
+            batch_samples=st.batch_samples,
+            max_delay_ms=st.max_delay_ms,
+            checkpoint_every_s=st.join_checkpoint_every_s,
+            flush_timeout_s=cfg.recovery.flush_timeout_s,
+            fingerprint=cfg.join_fingerprint(),
         ),
+        clock=clock,
+        checker=_checker(cfg),
+        stats=stats,
+    )
+
+
+def build_train_stage(
+    cfg: RunConfig,
+    *,
+    source: Source,
+    dead_letter_sink: Sink | None = None,
+    commit: Callable[[Positions], None] | None = None,
+    clock: Callable[[], int] = system_clock,
+    stats: m.MetricsRegistry = m.REGISTRY,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainStage:
+    """The train stage: the samples topic in, model versions (snapshots) out."""
+    return TrainStage(
+        source=source,
+        trainer=build_trainer(cfg),
+        registry=SnapshotRegistry(checkpoint_dir or cfg.checkpoint.dir, keep=cfg.checkpoint.keep),
+        period=_period(cfg),
+        settings=TrainStageSettings(
+            samples_topic=cfg.stages.samples_topic,
+            poll_max_records=cfg.stages.train_poll_messages,
+            poll_timeout_s=cfg.source.poll_timeout_s,
+            merge_idle_ms=cfg.source.merge_idle_ms,
+            fingerprint=cfg.fingerprint(),
+            flush_timeout_s=cfg.recovery.flush_timeout_s,
+        ),
+        clock=clock,
+        dead_letters=DeadLetterSink(dead_letter_sink),
+        served_metrics=OnlineMetricsBook(window_size=cfg.metrics.window_size),
+        ledger=Ledger(cfg.checkpoint.ledger) if cfg.checkpoint.ledger else None,
+        commit=commit,
+        meta={"config": cfg.redacted_dump()},
+        stats=stats,
     )

@@ -173,6 +173,23 @@ class RecoverySection(_Section):
         return self
 
 
+class StagesSection(_Section):
+    """The two-stage data plane (engine/runtime/join_stage.py, train_stage.py) over the samples topic."""
+
+    samples_topic: str = "reloop.samples"
+    join_group_id: str = Field(default="reloop-join", description="the consumer group of the join processes")
+    batch_samples: int = Field(default=1024, gt=0, description="samples per message on the samples topic")
+    max_delay_ms: int = Field(default=200, ge=0, description="a partial message waits at most this long")
+    join_checkpoint_every_s: float = Field(default=5.0, gt=0, description="join task checkpoints, idle work")
+    train_poll_messages: int = Field(default=64, gt=0, description="samples messages per train-stage poll")
+    processes: Literal[1, 2] = Field(
+        default=2, description="reloop run: 2 = join and train in their own processes, 1 = both in one"
+    )
+    join_client_config: dict[str, Any] = Field(
+        default_factory=dict, description="consumer settings for the join group (session_timeout_ms ...)"
+    )
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stats_every_s: float = Field(default=10.0, gt=0)
@@ -189,11 +206,17 @@ class RunConfig(_Section):
     metrics: MetricsSection = MetricsSection()
     validation: ValidationSection = ValidationSection()
     recovery: RecoverySection = RecoverySection()
+    stages: StagesSection = StagesSection()
     log: LogSection = LogSection()
 
     def fingerprint(self) -> str:
         """sha256 of what decides the training result (model, train, join); stored in every snapshot."""
         data = {k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def join_fingerprint(self) -> str:
+        """sha256 of what decides the join's output (join settings and record limits): in join checkpoints."""
+        data = {k: self.model_dump(mode="json")[k] for k in ("join", "validation")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted_dump(self) -> dict[str, Any]:
@@ -202,6 +225,7 @@ class RunConfig(_Section):
         data = self.model_dump(mode="json")
         for section in ("source", "sink"):
             data[section]["client_config"] = redact(data[section]["client_config"])
+        data["stages"]["join_client_config"] = redact(data["stages"]["join_client_config"])
         return data
 
 

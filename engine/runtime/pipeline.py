@@ -36,9 +36,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -54,31 +54,22 @@ from connectors.base import (
 )
 from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
-from engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
-from engine.events.schema import Click, Impression, LabeledSample
+from engine.events.codec import decode_samples, encode
+from engine.events.schema import Impression, LabeledSample
 from engine.events.validation import EventError
 from engine.features.check import SpecChecker
 from engine.join.joiner import Joined, Joiner, JoinerConfig
 from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
+from engine.runtime.intake import EventIntake, IntakeLimits
 from engine.runtime.merge import RecordMerger
+from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StepResult, StreamTrainer
 
 log = logging.getLogger("reloop.pipeline")
 STATE_FORMAT = 1
-
-
-SaveKind = Literal["snapshot", "checkpoint"]
-
-
-class SnapshotMismatch(RuntimeError):
-    """The newest snapshot was made with a different training configuration."""
-
-
-class NoUsableSnapshot(SnapshotError):
-    """Snapshots exist but none loads: starting from scratch would silently retrain everything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +86,6 @@ class PipelineSettings:
     max_event_bytes: int = 512 * 1024
     max_future_ms: int | None = 300_000
     max_past_ms: int | None = None
-
-
-class _RestorePoint(NamedTuple):
-    kind: SaveKind
-    number: int  # version (snapshot) or checkpoint number
-    base_version: int  # the period snapshot this state follows (== number for a snapshot)
 
 
 class _Unsent(NamedTuple):
@@ -146,7 +131,18 @@ class Pipeline:
         self.ledger = ledger
         self.commit = commit
         self.meta = dict(meta or {})
-        self.checker = checker
+        self.intake = EventIntake(
+            impressions_topic=settings.impressions_topic,
+            clicks_topic=settings.clicks_topic,
+            limits=IntakeLimits(
+                max_event_bytes=settings.max_event_bytes,
+                max_future_ms=settings.max_future_ms,
+                max_past_ms=settings.max_past_ms,
+            ),
+            clock=clock,
+            dead_letters=self.dead_letters,
+            checker=checker,
+        )
         self.joiner = Joiner(joiner_config, clock=clock)
         self._buffer: list[LabeledSample] = []
         self._positions: Positions = {}
@@ -162,59 +158,15 @@ class Pipeline:
         self._restore_latest()
 
     # ------------------------------------------------------------------ lifecycle
-    def _restore_points(self) -> Iterator[_RestorePoint]:
-        """Newest first: per period snapshot, the checkpoints made after it, then the snapshot itself."""
-        checkpoints: dict[int, list[int]] = {}
-        for c in reversed(self.registry.checkpoints.versions()):
-            try:
-                base = self.registry.checkpoints.manifest(c)["meta"].get("base_version")
-            except SnapshotError as exc:
-                log.error("refusing checkpoint", extra={"fields": {"checkpoint": c, "error": str(exc)}})
-                continue
-            if isinstance(base, int):
-                checkpoints.setdefault(base, []).append(c)
-        for v in reversed(self.registry.versions()):
-            for c in checkpoints.get(v, []):
-                yield _RestorePoint("checkpoint", c, v)
-            yield _RestorePoint("snapshot", v, v)
-
     def _restore_latest(self) -> None:
-        refused: list[str] = []
-        for point in self._restore_points():
-            try:
-                self._restore(point)
-            except SnapshotMismatch:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
-                refused.append(f"{point.kind} {point.number}: {exc!r:.300}")
-                self.restore_fallbacks += 1
-                self._metrics.restore_fallback()
-                log.error(
-                    "refusing restore point, falling back",
-                    extra={"fields": {"kind": point.kind, "number": point.number, "error": repr(exc)}},
-                )
-                continue
-            if refused:
-                log.error(
-                    "restored from an older restore point",
-                    extra={"fields": {"restored": self.restored_from, "refused": refused}},
-                )
-            return
-        if refused:
-            raise NoUsableSnapshot(
-                f"no snapshot under {self.registry.root} loads; refusing to start from scratch "
-                f"(refused: {'; '.join(refused)})"
-            )
-        if self.ledger is not None:
+        def refused(point: RestorePoint, exc: BaseException) -> None:
+            self.restore_fallbacks += 1
+            self._metrics.restore_fallback()
+
+        if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
             self.ledger.truncate(0)  # lines of a run that died before its first snapshot
 
-    def _load_point(self, point: _RestorePoint) -> Snapshot:
-        if point.kind == "checkpoint":
-            return self.registry.checkpoints.load(point.number)
-        return self.registry.load(point.number)
-
-    def _restore(self, point: _RestorePoint) -> None:
-        snap = self._load_point(point)
+    def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
         fp = meta.get("fingerprint")
         if fp != self.settings.fingerprint and not self.settings.allow_fingerprint_change:
@@ -395,97 +347,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ internals
     def _process(self, records: list[Record]) -> None:
-        s = self.settings
-        kinds: list[int] = []
-        imp_records: list[Record] = []
-        clk_records: list[Record] = []
-        for r in records:
-            if r.topic == s.impressions_topic:
-                kinds.append(0)
-                imp_records.append(r)
-            elif r.topic == s.clicks_topic:
-                kinds.append(1)
-                clk_records.append(r)
-            else:
-                kinds.append(2)
-        limit = s.max_event_bytes
-        imps, imp_errors = self._checked(
-            decode_impressions([r.value for r in imp_records], max_bytes=limit), imp_records
-        )
-        clks, clk_errors = self._checked(
-            decode_clicks([r.value for r in clk_records], max_bytes=limit), clk_records
-        )
-        i_imp = i_clk = 0
         joiner = self.joiner
         positions = self._positions
-        for r, kind in zip(records, kinds, strict=True):
+        for r, ev in self.intake.events(records):
             out: list[Joined] = []
-            if kind == 0:
-                ev = imps[i_imp]
-                if ev is not None:
+            if ev is not None:
+                if type(ev) is Impression:
                     out = joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
                 else:
-                    self.dead_letters.send(r, imp_errors[i_imp])
-                i_imp += 1
-            elif kind == 1:
-                ck = clks[i_clk]
-                if ck is not None:
-                    out = joiner.on_click(ck.impression_id, ck.event_time_ms)
-                else:
-                    self.dead_letters.send(r, clk_errors[i_clk])
-                i_clk += 1
-            else:
-                self.dead_letters.send(
-                    r, EventError("bad_value", f"record from unexpected topic {r.topic!r}")
-                )
+                    out = joiner.on_click(ev.impression_id, ev.event_time_ms)
             positions[TopicPartition(r.topic, r.partition)] = r.offset + 1
             self.records_processed += 1
             if out:
                 self._accept(out)
-
-    def _checked(
-        self, decoded: tuple[list[Any], list[tuple[int, EventError]]], records: list[Record]
-    ) -> tuple[list[Any], dict[int, EventError]]:
-        """Decoded events aligned with their records (None where refused) and the errors by index:
-        the contract check of the codec, then the time bound and (impressions) the feature spec.
-
-        The time bound's reference is the earlier of the processor clock and the record's own Kafka
-        timestamp (when it has one): an event far ahead of when it was written is refused even while
-        the processor works through an hour-old backlog, where the wall clock alone would let it in
-        and its event time would still close every window of the data around it."""
-        good, bad = decoded
-        errors = dict(bad)
-        n = len(records)
-        events: list[Impression | Click | None] = [None] * n
-        it = iter(good)
-        for i in range(n):
-            if i not in errors:
-                events[i] = next(it)
-        s = self.settings
-        if s.max_future_ms is not None or s.max_past_ms is not None:
-            now = self.clock()
-            ahead = s.max_future_ms
-            behind = s.max_past_ms
-            for i, ev in enumerate(events):
-                if ev is None:
-                    continue
-                t = ev.event_time_ms
-                ts = records[i].timestamp_ms
-                ref = ts if 0 < ts < now else now
-                if (ahead is not None and t > ref + ahead) or (behind is not None and t < now - behind):
-                    events[i] = None
-                    errors[i] = EventError(
-                        "bad_time",
-                        f"event_time_ms {t} is {t - ref:+d} ms from the processor clock / record time "
-                        f"({ref}); allowed: -{behind} .. +{ahead} ms",
-                        "event_time_ms",
-                    )
-        if self.checker is not None and good and type(good[0]) is Impression:
-            live = [i for i, ev in enumerate(events) if ev is not None]
-            for k, err in self.checker.check_rows([events[i].features for i in live]):  # type: ignore[union-attr]
-                events[live[k]] = None
-                errors[live[k]] = err
-        return events, errors
 
     def _accept(self, joined: list[Joined]) -> None:
         sink = self.samples_sink
@@ -700,7 +574,7 @@ class _Publisher:
 
     def trained(self, result: StepResult) -> None:
         self._steps.inc()
-        self._samples.inc(len(result.samples))
+        self._samples.inc(result.n)
         loss = result.loss
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd), ("total", loss.total)):
             self._loss.labels(part=part).set(value)

@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_json_logging(args.log_level or cfg.log.level)
     from engine.metrics.registry import REGISTRY
-    from engine.runtime.pipeline import NoUsableSnapshot, SnapshotMismatch
+    from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
 
     metrics_server = None
@@ -199,7 +199,6 @@ def main(args: argparse.Namespace) -> int:
         ),
         on_pipeline=on_pipeline,
         on_step=report,
-        final="checkpoint",
     )
     code = 0
     try:

@@ -22,13 +22,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from engine.metrics import registry as m
-from engine.runtime.pipeline import NoUsableSnapshot, Pipeline, SaveKind, SnapshotMismatch
+from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
 log = logging.getLogger("reloop.supervisor")
 
 FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot)
+
+
+class Stage(Protocol):
+    """What the supervisor runs: the v1 Pipeline, the join stage or the train stage."""
+
+    snapshots_written: int  # durable saves by THIS object (progress: resets the give-up clock)
+
+    def run(self, stop: threading.Event, on_step: Callable[[Any], None] | None = None) -> None: ...
+    def abort(self) -> None: ...
 
 
 class GaveUp(RuntimeError):
@@ -46,21 +56,21 @@ class RetryPolicy:
 
 
 class Supervisor:
-    """Runs ``build()``'s pipeline until ``stop`` is set; rebuilds it after a failure (see module doc).
+    """Runs ``build()``'s stage until ``stop`` is set; rebuilds it after a failure (see module doc).
 
-    ``on_pipeline`` is called with every new pipeline (e.g. to bind its metrics); ``on_step`` after
-    each step. ``final`` is what ``close`` saves on a clean stop.
+    ``on_pipeline`` is called with every new stage (e.g. to bind its metrics); ``on_step`` after each
+    step; ``close`` ends a stage that stopped cleanly (its final save) and returns what it saved.
     """
 
     def __init__(
         self,
-        build: Callable[[], Pipeline],
+        build: Callable[[], Any],
         *,
         stop: threading.Event,
         policy: RetryPolicy | None = None,
-        on_pipeline: Callable[[Pipeline], None] | None = None,
-        on_step: Callable[[Pipeline], None] | None = None,
-        final: SaveKind | None = "checkpoint",
+        on_pipeline: Callable[[Any], None] | None = None,
+        on_step: Callable[[Any], None] | None = None,
+        close: Callable[[Any], int | None] = lambda stage: stage.close(final="checkpoint"),
         monotonic: Callable[[], float] = time.monotonic,
         stats: m.MetricsRegistry = m.REGISTRY,
     ) -> None:
@@ -69,9 +79,9 @@ class Supervisor:
         self.policy = policy or RetryPolicy()
         self.on_pipeline = on_pipeline
         self.on_step = on_step
-        self.final = final
+        self.close = close
         self.monotonic = monotonic
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Any = None
         self.restarts = 0
         self.final_number: int | None = None
         self._failing_since: float | None = None
@@ -81,7 +91,7 @@ class Supervisor:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            pipeline: Pipeline | None = None
+            pipeline: Any = None
             try:
                 pipeline = self.build()
                 self.pipeline = pipeline
@@ -97,10 +107,10 @@ class Supervisor:
                     pipeline.abort()
                 self._failed(exc)
                 continue
-            self.final_number = pipeline.close(final=self.final)
+            self.final_number = self.close(pipeline)
             return
 
-    def _stepped(self, pipeline: Pipeline) -> None:
+    def _stepped(self, pipeline: Any) -> None:
         if pipeline.snapshots_written and self._failing_since is not None:
             log.info("recovered", extra={"fields": {"after_restarts": self._attempt}})
             self._failing_since = None

@@ -35,8 +35,12 @@ class Ledger:
 
     def append(self, step: int, samples: Iterable[LabeledSample]) -> None:
         dumps = orjson.dumps
+        self._f.write(b"".join(dumps([step, s.sample_id, s.label, s.is_correction]) + b"\n" for s in samples))
+
+    def append_columns(self, step: int, ids: list[str], labels: list[int], corrections: list[bool]) -> None:
+        dumps = orjson.dumps
         self._f.write(
-            b"".join(dumps([step, s.sample_id, s.label, s.is_correction]) + b"\n" for s in samples)
+            b"".join(dumps([step, i, y, c]) + b"\n" for i, y, c in zip(ids, labels, corrections, strict=True))
         )
 
     def sync(self) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 
 from engine.events.schema import LabeledSample
 from engine.loss.losses import LossStats
-from engine.metrics.online import RollingBinaryMetrics
+from engine.metrics.rolling_batch import BatchRollingMetrics
 from engine.train.replay_buffer import ReplayBuffer
 
 YLastMode = Literal["logged", "snapshot"]
@@ -87,13 +87,43 @@ class TrainCounters:
 
 
 @dataclass(frozen=True, slots=True)
-class StepResult:
-    """One optimisation step: the samples it trained on, their pre-update scores and the loss parts."""
+class SampleColumns:
+    """What the trainer needs of each sample besides its features, as columns (float32/int64/bool)."""
 
-    samples: list[LabeledSample]
+    labels: np.ndarray
+    served: np.ndarray
+    versions: np.ndarray
+    corrections: np.ndarray
+    weights: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def of(samples: Sequence[LabeledSample]) -> SampleColumns:
+        n = len(samples)
+        return SampleColumns(
+            labels=np.fromiter((s.label for s in samples), dtype=np.float32, count=n),
+            served=np.fromiter((s.served_prediction for s in samples), dtype=np.float32, count=n),
+            versions=np.fromiter((s.served_version for s in samples), dtype=np.int64, count=n),
+            corrections=np.fromiter((s.is_correction for s in samples), dtype=bool, count=n),
+            weights=np.fromiter((s.weight for s in samples), dtype=np.float32, count=n),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One optimisation step: how many samples, their pre-update scores, y_last and the loss parts
+    (``samples``: the LabeledSamples when the step was fed objects, else None)."""
+
+    samples: list[LabeledSample] | None
     scores: np.ndarray
     y_last: np.ndarray
     loss: LossStats
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,7 +133,7 @@ class StreamTrainer:
         self.featurizer = featurizer
         self.config = config
         self.counters = TrainCounters()
-        self.progressive = RollingBinaryMetrics(config.progressive_window)
+        self.progressive = BatchRollingMetrics(config.progressive_window)
         self.prev_model: Any | None = None
         self.prev_version: int | None = None
         self.last_loss: LossStats | None = None
@@ -122,17 +152,24 @@ class StreamTrainer:
         if not samples:
             raise ValueError("train_batch needs at least one sample")
         batch = self.featurizer.transform([s.features for s in samples])
-        labels = np.fromiter((s.label for s in samples), dtype=np.float32, count=len(samples))
-        weights = np.fromiter((s.weight for s in samples), dtype=np.float32, count=len(samples))
-        w = None if np.all(weights == 1.0) else weights
+        result = self.train_columns(batch, SampleColumns.of(samples))
+        return StepResult(samples, result.scores, result.y_last, result.loss)
+
+    def train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
+        """``train_batch`` for an already featurised batch and its columns: no Python per sample."""
+        n = len(cols)
+        if n == 0:
+            raise ValueError("train_columns needs at least one sample")
+        labels = cols.labels
+        w = None if bool(np.all(cols.weights == 1.0)) else cols.weights
         learn_scored = getattr(self.learner, "learn_scored", None)
         if learn_scored is not None:
-            y_last = self._y_last(samples, batch)
+            y_last = self._y_last(cols, batch)
             scores, stats = learn_scored(batch, labels, y_last, w)
             scores = np.asarray(scores, dtype=np.float64)
         else:
             scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
-            y_last = self._y_last(samples, batch)
+            y_last = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
         c = self.counters
         if self.replay is not None:
@@ -142,18 +179,21 @@ class StreamTrainer:
                 learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
                 c.replayed += len(draw.labels)
         c.steps += 1
-        c.samples += len(samples)
-        for s, p in zip(samples, scores.tolist(), strict=True):
-            c.positives += s.label
-            if s.is_correction:
-                c.corrections += 1
-            else:
-                self.progressive.update(s.label, p)
+        c.samples += n
+        c.positives += int(labels.sum())
+        corrections = cols.corrections
+        k = int(corrections.sum())
+        c.corrections += k
+        if k:
+            keep = ~corrections
+            self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
+        else:
+            self.progressive.update_many(labels.astype(np.int64), scores)
         self.last_loss = stats
-        return StepResult(samples, scores, y_last, stats)
+        return StepResult(None, scores, y_last, stats)
 
-    def _y_last(self, samples: list[LabeledSample], batch: Any) -> np.ndarray:
-        n = len(samples)
+    def _y_last(self, cols: SampleColumns, batch: Any) -> np.ndarray:
+        n = len(cols)
         c = self.counters
         if self.config.y_last == "snapshot":
             if self.prev_model is None:
@@ -161,10 +201,10 @@ class StreamTrainer:
                 return np.full(n, np.nan, dtype=np.float32)
             c.y_last_recomputed += n
             return np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)
-        y = np.fromiter((s.served_prediction for s in samples), dtype=np.float32, count=n)
+        y = cols.served.astype(np.float32, copy=True)
         if self.prev_version is None:
             return y
-        mismatch = np.fromiter((s.served_version != self.prev_version for s in samples), dtype=bool, count=n)
+        mismatch = cols.versions != self.prev_version
         k = int(mismatch.sum())
         if k == 0:
             return y
@@ -209,7 +249,7 @@ class StreamTrainer:
                 self.replay = ReplayBuffer(
                     self.replay.capacity, self.replay.ratio, self.replay.batch_size, self.replay.seed
                 )
-        self.progressive = RollingBinaryMetrics.restore(
+        self.progressive = BatchRollingMetrics.restore(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )
         self.on_snapshot(version)

@@ -74,7 +74,7 @@ def _run(tmp_path, log, clock, make_sink, policy=None):
         stop=stop,
         policy=policy or RetryPolicy(backoff_initial_s=0.01),
         on_pipeline=lambda p: setattr(holder, "pipeline", p),
-        final="snapshot",
+        close=lambda p: p.close(final="snapshot"),
         stats=MetricsRegistry(),
     )
     sup.run()

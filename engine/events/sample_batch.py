@@ -1,0 +1,287 @@
+"""The samples topic's format: joined samples as columns, one Arrow IPC stream per Kafka message.
+
+Why columns: the train stage decodes one message per batch of samples (zero copy into numpy) instead
+of building one Python object per sample, and the RAW feature values travel as they were served, so any
+backbone or feature spec can train from the topic (a new architecture, a backtest at training speed).
+
+A message is an Arrow IPC *stream* (schema, one record batch, end marker). Columns, in this order:
+
+=====================  ==============  =====================================================
+``sample_id``          utf8            the impression id
+``label``              int8            0 / 1
+``served_prediction``  float64         what the served model predicted (y_last when logged)
+``served_version``     int64           the model version that served it
+``event_time_ms``      int64           the impression's event time
+``arm``                utf8
+``is_correction``      bool            a late click re-emitted as a positive
+``weight``             float32         per-sample loss weight
+``seq``                int64           position in its join task's output (dedup, see below)
+``f:<name>``           see below       one column per raw feature key present in the batch
+=====================  ==============  =====================================================
+
+A feature column keeps the JSON type of its values: utf8, int64, float64 or list<utf8>; null where a
+sample lacks the key. A key whose values mix types in one batch (``1`` here, ``"a"`` there) is a utf8
+column holding each value's JSON text, marked ``reloop.encoding: json`` in the field metadata.
+
+Schema metadata: ``reloop.samples.format`` (this module's ``FORMAT``, a major version: a reader refuses
+another one), ``reloop.task`` (the join task = samples partition) and ``reloop.first_seq``.
+
+Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it emits 0, 1, 2, ... and,
+resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
+engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained already.
+
+>>> from engine.events.schema import LabeledSample
+>>> s = LabeledSample("i1", {"user": "u", "price": 2.5, "tags": ["a"]}, 1, 0.2, 3, 1000)
+>>> batch = decode_batch(encode_batch(batch_from_samples([s], task=4, first_seq=10)))
+>>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s]
+(4, [10], True)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from engine.events.schema import LabeledSample
+from engine.events.validation import EventError
+
+FORMAT = 1
+FEATURE_PREFIX = "f:"
+_META_FORMAT = b"reloop.samples.format"
+_META_TASK = b"reloop.task"
+_META_FIRST = b"reloop.first_seq"
+_JSON_FIELD = {b"reloop.encoding": b"json"}
+
+_FIXED = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("label", pa.int8()),
+        ("served_prediction", pa.float64()),
+        ("served_version", pa.int64()),
+        ("event_time_ms", pa.int64()),
+        ("arm", pa.string()),
+        ("is_correction", pa.bool_()),
+        ("weight", pa.float32()),
+        ("seq", pa.int64()),
+    ]
+)
+FIXED_COLUMNS = tuple(_FIXED.names)
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """One decoded message: ``data`` holds the columns above; ``task`` and ``first_seq`` its identity."""
+
+    data: pa.RecordBatch
+    task: int
+    first_seq: int
+
+    def __len__(self) -> int:
+        return self.data.num_rows
+
+    def numpy(self, name: str) -> np.ndarray:
+        return self.data.column(name).to_numpy(zero_copy_only=False)
+
+    def seqs(self) -> np.ndarray:
+        return self.numpy("seq")
+
+    def sample_ids(self) -> list[str]:
+        return self.data.column("sample_id").to_pylist()
+
+    def features(self) -> dict[str, pa.Array | list[Any]]:
+        """Raw feature columns by name (Arrow arrays; JSON-encoded ones decoded to Python lists)."""
+        out: dict[str, pa.Array | list[Any]] = {}
+        schema = self.data.schema
+        for i, name in enumerate(schema.names):
+            if not name.startswith(FEATURE_PREFIX):
+                continue
+            column = self.data.column(i)
+            if (schema.field(i).metadata or {}).get(b"reloop.encoding") == b"json":
+                out[name[len(FEATURE_PREFIX) :]] = [
+                    None if v is None else json.loads(v) for v in column.to_pylist()
+                ]
+            else:
+                out[name[len(FEATURE_PREFIX) :]] = column
+        return out
+
+    def take(self, index: np.ndarray) -> SampleBatch:
+        """The rows at ``index`` (a new batch; its identity is that of the rows kept)."""
+        data = self.data.take(pa.array(index, type=pa.int64()))
+        first = int(data.column("seq")[0].as_py()) if data.num_rows else self.first_seq
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **_metadata(self.task, first)})
+        return SampleBatch(data, self.task, first)
+
+    def to_samples(self) -> list[LabeledSample]:
+        """Python objects (slow: tests, ledgers, the dict-based paths)."""
+        cols = {name: self.data.column(name).to_pylist() for name in FIXED_COLUMNS}
+        feats = {
+            name: (col.to_pylist() if isinstance(col, pa.Array) else col)
+            for name, col in self.features().items()
+        }
+        out = []
+        for i in range(len(self)):
+            features = {k: v[i] for k, v in feats.items() if v[i] is not None}
+            out.append(
+                LabeledSample(
+                    sample_id=cols["sample_id"][i],
+                    features=features,
+                    label=int(cols["label"][i]),
+                    served_prediction=float(cols["served_prediction"][i]),
+                    served_version=int(cols["served_version"][i]),
+                    event_time_ms=int(cols["event_time_ms"][i]),
+                    arm=cols["arm"][i],
+                    weight=float(cols["weight"][i]),
+                    is_correction=bool(cols["is_correction"][i]),
+                )
+            )
+        return out
+
+
+def batch_from_samples(samples: Sequence[LabeledSample], *, task: int, first_seq: int) -> SampleBatch:
+    """Columns from LabeledSample objects (seq = first_seq, first_seq + 1, ...)."""
+    n = len(samples)
+    fixed = [
+        pa.array([s.sample_id for s in samples], pa.string()),
+        pa.array([s.label for s in samples], pa.int8()),
+        pa.array([s.served_prediction for s in samples], pa.float64()),
+        pa.array([s.served_version for s in samples], pa.int64()),
+        pa.array([s.event_time_ms for s in samples], pa.int64()),
+        pa.array([s.arm for s in samples], pa.string()),
+        pa.array([s.is_correction for s in samples], pa.bool_()),
+        pa.array([s.weight for s in samples], pa.float32()),
+        pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
+    ]
+    return _assemble(fixed, [s.features for s in samples], task, first_seq)
+
+
+def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> SampleBatch:
+    """Columns from the joiner's output (``engine.join.joiner.Joined``: impression id, event time, the
+    impression's raw bytes as they were validated on the way in, label, correction flag)."""
+    objs = [orjson.loads(j.payload) for j in joined]
+    n = len(objs)
+    fixed = [
+        pa.array([j.impression_id for j in joined], pa.string()),
+        pa.array([j.label for j in joined], pa.int8()),
+        pa.array([float(o["served_prediction"]) for o in objs], pa.float64()),
+        pa.array([o["model_version"] for o in objs], pa.int64()),
+        pa.array([j.event_time_ms for j in joined], pa.int64()),
+        pa.array([o.get("arm") or "default" for o in objs], pa.string()),
+        pa.array([j.is_correction for j in joined], pa.bool_()),
+        pa.array(np.ones(n, dtype=np.float32)),
+        pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
+    ]
+    return _assemble(fixed, [o["features"] for o in objs], task, first_seq)
+
+
+def _assemble(
+    fixed: list[pa.Array], features: Sequence[dict[str, Any]], task: int, first_seq: int
+) -> SampleBatch:
+    fields = list(_FIXED)
+    arrays = list(fixed)
+    for _, field, column in feature_columns(features):
+        fields.append(field)
+        arrays.append(column)
+    schema = pa.schema(fields, metadata=_metadata(task, first_seq))
+    return SampleBatch(pa.RecordBatch.from_arrays(arrays, schema=schema), task, first_seq)
+
+
+def feature_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, pa.Field, pa.Array]]:
+    """One Arrow column per feature key (in first-seen order), typed by its values (module doc)."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    out = []
+    for key in keys:
+        values = [row.get(key) for row in rows]
+        kinds = {type(v) for v in values} - {type(None)}
+        name = FEATURE_PREFIX + key
+        field: pa.Field | None = None
+        if kinds <= {str}:
+            field = pa.field(name, pa.string())
+        elif kinds == {int}:
+            field = pa.field(name, pa.int64())
+        elif kinds == {float}:
+            field = pa.field(name, pa.float64())
+        elif kinds == {list}:
+            field = pa.field(name, pa.list_(pa.string()))
+        if field is not None:
+            try:
+                out.append((key, field, pa.array(values, field.type)))
+                continue
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                pass  # e.g. an int over 64 bits: keep it exact as JSON text
+        text = [None if v is None else json.dumps(v) for v in values]
+        out.append((key, pa.field(name, pa.string(), metadata=_JSON_FIELD), pa.array(text, pa.string())))
+    return out
+
+
+def encode_batch(batch: SampleBatch) -> bytes:
+    """The message bytes: an Arrow IPC stream holding the one record batch."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.data.schema) as writer:
+        writer.write_batch(batch.data)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_batch(data: bytes) -> SampleBatch:
+    """One message back; a message that is not a readable batch of this format raises EventError
+    (the train stage dead-letters it and goes on)."""
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(data))
+        batches = list(reader)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise EventError("malformed", f"not an Arrow IPC stream: {exc}") from None
+    if len(batches) != 1:
+        raise EventError("malformed", f"a samples message holds one record batch, this one {len(batches)}")
+    rb = batches[0]
+    meta = rb.schema.metadata or {}
+    fmt = meta.get(_META_FORMAT)
+    if fmt != str(FORMAT).encode():
+        raise EventError(
+            "unknown_schema_version", f"samples format {fmt!r} is not supported (supported: {FORMAT})"
+        )
+    try:
+        task = int(meta[_META_TASK])
+        first_seq = int(meta[_META_FIRST])
+    except (KeyError, ValueError):
+        raise EventError("malformed", "samples message without reloop.task / reloop.first_seq") from None
+    names = rb.schema.names
+    if tuple(names[: len(FIXED_COLUMNS)]) != FIXED_COLUMNS:
+        raise EventError(
+            "missing_field", f"samples message columns {names[:9]} are not {list(FIXED_COLUMNS)}"
+        )
+    for field in _FIXED:
+        if rb.schema.field(field.name).type != field.type:
+            raise EventError(
+                "wrong_type", f"column {field.name} is {rb.schema.field(field.name).type}, not {field.type}"
+            )
+    for name in FIXED_COLUMNS:
+        if rb.column(name).null_count:
+            raise EventError("bad_value", f"column {name} holds nulls")
+    n = rb.num_rows
+    labels = rb.column("label").to_numpy()
+    if n and not np.isin(labels, (0, 1)).all():
+        raise EventError("bad_label", "labels must be 0 or 1")
+    p = rb.column("served_prediction").to_numpy()
+    if n and not ((p >= 0.0) & (p <= 1.0)).all():  # NaN fails both
+        raise EventError("bad_prediction", "served_prediction must be a probability in [0, 1]")
+    w = rb.column("weight").to_numpy()
+    if n and not (np.isfinite(w) & (w >= 0)).all():
+        raise EventError("bad_value", "weight must be finite and >= 0")
+    if not np.array_equal(rb.column("seq").to_numpy(), np.arange(first_seq, first_seq + n, dtype=np.int64)):
+        raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
+    return SampleBatch(rb, task, first_seq)
+
+
+def _metadata(task: int, first_seq: int) -> dict[bytes, bytes]:
+    return {
+        _META_FORMAT: str(FORMAT).encode(),
+        _META_TASK: str(task).encode(),
+        _META_FIRST: str(first_seq).encode(),
+    }

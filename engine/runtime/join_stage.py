@@ -1,0 +1,410 @@
+"""`reloop join`: the join stage. Impressions and clicks in, columnar sample batches out.
+
+Partition p of the impressions topic and partition p of the clicks topic make one join task
+(engine/runtime/join_task.py); the samples it emits go to partition p of the samples topic. Tasks are
+spread over the processes of one consumer group: Kafka's range assignment gives partition p of both
+topics to the same member (start-up refuses topics whose partition counts differ), a second process
+takes half the tasks, and the tasks of a process that dies move to the others after its session times
+out. A task's state lives in its own checkpoint folder (``<dir>/join/task-<p>``), so whoever owns the
+task next resumes it from there: the folder must be shared by the joiner processes (one machine, or a
+shared volume).
+
+Delivery argument (exactly-once into training, at-least-once on the topic):
+
+* every sample carries ``(task, seq)``; a task numbers its output 0, 1, 2, ... for its whole life;
+* a checkpoint is written only after every sample numbered below its ``sent`` is durable in the samples
+  topic (flush first), and samples emitted but not yet sent are stored IN the checkpoint;
+* between checkpoints a task's output is a function of its checkpoint and its input (records merged in
+  an exact order; wall-clock actions only at checkpoints, see join_task.py), so a task resumed after a
+  crash or a move emits the same samples with the same numbers again;
+* the train stage keeps, per task, the highest seq it has taken (in its own snapshot) and drops the
+  rest: a sample sent twice is trained once, and no number is skipped, so none is lost.
+
+Kafka transactions (read_committed) were the other way; they would not cover the checkpoint files, and
+kafka-python's transactional producer serialises on one in-flight transaction, so dedup it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from connectors.base import Positions, Record, Sink, TopicPartition, positions_to_json
+from connectors.deadletter import DeadLetterSink
+from engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+from engine.events.sample_batch import batch_from_joined, encode_batch
+from engine.features.check import SpecChecker
+from engine.join.joiner import JoinerConfig
+from engine.metrics import registry as m
+from engine.runtime.intake import EventIntake, IntakeLimits
+from engine.runtime.join_task import JoinTask
+
+log = logging.getLogger("reloop.join")
+
+
+class GroupSource(Protocol):
+    """A source whose partitions a consumer group assigns (connectors/kafka/group_source.py)."""
+
+    def subscribe(self, listener: Any) -> None: ...
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]: ...
+    def position(self) -> Positions: ...
+    def end_positions(self) -> Positions: ...
+    def seek(self, positions: Mapping[TopicPartition, int | None]) -> None: ...
+    def commit(self, positions: Mapping[TopicPartition, int]) -> None: ...
+    def partition_count(self, topic: str) -> int: ...
+    def close(self) -> None: ...
+
+
+class CopartitionError(ValueError):
+    """The impressions and clicks topics (or the samples topic) have partition counts that do not fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinStageSettings:
+    impressions_topic: str = "impressions"
+    clicks_topic: str = "clicks"
+    samples_topic: str = "samples"
+    poll_max_records: int = 4096
+    poll_timeout_s: float = 0.1
+    merge_idle_ms: int = 2_000
+    batch_samples: int = 1024
+    max_delay_ms: int = 200
+    checkpoint_every_s: float = 5.0
+    flush_timeout_s: float = 10.0
+    fingerprint: str = ""
+
+
+class JoinStage:
+    def __init__(
+        self,
+        *,
+        source: GroupSource,
+        samples: Sink,
+        dead_letters: DeadLetterSink,
+        checkpoint_root: str | Path,
+        joiner_config: JoinerConfig,
+        limits: IntakeLimits,
+        settings: JoinStageSettings,
+        clock: Callable[[], int],
+        checker: SpecChecker | None = None,
+        stats: m.MetricsRegistry = m.REGISTRY,
+    ) -> None:
+        self.source = source
+        self.samples = samples
+        self.dead_letters = dead_letters
+        self.root = Path(checkpoint_root) / "join"
+        self.joiner_config = joiner_config
+        self.settings = settings
+        self.clock = clock
+        self.intake = EventIntake(
+            impressions_topic=settings.impressions_topic,
+            clicks_topic=settings.clicks_topic,
+            limits=limits,
+            clock=clock,
+            dead_letters=dead_letters,
+            checker=checker,
+        )
+        self.tasks: dict[int, JoinTask] = {}
+        self.rebalances = 0
+        self.snapshots_written = 0
+        self.samples_sent = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_send: dict[int, float] = {}
+        self._metrics = _JoinMetrics(stats)
+        self._listener_error: BaseException | None = None
+        self._check_partitions()
+        source.subscribe(self)
+
+    # ------------------------------------------------------------------ membership
+    def _check_partitions(self) -> None:
+        s = self.settings
+        counts = {t: self.source.partition_count(t) for t in (s.impressions_topic, s.clicks_topic)}
+        if len(set(counts.values())) != 1:
+            raise CopartitionError(
+                f"impressions and clicks must be co-partitioned (same partition count, keyed by impression "
+                f"id): {counts}"
+            )
+        need = counts[s.impressions_topic]
+        have = self.source.partition_count(s.samples_topic)
+        if have < need:
+            raise CopartitionError(
+                f"the samples topic {s.samples_topic!r} has {have} partitions; it needs at least {need} "
+                f"(one per join task)"
+            )
+
+    def registry(self, partition: int) -> SnapshotRegistry:
+        return SnapshotRegistry(self.root / f"task-{partition:05d}", keep=2)
+
+    def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """The group gave this process these partitions: resume their tasks from their checkpoints.
+        Called inside ``poll``, where a Kafka client would only log an exception: it is kept and
+        raised by ``step`` instead."""
+        try:
+            self._assign(assigned)
+        except BaseException as exc:
+            self._listener_error = exc
+
+    def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """The group takes these partitions away: checkpoint their tasks so the next owner resumes them."""
+        try:
+            self._revoke(revoked)
+        except BaseException as exc:
+            self._listener_error = exc
+
+    def _assign(self, assigned: list[TopicPartition]) -> None:
+        self.rebalances += 1
+        seek: dict[TopicPartition, int | None] = {}
+        for p in sorted({tp.partition for tp in assigned}):
+            if p in self.tasks:
+                continue
+            task = self._new_task(p)
+            self._restore(task)
+            self.tasks[p] = task
+            for tp in task.inputs:
+                seek[tp] = task.positions.get(tp)
+        self.source.seek(seek)
+        self._metrics.tasks.set(len(self.tasks))
+        log.info("tasks assigned", extra={"fields": {"tasks": sorted(self.tasks)}})
+
+    def _revoke(self, revoked: list[TopicPartition]) -> None:
+        gone = sorted({tp.partition for tp in revoked} & set(self.tasks))
+        for p in gone:
+            self._checkpoint(self.tasks[p], advance=False)
+        for p in gone:
+            del self.tasks[p]
+        self._metrics.tasks.set(len(self.tasks))
+        log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
+
+    def _new_task(self, partition: int) -> JoinTask:
+        s = self.settings
+        return JoinTask(
+            partition=partition,
+            impressions_topic=s.impressions_topic,
+            clicks_topic=s.clicks_topic,
+            joiner_config=self.joiner_config,
+            intake=self.intake,
+            clock=self.clock,
+            merge_idle_ms=s.merge_idle_ms,
+        )
+
+    def _restore(self, task: JoinTask) -> None:
+        reg = self.registry(task.partition)
+        if reg.latest_version() is None:
+            return
+        snap = reg.load()  # the newest one that loads; raises when none does
+        fp = snap.meta.get("fingerprint")
+        if fp != self.settings.fingerprint:
+            raise SnapshotError(
+                f"join task {task.partition}: checkpoint made with join config {fp}, this is "
+                f"{self.settings.fingerprint}; use a fresh checkpoint dir"
+            )
+        task.restore(snap.state["state"])
+        log.info(
+            "task restored",
+            extra={"fields": {"task": task.partition, "checkpoint": snap.version, "next_seq": task.next_seq}},
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event, on_step: Callable[[JoinStage], None] | None = None) -> None:
+        while not stop.is_set():
+            self.step()
+            if on_step is not None:
+                on_step(self)
+
+    def step(self) -> int:
+        s = self.settings
+        records = self.source.poll(s.poll_max_records, s.poll_timeout_s)
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
+        if records:
+            self._metrics.consumed(records)
+            by_task: dict[int, list[Record]] = {}
+            for r in records:
+                by_task.setdefault(r.partition, []).append(r)
+            for p, rs in by_task.items():
+                task = self.tasks.get(p)
+                if task is not None:  # records of a partition revoked inside this poll are read again
+                    task.add(rs)
+        fetched = self.source.position()
+        ends = self._ends()
+        processed = 0
+        now = time.monotonic()
+        for task in self.tasks.values():
+            processed += task.process(fetched, ends)
+            while len(task.unsent) >= s.batch_samples:
+                self._send(task, s.batch_samples)
+            if task.unsent and (now - self._last_send.get(task.partition, 0.0)) * 1000 >= s.max_delay_ms:
+                self._send(task, None)
+        if now - self._last_checkpoint >= s.checkpoint_every_s:
+            self.checkpoint_all()
+        self._metrics.publish(self)
+        return processed
+
+    def _ends(self) -> Positions:
+        try:
+            return dict(self.source.end_positions())
+        except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
+            log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
+            return {}
+
+    def _send(self, task: JoinTask, n: int | None) -> None:
+        first, joined = task.take(n)
+        if not joined:
+            return
+        batch = batch_from_joined(joined, task=task.partition, first_seq=first)
+        wm = task.joiner.watermark_ms
+        ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
+        self.samples.send(encode_batch(batch), partition=task.partition, timestamp_ms=ts)  # type: ignore[call-arg]
+        self.samples_sent += len(joined)
+        self._metrics.emitted(joined)
+        self._last_send[task.partition] = time.monotonic()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_all(self) -> None:
+        for task in list(self.tasks.values()):
+            self._checkpoint(task, advance=True)
+        self._last_checkpoint = time.monotonic()
+
+    def _checkpoint(self, task: JoinTask, *, advance: bool) -> None:
+        """Wall-clock actions, then: everything sent so far made durable, the state (with what is emitted
+        but unsent) published, then that unsent output sent, then the offsets committed."""
+        state = task.checkpoint_state(advance=advance)
+        self.samples.flush(self.settings.flush_timeout_s)
+        self.dead_letters.flush(self.settings.flush_timeout_s)
+        meta = {
+            "fingerprint": self.settings.fingerprint,
+            "task": task.partition,
+            "positions": positions_to_json(task.positions),
+            "next_seq": task.next_seq,
+            "watermark_ms": task.joiner.watermark_ms,
+            "pending": task.joiner.pending_count,
+        }
+        self.registry(task.partition).publish({"state": state}, meta)
+        self.snapshots_written += 1
+        while task.unsent:
+            self._send(task, self.settings.batch_samples)
+        try:
+            self.source.commit(dict(task.positions))
+        except Exception as exc:  # noqa: BLE001 - offsets are informational; the checkpoint is the truth
+            log.warning(
+                "offset commit failed", extra={"fields": {"task": task.partition, "error": repr(exc)}}
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Stop: checkpoint every task (unless the sinks cannot flush), then release everything."""
+        saved = True
+        try:
+            if checkpoint:
+                try:
+                    for task in list(self.tasks.values()):
+                        self._checkpoint(task, advance=False)
+                    self.samples.flush(self.settings.flush_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - the previous checkpoints stay the restart point
+                    saved = False
+                    log.error("final checkpoint skipped", extra={"fields": {"error": repr(exc)}})
+        finally:
+            self.source.close()
+            if saved and checkpoint:
+                self.samples.close()
+                self.dead_letters.close()
+            else:
+                _abort(self.samples)
+                _abort(self.dead_letters.sink)
+
+    def abort(self) -> None:
+        """Release everything without saving (after a failure)."""
+        for release in (
+            self.source.close,
+            lambda: _abort(self.samples),
+            lambda: _abort(self.dead_letters.sink),
+        ):
+            try:
+                release()
+            except Exception as exc:  # noqa: BLE001 - tearing down a failed stage
+                log.warning("abort: release failed", extra={"fields": {"error": repr(exc)}})
+
+
+def _abort(sink: Sink | None) -> None:
+    if sink is not None:
+        (getattr(sink, "abort", None) or sink.close)()
+
+
+class _JoinMetrics:
+    """The join stage's counters and gauges (joiner counters as deltas summed over the tasks)."""
+
+    def __init__(self, stats: m.MetricsRegistry) -> None:
+        m.ensure_canonical(stats)
+        g = stats.get
+        self.tasks = g(m.JOIN_TASKS.name)
+        self._events = g(m.EVENTS_CONSUMED.name)
+        self._by_topic: dict[str, Any] = {}
+        self._joined = {
+            0: g(m.JOINED_SAMPLES.name).labels(label="0"),
+            1: g(m.JOINED_SAMPLES.name).labels(label="1"),
+        }
+        self._pending = g(m.JOINER_PENDING.name)
+        self._expired = g(m.JOINER_EXPIRED.name)
+        self._late = g(m.JOINER_LATE_CLICKS.name)
+        self._orphans = g(m.JOINER_ORPHAN_CLICKS.name)
+        self._too_late = g(m.JOINER_TOO_LATE.name)
+        self._dupes = g(m.JOINER_DUPLICATES.name)
+        self._bound = g(m.JOINER_DROPPED_BY_BOUND.name)
+        self._dead = g(m.DEAD_LETTERS.name)
+        self._last: dict[int, dict[str, int]] = {}
+        self._last_dead: dict[str, int] = {}
+
+    def consumed(self, records: list[Record]) -> None:
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.topic] = counts.get(r.topic, 0) + 1
+        for topic, n in counts.items():
+            child = self._by_topic.get(topic)
+            if child is None:
+                child = self._by_topic[topic] = self._events.labels(topic=topic)
+            child.inc(n)
+
+    def emitted(self, joined: list[Any]) -> None:
+        ones = sum(j.label for j in joined)
+        self._joined[1].inc(ones)
+        self._joined[0].inc(len(joined) - ones)
+
+    def publish(self, stage: JoinStage) -> None:
+        self._pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
+        for p, task in stage.tasks.items():
+            now = task.joiner.stats.as_dict()
+            last = self._last.get(p)
+            if last is None:  # a task just taken over: its history was exported by its previous owner
+                self._last[p] = now
+                continue
+            if now == last:
+                continue
+
+            def delta(name: str, now: dict[str, int] = now, last: dict[str, int] = last) -> int:
+                return now[name] - last.get(name, 0)
+
+            self._expired.inc(delta("negatives"))
+            self._late.labels(policy="drop").inc(delta("late_clicks_dropped"))
+            self._late.labels(policy="correct").inc(delta("late_clicks_corrected"))
+            self._orphans.inc(delta("orphan_clicks"))
+            self._too_late.labels(kind="impression").inc(delta("too_late_impressions"))
+            self._too_late.labels(kind="click").inc(delta("too_late_clicks"))
+            self._dupes.labels(kind="impression").inc(delta("duplicate_impressions"))
+            self._dupes.labels(kind="click").inc(delta("duplicate_clicks"))
+            self._bound.inc(delta("evicted_pending") + delta("expired_ttl"))
+            self._last[p] = now
+        for p in set(self._last) - set(stage.tasks):
+            del self._last[p]
+        dead = stage.dead_letters.counts
+        if dead != self._last_dead:
+            for reason, n in dead.items():
+                d = n - self._last_dead.get(reason, 0)
+                if d:
+                    self._dead.labels(reason=reason).inc(d)
+            self._last_dead = dict(dead)

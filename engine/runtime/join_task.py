@@ -1,0 +1,121 @@
+"""One join task: partition p of the impressions topic joined with partition p of the clicks topic.
+
+Impressions and clicks are keyed by impression id, so with the same partition count on both topics an
+impression and its clicks share a partition number: the join of partition p needs nothing from any
+other partition, and tasks can live in different processes (engine/runtime/join_stage.py).
+
+A task merges its two partitions by record timestamp (exact, with the log end offsets), passes each
+record through the intake (decode once, limits, dead letters) and the joiner, and numbers what the
+joiner emits: ``seq`` 0, 1, 2, ... for the life of the task. Its state (joiner, input positions, next
+seq, emitted-but-unsent samples) is plain data for a checkpoint.
+
+Determinism, which exactly-once downstream rests on: between two checkpoints the output is a function
+of the checkpoint and the input alone. The only wall-clock actions of a joiner (the idle watermark and
+the TTL, ``Joiner.advance``) are therefore taken only inside ``checkpoint_state(advance=True)``, and
+what they emit is stored in that checkpoint before it is sent. Restored after a crash, a task emits the
+very samples with the very numbers it emitted before, and the train stage drops the ones it already
+trained by ``(task, seq)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from connectors.base import Positions, Record, TopicPartition, positions_from_json, positions_to_json
+from engine.events.schema import Impression
+from engine.join.joiner import Joined, Joiner, JoinerConfig
+from engine.runtime.intake import EventIntake
+from engine.runtime.merge import RecordMerger
+
+STATE_FORMAT = 1
+
+
+class JoinTask:
+    def __init__(
+        self,
+        *,
+        partition: int,
+        impressions_topic: str,
+        clicks_topic: str,
+        joiner_config: JoinerConfig,
+        intake: EventIntake,
+        clock: Callable[[], int],
+        merge_idle_ms: int = 2_000,
+    ) -> None:
+        self.partition = partition
+        self.inputs = (TopicPartition(impressions_topic, partition), TopicPartition(clicks_topic, partition))
+        self.intake = intake
+        self.clock = clock
+        self.joiner = Joiner(joiner_config, clock=clock)
+        self.merger = RecordMerger(self.inputs, idle_ms=merge_idle_ms, clock=clock)
+        self.positions: Positions = {}
+        self.sent = 0  # samples handed out by take(): the seq of the first unsent one
+        self.unsent: list[Joined] = []  # emitted, not handed out yet: seqs sent, sent + 1, ...
+        self.records_processed = 0
+
+    @property
+    def next_seq(self) -> int:
+        return self.sent + len(self.unsent)
+
+    # ------------------------------------------------------------------ input
+    def add(self, records: list[Record]) -> None:
+        self.merger.add(records)
+
+    def process(
+        self, fetched: Mapping[TopicPartition, int], ends: Mapping[TopicPartition, int] | None
+    ) -> int:
+        """Release what the merge can order exactly and join it; returns the records processed.
+        ``fetched``: the consumer's next offset per input partition; ``ends``: the log end offsets
+        (``{}`` when unknown: then nothing is released past a partition with nothing buffered)."""
+        released = self.merger.release(fetched, ends)
+        if not released:
+            return 0
+        joiner = self.joiner
+        out = self.unsent
+        for r, ev in self.intake.events(released):
+            if ev is not None:
+                if type(ev) is Impression:
+                    out += joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
+                else:
+                    out += joiner.on_click(ev.impression_id, ev.event_time_ms)
+            self.positions[TopicPartition(r.topic, r.partition)] = r.offset + 1
+        self.records_processed += len(released)
+        return len(released)
+
+    # ------------------------------------------------------------------ output
+    def take(self, max_samples: int | None = None) -> tuple[int, list[Joined]]:
+        """(first seq, samples) of up to ``max_samples`` emitted samples not handed out yet, in order."""
+        n = len(self.unsent) if max_samples is None else min(max_samples, len(self.unsent))
+        first = self.sent
+        taken, self.unsent = self.unsent[:n], self.unsent[n:]
+        self.sent += n
+        return first, taken
+
+    # ------------------------------------------------------------------ checkpoint
+    def checkpoint_state(self, *, advance: bool) -> dict[str, Any]:
+        """The state to save now. ``advance``: first let wall-clock time act on the joiner (idle
+        watermark, TTL); what that emits is in the returned state, so it is sent after the save."""
+        if advance:
+            self.unsent += self.joiner.advance()
+        return {
+            "format": STATE_FORMAT,
+            "partition": self.partition,
+            "joiner": self.joiner.snapshot(),
+            "positions": positions_to_json(self.positions),
+            "sent": self.sent,
+            "unsent": [
+                [j.impression_id, j.event_time_ms, j.payload, j.label, j.is_correction] for j in self.unsent
+            ],
+            "records_processed": self.records_processed,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT or int(state["partition"]) != self.partition:
+            raise ValueError(f"join task {self.partition}: unusable checkpoint state")
+        self.joiner = Joiner.restore(state["joiner"], clock=self.clock, config=self.joiner.config)
+        self.positions = positions_from_json(state["positions"])
+        self.sent = int(state["sent"])
+        self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
+        self.records_processed = int(state["records_processed"])
+        self.merger = RecordMerger(self.inputs, idle_ms=self.merger.idle_ms, clock=self.clock)

@@ -1,0 +1,90 @@
+"""Where a stage resumes from: the newest period snapshot or checkpoint that loads.
+
+Order, newest first: per period snapshot (model version) V, the checkpoints written after V (a graceful
+stop's final save, which takes no version), then V itself. A restore point that fails to load or to
+apply is refused and the next older one tried; when points exist and none works the stage refuses to
+start from scratch (``NoUsableSnapshot``), which would silently retrain everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Literal, NamedTuple
+
+from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+
+log = logging.getLogger("reloop.restore")
+SaveKind = Literal["snapshot", "checkpoint"]
+
+
+class SnapshotMismatch(RuntimeError):
+    """The newest snapshot was made with a different training configuration."""
+
+
+class NoUsableSnapshot(SnapshotError):
+    """Snapshots exist but none loads: starting from scratch would silently retrain everything."""
+
+
+class RestorePoint(NamedTuple):
+    kind: SaveKind
+    number: int  # version (snapshot) or checkpoint number
+    base_version: int  # the period snapshot this state follows (== number for a snapshot)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.number}"
+
+    def load(self, registry: SnapshotRegistry) -> Snapshot:
+        target = registry.checkpoints if self.kind == "checkpoint" else registry
+        return target.load(self.number)
+
+
+def restore_points(registry: SnapshotRegistry) -> Iterator[RestorePoint]:
+    checkpoints: dict[int, list[int]] = {}
+    for c in reversed(registry.checkpoints.versions()):
+        try:
+            base = registry.checkpoints.manifest(c)["meta"].get("base_version")
+        except SnapshotError as exc:
+            log.error("refusing checkpoint", extra={"fields": {"checkpoint": c, "error": str(exc)}})
+            continue
+        if isinstance(base, int):
+            checkpoints.setdefault(base, []).append(c)
+    for v in reversed(registry.versions()):
+        for c in checkpoints.get(v, []):
+            yield RestorePoint("checkpoint", c, v)
+        yield RestorePoint("snapshot", v, v)
+
+
+def restore_newest(
+    registry: SnapshotRegistry,
+    apply: Callable[[RestorePoint, Snapshot], None],
+    on_refused: Callable[[RestorePoint, BaseException], None] | None = None,
+) -> RestorePoint | None:
+    """Apply the newest restore point that loads and applies; None when the registry is empty."""
+    refused: list[str] = []
+    for point in restore_points(registry):
+        try:
+            apply(point, point.load(registry))
+        except SnapshotMismatch:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
+            refused.append(f"{point}: {exc!r:.300}")
+            if on_refused is not None:
+                on_refused(point, exc)
+            log.error(
+                "refusing restore point, falling back",
+                extra={"fields": {"kind": point.kind, "number": point.number, "error": repr(exc)}},
+            )
+            continue
+        if refused:
+            log.error(
+                "restored from an older restore point",
+                extra={"fields": {"restored": str(point), "refused": refused}},
+            )
+        return point
+    if refused:
+        raise NoUsableSnapshot(
+            f"no snapshot under {registry.root} loads; refusing to start from scratch "
+            f"(refused: {'; '.join(refused)})"
+        )
+    return None

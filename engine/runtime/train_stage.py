@@ -1,0 +1,447 @@
+"""`reloop train`: the train stage. Columnar sample batches in, model versions out.
+
+It reads the samples topic (engine/events/sample_batch.py), one Arrow message per batch of samples:
+no Python object per sample anywhere on the way (features are read from the Arrow buffers by the
+featurizer, labels and served predictions as numpy columns). Messages from several partitions are
+merged by record timestamp (exact, with the log end offsets), so the training order is a function of
+the topic's content.
+
+Exactly once: per join task the stage keeps the highest ``seq`` it has taken; rows at or below it are
+dropped (a join task resumed from its checkpoint sends again what it had sent after it). A seq that
+jumps (a gap) would mean samples never reached the topic: counted in ``seq_gaps`` and logged, never
+silently. Its snapshot holds the model, optimizer, trainer state, the samples taken but not trained
+yet, the positions in the samples topic and the per-task seqs, so a restart resumes exactly; period
+snapshots and graceful-stop checkpoints work as in the single-process pipeline (engine/runtime/
+restore.py), and a bad message goes to the dead-letter topic with its reason while the rest of its
+partition is trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from connectors.base import Positions, Record, Source, TopicPartition, positions_from_json, positions_to_json
+from connectors.deadletter import DeadLetterSink
+from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
+from engine.events.validation import EventError
+from engine.features.featurizer import FeatureBatch
+from engine.metrics import registry as m
+from engine.metrics.online import OnlineMetricsBook
+from engine.runtime.merge import RecordMerger
+from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from engine.train.ledger import Ledger
+from engine.train.period import PeriodTrigger
+from engine.train.stream import SampleColumns, StepResult, StreamTrainer
+
+log = logging.getLogger("reloop.train")
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TrainStageSettings:
+    samples_topic: str = "samples"
+    poll_max_records: int = 64  # messages (each ~ one batch of samples)
+    poll_timeout_s: float = 0.1
+    merge_idle_ms: int = 2_000
+    fingerprint: str = ""
+    allow_fingerprint_change: bool = False
+    flush_timeout_s: float = 10.0
+
+
+class TrainStage:
+    def __init__(
+        self,
+        *,
+        source: Source,
+        trainer: StreamTrainer,
+        registry: SnapshotRegistry,
+        period: PeriodTrigger,
+        settings: TrainStageSettings,
+        clock: Callable[[], int],
+        dead_letters: DeadLetterSink | None = None,
+        served_metrics: OnlineMetricsBook | None = None,
+        ledger: Ledger | None = None,
+        commit: Callable[[Positions], None] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        stats: m.MetricsRegistry = m.REGISTRY,
+    ) -> None:
+        self.source = source
+        self.trainer = trainer
+        self.registry = registry
+        self.period = period
+        self.settings = settings
+        self.clock = clock
+        self.dead_letters = dead_letters or DeadLetterSink()
+        self.served_metrics = served_metrics or OnlineMetricsBook()
+        self.ledger = ledger
+        self.commit = commit
+        self.meta = dict(meta or {})
+        self.version: int | None = None
+        self.snapshots_written = 0
+        self.restore_fallbacks = 0
+        self.restored_from: str | None = None
+        self.records_processed = 0
+        self.duplicates_dropped = 0
+        self.seq_gaps = 0
+        self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
+        self._buffer: list[SampleBatch] = []
+        self._buffered = 0
+        self._positions: Positions = {}
+        self._event_time_ms: int | None = None  # newest event time trained: drives event-time periods
+        self._merger: RecordMerger | None = None
+        self._opened = False
+        self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
+        self._restore_latest()
+
+    # ------------------------------------------------------------------ restore
+    def _restore_latest(self) -> None:
+        def refused(point: RestorePoint, exc: BaseException) -> None:
+            self.restore_fallbacks += 1
+            self._metrics.fallbacks.inc()
+
+        if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
+            self.ledger.truncate(0)
+
+    def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
+        meta = snap.meta
+        fp = meta.get("fingerprint")
+        if fp != self.settings.fingerprint and not self.settings.allow_fingerprint_change:
+            raise SnapshotMismatch(
+                f"{point} was made with config fingerprint {fp}, this config is {self.settings.fingerprint}; "
+                f"use a fresh checkpoint dir or allow_fingerprint_change"
+            )
+        state = snap.state["state"]
+        if state.get("format") != STATE_FORMAT or state.get("stage") != "train":
+            raise SnapshotError(f"{point}: not a train-stage state")
+        learner = self.trainer.learner
+        previous = None
+        if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
+            learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
+            previous = learner.clone_frozen()
+        learner.load_state_dict(snap.state["model"])
+        buffer = [decode_batch(data) for data in state["buffer"]]
+        served = OnlineMetricsBook.restore(
+            state["served_metrics"],
+            window_size=self.served_metrics.window_size,
+            max_versions=self.served_metrics.max_versions,
+        )
+        self.trainer.restore(state["trainer"], point.base_version)
+        if previous is not None:
+            self.trainer.prev_model = previous
+        self.period.restore(state["period"], now_ms=self.clock())
+        self.served_metrics = served
+        self._buffer = buffer
+        self._buffered = sum(len(b) for b in buffer)
+        self._taken = {int(k): int(v) for k, v in state["taken"].items()}
+        self._event_time_ms = state["event_time_ms"]
+        self._positions = positions_from_json(meta["positions"])
+        if self.ledger is not None:
+            self.ledger.truncate(int(state["ledger_bytes"]))
+        self.version = point.base_version
+        self.restored_from = str(point)
+        log.info(
+            "restored",
+            extra={"fields": {"from": self.restored_from, "samples_trained": self.trainer.counters.samples}},
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def open(self) -> None:
+        if self._opened:
+            return
+        self.source.open(self._positions or None)
+        if not self._positions:
+            self._positions = dict(self.source.position())
+        self._merger = RecordMerger(
+            self.source.partitions(), idle_ms=self.settings.merge_idle_ms, clock=self.clock
+        )
+        self._opened = True
+
+    def run(self, stop: threading.Event, on_step: Callable[[TrainStage], None] | None = None) -> None:
+        self.open()
+        while not stop.is_set():
+            self.step()
+            if on_step is not None:
+                on_step(self)
+
+    def step(self) -> int:
+        self.open()
+        assert self._merger is not None
+        records = self.source.poll(self.settings.poll_max_records, self.settings.poll_timeout_s)
+        if records:
+            self._merger.add(records)
+        released = self._merger.release(self.source.position(), self._ends())
+        for r in released:
+            self._take(r)
+        if self.period.every_wall_s is not None:
+            self._maybe_snapshot()
+        self._metrics.publish(self)
+        return len(released)
+
+    def _ends(self) -> Positions | None:
+        end = getattr(self.source, "end_positions", None)
+        if end is None:
+            return None
+        try:
+            return dict(end())
+        except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
+            log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
+            return {}
+
+    def _take(self, record: Record) -> None:
+        try:
+            batch = decode_batch(record.value)
+        except EventError as exc:
+            self.dead_letters.send(record, exc)
+            batch = None
+        if batch is not None and len(batch):
+            last = self._taken.get(batch.task, -1)
+            seqs = batch.seqs()
+            if seqs[0] > last + 1:
+                self.seq_gaps += 1
+                log.error(
+                    "samples missing from the topic",
+                    extra={"fields": {"task": batch.task, "expected_seq": last + 1, "got_seq": int(seqs[0])}},
+                )
+            new = seqs > last
+            k = int(new.sum())
+            self.duplicates_dropped += len(batch) - k
+            if k:
+                if k < len(batch):
+                    batch = batch.take(np.flatnonzero(new))
+                self._taken[batch.task] = int(seqs[-1])
+                self._buffer.append(batch)
+                self._buffered += k
+        self._positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        self.records_processed += 1
+        bs = self.trainer.config.batch_size
+        while self._buffered >= bs:
+            self._train(self._cut(bs))
+            self._maybe_snapshot()
+
+    def _cut(self, n: int) -> list[SampleBatch]:
+        """The first ``n`` buffered rows, as pieces of the buffered batches (in order)."""
+        pieces: list[SampleBatch] = []
+        need = n
+        while need:
+            head = self._buffer[0]
+            if len(head) <= need:
+                pieces.append(self._buffer.pop(0))
+                need -= len(head)
+            else:
+                pieces.append(head.take(np.arange(need)))
+                self._buffer[0] = head.take(np.arange(need, len(head)))
+                need = 0
+        self._buffered -= n
+        return pieces
+
+    def train_remaining(self) -> StepResult | None:
+        """Train the partial batch now (end of a bounded replay; a live run carries it in its snapshot)."""
+        if not self._buffered:
+            return None
+        return self._train(self._cut(self._buffered))
+
+    def _train(self, pieces: list[SampleBatch]) -> StepResult:
+        fz = self.trainer.featurizer
+        batches = [fz.transform_columns(p.features(), rows=len(p)) for p in pieces]
+        features = batches[0] if len(batches) == 1 else FeatureBatch.concat(batches)
+
+        def col(name: str) -> np.ndarray:
+            parts = [p.numpy(name) for p in pieces]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        cols = SampleColumns(
+            labels=col("label").astype(np.float32),
+            served=col("served_prediction").astype(np.float32),
+            versions=col("served_version"),
+            corrections=col("is_correction").astype(bool),
+            weights=col("weight").astype(np.float32),
+        )
+        arms = col("arm")
+        newest = int(col("event_time_ms").max())
+        if self._event_time_ms is None or newest > self._event_time_ms:
+            self._event_time_ms = newest
+        self.served_metrics.update_columns(
+            arms, cols.versions, cols.labels.astype(np.int64), col("served_prediction"), cols.corrections
+        )
+        result = self.trainer.train_columns(features, cols)
+        if self.ledger is not None:
+            ids = [i for p in pieces for i in p.sample_ids()]
+            self.ledger.append_columns(
+                self.trainer.counters.steps, ids, cols.labels.astype(int).tolist(), cols.corrections.tolist()
+            )
+        self._metrics.trained(result)
+        return result
+
+    # ------------------------------------------------------------------ snapshots
+    def _maybe_snapshot(self) -> None:
+        if self.period.due(
+            samples=self.trainer.counters.samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+        ):
+            self.snapshot()
+
+    def snapshot(self, *, kind: SaveKind = "snapshot") -> int:
+        """Publish the state as the next model version (a period boundary) or as a checkpoint."""
+        self.dead_letters.flush(self.settings.flush_timeout_s)
+        ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
+        positions = dict(self._positions)
+        boundary = kind == "snapshot"
+        period_before = self.period.state()
+        if boundary:
+            self.period.mark(
+                samples=self.trainer.counters.samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+            )
+        state = {
+            "format": STATE_FORMAT,
+            "stage": "train",
+            "trainer": self.trainer.state(),
+            "served_metrics": self.served_metrics.snapshot(),
+            "buffer": [encode_batch(b) for b in self._buffer],
+            "taken": {str(k): v for k, v in self._taken.items()},
+            "event_time_ms": self._event_time_ms,
+            "period": self.period.state(),
+            "ledger_bytes": ledger_bytes,
+        }
+        meta = {
+            **self.meta,
+            "kind": kind,
+            "stage": "train",
+            "fingerprint": self.settings.fingerprint,
+            "positions": positions_to_json(positions),
+            "samples_trained": self.trainer.counters.samples,
+            "steps": self.trainer.counters.steps,
+            "buffered_samples": self._buffered,
+            "taken": {str(k): v for k, v in self._taken.items()},
+            "previous_version": self.version,
+        }
+        if not boundary:
+            meta["base_version"] = self.version
+        target = self.registry if boundary else self.registry.checkpoints
+        try:
+            number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
+        except BaseException:
+            self.period.restore(period_before, now_ms=self.clock())
+            raise
+        self.snapshots_written += 1
+        if boundary:
+            self.version = number
+            self.trainer.on_snapshot(number)
+            self._metrics.snapshotted(number)
+        if self.commit is not None:
+            try:
+                self.commit(positions)
+            except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
+                log.warning("offset commit failed", extra={"fields": {"number": number, "error": repr(exc)}})
+        log.info(
+            kind,
+            extra={
+                "fields": {
+                    "number": number,
+                    "version": self.version,
+                    "samples_trained": self.trainer.counters.samples,
+                }
+            },
+        )
+        return number
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, *, final: SaveKind | None = "checkpoint") -> int | None:
+        number = None
+        saved = True
+        try:
+            if final is not None and self._opened:
+                try:
+                    number = self.snapshot(kind=final)
+                except Exception as exc:  # noqa: BLE001 - the previous snapshot stays the restart point
+                    saved = False
+                    log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
+        finally:
+            self.source.close()
+            if saved:
+                self.dead_letters.close()
+            elif self.dead_letters.sink is not None:
+                (getattr(self.dead_letters.sink, "abort", None) or self.dead_letters.sink.close)()
+            if self.ledger is not None:
+                self.ledger.close()
+        return number
+
+    def abort(self) -> None:
+        for release in (self.source.close, self._abort_dead_letters):
+            try:
+                release()
+            except Exception as exc:  # noqa: BLE001 - tearing down a failed stage
+                log.warning("abort: release failed", extra={"fields": {"error": repr(exc)}})
+        if self.ledger is not None:
+            self.ledger.close()
+
+    def _abort_dead_letters(self) -> None:
+        sink = self.dead_letters.sink
+        if sink is not None:
+            (getattr(sink, "abort", None) or sink.close)()
+
+    @property
+    def positions(self) -> Positions:
+        return dict(self._positions)
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffered
+
+
+class _TrainMetrics:
+    def __init__(self, stats: m.MetricsRegistry, *, wall_period_s: float | None) -> None:
+        m.ensure_canonical(stats)
+        g = stats.get
+        self._steps = g(m.TRAIN_STEPS.name)
+        self._samples = g(m.TRAIN_SAMPLES.name)
+        self._loss = g(m.TRAIN_LOSS.name)
+        self._sc_active = g(m.TRAIN_SC_ACTIVE.name)
+        self._snap_version = g(m.SNAPSHOT_VERSION.name)
+        self._snap_time = g(m.SNAPSHOT_TIMESTAMP.name)
+        self._snap_period = g(m.SNAPSHOT_PERIOD.name)
+        self._snaps = g(m.SNAPSHOTS.name)
+        self._dupes = g(m.TRAIN_DUPLICATES.name)
+        self._dead = g(m.DEAD_LETTERS.name)
+        self.fallbacks = g(m.SNAPSHOT_RESTORE_FALLBACKS.name)
+        self._wall_period_s = wall_period_s
+        if wall_period_s is not None:
+            self._snap_period.set(wall_period_s)
+        self._last_snap_wall: float | None = None
+        self._last_dupes = 0
+        self._last_dead: dict[str, int] = {}
+
+    def trained(self, result: StepResult) -> None:
+        self._steps.inc()
+        self._samples.inc(result.n)
+        loss = result.loss
+        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd), ("total", loss.total)):
+            self._loss.labels(part=part).set(value)
+        self._sc_active.set(loss.sc_active_fraction)
+
+    def snapshotted(self, version: int) -> None:
+        now = time.time()
+        self._snap_version.set(version)
+        self._snap_time.set(now)
+        self._snaps.inc()
+        if self._wall_period_s is None and self._last_snap_wall is not None:
+            self._snap_period.set(now - self._last_snap_wall)
+        self._last_snap_wall = now
+
+    def publish(self, stage: TrainStage) -> None:
+        if stage.duplicates_dropped != self._last_dupes:
+            self._dupes.inc(stage.duplicates_dropped - self._last_dupes)
+            self._last_dupes = stage.duplicates_dropped
+        dead = stage.dead_letters.counts
+        if dead != self._last_dead:
+            for reason, n in dead.items():
+                d = n - self._last_dead.get(reason, 0)
+                if d:
+                    self._dead.labels(reason=reason).inc(d)
+            self._last_dead = dict(dead)

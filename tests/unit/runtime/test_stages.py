@@ -1,0 +1,288 @@
+"""The two-stage data plane on memory connectors: join stage -> samples topic (Arrow) -> train stage.
+
+Ground truth, exactly-once across a join crash (dedup by task and seq), resume equality for both
+stages, bad samples messages dead-lettered, co-partitioning checked. The Kafka versions of these are
+in tests/integration/test_stages_kafka.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from connectors.base import TopicPartition
+from connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
+from engine.events.sample_batch import decode_batch
+from engine.metrics.registry import MetricsRegistry
+from engine.runtime.build import build_join_stage, build_train_stage
+from engine.runtime.clock import ManualClock
+from engine.runtime.config import load_config_dict
+from engine.runtime.join_stage import CopartitionError
+from engine.runtime.synthetic import SPEC, generate
+from engine.train.ledger import Ledger
+
+BATCH = 16
+START = 1_700_000_000_000
+
+
+class EndAware(MemorySource):
+    def end_positions(self):
+        return {tp: len(self.log._data[tp]) for tp in self.partitions()}
+
+
+def _config(tmp_path, **over):
+    data = {
+        "join": {
+            "window_ms": 2_000,
+            "allowed_lateness_ms": 200,
+            "click_grace_ms": 1_000,
+            "idle_timeout_ms": 10**9,
+            "retention_ms": 5_000,
+            "late_click_policy": "correct",
+        },
+        "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+        "train": {"batch_size": BATCH, "deterministic": True},
+        "period": {"every_samples": 4 * BATCH},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "keep": 50, "ledger": str(tmp_path / "ledger.jsonl")},
+        "source": {"poll_max_records": 37},
+        "stages": {
+            "samples_topic": "samples",
+            "batch_samples": 10,
+            "max_delay_ms": 0,
+            "join_checkpoint_every_s": 3600,
+            "train_poll_messages": 2,
+        },
+    }
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v}
+    return load_config_dict(data, env={})
+
+
+def _log(synth, partitions: int = 1) -> MemoryLog:
+    log = MemoryLog()
+    for topic in ("impressions", "clicks", "samples", "dead"):
+        log.create(topic, partitions)
+    for r in synth.records:
+        log.append(
+            "impressions" if r.topic_kind == "impression" else "clicks", r.value, r.key, r.timestamp_ms
+        )
+    # Each join task's watermark moves with its own partition: one far-future sentinel per partition
+    # closes every window (the generator's own sentinel reaches only one partition).
+    sentinel = next(r for r in synth.records if r.key == synth.sentinel_id.encode())
+    for p in range(partitions):
+        value = sentinel.value.replace(b'"sentinel"', f'"sentinel-{p}"'.encode())
+        log.append("impressions", value, f"sentinel-{p}".encode(), sentinel.timestamp_ms, p)
+    return log
+
+
+def _join(cfg, log, clock, tmp):
+    return build_join_stage(
+        cfg,
+        source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"),
+        dead_letter_sink=MemorySink(log, "dead"),
+        clock=clock,
+        stats=MetricsRegistry(),
+        checkpoint_dir=tmp / "join-ckpt",
+    )
+
+
+def _join_done(stage, log) -> bool:
+    ends = {tp: len(log._data[tp]) for topic in ("impressions", "clicks") for tp in log.partitions(topic)}
+    return all(
+        t.positions.get(tp, 0) >= ends[tp] for t in stage.tasks.values() for tp in t.inputs
+    ) and not any(t.unsent for t in stage.tasks.values())
+
+
+def _run_join(stage, log, clock, max_steps=5000) -> None:
+    for _ in range(max_steps):
+        stage.step()
+        clock.advance(10)
+        if stage.tasks and _join_done(stage, log):
+            return
+    raise AssertionError("join stage did not reach the end of its input")
+
+
+def _train(cfg, log, clock, tmp):
+    return build_train_stage(
+        cfg,
+        source=EndAware(log, ["samples"]),
+        clock=clock,
+        stats=MetricsRegistry(),
+        checkpoint_dir=tmp / "train-ckpt",
+    )
+
+
+def _run_train(stage, log, clock, max_steps=5000) -> None:
+    ends = {tp: len(log._data[tp]) for tp in log.partitions("samples")}
+    for _ in range(max_steps):
+        stage.step()
+        clock.advance(10)
+        if all(stage.positions.get(tp, 0) >= n for tp, n in ends.items()):
+            return
+    raise AssertionError("train stage did not reach the end of the samples topic")
+
+
+def _samples_on_topic(log):
+    out = []
+    for tp in log.partitions("samples"):
+        for rec in log.read(tp, 0, 10**9):
+            out += decode_batch(rec.value).to_samples()
+    return out
+
+
+def _ledger(tmp):
+    return [(sid, corr) for _, sid, _, corr in Ledger.read(tmp / "ledger.jsonl")]
+
+
+def _weights(stage):
+    return {k: v.clone() for k, v in stage.trainer.learner.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_two_stages_reproduce_the_ground_truth(tmp_path, partitions):
+    synth = generate(500, seed=3, pad_to_multiple=BATCH)
+    log = _log(synth, partitions)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    join = _join(cfg, log, clock, tmp_path)
+    _run_join(join, log, clock)
+    assert sorted(join.tasks) == list(range(partitions))
+    got = _samples_on_topic(log)
+    assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
+    assert len(got) == len(synth.expected)  # no duplicates on the topic without a crash
+    assert join.dead_letters.total == synth.malformed
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    assert train.trainer.counters.samples == len(synth.expected)
+    train.close()
+    join.close()
+    assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
+
+
+def test_a_join_crash_is_deduplicated_and_training_equals_the_uninterrupted_run(tmp_path):
+    synth = generate(700, seed=5, pad_to_multiple=4 * BATCH)
+    clock = ManualClock(START)
+    ref_log = _log(synth)
+    ref_cfg = _config(tmp_path / "ref")
+    _run_join(_join(ref_cfg, ref_log, clock, tmp_path / "ref"), ref_log, clock)
+    ref = _train(ref_cfg, ref_log, clock, tmp_path / "ref")
+    _run_train(ref, ref_log, clock)
+
+    log = _log(synth)
+    cfg = _config(tmp_path / "crash")
+    join = _join(cfg, log, clock, tmp_path / "crash")
+    for _ in range(12):  # some output sent and checkpointed ...
+        join.step()
+        clock.advance(10)
+    join.checkpoint_all()
+    for _ in range(15):  # ... then more sent after the checkpoint, then a crash (no close)
+        join.step()
+        clock.advance(10)
+    sent_before_crash = join.samples_sent
+    join.abort()
+    again = _join(cfg, log, clock, tmp_path / "crash")
+    _run_join(again, log, clock)
+    on_topic = _samples_on_topic(log)
+    assert len(on_topic) > len(synth.expected)  # the resumed task sent part of its output again
+    assert sent_before_crash > 0
+    train = _train(cfg, log, clock, tmp_path / "crash")
+    _run_train(train, log, clock)
+    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
+    assert train.seq_gaps == 0
+    train.close(final=None)
+    keys = _ledger(tmp_path / "crash")
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+    a, b = _weights(ref), _weights(train)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_train_crash_resumes_to_the_same_weights(tmp_path):
+    synth = generate(600, seed=9, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    ref_cfg = _config(tmp_path / "ref")
+    ref = _train(ref_cfg, log, clock, tmp_path / "ref")
+    _run_train(ref, log, clock)
+
+    train = _train(cfg, log, clock, tmp_path)
+    crashes = 0
+    seen = train.version
+    ends = {tp: len(log._data[tp]) for tp in log.partitions("samples")}
+    while not all(train.positions.get(tp, 0) >= n for tp, n in ends.items()):
+        train.step()
+        clock.advance(10)
+        if crashes < 3 and train.version != seen:  # a crash soon after each of the first new versions
+            train.step()
+            train.abort()
+            train = _train(cfg, log, clock, tmp_path)
+            seen = train.version
+            crashes += 1
+    assert crashes == 3
+    train.close(final=None)
+    a, b = _weights(ref), _weights(train)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) == ref.trainer.counters.samples
+
+
+def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_path):
+    synth = generate(300, seed=2, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    log.append("samples", b"\x00 not arrow", b"k", START)
+    dead = MemorySink(log, "dead")
+    train = build_train_stage(
+        cfg,
+        source=EndAware(log, ["samples"]),
+        dead_letter_sink=dead,
+        clock=clock,
+        stats=MetricsRegistry(),
+        checkpoint_dir=tmp_path / "train",
+    )
+    _run_train(train, log, clock)
+    train.train_remaining()
+    train.close(final=None)
+    assert train.dead_letters.counts == {"malformed": 1}
+    assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
+
+
+def test_topics_that_are_not_co_partitioned_are_refused(tmp_path):
+    log = MemoryLog()
+    log.create("impressions", 2)
+    log.create("clicks", 3)
+    log.create("samples", 3)
+    with pytest.raises(CopartitionError, match="co-partitioned"):
+        _join(_config(tmp_path), log, ManualClock(START), tmp_path)
+    log2 = MemoryLog()
+    log2.create("impressions", 2)
+    log2.create("clicks", 2)
+    log2.create("samples", 1)
+    with pytest.raises(CopartitionError, match="samples topic"):
+        _join(_config(tmp_path), log2, ManualClock(START), tmp_path)
+
+
+def test_revoked_tasks_are_checkpointed_and_resume_elsewhere(tmp_path):
+    synth = generate(400, seed=7, pad_to_multiple=BATCH)
+    log = _log(synth, 2)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    first = _join(cfg, log, clock, tmp_path)
+    for _ in range(10):
+        first.step()
+        clock.advance(10)
+    first.source.revoke_all()  # a rebalance: every task checkpointed and dropped
+    assert not first.tasks
+    second = _join(cfg, log, clock, tmp_path)  # the new owner, same checkpoint folder
+    _run_join(second, log, clock)
+    got = _samples_on_topic(log)
+    assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
+    assert len(got) == len(synth.expected)  # a clean hand-over sends nothing twice
+    assert TopicPartition("impressions", 0) in second.tasks[0].inputs
