@@ -248,6 +248,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_command(argv: list[str]) -> str:
+    """The command for the report, with the dataset path as ``$DATA/...`` when it lies under a folder named
+    ``data`` (where it sits on this machine is no business of the report's reader)."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        if a == "--report-only":
+            continue
+        parts = Path(a).parts
+        if i > 0 and argv[i - 1] == "--data" and "data" in parts:
+            rel = "/".join(parts[len(parts) - parts[::-1].index("data") :])
+            out.append("$DATA/" + shlex.quote(rel))
+        else:
+            out.append(shlex.quote(a))
+    return " ".join(out)
+
+
 def _half(h: float) -> float:
     return 0.0 if math.isnan(h) else h
 
@@ -292,9 +308,11 @@ def write_report(
         if time_kind == "pseudo"
         else f"Periods: `{args.period}` of event time."
     )
+    command = _shown_command(sys.argv[2:])
+    data_note = " (`$DATA`: the folder that holds the datasets)" if "$DATA/" in command else ""
     text = f"""# Backtest: {args.title or args.dataset}
 
-Command: `reloop backtest {shlex.join(a for a in sys.argv[2:] if a != "--report-only")}`
+Command: `reloop backtest {command}`{data_note}
 
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
