@@ -101,7 +101,8 @@ class ScoreRoute:
                 more = message.get("more_body", False)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         status, content = (413, too_large(limit)) if status == 413 else score_body(self.service, body)
-        await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+        headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,6 +42,12 @@ class ArmConfig(_Frozen):
 
 class LogConfig(_Frozen):
     enabled: bool = True
+    client: Literal["confluent", "kafka-python"] = Field(
+        default="confluent",
+        description="confluent: requests put events straight into librdkafka's queue (C threads do the "
+        "rest); kafka-python: a Python drain thread and kafka-python's sender (they compete with "
+        "scoring for the GIL; docs/bench-serve.md)",
+    )
     max_buffer: int = Field(default=100_000, ge=1)
     batch_size: int = Field(default=500, ge=1)
     linger_s: float = Field(default=0.02, ge=0)
@@ -64,8 +70,11 @@ class RequestLimits(_Frozen):
 
 class KafkaConfig(_Frozen):
     bootstrap: str | None = None
-    # Passed through to the client untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
+    # Passed through to kafka-python untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
     settings: dict[str, Any] = Field(default_factory=dict)
+    # Passed through to confluent-kafka untouched, librdkafka names (security.protocol, sasl.mechanism,
+    # ssl.ca.location, ...): the names differ between the clients, so each has its own mapping.
+    confluent_settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class ServeConfig(_Frozen):

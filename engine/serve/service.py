@@ -25,6 +25,7 @@ from engine.serve.arms import ArmRouter
 from engine.serve.bundle import ModelBundle, ModelHolder
 from engine.serve.config import RequestLimits
 from engine.serve.impression_log import ImpressionLogger
+from engine.serve.producer_log import ProducerLogger
 from engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
 
 
@@ -44,7 +45,7 @@ class BadRequest(ValueError):
 class ArmRuntime:
     name: str
     holder: ModelHolder
-    logger: ImpressionLogger | None = None
+    logger: ImpressionLogger | ProducerLogger | None = None
 
 
 def _now_ms() -> int:

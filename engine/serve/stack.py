@@ -23,6 +23,7 @@ from engine.serve.arms import ArmRouter
 from engine.serve.bundle import ModelBundle, ModelHolder
 from engine.serve.config import ArmConfig, ServeConfig
 from engine.serve.impression_log import ImpressionLogger
+from engine.serve.producer_log import ProducerLogger
 from engine.serve.reload import ArmSource, ReloadWatcher
 from engine.serve.service import ArmRuntime, ScoringService
 
@@ -152,6 +153,44 @@ def registry_loader_factory(arm: ArmConfig):
     return latest, load, lambda: [*registry.versions(), 0]
 
 
+def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
+    """The impression logger of one arm on confluent-kafka (engine.serve.producer_log)."""
+    bootstrap = config.kafka.bootstrap
+    if not bootstrap:
+        raise ValueError(
+            "kafka.bootstrap is not set (config key kafka.bootstrap or env RELOOP_KAFKA_BOOTSTRAP)"
+        )
+    if config.kafka.settings and not config.kafka.confluent_settings:
+        raise ValueError(
+            "kafka.settings are kafka-python settings; serve.log.client 'confluent' reads "
+            "kafka.confluent_settings (librdkafka names), or set serve.log.client: kafka-python"
+        )
+    log_cfg = config.log
+    settings = {
+        # librdkafka's queue is the buffer: max_buffer events, retried without a time limit while
+        # Kafka is down; beyond it offer() says no and the event is dropped and counted.
+        "queue.buffering.max.messages": log_cfg.max_buffer,
+        "batch.num.messages": min(log_cfg.batch_size, log_cfg.max_buffer),
+        "linger.ms": log_cfg.linger_s * 1000.0,
+        "message.timeout.ms": 0,
+        **config.kafka.confluent_settings,
+    }
+
+    def make_sink(failure):
+        from connectors.confluent.sink import ConfluentSink, failure_reason
+
+        return ConfluentSink(
+            bootstrap=bootstrap,
+            topic=arm.impressions_topic,
+            client_config=settings,
+            on_error=lambda err, msg, ts: failure(
+                failure_reason(err), str(err), (msg.value(), msg.key(), ts)
+            ),
+        )
+
+    return ProducerLogger(make_sink=make_sink, encode=encode, arm=arm.name)
+
+
 class ServingStack:
     def __init__(
         self,
@@ -161,15 +200,16 @@ class ServingStack:
         loader_factory: LoaderFactory = registry_loader_factory,
     ) -> None:
         self.config = config
-        if config.log.enabled and sink_factory is None:
-            sink_factory = kafka_sink_factory(config)
         self.arms: dict[str, ArmRuntime] = {}
         sources: list[ArmSource] = []
         for arm in config.arms:
             holder = ModelHolder()
-            logger = None
-            if config.log.enabled:
-                assert sink_factory is not None
+            logger: ImpressionLogger | ProducerLogger | None = None
+            if config.log.enabled and config.log.client == "confluent" and sink_factory is None:
+                logger = confluent_logger(config, arm)
+            elif config.log.enabled:
+                if sink_factory is None:
+                    sink_factory = kafka_sink_factory(config)
                 logger = ImpressionLogger(
                     sink=sink_factory(arm),
                     encode=encode,

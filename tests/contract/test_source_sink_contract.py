@@ -1,4 +1,5 @@
-"""One contract every Source/Sink pair passes: memory, JSONL files and the real Kafka broker.
+"""One contract every Source/Sink pair passes: memory, JSONL files and the real Kafka broker (through
+kafka-python and through confluent-kafka).
 
 Each backend creates topics, sinks and sources; the tests only speak connectors.base.
 """
@@ -78,7 +79,21 @@ class KafkaBackend:
         return KafkaSource(bootstrap=self.bootstrap, topics=topics)
 
 
-Backend = MemoryBackend | JsonlBackend | KafkaBackend
+class ConfluentBackend(KafkaBackend):
+    """The confluent-kafka (librdkafka) Source and Sink on the same real broker."""
+
+    def sink(self, topic: str) -> Sink:
+        from connectors.confluent.sink import ConfluentSink
+
+        return ConfluentSink(bootstrap=self.bootstrap, topic=topic)
+
+    def source(self, topics: list[str]) -> Source:
+        from connectors.confluent.source import ConfluentSource
+
+        return ConfluentSource(bootstrap=self.bootstrap, topics=topics)
+
+
+Backend = MemoryBackend | JsonlBackend | KafkaBackend | ConfluentBackend
 
 
 @pytest.fixture(
@@ -86,6 +101,7 @@ Backend = MemoryBackend | JsonlBackend | KafkaBackend
         "memory",
         "jsonl",
         pytest.param("kafka", marks=pytest.mark.kafka),
+        pytest.param("confluent", marks=pytest.mark.kafka),
     ]
 )
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
@@ -93,8 +109,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield MemoryBackend()
     elif request.param == "jsonl":
         yield JsonlBackend(tmp_path / "jsonl")
-    else:
+    elif request.param == "kafka":
         yield KafkaBackend(request.getfixturevalue("kafka_broker").bootstrap)
+    else:
+        yield ConfluentBackend(request.getfixturevalue("kafka_broker").bootstrap)
 
 
 @pytest.fixture

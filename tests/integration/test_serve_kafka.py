@@ -66,6 +66,7 @@ class Trainer:
 
 
 def _stack(tmp_path, bootstrap: str, topic: str, **log) -> ServingStack:
+    """The service with impression logging on (serve.log.client: confluent unless ``client=``)."""
     config = ServeConfig.model_validate(
         {
             "arms": [{"name": "A", "registry": str(tmp_path / "reg"), "impressions_topic": topic}],
@@ -186,10 +187,11 @@ def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique
     assert logged == shown  # every impression carries the version that scored it
 
 
-def test_kafka_outage_fails_no_request(tmp_path):
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_kafka_outage_fails_no_request(tmp_path, client):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the broker is down for the whole test
     Trainer(tmp_path / "reg").publish()
-    stack = _stack(tmp_path, dead, "impressions", max_buffer=50, batch_size=10)
+    stack = _stack(tmp_path, dead, "impressions", max_buffer=50, batch_size=10, client=client)
     url = stack.serve_in_thread(port=0)
     with httpx.Client(base_url=url, timeout=10) as client:
         codes = [client.post("/score", json=_body(i)).status_code for i in range(60)]
@@ -240,6 +242,62 @@ def test_undeliverable_impressions_are_dropped_and_counted_not_retried_for_ever(
     batch[1900] = imp(1900, event_time_ms=now + 2 * 3_600_000)
     logger.log(batch)
     deadline = time.monotonic() + 120
+    while logger.sent + logger.dropped < 3000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logger.close()
+    assert logger.sent == 2998 and logger.pending == 0
+    assert logger.dropped_by_reason == {"oversized": 1, "rejected": 1}
+    src = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    src.open()
+    keys: set[bytes] = set()
+    deadline = time.monotonic() + 30
+    while len(keys) < 2998 and time.monotonic() < deadline:
+        keys |= {r.key for r in src.poll(5000, 0.5)}
+    src.close()
+    assert keys == {f"imp{i}".encode() for i in range(3000) if i not in (700, 1900)}
+
+
+def test_confluent_logger_drops_and_counts_what_kafka_refuses_and_delivers_the_rest(
+    kafka_broker, unique_topic
+):
+    """The same hostile pair as above through the default (confluent) logger: a 10 MB impression is
+    dropped before it is queued, one stamped 2 h ahead is refused by the broker and counted; every
+    other impression is delivered."""
+    from engine.events.schema import Impression
+    from engine.serve.config import ServeConfig
+    from engine.serve.stack import confluent_logger
+
+    topic = unique_topic("impressions")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    config = ServeConfig.model_validate(
+        {
+            "arms": [{"name": "A", "registry": "/nonexistent", "impressions_topic": topic}],
+            "kafka": {"bootstrap": kafka_broker.bootstrap},
+        }
+    )
+    logger = confluent_logger(config, config.arms[0]).start()
+    now = int(time.time() * 1000)
+
+    def imp(i: int, **kw) -> Impression:
+        fields = {"features": {"x": str(i)}, "event_time_ms": now, **kw}
+        return Impression(
+            impression_id=f"imp{i}",
+            request_id="r",
+            user_id="u",
+            item_id=f"i{i}",
+            served_prediction=0.5,
+            model_version=1,
+            **fields,
+        )
+
+    batch = [imp(i) for i in range(3000)]
+    batch[700] = imp(700, features={"blob": "x" * 10_000_000})
+    batch[1900] = imp(1900, event_time_ms=now + 2 * 3_600_000)
+    began = time.perf_counter()
+    for i in range(0, 3000, 10):
+        logger.log(batch[i : i + 10])
+    assert time.perf_counter() - began < 1.0  # the request path never waits
+    deadline = time.monotonic() + 60
     while logger.sent + logger.dropped < 3000 and time.monotonic() < deadline:
         time.sleep(0.1)
     logger.close()

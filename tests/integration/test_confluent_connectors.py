@@ -1,0 +1,124 @@
+"""ConfluentSource / ConfluentSink beyond the shared contract, on the real broker: the same semantics as
+the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from connectors.base import RecordTooLarge, TopicPartition
+from connectors.confluent.sink import ConfluentSink
+from connectors.confluent.source import ConfluentSource
+from connectors.kafka.admin import create_topics
+from connectors.kafka.sink import KafkaSink
+from connectors.kafka.source import KafkaSource
+
+pytestmark = pytest.mark.kafka
+
+
+def fill(bootstrap: str, topic: str, n: int) -> None:
+    sink = ConfluentSink(bootstrap=bootstrap, topic=topic)
+    for i in range(n):
+        sink.send(b"%d" % i, key=b"k", timestamp_ms=1_700_000_000_000 + i)
+    sink.close()
+
+
+def drain(source, n: int) -> list:
+    out: list = []
+    for _ in range(40):
+        out += source.poll(1000, 0.5)
+        if len(out) >= n:
+            break
+    assert len(out) == n
+    return out
+
+
+def test_group_offsets_are_committed_only_on_commit(kafka_broker, unique_topic) -> None:
+    topic, group = unique_topic("commit"), unique_topic("group")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    fill(kafka_broker.bootstrap, topic, 10)
+    tp = TopicPartition(topic, 0)
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=group)
+    source.open()
+    drain(source, 10)
+    assert source.committed() == {}, "reading must not commit anything"
+    assert source.end_positions() == {tp: 10}
+    source.commit({tp: 6})
+    assert source.committed() == {tp: 6}
+    source.close()
+    # The kafka-python source of the same group sees the same committed offset, and vice versa.
+    other = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=group)
+    try:
+        assert other.committed() == {tp: 6}
+        other.open(other.committed())
+        assert [r.value for r in drain(other, 4)] == [b"6", b"7", b"8", b"9"]
+    finally:
+        other.close()
+
+
+def test_commit_without_group_is_refused(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("nogroup")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        with pytest.raises(RuntimeError, match="group_id"):
+            source.commit()
+    finally:
+        source.close()
+
+
+def test_missing_topic_is_a_clear_error(kafka_broker, unique_topic) -> None:
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[unique_topic("absent")])
+    try:
+        with pytest.raises(ValueError, match="does not exist"):
+            source.partitions()
+    finally:
+        source.close()
+
+
+def test_one_record_too_large_is_refused_and_the_sink_still_works(kafka_broker, unique_topic) -> None:
+    topic = unique_topic("large")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    sink = ConfluentSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    with pytest.raises(RecordTooLarge):
+        sink.send(b"x" * 2_000_000)
+    sink.send(b"ok")
+    sink.close()
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    source.open()
+    assert [r.value for r in drain(source, 1)] == [b"ok"]
+    source.close()
+
+
+def test_same_key_same_partition_as_kafka_python(kafka_broker, unique_topic) -> None:
+    """An impression logged by one client and its click by the other must meet on one partition."""
+    a, b = unique_topic("a"), unique_topic("b")
+    create_topics(kafka_broker.bootstrap, {a: 4, b: 4})
+    keys = [b"imp-%d" % i for i in range(40)]
+    for topic, sink in (
+        (a, ConfluentSink(bootstrap=kafka_broker.bootstrap, topic=a)),
+        (b, KafkaSink(bootstrap=kafka_broker.bootstrap, topic=b)),
+    ):
+        for k in keys:
+            sink.send(topic.encode(), key=k)
+        sink.close()
+    where = {}
+    for topic in (a, b):
+        source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+        source.open()
+        where[topic] = {r.key: r.partition for r in drain(source, len(keys))}
+        source.close()
+    assert where[a] == where[b]
+    assert len(set(where[a].values())) > 1
+
+
+@pytest.mark.parametrize("key", ["group.id", "enable.auto.commit", "bootstrap.servers"])
+def test_source_refuses_client_config_that_breaks_the_contract(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        ConfluentSource(bootstrap="x:1", topics=["t"], client_config={key: "x"})
+
+
+@pytest.mark.parametrize("key", ["acks", "enable.idempotence", "partitioner"])
+def test_sink_refuses_client_config_that_weakens_the_contract(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        ConfluentSink(bootstrap="x:1", topic="t", client_config={key: "x"})
