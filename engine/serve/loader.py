@@ -8,6 +8,7 @@ same snapshot are the trainer's business), checksummed, with ``torch.load(weight
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from engine.features.spec import FeatureSpec
 from engine.models.registry import build_learner, config_from_dict, learner_from_state
 from engine.serve.bundle import ModelBundle
 from engine.serve.config import ColdStart
+
+log = logging.getLogger(__name__)
 
 # Part names a trainer may use for the learner state, most likely first.
 LEARNER_PARTS = ("learner", "model")
@@ -50,6 +53,32 @@ def load_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
 
 def registry_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
     return lambda version: load_bundle(registry, version)
+
+
+def load_serving_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
+    """A version from its serving bundle (engine.serve.bundle_format): weights only, no optimizer."""
+    from engine.serve.bundle_format import learner_from_bundle, read_bundle, serving_dir
+
+    learner = learner_from_bundle(*read_bundle(serving_dir(registry.root), version))
+    return ModelBundle(version=version, learner=learner, featurizer=Featurizer(learner.config.spec))
+
+
+def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
+    """Load a version from its serving bundle when there is one, else from the training snapshot; a
+    bundle that fails its checksum or does not load falls back to the snapshot of the same version."""
+    from engine.serve.bundle_format import bundle_versions, serving_dir
+
+    def load(version: int) -> ModelBundle:
+        if version in bundle_versions(serving_dir(registry.root)):
+            try:
+                return load_serving_bundle(registry, version)
+            except SnapshotError as exc:
+                if version not in registry.versions():
+                    raise
+                log.error("serving bundle v%s refused (%s); loading the training snapshot", version, exc)
+        return load_bundle(registry, version)
+
+    return load
 
 
 def cold_start_bundle(cold: ColdStart) -> ModelBundle:

@@ -132,25 +132,37 @@ def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
 
 
 def registry_loader_factory(arm: ArmConfig):
-    """``latest``/``load``/``versions`` over the arm's registry; with ``cold_start``, version 0 is an
-    untrained model (the newest version of an empty registry, and the last fallback)."""
+    """``latest``/``load``/``versions`` over the arm's registry: a version's serving bundle when the
+    trainer wrote one (engine.serve.bundle_format: weights only, visible before the training snapshot
+    is), else the training snapshot's learner part; with ``cold_start``, version 0 is an untrained
+    model (the newest version of an empty registry, and the last fallback)."""
     from engine.checkpoint.registry import SnapshotRegistry
-    from engine.serve.loader import cold_start_bundle, registry_loader
+    from engine.serve.bundle_format import bundle_versions, serving_dir
+    from engine.serve.loader import bundle_or_snapshot_loader, cold_start_bundle
 
     registry = SnapshotRegistry(arm.registry)
-    load_snapshot = registry_loader(registry)
+    bundles = serving_dir(arm.registry)
+    load_version = bundle_or_snapshot_loader(registry)
+
+    def available() -> list[int]:
+        return sorted({*registry.versions(), *bundle_versions(bundles)})
+
+    def newest() -> int | None:
+        found = available()
+        return found[-1] if found else None
+
     if arm.cold_start is None:
-        return registry.latest_version, load_snapshot, registry.versions
+        return newest, load_version, available
     cold = arm.cold_start
 
     def latest() -> int | None:
-        v = registry.latest_version()
+        v = newest()
         return 0 if v is None else v
 
     def load(version: int) -> ModelBundle:
-        return cold_start_bundle(cold) if version == 0 else load_snapshot(version)
+        return cold_start_bundle(cold) if version == 0 else load_version(version)
 
-    return latest, load, lambda: [*registry.versions(), 0]
+    return latest, load, lambda: [*available(), 0]
 
 
 def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:

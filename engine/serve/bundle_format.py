@@ -1,0 +1,222 @@
+"""The serving bundle: a model version's weights alone, for the scoring service, beside the snapshot.
+
+A training snapshot (``SnapshotRegistry.publish({"model": learner.state_dict(), "state": ...})``) holds
+the weights AND the optimizer moments, RNG, joiner state: ~3x the weights for a sparse-Adam table. The
+scoring service read all of it (read, checksum, unpickle) to keep a third, then built the model with a
+random init it overwrote (``normal_`` on a 10^6-row table: a quarter of the load time). Publish-to-
+serving at 10^6 rows was 1.15 s (docs/benchmarks.md).
+
+The bundle is one safetensors file per version (tensors: the model's parameters and buffers, the wide
+part's mean/var; metadata: the learner config) with a JSON manifest holding its sha256, under
+``<registry root>/serving/``::
+
+    serving/v000000000007.safetensors
+    serving/v000000000007.json          {"format", "version", "file", "bytes", "sha256", "created_unix"}
+
+* written by the trainer at publish time, BEFORE the training snapshot of the same version (so serving
+  does not wait for the optimizer state to be written): ``publish_serving_bundle(registry, learner)``,
+  one call in ``Pipeline.snapshot``; file and manifest are fsynced and renamed into place (the manifest
+  last, so a manifest always names a whole file); the newest ``keep`` are kept;
+* read by the service: file bytes, sha256 checked against the manifest, ``safetensors.torch.load``
+  (tensors only: nothing is unpickled), the model built on the meta device (no init, no memory) and
+  given the loaded tensors; the optimizer state is never read;
+* a version without a bundle (snapshots of older trainers, a river/FTRL learner) is loaded from the
+  training snapshot's learner part as before (``engine.serve.loader``).
+
+Limit: the version number is the training registry's next one at the time of the call; if the trainer
+dies between the bundle and its snapshot, the restarted trainer publishes that version number again
+with other weights, and a service that had loaded the orphan keeps it until the next version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from engine.checkpoint.registry import ChecksumError, SnapshotError
+
+FORMAT = 1
+DIR = "serving"
+_FILE_RE = re.compile(r"^v(\d{12})\.json$")
+
+
+def serving_dir(registry_root: str | os.PathLike[str]) -> Path:
+    return Path(registry_root) / DIR
+
+
+def serving_tensors(learner: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of a torch learner's predictive state; None for other learners."""
+    model = getattr(learner, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    # Parameters and ALL buffers (non-persistent ones too: a model built on the meta device has none).
+    for name, t in model.named_parameters():
+        tensors[f"model.{name}"] = t.detach().to("cpu").contiguous()
+    for name, t in model.named_buffers():
+        tensors[f"buffer.{name}"] = t.detach().to("cpu").contiguous()
+    wide = getattr(learner, "wide", None)
+    if wide is not None:
+        tensors["wide.mean"] = torch.from_numpy(np.ascontiguousarray(wide.mean))
+        tensors["wide.var"] = torch.from_numpy(np.ascontiguousarray(wide.var))
+    meta = {"format": str(FORMAT), "config_json": learner.config.to_json()}
+    return tensors, meta
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bundle(
+    directory: str | os.PathLike[str], version: int, learner: Any, *, keep: int = 3
+) -> Path | None:
+    """Write the serving bundle of ``learner`` as ``version`` under ``directory``; returns the manifest
+    path (None when the learner has no torch model: serving then reads the snapshot)."""
+    from safetensors.torch import save
+
+    found = serving_tensors(learner)
+    if found is None:
+        return None
+    tensors, meta = found
+    data = save(tensors, metadata=meta)
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"v{version:012d}"
+    tag = uuid.uuid4().hex[:8]
+    tmp_data, tmp_manifest = root / f".tmp-{name}-{tag}.safetensors", root / f".tmp-{name}-{tag}.json"
+    manifest = {
+        "format": FORMAT,
+        "version": version,
+        "file": f"{name}.safetensors",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "created_unix": time.time(),
+    }
+    try:
+        _fsync_write(tmp_data, data)
+        _fsync_write(tmp_manifest, json.dumps(manifest, sort_keys=True).encode())
+        os.replace(tmp_data, root / manifest["file"])
+        os.replace(tmp_manifest, root / f"{name}.json")  # last: a manifest always names a whole file
+        _fsync_dir(root)
+    finally:
+        for p in (tmp_data, tmp_manifest):
+            p.unlink(missing_ok=True)
+    for old in bundle_versions(root)[:-keep]:
+        for suffix in (".json", ".safetensors"):
+            (root / f"v{old:012d}{suffix}").unlink(missing_ok=True)
+    return root / f"{name}.json"
+
+
+def publish_serving_bundle(registry: Any, learner: Any, *, keep: int = 3) -> int | None:
+    """The call for ``Pipeline.snapshot``, just before ``registry.publish`` of a period snapshot: writes
+    the bundle of the version that publish is about to take (newest + 1). Returns that version, or None
+    when the learner has no torch model."""
+    version = (registry.latest_version() or 0) + 1
+    written = write_bundle(serving_dir(registry.root), version, learner, keep=keep)
+    return None if written is None else version
+
+
+def serving_parts(learner: Any) -> dict[str, Any]:
+    """Nothing to add to the snapshot's own parts: the bundle is its own file (publish_serving_bundle)."""
+    return {}
+
+
+def bundle_versions(directory: str | os.PathLike[str]) -> list[int]:
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for e in os.scandir(root) if (m := _FILE_RE.match(e.name)))
+
+
+def read_bundle(
+    directory: str | os.PathLike[str], version: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a bundle, checksummed; SnapshotError/ChecksumError when unusable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    root = Path(directory)
+    try:
+        manifest = json.loads((root / f"v{version:012d}.json").read_text())
+        data = (root / manifest["file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"serving bundle {version} under {root} cannot be read ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != version:
+        raise SnapshotError(f"serving bundle {version}: unexpected format or version in its manifest")
+    if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise ChecksumError(f"serving bundle {version}: fails its sha256 checksum")
+    try:
+        tensors = load(data)
+        with memoryview(data) as view:
+            header = json.loads(bytes(view[8 : 8 + int.from_bytes(data[:8], "little")]))
+    except (SafetensorError, ValueError) as exc:
+        raise SnapshotError(f"serving bundle {version} does not load ({exc!r:.300})") from exc
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def learner_from_bundle(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Any:
+    """A predict-only learner from bundle tensors: the model is built on the meta device (no random
+    init, no memory) and takes the loaded tensors as they are; every parameter and buffer must be there
+    with its shape, nothing else (else SnapshotError)."""
+    from engine.models.learner import FrozenTorchLearner, _make_wide
+    from engine.models.registry import config_from_dict, learner_from_config
+
+    if meta.get("format") != str(FORMAT) or "config_json" not in meta:
+        raise SnapshotError("serving bundle: no config or an unknown format")
+    config = config_from_dict(orjson.loads(meta["config_json"]))
+    with torch.device("meta"):
+        shell = learner_from_config(config)
+    model = getattr(shell, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise SnapshotError(f"serving bundle: backbone {config.backbone!r} is not a torch model")
+    expected = {f"model.{n}": t for n, t in model.named_parameters()}
+    expected.update({f"buffer.{n}": t for n, t in model.named_buffers()})
+    given = {k: v for k, v in tensors.items() if k.startswith(("model.", "buffer."))}
+    if set(given) != set(expected):
+        missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        raise SnapshotError(
+            f"serving bundle does not fit its model: missing {missing[:5]}, extra {extra[:5]}"
+        )
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape) or value.dtype != expected[key].dtype:
+            raise SnapshotError(f"serving bundle: {key} is {tuple(value.shape)} {value.dtype}")
+        kind, _, path = key.partition(".")
+        owner_name, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if kind == "model":
+            # requires_grad as the learner's own parameters: some CPU kernels differ without it
+            owner._parameters[leaf] = torch.nn.Parameter(value)
+        else:
+            owner._buffers[leaf] = value
+    wide = _make_wide(config)
+    if wide is not None:
+        if "wide.mean" not in tensors or "wide.var" not in tensors:
+            raise SnapshotError("serving bundle: the learner has a wide part, the bundle does not")
+        mean, var = tensors["wide.mean"].numpy(), tensors["wide.var"].numpy()
+        if mean.shape != (wide.size,) or var.shape != (wide.size,):
+            raise SnapshotError(
+                f"serving bundle: wide part of {mean.shape[0]} rows, the spec needs {wide.size}"
+            )
+        wide.mean, wide.var = mean.astype(np.float64, copy=False), var.astype(np.float64, copy=False)
+    return FrozenTorchLearner(model=model, config=config, wide=wide)

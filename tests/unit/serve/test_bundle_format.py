@@ -1,0 +1,133 @@
+"""The serving bundle: weights only, checksummed, no random init, the optimizer never read; a version
+without one (or with a broken one) still loads from the training snapshot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.checkpoint.registry import ChecksumError, SnapshotError, SnapshotRegistry
+from engine.features.featurizer import Featurizer
+from engine.features.spec import FeatureSpec
+from engine.models.registry import build_learner
+from engine.serve.bundle_format import (
+    bundle_versions,
+    learner_from_bundle,
+    publish_serving_bundle,
+    read_bundle,
+    serving_dir,
+)
+from engine.serve.config import ArmConfig
+from engine.serve.loader import bundle_or_snapshot_loader
+from engine.serve.stack import registry_loader_factory
+
+SPEC = FeatureSpec.from_dict(
+    {
+        "fields": [
+            {"kind": "categorical", "name": "user", "buckets": 50},
+            {"kind": "categorical", "name": "item", "buckets": 80},
+            {"kind": "numeric", "name": "price", "transform": "minmax", "min": 0, "max": 10},
+            {"kind": "numeric", "name": "count", "transform": "log_bucket", "buckets": 20},
+            {"kind": "multi", "name": "tags", "buckets": 31, "max_len": 3},
+        ]
+    }
+)
+
+
+def _rows(n: int = 64, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "user": f"u{rng.integers(20)}",
+            "item": f"i{rng.integers(40)}",
+            "price": float(rng.random() * 10),
+            "count": int(rng.integers(0, 500)),
+            "tags": [f"t{rng.integers(9)}" for _ in range(int(rng.integers(0, 4)))],
+        }
+        for _ in range(n)
+    ]
+
+
+def _trained(backbone: str, **params):
+    learner = build_learner(backbone, SPEC, "reloop", 0.5, seed=1, **params)
+    batch = Featurizer(SPEC).transform(_rows())
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        learner.learn(batch, (rng.random(64) < 0.3).astype(np.float32))
+    return learner
+
+
+@pytest.mark.parametrize(
+    ("backbone", "params"),
+    [
+        ("dcn", {"embedding_dim": 4, "hidden_units": [16, 16]}),
+        ("deepfm", {"embedding_dim": 4, "hidden_units": [8]}),
+        ("fm", {"embedding_dim": 4, "optimizer": {"wide": "off", "embedding_optimizer": "adam"}}),
+    ],
+)
+def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path, backbone, params):
+    learner = _trained(backbone, **params)
+    reg = SnapshotRegistry(tmp_path)
+    version = publish_serving_bundle(reg, learner)
+    assert version == 1 and bundle_versions(serving_dir(tmp_path)) == [1]
+    served = learner_from_bundle(*read_bundle(serving_dir(tmp_path), 1))
+    batch = Featurizer(SPEC).transform(_rows(50, seed=7))
+    np.testing.assert_array_equal(served.predict_proba(batch), learner.predict_proba(batch))
+    # Published before the training snapshot, it takes the version that snapshot then takes.
+    assert reg.publish({"model": learner.state_dict()}) == version
+
+
+def test_the_bundle_holds_no_optimizer_state_and_the_load_never_reads_the_snapshot(tmp_path, monkeypatch):
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict(), "state": {"x": 1}})
+    tensors, meta = read_bundle(serving_dir(tmp_path), 1)
+    weights = sum(t.numel() * t.element_size() for t in learner.model.parameters())
+    bundle_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert all(k.startswith(("model.", "buffer.", "wide.")) for k in tensors)
+    assert bundle_bytes <= weights + 2 * 8 * (SPEC.total_rows + 1) + 1024  # + the wide part's mean/var
+
+    def no_snapshot(*a, **kw):
+        raise AssertionError("the training snapshot was read")
+
+    monkeypatch.setattr(SnapshotRegistry, "load", no_snapshot)
+    bundle = bundle_or_snapshot_loader(reg)(1)
+    rows = _rows(10, seed=3)
+    np.testing.assert_array_equal(bundle.score(rows), learner.predict_proba(Featurizer(SPEC).transform(rows)))
+
+
+def test_a_corrupt_bundle_is_refused_and_the_snapshot_serves(tmp_path):
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict()})
+    path = serving_dir(tmp_path) / "v000000000001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        read_bundle(serving_dir(tmp_path), 1)
+    bundle = bundle_or_snapshot_loader(reg)(1)  # falls back to the snapshot of the same version
+    rows = _rows(10)
+    np.testing.assert_allclose(bundle.score(rows), learner.predict_proba(Featurizer(SPEC).transform(rows)))
+
+
+def test_a_bundle_that_does_not_fit_its_model_is_refused(tmp_path):
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    publish_serving_bundle(SnapshotRegistry(tmp_path), learner)
+    tensors, meta = read_bundle(serving_dir(tmp_path), 1)
+    tensors.pop(next(k for k in tensors if k.startswith("model.")))
+    with pytest.raises(SnapshotError, match="missing"):
+        learner_from_bundle(tensors, meta)
+
+
+def test_the_service_sees_a_bundle_before_its_snapshot_and_old_snapshots_without_one(tmp_path):
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish({"model": learner.state_dict()})  # v1: an older trainer, no bundle
+    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=tmp_path))
+    assert latest() == 1 and load(1).version == 1
+    publish_serving_bundle(reg, learner)  # v2's bundle; its training snapshot is still being written
+    assert latest() == 2 and versions() == [1, 2]
+    assert load(2).version == 2
