@@ -14,7 +14,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": ("connectors.kafka.local_broker_cli", "start, inspect and stop the local Kafka broker"),
     "models": ("engine.models.cli", "list the backbones and the training strategies"),
-    "run": ("engine.runtime.run_cmd", "the long-running stream processor"),
+    "run": ("engine.runtime.run_cmd", "the long-running stream processor (join + train stages)"),
+    "join": ("engine.runtime.join_cmd", "the join stage alone (one member of the join group)"),
+    "train": ("engine.runtime.train_cmd", "the train stage alone (the samples topic in, snapshots out)"),
     "serve": ("engine.serve.cli", "the scoring service"),
     "simulate": ("engine.simulate.cli", "the simulated world that sends requests and clicks"),
     "demo": ("engine.runtime.demo", "the whole loop live on a simulated world"),

@@ -128,6 +128,9 @@ class MetricsSection(_Section):
     window_size: int = Field(default=100_000, gt=0)
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)
     prometheus_host: str = "127.0.0.1"
+    join_prometheus_port: int | None = Field(
+        default=None, ge=0, le=65535, description="/metrics of the join process (reloop join)"
+    )
 
 
 class ValidationSection(_Section):

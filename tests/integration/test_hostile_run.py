@@ -29,11 +29,20 @@ from connectors.kafka.admin import create_topics
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
 from engine.checkpoint import SnapshotRegistry
+from engine.events.sample_batch import decode_batch
 from engine.runtime.synthetic import SPEC, generate
 from engine.train.ledger import Ledger
 
 from .hostile import generate_hostile
-from .test_run_kafka import _now_ms, _start, _stop, _trained, _wait_trained
+from .test_run_kafka import (
+    _now_ms,
+    _start,
+    _stop,
+    _wait_started,
+    _wait_trained,
+    join_stats,
+    join_task_states,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -69,7 +78,14 @@ def _config(tmp: Path, bootstrap: str, topics: dict[str, str]) -> Path:
             # Accepted and ignored by the PLAINTEXT client: what matters is where the value ends up.
             "client_config": {"sasl_plain_username": "reloop", "sasl_plain_password": PASSWORD},
         },
-        "sink": {"samples_topic": topics["samples"], "dead_letter_topic": topics["deadletter"]},
+        "sink": {"dead_letter_topic": topics["deadletter"]},
+        "stages": {
+            "samples_topic": topics["samples"],
+            "join_group_id": f"join-{topics['samples']}",
+            "batch_samples": 32,
+            "max_delay_ms": 50,
+            "join_checkpoint_every_s": 1.0,
+        },
         "join": {
             "window_ms": 2_000,
             "allowed_lateness_ms": 200,
@@ -105,39 +121,51 @@ def hostile_run(kafka_broker, tmp_path_factory):
     synth = generate(1200, seed=17, policy="correct", pad_to_multiple=PERIOD, start_ms=start)
     bad = generate_hostile(2500, now_ms=start + 5_000, seed=4, oversized=6)
     # Interleave: the bad records go out between the valid ones, in one order per topic (1 partition:
-    # the offsets of each record are known from that order).
+    # the offsets of each record are known from that order). Written in two halves: the processor is
+    # killed while it works on the first and restarted before the second.
     kinds = {"impression": topics["impressions"], "click": topics["clicks"]}
-    sinks = {kind: KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic) for kind, topic in kinds.items()}
+    ordered: list[tuple[str, bytes | None, bytes, int]] = []
     offsets = Counter()
     expected_reason: dict[tuple[str, int], str] = {}
     bad_iter = iter(bad)
     every = max(1, len(synth.records) // len(bad))
+
+    def add(kind: str, key: bytes | None, value: bytes, ts: int, reason: str | None = None) -> None:
+        if reason is not None:
+            expected_reason[(kinds[kind], offsets[kind])] = reason
+        offsets[kind] += 1
+        ordered.append((kind, key, value, ts))
+
     for i, rec in enumerate(synth.records):
-        sinks[rec.topic_kind].send(rec.value, key=rec.key, timestamp_ms=rec.timestamp_ms)
-        offsets[rec.topic_kind] += 1
+        add(rec.topic_kind, rec.key, rec.value, rec.timestamp_ms)
         if i % every == 0:
             for h in (next(bad_iter, None), next(bad_iter, None)):
                 if h is not None:
-                    sinks[h.topic_kind].send(h.value, key=h.key, timestamp_ms=rec.timestamp_ms)
-                    expected_reason[(kinds[h.topic_kind], offsets[h.topic_kind])] = h.reason
-                    offsets[h.topic_kind] += 1
+                    add(h.topic_kind, h.key, h.value, rec.timestamp_ms, h.reason)
     for h in bad_iter:
-        sinks[h.topic_kind].send(h.value, key=h.key, timestamp_ms=start)
-        expected_reason[(kinds[h.topic_kind], offsets[h.topic_kind])] = h.reason
-        offsets[h.topic_kind] += 1
-    for s in sinks.values():
-        s.close()
+        add(h.topic_kind, h.key, h.value, synth.records[-1].timestamp_ms, h.reason)
+    half = len(ordered) // 2
+    while ordered[half][3] == ordered[half - 1][3]:
+        half += 1
 
+    def write(rows) -> None:
+        sinks = {kind: KafkaSink(bootstrap=kafka_broker.bootstrap, topic=t) for kind, t in kinds.items()}
+        for kind, key, value, ts in rows:
+            sinks[kind].send(value, key=key, timestamp_ms=ts)
+        for sink in sinks.values():
+            sink.close()
+
+    write(ordered[:half])
     config = _config(tmp, kafka_broker.bootstrap, topics)
     reg = SnapshotRegistry(tmp / "snaps")
     n = len(synth.expected)
     proc = _start(config, tmp)
-    deadline = time.monotonic() + 180
-    while _trained(reg) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_started(proc, tmp / "run.log")
+    time.sleep(1.0)
     assert proc.poll() is None, (tmp / "run.log").read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    write(ordered[half:])
     proc = _start(config, tmp)
     _wait_trained(proc, reg, n, tmp)
     assert _stop(proc) == 0, (tmp / "run.log").read_text()[-3000:]
@@ -198,11 +226,10 @@ def test_every_valid_sample_is_trained_exactly_once(hostile_run):
     keys = [(sid, corr) for _, sid, _, corr in Ledger.read(hostile_run["tmp"] / "ledger.jsonl")]
     assert len(keys) == len(set(keys)), "a sample was trained twice"
     assert set(keys) == set(hostile_run["synth"].expected)
-    samples = _read_all(hostile_run["bootstrap"], hostile_run["topics"]["samples"])
     got = {}
-    for rec in samples:
-        s = orjson.loads(rec.value)
-        got[(s["sample_id"], s["is_correction"])] = s["label"]
+    for rec in _read_all(hostile_run["bootstrap"], hostile_run["topics"]["samples"]):
+        for s in decode_batch(rec.value).to_samples():
+            got[(s.sample_id, s.is_correction)] = s.label
     assert got == hostile_run["synth"].expected
 
 
@@ -242,12 +269,10 @@ def test_far_future_events_are_refused_and_do_not_poison_the_watermark(hostile_r
     envelopes = _envelopes(hostile_run)
     future = [k for k, env in envelopes.items() if env["reason"] == "bad_time" and "clock" in env["detail"]]
     assert len(future) > 50
-    reg = hostile_run["reg"]
-    ckpt = reg.checkpoints.versions()[-1]
-    stats = reg.checkpoints.load(ckpt, parts=["state"]).state["state"]["joiner"]["stats"]
+    stats = join_stats(hostile_run["tmp"] / "snaps")
     assert stats["too_late_impressions"] == 0 and stats["too_late_clicks"] == 0
-    joiner = reg.checkpoints.load(ckpt, parts=["state"]).state["state"]["joiner"]
-    assert joiner["max_event_ms"] < _now_ms() + 3_600_000 + 600_000  # never the year 3000
+    for state in join_task_states(hostile_run["tmp"] / "snaps"):
+        assert state["joiner"]["max_event_ms"] < _now_ms() + 600_000  # never the year 3000
 
 
 def test_no_credential_reaches_any_file_the_engine_wrote(hostile_run):

@@ -1,4 +1,5 @@
-"""`reloop run` against the real local Kafka broker: ground truth, SIGKILL resume, broker restart."""
+"""`reloop run` (join + train stages in two processes) against the real local Kafka broker: ground truth,
+resume after SIGTERM and SIGKILL, broker outages."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from connectors.kafka.local_broker import LocalBroker, free_port
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
 from engine.checkpoint import SnapshotRegistry
-from engine.events.codec import decode_samples
+from engine.events.sample_batch import decode_batch
 from engine.runtime.synthetic import SPEC, generate
 from engine.train.ledger import Ledger
 
@@ -39,15 +40,43 @@ def _topics(unique_topic) -> dict[str, str]:
     return {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
 
 
-def _produce(bootstrap: str, topics: dict[str, str], synth) -> None:
+def _produce(bootstrap: str, topics: dict[str, str], synth, records: list | None = None) -> None:
+    """Create the topics and write ``records`` (default: all of the log) in arrival order."""
     create_topics(bootstrap, {t: 1 for t in topics.values()})
     sinks = {
         kind: KafkaSink(bootstrap=bootstrap, topic=topics[kind + "s"]) for kind in ("impression", "click")
     }
-    for r in synth.records:
+    for r in synth.records if records is None else records:
         sinks[r.topic_kind].send(r.value, key=r.key, timestamp_ms=r.timestamp_ms)
     for s in sinks.values():
         s.close()
+
+
+def _chunks(records: list, n: int) -> list[list]:
+    """``records`` (arrival order) in ``n`` pieces cut between two timestamps: written one after the
+    other they give the merge the order it would see with everything written at once."""
+    cuts = [len(records) * k // n for k in range(1, n)]
+    out, start = [], 0
+    for cut in cuts:
+        while 0 < cut < len(records) and records[cut].timestamp_ms == records[cut - 1].timestamp_ms:
+            cut += 1
+        out.append(records[start:cut])
+        start = cut
+    out.append(records[start:])
+    return out
+
+
+def _wait_started(proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
+    """Until both stages of this run logged "started" (their signal handlers are installed by then)."""
+    deadline = time.monotonic() + timeout_s
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
+        if '"stage":"join"' in text and '"stage":"train"' in text and text.count('"msg":"started"') >= 3:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the stages did not start: " + log_path.read_text()[-3000:])
 
 
 def _config(
@@ -67,7 +96,14 @@ def _config(
             "poll_max_records": 64,
             "merge_idle_ms": merge_idle_ms,
         },
-        "sink": {"samples_topic": topics["samples"], "dead_letter_topic": topics["deadletter"]},
+        "sink": {"dead_letter_topic": topics["deadletter"]},
+        "stages": {
+            "samples_topic": topics["samples"],
+            "join_group_id": f"join-{topics['samples']}",
+            "batch_samples": 32,
+            "max_delay_ms": 50,
+            "join_checkpoint_every_s": 1.0,
+        },
         "join": {
             "window_ms": 2_000,
             "allowed_lateness_ms": 200,
@@ -150,17 +186,34 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 def _read_samples(bootstrap: str, topic: str, n: int, timeout_s: float = 30) -> list:
+    """Every sample on the samples topic (Arrow batches), duplicates included."""
     src = KafkaSource(bootstrap=bootstrap, topics=[topic])
     src.open()
-    values: list[bytes] = []
+    samples: list = []
     deadline = time.monotonic() + timeout_s
-    while len(values) < n and time.monotonic() < deadline:
-        values += [r.value for r in src.poll(1000, 0.5)]
-    values += [r.value for r in src.poll(1000, 1.0)]  # nothing more may come
+    while len(samples) < n and time.monotonic() < deadline:
+        for r in src.poll(1000, 0.5):
+            samples += decode_batch(r.value).to_samples()
+    for r in src.poll(1000, 1.0):  # nothing more may come
+        samples += decode_batch(r.value).to_samples()
     src.close()
-    samples, bad = decode_samples(values)
-    assert not bad
     return samples
+
+
+def join_task_states(checkpoint_dir: Path) -> list[dict]:
+    """The newest checkpoint state of every join task (the joiner's state and counters live there)."""
+    out = []
+    for folder in sorted((checkpoint_dir / "join").glob("task-*")):
+        out.append(SnapshotRegistry(folder).load().state["state"])
+    return out
+
+
+def join_stats(checkpoint_dir: Path) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for state in join_task_states(checkpoint_dir):
+        for k, v in state["joiner"]["stats"].items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _ledger_keys(tmp: Path) -> list[tuple[str, bool]]:
@@ -200,11 +253,12 @@ def test_run_emits_exactly_the_ground_truth(kafka_broker, unique_topic, tmp_path
     assert versions == list(range(1, len(versions) + 1))
     meta = reg.manifest(versions[-1])["meta"]
     assert meta["samples_trained"] == len(synth.expected)
-    # The joiner state as the run ended: in the final checkpoint SIGTERM wrote after the last snapshot.
+    # The train stage's final checkpoint (no model version) came after the last snapshot.
     [ckpt] = reg.checkpoints.versions()[-1:]
     final = reg.checkpoints.manifest(ckpt)["meta"]
     assert final["kind"] == "checkpoint" and final["base_version"] == versions[-1]
-    stats = reg.checkpoints.load(ckpt, parts=["state"]).state["state"]["joiner"]["stats"]
+    # The joiner's counters, from the join task's checkpoint.
+    stats = join_stats(tmp_path / "snaps")
     assert stats["orphan_clicks"] == synth.orphans
     assert stats["duplicate_impressions"] == synth.cases["duplicate"]
     assert stats["early_clicks_matched"] == synth.cases["early"]
@@ -212,15 +266,22 @@ def test_run_emits_exactly_the_ground_truth(kafka_broker, unique_topic, tmp_path
     assert stats[key] == synth.cases["beyond"]
     dead = _read_samples_raw(kafka_broker.bootstrap, topics["deadletter"], synth.malformed)
     assert len(dead) == synth.malformed
-    # Offsets are committed after the snapshot: the group's offsets equal the final snapshot's positions.
-    src = KafkaSource(
+    # Offsets are committed after each checkpoint: the join group's offsets equal its task's positions,
+    # the train group's offsets (on the samples topic) the train stage's final positions.
+    joins = KafkaSource(
         bootstrap=kafka_broker.bootstrap,
         topics=[topics["impressions"], topics["clicks"]],
-        group_id=f"g-{topics['samples']}",
+        group_id=f"join-{topics['samples']}",
     )
-    committed = {f"{tp.topic}:{tp.partition}": off for tp, off in src.committed().items()}
-    src.close()
-    # The final checkpoint (no model version) came after the last snapshot: its positions were committed last.
+    committed = {f"{tp.topic}:{tp.partition}": off for tp, off in joins.committed().items()}
+    joins.close()
+    [task_state] = join_task_states(tmp_path / "snaps")
+    assert committed == task_state["positions"]
+    trains = KafkaSource(
+        bootstrap=kafka_broker.bootstrap, topics=[topics["samples"]], group_id=f"g-{topics['samples']}"
+    )
+    committed = {f"{tp.topic}:{tp.partition}": off for tp, off in trains.committed().items()}
+    trains.close()
     assert committed == final["positions"]
     assert sorted(_ledger_keys(tmp_path)) == sorted(synth.expected)
 
@@ -252,9 +313,28 @@ def test_resume_after_sigterm_and_sigkill_equals_uninterrupted_run(
     a run that never stopped, and every sample trained exactly once."""
     synth = generate(2000, seed=5, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = _topics(unique_topic)
-    _produce(kafka_broker.bootstrap, topics, synth)
     n = len(synth.expected)
     train = {"y_last": y_last, "version_mismatch": mismatch}
+    # The log is written in four pieces, one before each (re)start, so every stop lands mid-stream (the
+    # two stages would otherwise train all of it before a stop could reach them).
+    pieces = _chunks(synth.records, 4)
+    _produce(kafka_broker.bootstrap, topics, synth, pieces[0])
+
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    config = _config(run_dir, kafka_broker.bootstrap, topics, "correct", train=train)
+    reg = SnapshotRegistry(run_dir / "snaps")
+    rng = random.Random(2)
+    for piece, sig in zip(pieces[1:], (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM), strict=True):
+        proc = _start(config, run_dir)
+        _wait_started(proc, run_dir / "run.log")
+        time.sleep(rng.uniform(0.0, 1.0))  # somewhere in the middle of processing what is there
+        assert _trained(reg) < n
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        expected_code = 0 if sig == signal.SIGTERM else -signal.SIGKILL
+        assert code == expected_code, (run_dir / "run.log").read_text()[-3000:]
+        _produce(kafka_broker.bootstrap, topics, synth, piece)
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -264,24 +344,6 @@ def test_resume_after_sigterm_and_sigkill_equals_uninterrupted_run(
     _wait_trained(proc, SnapshotRegistry(ref_dir / "snaps"), n, ref_dir)
     assert _stop(proc) == 0
 
-    run_dir = tmp_path / "stopped"
-    run_dir.mkdir()
-    config = _config(run_dir, kafka_broker.bootstrap, topics, "correct", train=train)
-    reg = SnapshotRegistry(run_dir / "snaps")
-    rng = random.Random(2)
-    for fraction, sig in ((0.2, signal.SIGTERM), (0.45, signal.SIGKILL), (0.7, signal.SIGTERM)):
-        proc = _start(config, run_dir)
-        target = int(n * fraction)
-        deadline = time.monotonic() + 180
-        while _trained(reg) < target and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, (run_dir / "run.log").read_text()[-3000:]
-        time.sleep(rng.uniform(0.0, 0.4))  # somewhere between snapshots
-        proc.send_signal(sig)
-        code = proc.wait(timeout=60)
-        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), (run_dir / "run.log").read_text()[
-            -3000:
-        ]
     assert reg.checkpoints.versions(), "SIGTERM wrote no final checkpoint"
     proc = _start(config, run_dir)
     _wait_trained(proc, reg, n, run_dir)
@@ -348,7 +410,8 @@ def test_broker_outages_neither_lose_samples_nor_wedge_the_processor(tmp_path, u
 
         broker.start()
         proc = _start(config, run_dir)
-        time.sleep(3)
+        _wait_started(proc, run_dir / "run.log")
+        time.sleep(2)
         assert _stop(proc) == 0
         keys = _ledger_keys(run_dir)
         assert len(keys) == len(set(keys)) and set(keys) == set(synth.expected)

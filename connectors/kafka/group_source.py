@@ -1,0 +1,186 @@
+"""KafkaGroupSource: a member of a consumer group, for the join stage's tasks.
+
+The group (kafka-python's classic protocol, range assignment) decides which partitions this member owns;
+with co-partitioned topics the range assignor gives partition p of every topic to the same member. The
+member is told inside ``poll`` (``listener.on_revoked`` before a rebalance takes partitions away,
+``listener.on_assigned`` after it gives some), and the engine, not Kafka, decides where to read: on
+assignment the listener seeks each partition to the position in its task checkpoint (``seek``).
+Offsets are committed only by ``commit`` (informational: lag monitors), never automatically.
+
+kafka-python 3 runs rebalance callbacks on its IO thread, where a blocking consumer call (offset
+lookups, commits) raises. So inside a callback ``seek`` to "the beginning" only marks the partition
+(its offset is read after the poll returns), and ``commit`` is queued and sent after the poll.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
+from kafka import TopicPartition as KafkaTopicPartition
+
+from connectors.base import Positions, Record, TopicPartition
+
+_RESERVED = {
+    "bootstrap_servers": "pass bootstrap=...",
+    "group_id": "pass group_id=...",
+    "enable_auto_commit": "offsets are committed only by commit()",
+    "key_deserializer": "records carry raw bytes",
+    "value_deserializer": "records carry raw bytes",
+}
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: KafkaGroupSource) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.owner._revoked([TopicPartition(tp.topic, tp.partition) for tp in revoked])
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner._assigned([TopicPartition(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaGroupSource:
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str,
+        client_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        for key in client_config or {}:
+            if key in _RESERVED:
+                raise ValueError(f"client_config[{key!r}] is not allowed: {_RESERVED[key]}")
+        self.topics = list(topics)
+        config: dict[str, Any] = {
+            "auto_offset_reset": "earliest",
+            "allow_auto_create_topics": False,
+            "fetch_max_wait_ms": 100,
+            **dict(client_config or {}),
+        }
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
+        )
+        self._listener: Any = None
+        self._next: Positions = {}
+        self._unresolved: set[TopicPartition] = set()  # sought to the beginning inside a callback
+        self._pending_commit: dict[TopicPartition, int] = {}
+        self._in_callback = False
+        self._ends: Positions | None = None
+        self._ends_at = 0.0
+
+    def subscribe(self, listener: Any) -> None:
+        """Join the group; ``listener`` gets ``on_assigned(list)`` / ``on_revoked(list)`` inside poll."""
+        self._listener = listener
+        self._consumer.subscribe(topics=self.topics, listener=_Listener(self))
+
+    def partition_count(self, topic: str) -> int:
+        found = self._consumer.partitions_for_topic(topic)
+        if not found:
+            raise ValueError(f"Kafka topic {topic!r} does not exist")
+        return len(found)
+
+    def _revoked(self, tps: list[TopicPartition]) -> None:
+        self._in_callback = True
+        try:
+            self._listener.on_revoked(tps)
+        finally:
+            self._in_callback = False
+        for tp in tps:
+            self._next.pop(tp, None)
+            self._unresolved.discard(tp)
+        self._ends = None
+
+    def _assigned(self, tps: list[TopicPartition]) -> None:
+        self._ends = None
+        self._in_callback = True
+        try:
+            self._listener.on_assigned(tps)
+        finally:
+            self._in_callback = False
+
+    def seek(self, positions: Mapping[TopicPartition, int | None]) -> None:
+        """Read each partition from ``offset`` (None: the oldest record still stored)."""
+        for tp, offset in positions.items():
+            ktp = KafkaTopicPartition(tp.topic, tp.partition)
+            if offset is None:
+                self._consumer.seek_to_beginning(ktp)
+                self._next.pop(tp, None)
+                self._unresolved.add(tp)
+            else:
+                self._consumer.seek(ktp, int(offset))
+                self._next[tp] = int(offset)
+                self._unresolved.discard(tp)
+        if not self._in_callback:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        """The offsets of partitions sought to their beginning (a blocking lookup: not in a callback)."""
+        for tp in list(self._unresolved):
+            self._next[tp] = int(self._consumer.position(KafkaTopicPartition(tp.topic, tp.partition)))
+            self._unresolved.discard(tp)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        if self._unresolved:
+            # Before the records: position() is past what this poll returned, which then sets _next.
+            self._resolve_before(batches)
+        if self._pending_commit:
+            pending, self._pending_commit = self._pending_commit, {}
+            self.commit(pending)
+        out: list[Record] = []
+        for ktp, messages in batches.items():
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            if tp not in self._next:  # revoked inside this poll
+                continue
+            for msg in messages:
+                out.append(
+                    Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value or b"", msg.timestamp)
+                )
+            if messages:
+                self._next[tp] = messages[-1].offset + 1
+        return out
+
+    def _resolve_before(self, batches: Mapping[Any, list[Any]]) -> None:
+        first = {TopicPartition(k.topic, k.partition): msgs[0].offset for k, msgs in batches.items() if msgs}
+        for tp in list(self._unresolved):
+            if tp in first:
+                self._next[tp] = first[tp]
+            else:
+                self._next[tp] = int(self._consumer.position(KafkaTopicPartition(tp.topic, tp.partition)))
+            self._unresolved.discard(tp)
+
+    def position(self) -> Positions:
+        return dict(self._next)
+
+    def end_positions(self, *, max_age_s: float = 0.1, timeout_s: float = 2.0) -> Positions:
+        now = time.monotonic()
+        if self._ends is not None and now - self._ends_at < max_age_s:
+            return self._ends
+        parts = [KafkaTopicPartition(tp.topic, tp.partition) for tp in self._next]
+        ends = self._consumer.end_offsets(parts, timeout_ms=int(timeout_s * 1000)) if parts else {}
+        self._ends = {TopicPartition(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+        self._ends_at = now
+        return self._ends
+
+    def commit(self, positions: Mapping[TopicPartition, int], *, timeout_s: float = 2.0) -> None:
+        if self._in_callback:
+            self._pending_commit.update(positions)
+            return
+        offsets = {
+            KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(int(off), "", -1)
+            for tp, off in positions.items()
+            if tp in self._next or tp in self._unresolved
+        }
+        if offsets:
+            self._consumer.commit(offsets, timeout_ms=int(timeout_s * 1000))
+
+    def close(self) -> None:
+        """Leave the group at once (the others rebalance now, not after a session timeout)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close(autocommit=False, timeout_ms=2000)

@@ -1,0 +1,135 @@
+"""The stages over real Kafka clients: a fresh set of clients per build, so the supervisor never reuses
+one that went through an outage. The only place (with the serving stack) that wires Kafka clients into
+the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from engine.runtime.config import RunConfig
+
+log = logging.getLogger("reloop.run")
+
+
+def _release(things: list[Any]) -> None:
+    for thing in things:
+        release = getattr(thing, "abort", None) or thing.close
+        try:
+            release()
+        except Exception:  # noqa: BLE001 - releasing what a failed build opened
+            log.debug("release after a failed build failed", exc_info=True)
+
+
+def _producer_config(cfg: RunConfig) -> dict[str, Any]:
+    return {**cfg.source.client_config, **cfg.sink.client_config}
+
+
+def _ensure_samples_topic(cfg: RunConfig) -> None:
+    """Create the samples topic when it is missing, with one partition per join task (the partition
+    count of the impressions topic). An existing one is checked by the join stage."""
+    from connectors.kafka.admin import admin_client, create_topics, partition_counts
+
+    src = cfg.source
+    admin = admin_client(src.bootstrap, src.client_config)
+    try:
+        if cfg.stages.samples_topic in set(admin.list_topics()):
+            return
+        partitions = partition_counts(admin, [src.impressions_topic])[src.impressions_topic]
+    finally:
+        admin.close()
+    create_topics(src.bootstrap, {cfg.stages.samples_topic: partitions}, client_config=src.client_config)
+
+
+def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
+    from connectors.kafka.group_source import KafkaGroupSource
+    from connectors.kafka.sink import KafkaSink
+    from engine.runtime.build import build_join_stage
+
+    src = cfg.source
+
+    def build() -> Any:
+        opened: list[Any] = []
+        try:
+            _ensure_samples_topic(cfg)
+            source = KafkaGroupSource(
+                bootstrap=src.bootstrap,
+                topics=[src.impressions_topic, src.clicks_topic],
+                group_id=cfg.stages.join_group_id,
+                client_config={**src.client_config, **cfg.stages.join_client_config},
+            )
+            opened.append(source)
+            samples = KafkaSink(
+                bootstrap=src.bootstrap, topic=cfg.stages.samples_topic, client_config=_producer_config(cfg)
+            )
+            opened.append(samples)
+            dead = None
+            if cfg.sink.dead_letter_topic:
+                dead = KafkaSink(
+                    bootstrap=src.bootstrap,
+                    topic=cfg.sink.dead_letter_topic,
+                    client_config=_producer_config(cfg),
+                )
+                opened.append(dead)
+            return build_join_stage(cfg, source=source, samples_sink=samples, dead_letter_sink=dead)
+        except BaseException:
+            _release(opened)
+            raise
+
+    return build
+
+
+def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
+    from connectors.kafka.sink import KafkaSink
+    from connectors.kafka.source import KafkaSource
+    from engine.runtime.build import build_train_stage
+
+    src = cfg.source
+
+    def build() -> Any:
+        opened: list[Any] = []
+        try:
+            source = KafkaSource(
+                bootstrap=src.bootstrap,
+                topics=[cfg.stages.samples_topic],
+                group_id=src.group_id,
+                client_config=src.client_config,
+            )
+            opened.append(source)
+            dead = None
+            if cfg.sink.dead_letter_topic:
+                dead = KafkaSink(
+                    bootstrap=src.bootstrap,
+                    topic=cfg.sink.dead_letter_topic,
+                    client_config=_producer_config(cfg),
+                )
+                opened.append(dead)
+            commit = source.commit if src.group_id else None
+            return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit)
+        except BaseException:
+            _release(opened)
+            raise
+
+    return build
+
+
+def describe_join(stage: Any) -> dict[str, Any]:
+    return {
+        "tasks": sorted(stage.tasks),
+        "samples_sent": stage.samples_sent,
+        "pending": sum(t.joiner.pending_count for t in stage.tasks.values()),
+        "dead_letters": stage.dead_letters.counts,
+        "rebalances": stage.rebalances,
+    }
+
+
+def describe_train(stage: Any) -> dict[str, Any]:
+    return {
+        "version": stage.version,
+        "samples_trained": stage.trainer.counters.samples,
+        "buffered": stage.buffered_samples,
+        "duplicates_dropped": stage.duplicates_dropped,
+        "seq_gaps": stage.seq_gaps,
+        "dead_letters": stage.dead_letters.counts,
+    }

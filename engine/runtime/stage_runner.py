@@ -1,0 +1,155 @@
+"""Running one long-lived stage as a process: signals, the stop watchdog, metrics, supervision, exit codes.
+
+Shared by ``reloop join``, ``reloop train`` and ``reloop run`` (which runs both). A failure that is not
+about one record rebuilds the stage from its last checkpoint (engine/runtime/supervisor.py). SIGTERM /
+SIGINT stop it gracefully (a final checkpoint); the process exits at the latest ``recovery.stop_timeout_s``
+after the signal whatever the broker does; a second signal exits at once. Exit codes: 0 stopped cleanly,
+1 gave up or forced out, 2 bad config or unusable snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.runtime.config import RunConfig
+
+log = logging.getLogger("reloop.run")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: set ``event`` and arm a watchdog that ends the process ``timeout_s`` later if
+    the graceful stop has not finished by then (a stop must never wait on the broker)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.event = threading.Event()
+        self.timeout_s = timeout_s
+        self._timer: threading.Timer | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.event.is_set():
+            self._force(f"second {name}")
+        log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
+        self.event.set()
+        self._timer = threading.Timer(
+            self.timeout_s, self._force, args=(f"{self.timeout_s:g} s after {name}",)
+        )
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @staticmethod
+    def _force(why: str) -> None:
+        log.critical(
+            "stop did not finish in time: exiting without a final checkpoint "
+            "(the last snapshot stays the restart point)",
+            extra={"fields": {"why": why}},
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
+
+
+def run_supervised(
+    name: str,
+    cfg: RunConfig,
+    build: Callable[[], Any],
+    *,
+    close: Callable[[Any], int | None],
+    describe: Callable[[Any], dict[str, Any]],
+    metrics_port: int | None,
+    stop: StopRequest | None = None,
+) -> int:
+    """Run ``build()``'s stage under a supervisor until a stop signal; returns the exit code.
+    ``describe(stage)`` gives the fields of the periodic progress log and of the last log line."""
+    from engine.metrics.registry import REGISTRY
+    from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
+    from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
+
+    metrics_server = None
+    if metrics_port is not None:
+        from connectors.metrics.prometheus import serve_metrics
+
+        metrics_server = serve_metrics(host=cfg.metrics.prometheus_host, port=metrics_port)
+        log.info(
+            "metrics",
+            extra={"fields": {"url": f"http://{metrics_server.host}:{metrics_server.port}/metrics"}},
+        )
+    if stop is None:
+        stop = StopRequest(cfg.recovery.stop_timeout_s)
+        stop.install()
+    hooks: list[Any] = []
+
+    def on_stage(stage: Any) -> None:
+        served = getattr(stage, "served_metrics", None)
+        if metrics_server is not None and served is not None:
+            for old in hooks:
+                REGISTRY.remove_collect_hook(old)
+            hooks[:] = [served.bind()]
+        log.info(
+            "started", extra={"fields": {"stage": name, "restored": getattr(stage, "restored_from", None)}}
+        )
+
+    last_log = [time.monotonic()]
+
+    def report(stage: Any) -> None:
+        now = time.monotonic()
+        if now - last_log[0] >= cfg.log.stats_every_s:
+            last_log[0] = now
+            log.info("progress", extra={"fields": {"stage": name, **describe(stage)}})
+
+    r = cfg.recovery
+    supervisor = Supervisor(
+        build,
+        stop=stop.event,
+        policy=RetryPolicy(
+            backoff_initial_s=r.backoff_initial_s,
+            backoff_max_s=r.backoff_max_s,
+            give_up_after_s=r.give_up_after_s,
+        ),
+        on_pipeline=on_stage,
+        on_step=report,
+        close=close,
+    )
+    code = 0
+    try:
+        supervisor.run()
+    except (SnapshotMismatch, NoUsableSnapshot) as exc:
+        log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
+        print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except GaveUp as exc:
+        print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        stop.disarm()
+        if metrics_server is not None:
+            metrics_server.close()
+    stage = supervisor.pipeline
+    log.info(
+        "stopped",
+        extra={
+            "fields": {
+                "stage": name,
+                "exit_code": code,
+                "final_checkpoint": supervisor.final_number,
+                "restarts": supervisor.restarts,
+                **(describe(stage) if stage is not None else {}),
+            }
+        },
+    )
+    return code

@@ -1,0 +1,42 @@
+"""``reloop train --config FILE``: the train stage as a process: the samples topic in, model versions
+(snapshots) out. See engine/runtime/train_stage.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.runtime.config import ConfigError, load_config
+from engine.runtime.jsonlog import setup_json_logging
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
+    parser.add_argument("--log-level", default=None, help="override log.level")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics here (default: metrics.prometheus_port)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"reloop train: {exc}", file=sys.stderr, flush=True)
+        return 2
+    setup_json_logging(args.log_level or cfg.log.level)
+    from engine.runtime.kafka_stages import describe_train, train_stage_factory
+    from engine.runtime.stage_runner import run_supervised
+
+    port = args.metrics_port if args.metrics_port is not None else cfg.metrics.prometheus_port
+    return run_supervised(
+        "train",
+        cfg,
+        train_stage_factory(cfg),
+        close=lambda stage: stage.close(final="checkpoint"),
+        describe=describe_train,
+        metrics_port=port,
+    )
