@@ -15,11 +15,13 @@ part's mean/var; metadata: the learner config) with a JSON manifest holding its 
 
 * written by the trainer at publish time, BEFORE the training snapshot of the same version (so serving
   does not wait for the optimizer state to be written): ``publish_serving_bundle(registry, learner)``,
-  one call in ``Pipeline.snapshot``; file and manifest are fsynced and renamed into place (the manifest
-  last, so a manifest always names a whole file); the newest ``keep`` are kept;
-* read by the service: file bytes, sha256 checked against the manifest, ``safetensors.torch.load``
-  (tensors only: nothing is unpickled), the model built on the meta device (no init, no memory) and
-  given the loaded tensors; the optimizer state is never read;
+  one call in ``Pipeline.snapshot``; file then manifest are renamed into place (a manifest always
+  names a whole file), not fsynced (a torn bundle fails its checksum and the version loads from its
+  fsynced snapshot); the newest ``keep`` are kept;
+* read by the service: the file memory-mapped, its sha256 checked against the manifest, the tensors
+  views of the mapping (safetensors layout: tensors only, nothing is unpickled, nothing copied), the
+  model built on the meta device (no init, no memory) and given those tensors; the optimizer state is
+  never read;
 * a version without a bundle (snapshots of older trainers, a river/FTRL learner) is loaded from the
   training snapshot's learner part as before (``engine.serve.loader``).
 
@@ -32,10 +34,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,19 +77,54 @@ def serving_tensors(learner: Any) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, meta
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_NAMES = {v: k for k, v in {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}.items()}  # fmt: skip
+
+
+def _write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[int, str]:
+    """Write ``tensors`` in the safetensors layout straight from their memory (no serialised copy of
+    the whole file first), hashing as it goes; returns (bytes, sha256). Widest dtypes first, so every
+    tensor starts at a multiple of its item size (the reader maps them without copying)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    total = 0
+    with open(path, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            digest.update(chunk)
+            f.write(chunk)
+            total += len(chunk)
+        for name in order:
+            t = tensors[name].contiguous()
+            if t.numel() == 0:
+                continue
+            view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            digest.update(view)
+            f.write(view)
+            total += len(view)
+    return total, digest.hexdigest()
 
 
 def write_bundle(
@@ -93,32 +132,30 @@ def write_bundle(
 ) -> Path | None:
     """Write the serving bundle of ``learner`` as ``version`` under ``directory``; returns the manifest
     path (None when the learner has no torch model: serving then reads the snapshot)."""
-    from safetensors.torch import save
-
     found = serving_tensors(learner)
     if found is None:
         return None
     tensors, meta = found
-    data = save(tensors, metadata=meta)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     name = f"v{version:012d}"
     tag = uuid.uuid4().hex[:8]
     tmp_data, tmp_manifest = root / f".tmp-{name}-{tag}.safetensors", root / f".tmp-{name}-{tag}.json"
-    manifest = {
-        "format": FORMAT,
-        "version": version,
-        "file": f"{name}.safetensors",
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "created_unix": time.time(),
-    }
     try:
-        _fsync_write(tmp_data, data)
-        _fsync_write(tmp_manifest, json.dumps(manifest, sort_keys=True).encode())
+        # Not fsynced: the bundle is a cache of the snapshot's weights. A bundle torn by a power loss
+        # fails its checksum and the version is served from its (fsynced) training snapshot instead.
+        size, sha = _write_safetensors(tmp_data, tensors, meta)
+        manifest = {
+            "format": FORMAT,
+            "version": version,
+            "file": f"{name}.safetensors",
+            "bytes": size,
+            "sha256": sha,
+            "created_unix": time.time(),
+        }
+        _write(tmp_manifest, json.dumps(manifest, sort_keys=True).encode())
         os.replace(tmp_data, root / manifest["file"])
         os.replace(tmp_manifest, root / f"{name}.json")  # last: a manifest always names a whole file
-        _fsync_dir(root)
     finally:
         for p in (tmp_data, tmp_manifest):
             p.unlink(missing_ok=True)
@@ -149,28 +186,63 @@ def bundle_versions(directory: str | os.PathLike[str]) -> list[int]:
     return sorted(int(m.group(1)) for e in os.scandir(root) if (m := _FILE_RE.match(e.name)))
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def read_bundle(
     directory: str | os.PathLike[str], version: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a bundle, checksummed; SnapshotError/ChecksumError when unusable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    """(tensors, metadata) of a bundle, checksummed; SnapshotError/ChecksumError when unusable.
 
+    The file is memory-mapped and the tensors are views of the mapping (read-only, shared with the page
+    cache): no copy, so a loaded version costs its weights once in resident memory. A file replaced or
+    pruned later does not change a mapping already made (a new version is a new file)."""
     root = Path(directory)
     try:
         manifest = json.loads((root / f"v{version:012d}.json").read_text())
-        data = (root / manifest["file"]).read_bytes()
+        with open(root / manifest["file"], "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"serving bundle {version} under {root} cannot be read ({exc})") from exc
     if manifest.get("format") != FORMAT or manifest.get("version") != version:
         raise SnapshotError(f"serving bundle {version}: unexpected format or version in its manifest")
-    if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+    if size != manifest.get("bytes") or hashlib.sha256(mapped).hexdigest() != manifest.get("sha256"):
         raise ChecksumError(f"serving bundle {version}: fails its sha256 checksum")
     try:
-        tensors = load(data)
-        with memoryview(data) as view:
-            header = json.loads(bytes(view[8 : 8 + int.from_bytes(data[:8], "little")]))
-    except (SafetensorError, ValueError) as exc:
+        n = int.from_bytes(mapped[:8], "little")
+        header = json.loads(bytes(mapped[8 : 8 + n]))
+        start = 8 + n
+        tensors: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():
+            # The mapping is read-only and torch says so; serving never writes the weights.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _DTYPES[info["dtype"]]
+                lo, hi = info["data_offsets"]
+                count = (hi - lo) // dtype.itemsize
+                offset = start + lo
+                if count == 0:
+                    t = torch.empty(0, dtype=dtype)
+                elif offset % dtype.itemsize:  # unaligned: copy (never for what write_bundle writes)
+                    t = torch.frombuffer(bytearray(mapped[offset : hi + start]), dtype=dtype)
+                else:
+                    t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+                tensors[name] = t.reshape(info["shape"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise SnapshotError(f"serving bundle {version} does not load ({exc!r:.300})") from exc
     return tensors, dict(header.get("__metadata__") or {})
 

@@ -86,7 +86,9 @@ class ServeConfig(_Frozen):
     )
     port: int = Field(default=8000, ge=0, le=65535)
     top_k: int = Field(default=10, ge=1)
-    reload_interval_s: float = Field(default=1.0, gt=0)
+    reload_interval_s: float = Field(
+        default=0.2, gt=0, description="registry poll period: a poll is two directory listings"
+    )
     torch_threads: int = Field(default=1, ge=1)
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
     workers: int = Field(default=1, ge=1, description="serving processes sharing the port (SO_REUSEPORT)")

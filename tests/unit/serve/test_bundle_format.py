@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from engine.checkpoint.registry import ChecksumError, SnapshotError, SnapshotRegistry
 from engine.features.featurizer import Featurizer
@@ -131,3 +132,16 @@ def test_the_service_sees_a_bundle_before_its_snapshot_and_old_snapshots_without
     publish_serving_bundle(reg, learner)  # v2's bundle; its training snapshot is still being written
     assert latest() == 2 and versions() == [1, 2]
     assert load(2).version == 2
+
+
+def test_the_file_is_standard_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    publish_serving_bundle(SnapshotRegistry(tmp_path), learner)
+    path = serving_dir(tmp_path) / "v000000000001.safetensors"
+    ours, meta = read_bundle(serving_dir(tmp_path), 1)
+    theirs = load_file(path)
+    assert set(ours) == set(theirs) and meta["config_json"] == learner.config.to_json()
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
