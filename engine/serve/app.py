@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +147,11 @@ def create_app(
 
     @app.get("/stats")
     async def get_stats() -> dict[str, Any]:
-        body: dict[str, Any] = {"versions": service.versions(), "failed_requests": service.failed}
+        body: dict[str, Any] = {
+            "versions": service.versions(),
+            "failed_requests": service.failed,
+            "pid": os.getpid(),  # which worker answered (reloop serve --workers N)
+        }
         body["arms"] = {
             name: {
                 "version": arm.holder.version,

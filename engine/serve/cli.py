@@ -17,6 +17,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="override serve.port")
     parser.add_argument("--bootstrap", help="override kafka.bootstrap")
     parser.add_argument("--no-log", action="store_true", help="do not log impressions (benchmarks)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes sharing the port (SO_REUSEPORT); default serve.workers (1). "
+        "See engine/serve/workers.py for routing, logging and reload with several",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
 
 
 def main(args: argparse.Namespace) -> int:
@@ -32,6 +39,20 @@ def main(args: argparse.Namespace) -> int:
     if args.no_log:
         update["log"] = config.log.model_copy(update={"enabled": False})
     config = config.model_copy(update=update)
+    workers = args.workers if args.workers is not None else config.workers
+    if workers < 1:
+        print("reloop serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if workers > 1 and not args.worker:
+        from engine.serve.workers import run_workers
+
+        argv = ["--config", args.config, "--workers", "1"]
+        if args.bootstrap:
+            argv += ["--bootstrap", args.bootstrap]
+        if args.no_log:
+            argv.append("--no-log")
+        port = config.port if args.port is None else args.port
+        return run_workers(argv, workers, args.host or config.host, port)
 
     from engine.serve.stack import ServingStack
 
@@ -40,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"reloop serve: {exc}", file=sys.stderr)
         return 2
-    url = stack.serve_in_thread(host=args.host, port=args.port)
+    url = stack.serve_in_thread(host=args.host, port=args.port, reuse_port=args.worker)
     print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

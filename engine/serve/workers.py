@@ -1,0 +1,75 @@
+"""``reloop serve --workers N``: N serving processes on one port (SO_REUSEPORT), kept alive by the parent.
+
+Each worker is a whole ``reloop serve`` process (its own registry watcher and hot reload, its own model
+copy, its own impression producer, its own event loop and GIL); the kernel spreads incoming connections
+over the workers' listening sockets. What that means:
+
+* arm routing: blake2b of (salt, user id), the same in every process: a user lands in the same arm
+  whichever worker answers (engine/serve/arms.py);
+* impression logging: each worker has its own producer to the arm's topic; impression ids are 128
+  random bits per impression, so workers never collide; per-worker buffers and drop counters;
+* hot reload: each worker polls the registry and swaps on its own; for up to one poll interval
+  (``serve.reload_interval_s``) two workers may serve adjacent versions. Every response and every
+  impression names the version that scored it, so the trainer's y_last stays exact;
+* ``/stats`` and ``/metrics`` answer for the worker the connection landed on; scrape each worker
+  (or run one worker per pod) for totals;
+* memory: N copies of the model (memory-mapped bundles share the page cache: their weights are in
+  memory once);
+* the parent restarts a worker that exits (after 1 s), and stops all of them on SIGTERM/SIGINT; the
+  connections a crashing worker held (in flight or queued on its socket) are reset, new ones go to
+  the others at once.
+
+On a 2-core machine one worker is the default: a second one pays off only when a core is idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+def run_workers(argv: list[str], workers: int, host: str, port: int) -> int:
+    """Run ``workers`` copies of ``reloop serve`` with ``argv`` (+ the worker flags) on host:port.
+    The port is reserved here first (port 0 picks a free one), with SO_REUSEPORT like the workers'."""
+    from engine.serve.stack import listen_socket
+
+    reserve = listen_socket(host, port, reuse_port=True)  # bound, never listening: takes no connections
+    port = int(reserve.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "engine.runtime.cli", "serve", *argv,
+        "--host", host, "--port", str(port), "--worker",
+    ]  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    procs: list[subprocess.Popen | None] = [None] * workers
+    started: list[float] = [0.0] * workers
+    print(f"reloop serve: {workers} workers on http://{host}:{port}", flush=True)
+    while not stop.is_set():
+        for i, p in enumerate(procs):
+            if p is None or p.poll() is not None:
+                if p is not None:
+                    log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
+                    if time.monotonic() - started[i] < 1.0:
+                        continue  # at most one restart per second per worker
+                procs[i] = subprocess.Popen(cmd)
+                started[i] = time.monotonic()
+        stop.wait(0.5)
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 30
+    for p in procs:
+        if p is not None:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    reserve.close()
+    return 0

@@ -1,0 +1,95 @@
+"""``reloop serve --workers 2``: two processes answer on one port, each scores with the same arm
+routing; a worker that dies is replaced while the other keeps answering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from connectors.kafka.local_broker import free_port
+from engine.checkpoint.registry import SnapshotRegistry
+from engine.features.spec import FeatureSpec
+from engine.models.registry import build_learner
+from engine.serve.bundle_format import publish_serving_bundle
+
+REPO = Path(__file__).resolve().parents[3]
+SPEC = {"fields": [{"kind": "categorical", "name": "item", "buckets": 64}]}
+
+
+def _body(i: int) -> dict:
+    return {
+        "request_id": f"r{i}",
+        "user_id": f"u{i}",
+        "candidates": [{"item_id": f"i{j}", "features": {"item": f"i{j}"}} for j in range(5)],
+    }
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "reloop serve exited"
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("not ready")
+
+
+def _pids(url: str, n: int = 60) -> set[int]:
+    # A new connection each time: the kernel picks a worker per connection.
+    return {httpx.get(url + "/stats", timeout=5).json()["pid"] for _ in range(n)}
+
+
+def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
+    learner = build_learner("dcn", FeatureSpec.from_dict(SPEC), "ce", 0.0, embedding_dim=4, hidden_units=[8])
+    reg = SnapshotRegistry(tmp_path / "reg")
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict()})
+    config = tmp_path / "serve.yaml"
+    arms = [{"name": "A", "registry": str(reg.root)}]
+    config.write_text(yaml.safe_dump({"serve": {"log": {"enabled": False}}, "arms": arms}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(config), "--port", str(port),
+         "--workers", "2"],
+        cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, proc)
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= _pids(url, 20)
+        assert len(pids) == 2
+        scores = {}
+        for i in range(30):
+            r = httpx.post(url + "/score", json=_body(i), timeout=10)
+            assert r.status_code == 200 and r.json()["model_version"] == 1
+            scores[i] = [s["score"] for s in r.json()["scores"]]
+        assert all(s == scores[0] for s in scores.values())  # one model, whichever worker answered
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        # The connections the dead worker held (accepted or queued on its socket) are reset; once its
+        # socket is gone the kernel sends every new connection to the other worker.
+        time.sleep(0.5)
+        codes = [httpx.post(url + "/score", json=_body(i), timeout=10).status_code for i in range(20)]
+        assert codes == [200] * 20  # the other worker answers meanwhile
+        deadline = time.monotonic() + 60
+        now: set[int] = set()
+        while (len(now) < 2 or victim in now) and time.monotonic() < deadline:
+            now = _pids(url, 20) - {victim}
+            time.sleep(0.2)
+        assert len(now) == 2 and victim not in now  # replaced
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
