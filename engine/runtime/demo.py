@@ -118,6 +118,13 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
                     "client_config": dict(config.kafka.get("settings") or {}),
                 },
                 "sink": {"dead_letter_topic": f"demo-{run_id}.deadletter.{arm.name}"},
+                # One process per arm (both stages in it): three arms, a service, a simulator and a
+                # broker already share this machine's cores.
+                "stages": {
+                    "samples_topic": f"demo-{run_id}.samples.{arm.name}",
+                    "join_group_id": f"reloop-demo-{run_id}-{arm.name}-join",
+                    "processes": 1,
+                },
                 "checkpoint": {"dir": str(folder / "snapshots")},
             },
         )

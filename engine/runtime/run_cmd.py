@@ -46,6 +46,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- two processes
+def join_metrics_port(cfg: RunConfig) -> int | None:
+    """Where the join process serves /metrics: ``metrics.join_prometheus_port``, else the train
+    process's port + 1 (none when the train process has none)."""
+    m = cfg.metrics
+    if m.join_prometheus_port is not None:
+        return m.join_prometheus_port
+    if not m.prometheus_port:
+        return None
+    return m.prometheus_port + 1
+
 def _die_with_parent() -> None:
     """preexec hook: the kernel SIGKILLs the child when this process dies, as it would its threads."""
     pr_set_pdeathsig = 1
@@ -55,10 +65,12 @@ def _die_with_parent() -> None:
 def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     base = [sys.executable, "-m", "engine.runtime.cli"]
     extra = ["--log-level", args.log_level] if args.log_level else []
+    ports = {"train": cfg.metrics.prometheus_port, "join": join_metrics_port(cfg)}
     children: dict[str, subprocess.Popen] = {}
     for stage in ("train", "join"):
+        port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
         children[stage] = subprocess.Popen(
-            [*base, stage, "--config", args.config, *extra], preexec_fn=_die_with_parent
+            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=_die_with_parent
         )
     log.info("started", extra={"fields": {"processes": {k: p.pid for k, p in children.items()}}})
     stopping = [False]

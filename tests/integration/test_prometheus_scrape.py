@@ -1,6 +1,7 @@
-"""A real Prometheus server scrapes the real stream processor (`reloop run` on the local Kafka broker).
+"""A real Prometheus server scrapes the real stream processor (`reloop run` on the local Kafka broker):
+its train process on ``metrics.prometheus_port`` and its join process on the port after it.
 
-The processor exports through the one adapter (connectors/metrics/prometheus.py) from the plain
+The processes export through the one adapter (connectors/metrics/prometheus.py) from the plain
 registry; we read the series back from Prometheus' HTTP API, as a dashboard or an alert would.
 """
 
@@ -89,12 +90,25 @@ class Feed:
         return sent
 
 
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def processor_config(tmp: Path, feed: Feed, metrics_port: int, group: str) -> Path:
     cfg = {
         "source": {"bootstrap": feed.bootstrap, "impressions_topic": feed.impressions,
                    "clicks_topic": feed.clicks, "group_id": group, "poll_max_records": 256,
                    "merge_idle_ms": 200},
-        "sink": {"samples_topic": None, "dead_letter_topic": None},
+        "sink": {"dead_letter_topic": None},
+        "stages": {"samples_topic": f"samples-{group}", "join_group_id": f"join-{group}", "max_delay_ms": 50,
+                   "join_checkpoint_every_s": 1.0},
         # A short idle timeout lets the watermark advance when the feed pauses, so the joiner emits
         # the last negatives without a sentinel event.
         "join": {"window_ms": WINDOW_MS, "allowed_lateness_ms": 100, "click_grace_ms": 500,
@@ -129,13 +143,15 @@ def running(kafka_broker, tmp_path_factory) -> Iterator[Running]:
     rng = random.Random(5)
     feed.send(800, rng)
     port = free_port()
+    while not _free(port + 1):
+        port = free_port()
     config = processor_config(tmp, feed, port, group=f"g-{tag}")
     log = tmp / "run.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(config)],
                                 cwd=ROOT, stdout=out, stderr=out, env=env)
-    prom = LocalPrometheus(targets={"reloop-processor": [f"127.0.0.1:{port}"]},
+    prom = LocalPrometheus(targets={"reloop-processor": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]},
                            workdir=tmp / "prometheus", binary=binary)
     try:
         with prom:
