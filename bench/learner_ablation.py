@@ -68,6 +68,8 @@ BASE: dict[str, Any] = {
     "epochs": 1,  # periodic protocol
     "replay": 0,
     "replay_ratio": 1.0,
+    "strategy": "ce",  # engine variants: ce | kd | reloop (y_last = the last period's snapshot)
+    "alpha": 0.0,
 }
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
 OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam", "wide": "off"}}  # previous defaults, lr 1e-2
@@ -118,6 +120,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "old_buckets100k": {**OLD, "buckets": 100_000},
     "new_deepfm": {**NEW, "backbone": "deepfm"},
     "old_deepfm": {**OLD, "backbone": "deepfm"},
+}
+STRATEGIES = {
+    f"{strategy}{alpha:g}": {**NEW, "strategy": strategy, "alpha": alpha}
+    for strategy, alpha in (("reloop", 0.2), ("reloop", 0.5), ("kd", 0.2), ("kd", 0.5))
 }
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
 PERIODIC_GRID = {
@@ -310,7 +316,7 @@ def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: in
     run = RunSpec(
         protocol=s["protocol"],
         backbone=s["backbone"],
-        strategy=Strategy("ce"),
+        strategy=Strategy(s["strategy"], s["alpha"]),
         seed=seed,
         epochs=s["epochs"],
         batch_size=s["batch"],
@@ -361,6 +367,32 @@ def selection_last_period(data: BacktestData) -> int:
 
 
 COLUMNS = ("dataset", "variant", "seed", "period", "n", "auc", "logloss", "seconds")
+
+
+def burst_stats(data: BacktestData, user_field: str) -> str:
+    """How much of a user's activity falls inside one batch: the fraction of events whose user's previous
+    event is among the last ``b`` events (for a batch of b, about that many are scored before the model
+    has learned anything of that user's burst), and the users' active time spans."""
+    users = [f.get(user_field) for f in data.raw_features]
+    last: dict[Any, int] = {}
+    prev = np.full(len(users), -1)
+    first_t: dict[Any, int] = {}
+    last_t: dict[Any, int] = {}
+    for i, u in enumerate(users):
+        prev[i] = last.get(u, -1)
+        last[u] = i
+        first_t.setdefault(u, int(data.times_ms[i]))
+        last_t[u] = int(data.times_ms[i])
+    gap = np.where(prev >= 0, np.arange(len(users)) - prev, np.iinfo(np.int64).max)
+    parts = [f"{len(users):,} events, {len(last):,} users ({user_field})"]
+    parts += [
+        f"previous event of the same user within the last {b}: {np.mean(gap <= b):.1%}" for b in (8, 32, 512)
+    ]
+    if data.times_ms[-1] - data.times_ms[0] > 86_400_000:
+        span_h = np.array([last_t[u] - first_t[u] for u in last]) / 3.6e6
+        q = np.percentile(span_h, [25, 50, 75])
+        parts.append(f"user active span (hours) quartiles {q[0]:.1f} / {q[1]:.1f} / {q[2]:.0f}")
+    return "; ".join(parts)
 
 
 def summarise(path: Path, ref: str, order: list[str] | None = None) -> str:
@@ -424,18 +456,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="CSV (appended to)")
     p.add_argument("--summary", type=Path, help="print the table of this CSV and exit")
     p.add_argument("--ref", default="new", help="--summary: the reference variant")
+    p.add_argument("--bursts", metavar="USER_FIELD", help="print how bursty the stream's users are, and exit")
     args = p.parse_args(argv)
     if args.summary:
-        print(summarise(args.summary, args.ref, [*VARIANTS, *PERIODIC_GRID]))
+        print(summarise(args.summary, args.ref, [*VARIANTS, *PERIODIC_GRID, *STRATEGIES]))
+        return 0
+    if args.bursts:
+        if args.data is None:
+            p.error("--bursts needs --data")
+        print(burst_stats(load(args.dataset, args.data, BASE["buckets"]), args.bursts))
         return 0
     if args.data is None or args.out is None:
         p.error("--data and --out are required (or --summary)")
     torch.set_num_threads(1)
-    catalogue = {**VARIANTS, **PERIODIC_GRID}
+    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES}
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]
     elif args.variants == "periodic":
         names = list(PERIODIC_GRID)
+    elif args.variants == "strategies":
+        names = list(STRATEGIES)
     else:
         names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in catalogue]

@@ -63,16 +63,20 @@ def _fmt(mean: float, half: float) -> str:
     return f"{mean * 1e3:+.2f}" + ("" if math.isnan(half) else f" ± {half * 1e3:.2f}")
 
 
+def _side(mean: float, half: float, sign: float) -> str:
+    if math.isnan(half):
+        return "n/a"
+    lo, hi = sign * mean - half, sign * mean + half
+    return "better" if lo > 0 else "worse" if hi < 0 else "tie"
+
+
 def _verdict(d: dict[str, tuple[float, float, float, float]]) -> str:
-    """ "better" when both intervals (seeds and periods) of both metrics are on the better side of 0."""
-    a, ll = d["auc"], d["logloss"]
-    lo = [a[0] - a[1], a[2] - a[3], -(ll[0] + ll[1]), -(ll[2] + ll[3])]
-    hi = [a[0] + a[1], a[2] + a[3], -(ll[0] - ll[1]), -(ll[2] - ll[3])]
-    if all(x > 0 for x in lo if not math.isnan(x)):
-        return "**better** (both metrics, both intervals)"
-    if all(x < 0 for x in hi if not math.isnan(x)):
-        return "worse"
-    return "mixed / tie"
+    """Per metric: better / tie / worse for the over-seeds and the over-periods interval."""
+    out = []
+    for metric, name, sign in (("auc", "AUC", 1.0), ("logloss", "LogLoss", -1.0)):
+        m = d[metric]
+        out.append(f"{name} {_side(m[0], m[1], sign)} / {_side(m[2], m[3], sign)}")
+    return "; ".join(out)
 
 
 def table(new_path: Path, peers: list[tuple[str, Path]], from_period: int, strategy: str = "ce") -> str:
@@ -84,27 +88,20 @@ def table(new_path: Path, peers: list[tuple[str, Path]], from_period: int, strat
         "half-widths over seeds / over periods.",
         "",
         "| backbone | peer | peer AUC | peer LogLoss | new AUC | new LogLoss | ΔAUC (seeds) | ΔAUC (periods) "
-        "| ΔLogLoss (seeds) | ΔLogLoss (periods) | verdict |",
+        "| ΔLogLoss (seeds) | ΔLogLoss (periods) | new is (seeds / periods) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    others: list[tuple[str, dict[tuple[str, str], Cell]]] = [
-        ("river LR per event (peer)", {k: v for k, v in new.items() if k[1] == "river_lr"})
-    ]
+    river = {k: v for k, v in new.items() if k[1] == "river_lr"}
+    others: list[tuple[str, dict[tuple[str, str], Cell], bool]] = [("river LR per event (peer)", river, True)]
     for label, path in peers:
-        others.append((label, _cells(read_csv(path), from_period, strategy)))
+        others.append((label, _cells(read_csv(path), from_period, strategy), False))
     for b in backbones:
         mine = new[("streaming", b)]
         na = np.mean([v[0] for v in mine.values()])
         nl = np.mean([v[1] for v in mine.values()])
-        for label, cells in others:
-            peer = next(
-                (
-                    v
-                    for (p, bb), v in cells.items()
-                    if bb in (b, "river_lr") and (bb == "river_lr") == label.startswith("river")
-                ),
-                None,
-            )
+        for label, cells, is_river in others:
+            want = "river_lr" if is_river else b
+            peer = next((v for (_, bb), v in cells.items() if bb == want), None)
             if peer is None:
                 continue
             d = paired(mine, peer)

@@ -187,6 +187,20 @@ class _MixedLoss:
     def _aux_event(self, p: float, label: float, y_last: float) -> float:
         return 0.0
 
+    def event_curvature(self, p: float, y_last: float) -> float:
+        """Gauss-Newton second derivative of one sample's loss in the logit: ``p (1 - p)`` for CE, mixed
+        by alpha with the auxiliary term's (KD: ``p (1 - p)``; the ReLoop terms are piecewise linear in
+        p or z: 0) where y_last is known. A per-event Newton step divides the gradient by it, so a CE part
+        weighted by ``1 - alpha`` moves as far as plain CE and only its certainty grows more slowly."""
+        h = p * (1.0 - p)
+        if self.strategy != "ce" and self.alpha > 0.0 and y_last == y_last:
+            return self.alpha * self._aux_curvature(p) * h + (1.0 - self.alpha) * h
+        return h
+
+    def _aux_curvature(self, p: float) -> float:
+        """The auxiliary term's curvature as a multiple of ``p (1 - p)``."""
+        return 0.0
+
     def raw_gradient(
         self,
         raw: np.ndarray,
@@ -230,6 +244,9 @@ class DistillationLoss(_MixedLoss):
 
     def _aux_event(self, p, label, y_last):
         return p - y_last
+
+    def _aux_curvature(self, p):
+        return 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ class OptimizerConfig(FrozenConfig):
     * ``wide``: ``bayes`` adds a first-order part learned per event by Bayesian filtering to the
       backbone's logit (engine/models/wide.py; ``wide_prior_variance`` is its one setting,
       ``wide_moderate`` scores with the predictive probability); ``off`` trains the backbone alone.
+      The wide part learns with the learner's loss (CE, KD or ReLoop), like the backbone.
     """
 
     lr: float = Field(default=1e-3, gt=0)

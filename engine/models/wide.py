@@ -16,8 +16,10 @@ rows, the value or 1/len for dense and multi-valued rows), backbone logit ``d``,
 * ``m = sum_c mean_c x_c``, ``v = sum_c var_c x_c^2``, ``z = d + m``, ``p = sigmoid(z)``;
 * score before learning: ``sigmoid(z / sqrt(1 + pi v / 8))`` (the predictive probability, MacKay's
   approximation; ``moderate=False`` scores ``sigmoid(z)``);
-* ``g`` = the loss's derivative at ``z`` (CE, KD or ReLoop; ``Loss.event_gradient``), ``h = p (1 - p)``,
-  both times the sample weight; ``k = 1 / (1 + h v)``;
+* ``g`` = the loss's derivative at ``z`` (CE, KD or ReLoop; ``Loss.event_gradient``), ``h`` = its
+  Gauss-Newton curvature (``Loss.event_curvature``: ``p (1 - p)`` for CE and KD; for ReLoop the CE part's
+  ``(1 - alpha) p (1 - p)``, its one-sided term being linear), both times the sample weight;
+  ``k = 1 / (1 + h v)``;
 * ``mean_c -= var_c x_c g k``, ``var_c -= (var_c x_c)^2 h k``.
 
 Each weight starts at mean 0 and variance ``prior_variance`` (the one setting; its step on a first
@@ -133,7 +135,7 @@ class OnlineWide:
         yl_l = None if y_last is None else np.asarray(y_last, dtype=np.float64).reshape(-1).tolist()
         sw_l = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1).tolist()
         ce = yl_l is None or getattr(loss, "strategy", "ce") == "ce" or float(loss.alpha) == 0.0
-        event_gradient = loss.event_gradient
+        event_gradient, event_curvature = loss.event_gradient, loss.event_curvature
         mean = memoryview(self.mean)
         var = memoryview(self.var)
         mget, vget = mean.__getitem__, var.__getitem__
@@ -158,8 +160,11 @@ class OnlineWide:
             else:
                 ez = exp(z)
                 p = ez / (1.0 + ez)
-            g = p - y_l[i] if ce else event_gradient(p, y_l[i], yl_l[i])  # type: ignore[index]
-            h = p * (1.0 - p)
+            if ce:
+                g, h = p - y_l[i], p * (1.0 - p)
+            else:
+                g = event_gradient(p, y_l[i], yl_l[i])  # type: ignore[index]
+                h = event_curvature(p, yl_l[i])  # type: ignore[index]
             if sw_l is not None:
                 g *= sw_l[i]
                 h *= sw_l[i]

@@ -63,7 +63,7 @@ def _reference(wide: OnlineWide, batch, deep, labels, loss, y_last=None, weights
         p = 1 / (1 + math.exp(-z))
         yl = np.nan if y_last is None else float(y_last[i])
         g = loss.event_gradient(p, float(labels[i]), yl)
-        h = p * (1 - p)
+        h = loss.event_curvature(p, yl)
         if weights is not None:
             g, h = g * weights[i], h * weights[i]
         k = 1 / (1 + h * v)
@@ -106,6 +106,16 @@ def test_event_gradient_matches_raw_gradient_for_every_strategy():
         p = 1 / (1 + np.exp(-z))
         got = [loss.event_gradient(float(p[i]), float(y[i]), float(yl[i])) for i in range(50)]
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_event_curvature_is_the_gauss_newton_curvature_of_each_loss():
+    p, h = 0.3, 0.3 * 0.7
+    assert make_loss("ce", 0.5).event_curvature(p, 0.9) == pytest.approx(h)
+    assert make_loss("kd", 0.5).event_curvature(p, 0.9) == pytest.approx(h)  # both terms are log losses
+    # ReLoop's one-sided term is linear in p: only the CE part (weight 1 - alpha) has curvature, so a
+    # per-event Newton step on an inactive sample moves as far as plain CE would.
+    assert make_loss("reloop", 0.5).event_curvature(p, 0.9) == pytest.approx(0.5 * h)
+    assert make_loss("reloop", 0.5).event_curvature(p, float("nan")) == pytest.approx(h)  # no teacher: CE
 
 
 def test_a_burst_is_learned_within_the_batch_and_noise_settles():
