@@ -31,8 +31,8 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     assert strategies == {"reloop": "reloop", "ce": "ce", "ce_aa": "ce"}
     # The A/A arms differ only in names, topics and folders.
     a, b = (p.run_config for p in plans if p.name in ("ce", "ce_aa"))
-    assert {k: v for k, v in a.items() if k not in ("source", "sink", "checkpoint")} == {
-        k: v for k, v in b.items() if k not in ("source", "sink", "checkpoint")
+    assert {k: v for k, v in a.items() if k not in ("source", "sink", "checkpoint", "stages")} == {
+        k: v for k, v in b.items() if k not in ("source", "sink", "checkpoint", "stages")
     }
     # The world's features and the model's spec agree; the attribution windows agree.
     assert plans[0].run_config["model"]["spec"] == world_spec_dict()
