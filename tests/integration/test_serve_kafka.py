@@ -48,7 +48,8 @@ def _body(i: int) -> dict:
 class Trainer:
     """Publishes snapshots of a (really trained) FM learner, as the streaming trainer would."""
 
-    def __init__(self, root) -> None:
+    def __init__(self, root, *, bundle: bool = False) -> None:
+        self.bundle = bundle  # also write the serving bundle before each snapshot, as Pipeline.snapshot does
         self.spec = FeatureSpec.from_dict(world_spec_dict(id_buckets=512))
         self.learner = build_learner("fm", self.spec, "ce", 0.0, seed=0, embedding_dim=4)
         self.registry = SnapshotRegistry(root, keep=3)
@@ -62,6 +63,10 @@ class Trainer:
         self.learner.learn(
             Featurizer(self.spec).transform(rows), (self.rng.random(len(rows)) < 0.3).astype(float)
         )
+        if self.bundle:
+            from engine.serve.bundle_format import publish_serving_bundle
+
+            publish_serving_bundle(self.registry, self.learner)
         return self.registry.publish({"learner": self.learner.state_dict()}, meta={})
 
 
@@ -131,10 +136,11 @@ def test_logged_impressions_are_exactly_the_served_ranking(kafka_broker, unique_
         assert (imp.request_id, imp.user_id, imp.item_id, imp.features) == (req_id, user, item, features)
 
 
-def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique_topic, tmp_path):
+@pytest.mark.parametrize("bundle", [False, True], ids=["snapshot", "serving-bundle"])
+def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique_topic, tmp_path, bundle):
     topic = unique_topic("impressions")
     create_topics(kafka_broker.bootstrap, {topic: 1})
-    trainer = Trainer(tmp_path / "reg")
+    trainer = Trainer(tmp_path / "reg", bundle=bundle)
     trainer.publish()
     stack = _stack(tmp_path, kafka_broker.bootstrap, topic)
     url = stack.serve_in_thread(port=0)
@@ -163,7 +169,20 @@ def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique
                 with lock:
                     shown.update({x["impression_id"]: body["model_version"] for x in body["ranking"]})
 
+    refused: list[int] = []
+
+    def hostile() -> None:
+        """Oversized requests at the same time: each refused (413 / 422), none disturbs the others."""
+        too_big = b'{"request_id":"r","user_id":"u","candidates":[' + b'{"item_id":"x"},' * 200_000 + b"]}"
+        too_many = {**_body(0), "candidates": [{"item_id": f"i{j}"} for j in range(3000)]}
+        with httpx.Client(base_url=url, timeout=10) as http:
+            while not stop.is_set():
+                r = http.post("/score", content=too_big, headers={"content-type": "application/json"})
+                refused.append(r.status_code)
+                refused.append(http.post("/score", json=too_many).status_code)
+
     threads = [threading.Thread(target=client, args=(t,)) for t in range(3)]
+    threads.append(threading.Thread(target=hostile))
     for t in threads:
         t.start()
     published = [1]
@@ -176,6 +195,7 @@ def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique
         t.join()
     stack.close()
     assert failures == []
+    assert refused and set(refused[0::2]) == {413} and set(refused[1::2]) == {422}
     assert stack.arms["A"].holder.version == published[-1]
     for versions in seen.values():
         assert versions == sorted(versions)
