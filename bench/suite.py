@@ -124,6 +124,9 @@ FIGURES: dict[str, FigureSpec] = {
         FigureSpec(
             "trainer", "8. Streaming trainer: new learner defaults vs the old ones", "bench.suite_trainer:run"
         ),
+        FigureSpec(
+            "stages", "9. Data plane v2: join stage, samples topic, train stage", "bench.suite_stages:run"
+        ),
     )
 }
 

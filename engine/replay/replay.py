@@ -114,3 +114,68 @@ def run_replay(
         positions=positions_to_json(pipeline.positions),
         trainer=pipeline.trainer.counters.as_dict(),
     )
+
+
+def run_samples_replay(
+    cfg: RunConfig,
+    *,
+    source: Source,
+    end: Positions,
+    checkpoint_dir: Path,
+    start: Positions | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    stall_timeout_s: float = 30.0,
+) -> ReplayResult:
+    """Replay a range of the samples topic through the train stage alone (the join already happened):
+    a new model, feature spec or strategy trained from the same samples at training speed."""
+    from engine.runtime.build import build_train_stage
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    clock = ManualClock(0)
+
+    def set_clock(t: int) -> None:
+        if t > clock.now_ms:
+            clock.set(t)
+
+    replay_source = ReplaySource(
+        source,
+        end=end,
+        start=start,
+        batch_size=cfg.stages.train_poll_messages,
+        timestamps="record",
+        set_clock=set_clock,
+        stall_timeout_s=stall_timeout_s,
+    )
+    stage = build_train_stage(
+        cfg,
+        source=replay_source,
+        commit=None,
+        clock=clock,
+        stats=MetricsRegistry(),
+        checkpoint_dir=checkpoint_dir,
+    )
+    t0 = time.perf_counter()
+    stage.open()
+    last_reported = 0
+    while not replay_source.done():
+        stage.step()
+        if on_progress is not None and replay_source.records_out != last_reported:
+            last_reported = replay_source.records_out
+            on_progress(last_reported)
+    stage.train_remaining()
+    version = stage.close(final="snapshot")
+    progressive = stage.trainer.progressive.get()
+    return ReplayResult(
+        final_version=version,
+        records=stage.records_processed,
+        samples_trained=stage.trainer.counters.samples,
+        steps=stage.trainer.counters.steps,
+        seconds=time.perf_counter() - t0,
+        first_time_ms=replay_source.first_timestamp_ms,
+        last_time_ms=replay_source.last_timestamp_ms,
+        join={"duplicates_dropped": stage.duplicates_dropped, "seq_gaps": stage.seq_gaps},
+        dead_letters=dict(stage.dead_letters.counts),
+        progressive={k: float(v) for k, v in progressive.items()},
+        positions=positions_to_json(stage.positions),
+        trainer=stage.trainer.counters.as_dict(),
+    )

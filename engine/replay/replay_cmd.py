@@ -5,6 +5,11 @@ From Kafka, between two timestamps or two offset sets (no consumer group: nothin
     reloop replay --config run.yaml --kafka 127.0.0.1:9092 --start-time 2026-11-27T10:00:00Z \\
         --end-time 2026-11-27T12:00:00Z --out runs/replay-1
 
+From the samples topic (``stages.samples_topic``: the join already done, the train stage alone; a new
+backbone, feature spec or strategy trained from the very samples the live model saw)::
+
+    reloop replay --config run.yaml --kafka 127.0.0.1:9092 --from-samples --out runs/replay-3
+
 From JSONL topic files (``<root>/<topic>/partition-*.jsonl``) or a dataset::
 
     reloop replay --config run.yaml --jsonl runs/log --out runs/replay-2
@@ -39,6 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from OUT/snapshots instead of refusing"
     )
     parser.add_argument("--samples", action="store_true", help="also write the joined samples as JSONL")
+    parser.add_argument(
+        "--from-samples",
+        action="store_true",
+        help="with --kafka: replay the samples topic (stages.samples_topic) through the train stage alone",
+    )
     kafka = parser.add_argument_group("Kafka range (default: from the beginning to the current end)")
     kafka.add_argument("--start-time", help="ISO-8601 or epoch ms: first record at or after this time")
     kafka.add_argument("--end-time", help="ISO-8601 or epoch ms: stop before the first record at this time")
@@ -171,6 +181,10 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             cfg = load_config(args.config)
             topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
+            if args.from_samples:
+                if not args.kafka:
+                    raise ValueError("--from-samples needs --kafka")
+                return _replay_samples(args, cfg, snapshots)
             if args.kafka:
                 source, start, end = _kafka_source(args, cfg, topics)
                 timestamps = args.timestamps or "record"
@@ -208,6 +222,29 @@ def main(args: argparse.Namespace) -> int:
         timestamps=timestamps,
         samples_sink=sink,
         on_progress=progress,
+    )
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
+    from tqdm import tqdm
+
+    from engine.replay.replay import run_samples_replay
+
+    source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
+    total = sum(end.values()) - sum((start or {}).values())
+    bar = tqdm(total=max(total, 0), desc="replay", unit="batch")
+    result = run_samples_replay(
+        cfg,
+        source=source,
+        end=end,
+        start=start,
+        checkpoint_dir=snapshots,
+        on_progress=lambda n: bar.update(n - bar.n),
     )
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -149,3 +149,80 @@ def test_time_range_replays_the_impressions_inside_it(kafka_broker, logged, tmp_
     assert main(argv) == 0
     ids = {orjson.loads(s)["sample_id"] for s in _samples(out)}
     assert ids == {f"r{i}" for i in range(100, 300)}
+
+
+def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, unique_topic, tmp_path):
+    """`reloop replay --from-samples`: the train stage alone over a samples topic holding a copy sent
+    twice (a join task taken over) and a corrupt message: every sample trained once, the bad message
+    dead-lettered, the same weights as the train stage fed the same messages in memory."""
+    from connectors.base import TopicPartition
+    from connectors.memory.memory import MemoryLog, MemorySource
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from engine.events.schema import LabeledSample
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.build import build_train_stage
+    from engine.runtime.clock import ManualClock
+    from engine.runtime.config import load_config
+    from engine.runtime.synthetic import SPEC
+    from engine.train.ledger import Ledger
+
+    rng = np.random.default_rng(0)
+    t0 = int(time.time() * 1000) - 3_600_000
+    samples = []
+    for i in range(640):
+        features = {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": int(i % 7)}
+        samples.append(LabeledSample(f"s{i}", features, int(rng.random() < 0.3), 0.3, 0, t0 + i))
+    messages = [
+        encode_batch(batch_from_samples(samples[i : i + 64], task=0, first_seq=i)) for i in range(0, 640, 64)
+    ]
+    messages.insert(4, messages[3])  # sent again
+    messages.insert(7, b"not an arrow stream")
+    topic = unique_topic("samples")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    for k, m in enumerate(messages):
+        sink.send(m, partition=0, timestamp_ms=t0 + k)
+    sink.close()
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+                "train": {"batch_size": 32, "deterministic": True},
+                "period": {"every_samples": 128},
+                "stages": {"samples_topic": topic},
+                "checkpoint": {"dir": str(tmp_path / "unused"), "ledger": str(tmp_path / "ledger.jsonl")},
+                "source": {"group_id": None},
+            }
+        )
+    )
+    out = tmp_path / "replay"
+    code = main(["replay", "--config", str(cfg_path), "--kafka", kafka_broker.bootstrap, "--from-samples",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["samples_trained"] == 640
+    assert summary["dead_letters"] == {"malformed": 1}
+    assert summary["join"]["duplicates_dropped"] == 64
+    ids = [sid for _, sid, _, _ in Ledger.read(tmp_path / "ledger.jsonl")]
+    assert sorted(ids) == sorted(s.sample_id for s in samples)
+    replayed = SnapshotRegistry(out / "snapshots").load(parts=["model"]).state["model"]["model"]
+
+    log = MemoryLog()
+    log.create(topic)
+    for k, m in enumerate(messages):
+        log.append(topic, m, None, t0 + k)
+    cfg = load_config(cfg_path, env={})
+    stage = build_train_stage(
+        cfg,
+        source=MemorySource(log, [topic]),
+        clock=ManualClock(t0),
+        stats=MetricsRegistry(),
+        checkpoint_dir=tmp_path / "m",
+    )
+    stage.open()
+    while stage.positions.get(TopicPartition(topic, 0), 0) < len(messages):
+        stage.step()
+    stage.train_remaining()
+    for k, v in stage.trainer.learner.model.state_dict().items():
+        assert torch.equal(v, replayed[k]), k

@@ -1,0 +1,324 @@
+"""Figure 9: the two-stage data plane (join stage -> samples topic -> train stage) on the local broker.
+
+Rows (named so they can be found by name):
+
+* "train stage from the samples topic, <model>, batch <b>": ``TrainStage`` reading Arrow batches from a
+  Kafka samples topic from offset 0 until ``target`` samples are trained (decode, dedup by seq,
+  featurise the Arrow columns, predict-then-learn, the batched progressive metric, ledger off,
+  snapshots off), against the same model trained by a bare torch loop on tensors built beforehand, in
+  this process, alternating rounds (same torch threads: 1, as ``reloop run`` gives each stage).
+* "join stage per process, kafka-python": one ``JoinStage`` (one consumer-group member owning every
+  task) from raw impressions/clicks topics to the samples topic; samples/s from the first poll to the
+  last sample flushed. Baseline: the bare kafka-python consume of the same records (``KafkaSource``).
+* "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
+  raw topics until the target samples are trained, against the bare loop with two threads.
+
+Learner in every row: the backbone with the optimizer the bare loop has (sparse embedding gradients
+with SparseAdam, fused Adam for the rest, no wide part: ``OptimizerConfig.previous_defaults()``), so the
+ratio measures the data plane, not a learner difference (figure 8 measures the learner defaults).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from bench.suite import Context, Figure, Row, alternate
+from bench.suite_broker import local_broker
+from bench.suite_e2e import BareLoop, fill_topics, make_events
+
+COMMAND = "python -m bench --only stages"
+TITLE = "9. Data plane v2: join stage, samples topic, train stage"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _learner(backbone: str, spec: Any) -> Any:
+    from engine.models.config import OptimizerConfig
+    from engine.models.registry import build_learner
+
+    return build_learner(backbone, spec, "reloop", 0.2, seed=0, optimizer=OptimizerConfig.previous_defaults())
+
+
+def _bare(backbone: str, spec: Any, imps: list[Any], labels: np.ndarray, batch: int) -> BareLoop:
+    """The bare loop over the engine's learner (model and optimizers), not the registry defaults."""
+    bare = BareLoop(backbone, spec, imps, labels, batch)
+    learner = _learner(backbone, spec)
+    bare.model, bare.optimizers = learner.model, list(learner.optimizers.values())
+    return bare
+
+
+def fill_samples_topic(bootstrap: str, imps: list[Any], labels: np.ndarray, per_message: int = 1024) -> str:
+    """The samples topic as the join stage writes it (one Arrow batch per message), from the events."""
+    from connectors.kafka.admin import create_topics
+    from connectors.kafka.sink import KafkaSink
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from engine.events.schema import LabeledSample
+
+    topic = f"bench.samples.{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {topic: 1})
+    sink = KafkaSink(bootstrap=bootstrap, topic=topic, client_config={"max_request_size": 8 << 20})
+    samples = [
+        LabeledSample(
+            e.impression_id, e.features, int(y), e.served_prediction, e.model_version, e.event_time_ms
+        )
+        for e, y in zip(imps, labels, strict=True)
+    ]
+    for i in range(0, len(samples), per_message):
+        chunk = samples[i : i + per_message]
+        sink.send(encode_batch(batch_from_samples(chunk, task=0, first_seq=i)), partition=0,
+                  timestamp_ms=chunk[-1].event_time_ms)  # fmt: skip
+    sink.close()
+    return topic
+
+
+def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch: int, target: int) -> float:
+    from connectors.kafka.source import KafkaSource
+    from engine.checkpoint.registry import SnapshotRegistry
+    from engine.features.featurizer import Featurizer
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.clock import system_clock
+    from engine.runtime.train_stage import TrainStage, TrainStageSettings
+    from engine.train.period import PeriodTrigger
+    from engine.train.stream import StreamTrainer, StreamTrainerConfig
+
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-train-") as tmp:
+        source = KafkaSource(
+            bootstrap=bootstrap, topics=[topic], client_config={"max_partition_fetch_bytes": 16 << 20}
+        )
+        stage = TrainStage(
+            source=source,
+            trainer=StreamTrainer(
+                learner=_learner(backbone, spec),
+                featurizer=Featurizer(spec),
+                config=StreamTrainerConfig(batch_size=batch),
+            ),
+            registry=SnapshotRegistry(Path(tmp), keep=1),
+            period=PeriodTrigger(every_samples=10**12),
+            settings=TrainStageSettings(samples_topic=topic),
+            clock=system_clock,
+            stats=MetricsRegistry(),
+        )
+        stage.open()
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while stage.trainer.counters.samples < target and time.monotonic() < deadline:
+            stage.step()
+        elapsed = time.perf_counter() - t0
+        done = stage.trainer.counters.samples
+        stage.close(final=None)
+    if done < target:
+        raise RuntimeError(f"the train stage trained {done} of {target} samples in 600 s")
+    return done / elapsed
+
+
+def join_stage_rate(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int) -> float:
+    from connectors.deadletter import DeadLetterSink
+    from connectors.kafka.admin import create_topics
+    from connectors.kafka.group_source import KafkaGroupSource
+    from connectors.kafka.sink import KafkaSink
+    from engine.features.check import SpecChecker
+    from engine.join.joiner import JoinerConfig
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.clock import system_clock
+    from engine.runtime.intake import IntakeLimits
+    from engine.runtime.join_stage import JoinStage, JoinStageSettings
+
+    samples_topic = f"bench.joined.{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {samples_topic: 1})
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
+        stage = JoinStage(
+            source=KafkaGroupSource(
+                bootstrap=bootstrap, topics=list(topics), group_id=f"bench-{uuid.uuid4().hex[:8]}"
+            ),
+            samples=KafkaSink(
+                bootstrap=bootstrap, topic=samples_topic, client_config={"max_request_size": 8 << 20}
+            ),
+            dead_letters=DeadLetterSink(),
+            checkpoint_root=tmp,
+            joiner_config=JoinerConfig(window_ms=2_000, allowed_lateness_ms=0),
+            limits=IntakeLimits(max_future_ms=None),
+            settings=JoinStageSettings(
+                impressions_topic=topics[0], clicks_topic=topics[1], samples_topic=samples_topic,
+                checkpoint_every_s=3600, max_delay_ms=1000,
+            ),
+            clock=system_clock,
+            checker=SpecChecker(spec),
+            stats=MetricsRegistry(),
+        )  # fmt: skip
+        t0 = None
+        deadline = time.monotonic() + 600
+        while stage.samples_sent < expected and time.monotonic() < deadline:
+            stage.step()
+            if t0 is None and stage.tasks:
+                t0 = time.perf_counter()
+        stage.samples.flush(30)
+        elapsed = time.perf_counter() - (t0 or time.perf_counter())
+        sent = stage.samples_sent
+        stage.close(checkpoint=False)
+    if sent < expected:
+        raise RuntimeError(f"the join stage emitted {sent} of {expected} samples in 600 s")
+    return sent / elapsed
+
+
+def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float:
+    from connectors.kafka.source import KafkaSource
+
+    src = KafkaSource(bootstrap=bootstrap, topics=list(topics))
+    src.open()
+    got = 0
+    t0 = time.perf_counter()
+    while got < records:
+        got += len(src.poll(4096, 0.1))
+    elapsed = time.perf_counter() - t0
+    src.close()
+    return records / elapsed
+
+
+def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int) -> float:
+    """``reloop run`` with two processes until ``target`` samples are trained: samples / (time of the
+    snapshot at target - time both stages had started)."""
+    from engine.checkpoint.registry import SnapshotRegistry
+
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-run-") as tmp:
+        work = Path(tmp)
+        tag = uuid.uuid4().hex[:8]
+        cfg = {
+            "source": {"bootstrap": bootstrap, "impressions_topic": topics[0], "clicks_topic": topics[1],
+                       "group_id": f"bench-train-{tag}"},
+            "sink": {"dead_letter_topic": None},
+            "stages": {"samples_topic": f"bench.run.{tag}", "join_group_id": f"bench-join-{tag}",
+                       "join_checkpoint_every_s": 3600, "processes": 2},
+            "join": {"window_ms": 2_000, "allowed_lateness_ms": 0},
+            "validation": {"max_future_ms": None},
+            "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.2, "spec": spec.to_dict(),
+                      "optimizer": {"embedding_optimizer": "adam", "wide": "off"}},
+            "train": {"batch_size": batch, "threads": 1},
+            "period": {"every_samples": target},
+            "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
+            "log": {"stats_every_s": 60},
+        }  # fmt: skip
+        path = work / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log = open(work / "run.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(path)],
+            cwd=REPO, stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        reg = SnapshotRegistry(work / "snaps")
+        started = None
+        deadline = time.monotonic() + 900
+        try:
+            while time.monotonic() < deadline:
+                text = (work / "run.log").read_text(errors="replace")
+                if started is None and text.count('"msg":"started","stage"') >= 2:
+                    started = time.time()
+                if reg.latest_version() is not None:
+                    created = reg.manifest(reg.latest_version())["created_unix"]
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"reloop run exited {proc.returncode}: {text[-2000:]}")
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("reloop run did not train the target in 900 s")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            log.close()
+    return target / (created - (started or created))
+
+
+def run(ctx: Context) -> Figure:
+    import torch
+
+    from engine.features.spec import criteo_spec
+
+    torch.set_num_threads(1)
+    n = ctx.pick(40_960, 8_192)
+    rounds = min(ctx.rounds, 3)
+    configs = ctx.pick([("dcn", 1024), ("dcn", 4096), ("deepfm", 1024), ("deepfm", 4096)], [("dcn", 1024)])
+    spec = criteo_spec()
+    imps, clicks = make_events(n)
+    clicked = {c.impression_id for c in clicks}
+    labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
+    rows: list[Row] = []
+    lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
+    with local_broker() as bootstrap:
+        samples_topic = fill_samples_topic(bootstrap, imps[:n], labels)
+        for backbone, batch in configs:
+            target = (n // batch) * batch
+            bare = _bare(backbone, spec, imps[:n], labels, batch)
+            eng, base, ratio = alternate(
+                lambda b=backbone, bs=batch, t=target: train_stage_rate(
+                    bootstrap, samples_topic, b, spec, bs, t
+                ),
+                bare.run,
+                rounds,
+            )
+            model = "DCN" if backbone == "dcn" else "DeepFM"
+            name = f"train stage from the samples topic, {model}, batch {batch}"
+            rows.append(
+                Row(figure=name, value=float(np.median(eng)), unit="samples/s",
+                    baseline_name="bare torch loop, same model, pre-built tensors, 1 thread",
+                    baseline_value=float(np.median(base)), ratio=ratio, target=">= 0.9 x bare loop",
+                    met=ratio >= 0.9, command=COMMAND)
+            )  # fmt: skip
+            lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in eng)} | "
+                         f"{', '.join(f'{x:,.0f}' for x in base)} | {ratio:.3f} |")  # fmt: skip
+        raw = fill_topics(bootstrap, imps, clicks)
+        expected = n  # every impression but the sentinel becomes one sample
+        records = len(imps) + len(clicks)
+        join, consume, jratio = alternate(
+            lambda: join_stage_rate(bootstrap, raw, spec, expected),
+            lambda: consume_rate(bootstrap, raw, records),
+            rounds,
+        )
+        rows.append(
+            Row(figure="join stage per process, kafka-python", value=float(np.median(join)), unit="samples/s",
+                baseline_name="kafka-python consume of the same records (records/s)",
+                baseline_value=float(np.median(consume)), ratio=jratio, target=">= 30,000 samples/s",
+                met=float(np.median(join)) >= 30_000, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| join stage per process, kafka-python | {', '.join(f'{x:,.0f}' for x in join)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in consume)} | {jratio:.3f} |")  # fmt: skip
+        batch = 1024
+        target = (n // batch) * batch
+        torch.set_num_threads(2)
+        bare2 = _bare("dcn", spec, imps[:n], labels, batch)
+        whole, base2, wratio = alternate(
+            lambda: whole_loop_rate(bootstrap, raw, spec, target, batch), bare2.run, min(rounds, 2)
+        )
+        torch.set_num_threads(1)
+        rows.append(
+            Row(figure="whole loop, two processes (join + train, 1 torch thread each), DCN, batch 1024",
+                value=float(np.median(whole)), unit="samples/s",
+                baseline_name="bare torch loop, same model, pre-built tensors, 2 threads",
+                baseline_value=float(np.median(base2)), ratio=wratio, target=">= 0.6 x bare loop (2 threads)",
+                met=wratio >= 0.6, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| whole loop, two processes | {', '.join(f'{x:,.0f}' for x in whole)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in base2)} | {wratio:.3f} |")  # fmt: skip
+    load = os.getloadavg()
+    notes = "\n".join(
+        [
+            f"{n:,} Criteo-shaped impressions ({len(clicks):,} clicks) on the local broker; {rounds} rounds "
+            f"alternating engine and baseline; load average at the end {load[0]:.1f} / {load[1]:.1f} "
+            f"(1/5 min) "
+            f"on {os.cpu_count()} cores, shared with the broker (and with other work on this machine: "
+            f"compare the ratios, not the absolute rates). Learner: SparseAdam + fused Adam, no wide part, "
+            f"in the engine and the bare loop alike.",
+            "",
+            *lines,
+        ]
+    )
+    return Figure(key="stages", title=TITLE, rows=rows, notes=notes)
