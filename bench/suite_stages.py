@@ -121,11 +121,11 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
     return done / elapsed
 
 
-def join_stage_rate(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int) -> float:
+def join_stage_rate(
+    bootstrap: str, topics: tuple[str, str], spec: Any, expected: int, client: str = "kafka-python"
+) -> float:
     from connectors.deadletter import DeadLetterSink
     from connectors.kafka.admin import create_topics
-    from connectors.kafka.group_source import KafkaGroupSource
-    from connectors.kafka.sink import KafkaSink
     from engine.features.check import SpecChecker
     from engine.join.joiner import JoinerConfig
     from engine.metrics.registry import MetricsRegistry
@@ -135,21 +135,29 @@ def join_stage_rate(bootstrap: str, topics: tuple[str, str], spec: Any, expected
 
     samples_topic = f"bench.joined.{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {samples_topic: 1})
+    if client == "confluent":
+        from connectors.confluent.group_source import ConfluentGroupSource as GroupSource
+        from connectors.confluent.sink import ConfluentSink as Sink
+
+        sink_config = {"message.max.bytes": 8 << 20}
+    else:
+        from connectors.kafka.group_source import KafkaGroupSource as GroupSource
+        from connectors.kafka.sink import KafkaSink as Sink
+
+        sink_config = {"max_request_size": 8 << 20}
     with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
         stage = JoinStage(
-            source=KafkaGroupSource(
+            source=GroupSource(
                 bootstrap=bootstrap, topics=list(topics), group_id=f"bench-{uuid.uuid4().hex[:8]}"
             ),
-            samples=KafkaSink(
-                bootstrap=bootstrap, topic=samples_topic, client_config={"max_request_size": 8 << 20}
-            ),
+            samples=Sink(bootstrap=bootstrap, topic=samples_topic, client_config=sink_config),
             dead_letters=DeadLetterSink(),
             checkpoint_root=tmp,
             joiner_config=JoinerConfig(window_ms=2_000, allowed_lateness_ms=0),
             limits=IntakeLimits(max_future_ms=None),
             settings=JoinStageSettings(
                 impressions_topic=topics[0], clicks_topic=topics[1], samples_topic=samples_topic,
-                checkpoint_every_s=3600, max_delay_ms=1000,
+                checkpoint_every_s=3600, max_delay_ms=20, poll_timeout_s=0.01,
             ),
             clock=system_clock,
             checker=SpecChecker(spec),
@@ -291,6 +299,20 @@ def run(ctx: Context) -> Figure:
         )  # fmt: skip
         lines.append(f"| join stage per process, kafka-python | {', '.join(f'{x:,.0f}' for x in join)} | "
                      f"{', '.join(f'{x:,.0f}' for x in consume)} | {jratio:.3f} |")  # fmt: skip
+        cjoin, consume2, cratio = alternate(
+            lambda: join_stage_rate(bootstrap, raw, spec, expected, client="confluent"),
+            lambda: consume_rate(bootstrap, raw, records),
+            rounds,
+        )
+        rows.append(
+            Row(figure="join stage per process, confluent-kafka", value=float(np.median(cjoin)),
+                unit="samples/s",
+                baseline_name="kafka-python consume of the same records (records/s)",
+                baseline_value=float(np.median(consume2)), ratio=cratio, target=">= 100,000 samples/s",
+                met=float(np.median(cjoin)) >= 100_000, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| join stage per process, confluent-kafka | {', '.join(f'{x:,.0f}' for x in cjoin)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in consume2)} | {cratio:.3f} |")  # fmt: skip
         batch = 1024
         target = (n // batch) * batch
         torch.set_num_threads(2)

@@ -109,8 +109,11 @@ class ConfluentSink:
                 f"for {self.topic!r}"
             )
 
-    def _produce(self, value: bytes, key: bytes | None, timestamp_ms: int | None) -> None:
+    def _produce(
+        self, value: bytes, key: bytes | None, timestamp_ms: int | None, partition: int | None = None
+    ) -> None:
         assert self._producer is not None
+        extra = {} if partition is None else {"partition": partition}
         try:
             # A failed message's report does not carry its timestamp: the closure keeps it.
             self._producer.produce(
@@ -119,20 +122,27 @@ class ConfluentSink:
                 key,
                 timestamp=timestamp_ms or 0,
                 on_delivery=lambda err, msg: self._on_delivery(err, msg, timestamp_ms),
+                **extra,
             )
         except KafkaException as exc:
             if exc.args and exc.args[0].code() in _SIZE_ERRORS:
                 raise RecordTooLarge(f"{self.topic!r}: {exc}") from exc
             raise
 
-    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+    def send(
+        self,
+        value: bytes,
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
+    ) -> None:
         """Queue one record; while librdkafka's queue is full, serve delivery reports and wait."""
         if self._producer is None:
             raise RuntimeError("send on a closed ConfluentSink")
         self._check_size(value, key)
         while True:
             try:
-                self._produce(value, key, timestamp_ms)
+                self._produce(value, key, timestamp_ms, partition)
                 return
             except BufferError:
                 self._producer.poll(0.05)

@@ -114,7 +114,15 @@ class ConfluentSource:
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if not self._next:
             raise RuntimeError("ConfluentSource.poll before open")
-        messages = self._client().consume(num_messages=max(1, max_records), timeout=max(0.0, timeout_s))
+        # What is fetched already, at once; when nothing is, wait (up to timeout_s) for ONE message and
+        # then take what came with it: consume(n, timeout) itself waits the whole timeout unless n arrive.
+        consumer = self._client()
+        n = max(1, max_records)
+        messages = consumer.consume(num_messages=n, timeout=0)
+        if not messages:
+            messages = consumer.consume(num_messages=1, timeout=max(0.0, timeout_s))
+            if messages and n > 1:
+                messages += consumer.consume(num_messages=n - 1, timeout=0)
         out: list[Record] = []
         for m in messages:
             err = m.error()

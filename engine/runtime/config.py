@@ -40,6 +40,12 @@ class _Section(BaseModel):
 
 class SourceSection(_Section):
     kind: Literal["kafka"] = "kafka"
+    client: Literal["kafka-python", "confluent"] = Field(
+        default="kafka-python",
+        description="the Kafka client of every consumer and producer of the stream processor: kafka-python "
+        "(pure Python) or confluent (librdkafka: ~5x the consume rate; client_config keys are then "
+        "librdkafka's, e.g. 'fetch.wait.max.ms')",
+    )
     bootstrap: str = "127.0.0.1:9092"
     impressions_topic: str = "impressions"
     clicks_topic: str = "clicks"

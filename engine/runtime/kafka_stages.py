@@ -26,12 +26,43 @@ def _producer_config(cfg: RunConfig) -> dict[str, Any]:
     return {**cfg.source.client_config, **cfg.sink.client_config}
 
 
+def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(Source, Sink, GroupSource) classes of the configured client (source.client)."""
+    if cfg.source.client == "confluent":
+        from connectors.confluent.group_source import ConfluentGroupSource
+        from connectors.confluent.sink import ConfluentSink
+        from connectors.confluent.source import ConfluentSource
+
+        return ConfluentSource, ConfluentSink, ConfluentGroupSource
+    from connectors.kafka.group_source import KafkaGroupSource
+    from connectors.kafka.sink import KafkaSink
+    from connectors.kafka.source import KafkaSource
+
+    return KafkaSource, KafkaSink, KafkaGroupSource
+
+
 def _ensure_samples_topic(cfg: RunConfig) -> None:
     """Create the samples topic when it is missing, with one partition per join task (the partition
     count of the impressions topic). An existing one is checked by the join stage."""
+    src = cfg.source
+    if src.client == "confluent":
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({**src.client_config, "bootstrap.servers": src.bootstrap})
+        topics = admin.list_topics(timeout=10).topics
+        if cfg.stages.samples_topic in topics:
+            return
+        partitions = len(topics[src.impressions_topic].partitions)
+        futures = admin.create_topics([NewTopic(cfg.stages.samples_topic, partitions, 1)])
+        for future in futures.values():
+            try:
+                future.result(30)
+            except Exception as exc:  # noqa: BLE001 - lost a race with another creator: fine
+                if "already exists" not in str(exc).lower():
+                    raise
+        return
     from connectors.kafka.admin import admin_client, create_topics, partition_counts
 
-    src = cfg.source
     admin = admin_client(src.bootstrap, src.client_config)
     try:
         if cfg.stages.samples_topic in set(admin.list_topics()):
@@ -43,9 +74,9 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
 
 
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
-    from connectors.kafka.group_source import KafkaGroupSource
-    from connectors.kafka.sink import KafkaSink
     from engine.runtime.build import build_join_stage
+
+    _, KafkaSink, KafkaGroupSource = _clients(cfg)  # noqa: N806 - classes
 
     src = cfg.source
 
@@ -81,9 +112,9 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
 
 
 def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
-    from connectors.kafka.sink import KafkaSink
-    from connectors.kafka.source import KafkaSource
     from engine.runtime.build import build_train_stage
+
+    KafkaSource, KafkaSink, _ = _clients(cfg)  # noqa: N806 - classes
 
     src = cfg.source
 

@@ -19,11 +19,12 @@ partition is trained.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,68 @@ class TrainStageSettings:
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
     flush_timeout_s: float = 10.0
+    prefetch: int = 4  # messages decoded and featurised ahead on a thread while the model trains (0: off)
+
+
+class _Prepared(NamedTuple):
+    """One released message: decoded and featurised (or the error that refused it)."""
+
+    record: Record
+    batch: SampleBatch | None
+    features: FeatureBatch | None
+    error: EventError | None
+
+
+class _Fetcher:
+    """Owns the source (a Kafka consumer is not thread-safe) on a background thread: poll, the merge,
+    decode and featurise the next messages while the stage trains, handed over in order through a
+    bounded queue. The order is the merge's, so what the stage trains is what it would train without
+    the thread; an error on the thread is raised by ``take`` (the supervisor then rebuilds the stage)."""
+
+    def __init__(self, stage: TrainStage) -> None:
+        self.stage = stage
+        self._out: queue.Queue[_Prepared] = queue.Queue(maxsize=max(1, stage.settings.prefetch))
+        self._commits: queue.SimpleQueue[Positions] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="train-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        st = self.stage
+        try:
+            while not self._stop.is_set():
+                while not self._commits.empty():
+                    st._commit_now(self._commits.get())
+                for r in st._poll_released():
+                    item = st._prepare(r)
+                    while not self._stop.is_set():
+                        try:
+                            self._out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as exc:  # noqa: BLE001 - handed to the stage's thread
+            self._error = exc
+
+    def take(self, timeout_s: float) -> list[_Prepared]:
+        items: list[_Prepared] = []
+        try:
+            items.append(self._out.get(timeout=timeout_s))
+            while True:
+                items.append(self._out.get_nowait())
+        except queue.Empty:
+            pass
+        if not items and self._error is not None:
+            raise self._error
+        return items
+
+    def commit(self, positions: Positions) -> None:
+        self._commits.put(dict(positions))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 class TrainStage:
@@ -92,11 +155,12 @@ class TrainStage:
         self.duplicates_dropped = 0
         self.seq_gaps = 0
         self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
-        self._buffer: list[SampleBatch] = []
+        self._buffer: list[tuple[SampleBatch, FeatureBatch]] = []
         self._buffered = 0
         self._positions: Positions = {}
         self._event_time_ms: int | None = None  # newest event time trained: drives event-time periods
         self._merger: RecordMerger | None = None
+        self._fetcher: _Fetcher | None = None
         self._opened = False
         self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
         self._restore_latest()
@@ -127,7 +191,7 @@ class TrainStage:
             learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
         learner.load_state_dict(snap.state["model"])
-        buffer = [decode_batch(data) for data in state["buffer"]]
+        buffer = [self._with_features(decode_batch(data)) for data in state["buffer"]]
         served = OnlineMetricsBook.restore(
             state["served_metrics"],
             window_size=self.served_metrics.window_size,
@@ -139,7 +203,7 @@ class TrainStage:
         self.period.restore(state["period"], now_ms=self.clock())
         self.served_metrics = served
         self._buffer = buffer
-        self._buffered = sum(len(b) for b in buffer)
+        self._buffered = sum(len(b) for b, _ in buffer)
         self._taken = {int(k): int(v) for k, v in state["taken"].items()}
         self._event_time_ms = state["event_time_ms"]
         self._positions = positions_from_json(meta["positions"])
@@ -163,6 +227,8 @@ class TrainStage:
             self.source.partitions(), idle_ms=self.settings.merge_idle_ms, clock=self.clock
         )
         self._opened = True
+        if self.settings.prefetch > 0:
+            self._fetcher = _Fetcher(self)
 
     def run(self, stop: threading.Event, on_step: Callable[[TrainStage], None] | None = None) -> None:
         self.open()
@@ -173,17 +239,37 @@ class TrainStage:
 
     def step(self) -> int:
         self.open()
+        if self._fetcher is not None:
+            items = self._fetcher.take(self.settings.poll_timeout_s)
+        else:
+            items = [self._prepare(r) for r in self._poll_released()]
+        for item in items:
+            self._take(item)
+        if self.period.every_wall_s is not None:
+            self._maybe_snapshot()
+        self._metrics.publish(self)
+        return len(items)
+
+    def _poll_released(self) -> list[Record]:
+        """One poll, then what the merge can release in exact order (on the fetch thread if any)."""
         assert self._merger is not None
         records = self.source.poll(self.settings.poll_max_records, self.settings.poll_timeout_s)
         if records:
             self._merger.add(records)
-        released = self._merger.release(self.source.position(), self._ends())
-        for r in released:
-            self._take(r)
-        if self.period.every_wall_s is not None:
-            self._maybe_snapshot()
-        self._metrics.publish(self)
-        return len(released)
+        return self._merger.release(self.source.position(), self._ends())
+
+    def _prepare(self, record: Record) -> _Prepared:
+        try:
+            batch = decode_batch(record.value)
+        except EventError as exc:
+            return _Prepared(record, None, None, exc)
+        return _Prepared(record, batch, self._featurize(batch), None)
+
+    def _featurize(self, batch: SampleBatch) -> FeatureBatch:
+        return self.trainer.featurizer.transform_columns(batch.features(), rows=len(batch))
+
+    def _with_features(self, batch: SampleBatch) -> tuple[SampleBatch, FeatureBatch]:
+        return batch, self._featurize(batch)
 
     def _ends(self) -> Positions | None:
         end = getattr(self.source, "end_positions", None)
@@ -195,13 +281,11 @@ class TrainStage:
             log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
             return {}
 
-    def _take(self, record: Record) -> None:
-        try:
-            batch = decode_batch(record.value)
-        except EventError as exc:
-            self.dead_letters.send(record, exc)
-            batch = None
-        if batch is not None and len(batch):
+    def _take(self, item: _Prepared) -> None:
+        record, batch, features = item.record, item.batch, item.features
+        if item.error is not None:
+            self.dead_letters.send(record, item.error)
+        if batch is not None and features is not None and len(batch):
             last = self._taken.get(batch.task, -1)
             seqs = batch.seqs()
             if seqs[0] > last + 1:
@@ -215,9 +299,10 @@ class TrainStage:
             self.duplicates_dropped += len(batch) - k
             if k:
                 if k < len(batch):
-                    batch = batch.take(np.flatnonzero(new))
+                    keep = np.flatnonzero(new)
+                    batch, features = batch.take(keep), features.take(keep)
                 self._taken[batch.task] = int(seqs[-1])
-                self._buffer.append(batch)
+                self._buffer.append((batch, features))
                 self._buffered += k
         self._positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
         self.records_processed += 1
@@ -226,18 +311,19 @@ class TrainStage:
             self._train(self._cut(bs))
             self._maybe_snapshot()
 
-    def _cut(self, n: int) -> list[SampleBatch]:
+    def _cut(self, n: int) -> list[tuple[SampleBatch, FeatureBatch]]:
         """The first ``n`` buffered rows, as pieces of the buffered batches (in order)."""
-        pieces: list[SampleBatch] = []
+        pieces: list[tuple[SampleBatch, FeatureBatch]] = []
         need = n
         while need:
-            head = self._buffer[0]
-            if len(head) <= need:
+            batch, features = self._buffer[0]
+            if len(batch) <= need:
                 pieces.append(self._buffer.pop(0))
-                need -= len(head)
+                need -= len(batch)
             else:
-                pieces.append(head.take(np.arange(need)))
-                self._buffer[0] = head.take(np.arange(need, len(head)))
+                head, rest = np.arange(need), np.arange(need, len(batch))
+                pieces.append((batch.take(head), features.take(head)))
+                self._buffer[0] = (batch.take(rest), features.take(rest))
                 need = 0
         self._buffered -= n
         return pieces
@@ -248,10 +334,9 @@ class TrainStage:
             return None
         return self._train(self._cut(self._buffered))
 
-    def _train(self, pieces: list[SampleBatch]) -> StepResult:
-        fz = self.trainer.featurizer
-        batches = [fz.transform_columns(p.features(), rows=len(p)) for p in pieces]
-        features = batches[0] if len(batches) == 1 else FeatureBatch.concat(batches)
+    def _train(self, chunks: list[tuple[SampleBatch, FeatureBatch]]) -> StepResult:
+        pieces = [b for b, _ in chunks]
+        features = chunks[0][1] if len(chunks) == 1 else FeatureBatch.concat([f for _, f in chunks])
 
         def col(name: str) -> np.ndarray:
             parts = [p.numpy(name) for p in pieces]
@@ -303,7 +388,7 @@ class TrainStage:
             "stage": "train",
             "trainer": self.trainer.state(),
             "served_metrics": self.served_metrics.snapshot(),
-            "buffer": [encode_batch(b) for b in self._buffer],
+            "buffer": [encode_batch(b) for b, _ in self._buffer],
             "taken": {str(k): v for k, v in self._taken.items()},
             "event_time_ms": self._event_time_ms,
             "period": self.period.state(),
@@ -334,11 +419,10 @@ class TrainStage:
             self.version = number
             self.trainer.on_snapshot(number)
             self._metrics.snapshotted(number)
-        if self.commit is not None:
-            try:
-                self.commit(positions)
-            except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
-                log.warning("offset commit failed", extra={"fields": {"number": number, "error": repr(exc)}})
+        if self._fetcher is not None:
+            self._fetcher.commit(positions)  # the consumer belongs to the fetch thread
+        else:
+            self._commit_now(positions)
         log.info(
             kind,
             extra={
@@ -351,7 +435,22 @@ class TrainStage:
         )
         return number
 
+    def _commit_now(self, positions: Positions) -> None:
+        if self.commit is None:
+            return
+        try:
+            self.commit(positions)
+        except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
+            log.warning("offset commit failed", extra={"fields": {"error": repr(exc)}})
+
     # ------------------------------------------------------------------ lifecycle
+    def _stop_fetcher(self) -> None:
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.close()
+            while not fetcher._commits.empty():
+                self._commit_now(fetcher._commits.get())
+
     def close(self, *, final: SaveKind | None = "checkpoint") -> int | None:
         number = None
         saved = True
@@ -363,6 +462,7 @@ class TrainStage:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
+            self._stop_fetcher()
             self.source.close()
             if saved:
                 self.dead_letters.close()
@@ -373,7 +473,7 @@ class TrainStage:
         return number
 
     def abort(self) -> None:
-        for release in (self.source.close, self._abort_dead_letters):
+        for release in (self._stop_fetcher, self.source.close, self._abort_dead_letters):
             try:
                 release()
             except Exception as exc:  # noqa: BLE001 - tearing down a failed stage
