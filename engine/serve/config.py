@@ -73,7 +73,8 @@ class KafkaConfig(_Frozen):
     # Passed through to kafka-python untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
     settings: dict[str, Any] = Field(default_factory=dict)
     # Passed through to confluent-kafka untouched, librdkafka names (security.protocol, sasl.mechanism,
-    # ssl.ca.location, ...): the names differ between the clients, so each has its own mapping.
+    # ssl.ca.location, ...). When empty, ``settings`` is translated (connectors/confluent/settings.py);
+    # a kafka-python setting without an equivalent is refused at start, never dropped.
     confluent_settings: dict[str, Any] = Field(default_factory=dict)
 
 

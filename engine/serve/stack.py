@@ -172,11 +172,16 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
         raise ValueError(
             "kafka.bootstrap is not set (config key kafka.bootstrap or env RELOOP_KAFKA_BOOTSTRAP)"
         )
-    if config.kafka.settings and not config.kafka.confluent_settings:
-        raise ValueError(
-            "kafka.settings are kafka-python settings; serve.log.client 'confluent' reads "
-            "kafka.confluent_settings (librdkafka names), or set serve.log.client: kafka-python"
-        )
+    client_settings = dict(config.kafka.confluent_settings)
+    if config.kafka.settings and not client_settings:
+        from connectors.confluent.settings import to_librdkafka
+
+        try:  # a config written for kafka-python: the same settings in librdkafka's names
+            client_settings = to_librdkafka(config.kafka.settings)
+        except ValueError as exc:
+            raise ValueError(
+                f"kafka.settings: {exc} (kafka.confluent_settings, or serve.log.client: kafka-python)"
+            ) from None
     log_cfg = config.log
     settings = {
         # librdkafka's queue is the buffer: max_buffer events, retried without a time limit while
@@ -185,7 +190,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
         "batch.num.messages": min(log_cfg.batch_size, log_cfg.max_buffer),
         "linger.ms": log_cfg.linger_s * 1000.0,
         "message.timeout.ms": 0,
-        **config.kafka.confluent_settings,
+        **client_settings,
     }
 
     def make_sink(failure):

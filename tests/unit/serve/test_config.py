@@ -50,3 +50,26 @@ def test_reloop_serve_exits_2_on_a_bad_config(tmp_path):
     )
     assert proc.returncode == 2
     assert "arms" in proc.stderr
+
+
+def test_kafka_python_settings_reach_the_confluent_logger_or_are_refused():
+    import pytest
+
+    from connectors.confluent.settings import to_librdkafka
+    from engine.serve.config import ServeConfig
+    from engine.serve.stack import confluent_logger
+
+    assert to_librdkafka({"sasl_plain_password": "x", "ssl_check_hostname": False}) == {
+        "sasl.password": "x",
+        "ssl.endpoint.identification.algorithm": "none",
+    }
+    base = {"arms": [{"name": "A", "registry": "/nonexistent"}]}
+    bad = ServeConfig.model_validate(
+        {**base, "kafka": {"bootstrap": "127.0.0.1:1", "settings": {"api_version": [2]}}}
+    )
+    with pytest.raises(ValueError, match="api_version"):
+        confluent_logger(bad, bad.arms[0])
+    ok = ServeConfig.model_validate(
+        {**base, "kafka": {"bootstrap": "127.0.0.1:1", "settings": {"client_id": "s"}}}
+    )
+    confluent_logger(ok, ok.arms[0]).close(timeout_s=0.1)
