@@ -90,7 +90,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adagrad0.03": {"emb_opt": "adagrad", "emb_lr": 0.03},
     "adagrad0.1": {"emb_opt": "adagrad", "emb_lr": 0.1},
     "adagrad0.03_dense1e-3": {**NEW, "opt": {"wide": "off"}},
-    "adam1e-3_dense1e-3": {**OLD, "dense_lr": 1e-3},
     # 3. a first-order (wide) part, per event, on top of the new backbone optimizer
     "wide_sgd0.05": {**NEW_DEEP, "wide": "sgd", "wide_lr": 0.05},
     "wide_adagrad0.1": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.1},
