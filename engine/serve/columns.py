@@ -66,8 +66,9 @@ class _Field:
 class ColumnFeaturizer:
     """``transform(context, candidate_features)`` == ``Featurizer(spec).transform(merged rows)``."""
 
-    def __init__(self, spec: FeatureSpec, *, memo_size: int = MEMO_SIZE) -> None:
+    def __init__(self, spec: FeatureSpec, *, memo_size: int | None = None) -> None:
         self.spec = spec
+        memo_size = MEMO_SIZE if memo_size is None else memo_size
         self._fields: list[_Field] = []
         for j, (f, off) in enumerate(zip(spec.cat_fields, spec.cat_offsets, strict=True)):
             self._fields.append(_Field(f, "cat", j, off, memo_size))
