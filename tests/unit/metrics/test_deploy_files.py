@@ -63,11 +63,13 @@ def test_compose_embedded_configs_pass_the_engines_loaders(compose):
 
 def test_prometheus_targets_match_the_ports_the_services_listen_on(compose):
     prom = load(DEPLOY / "prometheus" / "prometheus.yml")
-    targets = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in prom["scrape_configs"]}
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
     run = yaml.safe_load(compose["configs"]["run-config"]["content"])
     serve = yaml.safe_load(compose["configs"]["serve-config"]["content"])
-    assert targets["reloop-processor"] == f"processor:{run['metrics']['prometheus_port']}"
-    assert targets["reloop-serve"] == f"serve:{serve['serve']['port']}"
+    train_port = run["metrics"]["prometheus_port"]
+    # reloop run: the train stage on the port, the join stage on the port after it.
+    assert targets["reloop-processor"] == [f"processor:{train_port}", f"processor:{train_port + 1}"]
+    assert targets["reloop-serve"] == [f"serve:{serve['serve']['port']}"]
     assert prom["rule_files"] == ["alerts.yml"]
 
 
