@@ -1,7 +1,7 @@
 """Featurisation rate for 39 Criteo-like fields: the vectorised Featurizer vs a per-sample Python loop.
 
 Both produce identical rows (checked). They run alternately in the same process over several rounds and
-the median ratio is reported (the machine's speed drifts between processes: docs/perf-notes.md).
+the median ratio is reported (the machine's speed drifts between processes: docs/performance.md).
 
     .venv/bin/python -m bench.featurize_throughput [--batch 4096] [--rounds 5]
 """

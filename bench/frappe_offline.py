@@ -180,7 +180,7 @@ def load_splits(data_dir: Path = DEFAULT_DATA, seed: int = 2026, negatives: int 
 # Models and the BARS training protocol
 
 # Published BARS Frappe_x1 test results (AUC, LogLoss). DeepFM/DCN/DCNv2 are the numbers in
-# docs/reloop-method.md; the others are recalled from the BARS leaderboard without a way to check them
+# docs/method.md; the others are recalled from the BARS leaderboard without a way to check them
 # here, so the report marks them as uncertain.
 BARS_REFERENCE: dict[str, tuple[float, float | None, bool]] = {
     "deepfm": (0.9842, 0.1482, True),
@@ -483,7 +483,7 @@ def measure_throughput(backbone: str, splits: FrappeSplits, p: Protocol, batch_s
                        rounds: int, seconds_per_round: float, seed: int = 0) -> dict[int, dict]:
     """Training samples/s through ``learner.learn`` (the engine's CPU path), per batch size.
 
-    Batch sizes alternate round by round in one process (docs/perf-notes.md: the machine changes
+    Batch sizes alternate round by round in one process (docs/performance.md: the machine changes
     speed between processes), each round runs whole steps for about ``seconds_per_round``; the median
     round is reported, after one warm-up step per size.
     """

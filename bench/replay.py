@@ -7,7 +7,7 @@ B (offline): the same rows as labeled samples, featurised per mini-batch and lea
 the same learner config (predict-then-learn too, so both score every sample once).
 
 Both are timed in the same process, alternating A and B over several rounds (the machine's speed drifts
-between processes, docs/perf-notes.md); the figure is the median of the per-round throughput ratios.
+between processes, docs/performance.md); the figure is the median of the per-round throughput ratios.
 
     .venv/bin/python -m bench.replay [--rows 20000] [--rounds 3] [--backbone dcn] [--data PATH]
 """

@@ -1,7 +1,7 @@
 """Throughput of the river learners vs river's own learn_one loop (writes docs/bench-river.md).
 
 For each field count, every variant trains predict-then-learn on the same synthetic click stream, in one
-process, variants alternating round by round (docs/perf-notes.md: the machine changes speed between
+process, variants alternating round by round (docs/performance.md: the machine changes speed between
 processes); each round runs whole chunks for about ``--seconds``. Reported: median samples/s per
 variant and the median over rounds of the per-round ratio to river's own loop of the same model.
 

@@ -1,6 +1,6 @@
 """The benchmark suite's small framework: result rows, same-process alternation, the markdown report.
 
-This machine changes speed between processes (docs/perf-notes.md), so every figure is measured
+This machine changes speed between processes (docs/performance.md), so every figure is measured
 against its baseline in the same process, alternating the two over several rounds, and quoted as the
 median of the per-round ratios:
 

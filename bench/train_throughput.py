@@ -7,7 +7,7 @@ has too (sparse embedding gradients + SparseAdam, Adam for the rest, no wide par
 before the streaming study, ``OptimizerConfig.previous_defaults()``; the streaming defaults are measured
 against them by ``python -m bench.suite_trainer``). Every step gets y_last, so the loss is
 the full ReLoop loss. Backbones are measured round-robin over several rounds and the median is shown,
-because the shared machine's speed drifts (docs/perf-notes.md).
+because the shared machine's speed drifts (docs/performance.md).
 
     .venv/bin/python -m bench.train_throughput [--batches 1024 4096] [--rounds 3] [--seconds 2]
 """

@@ -1,6 +1,6 @@
 """Training losses as small objects: CE, KD (distillation from the last model) and ReLoop.
 
-All three are defined on probabilities exactly as in docs/reloop-method.md, per sample, and then
+All three are defined on probabilities exactly as in docs/method.md, per sample, and then
 averaged over the batch as ``mean_i(w_i * L_i)`` (weights default to 1). They take LOGITS so the log
 terms are computed stably (BCE with logits), never ``log`` of a rounded probability.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 STRATEGIES: tuple[str, ...] = ("ce", "kd", "reloop")
-# Variants for the paper's open scale question (docs/reloop-method.md, question 2); not in the paper.
+# Variants for the paper's open scale question (docs/method.md, question 2); not in the paper.
 VARIANTS: tuple[str, ...] = ("reloop_norm", "reloop_logit")
 
 

@@ -40,7 +40,7 @@ class FeatureEmbedding(nn.Module):
 
     Dense numeric fields scale their field's single row by the value; multi-valued fields are
     mean-pooled over their real (unmasked) values. ``sparse=True`` makes the table's gradient sparse
-    (only the looked-up rows), which the learner pairs with SparseAdam/Adagrad (docs/perf-notes.md).
+    (only the looked-up rows), which the learner pairs with SparseAdam/Adagrad (docs/performance.md).
     """
 
     def __init__(self, spec: FeatureSpec, dim: int, sparse: bool = True) -> None:

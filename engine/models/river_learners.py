@@ -133,7 +133,7 @@ def loss_stats(loss: Loss, raw: np.ndarray, labels: np.ndarray, y_last: np.ndarr
     """The engine loss's LossStats for the scores the updates were computed from, in numpy.
 
     Same definitions as ``engine.loss`` (checked by the tests); numpy because a small torch call
-    right after numpy work can stall for tens of ms on a busy 2-core machine (docs/perf-notes.md).
+    right after numpy work can stall for tens of ms on a busy 2-core machine (docs/performance.md).
     """
     z = np.asarray(raw, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=np.float64).reshape(-1)

@@ -1,4 +1,4 @@
-"""CE, KD and ReLoop against hand-computed values and gradients (docs/reloop-method.md)."""
+"""CE, KD and ReLoop against hand-computed values and gradients (docs/method.md)."""
 
 from __future__ import annotations
 
