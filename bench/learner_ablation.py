@@ -72,8 +72,15 @@ BASE: dict[str, Any] = {
     "alpha": 0.0,
 }
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
-OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam", "wide": "off"}}  # previous defaults, lr 1e-2
-NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {}}  # the new defaults
+OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam"}}  # the previous defaults (first reports: lr 1e-2)
+NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {}}  # the new defaults: Adam 1e-3, Adagrad 0.03, no wide part
+PER_EVENT = {**NEW, "opt": {"wide": "bayes"}}  # the new defaults plus the per-event Bayesian wide part
+
+
+def _pe(**opt: Any) -> dict[str, Any]:
+    """PER_EVENT with more OptimizerConfig settings."""
+    return {**PER_EVENT, "opt": {"wide": "bayes", **opt}}
+
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # today's learner
@@ -89,7 +96,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adagrad0.01": {"emb_opt": "adagrad", "emb_lr": 0.01},
     "adagrad0.03": {"emb_opt": "adagrad", "emb_lr": 0.03},
     "adagrad0.1": {"emb_opt": "adagrad", "emb_lr": 0.1},
-    "adagrad0.03_dense1e-3": {**NEW, "opt": {"wide": "off"}},
+    "new": NEW,
+    "new_replay32k_x2": {**NEW, "replay": 32768, "replay_ratio": 2.0},
+    "new_buckets100k": {**NEW, "buckets": 100_000},
+    "old_buckets100k": {**OLD, "buckets": 100_000},
+    "new_deepfm": {**NEW, "backbone": "deepfm"},
+    "old_deepfm": {**OLD, "backbone": "deepfm"},
     # 3. a first-order (wide) part, per event, on top of the new backbone optimizer
     "wide_sgd0.05": {**NEW_DEEP, "wide": "sgd", "wide_lr": 0.05},
     "wide_adagrad0.1": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.1},
@@ -99,36 +111,39 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wide_adagrad0.3_every64": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 64},
     "wide_adagrad0.3_every512": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_every": 512},
     "wide_adagrad0.3_jacobi3": {**NEW_DEEP, "wide": "adagrad", "wide_lr": 0.3, "wide_sweeps": 3},
-    "wide_bayes_prior0.1": {**NEW, "opt": {"wide_prior_variance": 0.1}},
-    "wide_bayes_prior0.3": {**NEW, "opt": {"wide_prior_variance": 0.3}},
-    "new": NEW,
-    "wide_bayes_prior3": {**NEW, "opt": {"wide_prior_variance": 3.0}},
-    "wide_bayes_unmoderated": {**NEW, "opt": {"wide_moderate": False}},
+    "wide_bayes_prior0.1": _pe(wide_prior_variance=0.1),
+    "wide_bayes_prior0.3": _pe(wide_prior_variance=0.3),
+    "per_event": PER_EVENT,
+    "wide_bayes_prior3": _pe(wide_prior_variance=3.0),
+    "wide_bayes_unmoderated": _pe(wide_moderate=False),
     "wide_bayes_not_joint": {**NEW_DEEP, "wide": "bayes", "joint": 0},
     "wide_bayes_drift1e-3": {**NEW_DEEP, "wide": "bayes", "wide_drift": 1e-3},
     "wide_bayes_only": {**NEW_DEEP, "wide": "bayes", "dense_lr": 1e-9, "emb_lr": 1e-9},
-    "new_harness": {**NEW_DEEP, "wide": "bayes"},
-    # 4. on top of the new defaults
-    "new_dense1e-2": {**NEW, "dense_lr": 1e-2},
-    "new_sparseadam1e-3": {**NEW, "opt": {"embedding_optimizer": "adam"}},
-    "new_micro64": {**NEW_DEEP, "wide": "bayes", "micro": 64},
-    "new_replay8k_x1": {**NEW, "replay": 8192, "replay_ratio": 1.0},
-    "new_replay32k_x2": {**NEW, "replay": 32768, "replay_ratio": 2.0},
-    "new_warm3": {**NEW_DEEP, "wide": "bayes", "warm_epochs": 3},
-    "new_buckets100k": {**NEW, "buckets": 100_000},
-    "old_buckets100k": {**OLD, "buckets": 100_000},
-    "new_deepfm": {**NEW, "backbone": "deepfm"},
-    "old_deepfm": {**OLD, "backbone": "deepfm"},
+    "per_event_harness": {**NEW_DEEP, "wide": "bayes"},
+    # 4. on top of the per-event part
+    "per_event_dense1e-2": {**PER_EVENT, "dense_lr": 1e-2},
+    "per_event_sparseadam1e-3": _pe(embedding_optimizer="adam"),
+    "per_event_micro64": {**NEW_DEEP, "wide": "bayes", "micro": 64},
+    "per_event_replay8k_x1": {**PER_EVENT, "replay": 8192, "replay_ratio": 1.0},
+    "per_event_replay32k_x2": {**PER_EVENT, "replay": 32768, "replay_ratio": 2.0},
+    "per_event_warm3": {**NEW_DEEP, "wide": "bayes", "warm_epochs": 3},
+    "per_event_buckets100k": {**PER_EVENT, "buckets": 100_000},
+    "per_event_deepfm": {**PER_EVENT, "backbone": "deepfm"},
 }
 STRATEGIES = {
-    f"{strategy}{alpha:g}": {**NEW, "strategy": strategy, "alpha": alpha}
+    f"{prefix}{strategy}{alpha:g}": {**base, "strategy": strategy, "alpha": alpha}
+    for prefix, base in (("", NEW), ("per_event_", PER_EVENT))
     for strategy, alpha in (("reloop", 0.2), ("reloop", 0.5), ("kd", 0.2), ("kd", 0.5))
 }
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
 PERIODIC_GRID = {
-    f"periodic_lr{lr:g}_ep{ep}": {**NEW, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
+    f"{prefix}periodic_lr{lr:g}_ep{ep}": {**base, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
+    for prefix, base in (("", NEW), ("per_event_", PER_EVENT))
     for lr, ep in ((1e-3, 1), (1e-3, 3), (3e-3, 1), (3e-3, 3), (1e-2, 1))
 }
+# Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
+DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
+DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0))
 
 
 # ------------------------------------------------------------------------------------------ learner
@@ -329,6 +344,63 @@ def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: in
     ]
 
 
+def run_delayed(
+    data: BacktestData, s: dict[str, Any], seed: int, mode: str, window_s: float, mean_delay_s: float = 60.0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Delayed feedback, every period: samples reach the learner in label-ARRIVAL order and each
+    impression is scored at its own time by the learner as it is then (after its last complete batch).
+
+    ``asym``: a click arrives after an exponential delay (mean ``mean_delay_s``), a negative when the join
+    window (``window_s``) closes: what the joiner emits. ``neutral``: every label arrives ``window_s``
+    after its impression. Returns (rows of the served scores, rows of the training-time progressive
+    scores); the progressive ones see samples in arrival order, which leaks the labels' order."""
+    from engine.models.registry import build_learner
+
+    rng = np.random.default_rng([seed, 7])
+    t = data.times_ms.astype(np.float64) / 1000.0
+    y = data.labels
+    delay = np.full(len(y), window_s)
+    if mode == "asym":
+        delay = np.where(y > 0.5, rng.exponential(mean_delay_s, len(y)), window_s)
+    arrival = t + delay
+    order = np.argsort(arrival, kind="stable")
+    learner = build_learner(
+        s["backbone"],
+        data.spec,
+        "ce",
+        0.0,
+        seed=seed,
+        optimizer={"lr": s["dense_lr"], **s["opt"]},
+        embedding_dim=s["dim"],
+        hidden_units=tuple(s["hidden"]),
+    )
+    served = np.empty(len(y))
+    progressive = np.empty(len(y))
+    scored = 0  # impressions are in time order: all before this index are scored
+    for k in range(0, len(order), s["batch"]):
+        idx = order[k : k + s["batch"]]
+        until = int(np.searchsorted(t, arrival[idx[-1]], side="left"))
+        if until > scored:
+            served[scored:until] = learner.predict_proba(data.batch.take(slice(scored, until)))
+            scored = until
+        progressive[idx], _ = learner.learn_scored(data.batch.take(idx), y[idx])
+    if scored < len(y):
+        served[scored:] = learner.predict_proba(data.batch.take(slice(scored, len(y))))
+    out: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for per in range(1, data.n_periods):
+        sl = data.period(per)
+        for rows, p in zip(out, (served, progressive), strict=True):
+            rows.append(
+                {
+                    "period": per,
+                    "n": sl.stop - sl.start,
+                    "auc": auc(y[sl], p[sl]),
+                    "logloss": logloss(y[sl], p[sl]),
+                }
+            )
+    return out
+
+
 def run_river(data: BacktestData, last_period: int) -> list[dict[str, Any]]:
     from engine.replay.backtest import run_river_baseline
 
@@ -443,6 +515,105 @@ def summarise(path: Path, ref: str, order: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def summarise_delayed(path: Path, first_later_period: int) -> str:
+    """The delayed-feedback table: per setting and learner, served AUC / LogLoss on the selection periods
+    and on the later ones, the later ones' paired difference to ``new`` (×1e3, 95% over seeds), and the
+    training-time (progressive, label-order-leaking) scores on the later periods."""
+    from engine.replay.report import t_interval
+
+    cells: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+    for r in csv.DictReader(path.open()):
+        cells.setdefault(r["variant"], {})[(int(r["seed"]), int(r["period"]))] = (
+            float(r["auc"]),
+            float(r["logloss"]),
+        )
+
+    def mean(cell: dict, later: bool, m: int) -> float:
+        return float(np.mean([v[m] for (_, p), v in cell.items() if (p >= first_later_period) == later]))
+
+    lines = [
+        "| labels arrive | learner | served AUC / LogLoss, selection periods | served, later periods "
+        "| Δ later vs new, AUC ×1e3 | Δ LogLoss ×1e3 | training-time scores, later periods |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, window in DELAYED_SETTINGS:
+        setting = (
+            f"click after ~60 s, negative at {window / 60:g} min (window close)"
+            if mode == "asym"
+            else f"every label {window:g} s after its impression"
+        )
+        ref = cells.get(f"new@{mode}{window:g}", {})
+        for name in DELAYED_LEARNERS:
+            tag = f"{name}@{mode}{window:g}"
+            cell = cells.get(tag)
+            if not cell:
+                continue
+            diffs = []
+            for m in (0, 1):
+                seeds = sorted({s for s, _ in cell})
+                per_seed = [
+                    float(
+                        np.mean(
+                            [
+                                v[m] - ref[k][m]
+                                for k, v in cell.items()
+                                if k[0] == s and k[1] >= first_later_period and k in ref
+                            ]
+                        )
+                    )
+                    for s in seeds
+                ]
+                mu, half = t_interval(per_seed)
+                diffs.append(
+                    f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
+                )
+            prog = cells.get(f"{tag}/progressive", {})
+            lines.append(
+                f"| {setting} | `{name}` | {mean(cell, False, 0):.4f} / {mean(cell, False, 1):.4f} "
+                f"| {mean(cell, True, 0):.4f} / {mean(cell, True, 1):.4f} | {diffs[0]} | {diffs[1]} "
+                f"| {mean(prog, True, 0):.4f} / {mean(prog, True, 1):.4f} |"
+            )
+    return "\n".join(lines)
+
+
+def _main_delayed(args: argparse.Namespace) -> int:
+    new_file = not args.out.exists()
+    data = load(args.dataset, args.data, BASE["buckets"])
+    with args.out.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        if new_file:
+            w.writeheader()
+        for mode, window in DELAYED_SETTINGS:
+            for name, over in DELAYED_LEARNERS.items():
+                s = {**BASE, **over}
+                for seed in (int(x) for x in args.seeds.split(",")):
+                    t0 = time.perf_counter()
+                    served, prog = run_delayed(data, s, seed, mode, window)
+                    dt = time.perf_counter() - t0
+                    tag = f"{name}@{mode}{window:g}"
+                    for variant, rows in ((tag, served), (f"{tag}/progressive", prog)):
+                        for r in rows:
+                            w.writerow(
+                                {
+                                    "dataset": args.dataset,
+                                    "variant": variant,
+                                    "seed": seed,
+                                    **r,
+                                    "seconds": dt,
+                                }
+                            )
+                    fh.flush()
+                    held = [r for r in served if r["period"] > selection_last_period(data)]
+                    a, ll = np.mean([r["auc"] for r in held]), np.mean([r["logloss"] for r in held])
+                    print(
+                        f"{args.dataset} {tag} seed {seed}: served AUC {a:.4f} LogLoss {ll:.4f} on the later "
+                        f"periods ({dt:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="movielens-100k")
@@ -455,8 +626,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="CSV (appended to)")
     p.add_argument("--summary", type=Path, help="print the table of this CSV and exit")
     p.add_argument("--ref", default="new", help="--summary: the reference variant")
+    p.add_argument(
+        "--summary-delayed",
+        type=Path,
+        metavar="CSV",
+        help="print the delayed-feedback table of this CSV (--later-from: first later period) and exit",
+    )
+    p.add_argument("--later-from", type=int, default=11)
     p.add_argument("--bursts", metavar="USER_FIELD", help="print how bursty the stream's users are, and exit")
+    p.add_argument(
+        "--delayed",
+        action="store_true",
+        help="the delayed-feedback protocol over EVERY period (old, new, per_event; asym 900 s and 3600 s, "
+        "neutral 60 s); variants are written as LEARNER@MODEWINDOW[/progressive]",
+    )
     args = p.parse_args(argv)
+    if args.summary_delayed:
+        print(summarise_delayed(args.summary_delayed, args.later_from))
+        return 0
     if args.summary:
         print(summarise(args.summary, args.ref, [*VARIANTS, *PERIODIC_GRID, *STRATEGIES]))
         return 0
@@ -468,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None or args.out is None:
         p.error("--data and --out are required (or --summary)")
     torch.set_num_threads(1)
+    if args.delayed:
+        return _main_delayed(args)
     catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES}
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]

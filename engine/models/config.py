@@ -16,16 +16,19 @@ class FrozenConfig(BaseModel):
 
 
 class OptimizerConfig(FrozenConfig):
-    """How a torch learner learns (the defaults were chosen for streaming, docs/backtest/ablation.md).
+    """How a torch learner learns (defaults measured for streaming in docs/backtest/ablation.md).
 
     * dense parameters: Adam at ``lr``;
     * embedding tables: with ``sparse_embeddings`` a sparse optimizer, Adagrad (per-row learning rates:
-      rows seen rarely keep large steps) at ``embedding_lr`` (0.03 by default) or SparseAdam (at ``lr``
-      by default); without, they join the dense Adam;
-    * ``wide``: ``bayes`` adds a first-order part learned per event by Bayesian filtering to the
+      rows seen rarely keep large steps) at ``embedding_lr`` (0.03 by default) or SparseAdam (at ``lr`` by
+      default); without, they join the dense Adam;
+    * ``wide``: ``bayes`` adds a first-order part learned PER EVENT by Bayesian filtering to the
       backbone's logit (engine/models/wide.py; ``wide_prior_variance`` is its one setting,
-      ``wide_moderate`` scores with the predictive probability); ``off`` trains the backbone alone.
-      The wide part learns with the learner's loss (CE, KD or ReLoop), like the backbone.
+      ``wide_moderate`` scores with the predictive probability; it learns with the learner's loss).
+      Off by default: it pays where labels arrive with their events, in event order, and predictions
+      come from the live learner (the streaming backtest); where clicks are joined with a delay and
+      negatives emitted when the window closes, or predictions come from periodic snapshots, it does
+      not help and can badly hurt calibration (ablation.md, "Delayed feedback").
     """
 
     lr: float = Field(default=1e-3, gt=0)
@@ -41,7 +44,7 @@ class OptimizerConfig(FrozenConfig):
         "weight decay on the embedding parameters; needs sparse_embeddings=false",
     )
     grad_clip_norm: float | None = Field(default=None, gt=0)
-    wide: Literal["bayes", "off"] = "bayes"
+    wide: Literal["bayes", "off"] = "off"
     wide_prior_variance: float = Field(default=1.0, gt=0)
     wide_moderate: bool = True
 
@@ -61,8 +64,13 @@ class OptimizerConfig(FrozenConfig):
 
     @classmethod
     def previous_defaults(cls, **overrides: object) -> OptimizerConfig:
-        """The defaults before the streaming study (SparseAdam at lr, no wide part): for comparisons."""
+        """The defaults before the streaming study (SparseAdam at lr): for comparisons."""
         return cls(**{"embedding_optimizer": "adam", "wide": "off", **overrides})
+
+    @classmethod
+    def per_event(cls, **overrides: object) -> OptimizerConfig:
+        """The defaults plus the per-event Bayesian wide part (``wide="bayes"``)."""
+        return cls(**{"wide": "bayes", **overrides})
 
 
 ADAGRAD_EMBEDDING_LR = 0.03

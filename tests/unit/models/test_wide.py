@@ -1,4 +1,4 @@
-"""The streaming learner's defaults: optimizer groups, the per-event Bayesian wide part, its state."""
+"""The learner defaults (optimizer groups) and the opt-in per-event Bayesian wide part, its state."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ SPEC = FeatureSpec(
         MultiCategoricalField(name="tags", buckets=20, max_len=3),
     )
 )
+
+
+WIDE = OptimizerConfig.per_event()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -142,8 +145,10 @@ def test_default_optimizer_groups():
         "adagrad",
         ADAGRAD_EMBEDDING_LR,
     )
-    assert (opt.wide, opt.wide_prior_variance, opt.wide_moderate) == ("bayes", 1.0, True)
+    assert (opt.wide, opt.wide_prior_variance, opt.wide_moderate) == ("off", 1.0, True)
+    assert OptimizerConfig.per_event().wide == "bayes"
     learner = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))
+    assert learner.wide is None
     dense, emb = learner.optimizers["dense"], learner.optimizers["embedding"]
     assert isinstance(dense, torch.optim.Adam) and isinstance(emb, torch.optim.Adagrad)
     assert [g["lr"] for g in dense.param_groups] == [1e-3] and emb.param_groups[0]["lr"] == 0.03
@@ -152,14 +157,17 @@ def test_default_optimizer_groups():
     dense_ids = {id(p) for g in dense.param_groups for p in g["params"]}
     assert not dense_ids & tables
     assert dense_ids | tables == {id(p) for p in learner.model.parameters()}
-    assert learner.wide is not None and learner.wide.prior_variance == 1.0
+    per_event = build_learner(
+        "deepfm", SPEC, "ce", 0.0, optimizer=OptimizerConfig.per_event(), hidden_units=(8,)
+    )
+    assert per_event.wide is not None and per_event.wide.prior_variance == 1.0
     # The previous defaults (for comparisons) and explicit settings.
     old = build_learner(
         "deepfm", SPEC, "ce", 0.0, optimizer=OptimizerConfig.previous_defaults(), hidden_units=(8,)
     )
     assert isinstance(old.optimizers["embedding"], torch.optim.SparseAdam) and old.wide is None
     assert old.optimizers["embedding"].param_groups[0]["lr"] == 1e-3
-    custom = build_learner("fm", SPEC, "ce", 0.0, optimizer={"embedding_lr": 0.1, "wide": "off"})
+    custom = build_learner("fm", SPEC, "ce", 0.0, optimizer={"embedding_lr": 0.1})
     assert custom.optimizers["embedding"].param_groups[0]["lr"] == 0.1 and custom.wide is None
     with pytest.raises(ValueError, match="wide"):
         build_learner("fm", SPEC, "ce", 0.0, optimizer={"wide": "ftrl"})
@@ -174,7 +182,7 @@ def _round_trip(state: dict) -> dict:
 
 def test_wide_state_round_trips_and_frozen_copies_predict_alike():
     batch, y, _ = _data(96)
-    learner = build_learner("dcn", SPEC, "reloop", 0.5, seed=1, hidden_units=(8,))
+    learner = build_learner("dcn", SPEC, "reloop", 0.5, seed=1, hidden_units=(8,), optimizer=WIDE)
     for k in range(3):
         learner.learn(batch.take(slice(32 * k, 32 * k + 32)), y[32 * k : 32 * k + 32])
     state = _round_trip(learner.state_dict())
@@ -188,7 +196,7 @@ def test_wide_state_round_trips_and_frozen_copies_predict_alike():
     assert not np.array_equal(frozen.predict_proba(batch), learner.predict_proba(batch))
     # A state with a wide part cannot go into a learner without one; an older state without it starts
     # the wide part from its prior.
-    off = build_learner("dcn", SPEC, "reloop", 0.5, seed=1, hidden_units=(8,), optimizer={"wide": "off"})
+    off = build_learner("dcn", SPEC, "reloop", 0.5, seed=1, hidden_units=(8,))
     with pytest.raises(ValueError, match="wide part"):
         off.load_state_dict(state)
     older = {k: v for k, v in state.items() if k != "wide"}
@@ -200,8 +208,8 @@ def test_wide_state_round_trips_and_frozen_copies_predict_alike():
 def test_learn_scored_trains_like_learn_and_scores_before_each_event(name):
     batch, y, _ = _data(64)
     size = {"hidden_units": (8,)} if name in ("dcn", "deepfm") else {}
-    a = build_learner(name, SPEC, "kd", 0.3, seed=4, **size)
-    b = build_learner(name, SPEC, "kd", 0.3, seed=4, **size)
+    a = build_learner(name, SPEC, "kd", 0.3, seed=4, optimizer=WIDE, **size)
+    b = build_learner(name, SPEC, "kd", 0.3, seed=4, optimizer=WIDE, **size)
     y_last = np.full(64, 0.4)
     before = a.predict_proba(batch)
     scores, stats = a.learn_scored(batch, y, y_last)
@@ -217,7 +225,7 @@ def test_learn_scored_trains_like_learn_and_scores_before_each_event(name):
 
 def test_without_the_wide_part_learn_scored_is_predict_then_learn():
     batch, y, _ = _data(64)
-    a = build_learner("dcn", SPEC, "ce", 0.0, seed=4, hidden_units=(8,), optimizer={"wide": "off"})
+    a = build_learner("dcn", SPEC, "ce", 0.0, seed=4, hidden_units=(8,))
     before = a.predict_proba(batch)
     scores, _ = a.learn_scored(batch, y)
     np.testing.assert_allclose(scores, before, rtol=1e-6)
@@ -225,7 +233,7 @@ def test_without_the_wide_part_learn_scored_is_predict_then_learn():
 
 def test_replayed_samples_train_the_backbone_only():
     batch, y, _ = _data(64)
-    a = build_learner("dcn", SPEC, "ce", 0.0, seed=4, hidden_units=(8,))
+    a = build_learner("dcn", SPEC, "ce", 0.0, seed=4, hidden_units=(8,), optimizer=WIDE)
     a.learn(batch, y)
     mean, var = a.wide.mean.copy(), a.wide.var.copy()
     table = a.model.embedding.table.weight.detach().clone()

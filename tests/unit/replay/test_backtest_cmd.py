@@ -55,7 +55,8 @@ def test_backtest_learner_options_and_report_periods(tmp_path: Path) -> None:
     options = (
         "--period week --min-period-size 50 --backbones dcn --hidden-units 8 --strategies ce --seeds 1 "
         "--batch-size 64 --buckets 64 --embedding-dim 4 --protocols streaming --no-river "
-        "--optimizer wide_prior_variance=0.5 --optimizer embedding_lr=0.05 --replay-size 200 --report-from 3"
+        "--optimizer wide=bayes --optimizer wide_prior_variance=0.5 --optimizer embedding_lr=0.05 "
+        "--replay-size 200 --report-from 3"
     )
     argv += options.split(" ")
     assert main(argv) == 0

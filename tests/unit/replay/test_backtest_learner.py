@@ -42,13 +42,14 @@ def _run(data, optimizer, replay=0):
 
 def test_the_per_event_wide_part_learns_user_bursts_that_batches_miss():
     data = _data()
-    new = _run(data, ())
-    old = _run(data, (("embedding_optimizer", "adam"), ("wide", "off")))
+    new = _run(data, (("wide", "bayes"),))
+    old = _run(data, (("embedding_optimizer", "adam"),))
     assert np.mean([r["auc"] for r in new]) > np.mean([r["auc"] for r in old]) + 0.1
 
 
 def test_streaming_with_replay_is_reproducible_and_differs_from_without():
     data = _data()
-    a, b, c = _run(data, (), 300), _run(data, (), 300), _run(data, (), 0)
+    wide = (("wide", "bayes"),)
+    a, b, c = _run(data, wide, 300), _run(data, wide, 300), _run(data, wide, 0)
     assert [r["auc"] for r in a] == [r["auc"] for r in b]
     assert [r["logloss"] for r in a] != [r["logloss"] for r in c]

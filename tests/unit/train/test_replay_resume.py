@@ -1,5 +1,5 @@
-"""The replay buffer (bounded, plain-data state) and exact resume of the stream trainer with the new
-defaults (wide part on) and the replay buffer on."""
+"""The replay buffer (bounded, plain-data state) and exact resume of the stream trainer with the per-event
+wide part on and the replay buffer on."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from engine.events.schema import LabeledSample
 from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField
+from engine.models.config import OptimizerConfig
 from engine.models.registry import build_learner
 from engine.train.replay_buffer import ReplayBuffer
 from engine.train.stream import StreamTrainer, StreamTrainerConfig
@@ -97,7 +98,16 @@ def test_replay_buffer_is_a_bounded_ring_with_plain_state():
 
 
 def _trainer(replay_size: int) -> StreamTrainer:
-    learner = build_learner("dcn", SPEC, "reloop", 0.5, seed=5, hidden_units=(16,), dropout=0.1)
+    learner = build_learner(
+        "dcn",
+        SPEC,
+        "reloop",
+        0.5,
+        seed=5,
+        hidden_units=(16,),
+        dropout=0.1,
+        optimizer=OptimizerConfig.per_event(),
+    )
     cfg = StreamTrainerConfig(batch_size=32, y_last="snapshot", replay_size=replay_size, replay_ratio=1.5)
     return StreamTrainer(learner=learner, featurizer=Featurizer(SPEC), config=cfg)
 
