@@ -13,6 +13,15 @@ from engine.runtime.config import RunConfig
 log = logging.getLogger("reloop.run")
 
 
+def _fail_fast_on_config(exc: BaseException) -> None:
+    """A Kafka client that refuses its settings will refuse them again: a ConfigError (exit 2), not a
+    failure to retry for the supervisor's whole budget."""
+    from engine.runtime.config import ConfigError
+
+    if type(exc).__name__ == "KafkaConfigurationError" or "Configuration property" in str(exc):
+        raise ConfigError(f"Kafka client settings refused: {exc}") from exc
+
+
 def _release(things: list[Any]) -> None:
     for thing in things:
         release = getattr(thing, "abort", None) or thing.close
@@ -23,7 +32,20 @@ def _release(things: list[Any]) -> None:
 
 
 def _producer_config(cfg: RunConfig) -> dict[str, Any]:
-    return {**cfg.source.client_config, **cfg.sink.client_config}
+    """The producers' settings: the connection settings of ``source.client_config`` (security, SASL, SSL,
+    timeouts a producer also has), then ``sink.client_config``. A consumer-only setting in the source's
+    dict (``fetch_max_wait_ms``) is not handed to a producer, which would refuse it and crash the run."""
+    shared = dict(cfg.source.client_config)
+    if cfg.source.client == "kafka-python":
+        from kafka import KafkaProducer
+
+        shared = {k: v for k, v in shared.items() if k in KafkaProducer.DEFAULT_CONFIG}
+    else:
+        # librdkafka names: consumer-only properties start with these.
+        shared = {
+            k: v for k, v in shared.items() if not k.startswith(("fetch.", "auto.", "group.", "session."))
+        }
+    return {**shared, **cfg.sink.client_config}
 
 
 def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
@@ -61,16 +83,20 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
                 if "already exists" not in str(exc).lower():
                     raise
         return
+    from kafka import KafkaAdminClient
+
     from connectors.kafka.admin import admin_client, create_topics, partition_counts
 
-    admin = admin_client(src.bootstrap, src.client_config)
+    # Connection settings only: the admin client refuses consumer settings such as fetch_max_wait_ms.
+    client = {k: v for k, v in src.client_config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    admin = admin_client(src.bootstrap, client)
     try:
         if cfg.stages.samples_topic in set(admin.list_topics()):
             return
         partitions = partition_counts(admin, [src.impressions_topic])[src.impressions_topic]
     finally:
         admin.close()
-    create_topics(src.bootstrap, {cfg.stages.samples_topic: partitions}, client_config=src.client_config)
+    create_topics(src.bootstrap, {cfg.stages.samples_topic: partitions}, client_config=client)
 
 
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
@@ -104,8 +130,9 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             return build_join_stage(cfg, source=source, samples_sink=samples, dead_letter_sink=dead)
-        except BaseException:
+        except BaseException as exc:
             _release(opened)
+            _fail_fast_on_config(exc)
             raise
 
     return build
@@ -138,8 +165,9 @@ def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 opened.append(dead)
             commit = source.commit if src.group_id else None
             return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit)
-        except BaseException:
+        except BaseException as exc:
             _release(opened)
+            _fail_fast_on_config(exc)
             raise
 
     return build

@@ -77,6 +77,7 @@ def run_supervised(
     """Run ``build()``'s stage under a supervisor until a stop signal; returns the exit code.
     ``describe(stage)`` gives the fields of the periodic progress log and of the last log line."""
     from engine.metrics.registry import REGISTRY
+    from engine.runtime.config import ConfigError
     from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
 
@@ -128,7 +129,7 @@ def run_supervised(
     code = 0
     try:
         supervisor.run()
-    except (SnapshotMismatch, NoUsableSnapshot) as exc:
+    except (SnapshotMismatch, NoUsableSnapshot, ConfigError) as exc:
         log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 2

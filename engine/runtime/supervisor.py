@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.metrics import registry as m
+from engine.runtime.config import ConfigError
 from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
 log = logging.getLogger("reloop.supervisor")
 
-FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot)
+FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot, ConfigError)
 
 
 class Stage(Protocol):

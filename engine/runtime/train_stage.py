@@ -211,6 +211,11 @@ class TrainStage:
             self.ledger.truncate(int(state["ledger_bytes"]))
         self.version = point.base_version
         self.restored_from = str(point)
+        # The last model version's number and time, at once: a restored process that then stalls must
+        # trip the snapshot-stale alert without ever writing a snapshot.
+        self._metrics.restored(
+            point.base_version, float(self.registry.manifest(point.base_version)["created_unix"])
+        )
         log.info(
             "restored",
             extra={"fields": {"from": self.restored_from, "samples_trained": self.trainer.counters.samples}},
@@ -524,6 +529,11 @@ class _TrainMetrics:
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd), ("total", loss.total)):
             self._loss.labels(part=part).set(value)
         self._sc_active.set(loss.sc_active_fraction)
+
+    def restored(self, version: int, created_unix: float) -> None:
+        self._snap_version.set(version)
+        self._snap_time.set(created_unix)
+        self._last_snap_wall = created_unix
 
     def snapshotted(self, version: int) -> None:
         now = time.time()

@@ -76,7 +76,12 @@ def _config(tmp: Path, bootstrap: str, topics: dict[str, str]) -> Path:
             "group_id": f"g-{topics['samples']}",
             "poll_max_records": 256,
             # Accepted and ignored by the PLAINTEXT client: what matters is where the value ends up.
-            "client_config": {"sasl_plain_username": "reloop", "sasl_plain_password": PASSWORD},
+            # fetch_max_wait_ms: a consumer-only setting, which producers used to be handed (a crash).
+            "client_config": {
+                "sasl_plain_username": "reloop",
+                "sasl_plain_password": PASSWORD,
+                "fetch_max_wait_ms": 200,
+            },
         },
         "sink": {"dead_letter_topic": topics["deadletter"]},
         "stages": {

@@ -286,3 +286,23 @@ def test_revoked_tasks_are_checkpointed_and_resume_elsewhere(tmp_path):
     assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
     assert len(got) == len(synth.expected)  # a clean hand-over sends nothing twice
     assert TopicPartition("impressions", 0) in second.tasks[0].inputs
+
+
+def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tmp_path):
+    """After a restart the snapshot gauges must not stay empty until the next snapshot: a restored
+    process that then stalls has to trip the snapshot-stale alert."""
+    synth = generate(300, seed=4, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    first = _train(cfg, log, clock, tmp_path)
+    _run_train(first, log, clock)
+    version = first.version
+    first.abort()
+    created = first.registry.manifest(version)["created_unix"]
+    stats = MetricsRegistry()
+    build_train_stage(cfg, source=EndAware(log, ["samples"]), clock=clock, stats=stats,
+                      checkpoint_dir=tmp_path / "train-ckpt")  # fmt: skip
+    assert stats.get("reloop_snapshot_version").labels().get() == version
+    assert stats.get("reloop_snapshot_timestamp_seconds").labels().get() == created

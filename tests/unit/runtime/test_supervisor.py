@@ -137,3 +137,20 @@ def test_gives_up_after_the_budget_without_a_snapshot(tmp_path):
         )
         sup.run()
     assert sup.restarts == 4  # failed at t=100, 200, 300 (>= 250 since the first at 100: give up)
+
+
+def test_a_config_the_client_refuses_fails_fast_instead_of_retrying():
+    from engine.runtime.config import ConfigError
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        raise ConfigError("Kafka client settings refused: Unrecognized configs: {'fetch_max_wait_ms'}")
+
+    sup = Supervisor(
+        build, stop=threading.Event(), policy=RetryPolicy(backoff_initial_s=0.001), stats=MetricsRegistry()
+    )
+    with pytest.raises(ConfigError, match="fetch_max_wait_ms"):
+        sup.run()
+    assert calls == [1] and sup.restarts == 0
