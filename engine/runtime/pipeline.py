@@ -64,6 +64,7 @@ from engine.metrics.online import OnlineMetricsBook
 from engine.runtime.intake import EventIntake, IntakeLimits
 from engine.runtime.merge import RecordMerger
 from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from engine.serve.bundle_format import publish_serving_bundle
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StepResult, StreamTrainer
@@ -156,6 +157,14 @@ class Pipeline:
         self._opened = False
         self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s)
         self._restore_latest()
+
+    def _publish_serving_bundle(self) -> None:
+        """The version's weights alone for the scoring service, written just before its snapshot
+        (engine/serve/bundle_format.py); without it serving loads the version from the snapshot."""
+        try:
+            publish_serving_bundle(self.registry, self.trainer.learner)
+        except OSError as exc:
+            log.warning("serving bundle not written", extra={"fields": {"error": repr(exc)}})
 
     # ------------------------------------------------------------------ lifecycle
     def _restore_latest(self) -> None:
@@ -450,6 +459,8 @@ class Pipeline:
         if not boundary:
             meta["base_version"] = self.version  # the period snapshot this checkpoint follows
         target = self.registry if boundary else self.registry.checkpoints
+        if boundary:
+            self._publish_serving_bundle()
         t0 = time.perf_counter()
         try:
             number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)

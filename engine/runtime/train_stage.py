@@ -38,6 +38,7 @@ from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
 from engine.runtime.merge import RecordMerger
 from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from engine.serve.bundle_format import publish_serving_bundle
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import SampleColumns, StepResult, StreamTrainer
@@ -414,6 +415,8 @@ class TrainStage:
         if not boundary:
             meta["base_version"] = self.version
         target = self.registry if boundary else self.registry.checkpoints
+        if boundary:
+            self._publish_serving_bundle()
         try:
             number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
         except BaseException:
@@ -447,6 +450,14 @@ class TrainStage:
             self.commit(positions)
         except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
             log.warning("offset commit failed", extra={"fields": {"error": repr(exc)}})
+
+    def _publish_serving_bundle(self) -> None:
+        """The version's weights alone for the scoring service, written just before its snapshot
+        (engine/serve/bundle_format.py); without it serving loads the version from the snapshot."""
+        try:
+            publish_serving_bundle(self.registry, self.trainer.learner)
+        except OSError as exc:
+            log.warning("serving bundle not written", extra={"fields": {"error": repr(exc)}})
 
     # ------------------------------------------------------------------ lifecycle
     def _stop_fetcher(self) -> None:

@@ -85,7 +85,9 @@ def _tasks_now(log: Path) -> list[int]:
     return owned
 
 
-def test_a_killed_join_process_resumes_and_every_sample_is_trained_once(kafka_broker, unique_topic, tmp_path):
+def test_killed_join_and_train_processes_resume_and_every_sample_is_trained_once(
+    kafka_broker, unique_topic, tmp_path
+):
     synth = generate(1500, seed=21, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
     pieces = _chunks(synth.records, 2)
@@ -104,11 +106,23 @@ def test_a_killed_join_process_resumes_and_every_sample_is_trained_once(kafka_br
     _produce(kafka_broker.bootstrap, topics, synth, pieces[1])
     join = _stage("join", config, run / "join.log")
     reg = SnapshotRegistry(run / "snaps")
+    # The train process killed too, once it has published a version past the first half.
+    deadline = time.monotonic() + 120
+    while _trained(reg) < len(synth.expected) // 2 and time.monotonic() < deadline:
+        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
+        time.sleep(0.05)
+    train.send_signal(signal.SIGKILL)
+    train.wait()
+    train = _stage("train", config, run / "train.log")
     _wait_trained(train, reg, len(synth.expected), run)
     assert _stop(join) == 0 and _stop(train) == 0
     train_log = (run / "train.log").read_text()
-    final = orjson.loads([ln for ln in train_log.splitlines() if '"msg":"stopped"' in ln][-1])
-    assert final["seq_gaps"] == 0 and final["duplicates_dropped"] > 0
+    stops = [orjson.loads(ln) for ln in train_log.splitlines() if '"msg":"stopped"' in ln]
+    assert stops[-1]["seq_gaps"] == 0
+    assert '"msg":"restored"' in train_log  # the train process resumed from its snapshot
+    # The topic holds copies (the join process sent again what it had never checkpointed); trained once.
+    on_topic = _read_samples(kafka_broker.bootstrap, topics["samples"], len(synth.expected))
+    assert len(on_topic) > len({(x.sample_id, x.is_correction) for x in on_topic}) == len(synth.expected)
     keys = [(sid, corr) for _, sid, _, corr in Ledger.read(run / "ledger.jsonl")]
     assert len(keys) == len(set(keys)) and set(keys) == set(synth.expected)
 

@@ -306,3 +306,22 @@ def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tm
                       checkpoint_dir=tmp_path / "train-ckpt")  # fmt: skip
     assert stats.get("reloop_snapshot_version").labels().get() == version
     assert stats.get("reloop_snapshot_timestamp_seconds").labels().get() == created
+
+
+def test_each_model_version_gets_a_serving_bundle_with_its_weights(tmp_path):
+    from engine.serve.bundle_format import bundle_versions, read_bundle, serving_dir
+
+    synth = generate(300, seed=6, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    versions = train.registry.versions()
+    assert bundle_versions(serving_dir(train.registry.root)) == versions[-3:]  # the newest kept
+    tensors, _ = read_bundle(serving_dir(train.registry.root), versions[-1])
+    weights = train.registry.load(versions[-1], parts=["model"]).state["model"]["model"]
+    for name, value in weights.items():
+        assert torch.equal(tensors[f"model.{name}"], value), name
+    train.close(final=None)
