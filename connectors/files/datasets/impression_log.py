@@ -1,20 +1,29 @@
 """A generic impression log in CSV or Parquet: one row per impression, with its click outcome.
 
-Required columns: a time column (``timestamp`` by default, in ``time_unit`` "ms" or "s") and a label
-column (``click``: 0/1 or true/false). Optional columns with a meaning: ``impression_id``, ``request_id``,
-``user_id``, ``item_id``, ``click_time`` (same unit as the time column), ``served_prediction`` and
+Required columns: a time column (``timestamp`` by default: a number in ``time_unit`` "ms" or "s", or an
+ISO-8601 time such as ``2024-05-01T12:00:00Z``; one without an offset is taken as UTC) and a label: the
+column ``label_column`` (``click``: 0/1 or true/false) or a comparison on a numeric column, such as
+``label_column="rating >= 4"`` (``COLUMN OP NUMBER`` with OP one of ``>= > <= < == !=``; parsed, never
+evaluated; the compared column is then not a feature). Optional columns with a meaning: ``impression_id``,
+``request_id``, ``user_id``, ``item_id``, ``click_time`` (like the time column), ``served_prediction`` and
 ``model_version`` (kept as logged, so a backtest can use the real y_last). Every other column is a
 feature: numeric if listed in ``numeric`` (Parquet: also any float column), multi-valued if listed in
 ``multi`` (CSV: values joined by ``multi_sep``; Parquet: list columns), categorical otherwise.
-``user_id`` and ``item_id`` are also features. Rows are sorted by time, keeping file order for ties.
+``numeric`` and ``multi`` take a list of whole column names or one comma-separated string
+(``"age,price"``); a name that is not a column fails. ``user_id`` and ``item_id`` are also features.
+Rows are sorted by time, keeping file order for ties. ``name`` (reports, CSVs) defaults to the file's stem.
+docs/bring-your-own-log.md has a worked example.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator, Sequence
+import operator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +33,67 @@ from connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
 _TRUE = {"1", "true", "True", "TRUE", "1.0"}
 _FALSE = {"0", "false", "False", "FALSE", "0.0", ""}
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_CONDITION = re.compile(
+    r"\s*(?P<column>[^<>=!]*?)\s*(?P<op>>=|<=|==|!=|>|<)\s*"
+    r"(?P<number>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+)
+_PANDAS_INDEX = re.compile(r"Unnamed: \d+")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRule:
+    """``COLUMN OP NUMBER``: the label is 1 where the comparison holds."""
+
+    column: str
+    op: str
+    number: float
+
+    def __call__(self, value: float) -> int:
+        return int(_OPS[self.op](value, self.number))
+
+    def __str__(self) -> str:
+        return f"{self.column} {self.op} {self.number:g}"
+
+
+def parse_label(text: str) -> str | LabelRule:
+    """A plain column name, or a ``COLUMN OP NUMBER`` comparison (never eval'd).
+
+    >>> parse_label("rating >= 4")
+    LabelRule(column='rating', op='>=', number=4.0)
+    >>> parse_label("click")
+    'click'
+    """
+    if not any(ch in text for ch in "<>=!"):
+        if not text.strip():
+            raise DatasetError("label_column is empty: name a 0/1 column or write COLUMN OP NUMBER")
+        return text
+    match = _CONDITION.fullmatch(text)
+    if match is None or not match.group("column"):
+        raise DatasetError(
+            f"label_column {text!r}: expected a column name or COLUMN OP NUMBER with OP one of "
+            f"{' '.join(_OPS)} (e.g. 'rating >= 4')"
+        )
+    return LabelRule(match.group("column"), match.group("op"), float(match.group("number")))
+
+
+def _names(value: str | Sequence[str], key: str) -> tuple[str, ...]:
+    """A list of whole column names; one string is split at commas (so ``numeric=a,b`` on a command line)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise DatasetError(f"{key}: column names must be strings, got {item!r}")
+        if item.strip():
+            out.append(item.strip())
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -33,11 +103,30 @@ class ImpressionLog:
     time_column: str = "timestamp"
     time_unit: Literal["ms", "s"] = "ms"
     label_column: str = "click"
-    numeric: Sequence[str] = ()
-    multi: Sequence[str] = ()
+    numeric: Sequence[str] | str = ()
+    multi: Sequence[str] | str = ()
     multi_sep: str = "|"
-    name: str = "impression-log"
+    name: str = ""
     time_kind: TimeKind = "event"
+
+    def __post_init__(self) -> None:
+        # Normalized once: a string `numeric` would otherwise match by substring (`"bucket_" in "bucket_x"`).
+        object.__setattr__(self, "numeric", _names(self.numeric, "numeric"))
+        object.__setattr__(self, "multi", _names(self.multi, "multi"))
+        both = sorted(set(self.numeric) & set(self.multi))
+        if both:
+            raise DatasetError(f"{self.path}: columns {both} are listed in both numeric and multi")
+        if self.time_unit not in ("ms", "s"):
+            raise DatasetError(f"time_unit must be 'ms' or 's', got {self.time_unit!r}")
+        if self.format not in ("auto", "csv", "parquet"):
+            raise DatasetError(f"format must be auto, csv or parquet, got {self.format!r}")
+        parse_label(self.label_column)  # a malformed comparison fails here, before any file is read
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.path).stem or "impression-log")
+
+    @property
+    def label(self) -> str | LabelRule:
+        return parse_label(self.label_column)
 
     def _fmt(self) -> str:
         if self.format != "auto":
@@ -52,28 +141,73 @@ class ImpressionLog:
 
             table = pq.read_table(path)
             kinds = _parquet_kinds(table.schema)
-            return list(table.column_names), kinds, table.to_pylist()
+            return self._checked(list(table.column_names)), kinds, table.to_pylist()
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
-            return list(reader.fieldnames or []), {}, list(reader)
+            columns = self._checked(list(reader.fieldnames or []))
+            records = list(reader)
+        for i, rec in enumerate(records):
+            if None in rec:
+                raise DatasetError(
+                    f"{path}: row {i + 1} has {len(columns) + len(rec[None])} cells, the header "
+                    f"{len(columns)} columns"
+                )
+        return columns, {}, records
 
-    def _feature_columns(self, columns: list[str]) -> list[str]:
-        skip = {self.time_column, self.label_column, *META}
-        return [c for c in columns if c not in skip]
-
-    @property
-    def fields(self) -> tuple[FieldInfo, ...]:
+    def _header(self) -> tuple[list[str], dict[str, str]]:
         path = require_file(Path(self.path))
-        kinds: dict[str, str] = {}
         if self._fmt() == "parquet":
             import pyarrow.parquet as pq
 
             schema = pq.read_schema(path)
-            columns = list(schema.names)
-            kinds = _parquet_kinds(schema)
-        else:
-            with path.open(encoding="utf-8", newline="") as fh:
-                columns = next(csv.reader(fh), [])
+            return self._checked(list(schema.names)), _parquet_kinds(schema)
+        with path.open(encoding="utf-8", newline="") as fh:
+            return self._checked(next(csv.reader(fh), [])), {}
+
+    def _checked(self, columns: list[str]) -> list[str]:
+        """The header, refused when a column has no name, a pandas index name or a duplicate name, and
+        when ``numeric``/``multi``/the label/the time column name a column that is not there."""
+        path = Path(self.path)
+        if not columns:
+            raise DatasetError(f"{path}: no header row (the first line must name the columns)")
+        for i, c in enumerate(columns):
+            if not c or not c.strip():
+                raise DatasetError(
+                    f"{path}: column {i + 1} of the header has no name (every column needs one; "
+                    "delete the column or name it)"
+                )
+            if _PANDAS_INDEX.fullmatch(c):
+                raise DatasetError(
+                    f"{path}: column {i + 1} is named {c!r}, a pandas index written without a name "
+                    "(write the file with to_csv(index=False), or drop or rename that column)"
+                )
+        dup = sorted({c for c in columns if columns.count(c) > 1})
+        if dup:
+            raise DatasetError(f"{path}: column names appear more than once in the header: {dup}")
+        label = self.label
+        needed = {
+            "time_column": self.time_column,
+            "label_column": label.column if isinstance(label, LabelRule) else label,
+        }
+        for key, c in needed.items():
+            if c not in columns:
+                raise DatasetError(f"{path}: no {c!r} column for {key} (has {columns})")
+        for key in ("numeric", "multi"):
+            unknown = [c for c in getattr(self, key) if c not in columns]
+            if unknown:
+                raise DatasetError(
+                    f"{path}: {key} names {unknown}, not columns of this file (whole names; has {columns})"
+                )
+        return columns
+
+    def _feature_columns(self, columns: list[str]) -> list[str]:
+        label = self.label
+        skip = {self.time_column, label.column if isinstance(label, LabelRule) else label, *META}
+        return [c for c in columns if c not in skip]
+
+    @property
+    def fields(self) -> tuple[FieldInfo, ...]:
+        columns, kinds = self._header()
         return tuple(FieldInfo(c, self._kind(c, kinds)) for c in self._feature_columns(columns))
 
     def _kind(self, column: str, kinds: dict[str, str]) -> Literal["categorical", "numeric", "multi"]:
@@ -86,16 +220,20 @@ class ImpressionLog:
     def rows(self) -> Iterator[DatasetRow]:
         columns, kinds, records = self._records()
         path = Path(self.path)
-        for needed in (self.time_column, self.label_column):
-            if needed not in columns:
-                raise DatasetError(f"{path}: no {needed!r} column (has {columns})")
+        label = self.label
         feature_kinds = {c: self._kind(c, kinds) for c in self._feature_columns(columns)}
         scale = 1000 if self.time_unit == "s" else 1
         parsed: list[tuple[int, int, DatasetRow]] = []
         for i, rec in enumerate(records):
             where = f"{path}: row {i + 1}"
             t = _time(rec[self.time_column], scale, where, self.time_column)
-            label = _label(rec[self.label_column], where, self.label_column)
+            if isinstance(label, LabelRule):
+                value = rec[label.column]
+                if not _present(value):
+                    raise DatasetError(f"{where}: column {label.column!r} is empty (label: {label})")
+                y = label(_float(value, where, label.column))
+            else:
+                y = _label(rec[label], where, label)
             features: dict = {}
             for c, kind in feature_kinds.items():
                 value = _feature(rec.get(c), kind, self.multi_sep, where, c)
@@ -112,7 +250,7 @@ class ImpressionLog:
                 item_id=_text(rec.get("item_id")),
                 event_time_ms=t,
                 features=features,
-                label=label,
+                label=y,
                 click_time_ms=_time(click_t, scale, where, "click_time") if _present(click_t) else None,
                 served_prediction=_float(served, where, "served_prediction") if _present(served) else None,
                 model_version=int(_float(version, where, "model_version")) if _present(version) else None,
@@ -139,9 +277,32 @@ def _float(value: Any, where: str, column: str) -> float:
 
 
 def _time(value: Any, scale: int, where: str, column: str) -> int:
+    """Epoch milliseconds from a number (times ``scale``), an ISO-8601 text or a Parquet timestamp."""
     if not _present(value):
         raise DatasetError(f"{where}: column {column!r} is empty")
+    if isinstance(value, datetime | date):
+        return _epoch_ms(value)
+    if isinstance(value, str):
+        try:
+            return int(round(float(value) * scale))
+        except ValueError:
+            pass
+        try:
+            return _epoch_ms(datetime.fromisoformat(value.strip()))
+        except ValueError:
+            raise DatasetError(
+                f"{where}: column {column!r} is neither a number nor an ISO-8601 time: {value!r}"
+            ) from None
     return int(round(_float(value, where, column) * scale))
+
+
+def _epoch_ms(value: datetime | date) -> int:
+    """A time without an offset is UTC (a log's times are never the reader's local time)."""
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(round(value.timestamp() * 1000))
 
 
 def _label(value: Any, where: str, column: str) -> int:

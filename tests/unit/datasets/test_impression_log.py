@@ -67,3 +67,106 @@ def test_bad_label_is_named(tmp_path: Path) -> None:
     path.write_text("timestamp,click\n1,yes\n")
     with pytest.raises(DatasetError, match="row 1: column 'click'"):
         list(ImpressionLog(path).rows())
+
+
+@pytest.mark.parametrize(
+    ("header", "column"),
+    [("timestamp,,click", "column 2 of the header has no name"), (",timestamp,click", "column 1 of the"),
+     ("timestamp, ,click", "column 2 of the header"), ("Unnamed: 0,timestamp,click", "column 1 is named")],
+)  # fmt: skip
+def test_unnamed_header_column_names_the_file_and_column(tmp_path: Path, header: str, column: str) -> None:
+    path = tmp_path / "nameless.csv"
+    path.write_text(f"{header}\n7,1,0\n")
+    log = ImpressionLog(path)
+    for read in (lambda: log.fields, lambda: list(log.rows())):
+        with pytest.raises(DatasetError, match=rf"nameless\.csv: {column}"):
+            read()
+
+
+def test_duplicate_header_and_extra_cells_are_refused(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.csv"
+    dup.write_text("timestamp,click,f,f\n1,0,a,b\n")
+    with pytest.raises(DatasetError, match=r"dup\.csv: .*more than once.*\['f'\]"):
+        list(ImpressionLog(dup).rows())
+    extra = tmp_path / "extra.csv"
+    extra.write_text("timestamp,click,f\n1,0,a\n2,1,b,c\n")
+    with pytest.raises(DatasetError, match=r"extra\.csv: row 2 has 4 cells, the header 3"):
+        list(ImpressionLog(extra).rows())
+
+
+def test_iso_8601_times(tmp_path: Path) -> None:
+    path = tmp_path / "iso.csv"
+    path.write_text(
+        "timestamp,click,click_time\n"
+        "2024-05-01T12:00:00Z,1,2024-05-01T12:00:05.250Z\n"
+        "2024-05-01T13:00:00+02:00,0,\n"  # 11:00 UTC: sorts first
+        "2024-05-01 12:30:00,0,\n"  # no offset: UTC
+        "1714566600000,0,\n"  # epoch ms still works in the same column (12:30 UTC)
+    )
+    rows = list(ImpressionLog(path).rows())
+    base = 1714564800000  # 2024-05-01T12:00:00Z
+    assert [r.event_time_ms for r in rows] == [base - 3_600_000, base, base + 1_800_000, base + 1_800_000]
+    assert rows[1].click_time_ms == base + 5250 and rows[1].label == 1
+    bad = tmp_path / "bad_time.csv"
+    bad.write_text("timestamp,click\n2024-13-45T00:00:00,0\n")
+    with pytest.raises(DatasetError, match=r"row 1: column 'timestamp' is neither a number nor an ISO-8601"):
+        list(ImpressionLog(bad).rows())
+
+
+def test_parquet_timestamp_column(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    path = tmp_path / "ts.parquet"
+    t = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    pq.write_table(pa.Table.from_pylist([{"timestamp": t, "click": 1, "f": "a"}]), path)
+    (row,) = ImpressionLog(path).rows()
+    assert row.event_time_ms == 1714564800000 and row.features == {"f": "a"}
+
+
+def test_label_from_a_comparison(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text("timestamp,rating,item_id\n1,3,a\n2,4,b\n3,4.5,c\n4,1,d\n")
+    log = ImpressionLog(path, label_column="rating >= 4")
+    assert [r.label for r in log.rows()] == [0, 1, 1, 0]
+    assert [f.name for f in log.fields] == ["item_id"]  # the compared column would give the label away
+    assert [r.label for r in ImpressionLog(path, label_column="rating<3").rows()] == [0, 0, 0, 1]
+    assert [r.label for r in ImpressionLog(path, label_column=" rating != -1e0 ").rows()] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "text", ["rating >> 4", "rating >= 4 and item_id == 1", "rating >= high", ">= 4", "__import__('os') <"]
+)
+def test_label_comparison_outside_the_grammar_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(DatasetError, match=r"label_column .*COLUMN OP NUMBER"):
+        ImpressionLog(tmp_path / "x.csv", label_column=text)
+
+
+def test_label_comparison_on_a_missing_or_empty_cell(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("timestamp,rating\n1,5\n2,\n")
+    with pytest.raises(DatasetError, match=r"row 2: column 'rating' is empty \(label: rating >= 4\)"):
+        list(ImpressionLog(path, label_column="rating >= 4").rows())
+    with pytest.raises(DatasetError, match=r"r\.csv: no 'score' column for label_column"):
+        list(ImpressionLog(path, label_column="score > 0").rows())
+
+
+def test_numeric_matches_whole_column_names_only(tmp_path: Path) -> None:
+    path = tmp_path / "buckets.csv"
+    path.write_text("timestamp,click,year_bucket,age,price\n1,0,3,20,1.5\n")
+    # A prefix (or substring) of a column name used to make that column numeric silently.
+    with pytest.raises(DatasetError, match=r"buckets\.csv: numeric names \['year_bucket_'\], not columns"):
+        _ = ImpressionLog(path, numeric="year_bucket_").fields
+    for numeric in ("age,price", ["age", "price"], " age , price "):
+        kinds = {f.name: f.kind for f in ImpressionLog(path, numeric=numeric).fields}
+        assert kinds == {"year_bucket": "categorical", "age": "numeric", "price": "numeric"}, numeric
+    with pytest.raises(DatasetError, match=r"multi names \['tag'\]"):
+        list(ImpressionLog(path, multi="tag").rows())
+
+
+def test_name_is_the_files_stem(tmp_path: Path) -> None:
+    from connectors.files.datasets import open_dataset
+
+    path = _write_csv(tmp_path / "shop_clicks_2024.csv")
+    assert ImpressionLog(path).name == "shop_clicks_2024"
+    assert open_dataset("impression-log", path).name == "shop_clicks_2024"
+    assert ImpressionLog(path, name="shop").name == "shop"

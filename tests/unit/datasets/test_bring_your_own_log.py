@@ -1,0 +1,93 @@
+"""docs/bring-your-own-log.md's worked example, run as written: its CSV, its Python lines and its
+`reloop backtest` command (a 12-row file: two tiny runs of a small FM)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from connectors.files.datasets import ImpressionLog
+
+DOC = Path(__file__).resolve().parents[3] / "docs" / "bring-your-own-log.md"
+
+
+def _block(lang: str) -> str:
+    blocks = re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 1, f"expected one ```{lang} block in {DOC.name}"
+    return blocks[0]
+
+
+@pytest.fixture()
+def ratings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ratings.csv"
+    path.write_text(_block("csv"))
+    return path
+
+
+def test_the_documented_loader_calls_give_what_the_page_says(ratings: Path) -> None:
+    namespace: dict = {}
+    code = _block("python")
+    exec(compile(code, str(DOC), "exec"), namespace)  # the page's own lines, against the page's own file
+    log = namespace["log"]
+    assert isinstance(log, ImpressionLog) and log.name == "ratings"
+    assert {f.name: f.kind for f in log.fields} == {
+        "user_id": "categorical", "item_id": "categorical", "genre": "categorical", "age": "numeric",
+    }  # fmt: skip
+    rows = list(log.rows())
+    assert len(rows) == 12 and sum(r.label for r in rows) == 6
+    assert rows[0].label == 1 and rows[0].features["user_id"] == "u1" and rows[0].features["item_id"] == "i1"
+    assert all("rating" not in r.features and "time" not in r.features for r in rows)
+    assert rows[-1].event_time_ms - rows[0].event_time_ms == (24 + 2.5) * 3_600_000
+
+
+def _command() -> list[str]:
+    text = _block("bash").replace("\\\n", " ")
+    argv = shlex.split(text)
+    assert argv[:2] == ["reloop", "backtest"]
+    return argv[1:]
+
+
+@pytest.fixture(scope="module")
+def backtest_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documented command, run once in a folder holding the documented ratings.csv."""
+    from engine.runtime.cli import main
+
+    folder = tmp_path_factory.mktemp("byol")
+    (folder / "ratings.csv").write_text(_block("csv"))
+    argv = _command()
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    return folder / argv[argv.index("--out") + 1]
+
+
+def _results(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_the_documented_backtest_runs(backtest_out: Path) -> None:
+    results = _results(backtest_out)
+    # One evaluated period (the second day; the first is warm-up) for CE and ReLoop, 6 samples each.
+    assert sorted(r["strategy"] for r in results) == ["ce", "reloop@0.5"]
+    assert {(r["period"], r["n"], r["ctr"]) for r in results} == {("1", "6", "0.5")}
+    assert (backtest_out / "report.md").is_file()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine/replay/backtest_cmd.py tags rows and the report title with --dataset "
+    "('impression-log') instead of the loader's name (the file's stem)",
+)
+def test_the_backtest_carries_the_datasets_own_name(backtest_out: Path) -> None:
+    assert {r["dataset"] for r in _results(backtest_out)} == {"ratings"}
+    assert (backtest_out / "report.md").read_text().startswith("# Backtest: ratings")
