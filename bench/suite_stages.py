@@ -124,8 +124,8 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
 def join_stage_rate(
     bootstrap: str, topics: tuple[str, str], spec: Any, expected: int, client: str = "kafka-python"
 ) -> float:
-    from connectors.deadletter import DeadLetterSink
     from connectors.kafka.admin import create_topics
+    from engine.deadletter import DeadLetterSink
     from engine.features.check import SpecChecker
     from engine.join.joiner import JoinerConfig
     from engine.metrics.registry import MetricsRegistry

@@ -26,7 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from connectors.base import RecordTooLarge
+from engine.streams import RecordTooLarge
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from connectors.base import Positions, Record, TopicPartition
+from engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

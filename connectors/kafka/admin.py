@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import TopicAlreadyExistsError
 
-from connectors.base import Positions, TopicPartition
+from engine.streams import Positions, TopicPartition
 
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:

@@ -21,7 +21,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 
-from connectors.base import Positions, Record, TopicPartition
+from engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",

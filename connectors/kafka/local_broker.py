@@ -1,6 +1,10 @@
 """A real single-node Apache Kafka broker (KRaft) run from the jars that ``deploy/kafka/pom.xml`` pulls from
 Maven Central: for tests, CI and the local demo. No tarball, no Docker, no mock.
 
+Kafka home (pom.xml, log4j2.xml and the jars in lib/): ``deploy/kafka`` in a checkout; in an installed
+wheel, ``~/.cache/reloop/kafka`` (``$XDG_CACHE_HOME/reloop/kafka``) with copies of the pom and log4j2
+config the wheel ships (engine/resources.py).
+
 State folder layout (everything the broker writes stays there)::
 
     <state_dir>/server.properties   generated config (ports, log.dirs)
@@ -22,6 +26,7 @@ import base64
 import ctypes
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import psutil
 
+from engine.resources import deploy_file, user_cache_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_HOME = REPO_ROOT / "deploy" / "kafka"
 READY_LINE = "Kafka Server started"
@@ -43,6 +50,27 @@ _JAR_VERSION = re.compile(r"^kafka_2\.\d+-(?P<version>[\w.\-]+)\.jar$")
 
 class BrokerError(RuntimeError):
     """The broker could not be fetched, started or reached; the message says why (with the log tail)."""
+
+
+def default_kafka_home() -> Path:
+    """``deploy/kafka`` in a checkout (the jars in ``deploy/kafka/lib``, as the README says); otherwise
+    ``<user cache>/kafka``, where the installed pom.xml and log4j2.xml are copied (refreshed when the
+    installed ones change, so an upgrade re-fetches the jars) and ``reloop kafka fetch`` puts the jars."""
+    if (KAFKA_HOME / "pom.xml").is_file():
+        return KAFKA_HOME
+    home = user_cache_dir() / "kafka"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        for name in ("pom.xml", "log4j2.xml"):
+            data = deploy_file(f"kafka/{name}").read_bytes()
+            target = home / name
+            if not target.is_file() or target.read_bytes() != data:
+                tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+    except OSError as exc:
+        raise BrokerError(f"cannot set up the Kafka folder {home}: {exc}") from exc
+    return home
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +143,10 @@ class LocalBroker:
 
     ``port``/``controller_port`` default to the ports of the previous run in the same state folder when
     they are still free (restarts keep the bootstrap address), else to fresh free ports.
-    ``detached=True`` lets the broker outlive this Python process (``reloop kafka up``); otherwise the
-    broker is terminated when its parent dies (Linux PR_SET_PDEATHSIG, which fires when the *thread*
-    that called ``start`` exits: start a non-detached broker from a thread that outlives it).
+    ``kafka_home`` defaults to ``default_kafka_home()``. ``detached=True`` lets the broker outlive this
+    Python process (``reloop kafka up``); otherwise the broker is terminated when its parent dies (Linux
+    PR_SET_PDEATHSIG, which fires when the *thread* that called ``start`` exits: start a non-detached
+    broker from a thread that outlives it).
     """
 
     def __init__(
@@ -126,7 +155,7 @@ class LocalBroker:
         port: int | None = None,
         *,
         controller_port: int | None = None,
-        kafka_home: Path | str = KAFKA_HOME,
+        kafka_home: Path | str | None = None,
         heap_mb: int = 512,
         java: str = "java",
         detached: bool = False,
@@ -134,7 +163,7 @@ class LocalBroker:
         self.state_dir = Path(state_dir).resolve()
         self.port = port
         self.controller_port = controller_port
-        self.kafka_home = Path(kafka_home).resolve()
+        self.kafka_home = Path(kafka_home).resolve() if kafka_home is not None else default_kafka_home()
         self.heap_mb = heap_mb
         self.java = java
         self.detached = detached

@@ -1,6 +1,8 @@
 """``reloop kafka up | status | down | fetch``: the local development broker.
 
-The state folder is ``.state/kafka`` under the repository, or ``$RELOOP_STATE_DIR/kafka``, or ``--state-dir``.
+The state folder is ``--state-dir``, or ``$RELOOP_STATE_DIR/kafka``, or ``.state/kafka`` in a checkout,
+or ``~/.local/state/reloop/kafka`` (``$XDG_STATE_HOME/reloop/kafka``) for an installed reloop. The jars
+are in ``deploy/kafka/lib`` in a checkout, else in ``~/.cache/reloop/kafka/lib`` (see local_broker.py).
 ``up`` leaves the broker running in the background; ``status`` and ``down`` find it through
 ``<state>/broker.json``.
 """
@@ -14,11 +16,14 @@ import time
 from pathlib import Path
 
 from connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
+from engine.resources import in_checkout, user_state_dir
 
 
 def default_state_dir() -> Path:
     root = os.environ.get("RELOOP_STATE_DIR")
-    return (Path(root) if root else REPO_ROOT / ".state") / "kafka"
+    if root:
+        return Path(root) / "kafka"
+    return (REPO_ROOT / ".state" if in_checkout() else user_state_dir()) / "kafka"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,15 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="broker state folder (default: $RELOOP_STATE_DIR/kafka or .state/kafka in the repository)",
+        help="broker state folder (default: $RELOOP_STATE_DIR/kafka, else .state/kafka in a checkout, "
+        "else ~/.local/state/reloop/kafka)",
     )
     parser.add_argument("--port", type=int, default=None, help="client port for `up` (default: a free port)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for `up`/`down`")
 
 
 def main(args: argparse.Namespace) -> int:
-    broker = LocalBroker(args.state_dir or default_state_dir(), port=args.port, detached=True)
     try:
+        broker = LocalBroker(args.state_dir or default_state_dir(), port=args.port, detached=True)
         return _ACTIONS[args.action](broker, args)
     except BrokerError as exc:
         print(f"reloop kafka {args.action}: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError, UnknownError
 
-from connectors.base import RecordTooLarge
+from engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
 # Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).

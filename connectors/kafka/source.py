@@ -16,7 +16,7 @@ from typing import Any
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 
-from connectors.base import Positions, Record, TopicPartition
+from engine.streams import Positions, Record, TopicPartition
 
 # Settings the Source contract depends on; client_config may not change them.
 _RESERVED = {

@@ -5,7 +5,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import Positions, Record, RecordTooLarge, TopicPartition
+from engine.streams import Positions, Record, RecordTooLarge, TopicPartition
 
 
 class MemoryLog:

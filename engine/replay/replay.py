@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connectors.base import Positions, Sink, Source, positions_to_json
 from engine.metrics.registry import MetricsRegistry
 from engine.replay.sources import ReplaySource, TimestampMode
 from engine.runtime.clock import ManualClock
 from engine.runtime.config import RunConfig
+from engine.streams import Positions, Sink, Source, positions_to_json
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from connectors.base import Positions, TopicPartition
+from engine.streams import Positions, TopicPartition
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

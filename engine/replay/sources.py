@@ -21,9 +21,9 @@ from typing import Literal
 
 import orjson
 
-from connectors.base import Positions, Record, Source, TopicPartition
 from engine.events.codec import encode
 from engine.events.schema import Click, Impression
+from engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
 

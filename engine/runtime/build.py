@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from connectors.base import Positions, Sink, Source
-from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import SnapshotRegistry
+from engine.deadletter import DeadLetterSink
 from engine.features.check import FeatureLimits, SpecChecker
 from engine.features.featurizer import Featurizer
 from engine.metrics import registry as m
@@ -22,6 +21,7 @@ from engine.runtime.intake import IntakeLimits
 from engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
 from engine.runtime.pipeline import Pipeline, PipelineSettings
 from engine.runtime.train_stage import TrainStage, TrainStageSettings
+from engine.streams import Positions, Sink, Source
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StreamTrainer, StreamTrainerConfig

@@ -3,12 +3,18 @@ so ``reloop kafka status`` does not pay for importing torch.
 
 A subcommand module exposes ``configure(parser: argparse.ArgumentParser) -> None`` and
 ``main(args: argparse.Namespace) -> int``.
+
+``reloop --version`` prints the installed version. Errors go to stderr with a non-zero exit: 2 for a
+usage error (an unknown command, bad arguments) or a missing optional dependency (named with the extra
+that brings it, e.g. ``pip install 'reloop[serve]'``), 130 for Ctrl-C; a command's own errors keep its
+exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,30 +32,86 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Top-level modules that only an optional extra installs (pyproject.toml), and that extra.
+EXTRAS: dict[str, str] = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "httptools": "serve",
+    "uvloop": "serve",
+    "msgspec": "serve",
+    "matplotlib": "replay",
+    "tqdm": "replay",
+    "rich": "demo",
+    "httpx": "demo",
+    "msgpack": "dev",
+}
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return importlib.metadata.version("reloop")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (reloop is not installed: pip install .)"
+
+
 def _load(name: str):
     module_name, _ = COMMANDS[name]
     return importlib.import_module(module_name)
 
 
+def _missing(name: str, exc: ModuleNotFoundError) -> int | None:
+    """A message naming the extra that brings the missing module, or None when no extra does."""
+    top = (exc.name or "").partition(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    print(
+        f"reloop {name}: needs the Python package {top!r}, which comes with the [{extra}] extra: "
+        f"pip install 'reloop[{extra}]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reloop", description="Streaming continual learning with ReLoop.")
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+    if argv and argv[0] in {"-V", "--version"}:
+        print(f"reloop {version()}")
+        return 0
+    if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.print_usage(sys.stderr)
+        print(f"reloop: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     name = argv[0]
     try:
         module = _load(name)
     except ModuleNotFoundError as exc:
-        print(f"reloop {name}: not available ({exc})", file=sys.stderr)
+        code = _missing(name, exc)
+        if code is None:
+            print(f"reloop {name}: not available ({exc})", file=sys.stderr)
         return 2
-    cmd_parser = argparse.ArgumentParser(prog=f"reloop {name}", description=COMMANDS[name][1])
-    module.configure(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
-    return int(module.main(args) or 0)
+    try:
+        cmd_parser = argparse.ArgumentParser(prog=f"reloop {name}", description=COMMANDS[name][1])
+        module.configure(cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        return int(module.main(args) or 0)
+    except ModuleNotFoundError as exc:
+        code = _missing(name, exc)
+        if code is None:
+            raise
+        return code
+    except KeyboardInterrupt:
+        print(f"reloop {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,10 +40,21 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from engine.resources import ResourceError, deploy_file, in_checkout
 from engine.serve.config import ConfigError, ServeConfig, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "deploy" / "config" / "demo.yaml"
+
+
+def _default_config() -> Path:
+    """deploy/config/demo.yaml of the checkout, or the copy an installed wheel ships (engine/resources.py)."""
+    try:
+        return deploy_file("config/demo.yaml")
+    except ResourceError:
+        return REPO_ROOT / "deploy" / "config" / "demo.yaml"  # reading it then fails, naming this path
+
+
+DEFAULT_CONFIG = _default_config()
 log = logging.getLogger(__name__)
 
 
@@ -192,7 +203,7 @@ class TrainerProcess:
         env.pop("RELOOP_KAFKA_BOOTSTRAP", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
-            cwd=REPO_ROOT,
+            cwd=REPO_ROOT if in_checkout() else None,  # installed: the demo's own working folder
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

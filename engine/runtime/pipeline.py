@@ -42,18 +42,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from connectors.base import (
-    Positions,
-    Record,
-    RecordTooLarge,
-    Sink,
-    Source,
-    TopicPartition,
-    positions_from_json,
-    positions_to_json,
-)
-from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from engine.deadletter import DeadLetterSink
 from engine.events.codec import decode_samples, encode
 from engine.events.schema import Impression, LabeledSample
 from engine.events.validation import EventError
@@ -65,6 +55,16 @@ from engine.runtime.intake import EventIntake, IntakeLimits
 from engine.runtime.merge import RecordMerger
 from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from engine.serve.bundle_format import publish_serving_bundle
+from engine.streams import (
+    Positions,
+    Record,
+    RecordTooLarge,
+    Sink,
+    Source,
+    TopicPartition,
+    positions_from_json,
+    positions_to_json,
+)
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StepResult, StreamTrainer

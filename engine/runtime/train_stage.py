@@ -28,9 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from connectors.base import Positions, Record, Source, TopicPartition, positions_from_json, positions_to_json
-from connectors.deadletter import DeadLetterSink
 from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from engine.deadletter import DeadLetterSink
 from engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from engine.events.validation import EventError
 from engine.features.featurizer import FeatureBatch
@@ -39,6 +38,7 @@ from engine.metrics.online import OnlineMetricsBook
 from engine.runtime.merge import RecordMerger
 from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from engine.serve.bundle_format import publish_serving_bundle
+from engine.streams import Positions, Record, Source, TopicPartition, positions_from_json, positions_to_json
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import SampleColumns, StepResult, StreamTrainer

@@ -23,9 +23,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from connectors.base import RecordTooLarge, Sink
 from engine.events.schema import Impression
 from engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
+from engine.streams import RecordTooLarge, Sink
 
 log = logging.getLogger(__name__)
 

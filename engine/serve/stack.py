@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from connectors.base import Sink
 from engine.events.codec import encode
 from engine.serve.app import ScoreRoute, create_app
 from engine.serve.arms import ArmRouter
@@ -26,6 +25,7 @@ from engine.serve.impression_log import ImpressionLogger
 from engine.serve.producer_log import ProducerLogger
 from engine.serve.reload import ArmSource, ReloadWatcher
 from engine.serve.service import ArmRuntime, ScoringService
+from engine.streams import Sink
 
 log = logging.getLogger(__name__)
 

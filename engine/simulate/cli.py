@@ -19,13 +19,13 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from connectors.base import Sink
 from engine.serve.config import ConfigError, read_yaml
 from engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from engine.simulate.driver import Simulator
 from engine.simulate.report import ab_lines, arms_table, versions_table
 from engine.simulate.stats import SimStats
 from engine.simulate.world import World
+from engine.streams import Sink
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

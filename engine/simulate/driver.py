@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from connectors.base import Sink
 from engine.events.codec import encode
 from engine.events.schema import Click
 from engine.simulate.stats import SimStats
 from engine.simulate.world import World
+from engine.streams import Sink
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from connectors.base import Record, Sink, Source, TopicPartition
 from connectors.files.jsonl import JsonlSink, JsonlSource
 from connectors.files.jsonl import create_topic as create_jsonl_topic
 from connectors.memory import MemoryLog, MemorySink, MemorySource
+from engine.streams import Record, Sink, Source, TopicPartition
 
 IDLE_TIMEOUT_S = 0.3
 
@@ -139,7 +139,8 @@ def drain(source: Source, count: int, max_records: int = 1000, deadline_s: float
     out: list[Record] = []
     deadline = time.monotonic() + deadline_s
     while len(out) < count and time.monotonic() < deadline:
-        out += source.poll(max_records, 0.5)
+        # Never ask for more than is still wanted: a poll may return fewer than it is allowed to.
+        out += source.poll(min(max_records, count - len(out)), 0.5)
     assert len(out) == count, f"expected {count} records, got {len(out)}"
     return out
 

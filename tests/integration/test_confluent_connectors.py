@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.base import RecordTooLarge, TopicPartition
 from connectors.confluent.sink import ConfluentSink
 from connectors.confluent.source import ConfluentSource
 from connectors.kafka.admin import create_topics
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
+from engine.streams import RecordTooLarge, TopicPartition
 
 pytestmark = pytest.mark.kafka
 

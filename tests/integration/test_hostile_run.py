@@ -24,11 +24,11 @@ import orjson
 import pytest
 import yaml
 
-from connectors.deadletter import decode_raw
 from connectors.kafka.admin import create_topics
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
 from engine.checkpoint import SnapshotRegistry
+from engine.deadletter import decode_raw
 from engine.events.sample_batch import decode_batch
 from engine.runtime.synthetic import SPEC, generate
 from engine.train.ledger import Ledger

@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 
-from connectors.base import TopicPartition
 from connectors.kafka.admin import create_topics, offsets_for_times
 from connectors.kafka.sink import KafkaSink, KafkaSinkError
 from connectors.kafka.source import KafkaSource
+from engine.streams import TopicPartition
 
 pytestmark = pytest.mark.kafka
 

@@ -155,7 +155,6 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     """`reloop replay --from-samples`: the train stage alone over a samples topic holding a copy sent
     twice (a join task taken over) and a corrupt message: every sample trained once, the bad message
     dead-lettered, the same weights as the train stage fed the same messages in memory."""
-    from connectors.base import TopicPartition
     from connectors.memory.memory import MemoryLog, MemorySource
     from engine.events.sample_batch import batch_from_samples, encode_batch
     from engine.events.schema import LabeledSample
@@ -164,6 +163,7 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     from engine.runtime.clock import ManualClock
     from engine.runtime.config import load_config
     from engine.runtime.synthetic import SPEC
+    from engine.streams import TopicPartition
     from engine.train.ledger import Ledger
 
     rng = np.random.default_rng(0)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.base import TopicPartition
 from connectors.files.jsonl import JsonlSink, JsonlSource, create_topic, partition_path
+from engine.streams import TopicPartition
 
 
 def test_a_partially_written_last_line_is_delivered_only_when_complete(tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ import base64
 import orjson
 import pytest
 
-from connectors.base import Record
-from connectors.deadletter import DeadLetterSink, decode_raw
 from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from engine.deadletter import DeadLetterSink, decode_raw
 from engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
 from engine.events.schema import Click, Impression
 from engine.events.validation import EventError
+from engine.streams import Record
 
 MAX_BYTES = 4096
 

@@ -5,10 +5,10 @@ import random
 import orjson
 import pytest
 
-from connectors.base import Record, TopicPartition
 from connectors.memory.memory import MemoryLog, MemorySource
 from engine.events.schema import Click, Impression
 from engine.replay.sources import EventListSource, ReplaySource, ReplayStalled, event_time_of
+from engine.streams import Record, TopicPartition
 
 IMP0, IMP1, CLK0 = TopicPartition("imp", 0), TopicPartition("imp", 1), TopicPartition("clk", 0)
 

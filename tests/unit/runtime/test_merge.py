@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import random
 
-from connectors.base import Record, TopicPartition
 from engine.runtime.clock import ManualClock
 from engine.runtime.merge import RecordMerger
+from engine.streams import Record, TopicPartition
 
 A, B = TopicPartition("imp", 0), TopicPartition("clk", 0)
 

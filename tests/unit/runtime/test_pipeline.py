@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import torch
 
-from connectors.base import TopicPartition
 from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
 from engine.checkpoint import SnapshotRegistry
 from engine.events.codec import decode_samples
@@ -11,6 +10,7 @@ from engine.runtime.build import build_pipeline
 from engine.runtime.clock import ManualClock
 from engine.runtime.config import load_config_dict
 from engine.runtime.synthetic import SPEC, generate
+from engine.streams import TopicPartition
 from engine.train.ledger import Ledger
 
 BATCH = 16

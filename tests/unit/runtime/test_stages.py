@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from connectors.base import TopicPartition
 from connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
 from engine.events.sample_batch import decode_batch
 from engine.metrics.registry import MetricsRegistry
@@ -19,6 +18,7 @@ from engine.runtime.clock import ManualClock
 from engine.runtime.config import load_config_dict
 from engine.runtime.join_stage import CopartitionError
 from engine.runtime.synthetic import SPEC, generate
+from engine.streams import TopicPartition
 from engine.train.ledger import Ledger
 
 BATCH = 16

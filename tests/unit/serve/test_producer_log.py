@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from connectors.base import RecordTooLarge
 from engine.events.codec import decode_impression, encode
 from engine.events.schema import Impression
 from engine.serve.producer_log import ProducerLogger
+from engine.streams import RecordTooLarge
 
 
 class FakeProducer:

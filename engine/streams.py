@@ -1,0 +1,86 @@
+"""The seam between the engine and the outside world: Source and Sink protocols.
+
+A source delivers records from one or more (topic, partition) pairs. Its position is, per pair,
+the offset of the NEXT record it will deliver, so a snapshot taken after processing a batch
+resumes exactly after that batch (bytewax's convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+Positions = dict[TopicPartition, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+@runtime_checkable
+class Source(Protocol):
+    def partitions(self) -> list[TopicPartition]:
+        """All (topic, partition) pairs this source reads."""
+        ...
+
+    def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
+        """Start reading; pairs missing from ``positions`` start at their beginning."""
+        ...
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to ``max_records`` records; an empty list when idle, after at most ``timeout_s``."""
+        ...
+
+    def position(self) -> Positions:
+        """Per pair, the offset of the next record ``poll`` will return."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; calling it twice is harmless."""
+        ...
+
+
+class RecordTooLarge(ValueError):
+    """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+        """Queue one record (may return before it is durable). Raises ``RecordTooLarge`` for a record
+        the sink can never deliver because of its size; any other error is about the sink. Sinks that
+        can address partitions also take ``partition=`` (the key then does not choose it)."""
+        ...
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every queued record is durable."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources; calling it twice is harmless."""
+        ...
+
+
+def positions_to_json(positions: Mapping[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}:{tp.partition}": offset for tp, offset in sorted(positions.items())}
+
+
+def positions_from_json(data: Mapping[str, int]) -> Positions:
+    out: Positions = {}
+    for key, offset in data.items():
+        topic, _, partition = key.rpartition(":")
+        out[TopicPartition(topic, int(partition))] = int(offset)
+    return out
