@@ -171,7 +171,7 @@ class ConfluentGroupSource:
             for tp, off in positions.items()
             if tp in self._next
         ]
-        if offsets:
+        if offsets and self._consumer is not None:
             # Asynchronous: informational offsets must never hold the join (a broker outage, a rebalance).
             self._consumer.commit(offsets=offsets, asynchronous=True)
 

@@ -310,6 +310,7 @@ class JoinStage:
                     saved = False
                     log.error("final checkpoint skipped", extra={"fields": {"error": repr(exc)}})
         finally:
+            self._release_tasks()
             self.source.close()
             if saved and checkpoint:
                 self.samples.close()
@@ -318,8 +319,15 @@ class JoinStage:
                 _abort(self.samples)
                 _abort(self.dead_letters.sink)
 
+    def _release_tasks(self) -> None:
+        # Leaving the group revokes every partition: the tasks are already saved (or must not be), so
+        # the revocation has nothing left to checkpoint.
+        self.tasks.clear()
+        self._metrics.tasks.set(0)
+
     def abort(self) -> None:
         """Release everything without saving (after a failure)."""
+        self._release_tasks()
         for release in (
             self.source.close,
             lambda: _abort(self.samples),
