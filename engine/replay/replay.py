@@ -162,6 +162,8 @@ def run_samples_replay(
         if on_progress is not None and replay_source.records_out != last_reported:
             last_reported = replay_source.records_out
             on_progress(last_reported)
+    while stage.records_processed < replay_source.records_out:  # still on the fetch thread's queue
+        stage.step()
     stage.train_remaining()
     version = stage.close(final="snapshot")
     progressive = stage.trainer.progressive.get()

@@ -179,3 +179,49 @@ def test_dataset_replay_recomputes_y_last_by_default() -> None:
     assert cfg.train.y_last == "snapshot" and cfg.join.window_ms == 3_600_000
     args = parser.parse_args([*base, "--y-last", "logged"])
     assert load_config_dict(dataset_config(args, FIELDS), env={}).train.y_last == "logged"
+
+
+def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
+    """The replay source runs dry before the train stage has taken what its fetch thread decoded ahead:
+    the replay goes on until every message handed out is trained (it once stopped with them queued)."""
+    from connectors.memory import MemoryLog, MemorySource
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from engine.events.schema import LabeledSample
+    from engine.replay.replay import run_samples_replay
+    from engine.runtime.config import load_config_dict
+    from engine.runtime.synthetic import SPEC
+    from engine.streams import TopicPartition
+
+    rng = np.random.default_rng(1)
+    samples = [
+        LabeledSample(
+            f"s{i}",
+            {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": i % 7},
+            int(rng.random() < 0.3),
+            0.3,
+            0,
+            1_700_000_000_000 + i,
+        )  # fmt: skip
+        for i in range(2_560)
+    ]
+    log = MemoryLog()
+    log.create("samples")
+    for i in range(0, len(samples), 64):
+        log.append("samples", encode_batch(batch_from_samples(samples[i : i + 64], task=0, first_seq=i)),
+                   None, samples[i].event_time_ms)  # fmt: skip
+    cfg = load_config_dict(
+        {
+            "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+            "train": {"batch_size": 100},
+            "stages": {"samples_topic": "samples"},
+            "period": {"every_samples": 10**9},
+            "source": {"group_id": None},
+        },
+        env={},
+    )
+    result = run_samples_replay(
+        cfg, source=MemorySource(log, ["samples"]), end={TopicPartition("samples", 0): 40},
+        checkpoint_dir=tmp_path / "c",
+    )  # fmt: skip
+    assert result.records == 40
+    assert result.samples_trained == len(samples)
