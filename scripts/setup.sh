@@ -3,6 +3,7 @@
 #   1. .venv with the project installed editable, with dev extras (skipped while pyproject.toml is unchanged)
 #   2. the Apache Kafka broker jars from Maven Central into deploy/kafka/lib (skipped when complete)
 #   3. the Prometheus binaries, when deploy/prometheus/fetch.sh exists
+#   4. the deploy checkers that are not Python packages (kustomize, with Go), when deploy/tools.sh exists
 # Needs: Python >= 3.11, Java 17 and Maven (for the broker). Override the interpreter with PYTHON=...
 set -euo pipefail
 
@@ -32,5 +33,8 @@ done
 
 if [[ -f deploy/prometheus/fetch.sh ]]; then
   bash deploy/prometheus/fetch.sh
+fi
+if [[ -f deploy/tools.sh ]]; then
+  bash deploy/tools.sh
 fi
 echo "setup: done"

@@ -36,8 +36,11 @@ def test_compose_services_and_images(compose):
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     assert services["grafana"]["image"].startswith("grafana/grafana:")
-    assert services["processor"]["command"][:2] == ["reloop", "run"]
-    assert services["serve"]["command"][:2] == ["reloop", "serve"]
+    # The image's entrypoint is `reloop` (Dockerfile): the commands are its subcommands.
+    assert services["processor"]["command"][0] == "run"
+    assert services["serve"]["command"][0] == "serve"
+    assert services["processor"]["build"] == {"context": "..", "dockerfile": "Dockerfile"}
+    assert (DEPLOY.parent / services["processor"]["build"]["dockerfile"]).is_file()
 
 
 def test_compose_publishes_on_loopback_only_and_mounts_existing_files(compose):
@@ -98,7 +101,8 @@ def test_dashboard_queries_name_only_metrics_the_engine_exports(dashboard):
             unknown = found - exported_series_names()
             assert not unknown, (panel["title"], unknown)
             queried |= found
-    extras = (dashboard["templating"]["list"][0]["definition"], dashboard["annotations"]["list"][0]["expr"])
+    arm = next(v for v in dashboard["templating"]["list"] if v["name"] == "arm")
+    extras = (arm["definition"], dashboard["annotations"]["list"][0]["expr"])
     for extra in extras:
         assert names_in(extra) <= exported_series_names()
     # The views the dashboard exists for.
@@ -115,8 +119,15 @@ def test_dashboard_layout_and_datasource_agree_with_provisioning(dashboard, comp
         g = p["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24
     ds = load(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")["datasources"][0]
+    # Every query goes to the data source the `datasource` variable picks, the provisioned one by default.
     uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
-    assert uids == {ds["uid"]}
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    uids |= {t["datasource"]["uid"] for t in targets if "datasource" in t}
+    uids |= {v["datasource"]["uid"] for v in dashboard["templating"]["list"] if "datasource" in v}
+    assert uids == {"${datasource}"}
+    (var,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert var["name"] == "datasource" and var["query"] == ds["type"] == "prometheus"
+    assert var["current"]["value"] == ds["uid"]
     assert ds["url"] == "http://prometheus:9090"
     provider = load(DEPLOY / "grafana" / "provisioning" / "dashboards" / "reloop.yaml")["providers"][0]
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"] if v.startswith("./"))
@@ -124,26 +135,39 @@ def test_dashboard_layout_and_datasource_agree_with_provisioning(dashboard, comp
 
 
 def k8s_docs() -> list[dict]:
+    """The resources kustomization.yaml lists (the generated ConfigMap is read from its files below)."""
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for res in load(DEPLOY / "k8s" / "kustomization.yaml")["resources"]:
+        docs.extend(d for d in yaml.safe_load_all((DEPLOY / "k8s" / res).read_text()) if d)
     return docs
+
+
+def k8s_configs() -> dict[str, str]:
+    """What the configMapGenerator puts in the reloop-config ConfigMap: file name -> content."""
+    kust = load(DEPLOY / "k8s" / "kustomization.yaml")
+    (gen,) = [g for g in kust["configMapGenerator"] if g["name"] == "reloop-config"]
+    return {Path(f).name: (DEPLOY / "k8s" / f).read_text() for f in gen["files"]}
 
 
 def test_k8s_manifests_parse_and_kustomization_lists_them():
     kust = load(DEPLOY / "k8s" / "kustomization.yaml")
-    for res in kust["resources"]:
+    listed = {*kust["resources"], *(f for g in kust["configMapGenerator"] for f in g["files"])}
+    for res in listed:
         assert (DEPLOY / "k8s" / res).is_file()
+    # Every manifest in the folder is used (a forgotten file would silently not be applied).
+    manifests = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert manifests == set(kust["resources"])
     kinds = sorted(d["kind"] for d in k8s_docs())
     assert kinds.count("Deployment") == 2 and kinds.count("Service") == 2
-    assert "ConfigMap" in kinds and "PersistentVolumeClaim" in kinds
+    assert "PersistentVolumeClaim" in kinds and "ConfigMap" not in kinds  # generated, never static
+    assert set(k8s_configs()) == {"run.yaml", "serve.yaml"}
 
 
 def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports():
     docs = k8s_docs()
-    cm = next(d for d in docs if d["kind"] == "ConfigMap")
-    run = load_config_dict(yaml.safe_load(cm["data"]["run.yaml"]), env={})
-    serve_config_from_dict(yaml.safe_load(cm["data"]["serve.yaml"]))
+    configs = k8s_configs()
+    run = load_config_dict(yaml.safe_load(configs["run.yaml"]), env={})
+    serve_config_from_dict(yaml.safe_load(configs["serve.yaml"]))
     for dep in (d for d in docs if d["kind"] == "Deployment"):
         pod = dep["spec"]["template"]
         (container,) = pod["spec"]["containers"]
@@ -153,6 +177,8 @@ def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports():
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports.values()
         assert pod["metadata"]["labels"].items() >= dep["spec"]["selector"]["matchLabels"].items()
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        config_volumes = [v for v in pod["spec"]["volumes"] if "configMap" in v]
+        assert [v["configMap"]["name"] for v in config_volumes] == ["reloop-config"]
     processor = next(d for d in docs if d["kind"] == "Deployment" and "processor" in d["metadata"]["name"])
     assert processor["spec"]["replicas"] == 1
     assert processor["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
