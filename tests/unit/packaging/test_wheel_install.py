@@ -48,14 +48,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     src.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "lib", "target")
-    for name in (*SOURCES, *PACKAGES):
-        path = ROOT / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=ignore)
-        else:
-            shutil.copy2(path, src / name)
-    shutil.copytree(ROOT / "deploy", src / "deploy", ignore=ignore)  # deploy/kafka/lib (the jars) left out
+    for name in SOURCES:
+        shutil.copy2(ROOT / name, src / name)
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # deploy/ without the jars (deploy/kafka/lib) and Maven's target/.
+    jars = shutil.ignore_patterns("lib", "target", "__pycache__")
+    shutil.copytree(ROOT / "deploy", src / "deploy", ignore=jars)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "RELOOP_"))}
     env |= {"XDG_CACHE_HOME": str(work / "cache"), "XDG_STATE_HOME": str(work / "state"), "HOME": str(work)}
     dist = work / "dist"
