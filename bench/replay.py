@@ -66,6 +66,43 @@ def replay_rate(cfg: Any, events: list, workdir: Path) -> float:
     return result.samples_trained / seconds
 
 
+def samples_log(samples: list, per_message: int = 1024) -> tuple[Any, str, int]:
+    """The samples as the join stage writes them (one Arrow batch of ``per_message`` per record), in
+    memory: (log, topic, records)."""
+    from connectors.memory import MemoryLog, MemorySink
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+
+    topic = "reloop.samples"
+    log = MemoryLog()
+    log.create(topic, 1)
+    sink = MemorySink(log, topic)
+    count = 0
+    for i in range(0, len(samples), per_message):
+        chunk = samples[i : i + per_message]
+        sink.send(encode_batch(batch_from_samples(chunk, task=0, first_seq=i)), partition=0,
+                  timestamp_ms=chunk[-1].event_time_ms)  # fmt: skip
+        count += 1
+    return log, topic, count
+
+
+def samples_replay_rate(cfg: Any, log: Any, topic: str, records: int, workdir: Path) -> float:
+    """Samples per second of ``reloop replay --from-samples`` (the train stage alone) over the samples
+    topic, source to final snapshot."""
+    from connectors.memory import MemorySource
+    from engine.replay.replay import run_samples_replay
+    from engine.streams import TopicPartition
+
+    cfg = cfg.model_copy(update={"stages": cfg.stages.model_copy(update={"samples_topic": topic})})
+    ckpt = workdir / f"samples-replay-{time.perf_counter_ns()}"
+    t0 = time.perf_counter()
+    result = run_samples_replay(
+        cfg, source=MemorySource(log, [topic]), end={TopicPartition(topic, 0): records}, checkpoint_dir=ckpt
+    )
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return result.samples_trained / seconds
+
+
 def offline_rate(cfg: Any, samples: list) -> float:
     """Samples per second of featurise + predict + learn over the same samples, in time order."""
     from engine.features.featurizer import Featurizer
