@@ -170,6 +170,9 @@ class RunSpec:
     optimizer: tuple[tuple[str, Any], ...] = ()
     replay_size: int = 0  # streaming: replay buffer capacity (0 = off)
     replay_ratio: float = 1.0  # streaming: replayed samples per new one
+    # streaming: ReLoop2 error memories scored on the same stream (engine/memory/stream_eval.MemorySpec);
+    # each adds rows named "<strategy>+<memory>@<lam>" beside the base model's
+    memory: tuple[Any, ...] = ()
 
 
 LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
@@ -256,14 +259,23 @@ def run_streaming(
     )
     learn_replay = getattr(learner, "learn_replay", learner.learn)
     snapshot = None
+    memory = None
+    if run.memory:
+        from engine.memory.stream_eval import StreamMemory
+
+        memory = StreamMemory(tuple(run.memory))
     rows: list[dict[str, Any]] = []
     for t in range(data.n_periods):
         sl = data.period(t)
         batch, labels, logged = data.batch.take(sl), data.labels[sl], data.logged[sl]
         probs = np.empty(len(labels), dtype=np.float64)
         active: list[float] = []
+        if memory is not None:
+            memory.start_period(len(labels))
         for b in _batches(len(labels), run.batch_size):
             mb = batch.take(b)
+            if memory is not None:
+                memory.before(mb, learner, snapshot)  # keys of the states that score this batch
             if learn_scored is None:
                 probs[b] = learner.predict_proba(mb)
             if snapshot is None:
@@ -277,13 +289,19 @@ def run_streaming(
             else:
                 probs[b], stats = learn_scored(mb, labels[b], y_last)
             active.append(stats.sc_active_fraction)
+            if memory is not None:
+                memory.after(b, labels[b], probs[b])
             if replay is not None:
                 replay.add(mb, labels[b], y_last)
                 for draw in replay.take():
                     learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
         if t > 0 and len(labels):
             rows.append(_row(run, t, labels, probs, sc_active=float(np.mean(active))))
+            for name, corrected in memory.variants() if memory is not None else ():
+                rows.append(_row(run, t, labels, corrected, strategy=f"{run.strategy.name}+{name}"))
         snapshot = learner.clone_frozen()
+        if memory is not None:
+            memory.on_snapshot()
     return rows
 
 

@@ -66,6 +66,12 @@ class ModelBundle:
             return self.score([{**context, **f} for f in features])
         return self._predict(self.columns.transform(context, features), len(features))
 
+    def request_batch(self, context: Mapping[str, Any], features: Sequence[Mapping[str, Any]]) -> Any:
+        """The featurised rows ``{**context, **f}`` (what ``score_request`` scores), for an error memory."""
+        if self.columns is None:
+            return self.featurizer.transform([{**context, **f} for f in features])
+        return self.columns.transform(context, features)
+
     def _predict(self, batch: Any, n: int) -> np.ndarray:
         probs = self.learner.predict_proba(batch)
         if hasattr(probs, "detach"):  # a torch tensor

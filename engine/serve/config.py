@@ -29,6 +29,22 @@ class ColdStart(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict, description="backbone settings")
 
 
+class ArmMemoryConfig(_Frozen):
+    """ReLoop2's error memory for one arm (engine/memory/): the live model's scores are corrected by the
+    errors it made on similar samples whose labels came back, read from the arm's samples topic."""
+
+    samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
+    n_tables: int = Field(default=16, ge=1, le=64)
+    n_bits: int = Field(default=12, ge=1, le=20, description="2**n_bits buckets per table")
+    lam: float = Field(default=0.3, ge=0.0, le=1.0, description="weight of the neighbours' error")
+    prior_count: float = Field(default=50.0, ge=0.0, description="pseudo-samples shrinking towards the base")
+    form: Literal["residual", "label"] = "residual"
+    seed: int = 0
+    buffer: int = Field(default=20_000, ge=0, description="samples kept to re-key the memory on a reload")
+    state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
+    save_every_s: float = Field(default=30.0, gt=0)
+
+
 class ArmConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     weight: float = Field(default=1.0, gt=0)
@@ -36,6 +52,7 @@ class ArmConfig(_Frozen):
     impressions_topic: str = "impressions"
     clicks_topic: str = "clicks"
     cold_start: ColdStart | None = None
+    memory: ArmMemoryConfig | None = None
     # Settings for this arm's trainer (the demo passes them to `reloop run`); the service ignores them.
     train: dict[str, Any] = Field(default_factory=dict)
 

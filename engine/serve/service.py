@@ -46,6 +46,7 @@ class ArmRuntime:
     name: str
     holder: ModelHolder
     logger: ImpressionLogger | ProducerLogger | None = None
+    memory: Any = None  # engine.memory.served.ServedMemory: ReLoop2's error memory (arms[].memory)
 
 
 def _now_ms() -> int:
@@ -165,7 +166,11 @@ class ScoringService:
         candidates = request.candidates
         features = [c.features for c in candidates]
         self._check(arm.name, bundle, request, context, features)
-        scores = bundle.score_request(context, features)
+        memory = arm.memory
+        if memory is None:
+            scores = bundle.score_request(context, features)
+        else:
+            scores = memory.score(bundle, bundle.request_batch(context, features))
         n = len(candidates)
         k = min(request.top_k or self.top_k, n)
         # Stable sort: equal scores keep request order, so the ranking is deterministic.

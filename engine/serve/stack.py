@@ -25,11 +25,13 @@ from engine.serve.impression_log import ImpressionLogger
 from engine.serve.producer_log import ProducerLogger
 from engine.serve.reload import ArmSource, ReloadWatcher
 from engine.serve.service import ArmRuntime, ScoringService
-from engine.streams import Sink
+from engine.streams import Sink, Source
 
 log = logging.getLogger(__name__)
 
 SinkFactory = Callable[[ArmConfig], Sink]
+# The samples topic of an arm with an error memory (arms[].memory), as a Source.
+SamplesSourceFactory = Callable[[ArmConfig], Source]
 # (latest version, load a version, every version available) of one arm's registry.
 LoaderFactory = Callable[
     [ArmConfig],
@@ -208,6 +210,40 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
     return ProducerLogger(make_sink=make_sink, encode=encode, arm=arm.name)
 
 
+def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
+    def make(arm: ArmConfig) -> Source:
+        from connectors.kafka.source import KafkaSource
+
+        if not config.kafka.bootstrap:
+            raise ValueError("arms[].memory needs kafka.bootstrap (config key or env RELOOP_KAFKA_BOOTSTRAP)")
+        assert arm.memory is not None
+        return KafkaSource(
+            bootstrap=config.kafka.bootstrap,
+            topics=[arm.memory.samples_topic],
+            client_config=config.kafka.settings,
+        )
+
+    return make
+
+
+def memory_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
+    """The error memory of an arm and the feed thread that writes joined samples into it."""
+    from engine.memory.feed import SamplesFeed
+    from engine.memory.served import ServedMemory
+    from engine.memory.sketch import SketchConfig
+
+    m = arm.memory
+    assert m is not None
+    sketch = SketchConfig(
+        n_tables=m.n_tables, n_bits=m.n_bits, lam=m.lam, prior_count=m.prior_count, form=m.form, seed=m.seed
+    )
+    memory = ServedMemory(sketch, buffer=m.buffer)
+    return SamplesFeed(
+        name=arm.name, source=source, memory=memory, holder=holder, state_path=m.state_file,
+        save_every_s=m.save_every_s,
+    )  # fmt: skip
+
+
 class ServingStack:
     def __init__(
         self,
@@ -215,9 +251,11 @@ class ServingStack:
         *,
         sink_factory: SinkFactory | None = None,
         loader_factory: LoaderFactory = registry_loader_factory,
+        samples_source_factory: SamplesSourceFactory | None = None,
     ) -> None:
         self.config = config
         self.arms: dict[str, ArmRuntime] = {}
+        self.feeds: dict[str, Any] = {}
         sources: list[ArmSource] = []
         for arm in config.arms:
             holder = ModelHolder()
@@ -236,6 +274,11 @@ class ServingStack:
                     arm=arm.name,
                 )
             self.arms[arm.name] = ArmRuntime(name=arm.name, holder=holder, logger=logger)
+            if arm.memory is not None:
+                if samples_source_factory is None:
+                    samples_source_factory = kafka_samples_source_factory(config)
+                feed = self.feeds[arm.name] = memory_feed(arm, holder, samples_source_factory(arm))
+                self.arms[arm.name].memory = feed.memory
             latest, load, versions = loader_factory(arm)
             sources.append(ArmSource(arm.name, holder, latest, load, versions))
         self.router = ArmRouter([(a.name, a.weight) for a in config.arms], salt=config.salt)
@@ -269,6 +312,8 @@ class ServingStack:
         for arm in self.arms.values():
             if arm.logger is not None:
                 arm.logger.start()
+        for feed in self.feeds.values():
+            feed.start()
         settle_gc()
         return self
 
@@ -317,6 +362,8 @@ class ServingStack:
             if self._thread is not None:
                 self._thread.join(10)
         self.watcher.close()
+        for feed in self.feeds.values():
+            feed.close()
         for arm in self.arms.values():
             if arm.logger is not None:
                 arm.logger.close()

@@ -1,0 +1,1 @@
+"""ReLoop2's error memory: an LSH sketch of the base model's errors, its serving wrapper and feed."""

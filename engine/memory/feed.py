@@ -1,0 +1,148 @@
+"""Joined samples into a serving arm's error memory: a consumer of the arm's samples topic on a thread.
+
+``reloop serve`` learns nothing else from Kafka, so the memory needs its own path for labels: the
+join stage already publishes every joined sample (label, features, served prediction) on the samples
+topic (docs/data-plane.md), and this feed reads it. It decodes each message, featurises it with the
+LIVE bundle's featurizer and writes it into the memory (engine/memory/served.py), which keys it and
+recomputes its base prediction with that bundle. A reload is noticed on the next poll (at most
+``poll_timeout_s`` later) and re-keys the memory there, off the request path.
+
+Positions: a feed that starts without saved state begins at the END of the topic (history was
+labelled for older models); with state it resumes from the saved positions, saved with the memory
+every ``save_every_s`` and on close. An undecodable message is skipped and counted (the train stage
+dead-letters it already). A sample flagged ``is_correction`` (a late click re-emitted as a positive)
+is written as one more positive: the memory then holds its earlier negative too, the same small
+duplication the join's correction policy gives the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from engine.events.sample_batch import decode_batch
+from engine.memory.served import ServedMemory
+from engine.serve.bundle import ModelHolder
+from engine.streams import Source, positions_from_json, positions_to_json
+
+log = logging.getLogger(__name__)
+
+
+class SamplesFeed:
+    def __init__(
+        self,
+        *,
+        name: str,
+        source: Source,
+        memory: ServedMemory,
+        holder: ModelHolder,
+        state_path: str | os.PathLike[str] | None = None,
+        save_every_s: float = 30.0,
+        poll_timeout_s: float = 0.2,
+        poll_max_records: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.memory = memory
+        self.holder = holder
+        self.state_path = state_path
+        self.save_every_s = save_every_s
+        self.poll_timeout_s = poll_timeout_s
+        self.poll_max_records = poll_max_records
+        self.clock = clock
+        self.undecodable = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._opened = False
+        self._saved_at = clock()
+
+    def open(self) -> None:
+        """Restore the saved memory (if any) and open the source where it stopped (else at the end)."""
+        if self.state_path is not None and os.path.exists(self.state_path):
+            try:
+                self.memory.load(self.state_path)
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("error memory %s: saved state %s refused (%s); starting empty", self.name,
+                          self.state_path, exc)  # fmt: skip
+        positions = positions_from_json(self.memory.positions) if self.memory.positions else None
+        if positions is None:
+            ends = getattr(self.source, "end_positions", None)
+            self.source.open(None)
+            if ends is not None:
+                self.source.open(ends())  # KafkaSource: reopen at the log end
+        else:
+            self.source.open(positions)
+        self._opened = True
+
+    def step(self) -> int:
+        """One poll: write what came; re-key after a reload; save when due. Returns samples written."""
+        if not self._opened:
+            self.open()
+        bundle = self.holder.current
+        records = self.source.poll(self.poll_max_records, self.poll_timeout_s)
+        written = 0
+        if bundle is not None:
+            if self.memory.version != bundle.version:
+                self.memory.rekey(bundle)
+            for record in records:
+                try:
+                    batch = decode_batch(record.value)
+                except Exception:  # noqa: BLE001 - the train stage dead-letters it; here it is skipped
+                    self.undecodable += 1
+                    continue
+                if not len(batch):
+                    continue
+                features = bundle.featurizer.transform_columns(batch.features(), rows=len(batch))
+                self.memory.write(bundle, features, batch.numpy("label").astype(np.float64))
+                written += len(batch)
+        # Samples that came before any model was loaded are skipped: there is nothing to key them with.
+        self.memory.positions = positions_to_json(self.source.position())
+        if self.state_path is not None and self.clock() - self._saved_at >= self.save_every_s:
+            self.save()
+        return written
+
+    def save(self) -> None:
+        if self.state_path is not None:
+            self.memory.save(self.state_path)
+            self._saved_at = self.clock()
+
+    def start(self) -> SamplesFeed:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"memory-feed-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = 1.0
+            except Exception:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
+                self.failures += 1
+                log.exception("error memory %s: feed step failed; retrying in %.0fs", self.name, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        try:
+            if self._opened:
+                self.save()
+        finally:
+            self.source.close()
+
+    def stats(self) -> dict[str, Any]:
+        m = self.memory
+        return {"written": m.written, "rekeys": m.rekeys, "version": m.version,
+                "undecodable": self.undecodable, "failures": self.failures}  # fmt: skip

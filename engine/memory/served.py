@@ -1,0 +1,192 @@
+"""The error memory of one serving arm: corrects the live bundle's scores, learns from joined samples.
+
+* Scoring (request threads): one forward pass gives the base prediction AND the hidden layer (the
+  key); the sketch corrects the prediction. A memory that belongs to another model version than the
+  bundle scoring the request does not correct (its keys and residuals are the old model's).
+* Writing (the samples feed's thread, engine/memory/feed.py): each joined sample is keyed and its base
+  prediction recomputed with the LIVE bundle (the logged served prediction includes the memory's own
+  correction, and may come from an older version), then written.
+* A new snapshot re-keys the memory: the last ``buffer`` samples written (their features and labels,
+  kept in a ring) are keyed and predicted again by the new model into a fresh sketch, which replaces
+  the old one in one assignment; with ``buffer = 0`` the memory is simply emptied.
+* ``save``/``load``: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``): the sketch,
+  the version it belongs to, the ring and the feed's positions, so a restarted service goes on where
+  it stopped (and re-keys if the snapshot changed meanwhile).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.features.featurizer import FeatureBatch
+from engine.memory.sketch import ErrorSketch, SketchConfig
+
+STATE_FORMAT = 1
+
+
+def predict_and_hidden(learner: Any, batch: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(P(click) float64 [B], hidden float32 [B, H]) in ONE forward pass for a frozen torch learner
+    without a wide part (the serving default); two calls otherwise. The probabilities are computed
+    exactly as ``FrozenTorchLearner.predict_proba`` does (a test checks they are equal)."""
+    model = getattr(learner, "model", None)
+    if isinstance(model, torch.nn.Module) and getattr(learner, "wide", None) is None:
+        device = getattr(learner, "device", torch.device("cpu"))
+        with torch.inference_mode():
+            out = model(batch.to_torch(device))
+        probs = torch.sigmoid(out["logit"].double()).cpu().numpy()
+        return probs, out["hidden"].float().cpu().numpy().reshape(len(batch), -1)
+    if not hasattr(learner, "hidden"):
+        raise TypeError(f"{type(learner).__name__} has no hidden layer to key an error memory with")
+    probs = np.asarray(learner.predict_proba(batch), dtype=np.float64)
+    return probs, np.asarray(learner.hidden(batch), dtype=np.float32).reshape(len(batch), -1)
+
+
+class _Ring:
+    """The last ``size`` written samples (featurised) and their labels, oldest first when read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.parts: list[tuple[FeatureBatch, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, batch: FeatureBatch, labels: np.ndarray) -> None:
+        if self.size == 0:
+            return
+        self.parts.append((batch, labels))
+        self.count += len(labels)
+        while self.parts and self.count - len(self.parts[0][1]) >= self.size:
+            self.count -= len(self.parts.pop(0)[1])
+
+    def read(self) -> tuple[FeatureBatch, np.ndarray] | None:
+        if not self.parts:
+            return None
+        batch = FeatureBatch.concat([b for b, _ in self.parts])
+        labels = np.concatenate([y for _, y in self.parts])
+        keep = min(self.size, len(labels))
+        return batch.take(slice(len(labels) - keep, None)), labels[-keep:]
+
+
+class ServedMemory:
+    """Thread-safe: requests read while the feed thread writes and re-keys."""
+
+    def __init__(self, config: SketchConfig, buffer: int = 20_000, rekey_chunk: int = 4096) -> None:
+        self.config = config
+        self.ring = _Ring(buffer)
+        self.rekey_chunk = rekey_chunk
+        self.sketch: ErrorSketch | None = None
+        self.version: int | None = None
+        self.positions: dict[str, int] = {}
+        self.written = 0
+        self.rekeys = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ request path
+    def score(self, bundle: Any, batch: FeatureBatch) -> np.ndarray:
+        """The bundle's probabilities for ``batch``, corrected when the memory is of this version."""
+        base, keys = predict_and_hidden(bundle.learner, batch)
+        sketch = self.sketch  # one read: a re-key swaps the whole sketch
+        if sketch is None or self.version != bundle.version or sketch.dim != keys.shape[1]:
+            return base
+        with self._lock:
+            return sketch.correct(base, keys)
+
+    # ------------------------------------------------------------------ feed path
+    def write(self, bundle: Any, batch: FeatureBatch, labels: np.ndarray) -> None:
+        """Key and predict joined samples with the live ``bundle``, then write them."""
+        if self.version != bundle.version:
+            self.rekey(bundle)
+        base, keys = predict_and_hidden(bundle.learner, batch)
+        y = np.asarray(labels, dtype=np.float64)
+        with self._lock:
+            if self.sketch is None or self.sketch.dim != keys.shape[1]:
+                self.sketch = ErrorSketch(keys.shape[1], self.config)
+            self.sketch.write(keys, y, base)
+            self.written += len(y)
+        self.ring.add(batch, y)
+
+    def rekey(self, bundle: Any) -> None:
+        """A fresh sketch for ``bundle``'s model, filled with the ring's samples keyed by it."""
+        sketch: ErrorSketch | None = None
+        kept = self.ring.read()
+        if kept is not None:
+            batch, y = kept
+            for s in range(0, len(y), self.rekey_chunk):
+                part = batch.take(slice(s, s + self.rekey_chunk))
+                base, keys = predict_and_hidden(bundle.learner, part)
+                if sketch is None:
+                    sketch = ErrorSketch(keys.shape[1], self.config)
+                sketch.write(keys, y[s : s + self.rekey_chunk], base)
+        with self._lock:
+            self.sketch, self.version = sketch, bundle.version
+        self.rekeys += 1
+
+    # ------------------------------------------------------------------ state
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the state atomically (temporary file, then rename)."""
+        path = Path(path)
+        with self._lock:
+            arrays: dict[str, np.ndarray] = {
+                "format": np.array(STATE_FORMAT),
+                "version": np.array(-1 if self.version is None else self.version, dtype=np.int64),
+                "position_keys": np.array(sorted(self.positions), dtype=np.str_),
+                "position_values": np.array(
+                    [self.positions[k] for k in sorted(self.positions)], dtype=np.int64
+                ),
+            }
+            if self.sketch is not None:
+                arrays.update({f"sketch.{k}": v for k, v in self.sketch.state_dict().items()})
+            kept = self.ring.read()
+        if kept is not None:
+            batch, y = kept
+            arrays.update(
+                {
+                    "ring.cat": batch.cat,
+                    "ring.num": batch.num,
+                    "ring.multi": batch.multi,
+                    "ring.multi_mask": batch.multi_mask,
+                    "ring.labels": y,
+                }  # fmt: skip
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore a ``save``d state (no pickle); a state of another sketch layout is refused."""
+        with np.load(path, allow_pickle=False) as f:
+            a: Mapping[str, np.ndarray] = {k: f[k] for k in f.files}
+        if int(a["format"]) != STATE_FORMAT:
+            raise ValueError(f"error memory state format {int(a['format'])}, expected {STATE_FORMAT}")
+        sketch = None
+        if "sketch.shape" in a:
+            sketch = ErrorSketch(int(a["sketch.shape"][0]), self.config)
+            sketch.load_state_dict({k[len("sketch.") :]: v for k, v in a.items() if k.startswith("sketch.")})
+        ring = _Ring(self.ring.size)
+        if "ring.labels" in a:
+            ring.add(
+                FeatureBatch(
+                    cat=a["ring.cat"],
+                    num=a["ring.num"],
+                    multi=a["ring.multi"],
+                    multi_mask=a["ring.multi_mask"],
+                ),  # fmt: skip
+                a["ring.labels"],
+            )
+        version = int(a["version"])
+        with self._lock:
+            self.sketch, self.ring = sketch, ring
+            self.version = None if version < 0 else version
+            self.positions = dict(
+                zip(a["position_keys"].tolist(), a["position_values"].tolist(), strict=True)
+            )

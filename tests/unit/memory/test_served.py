@@ -1,0 +1,149 @@
+"""The serving arm's error memory: one-forward keys, correct only its own version, re-key on a reload,
+save/load, the samples feed (decode, write, positions, resume), and the scoring service using it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from engine.events.sample_batch import batch_from_samples, encode_batch
+from engine.events.schema import LabeledSample
+from engine.features.featurizer import Featurizer
+from engine.features.spec import CategoricalField, FeatureSpec
+from engine.memory.feed import SamplesFeed
+from engine.memory.served import ServedMemory, predict_and_hidden
+from engine.memory.sketch import SketchConfig
+from engine.models.registry import build_learner
+from engine.serve.arms import ArmRouter
+from engine.serve.bundle import ModelBundle, ModelHolder
+from engine.serve.schema import ScoreRequest
+from engine.serve.service import ArmRuntime, ScoringService
+
+SPEC = FeatureSpec(
+    fields=(CategoricalField(name="user", buckets=40), CategoricalField(name="item", buckets=40))
+)
+CONFIG = SketchConfig(n_tables=2, n_bits=6, lam=1.0)
+
+
+def _bundle(version: int, seed: int = 0) -> ModelBundle:
+    learner = build_learner("dcn", SPEC, "ce", 0.0, seed=seed, hidden_units=(8,), embedding_dim=4)
+    return ModelBundle(version=version, learner=learner.clone_frozen(), featurizer=Featurizer(SPEC))
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"user": f"u{(i + offset) % 5}", "item": f"i{(i + offset) % 7}"} for i in range(n)]
+
+
+def _batch(b: ModelBundle, rows: list[dict]):
+    return b.featurizer.transform(rows)
+
+
+def test_one_forward_gives_the_learners_own_probabilities_and_hidden() -> None:
+    b = _bundle(1)
+    x = _batch(b, _rows(9))
+    probs, hidden = predict_and_hidden(b.learner, x)
+    assert np.array_equal(probs, b.learner.predict_proba(x))
+    assert np.array_equal(hidden, b.learner.hidden(x))
+
+
+def test_scores_corrected_only_by_a_memory_of_the_same_version() -> None:
+    b = _bundle(3)
+    x = _batch(b, _rows(10))
+    mem = ServedMemory(CONFIG, buffer=100)
+    base = b.learner.predict_proba(x)
+    assert np.array_equal(mem.score(b, x), base)  # empty
+    mem.write(b, x, np.ones(10))
+    up = mem.score(b, x)
+    assert (up > base).all()  # every sample was a click the base model underrated
+    assert np.array_equal(mem.score(_bundle(4), x), _bundle(4).learner.predict_proba(x))  # not its version
+
+
+def test_reload_rekeys_from_the_ring_or_empties_without_one() -> None:
+    old, new = _bundle(1), _bundle(2, seed=7)
+    x = _batch(old, _rows(30))
+    mem = ServedMemory(CONFIG, buffer=20)
+    mem.write(old, x, np.ones(30))
+    mem.rekey(new)
+    assert mem.version == 2 and mem.sketch is not None and mem.sketch.written == 20  # the ring's last 20
+    y, b, n = mem.sketch.read(predict_and_hidden(new.learner, x)[1])
+    assert (y == n).all()  # only clicks were kept
+    bare = ServedMemory(CONFIG, buffer=0)
+    bare.write(old, x, np.ones(30))
+    bare.rekey(new)
+    assert bare.sketch is None and np.array_equal(bare.score(new, x), new.learner.predict_proba(x))
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    b = _bundle(5)
+    x = _batch(b, _rows(25))
+    mem = ServedMemory(CONFIG, buffer=10)
+    mem.write(b, x, (np.arange(25) % 2).astype(float))
+    mem.positions = {"samples:0": 42}
+    mem.save(tmp_path / "m.npz")
+    back = ServedMemory(CONFIG, buffer=10)
+    back.load(tmp_path / "m.npz")
+    assert back.version == 5 and back.positions == {"samples:0": 42}
+    assert np.array_equal(back.score(b, x), mem.score(b, x))
+    back.rekey(_bundle(6, seed=2))
+    assert back.sketch is not None and back.sketch.written == 10  # the ring came back too
+    with pytest.raises(ValueError):
+        ServedMemory(SketchConfig(n_tables=3, n_bits=6)).load(tmp_path / "m.npz")
+
+
+def _publish(mlog: MemoryLog, n: int, first_seq: int, label: int = 1) -> None:
+    samples = [
+        LabeledSample(
+            f"s{first_seq + i}", row, label, served_prediction=0.9, served_version=1, event_time_ms=i
+        )
+        for i, row in enumerate(_rows(n, first_seq))
+    ]
+    MemorySink(mlog, "samples").send(encode_batch(batch_from_samples(samples, task=0, first_seq=first_seq)))
+
+
+def test_feed_writes_joined_samples_saves_positions_and_resumes(tmp_path) -> None:
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    holder = ModelHolder(_bundle(1))
+    state = tmp_path / "arm.npz"
+
+    def feed() -> SamplesFeed:
+        return SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), memory=ServedMemory(CONFIG),
+                           holder=holder, state_path=state, poll_timeout_s=0)  # fmt: skip
+
+    f = feed()
+    _publish(mlog, 8, 0)
+    MemorySink(mlog, "samples").send(b"not arrow")
+    assert f.step() == 8 and f.undecodable == 1
+    f.close()
+    g = feed()
+    _publish(mlog, 4, 8)
+    assert g.step() == 4  # resumed after what the first feed had read
+    assert g.memory.sketch is not None and g.memory.sketch.written == 12  # the saved 8 + these 4
+    holder.swap(_bundle(2, seed=3))
+    g.step()
+    assert g.memory.version == 2 and g.memory.rekeys == 1
+    g.close()
+
+
+def test_scoring_service_serves_the_corrected_scores() -> None:
+    b = _bundle(1)
+    mem = ServedMemory(CONFIG)
+    holder = ModelHolder(b)
+    service = ScoringService(
+        router=ArmRouter([("A", 1.0)], salt="t"), arms={"A": ArmRuntime("A", holder, memory=mem)}
+    )
+    request = ScoreRequest.model_validate(
+        {
+            "request_id": "r",
+            "user_id": "u",
+            "context": {"user": "u1"},
+            "candidates": [{"item_id": f"i{j}", "features": {"item": f"i{j}"}} for j in range(5)],
+        }  # fmt: skip
+    )
+    before = [s.score for s in service.score(request).scores]
+    rows = [{"user": "u1", "item": f"i{j}"} for j in range(5)]
+    mem.write(b, _batch(b, rows), np.ones(5))
+    after = [s.score for s in service.score(request).scores]
+    assert before == pytest.approx(b.learner.predict_proba(_batch(b, rows)).tolist())
+    assert all(a > c for a, c in zip(after, before, strict=True))
