@@ -18,6 +18,12 @@ Rules (each has a unit test in tests/unit/join/):
   Ktena et al. 2019), emitted once per impression.
 * Emitted impressions are remembered for ``retention_ms`` of event time after their window closes, to
   drop duplicates and handle late clicks; older input is counted as too late and dropped.
+* ``emit_policy``: ``window`` (the rules above) or ``fnw`` (fake negative weighting, Ktena et al. 2019):
+  every impression goes out AT ONCE as a negative and every click on it (while it is remembered) as one
+  positive copy flagged ``is_correction``; no sample waits for the window. The stream then holds each
+  impression once as a negative plus once more as a positive if clicked, which the trainer undoes with
+  the FNW importance weights (engine/loss/delayed.py, ``train.delayed_feedback: fnw``). Needs
+  ``late_click_policy: correct``.
 * Bounds: ``max_pending`` / ``max_closed`` / ``max_early_clicks`` entries and a wall-clock ``ttl_ms`` on
   pending impressions. Whatever a bound drops is counted in ``stats``.
 
@@ -35,6 +41,7 @@ from typing import Any, Literal, NamedTuple
 from engine.join.deadlines import DeadlineIndex
 
 LateClickPolicy = Literal["drop", "correct"]
+EmitPolicy = Literal["window", "fnw"]
 
 _NEG, _POS, _CORRECTED = 0, 1, 2
 _NO_WATERMARK = -(2**62)
@@ -54,6 +61,7 @@ class JoinerConfig:
     max_early_clicks: int = 200_000
     ttl_ms: int = 6 * 60 * 60_000
     bucket_ms: int = 1_000
+    emit_policy: EmitPolicy = "window"
 
     def __post_init__(self) -> None:
         for name in ("window_ms", "bucket_ms", "max_pending", "max_closed", "max_early_clicks", "ttl_ms"):
@@ -64,6 +72,10 @@ class JoinerConfig:
                 raise ValueError(f"joiner.{name} must be >= 0")
         if self.late_click_policy not in ("drop", "correct"):
             raise ValueError("joiner.late_click_policy must be 'drop' or 'correct'")
+        if self.emit_policy not in ("window", "fnw"):
+            raise ValueError("joiner.emit_policy must be 'window' or 'fnw'")
+        if self.emit_policy == "fnw" and self.late_click_policy != "correct":
+            raise ValueError("joiner.emit_policy 'fnw' needs late_click_policy 'correct' (clicks re-emit)")
 
 
 class Joined(NamedTuple):
@@ -164,6 +176,14 @@ class Joiner:
             self.stats.too_late_impressions += 1
             return out
         early_click = self._early.pop(impression_id, None)
+        if cfg.emit_policy == "fnw":
+            # Out at once as a (fake) negative; a click held before it arrived re-emits it as a positive.
+            if early_click is not None:
+                self.stats.early_clicks_matched += 1
+                self._late_marked[impression_id] = early_click
+            self._emit_negative(impression_id, event_time_ms, payload, out)
+            self._observe(event_time_ms, out)
+            return out
         if early_click is not None:
             self.stats.early_clicks_matched += 1
             if early_click - event_time_ms <= cfg.window_ms:
