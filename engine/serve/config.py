@@ -36,9 +36,10 @@ class ArmMemoryConfig(_Frozen):
     samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
     n_tables: int = Field(default=16, ge=1, le=64)
     n_bits: int = Field(default=12, ge=1, le=20, description="2**n_bits buckets per table")
+    # Defaults: chosen on MovieLens-100K's selection weeks for DCN (docs/backtest/reloop2/report.md).
     lam: float = Field(default=0.3, ge=0.0, le=1.0, description="weight of the neighbours' error")
-    prior_count: float = Field(default=50.0, ge=0.0, description="pseudo-samples shrinking towards the base")
-    form: Literal["residual", "label"] = "residual"
+    prior_count: float = Field(default=200.0, ge=0.0, description="pseudo-samples shrinking towards the base")
+    form: Literal["residual", "label"] = "label"
     seed: int = 0
     buffer: int = Field(default=20_000, ge=0, description="samples kept to re-key the memory on a reload")
     state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
