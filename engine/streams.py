@@ -21,6 +21,22 @@ Positions = dict[TopicPartition, int]
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionShare:
+    """The partitions one of ``count`` readers owns: partition p goes to reader ``p % count`` (the
+    data-parallel train ranks split the samples topic this way; every rank computes the same split)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"reader {self.index} of {self.count} does not exist")
+
+    def owns(self, tp: TopicPartition) -> bool:
+        return tp.partition % self.count == self.index
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     topic: str
     partition: int

@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from engine.streams import Positions, Record, TopicPartition
+from engine.streams import PartitionShare, Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",
@@ -29,7 +29,7 @@ _RESERVED = {
 
 
 class ConfluentSource:
-    """Reads every partition of ``topics`` from the positions given to ``open``."""
+    """Reads every partition of ``topics`` (or its ``share`` of them) from the positions given to ``open``."""
 
     def __init__(
         self,
@@ -38,6 +38,7 @@ class ConfluentSource:
         topics: list[str],
         group_id: str | None = None,
         client_config: Mapping[str, Any] | None = None,
+        share: PartitionShare | None = None,
         metadata_timeout_s: float = 10.0,
     ) -> None:
         if not topics:
@@ -49,6 +50,7 @@ class ConfluentSource:
         self.topics = list(topics)
         self.group_id = group_id
         self.client_config = dict(client_config or {})
+        self.share = share
         self.metadata_timeout_s = metadata_timeout_s
         self._consumer: Consumer | None = None
         self._partitions: list[TopicPartition] | None = None
@@ -85,7 +87,7 @@ class ConfluentSource:
                 if meta is None or meta.error is not None or not meta.partitions:
                     raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
                 out += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-            self._partitions = out
+            self._partitions = [tp for tp in out if self.share is None or self.share.owns(tp)]
         return list(self._partitions)
 
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:

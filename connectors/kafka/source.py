@@ -16,7 +16,7 @@ from typing import Any
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 
-from engine.streams import Positions, Record, TopicPartition
+from engine.streams import PartitionShare, Positions, Record, TopicPartition
 
 # Settings the Source contract depends on; client_config may not change them.
 _RESERVED = {
@@ -29,7 +29,7 @@ _RESERVED = {
 
 
 class KafkaSource:
-    """Reads every partition of ``topics`` from the positions given to ``open``.
+    """Reads every partition of ``topics`` (or its ``share`` of them) from the positions given to ``open``.
 
     ``client_config`` goes to ``kafka.KafkaConsumer`` unchanged (SASL/SSL, timeouts, fetch sizes).
     ``group_id`` is only needed for ``commit`` (offsets visible to Kafka tooling and lag monitors).
@@ -42,6 +42,7 @@ class KafkaSource:
         topics: list[str],
         group_id: str | None = None,
         client_config: Mapping[str, Any] | None = None,
+        share: PartitionShare | None = None,
     ) -> None:
         if not topics:
             raise ValueError("KafkaSource needs at least one topic")
@@ -52,6 +53,7 @@ class KafkaSource:
         self.topics = list(topics)
         self.group_id = group_id
         self.client_config = dict(client_config or {})
+        self.share = share
         self._consumer: KafkaConsumer | None = None
         self._partitions: list[TopicPartition] | None = None
         self._next: Positions = {}
@@ -88,7 +90,7 @@ class KafkaSource:
                 if not found:
                     raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
                 out += [TopicPartition(topic, p) for p in sorted(found)]
-            self._partitions = out
+            self._partitions = [tp for tp in out if self.share is None or self.share.owns(tp)]
         return list(self._partitions)
 
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:

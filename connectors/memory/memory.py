@@ -5,7 +5,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from engine.streams import Positions, Record, RecordTooLarge, TopicPartition
+from engine.streams import PartitionShare, Positions, Record, RecordTooLarge, TopicPartition
 
 
 class MemoryLog:
@@ -96,14 +96,20 @@ class MemorySink:
 
 
 class MemorySource:
-    def __init__(self, log: MemoryLog, topics: list[str]) -> None:
+    def __init__(self, log: MemoryLog, topics: list[str], share: PartitionShare | None = None) -> None:
         self.log = log
         self.topics = topics
+        self.share = share
         self._next: Positions = {}
         self._cursor = 0
 
     def partitions(self) -> list[TopicPartition]:
-        return [tp for topic in self.topics for tp in self.log.partitions(topic)]
+        return [
+            tp
+            for topic in self.topics
+            for tp in self.log.partitions(topic)
+            if self.share is None or self.share.owns(tp)
+        ]
 
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
         positions = positions or {}

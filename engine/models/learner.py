@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -163,6 +164,9 @@ class TorchLearner:
         self.wide = _make_wide(config)
         self.steps = 0
         self._pending_rng: tuple[str, torch.Tensor] | None = None
+        # Data parallel (engine/train/data_parallel.py): called after backward with this rank's sample
+        # count; it replaces every gradient with the average over all ranks' samples.
+        self.grad_sync: Callable[[int], None] | None = None
 
     @property
     def spec(self):
@@ -399,6 +403,14 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
+        self._apply_gradients(n)
+        return deep, wide_scores, stats
+
+    def _apply_gradients(self, n: int) -> None:
+        """Average the gradients over the data-parallel ranks (if any), clip, step."""
+        if self.grad_sync is not None:
+            self.grad_sync(n)
+        opt = self.config.optimizer
         if opt.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
@@ -407,7 +419,15 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.step()
         self.steps += 1
-        return deep, wide_scores, stats
+
+    def idle_step(self) -> None:
+        """A data-parallel step in which this rank has no samples: it contributes zero gradients and
+        applies the others' average like every rank, so all ranks keep the same weights."""
+        if self.grad_sync is None:
+            raise RuntimeError("idle_step is for a data-parallel rank (set grad_sync first)")
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        self._apply_gradients(0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -16,13 +16,14 @@ from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
 from engine.models.registry import build_learner
 from engine.runtime.clock import system_clock
-from engine.runtime.config import RunConfig, load_feature_spec
+from engine.runtime.config import ConfigError, RunConfig, load_feature_spec
 from engine.runtime.intake import IntakeLimits
 from engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
 from engine.runtime.pipeline import Pipeline, PipelineSettings
 from engine.runtime.train_stage import TrainStage, TrainStageSettings
 from engine.streams import Positions, Sink, Source
-from engine.train.ledger import Ledger
+from engine.train.data_parallel import RankGroup
+from engine.train.ledger import Ledger, rank_ledger_path
 from engine.train.period import PeriodTrigger
 from engine.train.stream import StreamTrainer, StreamTrainerConfig
 
@@ -48,6 +49,10 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
         optimizer=cfg.model.optimizer or None,
         **cfg.model.params,
     )
+    if cfg.train.delayed_feedback != "none":
+        from engine.loss.delayed import with_delayed_feedback
+
+        learner.loss = with_delayed_feedback(learner.loss, cfg.train.delayed_feedback)
     return StreamTrainer(
         learner=learner,
         featurizer=Featurizer(spec),
@@ -56,6 +61,9 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
             y_last=cfg.train.y_last,
             version_mismatch=cfg.train.version_mismatch,
             progressive_window=cfg.train.progressive_window,
+            replay_size=cfg.train.replay_size,
+            replay_ratio=cfg.train.replay_ratio,
+            replay_batch_size=cfg.train.replay_batch_size,
         ),
     )
 
@@ -173,11 +181,15 @@ def build_train_stage(
     clock: Callable[[], int] = system_clock,
     stats: m.MetricsRegistry = m.REGISTRY,
     checkpoint_dir: str | Path | None = None,
+    group: RankGroup | None = None,
 ) -> TrainStage:
-    """The train stage: the samples topic in, model versions (snapshots) out."""
-    return TrainStage(
+    """The train stage: the samples topic in, model versions (snapshots) out. With ``group`` (more
+    than one rank) one data-parallel rank of it, reading ``source`` = its share of the partitions."""
+    rank = group.rank if group is not None else 0
+    trainer = build_trainer(cfg)
+    stage = dict(
         source=source,
-        trainer=build_trainer(cfg),
+        trainer=trainer,
         registry=SnapshotRegistry(checkpoint_dir or cfg.checkpoint.dir, keep=cfg.checkpoint.keep),
         period=_period(cfg),
         settings=TrainStageSettings(
@@ -191,8 +203,40 @@ def build_train_stage(
         clock=clock,
         dead_letters=DeadLetterSink(dead_letter_sink),
         served_metrics=OnlineMetricsBook(window_size=cfg.metrics.window_size),
-        ledger=Ledger(cfg.checkpoint.ledger) if cfg.checkpoint.ledger else None,
+        ledger=Ledger(rank_ledger_path(cfg.checkpoint.ledger, rank)) if cfg.checkpoint.ledger else None,
         commit=commit,
         meta={"config": cfg.redacted_dump()},
         stats=stats,
     )
+    if group is None or group.world_size == 1:
+        return TrainStage(**stage)
+    from engine.runtime.train_ranks import RankedTrainStage
+    from engine.train.data_parallel import GradientSync
+
+    check_data_parallel(cfg, trainer)
+    d = cfg.distributed
+    return RankedTrainStage(
+        group=group,
+        sync=GradientSync(group, trainer.learner.model, d.embedding_sync),
+        batch_per_rank=d.batch_per_rank or max(1, cfg.train.batch_size // group.world_size),
+        deterministic=cfg.train.deterministic,
+        max_wait_ms=d.max_wait_ms,
+        **stage,
+    )
+
+
+def check_data_parallel(cfg: RunConfig, trainer: StreamTrainer) -> None:
+    """What data parallelism cannot do (yet), refused at start with the key to change."""
+    from engine.models.learner import TorchLearner
+
+    if not isinstance(trainer.learner, TorchLearner):
+        raise ConfigError(
+            f"model.backbone: {cfg.model.backbone!r} is not a torch model; data-parallel ranks need one"
+        )
+    if trainer.learner.wide is not None:
+        raise ConfigError(
+            "model.optimizer.wide: the per-event wide part learns on one rank's events only; "
+            "set it to 'off' for more than one rank"
+        )
+    if getattr(trainer, "replay", None) is not None:
+        raise ConfigError("train.replay_size: the replay buffer is per process; set 0 for more than one rank")

@@ -54,7 +54,8 @@ class SourceSection(_Section):
     poll_max_records: int = Field(default=4096, gt=0)
     poll_timeout_s: float = Field(default=0.1, ge=0)
     merge_idle_ms: int = Field(
-        default=2_000, ge=0,
+        default=2_000,
+        ge=0,
         description="release records of other partitions after one partition had nothing for this long",
     )
 
@@ -72,6 +73,11 @@ class JoinSection(_Section):
     click_grace_ms: int = Field(default=60_000, ge=0)
     retention_ms: int = Field(default=60 * 60_000, ge=0)
     late_click_policy: Literal["drop", "correct"] = "correct"
+    emit_policy: Literal["window", "fnw"] = Field(
+        default="window",
+        description="window: negatives when the window closes | fnw: every impression at once as a negative, "
+        "each click as one more positive (train with train.delayed_feedback: fnw; engine/join/joiner.py)",
+    )
     max_pending: int = Field(default=2_000_000, gt=0)
     max_closed: int = Field(default=2_000_000, gt=0)
     max_early_clicks: int = Field(default=200_000, gt=0)
@@ -106,6 +112,12 @@ class TrainSection(_Section):
     deterministic: bool = False
     threads: int | None = Field(default=None, gt=0)
     progressive_window: int = Field(default=100_000, gt=0)
+    delayed_feedback: Literal["none", "fnw"] = Field(
+        default="none", description="fnw: fake-negative importance weights (engine/loss/delayed.py)"
+    )
+    replay_size: int = Field(default=0, ge=0, description="replay buffer of the latest samples (0: off)")
+    replay_ratio: float = Field(default=1.0, ge=0, description="replayed samples per new sample")
+    replay_batch_size: int | None = Field(default=None, gt=0, description="default: train.batch_size")
 
 
 class PeriodSection(_Section):
@@ -144,13 +156,16 @@ class ValidationSection(_Section):
     goes on); they also bound the work one record can cause (hashing is per character)."""
 
     max_event_bytes: int = Field(
-        default=512 * 1024, gt=0, le=900 * 1024,
+        default=512 * 1024,
+        gt=0,
+        le=900 * 1024,
         description="largest impression/click record; under Kafka's 1 MiB so its sample can be forwarded",
     )
     max_feature_chars: int = Field(default=4096, gt=0, description="longest string feature value")
     max_feature_list: int = Field(default=1024, gt=0, description="most items in a multi-valued feature")
     max_future_ms: int | None = Field(
-        default=300_000, ge=0,
+        default=300_000,
+        ge=0,
         description="event times further ahead of the processor clock are refused (null: no bound); one "
         "event from the far future would otherwise move the watermark and drop everything after it",
     )
@@ -165,12 +180,14 @@ class RecoverySection(_Section):
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     give_up_after_s: float = Field(
-        default=900.0, gt=0,
+        default=900.0,
+        gt=0,
         description="exit non-zero when failures went on this long without a snapshot being written",
     )
     flush_timeout_s: float = Field(default=10.0, gt=0, description="longest wait for the sinks at a snapshot")
     stop_timeout_s: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="after SIGTERM/SIGINT, exit at the latest this much later (without the final "
         "checkpoint if it could not be written by then; the last snapshot stays the restart point)",
     )
@@ -199,6 +216,23 @@ class StagesSection(_Section):
     )
 
 
+class DistributedSection(_Section):
+    """Data-parallel train ranks: ``reloop train --world-size M`` (or torchrun in a cluster). Not part of
+    the fingerprint: a snapshot resumes under another number of ranks (a rescale)."""
+
+    timeout_s: float = Field(default=60.0, gt=0, description="a collective waits this long for a peer")
+    embedding_sync: Literal["sparse", "dense"] = Field(
+        default="sparse", description="sparse: all-gather the touched rows; dense: all-reduce whole tables"
+    )
+    batch_per_rank: int | None = Field(
+        default=None, gt=0, description="samples per rank per step (default: train.batch_size // ranks)"
+    )
+    max_wait_ms: int = Field(
+        default=200, ge=0, description="a step with partial batches once samples waited this long"
+    )
+    max_restarts: int = Field(default=3, ge=0, description="torchrun restarts of the whole group")
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stats_every_s: float = Field(default=10.0, gt=0)
@@ -216,16 +250,24 @@ class RunConfig(_Section):
     validation: ValidationSection = ValidationSection()
     recovery: RecoverySection = RecoverySection()
     stages: StagesSection = StagesSection()
+    distributed: DistributedSection = DistributedSection()
     log: LogSection = LogSection()
+
+    @model_validator(mode="after")
+    def _delayed_feedback_pairs(self) -> RunConfig:
+        # FNW's weights are right only for FNW's stream, and that stream is wrong without them.
+        if (self.train.delayed_feedback == "fnw") != (self.join.emit_policy == "fnw"):
+            raise ValueError("join.emit_policy fnw needs train.delayed_feedback fnw, and the reverse")
+        return self
 
     def fingerprint(self) -> str:
         """sha256 of what decides the training result (model, train, join); stored in every snapshot."""
-        data = {k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")}
+        data = _without_new_defaults({k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def join_fingerprint(self) -> str:
         """sha256 of what decides the join's output (join settings and record limits): in join checkpoints."""
-        data = {k: self.model_dump(mode="json")[k] for k in ("join", "validation")}
+        data = _without_new_defaults({k: self.model_dump(mode="json")[k] for k in ("join", "validation")})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted_dump(self) -> dict[str, Any]:
@@ -236,6 +278,24 @@ class RunConfig(_Section):
             data[section]["client_config"] = redact(data[section]["client_config"])
         data["stages"]["join_client_config"] = redact(data["stages"]["join_client_config"])
         return data
+
+
+# Keys added after snapshots were written, at their defaults: left out of the fingerprints, so a config
+# that does not use them keeps the fingerprint its existing checkpoints carry.
+_NEW_DEFAULTS = {
+    ("join", "emit_policy"): "window",
+    ("train", "delayed_feedback"): "none",
+    ("train", "replay_size"): 0,
+    ("train", "replay_ratio"): 1.0,
+    ("train", "replay_batch_size"): None,
+}
+
+
+def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    for (section, key), default in _NEW_DEFAULTS.items():
+        if section in data and data[section].get(key) == default:
+            del data[section][key]
+    return data
 
 
 # Client settings whose values are credentials (kafka-python and librdkafka names).
@@ -289,7 +349,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in sorted(env.items()):
         if not name.upper().startswith(ENV_PREFIX):
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty key part")
         try:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.runtime.config import RunConfig
+from engine.runtime.supervisor import FATAL, ProcessFatal
 
 log = logging.getLogger("reloop.run")
 
@@ -138,8 +139,11 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
     return build
 
 
-def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
+def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
+    """Builds the train stage; with ``group`` (engine/train/data_parallel.RankGroup) this process's rank,
+    reading its share of the samples topic's partitions."""
     from engine.runtime.build import build_train_stage
+    from engine.streams import PartitionShare
 
     KafkaSource, KafkaSink, _ = _clients(cfg)  # noqa: N806 - classes
 
@@ -153,6 +157,7 @@ def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 topics=[cfg.stages.samples_topic],
                 group_id=src.group_id,
                 client_config=src.client_config,
+                share=None if group is None else PartitionShare(group.rank, group.world_size),
             )
             opened.append(source)
             dead = None
@@ -164,10 +169,13 @@ def train_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             commit = source.commit if src.group_id else None
-            return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit)
+            return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit, group=group)
         except BaseException as exc:
             _release(opened)
             _fail_fast_on_config(exc)
+            if group is not None and isinstance(exc, Exception) and not isinstance(exc, FATAL):
+                # The other ranks wait in a collective this one will not reach: restart them all.
+                raise ProcessFatal(f"rank {group.rank} could not start: {exc!r}") from exc
             raise
 
     return build

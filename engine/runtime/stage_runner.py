@@ -79,7 +79,7 @@ def run_supervised(
     from engine.metrics.registry import REGISTRY
     from engine.runtime.config import ConfigError
     from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
-    from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
+    from engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
 
     metrics_server = None
     if metrics_port is not None:
@@ -133,7 +133,8 @@ def run_supervised(
         log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 2
-    except GaveUp as exc:
+    except (GaveUp, ProcessFatal) as exc:
+        log.critical("exiting", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:

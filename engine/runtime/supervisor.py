@@ -30,7 +30,13 @@ from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
 log = logging.getLogger("reloop.supervisor")
 
-FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot, ConfigError)
+
+class ProcessFatal(RuntimeError):
+    """A failure a rebuild inside this process cannot fix (a data-parallel rank whose group broke): the
+    process exits 1 and its orchestrator (torchrun, Kubernetes) restarts it with its peers."""
+
+
+FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot, ConfigError, ProcessFatal)
 
 
 class Stage(Protocol):

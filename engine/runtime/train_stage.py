@@ -37,14 +37,30 @@ from engine.metrics import registry as m
 from engine.metrics.online import OnlineMetricsBook
 from engine.runtime.merge import RecordMerger
 from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from engine.runtime.train_state import (
+    STATE_FORMAT,
+    ledger_lengths,
+    merged_positions,
+    merged_taken,
+    rank_parts,
+    samples_trained,
+    share_of,
+)
 from engine.serve.bundle_format import publish_serving_bundle
-from engine.streams import Positions, Record, Source, TopicPartition, positions_from_json, positions_to_json
+from engine.streams import (
+    PartitionShare,
+    Positions,
+    Record,
+    Source,
+    TopicPartition,
+    positions_from_json,
+    positions_to_json,
+)
 from engine.train.ledger import Ledger
 from engine.train.period import PeriodTrigger
 from engine.train.stream import SampleColumns, StepResult, StreamTrainer
 
 log = logging.getLogger("reloop.train")
-STATE_FORMAT = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +152,11 @@ class TrainStage:
         commit: Callable[[Positions], None] | None = None,
         meta: Mapping[str, Any] | None = None,
         stats: m.MetricsRegistry = m.REGISTRY,
+        share: PartitionShare | None = None,
     ) -> None:
         self.source = source
+        # Which rank of how many this is (engine/runtime/train_ranks.py); one process is rank 0 of 1.
+        self.share = share or PartitionShare(0, 1)
         self.trainer = trainer
         self.registry = registry
         self.period = period
@@ -159,6 +178,7 @@ class TrainStage:
         self._buffer: list[tuple[SampleBatch, FeatureBatch]] = []
         self._buffered = 0
         self._positions: Positions = {}
+        self._ledger_lengths: dict[int, int] = {}  # rank -> ledger bytes at the last save
         self._event_time_ms: int | None = None  # newest event time trained: drives event-time periods
         self._merger: RecordMerger | None = None
         self._fetcher: _Fetcher | None = None
@@ -174,6 +194,7 @@ class TrainStage:
 
         if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
             self.ledger.truncate(0)
+            self._trim_other_ledgers()
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
@@ -184,32 +205,42 @@ class TrainStage:
                 f"use a fresh checkpoint dir or allow_fingerprint_change"
             )
         state = snap.state["state"]
-        if state.get("format") != STATE_FORMAT or state.get("stage") != "train":
+        if state.get("stage") != "train":
             raise SnapshotError(f"{point}: not a train-stage state")
+        try:
+            parts = rank_parts(state, meta)
+            mine = share_of(parts, self.share)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{point}: bad train-stage state: {exc!r}") from exc
         learner = self.trainer.learner
         previous = None
         if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
             learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
         learner.load_state_dict(snap.state["model"])
-        buffer = [self._with_features(decode_batch(data)) for data in state["buffer"]]
-        served = OnlineMetricsBook.restore(
-            state["served_metrics"],
-            window_size=self.served_metrics.window_size,
-            max_versions=self.served_metrics.max_versions,
+        buffer = [self._with_features(decode_batch(data)) for data in mine["buffer"]]
+        book = self.served_metrics
+        served = (
+            OnlineMetricsBook.restore(
+                mine["served_metrics"], window_size=book.window_size, max_versions=book.max_versions
+            )
+            if mine["served_metrics"] is not None
+            else OnlineMetricsBook(window_size=book.window_size, max_versions=book.max_versions)
         )
-        self.trainer.restore(state["trainer"], point.base_version)
+        self.trainer.restore(mine["trainer"], point.base_version)
         if previous is not None:
             self.trainer.prev_model = previous
         self.period.restore(state["period"], now_ms=self.clock())
         self.served_metrics = served
         self._buffer = buffer
         self._buffered = sum(len(b) for b, _ in buffer)
-        self._taken = {int(k): int(v) for k, v in state["taken"].items()}
-        self._event_time_ms = state["event_time_ms"]
-        self._positions = positions_from_json(meta["positions"])
+        self._taken = {int(k): int(v) for k, v in mine["taken"].items()}
+        self._event_time_ms = mine["event_time_ms"]
+        self._positions = positions_from_json(mine["positions"])
+        self._ledger_lengths = ledger_lengths(state)
         if self.ledger is not None:
-            self.ledger.truncate(int(state["ledger_bytes"]))
+            self.ledger.truncate(self._ledger_lengths.get(self.share.index, 0))
+        self._restored_parts(parts)
         self.version = point.base_version
         self.restored_from = str(point)
         # The last model version's number and time, at once: a restored process that then stalls must
@@ -312,6 +343,10 @@ class TrainStage:
                 self._buffered += k
         self._positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
         self.records_processed += 1
+        self._train_ready()
+
+    def _train_ready(self) -> None:
+        """Train every full batch buffered (the ranks of a data-parallel stage decide together)."""
         bs = self.trainer.config.batch_size
         while self._buffered >= bs:
             self._train(self._cut(bs))
@@ -379,49 +414,44 @@ class TrainStage:
             self.snapshot()
 
     def snapshot(self, *, kind: SaveKind = "snapshot") -> int:
-        """Publish the state as the next model version (a period boundary) or as a checkpoint."""
+        """Publish the state as the next model version (a period boundary) or as a checkpoint (with
+        ranks: all of them together; rank 0 writes the one manifest)."""
         self.dead_letters.flush(self.settings.flush_timeout_s)
         ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
         positions = dict(self._positions)
         boundary = kind == "snapshot"
+        parts = self._gather_parts(
+            {
+                "trainer": self.trainer.state(),
+                "served_metrics": self.served_metrics.snapshot(),
+                "buffer": [encode_batch(b) for b, _ in self._buffer],
+                "buffered": self._buffered,
+                "taken": {str(k): v for k, v in self._taken.items()},
+                "event_time_ms": self._event_time_ms,
+                "positions": positions_to_json(positions),
+                "ledger_bytes": ledger_bytes,
+                **self._part_extra(),
+            }
+        )
         period_before = self.period.state()
         if boundary:
+            times = [p["event_time_ms"] for p in parts if p["event_time_ms"] is not None]
             self.period.mark(
-                samples=self.trainer.counters.samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+                samples=samples_trained(parts), event_time_ms=max(times, default=None), now_ms=self.clock()
             )
-        state = {
-            "format": STATE_FORMAT,
-            "stage": "train",
-            "trainer": self.trainer.state(),
-            "served_metrics": self.served_metrics.snapshot(),
-            "buffer": [encode_batch(b) for b, _ in self._buffer],
-            "taken": {str(k): v for k, v in self._taken.items()},
-            "event_time_ms": self._event_time_ms,
-            "period": self.period.state(),
-            "ledger_bytes": ledger_bytes,
-        }
-        meta = {
-            **self.meta,
-            "kind": kind,
-            "stage": "train",
-            "fingerprint": self.settings.fingerprint,
-            "positions": positions_to_json(positions),
-            "samples_trained": self.trainer.counters.samples,
-            "steps": self.trainer.counters.steps,
-            "buffered_samples": self._buffered,
-            "taken": {str(k): v for k, v in self._taken.items()},
-            "previous_version": self.version,
-        }
-        if not boundary:
-            meta["base_version"] = self.version
-        target = self.registry if boundary else self.registry.checkpoints
-        if boundary:
-            self._publish_serving_bundle()
-        try:
-            number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
-        except BaseException:
+        lengths = {**self._ledger_lengths, **{i: int(p["ledger_bytes"]) for i, p in enumerate(parts)}}
+        number: int | None = None
+        error: BaseException | None = None
+        if self.share.index == 0:
+            try:
+                number = self._publish(kind, parts, lengths)
+            except BaseException as exc:  # noqa: BLE001 - raised below, after the ranks agree
+                error = exc
+        number = self._agree_number(number)
+        if number is None:
             self.period.restore(period_before, now_ms=self.clock())
-            raise
+            raise error or SnapshotError(f"rank 0 could not save the {kind}; see its log")
+        self._ledger_lengths = lengths
         self.snapshots_written += 1
         if boundary:
             self.version = number
@@ -442,6 +472,61 @@ class TrainStage:
             },
         )
         return number
+
+    def _publish(self, kind: SaveKind, parts: list[dict[str, Any]], lengths: dict[int, int]) -> int:
+        boundary = kind == "snapshot"
+        state = {
+            "format": STATE_FORMAT,
+            "stage": "train",
+            "period": self.period.state(),
+            "ranks": parts,
+            "ledger_lengths": {str(k): v for k, v in sorted(lengths.items())},
+        }
+        meta = {
+            **self.meta,
+            "kind": kind,
+            "stage": "train",
+            "fingerprint": self.settings.fingerprint,
+            "ranks": len(parts),
+            "positions": merged_positions(parts),
+            "samples_trained": samples_trained(parts),
+            "steps": self.trainer.counters.steps,
+            "buffered_samples": sum(int(p["buffered"]) for p in parts),
+            "taken": merged_taken(parts),
+            "previous_version": self.version,
+        }
+        if not boundary:
+            meta["base_version"] = self.version
+        target = self.registry if boundary else self.registry.checkpoints
+        if boundary:
+            self._publish_serving_bundle()
+        return target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
+
+    # One process: the hooks a data-parallel stage (engine/runtime/train_ranks.py) fills in.
+    def _gather_parts(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        return [mine]
+
+    def _part_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _agree_number(self, number: int | None) -> int | None:
+        return number
+
+    def _restored_parts(self, parts: list[dict[str, Any]]) -> None:
+        """Called at the end of a restore with every rank's saved part."""
+        self._trim_other_ledgers()
+
+    def _trim_other_ledgers(self) -> None:
+        """Rank 0: the ledger files of ranks this run does not have go back to their length at the save
+        restored (what they wrote after it is trained again by the rank that owns its partition now)."""
+        if self.ledger is None or self.share.index != 0:
+            return
+        base = self.ledger.path
+        for path in base.parent.glob(base.name + ".rank*"):
+            rank = path.name[len(base.name) + len(".rank") :]
+            if rank.isdigit() and int(rank) >= self.share.count:
+                with open(path, "r+b") as f:
+                    f.truncate(min(self._ledger_lengths.get(int(rank), 0), path.stat().st_size))
 
     def _commit_now(self, positions: Positions) -> None:
         if self.commit is None:

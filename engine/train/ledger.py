@@ -60,9 +60,21 @@ class Ledger:
             self._f.close()
 
     @staticmethod
+    def read_ranks(path: str | os.PathLike[str]) -> list[tuple[int, str, int, bool]]:
+        """The entries of ``path`` and of every data-parallel rank's file next to it."""
+        base = Path(path)
+        files = [base] + sorted(base.parent.glob(base.name + ".rank*"))
+        return [entry for f in files if f.exists() for entry in Ledger.read(f)]
+
+    @staticmethod
     def read(path: str | os.PathLike[str]) -> list[tuple[int, str, int, bool]]:
         out = []
         for line in Path(path).read_bytes().splitlines():
             step, sample_id, label, corr = orjson.loads(line)
             out.append((int(step), sample_id, int(label), bool(corr)))
         return out
+
+
+def rank_ledger_path(path: str | os.PathLike[str], rank: int) -> Path:
+    """Rank 0 writes the configured file, rank r > 0 the file next to it with ``.rank<r>``."""
+    return Path(path) if rank == 0 else Path(f"{path}.rank{rank}")

@@ -192,6 +192,12 @@ class StreamTrainer:
         self.last_loss = stats
         return StepResult(None, scores, y_last, stats)
 
+    def idle_step(self) -> None:
+        """This rank's part of a data-parallel step in which it has no samples (the learner applies
+        the other ranks' averaged gradients: engine/train/data_parallel.py)."""
+        self.learner.idle_step()
+        self.counters.steps += 1
+
     def _y_last(self, cols: SampleColumns, batch: Any) -> np.ndarray:
         n = len(cols)
         c = self.counters

@@ -207,7 +207,7 @@ def test_join_tasks_spread_over_two_processes_and_move_back(kafka_broker, unique
     assert len(keys) == len(set(keys))
     assert set(keys) <= set(synth.expected)
     last = reg.checkpoints.load(reg.checkpoints.versions()[-1], parts=["state"]).state["state"]
-    buffered = sum(len(decode(b)) for b in last["buffer"])
+    buffered = sum(len(decode(b)) for part in last["ranks"] for b in part["buffer"])
     assert len(keys) + buffered == len(synth.expected)
     got: dict = {}
     for s in _read_samples(kafka_broker.bootstrap, topics["samples"], len(synth.expected)):

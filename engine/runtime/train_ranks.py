@@ -1,0 +1,183 @@
+"""The train stage as M data-parallel ranks (``reloop train --world-size M``, torchrun in a cluster).
+
+Rank r reads the partitions p of the samples topic with ``p % M == r`` and keeps the same model
+replica as every other rank (engine/train/data_parallel.py). The ranks decide everything together, in
+rounds: each round they exchange (samples buffered, stop wanted, period boundary due, samples waited
+too long); every rank sees the same table, so every rank takes the same decision and the collectives
+always match:
+
+* a boundary due anywhere: all ranks save together, rank 0 writes the one snapshot (model once, every
+  rank's positions, seqs, buffered samples, counters and ledger length: engine/runtime/train_state.py),
+  after checking that every rank's weights hash the same (a divergence stops the group, never a
+  silently wrong model);
+* a stop wanted anywhere (SIGTERM reaches the ranks at slightly different moments): all ranks stop at
+  this round and save one final checkpoint;
+* every rank has ``batch_per_rank`` samples: one step, each rank on its own; in ``deterministic`` mode
+  only this, so a run is a function of the topic's content and a restart resumes exactly; otherwise,
+  once a rank's oldest sample waited ``max_wait_ms``, a step on what each rank has (a rank with none
+  contributes zero gradients) so a quiet partition cannot hold the others.
+
+A failure on any rank breaks the group: every rank exits (``RankGroupFailed``) and torchrun restarts all
+of them from the last save, as its elastic agent does for any worker failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from engine.runtime.restore import RestorePoint
+from engine.runtime.supervisor import ProcessFatal
+from engine.runtime.train_stage import TrainStage
+from engine.streams import PartitionShare
+from engine.train.data_parallel import GradientSync, RankGroup, weights_digest
+
+_BUFFERED, _STOP, _DUE, _WAITED = range(4)
+
+
+class RankGroupFailed(ProcessFatal):
+    """A data-parallel rank failed: the group cannot go on without it (torchrun restarts all ranks)."""
+
+
+class RanksDiverged(RankGroupFailed):
+    """The ranks' weights differ at a save: refuse to publish a model nobody can vouch for."""
+
+
+class RankedTrainStage(TrainStage):
+    def __init__(
+        self,
+        *,
+        group: RankGroup,
+        sync: GradientSync,
+        batch_per_rank: int,
+        deterministic: bool,
+        max_wait_ms: int,
+        **stage: Any,
+    ) -> None:
+        # Set before TrainStage.__init__: it restores, which calls the hooks below.
+        self.group = group
+        self.sync = sync
+        self.batch_per_rank = batch_per_rank
+        self.deterministic = deterministic
+        self.max_wait_ms = max_wait_ms
+        self.stop_agreed = False
+        self._want_stop = False
+        self._global_samples = 0
+        self._since: float | None = None  # when the oldest untrained sample arrived
+        self._restored_point: tuple[int, int] = (-1, -1)
+        super().__init__(share=PartitionShare(group.rank, group.world_size), **stage)
+        self.trainer.learner.grad_sync = sync
+        self._agree_on_restore()
+
+    # ------------------------------------------------------------------ restore
+    def _restore(self, point: RestorePoint, snap: Any) -> None:
+        super()._restore(point, snap)
+        self._restored_point = (int(point.kind == "checkpoint"), point.number)
+
+    def _restored_parts(self, parts: list[dict[str, Any]]) -> None:
+        super()._restored_parts(parts)
+        self._global_samples = sum(int(p["trainer"]["counters"]["samples"]) for p in parts)
+
+    def _agree_on_restore(self) -> None:
+        view = self.group.exchange(self._restored_point)
+        if not (view == view[0]).all():
+            raise RankGroupFailed(
+                f"the ranks restored different saves ((checkpoint?, number) per rank: {view.tolist()}); "
+                "they must share one checkpoint directory"
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def request_stop(self) -> None:
+        """This rank wants to stop; all ranks stop at the next round."""
+        self._want_stop = True
+
+    def run(self, stop: threading.Event, on_step: Callable[[TrainStage], None] | None = None) -> None:
+        try:
+            self.open()
+            while not self.stop_agreed:
+                if stop.is_set():
+                    self.request_stop()
+                self.step()
+                if on_step is not None:
+                    on_step(self)
+        except RankGroupFailed:
+            raise
+        except Exception as exc:  # the peers are inside a collective this rank will never join
+            raise RankGroupFailed(f"rank {self.group.rank} failed: {exc!r}") from exc
+        stop.set()  # a peer's stop is this rank's stop: the supervisor closes (one final checkpoint)
+
+    def step(self) -> int:
+        self.open()
+        if self._fetcher is not None:
+            items = self._fetcher.take(self.settings.poll_timeout_s)
+        else:
+            items = [self._prepare(r) for r in self._poll_released()]
+        for item in items:
+            self._take(item)
+        if self._buffered and self._since is None:
+            self._since = time.monotonic()
+        self._rounds()
+        self._metrics.publish(self)
+        return len(items)
+
+    def _train_ready(self) -> None:
+        """Nothing alone: the ranks step together in ``_rounds``."""
+
+    def _rounds(self) -> None:
+        b = self.batch_per_rank
+        while not self.stop_agreed:
+            waited = self._since is not None and (time.monotonic() - self._since) * 1000 >= self.max_wait_ms
+            due = self.period.due(
+                samples=self._global_samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+            )
+            view = self.group.exchange([self._buffered, int(self._want_stop), int(due), int(waited)])
+            if view[:, _DUE].any():
+                self.snapshot()
+            if view[:, _STOP].any():
+                self.stop_agreed = True
+                return
+            counts = view[:, _BUFFERED]
+            if (counts >= b).all():
+                takes = np.full(len(counts), b)
+            elif not self.deterministic and view[:, _WAITED].any() and counts.any():
+                takes = np.minimum(counts, b)
+            else:
+                return
+            self._step_together(takes)
+
+    def _step_together(self, takes: np.ndarray) -> None:
+        n, total = int(takes[self.group.rank]), int(takes.sum())
+        self.sync.total = total
+        if n:
+            self._train(self._cut(n))
+        else:
+            self.trainer.idle_step()
+        self._global_samples += total
+        self._since = time.monotonic() if self._buffered else None
+
+    def _maybe_snapshot(self) -> None:
+        """Boundaries are decided in ``_rounds`` (all ranks at once)."""
+
+    # ------------------------------------------------------------------ saving together
+    def _part_extra(self) -> dict[str, Any]:
+        return {"weights": weights_digest(self.trainer.learner.model)}
+
+    def _gather_parts(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        parts = [msgspec.msgpack.decode(b) for b in self.group.gather_bytes(msgspec.msgpack.encode(mine))]
+        digests = [p["weights"] for p in parts]
+        if len(set(digests)) != 1:
+            raise RanksDiverged(f"the ranks' weights differ at a save (hash per rank: {digests})")
+        return parts
+
+    def _agree_number(self, number: int | None) -> int | None:
+        agreed = int(self.group.exchange([-1 if number is None else number])[0, 0])
+        return None if agreed < 0 else agreed
+
+    def close(self, *, final: Any = "checkpoint") -> int | None:
+        """The final save is collective: only after the ranks agreed to stop (``stop_agreed``)."""
+        return super().close(final=final if self.stop_agreed else None)

@@ -1,0 +1,152 @@
+"""Scale-out on the real broker: three join processes in one consumer group and two data-parallel train
+ranks (``reloop train --world-size 2``, torchrun); one joiner and one train rank SIGKILLed mid-run.
+The run still ends with every sample of the log trained exactly once, by ranks that hold the same
+weights."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import orjson
+import psutil
+import pytest
+
+from connectors.kafka.admin import create_topics
+from connectors.kafka.sink import KafkaSink
+from engine.checkpoint import SnapshotRegistry
+from engine.runtime.synthetic import generate
+from engine.train.ledger import Ledger
+
+from .test_run_kafka import PERIOD, _config, _now_ms, _trained
+from .test_stages_kafka import _CHILDREN, _key_for, _stage, _tasks_now, _wait_log
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
+PARTITIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    """Kill what a failed test left running, torchrun's ranks included."""
+    yield
+    while _CHILDREN:
+        proc = _CHILDREN.pop()
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+
+
+def _fill(bootstrap: str, topics: dict[str, str], synth) -> None:
+    create_topics(bootstrap, {topics[k]: PARTITIONS for k in ("impressions", "clicks", "samples")})
+    create_topics(bootstrap, {topics["deadletter"]: 1})
+    sinks = {k: KafkaSink(bootstrap=bootstrap, topic=topics[k + "s"]) for k in ("impression", "click")}
+    for r in synth.records:
+        sinks[r.topic_kind].send(r.value, key=r.key, timestamp_ms=r.timestamp_ms)
+    # One sentinel per partition: each task's watermark moves with its own partition.
+    sentinel = next(r for r in synth.records if r.key == synth.sentinel_id.encode())
+    for p in range(PARTITIONS):
+        key = _key_for(p, PARTITIONS, "sentinel")
+        value = sentinel.value.replace(b'"sentinel"', f'"{key}"'.encode())
+        sinks["impression"].send(value, key=key.encode(), timestamp_ms=sentinel.timestamp_ms)
+    for s in sinks.values():
+        s.close()
+
+
+def _ranks(launcher) -> list[psutil.Process]:
+    """The rank processes under torchrun (``reloop train`` replaced itself with torchrun)."""
+    return [
+        c
+        for c in psutil.Process(launcher.pid).children(recursive=True)
+        if "engine.runtime.cli" in " ".join(c.cmdline())
+    ]
+
+
+def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_once(
+    kafka_broker, unique_topic, tmp_path
+):
+    synth = generate(4000, seed=31, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    _fill(kafka_broker.bootstrap, topics, synth)
+    run = tmp_path / "scale"
+    run.mkdir()
+    config = _config(
+        run, kafka_broker.bootstrap, topics, "correct",
+        source={"poll_max_records": 8},
+        stages={"join_client_config": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
+        train={"deterministic": False},
+        distributed={"max_wait_ms": 100, "timeout_s": 30},
+    )  # fmt: skip
+    train = _stage_world("train", config, run / "train.log")
+    joins = [_stage("join", config, run / f"join-{i}.log") for i in range(3)]
+    for i in range(3):
+        _wait_log(run / f"join-{i}.log", '"tasks assigned"')
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(bool(_tasks_now(run / f"join-{i}.log")) for i in range(3)) < 3:
+        time.sleep(0.2)
+    owners = [i for i in range(3) if _tasks_now(run / f"join-{i}.log")]
+    assert len(owners) == 3, [_tasks_now(run / f"join-{i}.log") for i in range(3)]
+    time.sleep(1.0)
+    joins[0].send_signal(signal.SIGKILL)  # its tasks move to the other two after its session times out
+    joins[0].wait()
+
+    reg = SnapshotRegistry(run / "snaps")
+    deadline = time.monotonic() + 240
+    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
+        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
+        time.sleep(0.1)
+    ranks = _ranks(train)
+    assert len(ranks) == 2, ranks
+    ranks[1].kill()  # torchrun restarts both ranks from the last save
+    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
+        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
+        time.sleep(0.2)
+    assert _trained(reg) >= len(synth.expected) - PERIOD, (run / "train.log").read_text()[-3000:]
+    time.sleep(3)
+    for proc in joins[1:]:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    train.send_signal(signal.SIGTERM)
+    assert train.wait(90) == 0  # torchrun stopped the ranks; each saved the final checkpoint with the other
+
+    log = (run / "train.log").read_text()
+    assert log.count('"msg":"restored"') >= 2  # both ranks resumed after the kill
+    stops = [orjson.loads(ln) for ln in log.splitlines() if '"msg":"stopped"' in ln]
+    assert stops and all(s["seq_gaps"] == 0 for s in stops)
+    keys = [(sid, corr) for _, sid, _, corr in Ledger.read_ranks(run / "ledger.jsonl")]
+    assert len(keys) == len(set(keys))  # nothing trained twice
+    last = reg.checkpoints.load(reg.checkpoints.versions()[-1]).state
+    assert len(last["state"]["ranks"]) == 2
+    buffered = {
+        (s.sample_id, s.is_correction)
+        for part in last["state"]["ranks"]
+        for b in part["buffer"]
+        for s in _decode(b).to_samples()
+    }
+    assert set(keys) | buffered == set(synth.expected) and not set(keys) & buffered  # nothing lost
+    assert len({part["weights"] for part in last["state"]["ranks"]}) == 1
+
+
+def _decode(data: bytes):
+    from engine.events.sample_batch import decode_batch
+
+    return decode_batch(data)
+
+
+def _stage_world(stage: str, config, log):
+    """``reloop train --world-size 2`` (torchrun) as a child process."""
+    import os
+    import subprocess
+    import sys
+
+    from .test_stages_kafka import ROOT
+
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.runtime.cli", stage, "--config", str(config), "--world-size", "2"],
+        cwd=ROOT, stdout=out, stderr=out, env=env,
+    )  # fmt: skip
+    _CHILDREN.append(proc)
+    return proc

@@ -1,0 +1,183 @@
+"""The train stage as data-parallel ranks (real torch.distributed, gloo, one process per rank; each rank
+reads its share of an in-memory samples topic built identically in every process): one snapshot per
+boundary with every rank's part, the same weights on every rank, a stop-and-resume with the same ranks
+equal to an uninterrupted run, and a restart with another number of ranks (or one process) that loses
+and repeats no sample."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint.registry import SnapshotRegistry
+from engine.runtime.synthetic import SPEC
+from engine.train.ledger import Ledger
+
+PARTITIONS = 4
+PER_PARTITION = 256
+TOPIC = "samples"
+
+
+def _log():
+    from connectors.memory import MemoryLog
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from engine.events.schema import LabeledSample
+
+    log = MemoryLog()
+    log.create(TOPIC, PARTITIONS)
+    rng = np.random.default_rng(11)
+    t0 = 1_700_000_000_000
+    for p in range(PARTITIONS):
+        samples = [
+            LabeledSample(
+                f"p{p}-{i}",
+                {"user": f"u{rng.integers(60)}", "item": f"i{rng.integers(90)}", "ctx": int(rng.integers(7))},
+                int(rng.random() < 0.3),
+                float(rng.uniform(0.05, 0.6)),
+                0,
+                t0 + 10 * i + p,
+            )
+            for i in range(PER_PARTITION)
+        ]
+        for i in range(0, PER_PARTITION, 32):
+            chunk = samples[i : i + 32]
+            log.append(
+                TOPIC, encode_batch(batch_from_samples(chunk, task=p, first_seq=i)), None,
+                chunk[-1].event_time_ms, partition=p,
+            )  # fmt: skip
+    return log
+
+
+def _config(work: Path, deterministic: bool) -> dict:
+    return {
+        "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.3, "spec": SPEC,
+                  "params": {"hidden_units": [16, 16]}},
+        "train": {"batch_size": 64, "deterministic": deterministic, "threads": 1},
+        "period": {"every_samples": 128},
+        "stages": {"samples_topic": TOPIC},
+        "checkpoint": {"dir": str(work / "snaps"), "keep": 50, "ledger": str(work / "ledger.jsonl")},
+        "source": {"group_id": None},
+        "distributed": {"max_wait_ms": 0},
+    }  # fmt: skip
+
+
+def _train(
+    rank: int, world: int, init: str | None, cfg_dict: dict, until: int, out: str, perturb: bool = False
+) -> None:
+    """Train this rank until the ranks together trained ``until`` samples, then stop together
+    (``perturb``: rank 1's weights are changed behind the group's back before the final save)."""
+    from connectors.memory import MemorySource
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.build import build_train_stage
+    from engine.runtime.config import load_config_dict
+    from engine.streams import PartitionShare
+    from engine.train.data_parallel import RankGroup, weights_digest
+
+    torch.set_num_threads(1)
+    cfg = load_config_dict(cfg_dict, env={})
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=60) if init else None
+    source = MemorySource(_log(), [TOPIC], share=PartitionShare(rank, world))
+    stage = build_train_stage(cfg, source=source, stats=MetricsRegistry(), group=group)
+    stage.open()
+    if group is None:
+        while stage.trainer.counters.samples < until:
+            stage.step()
+    else:
+        while not stage.stop_agreed:
+            if stage._global_samples >= until:
+                stage.request_stop()
+            stage.step()
+    if perturb and rank == 1:
+        with torch.no_grad():
+            next(stage.trainer.learner.model.parameters()).add_(1e-3)
+    number = stage.close(final="checkpoint")
+    summary = {
+        "digest": weights_digest(stage.trainer.learner.model),
+        "steps": stage.trainer.counters.steps,
+        "final": number,
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+    if group is not None:
+        group.close()
+
+
+def _run(work: Path, world: int, until: int, deterministic: bool = True, perturb: bool = False) -> list[dict]:
+    cfg = _config(work, deterministic)
+    out = work / f"out-{world}-{until}"
+    out.mkdir(parents=True)
+    if world == 1:
+        _train(0, 1, None, cfg, until, str(out))
+    else:
+        ctx = mp.get_context("spawn")
+        init = f"file://{out / 'store'}"
+        args = (world, init, cfg, until, str(out), perturb)
+        procs = [ctx.Process(target=_train, args=(r, *args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(240)
+        assert [p.exitcode for p in procs] == [0] * world
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _model(work: Path, version: int) -> dict:
+    return SnapshotRegistry(work / "snaps").load(version, parts=["model"]).state["model"]["model"]
+
+
+def _ids(work: Path) -> list[str]:
+    return [sid for _, sid, _, _ in Ledger.read_ranks(work / "ledger.jsonl")]
+
+
+def test_two_ranks_one_snapshot_per_boundary_same_weights_and_exact_resume(tmp_path):
+    total = PARTITIONS * PER_PARTITION
+    whole = tmp_path / "whole"
+    ranks = _run(whole, 2, total)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    reg = SnapshotRegistry(whole / "snaps")
+    assert reg.versions() == list(range(1, total // 128 + 1))
+    manifest = reg.manifest(reg.latest_version())["meta"]
+    assert manifest["ranks"] == 2 and manifest["samples_trained"] == total
+    ids = _ids(whole)
+    assert sorted(ids) == sorted(f"p{p}-{i}" for p in range(PARTITIONS) for i in range(PER_PARTITION))
+    assert (whole / "ledger.jsonl").exists() and (whole / "ledger.jsonl.rank1").exists()
+
+    # Stopped at 320 samples (between boundaries: a checkpoint), resumed by two new processes.
+    split = tmp_path / "split"
+    _run(split, 2, 320)
+    assert SnapshotRegistry(split / "snaps").checkpoints.versions()
+    _run(split, 2, total)
+    for version in (3, total // 128):
+        a, b = _model(whole, version), _model(split, version)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (version, k)
+    assert sorted(_ids(split)) == sorted(ids)
+
+
+@pytest.mark.parametrize("after", [1, 3], ids=["two-ranks-to-one-process", "two-ranks-to-three"])
+def test_a_rescale_loses_and_repeats_no_sample(tmp_path, after):
+    total = PARTITIONS * PER_PARTITION
+    _run(tmp_path, 2, 448, deterministic=False)
+    first = _ids(tmp_path)
+    assert 0 < len(first) < total
+    ranks = _run(tmp_path, after, total, deterministic=False)
+    assert len({r["digest"] for r in ranks}) == 1
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids))
+    reg = SnapshotRegistry(tmp_path / "snaps")
+    last = reg.checkpoints.load(reg.checkpoints.versions()[-1], parts=["state"]).state["state"]
+    buffered = sum(int(part["buffered"]) for part in last["ranks"])
+    assert len(ids) + buffered == total
+    assert len(last["ranks"]) == after
+
+
+def test_ranks_whose_weights_differ_publish_nothing(tmp_path):
+    ranks = _run(tmp_path, 2, 256, perturb=True)
+    assert ranks[0]["digest"] != ranks[1]["digest"]
+    assert [r["final"] for r in ranks] == [None, None]  # both refused the final save together
+    assert SnapshotRegistry(tmp_path / "snaps").checkpoints.versions() == []
+    assert SnapshotRegistry(tmp_path / "snaps").versions() == [1, 2]  # the boundaries before it

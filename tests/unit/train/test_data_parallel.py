@@ -1,0 +1,104 @@
+"""Data-parallel steps on real torch.distributed (gloo, two processes): the ranks end with the same
+weights, and those are the weights one process reaches on the union of their samples."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.features.featurizer import Featurizer
+from engine.features.spec import FeatureSpec
+from engine.models.registry import build_learner
+from engine.runtime.synthetic import SPEC
+
+ROWS = 96
+STEPS = 3
+
+
+def _learner():
+    spec = FeatureSpec.from_dict(SPEC)
+    return build_learner("dcn", spec, "reloop", 0.3, seed=3, hidden_units=(16, 16)), Featurizer(spec)
+
+
+def _data(step: int):
+    rng = np.random.default_rng(step)
+    rows = [
+        {"user": f"u{rng.integers(60)}", "item": f"i{rng.integers(90)}", "ctx": int(rng.integers(7))}
+        for _ in range(ROWS)
+    ]
+    labels = (rng.random(ROWS) < 0.3).astype(np.float32)
+    y_last = rng.uniform(0.05, 0.6, ROWS).astype(np.float32)
+    return rows, labels, y_last
+
+
+def _rank(rank: int, world: int, init: str, out: str, bounds: list[int], mode: str) -> None:
+    from engine.train.data_parallel import GradientSync, RankGroup, weights_digest
+
+    torch.set_num_threads(1)
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=60)
+    learner, featurizer = _learner()
+    sync = GradientSync(group, learner.model, mode)
+    learner.grad_sync = sync
+    lo, hi = bounds[rank], bounds[rank + 1]
+    for step in range(STEPS):
+        rows, labels, y_last = _data(step)
+        sync.total = bounds[-1] - bounds[0]
+        if hi > lo:
+            learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi])
+        else:
+            learner.idle_step()
+    torch.save(learner.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    (Path(out) / f"rank{rank}.digest").write_text(weights_digest(learner.model))
+    group.close()
+
+
+def _run_ranks(tmp_path: Path, bounds: list[int], mode: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [
+        ctx.Process(target=_rank, args=(r, len(bounds) - 1, init, str(tmp_path), bounds, mode))
+        for r in range(len(bounds) - 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(len(procs))]
+
+
+def _single(lo: int, hi: int) -> dict:
+    learner, featurizer = _learner()
+    for step in range(STEPS):
+        rows, labels, y_last = _data(step)
+        learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi])
+    return learner.model.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("bounds", "mode"),
+    [([0, 40, ROWS], "sparse"), ([0, 40, ROWS], "dense"), ([0, 0, ROWS], "sparse")],
+    ids=["unequal-shares", "dense-table-sync", "one-rank-idle"],
+)
+def test_ranks_hold_the_weights_one_process_reaches_on_all_samples(tmp_path, bounds, mode):
+    ranks = _run_ranks(tmp_path, bounds, mode)
+    digests = {(tmp_path / f"rank{r}.digest").read_text() for r in range(len(ranks))}
+    assert len(digests) == 1
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    reference = _single(bounds[0], bounds[-1])
+    moved = 0
+    for k, v in reference.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        moved += int(not torch.equal(v, _learner()[0].model.state_dict()[k]))
+    assert moved >= len(reference) // 2  # the steps changed the weights (the comparison means something)
+
+
+def test_idle_step_needs_a_group():
+    learner, _ = _learner()
+    with pytest.raises(RuntimeError, match="data-parallel"):
+        learner.idle_step()
