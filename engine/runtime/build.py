@@ -165,6 +165,7 @@ def build_join_stage(
             checkpoint_every_s=st.join_checkpoint_every_s,
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             fingerprint=cfg.join_fingerprint(),
+            stall_timeout_s=st.stall_timeout_s,
         ),
         clock=clock,
         checker=_checker(cfg),

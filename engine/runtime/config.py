@@ -208,6 +208,12 @@ class StagesSection(_Section):
     max_delay_ms: int = Field(default=200, ge=0, description="a partial message waits at most this long")
     join_checkpoint_every_s: float = Field(default=5.0, gt=0, description="join task checkpoints, idle work")
     train_poll_messages: int = Field(default=64, gt=0, description="samples messages per train-stage poll")
+    stall_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a join consumer that fetches nothing this long with records waiting "
+        "is rebuilt (from the task checkpoints)",
+    )
     processes: Literal[1, 2] = Field(
         default=2, description="reloop run: 2 = join and train in their own processes, 1 = both in one"
     )

@@ -60,6 +60,11 @@ class GroupSource(Protocol):
     def close(self) -> None: ...
 
 
+class ConsumerStalled(RuntimeError):
+    """The consumer fetched nothing for ``stall_timeout_s`` while the log holds records for it: the
+    supervisor rebuilds the stage (a fresh client, each task from its checkpoint)."""
+
+
 class CopartitionError(ValueError):
     """The impressions and clicks topics (or the samples topic) have partition counts that do not fit."""
 
@@ -77,6 +82,9 @@ class JoinStageSettings:
     checkpoint_every_s: float = 5.0
     flush_timeout_s: float = 10.0
     fingerprint: str = ""
+    # A client that stops fetching while records wait (kafka-python 3.0.12 once spun in poll for 600 s
+    # returning nothing) is replaced, never waited on for ever.
+    stall_timeout_s: float = 60.0
 
 
 class JoinStage:
@@ -114,6 +122,7 @@ class JoinStage:
         self.snapshots_written = 0
         self.samples_sent = 0
         self._last_checkpoint = time.monotonic()
+        self._last_records = time.monotonic()
         self._last_send: dict[int, float] = {}
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
@@ -223,6 +232,7 @@ class JoinStage:
             error, self._listener_error = self._listener_error, None
             raise error
         if records:
+            self._last_records = time.monotonic()
             self._metrics.consumed(records)
             by_task: dict[int, list[Record]] = {}
             for r in records:
@@ -235,6 +245,8 @@ class JoinStage:
         ends = self._ends()
         processed = 0
         now = time.monotonic()
+        if not records and now - self._last_records >= s.stall_timeout_s:
+            self._check_stalled(fetched, ends)
         for task in self.tasks.values():
             processed += task.process(fetched, ends)
             while len(task.unsent) >= s.batch_samples:
@@ -245,6 +257,19 @@ class JoinStage:
             self.checkpoint_all()
         self._metrics.publish(self)
         return processed
+
+    def _check_stalled(self, fetched: Positions, ends: Positions) -> None:
+        behind = {
+            f"{tp.topic}:{tp.partition}": ends[tp] - fetched[tp]
+            for task in self.tasks.values()
+            for tp in task.inputs
+            if tp in ends and tp in fetched and ends[tp] > fetched[tp]
+        }
+        if behind:
+            raise ConsumerStalled(
+                f"nothing fetched for {self.settings.stall_timeout_s:g} s with records waiting: {behind}"
+            )
+        self._last_records = time.monotonic()  # caught up: idle, not stalled
 
     def _ends(self) -> Positions:
         try:

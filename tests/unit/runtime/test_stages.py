@@ -7,6 +7,8 @@ in tests/integration/test_stages_kafka.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -325,3 +327,39 @@ def test_each_model_version_gets_a_serving_bundle_with_its_weights(tmp_path):
     for name, value in weights.items():
         assert torch.equal(tensors[f"model.{name}"], value), name
     train.close(final=None)
+
+
+class _Stalling(MemoryGroupSource):
+    """A client that stops fetching after ``good`` polls while records wait (as kafka-python once did)."""
+
+    def __init__(self, log, topics, good: int) -> None:
+        super().__init__(log, topics)
+        self.good = good
+
+    def poll(self, max_records, timeout_s):
+        self.good -= 1
+        return super().poll(max_records, timeout_s) if self.good >= 0 else []
+
+
+def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(tmp_path):
+    from engine.runtime.join_stage import ConsumerStalled
+
+    synth = generate(300, seed=4, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
+    stalled = build_join_stage(
+        cfg, source=_Stalling(log, ["impressions", "clicks"], good=3),
+        samples_sink=MemorySink(log, "samples"), clock=clock, stats=MetricsRegistry(),
+        checkpoint_dir=tmp_path / "a",
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    with pytest.raises(ConsumerStalled, match="nothing fetched for 0.3 s"):
+        while time.monotonic() < deadline:
+            stalled.step()
+    idle = _join(cfg, log, clock, tmp_path)
+    _run_join(idle, log, clock)
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:  # caught up: nothing to fetch is not a stall
+        idle.step()
+    idle.close()
