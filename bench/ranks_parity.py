@@ -1,0 +1,220 @@
+"""Quality parity of data-parallel train ranks: MovieLens-100K through the train stage with M = 1, 2, 4
+ranks (real torch.distributed, gloo, one process per rank), progressive AUC / LogLoss against M = 1.
+
+The samples topic is built in memory the way the join stage writes it: P = 4 partitions, a sample's
+partition from its id (as Kafka's key partitioner would), time order inside each partition, Arrow
+batches of 256. Rank r trains the partitions p % M == r; the global batch stays ``--batch`` (each rank
+takes batch // M per step, data-parallel steps average the gradients over all ranks' samples), the lr
+is unchanged. Every rank keeps its progressive (predict-then-learn) scores; the figure is AUC / LogLoss
+over the union, so every sample is scored once by the model of its step. Seeds change the model's
+initialisation (model.seed); the sample order is the data's.
+
+    python -m bench.ranks_parity [--rows 100000] [--seeds 0,1,2] [--ranks 1,2,4] [--out docs/...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA = Path(os.environ.get("RELOOP_DATA", "/work/shared/data")) / "movielens-100k"
+PARTITIONS = 4
+TOPIC = "samples"
+
+
+def _samples(rows: int) -> list[Any]:
+    import itertools
+
+    from connectors.files.datasets import open_dataset
+    from connectors.files.datasets.events import to_samples
+
+    ds = open_dataset("movielens-100k", DATA)
+    return list(to_samples(itertools.islice(ds.rows(), rows)))
+
+
+def _config(rows: int, batch: int, seed: int, work: Path) -> dict[str, Any]:
+    from connectors.files.datasets import open_dataset
+    from connectors.files.datasets.spec import feature_spec
+
+    fields = open_dataset("movielens-100k", DATA).fields
+    return {
+        "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.2, "seed": seed,
+                  "spec": feature_spec(fields, buckets=10_000).to_dict()},
+        "train": {"batch_size": batch, "y_last": "snapshot", "threads": 1, "progressive_window": rows + 1},
+        "period": {"every_samples": 10_000},
+        "stages": {"samples_topic": TOPIC},
+        "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
+        "source": {"group_id": None},
+        "distributed": {"max_wait_ms": 0},
+    }  # fmt: skip
+
+
+def _log(rows: int):
+    from connectors.memory import MemoryLog
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+
+    samples = _samples(rows)
+    parts: list[list[Any]] = [[] for _ in range(PARTITIONS)]
+    for s in samples:
+        parts[zlib.crc32(s.sample_id.encode()) % PARTITIONS].append(s)
+    log = MemoryLog()
+    log.create(TOPIC, PARTITIONS)
+    for p, part in enumerate(parts):
+        for i in range(0, len(part), 256):
+            chunk = part[i : i + 256]
+            log.append(TOPIC, encode_batch(batch_from_samples(chunk, task=p, first_seq=i)), None,
+                       chunk[-1].event_time_ms, partition=p)  # fmt: skip
+    return log, len(samples)
+
+
+def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: str) -> None:
+    import torch
+
+    from connectors.memory import MemorySource
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.build import build_train_stage
+    from engine.runtime.config import load_config_dict
+    from engine.streams import PartitionShare
+    from engine.train.data_parallel import RankGroup
+
+    torch.set_num_threads(1)
+    log, total = _log(rows)
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=300) if init else None
+    stage = build_train_stage(
+        load_config_dict(cfg, env={}),
+        source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)),
+        stats=MetricsRegistry(),
+        group=group,
+    )
+    stage.open()
+    t0 = time.perf_counter()
+    if group is None:
+        while stage.trainer.counters.samples + stage.buffered_samples < total or stage.buffered_samples:
+            if stage.step() == 0 and stage.buffered_samples:
+                stage.train_remaining()
+    else:
+        while not stage.stop_agreed:
+            if stage._global_samples >= total:
+                stage.request_stop()
+            stage.step()
+    seconds = time.perf_counter() - t0
+    window = stage.trainer.progressive.snapshot()
+    stage.close(final=None)
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"y": window["y"], "p": window["p"], "seconds": seconds, "samples": len(window["y"])})
+    )
+    if group is not None:
+        group.close()
+
+
+def run_once(world: int, seed: int, rows: int, batch: int) -> dict[str, float]:
+    from engine.replay.backtest import auc, logloss
+
+    with tempfile.TemporaryDirectory(prefix="reloop-parity-") as tmp:
+        work = Path(tmp)
+        cfg = _config(rows, batch, seed, work)
+        if world == 1:
+            _rank(0, 1, None, cfg, rows, tmp)
+        else:
+            ctx = mp.get_context("spawn")
+            init = f"file://{work / 'store'}"
+            procs = [ctx.Process(target=_rank, args=(r, world, init, cfg, rows, tmp)) for r in range(world)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(3600)
+            if any(p.exitcode != 0 for p in procs):
+                raise RuntimeError(f"a rank failed: {[p.exitcode for p in procs]}")
+        parts = [json.loads((work / f"rank{r}.json").read_text()) for r in range(world)]
+    y = np.concatenate([np.asarray(p["y"], dtype=np.float64) for p in parts])
+    s = np.concatenate([np.asarray(p["p"], dtype=np.float64) for p in parts])
+    return {
+        "ranks": world, "seed": seed, "samples": len(y), "auc": auc(y, s), "logloss": logloss(y, s),
+        "seconds": max(p["seconds"] for p in parts),
+    }  # fmt: skip
+
+
+def report(results: list[dict[str, float]], rows: int, batch: int, command: str) -> str:
+    by_seed_m1 = {r["seed"]: r for r in results if r["ranks"] == 1}
+    lines = [
+        "# Data-parallel train ranks: quality parity on MovieLens-100K",
+        "",
+        f"Command: `{command}` (load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, one torch thread per rank).",
+        "",
+        f"{rows:,} rows, DCN (registry defaults), ReLoop alpha 0.2 with y_last from the previous "
+        f"snapshot (every 10,000 samples), global batch {batch} (each of M ranks takes {batch} // M per "
+        "step; gradients averaged over the step's samples), lr unchanged, the samples topic in 4 "
+        "partitions (rank r trains p % M == r). Progressive metrics: each sample scored by the model of "
+        "its step before it is learned, over every sample. Seeds vary the initialisation.",
+        "",
+        "| ranks | seed | samples | AUC | LogLoss | AUC - M=1 (same seed) | LogLoss - M=1 | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        base = by_seed_m1.get(r["seed"])
+        da = f"{(r['auc'] - base['auc']) * 1e3:+.2f}e-3" if base else ""
+        dl = f"{(r['logloss'] - base['logloss']) * 1e3:+.2f}e-3" if base else ""
+        lines.append(
+            f"| {r['ranks']} | {r['seed']} | {r['samples']:,} | {r['auc']:.4f} | {r['logloss']:.4f} | "
+            f"{da} | {dl} | {r['seconds']:.1f} |"
+        )
+    lines += ["", "| ranks | AUC mean +- sd over seeds | LogLoss mean +- sd |", "|---:|---|---|"]
+    worlds = sorted({r["ranks"] for r in results})
+    for m in worlds:
+        a = [r["auc"] for r in results if r["ranks"] == m]
+        ll = [r["logloss"] for r in results if r["ranks"] == m]
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        lines.append(f"| {m} | {np.mean(a):.4f} +- {sd(a):.4f} | {np.mean(ll):.4f} +- {sd(ll):.4f} |")
+    m1 = [r["auc"] for r in by_seed_m1.values()]
+    seed_sd = statistics.stdev(m1) if len(m1) > 1 else float("nan")
+    verdict = []
+    for m in worlds[1:]:
+        diffs = [r["auc"] - by_seed_m1[r["seed"]]["auc"] for r in results if r["ranks"] == m]
+        verdict.append(
+            f"M = {m}: mean AUC difference to M = 1 {np.mean(diffs) * 1e3:+.2f}e-3 against a seed "
+            f"standard deviation of {seed_sd * 1e3:.2f}e-3 at M = 1 "
+            f"({'within' if abs(np.mean(diffs)) <= 2 * seed_sd else 'OUTSIDE'} 2 sd)."
+        )
+    lines += ["", *verdict, "", "Seconds are wall time on this shared machine (M ranks share its cores): "
+              "not a scaling figure (bench figure 10 is)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for world in [int(x) for x in args.ranks.split(",")]:
+            res = run_once(world, seed, args.rows, args.batch)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+    command = (f"python -m bench.ranks_parity --rows {args.rows} --batch {args.batch} --seeds {args.seeds} "
+               f"--ranks {args.ranks}")  # fmt: skip
+    text = report(results, args.rows, args.batch, command)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
