@@ -127,6 +127,9 @@ FIGURES: dict[str, FigureSpec] = {
         FigureSpec(
             "stages", "9. Data plane v2: join stage, samples topic, train stage", "bench.suite_stages:run"
         ),
+        FigureSpec(
+            "scale", "10. Scale-out: data-parallel train ranks and join processes", "bench.suite_scale:run"
+        ),
     )
 }
 

@@ -139,18 +139,26 @@ def join_stage_rate(
     raise RuntimeError(f"the {client} join stage stalled 3 times in a row")
 
 
-def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int, client: str) -> float:
-    from connectors.kafka.admin import create_topics
+def join_stage_parts(
+    bootstrap: str,
+    topics: tuple[str, str],
+    group_id: str,
+    samples_topic: str,
+    checkpoint_root: str,
+    spec: Any = None,
+    client: str = "kafka-python",
+) -> Any:
+    """A ``JoinStage`` as the benchmarks run it: a member of ``group_id`` over the raw topics, writing
+    to ``samples_topic`` (which must exist), no checkpoints while timed, stalls detected after 30 s."""
     from engine.deadletter import DeadLetterSink
     from engine.features.check import SpecChecker
+    from engine.features.spec import criteo_spec
     from engine.join.joiner import JoinerConfig
     from engine.metrics.registry import MetricsRegistry
     from engine.runtime.clock import system_clock
     from engine.runtime.intake import IntakeLimits
     from engine.runtime.join_stage import JoinStage, JoinStageSettings
 
-    samples_topic = f"bench.joined.{uuid.uuid4().hex[:8]}"
-    create_topics(bootstrap, {samples_topic: 1})
     if client == "confluent":
         from connectors.confluent.group_source import ConfluentGroupSource as GroupSource
         from connectors.confluent.sink import ConfluentSink as Sink
@@ -161,24 +169,64 @@ def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int
         from connectors.kafka.sink import KafkaSink as Sink
 
         sink_config = {"max_request_size": 8 << 20}
-    with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
-        stage = JoinStage(
-            source=GroupSource(
-                bootstrap=bootstrap, topics=list(topics), group_id=f"bench-{uuid.uuid4().hex[:8]}"
-            ),
-            samples=Sink(bootstrap=bootstrap, topic=samples_topic, client_config=sink_config),
-            dead_letters=DeadLetterSink(),
-            checkpoint_root=tmp,
-            joiner_config=JoinerConfig(window_ms=2_000, allowed_lateness_ms=0),
-            limits=IntakeLimits(max_future_ms=None),
-            settings=JoinStageSettings(
-                impressions_topic=topics[0], clicks_topic=topics[1], samples_topic=samples_topic,
-                checkpoint_every_s=3600, max_delay_ms=20, poll_timeout_s=0.01, stall_timeout_s=30,
-            ),
-            clock=system_clock,
-            checker=SpecChecker(spec),
-            stats=MetricsRegistry(),
+    return JoinStage(
+        source=GroupSource(bootstrap=bootstrap, topics=list(topics), group_id=group_id),
+        samples=Sink(bootstrap=bootstrap, topic=samples_topic, client_config=sink_config),
+        dead_letters=DeadLetterSink(),
+        checkpoint_root=checkpoint_root,
+        joiner_config=JoinerConfig(window_ms=2_000, allowed_lateness_ms=0),
+        limits=IntakeLimits(max_future_ms=None),
+        settings=JoinStageSettings(
+            impressions_topic=topics[0], clicks_topic=topics[1], samples_topic=samples_topic,
+            checkpoint_every_s=3600, max_delay_ms=20, poll_timeout_s=0.01, stall_timeout_s=30,
+        ),
+        clock=system_clock,
+        checker=SpecChecker(spec or criteo_spec()),
+        stats=MetricsRegistry(),
+    )  # fmt: skip
+
+
+def fill_partitioned_topics(
+    bootstrap: str, imps: list[Any], clicks: list[Any], partitions: int
+) -> tuple[str, str]:
+    """Raw topics of ``partitions`` partitions keyed by impression id (co-partitioned), with the
+    closing sentinel (the last impression) copied into every partition."""
+    from dataclasses import replace
+
+    from kafka.partitioner.default import murmur2
+
+    from connectors.kafka.admin import create_topics
+    from connectors.kafka.sink import KafkaSink
+    from engine.events.codec import encode
+
+    suffix = uuid.uuid4().hex[:8]
+    imp_topic, clk_topic = f"bench.pimp.{suffix}", f"bench.pclk.{suffix}"
+    create_topics(bootstrap, {imp_topic: partitions, clk_topic: partitions})
+    sentinel = imps[-1]
+    extra = []
+    for p in range(partitions):
+        key = next(
+            f"sentinel-{p}-{i}" for i in range(10_000)
+            if (murmur2(f"sentinel-{p}-{i}".encode()) & 0x7FFFFFFF) % partitions == p
         )  # fmt: skip
+        extra.append(replace(sentinel, impression_id=key))
+    for topic, events in ((imp_topic, [*imps, *extra]), (clk_topic, clicks)):
+        sink = KafkaSink(bootstrap=bootstrap, topic=topic)
+        for e in events:
+            sink.send(encode(e), key=e.impression_id.encode(), timestamp_ms=e.event_time_ms)
+        sink.close()
+    return imp_topic, clk_topic
+
+
+def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int, client: str) -> float:
+    from connectors.kafka.admin import create_topics
+
+    samples_topic = f"bench.joined.{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {samples_topic: 1})
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
+        stage = join_stage_parts(
+            bootstrap, topics, f"bench-{uuid.uuid4().hex[:8]}", samples_topic, tmp, spec, client
+        )
         t0 = None
         deadline = time.monotonic() + 600
         try:

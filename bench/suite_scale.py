@@ -1,0 +1,262 @@
+"""Figure 10: scale-out on this machine: M data-parallel train ranks and K join processes.
+
+Rows (named so they can be found by name):
+
+* "train ranks, M = 2 vs M = 1, DCN, global batch 1024, sparse table sync": the train stage over an
+  in-memory samples topic of Criteo-shaped samples (4 partitions), one process per rank (real
+  torch.distributed, gloo, 1 torch thread each), samples/s from the first step to the last, against
+  M = 1 (one process, the same stage) in the same round. The same with the table's gradient
+  all-reduced dense instead of its touched rows all-gathered (``distributed.embedding_sync``).
+* "join processes, K = 2 vs K = 1, kafka-python": K ``JoinStage`` processes in one consumer group
+  over 4-partition raw topics on the local broker; samples/s once every process owns tasks (the
+  rebalance itself is not timed), against K = 1 in the same round.
+
+Both need more cores than they use to show scaling: on this 2-core machine the broker, the parent and
+the ranks share two cores, so the rows say what two processes get here, and the notes say so. Where a
+machine with more cores is available, ``--ranks`` and ``--joiners`` take larger counts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.suite import Context, Figure, Row
+
+COMMAND = "python -m bench --only scale"
+TITLE = "10. Scale-out: data-parallel train ranks and join processes"
+PARTITIONS = 4
+TOPIC = "samples"
+
+
+# ------------------------------------------------------------------ train ranks
+def _samples_log(n: int):
+    from bench.suite_e2e import make_events
+    from connectors.memory import MemoryLog
+    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from engine.events.schema import LabeledSample
+
+    imps, clicks = make_events(n)
+    clicked = {c.impression_id for c in clicks}
+    parts: list[list[Any]] = [[] for _ in range(PARTITIONS)]
+    for i, e in enumerate(imps[:n]):
+        y = int(e.impression_id in clicked)
+        parts[i % PARTITIONS].append(
+            LabeledSample(
+                e.impression_id, e.features, y, e.served_prediction, e.model_version, e.event_time_ms
+            )
+        )
+    log = MemoryLog()
+    log.create(TOPIC, PARTITIONS)
+    for p, part in enumerate(parts):
+        for i in range(0, len(part), 1024):
+            chunk = part[i : i + 1024]
+            log.append(TOPIC, encode_batch(batch_from_samples(chunk, task=p, first_seq=i)), None,
+                       chunk[-1].event_time_ms, partition=p)  # fmt: skip
+    return log
+
+
+def _train_rank(rank: int, world: int, init: str | None, n: int, sync: str, work: str, out: Any) -> None:
+    import torch
+
+    from connectors.memory import MemorySource
+    from engine.features.spec import criteo_spec
+    from engine.metrics.registry import MetricsRegistry
+    from engine.runtime.build import build_train_stage
+    from engine.runtime.config import load_config_dict
+    from engine.streams import PartitionShare
+    from engine.train.data_parallel import RankGroup
+
+    torch.set_num_threads(1)
+    log = _samples_log(n)
+    cfg = load_config_dict(
+        {
+            "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.2, "spec": criteo_spec().to_dict()},
+            "train": {"batch_size": 1024, "threads": 1},
+            "period": {"every_samples": 10**12},
+            "stages": {"samples_topic": TOPIC},
+            "checkpoint": {"dir": str(Path(work) / "snaps")},
+            "source": {"group_id": None},
+            "distributed": {"embedding_sync": sync, "max_wait_ms": 0},
+        },
+        env={},
+    )
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=600) if init else None
+    stage = build_train_stage(
+        cfg, source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)), stats=MetricsRegistry(),
+        group=group,
+    )  # fmt: skip
+    stage.open()
+    target = (n // 1024) * 1024
+    t0 = time.perf_counter()
+    if group is None:
+        while stage.trainer.counters.samples < target:
+            stage.step()
+    else:
+        while not stage.stop_agreed:
+            if stage._global_samples >= target:
+                stage.request_stop()
+            stage.step()
+    out.put((rank, target, time.perf_counter() - t0))
+    stage.close(final=None)
+    if group is not None:
+        group.close()
+
+
+def train_rate(world: int, n: int, sync: str = "sparse") -> float:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-ranks-") as tmp:
+        init = None if world == 1 else f"file://{tmp}/store"
+        procs = [
+            ctx.Process(target=_train_rank, args=(r, world, init, n, sync, tmp, out)) for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=1800) for _ in procs]
+        for p in procs:
+            p.join(120)
+    samples = results[0][1]
+    return samples / max(seconds for _, _, seconds in results)
+
+
+# ------------------------------------------------------------------ join processes
+def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> float:
+    from connectors.kafka.admin import create_topics
+
+    samples_topic = f"bench.kjoined.{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {samples_topic: PARTITIONS})
+    ctx = mp.get_context("spawn")
+    sent = ctx.Value("q", 0)
+    owners = ctx.Array("b", k)
+    group_id = f"bench-k{k}-{uuid.uuid4().hex[:8]}"
+    procs = [
+        ctx.Process(
+            target=_join_owner, args=(bootstrap, raw, group_id, samples_topic, expected, sent, owners, i)
+        )
+        for i in range(k)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 900
+    while not all(owners[:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t1, start = time.perf_counter(), sent.value
+    while sent.value < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t2, end = time.perf_counter(), sent.value
+    for p in procs:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+    if end < expected:
+        raise RuntimeError(f"K = {k} join processes emitted {end} of {expected} samples")
+    if end - start < expected // 4:
+        raise RuntimeError(f"K = {k}: only {end - start} samples after the group settled; use more events")
+    return (end - start) / (t2 - t1)
+
+
+def _join_owner(bootstrap: str, raw: tuple[str, str], group_id: str, samples_topic: str, expected: int,
+                sent: Any, owners: Any, index: int) -> None:  # fmt: skip
+    from bench.suite_stages import join_stage_parts
+
+    tmp = tempfile.mkdtemp(prefix="reloop-bench-kjoin-")
+    stage = join_stage_parts(bootstrap, raw, group_id, samples_topic, tmp)
+    last = 0
+    try:
+        while sent.value < expected:
+            stage.step()
+            owners[index] = 1 if stage.tasks else 0
+            new = stage.samples_sent - last
+            if new:
+                with sent.get_lock():
+                    sent.value += new
+                last = stage.samples_sent
+    finally:
+        stage.abort()
+
+
+# ------------------------------------------------------------------ the figure
+def run(ctx: Context) -> Figure:
+    from bench.suite_broker import local_broker
+    from bench.suite_e2e import make_events
+    from bench.suite_stages import fill_partitioned_topics
+
+    n = ctx.pick(40_960, 8_192)
+    rounds = min(ctx.rounds, 3)
+    rows: list[Row] = []
+    lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
+    m1: list[float] = []
+    m2: list[float] = []
+    m2_dense: list[float] = []
+    for r in range(rounds + 1):  # round 0 warms up (imports, first compilation), unrecorded
+        order = [("m1", 1, "sparse"), ("m2", 2, "sparse"), ("m2d", 2, "dense")]
+        if r % 2:
+            order.reverse()
+        got = {key: train_rate(world, n, sync) for key, world, sync in order}
+        if r:
+            m1.append(got["m1"])
+            m2.append(got["m2"])
+            m2_dense.append(got["m2d"])
+    ratio = statistics.median(a / b for a, b in zip(m2, m1, strict=True))
+    dense_ratio = statistics.median(a / b for a, b in zip(m2_dense, m2, strict=True))
+    name = "train ranks, M = 2 vs M = 1, DCN, global batch 1024, sparse table sync"
+    rows.append(
+        Row(figure=name, value=float(np.median(m2)), unit="samples/s", baseline_name="M = 1, same stage",
+            baseline_value=float(np.median(m1)), ratio=ratio, target=">= 1.6 (0.8 x M)", met=ratio >= 1.6,
+            command=COMMAND)
+    )  # fmt: skip
+    lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in m2)} | {', '.join(f'{x:,.0f}' for x in m1)} | "
+                 f"{ratio:.3f} |")  # fmt: skip
+    dname = "train ranks, M = 2, dense table all-reduce vs sparse row all-gather"
+    rows.append(
+        Row(figure=dname, value=float(np.median(m2_dense)), unit="samples/s",
+            baseline_name="M = 2, sparse row all-gather", baseline_value=float(np.median(m2)),
+            ratio=dense_ratio, command=COMMAND)
+    )  # fmt: skip
+    lines.append(f"| {dname} | {', '.join(f'{x:,.0f}' for x in m2_dense)} | "
+                 f"{', '.join(f'{x:,.0f}' for x in m2)} | {dense_ratio:.3f} |")  # fmt: skip
+
+    events = ctx.pick(163_840, 32_768)
+    imps, clicks = make_events(events)
+    k1: list[float] = []
+    k2: list[float] = []
+    with local_broker() as bootstrap:
+        raw = fill_partitioned_topics(bootstrap, imps, clicks, PARTITIONS)
+        expected = events  # the sentinels close every window; each impression but them is one sample
+        for r in range(rounds):
+            for k in (1, 2) if r % 2 == 0 else (2, 1):
+                (k1 if k == 1 else k2).append(join_rate(bootstrap, raw, expected, k))
+    jratio = statistics.median(a / b for a, b in zip(k2, k1, strict=True))
+    jname = "join processes, K = 2 vs K = 1, kafka-python"
+    rows.append(
+        Row(figure=jname, value=float(np.median(k2)), unit="samples/s", baseline_name="K = 1, same topics",
+            baseline_value=float(np.median(k1)), ratio=jratio, target=">= 1.6 (0.8 x K)", met=jratio >= 1.6,
+            command=COMMAND)
+    )  # fmt: skip
+    lines.append(f"| {jname} | {', '.join(f'{x:,.0f}' for x in k2)} | {', '.join(f'{x:,.0f}' for x in k1)} | "
+                 f"{jratio:.3f} |")  # fmt: skip
+    load = os.getloadavg()
+    notes = "\n".join(
+        [
+            f"Train ranks: {n:,} Criteo-shaped samples in 4 partitions (in memory), DCN registry defaults "
+            f"with the default optimizer, ReLoop 0.2, global batch 1024 (512 per rank at M = 2), one torch "
+            f"thread per rank, {rounds} rounds after a warm-up, the three set-ups rotated each round. Join "
+            f"processes: {events:,} impressions over 4-partition topics on the local broker, one consumer "
+            f"group per pass, timed once every process owns tasks. Load average at the end {load[0]:.1f} / "
+            f"{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores, shared with the broker: two processes "
+            "cannot get more than the two cores here, so these ratios bound what this machine shows, not "
+            "what more cores would. No machine with more cores was available to this session.",
+            "",
+            *lines,
+        ]
+    )
+    return Figure(key="scale", title=TITLE, rows=rows, notes=notes)
