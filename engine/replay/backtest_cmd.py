@@ -154,6 +154,7 @@ def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     spec = feature_spec(ds.fields, buckets=args.buckets)
+    args.dataset_name = getattr(ds, "name", None) or args.dataset
     return prepare(to_samples(rows), spec, _period(args.period, args.min_period_size)), ds.time_kind
 
 
@@ -193,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data, time_kind = load_data(args)
     print(
-        f"{args.dataset}: {len(data.labels)} samples, {data.n_periods} periods, "
+        f"{args.dataset_name}: {len(data.labels)} samples, {data.n_periods} periods, "
         f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
@@ -221,7 +222,7 @@ def main(args: argparse.Namespace) -> int:
         for s in strategies
         if (p, b, s.name, seed) not in done
     ]
-    tag = {"dataset": args.dataset}
+    tag = {"dataset": args.dataset_name}
     if args.river and ("streaming", "river_lr", "ce", 0) not in done:
         write_csv(({**r, **tag} for r in run_river_baseline(data)), csv_path, append=True)
     bar = tqdm(total=len(runs), desc="backtest runs", unit="run")
@@ -310,7 +311,7 @@ def write_report(
     )
     command = _shown_command(sys.argv[2:])
     data_note = " (`$DATA`: the folder that holds the datasets)" if "$DATA/" in command else ""
-    text = f"""# Backtest: {args.title or args.dataset}
+    text = f"""# Backtest: {args.title or getattr(args, "dataset_name", args.dataset)}
 
 Command: `reloop backtest {command}`{data_note}
 

@@ -83,11 +83,6 @@ def test_the_documented_backtest_runs(backtest_out: Path) -> None:
     assert (backtest_out / "report.md").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/replay/backtest_cmd.py tags rows and the report title with --dataset "
-    "('impression-log') instead of the loader's name (the file's stem)",
-)
 def test_the_backtest_carries_the_datasets_own_name(backtest_out: Path) -> None:
     assert {r["dataset"] for r in _results(backtest_out)} == {"ratings"}
     assert (backtest_out / "report.md").read_text().startswith("# Backtest: ratings")
