@@ -132,6 +132,10 @@ class Joiner:
     def __init__(self, config: JoinerConfig, clock: Callable[[], int]) -> None:
         self.config = config
         self.clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        config, clock = self.config, self.clock
         self.stats = JoinStats()
         self._pending: dict[str, tuple[int, Any]] = {}
         self._late_marked: dict[str, int] = {}
@@ -359,8 +363,8 @@ class Joiner:
                     self.stats.expired_ttl += 1
 
     # ------------------------------------------------------------------ snapshot
-    def snapshot(self) -> dict[str, Any]:
-        """All state as plain data (str/int/bytes/lists/dicts); ``restore`` rebuilds an equal joiner."""
+    def state_dict(self) -> dict[str, Any]:
+        """All state as plain data (str/int/bytes/lists/dicts); ``load_state_dict`` makes an equal joiner."""
         live_arrivals = [[s, [k for k in keys if k in self._pending]] for s, keys in self._arrivals]
         return {
             "format": SNAPSHOT_FORMAT,
@@ -378,15 +382,13 @@ class Joiner:
             "stats": self.stats.as_dict(),
         }
 
-    @classmethod
-    def restore(
-        cls, data: dict[str, Any], clock: Callable[[], int], config: JoinerConfig | None = None
-    ) -> Joiner:
-        """Rebuild from ``snapshot()``. The idle timer restarts now: downtime is not idleness."""
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Take the state of ``state_dict()`` (this joiner's config applies). The idle timer restarts now:
+        downtime is not idleness."""
         if data.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unknown joiner snapshot format {data.get('format')!r}")
-        joiner = cls(config or JoinerConfig(**data["config"]), clock)
-        cfg = joiner.config
+        self._reset()
+        joiner, cfg = self, self.config
         joiner._max_event_ms = int(data["max_event_ms"])
         joiner._watermark = int(data["watermark_ms"])
         joiner._pending = {k: (int(t), p) for k, t, p in data["pending"]}
@@ -401,5 +403,4 @@ class Joiner:
             joiner._early_idx.add(key, joiner._early[key] + cfg.click_grace_ms)
         joiner._arrivals = deque([int(s), list(keys)] for s, keys in data["arrivals"])
         joiner.stats = JoinStats(**data["stats"])
-        return joiner
 

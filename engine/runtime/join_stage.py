@@ -212,7 +212,7 @@ class JoinStage:
                 f"join task {task.partition}: checkpoint made with join config {fp}, this is "
                 f"{self.settings.fingerprint}; use a fresh checkpoint dir"
             )
-        task.restore(snap.state["state"])
+        task.load_state_dict(snap.state["state"])
         log.info(
             "task restored",
             extra={"fields": {"task": task.partition, "checkpoint": snap.version, "next_seq": task.next_seq}},

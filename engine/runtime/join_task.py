@@ -101,7 +101,7 @@ class JoinTask:
         return {
             "format": STATE_FORMAT,
             "partition": self.partition,
-            "joiner": self.joiner.snapshot(),
+            "joiner": self.joiner.state_dict(),
             "positions": positions_to_json(self.positions),
             "sent": self.sent,
             "unsent": [
@@ -110,10 +110,12 @@ class JoinTask:
             "records_processed": self.records_processed,
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT or int(state["partition"]) != self.partition:
             raise ValueError(f"join task {self.partition}: unusable checkpoint state")
-        self.joiner = Joiner.restore(state["joiner"], clock=self.clock, config=self.joiner.config)
+        joiner = Joiner(self.joiner.config, self.clock)
+        joiner.load_state_dict(state["joiner"])
+        self.joiner = joiner
         self.positions = positions_from_json(state["positions"])
         self.sent = int(state["sent"])
         self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]

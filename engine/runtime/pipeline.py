@@ -192,8 +192,9 @@ class Pipeline:
             # The previous model is the one of the period snapshot this checkpoint follows.
             learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
-        learner.load_state_dict(snap.state["model"])
-        joiner = Joiner.restore(state["joiner"], clock=self.clock, config=self.joiner.config)
+        self.trainer.load_state_dict({**state["trainer"], "learner": snap.state["model"]})
+        joiner = Joiner(self.joiner.config, self.clock)
+        joiner.load_state_dict(state["joiner"])
         samples, bad = decode_samples(state["buffer"])
         if bad:
             raise SnapshotError(f"{point.kind} {point.number}: {len(bad)} buffered samples do not decode")
@@ -203,10 +204,10 @@ class Pipeline:
             max_versions=self.served_metrics.max_versions,
         )
         positions = positions_from_json(meta["positions"])
-        self.trainer.restore(state["trainer"], point.base_version)
+        self.trainer.on_snapshot(point.base_version)
         if previous is not None:
             self.trainer.prev_model = previous
-        self.period.restore(state["period"], now_ms=self.clock())
+        self.period.load_state_dict(state["period"])
         self.joiner = joiner
         self.served_metrics = served
         self._buffer = samples
@@ -427,7 +428,7 @@ class Pipeline:
         boundary = kind == "snapshot"
         # A snapshot holds the trigger as it is AFTER its boundary, or a restart fires it again; a
         # checkpoint holds it untouched, so the next boundary comes where it would have come.
-        period_before = self.period.state()
+        period_before = self.period.state_dict()
         if boundary:
             wm = self.joiner.watermark_ms
             self.period.mark(
@@ -435,13 +436,15 @@ class Pipeline:
                 event_time_ms=wm if wm > 0 else None,
                 now_ms=self.clock(),
             )
+        trainer_state = self.trainer.state_dict()
+        model = trainer_state.pop("learner")  # the snapshot's "model" part
         state = {
             "format": STATE_FORMAT,
-            "joiner": self.joiner.snapshot(),
-            "trainer": self.trainer.state(),
+            "joiner": self.joiner.state_dict(),
+            "trainer": trainer_state,
             "served_metrics": self.served_metrics.snapshot(),
             "buffer": [encode(s) for s in self._buffer],
-            "period": self.period.state(),
+            "period": self.period.state_dict(),
             "ledger_bytes": ledger_bytes,
         }
         meta = {
@@ -463,9 +466,9 @@ class Pipeline:
             self._publish_serving_bundle()
         t0 = time.perf_counter()
         try:
-            number = target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
+            number = target.publish({"model": model, "state": state}, meta)
         except BaseException:
-            self.period.restore(period_before, now_ms=self.clock())
+            self.period.load_state_dict(period_before)
             raise
         self.snapshots_written += 1
         if boundary:

@@ -217,7 +217,7 @@ class TrainStage:
         if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
             learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
-        learner.load_state_dict(snap.state["model"])
+        self.trainer.load_state_dict({**mine["trainer"], "learner": snap.state["model"]})
         buffer = [self._with_features(decode_batch(data)) for data in mine["buffer"]]
         book = self.served_metrics
         served = (
@@ -227,10 +227,10 @@ class TrainStage:
             if mine["served_metrics"] is not None
             else OnlineMetricsBook(window_size=book.window_size, max_versions=book.max_versions)
         )
-        self.trainer.restore(mine["trainer"], point.base_version)
+        self.trainer.on_snapshot(point.base_version)
         if previous is not None:
             self.trainer.prev_model = previous
-        self.period.restore(state["period"], now_ms=self.clock())
+        self.period.load_state_dict(state["period"])
         self.served_metrics = served
         self._buffer = buffer
         self._buffered = sum(len(b) for b, _ in buffer)
@@ -420,9 +420,11 @@ class TrainStage:
         ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
         positions = dict(self._positions)
         boundary = kind == "snapshot"
+        trainer_state = self.trainer.state_dict()
+        model = trainer_state.pop("learner")  # saved once (the "model" part), not per rank
         parts = self._gather_parts(
             {
-                "trainer": self.trainer.state(),
+                "trainer": trainer_state,
                 "served_metrics": self.served_metrics.snapshot(),
                 "buffer": [encode_batch(b) for b, _ in self._buffer],
                 "buffered": self._buffered,
@@ -433,7 +435,7 @@ class TrainStage:
                 **self._part_extra(),
             }
         )
-        period_before = self.period.state()
+        period_before = self.period.state_dict()
         if boundary:
             times = [p["event_time_ms"] for p in parts if p["event_time_ms"] is not None]
             self.period.mark(
@@ -444,12 +446,12 @@ class TrainStage:
         error: BaseException | None = None
         if self.share.index == 0:
             try:
-                number = self._publish(kind, parts, lengths)
+                number = self._publish(kind, model, parts, lengths)
             except BaseException as exc:  # noqa: BLE001 - raised below, after the ranks agree
                 error = exc
         number = self._agree_number(number)
         if number is None:
-            self.period.restore(period_before, now_ms=self.clock())
+            self.period.load_state_dict(period_before)
             raise error or SnapshotError(f"rank 0 could not save the {kind}; see its log")
         self._ledger_lengths = lengths
         self.snapshots_written += 1
@@ -473,12 +475,14 @@ class TrainStage:
         )
         return number
 
-    def _publish(self, kind: SaveKind, parts: list[dict[str, Any]], lengths: dict[int, int]) -> int:
+    def _publish(
+        self, kind: SaveKind, model: dict[str, Any], parts: list[dict[str, Any]], lengths: dict[int, int]
+    ) -> int:
         boundary = kind == "snapshot"
         state = {
             "format": STATE_FORMAT,
             "stage": "train",
-            "period": self.period.state(),
+            "period": self.period.state_dict(),
             "ranks": parts,
             "ledger_lengths": {str(k): v for k, v in sorted(lengths.items())},
         }
@@ -500,7 +504,7 @@ class TrainStage:
         target = self.registry if boundary else self.registry.checkpoints
         if boundary:
             self._publish_serving_bundle()
-        return target.publish({"model": self.trainer.learner.state_dict(), "state": state}, meta)
+        return target.publish({"model": model, "state": state}, meta)
 
     # One process: the hooks a data-parallel stage (engine/runtime/train_ranks.py) fills in.
     def _gather_parts(self, mine: dict[str, Any]) -> list[dict[str, Any]]:

@@ -62,10 +62,11 @@ class PeriodTrigger:
             self.last_period = event_time_ms // self.every_event_ms
         self.last_wall_ms = now_ms
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"last_samples": self.last_samples, "last_period": self.last_period}
 
-    def restore(self, state: dict[str, Any], now_ms: int) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The wall-clock timer restarts at the next check: downtime does not count toward a period."""
         self.last_samples = int(state["last_samples"])
         self.last_period = state["last_period"]
-        self.last_wall_ms = now_ms
+        self.last_wall_ms = None

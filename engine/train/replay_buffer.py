@@ -153,7 +153,7 @@ class ReplayBuffer:
             "replayed": self.replayed,
         }
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain numbers and tensors; the held rows only (oldest first), not the empty slots."""
         out: dict[str, Any] = {
             "capacity": self.capacity,
@@ -169,7 +169,7 @@ class ReplayBuffer:
             out["rows"] = {k: torch.from_numpy(np.ascontiguousarray(v[order])) for k, v in self._cols.items()}
         return out
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["capacity"]) != self.capacity:
             raise ValueError(
                 f"replay buffer state has capacity {state['capacity']}, this trainer {self.capacity}"

@@ -233,24 +233,28 @@ class StreamTrainer:
             self.prev_model = self.learner.clone_frozen()
 
     # ------------------------------------------------------------------ snapshot
-    def state(self) -> dict[str, Any]:
-        """Plain data; the learner's own state is snapshotted separately (``learner.state_dict()``)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's state (``learner``: model, optimizers, RNG: tensors and plain types) and the
+        trainer's own: counters, the progressive metric window, the replay buffer."""
         out = {
+            "learner": self.learner.state_dict(),
             "counters": self.counters.as_dict(),
             "progressive": self.progressive.snapshot(),
             "prev_version": self.prev_version,
         }
         if self.replay is not None:
-            out["replay"] = self.replay.state()
+            out["replay"] = self.replay.state_dict()
         return out
 
-    def restore(self, state: dict[str, Any], version: int) -> None:
-        """Restore counters and metrics; the learner must already hold the snapshot's weights, which are
-        also the previous model's (the snapshot being restored IS the previous snapshot)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take ``state_dict()``'s state (without ``learner`` the learner keeps its weights). Then call
+        ``on_snapshot(version)`` with the version resumed from: its model is the previous model."""
+        if "learner" in state:
+            self.learner.load_state_dict(state["learner"])
         self.counters = TrainCounters(**state["counters"])
         if self.replay is not None:
             if "replay" in state:
-                self.replay.restore(state["replay"])
+                self.replay.load_state_dict(state["replay"])
             else:  # a snapshot from a run without replay: start with an empty buffer
                 self.replay = ReplayBuffer(
                     self.replay.capacity, self.replay.ratio, self.replay.batch_size, self.replay.seed
@@ -258,4 +262,3 @@ class StreamTrainer:
         self.progressive = BatchRollingMetrics.restore(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )
-        self.on_snapshot(version)

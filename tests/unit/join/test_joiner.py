@@ -267,8 +267,9 @@ def test_snapshot_restore_continues_identically(policy):
     for cut in (1, 57, 200, len(events) - 1):
         j, clock = make(late_click_policy=policy)
         got = _feed(j, events[:cut])
-        data = j.snapshot()
-        restored = Joiner.restore(data, clock=clock)
+        data = j.state_dict()
+        restored = Joiner(j.config, clock)
+        restored.load_state_dict(data)
         got += _feed(restored, events[cut:]) + restored.flush()
         assert got == expected
         assert restored.stats == ref.stats

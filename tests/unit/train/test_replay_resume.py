@@ -81,12 +81,12 @@ def test_replay_buffer_is_a_bounded_ring_with_plain_state():
     buf.add(batch2, labels2, y_last=y_last, weights=np.full(6, 2.0))
     assert buf.size == 10 and buf.head == 3 and buf.added == 13  # the 3 oldest were overwritten
     assert buf.counters()["replay_bytes"] == buf.nbytes > 0
-    state = _round_trip(buf.state())
+    state = _round_trip(buf.state_dict())
     assert state["rows"]["labels"].shape == (10,)
     # Oldest first: the last 4 of the first batch, then the second batch.
     np.testing.assert_array_equal(state["rows"]["cat"].numpy(), np.concatenate([batch.cat[3:], batch2.cat]))
     restored = ReplayBuffer(capacity=10, ratio=2.0, batch_size=4, seed=3)
-    restored.restore(state)
+    restored.load_state_dict(state)
     a, b = buf.take(), restored.take()
     assert len(a) == len(b) == 3
     for x, y in zip(a, b, strict=True):
@@ -94,7 +94,7 @@ def test_replay_buffer_is_a_bounded_ring_with_plain_state():
         np.testing.assert_array_equal(x.labels, y.labels)
         np.testing.assert_array_equal(x.y_last, y.y_last)
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(capacity=11, ratio=1.0, batch_size=4).restore(state)
+        ReplayBuffer(capacity=11, ratio=1.0, batch_size=4).load_state_dict(state)
 
 
 def _trainer(replay_size: int) -> StreamTrainer:
@@ -135,14 +135,13 @@ def test_resume_from_a_snapshot_equals_the_uninterrupted_run(deterministic, repl
     first = _trainer(replay_size)
     for b in batches[:4]:
         first.train_batch(b)
-    # What the pipeline snapshots: the learner's state and the trainer's, each through weights_only.
-    model_state = _round_trip(first.learner.state_dict())
-    trainer_state = _round_trip(first.state())
+    # What the pipeline snapshots (learner and trainer state), through weights_only.
+    trainer_state = _round_trip(first.state_dict())
     if replay_size:
         assert trainer_state["replay"]["size"] == min(replay_size, 4 * 32)
     resumed = _trainer(replay_size)
-    resumed.learner.load_state_dict(model_state)
-    resumed.restore(trainer_state, version=1)
+    resumed.load_state_dict(trainer_state)
+    resumed.on_snapshot(1)
     for b in batches[4:]:
         resumed.train_batch(b)
     _assert_same_learner(straight, resumed)
@@ -155,8 +154,8 @@ def test_a_trainer_with_replay_restores_a_snapshot_made_without_it():
     t = _trainer(0)
     t.train_batch(_samples(32))
     u = _trainer(50)
-    u.learner.load_state_dict(t.learner.state_dict())
-    u.restore(t.state(), version=1)
+    u.load_state_dict(t.state_dict())
+    u.on_snapshot(1)
     assert u.replay is not None and u.replay.size == 0
     u.train_batch(_samples(32, 32))
     assert u.replay.size == 32 and u.counters.replayed == 32  # ratio 1.5 -> 48 owed, one batch of 32

@@ -31,6 +31,12 @@ class Recorder:
     def clone_frozen(self):
         return self.inner.clone_frozen()
 
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
 
 def _trainer(**cfg):
     spec = FeatureSpec.model_validate(SPEC)
@@ -100,9 +106,10 @@ def test_snapshot_mode_recomputes_with_the_previous_model_only():
 def test_state_roundtrip():
     t = _trainer(batch_size=4)
     t.train_batch(_samples(4))
-    state = t.state()
+    state = t.state_dict()
     u = _trainer(batch_size=4)
-    u.restore(state, version=3)
+    u.load_state_dict(state)
+    u.on_snapshot(3)
     assert u.counters == t.counters and u.prev_version == 3
     assert u.progressive.window() == t.progressive.window()
 
