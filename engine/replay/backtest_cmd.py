@@ -30,7 +30,7 @@ from engine.replay.backtest import (
     run_river_baseline,
     strategy_grid,
 )
-from engine.replay.report import markdown_tables, plot, read_csv, write_csv
+from engine.replay.report import MIN_SEEDS, markdown_tables, plot, read_csv, write_csv
 
 DAY_MS = 86_400_000
 
@@ -300,7 +300,8 @@ def write_report(
     verdicts = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
     summary = [
         f"- {c.protocol} · {c.backbone} · {c.strategy}: {c.metric} {c.verdict} "
-        f"({c.diff_seeds[0] * 1e3:+.2f} ± {_half(c.diff_seeds[1]) * 1e3:.2f} ×1e-3)"
+        f"({c.diff_seeds[0] * 1e3:+.2f} ×1e-3, ± {_half(c.diff_seeds[1]) * 1e3:.2f} over seeds, "
+        f"± {_half(c.diff_periods[1]) * 1e3:.2f} over periods)"
         for c in verdicts
         if c.strategy.startswith("reloop")
     ]
@@ -331,7 +332,8 @@ on a shared 2-core machine
 
 Metrics are per period, averaged over periods and seeds; Δ = strategy − CE, paired by seed and period,
 in units of 1e-3, with a 95% Student-t half-width over seeds (per-seed means over periods) and over periods
-(per-period means over seeds). Verdicts use the over-seeds interval.
+(per-period means over seeds). A verdict of "wins" (or "loses") needs both intervals on the better (or worse)
+side of 0, else "ties"; with fewer than {MIN_SEEDS} seeds, or fewer than 2 periods, it is "n/a".
 
 ## ReLoop verdicts
 

@@ -7,8 +7,11 @@ intervals (Student t) are given, because they answer different questions:
 * over periods: per period, the mean difference over seeds; the spread is how much the effect moves
   with the data (periods are not independent draws, so read this one as descriptive).
 
-Verdict per (backbone, strategy), on AUC and LogLoss separately: "wins" when the over-seeds interval
-lies entirely on the better side of 0, "loses" when entirely on the worse side, else "ties".
+Verdict per (backbone, strategy), on AUC and LogLoss separately: "wins" when BOTH intervals lie
+entirely on the better side of 0, "loses" when both lie entirely on the worse side, else "ties". An
+effect that training randomness cannot explain but that flips sign from period to period is not a win.
+"n/a" when there is no verdict to give: fewer than ``MIN_SEEDS`` seeds (a 2-seed t interval is too
+wide and too unstable to judge on) or fewer than 2 of either (no interval).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ CSV_COLUMNS = (
 )  # fmt: skip
 METRICS = ("auc", "logloss")
 BETTER = {"auc": 1.0, "logloss": -1.0}
+MIN_SEEDS = 3  # fewer seeds: verdict "n/a"
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: Path, append: bool = False) -> None:
@@ -83,15 +87,22 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        m, h = self.diff_seeds
-        if math.isnan(h):
+        """Wins / loses only when both 95% intervals clear 0 on the same side (module docstring)."""
+        intervals = (self.diff_seeds, self.diff_periods)
+        if self.n_seeds < MIN_SEEDS or any(math.isnan(h) for _, h in intervals):
             return "n/a"
         sign = BETTER[self.metric]
-        if sign * (m - h) > 0 and sign * (m + h) > 0:
+        sides = {_side(sign * m, h) for m, h in intervals}
+        if sides == {1}:
             return "wins"
-        if sign * (m - h) < 0 and sign * (m + h) < 0:
+        if sides == {-1}:
             return "loses"
         return "ties"
+
+
+def _side(m: float, h: float) -> int:
+    """+1 when the interval ``m ± h`` lies above 0, -1 when below, 0 when it touches or straddles 0."""
+    return 1 if m - h > 0 else -1 if m + h < 0 else 0
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, str]:

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.replay.report import against_kd, compare, markdown_tables, plot, read_csv, t_interval, write_csv
+from engine.replay.report import (
+    Comparison,
+    against_kd,
+    compare,
+    markdown_tables,
+    plot,
+    read_csv,
+    t_interval,
+    write_csv,
+)
 
 
 def _rows(shift_auc: dict[int, float], strategy: str = "reloop@0.5") -> list[dict]:
@@ -45,6 +54,27 @@ def test_paired_differences_and_verdicts() -> None:
     assert {c.verdict for c in loses} == {"loses"}
     ties = compare(_rows({0: -0.010, 1: 0.011, 2: 0.001}))
     assert {c.verdict for c in ties} == {"ties"}
+
+
+def _comparison(metric: str, seeds: tuple[float, float], periods: tuple[float, float], n_seeds: int = 5):
+    return Comparison(
+        dataset="d", protocol="streaming", backbone="dcn", strategy="reloop@0.5", metric=metric, mean=0.7,
+        ce_mean=0.7, diff_seeds=seeds, diff_periods=periods, n_seeds=n_seeds, n_periods=8, seed_wins=n_seeds,
+    )  # fmt: skip
+
+
+def test_a_win_needs_both_intervals_and_three_seeds() -> None:
+    # Training randomness cannot explain the effect, but it moves across 0 from period to period.
+    assert _comparison("auc", (0.0032, 0.0029), (0.0032, 0.0065)).verdict == "ties"
+    assert _comparison("auc", (0.0032, 0.0065), (0.0032, 0.0029)).verdict == "ties"
+    assert _comparison("auc", (0.0032, 0.0029), (0.0032, 0.0020)).verdict == "wins"
+    assert _comparison("auc", (-0.0032, 0.0029), (-0.0032, 0.0020)).verdict == "loses"
+    assert _comparison("logloss", (-0.0032, 0.0029), (-0.0032, 0.0020)).verdict == "wins"
+    assert _comparison("logloss", (0.0032, 0.0029), (-0.0032, 0.0020)).verdict == "ties"  # sides disagree
+    # Two seeds: a t interval with one degree of freedom is no basis for a verdict.
+    assert _comparison("auc", (0.0032, 0.0029), (0.0032, 0.0020), n_seeds=2).verdict == "n/a"
+    assert _comparison("auc", (0.0032, math.nan), (0.0032, 0.0020)).verdict == "n/a"
+    assert _comparison("auc", (0.0032, 0.0029), (0.0032, math.nan)).verdict == "n/a"  # one period
 
 
 def test_t_interval() -> None:
