@@ -75,7 +75,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per period (periodic protocol)")
+    # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
+    # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per period (periodic protocol)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense parameters")
     parser.add_argument(
@@ -97,7 +99,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--replay-ratio", type=float, default=1.0, help="streaming: replayed samples per new one"
     )
     parser.add_argument("--embedding-dim", type=int, default=10)
-    parser.add_argument("--hidden-units", default="400,400,400")
+    parser.add_argument(
+        "--hidden-units", default="64,64", help="MLP widths (the registry's BARS size is 400,400,400)"
+    )
     parser.add_argument("--buckets", type=int, default=10_000, help="hash buckets per field")
     parser.add_argument(
         "--river",
@@ -272,31 +276,12 @@ def _half(h: float) -> float:
 def write_report(
     args: argparse.Namespace, rows: list[dict[str, Any]], data: BacktestData, time_kind: str, seconds: float
 ) -> None:
-    from engine.models.config import OptimizerConfig
     from engine.replay.report import compare
 
     pngs = plot(rows, args.out)
     report_from = getattr(args, "report_from", 1)
     rows = [r for r in rows if r["period"] >= report_from]
     sizes = [data.bounds[i + 1] - data.bounds[i] for i in range(data.n_periods)]
-    opt = OptimizerConfig(lr=args.lr, **dict(_optimizer_options(getattr(args, "optimizer", []))))
-    wide = (
-        f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
-        f"{', moderated scores' if opt.wide_moderate else ''})"
-        if opt.wide == "bayes"
-        else "no wide part"
-    )
-    emb = (
-        f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
-        f"{opt.effective_embedding_lr:g} on the embedding tables"
-        if opt.sparse_embeddings
-        else "embedding tables in the dense Adam"
-    )
-    replay = (
-        f"replay buffer {args.replay_size} samples, {args.replay_ratio:g} replayed per new one (streaming)"
-        if getattr(args, "replay_size", 0)
-        else "no replay"
-    )
     verdicts = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
     summary = [
         f"- {c.protocol} · {c.backbone} · {c.strategy}: {c.metric} {c.verdict} "
@@ -319,9 +304,7 @@ Command: `reloop backtest {command}`{data_note}
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
 - {time_note}
-- y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; \
-Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; \
-MLP {args.hidden_units}; {args.buckets} hash buckets per field
+- {learner_settings(args)}
 - tables: periods {report_from} and later{
         " (the earlier ones were used to choose settings; the plots show every period)"
         if report_from > 1
@@ -349,6 +332,35 @@ side of 0, else "ties"; with fewer than {MIN_SEEDS} seeds, or fewer than 2 perio
 Raw numbers: [results.csv](results.csv).
 """
     (args.out / "report.md").write_text(text)
+
+
+def learner_settings(args: argparse.Namespace) -> str:
+    """The report's line of learner settings (every default of the learner spelled out)."""
+    from engine.models.config import OptimizerConfig
+
+    opt = OptimizerConfig(lr=args.lr, **dict(_optimizer_options(getattr(args, "optimizer", []))))
+    wide = (
+        f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
+        f"{', moderated scores' if opt.wide_moderate else ''})"
+        if opt.wide == "bayes"
+        else "no wide part"
+    )
+    emb = (
+        f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
+        f"{opt.effective_embedding_lr:g} on the embedding tables"
+        if opt.sparse_embeddings
+        else "embedding tables in the dense Adam"
+    )
+    replay = (
+        f"replay buffer {args.replay_size} samples, {args.replay_ratio:g} replayed per new one (streaming)"
+        if getattr(args, "replay_size", 0)
+        else "no replay"
+    )
+    return (
+        f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; "
+        f"Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
+        f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
+    )
 
 
 if __name__ == "__main__":

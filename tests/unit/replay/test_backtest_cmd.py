@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.replay.backtest import logloss
+from engine.replay.backtest_cmd import configure, learner_settings
 from engine.runtime.cli import main
 
 
@@ -109,3 +114,34 @@ def test_a_log_with_no_signal_gives_no_wins(tmp_path: Path) -> None:
     verdicts = report.split("## ReLoop verdicts")[1].split("##")[0]
     assert "reloop@0.5: auc" in verdicts and "wins" not in verdicts
     assert "| wins" not in report and "wins /" not in report and "/ wins" not in report
+
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "backtest"
+# The four reports docs/backtest/README.md presents as the learner defaults' results.
+DOCUMENTED = ("movielens-streaming", "movielens-periodic", "frappe-streaming", "frappe-periodic")
+LEARNER = ("y_last", "batch_size", "lr", "optimizer", "replay_size", "embedding_dim", "hidden_units")
+LEARNER += ("buckets",)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_cli_defaults_are_the_settings_the_documented_reports_used(name: str) -> None:
+    report = (DOCS / name / "report.md").read_text()
+    match = re.search(r"^Command: `reloop backtest (.+?)`", report, re.M)
+    assert match, name
+    used = _parse(shlex.split(match.group(1)))
+    defaults = _parse(["--dataset", "d", "--data", "d", "--out", "d"])
+    assert {k: getattr(defaults, k) for k in LEARNER} == {k: getattr(used, k) for k in LEARNER}
+    # The settings line the report printed (the optimizer's own defaults included) is the defaults' line;
+    # epochs matter to the periodic protocol only (a streaming report printed the default of its day).
+    printed = next(line for line in report.splitlines() if line.startswith("- y_last:"))
+    epochs = int(re.search(r"\(periodic\): (\d+);", printed).group(1))
+    if used.protocols == "periodic":
+        assert defaults.epochs == used.epochs == epochs
+    shown = argparse.Namespace(**{**vars(defaults), "epochs": epochs})
+    assert printed == f"- {learner_settings(shown)}"
