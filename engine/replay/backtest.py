@@ -52,14 +52,29 @@ class Strategy:
 
 
 def strategy_grid(strategies: Iterable[str], alphas: Iterable[float]) -> tuple[Strategy, ...]:
-    """CE once, then each other strategy at each alpha: ``strategy_grid(["ce","reloop"], [0.2, 0.5])``."""
+    """The runs' strategies. A bare name runs at each of ``alphas`` (``ce`` once, it has no alpha); a
+    name with ``@alpha`` runs at that alpha only, so each strategy can have its own grid:
+    ``strategy_grid(["ce", "kd@0.5", "reloop"], [0.2, 0.5])`` is ce, kd@0.5, reloop@0.2, reloop@0.5."""
+    from engine.loss.losses import STRATEGIES, VARIANTS
+
     out: list[Strategy] = []
     alphas = list(alphas)
-    for s in strategies:
-        if s == "ce":
-            out.append(Strategy("ce", 0.0))
+    for item in strategies:
+        name, at, alpha = item.partition("@")
+        if name not in (*STRATEGIES, *VARIANTS):
+            raise ValueError(f"unknown strategy {name!r} in {item!r}: use one of {(*STRATEGIES, *VARIANTS)}")
+        if name == "ce":
+            if at:
+                raise ValueError(f"{item!r}: ce has no alpha")
+            grid = [Strategy("ce", 0.0)]
+        elif at:
+            try:
+                grid = [Strategy(name, float(alpha))]
+            except ValueError:
+                raise ValueError(f"{item!r}: expected STRATEGY@ALPHA, e.g. kd@0.5") from None
         else:
-            out.extend(Strategy(s, a) for a in alphas)
+            grid = [Strategy(name, a) for a in alphas]
+        out.extend(s for s in grid if s not in out)  # asked twice: run once
     if not any(s.strategy == "ce" for s in out):
         raise ValueError("the strategies must include ce: every comparison is paired against it")
     return tuple(out)

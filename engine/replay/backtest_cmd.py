@@ -3,6 +3,9 @@
     reloop backtest --dataset movielens-100k --data ../shared/data/movielens-100k --period week \\
         --backbones deepfm,dcn --alphas 0.2,0.5 --seeds 5 --out docs/backtest/movielens
 
+``--strategies ce,kd@0.5,reloop`` gives a strategy its own alphas (KD at 0.5 only, ReLoop at each of
+``--alphas``).
+
 Results are appended to ``OUT/results.csv`` run by run, so an interrupted backtest resumes with
 ``--resume`` (finished runs are skipped) and the report can be rebuilt from the CSV alone.
 """
@@ -70,8 +73,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows (0 = all)")
     parser.add_argument("--backbones", default="deepfm,dcn")
-    parser.add_argument("--strategies", default="ce,kd,reloop")
-    parser.add_argument("--alphas", default="0.2,0.5")
+    parser.add_argument(
+        "--strategies",
+        default="ce,kd,reloop",
+        help="ce, kd, reloop: a bare name runs at each of --alphas, NAME@ALPHA at that alpha only "
+        "(e.g. ce,kd@0.5,reloop@0.2,reloop@0.5: KD at 0.5 alone, ReLoop at 0.2 and 0.5)",
+    )
+    parser.add_argument(
+        "--alphas", default="0.2,0.5", help="the alpha grid of every strategy named without @ALPHA"
+    )
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
@@ -193,6 +203,10 @@ def main(args: argparse.Namespace) -> int:
         data, time_kind = load_data(args)
         write_report(args, read_csv(csv_path), data, time_kind, math.nan)
         return 0
+    try:
+        strategies = strategy_grid(_csv_list(args.strategies), [float(a) for a in _csv_list(args.alphas)])
+    except ValueError as e:
+        raise SystemExit(f"--strategies / --alphas: {e}") from None
     if csv_path.exists() and not args.resume:
         csv_path.unlink()
     t0 = time.perf_counter()
@@ -203,7 +217,6 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
-    strategies = strategy_grid(_csv_list(args.strategies), [float(a) for a in _csv_list(args.alphas)])
     base = RunSpec(
         protocol="",
         backbone="",

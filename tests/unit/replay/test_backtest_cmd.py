@@ -76,6 +76,23 @@ def test_backtest_learner_options_and_report_periods(tmp_path: Path) -> None:
         assert min(int(r["period"]) for r in csv.DictReader(fh)) == 1  # the CSV keeps every period
 
 
+def test_each_strategy_runs_its_own_alphas(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --no-river"
+    tiny = "--batch-size 64 --buckets 64 --embedding-dim 4"
+    grid = ["--strategies", "ce,kd@0.5,reloop", "--alphas", "0.2,0.8"]
+    argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" "), *grid]
+    assert main([*argv, "--data", str(_movielens(tmp_path / "ml")), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as fh:
+        assert {r["strategy"] for r in csv.DictReader(fh)} == {"ce", "kd@0.5", "reloop@0.2", "reloop@0.8"}
+
+
+def test_a_bad_strategy_fails_before_the_data_is_read(tmp_path: Path) -> None:
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
+    with pytest.raises(SystemExit, match="kd@half"):  # a message (stderr, exit 1), not a traceback
+        main([*argv, "--out", str(tmp_path / "out"), "--strategies", "ce,kd@half"])
+
+
 def _noise_log(path: Path, n: int = 3000) -> np.ndarray:
     """An impression log whose clicks are coin flips (p = 0.3), independent of every feature."""
     rng = np.random.default_rng(0)

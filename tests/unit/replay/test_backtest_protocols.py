@@ -148,3 +148,14 @@ def test_strategy_grid_needs_ce() -> None:
     assert [s.name for s in grid] == ["ce", "kd@0.2", "kd@0.5", "reloop@0.2", "reloop@0.5"]
     with pytest.raises(ValueError, match="include ce"):
         strategy_grid(["reloop"], [0.2])
+
+
+def test_strategy_grid_per_strategy_alphas() -> None:
+    # KD at 0.5 alone while ReLoop runs the --alphas grid: asking for one no longer runs the other's.
+    grid = strategy_grid(["ce", "kd@0.5", "reloop"], [0.2, 0.5])
+    assert [s.name for s in grid] == ["ce", "kd@0.5", "reloop@0.2", "reloop@0.5"]
+    grid = strategy_grid(["ce", "kd@0.5", "reloop@0.2", "reloop@0.5", "kd@0.50"], [0.8])
+    assert [s.name for s in grid] == ["ce", "kd@0.5", "reloop@0.2", "reloop@0.5"]  # a repeat runs once
+    for bad, match in (("ce@0.5", "no alpha"), ("kd@x", "STRATEGY@ALPHA"), ("mse", "unknown strategy")):
+        with pytest.raises(ValueError, match=match):
+            strategy_grid(["ce", bad], [0.2])
