@@ -1,4 +1,4 @@
-"""Write deploy/k8s/prometheusrule.yaml from deploy/prometheus/alerts.yml (the one source of the alerts).
+"""Write deploy/k8s/base/prometheusrule.yaml from deploy/prometheus/alerts.yml (the one source of the alerts).
 
     python deploy/k8s/gen_prometheusrule.py           # rewrite it
     python deploy/k8s/gen_prometheusrule.py --check   # exit 1 if it is out of date
@@ -16,7 +16,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ALERTS = HERE.parent / "prometheus" / "alerts.yml"
-TARGET = HERE / "prometheusrule.yaml"
+TARGET = HERE / "base" / "prometheusrule.yaml"
 
 HEADER = """\
 # GENERATED from deploy/prometheus/alerts.yml by deploy/k8s/gen_prometheusrule.py: edit alerts.yml and

@@ -37,6 +37,13 @@ def test_check_config(promtool):
     assert "1 rule files found" in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.scale-out.yml"])
+def test_check_config_of_each_shape(promtool, config):
+    """prometheus.scale-out.yml: deploy/compose.scale-out.yaml's joiners (DNS discovery) and train ranks."""
+    r = run(promtool, "check", "config", config)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_check_rules(promtool):
     r = run(promtool, "check", "rules", "alerts.yml")
     assert r.returncode == 0, r.stdout + r.stderr

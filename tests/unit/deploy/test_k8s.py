@@ -1,13 +1,18 @@
-"""deploy/k8s rendered by the real kustomize and validated offline against the Kubernetes JSON schemas
-(kubernetes-validate ships them; strict: an unknown or misspelt field fails), then the rules the schemas
-do not know: the restricted security profile, grace periods longer than the stop timeout, the generated
-ConfigMap rolling the pods, ServiceMonitors that find their Services, and the PrometheusRule holding
-exactly deploy/prometheus/alerts.yml. The Prometheus Operator's CRDs (ServiceMonitor, PrometheusRule) have
-no schema in that package: they are checked field by field here."""
+"""deploy/k8s (one `reloop run` processor) and deploy/k8s/scale-out (K joiners, M torchrun train ranks;
+docs/scale-out.md), both over deploy/k8s/base, rendered by the real kustomize and validated offline against
+the Kubernetes JSON schemas (kubernetes-validate ships them; strict: an unknown or misspelt field fails),
+then the rules the schemas do not know: the restricted security profile, grace periods longer than the stop
+timeout, the generated ConfigMap rolling the pods, ServiceMonitors that find their Services, and the
+PrometheusRule holding exactly deploy/prometheus/alerts.yml; for the scale-out, torchrun's arguments read by
+torchrun's own parser, the rendezvous, the metrics ports through the engine's config loader, the
+PodDisruptionBudgets and the NetworkPolicies. The Prometheus Operator's CRDs (ServiceMonitor,
+PrometheusRule) have no schema in that package: they are checked field by field here."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import importlib
 import importlib.util
 import re
 import shutil
@@ -23,6 +28,8 @@ from engine.runtime.config import load_config_dict
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+SCALE_OUT = K8S / "scale-out"
 #: The oldest Kubernetes minor still maintained upstream when this was written, and the newest schemas.
 VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
 CRDS = {"ServiceMonitor", "PrometheusRule"}
@@ -46,13 +53,46 @@ def of_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+#: The pods that write the snapshot volume (checkpoints, snapshots, join task checkpoints).
+WRITERS = {"reloop-processor", "reloop-joiner", "reloop-trainer"}
+
+
+@pytest.fixture(scope="module")
+def scaled(tool) -> list[dict]:
+    return build(tool, SCALE_OUT)
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in WORKLOADS]
+
+
 def pods(docs: list[dict]) -> list[tuple[str, dict]]:
-    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in of_kind(docs, "Deployment")]
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in workloads(docs)]
 
 
-def test_every_resource_matches_the_kubernetes_schema(rendered: list[dict]) -> None:
-    checked = 0
-    for doc in rendered:
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def run_config(docs: list[dict], env: dict[str, str] | None = None):
+    """The mounted run.yaml through the engine's own loader, with a container's RELOOP__* env applied."""
+    (cm,) = of_kind(docs, "ConfigMap")
+    return load_config_dict(yaml.safe_load(cm["data"]["run.yaml"]), env=env or {})
+
+
+def container_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def ports(container: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def validate_all(docs: list[dict]) -> list[str]:
+    """Every non-CRD resource against the strict schemas of VERSIONS; their kinds, sorted."""
+    for doc in docs:
         if doc["kind"] in CRDS:
             continue
         for version in VERSIONS:
@@ -61,11 +101,13 @@ def test_every_resource_matches_the_kubernetes_schema(rendered: list[dict]) -> N
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {exc.message} at "
                             f"{'.'.join(map(str, exc.path))}")  # fmt: skip
-        checked += 1
-    kinds = sorted(d["kind"] for d in rendered if d["kind"] not in CRDS)
+    return sorted(d["kind"] for d in docs if d["kind"] not in CRDS)
+
+
+def test_every_resource_matches_the_kubernetes_schema(rendered: list[dict]) -> None:
+    kinds = validate_all(rendered)
     assert kinds == ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
                      "PersistentVolumeClaim", "Service", "Service"], kinds  # fmt: skip
-    assert checked == len(kinds)
 
 
 def test_the_schema_check_is_not_vacuous(rendered: list[dict]) -> None:
@@ -81,9 +123,13 @@ def test_the_schema_check_is_not_vacuous(rendered: list[dict]) -> None:
 
 
 def test_containers_run_under_the_restricted_profile(rendered: list[dict]) -> None:
-    uid = int(re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M).group(1))
     assert len(pods(rendered)) == 2
-    for name, pod in pods(rendered):
+    check_restricted(rendered)
+
+
+def check_restricted(docs: list[dict]) -> None:
+    uid = int(re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M).group(1))
+    for name, pod in pods(docs):
         assert pod["automountServiceAccountToken"] is False, name
         ctx = pod["securityContext"]
         assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == uid and ctx["fsGroup"] == uid, name
@@ -98,70 +144,114 @@ def test_containers_run_under_the_restricted_profile(rendered: list[dict]) -> No
             assert sc["capabilities"] == {"drop": ["ALL"]}, name
             assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
             assert not sc.get("privileged"), name
-            # The only writable places: /tmp (an emptyDir) and, for the processor, the snapshot volume.
+            # The only writable places: /tmp (an emptyDir) and, for the processes that save state, the
+            # snapshot volume.
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             assert mounts["/tmp"]["name"] in empty_dirs, name
             writable = {p for p, m in mounts.items() if not m.get("readOnly")}
-            assert writable == ({"/tmp", "/var/lib/reloop"} if "processor" in name else {"/tmp"}), name
+            assert writable == ({"/tmp", "/var/lib/reloop"} if name in WRITERS else {"/tmp"}), name
 
 
-def test_grace_period_outlasts_the_stop_timeout(rendered: list[dict]) -> None:
-    (cm,) = of_kind(rendered, "ConfigMap")
-    run = load_config_dict(yaml.safe_load(cm["data"]["run.yaml"]), env={})
-    for name, pod in pods(rendered):
+@pytest.mark.parametrize("folder", [K8S, SCALE_OUT], ids=["base", "scale-out"])
+def test_grace_period_outlasts_the_stop_timeout(tool, folder: Path) -> None:
+    docs = build(tool, folder)
+    run = run_config(docs)
+    for name, pod in pods(docs):
         assert pod["terminationGracePeriodSeconds"] > run.recovery.stop_timeout_s, name
 
 
-def test_args_are_reloop_subcommands_reading_the_mounted_configs(rendered: list[dict]) -> None:
-    (cm,) = of_kind(rendered, "ConfigMap")
-    for name, pod in pods(rendered):
+def reloop_argv(container: dict) -> list[str]:
+    """The reloop command line a container runs: its args after the image's entrypoint `reloop`, or,
+    under torchrun (`python -m torch.distributed.run ... -m engine.runtime.cli ...`), what torchrun runs."""
+    if "command" not in container:
+        return container["args"]
+    assert container["command"] == ["python", "-m", "torch.distributed.run"], container["command"]
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser().parse_args(container["args"])
+    assert torchrun.module and torchrun.training_script == "engine.runtime.cli", container["args"]
+    assert importlib.util.find_spec(torchrun.training_script) is not None
+    return torchrun.training_script_args
+
+
+def check_args(docs: list[dict]) -> None:
+    (cm,) = of_kind(docs, "ConfigMap")
+    for name, pod in pods(docs):
         (container,) = pod["containers"]
-        args = container["args"]
+        args = reloop_argv(container)
         assert args[0] in cli.COMMANDS and args[0] != "reloop", (name, args)  # ENTRYPOINT is `reloop`
         config = Path(args[args.index("--config") + 1])
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config.parent))
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         assert volume["configMap"]["name"] == cm["metadata"]["name"], name
         assert config.name in cm["data"], name
+        # The subcommand's own parser accepts them.
+        parser = argparse.ArgumentParser(prog=f"reloop {args[0]}", exit_on_error=False)
+        importlib.import_module(cli.COMMANDS[args[0]][0]).configure(parser)
+        parser.parse_args(args[1:])
 
 
-def test_config_edits_roll_the_pods(tool, rendered: list[dict], tmp_path: Path) -> None:
-    (cm,) = of_kind(rendered, "ConfigMap")
+def test_args_are_reloop_subcommands_reading_the_mounted_configs(rendered: list[dict]) -> None:
+    check_args(rendered)
+
+
+@pytest.mark.parametrize("folder", [K8S, SCALE_OUT], ids=["base", "scale-out"])
+def test_config_edits_roll_the_pods(tool, folder: Path, tmp_path: Path) -> None:
+    docs = build(tool, folder)
+    (cm,) = of_kind(docs, "ConfigMap")
     assert re.fullmatch(r"reloop-config-[a-z0-9]{10}", cm["metadata"]["name"])
     for name in ("run.yaml", "serve.yaml"):
-        assert cm["data"][name] == (K8S / "config" / name).read_text()
+        assert cm["data"][name] == (BASE / "config" / name).read_text()
     copy_dir = tmp_path / "k8s"
     shutil.copytree(K8S, copy_dir)
-    run = copy_dir / "config" / "run.yaml"
+    run = copy_dir / "base" / "config" / "run.yaml"
     run.write_text(run.read_text().replace("batch_size: 1024", "batch_size: 512"))
-    edited = build(tool, copy_dir)
+    edited = build(tool, copy_dir / folder.relative_to(K8S))
     (new_cm,) = of_kind(edited, "ConfigMap")
     assert new_cm["metadata"]["name"] != cm["metadata"]["name"]
+    assert len(pods(edited)) == len(pods(docs))
     for _, pod in pods(edited):  # the pod templates change with it: a rollout
         assert new_cm["metadata"]["name"] in {
             v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v
         }
 
 
-def test_service_monitors_find_their_services_and_ports(rendered: list[dict]) -> None:
-    services = of_kind(rendered, "Service")
-    monitors = of_kind(rendered, "ServiceMonitor")
-    assert {m["metadata"]["name"] for m in monitors} == {"reloop-processor", "reloop-serve"}
-    scraped: set[tuple[str, str]] = set()
-    for mon in monitors:
+def check_service_monitors(docs: list[dict]) -> dict[str, set[str]]:
+    """Each ServiceMonitor finds one Service and its ports; {Prometheus job: {scraped Service:port}}."""
+    services = of_kind(docs, "Service")
+    jobs: dict[str, set[str]] = {}
+    for mon in of_kind(docs, "ServiceMonitor"):
         assert mon["apiVersion"] == "monitoring.coreos.com/v1"
         assert set(mon["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
         wanted = mon["spec"]["selector"]["matchLabels"]
         (svc,) = [s for s in services if s["metadata"]["labels"].items() >= wanted.items()]
-        ports = {p["name"] for p in svc["spec"]["ports"]}
+        svc_ports = {p["name"] for p in svc["spec"]["ports"]}
+        # The operator names the job after the Service's jobLabel label (else after the Service).
+        job = svc["metadata"]["labels"].get(mon["spec"].get("jobLabel", ""), svc["metadata"]["name"])
         for endpoint in mon["spec"]["endpoints"]:
             assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "authorization"}
-            assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+            assert endpoint["port"] in svc_ports and endpoint["path"] == "/metrics"
             assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
-            scraped.add((svc["metadata"]["name"], endpoint["port"]))
-    # Every port that serves /metrics is scraped: the train and join stages and the service.
-    assert scraped == {("reloop-processor-metrics", "metrics"), ("reloop-processor-metrics", "join-metrics"),
-                       ("reloop-serve", "http")}  # fmt: skip
+            jobs.setdefault(job, set()).add(f"{svc['metadata']['name']}:{endpoint['port']}")
+    return jobs
+
+
+def alert_expr(name: str) -> str:
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"]
+    return next(r["expr"] for g in groups for r in g["rules"] if r.get("alert") == name)
+
+
+def test_service_monitors_find_their_services_and_ports(rendered: list[dict]) -> None:
+    assert {m["metadata"]["name"] for m in of_kind(rendered, "ServiceMonitor")} == {
+        "reloop-processor", "reloop-serve"
+    }  # fmt: skip
+    # Every port that serves /metrics is scraped: the train and join stages and the service, under the
+    # job names of deploy/prometheus (prometheus.yml, alerts.yml).
+    assert check_service_monitors(rendered) == {
+        "reloop-processor": {"reloop-processor-metrics:metrics", "reloop-processor-metrics:join-metrics"},
+        "reloop-serve": {"reloop-serve:http"},
+    }
+    assert '"reloop-processor' in alert_expr("ReloopNoSnapshot")
 
 
 def _generator():
@@ -175,8 +265,8 @@ def test_prometheus_rule_is_alerts_yml(rendered: list[dict]) -> None:
     gen = _generator()
     alerts_text = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
     expected = gen.render(alerts_text)
-    assert (K8S / "prometheusrule.yaml").read_text() == expected, (
-        "deploy/k8s/prometheusrule.yaml is out of date: run python deploy/k8s/gen_prometheusrule.py"
+    assert (BASE / "prometheusrule.yaml").read_text() == expected, (
+        "deploy/k8s/base/prometheusrule.yaml is out of date: run python deploy/k8s/gen_prometheusrule.py"
     )
     (rule,) = of_kind(rendered, "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule["spec"]) == {"groups"}
@@ -194,3 +284,194 @@ def test_the_generator_follows_alerts_yml_and_refuses_other_keys(tmp_path: Path)
     assert "    - name: g\n" in out and yaml.safe_load(out)["spec"]["groups"][0]["rules"][0]["alert"] == "A"
     with pytest.raises(ValueError, match="one top-level key, groups"):
         gen.render("groups: []\nextra: 1\n")
+
+
+# ---------------------------------------------------------------------------------------- scale-out
+# deploy/k8s/scale-out: K joiners (a Deployment), M train ranks (a StatefulSet, torchrun per pod).
+
+
+def trainer_parts(docs: list[dict]) -> tuple[dict, dict, argparse.Namespace]:
+    """The trainer StatefulSet, its container, and its torchrun arguments (torchrun's own parser)."""
+    from torch.distributed.run import get_args_parser
+
+    sts = named(docs, "StatefulSet", "reloop-trainer")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    return sts, container, get_args_parser().parse_args(container["args"])
+
+
+def test_scale_out_resources_match_the_schemas_and_replace_the_processor(scaled: list[dict]) -> None:
+    kinds = validate_all(scaled)
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
+                     "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "PodDisruptionBudget",
+                     "Service", "Service", "Service", "StatefulSet"], kinds  # fmt: skip
+    names = {(d["kind"], d["metadata"]["name"]) for d in scaled}
+    assert not [n for n in names if "processor" in n[1]], names  # no `reloop run` beside the stages
+    assert {("Deployment", "reloop-joiner"), ("StatefulSet", "reloop-trainer"),
+            ("Deployment", "reloop-serve"), ("PrometheusRule", "reloop-alerts")} <= names  # fmt: skip
+    assert named(scaled, "Deployment", "reloop-joiner")["spec"]["replicas"] == 3  # K
+    assert named(scaled, "StatefulSet", "reloop-trainer")["spec"]["replicas"] == 2  # M
+    check_restricted(scaled)
+    check_args(scaled)
+
+
+def test_scale_out_stages_run_join_and_train_from_the_mounted_config(scaled: list[dict]) -> None:
+    joiner = named(scaled, "Deployment", "reloop-joiner")
+    (container,) = joiner["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["join", "--config", "/etc/reloop/run.yaml"]
+    _, trainer, torchrun = trainer_parts(scaled)
+    assert torchrun.training_script_args == ["train", "--config", "/etc/reloop/run.yaml"]
+    # Under torchrun a process runs as one rank: --world-size would launch a torchrun of its own.
+    assert "--world-size" not in torchrun.training_script_args
+
+
+def test_trainers_meet_at_a_c10d_rendezvous_on_their_headless_service(scaled: list[dict]) -> None:
+    sts, container, torchrun = trainer_parts(scaled)
+    svc = named(scaled, "Service", sts["spec"]["serviceName"])
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["clusterIP"] == "None"  # headless: a DNS name per pod
+    # The rendezvous host is a pod that is not ready before the rendezvous: its name must resolve anyway.
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert pod_labels.items() >= svc["spec"]["selector"].items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # Ordered start would wait for pod 0 to be ready, which it is only once every rank joined.
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    # One spec per group: never a rolling update that mixes two specs in one rank group.
+    assert sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+
+    assert torchrun.rdzv_backend == "c10d" and torchrun.rdzv_id and not torchrun.standalone
+    assert torchrun.nnodes == str(sts["spec"]["replicas"])  # a fixed group of M agents
+    assert torchrun.nproc_per_node == "1"  # one rank per pod
+    host, port = torchrun.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{sts['metadata']['name']}-0.{svc['metadata']['name']}"  # pod 0's stable DNS name
+    assert int(port) == ports(container)["rdzv"]
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["rdzv"] == int(port)
+    # torchrun restarts the group as often as `reloop train --world-size` would.
+    env = container_env(container)
+    run = run_config(scaled, env)
+    assert torchrun.max_restarts == run.distributed.max_restarts
+
+
+def test_the_trainer_replicas_set_the_rendezvous_size(tool, tmp_path: Path) -> None:
+    copy_dir = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_dir)
+    kustomization = copy_dir / "scale-out" / "kustomization.yaml"
+    text, m2 = kustomization.read_text(), "{name: reloop-trainer, count: 2}"
+    assert m2 in text
+    kustomization.write_text(text.replace(m2, m2.replace("2", "4")))
+    sts, _, torchrun = trainer_parts(build(tool, copy_dir / "scale-out"))
+    assert sts["spec"]["replicas"] == 4 and torchrun.nnodes == "4"
+
+
+def test_trainer_stop_outlasts_the_ranks_final_checkpoint(scaled: list[dict]) -> None:
+    sts, container, _ = trainer_parts(scaled)
+    run = run_config(scaled, container_env(container))
+    # The rank exits within stop_timeout_s; torchrun's agent kills it only after its shutdown timeout,
+    # and the kubelet kills the agent only after the grace period.
+    agent = int(container_env(container)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert run.recovery.stop_timeout_s < agent < grace
+
+
+def test_metrics_ports_are_where_the_processes_serve_and_the_probes_look(scaled: list[dict]) -> None:
+    _, trainer, torchrun = trainer_parts(scaled)
+    joiner = named(scaled, "Deployment", "reloop-joiner")["spec"]["template"]["spec"]["containers"][0]
+    # The effective config of each process: the mounted run.yaml plus the container's RELOOP__* env.
+    train_cfg = run_config(scaled, container_env(trainer))
+    join_cfg = run_config(scaled, container_env(joiner))
+    # A rank serves on metrics.prometheus_port + LOCAL_RANK; one rank per pod: LOCAL_RANK 0.
+    assert torchrun.nproc_per_node == "1"
+    assert ports(trainer)["metrics"] == train_cfg.metrics.prometheus_port
+    # `reloop join` serves on metrics.join_prometheus_port (no default of its own).
+    assert ports(joiner)["join-metrics"] == join_cfg.metrics.join_prometheus_port
+    for container, port_name, cfg in ((trainer, "metrics", train_cfg), (joiner, "join-metrics", join_cfg)):
+        assert cfg.metrics.prometheus_host == "0.0.0.0"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/metrics", "port": port_name}, probe
+    # The trainer's probes wait out a rendezvous (torchrun's join timeout, 600 s) and a group restart.
+    startup = trainer["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 600
+    live = trainer["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > 600 > train_cfg.distributed.timeout_s
+
+
+def test_every_stage_keeps_its_state_on_the_shared_volume(scaled: list[dict]) -> None:
+    (pvc,) = of_kind(scaled, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # K + M writers and the scoring replicas
+    checkpoint_dirs = set()
+    for name, pod in pods(scaled):
+        (container,) = pod["containers"]
+        claims = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")
+                  == pvc["metadata"]["name"]}  # fmt: skip
+        if name == "reloop-serve":
+            continue
+        run = run_config(scaled, container_env(container))
+        under = run.checkpoint.dir.startswith
+        mount = next(m for m in container["volumeMounts"] if under(m["mountPath"] + "/"))
+        assert mount["name"] in claims and not mount.get("readOnly"), name
+        checkpoint_dirs.add(run.checkpoint.dir)
+    # One checkpoint.dir for every joiner and rank: join/task-p checkpoints move with their task, and
+    # every rank must restore the save rank 0 wrote.
+    assert len(checkpoint_dirs) == 1
+
+
+def pod_labels(workload: dict) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}
+    return labels.items() >= selector["matchLabels"].items()
+
+
+def test_disruption_budgets_cover_the_joiners_and_the_trainers(scaled: list[dict]) -> None:
+    budgets = of_kind(scaled, "PodDisruptionBudget")
+    covered = {}
+    for pdb in budgets:
+        (work,) = [w for w in workloads(scaled) if _selects(pdb["spec"]["selector"], pod_labels(w))]
+        # One pod at a time: a drain never takes every joiner, and never blocks for good (minAvailable:
+        # M would, since any rank leaving stops the group anyway).
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+        assert work["spec"]["replicas"] > 1
+        covered[work["metadata"]["name"]] = pdb["metadata"]["name"]
+    assert set(covered) == {"reloop-joiner", "reloop-trainer"}
+
+
+def test_network_policies_let_the_ranks_talk_and_prometheus_scrape(scaled: list[dict]) -> None:
+    policies = {p["metadata"]["name"]: p for p in of_kind(scaled, "NetworkPolicy")}
+    for work in workloads(scaled):
+        name = work["metadata"]["name"]
+        mine = [p for p in policies.values() if _selects(p["spec"]["podSelector"], pod_labels(work))]
+        assert len(mine) == 1, name
+        # Prometheus (the monitoring namespace) reaches every port that serves /metrics.
+        (container,) = work["spec"]["template"]["spec"]["containers"]
+        scraped = {n: port for n, port in ports(container).items() if n in {"metrics", "join-metrics"}}
+        from_monitoring = {
+            p["port"]
+            for rule in mine[0]["spec"]["ingress"]
+            if any("namespaceSelector" in peer for peer in rule["from"])
+            for p in rule.get("ports", [])
+        }
+        assert set(scraped.values()) <= from_monitoring, name
+    ranks = pod_labels(named(scaled, "StatefulSet", "reloop-trainer"))
+    peers = [
+        rule
+        for rule in policies["reloop-trainer"]["spec"]["ingress"]
+        if any("podSelector" in peer and _selects(peer["podSelector"], ranks) for peer in rule["from"])
+    ]
+    # Rank to rank: the rendezvous store and gloo, whose pair connections use ephemeral ports: all ports.
+    assert peers and all("ports" not in rule for rule in peers)
+    # Nobody else may reach the ranks: every other rule names its ports, and those are metrics ports.
+    for rule in policies["reloop-trainer"]["spec"]["ingress"]:
+        if rule not in peers:
+            assert {p["port"] for p in rule["ports"]} == {ports(trainer_parts(scaled)[1])["metrics"]}
+
+
+def test_scale_out_monitors_scrape_joiners_and_ranks_under_the_alerts_job_names(scaled: list[dict]) -> None:
+    jobs = check_service_monitors(scaled)
+    assert jobs == {
+        "reloop-joiner": {"reloop-joiner-metrics:join-metrics"},
+        "reloop-trainer": {"reloop-trainer:metrics"},
+        "reloop-serve": {"reloop-serve:http"},
+    }
+    # The alert that needs the train stage's job by name knows this one.
+    assert "reloop-trainer" in alert_expr("ReloopNoSnapshot")

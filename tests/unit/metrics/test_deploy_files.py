@@ -107,8 +107,12 @@ def test_dashboard_queries_name_only_metrics_the_engine_exports(dashboard):
         assert names_in(extra) <= exported_series_names()
     # The views the dashboard exists for.
     assert {
-        "reloop_rolling_auc", "reloop_events_consumed_total", "reloop_consumer_lag_records",
-        "reloop_joiner_pending", "reloop_train_loss", "reloop_snapshot_timestamp_seconds",
+        "reloop_rolling_auc",
+        "reloop_events_consumed_total",
+        "reloop_consumer_lag_records",
+        "reloop_joiner_pending",
+        "reloop_train_loss",
+        "reloop_snapshot_timestamp_seconds",
     } <= queried
 
 
@@ -134,41 +138,67 @@ def test_dashboard_layout_and_datasource_agree_with_provisioning(dashboard, comp
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
 
 
-def k8s_docs() -> list[dict]:
-    """The resources kustomization.yaml lists (the generated ConfigMap is read from its files below)."""
+K8S = DEPLOY / "k8s"
+
+
+def kustomizations(folder: Path = K8S) -> list[tuple[Path, dict]]:
+    """``folder``'s kustomization.yaml and those of the folders it lists as resources (deploy/k8s and
+    deploy/k8s/scale-out both build on deploy/k8s/base)."""
+    kust = load(folder / "kustomization.yaml")
+    found = [(folder, kust)]
+    for res in kust.get("resources", []):
+        if (folder / res).is_dir():
+            found.extend(kustomizations((folder / res).resolve()))
+    return found
+
+
+def k8s_docs(folder: Path = K8S) -> list[dict]:
+    """The resources the kustomizations list (the generated ConfigMap is read from its files below)."""
     docs = []
-    for res in load(DEPLOY / "k8s" / "kustomization.yaml")["resources"]:
-        docs.extend(d for d in yaml.safe_load_all((DEPLOY / "k8s" / res).read_text()) if d)
+    for here, kust in kustomizations(folder):
+        for res in kust.get("resources", []):
+            if (here / res).is_file():
+                docs.extend(d for d in yaml.safe_load_all((here / res).read_text()) if d)
     return docs
 
 
-def k8s_configs() -> dict[str, str]:
+def k8s_configs(folder: Path = K8S) -> dict[str, str]:
     """What the configMapGenerator puts in the reloop-config ConfigMap: file name -> content."""
-    kust = load(DEPLOY / "k8s" / "kustomization.yaml")
-    (gen,) = [g for g in kust["configMapGenerator"] if g["name"] == "reloop-config"]
-    return {Path(f).name: (DEPLOY / "k8s" / f).read_text() for f in gen["files"]}
+    (gen,) = [
+        (here, g)
+        for here, kust in kustomizations(folder)
+        for g in kust.get("configMapGenerator", [])
+        if g["name"] == "reloop-config"
+    ]
+    here, g = gen
+    return {Path(f).name: (here / f).read_text() for f in g["files"]}
 
 
-def test_k8s_manifests_parse_and_kustomization_lists_them():
-    kust = load(DEPLOY / "k8s" / "kustomization.yaml")
-    listed = {*kust["resources"], *(f for g in kust["configMapGenerator"] for f in g["files"])}
-    for res in listed:
-        assert (DEPLOY / "k8s" / res).is_file()
-    # Every manifest in the folder is used (a forgotten file would silently not be applied).
-    manifests = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
-    assert manifests == set(kust["resources"])
-    kinds = sorted(d["kind"] for d in k8s_docs())
-    assert kinds.count("Deployment") == 2 and kinds.count("Service") == 2
-    assert "PersistentVolumeClaim" in kinds and "ConfigMap" not in kinds  # generated, never static
-    assert set(k8s_configs()) == {"run.yaml", "serve.yaml"}
+@pytest.mark.parametrize("folder", [K8S, K8S / "scale-out"], ids=["single", "scale-out"])
+def test_k8s_manifests_parse_and_kustomization_lists_them(folder: Path):
+    for here, kust in kustomizations(folder):
+        listed = {
+            *kust.get("resources", []),
+            *(f for g in kust.get("configMapGenerator", []) for f in g["files"]),
+        }
+        for res in listed:
+            assert (here / res).exists(), (here, res)
+        # Every manifest in the folder is used (a forgotten file would silently not be applied).
+        manifests = {p.name for p in here.glob("*.yaml")} - {"kustomization.yaml"}
+        assert manifests == {r for r in kust.get("resources", []) if (here / r).is_file()}, here
+    kinds = sorted(d["kind"] for d in k8s_docs(folder))
+    assert kinds.count("Deployment") == 2 and "PersistentVolumeClaim" in kinds
+    assert "ConfigMap" not in kinds  # generated, never static
+    assert set(k8s_configs(folder)) == {"run.yaml", "serve.yaml"}
 
 
-def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports():
-    docs = k8s_docs()
-    configs = k8s_configs()
+@pytest.mark.parametrize("folder", [K8S, K8S / "scale-out"], ids=["single", "scale-out"])
+def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports(folder: Path):
+    docs = k8s_docs(folder)
+    configs = k8s_configs(folder)
     run = load_config_dict(yaml.safe_load(configs["run.yaml"]), env={})
     serve_config_from_dict(yaml.safe_load(configs["serve.yaml"]))
-    for dep in (d for d in docs if d["kind"] == "Deployment"):
+    for dep in (d for d in docs if d["kind"] in {"Deployment", "StatefulSet"}):
         pod = dep["spec"]["template"]
         (container,) = pod["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -179,6 +209,8 @@ def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports():
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         config_volumes = [v for v in pod["spec"]["volumes"] if "configMap" in v]
         assert [v["configMap"]["name"] for v in config_volumes] == ["reloop-config"]
+    if folder != K8S:
+        return
     processor = next(d for d in docs if d["kind"] == "Deployment" and "processor" in d["metadata"]["name"])
     assert processor["spec"]["replicas"] == 1
     assert processor["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
