@@ -36,8 +36,8 @@ from engine.features.featurizer import Featurizer
 from engine.features.spec import FeatureSpec
 from engine.join.joiner import Joiner, JoinerConfig
 from engine.loss.delayed import with_delayed_feedback
+from engine.metrics.offline import auc, logloss
 from engine.models.registry import build_learner
-from engine.replay.backtest import auc, logloss
 from engine.simulate.world import World, WorldConfig
 
 FIELDS = ("user_id", "user_segment", "device", "hour", "item_id", "item_category")

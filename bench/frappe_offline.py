@@ -417,7 +417,7 @@ def run_backbone(backbone: str, splits: FrappeSplits, p: Protocol, seed: int, de
 
     import torch
 
-    from engine.train.offline import log_loss, roc_auc
+    from engine.metrics import offline
 
     spec = frappe_spec()
     torch.manual_seed(seed)
@@ -443,7 +443,7 @@ def run_backbone(backbone: str, splits: FrappeSplits, p: Protocol, seed: int, de
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         pv = steps.predict(valid)
-        auc, ll = roc_auc(y_valid, pv), log_loss(y_valid, pv)
+        auc, ll = offline.auc(y_valid, pv), offline.logloss(y_valid, pv)
         lr_now = _current_lr(learner)
         epochs.append({"epoch": epoch, "train_loss": total / n, "valid_auc": auc, "valid_logloss": ll,
                        "seconds": seconds, "lr": lr_now})
@@ -465,10 +465,10 @@ def run_backbone(backbone: str, splits: FrappeSplits, p: Protocol, seed: int, de
         "backbone": backbone,
         "seed": seed,
         "device": device,
-        "test_auc": roc_auc(y_test, pt),
-        "test_logloss": log_loss(y_test, pt),
-        "valid_auc": roc_auc(y_valid, pv),
-        "valid_logloss": log_loss(y_valid, pv),
+        "test_auc": offline.auc(y_test, pt),
+        "test_logloss": offline.logloss(y_test, pt),
+        "valid_auc": offline.auc(y_valid, pv),
+        "valid_logloss": offline.logloss(y_valid, pv),
         "best_epoch": best_epoch,
         "epochs_run": len(epochs),
         "train_seconds": train_seconds,

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from engine.features.featurizer import FeatureBatch
-from engine.replay.backtest import BacktestData, auc, logloss
+from engine.metrics.offline import auc, logloss
+from engine.replay.backtest import BacktestData
 
 # ------------------------------------------------------------------------------------------ settings
 # The harness's base is the learner of the first backtest reports: Adam at 1e-2 everywhere (SparseAdam

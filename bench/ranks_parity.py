@@ -118,7 +118,7 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
 
 
 def run_once(world: int, seed: int, rows: int, batch: int) -> dict[str, float]:
-    from engine.replay.backtest import auc, logloss
+    from engine.metrics.offline import auc, logloss
 
     with tempfile.TemporaryDirectory(prefix="reloop-parity-") as tmp:
         work = Path(tmp)

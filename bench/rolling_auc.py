@@ -30,6 +30,7 @@ import time
 import numpy as np
 from river.metrics import RollingROCAUC
 
+from engine.metrics.offline import auc
 from engine.metrics.online import RollingBinaryMetrics
 from engine.metrics.rolling_batch import BatchRollingMetrics
 
@@ -57,19 +58,7 @@ class NumpyRecompute:
 
     def get(self) -> float:
         k = min(self.n, self.window)
-        y, p = self.y[:k], self.p[:k]
-        order = np.argsort(p, kind="mergesort")
-        sp = p[order]
-        # Mid-ranks for ties: average of first and last position of each run of equal scores.
-        first = np.r_[True, sp[1:] != sp[:-1]]
-        starts = np.flatnonzero(first)
-        ends = np.r_[starts[1:], k] - 1
-        run = np.cumsum(first) - 1
-        ranks = np.empty(k)
-        ranks[order] = (starts[run] + ends[run]) / 2 + 1
-        n_pos = int(y.sum())
-        n_neg = k - n_pos
-        return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return auc(self.y[:k], self.p[:k])  # the offline mid-rank AUC over the window
 
 
 def timed(update, get, ys, ps, read_every: int) -> float:

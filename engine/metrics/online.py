@@ -45,9 +45,8 @@ from sortedcontainers import SortedList
 
 from engine.events.schema import LabeledSample
 from engine.metrics import registry as reg
+from engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
 from engine.metrics.rolling_batch import BatchRollingMetrics
-
-_EPS = 1e-15
 
 
 def _check(y: int, p: float) -> tuple[int, float]:

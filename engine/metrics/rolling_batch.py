@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-_EPS = 1e-15
+from engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
 
 
 def _pairs2(pos: np.ndarray, neg_sorted: np.ndarray) -> int:

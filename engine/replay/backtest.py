@@ -33,10 +33,10 @@ import numpy as np
 from engine.events.schema import LabeledSample
 from engine.features.featurizer import FeatureBatch, Featurizer
 from engine.features.spec import FeatureSpec
+from engine.metrics.offline import auc, logloss
 
 YLastSource = Literal["recomputed", "logged"]
 PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
-_EPS = 1e-15
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,28 +146,6 @@ def prepare(
         bounds=period(times),
         raw_features=raw if keep_raw else (),
     )
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted one half; NaN when a class is missing."""
-    y = np.asarray(labels) > 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    s = np.asarray(scores)[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # Average ranks over ties (1-based).
-    _, first, counts = np.unique(s, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
-    y = np.asarray(labels, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 @dataclass(frozen=True)

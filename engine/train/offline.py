@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.events.schema import LabeledSample
 from engine.features.featurizer import FeatureBatch, Featurizer
 from engine.loss.losses import LossStats
+from engine.metrics.offline import auc, logloss
 from engine.models.learner import Learner
 
 
@@ -96,31 +97,6 @@ class ArrayDataset:
         )
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney with tied scores counted as 1/2); NaN if one class is absent."""
-    y = np.asarray(labels).reshape(-1) > 0.5
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    # Average rank of each tie group (ranks start at 1).
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    avg = (starts + ends + 1) / 2.0
-    ranks = np.empty(s.size, dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    p = np.clip(np.asarray(probs, dtype=np.float64).reshape(-1), eps, 1.0 - eps)
-    return float(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)).mean())
-
-
 @dataclass(frozen=True)
 class EvalResult:
     auc: float
@@ -147,8 +123,8 @@ def predict(learner: Learner, data: ArrayDataset, batch_size: int = 16384) -> np
 def evaluate(learner: Learner, data: ArrayDataset, batch_size: int = 16384) -> EvalResult:
     p = predict(learner, data, batch_size)
     return EvalResult(
-        auc=roc_auc(data.labels, p),
-        logloss=log_loss(data.labels, p),
+        auc=auc(data.labels, p),
+        logloss=logloss(data.labels, p),
         n=len(data),
         mean_prediction=float(p.mean()) if len(p) else math.nan,
         positive_rate=float(np.mean(data.labels)) if len(p) else math.nan,

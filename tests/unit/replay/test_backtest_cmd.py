@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.replay.backtest import logloss
+from engine.metrics.offline import logloss
 from engine.replay.backtest_cmd import configure, learner_settings
 from engine.runtime.cli import main
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from engine.events.schema import LabeledSample
 from engine.features.spec import CategoricalField, FeatureSpec
-from engine.metrics.online import ExactAUC
 from engine.replay.backtest import (
     RunSpec,
     Strategy,
-    auc,
-    logloss,
     period_bounds_by_count,
     period_bounds_by_time,
     prepare,
@@ -132,15 +127,6 @@ def test_period_bounds() -> None:
     assert period_bounds_by_count(10, 3) == (0, 3, 7, 10)
     with pytest.raises(ValueError):
         period_bounds_by_time(t[::-1].copy(), 10)
-
-
-def test_auc_matches_the_exact_online_auc_with_ties_and_logloss() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 500)
-    p = np.round(rng.random(500), 1)  # many ties
-    assert auc(y, p) == pytest.approx(ExactAUC.from_samples(y, p).get())
-    assert math.isnan(auc(np.ones(3), np.array([0.1, 0.2, 0.3])))
-    assert logloss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(math.log(2))
 
 
 def test_strategy_grid_needs_ce() -> None:
