@@ -13,6 +13,11 @@ whose ``y_last`` is unknown (``None`` for the whole batch, or NaN for that sampl
 period, or an impression served by no model) is trained with plain CE at full weight, so a missing
 teacher never silently shrinks the learning rate by (1 - alpha).
 
+Each strategy is written once, in torch (``_aux``): torch learners backpropagate through it, and numpy
+learners (FTRL, river's math in numpy) get ``raw_gradient`` from it by autograd. The one hand-written
+derivative is the per-event scalar ``event_gradient`` (river's ``learn_one`` and the per-event wide part,
+where a tensor call per sample would cost more than the update); the tests hold it to autograd.
+
 >>> import torch
 >>> loss = make_loss("reloop", alpha=0.5)
 >>> value, stats = loss(torch.tensor([0.0]), torch.tensor([1.0]), y_last=torch.tensor([0.75]))
@@ -108,7 +113,9 @@ class _MixedLoss:
         if not 0.0 <= self.alpha <= 1.0 or not np.isfinite(self.alpha):
             raise ValueError(f"loss alpha must be in [0, 1], got {self.alpha}")
 
-    # Per-sample auxiliary term and (numpy) its derivative with respect to the logit.
+    # The per-sample auxiliary term: each strategy's one definition. Every torch and numpy path takes
+    # its value and gradient from it (autograd); only the per-event scalar path (_aux_event) is
+    # written out by hand, and tests/unit/loss checks it against autograd.
     def _aux(
         self,
         logits: torch.Tensor,
@@ -119,24 +126,12 @@ class _MixedLoss:
     ):
         return torch.zeros_like(p)
 
-    def _aux_grad(
-        self, p: np.ndarray, labels: np.ndarray, y_last: np.ndarray, has_last: np.ndarray
-    ) -> np.ndarray:
-        return np.zeros_like(p)
-
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        y_last: torch.Tensor | None = None,
-        weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, LossStats]:
+    def _per_sample(
+        self, logits: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """(L_i, CE_i, aux_i, has y_last, aux active) per sample: the loss before weights and the mean."""
         logits = logits.reshape(-1)
         labels = labels.reshape(-1).to(logits.dtype)
-        n = logits.shape[0]
-        if n == 0:
-            raise ValueError("loss of an empty batch")
-        w = torch.ones_like(logits) if weights is None else weights.reshape(-1).to(logits.dtype)
         ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         mixing = self.strategy != "ce" and self.alpha > 0.0
         if y_last is None or not mixing:
@@ -157,6 +152,21 @@ class _MixedLoss:
             mixed = self.alpha * aux + (1.0 - self.alpha) * ce
             per_sample = torch.where(has_last, mixed, ce)
             active = (aux > 0) & has_last
+        return per_sample, ce, aux, has_last, active
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        y_last: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LossStats]:
+        logits = logits.reshape(-1)
+        n = logits.shape[0]
+        if n == 0:
+            raise ValueError("loss of an empty batch")
+        w = torch.ones_like(logits) if weights is None else weights.reshape(-1).to(logits.dtype)
+        per_sample, ce, aux, has_last, active = self._per_sample(logits, labels, y_last)
         total = (w * per_sample).sum() / n
         with torch.no_grad():
             n_last = int(has_last.sum())
@@ -208,19 +218,17 @@ class _MixedLoss:
         y_last: np.ndarray | None = None,
         weights: np.ndarray | None = None,
     ) -> np.ndarray:
-        z = np.asarray(raw, dtype=np.float64).reshape(-1)
-        y = np.asarray(labels, dtype=np.float64).reshape(-1)
-        p = _sigmoid(z)
-        grad = p - y
-        if y_last is not None and self.strategy != "ce" and self.alpha > 0.0:
-            yl = np.asarray(y_last, dtype=np.float64).reshape(-1)
-            has_last = ~np.isnan(yl)
-            yl = np.where(has_last, np.clip(yl, 0.0, 1.0), 0.0)
-            mixed = self.alpha * self._aux_grad(p, y, yl, has_last) + (1.0 - self.alpha) * grad
-            grad = np.where(has_last, mixed, grad)
-        if weights is not None:
-            grad = grad * np.asarray(weights, dtype=np.float64).reshape(-1)
-        return grad
+        # Autograd of the per-sample losses alone: no batch mean, no stats (this is a numpy hot path).
+        z = _tensor(raw).requires_grad_()
+        per_sample = self._per_sample(z, _tensor(labels), _tensor(y_last))[0]
+        w = _tensor(weights)
+        (grad,) = torch.autograd.grad((per_sample if w is None else w * per_sample).sum(), z)
+        return grad.numpy()
+
+
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    """A float64 copy (a copy: a read-only numpy array cannot be shared with torch)."""
+    return None if a is None else torch.tensor(np.asarray(a, dtype=np.float64).reshape(-1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +247,22 @@ class DistillationLoss(_MixedLoss):
     def _aux(self, logits, p, labels, y_last, has_last):
         return F.binary_cross_entropy_with_logits(logits, y_last, reduction="none")
 
-    def _aux_grad(self, p, labels, y_last, has_last):
-        return p - y_last
-
     def _aux_event(self, p, label, y_last):
         return p - y_last
 
     def _aux_curvature(self, p):
         return 1.0
+
+
+def _sc(p: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor) -> torch.Tensor:
+    """ReLoop's self-correction term L_sc per sample (docs/method.md)."""
+    return labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
+
+
+def _sc_event(p: float, label: float, y_last: float) -> float:
+    """d L_sc / d z of one sample (dp/dz = p (1 - p); 0 where inactive, and at a tie as autograd's relu)."""
+    dp = p * (1.0 - p)
+    return label * (-dp if y_last > p else 0.0) + (1.0 - label) * (dp if p > y_last else 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,16 +272,10 @@ class ReLoopLoss(_MixedLoss):
     strategy: ClassVar[str] = "reloop"
 
     def _aux(self, logits, p, labels, y_last, has_last):
-        return labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
-
-    def _aux_grad(self, p, labels, y_last, has_last):
-        # dp/dz = p (1 - p); the max() counts only where strictly active (subgradient 0 at a tie).
-        dp = p * (1.0 - p)
-        return labels * np.where(y_last > p, -dp, 0.0) + (1.0 - labels) * np.where(p > y_last, dp, 0.0)
+        return _sc(p, labels, y_last)
 
     def _aux_event(self, p, label, y_last):
-        dp = p * (1.0 - p)
-        return label * (-dp if y_last > p else 0.0) + (1.0 - label) * (dp if p > y_last else 0.0)
+        return _sc_event(p, label, y_last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,19 +294,11 @@ class NormalisedReLoopLoss(_MixedLoss):
         return int(has_last.sum()) / n_active if n_active else 0.0
 
     def _aux(self, logits, p, labels, y_last, has_last):
-        sc = labels * torch.relu(y_last - p) + (1.0 - labels) * torch.relu(p - y_last)
+        sc = _sc(p, labels, y_last)
         return sc * self._scale((sc.detach() > 0) & has_last, has_last)
 
-    def _aux_grad(self, p, labels, y_last, has_last):
-        dp = p * (1.0 - p)
-        worse_pos = (labels > 0.5) & (y_last > p)
-        worse_neg = (labels < 0.5) & (p > y_last)
-        grad = np.where(worse_pos, -dp, 0.0) + np.where(worse_neg, dp, 0.0)
-        return grad * self._scale((worse_pos | worse_neg) & has_last, has_last)
-
     def _aux_event(self, p, label, y_last):
-        dp = p * (1.0 - p)
-        return label * (-dp if y_last > p else 0.0) + (1.0 - label) * (dp if p > y_last else 0.0)
+        return _sc_event(p, label, y_last)
 
 
 _LOGIT_EPS = 1e-6
@@ -315,11 +317,6 @@ class LogitReLoopLoss(_MixedLoss):
     def _aux(self, logits, p, labels, y_last, has_last):
         z_last = torch.logit(y_last.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS))
         return labels * torch.relu(z_last - logits) + (1.0 - labels) * torch.relu(logits - z_last)
-
-    def _aux_grad(self, p, labels, y_last, has_last):
-        yl = np.clip(y_last, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
-        # Compare in probability space: sigma is monotone, and p is what raw_gradient has.
-        return labels * np.where(yl > p, -1.0, 0.0) + (1.0 - labels) * np.where(p > yl, 1.0, 0.0)
 
     def _aux_event(self, p, label, y_last):
         yl = min(max(y_last, _LOGIT_EPS), 1.0 - _LOGIT_EPS)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -53,33 +52,15 @@ FMMode = Literal["sequential", "minibatch"]
 STATE_FORMAT = 1
 
 
-def score_gradient(strategy: str, alpha: float, y: float, z: float, y_last: float) -> float:
-    """d L / d z for ONE sample (z = raw score), in plain floats.
-
-    The same math as ``Loss.raw_gradient`` (engine.loss) but scalar: river calls its loss once per
-    sample, and a numpy call costs more than river's whole linear update. ``y_last`` NaN = unknown ->
-    plain CE, as in engine.loss.
-    """
-    p = 0.5 * (1.0 + math.tanh(0.5 * z))
-    ce = p - y
-    if strategy == "ce" or alpha == 0.0 or y_last != y_last:
-        return ce
-    yl = min(max(y_last, 0.0), 1.0)
-    if strategy == "kd":
-        aux = p - yl
-    elif strategy == "reloop":
-        dp = p * (1.0 - p)
-        aux = -dp if (y > 0.5 and yl > p) else (dp if (y < 0.5 and p > yl) else 0.0)
-    else:
-        raise ValueError(f"unknown loss strategy {strategy!r}")
-    return alpha * aux + (1.0 - alpha) * ce
+def _sigmoid(z: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * z))  # overflow-free logistic
 
 
 class ScoreGradientLoss(optim.losses.BinaryLoss):
     """A river BinaryLoss for CE / KD / ReLoop; set ``y_last`` before each ``learn_one``."""
 
     def __init__(self, strategy: str, alpha: float) -> None:
-        make_loss(strategy, alpha)  # validates the name and alpha with the engine's own rules
+        self.loss = make_loss(strategy, alpha)  # validates the name and alpha with the engine's own rules
         self.strategy = strategy
         self.alpha = float(alpha)
         self.y_last = math.nan
@@ -87,11 +68,12 @@ class ScoreGradientLoss(optim.losses.BinaryLoss):
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         z = np.atleast_1d(np.asarray(y_pred, dtype=np.float64))
         y = np.atleast_1d(np.asarray(y_true, dtype=np.float64))
-        loss = make_loss(self.strategy, self.alpha)
-        return loss_stats(loss, z, y, np.full(z.shape, self.y_last), None).total
+        return loss_stats(self.loss, z, y, np.full(z.shape, self.y_last), None).total
 
     def gradient(self, y_true: Any, y_pred: Any) -> Any:
-        return score_gradient(self.strategy, self.alpha, float(y_true), float(y_pred), self.y_last)
+        """d L / d z of one sample: the engine loss's scalar path (river calls it once per sample, and a
+        numpy or torch call costs more than river's whole linear update; tested against autograd)."""
+        return self.loss.event_gradient(_sigmoid(float(y_pred)), float(y_true), self.y_last)
 
 
 class _Layout:
@@ -124,53 +106,15 @@ class _Layout:
         return out
 
 
-def _bce_logits(z: np.ndarray, target: np.ndarray) -> np.ndarray:
-    return np.maximum(z, 0.0) - z * target + np.log1p(np.exp(-np.abs(z)))
-
-
 def loss_stats(loss: Loss, raw: np.ndarray, labels: np.ndarray, y_last: np.ndarray | None,
                weights: np.ndarray | None) -> LossStats:
-    """The engine loss's LossStats for the scores the updates were computed from, in numpy.
+    """The engine loss's LossStats for the scores the updates were computed from (its torch definition,
+    on float64 copies, without a graph)."""
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.tensor(np.asarray(a, dtype=np.float64).reshape(-1))
 
-    Same definitions as ``engine.loss`` (checked by the tests); numpy because a small torch call
-    right after numpy work can stall for tens of ms on a busy 2-core machine (docs/performance.md).
-    """
-    z = np.asarray(raw, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    n = z.shape[0]
-    if n == 0:
-        raise ValueError("loss of an empty batch")
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    ce = _bce_logits(z, y)
-    aux = np.zeros(n)
-    active = np.zeros(n, dtype=bool)
-    per_sample = ce
-    if y_last is None:
-        has_last = np.zeros(n, dtype=bool)
-    else:
-        yl = np.asarray(y_last, dtype=np.float64).reshape(-1)
-        has_last = ~np.isnan(yl)
-        if loss.strategy != "ce" and loss.alpha > 0.0:
-            yl = np.where(has_last, np.clip(yl, 0.0, 1.0), 0.0)
-            if loss.strategy == "kd":
-                aux = _bce_logits(z, yl)
-            else:
-                p = 0.5 * (1.0 + np.tanh(0.5 * z))
-                aux = y * np.maximum(yl - p, 0.0) + (1.0 - y) * np.maximum(p - yl, 0.0)
-            aux = aux * has_last
-            per_sample = np.where(has_last, loss.alpha * aux + (1.0 - loss.alpha) * ce, ce)
-            active = (aux > 0) & has_last
-    n_last = int(has_last.sum())
-    return LossStats(
-        strategy=loss.strategy,
-        alpha=float(loss.alpha),
-        total=float((w * per_sample).sum() / n),
-        ce=float((w * ce).sum() / n),
-        aux=float((w * aux).sum() / n),
-        sc_active_fraction=float(active.sum()) / n_last if (n_last and loss.strategy == "reloop") else 0.0,
-        n=int(n),
-        n_with_last=n_last,
-    )
+    with torch.no_grad():
+        return loss(t(raw), t(labels), t(y_last), t(weights))[1]
 
 
 def _check_lengths(n: int, labels: np.ndarray, y_last: np.ndarray | None, weights: np.ndarray | None) -> None:
@@ -434,8 +378,7 @@ class NumpyFM(_RiverLearnerBase):
         # few calls as possible and all scalars are Python floats.
         o = self.options
         lr, ilr, l2, clip = o.lr, o.intercept_lr, o.l2, o.clip_gradient
-        grad_of: Callable[..., float] = score_gradient
-        strategy, alpha = self.strategy, self.alpha
+        event_gradient = self.loss.event_gradient  # the loss's scalar path (per sample)
         W, V = self.w, self.v
         one_hot = (vals == 1.0).all(axis=1).tolist()
         ys, yls, ws = y.tolist(), yl.tolist(), w.tolist()
@@ -447,7 +390,7 @@ class NumpyFM(_RiverLearnerBase):
                 wr, vr = W[r], V[r]
                 s = vr.sum(axis=0)
                 z = w0 + float(wr.sum()) + 0.5 * (float(s.dot(s)) - float(np.vdot(vr, vr)))
-                g = min(max(grad_of(strategy, alpha, ys[i], z, yls[i]), -clip), clip) * ws[i]
+                g = min(max(event_gradient(_sigmoid(z), ys[i], yls[i]), -clip), clip) * ws[i]
                 step = lr * g
                 W[r] = wr - step
                 vr += step * (vr - s)  # vr is a copy (fancy index): v_j -= lr * g * (s - v_j)
@@ -462,7 +405,7 @@ class NumpyFM(_RiverLearnerBase):
                 s = xv.sum(axis=0)
                 z = w0 + float(wr @ x) + 0.5 * (float(s @ s) - float((xv * xv).sum()))
                 # river order: clamp the loss gradient, then scale it by the sample weight.
-                g = min(max(grad_of(strategy, alpha, ys[i], z, yls[i]), -clip), clip) * ws[i]
+                g = min(max(event_gradient(_sigmoid(z), ys[i], yls[i]), -clip), clip) * ws[i]
                 W[r] = wr - lr * (g * x + l2 * wr)
                 V[r] = vr - lr * (g * (xcol * s - vr * (xcol * xcol)) + l2 * vr)
             raw[i] = z
@@ -551,5 +494,4 @@ __all__ = [
     "RiverLogisticRegression",
     "ScoreGradientLoss",
     "build_river_learner",
-    "score_gradient",
 ]

@@ -149,6 +149,20 @@ def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
     np.testing.assert_allclose(raw, grad * n, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop", "reloop_norm", "reloop_logit"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_the_scalar_event_gradient_is_autograd_of_the_one_definition(strategy, alpha):
+    """The per-event path (river, the per-event wide part) is the only hand-written derivative: it must
+    equal autograd of the torch loss on each sample alone (a batch of one)."""
+    rng = np.random.default_rng(5)
+    loss = make_loss(strategy, alpha)
+    for _ in range(200):
+        z, y = float(rng.normal(scale=3.0)), float(rng.integers(0, 2))
+        yl = float(rng.choice([math.nan, rng.uniform(-0.2, 1.2)], p=[0.1, 0.9]))  # unknown, out of [0, 1]
+        _, grad, _ = _run(strategy, alpha, [z], [y], [yl])
+        assert loss.event_gradient(_sig(z), y, yl) == pytest.approx(grad[0], rel=1e-9, abs=1e-12)
+
+
 def test_logit_variant_is_a_margin_in_logit_space_with_unit_gradient():
     # z = 0 on a positive whose last prediction was 0.8: margin logit(0.8) - 0 = ln 4.
     value, grad, stats = _run("reloop_logit", 1.0, [0.0, 60.0], [1.0, 0.0], [0.8, 0.5])

@@ -1,4 +1,5 @@
-"""The gradient river receives equals torch autograd of the engine's CE / KD / ReLoop loss."""
+"""The gradient river receives (the loss's scalar path) equals torch autograd of the engine's CE / KD /
+ReLoop loss; the loss values that river and the numpy learners report are the engine loss's own."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 from river import linear_model, optim
 
 from engine.loss import make_loss
-from engine.models.river_learners import ScoreGradientLoss, loss_stats, score_gradient
+from engine.models.river_learners import ScoreGradientLoss, loss_stats
+
+
+def score_gradient(strategy: str, alpha: float, y: float, z: float, y_last: float) -> float:
+    """What river gets from ``ScoreGradientLoss.gradient`` for one sample."""
+    loss = ScoreGradientLoss(strategy, alpha)
+    loss.y_last = y_last
+    return loss.gradient(y_true=bool(y), y_pred=z)
 
 
 def _autograd_per_sample(strategy: str, alpha: float, z: np.ndarray, y: np.ndarray, y_last: np.ndarray):
