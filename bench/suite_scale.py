@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,22 @@ def train_rate(world: int, n: int, sync: str = "sparse") -> float:
 
 
 # ------------------------------------------------------------------ join processes
+class PassStalled(RuntimeError):
+    """A join process's consumer stalled (engine.runtime.join_stage.ConsumerStalled) in this pass."""
+
+
+def join_rate_retried(
+    bootstrap: str, raw: tuple[str, str], expected: int, k: int, stalls: list[str]
+) -> float:
+    """``join_rate``, run again (up to 3 times) when a consumer stalls; each stall is noted in ``stalls``."""
+    for _ in range(3):
+        try:
+            return join_rate(bootstrap, raw, expected, k)
+        except PassStalled as exc:
+            stalls.append(str(exc))
+    raise RuntimeError(f"K = {k}: the join consumers stalled 3 times in a row")
+
+
 def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> float:
     from connectors.kafka.admin import create_topics
 
@@ -137,20 +154,35 @@ def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> fl
     ctx = mp.get_context("spawn")
     sent = ctx.Value("q", 0)
     owners = ctx.Array("b", k)
+    stalled = ctx.Value("b", 0)
+    ready = ctx.Barrier(k)  # the K members join the group together, after their imports
     group_id = f"bench-k{k}-{uuid.uuid4().hex[:8]}"
     procs = [
         ctx.Process(
-            target=_join_owner, args=(bootstrap, raw, group_id, samples_topic, expected, sent, owners, i)
+            target=_join_owner,
+            args=(bootstrap, raw, group_id, samples_topic, expected, sent, owners, ready, stalled, i),
         )
         for i in range(k)
     ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 900
-    while not all(owners[:]) and time.monotonic() < deadline:
+
+    def waiting(done: Callable[[], bool]) -> bool:
+        dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead:  # a join process that died would leave this loop waiting for the deadline
+            codes = [procs[i].exitcode for i in dead]
+            raise RuntimeError(f"K = {k}: join process(es) {dead} exited with {codes}")
+        if stalled.value:
+            raise PassStalled(f"K = {k}: a join consumer stalled")
+        if not done() and all(p.exitcode is not None for p in procs):
+            raise RuntimeError(f"K = {k}: the join processes finished before every one of them owned a task")
+        return not done() and time.monotonic() < deadline
+
+    while waiting(lambda: all(owners[:])):
         time.sleep(0.01)
     t1, start = time.perf_counter(), sent.value
-    while sent.value < expected and time.monotonic() < deadline:
+    while waiting(lambda: sent.value >= expected):
         time.sleep(0.01)
     t2, end = time.perf_counter(), sent.value
     for p in procs:
@@ -165,11 +197,13 @@ def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> fl
 
 
 def _join_owner(bootstrap: str, raw: tuple[str, str], group_id: str, samples_topic: str, expected: int,
-                sent: Any, owners: Any, index: int) -> None:  # fmt: skip
+                sent: Any, owners: Any, ready: Any, stalled: Any, index: int) -> None:  # fmt: skip
     from bench.suite_stages import join_stage_parts
+    from engine.runtime.join_stage import ConsumerStalled
 
     tmp = tempfile.mkdtemp(prefix="reloop-bench-kjoin-")
     stage = join_stage_parts(bootstrap, raw, group_id, samples_topic, tmp)
+    ready.wait(300)
     last = 0
     try:
         while sent.value < expected:
@@ -180,6 +214,8 @@ def _join_owner(bootstrap: str, raw: tuple[str, str], group_id: str, samples_top
                 with sent.get_lock():
                     sent.value += new
                 last = stage.samples_sent
+    except ConsumerStalled:
+        stalled.value = 1  # the pass is run again (the supervisor's rebuild would be timed otherwise)
     finally:
         stage.abort()
 
@@ -229,12 +265,13 @@ def run(ctx: Context) -> Figure:
     imps, clicks = make_events(events)
     k1: list[float] = []
     k2: list[float] = []
+    stalls: list[str] = []
     with local_broker() as bootstrap:
         raw = fill_partitioned_topics(bootstrap, imps, clicks, PARTITIONS)
         expected = events  # the sentinels close every window; each impression but them is one sample
         for r in range(rounds):
             for k in (1, 2) if r % 2 == 0 else (2, 1):
-                (k1 if k == 1 else k2).append(join_rate(bootstrap, raw, expected, k))
+                (k1 if k == 1 else k2).append(join_rate_retried(bootstrap, raw, expected, k, stalls))
     jratio = statistics.median(a / b for a, b in zip(k2, k1, strict=True))
     jname = "join processes, K = 2 vs K = 1, kafka-python"
     rows.append(
@@ -251,7 +288,9 @@ def run(ctx: Context) -> Figure:
             f"with the default optimizer, ReLoop 0.2, global batch 1024 (512 per rank at M = 2), one torch "
             f"thread per rank, {rounds} rounds after a warm-up, the three set-ups rotated each round. Join "
             f"processes: {events:,} impressions over 4-partition topics on the local broker, one consumer "
-            f"group per pass, timed once every process owns tasks. Load average at the end {load[0]:.1f} / "
+            f"group per pass, timed once every process owns tasks; a pass whose consumer stalled (not in its "
+            f"group, or fetching nothing, for 30 s) was run again: {len(stalls)} time(s). "
+            f"Load average at the end {load[0]:.1f} / "
             f"{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores, shared with the broker: two processes "
             "cannot get more than the two cores here, so these ratios bound what this machine shows, not "
             "what more cores would. No machine with more cores was available to this session.",

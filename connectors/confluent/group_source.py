@@ -66,6 +66,10 @@ class ConfluentGroupSource:
         self._listener = listener
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
+    def joined(self) -> bool:
+        """A member of the group's current generation: librdkafka has given this consumer a member id."""
+        return bool(self._consumer.memberid())
+
     def partition_count(self, topic: str) -> int:
         meta = self._consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:

@@ -20,6 +20,7 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
+from kafka.coordinator.base import MemberState
 
 from engine.streams import Positions, Record, TopicPartition
 
@@ -77,6 +78,13 @@ class KafkaGroupSource:
         """Join the group; ``listener`` gets ``on_assigned(list)`` / ``on_revoked(list)`` inside poll."""
         self._listener = listener
         self._consumer.subscribe(topics=self.topics, listener=_Listener(self))
+
+    def joined(self) -> bool:
+        """A member of the group's current generation. kafka-python has no public call for it: its
+        coordinator's state is read, and a client without one counts as joined (no false stall)."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        state = getattr(coordinator, "state", None)
+        return state is None or state == MemberState.STABLE
 
     def partition_count(self, topic: str) -> int:
         found = self._consumer.partitions_for_topic(topic)

@@ -166,6 +166,9 @@ class MemoryGroupSource:
     def partition_count(self, topic: str) -> int:
         return len(self.log.partitions(topic))
 
+    def joined(self) -> bool:
+        return self._listener is not None
+
     def revoke_all(self) -> None:
         revoked, self._assigned = self._assigned, []
         self._next = {}

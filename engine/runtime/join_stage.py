@@ -52,6 +52,7 @@ class GroupSource(Protocol):
 
     def subscribe(self, listener: Any) -> None: ...
     def poll(self, max_records: int, timeout_s: float) -> list[Record]: ...
+    def joined(self) -> bool: ...  # a member of the group's current generation (maybe with no partitions)
     def position(self) -> Positions: ...
     def end_positions(self) -> Positions: ...
     def seek(self, positions: Mapping[TopicPartition, int | None]) -> None: ...
@@ -61,8 +62,9 @@ class GroupSource(Protocol):
 
 
 class ConsumerStalled(RuntimeError):
-    """The consumer fetched nothing for ``stall_timeout_s`` while the log holds records for it: the
-    supervisor rebuilds the stage (a fresh client, each task from its checkpoint)."""
+    """The consumer fetched nothing for ``stall_timeout_s`` while the log holds records for it, or was
+    not a member of its group for that long: the supervisor rebuilds the stage (a fresh client, each
+    task from its checkpoint)."""
 
 
 class CopartitionError(ValueError):
@@ -123,6 +125,7 @@ class JoinStage:
         self.samples_sent = 0
         self._last_checkpoint = time.monotonic()
         self._last_records = time.monotonic()
+        self._outside_group_since: float | None = None
         self._last_send: dict[int, float] = {}
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
@@ -247,6 +250,7 @@ class JoinStage:
         now = time.monotonic()
         if not records and now - self._last_records >= s.stall_timeout_s:
             self._check_stalled(fetched, ends)
+        self._check_membership(now)
         for task in self.tasks.values():
             processed += task.process(fetched, ends)
             while len(task.unsent) >= s.batch_samples:
@@ -270,6 +274,17 @@ class JoinStage:
                 f"nothing fetched for {self.settings.stall_timeout_s:g} s with records waiting: {behind}"
             )
         self._last_records = time.monotonic()  # caught up: idle, not stalled
+
+    def _check_membership(self, now: float) -> None:
+        """kafka-python 3.0.12 was seen looking for a new group's coordinator in a busy loop for good
+        (no partitions, so no records waiting either): out of the group this long is a stall too."""
+        if self.source.joined():
+            self._outside_group_since = None
+        elif self._outside_group_since is None:
+            self._outside_group_since = now
+        elif now - self._outside_group_since >= self.settings.stall_timeout_s:
+            waited = self.settings.stall_timeout_s
+            raise ConsumerStalled(f"not a member of the consumer group for {waited:g} s")
 
     def _ends(self) -> Positions:
         try:

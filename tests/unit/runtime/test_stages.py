@@ -363,3 +363,29 @@ def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(t
     while time.monotonic() < deadline:  # caught up: nothing to fetch is not a stall
         idle.step()
     idle.close()
+
+
+class _NeverJoins(MemoryGroupSource):
+    """A client stuck looking for its group's coordinator: no partitions, so no records waiting either."""
+
+    def joined(self) -> bool:
+        return False
+
+    def poll(self, max_records, timeout_s):
+        return []
+
+
+def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
+    from engine.runtime.join_stage import ConsumerStalled
+
+    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
+    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
+    outside = build_join_stage(
+        cfg, source=_NeverJoins(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
+        clock=ManualClock(START), stats=MetricsRegistry(), checkpoint_dir=tmp_path / "a",
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ConsumerStalled, match="not a member of the consumer group for 0.3 s"):
+        while time.monotonic() < started + 10:
+            outside.step()
+    assert time.monotonic() - started >= 0.3 and not outside.tasks
