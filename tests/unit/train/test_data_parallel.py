@@ -81,8 +81,13 @@ def _single(lo: int, hi: int) -> dict:
 
 @pytest.mark.parametrize(
     ("bounds", "mode"),
-    [([0, 40, ROWS], "sparse"), ([0, 40, ROWS], "dense"), ([0, 0, ROWS], "sparse")],
-    ids=["unequal-shares", "dense-table-sync", "one-rank-idle"],
+    [
+        ([0, 40, ROWS], "sparse"),
+        ([0, 40, ROWS], "dense"),
+        ([0, 0, ROWS], "sparse"),
+        ([0, 20, 45, 80, ROWS], "sparse"),
+    ],
+    ids=["unequal-shares", "dense-table-sync", "one-rank-idle", "four-ranks"],
 )
 def test_ranks_hold_the_weights_one_process_reaches_on_all_samples(tmp_path, bounds, mode):
     ranks = _run_ranks(tmp_path, bounds, mode)
