@@ -113,7 +113,7 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
                 stage.request_stop()
             stage.step()
     seconds = time.perf_counter() - t0
-    window = stage.trainer.progressive.snapshot()
+    window = stage.trainer.progressive.state_dict()
     stage.close(final=None)
     Path(out, f"rank{rank}.json").write_text(
         json.dumps({"y": window["y"], "p": window["p"], "seconds": seconds, "samples": len(window["y"])})

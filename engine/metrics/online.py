@@ -28,7 +28,7 @@
   updates buffered and applied a batch at a time: well under 1 us per sample instead of ~20 us),
   because the book sits on the trainer's hot path.
 
-``snapshot()`` / ``restore()`` return and accept plain data (lists, dicts, numbers) for the
+``state_dict()`` / ``from_state_dict()`` return and accept plain data (lists, dicts, numbers) for the
 engine's snapshot.
 """
 
@@ -292,7 +292,7 @@ class RollingBinaryMetrics:
             "samples": float(self._live),
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         live = self.window()
         return {
             "window_size": self.window_size,
@@ -301,7 +301,7 @@ class RollingBinaryMetrics:
         }
 
     @classmethod
-    def restore(cls, state: dict[str, Any]) -> RollingBinaryMetrics:
+    def from_state_dict(cls, state: dict[str, Any]) -> RollingBinaryMetrics:
         try:
             window_size = int(state["window_size"])
             ys, ps = list(state["y"]), [float(p) for p in state["p"]]
@@ -455,22 +455,22 @@ class OnlineMetricsBook:
                     rows.append({**row, **versions[version].get()})
         return rows
 
-    def snapshot(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "window_size": self.window_size,
                 "max_versions": self.max_versions,
                 "arms": {
-                    arm: {str(v): m.snapshot() for v, m in versions.items()}
+                    arm: {str(v): m.state_dict() for v, m in versions.items()}
                     for arm, versions in self._arms.items()
                 },
             }
 
     @classmethod
-    def restore(
+    def from_state_dict(
         cls, state: dict[str, Any], *, window_size: int | None = None, max_versions: int | None = None
     ) -> OnlineMetricsBook:
-        """Rebuild from ``snapshot()``; window_size/max_versions from the new config win when given."""
+        """Rebuild from ``state_dict()``; window_size/max_versions from the new config win when given."""
         try:
             book = cls(
                 window_size=int(window_size if window_size is not None else state["window_size"]),
@@ -479,7 +479,7 @@ class OnlineMetricsBook:
             for arm, versions in state["arms"].items():
                 for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:
                     part = dict(versions[str(v)], window_size=book.window_size)
-                    book._arms.setdefault(str(arm), {})[v] = BatchRollingMetrics.restore(part)
+                    book._arms.setdefault(str(arm), {})[v] = BatchRollingMetrics.from_state_dict(part)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad online metrics state: missing or malformed {exc}") from exc
         return book

@@ -253,7 +253,7 @@ class BatchRollingMetrics:
             "samples": float(n),
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         self.flush()
         h, t = self._head, self._tail
         keep = self._alive[h:t]
@@ -264,8 +264,8 @@ class BatchRollingMetrics:
         }
 
     @classmethod
-    def restore(cls, state: dict[str, Any]) -> BatchRollingMetrics:
-        """Accepts ``snapshot()`` of this class or of ``RollingBinaryMetrics`` (same format)."""
+    def from_state_dict(cls, state: dict[str, Any]) -> BatchRollingMetrics:
+        """Accepts ``state_dict()`` of this class or of ``RollingBinaryMetrics`` (same format)."""
         try:
             window_size = int(state["window_size"])
             ys = np.asarray(state["y"], dtype=np.int64)

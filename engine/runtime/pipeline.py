@@ -198,7 +198,7 @@ class Pipeline:
         samples, bad = decode_samples(state["buffer"])
         if bad:
             raise SnapshotError(f"{point.kind} {point.number}: {len(bad)} buffered samples do not decode")
-        served = OnlineMetricsBook.restore(
+        served = OnlineMetricsBook.from_state_dict(
             state["served_metrics"],
             window_size=self.served_metrics.window_size,
             max_versions=self.served_metrics.max_versions,
@@ -442,7 +442,7 @@ class Pipeline:
             "format": STATE_FORMAT,
             "joiner": self.joiner.state_dict(),
             "trainer": trainer_state,
-            "served_metrics": self.served_metrics.snapshot(),
+            "served_metrics": self.served_metrics.state_dict(),
             "buffer": [encode(s) for s in self._buffer],
             "period": self.period.state_dict(),
             "ledger_bytes": ledger_bytes,

@@ -221,7 +221,7 @@ class TrainStage:
         buffer = [self._with_features(decode_batch(data)) for data in mine["buffer"]]
         book = self.served_metrics
         served = (
-            OnlineMetricsBook.restore(
+            OnlineMetricsBook.from_state_dict(
                 mine["served_metrics"], window_size=book.window_size, max_versions=book.max_versions
             )
             if mine["served_metrics"] is not None
@@ -425,7 +425,7 @@ class TrainStage:
         parts = self._gather_parts(
             {
                 "trainer": trainer_state,
-                "served_metrics": self.served_metrics.snapshot(),
+                "served_metrics": self.served_metrics.state_dict(),
                 "buffer": [encode_batch(b) for b, _ in self._buffer],
                 "buffered": self._buffered,
                 "taken": {str(k): v for k, v in self._taken.items()},

@@ -239,7 +239,7 @@ class StreamTrainer:
         out = {
             "learner": self.learner.state_dict(),
             "counters": self.counters.as_dict(),
-            "progressive": self.progressive.snapshot(),
+            "progressive": self.progressive.state_dict(),
             "prev_version": self.prev_version,
         }
         if self.replay is not None:
@@ -259,6 +259,6 @@ class StreamTrainer:
                 self.replay = ReplayBuffer(
                     self.replay.capacity, self.replay.ratio, self.replay.batch_size, self.replay.seed
                 )
-        self.progressive = BatchRollingMetrics.restore(
+        self.progressive = BatchRollingMetrics.from_state_dict(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )

@@ -94,7 +94,7 @@ def test_restore_equals_original(samples, window):
     m = RollingBinaryMetrics(window)
     for y, p in samples:
         m.update(y, p)
-    r = RollingBinaryMetrics.restore(m.snapshot())
+    r = RollingBinaryMetrics.from_state_dict(m.state_dict())
     assert r.window() == m.window()
     for key, value in m.get().items():
         assert same(r.get()[key], value), key
@@ -207,17 +207,17 @@ def test_book_snapshot_restore_roundtrip_is_plain_data():
     rng = np.random.default_rng(1)
     for i in range(40):
         book.update(["a", "b"][i % 2], 1 + i // 15, int(rng.integers(0, 2)), float(rng.random()))
-    state = json.loads(json.dumps(book.snapshot()))
-    restored = OnlineMetricsBook.restore(state)
+    state = json.loads(json.dumps(book.state_dict()))
+    restored = OnlineMetricsBook.from_state_dict(state)
     got, want = restored.report(), book.report()
     assert len(got) == len(want) == 4
     for g, w in zip(got, want, strict=True):
         for key, value in w.items():
             assert same(g[key], value) if isinstance(value, float) else g[key] == value, key
-    smaller = OnlineMetricsBook.restore(state, max_versions=1)
+    smaller = OnlineMetricsBook.from_state_dict(state, max_versions=1)
     assert all(len(smaller.versions(arm)) == 1 for arm in smaller.arms())
     with pytest.raises(ValueError):
-        OnlineMetricsBook.restore({"window_size": 5})
+        OnlineMetricsBook.from_state_dict({"window_size": 5})
 
 
 def test_bind_publishes_bounded_series_at_collect_time():
@@ -297,8 +297,8 @@ def test_batch_and_sorted_versions_agree_and_share_the_snapshot_format():
     assert a.window() == b.window()
     for key, value in a.get().items():
         assert b.get()[key] == pytest.approx(value, rel=1e-9), key
-    assert BatchRollingMetrics.restore(a.snapshot()).window() == a.window()
-    assert RollingBinaryMetrics.restore(b.snapshot()).window() == b.window()
+    assert BatchRollingMetrics.from_state_dict(a.state_dict()).window() == a.window()
+    assert RollingBinaryMetrics.from_state_dict(b.state_dict()).window() == b.window()
     with pytest.raises(ValueError):
         b.update_many([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError):
