@@ -87,6 +87,7 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
 
     from connectors.memory import MemorySource
     from engine.metrics.registry import MetricsRegistry
+    from engine.metrics.rolling_batch import window_arrays
     from engine.runtime.build import build_train_stage
     from engine.runtime.config import load_config_dict
     from engine.streams import PartitionShare
@@ -114,9 +115,10 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
             stage.step()
     seconds = time.perf_counter() - t0
     window = stage.trainer.progressive.state_dict()
+    ys, ps = window_arrays(window["y"], window["p"])
     stage.close(final=None)
     Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"y": window["y"], "p": window["p"], "seconds": seconds, "samples": len(window["y"])})
+        json.dumps({"y": ys.tolist(), "p": ps.tolist(), "seconds": seconds, "samples": len(ys)})
     )
     if group is not None:
         group.close()

@@ -46,7 +46,7 @@ from sortedcontainers import SortedList
 from engine.events.schema import LabeledSample
 from engine.metrics import registry as reg
 from engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
-from engine.metrics.rolling_batch import BatchRollingMetrics
+from engine.metrics.rolling_batch import BatchRollingMetrics, window_arrays
 
 
 def _check(y: int, p: float) -> tuple[int, float]:
@@ -304,7 +304,8 @@ class RollingBinaryMetrics:
     def from_state_dict(cls, state: dict[str, Any]) -> RollingBinaryMetrics:
         try:
             window_size = int(state["window_size"])
-            ys, ps = list(state["y"]), [float(p) for p in state["p"]]
+            y_arr, p_arr = window_arrays(state["y"], state["p"])
+            ys, ps = y_arr.tolist(), p_arr.tolist()
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad rolling metric state: {exc}") from exc
         if len(ys) != len(ps):

@@ -257,10 +257,12 @@ class BatchRollingMetrics:
         self.flush()
         h, t = self._head, self._tail
         keep = self._alive[h:t]
+        # Bytes, not lists: a 100k-sample window as lists is 200k objects that every snapshot pickles
+        # one by one (half of a samples-topic replay's time went there).
         return {
             "window_size": self.window_size,
-            "y": self._y[h:t][keep].astype(int).tolist(),
-            "p": self._p[h:t][keep].tolist(),
+            "y": self._y[h:t][keep].astype("<i1").tobytes(),
+            "p": self._p[h:t][keep].astype("<f8").tobytes(),
         }
 
     @classmethod
@@ -268,8 +270,7 @@ class BatchRollingMetrics:
         """Accepts ``state_dict()`` of this class or of ``RollingBinaryMetrics`` (same format)."""
         try:
             window_size = int(state["window_size"])
-            ys = np.asarray(state["y"], dtype=np.int64)
-            ps = np.asarray(state["p"], dtype=np.float64)
+            ys, ps = window_arrays(state["y"], state["p"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad rolling metric state: {exc}") from exc
         if ys.shape != ps.shape:
@@ -277,3 +278,12 @@ class BatchRollingMetrics:
         m = cls(window_size)
         m.update_many(ys, ps)
         return m
+
+
+def window_arrays(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A saved window's labels and predictions: bytes (int8 / float64 little-endian, this version) or
+    lists (older snapshots, and ``RollingBinaryMetrics``)."""
+    if isinstance(y, bytes | bytearray):
+        return np.frombuffer(y, dtype="<i1").astype(np.int64), np.frombuffer(p, dtype="<f8").copy()
+    return np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
+

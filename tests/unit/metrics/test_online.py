@@ -200,14 +200,19 @@ def test_book_correction_replaces_the_negative():
     assert got["observed_ctr"] == pytest.approx(2 / 3)
 
 
-def test_book_snapshot_restore_roundtrip_is_plain_data():
-    import json
+def test_book_state_roundtrip_is_plain_data_that_loads_without_unpickling():
+    import io
+
+    import torch
 
     book = OnlineMetricsBook(window_size=5, max_versions=2)
     rng = np.random.default_rng(1)
     for i in range(40):
         book.update(["a", "b"][i % 2], 1 + i // 15, int(rng.integers(0, 2)), float(rng.random()))
-    state = json.loads(json.dumps(book.state_dict()))
+    buf = io.BytesIO()
+    torch.save(book.state_dict(), buf)  # how a snapshot part is stored
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
     restored = OnlineMetricsBook.from_state_dict(state)
     got, want = restored.report(), book.report()
     assert len(got) == len(want) == 4
@@ -333,3 +338,17 @@ def test_book_columnar_feed_matches_per_sample_feed():
         same(a.get("x", 4)[k], v) for k, v in b.get("x", 4).items()
     )
     assert a.get("x", 4)["samples"] == 1000
+
+
+def test_a_window_saved_as_bytes_is_compact_and_the_old_list_form_still_loads():
+    m = BatchRollingMetrics(window_size=1000)
+    rng = np.random.default_rng(3)
+    m.update_many(rng.integers(0, 2, 1500), rng.random(1500))
+    state = m.state_dict()
+    assert isinstance(state["y"], bytes) and len(state["p"]) == 8 * 1000  # one object, not 1000 floats
+    old = {"window_size": 1000, "y": np.frombuffer(state["y"], "<i1").tolist(),
+           "p": np.frombuffer(state["p"], "<f8").tolist()}  # fmt: skip
+    for restored in (BatchRollingMetrics.from_state_dict(state), BatchRollingMetrics.from_state_dict(old)):
+        assert restored.window() == m.window()
+    assert RollingBinaryMetrics.from_state_dict(state).window() == m.window()
+
