@@ -175,6 +175,11 @@ class ReplaySource:
             self.last_timestamp_ms = newest
             if self.set_clock is not None:
                 self.set_clock(newest)
+        elif timeout_s > 0 and self.done():
+            # Block like a consumer's poll with nothing to return: a caller looping on an exhausted
+            # range (the train stage's fetch thread) would otherwise spin and hold the GIL from the
+            # training thread (a samples-topic replay ran at about half speed).
+            time.sleep(timeout_s)
         return out
 
     def close(self) -> None:

@@ -112,6 +112,21 @@ def test_bounds_clock_and_event_timestamps() -> None:
     assert src.position() == end
 
 
+def test_an_exhausted_range_blocks_for_the_poll_timeout_like_a_consumer() -> None:
+    """A fetch thread looping on a finished replay must not spin (it held the GIL from the training
+    thread: a samples-topic replay ran at a third of its speed)."""
+    import time
+
+    log = _log(3, n=20)
+    src = ReplaySource(MemorySource(log, ["imp", "clk"]), end=_ends(log))
+    _drain(src)
+    assert src.done()
+    t0 = time.monotonic()
+    assert src.poll(100, 0.05) == [] and time.monotonic() - t0 >= 0.05
+    t0 = time.monotonic()
+    assert src.poll(100, 0.0) == [] and time.monotonic() - t0 < 0.05  # a zero timeout never waits
+
+
 def test_a_range_that_cannot_be_reached_stalls_with_a_clear_error() -> None:
     log = _log(2, n=10)
     end = {tp: n + 5 for tp, n in _ends(log).items()}
