@@ -18,6 +18,7 @@ from kafka.partitioner.default import murmur2
 
 from connectors.kafka.admin import create_topics
 from connectors.kafka.sink import KafkaSink
+from connectors.kafka.source import KafkaSource
 from engine.checkpoint import SnapshotRegistry
 from engine.runtime.synthetic import generate
 from engine.train.ledger import Ledger
@@ -94,13 +95,21 @@ def test_killed_join_and_train_processes_resume_and_every_sample_is_trained_once
     _produce(kafka_broker.bootstrap, topics, synth, pieces[0])
     run = tmp_path / "split"
     run.mkdir()
-    # Join checkpoints every 4 s: killed 2 s after it started, the join process sent samples it never
-    # checkpointed; its successor sends them again from the start and the train stage drops the copies.
-    config = _config(run, kafka_broker.bootstrap, topics, "correct", stages={"join_checkpoint_every_s": 4.0})
+    # Join checkpoints every 60 s: killed once its first samples are on the samples topic, the join
+    # process sent samples it never checkpointed; its successor sends them again from the start and the
+    # train stage drops the copies. (A kill at a fixed 2 s after the assignment, with checkpoints every
+    # 4 s, could come after a checkpoint that covered everything sent: no copies, and a failed test.)
+    config = _config(run, kafka_broker.bootstrap, topics, "correct", stages={"join_checkpoint_every_s": 60.0})
     train = _stage("train", config, run / "train.log")
     join = _stage("join", config, run / "join.log")
     _wait_log(run / "join.log", '"tasks assigned"')
-    time.sleep(2.0)
+    watcher = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topics["samples"]])
+    watcher.open()
+    deadline = time.monotonic() + 60
+    while not sum(watcher.end_positions().values()) and time.monotonic() < deadline:
+        assert join.poll() is None, (run / "join.log").read_text()[-3000:]
+        time.sleep(0.01)
+    watcher.close()
     join.send_signal(signal.SIGKILL)
     join.wait()
     _produce(kafka_broker.bootstrap, topics, synth, pieces[1])
