@@ -112,13 +112,7 @@ class RankedTrainStage(TrainStage):
         stop.set()  # a peer's stop is this rank's stop: the supervisor closes (one final checkpoint)
 
     def step(self) -> int:
-        self.open()
-        if self._fetcher is not None:
-            items = self._fetcher.take(self.settings.poll_timeout_s)
-        else:
-            items = [self._prepare(r) for r in self._poll_released()]
-        for item in items:
-            self._take(item)
+        items = self._fetch()
         if self._buffered and self._since is None:
             self._since = time.monotonic()
         self._rounds()

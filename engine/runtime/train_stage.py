@@ -275,6 +275,14 @@ class TrainStage:
                 on_step(self)
 
     def step(self) -> int:
+        items = self._fetch()
+        if self.period.every_wall_s is not None:
+            self._maybe_snapshot()
+        self._metrics.publish(self)
+        return len(items)
+
+    def _fetch(self) -> list[_Prepared]:
+        """Open if needed, then take in what the fetch thread (or one poll here) has ready."""
         self.open()
         if self._fetcher is not None:
             items = self._fetcher.take(self.settings.poll_timeout_s)
@@ -282,10 +290,7 @@ class TrainStage:
             items = [self._prepare(r) for r in self._poll_released()]
         for item in items:
             self._take(item)
-        if self.period.every_wall_s is not None:
-            self._maybe_snapshot()
-        self._metrics.publish(self)
-        return len(items)
+        return items
 
     def _poll_released(self) -> list[Record]:
         """One poll, then what the merge can release in exact order (on the fetch thread if any)."""
