@@ -103,10 +103,18 @@ def test_killed_join_and_train_processes_resume_and_every_sample_is_trained_once
     train = _stage("train", config, run / "train.log")
     join = _stage("join", config, run / "join.log")
     _wait_log(run / "join.log", '"tasks assigned"')
+    # A rebalance revokes the task and checkpoints it (that covers what was sent): kill only while the
+    # task is owned since its last assignment and samples are out.
     watcher = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topics["samples"]])
     watcher.open()
+
+    def sent_unacknowledged() -> bool:
+        text = (run / "join.log").read_text()
+        owned = text.rfind('"tasks assigned"') > text.rfind('"revoked":[0]')
+        return owned and sum(watcher.end_positions().values()) > 0
+
     deadline = time.monotonic() + 60
-    while not sum(watcher.end_positions().values()) and time.monotonic() < deadline:
+    while not sent_unacknowledged() and time.monotonic() < deadline:
         assert join.poll() is None, (run / "join.log").read_text()[-3000:]
         time.sleep(0.01)
     watcher.close()
