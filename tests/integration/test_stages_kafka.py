@@ -86,6 +86,13 @@ def _tasks_now(log: Path) -> list[int]:
     return owned
 
 
+def _wait_owned(log: Path, tasks: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _tasks_now(log) != tasks:
+        time.sleep(0.2)
+    assert _tasks_now(log) == tasks, log.read_text(errors="replace")[-3000:] if log.exists() else log
+
+
 def test_killed_join_and_train_processes_resume_and_every_sample_is_trained_once(
     kafka_broker, unique_topic, tmp_path
 ):
@@ -194,8 +201,9 @@ def test_join_tasks_spread_over_two_processes_and_move_back(kafka_broker, unique
     )  # fmt: skip
     train = _stage("train", config, run / "train.log")
     a = _stage("join", config, run / "join-a.log")
-    _wait_log(run / "join-a.log", '"tasks assigned"')
-    assert _tasks_now(run / "join-a.log") == [0, 1]
+    # The first assignment can come before the consumer's metadata knows the topic (an empty one, then a
+    # rebalance): wait for the process to own both tasks.
+    _wait_owned(run / "join-a.log", [0, 1], timeout_s=60)
     b = _stage("join", config, run / "join-b.log")
     _wait_log(run / "join-b.log", '"tasks assigned"')
     deadline = time.monotonic() + 60
@@ -208,10 +216,8 @@ def test_join_tasks_spread_over_two_processes_and_move_back(kafka_broker, unique
     time.sleep(1.5)
     b.send_signal(signal.SIGKILL)
     b.wait()
-    deadline = time.monotonic() + 90  # the dead member's session times out, its task moves back
-    while time.monotonic() < deadline and _tasks_now(run / "join-a.log") != [0, 1]:
-        time.sleep(0.2)
-    assert _tasks_now(run / "join-a.log") == [0, 1]
+    # The dead member's session times out and its task moves back.
+    _wait_owned(run / "join-a.log", [0, 1], timeout_s=90)
     reg = SnapshotRegistry(run / "snaps")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and _trained(reg) < len(synth.expected) - PERIOD:
