@@ -32,10 +32,11 @@ RUN python -m venv /opt/reloop \
 COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE ./
 COPY deploy/config deploy/config
 COPY deploy/kafka/pom.xml deploy/kafka/log4j2.xml deploy/kafka/
+COPY reloop reloop
 COPY engine engine
 COPY connectors connectors
 COPY bench bench
-# A plain (non-editable) install: the wheel carries deploy/config and the Kafka pom as reloop_data.
+# A plain (non-editable) install: the wheel carries deploy/config and the Kafka pom as reloop.deploy_files.
 RUN /opt/reloop/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/reloop/bin/pip install "$(find /wheels -name 'reloop-*.whl')[${RELOOP_EXTRAS}]" \
     && /opt/reloop/bin/python -m compileall -q /opt/reloop/lib \

@@ -1,8 +1,8 @@
-"""``python -m bench`` (or ``reloop bench``): run the benchmark suite and write docs/benchmarks.md.
+"""``python -m reloop.bench`` (or ``reloop bench``): run the benchmark suite and write docs/benchmarks.md.
 
-    python -m bench                      # every figure, writes docs/benchmarks.md
-    python -m bench --only snapshots,joiner
-    python -m bench --quick              # smoke test: small sizes, few rounds, report to stdout
+    python -m reloop.bench                      # every figure, writes docs/benchmarks.md
+    python -m reloop.bench --only snapshots,joiner
+    python -m reloop.bench --quick              # smoke test: small sizes, few rounds, report to stdout
 
 Each figure runs in its own child process (``--figure KEY --json PATH``), so one figure's memory,
 threads or crash cannot touch the next, and a figure that hangs is stopped after ``--timeout`` seconds.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.suite import FIGURES, Context, Figure, machine_info, render_markdown
+from reloop.bench.suite import FIGURES, Context, Figure, machine_info, render_markdown
 
 DEFAULT_OUT = Path("docs/benchmarks.md")
 
@@ -71,7 +71,7 @@ def _run_here(key: str, ctx: Context) -> Figure:
 
 def _run_child(key: str, args: argparse.Namespace, rounds: int, tmp: Path) -> Figure:
     out = tmp / f"{key}.json"
-    cmd = [sys.executable, "-m", "bench", "--figure", key, "--json", str(out), "--rounds", str(rounds)]
+    cmd = [sys.executable, "-m", "reloop.bench", "--figure", key, "--json", str(out), "--rounds", str(rounds)]
     if args.quick:
         cmd.append("--quick")
     print(f"== bench {key}: {FIGURES[key].title}", flush=True)
@@ -109,7 +109,9 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="reloop-bench-") as tmp:
         fresh = {key: _run_child(key, args, rounds, Path(tmp)) for key in keys}
     command = (
-        "python -m bench" + (f" --only {args.only}" if args.only else "") + (" --quick" if args.quick else "")
+        "python -m reloop.bench"
+        + (f" --only {args.only}" if args.only else "")
+        + (" --quick" if args.quick else "")
     )
     figures = list(fresh.values())
     if args.reuse and args.json_dir is not None:
@@ -121,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
             elif path.exists():
                 figures.append(Figure.from_dict(json.loads(path.read_text())))
         command = (
-            f"python -m bench --json-dir {args.json_dir}` then `{command} --json-dir {args.json_dir} --reuse"
+            f"python -m reloop.bench --json-dir {args.json_dir}` then "
+            f"`{command} --json-dir {args.json_dir} --reuse"
         )
     text = render_markdown(figures, machine, command, args.quick)
     out = (
@@ -139,6 +142,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    _parser = argparse.ArgumentParser(prog="python -m reloop.bench", description=__doc__.split("\n\n")[0])
     configure(_parser)
     sys.exit(main(_parser.parse_args()))

@@ -6,12 +6,12 @@ ids, ~850 bytes as JSON), built from the rows of the Kaggle Criteo sample when i
 
 Contenders, each over the same list of events per round:
 
-* encode: ``engine.events.codec.encode`` (orjson writes the dataclass, then an exact-size copy of its
+* encode: ``reloop.engine.events.codec.encode`` (orjson writes the dataclass, then an exact-size copy of its
   over-allocated buffer) vs msgpack ``Packer.pack`` of the field dict (msgpack cannot write a dataclass
   itself; the dict is built by an ``attrgetter``), outputs kept in a list as a batch would be; plus bare
   ``orjson.dumps`` without the copy, to show why the copy is there; and both encoders "streamed", each
   output released at once (a producer that copies the value into its own batch buffer).
-* decode+validate: ``engine.events.codec.decode_impressions`` (the production path) vs the same loop with
+* decode+validate: ``reloop.engine.events.codec.decode_impressions`` (the production path) vs the loop with
   ``msgpack.unpackb`` + the full validator (msgpack data can hold NaN and bytes keys, so the JSON-only
   shortcuts do not apply to it).
 * parse only, for reference: ``orjson.loads`` vs ``msgpack.unpackb``; and stdlib ``json.loads``.
@@ -19,8 +19,8 @@ Contenders, each over the same list of events per round:
 Rounds alternate the contenders in this one process (the machine's speed drifts between processes);
 the report gives median rates and the median of per-round ratios.
 
-    .venv/bin/python -m bench.codec                      # writes docs/bench-codec.md
-    .venv/bin/python -m bench.codec --events 2000 --rounds 5 --out /tmp/bench-codec.md
+    .venv/bin/python -m reloop.bench.codec                      # writes docs/bench-codec.md
+    .venv/bin/python -m reloop.bench.codec --events 2000 --rounds 5 --out /tmp/bench-codec.md
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from pathlib import Path
 
 import msgpack
 import orjson
-
-from engine.events.codec import decode_impressions, encode
-from engine.events.schema import Impression
-from engine.events.validation import DEFAULT_MAX_BYTES, EventError, impression_from_obj
+from reloop.engine.events.codec import decode_impressions, encode
+from reloop.engine.events.schema import Impression
+from reloop.engine.events.validation import DEFAULT_MAX_BYTES, EventError, impression_from_obj
 
 DEFAULT_CRITEO = Path(__file__).resolve().parents[2] / "shared/data/criteo-sample/wideresdnn_criteo_train.tsv"
 FIELDS = ("impression_id", "request_id", "user_id", "item_id", "features", "event_time_ms",
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criteo", type=Path, default=DEFAULT_CRITEO, help="Kaggle Criteo TSV (optional)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench-codec.md"))
     args = parser.parse_args(argv)
-    command = f".venv/bin/python -m bench.codec --events {args.events} --rounds {args.rounds}"
+    command = f".venv/bin/python -m reloop.bench.codec --events {args.events} --rounds {args.rounds}"
     sets = [("Synthetic Criteo-shaped impressions (all 39 fields)", None)]
     if args.criteo.exists():
         sets.insert(0, ("Real Criteo rows as impressions", args.criteo))

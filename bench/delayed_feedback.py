@@ -1,6 +1,6 @@
 """Delayed feedback in the simulated world: calibration and AUC against freshness, window vs FNW.
 
-    .venv/bin/python -m bench.delayed_feedback --out docs/backtest/reloop2/delayed-feedback
+    .venv/bin/python -m reloop.bench.delayed_feedback --out docs/backtest/reloop2/delayed-feedback
 
 The world (engine/simulate/world.py) knows every impression's true click probability. Impressions
 (random candidates of random requests, so the policy does not change what is shown) arrive over
@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.join.joiner import Joiner, JoinerConfig
-from engine.loss.delayed import with_delayed_feedback
-from engine.metrics.offline import auc, logloss
-from engine.models.registry import build_learner
-from engine.simulate.world import World, WorldConfig
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.join.joiner import Joiner, JoinerConfig
+from reloop.engine.loss.delayed import with_delayed_feedback
+from reloop.engine.metrics.offline import auc, logloss
+from reloop.engine.models.registry import build_learner
+from reloop.engine.simulate.world import World, WorldConfig
 
 FIELDS = ("user_id", "user_segment", "device", "hour", "item_id", "item_category")
 SPEC = FeatureSpec.model_validate(
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Delayed feedback in the simulated world: the plain window vs FNW",
         "",
-        f"Command: `.venv/bin/python -m bench.delayed_feedback {shlex.join(argv)}`",
+        f"Command: `.venv/bin/python -m reloop.bench.delayed_feedback {shlex.join(argv)}`",
         "",
         f"- {args.seeds} seeds (world and model), {wall:.0f} s wall, 1 torch thread, shared 2-core machine "
         f"(load average {os.getloadavg()[0]:.1f} at the end)",

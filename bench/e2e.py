@@ -1,14 +1,14 @@
 """End to end from Kafka for DCN at batch 1024, against the same model's bare training loop.
 
-    .venv/bin/python -m bench.e2e                 # 40,960 samples per pass, 3 rounds
-    .venv/bin/python -m bench.e2e --n 16384 --rounds 2
+    .venv/bin/python -m reloop.bench.e2e                 # 40,960 samples per pass, 3 rounds
+    .venv/bin/python -m reloop.bench.e2e --n 16384 --rounds 2
 
 Engine pass: a local broker (started here), Criteo-shaped impressions + clicks in two topics, the
 ``Pipeline`` exactly as ``reloop run`` builds it (KafkaSource -> merge -> decode -> joiner -> predict-then-
 learn StreamTrainer, ReLoop with the logged y_last), snapshots off; samples/s = samples trained / wall time
 from opening the source. Baseline: the same backbone config and seed trained by a bare torch loop on
 tensors built beforehand. The two alternate round by round in this process; ratio = median of per-round
-ratios. Data, engine pass and bare loop come from ``bench.suite_e2e`` (figure 1 of ``python -m bench``),
+ratios. Data, engine pass and bare loop come from ``reloop.bench.suite_e2e`` (figure 1 of ``reloop bench``),
 so this script and the suite measure the same thing.
 
 A stage breakdown follows: the same samples through each stage alone (decode, join, build samples,
@@ -28,12 +28,12 @@ import numpy as np
 
 def breakdown(imps, clicks, spec, batch: int) -> dict[str, float]:
     """Microseconds per sample of each stage, run alone on the same events."""
-    from bench.suite_e2e import make_learner
-    from engine.events.codec import decode_clicks, decode_impressions, encode
-    from engine.features.featurizer import Featurizer
-    from engine.join.joiner import Joiner, JoinerConfig
-    from engine.metrics.online import OnlineMetricsBook
-    from engine.runtime.pipeline import sample_from_joined
+    from reloop.bench.suite_e2e import make_learner
+    from reloop.engine.events.codec import decode_clicks, decode_impressions, encode
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.join.joiner import Joiner, JoinerConfig
+    from reloop.engine.metrics.online import OnlineMetricsBook
+    from reloop.engine.runtime.pipeline import sample_from_joined
 
     imp_bytes = [encode(e) for e in imps[:-1]]
     clk_bytes = [encode(c) for c in clicks]
@@ -95,10 +95,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     args = ap.parse_args()
 
-    from bench.suite import alternate
-    from bench.suite_broker import local_broker
-    from bench.suite_e2e import BareLoop, engine_pass, fill_topics, make_events
-    from engine.features.spec import criteo_spec
+    from reloop.bench.suite import alternate
+    from reloop.bench.suite_broker import local_broker
+    from reloop.bench.suite_e2e import BareLoop, engine_pass, fill_topics, make_events
+    from reloop.engine.features.spec import criteo_spec
 
     spec = criteo_spec()
     imps, clicks = make_events(args.n)

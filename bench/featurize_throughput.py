@@ -3,7 +3,7 @@
 Both produce identical rows (checked). They run alternately in the same process over several rounds and
 the median ratio is reported (the machine's speed drifts between processes: docs/performance.md).
 
-    .venv/bin/python -m bench.featurize_throughput [--batch 4096] [--rounds 5]
+    .venv/bin/python -m reloop.bench.featurize_throughput [--batch 4096] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import statistics
 import time
 
 import numpy as np
-
-from engine.features.featurizer import Featurizer, log_bucket
-from engine.features.spec import FeatureSpec, criteo_spec
+from reloop.engine.features.featurizer import Featurizer, log_bucket
+from reloop.engine.features.spec import FeatureSpec, criteo_spec
 
 _OFFSET = 0xCBF29CE484222325
 _PRIME = 0x100000001B3

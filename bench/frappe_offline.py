@@ -221,7 +221,7 @@ class Protocol:
 
 
 def frappe_spec():
-    from engine.features.spec import CategoricalField, FeatureSpec
+    from reloop.engine.features.spec import CategoricalField, FeatureSpec
 
     return FeatureSpec(fields=tuple(
         CategoricalField(name=name, buckets=size + 1) for name, size in zip(FIELDS, SIZES, strict=True)
@@ -230,8 +230,8 @@ def frappe_spec():
 
 def to_dataset(split: Split, spec):
     """Per-field ids -> the spec's global rows, as a FeatureBatch (vocabulary ids: no hashing)."""
-    from engine.features.featurizer import FeatureBatch
-    from engine.train.offline import ArrayDataset
+    from reloop.engine.features.featurizer import FeatureBatch
+    from reloop.engine.train.offline import ArrayDataset
 
     n = len(split)
     cat = split.x + np.asarray(spec.cat_offsets, dtype=np.int64)
@@ -266,12 +266,11 @@ def build(backbone: str, spec, p: Protocol, seed: int):
     ``weight_decay = lambda`` (dense embedding gradients; the table is only 5,393 rows).
     """
     import torch
+    from reloop.engine.models.registry import build_learner
     from torch import nn
 
-    from engine.models.registry import build_learner
-
     if backbone.startswith("river_"):
-        # river's FM math, per-sample SGD (engine.models.river_learners); no embedding regularizer.
+        # river's FM math, per-sample SGD (reloop.engine.models.river_learners); no embedding regularizer.
         return build_learner(backbone, spec, "ce", 0.0, seed=seed, lr=p.river_lr, intercept_lr=p.river_lr,
                              embedding_dim=p.embedding_dim)
     learner = build_learner(backbone, spec, "ce", 0.0, seed=seed,
@@ -315,8 +314,7 @@ class DeviceSteps:
 
     def __init__(self, learner, device: str, seed: int, manual: bool = False) -> None:
         import torch
-
-        from engine.models.blocks import GenDropout
+        from reloop.engine.models.blocks import GenDropout
 
         self.learner = learner
         self.device = torch.device(device)
@@ -363,8 +361,7 @@ class DeviceSteps:
 
     def _batch(self, cat):
         import torch
-
-        from engine.features.featurizer import TorchFeatureBatch
+        from reloop.engine.features.featurizer import TorchFeatureBatch
 
         b = cat.shape[0]
         return TorchFeatureBatch(
@@ -376,8 +373,7 @@ class DeviceSteps:
 
     def predict(self, resident, batch_size: int = 16384) -> np.ndarray:
         import torch
-
-        from engine.train.offline import predict
+        from reloop.engine.train.offline import predict
 
         if not self.manual:
             return predict(self.learner, resident, batch_size)
@@ -416,8 +412,7 @@ def run_backbone(backbone: str, splits: FrappeSplits, p: Protocol, seed: int, de
     import copy
 
     import torch
-
-    from engine.metrics import offline
+    from reloop.engine.metrics import offline
 
     spec = frappe_spec()
     torch.manual_seed(seed)
@@ -714,7 +709,8 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     print(f"data: {splits.info}", flush=True)
     plan = [(b, args.seed) for b in args.backbones]
     plan += [(b, args.seed + k) for k in range(1, args.seeds) for b in args.more_seeds_for]
-    result = {"command": "python -m bench.frappe_offline " + shlex.join(sys.argv[1:]), "data": splits.info,
+    result = {"command": "python -m reloop.bench.frappe_offline " + shlex.join(sys.argv[1:]),
+              "data": splits.info,
               "protocol": {**p.__dict__, "hidden_units": list(p.hidden_units)}, "device": args.device,
               "device_name": _device_name(args.device), "torch": torch.__version__, "runs": [],
               "skipped": []}
@@ -737,7 +733,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
 def _cmd_throughput(args: argparse.Namespace) -> int:
     p = Protocol()
     splits = load_splits(args.data)
-    result = {"command": "python -m bench.frappe_offline " + shlex.join(sys.argv[1:]),
+    result = {"command": "python -m reloop.bench.frappe_offline " + shlex.join(sys.argv[1:]),
               "machine": _device_name("cpu"), "batch_sizes": args.batch_sizes, "rounds": args.rounds,
               "seconds_per_round": args.seconds, "load_start": [round(x, 1) for x in os.getloadavg()],
               "results": {}}
@@ -759,7 +755,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             r.setdefault("lr", Protocol.lr if r["backbone"].startswith("river_") else data["protocol"]["lr"])
         acc.append(data)
     thr = json.loads(args.throughput.read_text()) if args.throughput else None
-    write_report(acc, thr, args.out, "python -m bench.frappe_offline " + shlex.join(sys.argv[1:]))
+    write_report(acc, thr, args.out, "python -m reloop.bench.frappe_offline " + shlex.join(sys.argv[1:]))
     print(f"wrote {args.out}")
     return 0
 

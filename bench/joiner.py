@@ -1,7 +1,7 @@
 """Joiner benchmark: events/s on one core, and memory per pending impression.
 
-    .venv/bin/python -m bench.joiner                      # defaults: 1M events, 1M pending
-    .venv/bin/python -m bench.joiner --events 300000 --pending 200000   # quick
+    .venv/bin/python -m reloop.bench.joiner                      # defaults: 1M events, 1M pending
+    .venv/bin/python -m reloop.bench.joiner --events 300000 --pending 200000   # quick
 
 Throughput: a time-ordered stream of impressions and clicks (30% of impressions clicked inside the
 window, 5% clicked after it, 3% duplicated), window 60 s of event time at 1,000 impressions/s, so about
@@ -21,11 +21,10 @@ import statistics
 import time
 
 import psutil
-
-from bench.suite_joiner import make_stream
-from engine.events.codec import encode
-from engine.events.schema import Impression
-from engine.join.joiner import Joiner, JoinerConfig
+from reloop.bench.suite_joiner import make_stream
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Impression
+from reloop.engine.join.joiner import Joiner, JoinerConfig
 
 
 def _payload(i: int, fields: int) -> bytes:

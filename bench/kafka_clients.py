@@ -1,7 +1,7 @@
 """Produce and consume rates of kafka-python (through the project's KafkaSink/KafkaSource) and
 confluent-kafka on the local broker, with ~850-byte JSON impression events.
 
-    .venv/bin/python -m bench.kafka_clients --records 50000 --rounds 5 --out docs/bench-kafka.md
+    .venv/bin/python -m reloop.bench.kafka_clients --records 50000 --rounds 5 --out docs/bench-kafka.md
 
 Each round runs every client once, in alternating order, so drift in machine load hits all of them;
 the report gives medians over rounds and the median of per-round ratios against kafka-python.
@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.local_broker import LocalBroker
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.events.schema import Impression
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.local_broker import LocalBroker
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.events.schema import Impression
 
 PARTITIONS = 3
 
@@ -210,7 +209,7 @@ def report(rates: dict[str, dict[str, list[float]]], broker: dict[str, str], arg
 
 Command (broker started by the script from `deploy/kafka/lib`):
 
-    .venv/bin/python -m bench.kafka_clients --records {args.records} --rounds {args.rounds} \\
+    .venv/bin/python -m reloop.bench.kafka_clients --records {args.records} --rounds {args.rounds} \\
         --out docs/bench-kafka.md
 
 Machine: {os.cpu_count()} CPU cores (shared with other work while measured), {python},

@@ -5,13 +5,13 @@ MovieLens-100K or Frappe with one mechanism changed at a time, on the SELECTION 
 third of the evaluated periods: MovieLens weeks 1-10 of 30, Frappe chunks 1-3 of 9), and writes
 per-period AUC / LogLoss to a CSV; ``--summary`` prints the table docs/backtest/ablation.md shows.
 
-    .venv/bin/python -m bench.learner_ablation --dataset movielens-100k \\
+    .venv/bin/python -m reloop.bench.learner_ablation --dataset movielens-100k \\
         --data ../shared/data/movielens-100k --variants all --seeds 0,1,2,3,4 --river --out /tmp/abl-ml.csv
-    .venv/bin/python -m bench.learner_ablation --summary /tmp/abl-ml.csv --ref new
+    .venv/bin/python -m reloop.bench.learner_ablation --summary /tmp/abl-ml.csv --ref new
 
 Two kinds of variant:
 
-* ``engine`` variants run the engine itself (``engine.replay.backtest.run_streaming`` / ``run_periodic``
+* ``engine`` variants run the engine itself (``run_streaming`` / ``run_periodic`` of engine/replay/backtest.py
   with the learner ``build_learner`` makes from ``opt``): what ``reloop backtest`` runs.
 * the others run ``ExperimentLearner`` below: a registry backbone with hand-made optimizer groups,
   optional micro-batches (update granularity), and wide parts the engine does not ship (per-event SGD or
@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import FeatureBatch
-from engine.metrics.offline import auc, logloss
-from engine.replay.backtest import BacktestData
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.metrics.offline import auc, logloss
+from reloop.engine.replay.backtest import BacktestData
 
 # ------------------------------------------------------------------------------------------ settings
 # The harness's base is the learner of the first backtest reports: Adam at 1e-2 everywhere (SparseAdam
@@ -152,8 +151,8 @@ class ExperimentLearner:
     """A registry backbone with its own optimizer groups and an optional per-row wide part."""
 
     def __init__(self, s: dict[str, Any], spec: Any, seed: int) -> None:
-        from engine.loss.losses import make_loss
-        from engine.models.registry import backbone_entry, build_learner
+        from reloop.engine.loss.losses import make_loss
+        from reloop.engine.models.registry import backbone_entry, build_learner
 
         known = backbone_entry(s["backbone"]).config_cls.model_fields
         opts = {k: v for k, v in (("embedding_dim", s["dim"]), ("hidden_units", s["hidden"])) if k in known}
@@ -172,7 +171,7 @@ class ExperimentLearner:
             self.opts.append(torch.optim.Adagrad(tables, lr=s["emb_lr"]))
         self.wide = None
         if s["wide"] == "bayes":
-            from engine.models.wide import OnlineWide
+            from reloop.engine.models.wide import OnlineWide
 
             self.wide = OnlineWide(spec, s["wide_prior"], bool(s["wide_moderate"]))
         elif s["wide"]:
@@ -208,7 +207,7 @@ class ExperimentLearner:
                 self._drift(batch)
             z = self.wide.learn(batch, deep, labels, self.loss)
             return z, self.wide.moments(batch)[0]
-        from engine.models.ftrl import _active
+        from reloop.engine.models.ftrl import _active
 
         rows, vals = _active(self.spec, batch)
         if s["wide_sweeps"]:
@@ -220,7 +219,7 @@ class ExperimentLearner:
     def _drift(self, batch: FeatureBatch) -> None:
         """Forgetting, applied per batch to the rows it touches (a row's variance grows by drift per
         sighting, bounded by the prior)."""
-        from engine.models.ftrl import _active
+        from reloop.engine.models.ftrl import _active
 
         assert self.wide is not None
         rows, vals = _active(self.spec, batch)
@@ -326,7 +325,7 @@ def run_harness(data: BacktestData, s: dict[str, Any], seed: int, last_period: i
 
 def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: int) -> list[dict[str, Any]]:
     """The engine's protocol (``reloop backtest``'s code) on periods 0..last_period."""
-    from engine.replay.backtest import RunSpec, Strategy, run_one
+    from reloop.engine.replay.backtest import RunSpec, Strategy, run_one
 
     run = RunSpec(
         protocol=s["protocol"],
@@ -355,7 +354,7 @@ def run_delayed(
     window (``window_s``) closes: what the joiner emits. ``neutral``: every label arrives ``window_s``
     after its impression. Returns (rows of the served scores, rows of the training-time progressive
     scores); the progressive ones see samples in arrival order, which leaks the labels' order."""
-    from engine.models.registry import build_learner
+    from reloop.engine.models.registry import build_learner
 
     rng = np.random.default_rng([seed, 7])
     t = data.times_ms.astype(np.float64) / 1000.0
@@ -403,7 +402,7 @@ def run_delayed(
 
 
 def run_river(data: BacktestData, last_period: int) -> list[dict[str, Any]]:
-    from engine.replay.backtest import run_river_baseline
+    from reloop.engine.replay.backtest import run_river_baseline
 
     return [
         {k: r[k] for k in ("period", "n", "auc", "logloss")}
@@ -419,9 +418,9 @@ def load(dataset: str, path: Path, buckets: int) -> BacktestData:
     """Periods as in docs/backtest: MovieLens weeks (smaller than 500 merged), Frappe 10 chunks."""
     key = (dataset, str(path), buckets)
     if key not in _CACHE:
-        from connectors.files.datasets import open_dataset, to_samples
-        from connectors.files.datasets.spec import feature_spec
-        from engine.replay.backtest import period_bounds_by_count, period_bounds_by_time, prepare
+        from reloop.connectors.files.datasets import open_dataset, to_samples
+        from reloop.connectors.files.datasets.spec import feature_spec
+        from reloop.engine.replay.backtest import period_bounds_by_count, period_bounds_by_time, prepare
 
         ds = open_dataset(dataset, path)
         spec = feature_spec(ds.fields, buckets=buckets)
@@ -471,7 +470,7 @@ def summarise(path: Path, ref: str, order: list[str] | None = None) -> str:
     """Per dataset and variant: mean AUC / LogLoss over seeds and selection periods, and the paired
     difference to ``ref`` (same seed and period) with a 95% t half-width over seeds. river_lr (one
     deterministic run) is paired by period with the reference's mean over seeds."""
-    from engine.replay.report import t_interval
+    from reloop.engine.replay.report import t_interval
 
     cells: dict[tuple[str, str], dict[tuple[int, int], tuple[float, float]]] = {}
     secs: dict[tuple[str, str], list[float]] = {}
@@ -520,7 +519,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
     """The delayed-feedback table: per setting and learner, served AUC / LogLoss on the selection periods
     and on the later ones, the later ones' paired difference to ``new`` (×1e3, 95% over seeds), and the
     training-time (progressive, label-order-leaking) scores on the later periods."""
-    from engine.replay.report import t_interval
+    from reloop.engine.replay.report import t_interval
 
     cells: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
     for r in csv.DictReader(path.open()):

@@ -6,7 +6,7 @@ previous learner. Differences are new minus peer, paired by seed and period (the
 deterministic run: paired by period), with 95% Student-t half-widths over seeds (per-seed means over
 periods) and over periods (per-period means over seeds).
 
-    .venv/bin/python -m bench.learner_targets --from-period 11 \\
+    .venv/bin/python -m reloop.bench.learner_targets --from-period 11 \\
         --new docs/backtest/movielens-streaming/results.csv \\
         --peer "periodic, new learner=docs/backtest/movielens-periodic/results.csv" \\
         --peer "streaming, previous learner=docs/backtest/previous-learner/movielens-streaming/results.csv"
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.replay.report import read_csv, t_interval
+from reloop.engine.replay.report import read_csv, t_interval
 
 Cell = dict[tuple[int, int], tuple[float, float]]
 

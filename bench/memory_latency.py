@@ -1,6 +1,6 @@
 """What the error memory adds to serving latency: one request of 100 candidates, memory on vs off.
 
-    .venv/bin/python -m bench.memory_latency --out docs/backtest/reloop2/serving-latency.md
+    .venv/bin/python -m reloop.bench.memory_latency --out docs/backtest/reloop2/serving-latency.md
 
 Same process, same bundle (DCN, MLP 400,400,400, embedding dim 10, 8 fields: the BARS settings), same
 requests, the two paths interleaved request by request so that load on the machine hits both alike:
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.memory.served import ServedMemory, predict_and_hidden
-from engine.memory.sketch import SketchConfig
-from engine.models.registry import build_learner
-from engine.serve.bundle import ModelBundle
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.memory.served import ServedMemory, predict_and_hidden
+from reloop.engine.memory.sketch import SketchConfig
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.bundle import ModelBundle
 
 FIELDS = [f"f{i}" for i in range(8)]
 
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Serving latency of the error memory (100 candidates)",
         "",
-        f"Command: `.venv/bin/python -m bench.memory_latency {shlex.join(argv)}`",
+        f"Command: `.venv/bin/python -m reloop.bench.memory_latency {shlex.join(argv)}`",
         "",
         f"- {args.requests} requests of {args.candidates} candidates per path, interleaved, after 200 "
         "warm-up; "

@@ -2,7 +2,7 @@
 
 Prints one line per backbone and exits non-zero on the first mismatch.
 
-    python -m bench.models_device_check [--device cuda]
+    python -m reloop.bench.models_device_check [--device cuda]
 """
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ import sys
 
 import numpy as np
 import torch
-
-from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField, NumericField
-from engine.models.registry import build_learner, learner_from_state
+from reloop.engine.features import (
+    CategoricalField,
+    FeatureSpec,
+    Featurizer,
+    MultiCategoricalField,
+    NumericField,
+)
+from reloop.engine.models.registry import build_learner, learner_from_state
 
 SPEC = FeatureSpec(
     fields=(

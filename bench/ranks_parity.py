@@ -9,7 +9,7 @@ is unchanged. Every rank keeps its progressive (predict-then-learn) scores; the 
 over the union, so every sample is scored once by the model of its step. Seeds change the model's
 initialisation (model.seed); the sample order is the data's.
 
-    python -m bench.ranks_parity [--rows 100000] [--seeds 0,1,2] [--ranks 1,2,4] [--out docs/...]
+    python -m reloop.bench.ranks_parity [--rows 100000] [--seeds 0,1,2] [--ranks 1,2,4] [--out docs/...]
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ TOPIC = "samples"
 def _samples(rows: int) -> list[Any]:
     import itertools
 
-    from connectors.files.datasets import open_dataset
-    from connectors.files.datasets.events import to_samples
+    from reloop.connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets.events import to_samples
 
     ds = open_dataset("movielens-100k", DATA)
     return list(to_samples(itertools.islice(ds.rows(), rows)))
 
 
 def _config(rows: int, batch: int, seed: int, work: Path) -> dict[str, Any]:
-    from connectors.files.datasets import open_dataset
-    from connectors.files.datasets.spec import feature_spec
+    from reloop.connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets.spec import feature_spec
 
     fields = open_dataset("movielens-100k", DATA).fields
     return {
@@ -65,8 +65,8 @@ def _config(rows: int, batch: int, seed: int, work: Path) -> dict[str, Any]:
 
 
 def _log(rows: int):
-    from connectors.memory import MemoryLog
-    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.connectors.memory import MemoryLog
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
 
     samples = _samples(rows)
     parts: list[list[Any]] = [[] for _ in range(PARTITIONS)]
@@ -84,14 +84,13 @@ def _log(rows: int):
 
 def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: str) -> None:
     import torch
-
-    from connectors.memory import MemorySource
-    from engine.metrics.registry import MetricsRegistry
-    from engine.metrics.rolling_batch import window_arrays
-    from engine.runtime.build import build_train_stage
-    from engine.runtime.config import load_config_dict
-    from engine.streams import PartitionShare
-    from engine.train.data_parallel import RankGroup
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.rolling_batch import window_arrays
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.streams import PartitionShare
+    from reloop.engine.train.data_parallel import RankGroup
 
     torch.set_num_threads(1)
     log, total = _log(rows)
@@ -125,7 +124,7 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
 
 
 def run_once(world: int, seed: int, rows: int, batch: int) -> dict[str, float]:
-    from engine.metrics.offline import auc, logloss
+    from reloop.engine.metrics.offline import auc, logloss
 
     with tempfile.TemporaryDirectory(prefix="reloop-parity-") as tmp:
         work = Path(tmp)
@@ -216,7 +215,8 @@ def main() -> None:
             res = run_once(world, seed, args.rows, args.batch)
             print(json.dumps(res), flush=True)
             results.append(res)
-    command = (f"python -m bench.ranks_parity --rows {args.rows} --batch {args.batch} --seeds {args.seeds} "
+    command = (f"python -m reloop.bench.ranks_parity --rows {args.rows} --batch {args.batch} "
+               f"--seeds {args.seeds} "
                f"--ranks {args.ranks}")  # fmt: skip
     text = report(results, args.rows, args.batch, command)
     print(text)

@@ -1,6 +1,6 @@
 """ReLoop2's error memory on a real stream: memory on vs off, settings chosen on the first third.
 
-    .venv/bin/python -m bench.reloop2_backtest --data ../shared/data/movielens-100k \\
+    .venv/bin/python -m reloop.bench.reloop2_backtest --data ../shared/data/movielens-100k \\
         --out docs/backtest/reloop2
 
 One streaming run (engine/replay/backtest.py) per backbone x strategy x seed; every memory variant of
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from engine.memory.stream_eval import MemorySpec
-from engine.replay.backtest import BacktestData, RunSpec, Strategy, run_streaming
+from reloop.engine.memory.stream_eval import MemorySpec
+from reloop.engine.replay.backtest import BacktestData, RunSpec, Strategy, run_streaming
 
 LAMS = (0.05, 0.1, 0.2, 0.3, 0.5)
 LAYOUTS = ((4, 6), (4, 10), (8, 8), (16, 12), (32, 12), (16, 16))  # (tables, bits)
@@ -75,7 +74,7 @@ def _work(run: RunSpec) -> list[dict[str, Any]]:
 
 
 def load(path: Path, buckets: int) -> BacktestData:
-    from engine.replay.backtest_cmd import load_data
+    from reloop.engine.replay.backtest_cmd import load_data
 
     ns = argparse.Namespace(
         dataset="movielens-100k",
@@ -220,7 +219,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     lines = [
         "# ReLoop2 error memory on MovieLens-100K (streaming, weekly snapshots)",
         "",
-        f"Command: `.venv/bin/python -m bench.reloop2_backtest {shlex.join(argv)}` "
+        f"Command: `.venv/bin/python -m reloop.bench.reloop2_backtest {shlex.join(argv)}` "
         "(data path as on the machine that ran it)",
         "",
         f"- wall time {wall} s, {args.workers} worker process(es), 1 torch thread each, on a shared 2-core "

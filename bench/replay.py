@@ -9,7 +9,7 @@ the same learner config (predict-then-learn too, so both score every sample once
 Both are timed in the same process, alternating A and B over several rounds (the machine's speed drifts
 between processes, docs/performance.md); the figure is the median of the per-round throughput ratios.
 
-    .venv/bin/python -m bench.replay [--rows 20000] [--rounds 3] [--backbone dcn] [--data PATH]
+    .venv/bin/python -m reloop.bench.replay [--rows 20000] [--rounds 3] [--backbone dcn] [--data PATH]
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "moviel
 
 
 def _setup(data: Path, rows: int, backbone: str, batch: int):
-    from connectors.files.datasets import make_delay, open_dataset, to_events, to_samples
-    from engine.replay.replay_cmd import dataset_config
-    from engine.runtime.config import load_config_dict
+    from reloop.connectors.files.datasets import make_delay, open_dataset, to_events, to_samples
+    from reloop.engine.replay.replay_cmd import dataset_config
+    from reloop.engine.runtime.config import load_config_dict
 
     ds = open_dataset("movielens-100k", data)
     picked = list(itertools.islice(ds.rows(), rows))
@@ -54,8 +54,8 @@ def _setup(data: Path, rows: int, backbone: str, batch: int):
 
 def replay_rate(cfg: Any, events: list, workdir: Path) -> float:
     """Samples per second through the whole replay (source to final snapshot)."""
-    from engine.replay.replay import run_replay
-    from engine.replay.sources import EventListSource
+    from reloop.engine.replay.replay import run_replay
+    from reloop.engine.replay.sources import EventListSource
 
     ckpt = workdir / f"replay-{time.perf_counter_ns()}"
     source = EventListSource(events, cfg.source.impressions_topic, cfg.source.clicks_topic)
@@ -69,8 +69,8 @@ def replay_rate(cfg: Any, events: list, workdir: Path) -> float:
 def samples_log(samples: list, per_message: int = 1024) -> tuple[Any, str, int]:
     """The samples as the join stage writes them (one Arrow batch of ``per_message`` per record), in
     memory: (log, topic, records)."""
-    from connectors.memory import MemoryLog, MemorySink
-    from engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.connectors.memory import MemoryLog, MemorySink
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
 
     topic = "reloop.samples"
     log = MemoryLog()
@@ -88,9 +88,9 @@ def samples_log(samples: list, per_message: int = 1024) -> tuple[Any, str, int]:
 def samples_replay_rate(cfg: Any, log: Any, topic: str, records: int, workdir: Path) -> float:
     """Samples per second of ``reloop replay --from-samples`` (the train stage alone) over the samples
     topic, source to final snapshot."""
-    from connectors.memory import MemorySource
-    from engine.replay.replay import run_samples_replay
-    from engine.streams import TopicPartition
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.replay.replay import run_samples_replay
+    from reloop.engine.streams import TopicPartition
 
     cfg = cfg.model_copy(update={"stages": cfg.stages.model_copy(update={"samples_topic": topic})})
     ckpt = workdir / f"samples-replay-{time.perf_counter_ns()}"
@@ -105,9 +105,9 @@ def samples_replay_rate(cfg: Any, log: Any, topic: str, records: int, workdir: P
 
 def offline_rate(cfg: Any, samples: list) -> float:
     """Samples per second of featurise + predict + learn over the same samples, in time order."""
-    from engine.features.featurizer import Featurizer
-    from engine.models.registry import build_learner
-    from engine.runtime.config import load_feature_spec
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.runtime.config import load_feature_spec
 
     spec = load_feature_spec(cfg.model)
     m = cfg.model
@@ -130,7 +130,7 @@ def offline_rate(cfg: Any, samples: list) -> float:
 def measure(
     data: Path = DEFAULT_DATA, rows: int = 20_000, rounds: int = 3, backbone: str = "dcn", batch: int = 512
 ) -> dict[str, Any]:
-    from bench.suite import alternate
+    from reloop.bench.suite import alternate
 
     cfg, events, samples = _setup(data, rows, backbone, batch)
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
@@ -146,8 +146,8 @@ def measure(
 
 
 def run(ctx: Any) -> Any:
-    """The suite's figure (``bench.suite`` expects ``run(ctx) -> Figure``)."""
-    from bench.suite import Figure, Row
+    """The suite's figure (``reloop.bench.suite`` expects ``run(ctx) -> Figure``)."""
+    from reloop.bench.suite import Figure, Row
 
     res = measure(rows=ctx.pick(20_000, 3_000), rounds=ctx.pick(ctx.rounds, 2))
     row = Row(
@@ -157,7 +157,7 @@ def run(ctx: Any) -> Any:
         baseline_name="offline loop (featurise + predict + learn)",
         baseline_value=res["offline_median"],
         ratio=res["median_ratio"],
-        command=f"python -m bench.replay --rows {res['rows']} --rounds {res['rounds']}",
+        command=f"python -m reloop.bench.replay --rows {res['rows']} --rounds {res['rounds']}",
     )
     return Figure(key="replay", title="Replay on MovieLens-100K", rows=[row])
 

@@ -2,9 +2,9 @@
 
 Ways to track the AUC of the last N labelled samples:
 
-* sorted: ``engine.metrics.online.RollingBinaryMetrics`` (exact AUC + LogLoss + calibration; sorted
+* sorted: ``reloop.engine.metrics.online.RollingBinaryMetrics`` (exact AUC + LogLoss + calibration; sorted
   lists + Mann-Whitney U kept up to date, so update/revert are O(log N) and get is O(1));
-* batch: ``engine.metrics.rolling_batch.BatchRollingMetrics`` (same results; numpy sorted arrays,
+* batch: ``reloop.engine.metrics.rolling_batch.BatchRollingMetrics`` (same results; numpy sorted arrays,
   updates buffered and applied 1024 at a time; a read flushes the buffer, O(N));
 * river: ``river.metrics.RollingROCAUC`` (update buffers, get walks the window);
 * numpy: a ring buffer and a full mid-rank recompute on every read.
@@ -17,8 +17,8 @@ All are first filled to a full window, then timed in alternating rounds in this 
 (the machine's speed drifts between processes); the report gives the median per-sample cost per
 method and the median of the per-round ratios against "sorted". The final AUCs are cross-checked.
 
-    .venv/bin/python -m bench.rolling_auc                 # window 100k
-    .venv/bin/python -m bench.rolling_auc --window 10000 --rounds 3
+    .venv/bin/python -m reloop.bench.rolling_auc                 # window 100k
+    .venv/bin/python -m reloop.bench.rolling_auc --window 10000 --rounds 3
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import statistics
 import time
 
 import numpy as np
+from reloop.engine.metrics.offline import auc
+from reloop.engine.metrics.online import RollingBinaryMetrics
+from reloop.engine.metrics.rolling_batch import BatchRollingMetrics
 from river.metrics import RollingROCAUC
-
-from engine.metrics.offline import auc
-from engine.metrics.online import RollingBinaryMetrics
-from engine.metrics.rolling_batch import BatchRollingMetrics
 
 
 def stream(n: int, seed: int) -> tuple[list[int], list[float]]:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _bodies(n: int, candidates: int, seed: int = 0) -> list[bytes]:
-    from engine.simulate.world import World, WorldConfig
+    from reloop.engine.simulate.world import World, WorldConfig
 
     world = World(WorldConfig(seed=seed, n_items=max(500, candidates), n_candidates=candidates))
     out = []
@@ -69,17 +69,16 @@ class _NullSink:
 def inprocess(bodies: list[bytes], backbone: str, params: dict, rounds: int) -> None:
     """``ScoringService.score`` alone (parse excluded), with a logger (null sink) vs without, alternating."""
     import torch
-
-    from engine.events.codec import encode
-    from engine.features.featurizer import Featurizer
-    from engine.features.spec import FeatureSpec
-    from engine.models.registry import build_learner
-    from engine.serve.arms import ArmRouter
-    from engine.serve.bundle import ModelBundle, ModelHolder
-    from engine.serve.impression_log import ImpressionLogger
-    from engine.serve.schema import ScoreRequest
-    from engine.serve.service import ArmRuntime, ScoringService
-    from engine.simulate.spec import world_spec_dict
+    from reloop.engine.events.codec import encode
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.arms import ArmRouter
+    from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+    from reloop.engine.serve.impression_log import ImpressionLogger
+    from reloop.engine.serve.schema import ScoreRequest
+    from reloop.engine.serve.service import ArmRuntime, ScoringService
+    from reloop.engine.simulate.spec import world_spec_dict
 
     torch.set_num_threads(1)
     spec = FeatureSpec.from_dict(world_spec_dict())
@@ -116,10 +115,10 @@ def inprocess(bodies: list[bytes], backbone: str, params: dict, rounds: int) -> 
 
 
 def _publish_snapshot(root: Path, backbone: str, params: dict) -> None:
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.features.spec import FeatureSpec
-    from engine.models.registry import build_learner
-    from engine.simulate.spec import world_spec_dict
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.simulate.spec import world_spec_dict
 
     spec = FeatureSpec.from_dict(world_spec_dict())
     learner = build_learner(backbone, spec, "reloop", 0.5, seed=0, **params)
@@ -128,7 +127,8 @@ def _publish_snapshot(root: Path, backbone: str, params: dict) -> None:
 
 def _start_service(config: dict, path: Path, port: int, *, log: bool, out: Path) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(path), "--port", str(port)]
+    cmd = [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(path),
+           "--port", str(port)]
     if not log:
         cmd.append("--no-log")
     return subprocess.Popen(cmd, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT)
@@ -193,15 +193,15 @@ def main() -> int:
     if args.inprocess_only:
         return 0
 
-    from connectors.kafka.admin import create_topics
-    from connectors.kafka.local_broker import LocalBroker, free_port
+    from reloop.connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.local_broker import LocalBroker, free_port
 
     work = Path(tempfile.mkdtemp(prefix="reloop-bench-serve-"))
     _publish_snapshot(work / "reg", args.backbone, params)
     broker = LocalBroker(work / "kafka")
     procs: list[subprocess.Popen] = []
     try:
-        from engine.runtime.demo import start_broker
+        from reloop.engine.runtime.demo import start_broker
 
         bootstrap = start_broker(broker)
         create_topics(bootstrap, {"bench.impressions": 1})

@@ -1,7 +1,7 @@
 """Figure 5: snapshot write time and publish-to-serving time against model size.
 
-    python -m bench --only snapshots              # through the suite (writes to stdout)
-    python -m bench.snapshots --rows 1e5,1e6 --rounds 3
+    python -m reloop.bench --only snapshots              # through the suite (writes to stdout)
+    python -m reloop.bench.snapshots --rows 1e5,1e6 --rounds 3
 
 Model: DCN on the Criteo layout (13 log-bucketed numeric + 26 hashed fields), embedding dim 16, the
 table sized to 1e5 / 1e6 / 1e7 rows, after one training step so the optimizer's full-size state
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.suite import Context, Figure, Row, alternate, fmt_number
+from reloop.bench.suite import Context, Figure, Row, alternate, fmt_number
 
-COMMAND = "python -m bench --only snapshots"
+COMMAND = "python -m reloop.bench --only snapshots"
 WATCH_INTERVAL_S = 0.05
 TITLE = "5. Snapshots: write and publish-to-serving time"
 
@@ -45,10 +45,9 @@ def trained_learner(rows: int, dim: int = 16, seed: int = 0) -> tuple[Any, int]:
     """A DCN with about ``rows`` embedding rows after one step; (learner, rows)."""
     import numpy as np
     import torch
-
-    from engine.features.featurizer import Featurizer
-    from engine.features.spec import criteo_spec
-    from engine.models.registry import build_learner
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.models.registry import build_learner
 
     numeric_rows = 13 * 1001
     spec = criteo_spec(buckets=max(1, (rows - numeric_rows) // 26 - 1), numeric_buckets=1000)
@@ -85,11 +84,10 @@ def watch(root: Path, interval_s: float) -> int:
     ``root``; prints one JSON line per version swapped in (times are ``time.time()``)."""
     import psutil
     import torch
-
-    from engine.serve.bundle import ModelHolder
-    from engine.serve.config import ArmConfig
-    from engine.serve.reload import ArmSource, ReloadWatcher
-    from engine.serve.stack import registry_loader_factory
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.config import ArmConfig
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+    from reloop.engine.serve.stack import registry_loader_factory
 
     torch.set_num_threads(1)
     latest, load_version, _ = registry_loader_factory(ArmConfig(name="bench", registry=root))
@@ -110,9 +108,9 @@ def watch(root: Path, interval_s: float) -> int:
     # registry and its plugins): their one-time imports and allocations are runtime, not model.
     import tempfile
 
-    from engine.features.spec import FeatureSpec
-    from engine.models.registry import build_learner
-    from engine.serve.bundle_format import learner_from_bundle, read_bundle, write_bundle
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle_format import learner_from_bundle, read_bundle, write_bundle
 
     spec = FeatureSpec.from_dict({"fields": [{"kind": "categorical", "name": "a", "buckets": 8}]})
     tiny = build_learner("dcn", spec, "ce", 0.0)
@@ -142,7 +140,8 @@ class Watcher:
 
     def __init__(self, root: Path, interval_s: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.snapshots", "--watch", str(root), "--interval", str(interval_s)],
+            [sys.executable, "-m", "reloop.bench.snapshots", "--watch", str(root),
+             "--interval", str(interval_s)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -191,9 +190,8 @@ def measure(
     """Both alternations for one size; with ``profile_over_s``, when the median publish-to-serving time
     exceeds it, also cProfile one publish and one serving-side load in this process."""
     import torch
-
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.serve.bundle_format import publish_serving_bundle, serving_tensors
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.serve.bundle_format import publish_serving_bundle, serving_tensors
 
     learner, actual_rows = trained_learner(rows)
     state = learner.state_dict()
@@ -254,8 +252,8 @@ def measure(
         detail[k] = detail[k][1:]
     profiles: list[str] = []
     if profile_over_s is not None and _median(serve) > profile_over_s:
-        from bench.suite_profile import cprofile_top
-        from engine.serve.loader import load_serving_bundle
+        from reloop.bench.suite_profile import cprofile_top
+        from reloop.engine.serve.loader import load_serving_bundle
 
         version, text = cprofile_top(lambda: publish_serving_bundle(registry, learner))
         profiles.append("`publish_serving_bundle` (the trainer's side), " + text)
@@ -375,7 +373,7 @@ def run(ctx: Context) -> Figure:
         "manifest, renamed into place, not fsynced: a torn bundle fails its checksum and the snapshot "
         "serves), then `SnapshotRegistry.publish` of the training state, "
         "until a separate serving process has the version swapped in. The serving side runs the "
-        "service's own `ReloadWatcher` and loader (`engine.serve.stack.registry_loader_factory`), "
+        "service's own `ReloadWatcher` and loader (`reloop.engine.serve.stack.registry_loader_factory`), "
         f"polling every {WATCH_INTERVAL_S * 1000:.0f} ms: it sees the bundle while the snapshot is still "
         "being written (*detect* is from the end of the bundle write; the two compete for the 2 cores "
         "and the disk), and its load reads + checksums the bundle, builds the model on the meta device "

@@ -11,7 +11,7 @@ median of the per-round ratios:
 1.5
 
 A figure is a function ``run(ctx: Context) -> Figure`` in a module of this package, listed in
-``FIGURES``; ``python -m bench`` runs each in its own child process and writes ``docs/benchmarks.md``.
+``FIGURES``; ``python -m reloop.bench`` runs each in its own child process and writes ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -102,11 +102,11 @@ class Context:
 class FigureSpec:
     key: str
     title: str
-    target: str  # "module:function"
+    target: str  # "module:function", the module under reloop.bench
 
     def load(self) -> Callable[[Context], Figure]:
         module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
+        return getattr(importlib.import_module(f"reloop.{module}"), func)
 
 
 FIGURES: dict[str, FigureSpec] = {

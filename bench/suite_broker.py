@@ -11,7 +11,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def local_broker() -> Iterator[str]:
     """Start the project's local broker (deploy/kafka) in a temporary directory; yields its bootstrap."""
-    from connectors.kafka.local_broker import LocalBroker
+    from reloop.connectors.kafka.local_broker import LocalBroker
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-kafka-") as tmp:
         broker = LocalBroker(Path(tmp) / "kafka")

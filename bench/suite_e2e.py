@@ -1,6 +1,6 @@
 """Figure 1: end to end, Kafka -> decode -> join -> featurise -> train, against the bare PyTorch loop.
 
-Engine: the stream processor as ``reloop run`` wires it (``engine.runtime.pipeline.Pipeline``): a
+Engine: the stream processor as ``reloop run`` wires it (``reloop.engine.runtime.pipeline.Pipeline``): a
 ``KafkaSource`` on the local broker reading an impressions topic and a clicks topic from offset 0,
 merge by timestamp, batch decode, the joiner (window 2 s of event time), ``StreamTrainer``
 (predict-then-learn, ReLoop loss with the logged prediction as y_last) on a DCN or DeepFM learner.
@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reloop.bench.suite import Context, Figure, Row, alternate
+from reloop.bench.suite_broker import local_broker
+from reloop.bench.suite_profile import cprofile_top
 
-from bench.suite import Context, Figure, Row, alternate
-from bench.suite_broker import local_broker
-from bench.suite_profile import cprofile_top
-
-COMMAND = "python -m bench --only e2e"
+COMMAND = "python -m reloop.bench --only e2e"
 TITLE = "1. End to end: Kafka -> decode -> join -> featurise -> train"
 WINDOW_MS = 2_000
 STALL_S = 30.0
@@ -49,7 +48,7 @@ def make_events(n: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
     Event times must be recent: the broker's time-based retention (7 days) deletes older records while
     the benchmark runs (the source then finds its topics empty), and it refuses records stamped more than
     an hour ahead."""
-    from engine.events.schema import Click, Impression
+    from reloop.engine.events.schema import Click, Impression
 
     t0 = int(time.time() * 1000) - 3_600_000
     rng = np.random.default_rng(seed)
@@ -85,9 +84,9 @@ def make_events(n: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
 
 
 def fill_topics(bootstrap: str, imps: list[Any], clicks: list[Any]) -> tuple[str, str]:
-    from connectors.kafka.admin import create_topics
-    from connectors.kafka.sink import KafkaSink
-    from engine.events.codec import encode
+    from reloop.connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.events.codec import encode
 
     suffix = uuid.uuid4().hex[:8]
     imp_topic, clk_topic = f"bench.imp.{suffix}", f"bench.clk.{suffix}"
@@ -103,7 +102,7 @@ def fill_topics(bootstrap: str, imps: list[Any], clicks: list[Any]) -> tuple[str
 
 # ------------------------------------------------------------------------------------------ engine
 def make_learner(backbone: str, spec: Any) -> Any:
-    from engine.models.registry import build_learner
+    from reloop.engine.models.registry import build_learner
 
     return build_learner(backbone, spec, "reloop", 0.2, seed=0)
 
@@ -111,15 +110,15 @@ def make_learner(backbone: str, spec: Any) -> Any:
 def engine_pass(
     bootstrap: str, topics: tuple[str, str], backbone: str, spec: Any, batch: int, target: int, work: Path
 ) -> float:
-    from connectors.kafka.source import KafkaSource
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.features.featurizer import Featurizer
-    from engine.join.joiner import JoinerConfig
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.clock import system_clock
-    from engine.runtime.pipeline import Pipeline, PipelineSettings
-    from engine.train.period import PeriodTrigger
-    from engine.train.stream import StreamTrainer, StreamTrainerConfig
+    from reloop.connectors.kafka.source import KafkaSource
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.join.joiner import JoinerConfig
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.clock import system_clock
+    from reloop.engine.runtime.pipeline import Pipeline, PipelineSettings
+    from reloop.engine.train.period import PeriodTrigger
+    from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
     trainer = StreamTrainer(
         learner=make_learner(backbone, spec),
@@ -230,8 +229,7 @@ class BareLoop:
 
     def __init__(self, backbone: str, spec: Any, imps: list[Any], labels: np.ndarray, batch: int) -> None:
         import torch
-
-        from engine.features.featurizer import Featurizer, TorchFeatureBatch
+        from reloop.engine.features.featurizer import Featurizer, TorchFeatureBatch
 
         learner = make_learner(backbone, spec)
         self.model = learner.model
@@ -273,8 +271,7 @@ class BareLoop:
 # ------------------------------------------------------------------------------------------ figure
 def run(ctx: Context) -> Figure:
     import torch
-
-    from engine.features.spec import criteo_spec
+    from reloop.engine.features.spec import criteo_spec
 
     n = ctx.pick(20_480, 4_096)
     rounds = min(ctx.rounds, 3)  # each engine pass re-reads Kafka and rebuilds the learner

@@ -1,4 +1,4 @@
-"""Figure 2: the joiner alone (``engine.join.Joiner``): events/s on one core, and bytes of memory per
+"""Figure 2: the joiner alone (``reloop.engine.join.Joiner``): events/s on one core, and bytes of memory per
 pending impression with 1M pending.
 
 * Throughput: a time-ordered stream of impressions and clicks (30% of impressions clicked inside the
@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.suite import Context, Figure, Row, alternate
-from bench.suite_profile import cprofile_top
+from reloop.bench.suite import Context, Figure, Row, alternate
+from reloop.bench.suite_profile import cprofile_top
 
-COMMAND = "python -m bench --only joiner"
+COMMAND = "python -m reloop.bench --only joiner"
 TITLE = "2. The joiner alone"
 T0 = 1_764_000_000_000
 PAYLOAD = b"x" * 850  # stands in for the raw record value: the joiner never looks inside
@@ -53,7 +53,7 @@ def make_stream(n_events: int, seed: int = 0) -> list[tuple[int, str, int]]:
 
 
 def joiner_pass(events: list[tuple[int, str, int]]) -> tuple[float, int]:
-    from engine.join.joiner import Joiner, JoinerConfig
+    from reloop.engine.join.joiner import Joiner, JoinerConfig
 
     j = Joiner(
         JoinerConfig(window_ms=60_000, allowed_lateness_ms=1_000, retention_ms=120_000),
@@ -121,7 +121,7 @@ def rss_per_entry(n: int, fill: Callable[[int], Any]) -> float:
 
 
 def fill_joiner(n: int) -> Any:
-    from engine.join.joiner import Joiner, JoinerConfig
+    from reloop.engine.join.joiner import Joiner, JoinerConfig
 
     cfg = JoinerConfig(window_ms=10**12, max_pending=n + 1, ttl_ms=10**12)
     j = Joiner(cfg, clock=lambda: 0)

@@ -1,6 +1,6 @@
 """Figure 3: kafka-python vs confluent-kafka, produce and consume on the local broker.
 
-The measurement is the Kafka engineer's ``bench.kafka_clients.run`` (both clients alternating round by
+The measurement is the Kafka engineer's ``reloop.bench.kafka_clients.run`` (both clients alternating round by
 round in one process, ~850-byte orjson-encoded impressions, 3 partitions); this module turns its rates
 into rows and writes down which client the engine uses and why.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import statistics
 
-from bench.suite import Context, Figure, Row
-from bench.suite_broker import local_broker
+from reloop.bench.suite import Context, Figure, Row
+from reloop.bench.suite_broker import local_broker
 
-COMMAND = "python -m bench --only kafka"
+COMMAND = "python -m reloop.bench --only kafka"
 TITLE = "3. Kafka clients: kafka-python vs confluent-kafka"
 
 
 def run(ctx: Context) -> Figure:
-    from bench import kafka_clients as kc
+    from reloop.bench import kafka_clients as kc
 
     records = ctx.pick(30_000, 5_000)
     rounds = min(ctx.rounds, 3)
@@ -50,7 +50,8 @@ def run(ctx: Context) -> Figure:
     notes = f"""{records:,} records of {avg_bytes:.0f} bytes on average per run (orjson-encoded `Impression`
 events, encoded before timing: the rates are the clients' and the broker's, not the codec's; the codec
 alone is in `bench/codec.py`), 3 partitions, producers `acks=all` + idempotent, {rounds} rounds with the
-client order alternating. Measured by `bench.kafka_clients.run` (details: `python -m bench.kafka_clients`).
+client order alternating. Measured by `reloop.bench.kafka_clients.run`
+(details: `python -m reloop.bench.kafka_clients`).
 
 | client | direction | records/s per round |
 |---|---|---|

@@ -2,13 +2,13 @@
 
 D = ``run_samples_replay`` (``reloop replay --from-samples``) over the same samples as Arrow batches.
 
-The replay and the offline loop are the backtest engineer's (``bench.replay.replay_rate`` /
+The replay and the offline loop are the backtest engineer's (``reloop.bench.replay.replay_rate`` /
 ``offline_rate``): A = ``run_replay`` over the dataset's events (impressions + clicks delayed
 exponentially with a 60 s mean: merge, decode, join with a 1 h window, predict-then-learn DCN with the
 ReLoop loss, batch 512, a snapshot every 7 days of event time, a final snapshot); B = the same learner
 config featurising, predicting and learning the same rows as labeled samples in time order. This module
 adds a stricter second baseline, C = a bare torch loop of the same model on tensors built beforehand
-(``bench.suite_e2e.BareLoop``), and runs A, B, C rotated round by round in one process over the whole
+(``reloop.bench.suite_e2e.BareLoop``), and runs A, B, C rotated round by round in one process over the whole
 dataset; ratios are medians of per-round ratios.
 """
 
@@ -20,19 +20,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from reloop.bench.suite import Context, Figure, Row, alternate_many
+from reloop.bench.suite_e2e import BareLoop
+from reloop.bench.suite_profile import cprofile_top
 
-from bench.suite import Context, Figure, Row, alternate_many
-from bench.suite_e2e import BareLoop
-from bench.suite_profile import cprofile_top
-
-COMMAND = "python -m bench --only replay"
+COMMAND = "python -m reloop.bench --only replay"
 TITLE = "6. Replay on MovieLens-100K"
 DATA = Path(os.environ.get("RELOOP_DATA", "/work/shared/data")) / "movielens-100k"
 
 
 def run(ctx: Context) -> Figure:
-    from bench.replay import _setup, offline_rate, replay_rate, samples_log, samples_replay_rate
-    from engine.runtime.config import load_feature_spec
+    from reloop.bench.replay import _setup, offline_rate, replay_rate, samples_log, samples_replay_rate
+    from reloop.engine.runtime.config import load_feature_spec
 
     if not DATA.exists():
         raise FileNotFoundError(f"MovieLens-100K not found at {DATA} (set RELOOP_DATA)")

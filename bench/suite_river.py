@@ -1,6 +1,6 @@
 """Figure 7: samples/s of the engine's river paths against river's own ``learn_one`` loop.
 
-The measurement is the river engineer's ``bench.river_throughput.measure`` (every variant on the same
+The measurement is the river engineer's ``reloop.bench.river_throughput.measure`` (every variant on the same
 synthetic stream in one process, variants alternating round by round, predict-then-learn with the
 ReLoop loss); this module turns its medians and per-round ratios into rows.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench.suite import Context, Figure, Row
+from reloop.bench.suite import Context, Figure, Row
 
-COMMAND = "python -m bench --only river"
+COMMAND = "python -m reloop.bench --only river"
 TITLE = "7. river backbones"
 # (engine variant, what it is) in the order the rows appear.
 VARIANTS = (
@@ -23,7 +23,7 @@ VARIANTS = (
 
 
 def run(ctx: Context) -> Figure:
-    from bench import river_throughput as rt
+    from reloop.bench import river_throughput as rt
 
     args = argparse.Namespace(
         fields=ctx.pick([3, 10, 39], [3]),
@@ -68,8 +68,8 @@ def run(ctx: Context) -> Figure:
             f"{args.buckets:,} buckets per field, ReLoop loss (alpha 0.5) with a y_last per sample, "
             f"10 factors, engine learners fed chunks of {args.chunk}; {args.rounds} rounds of "
             f"~{args.seconds:g} s per variant, alternating; ratio = median per-round ratio to river's "
-            f"own loop of the same model. Measured by `bench.river_throughput.measure` (full report: "
-            f"`python -m bench.river_throughput`). No target was set for this figure.",
+            f"own loop of the same model. Measured by `reloop.bench.river_throughput.measure` (full report: "
+            f"`python -m reloop.bench.river_throughput`). No target was set for this figure.",
             "",
             *lines,
         ]

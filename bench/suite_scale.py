@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reloop.bench.suite import Context, Figure, Row
 
-from bench.suite import Context, Figure, Row
-
-COMMAND = "python -m bench --only scale"
+COMMAND = "python -m reloop.bench --only scale"
 TITLE = "10. Scale-out: data-parallel train ranks and join processes"
 PARTITIONS = 4
 TOPIC = "samples"
@@ -40,10 +39,10 @@ TOPIC = "samples"
 
 # ------------------------------------------------------------------ train ranks
 def _samples_log(n: int):
-    from bench.suite_e2e import make_events
-    from connectors.memory import MemoryLog
-    from engine.events.sample_batch import batch_from_samples, encode_batch
-    from engine.events.schema import LabeledSample
+    from reloop.bench.suite_e2e import make_events
+    from reloop.connectors.memory import MemoryLog
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
 
     imps, clicks = make_events(n)
     clicked = {c.impression_id for c in clicks}
@@ -67,14 +66,13 @@ def _samples_log(n: int):
 
 def _train_rank(rank: int, world: int, init: str | None, n: int, sync: str, work: str, out: Any) -> None:
     import torch
-
-    from connectors.memory import MemorySource
-    from engine.features.spec import criteo_spec
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.build import build_train_stage
-    from engine.runtime.config import load_config_dict
-    from engine.streams import PartitionShare
-    from engine.train.data_parallel import RankGroup
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.streams import PartitionShare
+    from reloop.engine.train.data_parallel import RankGroup
 
     torch.set_num_threads(1)
     log = _samples_log(n)
@@ -131,7 +129,7 @@ def train_rate(world: int, n: int, sync: str = "sparse") -> float:
 
 # ------------------------------------------------------------------ join processes
 class PassStalled(RuntimeError):
-    """A join process's consumer stalled (engine.runtime.join_stage.ConsumerStalled) in this pass."""
+    """A join process's consumer stalled (reloop.engine.runtime.join_stage.ConsumerStalled) in this pass."""
 
 
 def join_rate_retried(
@@ -147,7 +145,7 @@ def join_rate_retried(
 
 
 def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> float:
-    from connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.admin import create_topics
 
     samples_topic = f"bench.kjoined.{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {samples_topic: PARTITIONS})
@@ -198,8 +196,8 @@ def join_rate(bootstrap: str, raw: tuple[str, str], expected: int, k: int) -> fl
 
 def _join_owner(bootstrap: str, raw: tuple[str, str], group_id: str, samples_topic: str, expected: int,
                 sent: Any, owners: Any, ready: Any, stalled: Any, index: int) -> None:  # fmt: skip
-    from bench.suite_stages import join_stage_parts
-    from engine.runtime.join_stage import ConsumerStalled
+    from reloop.bench.suite_stages import join_stage_parts
+    from reloop.engine.runtime.join_stage import ConsumerStalled
 
     tmp = tempfile.mkdtemp(prefix="reloop-bench-kjoin-")
     stage = join_stage_parts(bootstrap, raw, group_id, samples_topic, tmp)
@@ -222,9 +220,9 @@ def _join_owner(bootstrap: str, raw: tuple[str, str], group_id: str, samples_top
 
 # ------------------------------------------------------------------ the figure
 def run(ctx: Context) -> Figure:
-    from bench.suite_broker import local_broker
-    from bench.suite_e2e import make_events
-    from bench.suite_stages import fill_partitioned_topics
+    from reloop.bench.suite_broker import local_broker
+    from reloop.bench.suite_e2e import make_events
+    from reloop.bench.suite_stages import fill_partitioned_topics
 
     n = ctx.pick(40_960, 8_192)
     rounds = min(ctx.rounds, 3)

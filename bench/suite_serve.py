@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reloop.bench.suite import Context, Figure, Row, percentiles
+from reloop.bench.suite_broker import local_broker
+from reloop.bench.suite_profile import pyspy_top
 
-from bench.suite import Context, Figure, Row, percentiles
-from bench.suite_broker import local_broker
-from bench.suite_profile import pyspy_top
-
-COMMAND = "python -m bench --only serve"
+COMMAND = "python -m reloop.bench --only serve"
 TITLE = "4. The scoring service"
 SLO_P99_MS = 10.0
 TARGET_P99_MS = 5.0
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------ requests
 def request_bodies(n: int, candidates: int, seed: int = 0) -> list[dict[str, Any]]:
-    from engine.simulate.world import World, WorldConfig
+    from reloop.engine.simulate.world import World, WorldConfig
 
     world = World(WorldConfig(seed=seed, n_items=max(500, candidates), n_candidates=candidates))
     out = []
@@ -147,11 +146,11 @@ class OpenLoop:
 
 # ------------------------------------------------------------------------------------------ service
 def publish_snapshot(root: Path) -> None:
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.features.spec import FeatureSpec
-    from engine.models.registry import build_learner
-    from engine.serve.bundle_format import publish_serving_bundle
-    from engine.simulate.spec import world_spec_dict
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle_format import publish_serving_bundle
+    from reloop.engine.simulate.spec import world_spec_dict
 
     spec = FeatureSpec.from_dict(world_spec_dict())
     learner = build_learner("dcn", spec, "reloop", 0.5, seed=0, embedding_dim=16)
@@ -166,7 +165,7 @@ def publisher(root: Path, every_s: float) -> subprocess.Popen:
     code = (
         "import sys, time, numpy as np, torch\n"
         "torch.set_num_threads(1)\n"
-        "from bench.suite_serve import _publish_loop\n"
+        "from reloop.bench.suite_serve import _publish_loop\n"
         f"_publish_loop({str(root)!r}, {every_s!r})\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL)
@@ -174,13 +173,12 @@ def publisher(root: Path, every_s: float) -> subprocess.Popen:
 
 def _publish_loop(root: str, every_s: float) -> None:
     import numpy as np
-
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.features.featurizer import Featurizer
-    from engine.features.spec import FeatureSpec
-    from engine.models.registry import build_learner
-    from engine.serve.bundle_format import publish_serving_bundle
-    from engine.simulate.spec import world_spec_dict
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle_format import publish_serving_bundle
+    from reloop.engine.simulate.spec import world_spec_dict
 
     spec = FeatureSpec.from_dict(world_spec_dict())
     learner = build_learner("dcn", spec, "reloop", 0.5, seed=0, embedding_dim=16)
@@ -211,7 +209,8 @@ def start_service(
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(path), "--port", str(port)]
+    cmd = [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(path),
+           "--port", str(port)]
     out = (work / f"{name}.out").open("wb")
     return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
@@ -262,9 +261,8 @@ class InProcessModel:
 
     def __init__(self, registry_root: Path, bodies: list[dict[str, Any]]) -> None:
         import torch
-
-        from engine.checkpoint.registry import SnapshotRegistry
-        from engine.serve.loader import load_bundle
+        from reloop.engine.checkpoint.registry import SnapshotRegistry
+        from reloop.engine.serve.loader import load_bundle
 
         torch.set_num_threads(1)
         registry = SnapshotRegistry(registry_root)
@@ -348,7 +346,7 @@ def reload_rounds(
 ) -> dict[str, Any]:
     """Alternating: the service while a new version is published every second / the same without.
     The publisher runs for the whole of each reload window (started before it, once it has published)."""
-    from engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
 
     registry = SnapshotRegistry(root, keep=3)
     out: dict[str, list[float]] = {"reload": [], "steady": []}
@@ -426,8 +424,8 @@ def _ramp_line(label: str, steps: list[tuple[float, float, int, float]]) -> str:
 
 
 def run(ctx: Context) -> Figure:
-    from connectors.kafka.admin import create_topics
-    from connectors.kafka.local_broker import free_port
+    from reloop.connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.local_broker import free_port
 
     counts = (1, 10, 100)
     rounds = min(ctx.rounds, 4)
@@ -608,7 +606,7 @@ def run(ctx: Context) -> Figure:
 
 
 if __name__ == "__main__":
-    from bench.suite import render_markdown
+    from reloop.bench.suite import render_markdown
 
     fig = run(Context(quick="--quick" in sys.argv, rounds=3))
-    print(render_markdown([fig], {"cores": str(os.cpu_count())}, "python -m bench.suite_serve", False))
+    print(render_markdown([fig], {"cores": str(os.cpu_count())}, "python -m reloop.bench.suite_serve", False))

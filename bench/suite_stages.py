@@ -32,19 +32,18 @@ from typing import Any
 
 import numpy as np
 import yaml
+from reloop.bench.suite import Context, Figure, Row, alternate
+from reloop.bench.suite_broker import local_broker
+from reloop.bench.suite_e2e import BareLoop, fill_topics, make_events
 
-from bench.suite import Context, Figure, Row, alternate
-from bench.suite_broker import local_broker
-from bench.suite_e2e import BareLoop, fill_topics, make_events
-
-COMMAND = "python -m bench --only stages"
+COMMAND = "python -m reloop.bench --only stages"
 TITLE = "9. Data plane v2: join stage, samples topic, train stage"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _learner(backbone: str, spec: Any) -> Any:
-    from engine.models.config import OptimizerConfig
-    from engine.models.registry import build_learner
+    from reloop.engine.models.config import OptimizerConfig
+    from reloop.engine.models.registry import build_learner
 
     return build_learner(backbone, spec, "reloop", 0.2, seed=0, optimizer=OptimizerConfig.previous_defaults())
 
@@ -59,10 +58,10 @@ def _bare(backbone: str, spec: Any, imps: list[Any], labels: np.ndarray, batch: 
 
 def fill_samples_topic(bootstrap: str, imps: list[Any], labels: np.ndarray, per_message: int = 1024) -> str:
     """The samples topic as the join stage writes it (one Arrow batch per message), from the events."""
-    from connectors.kafka.admin import create_topics
-    from connectors.kafka.sink import KafkaSink
-    from engine.events.sample_batch import batch_from_samples, encode_batch
-    from engine.events.schema import LabeledSample
+    from reloop.connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
 
     topic = f"bench.samples.{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {topic: 1})
@@ -82,14 +81,14 @@ def fill_samples_topic(bootstrap: str, imps: list[Any], labels: np.ndarray, per_
 
 
 def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch: int, target: int) -> float:
-    from connectors.kafka.source import KafkaSource
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.features.featurizer import Featurizer
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.clock import system_clock
-    from engine.runtime.train_stage import TrainStage, TrainStageSettings
-    from engine.train.period import PeriodTrigger
-    from engine.train.stream import StreamTrainer, StreamTrainerConfig
+    from reloop.connectors.kafka.source import KafkaSource
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.clock import system_clock
+    from reloop.engine.runtime.train_stage import TrainStage, TrainStageSettings
+    from reloop.engine.train.period import PeriodTrigger
+    from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-train-") as tmp:
         source = KafkaSource(
@@ -129,7 +128,7 @@ def join_stage_rate(
 ) -> float:
     """One timed join pass; a pass whose consumer stalls (``ConsumerStalled``) is counted in ``STALLS``
     and run again (what the supervisor does in ``reloop join``)."""
-    from engine.runtime.join_stage import ConsumerStalled
+    from reloop.engine.runtime.join_stage import ConsumerStalled
 
     for _ in range(3):
         try:
@@ -150,23 +149,23 @@ def join_stage_parts(
 ) -> Any:
     """A ``JoinStage`` as the benchmarks run it: a member of ``group_id`` over the raw topics, writing
     to ``samples_topic`` (which must exist), no checkpoints while timed, stalls detected after 30 s."""
-    from engine.deadletter import DeadLetterSink
-    from engine.features.check import SpecChecker
-    from engine.features.spec import criteo_spec
-    from engine.join.joiner import JoinerConfig
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.clock import system_clock
-    from engine.runtime.intake import IntakeLimits
-    from engine.runtime.join_stage import JoinStage, JoinStageSettings
+    from reloop.engine.deadletter import DeadLetterSink
+    from reloop.engine.features.check import SpecChecker
+    from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.join.joiner import JoinerConfig
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.clock import system_clock
+    from reloop.engine.runtime.intake import IntakeLimits
+    from reloop.engine.runtime.join_stage import JoinStage, JoinStageSettings
 
     if client == "confluent":
-        from connectors.confluent.group_source import ConfluentGroupSource as GroupSource
-        from connectors.confluent.sink import ConfluentSink as Sink
+        from reloop.connectors.confluent.group_source import ConfluentGroupSource as GroupSource
+        from reloop.connectors.confluent.sink import ConfluentSink as Sink
 
         sink_config = {"message.max.bytes": 8 << 20}
     else:
-        from connectors.kafka.group_source import KafkaGroupSource as GroupSource
-        from connectors.kafka.sink import KafkaSink as Sink
+        from reloop.connectors.kafka.group_source import KafkaGroupSource as GroupSource
+        from reloop.connectors.kafka.sink import KafkaSink as Sink
 
         sink_config = {"max_request_size": 8 << 20}
     return JoinStage(
@@ -194,10 +193,9 @@ def fill_partitioned_topics(
     from dataclasses import replace
 
     from kafka.partitioner.default import murmur2
-
-    from connectors.kafka.admin import create_topics
-    from connectors.kafka.sink import KafkaSink
-    from engine.events.codec import encode
+    from reloop.connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.events.codec import encode
 
     suffix = uuid.uuid4().hex[:8]
     imp_topic, clk_topic = f"bench.pimp.{suffix}", f"bench.pclk.{suffix}"
@@ -219,7 +217,7 @@ def fill_partitioned_topics(
 
 
 def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int, client: str) -> float:
-    from connectors.kafka.admin import create_topics
+    from reloop.connectors.kafka.admin import create_topics
 
     samples_topic = f"bench.joined.{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {samples_topic: 1})
@@ -247,7 +245,7 @@ def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int
 
 
 def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float:
-    from connectors.kafka.source import KafkaSource
+    from reloop.connectors.kafka.source import KafkaSource
 
     src = KafkaSource(bootstrap=bootstrap, topics=list(topics))
     src.open()
@@ -263,7 +261,7 @@ def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float
 def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int) -> float:
     """``reloop run`` with two processes until ``target`` samples are trained: samples / (time of the
     snapshot at target - time both stages had started)."""
-    from engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-run-") as tmp:
         work = Path(tmp)
@@ -288,7 +286,7 @@ def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: 
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log = open(work / "run.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(path)],
+            [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(path)],
             cwd=REPO, stdout=log, stderr=log, env=env,
         )  # fmt: skip
         reg = SnapshotRegistry(work / "snaps")
@@ -316,8 +314,7 @@ def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: 
 
 def run(ctx: Context) -> Figure:
     import torch
-
-    from engine.features.spec import criteo_spec
+    from reloop.engine.features.spec import criteo_spec
 
     torch.set_num_threads(1)
     n = ctx.pick(40_960, 8_192)

@@ -14,7 +14,7 @@ ReLoop loss with a y_last per sample:
 All three run in the same process, rotated round by round (ABC, BCA, CAB, ...); a ratio is the median of
 the per-round ratios to the old defaults. Torch runs with one thread (``--threads``).
 
-    .venv/bin/python -m bench.suite_trainer [--backbones dcn deepfm] [--rounds 5] [--seconds 3]
+    .venv/bin/python -m reloop.bench.suite_trainer [--backbones dcn deepfm] [--rounds 5] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ import time
 from typing import Any
 
 import numpy as np
+from reloop.bench.suite import Context, Figure, Row, alternate_many
 
-from bench.suite import Context, Figure, Row, alternate_many
-
-COMMAND = "python -m bench --only trainer"
+COMMAND = "python -m reloop.bench --only trainer"
 TITLE = "8. Streaming trainer: new learner defaults vs the old ones"
 TARGET = ">= 0.8x the old defaults' samples/s (issue 11)"
 
@@ -63,11 +62,10 @@ def measure(
     backbones: list[str], batch_size: int, rounds: int, seconds: float, rows: int, threads: int
 ) -> dict[str, dict[str, Any]]:
     import torch
-
-    from bench.train_throughput import synthetic_criteo
-    from engine.features.spec import criteo_spec
-    from engine.models.config import OptimizerConfig
-    from engine.models.registry import build_learner
+    from reloop.bench.train_throughput import synthetic_criteo
+    from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.models.config import OptimizerConfig
+    from reloop.engine.models.registry import build_learner
 
     torch.set_num_threads(threads)
     spec = criteo_spec()

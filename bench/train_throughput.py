@@ -5,11 +5,11 @@ pre-featurised (bench/featurize_throughput.py measures featurisation). Backbones
 defaults (BARS: embedding dim 10, MLP [400, 400, 400], 3 cross layers) and the optimizer the bare loop
 has too (sparse embedding gradients + SparseAdam, Adam for the rest, no wide part: the learner defaults
 before the streaming study, ``OptimizerConfig.previous_defaults()``; the streaming defaults are measured
-against them by ``python -m bench.suite_trainer``). Every step gets y_last, so the loss is
+against them by ``python -m reloop.bench.suite_trainer``). Every step gets y_last, so the loss is
 the full ReLoop loss. Backbones are measured round-robin over several rounds and the median is shown,
 because the shared machine's speed drifts (docs/performance.md).
 
-    .venv/bin/python -m bench.train_throughput [--batches 1024 4096] [--rounds 3] [--seconds 2]
+    .venv/bin/python -m reloop.bench.train_throughput [--batches 1024 4096] [--rounds 3] [--seconds 2]
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import time
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import FeatureBatch
-from engine.features.spec import FeatureSpec, criteo_spec
-from engine.models.config import OptimizerConfig
-from engine.models.registry import available_backbones, backbone_entry, build_learner
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.features.spec import FeatureSpec, criteo_spec
+from reloop.engine.models.config import OptimizerConfig
+from reloop.engine.models.registry import available_backbones, backbone_entry, build_learner
 
 
 def synthetic_criteo(spec: FeatureSpec, n: int, seed: int = 0) -> tuple[FeatureBatch, np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """The Source/Sink protocols now live in the engine (engine/streams.py): connectors import the engine,
 never the reverse. This module re-exports them for code written against the old place."""
 
-from engine.streams import (  # noqa: F401
+from reloop.engine.streams import (  # noqa: F401
     Positions,
     Record,
     RecordTooLarge,

@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
-
-from engine.streams import Record, Sink
+from reloop.engine.streams import Record, Sink
 
 log = logging.getLogger(__name__)
 E = TypeVar("E")
@@ -95,7 +94,7 @@ class DeadLetterSink:
         records: Sequence[Record],
         decode_many: Callable[[list[bytes]], tuple[list[E], Sequence[tuple[int, BaseException]]]],
     ) -> list[E]:
-        """Decode a polled batch with e.g. ``engine.events.codec.decode_impressions``: the valid events
+        """Decode a polled batch with e.g. ``reloop.engine.events.codec.decode_impressions``: the valid events
         come back in order, every bad record is dead-lettered here."""
         good, errors = decode_many([record.value for record in records])
         self.send_many(records, errors)

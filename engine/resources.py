@@ -3,7 +3,7 @@
 In a checkout (``deploy/`` next to ``engine/``) everything is read from ``deploy/`` and the README's
 commands keep working as they are. An installed wheel has no ``deploy/``: it ships the files the commands
 read at run time (``deploy/config/*.yaml``, ``deploy/kafka/pom.xml`` and ``log4j2.xml``) as the package
-``reloop_data`` (setup.py copies them there at build time), and whatever a command downloads or writes
+``reloop.deploy_files`` (setup.py copies them there at build time), and whatever a command downloads or writes
 goes to the user's XDG folders instead of the source tree:
 
 - ``$XDG_CACHE_HOME/reloop`` (default ``~/.cache/reloop``): the Kafka jars (``kafka/lib``);
@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKOUT_DEPLOY = REPO_ROOT / "deploy"
-PACKAGE = "reloop_data"
+PACKAGE = "reloop.deploy_files"
 
 
 class ResourceError(FileNotFoundError):
@@ -31,7 +31,7 @@ def in_checkout() -> bool:
 
 
 def packaged_deploy() -> Path | None:
-    """The installed copy of the deploy files (``reloop_data``), or None (e.g. an editable install)."""
+    """The installed copy of the deploy files (``reloop.deploy_files``), or None (an editable install)."""
     try:
         root = resources.files(PACKAGE)
     except ModuleNotFoundError:

@@ -18,7 +18,7 @@ fi
 
 marker=.venv/.reloop-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]] && .venv/bin/python -c "import engine, connectors" 2>/dev/null; then
+if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]] && .venv/bin/python -c "import reloop.engine, reloop.connectors" 2>/dev/null; then
   echo "setup: .venv is up to date with pyproject.toml"
 else
   echo "setup: pip install -e '.[dev]' (the first time downloads torch: a few minutes)"

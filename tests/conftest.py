@@ -11,8 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-
-from connectors.kafka.local_broker import BrokerError, LocalBroker
+from reloop.connectors.kafka.local_broker import BrokerError, LocalBroker
 
 _KAFKA_OUTCOMES: dict[str, int] = {}
 _BROKER_LINES: list[str] = []

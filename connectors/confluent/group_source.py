@@ -1,6 +1,6 @@
 """ConfluentGroupSource: the join stage's consumer-group member over confluent-kafka (librdkafka).
 
-The semantics of ``connectors.kafka.group_source.KafkaGroupSource``: the group assigns partitions
+The semantics of ``reloop.connectors.kafka.group_source.KafkaGroupSource``: the group assigns partitions
 (range assignment: partition p of co-partitioned topics to one member), the listener hears
 ``on_revoked`` / ``on_assigned`` and seeks every assigned partition to the position in its task
 checkpoint, offsets are committed only by ``commit``. librdkafka calls the rebalance callbacks from
@@ -16,8 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-
-from engine.streams import Positions, Record, TopicPartition
+from reloop.engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

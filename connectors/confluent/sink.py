@@ -1,6 +1,6 @@
-"""ConfluentSink: a connectors.base.Sink over confluent-kafka (librdkafka), writing one topic.
+"""ConfluentSink: a reloop.connectors.base.Sink over confluent-kafka (librdkafka), writing one topic.
 
-Same contract and durability as ``connectors.kafka.sink.KafkaSink`` (``acks=all``, idempotent, order
+Same contract and durability as ``reloop.connectors.kafka.sink.KafkaSink`` (``acks=all``, idempotent, order
 kept within a partition, the first delivery error raised by the next ``flush``, ``RecordTooLarge`` for
 one record too large, ``abort``), and the same partitioner as the Java client and kafka-python
 (``murmur2_random``; librdkafka's default is crc32): an impression and its click, keyed by the impression
@@ -25,8 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-
-from engine.streams import RecordTooLarge
+from reloop.engine.streams import RecordTooLarge
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

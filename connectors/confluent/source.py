@@ -1,6 +1,6 @@
-"""ConfluentSource: a connectors.base.Source over confluent-kafka (librdkafka).
+"""ConfluentSource: a reloop.connectors.base.Source over confluent-kafka (librdkafka).
 
-The semantics of ``connectors.kafka.source.KafkaSource``: every partition of the topics is assigned
+The semantics of ``reloop.connectors.kafka.source.KafkaSource``: every partition of the topics is assigned
 (never subscribed) at the positions ``open`` is given, the beginning of a partition is resolved at open
 time so ``position()`` is exact at once, group offsets are written only by ``commit`` (bounded by
 ``timeout_s``), ``end_positions`` is cached for ``max_age_s`` and bounded by ``timeout_s``. Fetching and
@@ -17,8 +17,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-
-from engine.streams import PartitionShare, Positions, Record, TopicPartition
+from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

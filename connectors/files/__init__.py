@@ -1,1 +1,1 @@
-"""File-backed connectors: dataset readers (``connectors.files.datasets``) and JSONL logs."""
+"""File-backed connectors: dataset readers (``reloop.connectors.files.datasets``) and JSONL logs."""

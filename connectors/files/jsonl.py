@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.streams import Positions, Record, TopicPartition
+from reloop.engine.streams import Positions, Record, TopicPartition
 
 _NO_TIMESTAMP = -1
 _IDLE_SLEEP_S = 0.02

@@ -12,8 +12,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import TopicAlreadyExistsError
-
-from engine.streams import Positions, TopicPartition
+from reloop.engine.streams import Positions, TopicPartition
 
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:

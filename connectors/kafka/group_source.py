@@ -21,8 +21,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
-
-from engine.streams import Positions, Record, TopicPartition
+from reloop.engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",

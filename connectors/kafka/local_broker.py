@@ -38,8 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-
-from engine.resources import deploy_file, user_cache_dir
+from reloop.engine.resources import deploy_file, user_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_HOME = REPO_ROOT / "deploy" / "kafka"

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
-from engine.resources import in_checkout, user_state_dir
+from reloop.connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
+from reloop.engine.resources import in_checkout, user_state_dir
 
 
 def default_state_dir() -> Path:

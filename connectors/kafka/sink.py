@@ -1,4 +1,4 @@
-"""KafkaSink: a connectors.base.Sink over kafka-python, writing one topic.
+"""KafkaSink: a reloop.connectors.base.Sink over kafka-python, writing one topic.
 
 Durability settings are explicit (kafka-python 3.x changed its defaults once; a future change must not
 change ours): ``acks='all'`` and the idempotent producer, so a retried batch is never written twice and
@@ -23,8 +23,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError, UnknownError
-
-from engine.streams import RecordTooLarge
+from reloop.engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
 # Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).

@@ -1,4 +1,4 @@
-"""KafkaSource: a connectors.base.Source over kafka-python.
+"""KafkaSource: a reloop.connectors.base.Source over kafka-python.
 
 The engine owns the positions (they live in its snapshots), so the source never subscribes and never
 lets Kafka choose where to read: it assigns every partition of its topics and seeks to the positions it
@@ -15,8 +15,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
-
-from engine.streams import PartitionShare, Positions, Record, TopicPartition
+from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
 
 # Settings the Source contract depends on; client_config may not change them.
 _RESERVED = {

@@ -5,7 +5,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from engine.streams import PartitionShare, Positions, Record, RecordTooLarge, TopicPartition
+from reloop.engine.streams import PartitionShare, Positions, Record, RecordTooLarge, TopicPartition
 
 
 class MemoryLog:

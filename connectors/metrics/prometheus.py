@@ -1,11 +1,11 @@
 """The one Prometheus adapter: exports the plain in-process registry at scrape time.
 
-Nothing here runs per event. The engine adds to ``engine.metrics.registry`` children (an int add);
+Nothing here runs per event. The engine adds to ``reloop.engine.metrics.registry`` children (an int add);
 when Prometheus scrapes, ``RegistryCollector.collect`` runs the registry's collect hooks (which
 copy rolling AUC and friends from ``OnlineMetricsBook`` into gauges) and converts each family
 into prometheus_client's metric families.
 
-    >>> from engine.metrics.registry import MetricsRegistry, Counter
+    >>> from reloop.engine.metrics.registry import MetricsRegistry, Counter
     >>> from prometheus_client import CollectorRegistry, generate_latest
     >>> plain = MetricsRegistry()
     >>> Counter("reloop_demo_total", "Demo.", ("topic",), registry=plain).labels(topic="t").inc(3)
@@ -37,8 +37,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-
-from engine.metrics.registry import REGISTRY, MetricFamily, MetricsRegistry
+from reloop.engine.metrics.registry import REGISTRY, MetricFamily, MetricsRegistry
 
 
 class RegistryCollector(Collector):

@@ -1,5 +1,5 @@
 """Atomic snapshots with monotonic versions: the only state that survives a restart."""
 
-from engine.checkpoint.registry import ChecksumError, Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.registry import ChecksumError, Snapshot, SnapshotError, SnapshotRegistry
 
 __all__ = ["ChecksumError", "Snapshot", "SnapshotError", "SnapshotRegistry"]

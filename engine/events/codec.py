@@ -8,7 +8,7 @@ always written. Readers ignore fields they do not know (see engine/events/valida
 versioning rule). Times are int ms since epoch, floats are written in their shortest exact form, so
 ``decode(encode(e)) == e`` for every valid event.
 
->>> from engine.events.schema import Click
+>>> from reloop.engine.events.schema import Click
 >>> data = encode(Click(impression_id="i1", event_time_ms=1_700_000_000_000))
 >>> data
 b'{"impression_id":"i1","event_time_ms":1700000000000,"value":null,"schema_version":1}'
@@ -22,9 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
-
-from engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
-from engine.events.validation import (
+from reloop.engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
+from reloop.engine.events.validation import (
     DEFAULT_MAX_BYTES,
     EventError,
     _click,

@@ -30,7 +30,7 @@ Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it e
 resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
 engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained already.
 
->>> from engine.events.schema import LabeledSample
+>>> from reloop.engine.events.schema import LabeledSample
 >>> s = LabeledSample("i1", {"user": "u", "price": 2.5, "tags": ["a"]}, 1, 0.2, 3, 1000)
 >>> batch = decode_batch(encode_batch(batch_from_samples([s], task=4, first_seq=10)))
 >>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s]
@@ -47,9 +47,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
-
-from engine.events.schema import LabeledSample
-from engine.events.validation import EventError
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.events.validation import EventError
 
 FORMAT = 1
 FEATURE_PREFIX = "f:"
@@ -161,7 +160,7 @@ def batch_from_samples(samples: Sequence[LabeledSample], *, task: int, first_seq
 
 
 def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> SampleBatch:
-    """Columns from the joiner's output (``engine.join.joiner.Joined``: impression id, event time, the
+    """Columns from the joiner's output (``reloop.engine.join.joiner.Joined``: impression id, event time, the
     impression's raw bytes as they were validated on the way in, label, correction flag)."""
     objs = [orjson.loads(j.payload) for j in joined]
     n = len(objs)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
+from reloop.engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
 
 REASONS = frozenset(
     {

@@ -1,7 +1,7 @@
 """Feature spec (fields as data) and the featurizer that turns raw feature dicts into embedding rows."""
 
-from engine.features.featurizer import FeatureBatch, FeatureError, Featurizer, TorchFeatureBatch
-from engine.features.spec import (
+from reloop.engine.features.featurizer import FeatureBatch, FeatureError, Featurizer, TorchFeatureBatch
+from reloop.engine.features.spec import (
     CategoricalField,
     FeatureSpec,
     MultiCategoricalField,

@@ -17,7 +17,7 @@ The bounds also bound the work: hashing costs one numpy pass per character posit
 The check is columnar: per field, one C-level pass over the column's types and lengths; only a column
 that fails is walked row by row to name the bad rows.
 
->>> from engine.features.spec import FeatureSpec, CategoricalField, NumericField
+>>> from reloop.engine.features.spec import FeatureSpec, CategoricalField, NumericField
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=9), NumericField(name="price")))
 >>> checker = SpecChecker(spec)
 >>> [(i, e.reason, e.detail) for i, e in checker.check_rows([{"u": "a", "price": 1.5}, {"price": "abc"}])]
@@ -32,9 +32,8 @@ from itertools import chain
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from engine.events.validation import EventError
-from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+from reloop.engine.events.validation import EventError
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 _SCALARS = frozenset({str, int, float, type(None)})
 _NUMBERS = frozenset({int, float, type(None)})

@@ -6,7 +6,7 @@ Columns may also be pyarrow arrays (the samples topic's batches, engine/events/s
 are hashed straight from the Arrow buffers and numbers read as numpy, with no Python object per value;
 the rows are the same as for the same values given as Python objects.
 
->>> from engine.features.spec import CategoricalField, FeatureSpec, NumericField
+>>> from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=10), NumericField(name="x")))
 >>> b = Featurizer(spec).transform([{"u": "alice", "x": 2.5}, {"x": None}])
 >>> b.cat.shape, b.num.tolist(), int(b.cat[1, 0])
@@ -24,9 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-
-from engine.features.hashing import fnv1a_arrow, fnv1a_utf8, splitmix64, to_bucket
-from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+from reloop.engine.features.hashing import fnv1a_arrow, fnv1a_utf8, splitmix64, to_bucket
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
-from engine.join.deadlines import DeadlineIndex
+from reloop.engine.join.deadlines import DeadlineIndex
 
 LateClickPolicy = Literal["drop", "correct"]
 EmitPolicy = Literal["window", "fnw"]

@@ -1,6 +1,6 @@
 """Training losses (CE, KD, ReLoop): small objects, testable without a model."""
 
-from engine.loss.losses import (
+from reloop.engine.loss.losses import (
     STRATEGIES,
     VARIANTS,
     CrossEntropyLoss,

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from engine.loss.losses import Loss, LossStats
+from reloop.engine.loss.losses import Loss, LossStats
 
 DELAYED_FEEDBACK = ("none", "fnw")
 

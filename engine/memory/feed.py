@@ -25,11 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from engine.events.sample_batch import decode_batch
-from engine.memory.served import ServedMemory
-from engine.serve.bundle import ModelHolder
-from engine.streams import Source, positions_from_json, positions_to_json
+from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.memory.served import ServedMemory
+from reloop.engine.serve.bundle import ModelHolder
+from reloop.engine.streams import Source, positions_from_json, positions_to_json
 
 log = logging.getLogger(__name__)
 

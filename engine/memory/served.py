@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import FeatureBatch
-from engine.memory.sketch import ErrorSketch, SketchConfig
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.memory.sketch import ErrorSketch, SketchConfig
 
 STATE_FORMAT = 1
 

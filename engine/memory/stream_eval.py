@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-
-from engine.features.featurizer import FeatureBatch
-from engine.memory.sketch import ErrorSketch, SketchConfig
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.memory.sketch import ErrorSketch, SketchConfig
 
 
 @dataclass(frozen=True, slots=True)

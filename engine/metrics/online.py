@@ -41,12 +41,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.metrics import registry as reg
+from reloop.engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
+from reloop.engine.metrics.rolling_batch import BatchRollingMetrics, window_arrays
 from sortedcontainers import SortedList
-
-from engine.events.schema import LabeledSample
-from engine.metrics import registry as reg
-from engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
-from engine.metrics.rolling_batch import BatchRollingMetrics, window_arrays
 
 
 def _check(y: int, p: float) -> tuple[int, float]:

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
+from reloop.engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
 
 
 def _pairs2(pos: np.ndarray, neg_sorted: np.ndarray) -> int:

@@ -10,11 +10,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
-
-from engine.features.featurizer import TorchFeatureBatch
-from engine.features.spec import FeatureSpec
-from engine.models.blocks import (
+from reloop.engine.features.featurizer import TorchFeatureBatch
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.blocks import (
     CIN,
     MLP,
     CrossNet,
@@ -27,8 +25,9 @@ from engine.models.blocks import (
     fm_bi_interaction,
     init_linear_layers,
 )
-from engine.models.config import BackboneConfig
-from engine.models.learner import CTRModel
+from reloop.engine.models.config import BackboneConfig
+from reloop.engine.models.learner import CTRModel
+from torch import nn
 
 Hidden = tuple[int, ...]
 BARS_MLP: Hidden = (400, 400, 400)

@@ -9,10 +9,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+from reloop.engine.features.featurizer import TorchFeatureBatch
+from reloop.engine.features.spec import FeatureSpec
 from torch import nn
-
-from engine.features.featurizer import TorchFeatureBatch
-from engine.features.spec import FeatureSpec
 
 EMBEDDING_INIT_STD = 1e-4  # FuxiCTR's default embedding initializer
 

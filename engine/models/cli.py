@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.models.registry import available_backbones, available_strategies, backbone_entry
+    from reloop.engine.models.registry import available_backbones, available_strategies, backbone_entry
 
     rows = []
     for name in available_backbones():

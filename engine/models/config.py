@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
-
-from engine.features.spec import FeatureSpec
+from reloop.engine.features.spec import FeatureSpec
 
 
 class FrozenConfig(BaseModel):

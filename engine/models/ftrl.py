@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-
-from engine.features.featurizer import FeatureBatch
-from engine.features.spec import FeatureSpec
-from engine.loss.losses import Loss, LossStats, make_loss
-from engine.models.config import BackboneConfig, LearnerConfig
-from engine.models.learner import check_same_architecture
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.loss.losses import Loss, LossStats, make_loss
+from reloop.engine.models.config import BackboneConfig, LearnerConfig
+from reloop.engine.models.learner import check_same_architecture
 
 STATE_FORMAT = 1
 

@@ -15,13 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import orjson
 import torch
+from reloop.engine.features.featurizer import FeatureBatch, TorchFeatureBatch
+from reloop.engine.loss.losses import Loss, LossStats, make_loss
+from reloop.engine.models.blocks import GenDropout
+from reloop.engine.models.config import LearnerConfig, OptimizerConfig
+from reloop.engine.models.wide import OnlineWide
 from torch import nn
-
-from engine.features.featurizer import FeatureBatch, TorchFeatureBatch
-from engine.loss.losses import Loss, LossStats, make_loss
-from engine.models.blocks import GenDropout
-from engine.models.config import LearnerConfig, OptimizerConfig
-from engine.models.wide import OnlineWide
 
 STATE_FORMAT = 1
 

@@ -1,6 +1,6 @@
 """Backbones by name, each with a typed config, and the one way to build a learner.
 
->>> from engine.features.spec import CategoricalField, FeatureSpec
+>>> from reloop.engine.features.spec import CategoricalField, FeatureSpec
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=9), CategoricalField(name="i", buckets=9)))
 >>> learner = build_learner("dcn", spec, strategy="reloop", alpha=0.2, seed=1, hidden_units=(32, 32))
 >>> learner.config.model.cross_layers, learner.config.model.hidden_units
@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-
-from engine.features.spec import FeatureSpec
-from engine.loss.losses import STRATEGIES, VARIANTS
-from engine.models import backbones as bb
-from engine.models.config import BackboneConfig, LearnerConfig, OptimizerConfig
-from engine.models.ftrl import FTRLConfig, FTRLLearner
-from engine.models.learner import Learner, TorchLearner
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.loss.losses import STRATEGIES, VARIANTS
+from reloop.engine.models import backbones as bb
+from reloop.engine.models.config import BackboneConfig, LearnerConfig, OptimizerConfig
+from reloop.engine.models.ftrl import FTRLConfig, FTRLLearner
+from reloop.engine.models.learner import Learner, TorchLearner
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +102,14 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    import engine.models as pkg
+    import reloop.engine.models as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("river_"):
             try:
-                importlib.import_module(f"engine.models.{info.name}")
+                importlib.import_module(f"reloop.engine.models.{info.name}")
             except ImportError as exc:
-                log.warning("backbone module engine.models.%s not loaded: %s", info.name, exc)
+                log.warning("backbone module reloop.engine.models.%s not loaded: %s", info.name, exc)
 
 
 def available_backbones() -> list[str]:

@@ -21,8 +21,8 @@ Features: a sample's river input is ``{global embedding row: value}``: 1.0 for a
 dense value for a numeric field (its single row, the FuxiCTR convention) and 1/len for the values of a
 multi-valued field (mean pooling). Row 0 of each field (missing value) is skipped.
 
->>> from engine.features.featurizer import Featurizer
->>> from engine.features.spec import CategoricalField, FeatureSpec
+>>> from reloop.engine.features.featurizer import Featurizer
+>>> from reloop.engine.features.spec import CategoricalField, FeatureSpec
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=8), CategoricalField(name="i", buckets=8)))
 >>> learner = build_river_learner("river_fm_np", spec, strategy="reloop", alpha=0.5, seed=0)
 >>> learner.predict_proba(Featurizer(spec).transform([{"u": "a", "i": "b"}])).shape
@@ -38,14 +38,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.loss import Loss, LossStats, make_loss
+from reloop.engine.models.config import BackboneConfig, LearnerConfig
+from reloop.engine.models.learner import check_same_architecture
+from reloop.engine.models.registry import build_learner, register_backbone
 from river import facto, linear_model, optim, utils
-
-from engine.features.featurizer import FeatureBatch
-from engine.features.spec import FeatureSpec
-from engine.loss import Loss, LossStats, make_loss
-from engine.models.config import BackboneConfig, LearnerConfig
-from engine.models.learner import check_same_architecture
-from engine.models.registry import build_learner, register_backbone
 
 RIVER_BACKBONES: tuple[str, ...] = ("river_lr", "river_fm", "river_fm_np")
 FMMode = Literal["sequential", "minibatch"]

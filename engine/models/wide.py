@@ -40,9 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import FeatureBatch
-from engine.features.spec import FeatureSpec
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.features.spec import FeatureSpec
 
 _MODERATION = math.pi / 8.0
 

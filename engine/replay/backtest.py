@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from engine.events.schema import LabeledSample
-from engine.features.featurizer import FeatureBatch, Featurizer
-from engine.features.spec import FeatureSpec
-from engine.metrics.offline import auc, logloss
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.featurizer import FeatureBatch, Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.metrics.offline import auc, logloss
 
 YLastSource = Literal["recomputed", "logged"]
 PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
@@ -55,7 +54,7 @@ def strategy_grid(strategies: Iterable[str], alphas: Iterable[float]) -> tuple[S
     """The runs' strategies. A bare name runs at each of ``alphas`` (``ce`` once, it has no alpha); a
     name with ``@alpha`` runs at that alpha only, so each strategy can have its own grid:
     ``strategy_grid(["ce", "kd@0.5", "reloop"], [0.2, 0.5])`` is ce, kd@0.5, reloop@0.2, reloop@0.5."""
-    from engine.loss.losses import STRATEGIES, VARIANTS
+    from reloop.engine.loss.losses import STRATEGIES, VARIANTS
 
     out: list[Strategy] = []
     alphas = list(alphas)
@@ -173,7 +172,7 @@ LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
 
 def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
     """``build_learner`` with the model options this backbone has (an FM has no MLP to size)."""
-    from engine.models.registry import backbone_entry, build_learner
+    from reloop.engine.models.registry import backbone_entry, build_learner
 
     known = backbone_entry(run.backbone).config_cls.model_fields
     options = {k: v for k, v in run.model_options if k in known}
@@ -243,7 +242,7 @@ def run_periodic(
 def run_streaming(
     data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
 ) -> list[dict[str, Any]]:
-    from engine.train.replay_buffer import ReplayBuffer
+    from reloop.engine.train.replay_buffer import ReplayBuffer
 
     learner = factory(run, data.spec)
     learn_scored = getattr(learner, "learn_scored", None)
@@ -254,7 +253,7 @@ def run_streaming(
     snapshot = None
     memory = None
     if run.memory:
-        from engine.memory.stream_eval import StreamMemory
+        from reloop.engine.memory.stream_eval import StreamMemory
 
         memory = StreamMemory(tuple(run.memory))
     rows: list[dict[str, Any]] = []

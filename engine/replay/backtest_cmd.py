@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.replay.backtest import (
+from reloop.engine.replay.backtest import (
     PROTOCOLS,
     BacktestData,
     RunSpec,
@@ -33,7 +33,7 @@ from engine.replay.backtest import (
     run_river_baseline,
     strategy_grid,
 )
-from engine.replay.report import MIN_SEEDS, markdown_tables, plot, read_csv, write_csv
+from reloop.engine.replay.report import MIN_SEEDS, markdown_tables, plot, read_csv, write_csv
 
 DAY_MS = 86_400_000
 
@@ -162,8 +162,8 @@ def _period(spec: str, min_size: int):
 def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     import itertools
 
-    from connectors.files.datasets import open_dataset, to_samples
-    from connectors.files.datasets.spec import feature_spec
+    from reloop.connectors.files.datasets import open_dataset, to_samples
+    from reloop.connectors.files.datasets.spec import feature_spec
 
     ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
@@ -289,7 +289,7 @@ def _half(h: float) -> float:
 def write_report(
     args: argparse.Namespace, rows: list[dict[str, Any]], data: BacktestData, time_kind: str, seconds: float
 ) -> None:
-    from engine.replay.report import compare
+    from reloop.engine.replay.report import compare
 
     pngs = plot(rows, args.out)
     report_from = getattr(args, "report_from", 1)
@@ -349,7 +349,7 @@ Raw numbers: [results.csv](results.csv).
 
 def learner_settings(args: argparse.Namespace) -> str:
     """The report's line of learner settings (every default of the learner spelled out)."""
-    from engine.models.config import OptimizerConfig
+    from reloop.engine.models.config import OptimizerConfig
 
     opt = OptimizerConfig(lr=args.lr, **dict(_optimizer_options(getattr(args, "optimizer", []))))
     wide = (
@@ -377,6 +377,6 @@ def learner_settings(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    from engine.runtime.cli import main as cli_main
+    from reloop.engine.runtime.cli import main as cli_main
 
     sys.exit(cli_main(["backtest", *sys.argv[1:]]))

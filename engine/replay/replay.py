@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.metrics.registry import MetricsRegistry
-from engine.replay.sources import ReplaySource, TimestampMode
-from engine.runtime.clock import ManualClock
-from engine.runtime.config import RunConfig
-from engine.streams import Positions, Sink, Source, positions_to_json
+from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.replay.sources import ReplaySource, TimestampMode
+from reloop.engine.runtime.clock import ManualClock
+from reloop.engine.runtime.config import RunConfig
+from reloop.engine.streams import Positions, Sink, Source, positions_to_json
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run_replay(
 ) -> ReplayResult:
     """Replay ``source`` from ``start`` (default: its beginning) to ``end`` (exclusive) into a fresh or
     resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out."""
-    from engine.runtime.build import build_pipeline
+    from reloop.engine.runtime.build import build_pipeline
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     clock = ManualClock(0)
@@ -128,7 +128,7 @@ def run_samples_replay(
 ) -> ReplayResult:
     """Replay a range of the samples topic through the train stage alone (the join already happened):
     a new model, feature spec or strategy trained from the same samples at training speed."""
-    from engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.build import build_train_stage
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     clock = ManualClock(0)

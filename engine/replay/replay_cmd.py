@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-from engine.streams import Positions, TopicPartition
+from reloop.engine.streams import Positions, TopicPartition
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +109,7 @@ def parse_offsets(text: str) -> Positions:
 
 def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
     """Complete lines per partition file now: a replay of files stops where they end when it starts."""
-    from connectors.files.jsonl import partition_path
+    from reloop.connectors.files.jsonl import partition_path
 
     out: Positions = {}
     for topic in topics:
@@ -125,7 +124,7 @@ def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
 
 
 def _parse_delay(text: str, seed: int):
-    from connectors.files.datasets import make_delay
+    from reloop.connectors.files.datasets import make_delay
 
     kind, _, rest = text.partition(":")
     parts = [float(x) for x in rest.split(":") if x]
@@ -135,7 +134,7 @@ def _parse_delay(text: str, seed: int):
 
 
 def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
-    from connectors.files.datasets.spec import feature_spec
+    from reloop.connectors.files.datasets.spec import feature_spec
 
     return {
         "model": {
@@ -159,10 +158,9 @@ def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from reloop.engine.replay.replay import run_replay
+    from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
     from tqdm import tqdm
-
-    from engine.replay.replay import run_replay
-    from engine.runtime.config import ConfigError, load_config, load_config_dict
 
     snapshots = args.out / "snapshots"
     if snapshots.exists() and any(snapshots.iterdir()) and not args.resume:
@@ -189,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
                 source, start, end = _kafka_source(args, cfg, topics)
                 timestamps = args.timestamps or "record"
             else:
-                from connectors.files.jsonl import JsonlSource
+                from reloop.connectors.files.jsonl import JsonlSource
 
                 source = JsonlSource(root=args.jsonl, topics=topics)
                 start = parse_offsets(args.start_offsets) if args.start_offsets else None
@@ -204,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     sink = None
     if args.samples:
-        from connectors.files.jsonl import JsonlSink
+        from reloop.connectors.files.jsonl import JsonlSink
 
         sink = JsonlSink(root=args.out / "samples", topic="samples")
     total = sum(end.values()) - sum((start or {}).values())
@@ -231,9 +229,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
+    from reloop.engine.replay.replay import run_samples_replay
     from tqdm import tqdm
-
-    from engine.replay.replay import run_samples_replay
 
     source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
     total = sum(end.values()) - sum((start or {}).values())
@@ -255,8 +252,8 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
 
 def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
     # Kafka is imported only by this entry point, never by the engine.
-    from connectors.kafka.admin import offsets_for_times
-    from connectors.kafka.source import KafkaSource
+    from reloop.connectors.kafka.admin import offsets_for_times
+    from reloop.connectors.kafka.source import KafkaSource
 
     client = cfg.source.client_config
     if args.start_offsets:
@@ -278,8 +275,8 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
 def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     import itertools
 
-    from connectors.files.datasets import open_dataset, to_events
-    from engine.replay.sources import EventListSource
+    from reloop.connectors.files.datasets import open_dataset, to_events
+    from reloop.engine.replay.sources import EventListSource
 
     if args.data is None:
         raise ValueError("--dataset needs --data")

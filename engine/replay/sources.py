@@ -20,10 +20,9 @@ from dataclasses import replace
 from typing import Literal
 
 import orjson
-
-from engine.events.codec import encode
-from engine.events.schema import Click, Impression
-from engine.streams import Positions, Record, Source, TopicPartition
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Click, Impression
+from reloop.engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
 

@@ -7,25 +7,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from engine.checkpoint.registry import SnapshotRegistry
-from engine.deadletter import DeadLetterSink
-from engine.features.check import FeatureLimits, SpecChecker
-from engine.features.featurizer import Featurizer
-from engine.metrics import registry as m
-from engine.metrics.online import OnlineMetricsBook
-from engine.models.registry import build_learner
-from engine.runtime.clock import system_clock
-from engine.runtime.config import ConfigError, RunConfig, load_feature_spec
-from engine.runtime.intake import IntakeLimits
-from engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
-from engine.runtime.pipeline import Pipeline, PipelineSettings
-from engine.runtime.train_stage import TrainStage, TrainStageSettings
-from engine.streams import Positions, Sink, Source
-from engine.train.data_parallel import RankGroup
-from engine.train.ledger import Ledger, rank_ledger_path
-from engine.train.period import PeriodTrigger
-from engine.train.stream import StreamTrainer, StreamTrainerConfig
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.features.check import FeatureLimits, SpecChecker
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.metrics import registry as m
+from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.models.registry import build_learner
+from reloop.engine.runtime.clock import system_clock
+from reloop.engine.runtime.config import ConfigError, RunConfig, load_feature_spec
+from reloop.engine.runtime.intake import IntakeLimits
+from reloop.engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
+from reloop.engine.runtime.pipeline import Pipeline, PipelineSettings
+from reloop.engine.runtime.train_stage import TrainStage, TrainStageSettings
+from reloop.engine.streams import Positions, Sink, Source
+from reloop.engine.train.data_parallel import RankGroup
+from reloop.engine.train.ledger import Ledger, rank_ledger_path
+from reloop.engine.train.period import PeriodTrigger
+from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
 
 def apply_determinism(cfg: RunConfig) -> None:
@@ -50,7 +49,7 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
         **cfg.model.params,
     )
     if cfg.train.delayed_feedback != "none":
-        from engine.loss.delayed import with_delayed_feedback
+        from reloop.engine.loss.delayed import with_delayed_feedback
 
         learner.loss = with_delayed_feedback(learner.loss, cfg.train.delayed_feedback)
     return StreamTrainer(
@@ -211,8 +210,8 @@ def build_train_stage(
     )
     if group is None or group.world_size == 1:
         return TrainStage(**stage)
-    from engine.runtime.train_ranks import RankedTrainStage
-    from engine.train.data_parallel import GradientSync
+    from reloop.engine.runtime.train_ranks import RankedTrainStage
+    from reloop.engine.train.data_parallel import GradientSync
 
     check_data_parallel(cfg, trainer)
     d = cfg.distributed
@@ -228,7 +227,7 @@ def build_train_stage(
 
 def check_data_parallel(cfg: RunConfig, trainer: StreamTrainer) -> None:
     """What data parallelism cannot do (yet), refused at start with the key to change."""
-    from engine.models.learner import TorchLearner
+    from reloop.engine.models.learner import TorchLearner
 
     if not isinstance(trainer.learner, TorchLearner):
         raise ConfigError(

@@ -18,17 +18,17 @@ import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "kafka": ("connectors.kafka.local_broker_cli", "start, inspect and stop the local Kafka broker"),
-    "models": ("engine.models.cli", "list the backbones and the training strategies"),
-    "run": ("engine.runtime.run_cmd", "the long-running stream processor (join + train stages)"),
-    "join": ("engine.runtime.join_cmd", "the join stage alone (one member of the join group)"),
-    "train": ("engine.runtime.train_cmd", "the train stage alone (the samples topic in, snapshots out)"),
-    "serve": ("engine.serve.cli", "the scoring service"),
-    "simulate": ("engine.simulate.cli", "the simulated world that sends requests and clicks"),
-    "demo": ("engine.runtime.demo", "the whole loop live on a simulated world"),
-    "replay": ("engine.replay.replay_cmd", "replay logged topics through the pipeline"),
-    "backtest": ("engine.replay.backtest_cmd", "strategies x backbones x seeds over periods"),
-    "bench": ("bench.__main__", "the benchmark suite"),
+    "kafka": ("reloop.connectors.kafka.local_broker_cli", "start, inspect and stop the local Kafka broker"),
+    "models": ("reloop.engine.models.cli", "list the backbones and the training strategies"),
+    "run": ("reloop.engine.runtime.run_cmd", "the long-running stream processor (join + train stages)"),
+    "join": ("reloop.engine.runtime.join_cmd", "the join stage alone (one member of the join group)"),
+    "train": ("reloop.engine.runtime.train_cmd", "the train stage alone (samples topic in, snapshots out)"),
+    "serve": ("reloop.engine.serve.cli", "the scoring service"),
+    "simulate": ("reloop.engine.simulate.cli", "the simulated world that sends requests and clicks"),
+    "demo": ("reloop.engine.runtime.demo", "the whole loop live on a simulated world"),
+    "replay": ("reloop.engine.replay.replay_cmd", "replay logged topics through the pipeline"),
+    "backtest": ("reloop.engine.replay.backtest_cmd", "strategies x backbones x seeds over periods"),
+    "bench": ("reloop.bench.__main__", "the benchmark suite"),
 }
 
 

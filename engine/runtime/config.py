@@ -24,8 +24,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from engine.join.joiner import JoinerConfig
+from reloop.engine.join.joiner import JoinerConfig
 
 ENV_PREFIX = "RELOOP__"
 
@@ -387,7 +386,7 @@ def _describe(exc: ValidationError) -> str:
 
 def load_feature_spec(section: ModelSection) -> Any:
     """The FeatureSpec of the model section (inline or from ``spec_file``)."""
-    from engine.features.spec import FeatureSpec
+    from reloop.engine.features.spec import FeatureSpec
 
     data = section.spec
     if data is None:

@@ -35,13 +35,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from reloop.engine.resources import ResourceError, deploy_file, in_checkout
+from reloop.engine.serve.config import ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-
-from engine.resources import ResourceError, deploy_file, in_checkout
-from engine.serve.config import ConfigError, ServeConfig, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,8 +109,8 @@ class ArmPlan:
 
 def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
     """Per-arm topics, folders and validated `reloop run` configs (a bad key fails here, before any start)."""
-    from engine.runtime.config import ConfigError as RunConfigError
-    from engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.config import ConfigError as RunConfigError
+    from reloop.engine.runtime.config import load_config_dict
 
     plans = []
     for arm in config.arms:
@@ -202,7 +201,7 @@ class TrainerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env.pop("RELOOP_KAFKA_BOOTSTRAP", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
+            [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
             cwd=REPO_ROOT if in_checkout() else None,  # installed: the demo's own working folder
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -236,7 +235,7 @@ class TrainerProcess:
 def start_broker(broker, attempts: int = 3) -> str:
     """Start the local broker, retrying: a random cluster id that starts with '-' makes Kafka's
     storage tool misread it as an option (about 1 start in 64; connectors/kafka/local_broker.py)."""
-    from connectors.kafka.local_broker import BrokerError
+    from reloop.connectors.kafka.local_broker import BrokerError
 
     for attempt in range(attempts):
         try:
@@ -252,8 +251,8 @@ def _count_logged(
     console: Console, bootstrap: str | None, trainers: dict[str, TrainerProcess], settings: dict
 ):
     """Read each arm's impressions and clicks back from Kafka (what a real site could measure)."""
-    from connectors.kafka.source import KafkaSource
-    from engine.simulate.logged import count_logged
+    from reloop.connectors.kafka.source import KafkaSource
+    from reloop.engine.simulate.logged import count_logged
 
     out = {}
     if bootstrap is None:
@@ -394,7 +393,7 @@ def summary_dict(
     *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged, run_id
 ) -> dict[str, Any]:
     """The summary as data (written to <workdir>/summary.json for scripts and tests)."""
-    from engine.simulate.stats import ab_minus_aa, ab_report
+    from reloop.engine.simulate.stats import ab_minus_aa, ab_report
 
     arms = {}
     for name in trainers:
@@ -441,7 +440,7 @@ def summary_dict(
 def print_summary(
     console: Console, *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged
 ) -> None:
-    from engine.simulate.report import ab_lines, arms_table, versions_table
+    from reloop.engine.simulate.report import ab_lines, arms_table, versions_table
 
     console.rule("reloop demo: summary")
     console.print(
@@ -492,7 +491,7 @@ def print_summary(
         console.print(line)
     report = sim_config.report
     if logged and report.treatment and report.control:
-        from engine.simulate.stats import ab_minus_aa
+        from reloop.engine.simulate.stats import ab_minus_aa
 
         ctr = {name: c.ctr for name, c in logged.items()}
         rep = ab_minus_aa(ctr, treatment=report.treatment, control=report.control, aa=report.aa)
@@ -518,7 +517,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
     try:
         doc = read_yaml(args.config)
         config = DemoConfig.model_validate(doc)
-        from engine.simulate.config import simulate_config_from_dict
+        from reloop.engine.simulate.config import simulate_config_from_dict
 
         sim_config = simulate_config_from_dict(doc)
     except (ConfigError, ValidationError) as exc:
@@ -546,14 +545,14 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
     try:
         bootstrap = args.bootstrap
         if not bootstrap:
-            from connectors.kafka.local_broker import LocalBroker
+            from reloop.connectors.kafka.local_broker import LocalBroker
 
             console.print(f"starting a local Kafka broker (state in {workdir / 'kafka'}) ...")
             broker = LocalBroker(workdir / "kafka")
             bootstrap = start_broker(broker)
         console.print(f"Kafka at {bootstrap}; run folder {workdir}")
         plans = plan_arms(config, workdir=workdir, bootstrap=bootstrap, run_id=run_id)
-        from connectors.kafka.admin import create_topics
+        from reloop.connectors.kafka.admin import create_topics
 
         topics = {
             t: 1
@@ -565,10 +564,10 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             trainers[plan.name] = TrainerProcess(plan)
         console.print(f"trainers started: {', '.join(trainers)} (logs: {workdir}/<arm>/trainer.log)")
 
-        from engine.checkpoint.registry import SnapshotRegistry
-        from engine.serve.stack import ServingStack
-        from engine.simulate.cli import build_simulator, kafka_click_sinks, wait_ready
-        from engine.simulate.http import HttpScorer
+        from reloop.engine.checkpoint.registry import SnapshotRegistry
+        from reloop.engine.serve.stack import ServingStack
+        from reloop.engine.simulate.cli import build_simulator, kafka_click_sinks, wait_ready
+        from reloop.engine.simulate.http import HttpScorer
 
         stack = ServingStack(serve_config_for(config, plans, bootstrap)).start()
         url = stack.serve_in_thread(port=0)

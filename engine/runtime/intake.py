@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.deadletter import DeadLetterSink
-from engine.events.codec import decode_clicks, decode_impressions
-from engine.events.schema import Click, Impression
-from engine.events.validation import EventError
-from engine.features.check import SpecChecker
-from engine.streams import Record
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.events.codec import decode_clicks, decode_impressions
+from reloop.engine.events.schema import Click, Impression
+from reloop.engine.events.validation import EventError
+from reloop.engine.features.check import SpecChecker
+from reloop.engine.streams import Record
 
 Kind = Literal["impression", "click"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.runtime.config import ConfigError, load_config
-from engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.config import ConfigError, load_config
+from reloop.engine.runtime.jsonlog import setup_json_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +28,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop join: {exc}", file=sys.stderr, flush=True)
         return 2
     setup_json_logging(args.log_level or cfg.log.level)
-    from engine.runtime.kafka_stages import describe_join, join_stage_factory
-    from engine.runtime.stage_runner import run_supervised
+    from reloop.engine.runtime.kafka_stages import describe_join, join_stage_factory
+    from reloop.engine.runtime.stage_runner import run_supervised
 
     port = args.metrics_port if args.metrics_port is not None else cfg.metrics.join_prometheus_port
     return run_supervised(

@@ -34,15 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.checkpoint.registry import SnapshotError, SnapshotRegistry
-from engine.deadletter import DeadLetterSink
-from engine.events.sample_batch import batch_from_joined, encode_batch
-from engine.features.check import SpecChecker
-from engine.join.joiner import JoinerConfig
-from engine.metrics import registry as m
-from engine.runtime.intake import EventIntake, IntakeLimits
-from engine.runtime.join_task import JoinTask
-from engine.streams import Positions, Record, Sink, TopicPartition, positions_to_json
+from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
+from reloop.engine.features.check import SpecChecker
+from reloop.engine.join.joiner import JoinerConfig
+from reloop.engine.metrics import registry as m
+from reloop.engine.runtime.intake import EventIntake, IntakeLimits
+from reloop.engine.runtime.join_task import JoinTask
+from reloop.engine.streams import Positions, Record, Sink, TopicPartition, positions_to_json
 
 log = logging.getLogger("reloop.join")
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.events.schema import Impression
-from engine.join.joiner import Joined, Joiner, JoinerConfig
-from engine.runtime.intake import EventIntake
-from engine.runtime.merge import RecordMerger
-from engine.streams import Positions, Record, TopicPartition, positions_from_json, positions_to_json
+from reloop.engine.events.schema import Impression
+from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
+from reloop.engine.runtime.intake import EventIntake
+from reloop.engine.runtime.merge import RecordMerger
+from reloop.engine.streams import Positions, Record, TopicPartition, positions_from_json, positions_to_json
 
 STATE_FORMAT = 1
 

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from engine.runtime.config import RunConfig
-from engine.runtime.supervisor import FATAL, ProcessFatal
+from reloop.engine.runtime.config import RunConfig
+from reloop.engine.runtime.supervisor import FATAL, ProcessFatal
 
 log = logging.getLogger("reloop.run")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("reloop.run")
 def _fail_fast_on_config(exc: BaseException) -> None:
     """A Kafka client that refuses its settings will refuse them again: a ConfigError (exit 2), not a
     failure to retry for the supervisor's whole budget."""
-    from engine.runtime.config import ConfigError
+    from reloop.engine.runtime.config import ConfigError
 
     if type(exc).__name__ == "KafkaConfigurationError" or "Configuration property" in str(exc):
         raise ConfigError(f"Kafka client settings refused: {exc}") from exc
@@ -52,14 +52,14 @@ def _producer_config(cfg: RunConfig) -> dict[str, Any]:
 def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(Source, Sink, GroupSource) classes of the configured client (source.client)."""
     if cfg.source.client == "confluent":
-        from connectors.confluent.group_source import ConfluentGroupSource
-        from connectors.confluent.sink import ConfluentSink
-        from connectors.confluent.source import ConfluentSource
+        from reloop.connectors.confluent.group_source import ConfluentGroupSource
+        from reloop.connectors.confluent.sink import ConfluentSink
+        from reloop.connectors.confluent.source import ConfluentSource
 
         return ConfluentSource, ConfluentSink, ConfluentGroupSource
-    from connectors.kafka.group_source import KafkaGroupSource
-    from connectors.kafka.sink import KafkaSink
-    from connectors.kafka.source import KafkaSource
+    from reloop.connectors.kafka.group_source import KafkaGroupSource
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.connectors.kafka.source import KafkaSource
 
     return KafkaSource, KafkaSink, KafkaGroupSource
 
@@ -85,8 +85,7 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
                     raise
         return
     from kafka import KafkaAdminClient
-
-    from connectors.kafka.admin import admin_client, create_topics, partition_counts
+    from reloop.connectors.kafka.admin import admin_client, create_topics, partition_counts
 
     # Connection settings only: the admin client refuses consumer settings such as fetch_max_wait_ms.
     client = {k: v for k, v in src.client_config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
@@ -101,7 +100,7 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
 
 
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
-    from engine.runtime.build import build_join_stage
+    from reloop.engine.runtime.build import build_join_stage
 
     _, KafkaSink, KafkaGroupSource = _clients(cfg)  # noqa: N806 - classes
 
@@ -142,8 +141,8 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
 def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
     """Builds the train stage; with ``group`` (engine/train/data_parallel.RankGroup) this process's rank,
     reading its share of the samples topic's partitions."""
-    from engine.runtime.build import build_train_stage
-    from engine.streams import PartitionShare
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.streams import PartitionShare
 
     KafkaSource, KafkaSink, _ = _clients(cfg)  # noqa: N806 - classes
 

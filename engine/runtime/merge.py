@@ -11,7 +11,7 @@ source reports its end offsets (``end_positions``) and the partition's next offs
 or nothing arrived for it for ``idle_ms`` of wall clock (a partition that is merely quiet, or live
 traffic on only one topic, must not stop the engine).
 
->>> from engine.streams import Record, TopicPartition
+>>> from reloop.engine.streams import Record, TopicPartition
 >>> a, b = TopicPartition("imp", 0), TopicPartition("clk", 0)
 >>> m = RecordMerger([a, b], idle_ms=1000, clock=lambda: 0)
 >>> m.add([Record("imp", 0, 0, None, b"i1", 10), Record("imp", 0, 1, None, b"i2", 30)])
@@ -28,7 +28,7 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
-from engine.streams import Record, TopicPartition
+from reloop.engine.streams import Record, TopicPartition
 
 
 class RecordMerger:

@@ -41,21 +41,20 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
-
-from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
-from engine.deadletter import DeadLetterSink
-from engine.events.codec import decode_samples, encode
-from engine.events.schema import Impression, LabeledSample
-from engine.events.validation import EventError
-from engine.features.check import SpecChecker
-from engine.join.joiner import Joined, Joiner, JoinerConfig
-from engine.metrics import registry as m
-from engine.metrics.online import OnlineMetricsBook
-from engine.runtime.intake import EventIntake, IntakeLimits
-from engine.runtime.merge import RecordMerger
-from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
-from engine.serve.bundle_format import publish_serving_bundle
-from engine.streams import (
+from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.events.codec import decode_samples, encode
+from reloop.engine.events.schema import Impression, LabeledSample
+from reloop.engine.events.validation import EventError
+from reloop.engine.features.check import SpecChecker
+from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
+from reloop.engine.metrics import registry as m
+from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.runtime.intake import EventIntake, IntakeLimits
+from reloop.engine.runtime.merge import RecordMerger
+from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.serve.bundle_format import publish_serving_bundle
+from reloop.engine.streams import (
     Positions,
     Record,
     RecordTooLarge,
@@ -65,9 +64,9 @@ from engine.streams import (
     positions_from_json,
     positions_to_json,
 )
-from engine.train.ledger import Ledger
-from engine.train.period import PeriodTrigger
-from engine.train.stream import StepResult, StreamTrainer
+from reloop.engine.train.ledger import Ledger
+from reloop.engine.train.period import PeriodTrigger
+from reloop.engine.train.stream import StepResult, StreamTrainer
 
 log = logging.getLogger("reloop.pipeline")
 STATE_FORMAT = 1

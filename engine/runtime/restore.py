@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
-from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
 
 log = logging.getLogger("reloop.restore")
 SaveKind = Literal["snapshot", "checkpoint"]

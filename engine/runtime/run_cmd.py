@@ -22,8 +22,8 @@ import sys
 import time
 from typing import Any
 
-from engine.runtime.config import ConfigError, RunConfig, load_config
-from engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.jsonlog import setup_json_logging
 
 log = logging.getLogger("reloop.run")
 
@@ -63,7 +63,7 @@ def _die_with_parent() -> None:
 
 
 def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
-    base = [sys.executable, "-m", "engine.runtime.cli"]
+    base = [sys.executable, "-m", "reloop.engine.runtime.cli"]
     extra = ["--log-level", args.log_level] if args.log_level else []
     ports = {"train": cfg.metrics.prometheus_port, "join": join_metrics_port(cfg)}
     children: dict[str, subprocess.Popen] = {}
@@ -147,13 +147,13 @@ class BothStages:
 
 
 def _one_process(cfg: RunConfig) -> int:
-    from engine.runtime.kafka_stages import (
+    from reloop.engine.runtime.kafka_stages import (
         describe_join,
         describe_train,
         join_stage_factory,
         train_stage_factory,
     )
-    from engine.runtime.stage_runner import run_supervised
+    from reloop.engine.runtime.stage_runner import run_supervised
 
     make_join, make_train = join_stage_factory(cfg), train_stage_factory(cfg)
 

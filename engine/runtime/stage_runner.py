@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.runtime.config import RunConfig
+from reloop.engine.runtime.config import RunConfig
 
 log = logging.getLogger("reloop.run")
 
@@ -76,14 +76,14 @@ def run_supervised(
 ) -> int:
     """Run ``build()``'s stage under a supervisor until a stop signal; returns the exit code.
     ``describe(stage)`` gives the fields of the periodic progress log and of the last log line."""
-    from engine.metrics.registry import REGISTRY
-    from engine.runtime.config import ConfigError
-    from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
-    from engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
+    from reloop.engine.metrics.registry import REGISTRY
+    from reloop.engine.runtime.config import ConfigError
+    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
+    from reloop.engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
 
     metrics_server = None
     if metrics_port is not None:
-        from connectors.metrics.prometheus import serve_metrics
+        from reloop.connectors.metrics.prometheus import serve_metrics
 
         metrics_server = serve_metrics(host=cfg.metrics.prometheus_host, port=metrics_port)
         log.info(

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.metrics import registry as m
-from engine.runtime.config import ConfigError
-from engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
+from reloop.engine.metrics import registry as m
+from reloop.engine.runtime.config import ConfigError
+from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
 log = logging.getLogger("reloop.supervisor")
 

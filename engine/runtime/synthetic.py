@@ -21,8 +21,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.events.codec import encode
-from engine.events.schema import Click, Impression
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Click, Impression
 
 SPEC = {
     "fields": [

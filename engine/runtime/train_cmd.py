@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from engine.runtime.config import ConfigError, RunConfig, load_config
-from engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.jsonlog import setup_json_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -48,13 +48,13 @@ def main(args: argparse.Namespace) -> int:
         setup_json_logging(args.log_level or cfg.log.level)
         return _launch(args, cfg)
     setup_json_logging(args.log_level or cfg.log.level)
-    from engine.runtime.kafka_stages import describe_train, train_stage_factory
-    from engine.runtime.stage_runner import run_supervised
+    from reloop.engine.runtime.kafka_stages import describe_train, train_stage_factory
+    from reloop.engine.runtime.stage_runner import run_supervised
 
     port = args.metrics_port if args.metrics_port is not None else cfg.metrics.prometheus_port
     group = None
     if world > 1:
-        from engine.train.data_parallel import RankGroup
+        from reloop.engine.train.data_parallel import RankGroup
 
         group = RankGroup.start(timeout_s=cfg.distributed.timeout_s)
         if port is not None:
@@ -85,7 +85,7 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     argv = [
         "--standalone", "--nnodes=1", f"--nproc-per-node={args.world_size}",
         f"--max-restarts={cfg.distributed.max_restarts}", "--monitor-interval=1",
-        "-m", "engine.runtime.cli", "train", "--config", str(args.config),
+        "-m", "reloop.engine.runtime.cli", "train", "--config", str(args.config),
     ]  # fmt: skip
     if args.log_level:
         argv += ["--log-level", args.log_level]

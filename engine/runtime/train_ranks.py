@@ -30,12 +30,11 @@ from typing import Any
 
 import msgspec
 import numpy as np
-
-from engine.runtime.restore import RestorePoint
-from engine.runtime.supervisor import ProcessFatal
-from engine.runtime.train_stage import TrainStage
-from engine.streams import PartitionShare
-from engine.train.data_parallel import GradientSync, RankGroup, weights_digest
+from reloop.engine.runtime.restore import RestorePoint
+from reloop.engine.runtime.supervisor import ProcessFatal
+from reloop.engine.runtime.train_stage import TrainStage
+from reloop.engine.streams import PartitionShare
+from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
 _BUFFERED, _STOP, _DUE, _WAITED = range(4)
 

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
-from engine.deadletter import DeadLetterSink
-from engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
-from engine.events.validation import EventError
-from engine.features.featurizer import FeatureBatch
-from engine.metrics import registry as m
-from engine.metrics.online import OnlineMetricsBook
-from engine.runtime.merge import RecordMerger
-from engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
-from engine.runtime.train_state import (
+from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
+from reloop.engine.events.validation import EventError
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.metrics import registry as m
+from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.runtime.merge import RecordMerger
+from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
     ledger_lengths,
     merged_positions,
@@ -46,8 +45,8 @@ from engine.runtime.train_state import (
     samples_trained,
     share_of,
 )
-from engine.serve.bundle_format import publish_serving_bundle
-from engine.streams import (
+from reloop.engine.serve.bundle_format import publish_serving_bundle
+from reloop.engine.streams import (
     PartitionShare,
     Positions,
     Record,
@@ -56,9 +55,9 @@ from engine.streams import (
     positions_from_json,
     positions_to_json,
 )
-from engine.train.ledger import Ledger
-from engine.train.period import PeriodTrigger
-from engine.train.stream import SampleColumns, StepResult, StreamTrainer
+from reloop.engine.train.ledger import Ledger
+from reloop.engine.train.period import PeriodTrigger
+from reloop.engine.train.stream import SampleColumns, StepResult, StreamTrainer
 
 log = logging.getLogger("reloop.train")
 

@@ -5,7 +5,7 @@ knows: its positions in the samples topic, the highest seq taken per join task, 
 not trained yet, its trainer counters and metric windows, its ledger length. A restart with the same
 number of ranks gives rank i exactly rank i's part (deterministic resume). A restart with another
 number (a rescale, or one process reading a multi-rank snapshot) regroups the parts by partition:
-partition p of the samples topic belongs to rank ``p % M`` (``engine.streams.PartitionShare``), and a
+partition p of the samples topic belongs to rank ``p % M`` (``reloop.engine.streams.PartitionShare``), and a
 join task's samples live in the partition of the same number, so positions, seqs and buffered samples
 move with their partition and nothing is lost or trained twice. Counters are summed into the new rank 0
 where their old rank has no successor, so the global count of trained samples (the period trigger's
@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.events.sample_batch import decode_batch
-from engine.streams import PartitionShare, positions_from_json, positions_to_json
+from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.streams import PartitionShare, positions_from_json, positions_to_json
 
 STATE_FORMAT = 2
 

@@ -10,10 +10,9 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
-from engine.serve.schema import ScoreRequest, ScoreResponse
-from engine.serve.service import BadRequest, NotReady, ScoringService
-from engine.serve.wire import WireError, decode_request, error_body
+from reloop.engine.serve.schema import ScoreRequest, ScoreResponse
+from reloop.engine.serve.service import BadRequest, NotReady, ScoringService
+from reloop.engine.serve.wire import WireError, decode_request, error_body
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def too_large(limit: int) -> bytes:
 
 
 def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
-    """``POST /score``: (status, JSON body). Parsed and validated by msgspec (engine.serve.wire); scoring
+    """``POST /score``: (status, JSON body). Parsed and validated by msgspec (engine/serve/wire.py); scoring
     runs inline on the event loop (~1-2 ms of CPU under the GIL either way; a hand-off to a thread pool
     costs two more thread wake-ups per request)."""
     try:
@@ -112,7 +111,7 @@ def create_app(
     *,
     stats: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
-    """``stats`` adds to ``GET /stats``. ``GET /metrics`` is mounted by the caller (engine.serve.stack)."""
+    """``stats`` adds to ``GET /stats``. ``GET /metrics`` is mounted by the caller (engine/serve/stack.py)."""
     app = FastAPI(title="reloop scoring service", version="1")
     max_body_bytes = service.limits.max_body_bytes
 
@@ -129,7 +128,7 @@ def create_app(
         },
     )
     async def score(http_request: Request) -> Response:
-        # Served by ScoreRoute in front of this app (engine.serve.stack); this route is its documented
+        # Served by ScoreRoute in front of this app (reloop.engine.serve.stack); this route is its documented
         # twin and what an app without the front door answers (the same score_body).
         body = await _bounded_body(http_request, max_body_bytes)
         status, content = (413, too_large(max_body_bytes)) if body is None else score_body(service, body)

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from engine.events.schema import Features
-from engine.features.featurizer import Featurizer
-from engine.serve.columns import ColumnFeaturizer
+from reloop.engine.events.schema import Features
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.serve.columns import ColumnFeaturizer
 
 # One column featurizer (and so one hash memo) per feature spec, shared by the bundles of every
 # version: a reload every second must not start the memo over. Bounded: the newest few specs.
@@ -61,7 +60,7 @@ class ModelBundle:
         return self._predict(batch, len(rows))
 
     def score_request(self, context: Mapping[str, Any], features: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Scores of ``{**context, **f}`` for each ``f``, featurised as columns (engine.serve.columns)."""
+        """Scores of ``{**context, **f}`` for each ``f``, featurised as columns (engine/serve/columns.py)."""
         if self.columns is None:
             return self.score([{**context, **f} for f in features])
         return self._predict(self.columns.transform(context, features), len(features))

@@ -23,7 +23,7 @@ part's mean/var; metadata: the learner config) with a JSON manifest holding its 
   model built on the meta device (no init, no memory) and given those tensors; the optimizer state is
   never read;
 * a version without a bundle (snapshots of older trainers, a river/FTRL learner) is loaded from the
-  training snapshot's learner part as before (``engine.serve.loader``).
+  training snapshot's learner part as before (``reloop.engine.serve.loader``).
 
 Limit: the version number is the training registry's next one at the time of the call; if the trainer
 dies between the bundle and its snapshot, the restarted trainer publishes that version number again
@@ -47,8 +47,7 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-
-from engine.checkpoint.registry import ChecksumError, SnapshotError
+from reloop.engine.checkpoint.registry import ChecksumError, SnapshotError
 
 FORMAT = 1
 DIR = "serving"
@@ -257,7 +256,7 @@ def _shell(config_json: str) -> tuple[Any, torch.nn.Module]:
     constructors and their inits on meta (~3.5 ms of Python for the benchmark's DCN, holding the GIL
     that requests need); a version with the same config as the last ones deep-copies a cached shell
     instead (~0.7 ms). Bounded: the newest few configs."""
-    from engine.models.registry import config_from_dict, learner_from_config
+    from reloop.engine.models.registry import config_from_dict, learner_from_config
 
     cached = _SHELLS.get(config_json)
     if cached is None:
@@ -278,7 +277,7 @@ def learner_from_bundle(tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
     """A predict-only learner from bundle tensors: the model is built on the meta device (no random
     init, no memory) and takes the loaded tensors as they are; every parameter and buffer must be there
     with its shape, nothing else (else SnapshotError)."""
-    from engine.models.learner import FrozenTorchLearner, _make_wide
+    from reloop.engine.models.learner import FrozenTorchLearner, _make_wide
 
     if meta.get("format") != str(FORMAT) or "config_json" not in meta:
         raise SnapshotError("serving bundle: no config or an unknown format")

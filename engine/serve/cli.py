@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from engine.serve.config import ConfigError, load_serve_config
+from reloop.engine.serve.config import ConfigError, load_serve_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         print("reloop serve: --workers must be >= 1", file=sys.stderr)
         return 2
     if workers > 1 and not args.worker:
-        from engine.serve.workers import run_workers
+        from reloop.engine.serve.workers import run_workers
 
         argv = ["--config", args.config, "--workers", "1"]
         if args.bootstrap:
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         port = config.port if args.port is None else args.port
         return run_workers(argv, workers, args.host or config.host, port)
 
-    from engine.serve.stack import ServingStack
+    from reloop.engine.serve.stack import ServingStack
 
     try:
         stack = ServingStack(config).start()

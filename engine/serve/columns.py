@@ -11,7 +11,7 @@ merged dicts and hashing every value of every row (one numpy pass per byte posit
   catalogue's item ids are hashed once, not once per request. The memo is cleared when it reaches
   ``memo_size`` entries: memory stays bounded whatever the uptime.
 
-Every row comes from ``engine.features.Featurizer`` of a one-field spec (plus the field's offset), so
+Every row comes from ``reloop.engine.features.Featurizer`` of a one-field spec (plus the field's offset), so
 the rows are exactly those ``Featurizer(spec).transform(merged rows)`` gives (tested).
 """
 
@@ -21,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from engine.features.featurizer import FeatureBatch, Featurizer
-from engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.features.featurizer import FeatureBatch, Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
 
 MEMO_SIZE = 1 << 18  # per hashed field; ~30 MB at most for a spec of 6 hashed fields
 

@@ -13,13 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-
-from engine.checkpoint.registry import SnapshotError, SnapshotRegistry
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner, config_from_dict, learner_from_state
-from engine.serve.bundle import ModelBundle
-from engine.serve.config import ColdStart
+from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner, config_from_dict, learner_from_state
+from reloop.engine.serve.bundle import ModelBundle
+from reloop.engine.serve.config import ColdStart
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ def registry_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
 
 
 def load_serving_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
-    """A version from its serving bundle (engine.serve.bundle_format): weights only, no optimizer."""
-    from engine.serve.bundle_format import learner_from_bundle, read_bundle, serving_dir
+    """A version from its serving bundle (reloop.engine.serve.bundle_format): weights only, no optimizer."""
+    from reloop.engine.serve.bundle_format import learner_from_bundle, read_bundle, serving_dir
 
     learner = learner_from_bundle(*read_bundle(serving_dir(registry.root), version))
     return ModelBundle(version=version, learner=learner, featurizer=Featurizer(learner.config.spec))
@@ -66,7 +65,7 @@ def load_serving_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle
 def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
     """Load a version from its serving bundle when there is one, else from the training snapshot; a
     bundle that fails its checksum or does not load falls back to the snapshot of the same version."""
-    from engine.serve.bundle_format import bundle_versions, serving_dir
+    from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
 
     def load(version: int) -> ModelBundle:
         if version in bundle_versions(serving_dir(registry.root)):

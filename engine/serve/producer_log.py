@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from engine.events.schema import Impression
-from engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
-from engine.streams import RecordTooLarge
+from reloop.engine.events.schema import Impression
+from reloop.engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
+from reloop.engine.streams import RecordTooLarge
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.metrics.registry import SERVE_FALLBACK, SERVE_RELOADS
-from engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.metrics.registry import SERVE_FALLBACK, SERVE_RELOADS
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
-
-from engine.events.schema import Impression
-from engine.features.check import FeatureLimits, SpecChecker
-from engine.metrics.registry import SERVE_LATENCY, SERVE_MODEL_VERSION, SERVE_REQUESTS
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelBundle, ModelHolder
-from engine.serve.config import RequestLimits
-from engine.serve.impression_log import ImpressionLogger
-from engine.serve.producer_log import ProducerLogger
-from engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
+from reloop.engine.events.schema import Impression
+from reloop.engine.features.check import FeatureLimits, SpecChecker
+from reloop.engine.metrics.registry import SERVE_LATENCY, SERVE_MODEL_VERSION, SERVE_REQUESTS
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.serve.config import RequestLimits
+from reloop.engine.serve.impression_log import ImpressionLogger
+from reloop.engine.serve.producer_log import ProducerLogger
+from reloop.engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
 
 
 class NotReady(RuntimeError):
@@ -46,7 +45,7 @@ class ArmRuntime:
     name: str
     holder: ModelHolder
     logger: ImpressionLogger | ProducerLogger | None = None
-    memory: Any = None  # engine.memory.served.ServedMemory: ReLoop2's error memory (arms[].memory)
+    memory: Any = None  # reloop.engine.memory.served.ServedMemory: ReLoop2's error memory (arms[].memory)
 
 
 def _now_ms() -> int:

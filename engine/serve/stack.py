@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.events.codec import encode
-from engine.serve.app import ScoreRoute, create_app
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelBundle, ModelHolder
-from engine.serve.config import ArmConfig, ServeConfig
-from engine.serve.impression_log import ImpressionLogger
-from engine.serve.producer_log import ProducerLogger
-from engine.serve.reload import ArmSource, ReloadWatcher
-from engine.serve.service import ArmRuntime, ScoringService
-from engine.streams import Sink, Source
+from reloop.engine.events.codec import encode
+from reloop.engine.serve.app import ScoreRoute, create_app
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.serve.config import ArmConfig, ServeConfig
+from reloop.engine.serve.impression_log import ImpressionLogger
+from reloop.engine.serve.producer_log import ProducerLogger
+from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+from reloop.engine.serve.service import ArmRuntime, ScoringService
+from reloop.engine.streams import Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
     settings = {"max_block_ms": 5000, "request_timeout_ms": 5000, **config.kafka.settings}
 
     def make(arm: ArmConfig) -> Sink:
-        from connectors.kafka.sink import KafkaSink
+        from reloop.connectors.kafka.sink import KafkaSink
 
         return LazySink(
             lambda: KafkaSink(bootstrap=bootstrap, topic=arm.impressions_topic, client_config=settings)
@@ -135,12 +135,12 @@ def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
 
 def registry_loader_factory(arm: ArmConfig):
     """``latest``/``load``/``versions`` over the arm's registry: a version's serving bundle when the
-    trainer wrote one (engine.serve.bundle_format: weights only, visible before the training snapshot
+    trainer wrote one (reloop.engine.serve.bundle_format: weights only, visible before the training snapshot
     is), else the training snapshot's learner part; with ``cold_start``, version 0 is an untrained
     model (the newest version of an empty registry, and the last fallback)."""
-    from engine.checkpoint.registry import SnapshotRegistry
-    from engine.serve.bundle_format import bundle_versions, serving_dir
-    from engine.serve.loader import bundle_or_snapshot_loader, cold_start_bundle
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
+    from reloop.engine.serve.loader import bundle_or_snapshot_loader, cold_start_bundle
 
     registry = SnapshotRegistry(arm.registry)
     bundles = serving_dir(arm.registry)
@@ -168,7 +168,7 @@ def registry_loader_factory(arm: ArmConfig):
 
 
 def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
-    """The impression logger of one arm on confluent-kafka (engine.serve.producer_log)."""
+    """The impression logger of one arm on confluent-kafka (reloop.engine.serve.producer_log)."""
     bootstrap = config.kafka.bootstrap
     if not bootstrap:
         raise ValueError(
@@ -176,7 +176,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
         )
     client_settings = dict(config.kafka.confluent_settings)
     if config.kafka.settings and not client_settings:
-        from connectors.confluent.settings import to_librdkafka
+        from reloop.connectors.confluent.settings import to_librdkafka
 
         try:  # a config written for kafka-python: the same settings in librdkafka's names
             client_settings = to_librdkafka(config.kafka.settings)
@@ -196,7 +196,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
     }
 
     def make_sink(failure):
-        from connectors.confluent.sink import ConfluentSink, failure_reason
+        from reloop.connectors.confluent.sink import ConfluentSink, failure_reason
 
         return ConfluentSink(
             bootstrap=bootstrap,
@@ -212,7 +212,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
     def make(arm: ArmConfig) -> Source:
-        from connectors.kafka.source import KafkaSource
+        from reloop.connectors.kafka.source import KafkaSource
 
         if not config.kafka.bootstrap:
             raise ValueError("arms[].memory needs kafka.bootstrap (config key or env RELOOP_KAFKA_BOOTSTRAP)")
@@ -228,9 +228,9 @@ def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
 
 def memory_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
     """The error memory of an arm and the feed thread that writes joined samples into it."""
-    from engine.memory.feed import SamplesFeed
-    from engine.memory.served import ServedMemory
-    from engine.memory.sketch import SketchConfig
+    from reloop.engine.memory.feed import SamplesFeed
+    from reloop.engine.memory.served import ServedMemory
+    from reloop.engine.memory.sketch import SketchConfig
 
     m = arm.memory
     assert m is not None
@@ -289,10 +289,10 @@ class ServingStack:
         self.app = create_app(self.service)
         self.front = ScoreRoute(self.app, self.service)
         # The one metrics adapter serves the canonical registry (serve latency, reloads, impressions).
-        from connectors.metrics.prometheus import metrics_asgi_app
+        from reloop.connectors.metrics.prometheus import metrics_asgi_app
 
         self.app.mount("/metrics", metrics_asgi_app())
-        from engine.serve.auth import BearerAuth, load_token
+        from reloop.engine.serve.auth import BearerAuth, load_token
 
         token = load_token(config.auth_token_file)
         self.asgi: Any = BearerAuth(self.front, token) if token else self.front
@@ -325,7 +325,7 @@ class ServingStack:
         The listening socket is made here with ``IPPROTO_TCP`` named: asyncio sets TCP_NODELAY only on
         connections accepted from such a socket, and without it every response waited ~40 ms for a
         delayed ACK (measured, docs/bench-serve.md). ``reuse_port`` sets SO_REUSEPORT so that several
-        worker processes share one port (engine.serve.workers)."""
+        worker processes share one port (reloop.engine.serve.workers)."""
         import uvicorn
 
         host = host or self.config.host

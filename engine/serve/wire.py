@@ -3,7 +3,7 @@
 Measured on the benchmark's 100-candidate bodies (7 KB, docs/bench-serve.md): pydantic-core's
 ``model_validate_json`` 136 us, ``orjson.loads`` (no validation at all) 23 us, msgspec decoding into
 typed structs with every bound checked 21 us. msgspec is kept. The structs mirror
-``engine.serve.schema.ScoreRequest`` (the pydantic model stays the documented OpenAPI schema; a test
+``reloop.engine.serve.schema.ScoreRequest`` (the pydantic model stays the documented OpenAPI schema; a test
 checks that both accept and refuse the same bodies), and a refusal is a 422 in FastAPI's error shape:
 ``{"loc": ["body", "candidates", 3, "item_id"], "msg": ..., "type": ...}``.
 """
@@ -15,8 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 import orjson
-
-from engine.serve.schema import MAX_CANDIDATES
+from reloop.engine.serve.schema import MAX_CANDIDATES
 
 FeatureValue = str | int | float | list[str]
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 def run_workers(argv: list[str], workers: int, host: str, port: int) -> int:
     """Run ``workers`` copies of ``reloop serve`` with ``argv`` (+ the worker flags) on host:port.
     The port is reserved here first (port 0 picks a free one), with SO_REUSEPORT like the workers'."""
-    from engine.serve.stack import listen_socket
+    from reloop.engine.serve.stack import listen_socket
 
     reserve = listen_socket(host, port, reuse_port=True)  # bound, never listening: takes no connections
     port = int(reserve.getsockname()[1])
     cmd = [
-        sys.executable, "-m", "engine.runtime.cli", "serve", *argv,
+        sys.executable, "-m", "reloop.engine.runtime.cli", "serve", *argv,
         "--host", host, "--port", str(port), "--worker",
     ]  # fmt: skip
     stop = threading.Event()

@@ -17,15 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from reloop.engine.serve.config import ConfigError, read_yaml
+from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
+from reloop.engine.simulate.driver import Simulator
+from reloop.engine.simulate.report import ab_lines, arms_table, versions_table
+from reloop.engine.simulate.stats import SimStats
+from reloop.engine.simulate.world import World
+from reloop.engine.streams import Sink
 from rich.console import Console
-
-from engine.serve.config import ConfigError, read_yaml
-from engine.simulate.config import SimulateConfig, simulate_config_from_dict
-from engine.simulate.driver import Simulator
-from engine.simulate.report import ab_lines, arms_table, versions_table
-from engine.simulate.stats import SimStats
-from engine.simulate.world import World
-from engine.streams import Sink
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +44,7 @@ def clicks_topics(doc: dict) -> dict[str, str]:
 def kafka_click_sinks(
     bootstrap: str, topics: dict[str, str], settings: dict | None = None
 ) -> Callable[[str], Sink]:
-    from connectors.kafka.sink import KafkaSink
+    from reloop.connectors.kafka.sink import KafkaSink
 
     def make(arm: str) -> Sink:
         return KafkaSink(bootstrap=bootstrap, topic=topics.get(arm, "clicks"), client_config=settings or {})
@@ -89,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     if not bootstrap:
         print("reloop simulate: no Kafka bootstrap (give --bootstrap or kafka.bootstrap)", file=sys.stderr)
         return 2
-    from engine.simulate.http import HttpScorer
+    from reloop.engine.simulate.http import HttpScorer
 
     scorer = HttpScorer(args.url)
     console = Console() if Console().is_terminal else Console(width=160)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from engine.simulate.world import WorldConfig
+from reloop.engine.simulate.world import WorldConfig
 
 
 class _Frozen(BaseModel):
@@ -42,7 +41,7 @@ class SimulateConfig(_Frozen):
 
 
 def simulate_config_from_dict(data: dict[str, Any]) -> SimulateConfig:
-    from engine.serve.config import ConfigError
+    from reloop.engine.serve.config import ConfigError
 
     try:
         return SimulateConfig.model_validate(data.get("simulate") or {})

@@ -2,7 +2,7 @@
 shown items with their true probability, and send each click when its (random) delay has passed.
 
 The service is reached through a ``score(body) -> response | None`` callable (HTTP in production,
-an in-process call in unit tests); clicks go to one ``connectors.base.Sink`` per arm, keyed by
+an in-process call in unit tests); clicks go to one ``reloop.connectors.base.Sink`` per arm, keyed by
 impression id, stamped with the click's event time.
 """
 
@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from engine.events.codec import encode
-from engine.events.schema import Click
-from engine.simulate.stats import SimStats
-from engine.simulate.world import World
-from engine.streams import Sink
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Click
+from reloop.engine.simulate.stats import SimStats
+from reloop.engine.simulate.world import World
+from reloop.engine.streams import Sink
 
 log = logging.getLogger(__name__)
 

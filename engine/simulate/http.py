@@ -6,8 +6,7 @@ from typing import Any
 
 import httpx
 import orjson
-
-from engine.simulate.driver import NotReadyYet
+from reloop.engine.simulate.driver import NotReadyYet
 
 
 class HttpScorer:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.events.codec import decode_click, decode_impression
-from engine.streams import Source
+from reloop.engine.events.codec import decode_click, decode_impression
+from reloop.engine.streams import Source
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from reloop.engine.simulate.config import ReportConfig
+from reloop.engine.simulate.stats import SimStats, ab_report
 from rich.table import Table
-
-from engine.simulate.config import ReportConfig
-from engine.simulate.stats import SimStats, ab_report
 
 
 def _f(x: object, fmt: str = ".4f") -> str:

@@ -1,4 +1,4 @@
-"""The feature spec that fits the simulated world's features (engine.simulate.world)."""
+"""The feature spec that fits the simulated world's features (reloop.engine.simulate.world)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from engine.metrics.online import ExactAUC, RollingBinaryMetrics
+from reloop.engine.metrics.online import ExactAUC, RollingBinaryMetrics
 
 
 @dataclass

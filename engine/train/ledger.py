@@ -8,7 +8,7 @@ the training they describe.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.jsonl"
->>> from engine.events.schema import LabeledSample
+>>> from reloop.engine.events.schema import LabeledSample
 >>> ledger = Ledger(path)
 >>> ledger.append(1, [LabeledSample("a\\tb\\nc", {}, 1, 0.5, 0, 0)])
 >>> ledger.close()
@@ -23,8 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
-
-from engine.events.schema import LabeledSample
+from reloop.engine.events.schema import LabeledSample
 
 
 class Ledger:

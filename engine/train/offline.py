@@ -3,9 +3,9 @@
 The learner does the steps; this module only batches, shuffles, evaluates and keeps the best state
 (the BARS protocol: train until validation AUC stops improving, then restore the best epoch).
 
->>> from engine.features.spec import CategoricalField, FeatureSpec
->>> from engine.features.featurizer import Featurizer
->>> from engine.models.registry import build_learner
+>>> from reloop.engine.features.spec import CategoricalField, FeatureSpec
+>>> from reloop.engine.features.featurizer import Featurizer
+>>> from reloop.engine.models.registry import build_learner
 >>> spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=16),))
 >>> rows = [{"u": str(i % 4)} for i in range(400)]
 >>> data = ArrayDataset(Featurizer(spec).transform(rows), np.array([i % 4 == 0 for i in range(400)]))
@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
-from engine.events.schema import LabeledSample
-from engine.features.featurizer import FeatureBatch, Featurizer
-from engine.loss.losses import LossStats
-from engine.metrics.offline import auc, logloss
-from engine.models.learner import Learner
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.featurizer import FeatureBatch, Featurizer
+from reloop.engine.loss.losses import LossStats
+from reloop.engine.metrics.offline import auc, logloss
+from reloop.engine.models.learner import Learner
 
 
 class OfflineConfig(BaseModel):

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.features.featurizer import FeatureBatch
+from reloop.engine.features.featurizer import FeatureBatch
 
 _COLUMNS = ("cat", "num", "multi", "multi_mask", "labels", "y_last", "weights")
 

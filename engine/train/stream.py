@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from engine.events.schema import LabeledSample
-from engine.loss.losses import LossStats
-from engine.metrics.rolling_batch import BatchRollingMetrics
-from engine.train.replay_buffer import ReplayBuffer
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.loss.losses import LossStats
+from reloop.engine.metrics.rolling_batch import BatchRollingMetrics
+from reloop.engine.train.replay_buffer import ReplayBuffer
 
 YLastMode = Literal["logged", "snapshot"]
 MismatchPolicy = Literal["use_logged", "recompute", "skip_sc"]

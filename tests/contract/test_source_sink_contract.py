@@ -1,7 +1,7 @@
 """One contract every Source/Sink pair passes: memory, JSONL files and the real Kafka broker (through
 kafka-python and through confluent-kafka).
 
-Each backend creates topics, sinks and sources; the tests only speak connectors.base.
+Each backend creates topics, sinks and sources; the tests only speak reloop.connectors.base.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from connectors.files.jsonl import JsonlSink, JsonlSource
-from connectors.files.jsonl import create_topic as create_jsonl_topic
-from connectors.memory import MemoryLog, MemorySink, MemorySource
-from engine.streams import Record, Sink, Source, TopicPartition
+from reloop.connectors.files.jsonl import JsonlSink, JsonlSource
+from reloop.connectors.files.jsonl import create_topic as create_jsonl_topic
+from reloop.connectors.memory import MemoryLog, MemorySink, MemorySource
+from reloop.engine.streams import Record, Sink, Source, TopicPartition
 
 IDLE_TIMEOUT_S = 0.3
 
@@ -64,17 +63,17 @@ class KafkaBackend:
         self.bootstrap = bootstrap
 
     def create_topic(self, topic: str, partitions: int) -> None:
-        from connectors.kafka.admin import create_topics
+        from reloop.connectors.kafka.admin import create_topics
 
         create_topics(self.bootstrap, {topic: partitions})
 
     def sink(self, topic: str) -> Sink:
-        from connectors.kafka.sink import KafkaSink
+        from reloop.connectors.kafka.sink import KafkaSink
 
         return KafkaSink(bootstrap=self.bootstrap, topic=topic)
 
     def source(self, topics: list[str]) -> Source:
-        from connectors.kafka.source import KafkaSource
+        from reloop.connectors.kafka.source import KafkaSource
 
         return KafkaSource(bootstrap=self.bootstrap, topics=topics)
 
@@ -83,12 +82,12 @@ class ConfluentBackend(KafkaBackend):
     """The confluent-kafka (librdkafka) Source and Sink on the same real broker."""
 
     def sink(self, topic: str) -> Sink:
-        from connectors.confluent.sink import ConfluentSink
+        from reloop.connectors.confluent.sink import ConfluentSink
 
         return ConfluentSink(bootstrap=self.bootstrap, topic=topic)
 
     def source(self, topics: list[str]) -> Source:
-        from connectors.confluent.source import ConfluentSource
+        from reloop.connectors.confluent.source import ConfluentSource
 
         return ConfluentSource(bootstrap=self.bootstrap, topics=topics)
 

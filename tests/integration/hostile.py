@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-
-from engine.events.codec import encode
-from engine.events.schema import Click, Impression
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Click, Impression
 
 YEAR_3000_MS = 32_503_680_000_000
 

@@ -4,13 +4,12 @@ the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
 from __future__ import annotations
 
 import pytest
-
-from connectors.confluent.sink import ConfluentSink
-from connectors.confluent.source import ConfluentSource
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.streams import RecordTooLarge, TopicPartition
+from reloop.connectors.confluent.sink import ConfluentSink
+from reloop.connectors.confluent.source import ConfluentSource
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.streams import RecordTooLarge, TopicPartition
 
 pytestmark = pytest.mark.kafka
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from connectors.kafka.source import KafkaSource
-from engine.events.codec import decode_impression
-from engine.runtime.demo import DEFAULT_CONFIG
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.events.codec import decode_impression
+from reloop.engine.runtime.demo import DEFAULT_CONFIG
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -53,7 +52,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "engine.runtime.cli",
+        "reloop.engine.runtime.cli",
         "demo",
         "--config",
         str(_config(tmp_path)),

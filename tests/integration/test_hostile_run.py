@@ -23,15 +23,14 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.checkpoint import SnapshotRegistry
-from engine.deadletter import decode_raw
-from engine.events.sample_batch import decode_batch
-from engine.runtime.synthetic import SPEC, generate
-from engine.train.ledger import Ledger
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.deadletter import decode_raw
+from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.runtime.synthetic import SPEC, generate
+from reloop.engine.train.ledger import Ledger
 
 from .hostile import generate_hostile
 from .test_run_kafka import (

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from connectors.kafka.local_broker import LocalBroker, read_bootstrap
+from reloop.connectors.kafka.local_broker import LocalBroker, read_bootstrap
 
 pytestmark = pytest.mark.kafka
 
 
 def reloop_kafka(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "engine.runtime.cli", "kafka", *args, "--state-dir", str(state)]
+    cmd = [sys.executable, "-m", "reloop.engine.runtime.cli", "kafka", *args, "--state-dir", str(state)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-
-from connectors.kafka.admin import create_topics, offsets_for_times
-from connectors.kafka.sink import KafkaSink, KafkaSinkError
-from connectors.kafka.source import KafkaSource
-from engine.streams import TopicPartition
+from reloop.connectors.kafka.admin import create_topics, offsets_for_times
+from reloop.connectors.kafka.sink import KafkaSink, KafkaSinkError
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.streams import TopicPartition
 
 pytestmark = pytest.mark.kafka
 

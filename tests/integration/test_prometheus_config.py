@@ -8,8 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from connectors.metrics.local_prometheus import find_binary
+from reloop.connectors.metrics.local_prometheus import find_binary
 
 pytestmark = pytest.mark.prometheus
 

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from connectors.metrics.local_prometheus import LocalPrometheus, find_binary, free_port
-from engine.events.codec import encode
-from engine.events.schema import Click, Impression
-from engine.metrics import registry as reg
-from engine.runtime.synthetic import SPEC
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.metrics.local_prometheus import LocalPrometheus, find_binary, free_port
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Click, Impression
+from reloop.engine.metrics import registry as reg
+from reloop.engine.runtime.synthetic import SPEC
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.kafka]
 
@@ -149,7 +148,8 @@ def running(kafka_broker, tmp_path_factory) -> Iterator[Running]:
     log = tmp / "run.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(config)],
+        cli = [sys.executable, "-m", "reloop.engine.runtime.cli"]
+        proc = subprocess.Popen([*cli, "run", "--config", str(config)],
                                 cwd=ROOT, stdout=out, stderr=out, env=env)
     prom = LocalPrometheus(targets={"reloop-processor": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]},
                            workdir=tmp / "prometheus", binary=binary)

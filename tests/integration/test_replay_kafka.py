@@ -16,18 +16,17 @@ import orjson
 import pytest
 import torch
 import yaml
-
-from connectors.files.datasets import DatasetRow, ExponentialDelay, to_events
-from connectors.files.datasets.base import FieldInfo
-from connectors.files.datasets.spec import feature_spec
-from connectors.files.jsonl import JsonlSink
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.checkpoint import SnapshotRegistry
-from engine.events.codec import encode
-from engine.events.schema import Impression
-from engine.runtime.cli import main
+from reloop.connectors.files.datasets import DatasetRow, ExponentialDelay, to_events
+from reloop.connectors.files.datasets.base import FieldInfo
+from reloop.connectors.files.datasets.spec import feature_spec
+from reloop.connectors.files.jsonl import JsonlSink
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Impression
+from reloop.engine.runtime.cli import main
 
 pytestmark = pytest.mark.kafka
 
@@ -155,16 +154,16 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     """`reloop replay --from-samples`: the train stage alone over a samples topic holding a copy sent
     twice (a join task taken over) and a corrupt message: every sample trained once, the bad message
     dead-lettered, the same weights as the train stage fed the same messages in memory."""
-    from connectors.memory.memory import MemoryLog, MemorySource
-    from engine.events.sample_batch import batch_from_samples, encode_batch
-    from engine.events.schema import LabeledSample
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.build import build_train_stage
-    from engine.runtime.clock import ManualClock
-    from engine.runtime.config import load_config
-    from engine.runtime.synthetic import SPEC
-    from engine.streams import TopicPartition
-    from engine.train.ledger import Ledger
+    from reloop.connectors.memory.memory import MemoryLog, MemorySource
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.clock import ManualClock
+    from reloop.engine.runtime.config import load_config
+    from reloop.engine.runtime.synthetic import SPEC
+    from reloop.engine.streams import TopicPartition
+    from reloop.engine.train.ledger import Ledger
 
     rng = np.random.default_rng(0)
     t0 = int(time.time() * 1000) - 3_600_000

@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.local_broker import LocalBroker, free_port
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.checkpoint import SnapshotRegistry
-from engine.events.sample_batch import decode_batch
-from engine.runtime.synthetic import SPEC, generate
-from engine.train.ledger import Ledger
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.local_broker import LocalBroker, free_port
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.runtime.synthetic import SPEC, generate
+from reloop.engine.train.ledger import Ledger
 
 pytestmark = pytest.mark.kafka
 
@@ -149,7 +148,7 @@ def _start(config: Path, tmp: Path) -> subprocess.Popen:
     err = open(tmp / "run.log", "ab")  # noqa: SIM115 - handed to the child
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.runtime.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(config)],
         cwd=ROOT,
         stdout=err,
         stderr=err,

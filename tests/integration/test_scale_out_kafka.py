@@ -11,12 +11,11 @@ import time
 import orjson
 import psutil
 import pytest
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from engine.checkpoint import SnapshotRegistry
-from engine.runtime.synthetic import generate
-from engine.train.ledger import Ledger
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.runtime.synthetic import generate
+from reloop.engine.train.ledger import Ledger
 
 from .test_run_kafka import PERIOD, _config, _now_ms, _trained
 from .test_stages_kafka import _CHILDREN, _key_for, _stage, _tasks_now, _wait_log
@@ -59,7 +58,7 @@ def _ranks(launcher) -> list[psutil.Process]:
     return [
         c
         for c in psutil.Process(launcher.pid).children(recursive=True)
-        if "engine.runtime.cli" in " ".join(c.cmdline())
+        if "reloop.engine.runtime.cli" in " ".join(c.cmdline())
     ]
 
 
@@ -129,7 +128,7 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
 
 
 def _decode(data: bytes):
-    from engine.events.sample_batch import decode_batch
+    from reloop.engine.events.sample_batch import decode_batch
 
     return decode_batch(data)
 
@@ -145,7 +144,8 @@ def _stage_world(stage: str, config, log):
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.runtime.cli", stage, "--config", str(config), "--world-size", "2"],
+        [sys.executable, "-m", "reloop.engine.runtime.cli", stage, "--config", str(config),
+         "--world-size", "2"],
         cwd=ROOT, stdout=out, stderr=out, env=env,
     )  # fmt: skip
     _CHILDREN.append(proc)

@@ -10,19 +10,18 @@ import time
 import httpx
 import numpy as np
 import pytest
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.local_broker import free_port
-from connectors.kafka.source import KafkaSource
-from engine.checkpoint.registry import SnapshotRegistry
-from engine.events.codec import decode_impression
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve.config import ServeConfig
-from engine.serve.stack import ServingStack
-from engine.simulate.spec import world_spec_dict
-from engine.simulate.world import World, WorldConfig
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.local_broker import free_port
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.events.codec import decode_impression
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.config import ServeConfig
+from reloop.engine.serve.stack import ServingStack
+from reloop.engine.simulate.spec import world_spec_dict
+from reloop.engine.simulate.world import World, WorldConfig
 
 pytestmark = pytest.mark.kafka
 
@@ -64,7 +63,7 @@ class Trainer:
             Featurizer(self.spec).transform(rows), (self.rng.random(len(rows)) < 0.3).astype(float)
         )
         if self.bundle:
-            from engine.serve.bundle_format import publish_serving_bundle
+            from reloop.engine.serve.bundle_format import publish_serving_bundle
 
             publish_serving_bundle(self.registry, self.learner)
         return self.registry.publish({"learner": self.learner.state_dict()}, meta={})
@@ -227,16 +226,16 @@ def test_undeliverable_impressions_are_dropped_and_counted_not_retried_for_ever(
     """A 10 MB impression and one stamped 2 h in the future (the broker refuses both) used to go back to
     the front of the buffer for ever: 3,000 pending, 0 sent. Now they are dropped with a reason and
     everything around them is delivered."""
-    from engine.events.codec import encode
-    from engine.events.schema import Impression
-    from engine.serve.impression_log import ImpressionLogger
-    from engine.serve.stack import LazySink
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Impression
+    from reloop.engine.serve.impression_log import ImpressionLogger
+    from reloop.engine.serve.stack import LazySink
 
     topic = unique_topic("impressions")
     create_topics(kafka_broker.bootstrap, {topic: 1})
 
     def make():
-        from connectors.kafka.sink import KafkaSink
+        from reloop.connectors.kafka.sink import KafkaSink
 
         return KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic, client_config={"max_block_ms": 5000})
 
@@ -283,9 +282,9 @@ def test_confluent_logger_drops_and_counts_what_kafka_refuses_and_delivers_the_r
     """The same hostile pair as above through the default (confluent) logger: a 10 MB impression is
     dropped before it is queued, one stamped 2 h ahead is refused by the broker and counted; every
     other impression is delivered."""
-    from engine.events.schema import Impression
-    from engine.serve.config import ServeConfig
-    from engine.serve.stack import confluent_logger
+    from reloop.engine.events.schema import Impression
+    from reloop.engine.serve.config import ServeConfig
+    from reloop.engine.serve.stack import confluent_logger
 
     topic = unique_topic("impressions")
     create_topics(kafka_broker.bootstrap, {topic: 1})

@@ -15,13 +15,12 @@ import orjson
 import pytest
 import torch
 from kafka.partitioner.default import murmur2
-
-from connectors.kafka.admin import create_topics
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from engine.checkpoint import SnapshotRegistry
-from engine.runtime.synthetic import generate
-from engine.train.ledger import Ledger
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.runtime.synthetic import generate
+from reloop.engine.train.ledger import Ledger
 
 from .test_run_kafka import (
     PERIOD,
@@ -56,7 +55,7 @@ def _stage(stage: str, config: Path, log: Path) -> subprocess.Popen:
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.runtime.cli", stage, "--config", str(config)],
+        [sys.executable, "-m", "reloop.engine.runtime.cli", stage, "--config", str(config)],
         cwd=ROOT, stdout=out, stderr=out, env=env,
     )  # fmt: skip
     _CHILDREN.append(proc)
@@ -239,6 +238,6 @@ def test_join_tasks_spread_over_two_processes_and_move_back(kafka_broker, unique
 
 
 def decode(data: bytes):
-    from engine.events.sample_batch import decode_batch
+    from reloop.engine.events.sample_batch import decode_batch
 
     return decode_batch(data)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from connectors.files.datasets.avazu import Avazu
-from connectors.files.datasets.base import Dataset, DatasetError, DatasetRow, FieldInfo, field_names
-from connectors.files.datasets.criteo import Criteo
-from connectors.files.datasets.delay import (
+from reloop.connectors.files.datasets.avazu import Avazu
+from reloop.connectors.files.datasets.base import Dataset, DatasetError, DatasetRow, FieldInfo, field_names
+from reloop.connectors.files.datasets.criteo import Criteo
+from reloop.connectors.files.datasets.delay import (
     ClickDelay,
     ExponentialDelay,
     FixedDelay,
@@ -20,10 +20,15 @@ from connectors.files.datasets.delay import (
     LogNormalDelay,
     make_delay,
 )
-from connectors.files.datasets.events import PLACEHOLDER_VERSION, RunningBaseRate, to_events, to_samples
-from connectors.files.datasets.frappe import FrappeLibFM, FrappeRaw
-from connectors.files.datasets.impression_log import ImpressionLog
-from connectors.files.datasets.movielens import MovieLens100K
+from reloop.connectors.files.datasets.events import (
+    PLACEHOLDER_VERSION,
+    RunningBaseRate,
+    to_events,
+    to_samples,
+)
+from reloop.connectors.files.datasets.frappe import FrappeLibFM, FrappeRaw
+from reloop.connectors.files.datasets.impression_log import ImpressionLog
+from reloop.connectors.files.datasets.movielens import MovieLens100K
 
 DATASETS = ("movielens-100k", "frappe", "frappe-libfm", "criteo", "avazu", "impression-log")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from connectors.files.datasets.base import DatasetError
+from reloop.connectors.files.datasets.base import DatasetError
 
 
 def require_file(path: Path) -> Path:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from connectors.files.datasets._text import require_file
-from connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
+from reloop.connectors.files.datasets._text import require_file
+from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 COLUMNS = (
     "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category",

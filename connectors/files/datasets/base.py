@@ -1,7 +1,7 @@
 """What every dataset loader hands out: time-ordered rows plus a description of their fields.
 
 A loader knows its file format and how to put rows in time order; it knows nothing about click delays
-or served predictions. ``connectors.files.datasets.events`` turns rows into Impression/Click events.
+or served predictions. ``reloop.connectors.files.datasets.events`` turns rows into Impression/Click events.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from engine.events.schema import Features
+from reloop.engine.events.schema import Features
 
 FieldKind = Literal["categorical", "numeric", "multi"]
 TimeKind = Literal["event", "pseudo"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from connectors.files.datasets._text import parse_float, require_file
-from connectors.files.datasets.base import (
+from reloop.connectors.files.datasets._text import parse_float, require_file
+from reloop.connectors.files.datasets.base import (
     PSEUDO_TIME_ORIGIN_MS,
     DatasetError,
     DatasetRow,

@@ -12,9 +12,9 @@ import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from connectors.files.datasets.base import DatasetError, DatasetRow
-from connectors.files.datasets.delay import ClickDelay, ImmediateDelay
-from engine.events.schema import Click, Impression, LabeledSample
+from reloop.connectors.files.datasets.base import DatasetError, DatasetRow
+from reloop.connectors.files.datasets.delay import ClickDelay, ImmediateDelay
+from reloop.engine.events.schema import Click, Impression, LabeledSample
 
 #: The model version stamped on placeholder predictions: "no model served this".
 PLACEHOLDER_VERSION = 0
@@ -58,7 +58,7 @@ def to_events(
     A click due at the same time as a later impression comes first (it had arrived by then).
     A row's own ``click_time_ms`` wins over the delay model.
 
-    >>> from connectors.files.datasets.delay import FixedDelay
+    >>> from reloop.connectors.files.datasets.delay import FixedDelay
     >>> rows = [DatasetRow("a", "a", "u", "i", 0, {}, 1), DatasetRow("b", "b", "u", "j", 10, {}, 0)]
     >>> [(type(e).__name__, e.event_time_ms) for e in to_events(rows, FixedDelay(5))]
     [('Impression', 0), ('Click', 5), ('Impression', 10)]

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from connectors.files.datasets._text import read_lines
-from connectors.files.datasets.base import (
+from reloop.connectors.files.datasets._text import read_lines
+from reloop.connectors.files.datasets.base import (
     PSEUDO_TIME_ORIGIN_MS,
     DatasetError,
     DatasetRow,

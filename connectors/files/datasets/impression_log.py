@@ -27,8 +27,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from connectors.files.datasets._text import require_file
-from connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
+from reloop.connectors.files.datasets._text import require_file
+from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
 _TRUE = {"1", "true", "True", "TRUE", "1.0"}

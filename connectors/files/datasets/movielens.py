@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from connectors.files.datasets._text import parse_float, read_lines
-from connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
+from reloop.connectors.files.datasets._text import parse_float, read_lines
+from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 FIELDS: tuple[FieldInfo, ...] = (
     FieldInfo("user_id", "categorical"),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from connectors.files.datasets.base import FieldInfo
-from engine.features.spec import (
+from reloop.connectors.files.datasets.base import FieldInfo
+from reloop.engine.features.spec import (
     CategoricalField,
     FeatureSpec,
     MultiCategoricalField,
@@ -26,7 +26,7 @@ def feature_spec(
     numeric_transform: NumericTransform = "log_bucket",
     multi_max_len: int = 8,
 ) -> FeatureSpec:
-    """>>> from connectors.files.datasets.movielens import FIELDS
+    """>>> from reloop.connectors.files.datasets.movielens import FIELDS
     >>> feature_spec(FIELDS, buckets=100).multi_fields[0].name
     'genres'
     """

@@ -8,8 +8,7 @@ import os
 
 import pytest
 import torch
-
-from engine.checkpoint import ChecksumError, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint import ChecksumError, SnapshotError, SnapshotRegistry
 
 
 def _state(x: float) -> dict:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from connectors.files.jsonl import JsonlSink, JsonlSource, create_topic, partition_path
-from engine.streams import TopicPartition
+from reloop.connectors.files.jsonl import JsonlSink, JsonlSource, create_topic, partition_path
+from reloop.engine.streams import TopicPartition
 
 
 def test_a_partially_written_last_line_is_delivered_only_when_complete(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from unittest import mock
 
-from connectors.kafka import local_broker
-from connectors.kafka.local_broker import _port_is_free, new_cluster_id
+from reloop.connectors.kafka import local_broker
+from reloop.connectors.kafka.local_broker import _port_is_free, new_cluster_id
 
 
 def test_cluster_ids_never_look_like_options() -> None:

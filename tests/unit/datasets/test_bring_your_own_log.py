@@ -10,8 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-
-from connectors.files.datasets import ImpressionLog
+from reloop.connectors.files.datasets import ImpressionLog
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "bring-your-own-log.md"
 
@@ -56,7 +55,7 @@ def _command() -> list[str]:
 @pytest.fixture(scope="module")
 def backtest_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The documented command, run once in a folder holding the documented ratings.csv."""
-    from engine.runtime.cli import main
+    from reloop.engine.runtime.cli import main
 
     folder = tmp_path_factory.mktemp("byol")
     (folder / "ratings.csv").write_text(_block("csv"))

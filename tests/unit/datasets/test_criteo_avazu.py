@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-
-from connectors.files.datasets import Avazu, Criteo, DatasetError
-from connectors.files.datasets.avazu import hour_to_ms
+from reloop.connectors.files.datasets import Avazu, Criteo, DatasetError
+from reloop.connectors.files.datasets.avazu import hour_to_ms
 
 
 def test_tsv_and_csv_give_the_same_rows(criteo_files: tuple[Path, Path]) -> None:

@@ -1,8 +1,7 @@
 import statistics
 
 import pytest
-
-from connectors.files.datasets import (
+from reloop.connectors.files.datasets import (
     DatasetError,
     DatasetRow,
     ExponentialDelay,
@@ -12,7 +11,7 @@ from connectors.files.datasets import (
     to_events,
     to_samples,
 )
-from engine.events.schema import Click, Impression
+from reloop.engine.events.schema import Click, Impression
 
 
 def _rows(n: int, labels: list[int] | None = None, step: int = 100) -> list[DatasetRow]:

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-
-from connectors.files.datasets import DatasetError, FrappeLibFM, FrappeRaw
-from connectors.files.datasets.base import PSEUDO_TIME_ORIGIN_MS
+from reloop.connectors.files.datasets import DatasetError, FrappeLibFM, FrappeRaw
+from reloop.connectors.files.datasets.base import PSEUDO_TIME_ORIGIN_MS
 
 
 def test_two_negatives_per_positive_with_same_context_and_unused_items(frappe_csv: Path) -> None:

@@ -3,8 +3,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from connectors.files.datasets import DatasetError, ImpressionLog
+from reloop.connectors.files.datasets import DatasetError, ImpressionLog
 
 RECORDS = [
     {"timestamp": 2000, "impression_id": "i2", "user_id": "u1", "item_id": "a", "price": 1.5,
@@ -164,7 +163,7 @@ def test_numeric_matches_whole_column_names_only(tmp_path: Path) -> None:
 
 
 def test_name_is_the_files_stem(tmp_path: Path) -> None:
-    from connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets import open_dataset
 
     path = _write_csv(tmp_path / "shop_clicks_2024.csv")
     assert ImpressionLog(path).name == "shop_clicks_2024"

@@ -1,8 +1,7 @@
 from pathlib import Path
 
 import pytest
-
-from connectors.files.datasets import DatasetError, MovieLens100K, open_dataset
+from reloop.connectors.files.datasets import DatasetError, MovieLens100K, open_dataset
 
 
 def test_rows_are_time_sorted_with_stable_ties_and_threshold_labels(movielens_dir: Path) -> None:

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from connectors.files.datasets import open_dataset, to_events
-from connectors.files.datasets.spec import feature_spec
-from engine.features.featurizer import Featurizer
+from reloop.connectors.files.datasets import open_dataset, to_events
+from reloop.connectors.files.datasets.spec import feature_spec
+from reloop.engine.features.featurizer import Featurizer
 
 DATA = Path(os.environ.get("RELOOP_DATA", Path(__file__).resolve().parents[4] / "shared" / "data"))
 if not DATA.is_dir():

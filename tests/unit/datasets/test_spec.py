@@ -1,8 +1,7 @@
 import pytest
-
-from connectors.files.datasets.base import FieldInfo
-from connectors.files.datasets.spec import feature_spec
-from engine.features.featurizer import Featurizer
+from reloop.connectors.files.datasets.base import FieldInfo
+from reloop.connectors.files.datasets.spec import feature_spec
+from reloop.engine.features.featurizer import Featurizer
 
 FIELDS = (FieldInfo("u", "categorical"), FieldInfo("x", "numeric"), FieldInfo("tags", "multi"))
 

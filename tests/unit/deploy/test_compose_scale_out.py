@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from engine.runtime import cli
-from engine.runtime.config import ConfigError, RunConfig, load_config_dict
+from reloop.engine.runtime import cli
+from reloop.engine.runtime.config import ConfigError, RunConfig, load_config_dict
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 SCALED = ("join", "train")
@@ -293,7 +292,7 @@ def test_a_stop_outlasts_the_final_checkpoint(project: dict) -> None:
         "--nnodes=1",
         f"--nproc-per-node={world_size(project)}",
         "-m",
-        "engine.runtime.cli",
+        "reloop.engine.runtime.cli",
     ]
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env_of(train).items():

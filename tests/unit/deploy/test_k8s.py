@@ -22,9 +22,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
-from engine.runtime import cli
-from engine.runtime.config import load_config_dict
+from reloop.engine.runtime import cli
+from reloop.engine.runtime.config import load_config_dict
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
@@ -162,14 +161,14 @@ def test_grace_period_outlasts_the_stop_timeout(tool, folder: Path) -> None:
 
 def reloop_argv(container: dict) -> list[str]:
     """The reloop command line a container runs: its args after the image's entrypoint `reloop`, or,
-    under torchrun (`python -m torch.distributed.run ... -m engine.runtime.cli ...`), what torchrun runs."""
+    under torchrun (`python -m torch.distributed.run ... -m reloop.engine.runtime.cli ...`), what it runs."""
     if "command" not in container:
         return container["args"]
     assert container["command"] == ["python", "-m", "torch.distributed.run"], container["command"]
     from torch.distributed.run import get_args_parser
 
     torchrun = get_args_parser().parse_args(container["args"])
-    assert torchrun.module and torchrun.training_script == "engine.runtime.cli", container["args"]
+    assert torchrun.module and torchrun.training_script == "reloop.engine.runtime.cli", container["args"]
     assert importlib.util.find_spec(torchrun.training_script) is not None
     return torchrun.training_script_args
 

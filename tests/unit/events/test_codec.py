@@ -5,9 +5,8 @@ import tracemalloc
 
 import orjson
 import pytest
-
-from engine.events import codec
-from engine.events.codec import (
+from reloop.engine.events import codec
+from reloop.engine.events.codec import (
     decode_click,
     decode_clicks,
     decode_event,
@@ -17,8 +16,8 @@ from engine.events.codec import (
     decode_samples,
     encode,
 )
-from engine.events.schema import Click, Impression, LabeledSample
-from engine.events.validation import EventError
+from reloop.engine.events.schema import Click, Impression, LabeledSample
+from reloop.engine.events.validation import EventError
 
 
 def test_round_trips(impression_dict, click_dict, sample_dict):

@@ -6,13 +6,12 @@ import base64
 
 import orjson
 import pytest
-
-from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
-from engine.deadletter import DeadLetterSink, decode_raw
-from engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
-from engine.events.schema import Click, Impression
-from engine.events.validation import EventError
-from engine.streams import Record
+from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from reloop.engine.deadletter import DeadLetterSink, decode_raw
+from reloop.engine.events.codec import decode_clicks, decode_impressions, decode_samples, encode
+from reloop.engine.events.schema import Click, Impression
+from reloop.engine.events.validation import EventError
+from reloop.engine.streams import Record
 
 MAX_BYTES = 4096
 

@@ -9,8 +9,7 @@ import msgpack
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from engine.events.codec import (
+from reloop.engine.events.codec import (
     decode_click,
     decode_clicks,
     decode_impression,
@@ -19,8 +18,8 @@ from engine.events.codec import (
     decode_samples,
     encode,
 )
-from engine.events.schema import Click, Impression, LabeledSample
-from engine.events.validation import (
+from reloop.engine.events.schema import Click, Impression, LabeledSample
+from reloop.engine.events.validation import (
     MAX_EVENT_TIME_MS,
     REASONS,
     EventError,

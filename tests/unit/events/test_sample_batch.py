@@ -8,12 +8,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from engine.events.sample_batch import FORMAT, batch_from_samples, decode_batch, encode_batch
-from engine.events.schema import LabeledSample
-from engine.events.validation import EventError
-from engine.features.featurizer import Featurizer
-from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+from reloop.engine.events.sample_batch import FORMAT, batch_from_samples, decode_batch, encode_batch
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.events.validation import EventError
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 SPEC = FeatureSpec(
     fields=(

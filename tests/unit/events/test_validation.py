@@ -5,9 +5,8 @@ import math
 import pickle
 
 import pytest
-
-from engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
-from engine.events.validation import (
+from reloop.engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
+from reloop.engine.events.validation import (
     MAX_EVENT_TIME_MS,
     REASONS,
     EventError,
@@ -210,7 +209,7 @@ def test_event_error_pickles_and_prints(impression_dict):
 
 
 def test_fast_builder_refuses_a_changed_schema():
-    from engine.events.validation import _setters
+    from reloop.engine.events.validation import _setters
 
     with pytest.raises(RuntimeError, match="fields changed"):
         _setters(Click, ("impression_id", "event_time_ms", "value"))

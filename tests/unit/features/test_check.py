@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from engine.features.check import FeatureLimits, SpecChecker
-from engine.features.featurizer import FeatureError, Featurizer
-from engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+from reloop.engine.features.check import FeatureLimits, SpecChecker
+from reloop.engine.features.featurizer import FeatureError, Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 SPEC = FeatureSpec(
     fields=(

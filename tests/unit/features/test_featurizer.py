@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-
-from engine.features import (
+from reloop.engine.features import (
     CategoricalField,
     FeatureBatch,
     FeatureError,
@@ -22,8 +21,8 @@ from engine.features import (
     NumericField,
     criteo_spec,
 )
-from engine.features.featurizer import log_bucket
-from engine.features.hashing import fnv1a_utf8
+from reloop.engine.features.featurizer import log_bucket
+from reloop.engine.features.hashing import fnv1a_utf8
 
 SPEC = FeatureSpec(
     fields=(
@@ -156,7 +155,7 @@ def test_batch_helpers_and_torch_view():
 
 _CHILD = """
 import json, sys
-from engine.features import FeatureSpec, Featurizer
+from reloop.engine.features import FeatureSpec, Featurizer
 spec = FeatureSpec.from_json(sys.argv[1])
 rows = json.loads(sys.argv[2])
 b = Featurizer(spec).transform(rows)

@@ -3,8 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from engine.join import Joiner, JoinerConfig
+from reloop.engine.join import Joiner, JoinerConfig
 
 
 class FakeClock:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from engine.join.joiner import Joiner, JoinerConfig
-from engine.loss.delayed import FakeNegativeWeighted, fnw_weights, with_delayed_feedback
-from engine.loss.losses import make_loss
+from reloop.engine.join.joiner import Joiner, JoinerConfig
+from reloop.engine.loss.delayed import FakeNegativeWeighted, fnw_weights, with_delayed_feedback
+from reloop.engine.loss.losses import make_loss
 
 
 def test_weights_hand_computed() -> None:

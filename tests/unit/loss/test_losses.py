@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from engine.loss import LossStats, make_loss
+from reloop.engine.loss import LossStats, make_loss
 
 LN2 = math.log(2.0)
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
-from engine.events.sample_batch import batch_from_samples, encode_batch
-from engine.events.schema import LabeledSample
-from engine.features.featurizer import Featurizer
-from engine.features.spec import CategoricalField, FeatureSpec
-from engine.memory.feed import SamplesFeed
-from engine.memory.served import ServedMemory, predict_and_hidden
-from engine.memory.sketch import SketchConfig
-from engine.models.registry import build_learner
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelBundle, ModelHolder
-from engine.serve.schema import ScoreRequest
-from engine.serve.service import ArmRuntime, ScoringService
+from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.memory.feed import SamplesFeed
+from reloop.engine.memory.served import ServedMemory, predict_and_hidden
+from reloop.engine.memory.sketch import SketchConfig
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.serve.schema import ScoreRequest
+from reloop.engine.serve.service import ArmRuntime, ScoringService
 
 SPEC = FeatureSpec(
     fields=(CategoricalField(name="user", buckets=40), CategoricalField(name="item", buckets=40))

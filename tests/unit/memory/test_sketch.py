@@ -6,8 +6,7 @@ import io
 
 import numpy as np
 import pytest
-
-from engine.memory.sketch import EPS, ErrorSketch, SketchConfig
+from reloop.engine.memory.sketch import EPS, ErrorSketch, SketchConfig
 
 
 def _keys(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.events.schema import LabeledSample
-from engine.features.spec import CategoricalField, FeatureSpec
-from engine.memory.stream_eval import MemorySpec, StreamMemory
-from engine.replay.backtest import RunSpec, Strategy, period_bounds_by_count, prepare, run_streaming
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.memory.stream_eval import MemorySpec, StreamMemory
+from reloop.engine.replay.backtest import RunSpec, Strategy, period_bounds_by_count, prepare, run_streaming
 
 SPEC = FeatureSpec(fields=(CategoricalField(name="x", buckets=50), CategoricalField(name="y", buckets=50)))
 

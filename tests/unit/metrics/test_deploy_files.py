@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from engine.metrics.registry import exported_series_names
-from engine.runtime.config import load_config_dict
-from engine.serve.config import serve_config_from_dict
+from reloop.engine.metrics.registry import exported_series_names
+from reloop.engine.runtime.config import load_config_dict
+from reloop.engine.serve.config import serve_config_from_dict
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 METRIC_RE = re.compile(r"\breloop_[a-z0-9_]+")

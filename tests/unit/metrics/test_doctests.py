@@ -5,17 +5,16 @@ from __future__ import annotations
 import doctest
 
 import pytest
-
-import connectors.metrics.prometheus
-import engine.metrics.online
-import engine.metrics.registry
-import engine.metrics.rolling_batch
+import reloop.connectors.metrics.prometheus
+import reloop.engine.metrics.online
+import reloop.engine.metrics.registry
+import reloop.engine.metrics.rolling_batch
 
 MODULES = [
-    engine.metrics.registry,
-    engine.metrics.online,
-    engine.metrics.rolling_batch,
-    connectors.metrics.prometheus,
+    reloop.engine.metrics.registry,
+    reloop.engine.metrics.online,
+    reloop.engine.metrics.rolling_batch,
+    reloop.connectors.metrics.prometheus,
 ]
 
 

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
-from engine.metrics.offline import EPS, auc, logloss
-from engine.metrics.online import ExactAUC
+from reloop.engine.metrics.offline import EPS, auc, logloss
+from reloop.engine.metrics.online import ExactAUC
 
 
 def _pairwise_auc(y: list[int], s: list[float]) -> float:
@@ -65,6 +64,6 @@ def test_logloss_clipping_and_edge_cases() -> None:
 
 
 def test_the_streaming_logloss_clips_with_the_same_eps() -> None:
-    from engine.metrics import online, rolling_batch
+    from reloop.engine.metrics import online, rolling_batch
 
     assert online._EPS is rolling_batch._EPS is EPS

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from engine.events.schema import LabeledSample
-from engine.metrics import registry as reg
-from engine.metrics.online import (
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.metrics import registry as reg
+from reloop.engine.metrics.online import (
     Calibration,
     ExactAUC,
     LogLoss,
     OnlineMetricsBook,
     RollingBinaryMetrics,
 )
-from engine.metrics.rolling_batch import BatchRollingMetrics
+from reloop.engine.metrics.rolling_batch import BatchRollingMetrics
 
 
 def brute_auc(window: list[tuple[int, float]]) -> float:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from connectors.metrics.prometheus import RegistryCollector, render_metrics, serve_metrics
-from engine.metrics import registry as reg
-from engine.metrics.online import OnlineMetricsBook
+from reloop.connectors.metrics.prometheus import RegistryCollector, render_metrics, serve_metrics
+from reloop.engine.metrics import registry as reg
+from reloop.engine.metrics.online import OnlineMetricsBook
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from engine.metrics import registry as reg
+from reloop.engine.metrics import registry as reg
 
 
 def by_name(registry: reg.MetricsRegistry) -> dict[str, reg.MetricFamily]:

@@ -8,10 +8,20 @@ import io
 import numpy as np
 import pytest
 import torch
-
-from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField, NumericField
-from engine.models.registry import available_backbones, backbone_entry, build_learner, learner_from_state
-from engine.train.offline import ArrayDataset, OfflineConfig, OfflineTrainer, evaluate
+from reloop.engine.features import (
+    CategoricalField,
+    FeatureSpec,
+    Featurizer,
+    MultiCategoricalField,
+    NumericField,
+)
+from reloop.engine.models.registry import (
+    available_backbones,
+    backbone_entry,
+    build_learner,
+    learner_from_state,
+)
+from reloop.engine.train.offline import ArrayDataset, OfflineConfig, OfflineTrainer, evaluate
 
 BACKBONES = [n for n in available_backbones() if backbone_entry(n).kind in {"torch", "numpy"}]
 CARD = 8

@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-
-from engine.models.blocks import (
+from reloop.engine.models.blocks import (
     CIN,
     CrossNet,
     CrossNetV2,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.events.schema import LabeledSample
-from engine.features import CategoricalField, FeatureSpec, Featurizer
-from engine.models.registry import build_learner
-from engine.train.offline import ArrayDataset, OfflineConfig, OfflineTrainer, evaluate
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
+from reloop.engine.models.registry import build_learner
+from reloop.engine.train.offline import ArrayDataset, OfflineConfig, OfflineTrainer, evaluate
 
 SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=40), CategoricalField(name="i", buckets=40)))
 

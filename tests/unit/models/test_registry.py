@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from engine.features import CategoricalField, FeatureSpec, Featurizer
-from engine.models import cli
-from engine.models.learner import Learner
-from engine.models.registry import (
+from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
+from reloop.engine.models import cli
+from reloop.engine.models.learner import Learner
+from reloop.engine.models.registry import (
     available_backbones,
     available_strategies,
     build_learner,

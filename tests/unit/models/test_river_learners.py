@@ -7,13 +7,17 @@ import io
 import numpy as np
 import pytest
 import torch
+from reloop.engine.features.featurizer import FeatureBatch, Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.loss import LossStats
+from reloop.engine.models.registry import available_backbones, backbone_entry, learner_from_state
+from reloop.engine.models.river_learners import (
+    RIVER_BACKBONES,
+    NumpyFM,
+    ScoreGradientLoss,
+    build_river_learner,
+)
 from river import facto, linear_model, optim
-
-from engine.features.featurizer import FeatureBatch, Featurizer
-from engine.features.spec import CategoricalField, FeatureSpec
-from engine.loss import LossStats
-from engine.models.registry import available_backbones, backbone_entry, learner_from_state
-from engine.models.river_learners import RIVER_BACKBONES, NumpyFM, ScoreGradientLoss, build_river_learner
 
 SPEC = FeatureSpec(fields=(
     CategoricalField(name="user", buckets=97),

@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from reloop.engine.loss import make_loss
+from reloop.engine.models.river_learners import ScoreGradientLoss, loss_stats
 from river import linear_model, optim
-
-from engine.loss import make_loss
-from engine.models.river_learners import ScoreGradientLoss, loss_stats
 
 
 def score_gradient(strategy: str, alpha: float, y: float, z: float, y_last: float) -> float:

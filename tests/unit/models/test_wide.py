@@ -8,12 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField, NumericField
-from engine.loss.losses import make_loss
-from engine.models.config import ADAGRAD_EMBEDDING_LR, OptimizerConfig
-from engine.models.registry import build_learner, learner_from_state
-from engine.models.wide import OnlineWide
+from reloop.engine.features import (
+    CategoricalField,
+    FeatureSpec,
+    Featurizer,
+    MultiCategoricalField,
+    NumericField,
+)
+from reloop.engine.loss.losses import make_loss
+from reloop.engine.models.config import ADAGRAD_EMBEDDING_LR, OptimizerConfig
+from reloop.engine.models.registry import build_learner, learner_from_state
+from reloop.engine.models.wide import OnlineWide
 
 SPEC = FeatureSpec(
     fields=(
@@ -52,7 +57,7 @@ def _data(n: int = 64, seed: int = 0):
 
 def _reference(wide: OnlineWide, batch, deep, labels, loss, y_last=None, weights=None) -> np.ndarray:
     """The textbook filter, one event at a time, in numpy (rows with their values, bias last)."""
-    from engine.models.ftrl import _active
+    from reloop.engine.models.ftrl import _active
 
     rows, vals = _active(SPEC, batch)
     out = np.empty(len(labels))

@@ -12,8 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from engine.runtime import cli
+from reloop.engine.runtime import cli
 
 ROOT = Path(__file__).resolve().parents[3]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -42,7 +41,7 @@ def _reloop(args: list[str], tmp_path: Path, block: set[str] = frozenset()) -> s
     (site / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": str(site), "RELOOP_TEST_BLOCK": ",".join(sorted(block))}
     return subprocess.run(
-        [sys.executable, "-m", "engine.runtime.cli", *args],
+        [sys.executable, "-m", "reloop.engine.runtime.cli", *args],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240, check=False,
     )  # fmt: skip
 

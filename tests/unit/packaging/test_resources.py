@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from connectors.kafka import local_broker, local_broker_cli
-from engine import resources
-from engine.runtime import demo
+from reloop.connectors.kafka import local_broker, local_broker_cli
+from reloop.engine import resources
+from reloop.engine.runtime import demo
 
 ROOT = Path(__file__).resolve().parents[3]
 

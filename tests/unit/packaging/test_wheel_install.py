@@ -4,10 +4,10 @@ Java and Maven are there, `reloop kafka fetch | up | status | down` with the jar
 demo itself for a few seconds.
 
 The heavy dependencies (torch alone is gigabytes) are not downloaded again: the fresh venv sees the
-test interpreter's site-packages through a .pth line placed *after* its own, so every `engine`,
-`connectors`, `bench` and `reloop_data` module and the `reloop` metadata come from the wheel (asserted),
-and only third-party packages from the shared folder. The wheel's declared dependencies and extras are
-checked from its METADATA.
+test interpreter's site-packages through a .pth line placed *after* its own, so every `reloop` module
+(`reloop.engine`, `reloop.connectors`, `reloop.bench`, `reloop.deploy_files`) and the `reloop` metadata come
+from the wheel (asserted), and only third-party packages from the shared folder. The wheel's declared
+dependencies and extras are checked from its METADATA.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
 #: What a wheel is built from (setup.py + MANIFEST.in ship the deploy/ files).
 SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
-PACKAGES = ("engine", "connectors", "bench")
+PACKAGES = ("reloop", "engine", "connectors", "bench")
 
 
 def _run(cmd: list[str], *, env: dict, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -80,8 +80,10 @@ def test_the_wheel_declares_a_lean_core_and_the_extras(installed: dict) -> None:
         names = set(zf.namelist())
         meta = email.message_from_bytes(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
     shipped = {"config/demo.yaml", "config/reloop.example.yaml", "kafka/pom.xml", "kafka/log4j2.xml"}
-    assert {f"reloop_data/{name}" for name in shipped} <= names
-    assert not any(n.startswith(("tests/", "deploy/", "docs/")) for n in names)
+    assert {f"reloop/deploy_files/{name}" for name in shipped} <= names
+    # One importable top-level name: everything but the metadata is under reloop/.
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"reloop"}
+    assert {"reloop/engine/__init__.py", "reloop/connectors/__init__.py", "reloop/bench/__init__.py"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert meta["License-Expression"] == "Apache-2.0"
     requires = meta.get_all("Requires-Dist")
@@ -92,8 +94,9 @@ def test_the_wheel_declares_a_lean_core_and_the_extras(installed: dict) -> None:
 
 
 def test_the_code_comes_from_the_wheel_not_the_checkout(installed: dict) -> None:
-    code = ("import engine, connectors, reloop_data, importlib.metadata as m; "
-            "print(engine.__file__); print(connectors.__file__); print(reloop_data.__file__); "
+    code = ("import reloop.engine, reloop.connectors, reloop.deploy_files, importlib.metadata as m; "
+            "print(reloop.engine.__file__); print(reloop.connectors.__file__); "
+            "print(reloop.deploy_files.__file__); "
             "print(m.distribution('reloop')._path)")  # fmt: skip
     out = _ok(_run([str(installed["python"]), "-c", code], env=installed["env"], cwd=installed["cwd"]))
     for line in out.splitlines():
@@ -106,8 +109,8 @@ def test_version_models_and_demo_help(installed: dict) -> None:
     assert _ok(_run([*run, "--version"], env=env, cwd=cwd)) == "reloop 0.1.0\n"
     assert "deepfm" in _ok(_run([*run, "models"], env=env, cwd=cwd))
     help_text = _ok(_run([*run, "demo", "--help"], env=env, cwd=cwd))
-    shipped = installed["purelib"] / "reloop_data" / "config" / "demo.yaml"
-    assert "reloop_data/config/demo.yaml" in help_text.replace("\n", "").replace(" ", "")
+    shipped = installed["purelib"] / "reloop" / "deploy_files" / "config" / "demo.yaml"
+    assert "reloop/deploy_files/config/demo.yaml" in help_text.replace("\n", "").replace(" ", "")
     assert shipped.is_file()
     bad = _run([*run, "no-such-command"], env=env, cwd=cwd)
     assert bad.returncode == 2 and bad.stdout == "" and "unknown command" in bad.stderr
@@ -122,7 +125,7 @@ def test_kafka_and_the_demo_from_the_installed_wheel(installed: dict) -> None:
     lib = work / "cache" / "reloop" / "kafka" / "lib"
     fetched = _ok(_run([*run, "kafka", "fetch"], env=env, cwd=cwd, timeout=300))
     assert f"jars in {lib}" in fetched and any(lib.glob("kafka_2.13-*.jar"))
-    assert not (installed["purelib"] / "reloop_data" / "kafka" / "lib").exists()
+    assert not (installed["purelib"] / "reloop" / "deploy_files" / "kafka" / "lib").exists()
     state = work / "state" / "reloop" / "kafka"
     try:
         assert f"state {state}" in _ok(_run([*run, "kafka", "up"], env=env, cwd=cwd, timeout=120))

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from engine.metrics.offline import logloss
-from engine.replay.backtest_cmd import configure, learner_settings
-from engine.runtime.cli import main
+from reloop.engine.metrics.offline import logloss
+from reloop.engine.replay.backtest_cmd import configure, learner_settings
+from reloop.engine.runtime.cli import main
 
 
 def _movielens(d: Path, n: int = 600) -> Path:

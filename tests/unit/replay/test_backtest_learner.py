@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from engine.events.schema import LabeledSample
-from engine.features.spec import CategoricalField, FeatureSpec
-from engine.replay.backtest import RunSpec, Strategy, period_bounds_by_count, prepare, run_streaming
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.replay.backtest import RunSpec, Strategy, period_bounds_by_count, prepare, run_streaming
 
 SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=30), CategoricalField(name="i", buckets=30)))
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.events.schema import LabeledSample
-from engine.features.spec import CategoricalField, FeatureSpec
-from engine.replay.backtest import (
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.replay.backtest import (
     RunSpec,
     Strategy,
     period_bounds_by_count,

@@ -10,14 +10,13 @@ import orjson
 import pytest
 import torch
 import yaml
-
-from connectors.files.datasets import DatasetRow, ExponentialDelay, to_events
-from connectors.files.datasets.base import FieldInfo
-from connectors.files.jsonl import JsonlSink
-from engine.checkpoint import SnapshotRegistry
-from engine.events.codec import encode
-from engine.events.schema import Impression
-from engine.runtime.cli import main
+from reloop.connectors.files.datasets import DatasetRow, ExponentialDelay, to_events
+from reloop.connectors.files.datasets.base import FieldInfo
+from reloop.connectors.files.jsonl import JsonlSink
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import Impression
+from reloop.engine.runtime.cli import main
 
 FIELDS = (FieldInfo("user", "categorical"), FieldInfo("item", "categorical"))
 
@@ -42,7 +41,7 @@ def events():
 
 
 def config(path: Path, ckpt: Path) -> Path:
-    from connectors.files.datasets.spec import feature_spec
+    from reloop.connectors.files.datasets.spec import feature_spec
 
     cfg = {
         "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.5,
@@ -169,8 +168,8 @@ def test_dataset_replay_recomputes_y_last_by_default() -> None:
     """A dataset's served predictions are placeholders, so the default teacher is the previous snapshot."""
     import argparse
 
-    from engine.replay.replay_cmd import configure, dataset_config
-    from engine.runtime.config import load_config_dict
+    from reloop.engine.replay.replay_cmd import configure, dataset_config
+    from reloop.engine.runtime.config import load_config_dict
 
     parser = argparse.ArgumentParser()
     configure(parser)
@@ -184,13 +183,13 @@ def test_dataset_replay_recomputes_y_last_by_default() -> None:
 def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
     """The replay source runs dry before the train stage has taken what its fetch thread decoded ahead:
     the replay goes on until every message handed out is trained (it once stopped with them queued)."""
-    from connectors.memory import MemoryLog, MemorySource
-    from engine.events.sample_batch import batch_from_samples, encode_batch
-    from engine.events.schema import LabeledSample
-    from engine.replay.replay import run_samples_replay
-    from engine.runtime.config import load_config_dict
-    from engine.runtime.synthetic import SPEC
-    from engine.streams import TopicPartition
+    from reloop.connectors.memory import MemoryLog, MemorySource
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+    from reloop.engine.replay.replay import run_samples_replay
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.synthetic import SPEC
+    from reloop.engine.streams import TopicPartition
 
     rng = np.random.default_rng(1)
     samples = [

@@ -4,11 +4,10 @@ import random
 
 import orjson
 import pytest
-
-from connectors.memory.memory import MemoryLog, MemorySource
-from engine.events.schema import Click, Impression
-from engine.replay.sources import EventListSource, ReplaySource, ReplayStalled, event_time_of
-from engine.streams import Record, TopicPartition
+from reloop.connectors.memory.memory import MemoryLog, MemorySource
+from reloop.engine.events.schema import Click, Impression
+from reloop.engine.replay.sources import EventListSource, ReplaySource, ReplayStalled, event_time_of
+from reloop.engine.streams import Record, TopicPartition
 
 IMP0, IMP1, CLK0 = TopicPartition("imp", 0), TopicPartition("imp", 1), TopicPartition("clk", 0)
 

@@ -4,8 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-
-from engine.replay.report import (
+from reloop.engine.replay.report import (
     Comparison,
     against_kd,
     compare,

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.runtime.config import ConfigError, load_config, load_feature_spec
+from reloop.engine.runtime.config import ConfigError, load_config, load_feature_spec
 
 BASE = """
 model:

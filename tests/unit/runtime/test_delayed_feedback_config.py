@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.runtime.config import ConfigError, load_config_dict
+from reloop.engine.runtime.config import ConfigError, load_config_dict
 
 
 def test_run_config_pairs_join_and_train() -> None:
@@ -18,8 +17,8 @@ def test_run_config_pairs_join_and_train() -> None:
 
 
 def test_build_trainer_wraps_the_loss() -> None:
-    from engine.loss.delayed import FakeNegativeWeighted
-    from engine.runtime.build import build_trainer
+    from reloop.engine.loss.delayed import FakeNegativeWeighted
+    from reloop.engine.runtime.build import build_trainer
 
     model = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}}
     on = {"join": {"emit_policy": "fnw"}, "train": {"delayed_feedback": "fnw"}}
@@ -51,7 +50,7 @@ def test_fingerprints_unchanged_unless_fnw_is_used() -> None:
 
 
 def test_train_replay_settings_reach_the_trainer_and_change_the_fingerprint() -> None:
-    from engine.runtime.build import build_trainer
+    from reloop.engine.runtime.build import build_trainer
 
     model = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}}
     plain = load_config_dict({"model": model})

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import random
 
-from engine.runtime.clock import ManualClock
-from engine.runtime.merge import RecordMerger
-from engine.streams import Record, TopicPartition
+from reloop.engine.runtime.clock import ManualClock
+from reloop.engine.runtime.merge import RecordMerger
+from reloop.engine.streams import Record, TopicPartition
 
 A, B = TopicPartition("imp", 0), TopicPartition("clk", 0)
 

@@ -1,17 +1,16 @@
 from __future__ import annotations
 
 import torch
-
-from connectors.memory.memory import MemoryLog, MemorySink, MemorySource
-from engine.checkpoint import SnapshotRegistry
-from engine.events.codec import decode_samples
-from engine.metrics.registry import MetricsRegistry
-from engine.runtime.build import build_pipeline
-from engine.runtime.clock import ManualClock
-from engine.runtime.config import load_config_dict
-from engine.runtime.synthetic import SPEC, generate
-from engine.streams import TopicPartition
-from engine.train.ledger import Ledger
+from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.events.codec import decode_samples
+from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.runtime.build import build_pipeline
+from reloop.engine.runtime.clock import ManualClock
+from reloop.engine.runtime.config import load_config_dict
+from reloop.engine.runtime.synthetic import SPEC, generate
+from reloop.engine.streams import TopicPartition
+from reloop.engine.train.ledger import Ledger
 
 BATCH = 16
 START = 1_700_000_000_000  # the synthetic log starts here; the clock must not be far behind it
@@ -175,8 +174,7 @@ def test_fingerprint_mismatch_refused(tmp_path):
     _run_to_end(p, log, clock)
     p.close()
     import pytest
-
-    from engine.runtime.pipeline import SnapshotMismatch
+    from reloop.engine.runtime.pipeline import SnapshotMismatch
 
     with pytest.raises(SnapshotMismatch, match="fingerprint"):
         _pipeline(_config(tmp_path, policy="drop"), log, clock)
@@ -212,8 +210,8 @@ def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
 def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     """Watermark poisoning: an event far ahead of the clock is dead-lettered (bad_time); events that
     arrive after their window was forgotten are counted in reloop_joiner_too_late_total."""
-    from engine.events.codec import encode
-    from engine.events.schema import Impression
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Impression
 
     def imp(iid: str, t: int) -> bytes:
         return encode(Impression(iid, "r", "u", "i", {"user": "u"}, t, 0.5, 0))

@@ -11,17 +11,16 @@ import time
 
 import pytest
 import torch
-
-from connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
-from engine.events.sample_batch import decode_batch
-from engine.metrics.registry import MetricsRegistry
-from engine.runtime.build import build_join_stage, build_train_stage
-from engine.runtime.clock import ManualClock
-from engine.runtime.config import load_config_dict
-from engine.runtime.join_stage import CopartitionError
-from engine.runtime.synthetic import SPEC, generate
-from engine.streams import TopicPartition
-from engine.train.ledger import Ledger
+from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
+from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.runtime.build import build_join_stage, build_train_stage
+from reloop.engine.runtime.clock import ManualClock
+from reloop.engine.runtime.config import load_config_dict
+from reloop.engine.runtime.join_stage import CopartitionError
+from reloop.engine.runtime.synthetic import SPEC, generate
+from reloop.engine.streams import TopicPartition
+from reloop.engine.train.ledger import Ledger
 
 BATCH = 16
 START = 1_700_000_000_000
@@ -311,7 +310,7 @@ def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tm
 
 
 def test_each_model_version_gets_a_serving_bundle_with_its_weights(tmp_path):
-    from engine.serve.bundle_format import bundle_versions, read_bundle, serving_dir
+    from reloop.engine.serve.bundle_format import bundle_versions, read_bundle, serving_dir
 
     synth = generate(300, seed=6, pad_to_multiple=4 * BATCH)
     log = _log(synth)
@@ -342,7 +341,7 @@ class _Stalling(MemoryGroupSource):
 
 
 def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(tmp_path):
-    from engine.runtime.join_stage import ConsumerStalled
+    from reloop.engine.runtime.join_stage import ConsumerStalled
 
     synth = generate(300, seed=4, pad_to_multiple=BATCH)
     log = _log(synth)
@@ -376,7 +375,7 @@ class _NeverJoins(MemoryGroupSource):
 
 
 def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
-    from engine.runtime.join_stage import ConsumerStalled
+    from reloop.engine.runtime.join_stage import ConsumerStalled
 
     log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
     cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})

@@ -7,14 +7,13 @@ import threading
 
 import pytest
 import torch
-
-from connectors.memory.memory import MemoryLog, MemorySink
-from engine.metrics.registry import MetricsRegistry
-from engine.runtime.build import build_pipeline
-from engine.runtime.clock import ManualClock
-from engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
-from engine.runtime.synthetic import generate
-from engine.train.ledger import Ledger
+from reloop.connectors.memory.memory import MemoryLog, MemorySink
+from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.runtime.build import build_pipeline
+from reloop.engine.runtime.clock import ManualClock
+from reloop.engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
+from reloop.engine.runtime.synthetic import generate
+from reloop.engine.train.ledger import Ledger
 
 from .test_pipeline import BATCH, START, EndAwareSource, _config, _ends, _log
 
@@ -140,7 +139,7 @@ def test_gives_up_after_the_budget_without_a_snapshot(tmp_path):
 
 
 def test_a_config_the_client_refuses_fails_fast_instead_of_retrying():
-    from engine.runtime.config import ConfigError
+    from reloop.engine.runtime.config import ConfigError
 
     calls = []
 

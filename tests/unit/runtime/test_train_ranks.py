@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from engine.checkpoint.registry import SnapshotRegistry
-from engine.runtime.synthetic import SPEC
-from engine.train.ledger import Ledger
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.runtime.synthetic import SPEC
+from reloop.engine.train.ledger import Ledger
 
 PARTITIONS = 4
 PER_PARTITION = 256
@@ -24,9 +23,9 @@ TOPIC = "samples"
 
 
 def _log():
-    from connectors.memory import MemoryLog
-    from engine.events.sample_batch import batch_from_samples, encode_batch
-    from engine.events.schema import LabeledSample
+    from reloop.connectors.memory import MemoryLog
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
 
     log = MemoryLog()
     log.create(TOPIC, PARTITIONS)
@@ -71,12 +70,12 @@ def _train(
 ) -> None:
     """Train this rank until the ranks together trained ``until`` samples, then stop together
     (``perturb``: rank 1's weights are changed behind the group's back before the final save)."""
-    from connectors.memory import MemorySource
-    from engine.metrics.registry import MetricsRegistry
-    from engine.runtime.build import build_train_stage
-    from engine.runtime.config import load_config_dict
-    from engine.streams import PartitionShare
-    from engine.train.data_parallel import RankGroup, weights_digest
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.streams import PartitionShare
+    from reloop.engine.train.data_parallel import RankGroup, weights_digest
 
     torch.set_num_threads(1)
     cfg = load_config_dict(cfg_dict, env={})

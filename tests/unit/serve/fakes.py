@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from engine.serve.bundle import ModelBundle
+from reloop.engine.serve.bundle import ModelBundle
 
 
 class RowFeaturizer:

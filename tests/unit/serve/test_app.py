@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-
-from connectors.memory.memory import MemoryLog, MemorySink
-from engine.events.codec import decode_impression, encode
-from engine.serve.app import create_app
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelHolder
-from engine.serve.impression_log import ImpressionLogger
-from engine.serve.service import ArmRuntime, ScoringService
+from reloop.connectors.memory.memory import MemoryLog, MemorySink
+from reloop.engine.events.codec import decode_impression, encode
+from reloop.engine.serve.app import create_app
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelHolder
+from reloop.engine.serve.impression_log import ImpressionLogger
+from reloop.engine.serve.service import ArmRuntime, ScoringService
 
 from .fakes import bundle
 

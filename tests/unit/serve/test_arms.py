@@ -4,8 +4,7 @@ import subprocess
 import sys
 
 import pytest
-
-from engine.serve.arms import ArmRouter, unit_hash
+from reloop.engine.serve.arms import ArmRouter, unit_hash
 
 
 def test_routing_is_stable_across_processes():
@@ -14,7 +13,7 @@ def test_routing_is_stable_across_processes():
     here = [router.route(u) for u in users]
     # A fresh interpreter has a different PYTHONHASHSEED: a hash()-based router would disagree.
     code = (
-        "from engine.serve.arms import ArmRouter;"
+        "from reloop.engine.serve.arms import ArmRouter;"
         "r=ArmRouter([('A',1.0),('B',1.0)],salt='exp');"
         "print(','.join(r.route(f'user-{i}') for i in range(50)))"
     )

@@ -6,21 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from engine.checkpoint.registry import ChecksumError, SnapshotError, SnapshotRegistry
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve.bundle_format import (
+from reloop.engine.checkpoint.registry import ChecksumError, SnapshotError, SnapshotRegistry
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.bundle_format import (
     bundle_versions,
     learner_from_bundle,
     publish_serving_bundle,
     read_bundle,
     serving_dir,
 )
-from engine.serve.config import ArmConfig
-from engine.serve.loader import bundle_or_snapshot_loader
-from engine.serve.stack import registry_loader_factory
+from reloop.engine.serve.config import ArmConfig
+from reloop.engine.serve.loader import bundle_or_snapshot_loader
+from reloop.engine.serve.stack import registry_loader_factory
 
 SPEC = FeatureSpec.from_dict(
     {

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.serve.columns import ColumnFeaturizer
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.serve.columns import ColumnFeaturizer
 
 SPEC = FeatureSpec.from_dict(
     {

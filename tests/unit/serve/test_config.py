@@ -4,8 +4,7 @@ import subprocess
 import sys
 
 import pytest
-
-from engine.serve.config import ConfigError, load_serve_config, serve_config_from_dict
+from reloop.engine.serve.config import ConfigError, load_serve_config, serve_config_from_dict
 
 
 def _doc(**over):
@@ -43,7 +42,7 @@ def test_reloop_serve_exits_2_on_a_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms: []\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(bad)],
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -54,10 +53,9 @@ def test_reloop_serve_exits_2_on_a_bad_config(tmp_path):
 
 def test_kafka_python_settings_reach_the_confluent_logger_or_are_refused():
     import pytest
-
-    from connectors.confluent.settings import to_librdkafka
-    from engine.serve.config import ServeConfig
-    from engine.serve.stack import confluent_logger
+    from reloop.connectors.confluent.settings import to_librdkafka
+    from reloop.engine.serve.config import ServeConfig
+    from reloop.engine.serve.stack import confluent_logger
 
     assert to_librdkafka({"sasl_plain_password": "x", "ssl_check_hostname": False}) == {
         "sasl.password": "x",

@@ -10,13 +10,12 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-
-from engine.checkpoint.registry import SnapshotRegistry
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve.config import serve_config_from_dict
-from engine.serve.stack import ServingStack
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.config import serve_config_from_dict
+from reloop.engine.serve.stack import ServingStack
 
 SPEC = {
     "fields": [

@@ -4,10 +4,9 @@ import threading
 import time
 
 import orjson
-
-from connectors.memory.memory import MemoryLog, MemorySink
-from engine.events.schema import Impression
-from engine.serve.impression_log import ImpressionLogger
+from reloop.connectors.memory.memory import MemoryLog, MemorySink
+from reloop.engine.events.schema import Impression
+from reloop.engine.serve.impression_log import ImpressionLogger
 
 
 def _imp(i: int) -> Impression:

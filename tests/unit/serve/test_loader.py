@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.checkpoint.registry import ChecksumError, SnapshotRegistry
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve.config import ColdStart
-from engine.serve.loader import cold_start_bundle, load_bundle
-from engine.simulate.spec import world_spec_dict
-from engine.simulate.world import World, WorldConfig
+from reloop.engine.checkpoint.registry import ChecksumError, SnapshotRegistry
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.config import ColdStart
+from reloop.engine.serve.loader import cold_start_bundle, load_bundle
+from reloop.engine.simulate.spec import world_spec_dict
+from reloop.engine.simulate.world import World, WorldConfig
 
 
 def _rows(n: int = 40):
@@ -69,12 +68,11 @@ def test_a_fresh_service_falls_back_to_the_newest_snapshot_that_loads(tmp_path, 
     import os
 
     import torch
-
-    from engine.metrics.registry import SERVE_FALLBACK
-    from engine.serve.bundle import ModelHolder
-    from engine.serve.config import ArmConfig
-    from engine.serve.reload import ArmSource, ReloadWatcher
-    from engine.serve.stack import registry_loader_factory
+    from reloop.engine.metrics.registry import SERVE_FALLBACK
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.config import ArmConfig
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+    from reloop.engine.serve.stack import registry_loader_factory
 
     from ..checkpoint.test_registry import reseal
 

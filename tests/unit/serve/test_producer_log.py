@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from engine.events.codec import decode_impression, encode
-from engine.events.schema import Impression
-from engine.serve.producer_log import ProducerLogger
-from engine.streams import RecordTooLarge
+from reloop.engine.events.codec import decode_impression, encode
+from reloop.engine.events.schema import Impression
+from reloop.engine.serve.producer_log import ProducerLogger
+from reloop.engine.streams import RecordTooLarge
 
 
 class FakeProducer:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from engine.serve.bundle import ModelHolder
-from engine.serve.reload import ArmSource, ReloadWatcher
+from reloop.engine.serve.bundle import ModelHolder
+from reloop.engine.serve.reload import ArmSource, ReloadWatcher
 
 from .fakes import bundle
 

@@ -5,14 +5,13 @@ import time
 
 import orjson
 import pytest
-
-from connectors.memory.memory import MemoryLog, MemorySink
-from engine.events.codec import decode_impression, encode
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelHolder
-from engine.serve.impression_log import ImpressionLogger
-from engine.serve.schema import ScoreRequest
-from engine.serve.service import ArmRuntime, NotReady, ScoringService
+from reloop.connectors.memory.memory import MemoryLog, MemorySink
+from reloop.engine.events.codec import decode_impression, encode
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelHolder
+from reloop.engine.serve.impression_log import ImpressionLogger
+from reloop.engine.serve.schema import ScoreRequest
+from reloop.engine.serve.service import ArmRuntime, NotReady, ScoringService
 
 from .fakes import bundle, version_of
 

@@ -7,18 +7,17 @@ import gc
 import tracemalloc
 
 import orjson
-
-from engine.events.codec import encode
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve import bundle as bundle_module
-from engine.serve import columns
-from engine.serve.app import score_body
-from engine.serve.arms import ArmRouter
-from engine.serve.bundle import ModelBundle, ModelHolder
-from engine.serve.producer_log import ProducerLogger
-from engine.serve.service import ArmRuntime, ScoringService
+from reloop.engine.events.codec import encode
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve import bundle as bundle_module
+from reloop.engine.serve import columns
+from reloop.engine.serve.app import score_body
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.serve.producer_log import ProducerLogger
+from reloop.engine.serve.service import ArmRuntime, ScoringService
 
 SPEC = FeatureSpec.from_dict(
     {

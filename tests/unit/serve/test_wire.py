@@ -5,9 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 from pydantic import ValidationError
-
-from engine.serve.schema import MAX_CANDIDATES, ScoreRequest
-from engine.serve.wire import WireError, decode_request
+from reloop.engine.serve.schema import MAX_CANDIDATES, ScoreRequest
+from reloop.engine.serve.wire import WireError, decode_request
 
 BASE = {
     "request_id": "r1",

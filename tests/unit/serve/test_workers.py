@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import yaml
-
-from connectors.kafka.local_broker import free_port
-from engine.checkpoint.registry import SnapshotRegistry
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.serve.bundle_format import publish_serving_bundle
+from reloop.connectors.kafka.local_broker import free_port
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.bundle_format import publish_serving_bundle
 
 REPO = Path(__file__).resolve().parents[3]
 SPEC = {"fields": [{"kind": "categorical", "name": "item", "buckets": 64}]}
@@ -59,7 +58,8 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
     config.write_text(yaml.safe_dump({"serve": {"log": {"enabled": False}}, "arms": arms}))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.runtime.cli", "serve", "--config", str(config), "--port", str(port),
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
+         "--port", str(port),
          "--workers", "2"],
         cwd=REPO,
     )  # fmt: skip

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.runtime.demo import DEFAULT_CONFIG, DemoConfig, deep_merge, plan_arms, serve_config_for
-from engine.serve.config import ConfigError, read_yaml
-from engine.simulate.config import simulate_config_from_dict
-from engine.simulate.spec import world_spec_dict
+from reloop.engine.runtime.demo import DEFAULT_CONFIG, DemoConfig, deep_merge, plan_arms, serve_config_for
+from reloop.engine.serve.config import ConfigError, read_yaml
+from reloop.engine.simulate.config import simulate_config_from_dict
+from reloop.engine.simulate.spec import world_spec_dict
 
 
 def test_deep_merge_overrides_nested_keys_without_touching_the_base():

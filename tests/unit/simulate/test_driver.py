@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from connectors.memory.memory import MemoryLog, MemorySink
-from engine.events.codec import decode_click
-from engine.simulate.driver import NotReadyYet, Simulator
-from engine.simulate.stats import SimStats, ab_report
-from engine.simulate.world import World, WorldConfig
+from reloop.connectors.memory.memory import MemoryLog, MemorySink
+from reloop.engine.events.codec import decode_click
+from reloop.engine.simulate.driver import NotReadyYet, Simulator
+from reloop.engine.simulate.stats import SimStats, ab_report
+from reloop.engine.simulate.world import World, WorldConfig
 
 
 class FakeClock:
@@ -146,10 +145,10 @@ def test_run_paces_requests_from_several_threads():
 
 
 def test_logged_ctr_counts_each_clicked_impression_once():
-    from connectors.memory.memory import MemorySource
-    from engine.events.codec import encode
-    from engine.events.schema import Click, Impression
-    from engine.simulate.logged import count_logged
+    from reloop.connectors.memory.memory import MemorySource
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Click, Impression
+    from reloop.engine.simulate.logged import count_logged
 
     mlog = MemoryLog()
     imp_sink, click_sink = MemorySink(mlog, "imp"), MemorySink(mlog, "clk")

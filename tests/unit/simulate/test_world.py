@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.simulate.world import World, WorldConfig
+from reloop.engine.simulate.world import World, WorldConfig
 
 
 def test_same_seed_same_world_and_draws():

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.runtime.synthetic import SPEC
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.runtime.synthetic import SPEC
 
 ROWS = 96
 STEPS = 3
@@ -36,7 +35,7 @@ def _data(step: int):
 
 
 def _rank(rank: int, world: int, init: str, out: str, bounds: list[int], mode: str) -> None:
-    from engine.train.data_parallel import GradientSync, RankGroup, weights_digest
+    from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
     torch.set_num_threads(1)
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=60)

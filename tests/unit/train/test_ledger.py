@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from engine.events.schema import LabeledSample
-from engine.train.ledger import Ledger
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.train.ledger import Ledger
 
 
 def _sample(sid: str, label: int = 0, corr: bool = False) -> LabeledSample:

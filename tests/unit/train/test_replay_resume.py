@@ -8,13 +8,12 @@ import io
 import numpy as np
 import pytest
 import torch
-
-from engine.events.schema import LabeledSample
-from engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField
-from engine.models.config import OptimizerConfig
-from engine.models.registry import build_learner
-from engine.train.replay_buffer import ReplayBuffer
-from engine.train.stream import StreamTrainer, StreamTrainerConfig
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer, MultiCategoricalField
+from reloop.engine.models.config import OptimizerConfig
+from reloop.engine.models.registry import build_learner
+from reloop.engine.train.replay_buffer import ReplayBuffer
+from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
 SPEC = FeatureSpec(
     fields=(

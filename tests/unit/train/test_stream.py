@@ -4,14 +4,13 @@ import math
 
 import numpy as np
 import pytest
-
-from engine.events.schema import LabeledSample
-from engine.features.featurizer import Featurizer
-from engine.features.spec import FeatureSpec
-from engine.models.registry import build_learner
-from engine.runtime.synthetic import SPEC
-from engine.train.period import PeriodTrigger
-from engine.train.stream import StreamTrainer, StreamTrainerConfig
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.registry import build_learner
+from reloop.engine.runtime.synthetic import SPEC
+from reloop.engine.train.period import PeriodTrigger
+from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
 
 class Recorder:
