@@ -356,13 +356,7 @@ def run_delayed(
     scores); the progressive ones see samples in arrival order, which leaks the labels' order."""
     from reloop.engine.models.registry import build_learner
 
-    rng = np.random.default_rng([seed, 7])
-    t = data.times_ms.astype(np.float64) / 1000.0
-    y = data.labels
-    delay = np.full(len(y), window_s)
-    if mode == "asym":
-        delay = np.where(y > 0.5, rng.exponential(mean_delay_s, len(y)), window_s)
-    arrival = t + delay
+    t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
     order = np.argsort(arrival, kind="stable")
     learner = build_learner(
         s["backbone"],
@@ -386,19 +380,55 @@ def run_delayed(
         progressive[idx], _ = learner.learn_scored(data.batch.take(idx), y[idx])
     if scored < len(y):
         served[scored:] = learner.predict_proba(data.batch.take(slice(scored, len(y))))
-    out: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
-    for per in range(1, data.n_periods):
-        sl = data.period(per)
-        for rows, p in zip(out, (served, progressive), strict=True):
-            rows.append(
-                {
-                    "period": per,
-                    "n": sl.stop - sl.start,
-                    "auc": auc(y[sl], p[sl]),
-                    "logloss": logloss(y[sl], p[sl]),
-                }
-            )
-    return out
+    return _period_rows(data, served), _period_rows(data, progressive)
+
+
+def _arrivals(
+    data: BacktestData, seed: int, mode: str, window_s: float, mean_delay_s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(impression times s, labels, label arrival times s) of a delayed-feedback setting; the draws
+    depend on the seed only, so every learner of one seed sees the same delays."""
+    rng = np.random.default_rng([seed, 7])
+    t = data.times_ms.astype(np.float64) / 1000.0
+    y = data.labels
+    delay = np.full(len(y), window_s)
+    if mode == "asym":
+        delay = np.where(y > 0.5, rng.exponential(mean_delay_s, len(y)), window_s)
+    return t, y, t + delay
+
+
+def _period_rows(data: BacktestData, scores: np.ndarray) -> list[dict[str, Any]]:
+    y = data.labels
+    return [
+        {"period": per, "n": sl.stop - sl.start, "auc": auc(y[sl], scores[sl]),
+         "logloss": logloss(y[sl], scores[sl])}
+        for per in range(1, data.n_periods)
+        for sl in (data.period(per),)
+    ]  # fmt: skip
+
+
+def run_delayed_river(
+    data: BacktestData, seed: int, mode: str, window_s: float, mean_delay_s: float = 60.0, lr: float = 0.05
+) -> list[dict[str, Any]]:
+    """The river per-event LR peer (``run_river_baseline``'s model and step) under the same delays as
+    ``run_delayed``: it learns each label the moment it arrives and scores each impression at its own time
+    with the model as it is then (every label that arrived at or before it learned, none after)."""
+    from reloop.engine.replay.backtest import _river_x
+    from river import linear_model, optim
+
+    t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    order = np.argsort(arrival, kind="stable")
+    xs = [_river_x(f) for f in data.raw_features]
+    model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
+    served = np.empty(len(y))
+    k = 0
+    for j in range(len(y)):
+        while k < len(order) and arrival[order[k]] <= t[j]:
+            i = order[k]
+            model.learn_one(xs[i], bool(y[i]))
+            k += 1
+        served[j] = model.predict_proba_one(xs[j]).get(True, 0.0)
+    return _period_rows(data, served)
 
 
 def run_river(data: BacktestData, last_period: int) -> list[dict[str, Any]]:
@@ -543,7 +573,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
             else f"every label {window:g} s after its impression"
         )
         ref = cells.get(f"new@{mode}{window:g}", {})
-        for name in DELAYED_LEARNERS:
+        for name in (*DELAYED_LEARNERS, "river_lr"):
             tag = f"{name}@{mode}{window:g}"
             cell = cells.get(tag)
             if not cell:
@@ -568,10 +598,12 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
                     f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
                 )
             prog = cells.get(f"{tag}/progressive", {})
+            # The river peer learns each label as it arrives and scores live: no separate training-time score.
+            prog_text = f"{mean(prog, True, 0):.4f} / {mean(prog, True, 1):.4f}" if prog else "—"
             lines.append(
                 f"| {setting} | `{name}` | {mean(cell, False, 0):.4f} / {mean(cell, False, 1):.4f} "
                 f"| {mean(cell, True, 0):.4f} / {mean(cell, True, 1):.4f} | {diffs[0]} | {diffs[1]} "
-                f"| {mean(prog, True, 0):.4f} / {mean(prog, True, 1):.4f} |"
+                f"| {prog_text} |"
             )
     return "\n".join(lines)
 
@@ -585,6 +617,8 @@ def _main_delayed(args: argparse.Namespace) -> int:
             w.writeheader()
         for mode, window in DELAYED_SETTINGS:
             for name, over in DELAYED_LEARNERS.items():
+                if name not in args.learners.split(","):
+                    continue
                 s = {**BASE, **over}
                 for seed in (int(x) for x in args.seeds.split(",")):
                     t0 = time.perf_counter()
@@ -603,15 +637,31 @@ def _main_delayed(args: argparse.Namespace) -> int:
                                 }
                             )
                     fh.flush()
-                    held = [r for r in served if r["period"] > selection_last_period(data)]
-                    a, ll = np.mean([r["auc"] for r in held]), np.mean([r["logloss"] for r in held])
-                    print(
-                        f"{args.dataset} {tag} seed {seed}: served AUC {a:.4f} LogLoss {ll:.4f} on the later "
-                        f"periods ({dt:.0f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    _print_later(args.dataset, tag, seed, served, data, dt)
+            if args.river:
+                for seed in (int(x) for x in args.seeds.split(",")):
+                    t0 = time.perf_counter()
+                    rows = run_delayed_river(data, seed, mode, window)
+                    dt = time.perf_counter() - t0
+                    tag = f"river_lr@{mode}{window:g}"
+                    for r in rows:
+                        row = {"dataset": args.dataset, "variant": tag, "seed": seed, **r, "seconds": dt}
+                        w.writerow(row)
+                    fh.flush()
+                    _print_later(args.dataset, tag, seed, rows, data, dt)
     return 0
+
+
+def _print_later(
+    dataset: str, tag: str, seed: int, rows: list[dict[str, Any]], data: BacktestData, dt: float
+) -> None:
+    held = [r for r in rows if r["period"] > selection_last_period(data)]
+    a, ll = np.mean([r["auc"] for r in held]), np.mean([r["logloss"] for r in held])
+    print(
+        f"{dataset} {tag} seed {seed}: served AUC {a:.4f} LogLoss {ll:.4f} on the later periods ({dt:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,7 +688,13 @@ def main(argv: list[str] | None = None) -> int:
         "--delayed",
         action="store_true",
         help="the delayed-feedback protocol over EVERY period (old, new, per_event; asym 900 s and 3600 s, "
-        "neutral 60 s); variants are written as LEARNER@MODEWINDOW[/progressive]",
+        "neutral 60 s); variants are written as LEARNER@MODEWINDOW[/progressive]; with --river also the "
+        "river LR peer under the same delays (river_lr@MODEWINDOW)",
+    )
+    p.add_argument(
+        "--learners",
+        default=",".join(DELAYED_LEARNERS),
+        help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone)",
     )
     args = p.parse_args(argv)
     if args.summary_delayed:
