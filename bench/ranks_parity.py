@@ -56,7 +56,7 @@ def _config(rows: int, batch: int, seed: int, work: Path) -> dict[str, Any]:
         # which the partitions reach the trainer: M = 1 scored 0.9e-3 AUC higher with 64 messages per poll.
         "stages": {"samples_topic": TOPIC, "train_poll_messages": 1},
         "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
-        "source": {"group_id": None},
+        "consumer": {"group_id": None},
         # Full shares only (a partial step after 2 s: the end of the data). With 0, ranks step on whatever
         # they hold, and which samples share a step then depends on the machine's scheduling: M = 4 on 2
         # cores moved AUC by +-8e-3 between runs that way.
@@ -64,41 +64,72 @@ def _config(rows: int, batch: int, seed: int, work: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _log(rows: int):
+def _partitions(rows: int) -> list[list[Any]]:
+    parts: list[list[Any]] = [[] for _ in range(PARTITIONS)]
+    for s in _samples(rows):
+        parts[zlib.crc32(s.sample_id.encode()) % PARTITIONS].append(s)
+    return parts
+
+
+def _log(rows: int, same_steps_as: int | None = None, batch: int = 512):
+    """The samples topic; with ``same_steps_as=M``, one partition whose messages are the steps of an
+    M-rank run in order (each rank's batch // M, from its partitions' 256-sample messages in the train
+    stage's merge order): a single process trained on it sees exactly the M ranks' steps."""
     from reloop.connectors.memory import MemoryLog
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
 
-    samples = _samples(rows)
-    parts: list[list[Any]] = [[] for _ in range(PARTITIONS)]
-    for s in samples:
-        parts[zlib.crc32(s.sample_id.encode()) % PARTITIONS].append(s)
+    parts = _partitions(rows)
+    total = sum(len(p) for p in parts)
     log = MemoryLog()
-    log.create(TOPIC, PARTITIONS)
-    for p, part in enumerate(parts):
-        for i in range(0, len(part), 256):
-            chunk = part[i : i + 256]
-            log.append(TOPIC, encode_batch(batch_from_samples(chunk, task=p, first_seq=i)), None,
-                       chunk[-1].event_time_ms, partition=p)  # fmt: skip
-    return log, len(samples)
+    if same_steps_as is None:
+        log.create(TOPIC, PARTITIONS)
+        for p, part in enumerate(parts):
+            for i in range(0, len(part), 256):
+                chunk = part[i : i + 256]
+                log.append(TOPIC, encode_batch(batch_from_samples(chunk, task=p, first_seq=i)), None,
+                           chunk[-1].event_time_ms, partition=p)  # fmt: skip
+        return log, total
+    world = same_steps_as
+    share = batch // world
+    streams = []
+    for r in range(world):
+        # The train stage merges its partitions' messages by (timestamp, partition, offset): merge.py.
+        messages = [
+            (part[i : i + 256][-1].event_time_ms, p, i, part[i : i + 256])
+            for p, part in enumerate(parts)
+            if p % world == r
+            for i in range(0, len(part), 256)
+        ]
+        streams.append([x for *_, chunk in sorted(messages, key=lambda m: m[:3]) for x in chunk])
+    log.create(TOPIC, 1)
+    seq = 0
+    for k in range(0, max(len(s) for s in streams), share):
+        step = [x for stream in streams for x in stream[k : k + share]]
+        log.append(TOPIC, encode_batch(batch_from_samples(step, task=0, first_seq=seq)), None,
+                   max(x.event_time_ms for x in step), partition=0)  # fmt: skip
+        seq += len(step)
+    return log, total
 
 
-def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: str) -> None:
+def _rank(
+    rank: int, world: int, init: str | None, cfg: dict, rows: int, out: str, same_steps_as: int | None = None
+) -> None:
     import torch
     from reloop.connectors.memory import MemorySource
-    from reloop.engine.metrics.registry import MetricsRegistry
     from reloop.engine.metrics.rolling_batch import window_arrays
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.build import build_train_stage
     from reloop.engine.runtime.config import load_config_dict
     from reloop.engine.streams import PartitionShare
     from reloop.engine.train.data_parallel import RankGroup
 
     torch.set_num_threads(1)
-    log, total = _log(rows)
+    log, total = _log(rows, same_steps_as, cfg["train"]["batch_size"])
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=300) if init else None
     stage = build_train_stage(
         load_config_dict(cfg, env={}),
         source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)),
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         group=group,
     )
     stage.open()
@@ -123,14 +154,19 @@ def _rank(rank: int, world: int, init: str | None, cfg: dict, rows: int, out: st
         group.close()
 
 
-def run_once(world: int, seed: int, rows: int, batch: int) -> dict[str, float]:
+def run_once(world: int, seed: int, rows: int, batch: int, same_steps: bool = False) -> dict[str, float]:
+    """M ranks, or (``same_steps``) one process fed exactly the steps M ranks take."""
     from reloop.engine.metrics.offline import auc, logloss
 
     with tempfile.TemporaryDirectory(prefix="reloop-parity-") as tmp:
         work = Path(tmp)
         cfg = _config(rows, batch, seed, work)
-        if world == 1:
+        if same_steps:
+            _rank(0, 1, None, cfg, rows, tmp, same_steps_as=world)
+            world_run = 1
+        elif world == 1:
             _rank(0, 1, None, cfg, rows, tmp)
+            world_run = 1
         else:
             ctx = mp.get_context("spawn")
             init = f"file://{work / 'store'}"
@@ -141,16 +177,19 @@ def run_once(world: int, seed: int, rows: int, batch: int) -> dict[str, float]:
                 p.join(3600)
             if any(p.exitcode != 0 for p in procs):
                 raise RuntimeError(f"a rank failed: {[p.exitcode for p in procs]}")
-        parts = [json.loads((work / f"rank{r}.json").read_text()) for r in range(world)]
+            world_run = world
+        parts = [json.loads((work / f"rank{r}.json").read_text()) for r in range(world_run)]
     y = np.concatenate([np.asarray(p["y"], dtype=np.float64) for p in parts])
     s = np.concatenate([np.asarray(p["p"], dtype=np.float64) for p in parts])
     return {
         "ranks": world, "seed": seed, "samples": len(y), "auc": auc(y, s), "logloss": logloss(y, s),
-        "seconds": max(p["seconds"] for p in parts),
+        "seconds": max(p["seconds"] for p in parts), "same_steps": same_steps,
     }  # fmt: skip
 
 
-def report(results: list[dict[str, float]], rows: int, batch: int, command: str) -> str:
+def report(all_results: list[dict[str, float]], rows: int, batch: int, command: str) -> str:
+    results = [r for r in all_results if not r.get("same_steps")]
+    same = {(r["ranks"], r["seed"]): r for r in all_results if r.get("same_steps")}
     by_seed_m1 = {r["seed"]: r for r in results if r["ranks"] == 1}
     lines = [
         "# Data-parallel train ranks: quality parity on MovieLens-100K",
@@ -161,21 +200,31 @@ def report(results: list[dict[str, float]], rows: int, batch: int, command: str)
         f"{rows:,} rows, DCN (registry defaults), ReLoop alpha 0.2 with y_last from the previous "
         f"snapshot (every 10,000 samples), global batch {batch} (each of M ranks takes {batch} // M per "
         "step, a partial step only after a rank waited 2 s, i.e. at the end of the data; gradients "
-        "averaged over the step's samples), lr unchanged, one message of 256 samples per poll with "
-        "the partitions in turn, the samples topic in 4 "
+        "averaged over the step's samples), lr unchanged, one message of 256 samples per poll, merged "
+        "by timestamp across a rank's partitions, the samples topic in 4 "
         "partitions (rank r trains p % M == r). Progressive metrics: each sample scored by the model of "
         "its step before it is learned, over every sample. Seeds vary the initialisation.",
         "",
-        "| ranks | seed | samples | AUC | LogLoss | AUC - M=1 (same seed) | LogLoss - M=1 | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "*Same steps, one process*: a single process trained on a one-partition topic whose messages are "
+        "exactly the M ranks' steps in order (each rank's batch // M from its partitions' messages, in the "
+        "order the train stage merges them: by timestamp, partition, offset). "
+        "It separates what data parallelism does (M ranks against it: gradient sync, agreement rounds) from "
+        "what the order of the data does (it against M = 1: which samples share a step).",
+        "",
+        "| ranks | seed | samples | AUC | LogLoss | AUC - M=1 (same seed) | LogLoss - M=1 "
+        "| AUC same steps, one process | AUC - same steps | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         base = by_seed_m1.get(r["seed"])
         da = f"{(r['auc'] - base['auc']) * 1e3:+.2f}e-3" if base else ""
         dl = f"{(r['logloss'] - base['logloss']) * 1e3:+.2f}e-3" if base else ""
+        twin = same.get((r["ranks"], r["seed"]))
+        ta = f"{twin['auc']:.4f}" if twin else ""
+        td = f"{(r['auc'] - twin['auc']) * 1e3:+.2f}e-3" if twin else ""
         lines.append(
             f"| {r['ranks']} | {r['seed']} | {r['samples']:,} | {r['auc']:.4f} | {r['logloss']:.4f} | "
-            f"{da} | {dl} | {r['seconds']:.1f} |"
+            f"{da} | {dl} | {ta} | {td} | {r['seconds']:.1f} |"
         )
     lines += ["", "| ranks | AUC mean +- sd over seeds | LogLoss mean +- sd |", "|---:|---|---|"]
     worlds = sorted({r["ranks"] for r in results})
@@ -194,6 +243,17 @@ def report(results: list[dict[str, float]], rows: int, batch: int, command: str)
             f"standard deviation of {seed_sd * 1e3:.2f}e-3 at M = 1 "
             f"({'within' if abs(np.mean(diffs)) <= 2 * seed_sd else 'OUTSIDE'} 2 sd)."
         )
+        twins = [
+            r["auc"] - same[(m, r["seed"])]["auc"]
+            for r in results
+            if r["ranks"] == m and (m, r["seed"]) in same
+        ]
+        if twins:
+            verdict.append(
+                f"M = {m} against one process fed the same steps: mean AUC difference "
+                f"{np.mean(twins) * 1e3:+.2f}e-3, largest {max(twins, key=abs) * 1e3:+.2f}e-3 "
+                f"({'within' if abs(np.mean(twins)) <= 2 * seed_sd else 'OUTSIDE'} 2 seed sd)."
+            )
     lines += ["", *verdict, "", "Seconds are wall time on this shared machine (M ranks share its cores): "
               "not a scaling figure (bench figure 10 is)."]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -208,6 +268,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--check-same-steps",
+        action="store_true",
+        help="also the one-process twin of M = 1 (it must equal M = 1: a check of the step model)",
+    )
     args = parser.parse_args()
     results = []
     for seed in [int(x) for x in args.seeds.split(",")]:
@@ -215,9 +280,13 @@ def main() -> None:
             res = run_once(world, seed, args.rows, args.batch)
             print(json.dumps(res), flush=True)
             results.append(res)
+            if world > 1 or args.check_same_steps:
+                res = run_once(world, seed, args.rows, args.batch, same_steps=True)
+                print(json.dumps(res), flush=True)
+                results.append(res)
     command = (f"python -m reloop.bench.ranks_parity --rows {args.rows} --batch {args.batch} "
-               f"--seeds {args.seeds} "
-               f"--ranks {args.ranks}")  # fmt: skip
+               f"--seeds {args.seeds} --ranks {args.ranks}"
+               + (" --check-same-steps" if args.check_same_steps else ""))  # fmt: skip
     text = report(results, args.rows, args.batch, command)
     print(text)
     if args.out is not None:
