@@ -114,7 +114,7 @@ def engine_pass(
     from reloop.engine.checkpoint.registry import SnapshotRegistry
     from reloop.engine.features.featurizer import Featurizer
     from reloop.engine.join.joiner import JoinerConfig
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.clock import system_clock
     from reloop.engine.runtime.pipeline import Pipeline, PipelineSettings
     from reloop.engine.train.period import PeriodTrigger
@@ -133,7 +133,7 @@ def engine_pass(
         period=PeriodTrigger(every_samples=10**12),
         settings=PipelineSettings(impressions_topic=topics[0], clicks_topic=topics[1], merge_idle_ms=200),
         clock=system_clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
     )
     began = time.monotonic()
     deadline = began + 900

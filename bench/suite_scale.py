@@ -68,7 +68,7 @@ def _train_rank(rank: int, world: int, init: str | None, n: int, sync: str, work
     import torch
     from reloop.connectors.memory import MemorySource
     from reloop.engine.features.spec import criteo_spec
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.build import build_train_stage
     from reloop.engine.runtime.config import load_config_dict
     from reloop.engine.streams import PartitionShare
@@ -83,14 +83,14 @@ def _train_rank(rank: int, world: int, init: str | None, n: int, sync: str, work
             "period": {"every_samples": 10**12},
             "stages": {"samples_topic": TOPIC},
             "checkpoint": {"dir": str(Path(work) / "snaps")},
-            "source": {"group_id": None},
+            "consumer": {"group_id": None},
             "distributed": {"embedding_sync": sync, "max_wait_ms": 0},
         },
         env={},
     )
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=600) if init else None
     stage = build_train_stage(
-        cfg, source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)), stats=MetricsRegistry(),
+        cfg, source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)), stats=EngineStats(),
         group=group,
     )  # fmt: skip
     stage.open()

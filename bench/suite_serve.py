@@ -5,7 +5,7 @@ under a hot reload every second; and the sustainable rate with two workers.
 Set-up: a local Kafka broker; a DCN (the simulated world's feature spec: 6 categorical fields, embedding
 dim 16, cross 3, MLP 400-400-400, the default wide part) published as the trainer does (serving bundle,
 then snapshot) in a registry; ``reloop serve`` as its own process, logging the top-10 of every request
-to Kafka (serve.log.client confluent, the default), one torch thread. The load generator is this
+to Kafka (kafka.client confluent, the default), one torch thread. The load generator is this
 process: an open-loop HTTP/1.1 client on asyncio streams (requests leave on a fixed schedule whatever
 the answers do, latency counted from the scheduled send time, so a queue cannot hide behind a slow
 answer), over keep-alive connections. The in-process baseline is ``learner.predict_proba`` of the
@@ -567,7 +567,7 @@ def run(ctx: Context) -> Figure:
             f"categorical fields; `reloop serve` in its own process ({info['threads']} threads at "
             f"start: the event loop, the registry watcher, the impression producer's poll thread, "
             f"librdkafka's and torch's own) with one torch thread and impression logging to the local "
-            f"Kafka broker (top 10 per request, serve.log.client confluent). Latency: open loop at "
+            f"Kafka broker (top 10 per request, kafka.client confluent). Latency: open loop at "
             f"{rate:.0f} req/s, {rounds} rounds x {seconds:.0f} s per candidate count, alternating with the "
             f'in-process model; the service\'s percentiles pool all rounds; "p99 ratio" is the median '
             f"per-round ratio service p99 / model p99 (the p50 and p99.9 rows' ratios are of the pooled "

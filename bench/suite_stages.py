@@ -84,7 +84,7 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
     from reloop.connectors.kafka.source import KafkaSource
     from reloop.engine.checkpoint.registry import SnapshotRegistry
     from reloop.engine.features.featurizer import Featurizer
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.clock import system_clock
     from reloop.engine.runtime.train_stage import TrainStage, TrainStageSettings
     from reloop.engine.train.period import PeriodTrigger
@@ -105,7 +105,7 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
             period=PeriodTrigger(every_samples=10**12),
             settings=TrainStageSettings(samples_topic=topic),
             clock=system_clock,
-            stats=MetricsRegistry(),
+            stats=EngineStats(),
         )
         stage.open()
         t0 = time.perf_counter()
@@ -153,7 +153,7 @@ def join_stage_parts(
     from reloop.engine.features.check import SpecChecker
     from reloop.engine.features.spec import criteo_spec
     from reloop.engine.join.joiner import JoinerConfig
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.clock import system_clock
     from reloop.engine.runtime.intake import IntakeLimits
     from reloop.engine.runtime.join_stage import JoinStage, JoinStageSettings
@@ -181,7 +181,7 @@ def join_stage_parts(
         ),
         clock=system_clock,
         checker=SpecChecker(spec or criteo_spec()),
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
     )  # fmt: skip
 
 
@@ -267,8 +267,9 @@ def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: 
         work = Path(tmp)
         tag = uuid.uuid4().hex[:8]
         cfg = {
-            "source": {"bootstrap": bootstrap, "impressions_topic": topics[0], "clicks_topic": topics[1],
-                       "group_id": f"bench-train-{tag}"},
+            "kafka": {"bootstrap": bootstrap},
+            "source": {"impressions_topic": topics[0], "clicks_topic": topics[1]},
+            "consumer": {"group_id": f"bench-train-{tag}"},
             "sink": {"dead_letter_topic": None},
             "stages": {"samples_topic": f"bench.run.{tag}", "join_group_id": f"bench-join-{tag}",
                        "join_checkpoint_every_s": 3600, "processes": 2},

@@ -1,30 +1,38 @@
-"""The one Prometheus adapter: exports the plain in-process registry at scrape time.
+"""The one Prometheus adapter: the only place that knows metric names, help texts, types and labels.
 
-Nothing here runs per event. The engine adds to ``reloop.engine.metrics.registry`` children (an int add);
-when Prometheus scrapes, ``RegistryCollector.collect`` runs the registry's collect hooks (which
-copy rolling AUC and friends from ``OnlineMetricsBook`` into gauges) and converts each family
-into prometheus_client's metric families.
+Nothing here runs per event. The engine adds to plain numbers in ``reloop.engine.metrics.stats``
+(``EngineStats``: a dict lookup and an add); when Prometheus scrapes, ``EngineCollector.collect``
+runs the stats' scrape hooks (which copy rolling AUC and friends from ``OnlineMetricsBook`` into
+their levels) and turns every field into a prometheus_client metric family, as ``SERIES`` says.
+``build_collector_registry`` adds ``reloop_build_info`` and prometheus_client's standard process,
+platform (``python_info``) and GC collectors.
 
-    >>> from reloop.engine.metrics.registry import MetricsRegistry, Counter
+    >>> from reloop.engine.metrics.stats import EngineStats
     >>> from prometheus_client import CollectorRegistry, generate_latest
-    >>> plain = MetricsRegistry()
-    >>> Counter("reloop_demo_total", "Demo.", ("topic",), registry=plain).labels(topic="t").inc(3)
+    >>> stats = EngineStats()
+    >>> stats.events_consumed.add("clicks", n=3)
     >>> prom = CollectorRegistry()
-    >>> prom.register(RegistryCollector(plain))
-    >>> print(generate_latest(prom).decode().splitlines()[2])
-    reloop_demo_total{topic="t"} 3.0
+    >>> prom.register(EngineCollector(stats, build_info=False))
+    >>> [line for line in generate_latest(prom).decode().splitlines() if line.startswith("reloop_events")]
+    ['reloop_events_consumed_total{topic="clicks"} 3.0']
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     make_asgi_app,
     start_http_server,
@@ -33,53 +41,188 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-from reloop.engine.metrics.registry import REGISTRY, MetricFamily, MetricsRegistry
+from prometheus_client.utils import floatToGoString
+from reloop.engine.metrics.stats import STATS, Buckets, EngineStats, Level, Tally
+
+Kind = Literal["counter", "gauge", "histogram"]
 
 
-class RegistryCollector(Collector):
-    """A prometheus_client collector over a plain ``MetricsRegistry``."""
+@dataclass(frozen=True)
+class Series:
+    """How one ``EngineStats`` field is exported. Counter names include ``_total``."""
 
-    def __init__(self, registry: MetricsRegistry = REGISTRY) -> None:
-        self.registry = registry
+    field: str
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+_VERSIONED = ("arm", "model_version", "slot")
+
+# Conventions (https://prometheus.io/docs/practices/naming/): prefix reloop_, counters end in _total,
+# base units in the name, timestamps are _timestamp_seconds (Unix). Label values are bounded: topic,
+# partition, arm, model_version, slot and small fixed sets; never user, item, request or impression
+# ids. Every label splits a whole into parts, so a sum over a label is meaningful (or, for the
+# per-arm/version gauges, names distinct series); a total never sits beside its own parts.
+SERIES: tuple[Series, ...] = (
+    Series("events_consumed", "reloop_events_consumed_total", "counter",
+           "Records read from the input topics.", ("topic",)),
+    Series("dead_letters", "reloop_dead_letters_total", "counter",
+           "Malformed or rejected events sent to the dead-letter sink, by reason (a small fixed set).",
+           ("reason",)),
+    Series("joined_samples", "reloop_joined_samples_total", "counter",
+           "Labelled samples emitted by the joiner, by label (0 or 1).", ("label",)),
+    Series("join_tasks", "reloop_join_tasks", "gauge",
+           "Join tasks (co-partitioned partition pairs) this join process owns."),
+    Series("joiner_pending", "reloop_joiner_pending", "gauge",
+           "Impressions waiting in the joiner for a click or for the window to close."),
+    Series("joiner_expired", "reloop_joiner_expired_total", "counter",
+           "Impressions whose attribution window closed without a click (negatives)."),
+    Series("joiner_late_clicks", "reloop_joiner_late_clicks_total", "counter",
+           "Clicks that arrived after their impression was emitted as a negative, by the policy applied.",
+           ("policy",)),
+    Series("joiner_orphan_clicks", "reloop_joiner_orphan_clicks_total", "counter",
+           "Clicks whose impression the joiner never saw."),
+    Series("joiner_too_late", "reloop_joiner_too_late_total", "counter",
+           "Events dropped because their window was already closed and forgotten (retention passed), by "
+           "kind (impression or click). A jump means the watermark moved far ahead of the data.", ("kind",)),
+    Series("joiner_duplicates", "reloop_joiner_duplicates_total", "counter",
+           "Duplicate events ignored by the joiner (kind: impression or click).", ("kind",)),
+    Series("joiner_dropped_by_bound", "reloop_joiner_dropped_by_bound_total", "counter",
+           "Pending impressions evicted because the joiner reached its memory bound."),
+    Series("joiner_watermark_s", "reloop_joiner_watermark_timestamp_seconds", "gauge",
+           "The joiner's event-time watermark (Unix seconds)."),
+    Series("train_steps", "reloop_train_steps_total", "counter", "Optimizer steps taken."),
+    Series("train_samples", "reloop_train_samples_total", "counter", "Samples trained on."),
+    Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
+           "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
+    Series("train_loss", "reloop_train_loss", "gauge",
+           "Loss of the last mini-batch: the optimized total, alpha * (sc or kd) + (1 - alpha) * ce."),
+    Series("train_loss_parts", "reloop_train_loss_part", "gauge",
+           "Terms of the last mini-batch's loss, unweighted: ce, sc (ReLoop self-correction), kd "
+           "(at most one of sc and kd is non-zero). Their weighted sum is reloop_train_loss.", ("part",)),
+    Series("train_sc_active", "reloop_train_sc_active_ratio", "gauge",
+           "Fraction of the last mini-batch where the ReLoop self-correction term was active (0..1)."),
+    Series("rolling_auc", "reloop_rolling_auc", "gauge",
+           "Exact ROC AUC over the last N labelled samples served by this arm and model version "
+           "(slot: current or previous version of the arm).", _VERSIONED),
+    Series("rolling_logloss", "reloop_rolling_logloss", "gauge",
+           "Mean log loss over the same rolling window.", _VERSIONED),
+    Series("rolling_mean_prediction", "reloop_rolling_mean_prediction", "gauge",
+           "Mean served prediction over the rolling window (calibration).", _VERSIONED),
+    Series("rolling_observed_ctr", "reloop_rolling_observed_ctr", "gauge",
+           "Observed click rate over the rolling window (calibration).", _VERSIONED),
+    Series("rolling_samples", "reloop_rolling_window_samples", "gauge",
+           "Samples currently in the rolling window.", _VERSIONED),
+    Series("snapshot_version", "reloop_snapshot_version", "gauge",
+           "Version number of the last snapshot written."),
+    Series("snapshot_time_s", "reloop_snapshot_timestamp_seconds", "gauge",
+           "Wall-clock time the last snapshot was written (Unix seconds)."),
+    Series("snapshot_period_s", "reloop_snapshot_period_seconds", "gauge",
+           "Expected wall-clock seconds between snapshots: the configured period when it is wall-clock "
+           "based, otherwise the last observed interval (the stale-snapshot alert fires at twice this)."),
+    Series("snapshots", "reloop_snapshots_total", "counter", "Snapshots written."),
+    Series("snapshot_restore_fallbacks", "reloop_snapshot_restore_fallbacks_total", "counter",
+           "Snapshots or checkpoints refused at restore (corrupt, unloadable) before an older one was used."),
+    Series("pipeline_restarts", "reloop_pipeline_restarts_total", "counter",
+           "Times the stream processor was rebuilt from its last snapshot after a failure that was not "
+           "about one record (a sink or broker failure, a bug)."),
+    Series("consumer_lag", "reloop_consumer_lag_records", "gauge",
+           "End offset minus the consumer position, per topic and partition.", ("topic", "partition")),
+    Series("serve_requests", "reloop_serve_requests_total", "counter", "Scoring requests answered.",
+           ("arm",)),
+    Series("serve_latency_s", "reloop_serve_latency_seconds", "histogram", "Time to score one request.",
+           ("arm",)),
+    Series("serve_reloads", "reloop_serve_reloads_total", "counter",
+           "Snapshot reloads by the scoring service (outcome: ok or refused).", ("outcome",)),
+    Series("serve_fallback", "reloop_serve_snapshot_fallback", "gauge",
+           "1 while an arm serves an older snapshot than the newest in its registry because the newer "
+           "ones were refused (checksum, format, unloadable); 0 otherwise.", ("arm",)),
+    Series("serve_model_version", "reloop_serve_model_version", "gauge",
+           "Snapshot version the scoring service is serving, per arm.", ("arm",)),
+    Series("impressions_logged", "reloop_impressions_logged_total", "counter",
+           "Impression events written to the impressions topic.", ("arm",)),
+    Series("impressions_dropped", "reloop_impressions_dropped_total", "counter",
+           "Impression events not logged (reason: queue_full, sink_error).", ("reason",)),
+)
+
+BUILD_INFO = "reloop_build_info"
+_BUILD_LABELS = ("version", "python", "torch")
+
+
+def build_info() -> dict[str, str]:
+    """What ``reloop_build_info`` carries: the installed reloop and torch versions and the Python one."""
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"version": version("reloop"), "python": platform.python_version(), "torch": version("torch")}
+
+
+def exported_series_names() -> frozenset[str]:
+    """Every reloop_* series name a scrape can contain (histogram suffixes included)."""
+    names = {BUILD_INFO}
+    for s in SERIES:
+        if s.kind == "histogram":
+            names.update({s.name + "_bucket", s.name + "_sum", s.name + "_count"})
+        else:
+            names.add(s.name)
+    return frozenset(names)
+
+
+class EngineCollector(Collector):
+    """Reads an ``EngineStats`` at scrape time and yields one metric family per ``SERIES`` entry."""
+
+    def __init__(self, stats: EngineStats = STATS, *, build_info: bool = True) -> None:
+        self.stats = stats
+        self.info = _build_info_family() if build_info else None
 
     def describe(self) -> list[Metric]:
-        # Empty: prometheus_client then skips its duplicate-name check instead of running a
-        # full collect (and its hooks) at registration time.
+        # Empty: prometheus_client then skips its duplicate-name check instead of running a full
+        # collect (and the scrape hooks) at registration time.
         return []
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.registry.collect():
-            yield convert(family)
+        self.stats.run_hooks()
+        if self.info is not None:
+            yield self.info
+        for s in SERIES:
+            yield family(s, getattr(self.stats, s.field))
 
 
-def convert(family: MetricFamily) -> Metric:
-    names = list(family.labelnames)
-    if family.type == "counter":
+def _build_info_family() -> Metric:
+    info = InfoMetricFamily(BUILD_INFO.removesuffix("_info"), "The running reloop build.", labels=())
+    info.add_metric([], build_info())
+    return info
+
+
+def family(s: Series, source: Tally | Level | Buckets) -> Metric:
+    """One ``SERIES`` entry's current values as a prometheus_client family."""
+    names = list(s.labels)
+    if s.kind == "histogram":
+        out: Metric = HistogramMetricFamily(s.name, s.help, labels=names)
+        for key, bins in source.items():
+            running, buckets = 0, []
+            for bound, count in zip((*bins.bounds, float("inf")), bins.counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), float(running)))
+            out.add_metric([str(v) for v in key], buckets, float(bins.sum))
+        return out
+    if s.kind == "counter":
         # prometheus_client appends _total itself.
-        out: Metric = CounterMetricFamily(family.name.removesuffix("_total"), family.help, labels=names)
-        for s in family.samples:
-            out.add_metric([s.labels[n] for n in names], s.value)
-        return out
-    if family.type == "gauge":
-        out = GaugeMetricFamily(family.name, family.help, labels=names)
-        for s in family.samples:
-            out.add_metric([s.labels[n] for n in names], s.value)
-        return out
-    out = HistogramMetricFamily(family.name, family.help, labels=names)
-    per_child: dict[tuple[str, ...], dict[str, object]] = {}
-    for s in family.samples:
-        key = tuple(s.labels[n] for n in names)
-        child = per_child.setdefault(key, {"buckets": [], "sum": 0.0})
-        if s.name.endswith("_bucket"):
-            child["buckets"].append((s.labels["le"], s.value))
-        elif s.name.endswith("_sum"):
-            child["sum"] = s.value
-    for key, child in per_child.items():
-        out.add_metric(list(key), child["buckets"], child["sum"])
+        out = CounterMetricFamily(s.name.removesuffix("_total"), s.help, labels=names)
+    else:
+        out = GaugeMetricFamily(s.name, s.help, labels=names)
+    for key, value in source.items():
+        out.add_metric([str(v) for v in key], float(value))
     return out
 
 
@@ -104,40 +247,41 @@ class MetricsServer:
 
 
 def build_collector_registry(
-    registry: MetricsRegistry = REGISTRY, *, process_metrics: bool = True
+    stats: EngineStats = STATS, *, process_metrics: bool = True
 ) -> CollectorRegistry:
-    """A fresh prometheus_client registry holding our collector (and process CPU/memory)."""
+    """A fresh prometheus_client registry holding our collector with ``reloop_build_info``, and with
+    ``process_metrics`` the standard process (CPU, memory, fds), platform (``python_info``) and GC ones."""
     prom = CollectorRegistry(auto_describe=False)
-    prom.register(RegistryCollector(registry))
+    prom.register(EngineCollector(stats))
     if process_metrics:
         ProcessCollector(registry=prom)
+        PlatformCollector(registry=prom)
+        GCCollector(registry=prom)
     return prom
 
 
 def serve_metrics(
-    registry: MetricsRegistry = REGISTRY,
+    stats: EngineStats = STATS,
     host: str = "127.0.0.1",
     port: int = 9464,
     *,
     process_metrics: bool = True,
 ) -> MetricsServer:
-    """Serve ``registry`` at http://host:port/metrics from a daemon thread. ``port=0`` picks a free one.
+    """Serve ``stats`` at http://host:port/metrics from a daemon thread. ``port=0`` picks a free one.
 
     Binds to loopback by default; pass ``host="0.0.0.0"`` in a container so Prometheus can reach it.
     """
-    prom = build_collector_registry(registry, process_metrics=process_metrics)
+    prom = build_collector_registry(stats, process_metrics=process_metrics)
     server, thread = start_http_server(port, addr=host, registry=prom)
     return MetricsServer(server, thread, host, server.server_port, prom)
 
 
-def render_metrics(
-    registry: MetricsRegistry = REGISTRY, *, process_metrics: bool = True
-) -> tuple[bytes, str]:
-    """The Prometheus text exposition of ``registry`` and its content type, for an app's ``GET /metrics``."""
-    prom = build_collector_registry(registry, process_metrics=process_metrics)
+def render_metrics(stats: EngineStats = STATS, *, process_metrics: bool = True) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``stats`` and its content type, for an app's ``GET /metrics``."""
+    prom = build_collector_registry(stats, process_metrics=process_metrics)
     return generate_latest(prom), CONTENT_TYPE_LATEST
 
 
-def metrics_asgi_app(registry: MetricsRegistry = REGISTRY, *, process_metrics: bool = True):
+def metrics_asgi_app(stats: EngineStats = STATS, *, process_metrics: bool = True):
     """An ASGI app serving the metrics, for the FastAPI scoring service: ``app.mount("/metrics", ...)``."""
-    return make_asgi_app(registry=build_collector_registry(registry, process_metrics=process_metrics))
+    return make_asgi_app(registry=build_collector_registry(stats, process_metrics=process_metrics))

@@ -23,10 +23,10 @@
       0.5
 
 * ``OnlineMetricsBook``: the same metrics per (arm, model version), keeping the ``max_versions``
-  newest versions of each arm; ``bind()`` publishes them into the registry's ``reloop_rolling_*``
-  gauges at scrape time. It holds ``rolling_batch.BatchRollingMetrics`` (same semantics, numpy,
-  updates buffered and applied a batch at a time: well under 1 us per sample instead of ~20 us),
-  because the book sits on the trainer's hot path.
+  newest versions of each arm; ``bind()`` publishes them into ``EngineStats``' rolling levels (the
+  ``reloop_rolling_*`` gauges) at scrape time. It holds ``rolling_batch.BatchRollingMetrics`` (same
+  semantics, numpy, updates buffered and applied a batch at a time: well under 1 us per sample
+  instead of ~20 us), because the book sits on the trainer's hot path.
 
 ``state_dict()`` / ``from_state_dict()`` return and accept plain data (lists, dicts, numbers) for the
 engine's snapshot.
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 from reloop.engine.events.schema import LabeledSample
-from reloop.engine.metrics import registry as reg
 from reloop.engine.metrics.offline import EPS as _EPS  # one clipping epsilon for every LogLoss
 from reloop.engine.metrics.rolling_batch import BatchRollingMetrics, window_arrays
+from reloop.engine.metrics.stats import STATS, EngineStats
 from sortedcontainers import SortedList
 
 
@@ -344,7 +344,6 @@ class OnlineMetricsBook:
         self.max_versions = max_versions
         self._arms: dict[str, dict[int, BatchRollingMetrics]] = {}
         self._lock = threading.Lock()
-        self._published: set[tuple[str, str, str]] = set()
 
     def _metrics_for(self, arm: str, version: int) -> BatchRollingMetrics | None:
         versions = self._arms.setdefault(arm, {})
@@ -484,47 +483,32 @@ class OnlineMetricsBook:
             raise ValueError(f"bad online metrics state: missing or malformed {exc}") from exc
         return book
 
-    def bind(self, registry: reg.MetricsRegistry = reg.REGISTRY) -> Callable[[], None]:
-        """Publish into the ``reloop_rolling_*`` gauges whenever ``registry`` is collected.
+    def bind(self, stats: EngineStats = STATS) -> Callable[[], None]:
+        """Publish into ``stats``' ``rolling_*`` levels (the ``reloop_rolling_*`` gauges) before every scrape.
 
-        Series of versions no longer kept are removed, so the label set stays bounded by
-        arms x max_versions. Returns the hook (pass it to ``registry.remove_collect_hook``).
+        Each publish replaces the levels' series with the versions kept now, so the label set stays
+        bounded by arms x max_versions. Returns the hook (pass it to ``stats.remove_hook``).
         """
-        reg.ensure_canonical(registry)
-        gauges = {
-            "auc": registry.get(reg.ROLLING_AUC.name),
-            "logloss": registry.get(reg.ROLLING_LOGLOSS.name),
-            "mean_prediction": registry.get(reg.ROLLING_MEAN_PREDICTION.name),
-            "observed_ctr": registry.get(reg.ROLLING_OBSERVED_CTR.name),
-            "samples": registry.get(reg.ROLLING_SAMPLES.name),
+        levels = {
+            "auc": stats.rolling_auc,
+            "logloss": stats.rolling_logloss,
+            "mean_prediction": stats.rolling_mean_prediction,
+            "observed_ctr": stats.rolling_observed_ctr,
+            "samples": stats.rolling_samples,
         }
 
-        publish_lock = threading.Lock()  # two concurrent scrapes must not interleave the removals
-
         def publish() -> None:
-            with publish_lock:
-                _publish()
-
-        def _publish() -> None:
-            rows = self.report()
-            seen: set[tuple[str, str, str]] = set()
-            for row in rows:
+            values: dict[str, dict[tuple[str, str, str], float]] = {name: {} for name in levels}
+            for row in self.report():
                 key = (row["arm"], str(row["model_version"]), row["slot"])
-                seen.add(key)
-                labels = dict(zip(("arm", "model_version", "slot"), key, strict=True))
-                for field_name, gauge in gauges.items():
-                    value = row[field_name]
+                for name, per_key in values.items():
+                    value = row[name]
                     # An undefined value (one class only, empty window) is left out rather than NaN,
                     # so alert comparisons and dashboards see no series instead of a gap-filled one.
-                    if math.isnan(value):
-                        gauge.remove(**labels)
-                    else:
-                        gauge.labels(**labels).set(value)
-            for key in self._published - seen:
-                labels = dict(zip(("arm", "model_version", "slot"), key, strict=True))
-                for gauge in gauges.values():
-                    gauge.remove(**labels)
-            self._published = seen
+                    if not math.isnan(value):
+                        per_key[key] = value
+            for name, level in levels.items():
+                level.replace(values[name])
 
-        registry.add_collect_hook(publish)
+        stats.add_hook(publish)
         return publish

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.replay.sources import ReplaySource, TimestampMode
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.config import RunConfig
@@ -72,7 +72,7 @@ def run_replay(
         source,
         end=end,
         start=start,
-        batch_size=cfg.source.poll_max_records,
+        batch_size=cfg.consumer.poll_max_records,
         timestamps=timestamps,
         set_clock=set_clock,
         stall_timeout_s=stall_timeout_s,
@@ -83,7 +83,7 @@ def run_replay(
         samples_sink=samples_sink,
         commit=None,  # never touch the live consumer group's offsets
         clock=clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
     )
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def run_samples_replay(
         source=replay_source,
         commit=None,
         clock=clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
     )
     t0 = time.perf_counter()

@@ -153,7 +153,7 @@ def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
             "retention_ms": 2 * args.window_ms,
             "ttl_ms": max(6 * 3_600_000, 4 * args.window_ms),
         },
-        "source": {"group_id": None},
+        "consumer": {"group_id": None},
     }
 
 
@@ -255,7 +255,9 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
     from reloop.connectors.kafka.admin import offsets_for_times
     from reloop.connectors.kafka.source import KafkaSource
 
-    client = cfg.source.client_config
+    # kafka-python here whatever kafka.client says: the connection in its names.
+    consumer = cfg.consumer.client_config if cfg.kafka.client == "kafka-python" else {}
+    client = {**cfg.kafka.connection("kafka-python"), **consumer}
     if args.start_offsets:
         start = parse_offsets(args.start_offsets)
     elif args.start_time:

@@ -11,8 +11,8 @@ from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.features.check import FeatureLimits, SpecChecker
 from reloop.engine.features.featurizer import Featurizer
-from reloop.engine.metrics import registry as m
 from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.models.registry import build_learner
 from reloop.engine.runtime.clock import system_clock
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_feature_spec
@@ -97,7 +97,7 @@ def build_pipeline(
     dead_letter_sink: Sink | None = None,
     commit: Callable[[Positions], None] | None = None,
     clock: Callable[[], int] = system_clock,
-    stats: m.MetricsRegistry = m.REGISTRY,
+    stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
 ) -> Pipeline:
     """The single-process pipeline (source -> join -> train in one loop)."""
@@ -112,9 +112,9 @@ def build_pipeline(
         settings=PipelineSettings(
             impressions_topic=cfg.source.impressions_topic,
             clicks_topic=cfg.source.clicks_topic,
-            poll_max_records=cfg.source.poll_max_records,
-            poll_timeout_s=cfg.source.poll_timeout_s,
-            merge_idle_ms=cfg.source.merge_idle_ms,
+            poll_max_records=cfg.consumer.poll_max_records,
+            poll_timeout_s=cfg.consumer.poll_timeout_s,
+            merge_idle_ms=cfg.consumer.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             max_event_bytes=lim.max_event_bytes,
@@ -140,7 +140,7 @@ def build_join_stage(
     samples_sink: Sink,
     dead_letter_sink: Sink | None = None,
     clock: Callable[[], int] = system_clock,
-    stats: m.MetricsRegistry = m.REGISTRY,
+    stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
 ) -> JoinStage:
     """The join stage: this process's share of the join tasks, into the samples topic."""
@@ -156,9 +156,9 @@ def build_join_stage(
             impressions_topic=cfg.source.impressions_topic,
             clicks_topic=cfg.source.clicks_topic,
             samples_topic=st.samples_topic,
-            poll_max_records=cfg.source.poll_max_records,
-            poll_timeout_s=cfg.source.poll_timeout_s,
-            merge_idle_ms=cfg.source.merge_idle_ms,
+            poll_max_records=cfg.consumer.poll_max_records,
+            poll_timeout_s=cfg.consumer.poll_timeout_s,
+            merge_idle_ms=cfg.consumer.merge_idle_ms,
             batch_samples=st.batch_samples,
             max_delay_ms=st.max_delay_ms,
             checkpoint_every_s=st.join_checkpoint_every_s,
@@ -179,7 +179,7 @@ def build_train_stage(
     dead_letter_sink: Sink | None = None,
     commit: Callable[[Positions], None] | None = None,
     clock: Callable[[], int] = system_clock,
-    stats: m.MetricsRegistry = m.REGISTRY,
+    stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
     group: RankGroup | None = None,
 ) -> TrainStage:
@@ -195,8 +195,8 @@ def build_train_stage(
         settings=TrainStageSettings(
             samples_topic=cfg.stages.samples_topic,
             poll_max_records=cfg.stages.train_poll_messages,
-            poll_timeout_s=cfg.source.poll_timeout_s,
-            merge_idle_ms=cfg.source.merge_idle_ms,
+            poll_timeout_s=cfg.consumer.poll_timeout_s,
+            merge_idle_ms=cfg.consumer.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
         ),

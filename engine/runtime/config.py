@@ -1,9 +1,15 @@
 """The processor's configuration: one YAML (or TOML) file plus environment overrides, validated once.
 
-Environment overrides use ``RELOOP__SECTION__KEY=value`` (double underscores separate levels, names are
-case-insensitive), e.g. ``RELOOP__TRAIN__BATCH_SIZE=512``. A value is parsed as a YAML scalar/flow value,
-so ``512`` is an int, ``true`` a bool and ``[1, 2]`` a list. A bad key or value fails at load time with
-an error that names it (``train.batch_size: Input should be greater than 0``).
+Environment overrides (pydantic-settings, engine/config_common.py) use ``RELOOP__SECTION__KEY=value``
+(double underscores separate levels, names are case-insensitive), e.g. ``RELOOP__TRAIN__BATCH_SIZE=512``
+or ``RELOOP__KAFKA__SASL_PASSWORD=...``; they win over the file. A typed key's value is converted by
+pydantic (``512`` an int, ``true`` a bool), a list or dict is JSON (``[1, 2]``), ``null`` is None. A bad
+key or value fails at load time with an error that names it (``train.batch_size: Input should be greater
+than 0``); a key that moved (``source.bootstrap``) fails naming its new place (``kafka.bootstrap``).
+
+Kafka: ``kafka`` is the connection of every consumer and producer (client, bootstrap, security, settings
+common to all), ``consumer`` and ``producer`` the settings of one kind only; ``source`` names the topics
+read, ``sink`` the topics written.
 
 >>> cfg = load_config_dict({"model": {"backbone": "dcn", "spec": {"fields": [
 ...     {"kind": "categorical", "name": "user", "buckets": 100}]}}}, env={"RELOOP__TRAIN__BATCH_SIZE": "512"})
@@ -16,53 +22,59 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+from reloop.engine.config_common import (
+    ENV_PREFIX,
+    REDACTED,
+    SERVE_ONLY_SECTIONS,
+    ConfigError,
+    ConsumerSection,
+    KafkaSection,
+    ProducerSection,
+    _Section,
+    check_moved,
+    deep_merge,
+    env_values,
+    redact,
+)
 from reloop.engine.join.joiner import JoinerConfig
 
-ENV_PREFIX = "RELOOP__"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the bad key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+__all__ = ["ENV_PREFIX", "REDACTED", "ConfigError", "RunConfig", "load_config", "load_config_dict", "redact"]
 
 
 class SourceSection(_Section):
+    """The topics the processor reads (their client settings: kafka, consumer)."""
+
     kind: Literal["kafka"] = "kafka"
-    client: Literal["kafka-python", "confluent"] = Field(
-        default="kafka-python",
-        description="the Kafka client of every consumer and producer of the stream processor: kafka-python "
-        "(pure Python) or confluent (librdkafka: ~5x the consume rate; client_config keys are then "
-        "librdkafka's, e.g. 'fetch.wait.max.ms')",
-    )
-    bootstrap: str = "127.0.0.1:9092"
     impressions_topic: str = "impressions"
     clicks_topic: str = "clicks"
-    group_id: str | None = "reloop-trainer"
-    client_config: dict[str, Any] = Field(default_factory=dict, description="passed to the Kafka client")
-    poll_max_records: int = Field(default=4096, gt=0)
-    poll_timeout_s: float = Field(default=0.1, ge=0)
-    merge_idle_ms: int = Field(
-        default=2_000,
-        ge=0,
-        description="release records of other partitions after one partition had nothing for this long",
-    )
 
 
 class SinkSection(_Section):
+    """The topics the processor writes (their client settings: kafka, producer)."""
+
     samples_topic: str | None = None
     dead_letter_topic: str | None = "reloop.deadletter"
-    client_config: dict[str, Any] = Field(default_factory=dict)
+
+
+# Keys that moved, refused with their new place (docs/operations.md "Config keys that moved").
+MOVED = {
+    ("source", "client"): "kafka.client",
+    ("source", "bootstrap"): "kafka.bootstrap",
+    ("source", "client_config"): "kafka.client_config (every client; security settings as "
+    "kafka.security_protocol, kafka.sasl_*, kafka.ssl_*) or consumer.client_config (consumer-only settings)",
+    ("source", "group_id"): "consumer.group_id",
+    ("source", "poll_max_records"): "consumer.poll_max_records",
+    ("source", "poll_timeout_s"): "consumer.poll_timeout_s",
+    ("source", "merge_idle_ms"): "consumer.merge_idle_ms",
+    ("sink", "client_config"): "producer.client_config",
+}
 
 
 class JoinSection(_Section):
@@ -244,6 +256,9 @@ class LogSection(_Section):
 
 
 class RunConfig(_Section):
+    kafka: KafkaSection = KafkaSection()
+    consumer: ConsumerSection = ConsumerSection()
+    producer: ProducerSection = ProducerSection()
     source: SourceSection = SourceSection()
     sink: SinkSection = SinkSection()
     join: JoinSection = JoinSection()
@@ -265,6 +280,14 @@ class RunConfig(_Section):
             raise ValueError("join.emit_policy fnw needs train.delayed_feedback fnw, and the reverse")
         return self
 
+    def consumer_client_config(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What every consumer gets: the connection (secrets included), consumer.client_config, ``extra``."""
+        return {**self.kafka.connection(), **self.consumer.client_config, **(extra or {})}
+
+    def producer_client_config(self) -> dict[str, Any]:
+        """What every producer gets: the connection (secrets included), producer.client_config."""
+        return {**self.kafka.connection(), **self.producer.client_config}
+
     def fingerprint(self) -> str:
         """sha256 of what decides the training result (model, train, join); stored in every snapshot."""
         data = _without_new_defaults({k: self.model_dump(mode="json")[k] for k in ("model", "train", "join")})
@@ -278,11 +301,17 @@ class RunConfig(_Section):
     def redacted_dump(self) -> dict[str, Any]:
         """The config as JSON data with every secret-looking client setting replaced: what may be
         written to files (snapshot manifests are read by serving and by people)."""
-        data = self.model_dump(mode="json")
-        for section in ("source", "sink"):
+        data = self.model_dump(mode="json")  # SecretStr fields: "**********"
+        for section in ("kafka", "consumer", "producer"):
             data[section]["client_config"] = redact(data[section]["client_config"])
         data["stages"]["join_client_config"] = redact(data["stages"]["join_client_config"])
         return data
+
+
+def default_of(section: type[_Section], key: str) -> Any:
+    """The default of ``section.key``: what the engine's settings dataclasses take as theirs, so a default
+    is written once (here, in the section models)."""
+    return section.model_fields[key].get_default(call_default_factory=True)
 
 
 # Keys added after snapshots were written, at their defaults: left out of the fingerprints, so a config
@@ -301,20 +330,6 @@ def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:
         if section in data and data[section].get(key) == default:
             del data[section][key]
     return data
-
-
-# Client settings whose values are credentials (kafka-python and librdkafka names).
-_SECRET_KEY = re.compile(r"password|secret|token|credential|oauth|jaas|private|api_?key", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def redact(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` with the value of every credential-like key replaced by a marker.
-
-    >>> redact({"security_protocol": "SASL_SSL", "sasl_plain_password": "hunter2"})
-    {'security_protocol': 'SASL_SSL', 'sasl_plain_password': '<redacted>'}
-    """
-    return {k: REDACTED if _SECRET_KEY.search(str(k)) else v for k, v in settings.items()}
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RunConfig:
@@ -339,7 +354,10 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def load_config_dict(
     data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None
 ) -> RunConfig:
-    merged = _apply_env(dict(data), os.environ if env is None else env)
+    """``data`` with the ``RELOOP__`` variables of ``env`` (default os.environ) over it, validated."""
+    overrides = env_values(RunConfig, os.environ if env is None else env, others=SERVE_ONLY_SECTIONS)
+    merged = deep_merge(data, overrides)
+    check_moved(merged, MOVED)
     try:
         cfg = RunConfig.model_validate(merged)
     except ValidationError as exc:
@@ -348,31 +366,6 @@ def load_config_dict(
         model = cfg.model.model_copy(update={"spec_file": str(base_dir / cfg.model.spec_file)})
         cfg = cfg.model_copy(update={"model": model})
     return cfg
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    for name, raw in sorted(env.items()):
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if not all(path):
-            raise ConfigError(f"environment variable {name}: empty key part")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"environment variable {name}: cannot parse {raw!r}: {exc}") from exc
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"environment variable {name}: {'.'.join(path[: i + 1])} is not a section")
-            else:
-                child = node[part] = dict(child)
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def _describe(exc: ValidationError) -> str:

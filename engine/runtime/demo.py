@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
-from reloop.engine.serve.config import ConfigError, ServeConfig, read_yaml
+from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -78,8 +78,26 @@ class DemoConfig(_Frozen):
     arms: tuple[DemoArm, ...] = Field(min_length=1)
     run: dict[str, Any]
     simulate: dict[str, Any] = Field(default_factory=dict)
-    kafka: dict[str, Any] = Field(default_factory=dict)
+    kafka: dict[str, Any] = Field(
+        default_factory=dict, description="the kafka section of reloop run and serve (config_common.py)"
+    )
     demo: DemoSection = DemoSection()
+
+    @field_validator("kafka")
+    @classmethod
+    def _kafka_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from reloop.engine.config_common import KafkaSection, check_moved
+        from reloop.engine.serve.config import MOVED
+
+        check_moved({"kafka": value}, MOVED)
+        KafkaSection.model_validate(value)
+        return value
+
+    def kafka_settings(self) -> dict[str, Any]:
+        """The connection settings of the demo's own kafka-python clients (topics, clicks, read-back)."""
+        from reloop.engine.config_common import KafkaSection
+
+        return KafkaSection.model_validate(self.kafka).connection("kafka-python")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -120,13 +138,9 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
         run = deep_merge(
             run,
             {
-                "source": {
-                    "bootstrap": bootstrap,
-                    "impressions_topic": impressions,
-                    "clicks_topic": clicks,
-                    "group_id": f"reloop-demo-{run_id}-{arm.name}",
-                    "client_config": dict(config.kafka.get("settings") or {}),
-                },
+                "kafka": {**config.kafka, "bootstrap": bootstrap},
+                "source": {"impressions_topic": impressions, "clicks_topic": clicks},
+                "consumer": {"group_id": f"reloop-demo-{run_id}-{arm.name}"},
                 "sink": {"dead_letter_topic": f"demo-{run_id}.deadletter.{arm.name}"},
                 # One process per arm (both stages in it): three arms, a service, a simulator and a
                 # broker already share this machine's cores.
@@ -181,7 +195,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
         "port": 0,
         "salt": config.salt,
         "arms": arms,
-        "kafka": {"bootstrap": bootstrap, "settings": dict(config.kafka.get("settings") or {})},
+        "kafka": {"client": SERVE_KAFKA_CLIENT, **config.kafka, "bootstrap": bootstrap},
     }
     try:
         return ServeConfig.model_validate(data)
@@ -199,7 +213,7 @@ class TrainerProcess:
         plan.run_config_path.write_text(yaml.safe_dump(plan.run_config, sort_keys=False))
         self._log = open(plan.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.pop("RELOOP_KAFKA_BOOTSTRAP", None)
+        env.pop("RELOOP__KAFKA__BOOTSTRAP", None)  # the demo's broker, not one from the environment
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
             cwd=REPO_ROOT if in_checkout() else None,  # installed: the demo's own working folder
@@ -559,7 +573,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             for p in plans
             for t in (p.impressions_topic, p.clicks_topic, p.run_config["sink"]["dead_letter_topic"])
         }
-        create_topics(bootstrap, topics, client_config=config.kafka.get("settings") or {})
+        create_topics(bootstrap, topics, client_config=config.kafka_settings())
         for plan in plans:
             trainers[plan.name] = TrainerProcess(plan)
         console.print(f"trainers started: {', '.join(trainers)} (logs: {workdir}/<arm>/trainer.log)")
@@ -580,7 +594,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             sim_config,
             score=scorer,
             click_sink=kafka_click_sinks(
-                bootstrap, {p.name: p.clicks_topic for p in plans}, config.kafka.get("settings") or {}
+                bootstrap, {p.name: p.clicks_topic for p in plans}, config.kafka_settings()
             ),
         )
         rate = args.rate or sim_config.rate
@@ -646,7 +660,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         for name, trainer in trainers.items():
             trainer_rcs[name] = trainer.stop(config.demo.trainer_stop_timeout_s)
         if trainers and exit_code == 0:
-            logged = _count_logged(console, bootstrap, trainers, config.kafka.get("settings") or {})
+            logged = _count_logged(console, bootstrap, trainers, config.kafka_settings())
         if broker is not None:
             broker.stop()
     if sim is not None and stack is not None:

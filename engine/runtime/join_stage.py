@@ -39,7 +39,14 @@ from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import JoinerConfig
-from reloop.engine.metrics import registry as m
+from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.config import (
+    ConsumerSection,
+    RecoverySection,
+    SourceSection,
+    StagesSection,
+    default_of,
+)
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.streams import Positions, Record, Sink, TopicPartition, positions_to_json
@@ -73,20 +80,22 @@ class CopartitionError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class JoinStageSettings:
-    impressions_topic: str = "impressions"
-    clicks_topic: str = "clicks"
-    samples_topic: str = "samples"
-    poll_max_records: int = 4096
-    poll_timeout_s: float = 0.1
-    merge_idle_ms: int = 2_000
-    batch_samples: int = 1024
-    max_delay_ms: int = 200
-    checkpoint_every_s: float = 5.0
-    flush_timeout_s: float = 10.0
+    """What the join stage takes from the config (engine/runtime/build.py); the defaults are the config's."""
+
+    impressions_topic: str = default_of(SourceSection, "impressions_topic")
+    clicks_topic: str = default_of(SourceSection, "clicks_topic")
+    samples_topic: str = default_of(StagesSection, "samples_topic")
+    poll_max_records: int = default_of(ConsumerSection, "poll_max_records")
+    poll_timeout_s: float = default_of(ConsumerSection, "poll_timeout_s")
+    merge_idle_ms: int = default_of(ConsumerSection, "merge_idle_ms")
+    batch_samples: int = default_of(StagesSection, "batch_samples")
+    max_delay_ms: int = default_of(StagesSection, "max_delay_ms")
+    checkpoint_every_s: float = default_of(StagesSection, "join_checkpoint_every_s")
+    flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     fingerprint: str = ""
     # A client that stops fetching while records wait (kafka-python 3.0.12 once spun in poll for 600 s
     # returning nothing) is replaced, never waited on for ever.
-    stall_timeout_s: float = 60.0
+    stall_timeout_s: float = default_of(StagesSection, "stall_timeout_s")
 
 
 class JoinStage:
@@ -102,7 +111,7 @@ class JoinStage:
         settings: JoinStageSettings,
         clock: Callable[[], int],
         checker: SpecChecker | None = None,
-        stats: m.MetricsRegistry = m.REGISTRY,
+        stats: EngineStats = STATS,
     ) -> None:
         self.source = source
         self.samples = samples
@@ -387,24 +396,19 @@ def _abort(sink: Sink | None) -> None:
 class _JoinMetrics:
     """The join stage's counters and gauges (joiner counters as deltas summed over the tasks)."""
 
-    def __init__(self, stats: m.MetricsRegistry) -> None:
-        m.ensure_canonical(stats)
-        g = stats.get
-        self.tasks = g(m.JOIN_TASKS.name)
-        self._events = g(m.EVENTS_CONSUMED.name)
+    def __init__(self, stats: EngineStats) -> None:
+        self.tasks = stats.join_tasks
+        self._events = stats.events_consumed
         self._by_topic: dict[str, Any] = {}
-        self._joined = {
-            0: g(m.JOINED_SAMPLES.name).labels(label="0"),
-            1: g(m.JOINED_SAMPLES.name).labels(label="1"),
-        }
-        self._pending = g(m.JOINER_PENDING.name)
-        self._expired = g(m.JOINER_EXPIRED.name)
-        self._late = g(m.JOINER_LATE_CLICKS.name)
-        self._orphans = g(m.JOINER_ORPHAN_CLICKS.name)
-        self._too_late = g(m.JOINER_TOO_LATE.name)
-        self._dupes = g(m.JOINER_DUPLICATES.name)
-        self._bound = g(m.JOINER_DROPPED_BY_BOUND.name)
-        self._dead = g(m.DEAD_LETTERS.name)
+        self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
+        self._pending = stats.joiner_pending
+        self._expired = stats.joiner_expired
+        self._late = stats.joiner_late_clicks
+        self._orphans = stats.joiner_orphan_clicks
+        self._too_late = stats.joiner_too_late
+        self._dupes = stats.joiner_duplicates
+        self._bound = stats.joiner_dropped_by_bound
+        self._dead = stats.dead_letters
         self._last: dict[int, dict[str, int]] = {}
         self._last_dead: dict[str, int] = {}
 
@@ -415,13 +419,13 @@ class _JoinMetrics:
         for topic, n in counts.items():
             child = self._by_topic.get(topic)
             if child is None:
-                child = self._by_topic[topic] = self._events.labels(topic=topic)
-            child.inc(n)
+                child = self._by_topic[topic] = self._events.child(topic)
+            child.add(n)
 
     def emitted(self, joined: list[Any]) -> None:
         ones = sum(j.label for j in joined)
-        self._joined[1].inc(ones)
-        self._joined[0].inc(len(joined) - ones)
+        self._joined[1].add(ones)
+        self._joined[0].add(len(joined) - ones)
 
     def publish(self, stage: JoinStage) -> None:
         self._pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
@@ -437,15 +441,15 @@ class _JoinMetrics:
             def delta(name: str, now: dict[str, int] = now, last: dict[str, int] = last) -> int:
                 return now[name] - last.get(name, 0)
 
-            self._expired.inc(delta("negatives"))
-            self._late.labels(policy="drop").inc(delta("late_clicks_dropped"))
-            self._late.labels(policy="correct").inc(delta("late_clicks_corrected"))
-            self._orphans.inc(delta("orphan_clicks"))
-            self._too_late.labels(kind="impression").inc(delta("too_late_impressions"))
-            self._too_late.labels(kind="click").inc(delta("too_late_clicks"))
-            self._dupes.labels(kind="impression").inc(delta("duplicate_impressions"))
-            self._dupes.labels(kind="click").inc(delta("duplicate_clicks"))
-            self._bound.inc(delta("evicted_pending") + delta("expired_ttl"))
+            self._expired.add(n=delta("negatives"))
+            self._late.add("drop", n=delta("late_clicks_dropped"))
+            self._late.add("correct", n=delta("late_clicks_corrected"))
+            self._orphans.add(n=delta("orphan_clicks"))
+            self._too_late.add("impression", n=delta("too_late_impressions"))
+            self._too_late.add("click", n=delta("too_late_clicks"))
+            self._dupes.add("impression", n=delta("duplicate_impressions"))
+            self._dupes.add("click", n=delta("duplicate_clicks"))
+            self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
             self._last[p] = now
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]
@@ -454,5 +458,5 @@ class _JoinMetrics:
             for reason, n in dead.items():
                 d = n - self._last_dead.get(reason, 0)
                 if d:
-                    self._dead.labels(reason=reason).inc(d)
+                    self._dead.add(reason, n=d)
             self._last_dead = dict(dead)

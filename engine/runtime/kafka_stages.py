@@ -32,26 +32,9 @@ def _release(things: list[Any]) -> None:
             log.debug("release after a failed build failed", exc_info=True)
 
 
-def _producer_config(cfg: RunConfig) -> dict[str, Any]:
-    """The producers' settings: the connection settings of ``source.client_config`` (security, SASL, SSL,
-    timeouts a producer also has), then ``sink.client_config``. A consumer-only setting in the source's
-    dict (``fetch_max_wait_ms``) is not handed to a producer, which would refuse it and crash the run."""
-    shared = dict(cfg.source.client_config)
-    if cfg.source.client == "kafka-python":
-        from kafka import KafkaProducer
-
-        shared = {k: v for k, v in shared.items() if k in KafkaProducer.DEFAULT_CONFIG}
-    else:
-        # librdkafka names: consumer-only properties start with these.
-        shared = {
-            k: v for k, v in shared.items() if not k.startswith(("fetch.", "auto.", "group.", "session."))
-        }
-    return {**shared, **cfg.sink.client_config}
-
-
 def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(Source, Sink, GroupSource) classes of the configured client (source.client)."""
-    if cfg.source.client == "confluent":
+    """(Source, Sink, GroupSource) classes of the configured client (kafka.client)."""
+    if cfg.kafka.client == "confluent":
         from reloop.connectors.confluent.group_source import ConfluentGroupSource
         from reloop.connectors.confluent.sink import ConfluentSink
         from reloop.connectors.confluent.source import ConfluentSource
@@ -67,11 +50,11 @@ def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
 def _ensure_samples_topic(cfg: RunConfig) -> None:
     """Create the samples topic when it is missing, with one partition per join task (the partition
     count of the impressions topic). An existing one is checked by the join stage."""
-    src = cfg.source
-    if src.client == "confluent":
+    src, bootstrap = cfg.source, cfg.kafka.bootstrap
+    if cfg.kafka.client == "confluent":
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        admin = AdminClient({**src.client_config, "bootstrap.servers": src.bootstrap})
+        admin = AdminClient({**cfg.kafka.connection(), "bootstrap.servers": bootstrap})
         topics = admin.list_topics(timeout=10).topics
         if cfg.stages.samples_topic in topics:
             return
@@ -87,16 +70,16 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
     from kafka import KafkaAdminClient
     from reloop.connectors.kafka.admin import admin_client, create_topics, partition_counts
 
-    # Connection settings only: the admin client refuses consumer settings such as fetch_max_wait_ms.
-    client = {k: v for k, v in src.client_config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    admin = admin_client(src.bootstrap, client)
+    # The connection settings; an admin client refuses what only a producer or consumer has.
+    client = {k: v for k, v in cfg.kafka.connection().items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    admin = admin_client(bootstrap, client)
     try:
         if cfg.stages.samples_topic in set(admin.list_topics()):
             return
         partitions = partition_counts(admin, [src.impressions_topic])[src.impressions_topic]
     finally:
         admin.close()
-    create_topics(src.bootstrap, {cfg.stages.samples_topic: partitions}, client_config=client)
+    create_topics(bootstrap, {cfg.stages.samples_topic: partitions}, client_config=client)
 
 
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
@@ -104,29 +87,31 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
 
     _, KafkaSink, KafkaGroupSource = _clients(cfg)  # noqa: N806 - classes
 
-    src = cfg.source
+    src, bootstrap = cfg.source, cfg.kafka.bootstrap
 
     def build() -> Any:
         opened: list[Any] = []
         try:
             _ensure_samples_topic(cfg)
             source = KafkaGroupSource(
-                bootstrap=src.bootstrap,
+                bootstrap=bootstrap,
                 topics=[src.impressions_topic, src.clicks_topic],
                 group_id=cfg.stages.join_group_id,
-                client_config={**src.client_config, **cfg.stages.join_client_config},
+                client_config=cfg.consumer_client_config(cfg.stages.join_client_config),
             )
             opened.append(source)
             samples = KafkaSink(
-                bootstrap=src.bootstrap, topic=cfg.stages.samples_topic, client_config=_producer_config(cfg)
+                bootstrap=bootstrap,
+                topic=cfg.stages.samples_topic,
+                client_config=cfg.producer_client_config(),
             )
             opened.append(samples)
             dead = None
             if cfg.sink.dead_letter_topic:
                 dead = KafkaSink(
-                    bootstrap=src.bootstrap,
+                    bootstrap=bootstrap,
                     topic=cfg.sink.dead_letter_topic,
-                    client_config=_producer_config(cfg),
+                    client_config=cfg.producer_client_config(),
                 )
                 opened.append(dead)
             return build_join_stage(cfg, source=source, samples_sink=samples, dead_letter_sink=dead)
@@ -146,28 +131,28 @@ def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
 
     KafkaSource, KafkaSink, _ = _clients(cfg)  # noqa: N806 - classes
 
-    src = cfg.source
+    bootstrap, group_id = cfg.kafka.bootstrap, cfg.consumer.group_id
 
     def build() -> Any:
         opened: list[Any] = []
         try:
             source = KafkaSource(
-                bootstrap=src.bootstrap,
+                bootstrap=bootstrap,
                 topics=[cfg.stages.samples_topic],
-                group_id=src.group_id,
-                client_config=src.client_config,
+                group_id=group_id,
+                client_config=cfg.consumer_client_config(),
                 share=None if group is None else PartitionShare(group.rank, group.world_size),
             )
             opened.append(source)
             dead = None
             if cfg.sink.dead_letter_topic:
                 dead = KafkaSink(
-                    bootstrap=src.bootstrap,
+                    bootstrap=bootstrap,
                     topic=cfg.sink.dead_letter_topic,
-                    client_config=_producer_config(cfg),
+                    client_config=cfg.producer_client_config(),
                 )
                 opened.append(dead)
-            commit = source.commit if src.group_id else None
+            commit = source.commit if group_id else None
             return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit, group=group)
         except BaseException as exc:
             _release(opened)

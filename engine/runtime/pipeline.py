@@ -48,8 +48,15 @@ from reloop.engine.events.schema import Impression, LabeledSample
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
-from reloop.engine.metrics import registry as m
 from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.config import (
+    ConsumerSection,
+    RecoverySection,
+    SourceSection,
+    ValidationSection,
+    default_of,
+)
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
@@ -74,18 +81,20 @@ STATE_FORMAT = 1
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
-    impressions_topic: str = "impressions"
-    clicks_topic: str = "clicks"
-    poll_max_records: int = 4096
-    poll_timeout_s: float = 0.1
-    merge_idle_ms: int = 2_000
+    """What the pipeline takes from the config (engine/runtime/build.py); the defaults are the config's."""
+
+    impressions_topic: str = default_of(SourceSection, "impressions_topic")
+    clicks_topic: str = default_of(SourceSection, "clicks_topic")
+    poll_max_records: int = default_of(ConsumerSection, "poll_max_records")
+    poll_timeout_s: float = default_of(ConsumerSection, "poll_timeout_s")
+    merge_idle_ms: int = default_of(ConsumerSection, "merge_idle_ms")
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
-    flush_timeout_s: float = 10.0
+    flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     # Record-level bounds (a record beyond them is dead-lettered, see engine/runtime/config.py).
-    max_event_bytes: int = 512 * 1024
-    max_future_ms: int | None = 300_000
-    max_past_ms: int | None = None
+    max_event_bytes: int = default_of(ValidationSection, "max_event_bytes")
+    max_future_ms: int | None = default_of(ValidationSection, "max_future_ms")
+    max_past_ms: int | None = default_of(ValidationSection, "max_past_ms")
 
 
 class _Unsent(NamedTuple):
@@ -116,7 +125,7 @@ class Pipeline:
         ledger: Ledger | None = None,
         commit: Callable[[Positions], None] | None = None,
         meta: Mapping[str, Any] | None = None,
-        stats: m.MetricsRegistry = m.REGISTRY,
+        stats: EngineStats = STATS,
         checker: SpecChecker | None = None,
     ) -> None:
         self.source = source
@@ -521,46 +530,40 @@ def sample_from_joined(j: Joined) -> LabeledSample:
 
 
 class _Publisher:
-    """Copies engine counters into the stats registry (deltas of the joiner's own counters)."""
+    """Copies engine counters into ``EngineStats`` (deltas of the joiner's own counters)."""
 
     def __init__(
-        self, stats: m.MetricsRegistry, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
+        self, stats: EngineStats, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
     ) -> None:
-        m.ensure_canonical(stats)
-        g = stats.get
         self._wall_period_s = wall_period_s
         self._lag_interval_s = lag_interval_s
         self._lag_at = float("-inf")
-        self._lag = g(m.CONSUMER_LAG.name)
-        self._snap_period = g(m.SNAPSHOT_PERIOD.name)
+        self._lag = stats.consumer_lag
+        self._snap_period = stats.snapshot_period_s
         self._last_snap_wall: float | None = None
         if wall_period_s is not None:
             self._snap_period.set(wall_period_s)
         self.consumed_by_topic: dict[str, Any] = {}
-        self._events = g(m.EVENTS_CONSUMED.name)
-        self._joined = {
-            0: g(m.JOINED_SAMPLES.name).labels(label="0"),
-            1: g(m.JOINED_SAMPLES.name).labels(label="1"),
-        }
-        self._pending = g(m.JOINER_PENDING.name)
-        self._watermark = g(m.JOINER_WATERMARK.name)
-        self._expired = g(m.JOINER_EXPIRED.name)
-        self._late = g(m.JOINER_LATE_CLICKS.name)
-        self._orphans = g(m.JOINER_ORPHAN_CLICKS.name)
-        self._too_late = {
-            kind: g(m.JOINER_TOO_LATE.name).labels(kind=kind) for kind in ("impression", "click")
-        }
-        self._fallbacks = g(m.SNAPSHOT_RESTORE_FALLBACKS.name)
-        self._dupes = g(m.JOINER_DUPLICATES.name)
-        self._bound = g(m.JOINER_DROPPED_BY_BOUND.name)
-        self._steps = g(m.TRAIN_STEPS.name)
-        self._samples = g(m.TRAIN_SAMPLES.name)
-        self._loss = g(m.TRAIN_LOSS.name)
-        self._sc_active = g(m.TRAIN_SC_ACTIVE.name)
-        self._snap_version = g(m.SNAPSHOT_VERSION.name)
-        self._snap_time = g(m.SNAPSHOT_TIMESTAMP.name)
-        self._snaps = g(m.SNAPSHOTS.name)
-        self._dead = g(m.DEAD_LETTERS.name)
+        self._events = stats.events_consumed
+        self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
+        self._pending = stats.joiner_pending
+        self._watermark = stats.joiner_watermark_s
+        self._expired = stats.joiner_expired
+        self._late = stats.joiner_late_clicks
+        self._orphans = stats.joiner_orphan_clicks
+        self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
+        self._fallbacks = stats.snapshot_restore_fallbacks
+        self._dupes = stats.joiner_duplicates
+        self._bound = stats.joiner_dropped_by_bound
+        self._steps = stats.train_steps.child()
+        self._samples = stats.train_samples.child()
+        self._loss = stats.train_loss
+        self._loss_parts = stats.train_loss_parts
+        self._sc_active = stats.train_sc_active
+        self._snap_version = stats.snapshot_version
+        self._snap_time = stats.snapshot_time_s
+        self._snaps = stats.snapshots
+        self._dead = stats.dead_letters
         self._last_join: dict[str, int] = {}
         self._last_dead: dict[str, int] = {}
 
@@ -570,7 +573,7 @@ class _Publisher:
         self._last_join = p.joiner.stats.as_dict()
 
     def restore_fallback(self) -> None:
-        self._fallbacks.inc()
+        self._fallbacks.add()
 
     def consumed(self, records: list[Record]) -> None:
         counts: dict[str, int] = {}
@@ -579,25 +582,26 @@ class _Publisher:
         for topic, n in counts.items():
             child = self.consumed_by_topic.get(topic)
             if child is None:
-                child = self.consumed_by_topic[topic] = self._events.labels(topic=topic)
-            child.inc(n)
+                child = self.consumed_by_topic[topic] = self._events.child(topic)
+            child.add(n)
 
     def joined(self, sample: LabeledSample) -> None:
-        self._joined[sample.label].inc()
+        self._joined[sample.label].add()
 
     def trained(self, result: StepResult) -> None:
-        self._steps.inc()
-        self._samples.inc(result.n)
+        self._steps.add()
+        self._samples.add(result.n)
         loss = result.loss
-        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd), ("total", loss.total)):
-            self._loss.labels(part=part).set(value)
+        self._loss.set(loss.total)
+        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
+            self._loss_parts.set(value, part)
         self._sc_active.set(loss.sc_active_fraction)
 
     def snapshotted(self, version: int) -> None:
         now = time.time()
         self._snap_version.set(version)
         self._snap_time.set(now)
-        self._snaps.inc()
+        self._snaps.add()
         # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
         # last observed interval instead.
         if self._wall_period_s is None and self._last_snap_wall is not None:
@@ -621,7 +625,7 @@ class _Publisher:
         for tp, end in ends.items():
             pos = positions.get(tp)
             if pos is not None:
-                self._lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, end - pos))
+                self._lag.set(max(0, end - pos), tp.topic, str(tp.partition))
 
     def publish(self, p: Pipeline) -> None:
         j = p.joiner
@@ -635,26 +639,26 @@ class _Publisher:
             return now[name] - last.get(name, 0)
 
         if now != last:
-            self._expired.inc(delta("negatives"))
-            self._late.labels(policy="drop").inc(delta("late_clicks_dropped"))
-            self._late.labels(policy="correct").inc(delta("late_clicks_corrected"))
-            self._orphans.inc(delta("orphan_clicks"))
+            self._expired.add(n=delta("negatives"))
+            self._late.add("drop", n=delta("late_clicks_dropped"))
+            self._late.add("correct", n=delta("late_clicks_corrected"))
+            self._orphans.add(n=delta("orphan_clicks"))
             late_imps = delta("too_late_impressions")
             if late_imps:
-                self._too_late["impression"].inc(late_imps)
+                self._too_late["impression"].add(late_imps)
                 log.warning(
                     "impressions dropped as too late",
                     extra={"fields": {"count": late_imps, "watermark_ms": j.watermark_ms}},
                 )
-            self._too_late["click"].inc(delta("too_late_clicks"))
-            self._dupes.labels(kind="impression").inc(delta("duplicate_impressions"))
-            self._dupes.labels(kind="click").inc(delta("duplicate_clicks"))
-            self._bound.inc(delta("evicted_pending") + delta("expired_ttl"))
+            self._too_late["click"].add(delta("too_late_clicks"))
+            self._dupes.add("impression", n=delta("duplicate_impressions"))
+            self._dupes.add("click", n=delta("duplicate_clicks"))
+            self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
             self._last_join = now
         dead = p.dead_letters.counts
         if dead != self._last_dead:
             for reason, n in dead.items():
                 d = n - self._last_dead.get(reason, 0)
                 if d:
-                    self._dead.labels(reason=reason).inc(d)
+                    self._dead.add(reason, n=d)
             self._last_dead = dict(dead)

@@ -76,7 +76,7 @@ def run_supervised(
 ) -> int:
     """Run ``build()``'s stage under a supervisor until a stop signal; returns the exit code.
     ``describe(stage)`` gives the fields of the periodic progress log and of the last log line."""
-    from reloop.engine.metrics.registry import REGISTRY
+    from reloop.engine.metrics.stats import STATS
     from reloop.engine.runtime.config import ConfigError
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from reloop.engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
@@ -99,7 +99,7 @@ def run_supervised(
         served = getattr(stage, "served_metrics", None)
         if metrics_server is not None and served is not None:
             for old in hooks:
-                REGISTRY.remove_collect_hook(old)
+                STATS.remove_hook(old)
             hooks[:] = [served.bind()]
         log.info(
             "started", extra={"fields": {"stage": name, "restored": getattr(stage, "restored_from", None)}}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from reloop.engine.metrics import registry as m
+from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
@@ -79,7 +79,7 @@ class Supervisor:
         on_step: Callable[[Any], None] | None = None,
         close: Callable[[Any], int | None] = lambda stage: stage.close(final="checkpoint"),
         monotonic: Callable[[], float] = time.monotonic,
-        stats: m.MetricsRegistry = m.REGISTRY,
+        stats: EngineStats = STATS,
     ) -> None:
         self.build = build
         self.stop = stop
@@ -93,8 +93,7 @@ class Supervisor:
         self.final_number: int | None = None
         self._failing_since: float | None = None
         self._attempt = 0
-        m.ensure_canonical(stats)
-        self._restarts_metric = stats.get(m.PIPELINE_RESTARTS.name)
+        self._restarts_metric = stats.pipeline_restarts
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -131,7 +130,7 @@ class Supervisor:
             self._failing_since = now
         self._attempt += 1
         self.restarts += 1
-        self._restarts_metric.inc()
+        self._restarts_metric.add()
         failing_for = now - self._failing_since
         if failing_for >= self.policy.give_up_after_s:
             log.critical(

@@ -32,8 +32,9 @@ from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.featurizer import FeatureBatch
-from reloop.engine.metrics import registry as m
 from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.config import ConsumerSection, RecoverySection, StagesSection, default_of
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from reloop.engine.runtime.train_state import (
@@ -64,13 +65,16 @@ log = logging.getLogger("reloop.train")
 
 @dataclass(frozen=True, slots=True)
 class TrainStageSettings:
-    samples_topic: str = "samples"
-    poll_max_records: int = 64  # messages (each ~ one batch of samples)
-    poll_timeout_s: float = 0.1
-    merge_idle_ms: int = 2_000
+    """What the train stage takes from the config (engine/runtime/build.py); the defaults are the config's."""
+
+    samples_topic: str = default_of(StagesSection, "samples_topic")
+    # messages (each ~ one batch of samples)
+    poll_max_records: int = default_of(StagesSection, "train_poll_messages")
+    poll_timeout_s: float = default_of(ConsumerSection, "poll_timeout_s")
+    merge_idle_ms: int = default_of(ConsumerSection, "merge_idle_ms")
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
-    flush_timeout_s: float = 10.0
+    flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     prefetch: int = 4  # messages decoded and featurised ahead on a thread while the model trains (0: off)
 
 
@@ -150,7 +154,7 @@ class TrainStage:
         ledger: Ledger | None = None,
         commit: Callable[[Positions], None] | None = None,
         meta: Mapping[str, Any] | None = None,
-        stats: m.MetricsRegistry = m.REGISTRY,
+        stats: EngineStats = STATS,
         share: PartitionShare | None = None,
     ) -> None:
         self.source = source
@@ -189,7 +193,7 @@ class TrainStage:
     def _restore_latest(self) -> None:
         def refused(point: RestorePoint, exc: BaseException) -> None:
             self.restore_fallbacks += 1
-            self._metrics.fallbacks.inc()
+            self._metrics.fallbacks.add()
 
         if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
             self.ledger.truncate(0)
@@ -605,20 +609,19 @@ class TrainStage:
 
 
 class _TrainMetrics:
-    def __init__(self, stats: m.MetricsRegistry, *, wall_period_s: float | None) -> None:
-        m.ensure_canonical(stats)
-        g = stats.get
-        self._steps = g(m.TRAIN_STEPS.name)
-        self._samples = g(m.TRAIN_SAMPLES.name)
-        self._loss = g(m.TRAIN_LOSS.name)
-        self._sc_active = g(m.TRAIN_SC_ACTIVE.name)
-        self._snap_version = g(m.SNAPSHOT_VERSION.name)
-        self._snap_time = g(m.SNAPSHOT_TIMESTAMP.name)
-        self._snap_period = g(m.SNAPSHOT_PERIOD.name)
-        self._snaps = g(m.SNAPSHOTS.name)
-        self._dupes = g(m.TRAIN_DUPLICATES.name)
-        self._dead = g(m.DEAD_LETTERS.name)
-        self.fallbacks = g(m.SNAPSHOT_RESTORE_FALLBACKS.name)
+    def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
+        self._steps = stats.train_steps.child()
+        self._samples = stats.train_samples.child()
+        self._loss = stats.train_loss
+        self._loss_parts = stats.train_loss_parts
+        self._sc_active = stats.train_sc_active
+        self._snap_version = stats.snapshot_version
+        self._snap_time = stats.snapshot_time_s
+        self._snap_period = stats.snapshot_period_s
+        self._snaps = stats.snapshots
+        self._dupes = stats.train_duplicates_dropped
+        self._dead = stats.dead_letters
+        self.fallbacks = stats.snapshot_restore_fallbacks
         self._wall_period_s = wall_period_s
         if wall_period_s is not None:
             self._snap_period.set(wall_period_s)
@@ -627,11 +630,12 @@ class _TrainMetrics:
         self._last_dead: dict[str, int] = {}
 
     def trained(self, result: StepResult) -> None:
-        self._steps.inc()
-        self._samples.inc(result.n)
+        self._steps.add()
+        self._samples.add(result.n)
         loss = result.loss
-        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd), ("total", loss.total)):
-            self._loss.labels(part=part).set(value)
+        self._loss.set(loss.total)
+        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
+            self._loss_parts.set(value, part)
         self._sc_active.set(loss.sc_active_fraction)
 
     def restored(self, version: int, created_unix: float) -> None:
@@ -643,19 +647,19 @@ class _TrainMetrics:
         now = time.time()
         self._snap_version.set(version)
         self._snap_time.set(now)
-        self._snaps.inc()
+        self._snaps.add()
         if self._wall_period_s is None and self._last_snap_wall is not None:
             self._snap_period.set(now - self._last_snap_wall)
         self._last_snap_wall = now
 
     def publish(self, stage: TrainStage) -> None:
         if stage.duplicates_dropped != self._last_dupes:
-            self._dupes.inc(stage.duplicates_dropped - self._last_dupes)
+            self._dupes.add(n=stage.duplicates_dropped - self._last_dupes)
             self._last_dupes = stage.duplicates_dropped
         dead = stage.dead_letters.counts
         if dead != self._last_dead:
             for reason, n in dead.items():
                 d = n - self._last_dead.get(reason, 0)
                 if d:
-                    self._dead.labels(reason=reason).inc(d)
+                    self._dead.add(reason, n=d)
             self._last_dead = dict(dead)

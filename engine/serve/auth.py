@@ -1,36 +1,36 @@
 """Optional bearer-token protection of the scoring service.
 
 Off by default because the service binds to 127.0.0.1. A deployment that exposes it beyond loopback
-sets a token (``serve.auth_token_file``, or the ``RELOOP_SERVE_TOKEN`` environment variable, e.g. from a
-Kubernetes Secret); every request except the probes (``/healthz``, ``/readyz``) must then carry
-``Authorization: Bearer <token>``, or it gets a 401. The comparison is constant-time. The token is
-never logged and never written anywhere by the service.
+sets a token (``serve.auth_token_file``, or ``serve.auth_token``: the ``RELOOP__SERVE__AUTH_TOKEN``
+environment variable, e.g. from a Kubernetes Secret); every request except the probes (``/healthz``,
+``/readyz``) must then carry ``Authorization: Bearer <token>``, or it gets a 401. The comparison is
+constant-time. The token is never logged and never written anywhere by the service.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-TOKEN_ENV = "RELOOP_SERVE_TOKEN"
+from pydantic import SecretStr
+
+TOKEN_ENV = "RELOOP__SERVE__AUTH_TOKEN"  # serve.auth_token (engine/serve/config.py)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 
 
-def load_token(token_file: str | Path | None) -> str | None:
-    """The token from ``token_file`` (surrounding whitespace stripped), else from the environment."""
+def load_token(token_file: str | Path | None, token: SecretStr | None = None) -> str | None:
+    """The token from ``token_file`` (surrounding whitespace stripped), else ``token`` (serve.auth_token)."""
     if token_file is not None:
-        token = Path(token_file).read_text().strip()
-        if not token:
+        text = Path(token_file).read_text().strip()
+        if not text:
             raise ValueError(f"serve.auth_token_file {token_file} is empty")
-        return token
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    return token or None
+        return text
+    return (token.get_secret_value().strip() if token is not None else "") or None
 
 
 class BearerAuth:

@@ -1,17 +1,32 @@
 """Configuration of the scoring service: frozen pydantic models, loaded in one place.
 
 One YAML file may hold several sections (the demo's does); the service reads ``serve``, ``arms`` and
-``kafka``. Environment overrides: ``RELOOP_KAFKA_BOOTSTRAP`` replaces ``kafka.bootstrap``.
+``kafka`` (the same Kafka connection model as ``reloop run``'s: engine/config_common.py; ``kafka.client``
+is the client of the impression log and the memory feed, confluent unless the file says otherwise).
+
+Environment overrides: the processor's scheme (pydantic-settings), ``RELOOP__<SECTION>__<KEY>`` over the
+file, e.g. ``RELOOP__KAFKA__BOOTSTRAP=kafka:9092``, ``RELOOP__SERVE__PORT=8080``,
+``RELOOP__SERVE__AUTH_TOKEN=...`` (a secret, never printed). The former names ``RELOOP_KAFKA_BOOTSTRAP``
+and ``RELOOP_SERVE_TOKEN`` are refused at load with the new one's name.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from reloop.engine.config_common import (
+    ENV_PREFIX,
+    ConfigError,
+    KafkaSection,
+    check_moved,
+    deep_merge,
+    env_values,
+)
 
 
 class _Frozen(BaseModel):
@@ -59,13 +74,11 @@ class ArmConfig(_Frozen):
 
 
 class LogConfig(_Frozen):
+    """The impression log. Its client is ``kafka.client``: confluent (the service's default) puts events
+    straight into librdkafka's queue (C threads do the rest); kafka-python has a Python drain thread and
+    kafka-python's sender (they compete with scoring for the GIL; docs/bench-serve.md)."""
+
     enabled: bool = True
-    client: Literal["confluent", "kafka-python"] = Field(
-        default="confluent",
-        description="confluent: requests put events straight into librdkafka's queue (C threads do the "
-        "rest); kafka-python: a Python drain thread and kafka-python's sender (they compete with "
-        "scoring for the GIL; docs/bench-serve.md)",
-    )
     max_buffer: int = Field(default=100_000, ge=1)
     batch_size: int = Field(default=500, ge=1)
     linger_s: float = Field(default=0.02, ge=0)
@@ -86,22 +99,21 @@ class RequestLimits(_Frozen):
     )
 
 
-class KafkaConfig(_Frozen):
-    bootstrap: str | None = None
-    # Passed through to kafka-python untouched (security_protocol, sasl_mechanism, ssl_cafile, ...).
-    settings: dict[str, Any] = Field(default_factory=dict)
-    # Passed through to confluent-kafka untouched, librdkafka names (security.protocol, sasl.mechanism,
-    # ssl.ca.location, ...). When empty, ``settings`` is translated (connectors/confluent/settings.py);
-    # a kafka-python setting without an equivalent is refused at start, never dropped.
-    confluent_settings: dict[str, Any] = Field(default_factory=dict)
+# The service's Kafka section is the processor's (one model); kept under its former name for imports.
+KafkaConfig = KafkaSection
+SERVE_KAFKA_CLIENT = "confluent"  # the service's client when kafka.client is not given
 
 
 class ServeConfig(_Frozen):
     host: str = "127.0.0.1"
     auth_token_file: Path | None = Field(
         default=None,
-        description="require 'Authorization: Bearer <token>' (file content) on everything but the probes; "
-        "the RELOOP_SERVE_TOKEN environment variable does the same",
+        description="require 'Authorization: Bearer <token>' (file content) on everything but the probes",
+    )
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="the token itself, e.g. from RELOOP__SERVE__AUTH_TOKEN (a Kubernetes Secret); a secret, "
+        "never printed; auth_token_file wins when both are given",
     )
     port: int = Field(default=8000, ge=0, le=65535)
     top_k: int = Field(default=10, ge=1)
@@ -114,8 +126,16 @@ class ServeConfig(_Frozen):
     salt: str = "reloop"
     arms: tuple[ArmConfig, ...] = Field(min_length=1)
     log: LogConfig = LogConfig()
-    kafka: KafkaConfig = KafkaConfig()
+    kafka: KafkaSection = KafkaSection(client=SERVE_KAFKA_CLIENT)
     limits: RequestLimits = RequestLimits()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serve_kafka_client(cls, data: Any) -> Any:
+        # The same kafka section as reloop run's, with the service's own default client.
+        if isinstance(data, dict) and isinstance(data.get("kafka"), dict) and "client" not in data["kafka"]:
+            data = {**data, "kafka": {**data["kafka"], "client": SERVE_KAFKA_CLIENT}}
+        return data
 
     @model_validator(mode="after")
     def _unique_arms(self) -> ServeConfig:
@@ -130,8 +150,26 @@ class ServeConfig(_Frozen):
         return self
 
 
-class ConfigError(ValueError):
-    pass
+# Keys and environment variables that moved, refused with their new place.
+MOVED = {
+    ("kafka", "settings"): "kafka.client_config (in kafka.client's names; security settings as "
+    "kafka.security_protocol, kafka.sasl_*, kafka.ssl_*)",
+    ("kafka", "confluent_settings"): "kafka.client_config (with kafka.client: confluent)",
+    ("serve", "log", "client"): "kafka.client",
+}
+MOVED_ENV = {
+    "RELOOP_KAFKA_BOOTSTRAP": "RELOOP__KAFKA__BOOTSTRAP",
+    "RELOOP_SERVE_TOKEN": "RELOOP__SERVE__AUTH_TOKEN",
+}
+
+
+class _ServeDocument(BaseModel):
+    """The sections of a config document the service reads: what RELOOP__<SECTION>__* can name."""
+
+    serve: ServeConfig
+    arms: tuple[ArmConfig, ...]
+    kafka: KafkaSection
+    salt: str
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -146,18 +184,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def serve_config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> ServeConfig:
-    """Build a ServeConfig from a whole config document (sections ``serve``, ``arms``, ``kafka``)."""
-    merged: dict[str, Any] = dict(data.get("serve") or {})
-    if "arms" in data:
-        merged["arms"] = data["arms"]
-    if "kafka" in data:
-        merged["kafka"] = data["kafka"]
-    if "salt" in data and "salt" not in merged:
-        merged["salt"] = data["salt"]
-    bootstrap = os.environ.get("RELOOP_KAFKA_BOOTSTRAP")
-    if bootstrap:
-        merged["kafka"] = {**(merged.get("kafka") or {}), "bootstrap": bootstrap}
+def serve_config_from_dict(
+    data: dict[str, Any], *, base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> ServeConfig:
+    """Build a ServeConfig from a whole config document (sections ``serve``, ``arms``, ``kafka``) with the
+    ``RELOOP__`` variables of ``env`` (default os.environ) over it."""
+    env = os.environ if env is None else env
+    for old, new in MOVED_ENV.items():
+        if old in env:
+            raise ConfigError(f"environment variable {old} was renamed {new}")
+    # A shared environment may hold the processor's sections (RELOOP__TRAIN__...): only the service's here.
+    ours = {
+        k: v
+        for k, v in env.items()
+        if k.upper().startswith(ENV_PREFIX)
+        and k[len(ENV_PREFIX) :].split("__")[0].lower() in _ServeDocument.model_fields
+    }
+    doc = deep_merge(data, env_values(_ServeDocument, ours))
+    check_moved(doc, MOVED, where=" (serve)")
+    merged: dict[str, Any] = dict(doc.get("serve") or {})
+    if "arms" in doc:
+        merged["arms"] = doc["arms"]
+    if "kafka" in doc:
+        merged["kafka"] = doc["kafka"]
+    if "salt" in doc and "salt" not in merged:
+        merged["salt"] = doc["salt"]
     try:
         config = ServeConfig.model_validate(merged)
     except ValidationError as exc:
@@ -178,6 +229,9 @@ def load_serve_config(path: str | Path) -> ServeConfig:
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = [str(p) for p in err["loc"]]
+        if loc and loc[0] not in ("arms", "kafka", "salt"):
+            loc.insert(0, "serve")  # the key as the document names it
+        key = ".".join(loc) or "(root)"
         lines.append(f"{key}: {err['msg']}")
     return "bad serve config: " + "; ".join(lines)

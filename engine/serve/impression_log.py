@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from reloop.engine.events.schema import Impression
-from reloop.engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.streams import RecordTooLarge, Sink
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class ImpressionLogger:
         self.max_record_bytes = max_record_bytes
         self.flush_timeout_s = flush_timeout_s
         self.arm = arm
-        self._logged_metric = IMPRESSIONS_LOGGED.labels(arm=arm)
+        self._logged_metric = STATS.impressions_logged.child(arm)
         self._buffer: deque[Impression] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -89,7 +89,7 @@ class ImpressionLogger:
         with self._cond:
             self.dropped += n
             self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
-        IMPRESSIONS_DROPPED.labels(reason=reason).inc(n)
+        STATS.impressions_dropped.add(reason, n=n)
 
     @property
     def pending(self) -> int:
@@ -211,7 +211,7 @@ class ImpressionLogger:
     def _count_sent(self, n: int) -> None:
         if n:
             self.sent += n
-            self._logged_metric.inc(n)
+            self._logged_metric.add(n)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Drain what is buffered (up to ``timeout_s``), then close the sink."""

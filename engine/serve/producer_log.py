@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from reloop.engine.events.schema import Impression
-from reloop.engine.metrics.registry import IMPRESSIONS_DROPPED, IMPRESSIONS_LOGGED
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.streams import RecordTooLarge
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class ProducerLogger:
         self.close_timeout_s = close_timeout_s
         self.arm = arm
         self._lock = threading.Lock()
-        self._logged_metric = IMPRESSIONS_LOGGED.labels(arm=arm)
+        self._logged_metric = STATS.impressions_logged.child(arm)
         self._reported_sent = 0
         self._failed = 0  # accepted, then refused by Kafka for good
         self.accepted = 0
@@ -165,7 +165,7 @@ class ProducerLogger:
         with self._lock:
             self.dropped += n
             self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
-        IMPRESSIONS_DROPPED.labels(reason=reason).inc(n)
+        STATS.impressions_dropped.add(reason, n=n)
 
     def _on_failure(self, reason: str, detail: str, payload: Payload | None = None) -> None:
         """A record accepted earlier that was not delivered (called from poll/close, not a request)."""
@@ -198,7 +198,7 @@ class ProducerLogger:
     def _report(self) -> None:
         sent = self.sent
         if sent > self._reported_sent:
-            self._logged_metric.inc(sent - self._reported_sent)
+            self._logged_metric.add(sent - self._reported_sent)
             self._reported_sent = sent
 
     # ------------------------------------------------------------------ poll thread

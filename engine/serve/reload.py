@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from reloop.engine.metrics.registry import SERVE_FALLBACK, SERVE_RELOADS
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,13 @@ class ReloadWatcher:
                 except Exception as exc:  # noqa: BLE001 - refuse the snapshot, try the next older one
                     src.refused.add(version)
                     self.refused += 1
-                    SERVE_RELOADS.labels(outcome="refused").inc()
+                    STATS.serve_reloads.add("refused")
                     log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
                     continue
                 if src.holder.swap(bundle):
                     swapped += 1
                     self.loaded += 1
-                    SERVE_RELOADS.labels(outcome="ok").inc()
+                    STATS.serve_reloads.add("ok")
                     log.info("reload %s: now serving v%s (newest v%s)", src.name, bundle.version, latest)
                 break
             live = src.holder.version
@@ -84,7 +84,7 @@ class ReloadWatcher:
     @staticmethod
     def _fallback(src: ArmSource, latest: int | None) -> None:
         live = src.holder.version
-        SERVE_FALLBACK.labels(arm=src.name).set(1.0 if latest is not None and (live or 0) < latest else 0.0)
+        STATS.serve_fallback.set(1.0 if latest is not None and (live or 0) < latest else 0.0, src.name)
 
     def start(self) -> ReloadWatcher:
         if self._thread is None:

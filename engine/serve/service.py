@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 from reloop.engine.events.schema import Impression
 from reloop.engine.features.check import FeatureLimits, SpecChecker
-from reloop.engine.metrics.registry import SERVE_LATENCY, SERVE_MODEL_VERSION, SERVE_REQUESTS
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 from reloop.engine.serve.config import RequestLimits
@@ -83,11 +83,11 @@ class ScoringService:
         self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None]] = {}
         # Metrics children are single-writer; request threads share them, so updates take this lock.
         self._metrics_lock = threading.Lock()
-        self._requests = {name: SERVE_REQUESTS.labels(arm=name) for name in self.arms}
-        self._latency = {name: SERVE_LATENCY.labels(arm=name) for name in self.arms}
+        self._requests = {name: STATS.serve_requests.child(name) for name in self.arms}
+        self._latency = {name: STATS.serve_latency_s.child(name) for name in self.arms}
         for name, arm in self.arms.items():
-            SERVE_MODEL_VERSION.labels(arm=name).set_function(
-                lambda h=arm.holder: float(h.version) if h.version is not None else -1.0
+            STATS.serve_model_version.set_function(
+                lambda h=arm.holder: float(h.version) if h.version is not None else -1.0, name
             )
         self.failed = 0
 
@@ -197,7 +197,7 @@ class ScoringService:
             )
         elapsed = time.perf_counter() - start
         with self._metrics_lock:
-            self._requests[arm.name].inc()
+            self._requests[arm.name].add()
             self._latency[arm.name].observe(elapsed)
         return _Scored(arm.name, bundle.version, candidates, values, order, ids)
 

@@ -116,12 +116,8 @@ class LazySink:
 
 def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
     bootstrap = config.kafka.bootstrap
-    if not bootstrap:
-        raise ValueError(
-            "kafka.bootstrap is not set (config key kafka.bootstrap or env RELOOP_KAFKA_BOOTSTRAP)"
-        )
     # A broker that is down must cost the logger thread seconds, not the producer's default minute.
-    settings = {"max_block_ms": 5000, "request_timeout_ms": 5000, **config.kafka.settings}
+    settings = {"max_block_ms": 5000, "request_timeout_ms": 5000, **config.kafka.connection("kafka-python")}
 
     def make(arm: ArmConfig) -> Sink:
         from reloop.connectors.kafka.sink import KafkaSink
@@ -170,20 +166,9 @@ def registry_loader_factory(arm: ArmConfig):
 def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
     """The impression logger of one arm on confluent-kafka (reloop.engine.serve.producer_log)."""
     bootstrap = config.kafka.bootstrap
-    if not bootstrap:
-        raise ValueError(
-            "kafka.bootstrap is not set (config key kafka.bootstrap or env RELOOP_KAFKA_BOOTSTRAP)"
-        )
-    client_settings = dict(config.kafka.confluent_settings)
-    if config.kafka.settings and not client_settings:
-        from reloop.connectors.confluent.settings import to_librdkafka
-
-        try:  # a config written for kafka-python: the same settings in librdkafka's names
-            client_settings = to_librdkafka(config.kafka.settings)
-        except ValueError as exc:
-            raise ValueError(
-                f"kafka.settings: {exc} (kafka.confluent_settings, or serve.log.client: kafka-python)"
-            ) from None
+    # The connection in librdkafka's names (kafka.client_config as is, or translated from kafka-python's
+    # when kafka.client says kafka-python: a setting without an equivalent is refused, never dropped).
+    client_settings = config.kafka.connection("confluent")
     log_cfg = config.log
     settings = {
         # librdkafka's queue is the buffer: max_buffer events, retried without a time limit while
@@ -212,15 +197,15 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
     def make(arm: ArmConfig) -> Source:
-        from reloop.connectors.kafka.source import KafkaSource
-
-        if not config.kafka.bootstrap:
-            raise ValueError("arms[].memory needs kafka.bootstrap (config key or env RELOOP_KAFKA_BOOTSTRAP)")
+        if config.kafka.client == "confluent":
+            from reloop.connectors.confluent.source import ConfluentSource as Kind
+        else:
+            from reloop.connectors.kafka.source import KafkaSource as Kind  # type: ignore[assignment]
         assert arm.memory is not None
-        return KafkaSource(
+        return Kind(
             bootstrap=config.kafka.bootstrap,
             topics=[arm.memory.samples_topic],
-            client_config=config.kafka.settings,
+            client_config=config.kafka.connection(),
         )
 
     return make
@@ -260,7 +245,7 @@ class ServingStack:
         for arm in config.arms:
             holder = ModelHolder()
             logger: ImpressionLogger | ProducerLogger | None = None
-            if config.log.enabled and config.log.client == "confluent" and sink_factory is None:
+            if config.log.enabled and config.kafka.client == "confluent" and sink_factory is None:
                 logger = confluent_logger(config, arm)
             elif config.log.enabled:
                 if sink_factory is None:
@@ -294,7 +279,7 @@ class ServingStack:
         self.app.mount("/metrics", metrics_asgi_app())
         from reloop.engine.serve.auth import BearerAuth, load_token
 
-        token = load_token(config.auth_token_file)
+        token = load_token(config.auth_token_file, config.auth_token)
         self.asgi: Any = BearerAuth(self.front, token) if token else self.front
         self._server: Any = None
         self._thread: threading.Thread | None = None

@@ -95,7 +95,15 @@ def main(args: argparse.Namespace) -> int:
     if not wait_ready(scorer, 60):
         print(f"reloop simulate: the service at {args.url} is not ready after 60 s", file=sys.stderr)
         return 1
-    settings = (doc.get("kafka") or {}).get("settings") or {}
+    from reloop.engine.config_common import KafkaSection, check_moved
+    from reloop.engine.serve.config import MOVED
+
+    try:  # the clicks producer: kafka-python, with the connection of the kafka section
+        check_moved({"kafka": doc.get("kafka") or {}}, MOVED)
+        settings = KafkaSection.model_validate(doc.get("kafka") or {}).connection("kafka-python")
+    except (ConfigError, ValueError) as exc:
+        print(f"reloop simulate: kafka: {exc}", file=sys.stderr)
+        return 2
     sim = build_simulator(
         config,
         score=scorer,

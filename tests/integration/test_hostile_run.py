@@ -68,20 +68,17 @@ def _read_all(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list:
 
 def _config(tmp: Path, bootstrap: str, topics: dict[str, str]) -> Path:
     cfg = {
-        "source": {
-            "bootstrap": bootstrap,
-            "impressions_topic": topics["impressions"],
-            "clicks_topic": topics["clicks"],
+        # Accepted and ignored by the PLAINTEXT client: what matters is where the value ends up.
+        "kafka": {"bootstrap": bootstrap, "sasl_username": "reloop", "sasl_password": PASSWORD},
+        "source": {"impressions_topic": topics["impressions"], "clicks_topic": topics["clicks"]},
+        # fetch_max_wait_ms: a consumer-only setting, which producers used to be handed (a crash);
+        # linger_ms: a producer-only one (a kafka-python consumer refuses it). Each reaches its kind only.
+        "consumer": {
             "group_id": f"g-{topics['samples']}",
             "poll_max_records": 256,
-            # Accepted and ignored by the PLAINTEXT client: what matters is where the value ends up.
-            # fetch_max_wait_ms: a consumer-only setting, which producers used to be handed (a crash).
-            "client_config": {
-                "sasl_plain_username": "reloop",
-                "sasl_plain_password": PASSWORD,
-                "fetch_max_wait_ms": 200,
-            },
+            "client_config": {"fetch_max_wait_ms": 200},
         },
+        "producer": {"client_config": {"linger_ms": 5}},
         "sink": {"dead_letter_topic": topics["deadletter"]},
         "stages": {
             "samples_topic": topics["samples"],
@@ -290,7 +287,7 @@ def test_no_credential_reaches_any_file_the_engine_wrote(hostile_run):
     manifest = orjson.loads(
         (hostile_run["reg"].path(hostile_run["reg"].latest_version()) / "manifest.json").read_bytes()
     )
-    assert manifest["meta"]["config"]["source"]["client_config"]["sasl_plain_password"] == "<redacted>"
+    assert manifest["meta"]["config"]["kafka"]["sasl_password"] == "**********"
 
 
 def test_a_resealed_unloadable_state_is_refused_and_the_run_falls_back(hostile_run):

@@ -7,6 +7,7 @@ registry; we read the series back from Prometheus' HTTP API, as a dashboard or a
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import random
 import signal
@@ -23,9 +24,9 @@ import yaml
 from reloop.connectors.kafka.admin import create_topics
 from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.metrics.local_prometheus import LocalPrometheus, find_binary, free_port
+from reloop.connectors.metrics.prometheus import exported_series_names
 from reloop.engine.events.codec import encode
 from reloop.engine.events.schema import Click, Impression
-from reloop.engine.metrics import registry as reg
 from reloop.engine.runtime.synthetic import SPEC
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.kafka]
@@ -102,9 +103,9 @@ def _free(port: int) -> bool:
 
 def processor_config(tmp: Path, feed: Feed, metrics_port: int, group: str) -> Path:
     cfg = {
-        "source": {"bootstrap": feed.bootstrap, "impressions_topic": feed.impressions,
-                   "clicks_topic": feed.clicks, "group_id": group, "poll_max_records": 256,
-                   "merge_idle_ms": 200},
+        "kafka": {"bootstrap": feed.bootstrap},
+        "source": {"impressions_topic": feed.impressions, "clicks_topic": feed.clicks},
+        "consumer": {"group_id": group, "poll_max_records": 256, "merge_idle_ms": 200},
         "sink": {"dead_letter_topic": None},
         "stages": {"samples_topic": f"samples-{group}", "join_group_id": f"join-{group}", "max_delay_ms": 50,
                    "join_checkpoint_every_s": 1.0},
@@ -214,11 +215,28 @@ def test_only_canonical_series_and_bounded_labels(running):
     names = running.prom.query('count by (__name__) ({job="reloop-processor", __name__=~"reloop_.*"})')
     exported = {s["metric"]["__name__"] for s in names}
     assert {"reloop_events_consumed_total", "reloop_rolling_auc", "reloop_joiner_pending"} <= exported
-    assert exported <= reg.exported_series_names()
+    assert exported <= exported_series_names()
     allowed = {"__name__", "job", "instance", "topic", "partition", "arm", "model_version", "slot",
-               "reason", "label", "part", "kind", "policy", "outcome"}
+               "reason", "label", "part", "kind", "policy", "outcome",
+               "version", "python", "torch"}  # the last three: reloop_build_info only
     for s in running.prom.query('{job="reloop-processor", __name__=~"reloop_.*"}'):
         assert set(s["metric"]) <= allowed, s["metric"]
+        if s["metric"]["__name__"] != "reloop_build_info":
+            assert not {"version", "python", "torch"} & set(s["metric"]), s["metric"]
+    # Both processes (train on the port, join on the next) say which build they run.
+    info = wait_for(running, 'reloop_build_info{job="reloop-processor"}', min_results=2)
+    assert {s["metric"]["version"] for s in info} == {importlib.metadata.version("reloop")}
+    # The standard collectors are scraped too.
+    wait_for(running, 'process_cpu_seconds_total{job="reloop-processor"}', min_results=2)
+    wait_for(running, 'python_info{job="reloop-processor"}', min_results=2)
+    wait_for(running, 'python_gc_collections_total{job="reloop-processor"}', min_results=2)
+
+
+def test_train_loss_total_and_its_parts_are_separate_series(running):
+    total = wait_for(running, 'reloop_train_loss{job="reloop-processor"}')
+    assert all("part" not in s["metric"] for s in total)
+    parts = wait_for(running, 'reloop_train_loss_part{job="reloop-processor"}', min_results=3)
+    assert {s["metric"]["part"] for s in parts} == {"ce", "sc", "kd"}
 
 
 def test_processor_stops_cleanly_after_being_scraped(running):

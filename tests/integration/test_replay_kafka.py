@@ -48,9 +48,9 @@ def _rows(t0: int) -> list[DatasetRow]:
 
 def _config(path: Path, bootstrap: str, topics: dict[str, str]) -> Path:
     cfg = {
-        "source": {"bootstrap": bootstrap, "impressions_topic": topics["impressions"],
-                   "clicks_topic": topics["clicks"], "group_id": f"live-{topics['impressions']}",
-                   "poll_max_records": 64},
+        "kafka": {"bootstrap": bootstrap},
+        "source": {"impressions_topic": topics["impressions"], "clicks_topic": topics["clicks"]},
+        "consumer": {"group_id": f"live-{topics['impressions']}", "poll_max_records": 64},
         "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.5,
                   "spec": feature_spec(FIELDS, buckets=64).to_dict(),
                   "params": {"hidden_units": [16], "embedding_dim": 4, "cross_layers": 2}},
@@ -157,7 +157,7 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     from reloop.connectors.memory.memory import MemoryLog, MemorySource
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
     from reloop.engine.events.schema import LabeledSample
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.build import build_train_stage
     from reloop.engine.runtime.clock import ManualClock
     from reloop.engine.runtime.config import load_config
@@ -191,7 +191,7 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
                 "period": {"every_samples": 128},
                 "stages": {"samples_topic": topic},
                 "checkpoint": {"dir": str(tmp_path / "unused"), "ledger": str(tmp_path / "ledger.jsonl")},
-                "source": {"group_id": None},
+                "consumer": {"group_id": None},
             }
         )
     )
@@ -216,7 +216,7 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
         cfg,
         source=MemorySource(log, [topic]),
         clock=ManualClock(t0),
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=tmp_path / "m",
     )
     stage.open()

@@ -87,10 +87,9 @@ def _config(
     **overrides: dict,
 ) -> Path:
     cfg = {
-        "source": {
-            "bootstrap": bootstrap,
-            "impressions_topic": topics["impressions"],
-            "clicks_topic": topics["clicks"],
+        "kafka": {"bootstrap": bootstrap},
+        "source": {"impressions_topic": topics["impressions"], "clicks_topic": topics["clicks"]},
+        "consumer": {
             "group_id": f"g-{topics['samples']}",
             "poll_max_records": 64,
             "merge_idle_ms": merge_idle_ms,
@@ -225,11 +224,11 @@ def _final_model(tmp: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("policy", "client"), [("correct", "kafka-python"), ("drop", "confluent")])
 def test_run_emits_exactly_the_ground_truth(kafka_broker, unique_topic, tmp_path, policy, client):
-    """Both Kafka clients (source.client) run the same two stages to the same ground truth."""
+    """Both Kafka clients (kafka.client) run the same two stages to the same ground truth."""
     synth = generate(600, seed=11, policy=policy, pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = _topics(unique_topic)
     _produce(kafka_broker.bootstrap, topics, synth)
-    config = _config(tmp_path, kafka_broker.bootstrap, topics, policy, source={"client": client})
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, policy, kafka={"client": client})
     reg = SnapshotRegistry(tmp_path / "snaps")
     proc = _start(config, tmp_path)
     _wait_trained(proc, reg, len(synth.expected), tmp_path)

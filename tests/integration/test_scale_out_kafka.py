@@ -72,7 +72,7 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
     run.mkdir()
     config = _config(
         run, kafka_broker.bootstrap, topics, "correct",
-        source={"poll_max_records": 8},
+        consumer={"poll_max_records": 8},
         stages={"join_client_config": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
         train={"deterministic": False},
         distributed={"max_wait_ms": 100, "timeout_s": 30},

@@ -70,11 +70,12 @@ class Trainer:
 
 
 def _stack(tmp_path, bootstrap: str, topic: str, **log) -> ServingStack:
-    """The service with impression logging on (serve.log.client: confluent unless ``client=``)."""
+    """The service with impression logging on (kafka.client: confluent unless ``client=``)."""
+    client = log.pop("client", "confluent")
     config = ServeConfig.model_validate(
         {
             "arms": [{"name": "A", "registry": str(tmp_path / "reg"), "impressions_topic": topic}],
-            "kafka": {"bootstrap": bootstrap},
+            "kafka": {"bootstrap": bootstrap, "client": client},
             "reload_interval_s": 0.05,
             "log": log,
         }
@@ -330,3 +331,36 @@ def test_confluent_logger_drops_and_counts_what_kafka_refuses_and_delivers_the_r
         keys |= {r.key for r in src.poll(5000, 0.5)}
     src.close()
     assert keys == {f"imp{i}".encode() for i in range(3000) if i not in (700, 1900)}
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, unique_topic, client):
+    """arms[].memory's samples source is kafka.client's (the one kafka section of the service), opened at
+    the log end the way the feed opens it, and reads what comes after."""
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.serve.stack import kafka_samples_source_factory
+
+    topic = unique_topic("samples")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    sink.send(b"before", key=b"k")
+    sink.flush(timeout_s=10)
+    config = ServeConfig.model_validate(
+        {
+            "arms": [{"name": "A", "registry": "/nonexistent", "memory": {"samples_topic": topic}}],
+            "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
+        }
+    )
+    source = kafka_samples_source_factory(config)(config.arms[0])
+    assert type(source).__name__ == {"confluent": "ConfluentSource", "kafka-python": "KafkaSource"}[client]
+    source.open(None)
+    source.open(source.end_positions())
+    sink.send(b"after", key=b"k")
+    sink.flush(timeout_s=10)
+    got: list = []
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        got += source.poll(100, 0.2)
+    source.close()
+    sink.close()
+    assert [r.value for r in got] == [b"after"]

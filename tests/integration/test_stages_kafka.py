@@ -195,7 +195,7 @@ def test_join_tasks_spread_over_two_processes_and_move_back(kafka_broker, unique
     run.mkdir()
     config = _config(
         run, kafka_broker.bootstrap, topics, "correct",
-        source={"poll_max_records": 4},
+        consumer={"poll_max_records": 4},
         stages={"join_client_config": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
     )  # fmt: skip
     train = _stage("train", config, run / "train.log")

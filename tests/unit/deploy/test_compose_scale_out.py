@@ -359,7 +359,7 @@ def test_env_overrides_are_config_keys_and_a_misspelt_one_fails(project: dict) -
     for stage in SCALED:
         service = services(project)[stage]
         cfg = run_config(project, service)  # raises on an unknown key or a bad value
-        assert cfg.source.bootstrap == env_of(service)["RELOOP__SOURCE__BOOTSTRAP"] == "kafka:9092"
+        assert cfg.kafka.bootstrap == env_of(service)["RELOOP__KAFKA__BOOTSTRAP"] == "kafka:9092"
     broken = dict(services(project)["join"])
     broken["environment"] = {**env_of(broken), "RELOOP__METRICS__JOIN_PROMETHEUS_PRT": "9465"}
     with pytest.raises(ConfigError, match="join_prometheus_prt: unknown key"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from reloop.engine.metrics.registry import exported_series_names
+from reloop.connectors.metrics.prometheus import exported_series_names
 from reloop.engine.runtime.config import load_config_dict
 from reloop.engine.serve.config import serve_config_from_dict
 
@@ -111,6 +111,7 @@ def test_dashboard_queries_name_only_metrics_the_engine_exports(dashboard):
         "reloop_consumer_lag_records",
         "reloop_joiner_pending",
         "reloop_train_loss",
+        "reloop_train_loss_part",
         "reloop_snapshot_timestamp_seconds",
     } <= queried
 

@@ -7,11 +7,11 @@ import doctest
 import pytest
 import reloop.connectors.metrics.prometheus
 import reloop.engine.metrics.online
-import reloop.engine.metrics.registry
 import reloop.engine.metrics.rolling_batch
+import reloop.engine.metrics.stats
 
 MODULES = [
-    reloop.engine.metrics.registry,
+    reloop.engine.metrics.stats,
     reloop.engine.metrics.online,
     reloop.engine.metrics.rolling_batch,
     reloop.connectors.metrics.prometheus,

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reloop.engine.events.schema import LabeledSample
-from reloop.engine.metrics import registry as reg
 from reloop.engine.metrics.online import (
     Calibration,
     ExactAUC,
@@ -18,6 +17,7 @@ from reloop.engine.metrics.online import (
     RollingBinaryMetrics,
 )
 from reloop.engine.metrics.rolling_batch import BatchRollingMetrics
+from reloop.engine.metrics.stats import EngineStats
 
 
 def brute_auc(window: list[tuple[int, float]]) -> float:
@@ -225,25 +225,24 @@ def test_book_state_roundtrip_is_plain_data_that_loads_without_unpickling():
 
 
 def test_bind_publishes_bounded_series_at_collect_time():
-    registry = reg.MetricsRegistry()
+    stats = EngineStats()
     book = OnlineMetricsBook(window_size=50, max_versions=2)
-    book.bind(registry)
+    book.bind(stats)
     for v in (1, 2):
         book.update("a", v, 1, 0.9)
         book.update("a", v, 0, 0.1)
 
     def series() -> dict[tuple, float]:
-        fams = {f.name: f for f in registry.collect()}
-        return {tuple(sorted(s.labels.items())): s.value for s in fams["reloop_rolling_auc"].samples}
+        stats.run_hooks()
+        return dict(stats.rolling_auc.items())
 
     got = series()
-    assert got == {
-        (("arm", "a"), ("model_version", "2"), ("slot", "current")): 1.0,
-        (("arm", "a"), ("model_version", "1"), ("slot", "previous")): 1.0,
-    }
+    assert got == {("a", "2", "current"): 1.0, ("a", "1", "previous"): 1.0}
+    assert dict(stats.rolling_samples.items()) == {("a", "2", "current"): 2, ("a", "1", "previous"): 2}
     book.update("a", 3, 1, 0.2)  # version 1 retires; version 3 has one class only -> no AUC yet
     got = series()
-    assert got == {(("arm", "a"), ("model_version", "2"), ("slot", "previous")): 1.0}
+    assert got == {("a", "2", "previous"): 1.0}
+    assert dict(stats.rolling_samples.items()) == {("a", "3", "current"): 1, ("a", "2", "previous"): 2}
 
 
 # The batch-fed numpy version must match the same model, batch boundaries anywhere.

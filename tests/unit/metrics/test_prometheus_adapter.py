@@ -1,13 +1,24 @@
-"""The Prometheus adapter renders the plain registry faithfully (checked with prometheus_client's parser)."""
+"""The Prometheus adapter renders the engine's plain counters faithfully (checked with prometheus_client's
+parser), adds build info and the standard collectors, and does no work per event."""
 
 from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
 
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from reloop.connectors.metrics.prometheus import RegistryCollector, render_metrics, serve_metrics
-from reloop.engine.metrics import registry as reg
+from reloop.connectors.metrics.prometheus import (
+    SERIES,
+    EngineCollector,
+    exported_series_names,
+    render_metrics,
+    serve_metrics,
+)
 from reloop.engine.metrics.online import OnlineMetricsBook
+from reloop.engine.metrics.stats import EngineStats, Tally
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -18,20 +29,19 @@ def parse(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def fed_registry() -> reg.MetricsRegistry:
-    r = reg.MetricsRegistry()
-    reg.ensure_canonical(r)
-    r.get("reloop_events_consumed_total").labels(topic="clicks").inc(7)
-    r.get("reloop_consumer_lag_records").labels(topic="clicks", partition=1).set(42)
-    lat = r.get("reloop_serve_latency_seconds").labels(arm="a")
+def fed_stats() -> EngineStats:
+    stats = EngineStats()
+    stats.events_consumed.add("clicks", n=7)
+    stats.consumer_lag.set(42, "clicks", "1")
+    lat = stats.serve_latency_s.child("a")
     for v in (0.0004, 0.003, 0.003, 3.0):
         lat.observe(v)
-    return r
+    return stats
 
 
 def test_counters_gauges_histograms_round_trip():
     prom = CollectorRegistry()
-    prom.register(RegistryCollector(fed_registry()))
+    prom.register(EngineCollector(fed_stats()))
     got = parse(generate_latest(prom).decode())
     assert got[("reloop_events_consumed_total", (("topic", "clicks"),))] == 7
     assert got[("reloop_consumer_lag_records", (("partition", "1"), ("topic", "clicks")))] == 42
@@ -42,7 +52,7 @@ def test_counters_gauges_histograms_round_trip():
 
 
 def test_scrape_reads_current_values_and_runs_hooks():
-    r = reg.MetricsRegistry()
+    r = EngineStats()
     book = OnlineMetricsBook(window_size=10)
     book.bind(r)
     body, ctype = render_metrics(r, process_metrics=False)
@@ -52,13 +62,13 @@ def test_scrape_reads_current_values_and_runs_hooks():
     book.update("a", 1, 0, 0.2)
     got = parse(render_metrics(r, process_metrics=False)[0].decode())
     assert got[("reloop_rolling_auc", (("arm", "a"), ("model_version", "1"), ("slot", "current")))] == 1.0
-    r.get("reloop_events_consumed_total").labels(topic="t").inc()
+    r.events_consumed.add("t")
     got = parse(render_metrics(r, process_metrics=False)[0].decode())
     assert got[("reloop_events_consumed_total", (("topic", "t"),))] == 1
 
 
 def test_serve_metrics_binds_loopback_and_serves_the_registry():
-    server = serve_metrics(fed_registry(), port=0)
+    server = serve_metrics(fed_stats(), port=0)
     try:
         assert server.host == "127.0.0.1"
         text = httpx.get(server.url, timeout=5).text
@@ -66,3 +76,91 @@ def test_serve_metrics_binds_loopback_and_serves_the_registry():
         assert "process_cpu_seconds_total" in text
     finally:
         server.close()
+
+
+def test_every_engine_field_is_exported_once_with_one_label_per_tuple_value():
+    stats = EngineStats()
+    fields = [s.field for s in SERIES]
+    assert sorted(fields) == sorted(stats.metrics())
+    names = [s.name for s in SERIES]
+    assert len(names) == len(set(names))
+    for s in SERIES:
+        assert s.name.startswith("reloop_") and s.help
+        assert (s.kind == "counter") == s.name.endswith("_total"), s.name
+        assert not {"user_id", "item_id", "request_id", "impression_id", "le"} & set(s.labels)
+        kind = type(getattr(stats, s.field)).__name__
+        assert {"counter": "Tally", "gauge": "Level", "histogram": "Buckets"}[s.kind] == kind, s.field
+    # A scrape of every field touched once with as many label values as the series has labels parses.
+    for s in SERIES:
+        metric = getattr(stats, s.field)
+        values = tuple(f"v{i}" for i in range(len(s.labels)))
+        if s.kind == "counter":
+            metric.add(*values)
+        elif s.kind == "gauge":
+            metric.set(1.0, *values)
+        else:
+            metric.observe(0.01, *values)
+    got = parse(render_metrics(stats, process_metrics=False)[0].decode())
+    assert {k[0] for k in got if k[0].startswith("reloop_")} == exported_series_names()
+
+
+def test_build_info_carries_the_installed_versions():
+    got = parse(render_metrics(EngineStats(), process_metrics=False)[0].decode())
+    ((key, value),) = [(k, v) for k, v in got.items() if k[0] == "reloop_build_info"]
+    labels = dict(key[1])
+    assert value == 1.0
+    assert labels["version"] == importlib.metadata.version("reloop")
+    assert labels["torch"] == importlib.metadata.version("torch")
+    assert labels["python"] == platform.python_version()
+    assert "reloop_build_info" in exported_series_names()
+
+
+def test_standard_process_platform_and_gc_collectors_are_in_the_scrape():
+    text = render_metrics(EngineStats())[0].decode()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert "python_info" in names
+    assert {"python_gc_objects_collected_total", "python_gc_collections_total"} <= names
+    if sys.platform.startswith("linux"):  # the process collector reads /proc
+        assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
+
+
+def test_train_loss_total_is_its_own_series_and_the_parts_do_not_include_it():
+    stats = EngineStats()
+    stats.train_loss.set(0.42)
+    for part, v in (("ce", 0.5), ("sc", 0.1), ("kd", 0.0)):
+        stats.train_loss_parts.set(v, part)
+    got = parse(render_metrics(stats, process_metrics=False)[0].decode())
+    assert [v for k, v in got.items() if k[0] == "reloop_train_loss"] == [0.42]
+    assert got[("reloop_train_loss", ())] == 0.42
+    parts = {dict(k[1])["part"]: v for k, v in got.items() if k[0] == "reloop_train_loss_part"}
+    assert parts == {"ce": 0.5, "sc": 0.1, "kd": 0.0}
+
+
+def test_an_event_costs_no_prometheus_client_call_and_the_scrape_has_every_one():
+    stats = EngineStats()
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(EngineCollector(stats, build_info=False))
+    calls: list[str] = []
+
+    def profile(frame, event, arg):
+        where = frame.f_code.co_filename if event == "call" else getattr(arg, "__module__", "") or ""
+        if "prometheus_client" in where:
+            calls.append(where)
+
+    hot = stats.events_consumed.child("clicks")
+    sys.setprofile(profile)
+    try:
+        for _ in range(1000):
+            stats.events_consumed.add("clicks")
+            hot.add()
+            stats.serve_latency_s.observe(0.002, "a")
+            stats.consumer_lag.set(3, "clicks", "0")
+    finally:
+        sys.setprofile(None)
+    assert calls == []
+    for _ in range(100_000 - 2000):
+        stats.events_consumed.add("clicks")
+    assert isinstance(stats.events_consumed, Tally)
+    got = parse(generate_latest(prom).decode())
+    assert got[("reloop_events_consumed_total", (("topic", "clicks"),))] == 100_000
+    assert got[("reloop_serve_latency_seconds_count", (("arm", "a"),))] == 1000

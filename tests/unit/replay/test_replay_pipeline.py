@@ -50,7 +50,7 @@ def config(path: Path, ckpt: Path) -> Path:
         "train": {"batch_size": 32, "deterministic": True, "y_last": "snapshot"},
         "period": {"every_samples": 96},
         "join": {"window_ms": 60_000, "allowed_lateness_ms": 0},
-        "source": {"group_id": None, "poll_max_records": 50},
+        "consumer": {"group_id": None, "poll_max_records": 50},
         "checkpoint": {"dir": str(ckpt)},
     }  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
@@ -214,7 +214,7 @@ def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
             "train": {"batch_size": 100},
             "stages": {"samples_topic": "samples"},
             "period": {"every_samples": 10**9},
-            "source": {"group_id": None},
+            "consumer": {"group_id": None},
         },
         env={},
     )

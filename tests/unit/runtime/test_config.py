@@ -33,11 +33,13 @@ def test_yaml_loads_with_defaults(tmp_path):
 
 def test_env_overrides_nested_keys_and_types(tmp_path):
     env = {"RELOOP__TRAIN__BATCH_SIZE": "512", "reloop__join__late_click_policy": "drop",
-           "RELOOP__SOURCE__CLIENT_CONFIG__SECURITY_PROTOCOL": "SASL_SSL", "OTHER": "x"}
+           "RELOOP__KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "RELOOP__CONSUMER__GROUP_ID": "null",
+           "RELOOP__KAFKA__CLIENT_CONFIG__REQUEST_TIMEOUT_MS": "5000", "OTHER": "x"}
     cfg = load_config(_write(tmp_path, BASE), env=env)
     assert cfg.train.batch_size == 512
     assert cfg.join.late_click_policy == "drop"
-    assert cfg.source.client_config == {"security_protocol": "SASL_SSL"}
+    assert cfg.kafka.security_protocol == "SASL_SSL" and cfg.consumer.group_id is None
+    assert cfg.kafka.client_config == {"request_timeout_ms": 5000}
 
 
 def test_toml_equivalent(tmp_path):
@@ -58,7 +60,8 @@ every_wall_s = 60
     ({"RELOOP__JOIN__LATE_CLICK_POLICY": "weight"}, "join.late_click_policy"),
     ({"RELOOP__MODEL__ALPHA": "1.5"}, "model.alpha"),
     ({"RELOOP__PERIOD__EVERY_WALL_S": "5"}, "every_samples, every_event_ms, every_wall_s"),
-    ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size is not a section"),
+    ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size: Input should be a valid integer"),
+    ({"RELOOP__TRAINN__BATCH_SIZE": "5"}, "RELOOP__TRAINN__BATCH_SIZE: unknown section 'trainn'"),
 ])
 def test_bad_values_name_the_key(tmp_path, env, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):

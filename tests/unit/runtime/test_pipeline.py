@@ -4,7 +4,7 @@ import torch
 from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
 from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.events.codec import decode_samples
-from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.build import build_pipeline
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.config import load_config_dict
@@ -42,7 +42,7 @@ def _config(tmp_path, policy="correct", **train):
                 "keep": 3,
                 "ledger": str(tmp_path / "ledger.jsonl"),
             },
-            "source": {"poll_max_records": 37},
+            "consumer": {"poll_max_records": 37},
         },
         env={},
     )
@@ -65,7 +65,7 @@ def _pipeline(cfg, log, clock, samples=None):
         source=EndAwareSource(log, ["impressions", "clicks"]),
         clock=clock,
         samples_sink=samples,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
     )
 
 
@@ -184,7 +184,7 @@ def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
     synth = generate(400, seed=4, pad_to_multiple=BATCH)
     log = _log(synth)
     clock = ManualClock(START)
-    stats = MetricsRegistry()
+    stats = EngineStats()
     p = build_pipeline(
         _config(tmp_path),
         source=EndAwareSource(log, ["impressions", "clicks"]),
@@ -192,18 +192,31 @@ def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
         stats=stats,
     )
     p.step()
-    lag = stats.get("reloop_consumer_lag_records")
+    lag = stats.consumer_lag
     impressions_end = len(log._data[TopicPartition("impressions", 0)])
-    first = lag.labels(topic="impressions", partition="0").get()
+    first = lag.get("impressions", "0")
     assert 0 < first <= impressions_end  # one poll of 37 records cannot have read the whole log
     p._metrics._lag_interval_s = 0.0
     _run_to_end(p, log, clock)
     p.step()
-    assert lag.labels(topic="impressions", partition="0").get() == 0
-    assert lag.labels(topic="clicks", partition="0").get() == 0
+    assert lag.get("impressions", "0") == 0
+    assert lag.get("clicks", "0") == 0
     # A count-based period has no fixed wall length: the gauge holds the last observed interval.
-    assert stats.get("reloop_snapshot_version").labels().get() >= 2
-    assert stats.get("reloop_snapshot_period_seconds").labels().get() > 0
+    assert stats.snapshot_version.get() >= 2
+    assert stats.snapshot_period_s.get() > 0
+    # The scrape: the total loss alone, its terms under `part` (no total among them), counts.
+    from prometheus_client.parser import text_string_to_metric_families
+    from reloop.connectors.metrics.prometheus import render_metrics
+
+    text = render_metrics(stats, process_metrics=False)[0].decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+    loss = [k for k in got if k[0] == "reloop_train_loss"]
+    assert loss == [("reloop_train_loss", ())] and got[loss[0]] > 0
+    parts = {dict(k[1])["part"] for k in got if k[0] == "reloop_train_loss_part"}
+    assert parts == {"ce", "sc", "kd"}
+    assert got[("reloop_train_samples_total", ())] == p.trainer.counters.samples
+    assert got[("reloop_consumer_lag_records", (("partition", "0"), ("topic", "clicks")))] == 0
     p.close()
 
 
@@ -225,7 +238,7 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     log.append("impressions", imp("b", t0 + 1_000), b"b", t0 + 1_000)
     log.append("impressions", imp("late-but-in-bound", t0 + 60_000), b"c", t0 + 60_000)
     log.append("impressions", imp("too-late", t0 - 10_000), b"d", t0)  # retention 5 s: forgotten
-    stats = MetricsRegistry()
+    stats = EngineStats()
     clock = ManualClock(t0 + 60_000)
     p = build_pipeline(
         _config(tmp_path), source=EndAwareSource(log, ["impressions", "clicks"]), clock=clock, stats=stats
@@ -234,6 +247,5 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     assert p.dead_letters.counts == {"bad_time": 1}
     assert p.joiner.stats.too_late_impressions == 1
     assert p.joiner.watermark_ms < t0 + 61_000  # never moved to the year 3000
-    too_late = stats.get("reloop_joiner_too_late_total")
-    assert too_late.labels(kind="impression").get() == 1
+    assert stats.joiner_too_late.get("impression") == 1
     p.close()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
 from reloop.engine.events.sample_batch import decode_batch
-from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.build import build_join_stage, build_train_stage
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.config import load_config_dict
@@ -45,7 +45,7 @@ def _config(tmp_path, **over):
         "train": {"batch_size": BATCH, "deterministic": True},
         "period": {"every_samples": 4 * BATCH},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "keep": 50, "ledger": str(tmp_path / "ledger.jsonl")},
-        "source": {"poll_max_records": 37},
+        "consumer": {"poll_max_records": 37},
         "stages": {
             "samples_topic": "samples",
             "batch_samples": 10,
@@ -83,7 +83,7 @@ def _join(cfg, log, clock, tmp):
         samples_sink=MemorySink(log, "samples"),
         dead_letter_sink=MemorySink(log, "dead"),
         clock=clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=tmp / "join-ckpt",
     )
 
@@ -109,7 +109,7 @@ def _train(cfg, log, clock, tmp):
         cfg,
         source=EndAware(log, ["samples"]),
         clock=clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=tmp / "train-ckpt",
     )
 
@@ -245,7 +245,7 @@ def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_pat
         source=EndAware(log, ["samples"]),
         dead_letter_sink=dead,
         clock=clock,
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
         checkpoint_dir=tmp_path / "train",
     )
     _run_train(train, log, clock)
@@ -302,11 +302,11 @@ def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tm
     version = first.version
     first.abort()
     created = first.registry.manifest(version)["created_unix"]
-    stats = MetricsRegistry()
+    stats = EngineStats()
     build_train_stage(cfg, source=EndAware(log, ["samples"]), clock=clock, stats=stats,
                       checkpoint_dir=tmp_path / "train-ckpt")  # fmt: skip
-    assert stats.get("reloop_snapshot_version").labels().get() == version
-    assert stats.get("reloop_snapshot_timestamp_seconds").labels().get() == created
+    assert stats.snapshot_version.get() == version
+    assert stats.snapshot_time_s.get() == created
 
 
 def test_each_model_version_gets_a_serving_bundle_with_its_weights(tmp_path):
@@ -349,7 +349,7 @@ def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(t
     cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
     stalled = build_join_stage(
         cfg, source=_Stalling(log, ["impressions", "clicks"], good=3),
-        samples_sink=MemorySink(log, "samples"), clock=clock, stats=MetricsRegistry(),
+        samples_sink=MemorySink(log, "samples"), clock=clock, stats=EngineStats(),
         checkpoint_dir=tmp_path / "a",
     )  # fmt: skip
     deadline = time.monotonic() + 10
@@ -381,7 +381,7 @@ def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
     cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
     outside = build_join_stage(
         cfg, source=_NeverJoins(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
-        clock=ManualClock(START), stats=MetricsRegistry(), checkpoint_dir=tmp_path / "a",
+        clock=ManualClock(START), stats=EngineStats(), checkpoint_dir=tmp_path / "a",
     )  # fmt: skip
     started = time.monotonic()
     with pytest.raises(ConsumerStalled, match="not a member of the consumer group for 0.3 s"):

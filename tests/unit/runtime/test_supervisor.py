@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
-from reloop.engine.metrics.registry import MetricsRegistry
+from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.build import build_pipeline
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.supervisor import GaveUp, RetryPolicy, Supervisor
@@ -65,7 +65,7 @@ def _run(tmp_path, log, clock, make_sink, policy=None):
             source=EndAwareSource(log, ["impressions", "clicks"]),
             clock=clock,
             samples_sink=make_sink(),
-            stats=MetricsRegistry(),
+            stats=EngineStats(),
         )
 
     sup = Supervisor(
@@ -74,7 +74,7 @@ def _run(tmp_path, log, clock, make_sink, policy=None):
         policy=policy or RetryPolicy(backoff_initial_s=0.01),
         on_pipeline=lambda p: setattr(holder, "pipeline", p),
         close=lambda p: p.close(final="snapshot"),
-        stats=MetricsRegistry(),
+        stats=EngineStats(),
     )
     sup.run()
     return sup
@@ -127,12 +127,12 @@ def test_gives_up_after_the_budget_without_a_snapshot(tmp_path):
                 source=EndAwareSource(log, ["impressions", "clicks"]),
                 clock=clock,
                 samples_sink=always_failing(),
-                stats=MetricsRegistry(),
+                stats=EngineStats(),
             ),
             stop=threading.Event(),
             policy=RetryPolicy(backoff_initial_s=0.001, backoff_max_s=0.001, give_up_after_s=250.0),
             monotonic=lambda: now[0],
-            stats=MetricsRegistry(),
+            stats=EngineStats(),
         )
         sup.run()
     assert sup.restarts == 4  # failed at t=100, 200, 300 (>= 250 since the first at 100: give up)
@@ -148,7 +148,7 @@ def test_a_config_the_client_refuses_fails_fast_instead_of_retrying():
         raise ConfigError("Kafka client settings refused: Unrecognized configs: {'fetch_max_wait_ms'}")
 
     sup = Supervisor(
-        build, stop=threading.Event(), policy=RetryPolicy(backoff_initial_s=0.001), stats=MetricsRegistry()
+        build, stop=threading.Event(), policy=RetryPolicy(backoff_initial_s=0.001), stats=EngineStats()
     )
     with pytest.raises(ConfigError, match="fetch_max_wait_ms"):
         sup.run()

@@ -60,7 +60,7 @@ def _config(work: Path, deterministic: bool) -> dict:
         "period": {"every_samples": 128},
         "stages": {"samples_topic": TOPIC},
         "checkpoint": {"dir": str(work / "snaps"), "keep": 50, "ledger": str(work / "ledger.jsonl")},
-        "source": {"group_id": None},
+        "consumer": {"group_id": None},
         "distributed": {"max_wait_ms": 0},
     }  # fmt: skip
 
@@ -71,7 +71,7 @@ def _train(
     """Train this rank until the ranks together trained ``until`` samples, then stop together
     (``perturb``: rank 1's weights are changed behind the group's back before the final save)."""
     from reloop.connectors.memory import MemorySource
-    from reloop.engine.metrics.registry import MetricsRegistry
+    from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.build import build_train_stage
     from reloop.engine.runtime.config import load_config_dict
     from reloop.engine.streams import PartitionShare
@@ -81,10 +81,13 @@ def _train(
     cfg = load_config_dict(cfg_dict, env={})
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=60) if init else None
     source = MemorySource(_log(), [TOPIC], share=PartitionShare(rank, world))
-    stage = build_train_stage(cfg, source=source, stats=MetricsRegistry(), group=group)
+    stage = build_train_stage(cfg, source=source, stats=EngineStats(), group=group)
     stage.open()
     if group is None:
-        while stage.trainer.counters.samples < until:
+        # Taken = trained + buffered: after a resume from ranks that stopped on an uneven count, the last
+        # partial batch stays buffered (it goes into the final checkpoint), so "trained" alone may never
+        # reach ``until`` (it hung under load, where the ranks stop on other counts).
+        while stage.trainer.counters.samples + stage.buffered_samples < until:
             stage.step()
     else:
         while not stage.stop_agreed:

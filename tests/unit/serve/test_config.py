@@ -28,9 +28,10 @@ def test_bad_key_fails_naming_it():
 
 
 def test_env_overrides_bootstrap(monkeypatch):
-    monkeypatch.setenv("RELOOP_KAFKA_BOOTSTRAP", "10.0.0.1:9093")
-    cfg = serve_config_from_dict(_doc(kafka={"bootstrap": "x:1", "settings": {"security_protocol": "SSL"}}))
-    assert cfg.kafka.bootstrap == "10.0.0.1:9093" and cfg.kafka.settings == {"security_protocol": "SSL"}
+    monkeypatch.setenv("RELOOP__KAFKA__BOOTSTRAP", "10.0.0.1:9093")
+    cfg = serve_config_from_dict(_doc(kafka={"bootstrap": "x:1", "security_protocol": "SSL"}))
+    assert cfg.kafka.bootstrap == "10.0.0.1:9093" and cfg.kafka.security_protocol == "SSL"
+    assert cfg.kafka.client == "confluent"  # the service's default client
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -62,12 +63,10 @@ def test_kafka_python_settings_reach_the_confluent_logger_or_are_refused():
         "ssl.endpoint.identification.algorithm": "none",
     }
     base = {"arms": [{"name": "A", "registry": "/nonexistent"}]}
-    bad = ServeConfig.model_validate(
-        {**base, "kafka": {"bootstrap": "127.0.0.1:1", "settings": {"api_version": [2]}}}
-    )
+    # kafka.client: kafka-python with kafka-python settings: translated for the confluent logger.
+    kp = {"bootstrap": "127.0.0.1:1", "client": "kafka-python"}
+    bad = ServeConfig.model_validate({**base, "kafka": {**kp, "client_config": {"api_version": [2]}}})
     with pytest.raises(ValueError, match="api_version"):
         confluent_logger(bad, bad.arms[0])
-    ok = ServeConfig.model_validate(
-        {**base, "kafka": {"bootstrap": "127.0.0.1:1", "settings": {"client_id": "s"}}}
-    )
+    ok = ServeConfig.model_validate({**base, "kafka": {**kp, "client_config": {"client_id": "s"}}})
     confluent_logger(ok, ok.arms[0]).close(timeout_s=0.1)

@@ -68,7 +68,7 @@ def test_a_fresh_service_falls_back_to_the_newest_snapshot_that_loads(tmp_path, 
     import os
 
     import torch
-    from reloop.engine.metrics.registry import SERVE_FALLBACK
+    from reloop.engine.metrics.stats import STATS
     from reloop.engine.serve.bundle import ModelHolder
     from reloop.engine.serve.config import ArmConfig
     from reloop.engine.serve.reload import ArmSource, ReloadWatcher
@@ -102,9 +102,9 @@ def test_a_fresh_service_falls_back_to_the_newest_snapshot_that_loads(tmp_path, 
     watcher = ReloadWatcher(sources=[ArmSource("fb", holder, latest, load, versions)])
     watcher.poll_once()
     assert holder.version == 2 and watcher.refused == 1  # ready, on the newest version that loads
-    assert SERVE_FALLBACK.labels(arm="fb").get() == 1.0
+    assert STATS.serve_fallback.get("fb") == 1.0
     watcher.poll_once()
     assert watcher.refused == 1  # the refused version is not retried
     reg.publish({"model": learner.state_dict()})
     watcher.poll_once()
-    assert holder.version == 4 and SERVE_FALLBACK.labels(arm="fb").get() == 0.0
+    assert holder.version == 4 and STATS.serve_fallback.get("fb") == 0.0

@@ -30,14 +30,17 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     assert strategies == {"reloop": "reloop", "ce": "ce", "ce_aa": "ce"}
     # The A/A arms differ only in names, topics and folders.
     a, b = (p.run_config for p in plans if p.name in ("ce", "ce_aa"))
-    assert {k: v for k, v in a.items() if k not in ("source", "sink", "checkpoint", "stages")} == {
-        k: v for k, v in b.items() if k not in ("source", "sink", "checkpoint", "stages")
-    }
+    names = ("source", "sink", "checkpoint", "stages")
+    assert {k: v for k, v in a.items() if k not in names} | {"consumer": None} == {
+        k: v for k, v in b.items() if k not in names
+    } | {"consumer": None}
+    assert {**a["consumer"], "group_id": None} == {**b["consumer"], "group_id": None}
     # The world's features and the model's spec agree; the attribution windows agree.
     assert plans[0].run_config["model"]["spec"] == world_spec_dict()
     assert plans[0].run_config["join"]["window_ms"] == sim.world_config().attribution_window_s * 1000
     serve = serve_config_for(config, plans, "127.0.0.1:1")
-    assert serve.host == "127.0.0.1"
+    assert serve.host == "127.0.0.1" and serve.kafka.client == "confluent"
+    assert plans[0].run_config["kafka"] == {"bootstrap": "127.0.0.1:1"}  # run's default client
     assert all(arm.cold_start is not None and arm.cold_start.backbone == "fm" for arm in serve.arms)
     assert sim.report.aa == ("ce_aa", "ce")
 

@@ -1,0 +1,293 @@
+"""What the processor's config (engine/runtime/config.py) and the scoring service's (engine/serve/config.py)
+share: the Kafka connection section, the consumer and producer sections, the one environment scheme
+(pydantic-settings), the check for renamed keys and the redaction of credentials.
+
+The ``kafka`` section holds what every consumer and producer (and admin client) of a program uses: the
+client library, the bootstrap servers, the security settings (the SASL password and the SSL key password
+are secrets: ``repr``, ``str`` and ``model_dump`` show ``**********``; the clients get the value) and
+``client_config``, settings common to every client. ``consumer`` and ``producer`` hold the rest.
+
+>>> k = KafkaSection(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
+...                  sasl_password="hunter2")
+>>> "hunter2" in repr(k) or "hunter2" in str(k.model_dump())
+False
+>>> k.connection()["sasl_plain_password"], k.connection("confluent")["sasl.password"]
+('hunter2', 'hunter2')
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import EnvSettingsSource, SettingsError
+
+ENV_PREFIX = "RELOOP__"
+Client = Literal["kafka-python", "confluent"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# The typed connection settings: (kafka-python name, librdkafka name).
+_CONNECTION = {
+    "security_protocol": ("security_protocol", "security.protocol"),
+    "sasl_mechanism": ("sasl_mechanism", "sasl.mechanism"),
+    "sasl_username": ("sasl_plain_username", "sasl.username"),
+    "sasl_password": ("sasl_plain_password", "sasl.password"),
+    "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
+    "ssl_certfile": ("ssl_certfile", "ssl.certificate.location"),
+    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),
+    "ssl_key_password": ("ssl_password", "ssl.key.password"),
+}
+
+
+class KafkaSection(_Section):
+    """The connection of every Kafka client of the program (consumers, producers, admin)."""
+
+    client: Client = Field(
+        default="kafka-python",
+        description="the Kafka client library: kafka-python (pure Python) or confluent (librdkafka: ~5x the "
+        "consume rate). client_config keys are in its names (librdkafka's for confluent: 'client.id')",
+    )
+    bootstrap: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    sasl_mechanism: str | None = Field(default=None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ...")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(default=None, description="a secret: never printed")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_key_password: SecretStr | None = Field(default=None, description="a secret: never printed")
+    client_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings for every client, consumer and producer (client_id, timeouts ...), in the "
+        "names of kafka.client; consumer-only or producer-only settings go in "
+        "consumer/producer.client_config",
+    )
+
+    @model_validator(mode="after")
+    def _one_place_per_setting(self) -> KafkaSection:
+        names = {name: field for field, pair in _CONNECTION.items() for name in pair}
+        for key in self.client_config:
+            if key in names:
+                raise ValueError(f"client_config.{key}: give it as kafka.{names[key]}")
+        if self.client == "kafka-python":
+            from kafka import KafkaConsumer, KafkaProducer
+
+            known = {*KafkaConsumer.DEFAULT_CONFIG, *KafkaProducer.DEFAULT_CONFIG}
+            unknown = sorted(k for k in self.client_config if k not in known)
+            if unknown:
+                raise ValueError(f"client_config: {unknown} are not kafka-python settings")
+        wrong = consumer_only_settings(self)
+        if wrong:
+            # The same settings go to the producers, which would refuse these and stop the program.
+            raise ValueError(
+                f"client_config: {sorted(wrong)} are not producer settings (kafka.client_config goes to "
+                "every consumer and producer): put them in consumer.client_config"
+            )
+        return self
+
+    def connection(self, client: Client | None = None) -> dict[str, Any]:
+        """The connection settings with the secrets' values, in the names of ``client`` (default: the
+        section's): what every consumer, producer and admin client of that library gets."""
+        client = client or self.client
+        out: dict[str, Any] = {}
+        for field, (kafka_python, librdkafka) in _CONNECTION.items():
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[kafka_python if client == "kafka-python" else librdkafka] = value
+        return {**out, **self._client_config_for(client)}
+
+    def _client_config_for(self, client: Client) -> dict[str, Any]:
+        if client == self.client or not self.client_config:
+            return dict(self.client_config)
+        if client == "confluent":
+            from reloop.connectors.confluent.settings import to_librdkafka
+
+            try:
+                return to_librdkafka(self.client_config)
+            except ValueError as exc:
+                raise ConfigError(f"kafka.client_config: {exc}") from None
+        raise ConfigError(
+            "kafka.client_config holds librdkafka settings (kafka.client: confluent) but this part uses "
+            "kafka-python; give the connection with the kafka.security_*/sasl_*/ssl_* keys instead"
+        )
+
+
+class ConsumerSection(_Section):
+    """The processor's consumers: what only a consumer has (the connection is in ``kafka``)."""
+
+    group_id: str | None = Field(
+        default="reloop-trainer", description="offsets are committed here after each durable snapshot"
+    )
+    client_config: dict[str, Any] = Field(
+        default_factory=dict, description="consumer-only settings (fetch_max_wait_ms ...), over kafka's"
+    )
+    poll_max_records: int = Field(default=4096, gt=0)
+    poll_timeout_s: float = Field(default=0.1, ge=0)
+    merge_idle_ms: int = Field(
+        default=2_000,
+        ge=0,
+        description="release records of other partitions after one partition had nothing for this long",
+    )
+
+
+class ProducerSection(_Section):
+    """The processor's producers (samples and dead-letter topics): producer-only settings."""
+
+    client_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="producer-only settings (linger_ms, compression_type ...), over kafka's",
+    )
+
+
+def consumer_only_settings(kafka: KafkaSection) -> list[str]:
+    """The keys of ``kafka.client_config`` a producer would refuse (they belong in consumer.client_config)."""
+    if kafka.client == "kafka-python":
+        from kafka import KafkaProducer
+
+        return [k for k in kafka.client_config if k not in KafkaProducer.DEFAULT_CONFIG]
+    return [k for k in kafka.client_config if k.startswith(("fetch.", "auto.", "group.", "session."))]
+
+
+# Client settings whose values are credentials (kafka-python and librdkafka names).
+_SECRET_KEY = re.compile(r"password|secret|token|credential|oauth|jaas|private|api_?key", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the value of every credential-like key replaced by a marker.
+
+    >>> redact({"security_protocol": "SASL_SSL", "sasl_plain_password": "hunter2"})
+    {'security_protocol': 'SASL_SSL', 'sasl_plain_password': '<redacted>'}
+    """
+    return {k: REDACTED if _SECRET_KEY.search(str(k)) else v for k, v in settings.items()}
+
+
+def check_moved(data: Mapping[str, Any], moved: Mapping[tuple[str, ...], str], where: str = "") -> None:
+    """Refuse every renamed key present in ``data``, naming its new place (and its environment name)."""
+    found = []
+    for path, new in moved.items():
+        node: Any = data
+        for part in path:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            old = ".".join(path)
+            env = ENV_PREFIX + new.split(" ")[0].replace(".", "__").upper()
+            found.append(f"{old} moved to {new} (environment: {env})")
+    if found:
+        raise ConfigError(f"invalid config{where}: " + "; ".join(found))
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (default os.environ)."""
+
+    def __init__(self, model: type[BaseModel], env: Mapping[str, str]) -> None:
+        self._given_env = env
+        super().__init__(
+            model,  # type: ignore[arg-type] - reads only model_config and the fields
+            case_sensitive=False,
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            env_parse_none_str="null",
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._given_env.items()}
+
+
+#: Sections only the scoring service reads: `reloop run` leaves their variables to it, so one environment
+#: (the demo's, a compose file's) can hold both programs' settings.
+SERVE_ONLY_SECTIONS = frozenset({"serve", "arms", "salt"})
+
+
+def env_values(
+    model: type[BaseModel], env: Mapping[str, str], *, others: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The ``RELOOP__<SECTION>__<KEY>`` variables of ``env`` as nested config data for ``model``.
+
+    Names are case-insensitive; ``__`` separates levels. A value is what pydantic makes of the string for
+    a typed key (``512`` an int, ``true`` a bool); a list, a dict or a whole section is JSON; inside a free
+    dict (``kafka.client_config``, ``model.params``) a JSON value is decoded and anything else stays a
+    string. ``null`` is None. A variable naming no section of ``model`` is an error, unless its section is
+    one of ``others`` (another program's: left alone).
+    """
+    ours = {}
+    for name, value in env.items():
+        if name.upper().startswith(ENV_PREFIX):
+            section = name[len(ENV_PREFIX) :].split("__")[0].lower()
+            if section in others and section not in model.model_fields:
+                continue
+            if section not in model.model_fields:
+                raise ConfigError(f"environment variable {name}: unknown section {section!r}")
+        ours[name] = value
+    env = ours
+    try:
+        data = _MappingEnvSource(model, env)()
+    except SettingsError as exc:
+        raise ConfigError(f"environment: {exc}") from None
+    return _decode_free_dicts(model, data)
+
+
+def _decode_free_dicts(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for name, value in data.items():
+        if value == "null":
+            out[name] = None
+        field = model.model_fields.get(name)
+        if field is None or not isinstance(value, dict):
+            continue
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            out[name] = _decode_free_dicts(sub, value)
+        elif typing.get_origin(field.annotation) is dict or _is_optional_dict(field.annotation):
+            out[name] = _decode_leaves(value)
+    return out
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_optional_dict(annotation: Any) -> bool:
+    return any(typing.get_origin(a) is dict for a in typing.get_args(annotation))
+
+
+def _decode_leaves(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _decode_leaves(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, mappings key by key (the environment over the file)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

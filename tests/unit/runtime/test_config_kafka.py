@@ -1,0 +1,206 @@
+"""The Kafka sections (kafka, consumer, producer), the one environment scheme of run and serve, the keys
+that moved and the secrets that never print."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from reloop.engine.config_common import KafkaSection
+from reloop.engine.runtime import kafka_stages
+from reloop.engine.runtime.config import MOVED, ConfigError, load_config_dict
+from reloop.engine.serve.config import MOVED as SERVE_MOVED
+from reloop.engine.serve.config import MOVED_ENV, serve_config_from_dict
+
+MODEL = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "user", "buckets": 10}]}}
+PASSWORD = "hunter2-never-print-me"
+SERVE_DOC = {"arms": [{"name": "A", "registry": "/tmp/reg-a"}]}
+
+
+def _run(data: dict | None = None, env: dict | None = None):
+    return load_config_dict({"model": MODEL, **(data or {})}, env=env or {})
+
+
+def _nested(path: tuple[str, ...], value: object) -> dict:
+    for part in reversed(path):
+        value = {part: value}
+    return value  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("path", sorted(MOVED))
+def test_each_moved_run_key_is_refused_naming_the_new_key(path):
+    new = MOVED[path].split(" ")[0]
+    with pytest.raises(ConfigError) as err:
+        _run(_nested(path, {} if path[-1] == "client_config" else "x"))
+    assert f"{'.'.join(path)} moved to {new}" in str(err.value)
+    # The same through the environment.
+    with pytest.raises(ConfigError, match=f"{'.'.join(path)} moved to {new}"):
+        _run(env={"RELOOP__" + "__".join(p.upper() for p in path): "{}" if "config" in path[-1] else "x"})
+
+
+@pytest.mark.parametrize("path", sorted(SERVE_MOVED))
+def test_each_moved_serve_key_is_refused_naming_the_new_key(path):
+    new = SERVE_MOVED[path].split(" ")[0]
+    with pytest.raises(ConfigError, match=f"{'.'.join(path)} moved to {new}"):
+        serve_config_from_dict({**SERVE_DOC, **_nested(path, {})}, env={})
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_ENV))
+def test_former_serve_environment_names_are_refused_naming_the_new_one(old):
+    with pytest.raises(ConfigError, match=f"{old} was renamed {MOVED_ENV[old]}"):
+        serve_config_from_dict(SERVE_DOC, env={old: "x"})
+
+
+def test_run_environment_is_nested_typed_and_over_the_file():
+    cfg = _run(
+        {
+            "kafka": {"bootstrap": "file:1", "client_config": {"client_id": "file"}},
+            "consumer": {"group_id": "g"},
+        },
+        env={
+            "RELOOP__KAFKA__BOOTSTRAP": "env:2",
+            "reloop__kafka__client": "confluent",
+            "RELOOP__KAFKA__CLIENT_CONFIG__REQUEST__TIMEOUT__MS": "5000",
+            "RELOOP__CONSUMER__CLIENT_CONFIG": '{"fetch.wait.max.ms": 50}',
+            "RELOOP__CONSUMER__POLL_MAX_RECORDS": "17",
+            "RELOOP__CONSUMER__GROUP_ID": "null",
+            "RELOOP__TRAIN__DETERMINISTIC": "true",
+            "RELOOP__MODEL__PARAMS__HIDDEN_UNITS": "[8, 4]",
+        },
+    )
+    assert cfg.kafka.bootstrap == "env:2" and cfg.kafka.client == "confluent"
+    # The file's client_config keys stay; the environment adds (a nested key) or replaces.
+    assert cfg.kafka.client_config == {"client_id": "file", "request": {"timeout": {"ms": 5000}}}
+    assert cfg.consumer.client_config == {"fetch.wait.max.ms": 50}
+    assert cfg.consumer.poll_max_records == 17 and cfg.consumer.group_id is None
+    assert cfg.train.deterministic is True and cfg.model.params == {"hidden_units": [8, 4]}
+
+
+def test_serve_environment_uses_the_same_scheme():
+    env = {
+        "RELOOP__SERVE__PORT": "8081",
+        "RELOOP__SERVE__LOG__ENABLED": "false",
+        "RELOOP__SERVE__AUTH_TOKEN": PASSWORD,
+        "RELOOP__KAFKA__BOOTSTRAP": "k:9092",
+        "RELOOP__KAFKA__SASL_PASSWORD": PASSWORD,
+        "RELOOP__TRAIN__BATCH_SIZE": "5",  # the processor's section in a shared environment: ignored here
+    }
+    cfg = serve_config_from_dict({**SERVE_DOC, "serve": {"port": 1}}, env=env)
+    assert cfg.port == 8081 and cfg.log.enabled is False and cfg.kafka.bootstrap == "k:9092"
+    assert cfg.auth_token is not None and cfg.auth_token.get_secret_value() == PASSWORD
+    assert cfg.kafka.connection()["sasl.password"] == PASSWORD  # confluent: the service's default client
+    for shown in (repr(cfg), str(cfg), cfg.model_dump_json(), str(cfg.model_dump())):
+        assert PASSWORD not in shown
+    with pytest.raises(ConfigError, match="serve.port"):
+        serve_config_from_dict(SERVE_DOC, env={"RELOOP__SERVE__PORT": "http"})
+
+
+def test_one_environment_holds_both_programs_settings():
+    """`reloop run` leaves the service's sections to it (and the service the processor's): the demo and a
+    compose file give both programs one environment. A section neither program has is still refused."""
+    env = {
+        "RELOOP__SERVE__AUTH_TOKEN": PASSWORD,
+        "RELOOP__SERVE__PORT": "8081",
+        "RELOOP__SALT": "s",
+        "RELOOP__TRAIN__BATCH_SIZE": "5",
+        "RELOOP__KAFKA__BOOTSTRAP": "k:9092",
+    }
+    run = _run(env=env)
+    assert run.train.batch_size == 5 and run.kafka.bootstrap == "k:9092"
+    serve = serve_config_from_dict(SERVE_DOC, env=env)
+    assert serve.port == 8081 and serve.kafka.bootstrap == "k:9092"
+    with pytest.raises(ConfigError, match="RELOOP__SERVEE__PORT: unknown section 'servee'"):
+        _run(env={"RELOOP__SERVEE__PORT": "1"})
+
+
+def test_a_consumer_only_setting_in_the_shared_section_is_refused_naming_consumer_client_config():
+    with pytest.raises(ConfigError, match=r"fetch_max_wait_ms.*consumer\.client_config"):
+        _run({"kafka": {"client_config": {"fetch_max_wait_ms": 100}}})
+    with pytest.raises(ConfigError, match=r"kafka\.sasl_password"):
+        _run({"kafka": {"client_config": {"sasl_plain_password": "x"}}})
+    with pytest.raises(ConfigError, match=r"\['fetch_max_wiat_ms'\] are not kafka-python settings"):
+        _run({"kafka": {"client_config": {"fetch_max_wiat_ms": 1}}})
+
+
+class _Recorder:
+    made: list[tuple[str, dict]] = []
+
+    def __init__(self, *, bootstrap, client_config, **kw):
+        kind = "producer" if "topic" in kw else "consumer"
+        _Recorder.made.append((kind, dict(client_config)))
+
+    def close(self):
+        pass
+
+    def commit(self, positions):
+        pass
+
+
+def test_consumer_settings_reach_consumers_only_and_producer_settings_producers_only(monkeypatch):
+    from kafka import KafkaConsumer, KafkaProducer
+    from reloop.engine.runtime import build
+
+    cfg = _run(
+        {
+            "kafka": {"sasl_username": "u", "sasl_password": PASSWORD, "client_config": {"client_id": "c"}},
+            "consumer": {"client_config": {"fetch_max_wait_ms": 200}},
+            "producer": {"client_config": {"linger_ms": 5}},
+            "stages": {"join_client_config": {"session_timeout_ms": 6000}},
+        }
+    )
+    _Recorder.made = []
+    monkeypatch.setattr(kafka_stages, "_clients", lambda cfg: (_Recorder, _Recorder, _Recorder))
+    monkeypatch.setattr(kafka_stages, "_ensure_samples_topic", lambda cfg: None)
+    monkeypatch.setattr(build, "build_join_stage", lambda *a, **k: "join")
+    monkeypatch.setattr(build, "build_train_stage", lambda *a, **k: "train")
+    assert kafka_stages.join_stage_factory(cfg)() == "join"
+    assert kafka_stages.train_stage_factory(cfg)() == "train"
+    kinds = [kind for kind, _ in _Recorder.made]
+    assert kinds.count("consumer") == 2 and kinds.count("producer") == 3  # samples + 2 dead-letter sinks
+    for kind, settings in _Recorder.made:
+        assert settings["sasl_plain_password"] == PASSWORD and settings["client_id"] == "c"
+        known = KafkaConsumer.DEFAULT_CONFIG if kind == "consumer" else KafkaProducer.DEFAULT_CONFIG
+        assert set(settings) <= set(known), (kind, settings)  # the client would refuse anything else
+        assert ("fetch_max_wait_ms" in settings) == (kind == "consumer")
+        assert ("linger_ms" in settings) == (kind == "producer")
+    join_consumer = next(s for k, s in _Recorder.made if k == "consumer" and "session_timeout_ms" in s)
+    assert join_consumer["fetch_max_wait_ms"] == 200
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_a_sasl_password_never_prints_but_reaches_the_clients(where, caplog):
+    data = {"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u"}}
+    env = {}
+    if where == "file":
+        data["kafka"]["sasl_password"] = PASSWORD
+    else:
+        env["RELOOP__KAFKA__SASL_PASSWORD"] = PASSWORD
+    cfg = _run(data, env)
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("reloop.test").info("config: %s / %r", cfg, cfg.kafka)
+    shown = [repr(cfg), str(cfg), cfg.model_dump_json(), str(cfg.model_dump()), caplog.text]
+    shown.append(json.dumps(cfg.redacted_dump()))  # what snapshot manifests hold
+    for text in shown:
+        assert PASSWORD not in text
+    assert cfg.redacted_dump()["kafka"]["sasl_password"] == "**********"
+    assert cfg.consumer_client_config()["sasl_plain_password"] == PASSWORD
+    assert cfg.producer_client_config()["sasl_plain_password"] == PASSWORD
+    assert cfg.kafka.connection("confluent")["sasl.password"] == PASSWORD
+    # A bad value elsewhere in the section: the error names the key, never the secret.
+    with pytest.raises(ConfigError) as err:
+        _run({"kafka": {**data["kafka"], "sasl_password": PASSWORD, "security_protocol": "SASL"}}, env)
+    assert "kafka.security_protocol" in str(err.value) and PASSWORD not in str(err.value)
+
+
+def test_credential_like_keys_in_client_config_are_redacted_in_manifests():
+    cfg = _run({"producer": {"client_config": {"sasl_oauth_token_provider": PASSWORD}}})
+    assert PASSWORD not in json.dumps(cfg.redacted_dump())
+
+
+def test_connection_in_the_other_clients_names():
+    k = KafkaSection(client="kafka-python", ssl_cafile="/ca.pem", client_config={"client_id": "x"})
+    assert k.connection("confluent") == {"ssl.ca.location": "/ca.pem", "client.id": "x"}
+    c = KafkaSection(client="confluent", client_config={"client.id": "x"})
+    with pytest.raises(ConfigError, match="kafka-python"):
+        c.connection("kafka-python")
