@@ -41,7 +41,7 @@ def test_xdg_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture()
 def installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """As an installed wheel sees it: no deploy/ next to the code, the shipped copies elsewhere."""
-    shipped = tmp_path / "site-packages" / "reloop_data"
+    shipped = tmp_path / "site-packages" / "reloop" / "deploy_files"
     (shipped / "kafka").mkdir(parents=True)
     for name in ("pom.xml", "log4j2.xml"):
         (shipped / "kafka" / name).write_bytes((ROOT / "deploy" / "kafka" / name).read_bytes())
