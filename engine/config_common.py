@@ -82,9 +82,9 @@ class KafkaSection(_Section):
             if key in names:
                 raise ValueError(f"client_config.{key}: give it as kafka.{names[key]}")
         if self.client == "kafka-python":
-            from kafka import KafkaConsumer, KafkaProducer
+            from reloop.connectors.kafka.settings import client_settings
 
-            known = {*KafkaConsumer.DEFAULT_CONFIG, *KafkaProducer.DEFAULT_CONFIG}
+            known = client_settings()
             unknown = sorted(k for k in self.client_config if k not in known)
             if unknown:
                 raise ValueError(f"client_config: {unknown} are not kafka-python settings")
@@ -157,9 +157,10 @@ class ProducerSection(_Section):
 def consumer_only_settings(kafka: KafkaSection) -> list[str]:
     """The keys of ``kafka.client_config`` a producer would refuse (they belong in consumer.client_config)."""
     if kafka.client == "kafka-python":
-        from kafka import KafkaProducer
+        from reloop.connectors.kafka.settings import producer_settings
 
-        return [k for k in kafka.client_config if k not in KafkaProducer.DEFAULT_CONFIG]
+        producer = producer_settings()
+        return [k for k in kafka.client_config if k not in producer]
     return [k for k in kafka.client_config if k.startswith(("fetch.", "auto.", "group.", "session."))]
 
 

@@ -65,6 +65,24 @@ def create_topics(
         admin.close()
 
 
+def ensure_topic_like(
+    client_config: Mapping[str, Any], bootstrap: str, topic: str, like: str
+) -> None:
+    """Create ``topic`` when it is missing, with as many partitions as ``like``; an existing one is left
+    as it is. ``client_config``: the connection settings (what an admin client refuses is dropped)."""
+    from reloop.connectors.kafka.settings import admin_settings
+
+    client = admin_settings(client_config)
+    admin = admin_client(bootstrap, client)
+    try:
+        if topic in set(admin.list_topics()):
+            return
+        partitions = partition_counts(admin, [like])[like]
+    finally:
+        admin.close()
+    create_topics(bootstrap, {topic: partitions}, client_config=client)
+
+
 def partition_counts(admin: KafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:
     return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(topics))}
 

@@ -50,36 +50,13 @@ def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
 def _ensure_samples_topic(cfg: RunConfig) -> None:
     """Create the samples topic when it is missing, with one partition per join task (the partition
     count of the impressions topic). An existing one is checked by the join stage."""
-    src, bootstrap = cfg.source, cfg.kafka.bootstrap
     if cfg.kafka.client == "confluent":
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient({**cfg.kafka.connection(), "bootstrap.servers": bootstrap})
-        topics = admin.list_topics(timeout=10).topics
-        if cfg.stages.samples_topic in topics:
-            return
-        partitions = len(topics[src.impressions_topic].partitions)
-        futures = admin.create_topics([NewTopic(cfg.stages.samples_topic, partitions, 1)])
-        for future in futures.values():
-            try:
-                future.result(30)
-            except Exception as exc:  # noqa: BLE001 - lost a race with another creator: fine
-                if "already exists" not in str(exc).lower():
-                    raise
-        return
-    from kafka import KafkaAdminClient
-    from reloop.connectors.kafka.admin import admin_client, create_topics, partition_counts
-
-    # The connection settings; an admin client refuses what only a producer or consumer has.
-    client = {k: v for k, v in cfg.kafka.connection().items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    admin = admin_client(bootstrap, client)
-    try:
-        if cfg.stages.samples_topic in set(admin.list_topics()):
-            return
-        partitions = partition_counts(admin, [src.impressions_topic])[src.impressions_topic]
-    finally:
-        admin.close()
-    create_topics(bootstrap, {cfg.stages.samples_topic: partitions}, client_config=client)
+        from reloop.connectors.confluent.admin import ensure_topic_like
+    else:
+        from reloop.connectors.kafka.admin import ensure_topic_like
+    ensure_topic_like(
+        cfg.kafka.connection(), cfg.kafka.bootstrap, cfg.stages.samples_topic, cfg.source.impressions_topic
+    )
 
 
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
