@@ -40,6 +40,7 @@ from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import JoinerConfig
 from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
     ConsumerSection,
     RecoverySection,
@@ -116,6 +117,9 @@ class JoinStage:
         self.source = source
         self.samples = samples
         self.dead_letters = dead_letters
+        self.checkpointer = Checkpointer(
+            [samples, dead_letters], commit=source.commit, flush_timeout_s=settings.flush_timeout_s
+        )
         self.root = Path(checkpoint_root) / "join"
         self.joiner_config = joiner_config
         self.settings = settings
@@ -321,29 +325,27 @@ class JoinStage:
         self._last_checkpoint = time.monotonic()
 
     def _checkpoint(self, task: JoinTask, *, advance: bool) -> None:
-        """Wall-clock actions, then: everything sent so far made durable, the state (with what is emitted
-        but unsent) published, then that unsent output sent, then the offsets committed."""
+        """Wall-clock actions, then in the checkpointer's order: everything sent so far made durable, the
+        state (with what is emitted but unsent) published and that unsent output sent, the offsets
+        committed."""
         state = task.checkpoint_state(advance=advance)
-        self.samples.flush(self.settings.flush_timeout_s)
-        self.dead_letters.flush(self.settings.flush_timeout_s)
-        meta = {
-            "fingerprint": self.settings.fingerprint,
-            "task": task.partition,
-            "positions": positions_to_json(task.positions),
-            "next_seq": task.next_seq,
-            "watermark_ms": task.joiner.watermark_ms,
-            "pending": task.joiner.pending_count,
-        }
-        self.registry(task.partition).publish({"state": state}, meta)
-        self.snapshots_written += 1
-        while task.unsent:
-            self._send(task, self.settings.batch_samples)
-        try:
-            self.source.commit(dict(task.positions))
-        except Exception as exc:  # noqa: BLE001 - offsets are informational; the checkpoint is the truth
-            log.warning(
-                "offset commit failed", extra={"fields": {"task": task.partition, "error": repr(exc)}}
-            )
+        positions = dict(task.positions)
+
+        def publish(_ledger_bytes: int) -> None:
+            meta = {
+                "fingerprint": self.settings.fingerprint,
+                "task": task.partition,
+                "positions": positions_to_json(positions),
+                "next_seq": task.next_seq,
+                "watermark_ms": task.joiner.watermark_ms,
+                "pending": task.joiner.pending_count,
+            }
+            self.registry(task.partition).publish({"state": state}, meta)
+            self.snapshots_written += 1
+            while task.unsent:
+                self._send(task, self.settings.batch_samples)
+
+        self.checkpointer.save(publish, positions, task=task.partition)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, *, checkpoint: bool = True) -> None:

@@ -50,6 +50,7 @@ from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
     ConsumerSection,
     RecoverySection,
@@ -139,6 +140,8 @@ class Pipeline:
         self.served_metrics = served_metrics or OnlineMetricsBook()
         self.ledger = ledger
         self.commit = commit
+        # Flush (samples, dead letters, ledger), publish, commit; no flush timeout unless a caller gives one.
+        self.checkpointer = Checkpointer([samples_sink, self.dead_letters], commit=commit, ledger=ledger)
         self.meta = dict(meta or {})
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
@@ -426,13 +429,33 @@ class Pipeline:
     def snapshot(self, *, kind: SaveKind = "snapshot", flush_timeout_s: float | None = None) -> int:
         """Publish everything now as the next model version (``kind="snapshot"``: a period boundary)
         or as a checkpoint (no version, no boundary; see the module docstring). Returns the version or
-        checkpoint number. The sinks are flushed first: a flush that fails raises before anything is
-        written."""
-        if self.samples_sink is not None:
-            self.samples_sink.flush(flush_timeout_s)
-        self.dead_letters.flush(flush_timeout_s)
-        ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
+        checkpoint number. In the checkpointer's order: the sinks are flushed first (a flush that fails
+        raises before anything is written), the offsets committed last."""
         positions = dict(self._positions)
+        t0 = time.perf_counter()
+        number, meta = self.checkpointer.save(
+            lambda ledger_bytes: self._publish(kind, positions, ledger_bytes),
+            positions,
+            timeout_s=flush_timeout_s,
+            kind=kind,
+        )
+        self.last_commit_error = self.checkpointer.last_commit_error
+        log.info(
+            kind,
+            extra={
+                "fields": {
+                    "number": number,
+                    "version": self.version,
+                    "samples_trained": self.trainer.counters.samples,
+                    "positions": meta["positions"],
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
+            },
+        )
+        return number
+
+    def _publish(self, kind: SaveKind, positions: Positions, ledger_bytes: int) -> tuple[int, dict[str, Any]]:
+        """The checkpointer's publish step: the state as a snapshot or a checkpoint; (number, meta)."""
         boundary = kind == "snapshot"
         # A snapshot holds the trigger as it is AFTER its boundary, or a restart fires it again; a
         # checkpoint holds it untouched, so the next boundary comes where it would have come.
@@ -472,7 +495,6 @@ class Pipeline:
         target = self.registry if boundary else self.registry.checkpoints
         if boundary:
             self._publish_serving_bundle()
-        t0 = time.perf_counter()
         try:
             number = target.publish({"model": model, "state": state}, meta)
         except BaseException:
@@ -483,26 +505,7 @@ class Pipeline:
             self.version = number
             self.trainer.on_snapshot(number)
             self._metrics.snapshotted(number)
-        if self.commit is not None:
-            try:
-                self.commit(positions)
-                self.last_commit_error = None
-            except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
-                self.last_commit_error = repr(exc)
-                log.warning("offset commit failed", extra={"fields": {"number": number, "error": repr(exc)}})
-        log.info(
-            kind,
-            extra={
-                "fields": {
-                    "number": number,
-                    "version": self.version,
-                    "samples_trained": self.trainer.counters.samples,
-                    "positions": meta["positions"],
-                    "seconds": round(time.perf_counter() - t0, 4),
-                }
-            },
-        )
-        return number
+        return number, meta
 
     @property
     def positions(self) -> Positions:

@@ -34,6 +34,7 @@ from reloop.engine.events.validation import EventError
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import ConsumerSection, RecoverySection, StagesSection, default_of
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
@@ -169,6 +170,12 @@ class TrainStage:
         self.served_metrics = served_metrics or OnlineMetricsBook()
         self.ledger = ledger
         self.commit = commit
+        self.checkpointer = Checkpointer(
+            [self.dead_letters],
+            commit=self._commit_positions,
+            ledger=ledger,
+            flush_timeout_s=settings.flush_timeout_s,
+        )
         self.meta = dict(meta or {})
         self.version: int | None = None
         self.snapshots_written = 0
@@ -423,10 +430,26 @@ class TrainStage:
 
     def snapshot(self, *, kind: SaveKind = "snapshot") -> int:
         """Publish the state as the next model version (a period boundary) or as a checkpoint (with
-        ranks: all of them together; rank 0 writes the one manifest)."""
-        self.dead_letters.flush(self.settings.flush_timeout_s)
-        ledger_bytes = self.ledger.sync() if self.ledger is not None else 0
+        ranks: all of them together; rank 0 writes the one manifest). In the checkpointer's order: dead
+        letters flushed and the ledger synced, the state published, the offsets committed."""
         positions = dict(self._positions)
+        number = self.checkpointer.save(
+            lambda ledger_bytes: self._save(kind, positions, ledger_bytes), positions, kind=kind
+        )
+        log.info(
+            kind,
+            extra={
+                "fields": {
+                    "number": number,
+                    "version": self.version,
+                    "samples_trained": self.trainer.counters.samples,
+                }
+            },
+        )
+        return number
+
+    def _save(self, kind: SaveKind, positions: Positions, ledger_bytes: int) -> int:
+        """The checkpointer's publish step: every rank's part gathered, rank 0 publishes, the ranks agree."""
         boundary = kind == "snapshot"
         trainer_state = self.trainer.state_dict()
         model = trainer_state.pop("learner")  # saved once (the "model" part), not per rank
@@ -467,20 +490,6 @@ class TrainStage:
             self.version = number
             self.trainer.on_snapshot(number)
             self._metrics.snapshotted(number)
-        if self._fetcher is not None:
-            self._fetcher.commit(positions)  # the consumer belongs to the fetch thread
-        else:
-            self._commit_now(positions)
-        log.info(
-            kind,
-            extra={
-                "fields": {
-                    "number": number,
-                    "version": self.version,
-                    "samples_trained": self.trainer.counters.samples,
-                }
-            },
-        )
         return number
 
     def _publish(
@@ -541,12 +550,22 @@ class TrainStage:
                     f.truncate(min(self._ledger_lengths.get(int(rank), 0), path.stat().st_size))
 
     def _commit_now(self, positions: Positions) -> None:
+        """A commit on the thread that owns the consumer (the fetch thread, or the stage at close): a
+        failure is logged, never raised."""
         if self.commit is None:
             return
         try:
             self.commit(positions)
         except Exception as exc:  # noqa: BLE001 - offsets are informational; the snapshot is the truth
             log.warning("offset commit failed", extra={"fields": {"error": repr(exc)}})
+
+    def _commit_positions(self, positions: Positions) -> None:
+        """The checkpointer's commit step (a failure is logged there): the fetch thread owns the consumer
+        when there is one, so it commits at its next turn."""
+        if self._fetcher is not None:
+            self._fetcher.commit(positions)
+        elif self.commit is not None:
+            self.commit(positions)
 
     def _publish_serving_bundle(self) -> None:
         """The version's weights alone for the scoring service, written just before its snapshot
