@@ -1,7 +1,7 @@
 """Impression logging off the request path: a bounded buffer drained by one background thread.
 
 A scoring request only appends to an in-memory buffer (a lock and a list append) and never waits on
-the sink. The drain thread batches events, encodes them and hands them to a ``reloop.connectors.base.Sink``
+the sink. The drain thread batches events, encodes them and hands them to a ``reloop.engine.streams.Sink``
 (Kafka in production, MemorySink in unit tests). When the sink is slow or down the buffer fills up to
 ``max_buffer`` events; beyond that new events are dropped and counted, so a Kafka outage costs logged
 events (visible in ``dropped``) but never a failed or slow request.

@@ -2,7 +2,7 @@
 shown items with their true probability, and send each click when its (random) delay has passed.
 
 The service is reached through a ``score(body) -> response | None`` callable (HTTP in production,
-an in-process call in unit tests); clicks go to one ``reloop.connectors.base.Sink`` per arm, keyed by
+an in-process call in unit tests); clicks go to one ``reloop.engine.streams.Sink`` per arm, keyed by
 impression id, stamped with the click's event time.
 """
 
