@@ -199,7 +199,6 @@ class _MappingEnvSource(EnvSettingsSource):
     """pydantic-settings' environment source over a given mapping (default os.environ)."""
 
     def __init__(self, model: type[BaseModel], env: Mapping[str, str]) -> None:
-        self._given_env = env
         super().__init__(
             model,  # type: ignore[arg-type] - reads only model_config and the fields
             case_sensitive=False,
@@ -207,9 +206,9 @@ class _MappingEnvSource(EnvSettingsSource):
             env_nested_delimiter="__",
             env_parse_none_str="null",
         )
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k.lower(): v for k, v in self._given_env.items()}
+        # The given variables instead of os.environ: ``env_vars`` is the table the source reads its values
+        # from (case-insensitive here, so lower-cased like the source's own loading does).
+        self.env_vars = {k.lower(): v for k, v in env.items()}
 
 
 #: Sections only the scoring service reads: `reloop run` leaves their variables to it, so one environment
