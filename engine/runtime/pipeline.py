@@ -61,6 +61,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.serve.bundle_format import publish_serving_bundle
 from reloop.engine.streams import (
     Positions,
@@ -228,6 +229,10 @@ class Pipeline:
         self.version = point.base_version
         self.restored_from = f"{point.kind} {point.number}"
         self._metrics.restore(self)
+        # The last model version's number and time, at once (as the train stage does).
+        self._metrics.restored(
+            point.base_version, float(self.registry.manifest(point.base_version)["created_unix"])
+        )
         log.info(
             "restored",
             extra={
@@ -532,20 +537,16 @@ def sample_from_joined(j: Joined) -> LabeledSample:
     )
 
 
-class _Publisher:
-    """Copies engine counters into ``EngineStats`` (deltas of the joiner's own counters)."""
+class _Publisher(TrainerMetrics):
+    """The trainer's metrics, plus the joiner's counters copied into ``EngineStats`` (as deltas) and lag."""
 
     def __init__(
         self, stats: EngineStats, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
     ) -> None:
-        self._wall_period_s = wall_period_s
+        super().__init__(stats, wall_period_s=wall_period_s)
         self._lag_interval_s = lag_interval_s
         self._lag_at = float("-inf")
         self._lag = stats.consumer_lag
-        self._snap_period = stats.snapshot_period_s
-        self._last_snap_wall: float | None = None
-        if wall_period_s is not None:
-            self._snap_period.set(wall_period_s)
         self.consumed_by_topic: dict[str, Any] = {}
         self._events = stats.events_consumed
         self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
@@ -558,14 +559,6 @@ class _Publisher:
         self._fallbacks = stats.snapshot_restore_fallbacks
         self._dupes = stats.joiner_duplicates
         self._bound = stats.joiner_dropped_by_bound
-        self._steps = stats.train_steps.child()
-        self._samples = stats.train_samples.child()
-        self._loss = stats.train_loss
-        self._loss_parts = stats.train_loss_parts
-        self._sc_active = stats.train_sc_active
-        self._snap_version = stats.snapshot_version
-        self._snap_time = stats.snapshot_time_s
-        self._snaps = stats.snapshots
         self._dead = stats.dead_letters
         self._last_join: dict[str, int] = {}
         self._last_dead: dict[str, int] = {}
@@ -590,26 +583,6 @@ class _Publisher:
 
     def joined(self, sample: LabeledSample) -> None:
         self._joined[sample.label].add()
-
-    def trained(self, result: StepResult) -> None:
-        self._steps.add()
-        self._samples.add(result.n)
-        loss = result.loss
-        self._loss.set(loss.total)
-        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
-            self._loss_parts.set(value, part)
-        self._sc_active.set(loss.sc_active_fraction)
-
-    def snapshotted(self, version: int) -> None:
-        now = time.time()
-        self._snap_version.set(version)
-        self._snap_time.set(now)
-        self._snaps.add()
-        # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
-        # last observed interval instead.
-        if self._wall_period_s is None and self._last_snap_wall is not None:
-            self._snap_period.set(now - self._last_snap_wall)
-        self._last_snap_wall = now
 
     def lag(self, source: Any) -> None:
         """End offset minus position per partition, at most once per ``lag_interval_s`` (a metadata

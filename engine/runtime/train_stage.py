@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,6 +37,7 @@ from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import ConsumerSection, RecoverySection, StagesSection, default_of
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
     ledger_lengths,
@@ -627,49 +627,16 @@ class TrainStage:
         return self._buffered
 
 
-class _TrainMetrics:
+class _TrainMetrics(TrainerMetrics):
+    """The trainer's metrics plus what only the train stage counts (copies dropped, dead letters)."""
+
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
-        self._steps = stats.train_steps.child()
-        self._samples = stats.train_samples.child()
-        self._loss = stats.train_loss
-        self._loss_parts = stats.train_loss_parts
-        self._sc_active = stats.train_sc_active
-        self._snap_version = stats.snapshot_version
-        self._snap_time = stats.snapshot_time_s
-        self._snap_period = stats.snapshot_period_s
-        self._snaps = stats.snapshots
+        super().__init__(stats, wall_period_s=wall_period_s)
         self._dupes = stats.train_duplicates_dropped
         self._dead = stats.dead_letters
         self.fallbacks = stats.snapshot_restore_fallbacks
-        self._wall_period_s = wall_period_s
-        if wall_period_s is not None:
-            self._snap_period.set(wall_period_s)
-        self._last_snap_wall: float | None = None
         self._last_dupes = 0
         self._last_dead: dict[str, int] = {}
-
-    def trained(self, result: StepResult) -> None:
-        self._steps.add()
-        self._samples.add(result.n)
-        loss = result.loss
-        self._loss.set(loss.total)
-        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
-            self._loss_parts.set(value, part)
-        self._sc_active.set(loss.sc_active_fraction)
-
-    def restored(self, version: int, created_unix: float) -> None:
-        self._snap_version.set(version)
-        self._snap_time.set(created_unix)
-        self._last_snap_wall = created_unix
-
-    def snapshotted(self, version: int) -> None:
-        now = time.time()
-        self._snap_version.set(version)
-        self._snap_time.set(now)
-        self._snaps.add()
-        if self._wall_period_s is None and self._last_snap_wall is not None:
-            self._snap_period.set(now - self._last_snap_wall)
-        self._last_snap_wall = now
 
     def publish(self, stage: TrainStage) -> None:
         if stage.duplicates_dropped != self._last_dupes:

@@ -249,3 +249,22 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     assert p.joiner.watermark_ms < t0 + 61_000  # never moved to the year 3000
     assert stats.joiner_too_late.get("impression") == 1
     p.close()
+
+
+def test_a_restored_pipeline_exports_its_snapshot_version_and_time_at_once(tmp_path):
+    """As the train stage does: a restored process that then stalls must trip the snapshot-stale alert
+    without writing a snapshot first."""
+    synth = generate(200, seed=6, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    first = _pipeline(_config(tmp_path), log, clock)
+    _run_to_end(first, log, clock)
+    version = first.version
+    assert version is not None and version >= 1
+    first.close()
+    created = first.registry.manifest(version)["created_unix"]
+    stats = EngineStats()
+    build_pipeline(_config(tmp_path), source=MemorySource(log, ["impressions", "clicks"]), clock=clock,
+                   stats=stats)  # fmt: skip
+    assert stats.snapshot_version.get() == version
+    assert stats.snapshot_time_s.get() == created

@@ -1,0 +1,52 @@
+"""What every trainer exports, for the single-process pipeline and the train stage alike: steps, samples,
+the last mini-batch's loss (total and parts) and SC activity, and the version, time and expected period
+of its snapshots (set at restore too, so a restored process that then stalls trips the stale alert)."""
+
+from __future__ import annotations
+
+import time
+
+from reloop.engine.metrics.stats import EngineStats
+from reloop.engine.train.stream import StepResult
+
+
+class TrainerMetrics:
+    def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
+        self._steps = stats.train_steps.child()
+        self._samples = stats.train_samples.child()
+        self._loss = stats.train_loss
+        self._loss_parts = stats.train_loss_parts
+        self._sc_active = stats.train_sc_active
+        self._snap_version = stats.snapshot_version
+        self._snap_time = stats.snapshot_time_s
+        self._snap_period = stats.snapshot_period_s
+        self._snaps = stats.snapshots
+        self._wall_period_s = wall_period_s
+        if wall_period_s is not None:
+            self._snap_period.set(wall_period_s)
+        self._last_snap_wall: float | None = None
+
+    def trained(self, result: StepResult) -> None:
+        self._steps.add()
+        self._samples.add(result.n)
+        loss = result.loss
+        self._loss.set(loss.total)
+        for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
+            self._loss_parts.set(value, part)
+        self._sc_active.set(loss.sc_active_fraction)
+
+    def restored(self, version: int, created_unix: float) -> None:
+        self._snap_version.set(version)
+        self._snap_time.set(created_unix)
+        self._last_snap_wall = created_unix
+
+    def snapshotted(self, version: int) -> None:
+        now = time.time()
+        self._snap_version.set(version)
+        self._snap_time.set(now)
+        self._snaps.add()
+        # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
+        # last observed interval instead.
+        if self._wall_period_s is None and self._last_snap_wall is not None:
+            self._snap_period.set(now - self._last_snap_wall)
+        self._last_snap_wall = now
