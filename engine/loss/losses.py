@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 STRATEGIES: tuple[str, ...] = ("ce", "kd", "reloop")
-# Variants for the paper's open scale question (docs/method.md, question 2); not in the paper.
-VARIANTS: tuple[str, ...] = ("reloop_norm", "reloop_logit")
+# Not in the paper: variants for its open scale question (docs/method.md, question 2), and two
+# self-corrections of our own (reloop_kl, reloop_kd, reloop_gated; docs/backtest/self-correction.md).
+VARIANTS: tuple[str, ...] = ("reloop_norm", "reloop_logit", "reloop_kl", "reloop_kd", "reloop_gated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +150,10 @@ class _MixedLoss:
             yl = torch.where(has_last, yl.clamp(0.0, 1.0), torch.zeros_like(yl))
             p = torch.sigmoid(logits)
             aux = self._aux(logits, p, labels, yl, has_last) * has_last
-            mixed = self.alpha * aux + (1.0 - self.alpha) * ce
+            alpha = self._batch_alpha(logits, labels, yl, has_last, ce)
+            mixed = alpha * aux + (1.0 - alpha) * ce
             per_sample = torch.where(has_last, mixed, ce)
-            active = (aux > 0) & has_last
+            active = self._sc_active(p, labels, yl, aux) & has_last
         return per_sample, ce, aux, has_last, active
 
     def __call__(
@@ -183,6 +185,14 @@ class _MixedLoss:
                 n_with_last=n_last,
             )
         return total, stats
+
+    def _batch_alpha(self, logits, labels, y_last, has_last, ce) -> float | torch.Tensor:
+        """The mixing weight of this batch: alpha, except for the adaptive variant."""
+        return self.alpha
+
+    def _sc_active(self, p: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor, aux: torch.Tensor):
+        """Where the new model is worse than the last one (``sc_active_fraction``): where aux > 0."""
+        return aux > 0
 
     def event_gradient(self, p: float, label: float, y_last: float) -> float:
         """``raw_gradient`` of one sample as a Python float, given its probability ``p``, for learners
@@ -323,12 +333,97 @@ class LogitReLoopLoss(_MixedLoss):
         return label * (-1.0 if yl > p else 0.0) + (1.0 - label) * (1.0 if p > yl else 0.0)
 
 
+def _kl(logits: torch.Tensor, y_last: torch.Tensor) -> torch.Tensor:
+    """KL(y_last || p) per sample: KD's soft-target log loss minus its minimum, so 0 where p = y_last."""
+    entropy = -torch.special.xlogy(y_last, y_last) - torch.special.xlogy(1.0 - y_last, 1.0 - y_last)
+    return F.binary_cross_entropy_with_logits(logits, y_last, reduction="none") - entropy
+
+
+def _worse(p: torch.Tensor, labels: torch.Tensor, y_last: torch.Tensor) -> torch.Tensor:
+    """1 where the new prediction is on the wrong side of the last one for the label (L_sc > 0)."""
+    return (labels * (y_last > p) + (1.0 - labels) * (p > y_last)).detach()
+
+
+@dataclass(frozen=True, slots=True)
+class OneSidedDistillationLoss(_MixedLoss):
+    """Ours: ReLoop's activation with KD's shape. Where the new model is worse than the last one for
+    the label (where L_sc > 0), pull it towards the last prediction with KL(y_last || p); elsewhere
+    nothing. The pull never opposes the label (KD's does, where the teacher was wrong), and its logit
+    gradient is ``p - y_last``, which does not vanish when p saturates (L_sc's ``p (1 - p)`` does)."""
+
+    strategy: ClassVar[str] = "reloop_kl"
+
+    def _aux(self, logits, p, labels, y_last, has_last):
+        return _worse(p, labels, y_last) * _kl(logits, y_last)
+
+    def _aux_event(self, p, label, y_last):
+        worse = y_last > p if label >= 0.5 else p > y_last
+        return p - y_last if worse else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SelfCorrectionDistillationLoss(_MixedLoss):
+    """Ours: SC and KD together, ``alpha * (L_sc + L_kd) / 2 + (1 - alpha) * CE``: the earlier MovieLens
+    prototype found SC helping where the last model knew the user and KD where it did not."""
+
+    strategy: ClassVar[str] = "reloop_kd"
+
+    def _aux(self, logits, p, labels, y_last, has_last):
+        kd = F.binary_cross_entropy_with_logits(logits, y_last, reduction="none")
+        return 0.5 * (_sc(p, labels, y_last) + kd)
+
+    def _sc_active(self, p, labels, y_last, aux):
+        return _worse(p, labels, y_last) > 0
+
+    def _aux_event(self, p, label, y_last):
+        return 0.5 * (_sc_event(p, label, y_last) + p - y_last)
+
+    def _aux_curvature(self, p):
+        return 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class GatedReLoopLoss(_MixedLoss):
+    """Ours, an adaptive alpha: ReLoop on a batch only where the last model predicts the batch better
+    than the new one (lower log loss over the samples with a y_last); plain CE on the others.
+
+    The teacher of a streaming learner is a period stale and usually worse than the learner, so a fixed
+    alpha pulls towards an older model; this one leans on it only where it still knows more. The decision
+    is a constant (no gradient). Per event (a batch of one) the gate is open exactly where L_sc > 0."""
+
+    strategy: ClassVar[str] = "reloop_gated"
+
+    def _aux(self, logits, p, labels, y_last, has_last):
+        return _sc(p, labels, y_last)
+
+    def _aux_event(self, p, label, y_last):
+        return _sc_event(p, label, y_last)
+
+    def _batch_alpha(self, logits, labels, y_last, has_last, ce):
+        with torch.no_grad():
+            if not bool(has_last.any()):
+                return 0.0
+            teacher = F.binary_cross_entropy(y_last, labels, reduction="none")  # its log loss
+            better = float(teacher[has_last].mean()) < float(ce[has_last].mean())
+        return self.alpha if better else 0.0
+
+    def event_gradient(self, p: float, label: float, y_last: float) -> float:
+        if y_last == y_last:  # known: the gate of a batch of one
+            yl = 0.0 if y_last < 0.0 else 1.0 if y_last > 1.0 else y_last
+            if (yl > p) if label >= 0.5 else (p > yl):
+                return _MixedLoss.event_gradient(self, p, label, y_last)
+        return p - label
+
+
 _LOSSES: dict[str, type[_MixedLoss]] = {
     "ce": CrossEntropyLoss,
     "kd": DistillationLoss,
     "reloop": ReLoopLoss,
     "reloop_norm": NormalisedReLoopLoss,
     "reloop_logit": LogitReLoopLoss,
+    "reloop_kl": OneSidedDistillationLoss,
+    "reloop_kd": SelfCorrectionDistillationLoss,
+    "reloop_gated": GatedReLoopLoss,
 }
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reloop.engine.loss import LossStats, make_loss
+from reloop.engine.loss import STRATEGIES, VARIANTS, LossStats, make_loss
 
 LN2 = math.log(2.0)
 
@@ -133,7 +133,7 @@ def test_sc_active_fraction_counts_worse_samples_among_those_with_y_last():
     assert isinstance(stats, LossStats) and stats.to_dict()["n"] == 4
 
 
-@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop", "reloop_norm", "reloop_logit"])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *VARIANTS])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
     rng = np.random.default_rng(1)
@@ -148,7 +148,7 @@ def test_numpy_raw_gradient_matches_autograd(strategy, alpha):
     np.testing.assert_allclose(raw, grad * n, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("strategy", ["ce", "kd", "reloop", "reloop_norm", "reloop_logit"])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *VARIANTS])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_the_scalar_event_gradient_is_autograd_of_the_one_definition(strategy, alpha):
     """The per-event path (river, the per-event wide part) is the only hand-written derivative: it must
@@ -189,3 +189,50 @@ def test_bad_strategy_and_alpha_fail_naming_them():
         make_loss("reloop", 1.5)
     with pytest.raises(ValueError, match="empty"):
         make_loss("ce")(torch.zeros(0), torch.zeros(0))
+
+
+def test_one_sided_kl_pulls_only_where_the_new_model_is_worse_with_kd_gradient():
+    # z = 0 (p = 0.5). Positive, y_last 0.8: worse; negative, y_last 0.1: worse; positive, y_last 0.2: not.
+    alpha = 0.5
+    value, grad, stats = _run("reloop_kl", alpha, [0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.8, 0.1, 0.2])
+    kl_pos = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    kl_neg = 0.1 * math.log(0.1 / 0.5) + 0.9 * math.log(0.9 / 0.5)
+    assert stats.sc == pytest.approx((kl_pos + kl_neg) / 3)
+    assert value == pytest.approx(alpha * (kl_pos + kl_neg) / 3 + (1 - alpha) * LN2)
+    assert stats.sc_active_fraction == pytest.approx(2 / 3)
+    # d KL / d z = p - y_last where active (-0.3, +0.4); CE's p - y = -0.5, +0.5, -0.5.
+    expected = [alpha * -0.3 + (1 - alpha) * -0.5, alpha * 0.4 + (1 - alpha) * 0.5, (1 - alpha) * -0.5]
+    np.testing.assert_allclose(grad, np.array(expected) / 3, rtol=1e-12)
+    # It does not vanish when the prediction saturates: z = -30 on a positive whose last prediction was 0.9.
+    _, saturated, _ = _run("reloop_kl", 1.0, [-30.0], [1.0], [0.9])
+    _, plain, _ = _run("reloop", 1.0, [-30.0], [1.0], [0.9])
+    assert saturated[0] == pytest.approx(-0.9, rel=1e-6) and abs(plain[0]) < 1e-12
+
+
+def test_sc_plus_kd_is_the_mean_of_both_terms():
+    alpha = 0.4
+    value, grad, stats = _run("reloop_kd", alpha, [0.0, 0.0], [1.0, 1.0], [0.8, 0.2])
+    sc = [0.3, 0.0]
+    kd = [LN2, LN2]  # soft-target log loss of p = 0.5 is ln 2 for any target
+    aux = [(s + k) / 2 for s, k in zip(sc, kd, strict=True)]
+    assert stats.sc == pytest.approx(sum(aux) / 2)
+    assert value == pytest.approx(alpha * sum(aux) / 2 + (1 - alpha) * LN2)
+    assert stats.sc_active_fraction == pytest.approx(1 / 2)  # where L_sc > 0, not where KD is
+    # d/dz: SC -p(1-p) = -0.25 where active; KD p - y_last = -0.3, +0.3; CE -0.5.
+    expected = [alpha * (-0.25 - 0.3) / 2 - (1 - alpha) * 0.5, alpha * 0.3 / 2 - (1 - alpha) * 0.5]
+    np.testing.assert_allclose(grad, np.array(expected) / 2, rtol=1e-12)
+
+
+def test_gated_reloop_is_reloop_where_the_last_model_predicts_the_batch_better_and_ce_elsewhere():
+    # Last model better on the batch (0.8 for a positive, 0.2 for a negative against p = 0.5): ReLoop.
+    z, y = [0.0, 0.0], [1.0, 0.0]
+    gated = _run("reloop_gated", 0.5, z, y, [0.8, 0.2])
+    plain = _run("reloop", 0.5, z, y, [0.8, 0.2])
+    assert gated[0] == pytest.approx(plain[0]) and gated[2].sc == pytest.approx(plain[2].sc)
+    np.testing.assert_allclose(gated[1], plain[1], rtol=1e-12)
+    # Last model worse on the batch overall (log loss -ln 0.6 - ln 0.3 > 2 ln 2), though better on the
+    # first sample: plain CE at full weight, no SC gradient.
+    value, grad, _ = _run("reloop_gated", 0.5, z, y, [0.6, 0.7])
+    ce_value, ce_grad, _ = _run("ce", 0.0, z, y)
+    assert value == pytest.approx(ce_value)
+    np.testing.assert_allclose(grad, ce_grad, rtol=1e-12)
