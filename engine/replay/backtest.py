@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -90,13 +90,32 @@ class BacktestData:
     times_ms: np.ndarray
     bounds: tuple[int, ...]
     raw_features: Sequence[dict[str, Any]] = field(repr=False, default=())
+    # The labels every score is judged against when ``labels`` (what the learners train on) were
+    # corrupted on purpose (``with_label_noise``); None = ``labels``.
+    true_labels: np.ndarray | None = field(repr=False, default=None)
 
     @property
     def n_periods(self) -> int:
         return len(self.bounds) - 1
 
+    def judged_labels(self, sl: slice) -> np.ndarray:
+        """The labels of ``sl`` that scores are evaluated against."""
+        return (self.labels if self.true_labels is None else self.true_labels)[sl]
+
     def period(self, t: int) -> slice:
         return slice(self.bounds[t], self.bounds[t + 1])
+
+
+def with_label_noise(data: BacktestData, rate: float, seed: int = 0) -> BacktestData:
+    """``data`` whose training labels have a ``rate`` fraction flipped (drawn once from ``seed``, so every
+    run sees the same flips), evaluated against the true labels: how each strategy degrades under label
+    noise (docs/method.md, the paper's open question)."""
+    if not 0.0 <= rate < 0.5:
+        raise ValueError(f"label noise must be in [0, 0.5), got {rate}")
+    flip = np.random.default_rng([seed, 11]).random(len(data.labels)) < rate
+    noisy = np.where(flip, 1.0 - data.labels, data.labels).astype(data.labels.dtype)
+    true = data.labels if data.true_labels is None else data.true_labels
+    return replace(data, labels=noisy, true_labels=true)
 
 
 def period_bounds_by_time(times_ms: np.ndarray, period_ms: int, min_size: int = 1) -> tuple[int, ...]:
@@ -225,7 +244,7 @@ def run_periodic(
             # evaluation and (recomputed mode) the y_last of that strategy's own last model.
             probs = learner.predict_proba(batch)
             y_last = probs if run.y_last == "recomputed" else data.logged[sl]
-            rows.append(_row(run, t, labels, probs))
+            rows.append(_row(run, t, data.judged_labels(sl), probs))
         active: list[float] = []
         for epoch in range(run.epochs):
             # The shuffle depends on (seed, period, epoch) only, so every strategy sees the same order.
@@ -288,9 +307,10 @@ def run_streaming(
                 for draw in replay.take():
                     learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
         if t > 0 and len(labels):
-            rows.append(_row(run, t, labels, probs, sc_active=float(np.mean(active))))
+            judged = data.judged_labels(sl)
+            rows.append(_row(run, t, judged, probs, sc_active=float(np.mean(active))))
             for name, corrected in memory.variants() if memory is not None else ():
-                rows.append(_row(run, t, labels, corrected, strategy=f"{run.strategy.name}+{name}"))
+                rows.append(_row(run, t, judged, corrected, strategy=f"{run.strategy.name}+{name}"))
         snapshot = learner.clone_frozen()
         if memory is not None:
             memory.on_snapshot()
@@ -338,5 +358,5 @@ def run_river_baseline(data: BacktestData, lr: float = 0.05) -> list[dict[str, A
             probs[i] = model.predict_proba_one(x).get(True, 0.0)
             model.learn_one(x, bool(labels[i]))
         if t > 0 and len(labels):
-            rows.append(_row(run, t, labels, probs, sc_active=0.0))
+            rows.append(_row(run, t, data.judged_labels(sl), probs, sc_active=0.0))
     return rows

@@ -32,6 +32,7 @@ from reloop.engine.replay.backtest import (
     run_one,
     run_river_baseline,
     strategy_grid,
+    with_label_noise,
 )
 from reloop.engine.replay.report import MIN_SEEDS, markdown_tables, plot, read_csv, write_csv
 
@@ -72,6 +73,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--min-period-size", type=int, default=500, help="a smaller period is merged into the one before"
     )
     parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows (0 = all)")
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="flip this fraction of the TRAINING labels (the same flips for every run); every score is "
+        "still judged against the true labels",
+    )
     parser.add_argument("--backbones", default="deepfm,dcn")
     parser.add_argument(
         "--strategies",
@@ -169,7 +178,13 @@ def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     spec = feature_spec(ds.fields, buckets=args.buckets)
     args.dataset_name = getattr(ds, "name", None) or args.dataset
-    return prepare(to_samples(rows), spec, _period(args.period, args.min_period_size)), ds.time_kind
+    data = prepare(to_samples(rows), spec, _period(args.period, args.min_period_size))
+    if args.label_noise:
+        try:
+            data = with_label_noise(data, args.label_noise)
+        except ValueError as e:
+            raise SystemExit(f"--label-noise: {e}") from None
+    return data, ds.time_kind
 
 
 _DATA: BacktestData | None = None
@@ -310,13 +325,19 @@ def write_report(
     )
     command = _shown_command(sys.argv[2:])
     data_note = " (`$DATA`: the folder that holds the datasets)" if "$DATA/" in command else ""
+    noise = getattr(args, "label_noise", 0.0)
+    noise_note = (
+        f"\n- label noise: {noise:.0%} of the training labels flipped; every metric uses the true labels"
+        if noise
+        else ""
+    )
     text = f"""# Backtest: {args.title or getattr(args, "dataset_name", args.dataset)}
 
 Command: `reloop backtest {command}`{data_note}
 
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
-- {time_note}
+- {time_note}{noise_note}
 - {learner_settings(args)}
 - tables: periods {report_from} and later{
         " (the earlier ones were used to choose settings; the plots show every period)"

@@ -15,6 +15,7 @@ from reloop.engine.replay.backtest import (
     run_periodic,
     run_streaming,
     strategy_grid,
+    with_label_noise,
 )
 
 SPEC = FeatureSpec(fields=(CategoricalField(name="x", buckets=50),))
@@ -144,3 +145,31 @@ def test_strategy_grid_per_strategy_alphas() -> None:
     for bad, match in (("ce@0.5", "no alpha"), ("kd@x", "STRATEGY@ALPHA"), ("mse", "unknown strategy")):
         with pytest.raises(ValueError, match=match):
             strategy_grid(["ce", bad], [0.2])
+
+
+def test_label_noise_trains_on_flipped_labels_and_judges_on_the_true_ones() -> None:
+    data = _data(n=400, per=100)
+    noisy = with_label_noise(data, 0.2, seed=3)
+    flipped = noisy.labels != data.labels
+    assert 0.15 < flipped.mean() < 0.25  # about the rate
+    np.testing.assert_array_equal(noisy.true_labels, data.labels)
+    np.testing.assert_array_equal(with_label_noise(data, 0.2, seed=3).labels, noisy.labels)  # same flips
+    assert (with_label_noise(data, 0.2, seed=4).labels != noisy.labels).any()
+    seen: list[np.ndarray] = []
+
+    class Learner(Recorder):
+        def learn(self, batch, labels, y_last=None, weights=None):
+            seen.append(np.asarray(labels).copy())
+            return super().learn(batch, labels, y_last, weights)
+
+    for run_protocol in (run_streaming, run_periodic):
+        seen.clear()
+        run = RunSpec("streaming" if run_protocol is run_streaming else "periodic", "x", Strategy("ce"), 0)
+        rows = run_protocol(noisy, run, lambda run, spec: Learner([]))
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.sort(noisy.labels))  # learns noisy
+        differs = [r for r in rows if noisy.labels[noisy.period(r["period"])].mean() != r["ctr"]]
+        assert differs  # the noisy click rates are not the ones reported
+        for r in rows:  # every period is judged on its true click rate
+            assert r["ctr"] == pytest.approx(float(data.labels[noisy.period(r["period"])].mean()))
+    with pytest.raises(ValueError, match="label noise"):
+        with_label_noise(data, 0.5)
