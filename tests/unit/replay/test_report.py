@@ -109,3 +109,6 @@ def test_reloop_is_also_paired_against_kd_at_the_same_alpha() -> None:
         auc.strategy == "reloop@0.5" and auc.diff_seeds[0] == pytest.approx(0.006) and auc.verdict == "wins"
     )
     assert "reloop@0.5 vs kd" in markdown_tables(rows + kd)
+    # The variants are paired with KD too; KD and CE are not.
+    assert against_kd("reloop_kl@0.2") == "kd@0.2"
+    assert against_kd("kd@0.2") is None and against_kd("ce") is None
