@@ -407,7 +407,7 @@ def summary_dict(
     *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged, run_id
 ) -> dict[str, Any]:
     """The summary as data (written to <workdir>/summary.json for scripts and tests)."""
-    from reloop.engine.simulate.stats import ab_minus_aa, ab_report
+    from reloop.engine.simulate.stats import ab_minus_aa, ab_plan, ab_report
 
     arms = {}
     for name in trainers:
@@ -433,6 +433,8 @@ def summary_dict(
     if report.treatment and report.control:
         with sim.stats.lock:
             ab = ab_report(sim.stats, treatment=report.treatment, control=report.control, aa=report.aa)
+            plan = ab_plan(sim.stats, treatment=report.treatment, control=report.control, aa=report.aa)
+            ab.update({f"clicks_plan_{k}": v for k, v in plan.items()})  # how long to separate the arms
         logged_ctr = {name: c.ctr for name, c in logged.items()}
         for key, value in ab_minus_aa(
             logged_ctr, treatment=report.treatment, control=report.control, aa=report.aa

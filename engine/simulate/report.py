@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 
 from reloop.engine.simulate.config import ReportConfig
-from reloop.engine.simulate.stats import SimStats, ab_report
+from reloop.engine.simulate.stats import SimStats, ab_plan, ab_report
 from rich.table import Table
 
 
@@ -72,6 +72,7 @@ def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:
         return []
     with stats.lock:
         rep = ab_report(stats, treatment=report.treatment, control=report.control, aa=report.aa)
+        plan = ab_plan(stats, treatment=report.treatment, control=report.control, aa=report.aa)
     lines = []
     for kind, label in (("true", "true CTR"), ("clicks", "drawn clicks")):
         if f"ab_lift_{kind}" not in rep:
@@ -83,4 +84,24 @@ def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:
                 f"; A/B minus A/A: {rep[f'ab_minus_aa_{kind}']:+.2%}"
             )
         lines.append(line)
+    if plan and not math.isnan(plan["detectable"]):
+        what = "A/B minus A/A" if report.aa else "A/B lift"
+        line = (
+            f"{what} on drawn clicks: this run can detect ±{plan['detectable']:.1%} "
+            f"(5% two-sided, 80% power) after {plan['elapsed_s']:.0f} s"
+        )
+        if not math.isnan(plan["observed"]) and math.isfinite(plan["needed_s"]):
+            times = plan["needed_s"] / max(plan["elapsed_s"], 1e-9)
+            line += (
+                f"; to separate the observed {plan['observed']:+.2%} from noise it would need about "
+                f"{_duration(plan['needed_s'])} ({times:.0f}x this run)"
+            )
+        lines.append(line)
     return lines
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86_400.0), ("h", 3_600.0), ("min", 60.0)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"

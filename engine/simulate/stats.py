@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class ArmStats:
         self.by_version: dict[int, VersionStats] = {}
         self.first_version: int | None = None
         self.last_version: int | None = None
+        self.first_at = self.last_at = math.nan  # time.monotonic() of the first and the latest request
 
     def record(self, version: int, served: np.ndarray, true_p: np.ndarray, clicked: np.ndarray) -> None:
         self.requests += 1
@@ -60,8 +62,10 @@ class ArmStats:
                 self._rolling_true_sum -= self._rolling_true[0]
             self._rolling_true.append(float(t))
             self._rolling_true_sum += float(t)
+        self.last_at = time.monotonic()
         if self.first_version is None:
             self.first_version = version
+            self.first_at = self.last_at
         self.last_version = version if self.last_version is None else max(self.last_version, version)
 
     @property
@@ -159,3 +163,39 @@ def ab_report(
         for key, value in ab_minus_aa(ctr, treatment=treatment, control=control, aa=aa).items():
             out[f"{key}_{kind}"] = value
     return out
+
+
+# The usual planning constants: a two-sided test at 5% with 80% power.
+Z_PLAN = 1.959964 + 0.841621
+
+
+def detectable_lift(a: ArmStats, b: ArmStats) -> float:
+    """The smallest relative click-rate difference between two arms that their drawn clicks detect
+    (two-sided 5%, power 80%) at their current size: delta method, var(log CTR) = (1 - CTR) / clicks."""
+    if not (a.clicks and b.clicks):
+        return math.nan
+    var = (1.0 - a.realized_ctr) / a.clicks + (1.0 - b.realized_ctr) / b.clicks
+    return Z_PLAN * math.sqrt(var)
+
+
+def ab_plan(
+    stats: SimStats, *, treatment: str, control: str, aa: tuple[str, str] | None = None
+) -> dict[str, float]:
+    """How long the A/B readout on drawn clicks must run to separate the arms.
+
+    A/B minus A/A is close to the lift of the treatment over the A/A copy (``aa[0]``; the control's
+    noise cancels), so its detectable size comes from those two arms; without an A/A pair, from the
+    treatment and the control. ``needed_s``: the run length at which the lift this run observed would be
+    detectable (the detectable size shrinks as 1 / sqrt(clicks), and clicks grow with time)."""
+    other = aa[0] if aa else control
+    arms = stats.arms
+    if treatment not in arms or other not in arms or control not in arms:
+        return {}
+    t, o = arms[treatment], arms[other]
+    detectable = detectable_lift(t, o)
+    observed = ab_minus_aa(
+        {n: a.realized_ctr for n, a in arms.items()}, treatment=treatment, control=control, aa=aa
+    ).get("ab_minus_aa" if aa else "ab_lift", math.nan)
+    elapsed = max(t.last_at, o.last_at) - min(t.first_at, o.first_at)
+    needed = elapsed * (detectable / observed) ** 2 if observed else math.inf
+    return {"detectable": detectable, "observed": observed, "elapsed_s": elapsed, "needed_s": needed}

@@ -93,7 +93,9 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         ordered = sorted(first_offset)
         assert ordered[0] == 0 and len(ordered) >= 3
         assert [first_offset[v] for v in ordered] == sorted(first_offset[v] for v in ordered)
-    assert {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged"} <= set(summary["ab"])
+    expected_ab = {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged", "clicks_plan_detectable"}
+    assert expected_ab <= set(summary["ab"])
+    assert 0 < summary["ab"]["clicks_plan_detectable"] < 10  # what this run's clicks can tell apart
     # Each trainer wrote a log and a config next to its snapshots.
     for name in summary["arms"]:
         assert (workdir / name / "run.yaml").exists() and (workdir / name / "trainer.log").exists()

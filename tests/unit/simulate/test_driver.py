@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
 from reloop.engine.events.codec import decode_click
 from reloop.engine.simulate.driver import NotReadyYet, Simulator
-from reloop.engine.simulate.stats import SimStats, ab_report
+from reloop.engine.simulate.stats import SimStats, ab_plan, ab_report
 from reloop.engine.simulate.world import World, WorldConfig
 
 
@@ -169,3 +172,41 @@ def test_logged_ctr_counts_each_clicked_impression_once():
     counts = count_logged(MemorySource(mlog, ["imp"]), MemorySource(mlog, ["clk"]), idle_s=0.1)
     assert (counts.impressions, counts.clicked, counts.orphan_clicks) == (10, 2, 1)
     assert counts.ctr == 0.2
+
+
+def test_ab_plan_says_what_the_drawn_clicks_can_detect_and_how_long_the_observed_lift_needs():
+    stats = SimStats()
+    # Treatment 1,100 clicks / 10,000, A/A copy and control 1,000 / 10,000 each, over 60 s.
+    for arm, clicks in (("reloop", 1100), ("ce", 1000), ("ce2", 1000)):
+        a = stats.arm(arm)
+        a.impressions, a.clicks = 10_000, clicks
+        a.first_at, a.last_at = 100.0, 160.0
+    plan = ab_plan(stats, treatment="reloop", control="ce", aa=("ce2", "ce"))
+    var = (1 - 0.11) / 1100 + (1 - 0.10) / 1000  # var(log CTR) of the treatment and the A/A copy
+    assert plan["detectable"] == pytest.approx((1.959964 + 0.841621) * math.sqrt(var))
+    assert plan["observed"] == pytest.approx(0.10)  # A/B +10% minus A/A 0%
+    assert plan["elapsed_s"] == 60.0
+    assert plan["needed_s"] == pytest.approx(60.0 * (plan["detectable"] / 0.10) ** 2)
+    # Four times the clicks halve the detectable size.
+    for a in stats.arms.values():
+        a.impressions, a.clicks = 4 * a.impressions, 4 * a.clicks
+    assert ab_plan(stats, treatment="reloop", control="ce", aa=("ce2", "ce"))["detectable"] == pytest.approx(
+        plan["detectable"] / 2
+    )
+    assert ab_plan(stats, treatment="reloop", control="missing") == {}
+
+
+def test_the_summary_line_says_how_long_the_demo_would_need():
+    from reloop.engine.simulate.config import ReportConfig
+    from reloop.engine.simulate.report import ab_lines
+
+    stats = SimStats()
+    for arm, clicks in (("reloop", 1010), ("ce", 1000), ("ce2", 1000)):
+        a = stats.arm(arm)
+        a.impressions, a.clicks, a.true_p_sum = 10_000, clicks, clicks
+        a.first_at, a.last_at = 0.0, 120.0
+    lines = ab_lines(stats, ReportConfig(treatment="reloop", control="ce", aa=("ce2", "ce")))
+    plan_line = lines[-1]
+    assert "this run can detect ±" in plan_line and "after 120 s" in plan_line
+    # +1% observed against a detectable ~12%: about (12/1)^2 = 150x the run, i.e. hours.
+    assert " h (" in plan_line and "x this run" in plan_line
