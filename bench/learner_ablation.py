@@ -70,7 +70,6 @@ BASE: dict[str, Any] = {
     "replay_ratio": 1.0,
     "strategy": "ce",  # engine variants: ce | kd | reloop | a variant (y_last = the last period's snapshot)
     "alpha": 0.0,
-    "noise": 0.0,  # engine variants: flip this fraction of the training labels (judged on the true ones)
 }
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
 OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam"}}  # the previous defaults (first reports: lr 1e-2)
@@ -148,17 +147,6 @@ SELF_CORRECTION = {
             for s in ("reloop", "kd", "reloop_logit", "reloop_kl", "reloop_kd", "reloop_gated")
             for a in (0.2, 0.5)
         ),
-    )
-}
-# Issue 15 item 4: label noise (the same flips for every strategy of a seed).
-LABEL_NOISE = {
-    f"noise{rate:g}_{name}": {**NEW, "strategy": strategy, "alpha": alpha, "noise": rate}
-    for rate in (0.05, 0.1, 0.2)
-    for name, strategy, alpha in (
-        ("ce", "ce", 0.0),
-        ("kd0.2", "kd", 0.2),
-        ("reloop0.2", "reloop", 0.2),
-        ("reloop_kl0.2", "reloop_kl", 0.2),
     )
 }
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
@@ -351,10 +339,8 @@ def run_harness(data: BacktestData, s: dict[str, Any], seed: int, last_period: i
 
 def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: int) -> list[dict[str, Any]]:
     """The engine's protocol (``reloop backtest``'s code) on periods 0..last_period."""
-    from reloop.engine.replay.backtest import RunSpec, Strategy, run_one, with_label_noise
+    from reloop.engine.replay.backtest import RunSpec, Strategy, run_one
 
-    if s["noise"]:
-        data = with_label_noise(data, s["noise"], seed)
     run = RunSpec(
         protocol=s["protocol"],
         backbone=s["backbone"],
@@ -700,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="all",
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
-        "'self-correction', 'label-noise'",
+        "'self-correction'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -732,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise_delayed(args.summary_delayed, args.later_from))
         return 0
     if args.summary:
-        order = [*VARIANTS, *PERIODIC_GRID, *STRATEGIES, *SELF_CORRECTION, *LABEL_NOISE]
+        order = [*VARIANTS, *PERIODIC_GRID, *STRATEGIES, *SELF_CORRECTION]
         print(summarise(args.summary, args.ref, order))
         return 0
     if args.bursts:
@@ -745,9 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.delayed:
         return _main_delayed(args)
-    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES, **SELF_CORRECTION, **LABEL_NOISE}
-    groups = {"periodic": PERIODIC_GRID, "strategies": STRATEGIES, "self-correction": SELF_CORRECTION,
-              "label-noise": LABEL_NOISE}  # fmt: skip
+    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES, **SELF_CORRECTION}
+    groups = {"periodic": PERIODIC_GRID, "strategies": STRATEGIES, "self-correction": SELF_CORRECTION}
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]
     elif args.variants in groups:
