@@ -76,8 +76,9 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
     for name, arm in summary["arms"].items():
         assert arm["trainer_exit"] == 0, name
         # Snapshots advanced and the service served them: v0 (cold start) first, then at least two more.
+        # On a loaded machine a trainer can publish v1 before the simulator's first request is scored.
         assert arm["snapshots_published"] >= 3, (name, arm)
-        assert arm["first_version"] == 0 and arm["last_version"] >= 2, (name, arm)
+        assert arm["first_version"] in (0, 1) and arm["last_version"] >= arm["first_version"] + 2, (name, arm)
         assert arm["impressions_dropped"] == 0
         assert arm["impressions_logged"] == arm["impressions"] > 0
         assert 0.0 <= arm["served_auc"] <= 1.0
@@ -91,7 +92,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         for offset, v in enumerate(versions):
             first_offset.setdefault(v, offset)
         ordered = sorted(first_offset)
-        assert ordered[0] == 0 and len(ordered) >= 3
+        assert ordered[0] == arm["first_version"] and len(ordered) >= 3
         assert [first_offset[v] for v in ordered] == sorted(first_offset[v] for v in ordered)
     expected_ab = {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged", "clicks_plan_detectable"}
     assert expected_ab <= set(summary["ab"])
