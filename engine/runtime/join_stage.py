@@ -49,6 +49,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
+from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.streams import Positions, Record, Sink, TopicPartition, positions_to_json
 
@@ -395,70 +396,28 @@ def _abort(sink: Sink | None) -> None:
         (getattr(sink, "abort", None) or sink.close)()
 
 
-class _JoinMetrics:
-    """The join stage's counters and gauges (joiner counters as deltas summed over the tasks)."""
+class _JoinMetrics(JoinerMetrics):
+    """The joiner's metrics summed over the stage's tasks, and the number of tasks it owns."""
 
     def __init__(self, stats: EngineStats) -> None:
+        super().__init__(stats)
         self.tasks = stats.join_tasks
-        self._events = stats.events_consumed
-        self._by_topic: dict[str, Any] = {}
-        self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
-        self._pending = stats.joiner_pending
-        self._expired = stats.joiner_expired
-        self._late = stats.joiner_late_clicks
-        self._orphans = stats.joiner_orphan_clicks
-        self._too_late = stats.joiner_too_late
-        self._dupes = stats.joiner_duplicates
-        self._bound = stats.joiner_dropped_by_bound
-        self._dead = stats.dead_letters
         self._last: dict[int, dict[str, int]] = {}
-        self._last_dead: dict[str, int] = {}
-
-    def consumed(self, records: list[Record]) -> None:
-        counts: dict[str, int] = {}
-        for r in records:
-            counts[r.topic] = counts.get(r.topic, 0) + 1
-        for topic, n in counts.items():
-            child = self._by_topic.get(topic)
-            if child is None:
-                child = self._by_topic[topic] = self._events.child(topic)
-            child.add(n)
 
     def emitted(self, joined: list[Any]) -> None:
-        ones = sum(j.label for j in joined)
-        self._joined[1].add(ones)
-        self._joined[0].add(len(joined) - ones)
+        self.joined([j.label for j in joined])
 
     def publish(self, stage: JoinStage) -> None:
-        self._pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
+        self.pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
         for p, task in stage.tasks.items():
             now = task.joiner.stats.as_dict()
             last = self._last.get(p)
             if last is None:  # a task just taken over: its history was exported by its previous owner
                 self._last[p] = now
                 continue
-            if now == last:
-                continue
-
-            def delta(name: str, now: dict[str, int] = now, last: dict[str, int] = last) -> int:
-                return now[name] - last.get(name, 0)
-
-            self._expired.add(n=delta("negatives"))
-            self._late.add("drop", n=delta("late_clicks_dropped"))
-            self._late.add("correct", n=delta("late_clicks_corrected"))
-            self._orphans.add(n=delta("orphan_clicks"))
-            self._too_late.add("impression", n=delta("too_late_impressions"))
-            self._too_late.add("click", n=delta("too_late_clicks"))
-            self._dupes.add("impression", n=delta("duplicate_impressions"))
-            self._dupes.add("click", n=delta("duplicate_clicks"))
-            self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
-            self._last[p] = now
+            if now != last:
+                self.joiner_delta(now, last)
+                self._last[p] = now
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]
-        dead = stage.dead_letters.counts
-        if dead != self._last_dead:
-            for reason, n in dead.items():
-                d = n - self._last_dead.get(reason, 0)
-                if d:
-                    self._dead.add(reason, n=d)
-            self._last_dead = dict(dead)
+        self.dead_letters(stage.dead_letters.counts)

@@ -59,6 +59,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
+from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
@@ -538,30 +539,18 @@ def sample_from_joined(j: Joined) -> LabeledSample:
 
 
 class _Publisher(TrainerMetrics):
-    """The trainer's metrics, plus the joiner's counters copied into ``EngineStats`` (as deltas) and lag."""
+    """The trainer's metrics, plus the joiner's (``JoinerMetrics``) and the consumer's lag."""
 
     def __init__(
         self, stats: EngineStats, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
     ) -> None:
         super().__init__(stats, wall_period_s=wall_period_s)
+        self.join = JoinerMetrics(stats)
         self._lag_interval_s = lag_interval_s
         self._lag_at = float("-inf")
         self._lag = stats.consumer_lag
-        self.consumed_by_topic: dict[str, Any] = {}
-        self._events = stats.events_consumed
-        self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
-        self._pending = stats.joiner_pending
-        self._watermark = stats.joiner_watermark_s
-        self._expired = stats.joiner_expired
-        self._late = stats.joiner_late_clicks
-        self._orphans = stats.joiner_orphan_clicks
-        self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
         self._fallbacks = stats.snapshot_restore_fallbacks
-        self._dupes = stats.joiner_duplicates
-        self._bound = stats.joiner_dropped_by_bound
-        self._dead = stats.dead_letters
         self._last_join: dict[str, int] = {}
-        self._last_dead: dict[str, int] = {}
 
     def restore(self, p: Pipeline) -> None:
         # Counters restart at zero in a new process (Prometheus handles resets); start deltas from the
@@ -572,17 +561,10 @@ class _Publisher(TrainerMetrics):
         self._fallbacks.add()
 
     def consumed(self, records: list[Record]) -> None:
-        counts: dict[str, int] = {}
-        for r in records:
-            counts[r.topic] = counts.get(r.topic, 0) + 1
-        for topic, n in counts.items():
-            child = self.consumed_by_topic.get(topic)
-            if child is None:
-                child = self.consumed_by_topic[topic] = self._events.child(topic)
-            child.add(n)
+        self.join.consumed(records)
 
     def joined(self, sample: LabeledSample) -> None:
-        self._joined[sample.label].add()
+        self.join.joined([sample.label])
 
     def lag(self, source: Any) -> None:
         """End offset minus position per partition, at most once per ``lag_interval_s`` (a metadata
@@ -605,36 +587,16 @@ class _Publisher(TrainerMetrics):
 
     def publish(self, p: Pipeline) -> None:
         j = p.joiner
-        self._pending.set(j.pending_count)
+        self.join.pending.set(j.pending_count)
         if j.watermark_ms > 0:
-            self._watermark.set(j.watermark_ms / 1000.0)
+            self.join.watermark_s.set(j.watermark_ms / 1000.0)
         now = j.stats.as_dict()
-        last = self._last_join
-
-        def delta(name: str) -> int:
-            return now[name] - last.get(name, 0)
-
-        if now != last:
-            self._expired.add(n=delta("negatives"))
-            self._late.add("drop", n=delta("late_clicks_dropped"))
-            self._late.add("correct", n=delta("late_clicks_corrected"))
-            self._orphans.add(n=delta("orphan_clicks"))
-            late_imps = delta("too_late_impressions")
-            if late_imps:
-                self._too_late["impression"].add(late_imps)
+        if now != self._last_join:
+            too_late = self.join.joiner_delta(now, self._last_join)
+            if too_late:
                 log.warning(
                     "impressions dropped as too late",
-                    extra={"fields": {"count": late_imps, "watermark_ms": j.watermark_ms}},
+                    extra={"fields": {"count": too_late, "watermark_ms": j.watermark_ms}},
                 )
-            self._too_late["click"].add(delta("too_late_clicks"))
-            self._dupes.add("impression", n=delta("duplicate_impressions"))
-            self._dupes.add("click", n=delta("duplicate_clicks"))
-            self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
             self._last_join = now
-        dead = p.dead_letters.counts
-        if dead != self._last_dead:
-            for reason, n in dead.items():
-                d = n - self._last_dead.get(reason, 0)
-                if d:
-                    self._dead.add(reason, n=d)
-            self._last_dead = dict(dead)
+        self.join.dead_letters(p.dead_letters.counts)

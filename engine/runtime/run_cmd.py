@@ -56,6 +56,7 @@ def join_metrics_port(cfg: RunConfig) -> int | None:
         return None
     return m.prometheus_port + 1
 
+
 def _die_with_parent() -> None:
     """preexec hook: the kernel SIGKILLs the child when this process dies, as it would its threads."""
     pr_set_pdeathsig = 1

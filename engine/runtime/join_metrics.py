@@ -1,0 +1,74 @@
+"""The joiner's metrics, shared by the single-process pipeline and the join stage.
+
+Events consumed per topic, joined samples per label, and the joiner's and dead-letter sink's own
+counters, copied into ``EngineStats`` as deltas (a joiner counts since it was created or restored; the
+exported counters count since the process started).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reloop.engine.metrics.stats import EngineStats
+from reloop.engine.streams import Record
+
+
+class JoinerMetrics:
+    def __init__(self, stats: EngineStats) -> None:
+        self._events = stats.events_consumed
+        self._by_topic: dict[str, Any] = {}
+        self._joined = {0: stats.joined_samples.child("0"), 1: stats.joined_samples.child("1")}
+        self.pending = stats.joiner_pending
+        self.watermark_s = stats.joiner_watermark_s
+        self._expired = stats.joiner_expired
+        self._late = stats.joiner_late_clicks
+        self._orphans = stats.joiner_orphan_clicks
+        self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
+        self._dupes = stats.joiner_duplicates
+        self._bound = stats.joiner_dropped_by_bound
+        self._dead = stats.dead_letters
+        self._last_dead: dict[str, int] = {}
+
+    def consumed(self, records: list[Record]) -> None:
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.topic] = counts.get(r.topic, 0) + 1
+        for topic, n in counts.items():
+            child = self._by_topic.get(topic)
+            if child is None:
+                child = self._by_topic[topic] = self._events.child(topic)
+            child.add(n)
+
+    def joined(self, labels: list[int]) -> None:
+        ones = sum(labels)
+        self._joined[1].add(ones)
+        self._joined[0].add(len(labels) - ones)
+
+    def joiner_delta(self, now: dict[str, int], last: dict[str, int]) -> int:
+        """Add what a joiner's ``stats.as_dict()`` counted since ``last``; returns the impressions
+        dropped as too late in that span (worth a log line)."""
+
+        def delta(name: str) -> int:
+            return now[name] - last.get(name, 0)
+
+        self._expired.add(n=delta("negatives"))
+        self._late.add("drop", n=delta("late_clicks_dropped"))
+        self._late.add("correct", n=delta("late_clicks_corrected"))
+        self._orphans.add(n=delta("orphan_clicks"))
+        too_late = delta("too_late_impressions")
+        self._too_late["impression"].add(too_late)
+        self._too_late["click"].add(delta("too_late_clicks"))
+        self._dupes.add("impression", n=delta("duplicate_impressions"))
+        self._dupes.add("click", n=delta("duplicate_clicks"))
+        self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
+        return too_late
+
+    def dead_letters(self, counts: dict[str, int]) -> None:
+        """The dead-letter sink's counts per reason (cumulative), exported as deltas."""
+        if counts == self._last_dead:
+            return
+        for reason, n in counts.items():
+            d = n - self._last_dead.get(reason, 0)
+            if d:
+                self._dead.add(reason, n=d)
+        self._last_dead = dict(counts)
