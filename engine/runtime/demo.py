@@ -65,6 +65,11 @@ class DemoArm(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     weight: float = Field(default=1.0, gt=0)
     train: dict[str, Any] = Field(default_factory=dict, description="merged over `run` for this arm")
+    memory: dict[str, Any] | None = Field(
+        default=None,
+        description="ReLoop2's error memory at serving time (serve's arms[].memory; the demo fills in "
+        "samples_topic and state_file)",
+    )
 
 
 class DemoSection(_Frozen):
@@ -123,6 +128,11 @@ class ArmPlan:
     run_config: dict[str, Any]
     run_config_path: Path
     log_path: Path
+    memory: dict[str, Any] | None = None  # serve's arms[].memory, complete
+
+    @property
+    def samples_topic(self) -> str:
+        return str(self.run_config["stages"]["samples_topic"])
 
 
 def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
@@ -156,6 +166,19 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
             load_config_dict(run, env={})
         except RunConfigError as exc:
             raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
+        memory = None
+        if arm.memory is not None:
+            from reloop.engine.serve.config import ArmMemoryConfig
+
+            memory = {
+                **arm.memory,
+                "samples_topic": run["stages"]["samples_topic"],
+                "state_file": str(folder / "memory.npz"),
+            }
+            try:
+                ArmMemoryConfig.model_validate(memory)
+            except ValidationError as exc:
+                raise ConfigError(f"arm {arm.name}: bad memory section: {exc}") from exc
         plans.append(
             ArmPlan(
                 name=arm.name,
@@ -166,6 +189,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
                 run_config=run,
                 run_config_path=folder / "run.yaml",
                 log_path=folder / "trainer.log",
+                memory=memory,
             )
         )
     return plans
@@ -188,6 +212,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
                     "seed": model.get("seed", 0),
                     "params": model.get("params") or {},
                 },
+                **({"memory": plan.memory} if plan.memory is not None else {}),
             }
         )
     data = {
@@ -403,6 +428,12 @@ class Dashboard:
         return f"[{time.monotonic() - self.start:5.0f} s] req/s {self.rates[0]:.1f}  " + "  ".join(parts)
 
 
+def _memory_written(stack: Any, name: str) -> int | None:
+    """Joined samples written into the arm's error memory (None: the arm has none)."""
+    memory = stack.arms[name].memory
+    return None if memory is None else int(memory.written)
+
+
 def summary_dict(
     *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged, run_id
 ) -> dict[str, Any]:
@@ -419,6 +450,7 @@ def summary_dict(
             **truth,
             "snapshots_published": registries[name].latest_version() if name in registries else None,
             "serving_version": stack.arms[name].holder.version,
+            "memory_written": _memory_written(stack, name),
             "impressions_logged": logger.sent if logger else None,
             "impressions_dropped": logger.dropped if logger else None,
             "trainer_exit": trainer_rcs.get(name),
@@ -474,6 +506,7 @@ def print_summary(
         "AUC last 3 versions",
         "impressions logged",
         "dropped",
+        "memory samples",
         "trainer exit",
     ):
         rows.add_column(col, justify="left" if col == "arm" else "right")
@@ -500,12 +533,18 @@ def print_summary(
             _fmt(last_auc),
             _fmt(logger.sent if logger else None),
             _fmt(logger.dropped if logger else None),
+            _fmt(_memory_written(stack, name)),
             _fmt(trainer_rcs[name]),
         )
     console.print(rows)
     for line in ab_lines(sim.stats, sim_config.report):
         console.print(line)
     report = sim_config.report
+    for name, runtime in stack.arms.items():
+        if runtime.memory is not None and report.control and name != report.control:
+            # The arm served with ReLoop2's error memory, read out against the same control.
+            for line in ab_lines(sim.stats, report.model_copy(update={"treatment": name})):
+                console.print(line)
     if logged and report.treatment and report.control:
         from reloop.engine.simulate.stats import ab_minus_aa
 
@@ -575,6 +614,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             for p in plans
             for t in (p.impressions_topic, p.clicks_topic, p.run_config["sink"]["dead_letter_topic"])
         }
+        # The samples topic of an arm with a memory exists before the service's feed subscribes to it.
+        topics.update({p.samples_topic: 1 for p in plans if p.memory is not None})
         create_topics(bootstrap, topics, client_config=config.kafka_settings())
         for plan in plans:
             trainers[plan.name] = TrainerProcess(plan)

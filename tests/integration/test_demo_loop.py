@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _config(tmp_path: Path) -> Path:
     doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    # Two arms and 5 s periods: versions advance several times within the short run.
-    doc["arms"] = [a for a in doc["arms"] if a["name"] in ("reloop", "ce")]
+    # Three arms (the A/A copy left out) and 5 s periods: versions advance several times within the run.
+    doc["arms"] = [a for a in doc["arms"] if a["name"] in ("reloop", "ce", "ce_memory")]
     doc["run"]["period"] = {"every_wall_s": 5}
     doc["simulate"]["rate"] = 25
     doc["simulate"]["report"] = {"treatment": "reloop", "control": "ce"}
@@ -94,6 +94,10 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         ordered = sorted(first_offset)
         assert ordered[0] == arm["first_version"] and len(ordered) >= 3
         assert [first_offset[v] for v in ordered] == sorted(first_offset[v] for v in ordered)
+    # The arm served with ReLoop2's error memory wrote joined samples from its samples topic into it.
+    written = {name: arm["memory_written"] for name, arm in summary["arms"].items()}
+    assert written.pop("ce_memory") > 0 and set(written.values()) == {None}
+    assert "A/B lift ce_memory vs ce (true CTR)" in output
     expected_ab = {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged", "clicks_plan_detectable"}
     assert expected_ab <= set(summary["ab"])
     assert 0 < summary["ab"]["clicks_plan_detectable"] < 10  # what this run's clicks can tell apart

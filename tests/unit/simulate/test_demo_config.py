@@ -24,10 +24,10 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     config = DemoConfig.model_validate(doc)
     sim = simulate_config_from_dict(doc)
     plans = plan_arms(config, workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="abc")
-    assert [p.name for p in plans] == ["reloop", "ce", "ce_aa"]
-    assert len({p.impressions_topic for p in plans}) == 3 and len({p.clicks_topic for p in plans}) == 3
+    assert [p.name for p in plans] == ["reloop", "ce", "ce_aa", "ce_memory"]
+    assert len({p.impressions_topic for p in plans}) == 4 and len({p.clicks_topic for p in plans}) == 4
     strategies = {p.name: p.run_config["model"]["strategy"] for p in plans}
-    assert strategies == {"reloop": "reloop", "ce": "ce", "ce_aa": "ce"}
+    assert strategies == {"reloop": "reloop", "ce": "ce", "ce_aa": "ce", "ce_memory": "ce"}
     # The A/A arms differ only in names, topics and folders.
     a, b = (p.run_config for p in plans if p.name in ("ce", "ce_aa"))
     names = ("source", "sink", "checkpoint", "stages")
@@ -43,6 +43,21 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     assert plans[0].run_config["kafka"] == {"bootstrap": "127.0.0.1:1"}  # run's default client
     assert all(arm.cold_start is not None and arm.cold_start.backbone == "fm" for arm in serve.arms)
     assert sim.report.aa == ("ce_aa", "ce")
+    # The memory arm: served with ReLoop2's error memory fed from its own samples topic.
+    memory = {arm.name: arm.memory for arm in serve.arms}
+    assert [name for name, m in memory.items() if m is not None] == ["ce_memory"]
+    plan = next(p for p in plans if p.name == "ce_memory")
+    assert (
+        memory["ce_memory"].samples_topic == plan.samples_topic == plan.run_config["stages"]["samples_topic"]
+    )
+    assert memory["ce_memory"].state_file == tmp_path / "ce_memory" / "memory.npz"
+
+
+def test_bad_memory_key_fails_naming_the_arm(tmp_path):
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["arms"][3]["memory"] = {"n_bitz": 8}
+    with pytest.raises(ConfigError, match="(?s)arm ce_memory: bad memory section.*n_bitz"):
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="b:1", run_id="x")
 
 
 def test_bad_trainer_key_fails_before_anything_starts(tmp_path):
