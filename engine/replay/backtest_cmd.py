@@ -55,6 +55,42 @@ def _option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def memory_spec(text: str) -> Any:
+    """``--memory`` as an engine/memory/stream_eval.MemorySpec: comma-separated KEY=VALUE, the weights as
+    ``lams=0.1/0.3``; an unknown key or a bad value fails naming it."""
+    import typing
+
+    from reloop.engine.memory.stream_eval import MemorySpec
+
+    fields = typing.get_type_hints(MemorySpec)
+    values: dict[str, Any] = {}
+    for item in (part for part in text.split(",") if part):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise argparse.ArgumentTypeError(
+                f"--memory: {item!r} is not KEY=VALUE with KEY one of {sorted(fields)}"
+            )
+        try:
+            if key == "lams":
+                values[key] = tuple(float(v) for v in value.split("/"))
+            elif key in ("n_tables", "n_bits", "seed"):
+                values[key] = int(value)
+            elif key == "prior_count":
+                values[key] = float(value)
+            elif value in typing.get_args(fields[key]):
+                values[key] = value
+            else:
+                raise ValueError
+        except ValueError:
+            choices = typing.get_args(fields[key])
+            hint = f" (one of {', '.join(choices)})" if choices else ""
+            raise argparse.ArgumentTypeError(f"--memory: bad value for {key}: {value!r}{hint}") from None
+    try:
+        return MemorySpec(**values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--memory: {exc}") from None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", required=True, help="movielens-100k, frappe, frappe-libfm, criteo, avazu, impression-log"
@@ -116,6 +152,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replay-ratio", type=float, default=1.0, help="streaming: replayed samples per new one"
+    )
+    parser.add_argument(
+        "--memory",
+        action="append",
+        type=memory_spec,
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="streaming: also score each batch with ReLoop2's error memory (predict with it, then write the "
+        "batch's labels), one row per weight named STRATEGY+mem...; keys of MemorySpec "
+        "(engine/memory/stream_eval.py), e.g. n_tables=16,n_bits=12,lams=0.1/0.3,key=snapshot; repeatable",
     )
     parser.add_argument("--embedding-dim", type=int, default=10)
     parser.add_argument(
@@ -244,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
         optimizer=(("lr", args.lr), *_optimizer_options(args.optimizer)),
         replay_size=args.replay_size,
         replay_ratio=args.replay_ratio,
+        memory=tuple(args.memory),
     )
     done = _done_keys(csv_path)
     runs = [
@@ -394,6 +441,7 @@ def learner_settings(args: argparse.Namespace) -> str:
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; "
         f"Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
+        + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
     )
 
 

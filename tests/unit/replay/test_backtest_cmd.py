@@ -86,6 +86,25 @@ def test_each_strategy_runs_its_own_alphas(tmp_path: Path) -> None:
         assert {r["strategy"] for r in csv.DictReader(fh)} == {"ce", "kd@0.5", "reloop@0.2", "reloop@0.8"}
 
 
+def test_memory_and_label_noise_from_the_command_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --no-river"
+    tiny = "--batch-size 64 --buckets 64 --embedding-dim 4 --strategies ce"
+    extra = ["--memory", "n_tables=2,n_bits=4,lams=0.1/0.5", "--label-noise", "0.1"]
+    argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" "), *extra]
+    assert main([*argv, "--data", str(_movielens(tmp_path / "ml")), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as fh:
+        strategies = {r["strategy"] for r in csv.DictReader(fh)}
+    assert strategies == {"ce", "ce+mem2x4@0.1", "ce+mem2x4@0.5"}  # the base and one row per weight
+    report = (out / "report.md").read_text()
+    assert "error memory MemorySpec(n_tables=2, n_bits=4" in report
+    assert "label noise: 10% of the training labels flipped" in report
+    for bad, message in (("n_bitz=4", "n_bitz=4"), ("form=foo", "one of residual, label")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--data", "x", "--out", str(out), "--memory", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_a_bad_strategy_fails_before_the_data_is_read(tmp_path: Path) -> None:
     argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
     with pytest.raises(SystemExit, match="kd@half"):  # a message (stderr, exit 1), not a traceback
