@@ -113,6 +113,33 @@ def test_a_corrupt_bundle_is_refused_and_the_snapshot_serves(tmp_path):
     np.testing.assert_allclose(bundle.score(rows), learner.predict_proba(Featurizer(SPEC).transform(rows)))
 
 
+def test_the_checksum_is_crc32c_of_the_file_and_older_sha256_manifests_still_verify(tmp_path):
+    import hashlib
+    import json
+
+    import crc32c
+
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    publish_serving_bundle(SnapshotRegistry(tmp_path), learner)
+    root = serving_dir(tmp_path)
+    manifest_path, data = root / "v000000000001.json", (root / "v000000000001.safetensors").read_bytes()
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["crc32c"] == f"{crc32c.crc32c(data):08x}" and "sha256" not in manifest
+    # A manifest from before (sha256) is verified with sha256: right, it loads; wrong, it is refused.
+    old = {k: v for k, v in manifest.items() if k != "crc32c"}
+    manifest_path.write_text(json.dumps({**old, "sha256": hashlib.sha256(data).hexdigest()}))
+    tensors, _ = read_bundle(root, 1)
+    assert tensors
+    manifest_path.write_text(json.dumps({**old, "sha256": hashlib.sha256(data + b"x").hexdigest()}))
+    with pytest.raises(ChecksumError, match="sha256"):
+        read_bundle(root, 1)
+    # A bundle cut short fails on its length before any checksum.
+    manifest_path.write_text(json.dumps(manifest))
+    (root / "v000000000001.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ChecksumError, match="crc32c"):
+        read_bundle(root, 1)
+
+
 def test_a_bundle_that_does_not_fit_its_model_is_refused(tmp_path):
     learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
     publish_serving_bundle(SnapshotRegistry(tmp_path), learner)
