@@ -364,12 +364,12 @@ def run(ctx: Context) -> Figure:
             gc.collect()
     notes = (
         f"DCN (Criteo layout: 13 numeric + 26 hashed fields, embedding dim 16, cross 3, default MLP) "
-        f"after one step with the default optimizer (Adagrad embeddings, Adam dense, the wide part), so "
-        f"the training snapshot holds weights + optimizer state + the wide part. {rounds} rounds per "
+        f"after one step with the default optimizer (Adagrad embeddings, Adam dense, no wide part), so "
+        f"the training snapshot holds weights + optimizer state. {rounds} rounds per "
         f"size (2 at 1e7 rows), alternating with the baseline; medians shown. Temporary registry on the "
         f"local disk ({disk}; set RELOOP_BENCH_TMP to use another).\n\n" + "\n".join(table) + "\n\n"
         "Publish-to-serving is what the trainer does at a period boundary, from its start: "
-        "`publish_serving_bundle` (weights only, engine/serve/bundle_format.py: safetensors + sha256 "
+        "`publish_serving_bundle` (weights only, engine/serve/bundle_format.py: safetensors + CRC32C "
         "manifest, renamed into place, not fsynced: a torn bundle fails its checksum and the snapshot "
         "serves), then `SnapshotRegistry.publish` of the training state, "
         "until a separate serving process has the version swapped in. The serving side runs the "
