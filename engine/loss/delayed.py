@@ -21,6 +21,7 @@ all (the freshest labels possible). The price: every positive is first trained o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class FakeNegativeWeighted:
     """``inner`` with every sample's weight multiplied by its FNW importance weight."""
 
     inner: Loss
+    reweights_events: ClassVar[bool] = True  # per-event learners must call event_gradient (wide.py)
 
     @property
     def strategy(self) -> str:

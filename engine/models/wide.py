@@ -133,7 +133,12 @@ class OnlineWide:
         y_l = np.asarray(labels, dtype=np.float64).reshape(-1).tolist()
         yl_l = None if y_last is None else np.asarray(y_last, dtype=np.float64).reshape(-1).tolist()
         sw_l = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1).tolist()
-        ce = yl_l is None or getattr(loss, "strategy", "ce") == "ce" or float(loss.alpha) == 0.0
+        # CE's derivative inline (the hot path), unless the loss reweights each event itself (FNW).
+        ce = not getattr(loss, "reweights_events", False) and (
+            yl_l is None or getattr(loss, "strategy", "ce") == "ce" or float(loss.alpha) == 0.0
+        )
+        if yl_l is None:
+            yl_l = [math.nan] * b
         event_gradient, event_curvature = loss.event_gradient, loss.event_curvature
         mean = memoryview(self.mean)
         var = memoryview(self.var)
@@ -162,8 +167,8 @@ class OnlineWide:
             if ce:
                 g, h = p - y_l[i], p * (1.0 - p)
             else:
-                g = event_gradient(p, y_l[i], yl_l[i])  # type: ignore[index]
-                h = event_curvature(p, yl_l[i])  # type: ignore[index]
+                g = event_gradient(p, y_l[i], yl_l[i])
+                h = event_curvature(p, yl_l[i])
             if sw_l is not None:
                 g *= sw_l[i]
                 h *= sw_l[i]

@@ -15,6 +15,7 @@ from reloop.engine.features import (
     MultiCategoricalField,
     NumericField,
 )
+from reloop.engine.loss.delayed import with_delayed_feedback
 from reloop.engine.loss.losses import make_loss
 from reloop.engine.models.config import ADAGRAD_EMBEDDING_LR, OptimizerConfig
 from reloop.engine.models.registry import build_learner, learner_from_state
@@ -81,14 +82,16 @@ def _reference(wide: OnlineWide, batch, deep, labels, loss, y_last=None, weights
     return out
 
 
+@pytest.mark.parametrize("delayed", ["none", "fnw"])
 @pytest.mark.parametrize("strategy", ["ce", "kd", "reloop"])
-def test_wide_part_is_the_per_event_filter(strategy):
+def test_wide_part_is_the_per_event_filter(strategy, delayed):
     batch, y, rng = _data(80)
     deep = rng.normal(size=80)
     y_last = rng.uniform(0.1, 0.9, 80)
     y_last[::7] = np.nan
     weights = rng.uniform(0.5, 2.0, 80)
-    loss = make_loss(strategy, 0.5)
+    # FNW's importance weights reach the per-event part too (a CE shortcut once skipped them).
+    loss = with_delayed_feedback(make_loss(strategy, 0.5), delayed)
     a, b = OnlineWide(SPEC), OnlineWide(SPEC)
     got = a.learn(batch, deep, y, loss, y_last, weights)
     want = _reference(b, batch, deep, y, loss, y_last, weights)
