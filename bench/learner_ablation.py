@@ -157,7 +157,7 @@ PERIODIC_GRID = {
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
-DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0))
+DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
 # ------------------------------------------------------------------------------------------ learner
@@ -371,6 +371,13 @@ def run_delayed(
     from reloop.engine.models.registry import build_learner
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    rows = np.arange(len(y))  # the impression of each training sample
+    y_train = y
+    if mode == "fnw":  # every impression a negative at once, a click's positive when it arrives
+        clicked = np.flatnonzero(y > 0.5)
+        rows = np.concatenate([rows, clicked])
+        y_train = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
+        arrival = np.concatenate([t, arrival[clicked]])
     order = np.argsort(arrival, kind="stable")
     learner = build_learner(
         s["backbone"],
@@ -382,6 +389,10 @@ def run_delayed(
         embedding_dim=s["dim"],
         hidden_units=tuple(s["hidden"]),
     )
+    if mode == "fnw":
+        from reloop.engine.loss.delayed import with_delayed_feedback
+
+        learner.loss = with_delayed_feedback(learner.loss, "fnw")
     served = np.empty(len(y))
     progressive = np.empty(len(y))
     scored = 0  # impressions are in time order: all before this index are scored
@@ -391,7 +402,9 @@ def run_delayed(
         if until > scored:
             served[scored:until] = learner.predict_proba(data.batch.take(slice(scored, until)))
             scored = until
-        progressive[idx], _ = learner.learn_scored(data.batch.take(idx), y[idx])
+        scores, _ = learner.learn_scored(data.batch.take(rows[idx]), y_train[idx])
+        first = idx < len(y)  # under FNW: an impression's score is its (fake negative's) first one
+        progressive[rows[idx][first]] = np.asarray(scores)[first]
     if scored < len(y):
         served[scored:] = learner.predict_proba(data.batch.take(slice(scored, len(y))))
     return _period_rows(data, served), _period_rows(data, progressive)
@@ -406,7 +419,7 @@ def _arrivals(
     t = data.times_ms.astype(np.float64) / 1000.0
     y = data.labels
     delay = np.full(len(y), window_s)
-    if mode == "asym":
+    if mode in ("asym", "fnw"):  # fnw: ``window_s`` is unused, the clicks come as in asym
         delay = np.where(y > 0.5, rng.exponential(mean_delay_s, len(y)), window_s)
     return t, y, t + delay
 
@@ -427,10 +440,19 @@ def run_delayed_river(
     """The river per-event LR peer (``run_river_baseline``'s model and step) under the same delays as
     ``run_delayed``: it learns each label the moment it arrives and scores each impression at its own time
     with the model as it is then (every label that arrived at or before it learned, none after)."""
+    from reloop.engine.loss.delayed import fnw_weights
     from reloop.engine.replay.backtest import _river_x
     from river import linear_model, optim
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    rows = np.arange(len(y))
+    y_train = y
+    fnw = mode == "fnw"
+    if fnw:  # as in run_delayed, with FNW's importance weights from the model's own prediction
+        clicked = np.flatnonzero(y > 0.5)
+        rows = np.concatenate([rows, clicked])
+        y_train = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
+        arrival = np.concatenate([t, arrival[clicked]])
     order = np.argsort(arrival, kind="stable")
     xs = [_river_x(f) for f in data.raw_features]
     model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
@@ -439,7 +461,9 @@ def run_delayed_river(
     for j in range(len(y)):
         while k < len(order) and arrival[order[k]] <= t[j]:
             i = order[k]
-            model.learn_one(xs[i], bool(y[i]))
+            x, label = xs[rows[i]], float(y_train[i])
+            w = float(fnw_weights(model.predict_proba_one(x).get(True, 0.0), label)) if fnw else 1.0
+            model.learn_one(x, bool(label), w)
             k += 1
         served[j] = model.predict_proba_one(xs[j]).get(True, 0.0)
     return _period_rows(data, served)
@@ -581,11 +605,11 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, window in DELAYED_SETTINGS:
-        setting = (
-            f"click after ~60 s, negative at {window / 60:g} min (window close)"
-            if mode == "asym"
-            else f"every label {window:g} s after its impression"
-        )
+        setting = {
+            "asym": f"click after ~60 s, negative at {window / 60:g} min (window close)",
+            "neutral": f"every label {window:g} s after its impression",
+            "fnw": "FNW: a negative at once, a click's positive after ~60 s",
+        }[mode]
         ref = cells.get(f"new@{mode}{window:g}", {})
         for name in (*DELAYED_LEARNERS, "river_lr"):
             tag = f"{name}@{mode}{window:g}"
@@ -630,6 +654,8 @@ def _main_delayed(args: argparse.Namespace) -> int:
         if new_file:
             w.writeheader()
         for mode, window in DELAYED_SETTINGS:
+            if args.settings and mode not in args.settings.split(","):
+                continue
             for name, over in DELAYED_LEARNERS.items():
                 if name not in args.learners.split(","):
                     continue
@@ -705,8 +731,13 @@ def main(argv: list[str] | None = None) -> int:
         "--delayed",
         action="store_true",
         help="the delayed-feedback protocol over EVERY period (old, new, per_event; asym 900 s and 3600 s, "
-        "neutral 60 s); variants are written as LEARNER@MODEWINDOW[/progressive]; with --river also the "
+        "neutral 60 s, fnw: FNW emission with its loss); variants are written as "
+        "LEARNER@MODEWINDOW[/progressive]; with --river also the "
         "river LR peer under the same delays (river_lr@MODEWINDOW)",
+    )
+    p.add_argument(
+        "--settings",
+        help="--delayed: the label-arrival settings to run (comma list of asym, neutral, fnw; default all)",
     )
     p.add_argument(
         "--learners",
