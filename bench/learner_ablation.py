@@ -157,6 +157,12 @@ PERIODIC_GRID = {
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
+# The strategies under delayed feedback (--learners NAME,...; not run by default): the new defaults' learner.
+DELAYED_STRATEGIES = {
+    f"{strategy}{alpha:g}": {**NEW, "strategy": strategy, "alpha": alpha}
+    for strategy in ("kd", "reloop")
+    for alpha in (0.2, 0.5)
+}
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
@@ -379,11 +385,12 @@ def run_delayed(
         y_train = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
         arrival = np.concatenate([t, arrival[clicked]])
     order = np.argsort(arrival, kind="stable")
+    strategy = s.get("strategy", "ce")
     learner = build_learner(
         s["backbone"],
         data.spec,
-        "ce",
-        0.0,
+        strategy,
+        s.get("alpha", 0.0),
         seed=seed,
         optimizer={"lr": s["dense_lr"], **s["opt"]},
         embedding_dim=s["dim"],
@@ -393,16 +400,29 @@ def run_delayed(
         from reloop.engine.loss.delayed import with_delayed_feedback
 
         learner.loss = with_delayed_feedback(learner.loss, "fnw")
+    # KD / ReLoop: y_last = the production model's prediction, the model as it was when the impression's
+    # period began (the period snapshot, taken before the first batch reaching that period; period 0: none).
+    y_last = np.full(len(y), np.nan) if strategy != "ce" else None
+    next_period = 1
     served = np.empty(len(y))
     progressive = np.empty(len(y))
     scored = 0  # impressions are in time order: all before this index are scored
+    # An impression is served before a sample arriving at its own time is learned (FNW's negative).
+    side = "right" if mode == "fnw" else "left"
     for k in range(0, len(order), s["batch"]):
         idx = order[k : k + s["batch"]]
-        until = int(np.searchsorted(t, arrival[idx[-1]], side="left"))
+        while y_last is not None and next_period < data.n_periods:
+            per = data.period(next_period)
+            if arrival[idx[-1]] < t[per.start]:
+                break
+            y_last[per] = learner.predict_proba(data.batch.take(per))
+            next_period += 1
+        until = int(np.searchsorted(t, arrival[idx[-1]], side=side))
         if until > scored:
             served[scored:until] = learner.predict_proba(data.batch.take(slice(scored, until)))
             scored = until
-        scores, _ = learner.learn_scored(data.batch.take(rows[idx]), y_train[idx])
+        yl = None if y_last is None else y_last[rows[idx]]
+        scores, _ = learner.learn_scored(data.batch.take(rows[idx]), y_train[idx], yl)
         first = idx < len(y)  # under FNW: an impression's score is its (fake negative's) first one
         progressive[rows[idx][first]] = np.asarray(scores)[first]
     if scored < len(y):
@@ -459,7 +479,8 @@ def run_delayed_river(
     served = np.empty(len(y))
     k = 0
     for j in range(len(y)):
-        while k < len(order) and arrival[order[k]] <= t[j]:
+        # Under FNW an impression is served before the samples arriving at its own time (its own negative).
+        while k < len(order) and (arrival[order[k]] < t[j] or (not fnw and arrival[order[k]] == t[j])):
             i = order[k]
             x, label = xs[rows[i]], float(y_train[i])
             w = float(fnw_weights(model.predict_proba_one(x).get(True, 0.0), label)) if fnw else 1.0
@@ -611,7 +632,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
             "fnw": "FNW: a negative at once, a click's positive after ~60 s",
         }[mode]
         ref = cells.get(f"new@{mode}{window:g}", {})
-        for name in (*DELAYED_LEARNERS, "river_lr"):
+        for name in (*DELAYED_LEARNERS, *DELAYED_STRATEGIES, "river_lr"):
             tag = f"{name}@{mode}{window:g}"
             cell = cells.get(tag)
             if not cell:
@@ -656,7 +677,7 @@ def _main_delayed(args: argparse.Namespace) -> int:
         for mode, window in DELAYED_SETTINGS:
             if args.settings and mode not in args.settings.split(","):
                 continue
-            for name, over in DELAYED_LEARNERS.items():
+            for name, over in {**DELAYED_LEARNERS, **DELAYED_STRATEGIES}.items():
                 if name not in args.learners.split(","):
                     continue
                 s = {**BASE, **over}
@@ -742,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--learners",
         default=",".join(DELAYED_LEARNERS),
-        help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone)",
+        help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone; also "
+        f"{', '.join(DELAYED_STRATEGIES)}: the new defaults with KD / ReLoop against the period snapshot)",
     )
     args = p.parse_args(argv)
     if args.summary_delayed:

@@ -37,8 +37,9 @@ def test_fnw_feeds_every_impression_at_once_as_a_negative_and_each_click_later_a
     rows = la.run_delayed_river(data, seed=0, mode="fnw", window_s=60.0)
     clicks = int(data.labels.sum())
     labels = [y for y, _ in seen]
-    # Every sample that arrived before the last impression: all negatives but the last few seconds' clicks.
-    assert labels.count(False) == len(data.labels) and 0 < labels.count(True) <= clicks
+    # What arrived before the last impression was served: the negative of every impression but the last
+    # (an impression is served before its own negative is learned), the clicks but the last few seconds'.
+    assert labels.count(False) == len(data.labels) - 1 and 0 < labels.count(True) <= clicks
     assert all(0.0 < w <= 1.0 for y, w in seen if not y) and all(1.0 <= w <= 2.0 for y, w in seen if y)
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
 
@@ -97,3 +98,31 @@ def test_the_delay_draws_depend_on_the_seed_only(mode):
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     t, y, arrival = a
     assert (arrival >= t).all()
+
+
+def test_kd_and_reloop_learn_against_the_period_snapshot_and_period_0_has_none(monkeypatch):
+    from reloop.engine.models import registry
+
+    data = _data()
+    got: list[np.ndarray] = []
+    build = registry.build_learner
+
+    def spy_build(*args, **kwargs):
+        learner = build(*args, **kwargs)
+        assert args[2] == "reloop" and args[3] == 0.5
+        scored = learner.learn_scored
+
+        def learn_scored(batch, labels, y_last=None, *a, **k):
+            got.append(np.asarray(y_last))
+            return scored(batch, labels, y_last, *a, **k)
+
+        learner.learn_scored = learn_scored
+        return learner
+
+    monkeypatch.setattr(registry, "build_learner", spy_build)
+    s = {**la.BASE, **la.DELAYED_STRATEGIES["reloop0.5"], "batch": 32, "hidden": (8,), "dim": 4}
+    la.run_delayed(data, s, seed=0, mode="fnw", window_s=60.0)
+    y_last = np.concatenate(got)
+    # 300 impressions in 3 periods: the first period's samples have no production model.
+    assert np.isnan(y_last).sum() >= 100 - 1 and np.isfinite(y_last).sum() >= 150
+    assert ((y_last[np.isfinite(y_last)] > 0) & (y_last[np.isfinite(y_last)] < 1)).all()
