@@ -77,6 +77,11 @@ class KafkaGroupSource:
         """Join the group; ``listener`` gets ``on_assigned(list)`` / ``on_revoked(list)`` inside poll."""
         self._listener = listener
         self._consumer.subscribe(topics=self.topics, listener=_Listener(self))
+        # kafka-python 3.0.12 builds its coordinator's metadata snapshot only on a metadata update after
+        # subscribe. A first assignment made before one records an empty snapshot; the update then forces
+        # a rejoin, and that second join was seen never to complete (not a member for good). topics()
+        # always fetches metadata from the broker, so the snapshot exists before the first poll.
+        self._consumer.topics()
 
     def joined(self) -> bool:
         """A member of the group's current generation. kafka-python has no public call for it: its

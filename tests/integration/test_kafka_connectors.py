@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 from reloop.connectors.kafka.admin import create_topics, offsets_for_times
+from reloop.connectors.kafka.group_source import KafkaGroupSource
 from reloop.connectors.kafka.sink import KafkaSink, KafkaSinkError
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.streams import TopicPartition
@@ -161,3 +163,50 @@ def test_client_config_reaches_the_client(kafka_broker, unique_topic) -> None:
     finally:
         source.close()
         sink.close()
+
+
+class _SeekToStart:
+    """A join stage's listener in miniature: every partition it is given is read from its beginning."""
+
+    def __init__(self) -> None:
+        self.source: KafkaGroupSource | None = None
+        self.assigned: list[list[TopicPartition]] = []
+        self.revoked: list[list[TopicPartition]] = []
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assigned.append(tps)
+        assert self.source is not None
+        self.source.seek(dict.fromkeys(tps))
+
+    def on_revoked(self, tps: list[TopicPartition]) -> None:
+        self.revoked.append(tps)
+
+
+def test_a_new_member_of_a_new_group_is_assigned_once_and_not_rebalanced(kafka_broker, unique_topic):
+    """kafka-python 3.0.12 builds its coordinator's metadata snapshot only on a metadata update after
+    subscribe. When the first assignment came before that update (from the second consumer of a process
+    on), the update forced a rebalance of a group with one member: the join stage's tasks were revoked
+    and restored for nothing, and that rejoin was seen never to complete ('not a member of the consumer
+    group' until the stall timeout). KafkaGroupSource.subscribe now fetches metadata first."""
+    for member in range(3):
+        topic = unique_topic(f"grp{member}")
+        create_topics(kafka_broker.bootstrap, {topic: 1})
+        fill(kafka_broker.bootstrap, topic, 50)
+        source = KafkaGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
+        listener = _SeekToStart()
+        listener.source = source
+        try:
+            assert source.partition_count(topic) == 1  # as the join stage checks first
+            source.subscribe(listener)
+            got: list = []
+            deadline = time.monotonic() + 20
+            while len(got) < 50 and time.monotonic() < deadline:
+                got += source.poll(100, 0.05)
+            stay = time.monotonic() + 2  # past the consumer's first metadata refresh
+            while time.monotonic() < stay:
+                source.poll(100, 0.05)
+            assert len(got) == 50 and source.joined()
+            assert listener.assigned == [[TopicPartition(topic, 0)]], f"member {member} was rebalanced"
+            assert not any(listener.revoked), f"member {member} lost its partition to a rebalance"
+        finally:
+            source.close()
