@@ -20,6 +20,8 @@ ratio measures the data plane, not a learner difference (figure 8 measures the l
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,9 +316,27 @@ def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: 
     return target / (created - (started or created))
 
 
+@contextlib.contextmanager
+def stage_gc() -> Iterator[None]:
+    """The garbage collector as every stage process runs it (engine/runtime/gc_tuning.py): the young
+    threshold of ``stages.gc_young_threshold`` and what is alive now frozen; Python's again afterwards."""
+    from reloop.engine.runtime.config import StagesSection, default_of
+    from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
+
+    before = gc.get_threshold()
+    set_young_threshold(default_of(StagesSection, "gc_young_threshold"))
+    freeze_live_objects()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
 def run(ctx: Context) -> Figure:
     import torch
     from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.runtime.config import StagesSection, default_of
 
     torch.set_num_threads(1)
     n = ctx.pick(40_960, 8_192)
@@ -327,7 +348,7 @@ def run(ctx: Context) -> Figure:
     labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
     rows: list[Row] = []
     lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
-    with local_broker() as bootstrap:
+    with local_broker() as bootstrap, stage_gc():  # the engine and the baselines alike
         samples_topic = fill_samples_topic(bootstrap, imps[:n], labels)
         for backbone, batch in configs:
             target = (n // batch) * batch
@@ -404,7 +425,10 @@ def run(ctx: Context) -> Figure:
             f"(1/5 min) "
             f"on {os.cpu_count()} cores, shared with the broker (and with other work on this machine: "
             f"compare the ratios, not the absolute rates). Learner: SparseAdam + fused Adam, no wide part, "
-            f"in the engine and the bare loop alike. Join passes whose consumer stalled (nothing fetched "
+            f"in the engine and the bare loop alike. Garbage collector in this process (engine and "
+            f"baselines) as in every stage process (engine/runtime/gc_tuning.py): young-generation "
+            f"threshold {default_of(StagesSection, 'gc_young_threshold'):,}, start-up objects frozen. "
+            f"Join passes whose consumer stalled (nothing fetched "
             f"for 30 s with records waiting; rebuilt and the pass run again): {STALLS or 'none'}.",
             "",
             *lines,

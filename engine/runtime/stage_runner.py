@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reloop.engine.runtime.config import RunConfig
+from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
 
 log = logging.getLogger("reloop.run")
 
@@ -81,6 +82,7 @@ def run_supervised(
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from reloop.engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
 
+    set_young_threshold(cfg.stages.gc_young_threshold)
     metrics_server = None
     if metrics_port is not None:
         from reloop.connectors.metrics.prometheus import serve_metrics
@@ -96,6 +98,7 @@ def run_supervised(
     hooks: list[Any] = []
 
     def on_stage(stage: Any) -> None:
+        freeze_live_objects()  # the stage just built (or rebuilt) and its restored state
         served = getattr(stage, "served_metrics", None)
         if metrics_server is not None and served is not None:
             for old in hooks:
