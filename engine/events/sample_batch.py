@@ -195,10 +195,14 @@ def feature_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, pa.Field,
     keys: dict[str, None] = {}
     for row in rows:
         keys.update(dict.fromkeys(row))
+    if not rows:
+        return []
     out = []
-    for key in keys:
-        values = [row.get(key) for row in rows]
-        kinds = {type(v) for v in values} - {type(None)}
+    # One transposition at C level (map over each row's get) instead of a Python loop per key.
+    columns = zip(*[list(map(row.get, keys)) for row in rows], strict=True)
+    for key, values in zip(keys, columns, strict=True):
+        kinds = set(map(type, values))
+        kinds.discard(type(None))
         name = FEATURE_PREFIX + key
         field: pa.Field | None = None
         if kinds <= {str}:

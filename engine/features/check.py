@@ -85,9 +85,15 @@ class SpecChecker:
         if isinstance(f, CategoricalField):
             if not kinds <= _SCALARS:
                 return False
-            return str not in kinds or max(len(v) for v in column if type(v) is str) <= limit
+            if str not in kinds:
+                return True
+            strings = column if len(kinds) == 1 else [v for v in column if type(v) is str]
+            return max(map(len, strings)) <= limit  # C-level passes: this runs on every impression
         if isinstance(f, NumericField):
-            return kinds <= _NUMBERS and (float not in kinds or all(map(_finite, column)))
+            if not kinds <= _NUMBERS or float not in kinds:
+                return kinds <= _NUMBERS
+            numbers = column if type(None) not in kinds else [v for v in column if v is not None]
+            return all(map(math.isfinite, numbers))
         if not kinds <= _MULTI:
             return False
         lists = [v for v in column if v is not None]
@@ -140,10 +146,6 @@ class SpecChecker:
             if len(item) > limit:
                 return _bad(f"{name} has an item {len(item)} characters long (limit {limit})", f)
         return None
-
-
-def _finite(v: Any) -> bool:
-    return type(v) is not float or math.isfinite(v)
 
 
 def _short(value: str, n: int = 40) -> str:
