@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reloop.engine.events.codec import encode
+from reloop.engine.runtime.gc_tuning import freeze_live_objects
 from reloop.engine.serve.app import ScoreRoute, create_app
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
@@ -64,14 +65,6 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
-
-
-def settle_gc() -> None:
-    """After the model and the libraries are loaded: collect once, then move every object alive now
-    out of the collector's sight (gc.freeze), so a full collection during serving scans only what
-    serving allocated since, not the ~10^5 objects of torch, FastAPI and the model (tens of ms)."""
-    gc.collect()
-    gc.freeze()
 
 
 class LazySink:
@@ -299,7 +292,9 @@ class ServingStack:
                 arm.logger.start()
         for feed in self.feeds.values():
             feed.start()
-        settle_gc()
+        # After the model and the libraries are loaded: a full collection during serving then scans only
+        # what serving allocated since, not the ~10^5 objects of torch, FastAPI and the model (tens of ms).
+        freeze_live_objects()
         return self
 
     def serve_in_thread(
@@ -352,4 +347,4 @@ class ServingStack:
         for arm in self.arms.values():
             if arm.logger is not None:
                 arm.logger.close()
-        gc.unfreeze()  # let the interpreter's exit clean up what settle_gc() froze
+        gc.unfreeze()  # let the interpreter's exit clean up what freeze_live_objects() froze
