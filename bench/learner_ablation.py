@@ -372,18 +372,14 @@ def run_delayed(
 
     ``asym``: a click arrives after an exponential delay (mean ``mean_delay_s``), a negative when the join
     window (``window_s``) closes: what the joiner emits. ``neutral``: every label arrives ``window_s``
-    after its impression. Returns (rows of the served scores, rows of the training-time progressive
-    scores); the progressive ones see samples in arrival order, which leaks the labels' order."""
+    after its impression. ``fnw``: FNW emission and loss (``_training_samples``). With ``s["strategy"]``
+    KD or ReLoop, y_last is the period snapshot's prediction. Returns (rows of the served scores, rows of
+    the training-time progressive scores); the progressive ones see samples in arrival order, which leaks
+    the labels' order."""
     from reloop.engine.models.registry import build_learner
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
-    rows = np.arange(len(y))  # the impression of each training sample
-    y_train = y
-    if mode == "fnw":  # every impression a negative at once, a click's positive when it arrives
-        clicked = np.flatnonzero(y > 0.5)
-        rows = np.concatenate([rows, clicked])
-        y_train = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
-        arrival = np.concatenate([t, arrival[clicked]])
+    rows, y_train, arrival = _training_samples(t, y, arrival, mode)
     order = np.argsort(arrival, kind="stable")
     strategy = s.get("strategy", "ce")
     learner = build_learner(
@@ -444,6 +440,19 @@ def _arrivals(
     return t, y, t + delay
 
 
+def _training_samples(
+    t: np.ndarray, y: np.ndarray, arrival: np.ndarray, mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(impression of each training sample, its label, its arrival time). One sample per impression,
+    except under FNW: every impression a negative at its own time, and a click's positive when it arrives."""
+    if mode != "fnw":
+        return np.arange(len(y)), y, arrival
+    clicked = np.flatnonzero(y > 0.5)
+    rows = np.concatenate([np.arange(len(y)), clicked])
+    labels = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
+    return rows, labels, np.concatenate([t, arrival[clicked]])
+
+
 def _period_rows(data: BacktestData, scores: np.ndarray) -> list[dict[str, Any]]:
     y = data.labels
     return [
@@ -465,14 +474,8 @@ def run_delayed_river(
     from river import linear_model, optim
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
-    rows = np.arange(len(y))
-    y_train = y
-    fnw = mode == "fnw"
-    if fnw:  # as in run_delayed, with FNW's importance weights from the model's own prediction
-        clicked = np.flatnonzero(y > 0.5)
-        rows = np.concatenate([rows, clicked])
-        y_train = np.concatenate([np.zeros(len(y), dtype=y.dtype), np.ones(len(clicked), dtype=y.dtype)])
-        arrival = np.concatenate([t, arrival[clicked]])
+    rows, y_train, arrival = _training_samples(t, y, arrival, mode)
+    fnw = mode == "fnw"  # with FNW's importance weights from the model's own prediction
     order = np.argsort(arrival, kind="stable")
     xs = [_river_x(f) for f in data.raw_features]
     model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
