@@ -19,6 +19,7 @@ from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.replay.sources import ReplaySource, TimestampMode
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.config import RunConfig
+from reloop.engine.runtime.gc_tuning import set_young_threshold
 from reloop.engine.streams import Positions, Sink, Source, positions_to_json
 
 
@@ -61,6 +62,7 @@ def run_replay(
     resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out."""
     from reloop.engine.runtime.build import build_pipeline
 
+    set_young_threshold(cfg.stages.gc_young_threshold)  # as every stage process (gc_tuning.py)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     clock = ManualClock(0)
 
@@ -130,6 +132,7 @@ def run_samples_replay(
     a new model, feature spec or strategy trained from the same samples at training speed."""
     from reloop.engine.runtime.build import build_train_stage
 
+    set_young_threshold(cfg.stages.gc_young_threshold)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     clock = ManualClock(0)
 

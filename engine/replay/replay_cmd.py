@@ -160,7 +160,6 @@ def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     from reloop.engine.replay.replay import run_replay
     from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
-    from reloop.engine.runtime.gc_tuning import set_young_threshold
     from tqdm import tqdm
 
     snapshots = args.out / "snapshots"
@@ -201,7 +200,6 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
         return 2
-    set_young_threshold(cfg.stages.gc_young_threshold)
     sink = None
     if args.samples:
         from reloop.connectors.files.jsonl import JsonlSink
@@ -232,10 +230,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
     from reloop.engine.replay.replay import run_samples_replay
-    from reloop.engine.runtime.gc_tuning import set_young_threshold
     from tqdm import tqdm
 
-    set_young_threshold(cfg.stages.gc_young_threshold)
     source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="batch")
