@@ -72,7 +72,6 @@ class ReplaySource:
         self.stall_timeout_s = stall_timeout_s
         self._buf: dict[TopicPartition, deque[Record]] = {}
         self._next: Positions = {}
-        self._heap: list[tuple[int, str, int, int]] = []
         self.records_out = 0
         self.first_timestamp_ms: int | None = None
         self.last_timestamp_ms: int | None = None
@@ -90,7 +89,6 @@ class ReplaySource:
         actual = self.inner.position()
         self._next = {tp: int(actual.get(tp, begin.get(tp, 0))) for tp in pairs}
         self._buf = {tp: deque() for tp in pairs}
-        self._heap = []
 
     def end_positions(self) -> Positions:
         return dict(self.end)
@@ -147,25 +145,25 @@ class ReplaySource:
                 )
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        # After _fill every unfinished partition has a buffered head: the merge takes the smallest
+        # (timestamp, topic, partition, offset) head, and refills (and re-heaps) when a buffer runs dry,
+        # since a partition that may still hold older records blocks the merge.
         self._fill(timeout_s)
         out: list[Record] = []
         limit = min(max_records, self.batch_size)
-        while len(out) < limit:
-            # A partition with nothing buffered that may still hold older records blocks the merge.
-            if any(not b and not self._fetched_all(tp) for tp, b in self._buf.items()):
-                break
-            heads = [
-                (b[0].timestamp_ms, tp.topic, tp.partition, b[0].offset) for tp, b in self._buf.items() if b
-            ]
-            if not heads:
-                break
-            _, topic, partition, _ = min(heads)
-            tp = TopicPartition(topic, partition)
-            r = self._buf[tp].popleft()
+        heads = self._heads()
+        while heads and len(out) < limit:
+            *_, tp = heapq.heappop(heads)
+            buf = self._buf[tp]
+            r = buf.popleft()
             self._next[tp] = r.offset + 1
             out.append(r)
-            if not self._buf[tp] and not self._fetched_all(tp):
+            if buf:
+                h = buf[0]
+                heapq.heappush(heads, (h.timestamp_ms, tp.topic, tp.partition, h.offset, tp))
+            elif not self._fetched_all(tp):
                 self._fill(timeout_s)
+                heads = self._heads()
         if out:
             self.records_out += len(out)
             newest = max(r.timestamp_ms for r in out)
@@ -180,6 +178,15 @@ class ReplaySource:
             # training thread (a samples-topic replay ran at about half speed).
             time.sleep(timeout_s)
         return out
+
+    def _heads(self) -> list[tuple[int, str, int, int, TopicPartition]]:
+        """The buffered head of every partition as a heap in merge order (the partition last: never
+        compared, as (topic, partition) already differ)."""
+        heads = [
+            (b[0].timestamp_ms, tp.topic, tp.partition, b[0].offset, tp) for tp, b in self._buf.items() if b
+        ]
+        heapq.heapify(heads)
+        return heads
 
     def close(self) -> None:
         self.inner.close()
