@@ -163,6 +163,8 @@ DELAYED_STRATEGIES = {
     for strategy in ("kd", "reloop")
     for alpha in (0.2, 0.5)
 }
+# Smaller batches of the new defaults (--learners new_b128,new_b32): the served model is at most a batch old.
+DELAYED_BATCHES = {f"new_b{b}": {**NEW, "batch": b} for b in (128, 32)}
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
@@ -635,7 +637,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
             "fnw": "FNW: a negative at once, a click's positive after ~60 s",
         }[mode]
         ref = cells.get(f"new@{mode}{window:g}", {})
-        for name in (*DELAYED_LEARNERS, *DELAYED_STRATEGIES, "river_lr"):
+        for name in (*DELAYED_LEARNERS, *DELAYED_STRATEGIES, *DELAYED_BATCHES, "river_lr"):
             tag = f"{name}@{mode}{window:g}"
             cell = cells.get(tag)
             if not cell:
@@ -680,7 +682,7 @@ def _main_delayed(args: argparse.Namespace) -> int:
         for mode, window in DELAYED_SETTINGS:
             if args.settings and mode not in args.settings.split(","):
                 continue
-            for name, over in {**DELAYED_LEARNERS, **DELAYED_STRATEGIES}.items():
+            for name, over in {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES}.items():
                 if name not in args.learners.split(","):
                     continue
                 s = {**BASE, **over}
@@ -767,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         "--learners",
         default=",".join(DELAYED_LEARNERS),
         help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone; also "
-        f"{', '.join(DELAYED_STRATEGIES)}: the new defaults with KD / ReLoop against the period snapshot)",
+        f"{', '.join(DELAYED_STRATEGIES)}: the new defaults with KD / ReLoop against the period snapshot; "
+        f"{', '.join(DELAYED_BATCHES)}: the new defaults in smaller batches)",
     )
     args = p.parse_args(argv)
     if args.summary_delayed:
