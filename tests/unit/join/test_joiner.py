@@ -199,6 +199,47 @@ def test_max_closed_bound_counted():
     assert j.closed_count == 2 and j.stats.evicted_closed == 2
 
 
+def test_redelivered_impression_after_ttl_is_labeled_once():
+    # At-least-once input: the same impression (same id and time) comes again after the TTL dropped it.
+    # The deadline index then holds two entries with one deadline; one negative comes out, no error.
+    j, clock = make(ttl_ms=1_000, idle_timeout_ms=10**9)
+    j.on_impression("a", 10_000, b"A")
+    clock.now += 2_000
+    j.advance()
+    assert j.stats.expired_ttl == 1
+    j.on_impression("a", 10_000, b"A")
+    out = j.on_click("unknown", 20_000)  # the watermark passes the window
+    assert labels(out) == [("a", 0, False)]
+    assert j.pending_count == 0 and j.stats.negatives == 1
+
+
+def test_ttl_of_a_redelivered_impression_counts_from_the_redelivery():
+    j, clock = make(ttl_ms=3_000, idle_timeout_ms=10**9, max_pending=1)
+    j.on_impression("a", 10_000, b"A")
+    j.on_impression("b", 10_001, b"B")  # evicts "a" (the earliest deadline)
+    clock.now += 2_000
+    j.on_impression("a", 10_002, b"A")  # sent again, later: evicts "b", "a" is pending again
+    clock.now += 1_500  # 3.5 s after the first delivery, 1.5 s after the second
+    j.advance()
+    assert j.pending_count == 1 and j.stats.expired_ttl == 0
+    clock.now += 2_000
+    j.advance()
+    assert j.pending_count == 0 and j.stats.expired_ttl == 1
+
+
+def test_snapshot_after_a_re_added_impression_restores_one_entry():
+    j, clock = make(ttl_ms=1_000, idle_timeout_ms=10**9)
+    j.on_impression("a", 10_000, b"A")
+    clock.now += 2_000
+    j.advance()  # TTL drops "a" (never labeled)
+    j.on_impression("a", 10_000, b"A")  # redelivered
+    data = j.state_dict()
+    assert data["pending_order"] == ["a"]
+    restored = Joiner(j.config, clock)
+    restored.load_state_dict(data)
+    assert labels(restored.on_impression("z", 20_000, b"")) == [("a", 0, False)]
+
+
 def test_ttl_drops_pending_by_wall_clock():
     j, clock = make(ttl_ms=3_000, idle_timeout_ms=10**9)
     j.on_impression("a", 10_000, b"A")
@@ -272,6 +313,56 @@ def test_snapshot_restore_continues_identically(policy):
         got += _feed(restored, events[cut:]) + restored.flush()
         assert got == expected
         assert restored.stats == ref.stats
+
+
+def _hostile_stream(seed: int, n: int = 2_000):
+    """Reused ids (redeliveries, also after a bound dropped them), skewed times, wall time jumps, and
+    ``snap`` marks where a resumed run restores from a snapshot."""
+    rng = random.Random(seed)
+    t, events = 1_000_000, []
+    for _ in range(n):
+        t += rng.choice([0, 1, 2, 5, 50, 400])
+        key = f"i{rng.randrange(max(5, (t - 1_000_000) // 60))}"
+        when = t + rng.choice([0, 0, -30, -300, -3_000, 200])
+        kind = rng.choices(["imp", "click", "advance", "snap"], [60, 35, 3, 2])[0]
+        events.append((kind, key, when, rng.choice([0, 0, 1, 10, 500, 4_000])))
+    return events
+
+
+def _run_hostile(config: JoinerConfig, events, resume: bool) -> list:
+    clock = FakeClock()
+    j = Joiner(config, clock)
+    out = []
+    for kind, key, t, wall_step in events:
+        clock.now += wall_step
+        if kind == "imp":
+            out.append(j.on_impression(key, t, key))
+        elif kind == "click":
+            out.append(j.on_click(key, t))
+        elif kind == "advance":
+            out.append(j.advance())
+        elif resume:
+            data = j.state_dict()
+            j = Joiner(config, clock)
+            j.load_state_dict(data)
+        out.append((j.watermark_ms, j.pending_count, j.closed_count, j.early_click_count))
+    return [*out, j.flush(), j.stats.as_dict()]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(max_pending=20, max_closed=30, max_early_clicks=5, ttl_ms=3_000, bucket_ms=7),
+    dict(emit_policy="fnw", max_closed=40, bucket_ms=1, retention_ms=1_000),
+    dict(late_click_policy="drop", max_pending=50, ttl_ms=20_000, bucket_ms=1_000, retention_ms=700),
+])
+def test_resume_from_snapshots_equals_an_uninterrupted_run_under_bounds_and_redeliveries(overrides):
+    # The idle timer restarts on restore by design (downtime is not idleness), so it is off here.
+    base = dict(window_ms=500, allowed_lateness_ms=50, click_grace_ms=300, retention_ms=2_000,
+                idle_timeout_ms=10**12)
+    config = JoinerConfig(**{**base, **overrides})
+    for seed in range(6):
+        events = _hostile_stream(seed)
+        assert _run_hostile(config, events, resume=True) == _run_hostile(config, events, resume=False)
 
 
 def test_every_impression_is_labeled_exactly_once_plus_corrections():
