@@ -62,6 +62,19 @@ def _ranks(launcher) -> list[psutil.Process]:
     ]
 
 
+def _log_records(log: str, marker: str) -> list[dict]:
+    """The JSON log lines holding ``marker``; a line that does not parse fails with the line itself (two
+    ranks and torchrun write one file: a torn or prefixed line must be seen, not only its parse error)."""
+    records = []
+    for line in log.splitlines():
+        if marker in line:
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise AssertionError(f"unparsable log line: {line[:1000]!r}") from exc
+    return records
+
+
 def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_once(
     kafka_broker, unique_topic, tmp_path
 ):
@@ -111,7 +124,7 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
 
     log = (run / "train.log").read_text()
     assert log.count('"msg":"restored"') >= 2  # both ranks resumed after the kill
-    stops = [orjson.loads(ln) for ln in log.splitlines() if '"msg":"stopped"' in ln]
+    stops = _log_records(log, '"msg":"stopped"')
     assert stops and all(s["seq_gaps"] == 0 for s in stops)
     keys = [(sid, corr) for _, sid, _, corr in Ledger.read_ranks(run / "ledger.jsonl")]
     assert len(keys) == len(set(keys))  # nothing trained twice
