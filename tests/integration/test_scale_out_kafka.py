@@ -129,10 +129,58 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
     assert log.count('"msg":"restored"') >= 2  # both ranks resumed after the kill
     stops = _log_records(log, '"msg":"stopped"')
     assert stops and all(s["seq_gaps"] == 0 for s in stops)
+    _assert_trained_once(run, reg, synth, ranks=2)
+
+
+def test_train_ranks_rescaled_from_two_to_one_lose_and_repeat_no_sample(kafka_broker, unique_topic, tmp_path):
+    """``reloop train --world-size 2`` stopped mid-run, then ``reloop train`` (one process) from its last
+    save: the two ranks' parts (positions, seqs, buffered samples) regroup into one, on the real broker."""
+    synth = generate(4000, seed=37, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    _fill(kafka_broker.bootstrap, topics, synth)
+    run = tmp_path / "rescale"
+    run.mkdir()
+    config = _config(
+        run, kafka_broker.bootstrap, topics, "correct",
+        consumer={"poll_max_records": 8},
+        train={"deterministic": False},
+        distributed={"max_wait_ms": 100, "timeout_s": 30},
+    )  # fmt: skip
+    join = _stage("join", config, run / "join.log")
+    ranks2 = _stage_world("train", config, run / "train-2.log")
+    reg = SnapshotRegistry(run / "snaps")
+    deadline = time.monotonic() + 240
+    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
+        assert ranks2.poll() is None, (run / "train-2.log").read_text()[-3000:]
+        time.sleep(0.1)
+    ranks2.send_signal(signal.SIGTERM)
+    assert ranks2.wait(90) == 0, (run / "train-2.log").read_text()[-3000:]
+    saved = reg.checkpoints.load(reg.checkpoints.versions()[-1]).state
+    assert len(saved["state"]["ranks"]) == 2  # the final save of the two ranks
+    assert _trained(reg) < len(synth.expected) - PERIOD  # stopped mid-run: the rest is for one process
+
+    one = _stage("train", config, run / "train-1.log")
+    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
+        assert one.poll() is None, (run / "train-1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)
+    join.send_signal(signal.SIGTERM)
+    assert join.wait(60) == 0
+    one.send_signal(signal.SIGTERM)
+    assert one.wait(90) == 0, (run / "train-1.log").read_text()[-3000:]
+    log = (run / "train-1.log").read_text()
+    assert '"msg":"restored"' in log
+    assert all(s["seq_gaps"] == 0 for s in _log_records(log, '"msg":"stopped"'))
+    _assert_trained_once(run, reg, synth, ranks=1)
+
+
+def _assert_trained_once(run, reg: SnapshotRegistry, synth, ranks: int) -> None:
+    """Every sample of the log in exactly one place: the ledgers of all ranks ever run, or the buffers of
+    the last checkpoint (samples taken but not yet trained); all ranks saved the same weights."""
     keys = [(sid, corr) for _, sid, _, corr in Ledger.read_ranks(run / "ledger.jsonl")]
     assert len(keys) == len(set(keys))  # nothing trained twice
     last = reg.checkpoints.load(reg.checkpoints.versions()[-1]).state
-    assert len(last["state"]["ranks"]) == 2
+    assert len(last["state"]["ranks"]) == ranks
     buffered = {
         (s.sample_id, s.is_correction)
         for part in last["state"]["ranks"]
@@ -140,7 +188,8 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
         for s in _decode(b).to_samples()
     }
     assert set(keys) | buffered == set(synth.expected) and not set(keys) & buffered  # nothing lost
-    assert len({part["weights"] for part in last["state"]["ranks"]}) == 1
+    if ranks > 1:  # a digest of each rank's weights is saved where there are several
+        assert len({part["weights"] for part in last["state"]["ranks"]}) == 1
 
 
 def _decode(data: bytes):
