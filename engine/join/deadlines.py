@@ -16,8 +16,8 @@ candidates ``(deadline, seq, key)``: the owner takes one only if the key is stil
 deadline, which also drops the second of two same-deadline entries. ``deadline_of`` (the owner's current
 deadline of a key, None when gone) serves the rare paths: eviction and snapshots.
 
-Order: due entries come out by deadline, ties in insertion order; ``live_keys`` yields the live keys in
-that order, once each, so an index rebuilt by re-adding them behaves identically (snapshot/restore).
+Order: due entries come out by deadline, ties in insertion order; ``live_keys`` yields each live key
+once, in an order that makes an index rebuilt from it behave identically (snapshot/restore).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 DeadlineOf = Callable[[str], int | None]
 Entry = tuple[int, int, str]  # (deadline, seq, key)
 _INF = 2**63
-_NONE: list[Entry] = []
 
 
 class DeadlineIndex:
@@ -108,7 +107,7 @@ class DeadlineIndex:
             while end < n and active[end][0] <= watermark_ms:
                 end += 1
             if end == pos:
-                return _NONE
+                return []
             due = active[pos:end]
             if end < n:
                 self._pos = end
@@ -170,7 +169,8 @@ class DeadlineIndex:
             self._active_b, self._active, self._pos = None, [], 0
 
     def live_keys(self) -> Iterator[str]:
-        """Each live key once, in the order ``pop_due`` would give it."""
+        """Each live key once: the active bucket's in their order, then every other bucket's in insertion
+        order, so an index rebuilt by adding them in this order pops them as this one would."""
         seen: set[str] = set()
         deadline_of, offset = self._deadline_of, self.offset_ms
         for d, _, key in self._active[self._pos :]:
