@@ -53,6 +53,22 @@ def _fill(bootstrap: str, topics: dict[str, str], synth) -> None:
         s.close()
 
 
+def _setup(kafka_broker, unique_topic, run, seed: int, **overrides):
+    """A generated log on topics of PARTITIONS partitions and these tests' run config: (log, dir, config)."""
+    synth = generate(4000, seed=seed, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    _fill(kafka_broker.bootstrap, topics, synth)
+    run.mkdir()
+    config = _config(
+        run, kafka_broker.bootstrap, topics, "correct",
+        consumer={"poll_max_records": 8},
+        train={"deterministic": False},
+        distributed={"max_wait_ms": 100, "timeout_s": 30},
+        **overrides,
+    )  # fmt: skip
+    return synth, run, config
+
+
 def _ranks(launcher) -> list[psutil.Process]:
     """The rank processes under torchrun (``reloop train`` replaced itself with torchrun)."""
     return [
@@ -81,17 +97,9 @@ def _log_records(log: str, marker: str) -> list[dict]:
 def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_once(
     kafka_broker, unique_topic, tmp_path
 ):
-    synth = generate(4000, seed=31, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
-    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
-    _fill(kafka_broker.bootstrap, topics, synth)
-    run = tmp_path / "scale"
-    run.mkdir()
-    config = _config(
-        run, kafka_broker.bootstrap, topics, "correct",
-        consumer={"poll_max_records": 8},
+    synth, run, config = _setup(
+        kafka_broker, unique_topic, tmp_path / "scale", seed=31,
         stages={"join_client_config": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
-        train={"deterministic": False},
-        distributed={"max_wait_ms": 100, "timeout_s": 30},
     )  # fmt: skip
     train = _stage_world("train", config, run / "train.log")
     joins = [_stage("join", config, run / f"join-{i}.log") for i in range(3)]
@@ -135,17 +143,7 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
 def test_train_ranks_rescaled_from_two_to_one_lose_and_repeat_no_sample(kafka_broker, unique_topic, tmp_path):
     """``reloop train --world-size 2`` stopped mid-run, then ``reloop train`` (one process) from its last
     save: the two ranks' parts (positions, seqs, buffered samples) regroup into one, on the real broker."""
-    synth = generate(4000, seed=37, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
-    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
-    _fill(kafka_broker.bootstrap, topics, synth)
-    run = tmp_path / "rescale"
-    run.mkdir()
-    config = _config(
-        run, kafka_broker.bootstrap, topics, "correct",
-        consumer={"poll_max_records": 8},
-        train={"deterministic": False},
-        distributed={"max_wait_ms": 100, "timeout_s": 30},
-    )  # fmt: skip
+    synth, run, config = _setup(kafka_broker, unique_topic, tmp_path / "rescale", seed=37)
     join = _stage("join", config, run / "join.log")
     ranks2 = _stage_world("train", config, run / "train-2.log")
     reg = SnapshotRegistry(run / "snaps")
