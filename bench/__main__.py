@@ -41,8 +41,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(a rerun of some figures merged into the last full report)",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per figure")
+    parser.add_argument(
+        "--scale-counts",
+        type=_counts,
+        default=(2,),
+        help="figure 10 (scale): the numbers of train ranks M and join processes K to compare with 1, "
+        "e.g. 2,4 on a machine with the cores (default 2; at most 4: the figure's topics have 4 partitions)",
+    )
     parser.add_argument("--figure", help=argparse.SUPPRESS)  # internal: run one figure in this process
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"integers like 2,4 expected, not {text!r}") from None
+    if not counts or any(c < 2 or c > 4 for c in counts):
+        raise argparse.ArgumentTypeError(f"each count must be 2, 3 or 4, got {text!r}")
+    return counts
 
 
 def _selected(only: str | None) -> list[str]:
@@ -71,7 +88,8 @@ def _run_here(key: str, ctx: Context) -> Figure:
 
 def _run_child(key: str, args: argparse.Namespace, rounds: int, tmp: Path) -> Figure:
     out = tmp / f"{key}.json"
-    cmd = [sys.executable, "-m", "reloop.bench", "--figure", key, "--json", str(out), "--rounds", str(rounds)]
+    cmd = [sys.executable, "-m", "reloop.bench", "--figure", key, "--json", str(out), "--rounds", str(rounds),
+           "--scale-counts", ",".join(map(str, args.scale_counts))]  # fmt: skip
     if args.quick:
         cmd.append("--quick")
     print(f"== bench {key}: {FIGURES[key].title}", flush=True)
@@ -97,7 +115,7 @@ def _run_child(key: str, args: argparse.Namespace, rounds: int, tmp: Path) -> Fi
 
 def main(args: argparse.Namespace) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
-    ctx = Context(quick=args.quick, rounds=rounds)
+    ctx = Context(quick=args.quick, rounds=rounds, scale_counts=args.scale_counts)
     if args.figure:
         figure = _run_here(args.figure, ctx)
         if args.json is not None:
@@ -112,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
         "python -m reloop.bench"
         + (f" --only {args.only}" if args.only else "")
         + (" --quick" if args.quick else "")
+        + (f" --scale-counts {','.join(map(str, args.scale_counts))}" if args.scale_counts != (2,) else "")
     )
     figures = list(fresh.values())
     if args.reuse and args.json_dir is not None:

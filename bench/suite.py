@@ -93,6 +93,7 @@ class Context:
 
     quick: bool = False
     rounds: int = 5
+    scale_counts: tuple[int, ...] = (2,)  # figure 10: the M ranks and K join processes compared with 1
 
     def pick(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full

@@ -13,7 +13,8 @@ Rows (named so they can be found by name):
 
 Both need more cores than they use to show scaling: on this 2-core machine the broker, the parent and
 the ranks share two cores, so the rows say what two processes get here, and the notes say so. Where a
-machine with more cores is available, ``--ranks`` and ``--joiners`` take larger counts.
+machine with more cores is available, ``--scale-counts 2,4`` (of ``python -m reloop.bench``) adds the rows
+for M = 4 and K = 4 in the same run.
 """
 
 from __future__ import annotations
@@ -226,30 +227,32 @@ def run(ctx: Context) -> Figure:
 
     n = ctx.pick(40_960, 8_192)
     rounds = min(ctx.rounds, 3)
+    counts = sorted({2, *(c for c in ctx.scale_counts if 2 <= c <= PARTITIONS)})  # M and K; 2 always
     rows: list[Row] = []
     lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
-    m1: list[float] = []
-    m2: list[float] = []
-    m2_dense: list[float] = []
+    # M = 1 and every M of ``counts`` with the sparse table sync; M = 2 also with the dense one.
+    setups = [("m1", 1, "sparse"), *[(f"m{m}", m, "sparse") for m in counts], ("m2d", 2, "dense")]
+    ranks: dict[str, list[float]] = {key: [] for key, _, _ in setups}
     for r in range(rounds + 1):  # round 0 warms up (imports, first compilation), unrecorded
-        order = [("m1", 1, "sparse"), ("m2", 2, "sparse"), ("m2d", 2, "dense")]
-        if r % 2:
-            order.reverse()
+        order = setups if r % 2 == 0 else setups[::-1]
         got = {key: train_rate(world, n, sync) for key, world, sync in order}
         if r:
-            m1.append(got["m1"])
-            m2.append(got["m2"])
-            m2_dense.append(got["m2d"])
-    ratio = statistics.median(a / b for a, b in zip(m2, m1, strict=True))
+            for key in ranks:
+                ranks[key].append(got[key])
+    m1 = ranks["m1"]
+    for m in counts:
+        mm = ranks[f"m{m}"]
+        ratio = statistics.median(a / b for a, b in zip(mm, m1, strict=True))
+        name = f"train ranks, M = {m} vs M = 1, DCN, global batch 1024, sparse table sync"
+        rows.append(
+            Row(figure=name, value=float(np.median(mm)), unit="samples/s", baseline_name="M = 1, same stage",
+                baseline_value=float(np.median(m1)), ratio=ratio, target=f">= {0.8 * m:g} (0.8 x M)",
+                met=ratio >= 0.8 * m, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in mm)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in m1)} | {ratio:.3f} |")  # fmt: skip
+    m2, m2_dense = ranks["m2"], ranks["m2d"]
     dense_ratio = statistics.median(a / b for a, b in zip(m2_dense, m2, strict=True))
-    name = "train ranks, M = 2 vs M = 1, DCN, global batch 1024, sparse table sync"
-    rows.append(
-        Row(figure=name, value=float(np.median(m2)), unit="samples/s", baseline_name="M = 1, same stage",
-            baseline_value=float(np.median(m1)), ratio=ratio, target=">= 1.6 (0.8 x M)", met=ratio >= 1.6,
-            command=COMMAND)
-    )  # fmt: skip
-    lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in m2)} | {', '.join(f'{x:,.0f}' for x in m1)} | "
-                 f"{ratio:.3f} |")  # fmt: skip
     dname = "train ranks, M = 2, dense table all-reduce vs sparse row all-gather"
     rows.append(
         Row(figure=dname, value=float(np.median(m2_dense)), unit="samples/s",
@@ -259,39 +262,44 @@ def run(ctx: Context) -> Figure:
     lines.append(f"| {dname} | {', '.join(f'{x:,.0f}' for x in m2_dense)} | "
                  f"{', '.join(f'{x:,.0f}' for x in m2)} | {dense_ratio:.3f} |")  # fmt: skip
 
-    events = ctx.pick(163_840, 32_768)
+    # More events for more processes: K members take longer to settle into the group, and a pass must
+    # time at least a quarter of its events after they have.
+    events = ctx.pick(163_840, 32_768) * max(1, counts[-1] // 2)
     imps, clicks = make_events(events)
-    k1: list[float] = []
-    k2: list[float] = []
+    joins: dict[int, list[float]] = {k: [] for k in (1, *counts)}
     stalls: list[str] = []
     with local_broker() as bootstrap:
         raw = fill_partitioned_topics(bootstrap, imps, clicks, PARTITIONS)
         expected = events  # the sentinels close every window; each impression but them is one sample
         for r in range(rounds):
-            for k in (1, 2) if r % 2 == 0 else (2, 1):
-                (k1 if k == 1 else k2).append(join_rate_retried(bootstrap, raw, expected, k, stalls))
-    jratio = statistics.median(a / b for a, b in zip(k2, k1, strict=True))
-    jname = "join processes, K = 2 vs K = 1, kafka-python"
-    rows.append(
-        Row(figure=jname, value=float(np.median(k2)), unit="samples/s", baseline_name="K = 1, same topics",
-            baseline_value=float(np.median(k1)), ratio=jratio, target=">= 1.6 (0.8 x K)", met=jratio >= 1.6,
-            command=COMMAND)
-    )  # fmt: skip
-    lines.append(f"| {jname} | {', '.join(f'{x:,.0f}' for x in k2)} | {', '.join(f'{x:,.0f}' for x in k1)} | "
-                 f"{jratio:.3f} |")  # fmt: skip
+            for k in list(joins) if r % 2 == 0 else list(joins)[::-1]:
+                joins[k].append(join_rate_retried(bootstrap, raw, expected, k, stalls))
+    k1 = joins[1]
+    for k in counts:
+        kk = joins[k]
+        jratio = statistics.median(a / b for a, b in zip(kk, k1, strict=True))
+        jname = f"join processes, K = {k} vs K = 1, kafka-python"
+        rows.append(
+            Row(figure=jname, value=float(np.median(kk)), unit="samples/s",
+                baseline_name="K = 1, same topics", baseline_value=float(np.median(k1)), ratio=jratio,
+                target=f">= {0.8 * k:g} (0.8 x K)", met=jratio >= 0.8 * k, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| {jname} | {', '.join(f'{x:,.0f}' for x in kk)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in k1)} | {jratio:.3f} |")  # fmt: skip
     load = os.getloadavg()
     notes = "\n".join(
         [
             f"Train ranks: {n:,} Criteo-shaped samples in 4 partitions (in memory), DCN registry defaults "
-            f"with the default optimizer, ReLoop 0.2, global batch 1024 (512 per rank at M = 2), one torch "
-            f"thread per rank, {rounds} rounds after a warm-up, the three set-ups rotated each round. Join "
+            f"with the default optimizer, ReLoop 0.2, global batch 1024 (1024 / M per rank), one torch "
+            f"thread per rank, {rounds} rounds after a warm-up, the set-ups rotated each round. Join "
             f"processes: {events:,} impressions over 4-partition topics on the local broker, one consumer "
             f"group per pass, timed once every process owns tasks; a pass whose consumer stalled (not in its "
             f"group, or fetching nothing, for 30 s) was run again: {len(stalls)} time(s). "
             f"Load average at the end {load[0]:.1f} / "
-            f"{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores, shared with the broker: two processes "
-            "cannot get more than the two cores here, so these ratios bound what this machine shows, not "
-            "what more cores would. No machine with more cores was available to this session.",
+            f"{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores, shared with the broker: M or K processes "
+            f"cannot get more than the cores there are, so these ratios bound what this machine shows, not "
+            f"what more cores would. M and K compared with 1: {', '.join(map(str, counts))} "
+            f"(`--scale-counts`).",
             "",
             *lines,
         ]

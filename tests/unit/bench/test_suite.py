@@ -157,3 +157,14 @@ def test_alternate_many_rotates_so_each_takes_every_position() -> None:
     assert values == [[1.0] * 3, [2.0] * 3, [4.0] * 3]
     with pytest.raises(ValueError):
         alternate_many([], rounds=1)
+
+
+def test_scale_counts_are_parsed_sorted_and_bounded_by_the_partitions() -> None:
+    import argparse
+
+    from reloop.bench.__main__ import _counts
+
+    assert _counts("4,2,2") == (2, 4)
+    for bad in ("1", "5", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _counts(bad)
