@@ -92,9 +92,10 @@ def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:
         )
         if not math.isnan(plan["observed"]) and math.isfinite(plan["needed_s"]):
             times = plan["needed_s"] / max(plan["elapsed_s"], 1e-9)
+            times_text = f"{times:.0f}" if times >= 10 else f"{times:.2g}"  # 150x, 2.4x, 0.49x
             line += (
                 f"; to separate the observed {plan['observed']:+.2%} from noise it would need about "
-                f"{_duration(plan['needed_s'])} ({times:.0f}x this run)"
+                f"{_duration(plan['needed_s'])} ({times_text}x this run)"
             )
         lines.append(line)
     return lines

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -210,3 +211,7 @@ def test_the_summary_line_says_how_long_the_demo_would_need():
     assert "this run can detect ±" in plan_line and "after 120 s" in plan_line
     # +1% observed against a detectable ~12%: about (12/1)^2 = 150x the run, i.e. hours.
     assert " h (" in plan_line and "x this run" in plan_line
+    # A difference far beyond the noise needs a fraction of the run, said as such (not "0x").
+    stats.arm("reloop").clicks = stats.arm("reloop").true_p_sum = 2_000
+    short = ab_lines(stats, ReportConfig(treatment="reloop", control="ce", aa=("ce2", "ce")))[-1]
+    assert re.search(r"\(0\.\d+x this run\)", short), short
