@@ -121,6 +121,12 @@ class ServeConfig(_Frozen):
         default=0.2, gt=0, description="registry poll period: a poll is two directory listings"
     )
     torch_threads: int = Field(default=1, ge=1)
+    gil_switch_interval_ms: float | None = Field(
+        default=0.5,
+        gt=0,
+        description="how long another thread (the reload watcher, the impression log's poll) may hold "
+        "the GIL while a request waits for it; null keeps Python's 5 ms (docs/bench-serve.md)",
+    )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
     workers: int = Field(default=1, ge=1, description="serving processes sharing the port (SO_REUSEPORT)")
     salt: str = "reloop"
