@@ -477,6 +477,7 @@ def run(ctx: Context) -> Figure:
     ramps = []
     profile = ""
     reload_text: list[str] = []
+    client_text: list[str] = []
     with tempfile.TemporaryDirectory(prefix="reloop-bench-serve-") as tmp, local_broker() as bootstrap:
         work = Path(tmp)
         create_topics(bootstrap, {TOPIC: 1})
@@ -563,6 +564,16 @@ def run(ctx: Context) -> Figure:
                 )
                 ramps.append(_ramp_line(f"{n} candidates", steps))
             stats = service_stats(port).get("arms", {}).get("A", {})
+            late50, late99 = (x * 1e3 for x in percentiles(client.timer_late_s, [50, 99]))
+            client_text = [
+                f"The load generator (this process, asyncio, its garbage collector off during each "
+                f"window): its timers fired {late50:.2f} / {late99:.2f} ms (p50 / p99) after their "
+                f"slots; latencies count from when a request's timer fired, so this is not in them (a "
+                f"wait for a free connection is). Its event loop's worst lag per window: "
+                f"{max(client.loop_lag_max_s) * 1e3:.1f} ms at most, median "
+                f"{statistics.median(client.loop_lag_max_s) * 1e3:.1f} ms over "
+                f"{len(client.loop_lag_max_s)} windows.",
+            ]
         finally:
             proc.terminate()
             try:
@@ -613,6 +624,8 @@ def run(ctx: Context) -> Figure:
             *table,
             "",
             *reload_text,
+            "",
+            *client_text,
             "",
             f"Sustainable rate: offered rate doubled from {rate:.0f}/s, then bisected 3 times, "
             f"{ramp_seconds:.0f} s per step; a step passes with no errors and open-loop p99 <= "
