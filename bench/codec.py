@@ -11,9 +11,11 @@ Contenders, each over the same list of events per round:
   itself; the dict is built by an ``attrgetter``), outputs kept in a list as a batch would be; plus bare
   ``orjson.dumps`` without the copy, to show why the copy is there; and both encoders "streamed", each
   output released at once (a producer that copies the value into its own batch buffer).
-* decode+validate: ``reloop.engine.events.codec.decode_impressions`` (the production path) vs the loop with
-  ``msgpack.unpackb`` + the full validator (msgpack data can hold NaN and bytes keys, so the JSON-only
-  shortcuts do not apply to it).
+* decode+validate: ``reloop.engine.events.codec.decode_impressions`` (the production path: msgspec
+  decoding straight into the ``Impression`` dataclass, the contract's bounds checked in C) vs the
+  previous production path, ``orjson.loads`` + the hand-written fast check (``validation._impression``),
+  vs the loop with ``msgpack.unpackb`` + the full validator (msgpack data can hold NaN and bytes keys,
+  so the JSON-only shortcuts do not apply to it).
 * parse only, for reference: ``orjson.loads`` vs ``msgpack.unpackb``; and stdlib ``json.loads``.
 
 Rounds alternate the contenders in this one process (the machine's speed drifts between processes);
@@ -38,10 +40,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgpack
+import msgspec
 import orjson
-from reloop.engine.events.codec import decode_impressions, encode
+from reloop.engine.events.codec import _decode_many, decode_impression, decode_impressions, encode
 from reloop.engine.events.schema import Impression
-from reloop.engine.events.validation import DEFAULT_MAX_BYTES, EventError, impression_from_obj
+from reloop.engine.events.validation import DEFAULT_MAX_BYTES, EventError, _impression, impression_from_obj
 
 DEFAULT_CRITEO = Path(__file__).resolve().parents[2] / "shared/data/criteo-sample/wideresdnn_criteo_train.tsv"
 FIELDS = ("impression_id", "request_id", "user_id", "item_id", "features", "event_time_ms",
@@ -129,6 +132,11 @@ def msgpack_decode_impressions(
     return good, bad
 
 
+def orjson_decode_impressions(values: Sequence[bytes]) -> tuple[list[Impression], list]:
+    """The batch decoder before msgspec: orjson.loads + the hand-written fast check per event."""
+    return _decode_many(values, _impression, decode_impression, DEFAULT_MAX_BYTES)
+
+
 def _drop(fn: Callable[[Impression], bytes], events: Sequence[Impression]) -> None:
     # Each output is released at once, as when it is handed straight to a producer that copies it.
     for event in events:
@@ -166,6 +174,7 @@ def run(n_events: int, rounds: int, seed: int, criteo: Path | None) -> dict:
     mp = [enc_msgpack(e) for e in events]
     # Correctness first: both paths give back exactly the events we started from.
     assert decode_impressions(js) == (events, [])
+    assert orjson_decode_impressions(js) == (events, [])
     assert msgpack_decode_impressions(mp) == (events, [])
 
     cases: dict[str, Callable[[], object]] = {
@@ -174,7 +183,8 @@ def run(n_events: int, rounds: int, seed: int, criteo: Path | None) -> dict:
         "encode orjson.dumps, untrimmed": lambda: [orjson.dumps(e) for e in events],
         "encode orjson, streamed": lambda: _drop(encode, events),
         "encode msgpack, streamed": lambda: _drop(enc_msgpack, events),
-        "decode+validate orjson": lambda: decode_impressions(js),
+        "decode+validate msgspec (production)": lambda: decode_impressions(js),
+        "decode+validate orjson": lambda: orjson_decode_impressions(js),
         "decode+validate msgpack": lambda: msgpack_decode_impressions(mp),
         "parse only orjson": lambda: [orjson.loads(v) for v in js],
         "parse only msgpack": lambda: [msgpack.unpackb(v, raw=False) for v in mp],
@@ -206,7 +216,7 @@ def run(n_events: int, rounds: int, seed: int, criteo: Path | None) -> dict:
         "rates": rates,
         "wall": wall,
         "source": (
-            f"rows of the Kaggle Criteo sample ({criteo.resolve()}), empty fields left out"
+            f"rows of the Kaggle Criteo sample ({criteo.name}), empty fields left out"
             if criteo is not None
             else "synthetic Criteo-shaped rows with all 39 fields filled"
         ),
@@ -245,6 +255,8 @@ def report(result: dict, rounds: int) -> str:
         ("decode+validate", "decode+validate orjson", "decode+validate msgpack"),
         ("parse only", "parse only orjson", "parse only msgpack"),
     ]
+    msgspec_gain = _ratio(rates, "decode+validate msgspec (production)", "decode+validate orjson")
+    msgspec_gain_wall = _ratio(wall, "decode+validate msgspec (production)", "decode+validate orjson")
     lines += [
         "",
         "Memory held per encoded event in a batch (tracemalloc): "
@@ -263,6 +275,8 @@ def report(result: dict, rounds: int) -> str:
         f"{1e6 / med['parse only orjson']:.2f} us "
         f"for the bare parse); unvalidated `Impression(**orjson.loads(v))` takes "
         f"{1e6 / med['orjson + Impression(**d), unvalidated']:.2f} us.",
+        f"- decode+validate, msgspec (production) / orjson + the hand-written check: {msgspec_gain:.2f}x "
+        f"(wall {msgspec_gain_wall:.2f}x).",
         "",
     ]
     return "\n".join(lines)
@@ -283,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.criteo} not found: synthetic events only")
     sections = [
-        "# Codec benchmark: orjson vs msgpack on our impression events",
+        "# Codec benchmark: orjson vs msgpack (and msgspec for decoding) on our impression events",
         "",
         f"Command: `{command}` (bench/codec.py says what each path does).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work, "
         f"Python {platform.python_version()}, "
-        f"orjson {orjson.__version__}, msgpack {'.'.join(map(str, msgpack.version))}.",
+        f"orjson {orjson.__version__}, msgpack {'.'.join(map(str, msgpack.version))}, "
+        f"msgspec {msgspec.__version__}.",
         "",
     ]
     load_before = os.getloadavg()[0]
@@ -310,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     naive = "orjson + Impression(**d), unvalidated"
     validated_vs_naive = _ratio(first["rates"], "decode+validate orjson", naive)
     verdict = (
-        "orjson is faster than msgpack on every path measured here, so it is THE codec "
-        "(engine/events/codec.py)."
+        "orjson is faster than msgpack on every path measured here, so it is THE wire format "
+        "(engine/events/codec.py); batches of impressions and clicks are decoded by msgspec (faster "
+        "still for decode+validate, same JSON on the wire)."
         if min(ratios) > 1
         else "msgpack beat orjson on at least one path here: revisit the choice in engine/events/codec.py."
     )

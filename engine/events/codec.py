@@ -3,6 +3,12 @@
 orjson won against msgpack on our own events, for encoding and for decode+validate alike
 (bench/codec.py, docs/bench-codec.md), and JSON stays readable in `kafka-console-consumer`.
 
+Batches of impressions and clicks (the join's door) are decoded by msgspec straight into the event
+dataclasses, with the contract's bounds (engine/events/schema.py) checked in the same C pass: 1.4x
+the speed of orjson plus the hand-written checks on Criteo-shaped impressions (docs/bench-codec.md).
+A record msgspec refuses takes the careful orjson path, which names the reason or accepts an unusual
+but valid event (an older schema version, say), so both paths give the same verdicts (tested).
+
 Wire shape: the dataclass fields by name (``dataclasses`` order), no whitespace, ``schema_version``
 always written. Readers ignore fields they do not know (see engine/events/validation.py for the
 versioning rule). Times are int ms since epoch, floats are written in their shortest exact form, so
@@ -21,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
+import msgspec
 import orjson
 from reloop.engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
 from reloop.engine.events.validation import (
@@ -39,6 +46,11 @@ E = TypeVar("E")
 _dumps = orjson.dumps
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
+# Anything msgspec raises sends the record to the careful path, RecursionError included (msgspec
+# raises it on deeply nested JSON, where orjson reports a malformed record).
+_MSGSPEC_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+_decode_impression_fast = msgspec.json.Decoder(Impression).decode
+_decode_click_fast = msgspec.json.Decoder(Click).decode
 
 
 def encode(event: Event, *, check: bool = False) -> bytes:
@@ -153,6 +165,28 @@ def _decode_many(
     return good, bad
 
 
+def _decode_many_typed(
+    values: Sequence[bytes], fast: Callable[[bytes], E], one: Callable[..., E], max_bytes: int
+) -> tuple[list[E], list[tuple[int, EventError]]]:
+    """``_decode_many`` with msgspec's typed decoder as the fast path (same contract)."""
+    good: list[E] = []
+    bad: list[tuple[int, EventError]] = []
+    append = good.append
+    refused = _MSGSPEC_ERRORS
+    for i, data in enumerate(values):
+        if type(data) is bytes and len(data) <= max_bytes:
+            try:
+                append(fast(data))
+                continue
+            except refused:
+                pass  # the careful path below names the reason, or accepts a valid unusual event
+        try:
+            append(one(data, max_bytes=max_bytes))
+        except EventError as exc:
+            bad.append((i, exc))
+    return good, bad
+
+
 def decode_impressions(
     values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[Impression], list[tuple[int, EventError]]]:
@@ -160,14 +194,14 @@ def decode_impressions(
 
     Never raises on bad data: every record ends up in exactly one of the two lists.
     """
-    return _decode_many(values, _impression, decode_impression, max_bytes)
+    return _decode_many_typed(values, _decode_impression_fast, decode_impression, max_bytes)
 
 
 def decode_clicks(
     values: Sequence[bytes], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[list[Click], list[tuple[int, EventError]]]:
     """Batch form of decode_click; see decode_impressions."""
-    return _decode_many(values, _click, decode_click, max_bytes)
+    return _decode_many_typed(values, _decode_click_fast, decode_click, max_bytes)
 
 
 def decode_samples(

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from reloop.engine.events.schema import SCHEMA_VERSION, Click, Impression, LabeledSample
+from reloop.engine.events.schema import MAX_EVENT_TIME_MS, SCHEMA_VERSION, Click, Impression, LabeledSample
 
 REASONS = frozenset(
     {
@@ -50,8 +50,7 @@ REASONS = frozenset(
 )
 SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
 DEFAULT_MAX_BYTES = 1 << 20
-# 9999-12-31T23:59:59.999Z: anything later is a unit mistake (micro/nanoseconds), not a real time.
-MAX_EVENT_TIME_MS = 253_402_300_799_999
+# MAX_EVENT_TIME_MS (schema.py), 9999-12-31: anything later is a unit mistake (micro/nanoseconds).
 
 
 class EventError(Exception):

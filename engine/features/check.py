@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,13 +58,18 @@ class SpecChecker:
         self.limits = limits or FeatureLimits()
         self._names = tuple(f.name for f in spec.fields)
         self._fields = spec.fields
+        self._row_values = _values_getter(self._names)
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, EventError]]:
         """(row index, error) for every bad row, in row order; at most one error per row."""
         if not rows:
             return []
-        names = self._names
-        columns = zip(*[list(map(row.get, names)) for row in rows], strict=True)
+        try:  # every row has every field (the usual case): one C-level call per row
+            # list() first: a KeyError raised inside a star-unpacked map leaks memory (CPython 3.11).
+            columns = zip(*list(map(self._row_values, rows)), strict=True)
+        except KeyError:
+            names = self._names
+            columns = zip(*[list(map(row.get, names)) for row in rows], strict=True)
         bad: dict[int, EventError] = {}
         for f, column in zip(self._fields, columns, strict=True):
             if not self._column_ok(f, column):
@@ -150,6 +156,13 @@ class SpecChecker:
 
 def _short(value: str, n: int = 40) -> str:
     return repr(value) if len(value) <= n else f"{value[:n]!r}... ({len(value)} characters)"
+
+
+def _values_getter(names: tuple[str, ...]) -> Any:
+    """A function from a row to the tuple of its values for ``names`` (KeyError when one is absent)."""
+    if len(names) < 2:  # itemgetter of one name returns the bare value, of none it is refused
+        return lambda row: tuple(row[name] for name in names)
+    return itemgetter(*names)
 
 
 def _bad(detail: str, f: Any) -> EventError:

@@ -38,7 +38,6 @@ EXTRAS: dict[str, str] = {
     "uvicorn": "serve",
     "httptools": "serve",
     "uvloop": "serve",
-    "msgspec": "serve",
     "matplotlib": "replay",
     "tqdm": "replay",
     "rich": "demo",

@@ -7,6 +7,7 @@ import math
 
 import msgpack
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reloop.engine.events.codec import (
@@ -238,6 +239,64 @@ def test_fast_path_agrees_with_the_precise_path(case):
     if _json_safe(case[0]):
         assert _outcome(lambda o: _impression(o, True), obj) == precise
     assert _outcome(impression_from_obj, obj) == precise
+
+
+def _single_outcome(decode, data):
+    try:
+        return decode(data)
+    except EventError as exc:
+        return exc.reason
+
+
+def _batch_outcome(decode_batch, data):
+    good, bad = decode_batch([data])
+    return good[0] if good else bad[0][1].reason
+
+
+@SETTINGS
+@given(mutated_impression())
+def test_batch_decoder_agrees_with_the_single_record_decoder(case):
+    # The batch path decodes with msgspec, the single-record path with orjson: same verdict, same event.
+    data = json.dumps(case[0]).encode()  # stdlib json: big ints, NaN tokens and all
+    expected = _single_outcome(decode_impression, data)
+    got = _batch_outcome(decode_impressions, data)
+    assert got == expected
+    if isinstance(got, Impression):
+        assert [type(v) for v in got.features.values()] == [type(v) for v in expected.features.values()]
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["impression_id", "event_time_ms", "value", "schema_version"])
+                       | st.text(max_size=6), json_values, max_size=6))  # fmt: skip
+def test_click_batch_decoder_agrees_with_the_single_record_decoder(obj):
+    data = json.dumps(obj).encode()
+    assert _batch_outcome(decode_clicks, data) == _single_outcome(decode_click, data)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"features": {"big": 2**64}},  # orjson reads it as a float, msgspec would keep the int
+        {"features": {"big": -(2**63) - 1}},
+        {"model_version": 2**63},
+        {"served_prediction": 1},  # an int probability is read as a float
+        {"schema_version": 0},
+        {"arm": ""},
+        {"features": {"x": None}},
+        {"features": {"x": [1]}},
+        {"unknown": [[[[[]]]]] },
+    ],
+)
+def test_batch_decoder_edge_cases_agree(value, impression_dict):
+    data = json.dumps({**impression_dict(), **value}).encode()
+    assert _batch_outcome(decode_impressions, data) == _single_outcome(decode_impression, data)
+
+
+def test_deeply_nested_json_is_a_dead_letter_not_a_crash(impression_dict):
+    # msgspec raises RecursionError on deep nesting; the batch path must still name a reason.
+    deep = json.dumps(impression_dict())[:-1].encode() + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert _batch_outcome(decode_impressions, deep) == "malformed"
+    assert _batch_outcome(decode_clicks, deep) == "malformed"
 
 
 @SETTINGS

@@ -3,16 +3,29 @@ Arrow columns identical to features from the same values as Python dicts."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reloop.engine.events.sample_batch import FORMAT, batch_from_samples, decode_batch, encode_batch
-from reloop.engine.events.schema import LabeledSample
+from reloop.engine.events.codec import encode
+from reloop.engine.events.sample_batch import (
+    FIXED_COLUMNS,
+    FORMAT,
+    batch_from_joined,
+    batch_from_samples,
+    decode_batch,
+    encode_batch,
+    feature_columns,
+)
+from reloop.engine.events.schema import Impression, LabeledSample
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
+from reloop.engine.join.joiner import Joined
 
 SPEC = FeatureSpec(
     fields=(
@@ -65,6 +78,52 @@ def test_mixed_types_and_huge_ints_stay_exact():
     assert [s.features for s in batch.to_samples()] == rows
     fz = Featurizer(SPEC)
     np.testing.assert_array_equal(fz.transform_columns(batch.features()).cat, fz.transform(rows).cat)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"user": "a", "cnt": 1}, {"user": "b", "price": 2.5}],  # as many keys, not the same ones
+        [{"user": "a", "cnt": 1}, {"cnt": 2, "user": "b"}],  # the same keys in another order
+        [{"user": "a", "cnt": 1}, {"user": "b", "cnt": 2, "tags": ["t"]}],
+    ],
+)
+def test_rows_with_different_key_sets_keep_every_value(rows):
+    batch = decode_batch(encode_batch(batch_from_samples(_samples(rows), task=0, first_seq=0)))
+    assert [s.features for s in batch.to_samples()] == rows
+    assert batch.data.schema.names[len(FIXED_COLUMNS) :][:2] == ["f:user", "f:cnt"]  # first-seen order
+
+
+def test_rows_with_other_keys_leak_nothing():
+    # The same-keys shortcut gives up on a KeyError; raised inside a star-unpacked map it leaked ~180 B
+    # per batch on CPython 3.11.
+    rows = [{"user": "a", "cnt": 1}, {"user": "b", "price": 2.5}]
+    for _ in range(50):
+        feature_columns(rows)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2_000):
+            feature_columns(rows)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown
+
+
+def test_batch_from_joined_equals_batch_from_samples():
+    feats = [{"user": "u0", "cnt": 0}, {"user": "u1", "cnt": 1.5}, {"cnt": 2, "user": "u2", "tags": ["t"]}]
+    imps = [Impression(f"i{k}", "r", "u", "it", f, 1_000 + k, 0.25, 7, "b") for k, f in enumerate(feats)]
+    joined = [Joined(e.impression_id, e.event_time_ms, encode(e), k % 2, k == 2) for k, e in enumerate(imps)]
+    got = batch_from_joined(joined, task=1, first_seq=5).to_samples()
+    want = [
+        LabeledSample(j.impression_id, e.features, j.label, 0.25, 7, e.event_time_ms, arm="b",
+                      is_correction=j.is_correction)
+        for j, e in zip(joined, imps, strict=True)
+    ]  # fmt: skip
+    assert got == want
 
 
 def _corrupt(data: bytes, **meta) -> bytes:
