@@ -8,7 +8,7 @@ table sized to 1e5 / 1e6 / 1e7 rows, after one training step so the optimizer's 
 exists: the snapshot holds what the stream processor publishes (``learner.state_dict()``: weights,
 optimizer state, RNG, config), preceded by the serving bundle (weights only).
 
-* write time: ``SnapshotRegistry.publish`` (torch.save to memory, sha256, write + fsync each part and the
+* write time: ``SnapshotRegistry.publish`` (torch.save to memory, CRC32C, write + fsync each part and the
   manifest, rename, fsync the root) against a bare ``torch.save`` of the same state dict to a file on
   the same disk.
 * publish-to-serving: from the start of the trainer's publish (serving bundle, then snapshot) in this

@@ -6,6 +6,7 @@ import io
 import json
 import os
 
+import crc32c
 import pytest
 import torch
 from reloop.engine.checkpoint import ChecksumError, SnapshotError, SnapshotRegistry
@@ -76,11 +77,36 @@ def reseal(reg: SnapshotRegistry, version: int, part: str, data: bytes) -> None:
     folder = reg.path(version)
     (folder / f"{part}.pt").write_bytes(data)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["parts"][part].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["parts"][part].update(bytes=len(data), crc32c=f"{crc32c.crc32c(data):08x}")
+    _write_manifest(folder, manifest)
+
+
+def _write_manifest(folder, manifest: dict) -> None:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_parts_carry_their_crc32c_and_older_sha256_manifests_still_verify(tmp_path):
+    reg = SnapshotRegistry(tmp_path)
+    v = reg.publish(_state(1.0))
+    folder = reg.path(v)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / "model.pt").read_bytes()
+    assert manifest["parts"]["model"]["crc32c"] == f"{crc32c.crc32c(data):08x}"
+    assert "sha256" not in manifest["parts"]["model"]
+    # A manifest as written before: sha256 per part. It verifies, and a flipped byte is still caught.
+    for info in manifest["parts"].values():
+        info["sha256"] = hashlib.sha256((folder / info["file"]).read_bytes()).hexdigest()
+        del info["crc32c"]
+    _write_manifest(folder, manifest)
+    assert torch.equal(reg.load(v).state["model"]["w"], torch.full((3,), 1.0))
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 1
+    (folder / "model.pt").write_bytes(bytes(damaged))
+    with pytest.raises(ChecksumError, match="sha256"):
+        reg.load(v)
 
 
 class _Boom:
@@ -126,10 +152,7 @@ def test_resealed_manifest_pointing_outside_its_folder_is_refused(tmp_path):
     folder = reg.path(v2)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["parts"]["model"]["file"] = "../v000000000001/model.pt"
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(folder, manifest)
     with pytest.raises(SnapshotError, match="manifest"):
         reg.load(v2)
 
