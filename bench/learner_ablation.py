@@ -98,6 +98,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adagrad0.1": {"emb_opt": "adagrad", "emb_lr": 0.1},
     "new": NEW,
     "new_replay32k_x2": {**NEW, "replay": 32768, "replay_ratio": 2.0},
+    # the new defaults in smaller predict-then-learn batches (the whole model updated more often)
+    "new_b128": {**NEW, "batch": 128},
+    "new_b32": {**NEW, "batch": 32},
+    "new_b8": {**NEW, "batch": 8},
+    "new_deepfm_b8": {**NEW, "backbone": "deepfm", "batch": 8},
     "new_buckets100k": {**NEW, "buckets": 100_000},
     "old_buckets100k": {**OLD, "buckets": 100_000},
     "new_deepfm": {**NEW, "backbone": "deepfm"},
