@@ -24,7 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from reloop.engine.features.hashing import fnv1a_arrow, fnv1a_utf8, splitmix64, to_bucket
+from reloop.engine.features.hashing import (
+    Spans,
+    arrow_spans,
+    fnv1a_arrow,
+    fnv1a_many,
+    fnv1a_utf8,
+    splitmix64,
+    to_bucket,
+    utf8_spans,
+)
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCategoricalField, NumericField
 
 
@@ -141,9 +150,23 @@ class Featurizer:
         def col(name: str) -> Sequence[Any]:
             return columns.get(name, missing_col)
 
+        # The categorical and bucketed numeric fields as two blocks (hashing a block costs about as much
+        # as one column); bad values still fail in field order, naming the field.
         cat = np.zeros((n, len(spec.cat_fields)), dtype=np.int64)
-        for j, (f, offset) in enumerate(zip(spec.cat_fields, spec.cat_offsets, strict=True)):
-            cat[:, j] = offset + self._cat_rows(f, col(f.name))
+        texts: list[tuple[int, CategoricalField, Spans]] = []
+        numbers: list[tuple[int, NumericField, np.ndarray]] = []
+        for j, f in enumerate(spec.cat_fields if n else ()):
+            if isinstance(f, NumericField):
+                numbers.append((j, f, self._floats(f, col(f.name))))
+            else:
+                texts.append((j, f, _spans(f, col(f.name))))
+        if texts:
+            h, missing = fnv1a_many([spans for _, _, spans in texts])
+            self._put_block(cat, texts, np.where(missing, 0, to_bucket(h, _buckets(texts))))
+        if numbers:
+            x = np.stack([v for _, _, v in numbers])
+            rows = to_bucket(splitmix64(log_bucket(x)), _buckets(numbers))
+            self._put_block(cat, numbers, np.where(np.isnan(x), 0, rows))
         num = np.zeros((n, len(spec.dense_fields)), dtype=np.float32)
         for j, f in enumerate(spec.dense_fields):
             num[:, j] = self._dense(f, col(f.name))
@@ -155,6 +178,12 @@ class Featurizer:
             multi[:, j, :] = offset + ids
             mask[:, j, :] = m
         return FeatureBatch(cat=cat, num=num, multi=multi, multi_mask=mask)
+
+    def _put_block(self, cat: np.ndarray, block: Sequence[tuple[int, Any, Any]], rows: np.ndarray) -> None:
+        """Rows of a block of fields (one row of ``rows`` per field) into their columns of ``cat``."""
+        index = [j for j, _, _ in block]
+        offsets = np.asarray(self.spec.cat_offsets, dtype=np.int64)[index]
+        cat[:, index] = (rows + offsets[:, None]).T
 
     @staticmethod
     def _hash(f: CategoricalField | MultiCategoricalField, values: Sequence[Any] | pa.Array) -> np.ndarray:
@@ -168,21 +197,10 @@ class Featurizer:
             raise FeatureError(f"field {f.name!r}: {exc}") from exc
         return np.where(missing, 0, to_bucket(h, f.buckets))
 
-    def _cat_rows(self, f: CategoricalField | NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
-        if isinstance(f, NumericField):
-            x = self._floats(f, values)
-            rows = to_bucket(splitmix64(log_bucket(x)), f.buckets)
-            return np.where(np.isnan(x), 0, rows)
-        return self._hash(f, values)
-
     @staticmethod
     def _floats(f: NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
         if isinstance(values, pa.Array):
-            if (
-                pa.types.is_integer(values.type)
-                or pa.types.is_floating(values.type)
-                or pa.types.is_null(values.type)
-            ):
+            if _is_numeric(values):
                 return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)  # null -> nan
             values = values.to_pylist()  # numbers as text (rare): the Python rules below
         try:
@@ -253,6 +271,27 @@ class Featurizer:
         ids[rows_flat, cols_flat] = rows
         mask[rows_flat, cols_flat] = (rows != 0).astype(np.float32)
         return ids, mask
+
+
+def _is_numeric(values: pa.Array) -> bool:
+    kind = values.type
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
+
+
+def _spans(f: CategoricalField, values: Sequence[Any] | pa.Array) -> Spans:
+    """A categorical column's bytes to hash (as ``_hash`` reads them)."""
+    try:
+        if isinstance(values, pa.Array):
+            values = _arrow_strings(values)
+            return arrow_spans(values) if isinstance(values, pa.Array) else utf8_spans(values)
+        return utf8_spans(values)
+    except TypeError as exc:
+        raise FeatureError(f"field {f.name!r}: {exc}") from exc
+
+
+def _buckets(block: Sequence[tuple[int, Any, Any]]) -> np.ndarray:
+    """The bucket counts of a block's fields, as a column to broadcast against its (fields, n) hashes."""
+    return np.array([f.buckets for _, f, _ in block], dtype=np.uint64)[:, None]
 
 
 def _arrow_strings(values: pa.Array) -> pa.Array | list[str | None]:

@@ -31,12 +31,42 @@ def _as_strings(values: Sequence[Any]) -> list[str]:
     return out
 
 
+Spans = tuple[np.ndarray, np.ndarray, np.ndarray]  # (bytes, start of each value, length of each value)
+
+
 def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 FNV-1a of each value's str() as UTF-8, mask of missing values: None or "").
 
     The strings are joined into one buffer and hashed column by column (one numpy pass per byte
     position up to the longest string), so the Python work per value is a join and a len().
     """
+    buf, starts, lengths = utf8_spans(values)
+    return fnv1a_spans(buf, starts, lengths), lengths == 0
+
+
+def fnv1a_arrow(array: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``fnv1a_utf8`` of a pyarrow string array, read straight from its offsets and data buffers (no
+    Python object per value). Nulls and empty strings are missing, as None and "" are."""
+    buf, starts, lengths = arrow_spans(array)
+    return fnv1a_spans(buf, starts, lengths), lengths == 0
+
+
+def fnv1a_many(spans: Sequence[Spans]) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes of k columns of n values each (``utf8_spans`` / ``arrow_spans``), as (k, n) arrays
+    with the missing mask: the buffers are joined and hashed in one numpy pass per byte position, not
+    one per column, so a batch's categorical columns cost about as much as one column."""
+    if not spans:
+        return np.empty((0, 0), np.uint64), np.empty((0, 0), bool)
+    shift = np.cumsum([0] + [len(buf) for buf, _, _ in spans[:-1]])
+    buf = np.concatenate([b for b, _, _ in spans])
+    starts = np.concatenate([s + d for (_, s, _), d in zip(spans, shift, strict=True)])
+    lengths = np.stack([ln for _, _, ln in spans])
+    return fnv1a_spans(buf, starts, lengths.ravel()).reshape(lengths.shape), lengths == 0
+
+
+def utf8_spans(values: Sequence[Any]) -> Spans:
+    """(UTF-8 bytes, start, length) of each value's str(); None and "" have length 0. A value that is
+    not a scalar raises TypeError."""
     try:
         joined = "".join(values)  # fast path: all str
         strings: Sequence[str] = values
@@ -46,16 +76,13 @@ def fnv1a_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     data = joined.encode("utf-8")
     n = len(strings)
     lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
-    missing = lengths == 0
     if len(data) != len(joined):  # non-ASCII somewhere: lengths in bytes differ from lengths in chars
         lengths = np.fromiter((len(s.encode("utf-8")) for s in strings), dtype=np.int64, count=n)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    return fnv1a_spans(buf, np.cumsum(lengths) - lengths, lengths), missing
+    return np.frombuffer(data, dtype=np.uint8), np.cumsum(lengths) - lengths, lengths
 
 
-def fnv1a_arrow(array: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``fnv1a_utf8`` of a pyarrow string array, read straight from its offsets and data buffers (no
-    Python object per value). Nulls and empty strings are missing, as None and "" are."""
+def arrow_spans(array: Any) -> Spans:
+    """(data bytes, start, length) of each value of a pyarrow string array; a null has length 0."""
     import pyarrow as pa
 
     if isinstance(array, pa.ChunkedArray):
@@ -70,8 +97,11 @@ def fnv1a_arrow(array: Any) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.diff(offsets)
     if validity is not None and array.null_count:
         lengths = np.where(array.is_null().to_numpy(zero_copy_only=False), 0, lengths)
-    buf = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.empty(0, np.uint8)
-    return fnv1a_spans(buf, offsets[:-1], lengths), lengths == 0
+    if data_buf is None:
+        return np.empty(0, np.uint8), offsets[:-1], lengths
+    first = int(offsets[0])  # a slice of a larger array: keep only its own bytes
+    buf = np.frombuffer(data_buf, dtype=np.uint8)[first : int(offsets[-1])]
+    return buf, offsets[:-1] - first, lengths
 
 
 def fnv1a_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -80,19 +110,26 @@ def fnv1a_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
     h = np.full(n, FNV_OFFSET, dtype=np.uint64)
     if n == 0 or not buf.size or not lengths.any():
         return h
+    longest = int(lengths.max())
+    if int(lengths.min()) == longest:  # one length (ids of a fixed format): no sort, no prefixes
+        _fnv1a_rounds(h, buf, starts, [n] * longest)
+        return h
     # Longest first: at byte position j the strings still running are a prefix of this order, so the
     # work is the total byte count, not (number of values x longest value).
     order = np.argsort(-lengths, kind="stable")
-    sorted_starts = starts[order]
     running = np.cumsum(np.bincount(lengths)[::-1])[::-1]  # running[j] = #values longer than j-1
     hs = h[order]
-    with np.errstate(over="ignore"):
-        for j in range(int(lengths.max())):
-            k = int(running[j + 1]) if j + 1 < running.size else 0
-            byte = buf[sorted_starts[:k] + j].astype(np.uint64)
-            hs[:k] = (hs[:k] ^ byte) * FNV_PRIME
+    _fnv1a_rounds(hs, buf, starts[order], [int(k) for k in running[1 : longest + 1]])
     h[order] = hs
     return h
+
+
+def _fnv1a_rounds(h: np.ndarray, buf: np.ndarray, starts: np.ndarray, running: Sequence[int]) -> None:
+    """In place: byte round j folds ``buf[starts[i] + j]`` into ``h[i]`` for the first running[j] i."""
+    for j, k in enumerate(running):
+        head = h[:k]
+        np.bitwise_xor(head, buf[starts[:k] + j], out=head)
+        np.multiply(head, FNV_PRIME, out=head)
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
@@ -104,6 +141,7 @@ def splitmix64(values: np.ndarray) -> np.ndarray:
         return z ^ (z >> _U64(31))
 
 
-def to_bucket(h: np.ndarray, buckets: int) -> np.ndarray:
-    """Map hashes to rows 1..buckets-1 (row 0 is kept for the missing value)."""
-    return (h % _U64(buckets - 1)).astype(np.int64) + 1
+def to_bucket(h: np.ndarray, buckets: int | np.ndarray) -> np.ndarray:
+    """Map hashes to rows 1..buckets-1 (row 0 is kept for the missing value); ``buckets`` may be an
+    array that broadcasts against ``h`` (one count per column of a block)."""
+    return (h % (np.asarray(buckets, dtype=np.uint64) - _U64(1))).astype(np.int64) + 1

@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from reloop.engine.features import (
     CategoricalField,
@@ -22,7 +25,7 @@ from reloop.engine.features import (
     criteo_spec,
 )
 from reloop.engine.features.featurizer import log_bucket
-from reloop.engine.features.hashing import fnv1a_utf8
+from reloop.engine.features.hashing import arrow_spans, fnv1a_arrow, fnv1a_many, fnv1a_utf8, utf8_spans
 
 SPEC = FeatureSpec(
     fields=(
@@ -185,3 +188,27 @@ def test_rows_are_identical_in_another_process_with_another_hash_seed():
     )
     cat, multi = json.loads(out.stdout)
     assert cat == here.cat.tolist() and multi == here.multi.tolist()
+
+
+_texts = st.lists(st.one_of(st.none(), st.text(max_size=9)), min_size=1, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_texts, min_size=1, max_size=5), st.integers(0, 3), st.booleans())
+def test_block_hashing_equals_column_by_column_hashing(columns, cut, same_length):
+    """Hashing a batch's string columns as one block gives each column's own hashes: sliced arrays (a
+    view into a larger buffer), nulls, empty and non-ASCII strings, and the one-length fast path."""
+    if same_length:  # every value the same byte length: the path without a sort
+        columns = [[None if v is None else f"{len(v.encode()):03d}" for v in col] for col in columns]
+    n = min(map(len, columns))
+    arrays = [pa.array(["pad"] * cut + col[:n], pa.string())[cut:] for col in columns]
+    h, missing = fnv1a_many([arrow_spans(a) for a in arrays])
+    pairs = enumerate(zip(arrays, columns, strict=True))
+    spans = [utf8_spans(c[:n]) if j % 2 else arrow_spans(a) for j, (a, c) in pairs]
+    mixed = fnv1a_many(spans)  # Python columns and Arrow columns in one block
+    for j, (array, col) in enumerate(zip(arrays, columns, strict=True)):
+        expected, expected_missing = fnv1a_utf8(col[:n])
+        np.testing.assert_array_equal(h[j], expected)
+        np.testing.assert_array_equal(mixed[0][j], expected)
+        np.testing.assert_array_equal(missing[j], expected_missing)
+        np.testing.assert_array_equal(fnv1a_arrow(array)[0], expected)
