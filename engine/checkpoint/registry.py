@@ -33,6 +33,7 @@ written with a ``sha256`` per part (before) are still verified with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -189,7 +190,8 @@ class SnapshotRegistry:
             parts = {}
             for name, value in state.items():
                 buf = io.BytesIO()
-                torch.save(value, buf)
+                with _without_zip_crc():
+                    torch.save(value, buf)
                 with buf.getbuffer() as data:  # a view: no copy of a part that can be gigabytes
                     _write_durable(tmp / f"{name}.pt", data)
                     parts[name] = {"file": f"{name}.pt", "bytes": data.nbytes, "crc32c": _crc32c(data)}
@@ -246,3 +248,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _without_zip_crc() -> contextlib.AbstractContextManager[Any]:
+    """torch.save without the zip's CRC-32 of every record: each part's CRC32C is in the manifest and
+    checked on load, so the zip's is a second pass over the same bytes (about half of torch.save's time
+    for a table of embeddings). A torch without the setting (before 2.6) computes it as before."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})
+

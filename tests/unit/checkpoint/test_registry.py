@@ -52,6 +52,26 @@ def test_corrupt_part_is_refused_and_latest_falls_back(tmp_path):
     assert reg.publish(_state(3.0)) == 3  # the counter does not reuse the refused version
 
 
+def test_a_flipped_weight_byte_is_refused_without_the_zip_crc(tmp_path):
+    """Parts are written without the zip's own CRC-32 (the manifest's CRC32C covers them): a flipped
+    byte inside a tensor's data, which torch.load alone would read as a different weight, is refused."""
+    from torch.utils.serialization import config
+
+    reg = SnapshotRegistry(tmp_path)
+    v = reg.publish({"model": {"w": torch.arange(4096, dtype=torch.float32)}})
+    assert config.save.compute_crc32  # the process-wide setting is back as it was
+    part = reg.path(v) / "model.pt"
+    data = bytearray(part.read_bytes())
+    at = data.find(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[4000:4016])
+    assert at > 0
+    data[at] ^= 0x01
+    part.write_bytes(bytes(data))
+    flipped = torch.load(io.BytesIO(bytes(data)), weights_only=True)["w"]
+    assert not torch.equal(flipped, torch.arange(4096, dtype=torch.float32))  # torch.load alone reads it
+    with pytest.raises(ChecksumError, match="model"):
+        reg.load(v)
+
+
 def test_tampered_manifest_is_refused(tmp_path):
     reg = SnapshotRegistry(tmp_path)
     v = reg.publish(_state(1.0), meta={"step": 1})
