@@ -259,4 +259,3 @@ def _without_zip_crc() -> contextlib.AbstractContextManager[Any]:
     except ImportError:  # pragma: no cover - torch < 2.6
         return contextlib.nullcontext()
     return config.patch({"save.compute_crc32": False})
-
