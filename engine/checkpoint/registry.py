@@ -21,7 +21,9 @@ The checksum guards against torn and corrupted files, which is all a checksum ke
 do (whoever can rewrite a part can rewrite the manifest): CRC32C (hardware, the checksum of Kafka's own
 records) plus the exact length. sha256 took 4.2 ms per 8 MB here against 0.3 ms, about 7% of a
 samples-topic replay that snapshots every simulated week (docs/benchmarks.md, figure 6). Manifests
-written with a ``sha256`` per part (before) are still verified with it.
+written with a ``sha256`` per part (before) are still verified with it. For the same reason torch.save
+writes the parts without the zip format's own CRC-32 of every record (``_without_zip_crc``): a second
+checksum pass that torch.load does not check.
 
 >>> import tempfile
 >>> reg = SnapshotRegistry(tempfile.mkdtemp(), keep=2)
