@@ -379,7 +379,7 @@ def test_broker_outages_neither_lose_samples_nor_wedge_the_processor(tmp_path, u
     broker.start()
     recovery = {"flush_timeout_s": 2.0, "stop_timeout_s": 6.0, "backoff_initial_s": 0.5, "backoff_max_s": 2.0}
     try:
-        synth = generate(1500, seed=8, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+        synth = generate(4000, seed=8, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
         topics = _topics(unique_topic)
         _produce(broker.bootstrap, topics, synth)
         run_dir = tmp_path / "run"
@@ -389,9 +389,10 @@ def test_broker_outages_neither_lose_samples_nor_wedge_the_processor(tmp_path, u
         reg = SnapshotRegistry(run_dir / "snaps")
         proc = _start(config, run_dir)
         # The outage begins while the join stage is mid-stream: its first samples are on the samples topic
-        # (about 50 messages in all), the rest are still to be sent. (Waiting for a share trained raced:
-        # the join stage could send every sample before the train stage started, and then nothing needed
-        # the broker during the outage.)
+        # (about 130 messages of 32 in all), the rest are still to be sent. 4,000 impressions keep the join
+        # busy for ~150 ms after its first message at ~27k samples/s (1,500 left only ~50 ms). (Waiting for
+        # a share trained raced: the join stage could send every sample before the train stage started,
+        # and then nothing needed the broker during the outage.)
         watcher = KafkaSource(bootstrap=broker.bootstrap, topics=[topics["samples"]])
         watcher.open()
         deadline = time.monotonic() + 120
