@@ -27,9 +27,8 @@ import torch
 from reloop.engine.features.hashing import (
     Spans,
     arrow_spans,
-    fnv1a_arrow,
     fnv1a_many,
-    fnv1a_utf8,
+    fnv1a_spans,
     splitmix64,
     to_bucket,
     utf8_spans,
@@ -187,15 +186,8 @@ class Featurizer:
 
     @staticmethod
     def _hash(f: CategoricalField | MultiCategoricalField, values: Sequence[Any] | pa.Array) -> np.ndarray:
-        try:
-            if isinstance(values, pa.Array):
-                values = _arrow_strings(values)
-                h, missing = fnv1a_arrow(values) if isinstance(values, pa.Array) else fnv1a_utf8(values)
-            else:
-                h, missing = fnv1a_utf8(values)
-        except TypeError as exc:
-            raise FeatureError(f"field {f.name!r}: {exc}") from exc
-        return np.where(missing, 0, to_bucket(h, f.buckets))
+        buf, starts, lengths = _spans(f, values)
+        return np.where(lengths == 0, 0, to_bucket(fnv1a_spans(buf, starts, lengths), f.buckets))
 
     @staticmethod
     def _floats(f: NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
@@ -278,8 +270,9 @@ def _is_numeric(values: pa.Array) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
 
 
-def _spans(f: CategoricalField, values: Sequence[Any] | pa.Array) -> Spans:
-    """A categorical column's bytes to hash (as ``_hash`` reads them)."""
+def _spans(f: CategoricalField | MultiCategoricalField, values: Sequence[Any] | pa.Array) -> Spans:
+    """A column's bytes to hash: strings as they are, other scalars as ``str()`` spells them; a bad value
+    raises FeatureError naming the field."""
     try:
         if isinstance(values, pa.Array):
             values = _arrow_strings(values)
