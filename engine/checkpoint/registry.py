@@ -69,6 +69,16 @@ class ChecksumError(SnapshotError):
 
 
 @dataclass(frozen=True)
+class PreparedSnapshot:
+    """A snapshot serialised in memory and not written yet (``SnapshotRegistry.prepare``)."""
+
+    version: int
+    created_unix: float
+    meta: dict[str, Any]
+    parts: dict[str, io.BytesIO]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     version: int
     created_unix: float
@@ -181,27 +191,44 @@ class SnapshotRegistry:
     # ------------------------------------------------------------------ writing
     def publish(self, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> int:
         """Write ``state`` (part name -> tensors/plain data) and ``meta`` (JSON) as the next version."""
+        return self.write(self.prepare(state, meta))
+
+    def prepare(self, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> PreparedSnapshot:
+        """The first half of ``publish``: the parts serialised now (the caller may change ``state``
+        afterwards) and the version they will take, the newest committed + 1. ``write`` makes it durable
+        and visible; until then nothing is on disk, and a second ``prepare`` would take the same version
+        (engine/checkpoint/writer.py writes one at a time)."""
         for name in state:
             if not _PART_RE.match(name):
                 raise ValueError(f"bad snapshot part name {name!r}")
-        self._remove_stale_temps()
+        parts: dict[str, io.BytesIO] = {}
+        for name, value in state.items():
+            buf = io.BytesIO()
+            with _without_zip_crc():
+                torch.save(value, buf)
+            parts[name] = buf
         version = (self.latest_version() or 0) + 1
+        return PreparedSnapshot(version, time.time(), dict(meta or {}), parts)
+
+    def write(self, prepared: PreparedSnapshot) -> int:
+        """The second half of ``publish``: checksums, files and directory fsynced, then one rename."""
+        self._remove_stale_temps()
+        version = prepared.version
+        if self.path(version).exists():
+            raise SnapshotError(f"snapshot {version} already exists under {self.root} (two writers?)")
         tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             parts = {}
-            for name, value in state.items():
-                buf = io.BytesIO()
-                with _without_zip_crc():
-                    torch.save(value, buf)
+            for name, buf in prepared.parts.items():
                 with buf.getbuffer() as data:  # a view: no copy of a part that can be gigabytes
                     _write_durable(tmp / f"{name}.pt", data)
                     parts[name] = {"file": f"{name}.pt", "bytes": data.nbytes, "crc32c": _crc32c(data)}
             body = {
                 "format": FORMAT,
                 "version": version,
-                "created_unix": time.time(),
-                "meta": dict(meta or {}),
+                "created_unix": prepared.created_unix,
+                "meta": prepared.meta,
                 "parts": parts,
             }
             manifest = dict(body, manifest_sha256=_sha256(_canonical(body)))

@@ -199,6 +199,7 @@ def build_train_stage(
             merge_idle_ms=cfg.consumer.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
+            background_writes=cfg.checkpoint.background_writes,
         ),
         clock=clock,
         dead_letters=DeadLetterSink(dead_letter_sink),

@@ -7,7 +7,9 @@
    names input positions that everything flushed in step 1 covers. This is the restart point.
 3. **Commit.** The input positions are committed to the consumer group. They are informational (a
    restart reads its positions from the state), so a failed commit is logged and returned, never raised:
-   it must not undo a published save.
+   it must not undo a published save. With a snapshot writer (engine/checkpoint/writer.py: the state
+   written on a background thread) the commit waits until the state is durable, and is skipped if its
+   write fails.
 
 Used by the single-process pipeline, the train stage and the join stage (engine/runtime/).
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
+
+from reloop.engine.checkpoint.writer import SnapshotWriter
 
 log = logging.getLogger("reloop.checkpoint")
 T = TypeVar("T")
@@ -49,10 +53,12 @@ class Checkpointer:
         commit: Callable[[Mapping[Any, int]], None] | None = None,
         ledger: Syncable | None = None,
         flush_timeout_s: float | None = None,
+        writer: SnapshotWriter | None = None,
     ) -> None:
         self.sinks = [s for s in sinks if s is not None]
         self.commit = commit
         self.ledger = ledger
+        self.writer = writer
         self.flush_timeout_s = flush_timeout_s
         self.last_commit_error: str | None = None
 
@@ -88,5 +94,8 @@ class Checkpointer:
         after a successful publish. Returns what ``publish`` returned."""
         ledger_bytes = self.flush(timeout_s)
         result = publish(ledger_bytes)
-        self.commit_offsets(positions, **fields)
+        if self.writer is not None:
+            self.writer.then(lambda: self.commit_offsets(positions, **fields))
+        else:
+            self.commit_offsets(positions, **fields)
         return result

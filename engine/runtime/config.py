@@ -151,6 +151,11 @@ class CheckpointSection(_Section):
     dir: str = "runs/snapshots"
     keep: int = Field(default=5, ge=1)
     ledger: str | None = Field(default=None, description="append-only list of trained sample ids (tests)")
+    background_writes: bool = Field(
+        default=True,
+        description="the train stage writes period snapshots on a writer thread while it trains on "
+        "(serialised first; offsets committed once durable); false: training waits for each write",
+    )
 
 
 class MetricsSection(_Section):

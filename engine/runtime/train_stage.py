@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from reloop.engine.events.validation import EventError
@@ -34,7 +35,13 @@ from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
-from reloop.engine.runtime.config import ConsumerSection, RecoverySection, StagesSection, default_of
+from reloop.engine.runtime.config import (
+    CheckpointSection,
+    ConsumerSection,
+    RecoverySection,
+    StagesSection,
+    default_of,
+)
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
@@ -76,6 +83,7 @@ class TrainStageSettings:
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
+    background_writes: bool = default_of(CheckpointSection, "background_writes")
     prefetch: int = 4  # messages decoded and featurised ahead on a thread while the model trains (0: off)
 
 
@@ -170,11 +178,15 @@ class TrainStage:
         self.served_metrics = served_metrics or OnlineMetricsBook()
         self.ledger = ledger
         self.commit = commit
+        # Period snapshots are written on a thread while training goes on (engine/checkpoint/writer.py);
+        # with ranks every save stays in step (rank 0's version is agreed on before the next batch).
+        self.writer = SnapshotWriter(background=settings.background_writes and self.share.count == 1)
         self.checkpointer = Checkpointer(
             [self.dead_letters],
             commit=self._commit_positions,
             ledger=ledger,
             flush_timeout_s=settings.flush_timeout_s,
+            writer=self.writer,
         )
         self.meta = dict(meta or {})
         self.version: int | None = None
@@ -423,29 +435,24 @@ class TrainStage:
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
+        self.writer.check()  # a period snapshot whose write failed: the supervisor rebuilds from the last
         if self.period.due(
             samples=self.trainer.counters.samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
         ):
-            self.snapshot()
+            self.snapshot(wait=False)
 
-    def snapshot(self, *, kind: SaveKind = "snapshot") -> int:
+    def snapshot(self, *, kind: SaveKind = "snapshot", wait: bool = True) -> int:
         """Publish the state as the next model version (a period boundary) or as a checkpoint (with
         ranks: all of them together; rank 0 writes the one manifest). In the checkpointer's order: dead
-        letters flushed and the ledger synced, the state published, the offsets committed."""
+        letters flushed and the ledger synced, the state published, the offsets committed. ``wait``:
+        return once it is durable; otherwise once it is serialised, the write and the commit going on
+        on the writer thread (a failed write is raised by the next ``snapshot`` or ``step``)."""
         positions = dict(self._positions)
         number = self.checkpointer.save(
             lambda ledger_bytes: self._save(kind, positions, ledger_bytes), positions, kind=kind
         )
-        log.info(
-            kind,
-            extra={
-                "fields": {
-                    "number": number,
-                    "version": self.version,
-                    "samples_trained": self.trainer.counters.samples,
-                }
-            },
-        )
+        if wait:
+            self.writer.wait()
         return number
 
     def _save(self, kind: SaveKind, positions: Positions, ledger_bytes: int) -> int:
@@ -485,12 +492,22 @@ class TrainStage:
             self.period.load_state_dict(period_before)
             raise error or SnapshotError(f"rank 0 could not save the {kind}; see its log")
         self._ledger_lengths = lengths
-        self.snapshots_written += 1
+        if self.share.index != 0:  # rank 0 wrote it before the ranks agreed (ranks never write behind)
+            fields = {"samples_trained": samples_trained(parts), "base_version": self.version}
+            self._durable(kind, number, fields)
         if boundary:
             self.version = number
             self.trainer.on_snapshot(number)
-            self._metrics.snapshotted(number)
         return number
+
+    def _durable(self, kind: SaveKind, number: int, fields: dict[str, Any]) -> None:
+        """A save is on disk (called on the writer thread when writes are in the background)."""
+        self.snapshots_written += 1
+        if kind == "snapshot":
+            self._metrics.snapshotted(number)
+        version = number if kind == "snapshot" else fields["base_version"]
+        fields = {"number": number, "version": version, "samples_trained": fields["samples_trained"]}
+        log.info(kind, extra={"fields": fields})
 
     def _publish(
         self, kind: SaveKind, model: dict[str, Any], parts: list[dict[str, Any]], lengths: dict[int, int]
@@ -521,7 +538,13 @@ class TrainStage:
         target = self.registry if boundary else self.registry.checkpoints
         if boundary:
             self._publish_serving_bundle()
-        return target.publish({"model": model, "state": state}, meta)
+        fields = {"samples_trained": meta["samples_trained"], "base_version": self.version}
+        return self.writer.publish(
+            target,
+            {"model": model, "state": state},
+            meta,
+            on_durable=lambda number: self._durable(kind, number, fields),
+        )
 
     # One process: the hooks a data-parallel stage (engine/runtime/train_ranks.py) fills in.
     def _gather_parts(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
@@ -594,6 +617,7 @@ class TrainStage:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
+            self._finish_writes()
             self._stop_fetcher()
             self.source.close()
             if saved:
@@ -604,8 +628,17 @@ class TrainStage:
                 self.ledger.close()
         return number
 
+    def _finish_writes(self) -> None:
+        """Wait for the snapshot write in flight (its offset commit goes to the fetcher, still open), so
+        that whoever restores next sees it; a failed one is logged (the previous one is the restart
+        point)."""
+        try:
+            self.writer.close()
+        except SnapshotError as exc:
+            log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
+
     def abort(self) -> None:
-        for release in (self._stop_fetcher, self.source.close, self._abort_dead_letters):
+        for release in (self._finish_writes, self._stop_fetcher, self.source.close, self._abort_dead_letters):
             try:
                 release()
             except Exception as exc:  # noqa: BLE001 - tearing down a failed stage

@@ -120,6 +120,7 @@ def _run_train(stage, log, clock, max_steps=5000) -> None:
         stage.step()
         clock.advance(10)
         if all(stage.positions.get(tp, 0) >= n for tp, n in ends.items()):
+            stage.writer.wait()  # period snapshots are written in the background: on disk now
             return
     raise AssertionError("train stage did not reach the end of the samples topic")
 
@@ -385,6 +386,68 @@ class _Stalling(MemoryGroupSource):
     def poll(self, max_records, timeout_s):
         self.good -= 1
         return super().poll(max_records, timeout_s) if self.good >= 0 else []
+
+
+def test_snapshots_written_in_the_background_equal_those_written_in_step(tmp_path):
+    """Period snapshots are serialised when due and written while training goes on: every version
+    must hold exactly the weights and positions that a stage waiting for each write saves."""
+    synth = generate(400, seed=11, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    stages = {}
+    for name, background in (("background", True), ("in-step", False)):
+        sub = tmp_path / name
+        stage = _train(_config(sub, checkpoint={"background_writes": background}), log, clock, sub)
+        assert stage.writer.background is background
+        _run_train(stage, log, clock)
+        stage.close(final=None)
+        stages[name] = stage
+    bg, fg = stages["background"].registry, stages["in-step"].registry
+    assert bg.versions() == fg.versions() and len(bg.versions()) >= 3
+    for v in bg.versions():
+        a, b = bg.load(v), fg.load(v)
+        assert a.meta["positions"] == b.meta["positions"]
+        assert a.meta["samples_trained"] == b.meta["samples_trained"]
+        for k, value in a.state["model"]["model"].items():
+            assert torch.equal(value, b.state["model"]["model"][k]), (v, k)
+    assert stages["background"].snapshots_written == stages["in-step"].snapshots_written
+
+
+def test_a_failed_background_write_stops_the_stage_and_the_previous_version_stays(tmp_path):
+    from reloop.engine.checkpoint.writer import SnapshotWriteError
+
+    synth = generate(400, seed=12, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    train = _train(cfg, log, clock, tmp_path)
+    while train.version is None:
+        train.step()
+        clock.advance(10)
+    train.writer.wait()
+    good = train.version
+
+    def full_disk(prepared):
+        raise OSError(28, "No space left on device")
+
+    train.registry.write = full_disk
+    with pytest.raises(SnapshotWriteError, match="No space left"):
+        for _ in range(5000):
+            train.step()
+            clock.advance(10)
+    assert train.version == good + 1  # taken when it was serialised, never written
+    train.abort()
+    assert train.registry.versions()[-1] == good
+    again = _train(cfg, log, clock, tmp_path)
+    assert again.version == good
+    _run_train(again, log, clock)
+    assert again.registry.versions()[-1] > good
+    again.close(final=None)
+    keys = _ledger(tmp_path)  # what the failed version had trained is trained again, once
+    assert len(keys) == len(set(keys)) == again.trainer.counters.samples
 
 
 def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(tmp_path):
