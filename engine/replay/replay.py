@@ -1,4 +1,10 @@
-"""Replay: logged impressions and clicks through the SAME pipeline as ``reloop run``, with isolated state.
+"""Replay: logged impressions and clicks through the engine, with isolated state.
+
+Raw topics go through the single-process pipeline (engine/runtime/pipeline.py): the intake, joiner,
+featurizer, trainer, snapshots and checkpoint order that ``reloop run``'s two stages use, stepped in one
+thread, with one merge over all partitions instead of one per join task and samples built per record
+instead of as Arrow batches. The samples topic goes through the train stage itself
+(``run_samples_replay``).
 
 Isolation: the caller hands in a source that commits nothing (a Kafka consumer without a group, or
 files), the pipeline gets its own checkpoint directory, and the clock is a ManualClock that

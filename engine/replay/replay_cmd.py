@@ -1,4 +1,4 @@
-"""``reloop replay``: logged impressions/clicks through the same pipeline, with isolated state.
+"""``reloop replay``: logged impressions/clicks (or the samples topic) through the engine, isolated state.
 
 From Kafka, between two timestamps or two offset sets (no consumer group: nothing is committed)::
 
