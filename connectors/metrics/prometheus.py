@@ -79,6 +79,11 @@ SERIES: tuple[Series, ...] = (
            "Labelled samples emitted by the joiner, by label (0 or 1).", ("label",)),
     Series("join_tasks", "reloop_join_tasks", "gauge",
            "Join tasks (co-partitioned partition pairs) this join process owns."),
+    Series("join_checkpoint_seconds", "reloop_join_checkpoint_seconds", "gauge",
+           "How long the last checkpoint of every join task of this process took (its whole join state)."),
+    Series("join_checkpoint_interval_seconds", "reloop_join_checkpoint_interval_seconds", "gauge",
+           "Seconds until the next join checkpoint: join_checkpoint_every_s, or longer when checkpoints "
+           "are slow (they take at most join_checkpoint_max_share of the time)."),
     Series("joiner_pending", "reloop_joiner_pending", "gauge",
            "Impressions waiting in the joiner for a click or for the window to close."),
     Series("joiner_expired", "reloop_joiner_expired_total", "counter",

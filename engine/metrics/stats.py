@@ -230,6 +230,8 @@ class EngineStats:
     dead_letters: Tally = field(default_factory=Tally)  # (reason,)
     joined_samples: Tally = field(default_factory=Tally)  # (label "0"/"1",)
     join_tasks: Level = field(default_factory=Level)
+    join_checkpoint_seconds: Level = field(default_factory=Level)
+    join_checkpoint_interval_seconds: Level = field(default_factory=Level)
     joiner_pending: Level = field(default_factory=Level)
     joiner_expired: Tally = field(default_factory=Tally)
     joiner_late_clicks: Tally = field(default_factory=Tally)  # (policy,)

@@ -162,6 +162,7 @@ def build_join_stage(
             batch_samples=st.batch_samples,
             max_delay_ms=st.max_delay_ms,
             checkpoint_every_s=st.join_checkpoint_every_s,
+            checkpoint_max_share=st.join_checkpoint_max_share,
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             fingerprint=cfg.join_fingerprint(),
             stall_timeout_s=st.stall_timeout_s,

@@ -223,6 +223,13 @@ class StagesSection(_Section):
     batch_samples: int = Field(default=1024, gt=0, description="samples per message on the samples topic")
     max_delay_ms: int = Field(default=200, ge=0, description="a partial message waits at most this long")
     join_checkpoint_every_s: float = Field(default=5.0, gt=0, description="join task checkpoints, idle work")
+    join_checkpoint_max_share: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="the most of a join process's time its checkpoints may take: the interval grows past "
+        "join_checkpoint_every_s to the last checkpoint's duration / this share when the join state is large",
+    )
     train_poll_messages: int = Field(default=64, gt=0, description="samples messages per train-stage poll")
     stall_timeout_s: float = Field(
         default=60.0,

@@ -337,6 +337,50 @@ def test_revoked_tasks_are_checkpointed_and_resume_elsewhere(tmp_path):
     assert TopicPartition("impressions", 0) in second.tasks[0].inputs
 
 
+def test_slow_join_checkpoints_come_less_often_within_their_share_of_the_time(tmp_path, monkeypatch):
+    """A join checkpoint writes the whole join state; when it is slow, the next one waits for its
+    duration / join_checkpoint_max_share, so checkpoints never take more than that share of the time."""
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+
+    synth = generate(200, seed=8, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, stages={"join_checkpoint_every_s": 0.01, "join_checkpoint_max_share": 0.25})
+    publish = SnapshotRegistry.publish
+
+    def slow_publish(self, state, meta=None):
+        time.sleep(0.1)  # a large join state
+        return publish(self, state, meta)
+
+    monkeypatch.setattr(SnapshotRegistry, "publish", slow_publish)
+    stats = EngineStats()
+    stage = build_join_stage(
+        cfg,
+        source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"),
+        dead_letter_sink=MemorySink(log, "dead"),
+        clock=clock,
+        stats=stats,
+        checkpoint_dir=tmp_path / "join-ckpt",
+    )
+    while not stage.tasks:
+        stage.step()
+    stage.checkpoint_all()
+    took = stats.join_checkpoint_seconds.get()
+    assert took >= 0.1
+    assert stage.checkpoint_interval_s == pytest.approx(took / 0.25)
+    assert stats.join_checkpoint_interval_seconds.get() == stage.checkpoint_interval_s
+    written = stage.snapshots_written
+    deadline = time.monotonic() + 0.2  # well past join_checkpoint_every_s, within 4x the duration
+    while time.monotonic() < deadline:
+        stage.step()
+    assert stage.snapshots_written == written
+    stage._last_checkpoint -= stage.checkpoint_interval_s  # the interval has passed
+    stage.step()
+    assert stage.snapshots_written == written + 1
+    stage.close()
+
+
 def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tmp_path):
     """After a restart the snapshot gauges must not stay empty until the next snapshot: a restored
     process that then stalls has to trip the snapshot-stale alert."""
