@@ -114,6 +114,15 @@ def _train(cfg, log, clock, tmp):
     )
 
 
+def _joined(tmp_path, n: int, seed: int):
+    """n synthetic impressions joined onto the samples topic: (log, clock, config)."""
+    log = _log(generate(n, seed=seed, pad_to_multiple=4 * BATCH))
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    return log, clock, cfg
+
+
 def _run_train(stage, log, clock, max_steps=5000) -> None:
     ends = {tp: len(log._data[tp]) for tp in log.partitions("samples")}
     for _ in range(max_steps):
@@ -435,11 +444,7 @@ class _Stalling(MemoryGroupSource):
 def test_snapshots_written_in_the_background_equal_those_written_in_step(tmp_path):
     """Period snapshots are serialised when due and written while training goes on: every version
     must hold exactly the weights and positions that a stage waiting for each write saves."""
-    synth = generate(400, seed=11, pad_to_multiple=4 * BATCH)
-    log = _log(synth)
-    clock = ManualClock(START)
-    cfg = _config(tmp_path)
-    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    log, clock, _ = _joined(tmp_path, 400, seed=11)
     stages = {}
     for name, background in (("background", True), ("in-step", False)):
         sub = tmp_path / name
@@ -462,11 +467,7 @@ def test_snapshots_written_in_the_background_equal_those_written_in_step(tmp_pat
 def test_a_failed_background_write_stops_the_stage_and_the_previous_version_stays(tmp_path):
     from reloop.engine.checkpoint.writer import SnapshotWriteError
 
-    synth = generate(400, seed=12, pad_to_multiple=4 * BATCH)
-    log = _log(synth)
-    clock = ManualClock(START)
-    cfg = _config(tmp_path)
-    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    log, clock, cfg = _joined(tmp_path, 400, seed=12)
     train = _train(cfg, log, clock, tmp_path)
     while train.version is None:
         train.step()
