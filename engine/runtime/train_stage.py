@@ -537,6 +537,8 @@ class TrainStage:
             meta["base_version"] = self.version
         target = self.registry if boundary else self.registry.checkpoints
         if boundary:
+            # The write in flight first: the bundle takes the version the snapshot will (newest + 1).
+            self.writer.wait()
             self._publish_serving_bundle()
         fields = {"samples_trained": meta["samples_trained"], "base_version": self.version}
         return self.writer.publish(

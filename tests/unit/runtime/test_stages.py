@@ -464,6 +464,32 @@ def test_snapshots_written_in_the_background_equal_those_written_in_step(tmp_pat
     assert stages["background"].snapshots_written == stages["in-step"].snapshots_written
 
 
+def test_every_bundle_holds_its_versions_weights_when_writes_lag_behind(tmp_path, monkeypatch):
+    """A snapshot still being written when the next boundary comes: the next bundle must not take the
+    version of the one in flight (both take the newest on disk + 1)."""
+    from reloop.engine.checkpoint.registry import SnapshotRegistry
+    from reloop.engine.serve.bundle_format import bundle_versions, read_bundle, serving_dir
+
+    write = SnapshotRegistry.write
+
+    def slow_write(self, prepared):
+        time.sleep(0.05)
+        return write(self, prepared)
+
+    monkeypatch.setattr(SnapshotRegistry, "write", slow_write)
+    log, clock, cfg = _joined(tmp_path, 400, seed=13)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    root = serving_dir(train.registry.root)
+    assert len(bundle_versions(root)) == 3
+    for v in bundle_versions(root):
+        tensors, _ = read_bundle(root, v)
+        weights = train.registry.load(v, parts=["model"]).state["model"]["model"]
+        for name, value in weights.items():
+            assert torch.equal(tensors[f"model.{name}"], value), (v, name)
+    train.close(final=None)
+
+
 def test_a_failed_background_write_stops_the_stage_and_the_previous_version_stays(tmp_path):
     from reloop.engine.checkpoint.writer import SnapshotWriteError
 
