@@ -34,6 +34,7 @@ smallest form that still holds everything a sample needs) and gets it back with 
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ EmitPolicy = Literal["window", "fnw"]
 
 _NEG, _POS, _CORRECTED = 0, 1, 2
 _NO_WATERMARK = -(2**62)
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 1: lists of [id, time, payload] (still read, and written for non-bytes payloads)
 _new = tuple.__new__  # builds a Joined without NamedTuple.__new__'s Python frame
 
 
@@ -419,49 +420,138 @@ class Joiner:
 
     # ------------------------------------------------------------------ snapshot
     def state_dict(self) -> dict[str, Any]:
-        """All state as plain data (str/int/bytes/lists/dicts); ``load_state_dict`` makes an equal joiner."""
+        """All state as plain data (str/int/bytes/lists/dicts); ``load_state_dict`` makes an equal joiner.
+
+        The pending and closed impressions (the bulk: one payload each) are columns of ``blobs``: ids,
+        times and payloads each as one ``bytes`` with their lengths, orders as positions, so saving and
+        loading them costs per byte, not per Python object (a checkpoint of 200,000 pending impressions
+        pickled as lists took ~2.7 s to save and ~10 s to load). Payloads that are not all ``bytes`` (or
+        None) are saved as lists (format 1)."""
+        pending, closed = self._pending, self._closed
+        state: dict[str, Any] = {
+            "config": asdict(self.config),
+            "max_event_ms": self._max_event_ms,
+            "watermark_ms": self._watermark,
+            "late_marked": [[k, t] for k, t in self._late_marked.items()],
+            "early": [[k, t] for k, t in self._early.items()],
+            "early_order": list(self._early_idx.live_keys()),
+            "stats": self.stats.as_dict(),
+        }
+        if not all(type(p) is bytes or p is None for _, p in pending.values()) or not all(
+            type(p) is bytes or p is None for _, _, p in closed.values()
+        ):
+            return {**state, "format": 1, **self._lists_state()}
+        pending_ids = list(pending)
+        at = {k: i for i, k in enumerate(pending_ids)}
+        arrival_seconds, arrival_counts, arrival_positions = array("q"), array("q"), array("q")
+        for second, keys in self._arrivals:
+            live = [at[k] for k, e in zip(keys[::2], keys[1::2], strict=True) if pending.get(k) is e]
+            if live:
+                arrival_seconds.append(second)
+                arrival_counts.append(len(live))
+                arrival_positions.extend(live)
+        closed_ids = list(closed)
+        closed_at = {k: i for i, k in enumerate(closed_ids)}
+        blobs = {
+            **_pack("pending_ids", [k.encode() for k in pending_ids]),
+            "pending_times": array("q", [t for t, _ in pending.values()]).tobytes(),
+            **_pack("pending_payloads", [p for _, p in pending.values()]),
+            "pending_order": array("q", [at[k] for k in self._pending_idx.live_keys()]).tobytes(),
+            "arrival_seconds": arrival_seconds.tobytes(),
+            "arrival_counts": arrival_counts.tobytes(),
+            "arrival_positions": arrival_positions.tobytes(),
+            **_pack("closed_ids", [k.encode() for k in closed_ids]),
+            "closed_times": array("q", [t for t, _, _ in closed.values()]).tobytes(),
+            "closed_states": array("q", [st for _, st, _ in closed.values()]).tobytes(),
+            **_pack("closed_payloads", [p for _, _, p in closed.values()]),
+            "closed_order": array("q", [closed_at[k] for k in self._closed_idx.live_keys()]).tobytes(),
+        }
+        return {**state, "format": SNAPSHOT_FORMAT, "blobs": blobs}
+
+    def _lists_state(self) -> dict[str, Any]:
         pending = self._pending
         live_arrivals = [
             [second, [k for k, e in zip(keys[::2], keys[1::2], strict=True) if pending.get(k) is e]]
             for second, keys in self._arrivals
         ]
         return {
-            "format": SNAPSHOT_FORMAT,
-            "config": asdict(self.config),
-            "max_event_ms": self._max_event_ms,
-            "watermark_ms": self._watermark,
             "pending": [[k, t, p] for k, (t, p) in self._pending.items()],
             "pending_order": list(self._pending_idx.live_keys()),
-            "late_marked": [[k, t] for k, t in self._late_marked.items()],
             "closed": [[k, t, s, p] for k, (t, s, p) in self._closed.items()],
             "closed_order": list(self._closed_idx.live_keys()),
-            "early": [[k, t] for k, t in self._early.items()],
-            "early_order": list(self._early_idx.live_keys()),
             "arrivals": [a for a in live_arrivals if a[1]],
-            "stats": self.stats.as_dict(),
         }
 
     def load_state_dict(self, data: dict[str, Any]) -> None:
         """Take the state of ``state_dict()`` (this joiner's config applies). The idle timer restarts now:
         downtime is not idleness."""
-        if data.get("format") != SNAPSHOT_FORMAT:
+        if data.get("format") not in (1, SNAPSHOT_FORMAT):
             raise ValueError(f"unknown joiner snapshot format {data.get('format')!r}")
         self._reset()
         self._max_event_ms = int(data["max_event_ms"])
         self._watermark = int(data["watermark_ms"])
-        self._pending = {k: (int(t), p) for k, t, p in data["pending"]}
         self._late_marked = {k: int(t) for k, t in data["late_marked"]}
-        self._closed = {k: (int(t), int(s), p) for k, t, s, p in data["closed"]}
         self._early = {k: int(t) for k, t in data["early"]}
+        for key in data["early_order"]:
+            self._early_idx.add(key, self._early[key])
+        if data["format"] == 1:
+            self._load_lists(data)
+        else:
+            self._load_blobs(data["blobs"])
+        self.stats = JoinStats(**data["stats"])
+
+    def _load_blobs(self, b: dict[str, bytes]) -> None:
+        ids = [k.decode() for k in _unpack(b, "pending_ids")]
+        times = _ints(b["pending_times"])
+        entries = zip(times, _unpack(b, "pending_payloads"), strict=True)
+        self._pending = pending = dict(zip(ids, entries, strict=True))
+        for i in _ints(b["pending_order"]):
+            self._pending_idx.add(ids[i], times[i])
+        positions = iter(_ints(b["arrival_positions"]))
+        for second, count in zip(_ints(b["arrival_seconds"]), _ints(b["arrival_counts"]), strict=True):
+            keys = [ids[next(positions)] for _ in range(count)]
+            self._arrivals.append([second, [x for k in keys for x in (k, pending[k])]])
+        closed_ids = [k.decode() for k in _unpack(b, "closed_ids")]
+        closed_times = _ints(b["closed_times"])
+        rows = zip(closed_times, _ints(b["closed_states"]), _unpack(b, "closed_payloads"), strict=True)
+        self._closed = dict(zip(closed_ids, rows, strict=True))
+        for i in _ints(b["closed_order"]):
+            self._closed_idx.add(closed_ids[i], closed_times[i])
+
+    def _load_lists(self, data: dict[str, Any]) -> None:
+        self._pending = {k: (int(t), p) for k, t, p in data["pending"]}
+        self._closed = {k: (int(t), int(s), p) for k, t, s, p in data["closed"]}
         for key in data["pending_order"]:
             self._pending_idx.add(key, self._pending[key][0])
         for key in data["closed_order"]:
             self._closed_idx.add(key, self._closed[key][0])
-        for key in data["early_order"]:
-            self._early_idx.add(key, self._early[key])
         pending = self._pending
         self._arrivals = deque(
             [int(second), [x for k in keys if k in pending for x in (k, pending[k])]]
             for second, keys in data["arrivals"]
         )
-        self.stats = JoinStats(**data["stats"])
+
+
+def _pack(name: str, items: list[bytes | None]) -> dict[str, bytes]:
+    """``items`` as one ``bytes`` and their lengths (-1: None)."""
+    return {
+        name: b"".join(x for x in items if x is not None),
+        f"{name}_lengths": array("q", [-1 if x is None else len(x) for x in items]).tobytes(),
+    }
+
+
+def _unpack(blobs: dict[str, bytes], name: str) -> list[bytes | None]:
+    data, out, pos = blobs[name], [], 0
+    for n in _ints(blobs[f"{name}_lengths"]):
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(data[pos : pos + n])
+            pos += n
+    return out
+
+
+def _ints(data: bytes) -> array:
+    out = array("q")
+    out.frombytes(data)
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.events.schema import Impression
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import EventIntake
@@ -101,7 +102,7 @@ class JoinTask:
         return {
             "format": STATE_FORMAT,
             "partition": self.partition,
-            "joiner": self.joiner.state_dict(),
+            "joiner": saveable(self.joiner.state_dict()),  # its columns as tensors (blobs.py)
             "positions": positions_to_json(self.positions),
             "sent": self.sent,
             "unsent": [
@@ -114,7 +115,7 @@ class JoinTask:
         if state.get("format") != STATE_FORMAT or int(state["partition"]) != self.partition:
             raise ValueError(f"join task {self.partition}: unusable checkpoint state")
         joiner = Joiner(self.joiner.config, self.clock)
-        joiner.load_state_dict(state["joiner"])
+        joiner.load_state_dict(loadable(state["joiner"]))
         self.joiner = joiner
         self.positions = positions_from_json(state["positions"])
         self.sent = int(state["sent"])

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
+from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.codec import decode_samples, encode
@@ -207,7 +208,7 @@ class Pipeline:
             previous = learner.clone_frozen()
         self.trainer.load_state_dict({**state["trainer"], "learner": snap.state["model"]})
         joiner = Joiner(self.joiner.config, self.clock)
-        joiner.load_state_dict(state["joiner"])
+        joiner.load_state_dict(loadable(state["joiner"]))
         samples, bad = decode_samples(state["buffer"])
         if bad:
             raise SnapshotError(f"{point.kind} {point.number}: {len(bad)} buffered samples do not decode")
@@ -477,7 +478,7 @@ class Pipeline:
         model = trainer_state.pop("learner")  # the snapshot's "model" part
         state = {
             "format": STATE_FORMAT,
-            "joiner": self.joiner.state_dict(),
+            "joiner": saveable(self.joiner.state_dict()),  # its columns as tensors (blobs.py)
             "trainer": trainer_state,
             "served_metrics": self.served_metrics.state_dict(),
             "buffer": [encode(s) for s in self._buffer],

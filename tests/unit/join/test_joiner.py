@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 from reloop.engine.join import Joiner, JoinerConfig
@@ -234,7 +235,7 @@ def test_snapshot_after_a_re_added_impression_restores_one_entry():
     j.advance()  # TTL drops "a" (never labeled)
     j.on_impression("a", 10_000, b"A")  # redelivered
     data = j.state_dict()
-    assert data["pending_order"] == ["a"]
+    assert list(array("q", data["blobs"]["pending_order"])) == [0]  # one entry: position 0
     restored = Joiner(j.config, clock)
     restored.load_state_dict(data)
     assert labels(restored.on_impression("z", 20_000, b"")) == [("a", 0, False)]
@@ -299,6 +300,27 @@ def _feed(j: Joiner, events) -> list:
     return out
 
 
+def test_bytes_payloads_are_saved_as_columns_and_a_list_state_still_loads():
+    """Format 2 keeps pending and closed impressions as columns (ids, times, payloads: one bytes each);
+    a format-1 state (lists, as written before) restores the same joiner; other payloads stay lists."""
+    events = _random_stream(3)
+    j, clock = make(late_click_policy="correct", window_ms=10_000)
+    _feed(j, events[:300])
+    data = j.state_dict()
+    assert data["format"] == 2 and "pending" not in data and j.pending_count and j.closed_count
+    assert data["blobs"]["pending_payloads"].startswith(next(iter(j._pending.values()))[1])
+    old = {k: v for k, v in data.items() if k != "blobs"} | {"format": 1, **j._lists_state()}
+    expected = _feed(j, events[300:]) + j.flush()
+    for state in (data, old):
+        restored = Joiner(j.config, clock)
+        restored.load_state_dict(state)
+        assert _feed(restored, events[300:]) + restored.flush() == expected
+        assert restored.stats == j.stats
+    k, _ = make()
+    k.on_impression("x", 1_000, {"not": "bytes"})
+    assert k.state_dict()["format"] == 1 and k.state_dict()["pending"] == [["x", 1_000, {"not": "bytes"}]]
+
+
 @pytest.mark.parametrize("policy", ["drop", "correct"])
 def test_snapshot_restore_continues_identically(policy):
     events = _random_stream(7)
@@ -329,14 +351,14 @@ def _hostile_stream(seed: int, n: int = 2_000):
     return events
 
 
-def _run_hostile(config: JoinerConfig, events, resume: bool) -> list:
+def _run_hostile(config: JoinerConfig, events, resume: bool, payload=str) -> list:
     clock = FakeClock()
     j = Joiner(config, clock)
     out = []
     for kind, key, t, wall_step in events:
         clock.now += wall_step
         if kind == "imp":
-            out.append(j.on_impression(key, t, key))
+            out.append(j.on_impression(key, t, key if payload is str else key.encode()))
         elif kind == "click":
             out.append(j.on_click(key, t))
         elif kind == "advance":
@@ -355,14 +377,16 @@ def _run_hostile(config: JoinerConfig, events, resume: bool) -> list:
     dict(emit_policy="fnw", max_closed=40, bucket_ms=1, retention_ms=1_000),
     dict(late_click_policy="drop", max_pending=50, ttl_ms=20_000, bucket_ms=1_000, retention_ms=700),
 ])
-def test_resume_from_snapshots_equals_an_uninterrupted_run_under_bounds_and_redeliveries(overrides):
+@pytest.mark.parametrize("payload", [str, bytes], ids=["lists", "columns"])
+def test_resume_from_snapshots_equals_an_uninterrupted_run_under_bounds_and_redeliveries(overrides, payload):
     # The idle timer restarts on restore by design (downtime is not idleness), so it is off here.
     base = dict(window_ms=500, allowed_lateness_ms=50, click_grace_ms=300, retention_ms=2_000,
                 idle_timeout_ms=10**12)
     config = JoinerConfig(**{**base, **overrides})
     for seed in range(6):
         events = _hostile_stream(seed)
-        assert _run_hostile(config, events, resume=True) == _run_hostile(config, events, resume=False)
+        resumed = _run_hostile(config, events, resume=True, payload=payload)
+        assert resumed == _run_hostile(config, events, resume=False, payload=payload)
 
 
 def test_every_impression_is_labeled_exactly_once_plus_corrections():
