@@ -117,6 +117,7 @@ def build_pipeline(
             merge_idle_ms=cfg.consumer.merge_idle_ms,
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
+            background_writes=cfg.checkpoint.background_writes,
             max_event_bytes=lim.max_event_bytes,
             max_future_ms=lim.max_future_ms,
             max_past_ms=lim.max_past_ms,

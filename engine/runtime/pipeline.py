@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import orjson
 from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.codec import decode_samples, encode
 from reloop.engine.events.schema import Impression, LabeledSample
@@ -53,6 +54,7 @@ from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
+    CheckpointSection,
     ConsumerSection,
     RecoverySection,
     SourceSection,
@@ -95,6 +97,7 @@ class PipelineSettings:
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
+    background_writes: bool = default_of(CheckpointSection, "background_writes")
     # Record-level bounds (a record beyond them is dead-lettered, see engine/runtime/config.py).
     max_event_bytes: int = default_of(ValidationSection, "max_event_bytes")
     max_future_ms: int | None = default_of(ValidationSection, "max_future_ms")
@@ -143,8 +146,13 @@ class Pipeline:
         self.served_metrics = served_metrics or OnlineMetricsBook()
         self.ledger = ledger
         self.commit = commit
+        # Period snapshots are written on a thread while processing goes on (engine/checkpoint/writer.py)
+        # when no offsets are committed (a replay): a consumer's commit must stay on the consumer's thread.
+        self.writer = SnapshotWriter(background=settings.background_writes and commit is None)
         # Flush (samples, dead letters, ledger), publish, commit; no flush timeout unless a caller gives one.
-        self.checkpointer = Checkpointer([samples_sink, self.dead_letters], commit=commit, ledger=ledger)
+        self.checkpointer = Checkpointer(
+            [samples_sink, self.dead_letters], commit=commit, ledger=ledger, writer=self.writer
+        )
         self.meta = dict(meta or {})
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
@@ -276,6 +284,7 @@ class Pipeline:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
+            self._finish_writes()
             self.source.close()
             if saved:
                 if self.samples_sink is not None:
@@ -290,13 +299,21 @@ class Pipeline:
     def abort(self) -> None:
         """Release everything without saving (after a failure: the last snapshot is the restart point,
         and what the sinks still hold is sent again by the pipeline that resumes from it)."""
-        for release in (self.source.close, self._abort_sinks):
+        for release in (self._finish_writes, self.source.close, self._abort_sinks):
             try:
                 release()
             except Exception as exc:  # noqa: BLE001 - tearing down a failed pipeline
                 log.warning("abort: release failed", extra={"fields": {"error": repr(exc)}})
         if self.ledger is not None:
             self.ledger.close()
+
+    def _finish_writes(self) -> None:
+        """Wait for the snapshot write in flight, so that whoever restores next sees it; a failed one is
+        logged (the previous snapshot is the restart point)."""
+        try:
+            self.writer.close()
+        except SnapshotError as exc:
+            log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
 
     def _abort_sinks(self) -> None:
         for sink in (self.samples_sink, self.dead_letters.sink):
@@ -431,38 +448,33 @@ class Pipeline:
         if self.period.due(
             samples=self.trainer.counters.samples, event_time_ms=wm if wm > 0 else None, now_ms=self.clock()
         ):
-            self.snapshot(flush_timeout_s=self.settings.flush_timeout_s)
+            self.snapshot(flush_timeout_s=self.settings.flush_timeout_s, wait=False)
 
-    def snapshot(self, *, kind: SaveKind = "snapshot", flush_timeout_s: float | None = None) -> int:
+    def snapshot(
+        self, *, kind: SaveKind = "snapshot", flush_timeout_s: float | None = None, wait: bool = True
+    ) -> int:
         """Publish everything now as the next model version (``kind="snapshot"``: a period boundary)
         or as a checkpoint (no version, no boundary; see the module docstring). Returns the version or
         checkpoint number. In the checkpointer's order: the sinks are flushed first (a flush that fails
-        raises before anything is written), the offsets committed last."""
+        raises before anything is written), the offsets committed last. ``wait``: return once it is
+        durable; otherwise once it is serialised (background writes: the write and the commit go on on
+        the writer thread, and a failed write is raised by the next ``snapshot`` or ``step``)."""
         positions = dict(self._positions)
-        t0 = time.perf_counter()
-        number, meta = self.checkpointer.save(
+        number = self.checkpointer.save(
             lambda ledger_bytes: self._publish(kind, positions, ledger_bytes),
             positions,
             timeout_s=flush_timeout_s,
             kind=kind,
         )
+        if wait:
+            self.writer.wait()
         self.last_commit_error = self.checkpointer.last_commit_error
-        log.info(
-            kind,
-            extra={
-                "fields": {
-                    "number": number,
-                    "version": self.version,
-                    "samples_trained": self.trainer.counters.samples,
-                    "positions": meta["positions"],
-                    "seconds": round(time.perf_counter() - t0, 4),
-                }
-            },
-        )
         return number
 
-    def _publish(self, kind: SaveKind, positions: Positions, ledger_bytes: int) -> tuple[int, dict[str, Any]]:
-        """The checkpointer's publish step: the state as a snapshot or a checkpoint; (number, meta)."""
+    def _publish(self, kind: SaveKind, positions: Positions, ledger_bytes: int) -> int:
+        """The checkpointer's publish step: the state as a snapshot or a checkpoint; its number."""
+        t0 = time.perf_counter()
+        self.writer.wait()  # the write in flight first: the bundle below takes the next version on disk
         boundary = kind == "snapshot"
         # A snapshot holds the trigger as it is AFTER its boundary, or a restart fires it again; a
         # checkpoint holds it untouched, so the next boundary comes where it would have come.
@@ -502,17 +514,34 @@ class Pipeline:
         target = self.registry if boundary else self.registry.checkpoints
         if boundary:
             self._publish_serving_bundle()
+        fields = {
+            "version": None if boundary else self.version,
+            "samples_trained": meta["samples_trained"],
+            "positions": meta["positions"],
+        }
         try:
-            number = target.publish({"model": model, "state": state}, meta)
+            number = self.writer.publish(
+                target,
+                {"model": model, "state": state},
+                meta,
+                on_durable=lambda n: self._durable(kind, n, {**fields, "seconds": time.perf_counter() - t0}),
+            )
         except BaseException:
             self.period.load_state_dict(period_before)
             raise
-        self.snapshots_written += 1
         if boundary:
             self.version = number
             self.trainer.on_snapshot(number)
+        return number
+
+    def _durable(self, kind: SaveKind, number: int, fields: dict[str, Any]) -> None:
+        """A save is on disk (called on the writer thread when writes are in the background)."""
+        self.snapshots_written += 1
+        if kind == "snapshot":
             self._metrics.snapshotted(number)
-        return number, meta
+        version = number if kind == "snapshot" else fields["version"]
+        fields = {"number": number, **fields, "version": version, "seconds": round(fields["seconds"], 4)}
+        log.info(kind, extra={"fields": fields})
 
     @property
     def positions(self) -> Positions:

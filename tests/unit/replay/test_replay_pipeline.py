@@ -224,3 +224,34 @@ def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
     )  # fmt: skip
     assert result.records == 40
     assert result.samples_trained == len(samples)
+
+
+def test_a_replay_writing_snapshots_in_the_background_equals_one_waiting_for_each(tmp_path, monkeypatch):
+    """The raw replay's pipeline commits no offsets, so its period snapshots are written on a writer
+    thread; every version must hold what a replay waiting for each write saves, even when writes lag."""
+    import time
+
+    write = SnapshotRegistry.write
+
+    def slow_write(self, prepared):
+        time.sleep(0.02)
+        return write(self, prepared)
+
+    monkeypatch.setattr(SnapshotRegistry, "write", slow_write)
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    regs = {}
+    for name, background in (("background", True), ("in-step", False)):
+        cfg = config(tmp_path / f"{name}.yaml", tmp_path / "unused")
+        data = yaml.safe_load(cfg.read_text())
+        data["checkpoint"]["background_writes"] = background
+        cfg.write_text(yaml.safe_dump(data))
+        out = tmp_path / name
+        assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(out)]) == 0
+        regs[name] = SnapshotRegistry(out / "snapshots")
+    bg, fg = regs["background"], regs["in-step"]
+    assert bg.versions() == fg.versions() and len(bg.versions()) >= 2
+    for v in bg.versions():
+        a, b = bg.load(v), fg.load(v)
+        assert a.meta["positions"] == b.meta["positions"]
+        assert_same_model(a.state["model"]["model"], b.state["model"]["model"])
