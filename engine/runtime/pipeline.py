@@ -443,7 +443,9 @@ class Pipeline:
     def _maybe_snapshot(self) -> None:
         """A due period boundary is published before anything else is processed; if publishing
         fails, the exception propagates (the boundary is never postponed past more input, which
-        would change what the snapshot holds and shift the schedule)."""
+        would change what the snapshot holds and shift the schedule). A background write that failed
+        is raised here, at the next call after it."""
+        self.writer.check()
         wm = self.joiner.watermark_ms
         if self.period.due(
             samples=self.trainer.counters.samples, event_time_ms=wm if wm > 0 else None, now_ms=self.clock()
