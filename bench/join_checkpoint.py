@@ -40,8 +40,7 @@ def make_joiner(pending: int) -> Any:
 
 
 def lists_state(j: Any) -> dict[str, Any]:
-    state = j.state_dict()
-    return {**{k: v for k, v in state.items() if k != "blobs"}, "format": 1, **j._lists_state()}
+    return j.state_dict(columns=False)
 
 
 def columns_state(j: Any) -> dict[str, Any]:

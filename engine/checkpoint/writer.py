@@ -31,6 +31,7 @@ rest to one background thread, which writes one snapshot at a time:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -38,6 +39,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+
+log = logging.getLogger("reloop.checkpoint")
 
 
 class SnapshotWriteError(SnapshotError):
@@ -120,6 +123,14 @@ class SnapshotWriter:
         if self._last is not None:
             futures.wait([self._last])  # a failed write's error is kept in _error, raised by check()
         self.check()
+
+    def finish(self) -> None:
+        """``close``, logging a failed write instead of raising it: for a stop or an abort, where the
+        newest durable snapshot is the restart point either way."""
+        try:
+            self.close()
+        except SnapshotError as exc:
+            log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
 
     def close(self) -> None:
         """Wait for the writes in flight (raising a failed one) and stop the thread."""

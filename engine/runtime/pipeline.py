@@ -284,7 +284,7 @@ class Pipeline:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
-            self._finish_writes()
+            self.writer.finish()  # the write in flight is on disk for whoever restores next
             self.source.close()
             if saved:
                 if self.samples_sink is not None:
@@ -299,21 +299,13 @@ class Pipeline:
     def abort(self) -> None:
         """Release everything without saving (after a failure: the last snapshot is the restart point,
         and what the sinks still hold is sent again by the pipeline that resumes from it)."""
-        for release in (self._finish_writes, self.source.close, self._abort_sinks):
+        for release in (self.writer.finish, self.source.close, self._abort_sinks):
             try:
                 release()
             except Exception as exc:  # noqa: BLE001 - tearing down a failed pipeline
                 log.warning("abort: release failed", extra={"fields": {"error": repr(exc)}})
         if self.ledger is not None:
             self.ledger.close()
-
-    def _finish_writes(self) -> None:
-        """Wait for the snapshot write in flight, so that whoever restores next sees it; a failed one is
-        logged (the previous snapshot is the restart point)."""
-        try:
-            self.writer.close()
-        except SnapshotError as exc:
-            log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
 
     def _abort_sinks(self) -> None:
         for sink in (self.samples_sink, self.dead_letters.sink):

@@ -619,7 +619,7 @@ class TrainStage:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
-            self._finish_writes()
+            self.writer.finish()  # before the fetcher stops: the write's offset commit goes through it
             self._stop_fetcher()
             self.source.close()
             if saved:
@@ -630,17 +630,9 @@ class TrainStage:
                 self.ledger.close()
         return number
 
-    def _finish_writes(self) -> None:
-        """Wait for the snapshot write in flight (its offset commit goes to the fetcher, still open), so
-        that whoever restores next sees it; a failed one is logged (the previous one is the restart
-        point)."""
-        try:
-            self.writer.close()
-        except SnapshotError as exc:
-            log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
-
     def abort(self) -> None:
-        for release in (self._finish_writes, self._stop_fetcher, self.source.close, self._abort_dead_letters):
+        # The write in flight first, so that whoever restores next sees it.
+        for release in (self.writer.finish, self._stop_fetcher, self.source.close, self._abort_dead_letters):
             try:
                 release()
             except Exception as exc:  # noqa: BLE001 - tearing down a failed stage
