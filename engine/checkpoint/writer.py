@@ -56,7 +56,6 @@ class SnapshotWriter:
         self._write: Future[None] | None = None  # the newest write
         self._error: BaseException | None = None  # a failed write, not raised yet
         self._lock = threading.Lock()
-        self.written = 0
 
     # ------------------------------------------------------------------ writing
     def publish(
@@ -73,7 +72,6 @@ class SnapshotWriter:
         prepared = registry.prepare(state, meta)
         if not self.background:
             version = registry.write(prepared)
-            self.written += 1
             if on_durable is not None:
                 on_durable(version)
             return version
@@ -86,7 +84,6 @@ class SnapshotWriter:
                     self._error = SnapshotWriteError(f"snapshot {prepared.version} was not written: {exc!r}")
                     self._error.__cause__ = exc
                 raise
-            self.written += 1
             if on_durable is not None:
                 on_durable(prepared.version)
 
