@@ -40,9 +40,9 @@ engine/runtime/join_stage.py), so the train stage drops every sample whose seq i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import msgspec
@@ -157,14 +157,13 @@ def batch_from_samples(samples: Sequence[LabeledSample], *, task: int, first_seq
         pa.array([s.weight for s in samples], pa.float32()),
         pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
     ]
-    return _assemble(fixed, [s.features for s in samples], task, first_seq)
+    return _assemble(fixed, feature_columns([s.features for s in samples]), task, first_seq)
 
 
 def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> SampleBatch:
     """Columns from the joiner's output (``reloop.engine.join.joiner.Joined``: impression id, event time, the
     impression's raw bytes as they were validated on the way in, label, correction flag)."""
-    decode = _decode_payload
-    objs = [decode(j.payload) for j in joined]
+    objs, columns = _decode_payloads([j.payload for j in joined])
     n = len(objs)
     fixed = [
         pa.array([j.impression_id for j in joined], pa.string()),
@@ -177,7 +176,10 @@ def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> Sa
         pa.array(np.ones(n, dtype=np.float32)),
         pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
     ]
-    return _assemble(fixed, [o.features for o in objs], task, first_seq)
+    if columns is None:
+        return _assemble(fixed, feature_columns([o.features for o in objs]), task, first_seq)
+    built = [(key, *_column(FEATURE_PREFIX + key, values)) for key, values in columns]
+    return _assemble(fixed, built, task, first_seq)
 
 
 class _Payload(msgspec.Struct):
@@ -192,14 +194,52 @@ class _Payload(msgspec.Struct):
 
 
 _decode_payload = msgspec.json.Decoder(_Payload).decode
+_KeyedDecoder = tuple[Callable[[bytes], Any], Callable[[Any], tuple[Any, ...]]]
+_KEYED: dict[tuple[str, ...], _KeyedDecoder] = {}
+
+
+def _decode_payloads(payloads: Sequence[bytes]) -> tuple[list[Any], list[tuple[str, Sequence[Any]]] | None]:
+    """The payloads' fields, and their features as ``(key, values)`` columns in the first payload's key
+    order when no payload has a key the first lacks (a missing key is a null, as in the format). The
+    features then decode into a struct made for those keys, so no dict is built per payload and the
+    columns come from one C-level getter per row (about a third less time than dicts, Criteo-shaped).
+    Otherwise (or a batch of one key): the objects with feature dicts, and None."""
+    if not payloads:
+        return [], None
+    first = _decode_payload(payloads[0])
+    keys = tuple(first.features)
+    if len(keys) < 2:  # one key: the getter would return the value, not a 1-tuple
+        return [first, *map(_decode_payload, payloads[1:])], None
+    keyed = _KEYED.get(keys)
+    if keyed is None:
+        keyed = _KEYED[keys] = _keyed_decoder(keys)
+        if len(_KEYED) > 16:  # streams whose first keys keep changing: keep the cache small
+            _KEYED.clear()
+    decode, row = keyed
+    try:
+        objs = [decode(p) for p in payloads]
+    except msgspec.ValidationError:  # a key the first payload lacks
+        return list(map(_decode_payload, payloads)), None
+    return objs, list(zip(keys, zip(*map(row, [o.features for o in objs]), strict=True), strict=True))
+
+
+def _keyed_decoder(keys: tuple[str, ...]) -> _KeyedDecoder:
+    names = [f"f{i}" for i in range(len(keys))]  # the keys need not be identifiers
+    features = msgspec.defstruct(
+        "Features", [(n, Any, None) for n in names], rename=dict(zip(names, keys, strict=True)),
+        forbid_unknown_fields=True,
+    )  # fmt: skip
+    rest = [("served_prediction", float), ("model_version", int), ("arm", str, "default")]  # as _Payload
+    payload = msgspec.defstruct("KeyedPayload", [("features", features), *rest])
+    return msgspec.json.Decoder(payload).decode, attrgetter(*names)
 
 
 def _assemble(
-    fixed: list[pa.Array], features: Sequence[dict[str, Any]], task: int, first_seq: int
+    fixed: list[pa.Array], features: list[tuple[str, pa.Field, pa.Array]], task: int, first_seq: int
 ) -> SampleBatch:
     fields = list(_FIXED)
     arrays = list(fixed)
-    for _, field, column in feature_columns(features):
+    for _, field, column in features:
         fields.append(field)
         arrays.append(column)
     schema = pa.schema(fields, metadata=_metadata(task, first_seq))
@@ -219,29 +259,46 @@ def feature_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, pa.Field,
             keys.update(dict.fromkeys(row))
         # One transposition at C level (map over each row's get) instead of a Python loop per key.
         columns = zip(*[list(map(row.get, keys)) for row in rows], strict=True)
-    out = []
-    for key, values in zip(keys, columns, strict=True):
-        kinds = set(map(type, values))
-        kinds.discard(type(None))
-        name = FEATURE_PREFIX + key
-        field: pa.Field | None = None
-        if kinds <= {str}:
-            field = pa.field(name, pa.string())
-        elif kinds == {int}:
-            field = pa.field(name, pa.int64())
-        elif kinds == {float}:
-            field = pa.field(name, pa.float64())
-        elif kinds == {list}:
-            field = pa.field(name, pa.list_(pa.string()))
-        if field is not None:
-            try:
-                out.append((key, field, pa.array(values, field.type)))
-                continue
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-                pass  # e.g. an int over 64 bits: keep it exact as JSON text
-        text = [None if v is None else json.dumps(v) for v in values]
-        out.append((key, pa.field(name, pa.string(), metadata=_JSON_FIELD), pa.array(text, pa.string())))
-    return out
+    return [(key, *_column(FEATURE_PREFIX + key, values)) for key, values in zip(keys, columns, strict=True)]
+
+
+_STRING, _INT64, _NULL, _STRING_LIST = pa.string(), pa.int64(), pa.null(), pa.list_(pa.string())
+
+
+def _column(name: str, values: Sequence[Any]) -> tuple[pa.Field, pa.Array]:
+    """One feature column by the module doc's rule. Arrow's own inference (one C pass) decides the
+    usual columns: it yields utf8, int64, null or list<utf8> exactly when every value is a str, an int
+    (not a bool: Arrow refuses bools among ints), None, or a list of str, which is when the rule gives
+    that type too. Anything else (floats, which may be ints mixed in, bools, objects, mixes) takes the
+    rule itself."""
+    try:
+        inferred = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        inferred = None
+    if inferred is not None:
+        kind = inferred.type
+        if kind in (_STRING, _INT64, _STRING_LIST):
+            return pa.field(name, kind), inferred
+        if kind == _NULL:
+            return pa.field(name, _STRING), pa.nulls(len(values), _STRING)
+    kinds = set(map(type, values))
+    kinds.discard(type(None))
+    field: pa.Field | None = None
+    if kinds <= {str}:
+        field = pa.field(name, _STRING)
+    elif kinds == {int}:
+        field = pa.field(name, _INT64)
+    elif kinds == {float}:
+        field = pa.field(name, pa.float64())
+    elif kinds == {list}:
+        field = pa.field(name, _STRING_LIST)
+    if field is not None:
+        try:
+            return field, pa.array(values, field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass  # e.g. an int over 64 bits: keep it exact as JSON text
+    text = [None if v is None else json.dumps(v) for v in values]
+    return pa.field(name, _STRING, metadata=_JSON_FIELD), pa.array(text, _STRING)
 
 
 def _same_keys_columns(rows: Sequence[dict[str, Any]]) -> Any:

@@ -72,6 +72,52 @@ def test_round_trip_and_arrow_features_equal_dict_features(rows):
         np.testing.assert_array_equal(getattr(from_arrow, part), getattr(from_dicts, part), err_msg=part)
 
 
+_value = st.one_of(
+    st.none(), st.text(max_size=6), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+    st.booleans(), st.lists(st.one_of(st.none(), st.text(max_size=4)), max_size=3),
+    st.lists(st.integers(0, 9), min_size=1, max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+)  # fmt: skip
+
+
+def _rule(values) -> tuple[pa.DataType, bool]:
+    """The module doc's typing rule, written out: (column type, JSON-text encoded)."""
+    kinds = {type(v) for v in values} - {type(None)}
+    if kinds <= {str}:
+        return pa.string(), False
+    if kinds == {int} and all(-(2**63) <= v < 2**63 for v in values if v is not None):
+        return pa.int64(), False
+    if kinds == {float}:
+        return pa.float64(), False
+    if kinds == {list} and all(type(x) in (str, type(None)) for v in values if v is not None for x in v):
+        return pa.list_(pa.string()), False
+    return pa.string(), True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_value, min_size=1, max_size=5), min_size=1, max_size=4))
+def test_each_column_is_typed_by_the_rule_and_keeps_every_value_and_its_type(columns):
+    # One column per drawn list: int and float, bool and int, huge ints, nested values, all nulls.
+    n = max(map(len, columns))
+    rows = [{f"k{c}": col[i] for c, col in enumerate(columns) if i < len(col)} for i in range(n)]
+    for key, field, array in feature_columns(rows):
+        values = [row.get(key) for row in rows]
+        kind, as_json = _rule(values)
+        assert (field.type, bool(field.metadata)) == (kind, as_json), (key, values)
+        assert len(array) == n and array.type == kind
+    batch = decode_batch(encode_batch(batch_from_samples(_samples(rows), task=0, first_seq=0)))
+    back = [s.features for s in batch.to_samples()]
+    present = [{k: v for k, v in row.items() if v is not None} for row in rows]  # null = key absent
+    assert back == present
+
+    def typed(v):  # 1 == 1.0 == True in Python: compare the types too
+        return type(v), [typed(x) for x in v] if isinstance(v, list) else v
+
+    assert [{k: typed(v) for k, v in r.items()} for r in back] == [
+        {k: typed(v) for k, v in r.items()} for r in present
+    ]
+
+
 def test_mixed_types_and_huge_ints_stay_exact():
     rows = [{"cnt": 5, "user": 2**70}, {"cnt": "5"}, {"cnt": 5.0}, {}]
     batch = decode_batch(encode_batch(batch_from_samples(_samples(rows), task=0, first_seq=0)))
@@ -124,6 +170,59 @@ def test_batch_from_joined_equals_batch_from_samples():
         for j, e in zip(joined, imps, strict=True)
     ]  # fmt: skip
     assert got == want
+
+
+def _joined_and_samples(feats):
+    imps = [Impression(f"i{k}", "r", "u", "it", f, 1_000 + k, 0.25, 7, "b") for k, f in enumerate(feats)]
+    joined = [
+        Joined(e.impression_id, e.event_time_ms, encode(e), k % 2, k % 3 == 0) for k, e in enumerate(imps)
+    ]
+    samples = [
+        LabeledSample(j.impression_id, e.features, j.label, 0.25, 7, e.event_time_ms, arm="b",
+                      is_correction=j.is_correction)
+        for j, e in zip(joined, imps, strict=True)
+    ]  # fmt: skip
+    return joined, samples
+
+
+# What an impression on the wire can hold (JSON-encodable: no ints over 64 bits, no NaN).
+_wire_value = st.one_of(
+    st.none(),
+    st.text(max_size=6),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.lists(st.one_of(st.none(), st.text(max_size=4)), max_size=3),
+)
+_key_sets = st.lists(
+    st.sampled_from(["user", "cnt", "a-b", "class", ""]), min_size=1, max_size=5, unique=True
+)
+_rows_over_one_key_set = _key_sets.flatmap(
+    lambda keys: st.lists(
+        st.permutations(keys).flatmap(
+            lambda order: st.fixed_dictionaries({}, optional=dict.fromkeys(order, _wire_value))
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+_rows_over_any_keys = st.lists(
+    st.dictionaries(st.sampled_from(["user", "cnt", "tags", "x"]), _wire_value, max_size=4),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_rows_over_one_key_set, _rows_over_any_keys))
+def test_batches_from_joined_bytes_and_from_samples_are_the_same_arrow_data(feats):
+    # Rows over one key set (any order, keys missing, keys that are not identifiers) decode the features
+    # into a struct made for the first row's keys; other rows take the dict path: both give the batch
+    # that batch_from_samples builds from the same features, schema and metadata included.
+    joined, samples = _joined_and_samples(feats)
+    got = batch_from_joined(joined, task=1, first_seq=5).data
+    want = batch_from_samples(samples, task=1, first_seq=5).data
+    assert got.equals(want, check_metadata=True), (got.schema, want.schema)
 
 
 def _corrupt(data: bytes, **meta) -> bytes:
