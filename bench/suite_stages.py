@@ -10,6 +10,10 @@ Rows (named so they can be found by name):
 * "join stage per process, kafka-python": one ``JoinStage`` (one consumer-group member owning every
   task) from raw impressions/clicks topics to the samples topic; samples/s from the first poll to the
   last sample flushed. Baseline: the bare kafka-python consume of the same records (``KafkaSource``).
+* "join stage per process, in-memory log": the same ``JoinStage`` over an in-process log holding the
+  same records (``MemoryLog``; its partitions read in turns, as a fetch returns them): the stage's own
+  work without a Kafka client, against the kafka-python join stage in the same rounds. No client can
+  take the stage past this rate on the same machine.
 * "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
   raw topics until the target samples are trained, against the bare loop with two threads.
 
@@ -35,9 +39,10 @@ from typing import Any
 
 import numpy as np
 import yaml
-from reloop.bench.suite import Context, Figure, Row, alternate
+from reloop.bench.suite import Context, Figure, Row, alternate, alternate_many
 from reloop.bench.suite_broker import local_broker
 from reloop.bench.suite_e2e import BareLoop, fill_topics, make_events
+from reloop.connectors.memory.memory import MemoryGroupSource
 
 COMMAND = "python -m reloop.bench --only stages"
 TITLE = "9. Data plane v2: join stage, samples topic, train stage"
@@ -160,9 +165,11 @@ def join_stage_parts(
     checkpoint_root: str,
     spec: Any = None,
     client: str = "kafka-python",
+    memory: Any = None,
 ) -> Any:
     """A ``JoinStage`` as the benchmarks run it: a member of ``group_id`` over the raw topics, writing
-    to ``samples_topic`` (which must exist), no checkpoints while timed, stalls detected after 30 s."""
+    to ``samples_topic`` (which must exist), no checkpoints while timed, stalls detected after 30 s.
+    ``client="memory"``: the same stage over ``memory`` (a ``MemoryLog``) instead of a broker."""
     from reloop.engine.deadletter import DeadLetterSink
     from reloop.engine.features.check import SpecChecker
     from reloop.engine.features.spec import criteo_spec
@@ -172,19 +179,30 @@ def join_stage_parts(
     from reloop.engine.runtime.intake import IntakeLimits
     from reloop.engine.runtime.join_stage import JoinStage, JoinStageSettings
 
-    if client == "confluent":
-        from reloop.connectors.confluent.group_source import ConfluentGroupSource as GroupSource
-        from reloop.connectors.confluent.sink import ConfluentSink as Sink
+    if client == "memory":
+        from reloop.connectors.memory.memory import MemorySink
 
-        sink_config = {"message.max.bytes": 8 << 20}
+        source: Any = _InterleavedMemorySource(memory, list(topics))
+        sink: Any = MemorySink(memory, samples_topic)
+    elif client == "confluent":
+        from reloop.connectors.confluent.group_source import ConfluentGroupSource
+        from reloop.connectors.confluent.sink import ConfluentSink
+
+        source = ConfluentGroupSource(bootstrap=bootstrap, topics=list(topics), group_id=group_id)
+        sink = ConfluentSink(
+            bootstrap=bootstrap, topic=samples_topic, client_config={"message.max.bytes": 8 << 20}
+        )
     else:
-        from reloop.connectors.kafka.group_source import KafkaGroupSource as GroupSource
-        from reloop.connectors.kafka.sink import KafkaSink as Sink
+        from reloop.connectors.kafka.group_source import KafkaGroupSource
+        from reloop.connectors.kafka.sink import KafkaSink
 
-        sink_config = {"max_request_size": 8 << 20}
+        source = KafkaGroupSource(bootstrap=bootstrap, topics=list(topics), group_id=group_id)
+        sink = KafkaSink(
+            bootstrap=bootstrap, topic=samples_topic, client_config={"max_request_size": 8 << 20}
+        )
     return JoinStage(
-        source=GroupSource(bootstrap=bootstrap, topics=list(topics), group_id=group_id),
-        samples=Sink(bootstrap=bootstrap, topic=samples_topic, client_config=sink_config),
+        source=source,
+        samples=sink,
         dead_letters=DeadLetterSink(),
         checkpoint_root=checkpoint_root,
         joiner_config=JoinerConfig(window_ms=2_000, allowed_lateness_ms=0),
@@ -255,6 +273,53 @@ def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int
         stage.close(checkpoint=False)
     if sent < expected:
         raise RuntimeError(f"the join stage emitted {sent} of {expected} samples in 600 s")
+    return sent / elapsed
+
+
+class _InterleavedMemorySource(MemoryGroupSource):
+    """``MemoryGroupSource`` reading its partitions in turns (a share of each poll each), as a Kafka fetch
+    returns both topics' partitions, instead of one partition to its end first."""
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Any]:
+        if not self._assigned:
+            return super().poll(0, 0)  # the assignment
+        share = max(1, max_records // len(self._assigned))
+        out: list[Any] = []
+        for tp in self._assigned:
+            records = self.log.read(tp, self._next[tp], share)
+            if records:
+                out.extend(records)
+                self._next[tp] = records[-1].offset + 1
+        return out
+
+
+def memory_join_rate(imps: list[Any], clicks: list[Any], spec: Any, expected: int) -> float:
+    """The join stage's own work, no Kafka client: the same ``JoinStage`` over an in-process log holding
+    the same records (decode, limits, spec checks, merge, join, Arrow batches, sends), samples/s as in
+    ``_join_pass``. Its rate bounds what any client can give the stage on this machine."""
+    from reloop.connectors.memory.memory import MemoryLog
+    from reloop.engine.events.codec import encode
+
+    log = MemoryLog()
+    topics = ("bench.mimp", "bench.mclk")
+    for topic, events in zip(topics, (imps, clicks), strict=True):
+        log.create(topic, 1)
+        for e in events:
+            log.append(topic, encode(e), e.impression_id.encode(), e.event_time_ms)
+    log.create("bench.mjoined", 1)
+    with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
+        stage = join_stage_parts("", topics, "bench", "bench.mjoined", tmp, spec, "memory", memory=log)
+        t0 = None
+        deadline = time.monotonic() + 600
+        while stage.samples_sent < expected and time.monotonic() < deadline:
+            stage.step()
+            if t0 is None and stage.tasks:
+                t0 = time.perf_counter()
+        elapsed = time.perf_counter() - (t0 or time.perf_counter())
+        sent = stage.samples_sent
+        stage.close(checkpoint=False)
+    if sent < expected:
+        raise RuntimeError(f"the in-memory join stage emitted {sent} of {expected} samples in 600 s")
     return sent / elapsed
 
 
@@ -393,11 +458,16 @@ def run(ctx: Context) -> Figure:
         raw = fill_topics(bootstrap, imps, clicks)
         expected = n  # every impression but the sentinel becomes one sample
         records = len(imps) + len(clicks)
-        join, consume, jratio = alternate(
-            lambda: join_stage_rate(bootstrap, raw, spec, expected),
-            lambda: consume_rate(bootstrap, raw, records),
+        join, consume, memory = alternate_many(
+            [
+                lambda: join_stage_rate(bootstrap, raw, spec, expected),
+                lambda: consume_rate(bootstrap, raw, records),
+                lambda: memory_join_rate(imps, clicks, spec, expected),
+            ],
             rounds,
         )
+        jratio = float(np.median([j / c for j, c in zip(join, consume, strict=True)]))
+        mratio = float(np.median([m / j for m, j in zip(memory, join, strict=True)]))
         rows.append(
             Row(figure="join stage per process, kafka-python", value=float(np.median(join)), unit="samples/s",
                 baseline_name="kafka-python consume of the same records (records/s)",
@@ -406,6 +476,14 @@ def run(ctx: Context) -> Figure:
         )  # fmt: skip
         lines.append(f"| join stage per process, kafka-python | {', '.join(f'{x:,.0f}' for x in join)} | "
                      f"{', '.join(f'{x:,.0f}' for x in consume)} | {jratio:.3f} |")  # fmt: skip
+        rows.append(
+            Row(figure="join stage per process, in-memory log (the stage's own work, no Kafka client)",
+                value=float(np.median(memory)), unit="samples/s",
+                baseline_name="join stage per process, kafka-python (same rounds)",
+                baseline_value=float(np.median(join)), ratio=mratio, target="", met=None, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| join stage, in-memory log | {', '.join(f'{x:,.0f}' for x in memory)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in join)}, kafka-python | {mratio:.3f} |")  # fmt: skip
         cjoin, consume2, cratio = alternate(
             lambda: join_stage_rate(bootstrap, raw, spec, expected, client="confluent"),
             lambda: consume_rate(bootstrap, raw, records),
