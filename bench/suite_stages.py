@@ -257,22 +257,28 @@ def _join_pass(bootstrap: str, topics: tuple[str, str], spec: Any, expected: int
         stage = join_stage_parts(
             bootstrap, topics, f"bench-{uuid.uuid4().hex[:8]}", samples_topic, tmp, spec, client
         )
-        t0 = None
-        deadline = time.monotonic() + 600
-        try:
-            while stage.samples_sent < expected and time.monotonic() < deadline:
-                stage.step()
-                if t0 is None and stage.tasks:
-                    t0 = time.perf_counter()
-        except BaseException:
-            stage.abort()
-            raise
-        stage.samples.flush(30)
-        elapsed = time.perf_counter() - (t0 or time.perf_counter())
-        sent = stage.samples_sent
-        stage.close(checkpoint=False)
+        return _timed_pass(stage, expected, "the join stage")
+
+
+def _timed_pass(stage: Any, expected: int, what: str) -> float:
+    """Step ``stage`` until it has sent ``expected`` samples (at most 600 s) and close it; samples/s from
+    the step that took its tasks to the last sample flushed."""
+    t0 = None
+    deadline = time.monotonic() + 600
+    try:
+        while stage.samples_sent < expected and time.monotonic() < deadline:
+            stage.step()
+            if t0 is None and stage.tasks:
+                t0 = time.perf_counter()
+    except BaseException:
+        stage.abort()
+        raise
+    stage.samples.flush(30)
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    sent = stage.samples_sent
+    stage.close(checkpoint=False)
     if sent < expected:
-        raise RuntimeError(f"the join stage emitted {sent} of {expected} samples in 600 s")
+        raise RuntimeError(f"{what} emitted {sent} of {expected} samples in 600 s")
     return sent / elapsed
 
 
@@ -309,18 +315,7 @@ def memory_join_rate(imps: list[Any], clicks: list[Any], spec: Any, expected: in
     log.create("bench.mjoined", 1)
     with tempfile.TemporaryDirectory(prefix="reloop-bench-join-") as tmp:
         stage = join_stage_parts("", topics, "bench", "bench.mjoined", tmp, spec, "memory", memory=log)
-        t0 = None
-        deadline = time.monotonic() + 600
-        while stage.samples_sent < expected and time.monotonic() < deadline:
-            stage.step()
-            if t0 is None and stage.tasks:
-                t0 = time.perf_counter()
-        elapsed = time.perf_counter() - (t0 or time.perf_counter())
-        sent = stage.samples_sent
-        stage.close(checkpoint=False)
-    if sent < expected:
-        raise RuntimeError(f"the in-memory join stage emitted {sent} of {expected} samples in 600 s")
-    return sent / elapsed
+        return _timed_pass(stage, expected, "the in-memory join stage")
 
 
 def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float:
