@@ -228,6 +228,24 @@ def test_ttl_of_a_redelivered_impression_counts_from_the_redelivery():
     assert j.pending_count == 0 and j.stats.expired_ttl == 1
 
 
+def test_ttl_of_a_redelivered_impression_counts_from_the_redelivery_after_a_restore():
+    # The first delivery's arrival stays in its second's list with an entry that is no longer "a"'s:
+    # the snapshot keeps only arrivals whose key still holds that very entry.
+    j, clock = make(ttl_ms=3_000, idle_timeout_ms=10**9, max_pending=1)
+    j.on_impression("a", 10_000, b"A")
+    j.on_impression("b", 10_001, b"B")  # evicts "a"
+    clock.now += 2_000
+    j.on_impression("a", 10_002, b"A")  # "a" pending again, arrived 2 s later
+    restored = Joiner(j.config, clock)
+    restored.load_state_dict(j.state_dict())
+    clock.now += 1_500
+    restored.advance()
+    assert restored.pending_count == 1 and restored.stats.expired_ttl == 0
+    clock.now += 2_000
+    restored.advance()
+    assert restored.pending_count == 0 and restored.stats.expired_ttl == 1
+
+
 def test_snapshot_after_a_re_added_impression_restores_one_entry():
     j, clock = make(ttl_ms=1_000, idle_timeout_ms=10**9)
     j.on_impression("a", 10_000, b"A")
@@ -388,6 +406,50 @@ def test_resume_from_snapshots_equals_an_uninterrupted_run_under_bounds_and_rede
         events = _hostile_stream(seed)
         resumed = _run_hostile(config, events, resume=True, payload=payload)
         assert resumed == _run_hostile(config, events, resume=False, payload=payload)
+
+
+def test_column_state_order_skips_stale_and_repeated_index_entries():
+    j, clock = make(ttl_ms=1_000, idle_timeout_ms=10**9)
+    j.on_impression("a", 10_000, b"A")
+    j.on_impression("b", 10_010, b"B")
+    clock.now += 2_000
+    j.advance()  # the TTL drops both; their index entries stay, stale
+    j.on_impression("b", 10_300, b"B")  # back with another time: its first entry stays stale
+    j.on_impression("a", 10_000, b"A")  # back with the same time: two live-looking entries, one key
+    j.on_impression("c", 10_005, b"C")
+    assert list(j._pending) == ["b", "a", "c"]
+    assert list(j._pending_idx.live_keys()) == ["a", "c", "b"]  # by deadline, each key once
+    assert list(array("q", j.state_dict()["blobs"]["pending_order"])) == [1, 2, 0]
+
+
+@pytest.mark.parametrize("bucket_ms", [1, 7, 1_000])
+def test_column_state_orders_are_the_indexes_live_keys(bucket_ms):
+    # The columns find each index's live keys in bulk (numpy over its entries); the list state walks
+    # live_keys() one key at a time. Stale entries (keys gone, re-added with another time, or the same
+    # time twice) must drop out of both alike, at every point of a hostile stream.
+    config = JoinerConfig(window_ms=500, allowed_lateness_ms=50, click_grace_ms=300, retention_ms=2_000,
+                          idle_timeout_ms=10**12, ttl_ms=3_000, max_pending=40, max_closed=60,
+                          bucket_ms=bucket_ms)  # fmt: skip
+    clock = FakeClock()
+    j = Joiner(config, clock)
+    checked = 0
+    for kind, key, t, wall_step in _hostile_stream(3, 3_000):
+        clock.now += wall_step
+        if kind == "imp":
+            j.on_impression(key, t, key.encode())
+        elif kind == "click":
+            j.on_click(key, t)
+        elif kind == "advance":
+            j.advance()
+        else:
+            columns, lists = j.state_dict(), j.state_dict(columns=False)
+            blobs = columns["blobs"]
+            for part in ("pending", "closed"):
+                ids = [k for k, *_ in lists[part]]
+                got = [ids[i] for i in array("q", blobs[f"{part}_order"])]
+                assert got == lists[f"{part}_order"], part
+            checked += 1
+    assert checked > 20
 
 
 def test_every_impression_is_labeled_exactly_once_plus_corrections():
