@@ -21,7 +21,8 @@ A message is an Arrow IPC *stream* (schema, one record batch, end marker). Colum
 
 A feature column keeps the JSON type of its values: utf8, int64, float64 or list<utf8>; null where a
 sample lacks the key. A key whose values mix types in one batch (``1`` here, ``"a"`` there) is a utf8
-column holding each value's JSON text, marked ``reloop.encoding: json`` in the field metadata.
+column holding each value's JSON text, marked ``reloop.encoding: json`` in the field metadata. Readers
+find feature columns by name: their order in a message is not part of the format.
 
 Schema metadata: ``reloop.samples.format`` (this module's ``FORMAT``, a major version: a reader refuses
 another one), ``reloop.task`` (the join task = samples partition) and ``reloop.first_seq``.
