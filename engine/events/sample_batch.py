@@ -195,6 +195,7 @@ class _Payload(msgspec.Struct):
 
 
 _decode_payload = msgspec.json.Decoder(_Payload).decode
+_PAYLOAD_FIELDS = msgspec.structs.fields(_Payload)
 
 
 class _KeyedPayloads:
@@ -239,8 +240,8 @@ class _KeyedPayloads:
             "Features", [(n, Any, None) for n in names], rename=dict(zip(names, keys, strict=True)),
             forbid_unknown_fields=True, gc=False,
         )  # fmt: skip
-        rest = [("served_prediction", float), ("model_version", int), ("arm", str, "default")]  # as _Payload
-        payload = msgspec.defstruct("KeyedPayload", [("features", features), *rest], gc=False)
+        fields = [(f.name, features if f.name == "features" else f.type, f.default) for f in _PAYLOAD_FIELDS]
+        payload = msgspec.defstruct("KeyedPayload", fields, gc=False)  # _Payload with the struct for features
         self.keys, self._keyed = keys, (msgspec.json.Decoder(payload).decode, attrgetter(*names))
 
 

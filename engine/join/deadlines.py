@@ -173,16 +173,11 @@ class DeadlineIndex:
         order, so an index rebuilt by adding them in this order pops them as this one would."""
         seen: set[str] = set()
         deadline_of, offset = self._deadline_of, self.offset_ms
-        for d, _, key in self._active[self._pos :]:
-            if key not in seen and deadline_of(key) == d:
+        keys, times = self.candidates()
+        for key, t in zip(keys, times, strict=True):
+            if key not in seen and deadline_of(key) == t + offset:
                 seen.add(key)
                 yield key
-        for b in sorted(self._buckets):
-            flat = self._buckets[b]
-            for key, t in zip(flat[0::2], flat[1::2], strict=True):
-                if key not in seen and deadline_of(key) == t + offset:  # type: ignore[operator]
-                    seen.add(key)
-                    yield key
 
     def candidates(self) -> tuple[list[str], list[int]]:
         """Every entry's ``(key, time)``, stale ones included, in ``live_keys``' order (two lists): an
