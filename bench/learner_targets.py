@@ -78,7 +78,16 @@ def _verdict(d: dict[str, tuple[float, float, float, float]]) -> str:
     return "; ".join(out)
 
 
-def table(new_path: Path, peers: list[tuple[str, Path]], from_period: int, strategy: str = "ce") -> str:
+def table(
+    new_path: Path,
+    peers: list[tuple[str, Path]],
+    from_period: int,
+    strategy: str = "ce",
+    river_label: str = "river LR per event (peer)",
+    river_peers: tuple[tuple[str, Path], ...] = (),
+) -> str:
+    """``river_label`` names the river rows of ``new_path``; ``river_peers``: the river rows of other
+    result files (another batching of the peer, say)."""
     new_rows = read_csv(new_path)
     new = _cells(new_rows, from_period, strategy)
     backbones = sorted({b for p, b in new if p == "streaming" and b != "river_lr"})
@@ -91,7 +100,9 @@ def table(new_path: Path, peers: list[tuple[str, Path]], from_period: int, strat
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     river = {k: v for k, v in new.items() if k[1] == "river_lr"}
-    others: list[tuple[str, dict[tuple[str, str], Cell], bool]] = [("river LR per event (peer)", river, True)]
+    others: list[tuple[str, dict[tuple[str, str], Cell], bool]] = [(river_label, river, True)]
+    for label, path in river_peers:
+        others.append((label, _cells(read_csv(path), from_period, strategy), True))
     for label, path in peers:
         others.append((label, _cells(read_csv(path), from_period, strategy), False))
     for b in backbones:
@@ -120,11 +131,14 @@ def main() -> None:
         "--new", type=Path, required=True, help="results.csv of the streaming backtest, new defaults"
     )
     p.add_argument("--peer", action="append", default=[], metavar="LABEL=CSV")
+    p.add_argument("--river", action="append", default=[], metavar="LABEL=CSV", help="another river peer")
+    p.add_argument("--river-label", default="river LR per event (peer)", help="the name of NEW's river rows")
     p.add_argument("--from-period", type=int, default=1)
     p.add_argument("--strategy", default="ce")
     args = p.parse_args()
     peers = [(label, Path(path)) for label, _, path in (x.partition("=") for x in args.peer)]
-    print(table(args.new, peers, args.from_period, args.strategy))
+    rivers = tuple((label, Path(path)) for label, _, path in (x.partition("=") for x in args.river))
+    print(table(args.new, peers, args.from_period, args.strategy, args.river_label, rivers))
 
 
 if __name__ == "__main__":

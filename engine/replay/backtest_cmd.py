@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reloop.engine.replay.backtest import (
+    BATCH_BY,
     PROTOCOLS,
     BacktestData,
     RunSpec,
@@ -134,6 +135,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
     parser.add_argument("--epochs", type=int, default=3, help="epochs per period (periodic protocol)")
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--batch-by",
+        choices=BATCH_BY,
+        default="count",
+        help="streaming: count = batches of --batch-size; time = one batch per event time (at most "
+        "--batch-size), so events that share a timestamp are scored before any is learned; the river peer "
+        "follows the same rule",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense parameters")
     parser.add_argument(
         "--optimizer",
@@ -286,6 +295,7 @@ def main(args: argparse.Namespace) -> int:
         y_last=args.y_last,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        batch_by=args.batch_by,
         model_options=(("embedding_dim", args.embedding_dim), ("hidden_units", hidden)),
         optimizer=(("lr", args.lr), *_optimizer_options(args.optimizer)),
         replay_size=args.replay_size,
@@ -302,8 +312,11 @@ def main(args: argparse.Namespace) -> int:
         if (p, b, s.name, seed) not in done
     ]
     tag = {"dataset": args.dataset_name}
+    # per event, or (batches by time) per event time as the deep learners
+    by_time = args.batch_by == "time"
+    river_batching = {"batch_by": args.batch_by, "batch_size": args.batch_size if by_time else 1}
     if args.river and ("streaming", "river_lr", "ce", 0) not in done:
-        write_csv(({**r, **tag} for r in run_river_baseline(data)), csv_path, append=True)
+        write_csv(({**r, **tag} for r in run_river_baseline(data, **river_batching)), csv_path, append=True)
     bar = tqdm(total=len(runs), desc="backtest runs", unit="run")
     if args.workers <= 1:
         _init_worker(data)
@@ -437,8 +450,11 @@ def learner_settings(args: argparse.Namespace) -> str:
         if getattr(args, "replay_size", 0)
         else "no replay"
     )
+    batch = f"batch {args.batch_size}"
+    if getattr(args, "batch_by", "") == "time":
+        batch += ", one per event time (the river peer too)"
     return (
-        f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; batch {args.batch_size}; "
+        f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
         f"Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))

@@ -75,6 +75,19 @@ def test_backtest_learner_options_and_report_periods(tmp_path: Path) -> None:
         assert min(int(r["period"]) for r in csv.DictReader(fh)) == 1  # the CSV keeps every period
 
 
+def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --strategies ce"
+    tiny = "--batch-size 64 --buckets 64 --embedding-dim 4 --batch-by time"
+    argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" ")]
+    assert main([*argv, "--data", str(_movielens(tmp_path / "ml")), "--out", str(out)]) == 0
+    assert "batch 64, one per event time (the river peer too)" in (out / "report.md").read_text()
+    with (out / "results.csv").open() as fh:
+        assert {r["backbone"] for r in csv.DictReader(fh)} == {"fm", "river_lr"}
+    with pytest.raises(SystemExit):
+        main([*argv, "--batch-by", "rows", "--data", "x", "--out", str(out)])
+
+
 def test_each_strategy_runs_its_own_alphas(tmp_path: Path) -> None:
     out = tmp_path / "out"
     opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --no-river"

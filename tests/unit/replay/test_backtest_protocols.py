@@ -13,8 +13,10 @@ from reloop.engine.replay.backtest import (
     period_bounds_by_time,
     prepare,
     run_periodic,
+    run_river_baseline,
     run_streaming,
     strategy_grid,
+    stream_batches,
     with_label_noise,
 )
 
@@ -173,3 +175,63 @@ def test_label_noise_trains_on_flipped_labels_and_judges_on_the_true_ones() -> N
             assert r["ctr"] == pytest.approx(float(data.labels[noisy.period(r["period"])].mean()))
     with pytest.raises(ValueError, match="label noise"):
         with_label_noise(data, 0.5)
+
+
+def test_batches_by_time_never_hold_two_event_times() -> None:
+    t = np.array([5, 5, 5, 7, 8, 8, 8, 8, 8, 9], dtype=np.int64)
+    spans = lambda by, size: [(b.start, b.stop) for b in stream_batches(t, size, by)]  # noqa: E731
+    assert spans("count", 4) == [(0, 4), (4, 8), (8, 10)]
+    assert spans("time", 512) == [(0, 3), (3, 4), (4, 9), (9, 10)]
+    assert spans("time", 2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9), (9, 10)]  # at most 2
+    assert spans("time", 512)[-1] == (9, 10) and list(stream_batches(t[:0], 8, "time")) == []
+    with pytest.raises(ValueError, match="unknown batching"):
+        list(stream_batches(t, 4, "rows"))
+
+
+def test_streaming_by_time_scores_each_moment_before_learning_it() -> None:
+    # The live learner's predictions tell how many steps it had taken, so a sample scored after a
+    # same-time sample was learned would show it.
+    seconds = [0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 5, 5]
+    samples = [
+        LabeledSample(f"s{i}", {"x": str(i % 5)}, i % 2, 0.5, 0, event_time_ms=1000 * s)
+        for i, s in enumerate(seconds)
+    ]
+    data = prepare(samples, SPEC, lambda t: period_bounds_by_count(len(t), 2))
+    log: list = []
+    run_streaming(data, RunSpec("streaming", "f", Strategy("ce"), 0, batch_size=512, batch_by="time"),
+                  _factory(log))  # fmt: skip
+    sizes = [e[3] for e in log if e[0] == "learn"]
+    assert sizes == [2, 3, 1, 3, 1, 2]  # one batch per second, periods [0, 6) and [6, 12)
+    predicts = [e for e in log if e[0] == "predict" and not e[1]]
+    assert [e[3] for e in predicts] == sizes  # each moment scored whole, before its learn
+    assert [e[2] for e in predicts] == list(range(len(sizes)))
+
+
+def test_river_peer_by_time_learns_a_moment_only_after_scoring_all_of_it() -> None:
+    # Two identical events at one moment: per event, the second is scored by a model that learned the
+    # first's click; by time, both get the untouched model's 0.5.
+    samples = [LabeledSample(f"s{i}", {"x": "a"}, 1, 0.5, 0, event_time_ms=1000 * (i // 2)) for i in range(8)]
+    data = prepare(samples, SPEC, lambda t: period_bounds_by_count(len(t), 2))
+
+    def scores(**batching) -> list[float]:
+        from river import linear_model
+
+        seen: list[float] = []
+        original = linear_model.LogisticRegression.predict_proba_one
+
+        def spy(self, x):
+            p = original(self, x)
+            seen.append(p.get(True, 0.0))
+            return p
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(linear_model.LogisticRegression, "predict_proba_one", spy)
+            run_river_baseline(data, **batching)
+        return seen
+
+    per_event, by_time = scores(), scores(batch_by="time", batch_size=512)
+    assert per_event[0] == by_time[0] == by_time[1] == pytest.approx(0.5)
+    assert per_event[1] > 0.5  # learned the first click before scoring the second
+    assert by_time[2] == pytest.approx(per_event[2])  # the same model once the moment is learned
+    assert all(by_time[i] == by_time[i + 1] for i in range(0, 8, 2))
+    assert all(per_event[i] < per_event[i + 1] for i in range(7))
