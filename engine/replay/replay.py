@@ -155,8 +155,10 @@ def run_samples_replay(
         set_clock=set_clock,
         stall_timeout_s=stall_timeout_s,
     )
+    # Full batches only: a replay is a function of the topic's range, never of how fast it was read.
+    full_batches = cfg.train.model_copy(update={"max_wait_ms": None})
     stage = build_train_stage(
-        cfg,
+        cfg.model_copy(update={"train": full_batches}),
         source=replay_source,
         commit=None,
         clock=clock,

@@ -202,6 +202,7 @@ def build_train_stage(
             fingerprint=cfg.fingerprint(),
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             background_writes=cfg.checkpoint.background_writes,
+            max_wait_ms=None if cfg.train.deterministic else cfg.train.max_wait_ms,
         ),
         clock=clock,
         dead_letters=DeadLetterSink(dead_letter_sink),

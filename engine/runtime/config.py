@@ -129,6 +129,13 @@ class TrainSection(_Section):
     replay_size: int = Field(default=0, ge=0, description="replay buffer of the latest samples (0: off)")
     replay_ratio: float = Field(default=1.0, ge=0, description="replayed samples per new sample")
     replay_batch_size: int | None = Field(default=None, gt=0, description="default: train.batch_size")
+    max_wait_ms: int | None = Field(
+        default=1000,
+        ge=0,
+        description="the train stage steps on a partial batch once its oldest sample waited this long (wall "
+        "clock), so a slow stream is learned within about this delay; not with deterministic: true, whose "
+        "batches are a function of the topic; null: full batches only",
+    )
 
 
 class PeriodSection(_Section):
@@ -343,10 +350,16 @@ _NEW_DEFAULTS = {
 }
 
 
+# Keys that change when a step happens, not what a step does: never in the fingerprints.
+_RUNTIME_ONLY = (("train", "max_wait_ms"),)
+
+
 def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:
     for (section, key), default in _NEW_DEFAULTS.items():
         if section in data and data[section].get(key) == default:
             del data[section][key]
+    for section, key in _RUNTIME_ONLY:
+        data.get(section, {}).pop(key, None)
     return data
 
 

@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,6 +86,10 @@ class TrainStageSettings:
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     background_writes: bool = default_of(CheckpointSection, "background_writes")
     prefetch: int = 4  # messages decoded and featurised ahead on a thread while the model trains (0: off)
+    # A step on a partial batch once the oldest untrained sample waited this long (wall clock), so a slow
+    # stream is learned within about this delay instead of when a full batch has gathered. None: full
+    # batches only, what deterministic runs and replays need (build.py passes train.max_wait_ms otherwise).
+    max_wait_ms: int | None = None
 
 
 class _Prepared(NamedTuple):
@@ -199,6 +204,8 @@ class TrainStage:
         self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
         self._buffer: list[tuple[SampleBatch, FeatureBatch]] = []
         self._buffered = 0
+        self._waiting_since: float | None = None  # monotonic s: when the oldest untrained sample was seen
+        self.partial_steps = 0  # steps on a partial batch (train.max_wait_ms)
         self._positions: Positions = {}
         self._ledger_lengths: dict[int, int] = {}  # rank -> ledger bytes at the last save
         self._event_time_ms: int | None = None  # newest event time trained: drives event-time periods
@@ -298,6 +305,7 @@ class TrainStage:
 
     def step(self) -> int:
         items = self._fetch()
+        self._train_waited()
         if self.period.every_wall_s is not None:
             self._maybe_snapshot()
         self._metrics.publish(self)
@@ -377,6 +385,22 @@ class TrainStage:
         bs = self.trainer.config.batch_size
         while self._buffered >= bs:
             self._train(self._cut(bs))
+            self._waiting_since = None  # the rest is younger: its wait starts at the next check
+            self._maybe_snapshot()
+
+    def _train_waited(self) -> None:
+        """With ``max_wait_ms``: train what is buffered once its oldest sample waited that long."""
+        wait_ms = self.settings.max_wait_ms
+        if wait_ms is None or not self._buffered:
+            self._waiting_since = None
+            return
+        now = monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif (now - self._waiting_since) * 1000 >= wait_ms:
+            self._train(self._cut(self._buffered))
+            self.partial_steps += 1
+            self._waiting_since = None
             self._maybe_snapshot()
 
     def _cut(self, n: int) -> list[tuple[SampleBatch, FeatureBatch]]:

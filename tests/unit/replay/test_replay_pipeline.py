@@ -180,7 +180,7 @@ def test_dataset_replay_recomputes_y_last_by_default() -> None:
     assert load_config_dict(dataset_config(args, FIELDS), env={}).train.y_last == "logged"
 
 
-def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
+def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path, monkeypatch):
     """The replay source runs dry before the train stage has taken what its fetch thread decoded ahead:
     the replay goes on until every message handed out is trained (it once stopped with them queued)."""
     from reloop.connectors.memory import MemoryLog, MemorySource
@@ -211,19 +211,32 @@ def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path):
     cfg = load_config_dict(
         {
             "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
-            "train": {"batch_size": 100},
+            # max_wait_ms 0 would step on every partial batch in a live run; a replay takes full batches only
+            "train": {"batch_size": 100, "max_wait_ms": 0},
             "stages": {"samples_topic": "samples"},
             "period": {"every_samples": 10**9},
             "consumer": {"group_id": None},
         },
         env={},
     )
+    from reloop.engine.runtime import build
+
+    stages = []
+    build_train_stage = build.build_train_stage
+
+    def keep(*args, **kwargs):
+        stages.append(build_train_stage(*args, **kwargs))
+        return stages[-1]
+
+    monkeypatch.setattr(build, "build_train_stage", keep)
     result = run_samples_replay(
         cfg, source=MemorySource(log, ["samples"]), end={TopicPartition("samples", 0): 40},
         checkpoint_dir=tmp_path / "c",
     )  # fmt: skip
+    assert stages[0].settings.max_wait_ms is None and stages[0].partial_steps == 0
     assert result.records == 40
     assert result.samples_trained == len(samples)
+    assert result.steps == len(samples) // 100 + 1  # full batches, then the rest at the end
 
 
 def test_a_replay_writing_snapshots_in_the_background_equals_one_waiting_for_each(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ in tests/integration/test_stages_kafka.py.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -569,3 +570,88 @@ def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
         while time.monotonic() < started + 10:
             outside.step()
     assert time.monotonic() - started >= 0.3 and not outside.tasks
+
+
+class _Monotonic:
+    """A stand-in for time.monotonic in the train stage: moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "train, partial",
+    [
+        ({"deterministic": False, "max_wait_ms": 500}, True),
+        ({"deterministic": True, "max_wait_ms": 500}, False),  # batches must be a function of the topic
+        ({"deterministic": False, "max_wait_ms": None}, False),
+    ],
+)
+def test_a_partial_batch_is_trained_once_its_oldest_sample_waited_max_wait(
+    tmp_path, monkeypatch, train, partial
+):
+    synth = generate(300, seed=4)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, train={"batch_size": 10_000, **train})  # more than the topic holds
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    fake = _Monotonic()
+    monkeypatch.setattr("reloop.engine.runtime.train_stage.monotonic", fake)
+    stage = _train(cfg, log, clock, tmp_path)
+    _run_train(stage, log, clock)  # every message read in the same instant: nothing waited yet
+    n = len(synth.expected)
+    assert stage.buffered_samples == n and stage.trainer.counters.steps == 0
+    fake.now += 0.499
+    stage.step()
+    assert stage.trainer.counters.steps == 0  # not yet
+    fake.now += 0.002
+    stage.step()
+    trained = stage.trainer.counters.samples
+    assert (stage.partial_steps, stage.trainer.counters.steps, trained) == (
+        (1, 1, n) if partial else (0, 0, 0)
+    )
+    assert stage.buffered_samples == n - trained
+    fake.now += 10
+    stage.step()
+    assert stage.trainer.counters.steps == int(partial)  # nothing new buffered: no empty steps
+    stage.train_remaining()
+    stage.close()
+    assert sorted(_ledger(tmp_path)) == sorted(synth.expected)  # each sample trained once either way
+
+
+def test_full_batches_reset_the_wait_of_the_rest(tmp_path, monkeypatch):
+    """The samples left after a full batch start their own wait: a batch that fills within max_wait
+    never triggers a partial step, however long the stream has been flowing."""
+    synth = generate(300, seed=5)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, train={"batch_size": 45, "deterministic": False, "max_wait_ms": 500})
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    fake = _Monotonic()
+    monkeypatch.setattr("reloop.engine.runtime.train_stage.monotonic", fake)
+    stage = _train(cfg, log, clock, tmp_path)
+    stage.settings = replace(stage.settings, prefetch=0)  # one poll per step: the steps are the clock
+    ends = {tp: len(log._data[tp]) for tp in log.partitions("samples")}
+    steps = 0
+    while not all(stage.positions.get(tp, 0) >= n for tp, n in ends.items()):
+        stage.step()
+        steps += 1
+        fake.now += 0.08  # a batch of 45 fills in a few polls of 2 messages, well within 0.5 s
+    n = len(synth.expected)
+    assert steps * 0.08 > 1.0  # the stream flowed for longer than two waits
+    assert stage.partial_steps == 0 and stage.trainer.counters.samples == n - n % 45
+    assert 0 < stage.buffered_samples < 45
+    fake.now += 0.6
+    stage.step()
+    assert stage.partial_steps == 1 and stage.trainer.counters.samples == n
+    stage.close()
+
+
+def test_max_wait_is_not_part_of_the_fingerprint(tmp_path):
+    base = _config(tmp_path)
+    assert _config(tmp_path, train={"max_wait_ms": 5}).fingerprint() == base.fingerprint()
+    assert _config(tmp_path, train={"max_wait_ms": None}).fingerprint() == base.fingerprint()
+    assert _config(tmp_path, train={"batch_size": 17}).fingerprint() != base.fingerprint()
