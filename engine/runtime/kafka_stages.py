@@ -157,6 +157,7 @@ def describe_train(stage: Any) -> dict[str, Any]:
         "version": stage.version,
         "samples_trained": stage.trainer.counters.samples,
         "buffered": stage.buffered_samples,
+        "partial_steps": stage.partial_steps,
         "duplicates_dropped": stage.duplicates_dropped,
         "seq_gaps": stage.seq_gaps,
         "dead_letters": stage.dead_letters.counts,

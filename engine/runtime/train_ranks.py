@@ -139,6 +139,7 @@ class RankedTrainStage(TrainStage):
                 takes = np.full(len(counts), b)
             elif not self.deterministic and view[:, _WAITED].any() and counts.any():
                 takes = np.minimum(counts, b)
+                self.partial_steps += 1
             else:
                 return
             self._step_together(takes)
