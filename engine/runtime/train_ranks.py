@@ -24,7 +24,6 @@ of them from the last save, as its elastic agent does for any worker failure.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +66,6 @@ class RankedTrainStage(TrainStage):
         self.stop_agreed = False
         self._want_stop = False
         self._global_samples = 0
-        self._since: float | None = None  # when the oldest untrained sample arrived
         self._restored_point: tuple[int, int] = (-1, -1)
         super().__init__(share=PartitionShare(group.rank, group.world_size), **stage)
         self.trainer.learner.grad_sync = sync
@@ -112,8 +110,6 @@ class RankedTrainStage(TrainStage):
 
     def step(self) -> int:
         items = self._fetch()
-        if self._buffered and self._since is None:
-            self._since = time.monotonic()
         self._rounds()
         self._metrics.publish(self)
         return len(items)
@@ -124,7 +120,7 @@ class RankedTrainStage(TrainStage):
     def _rounds(self) -> None:
         b = self.batch_per_rank
         while not self.stop_agreed:
-            waited = self._since is not None and (time.monotonic() - self._since) * 1000 >= self.max_wait_ms
+            waited = self._waited(self.max_wait_ms)
             due = self.period.due(
                 samples=self._global_samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
             )
@@ -152,7 +148,7 @@ class RankedTrainStage(TrainStage):
         else:
             self.trainer.idle_step()
         self._global_samples += total
-        self._since = time.monotonic() if self._buffered else None
+        self._waiting_since = None  # what is left starts its wait at the next round
 
     def _maybe_snapshot(self) -> None:
         """Boundaries are decided in ``_rounds`` (all ranks at once)."""

@@ -388,16 +388,21 @@ class TrainStage:
             self._waiting_since = None  # the rest is younger: its wait starts at the next check
             self._maybe_snapshot()
 
-    def _train_waited(self) -> None:
-        """With ``max_wait_ms``: train what is buffered once its oldest sample waited that long."""
-        wait_ms = self.settings.max_wait_ms
-        if wait_ms is None or not self._buffered:
+    def _waited(self, wait_ms: int) -> bool:
+        """Whether the oldest untrained sample has waited ``wait_ms`` (wall clock). Its wait starts at the
+        first check that finds samples buffered, and again after each step (``_waiting_since = None``)."""
+        if not self._buffered:
             self._waiting_since = None
-            return
+            return False
         now = monotonic()
         if self._waiting_since is None:
             self._waiting_since = now
-        elif (now - self._waiting_since) * 1000 >= wait_ms:
+        return (now - self._waiting_since) * 1000 >= wait_ms
+
+    def _train_waited(self) -> None:
+        """With ``max_wait_ms``: train what is buffered once its oldest sample waited that long."""
+        wait_ms = self.settings.max_wait_ms
+        if wait_ms is not None and self._waited(wait_ms):
             self._train(self._cut(self._buffered))
             self.partial_steps += 1
             self._waiting_since = None
