@@ -16,6 +16,9 @@ Rows (named so they can be found by name):
   take the stage past this rate on the same machine.
 * "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
   raw topics until the target samples are trained, against the bare loop with two threads.
+* "whole loop's ceiling": the bare loop with one thread (the train process's) against two threads, in
+  the whole loop's rounds: a train process as fast as its model's bare loop, with the join process free,
+  would reach this ratio and no more.
 
 Learner in every row: the backbone with the optimizer the bare loop has (sparse embedding gradients
 with SparseAdam, fused Adam for the rest, no wide part: ``OptimizerConfig.previous_defaults()``), so the
@@ -39,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from reloop.bench.suite import Context, Figure, Row, alternate, alternate_many
+from reloop.bench.suite import Context, Figure, Row, alternate, alternate_many, median_ratio
 from reloop.bench.suite_broker import local_broker
 from reloop.bench.suite_e2e import BareLoop, fill_topics, make_events
 from reloop.connectors.memory.memory import MemoryGroupSource
@@ -495,12 +498,27 @@ def run(ctx: Context) -> Figure:
                      f"{', '.join(f'{x:,.0f}' for x in consume2)} | {cratio:.3f} |")  # fmt: skip
         batch = 1024
         target = (n // batch) * batch
-        torch.set_num_threads(2)
         bare2 = _bare("dcn", spec, imps[:n], labels, batch)
-        whole, base2, wratio = alternate(
-            lambda: whole_loop_rate(bootstrap, raw, spec, target, batch), bare2.run, min(rounds, 2)
+
+        def bare_at(threads: int) -> float:
+            torch.set_num_threads(threads)
+            try:
+                return bare2.run()
+            finally:
+                torch.set_num_threads(1)
+
+        # The bare loop with one thread too, in the same rounds: the train process has one torch thread,
+        # so one thread's bare loop over two threads' bounds what the whole loop can reach on this machine.
+        whole, base2, base1 = alternate_many(
+            [
+                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch),
+                lambda: bare_at(2),
+                lambda: bare_at(1),
+            ],
+            min(rounds, 2),
         )
-        torch.set_num_threads(1)
+        wratio = median_ratio(whole, base2)
+        ceiling = median_ratio(base1, base2)
         rows.append(
             Row(figure="whole loop, two processes (join + train, 1 torch thread each), DCN, batch 1024",
                 value=float(np.median(whole)), unit="samples/s",
@@ -510,6 +528,15 @@ def run(ctx: Context) -> Figure:
         )  # fmt: skip
         lines.append(f"| whole loop, two processes | {', '.join(f'{x:,.0f}' for x in whole)} | "
                      f"{', '.join(f'{x:,.0f}' for x in base2)} | {wratio:.3f} |")  # fmt: skip
+        ceiling_name = "whole loop's ceiling: bare torch loop, 1 thread (the train process's), DCN 1024"
+        rows.append(
+            Row(figure=ceiling_name,
+                value=float(np.median(base1)), unit="samples/s",
+                baseline_name="bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
+                baseline_value=float(np.median(base2)), ratio=ceiling, target="", met=None, command=COMMAND)
+        )  # fmt: skip
+        lines.append(f"| whole loop's ceiling: bare, 1 thread | {', '.join(f'{x:,.0f}' for x in base1)} | "
+                     f"{', '.join(f'{x:,.0f}' for x in base2)} (2) | {ceiling:.3f} |")  # fmt: skip
     load = os.getloadavg()
     notes = "\n".join(
         [
