@@ -71,8 +71,18 @@ class OptimizerConfig(FrozenConfig):
         """The defaults plus the per-event Bayesian wide part (``wide="bayes"``)."""
         return cls(**{"wide": "bayes", **overrides})
 
+    @classmethod
+    def small_steps(cls, **overrides: object) -> OptimizerConfig:
+        """The defaults with the learning rates for steps of a few samples (one batch per event time):
+        Adam 3e-4 on the dense part, Adagrad 0.1 on the tables (``SMALL_STEP_LEARNING_RATES``)."""
+        return cls(**{**SMALL_STEP_LEARNING_RATES, **overrides})
+
 
 ADAGRAD_EMBEDDING_LR = 0.03
+# Chosen on MovieLens's selection weeks with one batch per event time (about 2 samples a step), where the
+# defaults' rates, chosen for batches of 512, move the dense part too far per sample
+# (docs/backtest/ablation.md, "Learning rates for small steps").
+SMALL_STEP_LEARNING_RATES: dict[str, float] = {"lr": 3e-4, "embedding_lr": 0.1}
 
 
 class BackboneConfig(FrozenConfig):

@@ -143,7 +143,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--batch-size), so events that share a timestamp are scored before any is learned; the river peer "
         "follows the same rule",
     )
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the dense parameters")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate of the dense parameters (default 1e-3; streaming with --batch-by time "
+        "3e-4, with Adagrad 0.1 on the tables: the small-step rates)",
+    )
     parser.add_argument(
         "--optimizer",
         action="append",
@@ -208,6 +214,19 @@ def _optimizer_options(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
             value = value.lower() == "true"
         out.append((key, value))
     return out
+
+
+def optimizer_items(args: argparse.Namespace, protocol: str) -> tuple[tuple[str, Any], ...]:
+    """A run's optimizer settings: the learner's defaults, or for streaming with one batch per event time
+    the small-step learning rates (``OptimizerConfig.small_steps``); ``--lr`` and ``--optimizer`` win."""
+    from reloop.engine.models.config import SMALL_STEP_LEARNING_RATES
+
+    small = protocol == "streaming" and getattr(args, "batch_by", "count") == "time"
+    items: dict[str, Any] = dict(SMALL_STEP_LEARNING_RATES) if small else {}
+    if args.lr is not None:
+        items["lr"] = args.lr
+    items.update(_optimizer_options(getattr(args, "optimizer", [])))
+    return tuple(items.items())
 
 
 def _period(spec: str, min_size: int):
@@ -297,14 +316,13 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batch_by=args.batch_by,
         model_options=(("embedding_dim", args.embedding_dim), ("hidden_units", hidden)),
-        optimizer=(("lr", args.lr), *_optimizer_options(args.optimizer)),
         replay_size=args.replay_size,
         replay_ratio=args.replay_ratio,
         memory=tuple(args.memory),
     )
     done = _done_keys(csv_path)
     runs = [
-        replace(base, protocol=p, backbone=b, strategy=s, seed=seed)
+        replace(base, protocol=p, backbone=b, strategy=s, seed=seed, optimizer=optimizer_items(args, p))
         for p in _csv_list(args.protocols)
         for b in _csv_list(args.backbones)
         for seed in range(args.seeds)
@@ -432,18 +450,18 @@ def learner_settings(args: argparse.Namespace) -> str:
     """The report's line of learner settings (every default of the learner spelled out)."""
     from reloop.engine.models.config import OptimizerConfig
 
-    opt = OptimizerConfig(lr=args.lr, **dict(_optimizer_options(getattr(args, "optimizer", []))))
+    protocols = _csv_list(getattr(args, "protocols", "streaming"))
+    rates = {p: _rates(OptimizerConfig(**dict(optimizer_items(args, p)))) for p in protocols}
+    if len(set(rates.values())) == 1:
+        rate = next(iter(rates.values()))
+    else:
+        rate = "; ".join(f"{p}: {r}" for p, r in rates.items())
+    opt = OptimizerConfig(**dict(optimizer_items(args, protocols[0])))
     wide = (
         f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
         f"{', moderated scores' if opt.wide_moderate else ''})"
         if opt.wide == "bayes"
         else "no wide part"
-    )
-    emb = (
-        f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
-        f"{opt.effective_embedding_lr:g} on the embedding tables"
-        if opt.sparse_embeddings
-        else "embedding tables in the dense Adam"
     )
     replay = (
         f"replay buffer {args.replay_size} samples, {args.replay_ratio:g} replayed per new one (streaming)"
@@ -455,10 +473,21 @@ def learner_settings(args: argparse.Namespace) -> str:
         batch += ", one per event time (the river peer too)"
     return (
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
-        f"Adam lr {args.lr} (dense); {emb}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
+        f"{rate}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
     )
+
+
+def _rates(opt: Any) -> str:
+    """The learning rates of an ``OptimizerConfig``, as the report's settings line names them."""
+    emb = (
+        f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
+        f"{opt.effective_embedding_lr:g} on the embedding tables"
+        if opt.sparse_embeddings
+        else "embedding tables in the dense Adam"
+    )
+    return f"Adam lr {opt.lr:g} (dense); {emb}"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reloop.engine.metrics.offline import logloss
-from reloop.engine.replay.backtest_cmd import configure, learner_settings
+from reloop.engine.models.config import OptimizerConfig
+from reloop.engine.replay.backtest_cmd import configure, learner_settings, optimizer_items
 from reloop.engine.runtime.cli import main
 
 
@@ -80,12 +81,51 @@ def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
     opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --strategies ce"
     tiny = "--batch-size 64 --buckets 64 --embedding-dim 4 --batch-by time"
     argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" ")]
-    assert main([*argv, "--data", str(_movielens(tmp_path / "ml")), "--out", str(out)]) == 0
-    assert "batch 64, one per event time (the river peer too)" in (out / "report.md").read_text()
+    data = _movielens(tmp_path / "ml")
+    assert main([*argv, "--data", str(data), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "batch 64, one per event time (the river peer too)" in report
+    assert "Adam lr 0.0003 (dense); Adagrad lr 0.1 on the embedding tables" in report
     with (out / "results.csv").open() as fh:
         assert {r["backbone"] for r in csv.DictReader(fh)} == {"fm", "river_lr"}
     with pytest.raises(SystemExit):
         main([*argv, "--batch-by", "rows", "--data", "x", "--out", str(out)])
+
+    # The runs learn with the small-step rates: the same scores as with them spelled out, not the
+    # defaults' (the rates reach the learner, not only the report).
+    def scores(rates: str, name: str) -> list[str]:
+        folder = tmp_path / name
+        assert main([*argv, "--no-river", *rates.split(), "--data", str(data), "--out", str(folder)]) == 0
+        with (folder / "results.csv").open() as fh:
+            return [r["auc"] + r["logloss"] for r in csv.DictReader(fh) if r["backbone"] == "fm"]
+
+    with (out / "results.csv").open() as fh:
+        default = [r["auc"] + r["logloss"] for r in csv.DictReader(fh) if r["backbone"] == "fm"]
+    assert default == scores("--lr 3e-4 --optimizer embedding_lr=0.1", "spelled")
+    assert default != scores("--lr 1e-3 --optimizer embedding_lr=0.03", "batch-rates")
+
+
+def test_streaming_by_event_time_gets_the_small_step_rates_and_explicit_ones_win() -> None:
+    base = ["--dataset", "d", "--data", "d", "--out", "d"]
+    by_time = ["--batch-by", "time"]
+
+    def opt(extra: list[str], protocol: str) -> OptimizerConfig:
+        return OptimizerConfig(**dict(optimizer_items(_parse([*base, *extra]), protocol)))
+
+    small = opt(by_time, "streaming")
+    assert (small.lr, small.effective_embedding_lr) == (3e-4, 0.1) and small == OptimizerConfig.small_steps()
+    for extra, protocol in ((by_time, "periodic"), ([], "streaming"), ([], "periodic")):
+        assert opt(extra, protocol) == OptimizerConfig(), (extra, protocol)  # batches of --batch-size
+    mine = opt([*by_time, "--lr", "1e-3", "--optimizer", "embedding_lr=0.03"], "streaming")
+    assert (mine.lr, mine.effective_embedding_lr) == (1e-3, 0.03)
+    with_wide = opt([*by_time, "--optimizer", "wide=bayes"], "streaming")
+    assert with_wide == OptimizerConfig.small_steps(wide="bayes")
+    # Both protocols in one report: its settings line names each one's rates.
+    line = learner_settings(_parse([*base, *by_time]))
+    assert (
+        "periodic: Adam lr 0.001 (dense); Adagrad lr 0.03 on the embedding tables; "
+        "streaming: Adam lr 0.0003 (dense); Adagrad lr 0.1 on the embedding tables;" in line
+    )
 
 
 def test_each_strategy_runs_its_own_alphas(tmp_path: Path) -> None:
