@@ -407,6 +407,32 @@ def stage_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _record(
+    rows: list[Row],
+    lines: list[str],
+    figure: str,
+    label: str,
+    engine: list[float],
+    base: list[float],
+    ratio: float,
+    baseline_name: str,
+    target: str = "",
+    met: bool | None = None,
+    base_note: str = "",
+) -> None:
+    """One measured row (samples/s, medians of the rounds): into the summary (``rows``) and, per round,
+    into the figure's table (``lines``, under ``label``)."""
+
+    def rates(values: list[float]) -> str:
+        return ", ".join(f"{x:,.0f}" for x in values)
+
+    rows.append(
+        Row(figure=figure, value=float(np.median(engine)), unit="samples/s", baseline_name=baseline_name,
+            baseline_value=float(np.median(base)), ratio=ratio, target=target, met=met, command=COMMAND)
+    )  # fmt: skip
+    lines.append(f"| {label} | {rates(engine)} | {rates(base)}{base_note} | {ratio:.3f} |")
+
+
 def run(ctx: Context) -> Figure:
     import torch
     from reloop.engine.features.spec import criteo_spec
@@ -437,14 +463,9 @@ def run(ctx: Context) -> Figure:
             )
             model = "DCN" if backbone == "dcn" else "DeepFM"
             name = f"train stage from the samples topic, {model}, batch {batch}"
-            rows.append(
-                Row(figure=name, value=float(np.median(eng)), unit="samples/s",
-                    baseline_name="bare torch loop, same model, pre-built tensors, 1 thread",
-                    baseline_value=float(np.median(base)), ratio=ratio, target=">= 0.9 x bare loop",
-                    met=ratio >= 0.9, command=COMMAND)
-            )  # fmt: skip
-            lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in eng)} | "
-                         f"{', '.join(f'{x:,.0f}' for x in base)} | {ratio:.3f} |")  # fmt: skip
+            _record(rows, lines, name, name, eng, base, ratio,
+                    "bare torch loop, same model, pre-built tensors, 1 thread",
+                    ">= 0.9 x bare loop", ratio >= 0.9)  # fmt: skip
             timed = AFTER_FIRST.get((backbone, batch), [])[-len(eng) :]
             if len(timed) == len(eng):
                 steady = [rate / b for (rate, _), b in zip(timed, base, strict=True)]
@@ -466,36 +487,22 @@ def run(ctx: Context) -> Figure:
         )
         jratio = float(np.median([j / c for j, c in zip(join, consume, strict=True)]))
         mratio = float(np.median([m / j for m, j in zip(memory, join, strict=True)]))
-        rows.append(
-            Row(figure="join stage per process, kafka-python", value=float(np.median(join)), unit="samples/s",
-                baseline_name="kafka-python consume of the same records (records/s)",
-                baseline_value=float(np.median(consume)), ratio=jratio, target=">= 30,000 samples/s",
-                met=float(np.median(join)) >= 30_000, command=COMMAND)
-        )  # fmt: skip
-        lines.append(f"| join stage per process, kafka-python | {', '.join(f'{x:,.0f}' for x in join)} | "
-                     f"{', '.join(f'{x:,.0f}' for x in consume)} | {jratio:.3f} |")  # fmt: skip
-        rows.append(
-            Row(figure="join stage per process, in-memory log (the stage's own work, no Kafka client)",
-                value=float(np.median(memory)), unit="samples/s",
-                baseline_name="join stage per process, kafka-python (same rounds)",
-                baseline_value=float(np.median(join)), ratio=mratio, target="", met=None, command=COMMAND)
-        )  # fmt: skip
-        lines.append(f"| join stage, in-memory log | {', '.join(f'{x:,.0f}' for x in memory)} | "
-                     f"{', '.join(f'{x:,.0f}' for x in join)}, kafka-python | {mratio:.3f} |")  # fmt: skip
+        name = "join stage per process, kafka-python"
+        _record(rows, lines, name, name, join, consume, jratio,
+                "kafka-python consume of the same records (records/s)",
+                ">= 30,000 samples/s", float(np.median(join)) >= 30_000)  # fmt: skip
+        _record(rows, lines, "join stage per process, in-memory log (the stage's own work, no Kafka client)",
+                "join stage, in-memory log", memory, join, mratio,
+                "join stage per process, kafka-python (same rounds)", base_note=", kafka-python")  # fmt: skip
         cjoin, consume2, cratio = alternate(
             lambda: join_stage_rate(bootstrap, raw, spec, expected, client="confluent"),
             lambda: consume_rate(bootstrap, raw, records),
             rounds,
         )
-        rows.append(
-            Row(figure="join stage per process, confluent-kafka", value=float(np.median(cjoin)),
-                unit="samples/s",
-                baseline_name="kafka-python consume of the same records (records/s)",
-                baseline_value=float(np.median(consume2)), ratio=cratio, target=">= 100,000 samples/s",
-                met=float(np.median(cjoin)) >= 100_000, command=COMMAND)
-        )  # fmt: skip
-        lines.append(f"| join stage per process, confluent-kafka | {', '.join(f'{x:,.0f}' for x in cjoin)} | "
-                     f"{', '.join(f'{x:,.0f}' for x in consume2)} | {cratio:.3f} |")  # fmt: skip
+        name = "join stage per process, confluent-kafka"
+        _record(rows, lines, name, name, cjoin, consume2, cratio,
+                "kafka-python consume of the same records (records/s)",
+                ">= 100,000 samples/s", float(np.median(cjoin)) >= 100_000)  # fmt: skip
         batch = 1024
         target = (n // batch) * batch
         bare2 = _bare("dcn", spec, imps[:n], labels, batch)
@@ -519,24 +526,15 @@ def run(ctx: Context) -> Figure:
         )
         wratio = median_ratio(whole, base2)
         ceiling = median_ratio(base1, base2)
-        rows.append(
-            Row(figure="whole loop, two processes (join + train, 1 torch thread each), DCN, batch 1024",
-                value=float(np.median(whole)), unit="samples/s",
-                baseline_name="bare torch loop, same model, pre-built tensors, 2 threads",
-                baseline_value=float(np.median(base2)), ratio=wratio, target=">= 0.6 x bare loop (2 threads)",
-                met=wratio >= 0.6, command=COMMAND)
-        )  # fmt: skip
-        lines.append(f"| whole loop, two processes | {', '.join(f'{x:,.0f}' for x in whole)} | "
-                     f"{', '.join(f'{x:,.0f}' for x in base2)} | {wratio:.3f} |")  # fmt: skip
-        ceiling_name = "whole loop's ceiling: bare torch loop, 1 thread (the train process's), DCN 1024"
-        rows.append(
-            Row(figure=ceiling_name,
-                value=float(np.median(base1)), unit="samples/s",
-                baseline_name="bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
-                baseline_value=float(np.median(base2)), ratio=ceiling, target="", met=None, command=COMMAND)
-        )  # fmt: skip
-        lines.append(f"| whole loop's ceiling: bare, 1 thread | {', '.join(f'{x:,.0f}' for x in base1)} | "
-                     f"{', '.join(f'{x:,.0f}' for x in base2)} (2) | {ceiling:.3f} |")  # fmt: skip
+        _record(rows, lines, "whole loop, two processes (join + train, 1 torch thread each), DCN, batch 1024",
+                "whole loop, two processes", whole, base2, wratio,
+                "bare torch loop, same model, pre-built tensors, 2 threads",
+                ">= 0.6 x bare loop (2 threads)", wratio >= 0.6)  # fmt: skip
+        _record(rows, lines,
+                "whole loop's ceiling: bare torch loop, 1 thread (the train process's), DCN 1024",
+                "whole loop's ceiling: bare, 1 thread", base1, base2, ceiling,
+                "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
+                base_note=" (2)")  # fmt: skip
     load = os.getloadavg()
     notes = "\n".join(
         [
