@@ -168,8 +168,12 @@ DELAYED_STRATEGIES = {
     for strategy in ("kd", "reloop")
     for alpha in (0.2, 0.5)
 }
-# Smaller batches of the new defaults (--learners new_b128,new_b32): the served model is at most a batch old.
-DELAYED_BATCHES = {f"new_b{b}": {**NEW, "batch": b} for b in (128, 32)}
+# Smaller batches of the new defaults (--learners new_b128,new_b32,new_b8): the served model is at most a
+# batch old; small_b8: batches of 8 with the small-step learning rates (OptimizerConfig.small_steps).
+DELAYED_BATCHES = {
+    **{f"new_b{b}": {**NEW, "batch": b} for b in (128, 32, 8)},
+    "small_b8": {**NEW, "batch": 8, "dense_lr": 3e-4, "opt": {"embedding_lr": 0.1}},
+}
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
