@@ -75,7 +75,7 @@ class OptimizerConfig(FrozenConfig):
     def small_steps(cls, **overrides: object) -> OptimizerConfig:
         """The defaults with the learning rates for steps of a few samples (one batch per event time):
         Adam 3e-4 on the dense part, Adagrad 0.1 on the tables (``SMALL_STEP_LEARNING_RATES``)."""
-        return cls(**{**SMALL_STEP_LEARNING_RATES, **overrides})
+        return cls(**{**small_step_rates(str(overrides.get("embedding_optimizer", "adagrad"))), **overrides})
 
 
 ADAGRAD_EMBEDDING_LR = 0.03
@@ -83,6 +83,14 @@ ADAGRAD_EMBEDDING_LR = 0.03
 # defaults' rates, chosen for batches of 512, move the dense part too far per sample
 # (docs/backtest/ablation.md, "Learning rates for small steps").
 SMALL_STEP_LEARNING_RATES: dict[str, float] = {"lr": 3e-4, "embedding_lr": 0.1}
+
+
+def small_step_rates(embedding_optimizer: str = "adagrad") -> dict[str, float]:
+    """``SMALL_STEP_LEARNING_RATES`` for a learner with this table optimizer: the table rate is Adagrad's,
+    so with SparseAdam only the dense rate changes (its tables then follow ``lr`` as by default)."""
+    if embedding_optimizer == "adagrad":
+        return dict(SMALL_STEP_LEARNING_RATES)
+    return {k: v for k, v in SMALL_STEP_LEARNING_RATES.items() if k != "embedding_lr"}
 
 
 class BackboneConfig(FrozenConfig):

@@ -219,13 +219,15 @@ def _optimizer_options(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 def optimizer_items(args: argparse.Namespace, protocol: str) -> tuple[tuple[str, Any], ...]:
     """A run's optimizer settings: the learner's defaults, or for streaming with one batch per event time
     the small-step learning rates (``OptimizerConfig.small_steps``); ``--lr`` and ``--optimizer`` win."""
-    from reloop.engine.models.config import SMALL_STEP_LEARNING_RATES
+    from reloop.engine.models.config import small_step_rates
 
+    given = dict(_optimizer_options(getattr(args, "optimizer", [])))
     small = protocol == "streaming" and getattr(args, "batch_by", "count") == "time"
-    items: dict[str, Any] = dict(SMALL_STEP_LEARNING_RATES) if small else {}
+    tables = str(given.get("embedding_optimizer", "adagrad"))
+    items: dict[str, Any] = small_step_rates(tables) if small else {}
     if args.lr is not None:
         items["lr"] = args.lr
-    items.update(_optimizer_options(getattr(args, "optimizer", [])))
+    items.update(given)
     return tuple(items.items())
 
 

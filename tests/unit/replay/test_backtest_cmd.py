@@ -120,6 +120,10 @@ def test_streaming_by_event_time_gets_the_small_step_rates_and_explicit_ones_win
     assert (mine.lr, mine.effective_embedding_lr) == (1e-3, 0.03)
     with_wide = opt([*by_time, "--optimizer", "wide=bayes"], "streaming")
     assert with_wide == OptimizerConfig.small_steps(wide="bayes")
+    # The small-step table rate is Adagrad's: SparseAdam tables keep following the dense rate.
+    sparse_adam = opt([*by_time, "--optimizer", "embedding_optimizer=adam"], "streaming")
+    assert (sparse_adam.lr, sparse_adam.effective_embedding_lr) == (3e-4, 3e-4)
+    assert sparse_adam == OptimizerConfig.small_steps(embedding_optimizer="adam")
     # Both protocols in one report: its settings line names each one's rates.
     line = learner_settings(_parse([*base, *by_time]))
     assert (
