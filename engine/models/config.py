@@ -74,23 +74,23 @@ class OptimizerConfig(FrozenConfig):
     @classmethod
     def small_steps(cls, **overrides: object) -> OptimizerConfig:
         """The defaults with the learning rates for steps of a few samples (one batch per event time):
-        Adam 3e-4 on the dense part, Adagrad 0.1 on the tables (``SMALL_STEP_LEARNING_RATES``)."""
+        Adam 3e-4 on the dense part, Adagrad 0.1 on the tables (``small_step_rates``)."""
         return cls(**{**small_step_rates(str(overrides.get("embedding_optimizer", "adagrad"))), **overrides})
 
 
 ADAGRAD_EMBEDDING_LR = 0.03
-# Chosen on MovieLens's selection weeks with one batch per event time (about 2 samples a step), where the
-# defaults' rates, chosen for batches of 512, move the dense part too far per sample
-# (docs/backtest/ablation.md, "Learning rates for small steps").
-SMALL_STEP_LEARNING_RATES: dict[str, float] = {"lr": 3e-4, "embedding_lr": 0.1}
 
 
 def small_step_rates(embedding_optimizer: str = "adagrad") -> dict[str, float]:
-    """``SMALL_STEP_LEARNING_RATES`` for a learner with this table optimizer: the table rate is Adagrad's,
-    so with SparseAdam only the dense rate changes (its tables then follow ``lr`` as by default)."""
+    """The learning rates for steps of a few samples: Adam 3e-4 on the dense part and, for Adagrad tables,
+    0.1 on the tables (with SparseAdam the tables follow ``lr`` as by default). Chosen on MovieLens's
+    selection weeks with one batch per event time (about 2 samples a step), where the defaults' rates,
+    chosen for batches of 512, move the dense part too far per sample (docs/backtest/ablation.md,
+    "Learning rates for small steps")."""
+    rates = {"lr": 3e-4}
     if embedding_optimizer == "adagrad":
-        return dict(SMALL_STEP_LEARNING_RATES)
-    return {k: v for k, v in SMALL_STEP_LEARNING_RATES.items() if k != "embedding_lr"}
+        rates["embedding_lr"] = 0.1
+    return rates
 
 
 class BackboneConfig(FrozenConfig):
