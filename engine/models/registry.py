@@ -118,7 +118,8 @@ def available_backbones() -> list[str]:
 
 
 def backbone_entry(name: str) -> BackboneEntry:
-    _load_plugins()
+    if name not in _REGISTRY:  # the river_* modules import river (~2 s of start-up): only when asked for
+        _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
