@@ -113,6 +113,10 @@ def _load_wide(wide: OnlineWide | None, state: dict[str, Any]) -> None:
         wide.reset()
 
 
+# Weight of a step's size in the moving average of samples per step (about the last 10 steps).
+STEP_SIZE_SMOOTHING = 0.1
+
+
 def _fused_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     try:
         return torch.optim.Adam(groups, lr=lr, fused=True)
@@ -162,10 +166,13 @@ class TorchLearner:
         self.optimizers = self._make_optimizers(config.optimizer)
         self.wide = _make_wide(config)
         self.steps = 0
+        # Samples per step, a moving average: it picks the learning rates (OptimizerConfig.rates). An average,
+        # not each step's size, so that the last partial batch of a run of full ones keeps the batch rates.
+        self.step_size_average: float | None = None
         self._pending_rng: tuple[str, torch.Tensor] | None = None
         # Data parallel (engine/train/data_parallel.py): called after backward with this rank's sample
-        # count; it replaces every gradient with the average over all ranks' samples.
-        self.grad_sync: Callable[[int], None] | None = None
+        # count; it replaces every gradient with the average over all ranks' samples and returns their count.
+        self.grad_sync: Callable[[int], int] | None = None
 
     @property
     def spec(self):
@@ -406,10 +413,15 @@ class TorchLearner:
         return deep, wide_scores, stats
 
     def _apply_gradients(self, n: int) -> None:
-        """Average the gradients over the data-parallel ranks (if any), clip, step."""
-        if self.grad_sync is not None:
-            self.grad_sync(n)
+        """Average the gradients over the data-parallel ranks (if any), clip, step at the rates for the
+        steps' recent size over all ranks (so every rank takes the same step)."""
+        step_samples = n if self.grad_sync is None else self.grad_sync(n)
+        last = self.step_size_average
+        self.step_size_average = float(
+            step_samples if last is None else last + STEP_SIZE_SMOOTHING * (step_samples - last)
+        )
         opt = self.config.optimizer
+        self._set_rates(*opt.rates(self.step_size_average))
         if opt.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
@@ -418,6 +430,12 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.step()
         self.steps += 1
+
+    def _set_rates(self, dense: float, tables: float) -> None:
+        for name, o in self.optimizers.items():
+            lr = tables if name == "embedding" else dense
+            for group in o.param_groups:
+                group["lr"] = lr
 
     def idle_step(self) -> None:
         """A data-parallel step in which this rank has no samples: it contributes zero gradients and
@@ -438,6 +456,7 @@ class TorchLearner:
             "rng": self.generator.get_state(),
             "rng_device": self.device.type,
             "steps": self.steps,
+            "step_size_average": self.step_size_average,
             **({"wide": self.wide.state_dict()} if self.wide is not None else {}),
         }
 
@@ -455,6 +474,8 @@ class TorchLearner:
         else:  # generator states do not transfer between device types: applied by to(rng_device)
             self._pending_rng = (rng_device, state["rng"])
         self.steps = int(state["steps"])
+        average = state.get("step_size_average")  # absent from states saved before it existed
+        self.step_size_average = None if average is None else float(average)
         _load_wide(self.wide, state)
 
     def clone_frozen(self) -> FrozenTorchLearner:

@@ -147,8 +147,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="Adam learning rate of the dense parameters (default 1e-3; streaming with --batch-by time "
-        "3e-4, with Adagrad 0.1 on the tables: the small-step rates)",
+        help="Adam learning rate of the dense parameters in steps of 256 samples or more (default 1e-3); "
+        "smaller steps use --optimizer small_step_lr= (3e-4) and small_step_embedding_lr= (Adagrad 0.1)",
     )
     parser.add_argument(
         "--optimizer",
@@ -216,18 +216,11 @@ def _optimizer_options(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return out
 
 
-def optimizer_items(args: argparse.Namespace, protocol: str) -> tuple[tuple[str, Any], ...]:
-    """A run's optimizer settings: the learner's defaults, or for streaming with one batch per event time
-    the small-step learning rates (``OptimizerConfig.small_steps``); ``--lr`` and ``--optimizer`` win."""
-    from reloop.engine.models.config import small_step_rates
-
-    given = dict(_optimizer_options(getattr(args, "optimizer", [])))
-    small = protocol == "streaming" and getattr(args, "batch_by", "count") == "time"
-    tables = str(given.get("embedding_optimizer", "adagrad"))
-    items: dict[str, Any] = small_step_rates(tables) if small else {}
-    if args.lr is not None:
-        items["lr"] = args.lr
-    items.update(given)
+def optimizer_items(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """A run's optimizer settings: the learner's defaults, where ``--lr`` and ``--optimizer`` say
+    otherwise."""
+    items: dict[str, Any] = {} if args.lr is None else {"lr": args.lr}
+    items.update(_optimizer_options(getattr(args, "optimizer", [])))
     return tuple(items.items())
 
 
@@ -324,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
     )
     done = _done_keys(csv_path)
     runs = [
-        replace(base, protocol=p, backbone=b, strategy=s, seed=seed, optimizer=optimizer_items(args, p))
+        replace(base, protocol=p, backbone=b, strategy=s, seed=seed, optimizer=optimizer_items(args))
         for p in _csv_list(args.protocols)
         for b in _csv_list(args.backbones)
         for seed in range(args.seeds)
@@ -452,13 +445,8 @@ def learner_settings(args: argparse.Namespace) -> str:
     """The report's line of learner settings (every default of the learner spelled out)."""
     from reloop.engine.models.config import OptimizerConfig
 
-    protocols = _csv_list(getattr(args, "protocols", "streaming"))
-    rates = {p: _rates(OptimizerConfig(**dict(optimizer_items(args, p)))) for p in protocols}
-    if len(set(rates.values())) == 1:
-        rate = next(iter(rates.values()))
-    else:
-        rate = "; ".join(f"{p}: {r}" for p, r in rates.items())
-    opt = OptimizerConfig(**dict(optimizer_items(args, protocols[0])))
+    opt = OptimizerConfig(**dict(optimizer_items(args)))
+    rate = _rates(opt)
     wide = (
         f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
         f"{', moderated scores' if opt.wide_moderate else ''})"
@@ -489,7 +477,16 @@ def _rates(opt: Any) -> str:
         if opt.sparse_embeddings
         else "embedding tables in the dense Adam"
     )
-    return f"Adam lr {opt.lr:g} (dense); {emb}"
+    small = ""
+    if opt.small_steps_below > 0:
+        small_emb = (
+            f", {opt.effective_small_step_embedding_lr:g} on the tables" if opt.sparse_embeddings else ""
+        )
+        small = (
+            f" (steps averaging under {opt.small_steps_below} samples: "
+            f"Adam lr {opt.small_step_lr:g}{small_emb})"
+        )
+    return f"Adam lr {opt.lr:g} (dense); {emb}{small}"
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ class RankGroup:
 
 
 class GradientSync:
-    """The learner's ``grad_sync`` hook: replaces this rank's gradients with the step's global mean.
-    ``total`` (the step's samples over all ranks) is set before each step."""
+    """The learner's ``grad_sync`` hook: replaces this rank's gradients with the step's global mean and
+    returns the step's samples over all ranks (``total``, set before each step), whose size picks the
+    step's learning rates on every rank alike."""
 
     def __init__(self, group: RankGroup, model: nn.Module, embedding_sync: EmbeddingSync = "sparse") -> None:
         self.group = group
@@ -111,7 +112,7 @@ class GradientSync:
         self.dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
         self.total = 0
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int) -> int:
         if self.total <= 0:
             raise RuntimeError("GradientSync.total must be the step's samples over all ranks")
         scale = n / self.total
@@ -121,6 +122,7 @@ class GradientSync:
                 self._table_dense(p, scale)
             else:
                 self._table_sparse(p, scale)
+        return self.total
 
     def _dense(self, scale: float) -> None:
         if not self.dense:

@@ -144,7 +144,9 @@ def test_embedding_weight_decay_is_fuxictr_whole_table_l2_and_needs_dense_tables
     untouched = min(set(range(SPEC.total_rows)) - set(batch.cat.ravel().tolist()))
 
     def row_after_one_step(decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # lr is Adam's in every step here: the small-step rates off
         opt = {"sparse_embeddings": False, "embedding_weight_decay": decay, "lr": 0.01}
+        opt["small_steps_below"] = 0
         learner = build_learner("fm", SPEC, "ce", 0.0, seed=0, optimizer=opt)
         before = learner.model.embedding.table.weight[untouched].detach().clone()
         learner.learn(batch, y)

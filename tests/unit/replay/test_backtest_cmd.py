@@ -85,14 +85,18 @@ def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
     assert main([*argv, "--data", str(data), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "batch 64, one per event time (the river peer too)" in report
-    assert "Adam lr 0.0003 (dense); Adagrad lr 0.1 on the embedding tables" in report
+    assert (
+        "Adam lr 0.001 (dense); Adagrad lr 0.03 on the embedding tables "
+        "(steps averaging under 256 samples: Adam lr 0.0003, 0.1 on the tables)" in report
+    )
     with (out / "results.csv").open() as fh:
         assert {r["backbone"] for r in csv.DictReader(fh)} == {"fm", "river_lr"}
     with pytest.raises(SystemExit):
         main([*argv, "--batch-by", "rows", "--data", "x", "--out", str(out)])
 
-    # The runs learn with the small-step rates: the same scores as with them spelled out, not the
-    # defaults' (the rates reach the learner, not only the report).
+    # Steps of one event time (at most 64 here) learn at the small-step rates: the same scores as with
+    # them spelled out for every step, not the batch rates' (the rates reach the learner, not only the
+    # report).
     def scores(rates: str, name: str) -> list[str]:
         folder = tmp_path / name
         assert main([*argv, "--no-river", *rates.split(), "--data", str(data), "--out", str(folder)]) == 0
@@ -101,35 +105,24 @@ def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
 
     with (out / "results.csv").open() as fh:
         default = [r["auc"] + r["logloss"] for r in csv.DictReader(fh) if r["backbone"] == "fm"]
-    assert default == scores("--lr 3e-4 --optimizer embedding_lr=0.1", "spelled")
-    assert default != scores("--lr 1e-3 --optimizer embedding_lr=0.03", "batch-rates")
+    rule_off = "--optimizer small_steps_below=0"
+    assert default == scores(f"{rule_off} --lr 3e-4 --optimizer embedding_lr=0.1", "spelled")
+    assert default != scores(rule_off, "batch-rates")
 
 
-def test_streaming_by_event_time_gets_the_small_step_rates_and_explicit_ones_win() -> None:
+def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -> None:
     base = ["--dataset", "d", "--data", "d", "--out", "d"]
-    by_time = ["--batch-by", "time"]
 
-    def opt(extra: list[str], protocol: str) -> OptimizerConfig:
-        return OptimizerConfig(**dict(optimizer_items(_parse([*base, *extra]), protocol)))
+    def opt(extra: list[str]) -> OptimizerConfig:
+        return OptimizerConfig(**dict(optimizer_items(_parse([*base, *extra]))))
 
-    small = opt(by_time, "streaming")
-    assert (small.lr, small.effective_embedding_lr) == (3e-4, 0.1) and small == OptimizerConfig.small_steps()
-    for extra, protocol in ((by_time, "periodic"), ([], "streaming"), ([], "periodic")):
-        assert opt(extra, protocol) == OptimizerConfig(), (extra, protocol)  # batches of --batch-size
-    mine = opt([*by_time, "--lr", "1e-3", "--optimizer", "embedding_lr=0.03"], "streaming")
-    assert (mine.lr, mine.effective_embedding_lr) == (1e-3, 0.03)
-    with_wide = opt([*by_time, "--optimizer", "wide=bayes"], "streaming")
-    assert with_wide == OptimizerConfig.small_steps(wide="bayes")
-    # The small-step table rate is Adagrad's: SparseAdam tables keep following the dense rate.
-    sparse_adam = opt([*by_time, "--optimizer", "embedding_optimizer=adam"], "streaming")
-    assert (sparse_adam.lr, sparse_adam.effective_embedding_lr) == (3e-4, 3e-4)
-    assert sparse_adam == OptimizerConfig.small_steps(embedding_optimizer="adam")
-    # Both protocols in one report: its settings line names each one's rates.
-    line = learner_settings(_parse([*base, *by_time]))
-    assert (
-        "periodic: Adam lr 0.001 (dense); Adagrad lr 0.03 on the embedding tables; "
-        "streaming: Adam lr 0.0003 (dense); Adagrad lr 0.1 on the embedding tables;" in line
-    )
+    assert opt([]) == opt(["--batch-by", "time"]) == OptimizerConfig()
+    mine = opt(["--lr", "2e-3", "--optimizer", "small_step_lr=1e-4", "--optimizer", "small_steps_below=64"])
+    assert (mine.lr, mine.small_step_lr, mine.small_steps_below) == (2e-3, 1e-4, 64)
+    assert mine.rates(63) == (1e-4, 0.1) and mine.rates(64) == (2e-3, 0.03)
+    line = learner_settings(_parse([*base, "--optimizer", "embedding_optimizer=adam"]))
+    assert "Adam lr 0.001 (dense); SparseAdam lr 0.001 on the embedding tables (steps averaging " in line
+    assert "(steps averaging" not in learner_settings(_parse([*base, "--optimizer", "small_steps_below=0"]))
 
 
 def test_each_strategy_runs_its_own_alphas(tmp_path: Path) -> None:
