@@ -61,13 +61,7 @@ def _planted(n: int, seed: int) -> tuple[list[dict], np.ndarray]:
     return [{f"f{j}": f"v{x[i, j]}" for j in range(6)} for i in range(n)], y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread is faster and keeps runs comparable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

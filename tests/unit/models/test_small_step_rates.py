@@ -15,12 +15,7 @@ from reloop.engine.models.registry import build_learner
 SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=40), CategoricalField(name="i", buckets=40)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(n: int, seed: int):

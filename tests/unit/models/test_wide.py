@@ -34,12 +34,7 @@ SPEC = FeatureSpec(
 WIDE = OptimizerConfig.per_event()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int = 64, seed: int = 0):
