@@ -147,8 +147,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="Adam learning rate of the dense parameters in steps of 256 samples or more (default 1e-3); "
-        "smaller steps use --optimizer small_step_lr= (3e-4) and small_step_embedding_lr= (Adagrad 0.1)",
+        help="Adam learning rate of the dense parameters while steps average 256 samples or more (default "
+        "1e-3); smaller ones use --optimizer small_step_lr= (3e-4), small_step_embedding_lr= (Adagrad 0.1)",
     )
     parser.add_argument(
         "--optimizer",
