@@ -311,13 +311,14 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batch_by=args.batch_by,
         model_options=(("embedding_dim", args.embedding_dim), ("hidden_units", hidden)),
+        optimizer=optimizer_items(args),
         replay_size=args.replay_size,
         replay_ratio=args.replay_ratio,
         memory=tuple(args.memory),
     )
     done = _done_keys(csv_path)
     runs = [
-        replace(base, protocol=p, backbone=b, strategy=s, seed=seed, optimizer=optimizer_items(args))
+        replace(base, protocol=p, backbone=b, strategy=s, seed=seed)
         for p in _csv_list(args.protocols)
         for b in _csv_list(args.backbones)
         for seed in range(args.seeds)
@@ -446,7 +447,6 @@ def learner_settings(args: argparse.Namespace) -> str:
     from reloop.engine.models.config import OptimizerConfig
 
     opt = OptimizerConfig(**dict(optimizer_items(args)))
-    rate = _rates(opt)
     wide = (
         f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
         f"{', moderated scores' if opt.wide_moderate else ''})"
@@ -463,7 +463,7 @@ def learner_settings(args: argparse.Namespace) -> str:
         batch += ", one per event time (the river peer too)"
     return (
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
-        f"{rate}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
+        f"{_rates(opt)}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
     )
