@@ -381,10 +381,18 @@ def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: in
 
 
 def run_delayed(
-    data: BacktestData, s: dict[str, Any], seed: int, mode: str, window_s: float, mean_delay_s: float = 60.0
+    data: BacktestData,
+    s: dict[str, Any],
+    seed: int,
+    mode: str,
+    window_s: float,
+    mean_delay_s: float = 60.0,
+    publish_s: float = 0.0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Delayed feedback, every period: samples reach the learner in label-ARRIVAL order and each
     impression is scored at its own time by the learner as it is then (after its last complete batch).
+    ``publish_s`` > 0: by the snapshot published at the last multiple of ``publish_s`` seconds of event
+    time instead (the learner as it was then), as a server that hot-reloads only published versions.
 
     ``asym``: a click arrives after an exponential delay (mean ``mean_delay_s``), a negative when the join
     window (``window_s``) closes: what the joiner emits. ``neutral``: every label arrives ``window_s``
@@ -395,6 +403,7 @@ def run_delayed(
     from reloop.engine.models.registry import build_learner
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    served_at = _published_at(t, publish_s)
     rows, y_train, arrival = _training_samples(t, y, arrival, mode)
     order = np.argsort(arrival, kind="stable")
     strategy = s.get("strategy", "ce")
@@ -429,7 +438,7 @@ def run_delayed(
                 break
             y_last[per] = learner.predict_proba(data.batch.take(per))
             next_period += 1
-        until = int(np.searchsorted(t, arrival[idx[-1]], side=side))
+        until = int(np.searchsorted(served_at, arrival[idx[-1]], side=side))
         if until > scored:
             served[scored:until] = learner.predict_proba(data.batch.take(slice(scored, until)))
             scored = until
@@ -456,6 +465,12 @@ def _arrivals(
     return t, y, t + delay
 
 
+def _published_at(t: np.ndarray, publish_s: float) -> np.ndarray:
+    """When the model that serves each impression was taken: the impression's own time (the live learner)
+    or, every ``publish_s`` seconds, the last publish at or before it. Non-decreasing, as ``t`` is."""
+    return t if publish_s <= 0 else np.floor(t / publish_s) * publish_s
+
+
 def _training_samples(
     t: np.ndarray, y: np.ndarray, arrival: np.ndarray, mode: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -480,16 +495,24 @@ def _period_rows(data: BacktestData, scores: np.ndarray) -> list[dict[str, Any]]
 
 
 def run_delayed_river(
-    data: BacktestData, seed: int, mode: str, window_s: float, mean_delay_s: float = 60.0, lr: float = 0.05
+    data: BacktestData,
+    seed: int,
+    mode: str,
+    window_s: float,
+    mean_delay_s: float = 60.0,
+    lr: float = 0.05,
+    publish_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """The river per-event LR peer (``run_river_baseline``'s model and step) under the same delays as
     ``run_delayed``: it learns each label the moment it arrives and scores each impression at its own time
-    with the model as it is then (every label that arrived at or before it learned, none after)."""
+    with the model as it is then (every label that arrived at or before it learned, none after), or with
+    ``publish_s`` > 0 as it was at the last publish (``_published_at``)."""
     from reloop.engine.loss.delayed import fnw_weights
     from reloop.engine.replay.backtest import _river_x
     from river import linear_model, optim
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    served_at = _published_at(t, publish_s)
     rows, y_train, arrival = _training_samples(t, y, arrival, mode)
     fnw = mode == "fnw"  # with FNW's importance weights from the model's own prediction
     order = np.argsort(arrival, kind="stable")
@@ -499,7 +522,8 @@ def run_delayed_river(
     k = 0
     for j in range(len(y)):
         # Under FNW an impression is served before the samples arriving at its own time (its own negative).
-        while k < len(order) and (arrival[order[k]] < t[j] or (not fnw and arrival[order[k]] == t[j])):
+        at = served_at[j]
+        while k < len(order) and (arrival[order[k]] < at or (not fnw and arrival[order[k]] == at)):
             i = order[k]
             x, label = xs[rows[i]], float(y_train[i])
             w = float(fnw_weights(model.predict_proba_one(x).get(True, 0.0), label)) if fnw else 1.0
@@ -623,18 +647,95 @@ def summarise(path: Path, ref: str, order: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def summarise_delayed(path: Path, first_later_period: int) -> str:
-    """The delayed-feedback table: per setting and learner, served AUC / LogLoss on the selection periods
-    and on the later ones, the later ones' paired difference to ``new`` (×1e3, 95% over seeds), and the
-    training-time (progressive, label-order-leaking) scores on the later periods."""
-    from reloop.engine.replay.report import t_interval
+Cell = dict[tuple[int, int], tuple[float, float]]  # (seed, period) -> (AUC, LogLoss)
 
-    cells: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+
+def _delayed_cells(path: Path) -> dict[str, Cell]:
+    cells: dict[str, Cell] = {}
     for r in csv.DictReader(path.open()):
         cells.setdefault(r["variant"], {})[(int(r["seed"]), int(r["period"]))] = (
             float(r["auc"]),
             float(r["logloss"]),
         )
+    return cells
+
+
+def _paired(cell: Cell, ref: Cell, later: bool, first_later_period: int, m: int) -> str:
+    """Mean difference of metric ``m`` (0 AUC, 1 LogLoss) to ``ref`` (×1e3), paired by seed and period,
+    with its 95% half-width over seeds."""
+    from reloop.engine.replay.report import t_interval
+
+    per_seed = [
+        float(
+            np.mean(
+                [
+                    v[m] - ref[k][m]
+                    for k, v in cell.items()
+                    if k[0] == seed and (k[1] >= first_later_period) == later and k in ref
+                ]
+            )
+        )
+        for seed in sorted({s for s, _ in cell})
+    ]
+    mu, half = t_interval(per_seed)
+    return f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
+
+
+def _paired_both(cell: Cell, ref: Cell, later: bool, first_later_period: int) -> str:
+    return " / ".join(_paired(cell, ref, later, first_later_period, m) for m in (0, 1))
+
+
+def summarise_published(path: Path, first_later_period: int) -> str:
+    """What a server that loads only published snapshots serves (``--publish-every``): per label-arrival
+    setting, publish interval and learner, served AUC / LogLoss on the selection and the later periods,
+    paired differences to the river peer published the same way and to the same learner served live."""
+    cells = _delayed_cells(path)
+    publishes = sorted({float(v.rsplit("/pub", 1)[1]) for v in cells if "/pub" in v})
+    learners = [*DELAYED_LEARNERS, *DELAYED_STRATEGIES, *DELAYED_BATCHES, "river_lr"]
+
+    def mean(cell: Cell, later: bool) -> str:
+        picked = [v for (_, p), v in cell.items() if (p >= first_later_period) == later]
+        return f"{np.mean([v[0] for v in picked]):.4f} / {np.mean([v[1] for v in picked]):.4f}"
+
+    def every(seconds: float) -> str:
+        for unit, size in (("week", 604800), ("day", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size and seconds % size == 0:
+                return f"every {seconds / size:g} {unit}"
+        return f"every {seconds:g} s"
+
+    lines = [
+        "| labels arrive | served | learner | AUC / LogLoss, selection | AUC / LogLoss, later "
+        "| Δ vs river served the same way, selection (AUC / LogLoss ×1e3) | Δ vs river, later "
+        "| Δ vs the same learner served live, later |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, window in DELAYED_SETTINGS:
+        for publish in (0.0, *publishes):
+            river = cells.get(_delayed_tag("river_lr", mode, window, publish), {})
+            for name in learners:
+                cell = cells.get(_delayed_tag(name, mode, window, publish))
+                live = cells.get(_delayed_tag(name, mode, window, 0.0), {})
+                if not cell:
+                    continue
+                first = first_later_period
+                vs_river = [
+                    _paired_both(cell, river, later, first) if river and name != "river_lr" else "—"
+                    for later in (False, True)
+                ]
+                vs_live = _paired_both(cell, live, True, first) if publish and live else "—"
+                served = every(publish) if publish else "live"
+                lines.append(
+                    f"| {mode} {window:g} s | {served} | `{name}` | {mean(cell, False)} | {mean(cell, True)} "
+                    f"| {vs_river[0]} | {vs_river[1]} | {vs_live} |"
+                )
+    return "\n".join(lines)
+
+
+def summarise_delayed(path: Path, first_later_period: int) -> str:
+    """The delayed-feedback table: per setting and learner, served AUC / LogLoss on the selection periods
+    and on the later ones, the later ones' paired difference to ``new`` (×1e3, 95% over seeds), and the
+    training-time (progressive, label-order-leaking) scores on the later periods."""
+    cells = _delayed_cells(path)
 
     def mean(cell: dict, later: bool, m: int) -> float:
         return float(np.mean([v[m] for (_, p), v in cell.items() if (p >= first_later_period) == later]))
@@ -656,25 +757,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
             cell = cells.get(tag)
             if not cell:
                 continue
-            diffs = []
-            for m in (0, 1):
-                seeds = sorted({s for s, _ in cell})
-                per_seed = [
-                    float(
-                        np.mean(
-                            [
-                                v[m] - ref[k][m]
-                                for k, v in cell.items()
-                                if k[0] == s and k[1] >= first_later_period and k in ref
-                            ]
-                        )
-                    )
-                    for s in seeds
-                ]
-                mu, half = t_interval(per_seed)
-                diffs.append(
-                    f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
-                )
+            diffs = [_paired(cell, ref, True, first_later_period, m) for m in (0, 1)]
             prog = cells.get(f"{tag}/progressive", {})
             # The river peer learns each label as it arrives and scores live: no separate training-time score.
             prog_text = f"{mean(prog, True, 0):.4f} / {mean(prog, True, 1):.4f}" if prog else "—"
@@ -700,12 +783,14 @@ def _main_delayed(args: argparse.Namespace) -> int:
                 if name not in args.learners.split(","):
                     continue
                 s = {**BASE, **over}
-                for seed in (int(x) for x in args.seeds.split(",")):
+                for seed, publish in _seeds_and_publishes(args):
                     t0 = time.perf_counter()
-                    served, prog = run_delayed(data, s, seed, mode, window)
+                    served, prog = run_delayed(data, s, seed, mode, window, publish_s=publish)
                     dt = time.perf_counter() - t0
-                    tag = f"{name}@{mode}{window:g}"
-                    for variant, rows in ((tag, served), (f"{tag}/progressive", prog)):
+                    tag = _delayed_tag(name, mode, window, publish)
+                    # The training-time scores do not depend on what is served: written with the live rows.
+                    outputs = ((tag, served),) if publish else ((tag, served), (f"{tag}/progressive", prog))
+                    for variant, rows in outputs:
                         for r in rows:
                             w.writerow(
                                 {
@@ -719,17 +804,30 @@ def _main_delayed(args: argparse.Namespace) -> int:
                     fh.flush()
                     _print_later(args.dataset, tag, seed, served, data, dt)
             if args.river:
-                for seed in (int(x) for x in args.seeds.split(",")):
+                for seed, publish in _seeds_and_publishes(args):
                     t0 = time.perf_counter()
-                    rows = run_delayed_river(data, seed, mode, window)
+                    rows = run_delayed_river(data, seed, mode, window, publish_s=publish)
                     dt = time.perf_counter() - t0
-                    tag = f"river_lr@{mode}{window:g}"
+                    tag = _delayed_tag("river_lr", mode, window, publish)
                     for r in rows:
                         row = {"dataset": args.dataset, "variant": tag, "seed": seed, **r, "seconds": dt}
                         w.writerow(row)
                     fh.flush()
                     _print_later(args.dataset, tag, seed, rows, data, dt)
     return 0
+
+
+def _seeds_and_publishes(args: argparse.Namespace) -> list[tuple[int, float]]:
+    return [
+        (int(seed), float(publish))
+        for publish in args.publish_every.split(",")
+        for seed in args.seeds.split(",")
+    ]
+
+
+def _delayed_tag(name: str, mode: str, window: float, publish_s: float) -> str:
+    """LEARNER@MODEWINDOW, served live; LEARNER@MODEWINDOW/pubSECONDS, served from published snapshots."""
+    return f"{name}@{mode}{window:g}" + (f"/pub{publish_s:g}" if publish_s else "")
 
 
 def _print_later(
@@ -765,6 +863,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CSV",
         help="print the delayed-feedback table of this CSV (--later-from: first later period) and exit",
     )
+    p.add_argument(
+        "--summary-published",
+        type=Path,
+        metavar="CSV",
+        help="print the table of served-from-published-snapshots runs (--delayed --publish-every) and exit",
+    )
     p.add_argument("--later-from", type=int, default=11)
     p.add_argument("--bursts", metavar="USER_FIELD", help="print how bursty the stream's users are, and exit")
     p.add_argument(
@@ -780,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
         help="--delayed: the label-arrival settings to run (comma list of asym, neutral, fnw; default all)",
     )
     p.add_argument(
+        "--publish-every",
+        default="0",
+        metavar="SECONDS",
+        help="--delayed: comma list of publish intervals in event-time seconds; 0 (the default) serves the "
+        "live learner, N > 0 the snapshot taken at the last multiple of N s (variants .../pubN)",
+    )
+    p.add_argument(
         "--learners",
         default=",".join(DELAYED_LEARNERS),
         help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone; also "
@@ -787,6 +898,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(DELAYED_BATCHES)}: the new defaults in smaller batches)",
     )
     args = p.parse_args(argv)
+    if args.summary_published:
+        print(summarise_published(args.summary_published, args.later_from))
+        return 0
     if args.summary_delayed:
         print(summarise_delayed(args.summary_delayed, args.later_from))
         return 0

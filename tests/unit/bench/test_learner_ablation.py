@@ -126,3 +126,76 @@ def test_kd_and_reloop_learn_against_the_period_snapshot_and_period_0_has_none(m
     # 300 impressions in 3 periods: the first period's samples have no production model.
     assert np.isnan(y_last).sum() >= 100 - 1 and np.isfinite(y_last).sum() >= 150
     assert ((y_last[np.isfinite(y_last)] > 0) & (y_last[np.isfinite(y_last)] < 1)).all()
+
+
+def _learned_when_served(monkeypatch, data, s, publish_s: float) -> np.ndarray:
+    """For each impression, how many training samples the deep learner had learned when it scored it."""
+    from reloop.engine.models import registry
+
+    learned = [0]
+    seen: list[int] = []
+    build = registry.build_learner
+
+    def spy_build(*args, **kwargs):
+        learner = build(*args, **kwargs)
+        scored, predict = learner.learn_scored, learner.predict_proba
+
+        def learn_scored(batch, labels, *a, **k):
+            learned[0] += len(labels)
+            return scored(batch, labels, *a, **k)
+
+        def predict_proba(batch):
+            out = predict(batch)
+            seen.extend([learned[0]] * len(out))
+            return out
+
+        learner.learn_scored, learner.predict_proba = learn_scored, predict_proba
+        return learner
+
+    monkeypatch.setattr(registry, "build_learner", spy_build)
+    la.run_delayed(data, s, seed=0, mode="neutral", window_s=60.0, publish_s=publish_s)
+    return np.array(seen)
+
+
+@pytest.mark.parametrize("publish_s", [0.0, 100.0, 1000.0])
+def test_a_published_snapshot_serves_what_was_learned_by_its_publish_time(monkeypatch, publish_s):
+    data = _data()
+    s = {**la.BASE, **la.NEW, "batch": 16, "hidden": (8,), "dim": 4}
+    seen = _learned_when_served(monkeypatch, data, s, publish_s)
+    t, _, arrival = la._arrivals(data, 0, "neutral", 60.0, 60.0)
+    # Batches of 16 in arrival order; a batch is learned once its last sample has arrived.
+    done = np.sort(arrival)[15::16]
+    served_at = t if publish_s == 0 else np.floor(t / publish_s) * publish_s
+    expected = 16 * np.searchsorted(done, served_at, side="right")
+    assert np.array_equal(seen, expected)
+    if publish_s:  # within one publish interval every impression is served by the same model
+        for b in np.unique(served_at):
+            assert len(set(seen[served_at == b])) == 1
+
+
+@pytest.mark.parametrize("publish_s", [0.0, 100.0])
+def test_the_river_peer_published_the_same_way_has_learned_every_label_arrived_by_the_publish(
+    monkeypatch, publish_s
+):
+    from river import linear_model
+
+    data = _data()
+    learned = [0]
+    seen: list[int] = []
+    lr = linear_model.LogisticRegression
+    learn_one, predict_one = lr.learn_one, lr.predict_proba_one
+
+    def spy_learn(self, x, y, w=1.0):
+        learned[0] += 1
+        return learn_one(self, x, y, w)
+
+    def spy_predict(self, x):
+        seen.append(learned[0])
+        return predict_one(self, x)
+
+    monkeypatch.setattr(lr, "learn_one", spy_learn)
+    monkeypatch.setattr(lr, "predict_proba_one", spy_predict)
+    la.run_delayed_river(data, seed=0, mode="neutral", window_s=60.0, publish_s=publish_s)
+    t, _, arrival = la._arrivals(data, 0, "neutral", 60.0, 60.0)
+    served_at = t if publish_s == 0 else np.floor(t / publish_s) * publish_s
+    assert np.array_equal(seen, np.searchsorted(np.sort(arrival), served_at, side="right"))
