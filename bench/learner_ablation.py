@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,11 @@ DELAYED_BATCHES = {
     **{f"new_b{b}": {**NEW, "batch": b} for b in (128, 32, 8)},
     "small_b8": {**NEW, "batch": 8, "dense_lr": 3e-4, "opt": {"embedding_lr": 0.1, "small_steps_below": 0}},
 }
+# What `reloop run` could do instead of its partial steps: full batches, and at each publish a step on
+# what has arrived (its snapshots hold back nothing); the engine's rate rule (small_steps_below 256).
+DELAYED_FLUSH = {"flush": {**NEW, "flush": 1, "opt": {}}}
+DELAYED_ALL = {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES, **DELAYED_FLUSH}
+RIVER_LR = 0.05  # the river peer's SGD step in every backtest (run_river_baseline)
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
@@ -430,8 +436,9 @@ def run_delayed(
     scored = 0  # impressions are in time order: all before this index are scored
     # An impression is served before a sample arriving at its own time is learned (FNW's negative).
     side = "right" if mode == "fnw" else "left"
-    for k in range(0, len(order), s["batch"]):
-        idx = order[k : k + s["batch"]]
+    for idx in _delayed_batches(
+        arrival[order], order, s["batch"], publish_s if s.get("flush") else 0.0, side
+    ):
         while y_last is not None and next_period < data.n_periods:
             per = data.period(next_period)
             if arrival[idx[-1]] < t[per.start]:
@@ -463,6 +470,21 @@ def _arrivals(
     if mode in ("asym", "fnw"):  # fnw: ``window_s`` is unused, the clicks come as in asym
         delay = np.where(y > 0.5, rng.exponential(mean_delay_s, len(y)), window_s)
     return t, y, t + delay
+
+
+def _delayed_batches(
+    arrived: np.ndarray, order: np.ndarray, batch: int, flush_s: float, side: str
+) -> Iterator[np.ndarray]:
+    """Batches of ``batch`` samples in arrival order; with ``flush_s`` > 0 also cut at every publish, so a
+    snapshot holds every sample that arrived before it (a partial step at each boundary, the rest in full
+    batches). ``side`` as ``run_delayed``'s: "left", a sample arriving at a publish is in its snapshot."""
+    if flush_s <= 0:
+        yield from (order[k : k + batch] for k in range(0, len(order), batch))
+        return
+    group = np.ceil(arrived / flush_s) if side == "left" else np.floor(arrived / flush_s)
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(order)], strict=True):
+        yield from (order[k : min(k + batch, hi)] for k in range(lo, hi, batch))
 
 
 def _published_at(t: np.ndarray, publish_s: float) -> np.ndarray:
@@ -500,7 +522,7 @@ def run_delayed_river(
     mode: str,
     window_s: float,
     mean_delay_s: float = 60.0,
-    lr: float = 0.05,
+    lr: float = RIVER_LR,
     publish_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """The river per-event LR peer (``run_river_baseline``'s model and step) under the same delays as
@@ -681,6 +703,11 @@ def _paired(cell: Cell, ref: Cell, later: bool, first_later_period: int, m: int)
     return f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
 
 
+def _mean_auc(cell: Cell, first_later_period: int) -> float:
+    """Mean AUC over the selection periods."""
+    return float(np.mean([v[0] for (_, p), v in cell.items() if p < first_later_period]))
+
+
 def _paired_both(cell: Cell, ref: Cell, later: bool, first_later_period: int) -> str:
     return " / ".join(_paired(cell, ref, later, first_later_period, m) for m in (0, 1))
 
@@ -688,10 +715,12 @@ def _paired_both(cell: Cell, ref: Cell, later: bool, first_later_period: int) ->
 def summarise_published(path: Path, first_later_period: int) -> str:
     """What a server that loads only published snapshots serves (``--publish-every``): per label-arrival
     setting, publish interval and learner, served AUC / LogLoss on the selection and the later periods,
-    paired differences to the river peer published the same way and to the same learner served live."""
+    paired differences to the river peer published the same way (of its steps run, the one with the best
+    selection-period AUC there) and to the same learner served live."""
     cells = _delayed_cells(path)
     publishes = sorted({float(v.rsplit("/pub", 1)[1]) for v in cells if "/pub" in v})
-    learners = [*DELAYED_LEARNERS, *DELAYED_STRATEGIES, *DELAYED_BATCHES, "river_lr"]
+    rivers = sorted({v.split("@")[0] for v in cells if v.startswith("river_lr")})
+    learners = [*DELAYED_ALL, *rivers]
 
     def mean(cell: Cell, later: bool) -> str:
         picked = [v for (_, p), v in cell.items() if (p >= first_later_period) == later]
@@ -711,7 +740,8 @@ def summarise_published(path: Path, first_later_period: int) -> str:
     ]
     for mode, window in DELAYED_SETTINGS:
         for publish in (0.0, *publishes):
-            river = cells.get(_delayed_tag("river_lr", mode, window, publish), {})
+            peers = [c for r in rivers if (c := cells.get(_delayed_tag(r, mode, window, publish)))]
+            river = max(peers, key=lambda c: _mean_auc(c, first_later_period), default={})
             for name in learners:
                 cell = cells.get(_delayed_tag(name, mode, window, publish))
                 live = cells.get(_delayed_tag(name, mode, window, 0.0), {})
@@ -719,7 +749,7 @@ def summarise_published(path: Path, first_later_period: int) -> str:
                     continue
                 first = first_later_period
                 vs_river = [
-                    _paired_both(cell, river, later, first) if river and name != "river_lr" else "—"
+                    _paired_both(cell, river, later, first) if river and cell is not river else "—"
                     for later in (False, True)
                 ]
                 vs_live = _paired_both(cell, live, True, first) if publish and live else "—"
@@ -752,7 +782,7 @@ def summarise_delayed(path: Path, first_later_period: int) -> str:
             "fnw": "FNW: a negative at once, a click's positive after ~60 s",
         }[mode]
         ref = cells.get(f"new@{mode}{window:g}", {})
-        for name in (*DELAYED_LEARNERS, *DELAYED_STRATEGIES, *DELAYED_BATCHES, "river_lr"):
+        for name in (*DELAYED_ALL, "river_lr"):
             tag = f"{name}@{mode}{window:g}"
             cell = cells.get(tag)
             if not cell:
@@ -777,9 +807,9 @@ def _main_delayed(args: argparse.Namespace) -> int:
         if new_file:
             w.writeheader()
         for mode, window in DELAYED_SETTINGS:
-            if args.settings and mode not in args.settings.split(","):
+            if args.settings and not {mode, f"{mode}{window:g}"} & set(args.settings.split(",")):
                 continue
-            for name, over in {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES}.items():
+            for name, over in DELAYED_ALL.items():
                 if name not in args.learners.split(","):
                     continue
                 s = {**BASE, **over}
@@ -803,12 +833,13 @@ def _main_delayed(args: argparse.Namespace) -> int:
                             )
                     fh.flush()
                     _print_later(args.dataset, tag, seed, served, data, dt)
-            if args.river:
+            for lr in (float(x) for x in args.river_lr.split(",")) if args.river else ():
                 for seed, publish in _seeds_and_publishes(args):
                     t0 = time.perf_counter()
-                    rows = run_delayed_river(data, seed, mode, window, publish_s=publish)
+                    rows = run_delayed_river(data, seed, mode, window, lr=lr, publish_s=publish)
                     dt = time.perf_counter() - t0
-                    tag = _delayed_tag("river_lr", mode, window, publish)
+                    name = "river_lr" if lr == RIVER_LR else f"river_lr{lr:g}"
+                    tag = _delayed_tag(name, mode, window, publish)
                     for r in rows:
                         row = {"dataset": args.dataset, "variant": tag, "seed": seed, **r, "seconds": dt}
                         w.writerow(row)
@@ -881,7 +912,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--settings",
-        help="--delayed: the label-arrival settings to run (comma list of asym, neutral, fnw; default all)",
+        help="--delayed: the label-arrival settings to run (comma list of asym, neutral, fnw, or one with "
+        "its window: asym900; default all)",
     )
     p.add_argument(
         "--publish-every",
@@ -889,6 +921,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="--delayed: comma list of publish intervals in event-time seconds; 0 (the default) serves the "
         "live learner, N > 0 the snapshot taken at the last multiple of N s (variants .../pubN)",
+    )
+    p.add_argument(
+        "--river-lr",
+        default=str(RIVER_LR),
+        help="--delayed --river: comma list of the river peer's SGD steps (variants river_lrSTEP; the "
+        "published table pairs each row with the step best on the selection periods)",
     )
     p.add_argument(
         "--learners",

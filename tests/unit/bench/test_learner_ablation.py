@@ -199,3 +199,19 @@ def test_the_river_peer_published_the_same_way_has_learned_every_label_arrived_b
     t, _, arrival = la._arrivals(data, 0, "neutral", 60.0, 60.0)
     served_at = t if publish_s == 0 else np.floor(t / publish_s) * publish_s
     assert np.array_equal(seen, np.searchsorted(np.sort(arrival), served_at, side="right"))
+
+
+@pytest.mark.parametrize(
+    ("side", "expected"),
+    [
+        # "left": a sample arriving at a publish (100, 200) is in the snapshot taken there
+        ("left", [[0], [1, 2], [3, 4], [5, 6], [7], [8, 9], [10], [11]]),
+        # "right" (FNW): it is learned after that snapshot
+        ("right", [[0, 1], [2], [3, 4], [5, 6], [7, 8], [9], [10, 11]]),
+    ],
+)
+def test_flushed_batches_are_cut_at_every_publish_and_full_in_between(side, expected):
+    arrived = np.array([0.0, 10, 20, 100, 100, 150, 199, 200, 201, 250, 400, 401])
+    order = np.arange(len(arrived))
+    assert [b.tolist() for b in la._delayed_batches(arrived, order, 2, 100.0, side)] == expected
+    assert [b.tolist() for b in la._delayed_batches(arrived, order, 5, 0.0, side)][0] == [0, 1, 2, 3, 4]
