@@ -180,9 +180,10 @@ DELAYED_BATCHES = {
     **{f"new_b{b}": {**NEW, "batch": b} for b in (128, 32, 8)},
     "small_b8": {**NEW, "batch": 8, "dense_lr": 3e-4, "opt": {"embedding_lr": 0.1, "small_steps_below": 0}},
 }
-# What `reloop run` could do instead of its partial steps: full batches, and at each publish a step on
-# what has arrived (its snapshots hold back nothing); the engine's rate rule (small_steps_below 256).
-DELAYED_FLUSH = {"flush": {**NEW, "flush": 1, "opt": {}}}
+# flush: full batches, and at each publish a step on what has arrived (its snapshots hold back nothing).
+# wait1s: what the train stage's train.max_wait_ms (1000) does on a slow stream: a step on what arrived within
+# each second of event time (at most a batch). Both with the engine's rate rule (small_steps_below 256).
+DELAYED_FLUSH = {"flush": {**NEW, "flush": 1, "opt": {}}, "wait1s": {**NEW, "wait_s": 1.0, "opt": {}}}
 DELAYED_ALL = {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES, **DELAYED_FLUSH}
 RIVER_LR = 0.05  # the river peer's SGD step in every backtest (run_river_baseline)
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
@@ -436,9 +437,8 @@ def run_delayed(
     scored = 0  # impressions are in time order: all before this index are scored
     # An impression is served before a sample arriving at its own time is learned (FNW's negative).
     side = "right" if mode == "fnw" else "left"
-    for idx in _delayed_batches(
-        arrival[order], order, s["batch"], publish_s if s.get("flush") else 0.0, side
-    ):
+    cut_s = s.get("wait_s") or (publish_s if s.get("flush") else 0.0)
+    for idx in _delayed_batches(arrival[order], order, s["batch"], cut_s, side):
         while y_last is not None and next_period < data.n_periods:
             per = data.period(next_period)
             if arrival[idx[-1]] < t[per.start]:
