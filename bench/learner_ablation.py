@@ -716,7 +716,8 @@ def summarise_published(path: Path, first_later_period: int) -> str:
     """What a server that loads only published snapshots serves (``--publish-every``): per label-arrival
     setting, publish interval and learner, served AUC / LogLoss on the selection and the later periods,
     paired differences to the river peer published the same way (of its steps run, the one with the best
-    selection-period AUC there) and to the same learner served live."""
+    selection-period AUC there), to the defaults' learner at batch 512 (``new``) published the same way and
+    to the same learner served live."""
     cells = _delayed_cells(path)
     publishes = sorted({float(v.rsplit("/pub", 1)[1]) for v in cells if "/pub" in v})
     rivers = sorted({v.split("@")[0] for v in cells if v.startswith("river_lr")})
@@ -735,8 +736,9 @@ def summarise_published(path: Path, first_later_period: int) -> str:
     lines = [
         "| labels arrive | served | learner | AUC / LogLoss, selection | AUC / LogLoss, later "
         "| Δ vs river served the same way, selection (AUC / LogLoss ×1e3) | Δ vs river, later "
+        "| Δ vs `new` served the same way, selection | Δ vs `new`, later "
         "| Δ vs the same learner served live, later |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, window in DELAYED_SETTINGS:
         for publish in (0.0, *publishes):
@@ -752,11 +754,16 @@ def summarise_published(path: Path, first_later_period: int) -> str:
                     _paired_both(cell, river, later, first) if river and cell is not river else "—"
                     for later in (False, True)
                 ]
+                base = cells.get(_delayed_tag("new", mode, window, publish), {})
+                vs_new = [
+                    _paired_both(cell, base, later, first) if base and cell is not base else "—"
+                    for later in (False, True)
+                ]
                 vs_live = _paired_both(cell, live, True, first) if publish and live else "—"
                 served = every(publish) if publish else "live"
                 lines.append(
                     f"| {mode} {window:g} s | {served} | `{name}` | {mean(cell, False)} | {mean(cell, True)} "
-                    f"| {vs_river[0]} | {vs_river[1]} | {vs_live} |"
+                    f"| {vs_river[0]} | {vs_river[1]} | {vs_new[0]} | {vs_new[1]} | {vs_live} |"
                 )
     return "\n".join(lines)
 
