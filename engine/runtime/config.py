@@ -130,11 +130,12 @@ class TrainSection(_Section):
     replay_ratio: float = Field(default=1.0, ge=0, description="replayed samples per new sample")
     replay_batch_size: int | None = Field(default=None, gt=0, description="default: train.batch_size")
     max_wait_ms: int | None = Field(
-        default=1000,
+        default=None,
         ge=0,
         description="the train stage steps on a partial batch once its oldest sample waited this long (wall "
-        "clock), so a slow stream is learned within about this delay; not with deterministic: true, whose "
-        "batches are a function of the topic; null: full batches only",
+        "clock), so a slow stream is learned within about this delay; for periods of a few minutes at most "
+        "(served from hourly snapshots, such steps served worse: docs/operations.md); not with "
+        "deterministic: true, whose batches are a function of the topic; null (the default): full batches",
     )
 
 

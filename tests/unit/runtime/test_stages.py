@@ -588,6 +588,7 @@ class _Monotonic:
         ({"deterministic": False, "max_wait_ms": 500}, True),
         ({"deterministic": True, "max_wait_ms": 500}, False),  # batches must be a function of the topic
         ({"deterministic": False, "max_wait_ms": None}, False),
+        ({"deterministic": False}, False),  # the default: full batches only
     ],
 )
 def test_a_partial_batch_is_trained_once_its_oldest_sample_waited_max_wait(

@@ -38,6 +38,8 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     # The world's features and the model's spec agree; the attribution windows agree.
     assert plans[0].run_config["model"]["spec"] == world_spec_dict()
     assert plans[0].run_config["join"]["window_ms"] == sim.world_config().attribution_window_s * 1000
+    # Versions every 10 s: the trainers step on what a slow arm has after 1 s (not reloop run's default).
+    assert {p.run_config["train"]["max_wait_ms"] for p in plans} == {1000}
     serve = serve_config_for(config, plans, "127.0.0.1:1")
     assert serve.host == "127.0.0.1" and serve.kafka.client == "confluent"
     assert plans[0].run_config["kafka"] == {"bootstrap": "127.0.0.1:1"}  # run's default client
