@@ -215,3 +215,36 @@ def test_flushed_batches_are_cut_at_every_publish_and_full_in_between(side, expe
     order = np.arange(len(arrived))
     assert [b.tolist() for b in la._delayed_batches(arrived, order, 2, 100.0, side)] == expected
     assert [b.tolist() for b in la._delayed_batches(arrived, order, 5, 0.0, side)][0] == [0, 1, 2, 3, 4]
+
+
+def test_the_published_table_pairs_each_row_with_the_peer_best_on_the_selection_periods(tmp_path):
+    import csv
+
+    path = tmp_path / "published.csv"
+    # selection period 1, later period 2; two seeds; per variant (AUC selection, AUC later)
+    aucs = {
+        "new@neutral60/pub3600": (0.70, 0.71),
+        "small_b8@neutral60/pub3600": (0.72, 0.70),
+        "river_lr@neutral60/pub3600": (0.60, 0.61),
+        "river_lr0.01@neutral60/pub3600": (0.65, 0.64),  # the better peer on the selection period
+        "new@neutral60": (0.75, 0.76),
+    }
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
+        w.writeheader()
+        for variant, (sel, later) in aucs.items():
+            for seed in (0, 1):
+                for period, auc in ((1, sel), (2, later)):
+                    w.writerow({"dataset": "d", "variant": variant, "seed": seed, "period": period, "n": 10,
+                                "auc": auc + 0.001 * seed, "logloss": 0.6, "seconds": 1.0})  # fmt: skip
+    rows = {
+        line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in la.summarise_published(path, first_later_period=2).splitlines()[2:]
+        if "every 1 h" in line
+    }
+    assert set(rows) == {"`new`", "`small_b8`", "`river_lr`", "`river_lr0.01`"}
+    # AUC differences ×1e3 against river_lr0.01 (0.65 / 0.64), against new served hourly, against new live
+    assert rows["`new`"][5].startswith("+50.00") and rows["`new`"][6].startswith("+70.00")
+    assert rows["`small_b8`"][7].startswith("+20.00") and rows["`small_b8`"][8].startswith("-10.00")
+    assert rows["`new`"][9].startswith("-50.00")
+    assert rows["`river_lr0.01`"][5] == "—"  # the peer itself
