@@ -183,8 +183,8 @@ DELAYED_BATCHES = {
 # flush: full batches, and at each publish a step on what has arrived (its snapshots hold back nothing).
 # wait1s: what the train stage's train.max_wait_ms (1000) does on a slow stream: a step on what arrived within
 # each second of event time (at most a batch). Both with the engine's rate rule (small_steps_below 256).
-DELAYED_FLUSH = {"flush": {**NEW, "flush": 1, "opt": {}}, "wait1s": {**NEW, "wait_s": 1.0, "opt": {}}}
-DELAYED_ALL = {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES, **DELAYED_FLUSH}
+DELAYED_PARTIAL = {"flush": {**NEW, "flush": 1, "opt": {}}, "wait1s": {**NEW, "wait_s": 1.0, "opt": {}}}
+DELAYED_ALL = {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES, **DELAYED_PARTIAL}
 RIVER_LR = 0.05  # the river peer's SGD step in every backtest (run_river_baseline)
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
@@ -473,15 +473,16 @@ def _arrivals(
 
 
 def _delayed_batches(
-    arrived: np.ndarray, order: np.ndarray, batch: int, flush_s: float, side: str
+    arrived: np.ndarray, order: np.ndarray, batch: int, cut_s: float, side: str
 ) -> Iterator[np.ndarray]:
-    """Batches of ``batch`` samples in arrival order; with ``flush_s`` > 0 also cut at every publish, so a
-    snapshot holds every sample that arrived before it (a partial step at each boundary, the rest in full
-    batches). ``side`` as ``run_delayed``'s: "left", a sample arriving at a publish is in its snapshot."""
-    if flush_s <= 0:
+    """Batches of ``batch`` samples in arrival order; with ``cut_s`` > 0 also cut at every multiple of
+    ``cut_s`` seconds (``flush``: each publish, so a snapshot holds every sample that arrived before it;
+    ``wait1s``: each second), a partial step there. ``side`` as ``run_delayed``'s: "left", a sample arriving
+    at a cut is in the step before it."""
+    if cut_s <= 0:
         yield from (order[k : k + batch] for k in range(0, len(order), batch))
         return
-    group = np.ceil(arrived / flush_s) if side == "left" else np.floor(arrived / flush_s)
+    group = np.ceil(arrived / cut_s) if side == "left" else np.floor(arrived / cut_s)
     cuts = np.flatnonzero(np.diff(group)) + 1
     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(order)], strict=True):
         yield from (order[k : min(k + batch, hi)] for k in range(lo, hi, batch))
