@@ -133,8 +133,8 @@ class TrainSection(_Section):
         default=None,
         ge=0,
         description="the train stage steps on a partial batch once its oldest sample waited this long (wall "
-        "clock), so a slow stream is learned within about this delay; for periods of a few minutes at most "
-        "(served from hourly snapshots, such steps served worse: docs/operations.md); not with "
+        "clock), so each version learns what arrived up to about this delay before it (liveness: on a slow "
+        "stream such steps served worse from 1-minute to 1-hour periods, docs/operations.md); not with "
         "deterministic: true, whose batches are a function of the topic; null (the default): full batches",
     )
 
