@@ -10,7 +10,10 @@
   learner with ``learn_scored`` (torch learners) scores and learns in one call, as the stream trainer
   does: a per-event wide part scores each sample after learning the earlier ones of its batch. With
   ``replay_size > 0`` a replay buffer of the latest samples is replayed after each batch (as in
-  engine/train/stream.py).
+  engine/train/stream.py). With ``publish_every_ms > 0`` a sample is scored instead by the learner as it
+  was at the last multiple of that interval of event time (``PublishedScorer``): what ``reloop serve``
+  serves when a snapshot is published that often, rather than a learner that has learned every batch
+  completed up to the sample. The learning is the same in both.
 
 Period 0 is warm-up in both: no previous model exists, so every strategy trains with plain CE there,
 and it is not evaluated. Metrics are per (protocol, backbone, strategy, seed, period).
@@ -188,6 +191,8 @@ class RunSpec:
     # streaming: ReLoop2 error memories scored on the same stream (engine/memory/stream_eval.MemorySpec);
     # each adds rows named "<strategy>+<memory>@<lam>" beside the base model's
     memory: tuple[Any, ...] = ()
+    # streaming: score with the snapshot of the last multiple of this much event time (0: the live learner)
+    publish_every_ms: int = 0
 
 
 LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
@@ -253,6 +258,42 @@ def stream_batches(times_ms: np.ndarray, size: int, by: str = "count") -> Iterat
             yield slice(s, min(s + size, e))
 
 
+class PublishedScorer:
+    """What a server holding the snapshot published at the last multiple of ``every_ms`` of event time
+    scores. A step on a batch counts from its last sample's time: a snapshot at boundary B holds every batch
+    whose last sample came before B. Times must not decrease. For each batch, before it is learned:
+
+    * its samples whose boundary is the current snapshot's are scored by that snapshot;
+    * the others (a later boundary B) by a snapshot of the learner as it is now. That is the learner at B:
+      the previous batch ended before B (had it ended at or after B, its own samples would have crossed B
+      and taken the snapshot at B already, before it was learned).
+
+    So at most one snapshot per batch, and only on batches that cross a boundary."""
+
+    def __init__(self, every_ms: int, snapshot: Callable[[], Any]) -> None:
+        if every_ms <= 0:
+            raise ValueError(f"publish_every_ms must be > 0, got {every_ms}")
+        self.every_ms = every_ms
+        self._snapshot = snapshot
+        self._served: Any = None
+        self._boundary: int | None = None
+        self.snapshots = 0
+
+    def models(self, times_ms: np.ndarray) -> list[tuple[slice, Any]]:
+        """``(rows, model)`` pairs covering a batch with these (non-decreasing) event times, in order."""
+        boundaries = times_ms // self.every_ms
+        if len(boundaries) == 0:
+            return []
+        if self._boundary is not None and boundaries[-1] == self._boundary:
+            return [(slice(0, len(boundaries)), self._served)]
+        old = self._served
+        cut = 0 if self._boundary is None else int(np.searchsorted(boundaries, self._boundary, side="right"))
+        self._served, self._boundary = self._snapshot(), int(boundaries[-1])
+        self.snapshots += 1
+        pairs = [(slice(0, cut), old)] if cut else []
+        return [*pairs, (slice(cut, len(boundaries)), self._served)]
+
+
 def run_periodic(
     data: BacktestData, run: RunSpec, factory: LearnerFactory = default_learner_factory
 ) -> list[dict[str, Any]]:
@@ -300,19 +341,29 @@ def run_streaming(
         from reloop.engine.memory.stream_eval import StreamMemory
 
         memory = StreamMemory(tuple(run.memory))
+    published = None
+    if run.publish_every_ms:
+        if memory is not None:
+            raise ValueError("an error memory is scored with the live learner: not with publish_every_ms")
+        published = PublishedScorer(run.publish_every_ms, learner.clone_frozen)
     rows: list[dict[str, Any]] = []
     for t in range(data.n_periods):
         sl = data.period(t)
         batch, labels, logged = data.batch.take(sl), data.labels[sl], data.logged[sl]
+        times = data.times_ms[sl]
         probs = np.empty(len(labels), dtype=np.float64)
         active: list[float] = []
         if memory is not None:
             memory.start_period(len(labels))
-        for b in stream_batches(data.times_ms[sl], run.batch_size, run.batch_by):
+        for b in stream_batches(times, run.batch_size, run.batch_by):
             mb = batch.take(b)
             if memory is not None:
                 memory.before(mb, learner, snapshot)  # keys of the states that score this batch
-            if learn_scored is None:
+            if published is not None:
+                served = probs[b]  # a view: written through
+                for part, model in published.models(times[b]):
+                    served[part] = model.predict_proba(mb.take(part))
+            elif learn_scored is None:
                 probs[b] = learner.predict_proba(mb)
             if snapshot is None:
                 y_last = None
@@ -322,8 +373,10 @@ def run_streaming(
                 y_last = logged[b]
             if learn_scored is None:
                 stats = learner.learn(mb, labels[b], y_last)
-            else:
+            elif published is None:
                 probs[b], stats = learn_scored(mb, labels[b], y_last)
+            else:
+                _, stats = learn_scored(mb, labels[b], y_last)  # the same learning; served scores above
             active.append(stats.sc_active_fraction)
             if memory is not None:
                 memory.after(b, labels[b], probs[b])
@@ -366,27 +419,39 @@ def _river_x(features: dict[str, Any]) -> dict[str, float]:
 
 
 def run_river_baseline(
-    data: BacktestData, lr: float = 0.05, batch_by: str = "count", batch_size: int = 1
+    data: BacktestData,
+    lr: float = 0.05,
+    batch_by: str = "count",
+    batch_size: int = 1,
+    publish_every_ms: int = 0,
 ) -> list[dict[str, Any]]:
     """Per-event predict-then-learn river LogisticRegression (SGD, CE) on one-hot raw features; with
     ``batch_by="time"`` the events of one event time are all scored before any of them is learned (the
-    rule the deep learners follow then, ``stream_batches``), each still learned one at a time."""
+    rule the deep learners follow then, ``stream_batches``), each still learned one at a time. With
+    ``publish_every_ms`` each event is scored by a copy of the model as it was at the last multiple of
+    that interval of event time (``PublishedScorer``), as the deep learners are then."""
+    import copy
+
     from river import linear_model, optim
 
     if not data.raw_features:
         raise ValueError("the river baseline needs the raw features (prepare(..., keep_raw=True))")
     model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
+    published = PublishedScorer(publish_every_ms, lambda: copy.deepcopy(model)) if publish_every_ms else None
     rows = []
     run = RunSpec("streaming", "river_lr", Strategy("ce"), 0)
     for t in range(data.n_periods):
         sl = data.period(t)
         labels = data.labels[sl]
+        times = data.times_ms[sl]
         probs = np.empty(len(labels))
         raw = data.raw_features[sl]
-        for b in stream_batches(data.times_ms[sl], batch_size, batch_by):
+        for b in stream_batches(times, batch_size, batch_by):
             xs = [_river_x(f) for f in raw[b]]
-            for i, x in enumerate(xs, b.start):
-                probs[i] = model.predict_proba_one(x).get(True, 0.0)
+            parts = [(slice(0, len(xs)), model)] if published is None else published.models(times[b])
+            for part, scorer in parts:
+                for i, x in enumerate(xs[part], b.start + part.start):
+                    probs[i] = scorer.predict_proba_one(x).get(True, 0.0)
             for i, x in enumerate(xs, b.start):
                 model.learn_one(x, bool(labels[i]))
         if t > 0 and len(labels):

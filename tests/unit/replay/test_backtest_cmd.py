@@ -110,6 +110,52 @@ def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
     assert default != scores(rule_off, "batch-rates")
 
 
+def test_scores_from_published_snapshots_from_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    from reloop.engine.replay import backtest_cmd
+
+    opts = "--period week --min-period-size 50 --backbones fm --seeds 1 --protocols streaming --strategies ce"
+    tiny = "--batch-size 64 --buckets 64 --embedding-dim 4"
+    data = _movielens(tmp_path / "ml")
+    argv = [
+        "backtest",
+        "--dataset",
+        "movielens-100k",
+        *opts.split(" "),
+        *tiny.split(" "),
+        "--data",
+        str(data),
+    ]
+
+    def scores(folder: str, *extra: str) -> dict[str, list[str]]:
+        assert main([*argv, *extra, "--out", str(tmp_path / folder)]) == 0
+        with (tmp_path / folder / "results.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        return {b: [r["auc"] + r["logloss"] for r in rows if r["backbone"] == b] for b in ("fm", "river_lr")}
+
+    live, daily = scores("live"), scores("daily", "--publish-every", "86400")
+    # Ratings 1 h apart: served from a snapshot a day old, both the deep learner and the river peer score
+    # differently from their live selves.
+    assert (
+        live["fm"]
+        and live["river_lr"]
+        and live["fm"] != daily["fm"]
+        and live["river_lr"] != daily["river_lr"]
+    )
+    report = (tmp_path / "daily" / "report.md").read_text()
+    assert "scored by the snapshot of the last multiple of 86400 s of event time" in report
+    assert "scored by the snapshot" not in (tmp_path / "live" / "report.md").read_text()
+    for bad, message in (
+        (["--publish-every", "-1"], "expected 0 or at least 0.001 seconds"),
+        (["--publish-every", "60", "--memory", "n_tables=2"], "--memory scores with the live learner"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main([*argv, *bad, "--out", str(tmp_path / "bad")])
+    real = backtest_cmd.load_data
+    monkeypatch.setattr(backtest_cmd, "load_data", lambda args: (real(args)[0], "pseudo"))
+    with pytest.raises(SystemExit, match="has no event time"):
+        main([*argv, "--publish-every", "60", "--out", str(tmp_path / "pseudo")])
+
+
 def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -> None:
     base = ["--dataset", "d", "--data", "d", "--out", "d"]
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.metrics.offline import logloss
 from reloop.engine.replay.backtest import (
+    PublishedScorer,
     RunSpec,
     Strategy,
     period_bounds_by_count,
@@ -235,3 +237,74 @@ def test_river_peer_by_time_learns_a_moment_only_after_scoring_all_of_it() -> No
     assert by_time[2] == pytest.approx(per_event[2])  # the same model once the moment is learned
     assert all(by_time[i] == by_time[i + 1] for i in range(0, 8, 2))
     assert all(per_event[i] < per_event[i + 1] for i in range(7))
+
+
+def _steps_logloss(data, steps: list[int], period: int) -> float:
+    """The LogLoss of period ``period`` when sample i is scored by a Recorder that took ``steps[i]``."""
+    sl = data.period(period)
+    return logloss(data.labels[sl], 0.1 + 0.01 * np.array(steps[sl.start : sl.stop], dtype=np.float64))
+
+
+def test_streaming_published_scores_with_the_snapshot_of_the_last_boundary() -> None:
+    # Samples 1 s apart, batches of 2, a snapshot every 3 s: sample i is served by the learner that had
+    # learned every batch completed before its boundary 3 * (i // 3) s. Batch [2, 3] completes at 3 s, so
+    # the 3 s snapshot holds one step, not two; the live learner would have taken i // 2 steps.
+    data = _data()
+    served = [0, 0, 0, 1, 1, 1, 3, 3, 3, 4, 4, 4]
+    live = [i // 2 for i in range(12)]
+
+    def run(publish_every_ms: int) -> tuple[list, list]:
+        log: list = []
+        spec = RunSpec(
+            "streaming", "f", Strategy("reloop", 0.2), 0, batch_size=2, publish_every_ms=publish_every_ms
+        )
+        rows = run_streaming(data, spec, _factory(log))
+        learns = [(e[1], None if e[2] is None else e[2].tolist(), e[3]) for e in log if e[0] == "learn"]
+        return rows, learns
+
+    (published, learned), (live_rows, live_learned) = run(3000), run(0)
+    for row in published:
+        assert row["logloss"] == pytest.approx(_steps_logloss(data, served, row["period"]))
+    for row in live_rows:
+        assert row["logloss"] == pytest.approx(_steps_logloss(data, live, row["period"]))
+    assert learned == live_learned  # the same steps, with the same y_last: only the scores moved
+    # A snapshot taken once and never replaced (the interval outlasts the stream) serves the untrained
+    # learner throughout.
+    never, _ = run(10**9)
+    for row in never:
+        assert row["logloss"] == pytest.approx(_steps_logloss(data, [0] * 12, row["period"]))
+
+
+def test_published_scorer_takes_at_most_one_snapshot_per_batch_and_none_within_a_boundary() -> None:
+    state = {"n": 0}
+    scorer = PublishedScorer(10, lambda: state["n"])
+    pairs = lambda t: [((p.start, p.stop), m) for p, m in scorer.models(np.array(t))]  # noqa: E731
+    assert pairs([0, 3]) == [((0, 2), 0)]
+    state["n"] = 1
+    assert pairs([5, 12, 25]) == [((0, 1), 0), ((1, 3), 1)]  # 12 and 25 cross two boundaries: one snapshot
+    state["n"] = 2
+    assert pairs([27, 29]) == [((0, 2), 1)]  # still the 20 s boundary's
+    assert pairs([]) == [] and scorer.snapshots == 2
+    with pytest.raises(ValueError, match="publish_every_ms"):
+        PublishedScorer(0, lambda: None)
+
+
+def test_river_peer_published_is_scored_by_a_copy_from_the_last_boundary() -> None:
+    # Every event a click on the same feature, 1 s apart, a snapshot every 3 s: event i is scored by the
+    # model that learned events 0 .. 3 * (i // 3) - 1, which a fresh model replays to tell.
+    from river import linear_model, optim
+
+    samples = [LabeledSample(f"s{i}", {"x": "a"}, 1, 0.5, 0, event_time_ms=1000 * i) for i in range(9)]
+    data = prepare(samples, SPEC, lambda t: period_bounds_by_count(len(t), 3))
+    rows = run_river_baseline(data, publish_every_ms=3000)
+    expected = []
+    for i in range(9):
+        model = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+        for _ in range(3 * (i // 3)):
+            model.learn_one({"x=a": 1.0}, True)
+        expected.append(model.predict_proba_one({"x=a": 1.0})[True])
+    for row in rows:
+        sl = data.period(row["period"])
+        assert row["logloss"] == pytest.approx(logloss(data.labels[sl], np.array(expected[sl])))
+    live = run_river_baseline(data)
+    assert [r["logloss"] for r in live] != pytest.approx([r["logloss"] for r in rows])
