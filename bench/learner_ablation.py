@@ -174,17 +174,26 @@ DELAYED_STRATEGIES = {
     for strategy in ("kd", "reloop")
     for alpha in (0.2, 0.5)
 }
-# Smaller batches of the new defaults (--learners new_b128,new_b32,new_b8): the served model is at most a
-# batch old; small_b8: batches of 8 with the small-step learning rates (now the defaults' for such steps).
+# Other batch sizes of the new defaults (--learners new_b1024,new_b128,...; new_b1024: train.batch_size's
+# default): the served model is at most a batch old; small_b8: batches of 8 with the small-step learning
+# rates (now the defaults' for such steps).
 DELAYED_BATCHES = {
-    **{f"new_b{b}": {**NEW, "batch": b} for b in (128, 32, 8)},
+    **{f"new_b{b}": {**NEW, "batch": b} for b in (1024, 256, 128, 32, 8)},
     "small_b8": {**NEW, "batch": 8, "dense_lr": 3e-4, "opt": {"embedding_lr": 0.1, "small_steps_below": 0}},
 }
 # flush: full batches, and at each publish a step on what has arrived (its snapshots hold back nothing).
 # wait1s: what the train stage's train.max_wait_ms (1000) does on a slow stream: a step on what arrived within
 # each second of event time (at most a batch). Both with the engine's rate rule (small_steps_below 256).
 DELAYED_PARTIAL = {"flush": {**NEW, "flush": 1, "opt": {}}, "wait1s": {**NEW, "wait_s": 1.0, "opt": {}}}
-DELAYED_ALL = {**DELAYED_LEARNERS, **DELAYED_STRATEGIES, **DELAYED_BATCHES, **DELAYED_PARTIAL}
+# Another backbone with the defaults' learner (--learners new_deepfm): its rows' "vs new" pairs it with DCN.
+DELAYED_BACKBONES = {"new_deepfm": {**NEW, "backbone": "deepfm"}}
+DELAYED_ALL = {
+    **DELAYED_LEARNERS,
+    **DELAYED_STRATEGIES,
+    **DELAYED_BATCHES,
+    **DELAYED_PARTIAL,
+    **DELAYED_BACKBONES,
+}
 RIVER_LR = 0.05  # the river peer's SGD step in every backtest (run_river_baseline)
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
@@ -941,7 +950,8 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DELAYED_LEARNERS),
         help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone; also "
         f"{', '.join(DELAYED_STRATEGIES)}: the new defaults with KD / ReLoop against the period snapshot; "
-        f"{', '.join(DELAYED_BATCHES)}: the new defaults in smaller batches)",
+        f"{', '.join(DELAYED_BATCHES)}: the new defaults in smaller batches; "
+        f"{', '.join(DELAYED_BACKBONES)}: the new defaults with another backbone)",
     )
     args = p.parse_args(argv)
     if args.summary_published:
