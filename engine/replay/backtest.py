@@ -38,6 +38,7 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.metrics.offline import auc, logloss
 
 YLastSource = Literal["recomputed", "logged"]
+RIVER_LR = 0.05  # the river peer's SGD step unless told otherwise
 PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
 
 
@@ -420,7 +421,7 @@ def _river_x(features: dict[str, Any]) -> dict[str, float]:
 
 def run_river_baseline(
     data: BacktestData,
-    lr: float = 0.05,
+    lr: float = RIVER_LR,
     batch_by: str = "count",
     batch_size: int = 1,
     publish_every_ms: int = 0,

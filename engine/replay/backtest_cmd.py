@@ -25,6 +25,7 @@ from typing import Any
 from reloop.engine.replay.backtest import (
     BATCH_BY,
     PROTOCOLS,
+    RIVER_LR,
     BacktestData,
     RunSpec,
     period_bounds_by_count,
@@ -198,6 +199,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="the per-event river LogisticRegression peer baseline",
     )
+    parser.add_argument("--river-lr", type=float, default=RIVER_LR, help="the river peer's SGD step")
     parser.add_argument("--workers", type=int, default=1, help="processes (each uses one torch thread)")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
@@ -312,6 +314,8 @@ def main(args: argparse.Namespace) -> int:
     if csv_path.exists() and not args.resume:
         csv_path.unlink()
     publish_every_ms = _publish_every_ms(args)
+    if not args.river_lr > 0:
+        raise SystemExit(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
     t0 = time.perf_counter()
     data, time_kind = load_data(args)
     if publish_every_ms and time_kind == "pseudo":
@@ -351,6 +355,7 @@ def main(args: argparse.Namespace) -> int:
     # per event, or (batches by time) per event time as the deep learners
     by_time = args.batch_by == "time"
     river_batching = {
+        "lr": args.river_lr,
         "batch_by": args.batch_by,
         "batch_size": args.batch_size if by_time else 1,
         "publish_every_ms": publish_every_ms,
@@ -493,6 +498,9 @@ def learner_settings(args: argparse.Namespace) -> str:
             f"; scored by the snapshot of the last multiple of {publish:g} s of event time (streaming; the "
             "river peer too)"
         )
+    river_lr = getattr(args, "river_lr", RIVER_LR)
+    if river_lr != RIVER_LR:  # (the default is not named: the reports of before say nothing of it)
+        batch += f"; the river peer's SGD step {river_lr:g}"
     return (
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
         f"{_rates(opt)}; {wide}; {replay}; embedding dim {args.embedding_dim}; "

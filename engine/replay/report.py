@@ -125,38 +125,65 @@ def compare(
 ) -> list[Comparison]:
     """Each strategy against its baseline (``baseline_of``, CE by default) of the same (dataset,
     protocol, backbone), paired by seed and period; ``ce_mean`` is then the baseline's mean."""
-    cells: dict[tuple, dict[tuple[int, int], dict[str, float]]] = defaultdict(dict)
-    for r in rows:
-        cells[(*_key(r), r["strategy"])][(r["seed"], r["period"])] = {m: r[m] for m in METRICS}
+    cells = _cells(rows)
     out = []
     for (dataset, protocol, backbone, strategy), cell in sorted(cells.items()):
         baseline = baseline_of(strategy)
         ce = cells.get((dataset, protocol, backbone, baseline)) if baseline else None
-        if ce is None:
+        if ce is not None:
+            out += _paired((dataset, protocol, backbone, strategy), cell, ce)
+    return out
+
+
+RIVER = "river_lr"
+
+
+def against_river(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
+    """Each streaming learner against the river per-event LR peer of the same dataset. The peer is one
+    run (seed 0, nothing random in it): every seed of a learner is paired with it period by period, so the
+    interval over seeds is the learners' seed noise and the one over periods the periods'."""
+    cells = _cells(rows)
+    out = []
+    for (dataset, protocol, backbone, strategy), cell in sorted(cells.items()):
+        river = cells.get((dataset, protocol, RIVER, "ce"))
+        if backbone == RIVER or river is None:
             continue
-        pairs = sorted(set(cell) & set(ce))
-        seeds = sorted({s for s, _ in pairs})
-        periods = sorted({p for _, p in pairs})
-        for metric in METRICS:
-            d = {k: cell[k][metric] - ce[k][metric] for k in pairs}
-            per_seed = [np.nanmean([d[k] for k in pairs if k[0] == s]) for s in seeds]
-            per_period = [np.nanmean([d[k] for k in pairs if k[1] == p]) for p in periods]
-            out.append(
-                Comparison(
-                    dataset=dataset,
-                    protocol=protocol,
-                    backbone=backbone,
-                    strategy=strategy,
-                    metric=metric,
-                    mean=float(np.nanmean([cell[k][metric] for k in pairs])),
-                    ce_mean=float(np.nanmean([ce[k][metric] for k in pairs])),
-                    diff_seeds=t_interval(per_seed),
-                    diff_periods=t_interval(per_period),
-                    n_seeds=len(seeds),
-                    n_periods=len(periods),
-                    seed_wins=sum(BETTER[metric] * v > 0 for v in per_seed),
-                )
+        base = {(s, p): river[(0, p)] for s, p in cell if (0, p) in river}
+        out += _paired((dataset, protocol, backbone, strategy), cell, base)
+    return out
+
+
+def _cells(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[tuple[int, int], dict[str, float]]]:
+    """(dataset, protocol, backbone, strategy) -> (seed, period) -> metrics."""
+    cells: dict[tuple, dict[tuple[int, int], dict[str, float]]] = defaultdict(dict)
+    for r in rows:
+        cells[(*_key(r), r["strategy"])][(r["seed"], r["period"])] = {m: r[m] for m in METRICS}
+    return cells
+
+
+def _paired(key: tuple[str, str, str, str], cell: dict, base: dict) -> list[Comparison]:
+    """``cell`` against ``base`` over their common (seed, period) pairs, per metric."""
+    pairs = sorted(set(cell) & set(base))
+    seeds = sorted({s for s, _ in pairs})
+    periods = sorted({p for _, p in pairs})
+    out = []
+    for metric in METRICS:
+        d = {k: cell[k][metric] - base[k][metric] for k in pairs}
+        per_seed = [np.nanmean([d[k] for k in pairs if k[0] == s]) for s in seeds]
+        per_period = [np.nanmean([d[k] for k in pairs if k[1] == p]) for p in periods]
+        out.append(
+            Comparison(
+                *key,
+                metric=metric,
+                mean=float(np.nanmean([cell[k][metric] for k in pairs])),
+                ce_mean=float(np.nanmean([base[k][metric] for k in pairs])),
+                diff_seeds=t_interval(per_seed),
+                diff_periods=t_interval(per_period),
+                n_seeds=len(seeds),
+                n_periods=len(periods),
+                seed_wins=sum(BETTER[metric] * v > 0 for v in per_seed),
             )
+        )
     return out
 
 
@@ -206,28 +233,40 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
                 f"| {a.seed_wins}/{a.n_seeds} · {ll.seed_wins}/{ll.n_seeds} | {a.verdict} / {ll.verdict} |"
             )
         parts.append("\n".join(lines))
-    kd = compare(rows, against_kd)
-    if kd:
-        lines = [
-            "#### ReLoop (and its variants) − KD at the same alpha (×1e3, 95% over seeds / over periods)",
-            "",
-            "| dataset · protocol · backbone | strategy | ΔAUC (seeds) | ΔAUC (periods) | ΔLogLoss (seeds) "
-            "| ΔLogLoss (periods) | verdict AUC / LogLoss |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        by: dict[tuple, dict[str, Comparison]] = defaultdict(dict)
-        for c in kd:
-            by[(c.dataset, c.protocol, c.backbone, c.strategy)][c.metric] = c
-        for (d, p, b, s), m in sorted(by.items()):
-            a, ll = m["auc"], m["logloss"]
-            cell = " · ".join(x for x in (d, p, b) if x)
-            lines.append(
-                f"| {cell} | {s} vs kd | {_fmt(*a.diff_seeds, 1e3)} | {_fmt(*a.diff_periods, 1e3)} "
-                f"| {_fmt(*ll.diff_seeds, 1e3)} | {_fmt(*ll.diff_periods, 1e3)} "
-                f"| {a.verdict} / {ll.verdict} |"
-            )
-        parts.append("\n".join(lines))
+    titled = (
+        ("ReLoop (and its variants) − KD at the same alpha", "vs kd", compare(rows, against_kd)),
+        (
+            "Each learner − the river per-event LR peer (one run, paired by period)",
+            "vs river",
+            against_river(rows),
+        ),
+    )
+    for title, versus, comps in titled:
+        if comps:
+            parts.append(_versus_table(title, versus, comps))
     return "\n\n".join(parts) + "\n"
+
+
+def _versus_table(title: str, versus: str, comps: Sequence[Comparison]) -> str:
+    lines = [
+        f"#### {title} (×1e3, 95% over seeds / over periods)",
+        "",
+        "| dataset · protocol · backbone | strategy | ΔAUC (seeds) | ΔAUC (periods) | ΔLogLoss (seeds) "
+        "| ΔLogLoss (periods) | verdict AUC / LogLoss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    by: dict[tuple, dict[str, Comparison]] = defaultdict(dict)
+    for c in comps:
+        by[(c.dataset, c.protocol, c.backbone, c.strategy)][c.metric] = c
+    for (d, p, b, s), m in sorted(by.items()):
+        a, ll = m["auc"], m["logloss"]
+        cell = " · ".join(x for x in (d, p, b) if x)
+        lines.append(
+            f"| {cell} | {s} {versus} | {_fmt(*a.diff_seeds, 1e3)} | {_fmt(*a.diff_periods, 1e3)} "
+            f"| {_fmt(*ll.diff_seeds, 1e3)} | {_fmt(*ll.diff_periods, 1e3)} "
+            f"| {a.verdict} / {ll.verdict} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Path]:

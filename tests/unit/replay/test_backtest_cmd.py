@@ -144,7 +144,12 @@ def test_scores_from_published_snapshots_from_the_command_line(tmp_path: Path, m
     report = (tmp_path / "daily" / "report.md").read_text()
     assert "scored by the snapshot of the last multiple of 86400 s of event time" in report
     assert "scored by the snapshot" not in (tmp_path / "live" / "report.md").read_text()
+    slow = scores("slow-peer", "--publish-every", "86400", "--river-lr", "0.01")
+    assert slow["fm"] == daily["fm"] and slow["river_lr"] != daily["river_lr"]  # the peer's step, only its
+    assert "the river peer's SGD step 0.01" in (tmp_path / "slow-peer" / "report.md").read_text()
+    assert "SGD step" not in report
     for bad, message in (
+        (["--river-lr", "0"], "expected a step > 0"),
         (["--publish-every", "-1"], "expected 0 or at least 0.001 seconds"),
         (["--publish-every", "60", "--memory", "n_tables=2"], "--memory scores with the live learner"),
     ):

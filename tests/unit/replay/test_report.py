@@ -7,6 +7,7 @@ import pytest
 from reloop.engine.replay.report import (
     Comparison,
     against_kd,
+    against_river,
     compare,
     markdown_tables,
     plot,
@@ -112,3 +113,34 @@ def test_reloop_is_also_paired_against_kd_at_the_same_alpha() -> None:
     # The variants are paired with KD too; KD and CE are not.
     assert against_kd("reloop_kl@0.2") == "kd@0.2"
     assert against_kd("kd@0.2") is None and against_kd("ce") is None
+
+
+def test_every_learner_is_paired_with_the_river_peer_period_by_period() -> None:
+    rows = [{**r, "protocol": "streaming"} for r in _rows({0: 0.010, 1: 0.011, 2: 0.012})]
+    # The peer: one run (seed 0); period 3 lacks it, so only periods 1 and 2 pair. Its AUC per period is
+    # 0.02 below CE seed 0's there.
+    river = [
+        {
+            **r,
+            "backbone": "river_lr",
+            "strategy": "ce",
+            "auc": r["auc"] - 0.02,
+            "logloss": r["logloss"] + 0.03,
+        }
+        for r in rows
+        if r["seed"] == 0 and r["strategy"] == "ce" and r["period"] < 3
+    ]
+    comps = {(c.strategy, c.metric): c for c in against_river(rows + river)}
+    assert set(comps) == {(s, m) for s in ("ce", "reloop@0.5") for m in ("auc", "logloss")}
+    ce_auc = comps[("ce", "auc")]
+    # CE seed s sits 0.001 * s above seed 0, so the mean gap is 0.02 + 0.001 (seeds 0, 1, 2).
+    assert ce_auc.diff_seeds[0] == pytest.approx(0.021) and ce_auc.n_periods == 2 and ce_auc.verdict == "wins"
+    assert comps[("reloop@0.5", "auc")].diff_seeds[0] == pytest.approx(0.021 + 0.011)
+    assert (
+        comps[("ce", "logloss")].diff_seeds[0] == pytest.approx(-0.03)
+        and comps[("ce", "logloss")].verdict == "wins"
+    )
+    assert all(c.seed_wins == 3 for c in comps.values())
+    table = markdown_tables(rows + river)
+    assert "the river per-event LR peer" in table and "| d · streaming · dcn | ce vs river | +21.00" in table
+    assert against_river(rows) == [] and "vs river" not in markdown_tables(rows)  # no peer, no table
