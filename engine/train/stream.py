@@ -44,7 +44,7 @@ MismatchPolicy = Literal["use_logged", "recompute", "skip_sc"]
 
 @dataclass(frozen=True, slots=True)
 class StreamTrainerConfig:
-    batch_size: int = 1024
+    batch_size: int = 512  # train.batch_size's default
     y_last: YLastMode = "logged"
     version_mismatch: MismatchPolicy = "use_logged"
     progressive_window: int = 100_000

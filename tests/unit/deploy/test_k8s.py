@@ -204,7 +204,7 @@ def test_config_edits_roll_the_pods(tool, folder: Path, tmp_path: Path) -> None:
     copy_dir = tmp_path / "k8s"
     shutil.copytree(K8S, copy_dir)
     run = copy_dir / "base" / "config" / "run.yaml"
-    run.write_text(run.read_text().replace("batch_size: 1024", "batch_size: 512"))
+    run.write_text(run.read_text().replace("batch_size: 512", "batch_size: 256"))
     edited = build(tool, copy_dir / folder.relative_to(K8S))
     (new_cm,) = of_kind(edited, "ConfigMap")
     assert new_cm["metadata"]["name"] != cm["metadata"]["name"]

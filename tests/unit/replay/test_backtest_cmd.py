@@ -281,3 +281,13 @@ def test_cli_defaults_are_the_settings_the_documented_reports_used(name: str) ->
         assert defaults.epochs == used.epochs == epochs
     shown = argparse.Namespace(**{**vars(defaults), "epochs": epochs})
     assert printed == f"- {learner_settings(shown)}"
+
+
+def test_run_and_the_backtest_step_on_batches_of_the_same_size_by_default() -> None:
+    """The backtests' learner tables (docs/backtest/) are what `reloop run` does by default: 512, chosen on
+    their selection periods over 1024 (docs/operations.md)."""
+    from reloop.engine.runtime.config import TrainSection
+    from reloop.engine.train.stream import StreamTrainerConfig
+
+    backtest = _parse(["--dataset", "d", "--data", "d", "--out", "d"])
+    assert TrainSection().batch_size == StreamTrainerConfig().batch_size == backtest.batch_size == 512
