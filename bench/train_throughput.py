@@ -9,7 +9,8 @@ against them by ``python -m reloop.bench.suite_trainer``). Every step gets y_las
 the full ReLoop loss. Backbones are measured round-robin over several rounds and the median is shown,
 because the shared machine's speed drifts (docs/performance.md).
 
-    .venv/bin/python -m reloop.bench.train_throughput [--batches 1024 4096] [--rounds 3] [--seconds 2]
+    .venv/bin/python -m reloop.bench.train_throughput [--batches 1024 4096] [--rounds 3] [--seconds 2] \
+        [--current-defaults]
 """
 
 from __future__ import annotations
@@ -123,14 +124,20 @@ def main() -> None:
         "--device", default="cpu", help="TorchLearner.to(device); numpy learners stay on the CPU"
     )
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic samples to cycle through")
+    parser.add_argument(
+        "--current-defaults",
+        action="store_true",
+        help="the learners with today's optimizer defaults (OptimizerConfig()) instead of the previous ones",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = criteo_spec()
     data = synthetic_criteo(spec, args.rows)
-    previous = OptimizerConfig.previous_defaults()  # FTRL ignores it
+    # FTRL ignores the optimizer settings
+    optimizer = OptimizerConfig() if args.current_defaults else OptimizerConfig.previous_defaults()
     learners = {
-        name: build_learner(name, spec, args.strategy, 0.2, seed=0, optimizer=previous)
+        name: build_learner(name, spec, args.strategy, 0.2, seed=0, optimizer=optimizer)
         for name in args.backbones
     }
     for learner in learners.values():
@@ -150,7 +157,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(
         f"Criteo-shaped synthetic: {spec.num_fields} fields, {spec.total_rows:,} embedding rows; strategy "
-        f"{args.strategy} with y_last; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.strategy} with y_last; {'current' if args.current_defaults else 'previous'} optimizer "
+        f"defaults; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"device {args.device}; "
         f"{args.rounds} rounds x {args.seconds}s; load average {load_before:.1f} -> {load_after:.1f}"
     )
