@@ -285,7 +285,7 @@ class PublishedScorer:
         boundaries = times_ms // self.every_ms
         if len(boundaries) == 0:
             return []
-        if self._boundary is not None and boundaries[-1] == self._boundary:
+        if self._boundary is not None and boundaries[-1] <= self._boundary:  # (<: out-of-order times)
             return [(slice(0, len(boundaries)), self._served)]
         old = self._served
         cut = 0 if self._boundary is None else int(np.searchsorted(boundaries, self._boundary, side="right"))
