@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.metrics.offline import auc, logloss
-from reloop.engine.replay.backtest import BacktestData
+from reloop.engine.replay.backtest import RIVER_LR, BacktestData
 
 # ------------------------------------------------------------------------------------------ settings
 # The harness's base is the learner of the first backtest reports: Adam at 1e-2 everywhere (SparseAdam
@@ -194,7 +194,6 @@ DELAYED_ALL = {
     **DELAYED_PARTIAL,
     **DELAYED_BACKBONES,
 }
-RIVER_LR = 0.05  # the river peer's SGD step in every backtest (run_river_baseline)
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
 
@@ -950,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DELAYED_LEARNERS),
         help="--delayed: the deep learners to run (comma list; 'none' for the river peer alone; also "
         f"{', '.join(DELAYED_STRATEGIES)}: the new defaults with KD / ReLoop against the period snapshot; "
-        f"{', '.join(DELAYED_BATCHES)}: the new defaults in smaller batches; "
+        f"{', '.join(DELAYED_BATCHES)}: the new defaults in other batch sizes; "
         f"{', '.join(DELAYED_BACKBONES)}: the new defaults with another backbone)",
     )
     args = p.parse_args(argv)
