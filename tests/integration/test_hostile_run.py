@@ -34,6 +34,7 @@ from reloop.engine.train.ledger import Ledger
 
 from .hostile import generate_hostile
 from .test_run_kafka import (
+    FAST_REJOIN,
     _now_ms,
     _start,
     _stop,
@@ -86,6 +87,7 @@ def _config(tmp: Path, bootstrap: str, topics: dict[str, str]) -> Path:
             "batch_samples": 32,
             "max_delay_ms": 50,
             "join_checkpoint_every_s": 1.0,
+            "join_client_config": FAST_REJOIN,
         },
         "join": {
             "window_ms": 2_000,

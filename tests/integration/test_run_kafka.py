@@ -27,6 +27,10 @@ pytestmark = pytest.mark.kafka
 
 BATCH = 16
 PERIOD = 4 * BATCH  # logs are padded to whole periods: the last sample trained is also snapshotted
+# The broker's shortest session (group.min.session.timeout.ms): a join consumer that died (a SIGKILL, a
+# broker outage) leaves the group after 6 s instead of kafka-python's default 45 s, so its successor gets
+# the task back that much sooner (each killed join process cost a test up to 45 s of waiting).
+FAST_REJOIN = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -101,6 +105,7 @@ def _config(
             "batch_samples": 32,
             "max_delay_ms": 50,
             "join_checkpoint_every_s": 1.0,
+            "join_client_config": FAST_REJOIN,
         },
         "join": {
             "window_ms": 2_000,
