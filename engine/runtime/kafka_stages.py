@@ -19,7 +19,9 @@ def _fail_fast_on_config(exc: BaseException) -> None:
     failure to retry for the supervisor's whole budget."""
     from reloop.engine.runtime.config import ConfigError
 
-    if type(exc).__name__ == "KafkaConfigurationError" or "Configuration property" in str(exc):
+    # librdkafka: 'No such configuration property: "x"', 'Invalid value for configuration property "x"',
+    # 'Configuration property "x" not supported in this build'.
+    if type(exc).__name__ == "KafkaConfigurationError" or "configuration property" in str(exc).lower():
         raise ConfigError(f"Kafka client settings refused: {exc}") from exc
 
 

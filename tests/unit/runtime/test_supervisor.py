@@ -153,3 +153,40 @@ def test_a_config_the_client_refuses_fails_fast_instead_of_retrying():
     with pytest.raises(ConfigError, match="fetch_max_wait_ms"):
         sup.run()
     assert calls == [1] and sup.restarts == 0
+
+
+def _refusal(make) -> BaseException:
+    try:
+        make()
+    except Exception as exc:  # noqa: BLE001 - the client's own exception is the subject
+        return exc
+    raise AssertionError("the client accepted the settings")
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: __import__("kafka").KafkaConsumer(bootstrap_servers="127.0.0.1:1", bogus_ms=1), "bogus_ms"),
+        # librdkafka's two refusals: an unknown name (kafka-python's spelling given to the confluent
+        # client) and a bad value. Neither was taken for a config error once (retried for good).
+        (
+            lambda: __import__("confluent_kafka").Consumer(
+                {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "heartbeat_interval_ms": 1}
+            ),
+            "heartbeat_interval_ms",
+        ),
+        (
+            lambda: __import__("confluent_kafka").Consumer(
+                {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "session.timeout.ms": "soon"}
+            ),
+            "session.timeout.ms",
+        ),
+    ],
+)
+def test_the_clients_refusals_of_their_settings_are_config_errors(make, key):
+    from reloop.engine.runtime.config import ConfigError
+    from reloop.engine.runtime.kafka_stages import _fail_fast_on_config
+
+    with pytest.raises(ConfigError, match=key):
+        _fail_fast_on_config(_refusal(make))
+    _fail_fast_on_config(ConnectionError("broker unreachable"))  # a failure to retry: no ConfigError
