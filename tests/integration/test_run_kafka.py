@@ -29,7 +29,8 @@ BATCH = 16
 PERIOD = 4 * BATCH  # logs are padded to whole periods: the last sample trained is also snapshotted
 # The broker's shortest session (group.min.session.timeout.ms): a join consumer that died (a SIGKILL, a
 # broker outage) leaves the group after 6 s instead of kafka-python's default 45 s, so its successor gets
-# the task back that much sooner (each killed join process cost a test up to 45 s of waiting).
+# the task back that much sooner (each killed join process cost a test up to 45 s of waiting). In
+# kafka-python's names; _config gives the confluent client librdkafka's.
 FAST_REJOIN = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,6 +130,8 @@ def _config(
     }
     for section, values in overrides.items():
         cfg[section] = {**cfg.get(section, {}), **values}
+    if cfg["kafka"].get("client") == "confluent" and cfg["stages"]["join_client_config"] is FAST_REJOIN:
+        cfg["stages"]["join_client_config"] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
