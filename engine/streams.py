@@ -100,3 +100,18 @@ def positions_from_json(data: Mapping[str, int]) -> Positions:
         topic, _, partition = key.rpartition(":")
         out[TopicPartition(topic, int(partition))] = int(offset)
     return out
+
+
+def merge_ends(source: object) -> Positions | None:
+    """The log ends a merge compares positions with: None for a source that cannot tell (no
+    ``end_positions``). A source that also has ``fetched_ends`` (the ends its last fetch responses
+    reported: the Kafka sources) answers from it when it knows every partition, with no round trip to the
+    broker; otherwise ``end_positions()`` asks. Raises what they raise. A stall check or a lag metric
+    wants the broker's answer now and calls ``end_positions`` itself."""
+    fetched = getattr(source, "fetched_ends", None)
+    if fetched is not None:
+        ends = fetched()
+        if ends is not None:
+            return dict(ends)
+    end = getattr(source, "end_positions", None)
+    return None if end is None else dict(end())

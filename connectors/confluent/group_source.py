@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from reloop.connectors.confluent.source import fetched_ends
 from reloop.engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
@@ -156,17 +157,19 @@ class ConfluentGroupSource:
         deadline = now + timeout_s
         ends: Positions = {}
         for tp in self._next:
-            ktp = KafkaTopicPartition(tp.topic, tp.partition)
-            # The high watermark the last fetch response carried (no round trip; ~65 ms each otherwise),
-            # asked of the broker only when no fetch has told it yet.
-            _, high = self._consumer.get_watermark_offsets(ktp, cached=True)
-            if high < 0:
-                _, high = self._consumer.get_watermark_offsets(
-                    ktp, timeout=max(0.001, deadline - time.monotonic()), cached=False
-                )
+            _, high = self._consumer.get_watermark_offsets(
+                KafkaTopicPartition(tp.topic, tp.partition),
+                timeout=max(0.001, deadline - time.monotonic()),
+                cached=False,
+            )
             ends[tp] = int(high)
         self._ends, self._ends_at = ends, now
         return ends
+
+    def fetched_ends(self) -> Positions | None:
+        """``end_positions`` as the last fetch responses reported it, without a request
+        (connectors/confluent/source.py ``fetched_ends``); None until every owned partition has had one."""
+        return fetched_ends(self._consumer, self._next)
 
     def commit(self, positions: Mapping[TopicPartition, int], *, timeout_s: float = 2.0) -> None:
         offsets = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
@@ -160,6 +160,11 @@ class ConfluentSource:
         self._ends_at = now
         return ends
 
+    def fetched_ends(self) -> Positions | None:
+        """``end_positions`` as the last fetch responses reported it, without a request (see
+        ``fetched_ends`` below); None until every assigned partition has had one."""
+        return fetched_ends(self._client(), self._next)
+
     def commit(
         self, positions: Mapping[TopicPartition, int] | None = None, *, timeout_s: float = 2.0
     ) -> None:
@@ -207,3 +212,20 @@ class ConfluentSource:
             self._consumer.close()
             self._consumer = None
         self._next = {}
+
+
+def fetched_ends(consumer: Consumer, parts: Iterable[TopicPartition]) -> Positions | None:
+    """The high watermark each partition's last fetch response carried (librdkafka's cached watermark):
+    what a consumer that keeps polling knows, with no round trip to the broker (~65 ms per partition
+    here). None while a partition has had no fetch response (or is no longer assigned): the caller then
+    asks the broker."""
+    ends: Positions = {}
+    for tp in parts:
+        try:
+            _, high = consumer.get_watermark_offsets(KafkaTopicPartition(tp.topic, tp.partition), cached=True)
+        except KafkaException:
+            return None
+        if high < 0:
+            return None
+        ends[tp] = int(high)
+    return ends

@@ -21,6 +21,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
+from reloop.connectors.kafka.source import fetched_ends
 from reloop.engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
@@ -178,6 +179,12 @@ class KafkaGroupSource:
         self._ends = {TopicPartition(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
         self._ends_at = now
         return self._ends
+
+    def fetched_ends(self) -> Positions | None:
+        """``end_positions`` as the last fetch responses reported it, without a request
+        (connectors/kafka/source.py ``fetched_ends``); None until every owned partition has had one."""
+        owned = [KafkaTopicPartition(tp.topic, tp.partition) for tp in self._next]
+        return fetched_ends(self._consumer, owned)
 
     def commit(self, positions: Mapping[TopicPartition, int], *, timeout_s: float = 2.0) -> None:
         if self._in_callback:

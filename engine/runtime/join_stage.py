@@ -51,7 +51,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
-from reloop.engine.streams import Positions, Record, Sink, TopicPartition, positions_to_json
+from reloop.engine.streams import Positions, Record, Sink, TopicPartition, merge_ends, positions_to_json
 
 log = logging.getLogger("reloop.join")
 
@@ -265,7 +265,8 @@ class JoinStage:
         processed = 0
         now = time.monotonic()
         if not records and now - self._last_records >= s.stall_timeout_s:
-            self._check_stalled(fetched, ends)
+            # The broker's ends now: a consumer that stopped fetching never hears of new records.
+            self._check_stalled(fetched, self._ends(ask=True))
         self._check_membership(now)
         for task in self.tasks.values():
             processed += task.process(fetched, ends)
@@ -302,9 +303,9 @@ class JoinStage:
             waited = self.settings.stall_timeout_s
             raise ConsumerStalled(f"not a member of the consumer group for {waited:g} s")
 
-    def _ends(self) -> Positions:
+    def _ends(self, *, ask: bool = False) -> Positions:
         try:
-            return dict(self.source.end_positions())
+            return dict(self.source.end_positions() if ask else merge_ends(self.source) or {})
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
             log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
             return {}

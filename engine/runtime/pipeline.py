@@ -74,6 +74,7 @@ from reloop.engine.streams import (
     Sink,
     Source,
     TopicPartition,
+    merge_ends,
     positions_from_json,
     positions_to_json,
 )
@@ -358,7 +359,7 @@ class Pipeline:
         if end is None or not self._merger.needs_ends():
             return None if end is None else {}
         try:
-            return dict(end())
+            return merge_ends(self.source)
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
             log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
             return {}

@@ -62,6 +62,7 @@ from reloop.engine.streams import (
     Record,
     Source,
     TopicPartition,
+    merge_ends,
     positions_from_json,
     positions_to_json,
 )
@@ -344,11 +345,8 @@ class TrainStage:
         return batch, self._featurize(batch)
 
     def _ends(self) -> Positions | None:
-        end = getattr(self.source, "end_positions", None)
-        if end is None:
-            return None
         try:
-            return dict(end())
+            return merge_ends(self.source)
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
             log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
             return {}

@@ -3,7 +3,10 @@ the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from reloop.connectors.confluent.group_source import ConfluentGroupSource
 from reloop.connectors.confluent.sink import ConfluentSink
 from reloop.connectors.confluent.source import ConfluentSource
 from reloop.connectors.kafka.admin import create_topics
@@ -121,3 +124,55 @@ def test_source_refuses_client_config_that_breaks_the_contract(key: str) -> None
 def test_sink_refuses_client_config_that_weakens_the_contract(key: str) -> None:
     with pytest.raises(ValueError, match=key):
         ConfluentSink(bootstrap="x:1", topic="t", client_config={key: "x"})
+
+
+def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, unique_topic) -> None:
+    """As with kafka-python (test_kafka_connectors.py): unknown (None) before a partition's first fetch
+    response, then the log end the last one reported, without a request; the group source's
+    ``end_positions`` asks the broker."""
+    topic = unique_topic("ends")
+    create_topics(kafka_broker.bootstrap, {topic: 2})
+    fill(kafka_broker.bootstrap, topic, 30)  # one key: every record in one partition, the other empty
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        assert source.fetched_ends() is None
+        drain(source, 30)
+        ends = source.end_positions()
+        assert sorted(ends.values()) == [0, 30]
+        assert source.fetched_ends() == ends
+    finally:
+        source.close()
+
+    group = ConfluentGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
+    listener = _SeekToStart(group)
+    try:
+        group.subscribe(listener)
+        got: list = []
+        deadline = time.monotonic() + 20
+        while len(got) < 30 and time.monotonic() < deadline:
+            got += group.poll(100, 0.05)
+        assert len(got) == 30 and listener.assigned
+        fill(kafka_broker.bootstrap, topic, 5)
+        assert sorted(group.end_positions(max_age_s=0).values()) == [0, 35]  # the broker, asked
+        while len(got) < 35 and time.monotonic() < deadline:
+            got += group.poll(100, 0.05)
+        assert len(got) == 35
+        assert group.fetched_ends() == group.end_positions(max_age_s=0)
+    finally:
+        group.close()
+
+
+class _SeekToStart:
+    """A join stage's listener in miniature: every partition it is given is read from its beginning."""
+
+    def __init__(self, source: ConfluentGroupSource) -> None:
+        self.source = source
+        self.assigned: list[list[TopicPartition]] = []
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assigned.append(tps)
+        self.source.seek(dict.fromkeys(tps))
+
+    def on_revoked(self, tps: list[TopicPartition]) -> None:
+        pass

@@ -210,3 +210,49 @@ def test_a_new_member_of_a_new_group_is_assigned_once_and_not_rebalanced(kafka_b
             assert not any(listener.revoked), f"member {member} lost its partition to a rebalance"
         finally:
             source.close()
+
+
+def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, unique_topic) -> None:
+    """What the merges read instead of a ListOffsets request per step: unknown (None) before a
+    partition's first fetch response, then the log end that response reported, moving only with the
+    next fetch; never for a read_committed consumer (its end is the last stable offset)."""
+    topic = unique_topic("ends")
+    create_topics(kafka_broker.bootstrap, {topic: 2})
+    fill(kafka_broker.bootstrap, topic, 30)  # one key: every record in one partition, the other empty
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    committed = KafkaSource(
+        bootstrap=kafka_broker.bootstrap, topics=[topic], client_config={"isolation_level": "read_committed"}
+    )
+    try:
+        source.open()
+        assert source.fetched_ends() is None  # nothing fetched yet: the caller asks the broker
+        drain(source, 30)
+        ends = source.end_positions()
+        assert sorted(ends.values()) == [0, 30]
+        assert source.fetched_ends() == ends
+        fill(kafka_broker.bootstrap, topic, 5)
+        assert source.fetched_ends() == ends  # no fetch since: the new records are not known yet
+        assert sorted(source.end_positions(max_age_s=0).values()) == [0, 35]
+        drain(source, 5)
+        assert source.fetched_ends() == source.end_positions(max_age_s=0)
+        committed.open()
+        drain(committed, 35)
+        assert committed.fetched_ends() is None
+    finally:
+        source.close()
+        committed.close()
+
+    group = KafkaGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
+    listener = _SeekToStart()
+    listener.source = group
+    try:
+        group.subscribe(listener)
+        got: list = []
+        deadline = time.monotonic() + 20
+        while len(got) < 35 and time.monotonic() < deadline:
+            got += group.poll(100, 0.05)
+        assert len(got) == 35
+        assert group.fetched_ends() == group.end_positions(max_age_s=0)
+        assert sorted(group.fetched_ends().values()) == [0, 35]
+    finally:
+        group.close()

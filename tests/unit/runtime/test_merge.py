@@ -4,7 +4,7 @@ import random
 
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.streams import Record, TopicPartition
+from reloop.engine.streams import Record, TopicPartition, merge_ends
 
 A, B = TopicPartition("imp", 0), TopicPartition("clk", 0)
 
@@ -67,3 +67,33 @@ def test_idle_rule_without_end_offsets():
     assert m.release() == []
     clock.advance(1)
     assert [r.timestamp_ms for r in m.release()] == [5, 6]
+
+
+class _Ends:
+    """A source's end-offset calls, recorded: ``fetched`` is what its last fetches reported (None:
+    unknown), ``asked`` what the broker says now."""
+
+    def __init__(self, fetched: dict | None, asked: dict) -> None:
+        self.fetched, self.asked, self.calls = fetched, asked, []
+
+    def fetched_ends(self) -> dict | None:
+        self.calls.append("fetched")
+        return self.fetched
+
+    def end_positions(self) -> dict:
+        self.calls.append("asked")
+        return self.asked
+
+
+def test_merge_ends_take_the_fetched_ends_when_known_and_ask_otherwise() -> None:
+    known = _Ends({A: 5, B: 7}, {A: 9, B: 9})
+    assert merge_ends(known) == {A: 5, B: 7} and known.calls == ["fetched"]  # no round trip
+    unknown = _Ends(None, {A: 9, B: 9})
+    assert merge_ends(unknown) == {A: 9, B: 9} and unknown.calls == ["fetched", "asked"]
+
+    class AskOnly:
+        def end_positions(self) -> dict:
+            return {A: 3}
+
+    assert merge_ends(AskOnly()) == {A: 3}
+    assert merge_ends(object()) is None  # a source that cannot tell: the merge waits for idleness

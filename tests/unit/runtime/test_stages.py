@@ -522,7 +522,16 @@ def test_a_failed_background_write_stops_the_stage_and_the_previous_version_stay
     assert len(keys) == len(set(keys)) == again.trainer.counters.samples
 
 
-def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(tmp_path):
+class _StallingFetched(_Stalling):
+    """The same client with the ends its last fetches reported, as the Kafka sources have: a client
+    that stopped fetching reports its position as the end (it never hears of newer records)."""
+
+    def fetched_ends(self):
+        return self.position()
+
+
+@pytest.mark.parametrize("client", [_Stalling, _StallingFetched])
+def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(tmp_path, client):
     from reloop.engine.runtime.join_stage import ConsumerStalled
 
     synth = generate(300, seed=4, pad_to_multiple=BATCH)
@@ -530,7 +539,7 @@ def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(t
     clock = ManualClock(START)
     cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
     stalled = build_join_stage(
-        cfg, source=_Stalling(log, ["impressions", "clicks"], good=3),
+        cfg, source=client(log, ["impressions", "clicks"], good=3),
         samples_sink=MemorySink(log, "samples"), clock=clock, stats=EngineStats(),
         checkpoint_dir=tmp_path / "a",
     )  # fmt: skip
