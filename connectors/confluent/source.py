@@ -218,7 +218,9 @@ def fetched_ends(consumer: Consumer, parts: Iterable[TopicPartition]) -> Positio
     """The high watermark each partition's last fetch response carried (librdkafka's cached watermark):
     what a consumer that keeps polling knows, with no round trip to the broker (~65 ms per partition
     here). None while a partition has had no fetch response (or is no longer assigned): the caller then
-    asks the broker."""
+    asks the broker. librdkafka keeps the high watermark also under read_committed (its default), where
+    the position stops at the last stable offset: a partition with an open transaction then counts as
+    caught up only once the merge's idle time has passed (late, never early)."""
     ends: Positions = {}
     for tp in parts:
         try:

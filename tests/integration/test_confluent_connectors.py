@@ -14,6 +14,8 @@ from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.streams import RecordTooLarge, TopicPartition
 
+from .test_kafka_connectors import _SeekToStart
+
 pytestmark = pytest.mark.kafka
 
 
@@ -145,7 +147,8 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
         source.close()
 
     group = ConfluentGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
-    listener = _SeekToStart(group)
+    listener = _SeekToStart()
+    listener.source = group
     try:
         group.subscribe(listener)
         got: list = []
@@ -161,18 +164,3 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
         assert group.fetched_ends() == group.end_positions(max_age_s=0)
     finally:
         group.close()
-
-
-class _SeekToStart:
-    """A join stage's listener in miniature: every partition it is given is read from its beginning."""
-
-    def __init__(self, source: ConfluentGroupSource) -> None:
-        self.source = source
-        self.assigned: list[list[TopicPartition]] = []
-
-    def on_assigned(self, tps: list[TopicPartition]) -> None:
-        self.assigned.append(tps)
-        self.source.seek(dict.fromkeys(tps))
-
-    def on_revoked(self, tps: list[TopicPartition]) -> None:
-        pass
