@@ -3,8 +3,6 @@ the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from reloop.connectors.confluent.group_source import ConfluentGroupSource
 from reloop.connectors.confluent.sink import ConfluentSink
@@ -14,7 +12,7 @@ from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.streams import RecordTooLarge, TopicPartition
 
-from .test_kafka_connectors import _SeekToStart
+from .test_kafka_connectors import _SeekToStart, poll_group
 
 pytestmark = pytest.mark.kafka
 
@@ -151,15 +149,11 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
     listener.source = group
     try:
         group.subscribe(listener)
-        got: list = []
-        deadline = time.monotonic() + 20
-        while len(got) < 30 and time.monotonic() < deadline:
-            got += group.poll(100, 0.05)
+        got = poll_group(group, 30)
         assert len(got) == 30 and listener.assigned
         fill(kafka_broker.bootstrap, topic, 5)
         assert sorted(group.end_positions(max_age_s=0).values()) == [0, 35]  # the broker, asked
-        while len(got) < 35 and time.monotonic() < deadline:
-            got += group.poll(100, 0.05)
+        poll_group(group, 35, got)
         assert len(got) == 35
         assert group.fetched_ends() == group.end_positions(max_age_s=0)
     finally:

@@ -32,6 +32,15 @@ def drain(source: KafkaSource, n: int) -> list:
     return out
 
 
+def poll_group(source, n: int, got: list | None = None, timeout_s: float = 20.0) -> list:
+    """Poll a group member until ``got`` holds ``n`` records or ``timeout_s`` passed (the caller asserts)."""
+    got = [] if got is None else got
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        got += source.poll(100, 0.05)
+    return got
+
+
 def test_group_offsets_are_committed_only_on_commit(kafka_broker, unique_topic) -> None:
     topic, group = unique_topic("commit"), unique_topic("group")
     create_topics(kafka_broker.bootstrap, {topic: 1})
@@ -198,10 +207,7 @@ def test_a_new_member_of_a_new_group_is_assigned_once_and_not_rebalanced(kafka_b
         try:
             assert source.partition_count(topic) == 1  # as the join stage checks first
             source.subscribe(listener)
-            got: list = []
-            deadline = time.monotonic() + 20
-            while len(got) < 50 and time.monotonic() < deadline:
-                got += source.poll(100, 0.05)
+            got = poll_group(source, 50)
             stay = time.monotonic() + 2  # past the consumer's first metadata refresh
             while time.monotonic() < stay:
                 source.poll(100, 0.05)
@@ -247,10 +253,7 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
     listener.source = group
     try:
         group.subscribe(listener)
-        got: list = []
-        deadline = time.monotonic() + 20
-        while len(got) < 35 and time.monotonic() < deadline:
-            got += group.poll(100, 0.05)
+        got = poll_group(group, 35)
         assert len(got) == 35
         assert group.fetched_ends() == group.end_positions(max_age_s=0)
         assert sorted(group.fetched_ends().values()) == [0, 35]
