@@ -51,8 +51,10 @@ BASE: dict[str, Any] = {
     "batch": 512,  # featurisation / pipeline batch
     "micro": 0,  # update granularity inside the batch (0 = the whole batch)
     "dense_lr": 1e-2,
-    "emb_opt": "adam",  # adam (SparseAdam) | adagrad
+    "emb_opt": "adam",  # adam (SparseAdam) | adagrad | adagrad_decay (Adagrad whose accumulator forgets)
     "emb_lr": 1e-2,
+    "emb_decay": 1.0,  # adagrad_decay: the per-row accumulator's factor per step that touches the row
+    "linear_lr": None,  # adagrad: another rate for the one-column (first-order) tables, None = emb_lr
     "wide": "",  # "" | "sgd" | "adagrad" | "bayes": a per-row first-order part added to the logit
     "wide_lr": 0.05,  # sgd / adagrad
     "wide_every": 1,  # sgd / adagrad: update per event (1) or per chunk of this many events
@@ -140,6 +142,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "per_event_warm3": {**NEW_DEEP, "wide": "bayes", "warm_epochs": 3},
     "per_event_buckets100k": {**PER_EVENT, "buckets": 100_000},
     "per_event_deepfm": {**PER_EVENT, "backbone": "deepfm"},
+    # why Frappe's later chunks fall behind (ablation.md): the tables' rate, their rate for first-order
+    # weights only, an Adagrad accumulator that forgets (per touch; 0.99: about the last 100 touches)
+    "new_emb0.1": {**NEW, "opt": {"embedding_lr": 0.1, "small_steps_below": 0}},
+    "new_deepfm_emb0.1": {**NEW, "backbone": "deepfm", "opt": {"embedding_lr": 0.1, "small_steps_below": 0}},
+    "new_deepfm_harness": {**NEW_DEEP, "backbone": "deepfm"},  # the harness's new_deepfm: pairs the two below
+    "new_deepfm_linear0.1": {**NEW_DEEP, "backbone": "deepfm", "linear_lr": 0.1},
+    "new_decay0.99": {**NEW_DEEP, "emb_opt": "adagrad_decay", "emb_decay": 0.99},
+    "new_deepfm_decay0.99": {**NEW_DEEP, "backbone": "deepfm", "emb_opt": "adagrad_decay", "emb_decay": 0.99},
 }
 STRATEGIES = {
     f"{prefix}{strategy}{alpha:g}": {**base, "strategy": strategy, "alpha": alpha}
@@ -198,6 +208,30 @@ DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw"
 
 
 # ------------------------------------------------------------------------------------------ learner
+class DecayedAdagrad(torch.optim.Optimizer):
+    """Sparse Adagrad whose per-row accumulator forgets: ``sum = decay * sum + g**2`` on the rows a step
+    touches (``decay`` 1: torch's Adagrad). Bounds how small a frequent row's step can get on a long
+    stream (at about ``lr * sqrt(1 - decay)``)."""
+
+    def __init__(self, params: Any, lr: float, decay: float, eps: float = 1e-10) -> None:
+        super().__init__(params, {"lr": lr, "decay": decay, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros_like(p)
+                grad = p.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                acc = state["sum"][rows] * group["decay"] + values * values
+                state["sum"][rows] = acc
+                p[rows] -= group["lr"] * values / (acc.sqrt() + group["eps"])
+
+
 class ExperimentLearner:
     """A registry backbone with its own optimizer groups and an optional per-row wide part."""
 
@@ -218,8 +252,15 @@ class ExperimentLearner:
         self.opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=s["dense_lr"])]
         if s["emb_opt"] == "adam":
             self.opts.append(torch.optim.SparseAdam(tables, lr=s["emb_lr"]))
+        elif s["emb_opt"] == "adagrad_decay":
+            self.opts.append(DecayedAdagrad(tables, lr=s["emb_lr"], decay=s["emb_decay"]))
         else:
-            self.opts.append(torch.optim.Adagrad(tables, lr=s["emb_lr"]))
+            linear = [t for t in tables if t.shape[1] == 1]
+            rest = [t for t in tables if t.shape[1] != 1]
+            groups = [{"params": rest}]
+            if linear:
+                groups.append({"params": linear, "lr": s["linear_lr"] or s["emb_lr"]})
+            self.opts.append(torch.optim.Adagrad(groups, lr=s["emb_lr"]))
         self.wide = None
         if s["wide"] == "bayes":
             from reloop.engine.models.wide import OnlineWide

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from reloop.bench import learner_ablation as la
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.features.spec import CategoricalField, FeatureSpec
@@ -248,3 +249,49 @@ def test_the_published_table_pairs_each_row_with_the_peer_best_on_the_selection_
     assert rows["`small_b8`"][7].startswith("+20.00") and rows["`small_b8`"][8].startswith("-10.00")
     assert rows["`new`"][9].startswith("-50.00")
     assert rows["`river_lr0.01`"][5] == "—"  # the peer itself
+
+
+def _sparse_table(rows: int = 6, dim: int = 3) -> torch.nn.Embedding:
+    torch.manual_seed(0)
+    return torch.nn.Embedding(rows, dim, sparse=True)
+
+
+def _steps(table: torch.nn.Embedding, opt: torch.optim.Optimizer, n: int) -> None:
+    ids = torch.tensor([0, 2, 2, 5])
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        table(ids).sum().backward()
+        opt.step()
+
+
+def test_decayed_adagrad_with_decay_1_is_torchs_adagrad():
+    a, b = _sparse_table(), _sparse_table()
+    _steps(a, la.DecayedAdagrad(a.parameters(), lr=0.1, decay=1.0), 5)
+    _steps(b, torch.optim.Adagrad(b.parameters(), lr=0.1), 5)
+    assert torch.allclose(a.weight, b.weight, atol=1e-6)
+    assert not torch.equal(a.weight, _sparse_table().weight)  # it did learn
+
+
+def test_decayed_adagrad_keeps_a_frequent_rows_step_from_vanishing():
+    """The same gradient every step: Adagrad's step shrinks as 1/sqrt(n), the forgetting one's stops
+    shrinking near lr * sqrt(1 - decay)."""
+    moved = {}
+    for decay in (1.0, 0.9):
+        t = _sparse_table()
+        opt = la.DecayedAdagrad(t.parameters(), lr=0.1, decay=decay)
+        _steps(t, opt, 200)
+        before = t.weight[0].detach().clone()
+        _steps(t, opt, 1)
+        moved[decay] = float((before - t.weight[0].detach()).abs().max())
+    assert moved[1.0] == pytest.approx(0.1 / 201**0.5, rel=1e-3)
+    assert moved[0.9] == pytest.approx(0.1 * (1 - 0.9) ** 0.5, rel=1e-2)
+
+
+def test_the_harness_gives_first_order_tables_their_own_adagrad_rate():
+    data = _data()
+    s = {**la.BASE, **la.VARIANTS["new_deepfm_linear0.1"]}
+    learner = la.ExperimentLearner(s, data.spec, seed=0)
+    rates = {
+        tuple(p.shape[1:]): group["lr"] for group in learner.opts[1].param_groups for p in group["params"]
+    }
+    assert rates == {(1,): 0.1, (s["dim"],): 0.03}
