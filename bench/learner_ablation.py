@@ -79,10 +79,13 @@ BASE: dict[str, Any] = {
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
 # the previous defaults (first reports: lr 1e-2)
 OLD = {"engine": 1, "opt": {"embedding_optimizer": "adam", "small_steps_below": 0}}
-# the new defaults of the study: Adam 1e-3, Adagrad 0.03, no wide part
-NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {"small_steps_below": 0}}
+# the new defaults of the study: Adam 1e-3, Adagrad 0.03, no wide part. The tables' rate is spelled out:
+# the engine's default became the backbone's own (0.1 for most; ablation.md, "The tables' rate, backbone by
+# backbone"), and the study's rows must keep reproducing.
+STUDY_TABLES = {"embedding_lr": 0.03}
+NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {**STUDY_TABLES, "small_steps_below": 0}}
 # the new defaults plus the per-event Bayesian wide part
-PER_EVENT = {**NEW, "opt": {"wide": "bayes", "small_steps_below": 0}}
+PER_EVENT = {**NEW, "opt": {**STUDY_TABLES, "wide": "bayes", "small_steps_below": 0}}
 
 
 def _pe(**opt: Any) -> dict[str, Any]:
@@ -170,6 +173,18 @@ SELF_CORRECTION = {
         ),
     )
 }
+# The tables' Adagrad rate for every torch backbone at the defaults' dense rate (group "embedding-rate").
+TORCH_BACKBONES = ("afn", "dcn", "dcnv2", "deepfm", "fm", "fmfm", "lr", "nfm", "pnn", "wide_deep", "xdeepfm")
+EMBEDDING_RATE = {
+    f"rate{rate:g}_{backbone}": {
+        **NEW,
+        "backbone": backbone,
+        "dim": 1 if backbone == "lr" else BASE["dim"],  # the LR backbone's one-column table
+        "opt": {"embedding_lr": rate, "small_steps_below": 0},
+    }
+    for backbone in TORCH_BACKBONES
+    for rate in (0.03, 0.1, 0.3)
+}
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
 PERIODIC_GRID = {
     f"{prefix}periodic_lr{lr:g}_ep{ep}": {**base, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
@@ -194,7 +209,10 @@ DELAYED_BATCHES = {
 # flush: full batches, and at each publish a step on what has arrived (its snapshots hold back nothing).
 # wait1s: what the train stage's train.max_wait_ms (1000) does on a slow stream: a step on what arrived within
 # each second of event time (at most a batch). Both with the engine's rate rule (small_steps_below 256).
-DELAYED_PARTIAL = {"flush": {**NEW, "flush": 1, "opt": {}}, "wait1s": {**NEW, "wait_s": 1.0, "opt": {}}}
+DELAYED_PARTIAL = {
+    "flush": {**NEW, "flush": 1, "opt": STUDY_TABLES},
+    "wait1s": {**NEW, "wait_s": 1.0, "opt": STUDY_TABLES},
+}
 # Another backbone with the defaults' learner (--learners new_deepfm): its rows' "vs new" pairs it with DCN.
 DELAYED_BACKBONES = {"new_deepfm": {**NEW, "backbone": "deepfm"}}
 DELAYED_ALL = {
@@ -762,6 +780,42 @@ def _paired_both(cell: Cell, ref: Cell, later: bool, first_later_period: int) ->
     return " / ".join(_paired(cell, ref, later, first_later_period, m) for m in (0, 1))
 
 
+def summarise_rates(paths: list[Path], base: float = 0.03) -> str:
+    """The "embedding-rate" group: per backbone and tables' rate, the paired difference to the same
+    backbone at ``base`` (same seed and period) on each dataset, ×1e3 with a 95% t half-width over seeds;
+    **bold** where the interval is clear of zero on the better side."""
+    from reloop.engine.replay.report import t_interval
+
+    cells: dict[tuple[str, str, float], dict[tuple[int, int], tuple[float, float]]] = {}
+    for path in paths:
+        for r in csv.DictReader(path.open()):
+            if not r["variant"].startswith("rate"):
+                continue
+            rate, backbone = r["variant"][4:].split("_", 1)
+            key = (r["dataset"], backbone, float(rate))
+            cells.setdefault(key, {})[(int(r["seed"]), int(r["period"]))] = (
+                float(r["auc"]),
+                float(r["logloss"]),
+            )
+    datasets = sorted({k[0] for k in cells})
+    head = " | ".join(f"{ds} ΔAUC | {ds} ΔLogLoss" for ds in datasets)
+    lines = [f"| backbone | rate | {head} |", "| --- | --- |" + " --- |" * (2 * len(datasets))]
+    for backbone, rate in sorted({(k[1], k[2]) for k in cells if k[2] != base}):
+        row = []
+        for ds in datasets:
+            cell, ref = cells.get((ds, backbone, rate), {}), cells.get((ds, backbone, base), {})
+            for m, better in ((0, 1.0), (1, -1.0)):
+                per_seed = [
+                    float(np.mean([v[m] - ref[k][m] for k, v in cell.items() if k[0] == seed and k in ref]))
+                    for seed in sorted({k[0] for k in cell if k in ref})
+                ]
+                mean, half = t_interval(per_seed) if per_seed else (math.nan, math.nan)
+                text = "" if math.isnan(mean) else f"{mean * 1e3:+.2f} ± {half * 1e3:.2f}"
+                row.append(f"**{text}**" if text and better * mean - half > 0 else text)
+        lines.append(f"| {backbone} | {rate:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def summarise_published(path: Path, first_later_period: int) -> str:
     """What a server that loads only published snapshots serves (``--publish-every``): per label-arrival
     setting, publish interval and learner, served AUC / LogLoss on the selection and the later periods,
@@ -938,13 +992,20 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="all",
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
-        "'self-correction'",
+        "'self-correction', 'embedding-rate'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
     p.add_argument("--out", type=Path, help="CSV (appended to)")
     p.add_argument("--summary", type=Path, help="print the table of this CSV and exit")
     p.add_argument("--ref", default="new", help="--summary: the reference variant")
+    p.add_argument(
+        "--summary-rates",
+        type=Path,
+        nargs="+",
+        metavar="CSV",
+        help="print the embedding-rate group's table (each backbone against itself at 0.03) and exit",
+    )
     p.add_argument(
         "--summary-delayed",
         type=Path,
@@ -994,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(DELAYED_BACKBONES)}: the new defaults with another backbone)",
     )
     args = p.parse_args(argv)
+    if args.summary_rates:
+        print(summarise_rates(args.summary_rates))
+        return 0
     if args.summary_published:
         print(summarise_published(args.summary_published, args.later_from))
         return 0
@@ -1001,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise_delayed(args.summary_delayed, args.later_from))
         return 0
     if args.summary:
-        order = [*VARIANTS, *PERIODIC_GRID, *STRATEGIES, *SELF_CORRECTION]
+        order = [*VARIANTS, *PERIODIC_GRID, *STRATEGIES, *SELF_CORRECTION, *EMBEDDING_RATE]
         print(summarise(args.summary, args.ref, order))
         return 0
     if args.bursts:
@@ -1014,8 +1078,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.delayed:
         return _main_delayed(args)
-    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES, **SELF_CORRECTION}
-    groups = {"periodic": PERIODIC_GRID, "strategies": STRATEGIES, "self-correction": SELF_CORRECTION}
+    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES, **SELF_CORRECTION, **EMBEDDING_RATE}
+    groups = {
+        "periodic": PERIODIC_GRID,
+        "strategies": STRATEGIES,
+        "self-correction": SELF_CORRECTION,
+        "embedding-rate": EMBEDDING_RATE,
+    }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]
     elif args.variants in groups:

@@ -1,6 +1,9 @@
-"""bench/learner_ablation.py's delayed-feedback replay under FNW emission: what each learner is fed."""
+"""bench/learner_ablation.py: the delayed-feedback replays (what each learner is fed), the harness's
+optimizers and the embedding-rate table."""
 
 from __future__ import annotations
+
+import csv
 
 import numpy as np
 import pytest
@@ -295,3 +298,30 @@ def test_the_harness_gives_first_order_tables_their_own_adagrad_rate():
         tuple(p.shape[1:]): group["lr"] for group in learner.opts[1].param_groups for p in group["params"]
     }
     assert rates == {(1,): 0.1, (s["dim"],): 0.03}
+
+
+def test_the_rates_table_pairs_each_backbone_with_itself_at_the_base_rate(tmp_path):
+    path = tmp_path / "rates.csv"
+    rows = []
+    for seed in range(3):
+        for period in (1, 2):
+            base = 0.70 + 0.01 * seed + 0.001 * period  # seeds differ a lot; the pairing removes it
+            aucs = {
+                "rate0.03_dcn": base,
+                "rate0.1_dcn": base + 0.002 + 1e-4 * seed,
+                "rate0.03_fm": base - 0.05,
+                "rate0.1_fm": base - 0.05 - 0.001,
+            }
+            for variant, auc in aucs.items():
+                rows.append({"dataset": "d", "variant": variant, "seed": seed, "period": period, "n": 10,
+                             "auc": auc, "logloss": 1 - auc, "seconds": 0.0})  # fmt: skip
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    table = la.summarise_rates([path]).splitlines()
+    dcn = next(line for line in table if line.startswith("| dcn | 0.1 |"))
+    fm = next(line for line in table if line.startswith("| fm | 0.1 |"))
+    assert "**+2.10 ± 0.25**" in dcn and "**-2.10 ± 0.25**" in dcn  # better AUC and LogLoss: bold
+    assert "-1.00 ± 0.00" in fm and "**" not in fm  # worse: never bold
+    assert not any(line.startswith("| dcn | 0.03 |") for line in table)
