@@ -206,7 +206,7 @@ class TorchLearner:
         if groups:
             optimizers["dense"] = _fused_adam(groups, opt.lr)
         if sparse_params:
-            lr = opt.effective_embedding_lr
+            lr = opt.effective_embedding_lr(self.config.backbone)
             optimizers["embedding"] = (
                 torch.optim.SparseAdam(sparse_params, lr=lr)
                 if opt.embedding_optimizer == "adam"
@@ -421,7 +421,7 @@ class TorchLearner:
             step_samples if last is None else last + STEP_SIZE_SMOOTHING * (step_samples - last)
         )
         opt = self.config.optimizer
-        self._set_rates(*opt.rates(self.step_size_average))
+        self._set_rates(*opt.rates(self.step_size_average, self.config.backbone))
         if opt.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],

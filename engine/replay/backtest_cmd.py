@@ -503,17 +503,26 @@ def learner_settings(args: argparse.Namespace) -> str:
         batch += f"; the river peer's SGD step {river_lr:g}"
     return (
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
-        f"{_rates(opt)}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
+        f"{_rates(opt, _csv_list(args.backbones))}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
     )
 
 
-def _rates(opt: Any) -> str:
-    """The learning rates of an ``OptimizerConfig``, as the report's settings line names them."""
+def _rates(opt: Any, backbones: list[str]) -> str:
+    """The learning rates of an ``OptimizerConfig``, as the report's settings line names them (the
+    tables' rate per backbone where the backbones' defaults differ)."""
+    from reloop.engine.models.registry import backbone_entry
+
+    per_backbone = {b: opt.effective_embedding_lr(b) for b in backbones if backbone_entry(b).kind == "torch"}
+    table_rates = (
+        ", ".join(f"{b} {lr:g}" for b, lr in per_backbone.items())
+        if len(set(per_backbone.values())) > 1
+        else f"{opt.effective_embedding_lr(next(iter(per_backbone), None)):g}"
+    )
     emb = (
         f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
-        f"{opt.effective_embedding_lr:g} on the embedding tables"
+        f"{table_rates} on the embedding tables"
         if opt.sparse_embeddings
         else "embedding tables in the dense Adam"
     )

@@ -38,8 +38,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_rates_follow_the_steps_size() -> None:
     opt = OptimizerConfig()
     assert opt.small_steps_below == 256
-    assert opt.rates(255) == (3e-4, 0.1) and opt.rates(256) == (1e-3, 0.03)
-    assert OptimizerConfig(small_steps_below=0).rates(1) == (1e-3, 0.03)
+    assert opt.rates(255, "deepfm") == (3e-4, 0.1) and opt.rates(256, "deepfm") == (1e-3, 0.03)
+    assert opt.rates(255, "dcn") == (3e-4, 0.1) and opt.rates(256, "dcn") == (1e-3, 0.1)
+    assert OptimizerConfig(small_steps_below=0).rates(1, "deepfm") == (1e-3, 0.03)
     assert OptimizerConfig(small_step_lr=1e-4, small_step_embedding_lr=0.2).rates(8) == (1e-4, 0.2)
     # SparseAdam tables follow the dense rate in both, unless embedding_lr says otherwise.
     assert OptimizerConfig(embedding_optimizer="adam").rates(8) == (3e-4, 3e-4)
@@ -56,7 +57,7 @@ def test_small_steps_learn_at_the_small_step_rates_and_large_ones_at_the_configu
     # A partial batch after full ones keeps the batch rates; a run of small steps switches.
     partial = [300, 300, 40]
     assert _same(_weights_after(partial, {}), _weights_after(partial, {"small_steps_below": 0}))
-    learner = build_learner("fm", SPEC, "ce", 0.0, seed=0)
+    learner = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))  # tables: 0.03, then 0.1
     seen = []
     for k, n in enumerate([512, 512, 40, *[8] * 20]):
         learner.learn(*_batch(n, k))
@@ -88,7 +89,7 @@ def test_the_average_is_state_and_a_resumed_learner_continues_exactly() -> None:
 
 
 def test_a_data_parallel_step_is_sized_over_all_ranks() -> None:
-    learner = build_learner("fm", SPEC, "ce", 0.0, seed=0)
+    learner = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))
     totals: list[int] = []
 
     def sync(n: int) -> int:  # stands in for GradientSync: this rank holds 100 of a 300-sample step
@@ -100,7 +101,8 @@ def test_a_data_parallel_step_is_sized_over_all_ranks() -> None:
     assert totals == [100] and learner.step_size_average == 300
     assert learner.optimizers["dense"].param_groups[0]["lr"] == 1e-3
     assert learner.optimizers["embedding"].param_groups[0]["lr"] == 0.03
-    alone = build_learner("fm", SPEC, "ce", 0.0, seed=0)
+    alone = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))
     alone.learn(*_batch(100, 0))
     assert alone.step_size_average == 100
     assert alone.optimizers["embedding"].param_groups[0]["lr"] == 0.1
+    assert alone.optimizers["dense"].param_groups[0]["lr"] == 3e-4

@@ -143,7 +143,7 @@ def test_a_burst_is_learned_within_the_batch_and_noise_settles():
 
 def test_default_optimizer_groups():
     opt = OptimizerConfig()
-    assert (opt.lr, opt.embedding_optimizer, opt.effective_embedding_lr) == (
+    assert (opt.lr, opt.embedding_optimizer, opt.effective_embedding_lr("dcn")) == (
         1e-3,
         "adagrad",
         ADAGRAD_EMBEDDING_LR,

@@ -86,7 +86,7 @@ def test_batches_by_time_from_the_command_line(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "batch 64, one per event time (the river peer too)" in report
     assert (
-        "Adam lr 0.001 (dense); Adagrad lr 0.03 on the embedding tables "
+        "Adam lr 0.001 (dense); Adagrad lr 0.1 on the embedding tables "
         "(steps averaging under 256 samples: Adam lr 0.0003, 0.1 on the tables)" in report
     )
     with (out / "results.csv").open() as fh:
@@ -170,7 +170,12 @@ def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -
     assert opt([]) == opt(["--batch-by", "time"]) == OptimizerConfig()
     mine = opt(["--lr", "2e-3", "--optimizer", "small_step_lr=1e-4", "--optimizer", "small_steps_below=64"])
     assert (mine.lr, mine.small_step_lr, mine.small_steps_below) == (2e-3, 1e-4, 64)
-    assert mine.rates(63) == (1e-4, 0.1) and mine.rates(64) == (2e-3, 0.03)
+    assert mine.rates(63, "deepfm") == (1e-4, 0.1) and mine.rates(64, "deepfm") == (2e-3, 0.03)
+    # The tables' default rate is the backbone's: named per backbone where they differ.
+    assert "Adagrad lr deepfm 0.03, dcn 0.1 on the embedding tables" in learner_settings(_parse(base))
+    assert "Adagrad lr 0.1 on the embedding tables" in learner_settings(_parse([*base, "--backbones", "dcn"]))
+    line = learner_settings(_parse([*base, "--optimizer", "embedding_lr=0.2"]))
+    assert "Adagrad lr 0.2 on the embedding tables" in line
     line = learner_settings(_parse([*base, "--optimizer", "embedding_optimizer=adam"]))
     assert "Adam lr 0.001 (dense); SparseAdam lr 0.001 on the embedding tables (steps averaging " in line
     assert "(steps averaging" not in learner_settings(_parse([*base, "--optimizer", "small_steps_below=0"]))

@@ -1,0 +1,72 @@
+"""The embedding tables' Adagrad rate is the backbone's own unless ``embedding_lr`` is set: the rates chosen
+per backbone on the backtests' selection periods (docs/backtest/ablation.md) reach the optimizer, in batch
+steps and after a resume; small steps keep the small-step rate for every backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
+from reloop.engine.models.config import ADAGRAD_EMBEDDING_LR, OptimizerConfig, adagrad_embedding_lr
+from reloop.engine.models.registry import available_backbones, backbone_entry, build_learner
+
+SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=40), CategoricalField(name="i", buckets=40)))
+TORCH = [name for name in available_backbones() if backbone_entry(name).kind == "torch"]
+EXPECTED = {"deepfm": 0.03, "fmfm": 0.03, "afn": 0.3}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _batch(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = [{"u": f"u{rng.integers(30)}", "i": f"i{rng.integers(30)}"} for _ in range(n)]
+    return Featurizer(SPEC).transform(rows), (rng.random(n) < 0.4).astype(np.float32)
+
+
+def _learner(backbone: str, **optimizer: object):
+    options = {"embedding_dim": 1} if backbone == "lr" else {"embedding_dim": 4}
+    return build_learner(backbone, SPEC, "ce", 0.0, seed=0, optimizer=optimizer, **options)
+
+
+def _table_rate(learner) -> float:
+    return learner.optimizers["embedding"].param_groups[0]["lr"]
+
+
+def test_every_torch_backbone_has_a_rate_and_the_listed_ones_theirs() -> None:
+    assert len(TORCH) == 11
+    assert {b: adagrad_embedding_lr(b) for b in TORCH} == {b: EXPECTED.get(b, 0.1) for b in TORCH}
+    assert (
+        adagrad_embedding_lr("a_plugin_backbone") == adagrad_embedding_lr(None) == ADAGRAD_EMBEDDING_LR == 0.1
+    )
+
+
+@pytest.mark.parametrize("backbone", TORCH)
+def test_batch_steps_learn_at_the_backbones_rate_and_small_steps_at_the_small_step_rate(
+    backbone: str,
+) -> None:
+    learner = _learner(backbone)
+    assert _table_rate(learner) == EXPECTED.get(backbone, 0.1)  # as built
+    learner.learn(*_batch(300))
+    assert _table_rate(learner) == EXPECTED.get(backbone, 0.1)
+    small = _learner(backbone)
+    small.learn(*_batch(8))
+    assert _table_rate(small) == OptimizerConfig().effective_small_step_embedding_lr == 0.1
+
+
+@pytest.mark.parametrize("backbone", ["dcn", "deepfm"])
+def test_an_explicit_rate_wins_and_sparse_adam_keeps_the_dense_rate(backbone: str) -> None:
+    mine = _learner(backbone, embedding_lr=0.2)
+    mine.learn(*_batch(300))
+    assert _table_rate(mine) == 0.2
+    adam = _learner(backbone, embedding_optimizer="adam")
+    adam.learn(*_batch(300))
+    assert _table_rate(adam) == 1e-3
+
+
+def test_a_resumed_learner_keeps_its_backbones_rate() -> None:
+    first = _learner("deepfm")
+    first.learn(*_batch(300))
+    resumed = _learner("deepfm")
+    resumed.load_state_dict(first.state_dict())
+    resumed.learn(*_batch(300, seed=1))
+    assert _table_rate(resumed) == 0.03
