@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -750,24 +750,25 @@ def _delayed_cells(path: Path) -> dict[str, Cell]:
     return cells
 
 
-def _paired(cell: Cell, ref: Cell, later: bool, first_later_period: int, m: int) -> str:
-    """Mean difference of metric ``m`` (0 AUC, 1 LogLoss) to ``ref`` (×1e3), paired by seed and period,
-    with its 95% half-width over seeds."""
+def _paired_interval(
+    cell: Cell, ref: Cell, m: int, periods: Callable[[int], bool] = lambda _: True
+) -> tuple[float, float]:
+    """Mean difference of metric ``m`` (0 AUC, 1 LogLoss) to ``ref``, paired by seed and period (the periods
+    ``periods`` keeps), and its 95% half-width over seeds (of the per-seed means)."""
     from reloop.engine.replay.report import t_interval
 
+    kept = {k: v[m] - ref[k][m] for k, v in cell.items() if periods(k[1]) and k in ref}
     per_seed = [
-        float(
-            np.mean(
-                [
-                    v[m] - ref[k][m]
-                    for k, v in cell.items()
-                    if k[0] == seed and (k[1] >= first_later_period) == later and k in ref
-                ]
-            )
-        )
+        float(np.mean(diffs))
         for seed in sorted({s for s, _ in cell})
+        if (diffs := [d for k, d in kept.items() if k[0] == seed])
     ]
-    mu, half = t_interval(per_seed)
+    return t_interval(per_seed) if per_seed else (math.nan, math.nan)
+
+
+def _paired(cell: Cell, ref: Cell, later: bool, first_later_period: int, m: int) -> str:
+    """``_paired_interval`` over the selection or the later periods, ×1e3, as the tables print it."""
+    mu, half = _paired_interval(cell, ref, m, lambda p: (p >= first_later_period) == later)
     return f"{mu * 1e3:+.2f} ± {half * 1e3:.2f}" if not math.isnan(half) else f"{mu * 1e3:+.2f}"
 
 
@@ -784,9 +785,7 @@ def summarise_rates(paths: list[Path], base: float = 0.03) -> str:
     """The "embedding-rate" group: per backbone and tables' rate, the paired difference to the same
     backbone at ``base`` (same seed and period) on each dataset, ×1e3 with a 95% t half-width over seeds;
     **bold** where the interval is clear of zero on the better side."""
-    from reloop.engine.replay.report import t_interval
-
-    cells: dict[tuple[str, str, float], dict[tuple[int, int], tuple[float, float]]] = {}
+    cells: dict[tuple[str, str, float], Cell] = {}
     for path in paths:
         for r in csv.DictReader(path.open()):
             if not r["variant"].startswith("rate"):
@@ -805,11 +804,7 @@ def summarise_rates(paths: list[Path], base: float = 0.03) -> str:
         for ds in datasets:
             cell, ref = cells.get((ds, backbone, rate), {}), cells.get((ds, backbone, base), {})
             for m, better in ((0, 1.0), (1, -1.0)):
-                per_seed = [
-                    float(np.mean([v[m] - ref[k][m] for k, v in cell.items() if k[0] == seed and k in ref]))
-                    for seed in sorted({k[0] for k in cell if k in ref})
-                ]
-                mean, half = t_interval(per_seed) if per_seed else (math.nan, math.nan)
+                mean, half = _paired_interval(cell, ref, m)
                 text = "" if math.isnan(mean) else f"{mean * 1e3:+.2f} ± {half * 1e3:.2f}"
                 row.append(f"**{text}**" if text and better * mean - half > 0 else text)
         lines.append(f"| {backbone} | {rate:g} | " + " | ".join(row) + " |")
