@@ -181,7 +181,9 @@ class MemoryGroupSource:
             self._listener.on_assigned(list(self._assigned))
         out: list[Record] = []
         for tp in self._assigned:
-            records = self.log.read(tp, self._next[tp], max_records - len(out))
+            # Not sought (the listener failed before its seek): from the committed offset, as Kafka does.
+            start = self._next.get(tp, self._committed.get(tp, 0))
+            records = self.log.read(tp, start, max_records - len(out))
             if records:
                 out.extend(records)
                 self._next[tp] = records[-1].offset + 1

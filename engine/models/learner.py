@@ -8,6 +8,8 @@ load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -21,6 +23,8 @@ from reloop.engine.models.blocks import GenDropout
 from reloop.engine.models.config import LearnerConfig, OptimizerConfig
 from reloop.engine.models.wide import OnlineWide
 from torch import nn
+
+log = logging.getLogger("reloop.learner")
 
 STATE_FORMAT = 1
 
@@ -477,6 +481,32 @@ class TorchLearner:
         average = state.get("step_size_average")  # absent from states saved before it existed
         self.step_size_average = None if average is None else float(average)
         _load_wide(self.wide, state)
+        self._warn_changed_rates(state["optimizers"])
+
+    def _warn_changed_rates(self, saved: dict[str, Any]) -> None:
+        """Log where the rates this config steps at differ from those the snapshot last stepped at: a
+        changed setting, or a changed default (the tables' rate per backbone), moves a resumed run's
+        learning without any config edit; ``model.optimizer`` pins a rate."""
+        if self.step_size_average is None:  # never stepped: no rate was used yet
+            return
+        opt = self.config.optimizer
+        dense, tables = opt.rates(self.step_size_average, self.config.backbone)
+        small = self.step_size_average < opt.small_steps_below
+        for name in self.optimizers:
+            now, key = (tables, "embedding_lr") if name == "embedding" else (dense, "lr")
+            before = [g.get("lr") for g in saved[name].get("param_groups", [])]
+            if any(isinstance(lr, float) and not math.isclose(lr, now, rel_tol=1e-9) for lr in before):
+                log.warning(
+                    "resumed learner steps at another learning rate than its snapshot did",
+                    extra={
+                        "fields": {
+                            "optimizer": name,
+                            "snapshot_lr": before[0],
+                            "lr": now,
+                            "key": f"model.optimizer.{'small_step_' if small else ''}{key}",
+                        }
+                    },
+                )
 
     def clone_frozen(self) -> FrozenTorchLearner:
         return FrozenTorchLearner(

@@ -169,6 +169,11 @@ class CheckpointSection(_Section):
         description="the train stage writes period snapshots on a writer thread while it trains on "
         "(serialised first; offsets committed once durable); false: training waits for each write",
     )
+    allow_fingerprint_change: bool = Field(
+        default=False,
+        description="resume from snapshots made under other model/train/join settings (a warning is "
+        "logged) instead of refusing to start; for a deliberate change, such as pinning a learning rate",
+    )
 
 
 class MetricsSection(_Section):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.features.check import SpecChecker
@@ -51,6 +51,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
+from reloop.engine.runtime.restore import check_fingerprint
 from reloop.engine.streams import Positions, Record, Sink, TopicPartition, merge_ends, positions_to_json
 
 log = logging.getLogger("reloop.join")
@@ -96,6 +97,7 @@ class JoinStageSettings:
     checkpoint_max_share: float = default_of(StagesSection, "join_checkpoint_max_share")
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     fingerprint: str = ""
+    allow_fingerprint_change: bool = False
     # A client that stops fetching while records wait (kafka-python 3.0.12 once spun in poll for 600 s
     # returning nothing) is replaced, never waited on for ever.
     stall_timeout_s: float = default_of(StagesSection, "stall_timeout_s")
@@ -225,12 +227,12 @@ class JoinStage:
         if reg.latest_version() is None:
             return
         snap = reg.load()  # the newest one that loads; raises when none does
-        fp = snap.meta.get("fingerprint")
-        if fp != self.settings.fingerprint:
-            raise SnapshotError(
-                f"join task {task.partition}: checkpoint made with join config {fp}, this is "
-                f"{self.settings.fingerprint}; use a fresh checkpoint dir"
-            )
+        check_fingerprint(
+            f"join task {task.partition}'s checkpoint {snap.version}",
+            snap.meta.get("fingerprint"),
+            self.settings.fingerprint,
+            allow=self.settings.allow_fingerprint_change,
+        )
         task.load_state_dict(snap.state["state"])
         log.info(
             "task restored",

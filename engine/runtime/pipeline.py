@@ -64,7 +64,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.serve.bundle_format import publish_serving_bundle
 from reloop.engine.streams import (
@@ -200,12 +200,12 @@ class Pipeline:
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
-        fp = meta.get("fingerprint")
-        if fp != self.settings.fingerprint and not self.settings.allow_fingerprint_change:
-            raise SnapshotMismatch(
-                f"{point.kind} {point.number} was made with config fingerprint {fp}, this config is "
-                f"{self.settings.fingerprint}; use a fresh checkpoint dir or allow_fingerprint_change"
-            )
+        check_fingerprint(
+            point,
+            meta.get("fingerprint"),
+            self.settings.fingerprint,
+            allow=self.settings.allow_fingerprint_change,
+        )
         state = snap.state["state"]
         if state.get("format") != STATE_FORMAT:
             raise SnapshotError(f"{point.kind} {point.number}: unknown state format {state.get('format')!r}")

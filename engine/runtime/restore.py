@@ -22,6 +22,25 @@ class SnapshotMismatch(RuntimeError):
     """The newest snapshot was made with a different training configuration."""
 
 
+def check_fingerprint(point: RestorePoint | str, made_with: object, current: str, *, allow: bool) -> None:
+    """Refuse a restore point made under other settings than ``current`` fingerprints (the train
+    stage's: model, train, join; a join task's: join, validation) with ``SnapshotMismatch``: state built
+    one way resumed under settings of another is rarely what was meant. ``allow``
+    (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both."""
+    if made_with == current:
+        return
+    if not allow:
+        raise SnapshotMismatch(
+            f"{point} was made with config fingerprint {made_with}, this config is {current}; use a fresh "
+            "checkpoint dir, or resume under the changed settings with checkpoint.allow_fingerprint_change: "
+            "true (for one start: RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE=true)"
+        )
+    log.warning(
+        "resuming under a changed config (checkpoint.allow_fingerprint_change)",
+        extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
+    )
+
+
 class NoUsableSnapshot(SnapshotError):
     """Snapshots exist but none loads: starting from scratch would silently retrain everything."""
 

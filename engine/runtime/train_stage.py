@@ -44,7 +44,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.runtime.restore import RestorePoint, SaveKind, SnapshotMismatch, restore_newest
+from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
@@ -228,12 +228,12 @@ class TrainStage:
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
-        fp = meta.get("fingerprint")
-        if fp != self.settings.fingerprint and not self.settings.allow_fingerprint_change:
-            raise SnapshotMismatch(
-                f"{point} was made with config fingerprint {fp}, this config is {self.settings.fingerprint}; "
-                f"use a fresh checkpoint dir or allow_fingerprint_change"
-            )
+        check_fingerprint(
+            point,
+            meta.get("fingerprint"),
+            self.settings.fingerprint,
+            allow=self.settings.allow_fingerprint_change,
+        )
         state = snap.state["state"]
         if state.get("stage") != "train":
             raise SnapshotError(f"{point}: not a train-stage state")

@@ -70,3 +70,31 @@ def test_a_resumed_learner_keeps_its_backbones_rate() -> None:
     resumed.load_state_dict(first.state_dict())
     resumed.learn(*_batch(300, seed=1))
     assert _table_rate(resumed) == 0.03
+
+
+def test_a_resume_at_another_rate_than_the_snapshots_is_logged_and_the_same_rate_is_not(caplog) -> None:
+    # A snapshot of DCN written when the tables' default was 0.03, resumed under today's default (0.1).
+    before = _learner("dcn", embedding_lr=0.03)
+    before.learn(*_batch(300))
+    state = before.state_dict()
+    with caplog.at_level("WARNING", logger="reloop.learner"):
+        _learner("dcn", embedding_lr=0.03).load_state_dict(state)
+        assert not caplog.records  # the same rates: nothing to say
+        _learner("dcn").load_state_dict(state)
+    (record,) = caplog.records
+    assert record.fields == {
+        "optimizer": "embedding",
+        "snapshot_lr": 0.03,
+        "lr": 0.1,
+        "key": "model.optimizer.embedding_lr",
+    }
+
+
+def test_a_resume_in_small_steps_names_the_small_step_key(caplog) -> None:
+    before = _learner("dcn")
+    before.learn(*_batch(8))
+    with caplog.at_level("WARNING", logger="reloop.learner"):
+        _learner("dcn", small_step_lr=1e-4).load_state_dict(before.state_dict())
+    assert [(r.fields["optimizer"], r.fields["key"]) for r in caplog.records] == [
+        ("dense", "model.optimizer.small_step_lr")
+    ]

@@ -23,7 +23,7 @@ class EndAwareSource(MemorySource):
         return {tp: len(self.log._data[tp]) for tp in self.partitions()}
 
 
-def _config(tmp_path, policy="correct", **train):
+def _config(tmp_path, policy="correct", env=None, **train):
     return load_config_dict(
         {
             "join": {
@@ -44,7 +44,7 @@ def _config(tmp_path, policy="correct", **train):
             },
             "consumer": {"poll_max_records": 37},
         },
-        env={},
+        env=env or {},
     )
 
 
@@ -174,10 +174,29 @@ def test_fingerprint_mismatch_refused(tmp_path):
     _run_to_end(p, log, clock)
     p.close()
     import pytest
-    from reloop.engine.runtime.pipeline import SnapshotMismatch
+    from reloop.engine.runtime.restore import SnapshotMismatch
 
-    with pytest.raises(SnapshotMismatch, match="fingerprint"):
+    with pytest.raises(SnapshotMismatch, match="fingerprint.*checkpoint.allow_fingerprint_change: true"):
         _pipeline(_config(tmp_path, policy="drop"), log, clock)
+
+
+def test_a_fingerprint_change_resumes_when_allowed_and_says_so(tmp_path, caplog):
+    synth = generate(100, seed=1, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    p = _pipeline(_config(tmp_path), log, clock)
+    _run_to_end(p, log, clock)
+    version = p.version
+    p.close()
+    allow = {"RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE": "true"}  # the documented one-start override
+    changed = _config(tmp_path, policy="drop", env=allow)
+    assert changed.checkpoint.allow_fingerprint_change
+    with caplog.at_level("WARNING", logger="reloop.restore"):
+        resumed = _pipeline(changed, log, clock)
+    assert resumed.version == version and resumed.restored_from is not None
+    (warning,) = [r for r in caplog.records if "changed config" in r.getMessage()]
+    assert warning.fields["config"] == changed.fingerprint() != warning.fields["made_with"]
+    resumed.close()
 
 
 def test_consumer_lag_and_snapshot_period_are_published(tmp_path):

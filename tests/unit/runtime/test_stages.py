@@ -411,6 +411,54 @@ def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tm
     assert stats.snapshot_time_s.get() == created
 
 
+def test_a_train_stage_refuses_a_changed_config_unless_allowed(tmp_path):
+    from reloop.engine.runtime.restore import SnapshotMismatch
+
+    log, clock, cfg = _joined(tmp_path, 300, seed=4)
+    first = _train(cfg, log, clock, tmp_path)
+    _run_train(first, log, clock)
+    version = first.version
+    first.abort()
+    pinned = {"model": {"optimizer": {"lr": 0.02}}}  # a deliberate change on a running job
+    with pytest.raises(SnapshotMismatch, match="allow_fingerprint_change"):
+        _train(_config(tmp_path, **pinned), log, clock, tmp_path)
+    allowed = _config(tmp_path, **pinned, checkpoint={"allow_fingerprint_change": True})
+    resumed = _train(allowed, log, clock, tmp_path)
+    assert resumed.version == version
+    resumed.abort()
+
+
+def test_a_join_stage_refuses_a_changed_join_config_unless_allowed(tmp_path, caplog):
+    from reloop.engine.runtime.restore import SnapshotMismatch
+
+    log = _log(generate(300, seed=3, pad_to_multiple=BATCH))
+    clock = ManualClock(START)
+    join = _join(_config(tmp_path), log, clock, tmp_path)
+    for _ in range(12):
+        join.step()
+        clock.advance(10)
+    join.checkpoint_all()
+    join.abort()
+    longer = {"join": {"window_ms": 3_000}}
+    refused = _join(_config(tmp_path, **longer), log, clock, tmp_path)
+    with pytest.raises(
+        SnapshotMismatch,
+        match="join task 0's checkpoint 1 was made with config .*checkpoint.allow_fingerprint_change",
+    ):
+        for _ in range(5):  # the tasks are restored when the group assigns them
+            refused.step()
+    refused.abort()
+    allowed = _join(
+        _config(tmp_path, **longer, checkpoint={"allow_fingerprint_change": True}), log, clock, tmp_path
+    )
+    with caplog.at_level("WARNING", logger="reloop.restore"):
+        _run_join(allowed, log, clock)
+    (warning,) = [r for r in caplog.records if "changed config" in r.getMessage()]
+    assert warning.fields["restore_point"] == "join task 0's checkpoint 1"
+    assert allowed.tasks[0].records_processed > 0 and allowed.tasks[0].sent > 0
+    allowed.abort()
+
+
 def test_each_model_version_gets_a_serving_bundle_with_its_weights(tmp_path):
     from reloop.engine.serve.bundle_format import bundle_versions, read_bundle, serving_dir
 
