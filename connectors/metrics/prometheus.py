@@ -68,7 +68,8 @@ _VERSIONED = ("arm", "model_version", "slot")
 # base units in the name, timestamps are _timestamp_seconds (Unix). Label values are bounded: topic,
 # partition, arm, model_version, slot and small fixed sets; never user, item, request or impression
 # ids. Every label splits a whole into parts, so a sum over a label is meaningful (or, for the
-# per-arm/version gauges, names distinct series); a total never sits beside its own parts.
+# per-arm/version gauges and the learning rate per optimizer, names distinct series); a total never
+# sits beside its own parts.
 SERIES: tuple[Series, ...] = (
     Series("events_consumed", "reloop_events_consumed_total", "counter",
            "Records read from the input topics.", ("topic",)),
@@ -113,6 +114,10 @@ SERIES: tuple[Series, ...] = (
            "(at most one of sc and kd is non-zero). Their weighted sum is reloop_train_loss.", ("part",)),
     Series("train_sc_active", "reloop_train_sc_active_ratio", "gauge",
            "Fraction of the last mini-batch where the ReLoop self-correction term was active (0..1)."),
+    Series("train_learning_rate", "reloop_train_learning_rate", "gauge",
+           "Learning rate of the last step per optimizer: dense (Adam) and embedding (the tables'). The "
+           "small-step rates while steps average under model.optimizer.small_steps_below samples.",
+           ("optimizer",)),
     Series("rolling_auc", "reloop_rolling_auc", "gauge",
            "Exact ROC AUC over the last N labelled samples served by this arm and model version "
            "(slot: current or previous version of the arm).", _VERSIONED),

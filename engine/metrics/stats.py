@@ -247,6 +247,7 @@ class EngineStats:
     train_loss: Level = field(default_factory=Level)  # the mini-batch's total loss
     train_loss_parts: Level = field(default_factory=Level)  # (part "ce"/"sc"/"kd",)
     train_sc_active: Level = field(default_factory=Level)
+    train_learning_rate: Level = field(default_factory=Level)  # (optimizer "dense"/"embedding",)
 
     rolling_auc: Level = field(default_factory=Level)  # (arm, model_version, slot)
     rolling_logloss: Level = field(default_factory=Level)  # (arm, model_version, slot)

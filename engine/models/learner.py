@@ -435,6 +435,10 @@ class TorchLearner:
             o.step()
         self.steps += 1
 
+    def learning_rates(self) -> dict[str, float]:
+        """The rate each optimizer steps at now (``dense``, ``embedding``): the batch or small-step rates."""
+        return {name: float(o.param_groups[0]["lr"]) for name, o in self.optimizers.items()}
+
     def _set_rates(self, dense: float, tables: float) -> None:
         for name, o in self.optimizers.items():
             lr = tables if name == "embedding" else dense

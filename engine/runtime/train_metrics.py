@@ -1,6 +1,7 @@
 """What every trainer exports, for the single-process pipeline and the train stage alike: steps, samples,
-the last mini-batch's loss (total and parts) and SC activity, and the version, time and expected period
-of its snapshots (set at restore too, so a restored process that then stalls trips the stale alert)."""
+the last mini-batch's loss (total and parts), SC activity and learning rates, and the version, time and
+expected period of its snapshots (set at restore too, so a restored process that then stalls trips the
+stale alert)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TrainerMetrics:
         self._loss = stats.train_loss
         self._loss_parts = stats.train_loss_parts
         self._sc_active = stats.train_sc_active
+        self._rates = stats.train_learning_rate
         self._snap_version = stats.snapshot_version
         self._snap_time = stats.snapshot_time_s
         self._snap_period = stats.snapshot_period_s
@@ -34,6 +36,8 @@ class TrainerMetrics:
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):
             self._loss_parts.set(value, part)
         self._sc_active.set(loss.sc_active_fraction)
+        for optimizer, lr in result.rates.items():
+            self._rates.set(lr, optimizer)
 
     def restored(self, version: int, created_unix: float) -> None:
         self._snap_version.set(version)

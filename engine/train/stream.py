@@ -28,7 +28,7 @@ The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,10 +119,12 @@ class StepResult:
     scores: np.ndarray
     y_last: np.ndarray
     loss: LossStats
+    rates: Mapping[str, float] = field(default_factory=dict)  # learning rate per optimizer (torch learners)
 
     @property
     def n(self) -> int:
         return len(self.scores)
+
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,7 +154,7 @@ class StreamTrainer:
             raise ValueError("train_batch needs at least one sample")
         batch = self.featurizer.transform([s.features for s in samples])
         result = self.train_columns(batch, SampleColumns.of(samples))
-        return StepResult(samples, result.scores, result.y_last, result.loss)
+        return StepResult(samples, result.scores, result.y_last, result.loss, result.rates)
 
     def train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
         """``train_batch`` for an already featurised batch and its columns: no Python per sample."""
@@ -189,7 +191,8 @@ class StreamTrainer:
         else:
             self.progressive.update_many(labels.astype(np.int64), scores)
         self.last_loss = stats
-        return StepResult(None, scores, y_last, stats)
+        rates = getattr(self.learner, "learning_rates", None)
+        return StepResult(None, scores, y_last, stats, {} if rates is None else rates())
 
     def idle_step(self) -> None:
         """This rank's part of a data-parallel step in which it has no samples (the learner applies

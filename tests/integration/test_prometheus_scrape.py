@@ -217,7 +217,7 @@ def test_only_canonical_series_and_bounded_labels(running):
     assert {"reloop_events_consumed_total", "reloop_rolling_auc", "reloop_joiner_pending"} <= exported
     assert exported <= exported_series_names()
     allowed = {"__name__", "job", "instance", "topic", "partition", "arm", "model_version", "slot",
-               "reason", "label", "part", "kind", "policy", "outcome",
+               "reason", "label", "part", "kind", "policy", "outcome", "optimizer",
                "version", "python", "torch"}  # the last three: reloop_build_info only
     for s in running.prom.query('{job="reloop-processor", __name__=~"reloop_.*"}'):
         assert set(s["metric"]) <= allowed, s["metric"]
@@ -237,6 +237,9 @@ def test_train_loss_total_and_its_parts_are_separate_series(running):
     assert all("part" not in s["metric"] for s in total)
     parts = wait_for(running, 'reloop_train_loss_part{job="reloop-processor"}', min_results=3)
     assert {s["metric"]["part"] for s in parts} == {"ce", "sc", "kd"}
+    rates = wait_for(running, 'reloop_train_learning_rate{job="reloop-processor"}', min_results=2)
+    assert {s["metric"]["optimizer"] for s in rates} == {"dense", "embedding"}
+    assert all(0 < float(s["value"][1]) < 1 for s in rates)
 
 
 def test_processor_stops_cleanly_after_being_scraped(running):

@@ -98,3 +98,12 @@ def test_a_resume_in_small_steps_names_the_small_step_key(caplog) -> None:
     assert [(r.fields["optimizer"], r.fields["key"]) for r in caplog.records] == [
         ("dense", "model.optimizer.small_step_lr")
     ]
+
+
+def test_learning_rates_name_each_optimizers_rate_of_the_last_step() -> None:
+    learner = _learner("dcn")
+    learner.learn(*_batch(300))
+    assert learner.learning_rates() == {"dense": 1e-3, "embedding": 0.1}
+    learner = _learner("dcn")
+    learner.learn(*_batch(8))
+    assert learner.learning_rates() == {"dense": 3e-4, "embedding": 0.1}

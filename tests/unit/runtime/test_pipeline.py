@@ -236,6 +236,8 @@ def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
     assert parts == {"ce", "sc", "kd"}
     assert got[("reloop_train_samples_total", ())] == p.trainer.counters.samples
     assert got[("reloop_consumer_lag_records", (("partition", "0"), ("topic", "clicks")))] == 0
+    rates = {dict(k[1])["optimizer"]: v for k, v in got.items() if k[0] == "reloop_train_learning_rate"}
+    assert rates == p.trainer.learner.learning_rates() and set(rates) == {"dense", "embedding"}
     p.close()
 
 
