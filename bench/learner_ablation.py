@@ -185,11 +185,32 @@ EMBEDDING_RATE = {
     for backbone in TORCH_BACKBONES
     for rate in (0.03, 0.1, 0.3)
 }
+# One bisection of the step each backbone's climb failed ("embedding-rate-midpoints"): the geometric midpoint
+# of the rate it stopped at and the next (0.03 -> 0.055 for DeepFM and FmFM; 0.1 -> 0.17 for those that
+# stopped at 0.1; AFN+ stopped at the grid's top). Compared with the rate it stopped at, by the same rule.
+RATE_MIDPOINTS = {0.03: 0.055, 0.1: 0.17}
+STOPPED_AT = {b: {"afn": 0.3, "deepfm": 0.03, "fmfm": 0.03}.get(b, 0.1) for b in TORCH_BACKBONES}
+EMBEDDING_RATE_MIDPOINTS = {
+    f"rate{RATE_MIDPOINTS[stopped]:g}_{backbone}": {
+        **EMBEDDING_RATE[f"rate0.03_{backbone}"],
+        "opt": {"embedding_lr": RATE_MIDPOINTS[stopped], "small_steps_below": 0},
+    }
+    for backbone, stopped in STOPPED_AT.items()
+    if stopped in RATE_MIDPOINTS
+}
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
 PERIODIC_GRID = {
     f"{prefix}periodic_lr{lr:g}_ep{ep}": {**base, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
     for prefix, base in (("", NEW), ("per_event_", PER_EVENT))
     for lr, ep in ((1e-3, 1), (1e-3, 3), (3e-3, 1), (3e-3, 3), (1e-2, 1))
+}
+CATALOGUE = {  # every variant by name (the summary's row order)
+    **VARIANTS,
+    **PERIODIC_GRID,
+    **STRATEGIES,
+    **SELF_CORRECTION,
+    **EMBEDDING_RATE,
+    **EMBEDDING_RATE_MIDPOINTS,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
@@ -999,7 +1020,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         metavar="CSV",
-        help="print the embedding-rate group's table (each backbone against itself at 0.03) and exit",
+        help="print the embedding-rate group's table (each backbone against itself at --rates-base) and exit",
+    )
+    p.add_argument(
+        "--rates-base",
+        type=float,
+        default=0.03,
+        help="--summary-rates: the rate each backbone is compared with (default 0.03)",
     )
     p.add_argument(
         "--summary-delayed",
@@ -1051,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.summary_rates:
-        print(summarise_rates(args.summary_rates))
+        print(summarise_rates(args.summary_rates, base=args.rates_base))
         return 0
     if args.summary_published:
         print(summarise_published(args.summary_published, args.later_from))
@@ -1060,8 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise_delayed(args.summary_delayed, args.later_from))
         return 0
     if args.summary:
-        order = [*VARIANTS, *PERIODIC_GRID, *STRATEGIES, *SELF_CORRECTION, *EMBEDDING_RATE]
-        print(summarise(args.summary, args.ref, order))
+        print(summarise(args.summary, args.ref, list(CATALOGUE)))
         return 0
     if args.bursts:
         if args.data is None:
@@ -1073,12 +1099,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.delayed:
         return _main_delayed(args)
-    catalogue = {**VARIANTS, **PERIODIC_GRID, **STRATEGIES, **SELF_CORRECTION, **EMBEDDING_RATE}
+    catalogue = CATALOGUE
     groups = {
         "periodic": PERIODIC_GRID,
         "strategies": STRATEGIES,
         "self-correction": SELF_CORRECTION,
         "embedding-rate": EMBEDDING_RATE,
+        "embedding-rate-midpoints": EMBEDDING_RATE_MIDPOINTS,
     }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]

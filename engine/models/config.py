@@ -20,8 +20,8 @@ class OptimizerConfig(FrozenConfig):
     * dense parameters: Adam at ``lr``;
     * embedding tables: with ``sparse_embeddings`` a sparse optimizer, Adagrad (per-row learning rates:
       rows seen rarely keep large steps) at ``embedding_lr`` (by default the backbone's rate,
-      ``adagrad_embedding_lr``: 0.1, DeepFM and FmFM 0.03, AFN+ 0.3) or SparseAdam (at ``lr`` by
-      default); without, they join the dense Adam;
+      ``adagrad_embedding_lr``: 0.1; DeepFM 0.03, FmFM 0.055, LR and PNN 0.17, AFN+ 0.3) or SparseAdam
+      (at ``lr`` by default); without, they join the dense Adam;
     * while the learner's steps hold fewer than ``small_steps_below`` samples on average (a moving
       average over about the last 10 steps: the train stage's partial steps on a slow stream, small
       batches, one batch per event time) it learns at ``small_step_lr`` on the dense part and
@@ -107,10 +107,18 @@ class OptimizerConfig(FrozenConfig):
 # Adagrad's rate on the embedding tables when ``embedding_lr`` is unset, chosen per backbone on the
 # backtests' selection periods (MovieLens weeks 1-10, Frappe chunks 1-3; docs/backtest/ablation.md, "The
 # tables' rate, backbone by backbone"): a backbone moves up the grid 0.03, 0.1, 0.3 while the larger rate is
-# nowhere worse (both datasets, AUC and LogLoss, 95% over 5 seeds) and better somewhere. DeepFM and FmFM
-# lose on MovieLens at 0.1 and keep 0.03; backbones not listed (plugins too) take ADAGRAD_EMBEDDING_LR.
+# nowhere worse (both datasets, AUC and LogLoss, 95% over 5 seeds) and better somewhere; the step it failed
+# is then bisected once (its geometric midpoint: 0.055 or 0.17) by the same test. DeepFM keeps 0.03 (worse
+# on MovieLens at 0.055), FmFM moves to 0.055, LR and PNN to 0.17; backbones not listed (plugins too) take
+# ADAGRAD_EMBEDDING_LR.
 ADAGRAD_EMBEDDING_LR = 0.1
-ADAGRAD_EMBEDDING_LR_BY_BACKBONE: dict[str, float] = {"deepfm": 0.03, "fmfm": 0.03, "afn": 0.3}
+ADAGRAD_EMBEDDING_LR_BY_BACKBONE: dict[str, float] = {
+    "deepfm": 0.03,
+    "fmfm": 0.055,
+    "lr": 0.17,
+    "pnn": 0.17,
+    "afn": 0.3,
+}
 
 
 def adagrad_embedding_lr(backbone: str | None) -> float:

@@ -325,3 +325,16 @@ def test_the_rates_table_pairs_each_backbone_with_itself_at_the_base_rate(tmp_pa
     assert "**+2.10 ± 0.25**" in dcn and "**-2.10 ± 0.25**" in dcn  # better AUC and LogLoss: bold
     assert "-1.00 ± 0.00" in fm and "**" not in fm  # worse: never bold
     assert not any(line.startswith("| dcn | 0.03 |") for line in table)
+    # Against another base (--rates-base 0.1): the same pairs seen from the other side.
+    against = la.summarise_rates([path], base=0.1).splitlines()
+    assert "-2.10 ± 0.25" in next(line for line in against if line.startswith("| dcn | 0.03 |"))
+    assert not any(line.startswith("| dcn | 0.1 |") for line in against)
+
+
+def test_the_midpoints_bisect_the_step_each_backbones_climb_failed():
+    # 0.03 -> 0.1 failed for DeepFM and FmFM, 0.1 -> 0.3 for the others but AFN+ (at the top of the grid).
+    midpoints = la.EMBEDDING_RATE_MIDPOINTS
+    mids = {name.split("_", 1)[1]: s["opt"]["embedding_lr"] for name, s in midpoints.items()}
+    assert mids == {b: 0.055 if b in ("deepfm", "fmfm") else 0.17 for b in la.TORCH_BACKBONES if b != "afn"}
+    for name, s in la.EMBEDDING_RATE_MIDPOINTS.items():  # otherwise the rate group's own settings
+        assert {**s, "opt": None} == {**la.EMBEDDING_RATE[f"rate0.03_{name.split('_', 1)[1]}"], "opt": None}
