@@ -15,7 +15,8 @@ Rows (named so they can be found by name):
   work without a Kafka client, against the kafka-python join stage in the same rounds. No client can
   take the stage past this rate on the same machine.
 * "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
-  raw topics until the target samples are trained, against the bare loop with two threads.
+  raw topics until the target samples are trained, against the bare loop with two threads; the same
+  with ``kafka.client: confluent`` (both processes on librdkafka) in the same rounds.
 * "whole loop's ceiling": the bare loop with one thread (the train process's) against two threads, in
   the whole loop's rounds: a train process as fast as its model's bare loop, with the join process free,
   would reach this ratio and no more.
@@ -335,16 +336,18 @@ def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float
     return records / elapsed
 
 
-def whole_loop_rate(bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int) -> float:
-    """``reloop run`` with two processes until ``target`` samples are trained: samples / (time of the
-    snapshot at target - time both stages had started)."""
+def whole_loop_rate(
+    bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int, client: str = "kafka-python"
+) -> float:
+    """``reloop run`` with two processes (both on the Kafka ``client``) until ``target`` samples are
+    trained: samples / (time of the snapshot at target - time both stages had started)."""
     from reloop.engine.checkpoint.registry import SnapshotRegistry
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-run-") as tmp:
         work = Path(tmp)
         tag = uuid.uuid4().hex[:8]
         cfg = {
-            "kafka": {"bootstrap": bootstrap},
+            "kafka": {"bootstrap": bootstrap, "client": client},
             "source": {"impressions_topic": topics[0], "clicks_topic": topics[1]},
             "consumer": {"group_id": f"bench-train-{tag}"},
             "sink": {"dead_letter_topic": None},
@@ -516,20 +519,28 @@ def run(ctx: Context) -> Figure:
 
         # The bare loop with one thread too, in the same rounds: the train process has one torch thread,
         # so one thread's bare loop over two threads' bounds what the whole loop can reach on this machine.
-        whole, base2, base1 = alternate_many(
+        whole, cwhole, base2, base1 = alternate_many(
             [
                 lambda: whole_loop_rate(bootstrap, raw, spec, target, batch),
+                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch, client="confluent"),
                 lambda: bare_at(2),
                 lambda: bare_at(1),
             ],
             min(rounds, 2),
         )
         wratio = median_ratio(whole, base2)
+        cwratio = median_ratio(cwhole, base2)
         ceiling = median_ratio(base1, base2)
         _record(rows, lines, "whole loop, two processes (join + train, 1 torch thread each), DCN, batch 1024",
                 "whole loop, two processes", whole, base2, wratio,
                 "bare torch loop, same model, pre-built tensors, 2 threads",
                 ">= 0.6 x bare loop (2 threads)", wratio >= 0.6)  # fmt: skip
+        # The same with both processes on librdkafka: how much of the gap is kafka-python's consume.
+        _record(rows, lines,
+                "whole loop, two processes, confluent-kafka (join + train, 1 torch thread each), DCN 1024",
+                "whole loop, two processes, confluent-kafka", cwhole, base2, cwratio,
+                "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
+                ">= 0.6 x bare loop (2 threads)", cwratio >= 0.6)  # fmt: skip
         _record(rows, lines,
                 "whole loop's ceiling: bare torch loop, 1 thread (the train process's), DCN 1024",
                 "whole loop's ceiling: bare, 1 thread", base1, base2, ceiling,
