@@ -166,13 +166,18 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
     assert sorted(keys) == sorted(synth.expected) and len(keys) == len(set(keys))
 
 
-def test_fingerprint_mismatch_refused(tmp_path):
-    synth = generate(100, seed=1, pad_to_multiple=BATCH)
-    log = _log(synth)
+def _ran_to_end(tmp_path, n: int, seed: int):
+    """A pipeline run over n synthetic impressions to the end of its log and closed: (log, clock, version)."""
+    log = _log(generate(n, seed=seed, pad_to_multiple=BATCH))
     clock = ManualClock(START)
     p = _pipeline(_config(tmp_path), log, clock)
     _run_to_end(p, log, clock)
     p.close()
+    return log, clock, p.version
+
+
+def test_fingerprint_mismatch_refused(tmp_path):
+    log, clock, _ = _ran_to_end(tmp_path, 100, seed=1)
     import pytest
     from reloop.engine.runtime.restore import SnapshotMismatch
 
@@ -181,13 +186,7 @@ def test_fingerprint_mismatch_refused(tmp_path):
 
 
 def test_a_fingerprint_change_resumes_when_allowed_and_says_so(tmp_path, caplog):
-    synth = generate(100, seed=1, pad_to_multiple=BATCH)
-    log = _log(synth)
-    clock = ManualClock(START)
-    p = _pipeline(_config(tmp_path), log, clock)
-    _run_to_end(p, log, clock)
-    version = p.version
-    p.close()
+    log, clock, version = _ran_to_end(tmp_path, 100, seed=1)
     allow = {"RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE": "true"}  # the documented one-start override
     changed = _config(tmp_path, policy="drop", env=allow)
     assert changed.checkpoint.allow_fingerprint_change
@@ -275,15 +274,9 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
 def test_a_restored_pipeline_exports_its_snapshot_version_and_time_at_once(tmp_path):
     """As the train stage does: a restored process that then stalls must trip the snapshot-stale alert
     without writing a snapshot first."""
-    synth = generate(200, seed=6, pad_to_multiple=BATCH)
-    log = _log(synth)
-    clock = ManualClock(START)
-    first = _pipeline(_config(tmp_path), log, clock)
-    _run_to_end(first, log, clock)
-    version = first.version
+    log, clock, version = _ran_to_end(tmp_path, 200, seed=6)
     assert version is not None and version >= 1
-    first.close()
-    created = first.registry.manifest(version)["created_unix"]
+    created = SnapshotRegistry(tmp_path / "snaps").manifest(version)["created_unix"]
     stats = EngineStats()
     build_pipeline(_config(tmp_path), source=MemorySource(log, ["impressions", "clicks"]), clock=clock,
                    stats=stats)  # fmt: skip
