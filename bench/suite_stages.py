@@ -6,7 +6,8 @@ Rows (named so they can be found by name):
   Kafka samples topic from offset 0 until ``target`` samples are trained (decode, dedup by seq,
   featurise the Arrow columns, predict-then-learn, the batched progressive metric, ledger off,
   snapshots off), against the same model trained by a bare torch loop on tensors built beforehand, in
-  this process, alternating rounds (same torch threads: 1, as ``reloop run`` gives each stage).
+  this process, alternating rounds (same torch threads: 1, as ``reloop run`` gives each stage); the
+  same stage reading through confluent-kafka in the same rounds (", confluent-kafka" rows).
 * "join stage per process, kafka-python": one ``JoinStage`` (one consumer-group member owning every
   task) from raw impressions/clicks topics to the samples topic; samples/s from the first poll to the
   last sample flushed. Baseline: the bare kafka-python consume of the same records (``KafkaSource``).
@@ -49,6 +50,7 @@ from reloop.bench.suite_e2e import BareLoop, fill_topics, make_events
 from reloop.connectors.memory.memory import MemoryGroupSource
 
 COMMAND = "python -m reloop.bench --only stages"
+KP = "kafka-python"
 TITLE = "9. Data plane v2: join stage, samples topic, train stage"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,8 +94,9 @@ def fill_samples_topic(bootstrap: str, imps: list[Any], labels: np.ndarray, per_
     return topic
 
 
-def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch: int, target: int) -> float:
-    from reloop.connectors.kafka.source import KafkaSource
+def train_stage_rate(
+    bootstrap: str, topic: str, backbone: str, spec: Any, batch: int, target: int, client: str = KP
+) -> float:
     from reloop.engine.checkpoint.registry import SnapshotRegistry
     from reloop.engine.features.featurizer import Featurizer
     from reloop.engine.metrics.stats import EngineStats
@@ -103,9 +106,18 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
     from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-train-") as tmp:
-        source = KafkaSource(
-            bootstrap=bootstrap, topics=[topic], client_config={"max_partition_fetch_bytes": 16 << 20}
-        )
+        if client == "confluent":
+            from reloop.connectors.confluent.source import ConfluentSource
+
+            source: Any = ConfluentSource(
+                bootstrap=bootstrap, topics=[topic], client_config={"max.partition.fetch.bytes": 16 << 20}
+            )
+        else:
+            from reloop.connectors.kafka.source import KafkaSource
+
+            source = KafkaSource(
+                bootstrap=bootstrap, topics=[topic], client_config={"max_partition_fetch_bytes": 16 << 20}
+            )
         stage = TrainStage(
             source=source,
             trainer=StreamTrainer(
@@ -133,14 +145,14 @@ def train_stage_rate(bootstrap: str, topic: str, backbone: str, spec: Any, batch
     if done < target:
         raise RuntimeError(f"the train stage trained {done} of {target} samples in 600 s")
     if first is not None and done > first[1]:
-        AFTER_FIRST.setdefault((backbone, batch), []).append(
+        AFTER_FIRST.setdefault((backbone, batch, client), []).append(
             ((done - first[1]) / (end - first[0]), first[0] - t0)
         )
     return done / (end - t0)
 
 
-# Per (backbone, batch), per round: (samples/s after the first trained step, seconds to that step).
-AFTER_FIRST: dict[tuple[str, int], list[tuple[float, float]]] = {}
+# Per (backbone, batch, client), per round: (samples/s after the first trained step, seconds to that step).
+AFTER_FIRST: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
 
 
 STALLS: dict[str, int] = {}
@@ -457,26 +469,33 @@ def run(ctx: Context) -> Figure:
         for backbone, batch in configs:
             target = (n // batch) * batch
             bare = _bare(backbone, spec, imps[:n], labels, batch)
-            eng, base, ratio = alternate(
-                lambda b=backbone, bs=batch, t=target: train_stage_rate(
-                    bootstrap, samples_topic, b, spec, bs, t
-                ),
-                bare.run,
+            eng, ceng, base = alternate_many(
+                [
+                    lambda b=backbone, bs=batch, t=target: train_stage_rate(
+                        bootstrap, samples_topic, b, spec, bs, t
+                    ),
+                    lambda b=backbone, bs=batch, t=target: train_stage_rate(
+                        bootstrap, samples_topic, b, spec, bs, t, client="confluent"
+                    ),
+                    bare.run,
+                ],
                 rounds,
             )
             model = "DCN" if backbone == "dcn" else "DeepFM"
-            name = f"train stage from the samples topic, {model}, batch {batch}"
-            _record(rows, lines, name, name, eng, base, ratio,
-                    "bare torch loop, same model, pre-built tensors, 1 thread",
-                    ">= 0.9 x bare loop", ratio >= 0.9)  # fmt: skip
-            timed = AFTER_FIRST.get((backbone, batch), [])[-len(eng) :]
-            if len(timed) == len(eng):
-                steady = [rate / b for (rate, _), b in zip(timed, base, strict=True)]
-                after_first.append(
-                    f"{name}: {', '.join(f'{rate:,.0f}' for rate, _ in timed)} samples/s after the first "
-                    f"trained step (ratio {float(np.median(steady)):.3f}); the first step came "
-                    f"{', '.join(f'{t * 1000:.0f}' for _, t in timed)} ms after open"
-                )
+            for client, rates, suffix in ((KP, eng, ""), ("confluent", ceng, ", confluent-kafka")):
+                name = f"train stage from the samples topic{suffix}, {model}, batch {batch}"
+                ratio = median_ratio(rates, base)
+                _record(rows, lines, name, name, rates, base, ratio,
+                        "bare torch loop, same model, pre-built tensors, 1 thread",
+                        ">= 0.9 x bare loop", ratio >= 0.9)  # fmt: skip
+                timed = AFTER_FIRST.get((backbone, batch, client), [])[-len(rates) :]
+                if len(timed) == len(rates):
+                    steady = [rate / b for (rate, _), b in zip(timed, base, strict=True)]
+                    after_first.append(
+                        f"{name}: {', '.join(f'{rate:,.0f}' for rate, _ in timed)} samples/s after the first "
+                        f"trained step (ratio {float(np.median(steady)):.3f}); the first step came "
+                        f"{', '.join(f'{t * 1000:.0f}' for _, t in timed)} ms after open"
+                    )
         raw = fill_topics(bootstrap, imps, clicks)
         expected = n  # every impression but the sentinel becomes one sample
         records = len(imps) + len(clicks)
