@@ -349,7 +349,7 @@ def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float
 
 
 def whole_loop_rate(
-    bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int, client: str = "kafka-python"
+    bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int, client: str = KP
 ) -> float:
     """``reloop run`` with two processes (both on the Kafka ``client``) until ``target`` samples are
     trained: samples / (time of the snapshot at target - time both stages had started)."""
