@@ -1,6 +1,7 @@
 """Figure 1: end to end, Kafka -> decode -> join -> featurise -> train, against the bare PyTorch loop.
 
-Engine: the stream processor as ``reloop run`` wires it (``reloop.engine.runtime.pipeline.Pipeline``): a
+Engine: the single-process stream processor (``reloop.engine.runtime.pipeline.Pipeline``), which
+``reloop replay`` runs over raw topics (``reloop run`` runs two stages instead: figure 9's whole loop): a
 ``KafkaSource`` on the local broker reading an impressions topic and a clicks topic from offset 0,
 merge by timestamp, batch decode, the joiner (window 2 s of event time), ``StreamTrainer``
 (predict-then-learn, ReLoop loss with the logged prediction as y_last) on a DCN or DeepFM learner.
@@ -328,7 +329,8 @@ def run(ctx: Context) -> Figure:
         [
             f"{n:,} impressions ({len(clicks):,} clicks) on the local broker, read from offset 0 by a fresh "
             f"pipeline each round; {rounds} rounds per configuration alternating with the bare loop; "
-            f"torch's default {torch.get_num_threads()} threads in both (as `reloop run` leaves it). "
+            f"torch's default {torch.get_num_threads()} threads in both. The engine is the single-process "
+            f"pipeline, which `reloop replay` runs over raw topics; `reloop run` runs two stages (figure 9). "
             f"Criteo layout, ~1e6 embedding rows, registry defaults (embedding "
             f"dim 10, MLP 400-400-400), SparseAdam for the table and fused Adam for the rest in both.",
             "",
