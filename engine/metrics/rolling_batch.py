@@ -19,8 +19,11 @@ window and with itself, counted with ``searchsorted`` (ties count one half).
     >>> m.window(), m.get()["auc"]
     ([(1, 0.9), (1, 0.7), (0, 0.8)], 0.5)
 
-``update(y, p)`` only appends to a pending batch (flushed at ``flush_size`` samples and before
-any read or revert), so per-sample callers get the batch cost too.
+``update(y, p)`` and ``update_many`` only append to a pending batch (checked at once, flushed at
+``flush_size`` samples and before any read or revert), so per-sample callers get the batch cost too,
+and the trainer's batches of 512 share one pass over the window: the O(N) part of a flush (inserting
+into and deleting from the sorted arrays) dominates small batches, 1.5 us a sample at 512 against 0.5
+at 8192 with N = 100k. Reads are exact either way: a read flushes first.
 """
 
 from __future__ import annotations
@@ -79,11 +82,14 @@ def _losses(ys: np.ndarray, ps: np.ndarray) -> np.ndarray:
 class BatchRollingMetrics:
     """Exact rolling AUC + LogLoss + calibration over the last ``window_size`` samples, batch-fed."""
 
-    def __init__(self, window_size: int, *, flush_size: int = 1024) -> None:
+    def __init__(self, window_size: int, *, flush_size: int = 8192) -> None:
         if window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         self.window_size = window_size
         self.flush_size = flush_size
+        # Pending samples in arrival order: checked chunks, then the samples of ``update`` after them.
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._chunked = 0
         self._pending_y: list[int] = []
         self._pending_p: list[float] = []
         self._pos = np.empty(0)
@@ -113,21 +119,26 @@ class BatchRollingMetrics:
             raise ValueError(f"label must be 0 or 1 and score not NaN, got {y!r}, {p!r}")
         self._pending_y.append(int(y))
         self._pending_p.append(p)
-        if len(self._pending_y) >= self.flush_size:
+        if self._chunked + len(self._pending_y) >= self.flush_size:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending_y:
-            ys, ps = self._pending_y, self._pending_p
-            self._pending_y, self._pending_p = [], []
-            self._update_batch(np.asarray(ys, dtype=np.int64), np.asarray(ps, dtype=np.float64))
+        self._chunk_pending()
+        if not self._chunks:
+            return
+        chunks, self._chunks, self._chunked = self._chunks, [], 0
+        if len(chunks) == 1:
+            ys, ps = chunks[0]
+        else:
+            ys = np.concatenate([c[0] for c in chunks])
+            ps = np.concatenate([c[1] for c in chunks])
+        self._update_batch(ys, ps)
 
     def update_many(self, ys: Sequence[int] | np.ndarray, ps: Sequence[float] | np.ndarray) -> None:
-        self.flush()
-        self._update_batch(np.asarray(ys, dtype=np.int64), np.asarray(ps, dtype=np.float64))
-
-    def _update_batch(self, ys: np.ndarray, ps: np.ndarray) -> None:
-        ps = np.asarray(ps, dtype=np.float64)
+        """Queue a batch (checked now: a bad one raises here and changes nothing). Copied: the caller
+        may reuse its arrays before the flush."""
+        ys = np.array(ys, dtype=np.int64)
+        ps = np.array(ps, dtype=np.float64)
         if ys.shape != ps.shape or ys.ndim != 1:
             raise ValueError(f"labels and scores must be 1-d of one length, got {ys.shape} and {ps.shape}")
         if ys.size == 0:
@@ -136,6 +147,22 @@ class BatchRollingMetrics:
             raise ValueError("labels must be 0 or 1")
         if np.isnan(ps).any():
             raise ValueError("score is NaN")
+        self._chunk_pending()
+        self._chunks.append((ys, ps))
+        self._chunked += ys.size
+        if self._chunked >= self.flush_size:
+            self.flush()
+
+    def _chunk_pending(self) -> None:
+        if self._pending_y:
+            ys = np.asarray(self._pending_y, dtype=np.int64)
+            ps = np.asarray(self._pending_p, dtype=np.float64)
+            self._pending_y, self._pending_p = [], []
+            self._chunks.append((ys, ps))
+            self._chunked += ys.size
+
+    def _update_batch(self, ys: np.ndarray, ps: np.ndarray) -> None:
+        """A checked batch into the window."""
         self._append(ys, ps)
         self._add_set(ys, ps)
         excess = self._live - self.window_size
@@ -285,4 +312,3 @@ def window_arrays(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(y, bytes | bytearray):
         return np.frombuffer(y, dtype="<i1").astype(np.int64), np.frombuffer(p, dtype="<f8").copy()
     return np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
-

@@ -350,3 +350,51 @@ def test_a_window_saved_as_bytes_is_compact_and_the_old_list_form_still_loads():
         assert restored.window() == m.window()
     assert RollingBinaryMetrics.from_state_dict(state).window() == m.window()
 
+
+
+queued_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 1), scores), max_size=15)),
+        st.tuples(st.just("one"), st.tuples(st.integers(0, 1), scores)),
+        st.tuples(st.just("revert"), st.tuples(st.integers(0, 1), scores)),
+        st.tuples(st.just("read"), st.none()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(window=st.integers(1, 12), flush=st.integers(1, 40), ops=queued_ops)
+def test_queued_batches_read_as_if_applied_at_once(window, flush, ops):
+    # update_many queues until flush_size samples; samples of update() and update_many() keep their
+    # order, and every read (and revert) sees all of them.
+    m = BatchRollingMetrics(window, flush_size=flush)
+    model = WindowModel(window)
+    for op, arg in [*ops, ("read", None)]:
+        if op == "batch":
+            ys = np.array([y for y, _ in arg], dtype=np.int64)
+            ps = np.array([p for _, p in arg], dtype=np.float64)
+            m.update_many(ys, ps)
+            ys[:] = 1 - ys  # the caller reuses its buffers: the queued batch must not change
+            ps[:] = 0.5
+            for y, p in arg:
+                model.update(y, p)
+        elif op == "one":
+            m.update(*arg)
+            model.update(*arg)
+        elif op == "revert":
+            assert m.revert(*arg) == model.revert(*arg)
+        else:
+            assert m.window() == model.items
+            assert same(m.get()["auc"], brute_auc(model.items))
+            assert len(m) == len(model.items)
+
+
+def test_a_bad_batch_raises_when_queued_and_changes_nothing():
+    m = BatchRollingMetrics(10)
+    m.update_many([1, 0], [0.9, 0.1])
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        m.update_many([1, 2], [0.5, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        m.update_many([1, 0], [0.5, float("nan")])
+    assert m.window() == [(1, 0.9), (0, 0.1)]
