@@ -111,9 +111,16 @@ class SampleBatch:
                 out[name[len(FEATURE_PREFIX) :]] = column
         return out
 
-    def take(self, index: np.ndarray) -> SampleBatch:
-        """The rows at ``index`` (a new batch; its identity is that of the rows kept)."""
-        data = self.data.take(pa.array(index, type=pa.int64()))
+    def take(self, index: np.ndarray | slice) -> SampleBatch:
+        """The rows at ``index`` (a new batch; its identity is that of the rows kept). A slice (step 1)
+        is a zero-copy view, as for ``FeatureBatch.take``."""
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("a slice of a sample batch takes consecutive rows (step 1)")
+            data = self.data.slice(start, max(0, stop - start))
+        else:
+            data = self.data.take(pa.array(index, type=pa.int64()))
         first = int(data.column("seq")[0].as_py()) if data.num_rows else self.first_seq
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), **_metadata(self.task, first)})
         return SampleBatch(data, self.task, first)

@@ -416,7 +416,7 @@ class TrainStage:
                 pieces.append(self._buffer.pop(0))
                 need -= len(batch)
             else:
-                head, rest = np.arange(need), np.arange(need, len(batch))
+                head, rest = slice(0, need), slice(need, None)  # views, no copy
                 pieces.append((batch.take(head), features.take(head)))
                 self._buffer[0] = (batch.take(rest), features.take(rest))
                 need = 0

@@ -264,3 +264,23 @@ def test_bad_messages_are_refused_with_a_reason(make, reason):
     with pytest.raises(EventError) as err:
         decode_batch(make(good))
     assert err.value.reason == reason
+
+
+def test_a_slice_takes_the_same_rows_as_an_index_without_copying():
+    samples = [
+        LabeledSample(f"i{i}", {"user": f"u{i}", "price": float(i)}, i % 2, 0.1, 3, 1000 + i)
+        for i in range(10)
+    ]
+    batch = batch_from_samples(samples, task=2, first_seq=40)
+    for start, stop in ((0, 4), (4, 10), (3, 3)):
+        view, copy = batch.take(slice(start, stop)), batch.take(np.arange(start, stop))
+        assert view.to_samples() == copy.to_samples() == samples[start:stop]
+        assert (view.task, view.first_seq) == (copy.task, copy.first_seq)
+        assert view.data.schema.metadata == copy.data.schema.metadata
+        assert decode_batch(encode_batch(view)).to_samples() == samples[start:stop]
+    tail = batch.take(slice(4, None))
+    assert tail.first_seq == 44 and tail.seqs().tolist() == list(range(44, 50))
+    # a view shares the parent's buffers
+    assert tail.data.column("seq").buffers()[1].address == batch.data.column("seq").buffers()[1].address
+    with pytest.raises(ValueError, match="step 1"):
+        batch.take(slice(0, 10, 2))
