@@ -36,8 +36,10 @@ class PartitionShare:
         return tp.partition % self.count == self.index
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One record as a source delivers it. A named tuple (immutable, like the topic's record) rather
+    than a frozen dataclass: built once per consumed record, it costs ~0.26 us against ~0.74 us."""
+
     topic: str
     partition: int
     offset: int

@@ -16,7 +16,6 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from typing import Literal
 
 import orjson
@@ -114,7 +113,7 @@ class ReplaySource:
         if self.timestamps == "event":
             t = event_time_of(r.value)
             # A record without an event time keeps its place by offset (the pipeline dead-letters it).
-            return replace(r, timestamp_ms=t if t is not None else max(r.timestamp_ms, 0))
+            return r._replace(timestamp_ms=t if t is not None else max(r.timestamp_ms, 0))
         return r
 
     def _fill(self, timeout_s: float) -> None:
