@@ -30,9 +30,11 @@ DATA = Path(os.environ.get("RELOOP_DATA", "/work/shared/data")) / "movielens-100
 
 
 def run(ctx: Context) -> Figure:
+    import torch
     from reloop.bench.replay import _setup, offline_rate, replay_rate, samples_log, samples_replay_rate
     from reloop.engine.runtime.config import load_feature_spec
 
+    threads = torch.get_num_threads()
     if not DATA.exists():
         raise FileNotFoundError(f"MovieLens-100K not found at {DATA} (set RELOOP_DATA)")
     # The owner's set-up (rows, delays, run config), so this figure and bench/replay.py measure the same.
@@ -105,7 +107,9 @@ def run(ctx: Context) -> Figure:
         f"{len(rows):,} rows -> {len(events):,} events ({len(samples):,} impressions, "
         f"{len(events) - len(samples):,} clicks); every impression becomes one trained sample (no click "
         f"falls beyond the 1 h window), so events/s = samples/s x {events_per_sample:.3f}. {rounds} rounds, "
-        f"the three rotated each round (plus one warm-up each).",
+        f"the four rotated each round (plus one warm-up each). torch at its default {threads} threads "
+        "in all four: the replays share the cores with their own other threads (the snapshot writer; "
+        "the samples-topic replay's fetch thread), the offline and bare loops have them to themselves.",
         "",
         "| round | replay (raw topics) samples/s | replay of the samples topic samples/s "
         "| offline loop samples/s | bare loop samples/s |",
