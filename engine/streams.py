@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple, Protocol, runtime_checkable
 
 
@@ -69,6 +70,13 @@ class Source(Protocol):
     def close(self) -> None:
         """Release resources; calling it twice is harmless."""
         ...
+
+
+# C-level getters for the per-record hot paths. ``record_partition(r)`` is a plain (topic, partition)
+# tuple, equal to and hashed as ``TopicPartition(r.topic, r.partition)``: it finds a partition's entries
+# in a dict keyed by TopicPartition without building a named tuple per record.
+record_partition = itemgetter(0, 1)
+record_offset = itemgetter(2)
 
 
 class RecordTooLarge(ValueError):

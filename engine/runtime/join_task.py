@@ -27,7 +27,15 @@ from reloop.engine.events.schema import Impression
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import EventIntake
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.streams import Positions, Record, TopicPartition, positions_from_json, positions_to_json
+from reloop.engine.streams import (
+    Positions,
+    Record,
+    TopicPartition,
+    positions_from_json,
+    positions_to_json,
+    record_offset,
+    record_partition,
+)
 
 STATE_FORMAT = 1
 
@@ -80,7 +88,10 @@ class JoinTask:
                     out += joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
                 else:
                     out += joiner.on_click(ev.impression_id, ev.event_time_ms)
-            self.positions[TopicPartition(r.topic, r.partition)] = r.offset + 1
+        # Each partition's next offset: its last released record's + 1 (a dict of pairs keeps the last).
+        last = dict(zip(map(record_partition, released), map(record_offset, released), strict=True))
+        for (topic, partition), offset in last.items():
+            self.positions[TopicPartition(topic, partition)] = offset + 1
         self.records_processed += len(released)
         return len(released)
 

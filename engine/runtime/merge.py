@@ -27,8 +27,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from itertools import groupby
 
-from reloop.engine.streams import Record, TopicPartition
+from reloop.engine.streams import Record, TopicPartition, record_partition
 
 
 class RecordMerger:
@@ -44,12 +45,13 @@ class RecordMerger:
 
     def add(self, records: Iterable[Record]) -> None:
         now = self.clock()
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
+        # A poll returns each partition's records together: one dict step per run, not per record.
+        for key, run in groupby(records, record_partition):
+            tp = TopicPartition(*key)
             buf = self._buf.get(tp)
             if buf is None:
                 buf = self._buf[tp] = deque()
-            buf.append(r)
+            buf.extend(run)
             self._last_seen[tp] = now
 
     def buffered(self) -> int:
@@ -82,13 +84,12 @@ class RecordMerger:
         bufs = self._buf
         while heap:
             _, topic, partition, _ = heapq.heappop(heap)
-            tp = TopicPartition(topic, partition)
-            buf = bufs[tp]
+            buf = bufs[(topic, partition)]  # type: ignore[index]  # equal to its TopicPartition
             out.append(buf.popleft())
             if buf:
                 head = buf[0]
                 heapq.heappush(heap, (head.timestamp_ms, topic, partition, head.offset))
-            elif self._blocks(tp, now, positions, end_positions):
+            elif self._blocks(TopicPartition(topic, partition), now, positions, end_positions):
                 break  # this partition ran dry: what it holds next may be older than the other heads
         return out
 
