@@ -246,14 +246,11 @@ def test_bind_publishes_bounded_series_at_collect_time():
 
 
 # The batch-fed numpy version must match the same model, batch boundaries anywhere.
-batch_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 1), scores), max_size=15)),
-        st.tuples(st.just("revert"), st.tuples(st.integers(0, 1), scores)),
-        st.tuples(st.just("late_click"), st.none()),
-    ),
-    max_size=40,
-)
+_sample = st.tuples(st.integers(0, 1), scores)
+_batch_op = st.tuples(st.just("batch"), st.lists(_sample, max_size=15))
+_revert_op = st.tuples(st.just("revert"), _sample)
+_late_click_op = st.tuples(st.just("late_click"), st.none())
+batch_ops = st.lists(st.one_of(_batch_op, _revert_op, _late_click_op), max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
@@ -352,15 +349,8 @@ def test_a_window_saved_as_bytes_is_compact_and_the_old_list_form_still_loads():
 
 
 
-queued_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 1), scores), max_size=15)),
-        st.tuples(st.just("one"), st.tuples(st.integers(0, 1), scores)),
-        st.tuples(st.just("revert"), st.tuples(st.integers(0, 1), scores)),
-        st.tuples(st.just("read"), st.none()),
-    ),
-    max_size=60,
-)
+_one_op, _read_op = st.tuples(st.just("one"), _sample), st.tuples(st.just("read"), st.none())
+queued_ops = st.lists(st.one_of(_batch_op, _one_op, _revert_op, _read_op), max_size=60)
 
 
 @settings(max_examples=200, deadline=None)
