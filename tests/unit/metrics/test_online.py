@@ -348,7 +348,6 @@ def test_a_window_saved_as_bytes_is_compact_and_the_old_list_form_still_loads():
     assert RollingBinaryMetrics.from_state_dict(state).window() == m.window()
 
 
-
 _one_op, _read_op = st.tuples(st.just("one"), _sample), st.tuples(st.just("read"), st.none())
 queued_ops = st.lists(st.one_of(_batch_op, _one_op, _revert_op, _read_op), max_size=60)
 
