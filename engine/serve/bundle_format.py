@@ -96,26 +96,46 @@ _NAMES = {v: k for k, v in {
 }.items()}  # fmt: skip
 
 
+# Every tensor's data starts at a multiple of this in the file, so at that alignment in the mapping
+# (mmap is page-aligned): torch's own allocations are 64-byte aligned, and its CPU kernels can take
+# another path, rounding differently, on less aligned memory (a served DCN's score once differed from
+# the trainer's in the 8th digit with its MLP weights at 4-byte alignment).
+_ALIGN = 64
+_PAD = "__pad"  # names of the uint8 filler entries that align the next tensor (safetensors has no holes)
+
+
 def _write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> tuple[int, str]:
     """Write ``tensors`` in the safetensors layout straight from their memory (no serialised copy of
-    the whole file first), checksumming as it goes; returns (bytes, crc32c hex). Widest dtypes first, so every
-    tensor starts at a multiple of its item size (the reader maps them without copying)."""
+    the whole file first), checksumming as it goes; returns (bytes, crc32c hex). Each tensor starts
+    ``_ALIGN``-aligned, after a filler entry where needed (``read_bundle`` drops them), so the reader
+    maps it without copying and the model computes on it exactly as on the trainer's tensors."""
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {"__metadata__": metadata}
+    chunks: list[torch.Tensor] = []
     offset = 0
     for name in order:
         t = tensors[name]
         size = t.numel() * t.element_size()
+        gap = -offset % _ALIGN if size else 0
+        if gap:
+            header[f"{_PAD}{len(chunks)}__"] = {
+                "dtype": "U8",
+                "shape": [gap],
+                "data_offsets": [offset, offset + gap],
+            }
+            chunks.append(torch.zeros(gap, dtype=torch.uint8))
+            offset += gap
         header[name] = {
             "dtype": _NAMES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }
+        chunks.append(t)
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned
+    head += b" " * (-(8 + len(head)) % _ALIGN)  # the data starts aligned too
     digest = crc32c.CRC32CHash()
     total = 0
     with open(path, "wb") as f:
@@ -123,8 +143,8 @@ def _write_safetensors(
             digest.update(chunk)
             f.write(chunk)
             total += len(chunk)
-        for name in order:
-            t = tensors[name].contiguous()
+        for t in chunks:
+            t = t.contiguous()
             if t.numel() == 0:
                 continue
             view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
@@ -238,7 +258,7 @@ def read_bundle(
             # The mapping is read-only and torch says so; serving never writes the weights.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             for name, info in header.items():
-                if name == "__metadata__":
+                if name == "__metadata__" or name.startswith(_PAD):
                     continue
                 dtype = _DTYPES[info["dtype"]]
                 lo, hi = info["data_offsets"]
