@@ -121,8 +121,8 @@ class _Fetcher:
         st = self.stage
         try:
             while not self._stop.is_set():
-                while not self._commits.empty():
-                    st._commit_now(self._commits.get())
+                for positions in self.queued_commits():
+                    st._commit_now(positions)
                 for r in st._poll_released():
                     item = st._prepare(r)
                     while not self._stop.is_set():
@@ -148,6 +148,14 @@ class _Fetcher:
 
     def commit(self, positions: Positions) -> None:
         self._commits.put(dict(positions))
+
+    def queued_commits(self) -> list[Positions]:
+        """The commits queued for this thread and not made yet, taken off the queue (the stage makes the
+        last ones itself once the thread has stopped)."""
+        taken: list[Positions] = []
+        while not self._commits.empty():
+            taken.append(self._commits.get())
+        return taken
 
     def close(self) -> None:
         self._stop.set()
@@ -632,8 +640,8 @@ class TrainStage:
         fetcher, self._fetcher = self._fetcher, None
         if fetcher is not None:
             fetcher.close()
-            while not fetcher._commits.empty():
-                self._commit_now(fetcher._commits.get())
+            for positions in fetcher.queued_commits():
+                self._commit_now(positions)
 
     def close(self, *, final: SaveKind | None = "checkpoint") -> int | None:
         number = None
