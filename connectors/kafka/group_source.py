@@ -21,6 +21,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
+from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.source import fetched_ends
 from reloop.engine.streams import Positions, Record, TopicPartition
 
@@ -66,6 +67,7 @@ class KafkaGroupSource:
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
         )
+        read_records_directly(self._consumer)
         self._listener: Any = None
         self._next: Positions = {}
         self._unresolved: set[TopicPartition] = set()  # sought to the beginning inside a callback
@@ -150,10 +152,7 @@ class KafkaGroupSource:
             tp = TopicPartition(ktp.topic, ktp.partition)
             if tp not in self._next:  # revoked inside this poll
                 continue
-            for msg in messages:
-                out.append(
-                    Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value or b"", msg.timestamp)
-                )
+            out += as_records(messages)
             if messages:
                 self._next[tp] = messages[-1].offset + 1
         return out

@@ -16,6 +16,7 @@ from typing import Any
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import IllegalStateError
+from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
 
 # Settings the Source contract depends on; client_config may not change them.
@@ -79,6 +80,7 @@ class KafkaSource:
                 enable_auto_commit=False,
                 **config,
             )
+            read_records_directly(self._consumer)
         return self._consumer
 
     def partitions(self) -> list[TopicPartition]:
@@ -120,9 +122,7 @@ class KafkaSource:
         out: list[Record] = []
         for kafka_tp, messages in batches.items():
             tp = TopicPartition(kafka_tp.topic, kafka_tp.partition)
-            for m in messages:
-                # A tombstone (null value) becomes b"": Record.value is always bytes.
-                out.append(Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp))
+            out += as_records(messages)  # a tombstone (null value) is b"": Record.value is always bytes
             if messages:
                 self._next[tp] = messages[-1].offset + 1
         return out
