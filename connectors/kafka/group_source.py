@@ -67,7 +67,8 @@ class KafkaGroupSource:
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
         )
-        read_records_directly(self._consumer)
+        # Whether the consumer reads fetched batches straight into Record (connectors/kafka/fetch_records.py).
+        self.reads_records_directly = read_records_directly(self._consumer)
         self._listener: Any = None
         self._next: Positions = {}
         self._unresolved: set[TopicPartition] = set()  # sought to the beginning inside a callback

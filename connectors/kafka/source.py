@@ -59,6 +59,8 @@ class KafkaSource:
         self._partitions: list[TopicPartition] | None = None
         self._next: Positions = {}
         self._closed = False
+        # Whether the consumer reads fetched batches straight into Record (connectors/kafka/fetch_records.py).
+        self.reads_records_directly = False
         self._ends: Positions | None = None
         self._ends_at = 0.0
 
@@ -80,7 +82,7 @@ class KafkaSource:
                 enable_auto_commit=False,
                 **config,
             )
-            read_records_directly(self._consumer)
+            self.reads_records_directly = read_records_directly(self._consumer)
         return self._consumer
 
     def partitions(self) -> list[TopicPartition]:

@@ -259,3 +259,62 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
         assert sorted(group.fetched_ends().values()) == [0, 35]
     finally:
         group.close()
+
+
+def test_sources_read_what_kafka_python_reads_from_the_broker(kafka_broker, unique_topic) -> None:
+    """The sources' direct record reader (connectors/kafka/fetch_records.py) on batches the broker
+    stored: gzip-compressed and plain, headers, null keys, tombstones, multi-byte lengths; the records
+    equal what a plain kafka-python consumer (its own reader) returns."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import TopicPartition as KafkaTopicPartition
+    from reloop.engine.streams import Record
+
+    bootstrap = kafka_broker.bootstrap
+    topic = unique_topic("direct")
+    create_topics(bootstrap, {topic: 2})
+    n = 0
+    for compression in ("gzip", None):
+        producer = KafkaProducer(bootstrap_servers=bootstrap, compression_type=compression, linger_ms=20)
+        for i in range(200):
+            producer.send(
+                topic,
+                key=None if i % 7 == 1 and i % 50 else b"key-%d" % (i % 5),  # no record without both
+                value=None if i % 50 == 0 else b"v%d-" % i * (i % 40),
+                headers=[("h", b"x" * i), ("empty", b"")] if i % 3 == 0 else [],
+                timestamp_ms=1_700_000_000_000 + 997 * i,
+            )
+            n += 1
+        producer.flush()
+        producer.close()
+
+    def by_position(records: list) -> list:
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+
+    plain = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    parts = [KafkaTopicPartition(topic, p) for p in (0, 1)]
+    plain.assign(parts)
+    plain.seek_to_beginning(*parts)
+    want: list = []
+    for _ in range(40):
+        for messages in plain.poll(timeout_ms=500).values():
+            for m in messages:
+                want.append(Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp))
+        if len(want) >= n:
+            break
+    plain.close()
+    assert len(want) == n
+
+    source = KafkaSource(bootstrap=bootstrap, topics=[topic])
+    group = KafkaGroupSource(bootstrap=bootstrap, topics=[topic], group_id=f"g-{topic}")
+    listener = _SeekToStart()
+    listener.source = group
+    try:
+        source.open()
+        assert by_position(drain(source, n)) == by_position(want)
+        assert source.reads_records_directly
+        group.subscribe(listener)
+        assert by_position(poll_group(group, n)) == by_position(want)
+        assert group.reads_records_directly
+    finally:
+        source.close()
+        group.close()
