@@ -2,10 +2,10 @@
 
 kafka-python 3 parses every fetched record in pure Python through two objects of its own (a
 ``DefaultRecord``, then a 13-field ``ConsumerRecord``), and a source then builds a third, the engine's
-``Record``: ~9-10 us a record on a 2-core machine, about as much as the join stage's own work per
-impression. ``read_records_directly(consumer)`` gives one consumer a reader that takes the records of a
-message-format v2 batch (Kafka >= 0.11) straight into ``Record`` in one loop (~2.5-3 us a record,
-docs/performance.md). kafka-python's fetcher builds its per-partition record holder through
+``Record``: ~7-10 us a record on a 2-core machine, a quarter to a third as much as the join stage's
+own work per sample. ``read_records_directly(consumer)`` gives one consumer a reader that takes the
+records of a message-format v2 batch (Kafka >= 0.11) straight into ``Record`` in one loop (~2.5-3 us a
+record, docs/performance.md). kafka-python's fetcher builds its per-partition record holder through
 ``self.PartitionRecords``; the subclass is set there, on that one consumer's fetcher, so the library is
 not patched for any other consumer in the process.
 
@@ -151,8 +151,8 @@ class RecordPartitionRecords(Fetcher.PartitionRecords):
             or key_deserializer is not None
             or value_deserializer is not None
         ):
-            for m in super()._unpack_records(tp, records, key_deserializer, value_deserializer):
-                yield Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
+            theirs = super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+            yield from map(_record_of, theirs)
             return
         topic, partition = tp.topic, tp.partition
         batch = records.next_batch()
@@ -233,4 +233,9 @@ def as_records(messages: Sequence[Any]) -> list[Record]:
     """A poll's records of one partition as ``Record`` (as they come where the direct reader is on)."""
     if not messages or type(messages[0]) is Record:
         return messages if isinstance(messages, list) else list(messages)
-    return [Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp) for m in messages]
+    return list(map(_record_of, messages))
+
+
+def _record_of(m: Any) -> Record:
+    """A kafka-python ``ConsumerRecord`` as ``Record`` (a tombstone's null value as b"")."""
+    return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
