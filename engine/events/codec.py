@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -50,6 +51,8 @@ _JSONDecodeError = orjson.JSONDecodeError
 # raises it on deeply nested JSON, where orjson reports a malformed record).
 _MSGSPEC_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 _decode_impression_fast = msgspec.json.Decoder(Impression).decode
+# msgspec refuses these characters in a renamed struct field's name (``msgspec.defstruct(rename=...)``).
+_NOT_A_FIELD_NAME = re.compile(r'[\\"\x00-\x1f]')
 _decode_click_fast = msgspec.json.Decoder(Click).decode
 
 
@@ -185,6 +188,14 @@ def _decode_many_typed(
         except EventError as exc:
             bad.append((i, exc))
     return good, bad
+
+
+def field_name_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    """The ``keys`` that msgspec can decode into a struct field renamed to them (the struct-per-key-set
+    decoders, engine/events/sample_batch.py and engine/features/checked_decode.py). A feature key with a
+    quote, a backslash or a control character is valid JSON but none of those: records holding one
+    take the decoders' dict path."""
+    return tuple(k for k in keys if not _NOT_A_FIELD_NAME.search(k))
 
 
 def decode_impressions(

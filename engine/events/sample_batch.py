@@ -31,7 +31,8 @@ Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it e
 resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
 engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained already.
 
->>> from reloop.engine.events.schema import LabeledSample
+>>> from reloop.engine.events.codec import field_name_keys
+from reloop.engine.events.schema import LabeledSample
 >>> s = LabeledSample("i1", {"user": "u", "price": 2.5, "tags": ["a"]}, 1, 0.2, 3, 1000)
 >>> batch = decode_batch(encode_batch(batch_from_samples([s], task=4, first_seq=10)))
 >>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s]
@@ -49,6 +50,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pyarrow as pa
+from reloop.engine.events.codec import field_name_keys
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.events.validation import EventError
 
@@ -237,8 +239,9 @@ class _KeyedPayloads:
         keys = dict.fromkeys(self.keys)
         for o in objs:
             keys.update(dict.fromkeys(o.features))
-        if len(keys) > len(self.keys) and 2 <= len(keys) <= self.max_keys:
-            self._learn(tuple(keys))
+        learnable = field_name_keys(list(keys))
+        if len(learnable) > len(self.keys) and 2 <= len(learnable) <= self.max_keys:
+            self._learn(learnable)
         return objs, None
 
     def _learn(self, keys: tuple[str, ...]) -> None:

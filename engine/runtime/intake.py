@@ -1,10 +1,12 @@
 """The door of the join: records in, checked events (or dead letters) out, in record order.
 
-Each record is decoded once (contract checks, engine/events/validation.py), then held to the limits
-that protect the joiner and the trainer: an event time beyond ``max_future_ms`` of the processor clock
-or of the record's own Kafka timestamp (whichever is earlier), optionally more than ``max_past_ms``
-behind the clock, and (impressions) feature values the model's spec cannot read
-(engine/features/check.py). A refused record goes to the dead-letter sink with its reason, here,
+Each record is decoded once, with the contract's checks (engine/events/validation.py) and, for
+impressions, the feature values the model's spec cannot read (engine/features/check.py) refused in the
+same pass (engine/features/checked_decode.py); then it is held to the limits that protect the joiner
+and the trainer: an event time beyond ``max_future_ms`` of the processor clock or of the record's own
+Kafka timestamp (whichever is earlier), optionally more than ``max_past_ms`` behind the clock. A
+record refused for several reasons is dead-lettered for the first: contract, then spec, then time. A
+refused record goes to the dead-letter sink with its reason, here,
 and nowhere else. Why the record timestamp: a processor working through an hour-old backlog sees the
 wall clock an hour ahead of the data, so an event stamped an hour later would pass a wall-clock bound and
 still close every window of the data after it.
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from reloop.engine.deadletter import DeadLetterSink
-from reloop.engine.events.codec import decode_clicks, decode_impressions
-from reloop.engine.events.schema import Click, Impression
+from reloop.engine.events.codec import decode_clicks
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
+from reloop.engine.features.checked_decode import CheckedImpressionDecoder
 from reloop.engine.streams import Record
 
 Kind = Literal["impression", "click"]
@@ -50,10 +52,12 @@ class EventIntake:
         self.clock = clock
         self.dead_letters = dead_letters
         self.checker = checker
+        self._impressions = CheckedImpressionDecoder(checker)
 
-    def events(self, records: list[Record]) -> Iterator[tuple[Record, Impression | Click | None]]:
-        """``(record, event)`` for every record in order; ``event`` is None for a record that was
-        dead-lettered (the caller still moves its position past it)."""
+    def events(self, records: list[Record]) -> Iterator[tuple[Record, Any]]:
+        """``(record, event)`` for every record in order: a ``Click``, an impression (an ``Impression``
+        or a struct with its fields, engine/features/checked_decode.py: tell them by ``type(event) is
+        Click``), or None for a record that was dead-lettered (the caller still moves its position)."""
         kinds: list[int] = []
         imp_records: list[Record] = []
         clk_records: list[Record] = []
@@ -67,8 +71,11 @@ class EventIntake:
             else:
                 kinds.append(2)
         limit = self.limits.max_event_bytes
-        imps = self._checked(decode_impressions([r.value for r in imp_records], max_bytes=limit), imp_records)
-        clks = self._checked(decode_clicks([r.value for r in clk_records], max_bytes=limit), clk_records)
+        imps = self._checked(
+            self._impressions.decode([r.value for r in imp_records], max_bytes=limit), imp_records
+        )
+        good, bad = decode_clicks([r.value for r in clk_records], max_bytes=limit)
+        clks = self._checked(_aligned(good, bad, len(clk_records)), clk_records)
         i_imp = i_clk = 0
         for r, kind in zip(records, kinds, strict=True):
             if kind == 0:
@@ -84,18 +91,10 @@ class EventIntake:
                 ev = None
             yield r, ev
 
-    def _checked(
-        self, decoded: tuple[list[Any], list[tuple[int, EventError]]], records: list[Record]
-    ) -> list[Any]:
-        """Decoded events aligned with their records, None where refused (and dead-lettered here)."""
-        good, bad = decoded
-        errors = dict(bad)
-        n = len(records)
-        events: list[Impression | Click | None] = [None] * n
-        it = iter(good)
-        for i in range(n):
-            if i not in errors:
-                events[i] = next(it)
+    def _checked(self, decoded: tuple[list[Any], dict[int, EventError]], records: list[Record]) -> list[Any]:
+        """Decoded events aligned with their records after the time limits, None where refused (and
+        dead-lettered here)."""
+        events, errors = decoded
         lim = self.limits
         if lim.max_future_ms is not None or lim.max_past_ms is not None:
             now = self.clock()
@@ -114,12 +113,19 @@ class EventIntake:
                         f"({ref}); allowed: -{behind} .. +{ahead} ms",
                         "event_time_ms",
                     )
-        if self.checker is not None and good and type(good[0]) is Impression:
-            live = [i for i, ev in enumerate(events) if ev is not None]
-            rows = [events[i].features for i in live]  # type: ignore[union-attr]
-            for k, err in self.checker.check_rows(rows):
-                events[live[k]] = None
-                errors[live[k]] = err
         for i in sorted(errors):
             self.dead_letters.send(records[i], errors[i])
         return events
+
+
+def _aligned(
+    good: list[Any], bad: list[tuple[int, EventError]], n: int
+) -> tuple[list[Any], dict[int, EventError]]:
+    """``decode_clicks``'s (good, bad) as (events aligned with the records, None where refused; errors)."""
+    errors = dict(bad)
+    events: list[Any] = [None] * n
+    it = iter(good)
+    for i in range(n):
+        if i not in errors:
+            events[i] = next(it)
+    return events, errors

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reloop.engine.checkpoint.blobs import loadable, saveable
-from reloop.engine.events.schema import Impression
+from reloop.engine.events.schema import Click
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import EventIntake
 from reloop.engine.runtime.merge import RecordMerger
@@ -84,10 +84,10 @@ class JoinTask:
         out = self.unsent
         for r, ev in self.intake.events(released):
             if ev is not None:
-                if type(ev) is Impression:
-                    out += joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
-                else:
+                if type(ev) is Click:
                     out += joiner.on_click(ev.impression_id, ev.event_time_ms)
+                else:
+                    out += joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
         # Each partition's next offset: its last released record's + 1 (a dict of pairs keeps the last).
         last = dict(zip(map(record_partition, released), map(record_offset, released), strict=True))
         for (topic, partition), offset in last.items():

@@ -46,7 +46,7 @@ from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotR
 from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.codec import decode_samples, encode
-from reloop.engine.events.schema import Impression, LabeledSample
+from reloop.engine.events.schema import Click, LabeledSample
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
@@ -390,10 +390,10 @@ class Pipeline:
         for r, ev in self.intake.events(records):
             out: list[Joined] = []
             if ev is not None:
-                if type(ev) is Impression:
-                    out = joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
-                else:
+                if type(ev) is Click:
                     out = joiner.on_click(ev.impression_id, ev.event_time_ms)
+                else:
+                    out = joiner.on_impression(ev.impression_id, ev.event_time_ms, r.value)
             positions[TopicPartition(r.topic, r.partition)] = r.offset + 1
             self.records_processed += 1
             if out:
