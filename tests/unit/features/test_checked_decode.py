@@ -18,7 +18,8 @@ from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCate
 SPEC = FeatureSpec(
     fields=(
         CategoricalField(name="user", buckets=100),
-        NumericField(name="price", transform="minmax", min=0.0, max=10.0),
+        CategoricalField(name="item", buckets=50),
+        NumericField(name="price"),
         NumericField(name="count", transform="log_bucket", buckets=50),
         MultiCategoricalField(name="tags", buckets=50, max_len=4),
     )
@@ -39,7 +40,7 @@ values = st.one_of(
     st.lists(st.integers(0, 3), max_size=2),
 )
 feature_dicts = st.dictionaries(
-    st.sampled_from(["user", "price", "count", "tags"]) | short_text, values, max_size=6
+    st.sampled_from(["user", "item", "price", "count", "tags"]) | short_text, values, max_size=6
 )
 
 
