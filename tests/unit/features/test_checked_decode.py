@@ -88,12 +88,32 @@ def _outcomes(decoder: CheckedImpressionDecoder, batch: list[bytes]) -> list[obj
     ]
 
 
+TOP_KEYS = ["impression_id", "request_id", "features", "event_time_ms", "served_prediction", "model_version",
+            "arm", "schema_version", "unknown_field"]  # fmt: skip
+# Changes to the record around the features: none mostly, else one field deleted or given another value.
+top_changes = st.one_of(
+    st.just(None),
+    st.tuples(st.sampled_from(TOP_KEYS), st.sampled_from(["delete"]) | values.map(lambda v: ("set", v))),
+)
+
+
+def _record(i: int, features: dict, change: object) -> bytes:
+    obj = _impression(i, features)
+    if change is not None:
+        key, action = change  # type: ignore[misc]
+        if action == "delete":
+            obj.pop(key, None)
+        else:
+            obj[key] = action[1]
+    return json.dumps(obj).encode()  # stdlib json: big ints and Infinity tokens as they come
+
+
 @pytest.mark.parametrize("with_spec", [True, False])
 @SETTINGS
-@given(rows=st.lists(feature_dicts, min_size=1, max_size=8))
+@given(rows=st.lists(st.tuples(feature_dicts, top_changes), min_size=1, max_size=8))
 def test_same_verdicts_as_the_contract_decoder_and_the_spec_check(rows, with_spec):
     checker = SpecChecker(SPEC, LIMITS) if with_spec else None
-    batch = [json.dumps(_impression(i, f)).encode() for i, f in enumerate(rows)]
+    batch = [_record(i, f, change) for i, (f, change) in enumerate(rows)]
     expected = [_reference(data, checker) for data in batch]
     decoder = CheckedImpressionDecoder(checker)
     assert _outcomes(decoder, batch) == expected  # first pass: the careful path learns the keys
