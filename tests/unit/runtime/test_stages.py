@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import orjson
 import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
@@ -171,6 +172,39 @@ def test_two_stages_reproduce_the_ground_truth(tmp_path, partitions):
     train.close()
     join.close()
     assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
+
+
+def test_feature_keys_msgspec_cannot_name_a_field_after_are_joined_and_kept(tmp_path):
+    # A quote, a backslash or a control character in a feature key is valid JSON: such impressions take
+    # the decoders' dict paths (at the door and in the samples batch) instead of failing the stage.
+    synth = generate(300, seed=5, pad_to_multiple=BATCH)
+    odd = {'q"uote': "v", "back\\slash": 7, "ctl\x01": ["a", "b"]}
+    changed = set()
+    records = []
+    for r in synth.records:
+        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
+            try:
+                obj = orjson.loads(r.value)
+            except orjson.JSONDecodeError:
+                obj = None
+            # Every copy of a chosen id (the generator repeats some impressions), about a third of them.
+            chosen = isinstance(obj, dict) and str(obj.get("impression_id", ""))[-1:] in ("0", "3", "6")
+            if chosen and isinstance(obj.get("features"), dict):
+                obj["features"].update(odd)
+                changed.add(obj.get("impression_id"))
+                r = replace(r, value=orjson.dumps(obj))
+        records.append(r)
+    synth = replace(synth, records=records)
+    log = _log(synth)
+    clock = ManualClock(START)
+    join = _join(_config(tmp_path), log, clock, tmp_path)
+    _run_join(join, log, clock)
+    got = _samples_on_topic(log)
+    assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
+    assert join.dead_letters.total == synth.malformed
+    kept = {s.sample_id for s in got if all(s.features.get(k) == v for k, v in odd.items())}
+    assert kept and kept == changed & {s.sample_id for s in got}
+    join.close()
 
 
 def test_a_join_crash_is_deduplicated_and_training_equals_the_uninterrupted_run(tmp_path):
