@@ -31,8 +31,7 @@ Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it e
 resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
 engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained already.
 
->>> from reloop.engine.events.codec import field_name_keys
-from reloop.engine.events.schema import LabeledSample
+>>> from reloop.engine.events.schema import LabeledSample
 >>> s = LabeledSample("i1", {"user": "u", "price": 2.5, "tags": ["a"]}, 1, 0.2, 3, 1000)
 >>> batch = decode_batch(encode_batch(batch_from_samples([s], task=4, first_seq=10)))
 >>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s]
