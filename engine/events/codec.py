@@ -191,11 +191,24 @@ def _decode_many_typed(
 
 
 def field_name_keys(keys: Sequence[str]) -> tuple[str, ...]:
-    """The ``keys`` that msgspec can decode into a struct field renamed to them (the struct-per-key-set
-    decoders, engine/events/sample_batch.py and engine/features/checked_decode.py). A feature key with a
-    quote, a backslash or a control character is valid JSON but none of those: records holding one
-    take the decoders' dict path."""
+    """The ``keys`` that ``keyed_struct`` can take (msgspec refuses a field renamed to a key with a
+    quote, a backslash or a control character). Such a key is valid JSON all the same: records holding
+    one take the struct decoders' dict path."""
     return tuple(k for k in keys if not _NOT_A_FIELD_NAME.search(k))
+
+
+def keyed_struct(name: str, keys: Sequence[str], types: Sequence[Any]) -> tuple[type, list[str]]:
+    """A msgspec struct decoding a JSON object with one field per key (of the given type; None when
+    the object lacks the key) and refusing any other key, and its field names in ``keys``' order
+    (``f0``, ``f1``, ...: the keys need not be identifiers; ``field_name_keys`` says which can be
+    keys). The struct-per-key-set decoders (engine/events/sample_batch.py,
+    engine/features/checked_decode.py) decode features into one: no dict per record."""
+    names = [f"f{i}" for i in range(len(keys))]
+    struct = msgspec.defstruct(
+        name, [(n, t, None) for n, t in zip(names, types, strict=True)],
+        rename=dict(zip(names, keys, strict=True)), forbid_unknown_fields=True, gc=False,
+    )  # fmt: skip
+    return struct, names
 
 
 def decode_impressions(

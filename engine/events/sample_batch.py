@@ -49,7 +49,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pyarrow as pa
-from reloop.engine.events.codec import field_name_keys
+from reloop.engine.events.codec import field_name_keys, keyed_struct
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.events.validation import EventError
 
@@ -252,11 +252,7 @@ class _KeyedPayloads:
         return objs, None
 
     def _learn(self, keys: tuple[str, ...]) -> None:
-        names = [f"f{i}" for i in range(len(keys))]  # the keys need not be identifiers
-        features = msgspec.defstruct(
-            "Features", [(n, Any, None) for n in names], rename=dict(zip(names, keys, strict=True)),
-            forbid_unknown_fields=True, gc=False,
-        )  # fmt: skip
+        features, names = keyed_struct("Features", keys, [Any] * len(keys))
         fields = [(f.name, features if f.name == "features" else f.type, f.default) for f in _PAYLOAD_FIELDS]
         payload = msgspec.defstruct("KeyedPayload", fields, gc=False)  # _Payload with the struct for features
         self.keys, self._keyed = keys, (msgspec.json.Decoder(payload).decode, attrgetter(*names))

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
-from reloop.engine.events.codec import decode_impression, field_name_keys
+from reloop.engine.events.codec import decode_impression, field_name_keys, keyed_struct
 from reloop.engine.events.schema import FeatureValue, Impression
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
@@ -100,12 +100,7 @@ class CheckedImpressionDecoder:
     def _learn(self, keys: tuple[str, ...]) -> None:
         kinds = {f.name: f for f in self.checker.spec.fields} if self.checker is not None else {}
         limits = self.checker.limits if self.checker is not None else None
-        names = [f"f{i}" for i in range(len(keys))]  # the keys need not be identifiers
-        fields = [(n, _value_type(kinds.get(key), limits), None) for n, key in zip(names, keys, strict=True)]
-        features = msgspec.defstruct(
-            "CheckedFeatures", fields, rename=dict(zip(names, keys, strict=True)),
-            forbid_unknown_fields=True, gc=False,
-        )  # fmt: skip
+        features, _ = keyed_struct("CheckedFeatures", keys, [_value_type(kinds.get(k), limits) for k in keys])
         hints = typing.get_type_hints(Impression, include_extras=True)
         top: list[Any] = []
         for f in dataclasses.fields(Impression):
