@@ -132,7 +132,9 @@ class Simulator:
             )
         with self.stats.lock:
             self.stats.clicks_late += int((delays > window).sum())
-            self.stats.arm(arm).record(int(response["model_version"]), served, true_p, clicked)
+            self.stats.arm(arm).record(
+                int(response["model_version"]), served, true_p, clicked, user=context["user_id"]
+            )
         return response
 
     def emit_due_clicks(self, now_ms: int | None = None) -> int:

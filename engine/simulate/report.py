@@ -88,7 +88,7 @@ def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:
         what = "A/B minus A/A" if report.aa else "A/B lift"
         line = (
             f"{what} on drawn clicks: this run can detect ±{plan['detectable']:.1%} "
-            f"(5% two-sided, 80% power) after {plan['elapsed_s']:.0f} s"
+            f"(5% two-sided, 80% power, {plan['unit']}s as the unit) after {plan['elapsed_s']:.0f} s"
         )
         if not math.isnan(plan["observed"]) and math.isfinite(plan["needed_s"]):
             times = plan["needed_s"] / max(plan["elapsed_s"], 1e-9)

@@ -8,7 +8,7 @@ import pytest
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
 from reloop.engine.events.codec import decode_click
 from reloop.engine.simulate.driver import NotReadyYet, Simulator
-from reloop.engine.simulate.stats import SimStats, ab_plan, ab_report
+from reloop.engine.simulate.stats import SimStats, ab_plan, ab_report, log_ctr_variance
 from reloop.engine.simulate.world import World, WorldConfig
 
 
@@ -195,6 +195,36 @@ def test_ab_plan_says_what_the_drawn_clicks_can_detect_and_how_long_the_observed
         plan["detectable"] / 2
     )
     assert ab_plan(stats, treatment="reloop", control="missing") == {}
+
+
+def _arm_of_users(stats: SimStats, name: str, users: list[tuple[int, int]]) -> None:
+    """Record ``(impressions, clicks)`` per user into arm ``name``, one request per user."""
+    arm = stats.arm(name)
+    for u, (n, c) in enumerate(users):
+        clicked = np.array([1] * c + [0] * (n - c))
+        arm.record(1, np.full(n, 0.1), np.full(n, 0.1), clicked, user=f"u{u}")
+
+
+def test_with_one_impression_per_user_the_variance_over_users_is_the_binomial():
+    stats = SimStats()
+    _arm_of_users(stats, "a", [(1, 1)] * 300 + [(1, 0)] * 700)
+    arm = stats.arms["a"]
+    n = 1000
+    assert log_ctr_variance(arm) == pytest.approx(n / (n - 1) * (1 - 0.3) / 300)
+
+
+def test_users_who_click_all_or_nothing_make_the_arm_noisier_than_its_impressions_say():
+    # 200 users with 10 impressions each; half click all 10, half none: as many independent
+    # impressions would give var(CTR) = 0.25 / 2,000, the users give 0.25 / 200 (times n / (n - 1)).
+    stats = SimStats()
+    _arm_of_users(stats, "a", [(10, 10), (10, 0)] * 100)
+    _arm_of_users(stats, "b", [(10, 10), (10, 0)] * 100)
+    arm = stats.arms["a"]
+    binomial = (1 - arm.realized_ctr) / arm.clicks
+    assert log_ctr_variance(arm) == pytest.approx(10 * binomial * 200 / 199)
+    plan = ab_plan(stats, treatment="a", control="b")
+    assert plan["unit"] == "user"
+    assert plan["detectable"] == pytest.approx((1.959964 + 0.841621) * math.sqrt(2 * log_ctr_variance(arm)))
 
 
 def test_the_summary_line_says_how_long_the_demo_would_need():
