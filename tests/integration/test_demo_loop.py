@@ -101,6 +101,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
     expected_ab = {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged", "clicks_plan_detectable"}
     assert expected_ab <= set(summary["ab"])
     assert 0 < summary["ab"]["clicks_plan_detectable"] < 10  # what this run's clicks can tell apart
+    assert summary["ab"]["clicks_plan_unit"] == "user"  # its variance over the users the arms split
     # Each trainer wrote a log and a config next to its snapshots.
     for name in summary["arms"]:
         assert (workdir / name / "run.yaml").exists() and (workdir / name / "trainer.log").exists()
