@@ -49,7 +49,7 @@ _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 # Anything msgspec raises sends the record to the careful path, RecursionError included (msgspec
 # raises it on deeply nested JSON, where orjson reports a malformed record).
-_MSGSPEC_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+MSGSPEC_REFUSED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 _decode_impression_fast = msgspec.json.Decoder(Impression).decode
 # msgspec refuses these characters in a renamed struct field's name (``msgspec.defstruct(rename=...)``).
 _NOT_A_FIELD_NAME = re.compile(r'[\\"\x00-\x1f]')
@@ -175,7 +175,7 @@ def _decode_many_typed(
     good: list[E] = []
     bad: list[tuple[int, EventError]] = []
     append = good.append
-    refused = _MSGSPEC_ERRORS
+    refused = MSGSPEC_REFUSED
     for i, data in enumerate(values):
         if type(data) is bytes and len(data) <= max_bytes:
             try:

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
-from reloop.engine.events.codec import decode_impression, field_name_keys, keyed_struct
+from reloop.engine.events.codec import MSGSPEC_REFUSED, decode_impression, field_name_keys, keyed_struct
 from reloop.engine.events.schema import FeatureValue, Impression
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
@@ -36,7 +36,6 @@ from reloop.engine.features.spec import CategoricalField, NumericField
 
 _INT64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 _FINITE = Annotated[float, Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
-_REFUSED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 
 
 class CheckedImpressionDecoder:
@@ -61,7 +60,7 @@ class CheckedImpressionDecoder:
                 try:
                     events[i] = fast(data)
                     continue
-                except _REFUSED:
+                except MSGSPEC_REFUSED:
                     pass
             careful.append(i)
         if careful:

@@ -53,16 +53,17 @@ class ArmStats:
         user: str | None = None,
     ) -> None:
         self.requests += 1
+        clicks = int(clicked.sum())
         if user is not None:
             counts = self.by_user.setdefault(user, [0, 0])
             counts[0] += len(served)
-            counts[1] += int(clicked.sum())
+            counts[1] += clicks
         self.impressions += len(served)
-        self.clicks += int(clicked.sum())
+        self.clicks += clicks
         self.true_p_sum += float(true_p.sum())
         vs = self.by_version.setdefault(version, VersionStats())
         vs.impressions += len(served)
-        vs.clicks += int(clicked.sum())
+        vs.clicks += clicks
         vs.true_p_sum += float(true_p.sum())
         for y, p, t in zip(clicked.tolist(), served.tolist(), true_p.tolist(), strict=True):
             y = int(y)
