@@ -193,16 +193,18 @@ class Featurizer:
     def _floats(f: NumericField, values: Sequence[Any] | pa.Array) -> np.ndarray:
         if isinstance(values, pa.Array):
             if _is_numeric(values):
-                return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)  # null -> nan
+                # safe=False: an int64 beyond 2**53 rounds to the nearest double, as float() does
+                # (a safe cast refuses it, and the door accepts any int).
+                return pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null -> nan
             values = values.to_pylist()  # numbers as text (rare): the Python rules below
         try:
-            return np.asarray(values, dtype=np.float64)  # None -> nan already
+            x = np.asarray(values, dtype=np.float64)  # None -> nan already
         except (TypeError, ValueError):
             pass
-        try:
-            return np.array([np.nan if v is None or v == "" else v for v in values], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise FeatureError(f"field {f.name!r}: numeric values expected ({exc})") from exc
+        else:
+            if x.shape == (len(values),):  # lists of equal length would make a matrix
+                return x
+        return np.fromiter((_float(f, v) for v in values), dtype=np.float64, count=len(values))
 
     def _dense(self, f: NumericField, values: Sequence[Any]) -> np.ndarray:
         x = self._floats(f, values)
@@ -265,6 +267,19 @@ class Featurizer:
         return ids, mask
 
 
+def _float(f: NumericField, value: Any) -> float:
+    """One numeric value the slow way: None and "" are missing (nan), anything float() cannot read
+    (a numeric string can be read) raises FeatureError naming the field."""
+    if value is None or value == "":
+        return np.nan
+    if isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except (OverflowError, ValueError) as exc:
+            raise FeatureError(f"field {f.name!r}: numeric values expected ({exc})") from exc
+    raise FeatureError(f"field {f.name!r}: numeric values expected, got {type(value).__name__}")
+
+
 def _is_numeric(values: pa.Array) -> bool:
     kind = values.type
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
@@ -287,9 +302,10 @@ def _buckets(block: Sequence[tuple[int, Any, Any]]) -> np.ndarray:
     return np.array([f.buckets for _, f, _ in block], dtype=np.uint64)[:, None]
 
 
-def _arrow_strings(values: pa.Array) -> pa.Array | list[str | None]:
+def _arrow_strings(values: pa.Array) -> pa.Array | list[Any]:
     """A column to hash as text, the way ``str(value)`` spells it: strings as they are, integers cast
-    in Arrow (the same decimal digits), anything else through Python's ``str``."""
+    in Arrow (the same decimal digits), anything else as Python values for ``utf8_spans``, which
+    applies the rules of row input (a list or a dict is not a category: TypeError)."""
     kind = values.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return values
@@ -297,4 +313,4 @@ def _arrow_strings(values: pa.Array) -> pa.Array | list[str | None]:
         return pc.cast(values, pa.string())
     if pa.types.is_null(kind):
         return pa.nulls(len(values), pa.string())
-    return [None if v is None else str(v) for v in values.to_pylist()]
+    return values.to_pylist()

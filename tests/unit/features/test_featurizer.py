@@ -148,6 +148,58 @@ def test_columnar_input_equals_row_input():
     assert len(Featurizer(SPEC).transform([])) == 0
 
 
+_ANY_SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),  # past int64 and past 2**53 (an int64 column a double cannot hold)
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.sampled_from(["1.5", "", "7", "abc"]),
+)
+_ANY_VALUE = st.recursive(
+    _ANY_SCALAR,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(SPEC.field_names), _ANY_VALUE, max_size=6), max_size=4))
+def test_any_values_featurise_or_raise_feature_error_alike_from_rows_and_from_the_samples_topic(rows):
+    """Whatever a feature holds, the featurizer returns rows or raises FeatureError (never another
+    error: the train stage dead-letters on FeatureError), and the samples topic's Arrow columns give
+    the same verdict and the same rows as the dicts they were built from."""
+    from reloop.engine.events.sample_batch import batch_from_samples, decode_batch, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+
+    rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+    samples = [LabeledSample(f"s{i}", row, 0, 0.5, 0, 1) for i, row in enumerate(rows)]
+    batch = decode_batch(encode_batch(batch_from_samples(samples, task=0, first_seq=0)))
+    featurizer = Featurizer(SPEC)
+    verdicts = []
+    for featurise in (
+        lambda: featurizer.transform(rows),
+        lambda: featurizer.transform_columns(batch.features(), rows=len(batch)),
+    ):
+        try:
+            verdicts.append(featurise())
+        except FeatureError:
+            verdicts.append(None)
+    from_rows, from_columns = verdicts
+    assert (from_rows is None) == (from_columns is None)
+    if from_rows is not None:
+        for name in ("cat", "num", "multi", "multi_mask"):
+            np.testing.assert_array_equal(getattr(from_rows, name), getattr(from_columns, name))
+
+
+def test_numeric_int64_values_beyond_2_53_read_from_arrow_as_float_does():
+    big = 2**61 + 1  # the door accepts any int; a safe Arrow cast to double refused this one
+    column = pa.array([big, None, -big], pa.int64())
+    batch = Featurizer(SPEC).transform_columns({"price": column})
+    price = [f.name for f in SPEC.dense_fields].index("price")
+    assert batch.num[:, price].tolist() == [np.float32(float(big)), 0.0, np.float32(float(-big))]
+
+
 def test_batch_helpers_and_torch_view():
     b = Featurizer(SPEC).transform([{"user": str(i), "tags": ["t"]} for i in range(5)])
     both = FeatureBatch.concat([b.take(slice(0, 2)), b.take(np.array([4]))])
