@@ -107,6 +107,9 @@ SERIES: tuple[Series, ...] = (
     Series("train_samples", "reloop_train_samples_total", "counter", "Samples trained on."),
     Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
            "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
+    Series("train_samples_refused", "reloop_train_samples_refused_total", "counter",
+           "Samples the train stage did not train: their features are values its feature spec cannot read "
+           "(their message is dead-lettered with reason bad_feature; its other samples train)."),
     Series("train_loss", "reloop_train_loss", "gauge",
            "Loss of the last mini-batch: the optimized total, alpha * (sc or kd) + (1 - alpha) * ce."),
     Series("train_loss_parts", "reloop_train_loss_part", "gauge",

@@ -186,7 +186,11 @@ def run_samples_replay(
         seconds=time.perf_counter() - t0,
         first_time_ms=replay_source.first_timestamp_ms,
         last_time_ms=replay_source.last_timestamp_ms,
-        join={"duplicates_dropped": stage.duplicates_dropped, "seq_gaps": stage.seq_gaps},
+        join={
+            "duplicates_dropped": stage.duplicates_dropped,
+            "samples_refused": stage.samples_refused,
+            "seq_gaps": stage.seq_gaps,
+        },
         dead_letters=dict(stage.dead_letters.counts),
         progressive={k: float(v) for k, v in progressive.items()},
         positions=positions_to_json(stage.positions),

@@ -161,6 +161,7 @@ def describe_train(stage: Any) -> dict[str, Any]:
         "buffered": stage.buffered_samples,
         "partial_steps": stage.partial_steps,
         "duplicates_dropped": stage.duplicates_dropped,
+        "samples_refused": stage.samples_refused,
         "seq_gaps": stage.seq_gaps,
         "dead_letters": stage.dead_letters.counts,
     }

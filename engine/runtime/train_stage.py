@@ -13,7 +13,9 @@ silently. Its snapshot holds the model, optimizer, trainer state, the samples ta
 yet, the positions in the samples topic and the per-task seqs, so a restart resumes exactly; period
 snapshots and graceful-stop checkpoints work as in the single-process pipeline (engine/runtime/
 restore.py), and a bad message goes to the dead-letter topic with its reason while the rest of its
-partition is trained.
+partition is trained. A sample whose features this stage's spec cannot read (the join stage checked its
+own spec, which may be another) is not trained: its message is dead-lettered (``bad_feature``) and the
+message's other samples train.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from reloop.engine.events.validation import EventError
-from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
@@ -94,12 +96,15 @@ class TrainStageSettings:
 
 
 class _Prepared(NamedTuple):
-    """One released message: decoded and featurised (or the error that refused it)."""
+    """One released message: decoded and featurised (or the error that refused it). ``refused`` marks
+    the rows whose features the spec cannot read (``error`` is then the first such error): their
+    ``features`` rows are placeholders, never trained."""
 
     record: Record
     batch: SampleBatch | None
     features: FeatureBatch | None
-    error: EventError | None
+    error: EventError | FeatureError | None
+    refused: np.ndarray | None = None
 
 
 class _Fetcher:
@@ -209,6 +214,7 @@ class TrainStage:
         self.restored_from: str | None = None
         self.records_processed = 0
         self.duplicates_dropped = 0
+        self.samples_refused = 0
         self.seq_gaps = 0
         self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
         self._buffer: list[tuple[SampleBatch, FeatureBatch]] = []
@@ -344,7 +350,27 @@ class TrainStage:
             batch = decode_batch(record.value)
         except EventError as exc:
             return _Prepared(record, None, None, exc)
-        return _Prepared(record, batch, self._featurize(batch), None)
+        try:
+            return _Prepared(record, batch, self._featurize(batch), None)
+        except FeatureError:
+            return self._prepare_row_by_row(record, batch)
+
+    def _prepare_row_by_row(self, record: Record, batch: SampleBatch) -> _Prepared:
+        """A message with values the feature spec cannot read (the join stage checks its own spec; this
+        stage may train another, e.g. a new model from the same topic): the rows are featurised one at a
+        time, so a bad value costs its own sample and not the message (slow, and rare)."""
+        refused = np.zeros(len(batch), dtype=bool)
+        placeholder = self.trainer.featurizer.transform_columns({}, rows=1)  # all values missing
+        rows: list[FeatureBatch] = []
+        first: FeatureError | None = None
+        for i in range(len(batch)):
+            try:
+                rows.append(self._featurize(batch.take(slice(i, i + 1))))
+            except FeatureError as exc:
+                refused[i] = True
+                first = first or exc
+                rows.append(placeholder)
+        return _Prepared(record, batch, FeatureBatch.concat(rows), first, refused)
 
     def _featurize(self, batch: SampleBatch) -> FeatureBatch:
         return self.trainer.featurizer.transform_columns(batch.features(), rows=len(batch))
@@ -361,7 +387,7 @@ class TrainStage:
 
     def _take(self, item: _Prepared) -> None:
         record, batch, features = item.record, item.batch, item.features
-        if item.error is not None:
+        if item.error is not None and item.refused is None:
             self.dead_letters.send(record, item.error)
         if batch is not None and features is not None and len(batch):
             last = self._taken.get(batch.task, -1)
@@ -376,15 +402,35 @@ class TrainStage:
             k = int(new.sum())
             self.duplicates_dropped += len(batch) - k
             if k:
-                if k < len(batch):
-                    keep = np.flatnonzero(new)
-                    batch, features = batch.take(keep), features.take(keep)
                 self._taken[batch.task] = int(seqs[-1])
-                self._buffer.append((batch, features))
-                self._buffered += k
+                if item.refused is not None:
+                    self._refuse(item, new & item.refused)
+                    new &= ~item.refused
+                for rows in _runs(np.flatnonzero(new)):
+                    # Consecutive rows only: a buffered batch's seqs run without gaps (its snapshot form).
+                    whole = rows.stop - rows.start == len(batch)
+                    piece = (batch, features) if whole else (batch.take(rows), features.take(rows))
+                    self._buffer.append(piece)
+                    self._buffered += rows.stop - rows.start
         self._positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
         self.records_processed += 1
         self._train_ready()
+
+    def _refuse(self, item: _Prepared, rows: np.ndarray) -> None:
+        """Dead-letter a message for its rows the feature spec refused (the message as it was, byte for
+        byte; the detail names the rows by seq). Its other rows train."""
+        assert item.batch is not None
+        n = int(rows.sum())
+        if not n:
+            return  # refused before (the copy of a message a resumed join task sent again)
+        self.samples_refused += n
+        seqs = item.batch.seqs()[rows]
+        shown = ", ".join(map(str, seqs[:20])) + (", ..." if n > 20 else "")
+        detail = (
+            f"{n} of {len(item.batch)} samples of join task {item.batch.task} have features this stage's"
+            f" feature spec cannot read (seq {shown}), first: {item.error}; the others were trained"
+        )
+        self.dead_letters.send(item.record, EventError("bad_feature", detail))
 
     def _train_ready(self) -> None:
         """Train every full batch buffered (the ranks of a data-parallel stage decide together)."""
@@ -690,20 +736,26 @@ class TrainStage:
 
 
 class _TrainMetrics(TrainerMetrics):
-    """The trainer's metrics plus what only the train stage counts (copies dropped, dead letters)."""
+    """The trainer's metrics plus what only the train stage counts (copies dropped, samples refused,
+    dead letters)."""
 
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
         super().__init__(stats, wall_period_s=wall_period_s)
         self._dupes = stats.train_duplicates_dropped
+        self._refused = stats.train_samples_refused
         self._dead = stats.dead_letters
         self.fallbacks = stats.snapshot_restore_fallbacks
         self._last_dupes = 0
+        self._last_refused = 0
         self._last_dead: dict[str, int] = {}
 
     def publish(self, stage: TrainStage) -> None:
         if stage.duplicates_dropped != self._last_dupes:
             self._dupes.add(n=stage.duplicates_dropped - self._last_dupes)
             self._last_dupes = stage.duplicates_dropped
+        if stage.samples_refused != self._last_refused:
+            self._refused.add(n=stage.samples_refused - self._last_refused)
+            self._last_refused = stage.samples_refused
         dead = stage.dead_letters.counts
         if dead != self._last_dead:
             for reason, n in dead.items():
@@ -711,3 +763,13 @@ class _TrainMetrics(TrainerMetrics):
                 if d:
                     self._dead.add(reason, n=d)
             self._last_dead = dict(dead)
+
+
+def _runs(index: np.ndarray) -> list[slice]:
+    """Sorted row indices as slices of consecutive rows: [0, 1, 3] -> [0:2, 3:4]."""
+    if not len(index):
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(index)]))
+    return [slice(int(index[a]), int(index[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]

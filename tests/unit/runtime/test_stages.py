@@ -347,6 +347,62 @@ def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_pat
     assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
 
 
+def test_samples_whose_features_the_train_spec_cannot_read_are_dead_lettered_and_the_rest_trained(tmp_path):
+    """A train stage may read the topic with another spec than the join stage checked (a new model):
+    a value it cannot read costs its own sample, not its message; the message is dead-lettered as it
+    was, a resent copy is not dead-lettered again, and the samples around the bad ones resume from a
+    checkpoint."""
+    import base64
+
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+
+    synth = generate(300, seed=2, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    price = [1.5, 2, "3.5", "abc", 4.0, "", 2**61 + 1, ["x"], 0.5, 9]  # rows 3 and 7 unreadable
+    extra = [
+        LabeledSample(f"x{i}", {"user": f"u{i}", "item": "i", "price": p}, i % 2, 0.5, 0, START + i)
+        for i, p in enumerate(price)
+    ]
+    message = encode_batch(batch_from_samples(extra, task=99, first_seq=0))
+    log.append("samples", message, b"x", START)
+    log.append("samples", message, b"x", START)  # a resumed join task sends it again
+    spec = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "price"}]}
+    train_cfg = _config(tmp_path / "t", model={"spec": spec})
+
+    def build(dead):
+        return build_train_stage(
+            train_cfg,
+            source=EndAware(log, ["samples"]),
+            dead_letter_sink=dead,
+            clock=clock,
+            stats=EngineStats(),
+            checkpoint_dir=tmp_path / "train",
+        )
+
+    train = build(MemorySink(log, "dead"))
+    _run_train(train, log, clock)
+    assert train.dead_letters.counts == {"bad_feature": 1}
+    assert train.samples_refused == 2 and train.duplicates_dropped == len(extra)
+    assert train.buffered_samples == 8  # the synthetic samples filled whole batches
+    train.close(final="checkpoint")
+    dead = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    (envelope,) = [e for e in dead if e["reason"] == "bad_feature"]  # the others are the join stage's
+    assert "seq 3, 7" in envelope["detail"]
+    assert base64.b64decode(envelope["value"]["data"]) == message
+
+    resumed = build(MemorySink(log, "dead"))  # the checkpoint's buffer: three runs of rows
+    assert resumed.buffered_samples == 8
+    resumed.train_remaining()
+    resumed.close(final=None)
+    good = {(f"x{i}", False): i % 2 for i in range(len(extra)) if i not in (3, 7)}
+    keys = _ledger(tmp_path / "t")
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted({**synth.expected, **good})
+
+
 def test_topics_that_are_not_co_partitioned_are_refused(tmp_path):
     log = MemoryLog()
     log.create("impressions", 2)
