@@ -25,7 +25,8 @@ column holding each value's JSON text, marked ``reloop.encoding: json`` in the f
 find feature columns by name: their order in a message is not part of the format.
 
 Schema metadata: ``reloop.samples.format`` (this module's ``FORMAT``, a major version: a reader refuses
-another one), ``reloop.task`` (the join task = samples partition) and ``reloop.first_seq``.
+another one), ``reloop.task`` (the join task = samples partition) and ``reloop.first_seq``, both decimal
+ints in [0, 2**63 - 1]. Column names are unique.
 
 Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it emits 0, 1, 2, ... and,
 resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
@@ -41,6 +42,7 @@ engine/runtime/join_stage.py), so the train stage drops every sample whose seq i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -375,16 +377,15 @@ def decode_batch(data: bytes) -> SampleBatch:
         raise EventError(
             "unknown_schema_version", f"samples format {fmt!r} is not supported (supported: {FORMAT})"
         )
-    try:
-        task = int(meta[_META_TASK])
-        first_seq = int(meta[_META_FIRST])
-    except (KeyError, ValueError):
-        raise EventError("malformed", "samples message without reloop.task / reloop.first_seq") from None
+    task, first_seq = _identity(meta.get(_META_TASK), meta.get(_META_FIRST))
     names = rb.schema.names
     if tuple(names[: len(FIXED_COLUMNS)]) != FIXED_COLUMNS:
         raise EventError(
             "missing_field", f"samples message columns {names[:9]} are not {list(FIXED_COLUMNS)}"
         )
+    if len(set(names)) != len(names):  # a column found by name must be the only one with that name
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise EventError("malformed", f"samples message has more than one column named {twice}")
     for field in _FIXED:
         if rb.schema.field(field.name).type != field.type:
             raise EventError(
@@ -403,9 +404,30 @@ def decode_batch(data: bytes) -> SampleBatch:
     w = rb.column("weight").to_numpy()
     if n and not (np.isfinite(w) & (w >= 0)).all():
         raise EventError("bad_value", "weight must be finite and >= 0")
-    if not np.array_equal(rb.column("seq").to_numpy(), np.arange(first_seq, first_seq + n, dtype=np.int64)):
+    if first_seq > _INT64_MAX - n or not np.array_equal(
+        rb.column("seq").to_numpy(), np.arange(first_seq, first_seq + n, dtype=np.int64)
+    ):
         raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
     return SampleBatch(rb, task, first_seq)
+
+
+_DECIMAL = re.compile(rb"0|[1-9][0-9]{0,18}")  # a non-negative int64 as the writer spells it
+_INT64_MAX = 2**63 - 1
+
+
+def _identity(task: bytes | None, first_seq: bytes | None) -> tuple[int, int]:
+    """``reloop.task`` and ``reloop.first_seq`` as ints in [0, 2**63 - 1]; EventError otherwise (a task or
+    seq past int64 fits no seq column, snapshot or ledger)."""
+    if task is None or first_seq is None:
+        raise EventError("malformed", "samples message without reloop.task / reloop.first_seq")
+    out = []
+    for key, value in ((_META_TASK, task), (_META_FIRST, first_seq)):
+        if not _DECIMAL.fullmatch(value) or int(value) > _INT64_MAX:
+            raise EventError(
+                "bad_value", f"{key.decode()} must be an int in [0, 2**63 - 1], got {value[:40]!r}"
+            )
+        out.append(int(value))
+    return out[0], out[1]
 
 
 def _metadata(task: int, first_seq: int) -> dict[bytes, bytes]:

@@ -208,8 +208,11 @@ _rows_over_one_key_set = _key_sets.flatmap(
 _rows_over_any_keys = st.lists(
     # Keys msgspec cannot name a struct field after (a quote, a backslash, a control character) are
     # valid JSON keys all the same: their batches take the dict path instead of failing.
-    st.dictionaries(st.sampled_from(["user", "cnt", "tags", "x", 'q"uote', "back\\slash", "tab\tkey"]),
-                    _wire_value, max_size=4),  # fmt: skip
+    st.dictionaries(
+        st.sampled_from(["user", "cnt", "tags", "x", 'q"uote', "back\\slash", "tab\tkey"]),
+        _wire_value,
+        max_size=4,
+    ),  # fmt: skip
     min_size=1,
     max_size=6,
 )
@@ -251,6 +254,20 @@ def _corrupt(data: bytes, **meta) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _rebuilt(data: bytes, change) -> bytes:
+    batch = change(pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _negative_seqs(batch: pa.RecordBatch) -> pa.RecordBatch:
+    seq = pa.array(range(-5, -5 + batch.num_rows), pa.int64())
+    batch = batch.set_column(batch.schema.get_field_index("seq"), "seq", seq)
+    return batch.replace_schema_metadata({**batch.schema.metadata, b"reloop.first_seq": b"-5"})
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
@@ -259,7 +276,17 @@ def _corrupt(data: bytes, **meta) -> bytes:
         (lambda good: b"", "malformed"),
         (lambda good: _corrupt(good, **{"reloop.samples.format": str(FORMAT + 1)}), "unknown_schema_version"),
         (lambda good: _corrupt(good, **{"reloop.first_seq": "7"}), "bad_value"),
-        (lambda good: _corrupt(good, **{"reloop.task": "x"}), "malformed"),
+        (lambda good: _corrupt(good, **{"reloop.task": "x"}), "bad_value"),
+        (lambda good: _corrupt(good, **{"reloop.task": "-1"}), "bad_value"),
+        (lambda good: _corrupt(good, **{"reloop.task": str(2**70)}), "bad_value"),  # no int64, no JSON int
+        (lambda good: _corrupt(good, **{"reloop.task": " 1"}), "bad_value"),
+        (lambda good: _corrupt(good, **{"reloop.first_seq": str(2**70)}), "bad_value"),
+        (lambda good: _corrupt(good, **{"reloop.first_seq": str(2**63 - 1)}), "bad_value"),  # seq overflows
+        (lambda good: _rebuilt(good, _negative_seqs), "bad_value"),
+        (
+            lambda good: _rebuilt(good, lambda b: b.append_column("label", pa.array([0, 1], pa.int8()))),
+            "malformed",  # a second column named like a fixed one: which would be the label?
+        ),
     ],
 )
 def test_bad_messages_are_refused_with_a_reason(make, reason):
