@@ -366,6 +366,10 @@ def decode_batch(data: bytes) -> SampleBatch:
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
         batches = list(reader)
+        for batch in batches:
+            # Arrow reads offsets and lengths as they come: a corrupt message would make the reads
+            # that follow leave its buffers (a crash of the process, again at every restart).
+            batch.validate(full=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise EventError("malformed", f"not an Arrow IPC stream: {exc}") from None
     if len(batches) != 1:
@@ -378,7 +382,10 @@ def decode_batch(data: bytes) -> SampleBatch:
             "unknown_schema_version", f"samples format {fmt!r} is not supported (supported: {FORMAT})"
         )
     task, first_seq = _identity(meta.get(_META_TASK), meta.get(_META_FIRST))
-    names = rb.schema.names
+    try:
+        names = rb.schema.names
+    except UnicodeDecodeError:
+        raise EventError("malformed", "samples message with a column name that is not UTF-8") from None
     if tuple(names[: len(FIXED_COLUMNS)]) != FIXED_COLUMNS:
         raise EventError(
             "missing_field", f"samples message columns {names[:9]} are not {list(FIXED_COLUMNS)}"
@@ -394,6 +401,7 @@ def decode_batch(data: bytes) -> SampleBatch:
     for name in FIXED_COLUMNS:
         if rb.column(name).null_count:
             raise EventError("bad_value", f"column {name} holds nulls")
+    _check_json_columns(rb)
     n = rb.num_rows
     labels = rb.column("label").to_numpy()
     if n and not np.isin(labels, (0, 1)).all():
@@ -409,6 +417,24 @@ def decode_batch(data: bytes) -> SampleBatch:
     ):
         raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
     return SampleBatch(rb, task, first_seq)
+
+
+def _check_json_columns(rb: pa.RecordBatch) -> None:
+    """A feature column marked as JSON text must be utf8 holding JSON (``SampleBatch.features`` parses
+    it; such columns are rare: a key whose values mix types in one batch)."""
+    for i, field in enumerate(rb.schema):
+        if (field.metadata or {}).get(b"reloop.encoding") != b"json":
+            continue
+        if field.type != _STRING:
+            raise EventError("wrong_type", f"column {field.name} is marked as JSON text but is {field.type}")
+        try:
+            for value in rb.column(i).to_pylist():
+                if value is not None:
+                    json.loads(value)
+        except ValueError as exc:
+            raise EventError(
+                "malformed", f"column {field.name} holds a value that is not JSON: {exc}"
+            ) from None
 
 
 _DECIMAL = re.compile(rb"0|[1-9][0-9]{0,18}")  # a non-negative int64 as the writer spells it

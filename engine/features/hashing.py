@@ -92,8 +92,9 @@ def arrow_spans(array: Any) -> Spans:
     if not (wide or pa.types.is_string(array.type)):
         raise TypeError(f"a string array expected, got {array.type}")
     validity, offsets_buf, data_buf = array.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
-    offsets = offsets[array.offset : array.offset + n + 1].astype(np.int64)
+    # count=: a buffer may be longer than its array needs (and then not a whole number of offsets).
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32, count=array.offset + n + 1)
+    offsets = offsets[array.offset :].astype(np.int64)
     lengths = np.diff(offsets)
     if validity is not None and array.null_count:
         lengths = np.where(array.is_null().to_numpy(zero_copy_only=False), 0, lengths)

@@ -200,6 +200,16 @@ def test_numeric_int64_values_beyond_2_53_read_from_arrow_as_float_does():
     assert batch.num[:, price].tolist() == [np.float32(float(big)), 0.0, np.float32(float(-big))]
 
 
+def test_arrow_spans_read_only_the_offsets_an_array_needs():
+    # A valid array whose offsets buffer is longer than it needs, by a part of an offset (a message's
+    # buffers are padded as its writer chose): the spans are those of the values.
+    offsets = np.array([0, 1, 3], dtype=np.int32).tobytes() + b"\x00\x00\x00"
+    array = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(offsets), pa.py_buffer(b"abc")])
+    array.validate(full=True)
+    buf, starts, lengths = arrow_spans(array)
+    assert (buf.tobytes(), starts.tolist(), lengths.tolist()) == (b"abc", [0, 1], [1, 2])
+
+
 def test_batch_helpers_and_torch_view():
     b = Featurizer(SPEC).transform([{"user": str(i), "tags": ["t"]} for i in range(5)])
     both = FeatureBatch.concat([b.take(slice(0, 2)), b.take(np.array([4]))])
