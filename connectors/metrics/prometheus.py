@@ -105,6 +105,8 @@ SERIES: tuple[Series, ...] = (
            "The joiner's event-time watermark (Unix seconds)."),
     Series("train_steps", "reloop_train_steps_total", "counter", "Optimizer steps taken."),
     Series("train_samples", "reloop_train_samples_total", "counter", "Samples trained on."),
+    Series("train_skipped_steps", "reloop_train_skipped_steps_total", "counter",
+           "Optimizer steps not applied because a gradient was not finite (the model kept its weights)."),
     Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
            "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
     Series("train_samples_refused", "reloop_train_samples_refused_total", "counter",

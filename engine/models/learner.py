@@ -170,6 +170,10 @@ class TorchLearner:
         self.optimizers = self._make_optimizers(config.optimizer)
         self.wide = _make_wide(config)
         self.steps = 0
+        # Steps whose gradients were not all finite (a value the model cannot take, e.g. a numeric feature
+        # of 1e39 under an identity transform): not applied, so one bad sample cannot turn every later
+        # prediction into NaN. Counted, and logged.
+        self.skipped_steps = 0
         # Samples per step, a moving average: it picks the learning rates (OptimizerConfig.rates). An average,
         # not each step's size, so that the last partial batch of a run of full ones keeps the batch rates.
         self.step_size_average: float | None = None
@@ -383,6 +387,7 @@ class TorchLearner:
         backbone then learns with the updated wide logits as a constant offset."""
         n = len(batch)
         self.model.train()
+        norms = self._norm_buffers()  # a skipped step must not leave its batch in BN's running stats
         out = self.model(batch)
         logit = out["logit"]
         deep: np.ndarray | None = None
@@ -413,13 +418,34 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
-        self._apply_gradients(n)
+        if not self._apply_gradients(n):
+            for buffer, saved in norms:
+                buffer.copy_(saved)
         return deep, wide_scores, stats
 
-    def _apply_gradients(self, n: int) -> None:
+    def _norm_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) for the running statistics of every batch-norm layer (none by default)."""
+        return [
+            (b, b.clone())
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()
+        ]
+
+    def _apply_gradients(self, n: int) -> bool:
         """Average the gradients over the data-parallel ranks (if any), clip, step at the rates for the
-        steps' recent size over all ranks (so every rank takes the same step)."""
+        steps' recent size over all ranks (so every rank takes the same step). False when the step was
+        skipped (a gradient not finite)."""
         step_samples = n if self.grad_sync is None else self.grad_sync(n)
+        if not self._gradients_finite():  # after the sync: every rank sees the same sums and skips alike
+            self.skipped_steps += 1
+            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+                log.error(
+                    "optimizer step skipped: a gradient is not finite (%d skipped so far); a feature value"
+                    " the model cannot take? Bound it in the feature spec (minmax, log_bucket)",
+                    self.skipped_steps,
+                )
+            return False
         last = self.step_size_average
         self.step_size_average = float(
             step_samples if last is None else last + STEP_SIZE_SMOOTHING * (step_samples - last)
@@ -434,6 +460,18 @@ class TorchLearner:
         for o in self.optimizers.values():
             o.step()
         self.steps += 1
+        return True
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite, by the sum of each: a NaN or an inf anywhere makes it NaN
+        or inf. 0.05x the time of ``isfinite(g).all()`` on a sparse gradient (43 against 930 us a step
+        of 1024, Criteo-shaped); a sum can also overflow, but only from gradients near 1e33."""
+        sums = [
+            (p.grad._values() if p.grad.is_sparse else p.grad).sum()
+            for p in self.model.parameters()
+            if p.grad is not None
+        ]
+        return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
     def learning_rates(self) -> dict[str, float]:
         """The rate each optimizer steps at now (``dense``, ``embedding``): the batch or small-step rates."""

@@ -15,6 +15,7 @@ class TrainerMetrics:
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
         self._steps = stats.train_steps.child()
         self._samples = stats.train_samples.child()
+        self._skipped = stats.train_skipped_steps.child()
         self._loss = stats.train_loss
         self._loss_parts = stats.train_loss_parts
         self._sc_active = stats.train_sc_active
@@ -31,6 +32,8 @@ class TrainerMetrics:
     def trained(self, result: StepResult) -> None:
         self._steps.add()
         self._samples.add(result.n)
+        if result.skipped:
+            self._skipped.add()
         loss = result.loss
         self._loss.set(loss.total)
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):

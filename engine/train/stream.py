@@ -80,6 +80,8 @@ class TrainCounters:
     y_last_skipped: int = 0
     y_last_missing: int = 0
     replayed: int = 0
+    skipped_steps: int = 0  # not applied: a gradient was not finite (TorchLearner._apply_gradients)
+    skipped_samples: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -120,6 +122,7 @@ class StepResult:
     y_last: np.ndarray
     loss: LossStats
     rates: Mapping[str, float] = field(default_factory=dict)  # learning rate per optimizer (torch learners)
+    skipped: bool = False  # the learner did not apply the step (a gradient was not finite)
 
     @property
     def n(self) -> int:
@@ -154,7 +157,7 @@ class StreamTrainer:
             raise ValueError("train_batch needs at least one sample")
         batch = self.featurizer.transform([s.features for s in samples])
         result = self.train_columns(batch, SampleColumns.of(samples))
-        return StepResult(samples, result.scores, result.y_last, result.loss, result.rates)
+        return StepResult(samples, result.scores, result.y_last, result.loss, result.rates, result.skipped)
 
     def train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
         """``train_batch`` for an already featurised batch and its columns: no Python per sample."""
@@ -163,6 +166,7 @@ class StreamTrainer:
             raise ValueError("train_columns needs at least one sample")
         labels = cols.labels
         w = None if bool(np.all(cols.weights == 1.0)) else cols.weights
+        skipped_before = getattr(self.learner, "skipped_steps", 0)
         learn_scored = getattr(self.learner, "learn_scored", None)
         if learn_scored is not None:
             y_last = self._y_last(cols, batch)
@@ -173,6 +177,10 @@ class StreamTrainer:
             y_last = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
         c = self.counters
+        skipped = getattr(self.learner, "skipped_steps", 0) != skipped_before
+        if skipped:
+            c.skipped_steps += 1
+            c.skipped_samples += n
         if self.replay is not None:
             self.replay.add(batch, labels, y_last, w)
             learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
@@ -185,14 +193,19 @@ class StreamTrainer:
         corrections = cols.corrections
         k = int(corrections.sum())
         c.corrections += k
-        if k:
-            keep = ~corrections
-            self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
-        else:
+        # Corrections were scored before, and a sample the model cannot score (NaN: a value it cannot
+        # take; a torch learner then skips the step) has no score to rank.
+        keep = ~corrections if k else None
+        unscored = np.isnan(scores)
+        if unscored.any():
+            keep = ~unscored if keep is None else keep & ~unscored
+        if keep is None:
             self.progressive.update_many(labels.astype(np.int64), scores)
+        else:
+            self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
         self.last_loss = stats
         rates = getattr(self.learner, "learning_rates", None)
-        return StepResult(None, scores, y_last, stats, {} if rates is None else rates())
+        return StepResult(None, scores, y_last, stats, {} if rates is None else rates(), skipped)
 
     def idle_step(self) -> None:
         """This rank's part of a data-parallel step in which it has no samples (the learner applies

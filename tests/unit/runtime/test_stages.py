@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
 import orjson
 import pytest
 import torch
@@ -401,6 +402,43 @@ def test_samples_whose_features_the_train_spec_cannot_read_are_dead_lettered_and
     good = {(f"x{i}", False): i % 2 for i in range(len(extra)) if i not in (3, 7)}
     keys = _ledger(tmp_path / "t")
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted({**synth.expected, **good})
+
+
+def test_a_value_the_model_cannot_take_skips_one_step_and_poisons_nothing(tmp_path):
+    """A numeric feature of 1e39 (valid JSON, finite; inf in float32) under an identity transform: the
+    step holding it is skipped and counted, every sample is still accounted for in the ledger, and the
+    model still predicts numbers (before: the stage stopped on "score is NaN", again at every restart,
+    or the weights turned NaN)."""
+    synth = generate(300, seed=4, pad_to_multiple=BATCH)
+    records, poisoned = [], None
+    for r in synth.records:
+        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
+            try:
+                obj = orjson.loads(r.value)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("features"), dict):
+                big = poisoned in (None, obj.get("impression_id"))
+                obj["features"]["x"] = 1e39 if big else 0.5
+                poisoned = obj.get("impression_id") if big else poisoned
+                r = replace(r, value=orjson.dumps(obj))
+        records.append(r)
+    synth = replace(synth, records=records)
+    spec = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, model={"spec": spec, "backbone": "dcn"})
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    counters = train.trainer.counters
+    assert counters.skipped_steps == 1 and counters.skipped_samples == BATCH
+    assert counters.samples == len(synth.expected)
+    batch = train.trainer.featurizer.transform([{"user": "u1", "item": "i1", "ctx": "c", "x": 0.5}])
+    assert np.isfinite(train.trainer.learner.predict_proba(batch)).all()
+    train.close()
+    assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
 
 
 def test_topics_that_are_not_co_partitioned_are_refused(tmp_path):

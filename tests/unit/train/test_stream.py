@@ -46,9 +46,15 @@ def _trainer(**cfg):
 def _samples(n, version=0, pred=0.25, seed=0):
     rng = np.random.default_rng(seed)
     return [
-        LabeledSample(sample_id=f"s{i}", features={"user": f"u{rng.integers(50)}", "item": "a", "ctx": 1},
-                      label=int(i % 3 == 0), served_prediction=pred, served_version=version,
-                      event_time_ms=1000 + i, is_correction=(i == 1))
+        LabeledSample(
+            sample_id=f"s{i}",
+            features={"user": f"u{rng.integers(50)}", "item": "a", "ctx": 1},
+            label=int(i % 3 == 0),
+            served_prediction=pred,
+            served_version=version,
+            event_time_ms=1000 + i,
+            is_correction=(i == 1),
+        )
         for i in range(n)
     ]
 
@@ -125,3 +131,26 @@ def test_period_triggers():
     assert w.due(samples=0, event_time_ms=None, now_ms=3000)
     with pytest.raises(ValueError, match="exactly one"):
         PeriodTrigger(every_samples=1, every_wall_s=1)
+
+
+def test_a_skipped_step_is_counted_and_reported():
+    from reloop.engine.features.spec import CategoricalField, NumericField
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.train_metrics import TrainerMetrics
+
+    spec = FeatureSpec(fields=(CategoricalField(name="user", buckets=50), NumericField(name="x")))
+    t = StreamTrainer(
+        learner=build_learner("dcn", spec, "ce", 0.0, seed=0),
+        featurizer=Featurizer(spec),
+        config=StreamTrainerConfig(batch_size=8),
+    )
+    stats = EngineStats()
+    metrics = TrainerMetrics(stats, wall_period_s=None)
+    good = [LabeledSample(f"g{i}", {"user": f"u{i}", "x": 0.5}, i % 2, 0.5, 0, 1000 + i) for i in range(8)]
+    bad = [*good[:7], LabeledSample("b", {"user": "u", "x": 1e39}, 1, 0.5, 0, 2000)]
+    results = [t.train_batch(good), t.train_batch(bad), t.train_batch(good)]
+    for r in results:
+        metrics.trained(r)
+    assert [r.skipped for r in results] == [False, True, False]
+    assert (t.counters.skipped_steps, t.counters.skipped_samples, t.counters.steps) == (1, 8, 3)
+    assert stats.train_skipped_steps.get() == 1
