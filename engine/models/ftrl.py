@@ -17,6 +17,7 @@ from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
 from reloop.engine.models.config import BackboneConfig, LearnerConfig
+from reloop.engine.models.finite import learns_finite_rows
 from reloop.engine.models.learner import check_same_architecture
 
 STATE_FORMAT = 1
@@ -80,6 +81,7 @@ class FTRLLearner:
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         return _sigmoid(self._logits(batch)[0])
 
+    @learns_finite_rows
     def learn(
         self,
         batch: FeatureBatch,

@@ -21,6 +21,7 @@ from reloop.engine.features.featurizer import FeatureBatch, TorchFeatureBatch
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
 from reloop.engine.models.blocks import GenDropout
 from reloop.engine.models.config import LearnerConfig, OptimizerConfig
+from reloop.engine.models.finite import count_unlearnable, finite_rows, no_samples_stats, take_rows
 from reloop.engine.models.wide import OnlineWide
 from torch import nn
 
@@ -174,6 +175,7 @@ class TorchLearner:
         # of 1e39 under an identity transform): not applied, so one bad sample cannot turn every later
         # prediction into NaN. Counted, and logged.
         self.skipped_steps = 0
+        self.skipped_samples = 0  # in skipped steps, and rows left out of a step (engine/models/finite.py)
         # Samples per step, a moving average: it picks the learning rates (OptimizerConfig.rates). An average,
         # not each step's size, so that the last partial batch of a run of full ones keeps the batch rates.
         self.step_size_average: float | None = None
@@ -333,6 +335,9 @@ class TorchLearner:
         weights: np.ndarray | None,
         scored: bool,
     ) -> tuple[np.ndarray | None, LossStats]:
+        keep = finite_rows(batch)
+        if keep is not None:
+            return self._learn_finite_rows(keep, batch, labels, y_last, weights, scored)
         n = len(batch)
         y = _as_tensor(labels, "labels", n)
         assert y is not None
@@ -423,6 +428,31 @@ class TorchLearner:
                 buffer.copy_(saved)
         return deep, wide_scores, stats
 
+    def _learn_finite_rows(
+        self,
+        keep: np.ndarray,
+        batch: FeatureBatch,
+        labels: np.ndarray,
+        y_last: np.ndarray | None,
+        weights: np.ndarray | None,
+        scored: bool,
+    ) -> tuple[np.ndarray | None, LossStats]:
+        """``_learn`` of the rows whose dense inputs are finite (engine/models/finite.py); the others
+        are counted, and scored NaN (the model cannot score them)."""
+        count_unlearnable(self, len(batch) - len(keep))
+        if len(keep):
+            probs, stats = self._learn(batch.take(keep), *take_rows(keep, labels, y_last, weights), scored)
+        else:
+            if self.grad_sync is not None:  # the other ranks wait for this one's part of the step
+                self.idle_step()
+            probs, stats = None, no_samples_stats(self.config.strategy, self.config.alpha)
+        if not scored:
+            return None, stats
+        full = np.full(len(batch), np.nan)
+        if probs is not None:
+            full[keep] = probs
+        return full, stats
+
     def _norm_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) for the running statistics of every batch-norm layer (none by default)."""
         return [
@@ -439,6 +469,7 @@ class TorchLearner:
         step_samples = n if self.grad_sync is None else self.grad_sync(n)
         if not self._gradients_finite():  # after the sync: every rank sees the same sums and skips alike
             self.skipped_steps += 1
+            self.skipped_samples += n
             if self.skipped_steps & (self.skipped_steps - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
                 log.error(
                     "optimizer step skipped: a gradient is not finite (%d skipped so far); a feature value"

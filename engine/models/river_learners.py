@@ -42,6 +42,7 @@ from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss import Loss, LossStats, make_loss
 from reloop.engine.models.config import BackboneConfig, LearnerConfig
+from reloop.engine.models.finite import learns_finite_rows
 from reloop.engine.models.learner import check_same_architecture
 from reloop.engine.models.registry import build_learner, register_backbone
 from river import facto, linear_model, optim, utils
@@ -214,6 +215,7 @@ class RiverLogisticRegression(_RiverLearnerBase):
         raw = np.fromiter((self._raw_one(x) for x in dicts), dtype=np.float64, count=len(batch))
         return 1.0 / (1.0 + np.exp(-raw))
 
+    @learns_finite_rows
     def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> LossStats:
         y, yl, w = self._check_learn(batch, labels, y_last, weights)
@@ -273,6 +275,7 @@ class RiverFM(_RiverLearnerBase):
                           count=len(batch))
         return 1.0 / (1.0 + np.exp(-raw))
 
+    @learns_finite_rows
     def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> LossStats:
         y, yl, w = self._check_learn(batch, labels, y_last, weights)
@@ -361,6 +364,7 @@ class NumpyFM(_RiverLearnerBase):
         raw = self.raw_scores(batch)
         return 1.0 / (1.0 + np.exp(-raw))
 
+    @learns_finite_rows
     def learn(self, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> LossStats:
         y, yl, w = self._check_learn(batch, labels, y_last, weights)

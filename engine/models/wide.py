@@ -144,7 +144,7 @@ class OnlineWide:
         var = memoryview(self.var)
         mget, vget = mean.__getitem__, var.__getitem__
         moderate = self.moderate
-        exp, sqrt = math.exp, math.sqrt
+        exp, sqrt, isfinite = math.exp, math.sqrt, math.isfinite
         out = [0.0] * b
         for i in range(b):
             ru = unit_l[i * ku : (i + 1) * ku]
@@ -159,6 +159,8 @@ class OnlineWide:
             z = d_l[i] + m
             zs = s_l[i] + m
             out[i] = zs / sqrt(1.0 + _MODERATION * v) if moderate else zs
+            if not isfinite(z):  # a backbone logit that is not finite (a value it cannot take): no update
+                continue
             if z >= 0.0:
                 p = 1.0 / (1.0 + exp(-z))
             else:

@@ -16,6 +16,7 @@ class TrainerMetrics:
         self._steps = stats.train_steps.child()
         self._samples = stats.train_samples.child()
         self._skipped = stats.train_skipped_steps.child()
+        self._skipped_samples = stats.train_skipped_samples.child()
         self._loss = stats.train_loss
         self._loss_parts = stats.train_loss_parts
         self._sc_active = stats.train_sc_active
@@ -34,6 +35,8 @@ class TrainerMetrics:
         self._samples.add(result.n)
         if result.skipped:
             self._skipped.add()
+        if result.skipped_samples:
+            self._skipped_samples.add(result.skipped_samples)
         loss = result.loss
         self._loss.set(loss.total)
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):

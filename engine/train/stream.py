@@ -29,7 +29,7 @@ The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -81,7 +81,7 @@ class TrainCounters:
     y_last_missing: int = 0
     replayed: int = 0
     skipped_steps: int = 0  # not applied: a gradient was not finite (TorchLearner._apply_gradients)
-    skipped_samples: int = 0
+    skipped_samples: int = 0  # not learnt: in skipped steps, or a dense input not finite (models/finite.py)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -123,6 +123,7 @@ class StepResult:
     loss: LossStats
     rates: Mapping[str, float] = field(default_factory=dict)  # learning rate per optimizer (torch learners)
     skipped: bool = False  # the learner did not apply the step (a gradient was not finite)
+    skipped_samples: int = 0  # samples of the step not learnt (the skipped step's, or rows left out)
 
     @property
     def n(self) -> int:
@@ -157,7 +158,7 @@ class StreamTrainer:
             raise ValueError("train_batch needs at least one sample")
         batch = self.featurizer.transform([s.features for s in samples])
         result = self.train_columns(batch, SampleColumns.of(samples))
-        return StepResult(samples, result.scores, result.y_last, result.loss, result.rates, result.skipped)
+        return replace(result, samples=samples)
 
     def train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
         """``train_batch`` for an already featurised batch and its columns: no Python per sample."""
@@ -166,7 +167,7 @@ class StreamTrainer:
             raise ValueError("train_columns needs at least one sample")
         labels = cols.labels
         w = None if bool(np.all(cols.weights == 1.0)) else cols.weights
-        skipped_before = getattr(self.learner, "skipped_steps", 0)
+        skipped_before = _skipped(self.learner)
         learn_scored = getattr(self.learner, "learn_scored", None)
         if learn_scored is not None:
             y_last = self._y_last(cols, batch)
@@ -177,10 +178,10 @@ class StreamTrainer:
             y_last = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
         c = self.counters
-        skipped = getattr(self.learner, "skipped_steps", 0) != skipped_before
-        if skipped:
-            c.skipped_steps += 1
-            c.skipped_samples += n
+        steps_now, samples_now = _skipped(self.learner)
+        skipped_steps, skipped_samples = steps_now - skipped_before[0], samples_now - skipped_before[1]
+        c.skipped_steps += skipped_steps
+        c.skipped_samples += skipped_samples
         if self.replay is not None:
             self.replay.add(batch, labels, y_last, w)
             learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
@@ -205,7 +206,9 @@ class StreamTrainer:
             self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
         self.last_loss = stats
         rates = getattr(self.learner, "learning_rates", None)
-        return StepResult(None, scores, y_last, stats, {} if rates is None else rates(), skipped)
+        return StepResult(
+            None, scores, y_last, stats, {} if rates is None else rates(), skipped_steps > 0, skipped_samples
+        )
 
     def idle_step(self) -> None:
         """This rank's part of a data-parallel step in which it has no samples (the learner applies
@@ -277,3 +280,8 @@ class StreamTrainer:
         self.progressive = BatchRollingMetrics.from_state_dict(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )
+
+
+def _skipped(learner: Any) -> tuple[int, int]:
+    """The learner's (skipped steps, skipped samples) so far (0 for learners that never skip)."""
+    return getattr(learner, "skipped_steps", 0), getattr(learner, "skipped_samples", 0)

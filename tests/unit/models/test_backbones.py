@@ -205,26 +205,35 @@ def test_predictions_are_probabilities_and_prediction_has_no_side_effects(name):
 RAW_SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=30), NumericField(name="x")))
 
 
-@pytest.mark.parametrize("name", [n for n in BACKBONES if backbone_entry(n).kind == "torch"])
-def test_a_step_whose_gradients_are_not_finite_is_skipped_and_the_model_kept(name, one_torch_thread):
-    """One sample with a value the model cannot take (1e39 under an identity transform: finite JSON,
-    inf in float32) used to turn every later prediction into NaN. The step is skipped and counted,
-    batch-norm statistics included; the next good batch trains."""
+@pytest.mark.parametrize("name", BACKBONES)
+def test_values_a_model_cannot_take_never_reach_its_weights(name, one_torch_thread):
+    """Numeric values under an identity transform that pass every check: 1e39 (finite JSON, inf in
+    float32) leaves its row out of the step and the rest is learnt; 1e30 (finite, too large for most
+    backbones) makes a torch learner whose gradients are then not finite skip the step, batch-norm
+    statistics included. Either way later predictions stay numbers (before, they all turned NaN)."""
     rng = np.random.default_rng(0)
     rows = [{"u": str(rng.integers(12)), "x": float(rng.random())} for _ in range(64)]
     featurizer = Featurizer(RAW_SPEC)
     good = featurizer.transform(rows)
-    bad = featurizer.transform([*rows[:5], {"u": "1", "x": 1e39}, *rows[6:]])
     labels = rng.integers(0, 2, 64).astype(np.float32)
     extra = {"batch_norm": True} if "hidden_units" in CONFIGS[name] else {}
     learner = build_learner(name, RAW_SPEC, "reloop", 0.3, seed=0, **{**_tiny(name), **extra})
     learner.learn(good, labels, np.full(64, 0.5))
-    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
-    learner.learn(bad, labels, np.full(64, 0.5))
-    assert learner.skipped_steps == 1
-    for k, v in learner.model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert np.all(np.isfinite(learner.predict_proba(good)))
-    learner.learn(good, labels, np.full(64, 0.5))
-    assert learner.skipped_steps == 1
-    assert any(not torch.equal(v, before[k]) for k, v in learner.model.state_dict().items())
+
+    def step_with(value: float) -> tuple[np.ndarray, np.ndarray]:
+        before = learner.predict_proba(good)
+        bad = featurizer.transform([*rows[:5], {"u": "1", "x": value}, *rows[6:]])
+        learner.learn(bad, labels, np.full(64, 0.5))
+        after = learner.predict_proba(good)
+        assert np.isfinite(after).all()
+        return before, after
+
+    before, after = step_with(1e39)
+    assert learner.skipped_samples == 1 and not np.array_equal(before, after)  # the other 63 learnt
+    steps = getattr(learner, "skipped_steps", 0)
+    before, after = step_with(1e30)
+    if getattr(learner, "skipped_steps", 0) > steps:
+        assert learner.skipped_samples == 1 + 64
+        np.testing.assert_array_equal(before, after)  # weights and batch-norm statistics kept
+    if name == "dcn":  # this one does skip (it pins the step guard and the batch-norm restore)
+        assert learner.skipped_steps == 1

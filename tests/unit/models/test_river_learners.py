@@ -266,3 +266,21 @@ def test_minibatch_step_is_sgd_on_the_batch_mean_loss() -> None:
     assert learner.w0 == pytest.approx(0.2 - lr * float(w0.grad), abs=1e-12)
     np.testing.assert_allclose(learner.w, (w - lr * w.grad).detach().numpy(), atol=1e-12)
     np.testing.assert_allclose(learner.v, (v - lr * v.grad).detach().numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone", RIVER_BACKBONES)
+def test_a_row_with_a_dense_input_that_is_not_finite_is_left_out(backbone: str) -> None:
+    # 1e39 is finite JSON but inf in float32: before, river's FM turned every weight it touched NaN.
+    from reloop.engine.features.spec import NumericField
+
+    spec = FeatureSpec(fields=(CategoricalField(name="user", buckets=97), NumericField(name="x")))
+    rows = [{"user": f"u{k % 9}", "x": 0.5} for k in range(40)]
+    featurizer = Featurizer(spec)
+    good = featurizer.transform(rows)
+    bad = featurizer.transform([*rows[:3], {"user": "u1", "x": 1e39}, *rows[4:]])
+    learner = build_river_learner(backbone, spec, strategy="ce", alpha=0.0, seed=0, lr=0.05)
+    before = learner.predict_proba(good)
+    learner.learn(bad, np.arange(40) % 2)
+    after = learner.predict_proba(good)
+    assert learner.skipped_samples == 1
+    assert np.isfinite(after).all() and not np.array_equal(before, after)

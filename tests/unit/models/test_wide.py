@@ -244,3 +244,23 @@ def test_replayed_samples_train_the_backbone_only():
     np.testing.assert_array_equal(a.wide.mean, mean)
     np.testing.assert_array_equal(a.wide.var, var)
     assert not torch.equal(a.model.embedding.table.weight.detach(), table)
+
+
+def test_a_backbone_logit_that_is_not_finite_does_not_reach_the_wide_part():
+    # 1e30 under an identity transform: the backbone's logit for that row is NaN, its step is skipped
+    # (engine/models/learner.py); the wide part, which learns per event before that step, skips the row.
+    spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=30), NumericField(name="x")))
+    rows = [{"u": f"u{k % 9}", "x": 0.5} for k in range(32)]
+    featurizer = Featurizer(spec)
+    good = featurizer.transform(rows)
+    bad = featurizer.transform([*rows[:3], {"u": "u1", "x": 1e30}, *rows[4:]])
+    learner = build_learner("dcn", spec, "ce", 0.0, seed=0, optimizer=OptimizerConfig.per_event())
+    labels = (np.arange(32) % 2).astype(np.float32)
+    learner.learn(good, labels)
+    wide_before = learner.wide.state_dict()
+    learner.learn(bad, labels)
+    assert learner.skipped_steps == 1
+    assert np.isfinite(learner.predict_proba(good)).all()
+    wide = learner.wide.state_dict()
+    assert np.isfinite(wide["mean"].numpy()).all() and np.isfinite(wide["var"].numpy()).all()
+    assert not torch.equal(wide["mean"], wide_before["mean"])  # the other rows were learnt per event

@@ -133,7 +133,7 @@ def test_period_triggers():
         PeriodTrigger(every_samples=1, every_wall_s=1)
 
 
-def test_a_skipped_step_is_counted_and_reported():
+def test_samples_a_model_cannot_take_are_counted_and_reported():
     from reloop.engine.features.spec import CategoricalField, NumericField
     from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.train_metrics import TrainerMetrics
@@ -147,10 +147,22 @@ def test_a_skipped_step_is_counted_and_reported():
     stats = EngineStats()
     metrics = TrainerMetrics(stats, wall_period_s=None)
     good = [LabeledSample(f"g{i}", {"user": f"u{i}", "x": 0.5}, i % 2, 0.5, 0, 1000 + i) for i in range(8)]
-    bad = [*good[:7], LabeledSample("b", {"user": "u", "x": 1e39}, 1, 0.5, 0, 2000)]
-    results = [t.train_batch(good), t.train_batch(bad), t.train_batch(good)]
+
+    def with_x(x: float) -> list[LabeledSample]:
+        return [*good[:7], LabeledSample("b", {"user": "u", "x": x}, 1, 0.5, 0, 2000)]
+
+    # 1e39: inf in float32, the row is left out (and scored NaN); 1e30: the step's gradients are not
+    # finite, it is skipped (all 8 samples not learnt).
+    results = [
+        t.train_batch(good),
+        t.train_batch(with_x(1e39)),
+        t.train_batch(with_x(1e30)),
+        t.train_batch(good),
+    ]
     for r in results:
         metrics.trained(r)
-    assert [r.skipped for r in results] == [False, True, False]
-    assert (t.counters.skipped_steps, t.counters.skipped_samples, t.counters.steps) == (1, 8, 3)
-    assert stats.train_skipped_steps.get() == 1
+    assert [r.skipped for r in results] == [False, False, True, False]
+    assert [r.skipped_samples for r in results] == [0, 1, 8, 0]
+    assert np.isnan(results[1].scores[7]) and np.isfinite(results[1].scores[:7]).all()
+    assert (t.counters.skipped_steps, t.counters.skipped_samples, t.counters.steps) == (1, 9, 4)
+    assert (stats.train_skipped_steps.get(), stats.train_skipped_samples.get()) == (1, 9)

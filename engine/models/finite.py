@@ -1,0 +1,72 @@
+"""Rows a model cannot learn from: a dense input that is not finite.
+
+A numeric feature of 1e39 under the identity transform is valid, finite JSON, and passes the feature
+spec's check, but it is infinite in a model's float32 inputs, and one infinite input turns the step's
+gradients, then every weight it touches, into NaN. Learners leave such rows out of the step they are in
+and count them (``skipped_samples``); the rows of the batch around them are learnt. A torch learner also
+skips a whole step whose gradients are not finite for any other reason (engine/models/learner.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.loss.losses import LossStats
+
+log = logging.getLogger("reloop.learner")
+L = TypeVar("L", bound=Callable[..., LossStats])
+
+
+def finite_rows(batch: FeatureBatch) -> np.ndarray | None:
+    """The indices of the rows whose dense inputs are all finite; None when every row's are (the usual
+    case, one numpy pass over the dense block)."""
+    if batch.num.size == 0:
+        return None
+    ok = np.isfinite(batch.num).all(axis=1)
+    return None if ok.all() else np.flatnonzero(ok)
+
+
+def take_rows(keep: np.ndarray, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
+    return tuple(None if a is None else np.asarray(a)[keep] for a in arrays)
+
+
+def count_unlearnable(learner: Any, rows: int) -> None:
+    """Count rows left out for values they cannot take; log an error at the 1st, 2nd, 4th, ... time."""
+    learner.skipped_samples = getattr(learner, "skipped_samples", 0) + rows
+    times = learner._unlearnable_batches = getattr(learner, "_unlearnable_batches", 0) + 1
+    if times & (times - 1) == 0:
+        log.error(
+            "%d samples left out of a step: a dense input is not finite (%d such steps so far); a numeric"
+            " feature beyond float32 under the identity transform? Bound it in the feature spec",
+            rows,
+            times,
+        )
+
+
+def no_samples_stats(strategy: str, alpha: float) -> LossStats:
+    """The stats of a step that learnt nothing (every row was left out)."""
+    return LossStats(strategy, alpha, math.nan, math.nan, 0.0, 0.0, 0, 0)
+
+
+def learns_finite_rows(learn: L) -> L:
+    """Wraps a learner's ``learn(batch, labels, y_last, weights) -> LossStats`` (FTRL, river) so that
+    rows with a dense input that is not finite are left out and counted."""
+
+    @functools.wraps(learn)
+    def wrapper(self: Any, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
+                weights: np.ndarray | None = None) -> LossStats:  # fmt: skip
+        keep = finite_rows(batch)
+        if keep is None:
+            return learn(self, batch, labels, y_last, weights)
+        count_unlearnable(self, len(batch) - len(keep))
+        if not len(keep):
+            return no_samples_stats(self.config.strategy, self.config.alpha)
+        return learn(self, batch.take(keep), *take_rows(keep, labels, y_last, weights))
+
+    return wrapper  # type: ignore[return-value]
