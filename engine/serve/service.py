@@ -170,6 +170,21 @@ class ScoringService:
             scores = bundle.score_request(context, features)
         else:
             scores = memory.score(bundle, bundle.request_batch(context, features))
+        unscored = np.flatnonzero(np.isnan(scores))
+        if len(unscored):
+            # Values the spec reads but the model cannot take (a numeric of 1e39 under the identity
+            # transform): a 422 naming them, rather than a ranking with null scores (and a NaN
+            # served_prediction in the impression log, which the joiner would refuse).
+            raise BadRequest(
+                [
+                    {
+                        "loc": ["body", "candidates", int(i), "features"],
+                        "msg": "the model cannot score these features (a numeric value too large for it?)",
+                        "type": "unscorable",
+                    }
+                    for i in unscored[:20]
+                ]
+            )
         n = len(candidates)
         k = min(request.top_k or self.top_k, n)
         # Stable sort: equal scores keep request order, so the ranking is deterministic.

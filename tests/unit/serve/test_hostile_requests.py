@@ -23,6 +23,7 @@ SPEC = {
         {"kind": "categorical", "name": "item", "buckets": 100},
         {"kind": "numeric", "name": "price", "transform": "minmax", "min": 0, "max": 100},
         {"kind": "multi", "name": "tags", "buckets": 50, "max_len": 4},
+        {"kind": "numeric", "name": "raw"},  # the identity transform: unbounded
     ]
 }
 
@@ -111,6 +112,19 @@ def test_values_the_spec_cannot_read_get_a_422_not_a_500(service, features, need
     r, _ = _post(client, body)
     assert r.status_code == 422, r.text
     assert needle in r.text and r.json()["detail"][0]["loc"][2] == 1
+
+
+@pytest.mark.parametrize("raw", [1e39, 1e30])  # inf in float32; finite but too large for the model
+def test_values_the_model_cannot_take_get_a_422_naming_the_candidate(service, raw):
+    client, _ = service
+    body = _body(3)
+    body["candidates"][2]["features"]["raw"] = raw
+    r, _ = _post(client, body)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "candidates", 2, "features"] and error["type"] == "unscorable"
+    body["candidates"][2]["features"]["raw"] = 12.5
+    assert _post(client, body)[0].status_code == 200
 
 
 def test_event_times_far_from_the_clock_are_refused(service):
