@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
+from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import JoinerConfig
 from reloop.engine.metrics.stats import STATS, EngineStats
@@ -52,7 +53,15 @@ from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.restore import check_fingerprint
-from reloop.engine.streams import Positions, Record, Sink, TopicPartition, merge_ends, positions_to_json
+from reloop.engine.streams import (
+    Positions,
+    Record,
+    RecordTooLarge,
+    Sink,
+    TopicPartition,
+    merge_ends,
+    positions_to_json,
+)
 
 log = logging.getLogger("reloop.join")
 
@@ -140,6 +149,7 @@ class JoinStage:
         self.rebalances = 0
         self.snapshots_written = 0
         self.samples_sent = 0
+        self.messages_split = 0  # samples messages sent as halves: too large for the topic (_send_message)
         self._last_checkpoint = time.monotonic()
         self.checkpoint_interval_s = settings.checkpoint_every_s
         self._last_records = time.monotonic()
@@ -316,13 +326,34 @@ class JoinStage:
         first, joined = task.take(n)
         if not joined:
             return
-        batch = batch_from_joined(joined, task=task.partition, first_seq=first)
-        wm = task.joiner.watermark_ms
-        ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
-        self.samples.send(encode_batch(batch), partition=task.partition, timestamp_ms=ts)  # type: ignore[call-arg]
+        self._send_message(task, first, joined)
         self.samples_sent += len(joined)
         self._metrics.emitted(joined)
         self._last_send[task.partition] = time.monotonic()
+
+    def _send_message(self, task: JoinTask, first: int, joined: list[Any]) -> None:
+        """One samples message, or, when the topic refuses its size (large impressions times
+        ``batch_samples`` over the producer's or broker's record limit), its two halves, and so on: a
+        message too large would otherwise stop the stage again at every restart. A single sample still
+        too large is dead-lettered (``oversized``, with the impression's bytes); the train stage then
+        counts its seq as a gap."""
+        batch = batch_from_joined(joined, task=task.partition, first_seq=first)
+        wm = task.joiner.watermark_ms
+        ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
+        try:
+            self.samples.send(encode_batch(batch), partition=task.partition, timestamp_ms=ts)  # type: ignore[call-arg]
+        except RecordTooLarge as exc:
+            if len(joined) > 1:
+                self.messages_split += 1
+                half = len(joined) // 2
+                self._send_message(task, first, joined[:half])
+                self._send_message(task, first + half, joined[half:])
+                return
+            (sample,) = joined
+            record = Record(
+                task.inputs[0].topic, task.partition, -1, sample.impression_id.encode(), sample.payload, ts
+            )
+            self.dead_letters.send(record, EventError("oversized", f"its samples message: {exc}"))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_all(self) -> None:

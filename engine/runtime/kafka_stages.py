@@ -148,6 +148,7 @@ def describe_join(stage: Any) -> dict[str, Any]:
     return {
         "tasks": sorted(stage.tasks),
         "samples_sent": stage.samples_sent,
+        "messages_split": stage.messages_split,
         "pending": sum(t.joiner.pending_count for t in stage.tasks.values()),
         "dead_letters": stage.dead_letters.counts,
         "rebalances": stage.rebalances,

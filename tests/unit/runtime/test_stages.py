@@ -441,6 +441,58 @@ def test_a_value_the_model_cannot_take_is_left_out_and_poisons_nothing(tmp_path)
     assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
 
 
+def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sample_dead_lettered(tmp_path):
+    """Large impressions times batch_samples can exceed the topic's record limit (1 MB by default in
+    Kafka): the message goes as halves, and so on, instead of stopping the stage at every restart. A
+    single sample still too large is dead-lettered with its impression's bytes; the train stage then
+    trains every other sample once and counts the one gap."""
+    synth = generate(300, seed=6, pad_to_multiple=BATCH)
+    records, huge = [], None
+    for r in synth.records:
+        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode() and huge is None:
+            try:
+                obj = orjson.loads(r.value)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("features"), dict):
+                obj["features"]["blob"] = "x" * 6000  # alone over the limit below
+                huge = obj["impression_id"]
+                r = replace(r, value=orjson.dumps(obj))
+        records.append(r)
+    synth = replace(synth, records=records)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    join = build_join_stage(
+        cfg,
+        source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples", max_record_bytes=5000),  # ~10 samples: 3.5 to 4.5 kB
+        dead_letter_sink=MemorySink(log, "dead"),
+        clock=clock,
+        stats=EngineStats(),
+        checkpoint_dir=tmp_path / "join-ckpt",
+    )
+    _run_join(join, log, clock)
+    assert join.messages_split > 0
+    assert join.dead_letters.counts.get("oversized") == 1
+    dead = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    (envelope,) = [e for e in dead if e["reason"] == "oversized"]
+    assert orjson.loads(envelope["value"]["data"])["impression_id"] == huge
+    lost = {key for key in synth.expected if key[0] == huge}
+    assert lost
+    got = _samples_on_topic(log)
+    assert {(s.sample_id, s.is_correction): s.label for s in got} == {
+        k: v for k, v in synth.expected.items() if k not in lost
+    }
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    assert train.seq_gaps == 1
+    train.close()
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and set(keys) == set(synth.expected) - lost
+
+
 def test_topics_that_are_not_co_partitioned_are_refused(tmp_path):
     log = MemoryLog()
     log.create("impressions", 2)
