@@ -9,7 +9,8 @@ recomputes its base prediction with that bundle. A reload is noticed on the next
 
 Positions: a feed that starts without saved state begins at the END of the topic (history was
 labelled for older models); with state it resumes from the saved positions, saved with the memory
-every ``save_every_s`` and on close. An undecodable message is skipped and counted (the train stage
+every ``save_every_s`` and on close. An undecodable message, or one whose features the live model's spec
+cannot read, is skipped and counted (the train stage
 dead-letters it already). A sample flagged ``is_correction`` (a late click re-emitted as a positive)
 is written as one more positive: the memory then holds its earlier negative too, the same small
 duplication the join's correction policy gives the trainer.
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.features.featurizer import FeatureError
 from reloop.engine.memory.served import ServedMemory
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, positions_from_json, positions_to_json
@@ -99,7 +101,11 @@ class SamplesFeed:
                     continue
                 if not len(batch):
                     continue
-                features = bundle.featurizer.transform_columns(batch.features(), rows=len(batch))
+                try:
+                    features = bundle.featurizer.transform_columns(batch.features(), rows=len(batch))
+                except FeatureError:  # values this model's spec cannot read: skipped, not the poll's rest
+                    self.undecodable += 1
+                    continue
                 self.memory.write(bundle, features, batch.numpy("label").astype(np.float64))
                 written += len(batch)
         # Samples that came before any model was loaded are skipped: there is nothing to key them with.

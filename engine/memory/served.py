@@ -101,14 +101,14 @@ class ServedMemory:
         """Key and predict joined samples with the live ``bundle``, then write them."""
         if self.version != bundle.version:
             self.rekey(bundle)
-        base, keys = predict_and_hidden(bundle.learner, batch)
         y = np.asarray(labels, dtype=np.float64)
+        base, keys, scored_y = _finite(*predict_and_hidden(bundle.learner, batch), y)
         with self._lock:
             if self.sketch is None or self.sketch.dim != keys.shape[1]:
                 self.sketch = ErrorSketch(keys.shape[1], self.config)
-            self.sketch.write(keys, y, base)
-            self.written += len(y)
-        self.ring.add(batch, y)
+            self.sketch.write(keys, scored_y, base)
+            self.written += len(scored_y)
+        self.ring.add(batch, y)  # all of them: the next model may score what this one could not
 
     def rekey(self, bundle: Any) -> None:
         """A fresh sketch for ``bundle``'s model, filled with the ring's samples keyed by it."""
@@ -118,10 +118,12 @@ class ServedMemory:
             batch, y = kept
             for s in range(0, len(y), self.rekey_chunk):
                 part = batch.take(slice(s, s + self.rekey_chunk))
-                base, keys = predict_and_hidden(bundle.learner, part)
+                base, keys, part_y = _finite(
+                    *predict_and_hidden(bundle.learner, part), y[s : s + self.rekey_chunk]
+                )
                 if sketch is None:
                     sketch = ErrorSketch(keys.shape[1], self.config)
-                sketch.write(keys, y[s : s + self.rekey_chunk], base)
+                sketch.write(keys, part_y, base)
         with self._lock:
             self.sketch, self.version = sketch, bundle.version
         self.rekeys += 1
@@ -189,3 +191,12 @@ class ServedMemory:
             self.positions = dict(
                 zip(a["position_keys"].tolist(), a["position_values"].tolist(), strict=True)
             )
+
+
+def _finite(base: np.ndarray, keys: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The samples the model could score (a value it cannot take gives NaN): a NaN key or prediction
+    in the sketch would spread NaN corrections, and NaN scores, to every request hashed near it."""
+    ok = np.isfinite(base) & np.isfinite(keys).all(axis=1)
+    if ok.all():
+        return base, keys, y
+    return base[ok], keys[ok], y[ok]

@@ -146,3 +146,22 @@ def test_scoring_service_serves_the_corrected_scores() -> None:
     after = [s.score for s in service.score(request).scores]
     assert before == pytest.approx(b.learner.predict_proba(_batch(b, rows)).tolist())
     assert all(a > c for a, c in zip(after, before, strict=True))
+
+
+def test_samples_the_model_cannot_score_stay_out_of_the_memory() -> None:
+    # A numeric of 1e39 under the identity transform scores NaN: in the sketch it would make a NaN centre
+    # and NaN corrections for every request hashed near it (and those are refused as unscorable).
+    from reloop.engine.features.spec import NumericField
+
+    spec = FeatureSpec(fields=(CategoricalField(name="user", buckets=40), NumericField(name="x")))
+    learner = build_learner("dcn", spec, "ce", 0.0, seed=0, hidden_units=(8,), embedding_dim=4)
+    bundle = ModelBundle(version=1, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+    rows = [{"user": f"u{i % 5}", "x": 0.5} for i in range(10)]
+    bad = bundle.featurizer.transform([{"user": "u1", "x": 1e39}, *rows[1:]])
+    good = bundle.featurizer.transform(rows)
+    mem = ServedMemory(CONFIG, buffer=100)
+    mem.write(bundle, bad, np.ones(10))
+    assert mem.sketch is not None and mem.sketch.written == 9
+    assert np.isfinite(mem.score(bundle, good)).all()
+    mem.rekey(ModelBundle(version=2, learner=learner.clone_frozen(), featurizer=Featurizer(spec)))
+    assert mem.sketch is not None and mem.sketch.written == 9  # the ring's rows, less the one again
