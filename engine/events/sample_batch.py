@@ -363,6 +363,10 @@ def encode_batch(batch: SampleBatch) -> bytes:
 def decode_batch(data: bytes) -> SampleBatch:
     """One message back; a message that is not a readable batch of this format raises EventError
     (the train stage dead-letters it and goes on)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise EventError(
+            "malformed", f"a samples message is bytes, this one {type(data).__name__} (a tombstone?)"
+        )
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
         batches = list(reader)

@@ -279,6 +279,7 @@ def _json_column(values: pa.Array):
         (lambda good: good[: len(good) // 2], "malformed"),
         (lambda good: b"not arrow at all", "malformed"),
         (lambda good: b"", "malformed"),
+        (lambda good: None, "malformed"),  # a tombstone (a record without a value)
         (lambda good: _corrupt(good, **{"reloop.samples.format": str(FORMAT + 1)}), "unknown_schema_version"),
         (lambda good: _corrupt(good, **{"reloop.first_seq": "7"}), "bad_value"),
         (lambda good: _corrupt(good, **{"reloop.task": "x"}), "bad_value"),

@@ -332,6 +332,7 @@ def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_pat
     cfg = _config(tmp_path)
     _run_join(_join(cfg, log, clock, tmp_path), log, clock)
     log.append("samples", b"\x00 not arrow", b"k", START)
+    log.append("samples", None, b"k", START)  # a tombstone: a record without a value
     dead = MemorySink(log, "dead")
     train = build_train_stage(
         cfg,
@@ -344,7 +345,7 @@ def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_pat
     _run_train(train, log, clock)
     train.train_remaining()
     train.close(final=None)
-    assert train.dead_letters.counts == {"malformed": 1}
+    assert train.dead_letters.counts == {"malformed": 2}
     assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
 
 
