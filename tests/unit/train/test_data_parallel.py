@@ -18,15 +18,21 @@ ROWS = 96
 STEPS = 3
 
 
-def _learner():
-    spec = FeatureSpec.from_dict(SPEC)
+def _learner(numeric: bool = False):
+    fields = [*SPEC["fields"], {"kind": "numeric", "name": "x"}] if numeric else SPEC["fields"]
+    spec = FeatureSpec.from_dict({"fields": fields})
     return build_learner("dcn", spec, "reloop", 0.3, seed=3, hidden_units=(16, 16)), Featurizer(spec)
 
 
 def _data(step: int):
     rng = np.random.default_rng(step)
     rows = [
-        {"user": f"u{rng.integers(60)}", "item": f"i{rng.integers(90)}", "ctx": int(rng.integers(7))}
+        {
+            "user": f"u{rng.integers(60)}",
+            "item": f"i{rng.integers(90)}",
+            "ctx": int(rng.integers(7)),
+            "x": 0.5,
+        }
         for _ in range(ROWS)
     ]
     labels = (rng.random(ROWS) < 0.3).astype(np.float32)
@@ -34,17 +40,21 @@ def _data(step: int):
     return rows, labels, y_last
 
 
-def _rank(rank: int, world: int, init: str, out: str, bounds: list[int], mode: str) -> None:
+def _rank(
+    rank: int, world: int, init: str, out: str, bounds: list[int], mode: str, poison: float | None = None
+) -> None:
     from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
     torch.set_num_threads(1)
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=60)
-    learner, featurizer = _learner()
+    learner, featurizer = _learner(numeric=poison is not None)
     sync = GradientSync(group, learner.model, mode)
     learner.grad_sync = sync
     lo, hi = bounds[rank], bounds[rank + 1]
     for step in range(STEPS):
         rows, labels, y_last = _data(step)
+        if poison is not None and rank == 0 and step == 1:
+            rows[lo]["x"] = poison  # one value the model cannot take, on one rank only
         sync.total = bounds[-1] - bounds[0]
         if hi > lo:
             learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi])
@@ -52,14 +62,15 @@ def _rank(rank: int, world: int, init: str, out: str, bounds: list[int], mode: s
             learner.idle_step()
     torch.save(learner.model.state_dict(), Path(out) / f"rank{rank}.pt")
     (Path(out) / f"rank{rank}.digest").write_text(weights_digest(learner.model))
+    (Path(out) / f"rank{rank}.skipped").write_text(f"{learner.skipped_steps} {learner.skipped_samples}")
     group.close()
 
 
-def _run_ranks(tmp_path: Path, bounds: list[int], mode: str) -> list[dict]:
+def _run_ranks(tmp_path: Path, bounds: list[int], mode: str, poison: float | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     init = f"file://{tmp_path / 'store'}"
     procs = [
-        ctx.Process(target=_rank, args=(r, len(bounds) - 1, init, str(tmp_path), bounds, mode))
+        ctx.Process(target=_rank, args=(r, len(bounds) - 1, init, str(tmp_path), bounds, mode, poison))
         for r in range(len(bounds) - 1)
     ]
     for p in procs:
@@ -100,6 +111,17 @@ def test_ranks_hold_the_weights_one_process_reaches_on_all_samples(tmp_path, bou
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5, msg=k)
         moved += int(not torch.equal(v, _learner()[0].model.state_dict()[k]))
     assert moved >= len(reference) // 2  # the steps changed the weights (the comparison means something)
+
+
+@pytest.mark.parametrize(("poison", "skipped"), [(1e30, ["1 40", "1 56"]), (1e39, ["0 1", "0 0"])])
+def test_a_value_one_rank_cannot_take_leaves_the_ranks_equal(tmp_path, poison, skipped):
+    """1e30 on rank 0 makes its gradients NaN: after the sync every rank sees NaN and skips the step
+    alike (no rank steps, none waits for ever). 1e39 (inf in float32) is left out of rank 0's rows and
+    the step goes on with the rest."""
+    ranks = _run_ranks(tmp_path, [0, 40, ROWS], "sparse", poison)
+    assert len({(tmp_path / f"rank{r}.digest").read_text() for r in range(2)}) == 1
+    assert [(tmp_path / f"rank{r}.skipped").read_text() for r in range(2)] == skipped
+    assert all(torch.isfinite(v).all() for v in ranks[0].values() if v.is_floating_point())
 
 
 def test_idle_step_needs_a_group():
