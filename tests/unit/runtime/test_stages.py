@@ -107,14 +107,32 @@ def _run_join(stage, log, clock, max_steps=5000) -> None:
     raise AssertionError("join stage did not reach the end of its input")
 
 
-def _train(cfg, log, clock, tmp):
+def _train(cfg, log, clock, tmp, dead=None):
     return build_train_stage(
         cfg,
         source=EndAware(log, ["samples"]),
+        dead_letter_sink=dead,
         clock=clock,
         stats=EngineStats(),
         checkpoint_dir=tmp / "train-ckpt",
     )
+
+
+def _with_features(synth, change):
+    """``synth`` with the features of its impressions changed by ``change(impression_id, features)``,
+    which edits them in place and says whether it did (the sentinel and undecodable records stay)."""
+    records = []
+    for r in synth.records:
+        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
+            try:
+                obj = orjson.loads(r.value)
+            except orjson.JSONDecodeError:
+                obj = None
+            features = obj.get("features") if isinstance(obj, dict) else None
+            if isinstance(features, dict) and change(obj.get("impression_id"), features):
+                r = replace(r, value=orjson.dumps(obj))
+        records.append(r)
+    return replace(synth, records=records)
 
 
 def _joined(tmp_path, n: int, seed: int):
@@ -181,21 +199,16 @@ def test_feature_keys_msgspec_cannot_name_a_field_after_are_joined_and_kept(tmp_
     synth = generate(300, seed=5, pad_to_multiple=BATCH)
     odd = {'q"uote': "v", "back\\slash": 7, "ctl\x01": ["a", "b"]}
     changed = set()
-    records = []
-    for r in synth.records:
-        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
-            try:
-                obj = orjson.loads(r.value)
-            except orjson.JSONDecodeError:
-                obj = None
-            # Every copy of a chosen id (the generator repeats some impressions), about a third of them.
-            chosen = isinstance(obj, dict) and str(obj.get("impression_id", ""))[-1:] in ("0", "3", "6")
-            if chosen and isinstance(obj.get("features"), dict):
-                obj["features"].update(odd)
-                changed.add(obj.get("impression_id"))
-                r = replace(r, value=orjson.dumps(obj))
-        records.append(r)
-    synth = replace(synth, records=records)
+
+    def add_odd_keys(impression_id, features) -> bool:
+        # Every copy of a chosen id (the generator repeats some impressions), about a third of them.
+        if str(impression_id)[-1:] not in ("0", "3", "6"):
+            return False
+        features.update(odd)
+        changed.add(impression_id)
+        return True
+
+    synth = _with_features(synth, add_odd_keys)
     log = _log(synth)
     clock = ManualClock(START)
     join = _join(_config(tmp_path), log, clock, tmp_path)
@@ -333,15 +346,7 @@ def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_pat
     _run_join(_join(cfg, log, clock, tmp_path), log, clock)
     log.append("samples", b"\x00 not arrow", b"k", START)
     log.append("samples", None, b"k", START)  # a tombstone: a record without a value
-    dead = MemorySink(log, "dead")
-    train = build_train_stage(
-        cfg,
-        source=EndAware(log, ["samples"]),
-        dead_letter_sink=dead,
-        clock=clock,
-        stats=EngineStats(),
-        checkpoint_dir=tmp_path / "train",
-    )
+    train = _train(cfg, log, clock, tmp_path, dead=MemorySink(log, "dead"))
     _run_train(train, log, clock)
     train.train_remaining()
     train.close(final=None)
@@ -376,14 +381,7 @@ def test_samples_whose_features_the_train_spec_cannot_read_are_dead_lettered_and
     train_cfg = _config(tmp_path / "t", model={"spec": spec})
 
     def build(dead):
-        return build_train_stage(
-            train_cfg,
-            source=EndAware(log, ["samples"]),
-            dead_letter_sink=dead,
-            clock=clock,
-            stats=EngineStats(),
-            checkpoint_dir=tmp_path / "train",
-        )
+        return _train(train_cfg, log, clock, tmp_path, dead=dead)
 
     train = build(MemorySink(log, "dead"))
     _run_train(train, log, clock)
@@ -411,20 +409,15 @@ def test_a_value_the_model_cannot_take_is_left_out_and_poisons_nothing(tmp_path)
     the model still predicts numbers (before: the stage stopped on "score is NaN", again at every
     restart, or the weights turned NaN)."""
     synth = generate(300, seed=4, pad_to_multiple=BATCH)
-    records, poisoned = [], None
-    for r in synth.records:
-        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
-            try:
-                obj = orjson.loads(r.value)
-            except orjson.JSONDecodeError:
-                obj = None
-            if isinstance(obj, dict) and isinstance(obj.get("features"), dict):
-                big = poisoned in (None, obj.get("impression_id"))
-                obj["features"]["x"] = 1e39 if big else 0.5
-                poisoned = obj.get("impression_id") if big else poisoned
-                r = replace(r, value=orjson.dumps(obj))
-        records.append(r)
-    synth = replace(synth, records=records)
+    poisoned = []
+
+    def add_x(impression_id, features) -> bool:
+        big = poisoned in ([], [impression_id])  # the first impression (and its copies) gets 1e39
+        features["x"] = 1e39 if big else 0.5
+        poisoned[:] = [impression_id] if big else poisoned
+        return True
+
+    synth = _with_features(synth, add_x)
     spec = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
     log = _log(synth)
     clock = ManualClock(START)
@@ -448,19 +441,17 @@ def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sam
     single sample still too large is dead-lettered with its impression's bytes; the train stage then
     trains every other sample once and counts the one gap."""
     synth = generate(300, seed=6, pad_to_multiple=BATCH)
-    records, huge = [], None
-    for r in synth.records:
-        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode() and huge is None:
-            try:
-                obj = orjson.loads(r.value)
-            except orjson.JSONDecodeError:
-                obj = None
-            if isinstance(obj, dict) and isinstance(obj.get("features"), dict):
-                obj["features"]["blob"] = "x" * 6000  # alone over the limit below
-                huge = obj["impression_id"]
-                r = replace(r, value=orjson.dumps(obj))
-        records.append(r)
-    synth = replace(synth, records=records)
+    chosen = []
+
+    def add_blob(impression_id, features) -> bool:
+        if chosen:
+            return False
+        features["blob"] = "x" * 6000  # alone over the limit below
+        chosen.append(impression_id)
+        return True
+
+    synth = _with_features(synth, add_blob)
+    (huge,) = chosen
     log = _log(synth)
     clock = ManualClock(START)
     cfg = _config(tmp_path)
