@@ -122,8 +122,8 @@ class StepResult:
     y_last: np.ndarray
     loss: LossStats
     rates: Mapping[str, float] = field(default_factory=dict)  # learning rate per optimizer (torch learners)
-    skipped: bool = False  # the learner did not apply the step (a gradient was not finite)
-    skipped_samples: int = 0  # samples of the step not learnt (the skipped step's, or rows left out)
+    skipped: bool = False  # the learner did not apply a step of this call (a gradient was not finite)
+    skipped_samples: int = 0  # samples not learnt (skipped steps', rows left out; replayed ones included)
 
     @property
     def n(self) -> int:
@@ -178,16 +178,16 @@ class StreamTrainer:
             y_last = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
         c = self.counters
-        steps_now, samples_now = _skipped(self.learner)
-        skipped_steps, skipped_samples = steps_now - skipped_before[0], samples_now - skipped_before[1]
-        c.skipped_steps += skipped_steps
-        c.skipped_samples += skipped_samples
         if self.replay is not None:
             self.replay.add(batch, labels, y_last, w)
             learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
             for draw in self.replay.take():
                 learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
                 c.replayed += len(draw.labels)
+        steps_now, samples_now = _skipped(self.learner)  # the replayed steps' included
+        skipped_steps, skipped_samples = steps_now - skipped_before[0], samples_now - skipped_before[1]
+        c.skipped_steps += skipped_steps
+        c.skipped_samples += skipped_samples
         c.steps += 1
         c.samples += n
         c.positives += int(labels.sum())
