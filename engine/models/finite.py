@@ -4,7 +4,8 @@ A numeric feature of 1e39 under the identity transform is valid, finite JSON, an
 spec's check, but it is infinite in a model's float32 inputs, and one infinite input turns the step's
 gradients, then every weight it touches, into NaN. Learners leave such rows out of the step they are in
 and count them (``skipped_samples``); the rows of the batch around them are learnt. A torch learner also
-skips a whole step whose gradients are not finite for any other reason (engine/models/learner.py).
+leaves out rows whose logits are not finite from finite inputs (1e30), and skips a whole step whose
+gradients are not finite for any other reason (engine/models/learner.py).
 """
 
 from __future__ import annotations

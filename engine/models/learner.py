@@ -347,9 +347,21 @@ class TorchLearner:
             eval_deep = self.logits_tensors(batch.to_torch(self.device)).double().cpu().numpy()
         if self.device.type != "cpu":
             y, yl, w = (None if t is None else t.to(self.device) for t in (y, yl, w))
-        deep, wide_scores, stats = self._step(
-            batch.to_torch(self.device), y, yl, w, batch, y_last, weights, eval_deep, want_deep=scored
-        )
+        try:
+            deep, wide_scores, stats = self._step(
+                batch.to_torch(self.device),
+                y,
+                yl,
+                w,
+                batch,
+                y_last,
+                weights,
+                eval_deep,
+                want_deep=scored,
+                refuse_rows=True,
+            )
+        except _LogitsNotFinite as exc:
+            return self._learn_finite_rows(exc.keep, batch, labels, y_last, weights, scored)
         if not scored:
             return None, stats
         logits = next(x for x in (wide_scores, eval_deep, deep) if x is not None)
@@ -383,18 +395,22 @@ class TorchLearner:
         eval_deep: np.ndarray | None,
         want_deep: bool = False,
         wide_learns: bool = True,
+        refuse_rows: bool = False,
     ) -> tuple[np.ndarray | None, np.ndarray | None, LossStats]:
         """One optimisation step; returns (the backbone's training-forward logits if asked or used,
         the wide part's per-event scoring logits if any, stats).
 
         With a wide part, the backbone's logits go through the wide part's per-event pass first (its
         scores use ``eval_deep`` when given, for backbones whose training forward differs), and the
-        backbone then learns with the updated wide logits as a constant offset."""
+        backbone then learns with the updated wide logits as a constant offset. ``refuse_rows``: rows
+        whose logits are not finite end the step before it learns anything (``_refuse_rows``)."""
         n = len(batch)
         self.model.train()
         norms = self._norm_buffers()  # a skipped step must not leave its batch in BN's running stats
         out = self.model(batch)
         logit = out["logit"]
+        if refuse_rows and not bool(torch.isfinite(logit).all()):
+            self._refuse_rows(batch, eval_deep, norms)
         deep: np.ndarray | None = None
         wide_scores: np.ndarray | None = None
         if self.wide is not None or want_deep:
@@ -427,6 +443,26 @@ class TorchLearner:
             for buffer, saved in norms:
                 buffer.copy_(saved)
         return deep, wide_scores, stats
+
+    def _refuse_rows(
+        self,
+        batch: TorchFeatureBatch,
+        eval_deep: np.ndarray | None,
+        norms: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Training logits that are not finite, from finite inputs (a value too large for the model, as
+        1e30 under the identity transform): raise ``_LogitsNotFinite`` with the rows whose eval-mode
+        logits are finite, so the step goes on without the others, before anything learnt from this
+        batch (batch-norm statistics restored). Returns when no row is to blame on its own (batch norm
+        mixes the rows in training; its statistics then keep out this batch): the step's gradients
+        decide (``_apply_gradients``)."""
+        for buffer, saved in norms:  # first: the training forward just put this batch in them
+            buffer.copy_(saved)
+        scores = eval_deep if eval_deep is not None else self.logits_tensors(batch).double().cpu().numpy()
+        self.model.train()  # logits_tensors left it in eval mode; the step goes on in training mode
+        ok = np.isfinite(scores)
+        if not ok.all():
+            raise _LogitsNotFinite(np.flatnonzero(ok))
 
     def _learn_finite_rows(
         self,
@@ -587,6 +623,14 @@ class TorchLearner:
             config=self.config,
             wide=None if self.wide is None else self.wide.copy(),
         )
+
+
+class _LogitsNotFinite(Exception):
+    """Raised inside a step, before it learns anything: ``keep`` = the rows to learn without the others."""
+
+    def __init__(self, keep: np.ndarray) -> None:
+        super().__init__(f"{len(keep)} rows with finite logits")
+        self.keep = keep
 
 
 class FrozenTorchLearner:

@@ -53,11 +53,16 @@ def _rank(
     lo, hi = bounds[rank], bounds[rank + 1]
     for step in range(STEPS):
         rows, labels, y_last = _data(step)
-        if poison is not None and rank == 0 and step == 1:
-            rows[lo]["x"] = poison  # one value the model cannot take, on one rank only
+        weights = None
+        if poison is not None and rank == 0 and step == 1:  # on one rank only
+            if poison == np.inf:  # a sample weight: finite logits, gradients that are not
+                weights = np.ones(hi - lo, dtype=np.float32)
+                weights[0] = np.inf
+            else:
+                rows[lo]["x"] = poison  # a value the model cannot take
         sync.total = bounds[-1] - bounds[0]
         if hi > lo:
-            learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi])
+            learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi], weights)
         else:
             learner.idle_step()
     torch.save(learner.model.state_dict(), Path(out) / f"rank{rank}.pt")
@@ -113,11 +118,13 @@ def test_ranks_hold_the_weights_one_process_reaches_on_all_samples(tmp_path, bou
     assert moved >= len(reference) // 2  # the steps changed the weights (the comparison means something)
 
 
-@pytest.mark.parametrize(("poison", "skipped"), [(1e30, ["1 40", "1 56"]), (1e39, ["0 1", "0 0"])])
+@pytest.mark.parametrize(
+    ("poison", "skipped"), [(np.inf, ["1 40", "1 56"]), (1e39, ["0 1", "0 0"]), (1e30, ["0 1", "0 0"])]
+)
 def test_a_value_one_rank_cannot_take_leaves_the_ranks_equal(tmp_path, poison, skipped):
-    """1e30 on rank 0 makes its gradients NaN: after the sync every rank sees NaN and skips the step
-    alike (no rank steps, none waits for ever). 1e39 (inf in float32) is left out of rank 0's rows and
-    the step goes on with the rest."""
+    """An infinite sample weight on rank 0 makes its gradients NaN: after the sync every rank sees NaN
+    and skips the step alike (no rank steps, none waits for ever). 1e39 (inf in float32) and 1e30 (a
+    NaN logit) are left out of rank 0's rows and the step goes on with the rest."""
     ranks = _run_ranks(tmp_path, [0, 40, ROWS], "sparse", poison)
     assert len({(tmp_path / f"rank{r}.digest").read_text() for r in range(2)}) == 1
     assert [(tmp_path / f"rank{r}.skipped").read_text() for r in range(2)] == skipped

@@ -148,15 +148,15 @@ def test_samples_a_model_cannot_take_are_counted_and_reported():
     metrics = TrainerMetrics(stats, wall_period_s=None)
     good = [LabeledSample(f"g{i}", {"user": f"u{i}", "x": 0.5}, i % 2, 0.5, 0, 1000 + i) for i in range(8)]
 
-    def with_x(x: float) -> list[LabeledSample]:
-        return [*good[:7], LabeledSample("b", {"user": "u", "x": x}, 1, 0.5, 0, 2000)]
+    def with_x(x: float, weight: float = 1.0) -> list[LabeledSample]:
+        return [*good[:7], LabeledSample("b", {"user": "u", "x": x}, 1, 0.5, 0, 2000, weight=weight)]
 
-    # 1e39: inf in float32, the row is left out (and scored NaN); 1e30: the step's gradients are not
-    # finite, it is skipped (all 8 samples not learnt).
+    # 1e39: inf in float32, the row is left out (and scored NaN); an infinite weight: finite logits but
+    # gradients that are not, the step is skipped (all 8 samples not learnt).
     results = [
         t.train_batch(good),
         t.train_batch(with_x(1e39)),
-        t.train_batch(with_x(1e30)),
+        t.train_batch(with_x(0.5, weight=float("inf"))),
         t.train_batch(good),
     ]
     for r in results:
