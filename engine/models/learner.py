@@ -165,6 +165,8 @@ class TorchLearner:
     def __init__(self, *, model: nn.Module, config: LearnerConfig, loss: Loss | None = None) -> None:
         self.config = config
         self.model = model
+        # Found once, not at every step (none by default): a step that stops or is skipped restores them.
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.loss = loss if loss is not None else make_loss(config.strategy, config.alpha)
         self.device = torch.device("cpu")
         self.generator = self._seed_dropout(self.device)
@@ -491,12 +493,7 @@ class TorchLearner:
 
     def _norm_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) for the running statistics of every batch-norm layer (none by default)."""
-        return [
-            (b, b.clone())
-            for m in self.model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in m.buffers()
-        ]
+        return [(b, b.clone()) for m in self._norms for b in m.buffers()]
 
     def _apply_gradients(self, n: int) -> bool:
         """Average the gradients over the data-parallel ranks (if any), clip, step at the rates for the
