@@ -8,7 +8,8 @@ one bad value would cost the whole batch) or a scoring request (a 500 instead of
 Rules per field kind (a key the spec does not name is ignored; an absent key is a missing value):
 
 * ``categorical``: a str, int or float (lists are refused), strings at most ``max_chars`` long;
-* ``numeric``: an int or float, or a string that parses as a finite float ("" = missing);
+* ``numeric``: an int or float, or a string that parses as a finite float ("" = missing); under the
+  ``identity`` transform at most ``FLOAT32_MAX`` in magnitude (the model's float32 would make it inf);
 * ``multi``: a list of strings (or "" = missing), at most ``max_list`` items of at most ``max_chars``.
 
 The bounds also bound the work: hashing costs one numpy pass per character position, so a single
@@ -99,7 +100,10 @@ class SpecChecker:
             if not kinds <= _NUMBERS or float not in kinds:
                 return kinds <= _NUMBERS
             numbers = column if type(None) not in kinds else [v for v in column if v is not None]
-            return all(map(math.isfinite, numbers))
+            if not all(map(math.isfinite, numbers)):
+                return False
+            bound = f.max_abs
+            return bound is None or not numbers or max(map(abs, numbers)) <= bound
         if not kinds <= _MULTI:
             return False
         lists = [v for v in column if v is not None]
@@ -127,16 +131,20 @@ class SpecChecker:
             if kind is int:
                 return None
             if kind is float:
-                return None if math.isfinite(value) else _bad(f"{name} must be finite, got {value!r}", f)
+                if not math.isfinite(value):
+                    return _bad(f"{name} must be finite, got {value!r}", f)
+                return _in_range(f, name, value)
             if kind is str:
                 if value == "":
                     return None
                 if len(value) <= 64:
                     try:
-                        if math.isfinite(float(value)):
-                            return None
+                        number = float(value)
                     except ValueError:
                         pass
+                    else:
+                        if math.isfinite(number):
+                            return _in_range(f, name, number)
                 return _bad(f"{name} must be a number or a numeric string, got {_short(value)}", f)
             return _bad(f"{name} must be a number, got {kind.__name__}", f)
         assert isinstance(f, MultiCategoricalField)
@@ -152,6 +160,17 @@ class SpecChecker:
             if len(item) > limit:
                 return _bad(f"{name} has an item {len(item)} characters long (limit {limit})", f)
         return None
+
+
+def _in_range(f: NumericField, name: str, number: float) -> EventError | None:
+    bound = f.max_abs
+    if bound is None or abs(number) <= bound:
+        return None
+    return _bad(
+        f"{name} is {number!r}: beyond float32 (magnitude at most {bound:.7g}) under its"
+        f" {f.transform} transform",
+        f,
+    )
 
 
 def _short(value: str, n: int = 40) -> str:

@@ -6,7 +6,8 @@ a struct made for the stream: the contract's fields with their bounds, and the f
 with one field per feature key the stream has shown, each typed by what the spec can read:
 
 * a spec ``categorical`` field: a str of at most ``max_chars`` characters, a 64-bit int, or a float;
-* a spec ``numeric`` field: a 64-bit int or a finite float (numeric strings take the careful path);
+* a spec ``numeric`` field: a 64-bit int or a finite float, within float32 under ``identity``
+  (numeric strings take the careful path);
 * a spec ``multi`` field: ``""`` or a list of at most ``max_list`` strings of at most ``max_chars``;
 * a key the spec does not name: any value the contract allows.
 
@@ -32,10 +33,11 @@ from reloop.engine.events.codec import MSGSPEC_REFUSED, decode_impression, field
 from reloop.engine.events.schema import FeatureValue, Impression
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
-from reloop.engine.features.spec import CategoricalField, NumericField
+from reloop.engine.features.spec import FLOAT32_MAX, CategoricalField, NumericField
 
 _INT64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 _FINITE = Annotated[float, Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
+_FLOAT32 = Annotated[float, Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class CheckedImpressionDecoder:
@@ -117,5 +119,5 @@ def _value_type(f: Any, limits: Any) -> Any:
     if isinstance(f, CategoricalField):
         return text | _INT64 | float
     if isinstance(f, NumericField):
-        return _INT64 | _FINITE
+        return _INT64 | (_FINITE if f.max_abs is None else _FLOAT32)
     return Annotated[list[text], Meta(max_length=limits.max_list)] | Literal[""]

@@ -208,6 +208,13 @@ class Featurizer:
 
     def _dense(self, f: NumericField, values: Sequence[Any]) -> np.ndarray:
         x = self._floats(f, values)
+        bound = f.max_abs
+        if bound is not None and len(x) and np.nanmax(np.abs(x), initial=0.0) > bound:
+            big = x[np.abs(x) > bound]  # nan compares False: missing values are not refused here
+            raise FeatureError(
+                f"field {f.name!r}: {float(big[0])!r} is beyond float32 (magnitude at most {bound:.7g})"
+                f" under its {f.transform} transform"
+            )
         if f.transform == "minmax":
             assert f.min is not None and f.max is not None
             x = np.clip((x - f.min) / (f.max - f.min), 0.0, 1.0)

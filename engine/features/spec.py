@@ -11,7 +11,8 @@ Field kinds:
 * ``numeric``: a number. ``transform="log_bucket"`` turns it into a categorical bucket the way the
   Criteo winners did for I1..I13 (``floor(log(x)**2)`` for x > 2, else ``floor(x)``), hashed into
   ``buckets`` rows. ``identity`` and ``minmax`` keep it a dense value that scales its field's single
-  embedding row (the FuxiCTR convention for numeric fields).
+  embedding row (the FuxiCTR convention for numeric fields). Under ``identity`` a value must fit a
+  float32 (``|x| <= FLOAT32_MAX``): the model computes in float32, where a larger one is infinite.
 * ``multi``: a list of strings (tags, history), each hashed into ``buckets`` rows and mean-pooled;
   at most ``max_len`` values are kept (the first ones).
 
@@ -31,6 +32,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NumericTransform = Literal["identity", "log_bucket", "minmax"]
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (numpy.finfo(numpy.float32).max)
 
 
 class _Frozen(BaseModel):
@@ -64,6 +66,12 @@ class NumericField(_Frozen):
     @property
     def is_bucketed(self) -> bool:
         return self.transform == "log_bucket"
+
+    @property
+    def max_abs(self) -> float | None:
+        """The largest magnitude the model can take from this field (None: any finite value; minmax
+        clips, log_bucket buckets)."""
+        return FLOAT32_MAX if self.transform == "identity" else None
 
 
 class MultiCategoricalField(_Frozen):

@@ -1,11 +1,15 @@
 """Rows a model cannot learn from: a dense input that is not finite.
 
-A numeric feature of 1e39 under the identity transform is valid, finite JSON, and passes the feature
-spec's check, but it is infinite in a model's float32 inputs, and one infinite input turns the step's
-gradients, then every weight it touches, into NaN. Learners leave such rows out of the step they are in
-and count them (``skipped_samples``); the rows of the batch around them are learnt. A torch learner also
-leaves out rows whose logits are not finite from finite inputs (1e30), and skips a whole step whose
-gradients are not finite for any other reason (engine/models/learner.py).
+One infinite input turns the step's gradients, then every weight it touches, into NaN. The feature
+spec's check and the featurizer refuse the values that cause it in practice (a numeric feature of
+1e39 under the identity transform: valid, finite JSON, infinite in a model's float32 inputs), so this
+is the guard behind them, for a FeatureBatch built another way. Learners leave such rows out of the
+step they are in and count them (``skipped_samples``); the rows of the batch around them are learnt. A
+torch learner also leaves out rows whose logits are not finite from finite inputs (1e30 under the
+identity transform passes every check) and rows whose gradients are not sound (found by halving the
+batch), and skips a whole step whose gradients are not sound with no row to blame
+(engine/models/learner.py). The trainer scores every left-out row NaN, and its callers
+dead-letter them (engine/train/unlearnt.py).
 """
 
 from __future__ import annotations
@@ -37,17 +41,15 @@ def take_rows(keep: np.ndarray, *arrays: np.ndarray | None) -> tuple[np.ndarray 
     return tuple(None if a is None else np.asarray(a)[keep] for a in arrays)
 
 
-def count_unlearnable(learner: Any, rows: int) -> None:
+DENSE_NOT_FINITE = "a dense input is not finite (a FeatureBatch built without the featurizer?)"
+
+
+def count_unlearnable(learner: Any, rows: int, why: str = DENSE_NOT_FINITE) -> None:
     """Count rows left out for values they cannot take; log an error at the 1st, 2nd, 4th, ... time."""
     learner.skipped_samples = getattr(learner, "skipped_samples", 0) + rows
     times = learner._unlearnable_batches = getattr(learner, "_unlearnable_batches", 0) + 1
     if times & (times - 1) == 0:
-        log.error(
-            "%d samples left out of a step: a dense input is not finite (%d such steps so far); a numeric"
-            " feature beyond float32 under the identity transform? Bound it in the feature spec",
-            rows,
-            times,
-        )
+        log.error("%d samples left out of a step: %s (%d such steps so far)", rows, why, times)
 
 
 def no_samples_stats(strategy: str, alpha: float) -> LossStats:
@@ -57,12 +59,14 @@ def no_samples_stats(strategy: str, alpha: float) -> LossStats:
 
 def learns_finite_rows(learn: L) -> L:
     """Wraps a learner's ``learn(batch, labels, y_last, weights) -> LossStats`` (FTRL, river) so that
-    rows with a dense input that is not finite are left out and counted."""
+    rows with a dense input that is not finite are left out and counted; ``learner.left_out`` then
+    holds the indices of the last call's rows left out (None when none were)."""
 
     @functools.wraps(learn)
     def wrapper(self: Any, batch: FeatureBatch, labels: np.ndarray, y_last: np.ndarray | None = None,
                 weights: np.ndarray | None = None) -> LossStats:  # fmt: skip
         keep = finite_rows(batch)
+        self.left_out = None if keep is None else np.setdiff1d(np.arange(len(batch)), keep)
         if keep is None:
             return learn(self, batch, labels, y_last, weights)
         count_unlearnable(self, len(batch) - len(keep))

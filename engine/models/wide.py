@@ -176,6 +176,8 @@ class OnlineWide:
                 h *= sw_l[i]
             k = 1.0 / (1.0 + h * v)
             gk, hk = g * k, h * k
+            if not (isfinite(gk) and isfinite(hk)):  # an infinite sample weight: one NaN belief for ever
+                continue
             for c in ru:
                 s = var[c]
                 mean[c] -= s * gk

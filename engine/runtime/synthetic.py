@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+import orjson
 from reloop.engine.events.codec import encode
 from reloop.engine.events.schema import Click, Impression
 
@@ -58,6 +61,23 @@ class SyntheticLog:
         for (_, corr), label in self.expected.items():
             c["correction" if corr else f"label_{label}"] += 1
         return dict(c)
+
+    def with_features(self, change: Callable[[str, dict[str, Any]], bool]) -> SyntheticLog:
+        """This log with the features of its impressions changed by ``change(impression_id, features)``,
+        which edits them in place and says whether it did (hostile values for tests; the sentinel and
+        the malformed records stay as they are)."""
+        records = []
+        for r in self.records:
+            if r.topic_kind == "impression" and r.key != self.sentinel_id.encode():
+                try:
+                    obj = orjson.loads(r.value)
+                except orjson.JSONDecodeError:
+                    obj = None
+                features = obj.get("features") if isinstance(obj, dict) else None
+                if isinstance(features, dict) and change(obj.get("impression_id"), features):
+                    r = replace(r, value=orjson.dumps(obj))
+            records.append(r)
+        return replace(self, records=records)
 
 
 def generate(

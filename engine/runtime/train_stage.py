@@ -71,6 +71,7 @@ from reloop.engine.streams import (
 from reloop.engine.train.ledger import Ledger
 from reloop.engine.train.period import PeriodTrigger
 from reloop.engine.train.stream import SampleColumns, StepResult, StreamTrainer
+from reloop.engine.train.unlearnt import dead_letter_unlearnt, learnt
 
 log = logging.getLogger("reloop.train")
 
@@ -506,13 +507,39 @@ class TrainStage:
             arms, cols.versions, cols.labels.astype(np.int64), col("served_prediction"), cols.corrections
         )
         result = self.trainer.train_columns(features, cols)
+        unlearnt = result.unlearnt
+        if unlearnt is not None:
+            self._dead_letter_unlearnt(pieces, unlearnt, result.unlearnt_why)
         if self.ledger is not None:
             ids = [i for p in pieces for i in p.sample_ids()]
-            self.ledger.append_columns(
-                self.trainer.counters.steps, ids, cols.labels.astype(int).tolist(), cols.corrections.tolist()
-            )
+            labels, corrections = cols.labels.astype(int).tolist(), cols.corrections.tolist()
+            steps = self.trainer.counters.steps
+            if unlearnt is None:
+                self.ledger.append_columns(steps, ids, labels, corrections)
+            else:
+                self.ledger.append_columns(
+                    steps, learnt(ids, unlearnt), learnt(labels, unlearnt), learnt(corrections, unlearnt)
+                )
         self._metrics.trained(result)
         return result
+
+    def _dead_letter_unlearnt(self, pieces: list[SampleBatch], unlearnt: np.ndarray, why: str) -> None:
+        """The step's rows it did not learn, one dead letter each, naming its join task and seq."""
+        start = 0
+        for piece in pieces:
+            rows = unlearnt[start : start + len(piece)]
+            start += len(piece)
+            if rows.any():
+                part = piece.take(np.flatnonzero(rows))
+                origins = [f"join task {part.task}, seq {seq}" for seq in part.seqs().tolist()]
+                dead_letter_unlearnt(
+                    self.dead_letters,
+                    self.settings.samples_topic,
+                    part.to_samples(),
+                    np.ones(len(part), dtype=bool),
+                    why,
+                    origins=origins,
+                )
 
     # ------------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:

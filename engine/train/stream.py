@@ -80,8 +80,8 @@ class TrainCounters:
     y_last_skipped: int = 0
     y_last_missing: int = 0
     replayed: int = 0
-    skipped_steps: int = 0  # not applied: a gradient was not finite (TorchLearner._apply_gradients)
-    skipped_samples: int = 0  # not learnt: in skipped steps, or a dense input not finite (models/finite.py)
+    skipped_steps: int = 0  # not applied: a gradient was not sound (TorchLearner._apply_gradients)
+    skipped_samples: int = 0  # not learnt: in skipped steps, or rows left out of a step (models/finite.py)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -124,6 +124,10 @@ class StepResult:
     rates: Mapping[str, float] = field(default_factory=dict)  # learning rate per optimizer (torch learners)
     skipped: bool = False  # the learner did not apply a step of this call (a gradient was not finite)
     skipped_samples: int = 0  # samples not learnt (skipped steps', rows left out; replayed ones included)
+    # This batch's own rows that were not learnt (a bool mask; None when every row was) and why: the
+    # callers keep them out of the ledger and dead-letter them (engine/train/unlearnt.py).
+    unlearnt: np.ndarray | None = None
+    unlearnt_why: str = ""
 
     @property
     def n(self) -> int:
@@ -177,6 +181,10 @@ class StreamTrainer:
             scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
             y_last = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
+            left_out = getattr(self.learner, "left_out", None)  # engine/models/finite.py
+            if left_out is not None:
+                scores[left_out] = np.nan  # as a torch learner scores them: the model cannot
+        step_skipped = _skipped(self.learner)[0] > skipped_before[0]  # this batch's step, not a replayed one
         c = self.counters
         if self.replay is not None:
             self.replay.add(batch, labels, y_last, w)
@@ -206,8 +214,17 @@ class StreamTrainer:
             self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
         self.last_loss = stats
         rates = getattr(self.learner, "learning_rates", None)
+        unlearnt, why = _unlearnt(n, step_skipped, unscored)
         return StepResult(
-            None, scores, y_last, stats, {} if rates is None else rates(), skipped_steps > 0, skipped_samples
+            None,
+            scores,
+            y_last,
+            stats,
+            {} if rates is None else rates(),
+            skipped_steps > 0,
+            skipped_samples,
+            unlearnt,
+            why,
         )
 
     def idle_step(self) -> None:
@@ -280,6 +297,17 @@ class StreamTrainer:
         self.progressive = BatchRollingMetrics.from_state_dict(
             dict(state["progressive"], window_size=self.config.progressive_window)
         )
+
+
+def _unlearnt(n: int, step_skipped: bool, unscored: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Which of a batch's ``n`` rows its step did not learn, and why: the rows scored NaN (a torch
+    learner scores NaN exactly the rows it leaves out, and ``train_columns`` marks the others' left-out
+    rows so: engine/models/finite.py); a skipped step learnt none of them."""
+    if step_skipped:
+        return np.ones(n, dtype=bool), f"its step was skipped: a gradient was not sound ({n} samples)"
+    if unscored.any():
+        return unscored, "the model cannot take it: an input or logit not finite, or a gradient not sound"
+    return None, ""
 
 
 def _skipped(learner: Any) -> tuple[int, int]:

@@ -135,6 +135,8 @@ def generate_hostile(n: int, *, now_ms: int, seed: int = 0, oversized: int = 3) 
         ),
         lambda: imp("numeric-text", "bad_feature", _impression(iid(), t, features={"price": "abc"})),
         lambda: imp("numeric-overflow", "bad_feature", _impression(iid(), t, features={"price": "1e999"})),
+        # Finite JSON, infinite in float32: refused for a numeric field under the identity transform.
+        lambda: imp("numeric-beyond-float32", "bad_feature", _impression(iid(), t, features={"price": 1e39})),
         lambda: imp(
             "long-value",
             "bad_feature",

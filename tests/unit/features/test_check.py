@@ -15,6 +15,7 @@ SPEC = FeatureSpec(
         NumericField(name="price", transform="minmax", min=0.0, max=10.0),
         NumericField(name="count", transform="log_bucket", buckets=50),
         MultiCategoricalField(name="tags", buckets=50, max_len=4),
+        NumericField(name="raw"),  # identity: the value itself reaches the model, in float32
     )
 )
 LIMITS = FeatureLimits(max_chars=32, max_list=8)
@@ -34,6 +35,8 @@ LIMITS = FeatureLimits(max_chars=32, max_list=8)
         ({"tags": 5}, "tags"),
         ({"tags": ["a"] * 9}, "tags"),
         ({"tags": ["a", "y" * 33]}, "tags"),
+        ({"raw": 1e39}, "raw"),  # finite, but inf in float32
+        ({"raw": "-3.5e38"}, "raw"),
     ],
 )
 def test_values_the_featurizer_cannot_read_are_refused(row, field):
@@ -53,6 +56,8 @@ def test_good_rows_pass_including_missing_values_and_numeric_strings():
         {"user": 7, "price": "3.5", "count": 12, "tags": []},
         {"user": 1.5, "price": 3, "count": 2.5, "tags": ["a", "b"]},
         {"unknown": ["whatever"], "user": "x" * 32, "tags": ["z" * 32] * 8},
+        {"raw": 3.4e38, "price": 1e300, "count": -1e300},  # only identity is bound to float32
+        {"raw": "-3.4e38"},
     ]
     assert checker.check_rows(rows) == []
     Featurizer(SPEC).transform(rows)
@@ -68,14 +73,19 @@ _value = st.one_of(
     st.text(max_size=40),
     st.integers(-(2**40), 2**40),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["1.5", "-2", "1e400", "nan", " 3 ", "0x10"]),
+    st.sampled_from(["1.5", "-2", "1e400", "nan", " 3 ", "0x10", "1e39", 1e39, -3.4e38]),
     st.lists(st.text(max_size=40), max_size=10),
 )
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.fixed_dictionaries({}, optional=dict.fromkeys(("user", "price", "count", "tags"), _value)),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.fixed_dictionaries({}, optional=dict.fromkeys(("user", "price", "count", "tags", "raw"), _value)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_checker_accepts_exactly_what_the_featurizer_reads(rows):
     checker = SpecChecker(SPEC, LIMITS)
     bad = {i for i, _ in checker.check_rows(rows)}
@@ -103,7 +113,7 @@ def _beyond_a_bound(row) -> bool:
 def _non_finite_number(row) -> bool:
     import math
 
-    for name in ("price", "count"):
+    for name in ("price", "count", "raw"):
         v = row.get(name)
         try:
             if v is not None and v != "" and not math.isfinite(float(v)):

@@ -30,7 +30,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 short_text = st.text(max_size=8)
 values = st.one_of(
     short_text,
-    st.sampled_from(["", "1.5", "-2", "nan", "inf", "1e999", "abc"]),
+    st.sampled_from(["", "1.5", "-2", "nan", "inf", "1e999", "abc", "1e39", 1e39, -3.5e38, 3.4e38]),
     st.integers(-(2**64), 2**64),
     st.floats(allow_nan=False, allow_infinity=False),
     st.sampled_from([1e308 * 10, -1e308 * 10]),  # written by json.dumps as Infinity: malformed JSON

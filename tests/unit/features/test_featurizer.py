@@ -104,6 +104,20 @@ def test_dense_values_identity_and_minmax_with_fill():
     assert b.num.dtype == np.float32
 
 
+def test_identity_values_beyond_float32_are_refused_others_transformed():
+    """float32 would make 1e39 inf, and an inf input turns the model's logit NaN: under the identity
+    transform such a value is a FeatureError naming the field (from dicts and from Arrow columns alike),
+    under minmax it clips and under log_bucket it buckets."""
+    f = Featurizer(SPEC)
+    for value in (1e39, -3.5e38, "1e39"):
+        with pytest.raises(FeatureError, match="'price'.*beyond float32"):
+            f.transform([{"price": 1.0}, {"price": value}])
+    with pytest.raises(FeatureError, match="'price'"):
+        f.transform_columns({"price": pa.array([1.0, None, 1e39])})
+    b = f.transform([{"price": 3.4e38, "age": 1e39, "count": 1e39}, {"price": float("nan")}])
+    assert np.isfinite(b.num).all() and b.num[0].tolist() == [1.0, np.float32(3.4e38)]
+
+
 def test_multi_valued_fields_are_padded_truncated_and_masked():
     b = Featurizer(SPEC).transform([{"tags": ["a", "b", "c", "d"]}, {"tags": []}, {"tags": ["a", ""]}, {}])
     assert b.multi.shape == (4, 1, 3) and b.multi_mask.shape == (4, 1, 3)
@@ -154,7 +168,7 @@ _ANY_SCALAR = st.one_of(
     st.integers(-(2**70), 2**70),  # past int64 and past 2**53 (an int64 column a double cannot hold)
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=4),
-    st.sampled_from(["1.5", "", "7", "abc"]),
+    st.sampled_from(["1.5", "", "7", "abc", 1e39, -3.5e38, "1e39"]),  # past float32: refused for identity
 )
 _ANY_VALUE = st.recursive(
     _ANY_SCALAR,

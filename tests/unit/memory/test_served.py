@@ -149,15 +149,17 @@ def test_scoring_service_serves_the_corrected_scores() -> None:
 
 
 def test_samples_the_model_cannot_score_stay_out_of_the_memory() -> None:
-    # A numeric of 1e39 under the identity transform scores NaN: in the sketch it would make a NaN centre
-    # and NaN corrections for every request hashed near it (and those are refused as unscorable).
+    # A row the model scores NaN (here an infinite dense input; 1e30 under the identity transform does it
+    # too): in the sketch it would make a NaN centre and NaN corrections for every request hashed near
+    # it (and those are refused as unscorable).
     from reloop.engine.features.spec import NumericField
 
     spec = FeatureSpec(fields=(CategoricalField(name="user", buckets=40), NumericField(name="x")))
     learner = build_learner("dcn", spec, "ce", 0.0, seed=0, hidden_units=(8,), embedding_dim=4)
     bundle = ModelBundle(version=1, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
     rows = [{"user": f"u{i % 5}", "x": 0.5} for i in range(10)]
-    bad = bundle.featurizer.transform([{"user": "u1", "x": 1e39}, *rows[1:]])
+    bad = bundle.featurizer.transform(rows)
+    bad.num[0, 0] = np.inf
     good = bundle.featurizer.transform(rows)
     mem = ServedMemory(CONFIG, buffer=100)
     mem.write(bundle, bad, np.ones(10))

@@ -265,3 +265,18 @@ def test_a_backbone_logit_that_is_not_finite_does_not_reach_the_wide_part():
     wide = learner.wide.state_dict()
     assert np.isfinite(wide["mean"].numpy()).all() and np.isfinite(wide["var"].numpy()).all()
     assert not torch.equal(wide["mean"], wide_before["mean"])  # the other rows were learnt per event
+
+
+def test_an_infinite_sample_weight_does_not_reach_the_wide_part():
+    # Its update would be inf * 0: one NaN belief, then every later logit of that row's ids NaN, and
+    # every later step of the backbone skipped for a gradient that is not finite.
+    spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=30),))
+    good = Featurizer(spec).transform([{"u": f"u{k % 9}"} for k in range(32)])
+    learner = build_learner("dcn", spec, "ce", 0.0, seed=0, optimizer=OptimizerConfig.per_event())
+    labels = (np.arange(32) % 2).astype(np.float32)
+    weights = np.ones(32, dtype=np.float32)
+    weights[3] = np.inf
+    learner.wide.learn(good, np.zeros(32), labels, learner.loss, weights=weights)
+    assert np.isfinite(learner.wide.mean).all() and np.isfinite(learner.wide.var).all()
+    learner.learn(good, labels)
+    assert learner.skipped_steps == 0 and np.isfinite(learner.predict_proba(good)).all()

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import orjson
 import torch
 from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
 from reloop.engine.checkpoint import SnapshotRegistry
+from reloop.engine.deadletter import decode_raw
 from reloop.engine.events.codec import decode_samples
 from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.build import build_pipeline
@@ -282,3 +284,42 @@ def test_a_restored_pipeline_exports_its_snapshot_version_and_time_at_once(tmp_p
                    stats=stats)  # fmt: skip
     assert stats.snapshot_version.get() == version
     assert stats.snapshot_time_s.get() == created
+
+
+def test_a_sample_the_model_cannot_learn_is_dead_lettered_not_ledgered(tmp_path):
+    """1e30 under an identity transform passes every check but makes DCN's logit NaN: the step leaves
+    the sample out, and the single-process pipeline dead-letters it (``unlearnable``, the sample as a
+    samples-topic record) instead of writing it in the ledger as trained."""
+    chosen: list[str] = []
+
+    def add_x(impression_id, features) -> bool:
+        if not chosen:
+            chosen.append(impression_id)
+        features["x"] = 1e30 if impression_id == chosen[0] else 0.5
+        return True
+
+    synth = generate(200, seed=5, pad_to_multiple=BATCH).with_features(add_x)
+    spec = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": "dcn", "spec": spec})})
+    dead = MemoryLog()
+    p = build_pipeline(
+        cfg,
+        source=EndAwareSource(log, ["impressions", "clicks"]),
+        clock=clock,
+        dead_letter_sink=MemorySink(dead, "dead"),
+        stats=EngineStats(),
+    )
+    _run_to_end(p, log, clock)
+    p.train_remaining()
+    left_out = sorted(k for k in synth.expected if k[0] == chosen[0])
+    assert p.trainer.counters.skipped_samples == len(left_out) >= 1
+    assert p.dead_letters.counts["unlearnable"] == len(left_out)
+    p.close()
+    letters = [orjson.loads(r.value) for r in dead.read(TopicPartition("dead", 0), 0, 10**6)]
+    samples, bad = decode_samples([decode_raw(e["value"]) for e in letters if e["reason"] == "unlearnable"])
+    assert not bad and sorted((s.sample_id, s.is_correction) for s in samples) == left_out
+    ledger = Ledger.read(tmp_path / "ledger.jsonl")
+    assert sorted((sid, corr) for _, sid, _, corr in ledger) == sorted(set(synth.expected) - set(left_out))

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
+from reloop.engine.deadletter import decode_raw
 from reloop.engine.events.sample_batch import decode_batch
 from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.build import build_join_stage, build_train_stage
@@ -118,23 +119,6 @@ def _train(cfg, log, clock, tmp, dead=None):
     )
 
 
-def _with_features(synth, change):
-    """``synth`` with the features of its impressions changed by ``change(impression_id, features)``,
-    which edits them in place and says whether it did (the sentinel and undecodable records stay)."""
-    records = []
-    for r in synth.records:
-        if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode():
-            try:
-                obj = orjson.loads(r.value)
-            except orjson.JSONDecodeError:
-                obj = None
-            features = obj.get("features") if isinstance(obj, dict) else None
-            if isinstance(features, dict) and change(obj.get("impression_id"), features):
-                r = replace(r, value=orjson.dumps(obj))
-        records.append(r)
-    return replace(synth, records=records)
-
-
 def _joined(tmp_path, n: int, seed: int):
     """n synthetic impressions joined onto the samples topic: (log, clock, config)."""
     log = _log(generate(n, seed=seed, pad_to_multiple=4 * BATCH))
@@ -208,7 +192,7 @@ def test_feature_keys_msgspec_cannot_name_a_field_after_are_joined_and_kept(tmp_
         changed.add(impression_id)
         return True
 
-    synth = _with_features(synth, add_odd_keys)
+    synth = synth.with_features(add_odd_keys)
     log = _log(synth)
     clock = ManualClock(START)
     join = _join(_config(tmp_path), log, clock, tmp_path)
@@ -403,36 +387,50 @@ def test_samples_whose_features_the_train_spec_cannot_read_are_dead_lettered_and
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted({**synth.expected, **good})
 
 
-def test_a_value_the_model_cannot_take_is_left_out_and_poisons_nothing(tmp_path):
-    """A numeric feature of 1e39 (valid JSON, finite; inf in float32) under an identity transform: its
-    sample is left out of its step and counted, every sample is still accounted for in the ledger, and
-    the model still predicts numbers (before: the stage stopped on "score is NaN", again at every
-    restart, or the weights turned NaN)."""
+def test_values_the_model_cannot_take_are_dead_lettered_and_poison_nothing(tmp_path):
+    """Two numeric features under an identity transform, both valid JSON and finite: 1e39 (inf in
+    float32) is refused at the join's door (``bad_feature``); 1e30 fits float32 but makes the model's
+    logit NaN, so the train stage leaves its sample out of the step, counts it and dead-letters it
+    (``unlearnable``, the sample itself). The ledger lists exactly the samples learnt, and the model
+    still predicts numbers (before: the stage stopped on "score is NaN", again at every restart, or the
+    weights turned NaN; then the left-out sample was still written in the ledger as trained)."""
     synth = generate(300, seed=4, pad_to_multiple=BATCH)
-    poisoned = []
+    poisoned: list[str] = []  # the first impression gets 1e39, the second 1e30 (and their copies)
 
     def add_x(impression_id, features) -> bool:
-        big = poisoned in ([], [impression_id])  # the first impression (and its copies) gets 1e39
-        features["x"] = 1e39 if big else 0.5
-        poisoned[:] = [impression_id] if big else poisoned
+        if impression_id not in poisoned and len(poisoned) < 2:
+            poisoned.append(impression_id)
+        values = dict(zip(poisoned, (1e39, 1e30), strict=False))
+        features["x"] = values.get(impression_id, 0.5)
         return True
 
-    synth = _with_features(synth, add_x)
+    synth = synth.with_features(add_x)
+    door, unlearnable = poisoned
     spec = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
     log = _log(synth)
     clock = ManualClock(START)
     cfg = _config(tmp_path, model={"spec": spec, "backbone": "dcn"})
-    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
-    train = _train(cfg, log, clock, tmp_path)
+    join = _join(cfg, log, clock, tmp_path)
+    _run_join(join, log, clock)
+    refused = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    refused = [e for e in refused if "beyond float32" in (e["detail"] or "")]
+    assert refused and all(orjson.loads(e["value"]["data"])["impression_id"] == door for e in refused)
+    train = _train(cfg, log, clock, tmp_path, dead=MemorySink(log, "train-dead"))
     _run_train(train, log, clock)
     train.train_remaining()
+    left_out = sorted(k for k in synth.expected if k[0] == unlearnable)
+    assert left_out and train.dead_letters.counts == {"unlearnable": len(left_out)}
     counters = train.trainer.counters
-    assert counters.skipped_samples == 1  # the row is left out of its step, the step's others learnt
-    assert counters.samples == len(synth.expected)
+    assert counters.skipped_samples == len(left_out) and counters.skipped_steps == 0  # the others learnt
     batch = train.trainer.featurizer.transform([{"user": "u1", "item": "i1", "ctx": "c", "x": 0.5}])
     assert np.isfinite(train.trainer.learner.predict_proba(batch)).all()
     train.close()
-    assert sorted(_ledger(tmp_path)) == sorted(synth.expected)
+    letters = [orjson.loads(r.value) for tp in log.partitions("train-dead") for r in log.read(tp, 0, 10**9)]
+    samples = [orjson.loads(decode_raw(e["value"])) for e in letters]
+    assert sorted((s["sample_id"], s["is_correction"]) for s in samples) == left_out
+    assert all(s["features"]["x"] == 1e30 for s in samples) and "seq" in letters[0]["detail"]
+    learnt = {k: v for k, v in synth.expected.items() if k[0] not in (door, unlearnable)}
+    assert sorted(_ledger(tmp_path)) == sorted(learnt)
 
 
 def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sample_dead_lettered(tmp_path):
@@ -450,7 +448,7 @@ def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sam
         chosen.append(impression_id)
         return True
 
-    synth = _with_features(synth, add_blob)
+    synth = synth.with_features(add_blob)
     (huge,) = chosen
     log = _log(synth)
     clock = ManualClock(START)

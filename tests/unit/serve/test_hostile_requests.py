@@ -114,15 +114,22 @@ def test_values_the_spec_cannot_read_get_a_422_not_a_500(service, features, need
     assert needle in r.text and r.json()["detail"][0]["loc"][2] == 1
 
 
-@pytest.mark.parametrize("raw", [1e39, 1e30])  # inf in float32; finite but too large for the model
-def test_values_the_model_cannot_take_get_a_422_naming_the_candidate(service, raw):
+@pytest.mark.parametrize(
+    ("raw", "where", "kind"),
+    [
+        (1e39, ["features", "raw"], "bad_feature"),  # inf in float32: refused by the spec check
+        ("-1e39", ["features", "raw"], "bad_feature"),  # a numeric string alike
+        (1e30, ["features"], "unscorable"),  # fits float32, but the model's logit is NaN
+    ],
+)
+def test_values_the_model_cannot_take_get_a_422_naming_the_candidate(service, raw, where, kind):
     client, _ = service
     body = _body(3)
     body["candidates"][2]["features"]["raw"] = raw
     r, _ = _post(client, body)
     assert r.status_code == 422, r.text
     (error,) = r.json()["detail"]
-    assert error["loc"] == ["body", "candidates", 2, "features"] and error["type"] == "unscorable"
+    assert error["loc"] == ["body", "candidates", 2, *where] and error["type"] == kind, error
     body["candidates"][2]["features"]["raw"] = 12.5
     assert _post(client, body)[0].status_code == 200
 

@@ -41,7 +41,7 @@ def _data(step: int):
 
 
 def _rank(
-    rank: int, world: int, init: str, out: str, bounds: list[int], mode: str, poison: float | None = None
+    rank: int, world: int, init: str, out: str, bounds: list[int], mode: str, poison: str | None = None
 ) -> None:
     from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
@@ -54,15 +54,22 @@ def _rank(
     for step in range(STEPS):
         rows, labels, y_last = _data(step)
         weights = None
-        if poison is not None and rank == 0 and step == 1:  # on one rank only
-            if poison == np.inf:  # a sample weight: finite logits, gradients that are not
-                weights = np.ones(hi - lo, dtype=np.float32)
-                weights[0] = np.inf
-            else:
-                rows[lo]["x"] = poison  # a value the model cannot take
+        poisoned = poison is not None and rank == 0 and step == 1  # on one rank only
+        if poisoned and poison.startswith("inf_weight"):  # finite logits, gradients that are not
+            weights = np.ones(hi - lo, dtype=np.float32)
+            weights[0] = np.inf
+        elif poisoned and poison == "big_input":
+            rows[lo]["x"] = 1e30  # fits float32, too large for the model: a NaN logit
         sync.total = bounds[-1] - bounds[0]
         if hi > lo:
-            learner.learn(featurizer.transform(rows[lo:hi]), labels[lo:hi], y_last[lo:hi], weights)
+            features = featurizer.transform(rows[lo:hi])
+            if poisoned and poison == "inf_input":  # past the featurizer (which refuses 1e39)
+                features.num[0, 0] = np.inf
+            if poisoned and poison == "inf_weight_unsearched":  # a path that does not look for the row
+                tensors = [torch.from_numpy(np.asarray(a)) for a in (labels[lo:hi], y_last[lo:hi], weights)]
+                learner.learn_tensors(features.to_torch(), *tensors)
+            else:
+                learner.learn(features, labels[lo:hi], y_last[lo:hi], weights)
         else:
             learner.idle_step()
     torch.save(learner.model.state_dict(), Path(out) / f"rank{rank}.pt")
@@ -71,7 +78,7 @@ def _rank(
     group.close()
 
 
-def _run_ranks(tmp_path: Path, bounds: list[int], mode: str, poison: float | None = None) -> list[dict]:
+def _run_ranks(tmp_path: Path, bounds: list[int], mode: str, poison: str | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     init = f"file://{tmp_path / 'store'}"
     procs = [
@@ -119,12 +126,20 @@ def test_ranks_hold_the_weights_one_process_reaches_on_all_samples(tmp_path, bou
 
 
 @pytest.mark.parametrize(
-    ("poison", "skipped"), [(np.inf, ["1 40", "1 56"]), (1e39, ["0 1", "0 0"]), (1e30, ["0 1", "0 0"])]
+    ("poison", "skipped"),
+    [
+        ("inf_weight", ["0 1", "0 0"]),
+        ("inf_weight_unsearched", ["1 40", "1 56"]),
+        ("inf_input", ["0 1", "0 0"]),
+        ("big_input", ["0 1", "0 0"]),
+    ],
 )
 def test_a_value_one_rank_cannot_take_leaves_the_ranks_equal(tmp_path, poison, skipped):
-    """An infinite sample weight on rank 0 makes its gradients NaN: after the sync every rank sees NaN
-    and skips the step alike (no rank steps, none waits for ever). 1e39 (inf in float32) and 1e30 (a
-    NaN logit) are left out of rank 0's rows and the step goes on with the rest."""
+    """An infinite sample weight on rank 0 makes its gradients NaN: rank 0 finds the row before the sync
+    and leaves it out, and the step goes on with every other row of both ranks. Where nothing looks for
+    the row (``learn_tensors``), every rank sees NaN after the sync and skips the step alike (no rank
+    steps, none waits for ever). An infinite dense input and 1e30 (a NaN logit) are left out of rank 0's
+    rows and the step goes on with the rest."""
     ranks = _run_ranks(tmp_path, [0, 40, ROWS], "sparse", poison)
     assert len({(tmp_path / f"rank{r}.digest").read_text() for r in range(2)}) == 1
     assert [(tmp_path / f"rank{r}.skipped").read_text() for r in range(2)] == skipped

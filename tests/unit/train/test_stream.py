@@ -133,14 +133,17 @@ def test_period_triggers():
         PeriodTrigger(every_samples=1, every_wall_s=1)
 
 
-def test_samples_a_model_cannot_take_are_counted_and_reported():
+@pytest.mark.parametrize("wide", [False, True])
+def test_samples_a_model_cannot_take_are_counted_and_reported(wide):
     from reloop.engine.features.spec import CategoricalField, NumericField
     from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.models.config import OptimizerConfig
     from reloop.engine.runtime.train_metrics import TrainerMetrics
 
     spec = FeatureSpec(fields=(CategoricalField(name="user", buckets=50), NumericField(name="x")))
+    optimizer = {"optimizer": OptimizerConfig.per_event()} if wide else {}
     t = StreamTrainer(
-        learner=build_learner("dcn", spec, "ce", 0.0, seed=0),
+        learner=build_learner("dcn", spec, "ce", 0.0, seed=0, **optimizer),
         featurizer=Featurizer(spec),
         config=StreamTrainerConfig(batch_size=8),
     )
@@ -151,18 +154,32 @@ def test_samples_a_model_cannot_take_are_counted_and_reported():
     def with_x(x: float, weight: float = 1.0) -> list[LabeledSample]:
         return [*good[:7], LabeledSample("b", {"user": "u", "x": x}, 1, 0.5, 0, 2000, weight=weight)]
 
-    # 1e39: inf in float32, the row is left out (and scored NaN); an infinite weight: finite logits but
-    # gradients that are not, the step is skipped (all 8 samples not learnt).
+    # 1e30: finite in float32 but the row's logit is NaN, so it is left out (and scored NaN). An
+    # infinite weight: finite logits but gradients that are not; the learner finds the row and learns
+    # the other 7, except with the per-event wide part, which learnt the batch before the backbone's
+    # gradients exist: the step is skipped (8 not learnt).
     results = [
         t.train_batch(good),
-        t.train_batch(with_x(1e39)),
+        t.train_batch(with_x(1e30)),
         t.train_batch(with_x(0.5, weight=float("inf"))),
         t.train_batch(good),
     ]
     for r in results:
         metrics.trained(r)
-    assert [r.skipped for r in results] == [False, False, True, False]
-    assert [r.skipped_samples for r in results] == [0, 1, 8, 0]
+    step_lost = [0, 0, 8, 0] if wide else [0, 0, 1, 0]
+    assert [r.skipped for r in results] == [False, False, wide, False]
+    assert [r.skipped_samples for r in results] == [0, 1, step_lost[2], 0]
     assert np.isnan(results[1].scores[7]) and np.isfinite(results[1].scores[:7]).all()
-    assert (t.counters.skipped_steps, t.counters.skipped_samples, t.counters.steps) == (1, 9, 4)
-    assert (stats.train_skipped_steps.get(), stats.train_skipped_samples.get()) == (1, 9)
+    # Which rows of each batch were not learnt, for the ledger and the dead letters:
+    assert [None if r.unlearnt is None else np.flatnonzero(r.unlearnt).tolist() for r in results] == [
+        None,
+        [7],
+        list(range(8)) if wide else [7],
+        None,
+    ]
+    assert "cannot take" in results[1].unlearnt_why
+    assert ("skipped" if wide else "cannot take") in results[2].unlearnt_why
+    assert np.isfinite(t.learner.predict_proba(t.featurizer.transform([s.features for s in good]))).all()
+    lost = 1 + step_lost[2]
+    assert (t.counters.skipped_steps, t.counters.skipped_samples, t.counters.steps) == (int(wide), lost, 4)
+    assert (stats.train_skipped_steps.get(), stats.train_skipped_samples.get()) == (int(wide), lost)

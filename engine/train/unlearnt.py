@@ -1,0 +1,71 @@
+"""Samples a step did not learn go to the dead-letter sink, one envelope each, and stay out of the ledger.
+
+A row is left out of its step when the model cannot take it (a dense input or its logit not finite,
+engine/models/finite.py), and a whole batch when the learner's last guard skips the step (a gradient
+not finite). Counting them (``skipped_samples``) says how many; the dead letter says which, with the
+sample itself (``encode``: the JSON of a ``LabeledSample``, features as they arrived), so it can be
+inspected, fixed and trained later. The ledger then lists exactly the samples that were learnt: a
+sample is either in the ledger or among the dead letters, never both and never neither.
+
+>>> import numpy as np
+>>> from reloop.engine.deadletter import DeadLetterSink
+>>> from reloop.engine.events.schema import LabeledSample
+>>> samples = [LabeledSample(f"s{i}", {"x": i}, 0, 0.5, 0, 1000) for i in range(3)]
+>>> letters = DeadLetterSink()
+>>> dead_letter_unlearnt(letters, "samples", samples, np.array([False, True, False]), "why")
+>>> letters.counts
+{'unlearnable': 1}
+>>> [s.sample_id for s in learnt(samples, np.array([False, True, False]))]
+['s0', 's2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import compress
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.events.codec import encode
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.events.validation import EventError
+
+REASON = "unlearnable"
+T = TypeVar("T")
+
+
+class UnlearntSample(NamedTuple):
+    """A sample as a dead letter reads a record (it has no offset of its own: the sample came out of a
+    join, or out of a samples message holding many)."""
+
+    topic: str
+    partition: int | None
+    offset: None
+    key: bytes
+    value: bytes
+    timestamp_ms: int
+
+
+def dead_letter_unlearnt(
+    dead_letters: DeadLetterSink,
+    topic: str,
+    samples: Sequence[LabeledSample],
+    unlearnt: np.ndarray,
+    why: str,
+    *,
+    origins: Sequence[str] | None = None,
+    partition: int | None = None,
+) -> None:
+    """Dead-letter the ``samples`` marked in ``unlearnt`` (reason ``unlearnable``; ``origins``: where
+    each sample came from, for the detail, e.g. its join task and seq)."""
+    for i in np.flatnonzero(unlearnt):
+        s = samples[i]
+        where = f" ({origins[i]})" if origins is not None else ""
+        record = UnlearntSample(topic, partition, None, s.sample_id.encode(), encode(s), s.event_time_ms)
+        dead_letters.send(record, EventError(REASON, f"sample {s.sample_id!r}{where} was not learnt: {why}"))
+
+
+def learnt(items: Sequence[T], unlearnt: np.ndarray | None) -> list[T]:
+    """``items`` less those marked in ``unlearnt`` (all of them when it is None)."""
+    return list(items) if unlearnt is None else list(compress(items, ~unlearnt))
