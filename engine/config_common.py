@@ -143,6 +143,12 @@ class ConsumerSection(_Section):
         ge=0,
         description="release records of other partitions after one partition had nothing for this long",
     )
+    merge_lookahead: int = Field(
+        default=8,
+        ge=1,
+        description="a record merges at the earliest timestamp of itself and the records after it in its"
+        " partition, this many in all (a record stamped ahead goes with its successors)",
+    )
 
 
 class ProducerSection(_Section):

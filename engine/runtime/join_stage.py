@@ -100,6 +100,7 @@ class JoinStageSettings:
     poll_max_records: int = default_of(ConsumerSection, "poll_max_records")
     poll_timeout_s: float = default_of(ConsumerSection, "poll_timeout_s")
     merge_idle_ms: int = default_of(ConsumerSection, "merge_idle_ms")
+    merge_lookahead: int = default_of(ConsumerSection, "merge_lookahead")
     batch_samples: int = default_of(StagesSection, "batch_samples")
     max_delay_ms: int = default_of(StagesSection, "max_delay_ms")
     checkpoint_every_s: float = default_of(StagesSection, "join_checkpoint_every_s")
@@ -230,6 +231,7 @@ class JoinStage:
             intake=self.intake,
             clock=self.clock,
             merge_idle_ms=s.merge_idle_ms,
+            merge_lookahead=s.merge_lookahead,
         )
 
     def _restore(self, task: JoinTask) -> None:

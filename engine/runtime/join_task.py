@@ -26,7 +26,7 @@ from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.events.schema import Click
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import EventIntake
-from reloop.engine.runtime.merge import RecordMerger
+from reloop.engine.runtime.merge import DEFAULT_LOOKAHEAD, RecordMerger
 from reloop.engine.streams import (
     Positions,
     Record,
@@ -51,13 +51,14 @@ class JoinTask:
         intake: EventIntake,
         clock: Callable[[], int],
         merge_idle_ms: int = 2_000,
+        merge_lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         self.partition = partition
         self.inputs = (TopicPartition(impressions_topic, partition), TopicPartition(clicks_topic, partition))
         self.intake = intake
         self.clock = clock
         self.joiner = Joiner(joiner_config, clock=clock)
-        self.merger = RecordMerger(self.inputs, idle_ms=merge_idle_ms, clock=clock)
+        self.merger = RecordMerger(self.inputs, idle_ms=merge_idle_ms, clock=clock, lookahead=merge_lookahead)
         self.positions: Positions = {}
         self.sent = 0  # samples handed out by take(): the seq of the first unsent one
         self.unsent: list[Joined] = []  # emitted, not handed out yet: seqs sent, sent + 1, ...
@@ -132,4 +133,6 @@ class JoinTask:
         self.sent = int(state["sent"])
         self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
         self.records_processed = int(state["records_processed"])
-        self.merger = RecordMerger(self.inputs, idle_ms=self.merger.idle_ms, clock=self.clock)
+        self.merger = RecordMerger(
+            self.inputs, idle_ms=self.merger.idle_ms, clock=self.clock, lookahead=self.merger.lookahead
+        )

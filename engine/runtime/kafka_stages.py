@@ -149,6 +149,8 @@ def describe_join(stage: Any) -> dict[str, Any]:
         "tasks": sorted(stage.tasks),
         "samples_sent": stage.samples_sent,
         "messages_split": stage.messages_split,
+        # records stamped ahead of their successors, merged with them (engine/runtime/merge.py)
+        "stamped_ahead": sum(t.merger.stamped_ahead for t in stage.tasks.values()),
         "pending": sum(t.joiner.pending_count for t in stage.tasks.values()),
         "dead_letters": stage.dead_letters.counts,
         "rebalances": stage.rebalances,

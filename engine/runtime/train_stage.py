@@ -85,6 +85,7 @@ class TrainStageSettings:
     poll_max_records: int = default_of(StagesSection, "train_poll_messages")
     poll_timeout_s: float = default_of(ConsumerSection, "poll_timeout_s")
     merge_idle_ms: int = default_of(ConsumerSection, "merge_idle_ms")
+    merge_lookahead: int = default_of(ConsumerSection, "merge_lookahead")
     fingerprint: str = ""
     allow_fingerprint_change: bool = False
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
@@ -306,7 +307,10 @@ class TrainStage:
         if not self._positions:
             self._positions = dict(self.source.position())
         self._merger = RecordMerger(
-            self.source.partitions(), idle_ms=self.settings.merge_idle_ms, clock=self.clock
+            self.source.partitions(),
+            idle_ms=self.settings.merge_idle_ms,
+            clock=self.clock,
+            lookahead=self.settings.merge_lookahead,
         )
         self._opened = True
         if self.settings.prefetch > 0:

@@ -97,3 +97,65 @@ def test_merge_ends_take_the_fetched_ends_when_known_and_ask_otherwise() -> None
 
     assert merge_ends(AskOnly()) == {A: 3}
     assert merge_ends(object()) is None  # a source that cannot tell: the merge waits for idleness
+
+
+def test_a_record_stamped_ahead_merges_with_its_successors_whatever_the_chunks():
+    """One record of A stamped an hour ahead (a producer's clock): before, every later record of A waited
+    behind it until B ran dry; now it goes where its successors go, and the order still does not depend
+    on how the records arrive. A run longer than the lookahead is not covered."""
+    rng = random.Random(1)
+    stamps = sorted(rng.randint(0, 1000) for _ in range(60))
+    stamps[20] += 3_600_000
+    a = _records(A, stamps)
+    b = _records(B, sorted(rng.randint(0, 1000) for _ in range(40)))
+    ends = {A: len(a), B: len(b)}
+    orders = {tuple(_merge_in_chunks(seed, a, b, ends)) for seed in range(20)}
+    assert len(orders) == 1
+    (order,) = orders
+    pos = {v: i for i, v in enumerate(order)}
+    b_after = [r for r in b if r.timestamp_ms > stamps[21]]
+    assert b_after and all(pos[a[20].value] < pos[r.value] for r in b_after)  # not held to the end
+    assert [pos[r.value] for r in a] == sorted(pos[r.value] for r in a)  # A keeps its own order
+    m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0))
+    m.add(a)
+    m.add(b)
+    assert [r.value for r in m.drain()] == list(order)  # drain: the same order
+    m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0))
+    m.add(a)
+    m.add(b)
+    assert len(m.release(ends, ends)) == 100 and m.stamped_ahead == 1  # counted (and logged)
+    before = _lookahead_one(a, b)  # merged by its own timestamp, the record waited for all of B
+    assert all(before.index(r.value) < before.index(a[20].value) for r in b)
+
+
+def _lookahead_one(a: list[Record], b: list[Record]) -> list[bytes]:
+    """Merged by each record's own timestamp (lookahead 1, the merge before)."""
+    m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0), lookahead=1)
+    m.add(a)
+    m.add(b)
+    return [r.value for r in m.release({A: len(a), B: len(b)}, {A: len(a), B: len(b)})]
+
+
+def test_fewer_records_than_the_lookahead_block_until_at_the_end():
+    m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0), lookahead=3)
+    m.add(_records(A, [5, 6, 7, 8]))
+    m.add(_records(B, [1, 2]))
+    assert m.needs_ends() and m.release({A: 4, B: 2}, {A: 4, B: 9}) == []  # B's keys may still fall
+    assert [r.timestamp_ms for r in m.release({A: 4, B: 2}, {A: 4, B: 2})] == [1, 2, 5, 6, 7, 8]
+    m.add(_records(B, [50, 3, 60]))  # offsets 0-2 again: only the order of release matters here
+    m.add(_records(A, [10, 11, 12]))
+    released = m.release({A: 7, B: 5}, {A: 9, B: 9})
+    assert [r.timestamp_ms for r in released] == [50]  # merged at 3 (its successor's), before A's 10
+    assert m.stamped_ahead == 0  # 47 ms ahead: under the 1 s that is counted
+    assert [r.timestamp_ms for r in m.release({A: 7, B: 5}, {A: 7, B: 5})] == [3, 10, 11, 12, 60]
+
+
+def test_fewer_records_than_the_lookahead_wait_only_for_other_partitions_records():
+    # Nothing else buffered to order them against: they go (a one-partition samples topic replayed
+    # on a clock that does not move waited for ever).
+    m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0), lookahead=4)
+    m.add(_records(A, [5, 6]))
+    assert [r.timestamp_ms for r in m.release({A: 2, B: 0}, {A: 9, B: 0})] == [5, 6]
+    m = RecordMerger([A], idle_ms=10, clock=ManualClock(0), lookahead=4)
+    m.add(_records(A, [5, 60, 7]))
+    assert [r.timestamp_ms for r in m.release()] == [5, 60, 7]
