@@ -448,9 +448,7 @@ class TorchLearner:
             offset, _ = self.wide.moments(host)
             logit = logit + torch.from_numpy(offset).to(device=logit.device, dtype=logit.dtype)
         loss, stats = self.loss(logit, labels, y_last, weights)
-        opt = self.config.optimizer
-        if opt.embedding_l2 > 0:
-            loss = loss + opt.embedding_l2 * sum(e.square().sum() for e in out["embeddings"]) / n
+        loss = self._with_embedding_l2(loss, out, n)
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -533,12 +531,16 @@ class TorchLearner:
             self.model.train()
         part = [None if t is None else t[rows] for t in (y_last, weights)]
         loss, _ = self.loss(out["logit"], labels[rows], *part)
-        loss = loss * ((hi - lo) / n)  # each row's share of the whole batch's mean
+        loss = self._with_embedding_l2(loss * ((hi - lo) / n), out, n)  # each row's share of the batch's mean
+        loss.backward()
+        return self._gradients_sound()
+
+    def _with_embedding_l2(self, loss: torch.Tensor, out: dict[str, Any], n: int) -> torch.Tensor:
+        """The step's loss plus the L2 penalty on the embeddings it used (per sample of a batch of ``n``)."""
         l2 = self.config.optimizer.embedding_l2
         if l2 > 0:
             loss = loss + l2 * sum(e.square().sum() for e in out["embeddings"]) / n
-        loss.backward()
-        return self._gradients_sound()
+        return loss
 
     def _refuse_rows(
         self,

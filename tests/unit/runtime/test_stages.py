@@ -147,6 +147,15 @@ def _samples_on_topic(log):
     return out
 
 
+def _join_all(synth, tmp_path):
+    """``synth`` joined by a join stage with the default test config: (the stage, the samples sent)."""
+    log = _log(synth)
+    clock = ManualClock(START)
+    join = _join(_config(tmp_path), log, clock, tmp_path)
+    _run_join(join, log, clock)
+    return join, _samples_on_topic(log)
+
+
 def _ledger(tmp):
     return [(sid, corr) for _, sid, _, corr in Ledger.read(tmp / "ledger.jsonl")]
 
@@ -193,11 +202,7 @@ def test_feature_keys_msgspec_cannot_name_a_field_after_are_joined_and_kept(tmp_
         return True
 
     synth = synth.with_features(add_odd_keys)
-    log = _log(synth)
-    clock = ManualClock(START)
-    join = _join(_config(tmp_path), log, clock, tmp_path)
-    _run_join(join, log, clock)
-    got = _samples_on_topic(log)
+    join, got = _join_all(synth, tmp_path)
     assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
     assert join.dead_letters.total == synth.malformed
     kept = {s.sample_id for s in got if all(s.features.get(k) == v for k, v in odd.items())}
@@ -442,12 +447,7 @@ def test_one_impression_stamped_ahead_by_its_producer_costs_no_sample(tmp_path, 
     records = list(synth.records)
     i = [k for k, r in enumerate(records) if r.topic_kind == "impression"][20]
     records[i] = replace(records[i], timestamp_ms=records[i].timestamp_ms + ahead_ms)
-    synth = replace(synth, records=records)
-    log = _log(synth)
-    clock = ManualClock(START)
-    join = _join(_config(tmp_path), log, clock, tmp_path)
-    _run_join(join, log, clock)
-    got = _samples_on_topic(log)
+    join, got = _join_all(replace(synth, records=records), tmp_path)
     assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
     assert len(got) == len(synth.expected)
     assert sum(t.merger.stamped_ahead for t in join.tasks.values()) == 1
