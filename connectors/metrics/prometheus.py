@@ -94,6 +94,9 @@ SERIES: tuple[Series, ...] = (
            ("policy",)),
     Series("joiner_orphan_clicks", "reloop_joiner_orphan_clicks_total", "counter",
            "Clicks whose impression the joiner never saw."),
+    Series("merge_stamped_ahead", "reloop_merge_stamped_ahead_total", "counter",
+           "Input records stamped over 1 s ahead of a record after them in their partition (a producer's "
+           "clock), merged with their successors. Many, or runs: consider LogAppendTime for the topic."),
     Series("joiner_too_late", "reloop_joiner_too_late_total", "counter",
            "Events dropped because their window was already closed and forgotten (retention passed), by "
            "kind (impression or click). A jump means the watermark moved far ahead of the data.", ("kind",)),

@@ -23,6 +23,7 @@ class JoinerMetrics:
         self._expired = stats.joiner_expired
         self._late = stats.joiner_late_clicks
         self._orphans = stats.joiner_orphan_clicks
+        self._stamped_ahead = stats.merge_stamped_ahead
         self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
         self._dupes = stats.joiner_duplicates
         self._bound = stats.joiner_dropped_by_bound
@@ -61,6 +62,8 @@ class JoinerMetrics:
         self._dupes.add("impression", n=delta("duplicate_impressions"))
         self._dupes.add("click", n=delta("duplicate_clicks"))
         self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
+        if "stamped_ahead" in now:  # the merge's count (not in snapshots: it restarts at 0 with its merger)
+            self._stamped_ahead.add(n=max(0, delta("stamped_ahead")))
         return too_late
 
     def dead_letters(self, counts: dict[str, int]) -> None:

@@ -464,7 +464,7 @@ class _JoinMetrics(JoinerMetrics):
     def publish(self, stage: JoinStage) -> None:
         self.pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
         for p, task in stage.tasks.items():
-            now = task.joiner.stats.as_dict()
+            now = {**task.joiner.stats.as_dict(), "stamped_ahead": task.merger.stamped_ahead}
             last = self._last.get(p)
             if last is None:  # a task just taken over: its history was exported by its previous owner
                 self._last[p] = now

@@ -623,6 +623,8 @@ class _Publisher(TrainerMetrics):
         if j.watermark_ms > 0:
             self.join.watermark_s.set(j.watermark_ms / 1000.0)
         now = j.stats.as_dict()
+        if p._merger is not None:
+            now["stamped_ahead"] = p._merger.stamped_ahead
         if now != self._last_join:
             too_late = self.join.joiner_delta(now, self._last_join)
             if too_late:

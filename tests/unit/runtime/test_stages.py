@@ -451,6 +451,7 @@ def test_one_impression_stamped_ahead_by_its_producer_costs_no_sample(tmp_path, 
     assert {(s.sample_id, s.is_correction): s.label for s in got} == synth.expected
     assert len(got) == len(synth.expected)
     assert sum(t.merger.stamped_ahead for t in join.tasks.values()) == 1
+    assert join._metrics._stamped_ahead.get() == 1  # reloop_merge_stamped_ahead_total
 
 
 def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sample_dead_lettered(tmp_path):
