@@ -628,8 +628,9 @@ class TorchLearner:
 
     def _gradients_sound(self) -> bool:
         """Whether every gradient is finite and at most ``MAX_GRADIENT`` in magnitude, by the minimum
-        and maximum of each (a NaN makes both NaN): one pass per tensor, about 1.8x a plain sum and far
-        cheaper than ``isfinite(g).all()`` on a sparse gradient."""
+        and maximum of each (a NaN makes both NaN): one pass per tensor, 260-306 us a step against
+        184-304 for a plain sum (DCN, Criteo-shaped, batch 1024), far less than ``isfinite(g).all()`` on
+        a sparse gradient."""
         bounds = [
             torch.stack(torch.aminmax(g))
             for g in (
