@@ -358,7 +358,8 @@ class Pipeline:
         return len(released)
 
     def _end_positions(self) -> Positions | None:
-        """The source's log ends when it can tell (and a partition is empty); {} when it failed to."""
+        """The source's log ends when it can tell (and a partition has fewer records buffered than the
+        merge looks ahead); {} when it failed to."""
         assert self._merger is not None
         end = getattr(self.source, "end_positions", None)
         if end is None or not self._merger.needs_ends():
