@@ -81,7 +81,7 @@ from reloop.engine.streams import (
 from reloop.engine.train.ledger import Ledger
 from reloop.engine.train.period import PeriodTrigger
 from reloop.engine.train.stream import StepResult, StreamTrainer
-from reloop.engine.train.unlearnt import dead_letter_unlearnt, learnt
+from reloop.engine.train.unlearnt import dead_letter_unlearnt, learnt, unlearnt_only
 
 log = logging.getLogger("reloop.pipeline")
 STATE_FORMAT = 1
@@ -435,7 +435,8 @@ class Pipeline:
         self.served_metrics.update_many(batch)
         result = self.trainer.train_batch(batch)
         if result.unlearnt is not None:
-            dead_letter_unlearnt(self.dead_letters, "samples", batch, result.unlearnt, result.unlearnt_why)
+            unlearnt = unlearnt_only(batch, result.unlearnt)
+            dead_letter_unlearnt(self.dead_letters, "samples", unlearnt, result.unlearnt_why)
         if self.ledger is not None:
             self.ledger.append(self.trainer.counters.steps, learnt(batch, result.unlearnt))
         self._metrics.trained(result)

@@ -537,12 +537,7 @@ class TrainStage:
                 part = piece.take(np.flatnonzero(rows))
                 origins = [f"join task {part.task}, seq {seq}" for seq in part.seqs().tolist()]
                 dead_letter_unlearnt(
-                    self.dead_letters,
-                    self.settings.samples_topic,
-                    part.to_samples(),
-                    np.ones(len(part), dtype=bool),
-                    why,
-                    origins=origins,
+                    self.dead_letters, self.settings.samples_topic, part.to_samples(), why, origins=origins
                 )
 
     # ------------------------------------------------------------------ snapshots

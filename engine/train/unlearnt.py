@@ -12,10 +12,11 @@ sample is either in the ledger or among the dead letters, never both and never n
 >>> from reloop.engine.events.schema import LabeledSample
 >>> samples = [LabeledSample(f"s{i}", {"x": i}, 0, 0.5, 0, 1000) for i in range(3)]
 >>> letters = DeadLetterSink()
->>> dead_letter_unlearnt(letters, "samples", samples, np.array([False, True, False]), "why")
+>>> unlearnt = np.array([False, True, False])
+>>> dead_letter_unlearnt(letters, "samples", unlearnt_only(samples, unlearnt), "why")
 >>> letters.counts
 {'unlearnable': 1}
->>> [s.sample_id for s in learnt(samples, np.array([False, True, False]))]
+>>> [s.sample_id for s in learnt(samples, unlearnt)]
 ['s0', 's2']
 """
 
@@ -40,7 +41,7 @@ class UnlearntSample(NamedTuple):
     join, or out of a samples message holding many)."""
 
     topic: str
-    partition: int | None
+    partition: None
     offset: None
     key: bytes
     value: bytes
@@ -51,19 +52,21 @@ def dead_letter_unlearnt(
     dead_letters: DeadLetterSink,
     topic: str,
     samples: Sequence[LabeledSample],
-    unlearnt: np.ndarray,
     why: str,
     *,
     origins: Sequence[str] | None = None,
-    partition: int | None = None,
 ) -> None:
-    """Dead-letter the ``samples`` marked in ``unlearnt`` (reason ``unlearnable``; ``origins``: where
-    each sample came from, for the detail, e.g. its join task and seq)."""
-    for i in np.flatnonzero(unlearnt):
-        s = samples[i]
+    """Dead-letter each of ``samples`` (reason ``unlearnable``; ``origins``: where each came from, for
+    the detail, e.g. its join task and seq)."""
+    for i, s in enumerate(samples):
         where = f" ({origins[i]})" if origins is not None else ""
-        record = UnlearntSample(topic, partition, None, s.sample_id.encode(), encode(s), s.event_time_ms)
+        record = UnlearntSample(topic, None, None, s.sample_id.encode(), encode(s), s.event_time_ms)
         dead_letters.send(record, EventError(REASON, f"sample {s.sample_id!r}{where} was not learnt: {why}"))
+
+
+def unlearnt_only(items: Sequence[T], unlearnt: np.ndarray) -> list[T]:
+    """The ``items`` marked in ``unlearnt``."""
+    return list(compress(items, unlearnt))
 
 
 def learnt(items: Sequence[T], unlearnt: np.ndarray | None) -> list[T]:
