@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+_log = logging.getLogger(__name__)
 
 
 def ensure_topic_like(
@@ -25,3 +29,29 @@ def ensure_topic_like(
         except Exception as exc:  # noqa: BLE001 - lost a race with another creator: fine
             if "already exists" not in str(exc).lower():
                 raise
+
+
+def record_limit(
+    connection: Mapping[str, Any], bootstrap: str, topic: str, *, timeout_s: float = 5.0
+) -> int | None:
+    """The largest record batch the broker takes for ``topic``: its ``max.message.bytes``, or the
+    broker's ``message.max.bytes`` (what a topic created later gets) when it does not exist yet; None
+    when the cluster does not say (no DescribeConfigs permission, say). As the kafka-python connector's
+    ``record_limit``."""
+    try:
+        admin = AdminClient({**connection, "bootstrap.servers": bootstrap})
+        try:
+            return int(_config_value(admin, ResourceType.TOPIC, topic, "max.message.bytes", timeout_s))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+        broker = str(next(iter(admin.list_topics(timeout=timeout_s).brokers)))
+        return int(_config_value(admin, ResourceType.BROKER, broker, "message.max.bytes", timeout_s))
+    except Exception as exc:  # noqa: BLE001 - a limit we cannot read is not a reason to stop
+        _log.warning("could not read the record size limit of topic %r: %r", topic, exc)
+        return None
+
+
+def _config_value(admin: AdminClient, kind: ResourceType, name: str, key: str, timeout_s: float) -> str:
+    (future,) = admin.describe_configs([ConfigResource(kind, name)]).values()
+    return future.result(timeout_s)[key].value

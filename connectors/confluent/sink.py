@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
+from reloop.connectors.confluent.admin import record_limit
 from reloop.engine.streams import RecordTooLarge
 
 _RESERVED = {
@@ -92,6 +93,16 @@ class ConfluentSink:
             "error_cb": self._on_client_error,
         }
         self.max_request_size = int(config["message.max.bytes"])
+        self._limit_name = "message.max.bytes"
+        topic_limit = record_limit(self.client_config, bootstrap, topic)
+        if topic_limit is not None and topic_limit < self.max_request_size:
+            # Above it the broker refuses the record after ``send`` returned (see KafkaSink). The limit
+            # holds for a whole batch of records, and librdkafka, unlike kafka-python, does not split
+            # a batch the broker refused: batches are capped at it too.
+            self.max_request_size = topic_limit
+            self._limit_name = "the topic's max.message.bytes"
+            if "batch.size" not in self.client_config:
+                config["batch.size"] = topic_limit
         self._on_error_hook = on_error
         self._lock = threading.Lock()
         self._error: KafkaError | None = None
@@ -104,7 +115,7 @@ class ConfluentSink:
         size = len(value) + len(key or b"") + _RECORD_OVERHEAD
         if size > self.max_request_size:
             raise RecordTooLarge(
-                f"record of ~{size} bytes exceeds message.max.bytes {self.max_request_size} "
+                f"record of ~{size} bytes exceeds {self._limit_name} {self.max_request_size} "
                 f"for {self.topic!r}"
             )
 

@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError
+from reloop.connectors.kafka.settings import admin_settings
 from reloop.engine.streams import Positions, TopicPartition
+
+_log = logging.getLogger(__name__)
 
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:
@@ -65,13 +70,9 @@ def create_topics(
         admin.close()
 
 
-def ensure_topic_like(
-    client_config: Mapping[str, Any], bootstrap: str, topic: str, like: str
-) -> None:
+def ensure_topic_like(client_config: Mapping[str, Any], bootstrap: str, topic: str, like: str) -> None:
     """Create ``topic`` when it is missing, with as many partitions as ``like``; an existing one is left
     as it is. ``client_config``: the connection settings (what an admin client refuses is dropped)."""
-    from reloop.connectors.kafka.settings import admin_settings
-
     client = admin_settings(client_config)
     admin = admin_client(bootstrap, client)
     try:
@@ -81,6 +82,39 @@ def ensure_topic_like(
     finally:
         admin.close()
     create_topics(bootstrap, {topic: partitions}, client_config=client)
+
+
+def record_limit(bootstrap: str, topic: str, client_config: Mapping[str, Any] | None = None) -> int | None:
+    """The largest record batch the broker takes for ``topic``: its ``max.message.bytes``, or the
+    broker's ``message.max.bytes`` (what a topic created later gets) when it does not exist yet.
+
+    None when the cluster does not say (no DescribeConfigs permission, say): the caller keeps its own
+    limit. A producer whose ``max_request_size`` is above this would see such a record refused by the
+    broker at flush, after the caller let go of it, instead of at ``send``.
+    """
+    admin = None
+    try:
+        # Bounded: with the broker down the caller's own client fails (or waits) as it would anyway.
+        settings = {"bootstrap_timeout_ms": 5_000, "request_timeout_ms": 5_000}
+        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
+        found = _config_value(admin, ConfigResourceType.TOPIC, topic, "max.message.bytes")
+        if found is None:
+            brokers = admin.describe_cluster()["brokers"]
+            node = str(brokers[0]["broker_id"])
+            found = _config_value(admin, ConfigResourceType.BROKER, node, "message.max.bytes")
+        return None if found is None else int(found)
+    except Exception as exc:  # noqa: BLE001 - a limit we cannot read is not a reason to stop
+        _log.warning("could not read the record size limit of topic %r: %r", topic, exc)
+        return None
+    finally:
+        if admin is not None:
+            admin.close()
+
+
+def _config_value(admin: KafkaAdminClient, kind: ConfigResourceType, name: str, key: str) -> str | None:
+    found = admin.describe_configs([ConfigResource(kind, name, [key])], config_filter="all")
+    entry = found.get(kind.name.lower(), {}).get(name, {}).get(key)
+    return None if entry is None else entry["value"]
 
 
 def partition_counts(admin: KafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:

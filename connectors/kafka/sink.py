@@ -7,8 +7,11 @@ clicks), so the default murmur2 partitioner puts an impression and its click on 
 number of their topics, as the Java client would.
 
 A send that fails is not lost silently: the first error is kept and raised by the next ``flush``.
-A record too large for the producer's ``max_request_size`` raises ``RecordTooLarge`` at ``send`` (the
-sink stays usable: the caller dead-letters that one record). ``max_block_ms`` defaults to 10 s, not
+A record too large for the producer's ``max_request_size``, or for the topic's ``max.message.bytes``
+(read from the cluster when the sink opens, when that is lower), raises ``RecordTooLarge`` at ``send``
+(the sink stays usable: the caller splits or dead-letters that one record). Without the topic's limit
+such a record would pass ``send``, be refused by the broker after the caller let go of it, and fail
+every ``flush`` after each restart. ``max_block_ms`` defaults to 10 s, not
 kafka-python's 60 s, so a send waiting for metadata of an unreachable broker cannot hold a stop request
 for a minute.
 """
@@ -23,6 +26,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError, UnknownError
+from reloop.connectors.kafka.admin import record_limit
 from reloop.engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
@@ -73,6 +77,13 @@ class KafkaSink:
         }
         default_max = KafkaProducer.DEFAULT_CONFIG["max_request_size"]
         self.max_request_size = int(config.get("max_request_size", default_max))
+        self._limit_name = "max_request_size"
+        topic_limit = record_limit(bootstrap, topic, self.client_config)
+        if topic_limit is not None and topic_limit < self.max_request_size:
+            self.max_request_size = topic_limit
+            self._limit_name = "the topic's max.message.bytes"
+            if "batch_size" not in self.client_config:  # a batch over the limit is refused, then split
+                config["batch_size"] = min(config["batch_size"], topic_limit)
         self._producer: KafkaProducer | None = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
@@ -95,7 +106,8 @@ class KafkaSink:
         size = len(value) + len(key or b"") + _RECORD_OVERHEAD
         if size > self.max_request_size:
             raise RecordTooLarge(
-                f"record of ~{size} bytes exceeds max_request_size {self.max_request_size} for {self.topic!r}"
+                f"record of ~{size} bytes exceeds {self._limit_name} {self.max_request_size} "
+                f"for {self.topic!r}"
             )
         try:
             future = self._producer.send(

@@ -4,6 +4,7 @@ the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
 from __future__ import annotations
 
 import pytest
+from reloop.connectors.confluent.admin import record_limit
 from reloop.connectors.confluent.group_source import ConfluentGroupSource
 from reloop.connectors.confluent.sink import ConfluentSink
 from reloop.connectors.confluent.source import ConfluentSource
@@ -89,6 +90,25 @@ def test_one_record_too_large_is_refused_and_the_sink_still_works(kafka_broker, 
     source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
     source.open()
     assert [r.value for r in drain(source, 1)] == [b"ok"]
+    source.close()
+
+
+def test_a_record_over_the_topics_limit_is_refused_at_send(kafka_broker, unique_topic) -> None:
+    """As KafkaSink: the topic's ``max.message.bytes`` caps records at ``send`` and caps librdkafka's
+    batches (it does not split a batch the broker refused), so small records still go through."""
+    topic = unique_topic("small")
+    create_topics(kafka_broker.bootstrap, {topic: 1}, configs={"max.message.bytes": "1024"})
+    assert record_limit({}, kafka_broker.bootstrap, topic) == 1024
+    assert record_limit({}, kafka_broker.bootstrap, unique_topic("absent")) == 1_048_588
+    sink = ConfluentSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    with pytest.raises(RecordTooLarge, match="the topic's max.message.bytes 1024"):
+        sink.send(b"x" * 1000)
+    for i in range(20):
+        sink.send(b"%03d" % i + b"y" * 197)
+    sink.close()
+    source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    source.open()
+    assert [r.value[:3] for r in drain(source, 20)] == [b"%03d" % i for i in range(20)]
     source.close()
 
 

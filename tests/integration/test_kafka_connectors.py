@@ -6,11 +6,12 @@ import contextlib
 import time
 
 import pytest
-from reloop.connectors.kafka.admin import create_topics, offsets_for_times
+from kafka.admin import ConfigResource, ConfigResourceType
+from reloop.connectors.kafka.admin import admin_client, create_topics, offsets_for_times, record_limit
 from reloop.connectors.kafka.group_source import KafkaGroupSource
 from reloop.connectors.kafka.sink import KafkaSink, KafkaSinkError
 from reloop.connectors.kafka.source import KafkaSource
-from reloop.engine.streams import TopicPartition
+from reloop.engine.streams import RecordTooLarge, TopicPartition
 
 pytestmark = pytest.mark.kafka
 
@@ -123,9 +124,12 @@ def test_missing_topic_is_a_clear_error_and_not_created(kafka_broker, unique_top
 
 def test_a_failed_delivery_is_raised_by_flush(kafka_broker, unique_topic) -> None:
     topic = unique_topic("small")
-    # The broker rejects records over 1 kB on this topic; the producer only learns it asynchronously.
-    create_topics(kafka_broker.bootstrap, {topic: 1}, configs={"max.message.bytes": "1024"})
+    create_topics(kafka_broker.bootstrap, {topic: 1})
     sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    # The topic's limit lowered after the sink read it: the producer only learns it asynchronously.
+    admin = admin_client(kafka_broker.bootstrap)
+    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": "1024"})])
+    admin.close()
     sink.send(b"ok")
     sink.send(b"x" * 4096)
     with pytest.raises(KafkaSinkError, match="not delivered"):
@@ -140,6 +144,33 @@ def test_a_failed_delivery_is_raised_by_flush(kafka_broker, unique_topic) -> Non
         assert source.poll(10, 0.5) == []
     finally:
         source.close()
+
+
+def test_a_record_over_the_topics_limit_is_refused_at_send(kafka_broker, unique_topic) -> None:
+    """The sink reads the topic's ``max.message.bytes`` when it opens: a record over it is refused at
+    ``send`` (the caller can split or dead-letter it), not by the broker after the caller let go."""
+    topic = unique_topic("small")
+    create_topics(kafka_broker.bootstrap, {topic: 1}, configs={"max.message.bytes": "1024"})
+    assert record_limit(kafka_broker.bootstrap, topic) == 1024
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    assert sink.max_request_size == 1024
+    with pytest.raises(RecordTooLarge, match="the topic's max.message.bytes 1024"):
+        sink.send(b"x" * 1000)
+    for i in range(20):  # 20 x 200 bytes: more than the limit in one batch, fine as records
+        sink.send(b"%03d" % i + b"y" * 197)
+    sink.close()
+    source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        assert [r.value[:3] for r in drain(source, 20)] == [b"%03d" % i for i in range(20)]
+    finally:
+        source.close()
+    # A topic not created yet gets the broker's limit (the default, 1048588, above the producer's).
+    absent = unique_topic("absent")
+    assert record_limit(kafka_broker.bootstrap, absent) == 1_048_588
+    admin = admin_client(kafka_broker.bootstrap)
+    assert absent not in admin.list_topics()  # reading its limit did not create it
+    admin.close()
 
 
 @pytest.mark.parametrize("key", ["enable_auto_commit", "group_id", "value_deserializer"])

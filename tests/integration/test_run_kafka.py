@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import torch
 import yaml
@@ -296,6 +297,34 @@ def test_run_emits_exactly_the_ground_truth(kafka_broker, unique_topic, tmp_path
     trains.close()
     assert committed == final["positions"]
     assert sorted(_ledger_keys(tmp_path)) == sorted(synth.expected)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_samples_messages_over_the_topics_size_limit_are_split_and_every_sample_trained(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    """A samples topic whose ``max.message.bytes`` is below the producer's request limit (the topic's
+    own setting, which the join stage's sink reads when it opens): a whole message of samples is too
+    large for the broker. Before, the broker refused it after ``send`` and the stage failed at every
+    restart; now such messages go out as halves and every sample is trained, on both clients."""
+    synth = generate(600, seed=12, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+    topics = _topics(unique_topic)
+    limit = 2_500  # 32 synthetic samples (batch_samples) take ~4.4 kB as one samples message
+    create_topics(kafka_broker.bootstrap, {topics["samples"]: 1}, configs={"max.message.bytes": str(limit)})
+    _produce(kafka_broker.bootstrap, topics, synth)
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct", kafka={"client": client})
+    reg = SnapshotRegistry(tmp_path / "snaps")
+    proc = _start(config, tmp_path)
+    _wait_trained(proc, reg, len(synth.expected), tmp_path)
+    assert _stop(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert sorted(_ledger_keys(tmp_path)) == sorted(synth.expected)
+    on_topic = _read_samples_raw(kafka_broker.bootstrap, topics["samples"], 10**9, timeout_s=5)
+    assert on_topic and max(map(len, on_topic)) <= limit
+    lines = (tmp_path / "run.log").read_text().splitlines()
+    [stopped] = [orjson.loads(ln) for ln in lines if '"msg":"stopped","stage":"join"' in ln]
+    assert stopped["messages_split"] > 0 and stopped["samples_sent"] == len(synth.expected)
+    dead = _read_samples_raw(kafka_broker.bootstrap, topics["deadletter"], 10**9, timeout_s=2)
+    assert len(dead) == synth.malformed  # the log's malformed events, no sample "oversized"
 
 
 def _read_samples_raw(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[bytes]:
