@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("reloop.engine.serve.cli", "the scoring service"),
     "simulate": ("reloop.engine.simulate.cli", "the simulated world that sends requests and clicks"),
     "demo": ("reloop.engine.runtime.demo", "the whole loop live on a simulated world"),
+    "deadletters": ("reloop.engine.runtime.deadletters_cmd", "read the dead letters back, send them again"),
     "replay": ("reloop.engine.replay.replay_cmd", "replay logged topics through the pipeline"),
     "backtest": ("reloop.engine.replay.backtest_cmd", "strategies x backbones x seeds over periods"),
     "bench": ("reloop.bench.__main__", "the benchmark suite"),

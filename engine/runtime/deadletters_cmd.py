@@ -1,0 +1,136 @@
+"""``reloop deadletters --config FILE {summary,show,redrive}``: read the dead-letter topic back.
+
+* ``summary``: how many dead letters per reason and origin topic;
+* ``show``: the envelopes themselves, one JSON object per line (``--limit``);
+* ``redrive``: send the records of the chosen dead letters again to the input topic they came from
+  (original key and value; engine/deadletter_review.py says which cannot be), once their cause is
+  fixed. ``--dry-run`` says what it would send.
+
+Each reads the dead-letter topic from its oldest record up to its end when the command starts, and
+filters by ``--reason``, ``--origin`` and ``--since-ms`` (when it was dead-lettered). The connection is
+the run config's (``kafka``, secrets included), through kafka-python. A redrive is not remembered: a
+second one sends the same records again; the joiner drops an impression it holds already, but not one
+whose window has closed, so narrow a second run with ``--since-ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+
+import orjson
+from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
+from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("summary", "show", "redrive"), help="what to do")
+    parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
+    parser.add_argument("--reason", default="", help="comma list of reasons (default: every reason)")
+    parser.add_argument("--origin", default="", help="comma list of origin topics (default: every topic)")
+    parser.add_argument("--since-ms", type=int, default=None, help="dead-lettered at or after (epoch ms)")
+    parser.add_argument("--limit", type=int, default=20, help="show: at most this many envelopes")
+    parser.add_argument("--to", default=None, help="redrive: this topic instead of each record's own")
+    parser.add_argument(
+        "--keep-timestamps",
+        action="store_true",
+        help="redrive: keep each record's original timestamp (default: stamped when sent)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="redrive: only say what it would send")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to read the topic to its end")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+        if not cfg.sink.dead_letter_topic:
+            raise ConfigError("sink.dead_letter_topic is not set: there is no dead-letter topic to read")
+        connection = cfg.kafka.connection("kafka-python")
+    except ConfigError as exc:
+        print(f"reloop deadletters: {exc}", file=sys.stderr, flush=True)
+        return 2
+    letters = read_dead_letters(cfg, connection, timeout_s=args.timeout)
+    chosen = select(
+        letters,
+        reasons=_names(args.reason),
+        topics=_names(args.origin),
+        since_ms=args.since_ms,
+    )
+    if args.action == "summary":
+        print(f"{len(chosen)} of {len(letters)} dead letters on {cfg.sink.dead_letter_topic!r}")
+        for reason, topic, n in summary(chosen):
+            print(f"{n:>10}  {reason:<24} from {topic}")
+        return 0
+    if args.action == "show":
+        for letter in chosen[: max(0, args.limit)]:
+            line = {"partition": letter.partition, "offset": letter.offset, **letter.envelope}
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+        return 0
+    return _redrive(cfg, connection, chosen, args)
+
+
+def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: argparse.Namespace) -> int:
+    inputs = {cfg.source.impressions_topic, cfg.source.clicks_topic}
+    plans: list[Resend] = []
+    refused: Counter[str] = Counter()
+    for letter in chosen:
+        plan = resend(letter, inputs=inputs, to=args.to, keep_timestamp=args.keep_timestamps)
+        if isinstance(plan, str):
+            refused[f"{letter.reason}: {plan}"] += 1
+        else:
+            plans.append(plan)
+    sent = Counter(plan.topic for plan in plans)
+    verb = "would send" if args.dry_run else "sent"
+    if plans and not args.dry_run:
+        _send(cfg, connection, plans)
+    for topic, n in sorted(sent.items()):
+        print(f"{verb} {n} record(s) to {topic!r}")
+    for why, n in refused.most_common():
+        print(f"not sent: {n} ({why})")
+    return 0
+
+
+def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> list[DeadLetter]:
+    """Every envelope on the dead-letter topic, from its oldest record to its end now."""
+    from reloop.connectors.kafka.source import KafkaSource
+
+    source = KafkaSource(
+        bootstrap=cfg.kafka.bootstrap, topics=[cfg.sink.dead_letter_topic], client_config=connection
+    )
+    try:
+        source.open()
+        ends = source.end_positions(timeout_s=timeout_s)
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + timeout_s
+        while any(source.position()[tp] < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the dead-letter topic was not read to its end in {timeout_s} s")
+            for record in source.poll(1000, 0.5):
+                envelope = parse_envelope(record.value)
+                if envelope is not None:
+                    letters.append(DeadLetter(envelope, record.partition, record.offset))
+        return letters
+    finally:
+        source.close()
+
+
+def _send(cfg: RunConfig, connection: dict, plans: list[Resend]) -> None:
+    from reloop.connectors.kafka.sink import KafkaSink
+
+    sinks: dict[str, KafkaSink] = {}
+    try:
+        for plan in plans:
+            if plan.topic not in sinks:
+                sinks[plan.topic] = KafkaSink(
+                    bootstrap=cfg.kafka.bootstrap, topic=plan.topic, client_config=connection
+                )
+            sinks[plan.topic].send(plan.value, key=plan.key, timestamp_ms=plan.timestamp_ms)
+    finally:
+        for sink in sinks.values():
+            sink.close()  # flushes: raises when a record was not delivered
+
+
+def _names(text: str) -> set[str]:
+    return {name.strip() for name in text.split(",") if name.strip()}

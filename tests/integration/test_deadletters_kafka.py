@@ -1,0 +1,86 @@
+"""``reloop deadletters`` on the real broker: the dead-letter topic read back, and its records sent again
+to the input topics they came from, byte for byte."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.connectors.kafka.source import KafkaSource
+from reloop.engine.deadletter import TRUNCATED_VALUE_BYTES, DeadLetterSink
+from reloop.engine.events.validation import EventError
+from reloop.engine.streams import Record
+
+from .test_run_kafka import _config, _topics
+
+pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(config: Path, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", *args, "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _read(bootstrap: str, topic: str) -> list[Record]:
+    source = KafkaSource(bootstrap=bootstrap, topics=[topic])
+    try:
+        source.open()
+        out: list[Record] = []
+        for _ in range(6):
+            out += source.poll(1000, 0.5)
+        return out
+    finally:
+        source.close()
+
+
+def test_dead_letters_are_summarised_and_sent_again_to_their_topics(kafka_broker, unique_topic, tmp_path):
+    topics = _topics(unique_topic)
+    create_topics(kafka_broker.bootstrap, {t: 1 for t in topics.values()})
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct")
+    feature = b'{"impression_id": "imp-1", "features": {"price": "abc"}}'
+    binary = b"\xff\xfe\x00 a click that is not UTF-8"
+    dead = DeadLetterSink(
+        KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topics["deadletter"]),
+        max_envelope_bytes=4 * TRUNCATED_VALUE_BYTES,
+    )
+    for record, reason in (
+        (Record(topics["impressions"], 0, 3, b"imp-1", feature, 1_700_000_000_000), "bad_feature"),
+        (Record(topics["clicks"], 0, 9, b"imp-2", binary, 1_700_000_000_500), "malformed"),
+        (Record(topics["impressions"], 0, 4, b"imp-3", b"x" * 20_000, 1_700_000_001_000), "oversized"),
+        (Record(topics["samples"], 0, 1, b"imp-4", b'{"sample_id": "imp-4"}', 1_700_000_002_000), "unlearnable"),
+    ):  # fmt: skip
+        dead.send(record, EventError(reason, "test"))
+    dead.close()
+
+    lines = _cli(config, "summary").splitlines()
+    assert lines[0].startswith("4 of 4 dead letters")
+    assert sorted(" ".join(ln.split()) for ln in lines[1:]) == sorted(
+        [
+            f"1 bad_feature from {topics['impressions']}",
+            f"1 malformed from {topics['clicks']}",
+            f"1 oversized from {topics['impressions']}",
+            f"1 unlearnable from {topics['samples']}",
+        ]
+    )
+    assert '"reason":"malformed"' in _cli(config, "show", "--reason", "malformed", "--limit", "1")
+
+    out = _cli(config, "redrive", "--dry-run")
+    assert f"would send 1 record(s) to '{topics['impressions']}'" in out
+    assert "not sent: 1 (oversized: truncated" in out and "not sent: 1 (unlearnable: not from an input" in out
+    assert _read(kafka_broker.bootstrap, topics["impressions"]) == []
+
+    out = _cli(config, "redrive", "--reason", "bad_feature,malformed", "--keep-timestamps")
+    assert f"sent 1 record(s) to '{topics['impressions']}'" in out and "not sent" not in out
+    [imp] = _read(kafka_broker.bootstrap, topics["impressions"])
+    assert (imp.key, imp.value, imp.timestamp_ms) == (b"imp-1", feature, 1_700_000_000_000)
+    [click] = _read(kafka_broker.bootstrap, topics["clicks"])
+    assert (click.key, click.value, click.timestamp_ms) == (b"imp-2", binary, 1_700_000_000_500)
