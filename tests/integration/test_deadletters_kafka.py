@@ -56,7 +56,7 @@ def test_dead_letters_are_summarised_and_sent_again_to_their_topics(kafka_broker
         (Record(topics["impressions"], 0, 3, b"imp-1", feature, 1_700_000_000_000), "bad_feature"),
         (Record(topics["clicks"], 0, 9, b"imp-2", binary, 1_700_000_000_500), "malformed"),
         (Record(topics["impressions"], 0, 4, b"imp-3", b"x" * 20_000, 1_700_000_001_000), "oversized"),
-        (Record(topics["samples"], 0, 1, b"imp-4", b'{"sample_id": "imp-4"}', 1_700_000_002_000), "unlearnable"),
+        (Record(topics["samples"], 0, 1, b"imp-4", b'{"sample_id": 4}', 1_700_000_002_000), "unlearnable"),
     ):  # fmt: skip
         dead.send(record, EventError(reason, "test"))
     dead.close()
