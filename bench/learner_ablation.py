@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.metrics.offline import auc, logloss
+from reloop.engine.models.config import adagrad_embedding_lr
 from reloop.engine.replay.backtest import RIVER_LR, BacktestData
 
 # ------------------------------------------------------------------------------------------ settings
@@ -211,6 +212,36 @@ DEEPFM_L2 = {
         *((0.055, l2) for l2 in (1e-4, 1e-3)),
     )
 }
+# The dense (Adam) rate above the defaults' 1e-3 (group "dense-rate"), with the tables at the backbone's
+# rate (DeepFM 0.03, DCN 0.1) and, for DeepFM, at 0.055 and 0.1: is its table-rate trade-off one of
+# the dense rate? Paired with rate0.03_deepfm / rate0.1_dcn (the defaults).
+DENSE_RATE = {
+    f"rate{rate:g}_dense{lr:g}_{backbone}": {
+        **EMBEDDING_RATE[f"rate0.03_{backbone}"],
+        "dense_lr": lr,
+        "opt": {"embedding_lr": rate, "small_steps_below": 0},
+    }
+    for backbone, rates in (("deepfm", (0.03, 0.055, 0.1)), ("dcn", (0.1,)))
+    for rate in rates
+    for lr in (2e-3, 4e-3, 8e-3)
+}
+# The dense rate for every torch backbone at its own tables' rate (group "dense-rate-all"): dense1e-3 is
+# the defaults, the reference of each backbone's rows.
+DENSE_RATE_ALL = {
+    f"dense{lr:g}_{backbone}": {
+        **EMBEDDING_RATE[f"rate0.03_{backbone}"],
+        "dense_lr": lr,
+        "opt": {"embedding_lr": adagrad_embedding_lr(backbone), "small_steps_below": 0},
+    }
+    for backbone in TORCH_BACKBONES
+    for lr in (1e-3, 2e-3, 4e-3)
+}
+# The same rates in periodic retraining (3 epochs a period, group "dense-rate-periodic"): the protocol's
+# dense rate was chosen at 1e-3 (PERIODIC_GRID); do the backbones' new rates serve it as well?
+DENSE_RATE_PERIODIC = {
+    f"periodic_{name}": {**DENSE_RATE_ALL[name], "protocol": "periodic", "epochs": 3}
+    for name in ("dense0.001_dcn", "dense0.002_dcn", "dense0.001_deepfm", "dense0.004_deepfm")
+}
 SLOW = {"old_micro1_lr3e-3"}  # minutes per seed: run with --variants NAME
 PERIODIC_GRID = {
     f"{prefix}periodic_lr{lr:g}_ep{ep}": {**base, "protocol": "periodic", "dense_lr": lr, "epochs": ep}
@@ -225,6 +256,9 @@ CATALOGUE = {  # every variant by name (the summary's row order)
     **EMBEDDING_RATE,
     **EMBEDDING_RATE_MIDPOINTS,
     **DEEPFM_L2,
+    **DENSE_RATE,
+    **DENSE_RATE_ALL,
+    **DENSE_RATE_PERIODIC,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
@@ -1022,7 +1056,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="all",
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
-        "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2'",
+        "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2', 'dense-rate', "
+        "'dense-rate-all', 'dense-rate-periodic'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -1121,6 +1156,9 @@ def main(argv: list[str] | None = None) -> int:
         "embedding-rate": EMBEDDING_RATE,
         "embedding-rate-midpoints": EMBEDDING_RATE_MIDPOINTS,
         "deepfm-l2": {n: EMBEDDING_RATE[n] for n in ("rate0.03_deepfm", "rate0.1_deepfm")} | DEEPFM_L2,
+        "dense-rate": {n: EMBEDDING_RATE[n] for n in ("rate0.03_deepfm", "rate0.1_dcn")} | DENSE_RATE,
+        "dense-rate-all": DENSE_RATE_ALL,
+        "dense-rate-periodic": DENSE_RATE_PERIODIC,
     }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]

@@ -17,7 +17,8 @@ class FrozenConfig(BaseModel):
 class OptimizerConfig(FrozenConfig):
     """How a torch learner learns (defaults measured for streaming in docs/backtest/ablation.md).
 
-    * dense parameters: Adam at ``lr``;
+    * dense parameters: Adam at ``lr`` (by default the backbone's rate, ``adam_lr``: 1e-3; DCN, NFM, PNN
+      and xDeepFM 2e-3, DeepFM and FmFM 4e-3);
     * embedding tables: with ``sparse_embeddings`` a sparse optimizer, Adagrad (per-row learning rates:
       rows seen rarely keep large steps) at ``embedding_lr`` (by default the backbone's rate,
       ``adagrad_embedding_lr``: 0.1; DeepFM 0.03, FmFM 0.055, LR and PNN 0.17, AFN+ 0.3) or SparseAdam
@@ -38,7 +39,7 @@ class OptimizerConfig(FrozenConfig):
       not help and can badly hurt calibration (ablation.md, "Delayed feedback").
     """
 
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="Adam's dense rate; default: the backbone's")
     embedding_lr: float | None = Field(
         default=None, gt=0, description="default: the backbone's Adagrad rate (adagrad), lr (adam)"
     )
@@ -77,7 +78,13 @@ class OptimizerConfig(FrozenConfig):
         (``adagrad_embedding_lr``) or, for SparseAdam, ``lr``."""
         if self.embedding_lr is not None:
             return self.embedding_lr
-        return adagrad_embedding_lr(backbone) if self.embedding_optimizer == "adagrad" else self.lr
+        if self.embedding_optimizer == "adagrad":
+            return adagrad_embedding_lr(backbone)
+        return self.effective_lr(backbone)
+
+    def effective_lr(self, backbone: str | None = None) -> float:
+        """Adam's rate on the dense parameters for batch-sized steps: ``lr``, else ``backbone``'s."""
+        return self.lr if self.lr is not None else adam_lr(backbone)
 
     @property
     def effective_small_step_embedding_lr(self) -> float:
@@ -91,17 +98,37 @@ class OptimizerConfig(FrozenConfig):
         """(dense rate, table rate) for steps of ``step_samples`` samples on average (over all ranks)."""
         if step_samples < self.small_steps_below:
             return self.small_step_lr, self.effective_small_step_embedding_lr
-        return self.lr, self.effective_embedding_lr(backbone)
+        return self.effective_lr(backbone), self.effective_embedding_lr(backbone)
 
     @classmethod
     def previous_defaults(cls, **overrides: object) -> OptimizerConfig:
         """The defaults before the streaming study (SparseAdam at lr): for comparisons."""
-        return cls(**{"embedding_optimizer": "adam", "wide": "off", "small_steps_below": 0, **overrides})
+        settings = {"embedding_optimizer": "adam", "wide": "off", "small_steps_below": 0, "lr": ADAM_LR}
+        return cls(**{**settings, **overrides})
 
     @classmethod
     def per_event(cls, **overrides: object) -> OptimizerConfig:
         """The defaults plus the per-event Bayesian wide part (``wide="bayes"``)."""
         return cls(**{"wide": "bayes", **overrides})
+
+
+# Adam's rate on the dense parameters when ``lr`` is unset, chosen per backbone on the backtests' selection
+# periods by the rule of the tables' rate below, over the grid 1e-3, 2e-3, 4e-3 at each backbone's
+# tables' rate (docs/backtest/ablation.md, "The dense rate, backbone by backbone").
+ADAM_LR = 1e-3
+ADAM_LR_BY_BACKBONE: dict[str, float] = {
+    "dcn": 2e-3,
+    "deepfm": 4e-3,
+    "fmfm": 4e-3,
+    "nfm": 2e-3,
+    "pnn": 2e-3,
+    "xdeepfm": 2e-3,
+}
+
+
+def adam_lr(backbone: str | None) -> float:
+    """The default Adam rate of ``backbone``'s dense parameters (``ADAM_LR`` if unknown)."""
+    return ADAM_LR_BY_BACKBONE.get(backbone or "", ADAM_LR)
 
 
 # Adagrad's rate on the embedding tables when ``embedding_lr`` is unset, chosen per backbone on the

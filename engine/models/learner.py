@@ -226,7 +226,7 @@ class TorchLearner:
         ]
         optimizers: dict[str, torch.optim.Optimizer] = {}
         if groups:
-            optimizers["dense"] = _fused_adam(groups, opt.lr)
+            optimizers["dense"] = _fused_adam(groups, opt.effective_lr(self.config.backbone))
         if sparse_params:
             lr = opt.effective_embedding_lr(self.config.backbone)
             optimizers["embedding"] = (

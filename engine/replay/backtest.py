@@ -39,6 +39,9 @@ from reloop.engine.metrics.offline import auc, logloss
 
 YLastSource = Literal["recomputed", "logged"]
 RIVER_LR = 0.05  # the river peer's SGD step unless told otherwise
+# The periodic protocol's dense Adam rate unless told otherwise: chosen for it with its 3 epochs a period on
+# the selection periods (docs/backtest/ablation.md); the learner's defaults are chosen for streaming.
+PERIODIC_LR = 1e-3
 PROTOCOLS: tuple[str, ...] = ("periodic", "streaming")
 
 

@@ -17,6 +17,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 from reloop.engine.replay.backtest import (
     BATCH_BY,
+    PERIODIC_LR,
     PROTOCOLS,
     RIVER_LR,
     BacktestData,
@@ -135,6 +137,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
     # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
     parser.add_argument("--epochs", type=int, default=3, help="epochs per period (periodic protocol)")
+    parser.add_argument(
+        "--periodic-lr",
+        type=float,
+        default=PERIODIC_LR,
+        help="Adam's dense rate in the periodic protocol unless --lr is given (default 1e-3: chosen for it "
+        "with its 3 epochs on the selection periods; the learner's own defaults were chosen for streaming)",
+    )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument(
         "--batch-by",
@@ -158,7 +167,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Adam learning rate of the dense parameters while steps average 256 samples or more (default "
-        "1e-3); smaller ones use --optimizer small_step_lr= (3e-4), small_step_embedding_lr= (Adagrad 0.1)",
+        "the backbone's: 1e-3, DCN 2e-3, DeepFM 4e-3 ...; the periodic protocol: --periodic-lr); smaller "
+        "ones use --optimizer small_step_lr= (3e-4), small_step_embedding_lr= (Adagrad 0.1)",
     )
     parser.add_argument(
         "--optimizer",
@@ -232,6 +242,16 @@ def optimizer_items(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
     otherwise."""
     items: dict[str, Any] = {} if args.lr is None else {"lr": args.lr}
     items.update(_optimizer_options(getattr(args, "optimizer", [])))
+    return tuple(items.items())
+
+
+def protocol_optimizer_items(args: argparse.Namespace, protocol: str) -> tuple[tuple[str, Any], ...]:
+    """``optimizer_items`` for one protocol: the periodic protocol's dense rate is ``--periodic-lr`` unless
+    a rate is given (its own choice on the selection periods: the learner's default rates per backbone
+    were chosen for streaming, and cost periodic retraining 2.3-2.8e-3 AUC there, ablation.md)."""
+    items = dict(optimizer_items(args))
+    if protocol == "periodic" and "lr" not in items:
+        items["lr"] = getattr(args, "periodic_lr", PERIODIC_LR)
     return tuple(items.items())
 
 
@@ -344,7 +364,9 @@ def main(args: argparse.Namespace) -> int:
     )
     done = _done_keys(csv_path)
     runs = [
-        replace(base, protocol=p, backbone=b, strategy=s, seed=seed)
+        replace(
+            base, protocol=p, backbone=b, strategy=s, seed=seed, optimizer=protocol_optimizer_items(args, p)
+        )
         for p in _csv_list(args.protocols)
         for b in _csv_list(args.backbones)
         for seed in range(args.seeds)
@@ -477,7 +499,14 @@ def learner_settings(args: argparse.Namespace) -> str:
     """The report's line of learner settings (every default of the learner spelled out)."""
     from reloop.engine.models.config import OptimizerConfig
 
-    opt = OptimizerConfig(**dict(optimizer_items(args)))
+    protocols = _csv_list(args.protocols)
+    main_protocol = "periodic" if protocols == ["periodic"] else "streaming"
+    opt = OptimizerConfig(**dict(protocol_optimizer_items(args, main_protocol)))
+    rates = _rates(opt, _csv_list(args.backbones))
+    if main_protocol == "streaming" and "periodic" in protocols:
+        periodic = OptimizerConfig(**dict(protocol_optimizer_items(args, "periodic")))
+        if periodic != opt:
+            rates += f" (periodic protocol: {_rates(periodic, _csv_list(args.backbones)).split(';')[0]})"
     wide = (
         f"per-event Bayesian wide part (prior variance {opt.wide_prior_variance:g}"
         f"{', moderated scores' if opt.wide_moderate else ''})"
@@ -503,7 +532,7 @@ def learner_settings(args: argparse.Namespace) -> str:
         batch += f"; the river peer's SGD step {river_lr:g}"
     return (
         f"y_last: `{args.y_last}`; epochs per period (periodic): {args.epochs}; {batch}; "
-        f"{_rates(opt, _csv_list(args.backbones))}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
+        f"{rates}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
     )
@@ -514,12 +543,15 @@ def _rates(opt: Any, backbones: list[str]) -> str:
     tables' rate per backbone where the backbones' defaults differ)."""
     from reloop.engine.models.registry import backbone_entry
 
-    per_backbone = {b: opt.effective_embedding_lr(b) for b in backbones if backbone_entry(b).kind == "torch"}
-    table_rates = (
-        ", ".join(f"{b} {lr:g}" for b, lr in per_backbone.items())
-        if len(set(per_backbone.values())) > 1
-        else f"{opt.effective_embedding_lr(next(iter(per_backbone), None)):g}"
-    )
+    torch_backbones = [b for b in backbones if backbone_entry(b).kind == "torch"]
+
+    def per_backbone(rate: Callable[[str | None], float]) -> str:
+        rates = {b: rate(b) for b in torch_backbones}
+        if len(set(rates.values())) > 1:
+            return ", ".join(f"{b} {lr:g}" for b, lr in rates.items())
+        return f"{rate(next(iter(torch_backbones), None)):g}"
+
+    table_rates = per_backbone(opt.effective_embedding_lr)
     emb = (
         f"{'Adagrad' if opt.embedding_optimizer == 'adagrad' else 'SparseAdam'} lr "
         f"{table_rates} on the embedding tables"
@@ -535,7 +567,7 @@ def _rates(opt: Any, backbones: list[str]) -> str:
             f" (steps averaging under {opt.small_steps_below} samples: "
             f"Adam lr {opt.small_step_lr:g}{small_emb})"
         )
-    return f"Adam lr {opt.lr:g} (dense); {emb}{small}"
+    return f"Adam lr {per_backbone(opt.effective_lr)} (dense); {emb}{small}"
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_rates_follow_the_steps_size() -> None:
     opt = OptimizerConfig()
     assert opt.small_steps_below == 256
-    assert opt.rates(255, "deepfm") == (3e-4, 0.1) and opt.rates(256, "deepfm") == (1e-3, 0.03)
-    assert opt.rates(255, "dcn") == (3e-4, 0.1) and opt.rates(256, "dcn") == (1e-3, 0.1)
-    assert OptimizerConfig(small_steps_below=0).rates(1, "deepfm") == (1e-3, 0.03)
+    assert opt.rates(255, "deepfm") == (3e-4, 0.1) and opt.rates(256, "deepfm") == (4e-3, 0.03)
+    assert opt.rates(255, "dcn") == (3e-4, 0.1) and opt.rates(256, "dcn") == (2e-3, 0.1)
+    assert OptimizerConfig(small_steps_below=0).rates(1, "deepfm") == (4e-3, 0.03)
     assert OptimizerConfig(small_step_lr=1e-4, small_step_embedding_lr=0.2).rates(8) == (1e-4, 0.2)
     # SparseAdam tables follow the dense rate in both, unless embedding_lr says otherwise.
     assert OptimizerConfig(embedding_optimizer="adam").rates(8) == (3e-4, 3e-4)
@@ -99,7 +99,7 @@ def test_a_data_parallel_step_is_sized_over_all_ranks() -> None:
     learner.grad_sync = sync
     learner.learn(*_batch(100, 0))
     assert totals == [100] and learner.step_size_average == 300
-    assert learner.optimizers["dense"].param_groups[0]["lr"] == 1e-3
+    assert learner.optimizers["dense"].param_groups[0]["lr"] == 4e-3  # DeepFM's batch rates
     assert learner.optimizers["embedding"].param_groups[0]["lr"] == 0.03
     alone = build_learner("deepfm", SPEC, "ce", 0.0, seed=0, hidden_units=(8,))
     alone.learn(*_batch(100, 0))

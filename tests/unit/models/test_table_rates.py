@@ -1,18 +1,26 @@
-"""The embedding tables' Adagrad rate is the backbone's own unless ``embedding_lr`` is set: the rates chosen
-per backbone on the backtests' selection periods (docs/backtest/ablation.md) reach the optimizer, in batch
-steps and after a resume; small steps keep the small-step rate for every backbone."""
+"""The embedding tables' Adagrad rate and the dense parameters' Adam rate are the backbone's own unless
+``embedding_lr`` / ``lr`` is set: the rates chosen per backbone on the backtests' selection periods
+(docs/backtest/ablation.md) reach the optimizers, in batch steps and after a resume; small steps keep the
+small-step rates for every backbone."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
-from reloop.engine.models.config import ADAGRAD_EMBEDDING_LR, OptimizerConfig, adagrad_embedding_lr
+from reloop.engine.models.config import (
+    ADAGRAD_EMBEDDING_LR,
+    ADAM_LR,
+    OptimizerConfig,
+    adagrad_embedding_lr,
+    adam_lr,
+)
 from reloop.engine.models.registry import available_backbones, backbone_entry, build_learner
 
 SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=40), CategoricalField(name="i", buckets=40)))
 TORCH = [name for name in available_backbones() if backbone_entry(name).kind == "torch"]
 EXPECTED = {"deepfm": 0.03, "fmfm": 0.055, "lr": 0.17, "pnn": 0.17, "afn": 0.3}
+EXPECTED_DENSE = {"dcn": 2e-3, "deepfm": 4e-3, "fmfm": 4e-3, "nfm": 2e-3, "pnn": 2e-3, "xdeepfm": 2e-3}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,12 +40,38 @@ def _table_rate(learner) -> float:
     return learner.optimizers["embedding"].param_groups[0]["lr"]
 
 
+def _dense_rate(learner) -> float:
+    (rate,) = {group["lr"] for group in learner.optimizers["dense"].param_groups}
+    return rate
+
+
 def test_every_torch_backbone_has_a_rate_and_the_listed_ones_theirs() -> None:
     assert len(TORCH) == 11
     assert {b: adagrad_embedding_lr(b) for b in TORCH} == {b: EXPECTED.get(b, 0.1) for b in TORCH}
     assert (
         adagrad_embedding_lr("a_plugin_backbone") == adagrad_embedding_lr(None) == ADAGRAD_EMBEDDING_LR == 0.1
     )
+
+
+def test_every_torch_backbone_has_a_dense_rate_and_the_listed_ones_theirs() -> None:
+    assert {b: adam_lr(b) for b in TORCH} == {b: EXPECTED_DENSE.get(b, 1e-3) for b in TORCH}
+    assert adam_lr("a_plugin_backbone") == adam_lr(None) == ADAM_LR == 1e-3
+
+
+@pytest.mark.parametrize("backbone", TORCH)
+def test_batch_steps_learn_at_the_backbones_dense_rate_and_small_steps_at_the_small_step_rate(
+    backbone: str,
+) -> None:
+    learner = _learner(backbone)
+    assert _dense_rate(learner) == EXPECTED_DENSE.get(backbone, 1e-3)  # as built
+    learner.learn(*_batch(300))
+    assert _dense_rate(learner) == EXPECTED_DENSE.get(backbone, 1e-3)
+    small = _learner(backbone)
+    small.learn(*_batch(8))
+    assert _dense_rate(small) == OptimizerConfig().small_step_lr == 3e-4
+    mine = _learner(backbone, lr=5e-4)  # an explicit rate wins
+    mine.learn(*_batch(300))
+    assert _dense_rate(mine) == 5e-4
 
 
 @pytest.mark.parametrize("backbone", TORCH)
@@ -60,7 +94,7 @@ def test_an_explicit_rate_wins_and_sparse_adam_keeps_the_dense_rate(backbone: st
     assert _table_rate(mine) == 0.2
     adam = _learner(backbone, embedding_optimizer="adam")
     adam.learn(*_batch(300))
-    assert _table_rate(adam) == 1e-3
+    assert _table_rate(adam) == EXPECTED_DENSE[backbone]  # SparseAdam at the backbone's dense rate
 
 
 def test_a_resumed_learner_keeps_its_backbones_rate() -> None:
@@ -69,7 +103,7 @@ def test_a_resumed_learner_keeps_its_backbones_rate() -> None:
     resumed = _learner("deepfm")
     resumed.load_state_dict(first.state_dict())
     resumed.learn(*_batch(300, seed=1))
-    assert _table_rate(resumed) == 0.03
+    assert _table_rate(resumed) == 0.03 and _dense_rate(resumed) == 4e-3
 
 
 def test_a_resume_at_another_rate_than_the_snapshots_is_logged_and_the_same_rate_is_not(caplog) -> None:
@@ -103,7 +137,7 @@ def test_a_resume_in_small_steps_names_the_small_step_key(caplog) -> None:
 def test_learning_rates_name_each_optimizers_rate_of_the_last_step() -> None:
     learner = _learner("dcn")
     learner.learn(*_batch(300))
-    assert learner.learning_rates() == {"dense": 1e-3, "embedding": 0.1}
+    assert learner.learning_rates() == {"dense": 2e-3, "embedding": 0.1}
     learner = _learner("dcn")
     learner.learn(*_batch(8))
     assert learner.learning_rates() == {"dense": 3e-4, "embedding": 0.1}

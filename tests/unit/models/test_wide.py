@@ -143,7 +143,7 @@ def test_a_burst_is_learned_within_the_batch_and_noise_settles():
 
 def test_default_optimizer_groups():
     opt = OptimizerConfig()
-    assert (opt.lr, opt.embedding_optimizer, opt.effective_embedding_lr("dcn")) == (
+    assert (opt.effective_lr("wide_deep"), opt.embedding_optimizer, opt.effective_embedding_lr("dcn")) == (
         1e-3,
         "adagrad",
         ADAGRAD_EMBEDDING_LR,
@@ -154,7 +154,7 @@ def test_default_optimizer_groups():
     assert learner.wide is None
     dense, emb = learner.optimizers["dense"], learner.optimizers["embedding"]
     assert isinstance(dense, torch.optim.Adam) and isinstance(emb, torch.optim.Adagrad)
-    assert [g["lr"] for g in dense.param_groups] == [1e-3] and emb.param_groups[0]["lr"] == 0.03
+    assert [g["lr"] for g in dense.param_groups] == [4e-3] and emb.param_groups[0]["lr"] == 0.03
     tables = {id(m.weight) for m in learner.model.modules() if isinstance(m, torch.nn.Embedding)}
     assert {id(p) for p in emb.param_groups[0]["params"]} == tables  # the FM's and the linear part's
     dense_ids = {id(p) for g in dense.param_groups for p in g["params"]}

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from reloop.engine.metrics.offline import logloss
 from reloop.engine.models.config import OptimizerConfig
-from reloop.engine.replay.backtest_cmd import configure, learner_settings, optimizer_items
+from reloop.engine.replay.backtest_cmd import (
+    configure,
+    learner_settings,
+    optimizer_items,
+    protocol_optimizer_items,
+)
 from reloop.engine.runtime.cli import main
 
 
@@ -161,6 +166,27 @@ def test_scores_from_published_snapshots_from_the_command_line(tmp_path: Path, m
         main([*argv, "--publish-every", "60", "--out", str(tmp_path / "pseudo")])
 
 
+def test_the_periodic_protocol_learns_at_its_own_dense_rate_unless_one_is_given() -> None:
+    """The learner's default dense rates were chosen for streaming; the periodic protocol keeps the rate
+    chosen for it (--periodic-lr, 1e-3) unless --lr (or --optimizer lr=) names one for both."""
+    base = ["--dataset", "d", "--data", "d", "--out", "d"]
+
+    def rates(extra: list[str], protocol: str) -> tuple[float, float]:
+        items = protocol_optimizer_items(_parse([*base, *extra]), protocol)
+        opt = OptimizerConfig(**dict(items))
+        return opt.effective_lr("deepfm"), opt.effective_lr("dcn")
+
+    assert rates([], "streaming") == (4e-3, 2e-3) and rates([], "periodic") == (1e-3, 1e-3)
+    assert rates(["--periodic-lr", "3e-3"], "periodic") == (3e-3, 3e-3)
+    assert rates(["--lr", "5e-3"], "periodic") == rates(["--lr", "5e-3"], "streaming") == (5e-3, 5e-3)
+    assert rates(["--optimizer", "lr=6e-3"], "periodic") == (6e-3, 6e-3)
+    both = learner_settings(_parse(base))
+    assert "Adam lr deepfm 0.004, dcn 0.002 (dense)" in both
+    assert "(periodic protocol: Adam lr 0.001 (dense))" in both
+    periodic = learner_settings(_parse([*base, "--protocols", "periodic"]))
+    assert "Adam lr 0.001 (dense)" in periodic and "periodic protocol" not in periodic
+
+
 def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -> None:
     base = ["--dataset", "d", "--data", "d", "--out", "d"]
 
@@ -177,7 +203,12 @@ def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -
     line = learner_settings(_parse([*base, "--optimizer", "embedding_lr=0.2"]))
     assert "Adagrad lr 0.2 on the embedding tables" in line
     line = learner_settings(_parse([*base, "--optimizer", "embedding_optimizer=adam"]))
-    assert "Adam lr 0.001 (dense); SparseAdam lr 0.001 on the embedding tables (steps averaging " in line
+    assert (
+        "Adam lr deepfm 0.004, dcn 0.002 (dense); SparseAdam lr deepfm 0.004, dcn 0.002 on the "
+        "embedding tables (steps averaging " in line
+    )
+    # The dense rate too is the backbone's, and one rate where they share it.
+    assert "Adam lr 0.001 (dense)" in learner_settings(_parse([*base, "--backbones", "wide_deep,fm"]))
     assert "(steps averaging" not in learner_settings(_parse([*base, "--optimizer", "small_steps_below=0"]))
 
 
@@ -284,7 +315,8 @@ def test_cli_defaults_are_the_settings_the_documented_reports_used(name: str) ->
     epochs = int(re.search(r"\(periodic\): (\d+);", printed).group(1))
     if used.protocols == "periodic":
         assert defaults.epochs == used.epochs == epochs
-    shown = argparse.Namespace(**{**vars(defaults), "epochs": epochs})
+    # (the dense rate differs by protocol: the line names the report's, --periodic-lr for periodic)
+    shown = argparse.Namespace(**{**vars(defaults), "epochs": epochs, "protocols": used.protocols})
     assert printed == f"- {learner_settings(shown)}"
 
 
