@@ -36,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-timestamps",
         action="store_true",
-        help="redrive: keep each record's original timestamp (default: stamped when sent)",
+        help="redrive: keep each record's original timestamp (default: stamped when sent; a record older "
+        "than the topic's retention.ms may be deleted by the broker before it is read)",
     )
     parser.add_argument("--dry-run", action="store_true", help="redrive: only say what it would send")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to read the topic to its end")
