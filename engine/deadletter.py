@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from reloop.engine.streams import Record, Sink
@@ -37,6 +37,18 @@ DEFAULT_MAX_ENVELOPE_BYTES = 256 * 1024
 TRUNCATED_VALUE_BYTES = 4096
 MAX_KEY_BYTES = 1024
 MAX_DETAIL_CHARS = 2000
+
+
+class SampleRecord(NamedTuple):
+    """A sample to dead-letter, in the shape the envelope reads a record: it has no partition or offset of
+    its own (it came out of a join, or out of a samples message holding many)."""
+
+    topic: str
+    partition: None
+    offset: None
+    key: bytes
+    value: bytes
+    timestamp_ms: int
 
 
 class DeadLetterSink:

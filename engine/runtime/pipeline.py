@@ -38,13 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
 from reloop.engine.checkpoint.writer import SnapshotWriter
-from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.deadletter import DeadLetterSink, SampleRecord
 from reloop.engine.events.codec import decode_samples, encode
 from reloop.engine.events.schema import Click, LabeledSample
 from reloop.engine.events.validation import EventError
@@ -105,17 +105,6 @@ class PipelineSettings:
     max_event_bytes: int = default_of(ValidationSection, "max_event_bytes")
     max_future_ms: int | None = default_of(ValidationSection, "max_future_ms")
     max_past_ms: int | None = default_of(ValidationSection, "max_past_ms")
-
-
-class _Unsent(NamedTuple):
-    """A sample the samples sink refused, in the shape the dead-letter envelope reads."""
-
-    topic: str
-    partition: None
-    offset: None
-    key: bytes
-    value: bytes
-    timestamp_ms: int
 
 
 class Pipeline:
@@ -416,7 +405,7 @@ class Pipeline:
                     sink.send(value, key=key, timestamp_ms=j.event_time_ms)
                 except RecordTooLarge as exc:
                     # Still trained: only its copy on the samples topic is replaced by a dead letter.
-                    unsent = _Unsent("samples", None, None, key, value, j.event_time_ms)
+                    unsent = SampleRecord("samples", None, None, key, value, j.event_time_ms)
                     self.dead_letters.send(unsent, EventError("oversized", str(exc)))
             self._metrics.joined(sample)
             self._buffer.append(sample)

@@ -24,28 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import compress
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import numpy as np
-from reloop.engine.deadletter import DeadLetterSink
+from reloop.engine.deadletter import DeadLetterSink, SampleRecord
 from reloop.engine.events.codec import encode
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.events.validation import EventError
 
 REASON = "unlearnable"
 T = TypeVar("T")
-
-
-class UnlearntSample(NamedTuple):
-    """A sample as a dead letter reads a record (it has no offset of its own: the sample came out of a
-    join, or out of a samples message holding many)."""
-
-    topic: str
-    partition: None
-    offset: None
-    key: bytes
-    value: bytes
-    timestamp_ms: int
 
 
 def dead_letter_unlearnt(
@@ -60,7 +48,7 @@ def dead_letter_unlearnt(
     the detail, e.g. its join task and seq)."""
     for i, s in enumerate(samples):
         where = f" ({origins[i]})" if origins is not None else ""
-        record = UnlearntSample(topic, None, None, s.sample_id.encode(), encode(s), s.event_time_ms)
+        record = SampleRecord(topic, None, None, s.sample_id.encode(), encode(s), s.event_time_ms)
         dead_letters.send(record, EventError(REASON, f"sample {s.sample_id!r}{where} was not learnt: {why}"))
 
 
