@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import orjson
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
@@ -40,7 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "than the topic's retention.ms may be deleted by the broker before it is read)",
     )
     parser.add_argument("--dry-run", action="store_true", help="redrive: only say what it would send")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to read the topic to its end")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds without a record read before giving up"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,15 +55,18 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"reloop deadletters: {exc}", file=sys.stderr, flush=True)
         return 2
-    letters = read_dead_letters(cfg, connection, timeout_s=args.timeout)
+    read = [0]  # filtered as read: only the chosen envelopes are held
+
+    def counted() -> Iterator[DeadLetter]:
+        for letter in read_dead_letters(cfg, connection, timeout_s=args.timeout):
+            read[0] += 1
+            yield letter
+
     chosen = select(
-        letters,
-        reasons=_names(args.reason),
-        topics=_names(args.origin),
-        since_ms=args.since_ms,
+        counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
     )
     if args.action == "summary":
-        print(f"{len(chosen)} of {len(letters)} dead letters on {cfg.sink.dead_letter_topic!r}")
+        print(f"{len(chosen)} of {read[0]} dead letters on {cfg.sink.dead_letter_topic!r}")
         for reason, topic, n in summary(chosen):
             print(f"{n:>10}  {reason:<24} from {topic}")
         return 0
@@ -93,8 +99,8 @@ def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: a
     return 0
 
 
-def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> list[DeadLetter]:
-    """Every envelope on the dead-letter topic, from its oldest record to its end now."""
+def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> Iterator[DeadLetter]:
+    """Every envelope on the dead-letter topic, from its oldest record to its end now, as read."""
     from reloop.connectors.kafka.source import KafkaSource
 
     source = KafkaSource(
@@ -103,16 +109,17 @@ def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> 
     try:
         source.open()
         ends = source.end_positions(timeout_s=timeout_s)
-        letters: list[DeadLetter] = []
         deadline = time.monotonic() + timeout_s
         while any(source.position()[tp] < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the dead-letter topic was not read to its end in {timeout_s} s")
-            for record in source.poll(1000, 0.5):
+                raise TimeoutError(f"reading the dead-letter topic made no progress for {timeout_s} s")
+            records = source.poll(1000, 0.5)
+            if records:
+                deadline = time.monotonic() + timeout_s
+            for record in records:
                 envelope = parse_envelope(record.value)
                 if envelope is not None:
-                    letters.append(DeadLetter(envelope, record.partition, record.offset))
-        return letters
+                    yield DeadLetter(envelope, record.partition, record.offset)
     finally:
         source.close()
 
