@@ -8,9 +8,15 @@
 
 Each reads the dead-letter topic from its oldest record up to its end when the command starts, and
 filters by ``--reason``, ``--origin`` and ``--since-ms`` (when it was dead-lettered). The connection is
-the run config's (``kafka``, secrets included), through kafka-python. A redrive is not remembered: a
-second one sends the same records again; the joiner drops an impression it holds already, but not one
-whose window has closed, so narrow a second run with ``--since-ms``.
+the run config's (``kafka``, secrets included), through kafka-python.
+
+``--group NAME`` remembers, as Kafka consumers do: each action reads from the group's committed offsets
+(the oldest record where it has none), and a redrive commits the offsets it read up to once every record
+it sent is delivered, so the next redrive with that group takes only dead letters written since. The
+commit covers every record read, chosen by the filters or not: keep one group per filter. A redrive
+that fails between its sends and its commit sends those records again next time (at least once; the
+joiner drops an impression it still holds or remembers, ``join.retention_ms``). Without ``--group``
+nothing is remembered and a second redrive sends the same records again.
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import orjson
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.streams import Positions
+
+if TYPE_CHECKING:
+    from reloop.connectors.kafka.source import KafkaSource
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="redrive: only say what it would send")
     parser.add_argument(
+        "--group",
+        default=None,
+        help="read from this consumer group's committed offsets; redrive commits what it read once its "
+        "records are delivered (the offsets cover every record read, chosen by the filters or not)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds without a record read before giving up"
     )
 
@@ -56,9 +73,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop deadletters: {exc}", file=sys.stderr, flush=True)
         return 2
     read = [0]  # filtered as read: only the chosen envelopes are held
+    reached: Positions = {}
 
     def counted() -> Iterator[DeadLetter]:
-        for letter in read_dead_letters(cfg, connection, timeout_s=args.timeout):
+        for letter in read_dead_letters(
+            cfg, connection, timeout_s=args.timeout, group=args.group, reached=reached
+        ):
             read[0] += 1
             yield letter
 
@@ -66,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
         counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
     )
     if args.action == "summary":
-        print(f"{len(chosen)} of {read[0]} dead letters on {cfg.sink.dead_letter_topic!r}")
+        after = f" after group {args.group!r}'s offsets" if args.group else ""
+        print(f"{len(chosen)} of {read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
         for reason, topic, n in summary(chosen):
             print(f"{n:>10}  {reason:<24} from {topic}")
         return 0
@@ -75,7 +96,12 @@ def main(args: argparse.Namespace) -> int:
             line = {"partition": letter.partition, "offset": letter.offset, **letter.envelope}
             sys.stdout.write(orjson.dumps(line).decode() + "\n")
         return 0
-    return _redrive(cfg, connection, chosen, args)
+    code = _redrive(cfg, connection, chosen, args)
+    if args.group and not args.dry_run:
+        # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
+        _commit(cfg, connection, args.group, reached)
+        print(f"committed group {args.group!r} at {read[0]} record(s) read")
+    return code
 
 
 def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: argparse.Namespace) -> int:
@@ -99,15 +125,19 @@ def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: a
     return 0
 
 
-def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> Iterator[DeadLetter]:
-    """Every envelope on the dead-letter topic, from its oldest record to its end now, as read."""
-    from reloop.connectors.kafka.source import KafkaSource
-
-    source = KafkaSource(
-        bootstrap=cfg.kafka.bootstrap, topics=[cfg.sink.dead_letter_topic], client_config=connection
-    )
+def read_dead_letters(
+    cfg: RunConfig,
+    connection: dict,
+    *,
+    timeout_s: float,
+    group: str | None = None,
+    reached: Positions | None = None,
+) -> Iterator[DeadLetter]:
+    """Every envelope on the dead-letter topic, from ``group``'s committed offsets (else its oldest
+    record) to its end now, as read; ``reached`` gets the positions read up to once it is all read."""
+    source = _dead_letter_source(cfg, connection, group)
     try:
-        source.open()
+        source.open(source.committed() if group else None)
         ends = source.end_positions(timeout_s=timeout_s)
         deadline = time.monotonic() + timeout_s
         while any(source.position()[tp] < end for tp, end in ends.items()):
@@ -120,6 +150,27 @@ def read_dead_letters(cfg: RunConfig, connection: dict, *, timeout_s: float) -> 
                 envelope = parse_envelope(record.value)
                 if envelope is not None:
                     yield DeadLetter(envelope, record.partition, record.offset)
+        if reached is not None:
+            reached.update(source.position())
+    finally:
+        source.close()
+
+
+def _dead_letter_source(cfg: RunConfig, connection: dict, group: str | None) -> KafkaSource:
+    from reloop.connectors.kafka.source import KafkaSource
+
+    return KafkaSource(
+        bootstrap=cfg.kafka.bootstrap,
+        topics=[cfg.sink.dead_letter_topic],
+        group_id=group,
+        client_config=connection,
+    )
+
+
+def _commit(cfg: RunConfig, connection: dict, group: str, positions: Positions) -> None:
+    source = _dead_letter_source(cfg, connection, group)
+    try:
+        source.commit(positions, timeout_s=30)
     finally:
         source.close()
 
