@@ -236,6 +236,12 @@ DENSE_RATE_ALL = {
     for backbone in TORCH_BACKBONES
     for lr in (1e-3, 2e-3, 4e-3)
 }
+# FmFM gained at each step up to the grid's top (4e-3): the next steps (group "dense-rate-fmfm", paired
+# with dense0.004_fmfm, its default).
+DENSE_RATE_FMFM = {
+    f"dense{lr:g}_fmfm": {**DENSE_RATE_ALL["dense0.004_fmfm"], "dense_lr": lr}
+    for lr in (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)
+}
 # The same rates in periodic retraining (3 epochs a period, group "dense-rate-periodic"): the protocol's
 # dense rate was chosen at 1e-3 (PERIODIC_GRID); do the backbones' new rates serve it as well?
 DENSE_RATE_PERIODIC = {
@@ -259,6 +265,7 @@ CATALOGUE = {  # every variant by name (the summary's row order)
     **DENSE_RATE,
     **DENSE_RATE_ALL,
     **DENSE_RATE_PERIODIC,
+    **DENSE_RATE_FMFM,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
@@ -1057,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
         "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2', 'dense-rate', "
-        "'dense-rate-all', 'dense-rate-periodic'",
+        "'dense-rate-all', 'dense-rate-periodic', 'dense-rate-fmfm'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -1159,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense-rate": {n: EMBEDDING_RATE[n] for n in ("rate0.03_deepfm", "rate0.1_dcn")} | DENSE_RATE,
         "dense-rate-all": DENSE_RATE_ALL,
         "dense-rate-periodic": DENSE_RATE_PERIODIC,
+        "dense-rate-fmfm": DENSE_RATE_FMFM,
     }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]

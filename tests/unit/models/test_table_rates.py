@@ -20,7 +20,7 @@ from reloop.engine.models.registry import available_backbones, backbone_entry, b
 SPEC = FeatureSpec(fields=(CategoricalField(name="u", buckets=40), CategoricalField(name="i", buckets=40)))
 TORCH = [name for name in available_backbones() if backbone_entry(name).kind == "torch"]
 EXPECTED = {"deepfm": 0.03, "fmfm": 0.055, "lr": 0.17, "pnn": 0.17, "afn": 0.3}
-EXPECTED_DENSE = {"dcn": 2e-3, "deepfm": 4e-3, "fmfm": 4e-3, "nfm": 2e-3, "pnn": 2e-3, "xdeepfm": 2e-3}
+EXPECTED_DENSE = {"dcn": 2e-3, "deepfm": 4e-3, "fmfm": 1.6e-2, "nfm": 2e-3, "pnn": 2e-3, "xdeepfm": 2e-3}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
