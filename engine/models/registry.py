@@ -135,6 +135,15 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
+def model_config_of(backbone: str, **model_config: Any) -> BackboneConfig:
+    """``backbone``'s validated model config; an unknown backbone, key or bad value fails here, naming it."""
+    entry = backbone_entry(backbone)
+    try:
+        return entry.config_cls(**model_config)
+    except ValidationError as exc:
+        raise ValueError(f"backbone {backbone!r}: bad config: {_validation_message(exc)}") from None
+
+
 def make_config(
     backbone: str,
     spec: FeatureSpec,
@@ -145,13 +154,9 @@ def make_config(
     **model_config: Any,
 ) -> LearnerConfig:
     """A validated LearnerConfig; a bad key or value fails here, naming it."""
-    entry = backbone_entry(backbone)
     if strategy not in available_strategies():
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {available_strategies()}")
-    try:
-        model = entry.config_cls(**model_config)
-    except ValidationError as exc:
-        raise ValueError(f"backbone {backbone!r}: bad config: {_validation_message(exc)}") from None
+    model = model_config_of(backbone, **model_config)
     try:
         opt = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(**(optimizer or {}))
         return LearnerConfig(

@@ -29,13 +29,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.features.featurizer import FeatureBatch, Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.metrics.offline import auc, logloss
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
 
 YLastSource = Literal["recomputed", "logged"]
 RIVER_LR = 0.05  # the river peer's SGD step unless told otherwise
@@ -202,12 +205,37 @@ class RunSpec:
 LearnerFactory = Callable[[RunSpec, FeatureSpec], Any]
 
 
-def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
-    """``build_learner`` with the model options this backbone has (an FM has no MLP to size)."""
-    from reloop.engine.models.registry import backbone_entry, build_learner
+def learner_options(backbone: str, model_options: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """The run's model options that ``backbone`` takes. They size every backbone of a run alike, so a
+    backbone without that knob (an FM has no MLP to size) or whose config pins it to one value (LR's and
+    FTRL's one-column table: ``embedding_dim`` is 1 whatever the run's) leaves it out."""
+    from reloop.engine.models.registry import backbone_entry
 
-    known = backbone_entry(run.backbone).config_cls.model_fields
-    options = {k: v for k, v in run.model_options if k in known}
+    fields = backbone_entry(backbone).config_cls.model_fields
+    return {k: v for k, v in model_options if k in fields and not _pinned(fields[k])}
+
+
+def _pinned(info: FieldInfo) -> bool:
+    bounds = {type(m).__name__: m for m in info.metadata}
+    ge, le = bounds.get("Ge"), bounds.get("Le")
+    return ge is not None and le is not None and ge.ge == le.le
+
+
+def check_learner_options(backbones: Iterable[str], model_options: Iterable[tuple[str, Any]]) -> None:
+    """Validate each backbone's model config before any run: a bad option fails in a second, naming the
+    backbone and the key, not after the runs before it (ValueError)."""
+    from reloop.engine.models.registry import model_config_of
+
+    options = tuple(model_options)
+    for backbone in backbones:
+        model_config_of(backbone, **learner_options(backbone, options))
+
+
+def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
+    """``build_learner`` with the model options this backbone takes (``learner_options``)."""
+    from reloop.engine.models.registry import build_learner
+
+    options = learner_options(run.backbone, run.model_options)
     return build_learner(
         run.backbone,
         spec,

@@ -30,6 +30,7 @@ from reloop.engine.replay.backtest import (
     RIVER_LR,
     BacktestData,
     RunSpec,
+    check_learner_options,
     period_bounds_by_count,
     period_bounds_by_time,
     prepare,
@@ -336,6 +337,12 @@ def main(args: argparse.Namespace) -> int:
     publish_every_ms = _publish_every_ms(args)
     if not args.river_lr > 0:
         raise SystemExit(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
+    hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
+    model_options = (("embedding_dim", args.embedding_dim), ("hidden_units", hidden))
+    try:  # before the data is read and the first run: not after the runs before a bad one
+        check_learner_options(_csv_list(args.backbones), model_options)
+    except ValueError as e:
+        raise SystemExit(f"--backbones / --embedding-dim / --hidden-units: {e}") from None
     t0 = time.perf_counter()
     data, time_kind = load_data(args)
     if publish_every_ms and time_kind == "pseudo":
@@ -345,7 +352,6 @@ def main(args: argparse.Namespace) -> int:
         f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
-    hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
     base = RunSpec(
         protocol="",
         backbone="",
@@ -355,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         batch_by=args.batch_by,
-        model_options=(("embedding_dim", args.embedding_dim), ("hidden_units", hidden)),
+        model_options=model_options,
         optimizer=optimizer_items(args),
         replay_size=args.replay_size,
         replay_ratio=args.replay_ratio,

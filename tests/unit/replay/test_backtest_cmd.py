@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from reloop.engine.metrics.offline import logloss
 from reloop.engine.models.config import OptimizerConfig
+from reloop.engine.replay.backtest import learner_options
 from reloop.engine.replay.backtest_cmd import (
     configure,
     learner_settings,
@@ -246,6 +247,41 @@ def test_a_bad_strategy_fails_before_the_data_is_read(tmp_path: Path) -> None:
     argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
     with pytest.raises(SystemExit, match="kd@half"):  # a message (stderr, exit 1), not a traceback
         main([*argv, "--out", str(tmp_path / "out"), "--strategies", "ce,kd@half"])
+
+
+def test_a_bad_model_option_fails_before_the_data_is_read(tmp_path: Path) -> None:
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
+    with pytest.raises(SystemExit, match="backbone 'fm': bad config: embedding_dim"):
+        main([*argv, "--out", str(tmp_path / "out"), "--backbones", "fm,dcn", "--embedding-dim", "0"])
+
+
+def test_each_backbone_takes_the_model_options_it_has() -> None:
+    options = (("embedding_dim", 4), ("hidden_units", (8,)))
+    assert learner_options("dcn", options) == {"embedding_dim": 4, "hidden_units": (8,)}
+    assert learner_options("fm", options) == {"embedding_dim": 4}  # no MLP to size
+    # LR's and FTRL's table has one column whatever the run's dimension (their configs pin it to 1)
+    assert learner_options("lr", options) == {} and learner_options("ftrl", options) == {}
+
+
+def test_one_run_trains_linear_and_deep_backbones_at_its_embedding_dim(tmp_path: Path) -> None:
+    # Before: LR's config refused the run's --embedding-dim 4 at its first run, after the runs before it.
+    out = tmp_path / "out"
+    argv = [
+        "backtest",
+        "--dataset",
+        "movielens-100k",
+        "--data",
+        str(_movielens(tmp_path / "ml")),
+        "--out",
+        str(out),
+    ]
+    options = (
+        "--period week --min-period-size 50 --backbones fm,lr,ftrl --hidden-units 8 --strategies ce "
+        "--seeds 1 --batch-size 64 --buckets 64 --embedding-dim 4 --protocols streaming --no-river"
+    )
+    assert main([*argv, *options.split(" ")]) == 0
+    with (out / "results.csv").open() as fh:
+        assert {r["backbone"] for r in csv.DictReader(fh)} == {"fm", "lr", "ftrl"}
 
 
 def _noise_log(path: Path, n: int = 3000) -> np.ndarray:
