@@ -199,7 +199,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "batch's labels), one row per weight named STRATEGY+mem...; keys of MemorySpec "
         "(engine/memory/stream_eval.py), e.g. n_tables=16,n_bits=12,lams=0.1/0.3,key=snapshot; repeatable",
     )
-    parser.add_argument("--embedding-dim", type=int, default=10)
+    parser.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=10,
+        help="embedding width of every backbone that has one (LR and FTRL keep their one-column table)",
+    )
     parser.add_argument(
         "--hidden-units", default="64,64", help="MLP widths (the registry's BARS size is 400,400,400)"
     )
