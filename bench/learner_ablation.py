@@ -242,6 +242,24 @@ DENSE_RATE_FMFM = {
     f"dense{lr:g}_fmfm": {**DENSE_RATE_ALL["dense0.004_fmfm"], "dense_lr": lr}
     for lr in (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)
 }
+# The per-event part at the rates it was studied with (Adam 1e-3, tables 0.03) and at each backbone's own
+# (group "per-event-rates"; DCN also with one of the two moved at a time).
+PER_EVENT_RATES = {
+    f"pe_dense{lr:g}_tables{rate:g}_{backbone}": {
+        **PER_EVENT,
+        "backbone": backbone,
+        "dense_lr": lr,
+        "opt": {**PER_EVENT["opt"], "embedding_lr": rate},
+    }
+    for backbone, lr, rate in (
+        ("dcn", 1e-3, 0.03),
+        ("dcn", 2e-3, 0.1),
+        ("dcn", 1e-3, 0.1),
+        ("dcn", 2e-3, 0.03),
+        ("deepfm", 1e-3, 0.03),
+        ("deepfm", 4e-3, 0.03),
+    )
+}
 # The same rates in periodic retraining (3 epochs a period, group "dense-rate-periodic"): the protocol's
 # dense rate was chosen at 1e-3 (PERIODIC_GRID); do the backbones' new rates serve it as well?
 DENSE_RATE_PERIODIC = {
@@ -266,6 +284,7 @@ CATALOGUE = {  # every variant by name (the summary's row order)
     **DENSE_RATE_ALL,
     **DENSE_RATE_PERIODIC,
     **DENSE_RATE_FMFM,
+    **PER_EVENT_RATES,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
@@ -1064,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
         "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2', 'dense-rate', "
-        "'dense-rate-all', 'dense-rate-periodic', 'dense-rate-fmfm'",
+        "'dense-rate-all', 'dense-rate-periodic', 'dense-rate-fmfm', "
+        "'per-event-rates'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -1167,6 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense-rate-all": DENSE_RATE_ALL,
         "dense-rate-periodic": DENSE_RATE_PERIODIC,
         "dense-rate-fmfm": DENSE_RATE_FMFM,
+        "per-event-rates": PER_EVENT_RATES,
     }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]
