@@ -1,4 +1,5 @@
-"""join.emit_policy and train.delayed_feedback: FNW's stream and FNW's weights only together."""
+"""join.emit_policy and train.delayed_feedback: FNW's stream and FNW's weights only together; the per-event
+part, which the joiner's late labels undo, is warned about."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def test_train_replay_settings_reach_the_trainer_and_change_the_fingerprint() ->
     assert trainer.replay is not None and trainer.replay.capacity == 500 and trainer.replay.ratio == 0.5
     assert build_trainer(plain).replay is None
     assert replay.fingerprint() != plain.fingerprint()
+
+
+@pytest.mark.parametrize("emit_policy", ["window", "fnw"])
+def test_the_per_event_part_is_warned_about_where_the_joiner_makes_the_labels(caplog, emit_policy) -> None:
+    from reloop.engine.runtime.build import build_trainer
+
+    model = {"backbone": "dcn", "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}}
+    fnw = {"join": {"emit_policy": "fnw"}, "train": {"delayed_feedback": "fnw"}}
+    fnw = fnw if emit_policy == "fnw" else {}
+    with caplog.at_level("WARNING", logger="reloop.run"):
+        build_trainer(load_config_dict({"model": model, **fnw}))
+        assert not caplog.records
+        build_trainer(load_config_dict({"model": {**model, "optimizer": {"wide": "bayes"}}, **fnw}))
+    (record,) = caplog.records
+    assert record.fields == {"key": "model.optimizer.wide", "emit_policy": emit_policy}
+    assert ("7.9e-3 AUC" in record.getMessage()) == (emit_policy == "fnw")
