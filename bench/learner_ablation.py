@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.metrics.offline import auc, logloss
-from reloop.engine.models.config import adagrad_embedding_lr
+from reloop.engine.models.config import adagrad_embedding_lr, adam_lr
 from reloop.engine.replay.backtest import RIVER_LR, BacktestData
 
 # ------------------------------------------------------------------------------------------ settings
@@ -260,6 +260,19 @@ PER_EVENT_RATES = {
         ("deepfm", 4e-3, 0.03),
     )
 }
+# The same pair for the other torch backbones (group "per-event-rates-all"): the study's rates and the
+# backbone's own (adam_lr, adagrad_embedding_lr).
+PER_EVENT_RATES_ALL = {
+    f"pe_dense{lr:g}_tables{rate:g}_{backbone}": {
+        **PER_EVENT,
+        "backbone": backbone,
+        "dense_lr": lr,
+        "opt": {**PER_EVENT["opt"], "embedding_lr": rate},
+    }
+    for backbone in TORCH_BACKBONES
+    if backbone not in ("dcn", "deepfm")
+    for lr, rate in ((1e-3, 0.03), (adam_lr(backbone), adagrad_embedding_lr(backbone)))
+}
 # The same rates in periodic retraining (3 epochs a period, group "dense-rate-periodic"): the protocol's
 # dense rate was chosen at 1e-3 (PERIODIC_GRID); do the backbones' new rates serve it as well?
 DENSE_RATE_PERIODIC = {
@@ -285,6 +298,7 @@ CATALOGUE = {  # every variant by name (the summary's row order)
     **DENSE_RATE_PERIODIC,
     **DENSE_RATE_FMFM,
     **PER_EVENT_RATES,
+    **PER_EVENT_RATES_ALL,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
@@ -906,6 +920,45 @@ def summarise_rates(paths: list[Path], base: float = 0.03) -> str:
     return "\n".join(lines)
 
 
+def summarise_per_event_rates(paths: list[Path]) -> str:
+    """The "per-event-rates" groups: per backbone, the part at the backbone's own rates against the part at
+    the study's (Adam 1e-3, tables 0.03), paired by seed and period on each dataset, ×1e3 with a 95% t
+    half-width over seeds; **bold** where clear of zero on the better side. The rule's verdict: the own
+    rates are kept where nowhere worse (every interval) and better somewhere."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for path in paths:
+        for r in csv.DictReader(path.open()):
+            if not r["variant"].startswith("pe_dense"):
+                continue
+            _, dense, tables, backbone = r["variant"].split("_", 3)
+            key = (r["dataset"], backbone, f"{dense}_{tables}")
+            cells.setdefault(key, {})[(int(r["seed"]), int(r["period"]))] = (
+                float(r["auc"]),
+                float(r["logloss"]),
+            )
+    study = "dense0.001_tables0.03"
+    datasets = sorted({k[0] for k in cells})
+    head = " | ".join(f"{ds} ΔAUC | {ds} ΔLogLoss" for ds in datasets)
+    lines = [
+        f"| backbone | own rates | {head} | verdict |",
+        "| --- | --- |" + " --- |" * (2 * len(datasets) + 1),
+    ]
+    for backbone in sorted({k[1] for k in cells}):
+        own = f"dense{adam_lr(backbone):g}_tables{adagrad_embedding_lr(backbone):g}"
+        row, worse, better = [], False, False
+        for ds in datasets:
+            cell, ref = cells.get((ds, backbone, own), {}), cells.get((ds, backbone, study), {})
+            for m, sign in ((0, 1.0), (1, -1.0)):
+                mean, half = _paired_interval(cell, ref, m)
+                text = "" if math.isnan(mean) else f"{mean * 1e3:+.2f} ± {half * 1e3:.2f}"
+                worse |= math.isnan(mean) or -sign * mean - half > 0
+                better |= sign * mean - half > 0
+                row.append(f"**{text}**" if text and sign * mean - half > 0 else text)
+        verdict = "own rates" if better and not worse else "the study's"
+        lines.append(f"| {backbone} | {own.replace('_', ', ')} | " + " | ".join(row) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def summarise_published(path: Path, first_later_period: int) -> str:
     """What a server that loads only published snapshots serves (``--publish-every``): per label-arrival
     setting, publish interval and learner, served AUC / LogLoss on the selection and the later periods,
@@ -1084,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
         "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2', 'dense-rate', "
         "'dense-rate-all', 'dense-rate-periodic', 'dense-rate-fmfm', "
-        "'per-event-rates'",
+        "'per-event-rates', 'per-event-rates-all'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -1097,6 +1150,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="CSV",
         help="print the embedding-rate group's table (each backbone against itself at --rates-base) and exit",
+    )
+    p.add_argument(
+        "--summary-per-event-rates",
+        type=Path,
+        nargs="+",
+        metavar="CSV",
+        help="print the per-event-rates groups' table (each backbone's own rates against the study's), exit",
     )
     p.add_argument(
         "--rates-base",
@@ -1153,6 +1213,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(DELAYED_BACKBONES)}: the new defaults with another backbone)",
     )
     args = p.parse_args(argv)
+    if args.summary_per_event_rates:
+        print(summarise_per_event_rates(args.summary_per_event_rates))
+        return 0
     if args.summary_rates:
         print(summarise_rates(args.summary_rates, base=args.rates_base))
         return 0
@@ -1188,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense-rate-periodic": DENSE_RATE_PERIODIC,
         "dense-rate-fmfm": DENSE_RATE_FMFM,
         "per-event-rates": PER_EVENT_RATES,
+        "per-event-rates-all": PER_EVENT_RATES_ALL,
     }
     if args.variants == "all":
         names = [n for n in VARIANTS if n not in SLOW]

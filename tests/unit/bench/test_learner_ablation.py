@@ -331,6 +331,31 @@ def test_the_rates_table_pairs_each_backbone_with_itself_at_the_base_rate(tmp_pa
     assert not any(line.startswith("| dcn | 0.1 |") for line in against)
 
 
+def test_the_per_event_rates_table_keeps_a_backbones_own_rates_only_where_nowhere_worse(tmp_path):
+    path = tmp_path / "pe.csv"
+    own = {b: f"pe_dense{la.adam_lr(b):g}_tables{la.adagrad_embedding_lr(b):g}_{b}" for b in ("dcn", "fm")}
+    rows = []
+    for dataset, gain in (("a", {"dcn": 0.002, "fm": 0.002}), ("b", {"dcn": 0.0, "fm": -0.003})):
+        for seed in range(3):
+            for period in (1, 2):
+                base = 0.70 + 0.01 * seed + 0.001 * period
+                for b in ("dcn", "fm"):
+                    for variant, auc in ((f"pe_dense0.001_tables0.03_{b}", base), (own[b], base + gain[b])):
+                        auc += 1e-4 * seed * (variant == own[b])
+                        rows.append({"dataset": dataset, "variant": variant, "seed": seed, "period": period,
+                                     "n": 10, "auc": auc, "logloss": 1 - auc, "seconds": 0.0})  # fmt: skip
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    table = la.summarise_per_event_rates([path]).splitlines()
+    dcn = next(line for line in table if line.startswith("| dcn |"))
+    fm = next(line for line in table if line.startswith("| fm |"))
+    # DCN: better on a, a tie on b: its own rates; FM: better on a, worse on b: the study's.
+    assert dcn.endswith("| own rates |") and "**+2.10 ± 0.25**" in dcn
+    assert fm.endswith("| the study's |") and "-2.90 ± 0.25" in fm
+
+
 def test_the_midpoints_bisect_the_step_each_backbones_climb_failed():
     # 0.03 -> 0.1 failed for DeepFM and FmFM, 0.1 -> 0.3 for the others but AFN+ (at the top of the grid).
     midpoints = la.EMBEDDING_RATE_MIDPOINTS

@@ -1,7 +1,7 @@
 """The embedding tables' Adagrad rate and the dense parameters' Adam rate are the backbone's own unless
 ``embedding_lr`` / ``lr`` is set: the rates chosen per backbone on the backtests' selection periods
-(docs/backtest/ablation.md) reach the optimizers, in batch steps and after a resume; small steps keep the
-small-step rates for every backbone."""
+(docs/backtest/ablation.md) reach the optimizers, in batch steps and after a resume; with the per-event
+part, the rates it was chosen with; small steps keep the small-step rates for every backbone."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
 from reloop.engine.models.config import (
     ADAGRAD_EMBEDDING_LR,
     ADAM_LR,
+    PER_EVENT_OWN_RATES,
     OptimizerConfig,
     adagrad_embedding_lr,
     adam_lr,
+    per_event_rates,
 )
 from reloop.engine.models.registry import available_backbones, backbone_entry, build_learner
 
@@ -95,6 +97,27 @@ def test_an_explicit_rate_wins_and_sparse_adam_keeps_the_dense_rate(backbone: st
     adam = _learner(backbone, embedding_optimizer="adam")
     adam.learn(*_batch(300))
     assert _table_rate(adam) == EXPECTED_DENSE[backbone]  # SparseAdam at the backbone's dense rate
+
+
+# The backbones that keep their own rates with the per-event part (the rest take Adam 1e-3, Adagrad 0.03).
+PER_EVENT_OWN: frozenset[str] = frozenset()
+
+
+@pytest.mark.parametrize("backbone", TORCH)
+def test_with_the_per_event_part_unset_rates_are_the_ones_the_part_was_chosen_with(backbone: str) -> None:
+    assert PER_EVENT_OWN_RATES == PER_EVENT_OWN
+    own = (EXPECTED_DENSE.get(backbone, 1e-3), EXPECTED.get(backbone, 0.1))
+    learner = _learner(backbone, wide="bayes")
+    learner.learn(*_batch(300))
+    expected = own if backbone in PER_EVENT_OWN else (1e-3, 0.03)
+    assert (_dense_rate(learner), _table_rate(learner)) == expected
+    assert per_event_rates("a_plugin_backbone") == (1e-3, 0.03)
+    mine = _learner(backbone, wide="bayes", lr=5e-4, embedding_lr=0.2)  # explicit rates win
+    mine.learn(*_batch(300))
+    assert (_dense_rate(mine), _table_rate(mine)) == (5e-4, 0.2)
+    small = _learner(backbone, wide="bayes")  # small steps keep the small-step rates
+    small.learn(*_batch(8))
+    assert (_dense_rate(small), _table_rate(small)) == (3e-4, 0.1)
 
 
 def test_a_resumed_learner_keeps_its_backbones_rate() -> None:
