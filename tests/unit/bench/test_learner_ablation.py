@@ -300,6 +300,16 @@ def test_the_harness_gives_first_order_tables_their_own_adagrad_rate():
     assert rates == {(1,): 0.1, (s["dim"],): 0.03}
 
 
+def _write_cells(path, cells) -> None:
+    """The harness's CSV of (dataset, variant, seed, period, auc) cells, LogLoss 1 - AUC."""
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
+        w.writeheader()
+        for dataset, variant, seed, period, auc in cells:
+            w.writerow({"dataset": dataset, "variant": variant, "seed": seed, "period": period, "n": 10,
+                        "auc": auc, "logloss": 1 - auc, "seconds": 0.0})  # fmt: skip
+
+
 def test_the_rates_table_pairs_each_backbone_with_itself_at_the_base_rate(tmp_path):
     path = tmp_path / "rates.csv"
     rows = []
@@ -312,13 +322,8 @@ def test_the_rates_table_pairs_each_backbone_with_itself_at_the_base_rate(tmp_pa
                 "rate0.03_fm": base - 0.05,
                 "rate0.1_fm": base - 0.05 - 0.001,
             }
-            for variant, auc in aucs.items():
-                rows.append({"dataset": "d", "variant": variant, "seed": seed, "period": period, "n": 10,
-                             "auc": auc, "logloss": 1 - auc, "seconds": 0.0})  # fmt: skip
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+            rows += [("d", variant, seed, period, auc) for variant, auc in aucs.items()]
+    _write_cells(path, rows)
     table = la.summarise_rates([path]).splitlines()
     dcn = next(line for line in table if line.startswith("| dcn | 0.1 |"))
     fm = next(line for line in table if line.startswith("| fm | 0.1 |"))
@@ -341,13 +346,8 @@ def test_the_per_event_rates_table_keeps_a_backbones_own_rates_only_where_nowher
                 base = 0.70 + 0.01 * seed + 0.001 * period
                 for b in ("dcn", "fm"):
                     for variant, auc in ((f"pe_dense0.001_tables0.03_{b}", base), (own[b], base + gain[b])):
-                        auc += 1e-4 * seed * (variant == own[b])
-                        rows.append({"dataset": dataset, "variant": variant, "seed": seed, "period": period,
-                                     "n": 10, "auc": auc, "logloss": 1 - auc, "seconds": 0.0})  # fmt: skip
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=la.COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+                        rows.append((dataset, variant, seed, period, auc + 1e-4 * seed * (variant == own[b])))
+    _write_cells(path, rows)
     table = la.summarise_per_event_rates([path]).splitlines()
     dcn = next(line for line in table if line.startswith("| dcn |"))
     fm = next(line for line in table if line.startswith("| fm |"))
