@@ -417,9 +417,9 @@ class TorchLearner:
         training forward differs from its scoring one (dropout, batch norm), the wide part learns and
         scores against the eval-mode logits (``eval_deep``, computed here when not given): it corrects
         the scores it is added to, and the training forward's logits differ from those by the batch's
-        own statistics (AFN+'s batch norm: MovieLens LogLoss 3.2 against 0.61, ablation.md).
-        ``refuse_rows``: rows whose logits are not finite end the step before it learns anything
-        (``_refuse_rows``)."""
+        own statistics (AFN+'s batch norm: LogLoss 2.78 against 0.59 on MovieLens's selection weeks,
+        ablation.md). ``refuse_rows``: rows whose logits are not finite end the step before it learns
+        anything (``_refuse_rows``)."""
         n = len(batch)
         if (
             self.wide is not None
