@@ -33,7 +33,7 @@ class OptimizerConfig(FrozenConfig):
     * ``wide``: ``bayes`` adds a first-order part learned PER EVENT by Bayesian filtering to the
       backbone's logit (engine/models/wide.py; ``wide_prior_variance`` is its one setting,
       ``wide_moderate`` scores with the predictive probability; it learns with the learner's loss).
-      With it, unset rates default to those the part was chosen with (``per_event_rates``: Adam 1e-3,
+      With it, unset rates default to those the part was chosen with (``PER_EVENT_RATES``: Adam 1e-3,
       Adagrad 0.03), not the backbone's.
       Off by default: it pays where labels arrive with their events, in event order, and predictions
       come from the live learner (the streaming backtest); where clicks are joined with a delay and
@@ -77,7 +77,7 @@ class OptimizerConfig(FrozenConfig):
 
     def effective_embedding_lr(self, backbone: str | None = None) -> float:
         """The tables' rate for batch-sized steps: ``embedding_lr``, else ``backbone``'s Adagrad rate
-        (``adagrad_embedding_lr``; with the per-event part, ``per_event_rates``) or, for SparseAdam,
+        (``adagrad_embedding_lr``; with the per-event part, ``PER_EVENT_RATES``) or, for SparseAdam,
         ``lr``."""
         if self.embedding_lr is not None:
             return self.embedding_lr
@@ -87,12 +87,12 @@ class OptimizerConfig(FrozenConfig):
 
     def effective_lr(self, backbone: str | None = None) -> float:
         """Adam's rate on the dense parameters for batch-sized steps: ``lr``, else ``backbone``'s (with
-        the per-event part, ``per_event_rates``)."""
+        the per-event part, ``PER_EVENT_RATES``)."""
         return self.lr if self.lr is not None else self._default_rates(backbone)[0]
 
     def _default_rates(self, backbone: str | None) -> tuple[float, float]:
         if self.wide == "bayes":
-            return per_event_rates(backbone)
+            return PER_EVENT_RATES
         return adam_lr(backbone), adagrad_embedding_lr(backbone)
 
     @property
@@ -163,22 +163,12 @@ def adagrad_embedding_lr(backbone: str | None) -> float:
     return ADAGRAD_EMBEDDING_LR_BY_BACKBONE.get(backbone or "", ADAGRAD_EMBEDDING_LR)
 
 
-# With the per-event part (``wide="bayes"``), the rates it was studied with (Adam 1e-3 on the dense part,
-# Adagrad 0.03 on the tables) unless a backbone's own rates were nowhere worse with the part and better
-# somewhere (both datasets' selection periods, AUC and LogLoss, 95% over 5 seeds; docs/backtest/ablation.md,
-# "The per-event part's rates"). None of the eleven torch backbones does: each one's own rates were worse
-# with the part on MovieLens (though better on Frappe for nine). Unknown backbones (plugins) take the
-# study's rates too.
-PER_EVENT_ADAM_LR = 1e-3
-PER_EVENT_EMBEDDING_LR = 0.03
-PER_EVENT_OWN_RATES: frozenset[str] = frozenset()
-
-
-def per_event_rates(backbone: str | None) -> tuple[float, float]:
-    """(Adam's dense rate, Adagrad's table rate) of ``backbone`` with the per-event part, when unset."""
-    if backbone in PER_EVENT_OWN_RATES:
-        return adam_lr(backbone), adagrad_embedding_lr(backbone)
-    return PER_EVENT_ADAM_LR, PER_EVENT_EMBEDDING_LR
+# (Adam's dense rate, Adagrad's table rate) with the per-event part (``wide="bayes"``) when unset, for every
+# backbone: the rates it was studied with. A backbone would keep its own rates only where they were nowhere
+# worse with the part and better somewhere (both datasets' selection periods, AUC and LogLoss, 95% over 5
+# seeds; docs/backtest/ablation.md, "The per-event part's rates"); none of the eleven torch backbones did:
+# each one's own rates were worse with the part on MovieLens (though better on Frappe for nine).
+PER_EVENT_RATES: tuple[float, float] = (1e-3, 0.03)
 
 
 # The small-step rates were chosen on the selection periods with one batch per event time on MovieLens

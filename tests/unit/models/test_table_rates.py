@@ -11,11 +11,10 @@ from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
 from reloop.engine.models.config import (
     ADAGRAD_EMBEDDING_LR,
     ADAM_LR,
-    PER_EVENT_OWN_RATES,
+    PER_EVENT_RATES,
     OptimizerConfig,
     adagrad_embedding_lr,
     adam_lr,
-    per_event_rates,
 )
 from reloop.engine.models.registry import available_backbones, backbone_entry, build_learner
 
@@ -99,19 +98,17 @@ def test_an_explicit_rate_wins_and_sparse_adam_keeps_the_dense_rate(backbone: st
     assert _table_rate(adam) == EXPECTED_DENSE[backbone]  # SparseAdam at the backbone's dense rate
 
 
-# The backbones that keep their own rates with the per-event part (the rest take Adam 1e-3, Adagrad 0.03).
-PER_EVENT_OWN: frozenset[str] = frozenset()
-
-
 @pytest.mark.parametrize("backbone", TORCH)
 def test_with_the_per_event_part_unset_rates_are_the_ones_the_part_was_chosen_with(backbone: str) -> None:
-    assert PER_EVENT_OWN_RATES == PER_EVENT_OWN
-    own = (EXPECTED_DENSE.get(backbone, 1e-3), EXPECTED.get(backbone, 0.1))
+    # No backbone keeps its own rates with the part (the selection periods: ablation.md).
     learner = _learner(backbone, wide="bayes")
     learner.learn(*_batch(300))
-    expected = own if backbone in PER_EVENT_OWN else (1e-3, 0.03)
-    assert (_dense_rate(learner), _table_rate(learner)) == expected
-    assert per_event_rates("a_plugin_backbone") == (1e-3, 0.03)
+    assert (_dense_rate(learner), _table_rate(learner)) == PER_EVENT_RATES == (1e-3, 0.03)
+    plugin = OptimizerConfig(wide="bayes")
+    assert (plugin.effective_lr("a_plugin_backbone"), plugin.effective_embedding_lr("a_plugin_backbone")) == (
+        1e-3,
+        0.03,
+    )
     mine = _learner(backbone, wide="bayes", lr=5e-4, embedding_lr=0.2)  # explicit rates win
     mine.learn(*_batch(300))
     assert (_dense_rate(mine), _table_rate(mine)) == (5e-4, 0.2)
