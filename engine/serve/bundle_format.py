@@ -147,7 +147,8 @@ def _write_safetensors(
             t = t.contiguous()
             if t.numel() == 0:
                 continue
-            view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+            # reshape first: a 0-dim tensor (batch norm's num_batches_tracked) cannot change dtype size
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             digest.update(view)
             f.write(view)
             total += len(view)
