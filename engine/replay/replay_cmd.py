@@ -159,6 +159,7 @@ def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     from reloop.engine.replay.replay import run_replay
+    from reloop.engine.runtime.build import check_model
     from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
     from tqdm import tqdm
 
@@ -172,12 +173,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.dataset:
             source, end, timestamps, cfg = _dataset_source(args, load_config, load_config_dict)
+            check_model(cfg)
             start = None
         else:
             if args.config is None:
                 print("reloop replay: --config is required with --kafka/--jsonl", file=sys.stderr)
                 return 2
             cfg = load_config(args.config)
+            check_model(cfg)
             topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
             if args.from_samples:
                 if not args.kafka:

@@ -14,7 +14,13 @@ from reloop.engine.features.check import FeatureLimits, SpecChecker
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
-from reloop.engine.models.registry import build_learner
+from reloop.engine.models.registry import (
+    available_backbones,
+    build_learner,
+    learner_from_config,
+    make_config,
+    model_config_of,
+)
 from reloop.engine.runtime.clock import system_clock
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_feature_spec
 from reloop.engine.runtime.intake import IntakeLimits
@@ -37,6 +43,38 @@ def apply_determinism(cfg: RunConfig) -> None:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """ConfigError naming the key when no learner can be built from ``cfg.model``. Commands call this
+    before their supervised stage starts: inside it the same error would be retried as a failure until
+    ``recovery.give_up_after_s`` and end with exit 1 instead of 2."""
+    spec = load_feature_spec(cfg.model)
+    model = cfg.model
+    try:
+        model_config_of(model.backbone, **model.params)
+    except ValueError as exc:
+        key = "model.backbone" if model.backbone not in available_backbones() else "model.params"
+        raise ConfigError(f"invalid config: {key}: {exc}") from None
+    try:
+        config = make_config(
+            model.backbone,
+            spec,
+            model.strategy,
+            model.alpha,
+            model.seed,
+            model.optimizer or None,
+            **model.params,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: model.optimizer: {exc}") from None
+    try:
+        with torch.device("meta"):  # the constructors' own checks, without allocating the tables
+            learner_from_config(config)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"invalid config: model: backbone {model.backbone!r} cannot be built: {exc}"
+        ) from None
 
 
 def build_trainer(cfg: RunConfig) -> StreamTrainer:

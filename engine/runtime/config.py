@@ -426,8 +426,18 @@ def load_feature_spec(section: ModelSection) -> Any:
     data = section.spec
     if data is None:
         assert section.spec_file is not None
-        text = Path(section.spec_file).read_text()
-        data = json.loads(text) if section.spec_file.endswith(".json") else yaml.safe_load(text)
+        try:
+            text = Path(section.spec_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid config: model.spec_file: cannot read {section.spec_file} ({exc})"
+            ) from None
+        try:
+            data = json.loads(text) if section.spec_file.endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(
+                f"invalid config: model.spec_file: {section.spec_file} does not parse ({exc})"
+            ) from None
     try:
         return FeatureSpec.model_validate(data)
     except ValidationError as exc:

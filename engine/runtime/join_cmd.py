@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reloop.engine.runtime.config import ConfigError, load_config
+from reloop.engine.runtime.config import ConfigError, load_config, load_feature_spec
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
 
@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
+        load_feature_spec(cfg.model)  # the door checks by it: a bad spec fails here, not in a retry loop
     except ConfigError as exc:
         print(f"reloop join: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -41,7 +41,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_json_logging(args.log_level or cfg.log.level)
     if cfg.stages.processes == 2:
-        return _two_processes(args, cfg)
+        return _two_processes(args, cfg)  # each stage checks the model section as it starts
+    from reloop.engine.runtime.build import check_model
+
+    try:
+        check_model(cfg)
+    except ConfigError as exc:
+        print(f"reloop run: {exc}", file=sys.stderr, flush=True)
+        return 2
     return _one_process(cfg)
 
 

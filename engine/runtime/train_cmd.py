@@ -40,6 +40,9 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         if args.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1 (got {args.world_size})")
+        from reloop.engine.runtime.build import check_model
+
+        check_model(cfg)
     except ConfigError as exc:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -1,0 +1,83 @@
+"""A model section no learner can be built from fails at start with exit 2, naming the key, instead of
+inside the supervised stage, which retried it as a failure until recovery.give_up_after_s."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from reloop.engine.runtime.build import check_model
+from reloop.engine.runtime.config import ConfigError, load_config_dict
+
+_SPEC = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+
+
+def _cfg(**model: object):
+    return load_config_dict({"model": {"backbone": "dcn", "spec": _SPEC, **model}}, env={})
+
+
+def test_a_buildable_model_passes() -> None:
+    check_model(_cfg(params={"embedding_dim": 4, "hidden_units": [8]}, optimizer={"wide": "bayes"}))
+    check_model(load_config_dict({"model": {"backbone": "afn", "spec": _SPEC}}, env={}))
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "needle"),
+    [
+        ({"params": {"embeding_dim": 8}}, "model.params", "embeding_dim"),
+        ({"params": {"hidden_units": "wide"}}, "model.params", "hidden_units"),
+        ({"backbone": "nope"}, "model.backbone", "nope"),
+        ({"optimizer": {"lrr": 0.1}}, "model.optimizer", "lrr"),
+        ({"optimizer": {"lr": -1}}, "model.optimizer", "lr"),
+        ({"optimizer": {"wide": "bayesian"}}, "model.optimizer", "wide"),
+    ],
+)
+def test_a_bad_model_section_names_its_key(model: dict, key: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=key) as err:
+        check_model(_cfg(**model))
+    assert needle in str(err.value)
+
+
+def test_a_missing_or_unparsable_spec_file_names_the_key_and_the_path(tmp_path) -> None:
+    missing = tmp_path / "nope.yaml"
+    cfg = load_config_dict({"model": {"backbone": "lr", "spec_file": str(missing)}}, env={})
+    with pytest.raises(ConfigError, match="model.spec_file") as err:
+        check_model(cfg)
+    assert str(missing) in str(err.value)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    cfg = load_config_dict({"model": {"backbone": "lr", "spec_file": str(bad)}}, env={})
+    with pytest.raises(ConfigError, match="model.spec_file"):
+        check_model(cfg)
+
+
+@pytest.mark.parametrize("command", ["train", "run", "join"])
+def test_the_commands_exit_2_at_once_naming_the_key(tmp_path, command: str) -> None:
+    # No broker is running for this test: the check must come before any connection is tried.
+    model = {"backbone": "dcn", "spec": _SPEC, "params": {"embeding_dim": 8}}
+    if command == "join":  # the join stage reads the spec only
+        model = {"backbone": "dcn", "spec_file": str(tmp_path / "missing.yaml")}
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": model,
+                "kafka": {"bootstrap": "127.0.0.1:1"},
+                "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            }
+        )
+    )
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    key = "model.spec_file" if command == "join" else "model.params"
+    assert key in out.stderr
+    assert time.monotonic() - start < 60
