@@ -3,8 +3,8 @@
 Shared by ``reloop join``, ``reloop train`` and ``reloop run`` (which runs both). A failure that is not
 about one record rebuilds the stage from its last checkpoint (engine/runtime/supervisor.py). SIGTERM /
 SIGINT stop it gracefully (a final checkpoint); the process exits at the latest ``recovery.stop_timeout_s``
-after the signal whatever the broker does; a second signal exits at once. Exit codes: 0 stopped cleanly,
-1 gave up or forced out, 2 bad config or unusable snapshots.
+after the signal whatever the broker does; a second signal, a second or more after the first, exits at
+once. Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
 """
 
 from __future__ import annotations
@@ -28,9 +28,16 @@ class StopRequest:
     """SIGTERM/SIGINT: set ``event`` and arm a watchdog that ends the process ``timeout_s`` later if
     the graceful stop has not finished by then (a stop must never wait on the broker)."""
 
-    def __init__(self, timeout_s: float) -> None:
+    # A signal this soon after the first is the same stop delivered twice, not a second request:
+    # Ctrl-C in a terminal (or systemd's control-group kill) reaches `reloop run` and its stage processes
+    # at once, and `reloop run` then forwards it to them again.
+    SAME_STOP_S = 1.0
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.event = threading.Event()
         self.timeout_s = timeout_s
+        self._clock = clock
+        self._first_at: float | None = None
         self._timer: threading.Timer | None = None
 
     def install(self) -> None:
@@ -39,8 +46,13 @@ class StopRequest:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
-        if self.event.is_set():
-            self._force(f"second {name}")
+        now = self._clock()
+        if self._first_at is not None:
+            if now - self._first_at < self.SAME_STOP_S:
+                log.info("stopping already", extra={"fields": {"signal": name}})
+                return
+            self._force(f"a second {name}", in_time=False)
+        self._first_at = now
         log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
         self.event.set()
         self._timer = threading.Timer(
@@ -54,10 +66,10 @@ class StopRequest:
             self._timer.cancel()
 
     @staticmethod
-    def _force(why: str) -> None:
+    def _force(why: str, in_time: bool = True) -> None:
+        what = "stop did not finish in time" if in_time else "stop forced"
         log.critical(
-            "stop did not finish in time: exiting without a final checkpoint "
-            "(the last snapshot stays the restart point)",
+            f"{what}: exiting without a final checkpoint (the last snapshot stays the restart point)",
             extra={"fields": {"why": why}},
         )
         for handler in logging.getLogger().handlers:

@@ -152,7 +152,7 @@ def _kill_leftover_processors():
             proc.wait()
 
 
-def _start(config: Path, tmp: Path) -> subprocess.Popen:
+def _start(config: Path, tmp: Path, new_session: bool = False) -> subprocess.Popen:
     err = open(tmp / "run.log", "ab")  # noqa: SIM115 - handed to the child
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
     proc = subprocess.Popen(
@@ -161,6 +161,7 @@ def _start(config: Path, tmp: Path) -> subprocess.Popen:
         stdout=err,
         stderr=err,
         env=env,
+        start_new_session=new_session,  # its own process group, as a shell gives a foreground job
     )
     _CHILDREN.append(proc)
     return proc
@@ -325,6 +326,28 @@ def test_samples_messages_over_the_topics_size_limit_are_split_and_every_sample_
     assert stopped["messages_split"] > 0 and stopped["samples_sent"] == len(synth.expected)
     dead = _read_samples_raw(kafka_broker.bootstrap, topics["deadletter"], 10**9, timeout_s=2)
     assert len(dead) == synth.malformed  # the log's malformed events, no sample "oversized"
+
+
+def test_ctrl_c_to_the_process_group_stops_both_stages_with_their_final_checkpoints(
+    kafka_broker, unique_topic, tmp_path
+):
+    """Ctrl-C in a terminal signals `reloop run` and its two stage processes together, and `reloop run`
+    forwards the signal as well. Each stage took that second delivery for a second Ctrl-C and exited at
+    once without its final checkpoint (exit 1). (The train stage's checkpoints are its stop's: its
+    periodic restart points are snapshots.)"""
+    synth = generate(600, seed=13, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
+    topics = _topics(unique_topic)
+    _produce(kafka_broker.bootstrap, topics, synth, _chunks(synth.records, 2)[0])
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct")
+    reg = SnapshotRegistry(tmp_path / "snaps")
+    proc = _start(config, tmp_path, new_session=True)
+    _wait_started(proc, tmp_path / "run.log")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = (tmp_path / "run.log").read_text
+    assert proc.wait(timeout=60) == 0, log()[-3000:]
+    assert "stop forced" not in log()
+    assert reg.checkpoints.versions(), "no final checkpoint of the train stage"
 
 
 def _read_samples_raw(bootstrap: str, topic: str, n: int, timeout_s: float = 20) -> list[bytes]:

@@ -1,0 +1,38 @@
+"""StopRequest: one stop delivered twice within a second (Ctrl-C reaches `reloop run` and its stages,
+which `reloop run` forwards it to as well) is one graceful stop; a later second signal forces the exit."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from reloop.engine.runtime.stage_runner import StopRequest
+
+
+@pytest.fixture
+def forced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(StopRequest, "_force", staticmethod(lambda why, in_time=True: calls.append(why)))
+    return calls
+
+
+def test_the_same_stop_twice_within_a_second_stays_graceful(forced: list[str]) -> None:
+    now = [100.0]
+    stop = StopRequest(timeout_s=30, clock=lambda: now[0])
+    stop._on_signal(signal.SIGINT, None)
+    now[0] += 0.2
+    stop._on_signal(signal.SIGINT, None)
+    stop.disarm()
+    assert stop.event.is_set() and forced == []
+
+
+def test_a_second_signal_later_forces_the_exit(forced: list[str]) -> None:
+    now = [100.0]
+    stop = StopRequest(timeout_s=30, clock=lambda: now[0])
+    stop._on_signal(signal.SIGTERM, None)
+    first_watchdog = stop._timer
+    now[0] += StopRequest.SAME_STOP_S + 0.5
+    stop._on_signal(signal.SIGINT, None)  # the real _force exits here; the stub returns
+    for timer in (first_watchdog, stop._timer):  # no watchdog may outlive the stub
+        timer.cancel()
+    assert forced == ["a second SIGINT"]
