@@ -205,6 +205,7 @@ class JoinStage:
                 continue
             task = self._new_task(p)
             self._restore(task)
+            self._metrics.taken(p, task)
             self.tasks[p] = task
             for tp in task.inputs:
                 seek[tp] = task.positions.get(tp)
@@ -214,6 +215,7 @@ class JoinStage:
 
     def _revoke(self, revoked: list[TopicPartition]) -> None:
         gone = sorted({tp.partition for tp in revoked} & set(self.tasks))
+        self._metrics.publish(self)  # the counts since the last step, before the tasks go
         for p in gone:
             self._checkpoint(self.tasks[p], advance=False)
         for p in gone:
@@ -461,12 +463,21 @@ class _JoinMetrics(JoinerMetrics):
     def emitted(self, joined: list[Any]) -> None:
         self.joined([j.label for j in joined])
 
+    @staticmethod
+    def _counts(task: JoinTask) -> dict[str, int]:
+        return {**task.joiner.stats.as_dict(), "stamped_ahead": task.merger.stamped_ahead}
+
+    def taken(self, partition: int, task: JoinTask) -> None:
+        """A task just taken over, as restored: the counts up to its checkpoint were exported by its
+        previous owner; from here on they are this process's."""
+        self._last[partition] = self._counts(task)
+
     def publish(self, stage: JoinStage) -> None:
         self.pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
         for p, task in stage.tasks.items():
-            now = {**task.joiner.stats.as_dict(), "stamped_ahead": task.merger.stamped_ahead}
+            now = self._counts(task)
             last = self._last.get(p)
-            if last is None:  # a task just taken over: its history was exported by its previous owner
+            if last is None:  # not taken through _assign (a test's stage): counts from here
                 self._last[p] = now
                 continue
             if now != last:

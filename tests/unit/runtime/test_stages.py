@@ -904,3 +904,26 @@ def test_max_wait_is_not_part_of_the_fingerprint(tmp_path):
     assert _config(tmp_path, train={"max_wait_ms": 5}).fingerprint() == base.fingerprint()
     assert _config(tmp_path, train={"max_wait_ms": None}).fingerprint() == base.fingerprint()
     assert _config(tmp_path, train={"batch_size": 17}).fingerprint() != base.fingerprint()
+
+
+def test_the_join_counters_count_a_taken_tasks_first_step(tmp_path):
+    # The baseline of a task's counts was taken after its first step, so everything that step did
+    # (up to a fetch of records: here the whole log) never reached the exported counters.
+    synth = generate(300, seed=4, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    stats = EngineStats()
+    stage = build_join_stage(
+        _config(tmp_path, consumer={"poll_max_records": 100_000}),  # a backlog: the log in one step
+        source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"),
+        dead_letter_sink=MemorySink(log, "dead"),
+        clock=clock,
+        stats=stats,
+        checkpoint_dir=tmp_path / "join-ckpt",
+    )
+    _run_join(stage, log, clock)
+    negatives = sum(1 for label in synth.expected.values() if label == 0)
+    assert negatives > 0
+    assert stats.joiner_expired.get() == stage.tasks[0].joiner.stats.negatives == negatives
+    stage.close()
