@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.events.validation import EventError
@@ -52,7 +52,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
-from reloop.engine.runtime.restore import check_fingerprint
+from reloop.engine.runtime.restore import NoUsableSnapshot, check_fingerprint
 from reloop.engine.streams import (
     Positions,
     Record,
@@ -240,7 +240,12 @@ class JoinStage:
         reg = self.registry(task.partition)
         if reg.latest_version() is None:
             return
-        snap = reg.load()  # the newest one that loads; raises when none does
+        try:
+            snap = reg.load()  # the newest one that loads
+        except SnapshotError as exc:  # none does: starting the task afresh would re-emit its history
+            raise NoUsableSnapshot(
+                f"join task {task.partition}: {exc}; refusing to start it from scratch"
+            ) from exc
         check_fingerprint(
             f"join task {task.partition}'s checkpoint {snap.version}",
             snap.meta.get("fingerprint"),

@@ -927,3 +927,29 @@ def test_the_join_counters_count_a_taken_tasks_first_step(tmp_path):
     assert negatives > 0
     assert stats.joiner_expired.get() == stage.tasks[0].joiner.stats.negatives == negatives
     stage.close()
+
+
+def test_a_join_task_none_of_whose_checkpoints_loads_refuses_to_start(tmp_path):
+    # Started afresh, the task would emit its partition's history again; the stage must stop (exit 2
+    # in `reloop join`, as the train stage does) rather than retry the same failure for ever.
+    from reloop.engine.runtime.restore import NoUsableSnapshot
+    from reloop.engine.runtime.supervisor import FATAL
+
+    synth = generate(200, seed=8, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    first = _join(cfg, log, clock, tmp_path)
+    for _ in range(5):
+        first.step()
+        clock.advance(10)
+    first.source.revoke_all()  # checkpoints task 0
+    files = [f for f in (tmp_path / "join-ckpt").rglob("*") if f.is_file() and f.suffix != ".json"]
+    assert files
+    for f in files:
+        f.write_bytes(b"\0" * f.stat().st_size)
+    second = _join(cfg, log, clock, tmp_path)
+    with pytest.raises(NoUsableSnapshot, match="join task 0") as err:
+        for _ in range(5):
+            second.step()
+    assert isinstance(err.value, FATAL)
