@@ -40,6 +40,7 @@ from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
     CheckpointSection,
+    ConfigError,
     ConsumerSection,
     RecoverySection,
     StagesSection,
@@ -303,6 +304,13 @@ class TrainStage:
     def open(self) -> None:
         if self._opened:
             return
+        if self.share.count > 1 and not self.source.partitions():
+            raise ConfigError(
+                f"train rank {self.share.index} of {self.share.count} owns no partition of the samples "
+                f"topic {self.settings.samples_topic!r} (rank r reads the partitions p with p % "
+                f"{self.share.count} == r): give the topic a multiple of {self.share.count} partitions, "
+                "or run fewer ranks"
+            )
         self.source.open(self._positions or None)
         if not self._positions:
             self._positions = dict(self.source.position())

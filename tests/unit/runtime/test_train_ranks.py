@@ -189,3 +189,23 @@ def test_ranks_whose_weights_differ_publish_nothing(tmp_path):
     published = {r["published"] for r in ranks}
     assert len(published) == 1 and published.pop() >= 2
     assert SnapshotRegistry(tmp_path / "snaps").versions() == list(range(1, ranks[0]["published"] + 1))
+
+
+def test_a_rank_that_owns_no_partition_fails_with_a_message_saying_why(tmp_path):
+    # Six ranks over the four partitions: ranks 4 and 5 own none. Each failed with "poll before open"
+    # while the others waited for it in a collective.
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import ConfigError, load_config_dict
+    from reloop.engine.streams import PartitionShare
+
+    share = PartitionShare(5, 6)
+    source = MemorySource(_log(), [TOPIC], share=share)
+    assert source.partitions() == []
+    stage = build_train_stage(
+        load_config_dict(_config(tmp_path, True), env={}), source=source, stats=EngineStats()
+    )
+    stage.share = share  # as the rank's stage holds it (build_train_stage takes it from a RankGroup)
+    with pytest.raises(ConfigError, match="owns no partition.*multiple of 6"):
+        stage.open()
