@@ -28,6 +28,7 @@ from reloop.engine.serve.producer_log import ProducerLogger
 from reloop.engine.serve.reload import ArmSource, ReloadWatcher
 from reloop.engine.serve.service import ArmRuntime, ScoringService
 from reloop.engine.streams import Sink, Source
+from starlette.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,11 @@ class ServingStack:
         # The one metrics adapter serves the canonical registry (serve latency, reloads, impressions).
         from reloop.connectors.metrics.prometheus import metrics_asgi_app
 
-        self.app.mount("/metrics", metrics_asgi_app())
+        metrics = metrics_asgi_app()
+        # A Route for the path itself: the mount alone answers /metrics with a redirect to /metrics/,
+        # which Prometheus follows but a plain curl or a probe without redirects does not.
+        self.app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(metrics)))
+        self.app.mount("/metrics", metrics)
         from reloop.engine.serve.auth import BearerAuth, load_token
 
         token = load_token(config.auth_token_file, config.auth_token)
@@ -358,3 +363,13 @@ class ServingStack:
         if self._switch_interval_before is not None:
             sys.setswitchinterval(self._switch_interval_before)
             self._switch_interval_before = None
+
+
+class _AsgiEndpoint:
+    """An ASGI app as a Route endpoint (Starlette calls a plain function with a Request instead)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)

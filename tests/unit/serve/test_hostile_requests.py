@@ -173,3 +173,12 @@ def test_a_token_protects_everything_but_the_probes(service):
         assert wrong.status_code == 401
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
+
+
+def test_metrics_answers_on_its_own_path_without_a_redirect(service):
+    # The mount alone answered /metrics with a 307 to /metrics/: Prometheus follows it, curl does not.
+    client, _ = service
+    for path in ("/metrics", "/metrics/"):
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code == 200, (path, r.status_code)
+        assert "# TYPE reloop_" in r.text
