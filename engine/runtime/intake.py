@@ -110,7 +110,8 @@ class EventIntake:
                     errors[i] = EventError(
                         "bad_time",
                         f"event_time_ms {t} is {t - ref:+d} ms from the processor clock / record time "
-                        f"({ref}); allowed: -{behind} .. +{ahead} ms",
+                        f"({ref}); allowed: {_bound(-behind if behind is not None else None)} .. "
+                        f"{_bound(ahead)} ms",
                         "event_time_ms",
                     )
         for i in sorted(errors):
@@ -129,3 +130,8 @@ def _aligned(
         if i not in errors:
             events[i] = next(it)
     return events, errors
+
+
+def _bound(ms: int | None) -> str:
+    """A time limit as the dead letter's detail states it: signed, or "unbounded" when not set."""
+    return "unbounded" if ms is None else f"{ms:+d}"

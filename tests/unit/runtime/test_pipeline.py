@@ -262,11 +262,19 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     log.append("impressions", imp("too-late", t0 - 10_000), b"d", t0)  # retention 5 s: forgotten
     stats = EngineStats()
     clock = ManualClock(t0 + 60_000)
+    dead = MemoryLog()
     p = build_pipeline(
-        _config(tmp_path), source=EndAwareSource(log, ["impressions", "clicks"]), clock=clock, stats=stats
+        _config(tmp_path),
+        source=EndAwareSource(log, ["impressions", "clicks"]),
+        clock=clock,
+        stats=stats,
+        dead_letter_sink=MemorySink(dead, "dead"),
     )
     _run_to_end(p, log, clock)
     assert p.dead_letters.counts == {"bad_time": 1}
+    [letter] = [orjson.loads(r.value) for r in dead.read(TopicPartition("dead", 0), 0, 10**6)]
+    # validation.max_past_ms is unset: the detail says so (it read "allowed: -None .. +300000 ms").
+    assert "allowed: unbounded .. +300000 ms" in str(letter), letter
     assert p.joiner.stats.too_late_impressions == 1
     assert p.joiner.watermark_ms < t0 + 61_000  # never moved to the year 3000
     assert stats.joiner_too_late.get("impression") == 1
