@@ -221,14 +221,34 @@ def _pinned(info: FieldInfo) -> bool:
     return ge is not None and le is not None and ge.ge == le.le
 
 
-def check_learner_options(backbones: Iterable[str], model_options: Iterable[tuple[str, Any]]) -> None:
+def check_learner_options(
+    backbones: Iterable[str],
+    model_options: Iterable[tuple[str, Any]],
+    strategies: Iterable[Strategy] = (),
+    optimizers: Iterable[tuple[tuple[str, Any], ...]] = (),
+) -> None:
     """Validate each backbone's model config before any run: a bad option fails in a second, naming the
-    backbone and the key, not after the runs before it (ValueError)."""
-    from reloop.engine.models.registry import model_config_of
+    backbone and the key, not after the runs before it (ValueError). With ``strategies`` the whole learner
+    config of each is checked too, with each of ``optimizers`` (a protocol's optimizer settings): an alpha
+    outside [0, 1], an unknown optimizer key or a bad value fails as well."""
+    from reloop.engine.features.spec import CategoricalField, FeatureSpec
+    from reloop.engine.models.registry import make_config, model_config_of
 
     options = tuple(model_options)
+    # a stand-in: the learner config holds the spec without checking it against the model
+    spec = FeatureSpec(fields=(CategoricalField(name="x", buckets=2),))
+    strategies, optimizers = tuple(strategies), tuple(optimizers) or ((),)
     for backbone in backbones:
-        model_config_of(backbone, **learner_options(backbone, options))
+        own = learner_options(backbone, options)
+        model_config_of(backbone, **own)
+        for strategy in strategies:
+            for optimizer in optimizers:
+                try:
+                    make_config(
+                        backbone, spec, strategy.strategy, strategy.alpha, optimizer=dict(optimizer), **own
+                    )
+                except ValueError as e:
+                    raise ValueError(f"{strategy.name} on {backbone!r}: {e}") from None
 
 
 def default_learner_factory(run: RunSpec, spec: FeatureSpec) -> Any:
@@ -265,6 +285,8 @@ def _row(run: RunSpec, t: int, labels: np.ndarray, probs: np.ndarray, **extra: A
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
+    if size < 1:  # range() would yield no batch: nothing learned, nothing scored
+        raise ValueError(f"batch size must be >= 1, got {size}")
     for s in range(0, n, size):
         yield slice(s, min(s + size, n))
 
@@ -284,6 +306,8 @@ def stream_batches(times_ms: np.ndarray, size: int, by: str = "count") -> Iterat
         return
     if by != "time":
         raise ValueError(f"unknown batching {by!r}: use one of {BATCH_BY}")
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     starts = np.flatnonzero(np.r_[True, np.diff(times_ms) != 0]).tolist()
     for a, e in zip(starts, [*starts[1:], len(times_ms)], strict=True):
         for s in range(a, e, size):
@@ -372,6 +396,8 @@ def run_streaming(
     if run.memory:
         from reloop.engine.memory.stream_eval import StreamMemory
 
+        if not hasattr(learner, "hidden"):  # the memory's key: fail before the first batch, not within it
+            raise ValueError(f"an error memory needs a backbone with a hidden layer, not {run.backbone!r}")
         memory = StreamMemory(tuple(run.memory))
     published = None
     if run.publish_every_ms:

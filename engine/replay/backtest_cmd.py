@@ -30,6 +30,7 @@ from reloop.engine.replay.backtest import (
     RIVER_LR,
     BacktestData,
     RunSpec,
+    Strategy,
     check_learner_options,
     period_bounds_by_count,
     period_bounds_by_time,
@@ -39,9 +40,36 @@ from reloop.engine.replay.backtest import (
     strategy_grid,
     with_label_noise,
 )
-from reloop.engine.replay.report import MIN_SEEDS, markdown_tables, plot, read_csv, write_csv
+from reloop.engine.replay.report import MIN_SEEDS, RIVER, markdown_tables, plot, read_csv, write_csv
 
 DAY_MS = 86_400_000
+
+
+class Refused(ValueError):
+    """A bad input: ``main`` prints ``reloop backtest: MESSAGE`` and exits 2, before any run where it can."""
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def _csv_list(text: str) -> list[str]:
@@ -132,7 +160,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alphas", default="0.2,0.5", help="the alpha grid of every strategy named without @ALPHA"
     )
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    parser.add_argument("--seeds", type=_at_least(1), default=5, help="seeds 0..N-1")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
     # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
@@ -145,7 +173,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Adam's dense rate in the periodic protocol unless --lr is given (default 1e-3: chosen for it "
         "with its 3 epochs on the selection periods; the learner's own defaults were chosen for streaming)",
     )
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=_at_least(1), default=512)
     parser.add_argument(
         "--batch-by",
         choices=BATCH_BY,
@@ -182,12 +210,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replay-size",
-        type=int,
+        type=_at_least(0),
         default=0,
         help="streaming: replay buffer of the latest N samples (0 = off)",
     )
     parser.add_argument(
-        "--replay-ratio", type=float, default=1.0, help="streaming: replayed samples per new one"
+        "--replay-ratio", type=_non_negative, default=1.0, help="streaming: replayed samples per new one"
     )
     parser.add_argument(
         "--memory",
@@ -208,7 +236,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hidden-units", default="64,64", help="MLP widths (the registry's BARS size is 400,400,400)"
     )
-    parser.add_argument("--buckets", type=int, default=10_000, help="hash buckets per field")
+    parser.add_argument(
+        "--buckets", type=_at_least(2), default=10_000, help="hash buckets per field (row 0: missing)"
+    )
     parser.add_argument(
         "--river",
         action=argparse.BooleanOptionalAction,
@@ -261,44 +291,68 @@ def protocol_optimizer_items(args: argparse.Namespace, protocol: str) -> tuple[t
     return tuple(items.items())
 
 
-def _period(spec: str, min_size: int):
-    kind, _, arg = spec.partition(":")
-    if kind == "week":
+def _period(spec: str, min_size: int) -> Callable[[Any], tuple[int, ...]]:
+    """``--period`` as a cut of event times into periods; a malformed one (``week:2``, ``chunks:0``) is
+    refused here, before the data is read."""
+    kind, sep, arg = spec.partition(":")
+    count = int(arg) if arg.isascii() and arg.isdigit() else 0
+    if kind == "week" and not sep:
         return lambda t: period_bounds_by_time(t, 7 * DAY_MS, min_size)
-    if kind == "day":
+    if kind == "day" and not sep:
         return lambda t: period_bounds_by_time(t, DAY_MS, min_size)
-    if kind == "hours" and arg.isdigit():
-        return lambda t: period_bounds_by_time(t, int(arg) * 3_600_000, min_size)
-    if kind == "chunks" and arg.isdigit():
-        return lambda t: period_bounds_by_count(len(t), int(arg))
-    raise SystemExit(f"--period: expected week, day, hours:N or chunks:N, got {spec!r}")
+    if kind == "hours" and count >= 1:
+        return lambda t: period_bounds_by_time(t, count * 3_600_000, min_size)
+    if kind == "chunks" and count >= 1:
+        return lambda t: period_bounds_by_count(len(t), count)
+    raise Refused(f"--period: expected week, day, hours:N or chunks:N with N >= 1, got {spec!r}")
 
 
 def _publish_every_ms(args: argparse.Namespace) -> int:
     seconds = getattr(args, "publish_every", 0.0)
     if seconds < 0 or (seconds and round(seconds * 1000) < 1):
-        raise SystemExit(f"--publish-every: expected 0 or at least 0.001 seconds, got {seconds:g}")
+        raise Refused(f"--publish-every: expected 0 or at least 0.001 seconds, got {seconds:g}")
     if seconds and args.memory:
-        raise SystemExit("--publish-every: --memory scores with the live learner; use one or the other")
+        raise Refused("--publish-every: --memory scores with the live learner; use one or the other")
     return round(seconds * 1000)
+
+
+def open_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The dataset's loader and feature spec, before a row is read: an unknown dataset, a loader option
+    it does not take or a bad bucket count fails here (Refused)."""
+    from reloop.connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets.spec import feature_spec
+
+    try:
+        ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
+        return ds, feature_spec(ds.fields, buckets=args.buckets)
+    except TypeError as e:  # a keyword the loader does not take
+        if not args.dataset_option:
+            raise
+        raise Refused(f"--dataset-option: {e}") from None
+    except ValueError as e:  # DatasetError among them
+        raise Refused(str(e)) from None
 
 
 def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     import itertools
 
-    from reloop.connectors.files.datasets import open_dataset, to_samples
-    from reloop.connectors.files.datasets.spec import feature_spec
+    from reloop.connectors.files.datasets import DatasetError, to_samples
 
-    ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
+    period = _period(args.period, args.min_period_size)
+    ds, spec = open_data(args)
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
-    spec = feature_spec(ds.fields, buckets=args.buckets)
     args.dataset_name = getattr(ds, "name", None) or args.dataset
-    data = prepare(to_samples(rows), spec, _period(args.period, args.min_period_size))
-    if args.label_noise:
+    try:
+        data = prepare(to_samples(rows), spec, period)
+    except DatasetError as e:  # a missing or malformed file
+        raise Refused(str(e)) from None
+    except ValueError as e:  # periods the rows cannot fill (chunks:N beyond the rows)
+        raise Refused(f"--period {args.period}: {e}") from None
+    if getattr(args, "label_noise", 0.0):
         try:
             data = with_label_noise(data, args.label_noise)
         except ValueError as e:
-            raise SystemExit(f"--label-noise: {e}") from None
+            raise Refused(f"--label-noise: {e}") from None
     return data, ds.time_kind
 
 
@@ -318,6 +372,48 @@ def _work(run: RunSpec) -> list[dict[str, Any]]:
     return run_one(_DATA, run)
 
 
+def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[str, Any], ...], int]:
+    """Every input that can be checked before the data is read (Refused): the strategies, the run's
+    learner configs, the protocols, the period, the memory, the river peer. Returns the strategies, the
+    model options and the publishing interval (ms)."""
+    from reloop.engine.models.registry import backbone_entry
+
+    try:
+        strategies = strategy_grid(_csv_list(args.strategies), [float(a) for a in _csv_list(args.alphas)])
+    except ValueError as e:
+        raise Refused(f"--strategies / --alphas: {e}") from None
+    protocols = _csv_list(args.protocols)
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise Refused(f"--protocols: expected some of {', '.join(PROTOCOLS)}, got {args.protocols!r}")
+    _period(args.period, args.min_period_size)
+    publish_every_ms = _publish_every_ms(args)
+    if not args.river_lr > 0:
+        raise Refused(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
+    try:
+        hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
+    except ValueError:
+        raise Refused(
+            f"--hidden-units: expected comma-separated integers, got {args.hidden_units!r}"
+        ) from None
+    model_options = (("embedding_dim", args.embedding_dim), ("hidden_units", hidden))
+    backbones = _csv_list(args.backbones)
+    optimizers = [protocol_optimizer_items(args, p) for p in protocols]
+    try:  # before the data is read and the first run: not after the runs before a bad one
+        check_learner_options(backbones, model_options, strategies, optimizers)
+    except ValueError as e:
+        raise Refused(f"--backbones / --strategies / --alphas / --optimizer / --embedding-dim: {e}") from None
+    # The error memory is keyed by a hidden layer, which only the torch backbones have.
+    no_hidden = [b for b in backbones if backbone_entry(b).kind != "torch"]
+    if args.memory and "streaming" in protocols and no_hidden:
+        raise Refused(f"--memory: backbone {no_hidden[0]!r} has no hidden layer to key an error memory by")
+    # The peer writes its rows as backbone river_lr, as the learner would (the reports and
+    # bench/learner_targets.py read river_lr rows as the peer's): one or the other.
+    if args.river and RIVER in backbones:
+        raise Refused(f"--backbones {RIVER}: the river peer writes its rows under that name; pass --no-river")
+    return strategies, model_options, publish_every_ms
+
+
 def _done_keys(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
@@ -325,38 +421,36 @@ def _done_keys(path: Path) -> set[tuple]:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except Refused as e:
+        print(f"reloop backtest: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "results.csv"
     if args.report_only:
-        data, time_kind = load_data(args)
-        write_report(args, read_csv(csv_path), data, time_kind, math.nan)
+        if not csv_path.exists():
+            raise Refused(f"--report-only: no {csv_path} to rebuild the report from")
+        rows = read_csv(csv_path)
+        write_report(args, rows, _previous_header(args.out / "report.md", rows), math.nan)
         return 0
-    try:
-        strategies = strategy_grid(_csv_list(args.strategies), [float(a) for a in _csv_list(args.alphas)])
-    except ValueError as e:
-        raise SystemExit(f"--strategies / --alphas: {e}") from None
-    if csv_path.exists() and not args.resume:
-        csv_path.unlink()
-    publish_every_ms = _publish_every_ms(args)
-    if not args.river_lr > 0:
-        raise SystemExit(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
-    hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
-    model_options = (("embedding_dim", args.embedding_dim), ("hidden_units", hidden))
-    try:  # before the data is read and the first run: not after the runs before a bad one
-        check_learner_options(_csv_list(args.backbones), model_options)
-    except ValueError as e:
-        raise SystemExit(f"--backbones / --embedding-dim / --hidden-units: {e}") from None
+    strategies, model_options, publish_every_ms = _check(args)
     t0 = time.perf_counter()
     data, time_kind = load_data(args)
     if publish_every_ms and time_kind == "pseudo":
-        raise SystemExit(f"--publish-every: {args.dataset_name} has no event time (pseudo-time periods)")
+        raise Refused(f"--publish-every: {args.dataset_name} has no event time (pseudo-time periods)")
     print(
         f"{args.dataset_name}: {len(data.labels)} samples, {data.n_periods} periods, "
         f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if csv_path.exists() and not args.resume:  # (only now: a refused input keeps the results of before)
+        csv_path.unlink()
     base = RunSpec(
         protocol="",
         backbone="",
@@ -393,7 +487,7 @@ def main(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size if by_time else 1,
         "publish_every_ms": publish_every_ms,
     }
-    if args.river and ("streaming", "river_lr", "ce", 0) not in done:
+    if args.river and ("streaming", RIVER, "ce", 0) not in done:
         write_csv(({**r, **tag} for r in run_river_baseline(data, **river_batching)), csv_path, append=True)
     bar = tqdm(total=len(runs), desc="backtest runs", unit="run")
     if args.workers <= 1:
@@ -414,7 +508,7 @@ def main(args: argparse.Namespace) -> int:
                 bar.update()
     bar.close()
     rows = read_csv(csv_path)
-    write_report(args, rows, data, time_kind, time.perf_counter() - t0)
+    write_report(args, rows, _run_header(args, data, time_kind), time.perf_counter() - t0)
     print(f"wrote {args.out / 'report.md'}", file=sys.stderr)
     return 0
 
@@ -435,27 +529,14 @@ def _shown_command(argv: list[str]) -> str:
     return " ".join(out)
 
 
-def _half(h: float) -> float:
-    return 0.0 if math.isnan(h) else h
+def _half(h: float) -> str:
+    """A verdict line's half-width in 1e-3 units; n/a where it is undefined (one seed, one period)."""
+    return "n/a" if math.isnan(h) else f"{h * 1e3:.2f}"
 
 
-def write_report(
-    args: argparse.Namespace, rows: list[dict[str, Any]], data: BacktestData, time_kind: str, seconds: float
-) -> None:
-    from reloop.engine.replay.report import compare
-
-    pngs = plot(rows, args.out)
-    report_from = getattr(args, "report_from", 1)
-    rows = [r for r in rows if r["period"] >= report_from]
+def _run_header(args: argparse.Namespace, data: BacktestData, time_kind: str) -> str:
+    """The report's lines on the run: its command, data and learner settings."""
     sizes = [data.bounds[i + 1] - data.bounds[i] for i in range(data.n_periods)]
-    verdicts = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
-    summary = [
-        f"- {c.protocol} · {c.backbone} · {c.strategy}: {c.metric} {c.verdict} "
-        f"({c.diff_seeds[0] * 1e3:+.2f} ×1e-3, ± {_half(c.diff_seeds[1]) * 1e3:.2f} over seeds, "
-        f"± {_half(c.diff_periods[1]) * 1e3:.2f} over periods)"
-        for c in verdicts
-        if c.strategy.startswith("reloop")
-    ]
     time_note = (
         "**Pseudo-time**: this dataset has no timestamps; periods are consecutive chunks of file order."
         if time_kind == "pseudo"
@@ -469,20 +550,63 @@ def write_report(
         if noise
         else ""
     )
-    text = f"""# Backtest: {args.title or getattr(args, "dataset_name", args.dataset)}
-
-Command: `reloop backtest {command}`{data_note}
+    return f"""Command: `reloop backtest {command}`{data_note}
 
 - samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
 - {time_note}{noise_note}
-- {learner_settings(args)}
+- {learner_settings(args)}"""
+
+
+def _previous_header(report: Path, rows: list[dict[str, Any]]) -> str:
+    """For ``--report-only``: the run's lines of the report it replaces (the CSV holds no settings; the
+    arguments of now need not be the run's), else a note that they are not known."""
+    if report.exists():
+        lines = report.read_text().splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("Command:")), None)
+        end = next((i for i, line in enumerate(lines) if line.startswith("- tables:")), None)
+        if start is not None and end is not None and start < end:
+            return "\n".join(lines[start:end])
+    periods = sorted({r["period"] for r in rows})
+    span = f"{periods[0]}..{periods[-1]}" if periods else "none"
+    return (
+        "Command: not known (report rebuilt by `--report-only` from results.csv, which holds no run "
+        f"settings)\n\n- evaluated periods in results.csv: {span}"
+    )
+
+
+def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], header: str, seconds: float) -> None:
+    """report.md and the plots; ``header``: the lines on the run (``_run_header``), ``seconds`` its wall
+    time (NaN: rebuilt by ``--report-only``)."""
+    from reloop.engine.replay.report import compare
+
+    peer = _peer(args)
+    pngs = plot(rows, args.out, peer=peer)
+    report_from = getattr(args, "report_from", 1)
+    rows = [r for r in rows if r["period"] >= report_from]
+    verdicts = [c for c in compare([r for r in rows if r["backbone"] != peer])]
+    summary = [
+        f"- {c.protocol} · {c.backbone} · {c.strategy}: {c.metric} {c.verdict} "
+        f"({c.diff_seeds[0] * 1e3:+.2f} ×1e-3, ± {_half(c.diff_seeds[1])} over seeds, "
+        f"± {_half(c.diff_periods[1])} over periods)"
+        for c in verdicts
+        if c.strategy.startswith("reloop")
+    ]
+    datasets = sorted({r.get("dataset", "") for r in rows} - {""})
+    title = args.title or getattr(args, "dataset_name", None) or ", ".join(datasets) or args.dataset
+    text = f"""# Backtest: {title}
+
+{header}
 - tables: periods {report_from} and later{
         " (the earlier ones were used to choose settings; the plots show every period)"
         if report_from > 1
         else ""
     }
-- wall time: {"(report rebuilt from the CSV)" if math.isnan(seconds) else f"{seconds / 60:.1f} min"} \
+- wall time: {
+        "(report rebuilt by --report-only from results.csv)"
+        if math.isnan(seconds)
+        else f"{seconds / 60:.1f} min"
+    } \
 on a shared 2-core machine
 
 Metrics are per period, averaged over periods and seeds; Δ = strategy − CE, paired by seed and period,
@@ -496,7 +620,7 @@ side of 0, else "ties"; with fewer than {MIN_SEEDS} seeds, or fewer than 2 perio
 
 ## Tables
 
-{markdown_tables(rows)}
+{markdown_tables(rows, peer=peer)}
 ## Plots
 
 {chr(10).join(f"![{p.stem}]({p.name})" for p in pngs)}
@@ -504,6 +628,12 @@ side of 0, else "ties"; with fewer than {MIN_SEEDS} seeds, or fewer than 2 perio
 Raw numbers: [results.csv](results.csv).
 """
     (args.out / "report.md").write_text(text)
+
+
+def _peer(args: argparse.Namespace) -> str | None:
+    """The backbone name of the river peer's rows; None when a river_lr learner took the name (with
+    --no-river: ``_check``)."""
+    return None if RIVER in _csv_list(args.backbones) else RIVER
 
 
 def learner_settings(args: argparse.Namespace) -> str:

@@ -113,11 +113,19 @@ def against_ce(strategy: str) -> str | None:
     return None if strategy == "ce" else "ce"
 
 
+def split_strategy(name: str) -> tuple[str, str, str]:
+    """(loss, alpha, variant) of a row's strategy name ``LOSS[@ALPHA][+VARIANT]``: ``kd@0.5+mem4x6@0.3``
+    is ``("kd", "0.5", "mem4x6@0.3")`` (a variant, an error memory say, has an ``@`` of its own)."""
+    base, _, variant = name.partition("+")
+    loss, _, alpha = base.partition("@")
+    return loss, alpha, variant
+
+
 def against_kd(strategy: str) -> str | None:
     """ReLoop (or one of its variants) at alpha against KD at the same alpha (the paper's closest
-    baseline)."""
-    loss, _, alpha = strategy.partition("@")
-    return f"kd@{alpha}" if loss.startswith("reloop") and alpha else None
+    baseline), an error memory's row against KD's with the same memory."""
+    loss, alpha, variant = split_strategy(strategy)
+    return f"kd@{alpha}{'+' if variant else ''}{variant}" if loss.startswith("reloop") and alpha else None
 
 
 def compare(
@@ -138,15 +146,16 @@ def compare(
 RIVER = "river_lr"
 
 
-def against_river(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
-    """Each streaming learner against the river per-event LR peer of the same dataset. The peer is one
-    run (seed 0, nothing random in it): every seed of a learner is paired with it period by period, so the
-    interval over seeds is the learners' seed noise and the one over periods the periods'."""
+def against_river(rows: Sequence[dict[str, Any]], peer: str | None = RIVER) -> list[Comparison]:
+    """Each streaming learner against the river per-event LR peer of the same dataset, whose rows are
+    backbone ``peer`` (None: no peer, the river_lr rows are a learner's). The peer is one run (seed 0,
+    nothing random in it): every seed of a learner is paired with it period by period, so the interval
+    over seeds is the learners' seed noise and the one over periods the periods'."""
     cells = _cells(rows)
     out = []
     for (dataset, protocol, backbone, strategy), cell in sorted(cells.items()):
-        river = cells.get((dataset, protocol, RIVER, "ce"))
-        if backbone == RIVER or river is None:
+        river = cells.get((dataset, protocol, peer, "ce")) if peer else None
+        if backbone == peer or river is None:
             continue
         base = {(s, p): river[(0, p)] for s, p in cell if (0, p) in river}
         out += _paired((dataset, protocol, backbone, strategy), cell, base)
@@ -193,13 +202,14 @@ def _fmt(mean: float, half: float, scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean * scale:+.{digits}f} ± {half * scale:.{digits}f}"
 
 
-def _strategy_order(name: str) -> tuple[int, float]:
-    loss, _, alpha = name.partition("@")
-    return ({"ce": 0, "kd": 1, "reloop": 2}.get(loss, 3), float(alpha or 0))
+def _strategy_order(name: str) -> tuple[int, float, str]:
+    loss, alpha, variant = split_strategy(name)
+    return ({"ce": 0, "kd": 1, "reloop": 2}.get(loss, 3), float(alpha or 0), variant)
 
 
-def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
-    """One table per (dataset, protocol, backbone): metrics and paired differences in 1e-3 units."""
+def markdown_tables(rows: Sequence[dict[str, Any]], peer: str | None = RIVER) -> str:
+    """One table per (dataset, protocol, backbone): metrics and paired differences in 1e-3 units; then
+    the differences against KD and against the river peer (``against_river``)."""
     comps = compare(rows)
     by_cell: dict[tuple, dict[str, dict[str, Comparison]]] = defaultdict(lambda: defaultdict(dict))
     for c in comps:
@@ -238,7 +248,7 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
         (
             "Each learner − the river per-event LR peer (one run, paired by period)",
             "vs river",
-            against_river(rows),
+            against_river(rows, peer),
         ),
     )
     for title, versus, comps in titled:
@@ -269,9 +279,12 @@ def _versus_table(title: str, versus: str, comps: Sequence[Comparison]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> list[Path]:
+def plot(
+    rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "", peer: str | None = RIVER
+) -> list[Path]:
     """Per (protocol, backbone): metrics per period per strategy and the paired difference vs CE per
-    period (band = 95% interval over seeds); plus one summary of all differences with both intervals."""
+    period (band = 95% interval over seeds); plus one summary of all differences with both intervals.
+    The river peer's rows (backbone ``peer``) are a dotted line in the panels of the others."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,8 +292,8 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    river = [r for r in rows if r["backbone"] == "river_lr"]
-    for cell in sorted({_key(r) for r in rows if r["backbone"] != "river_lr"}):
+    river = [r for r in rows if r["backbone"] == peer]
+    for cell in sorted({_key(r) for r in rows if r["backbone"] != peer}):
         cell_rows = [r for r in rows if _key(r) == cell]
         strategies = sorted({r["strategy"] for r in cell_rows}, key=_strategy_order)
         colour = {s: f"C{i}" for i, s in enumerate(strategies)}  # the same colour in every panel
@@ -324,15 +337,15 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
             ax.set_title(f"{metric}: strategy − CE per period (95% over seeds; {better} is better)")
             ax.set_xlabel("period")
             ax.grid(alpha=0.3)
-        axes[0, 0].legend(fontsize=7, ncol=2)
-        axes[1, 0].legend(fontsize=7, ncol=2)
+        _legend(axes[0, 0], fontsize=7, ncol=2)
+        _legend(axes[1, 0], fontsize=7, ncol=2)
         fig.suptitle(" · ".join(x for x in cell if x))
         fig.tight_layout()
         path = out_dir / f"{prefix}{'_'.join(x for x in cell if x)}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
-    comps = [c for c in compare([r for r in rows if r["backbone"] != "river_lr"])]
+    comps = [c for c in compare([r for r in rows if r["backbone"] != peer])]
     if comps:
         fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * len(comps) / 2 + 2.5))
         for j, metric in enumerate(METRICS):
@@ -351,10 +364,17 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path, prefix: str = "") -> lis
             ax.set_yticks(y, labels, fontsize=7)
             ax.set_title(f"Δ{metric} ×1e3 vs CE (95% intervals)")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        _legend(axes[0], fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{prefix}differences.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend where the axes have labelled artists (CE alone draws no differences: matplotlib would
+    warn of an empty legend)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)

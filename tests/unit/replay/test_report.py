@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,41 @@ def test_every_learner_is_paired_with_the_river_peer_period_by_period() -> None:
     table = markdown_tables(rows + river)
     assert "the river per-event LR peer" in table and "| d · streaming · dcn | ce vs river | +21.00" in table
     assert against_river(rows) == [] and "vs river" not in markdown_tables(rows)  # no peer, no table
+
+
+def test_error_memory_rows_of_kd_and_reloop_sort_after_their_base_strategy(tmp_path: Path) -> None:
+    # Before: "kd@0.5+mem4x6@0.3" was split at its first "@" and float("0.5+mem4x6@0.3") failed.
+    names = ("ce", "reloop@0.5+mem4x6@0.3", "kd@0.5+mem4x6@0.3", "reloop@0.5", "kd@0.5", "ce+mem4x6@0.3")
+    rows = [
+        dict(r, strategy=s) for s in names for r in _rows({0: 0.0, 1: 0.0, 2: 0.0}) if r["strategy"] == "ce"
+    ]
+    md = markdown_tables(rows)
+    order = [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ") and "@" in line]
+    assert order[:5] == [
+        "ce+mem4x6@0.3",
+        "kd@0.5",
+        "kd@0.5+mem4x6@0.3",
+        "reloop@0.5",
+        "reloop@0.5+mem4x6@0.3",
+    ]
+    # A memory row of ReLoop is paired with KD's row with the same memory.
+    assert against_kd("reloop@0.5+mem4x6@0.3") == "kd@0.5+mem4x6@0.3"
+    assert "reloop@0.5+mem4x6@0.3 vs kd" in md
+    assert {p.name for p in plot(rows, tmp_path)} == {"d_periodic_dcn.png", "differences.png"}
+
+
+def test_ce_alone_plots_without_an_empty_legend(tmp_path: Path) -> None:
+    # Before: matplotlib warned "No artists with labels found to put in legend" for the difference panel.
+    rows = [r for r in _rows({0: 0.0, 1: 0.0, 2: 0.0}) if r["strategy"] == "ce"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [p.name for p in plot(rows, tmp_path)] == ["d_periodic_dcn.png"]
+
+
+def test_a_river_lr_learner_is_no_peer_when_told_so() -> None:
+    rows = [{**r, "protocol": "streaming"} for r in _rows({0: 0.010, 1: 0.011, 2: 0.012})]
+    learner = [{**r, "backbone": "river_lr"} for r in rows]
+    assert against_river(rows + learner)  # by default river_lr rows are the peer's (the CSVs of before)
+    assert against_river(rows + learner, peer=None) == []
+    md = markdown_tables(rows + learner, peer=None)
+    assert "vs river" not in md and "#### d · streaming · river_lr" in md

@@ -1,0 +1,160 @@
+"""``reloop backtest``: bad inputs fail before the data is read, with one line and exit 2; the report of
+memory rows, of a river_lr learner, of one seed, and of ``--report-only``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from reloop.engine.replay import backtest_cmd
+from reloop.engine.replay.backtest import RunSpec, Strategy, run_streaming, stream_batches
+from reloop.engine.runtime.cli import main
+
+TINY = [
+    *("--period", "week", "--min-period-size", "50", "--seeds", "1", "--protocols", "streaming"),
+    *("--batch-size", "64", "--buckets", "64", "--embedding-dim", "4", "--hidden-units", "8"),
+]
+
+
+def _movielens(d: Path, n: int = 600) -> Path:
+    d.mkdir()
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for i in range(n):
+        user, item = i % 17, (i * 7) % 23
+        rating = 5 if (user + item) % 3 == 0 else 2
+        lines.append(f"{user}\t{item}\t{rating}\t{1_000_000 + (n - i) * 3_600}")
+    (d / "ml-100k.inter").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _code(argv: list[str]) -> int:
+    """The exit status, whether the parser (SystemExit) or the command (return value) gives it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+BAD = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-64"], "--batch-size"),
+    (["--period", "chunks:0"], "--period"),
+    (["--period", "hours:0"], "--period"),
+    (["--period", "week:2"], "--period"),
+    (["--protocols", "streaming,bogus"], "--protocols"),
+    (["--alphas", "1.5"], "kd@1.5"),
+    (["--alphas=-0.5"], "kd@-0.5"),
+    (["--optimizer", "foo=1"], "foo"),
+    (["--optimizer", "wide=bogus"], "wide"),
+    (["--periodic-lr", "-1", "--protocols", "periodic"], "lr"),
+    (["--replay-size", "-5"], "--replay-size"),
+    (["--replay-ratio", "-1"], "--replay-ratio"),
+    (["--buckets", "0"], "--buckets"),
+    (["--seeds", "0"], "--seeds"),
+    (["--hidden-units", "8,x"], "--hidden-units"),
+    (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
+    (["--dataset-option", "foo=1"], "--dataset-option"),
+    (["--report-only"], "--report-only"),
+    (["--backbones", "fm,ftrl", "--memory", "n_tables=2,n_bits=4"], "--memory: backbone 'ftrl'"),
+    (["--backbones", "fm,river_lr"], "--no-river"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[" ".join(e) for e, _ in BAD])
+def test_a_bad_input_fails_in_one_line_before_the_data_is_read(
+    tmp_path: Path, monkeypatch, capsys, extra: list[str], message: str
+) -> None:
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(backtest_cmd, "prepare", never)
+    monkeypatch.setattr(backtest_cmd, "run_one", never)
+    data = _movielens(tmp_path / "ml")
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(tmp_path / "out")]
+    argv += [*TINY, "--backbones", "fm", "--strategies", "ce,kd,reloop", *extra]
+    assert _code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("reloop backtest:")
+
+
+def test_what_only_the_data_can_refuse_is_refused_in_one_line_and_keeps_earlier_results(
+    tmp_path: Path, capsys
+) -> None:
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--out", str(out), *TINY, "--backbones", "fm"]
+    argv += ["--strategies", "ce", "--no-river"]
+    assert main([*argv, "--data", str(data)]) == 0
+    before = (out / "results.csv").read_text()
+    for extra, message in (
+        (["--data", str(tmp_path / "nonexistent")], "dataset file not found"),
+        (["--data", str(data), "--period", "chunks:100000"], "--period chunks:100000"),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert (out / "results.csv").read_text() == before  # a refused run deletes nothing
+
+
+def test_a_batch_size_below_one_is_refused_not_an_empty_stream() -> None:
+    # Before: range(0, n, -1) gave no batch, and the scores were np.empty's leftovers.
+    times = np.arange(10)
+    for by in ("count", "time"):
+        with pytest.raises(ValueError, match="batch size"):
+            list(stream_batches(times, -1, by))
+        with pytest.raises(ValueError, match="batch size"):
+            list(stream_batches(times, 0, by))
+
+
+def test_an_error_memory_on_a_backbone_without_a_hidden_layer_fails_before_the_first_batch() -> None:
+    from reloop.engine.memory.stream_eval import MemorySpec
+
+    class NoHidden:
+        def predict_proba(self, batch: object) -> np.ndarray:
+            raise AssertionError("scored a batch")
+
+        learn = predict_proba
+
+    run = RunSpec("streaming", "ftrl", Strategy("ce"), 0, memory=(MemorySpec(n_tables=2, n_bits=4),))
+    with pytest.raises(ValueError, match="'ftrl'"):
+        run_streaming(SimpleNamespace(spec=None), run, lambda *_: NoHidden())  # type: ignore[arg-type]
+
+
+def test_a_river_lr_learner_without_the_peer_is_reported_as_a_learner(tmp_path: Path) -> None:
+    # Before: its rows were taken for the peer's: dropped from the plots, the others paired against it.
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(_movielens(tmp_path / "ml"))]
+    argv += ["--out", str(out), *TINY, "--backbones", "fm,river_lr", "--strategies", "ce", "--no-river"]
+    assert main(argv) == 0
+    with (out / "results.csv").open() as fh:
+        assert {r["backbone"] for r in csv.DictReader(fh)} == {"fm", "river_lr"}
+    report = (out / "report.md").read_text()
+    assert "#### movielens-100k · streaming · river_lr" in report and "vs river" not in report
+    assert (out / "movielens-100k_streaming_river_lr.png").exists()
+
+
+def test_one_seed_verdicts_say_n_a_and_report_only_keeps_the_runs_settings(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = _movielens(tmp_path / "ml")
+    argv = ["backtest", "--dataset", "movielens-100k", "--out", str(out), *TINY, "--backbones", "fm"]
+    argv += ["--strategies", "ce,reloop", "--alphas", "0.5", "--no-river", "--title", "T"]
+    assert main([*argv, "--data", str(data)]) == 0
+    report = (out / "report.md").read_text()
+    verdict = next(line for line in report.splitlines() if line.startswith("- streaming · fm · reloop@0.5"))
+    assert "± n/a over seeds" in verdict and "0.00 over seeds" not in verdict  # 1 seed: no interval
+    command = next(line for line in report.splitlines() if line.startswith("Command:"))
+    # Rebuilt with other settings (and no data to read): the header still tells of the run behind the CSV.
+    rebuilt = [*argv, "--data", str(tmp_path / "gone"), "--embedding-dim", "8", "--report-only"]
+    assert main(rebuilt) == 0
+    text = (out / "report.md").read_text()
+    assert command in text and "embedding dim 4" in text and "embedding dim 8" not in text
+    assert "rebuilt by --report-only" in text and "## ReLoop verdicts" in text
+    # No report of the run to take it from: nothing claimed but what the CSV holds.
+    (out / "report.md").unlink()
+    assert main(rebuilt) == 0
+    text = (out / "report.md").read_text()
+    assert "Command: not known" in text and "embedding dim" not in text and "samples:" not in text
