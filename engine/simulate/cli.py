@@ -52,9 +52,9 @@ def kafka_click_sinks(
     return make
 
 
-def wait_ready(scorer, timeout_s: float) -> bool:
+def wait_ready(scorer, timeout_s: float, stop: threading.Event | None = None) -> bool:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         if scorer.ready():
             return True
         time.sleep(0.2)
@@ -92,8 +92,15 @@ def main(args: argparse.Namespace) -> int:
 
     scorer = HttpScorer(args.url)
     console = Console() if Console().is_terminal else Console(width=160)
-    if not wait_ready(scorer, 60):
-        print(f"reloop simulate: the service at {args.url} is not ready after 60 s", file=sys.stderr)
+    # Handlers first: Ctrl-C while the service is awaited ends the wait, not in a traceback.
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if not scorer.ready():
+        print(f"reloop simulate: waiting for the scoring service at {args.url} (up to 60 s)", file=sys.stderr)
+    if not wait_ready(scorer, 60, stop):
+        why = "stopped while waiting" if stop.is_set() else "it is not ready after 60 s"
+        print(f"reloop simulate: no scoring service at {args.url}: {why}", file=sys.stderr)
         return 1
     from reloop.engine.config_common import KafkaSection, check_moved
     from reloop.engine.serve.config import MOVED
@@ -110,9 +117,6 @@ def main(args: argparse.Namespace) -> int:
         click_sink=kafka_click_sinks(bootstrap, clicks_topics(doc), settings),
         seed=args.seed,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     sim.run(
         rate=args.rate or config.rate, duration_s=args.duration, stop=stop, concurrency=config.concurrency
     )
