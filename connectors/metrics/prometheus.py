@@ -113,6 +113,9 @@ SERIES: tuple[Series, ...] = (
     Series("train_skipped_samples", "reloop_train_skipped_samples_total", "counter",
            "Samples not learnt: those of skipped steps, and rows left out of a step because a dense input "
            "was not finite (a numeric value beyond float32)."),
+    Series("train_replayed_samples", "reloop_train_replayed_samples_total", "counter",
+           "Samples of the replay buffer learnt again (train.replay_size; not in "
+           "reloop_train_samples_total)."),
     Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
            "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
     Series("train_samples_refused", "reloop_train_samples_refused_total", "counter",

@@ -246,6 +246,7 @@ class EngineStats:
     train_samples: Tally = field(default_factory=Tally)
     train_skipped_steps: Tally = field(default_factory=Tally)
     train_skipped_samples: Tally = field(default_factory=Tally)
+    train_replayed_samples: Tally = field(default_factory=Tally)
     train_duplicates_dropped: Tally = field(default_factory=Tally)
     train_samples_refused: Tally = field(default_factory=Tally)
     train_loss: Level = field(default_factory=Level)  # the mini-batch's total loss

@@ -17,6 +17,7 @@ class TrainerMetrics:
         self._samples = stats.train_samples.child()
         self._skipped = stats.train_skipped_steps.child()
         self._skipped_samples = stats.train_skipped_samples.child()
+        self._replayed = stats.train_replayed_samples.child()
         self._loss = stats.train_loss
         self._loss_parts = stats.train_loss_parts
         self._sc_active = stats.train_sc_active
@@ -37,6 +38,8 @@ class TrainerMetrics:
             self._skipped.add()
         if result.skipped_samples:
             self._skipped_samples.add(result.skipped_samples)
+        if result.replayed:
+            self._replayed.add(result.replayed)
         loss = result.loss
         self._loss.set(loss.total)
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):

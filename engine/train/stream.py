@@ -128,6 +128,7 @@ class StepResult:
     # callers keep them out of the ledger and dead-letter them (engine/train/unlearnt.py).
     unlearnt: np.ndarray | None = None
     unlearnt_why: str = ""
+    replayed: int = 0  # samples of the replay buffer learnt again after this batch (train.replay_size)
 
     @property
     def n(self) -> int:
@@ -186,6 +187,7 @@ class StreamTrainer:
                 scores[left_out] = np.nan  # as a torch learner scores them: the model cannot
         step_skipped = _skipped(self.learner)[0] > skipped_before[0]  # this batch's step, not a replayed one
         c = self.counters
+        replayed_before = c.replayed
         if self.replay is not None:
             self.replay.add(batch, labels, y_last, w)
             learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
@@ -225,6 +227,7 @@ class StreamTrainer:
             skipped_samples,
             unlearnt,
             why,
+            c.replayed - replayed_before,
         )
 
     def idle_step(self) -> None:

@@ -158,3 +158,17 @@ def test_a_trainer_with_replay_restores_a_snapshot_made_without_it():
     assert u.replay is not None and u.replay.size == 0
     u.train_batch(_samples(32, 32))
     assert u.replay.size == 32 and u.counters.replayed == 32  # ratio 1.5 -> 48 owed, one batch of 32
+
+
+def test_replayed_samples_are_exported_apart_from_the_trained_ones():
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.train_metrics import TrainerMetrics
+
+    stats = EngineStats()
+    metrics = TrainerMetrics(stats, wall_period_s=None)
+    trainer = _trainer(100)
+    for k in range(4):
+        metrics.trained(trainer.train_batch(_samples(32, 32 * k)))
+    assert trainer.counters.replayed > 0
+    assert stats.train_replayed_samples.get() == trainer.counters.replayed
+    assert stats.train_samples.get() == 4 * 32
