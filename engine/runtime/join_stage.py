@@ -221,7 +221,8 @@ class JoinStage:
         for p in gone:
             del self.tasks[p]
         self._metrics.tasks.set(len(self.tasks))
-        log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
+        if gone:  # (at a stop the tasks are saved and released before the group revokes them)
+            log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
 
     def _new_task(self, partition: int) -> JoinTask:
         s = self.settings
@@ -404,15 +405,18 @@ class JoinStage:
         self.checkpointer.save(publish, positions, task=task.partition)
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self, *, checkpoint: bool = True) -> None:
-        """Stop: checkpoint every task (unless the sinks cannot flush), then release everything."""
+    def close(self, *, checkpoint: bool = True) -> dict[str, int | None] | None:
+        """Stop: checkpoint every task (unless the sinks cannot flush), then release everything. Returns
+        each task's final checkpoint ({"task": its number}; None when none was written)."""
         saved = True
+        final: dict[str, int | None] | None = None
         try:
             if checkpoint:
                 try:
                     for task in list(self.tasks.values()):
                         self._checkpoint(task, advance=False)
                     self.samples.flush(self.settings.flush_timeout_s)
+                    final = {str(p): self.registry(p).latest_version() for p in sorted(self.tasks)}
                 except Exception as exc:  # noqa: BLE001 - the previous checkpoints stay the restart point
                     saved = False
                     log.error("final checkpoint skipped", extra={"fields": {"error": repr(exc)}})
@@ -425,6 +429,7 @@ class JoinStage:
             else:
                 _abort(self.samples)
                 _abort(self.dead_letters.sink)
+        return final
 
     def _release_tasks(self) -> None:
         # Leaving the group revokes every partition: the tasks are already saved (or must not be), so

@@ -90,7 +90,7 @@ class Supervisor:
         self.monotonic = monotonic
         self.pipeline: Any = None
         self.restarts = 0
-        self.final_number: int | None = None
+        self.final_number: Any = None  # what close returned: a checkpoint number, or one per join task
         self._failing_since: float | None = None
         self._attempt = 0
         self._restarts_metric = stats.pipeline_restarts

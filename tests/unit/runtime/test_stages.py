@@ -15,6 +15,7 @@ import orjson
 import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySink, MemorySource
+from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.deadletter import decode_raw
 from reloop.engine.events.sample_batch import decode_batch
 from reloop.engine.metrics.stats import EngineStats
@@ -926,7 +927,9 @@ def test_the_join_counters_count_a_taken_tasks_first_step(tmp_path):
     negatives = sum(1 for label in synth.expected.values() if label == 0)
     assert negatives > 0
     assert stats.joiner_expired.get() == stage.tasks[0].joiner.stats.negatives == negatives
-    stage.close()
+    final = stage.close()  # what the stage's "stopped" log line reports (it said null)
+    assert final == {"0": SnapshotRegistry(tmp_path / "join-ckpt" / "join" / "task-00000").latest_version()}
+    assert final["0"] is not None
 
 
 def test_a_join_task_none_of_whose_checkpoints_loads_refuses_to_start(tmp_path):
