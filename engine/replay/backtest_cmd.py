@@ -443,6 +443,13 @@ def _main(args: argparse.Namespace) -> int:
     data, time_kind = load_data(args)
     if publish_every_ms and time_kind == "pseudo":
         raise Refused(f"--publish-every: {args.dataset_name} has no event time (pseudo-time periods)")
+    report_from = getattr(args, "report_from", 1)
+    if data.n_periods <= max(1, report_from):  # an empty report that exits 0 reads as a result
+        raise Refused(
+            f"nothing to report: the data makes {data.n_periods} period(s) (0..{data.n_periods - 1}; "
+            f"period 0 is warm-up) and the tables start at period {report_from}; give more rows "
+            "(--max-rows), shorter periods (--period) or an earlier --report-from"
+        )
     print(
         f"{args.dataset_name}: {len(data.labels)} samples, {data.n_periods} periods, "
         f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",

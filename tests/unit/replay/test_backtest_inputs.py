@@ -158,3 +158,14 @@ def test_one_seed_verdicts_say_n_a_and_report_only_keeps_the_runs_settings(tmp_p
     assert main(rebuilt) == 0
     text = (out / "report.md").read_text()
     assert "Command: not known" in text and "embedding dim" not in text and "samples:" not in text
+
+
+def test_data_that_leaves_no_period_to_report_is_refused(tmp_path: Path, capsys) -> None:
+    # 100 hourly rows are one week, one period: the warm-up. The run exited 0 with empty tables.
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(_movielens(tmp_path / "ml", 100))]
+    argv += ["--out", str(out), *TINY, "--backbones", "fm", "--strategies", "ce"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing to report: the data makes 1 period(s)" in err and "Traceback" not in err, err
+    assert not (out / "results.csv").exists()
