@@ -19,6 +19,7 @@ for a minute.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -30,6 +31,23 @@ from reloop.connectors.kafka.admin import record_limit
 from reloop.engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
+
+
+class _CancelledInitIsInfo(logging.Filter):
+    """kafka-python logs an ERROR "Fatal Error handling request InitProducerIdRequest: ... Cancelled"
+    when an idempotent producer is closed before the broker answered its first request: every short-lived
+    sink, and every stage that stops early. Nothing was lost (no record had been sent), so it is INFO, as
+    kafka-python's own fetcher logs a cancelled fetch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if record.levelno >= logging.ERROR and "InitProducerIdRequest" in text and text.endswith("Cancelled"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+logging.getLogger("kafka.producer.transaction_manager").addFilter(_CancelledInitIsInfo())
 # Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).
 _RECORD_OVERHEAD = 256
 
