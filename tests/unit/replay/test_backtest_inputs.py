@@ -13,21 +13,12 @@ from reloop.engine.replay import backtest_cmd
 from reloop.engine.replay.backtest import RunSpec, Strategy, run_streaming, stream_batches
 from reloop.engine.runtime.cli import main
 
+from .test_backtest_cmd import _movielens
+
 TINY = [
     *("--period", "week", "--min-period-size", "50", "--seeds", "1", "--protocols", "streaming"),
     *("--batch-size", "64", "--buckets", "64", "--embedding-dim", "4", "--hidden-units", "8"),
 ]
-
-
-def _movielens(d: Path, n: int = 600) -> Path:
-    d.mkdir()
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for i in range(n):
-        user, item = i % 17, (i * 7) % 23
-        rating = 5 if (user + item) % 3 == 0 else 2
-        lines.append(f"{user}\t{item}\t{rating}\t{1_000_000 + (n - i) * 3_600}")
-    (d / "ml-100k.inter").write_text("\n".join(lines) + "\n")
-    return d
 
 
 def _code(argv: list[str]) -> int:

@@ -81,14 +81,14 @@ def _log(synth, partitions: int = 1) -> MemoryLog:
     return log
 
 
-def _join(cfg, log, clock, tmp):
+def _join(cfg, log, clock, tmp, stats=None):
     return build_join_stage(
         cfg,
         source=MemoryGroupSource(log, ["impressions", "clicks"]),
         samples_sink=MemorySink(log, "samples"),
         dead_letter_sink=MemorySink(log, "dead"),
         clock=clock,
-        stats=EngineStats(),
+        stats=stats or EngineStats(),
         checkpoint_dir=tmp / "join-ckpt",
     )
 
@@ -556,15 +556,7 @@ def test_slow_join_checkpoints_come_less_often_within_their_share_of_the_time(tm
 
     monkeypatch.setattr(SnapshotRegistry, "publish", slow_publish)
     stats = EngineStats()
-    stage = build_join_stage(
-        cfg,
-        source=MemoryGroupSource(log, ["impressions", "clicks"]),
-        samples_sink=MemorySink(log, "samples"),
-        dead_letter_sink=MemorySink(log, "dead"),
-        clock=clock,
-        stats=stats,
-        checkpoint_dir=tmp_path / "join-ckpt",
-    )
+    stage = _join(cfg, log, clock, tmp_path, stats)
     while not stage.tasks:
         stage.step()
     stage.checkpoint_all()
@@ -914,15 +906,8 @@ def test_the_join_counters_count_a_taken_tasks_first_step(tmp_path):
     log = _log(synth)
     clock = ManualClock(START)
     stats = EngineStats()
-    stage = build_join_stage(
-        _config(tmp_path, consumer={"poll_max_records": 100_000}),  # a backlog: the log in one step
-        source=MemoryGroupSource(log, ["impressions", "clicks"]),
-        samples_sink=MemorySink(log, "samples"),
-        dead_letter_sink=MemorySink(log, "dead"),
-        clock=clock,
-        stats=stats,
-        checkpoint_dir=tmp_path / "join-ckpt",
-    )
+    # A backlog: the whole log in one step.
+    stage = _join(_config(tmp_path, consumer={"poll_max_records": 100_000}), log, clock, tmp_path, stats)
     _run_join(stage, log, clock)
     negatives = sum(1 for label in synth.expected.values() if label == 0)
     assert negatives > 0
