@@ -646,6 +646,7 @@ def _peer(args: argparse.Namespace) -> str | None:
 def learner_settings(args: argparse.Namespace) -> str:
     """The report's line of learner settings (every default of the learner spelled out)."""
     from reloop.engine.models.config import OptimizerConfig
+    from reloop.engine.models.registry import backbone_entry
 
     protocols = _csv_list(args.protocols)
     main_protocol = "periodic" if protocols == ["periodic"] else "streaming"
@@ -666,6 +667,9 @@ def learner_settings(args: argparse.Namespace) -> str:
         if getattr(args, "replay_size", 0)
         else "no replay"
     )
+    others = [b for b in _csv_list(args.backbones) if backbone_entry(b).kind != "torch"]
+    if others:  # FTRL and the river learners take none of the optimizer settings, the wide part included
+        wide += f" (torch backbones; {', '.join(others)}: their own optimizer, no wide part)"
     batch = f"batch {args.batch_size}"
     if getattr(args, "batch_by", "") == "time":
         batch += ", one per event time (the river peer too)"

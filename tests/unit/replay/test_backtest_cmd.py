@@ -202,6 +202,11 @@ def test_explicit_optimizer_settings_win_and_the_report_names_both_rate_sets() -
     # The tables' default rate is the backbone's: named per backbone where they differ.
     assert "Adagrad lr deepfm 0.03, dcn 0.1 on the embedding tables" in learner_settings(_parse(base))
     assert "Adagrad lr 0.1 on the embedding tables" in learner_settings(_parse([*base, "--backbones", "dcn"]))
+    # FTRL and river learners take none of it: the line said "per-event Bayesian wide part" for them too.
+    wide = [*base, "--optimizer", "wide=bayes"]
+    assert "wide part (prior variance 1, moderated scores);" in learner_settings(_parse(wide))
+    line = learner_settings(_parse([*wide, "--backbones", "dcn,ftrl,river_fm"]))
+    assert "(torch backbones; ftrl, river_fm: their own optimizer, no wide part)" in line
     line = learner_settings(_parse([*base, "--optimizer", "embedding_lr=0.2"]))
     assert "Adagrad lr 0.2 on the embedding tables" in line
     line = learner_settings(_parse([*base, "--optimizer", "embedding_optimizer=adam"]))
