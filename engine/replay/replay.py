@@ -95,6 +95,7 @@ def run_replay(
         checkpoint_dir=checkpoint_dir,
     )
     t0 = time.perf_counter()
+    restored_at = (pipeline.trainer.counters.samples, pipeline.records_processed)
     pipeline.open()
     last_reported = 0
     while not replay_source.done():
@@ -105,7 +106,13 @@ def run_replay(
     pipeline.drain()
     pipeline.flush_join()
     pipeline.train_remaining()
-    version = pipeline.close(final="snapshot")
+    # A resume that finds nothing left publishes no new model version: the snapshot it restored is it.
+    unchanged = (pipeline.trainer.counters.samples, pipeline.records_processed) == restored_at
+    if unchanged and (pipeline.restored_from or "").startswith("snapshot"):
+        pipeline.close(final=None)
+        version = pipeline.version
+    else:
+        version = pipeline.close(final="snapshot")
     seconds = time.perf_counter() - t0
     progressive = pipeline.trainer.progressive.get()
     return ReplayResult(

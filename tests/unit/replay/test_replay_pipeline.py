@@ -268,3 +268,19 @@ def test_a_replay_writing_snapshots_in_the_background_equals_one_waiting_for_eac
         a, b = bg.load(v), fg.load(v)
         assert a.meta["positions"] == b.meta["positions"]
         assert_same_model(a.state["model"]["model"], b.state["model"]["model"])
+
+
+def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path) -> None:
+    # It published version n+1 from the same state, 0 records later: a model version that is no new model.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    reg = SnapshotRegistry(tmp_path / "a" / "snapshots")
+    versions = reg.versions()
+    assert versions
+    assert main([*argv, "--resume"]) == 0
+    assert reg.versions() == versions
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["final_version"] == versions[-1]
