@@ -84,6 +84,7 @@ def run_replay(
         timestamps=timestamps,
         set_clock=set_clock,
         stall_timeout_s=stall_timeout_s,
+        first_topics=(cfg.source.impressions_topic,),
     )
     pipeline = build_pipeline(
         cfg,

@@ -1,13 +1,14 @@
-"""Sources for replay: a bounded, deterministic, clock-driving wrapper around any Source, and an
-in-memory source of dataset events.
+"""Sources for replay: a bounded, deterministic, clock-driving wrapper around any Source, and an in-memory
+source of dataset events.
 
 ``ReplaySource`` is what makes a replay reproducible whatever it reads from. It merges the wrapped
-source's partitions itself by (timestamp, topic, partition, offset), releasing a record only while every
-partition not yet finished has a buffered head, and hands the merged stream out in batches of a fixed
-size. So the sequence of ``poll`` results is a function of the records in the range alone, not of how a
-Kafka fetch or a file read happened to cut them, and a replay of the same log from Kafka and from files
-feeds the pipeline identically. It also drives the simulated clock: after each poll the clock is set to
-the newest timestamp handed out (event time stands in for wall time; a replay never waits).
+source's partitions itself by (timestamp, topic rank, topic, partition, offset), releasing a record only
+while every partition not yet finished has a buffered head, and hands the merged stream out in batches
+of a fixed size. So the sequence of ``poll`` results is a function of the records in the range alone,
+not of how a Kafka fetch or a file read happened to cut them, and a replay of the same log from Kafka
+and from files feeds the pipeline identically. It also drives the simulated clock: after each poll the
+clock is set to the newest timestamp handed out (event time stands in for wall time; a replay never
+waits).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import orjson
@@ -24,6 +25,8 @@ from reloop.engine.events.schema import Click, Impression
 from reloop.engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
+# (timestamp, topic rank, topic, partition, offset, partition key): a partition's head in merge order
+_Head = tuple[int, int, str, int, int, TopicPartition]
 
 
 class ReplayStalled(RuntimeError):
@@ -46,7 +49,10 @@ class ReplaySource:
 
     ``timestamps="event"`` orders by the event time inside each record (files carry no record
     timestamps); ``"record"`` by the record's own timestamp, as the live pipeline does.
-    ``set_clock`` receives the newest timestamp handed out after every poll.
+    ``set_clock`` receives the newest timestamp handed out after every poll. ``first_topics`` go first
+    among records of one timestamp, in the order given (the impressions topic: a click stamped with its
+    impression's own time, as ``--delay immediate`` makes it, comes after the impression, not before it
+    as the topic names' order would put it, which made the joiner hold every such click as early).
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class ReplaySource:
         timestamps: TimestampMode = "record",
         set_clock: Callable[[int], None] | None = None,
         stall_timeout_s: float = 30.0,
+        first_topics: Sequence[str] = (),
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
@@ -69,6 +76,7 @@ class ReplaySource:
         self.timestamps = timestamps
         self.set_clock = set_clock
         self.stall_timeout_s = stall_timeout_s
+        self._rank = {t: i for i, t in enumerate(dict.fromkeys(first_topics))}
         self._buf: dict[TopicPartition, deque[Record]] = {}
         self._next: Positions = {}
         self.records_out = 0
@@ -159,7 +167,7 @@ class ReplaySource:
             out.append(r)
             if buf:
                 h = buf[0]
-                heapq.heappush(heads, (h.timestamp_ms, tp.topic, tp.partition, h.offset, tp))
+                heapq.heappush(heads, self._head(h.timestamp_ms, h.offset, tp))
             elif not self._fetched_all(tp):
                 self._fill(timeout_s)
                 heads = self._heads()
@@ -178,12 +186,13 @@ class ReplaySource:
             time.sleep(timeout_s)
         return out
 
-    def _heads(self) -> list[tuple[int, str, int, int, TopicPartition]]:
+    def _head(self, timestamp_ms: int, offset: int, tp: TopicPartition) -> _Head:
+        return (timestamp_ms, self._rank.get(tp.topic, len(self._rank)), tp.topic, tp.partition, offset, tp)
+
+    def _heads(self) -> list[_Head]:
         """The buffered head of every partition as a heap in merge order (the partition last: never
         compared, as (topic, partition) already differ)."""
-        heads = [
-            (b[0].timestamp_ms, tp.topic, tp.partition, b[0].offset, tp) for tp, b in self._buf.items() if b
-        ]
+        heads = [self._head(b[0].timestamp_ms, b[0].offset, tp) for tp, b in self._buf.items() if b]
         heapq.heapify(heads)
         return heads
 
@@ -212,14 +221,16 @@ class EventListSource:
             )
         self._next: Positions = {}
         # Merged order of the whole log, computed once: poll hands it out in slices.
-        self._order = list(
-            heapq.merge(
+        # An impression before a click of the same time (ReplaySource's ``first_topics``).
+        self._order = [
+            (t, topic, partition, offset)
+            for t, _, topic, partition, offset in heapq.merge(
                 *(
-                    [(r.timestamp_ms, r.topic, r.partition, r.offset) for r in log]
-                    for log in self._log.values()
+                    [(r.timestamp_ms, int(tp != self.imp_tp), r.topic, r.partition, r.offset) for r in log]
+                    for tp, log in self._log.items()
                 )
             )
-        )
+        ]
         self._cursor = 0
 
     def partitions(self) -> list[TopicPartition]:

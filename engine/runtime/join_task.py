@@ -58,11 +58,21 @@ class JoinTask:
         self.intake = intake
         self.clock = clock
         self.joiner = Joiner(joiner_config, clock=clock)
-        self.merger = RecordMerger(self.inputs, idle_ms=merge_idle_ms, clock=clock, lookahead=merge_lookahead)
+        self.merger = self._merger(merge_idle_ms, merge_lookahead)
         self.positions: Positions = {}
         self.sent = 0  # samples handed out by take(): the seq of the first unsent one
         self.unsent: list[Joined] = []  # emitted, not handed out yet: seqs sent, sent + 1, ...
         self.records_processed = 0
+
+    def _merger(self, idle_ms: int, lookahead: int) -> RecordMerger:
+        # impressions first among records of one timestamp (merge.py)
+        return RecordMerger(
+            self.inputs,
+            idle_ms=idle_ms,
+            clock=self.clock,
+            lookahead=lookahead,
+            first_topics=(self.inputs[0].topic,),
+        )
 
     @property
     def next_seq(self) -> int:
@@ -133,6 +143,4 @@ class JoinTask:
         self.sent = int(state["sent"])
         self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
         self.records_processed = int(state["records_processed"])
-        self.merger = RecordMerger(
-            self.inputs, idle_ms=self.merger.idle_ms, clock=self.clock, lookahead=self.merger.lookahead
-        )
+        self.merger = self._merger(self.merger.idle_ms, self.merger.lookahead)

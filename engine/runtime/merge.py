@@ -1,10 +1,12 @@
 """A deterministic merge of records from several partitions, by record timestamp.
 
 Why: the joiner's output depends on the order impressions and clicks reach it, and a consumer's poll
-interleaves partitions however its fetches happened to return. Merging by (timestamp, topic, partition,
-offset) and releasing a record only while every partition has a buffered record makes the order a
+interleaves partitions however its fetches happened to return. Merging by (timestamp, topic rank, topic,
+partition, offset) and releasing a record only while every partition has a buffered record makes the order a
 function of the partitions' contents alone, so a restart from a snapshot replays exactly what an
-uninterrupted run saw (the resume test depends on it).
+uninterrupted run saw (the resume test depends on it). Among records of one timestamp the
+``first_topics`` go first (the impressions topic: a click stamped in its impression's millisecond would
+otherwise reach the joiner first whenever its topic's name sorts first, and be held as early).
 
 A partition with nothing buffered blocks the others until it is known to be caught up: either the
 source reports its end offsets (``end_positions``) and the partition's next offset has reached its end,
@@ -40,7 +42,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import groupby, islice, pairwise
 from operator import itemgetter, le
 
@@ -60,18 +62,21 @@ class RecordMerger:
         idle_ms: int,
         clock: Callable[[], int],
         lookahead: int = DEFAULT_LOOKAHEAD,
+        first_topics: Sequence[str] = (),
     ) -> None:
         if lookahead < 1:
             raise ValueError(f"lookahead must be at least 1, got {lookahead}")
         self.idle_ms = idle_ms
         self.clock = clock
         self.lookahead = lookahead
+        self._topic_rank = {t: i for i, t in enumerate(dict.fromkeys(first_topics))}
         self.stamped_ahead = 0  # records released before their own timestamp: stamped ahead of a successor
         self._buf: dict[TopicPartition, deque[Record]] = {tp: deque() for tp in partitions}
         # Per partition, the offsets of buffered records stamped later than the record after them, in
         # order: while there is none (the usual case) a head's key is its own timestamp, read in O(1).
         self._descents: dict[TopicPartition, deque[int]] = {tp: deque() for tp in self._buf}
-        self._parts = {tp: (self._buf[tp], self._descents[tp]) for tp in self._buf}  # one lookup a record
+        # one lookup a record: (records, descents, topic rank)
+        self._parts = {tp: (self._buf[tp], self._descents[tp], self._rank(tp)) for tp in self._buf}
         now = clock()
         self._last_seen: dict[TopicPartition, int] = {tp: now for tp in self._buf}
         self._next_offset: dict[TopicPartition, int | None] = {tp: None for tp in self._buf}
@@ -85,7 +90,7 @@ class RecordMerger:
             if buf is None:
                 buf = self._buf[tp] = deque()
                 self._descents[tp] = deque()
-                self._parts[tp] = (buf, self._descents[tp])
+                self._parts[tp] = (buf, self._descents[tp], self._rank(tp))
             run = list(run)
             stamps = list(map(_TIMESTAMP, run))
             # C-level checks; only a run that goes back in time is walked.
@@ -120,15 +125,13 @@ class RecordMerger:
         for tp, buf in self._buf.items():
             if self._short(len(buf), busy) and self._blocks(tp, now, positions, end_positions):
                 return []
-        key = self._key
-        heap = [(key(tp, buf), tp.topic, tp.partition, buf[0].offset) for tp, buf in self._buf.items() if buf]
-        heapq.heapify(heap)
+        heap = self._heap()
         out: list[Record] = []
         parts = self._parts
         pop, push = heapq.heappop, heapq.heappush
         while heap:
-            k, topic, partition, _ = pop(heap)
-            buf, ahead = parts[(topic, partition)]  # type: ignore[index]  # equal to its TopicPartition
+            k, rank, topic, partition, _ = pop(heap)
+            buf, ahead, _ = parts[(topic, partition)]  # type: ignore[index]  # equal to its TopicPartition
             record = buf.popleft()
             if ahead and ahead[0] == record.offset:
                 ahead.popleft()
@@ -145,8 +148,19 @@ class RecordMerger:
                 break  # what this partition holds next may be older than the other heads, or lower its key
             if n:
                 head = buf[0]
-                push(heap, (self._lowest(buf) if ahead else head.timestamp_ms, topic, partition, head.offset))
+                key = self._lowest(buf) if ahead else head.timestamp_ms
+                push(heap, (key, rank, topic, partition, head.offset))
         return out
+
+    def _rank(self, tp: TopicPartition) -> int:
+        return self._topic_rank.get(tp.topic, len(self._topic_rank))
+
+    def _heap(self) -> list[tuple[int, int, str, int, int]]:
+        """Every buffered partition's head as (merge key, topic rank, topic, partition, offset), a heap."""
+        key, parts = self._key, self._parts
+        heap = [(key(tp, buf), parts[tp][2], *tp, buf[0].offset) for tp, buf in self._buf.items() if buf]
+        heapq.heapify(heap)
+        return heap
 
     def _short(self, n: int, busy: int) -> bool:
         """Whether a partition with ``n`` records buffered cannot yet say where its head goes: it has
@@ -199,11 +213,10 @@ class RecordMerger:
         """Everything buffered, in merge order, ignoring idleness (end of a bounded replay): each
         partition's records in their order, merged by their keys as ``release`` would."""
         key = self._key
-        heap = [(key(tp, buf), tp.topic, tp.partition, buf[0].offset) for tp, buf in self._buf.items() if buf]
-        heapq.heapify(heap)
+        heap = self._heap()
         out: list[Record] = []
         while heap:
-            _, topic, partition, _ = heapq.heappop(heap)
+            _, rank, topic, partition, _ = heapq.heappop(heap)
             tp = (topic, partition)
             buf = self._buf[tp]  # type: ignore[index]
             record = buf.popleft()
@@ -212,7 +225,7 @@ class RecordMerger:
                 ahead.popleft()
             out.append(record)
             if buf:
-                heapq.heappush(heap, (key(tp, buf), topic, partition, buf[0].offset))
+                heapq.heappush(heap, (key(tp, buf), rank, topic, partition, buf[0].offset))
         return out
 
 

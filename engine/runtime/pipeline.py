@@ -258,6 +258,7 @@ class Pipeline:
             idle_ms=self.settings.merge_idle_ms,
             clock=self.clock,
             lookahead=self.settings.merge_lookahead,
+            first_topics=(self.settings.impressions_topic,),
         )
         self._opened = True
 

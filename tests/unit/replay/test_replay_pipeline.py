@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 import yaml
-from reloop.connectors.files.datasets import DatasetRow, ExponentialDelay, to_events
+from reloop.connectors.files.datasets import DatasetRow, ExponentialDelay, ImmediateDelay, to_events
 from reloop.connectors.files.datasets.base import FieldInfo
 from reloop.connectors.files.jsonl import JsonlSink
 from reloop.engine.checkpoint import SnapshotRegistry
@@ -284,3 +284,18 @@ def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path) -> 
     assert reg.versions() == versions
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert summary["final_version"] == versions[-1]
+
+
+def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
+    # ``--delay immediate`` stamps a click with its impression's own time; the merge ordered the topics
+    # by name ("clicks" < "impressions"), so every click reached the joiner before its impression.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    evs = list(to_events(rows(), ImmediateDelay()))
+    clicks = sum(not isinstance(e, Impression) for e in evs)
+    assert clicks > 50
+    write_jsonl(root, evs)
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["join"]["early_clicks_held"] == 0
+    assert summary["join"]["positives"] == clicks

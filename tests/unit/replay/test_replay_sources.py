@@ -152,3 +152,26 @@ def test_event_list_source() -> None:
     src.open({TopicPartition("imps", 0): 1})
     assert [(r.topic, r.offset) for r in src.poll(10, 0)] == [("imps", 1), ("clks", 0)]
     assert event_time_of(b"not json") is None and event_time_of(b'{"event_time_ms": true}') is None
+
+
+def test_first_topics_go_first_among_records_of_one_timestamp() -> None:
+    log = MemoryLog()
+    log.create("imp", 2)
+    log.create("clk", 1)
+    for tp, t in ((CLK0, 10), (IMP0, 10), (IMP1, 10), (CLK0, 11), (IMP0, 12)):
+        log._data[tp].append(Record(tp.topic, tp.partition, len(log._data[tp]), None, b"{}", t))
+
+    def order(**kw) -> list[tuple[str, int]]:
+        polls = _drain(ReplaySource(MemorySource(log, ["imp", "clk"]), end=_ends(log), **kw))
+        return [(r.topic, r.timestamp_ms) for p in polls for r in p]
+
+    # by topic name a click of time 10 goes before the impressions of time 10
+    assert order()[:3] == [("clk", 10), ("imp", 10), ("imp", 10)]
+    assert order(first_topics=("imp",)) == [("imp", 10), ("imp", 10), ("clk", 10), ("clk", 11), ("imp", 12)]
+
+
+def test_event_list_source_puts_an_impression_before_a_click_of_its_time() -> None:
+    events = [Impression("a", "r", "u", "i", {"f": "x"}, 100, 0.5, 0), Click("a", 100)]
+    src = EventListSource(events, "x-impressions", "a-clicks")
+    src.open()
+    assert [r.topic for r in src.poll(10, 0)] == ["x-impressions", "a-clicks"]

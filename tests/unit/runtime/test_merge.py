@@ -159,3 +159,19 @@ def test_fewer_records_than_the_lookahead_wait_only_for_other_partitions_records
     m = RecordMerger([A], idle_ms=10, clock=ManualClock(0), lookahead=4)
     m.add(_records(A, [5, 60, 7]))
     assert [r.timestamp_ms for r in m.release()] == [5, 60, 7]
+
+
+def test_first_topics_go_first_among_records_of_one_timestamp() -> None:
+    # "clk" sorts before "imp": without a rank a click of its impression's millisecond went first and
+    # the joiner held it as an early click.
+    a, b = _records(A, [5, 5, 9]), _records(B, [5, 7])
+    ends = {A: 3, B: 2}
+    for first, want in (((), [b"clk0", b"imp0", b"imp1"]), (("imp",), [b"imp0", b"imp1", b"clk0"])):
+        m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0), first_topics=first)
+        m.add(a)
+        m.add(b)
+        assert [r.value for r in m.release(ends, ends)][:3] == want
+        m = RecordMerger([A, B], idle_ms=10, clock=ManualClock(0), first_topics=first)
+        m.add(a)
+        m.add(b)
+        assert [r.value for r in m.drain()][:3] == want  # drain: the same order
