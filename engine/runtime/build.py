@@ -16,6 +16,7 @@ from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.models.registry import (
     available_backbones,
+    backbone_entry,
     build_learner,
     learner_from_config,
     make_config,
@@ -56,6 +57,13 @@ def check_model(cfg: RunConfig) -> None:
     except ValueError as exc:
         key = "model.backbone" if model.backbone not in available_backbones() else "model.params"
         raise ConfigError(f"invalid config: {key}: {exc}") from None
+    entry = backbone_entry(model.backbone)
+    if model.optimizer and entry.kind != "torch":  # it would be ignored without a word
+        own = ", ".join(entry.config_cls.model_fields)
+        raise ConfigError(
+            f"invalid config: model.optimizer: backbone {model.backbone!r} ({entry.kind}) takes no optimizer "
+            f"settings (they apply to the torch backbones); its own are in model.params: {own}"
+        )
     try:
         config = make_config(
             model.backbone,

@@ -41,6 +41,15 @@ def test_a_bad_model_section_names_its_key(model: dict, key: str, needle: str) -
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("backbone", ["ftrl", "river_lr", "river_fm_np"])
+def test_optimizer_settings_for_a_backbone_without_one_fail_naming_its_own(backbone) -> None:
+    # They were ignored without a word: a run config's learning rate that changed nothing.
+    check_model(_cfg(backbone=backbone))
+    with pytest.raises(ConfigError, match="model.optimizer") as err:
+        check_model(_cfg(backbone=backbone, optimizer={"lr": 0.1}))
+    assert "model.params" in str(err.value) and backbone in str(err.value)
+
+
 def test_a_missing_or_unparsable_spec_file_names_the_key_and_the_path(tmp_path) -> None:
     missing = tmp_path / "nope.yaml"
     cfg = load_config_dict({"model": {"backbone": "lr", "spec_file": str(missing)}}, env={})
