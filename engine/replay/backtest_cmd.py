@@ -388,6 +388,18 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
         raise Refused(f"--protocols: expected some of {', '.join(PROTOCOLS)}, got {args.protocols!r}")
     _period(args.period, args.min_period_size)
     publish_every_ms = _publish_every_ms(args)
+    if "streaming" not in protocols:  # they would steer nothing but the river peer, without a word
+        streaming_only = {
+            "--batch-by": args.batch_by != "count",
+            "--publish-every": bool(publish_every_ms),
+            "--replay-size": bool(args.replay_size),
+            "--memory": bool(args.memory),
+        }
+        given = [name for name, on in streaming_only.items() if on]
+        if given:
+            raise Refused(
+                f"{', '.join(given)}: streaming options; --protocols {args.protocols} runs no streaming"
+            )
     if not args.river_lr > 0:
         raise Refused(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
     try:

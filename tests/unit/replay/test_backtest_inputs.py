@@ -51,6 +51,10 @@ BAD = [
     (["--report-only"], "--report-only"),
     (["--backbones", "fm,ftrl", "--memory", "n_tables=2,n_bits=4"], "--memory: backbone 'ftrl'"),
     (["--backbones", "fm,river_lr"], "--no-river"),
+    # streaming options without the streaming protocol steered only the river peer
+    (["--protocols", "periodic", "--batch-by", "time"], "--batch-by"),
+    (["--protocols", "periodic", "--publish-every", "3600"], "--publish-every"),
+    (["--protocols", "periodic", "--replay-size", "64", "--memory", "n_bits=4"], "--replay-size, --memory"),
 ]
 
 
