@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -248,6 +248,22 @@ def env_values(
     except SettingsError as exc:
         raise ConfigError(f"environment: {exc}") from None
     return _decode_free_dicts(model, data)
+
+
+def env_origin(loc: Sequence[object], overrides: Mapping[str, Any]) -> str:
+    """`` (environment variable RELOOP__A__B)`` when the key at ``loc`` (or a section above it) came from
+    the environment overrides ``overrides`` (``env_values``' result), else ``""``: a bad value named only
+    by its key sends the reader to a file that does not hold it."""
+    node: Any = overrides
+    path: list[str] = []
+    for part in loc:
+        if not isinstance(node, Mapping) or str(part) not in node:
+            return ""
+        path.append(str(part))
+        node = node[str(part)]
+        if not isinstance(node, Mapping):
+            break
+    return f" (environment variable {ENV_PREFIX}{'__'.join(path).upper()})" if path else ""
 
 
 def _decode_free_dicts(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:

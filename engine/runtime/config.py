@@ -40,6 +40,7 @@ from reloop.engine.config_common import (
     _Section,
     check_moved,
     deep_merge,
+    env_origin,
     env_values,
     redact,
 )
@@ -403,19 +404,19 @@ def load_config_dict(
     try:
         cfg = RunConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, overrides)) from None
     if cfg.model.spec_file and base_dir is not None and not Path(cfg.model.spec_file).is_absolute():
         model = cfg.model.model_copy(update={"spec_file": str(base_dir / cfg.model.spec_file)})
         cfg = cfg.model_copy(update={"model": model})
     return cfg
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {msg}")
+        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {})}")
     return "invalid config: " + "; ".join(lines)
 
 

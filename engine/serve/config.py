@@ -25,6 +25,7 @@ from reloop.engine.config_common import (
     KafkaSection,
     check_moved,
     deep_merge,
+    env_origin,
     env_values,
 )
 
@@ -206,7 +207,8 @@ def serve_config_from_dict(
         if k.upper().startswith(ENV_PREFIX)
         and k[len(ENV_PREFIX) :].split("__")[0].lower() in _ServeDocument.model_fields
     }
-    doc = deep_merge(data, env_values(_ServeDocument, ours))
+    overrides = env_values(_ServeDocument, ours)
+    doc = deep_merge(data, overrides)
     check_moved(doc, MOVED, where=" (serve)")
     merged: dict[str, Any] = dict(doc.get("serve") or {})
     if "arms" in doc:
@@ -218,7 +220,7 @@ def serve_config_from_dict(
     try:
         config = ServeConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from exc
+        raise ConfigError(_explain(exc, overrides)) from exc
     if base_dir is not None:
         arms = tuple(
             a if a.registry.is_absolute() else a.model_copy(update={"registry": base_dir / a.registry})
@@ -232,12 +234,12 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     return serve_config_from_dict(read_yaml(path))
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] not in ("arms", "kafka", "salt"):
             loc.insert(0, "serve")  # the key as the document names it
         key = ".".join(loc) or "(root)"
-        lines.append(f"{key}: {err['msg']}")
+        lines.append(f"{key}: {err['msg']}{env_origin(loc, overrides or {})}")
     return "bad serve config: " + "; ".join(lines)

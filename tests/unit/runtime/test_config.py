@@ -68,6 +68,17 @@ def test_bad_values_name_the_key(tmp_path, env, needle):
         load_config(_write(tmp_path, BASE), env=env)
 
 
+def test_a_bad_value_from_the_environment_names_its_variable(tmp_path):
+    # It named the key alone, and the reader looked for it in a file that does not hold it.
+    with pytest.raises(ConfigError) as err:
+        text = BASE.replace("  batch_size: 256\n", "  batch_size: 256\n  threads: x\n")
+        load_config(_write(tmp_path, text), env={"RELOOP__TRAIN__BATCH_SIZE": "0"})
+    batch, threads = sorted(str(err.value).removeprefix("invalid config: ").split("; "))
+    assert batch.startswith("train.batch_size:")
+    assert batch.endswith("(environment variable RELOOP__TRAIN__BATCH_SIZE)")
+    assert threads.startswith("train.threads:") and "environment" not in threads  # the file's own value
+
+
 def test_missing_model_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="model: Field required"):
         load_config(_write(tmp_path, "train: {batch_size: 4}\n"), env={})
