@@ -178,8 +178,9 @@ def _paired(key: tuple[str, str, str, str], cell: dict, base: dict) -> list[Comp
     out = []
     for metric in METRICS:
         d = {k: cell[k][metric] - base[k][metric] for k in pairs}
-        per_seed = [np.nanmean([d[k] for k in pairs if k[0] == s]) for s in seeds]
-        per_period = [np.nanmean([d[k] for k in pairs if k[1] == p]) for p in periods]
+        # A period with one class has no AUC: it is left out, not counted as a period of evidence.
+        per_seed = _finite_means([[d[k] for k in pairs if k[0] == s] for s in seeds])
+        per_period = _finite_means([[d[k] for k in pairs if k[1] == p] for p in periods])
         out.append(
             Comparison(
                 *key,
@@ -188,11 +189,22 @@ def _paired(key: tuple[str, str, str, str], cell: dict, base: dict) -> list[Comp
                 ce_mean=float(np.nanmean([base[k][metric] for k in pairs])),
                 diff_seeds=t_interval(per_seed),
                 diff_periods=t_interval(per_period),
-                n_seeds=len(seeds),
-                n_periods=len(periods),
+                n_seeds=len(per_seed),
+                n_periods=len(per_period),
                 seed_wins=sum(BETTER[metric] * v > 0 for v in per_seed),
             )
         )
+    return out
+
+
+def _finite_means(groups: Sequence[Sequence[float]]) -> list[float]:
+    """The mean of the finite values of each group that has one."""
+    out = []
+    for g in groups:
+        x = np.asarray(g, dtype=np.float64)
+        x = x[np.isfinite(x)]
+        if x.size:
+            out.append(float(x.mean()))
     return out
 
 

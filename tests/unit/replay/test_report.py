@@ -57,6 +57,21 @@ def test_paired_differences_and_verdicts() -> None:
     assert {c.verdict for c in ties} == {"ties"}
 
 
+def test_a_period_with_one_class_is_left_out_of_the_auc_comparison_quietly() -> None:
+    rows = _rows({0: 0.010, 1: 0.011, 2: 0.012})
+    for r in rows:
+        if r["period"] == 2:  # one class in period 2: no AUC for any learner
+            r["auc"] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it printed "Mean of empty slice"
+        comps = compare(rows)
+    auc = next(c for c in comps if c.metric == "auc")
+    ll = next(c for c in comps if c.metric == "logloss")
+    assert auc.n_periods == 2 and ll.n_periods == 3  # was 3: an empty period counted as evidence
+    assert auc.diff_seeds[0] == pytest.approx(0.011) and auc.verdict == "wins"
+    assert "nan" not in markdown_tables(rows, peer=None).lower()
+
+
 def _comparison(metric: str, seeds: tuple[float, float], periods: tuple[float, float], n_seeds: int = 5):
     return Comparison(
         dataset="d", protocol="streaming", backbone="dcn", strategy="reloop@0.5", metric=metric, mean=0.7,
