@@ -158,8 +158,12 @@ def describe_join(stage: Any) -> dict[str, Any]:
 
 
 def describe_train(stage: Any) -> dict[str, Any]:
+    # With data-parallel ranks each logs its own progress: say so, since its snapshot lines count all ranks.
+    share = stage.share
+    rank = {"rank": share.index, "ranks": share.count} if share.count > 1 else {}
     return {
         "version": stage.version,
+        **rank,
         "samples_trained": stage.trainer.counters.samples,
         "buffered": stage.buffered_samples,
         "partial_steps": stage.partial_steps,

@@ -622,6 +622,9 @@ class TrainStage:
             self._metrics.snapshotted(number)
         version = number if kind == "snapshot" else fields["base_version"]
         fields = {"number": number, "version": version, "samples_trained": fields["samples_trained"]}
+        if self.share.count > 1:  # samples_trained counts every rank's; a rank's progress line its own
+            fields |= {"rank": self.share.index, "ranks": self.share.count}
+            fields["rank_samples_trained"] = self.trainer.counters.samples
         log.info(kind, extra={"fields": fields})
 
     def _publish(

@@ -209,3 +209,30 @@ def test_a_rank_that_owns_no_partition_fails_with_a_message_saying_why(tmp_path)
     stage.share = share  # as the rank's stage holds it (build_train_stage takes it from a RankGroup)
     with pytest.raises(ConfigError, match="owns no partition.*multiple of 6"):
         stage.open()
+
+
+def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
+    # A rank's progress line counted its own samples and its snapshot line every rank's, both as
+    # samples_trained, with nothing to tell them apart.
+    import logging
+    from types import SimpleNamespace
+
+    from reloop.engine.runtime.kafka_stages import describe_train
+    from reloop.engine.runtime.train_stage import TrainStage
+
+    def stage(count: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            share=SimpleNamespace(index=1, count=count), version=4, buffered_samples=0, partial_steps=0,
+            duplicates_dropped=0, samples_refused=0, seq_gaps=0, dead_letters=SimpleNamespace(counts={}),
+            trainer=SimpleNamespace(counters=SimpleNamespace(samples=300)), snapshots_written=0,
+            _metrics=SimpleNamespace(snapshotted=lambda n: None),
+        )  # fmt: skip
+
+    assert describe_train(stage(2))["rank"] == 1 and describe_train(stage(2))["ranks"] == 2
+    assert "rank" not in describe_train(stage(1))
+    with caplog.at_level(logging.INFO):
+        TrainStage._durable(stage(2), "snapshot", 5, {"samples_trained": 600, "base_version": 4})
+        TrainStage._durable(stage(1), "snapshot", 6, {"samples_trained": 300, "base_version": 5})
+    two, one = (r.fields for r in caplog.records if r.getMessage() == "snapshot")
+    assert two["samples_trained"] == 600 and two["rank_samples_trained"] == 300 and two["rank"] == 1
+    assert one == {"number": 6, "version": 6, "samples_trained": 300}
