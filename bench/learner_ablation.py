@@ -707,7 +707,7 @@ def run_delayed_river(
     with the model as it is then (every label that arrived at or before it learned, none after), or with
     ``publish_s`` > 0 as it was at the last publish (``_published_at``)."""
     from reloop.engine.loss.delayed import fnw_weights
-    from reloop.engine.replay.backtest import _river_x
+    from reloop.engine.replay.backtest import RiverInputs
     from river import linear_model, optim
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
@@ -715,7 +715,8 @@ def run_delayed_river(
     rows, y_train, arrival = _training_samples(t, y, arrival, mode)
     fnw = mode == "fnw"  # with FNW's importance weights from the model's own prediction
     order = np.argsort(arrival, kind="stable")
-    xs = [_river_x(f) for f in data.raw_features]
+    inputs = RiverInputs()
+    xs = [inputs(f) for f in data.raw_features]
     model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
     served = np.empty(len(y))
     k = 0

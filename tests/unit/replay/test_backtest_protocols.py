@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from reloop.engine.events.schema import LabeledSample
-from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
 from reloop.engine.metrics.offline import logloss
 from reloop.engine.replay.backtest import (
     PublishedScorer,
@@ -308,3 +310,27 @@ def test_river_peer_published_is_scored_by_a_copy_from_the_last_boundary() -> No
         assert row["logloss"] == pytest.approx(logloss(data.labels[sl], np.array(expected[sl])))
     live = run_river_baseline(data)
     assert [r["logloss"] for r in live] != pytest.approx([r["logloss"] for r in rows])
+
+
+def test_the_river_peer_reads_dense_counts_standardised_by_the_rows_so_far() -> None:
+    from reloop.engine.replay.backtest import RiverInputs
+
+    inputs = RiverInputs()
+    first = inputs({"c": 5.0, "u": "a", "g": ["x", "y"]})
+    assert first == {"c": 0.0, "u=a": 1.0, "g=x": 0.5, "g=y": 0.5}  # nothing to scale by yet
+    second = inputs({"c": 1000.0})
+    z = [math.log1p(5.0), math.log1p(1000.0)]
+    assert second["c"] == pytest.approx((z[1] - np.mean(z)) / np.std(z, ddof=1))
+    # Criteo-like counts decide the label: unscaled, SGD's steps on 13 such values overshot (LogLoss 0.92
+    # on Criteo); standardised the peer learns them.
+    rng = np.random.default_rng(3)
+    counts = rng.lognormal(6.0, 2.0, size=(3000, 13))
+    samples = [
+        LabeledSample(f"s{i}", {f"I{j}": float(c) for j, c in enumerate(row)}, int(row[0] > 400), 0.5, 0,
+                      event_time_ms=1000 * i)
+        for i, row in enumerate(counts)
+    ]  # fmt: skip
+    spec = FeatureSpec(fields=tuple(NumericField(name=f"I{j}") for j in range(13)))
+    data = prepare(samples, spec, lambda t: period_bounds_by_count(len(t), 3))
+    rows = run_river_baseline(data)
+    assert all(r["logloss"] < 0.45 and r["auc"] > 0.9 for r in rows), rows
