@@ -316,6 +316,30 @@ def _publish_every_ms(args: argparse.Namespace) -> int:
     return round(seconds * 1000)
 
 
+def _check_publishing(data: BacktestData, every_ms: int, report_from: int) -> None:
+    """Rows of the reported periods that fall in the data's first publishing interval are scored by the
+    untrained model (nothing was published before them). All of them: refused, the report would measure
+    nothing; some: a warning with the count (an interval longer than the warm-up, or coarse timestamps:
+    the Avazu sample has one timestamp for every row)."""
+    if not every_ms:
+        return
+    import numpy as np
+
+    reported = slice(data.bounds[report_from], data.bounds[-1])
+    first = data.times_ms[0] // every_ms
+    blind = int(np.count_nonzero(data.times_ms[reported] // every_ms == first))
+    total = reported.stop - reported.start
+    span_s = (data.times_ms[-1] - data.times_ms[0]) / 1000
+    where = (
+        f"--publish-every {every_ms / 1000:g}: {blind:,} of the {total:,} rows of the reported periods "
+        f"fall in the data's first publishing interval (its times span {span_s:g} s)"
+    )
+    if blind == total:
+        raise Refused(f"{where}: every score would come from the untrained model; publish more often")
+    if blind:
+        print(f"warning: {where} and are scored by the untrained model", file=sys.stderr)
+
+
 def open_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The dataset's loader and feature spec, before a row is read: an unknown dataset, a loader option
     it does not take or a bad bucket count fails here (Refused)."""
@@ -462,6 +486,7 @@ def _main(args: argparse.Namespace) -> int:
             f"period 0 is warm-up) and the tables start at period {report_from}; give more rows "
             "(--max-rows), shorter periods (--period) or an earlier --report-from"
         )
+    _check_publishing(data, publish_every_ms, max(1, report_from))
     print(
         f"{args.dataset_name}: {len(data.labels)} samples, {data.n_periods} periods, "
         f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",

@@ -88,11 +88,24 @@ def test_what_only_the_data_can_refuse_is_refused_in_one_line_and_keeps_earlier_
     for extra, message in (
         (["--data", str(tmp_path / "nonexistent")], "dataset file not found"),
         (["--data", str(data), "--period", "chunks:100000"], "--period chunks:100000"),
+        # one publishing interval holds every row: each would be scored by the untrained model
+        (["--data", str(data), "--publish-every", str(3650 * 86_400)], "from the untrained model"),
     ):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
         assert (out / "results.csv").read_text() == before  # a refused run deletes nothing
+
+
+def test_reported_rows_scored_by_the_untrained_model_are_counted_in_a_warning(tmp_path: Path, capsys) -> None:
+    data = _movielens(tmp_path / "ml")  # one row an hour over 25 days
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(tmp_path / "out")]
+    argv += [*TINY, "--backbones", "fm", "--strategies", "ce", "--no-river"]
+    assert main([*argv, "--publish-every", "86400"]) == 0
+    assert "untrained" not in capsys.readouterr().err  # the first day is warm-up
+    assert main([*argv, "--publish-every", str(30 * 86_400)]) == 0
+    err = capsys.readouterr().err
+    assert "rows of the reported periods fall in the data's first publishing interval" in err, err
 
 
 def test_a_batch_size_below_one_is_refused_not_an_empty_stream() -> None:
