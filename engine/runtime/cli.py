@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -74,8 +75,21 @@ def _missing(name: str, exc: ModuleNotFoundError) -> int | None:
     return 2
 
 
+def keep_triton_out() -> None:
+    """Have torch find no triton in this process, unless ``RELOOP_ALLOW_TRITON=1``.
+
+    torch's optimizers import torch._dynamo at their first step, and dynamo imports triton when it is
+    installed (torch's CUDA wheel brings it). reloop trains eagerly on the CPU and never compiles, and
+    triton's nanobind bindings print about 80 lines of "nanobind: leaked ..." when a train stage exits.
+    Without triton torch behaves as its CPU wheel does. A plugin that calls torch.compile on a GPU sets
+    the variable."""
+    if os.environ.get("RELOOP_ALLOW_TRITON") != "1":
+        sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # None: "import triton" fails
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_triton_out()
     parser = argparse.ArgumentParser(prog="reloop", description="Streaming continual learning with ReLoop.")
     parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
