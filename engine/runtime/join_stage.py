@@ -40,6 +40,7 @@ from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import JoinerConfig
+from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
@@ -284,6 +285,7 @@ class JoinStage:
                     task.add(rs)
         fetched = self.source.position()
         ends = self._ends()
+        self._metrics.lag.observe(fetched, ends)
         processed = 0
         now = time.monotonic()
         if not records and now - self._last_records >= s.stall_timeout_s:
@@ -461,6 +463,7 @@ class _JoinMetrics(JoinerMetrics):
 
     def __init__(self, stats: EngineStats) -> None:
         super().__init__(stats)
+        self.lag = ConsumerLag(stats.consumer_lag)
         self.tasks = stats.join_tasks
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
@@ -484,6 +487,10 @@ class _JoinMetrics(JoinerMetrics):
 
     def publish(self, stage: JoinStage) -> None:
         self.pending.set(sum(t.joiner.pending_count for t in stage.tasks.values()))
+        # The slowest task's: event time up to which every window of this process is closed.
+        marks = [t.joiner.watermark_ms for t in stage.tasks.values() if t.joiner.watermark_ms > 0]
+        if marks:
+            self.watermark_s.set(min(marks) / 1000.0)
         for p, task in stage.tasks.items():
             now = self._counts(task)
             last = self._last.get(p)

@@ -50,6 +50,7 @@ from reloop.engine.events.schema import Click, LabeledSample
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
+from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
@@ -572,7 +573,7 @@ class _Publisher(TrainerMetrics):
         self.join = JoinerMetrics(stats)
         self._lag_interval_s = lag_interval_s
         self._lag_at = float("-inf")
-        self._lag = stats.consumer_lag
+        self._lag = ConsumerLag(stats.consumer_lag, interval_s=0.0)  # (rate-limited here: it asks)
         self._fallbacks = stats.snapshot_restore_fallbacks
         self._last_join: dict[str, int] = {}
 
@@ -603,11 +604,7 @@ class _Publisher(TrainerMetrics):
         except Exception as exc:  # noqa: BLE001 - lag is best effort; processing goes on
             log.debug("lag unavailable", extra={"fields": {"error": repr(exc)}})
             return
-        positions = source.position()
-        for tp, end in ends.items():
-            pos = positions.get(tp)
-            if pos is not None:
-                self._lag.set(max(0, end - pos), tp.topic, str(tp.partition))
+        self._lag.observe(source.position(), ends)
 
     def publish(self, p: Pipeline) -> None:
         j = p.joiner

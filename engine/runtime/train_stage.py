@@ -35,6 +35,7 @@ from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
+from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
@@ -356,7 +357,9 @@ class TrainStage:
         records = self.source.poll(self.settings.poll_max_records, self.settings.poll_timeout_s)
         if records:
             self._merger.add(records)
-        return self._merger.release(self.source.position(), self._ends())
+        positions, ends = self.source.position(), self._ends()
+        self._metrics.lag.observe(positions, ends)
+        return self._merger.release(positions, ends)
 
     def _prepare(self, record: Record) -> _Prepared:
         try:
@@ -778,6 +781,7 @@ class _TrainMetrics(TrainerMetrics):
 
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
         super().__init__(stats, wall_period_s=wall_period_s)
+        self.lag = ConsumerLag(stats.consumer_lag)  # observed on the thread that owns the consumer
         self._dupes = stats.train_duplicates_dropped
         self._refused = stats.train_samples_refused
         self._dead = stats.dead_letters

@@ -941,3 +941,31 @@ def test_a_join_task_none_of_whose_checkpoints_loads_refuses_to_start(tmp_path):
         for _ in range(5):
             second.step()
     assert isinstance(err.value, FATAL)
+
+
+def test_both_stages_export_their_consumer_lag_and_the_join_its_watermark(tmp_path):
+    # Only the one-process pipeline set them: the lag alert and panel and the watermark showed nothing
+    # for `reloop run`.
+    log = _log(generate(300, seed=4, pad_to_multiple=BATCH))
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    join_stats = EngineStats()
+    join = _join(cfg, log, clock, tmp_path, stats=join_stats)
+    join._metrics.lag._interval_s = 0.0  # every step (1 s of wall clock otherwise)
+    join.step()
+    behind = dict(join_stats.consumer_lag.items())
+    assert {k[0] for k in behind} == {"impressions", "clicks"} and sum(behind.values()) > 0
+    _run_join(join, log, clock)
+    join.step()
+    assert dict(join_stats.consumer_lag.items()) == {k: 0.0 for k in behind}
+    marks = [t.joiner.watermark_ms for t in join.tasks.values()]
+    assert join_stats.joiner_watermark_s.get() == min(marks) / 1000.0 > 0
+    train = _train(cfg, log, clock, tmp_path)
+    train._metrics.lag._interval_s = 0.0
+    stats = train._metrics.lag._gauge
+    train.step()
+    assert {k[0] for k, _ in stats.items()} == {"samples"}
+    _run_train(train, log, clock)
+    train.step()
+    assert all(v == 0.0 for _, v in stats.items())
+    train.close()
