@@ -109,6 +109,20 @@ class ScoringService:
         here instead of a 500 (or seconds of hashing) later. The context is checked once and each
         candidate's own features once: together that is every value of every merged row."""
         lim = self.limits
+        crowded = [
+            (["body", "context"], len(context)) if len(context) > lim.max_features else None,
+            *(
+                (["body", "candidates", i, "features"], len(f)) if len(f) > lim.max_features else None
+                for i, f in enumerate(features)
+            ),
+        ]
+        if any(crowded):
+            raise BadRequest(
+                [
+                    {"loc": loc, "msg": f"{n} feature keys; at most {lim.max_features}", "type": "too_many"}
+                    for loc, n in filter(None, crowded)
+                ][:20]
+            )
         t = request.event_time_ms
         if t is not None:
             now = self.clock_ms()

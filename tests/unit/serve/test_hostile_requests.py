@@ -143,6 +143,22 @@ def test_event_times_far_from_the_clock_are_refused(service):
         assert r.status_code == 422 and "event_time_ms" in r.text, r.text
 
 
+def test_a_context_of_thousands_of_keys_is_refused_before_it_is_multiplied_into_the_log(service):
+    # Every logged impression carries the context: 69,000 keys the model does not read (1 MB) made one
+    # request write 90 MB to Kafka and hold the event loop for a second.
+    client, _ = service
+    body = _body(100, top_k=100)
+    body["context"] = {"user": "u1", **{f"k{i}": "v" for i in range(5_000)}}
+    r, _ = _post(client, body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "context"], r.text
+    body = _body(3)
+    body["candidates"][1]["features"] |= {f"k{i}": "v" for i in range(1_025)}
+    r, _ = _post(client, body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "candidates", 1, "features"]
+    body["candidates"][1]["features"] = {f"k{i}": "v" for i in range(1_024)}  # at the limit
+    assert _post(client, body)[0].status_code == 200
+
+
 def test_oversized_bodies_get_413_fast(service):
     client, _ = service
     ten_mb = (
