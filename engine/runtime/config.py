@@ -185,6 +185,15 @@ class MetricsSection(_Section):
         default=None, ge=0, le=65535, description="/metrics of the join process (reloop join)"
     )
 
+    @model_validator(mode="after")
+    def _join_port_fits(self) -> MetricsSection:
+        if self.join_prometheus_port is None and self.prometheus_port == 65535:
+            raise ValueError(
+                "prometheus_port 65535 leaves no port for the join process (it takes prometheus_port + 1): "
+                "set join_prometheus_port"
+            )
+        return self
+
 
 class ValidationSection(_Section):
     """Record-level bounds. A record beyond them goes to the dead-letter topic with its reason (the run

@@ -99,7 +99,18 @@ def run_supervised(
     if metrics_port is not None:
         from reloop.connectors.metrics.prometheus import serve_metrics
 
-        metrics_server = serve_metrics(host=cfg.metrics.prometheus_host, port=metrics_port)
+        try:
+            metrics_server = serve_metrics(host=cfg.metrics.prometheus_host, port=metrics_port)
+        except (OSError, OverflowError) as exc:  # in use, not ours to bind, out of range
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = f"{cfg.metrics.prometheus_host}:{metrics_port}"
+            print(
+                f"reloop {name}: cannot serve /metrics on {where}: {why} "
+                "(metrics.prometheus_port, metrics.join_prometheus_port or --metrics-port)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
         log.info(
             "metrics",
             extra={"fields": {"url": f"http://{metrics_server.host}:{metrics_server.port}/metrics"}},

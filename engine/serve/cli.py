@@ -11,10 +11,17 @@ import threading
 from reloop.engine.serve.config import ConfigError, load_serve_config
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
+    return port
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections serve, arms, kafka")
     parser.add_argument("--host", help="override serve.host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="override serve.port")
+    parser.add_argument("--port", type=_port, help="override serve.port")
     parser.add_argument("--bootstrap", help="override kafka.bootstrap")
     parser.add_argument("--no-log", action="store_true", help="do not log impressions (benchmarks)")
     parser.add_argument(
@@ -58,10 +65,18 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         stack = ServingStack(config).start()
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: an auth_token_file that cannot be read
         print(f"reloop serve: {exc}", file=sys.stderr)
         return 2
-    url = stack.serve_in_thread(host=args.host, port=args.port, reuse_port=args.worker)
+    try:
+        url = stack.serve_in_thread(host=args.host, port=args.port, reuse_port=args.worker)
+    except (OSError, OverflowError) as exc:  # the port in use, not ours to bind, out of range
+        stack.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        host = args.host or config.host
+        port = config.port if args.port is None else args.port
+        print(f"reloop serve: cannot listen on {host}:{port}: {why} (serve.port or --port)", file=sys.stderr)
+        return 2
     print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

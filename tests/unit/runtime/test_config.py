@@ -62,6 +62,7 @@ every_wall_s = 60
     ({"RELOOP__PERIOD__EVERY_WALL_S": "5"}, "every_samples, every_event_ms, every_wall_s"),
     ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size: Input should be a valid integer"),
     ({"RELOOP__TRAINN__BATCH_SIZE": "5"}, "RELOOP__TRAINN__BATCH_SIZE: unknown section 'trainn'"),
+    ({"RELOOP__METRICS__PROMETHEUS_PORT": "65535"}, "set join_prometheus_port"),  # the join's is port + 1
 ])
 def test_bad_values_name_the_key(tmp_path, env, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):

@@ -1,0 +1,66 @@
+"""Start-up failures of ``reloop serve`` and of a stage's /metrics: one line naming what to change and
+exit 2, not a traceback (a port in use, a port out of range, an unreadable token file)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+from reloop.engine.runtime.cli import main
+
+
+def _serve_config(tmp_path, **serve) -> str:
+    path = tmp_path / "serve.yaml"
+    arms = [{"name": "A", "registry": str(tmp_path / "r")}]
+    doc = {"serve": {"log": {"enabled": False}, **serve}, "arms": arms}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def _code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.fixture
+def busy_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, busy_port, capsys) -> None:
+    assert _code(["serve", "--config", _serve_config(tmp_path), "--port", str(busy_port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in err and "Traceback" not in err, err
+
+
+def test_serve_refuses_a_port_out_of_range_and_an_unreadable_token_file(tmp_path, capsys) -> None:
+    assert _code(["serve", "--config", _serve_config(tmp_path), "--port", "70000"]) == 2
+    assert "0..65535" in capsys.readouterr().err
+    missing = tmp_path / "nope" / "token"
+    assert _code(["serve", "--config", _serve_config(tmp_path, auth_token_file=str(missing))]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err, err
+
+
+def test_a_stage_whose_metrics_port_is_in_use_exits_2_naming_the_setting(tmp_path, busy_port, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "lr", "spec": spec},
+                "kafka": {"bootstrap": "127.0.0.1:1"},  # never reached: the port fails first
+                "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            }
+        )
+    )
+    assert _code(["train", "--config", str(cfg), "--metrics-port", str(busy_port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve /metrics on 127.0.0.1:{busy_port}" in err and "metrics.prometheus_port" in err, err
