@@ -79,6 +79,16 @@ record_partition = itemgetter(0, 1)
 record_offset = itemgetter(2)
 
 
+class MissingTopic(RuntimeError):
+    """The topic a new one copies its partition count from does not exist (yet)."""
+
+    def __init__(self, like: str, topic: str) -> None:
+        super().__init__(
+            f"topic {like!r} does not exist; {topic!r} is created with as many partitions as it has "
+            "(create the input topics first, or check source.impressions_topic)"
+        )
+
+
 class RecordTooLarge(ValueError):
     """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ def ensure_topic_like(
     topics = admin.list_topics(timeout=10).topics
     if topic in topics:
         return
+    if like not in topics:
+        raise MissingTopic(like, topic)
     partitions = len(topics[like].partitions)
     futures = admin.create_topics([NewTopic(topic, partitions, 1)])
     for future in futures.values():

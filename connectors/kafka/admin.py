@@ -15,7 +15,7 @@ from kafka import TopicPartition as KafkaTopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError
 from reloop.connectors.kafka.settings import admin_settings
-from reloop.engine.streams import Positions, TopicPartition
+from reloop.engine.streams import MissingTopic, Positions, TopicPartition
 
 _log = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ def ensure_topic_like(client_config: Mapping[str, Any], bootstrap: str, topic: s
     client = admin_settings(client_config)
     admin = admin_client(bootstrap, client)
     try:
-        if topic in set(admin.list_topics()):
+        existing = set(admin.list_topics())
+        if topic in existing:
             return
+        if like not in existing:
+            raise MissingTopic(like, topic)
         partitions = partition_counts(admin, [like])[like]
     finally:
         admin.close()

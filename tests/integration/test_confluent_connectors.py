@@ -181,3 +181,23 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
         assert group.fetched_ends() == group.end_positions(max_age_s=0)
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_topic_copying_a_missing_input_topic_names_the_input(kafka_broker, unique_topic, client) -> None:
+    # It failed naming the samples topic ("Number of partitions was set to an invalid non-positive value",
+    # or a KeyError), and the missing input topic went unnamed.
+    from reloop.connectors.confluent.admin import ensure_topic_like as confluent_like
+    from reloop.connectors.kafka.admin import ensure_topic_like as kafka_like
+    from reloop.engine.streams import MissingTopic
+
+    missing, samples, present = unique_topic("imp"), unique_topic("samples"), unique_topic("imp-ok")
+    if client == "confluent":
+        ensure = lambda topic, like: confluent_like({}, kafka_broker.bootstrap, topic, like)  # noqa: E731
+    else:
+        ensure = lambda topic, like: kafka_like({}, kafka_broker.bootstrap, topic, like)  # noqa: E731
+    with pytest.raises(MissingTopic, match=repr(missing)):
+        ensure(samples, missing)
+    create_topics(kafka_broker.bootstrap, {present: 3})
+    ensure(samples, present)
+    ensure(samples, present)  # an existing one is left as it is
