@@ -158,8 +158,11 @@ SERIES: tuple[Series, ...] = (
            "about one record (a sink or broker failure, a bug)."),
     Series("consumer_lag", "reloop_consumer_lag_records", "gauge",
            "End offset minus the consumer position, per topic and partition.", ("topic", "partition")),
-    Series("serve_requests", "reloop_serve_requests_total", "counter", "Scoring requests answered.",
-           ("arm",)),
+    Series("serve_requests", "reloop_serve_requests_total", "counter",
+           "Scoring requests answered with a ranking (200).", ("arm",)),
+    Series("serve_failed_requests", "reloop_serve_failed_requests_total", "counter",
+           "Scoring requests answered without one, by HTTP status: 413 (body too large), 422 (invalid), "
+           "503 (no model loaded yet), 500 (scoring failed).", ("status",)),
     Series("serve_latency_s", "reloop_serve_latency_seconds", "histogram", "Time to score one request.",
            ("arm",)),
     Series("serve_reloads", "reloop_serve_reloads_total", "counter",
@@ -172,7 +175,8 @@ SERIES: tuple[Series, ...] = (
     Series("impressions_logged", "reloop_impressions_logged_total", "counter",
            "Impression events written to the impressions topic.", ("arm",)),
     Series("impressions_dropped", "reloop_impressions_dropped_total", "counter",
-           "Impression events not logged (reason: queue_full, sink_error).", ("reason",)),
+           "Impression events not logged (reason: queue_full, sink_error, oversized, rejected, "
+           "undelivered, encode_error, shutdown, closed).", ("reason",)),
 )
 
 BUILD_INFO = "reloop_build_info"

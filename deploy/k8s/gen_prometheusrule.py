@@ -9,6 +9,7 @@ PrometheusRule; tests/unit/deploy/test_k8s.py fails when the file is out of step
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -47,8 +48,12 @@ def render(alerts_text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    # argparse: any other argument (--help, a typo) must not rewrite the file, as it did
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date; write nothing")
+    args = parser.parse_args(argv)
     text = render(ALERTS.read_text())
-    if "--check" in argv:
+    if args.check:
         if not TARGET.is_file() or TARGET.read_text() != text:
             print(f"{TARGET} is out of date: run python {Path(__file__).relative_to(HERE.parents[1])}")
             return 1

@@ -44,7 +44,19 @@ from dataclasses import dataclass, field, fields
 
 # Serving latency of one scoring request (seconds): 0.25 ms .. 2.5 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 
 Labels = tuple[str, ...]
@@ -270,6 +282,7 @@ class EngineStats:
     consumer_lag: Level = field(default_factory=Level)  # (topic, partition)
 
     serve_requests: Tally = field(default_factory=Tally)  # (arm,)
+    serve_failed_requests: Tally = field(default_factory=Tally)  # (status,): /score answered other than 200
     serve_latency_s: Buckets = field(default_factory=Buckets)  # (arm,)
     serve_reloads: Tally = field(default_factory=Tally)  # (outcome "ok"/"refused",)
     serve_fallback: Level = field(default_factory=Level)  # (arm,)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.schema import ScoreRequest, ScoreResponse
 from reloop.engine.serve.service import BadRequest, NotReady, ScoringService
 from reloop.engine.serve.wire import WireError, decode_request, error_body
@@ -39,10 +40,27 @@ def too_large(limit: int) -> bytes:
     return orjson.dumps({"detail": f"request body larger than {limit} bytes"})
 
 
+_FAILED = {status: STATS.serve_failed_requests.child(str(status)) for status in (413, 422, 500, 503)}
+
+
 def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
-    """``POST /score``: (status, JSON body). Parsed and validated by msgspec (engine/serve/wire.py); scoring
-    runs inline on the event loop (~1-2 ms of CPU under the GIL either way; a hand-off to a thread pool
-    costs two more thread wake-ups per request)."""
+    """``POST /score``: (status, JSON body); an answer other than 200 is counted by its status
+    (``reloop_serve_failed_requests_total``)."""
+    status, content = _score_body(service, body)
+    if status != 200:
+        _FAILED[status].add()
+    return status, content
+
+
+def body_too_large(limit: int) -> tuple[int, bytes]:
+    _FAILED[413].add()
+    return 413, too_large(limit)
+
+
+def _score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
+    """Parsed and validated by msgspec (engine/serve/wire.py); scoring runs inline on the event loop
+    (~1-2 ms of CPU under the GIL either way; a hand-off to a thread pool costs two more thread wake-ups
+    per request)."""
     try:
         request = decode_request(body)
     except WireError as exc:
@@ -100,7 +118,7 @@ class ScoreRoute:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        status, content = (413, too_large(limit)) if status == 413 else score_body(self.service, body)
+        status, content = body_too_large(limit) if status == 413 else score_body(self.service, body)
         headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -131,7 +149,7 @@ def create_app(
         # Served by ScoreRoute in front of this app (reloop.engine.serve.stack); this route is its documented
         # twin and what an app without the front door answers (the same score_body).
         body = await _bounded_body(http_request, max_body_bytes)
-        status, content = (413, too_large(max_body_bytes)) if body is None else score_body(service, body)
+        status, content = body_too_large(max_body_bytes) if body is None else score_body(service, body)
         return Response(content=content, status_code=status, media_type="application/json")
 
     @app.get("/healthz")

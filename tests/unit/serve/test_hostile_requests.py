@@ -198,3 +198,23 @@ def test_metrics_answers_on_its_own_path_without_a_redirect(service):
         r = client.get(path, follow_redirects=False)
         assert r.status_code == 200, (path, r.status_code)
         assert "# TYPE reloop_" in r.text
+
+
+def test_answers_without_a_ranking_are_counted_by_status(service):
+    # Only 200s were counted (reloop_serve_requests_total): a service failing every request looked idle.
+    from reloop.engine.metrics.stats import STATS
+
+    client, _ = service
+
+    def failed() -> dict[str, float]:
+        return {k[0]: v for k, v in STATS.serve_failed_requests.items()}
+
+    before = failed()
+    assert _post(client, b"{not json")[0].status_code == 422
+    assert _post(client, _body(3, event_time_ms=0))[0].status_code == 422
+    assert _post(client, b"x" * (2 << 20))[0].status_code == 413
+    assert _post(client, _body(3))[0].status_code == 200
+    after = failed()
+    assert after.get("422", 0) - before.get("422", 0) == 2
+    assert after.get("413", 0) - before.get("413", 0) == 1
+    assert after.get("500", 0) == before.get("500", 0)
