@@ -189,6 +189,13 @@ def test_a_token_protects_everything_but_the_probes(service):
         assert wrong.status_code == 401
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
+        # the scheme is case-insensitive (RFC 7235), the token and the scheme's name are not optional
+        for header, status in (
+            ("bearer s3cret-token", 200), ("BEARER s3cret-token", 200), ("Bearer S3CRET-TOKEN", 401),
+            ("Basic s3cret-token", 401), ("s3cret-token", 401), ("Bearer", 401),
+        ):  # fmt: skip
+            r = anonymous.post("/score", json=_body(2), headers={"authorization": header})
+            assert r.status_code == status, header
 
 
 def test_metrics_answers_on_its_own_path_without_a_redirect(service):
