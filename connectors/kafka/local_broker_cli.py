@@ -67,6 +67,7 @@ def _up(broker: LocalBroker, args: argparse.Namespace) -> int:
         f"Kafka {info.version} started at {info.bootstrap} in {info.start_seconds:.1f} s "
         f"(pid {info.pid}, RSS {broker.rss_mb()} MB, state {broker.state_dir})"
     )
+    print(f"  point reloop at it: RELOOP__KAFKA__BOOTSTRAP={info.bootstrap} (or kafka.bootstrap)")
     print(f"  stop it with: reloop kafka down --state-dir {broker.state_dir}")
     return 0
 
