@@ -239,6 +239,13 @@ class ServingStack:
         self.feeds: dict[str, Any] = {}
         sources: list[ArmSource] = []
         for arm in config.arms:
+            if not arm.registry.is_dir():  # a mistyped path: /readyz 503 for ever, and nothing said why
+                log.warning(
+                    "arm %s: its registry %s does not exist (yet): not ready until a snapshot is published "
+                    "there (arms[].registry)",
+                    arm.name,
+                    arm.registry,
+                )
             holder = ModelHolder()
             logger: ImpressionLogger | ProducerLogger | None = None
             if config.log.enabled and config.kafka.client == "confluent" and sink_factory is None:

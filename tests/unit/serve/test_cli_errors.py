@@ -64,3 +64,19 @@ def test_a_stage_whose_metrics_port_is_in_use_exits_2_naming_the_setting(tmp_pat
     assert _code(["train", "--config", str(cfg), "--metrics-port", str(busy_port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot serve /metrics on 127.0.0.1:{busy_port}" in err and "metrics.prometheus_port" in err, err
+
+
+def test_an_arm_whose_registry_does_not_exist_is_named_in_a_warning(tmp_path, caplog) -> None:
+    # A mistyped arms[].registry left /readyz at 503 for ever without a word.
+    import logging
+
+    from reloop.engine.serve.config import load_serve_config
+    from reloop.engine.serve.stack import ServingStack
+
+    (tmp_path / "r").mkdir()
+    with caplog.at_level(logging.WARNING, logger="reloop.engine.serve.stack"):
+        ServingStack(load_serve_config(_serve_config(tmp_path))).start().close()
+        assert not [r for r in caplog.records if "does not exist" in r.getMessage()]
+        (tmp_path / "r").rmdir()
+        ServingStack(load_serve_config(_serve_config(tmp_path))).start().close()
+    assert any(f"{tmp_path / 'r'} does not exist" in r.getMessage() for r in caplog.records)
