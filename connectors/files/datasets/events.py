@@ -18,6 +18,8 @@ from reloop.engine.events.schema import Click, Impression, LabeledSample
 
 #: The model version stamped on placeholder predictions: "no model served this".
 PLACEHOLDER_VERSION = 0
+# user_id / item_id of an impression whose dataset row has none (Criteo; a log without those columns)
+UNKNOWN_ID = "unknown"
 
 
 @dataclass(slots=True)
@@ -77,8 +79,9 @@ def to_events(
         yield Impression(
             impression_id=row.row_id,
             request_id=row.request_id,
-            user_id=row.user_id,
-            item_id=row.item_id,
+            # The event contract wants non-empty ids; Criteo and logs without the columns have none.
+            user_id=row.user_id or UNKNOWN_ID,
+            item_id=row.item_id or UNKNOWN_ID,
             features=row.features,
             event_time_ms=row.event_time_ms,
             served_prediction=served,

@@ -92,3 +92,15 @@ def test_samples_match_rows() -> None:
         (r.row_id, r.label, r.event_time_ms, r.features) for r in rows
     ]
     assert samples[0].served_prediction == 0.5 and samples[1].served_prediction == pytest.approx(2 / 3)
+
+
+def test_rows_without_user_or_item_ids_make_events_the_contract_takes() -> None:
+    # Criteo rows (and logs without the columns) have no user id: every impression was dead-lettered
+    # as bad_value ("user_id must not be empty") and every click orphaned.
+    from reloop.engine.events.codec import decode_impression, encode
+
+    rows = [DatasetRow("a", "a", "", "", 0, {"f": "x"}, 1)]
+    events = list(to_events(rows))
+    imp = events[0]
+    assert (imp.user_id, imp.item_id) == ("unknown", "unknown")
+    assert decode_impression(encode(imp)) == imp
