@@ -79,6 +79,7 @@ class ReplaySource:
         self._rank = {t: i for i, t in enumerate(dict.fromkeys(first_topics))}
         self._buf: dict[TopicPartition, deque[Record]] = {}
         self._next: Positions = {}
+        self._last_event_time: dict[TopicPartition, int] = {}  # per partition (``timestamps="event"``)
         self.records_out = 0
         self.first_timestamp_ms: int | None = None
         self.last_timestamp_ms: int | None = None
@@ -119,9 +120,16 @@ class ReplaySource:
 
     def _stamp(self, r: Record) -> Record:
         if self.timestamps == "event":
+            tp = TopicPartition(r.topic, r.partition)
             t = event_time_of(r.value)
-            # A record without an event time keeps its place by offset (the pipeline dead-letters it).
-            return r._replace(timestamp_ms=t if t is not None else max(r.timestamp_ms, 0))
+            if t is None:
+                # A record without an event time (the pipeline dead-letters it) keeps its place: it takes
+                # the time of the record before it. Stamped 0, it pulled the records before it ahead of
+                # their time (the merge orders a record by the earliest of it and its successors): clicks
+                # that reached the joiner before their impressions and lost their label.
+                t = self._last_event_time.get(tp, max(r.timestamp_ms, 0))
+            self._last_event_time[tp] = t
+            return r._replace(timestamp_ms=t)
         return r
 
     def _fill(self, timeout_s: float) -> None:

@@ -299,3 +299,26 @@ def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert summary["join"]["early_clicks_held"] == 0
     assert summary["join"]["positives"] == clicks
+
+
+@pytest.mark.parametrize("bad", [b"not json", b'{"impression_id": "r1", "event_time_ms": "x"}'])
+def test_a_click_record_without_an_event_time_costs_only_itself(tmp_path: Path, bad: bytes) -> None:
+    # Stamped 0, it pulled the clicks before it ahead of their impressions (the merge orders a record
+    # by the earliest time of it and its successors): 4 valid clicks lost their label.
+    from dataclasses import replace
+
+    from reloop.connectors.files.datasets import FixedDelay
+
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    hourly = [replace(r, event_time_ms=1_700_000_000_000 + 3_600_000 * i) for i, r in enumerate(rows(200))]
+    evs = list(to_events(hourly, FixedDelay(30_000)))
+    clicks = sum(not isinstance(e, Impression) for e in evs)
+    write_jsonl(root, evs)
+    path = root / "clicks" / "partition-00000.jsonl"
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([*lines[:50], bad, *lines[50:]]) + b"\n")
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert sum(summary["dead_letters"].values()) == 1
+    assert summary["join"]["positives"] == clicks and summary["join"]["orphan_clicks"] == 0
