@@ -17,11 +17,13 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Literal
 
 import orjson
 from reloop.engine.events.codec import encode
 from reloop.engine.events.schema import Click, Impression
+from reloop.engine.runtime.merge import DEFAULT_LOOKAHEAD
 from reloop.engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
@@ -66,6 +68,7 @@ class ReplaySource:
         set_clock: Callable[[int], None] | None = None,
         stall_timeout_s: float = 30.0,
         first_topics: Sequence[str] = (),
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
@@ -77,6 +80,7 @@ class ReplaySource:
         self.set_clock = set_clock
         self.stall_timeout_s = stall_timeout_s
         self._rank = {t: i for i, t in enumerate(dict.fromkeys(first_topics))}
+        self.lookahead = lookahead
         self._buf: dict[TopicPartition, deque[Record]] = {}
         self._next: Positions = {}
         self._last_event_time: dict[TopicPartition, int] = {}  # per partition (``timestamps="event"``)
@@ -132,15 +136,28 @@ class ReplaySource:
             return r._replace(timestamp_ms=t)
         return r
 
+    def _short(self, tp: TopicPartition) -> bool:
+        """Fewer than ``lookahead`` records buffered while more are to come: its key is not known yet."""
+        return len(self._buf[tp]) < self.lookahead and not self._fetched_all(tp)
+
+    def _key(self, tp: TopicPartition) -> int:
+        """A partition head's merge key: the earliest time among it and the ``lookahead - 1`` records after
+        it (as the pipeline's merge, engine/runtime/merge.py). A record stamped far ahead of its successors
+        (a bad clock, a typo of ten years) goes out with them instead of holding its partition back while
+        the others run ahead, and the clock follows the key, not the stamp, so the pipeline refuses that
+        record as too far in the future instead of taking it as the new present (every valid impression
+        after it was dropped as too late)."""
+        return min(r.timestamp_ms for r in islice(self._buf[tp], self.lookahead))
+
     def _fill(self, timeout_s: float) -> None:
-        """Poll until every unfinished partition has a buffered head.
+        """Poll until every unfinished partition has ``lookahead`` records buffered.
 
         This waits for the wrapped source rather than returning early: the records of the range are
         known to exist, and a batch cut short by a slow fetch would make the replay depend on timing.
         """
         stalled_since = time.monotonic()
         while True:
-            hungry = [tp for tp, b in self._buf.items() if not b and not self._fetched_all(tp)]
+            hungry = [tp for tp in self._buf if self._short(tp)]
             if not hungry:
                 return
             records = self.inner.poll(max(self.batch_size, 256), min(0.1, max(timeout_s, 0.0)))
@@ -160,28 +177,28 @@ class ReplaySource:
                 )
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        # After _fill every unfinished partition has a buffered head: the merge takes the smallest
-        # (timestamp, topic, partition, offset) head, and refills (and re-heaps) when a buffer runs dry,
-        # since a partition that may still hold older records blocks the merge.
+        # After _fill every unfinished partition has ``lookahead`` records buffered: the merge takes the
+        # smallest (key, topic rank, topic, partition, offset) head, and refills (and re-heaps) when a
+        # buffer runs short, since a partition that may still hold older records blocks the merge.
         self._fill(timeout_s)
         out: list[Record] = []
         limit = min(max_records, self.batch_size)
         heads = self._heads()
+        newest = self.last_timestamp_ms if self.last_timestamp_ms is not None else -(2**63)
         while heads and len(out) < limit:
-            *_, tp = heapq.heappop(heads)
+            key, *_, tp = heapq.heappop(heads)
             buf = self._buf[tp]
             r = buf.popleft()
             self._next[tp] = r.offset + 1
             out.append(r)
-            if buf:
-                h = buf[0]
-                heapq.heappush(heads, self._head(h.timestamp_ms, h.offset, tp))
-            elif not self._fetched_all(tp):
+            newest = max(newest, key)
+            if self._short(tp):
                 self._fill(timeout_s)
                 heads = self._heads()
+            elif buf:
+                heapq.heappush(heads, self._head(self._key(tp), buf[0].offset, tp))
         if out:
             self.records_out += len(out)
-            newest = max(r.timestamp_ms for r in out)
             if self.first_timestamp_ms is None:
                 self.first_timestamp_ms = out[0].timestamp_ms
             self.last_timestamp_ms = newest
@@ -200,7 +217,7 @@ class ReplaySource:
     def _heads(self) -> list[_Head]:
         """The buffered head of every partition as a heap in merge order (the partition last: never
         compared, as (topic, partition) already differ)."""
-        heads = [self._head(b[0].timestamp_ms, b[0].offset, tp) for tp, b in self._buf.items() if b]
+        heads = [self._head(self._key(tp), b[0].offset, tp) for tp, b in self._buf.items() if b]
         heapq.heapify(heads)
         return heads
 

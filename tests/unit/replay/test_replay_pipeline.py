@@ -322,3 +322,23 @@ def test_a_click_record_without_an_event_time_costs_only_itself(tmp_path: Path, 
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert sum(summary["dead_letters"].values()) == 1
     assert summary["join"]["positives"] == clicks and summary["join"]["orphan_clicks"] == 0
+
+
+def test_an_impression_stamped_years_ahead_is_dead_lettered_and_the_rest_trained(tmp_path: Path) -> None:
+    # The replay clock followed the newest record handed out, the far-future one too: it passed the
+    # intake's max_future_ms check against itself, its partition was held back behind it, and 150 of
+    # 200 valid impressions after it were dropped as too late.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    evs = events()
+    write_jsonl(root, evs)
+    path = root / "impressions" / "partition-00000.jsonl"
+    lines = path.read_bytes().splitlines()
+    ahead = orjson.loads(lines[100])
+    ahead["impression_id"] = "from-the-future"
+    ahead["event_time_ms"] += 10 * 365 * 86_400_000
+    path.write_bytes(b"\n".join([*lines[:50], orjson.dumps(ahead), *lines[50:]]) + b"\n")
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["dead_letters"] == {"bad_time": 1}
+    assert summary["samples_trained"] == len(rows()) and summary["join"]["too_late_impressions"] == 0
