@@ -61,11 +61,13 @@ def run_replay(
     start: Positions | None = None,
     timestamps: TimestampMode = "record",
     samples_sink: Sink | None = None,
+    dead_letter_sink: Sink | None = None,
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
 ) -> ReplayResult:
     """Replay ``source`` from ``start`` (default: its beginning) to ``end`` (exclusive) into a fresh or
-    resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out."""
+    resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out;
+    refused records go to ``dead_letter_sink`` with their reason (counted either way)."""
     from reloop.engine.runtime.build import build_pipeline
 
     set_young_threshold(cfg.stages.gc_young_threshold)  # as every stage process (gc_tuning.py)
@@ -90,6 +92,7 @@ def run_replay(
         cfg,
         source=replay_source,
         samples_sink=samples_sink,
+        dead_letter_sink=dead_letter_sink,
         commit=None,  # never touch the live consumer group's offsets
         clock=clock,
         stats=EngineStats(),
@@ -139,6 +142,7 @@ def run_samples_replay(
     end: Positions,
     checkpoint_dir: Path,
     start: Positions | None = None,
+    dead_letter_sink: Sink | None = None,
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
 ) -> ReplayResult:
@@ -168,6 +172,7 @@ def run_samples_replay(
     stage = build_train_stage(
         cfg.model_copy(update={"train": full_batches}),
         source=replay_source,
+        dead_letter_sink=dead_letter_sink,
         commit=None,
         clock=clock,
         stats=EngineStats(),

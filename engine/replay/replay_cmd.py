@@ -208,6 +208,7 @@ def main(args: argparse.Namespace) -> int:
         from reloop.connectors.files.jsonl import JsonlSink
 
         sink = JsonlSink(root=args.out / "samples", topic="samples")
+    dead = _dead_letter_sink(args, cfg)
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="rec")
 
@@ -222,8 +223,10 @@ def main(args: argparse.Namespace) -> int:
         checkpoint_dir=snapshots,
         timestamps=timestamps,
         samples_sink=sink,
+        dead_letter_sink=dead,
         on_progress=progress,
     )
+    dead.close()
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
@@ -238,19 +241,31 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
     source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="batch")
+    dead = _dead_letter_sink(args, cfg)
     result = run_samples_replay(
         cfg,
         source=source,
         end=end,
         start=start,
         checkpoint_dir=snapshots,
+        dead_letter_sink=dead,
         on_progress=lambda n: bar.update(n - bar.n),
     )
+    dead.close()
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
     print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def _dead_letter_sink(args: argparse.Namespace, cfg: Any) -> Any:
+    """The refused records, with their reasons, as JSONL under ``OUT/dead-letters`` (never the live
+    dead-letter topic: a replay writes only under OUT). A resumed replay appends, and may repeat the
+    records it refused after its last checkpoint."""
+    from reloop.connectors.files.jsonl import JsonlSink
+
+    return JsonlSink(root=args.out / "dead-letters", topic=cfg.sink.dead_letter_topic or "deadletter")
 
 
 def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):

@@ -322,6 +322,13 @@ def test_a_click_record_without_an_event_time_costs_only_itself(tmp_path: Path, 
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert sum(summary["dead_letters"].values()) == 1
     assert summary["join"]["positives"] == clicks and summary["join"]["orphan_clicks"] == 0
+    # and the record itself is kept with its reason (a replay wrote only the count)
+    (letter,) = [
+        orjson.loads(x)
+        for f in (tmp_path / "a" / "dead-letters").rglob("*.jsonl")
+        for x in f.read_bytes().splitlines()
+    ]
+    assert letter["value"]["data"] == bad.decode() and letter["reason"] in summary["dead_letters"]
 
 
 def test_an_impression_stamped_years_ahead_is_dead_lettered_and_the_rest_trained(tmp_path: Path) -> None:
