@@ -115,8 +115,20 @@ def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
     for topic in topics:
         p = 0
         while (path := partition_path(root, topic, p)).exists():
+            complete = partial = 0
             with path.open("rb") as fh:
-                out[TopicPartition(topic, p)] = sum(1 for line in fh if line.endswith(b"\n"))
+                for line in fh:
+                    if line.endswith(b"\n"):
+                        complete += 1
+                    else:
+                        partial = len(line)
+            out[TopicPartition(topic, p)] = complete
+            if partial:  # it was dropped without a word
+                print(
+                    f"reloop replay: warning: {path}: its last line ({partial} bytes) has no newline and "
+                    "is not replayed (a file still being written? end it with a newline to include it)",
+                    file=sys.stderr,
+                )
             p += 1
         if p == 0:
             raise ValueError(f"JSONL topic {topic!r} does not exist under {root}")

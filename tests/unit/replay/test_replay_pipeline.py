@@ -349,3 +349,16 @@ def test_an_impression_stamped_years_ahead_is_dead_lettered_and_the_rest_trained
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert summary["dead_letters"] == {"bad_time": 1}
     assert summary["samples_trained"] == len(rows()) and summary["join"]["too_late_impressions"] == 0
+
+
+def test_a_last_line_without_a_newline_is_named_in_a_warning(tmp_path: Path, capsys) -> None:
+    # It was left out of the replay without a word (the reader waits for a line's newline: a writer may
+    # still be appending it).
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    path = root / "impressions" / "partition-00000.jsonl"
+    path.write_bytes(path.read_bytes()[:-1])
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert f"{path}: its last line" in err and "no newline" in err, err
