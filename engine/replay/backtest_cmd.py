@@ -40,6 +40,7 @@ from reloop.engine.replay.backtest import (
     strategy_grid,
     with_label_noise,
 )
+from reloop.engine.replay.options import key_value
 from reloop.engine.replay.report import MIN_SEEDS, RIVER, markdown_tables, plot, read_csv, write_csv
 
 DAY_MS = 86_400_000
@@ -74,18 +75,6 @@ def _non_negative(text: str) -> float:
 
 def _csv_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"dataset option must be KEY=VALUE, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def memory_spec(text: str) -> Any:
@@ -132,7 +121,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset-option",
         action="append",
-        type=_option,
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="passed to the loader, e.g. seed=1 (Frappe negatives)",
@@ -202,7 +191,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer",
         action="append",
-        type=_option,
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="any other learner optimizer setting (engine/models/config.py OptimizerConfig), e.g. "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reloop.engine.replay.options import key_value
 from reloop.engine.streams import Positions, TopicPartition
 
 
@@ -67,6 +68,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="click delay: immediate | fixed:MS | exponential:MEAN_MS | lognormal:MEDIAN_MS[:SIGMA]",
     )
     ds.add_argument("--delay-seed", type=int, default=0)
+    ds.add_argument(
+        "--dataset-option",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to the loader, as reloop backtest's: time_column=ts, label_column='rating >= 4', seed=1",
+    )
     ds.add_argument("--max-rows", type=int, default=0)
     ds.add_argument("--backbone", default="dcn")
     ds.add_argument("--strategy", default="reloop", choices=("ce", "kd", "reloop"))
@@ -312,7 +321,10 @@ def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
 
     if args.data is None:
         raise ValueError("--dataset needs --data")
-    ds = open_dataset(args.dataset, args.data)
+    try:
+        ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
+    except TypeError as exc:  # a keyword the loader does not take
+        raise ValueError(f"--dataset-option: {exc}") from None
     cfg = (
         load_config(args.config) if args.config else load_config_dict(dataset_config(args, ds.fields), env={})
     )

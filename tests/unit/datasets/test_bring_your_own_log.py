@@ -85,3 +85,21 @@ def test_the_documented_backtest_runs(backtest_out: Path) -> None:
 def test_the_backtest_carries_the_datasets_own_name(backtest_out: Path) -> None:
     assert {r["dataset"] for r in _results(backtest_out)} == {"ratings"}
     assert (backtest_out / "report.md").read_text().startswith("# Backtest: ratings")
+
+
+def test_the_page_s_log_replays_with_the_same_loader_options(ratings: Path, tmp_path: Path) -> None:
+    # The page says replay reads such a log, but replay took no --dataset-option: no time_column, so no
+    # log but one with a "timestamp" column could be replayed.
+    import orjson
+    from reloop.engine.runtime.cli import main
+
+    options = re.findall(r'--dataset-option ("[^"]+"|\S+)', _block("bash"))
+    argv = ["replay", "--dataset", "impression-log", "--data", str(ratings), "--out", str(tmp_path / "r")]
+    for option in options:
+        argv += ["--dataset-option", option.strip('"')]
+    argv += ["--backbone", "fm", "--batch-size", "4"]
+    assert len(options) == 3 and main(argv) == 0
+    summary = orjson.loads((tmp_path / "r" / "summary.json").read_bytes())
+    assert summary["samples_trained"] == 12 and summary["join"]["positives"] == 6
+    assert not summary["dead_letters"]
+    assert main([*argv[:5], "--dataset-option", "nope=1", "--out", str(tmp_path / "bad")]) == 2
