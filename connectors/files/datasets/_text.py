@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,24 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
+# Event times in ms must fit numpy's int64 with room: beyond, a time is a typo, not a date.
+MAX_TIME_MS = 2**62
+
+
 def parse_float(text: str, path: Path, line: int, column: str) -> float:
+    """A finite number (``nan`` and ``inf`` parse as floats, and became label 0 or crashed a backtest)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DatasetError(f"{path}:{line}: column {column!r} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DatasetError(f"{path}:{line}: column {column!r} is not a finite number: {text!r}")
+    return value
+
+
+def parse_time_ms(text: str, path: Path, line: int, column: str, scale: int) -> int:
+    """Epoch milliseconds: the number in ``text`` times ``scale`` (1000 for seconds), within ±2^62 ms."""
+    ms = parse_float(text, path, line, column) * scale
+    if abs(ms) >= MAX_TIME_MS:
+        raise DatasetError(f"{path}:{line}: column {column!r} is not a time in range: {text!r}")
+    return int(ms)

@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from reloop.connectors.files.datasets._text import require_file
+from reloop.connectors.files.datasets._text import MAX_TIME_MS, require_file
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
@@ -252,8 +252,8 @@ class ImpressionLog:
                 features=features,
                 label=y,
                 click_time_ms=_time(click_t, scale, where, "click_time") if _present(click_t) else None,
-                served_prediction=_float(served, where, "served_prediction") if _present(served) else None,
-                model_version=int(_float(version, where, "model_version")) if _present(version) else None,
+                served_prediction=_prediction(served, where) if _present(served) else None,
+                model_version=_version(version, where) if _present(version) else None,
             )
             parsed.append((t, i, row))
         parsed.sort(key=lambda r: (r[0], r[1]))
@@ -270,10 +270,29 @@ def _text(value: Any) -> str:
 
 
 def _float(value: Any, where: str, column: str) -> float:
+    """A finite number: ``nan`` and ``inf`` read as floats (a NaN rating made label 0, an infinite time
+    crashed the backtest with a traceback)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: column {column!r} is not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise DatasetError(f"{where}: column {column!r} is not a finite number: {value!r}")
+    return number
+
+
+def _prediction(value: Any, where: str) -> float:
+    p = _float(value, where, "served_prediction")
+    if not 0.0 <= p <= 1.0:  # replay dead-letters it as bad_prediction; a backtest trained ReLoop on it
+        raise DatasetError(f"{where}: column 'served_prediction' is not a probability in [0, 1]: {value!r}")
+    return p
+
+
+def _version(value: Any, where: str) -> int:
+    v = _float(value, where, "model_version")
+    if v != int(v) or v < 0:  # 1.7 was cut to 1 without a word
+        raise DatasetError(f"{where}: column 'model_version' is not a whole number >= 0: {value!r}")
+    return int(v)
 
 
 def _time(value: Any, scale: int, where: str, column: str) -> int:
@@ -284,16 +303,22 @@ def _time(value: Any, scale: int, where: str, column: str) -> int:
         return _epoch_ms(value)
     if isinstance(value, str):
         try:
-            return int(round(float(value) * scale))
+            number = float(value)
         except ValueError:
-            pass
-        try:
-            return _epoch_ms(datetime.fromisoformat(value.strip()))
-        except ValueError:
-            raise DatasetError(
-                f"{where}: column {column!r} is neither a number nor an ISO-8601 time: {value!r}"
-            ) from None
-    return int(round(_float(value, where, column) * scale))
+            try:
+                return _epoch_ms(datetime.fromisoformat(value.strip()))
+            except ValueError:
+                raise DatasetError(
+                    f"{where}: column {column!r} is neither a number nor an ISO-8601 time: {value!r}"
+                ) from None
+        return _ms(_float(number, where, column) * scale, where, column, value)
+    return _ms(_float(value, where, column) * scale, where, column, value)
+
+
+def _ms(ms: float, where: str, column: str, value: Any) -> int:
+    if abs(ms) >= MAX_TIME_MS:
+        raise DatasetError(f"{where}: column {column!r} is not a time in range: {value!r}")
+    return int(round(ms))
 
 
 def _epoch_ms(value: datetime | date) -> int:

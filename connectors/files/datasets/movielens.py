@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from reloop.connectors.files.datasets._text import parse_float, read_lines
+from reloop.connectors.files.datasets._text import parse_float, parse_time_ms, read_lines
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 FIELDS: tuple[FieldInfo, ...] = (
@@ -77,9 +77,9 @@ class MovieLens100K:
             parts = line.split("\t")
             if len(parts) <= max(iu, ii, ir, it):
                 raise DatasetError(f"{path}:{number}: expected 4 columns, got {len(parts)}")
-            ts = parse_float(parts[it], path, number, "timestamp")
+            t_ms = parse_time_ms(parts[it], path, number, "timestamp", 1000)
             rating = parse_float(parts[ir], path, number, "rating")
-            out.append((int(ts * 1000), number, parts[iu], parts[ii], rating))
+            out.append((t_ms, number, parts[iu], parts[ii], rating))
         out.sort(key=lambda r: (r[0], r[1]))
         return out
 

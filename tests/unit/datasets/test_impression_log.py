@@ -169,3 +169,20 @@ def test_name_is_the_files_stem(tmp_path: Path) -> None:
     assert ImpressionLog(path).name == "shop_clicks_2024"
     assert open_dataset("impression-log", path).name == "shop_clicks_2024"
     assert ImpressionLog(path, name="shop").name == "shop"
+
+
+@pytest.mark.parametrize(
+    ("cells", "needle"),
+    [
+        ("inf,1,,", "column 'timestamp' is not a finite number"),  # an OverflowError traceback
+        ("1e30,1,,", "column 'timestamp' is not a time in range"),
+        ("5,nan,,", "column 'rating' is not a finite number"),  # was label 0
+        ("5,5,2.5,", "column 'served_prediction' is not a probability"),  # ReLoop trained on it
+        ("5,5,0.5,1.7", "column 'model_version' is not a whole number"),  # cut to 1
+    ],
+)
+def test_values_no_log_can_hold_are_refused_naming_the_row(tmp_path: Path, cells: str, needle: str) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text(f"timestamp,rating,served_prediction,model_version\n1,5,0.5,2\n{cells}\n")
+    with pytest.raises(DatasetError, match=rf"row 2: {needle}"):
+        list(ImpressionLog(path, label_column="rating >= 4").rows())

@@ -55,3 +55,20 @@ def test_malformed_line_names_file_and_line(movielens_dir: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found"):
         list(MovieLens100K(tmp_path).rows())
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("4\t10\tnan\t10", "column 'rating' is not a finite number"),  # was label 0
+        ("4\t10\t5\tinf", "column 'timestamp' is not a finite number"),  # was an OverflowError traceback
+        ("4\t10\t5\t1e30", "column 'timestamp' is not a time in range"),
+    ],
+)
+def test_a_value_that_is_no_finite_number_names_file_and_line(
+    movielens_dir: Path, line: str, needle: str
+) -> None:
+    inter = movielens_dir / "ml-100k.inter"
+    inter.write_text(inter.read_text() + line + "\n")
+    with pytest.raises(DatasetError, match=rf"ml-100k.inter:8: {needle}"):
+        list(MovieLens100K(movielens_dir).rows())
