@@ -154,7 +154,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
     # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
     # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per period (periodic protocol)")
+    parser.add_argument(
+        "--epochs", type=_at_least(1), default=3, help="epochs per period (periodic protocol)"
+    )
     parser.add_argument(
         "--periodic-lr",
         type=float,

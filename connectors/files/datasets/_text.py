@@ -17,9 +17,12 @@ def require_file(path: Path) -> Path:
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its newline), skipping blank lines."""
-    with require_file(path).open(encoding="utf-8", newline="") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
+    with require_file(path).open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:  # it said only "can't decode byte 0xff in position N"
+                raise DatasetError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if line:
                 yield number, line
 

@@ -224,6 +224,7 @@ class ImpressionLog:
         feature_kinds = {c: self._kind(c, kinds) for c in self._feature_columns(columns)}
         scale = 1000 if self.time_unit == "s" else 1
         parsed: list[tuple[int, int, DatasetRow]] = []
+        seen: dict[str, int] = {}
         for i, rec in enumerate(records):
             where = f"{path}: row {i + 1}"
             t = _time(rec[self.time_column], scale, where, self.time_column)
@@ -240,6 +241,9 @@ class ImpressionLog:
                 if value is not None:
                     features[c] = value
             row_id = _text(rec.get("impression_id")) or f"{path.stem}-{i + 1}"
+            first = seen.setdefault(row_id, i + 1)
+            if first != i + 1:  # a replay joined a click to the other row of that id, and dropped this one
+                raise DatasetError(f"{where}: impression_id {row_id!r} repeats row {first}")
             click_t = rec.get("click_time")
             served = rec.get("served_prediction")
             version = rec.get("model_version")

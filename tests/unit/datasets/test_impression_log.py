@@ -186,3 +186,11 @@ def test_values_no_log_can_hold_are_refused_naming_the_row(tmp_path: Path, cells
     path.write_text(f"timestamp,rating,served_prediction,model_version\n1,5,0.5,2\n{cells}\n")
     with pytest.raises(DatasetError, match=rf"row 2: {needle}"):
         list(ImpressionLog(path, label_column="rating >= 4").rows())
+
+
+def test_a_repeated_impression_id_is_refused_naming_both_rows(tmp_path: Path) -> None:
+    # A replay joined the second row's click to the first row of that id and dropped the second row.
+    path = tmp_path / "r.csv"
+    path.write_text("timestamp,impression_id,click\n1,a,0\n2,b,0\n3,a,1\n")
+    with pytest.raises(DatasetError, match=r"row 3: impression_id 'a' repeats row 1"):
+        list(ImpressionLog(path).rows())

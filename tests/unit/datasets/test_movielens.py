@@ -72,3 +72,10 @@ def test_a_value_that_is_no_finite_number_names_file_and_line(
     inter.write_text(inter.read_text() + line + "\n")
     with pytest.raises(DatasetError, match=rf"ml-100k.inter:8: {needle}"):
         list(MovieLens100K(movielens_dir).rows())
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(movielens_dir: Path) -> None:
+    inter = movielens_dir / "ml-100k.inter"
+    inter.write_bytes(inter.read_bytes() + b"4\t10\t5\t\xff10\n")
+    with pytest.raises(DatasetError, match=r"ml-100k.inter:8: not UTF-8"):
+        list(MovieLens100K(movielens_dir).rows())

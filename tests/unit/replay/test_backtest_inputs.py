@@ -42,6 +42,7 @@ BAD = [
     (["--optimizer", "wide=bogus"], "wide"),
     (["--periodic-lr", "-1", "--protocols", "periodic"], "lr"),
     (["--replay-size", "-5"], "--replay-size"),
+    (["--epochs", "0", "--protocols", "periodic"], "--epochs"),  # trained nothing, exit 0
     (["--replay-ratio", "-1"], "--replay-ratio"),
     (["--buckets", "0"], "--buckets"),
     (["--seeds", "0"], "--seeds"),
