@@ -252,6 +252,17 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
     print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    imps, clicks, orphans = (
+        result.join.get(k, 0) for k in ("too_late_impressions", "too_late_clicks", "orphan_clicks")
+    )
+    if imps or clicks or orphans:  # lost to the join, counted only in the summary: say it where it is seen
+        print(
+            f"reloop replay: warning: {imps} impression(s) and {clicks} click(s) came after the watermark "
+            f"had passed them, and {orphans} click(s) found no impression: are the input files (or "
+            "partitions) in event-time order? (join.allowed_lateness_ms bounds the disorder taken; a range "
+            "that starts after some impressions also leaves their clicks without one)",
+            file=sys.stderr,
+        )
     return 0
 
 

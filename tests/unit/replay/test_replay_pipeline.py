@@ -362,3 +362,21 @@ def test_a_last_line_without_a_newline_is_named_in_a_warning(tmp_path: Path, cap
     assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert f"{path}: its last line" in err and "no newline" in err, err
+
+
+def test_impressions_lost_to_disorder_are_named_in_a_warning(tmp_path: Path, capsys) -> None:
+    # A file not in event-time order lost most of its impressions as too late, seen only in summary.json.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    path = root / "impressions" / "partition-00000.jsonl"
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    assert "found no impression" not in capsys.readouterr().err  # in order: nothing to say
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join(lines[::-1]) + b"\n")  # newest first
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "b")]) == 0
+    summary = orjson.loads((tmp_path / "b" / "summary.json").read_bytes())
+    err = capsys.readouterr().err
+    j = summary["join"]
+    assert j["orphan_clicks"] > 0
+    assert f"and {j['orphan_clicks']} click(s) found no impression" in err, err
