@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
+from operator import itemgetter
 from typing import Literal
 
 import orjson
@@ -27,6 +28,7 @@ from reloop.engine.runtime.merge import DEFAULT_LOOKAHEAD
 from reloop.engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
+_TIMESTAMP = itemgetter(5)  # Record.timestamp_ms
 # (timestamp, topic rank, topic, partition, offset, partition key): a partition's head in merge order
 _Head = tuple[int, int, str, int, int, TopicPartition]
 
@@ -147,7 +149,7 @@ class ReplaySource:
         the others run ahead, and the clock follows the key, not the stamp, so the pipeline refuses that
         record as too far in the future instead of taking it as the new present (every valid impression
         after it was dropped as too late)."""
-        return min(r.timestamp_ms for r in islice(self._buf[tp], self.lookahead))
+        return min(map(_TIMESTAMP, islice(self._buf[tp], self.lookahead)))
 
     def _fill(self, timeout_s: float) -> None:
         """Poll until every unfinished partition has ``lookahead`` records buffered.
