@@ -182,7 +182,10 @@ def test_logger_outage_fails_no_request():
     )
     responses = [service.score(_request(i)) for i in range(50)]
     assert len(responses) == 50 and all(len(r.ranking) == 10 for r in responses)
-    assert logger.accepted + logger.dropped == 500
+    # Each offered event is taken in or refused at the door; one taken in can still be dropped later when a
+    # failed batch finds no room to go back (sink_error): counting those too made this flaky under load.
+    assert logger.accepted + logger.dropped_by_reason.get("queue_full", 0) == 500
+    assert set(logger.dropped_by_reason) <= {"queue_full", "sink_error"}
     assert logger.dropped >= 500 - 100 - 500 // 10
     logger.close(timeout_s=0.1)
     assert orjson.dumps(responses[0].model_dump())  # responses are complete JSON-able objects
