@@ -2,13 +2,15 @@
 source of dataset events.
 
 ``ReplaySource`` is what makes a replay reproducible whatever it reads from. It merges the wrapped
-source's partitions itself by (timestamp, topic rank, topic, partition, offset), releasing a record only
-while every partition not yet finished has a buffered head, and hands the merged stream out in batches
-of a fixed size. So the sequence of ``poll`` results is a function of the records in the range alone,
-not of how a Kafka fetch or a file read happened to cut them, and a replay of the same log from Kafka
-and from files feeds the pipeline identically. It also drives the simulated clock: after each poll the
-clock is set to the newest timestamp handed out (event time stands in for wall time; a replay never
-waits).
+source's partitions itself by (key, topic rank, topic, partition, offset), a head's key being the
+earliest time among it and the records after it (``lookahead``, as the pipeline's merge), releasing a
+record only while every partition not yet finished has enough records buffered to know its key, and
+hands the merged stream out in batches of a fixed size. So the sequence of ``poll`` results is a
+function of the records in the range alone, not of how a Kafka fetch or a file read happened to cut
+them, and a replay of the same log from Kafka and from files feeds the pipeline identically. It also
+drives the simulated clock: after each poll the clock is set to the newest key handed out (event time
+stands in for wall time; a replay never waits; a record stamped far ahead of its successors does not
+move it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from reloop.engine.streams import Positions, Record, Source, TopicPartition
 
 TimestampMode = Literal["record", "event"]
 _TIMESTAMP = itemgetter(5)  # Record.timestamp_ms
-# (timestamp, topic rank, topic, partition, offset, partition key): a partition's head in merge order
+# (key, topic rank, topic, partition, offset, partition key): a partition's head in merge order
 _Head = tuple[int, int, str, int, int, TopicPartition]
 
 
@@ -53,7 +55,7 @@ class ReplaySource:
 
     ``timestamps="event"`` orders by the event time inside each record (files carry no record
     timestamps); ``"record"`` by the record's own timestamp, as the live pipeline does.
-    ``set_clock`` receives the newest timestamp handed out after every poll. ``first_topics`` go first
+    ``set_clock`` receives the newest key handed out after every poll. ``first_topics`` go first
     among records of one timestamp, in the order given (the impressions topic: a click stamped with its
     impression's own time, as ``--delay immediate`` makes it, comes after the impression, not before it
     as the topic names' order would put it, which made the joiner hold every such click as early).
