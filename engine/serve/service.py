@@ -109,19 +109,19 @@ class ScoringService:
         here instead of a 500 (or seconds of hashing) later. The context is checked once and each
         candidate's own features once: together that is every value of every merged row."""
         lim = self.limits
-        crowded = [
-            (["body", "context"], len(context)) if len(context) > lim.max_features else None,
-            *(
-                (["body", "candidates", i, "features"], len(f)) if len(f) > lim.max_features else None
+        most = lim.max_features
+        if len(context) > most or max(map(len, features), default=0) > most:  # (the hot path: one C pass)
+            crowded = [(["body", "context"], len(context))] if len(context) > most else []
+            crowded += [
+                (["body", "candidates", i, "features"], len(f))
                 for i, f in enumerate(features)
-            ),
-        ]
-        if any(crowded):
+                if len(f) > most
+            ]
             raise BadRequest(
                 [
-                    {"loc": loc, "msg": f"{n} feature keys; at most {lim.max_features}", "type": "too_many"}
-                    for loc, n in filter(None, crowded)
-                ][:20]
+                    {"loc": loc, "msg": f"{n} feature keys; at most {most}", "type": "too_many"}
+                    for loc, n in crowded[:20]
+                ]
             )
         t = request.event_time_ms
         if t is not None:
