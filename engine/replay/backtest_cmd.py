@@ -334,13 +334,13 @@ def _check_publishing(data: BacktestData, every_ms: int, report_from: int) -> No
 def open_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The dataset's loader and feature spec, before a row is read: an unknown dataset, a loader option
     it does not take or a bad bucket count fails here (Refused)."""
-    from reloop.connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets import UnknownOption, open_dataset
     from reloop.connectors.files.datasets.spec import feature_spec
 
     try:
         ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
         return ds, feature_spec(ds.fields, buckets=args.buckets)
-    except TypeError as e:  # a keyword the loader does not take
+    except (UnknownOption, TypeError) as e:  # a keyword the loader does not take, or of the wrong type
         if not args.dataset_option:
             raise
         raise Refused(f"--dataset-option: {e}") from None

@@ -327,14 +327,14 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
 def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     import itertools
 
-    from reloop.connectors.files.datasets import open_dataset, to_events
+    from reloop.connectors.files.datasets import UnknownOption, open_dataset, to_events
     from reloop.engine.replay.sources import EventListSource
 
     if args.data is None:
         raise ValueError("--dataset needs --data")
     try:
         ds = open_dataset(args.dataset, args.data, **dict(args.dataset_option))
-    except TypeError as exc:  # a keyword the loader does not take
+    except (UnknownOption, TypeError) as exc:  # a keyword the loader does not take
         raise ValueError(f"--dataset-option: {exc}") from None
     cfg = (
         load_config(args.config) if args.config else load_config_dict(dataset_config(args, ds.fields), env={})

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,39 @@ from reloop.connectors.files.datasets.movielens import MovieLens100K
 DATASETS = ("movielens-100k", "frappe", "frappe-libfm", "criteo", "avazu", "impression-log")
 
 
+class UnknownOption(DatasetError):
+    """An option the dataset's loader does not take."""
+
+
 def open_dataset(name: str, path: str | Path, **options: Any) -> Dataset:
-    """A loader by name; ``options`` go to its constructor (e.g. ``seed`` for Frappe's negatives)."""
+    """A loader by name; ``options`` go to its constructor (e.g. ``seed`` for Frappe's negatives). An
+    option the loader does not take is a DatasetError naming the ones it does."""
+    loaders: dict[str, type] = {
+        "movielens-100k": MovieLens100K,
+        "frappe": FrappeRaw,
+        "frappe-libfm": FrappeLibFM,
+        "criteo": Criteo,
+        "avazu": Avazu,
+        "impression-log": ImpressionLog,
+    }
+    loader = loaders.get(name)
+    if loader is None:
+        raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    takes = list(inspect.signature(loader).parameters)[1:]  # after the path (or files)
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise UnknownOption(
+            f"dataset {name!r} takes no option {', '.join(map(repr, unknown))} (it takes: {', '.join(takes)})"
+        )
     p = Path(path)
-    if name == "movielens-100k":
-        return MovieLens100K(p, **options)
-    if name == "frappe":
-        return FrappeRaw(p, **options)
     if name == "frappe-libfm":
-        files = sorted(p.glob("*.libfm")) if p.is_dir() else [p]
-        return FrappeLibFM(files, **options)
-    if name == "criteo":
-        return Criteo(p, **options)
-    if name == "avazu":
-        return Avazu(p, **options)
-    if name == "impression-log":
-        return ImpressionLog(p, **options)
-    raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+        return FrappeLibFM(sorted(p.glob("*.libfm")) if p.is_dir() else [p], **options)
+    return loader(p, **options)
 
 
 __all__ = [
     "DATASETS",
+    "UnknownOption",
     "PLACEHOLDER_VERSION",
     "Avazu",
     "ClickDelay",

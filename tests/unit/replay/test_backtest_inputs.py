@@ -48,7 +48,11 @@ BAD = [
     (["--seeds", "0"], "--seeds"),
     (["--hidden-units", "8,x"], "--hidden-units"),
     (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
-    (["--dataset-option", "foo=1"], "--dataset-option"),
+    # it said only "__init__() got an unexpected keyword argument": now the options the loader takes
+    (
+        ["--dataset-option", "foo=1"],
+        "--dataset-option: dataset 'movielens-100k' takes no option 'foo' (it takes: click",
+    ),
     (["--report-only"], "--report-only"),
     (["--backbones", "fm,ftrl", "--memory", "n_tables=2,n_bits=4"], "--memory: backbone 'ftrl'"),
     (["--backbones", "fm,river_lr"], "--no-river"),
