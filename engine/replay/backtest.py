@@ -468,8 +468,8 @@ class RiverInputs:
     values at 1/len each, a dense value as ``log1p(max(v, 0))`` standardised by that feature's running
     mean and deviation over the rows read so far, this one included (label-free, and no row sees a later
     one; 0 until a feature has varied). Unscaled, Criteo's counts (log1p up to ~11, 13 of them a row)
-    made each SGD step overshoot: the peer's LogLoss there was 0.92. MovieLens and Frappe have no dense
-    values, so their peer is unchanged."""
+    made each SGD step overshoot: the peer's LogLoss on the Criteo sample was 0.91. MovieLens and
+    Frappe have no dense values, so their peer is unchanged."""
 
     def __init__(self) -> None:
         self._moments: dict[str, list[float]] = {}  # per dense feature: count, mean, sum of squares

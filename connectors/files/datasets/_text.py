@@ -44,7 +44,11 @@ def parse_float(text: str, path: Path, line: int, column: str) -> float:
 
 def parse_time_ms(text: str, path: Path, line: int, column: str, scale: int) -> int:
     """Epoch milliseconds: the number in ``text`` times ``scale`` (1000 for seconds), within ±2^62 ms."""
-    ms = parse_float(text, path, line, column) * scale
+    return checked_ms(parse_float(text, path, line, column) * scale, f"{path}:{line}", column, text)
+
+
+def checked_ms(ms: float, where: str, column: str, value: object) -> int:
+    """``ms`` as whole milliseconds, refused (naming ``where``) beyond ±2^62."""
     if abs(ms) >= MAX_TIME_MS:
-        raise DatasetError(f"{path}:{line}: column {column!r} is not a time in range: {text!r}")
-    return int(ms)
+        raise DatasetError(f"{where}: column {column!r} is not a time in range: {value!r}")
+    return int(round(ms))

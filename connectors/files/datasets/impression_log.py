@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from reloop.connectors.files.datasets._text import MAX_TIME_MS, require_file
+from reloop.connectors.files.datasets._text import checked_ms, require_file
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
@@ -315,14 +315,8 @@ def _time(value: Any, scale: int, where: str, column: str) -> int:
                 raise DatasetError(
                     f"{where}: column {column!r} is neither a number nor an ISO-8601 time: {value!r}"
                 ) from None
-        return _ms(_float(number, where, column) * scale, where, column, value)
-    return _ms(_float(value, where, column) * scale, where, column, value)
-
-
-def _ms(ms: float, where: str, column: str, value: Any) -> int:
-    if abs(ms) >= MAX_TIME_MS:
-        raise DatasetError(f"{where}: column {column!r} is not a time in range: {value!r}")
-    return int(round(ms))
+        return checked_ms(_float(number, where, column) * scale, where, column, value)
+    return checked_ms(_float(value, where, column) * scale, where, column, value)
 
 
 def _epoch_ms(value: datetime | date) -> int:
