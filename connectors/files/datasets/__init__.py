@@ -60,7 +60,10 @@ def open_dataset(name: str, path: str | Path, **options: Any) -> Dataset:
         )
     p = Path(path)
     if name == "frappe-libfm":
-        return FrappeLibFM(sorted(p.glob("*.libfm")) if p.is_dir() else [p], **options)
+        files = sorted(p.glob("*.libfm")) if p.is_dir() else [p]
+        if not files:
+            raise DatasetError(f"{p}: no *.libfm file in this folder")
+        return FrappeLibFM(files, **options)
     return loader(p, **options)
 
 

@@ -6,13 +6,24 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-from reloop.connectors.files.datasets.base import DatasetError
+from reloop.connectors.files.datasets.base import DatasetError, DatasetRow
 
 
 def require_file(path: Path) -> Path:
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     return path
+
+
+def refuse_empty(rows: Iterator[DatasetRow], where: str) -> Iterator[DatasetRow]:
+    """``rows`` as they come; a DatasetError at the end when there were none (an empty file, or a
+    header alone, replayed or backtested as zero samples without a word)."""
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        raise DatasetError(f"{where}: no rows (an empty file, or a header alone)")
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:

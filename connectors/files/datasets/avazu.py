@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reloop.connectors.files.datasets._text import require_file
+from reloop.connectors.files.datasets._text import refuse_empty, require_file
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 COLUMNS = (
@@ -44,6 +44,9 @@ class Avazu:
         return FIELDS
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), str(self.path))
+
+    def _rows(self) -> Iterator[DatasetRow]:
         path = require_file(Path(self.path))
         parsed: list[tuple[int, int, DatasetRow]] = []
         with path.open(encoding="utf-8", newline="") as fh:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from reloop.connectors.files.datasets._text import parse_float, require_file
+from reloop.connectors.files.datasets._text import parse_float, refuse_empty, require_file
 from reloop.connectors.files.datasets.base import (
     PSEUDO_TIME_ORIGIN_MS,
     DatasetError,
@@ -53,6 +53,9 @@ class Criteo:
         return "csv" if first.startswith("label,") else "tsv"
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), str(self.path))
+
+    def _rows(self) -> Iterator[DatasetRow]:
         path = require_file(Path(self.path))
         fmt = self._format(path)
         with path.open(encoding="utf-8", newline="") as fh:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from reloop.connectors.files.datasets._text import read_lines
+from reloop.connectors.files.datasets._text import read_lines, refuse_empty
 from reloop.connectors.files.datasets.base import (
     PSEUDO_TIME_ORIGIN_MS,
     DatasetError,
@@ -121,6 +121,9 @@ class FrappeLibFM:
         return FIELDS
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), ", ".join(map(str, self.paths)) or "frappe-libfm (no files)")
+
+    def _rows(self) -> Iterator[DatasetRow]:
         i = 0
         for path in map(Path, self.paths):
             for number, line in read_lines(path):

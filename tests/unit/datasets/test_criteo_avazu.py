@@ -49,3 +49,15 @@ def test_avazu_bad_hour(tmp_path: Path, avazu_csv: Path) -> None:
     bad.write_text(text)
     with pytest.raises(DatasetError, match="bad.csv:2: hour must be YYMMDDHH"):
         list(Avazu(bad).rows())
+
+
+def test_a_file_without_rows_is_refused(tmp_path: Path, avazu_csv: Path) -> None:
+    """An empty Criteo file or an Avazu header alone gave zero rows, replayed as zero samples in silence."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DatasetError, match="empty.txt: no rows"):
+        list(Criteo(empty).rows())
+    header = tmp_path / "header.csv"
+    header.write_text(avazu_csv.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DatasetError, match="header.csv: no rows"):
+        list(Avazu(header).rows())

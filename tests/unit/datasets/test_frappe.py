@@ -54,3 +54,17 @@ def test_libfm_labels_and_fields(tmp_path: Path) -> None:
     b.write_text("-1 4:1 961:1\n")
     with pytest.raises(DatasetError, match="b.libfm:1"):
         list(FrappeLibFM([b]).rows())
+
+
+def test_libfm_without_rows_is_refused(tmp_path: Path) -> None:
+    """Empty .libfm files, or a folder without any, gave zero rows in silence."""
+    from reloop.connectors.files.datasets import open_dataset
+
+    empty = tmp_path / "empty.libfm"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="empty.libfm: no rows"):
+        list(FrappeLibFM([empty]).rows())
+    folder = tmp_path / "none"
+    folder.mkdir()
+    with pytest.raises(DatasetError, match="no \\*.libfm file"):
+        open_dataset("frappe-libfm", folder)
