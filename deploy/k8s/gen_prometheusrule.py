@@ -50,7 +50,9 @@ def render(alerts_text: str) -> str:
 def main(argv: list[str]) -> int:
     # argparse: any other argument (--help, a typo) must not rewrite the file, as it did
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the file is out of date; write nothing"
+    )
     args = parser.parse_args(argv)
     text = render(ALERTS.read_text())
     if args.check:
