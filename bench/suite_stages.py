@@ -18,6 +18,9 @@ Rows (named so they can be found by name):
 * "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
   raw topics until the target samples are trained, against the bare loop with two threads; the same
   with ``kafka.client: confluent`` (both processes on librdkafka) in the same rounds.
+* "whole loop, two processes, reloop run's default threads": the same with ``train.threads`` unset, as
+  ``reloop run`` runs unless told otherwise: the train process at torch's default (one thread per core),
+  sharing the cores with the join process and the broker; with kafka-python and with confluent-kafka.
 * "whole loop's ceiling": the bare loop with one thread (the train process's) against two threads, in
   the whole loop's rounds: a train process as fast as its model's bare loop, with the join process free,
   would reach this ratio and no more.
@@ -349,10 +352,18 @@ def consume_rate(bootstrap: str, topics: tuple[str, str], records: int) -> float
 
 
 def whole_loop_rate(
-    bootstrap: str, topics: tuple[str, str], spec: Any, target: int, batch: int, client: str = KP
+    bootstrap: str,
+    topics: tuple[str, str],
+    spec: Any,
+    target: int,
+    batch: int,
+    client: str = KP,
+    threads: int | None = 1,
 ) -> float:
-    """``reloop run`` with two processes (both on the Kafka ``client``) until ``target`` samples are
-    trained: samples / (time of the snapshot at target - time both stages had started)."""
+    """``reloop run`` with two processes (both on the Kafka ``client``, ``threads`` torch threads in the
+    train process; None: ``train.threads`` unset, torch's default, as ``reloop run`` runs) until
+    ``target`` samples are trained: samples / (time of the snapshot at target - time both stages had
+    started)."""
     from reloop.engine.checkpoint.registry import SnapshotRegistry
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-run-") as tmp:
@@ -369,14 +380,16 @@ def whole_loop_rate(
             "validation": {"max_future_ms": None},
             "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.2, "spec": spec.to_dict(),
                       "optimizer": {"embedding_optimizer": "adam", "wide": "off"}},
-            "train": {"batch_size": batch, "threads": 1},
+            "train": {"batch_size": batch} | ({} if threads is None else {"threads": threads}),
             "period": {"every_samples": target},
             "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
             "log": {"stats_every_s": 60},
         }  # fmt: skip
         path = work / "run.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if threads is None:  # torch's own default: one thread per core
+            env.pop("OMP_NUM_THREADS")
         log = open(work / "run.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(path)],
@@ -538,14 +551,18 @@ def run(ctx: Context) -> Figure:
 
         # The bare loop with one thread too, in the same rounds: the train process has one torch thread,
         # so one thread's bare loop over two threads' bounds what the whole loop can reach on this machine.
-        whole, cwhole, base2, base1 = alternate_many(
+        whole, cwhole, dwhole, dcwhole, base2, base1 = alternate_many(
             [
                 lambda: whole_loop_rate(bootstrap, raw, spec, target, batch),
                 lambda: whole_loop_rate(bootstrap, raw, spec, target, batch, client="confluent"),
+                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch, threads=None),
+                lambda: whole_loop_rate(
+                    bootstrap, raw, spec, target, batch, client="confluent", threads=None
+                ),
                 lambda: bare_at(2),
                 lambda: bare_at(1),
             ],
-            min(rounds, 2),
+            rounds,
         )
         wratio = median_ratio(whole, base2)
         cwratio = median_ratio(cwhole, base2)
@@ -560,6 +577,17 @@ def run(ctx: Context) -> Figure:
                 "whole loop, two processes, confluent-kafka", cwhole, base2, cwratio,
                 "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
                 ">= 0.6 x bare loop (2 threads)", cwratio >= 0.6)  # fmt: skip
+        # What ``reloop run`` does unless told otherwise: the train process at torch's default threads (one
+        # per core), sharing the cores with the join process.
+        for client_rates, suffix in ((dwhole, ""), (dcwhole, ", confluent-kafka")):
+            ratio = median_ratio(client_rates, base2)
+            cores = os.cpu_count()
+            _record(rows, lines,
+                    f"whole loop, two processes{suffix}, reloop run's default threads (join + train at "
+                    f"torch's default, {cores} here), DCN 1024",
+                    f"whole loop, two processes{suffix}, default threads", client_rates, base2, ratio,
+                    "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
+                    ">= 0.6 x bare loop (2 threads)", ratio >= 0.6)  # fmt: skip
         _record(rows, lines,
                 "whole loop's ceiling: bare torch loop, 1 thread (the train process's), DCN 1024",
                 "whole loop's ceiling: bare, 1 thread", base1, base2, ceiling,
