@@ -182,8 +182,16 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.replay.replay import run_replay
     from reloop.engine.runtime.build import check_model
     from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
+    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from tqdm import tqdm
 
+    refused = _range_refused(args)
+    if refused:
+        print(f"reloop replay: {refused}", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"reloop replay: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
     snapshots = args.out / "snapshots"
     if snapshots.exists() and any(snapshots.iterdir()) and not args.resume:
         print(
@@ -236,18 +244,24 @@ def main(args: argparse.Namespace) -> int:
     def progress(n: int) -> None:
         bar.update(n - bar.n)
 
-    result = run_replay(
-        cfg,
-        source=source,
-        end=end,
-        start=start,
-        checkpoint_dir=snapshots,
-        timestamps=timestamps,
-        samples_sink=sink,
-        dead_letter_sink=dead,
-        on_progress=progress,
-    )
-    dead.close()
+    try:
+        result = run_replay(
+            cfg,
+            source=source,
+            end=end,
+            start=start,
+            checkpoint_dir=snapshots,
+            timestamps=timestamps,
+            samples_sink=sink,
+            dead_letter_sink=dead,
+            on_progress=progress,
+        )
+    except (SnapshotMismatch, NoUsableSnapshot) as exc:  # --resume from snapshots it cannot use
+        bar.close()
+        print(f"reloop replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dead.close()
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
@@ -266,24 +280,47 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range_refused(args: argparse.Namespace) -> str | None:
+    """What is wrong with the range options for this source, or None: times apply to Kafka topics only,
+    offsets to Kafka and JSONL topics (a file or dataset replay ignored them and replayed everything)."""
+    if args.kafka:
+        return None
+    options = {"--start-time": args.start_time, "--end-time": args.end_time}
+    if args.dataset:
+        options |= {"--start-offsets": args.start_offsets, "--end-offsets": args.end_offsets}
+    given = [flag for flag, value in options.items() if value]
+    if not given:
+        return None
+    if args.dataset:
+        return f"{' and '.join(given)}: not for --dataset (--max-rows takes its first rows)"
+    return f"{' and '.join(given)}: --kafka only (with --jsonl, give --start-offsets/--end-offsets)"
+
+
 def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
     from reloop.engine.replay.replay import run_samples_replay
+    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from tqdm import tqdm
 
     source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="batch")
     dead = _dead_letter_sink(args, cfg)
-    result = run_samples_replay(
-        cfg,
-        source=source,
-        end=end,
-        start=start,
-        checkpoint_dir=snapshots,
-        dead_letter_sink=dead,
-        on_progress=lambda n: bar.update(n - bar.n),
-    )
-    dead.close()
+    try:
+        result = run_samples_replay(
+            cfg,
+            source=source,
+            end=end,
+            start=start,
+            checkpoint_dir=snapshots,
+            dead_letter_sink=dead,
+            on_progress=lambda n: bar.update(n - bar.n),
+        )
+    except (SnapshotMismatch, NoUsableSnapshot) as exc:  # --resume from snapshots it cannot use
+        bar.close()
+        print(f"reloop replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dead.close()
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))

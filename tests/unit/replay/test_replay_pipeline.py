@@ -380,3 +380,55 @@ def test_impressions_lost_to_disorder_are_named_in_a_warning(tmp_path: Path, cap
     j = summary["join"]
     assert j["orphan_clicks"] > 0
     assert f"and {j['orphan_clicks']} click(s) found no impression" in err, err
+
+
+@pytest.mark.parametrize(
+    ("source", "options"),
+    [
+        ("--jsonl", ["--start-time", "1700000005000"]),
+        ("--jsonl", ["--end-time", "garbage"]),
+        ("--dataset", ["--start-offsets", "impressions:0=5"]),
+    ],
+)
+def test_a_range_the_source_cannot_apply_is_refused(tmp_path: Path, capsys, source: str, options) -> None:
+    # A time range with --jsonl (or any range with --dataset) was ignored: the whole log replayed, exit 0.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events()[:10])
+    given = [source, str(root)] if source == "--jsonl" else [source, "movielens-100k", "--data", str(root)]
+    argv = ["replay", "--config", str(cfg), *given, "--out", str(tmp_path / "r"), *options]
+    assert main(argv) == 2
+    assert options[0] in capsys.readouterr().err
+    assert not (tmp_path / "r" / "snapshots").exists()
+
+
+def test_a_resume_from_snapshots_of_another_config_or_none_usable_exits_2(tmp_path: Path, capsys) -> None:
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events()[:120])
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    other = yaml.safe_load(cfg.read_text())
+    other["train"]["batch_size"] = 16
+    changed = tmp_path / "other.yaml"
+    changed.write_text(yaml.safe_dump(other))
+    changed_argv = [*argv, "--resume"]
+    changed_argv[2] = str(changed)
+    assert main(changed_argv) == 2  # it was a SnapshotMismatch traceback, exit 1
+    assert "reloop replay:" in capsys.readouterr().err
+    for part in (tmp_path / "a" / "snapshots").glob("v*/state.pt"):
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        part.write_bytes(bytes(data))
+    assert main([*argv, "--resume"]) == 2  # NoUsableSnapshot
+    assert "reloop replay:" in capsys.readouterr().err
+
+
+def test_out_naming_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events()[:10])
+    (tmp_path / "afile").write_text("")
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "afile")]
+    assert main(argv) == 2
+    assert "is a file" in capsys.readouterr().err
