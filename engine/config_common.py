@@ -18,11 +18,15 @@ False
 from __future__ import annotations
 
 import json
+import os
 import re
+import tomllib
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import EnvSettingsSource, SettingsError
 
@@ -32,6 +36,52 @@ Client = Literal["kafka-python", "confluent"]
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the bad key."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the last one won in silence: a
+    second ``train:`` block dropped the first one's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found key {key!r} twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_document(path: str | os.PathLike[str], what: str = "config") -> Any:
+    """The data of a YAML file (TOML when its suffix is ``.toml``, in any case); a ConfigError naming the
+    file for whatever stops it: missing, a folder, not UTF-8, not parsing, nested past Python's recursion
+    limit (each was a traceback), or a YAML key given twice in one mapping. A UTF-8 byte-order mark is not
+    content (TOML refused it)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {p}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    toml = p.suffix.lower() == ".toml"
+    try:
+        return tomllib.loads(text) if toml else yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        detail = " ".join(str(exc).split())  # PyYAML's marks span several lines
+        raise ConfigError(f"{what} {p} is not valid {'TOML' if toml else 'YAML'}: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {p} is nested too deeply to read") from None
 
 
 class _Section(BaseModel):

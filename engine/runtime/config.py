@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +41,7 @@ from reloop.engine.config_common import (
     deep_merge,
     env_origin,
     env_values,
+    read_document,
     redact,
 )
 from reloop.engine.join.joiner import JoinerConfig
@@ -265,8 +265,11 @@ class StagesSection(_Section):
         description="a join consumer that fetches nothing this long with records waiting "
         "is rebuilt (from the task checkpoints)",
     )
-    processes: Literal[1, 2] = Field(
-        default=2, description="reloop run: 2 = join and train in their own processes, 1 = both in one"
+    processes: int = Field(  # not Literal[1, 2]: pydantic refuses "1" from RELOOP__STAGES__PROCESSES there
+        default=2,
+        ge=1,
+        le=2,
+        description="reloop run: 2 = join and train in their own processes, 1 = both in one",
     )
     join_client_config: dict[str, Any] = Field(
         default_factory=dict, description="consumer settings for the join group (session_timeout_ms ...)"
@@ -387,15 +390,7 @@ def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RunConfig:
     """Read ``path`` (.yaml/.yml/.toml), apply ``RELOOP__`` overrides from ``env`` (default os.environ)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {p}: {exc}") from exc
-    try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        kind = "TOML" if p.suffix == ".toml" else "YAML"
-        raise ConfigError(f"config {p} is not valid {kind}: {exc}") from exc
+    data = read_document(p)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -437,16 +432,16 @@ def load_feature_spec(section: ModelSection) -> Any:
     if data is None:
         assert section.spec_file is not None
         try:
-            text = Path(section.spec_file).read_text()
-        except OSError as exc:
+            text = Path(section.spec_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 f"invalid config: model.spec_file: cannot read {section.spec_file} ({exc})"
             ) from None
         try:
             data = json.loads(text) if section.spec_file.endswith(".json") else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as exc:
+        except (ValueError, yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(
-                f"invalid config: model.spec_file: {section.spec_file} does not parse ({exc})"
+                f"invalid config: model.spec_file: {section.spec_file} does not parse ({exc!s:.300})"
             ) from None
     try:
         return FeatureSpec.model_validate(data)

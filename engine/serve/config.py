@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from reloop.engine.config_common import (
     ENV_PREFIX,
@@ -27,6 +26,7 @@ from reloop.engine.config_common import (
     deep_merge,
     env_origin,
     env_values,
+    read_document,
 )
 
 
@@ -187,12 +187,7 @@ class _ServeDocument(BaseModel):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = read_document(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data

@@ -1,0 +1,76 @@
+"""Config files that cannot be read fail with one line naming the file (each was a traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from reloop.engine.runtime.config import ConfigError, load_config
+from reloop.engine.serve.config import read_yaml
+
+BASE = """model:
+  backbone: dcn
+  spec:
+    fields:
+      - {kind: categorical, name: user, buckets: 100}
+"""
+TOML = """[model]
+backbone = "lr"
+spec = { fields = [ { kind = "categorical", name = "user", buckets = 100 } ] }
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("latin1.yaml", b"model:\n  backbone: dcn # caf\xe9\n", "is not UTF-8 text"),
+        ("deep.yaml", b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        ("folder.yaml", None, "cannot read config"),
+        ("broken.yaml", b"a: [1,\n b: 2\n", "is not valid YAML"),
+        # The second train block won in silence: batch_size 64 became the default.
+        ("twice.yaml", b"train: {batch_size: 64}\nmodel: {}\ntrain: {threads: 1}\n", "'train' twice"),
+    ],
+)
+def test_an_unreadable_config_is_one_config_error(tmp_path: Path, name: str, content, needle: str) -> None:
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    for read in (lambda p: load_config(p, env={}), read_yaml):
+        with pytest.raises(ConfigError, match=needle) as info:
+            read(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_model_spec_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    from reloop.engine.runtime.config import load_feature_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(b"fields: [] # caf\xe9\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  backbone: dcn\n  spec_file: spec.yaml\n")
+    cfg = load_config(config, env={})
+    with pytest.raises(ConfigError, match="model.spec_file"):
+        load_feature_spec(cfg.model)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {x: 1}\nserve:\n  <<: *b\n  x: 3\n")
+    assert read_yaml(path)["serve"] == {"x": 3}
+
+
+@pytest.mark.parametrize("name", ["bom.toml", "upper.TOML"])
+def test_toml_with_a_byte_order_mark_or_an_upper_case_suffix_loads(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(("\ufeff" if name.startswith("bom") else "").encode() + TOML.encode())
+    assert load_config(path, env={}).model.backbone == "lr"
+
+
+def test_stages_processes_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE)
+    assert load_config(path, env={"RELOOP__STAGES__PROCESSES": "1"}).stages.processes == 1
+    with pytest.raises(ConfigError, match="stages.processes"):
+        load_config(path, env={"RELOOP__STAGES__PROCESSES": "3"})
