@@ -168,11 +168,13 @@ def decode_raw(field: dict[str, str] | None) -> bytes | None:
     """The original bytes of an envelope's ``key`` or ``value`` (the inverse of the envelope encoding)."""
     if field is None:
         return None
+    if not isinstance(field, dict) or not isinstance(field.get("data"), str):
+        raise ValueError("envelope field is not {'encoding': ..., 'data': '...'}")
     if field["encoding"] == "utf8":
         return field["data"].encode("utf-8")
     if field["encoding"] == "base64":
-        return base64.b64decode(field["data"])
-    raise ValueError(f"envelope field was not bytes originally (encoding {field['encoding']!r})")
+        return base64.b64decode(field["data"], validate=True)  # lenient decoding made b'' of '@@@@'
+    raise ValueError(f"envelope field was not bytes originally (encoding {field.get('encoding')!r})")
 
 
 def _text(value: object) -> str | None:

@@ -116,4 +116,5 @@ def resend(
     if value is None:
         return "the envelope has no value"
     stamp = envelope.get("timestamp_ms") if keep_timestamp else None
-    return Resend(target, key, value, stamp if isinstance(stamp, int) and stamp >= 0 else None)
+    kept = type(stamp) is int and 0 <= stamp < 2**63  # a Kafka timestamp is an int64
+    return Resend(target, key, value, stamp if kept else None)

@@ -1,7 +1,9 @@
 """``reloop deadletters --config FILE {summary,show,redrive}``: read the dead-letter topic back.
 
 * ``summary``: how many dead letters per reason and origin topic;
-* ``show``: the envelopes themselves, one JSON object per line (``--limit``);
+* ``show``: the envelopes themselves, one JSON object per line (``--limit``), each with where it lies
+  on the dead-letter topic (``dead_letter_partition``, ``dead_letter_offset``; its ``partition`` and
+  ``offset`` are the refused record's);
 * ``redrive``: send the records of the chosen dead letters again to the input topic they came from
   (original key and value; engine/deadletter_review.py says which cannot be), once their cause is
   fixed. ``--dry-run`` says what it would send.
@@ -82,9 +84,16 @@ def main(args: argparse.Namespace) -> int:
             read[0] += 1
             yield letter
 
-    chosen = select(
-        counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
-    )
+    from kafka.errors import KafkaError  # the command reads through kafka-python (module doc)
+
+    try:
+        chosen = select(
+            counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
+        )
+    except (KafkaError, TimeoutError, OSError) as exc:  # an unreachable broker, refused credentials
+        topic = cfg.sink.dead_letter_topic
+        print(f"reloop deadletters: cannot read {topic!r}: {exc!r}", file=sys.stderr, flush=True)
+        return 1
     if args.action == "summary":
         after = f" after group {args.group!r}'s offsets" if args.group else ""
         print(f"{len(chosen)} of {read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
@@ -93,7 +102,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.action == "show":
         for letter in chosen[: max(0, args.limit)]:
-            line = {"partition": letter.partition, "offset": letter.offset, **letter.envelope}
+            # The envelope's partition and offset are the refused record's; the letter's own go apart.
+            line = {**letter.envelope, "dead_letter_partition": letter.partition,
+                    "dead_letter_offset": letter.offset}  # fmt: skip
             sys.stdout.write(orjson.dumps(line).decode() + "\n")
         return 0
     code = _redrive(cfg, connection, chosen, args)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from reloop.connectors.kafka.admin import create_topics
 from reloop.connectors.kafka.sink import KafkaSink
@@ -79,7 +80,12 @@ def test_dead_letters_are_summarised_and_sent_again_to_their_topics(kafka_broker
             f"1 unlearnable from {topics['samples']}",
         ]
     )
-    assert '"reason":"malformed"' in _cli(config, "show", "--reason", "malformed", "--limit", "1")
+    shown = orjson.loads(_cli(config, "show", "--reason", "malformed", "--limit", "1"))
+    assert shown["reason"] == "malformed"
+    # The refused record's place (clicks partition 0, offset 9) and the letter's own (the second on the
+    # dead-letter topic); the letter's overwrote the record's.
+    assert (shown["partition"], shown["offset"]) == (0, 9)
+    assert (shown["dead_letter_partition"], shown["dead_letter_offset"]) == (0, 1)
 
     out = _cli(config, "redrive", "--dry-run")
     assert f"would send 1 record(s) to '{topics['impressions']}'" in out

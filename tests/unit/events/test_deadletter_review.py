@@ -90,3 +90,23 @@ def test_a_record_that_is_not_an_envelope_is_skipped() -> None:
     assert parse_envelope(b"not json") is None
     assert parse_envelope(orjson.dumps({"some": "thing"})) is None
     assert parse_envelope(orjson.dumps([1, 2])) is None
+
+
+def test_an_envelope_with_bad_bytes_fields_is_refused_not_sent_or_crashed() -> None:
+    # A 'data' that is not a string raised AttributeError out of the redrive (after part of it was sent),
+    # and lenient base64 made b"" of "@@@@": an empty record would have been sent.
+    [letter] = _letters([(_record("impressions", b'{"features": {}}'), "bad_feature")])
+    for value in ({"encoding": "utf8", "data": 5}, {"encoding": "base64", "data": "@@@@"}, ["x"]):
+        bad = DeadLetter({**letter.envelope, "value": value}, letter.partition, letter.offset)
+        why = resend(bad, inputs=INPUTS)
+        assert isinstance(why, str) and why.startswith("the envelope does not hold the record's bytes"), value
+    bad_key = DeadLetter({**letter.envelope, "key": {"encoding": "utf8", "data": ["k"]}}, 0, 0)
+    assert isinstance(resend(bad_key, inputs=INPUTS), str)
+
+
+def test_a_kept_timestamp_outside_int64_is_left_to_the_producer() -> None:
+    [letter] = _letters([(_record("impressions", b'{"features": {}}'), "bad_feature")])
+    for stamp, kept in ((1_700_000_000_000, 1_700_000_000_000), (10**19, None), (-5, None), (1.5e12, None)):
+        moved = DeadLetter({**letter.envelope, "timestamp_ms": stamp}, 0, 0)
+        plan = resend(moved, inputs=INPUTS, keep_timestamp=True)
+        assert isinstance(plan, Resend) and plan.timestamp_ms == kept, stamp
