@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -186,6 +187,11 @@ class SnapshotRegistry:
                 raise ChecksumError(f"snapshot {version}: part {name!r} fails its {kind} checksum")
             try:
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:  # torch's own text advises weights_only=False: not here
+                raise SnapshotError(
+                    f"snapshot {version}: part {name!r} holds what a weights-only load refuses "
+                    f"({_unpickler_reason(exc)}); it is not loaded"
+                ) from exc
             except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses, the part is unusable
                 detail = f"{exc!r:.300}"
                 raise SnapshotError(f"snapshot {version}: part {name!r} does not load ({detail})") from exc
@@ -283,12 +289,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The reason in torch's refusal, without its advice to load with ``weights_only=False``."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the global {found.group(1)} is not allowed"
+    found = re.search(r"WeightsUnpickler error: ([^.]{1,200})", text)
+    return found.group(1) if found else "not a weights-only pickle"
+
+
 def _without_zip_crc() -> contextlib.AbstractContextManager[Any]:
     """torch.save without the zip's CRC-32 of every record: each part's CRC32C is in the manifest and
     checked on load, so the zip's is a second pass over the same bytes (about half of torch.save's time
-    for a table of embeddings). A torch without the setting (before 2.6) computes it as before."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # pragma: no cover - torch < 2.6
-        return contextlib.nullcontext()
+    for a table of embeddings)."""
+    from torch.utils.serialization import config
+
     return config.patch({"save.compute_crc32": False})
