@@ -313,7 +313,12 @@ def env_origin(loc: Sequence[object], overrides: Mapping[str, Any]) -> str:
         node = node[str(part)]
         if not isinstance(node, Mapping):
             break
-    return f" (environment variable {ENV_PREFIX}{'__'.join(path).upper()})" if path else ""
+    if not path:
+        return ""
+    if isinstance(node, Mapping):  # a check of the whole section: the environment set only part of it
+        names = ", ".join(f"{ENV_PREFIX}{'__'.join([*path, str(k)]).upper()}" for k in node)
+        return f" (the section has values from environment variables: {names})"
+    return f" (environment variable {ENV_PREFIX}{'__'.join(path).upper()})"
 
 
 def _decode_free_dicts(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:

@@ -74,3 +74,14 @@ def test_stages_processes_from_the_environment(tmp_path: Path) -> None:
     assert load_config(path, env={"RELOOP__STAGES__PROCESSES": "1"}).stages.processes == 1
     with pytest.raises(ConfigError, match="stages.processes"):
         load_config(path, env={"RELOOP__STAGES__PROCESSES": "3"})
+
+
+def test_a_section_check_names_the_variables_set_not_one_that_does_not_exist(tmp_path: Path) -> None:
+    # It blamed "environment variable RELOOP__RECOVERY", a name nobody set, for a value in the file.
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE + "recovery: {stop_timeout_s: 5, flush_timeout_s: 10}\n")
+    with pytest.raises(ConfigError, match="stop_timeout_s") as refused:
+        load_config(path, env={"RELOOP__RECOVERY__BACKOFF_MAX_S": "10"})
+    message = str(refused.value)
+    assert "environment variable RELOOP__RECOVERY)" not in message
+    assert "RELOOP__RECOVERY__BACKOFF_MAX_S" in message
