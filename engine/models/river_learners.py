@@ -161,6 +161,19 @@ class _RiverLearnerBase:
         self.frozen = False
 
     @property
+    def loss(self) -> Loss:
+        return self._loss
+
+    @loss.setter
+    def loss(self, value: Loss) -> None:
+        # river's model computes its gradients through ``river_loss``: it must follow a loss set after
+        # construction (train.delayed_feedback wraps it: FNW weights were silently left out).
+        self._loss = value
+        river_loss = getattr(self, "river_loss", None)
+        if river_loss is not None:
+            river_loss.loss = value
+
+    @property
     def spec(self) -> FeatureSpec:
         return self.config.spec
 
@@ -199,6 +212,7 @@ class RiverLogisticRegression(_RiverLearnerBase):
         super().__init__(config)
         options = self.options
         self.river_loss = ScoreGradientLoss(self.strategy, self.alpha)
+        self.river_loss.loss = self.loss
         self.model = linear_model.LogisticRegression(
             optimizer=optim.SGD(options.lr),
             loss=self.river_loss,
@@ -257,6 +271,7 @@ class RiverFM(_RiverLearnerBase):
         super().__init__(config)
         options, seed = self.options, config.seed
         self.river_loss = ScoreGradientLoss(self.strategy, self.alpha)
+        self.river_loss.loss = self.loss
         self.model = facto.FMClassifier(
             n_factors=options.embedding_dim,
             weight_optimizer=optim.SGD(options.lr),

@@ -89,3 +89,30 @@ def test_fnw_joiner_emits_negatives_at_once_and_each_click_as_one_positive() -> 
 def test_fnw_needs_the_correct_policy() -> None:
     with pytest.raises(ValueError, match="late_click_policy"):
         JoinerConfig(emit_policy="fnw", late_click_policy="drop")
+
+
+@pytest.mark.parametrize("backbone", ["river_lr", "river_fm"])
+def test_fnw_reaches_the_gradients_of_the_river_learners(backbone: str) -> None:
+    # build_trainer wraps learner.loss; river's models took their gradients from a loss of their own, so
+    # FNW weights were silently left out (the predictions equal to plain CE's).
+    from reloop.engine.features import CategoricalField, FeatureSpec, Featurizer
+    from reloop.engine.models.registry import build_learner
+
+    spec = FeatureSpec(fields=tuple(CategoricalField(name=n, buckets=16) for n in ("u", "i")))
+    rng = np.random.default_rng(0)
+    rows = [{"u": f"u{rng.integers(8)}", "i": f"i{rng.integers(8)}"} for _ in range(200)]
+    batch = Featurizer(spec).transform(rows)
+    labels = (rng.random(200) < 0.3).astype(np.float32)
+    plain = build_learner(backbone, spec, "ce", 0.0, seed=0)
+    fnw = build_learner(backbone, spec, "ce", 0.0, seed=0)
+    fnw.loss = with_delayed_feedback(fnw.loss, "fnw")
+    # One event's gradient: the FNW weight times CE's, through the loss river calls.
+    z, y = 0.4, 0.0
+    p = 1.0 / (1.0 + np.exp(-z))
+    expected = fnw_weights(np.array([p]), np.array([y]))[0] * (p - y)
+    assert fnw.river_loss.gradient(y, z) == pytest.approx(expected)
+    assert plain.river_loss.gradient(y, z) == pytest.approx(p - y)
+    for s in range(0, 200, 50):
+        plain.learn(batch.take(slice(s, s + 50)), labels[s : s + 50])
+        fnw.learn(batch.take(slice(s, s + 50)), labels[s : s + 50])
+    assert np.abs(plain.predict_proba(batch) - fnw.predict_proba(batch)).max() > 1e-3
