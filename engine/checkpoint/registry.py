@@ -9,6 +9,10 @@ Layout under ``root``::
     checkpoints/              ``checkpoints``: a registry of its own for state saved between period
                               boundaries (a graceful stop); never a model version, never served
 
+One writer per folder: a registry that has written refuses to write again once the folder's newest
+version is not its own (``SnapshotError``), so a second trainer on the same folder stops instead of
+alternating versions with the first.
+
 A snapshot becomes visible by one ``rename`` of its finished directory (files and directory fsynced
 first, the root fsynced after), so a reader sees a whole snapshot or none. Versions are the largest
 committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
@@ -97,6 +101,7 @@ class SnapshotRegistry:
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
+        self._last_written: int | None = None  # this object's newest version: the fence (``write``)
 
     @property
     def checkpoints(self) -> SnapshotRegistry:
@@ -222,6 +227,14 @@ class SnapshotRegistry:
 
     def write(self, prepared: PreparedSnapshot) -> int:
         """The second half of ``publish``: checksums, files and directory fsynced, then one rename."""
+        latest = self.latest_version()
+        if self._last_written is not None and latest != self._last_written:
+            # A second writer on this folder (two trainers overlapping, a zombie after a failover):
+            # versions would alternate between two models, so the one that finds the other's stops.
+            raise SnapshotError(
+                f"{self.root} holds version {latest} that this writer did not write (its last: "
+                f"{self._last_written}): another process publishes snapshots to the same folder"
+            )
         self._remove_stale_temps()
         version = prepared.version
         if self.path(version).exists():
@@ -249,6 +262,7 @@ class SnapshotRegistry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._last_written = version
         self._retain()
         return version
 

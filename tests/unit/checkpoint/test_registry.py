@@ -228,3 +228,16 @@ def test_snapshots_written_with_plain_bytes_still_load(tmp_path):
     torch.save({"y": window}, buf)  # what a registry before the packing wrote
     reseal(reg, version, "state", buf.getvalue())
     assert reg.load(version).state["state"] == {"y": window}
+
+
+def test_a_second_writer_on_the_folder_is_stopped_not_interleaved(tmp_path):
+    # Two trainers on one folder published v2, v3, v4 in turn, serving flipping between their models.
+    first, second = SnapshotRegistry(tmp_path), SnapshotRegistry(tmp_path)
+    assert first.publish(_state(1.0)) == 1
+    assert second.publish(_state(2.0)) == 2  # it has not written before: it continues from the newest
+    with pytest.raises(SnapshotError, match="another process publishes snapshots to the same folder"):
+        first.publish(_state(3.0))
+    assert second.publish(_state(4.0)) == 3  # the one whose version is newest goes on
+    assert torch.equal(SnapshotRegistry(tmp_path).load().state["model"]["w"], torch.full((3,), 4.0))
+    # A restart (a new registry on the folder) resumes writing after the newest version.
+    assert SnapshotRegistry(tmp_path).publish(_state(5.0)) == 4
