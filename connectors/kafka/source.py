@@ -15,9 +15,13 @@ from typing import Any
 
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
-from kafka.errors import IllegalStateError
+from kafka.errors import IllegalStateError, KafkaError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
+
+# What the client raises for a broker it cannot reach or a request it refuses: for the engine's commands,
+# which know no Kafka client (engine/runtime/deadletters_cmd.py).
+CLIENT_ERRORS: tuple[type[Exception], ...] = (KafkaError,)
 
 # Settings the Source contract depends on; client_config may not change them.
 _RESERVED = {

@@ -84,13 +84,13 @@ def main(args: argparse.Namespace) -> int:
             read[0] += 1
             yield letter
 
-    from kafka.errors import KafkaError  # the command reads through kafka-python (module doc)
+    from reloop.connectors.kafka.source import CLIENT_ERRORS  # the command reads through kafka-python
 
     try:
         chosen = select(
             counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
         )
-    except (KafkaError, TimeoutError, OSError) as exc:  # an unreachable broker, refused credentials
+    except (*CLIENT_ERRORS, TimeoutError, OSError) as exc:  # an unreachable broker, refused credentials
         topic = cfg.sink.dead_letter_topic
         print(f"reloop deadletters: cannot read {topic!r}: {exc!r}", file=sys.stderr, flush=True)
         return 1
