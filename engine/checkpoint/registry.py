@@ -133,8 +133,8 @@ class SnapshotRegistry:
             raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
         except OSError as exc:
             raise SnapshotError(f"snapshot {version}: manifest cannot be read ({exc})") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc})") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc!r:.200})") from exc
         if not isinstance(data, dict):
             raise ChecksumError(f"snapshot {version}: manifest is not a JSON object")
         body = {k: v for k, v in data.items() if k != "manifest_sha256"}
@@ -146,6 +146,7 @@ class SnapshotRegistry:
         if (
             not isinstance(data.get("meta"), dict)
             or not isinstance(data.get("created_unix"), int | float)
+            or not 0 <= data["created_unix"] < 2**53  # NaN, inf and a huge int raised out of load()
             or not isinstance(parts, dict)
             or not all(
                 isinstance(p, dict)

@@ -241,3 +241,17 @@ def test_a_second_writer_on_the_folder_is_stopped_not_interleaved(tmp_path):
     assert torch.equal(SnapshotRegistry(tmp_path).load().state["model"]["w"], torch.full((3,), 4.0))
     # A restart (a new registry on the folder) resumes writing after the newest version.
     assert SnapshotRegistry(tmp_path).publish(_state(5.0)) == 4
+
+
+@pytest.mark.parametrize("created", [10**400, float("nan"), -1.0])
+def test_a_resealed_manifest_with_an_impossible_time_is_refused_and_load_falls_back(tmp_path, created):
+    # 10**400 raised OverflowError out of load(), so the fallback to the older snapshot never happened.
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    v2 = reg.publish(_state(2.0))
+    manifest = json.loads((reg.path(v2) / "manifest.json").read_text())
+    manifest["created_unix"] = created
+    _write_manifest(reg.path(v2), manifest)
+    with pytest.raises(SnapshotError, match="created_unix"):
+        reg.load(v2)
+    assert reg.load().version == 1
