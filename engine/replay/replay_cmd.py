@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,6 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.replay.replay import run_replay
     from reloop.engine.runtime.build import check_model
     from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
-    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from tqdm import tqdm
 
     refused = _range_refused(args)
@@ -244,8 +244,11 @@ def main(args: argparse.Namespace) -> int:
     def progress(n: int) -> None:
         bar.update(n - bar.n)
 
-    try:
-        result = run_replay(
+    result = _summarised(
+        args,
+        bar,
+        dead,
+        lambda: run_replay(
             cfg,
             source=source,
             end=end,
@@ -255,17 +258,10 @@ def main(args: argparse.Namespace) -> int:
             samples_sink=sink,
             dead_letter_sink=dead,
             on_progress=progress,
-        )
-    except (SnapshotMismatch, NoUsableSnapshot) as exc:  # --resume from snapshots it cannot use
-        bar.close()
-        print(f"reloop replay: {exc}", file=sys.stderr)
+        ),
+    )
+    if result is None:
         return 2
-    finally:
-        dead.close()
-    bar.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
-    print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
     imps, clicks, orphans = (
         result.join.get(k, 0) for k in ("too_late_impressions", "too_late_clicks", "orphan_clicks")
     )
@@ -298,15 +294,17 @@ def _range_refused(args: argparse.Namespace) -> str | None:
 
 def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
     from reloop.engine.replay.replay import run_samples_replay
-    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from tqdm import tqdm
 
     source, start, end = _kafka_source(args, cfg, [cfg.stages.samples_topic])
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="batch")
     dead = _dead_letter_sink(args, cfg)
-    try:
-        result = run_samples_replay(
+    result = _summarised(
+        args,
+        bar,
+        dead,
+        lambda: run_samples_replay(
             cfg,
             source=source,
             end=end,
@@ -314,18 +312,29 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
             checkpoint_dir=snapshots,
             dead_letter_sink=dead,
             on_progress=lambda n: bar.update(n - bar.n),
-        )
-    except (SnapshotMismatch, NoUsableSnapshot) as exc:  # --resume from snapshots it cannot use
-        bar.close()
+        ),
+    )
+    return 2 if result is None else 0
+
+
+def _summarised(args: argparse.Namespace, bar: Any, dead: Any, replay: Callable[[], Any]) -> Any | None:
+    """``replay()``'s result, also written to OUT/summary.json and printed; None (and why, on stderr)
+    when ``--resume`` found snapshots it cannot use."""
+    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
+
+    try:
+        result = replay()
+    except (SnapshotMismatch, NoUsableSnapshot) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
-        return 2
+        return None
     finally:
         dead.close()
-    bar.close()
+        bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
-    print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
-    return 0
+    text = orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2)
+    (args.out / "summary.json").write_bytes(text)
+    print(text.decode())
+    return result
 
 
 def _dead_letter_sink(args: argparse.Namespace, cfg: Any) -> Any:
