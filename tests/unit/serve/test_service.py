@@ -180,12 +180,19 @@ def test_logger_outage_fails_no_request():
     service = ScoringService(
         router=ArmRouter([("A", 1.0)], salt="t"), arms={"A": ArmRuntime("A", holder, logger)}, top_k=10
     )
-    responses = [service.score(_request(i)) for i in range(50)]
+    try:
+        responses = [service.score(_request(i)) for i in range(50)]
+    finally:  # its retrying thread must not outlive the test (its allocations counted in the next ones)
+        logger.close(timeout_s=0.1)
     assert len(responses) == 50 and all(len(r.ranking) == 10 for r in responses)
     # Each offered event is taken in or refused at the door; one taken in can still be dropped later when a
     # failed batch finds no room to go back (sink_error): counting those too made this flaky under load.
     assert logger.accepted + logger.dropped_by_reason.get("queue_full", 0) == 500
     assert set(logger.dropped_by_reason) <= {"queue_full", "sink_error"}
-    assert logger.dropped >= 500 - 100 - 500 // 10
-    logger.close(timeout_s=0.1)
+    # Memory stays bounded: the logger holds at most a full buffer plus one batch (taken from a full
+    # buffer) in flight, whatever the timing; the rest was dropped. (The bound was 500 - 100 - 50, which
+    # assumed at most 50 in flight and failed under load with 310 dropped.)
+    assert logger.pending <= 100
+    assert logger.accepted - logger.dropped_by_reason.get("sink_error", 0) <= 2 * 100
+    assert logger.dropped >= 500 - 2 * 100
     assert orjson.dumps(responses[0].model_dump())  # responses are complete JSON-able objects
