@@ -195,8 +195,8 @@ class SnapshotRegistry:
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:  # torch's own text advises weights_only=False: not here
                 raise SnapshotError(
-                    f"snapshot {version}: part {name!r} holds what a weights-only load refuses "
-                    f"({_unpickler_reason(exc)}); it is not loaded"
+                    f"snapshot {version}: part {name!r} does not load: a weights-only load refuses it "
+                    f"({_unpickler_reason(exc)})"
                 ) from exc
             except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses, the part is unusable
                 detail = f"{exc!r:.300}"
