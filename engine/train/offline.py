@@ -193,11 +193,13 @@ class OfflineTrainer:
         valid: ArrayDataset | None = None,
         on_epoch: Callable[[EpochResult], None] | None = None,
     ) -> FitResult:
-        """Train; with ``valid``: stop after ``patience`` epochs without a better AUC, keep the best state."""
+        """Train; with ``valid``: stop after ``patience`` epochs without a better AUC, keep the best state.
+        A validation set of one class has no AUC: its LogLoss decides instead (with AUC's NaN no epoch was
+        ever the best, and the last one was kept)."""
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         result = FitResult()
-        best_auc = -math.inf
+        best_score = -math.inf
         best_state: dict[str, Any] | None = None
         stale = 0
         with _threads(cfg.single_thread):
@@ -213,8 +215,9 @@ class OfflineTrainer:
                 if ev is None:
                     result.best_epoch = epoch
                     continue
-                if ev.auc > best_auc:
-                    best_auc, result.best_epoch, stale = ev.auc, epoch, 0
+                score = -ev.logloss if math.isnan(ev.auc) else ev.auc  # the same kind every epoch
+                if score > best_score:
+                    best_score, result.best_epoch, stale = score, epoch, 0
                     if cfg.restore_best:
                         best_state = copy.deepcopy(learner.state_dict())
                 else:

@@ -51,6 +51,19 @@ def test_early_stopping_restores_the_best_epoch():
     assert evaluate(learner, valid).auc == pytest.approx(best.valid.auc, abs=1e-12)
 
 
+def test_a_validation_set_of_one_class_picks_the_best_epoch_by_logloss():
+    # With AUC NaN no epoch was ever the best: best_epoch stayed None and the last state was kept.
+    train, valid = _data(400, 2), _data(400, 3)
+    one_class = ArrayDataset(valid.batch, np.zeros_like(valid.labels))
+    learner = build_learner("dcn", SPEC, "ce", 0.0, seed=0, optimizer={"lr": 0.05}, hidden_units=(64, 64))
+    result = OfflineTrainer(OfflineConfig(epochs=6, batch_size=32, patience=2, single_thread=True)).fit(
+        learner, train, one_class
+    )
+    best = min(result.epochs, key=lambda e: e.valid.logloss)
+    assert result.best_epoch == best.epoch
+    assert evaluate(learner, one_class).logloss == pytest.approx(best.valid.logloss, abs=1e-9)
+
+
 def test_dataset_from_labeled_samples_uses_served_prediction_as_y_last():
     samples = [
         LabeledSample(f"s{k}", {"u": "a", "i": str(k)}, k % 2, 0.25 * k, 1, 1000 + k, weight=1.0 + k)
