@@ -146,7 +146,9 @@ def read_dead_letters(
 ) -> Iterator[DeadLetter]:
     """Every envelope on the dead-letter topic, from ``group``'s committed offsets (else its oldest
     record) to its end now, as read; ``reached`` gets the positions read up to once it is all read."""
-    source = _dead_letter_source(cfg, connection, group)
+    # --timeout bounds the bootstrap too (kafka-python waits 30 s for an unreachable broker otherwise).
+    bounded = {"bootstrap_timeout_ms": max(1, int(timeout_s * 1000)), **connection}
+    source = _dead_letter_source(cfg, bounded, group)
     try:
         source.open(source.committed() if group else None)
         ends = source.end_positions(timeout_s=timeout_s)
