@@ -119,6 +119,13 @@ class SnapshotRegistry:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def _names_taken(self) -> list[int]:
+        """Versions whose name some other entry holds (a stray file, a link): a new snapshot goes past
+        them, or every publish from then on would fail on the name (serving lists folders only)."""
+        return [
+            int(m.group(1)) for e in os.scandir(self.root) if (m := _DIR_RE.match(e.name)) and not e.is_dir()
+        ]
+
     def latest_version(self) -> int | None:
         versions = self.versions()
         return versions[-1] if versions else None
@@ -223,7 +230,7 @@ class SnapshotRegistry:
             with _without_zip_crc():
                 torch.save(pack_bytes(value), buf)
             parts[name] = buf
-        version = (self.latest_version() or 0) + 1
+        version = max([self.latest_version() or 0, *self._names_taken()]) + 1
         return PreparedSnapshot(version, time.time(), dict(meta or {}), parts)
 
     def write(self, prepared: PreparedSnapshot) -> int:

@@ -243,6 +243,17 @@ def test_a_second_writer_on_the_folder_is_stopped_not_interleaved(tmp_path):
     assert SnapshotRegistry(tmp_path).publish(_state(5.0)) == 4
 
 
+def test_a_stray_file_named_like_a_version_does_not_block_publishing(tmp_path):
+    # A file v000000000002 made every later publish fail ("already exists") for good.
+    reg = SnapshotRegistry(tmp_path)
+    assert reg.publish(_state(1.0)) == 1
+    (tmp_path / "v000000000002").write_text("not a snapshot")
+    os.symlink(tmp_path / "missing", tmp_path / "v000000000003")  # a dangling link too
+    assert reg.publish(_state(2.0)) == 4
+    assert reg.versions() == [1, 4]
+    assert torch.equal(SnapshotRegistry(tmp_path).load().state["model"]["w"], torch.full((3,), 2.0))
+
+
 @pytest.mark.parametrize("created", [10**400, float("nan"), -1.0])
 def test_a_resealed_manifest_with_an_impossible_time_is_refused_and_load_falls_back(tmp_path, created):
     # 10**400 raised OverflowError out of load(), so the fallback to the older snapshot never happened.
