@@ -8,6 +8,10 @@
   (original key and value; engine/deadletter_review.py says which cannot be), once their cause is
   fixed. ``--dry-run`` says what it would send.
 
+``summary`` and ``show`` also read the JSONL dead letters a replay writes (``--file OUT/dead-letters``,
+a folder or one ``.jsonl`` file; no ``--config`` needed); a replayed log's records are not re-sent to
+live topics: fix the cause and replay again.
+
 Each reads the dead-letter topic from its oldest record up to its end when the command starts, and
 filters by ``--reason``, ``--origin`` and ``--since-ms`` (when it was dead-lettered). The connection is
 the run config's (``kafka``, secrets included), through kafka-python.
@@ -24,10 +28,12 @@ nothing is remembered and a second redrive sends the same records again.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -41,7 +47,14 @@ if TYPE_CHECKING:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("summary", "show", "redrive"), help="what to do")
-    parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
+    parser.add_argument("--config", help="YAML or TOML run config (RELOOP__* env overrides)")
+    parser.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help="summary/show: read the JSONL dead letters `reloop replay` wrote (OUT/dead-letters, a folder "
+        "or one .jsonl file) instead of the dead-letter topic",
+    )
     parser.add_argument("--reason", default="", help="comma list of reasons (default: every reason)")
     parser.add_argument("--origin", default="", help="comma list of origin topics (default: every topic)")
     parser.add_argument("--since-ms", type=int, default=None, help="dead-lettered at or after (epoch ms)")
@@ -66,6 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return _from_file(args)
+    if args.config is None:
+        print("reloop deadletters: --config (the run config) or --file (a replay's dead letters) is required",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 2
     try:
         cfg = load_config(args.config)
         if not cfg.sink.dead_letter_topic:
@@ -94,25 +113,72 @@ def main(args: argparse.Namespace) -> int:
         topic = cfg.sink.dead_letter_topic
         print(f"reloop deadletters: cannot read {topic!r}: {exc!r}", file=sys.stderr, flush=True)
         return 1
-    if args.action == "summary":
+    if args.action != "redrive":
         after = f" after group {args.group!r}'s offsets" if args.group else ""
-        print(f"{len(chosen)} of {read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
-        for reason, topic, n in summary(chosen):
-            print(f"{n:>10}  {reason:<24} from {topic}")
-        return 0
-    if args.action == "show":
-        for letter in chosen[: max(0, args.limit)]:
-            # The envelope's partition and offset are the refused record's; the letter's own go apart.
-            line = {**letter.envelope, "dead_letter_partition": letter.partition,
-                    "dead_letter_offset": letter.offset}  # fmt: skip
-            sys.stdout.write(orjson.dumps(line).decode() + "\n")
-        return 0
+        return _report(args, chosen, f"{read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
     code = _redrive(cfg, connection, chosen, args)
     if args.group and not args.dry_run:
         # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
         _commit(cfg, connection, args.group, reached)
         print(f"committed group {args.group!r} at {read[0]} record(s) read")
     return code
+
+
+def _report(args: argparse.Namespace, chosen: list[DeadLetter], read: str) -> int:
+    """``summary`` or ``show`` of the chosen letters; ``read`` says how many were read, from where."""
+    if args.action == "summary":
+        print(f"{len(chosen)} of {read}")
+        for reason, topic, n in summary(chosen):
+            print(f"{n:>10}  {reason:<24} from {topic}")
+        return 0
+    for letter in chosen[: max(0, args.limit)]:
+        # The envelope's partition and offset are the refused record's; the letter's own go apart.
+        line = {**letter.envelope, "dead_letter_partition": letter.partition,
+                "dead_letter_offset": letter.offset}  # fmt: skip
+        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+    return 0
+
+
+def _from_file(args: argparse.Namespace) -> int:
+    """``summary`` / ``show`` of the JSONL dead letters a replay wrote."""
+    refused = {"redrive": "redrive sends to live topics; a replay's refused records are replayed again once "
+               "their cause is fixed", "group": "--group remembers offsets of the dead-letter topic, not of "
+               "files"}  # fmt: skip
+    why = refused["redrive"] if args.action == "redrive" else refused["group"] if args.group else None
+    if why is None and not args.file.exists():
+        why = f"{args.file} does not exist"
+    if why is not None:
+        print(f"reloop deadletters --file: {why}", file=sys.stderr, flush=True)
+        return 2
+    files = sorted(args.file.rglob("*.jsonl")) if args.file.is_dir() else [args.file]
+    read = [0]
+
+    def counted() -> Iterator[DeadLetter]:
+        for letter in read_dead_letter_files(files):
+            read[0] += 1
+            yield letter
+
+    try:
+        chosen = select(
+            counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
+        )
+    except OSError as exc:
+        print(f"reloop deadletters: cannot read {args.file}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return _report(args, chosen, f"{read[0]} dead letters in {len(files)} file(s) under {args.file}")
+
+
+def read_dead_letter_files(files: Iterable[Path]) -> Iterator[DeadLetter]:
+    """The envelopes of JSONL dead-letter files (``partition-NNNNN.jsonl``: the partition from the
+    name, else 0; the offset is the line index, as the JSONL source numbers them)."""
+    for path in files:
+        match = re.fullmatch(r"partition-(\d+)\.jsonl", path.name)
+        partition = int(match.group(1)) if match else 0
+        with open(path, "rb") as handle:
+            for offset, line in enumerate(handle):
+                envelope = parse_envelope(line.rstrip(b"\r\n"))
+                if envelope is not None:
+                    yield DeadLetter(envelope, partition, offset)
 
 
 def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: argparse.Namespace) -> int:

@@ -331,6 +331,29 @@ def test_a_click_record_without_an_event_time_costs_only_itself(tmp_path: Path, 
     assert letter["value"]["data"] == bad.decode() and letter["reason"] in summary["dead_letters"]
 
 
+def test_reloop_deadletters_reads_a_replays_dead_letters(tmp_path: Path, capsys) -> None:
+    # `reloop deadletters` read only the dead-letter topic: a replay's OUT/dead-letters had no reader.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, list(to_events(rows(100))))
+    path = root / "clicks" / "partition-00000.jsonl"
+    path.write_bytes(path.read_bytes() + b"not json\n" + b'{"impression_id": 7}\n')
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    reasons = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())["dead_letters"]
+    assert sum(reasons.values()) == 2
+    capsys.readouterr()
+    letters = tmp_path / "a" / "dead-letters"
+    assert main(["deadletters", "summary", "--file", str(letters)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 of 2 dead letters in 1 file(s)")
+    assert sorted((line.split()[1], int(line.split()[0])) for line in out[1:]) == sorted(reasons.items())
+    assert main(["deadletters", "show", "--file", str(letters), "--limit", "1"]) == 0
+    (shown,) = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert shown["topic"] == "clicks" and shown["dead_letter_offset"] == 0
+    assert main(["deadletters", "redrive", "--file", str(letters)]) == 2
+    assert "replayed again" in capsys.readouterr().err
+
+
 def test_an_impression_stamped_years_ahead_is_dead_lettered_and_the_rest_trained(tmp_path: Path) -> None:
     # The replay clock followed the newest record handed out, the far-future one too: it passed the
     # intake's max_future_ms check against itself, its partition was held back behind it, and 150 of
