@@ -203,9 +203,10 @@ class Pipeline:
             raise SnapshotError(f"{point.kind} {point.number}: unknown state format {state.get('format')!r}")
         learner = self.trainer.learner
         previous = None
-        if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
+        base = point.base_version  # None: a checkpoint from before the first snapshot (no previous model)
+        if point.kind == "checkpoint" and base is not None and self.trainer.config.needs_previous_model:
             # The previous model is the one of the period snapshot this checkpoint follows.
-            learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
+            learner.load_state_dict(self.registry.load(base, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
         self.trainer.load_state_dict({**state["trainer"], "learner": snap.state["model"]})
         joiner = Joiner(self.joiner.config, self.clock)
@@ -219,7 +220,8 @@ class Pipeline:
             max_versions=self.served_metrics.max_versions,
         )
         positions = positions_from_json(meta["positions"])
-        self.trainer.on_snapshot(point.base_version)
+        if base is not None:
+            self.trainer.on_snapshot(base)
         if previous is not None:
             self.trainer.prev_model = previous
         self.period.load_state_dict(state["period"])
@@ -229,13 +231,12 @@ class Pipeline:
         self._positions = positions
         if self.ledger is not None:
             self.ledger.truncate(int(state["ledger_bytes"]))
-        self.version = point.base_version
+        self.version = base
         self.restored_from = f"{point.kind} {point.number}"
         self._metrics.restore(self)
         # The last model version's number and time, at once (as the train stage does).
-        self._metrics.restored(
-            point.base_version, float(self.registry.manifest(point.base_version)["created_unix"])
-        )
+        if base is not None:
+            self._metrics.restored(base, float(self.registry.manifest(base)["created_unix"]))
         log.info(
             "restored",
             extra={

@@ -1,9 +1,11 @@
 """Where a stage resumes from: the newest period snapshot or checkpoint that loads.
 
 Order, newest first: per period snapshot (model version) V, the checkpoints written after V (a graceful
-stop's final save, which takes no version), then V itself. A restore point that fails to load or to
-apply is refused and the next older one tried; when points exist and none works the stage refuses to
-start from scratch (``NoUsableSnapshot``), which would silently retrain everything.
+stop's final save, which takes no version), then V itself; last, the checkpoints written before the
+first snapshot (a stop within the first period: without them a restart would read everything again).
+A restore point that fails to load or to apply is refused and the next older one tried; when points
+exist and none works the stage refuses to start from scratch (``NoUsableSnapshot``), which would
+silently retrain everything.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class NoUsableSnapshot(SnapshotError):
 class RestorePoint(NamedTuple):
     kind: SaveKind
     number: int  # version (snapshot) or checkpoint number
-    base_version: int  # the period snapshot this state follows (== number for a snapshot)
+    base_version: int | None  # the period snapshot this state follows (== number for a snapshot; None
+    # for a checkpoint written before the first snapshot)
 
     def __str__(self) -> str:
         return f"{self.kind} {self.number}"
@@ -59,19 +62,21 @@ class RestorePoint(NamedTuple):
 
 
 def restore_points(registry: SnapshotRegistry) -> Iterator[RestorePoint]:
-    checkpoints: dict[int, list[int]] = {}
+    checkpoints: dict[int | None, list[int]] = {}
     for c in reversed(registry.checkpoints.versions()):
         try:
             base = registry.checkpoints.manifest(c)["meta"].get("base_version")
         except SnapshotError as exc:
             log.error("refusing checkpoint", extra={"fields": {"checkpoint": c, "error": str(exc)}})
             continue
-        if isinstance(base, int):
+        if base is None or (isinstance(base, int) and not isinstance(base, bool)):
             checkpoints.setdefault(base, []).append(c)
     for v in reversed(registry.versions()):
         for c in checkpoints.get(v, []):
             yield RestorePoint("checkpoint", c, v)
         yield RestorePoint("snapshot", v, v)
+    for c in checkpoints.get(None, []):  # before any snapshot: older than every version
+        yield RestorePoint("checkpoint", c, None)
 
 
 def restore_newest(

@@ -262,8 +262,9 @@ class TrainStage:
             raise SnapshotError(f"{point}: bad train-stage state: {exc!r}") from exc
         learner = self.trainer.learner
         previous = None
-        if point.kind == "checkpoint" and self.trainer.config.needs_previous_model:
-            learner.load_state_dict(self.registry.load(point.base_version, parts=["model"]).state["model"])
+        base = point.base_version  # None: a checkpoint from before the first snapshot (no previous model)
+        if point.kind == "checkpoint" and base is not None and self.trainer.config.needs_previous_model:
+            learner.load_state_dict(self.registry.load(base, parts=["model"]).state["model"])
             previous = learner.clone_frozen()
         self.trainer.load_state_dict({**mine["trainer"], "learner": snap.state["model"]})
         buffer = [self._with_features(decode_batch(data)) for data in mine["buffer"]]
@@ -275,7 +276,8 @@ class TrainStage:
             if mine["served_metrics"] is not None
             else OnlineMetricsBook(window_size=book.window_size, max_versions=book.max_versions)
         )
-        self.trainer.on_snapshot(point.base_version)
+        if base is not None:
+            self.trainer.on_snapshot(base)
         if previous is not None:
             self.trainer.prev_model = previous
         self.period.load_state_dict(state["period"])
@@ -289,13 +291,12 @@ class TrainStage:
         if self.ledger is not None:
             self.ledger.truncate(self._ledger_lengths.get(self.share.index, 0))
         self._restored_parts(parts)
-        self.version = point.base_version
+        self.version = base
         self.restored_from = str(point)
         # The last model version's number and time, at once: a restored process that then stalls must
         # trip the snapshot-stale alert without ever writing a snapshot.
-        self._metrics.restored(
-            point.base_version, float(self.registry.manifest(point.base_version)["created_unix"])
-        )
+        if base is not None:
+            self._metrics.restored(base, float(self.registry.manifest(base)["created_unix"]))
         log.info(
             "restored",
             extra={"fields": {"from": self.restored_from, "samples_trained": self.trainer.counters.samples}},

@@ -331,3 +331,40 @@ def test_a_sample_the_model_cannot_learn_is_dead_lettered_not_ledgered(tmp_path)
     assert not bad and sorted((s.sample_id, s.is_correction) for s in samples) == left_out
     ledger = Ledger.read(tmp_path / "ledger.jsonl")
     assert sorted((sid, corr) for _, sid, _, corr in ledger) == sorted(set(synth.expected) - set(left_out))
+
+
+def test_a_stop_within_the_first_period_resumes_from_its_checkpoint(tmp_path):
+    # The graceful stop's checkpoint had no period snapshot to follow (base_version None) and was never
+    # used: the restart read and trained everything again from the start of the log.
+    synth = generate(300, seed=6, pad_to_multiple=BATCH)
+    log = _log(synth)
+    ref_clock = ManualClock(START)
+    ref = _pipeline(_first_period(tmp_path / "ref"), log, ref_clock)
+    _run_to_end(ref, log, ref_clock)
+    expected = _params(ref)
+    ref.close()
+
+    clock = ManualClock(START)
+    p = _pipeline(_first_period(tmp_path / "stop"), log, clock)
+    for _ in range(6):
+        p.step()
+        clock.advance(10)
+    trained, positions = p.trainer.counters.samples, dict(p.positions)
+    assert 0 < trained < len(synth.expected) and p.version is None
+    assert p.close() == 1  # checkpoint 1, before any snapshot
+    resumed = _pipeline(_first_period(tmp_path / "stop"), log, clock)
+    assert resumed.restored_from == "checkpoint 1" and resumed.version is None
+    assert resumed.trainer.counters.samples == trained and resumed.positions == positions
+    _run_to_end(resumed, log, clock)
+    got = _params(resumed)
+    resumed.close()
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    ledger = Ledger.read(tmp_path / "stop" / "ledger.jsonl")
+    keys = [(sid, corr) for _, sid, _, corr in ledger]
+    assert sorted(keys) == sorted(synth.expected) and len(keys) == len(set(keys))
+
+
+def _first_period(root):
+    cfg = _config(root)
+    return cfg.model_copy(update={"period": cfg.period.model_copy(update={"every_samples": 10**9})})

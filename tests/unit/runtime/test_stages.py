@@ -328,6 +328,35 @@ def test_a_train_crash_resumes_to_the_same_weights(tmp_path):
     assert len(keys) == len(set(keys)) == ref.trainer.counters.samples
 
 
+def test_a_stop_within_the_first_period_resumes_from_its_checkpoint(tmp_path):
+    # Its checkpoint follows no period snapshot (base_version None) and was never used: the restart
+    # trained the samples topic again from its start.
+    log, clock, _ = _joined(tmp_path, 600, seed=11)
+    cfg = _config(tmp_path, period={"every_samples": 10**9})
+    ref = _train(_config(tmp_path / "ref", period={"every_samples": 10**9}), log, clock, tmp_path / "ref")
+    _run_train(ref, log, clock)
+    expected = _weights(ref)
+    ref.close(final=None)
+
+    train = _train(cfg, log, clock, tmp_path)
+    for _ in range(3):
+        train.step()
+        clock.advance(10)
+    trained = train.trainer.counters.samples
+    assert 0 < trained < ref.trainer.counters.samples and train.version is None
+    assert train.close() == 1  # checkpoint 1, before any snapshot
+    resumed = _train(cfg, log, clock, tmp_path)
+    assert resumed.restored_from == "checkpoint 1" and resumed.version is None
+    assert resumed.trainer.counters.samples == trained
+    _run_train(resumed, log, clock)
+    got = _weights(resumed)
+    resumed.close(final=None)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) == ref.trainer.counters.samples
+
+
 def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_path):
     synth = generate(300, seed=2, pad_to_multiple=BATCH)
     log = _log(synth)
