@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated, Any
 
-FeatureValue = str | int | float | list[str]
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _within_int64(value: Any) -> Any:
+    # The impression log's event contract takes int64 (engine/serve/wire.py says why); without this
+    # the union would turn a larger integer into a float.
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value <= 2**63 - 1:
+        raise ValueError("an integer feature value must fit in int64")
+    return value
+
+
+FeatureValue = Annotated[str | int | float | list[str], BeforeValidator(_within_int64)]
 
 MAX_CANDIDATES = 2000
 

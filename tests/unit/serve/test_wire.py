@@ -59,6 +59,27 @@ def test_same_verdict_as_the_pydantic_schema(body, needle):
     assert all(e["loc"][0] == "body" for e in info.value.errors)
 
 
+@pytest.mark.parametrize("value", [b"9223372036854775808", b"-9223372036854775809", b"1" * 40])
+@pytest.mark.parametrize("where", ["context", "candidate"])
+def test_integers_beyond_int64_are_refused_as_the_schema_refuses_them(value, where):
+    # Scored and answered 200, the impression could then not be encoded for the log (never joined).
+    features = b'{"n":' + value + b"}"
+    ctx, cand = (features, b"{}") if where == "context" else (b"{}", features)
+    raw = b'{"request_id":"r","user_id":"u","context":%s,"candidates":[{"item_id":"a","features":%s}]}' % (
+        ctx,
+        cand,
+    )
+    with pytest.raises(ValidationError):
+        ScoreRequest.model_validate_json(raw)
+    with pytest.raises(WireError) as info:
+        decode_request(raw)
+    assert info.value.errors[0]["loc"][1] == ("context" if where == "context" else "candidates")
+    edge = raw.replace(
+        value, b"9223372036854775807" if not value.startswith(b"-") else b"-9223372036854775808"
+    )
+    assert decode_request(edge) and ScoreRequest.model_validate_json(edge)
+
+
 def test_locations_point_at_the_bad_value():
     body = {**BASE, "candidates": [{"item_id": "a"}, {"item_id": "b", "features": {"x": {"y": 1}}}]}
     with pytest.raises(WireError) as info:
