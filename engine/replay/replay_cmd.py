@@ -77,20 +77,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="passed to the loader, as reloop backtest's: time_column=ts, label_column='rating >= 4', seed=1",
     )
-    ds.add_argument("--max-rows", type=int, default=0)
-    ds.add_argument("--backbone", default="dcn")
-    ds.add_argument("--strategy", default="reloop", choices=("ce", "kd", "reloop"))
-    ds.add_argument("--alpha", type=float, default=0.5)
-    ds.add_argument("--batch-size", type=int, default=512)
-    ds.add_argument("--every-event-ms", type=int, default=7 * 86_400_000, help="snapshot period (event time)")
-    ds.add_argument("--buckets", type=int, default=10_000)
-    ds.add_argument("--window-ms", type=int, default=3_600_000, help="attribution window of the join")
+    ds.add_argument("--max-rows", type=int, default=0, help="the first rows only (0: all)")
+    # The run's settings for a dataset replay without --config (with one, the config decides: refused).
+    # None = not given; DATASET_RUN_DEFAULTS fills in.
+    ds.add_argument("--backbone", help="default: dcn")
+    ds.add_argument("--strategy", choices=("ce", "kd", "reloop"), help="default: reloop")
+    ds.add_argument("--alpha", type=float, help="default: 0.5")
+    ds.add_argument("--batch-size", type=int, help="default: 512")
+    ds.add_argument("--every-event-ms", type=int, help="snapshot period (event time); default: 7 days")
+    ds.add_argument("--buckets", type=int, help="default: 10000")
+    ds.add_argument("--window-ms", type=int, help="attribution window of the join; default: 1 hour")
     ds.add_argument(
         "--y-last",
         choices=("snapshot", "logged"),
-        default="snapshot",
-        help="snapshot: the previous snapshot recomputed; logged: the placeholder in the events",
+        help="snapshot (default): the previous snapshot recomputed; logged: the placeholder in the events",
     )
+
+
+# What a dataset replay without --config runs with, unless its options say otherwise.
+DATASET_RUN_DEFAULTS: dict[str, Any] = {
+    "backbone": "dcn",
+    "strategy": "reloop",
+    "alpha": 0.5,
+    "batch_size": 512,
+    "every_event_ms": 7 * 86_400_000,
+    "buckets": 10_000,
+    "window_ms": 3_600_000,
+    "y_last": "snapshot",
+}
+# Options that only a dataset replay reads, with their defaults.
+_DATASET_ONLY = {"data": None, "delay": "immediate", "delay_seed": 0, "dataset_option": [], "max_rows": 0}
 
 
 def parse_time(text: str) -> int:
@@ -145,6 +161,31 @@ def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
     return out
 
 
+def jsonl_range(args: argparse.Namespace, topics: list[str]) -> tuple[Positions | None, Positions]:
+    """(start, end) of a JSONL replay: the offsets given, checked against the files' complete lines;
+    a partition the end offsets leave out ends where its file does."""
+    files = jsonl_end_positions(args.jsonl, topics)
+    start = parse_offsets(args.start_offsets) if args.start_offsets else None
+    end = {**files, **(parse_offsets(args.end_offsets) if args.end_offsets else {})}
+    for flag, given in (("--start-offsets", start or {}), ("--end-offsets", end)):
+        for tp, offset in given.items():
+            if tp not in files:
+                known = ", ".join(f"{t.topic}:{t.partition}" for t in sorted(files))
+                raise ValueError(
+                    f"{flag}: {tp.topic}:{tp.partition} is not a partition of this replay ({known})"
+                )
+            if not 0 <= offset <= files[tp]:
+                raise ValueError(
+                    f"{flag}: {tp.topic}:{tp.partition}={offset} is outside its file (0..{files[tp]} lines)"
+                )
+    for tp, offset in (start or {}).items():
+        if offset > end[tp]:
+            raise ValueError(
+                f"--start-offsets {tp.topic}:{tp.partition}={offset} is past its end ({end[tp]})"
+            )
+    return start, end
+
+
 def _parse_delay(text: str, seed: int):
     from reloop.connectors.files.datasets import make_delay
 
@@ -158,6 +199,8 @@ def _parse_delay(text: str, seed: int):
 def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
     from reloop.connectors.files.datasets.spec import feature_spec
 
+    given = {k: getattr(args, k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None}
+    args = argparse.Namespace(**{**vars(args), **DATASET_RUN_DEFAULTS, **given})
     return {
         "model": {
             "backbone": args.backbone,
@@ -222,12 +265,7 @@ def main(args: argparse.Namespace) -> int:
                 from reloop.connectors.files.jsonl import JsonlSource
 
                 source = JsonlSource(root=args.jsonl, topics=topics)
-                start = parse_offsets(args.start_offsets) if args.start_offsets else None
-                end = (
-                    parse_offsets(args.end_offsets)
-                    if args.end_offsets
-                    else jsonl_end_positions(args.jsonl, topics)
-                )
+                start, end = jsonl_range(args, topics)
                 timestamps = args.timestamps or "event"
     except (ConfigError, ValueError) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
@@ -277,8 +315,25 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _range_refused(args: argparse.Namespace) -> str | None:
-    """What is wrong with the range options for this source, or None: times apply to Kafka topics only,
-    offsets to Kafka and JSONL topics (a file or dataset replay ignored them and replayed everything)."""
+    """What is wrong with the options for this source, or None: times apply to Kafka topics only,
+    offsets to Kafka and JSONL topics (a file or dataset replay ignored them and replayed everything);
+    the dataset options to a dataset only, the run's settings only where no --config decides them."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.dataset:
+        stray = [flag(k) for k, default in _DATASET_ONLY.items() if getattr(args, k, default) != default]
+        if stray:
+            return f"{', '.join(stray)}: for --dataset only (this replay would ignore them)"
+    elif getattr(args, "max_rows", 0) < 0:
+        return f"--max-rows must be >= 0 (0: every row), got {args.max_rows}"
+    if args.dataset is None or args.config is not None:
+        stray = [flag(k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None]
+        if stray:
+            return (
+                f"{', '.join(stray)}: with --config the config decides them (set them there, or in "
+                "RELOOP__* variables); they are for a --dataset replay without --config"
+            )
+    if args.jsonl is not None and args.timestamps == "record":
+        return "--timestamps record: JSONL files keep no record timestamps; they replay by event time"
     if args.kafka:
         return None
     options = {"--start-time": args.start_time, "--end-time": args.end_time}

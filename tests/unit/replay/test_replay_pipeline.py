@@ -455,3 +455,50 @@ def test_out_naming_a_file_is_refused(tmp_path: Path, capsys) -> None:
     argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "afile")]
     assert main(argv) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--strategy", "ce"], "--strategy: with --config"),
+        (["--backbone", "lr", "--alpha", "0.1"], "--backbone, --alpha: with --config"),
+        (["--max-rows", "10"], "--max-rows: for --dataset only"),
+        (["--delay", "fixed:1000"], "--delay: for --dataset only"),
+        (["--timestamps", "record"], "JSONL files keep no record timestamps"),
+        (["--end-offsets", "impressions:0=999999"], "outside its file"),
+        (["--start-offsets", "impressions:0=-5"], "outside its file"),
+        (["--end-offsets", "impressions:7=10"], "not a partition of this replay"),
+        (["--start-offsets", "clicks:0=50", "--end-offsets", "clicks:0=40"], "past its end"),
+    ],
+)
+def test_options_a_jsonl_replay_would_ignore_or_choke_on_are_refused(tmp_path: Path, capsys, extra, needle):
+    # Each ran with exit 0 as if not given (the config's model, every row), or ended in a traceback.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    write_jsonl(tmp_path / "log", events())
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(tmp_path / "log"), "--out", str(tmp_path / "a")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_end_offsets_for_one_topic_end_the_others_with_their_files(tmp_path: Path) -> None:
+    # "replay end positions missing" (a traceback) when the end offsets named one topic only.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    write_jsonl(tmp_path / "log", events())
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(tmp_path / "log"), "--out", str(tmp_path / "a")]
+    assert main([*argv, "--end-offsets", "impressions:0=100"]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["join"]["impressions"] == 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--config", "run.yaml", "--backbone", "lr"], "--backbone: with --config"),
+        (["--max-rows", "-3"], "--max-rows must be >= 0"),
+    ],
+)
+def test_dataset_options_the_replay_would_ignore_are_refused(tmp_path: Path, capsys, extra, needle):
+    argv = ["replay", "--dataset", "movielens-100k", "--data", str(tmp_path), "--out", str(tmp_path / "a")]
+    assert main([*argv, *extra]) == 2
+    assert needle in capsys.readouterr().err
