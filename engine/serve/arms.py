@@ -31,8 +31,8 @@ class ArmRouter:
         names = [name for name, _ in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arms: duplicate arm names in {names}")
-        if any(weight <= 0 for _, weight in arms):
-            raise ValueError("arms: every weight must be > 0")
+        if not all(0 < weight <= 1e12 for _, weight in arms):  # NaN fails too; inf would route nothing
+            raise ValueError("arms: every weight must be > 0 and at most 1e12")
         total = sum(weight for _, weight in arms)
         self.names = names
         self.salt = salt

@@ -64,7 +64,8 @@ class ArmMemoryConfig(_Frozen):
 
 class ArmConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    weight: float = Field(default=1.0, gt=0)
+    # Relative traffic share; bounded so the weights' sum stays finite (inf took the arm's traffic away).
+    weight: float = Field(default=1.0, gt=0, le=1e12, allow_inf_nan=False)
     registry: Path = Field(description="snapshot registry root this arm's trainer writes")
     impressions_topic: str = "impressions"
     clicks_topic: str = "clicks"

@@ -64,3 +64,17 @@ def test_bad_arms_rejected():
         ArmRouter([("A", 0.0)], salt="s")
     with pytest.raises(ValueError, match="at least one"):
         ArmRouter([], salt="s")
+    # inf (or a sum beyond the largest float) gave the arm no traffic at all; NaN alike
+    for bad in (float("inf"), float("nan"), 1e308):
+        with pytest.raises(ValueError, match="weight"):
+            ArmRouter([("A", bad), ("B", 1.0)], salt="s")
+
+
+@pytest.mark.parametrize("weight", [".inf", ".nan", "1e308"])
+def test_an_arm_weight_that_cannot_route_is_a_config_error_naming_it(tmp_path, weight):
+    import yaml
+    from reloop.engine.serve.config import serve_config_from_dict
+
+    arms = yaml.safe_load(f"[{{name: A, registry: r, weight: {weight}}}, {{name: B, registry: r}}]")
+    with pytest.raises(ValueError, match="weight"):
+        serve_config_from_dict({"arms": arms})
