@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from reloop.engine.features.featurizer import TorchFeatureBatch
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.blocks import (
@@ -29,7 +29,8 @@ from reloop.engine.models.config import BackboneConfig
 from reloop.engine.models.learner import CTRModel
 from torch import nn
 
-Hidden = tuple[int, ...]
+# Layer widths of at least 1 (a negative width was a torch traceback at build, 0 a layer of nothing).
+Hidden = tuple[PositiveInt, ...]
 BARS_MLP: Hidden = (400, 400, 400)
 
 

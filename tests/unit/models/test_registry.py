@@ -68,6 +68,11 @@ def test_bad_config_fails_fast_naming_the_key():
         build_learner("dcn", SPEC, "ce", 0.0, cross_layer=2)
     with pytest.raises(ValueError, match="hidden_units"):
         build_learner("dcn", SPEC, "ce", 0.0, hidden_units="big")
+    for widths in ([-5, 3], [0]):  # a torch traceback at build; a layer of width 0 that learnt nothing
+        with pytest.raises(ValueError, match="hidden_units.0"):
+            build_learner("dcn", SPEC, "ce", 0.0, hidden_units=widths)
+    with pytest.raises(ValueError, match="cin_hidden_units.1"):
+        build_learner("xdeepfm", SPEC, "ce", 0.0, cin_hidden_units=[4, 0])
     with pytest.raises(ValueError, match="unknown strategy 'sc'"):
         build_learner("fm", SPEC, "sc", 0.0)
     with pytest.raises(ValueError, match="alpha"):
