@@ -117,10 +117,19 @@ def main(args: argparse.Namespace) -> int:
         click_sink=kafka_click_sinks(bootstrap, clicks_topics(doc), settings),
         seed=args.seed,
     )
-    sim.run(
-        rate=args.rate or config.rate, duration_s=args.duration, stop=stop, concurrency=config.concurrency
-    )
-    sim.close()
+    from reloop.engine.simulate.driver import ClickSinkFailed
+
+    failed: ClickSinkFailed | None = None
+    try:
+        sim.run(
+            rate=args.rate or config.rate, duration_s=args.duration, stop=stop, concurrency=config.concurrency
+        )
+    except ClickSinkFailed as exc:
+        failed = exc
+    try:
+        sim.close()
+    except ClickSinkFailed as exc:
+        failed = failed or exc
     scorer.close()
     console.print(arms_table(sim.stats, title="simulate: truth per arm"))
     for arm in sorted(sim.stats.arms):
@@ -132,4 +141,7 @@ def main(args: argparse.Namespace) -> int:
         f"clicks sent {s.clicks_sent}, beyond the attribution window {s.clicks_late}, "
         f"still pending at exit {s.clicks_pending_at_end}; not-ready answers {s.not_ready}, errors {s.errors}"
     )
+    if failed is not None:
+        print(f"reloop simulate: {failed} ({s.clicks_pending_at_end} clicks not sent)", file=sys.stderr)
+        return 1
     return 0

@@ -8,6 +8,7 @@ impression id, stamped with the click's event time.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import threading
@@ -29,6 +30,11 @@ ScoreFn = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 class NotReadyYet(Exception):
     """The service answered 503: no model loaded yet."""
+
+
+class ClickSinkFailed(RuntimeError):
+    """The clicks could not be sent (no broker, refused credentials): the simulation stops; the clicks
+    not sent stay queued and are counted as pending."""
 
 
 class ClickQueue:
@@ -81,6 +87,9 @@ class Simulator:
         # The world's random generator is not thread-safe; HTTP calls happen outside this lock.
         self._world_lock = threading.Lock()
         self._emit_lock = threading.Lock()
+        # The first click-sink failure: every thread stops, and nothing tries the broker again (each try
+        # could wait a whole bootstrap timeout).
+        self.failure: ClickSinkFailed | None = None
 
     def t_s(self, now_ms: int) -> float:
         return (now_ms - self.start_ms) / 1000.0
@@ -138,16 +147,31 @@ class Simulator:
         return response
 
     def emit_due_clicks(self, now_ms: int | None = None) -> int:
+        """Send the clicks due by now; raises ``ClickSinkFailed`` (then and at every later call) when a
+        sink fails, with the clicks it did not take back in the queue."""
         with self._emit_lock:
+            if self.failure is not None:
+                raise self.failure
             due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
-            for arm, click in due:
-                sink = self._sinks.get(arm)
-                if sink is None:
-                    sink = self._sinks[arm] = self.click_sink(arm)
-                sink.send(encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms)
-        if due:
-            with self.stats.lock:
-                self.stats.clicks_sent += len(due)
+            sent = 0
+            try:
+                for arm, click in due:
+                    sink = self._sinks.get(arm)
+                    if sink is None:
+                        sink = self._sinks[arm] = self.click_sink(arm)
+                    sink.send(
+                        encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms
+                    )
+                    sent += 1
+            except Exception as exc:  # noqa: BLE001 - any sink error: stop, count what is left
+                for arm, click in due[sent:]:
+                    self.clicks.push(arm, click)
+                self.failure = ClickSinkFailed(f"sending clicks failed: {exc!r}")
+                raise self.failure from exc
+            finally:
+                if sent:
+                    with self.stats.lock:
+                        self.stats.clicks_sent += sent
         return len(due)
 
     def run(
@@ -164,8 +188,8 @@ class Simulator:
         if concurrency > 1:
             workers = [
                 threading.Thread(
-                    target=self.run,
-                    kwargs={"rate": rate / concurrency, "duration_s": duration_s, "stop": stop},
+                    target=self._worker,
+                    args=(rate / concurrency, duration_s, stop),
                     name=f"simulator-{i}",
                     daemon=True,
                 )
@@ -175,11 +199,20 @@ class Simulator:
                 w.start()
             for w in workers:
                 w.join()
+            if self.failure is not None:
+                raise self.failure
             return
+        self._paced(rate, duration_s, stop)
+
+    def _worker(self, rate: float, duration_s: float | None, stop: threading.Event) -> None:
+        with contextlib.suppress(ClickSinkFailed):  # kept in self.failure: run() raises it once
+            self._paced(rate, duration_s, stop)
+
+    def _paced(self, rate: float, duration_s: float | None, stop: threading.Event) -> None:
         interval = 1.0 / rate
         start = time.monotonic()
         next_at = start
-        while not stop.is_set():
+        while not stop.is_set() and self.failure is None:  # a sink failure stops every thread
             now = time.monotonic()
             if duration_s is not None and now - start >= duration_s:
                 break
@@ -193,11 +226,21 @@ class Simulator:
             next_at = max(next_at + interval, time.monotonic() - interval)
 
     def close(self) -> None:
-        """Send the clicks already due, flush the sinks; clicks still in the future are counted, not sent."""
-        self.emit_due_clicks()
+        """Send the clicks already due, flush the sinks; clicks still in the future (or not sent after a
+        sink failure) are counted, not sent. Raises ``ClickSinkFailed`` after a sink failure."""
+        error: ClickSinkFailed | None = None
+        try:
+            self.emit_due_clicks()
+        except ClickSinkFailed as exc:
+            error = exc
         with self.stats.lock:
             self.stats.clicks_pending_at_end = len(self.clicks)
-        for sink in self._sinks.values():
-            sink.flush(timeout_s=10.0)
-            sink.close()
-        self._sinks.clear()
+        sinks, self._sinks = list(self._sinks.values()), {}
+        for sink in sinks:
+            try:
+                sink.flush(timeout_s=10.0)
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - every sink gets its close
+                error = error or ClickSinkFailed(f"flushing clicks failed: {exc!r}")
+        if error is not None:
+            raise error

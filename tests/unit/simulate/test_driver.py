@@ -245,3 +245,37 @@ def test_the_summary_line_says_how_long_the_demo_would_need():
     stats.arm("reloop").clicks = stats.arm("reloop").true_p_sum = 2_000
     short = ab_lines(stats, ReportConfig(treatment="reloop", control="ce", aa=("ce2", "ce")))[-1]
     assert re.search(r"\(0\.\d+x this run\)", short), short
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_click_sink_that_fails_stops_the_run_and_counts_every_click_not_sent(concurrency):
+    # Kafka down: the clicks were popped before the send raised (reported as 0 pending), the worker
+    # threads died with tracebacks, and `reloop simulate` exited 0; each thread waited its own timeout.
+    from reloop.engine.simulate.driver import ClickSinkFailed
+
+    class Breaks(MemorySink):
+        sends = 0
+
+        def send(self, value, key=None, timestamp_ms=None):
+            Breaks.sends += 1
+            if Breaks.sends > 5:
+                raise ConnectionError("broker gone")
+            super().send(value, key=key, timestamp_ms=timestamp_ms)
+
+    mlog, made = MemoryLog(), []
+    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
+
+    def sink(arm):
+        made.append(arm)
+        return Breaks(mlog, "c")
+
+    clock = FakeClock()
+    sim = Simulator(world=world, score=_ranker(world, clock, oracle=False), click_sink=sink, top_k=10)
+    with pytest.raises(ClickSinkFailed, match="broker gone"):
+        sim.run(rate=200.0, duration_s=30.0, concurrency=concurrency)
+    with pytest.raises(ClickSinkFailed):
+        sim.close()
+    clicks = sum(a.clicks for a in sim.stats.arms.values())
+    assert sim.stats.clicks_sent == 5 and len(mlog.read(mlog.partitions("c")[0], 0, 100)) == 5
+    assert sim.stats.clicks_sent + sim.stats.clicks_pending_at_end == clicks > 5
+    assert Breaks.sends == 6 and made == ["A"]  # no thread tried the broken sink again
