@@ -98,11 +98,14 @@ class ModelHolder:
         bundle = self._bundle
         return None if bundle is None else bundle.version
 
-    def swap(self, bundle: ModelBundle) -> bool:
-        """Install ``bundle`` if it is newer than the live one; returns whether it was installed."""
+    def swap(self, bundle: ModelBundle, *, rollback: bool = False) -> bool:
+        """Install ``bundle`` if it is newer than the live one (``rollback``: if it is another one, the
+        registry's newest after newer versions were removed); returns whether it was installed."""
         with self._lock:
             live = self._bundle
-            if live is not None and bundle.version <= live.version:
+            if live is not None and (
+                bundle.version == live.version or (bundle.version < live.version and not rollback)
+            ):
                 return False
             self._bundle = bundle
             self.reloads += 1

@@ -33,6 +33,7 @@ class ArmSource:
     load: Callable[[int], ModelBundle]
     versions: Callable[[], list[int]] | None = None
     refused: set[int] = field(default_factory=set)
+    warned: tuple[int, int] | None = None  # (live, newest) last warned of as removed newer versions
 
 
 class ReloadWatcher:
@@ -51,15 +52,29 @@ class ReloadWatcher:
             try:
                 latest = src.latest()
                 live = src.holder.version
-                if latest is None or (live is not None and latest <= live):
+                if latest is None or latest == live:
                     self._fallback(src, latest)
                     continue
+                # Newer versions removed (a rollback, or a registry started again): the live one may
+                # no longer exist; serve the registry's newest, as for any other change of it.
+                rollback = live is not None and latest < live
+                if rollback and src.warned != (live, latest):
+                    src.warned = (live, latest)
+                    log.warning(
+                        "reload %s: the registry's newest is v%s, older than the live v%s (versions removed "
+                        "or the registry started again): serving its newest",
+                        src.name,
+                        latest,
+                        live,
+                    )
+                if rollback:
+                    live = None
                 candidates = [latest] if src.versions is None else sorted(src.versions(), reverse=True)
             except Exception:  # noqa: BLE001 - a registry hiccup must not kill the watcher
                 log.exception("reload %s: cannot list the registry", src.name)
                 continue
             for version in candidates:
-                if (live is not None and version <= live) or version in src.refused:
+                if (live is not None and version <= live) or version > latest or version in src.refused:
                     continue
                 try:
                     bundle = src.load(version)
@@ -69,7 +84,7 @@ class ReloadWatcher:
                     STATS.serve_reloads.add("refused")
                     log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
                     continue
-                if src.holder.swap(bundle):
+                if src.holder.swap(bundle, rollback=rollback):
                     swapped += 1
                     self.loaded += 1
                     STATS.serve_reloads.add("ok")

@@ -35,6 +35,28 @@ def test_watcher_loads_newer_versions_only():
     assert holder.version == 3 and reg.loads == [1, 3]  # jumps straight to the newest
 
 
+def test_a_registry_whose_newer_versions_were_removed_is_followed_back(caplog):
+    # A rollback (v3 deleted) or a registry started again (v1 only): the service went on serving v3,
+    # a version no longer on disk, without a word, until the new run passed v3.
+    reg = FakeRegistry()
+    holder = ModelHolder()
+    watcher = ReloadWatcher(
+        sources=[ArmSource("A", holder, reg.latest, reg.load, lambda: list(reg.versions))]
+    )
+    reg.versions = [1, 2, 3]
+    watcher.poll_once()
+    assert holder.version == 3
+    reg.versions = [1, 2]
+    with caplog.at_level("WARNING"):
+        assert watcher.poll_once() == 1
+    assert holder.version == 2 and "older than the live v3" in caplog.text
+    reg.versions, reg.corrupt = [1], {1}
+    assert watcher.poll_once() == 0 and holder.version == 2  # nothing loadable: keeps what it has
+    reg.versions, reg.corrupt = [1, 2, 3, 4], set()
+    watcher.poll_once()
+    assert holder.version == 4
+
+
 def test_corrupt_snapshot_is_refused_and_the_old_model_keeps_serving():
     reg = FakeRegistry()
     holder = ModelHolder(bundle(1))
