@@ -46,5 +46,10 @@ def simulate_config_from_dict(data: dict[str, Any]) -> SimulateConfig:
     try:
         return SimulateConfig.model_validate(data.get("simulate") or {})
     except ValidationError as exc:
-        msgs = "; ".join(f"simulate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        msgs = "; ".join(
+            f"simulate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
         raise ConfigError(f"bad simulate config: {msgs}") from exc

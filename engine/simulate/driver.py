@@ -129,9 +129,9 @@ class Simulator:
         items = np.array([World.parse_item_id(r["item_id"]) for r in shown], dtype=np.int64)
         served = np.array([r["score"] for r in shown], dtype=np.float64)
         true_p = self.world.click_probability(request, t, items)
-        with self._world_lock:
-            clicked = self.world.draw_clicks(true_p)
-            delays = self.world.draw_delays_s(int(clicked.sum()))
+        outcomes = self.world.outcome_rng(n)  # this request's own: the same whatever the answer order
+        clicked = self.world.draw_clicks(true_p, outcomes)
+        delays = self.world.draw_delays_s(int(clicked.sum()), outcomes)
         window = self.world.config.attribution_window_s
         arm = response["arm"]
         clicked_rows = [r for r, c in zip(shown, clicked.tolist(), strict=True) if c]

@@ -1,6 +1,8 @@
 """A synthetic world of users and items whose preferences drift, with a known click probability.
 
-Pure numpy and seeded: the same seed gives the same users, items, requests, clicks and delays.
+Pure numpy and seeded: the same seed gives the same users, items, requests, clicks and delays (a
+request's clicks and delays come from a generator of its own, ``outcome_rng(n)``, so several client
+threads that finish their requests in any order still draw the same outcomes).
 Time ``t_s`` is seconds since the world started (the caller maps it to wall-clock event times).
 
 Why this shape: a CTR model sees ids and coarse attributes, so the truth is built from the same pieces.
@@ -22,7 +24,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -44,7 +46,8 @@ class WorldConfig:
     personal_scale: float = 0.6
     device_scale: float = 0.4
     popularity_scale: float = 0.4
-    # One full rotation of every taste between its two directions takes this long (simulated seconds).
+    # Every taste turns in the plane of its two directions a, b: from a through b to -a (half a period,
+    # the opposite taste) and back to a (a full period; simulated seconds).
     drift_period_s: float = 600.0
     # Click delay after the impression: lognormal(median, sigma); some land beyond the attribution window.
     delay_median_s: float = 2.0
@@ -52,6 +55,18 @@ class WorldConfig:
     attribution_window_s: float = 20.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a config file's "2.5" or "abc" failed deep inside numpy, NaN silently
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int | np.integer)):
+                raise ValueError(f"world.{f.name} must be an integer, got {value!r}")
+            if f.type == "float" and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise ValueError(f"world.{f.name} must be a finite number, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"world.seed must be >= 0, got {self.seed}")
+        if self.attribution_window_s <= 0:
+            raise ValueError(f"world.attribution_window_s must be > 0, got {self.attribution_window_s}")
         for name in ("n_users", "n_items", "n_segments", "n_categories", "dim", "n_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"world.{name} must be >= 1, got {getattr(self, name)}")
@@ -88,7 +103,8 @@ class World:
 
         self.user_segment = rng.integers(c.n_segments, size=c.n_users)
         self.item_category = rng.integers(c.n_categories, size=c.n_items)
-        # Two taste directions per segment (and per user): the taste at time t rotates from one to the other.
+        # Two taste directions per segment (and per user): the taste at time t turns from the first
+        # through the second to the first's opposite and back (WorldConfig.drift_period_s).
         seg_a, seg_b = unit((c.n_segments, c.dim)), unit((c.n_segments, c.dim))
         own_a, own_b = unit((c.n_users, c.dim)), unit((c.n_users, c.dim))
         self._user_a = seg_a[self.user_segment] + c.personal_scale * own_a
@@ -130,12 +146,17 @@ class World:
         )
         return 1.0 / (1.0 + np.exp(-logit))
 
-    def draw_clicks(self, probabilities: np.ndarray) -> np.ndarray:
-        return self._rng.random(len(probabilities)) < probabilities
+    def outcome_rng(self, request_number: int) -> np.random.Generator:
+        """The generator of one request's clicks and delays: the same for the same seed and request
+        number, whatever order the requests are answered in."""
+        return np.random.default_rng([self.config.seed, 1, request_number])
 
-    def draw_delays_s(self, n: int) -> np.ndarray:
+    def draw_clicks(self, probabilities: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return (rng or self._rng).random(len(probabilities)) < probabilities
+
+    def draw_delays_s(self, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
         c = self.config
-        return c.delay_median_s * np.exp(c.delay_sigma * self._rng.standard_normal(n))
+        return c.delay_median_s * np.exp(c.delay_sigma * (rng or self._rng).standard_normal(n))
 
     def fraction_beyond_window(self) -> float:
         """P(delay > attribution window) under the lognormal: the share of clicks that arrive too late."""

@@ -72,3 +72,21 @@ def test_bad_trainer_key_fails_before_anything_starts(tmp_path):
 def test_bad_world_key_fails():
     with pytest.raises(ConfigError, match="unknown keys"):
         simulate_config_from_dict({"simulate": {"world": {"n_userz": 3}}})
+
+
+@pytest.mark.parametrize(
+    ("world", "needle"),
+    [
+        ({"n_users": 2.5}, "world.n_users must be an integer"),
+        ({"n_users": "abc"}, "world.n_users must be an integer"),
+        ({"seed": -1}, "world.seed must be >= 0"),
+        ({"attribution_window_s": -1}, "world.attribution_window_s must be > 0"),
+        ({"delay_median_s": float("inf")}, "world.delay_median_s must be a finite number"),
+        ({"delay_sigma": float("nan")}, "world.delay_sigma must be a finite number"),
+        ({"drift_period_s": float("nan")}, "world.drift_period_s must be a finite number"),
+    ],
+)
+def test_world_values_that_would_fail_later_or_silently_are_refused_naming_the_key(world, needle):
+    # They passed, then crashed in numpy after the wait for the service, or made every probability NaN.
+    with pytest.raises(ConfigError, match=needle):
+        simulate_config_from_dict({"simulate": {"world": world}})

@@ -279,3 +279,45 @@ def test_a_click_sink_that_fails_stops_the_run_and_counts_every_click_not_sent(c
     assert sim.stats.clicks_sent == 5 and len(mlog.read(mlog.partitions("c")[0], 0, 100)) == 5
     assert sim.stats.clicks_sent + sim.stats.clicks_pending_at_end == clicks > 5
     assert Breaks.sends == 6 and made == ["A"]  # no thread tried the broken sink again
+
+
+def test_the_same_seed_gives_the_same_clicks_whatever_order_threads_answer_in():
+    # One generator served the requests and, after each HTTP answer, the clicks: with two client
+    # threads the outcomes depended on which answer came back first.
+    import threading
+    import time as _time
+
+    def run_once() -> tuple[int, dict[str, list[tuple[str, int]]]]:
+        world = World(WorldConfig(seed=7, delay_median_s=0.5))
+        clock = FakeClock()
+        lock, order = threading.Lock(), [0]
+
+        def score(body):
+            with lock:
+                order[0] += 1
+                slow = order[0] % 3 == 0
+            if slow:  # answers come back out of request order
+                _time.sleep(0.004)
+            ranking = [
+                {"item_id": c["item_id"], "score": 0.5, "position": i,
+                 "impression_id": f"{body['request_id']}/{c['item_id']}"}
+                for i, c in enumerate(body["candidates"][:5])
+            ]  # fmt: skip
+            return {"arm": "A", "model_version": 1, "ranking": ranking}
+
+        sim = Simulator(world=world, score=score, click_sink=lambda arm: None, clock_ms=clock)
+        sim.run(rate=400.0, duration_s=0.6, concurrency=2)
+        out: dict[str, list[tuple[str, int]]] = {}
+        for _, click in sim.clicks.pop_due(10**15):
+            out.setdefault(click.impression_id.split("/")[0], []).append(
+                (click.impression_id, click.event_time_ms)
+            )
+        return sim._n, {k: sorted(v) for k, v in out.items()}
+
+    (na, a), (nb, b) = run_once(), run_once()
+    both = min(na, nb)  # requests 1..both were answered in both runs
+
+    def first(clicks):
+        return {k: v for k, v in clicks.items() if int(k.rsplit("-", 1)[1]) <= both}
+
+    assert len(first(a)) > 20 and first(a) == first(b)
