@@ -128,9 +128,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--period", default="week", help="week | day | hours:N | chunks:N (pseudo-time)")
     parser.add_argument(
-        "--min-period-size", type=int, default=500, help="a smaller period is merged into the one before"
+        "--min-period-size",
+        type=_at_least(1),
+        default=500,
+        help="a smaller period is merged into the one before",
     )
-    parser.add_argument("--max-rows", type=int, default=0, help="use only the first N rows (0 = all)")
+    parser.add_argument(
+        "--max-rows", type=_at_least(0), default=0, help="use only the first N rows (0 = all)"
+    )
     parser.add_argument(
         "--label-noise",
         type=float,
@@ -237,7 +242,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the per-event river LogisticRegression peer baseline",
     )
     parser.add_argument("--river-lr", type=float, default=RIVER_LR, help="the river peer's SGD step")
-    parser.add_argument("--workers", type=int, default=1, help="processes (each uses one torch thread)")
+    parser.add_argument(
+        "--workers", type=_at_least(1), default=1, help="processes (each uses one torch thread)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     parser.add_argument(

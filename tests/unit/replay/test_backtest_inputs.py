@@ -47,6 +47,9 @@ BAD = [
     (["--buckets", "0"], "--buckets"),
     (["--seeds", "0"], "--seeds"),
     (["--hidden-units", "8,x"], "--hidden-units"),
+    (["--max-rows=-1"], "--max-rows"),  # every row, silently
+    (["--workers=-3"], "--workers"),
+    (["--min-period-size=-1"], "--min-period-size"),
     (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
     # it said only "__init__() got an unexpected keyword argument": now the options the loader takes
     (
