@@ -187,7 +187,7 @@ class LearnerConfig(FrozenConfig):
 
     backbone: str
     strategy: str
-    alpha: float = Field(ge=0.0, le=1.0)
+    alpha: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     seed: int = 0
     spec: FeatureSpec
     model: SerializeAsAny[BackboneConfig]

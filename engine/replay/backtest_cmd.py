@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from reloop.engine.config_common import int_at_least
 from reloop.engine.replay.backtest import (
     BATCH_BY,
     PERIODIC_LR,
@@ -48,19 +49,6 @@ DAY_MS = 86_400_000
 
 class Refused(ValueError):
     """A bad input: ``main`` prints ``reloop backtest: MESSAGE`` and exits 2, before any run where it can."""
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _non_negative(text: str) -> float:
@@ -129,12 +117,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--period", default="week", help="week | day | hours:N | chunks:N (pseudo-time)")
     parser.add_argument(
         "--min-period-size",
-        type=_at_least(1),
+        type=int_at_least(1),
         default=500,
         help="a smaller period is merged into the one before",
     )
     parser.add_argument(
-        "--max-rows", type=_at_least(0), default=0, help="use only the first N rows (0 = all)"
+        "--max-rows", type=int_at_least(0), default=0, help="use only the first N rows (0 = all)"
     )
     parser.add_argument(
         "--label-noise",
@@ -154,13 +142,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alphas", default="0.2,0.5", help="the alpha grid of every strategy named without @ALPHA"
     )
-    parser.add_argument("--seeds", type=_at_least(1), default=5, help="seeds 0..N-1")
+    parser.add_argument("--seeds", type=int_at_least(1), default=5, help="seeds 0..N-1")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
     # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
     # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
     parser.add_argument(
-        "--epochs", type=_at_least(1), default=3, help="epochs per period (periodic protocol)"
+        "--epochs", type=int_at_least(1), default=3, help="epochs per period (periodic protocol)"
     )
     parser.add_argument(
         "--periodic-lr",
@@ -169,7 +157,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Adam's dense rate in the periodic protocol unless --lr is given (default 1e-3: chosen for it "
         "with its 3 epochs on the selection periods; the learner's own defaults were chosen for streaming)",
     )
-    parser.add_argument("--batch-size", type=_at_least(1), default=512)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=512)
     parser.add_argument(
         "--batch-by",
         choices=BATCH_BY,
@@ -206,7 +194,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replay-size",
-        type=_at_least(0),
+        type=int_at_least(0),
         default=0,
         help="streaming: replay buffer of the latest N samples (0 = off)",
     )
@@ -233,7 +221,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--hidden-units", default="64,64", help="MLP widths (the registry's BARS size is 400,400,400)"
     )
     parser.add_argument(
-        "--buckets", type=_at_least(2), default=10_000, help="hash buckets per field (row 0: missing)"
+        "--buckets", type=int_at_least(2), default=10_000, help="hash buckets per field (row 0: missing)"
     )
     parser.add_argument(
         "--river",
@@ -243,7 +231,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--river-lr", type=float, default=RIVER_LR, help="the river peer's SGD step")
     parser.add_argument(
-        "--workers", type=_at_least(1), default=1, help="processes (each uses one torch thread)"
+        "--workers", type=int_at_least(1), default=1, help="processes (each uses one torch thread)"
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")

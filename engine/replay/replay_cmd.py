@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reloop.engine.config_common import int_at_least
 from reloop.engine.replay.options import key_value
 from reloop.engine.streams import Positions, TopicPartition
 
@@ -77,15 +78,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="passed to the loader, as reloop backtest's: time_column=ts, label_column='rating >= 4', seed=1",
     )
-    ds.add_argument("--max-rows", type=int, default=0, help="the first rows only (0: all)")
+    ds.add_argument("--max-rows", type=int_at_least(0), default=0, help="the first rows only (0: all)")
     # The run's settings for a dataset replay without --config (with one, the config decides: refused).
     # None = not given; DATASET_RUN_DEFAULTS fills in.
     ds.add_argument("--backbone", help="default: dcn")
     ds.add_argument("--strategy", choices=("ce", "kd", "reloop"), help="default: reloop")
     ds.add_argument("--alpha", type=float, help="default: 0.5")
-    ds.add_argument("--batch-size", type=int, help="default: 512")
+    ds.add_argument("--batch-size", type=int_at_least(1), help="default: 512")
     ds.add_argument("--every-event-ms", type=int, help="snapshot period (event time); default: 7 days")
-    ds.add_argument("--buckets", type=int, help="default: 10000")
+    ds.add_argument("--buckets", type=int_at_least(2), help="default: 10000")
     ds.add_argument("--window-ms", type=int, help="attribution window of the join; default: 1 hour")
     ds.add_argument(
         "--y-last",
@@ -323,8 +324,6 @@ def _range_refused(args: argparse.Namespace) -> str | None:
         stray = [flag(k) for k, default in _DATASET_ONLY.items() if getattr(args, k, default) != default]
         if stray:
             return f"{', '.join(stray)}: for --dataset only (this replay would ignore them)"
-    elif getattr(args, "max_rows", 0) < 0:
-        return f"--max-rows must be >= 0 (0: every row), got {args.max_rows}"
     if args.dataset is None or args.config is not None:
         stray = [flag(k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None]
         if stray:

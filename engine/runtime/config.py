@@ -103,7 +103,7 @@ class JoinSection(_Section):
 class ModelSection(_Section):
     backbone: str
     strategy: Literal["ce", "kd", "reloop"] = "reloop"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     seed: int = 0
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
     spec_file: str | None = Field(default=None, description="or a JSON/YAML file holding it")
