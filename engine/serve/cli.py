@@ -31,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "See engine/serve/workers.py for routing, logging and reload with several",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
+    parser.add_argument("--worker-metrics-port", type=_port, help=argparse.SUPPRESS)  # that worker's own
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         if args.no_log:
             argv.append("--no-log")
         port = config.port if args.port is None else args.port
-        return run_workers(argv, workers, args.host or config.host, port)
+        return run_workers(argv, workers, args.host or config.host, port, config.worker_metrics_port)
 
     from reloop.engine.serve.stack import ServingStack
 
@@ -78,9 +79,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop serve: cannot listen on {host}:{port}: {why} (serve.port or --port)", file=sys.stderr)
         return 2
     print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
+    metrics = None
+    if args.worker_metrics_port is not None:
+        from reloop.connectors.metrics.prometheus import serve_metrics
+
+        host = args.host or config.host
+        try:
+            metrics = serve_metrics(host=host, port=args.worker_metrics_port)
+        except OSError as exc:
+            stack.close()
+            why = exc.strerror or str(exc)
+            print(f"reloop serve: cannot serve this worker's /metrics on {host}:{args.worker_metrics_port}: "
+                  f"{why} (serve.worker_metrics_port)", file=sys.stderr)  # fmt: skip
+            return 2
+        print(f"reloop serve: this worker's metrics at {metrics.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.close()
     stack.close()
     return 0

@@ -138,6 +138,14 @@ class ServeConfig(_Frozen):
     )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
     workers: int = Field(default=1, ge=1, description="serving processes sharing the port (SO_REUSEPORT)")
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="with workers > 1, worker i also serves /metrics on this port + i, for Prometheus to "
+        "scrape each (the shared port answers for whichever worker a connection lands on); default: "
+        "serve.port + 1",
+    )
     salt: str = "reloop"
     arms: tuple[ArmConfig, ...] = Field(min_length=1)
     log: LogConfig = LogConfig()

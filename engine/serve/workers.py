@@ -11,8 +11,9 @@ over the workers' listening sockets. What that means:
 * hot reload: each worker polls the registry and swaps on its own; for up to one poll interval
   (``serve.reload_interval_s``) two workers may serve adjacent versions. Every response and every
   impression names the version that scored it, so the trainer's y_last stays exact;
-* ``/stats`` and ``/metrics`` answer for the worker the connection landed on; scrape each worker
-  (or run one worker per pod) for totals;
+* ``/stats`` and ``/metrics`` on the shared port answer for the worker the connection landed on, so
+  worker i also serves its /metrics alone on ``serve.worker_metrics_port`` + i (default: the serving
+  port + 1 + i): Prometheus scrapes each of those for totals (or run one worker per pod);
 * memory: N copies of the model (memory-mapped bundles share the page cache: their weights are in
   memory once);
 * the parent restarts a worker that exits (after 1 s), and stops all of them on SIGTERM/SIGINT; the
@@ -34,9 +35,10 @@ import time
 log = logging.getLogger(__name__)
 
 
-def run_workers(argv: list[str], workers: int, host: str, port: int) -> int:
+def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_port: int | None = None) -> int:
     """Run ``workers`` copies of ``reloop serve`` with ``argv`` (+ the worker flags) on host:port.
-    The port is reserved here first (port 0 picks a free one), with SO_REUSEPORT like the workers'."""
+    The port is reserved here first (port 0 picks a free one), with SO_REUSEPORT like the workers'.
+    Worker i serves its own /metrics on ``metrics_port`` + i (default: the port + 1 + i)."""
     from reloop.engine.serve.stack import listen_socket
 
     reserve = listen_socket(host, port, reuse_port=True)  # bound, never listening: takes no connections
@@ -45,12 +47,22 @@ def run_workers(argv: list[str], workers: int, host: str, port: int) -> int:
         sys.executable, "-m", "reloop.engine.runtime.cli", "serve", *argv,
         "--host", host, "--port", str(port), "--worker",
     ]  # fmt: skip
+    first_metrics = port + 1 if metrics_port is None else metrics_port
+    if first_metrics + workers - 1 > 65535:
+        reserve.close()
+        print(f"reloop serve: worker metrics ports {first_metrics}..{first_metrics + workers - 1} go past "
+              "65535 (serve.worker_metrics_port)", file=sys.stderr)  # fmt: skip
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     procs: list[subprocess.Popen | None] = [None] * workers
     started: list[float] = [0.0] * workers
-    print(f"reloop serve: {workers} workers on http://{host}:{port}", flush=True)
+    print(
+        f"reloop serve: {workers} workers on http://{host}:{port}; each one's /metrics on ports "
+        f"{first_metrics}..{first_metrics + workers - 1}",
+        flush=True,
+    )
     while not stop.is_set():
         for i, p in enumerate(procs):
             if p is None or p.poll() is not None:
@@ -58,7 +70,7 @@ def run_workers(argv: list[str], workers: int, host: str, port: int) -> int:
                     log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
                     if time.monotonic() - started[i] < 1.0:
                         continue  # at most one restart per second per worker
-                procs[i] = subprocess.Popen(cmd)
+                procs[i] = subprocess.Popen([*cmd, "--worker-metrics-port", str(first_metrics + i)])
                 started[i] = time.monotonic()
         stop.wait(0.5)
     for p in procs:

@@ -48,6 +48,18 @@ def _pids(url: str, n: int = 60) -> set[int]:
     return {httpx.get(url + "/stats", timeout=5).json()["pid"] for _ in range(n)}
 
 
+def _served(metrics_url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "reloop_serve_requests_total"
+    )
+
+
 def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
     learner = build_learner("dcn", FeatureSpec.from_dict(SPEC), "ce", 0.0, embedding_dim=4, hidden_units=[8])
     reg = SnapshotRegistry(tmp_path / "reg")
@@ -77,6 +89,9 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
             assert r.status_code == 200 and r.json()["model_version"] == 1
             scores[i] = [s["score"] for s in r.json()["scores"]]
         assert all(s == scores[0] for s in scores.values())  # one model, whichever worker answered
+        # The shared port's /metrics answers for one worker; each serves its own on port + 1 + i.
+        answered = [_served(f"http://127.0.0.1:{port + 1 + i}/metrics") for i in range(2)]
+        assert sum(answered) == 30 and all(n > 0 for n in answered), answered
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         # The connections the dead worker held (accepted or queued on its socket) are reset; once its
