@@ -32,8 +32,9 @@ def main(args: argparse.Namespace) -> int:
         )
         return 0
     print("backbones:")
+    width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"  {r['name']:<10} [{r['kind']}] {r['description']}\n      {defaults}")
+        print(f"  {r['name']:<{width}} [{r['kind']}] {r['description']}\n      {defaults}")
     print("strategies: " + ", ".join(strategies) + "  (alpha * aux + (1 - alpha) * CE; see engine/loss)")
     return 0
