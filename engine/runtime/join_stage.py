@@ -44,6 +44,7 @@ from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
+    ConfigError,
     ConsumerSection,
     RecoverySection,
     SourceSection,
@@ -87,8 +88,10 @@ class ConsumerStalled(RuntimeError):
     task from its checkpoint)."""
 
 
-class CopartitionError(ValueError):
-    """The impressions and clicks topics (or the samples topic) have partition counts that do not fit."""
+class CopartitionError(ConfigError):
+    """The impressions and clicks topics (or the samples topic) have partition counts that do not fit: a
+    configuration error (one line, exit 2), not a failure a rebuild could fix (it retried for 15 minutes,
+    a traceback each time, while ``reloop run``'s train process looked healthy)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -549,6 +549,29 @@ def test_topics_that_are_not_co_partitioned_are_refused(tmp_path):
         _join(_config(tmp_path), log2, ManualClock(START), tmp_path)
 
 
+def test_a_copartition_error_ends_the_stage_instead_of_a_retry_loop(tmp_path):
+    # It was retried with backoff for recovery.give_up_after_s (15 min), a traceback per attempt.
+    import threading
+
+    from reloop.engine.runtime.supervisor import RetryPolicy, Supervisor
+
+    log = MemoryLog()
+    log.create("impressions", 2)
+    log.create("clicks", 3)
+    log.create("samples", 3)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return _join(_config(tmp_path), log, ManualClock(START), tmp_path)
+
+    policy = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05, give_up_after_s=2)
+    supervisor = Supervisor(build, stop=threading.Event(), policy=policy)
+    with pytest.raises(CopartitionError, match="co-partitioned"):
+        supervisor.run()
+    assert builds == [1]
+
+
 def test_revoked_tasks_are_checkpointed_and_resume_elsewhere(tmp_path):
     synth = generate(400, seed=7, pad_to_multiple=BATCH)
     log = _log(synth, 2)
