@@ -79,15 +79,20 @@ class ConfluentSource:
 
     def partitions(self) -> list[TopicPartition]:
         if self._partitions is None:
-            consumer = self._client()
-            out: list[TopicPartition] = []
-            for topic in self.topics:
-                meta = consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
-                if meta is None or meta.error is not None or not meta.partitions:
-                    raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
-                out += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-            self._partitions = [tp for tp in out if self.share is None or self.share.owns(tp)]
+            self._partitions = self.partitions_now()
         return list(self._partitions)
+
+    def partitions_now(self) -> list[TopicPartition]:
+        """The partitions the topics have now (``list_topics`` asks the broker; ``partitions()`` keeps
+        those it opened with): a caller notices partitions added while it runs."""
+        consumer = self._client()
+        out: list[TopicPartition] = []
+        for topic in self.topics:
+            meta = consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
+            out += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        return [tp for tp in out if self.share is None or self.share.owns(tp)]
 
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
         positions = positions or {}

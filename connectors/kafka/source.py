@@ -91,15 +91,24 @@ class KafkaSource:
 
     def partitions(self) -> list[TopicPartition]:
         if self._partitions is None:
-            consumer = self._client()
-            out: list[TopicPartition] = []
-            for topic in self.topics:
-                found = consumer.partitions_for_topic(topic)
-                if not found:
-                    raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
-                out += [TopicPartition(topic, p) for p in sorted(found)]
-            self._partitions = [tp for tp in out if self.share is None or self.share.owns(tp)]
+            self._partitions = self._discover()
         return list(self._partitions)
+
+    def partitions_now(self) -> list[TopicPartition]:
+        """The partitions the topics have now (a metadata round trip; ``partitions()`` keeps those it
+        opened with): a caller notices partitions added while it runs."""
+        self._client().topics()  # public, and always fetches fresh metadata (partitions_for_topic caches)
+        return self._discover()
+
+    def _discover(self) -> list[TopicPartition]:
+        consumer = self._client()
+        out: list[TopicPartition] = []
+        for topic in self.topics:
+            found = consumer.partitions_for_topic(topic)
+            if not found:
+                raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
+            out += [TopicPartition(topic, p) for p in sorted(found)]
+        return [tp for tp in out if self.share is None or self.share.owns(tp)]
 
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
         positions = positions or {}

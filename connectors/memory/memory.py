@@ -111,6 +111,9 @@ class MemorySource:
             if self.share is None or self.share.owns(tp)
         ]
 
+    def partitions_now(self) -> list[TopicPartition]:
+        return self.partitions()
+
     def open(self, positions: Mapping[TopicPartition, int] | None = None) -> None:
         positions = positions or {}
         self._next = {tp: int(positions.get(tp, 0)) for tp in self.partitions()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from time import monotonic
@@ -97,6 +98,9 @@ class TrainStageSettings:
     # stream is learned within about this delay instead of when a full batch has gathered. None: full
     # batches only, what deterministic runs and replays need (build.py passes train.max_wait_ms otherwise).
     max_wait_ms: int | None = None
+    # How often the stage asks the broker whether the samples topic has more partitions than it opened
+    # with (a join task added by growing the input topics): it then rebuilds to read them too.
+    partition_check_s: float = 30.0
 
 
 class _Prepared(NamedTuple):
@@ -109,6 +113,11 @@ class _Prepared(NamedTuple):
     features: FeatureBatch | None
     error: EventError | FeatureError | None
     refused: np.ndarray | None = None
+
+
+class SamplesTopicGrew(RuntimeError):
+    """The samples topic has partitions the stage did not open: the supervisor rebuilds the stage, which
+    resumes from its last save and reads them from their beginning (they were silently never read)."""
 
 
 class _Fetcher:
@@ -229,6 +238,8 @@ class TrainStage:
         self._ledger_lengths: dict[int, int] = {}  # rank -> ledger bytes at the last save
         self._event_time_ms: int | None = None  # newest event time trained: drives event-time periods
         self._merger: RecordMerger | None = None
+        self._read: set[TopicPartition] = set()  # the partitions opened (SamplesTopicGrew)
+        self._next_partition_check = 0.0
         self._fetcher: _Fetcher | None = None
         self._opened = False
         self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
@@ -316,6 +327,8 @@ class TrainStage:
         self.source.open(self._positions or None)
         if not self._positions:
             self._positions = dict(self.source.position())
+        self._read = set(self.source.partitions())
+        self._next_partition_check = time.monotonic() + self.settings.partition_check_s
         self._merger = RecordMerger(
             self.source.partitions(),
             idle_ms=self.settings.merge_idle_ms,
@@ -355,12 +368,29 @@ class TrainStage:
     def _poll_released(self) -> list[Record]:
         """One poll, then what the merge can release in exact order (on the fetch thread if any)."""
         assert self._merger is not None
+        self._check_partitions()
         records = self.source.poll(self.settings.poll_max_records, self.settings.poll_timeout_s)
         if records:
             self._merger.add(records)
         positions, ends = self.source.position(), self._ends()
         self._metrics.lag.observe(positions, ends)
         return self._merger.release(positions, ends)
+
+    def _check_partitions(self) -> None:
+        """Raise ``SamplesTopicGrew`` when the topic has partitions this stage does not read (at most
+        every ``partition_check_s``; on the thread that owns the source)."""
+        now = time.monotonic()
+        partitions_now = getattr(self.source, "partitions_now", None)
+        if partitions_now is None or now < self._next_partition_check:
+            return
+        self._next_partition_check = now + self.settings.partition_check_s
+        new = sorted(set(partitions_now()) - self._read)
+        if new:
+            names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in new)
+            log.warning(
+                "samples topic grew: rebuilding to read its new partitions", extra={"fields": {"new": names}}
+            )
+            raise SamplesTopicGrew(f"the samples topic has partitions this stage does not read: {names}")
 
     def _prepare(self, record: Record) -> _Prepared:
         try:

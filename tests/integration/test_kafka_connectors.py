@@ -349,3 +349,34 @@ def test_sources_read_what_kafka_python_reads_from_the_broker(kafka_broker, uniq
     finally:
         source.close()
         group.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_topic, client) -> None:
+    # partitions() keeps what the source opened with; the train stage asks partitions_now() to notice a
+    # samples topic grown while it runs (it read the old partitions only, silently, until a restart).
+    from kafka.admin import NewPartitions
+
+    topic = unique_topic("grow")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    if client == "confluent":
+        from reloop.connectors.confluent.source import ConfluentSource
+
+        source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    else:
+        source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        source.open()
+        assert source.partitions() == source.partitions_now() == [TopicPartition(topic, 0)]
+        admin = admin_client(kafka_broker.bootstrap)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=3)})
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 20
+        while len(source.partitions_now()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert source.partitions_now() == [TopicPartition(topic, p) for p in range(3)]
+        assert source.partitions() == [TopicPartition(topic, 0)]
+    finally:
+        source.close()

@@ -357,6 +357,52 @@ def test_a_stop_within_the_first_period_resumes_from_its_checkpoint(tmp_path):
     assert len(keys) == len(set(keys)) == ref.trainer.counters.samples
 
 
+def test_a_samples_partition_added_while_training_is_read_after_a_rebuild(tmp_path):
+    # The stage read the partitions it opened with for ever: a join task added by growing the topics
+    # wrote to a samples partition nobody read (no error, no gap, no lag series), until a restart.
+    from reloop.engine.runtime.train_stage import SamplesTopicGrew
+
+    synth = generate(600, seed=12, pad_to_multiple=4 * BATCH)
+    log = _log(synth, 2)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+
+    class Growing(EndAware):
+        hidden = {TopicPartition("samples", 1)}  # not created yet, as far as the stage can tell
+
+        def partitions(self):
+            return [tp for tp in super().partitions() if tp not in self.hidden]
+
+    def stage():
+        train = build_train_stage(
+            cfg, source=Growing(log, ["samples"]), clock=clock, stats=EngineStats(),
+            checkpoint_dir=tmp_path / "train-ckpt",
+        )  # fmt: skip
+        train.settings = replace(train.settings, partition_check_s=0.0)
+        return train
+
+    train = stage()
+    first = len(log._data[TopicPartition("samples", 0)])
+    for _ in range(200):
+        train.step()
+        clock.advance(10)
+        if train.positions.get(TopicPartition("samples", 0), 0) >= first:
+            break
+    assert TopicPartition("samples", 1) not in train.positions
+    Growing.hidden = set()
+    with pytest.raises(SamplesTopicGrew, match="samples:1"):
+        for _ in range(200):
+            train.step()
+            clock.advance(10)
+    train.abort()
+    train = stage()  # what the supervisor does: the rebuilt stage opens every partition
+    _run_train(train, log, clock)
+    train.close(final=None)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) == len(synth.expected) == train.trainer.counters.samples
+
+
 def test_a_corrupt_samples_message_is_dead_lettered_and_the_rest_trained(tmp_path):
     synth = generate(300, seed=2, pad_to_multiple=BATCH)
     log = _log(synth)
