@@ -118,6 +118,9 @@ SERIES: tuple[Series, ...] = (
            "reloop_train_samples_total)."),
     Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
            "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
+    Series("train_samples_missing", "reloop_train_samples_missing_total", "counter",
+           "Samples a join task numbered that the train stage never found on the samples topic (a jump in "
+           "the task's seqs: the topic deleted, recreated or cut by retention before they were trained)."),
     Series("train_samples_refused", "reloop_train_samples_refused_total", "counter",
            "Samples the train stage did not train: their features are values its feature spec cannot read "
            "(their message is dead-lettered with reason bad_feature; its other samples train)."),

@@ -170,5 +170,6 @@ def describe_train(stage: Any) -> dict[str, Any]:
         "duplicates_dropped": stage.duplicates_dropped,
         "samples_refused": stage.samples_refused,
         "seq_gaps": stage.seq_gaps,
+        "samples_missing": stage.samples_missing,
         "dead_letters": stage.dead_letters.counts,
     }

@@ -227,6 +227,7 @@ class TrainStage:
         self.restored_from: str | None = None
         self.records_processed = 0
         self.duplicates_dropped = 0
+        self.samples_missing = 0  # seqs jumped over (reloop_train_samples_missing_total)
         self.samples_refused = 0
         self.seq_gaps = 0
         self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
@@ -441,9 +442,17 @@ class TrainStage:
             seqs = batch.seqs()
             if seqs[0] > last + 1:
                 self.seq_gaps += 1
+                self.samples_missing += int(seqs[0]) - (last + 1)
                 log.error(
                     "samples missing from the topic",
-                    extra={"fields": {"task": batch.task, "expected_seq": last + 1, "got_seq": int(seqs[0])}},
+                    extra={
+                        "fields": {
+                            "task": batch.task,
+                            "expected_seq": last + 1,
+                            "got_seq": int(seqs[0]),
+                            "missing": int(seqs[0]) - (last + 1),
+                        }
+                    },
                 )
             new = seqs > last
             k = int(new.sum())
@@ -815,10 +824,12 @@ class _TrainMetrics(TrainerMetrics):
         self.lag = ConsumerLag(stats.consumer_lag)  # observed on the thread that owns the consumer
         self._dupes = stats.train_duplicates_dropped
         self._refused = stats.train_samples_refused
+        self._missing = stats.train_samples_missing
         self._dead = stats.dead_letters
         self.fallbacks = stats.snapshot_restore_fallbacks
         self._last_dupes = 0
         self._last_refused = 0
+        self._last_missing = 0
         self._last_dead: dict[str, int] = {}
 
     def publish(self, stage: TrainStage) -> None:
@@ -828,6 +839,9 @@ class _TrainMetrics(TrainerMetrics):
         if stage.samples_refused != self._last_refused:
             self._refused.add(n=stage.samples_refused - self._last_refused)
             self._last_refused = stage.samples_refused
+        if stage.samples_missing != self._last_missing:
+            self._missing.add(n=stage.samples_missing - self._last_missing)
+            self._last_missing = stage.samples_missing
         dead = stage.dead_letters.counts
         if dead != self._last_dead:
             for reason, n in dead.items():

@@ -223,7 +223,8 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
     def stage(count: int) -> SimpleNamespace:
         return SimpleNamespace(
             share=SimpleNamespace(index=1, count=count), version=4, buffered_samples=0, partial_steps=0,
-            duplicates_dropped=0, samples_refused=0, seq_gaps=0, dead_letters=SimpleNamespace(counts={}),
+            duplicates_dropped=0, samples_refused=0, seq_gaps=0, samples_missing=0,
+            dead_letters=SimpleNamespace(counts={}),
             trainer=SimpleNamespace(counters=SimpleNamespace(samples=300)), snapshots_written=0,
             _metrics=SimpleNamespace(snapshotted=lambda n: None),
         )  # fmt: skip
