@@ -10,6 +10,7 @@ checks that both accept and refuse the same bodies), and a refusal is a 422 in F
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 
@@ -39,7 +40,7 @@ class WireRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 _DECODER = msgspec.json.Decoder(WireRequest)
 _PATH = re.compile(r"\s+- at `\$(.*)`$")
-_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[(\"(?:[^\"\\]|\\.)*\")\]")
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[(\"(?:[^\"\\]|\\.)*\")\]|(\[\.\.\.\])")
 
 
 class WireError(ValueError):
@@ -50,25 +51,57 @@ class WireError(ValueError):
         self.errors = errors
 
 
-def _loc(path: str) -> list[str | int]:
+def _loc(path: str, body: bytes) -> list[str | int]:
+    """FastAPI's ``loc`` from msgspec's path. msgspec writes a dict key as ``[...]``: the key is found
+    again in the body (the first value there the wire types refuse), else the path stops at the dict."""
     out: list[str | int] = ["body"]
+    node: Any = _parsed(body)
     for m in _STEP.finditer(path):
-        name, index, key = m.groups()
-        if name is not None:
-            out.append(name)
+        name, index, key, unnamed = m.groups()
+        if unnamed is not None:
+            bad = (
+                next((k for k, v in node.items() if not _is_feature_value(v)), None)
+                if isinstance(node, dict)
+                else None
+            )
+            if bad is None:
+                return out
+            step: str | int = bad
+        elif name is not None:
+            step = name
         elif index is not None:
-            out.append(int(index))
+            step = int(index)
         else:
-            out.append(orjson.loads(key))
+            step = orjson.loads(key)
+        out.append(step)
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            node = None
     return out
 
 
-def _error(exc: msgspec.ValidationError | msgspec.DecodeError) -> dict[str, Any]:
+def _parsed(body: bytes) -> Any:
+    try:
+        return json.loads(body)  # the error path only; json, unlike orjson, reads integers of any size
+    except ValueError:
+        return None
+
+
+def _is_feature_value(value: Any) -> bool:
+    try:
+        msgspec.convert(value, FeatureValue, strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _error(exc: msgspec.ValidationError | msgspec.DecodeError, body: bytes) -> dict[str, Any]:
     text = str(exc)
     m = _PATH.search(text)
     msg = text[: m.start()] if m else text
     if isinstance(exc, msgspec.ValidationError):
-        loc = _loc(m.group(1)) if m else ["body"]
+        loc = _loc(m.group(1), body) if m else ["body"]
         # msgspec names a missing or unknown field in the message, not the path: put it in loc too.
         named = re.search(r"(?:missing required|unknown) field `([^`]+)`", msg)
         if named:
@@ -82,7 +115,7 @@ def decode_request(body: bytes) -> WireRequest:
     try:
         request = _DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise WireError([_error(exc)]) from None
+        raise WireError([_error(exc, body)]) from None
     ids = [c.item_id for c in request.candidates]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()

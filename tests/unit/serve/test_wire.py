@@ -80,6 +80,27 @@ def test_integers_beyond_int64_are_refused_as_the_schema_refuses_them(value, whe
     assert decode_request(edge) and ScoreRequest.model_validate_json(edge)
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "loc"),
+    [
+        ("candidate", [1, 2], ["body", "candidates", 0, "features", "genres", 0]),
+        ("candidate", {"y": 1}, ["body", "candidates", 0, "features", "genres"]),
+        ("context", None, ["body", "context", "genres"]),
+    ],
+)
+def test_a_bad_feature_value_is_located_by_its_key(where, value, loc):
+    # msgspec writes a dict key as [...]: the 422 said only "features, 0", not which feature.
+    features = {"ok": 1, "genres": value, "after": "x"}
+    body = (
+        {**BASE, "context": features}
+        if where == "context"
+        else {**BASE, "candidates": [{"item_id": "a", "features": features}]}
+    )
+    with pytest.raises(WireError) as info:
+        decode_request(orjson.dumps(body))
+    assert info.value.errors[0]["loc"] == loc
+
+
 def test_locations_point_at_the_bad_value():
     body = {**BASE, "candidates": [{"item_id": "a"}, {"item_id": "b", "features": {"x": {"y": 1}}}]}
     with pytest.raises(WireError) as info:
