@@ -78,6 +78,9 @@ class KafkaSource:
                 # A typo in a topic name must fail, not create an empty topic.
                 "allow_auto_create_topics": False,
                 "fetch_max_wait_ms": 100,
+                # Cluster metadata refreshed by poll every 30 s (kafka-python: 5 min): partitions_now()
+                # reads it, so partitions added to a topic are seen within that, without a blocking call.
+                "metadata_max_age_ms": 30_000,
                 **self.client_config,
             }
             self._consumer = KafkaConsumer(
@@ -95,9 +98,9 @@ class KafkaSource:
         return list(self._partitions)
 
     def partitions_now(self) -> list[TopicPartition]:
-        """The partitions the topics have now (a metadata round trip; ``partitions()`` keeps those it
-        opened with): a caller notices partitions added while it runs."""
-        self._client().topics()  # public, and always fetches fresh metadata (partitions_for_topic caches)
+        """The partitions the topics have by the client's metadata (refreshed by poll every
+        ``metadata_max_age_ms``; ``partitions()`` keeps those it opened with): a caller notices
+        partitions added while it runs. No round trip of its own, so a broker outage cannot block it."""
         return self._discover()
 
     def _discover(self) -> list[TopicPartition]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from time import monotonic
@@ -329,7 +328,7 @@ class TrainStage:
         if not self._positions:
             self._positions = dict(self.source.position())
         self._read = set(self.source.partitions())
-        self._next_partition_check = time.monotonic() + self.settings.partition_check_s
+        self._next_partition_check = monotonic() + self.settings.partition_check_s
         self._merger = RecordMerger(
             self.source.partitions(),
             idle_ms=self.settings.merge_idle_ms,
@@ -380,12 +379,16 @@ class TrainStage:
     def _check_partitions(self) -> None:
         """Raise ``SamplesTopicGrew`` when the topic has partitions this stage does not read (at most
         every ``partition_check_s``; on the thread that owns the source)."""
-        now = time.monotonic()
+        now = monotonic()
         partitions_now = getattr(self.source, "partitions_now", None)
         if partitions_now is None or now < self._next_partition_check:
             return
         self._next_partition_check = now + self.settings.partition_check_s
-        new = sorted(set(partitions_now()) - self._read)
+        try:
+            new = sorted(set(partitions_now()) - self._read)
+        except Exception as exc:  # noqa: BLE001 - metadata unavailable (an outage): ask again later
+            log.warning("samples topic partitions unknown", extra={"fields": {"error": repr(exc)}})
+            return
         if new:
             names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in new)
             log.warning(

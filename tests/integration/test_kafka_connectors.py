@@ -363,8 +363,10 @@ def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_to
         from reloop.connectors.confluent.source import ConfluentSource
 
         source = ConfluentSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
-    else:
-        source = KafkaSource(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    else:  # its metadata refreshes every metadata_max_age_ms (30 s by default), on poll
+        source = KafkaSource(
+            bootstrap=kafka_broker.bootstrap, topics=[topic], client_config={"metadata_max_age_ms": 500}
+        )
     try:
         source.open()
         assert source.partitions() == source.partitions_now() == [TopicPartition(topic, 0)]
@@ -375,7 +377,7 @@ def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_to
             admin.close()
         deadline = time.monotonic() + 20
         while len(source.partitions_now()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            source.poll(10, 0.2)
         assert source.partitions_now() == [TopicPartition(topic, p) for p in range(3)]
         assert source.partitions() == [TopicPartition(topic, 0)]
     finally:
