@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
     from tqdm import tqdm
 
-    refused = _range_refused(args)
+    refused = _options_refused(args)
     if refused:
         print(f"reloop replay: {refused}", file=sys.stderr)
         return 2
@@ -315,17 +315,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _range_refused(args: argparse.Namespace) -> str | None:
+def _options_refused(args: argparse.Namespace) -> str | None:
     """What is wrong with the options for this source, or None: times apply to Kafka topics only,
     offsets to Kafka and JSONL topics (a file or dataset replay ignored them and replayed everything);
     the dataset options to a dataset only, the run's settings only where no --config decides them."""
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if not args.dataset:
-        stray = [flag(k) for k, default in _DATASET_ONLY.items() if getattr(args, k, default) != default]
+        stray = [_flag(k) for k, default in _DATASET_ONLY.items() if getattr(args, k, default) != default]
         if stray:
             return f"{', '.join(stray)}: for --dataset only (this replay would ignore them)"
     if args.dataset is None or args.config is not None:
-        stray = [flag(k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None]
+        stray = [_flag(k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None]
         if stray:
             return (
                 f"{', '.join(stray)}: with --config the config decides them (set them there, or in "
@@ -344,6 +343,10 @@ def _range_refused(args: argparse.Namespace) -> str | None:
     if args.dataset:
         return f"{' and '.join(given)}: not for --dataset (--max-rows takes its first rows)"
     return f"{' and '.join(given)}: --kafka only (with --jsonl, give --start-offsets/--end-offsets)"
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
