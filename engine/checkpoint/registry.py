@@ -119,6 +119,11 @@ class SnapshotRegistry:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def follow(self, version: int) -> None:
+        """This writer continues from ``version`` (the state it restored): a version another writer
+        publishes after it stops this one's next write, as if this one had written ``version``."""
+        self._last_written = version
+
     def _names_taken(self) -> list[int]:
         """Versions whose name some other entry holds (a stray file, a link): a new snapshot goes past
         them, or every publish from then on would fail on the name (serving lists folders only)."""

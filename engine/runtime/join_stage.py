@@ -139,6 +139,7 @@ class JoinStage:
             [samples, dead_letters], commit=source.commit, flush_timeout_s=settings.flush_timeout_s
         )
         self.root = Path(checkpoint_root) / "join"
+        self._registries: dict[int, SnapshotRegistry] = {}  # task -> its checkpoints (registry())
         self.joiner_config = joiner_config
         self.settings = settings
         self.clock = clock
@@ -183,7 +184,13 @@ class JoinStage:
             )
 
     def registry(self, partition: int) -> SnapshotRegistry:
-        return SnapshotRegistry(self.root / f"task-{partition:05d}", keep=2)
+        """One registry object per task for this stage's life: its fence (``SnapshotRegistry.write``)
+        stops a process that lost the task (paused past its session, a zombie) from checkpointing over
+        the new owner's state; a new object per write never fenced anything."""
+        reg = self._registries.get(partition)
+        if reg is None:
+            reg = self._registries[partition] = SnapshotRegistry(self.root / f"task-{partition:05d}", keep=2)
+        return reg
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """The group gave this process these partitions: resume their tasks from their checkpoints.
@@ -258,6 +265,7 @@ class JoinStage:
             allow=self.settings.allow_fingerprint_change,
         )
         task.load_state_dict(snap.state["state"])
+        reg.follow(snap.version)  # a checkpoint the previous owner writes after this stops our next one
         log.info(
             "task restored",
             extra={"fields": {"task": task.partition, "checkpoint": snap.version, "next_seq": task.next_seq}},

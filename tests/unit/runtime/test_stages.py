@@ -653,6 +653,29 @@ def test_revoked_tasks_are_checkpointed_and_resume_elsewhere(tmp_path):
     assert TopicPartition("impressions", 0) in second.tasks[0].inputs
 
 
+@pytest.mark.parametrize("zombie_first", [True, False])
+def test_a_process_that_lost_its_task_cannot_checkpoint_over_the_new_owner(tmp_path, zombie_first):
+    # A join process paused past its session (a zombie) checkpointed its tasks again after SIGCONT: each
+    # write took a new registry object, so the registry's fence against a second writer never applied.
+    from reloop.engine.checkpoint.registry import SnapshotError
+
+    synth = generate(400, seed=7, pad_to_multiple=BATCH)
+    log = _log(synth, 1)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    zombie = _join(cfg, log, clock, tmp_path)
+    for _ in range(5):
+        zombie.step()
+        clock.advance(10)
+    zombie.checkpoint_all()
+    owner = _join(cfg, log, clock, tmp_path)  # the group gave task 0 to it: restored from that checkpoint
+    owner.step()
+    first, second = (zombie, owner) if zombie_first else (owner, zombie)
+    first.checkpoint_all()
+    with pytest.raises(SnapshotError, match="another process publishes"):
+        second.checkpoint_all()
+
+
 def test_slow_join_checkpoints_come_less_often_within_their_share_of_the_time(tmp_path, monkeypatch):
     """A join checkpoint writes the whole join state; when it is slow, the next one waits for its
     duration / join_checkpoint_max_share, so checkpoints never take more than that share of the time."""
