@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from reloop.connectors.confluent.source import fetched_ends
+from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
 from reloop.engine.streams import Positions, Record, TopicPartition
 
 _RESERVED = {
@@ -53,6 +53,7 @@ class ConfluentGroupSource:
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
+                "on_commit": log_failed_commit,
             }
         )
         self._listener: Any = None
@@ -181,7 +182,7 @@ class ConfluentGroupSource:
             # Asynchronous: informational offsets must never hold the join (a broker outage, a rebalance).
             self._consumer.commit(offsets=offsets, asynchronous=True)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            consumer.close()
+            close_within(consumer, timeout_s)
