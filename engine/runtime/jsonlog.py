@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -34,3 +36,33 @@ def setup_json_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # kafka-python logs every reconnect attempt at WARNING/ERROR; keep ours readable.
     logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+class ThrottledWarning:
+    """A warning that a loop may hit at every step (each 100 ms while the broker is down): logged at most
+    once every ``every_s``, with how many were left out since the last one ("suppressed")."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        msg: str,
+        *,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._msg = msg
+        self._every_s = every_s
+        self._clock = clock
+        self._next_at = float("-inf")
+        self._suppressed = 0
+
+    def __call__(self, **fields: Any) -> None:
+        now = self._clock()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        self._next_at = now + self._every_s
+        if self._suppressed:
+            fields["suppressed"], self._suppressed = self._suppressed, 0
+        self._logger.warning(self._msg, extra={"fields": fields})

@@ -64,6 +64,7 @@ from reloop.engine.runtime.config import (
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
@@ -134,6 +135,7 @@ class Pipeline:
         self.period = period
         self.settings = settings
         self.clock = clock
+        self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self.samples_sink = samples_sink
         self.dead_letters = dead_letters or DeadLetterSink()
         self.served_metrics = served_metrics or OnlineMetricsBook()
@@ -359,7 +361,7 @@ class Pipeline:
         try:
             return merge_ends(self.source)
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
-            log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
+            self._ends_unavailable(error=repr(exc))
             return {}
 
     def drain(self) -> int:
