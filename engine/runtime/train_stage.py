@@ -47,6 +47,7 @@ from reloop.engine.runtime.config import (
     StagesSection,
     default_of,
 )
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
 from reloop.engine.runtime.train_metrics import TrainerMetrics
@@ -125,10 +126,15 @@ class _Fetcher:
     bounded queue. The order is the merge's, so what the stage trains is what it would train without
     the thread; an error on the thread is raised by ``take`` (the supervisor then rebuilds the stage)."""
 
+    CLOSE_TIMEOUT_S = 10.0
+
     def __init__(self, stage: TrainStage) -> None:
         self.stage = stage
         self._out: queue.Queue[_Prepared] = queue.Queue(maxsize=max(1, stage.settings.prefetch))
-        self._commits: queue.SimpleQueue[Positions] = queue.SimpleQueue()
+        # One pending commit, not a queue: each checkpoint's positions supersede the last ones, and a
+        # queue grew by one commit per checkpoint while the broker was down, each then waited on in turn.
+        self._pending: Positions | None = None
+        self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="train-fetch", daemon=True)
@@ -138,8 +144,9 @@ class _Fetcher:
         st = self.stage
         try:
             while not self._stop.is_set():
-                for positions in self.queued_commits():
-                    st._commit_now(positions)
+                pending = self.take_commit()
+                if pending is not None:
+                    st._commit_now(pending)
                 for r in st._poll_released():
                     item = st._prepare(r)
                     while not self._stop.is_set():
@@ -164,19 +171,22 @@ class _Fetcher:
         return items
 
     def commit(self, positions: Positions) -> None:
-        self._commits.put(dict(positions))
+        with self._pending_lock:
+            self._pending = {**(self._pending or {}), **positions}
 
-    def queued_commits(self) -> list[Positions]:
-        """The commits queued for this thread and not made yet, taken off the queue (the stage makes the
-        last ones itself once the thread has stopped)."""
-        taken: list[Positions] = []
-        while not self._commits.empty():
-            taken.append(self._commits.get())
-        return taken
+    def take_commit(self) -> Positions | None:
+        """The positions to commit that this thread has not committed yet (the newest of each partition),
+        taken: the stage commits the last ones itself once the thread has stopped."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        return pending
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the thread; False when it still runs after ``CLOSE_TIMEOUT_S`` (stuck in the client: it
+        still owns the consumer, so nobody else may use it)."""
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(self.CLOSE_TIMEOUT_S)
+        return not self._thread.is_alive()
 
 
 class TrainStage:
@@ -241,7 +251,9 @@ class TrainStage:
         self._read: set[TopicPartition] = set()  # the partitions opened (SamplesTopicGrew)
         self._next_partition_check = 0.0
         self._fetcher: _Fetcher | None = None
+        self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self._opened = False
+        self.final_saved: int | None = None  # the stop's final save, once durable (the stop watchdog)
         self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
         self._restore_latest()
 
@@ -433,7 +445,7 @@ class TrainStage:
         try:
             return merge_ends(self.source)
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
-            log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
+            self._ends_unavailable(error=repr(exc))
             return {}
 
     def _take(self, item: _Prepared) -> None:
@@ -767,10 +779,16 @@ class TrainStage:
     # ------------------------------------------------------------------ lifecycle
     def _stop_fetcher(self) -> None:
         fetcher, self._fetcher = self._fetcher, None
-        if fetcher is not None:
-            fetcher.close()
-            for positions in fetcher.queued_commits():
-                self._commit_now(positions)
+        if fetcher is None:
+            return
+        stopped = fetcher.close()
+        pending = fetcher.take_commit()
+        if pending is None:
+            return
+        if stopped:
+            self._commit_now(pending)
+        else:  # the thread is stuck in the client, which is not thread-safe: leave it alone
+            log.warning("offset commit skipped: the fetch thread did not stop (the snapshot has them)")
 
     def close(self, *, final: SaveKind | None = "checkpoint") -> int | None:
         number = None
@@ -783,7 +801,9 @@ class TrainStage:
                     saved = False
                     log.error("final save skipped", extra={"fields": {"kind": final, "error": repr(exc)}})
         finally:
-            self.writer.finish()  # before the fetcher stops: the write's offset commit goes through it
+            # Before the fetcher stops: the write's offset commit goes through it.
+            if self.writer.finish() and saved and number is not None:
+                self.final_saved = number
             self._stop_fetcher()
             self.source.close()
             if saved:
