@@ -121,13 +121,15 @@ class SnapshotWriter:
             futures.wait([self._last])  # a failed write's error is kept in _error, raised by check()
         self.check()
 
-    def finish(self) -> None:
-        """``close``, logging a failed write instead of raising it: for a stop or an abort, where the
-        newest durable snapshot is the restart point either way."""
+    def finish(self) -> bool:
+        """``close``, logging a failed write instead of raising it (False): for a stop or an abort, where
+        the newest durable snapshot is the restart point either way."""
         try:
             self.close()
         except SnapshotError as exc:
             log.error("snapshot write failed", extra={"fields": {"error": repr(exc)}})
+            return False
+        return True
 
     def close(self) -> None:
         """Wait for the writes in flight (raising a failed one) and stop the thread."""

@@ -54,6 +54,7 @@ from reloop.engine.runtime.config import (
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.restore import NoUsableSnapshot, check_fingerprint
 from reloop.engine.streams import (
     Positions,
@@ -143,6 +144,7 @@ class JoinStage:
         self.joiner_config = joiner_config
         self.settings = settings
         self.clock = clock
+        self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
             clicks_topic=settings.clicks_topic,
@@ -152,6 +154,7 @@ class JoinStage:
             checker=checker,
         )
         self.tasks: dict[int, JoinTask] = {}
+        self.final_saved: dict[str, int | None] | None = None  # the stop's checkpoints (stop watchdog)
         self.rebalances = 0
         self.snapshots_written = 0
         self.samples_sent = 0
@@ -342,7 +345,7 @@ class JoinStage:
         try:
             return dict(self.source.end_positions() if ask else merge_ends(self.source) or {})
         except Exception as exc:  # noqa: BLE001 - unknown ends: hold back, never guess the order
-            log.warning("end offsets unavailable", extra={"fields": {"error": repr(exc)}})
+            self._ends_unavailable(error=repr(exc))
             return {}
 
     def _send(self, task: JoinTask, n: int | None) -> None:
@@ -430,6 +433,7 @@ class JoinStage:
                         self._checkpoint(task, advance=False)
                     self.samples.flush(self.settings.flush_timeout_s)
                     final = {str(p): self.registry(p).latest_version() for p in sorted(self.tasks)}
+                    self.final_saved = final
                 except Exception as exc:  # noqa: BLE001 - the previous checkpoints stay the restart point
                     saved = False
                     log.error("final checkpoint skipped", extra={"fields": {"error": repr(exc)}})

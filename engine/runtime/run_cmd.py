@@ -130,6 +130,11 @@ class BothStages:
         return self.join.snapshots_written + self.train.snapshots_written
 
     @property
+    def final_saved(self) -> int | None:
+        """The train stage's final checkpoint, once both stages have made theirs."""
+        return None if self.join.final_saved is None else self.train.final_saved
+
+    @property
     def restored_from(self) -> str | None:
         return self.train.restored_from
 

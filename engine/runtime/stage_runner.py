@@ -39,6 +39,8 @@ class StopRequest:
         self._clock = clock
         self._first_at: float | None = None
         self._timer: threading.Timer | None = None
+        # What the stop has saved so far (run_supervised asks the stage): the forced exit says so.
+        self.final_saved: Callable[[], Any] = lambda: None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -65,13 +67,19 @@ class StopRequest:
         if self._timer is not None:
             self._timer.cancel()
 
-    @staticmethod
-    def _force(why: str, in_time: bool = True) -> None:
+    def _force(self, why: str, in_time: bool = True) -> None:
         what = "stop did not finish in time" if in_time else "stop forced"
-        log.critical(
-            f"{what}: exiting without a final checkpoint (the last snapshot stays the restart point)",
-            extra={"fields": {"why": why}},
-        )
+        saved = self.final_saved()
+        if saved is None:
+            log.critical(
+                f"{what}: exiting without a final checkpoint (the last snapshot stays the restart point)",
+                extra={"fields": {"why": why}},
+            )
+        else:  # only releasing the clients was left (a broker that does not answer)
+            log.error(
+                f"{what}: exiting after the final checkpoint, before every client was closed",
+                extra={"fields": {"why": why, "final_checkpoint": saved}},
+            )
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(1)
@@ -152,6 +160,7 @@ def run_supervised(
         on_step=report,
         close=close,
     )
+    stop.final_saved = lambda: getattr(supervisor.pipeline, "final_saved", None)
     code = 0
     try:
         supervisor.run()

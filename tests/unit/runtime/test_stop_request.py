@@ -36,3 +36,23 @@ def test_a_second_signal_later_forces_the_exit(forced: list[str]) -> None:
     for timer in (first_watchdog, stop._timer):  # no watchdog may outlive the stub
         timer.cancel()
     assert forced == ["a second SIGINT"]
+
+
+@pytest.mark.parametrize("saved", [None, 7])
+def test_a_forced_exit_says_whether_the_final_checkpoint_was_written(
+    saved: int | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stop whose checkpoint was written and only the clients' close hung (a broker down) said
+    # "exiting without a final checkpoint" at CRITICAL: a false alarm about the one thing that mattered.
+    exits: list[int] = []
+    monkeypatch.setattr("reloop.engine.runtime.stage_runner.os._exit", exits.append)
+    stop = StopRequest(timeout_s=30)
+    stop.final_saved = lambda: saved
+    stop._force("30 s after SIGTERM")
+    assert exits == [1]
+    (record,) = [r for r in caplog.records if r.name == "reloop.run"]
+    if saved is None:
+        assert record.levelname == "CRITICAL" and "without a final checkpoint" in record.getMessage()
+    else:
+        assert record.levelname == "ERROR" and "after the final checkpoint" in record.getMessage()
+        assert record.fields["final_checkpoint"] == saved
