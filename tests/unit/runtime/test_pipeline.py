@@ -159,6 +159,7 @@ def test_restart_from_snapshot_equals_uninterrupted(tmp_path):
     got = _params(p)
     assert p.joiner.stats == ref_stats
     # Boundaries fall on the same sample counts as in the uninterrupted run.
+    p.writer.wait()  # the last period snapshot is written in the background: on disk now
     assert p.registry.manifest(p.version)["meta"]["samples_trained"] == ref_snapshots * 4 * BATCH
     p.close()
     for k in expected:
