@@ -89,6 +89,11 @@ class MissingTopic(RuntimeError):
         )
 
 
+class TopicNotFound(ValueError):
+    """A topic a source reads does not exist (yet): the stage is rebuilt after a backoff, which waits
+    for it (the train stage started before the join stage has created the samples topic)."""
+
+
 class RecordTooLarge(ValueError):
     """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
 

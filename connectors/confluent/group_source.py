@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
-from reloop.engine.streams import Positions, Record, TopicPartition
+from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 _RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",
@@ -74,7 +74,7 @@ class ConfluentGroupSource:
     def partition_count(self, topic: str) -> int:
         meta = self._consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            raise ValueError(f"Kafka topic {topic!r} does not exist")
+            raise TopicNotFound(f"Kafka topic {topic!r} does not exist")
         return len(meta.partitions)
 
     # -- rebalance callbacks (inside consume, on this thread) -------------------------------------------

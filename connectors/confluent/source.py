@@ -18,7 +18,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
+from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
 _log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ConfluentSource:
         for topic in self.topics:
             meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
             if meta is None or meta.error is not None or not meta.partitions:
-                raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
+                raise TopicNotFound(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
             out += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
         return [tp for tp in out if self.share is None or self.share.owns(tp)]
 

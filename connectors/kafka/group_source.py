@@ -23,7 +23,7 @@ from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.source import fetched_ends
-from reloop.engine.streams import Positions, Record, TopicPartition
+from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 _RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",
@@ -97,7 +97,7 @@ class KafkaGroupSource:
     def partition_count(self, topic: str) -> int:
         found = self._consumer.partitions_for_topic(topic)
         if not found:
-            raise ValueError(f"Kafka topic {topic!r} does not exist")
+            raise TopicNotFound(f"Kafka topic {topic!r} does not exist")
         return len(found)
 
     def _revoked(self, tps: list[TopicPartition]) -> None:

@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import IllegalStateError, KafkaError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
-from reloop.engine.streams import PartitionShare, Positions, Record, TopicPartition
+from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
 # What the client raises for a broker it cannot reach or a request it refuses: for the engine's commands,
 # which know no Kafka client (engine/runtime/deadletters_cmd.py).
@@ -109,7 +109,7 @@ class KafkaSource:
         for topic in self.topics:
             found = consumer.partitions_for_topic(topic)
             if not found:
-                raise ValueError(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
+                raise TopicNotFound(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
             out += [TopicPartition(topic, p) for p in sorted(found)]
         return [tp for tp in out if self.share is None or self.share.owns(tp)]
 

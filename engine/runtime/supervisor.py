@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
+from reloop.engine.streams import MissingTopic, TopicNotFound
 
 log = logging.getLogger("reloop.supervisor")
 
@@ -142,6 +143,13 @@ class Supervisor:
                 f"({self._attempt} attempts); last error: {exc!r}"
             ) from exc
         wait = self.policy.backoff(self._attempt)
+        if isinstance(exc, TopicNotFound | MissingTopic):  # not a failure of ours: one line, no traceback
+            log.warning(
+                "waiting for a topic",
+                extra={"fields": {"error": str(exc), "attempt": self._attempt, "retry_in_s": wait}},
+            )
+            self.stop.wait(wait)
+            return
         log.error(
             "pipeline failed; rebuilding from the last snapshot",
             extra={

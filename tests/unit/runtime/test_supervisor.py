@@ -190,3 +190,41 @@ def test_the_clients_refusals_of_their_settings_are_config_errors(make, key):
     with pytest.raises(ConfigError, match=key):
         _fail_fast_on_config(_refusal(make))
     _fail_fast_on_config(ConnectionError("broker unreachable"))  # a failure to retry: no ConfigError
+
+
+def test_a_missing_topic_is_waited_for_with_one_line_each_try_and_no_traceback(tmp_path, caplog):
+    # `reloop train` started before `reloop join` has created the samples topic logged a traceback per
+    # attempt; the wait is expected (the join creates it), so each try is one warning naming the topic.
+    from reloop.engine.streams import TopicNotFound
+
+    synth = generate(200, seed=3, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    holder = type("H", (), {"pipeline": None})()
+    tries = [0]
+
+    def build():
+        tries[0] += 1
+        if tries[0] <= 2:
+            raise TopicNotFound("Kafka topic 'samples' does not exist at 127.0.0.1:9092")
+        return build_pipeline(
+            cfg, source=EndAwareSource(log, ["impressions", "clicks"]), clock=clock, stats=EngineStats()
+        )
+
+    sup = Supervisor(
+        build,
+        stop=_Done(log, clock, holder),
+        policy=RetryPolicy(backoff_initial_s=0.01),
+        on_pipeline=lambda p: setattr(holder, "pipeline", p),
+        close=lambda p: p.close(final="snapshot"),
+        stats=EngineStats(),
+    )
+    sup.run()
+    waits = [
+        r for r in caplog.records if r.name == "reloop.supervisor" and r.getMessage() == "waiting for a topic"
+    ]
+    assert len(waits) == 2 and sup.restarts == 2
+    assert all(r.exc_info is None and "'samples'" in r.fields["error"] for r in waits)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert holder.pipeline.trainer.counters.samples > 0
