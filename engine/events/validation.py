@@ -191,6 +191,9 @@ _ABSENT_SCHEMA_VERSION = 1
 _FEATURE_TYPES = frozenset({str, int, float, list})
 _V = SCHEMA_VERSION
 _T = MAX_EVENT_TIME_MS
+# Ints travel as int64 (Arrow, numpy, the snapshot's versions): orjson gives ints up to 2**64 - 1, and
+# one beyond int64 crashed the join stage at every retry (a poison record), so it is a bad value.
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 # --- fast checks ------------------------------------------------------------------------------------
@@ -213,6 +216,10 @@ def _features_ok(feats: dict, json_safe: bool) -> bool:
         except TypeError:
             return False
         if float in kinds and not all(map(math.isfinite, [v for v in vals if type(v) is float])):
+            return False
+    if int in kinds:
+        ints = [v for v in vals if type(v) is int]
+        if max(ints) > _I64_MAX or min(ints) < _I64_MIN:
             return False
     if list in kinds:
         try:
@@ -253,7 +260,7 @@ def _impression(obj: object, json_safe: bool = True) -> Impression:
             and type(p) is float
             and 0.0 <= p <= 1.0
             and type(mv) is int
-            and mv >= 0
+            and 0 <= mv <= _I64_MAX
             and type(arm) is str
             and arm
             and type(sv) is int
@@ -307,7 +314,7 @@ def _sample(obj: object, json_safe: bool = True) -> LabeledSample:
             and type(p) is float
             and 0.0 <= p <= 1.0
             and type(ver) is int
-            and ver >= 0
+            and 0 <= ver <= _I64_MAX
             and type(t) is int
             and 0 <= t <= _T
             and type(arm) is str
@@ -411,8 +418,8 @@ def _version(obj: dict, name: str) -> int:
     value = _required(obj, name)
     if type(value) is not int:
         raise _wrong_type(name, "an int", value)
-    if value < 0:
-        raise EventError("bad_value", f"{name} {value} must be >= 0", name)
+    if not 0 <= value <= _I64_MAX:
+        raise EventError("bad_value", f"{name} {value} must be in [0, 2**63 - 1]", name)
     return value
 
 
@@ -425,9 +432,13 @@ def _features(obj: dict) -> dict:
             detail = f"features keys must be strings, got {_type_name(key)}"
             raise EventError("wrong_type", detail, "features")
         kind = type(value)
-        if kind is str or kind is int:
+        if kind is str:
             continue
         name = f"features[{key!r}]"
+        if kind is int:
+            if not _I64_MIN <= value <= _I64_MAX:
+                raise EventError("bad_value", f"{name} {value} is beyond the signed 64-bit range", "features")
+            continue
         if kind is float:
             if not math.isfinite(value):
                 raise EventError("bad_value", f"{name} must be finite, got {value!r}", "features")
