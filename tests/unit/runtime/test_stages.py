@@ -7,6 +7,7 @@ in tests/integration/test_stages_kafka.py.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -512,6 +513,28 @@ def test_values_the_model_cannot_take_are_dead_lettered_and_poison_nothing(tmp_p
     assert all(s["features"]["x"] == 1e30 for s in samples) and "seq" in letters[0]["detail"]
     learnt = {k: v for k, v in synth.expected.items() if k[0] not in (door, unlearnable)}
     assert sorted(_ledger(tmp_path)) == sorted(learnt)
+
+
+def test_a_model_version_beyond_int64_is_dead_lettered_not_a_crash_at_every_rebuild(tmp_path):
+    """JSON holds 2**63; the samples topic's int64 column does not: the join stage raised OverflowError
+    on its batch, and again at every rebuild from its checkpoint (a poison record that held the partition)."""
+    synth = generate(300, seed=12, pad_to_multiple=BATCH)
+    shown = [r for r in synth.records if r.topic_kind == "impression" and r.key != synth.sentinel_id.encode()]
+    poison = shown[len(shown) // 2]
+    poison_id = orjson.loads(poison.value)["impression_id"]
+    value = orjson.dumps({**orjson.loads(poison.value), "model_version": 2**63})
+    synth.records[synth.records.index(poison)] = dataclasses.replace(poison, value=value)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    _run_join(_join(cfg, log, clock, tmp_path), log, clock)
+    letters = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    assert [e["reason"] for e in letters if "model_version" in (e["detail"] or "")] == ["bad_value"]
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    train.close()
+    assert sorted(_ledger(tmp_path)) == sorted(k for k in synth.expected if k[0] != poison_id)
 
 
 @pytest.mark.parametrize("ahead_ms", [5_000, 3_600_000])
