@@ -405,6 +405,21 @@ def test_impressions_lost_to_disorder_are_named_in_a_warning(tmp_path: Path, cap
     assert f"and {j['orphan_clicks']} click(s) found no impression" in err, err
 
 
+def test_impressions_dropped_as_repeats_are_named_in_a_warning(tmp_path: Path, capsys) -> None:
+    # A log whose rows repeat an impression_id lost the later ones to the join's duplicate check with
+    # exit 0, counted only in summary.json: a live join drops a redelivery by design, a log loses a row.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    path = root / "impressions" / "partition-00000.jsonl"
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([*lines[:10], lines[9], lines[9], *lines[10:]]) + b"\n")
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["join"]["duplicate_impressions"] == 2
+    assert "2 impression(s) repeated an impression_id" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("source", "options"),
     [
