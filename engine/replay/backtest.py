@@ -130,7 +130,8 @@ def with_label_noise(data: BacktestData, rate: float, seed: int = 0) -> Backtest
 
 def period_bounds_by_time(times_ms: np.ndarray, period_ms: int, min_size: int = 1) -> tuple[int, ...]:
     """Cut points of fixed event-time periods starting at the first event; a period smaller than
-    ``min_size`` is merged into the one before it (the last partial week, say)."""
+    ``min_size`` is merged into the one before it (the last partial week, say), the first one into the
+    one after it (a stray early row would be the whole warm-up)."""
     if period_ms <= 0:
         raise ValueError(f"period_ms must be > 0, got {period_ms}")
     if len(times_ms) == 0:
@@ -145,6 +146,8 @@ def period_bounds_by_time(times_ms: np.ndarray, period_ms: int, min_size: int = 
             merged[-1] = c
         else:
             merged.append(c)
+    if len(merged) > 2 and merged[1] - merged[0] < min_size:
+        del merged[1]
     return tuple(merged)
 
 

@@ -353,11 +353,24 @@ def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     args.dataset_name = getattr(ds, "name", None) or args.dataset
     try:
-        data = prepare(to_samples(rows), spec, period)
+        samples = list(to_samples(rows))
     except DatasetError as e:  # a missing or malformed file
         raise Refused(str(e)) from None
-    except ValueError as e:  # periods the rows cannot fill (chunks:N beyond the rows)
-        raise Refused(f"--period {args.period}: {e}") from None
+    except (ValueError, TypeError) as e:  # bytes that are not UTF-8, a --dataset-option value it cannot use
+        raise Refused(f"{args.data}: {e}") from None
+
+    def cut(times: Any) -> tuple[int, ...]:  # an int64 array of event times
+        try:
+            return period(times)
+        except ValueError as e:  # periods the rows cannot fill (chunks:N beyond the rows)
+            raise Refused(f"--period {args.period}: {e}") from None
+
+    try:
+        data = prepare(samples, spec, cut)
+    except Refused:
+        raise
+    except ValueError as e:  # a value the feature spec cannot read
+        raise Refused(f"{args.data}: {e}") from None
     if getattr(args, "label_noise", 0.0):
         try:
             data = with_label_noise(data, args.label_noise)
@@ -436,6 +449,19 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     return strategies, model_options, publish_every_ms
 
 
+def _check_resumable(path: Path, data: BacktestData, dataset: str) -> None:
+    """``--resume`` skips the runs already in ``path``: only right when they were made from the same rows
+    cut into the same periods (a resume with another --max-rows or --period mixed both in one report)."""
+    sizes = {t: int(data.bounds[t + 1] - data.bounds[t]) for t in range(data.n_periods)}
+    for row in read_csv(path):
+        if row.get("dataset", dataset) != dataset or sizes.get(row["period"]) != row["n"]:
+            raise Refused(
+                f"--resume: {path} holds results of other data or periods (dataset {row.get('dataset')!r}, "
+                f"period {row['period']}: {row['n']} samples, now {sizes.get(row['period'])}); "
+                "use another --out, or leave out --resume to start again"
+            )
+
+
 def _done_keys(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
@@ -481,6 +507,8 @@ def _main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if csv_path.exists() and not args.resume:  # (only now: a refused input keeps the results of before)
         csv_path.unlink()
+    if csv_path.exists():
+        _check_resumable(csv_path, data, args.dataset_name)
     base = RunSpec(
         protocol="",
         backbone="",

@@ -4,6 +4,7 @@ memory rows, of a river_lr learner, of one seed, and of ``--report-only``."""
 from __future__ import annotations
 
 import csv
+import gzip
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,3 +186,31 @@ def test_data_that_leaves_no_period_to_report_is_refused(tmp_path: Path, capsys)
     err = capsys.readouterr().err
     assert "nothing to report: the data makes 1 period(s)" in err and "Traceback" not in err, err
     assert not (out / "results.csv").exists()
+
+
+def test_a_file_that_is_not_text_is_named_not_blamed_on_the_period(tmp_path: Path, capsys) -> None:
+    # Reading rows and cutting periods shared one `except ValueError`: undecodable bytes were reported as
+    # "--period chunks:2: 'utf-8' codec can't decode ..." with no file named.
+    data = tmp_path / "day_0.gz"
+    data.write_bytes(gzip.compress(b"0\t1\t2\n" * 50))
+    argv = ["backtest", "--dataset", "criteo", "--data", str(data), "--out", str(tmp_path / "out"), *TINY]
+    assert main([*argv, "--backbones", "fm", "--strategies", "ce", "--no-river", "--period", "chunks:2"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "--period" not in err and "Traceback" not in err, err
+
+
+def test_a_resume_over_other_rows_or_periods_is_refused(tmp_path: Path, capsys) -> None:
+    # --resume skipped runs by (protocol, backbone, strategy, seed) only: a second seed on 1,500 rows was
+    # added to a first on 600, and the report compared them as one.
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(out), *TINY]
+    argv += ["--backbones", "fm", "--strategies", "ce", "--no-river"]
+    assert main([*argv, "--max-rows", "400"]) == 0
+    before = (out / "results.csv").read_text()
+    assert main([*argv, "--max-rows", "500", "--seeds", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "other data or periods" in err, err
+    assert (out / "results.csv").read_text() == before
+    assert main([*argv, "--max-rows", "400", "--seeds", "2", "--resume"]) == 0  # the same rows: resumed
+    assert {r["seed"] for r in backtest_cmd.read_csv(out / "results.csv")} == {0, 1}

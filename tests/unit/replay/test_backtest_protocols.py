@@ -133,6 +133,10 @@ def test_period_bounds() -> None:
     assert period_bounds_by_count(10, 3) == (0, 3, 7, 10)
     with pytest.raises(ValueError):
         period_bounds_by_time(t[::-1].copy(), 10)
+    # a stray early row was a first period (the warm-up) of its own whatever min_size said
+    early = np.array([-400, 0, 1, 2, 10, 11, 12, 25, 26, 27, 28], dtype=np.int64)
+    assert period_bounds_by_time(early, 10, min_size=3) == (0, 4, 7, 11)
+    assert period_bounds_by_time(np.array([0, 1], dtype=np.int64), 10, min_size=3) == (0, 2)
 
 
 def test_strategy_grid_needs_ce() -> None:
