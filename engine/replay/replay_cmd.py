@@ -191,7 +191,15 @@ def _parse_delay(text: str, seed: int):
     from reloop.connectors.files.datasets import make_delay
 
     kind, _, rest = text.partition(":")
-    parts = [float(x) for x in rest.split(":") if x]
+    takes = {"immediate": 0, "fixed": 1, "exponential": 1, "lognormal": 2}
+    try:
+        parts = [float(x) for x in rest.split(":")] if rest else []
+    except ValueError:
+        raise ValueError(f"--delay {text}: {rest!r} is not milliseconds") from None
+    # "fixed" alone was a 0 ms delay, "immediate:5000" immediate: a typo must not change the experiment
+    if kind in takes and not (takes[kind] == len(parts) or (kind == "lognormal" and len(parts) == 1)):
+        usage = {"immediate": "immediate", "fixed": "fixed:MS", "exponential": "exponential:MEAN_MS"}
+        raise ValueError(f"--delay {text}: use {usage.get(kind, 'lognormal:MEDIAN_MS[:SIGMA]')}")
     ms = parts[0] if parts else 0.0
     sigma = parts[1] if len(parts) > 1 else 1.0
     return make_delay(kind, ms=ms, sigma=sigma, seed=seed)  # type: ignore[arg-type]

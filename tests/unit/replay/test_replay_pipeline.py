@@ -513,6 +513,9 @@ def test_end_offsets_for_one_topic_end_the_others_with_their_files(tmp_path: Pat
         (["--max-rows", "-3"], "--max-rows: expected an integer >= 0"),
         (["--buckets", "0"], "--buckets: expected an integer >= 2"),  # a multi-line pydantic error
         (["--alpha", "nan"], "model.alpha: Input should be a finite number"),  # "less than or equal to 1"
+        (["--delay", "fixed"], "--delay fixed: use fixed:MS"),  # was a 0 ms delay
+        (["--delay", "immediate:5000"], "--delay immediate:5000: use immediate"),  # was immediate
+        (["--delay", "exponential:abc"], "--delay exponential:abc: 'abc' is not milliseconds"),
     ],
 )
 def test_dataset_options_the_replay_would_ignore_are_refused(tmp_path: Path, capsys, extra, needle):
