@@ -38,9 +38,10 @@ class UnknownOption(DatasetError):
     """An option the dataset's loader does not take."""
 
 
-def open_dataset(name: str, path: str | Path, **options: Any) -> Dataset:
+def open_dataset(name: str, path: str | Path, /, **options: Any) -> Dataset:
     """A loader by name; ``options`` go to its constructor (e.g. ``seed`` for Frappe's negatives). An
-    option the loader does not take is a DatasetError naming the ones it does."""
+    option the loader does not take is a DatasetError naming the ones it does. ``name`` and ``path`` are
+    positional-only, so that options of those names (impression-log's ``name``) reach the loader."""
     loaders: dict[str, type] = {
         "movielens-100k": MovieLens100K,
         "frappe": FrappeRaw,

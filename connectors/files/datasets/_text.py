@@ -27,11 +27,11 @@ def refuse_empty(rows: Iterator[DatasetRow], where: str) -> Iterator[DatasetRow]
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline), skipping blank lines."""
+    """(1-based line number, line without its newline), skipping blank lines and a UTF-8 BOM at the start."""
     with require_file(path).open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+            try:  # utf-8-sig on line 1 only: Excel's BOM became part of the first column's name
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:  # it said only "can't decode byte 0xff in position N"
                 raise DatasetError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if line:

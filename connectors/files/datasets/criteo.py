@@ -41,6 +41,10 @@ class Criteo:
     name: str = "criteo"
     time_kind: TimeKind = "pseudo"
 
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "tsv", "csv"):  # anything else was read as CSV
+            raise DatasetError(f"format must be auto, tsv or csv, got {self.format!r}")
+
     @property
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
@@ -48,7 +52,7 @@ class Criteo:
     def _format(self, path: Path) -> str:
         if self.format != "auto":
             return self.format
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:  # -sig: Excel's BOM made a CSV look like TSV
             first = fh.readline()
         return "csv" if first.startswith("label,") else "tsv"
 
@@ -58,7 +62,7 @@ class Criteo:
     def _rows(self) -> Iterator[DatasetRow]:
         path = require_file(Path(self.path))
         fmt = self._format(path)
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",")
             first_line = 1
             if fmt == "csv":

@@ -1,9 +1,9 @@
 """Frappe (Baltrunas et al. 2015): context-aware app usage, positives only.
 
 Two readers:
-- ``FrappeRaw`` reads ``raw/frappe.csv`` and adds ``negatives`` (2 by default) sampled negatives per
-  positive row, as the NFM/AFM/BARS benchmark did: items this user never used anywhere in the log,
-  with the positive row's context. The sample is seeded, so a seed gives the same stream every time.
+- ``FrappeRaw`` reads ``raw/frappe.csv`` and adds ``negatives`` (2 by default, at least 1) sampled
+  negatives per positive row, as the NFM/AFM/BARS benchmark did: items this user never used anywhere in
+  the log, with the positive row's context. The sample is seeded, so a seed gives the same stream every time.
 - ``FrappeLibFM`` reads the NFM benchmark's ``*.libfm`` files (labels +1/-1, one index per field).
 
 Frappe has NO timestamps. Both readers use file order as a pseudo-time (``time_kind = "pseudo"``): raw row
@@ -42,6 +42,12 @@ class FrappeRaw:
     name: str = "frappe"
     time_kind: TimeKind = "pseudo"
 
+    def __post_init__(self) -> None:
+        # Not 0 either: Frappe logs positives only, so without negatives every label is 1 (nothing to
+        # learn, no AUC); below 0 it ran as 0.
+        if isinstance(self.negatives, bool) or not isinstance(self.negatives, int) or self.negatives < 1:
+            raise DatasetError(f"negatives must be an int >= 1, got {self.negatives!r}")
+
     @property
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
@@ -67,10 +73,15 @@ class FrappeRaw:
             parts = line.split("\t")
             if len(parts) != len(names):
                 raise DatasetError(f"{path}:{number}: expected {len(names)} columns, got {len(parts)}")
+            if line.removeprefix("\ufeff").split("\t") == names:  # two files joined: it was user 'user'
+                raise DatasetError(f"{path}:{number}: the header again (are two files joined here?)")
             out.append((number, {n: parts[i] for n, i in zip(FIELD_NAMES, idx, strict=True)}))
         return out
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), str(self._file()))
+
+    def _rows(self) -> Iterator[DatasetRow]:
         raw = self._read()
         used: dict[str, set[str]] = {}
         for _, rec in raw:

@@ -10,7 +10,8 @@ evaluated; the compared column is then not a feature). Optional columns with a m
 feature: numeric if listed in ``numeric`` (Parquet: also any float column), multi-valued if listed in
 ``multi`` (CSV: values joined by ``multi_sep``; Parquet: list columns), categorical otherwise.
 ``numeric`` and ``multi`` take a list of whole column names or one comma-separated string
-(``"age,price"``); a name that is not a column fails. ``user_id`` and ``item_id`` are also features.
+(``"age,price"``); a name that is not a column fails, and so does the time, the label's or a META column.
+``user_id`` and ``item_id`` are also features.
 Rows are sorted by time, keeping file order for ties. ``name`` (reports, CSVs) defaults to the file's stem.
 docs/bring-your-own-log.md has a worked example.
 """
@@ -27,12 +28,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from reloop.connectors.files.datasets._text import checked_ms, require_file
+from reloop.connectors.files.datasets._text import checked_ms, refuse_empty, require_file
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
 _TRUE = {"1", "true", "True", "TRUE", "1.0"}
-_FALSE = {"0", "false", "False", "FALSE", "0.0", ""}
+_FALSE = {"0", "false", "False", "FALSE", "0.0"}  # not "": an empty cell is a missing label, not a 0
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
@@ -46,6 +47,7 @@ _CONDITION = re.compile(
     r"(?P<number>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
 )
 _PANDAS_INDEX = re.compile(r"Unnamed: \d+")
+MAX_VERSION = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,16 +144,20 @@ class ImpressionLog:
             table = pq.read_table(path)
             kinds = _parquet_kinds(table.schema)
             return self._checked(list(table.column_names)), kinds, table.to_pylist()
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = self._checked(list(reader.fieldnames or []))
-            records = list(reader)
-        for i, rec in enumerate(records):
-            if None in rec:
-                raise DatasetError(
-                    f"{path}: row {i + 1} has {len(columns) + len(rec[None])} cells, the header "
-                    f"{len(columns)} columns"
-                )
+        # utf-8-sig: Excel's BOM made the first column '\ufeffuser_id' (or '\ufeffimpression_id').
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            columns = self._checked(next(reader, []))
+            records: list[dict[str, Any]] = []
+            for cells in reader:
+                if not cells:  # a blank line
+                    continue
+                if len(cells) != len(columns):  # a short row (a cut-off last line) lost its missing cells
+                    raise DatasetError(
+                        f"{path}: row {len(records) + 1} has {len(cells)} cells, the header "
+                        f"{len(columns)} columns"
+                    )
+                records.append(dict(zip(columns, cells, strict=True)))
         return columns, {}, records
 
     def _header(self) -> tuple[list[str], dict[str, str]]:
@@ -161,12 +167,13 @@ class ImpressionLog:
 
             schema = pq.read_schema(path)
             return self._checked(list(schema.names)), _parquet_kinds(schema)
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             return self._checked(next(csv.reader(fh), [])), {}
 
     def _checked(self, columns: list[str]) -> list[str]:
-        """The header, refused when a column has no name, a pandas index name or a duplicate name, and
-        when ``numeric``/``multi``/the label/the time column name a column that is not there."""
+        """The header, refused when a column has no name, a pandas index name or a duplicate name, when
+        ``numeric``/``multi``/the label/the time column name a column that is not there, and when
+        ``numeric``/``multi`` name a column that is not a feature."""
         path = Path(self.path)
         if not columns:
             raise DatasetError(f"{path}: no header row (the first line must name the columns)")
@@ -198,11 +205,21 @@ class ImpressionLog:
                 raise DatasetError(
                     f"{path}: {key} names {unknown}, not columns of this file (whole names; has {columns})"
                 )
+            other = [c for c in getattr(self, key) if c in self._not_features()]
+            if other:  # the time, the label or a meta column: the option was ignored without a word
+                raise DatasetError(
+                    f"{path}: {key} names {other}, not a feature column (not features: "
+                    f"{', '.join(self._not_features())})"
+                )
         return columns
 
-    def _feature_columns(self, columns: list[str]) -> list[str]:
+    def _not_features(self) -> tuple[str, ...]:
+        """The time column, the label's column and the META columns."""
         label = self.label
-        skip = {self.time_column, label.column if isinstance(label, LabelRule) else label, *META}
+        return (self.time_column, label.column if isinstance(label, LabelRule) else label, *META)
+
+    def _feature_columns(self, columns: list[str]) -> list[str]:
+        skip = self._not_features()
         return [c for c in columns if c not in skip]
 
     @property
@@ -218,6 +235,9 @@ class ImpressionLog:
         return "categorical"
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), str(self.path))
+
+    def _rows(self) -> Iterator[DatasetRow]:
         columns, kinds, records = self._records()
         path = Path(self.path)
         label = self.label
@@ -293,10 +313,17 @@ def _prediction(value: Any, where: str) -> float:
 
 
 def _version(value: Any, where: str) -> int:
-    v = _float(value, where, "model_version")
-    if v != int(v) or v < 0:  # 1.7 was cut to 1 without a word
-        raise DatasetError(f"{where}: column 'model_version' is not a whole number >= 0: {value!r}")
-    return int(v)
+    """A whole number in [0, 2^63 - 1]: it becomes an int64 (2^63 crashed the train stage)."""
+    try:  # int() first: through a float, 2^63 - 1 became 2^63 and 20 digits were rounded
+        v = int(value) if isinstance(value, int) else int(str(value).strip())
+    except ValueError:
+        f = _float(value, where, "model_version")
+        if f != int(f):  # 1.7 was cut to 1 without a word
+            raise DatasetError(f"{where}: column 'model_version' is not a whole number: {value!r}") from None
+        v = int(f)
+    if not 0 <= v <= MAX_VERSION:
+        raise DatasetError(f"{where}: column 'model_version' is not in [0, 2^63 - 1]: {value!r}")
+    return v
 
 
 def _time(value: Any, scale: int, where: str, column: str) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from reloop.connectors.files.datasets._text import parse_float, parse_time_ms, read_lines
+from reloop.connectors.files.datasets._text import parse_float, parse_time_ms, read_lines, refuse_empty
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 FIELDS: tuple[FieldInfo, ...] = (
@@ -84,6 +84,9 @@ class MovieLens100K:
         return out
 
     def rows(self) -> Iterator[DatasetRow]:
+        return refuse_empty(self._rows(), str(Path(self.path) / f"{self.prefix}.inter"))
+
+    def _rows(self) -> Iterator[DatasetRow]:
         base = Path(self.path)
         user_path, item_path = base / f"{self.prefix}.user", base / f"{self.prefix}.item"
         users = (

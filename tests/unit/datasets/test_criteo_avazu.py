@@ -61,3 +61,50 @@ def test_a_file_without_rows_is_refused(tmp_path: Path, avazu_csv: Path) -> None
     header.write_text(avazu_csv.read_text().splitlines()[0] + "\n")
     with pytest.raises(DatasetError, match="header.csv: no rows"):
         list(Avazu(header).rows())
+
+
+def test_criteo_with_a_utf8_bom_reads_as_without(tmp_path: Path, criteo_files: tuple[Path, Path]) -> None:
+    # Excel's BOM made a CSV look like the TSV ("expected 40 columns") and a TSV's first label '\ufeff1'.
+    for plain in criteo_files:
+        bom = tmp_path / f"bom{plain.suffix}"
+        bom.write_text(plain.read_text(), encoding="utf-8-sig")
+        assert [r.features for r in Criteo(bom).rows()] == [r.features for r in Criteo(plain).rows()]
+
+
+def test_criteo_format_outside_auto_tsv_csv_is_refused(criteo_files: tuple[Path, Path]) -> None:
+    with pytest.raises(DatasetError, match=r"format must be auto, tsv or csv, got 'tsv2'"):  # was read as CSV
+        Criteo(criteo_files[0], format="tsv2")  # type: ignore[arg-type]
+
+
+def test_avazu_with_a_utf8_bom_reads_as_without(tmp_path: Path, avazu_csv: Path) -> None:
+    bom = tmp_path / "bom.csv"
+    bom.write_text(avazu_csv.read_text(), encoding="utf-8-sig")  # was "header lacks columns ['id']"
+    assert [r.row_id for r in Avazu(bom).rows()] == [r.row_id for r in Avazu(avazu_csv).rows()]
+
+
+@pytest.mark.parametrize(
+    ("cut", "cells"),
+    [
+        (slice(0, 41), 12),  # a cut-off last line, ending "d" of device_id "d1", was read as is
+        (slice(0, 3), 2),  # a TypeError traceback
+        (slice(0, None), 26),  # two cells more
+    ],
+)
+def test_avazu_row_with_other_cells_than_the_header_is_refused(
+    tmp_path: Path, avazu_csv: Path, cut: slice, cells: int
+) -> None:
+    text = avazu_csv.read_text()
+    last = "e" + text.splitlines()[1][1:] + ",x,y"  # row "a" as a new id "e", with two cells more
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text + last[cut])
+    with pytest.raises(DatasetError, match=rf"bad\.csv:6: expected 24 columns, got {cells}$"):
+        list(Avazu(bad).rows())
+
+
+def test_avazu_repeated_id_is_refused_naming_both_lines(tmp_path: Path, avazu_csv: Path) -> None:
+    # A replay's joiner dropped the repeat as a duplicate impression, with exit 0.
+    text = avazu_csv.read_text()
+    bad = tmp_path / "dup.csv"
+    bad.write_text(text + "\n" + text.splitlines()[2] + "\n")  # line 6 blank, line 7 repeats id "b"
+    with pytest.raises(DatasetError, match=r"dup\.csv:7: id 'b' repeats line 3$"):
+        list(Avazu(bad).rows())

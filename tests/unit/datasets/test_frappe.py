@@ -68,3 +68,37 @@ def test_libfm_without_rows_is_refused(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(DatasetError, match="no \\*.libfm file"):
         open_dataset("frappe-libfm", folder)
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path: Path, frappe_csv: Path) -> None:
+    bom = tmp_path / "bom" / "frappe.csv"  # '\ufeffuser': "header lacks columns ['user']"
+    bom.parent.mkdir()
+    bom.write_text(frappe_csv.read_text(), encoding="utf-8-sig")
+    assert [r.features for r in FrappeRaw(bom).rows()] == [r.features for r in FrappeRaw(frappe_csv).rows()]
+    libfm = tmp_path / "a.libfm"  # the first label '\ufeff1'
+    libfm.write_text(
+        "1 3:1 960:1 5039:1 5046:1 5053:1 5055:1 5058:1 5060:1 5069:1 5149:1\n", encoding="utf-8-sig"
+    )
+    assert [r.label for r in FrappeLibFM([libfm]).rows()] == [1]
+
+
+def test_a_repeated_header_is_refused(tmp_path: Path, frappe_csv: Path) -> None:
+    joined = tmp_path / "joined" / "frappe.csv"  # two files joined: user 'user' used item 'item'
+    joined.parent.mkdir()
+    text = frappe_csv.read_text()
+    joined.write_text(text + text)
+    with pytest.raises(DatasetError, match=r"frappe\.csv:14: the header again"):
+        list(FrappeRaw(joined).rows())
+
+
+def test_a_header_alone_is_refused(frappe_csv: Path) -> None:
+    frappe_csv.write_text(frappe_csv.read_text().splitlines()[0] + "\n")  # zero rows: a replay exited 0
+    with pytest.raises(DatasetError, match=r"frappe\.csv: no rows"):
+        list(FrappeRaw(frappe_csv).rows())
+
+
+@pytest.mark.parametrize("negatives", [-1, 0])
+def test_negatives_below_one_are_refused(frappe_csv: Path, negatives: int) -> None:
+    # -1 ran as 0; 0 leaves a stream of positives alone (every label 1: nothing to learn or evaluate).
+    with pytest.raises(DatasetError, match=rf"negatives must be an int >= 1, got {negatives}"):
+        FrappeRaw(frappe_csv, negatives=negatives)

@@ -194,3 +194,87 @@ def test_a_repeated_impression_id_is_refused_naming_both_rows(tmp_path: Path) ->
     path.write_text("timestamp,impression_id,click\n1,a,0\n2,b,0\n3,a,1\n")
     with pytest.raises(DatasetError, match=r"row 3: impression_id 'a' repeats row 1"):
         list(ImpressionLog(path).rows())
+
+
+@pytest.mark.parametrize("first", ["user_id", "impression_id"])
+def test_a_utf8_bom_is_not_part_of_the_first_column(tmp_path: Path, first: str) -> None:
+    # Excel's CSV starts with a BOM: '\ufeffuser_id' made every user unknown, '\ufeffimpression_id' a feature.
+    path = tmp_path / "excel.csv"
+    path.write_text(f"{first},timestamp,click,f\nx1,1,1,a\nx2,2,0,b\n", encoding="utf-8-sig")
+    log = ImpressionLog(path)
+    names = [f.name for f in log.fields]
+    rows = list(log.rows())
+    if first == "user_id":
+        assert names == ["user_id", "f"] and [r.user_id for r in rows] == ["x1", "x2"]
+    else:
+        assert names == ["f"] and [r.row_id for r in rows] == ["x1", "x2"]
+
+
+@pytest.mark.parametrize(("text", "row"), [("1,0,a\n2,1\n3,0,c\n", 2), ("1,0,a\n2,1,b\n3,0", 3)])
+def test_a_row_with_fewer_cells_than_the_header_is_refused(tmp_path: Path, text: str, row: int) -> None:
+    # A short row, or a cut-off last line, was read with its missing cells dropped.
+    path = tmp_path / "short.csv"
+    path.write_text("timestamp,click,f\n" + text)
+    with pytest.raises(DatasetError, match=rf"short\.csv: row {row} has 2 cells, the header 3 columns"):
+        list(ImpressionLog(path).rows())
+
+
+def test_an_empty_label_cell_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("timestamp,click\n1,1\n2,\n")  # the empty cell was read as 0
+    with pytest.raises(
+        DatasetError, match=r"r\.csv: row 2: column 'click' must be 0/1 or true/false, got ''"
+    ):
+        list(ImpressionLog(path).rows())
+
+
+def test_a_header_alone_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "header.csv"
+    path.write_text("timestamp,click,f\n")  # zero rows: a replay ran and exited 0
+    with pytest.raises(DatasetError, match=r"header\.csv: no rows"):
+        list(ImpressionLog(path).rows())
+
+
+@pytest.mark.parametrize(
+    ("option", "column"),
+    [("numeric", "timestamp"), ("numeric", "click"), ("multi", "served_prediction"),
+     ("numeric", "model_version"), ("multi", "impression_id")],
+)  # fmt: skip
+def test_numeric_or_multi_naming_a_column_that_is_not_a_feature_is_refused(
+    tmp_path: Path, option: str, column: str
+) -> None:
+    path = _write_csv(tmp_path / "log.csv")  # it was ignored without a word
+    log = ImpressionLog(path, **{option: column})
+    for read in (lambda: log.fields, lambda: list(log.rows())):
+        with pytest.raises(
+            DatasetError, match=rf"log\.csv: {option} names \['{column}'\], not a feature column"
+        ):
+            read()
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("timestamp,rating\n1,5\n")
+    with pytest.raises(DatasetError, match=r"numeric names \['rating'\], not a feature column"):
+        list(ImpressionLog(ratings, label_column="rating >= 4", numeric="rating").rows())
+
+
+@pytest.mark.parametrize("version", [str(2**63), "99999999999999999999", "1e30", "-1"])
+def test_a_model_version_beyond_int64_is_refused(tmp_path: Path, version: str) -> None:
+    path = tmp_path / "v.csv"
+    path.write_text(f"timestamp,click,model_version\n1,0,3\n2,1,{version}\n")  # 2^63 crashed training
+    with pytest.raises(
+        DatasetError, match=r"v\.csv: row 2: column 'model_version' is not in \[0, 2\^63 - 1\]"
+    ):
+        list(ImpressionLog(path).rows())
+
+
+def test_the_largest_model_version_is_kept_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "v.csv"
+    path.write_text(f"timestamp,click,model_version\n1,0,{2**63 - 1}\n2,0,4.0\n")  # via float: 2^63
+    assert [r.model_version for r in ImpressionLog(path).rows()] == [2**63 - 1, 4]
+
+
+def test_name_is_an_option_of_open_dataset(tmp_path: Path) -> None:
+    from reloop.connectors.files.datasets import open_dataset
+
+    # open_dataset's own `name` parameter took it: "got multiple values for argument 'name'".
+    path = _write_csv(tmp_path / "log.csv")
+    assert open_dataset("impression-log", path, name="shop").name == "shop"

@@ -79,3 +79,18 @@ def test_bytes_that_are_not_utf8_name_file_and_line(movielens_dir: Path) -> None
     inter.write_bytes(inter.read_bytes() + b"4\t10\t5\t\xff10\n")
     with pytest.raises(DatasetError, match=r"ml-100k.inter:8: not UTF-8"):
         list(MovieLens100K(movielens_dir).rows())
+
+
+def test_a_header_alone_is_refused(movielens_dir: Path) -> None:
+    inter = movielens_dir / "ml-100k.inter"
+    inter.write_text(inter.read_text().splitlines()[0] + "\n")  # zero rows: a replay ran and exited 0
+    with pytest.raises(DatasetError, match=r"ml-100k\.inter: no rows"):
+        list(MovieLens100K(movielens_dir).rows())
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_column(movielens_dir: Path) -> None:
+    before = list(MovieLens100K(movielens_dir).rows())
+    for suffix in ("inter", "user"):  # '\ufeffuser_id': "header lacks columns ['user_id']"
+        path = movielens_dir / f"ml-100k.{suffix}"
+        path.write_text(path.read_text(), encoding="utf-8-sig")
+    assert list(MovieLens100K(movielens_dir).rows()) == before
