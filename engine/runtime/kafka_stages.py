@@ -49,6 +49,35 @@ def _clients(cfg: RunConfig) -> tuple[Any, Any, Any]:
     return KafkaSource, KafkaSink, KafkaGroupSource
 
 
+def samples_partition_count(cfg: RunConfig, timeout_s: float = 10.0) -> int | None:
+    """How many partitions the samples topic has; None when that is not known within ``timeout_s`` (no
+    topic yet, no broker): a launcher's check before its ranks start, which then check it themselves."""
+    import threading
+
+    KafkaSource = _clients(cfg)[0]  # noqa: N806 - a class
+    found: list[int] = []
+
+    def ask() -> None:
+        source = None
+        try:
+            source = KafkaSource(
+                bootstrap=cfg.kafka.bootstrap,
+                topics=[cfg.stages.samples_topic],
+                client_config=cfg.consumer_client_config(),
+            )
+            found.append(len(source.partitions()))
+        except Exception:  # noqa: BLE001 - unknown is an answer: the ranks check again
+            log.debug("samples topic's partitions unknown", exc_info=True)
+        finally:
+            if source is not None:
+                _release([source])
+
+    asker = threading.Thread(target=ask, name="samples-partitions", daemon=True)
+    asker.start()
+    asker.join(timeout_s)
+    return found[0] if found else None
+
+
 def _ensure_samples_topic(cfg: RunConfig) -> None:
     """Create the samples topic when it is missing, with one partition per join task (the partition
     count of the impressions topic). An existing one is checked by the join stage."""

@@ -14,7 +14,6 @@ Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.lifeline import die_with_parent
 
 log = logging.getLogger("reloop.run")
 
@@ -64,12 +64,6 @@ def join_metrics_port(cfg: RunConfig) -> int | None:
     return m.prometheus_port + 1
 
 
-def _die_with_parent() -> None:
-    """preexec hook: the kernel SIGKILLs the child when this process dies, as it would its threads."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     base = [sys.executable, "-m", "reloop.engine.runtime.cli"]
     extra = ["--log-level", args.log_level] if args.log_level else []
@@ -78,7 +72,7 @@ def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     for stage in ("train", "join"):
         port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
         children[stage] = subprocess.Popen(
-            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=_die_with_parent
+            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=die_with_parent
         )
     log.info("started", extra={"fields": {"processes": {k: p.pid for k, p in children.items()}}})
     stopping = [False]

@@ -13,9 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
+
+# Set by the launcher for its ranks: its pid (a rank dies with it) and the file a rank writes once the
+# ranks' final checkpoint is saved (the launcher's exit code says whether a stop saved it).
+LAUNCHER_PID = "RELOOP_TRAIN_LAUNCHER_PID"
+FINAL_SAVED_MARK = "RELOOP_TRAIN_FINAL_SAVED_MARK"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +55,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if LAUNCHER_PID in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        from reloop.engine.runtime.lifeline import die_with
+
+        # torchrun starts its workers in sessions of their own: a SIGKILLed launcher left them training
+        # next to the group a restart starts (samples trained twice, two writers of one registry).
+        die_with(int(os.environ[LAUNCHER_PID]))
     if args.world_size > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         setup_json_logging(args.log_level or cfg.log.level)
         return _launch(args, cfg)
@@ -67,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
             "train",
             cfg,
             train_stage_factory(cfg, group),
-            close=lambda stage: stage.close(final="checkpoint"),
+            close=_close_and_mark,
             describe=describe_train,
             metrics_port=port,
         )
@@ -76,9 +90,45 @@ def main(args: argparse.Namespace) -> int:
             group.close()
 
 
+def _close_and_mark(stage: Any) -> int | None:
+    number = stage.close(final="checkpoint")
+    mark = os.environ.get(FINAL_SAVED_MARK)
+    if number is not None and mark:
+        Path(mark).touch()
+    return number
+
+
+def _refuse_split(args: argparse.Namespace, cfg: RunConfig) -> str | None:
+    """The ranks' own start-up check (engine/runtime/train_ranks.check_partition_split), made before
+    torchrun starts them: refused there, torchrun would restart the group ``max_restarts`` times."""
+    from reloop.engine.runtime.kafka_stages import samples_partition_count
+    from reloop.engine.runtime.train_ranks import check_partition_split
+
+    partitions = samples_partition_count(cfg)
+    if partitions is None:  # no topic yet (the join stage creates it): the ranks check when it exists
+        return None
+    owned = [len(range(r, partitions, args.world_size)) for r in range(args.world_size)]
+    try:
+        check_partition_split(owned, deterministic=cfg.train.deterministic, topic=cfg.stages.samples_topic)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     """torchrun (in this process) running ``--world-size`` ranks of ``reloop train``. A SIGTERM reaches
     its agent, which hands it to the ranks: they stop together with one final checkpoint."""
+    refused = _refuse_split(args, cfg)
+    if refused:
+        print(f"reloop train: {refused}", file=sys.stderr, flush=True)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="reloop-train-") as scratch:
+        os.environ[LAUNCHER_PID] = str(os.getpid())
+        os.environ[FINAL_SAVED_MARK] = mark = str(Path(scratch, "final-saved"))
+        return _torchrun(args, cfg, Path(mark))
+
+
+def _torchrun(args: argparse.Namespace, cfg: RunConfig, mark: Path) -> int:
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -96,9 +146,24 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
         argv += ["--metrics-port", str(args.metrics_port)]
     try:
         run(get_args_parser().parse_args(argv))
-    except SignalException as exc:  # the agent stopped the ranks (they saved their final checkpoint)
-        return 0 if exc.sigval in (signal.SIGTERM, signal.SIGINT) else 1
+    except SignalException as exc:  # the agent stopped the ranks
+        return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), mark.exists())
     except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"reloop train: ranks failed beyond distributed.max_restarts: {exc}", file=sys.stderr)
-        return 1
+        return 2 if codes == {2} else 1  # 2: every rank refused its configuration
     return 0
+
+
+def _stopped(asked: bool, final_saved: bool) -> int:
+    """Exit code after torchrun's agent stopped the ranks on a signal: 0 only for a SIGTERM/SIGINT after
+    which the ranks saved their final checkpoint. A rank stuck in a collective is SIGKILLed by the agent
+    after its shutdown timeout: nothing was saved since the last checkpoint, and exit 0 hid that."""
+    if asked and not final_saved:
+        print(
+            "reloop train: the ranks were stopped before their final checkpoint (a rank did not stop within "
+            "torchrun's shutdown timeout); a restart resumes from the last save",
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0 if asked and final_saved else 1

@@ -17,6 +17,11 @@ always match:
   once a rank's oldest sample waited ``max_wait_ms``, a step on what each rank has (a rank with none
   contributes zero gradients) so a quiet partition cannot hold the others.
 
+Before reading, the ranks compare how many partitions each owns and refuse together (a ConfigError on
+every rank, before any other collective) when one owns none, or, in ``deterministic`` mode, when the
+shares differ: a step takes ``batch_per_rank`` from every rank, so a rank with more partitions would
+buffer without bound.
+
 A failure on any rank breaks the group: every rank exits (``RankGroupFailed``) and torchrun restarts all
 of them from the last save, as its elastic agent does for any worker failure.
 """
@@ -24,11 +29,12 @@ of them from the last save, as its elastic agent does for any worker failure.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
+from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import RestorePoint
 from reloop.engine.runtime.supervisor import ProcessFatal
 from reloop.engine.runtime.train_stage import TrainStage
@@ -44,6 +50,27 @@ class RankGroupFailed(ProcessFatal):
 
 class RanksDiverged(RankGroupFailed):
     """The ranks' weights differ at a save: refuse to publish a model nobody can vouch for."""
+
+
+def check_partition_split(owned: Sequence[int], *, deterministic: bool, topic: str) -> None:
+    """Refuse a split of the samples topic's partitions (``owned[r]``: rank r's count) that the ranks
+    cannot train: a rank with none, or unequal shares in deterministic mode. Every rank sees the same
+    table, so every rank raises the same error."""
+    partitions, ranks = sum(owned), len(owned)
+    idle = [r for r, n in enumerate(owned) if n == 0]
+    if idle:
+        raise ConfigError(
+            f"the samples topic {topic!r} has {partitions} partitions for {ranks} train ranks (rank r reads "
+            f"the partitions p with p % {ranks} == r): ranks {idle} would read none; run at most "
+            f"{partitions} ranks, or give the topic a multiple of {ranks} partitions"
+        )
+    if deterministic and len(set(owned)) > 1:
+        raise ConfigError(
+            f"train.deterministic: the samples topic {topic!r} has {partitions} partitions for {ranks} "
+            f"train ranks, so they own {list(owned)} partitions; a deterministic step takes the same count "
+            f"from every rank and the ranks with more would buffer without bound: run a number of ranks "
+            f"that divides {partitions}, or set train.deterministic: false"
+        )
 
 
 class RankedTrainStage(TrainStage):
@@ -93,6 +120,14 @@ class RankedTrainStage(TrainStage):
         """This rank wants to stop; all ranks stop at the next round."""
         self._want_stop = True
 
+    def open(self) -> None:
+        if not self._opened:
+            owned = self.group.exchange([len(self.source.partitions())])[:, 0]
+            check_partition_split(
+                owned.tolist(), deterministic=self.deterministic, topic=self.settings.samples_topic
+            )
+        super().open()
+
     def run(self, stop: threading.Event, on_step: Callable[[TrainStage], None] | None = None) -> None:
         try:
             self.open()
@@ -102,7 +137,7 @@ class RankedTrainStage(TrainStage):
                 self.step()
                 if on_step is not None:
                     on_step(self)
-        except RankGroupFailed:
+        except (RankGroupFailed, ConfigError):  # a ConfigError here is every rank's (check_partition_split)
             raise
         except Exception as exc:  # the peers are inside a collective this rank will never join
             raise RankGroupFailed(f"rank {self.group.rank} failed: {exc!r}") from exc

@@ -172,6 +172,61 @@ def test_train_ranks_rescaled_from_two_to_one_lose_and_repeat_no_sample(kafka_br
     _assert_trained_once(run, reg, synth, ranks=1)
 
 
+def test_a_sigkilled_launcher_takes_its_ranks_with_it_and_a_restart_trains_each_sample_once(
+    kafka_broker, unique_topic, tmp_path
+):
+    """``kill -9`` of ``reloop train --world-size 2``: torchrun had started its ranks in sessions of their
+    own, so they went on training next to the group the restart started (320 samples trained twice,
+    orphaned versions). They now die with the launcher."""
+    synth, run, config = _setup(kafka_broker, unique_topic, tmp_path / "orphans", seed=41)
+    join = _stage("join", config, run / "join.log")
+    train = _stage_world("train", config, run / "train-a.log")
+    reg = SnapshotRegistry(run / "snaps")
+    deadline = time.monotonic() + 240
+    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
+        assert train.poll() is None, (run / "train-a.log").read_text()[-3000:]
+        time.sleep(0.1)
+    ranks = _ranks(train)
+    assert len(ranks) == 2, ranks
+    train.send_signal(signal.SIGKILL)
+    train.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive, f"ranks outlived their SIGKILLed launcher: {[r.pid for r in alive]}"
+
+    again = _stage_world("train", config, run / "train-b.log")
+    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
+        assert again.poll() is None, (run / "train-b.log").read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)
+    join.send_signal(signal.SIGTERM)
+    assert join.wait(60) == 0
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(90) == 0, (run / "train-b.log").read_text()[-3000:]
+    _assert_trained_once(run, reg, synth, ranks=2)
+
+
+@pytest.mark.parametrize(
+    ("partitions", "deterministic", "said"),
+    [(3, True, "train.deterministic"), (1, False, "ranks [1] would read none")],
+)
+def test_a_split_the_ranks_cannot_train_is_refused_before_torchrun_starts(
+    kafka_broker, unique_topic, tmp_path, partitions, deterministic, said
+):
+    """Deterministic ranks over unequal shares buffered without bound; more ranks than partitions exited 1
+    after torchrun's restarts (some 40 s). Both are one line and exit 2, with no rank started."""
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    create_topics(kafka_broker.bootstrap, {topics["samples"]: partitions})
+    run = tmp_path / "split"
+    run.mkdir()
+    config = _config(run, kafka_broker.bootstrap, topics, "correct", train={"deterministic": deterministic})
+    started = time.monotonic()
+    train = _stage_world("train", config, run / "train.log")
+    assert train.wait(60) == 2, (run / "train.log").read_text()[-3000:]
+    log = (run / "train.log").read_text()
+    assert said in log and '"msg":"restored"' not in log  # no rank started
+    assert time.monotonic() - started < 60
+
+
 def _assert_trained_once(run, reg: SnapshotRegistry, synth, ranks: int) -> None:
     """Every sample of the log in exactly one place: the ledgers of all ranks ever run, or the buffers of
     the last checkpoint (samples taken but not yet trained); all ranks saved the same weights."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,16 @@ PER_PARTITION = 256
 TOPIC = "samples"
 
 
-def _log():
+def _log(partitions: int = PARTITIONS):
     from reloop.connectors.memory import MemoryLog
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
     from reloop.engine.events.schema import LabeledSample
 
     log = MemoryLog()
-    log.create(TOPIC, PARTITIONS)
+    log.create(TOPIC, partitions)
     rng = np.random.default_rng(11)
     t0 = 1_700_000_000_000
-    for p in range(PARTITIONS):
+    for p in range(partitions):
         samples = [
             LabeledSample(
                 f"p{p}-{i}",
@@ -237,3 +238,69 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
     two, one = (r.fields for r in caplog.records if r.getMessage() == "snapshot")
     assert two["samples_trained"] == 600 and two["rank_samples_trained"] == 300 and two["rank"] == 1
     assert one == {"number": 6, "version": 6, "samples_trained": 300}
+
+
+def _open(rank: int, world: int, init: str, cfg_dict: dict, partitions: int, out: str) -> None:
+    """Open rank ``rank``'s stage over a topic of ``partitions``; write what it raised."""
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.streams import PartitionShare
+    from reloop.engine.train.data_parallel import RankGroup
+
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=20)
+    source = MemorySource(_log(partitions), [TOPIC], share=PartitionShare(rank, world))
+    stage = build_train_stage(
+        load_config_dict(cfg_dict, env={}), source=source, stats=EngineStats(), group=group
+    )
+    try:
+        stage.open()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - what the test looks at
+        error = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps(error))
+    group.close()
+
+
+@pytest.mark.parametrize(
+    ("partitions", "deterministic", "refused"),
+    [(3, True, "deterministic"), (1, False, r"ranks \[1\] would read none"), (3, False, None)],
+)
+def test_every_rank_refuses_a_split_it_cannot_train_before_reading(
+    tmp_path, partitions, deterministic, refused
+):
+    # Three partitions over two deterministic ranks: rank 0 took two partitions' samples for every one of
+    # rank 1's and buffered the rest without bound; one partition over two: rank 1 alone failed and the
+    # other waited in a collective until torchrun restarted both, max_restarts times.
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (2, f"file://{out / 'store'}", _config(tmp_path, deterministic), partitions, str(out))
+    procs = [mp.get_context("spawn").Process(target=_open, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    errors = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    if refused is None:
+        assert errors == [None, None]  # unequal shares without deterministic: partial steps even them out
+    else:
+        assert all(e is not None and e.startswith("ConfigError") for e in errors), errors
+        assert all(re.search(refused, e) for e in errors) and errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(
+    ("owned", "deterministic", "refused"),
+    [([1, 1, 0], False, r"3 train ranks.*ranks \[2\] would read none"), ([2, 1], True, r"own \[2, 1\]"),
+     ([2, 1], False, None), ([2, 2], True, None)],
+)  # fmt: skip
+def test_the_partition_split_check_names_what_to_change(owned, deterministic, refused):
+    from reloop.engine.runtime.config import ConfigError
+    from reloop.engine.runtime.train_ranks import check_partition_split
+
+    if refused is None:
+        check_partition_split(owned, deterministic=deterministic, topic="s")
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_partition_split(owned, deterministic=deterministic, topic="s")
