@@ -238,6 +238,12 @@ def report(all_results: list[dict[str, float]], rows: int, batch: int, command: 
     verdict = []
     for m in worlds[1:]:
         diffs = [r["auc"] - by_seed_m1[r["seed"]]["auc"] for r in results if r["ranks"] == m]
+        if len(m1) < 2:  # it printed "nane-3 ... (OUTSIDE 2 sd)"
+            verdict.append(
+                f"M = {m}: mean AUC difference to M = 1 {np.mean(diffs) * 1e3:+.2f}e-3; one seed, so no "
+                "seed standard deviation to judge it against (run two or more seeds)."
+            )
+            continue
         verdict.append(
             f"M = {m}: mean AUC difference to M = 1 {np.mean(diffs) * 1e3:+.2f}e-3 against a seed "
             f"standard deviation of {seed_sd * 1e3:.2f}e-3 at M = 1 "

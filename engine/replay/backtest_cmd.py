@@ -499,9 +499,12 @@ def _main(args: argparse.Namespace) -> int:
             "(--max-rows), shorter periods (--period) or an earlier --report-from"
         )
     _check_publishing(data, publish_every_ms, max(1, report_from))
+    ctr = f"ctr {data.judged_labels(slice(None)).mean():.3f}"
+    if data.true_labels is not None:  # the flipped labels' rate is not the data's
+        ctr += f" ({data.labels.mean():.3f} in the labels trained on, after --label-noise)"
     print(
         f"{args.dataset_name}: {len(data.labels)} samples, {data.n_periods} periods, "
-        f"ctr {data.labels.mean():.3f}, prepared in {time.perf_counter() - t0:.1f}s",
+        f"{ctr}, prepared in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
     args.out.mkdir(parents=True, exist_ok=True)

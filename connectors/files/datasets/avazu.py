@@ -29,9 +29,12 @@ FIELDS: tuple[FieldInfo, ...] = tuple(
 
 def hour_to_ms(text: str) -> int:
     """``14102100`` -> 2014-10-21 00:00 UTC in ms."""
-    if len(text) != 8 or not text.isdigit():
-        raise ValueError(f"hour must be YYMMDDHH, got {text!r}")
-    return int(datetime.strptime(text, "%y%m%d%H").replace(tzinfo=UTC).timestamp() * 1000)
+    try:  # strptime alone said "unconverted data remains: 4" for an hour 24
+        if len(text) != 8 or not text.isdigit():
+            raise ValueError("not 8 digits")
+        return int(datetime.strptime(text, "%y%m%d%H").replace(tzinfo=UTC).timestamp() * 1000)
+    except ValueError as exc:
+        raise ValueError(f"hour must be YYMMDDHH (a date, then an hour 00-23), got {text!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

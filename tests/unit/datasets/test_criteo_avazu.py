@@ -43,11 +43,13 @@ def test_avazu_sorted_by_hour_keeping_file_order(avazu_csv: Path) -> None:
     assert rows[3].user_id == "ip1" and rows[3].item_id == "app1"
 
 
-def test_avazu_bad_hour(tmp_path: Path, avazu_csv: Path) -> None:
-    text = avazu_csv.read_text().replace("14102101", "2014-10-21", 1)
+@pytest.mark.parametrize("hour", ["2014-10-21", "14102124", "14023100"])
+def test_avazu_bad_hour(tmp_path: Path, avazu_csv: Path, hour: str) -> None:
+    # An hour 24 or 31 February said only "unconverted data remains: 4" / "day is out of range for month".
+    text = avazu_csv.read_text().replace("14102101", hour, 1)
     bad = tmp_path / "bad.csv"
     bad.write_text(text)
-    with pytest.raises(DatasetError, match="bad.csv:2: hour must be YYMMDDHH"):
+    with pytest.raises(DatasetError, match=f"bad.csv:2: hour must be YYMMDDHH .*got '{hour}'"):
         list(Avazu(bad).rows())
 
 

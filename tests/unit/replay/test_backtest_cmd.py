@@ -237,6 +237,11 @@ def test_memory_and_label_noise_from_the_command_line(tmp_path: Path, capsys) ->
     extra = ["--memory", "n_tables=2,n_bits=4,lams=0.1/0.5", "--label-noise", "0.1"]
     argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" "), *extra]
     assert main([*argv, "--data", str(_movielens(tmp_path / "ml")), "--out", str(out)]) == 0
+    # The "prepared" line gave the flipped labels' click rate as the data's.
+    prepared = re.search(
+        r"ctr (\S+) \((\S+) in the labels trained on, after --label-noise\)", capsys.readouterr().err
+    )
+    assert prepared and prepared[1] != prepared[2]
     with (out / "results.csv").open() as fh:
         strategies = {r["strategy"] for r in csv.DictReader(fh)}
     assert strategies == {"ce", "ce+mem2x4@0.1", "ce+mem2x4@0.5"}  # the base and one row per weight
