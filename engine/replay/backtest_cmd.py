@@ -241,7 +241,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="PERIOD",
         help="tables and verdicts use periods >= PERIOD (settings chosen on the earlier ones); "
-        "the CSV and the plots keep every period",
+        "the CSV and the plots keep every period. Periods count those with rows: a week without any "
+        "makes no period, so with gaps period t is not the t-th calendar week",
     )
     parser.add_argument("--title", default="")
     parser.add_argument(
