@@ -317,7 +317,8 @@ def main(args: argparse.Namespace) -> int:
             f"reloop replay: warning: {imps} impression(s) and {clicks} click(s) came after the watermark "
             f"had passed them, and {orphans} click(s) found no impression: are the input files (or "
             "partitions) in event-time order? (join.allowed_lateness_ms bounds the disorder taken; a range "
-            "that starts after some impressions also leaves their clicks without one)",
+            "that starts after some impressions, or an impression sent to the dead letters, also leaves "
+            "its clicks without one)",
             file=sys.stderr,
         )
     dupes = result.join.get("duplicate_impressions", 0)
