@@ -205,6 +205,29 @@ def test_a_sigkilled_launcher_takes_its_ranks_with_it_and_a_restart_trains_each_
     _assert_trained_once(run, reg, synth, ranks=2)
 
 
+def test_a_stop_that_cannot_save_the_final_checkpoint_does_not_exit_0(kafka_broker, unique_topic, tmp_path):
+    """SIGTERM while a rank is frozen (SIGSTOP: a rank stuck in a collective looks the same to its peer):
+    torchrun kills the ranks after its shutdown timeout, nothing is saved, and ``reloop train`` said 0."""
+    synth, run, config = _setup(kafka_broker, unique_topic, tmp_path / "frozen", seed=43)
+    join = _stage("join", config, run / "join.log")
+    train = _stage_world("train", config, run / "train.log")
+    reg = SnapshotRegistry(run / "snaps")
+    deadline = time.monotonic() + 240
+    while _trained(reg) < PERIOD and time.monotonic() < deadline:
+        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
+        time.sleep(0.1)
+    ranks = _ranks(train)
+    assert len(ranks) == 2, ranks
+    ranks[1].suspend()
+    saves = len(reg.checkpoints.versions())
+    train.send_signal(signal.SIGTERM)
+    assert train.wait(120) == 1, (run / "train.log").read_text()[-3000:]
+    assert "stopped before their final checkpoint" in (run / "train.log").read_text()
+    assert len(reg.checkpoints.versions()) == saves  # indeed nothing was saved
+    join.send_signal(signal.SIGTERM)
+    assert join.wait(60) == 0
+
+
 @pytest.mark.parametrize(
     ("partitions", "deterministic", "said"),
     [(3, True, "train.deterministic"), (1, False, "ranks [1] would read none")],
