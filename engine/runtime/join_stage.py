@@ -253,7 +253,8 @@ class JoinStage:
 
     def _restore(self, task: JoinTask) -> None:
         reg = self.registry(task.partition)
-        if reg.latest_version() is None:
+        versions = reg.versions()
+        if not versions:
             return
         try:
             snap = reg.load()  # the newest one that loads
@@ -268,7 +269,13 @@ class JoinStage:
             allow=self.settings.allow_fingerprint_change,
         )
         task.load_state_dict(snap.state["state"])
-        reg.follow(snap.version)  # a checkpoint the previous owner writes after this stops our next one
+        refused = sum(1 for v in versions if v > snap.version)  # newer ones that did not load
+        if refused:
+            self._metrics.restore_fallbacks.add(n=refused)
+        # A checkpoint the previous owner writes after this stops our next one. The newest version in
+        # the folder, not the one restored: a newer one that did not load (logged, counted above) is
+        # no other writer's, and following the restored one stopped every checkpoint of the task.
+        reg.follow(max(versions[-1], snap.version))
         log.info(
             "task restored",
             extra={"fields": {"task": task.partition, "checkpoint": snap.version, "next_seq": task.next_seq}},
@@ -480,6 +487,7 @@ class _JoinMetrics(JoinerMetrics):
         super().__init__(stats)
         self.lag = ConsumerLag(stats.consumer_lag)
         self.tasks = stats.join_tasks
+        self.restore_fallbacks = stats.snapshot_restore_fallbacks
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}

@@ -1103,6 +1103,39 @@ def test_a_join_task_none_of_whose_checkpoints_loads_refuses_to_start(tmp_path):
     assert isinstance(err.value, FATAL)
 
 
+def test_a_join_task_whose_newest_checkpoint_is_broken_resumes_from_the_one_before_and_goes_on(tmp_path):
+    # The task was restored from checkpoint 1 (2 fails its checksum), then its registry's fence took
+    # the broken 2 for another process's: every later checkpoint of the task failed with "another
+    # process publishes snapshots to the same folder", so the stage was rebuilt for ever.
+    synth = generate(400, seed=7, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    first = _join(cfg, log, clock, tmp_path)
+    for i in range(12):
+        first.step()
+        clock.advance(10)
+        if i in (4, 9):
+            first.checkpoint_all()
+    first.abort()
+    task = tmp_path / "join-ckpt" / "join" / "task-00000"
+    assert SnapshotRegistry(task).versions() == [1, 2]
+    part = task / "v000000000002" / "state.pt"
+    part.write_bytes(part.read_bytes()[:100])
+    stats = EngineStats()
+    second = _join(cfg, log, clock, tmp_path, stats=stats)
+    second.step()
+    assert stats.snapshot_restore_fallbacks.get() == 1  # counted, not only logged
+    second.checkpoint_all()
+    assert SnapshotRegistry(task).latest_version() == 3
+    _run_join(second, log, clock)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.close(final=None)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+
+
 def test_both_stages_export_their_consumer_lag_and_the_join_its_watermark(tmp_path):
     # Only the one-process pipeline set them: the lag alert and panel and the watermark showed nothing
     # for `reloop run`.
