@@ -38,11 +38,43 @@ from typing import TYPE_CHECKING
 
 import orjson
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
+from reloop.engine.events.validation import REASONS
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.streams import Positions
+from reloop.engine.train.unlearnt import REASON as UNLEARNABLE
 
 if TYPE_CHECKING:
     from reloop.connectors.kafka.source import KafkaSource
+
+
+# Every reason a dead letter can carry: the event contract's, the trainer's, and "unknown" (an error
+# without a reason, engine/deadletter.py). A --reason outside them is a typo that chooses nothing; with
+# --group a redrive would still commit past every record read, and the letters meant were never sent.
+KNOWN_REASONS = frozenset({*REASONS, UNLEARNABLE, "unknown"})
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _topic(text: str) -> str:
+    """A name Kafka accepts for a topic: the producer refused any other only after the whole dead-letter
+    topic was read, with a traceback."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", text) or text in {".", ".."}:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Kafka topic name (ASCII letters, digits, '.', '_', '-')"
+        )
+    return text
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +90,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", default="", help="comma list of reasons (default: every reason)")
     parser.add_argument("--origin", default="", help="comma list of origin topics (default: every topic)")
     parser.add_argument("--since-ms", type=int, default=None, help="dead-lettered at or after (epoch ms)")
-    parser.add_argument("--limit", type=int, default=20, help="show: at most this many envelopes")
-    parser.add_argument("--to", default=None, help="redrive: this topic instead of each record's own")
+    parser.add_argument("--limit", type=_not_negative, default=20, help="show: at most this many envelopes")
+    parser.add_argument(
+        "--to", type=_topic, default=None, help="redrive: this topic instead of each record's own"
+    )
     parser.add_argument(
         "--keep-timestamps",
         action="store_true",
@@ -74,11 +108,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "records are delivered (the offsets cover every record read, chosen by the filters or not)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds without a record read before giving up"
+        "--timeout", type=_positive, default=30.0, help="seconds without a record read before giving up"
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    unknown = sorted(_names(args.reason) - KNOWN_REASONS)
+    if unknown:
+        print(f"reloop deadletters: unknown --reason {', '.join(unknown)} (the reasons: "
+              f"{', '.join(sorted(KNOWN_REASONS))})", file=sys.stderr, flush=True)  # fmt: skip
+        return 2
     if args.file is not None:
         return _from_file(args)
     if args.config is None:
@@ -116,7 +155,16 @@ def main(args: argparse.Namespace) -> int:
     if args.action != "redrive":
         after = f" after group {args.group!r}'s offsets" if args.group else ""
         return _report(args, chosen, f"{read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
-    code = _redrive(cfg, connection, chosen, args)
+    sent = [0]
+    try:
+        code = _redrive(cfg, connection, chosen, args, sent)
+    except Exception as exc:  # noqa: BLE001 - a refused record, a broker gone: one line, nothing committed
+        group = (
+            f"; group {args.group!r} not committed: the next redrive sends them again" if args.group else ""
+        )
+        print(f"reloop deadletters: redrive failed after {sent[0]} record(s) handed to the producer: "
+              f"{exc!r:.500}{group}", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     if args.group and not args.dry_run:
         # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
         _commit(cfg, connection, args.group, reached)
@@ -181,7 +229,9 @@ def read_dead_letter_files(files: Iterable[Path]) -> Iterator[DeadLetter]:
                     yield DeadLetter(envelope, partition, offset)
 
 
-def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: argparse.Namespace) -> int:
+def _redrive(
+    cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: argparse.Namespace, sent_now: list[int]
+) -> int:
     inputs = {cfg.source.impressions_topic, cfg.source.clicks_topic}
     plans: list[Resend] = []
     refused: Counter[str] = Counter()
@@ -194,11 +244,13 @@ def _redrive(cfg: RunConfig, connection: dict, chosen: list[DeadLetter], args: a
     sent = Counter(plan.topic for plan in plans)
     verb = "would send" if args.dry_run else "sent"
     if plans and not args.dry_run:
-        _send(cfg, connection, plans)
+        _send(cfg, connection, plans, sent_now)
     for topic, n in sorted(sent.items()):
         print(f"{verb} {n} record(s) to {topic!r}")
     for why, n in refused.most_common():
         print(f"not sent: {n} ({why})")
+    if not chosen:
+        print("no dead letter chosen: nothing to send")
     return 0
 
 
@@ -254,7 +306,7 @@ def _commit(cfg: RunConfig, connection: dict, group: str, positions: Positions) 
         source.close()
 
 
-def _send(cfg: RunConfig, connection: dict, plans: list[Resend]) -> None:
+def _send(cfg: RunConfig, connection: dict, plans: list[Resend], sent: list[int]) -> None:
     from reloop.connectors.kafka.sink import KafkaSink
 
     sinks: dict[str, KafkaSink] = {}
@@ -265,6 +317,7 @@ def _send(cfg: RunConfig, connection: dict, plans: list[Resend]) -> None:
                     bootstrap=cfg.kafka.bootstrap, topic=plan.topic, client_config=connection
                 )
             sinks[plan.topic].send(plan.value, key=plan.key, timestamp_ms=plan.timestamp_ms)
+            sent[0] += 1
     finally:
         for sink in sinks.values():
             sink.close()  # flushes: raises when a record was not delivered

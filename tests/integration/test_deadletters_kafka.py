@@ -133,3 +133,52 @@ def test_a_redrive_with_a_group_sends_only_the_dead_letters_written_since_its_la
     assert "sent 1 record(s)" in _cli(config, "redrive", "--group", group)
     sent = [r.key for r in _read(kafka_broker.bootstrap, topics["impressions"])]
     assert sent == [b"imp-1", b"imp-2", b"imp-3"]
+
+
+def test_a_redrive_that_fails_to_send_says_so_in_one_line_and_commits_nothing(
+    kafka_broker, unique_topic, tmp_path
+):
+    # A record the target topic refuses (or a broker gone) ended the redrive with a traceback.
+    topics = _topics(unique_topic)
+    create_topics(kafka_broker.bootstrap, {t: 1 for t in topics.values()})
+    small = unique_topic("small")
+    create_topics(kafka_broker.bootstrap, {small: 1}, configs={"max.message.bytes": "20"})
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct")
+    dead = DeadLetterSink(KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topics["deadletter"]))
+    record = Record(
+        topics["impressions"],
+        0,
+        1,
+        b"imp-1",
+        b'{"impression_id": "imp-1", "x": "%s"}' % (b"y" * 100),
+        _now_ms(),
+    )
+    dead.send(record, EventError("bad_feature", "test"))
+    dead.close()
+    group = unique_topic("redrive")
+    args = [
+        "deadletters",
+        "redrive",
+        "--config",
+        str(config),
+        "--to",
+        small,
+        "--group",
+        group,
+        "--timeout",
+        "20",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("reloop deadletters: redrive failed after") and "not committed" in line
+    assert _cli(config, "summary", "--group", group).startswith("1 of 1 dead letters")
+    bad_to = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", "redrive", "--config", str(config),
+         "--to", "not a topic!"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad_to.returncode == 2 and "--to" in bad_to.stderr

@@ -1,10 +1,12 @@
-"""``reloop deadletters`` without a broker to read from: one line and the exit code, within ``--timeout``."""
+"""``reloop deadletters`` without a broker to read from: one line and the exit code, within ``--timeout``;
+bad options refused before anything is read."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
 from reloop.engine.runtime.cli import main
 
 CONFIG = """kafka: {bootstrap: "127.0.0.1:1"}
@@ -24,3 +26,34 @@ def test_an_unreachable_broker_is_one_line_within_the_timeout(tmp_path: Path, ca
     assert time.monotonic() - t0 < 15
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("reloop deadletters: cannot read 'reloop.deadletter'")
+
+
+def test_an_unknown_reason_is_refused_before_anything_is_read_or_committed(tmp_path: Path, capsys) -> None:
+    # A typo (bad-feature) chose nothing, and `redrive --group` then committed the group past every
+    # record read: the next `redrive --reason bad_feature --group ...` found none to send.
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    t0 = time.monotonic()
+    argv = ["deadletters", "--config", str(config), "redrive", "--reason", "bad-feature", "--group", "g"]
+    assert main([*argv, "--timeout", "20"]) == 2
+    assert time.monotonic() - t0 < 10  # refused at once, not after failing to reach the broker
+    err = capsys.readouterr().err
+    assert "unknown --reason bad-feature" in err and "bad_feature" in err
+    replay = tmp_path / "dead-letters.jsonl"
+    replay.write_text("")
+    assert main(["deadletters", "summary", "--file", str(replay), "--reason", "bad_feature,unlearnable"]) == 0
+    assert main(["deadletters", "summary", "--file", str(replay), "--reason", "nope"]) == 2
+
+
+@pytest.mark.parametrize(
+    "option", [["--timeout", "0"], ["--timeout", "-1"], ["--limit", "-5"], ["--to", "not a topic!"]]
+)
+def test_options_out_of_range_are_usage_errors(tmp_path: Path, capsys, option: list[str]) -> None:
+    # --timeout 0 said "Unable to bootstrap" (exit 1) of a reachable broker; --limit -5 showed nothing; a
+    # --to Kafka refuses was a traceback after the whole dead-letter topic was read.
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    with pytest.raises(SystemExit) as exit_:
+        main(["deadletters", "--config", str(config), "show", *option])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}" in capsys.readouterr().err
