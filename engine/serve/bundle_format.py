@@ -17,7 +17,8 @@ part's mean/var; metadata: the learner config) with a JSON manifest holding its 
   does not wait for the optimizer state to be written): ``publish_serving_bundle(registry, learner)``,
   one call in ``Pipeline.snapshot``; file then manifest are renamed into place (a manifest always
   names a whole file), not fsynced (a torn bundle fails its checksum and the version loads from its
-  fsynced snapshot); the newest ``keep`` are kept;
+  fsynced snapshot); the newest ``keep`` are kept, and what a killed writer left is removed at the next
+  write;
 * read by the service: the file memory-mapped, its checksum checked against the manifest, the tensors
   views of the mapping (safetensors layout: tensors only, nothing is unpickled, nothing copied), the
   model built on the meta device (no init, no memory) and given those tensors; the optimizer state is
@@ -166,6 +167,11 @@ def write_bundle(
     tensors, meta = found
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
+    # What a writer killed mid-write left (one writer per folder, as for the snapshots): a file the size
+    # of the weights per kill, never read and never pruned otherwise.
+    for entry in os.scandir(root):
+        if entry.name.startswith(".tmp-") and not entry.is_dir(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
     name = f"v{version:012d}"
     tag = uuid.uuid4().hex[:8]
     tmp_data, tmp_manifest = root / f".tmp-{name}-{tag}.safetensors", root / f".tmp-{name}-{tag}.json"

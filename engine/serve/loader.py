@@ -22,6 +22,17 @@ from reloop.engine.serve.config import ColdStart
 
 log = logging.getLogger(__name__)
 
+
+class SnapshotPending(SnapshotError):
+    """A version whose serving bundle was refused while its training snapshot is not there yet (the
+    trainer writes the bundle first): ``ready()`` says when the snapshot is, and the version is worth
+    loading again (reloop.engine.serve.reload); until then it is as refused."""
+
+    def __init__(self, message: str, ready: Callable[[], bool]) -> None:
+        super().__init__(message)
+        self.ready = ready
+
+
 # Part names a trainer may use for the learner state, most likely first.
 LEARNER_PARTS = ("learner", "model")
 
@@ -73,7 +84,10 @@ def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], Mod
                 return load_serving_bundle(registry, version)
             except SnapshotError as exc:
                 if version not in registry.versions():
-                    raise
+                    raise SnapshotPending(
+                        f"{exc}; its training snapshot is not there (yet)",
+                        ready=lambda: version in registry.versions(),
+                    ) from exc
                 log.error("serving bundle v%s refused (%s); loading the training snapshot", version, exc)
         return load_bundle(registry, version)
 

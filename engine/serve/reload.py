@@ -6,7 +6,9 @@ A snapshot that fails to load (bad checksum, wrong format, a part that does not 
 and counted, and the next older version not yet tried is loaded instead when it is newer than what is
 live: a service that (re)starts next to a broken newest snapshot serves the newest one that loads,
 rather than staying not-ready. ``reloop_serve_snapshot_fallback`` is 1 while an arm serves an older
-version than the newest in its registry. A refused version is not retried.
+version than the newest in its registry. A refused version is not retried, but for one whose serving
+bundle was refused before its training snapshot was written (the trainer writes the bundle first): it is
+loaded again, once, when that snapshot is there (the error's ``ready()``, engine/serve/loader.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ArmSource:
     load: Callable[[int], ModelBundle]
     versions: Callable[[], list[int]] | None = None
     refused: set[int] = field(default_factory=set)
+    pending: dict[int, Callable[[], bool]] = field(default_factory=dict)  # refused until ready() says
     warned: tuple[int, int] | None = None  # (live, newest) last warned of as removed newer versions
 
 
@@ -76,10 +79,16 @@ class ReloadWatcher:
             for version in candidates:
                 if (live is not None and version <= live) or version > latest or version in src.refused:
                     continue
+                if version in src.pending and not self._ready(src, version):
+                    continue
                 try:
                     bundle = src.load(version)
                 except Exception as exc:  # noqa: BLE001 - refuse the snapshot, try the next older one
-                    src.refused.add(version)
+                    ready = getattr(exc, "ready", None)
+                    if callable(ready):
+                        src.pending[version] = ready
+                    else:
+                        src.refused.add(version)
                     self.refused += 1
                     STATS.serve_reloads.add("refused")
                     log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
@@ -93,8 +102,20 @@ class ReloadWatcher:
             live = src.holder.version
             if live is not None:
                 src.refused = {v for v in src.refused if v > live}  # bounded: only what is newer
+                src.pending = {v: r for v, r in src.pending.items() if v > live}
             self._fallback(src, latest)
         return swapped
+
+    @staticmethod
+    def _ready(src: ArmSource, version: int) -> bool:
+        """Whether a pending version may be loaded again (once: it is refused if it fails then)."""
+        try:
+            ready = src.pending[version]()
+        except Exception:  # noqa: BLE001 - a registry hiccup: not yet
+            return False
+        if ready:
+            del src.pending[version]
+        return ready
 
     @staticmethod
     def _fallback(src: ArmSource, latest: int | None) -> None:

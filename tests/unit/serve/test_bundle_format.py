@@ -193,3 +193,47 @@ def test_the_file_is_standard_safetensors(tmp_path):
     for k, v in ours.items():
         assert torch.equal(v, theirs[k]), k
         assert v.data_ptr() % 64 == 0, k  # aligned as torch aligns its own tensors
+
+
+def test_a_version_whose_bundle_was_refused_before_its_snapshot_was_written_loads_once_it_is(tmp_path):
+    # The trainer writes the bundle first. One refused (torn, or read while the trainer rewrote it)
+    # before the training snapshot of its version was there was refused for good: the service stayed
+    # on the version before for a whole period although that snapshot loaded.
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict()})
+    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=tmp_path))
+    holder = ModelHolder()
+    watcher = ReloadWatcher(sources=[ArmSource("A", holder, latest, load, versions)])
+    assert watcher.poll_once() == 1 and holder.version == 1
+    assert publish_serving_bundle(reg, learner) == 2
+    path = serving_dir(tmp_path) / "v000000000002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert watcher.poll_once() == 0 and holder.version == 1 and watcher.refused == 1
+    assert watcher.poll_once() == 0 and watcher.refused == 1  # not tried again until the snapshot is there
+    reg.publish({"model": learner.state_dict()})  # v2's training snapshot
+    assert watcher.poll_once() == 1 and holder.version == 2
+    rows = _rows(10)
+    np.testing.assert_allclose(
+        holder.current.score(rows), learner.predict_proba(Featurizer(SPEC).transform(rows))
+    )
+
+
+def test_what_a_writer_killed_mid_write_left_is_removed_by_the_next_write(tmp_path):
+    # A trainer killed while writing a bundle left its temporary file (the size of the weights); the
+    # files piled up, one per kill, and nothing removed them.
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    root = serving_dir(tmp_path)
+    root.mkdir()
+    stale = [root / ".tmp-v000000000001-0badf00d.safetensors", root / ".tmp-v000000000001-0badf00d.json"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    assert publish_serving_bundle(SnapshotRegistry(tmp_path), learner) == 1
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in root.iterdir()) == ["v000000000001.json", "v000000000001.safetensors"]
