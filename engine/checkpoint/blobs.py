@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 BYTES_MARK = "__reloop_bytes__"  # {BYTES_MARK: uint8 tensor}: a packed ``bytes`` (pack_bytes)
-PACK_MIN_BYTES = 4096  # smaller ones pickle as fast as a tensor's record is written
+PACK_MIN_BYTES = 4096  # smaller ones pickle as fast as a tensor's record is written (but b"": pack_bytes)
 
 
 def bytes_as_tensors(blobs: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
@@ -64,7 +64,9 @@ def pack_bytes(obj: Any, min_bytes: int = PACK_MIN_BYTES) -> Any:
     serialising at once, as ``SnapshotRegistry.prepare`` does. The containers are new; ``obj`` is not
     changed."""
     if isinstance(obj, bytes):
-        return {BYTES_MARK: _view(obj)} if len(obj) >= min_bytes else obj
+        # An empty one too: protocol 2 writes b"" as a call of the global ``bytes``, which a weights-only
+        # load refuses (an empty metric window made a checkpoint taken before any sample unloadable).
+        return {BYTES_MARK: _view(obj)} if len(obj) >= min_bytes or not obj else obj
     if isinstance(obj, dict):
         return {k: pack_bytes(v, min_bytes) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -84,6 +86,8 @@ def unpack_bytes(obj: Any) -> Any:
 
 
 def _view(data: bytes) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is only read
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(data, dtype=torch.uint8)

@@ -66,6 +66,9 @@ _DIR_RE = re.compile(r"^v(\d{12})$")
 _PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 CHECKPOINTS_DIR = "checkpoints"
 log = logging.getLogger(__name__)
+# Parts written before pack_bytes packed empty ``bytes`` hold b"" as a call of ``bytes()``: allowed, so
+# that they load (a constructor of plain bytes runs no code; torch allows ``_codecs.encode`` for the rest).
+torch.serialization.add_safe_globals([bytes])
 
 
 class SnapshotError(Exception):

@@ -358,6 +358,24 @@ def test_a_stop_within_the_first_period_resumes_from_its_checkpoint(tmp_path):
     assert len(keys) == len(set(keys)) == ref.trainer.counters.samples
 
 
+def test_a_stop_before_any_sample_was_trained_restarts(tmp_path):
+    # The final checkpoint of a stage stopped before its first sample held empty metric windows, which
+    # no weights-only load took: every restart exited 2 ("no snapshot ... loads; refusing to start from
+    # scratch") until someone deleted the checkpoint by hand.
+    log, clock, _ = _joined(tmp_path, 600, seed=11)
+    cfg = _config(tmp_path)
+    train = _train(cfg, log, clock, tmp_path)
+    train.open()
+    assert train.trainer.counters.samples == 0
+    assert train.close() == 1
+    resumed = _train(cfg, log, clock, tmp_path)
+    assert resumed.restored_from == "checkpoint 1" and resumed.trainer.counters.samples == 0
+    _run_train(resumed, log, clock)
+    resumed.close(final=None)
+    keys = _ledger(tmp_path)
+    assert keys and len(keys) == len(set(keys)) == resumed.trainer.counters.samples
+
+
 def test_a_samples_partition_added_while_training_is_read_after_a_rebuild(tmp_path):
     # The stage read the partitions it opened with for ever: a join task added by growing the topics
     # wrote to a samples partition nobody read (no error, no gap, no lag series), until a restart.
