@@ -22,12 +22,12 @@ import os
 import re
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 ENV_PREFIX = "RELOOP__"
@@ -85,7 +85,9 @@ def read_document(path: str | os.PathLike[str], what: str = "config") -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # str_min_length: an empty value (RELOOP__KAFKA__BOOTSTRAP= from an unset variable) is refused, not
+    # taken (an empty checkpoint.dir wrote snapshots into the working folder).
+    model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
 
 
 # The typed connection settings: (kafka-python name, librdkafka name).
@@ -124,6 +126,13 @@ class KafkaSection(_Section):
         "names of kafka.client; consumer-only or producer-only settings go in "
         "consumer/producer.client_config",
     )
+
+    @field_validator("sasl_password", "ssl_key_password", mode="before")
+    @classmethod
+    def _secret_not_empty(cls, value: Any) -> Any:
+        if value == "":  # an unset variable's expansion; str_min_length's message would be 'not a string'
+            raise ValueError("is empty; unset it (or give null) for none")
+        return value
 
     @model_validator(mode="after")
     def _one_place_per_setting(self) -> KafkaSection:
@@ -296,14 +305,35 @@ def env_values(
     try:
         data = _MappingEnvSource(model, env)()
     except SettingsError as exc:
-        raise ConfigError(f"environment: {exc}") from None
+        # pydantic-settings names the section ('error parsing value for field "train" from source
+        # "_MappingEnvSource"'), not the variable whose JSON does not parse.
+        found = re.search(r'field "([^"]+)"', str(exc))
+        section = f"{ENV_PREFIX}{found.group(1) if found else ''}".upper()
+        ours = [n for n in env if n.upper() == section or n.upper().startswith(section + "__")]
+        bad = [n for n in ours if not _parses_as_json(env[n])]
+        exact = [n for n in bad if n.upper() == section]
+        meant = [n for n in bad if env[n].lstrip().startswith(("{", "["))]
+        which = ", ".join(sorted(exact or meant or bad)) or section
+        raise ConfigError(
+            f"environment variable {which}: not valid JSON (a list, a dict or a whole section is JSON)"
+        ) from None
     return _decode_free_dicts(model, data)
 
 
-def env_origin(loc: Sequence[object], overrides: Mapping[str, Any]) -> str:
+def _parses_as_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def env_origin(loc: Sequence[object], overrides: Mapping[str, Any], names: Iterable[str] = ()) -> str:
     """`` (environment variable RELOOP__A__B)`` when the key at ``loc`` (or a section above it) came from
     the environment overrides ``overrides`` (``env_values``' result), else ``""``: a bad value named only
-    by its key sends the reader to a file that does not hold it."""
+    by its key sends the reader to a file that does not hold it. ``names``: the variables set, so that a
+    key given inside a JSON value (``RELOOP__TRAIN='{"batch_size": 0}'``) names the variable that holds it."""
+    given = {n.upper() for n in names}
     node: Any = overrides
     path: list[str] = []
     for part in loc:
@@ -311,6 +341,9 @@ def env_origin(loc: Sequence[object], overrides: Mapping[str, Any]) -> str:
             return ""
         path.append(str(part))
         node = node[str(part)]
+        variable = f"{ENV_PREFIX}{'__'.join(path).upper()}"
+        if variable in given:  # this variable set it (a JSON value set what it holds)
+            return f" (environment variable {variable})"
         if not isinstance(node, Mapping):
             break
     if not path:

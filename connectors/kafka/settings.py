@@ -18,6 +18,10 @@ def client_settings() -> frozenset[str]:
     return frozenset(KafkaConsumer.DEFAULT_CONFIG) | frozenset(KafkaProducer.DEFAULT_CONFIG)
 
 
+def consumer_settings() -> frozenset[str]:
+    return frozenset(KafkaConsumer.DEFAULT_CONFIG)
+
+
 def producer_settings() -> frozenset[str]:
     return frozenset(KafkaProducer.DEFAULT_CONFIG)
 

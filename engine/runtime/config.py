@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,6 +304,81 @@ class LogSection(_Section):
     stats_every_s: float = Field(default=10.0, gt=0)
 
 
+# Client settings the connectors set themselves and refuse in a client_config (connectors/*/source.py,
+# group_source.py, sink.py): refused at load, where a connector refusing them was retried as a failure for
+# recovery.give_up_after_s. By client: {setting: what to give instead}.
+_RELOOP_SETS = "reloop sets it"
+_CONSUMER_OWN = {
+    "kafka-python": {
+        "bootstrap_servers": "give it as kafka.bootstrap",
+        "group_id": "give it as consumer.group_id (stages.join_group_id for the join group)",
+        "enable_auto_commit": "offsets are committed after each durable snapshot",
+        "key_deserializer": _RELOOP_SETS,
+        "value_deserializer": _RELOOP_SETS,
+    },
+    "confluent": {
+        "bootstrap.servers": "give it as kafka.bootstrap",
+        "group.id": "give it as consumer.group_id (stages.join_group_id for the join group)",
+        "enable.auto.commit": "offsets are committed after each durable snapshot",
+        "enable.auto.offset.store": "offsets are committed after each durable snapshot",
+    },
+}
+_PRODUCER_OWN = {
+    "kafka-python": {
+        "bootstrap_servers": "give it as kafka.bootstrap",
+        "acks": "the producers always wait for all in-sync replicas",
+        "enable_idempotence": "the producers are always idempotent",
+        "key_serializer": _RELOOP_SETS,
+        "value_serializer": _RELOOP_SETS,
+    },
+    "confluent": {
+        "bootstrap.servers": "give it as kafka.bootstrap",
+        "acks": "the producers always wait for all in-sync replicas",
+        "enable.idempotence": "the producers are always idempotent",
+        "partitioner": "the producers use the Java client's murmur2 partitioner",
+        "on_delivery": _RELOOP_SETS,
+        "error_cb": _RELOOP_SETS,
+    },
+}
+
+
+def _client_settings_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str]]:
+    """(key, what is wrong) for what no consumer or producer of the run would take: the settings reloop
+    sets itself and, with kafka-python, names its consumers or producers do not know (a client refused
+    them only after the others had connected, naming no config key)."""
+    client = cfg.kafka.client
+    consumer_side = {
+        ("kafka", "client_config"): cfg.kafka.client_config,
+        ("consumer", "client_config"): cfg.consumer.client_config,
+        ("stages", "join_client_config"): cfg.stages.join_client_config,
+    }
+    producer_side = {
+        ("kafka", "client_config"): cfg.kafka.client_config,
+        ("producer", "client_config"): cfg.producer.client_config,
+    }
+    own = {**_CONSUMER_OWN[client], **_PRODUCER_OWN[client]}
+    problems = []
+    for sides, ours in ((consumer_side, _CONSUMER_OWN[client]), (producer_side, _PRODUCER_OWN[client])):
+        for where, settings in sides.items():
+            problems += [((*where, key), ours[key]) for key in settings if key in ours]
+    if client == "kafka-python":
+        from reloop.connectors.kafka.settings import consumer_settings, producer_settings
+
+        consumer, producer = consumer_settings(), producer_settings()
+        for where, settings in consumer_side.items():
+            unknown = sorted(k for k in settings if k not in consumer and k not in own)
+            if unknown and where == ("kafka", "client_config"):  # the section refused consumer-only ones
+                why = "every consumer and producer gets them: put them in producer.client_config"
+                problems.append((where, f"{unknown} are not consumer settings ({why})"))
+            elif unknown:
+                problems.append((where, f"{unknown} are not kafka-python consumer settings"))
+        where = ("producer", "client_config")
+        unknown = sorted(k for k in cfg.producer.client_config if k not in producer and k not in own)
+        if unknown:
+            problems.append((where, f"{unknown} are not kafka-python producer settings"))
+    return list(dict.fromkeys(problems))
+
+
 class RunConfig(_Section):
     kafka: KafkaSection = KafkaSection()
     consumer: ConsumerSection = ConsumerSection()
@@ -402,25 +477,32 @@ def load_config_dict(
     data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None
 ) -> RunConfig:
     """``data`` with the ``RELOOP__`` variables of ``env`` (default os.environ) over it, validated."""
-    overrides = env_values(RunConfig, os.environ if env is None else env, others=SERVE_ONLY_SECTIONS)
+    env = os.environ if env is None else env
+    overrides = env_values(RunConfig, env, others=SERVE_ONLY_SECTIONS)
     merged = deep_merge(data, overrides)
     check_moved(merged, MOVED)
     try:
         cfg = RunConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, overrides)) from None
+        raise ConfigError(_describe(exc, overrides, env)) from None
+    problems = _client_settings_problems(cfg)
+    if problems:
+        lines = [f"{'.'.join(loc)}: {msg}{env_origin(loc, overrides, env)}" for loc, msg in problems]
+        raise ConfigError("invalid config: " + "; ".join(lines))
     if cfg.model.spec_file and base_dir is not None and not Path(cfg.model.spec_file).is_absolute():
         model = cfg.model.model_copy(update={"spec_file": str(base_dir / cfg.model.spec_file)})
         cfg = cfg.model_copy(update={"model": model})
     return cfg
 
 
-def _describe(exc: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
+def _describe(
+    exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
+) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {})}")
+        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {}, names)}")
     return "invalid config: " + "; ".join(lines)
 
 

@@ -95,7 +95,9 @@ class DemoConfig(_Frozen):
         from reloop.engine.serve.config import MOVED
 
         check_moved({"kafka": value}, MOVED)
-        KafkaSection.model_validate(value)
+        # The demo's own clients are kafka-python's: settings they cannot take fail here, not after the
+        # broker and the trainers started (exit 1).
+        KafkaSection.model_validate(value).connection("kafka-python")
         return value
 
     def kafka_settings(self) -> dict[str, Any]:
@@ -103,6 +105,17 @@ class DemoConfig(_Frozen):
         from reloop.engine.config_common import KafkaSection
 
         return KafkaSection.model_validate(self.kafka).connection("kafka-python")
+
+
+def describe(exc: ValidationError) -> str:
+    """pydantic's errors on one line, each naming its key, without the values: pydantic's own text
+    spans lines and shows each bad input (a kafka section's included its sasl_password)."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key or '(top level)'}: {msg}")
+    return "; ".join(lines)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +191,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
             try:
                 ArmMemoryConfig.model_validate(memory)
             except ValidationError as exc:
-                raise ConfigError(f"arm {arm.name}: bad memory section: {exc}") from exc
+                raise ConfigError(f"arm {arm.name}: bad memory section: {describe(exc)}") from exc
         plans.append(
             ArmPlan(
                 name=arm.name,
@@ -225,7 +238,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"bad serve section: {exc}") from exc
+        raise ConfigError(f"bad serve section: {describe(exc)}") from exc
 
 
 class TrainerProcess:
@@ -576,7 +589,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
 
         sim_config = simulate_config_from_dict(doc)
     except (ConfigError, ValidationError) as exc:
-        print(f"reloop demo: bad config {args.config}: {exc}", file=sys.stderr)
+        why = describe(exc) if isinstance(exc, ValidationError) else exc
+        print(f"reloop demo: bad config {args.config}: {why}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reloop-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

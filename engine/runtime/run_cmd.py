@@ -41,6 +41,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_json_logging(args.log_level or cfg.log.level)
     if cfg.stages.processes == 2:
+        port = cfg.metrics.prometheus_port
+        if port and join_metrics_port(cfg) == port:  # one stage would start, the other fail to bind
+            print(
+                f"reloop run: invalid config: metrics.join_prometheus_port: {port} is "
+                "metrics.prometheus_port too (with stages.processes 2 both processes serve /metrics here)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
         return _two_processes(args, cfg)  # each stage checks the model section as it starts
     from reloop.engine.runtime.build import check_model
 

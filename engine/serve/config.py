@@ -13,13 +13,20 @@ and ``RELOOP_SERVE_TOKEN`` are refused at load with the new one's name.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from reloop.engine.config_common import (
-    ENV_PREFIX,
     ConfigError,
     KafkaSection,
     check_moved,
@@ -31,7 +38,9 @@ from reloop.engine.config_common import (
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # str_min_length: an empty value (RELOOP__SERVE__HOST= from an unset variable) is refused, not taken
+    # (an empty serve.host bound every interface).
+    model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
 
 
 class ColdStart(_Frozen):
@@ -152,6 +161,15 @@ class ServeConfig(_Frozen):
     kafka: KafkaSection = KafkaSection(client=SERVE_KAFKA_CLIENT)
     limits: RequestLimits = RequestLimits()
 
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _token_not_empty(cls, token: Any) -> Any:
+        # An empty token (a Secret whose key is missing) turned authentication off without a word.
+        text = token.get_secret_value() if isinstance(token, SecretStr) else token
+        if isinstance(text, str) and not text.strip():
+            raise ValueError("is empty; unset it (or give null) to serve without a token")
+        return token
+
     @model_validator(mode="before")
     @classmethod
     def _serve_kafka_client(cls, data: Any) -> Any:
@@ -211,14 +229,11 @@ def serve_config_from_dict(
     for old, new in MOVED_ENV.items():
         if old in env:
             raise ConfigError(f"environment variable {old} was renamed {new}")
-    # A shared environment may hold the processor's sections (RELOOP__TRAIN__...): only the service's here.
-    ours = {
-        k: v
-        for k, v in env.items()
-        if k.upper().startswith(ENV_PREFIX)
-        and k[len(ENV_PREFIX) :].split("__")[0].lower() in _ServeDocument.model_fields
-    }
-    overrides = env_values(_ServeDocument, ours)
+    # A shared environment may hold the processor's sections (RELOOP__TRAIN__...): left to it. A section
+    # neither program has (RELOOP__SERV__PORT) is refused, as `reloop run` refuses it.
+    from reloop.engine.runtime.config import RunConfig
+
+    overrides = env_values(_ServeDocument, env, others=frozenset(RunConfig.model_fields))
     doc = deep_merge(data, overrides)
     check_moved(doc, MOVED, where=" (serve)")
     merged: dict[str, Any] = dict(doc.get("serve") or {})
@@ -231,7 +246,7 @@ def serve_config_from_dict(
     try:
         config = ServeConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, overrides)) from exc
+        raise ConfigError(_explain(exc, overrides, env)) from exc
     if base_dir is not None:
         arms = tuple(
             a if a.registry.is_absolute() else a.model_copy(update={"registry": base_dir / a.registry})
@@ -245,12 +260,14 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     return serve_config_from_dict(read_yaml(path))
 
 
-def _explain(exc: ValidationError, overrides: Mapping[str, Any] | None = None) -> str:
+def _explain(
+    exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
+) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] not in ("arms", "kafka", "salt"):
             loc.insert(0, "serve")  # the key as the document names it
         key = ".".join(loc) or "(root)"
-        lines.append(f"{key}: {err['msg']}{env_origin(loc, overrides or {})}")
+        lines.append(f"{key}: {err['msg']}{env_origin(loc, overrides or {}, names)}")
     return "bad serve config: " + "; ".join(lines)

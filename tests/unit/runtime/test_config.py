@@ -63,6 +63,10 @@ every_wall_s = 60
     ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size: Input should be a valid integer"),
     ({"RELOOP__TRAINN__BATCH_SIZE": "5"}, "RELOOP__TRAINN__BATCH_SIZE: unknown section 'trainn'"),
     ({"RELOOP__METRICS__PROMETHEUS_PORT": "65535"}, "set join_prometheus_port"),  # the join's is port + 1
+    # JSON that does not parse: it named the section and pydantic-settings' source class, not the variable
+    ({"RELOOP__TRAIN": "{batch_size: 5}"}, "environment variable RELOOP__TRAIN: not valid JSON"),
+    ({"RELOOP__KAFKA__CLIENT_CONFIG": "{x", "RELOOP__KAFKA__BOOTSTRAP": "k:1"},
+     "environment variable RELOOP__KAFKA__CLIENT_CONFIG: not valid JSON"),
 ])
 def test_bad_values_name_the_key(tmp_path, env, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
@@ -78,6 +82,15 @@ def test_a_bad_value_from_the_environment_names_its_variable(tmp_path):
     assert batch.startswith("train.batch_size:")
     assert batch.endswith("(environment variable RELOOP__TRAIN__BATCH_SIZE)")
     assert threads.startswith("train.threads:") and "environment" not in threads  # the file's own value
+
+
+def test_a_bad_value_inside_a_json_variable_names_that_variable(tmp_path):
+    # It named RELOOP__TRAIN__BATCH_SIZE, a variable nobody set.
+    with pytest.raises(ConfigError, match=r"batch_size: .*\(environment variable RELOOP__TRAIN\)$"):
+        load_config(_write(tmp_path, BASE), env={"RELOOP__TRAIN": '{"batch_size": 0}'})
+    needle = r"^invalid config: period: .*\(environment variable RELOOP__PERIOD\)$"
+    with pytest.raises(ConfigError, match=needle):
+        load_config(_write(tmp_path, BASE), env={"reloop__period": '{"every_samples": null}'})
 
 
 def test_missing_model_and_bad_yaml(tmp_path):

@@ -112,6 +112,8 @@ def test_one_environment_holds_both_programs_settings():
     assert serve.port == 8081 and serve.kafka.bootstrap == "k:9092"
     with pytest.raises(ConfigError, match="RELOOP__SERVEE__PORT: unknown section 'servee'"):
         _run(env={"RELOOP__SERVEE__PORT": "1"})
+    with pytest.raises(ConfigError, match="RELOOP__SERVEE__PORT: unknown section 'servee'"):
+        serve_config_from_dict(SERVE_DOC, env={"RELOOP__SERVEE__PORT": "1"})  # it was ignored in silence
 
 
 def test_a_consumer_only_setting_in_the_shared_section_is_refused_naming_consumer_client_config():
@@ -121,6 +123,66 @@ def test_a_consumer_only_setting_in_the_shared_section_is_refused_naming_consume
         _run({"kafka": {"client_config": {"sasl_plain_password": "x"}}})
     with pytest.raises(ConfigError, match=r"\['fetch_max_wiat_ms'\] are not kafka-python settings"):
         _run({"kafka": {"client_config": {"fetch_max_wiat_ms": 1}}})
+
+
+def test_client_settings_no_client_would_take_are_refused_at_load_naming_the_key():
+    """A setting reloop sets itself (group_id) was refused by the connector inside the supervised stage and
+    retried until recovery.give_up_after_s (exit 1); an unknown or producer-only consumer setting was
+    refused only after the producers had connected, naming no config key."""
+    cases = [
+        (
+            {"consumer": {"client_config": {"group_id": "g"}}},
+            r"consumer\.client_config\.group_id: .*consumer\.group_id",
+        ),
+        (
+            {"stages": {"join_client_config": {"enable_auto_commit": True}}},
+            r"stages\.join_client_config\.enable_",
+        ),
+        ({"producer": {"client_config": {"acks": 1}}}, r"producer\.client_config\.acks: "),
+        (
+            {"kafka": {"client_config": {"linger_ms": 5}}},
+            r"\['linger_ms'\] .*put them in producer\.client_config",
+        ),
+        (
+            {"consumer": {"client_config": {"fetch_max_wait": 5}}},
+            r"consumer\.client_config: \['fetch_max_wait'\]",
+        ),
+        ({"producer": {"client_config": {"lingerms": 5}}}, r"producer\.client_config: \['lingerms'\]"),
+        (
+            {"kafka": {"client": "confluent"}, "consumer": {"client_config": {"group.id": "g"}}},
+            r"client_config\.group\.id",
+        ),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            _run(data)
+    with pytest.raises(
+        ConfigError, match=r"group_id: .*\(environment variable RELOOP__CONSUMER__CLIENT_CONFIG__GROUP_ID\)"
+    ):
+        _run(env={"RELOOP__CONSUMER__CLIENT_CONFIG__GROUP_ID": "g"})
+    _run(
+        {
+            "consumer": {"client_config": {"fetch_max_wait_ms": 5}},
+            "producer": {"client_config": {"linger_ms": 5}},
+        }
+    )
+
+
+def test_an_empty_value_is_refused_not_taken():
+    """An unset variable expanded to "" (RELOOP__SERVE__HOST=$HOST) was taken: serve.host "" bound every
+    interface, checkpoint.dir "" wrote snapshots into the working folder, kafka.bootstrap "" failed later."""
+    for name, key in [
+        ("RELOOP__KAFKA__BOOTSTRAP", "kafka.bootstrap"),
+        ("RELOOP__CHECKPOINT__DIR", "checkpoint.dir"),
+        ("RELOOP__SOURCE__IMPRESSIONS_TOPIC", "source.impressions_topic"),
+        ("RELOOP__METRICS__PROMETHEUS_HOST", "metrics.prometheus_host"),
+        ("RELOOP__KAFKA__SASL_PASSWORD", "kafka.sasl_password"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{key}: .*\(environment variable {name}\)"):
+            _run(env={name: ""})
+    with pytest.raises(ConfigError, match=r"serve\.host: .*\(environment variable RELOOP__SERVE__HOST\)"):
+        serve_config_from_dict(SERVE_DOC, env={"RELOOP__SERVE__HOST": ""})
+    assert _run(env={"RELOOP__KAFKA__CLIENT_CONFIG__CLIENT_ID": ""}).kafka.client_config == {"client_id": ""}
 
 
 class _Recorder:

@@ -80,3 +80,21 @@ def test_an_arm_whose_registry_does_not_exist_is_named_in_a_warning(tmp_path, ca
         (tmp_path / "r").rmdir()
         ServingStack(load_serve_config(_serve_config(tmp_path))).start().close()
     assert any(f"{tmp_path / 'r'} does not exist" in r.getMessage() for r in caplog.records)
+
+
+def test_run_refuses_one_metrics_port_for_both_stage_processes(tmp_path, monkeypatch, capsys) -> None:
+    # Both processes started; the join stage connected and checkpointed before the train stage failed to bind.
+    from reloop.engine.runtime import run_cmd
+
+    started = []
+    monkeypatch.setattr(run_cmd, "_two_processes", lambda args, cfg: started.append(cfg) or 0)
+    cfg = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    doc = {"model": {"backbone": "lr", "spec": spec}, "metrics": {"prometheus_port": 9464}}
+    cfg.write_text(
+        yaml.safe_dump({**doc, "metrics": {"prometheus_port": 9464, "join_prometheus_port": 9464}})
+    )
+    assert _code(["run", "--config", str(cfg)]) == 2 and not started
+    assert "metrics.join_prometheus_port: 9464" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump(doc))  # the join process takes 9465
+    assert _code(["run", "--config", str(cfg)]) == 0 and len(started) == 1

@@ -70,3 +70,13 @@ def test_kafka_python_settings_reach_the_confluent_logger_or_are_refused():
         confluent_logger(bad, bad.arms[0])
     ok = ServeConfig.model_validate({**base, "kafka": {**kp, "client_config": {"client_id": "s"}}})
     confluent_logger(ok, ok.arms[0]).close(timeout_s=0.1)
+
+
+def test_an_empty_auth_token_is_refused_not_taken_as_no_token():
+    """An empty RELOOP__SERVE__AUTH_TOKEN (an empty Secret key) turned authentication off in silence."""
+    for empty in ("", "  "):
+        with pytest.raises(ConfigError, match=r"serve\.auth_token: .*empty.*RELOOP__SERVE__AUTH_TOKEN"):
+            serve_config_from_dict(_doc(), env={"RELOOP__SERVE__AUTH_TOKEN": empty})
+    assert serve_config_from_dict(_doc(), env={"RELOOP__SERVE__AUTH_TOKEN": "null"}).auth_token is None
+    token = serve_config_from_dict(_doc(), env={"RELOOP__SERVE__AUTH_TOKEN": "t0k"}).auth_token
+    assert token is not None and token.get_secret_value() == "t0k"

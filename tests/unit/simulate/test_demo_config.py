@@ -90,3 +90,36 @@ def test_world_values_that_would_fail_later_or_silently_are_refused_naming_the_k
     # They passed, then crashed in numpy after the wait for the service, or made every probability NaN.
     with pytest.raises(ConfigError, match=needle):
         simulate_config_from_dict({"simulate": {"world": world}})
+
+
+def test_a_bad_demo_config_is_one_line_without_its_values(tmp_path, capsys):
+    """pydantic's own text spanned lines and showed each bad input: a kafka section's sasl_password."""
+    import argparse
+
+    import yaml
+    from reloop.engine.runtime import demo
+
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["kafka"] = {"sasl_password": "s3cr3t", "client_config": {"x": 1}}
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    assert demo.main(parser.parse_args(["--config", str(path), "--workdir", str(tmp_path / "w")])) == 2
+    err = capsys.readouterr().err
+    assert "s3cr3t" not in err and err.count("\n") == 1 and "kafka: " in err
+    doc["arms"][3]["memory"] = {"n_bitz": 8}
+    del doc["kafka"]
+    with pytest.raises(ConfigError) as bad:
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="b:1", run_id="x")
+    assert "\n" not in str(bad.value) and "memory section: n_bitz: unknown key" in str(bad.value)
+
+
+def test_librdkafka_settings_the_demos_own_clients_cannot_take_fail_at_load():
+    # The demo's topic, click and read-back clients are kafka-python's: it failed (exit 1) after starting.
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["kafka"] = {"client": "confluent", "client_config": {"client.id": "x"}}
+    with pytest.raises(Exception, match="kafka.client_config holds librdkafka settings"):
+        DemoConfig.model_validate(doc)
+    doc["kafka"] = {"client": "confluent", "sasl_username": "u"}
+    assert DemoConfig.model_validate(doc).kafka_settings() == {"sasl_plain_username": "u"}
