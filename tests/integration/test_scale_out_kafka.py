@@ -116,15 +116,11 @@ def test_three_joiners_two_train_ranks_one_of_each_killed_every_sample_trained_o
 
     reg = SnapshotRegistry(run / "snaps")
     deadline = time.monotonic() + 240
-    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
-        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
-        time.sleep(0.1)
+    _train_until(reg, train, run / "train.log", 2 * PERIOD, deadline)
     ranks = _ranks(train)
     assert len(ranks) == 2, ranks
     ranks[1].kill()  # torchrun restarts both ranks from the last save
-    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
-        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
-        time.sleep(0.2)
+    _train_until(reg, train, run / "train.log", len(synth.expected) - PERIOD, deadline)
     assert _trained(reg) >= len(synth.expected) - PERIOD, (run / "train.log").read_text()[-3000:]
     time.sleep(3)
     for proc in joins[1:]:
@@ -148,9 +144,7 @@ def test_train_ranks_rescaled_from_two_to_one_lose_and_repeat_no_sample(kafka_br
     ranks2 = _stage_world("train", config, run / "train-2.log")
     reg = SnapshotRegistry(run / "snaps")
     deadline = time.monotonic() + 240
-    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
-        assert ranks2.poll() is None, (run / "train-2.log").read_text()[-3000:]
-        time.sleep(0.1)
+    _train_until(reg, ranks2, run / "train-2.log", 2 * PERIOD, deadline)
     ranks2.send_signal(signal.SIGTERM)
     assert ranks2.wait(90) == 0, (run / "train-2.log").read_text()[-3000:]
     saved = reg.checkpoints.load(reg.checkpoints.versions()[-1]).state
@@ -158,9 +152,7 @@ def test_train_ranks_rescaled_from_two_to_one_lose_and_repeat_no_sample(kafka_br
     assert _trained(reg) < len(synth.expected) - PERIOD  # stopped mid-run: the rest is for one process
 
     one = _stage("train", config, run / "train-1.log")
-    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
-        assert one.poll() is None, (run / "train-1.log").read_text()[-3000:]
-        time.sleep(0.2)
+    _train_until(reg, one, run / "train-1.log", len(synth.expected) - PERIOD, deadline)
     time.sleep(3)
     join.send_signal(signal.SIGTERM)
     assert join.wait(60) == 0
@@ -183,9 +175,7 @@ def test_a_sigkilled_launcher_takes_its_ranks_with_it_and_a_restart_trains_each_
     train = _stage_world("train", config, run / "train-a.log")
     reg = SnapshotRegistry(run / "snaps")
     deadline = time.monotonic() + 240
-    while _trained(reg) < 2 * PERIOD and time.monotonic() < deadline:
-        assert train.poll() is None, (run / "train-a.log").read_text()[-3000:]
-        time.sleep(0.1)
+    _train_until(reg, train, run / "train-a.log", 2 * PERIOD, deadline)
     ranks = _ranks(train)
     assert len(ranks) == 2, ranks
     train.send_signal(signal.SIGKILL)
@@ -194,9 +184,7 @@ def test_a_sigkilled_launcher_takes_its_ranks_with_it_and_a_restart_trains_each_
     assert not alive, f"ranks outlived their SIGKILLed launcher: {[r.pid for r in alive]}"
 
     again = _stage_world("train", config, run / "train-b.log")
-    while _trained(reg) < len(synth.expected) - PERIOD and time.monotonic() < deadline:
-        assert again.poll() is None, (run / "train-b.log").read_text()[-3000:]
-        time.sleep(0.2)
+    _train_until(reg, again, run / "train-b.log", len(synth.expected) - PERIOD, deadline)
     time.sleep(3)
     join.send_signal(signal.SIGTERM)
     assert join.wait(60) == 0
@@ -210,18 +198,17 @@ def test_a_stop_that_cannot_save_the_final_checkpoint_does_not_exit_0(kafka_brok
     torchrun kills the ranks after its shutdown timeout, nothing is saved, and ``reloop train`` said 0."""
     synth, run, config = _setup(kafka_broker, unique_topic, tmp_path / "frozen", seed=43)
     join = _stage("join", config, run / "join.log")
-    train = _stage_world("train", config, run / "train.log")
+    # torchrun's wait before it SIGKILLs ranks that do not stop: 5 s instead of 30, to keep the test short
+    train = _stage_world("train", config, run / "train.log", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
     reg = SnapshotRegistry(run / "snaps")
     deadline = time.monotonic() + 240
-    while _trained(reg) < PERIOD and time.monotonic() < deadline:
-        assert train.poll() is None, (run / "train.log").read_text()[-3000:]
-        time.sleep(0.1)
+    _train_until(reg, train, run / "train.log", PERIOD, deadline)
     ranks = _ranks(train)
     assert len(ranks) == 2, ranks
     ranks[1].suspend()
     saves = len(reg.checkpoints.versions())
     train.send_signal(signal.SIGTERM)
-    assert train.wait(120) == 1, (run / "train.log").read_text()[-3000:]
+    assert train.wait(60) == 1, (run / "train.log").read_text()[-3000:]
     assert "stopped before their final checkpoint" in (run / "train.log").read_text()
     assert len(reg.checkpoints.versions()) == saves  # indeed nothing was saved
     join.send_signal(signal.SIGTERM)
@@ -250,6 +237,14 @@ def test_a_split_the_ranks_cannot_train_is_refused_before_torchrun_starts(
     assert time.monotonic() - started < 60
 
 
+def _train_until(reg: SnapshotRegistry, proc, log, samples: int, deadline: float) -> None:
+    """Wait until the snapshots hold ``samples`` trained (or the deadline), failing with the log's tail
+    if the train process ends first."""
+    while _trained(reg) < samples and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 def _assert_trained_once(run, reg: SnapshotRegistry, synth, ranks: int) -> None:
     """Every sample of the log in exactly one place: the ledgers of all ranks ever run, or the buffers of
     the last checkpoint (samples taken but not yet trained); all ranks saved the same weights."""
@@ -274,8 +269,8 @@ def _decode(data: bytes):
     return decode_batch(data)
 
 
-def _stage_world(stage: str, config, log):
-    """``reloop train --world-size 2`` (torchrun) as a child process."""
+def _stage_world(stage: str, config, log, **env_over: str):
+    """``reloop train --world-size 2`` (torchrun) as a child process (``env_over``: more environment)."""
     import os
     import subprocess
     import sys
@@ -283,7 +278,7 @@ def _stage_world(stage: str, config, log):
     from .test_stages_kafka import ROOT
 
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")} | env_over
     proc = subprocess.Popen(
         [sys.executable, "-m", "reloop.engine.runtime.cli", stage, "--config", str(config),
          "--world-size", "2"],
