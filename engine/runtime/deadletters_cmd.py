@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
+from reloop.engine.config_common import int_at_least
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
 from reloop.engine.events.validation import REASONS
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
@@ -70,13 +71,6 @@ def _topic(text: str) -> str:
     return text
 
 
-def _not_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("summary", "show", "redrive"), help="what to do")
     parser.add_argument("--config", help="YAML or TOML run config (RELOOP__* env overrides)")
@@ -90,7 +84,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", default="", help="comma list of reasons (default: every reason)")
     parser.add_argument("--origin", default="", help="comma list of origin topics (default: every topic)")
     parser.add_argument("--since-ms", type=int, default=None, help="dead-lettered at or after (epoch ms)")
-    parser.add_argument("--limit", type=_not_negative, default=20, help="show: at most this many envelopes")
+    parser.add_argument("--limit", type=int_at_least(0), default=20, help="show: at most this many envelopes")
     parser.add_argument(
         "--to", type=_topic, default=None, help="redrive: this topic instead of each record's own"
     )
