@@ -16,15 +16,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
-
-_RESERVED = {
-    "bootstrap.servers": "pass bootstrap=...",
-    "group.id": "pass group_id=...",
-    "enable.auto.commit": "offsets are committed only by commit()",
-    "enable.auto.offset.store": "offsets are committed only by commit()",
-}
 
 
 class ConfluentGroupSource:

@@ -13,6 +13,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# Settings the connectors set themselves, which a client_config may not change (setting -> why): the
+# sources and sinks refuse them, and the run config refuses them at load (engine/runtime/config.py).
+CONSUMER_RESERVED = {
+    "bootstrap.servers": "pass bootstrap=...",
+    "group.id": "pass group_id=...",
+    "enable.auto.commit": "offsets are committed only by the source's commit()",
+    "enable.auto.offset.store": "offsets are committed only by the source's commit()",
+}
+PRODUCER_RESERVED = {
+    "bootstrap.servers": "pass bootstrap=...",
+    "acks": "the sink always waits for all in-sync replicas",
+    "enable.idempotence": "the sink is always idempotent",
+    "partitioner": "the sink uses the Java client's murmur2 partitioner",
+    "on_delivery": "the sink handles delivery reports",
+    "error_cb": "the sink handles client errors",
+}
+
 KAFKA_PYTHON_TO_LIBRDKAFKA = {
     "client_id": "client.id",
     "security_protocol": "security.protocol",

@@ -26,16 +26,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from reloop.connectors.confluent.admin import record_limit
+from reloop.connectors.confluent.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
-_RESERVED = {
-    "bootstrap.servers": "pass bootstrap=...",
-    "acks": "the sink always waits for all in-sync replicas",
-    "enable.idempotence": "the sink is always idempotent",
-    "partitioner": "the sink uses the Java client's murmur2 partitioner",
-    "on_delivery": "the sink handles delivery reports",
-    "error_cb": "the sink handles client errors",
-}
 # Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).
 _RECORD_OVERHEAD = 256
 _SIZE_ERRORS = {KafkaError.MSG_SIZE_TOO_LARGE}

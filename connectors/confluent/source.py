@@ -18,16 +18,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
 _log = logging.getLogger(__name__)
-
-_RESERVED = {
-    "bootstrap.servers": "pass bootstrap=...",
-    "group.id": "pass group_id=...",
-    "enable.auto.commit": "offsets are committed only by ConfluentSource.commit()",
-    "enable.auto.offset.store": "offsets are committed only by ConfluentSource.commit()",
-}
 
 
 class ConfluentSource:

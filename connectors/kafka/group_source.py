@@ -22,16 +22,9 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
+from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.kafka.source import fetched_ends
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
-
-_RESERVED = {
-    "bootstrap_servers": "pass bootstrap=...",
-    "group_id": "pass group_id=...",
-    "enable_auto_commit": "offsets are committed only by commit()",
-    "key_deserializer": "records carry raw bytes",
-    "value_deserializer": "records carry raw bytes",
-}
 
 
 class _Listener(ConsumerRebalanceListener):

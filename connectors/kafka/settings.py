@@ -12,6 +12,23 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
+# Settings the connectors set themselves, which a client_config may not change (setting -> why): the
+# sources and sinks refuse them, and the run config refuses them at load (engine/runtime/config.py).
+CONSUMER_RESERVED = {
+    "bootstrap_servers": "pass bootstrap=...",
+    "group_id": "pass group_id=...",
+    "enable_auto_commit": "offsets are committed only by the source's commit()",
+    "key_deserializer": "records carry raw bytes",
+    "value_deserializer": "records carry raw bytes",
+}
+PRODUCER_RESERVED = {
+    "bootstrap_servers": "pass bootstrap=...",
+    "acks": "the sink always waits for all in-sync replicas",
+    "enable_idempotence": "the sink is always idempotent",
+    "key_serializer": "the sink sends raw bytes",
+    "value_serializer": "the sink sends raw bytes",
+}
+
 
 def client_settings() -> frozenset[str]:
     """Every key a kafka-python consumer or producer accepts."""

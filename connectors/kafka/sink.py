@@ -28,6 +28,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError, UnknownError
 from reloop.connectors.kafka.admin import record_limit
+from reloop.connectors.kafka.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
@@ -50,14 +51,6 @@ class _CancelledInitIsInfo(logging.Filter):
 logging.getLogger("kafka.producer.transaction_manager").addFilter(_CancelledInitIsInfo())
 # Bytes a record adds to its key and value inside a produce request (record + batch headers, with room).
 _RECORD_OVERHEAD = 256
-
-_RESERVED = {
-    "bootstrap_servers": "pass bootstrap=...",
-    "acks": "the sink always waits for all in-sync replicas",
-    "enable_idempotence": "the sink is always idempotent",
-    "key_serializer": "the sink sends raw bytes",
-    "value_serializer": "the sink sends raw bytes",
-}
 
 
 class KafkaSinkError(RuntimeError):

@@ -17,20 +17,12 @@ from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import IllegalStateError, KafkaError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
+from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
 # What the client raises for a broker it cannot reach or a request it refuses: for the engine's commands,
 # which know no Kafka client (engine/runtime/deadletters_cmd.py).
 CLIENT_ERRORS: tuple[type[Exception], ...] = (KafkaError,)
-
-# Settings the Source contract depends on; client_config may not change them.
-_RESERVED = {
-    "bootstrap_servers": "pass bootstrap=...",
-    "group_id": "pass group_id=...",
-    "enable_auto_commit": "offsets are committed only by KafkaSource.commit()",
-    "key_deserializer": "records carry raw bytes",
-    "value_deserializer": "records carry raw bytes",
-}
 
 
 class KafkaSource:

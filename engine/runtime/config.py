@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -304,42 +305,24 @@ class LogSection(_Section):
     stats_every_s: float = Field(default=10.0, gt=0)
 
 
-# Client settings the connectors set themselves and refuse in a client_config (connectors/*/source.py,
-# group_source.py, sink.py): refused at load, where a connector refusing them was retried as a failure for
-# recovery.give_up_after_s. By client: {setting: what to give instead}.
-_RELOOP_SETS = "reloop sets it"
-_CONSUMER_OWN = {
-    "kafka-python": {
-        "bootstrap_servers": "give it as kafka.bootstrap",
-        "group_id": "give it as consumer.group_id (stages.join_group_id for the join group)",
-        "enable_auto_commit": "offsets are committed after each durable snapshot",
-        "key_deserializer": _RELOOP_SETS,
-        "value_deserializer": _RELOOP_SETS,
-    },
-    "confluent": {
-        "bootstrap.servers": "give it as kafka.bootstrap",
-        "group.id": "give it as consumer.group_id (stages.join_group_id for the join group)",
-        "enable.auto.commit": "offsets are committed after each durable snapshot",
-        "enable.auto.offset.store": "offsets are committed after each durable snapshot",
-    },
-}
-_PRODUCER_OWN = {
-    "kafka-python": {
-        "bootstrap_servers": "give it as kafka.bootstrap",
-        "acks": "the producers always wait for all in-sync replicas",
-        "enable_idempotence": "the producers are always idempotent",
-        "key_serializer": _RELOOP_SETS,
-        "value_serializer": _RELOOP_SETS,
-    },
-    "confluent": {
-        "bootstrap.servers": "give it as kafka.bootstrap",
-        "acks": "the producers always wait for all in-sync replicas",
-        "enable.idempotence": "the producers are always idempotent",
-        "partitioner": "the producers use the Java client's murmur2 partitioner",
-        "on_delivery": _RELOOP_SETS,
-        "error_cb": _RELOOP_SETS,
-    },
-}
+def _reserved(client: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(consumer, producer) settings the connectors set themselves and refuse in a client_config, each with
+    what to give instead: refused at load, where a connector refusing them was retried as a failure for
+    recovery.give_up_after_s. The lists are the connectors' own (connectors/*/settings.py)."""
+    if client == "confluent":
+        from reloop.connectors.confluent.settings import CONSUMER_RESERVED, PRODUCER_RESERVED
+    else:
+        from reloop.connectors.kafka.settings import CONSUMER_RESERVED, PRODUCER_RESERVED
+    # The connectors' reasons speak of their constructors' arguments; these two come from config keys.
+    instead = {
+        "bootstrap": "give it as kafka.bootstrap",
+        "group": "give it as consumer.group_id (stages.join_group_id for the join group)",
+    }
+
+    def hinted(reserved: dict[str, str]) -> dict[str, str]:
+        return {k: instead.get(re.split(r"[._]", k)[0], why) for k, why in reserved.items()}
+
+    return hinted(CONSUMER_RESERVED), hinted(PRODUCER_RESERVED)
 
 
 def _client_settings_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str]]:
@@ -356,9 +339,10 @@ def _client_settings_problems(cfg: RunConfig) -> list[tuple[tuple[str, ...], str
         ("kafka", "client_config"): cfg.kafka.client_config,
         ("producer", "client_config"): cfg.producer.client_config,
     }
-    own = {**_CONSUMER_OWN[client], **_PRODUCER_OWN[client]}
+    consumer_own, producer_own = _reserved(client)
+    own = {**consumer_own, **producer_own}
     problems = []
-    for sides, ours in ((consumer_side, _CONSUMER_OWN[client]), (producer_side, _PRODUCER_OWN[client])):
+    for sides, ours in ((consumer_side, consumer_own), (producer_side, producer_own)):
         for where, settings in sides.items():
             problems += [((*where, key), ours[key]) for key in settings if key in ours]
     if client == "kafka-python":
