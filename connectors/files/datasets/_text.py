@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow
@@ -33,9 +34,34 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:  # utf-8-sig on line 1 only: Excel's BOM became part of the first column's name
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:  # it said only "can't decode byte 0xff in position N"
-                raise DatasetError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+                raise _not_utf8_line(path, number, exc) from None
             if line:
                 yield number, line
+
+
+def _not_utf8_line(path: Path, number: int, exc: UnicodeDecodeError) -> DatasetError:
+    return DatasetError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})")
+
+
+def not_utf8(path: Path) -> DatasetError:
+    """The error for a text file a reader found not UTF-8, naming its first such line: the codec's own
+    message names a byte offset in a read buffer, no line ("can't decode byte 0xff in position 8191")."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                return _not_utf8_line(path, number, exc)
+    return DatasetError(f"{path}: not UTF-8")
+
+
+@contextmanager
+def utf8_errors_located(path: Path) -> Iterator[None]:
+    """Reading a text file inside: a UnicodeDecodeError becomes :func:`not_utf8`'s error."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 # Event times in ms must fit numpy's int64 with room: beyond, a time is a typo, not a date.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reloop.connectors.files.datasets._text import refuse_empty, require_file
+from reloop.connectors.files.datasets._text import refuse_empty, require_file, utf8_errors_located
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 COLUMNS = (
@@ -57,7 +57,7 @@ class Avazu:
         # some 30 bytes an id (1 to 2 GB for Avazu's 40M rows; the rows themselves take far more).
         seen: set[str] = set()
         # utf-8-sig: Excel's BOM made the first column '\ufeffid' ("header lacks columns ['id']").
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with utf8_errors_located(path), path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, [])
             missing = [c for c in ("id", "click", "hour", *COLUMNS) if c not in header]

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from reloop.connectors.files.datasets._text import parse_float, refuse_empty, require_file
+from reloop.connectors.files.datasets._text import (
+    parse_float,
+    refuse_empty,
+    require_file,
+    utf8_errors_located,
+)
 from reloop.connectors.files.datasets.base import (
     PSEUDO_TIME_ORIGIN_MS,
     DatasetError,
@@ -52,7 +57,8 @@ class Criteo:
     def _format(self, path: Path) -> str:
         if self.format != "auto":
             return self.format
-        with path.open(encoding="utf-8-sig") as fh:  # -sig: Excel's BOM made a CSV look like TSV
+        # -sig: Excel's BOM made a CSV look like TSV
+        with utf8_errors_located(path), path.open(encoding="utf-8-sig") as fh:
             first = fh.readline()
         return "csv" if first.startswith("label,") else "tsv"
 
@@ -62,7 +68,7 @@ class Criteo:
     def _rows(self) -> Iterator[DatasetRow]:
         path = require_file(Path(self.path))
         fmt = self._format(path)
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with utf8_errors_located(path), path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",")
             first_line = 1
             if fmt == "csv":

@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from reloop.connectors.files.datasets._text import checked_ms, refuse_empty, require_file
+from reloop.connectors.files.datasets._text import checked_ms, refuse_empty, require_file, utf8_errors_located
 from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
@@ -145,7 +145,7 @@ class ImpressionLog:
             kinds = _parquet_kinds(table.schema)
             return self._checked(list(table.column_names)), kinds, table.to_pylist()
         # utf-8-sig: Excel's BOM made the first column '\ufeffuser_id' (or '\ufeffimpression_id').
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with utf8_errors_located(path), path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh)
             columns = self._checked(next(reader, []))
             records: list[dict[str, Any]] = []
@@ -167,7 +167,7 @@ class ImpressionLog:
 
             schema = pq.read_schema(path)
             return self._checked(list(schema.names)), _parquet_kinds(schema)
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with utf8_errors_located(path), path.open(encoding="utf-8-sig", newline="") as fh:
             return self._checked(next(csv.reader(fh), [])), {}
 
     def _checked(self, columns: list[str]) -> list[str]:

@@ -110,3 +110,21 @@ def test_avazu_repeated_id_is_refused_naming_both_lines(tmp_path: Path, avazu_cs
     bad.write_text(text + "\n" + text.splitlines()[2] + "\n")  # line 6 blank, line 7 repeats id "b"
     with pytest.raises(DatasetError, match=r"dup\.csv:7: id 'b' repeats line 3$"):
         list(Avazu(bad).rows())
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(
+    tmp_path: Path, criteo_files: tuple[Path, Path], avazu_csv: Path
+) -> None:
+    # The codec's error named a position in an 8 KiB read buffer ("can't decode byte 0xff in position
+    # 8191"), no file and no line: a loader gave that alone for a byte far into a large file.
+    for loader, plain in ((Criteo, criteo_files[0]), (Criteo, criteo_files[1]), (Avazu, avazu_csv)):
+        lines = plain.read_bytes().splitlines(keepends=True)
+        body = lines[1:] * 2000  # well past the first read buffer
+        if loader is Avazu:  # ids must not repeat
+            body = [b"x%d," % i + line.split(b",", 1)[1] for i, line in enumerate(body)]
+        bad = tmp_path / f"bad{plain.suffix}"
+        # row 1500 of the body gets a Latin-1 "é"; the header (line 1) stays
+        body[1499] = body[1499].replace(b"\n", b"\xe9\n", 1)
+        bad.write_bytes(lines[0] + b"".join(body))
+        with pytest.raises(DatasetError, match=rf"bad{plain.suffix}:1501: not UTF-8 \(invalid"):
+            list(loader(bad).rows())

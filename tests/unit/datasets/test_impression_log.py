@@ -278,3 +278,15 @@ def test_name_is_an_option_of_open_dataset(tmp_path: Path) -> None:
     # open_dataset's own `name` parameter took it: "got multiple values for argument 'name'".
     path = _write_csv(tmp_path / "log.csv")
     assert open_dataset("impression-log", path, name="shop").name == "shop"
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(tmp_path: Path) -> None:
+    # The codec's error named a position in an 8 KiB read buffer, no file and no line.
+    path = tmp_path / "latin1.csv"
+    rows = [f"{t},i{t},0,caf\xe9" if t == 3000 else f"{t},i{t},0,x" for t in range(1, 5000)]
+    path.write_bytes(("timestamp,impression_id,click,f\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.csv:3001: not UTF-8 \(invalid"):
+        list(ImpressionLog(path).rows())
+    path.write_bytes("timestamp,impression_id,click,caf\xe9\n1,i1,0,x\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.csv:1: not UTF-8"):
+        ImpressionLog(path).fields  # noqa: B018 (the header alone is read)
