@@ -63,14 +63,20 @@ class RestorePoint(NamedTuple):
 
 def restore_points(registry: SnapshotRegistry) -> Iterator[RestorePoint]:
     checkpoints: dict[int | None, list[int]] = {}
+    unreadable: list[int] = []
     for c in reversed(registry.checkpoints.versions()):
         try:
             base = registry.checkpoints.manifest(c)["meta"].get("base_version")
-        except SnapshotError as exc:
-            log.error("refusing checkpoint", extra={"fields": {"checkpoint": c, "error": str(exc)}})
+        except SnapshotError:
+            unreadable.append(c)
             continue
         if base is None or (isinstance(base, int) and not isinstance(base, bool)):
             checkpoints.setdefault(base, []).append(c)
+    # A checkpoint whose manifest does not read has no known place in the order; offered first, its
+    # load fails again and it is refused like any other point (logged, counted), and it counts towards
+    # "points exist": skipped here, the only checkpoint of a first period let the stage start afresh.
+    for c in unreadable:
+        yield RestorePoint("checkpoint", c, None)
     for v in reversed(registry.versions()):
         for c in checkpoints.get(v, []):
             yield RestorePoint("checkpoint", c, v)

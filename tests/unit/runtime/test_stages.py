@@ -1180,3 +1180,39 @@ def test_both_stages_export_their_consumer_lag_and_the_join_its_watermark(tmp_pa
     train.step()
     assert all(v == 0.0 for _, v in stats.items())
     train.close()
+
+
+def test_a_first_period_checkpoint_whose_manifest_does_not_read_refuses_to_start_afresh(tmp_path):
+    # The restore order skipped a checkpoint whose manifest did not read without counting it: with no
+    # other restore point the stage started from scratch, retrained the samples topic from its start
+    # and truncated the ledger of what it had trained.
+    from reloop.engine.runtime.restore import NoUsableSnapshot
+
+    log, clock, _ = _joined(tmp_path, 600, seed=11)
+    cfg = _config(tmp_path, period={"every_samples": 10**9})
+    train = _train(cfg, log, clock, tmp_path)
+    for _ in range(3):
+        train.step()
+        clock.advance(10)
+    assert train.close() == 1 and _ledger(tmp_path)
+    manifest = SnapshotRegistry(tmp_path / "train-ckpt").checkpoints.path(1) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])  # cut off
+    with pytest.raises(NoUsableSnapshot, match=r"checkpoint 1: .*manifest"):
+        _train(cfg, log, clock, tmp_path)
+    assert _ledger(tmp_path)  # not truncated
+
+
+def test_a_checkpoint_whose_manifest_does_not_read_is_a_counted_fallback(tmp_path):
+    log, clock, _ = _joined(tmp_path, 600, seed=11)
+    cfg = _config(tmp_path, period={"every_samples": 10**9})
+    train = _train(cfg, log, clock, tmp_path)
+    train.step()
+    assert train.close() == 1
+    train = _train(cfg, log, clock, tmp_path)
+    train.step()
+    assert train.close() == 2
+    (SnapshotRegistry(tmp_path / "train-ckpt").checkpoints.path(2) / "manifest.json").write_text("{")
+    stats = EngineStats()
+    resumed = _train(cfg, log, clock, tmp_path, stats=stats)
+    assert resumed.restored_from == "checkpoint 1" and resumed.restore_fallbacks == 1
+    assert stats.snapshot_restore_fallbacks.get() == 1
