@@ -295,7 +295,13 @@ def env_values(
     ours = {}
     for name, value in env.items():
         if name.upper().startswith(ENV_PREFIX):
-            section = name[len(ENV_PREFIX) :].split("__")[0].lower()
+            parts = name[len(ENV_PREFIX) :].split("__")
+            if len(parts) > 1 and "" in parts:  # RELOOP__TRAIN__ was reported as key "train."
+                raise ConfigError(
+                    f"environment variable {name}: an empty name between or after '__' "
+                    "(RELOOP__<SECTION>__<KEY>)"
+                )
+            section = parts[0].lower()
             if section in others and section not in model.model_fields:
                 continue
             if section not in model.model_fields:

@@ -62,6 +62,8 @@ every_wall_s = 60
     ({"RELOOP__PERIOD__EVERY_WALL_S": "5"}, "every_samples, every_event_ms, every_wall_s"),
     ({"RELOOP__TRAIN__BATCH_SIZE__X": "5"}, "train.batch_size: Input should be a valid integer"),
     ({"RELOOP__TRAINN__BATCH_SIZE": "5"}, "RELOOP__TRAINN__BATCH_SIZE: unknown section 'trainn'"),
+    ({"RELOOP__TRAIN__": "5"}, "RELOOP__TRAIN__: an empty name between or after '__'"),  # was key "train."
+    ({"RELOOP__TRAIN____BATCH_SIZE": "5"}, "RELOOP__TRAIN____BATCH_SIZE: an empty name"),
     ({"RELOOP__METRICS__PROMETHEUS_PORT": "65535"}, "set join_prometheus_port"),  # the join's is port + 1
     # JSON that does not parse: it named the section and pydantic-settings' source class, not the variable
     ({"RELOOP__TRAIN": "{batch_size: 5}"}, "environment variable RELOOP__TRAIN: not valid JSON"),
