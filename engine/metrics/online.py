@@ -28,8 +28,8 @@
   semantics, numpy, updates buffered and applied a batch at a time: well under 1 us per sample
   instead of ~20 us), because the book sits on the trainer's hot path.
 
-``state_dict()`` / ``from_state_dict()`` return and accept plain data (lists, dicts, numbers) for the
-engine's snapshot.
+``state_dict()`` / ``from_state_dict()`` return and accept plain data (lists, dicts, numbers; the book's
+windows as bytes, see ``rolling_batch.window_arrays``) for the engine's snapshot.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def _check(y: int, p: float) -> tuple[int, float]:
     p = float(p)
     if p != p:  # NaN: it would corrupt the sorted lists' order
         raise ValueError("score is NaN")
+    if p in (math.inf, -math.inf):  # inf - inf at eviction would leave the mean prediction NaN for good
+        raise ValueError("score is not finite")
     return int(y), p
 
 
@@ -113,8 +115,8 @@ class ExactAUC:
         """Bulk build in O(n log n) with numpy (used by restore)."""
         ys = np.asarray(ys, dtype=np.int8)
         ps = np.asarray(ps, dtype=np.float64)
-        if ys.size and (np.isnan(ps).any() or not np.isin(ys, (0, 1)).all()):
-            raise ValueError("labels must be 0/1 and scores not NaN")
+        if ys.size and (not np.isfinite(ps).all() or not np.isin(ys, (0, 1)).all()):
+            raise ValueError("labels must be 0/1 and scores finite (not NaN)")
         pos = np.sort(ps[ys == 1])
         neg = np.sort(ps[ys == 0])
         auc = cls()

@@ -115,8 +115,9 @@ class BatchRollingMetrics:
     # -- updates ------------------------------------------------------------------------------
     def update(self, y: int, p: float) -> None:
         p = float(p)
-        if (y != 0 and y != 1) or p != p:
-            raise ValueError(f"label must be 0 or 1 and score not NaN, got {y!r}, {p!r}")
+        # Not NaN nor inf: an infinite score makes the running sum inf - inf = NaN once it leaves the window.
+        if (y != 0 and y != 1) or not math.isfinite(p):
+            raise ValueError(f"label must be 0 or 1 and score finite (not NaN), got {y!r}, {p!r}")
         self._pending_y.append(int(y))
         self._pending_p.append(p)
         if self._chunked + len(self._pending_y) >= self.flush_size:
@@ -145,8 +146,8 @@ class BatchRollingMetrics:
             return
         if not np.isin(ys, (0, 1)).all():
             raise ValueError("labels must be 0 or 1")
-        if np.isnan(ps).any():
-            raise ValueError("score is NaN")
+        if not np.isfinite(ps).all():
+            raise ValueError("score is NaN" if np.isnan(ps).any() else "score is not finite")
         self._chunk_pending()
         self._chunks.append((ys, ps))
         self._chunked += ys.size
