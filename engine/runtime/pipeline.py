@@ -238,7 +238,7 @@ class Pipeline:
         self._metrics.restore(self)
         # The last model version's number and time, at once (as the train stage does).
         if base is not None:
-            self._metrics.restored(base, float(self.registry.manifest(base)["created_unix"]))
+            self._metrics.restored(self.registry, base)
         log.info(
             "restored",
             extra={

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
 from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.train.stream import StepResult
 
@@ -29,7 +30,10 @@ class TrainerMetrics:
         self._wall_period_s = wall_period_s
         if wall_period_s is not None:
             self._snap_period.set(wall_period_s)
-        self._last_snap_wall: float | None = None
+        # Where the interval up to the next snapshot is measured from (count and event-time periods):
+        # a fresh stage's first period runs from its start (measured from nothing, the period stayed
+        # unknown until the second snapshot, and a stage stalled after its first tripped no alert).
+        self._measure_from: float | None = time.time()
 
     def trained(self, result: StepResult) -> None:
         self._steps.add()
@@ -48,10 +52,25 @@ class TrainerMetrics:
         for optimizer, lr in result.rates.items():
             self._rates.set(lr, optimizer)
 
-    def restored(self, version: int, created_unix: float) -> None:
+    def restored(self, registry: SnapshotRegistry, version: int) -> None:
+        """Version ``version`` of ``registry`` was restored: its number and time, and for count and
+        event-time periods the interval between it and the version before it, at once: a restored
+        process that then stalls must trip the snapshot-stale alert without ever writing a snapshot."""
+        created = float(registry.manifest(version)["created_unix"])
         self._snap_version.set(version)
-        self._snap_time.set(created_unix)
-        self._last_snap_wall = created_unix
+        self._snap_time.set(created)
+        self._measure_from = created
+        if self._wall_period_s is not None:
+            return
+        older = [v for v in registry.versions() if v < version]
+        try:
+            before = float(registry.manifest(older[-1])["created_unix"]) if older else None
+        except SnapshotError:  # an older version that does not read: its time is unknown
+            before = None
+        if before is not None and created > before:
+            self._snap_period.set(created - before)
+            # The next interval spans the downtime and part of a period: not a period's length.
+            self._measure_from = None
 
     def snapshotted(self, version: int) -> None:
         now = time.time()
@@ -60,6 +79,6 @@ class TrainerMetrics:
         self._snaps.add()
         # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
         # last observed interval instead.
-        if self._wall_period_s is None and self._last_snap_wall is not None:
-            self._snap_period.set(now - self._last_snap_wall)
-        self._last_snap_wall = now
+        if self._wall_period_s is None and self._measure_from is not None:
+            self._snap_period.set(now - self._measure_from)
+        self._measure_from = now

@@ -319,7 +319,7 @@ class TrainStage:
         # The last model version's number and time, at once: a restored process that then stalls must
         # trip the snapshot-stale alert without ever writing a snapshot.
         if base is not None:
-            self._metrics.restored(base, float(self.registry.manifest(base)["created_unix"]))
+            self._metrics.restored(self.registry, base)
         log.info(
             "restored",
             extra={"fields": {"from": self.restored_from, "samples_trained": self.trainer.counters.samples}},

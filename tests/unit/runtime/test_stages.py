@@ -1216,3 +1216,28 @@ def test_a_checkpoint_whose_manifest_does_not_read_is_a_counted_fallback(tmp_pat
     resumed = _train(cfg, log, clock, tmp_path, stats=stats)
     assert resumed.restored_from == "checkpoint 1" and resumed.restore_fallbacks == 1
     assert stats.snapshot_restore_fallbacks.get() == 1
+
+
+def test_the_snapshot_period_of_a_count_trigger_is_known_from_the_first_snapshot_and_at_restore(tmp_path):
+    # Count periods have no wall length: the gauge held the interval between two snapshots of one
+    # process, so it stayed unset through a stage's first snapshot and after every restart (where the
+    # next interval also spanned the downtime): a stage stalled then tripped neither stale alert.
+    log, clock, _ = _joined(tmp_path, 300, seed=4)
+    cfg = _config(tmp_path)
+    stats = EngineStats()
+    first = _train(cfg, log, clock, tmp_path, stats=stats)
+    for wanted in (1, 2):
+        deadline = time.monotonic() + 60
+        while stats.snapshots.get() < wanted:  # durable (written in the background or not)
+            assert time.monotonic() < deadline
+            first.step()
+            clock.advance(10)
+        if wanted == 1:
+            assert stats.snapshot_period_s.get() > 0  # from the stage's start
+    first.abort()
+    reg = SnapshotRegistry(tmp_path / "train-ckpt")
+    *_, before, newest = reg.versions()
+    gap = reg.manifest(newest)["created_unix"] - reg.manifest(before)["created_unix"]
+    stats = EngineStats()
+    _train(cfg, log, clock, tmp_path, stats=stats)
+    assert stats.snapshot_version.get() == newest and stats.snapshot_period_s.get() == pytest.approx(gap)
