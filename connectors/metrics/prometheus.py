@@ -146,6 +146,8 @@ SERIES: tuple[Series, ...] = (
            "Observed click rate over the rolling window (calibration).", _VERSIONED),
     Series("rolling_samples", "reloop_rolling_window_samples", "gauge",
            "Samples currently in the rolling window.", _VERSIONED),
+    Series("rolling_untracked_samples", "reloop_rolling_untracked_samples_total", "counter",
+           "Samples of arms beyond metrics.max_arms, left out of the rolling metrics."),
     Series("snapshot_version", "reloop_snapshot_version", "gauge",
            "Version number of the last snapshot written."),
     Series("snapshot_time_s", "reloop_snapshot_timestamp_seconds", "gauge",

@@ -34,6 +34,7 @@ windows as bytes, see ``rolling_batch.window_arrays``) for the engine's snapshot
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import deque
@@ -46,6 +47,8 @@ from reloop.engine.metrics.offline import EPS as _EPS  # one clipping epsilon fo
 from reloop.engine.metrics.rolling_batch import BatchRollingMetrics, window_arrays
 from reloop.engine.metrics.stats import STATS, EngineStats
 from sortedcontainers import SortedList
+
+log = logging.getLogger("reloop.metrics")
 
 
 def _check(y: int, p: float) -> tuple[int, float]:
@@ -335,20 +338,37 @@ class OnlineMetricsBook:
     """Rolling metrics per (arm, model version), keeping the ``max_versions`` newest versions per arm.
 
     Samples for a version older than every kept one are ignored (``update`` returns False): late
-    labels for a model two reloads ago must not push the current one out. Thread-safe for one
-    writer and scraping readers (one lock per call; ``update_many`` takes it once per batch).
+    labels for a model two reloads ago must not push the current one out. At most ``max_arms`` arms
+    are tracked, the first seen: the arm is any string an impression carries, and one per request (a
+    producer's bug) grew a window and five series per value without bound; the samples of the arms
+    beyond are counted in ``untracked_samples`` (exported) and the first such arm is logged. Thread-safe
+    for one writer and scraping readers (one lock per call; ``update_many`` takes it once per batch).
     """
 
-    def __init__(self, *, window_size: int = 100_000, max_versions: int = 2) -> None:
+    def __init__(self, *, window_size: int = 100_000, max_versions: int = 2, max_arms: int = 64) -> None:
         if max_versions < 1:
             raise ValueError(f"max_versions must be >= 1, got {max_versions}")
+        if max_arms < 1:
+            raise ValueError(f"max_arms must be >= 1, got {max_arms}")
         self.window_size = window_size
         self.max_versions = max_versions
+        self.max_arms = max_arms
+        self.untracked_samples = 0  # samples of arms beyond max_arms
         self._arms: dict[str, dict[int, BatchRollingMetrics]] = {}
         self._lock = threading.Lock()
 
-    def _metrics_for(self, arm: str, version: int) -> BatchRollingMetrics | None:
-        versions = self._arms.setdefault(arm, {})
+    def _metrics_for(self, arm: str, version: int, n: int = 1) -> BatchRollingMetrics | None:
+        versions = self._arms.get(arm)
+        if versions is None:
+            if len(self._arms) >= self.max_arms:
+                if not self.untracked_samples:
+                    log.warning(
+                        "more arms than metrics.max_arms: their samples are not in the rolling metrics",
+                        extra={"fields": {"arm": arm[:200], "max_arms": self.max_arms}},
+                    )
+                self.untracked_samples += n
+                return None
+            versions = self._arms[arm] = {}
         m = versions.get(version)
         if m is not None:
             return m
@@ -415,7 +435,7 @@ class OnlineMetricsBook:
         counted = 0
         with self._lock:
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                m = self._metrics_for(str(arms[a]), int(versions[a]))
+                m = self._metrics_for(str(arms[a]), int(versions[a]), b - a)
                 if m is None:
                     continue
                 if b - a == 1 and corrections[a] and ys[a] == 1:
@@ -427,7 +447,7 @@ class OnlineMetricsBook:
     def update_arrays(self, arm: str, version: int, ys: np.ndarray, ps: np.ndarray) -> bool:
         """Columnar feed for one (arm, version): no per-sample Python work at all."""
         with self._lock:
-            m = self._metrics_for(arm, int(version))
+            m = self._metrics_for(arm, int(version), len(ys))
             if m is None:
                 return False
             m.update_many(ys, ps)
@@ -461,6 +481,7 @@ class OnlineMetricsBook:
             return {
                 "window_size": self.window_size,
                 "max_versions": self.max_versions,
+                "max_arms": self.max_arms,
                 "arms": {
                     arm: {str(v): m.state_dict() for v, m in versions.items()}
                     for arm, versions in self._arms.items()
@@ -469,15 +490,22 @@ class OnlineMetricsBook:
 
     @classmethod
     def from_state_dict(
-        cls, state: dict[str, Any], *, window_size: int | None = None, max_versions: int | None = None
+        cls,
+        state: dict[str, Any],
+        *,
+        window_size: int | None = None,
+        max_versions: int | None = None,
+        max_arms: int | None = None,
     ) -> OnlineMetricsBook:
-        """Rebuild from ``state_dict()``; window_size/max_versions from the new config win when given."""
+        """Rebuild from ``state_dict()``; window_size/max_versions/max_arms from the new config win when
+        given (a state without max_arms, written before it existed, takes the default)."""
         try:
             book = cls(
                 window_size=int(window_size if window_size is not None else state["window_size"]),
                 max_versions=int(max_versions if max_versions is not None else state["max_versions"]),
+                max_arms=int(max_arms if max_arms is not None else state.get("max_arms", 64)),
             )
-            for arm, versions in state["arms"].items():
+            for arm, versions in list(state["arms"].items())[: book.max_arms]:
                 for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:
                     part = dict(versions[str(v)], window_size=book.window_size)
                     book._arms.setdefault(str(arm), {})[v] = BatchRollingMetrics.from_state_dict(part)
@@ -491,6 +519,8 @@ class OnlineMetricsBook:
         Each publish replaces the levels' series with the versions kept now, so the label set stays
         bounded by arms x max_versions. Returns the hook (pass it to ``stats.remove_hook``).
         """
+        untracked = stats.rolling_untracked_samples
+        published = [0]
         levels = {
             "auc": stats.rolling_auc,
             "logloss": stats.rolling_logloss,
@@ -511,6 +541,10 @@ class OnlineMetricsBook:
                         per_key[key] = value
             for name, level in levels.items():
                 level.replace(values[name])
+            n = self.untracked_samples
+            if n > published[0]:
+                untracked.add(n=n - published[0])
+                published[0] = n
 
         stats.add_hook(publish)
         return publish

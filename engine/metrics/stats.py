@@ -272,6 +272,7 @@ class EngineStats:
     rolling_mean_prediction: Level = field(default_factory=Level)  # (arm, model_version, slot)
     rolling_observed_ctr: Level = field(default_factory=Level)  # (arm, model_version, slot)
     rolling_samples: Level = field(default_factory=Level)  # (arm, model_version, slot)
+    rolling_untracked_samples: Tally = field(default_factory=Tally)  # arms beyond metrics.max_arms
 
     snapshot_version: Level = field(default_factory=Level)
     snapshot_time_s: Level = field(default_factory=Level)

@@ -180,6 +180,9 @@ class CheckpointSection(_Section):
 
 class MetricsSection(_Section):
     window_size: int = Field(default=100_000, gt=0)
+    max_arms: int = Field(
+        default=64, gt=0, description="arms with rolling metrics (the first seen); the rest are counted only"
+    )
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)
     prometheus_host: str = "127.0.0.1"
     join_prometheus_port: int | None = Field(

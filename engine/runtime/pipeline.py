@@ -220,6 +220,7 @@ class Pipeline:
             state["served_metrics"],
             window_size=self.served_metrics.window_size,
             max_versions=self.served_metrics.max_versions,
+            max_arms=self.served_metrics.max_arms,
         )
         positions = positions_from_json(meta["positions"])
         if base is not None:

@@ -294,10 +294,15 @@ class TrainStage:
         book = self.served_metrics
         served = (
             OnlineMetricsBook.from_state_dict(
-                mine["served_metrics"], window_size=book.window_size, max_versions=book.max_versions
+                mine["served_metrics"],
+                window_size=book.window_size,
+                max_versions=book.max_versions,
+                max_arms=book.max_arms,
             )
             if mine["served_metrics"] is not None
-            else OnlineMetricsBook(window_size=book.window_size, max_versions=book.max_versions)
+            else OnlineMetricsBook(
+                window_size=book.window_size, max_versions=book.max_versions, max_arms=book.max_arms
+            )
         )
         if base is not None:
             self.trainer.on_snapshot(base)

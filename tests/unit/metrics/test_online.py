@@ -387,3 +387,26 @@ def test_a_bad_batch_raises_when_queued_and_changes_nothing():
     with pytest.raises(ValueError, match="NaN"):
         m.update_many([1, 0], [0.5, float("nan")])
     assert m.window() == [(1, 0.9), (0, 0.1)]
+
+
+def test_arms_beyond_max_arms_are_counted_not_tracked_and_the_bound_survives_a_restore(caplog):
+    # An arm is any string an impression carries: one per request (a producer's bug) grew a window and
+    # five series per value without bound.
+    stats = EngineStats()
+    book = OnlineMetricsBook(window_size=10, max_arms=2)
+    book.bind(stats)
+    assert book.update("a", 1, 1, 0.9) and book.update("b", 1, 0, 0.1)
+    assert not book.update("c", 1, 1, 0.5)
+    n = book.update_columns(
+        np.array(["a", "d", "d", "b"]), np.array([1, 1, 1, 1]), np.array([0, 1, 0, 1]),
+        np.array([0.2, 0.3, 0.4, 0.5]), np.zeros(4, dtype=bool),
+    )  # fmt: skip
+    assert n == 2 and book.untracked_samples == 3 and book.arms() == ["a", "b"]
+    assert sum(1 for r in caplog.records if "max_arms" in r.getMessage()) == 1
+    stats.run_hooks()
+    assert stats.rolling_untracked_samples.get() == 3
+    assert {k[0] for k, _ in stats.rolling_samples.items()} == {"a", "b"}
+    again = OnlineMetricsBook.from_state_dict(book.state_dict())
+    assert again.max_arms == 2 and not again.update("e", 1, 1, 0.5) and again.arms() == ["a", "b"]
+    with pytest.raises(ValueError, match="max_arms"):
+        OnlineMetricsBook(max_arms=0)
