@@ -126,29 +126,30 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"reloop deadletters: {exc}", file=sys.stderr, flush=True)
         return 2
-    read = [0]  # filtered as read: only the chosen envelopes are held
     reached: Positions = {}
-
-    def counted() -> Iterator[DeadLetter]:
-        for letter in read_dead_letters(
-            cfg, connection, timeout_s=args.timeout, group=args.group, reached=reached
-        ):
-            read[0] += 1
-            yield letter
+    tally = _Tally()  # filtered as read: only the chosen envelopes are held
 
     from reloop.connectors.kafka.source import CLIENT_ERRORS  # the command reads through kafka-python
 
     try:
         chosen = select(
-            counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
+            tally.count(
+                read_dead_letters(cfg, connection, timeout_s=args.timeout, group=args.group, reached=reached)
+            ),
+            reasons=_names(args.reason),
+            topics=_names(args.origin),
+            since_ms=args.since_ms,
         )
     except (*CLIENT_ERRORS, TimeoutError, OSError) as exc:  # an unreachable broker, refused credentials
         topic = cfg.sink.dead_letter_topic
         print(f"reloop deadletters: cannot read {topic!r}: {exc!r}", file=sys.stderr, flush=True)
         return 1
+    if not tally.origins_known(args, {cfg.source.impressions_topic, cfg.source.clicks_topic,
+                                      cfg.stages.samples_topic}):  # fmt: skip
+        return 2
     if args.action != "redrive":
         after = f" after group {args.group!r}'s offsets" if args.group else ""
-        return _report(args, chosen, f"{read[0]} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
+        return _report(args, chosen, f"{tally.read} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
     sent = [0]
     try:
         code = _redrive(cfg, connection, chosen, args, sent)
@@ -162,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
     if args.group and not args.dry_run:
         # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
         _commit(cfg, connection, args.group, reached)
-        print(f"committed group {args.group!r} at {read[0]} record(s) read")
+        print(f"committed group {args.group!r} at {tally.read} record(s) read")
     return code
 
 
@@ -193,21 +194,48 @@ def _from_file(args: argparse.Namespace) -> int:
         print(f"reloop deadletters --file: {why}", file=sys.stderr, flush=True)
         return 2
     files = sorted(args.file.rglob("*.jsonl")) if args.file.is_dir() else [args.file]
-    read = [0]
-
-    def counted() -> Iterator[DeadLetter]:
-        for letter in read_dead_letter_files(files):
-            read[0] += 1
-            yield letter
-
+    tally = _Tally()
     try:
         chosen = select(
-            counted(), reasons=_names(args.reason), topics=_names(args.origin), since_ms=args.since_ms
+            tally.count(read_dead_letter_files(files)),
+            reasons=_names(args.reason),
+            topics=_names(args.origin),
+            since_ms=args.since_ms,
         )
     except OSError as exc:
         print(f"reloop deadletters: cannot read {args.file}: {exc}", file=sys.stderr, flush=True)
         return 2
-    return _report(args, chosen, f"{read[0]} dead letters in {len(files)} file(s) under {args.file}")
+    if not tally.origins_known(args, set()):
+        return 2
+    return _report(args, chosen, f"{tally.read} dead letters in {len(files)} file(s) under {args.file}")
+
+
+class _Tally:
+    """How many dead letters were read, and from which origin topics."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.origins: set[str] = set()
+
+    def count(self, letters: Iterable[DeadLetter]) -> Iterator[DeadLetter]:
+        for letter in letters:
+            self.read += 1
+            if letter.topic is not None:
+                self.origins.add(letter.topic)
+            yield letter
+
+    def origins_known(self, args: argparse.Namespace, topics: set[str]) -> bool:
+        """False, with a line on stderr, when an ``--origin`` is neither one of the config's ``topics``
+        nor the origin of any dead letter read: a typo that chose nothing, after which a redrive with
+        ``--group`` committed past every record read and the letters meant were never sent."""
+        unknown = sorted(_names(args.origin) - topics - self.origins)
+        if not unknown:
+            return True
+        config = f", nor is it a topic of the config ({', '.join(sorted(topics))})" if topics else ""
+        print(f"reloop deadletters: --origin {', '.join(unknown)}: no dead letter read came from it{config}; "
+              f"origins read: {', '.join(sorted(self.origins)) or 'none'}; nothing done",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return False
 
 
 def read_dead_letter_files(files: Iterable[Path]) -> Iterator[DeadLetter]:

@@ -119,6 +119,18 @@ def test_a_redrive_with_a_group_sends_only_the_dead_letters_written_since_its_la
 
     group = f"{unique_topic}-redrive"
     dead_letter("imp-1", "imp-2")
+    # An --origin no letter came from and the config does not name (a typo) chose nothing, and the
+    # redrive committed the group past both letters: the redrive meant then found none to send.
+    typo = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", "redrive", "--group", group,
+         "--origin", topics["impressions"] + "x", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert typo.returncode == 2, typo.stderr[-3000:]
+    assert f"--origin {topics['impressions']}x: no dead letter read came from it" in typo.stderr
+    assert f"origins read: {topics['impressions']}; nothing done" in typo.stderr
+    assert _cli(config, "summary", "--group", group).startswith("2 of 2 dead letters")  # nothing committed
+    assert _cli(config, "summary", "--origin", topics["clicks"]).startswith("0 of 2")  # the config's topic
     assert _cli(config, "redrive", "--group", group, "--dry-run").count("would send 2 record(s)") == 1
     out = _cli(config, "redrive", "--group", group)
     assert "sent 2 record(s)" in out and f"committed group '{group}' at 2 record(s) read" in out

@@ -352,6 +352,11 @@ def test_reloop_deadletters_reads_a_replays_dead_letters(tmp_path: Path, capsys)
     assert shown["topic"] == "clicks" and shown["dead_letter_offset"] == 0
     assert main(["deadletters", "redrive", "--file", str(letters)]) == 2
     assert "replayed again" in capsys.readouterr().err
+    # An --origin no letter came from (a typo) said "0 of 2" as if none came from a real topic.
+    assert main(["deadletters", "summary", "--file", str(letters), "--origin", "click"]) == 2
+    assert "--origin click: no dead letter read came from it; origins read: clicks" in capsys.readouterr().err
+    assert main(["deadletters", "summary", "--file", str(letters), "--origin", "clicks"]) == 0
+    assert capsys.readouterr().out.startswith("2 of 2")
 
 
 def test_an_impression_stamped_years_ahead_is_dead_lettered_and_the_rest_trained(tmp_path: Path) -> None:
