@@ -46,3 +46,9 @@ def producer_settings() -> frozenset[str]:
 def admin_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of ``config`` an admin client accepts (it refuses what only a producer or consumer has)."""
     return {k: v for k, v in config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+
+
+def consumer_part(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``config`` a consumer accepts: a kafka.client_config shared with producers may hold
+    producer-only settings (linger_ms), which kafka-python's consumer refuses (librdkafka's ignores them)."""
+    return {k: v for k, v in config.items() if k in KafkaConsumer.DEFAULT_CONFIG}

@@ -192,16 +192,19 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
     def make(arm: ArmConfig) -> Source:
+        settings = config.kafka.connection()
         if config.kafka.client == "confluent":
             from reloop.connectors.confluent.source import ConfluentSource as Kind
         else:
+            from reloop.connectors.kafka.settings import consumer_part
             from reloop.connectors.kafka.source import KafkaSource as Kind  # type: ignore[assignment]
+
+            # kafka.client_config is the impression log producer's too: a producer-only setting made
+            # every start of the feed's consumer fail, retried for as long as the service ran.
+            settings = consumer_part(settings)
         assert arm.memory is not None
-        return Kind(
-            bootstrap=config.kafka.bootstrap,
-            topics=[arm.memory.samples_topic],
-            client_config=config.kafka.connection(),
-        )
+        topics = [arm.memory.samples_topic]
+        return Kind(bootstrap=config.kafka.bootstrap, topics=topics, client_config=settings)
 
     return make
 

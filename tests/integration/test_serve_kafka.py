@@ -345,10 +345,13 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
     sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
     sink.send(b"before", key=b"k")
     sink.flush(timeout_s=10)
+    # A producer setting (the impression log's) made kafka-python's consumer refuse to start, retried for
+    # as long as the service ran.
+    linger = {"kafka-python": {"linger_ms": 5}, "confluent": {"linger.ms": 5}}[client]
     config = ServeConfig.model_validate(
         {
             "arms": [{"name": "A", "registry": "/nonexistent", "memory": {"samples_topic": topic}}],
-            "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
+            "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client, "client_config": linger},
         }
     )
     source = kafka_samples_source_factory(config)(config.arms[0])
