@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -122,10 +123,26 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if refused:
         print(f"reloop train: {refused}", file=sys.stderr, flush=True)
         return 2
-    with tempfile.TemporaryDirectory(prefix="reloop-train-") as scratch:
+    _remove_dead_launchers_scratch(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"reloop-train-{os.getpid()}-") as scratch:
         os.environ[LAUNCHER_PID] = str(os.getpid())
         os.environ[FINAL_SAVED_MARK] = mark = str(Path(scratch, "final-saved"))
         return _torchrun(args, cfg, Path(mark))
+
+
+def _remove_dead_launchers_scratch(root: Path) -> None:
+    """Remove the scratch folders of launchers that are gone: one SIGKILLed has no chance to (the
+    folder names its launcher's pid; a pid that is alive again, or another user's, keeps its folder)."""
+    for folder in root.glob("reloop-train-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another user's process: alive
+            continue
 
 
 def _torchrun(args: argparse.Namespace, cfg: RunConfig, mark: Path) -> int:

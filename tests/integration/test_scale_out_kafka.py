@@ -6,7 +6,9 @@ weights."""
 from __future__ import annotations
 
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
 import psutil
@@ -182,9 +184,12 @@ def test_a_sigkilled_launcher_takes_its_ranks_with_it_and_a_restart_trains_each_
     train.wait()
     gone, alive = psutil.wait_procs(ranks, timeout=15)
     assert not alive, f"ranks outlived their SIGKILLed launcher: {[r.pid for r in alive]}"
+    scratch = list(Path(tempfile.gettempdir()).glob(f"reloop-train-{train.pid}-*"))
+    assert scratch  # what the killed launcher left behind ...
 
     again = _stage_world("train", config, run / "train-b.log")
     _train_until(reg, again, run / "train-b.log", len(synth.expected) - PERIOD, deadline)
+    assert not any(f.exists() for f in scratch)  # ... the next launcher removed
     time.sleep(3)
     join.send_signal(signal.SIGTERM)
     assert join.wait(60) == 0

@@ -1,0 +1,29 @@
+"""``reloop train``'s launcher housekeeping (the ranks themselves: test_train_ranks.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from reloop.engine.runtime.train_cmd import _remove_dead_launchers_scratch
+
+
+def test_the_scratch_folders_of_launchers_that_are_gone_are_removed(tmp_path: Path) -> None:
+    # A SIGKILLed launcher left its /tmp/reloop-train-* folder behind, one more at each such end.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)
+    dead = tmp_path / f"reloop-train-{dead_pid}-abc"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "final-saved").touch()
+    alive = tmp_path / f"reloop-train-{os.getppid()}-def"  # the pytest runner's parent: alive
+    mine = tmp_path / f"reloop-train-{os.getpid()}-ghi"
+    other = tmp_path / "reloop-train-xyz-1"  # not named by a launcher of this version: left alone
+    for folder in (alive, mine, other):
+        folder.mkdir()
+    _remove_dead_launchers_scratch(tmp_path)
+    assert not dead.exists()
+    assert alive.exists() and mine.exists() and other.exists()
