@@ -4,7 +4,8 @@ Shared by ``reloop join``, ``reloop train`` and ``reloop run`` (which runs both)
 about one record rebuilds the stage from its last checkpoint (engine/runtime/supervisor.py). SIGTERM /
 SIGINT stop it gracefully (a final checkpoint); the process exits at the latest ``recovery.stop_timeout_s``
 after the signal whatever the broker does; a second signal, a second or more after the first, exits at
-once. Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
+once, and so does a signal while the stage is still being built (nothing to save yet). Exit codes: 0
+stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class StopRequest:
         self._timer: threading.Timer | None = None
         # What the stop has saved so far (run_supervised asks the stage): the forced exit says so.
         self.final_saved: Callable[[], Any] = lambda: None
+        # True while no stage is running, only being built (run_supervised asks the supervisor).
+        self.starting: Callable[[], bool] = lambda: False
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -55,6 +58,15 @@ class StopRequest:
                 return
             self._force(f"a second {name}", in_time=False)
         self._first_at = now
+        if self.starting():
+            # A stage being built has read nothing and has nothing to save, and its build can block on
+            # an unreachable broker for kafka-python's 30 s bootstrap: `reloop run` stopping a join
+            # still connecting took that long to report its train stage's bad config. Ending here is
+            # a crash before the first record, which a restart resumes like any other.
+            log.info("stopping before the stage started: nothing to save", extra={"fields": {"signal": name}})
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
         log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
         self.event.set()
         self._timer = threading.Timer(
@@ -161,6 +173,7 @@ def run_supervised(
         close=close,
     )
     stop.final_saved = lambda: getattr(supervisor.pipeline, "final_saved", None)
+    stop.starting = lambda: supervisor.building
     code = 0
     try:
         supervisor.run()

@@ -90,6 +90,7 @@ class Supervisor:
         self.close = close
         self.monotonic = monotonic
         self.pipeline: Any = None
+        self.building = False  # within build(): no stage runs (a stop has nothing to save)
         self.restarts = 0
         self.final_number: Any = None  # what close returned: a checkpoint number, or one per join task
         self._failing_since: float | None = None
@@ -100,7 +101,11 @@ class Supervisor:
         while not self.stop.is_set():
             pipeline: Any = None
             try:
-                pipeline = self.build()
+                self.building = True
+                try:
+                    pipeline = self.build()
+                finally:
+                    self.building = False
                 self.pipeline = pipeline
                 if self.on_pipeline is not None:
                     self.on_pipeline(pipeline)

@@ -89,4 +89,4 @@ def test_the_commands_exit_2_at_once_naming_the_key(tmp_path, command: str) -> N
     assert out.returncode == 2, out.stderr[-2000:]
     key = "model.spec_file" if command == "join" else "model.params"
     assert key in out.stderr
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 25  # `run` took 33 s: its join sat in a 30 s bootstrap after SIGTERM

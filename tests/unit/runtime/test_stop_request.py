@@ -56,3 +56,34 @@ def test_a_forced_exit_says_whether_the_final_checkpoint_was_written(
     else:
         assert record.levelname == "ERROR" and "after the final checkpoint" in record.getMessage()
         assert record.fields["final_checkpoint"] == saved
+
+
+@pytest.mark.parametrize("command", ["join", "train", "run"])
+def test_a_stop_while_the_stage_is_still_connecting_exits_at_once(tmp_path, command: str) -> None:
+    # A stage built against an unreachable broker sat in kafka-python's 30 s bootstrap after SIGTERM:
+    # `reloop run` stopping its join because the train stage refused its config took 33 s to say so.
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    path.write_text(yaml.safe_dump({"model": {"backbone": "lr", "spec": spec},
+                                    "kafka": {"bootstrap": "127.0.0.1:1"},
+                                    "checkpoint": {"dir": str(tmp_path / "ckpt")}}))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", command, "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the first refused connection: building, past the imports
+        if "ECONNREFUSED" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 10, out[-2000:]
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopping before the stage started: nothing to save" in out
