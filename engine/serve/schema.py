@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from reloop.engine.events.schema import MAX_EVENT_TIME_MS
 
 
 def _within_int64(value: Any) -> Any:
@@ -37,8 +38,10 @@ class ScoreRequest(BaseModel):
     top_k: int | None = Field(
         default=None, ge=1, le=MAX_CANDIDATES, description="default: the service's top_k"
     )
+    # The event contract's bound: with serve.limits.max_future_ms null a later time was served, then its
+    # impression was refused by the joiner (or could not be encoded at all).
     event_time_ms: int | None = Field(
-        default=None, ge=0, description="default: the time the service scores it"
+        default=None, ge=0, le=MAX_EVENT_TIME_MS, description="default: the time the service scores it"
     )
 
     @model_validator(mode="after")

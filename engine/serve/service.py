@@ -148,14 +148,19 @@ class ScoringService:
         if checker is None:
             return
         errors = []
-        if context:
-            bad_ctx = checker.check_rows([context])
-            if bad_ctx:
-                err = bad_ctx[0][1]
-                name = (err.field or "features").split(".")[-1]
-                # A context value every candidate overrides is never scored: only refuse a used one.
-                if not all(name in f for f in features):
-                    errors.append({"loc": ["body", "context", name], "msg": err.detail, "type": err.reason})
+        ctx = context
+        while ctx:
+            bad_ctx = checker.check_rows([ctx])  # (at most one error per row)
+            if not bad_ctx:
+                break
+            err = bad_ctx[0][1]
+            name = (err.field or "features").split(".")[-1]
+            # A context value every candidate overrides is never scored: only refuse a used one; the
+            # context without it is checked again, or a bad value after it was scored (a 500).
+            if name not in ctx or not all(name in f for f in features):
+                errors.append({"loc": ["body", "context", name], "msg": err.detail, "type": err.reason})
+                break
+            ctx = {k: v for k, v in ctx.items() if k != name}
         bad = checker.check_rows(features)
         errors += [
             {

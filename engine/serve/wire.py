@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 import orjson
+from reloop.engine.events.schema import MAX_EVENT_TIME_MS
 from reloop.engine.serve.schema import MAX_CANDIDATES
 
 # Integers within int64, as the impression's event contract takes them: a larger one was scored and
@@ -35,7 +36,7 @@ class WireRequest(msgspec.Struct, forbid_unknown_fields=True):
     candidates: Annotated[list[WireCandidate], msgspec.Meta(min_length=1, max_length=MAX_CANDIDATES)]
     context: dict[str, FeatureValue] = {}
     top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_CANDIDATES)] | None = None
-    event_time_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    event_time_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_EVENT_TIME_MS)] | None = None
 
 
 _DECODER = msgspec.json.Decoder(WireRequest)
@@ -84,7 +85,7 @@ def _loc(path: str, body: bytes) -> list[str | int]:
 def _parsed(body: bytes) -> Any:
     try:
         return json.loads(body)  # the error path only; json, unlike orjson, reads integers of any size
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting msgspec refused at once: a 500 from here
         return None
 
 

@@ -114,6 +114,18 @@ def test_values_the_spec_cannot_read_get_a_422_not_a_500(service, features, need
     assert needle in r.text and r.json()["detail"][0]["loc"][2] == 1
 
 
+def test_a_bad_context_value_behind_one_every_candidate_overrides_gets_a_422(service):
+    # The checker names one bad value per row: the overridden "item" hid the used, bad "tags" (a 500).
+    client, _ = service
+    body = _body(3)
+    body["context"].update({"item": ["x"], "tags": "solo"})
+    r, _ = _post(client, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "context", "tags"]
+    del body["context"]["tags"]
+    assert _post(client, body)[0].status_code == 200  # the overridden one alone is still no error
+
+
 @pytest.mark.parametrize(
     ("raw", "where", "kind"),
     [

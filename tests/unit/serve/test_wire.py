@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 from pydantic import ValidationError
+from reloop.engine.events.schema import MAX_EVENT_TIME_MS
 from reloop.engine.serve.schema import MAX_CANDIDATES, ScoreRequest
 from reloop.engine.serve.wire import WireError, decode_request
 
@@ -32,6 +33,9 @@ CASES = [
     ({**BASE, "top_k": 0}, "top_k"),
     ({**BASE, "top_k": MAX_CANDIDATES + 1}, "top_k"),
     ({**BASE, "event_time_ms": -1}, "event_time_ms"),
+    # Past the event contract (year 9999): served, then refused by the joiner (max_future_ms: null).
+    ({**BASE, "event_time_ms": MAX_EVENT_TIME_MS}, None),
+    ({**BASE, "event_time_ms": MAX_EVENT_TIME_MS + 1}, "event_time_ms"),
     ({**BASE, "surprise": 1}, "surprise"),
     ({**BASE, "context": {"a": None}}, "context"),
 ]
@@ -109,3 +113,19 @@ def test_locations_point_at_the_bad_value():
     with pytest.raises(WireError) as info:
         decode_request(b"{not json")
     assert info.value.errors[0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize(
+    ("nested", "loc"),
+    [
+        (b'{"item_id":"a","features":{"x":' + b"[" * 5000 + b"]" * 5000 + b"}}", "candidates"),
+        (b'{"item_id":"a","features":{"x":' + b'{"y":' * 5000 + b"1" + b"}" * 5000 + b"}}", "candidates"),
+    ],
+)
+def test_deeply_nested_values_are_a_422_not_a_recursion_error(nested, loc):
+    # 10 KB of brackets: msgspec refuses them at once, then locating the error re-read the body with
+    # json, whose RecursionError escaped the 422 path: a bare 500 with a traceback.
+    raw = b'{"request_id":"r","user_id":"u","candidates":[%s]}' % nested
+    with pytest.raises(WireError) as info:
+        decode_request(raw)
+    assert info.value.errors[0]["loc"][:2] == ["body", loc]
