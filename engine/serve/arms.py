@@ -18,9 +18,16 @@ from collections.abc import Sequence
 _SCALE = float(2**64)
 
 
+def _salt_key(salt: str) -> bytes:
+    """blake2b's key (64 bytes at most): the salt itself, or a digest of a longer one (cutting it at 64
+    bytes made salts that differ only after that route every user alike)."""
+    raw = salt.encode()
+    return raw if len(raw) <= 64 else hashlib.blake2b(raw, digest_size=64).digest()
+
+
 def unit_hash(salt: str, key: str) -> float:
     """A deterministic value in [0, 1) for (salt, key)."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8, key=salt.encode()[:64]).digest()
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=_salt_key(salt)).digest()
     return int.from_bytes(digest, "big") / _SCALE
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -49,6 +50,19 @@ def test_salt_reshuffles_users():
     users = [f"u{i}" for i in range(2000)]
     agree = sum(a.route(u) == b.route(u) for u in users) / len(users)
     assert 0.4 < agree < 0.6
+
+
+def test_salts_that_differ_past_64_bytes_reshuffle_users_too():
+    # blake2b takes a key of 64 bytes at most: the salt used to be cut there.
+    prefix = "experiment-" * 6
+    a = ArmRouter([("A", 1.0), ("B", 1.0)], salt=prefix + "v1")
+    b = ArmRouter([("A", 1.0), ("B", 1.0)], salt=prefix + "v2")
+    users = [f"u{i}" for i in range(2000)]
+    agree = sum(a.route(u) == b.route(u) for u in users) / len(users)
+    assert 0.4 < agree < 0.6
+    # A salt of 64 bytes or fewer is the key as before: no running experiment is reshuffled.
+    digest = hashlib.blake2b(b"k", digest_size=8, key=b"exp").digest()
+    assert unit_hash("exp", "k") == int.from_bytes(digest, "big") / 2**64
 
 
 def test_unit_hash_range_and_determinism():
