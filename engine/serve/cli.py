@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 import threading
+import time
+from typing import Any
 
 from reloop.engine.serve.config import ConfigError, load_serve_config
 
@@ -79,13 +81,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop serve: cannot listen on {host}:{port}: {why} (serve.port or --port)", file=sys.stderr)
         return 2
     print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
-    metrics = None
+    metrics: Any = None
     if args.worker_metrics_port is not None:
         from reloop.connectors.metrics.prometheus import serve_metrics
+        from reloop.engine.serve.auth import load_token
 
         host = args.host or config.host
         try:
-            metrics = serve_metrics(host=host, port=args.worker_metrics_port)
+            token = load_token(config.auth_token_file, config.auth_token)  # the stack read it just now
+            if token:
+                metrics = _GuardedMetrics(host, args.worker_metrics_port, token)
+            else:
+                metrics = serve_metrics(host=host, port=args.worker_metrics_port)
         except OSError as exc:
             stack.close()
             why = exc.strerror or str(exc)
@@ -101,3 +108,33 @@ def main(args: argparse.Namespace) -> int:
         metrics.close()
     stack.close()
     return 0
+
+
+class _GuardedMetrics:
+    """This worker's /metrics behind the service's bearer token, as the shared port's is (docs/operations.md:
+    every path but the probes needs it): prometheus_client's own server has no authentication."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        import uvicorn
+        from reloop.connectors.metrics.prometheus import metrics_asgi_app
+        from reloop.engine.serve.auth import BearerAuth
+        from reloop.engine.serve.stack import listen_socket
+
+        sock = listen_socket(host, port)
+        app = BearerAuth(metrics_asgi_app(), token)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True, name="worker-metrics"
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise OSError(f"this worker's /metrics did not start on {host}:{port}")
+            time.sleep(0.02)
+        self.url = f"http://{host}:{sock.getsockname()[1]}/metrics"
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)

@@ -16,9 +16,10 @@ over the workers' listening sockets. What that means:
   port + 1 + i): Prometheus scrapes each of those for totals (or run one worker per pod);
 * memory: N copies of the model (memory-mapped bundles share the page cache: their weights are in
   memory once);
-* the parent restarts a worker that exits (after 1 s), and stops all of them on SIGTERM/SIGINT; the
-  connections a crashing worker held (in flight or queued on its socket) are reset, new ones go to
-  the others at once.
+* the parent restarts a worker that exits (after 1 s), except one that exits 2 (it cannot start with
+  this config: every restart would fail alike), which stops them all and the parent with status 2;
+  it stops all of them on SIGTERM/SIGINT; the connections a crashing worker held (in flight or queued
+  on its socket) are reset, new ones go to the others at once.
 
 On a 2-core machine one worker is the default: a second one pays off only when a core is idle.
 """
@@ -63,9 +64,17 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
         f"{first_metrics}..{first_metrics + workers - 1}",
         flush=True,
     )
+    status = 0
     while not stop.is_set():
         for i, p in enumerate(procs):
             if p is None or p.poll() is not None:
+                if p is not None and p.returncode == 2:
+                    # `reloop serve` exits 2 only when it cannot start with this config (a token file
+                    # it cannot read, a port in use): every restart would fail alike, for ever.
+                    log.error("serving worker %d could not start (status 2, said above); stopping", i)
+                    status = 2
+                    stop.set()
+                    break
                 if p is not None:
                     log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
                     if time.monotonic() - started[i] < 1.0:
@@ -84,4 +93,4 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
             except subprocess.TimeoutExpired:
                 p.kill()
     reserve.close()
-    return 0
+    return status

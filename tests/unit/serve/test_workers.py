@@ -108,3 +108,52 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)
+
+
+def test_workers_that_cannot_start_with_the_config_stop_the_service(tmp_path):
+    # A worker exits 2 when it cannot start with this config (here: a token file it cannot read); the
+    # parent restarted such workers every second for ever instead of saying so and exiting.
+    config = tmp_path / "serve.yaml"
+    serve = {"log": {"enabled": False}, "auth_token_file": str(tmp_path / "missing-token")}
+    config.write_text(yaml.safe_dump({"serve": serve, "arms": [{"name": "A", "registry": str(tmp_path)}]}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
+         "--port", "0", "--workers", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "missing-token" in proc.stderr
+
+
+def test_a_workers_own_metrics_port_needs_the_token_too(tmp_path):
+    # The token guarded the shared port's /metrics; each worker's own /metrics port answered anyone.
+    learner = build_learner("dcn", FeatureSpec.from_dict(SPEC), "ce", 0.0, embedding_dim=4, hidden_units=[8])
+    reg = SnapshotRegistry(tmp_path / "reg")
+    reg.publish({"model": learner.state_dict()})
+    (tmp_path / "token").write_text("s3cret\n")
+    serve = {"log": {"enabled": False}, "auth_token_file": str(tmp_path / "token")}
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"serve": serve, "arms": [{"name": "A", "registry": str(reg.root)}]}))
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
+         "--port", str(port), "--worker", "--worker-metrics-port", str(metrics_port)],
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        _wait(f"http://127.0.0.1:{port}", proc)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 30
+        while True:  # the worker's metrics port starts just after the serving one
+            try:
+                refused = httpx.get(metrics, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert refused.status_code == 401
+        allowed = httpx.get(metrics, headers={"authorization": "Bearer s3cret"}, timeout=5)
+        assert allowed.status_code == 200 and "reloop_serve_requests_total" in allowed.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
