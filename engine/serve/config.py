@@ -236,7 +236,10 @@ def serve_config_from_dict(
     overrides = env_values(_ServeDocument, env, others=frozenset(RunConfig.model_fields))
     doc = deep_merge(data, overrides)
     check_moved(doc, MOVED, where=" (serve)")
-    merged: dict[str, Any] = dict(doc.get("serve") or {})
+    serve = doc.get("serve") or {}
+    if not isinstance(serve, Mapping):  # (dict() of it raised a TypeError, a traceback at the CLI)
+        raise ConfigError(f"bad serve config: serve: a mapping of settings expected, got {serve!r:.80}")
+    merged: dict[str, Any] = dict(serve)
     if "arms" in doc:
         merged["arms"] = doc["arms"]
     if "kafka" in doc:

@@ -27,6 +27,13 @@ def test_bad_key_fails_naming_it():
         serve_config_from_dict(_doc(arms=[{"name": "A", "registry": "/r"}, {"name": "B", "registry": "/s"}]))
 
 
+@pytest.mark.parametrize("section", [5, "port: 8000", [1, 2], True])
+def test_a_serve_section_that_is_not_a_mapping_is_a_config_error(section):
+    # dict() of it raised a TypeError / ValueError: a traceback from `reloop serve`, not exit 2.
+    with pytest.raises(ConfigError, match="serve: a mapping"):
+        serve_config_from_dict(_doc(serve=section), env={})
+
+
 def test_env_overrides_bootstrap(monkeypatch):
     monkeypatch.setenv("RELOOP__KAFKA__BOOTSTRAP", "10.0.0.1:9093")
     cfg = serve_config_from_dict(_doc(kafka={"bootstrap": "x:1", "security_protocol": "SSL"}))
