@@ -323,13 +323,15 @@ def _count_logged(
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from reloop.engine.simulate.cli import positive_float
+
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
-    parser.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--duration", type=positive_float, help="seconds to run (default: until Ctrl-C)")
     parser.add_argument("--bootstrap", help="use this Kafka broker instead of starting a local one")
     parser.add_argument(
         "--workdir", help="folder for snapshots, logs and the broker (default: a temp folder)"
     )
-    parser.add_argument("--rate", type=float, help="override simulate.rate (requests/s)")
+    parser.add_argument("--rate", type=positive_float, help="override simulate.rate (requests/s)")
     parser.add_argument(
         "--no-live", action="store_true", help="print a status line every 10 s instead of a live table"
     )
@@ -535,9 +537,11 @@ def print_summary(
             keys = sorted(versions)
             served = f"{keys[0]}..{keys[-1]} ({len(keys)})"
             first_auc = versions[keys[0]]["auc"]
-            tail = [versions[k] for k in keys[-3:]]
+            # Versions without an AUC (no click, or no non-click, yet) stay out of the weights too: counted
+            # in, they pulled the mean toward 0 (0.000 when none had one).
+            tail = [versions[k] for k in keys[-3:] if not math.isnan(versions[k]["auc"])]
             n = sum(v["impressions"] for v in tail)
-            last_auc = sum(v["auc"] * v["impressions"] for v in tail if not math.isnan(v["auc"])) / max(n, 1)
+            last_auc = sum(v["auc"] * v["impressions"] for v in tail) / n if n else math.nan
         rows.add_row(
             name,
             _fmt(registries[name].latest_version()),
@@ -631,6 +635,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         # The samples topic of an arm with a memory exists before the service's feed subscribes to it.
         topics.update({p.samples_topic: 1 for p in plans if p.memory is not None})
         create_topics(bootstrap, topics, client_config=config.kafka_settings())
+        if stop.is_set():  # Ctrl-C while the broker started: start no trainer only to stop it at once
+            raise RuntimeError("stopped while starting")
         for plan in plans:
             trainers[plan.name] = TrainerProcess(plan)
         console.print(f"trainers started: {', '.join(trainers)} (logs: {workdir}/<arm>/trainer.log)")
@@ -645,8 +651,10 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         registries = {p.name: SnapshotRegistry(p.registry) for p in plans}
         console.print(f"scoring service at {url} (GET /stats, /metrics)")
         scorer = HttpScorer(url)
-        if not wait_ready(scorer, 60):
-            raise RuntimeError("the scoring service did not become ready")
+        if not wait_ready(scorer, 60, stop):  # Ctrl-C ends the wait (it sat out the 60 s)
+            raise RuntimeError(
+                "stopped while starting" if stop.is_set() else "the scoring service did not become ready"
+            )
         sim = build_simulator(
             sim_config,
             score=scorer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from reloop.engine.runtime.demo import DEFAULT_CONFIG, DemoConfig, deep_merge, plan_arms, serve_config_for
 from reloop.engine.serve.config import ConfigError, read_yaml
@@ -123,3 +125,47 @@ def test_librdkafka_settings_the_demos_own_clients_cannot_take_fail_at_load():
         DemoConfig.model_validate(doc)
     doc["kafka"] = {"client": "confluent", "sasl_username": "u"}
     assert DemoConfig.model_validate(doc).kafka_settings() == {"sasl_plain_username": "u"}
+
+
+@pytest.mark.parametrize(
+    ("report", "needle"),
+    [
+        ({"treatment": "relooop", "control": "ce"}, r"\['relooop'\] not among the arms"),
+        ({"treatment": "reloop", "control": "ce", "aa": ["ce_aa", "cee"]}, r"\['cee'\] not among"),
+        ({"treatment": "reloop"}, "give treatment and control together"),
+        ({"aa": ["ce_aa", "ce"]}, "give treatment and control together"),
+    ],
+)
+def test_a_report_that_names_no_arm_is_refused_before_anything_starts(
+    tmp_path, capsys, monkeypatch, report, needle
+):
+    """A typo in simulate.report (or half a pair) left the A/B readout out of the summary, silently."""
+    import argparse
+
+    import reloop.connectors.kafka.admin as admin
+    import yaml
+    from reloop.engine.runtime import demo
+
+    def no_broker(*a, **kw):
+        raise AssertionError("the demo got past its config")
+
+    monkeypatch.setattr(admin, "create_topics", no_broker)
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["simulate"]["report"] = report
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    args = parser.parse_args(
+        ["--config", str(path), "--workdir", str(tmp_path / "w"), "--bootstrap", "127.0.0.1:1"]
+    )
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(needle, err) and err.count("\n") == 1
+    with pytest.raises(ConfigError, match=needle):
+        simulate_config_from_dict(doc)
+
+
+def test_the_shipped_report_names_its_arms():
+    report = simulate_config_from_dict(read_yaml(DEFAULT_CONFIG)).report
+    assert (report.treatment, report.control, report.aa) == ("reloop", "ce", ("ce_aa", "ce"))

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -35,3 +37,55 @@ def test_ctrl_c_while_waiting_for_the_service_ends_at_once_with_a_message() -> N
     assert proc.returncode == 1
     assert time.monotonic() - start < 5
     assert "stopped while waiting" in rest and "Traceback" not in rest
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("simulate", ["--rate", "nan"]),  # sent requests unpaced, as fast as the service answered
+        ("simulate", ["--rate", "inf"]),
+        ("simulate", ["--rate", "-5"]),
+        ("simulate", ["--rate", "0"]),  # silently replaced by simulate.rate
+        ("simulate", ["--duration", "nan"]),  # never ended
+        ("simulate", ["--duration", "-1"]),
+        ("simulate", ["--seed", "-1"]),  # a traceback, after the service was up
+        ("demo", ["--rate", "nan"]),
+        ("demo", ["--rate", "0"]),
+        ("demo", ["--duration", "nan"]),
+        ("demo", ["--duration", "inf"]),
+    ],
+)
+def test_out_of_range_overrides_are_refused_at_parse_time_with_exit_2(command, argv, capsys) -> None:
+    import argparse
+    import importlib
+
+    module = importlib.import_module(
+        {"simulate": "reloop.engine.simulate.cli", "demo": "reloop.engine.runtime.demo"}[command]
+    )
+    parser = argparse.ArgumentParser(prog=f"reloop {command}")
+    module.configure(parser)
+    config = ["--config", str(ROOT / "deploy" / "config" / "demo.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*config, *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}" in err and "Traceback" not in err
+
+
+def test_the_overrides_still_take_ordinary_values() -> None:
+    import argparse
+
+    from reloop.engine.simulate.cli import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--config", "x.yaml", "--rate", "2.5", "--duration", "1e3", "--seed", "0"])
+    assert (args.rate, args.duration, args.seed) == (2.5, 1000.0, 0)
+
+
+def test_an_infinite_rate_in_the_config_is_refused() -> None:
+    from reloop.engine.serve.config import ConfigError
+    from reloop.engine.simulate.config import simulate_config_from_dict
+
+    with pytest.raises(ConfigError, match="simulate.rate"):
+        simulate_config_from_dict({"simulate": {"rate": float("inf")}})
