@@ -125,25 +125,27 @@ class Simulator:
                 self.stats.errors += 1
             log.warning("simulate: request failed: %s", exc)
             return None
-        shown = response["ranking"]
-        items = np.array([World.parse_item_id(r["item_id"]) for r in shown], dtype=np.int64)
-        served = np.array([r["score"] for r in shown], dtype=np.float64)
-        true_p = self.world.click_probability(request, t, items)
+        try:  # a 200 of another shape (not the scoring service) is a failed request, not a dead thread
+            arm, version, shown = str(response["arm"]), int(response["model_version"]), response["ranking"]
+            items = np.array([World.parse_item_id(r["item_id"]) for r in shown], dtype=np.int64)
+            served = np.array([r["score"] for r in shown], dtype=np.float64)
+            impression_ids = [str(r["impression_id"]) for r in shown]
+            true_p = self.world.click_probability(request, t, items)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            with self.stats.lock:
+                self.stats.errors += 1
+            log.warning("simulate: unexpected answer: %r", exc)
+            return None
         outcomes = self.world.outcome_rng(n)  # this request's own: the same whatever the answer order
         clicked = self.world.draw_clicks(true_p, outcomes)
         delays = self.world.draw_delays_s(int(clicked.sum()), outcomes)
         window = self.world.config.attribution_window_s
-        arm = response["arm"]
-        clicked_rows = [r for r, c in zip(shown, clicked.tolist(), strict=True) if c]
-        for r, delay in zip(clicked_rows, delays.tolist(), strict=True):
-            self.clicks.push(
-                arm, Click(impression_id=r["impression_id"], event_time_ms=now + int(delay * 1000))
-            )
+        clicked_ids = [i for i, c in zip(impression_ids, clicked.tolist(), strict=True) if c]
+        for impression_id, delay in zip(clicked_ids, delays.tolist(), strict=True):
+            self.clicks.push(arm, Click(impression_id=impression_id, event_time_ms=now + int(delay * 1000)))
         with self.stats.lock:
             self.stats.clicks_late += int((delays > window).sum())
-            self.stats.arm(arm).record(
-                int(response["model_version"]), served, true_p, clicked, user=context["user_id"]
-            )
+            self.stats.arm(arm).record(version, served, true_p, clicked, user=context["user_id"])
         return response
 
     def emit_due_clicks(self, now_ms: int | None = None) -> int:

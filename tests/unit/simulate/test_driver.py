@@ -321,3 +321,29 @@ def test_the_same_seed_gives_the_same_clicks_whatever_order_threads_answer_in():
         return {k: v for k, v in clicks.items() if int(k.rsplit("-", 1)[1]) <= both}
 
     assert len(first(a)) > 20 and first(a) == first(b)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"detail": "not the scoring service"},  # a 200 from something else at that address
+        {"arm": "A", "model_version": 1, "ranking": [{"item_id": "oops", "score": 0.5}]},
+        {"arm": "A", "model_version": 1, "ranking": [{"item_id": "i999999", "score": 0.5}]},
+        None,
+    ],
+)
+def test_an_answer_of_the_wrong_shape_is_counted_as_an_error_and_the_run_goes_on(answer):
+    """It raised out of step(): every client thread died (the run ended early, those requests counted
+    nowhere); with one thread the run ended in a traceback."""
+    calls = {"n": 0}
+
+    def odd(body):
+        calls["n"] += 1
+        return answer
+
+    world = World(WorldConfig(seed=0))
+    sim = Simulator(world=world, score=odd, click_sink=lambda arm: MemorySink(MemoryLog(), "c"))
+    assert sim.step() is None
+    sim.run(rate=50.0, duration_s=0.4, concurrency=2)
+    assert calls["n"] >= 10  # the threads kept going for the whole duration
+    assert sim.stats.errors == calls["n"] and not sim.stats.arms
