@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
@@ -341,6 +341,13 @@ def _json_default(x: object) -> object:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON: {type(x).__name__}")
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """``summary`` as JSON, an undefined value (an AUC without clicks: NaN) as null: json wrote NaN,
+    which is not JSON, and strict readers (jq, JSON.parse, orjson) refused the whole file."""
+    options = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
+    path.write_bytes(orjson.dumps(summary, default=_json_default, option=options))
 
 
 def _fmt(x: float | int | None, spec: str = ".3f") -> str:
@@ -740,7 +747,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         }
         print_summary(console, **parts)
         summary = summary_dict(**parts, run_id=run_id)
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        write_summary(workdir / "summary.json", summary)
     if sim is not None and exit_code == 0 and not any(a.impressions for a in sim.stats.arms.values()):
         console.print("[red]no impression was served: the loop did not run[/]")
         exit_code = 1

@@ -49,3 +49,22 @@ def test_auc_of_the_last_versions_is_a_dash_when_none_has_one():
     cells = _summary_row(stats, "A")
     assert cells[3] == "-"
     assert cells[4] == "-"  # was 0.000
+
+
+def test_the_summary_file_is_strict_json_with_undefined_values_as_null(tmp_path) -> None:
+    # json wrote an AUC without clicks as NaN, which is not JSON: jq and JSON.parse refused the file.
+    import json
+    from pathlib import Path
+
+    from reloop.engine.runtime.demo import write_summary
+
+    path = tmp_path / "summary.json"
+    write_summary(path, {"arms": {"a": {"auc": float("nan"), "impressions": 3}}, "workdir": Path("/w")})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "arms": {"a": {"auc": None, "impressions": 3}},
+        "workdir": "/w",
+    }
