@@ -22,14 +22,16 @@ EPS = 1e-15
 
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Exact ROC AUC (Mann-Whitney: the fraction of (positive, negative) pairs ordered right, a tie
-    counted 1/2); NaN when a class is absent. A label > 0.5 is a positive."""
+    counted 1/2); NaN when a class is absent or a score is NaN. A label > 0.5 is a positive."""
     y = np.asarray(labels).reshape(-1) > 0.5
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.size != s.size:
         raise ValueError(f"auc: {y.size} labels, {s.size} scores")
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    # A NaN score (a row the learner could not score) would sort last and count as the highest: a
+    # finite, order-dependent AUC. NaN, as LogLoss gives, tells the caller instead.
+    if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
         return math.nan
     order = np.argsort(s, kind="mergesort")
     sorted_s = s[order]

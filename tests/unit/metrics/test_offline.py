@@ -45,6 +45,14 @@ def test_auc_edge_cases() -> None:
         auc([0, 1, 0], [0.1, 0.2])
 
 
+def test_auc_of_a_nan_score_is_nan_not_a_ranking() -> None:
+    # A learner scores a row it cannot score NaN (engine/models/finite.py); argsort put it last, so
+    # the AUC counted it as the highest score (0.75 here) and LogLoss alone said NaN.
+    assert math.isnan(auc([0, 1, 0, 1], [math.nan] * 4))
+    assert math.isnan(auc([0, 1, 0, 1], [0.1, math.nan, 0.2, 0.3]))
+    assert auc([0, 1], [0.2, math.inf]) == 1.0  # infinite scores still rank
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_logloss_is_the_per_sample_mean(seed: int) -> None:
     rng = np.random.default_rng(seed)
