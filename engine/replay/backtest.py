@@ -8,7 +8,8 @@
   (progressive validation). At each period boundary a frozen snapshot is taken; y_last is the
   prediction of the snapshot that would have been serving ("recomputed"), or the logged one. A
   learner with ``learn_scored`` (torch learners) scores and learns in one call, as the stream trainer
-  does: a per-event wide part scores each sample after learning the earlier ones of its batch. With
+  does: a per-event wide part scores each sample after learning the earlier ones of its batch (not with
+  ``batch_by="time"``: a batch is then one event time, scored whole before it is learned). With
   ``replay_size > 0`` a replay buffer of the latest samples is replayed after each batch (as in
   engine/train/stream.py). With ``publish_every_ms > 0`` a sample is scored instead by the learner as it
   was at the last multiple of that interval of event time (``PublishedScorer``): what ``reloop serve``
@@ -390,6 +391,10 @@ def run_streaming(
 
     learner = factory(run, data.spec)
     learn_scored = getattr(learner, "learn_scored", None)
+    if run.batch_by == "time" and getattr(learner, "wide", None) is not None:
+        # learn_scored's per-event wide part scores a row after learning the batch's earlier rows; by
+        # time those share its event time, all of whose rows are scored before any is learned.
+        learn_scored = None
     replay = (
         ReplayBuffer(run.replay_size, run.replay_ratio, run.batch_size, run.seed) if run.replay_size else None
     )

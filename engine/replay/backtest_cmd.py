@@ -612,9 +612,10 @@ def _run_header(args: argparse.Namespace, data: BacktestData, time_kind: str) ->
         if noise
         else ""
     )
+    ctr = data.judged_labels(slice(None)).mean()  # the data's, not the flipped labels' (--label-noise)
     return f"""Command: `reloop backtest {command}`{data_note}
 
-- samples: {len(data.labels)}, click rate {data.labels.mean():.3f}, periods: {data.n_periods} \
+- samples: {len(data.labels)}, click rate {ctr:.3f}, periods: {data.n_periods} \
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
 - {time_note}{noise_note}
 - {learner_settings(args)}"""

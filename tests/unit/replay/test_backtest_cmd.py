@@ -248,6 +248,7 @@ def test_memory_and_label_noise_from_the_command_line(tmp_path: Path, capsys) ->
     report = (out / "report.md").read_text()
     assert "error memory MemorySpec(n_tables=2, n_bits=4" in report
     assert "label noise: 10% of the training labels flipped" in report
+    assert f"click rate {prepared[1]}," in report  # the header gave the flipped labels' rate too
     for bad, message in (("n_bitz=4", "n_bitz=4"), ("form=foo", "one of residual, label")):
         with pytest.raises(SystemExit):
             main([*argv, "--data", "x", "--out", str(out), "--memory", bad])

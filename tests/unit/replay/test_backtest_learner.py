@@ -52,3 +52,30 @@ def test_streaming_with_replay_is_reproducible_and_differs_from_without():
     a, b, c = _run(data, wide, 300), _run(data, wide, 300), _run(data, wide, 0)
     assert [r["auc"] for r in a] == [r["auc"] for r in b]
     assert [r["logloss"] for r in a] != [r["logloss"] for r in c]
+
+
+def test_by_time_the_per_event_wide_part_scores_a_moment_before_learning_any_of_it(monkeypatch):
+    # Two identical events a second: learn_scored's wide part scored the second after learning the first
+    # (another score), though --batch-by time promises a moment is scored whole before any of it is learned.
+    from reloop.engine.replay import backtest
+
+    torch.set_num_threads(1)
+    spec = FeatureSpec(fields=(CategoricalField(name="x", buckets=8),))
+    samples = [
+        LabeledSample(f"s{k}", {"x": "a"}, int((k // 2) % 3 > 0), 0.5, 0, event_time_ms=1000 * (k // 2))
+        for k in range(24)
+    ]
+    data = prepare(samples, spec, lambda t: period_bounds_by_count(len(t), 2))
+    scored: list[np.ndarray] = []
+    row = backtest._row
+    monkeypatch.setattr(
+        backtest, "_row", lambda run, t, y, p, **kw: scored.append(p.copy()) or row(run, t, y, p, **kw)
+    )
+    run = RunSpec(
+        "streaming", "fm", Strategy("ce"), 0, batch_size=512, batch_by="time",
+        model_options=(("embedding_dim", 4),), optimizer=(("wide", "bayes"),),
+    )  # fmt: skip
+    run_streaming(data, run)
+    (probs,) = scored
+    np.testing.assert_array_equal(probs[0::2], probs[1::2])
+    assert len(set(probs.tolist())) > 1  # (the model learns from moment to moment)
