@@ -145,7 +145,8 @@ class LocalBroker:
     ``kafka_home`` defaults to ``default_kafka_home()``. ``detached=True`` lets the broker outlive this
     Python process (``reloop kafka up``); otherwise the broker is terminated when its parent dies (Linux
     PR_SET_PDEATHSIG, which fires when the *thread* that called ``start`` exits: start a non-detached
-    broker from a thread that outlives it).
+    broker from a thread that outlives it). ``sasl_plain=(username, password)``: the client (and
+    inter-broker) listener requires SASL/PLAIN with that user instead of PLAINTEXT.
     """
 
     def __init__(
@@ -158,7 +159,10 @@ class LocalBroker:
         heap_mb: int = 512,
         java: str = "java",
         detached: bool = False,
+        sasl_plain: tuple[str, str] | None = None,
     ) -> None:
+        if sasl_plain is not None and any(re.search(r'["\\\s]', part) for part in sasl_plain):
+            raise ValueError("sasl_plain: no quotes, backslashes or white space in the user or password")
         self.state_dir = Path(state_dir).resolve()
         self.port = port
         self.controller_port = controller_port
@@ -166,6 +170,7 @@ class LocalBroker:
         self.heap_mb = heap_mb
         self.java = java
         self.detached = detached
+        self.sasl_plain = sasl_plain
         self._proc: subprocess.Popen[bytes] | None = None
         self._info: BrokerInfo | None = None
 
@@ -233,6 +238,19 @@ class LocalBroker:
         match = _JAR_VERSION.match(jar.name)
         assert match is not None
         return match.group("version")
+
+    @property
+    def client_settings(self) -> dict[str, str]:
+        """The kafka-python connection settings a client of this broker needs (empty for PLAINTEXT)."""
+        if self.sasl_plain is None:
+            return {}
+        username, password = self.sasl_plain
+        return {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": username,
+            "sasl_plain_password": password,
+        }
 
     # --------------------------------------------------------------------------------- lifecycle
     @property
@@ -318,7 +336,7 @@ class LocalBroker:
         if not _is_broker_process(info.pid, self.config_path):
             return BrokerStatus(False, info, False, None, f"not running (last pid {info.pid})")
         self._info = info
-        reachable, detail = _metadata_ok(info.bootstrap, timeout_s=10.0)
+        reachable, detail = _metadata_ok(info.bootstrap, timeout_s=10.0, client_config=self.client_settings)
         return BrokerStatus(True, info, reachable, self.rss_mb(), detail)
 
     def rss_mb(self) -> float | None:
@@ -415,6 +433,21 @@ class LocalBroker:
             "num.io.threads": "2",
             "log.cleaner.dedupe.buffer.size": "2097152",
         }
+        if self.sasl_plain is not None:
+            user, password = self.sasl_plain
+            props |= {
+                "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
+                "inter.broker.listener.name": "SASL_PLAINTEXT",
+                "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "sasl.mechanism.inter.broker.protocol": "PLAIN",
+                # username/password: what the broker itself logs in with; user_<name>: the users it accepts.
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'username="{user}" password="{password}" user_{user}="{password}";'
+                ),
+            }
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
     def _wait_ready(self, port: int, deadline: float) -> None:
@@ -427,7 +460,10 @@ class LocalBroker:
             time.sleep(0.1)
         # The log line says the server object started; a metadata round trip says clients can use it.
         while True:
-            ok, detail = _metadata_ok(f"127.0.0.1:{port}", timeout_s=max(1.0, deadline - time.monotonic()))
+            timeout_s = max(1.0, deadline - time.monotonic())
+            ok, detail = _metadata_ok(
+                f"127.0.0.1:{port}", timeout_s=timeout_s, client_config=self.client_settings
+            )
             if ok:
                 return
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -472,7 +508,9 @@ def _is_broker_process(pid: int, config_path: Path) -> bool:
         return False
 
 
-def _metadata_ok(bootstrap: str, timeout_s: float) -> tuple[bool, str]:
+def _metadata_ok(
+    bootstrap: str, timeout_s: float, client_config: dict[str, str] | None = None
+) -> tuple[bool, str]:
     """A real client round trip: the cluster must list an unfenced broker."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
@@ -483,6 +521,7 @@ def _metadata_ok(bootstrap: str, timeout_s: float) -> tuple[bool, str]:
             bootstrap_servers=bootstrap,
             request_timeout_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,
+            **(client_config or {}),
         )
     except (KafkaError, OSError) as exc:
         return False, f"cannot connect to {bootstrap}: {exc!r}"
