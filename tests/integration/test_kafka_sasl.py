@@ -27,7 +27,16 @@ from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.runtime.config import RunConfig, load_config
 from reloop.engine.runtime.synthetic import generate
 
-from .test_run_kafka import _CHILDREN, PERIOD, _config, _now_ms, _start, _stop, _topics, _wait_trained
+from .test_run_kafka import (
+    PERIOD,
+    _config,
+    _kill_leftover_processors,  # noqa: F401 - autouse: no `reloop run` outlives a test
+    _now_ms,
+    _start,
+    _stop,
+    _topics,
+    _wait_trained,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -58,17 +67,6 @@ def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroke
         yield broker
     finally:
         broker.stop()
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_processors() -> Iterator[None]:
-    """A failed test must not leave a `reloop run` behind (_start records its children in _CHILDREN)."""
-    yield
-    while _CHILDREN:
-        proc = _CHILDREN.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _sasl(broker: LocalBroker, client: str = "kafka-python", password: str = PASSWORD, **extra) -> dict:
