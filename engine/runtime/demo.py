@@ -346,7 +346,8 @@ def _json_default(x: object) -> object:
 def write_summary(path: Path, summary: dict) -> None:
     """``summary`` as JSON, an undefined value (an AUC without clicks: NaN) as null: json wrote NaN,
     which is not JSON, and strict readers (jq, JSON.parse, orjson) refused the whole file."""
-    options = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
+    # NON_STR_KEYS: the versions are int keys, written as strings as json wrote them
+    options = orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
     path.write_bytes(orjson.dumps(summary, default=_json_default, option=options))
 
 

@@ -59,12 +59,13 @@ def test_the_summary_file_is_strict_json_with_undefined_values_as_null(tmp_path)
     from reloop.engine.runtime.demo import write_summary
 
     path = tmp_path / "summary.json"
-    write_summary(path, {"arms": {"a": {"auc": float("nan"), "impressions": 3}}, "workdir": Path("/w")})
+    arm = {"auc": float("nan"), "impressions": 3, "versions": {2: {"auc": 0.5}}}  # int keys, as the demo's
+    write_summary(path, {"arms": {"a": arm}, "workdir": Path("/w")})
 
     def refuse(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
 
     assert json.loads(path.read_text(), parse_constant=refuse) == {
-        "arms": {"a": {"auc": None, "impressions": 3}},
+        "arms": {"a": {"auc": None, "impressions": 3, "versions": {"2": {"auc": 0.5}}}},
         "workdir": "/w",
     }
