@@ -168,4 +168,9 @@ def main(args: argparse.Namespace) -> int:
     if failed is not None:
         print(f"reloop simulate: {failed} ({s.clicks_pending_at_end} clicks not sent)", file=sys.stderr)
         return 1
+    if not any(a.impressions for a in s.arms.values()) and (s.errors or s.not_ready):
+        # Every request failed (the counts are printed above): a run that simulated nothing exited 0.
+        print(f"reloop simulate: no request was answered with a ranking ({s.errors} failed, {s.not_ready} "
+              f"not ready): is {args.url} a scoring service with a model?", file=sys.stderr)  # fmt: skip
+        return 1
     return 0

@@ -89,3 +89,36 @@ def test_an_infinite_rate_in_the_config_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="simulate.rate"):
         simulate_config_from_dict({"simulate": {"rate": float("inf")}})
+
+
+def test_a_run_in_which_every_request_failed_exits_1(tmp_path) -> None:
+    # The failures were counted and printed, and the command exited 0 as if it had simulated something.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /readyz: ready
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self) -> None:  # /score: fails
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "reloop.engine.runtime.cli", "simulate",
+             "--config", str(ROOT / "deploy" / "config" / "demo.yaml"),
+             "--url", f"http://127.0.0.1:{server.server_port}", "--bootstrap", "127.0.0.1:1",
+             "--duration", "1", "--rate", "20"],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no request was answered with a ranking" in out.stderr
