@@ -18,6 +18,7 @@ False
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -27,7 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 ENV_PREFIX = "RELOOP__"
@@ -326,6 +335,19 @@ def env_values(
     return _decode_free_dicts(model, data)
 
 
+def describe_errors(
+    exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
+) -> str:
+    """pydantic's errors on one line, each naming its key (and the variable that set it, ``env_origin``),
+    without the values: pydantic's own text spans lines and shows each bad input, secrets included."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {}, names)}")
+    return "; ".join(lines)
+
+
 def _parses_as_json(value: str) -> bool:
     try:
         json.loads(value)
@@ -423,3 +445,17 @@ def int_at_least(low: int) -> typing.Callable[[str], int]:
         return value
 
     return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (NaN and inf parse as floats: an unpaced rate, a duration
+    or a timeout that never ends), else argparse's one-line usage error."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value

@@ -49,16 +49,16 @@ from reloop.engine.metrics.stats import STATS, EngineStats
 from sortedcontainers import SortedList
 
 log = logging.getLogger("reloop.metrics")
+DEFAULT_MAX_ARMS = 64  # also metrics.max_arms' default (engine/runtime/config.py)
 
 
 def _check(y: int, p: float) -> tuple[int, float]:
     if y != 0 and y != 1:
         raise ValueError(f"label must be 0 or 1, got {y!r}")
     p = float(p)
-    if p != p:  # NaN: it would corrupt the sorted lists' order
-        raise ValueError("score is NaN")
-    if p in (math.inf, -math.inf):  # inf - inf at eviction would leave the mean prediction NaN for good
-        raise ValueError("score is not finite")
+    # NaN would corrupt the sorted lists' order; inf - inf at eviction left the mean prediction NaN for good
+    if not math.isfinite(p):
+        raise ValueError("score is NaN" if p != p else "score is not finite")
     return int(y), p
 
 
@@ -345,7 +345,9 @@ class OnlineMetricsBook:
     for one writer and scraping readers (one lock per call; ``update_many`` takes it once per batch).
     """
 
-    def __init__(self, *, window_size: int = 100_000, max_versions: int = 2, max_arms: int = 64) -> None:
+    def __init__(
+        self, *, window_size: int = 100_000, max_versions: int = 2, max_arms: int = DEFAULT_MAX_ARMS
+    ) -> None:
         if max_versions < 1:
             raise ValueError(f"max_versions must be >= 1, got {max_versions}")
         if max_arms < 1:
@@ -356,6 +358,10 @@ class OnlineMetricsBook:
         self.untracked_samples = 0  # samples of arms beyond max_arms
         self._arms: dict[str, dict[int, BatchRollingMetrics]] = {}
         self._lock = threading.Lock()
+
+    def settings(self) -> dict[str, int]:
+        """This book's bounds, as keyword arguments: a restored or a fresh book like this one."""
+        return {"window_size": self.window_size, "max_versions": self.max_versions, "max_arms": self.max_arms}
 
     def _metrics_for(self, arm: str, version: int, n: int = 1) -> BatchRollingMetrics | None:
         versions = self._arms.get(arm)
@@ -503,7 +509,7 @@ class OnlineMetricsBook:
             book = cls(
                 window_size=int(window_size if window_size is not None else state["window_size"]),
                 max_versions=int(max_versions if max_versions is not None else state["max_versions"]),
-                max_arms=int(max_arms if max_arms is not None else state.get("max_arms", 64)),
+                max_arms=int(max_arms if max_arms is not None else state.get("max_arms", DEFAULT_MAX_ARMS)),
             )
             for arm, versions in list(state["arms"].items())[: book.max_arms]:
                 for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:

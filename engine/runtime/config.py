@@ -40,6 +40,7 @@ from reloop.engine.config_common import (
     _Section,
     check_moved,
     deep_merge,
+    describe_errors,
     env_origin,
     env_values,
     read_document,
@@ -485,12 +486,7 @@ def load_config_dict(
 def _describe(
     exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
 ) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {}, names)}")
-    return "invalid config: " + "; ".join(lines)
+    return "invalid config: " + describe_errors(exc, overrides, names)
 
 
 def load_feature_spec(section: ModelSection) -> Any:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
-from reloop.engine.config_common import int_at_least
+from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
 from reloop.engine.events.validation import REASONS
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
@@ -52,13 +52,6 @@ if TYPE_CHECKING:
 # without a reason, engine/deadletter.py). A --reason outside them is a typo that chooses nothing; with
 # --group a redrive would still commit past every record read, and the letters meant were never sent.
 KNOWN_REASONS = frozenset({*REASONS, UNLEARNABLE, "unknown"})
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
 
 
 def _topic(text: str) -> str:
@@ -102,7 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "records are delivered (the offsets cover every record read, chosen by the filters or not)",
     )
     parser.add_argument(
-        "--timeout", type=_positive, default=30.0, help="seconds without a record read before giving up"
+        "--timeout", type=positive_float, default=30.0, help="seconds without a record read before giving up"
     )
 
 

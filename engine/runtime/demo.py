@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from reloop.engine.config_common import describe_errors
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
 from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
@@ -105,17 +106,6 @@ class DemoConfig(_Frozen):
         from reloop.engine.config_common import KafkaSection
 
         return KafkaSection.model_validate(self.kafka).connection("kafka-python")
-
-
-def describe(exc: ValidationError) -> str:
-    """pydantic's errors on one line, each naming its key, without the values: pydantic's own text
-    spans lines and shows each bad input (a kafka section's included its sasl_password)."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key or '(top level)'}: {msg}")
-    return "; ".join(lines)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +181,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
             try:
                 ArmMemoryConfig.model_validate(memory)
             except ValidationError as exc:
-                raise ConfigError(f"arm {arm.name}: bad memory section: {describe(exc)}") from exc
+                raise ConfigError(f"arm {arm.name}: bad memory section: {describe_errors(exc)}") from exc
         plans.append(
             ArmPlan(
                 name=arm.name,
@@ -238,7 +228,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"bad serve section: {describe(exc)}") from exc
+        raise ConfigError(f"bad serve section: {describe_errors(exc)}") from exc
 
 
 class TrainerProcess:
@@ -323,7 +313,7 @@ def _count_logged(
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from reloop.engine.simulate.cli import positive_float
+    from reloop.engine.config_common import positive_float
 
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
     parser.add_argument("--duration", type=positive_float, help="seconds to run (default: until Ctrl-C)")
@@ -601,7 +591,7 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
 
         sim_config = simulate_config_from_dict(doc)
     except (ConfigError, ValidationError) as exc:
-        why = describe(exc) if isinstance(exc, ValidationError) else exc
+        why = describe_errors(exc) if isinstance(exc, ValidationError) else exc
         print(f"reloop demo: bad config {args.config}: {why}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reloop-demo-"))

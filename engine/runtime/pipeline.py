@@ -216,12 +216,7 @@ class Pipeline:
         samples, bad = decode_samples(state["buffer"])
         if bad:
             raise SnapshotError(f"{point.kind} {point.number}: {len(bad)} buffered samples do not decode")
-        served = OnlineMetricsBook.from_state_dict(
-            state["served_metrics"],
-            window_size=self.served_metrics.window_size,
-            max_versions=self.served_metrics.max_versions,
-            max_arms=self.served_metrics.max_arms,
-        )
+        served = OnlineMetricsBook.from_state_dict(state["served_metrics"], **self.served_metrics.settings())
         positions = positions_from_json(meta["positions"])
         if base is not None:
             self.trainer.on_snapshot(base)

@@ -293,16 +293,9 @@ class TrainStage:
         buffer = [self._with_features(decode_batch(data)) for data in mine["buffer"]]
         book = self.served_metrics
         served = (
-            OnlineMetricsBook.from_state_dict(
-                mine["served_metrics"],
-                window_size=book.window_size,
-                max_versions=book.max_versions,
-                max_arms=book.max_arms,
-            )
+            OnlineMetricsBook.from_state_dict(mine["served_metrics"], **book.settings())
             if mine["served_metrics"] is not None
-            else OnlineMetricsBook(
-                window_size=book.window_size, max_versions=book.max_versions, max_arms=book.max_arms
-            )
+            else OnlineMetricsBook(**book.settings())
         )
         if base is not None:
             self.trainer.on_snapshot(base)

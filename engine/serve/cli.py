@@ -84,13 +84,11 @@ def main(args: argparse.Namespace) -> int:
     metrics: Any = None
     if args.worker_metrics_port is not None:
         from reloop.connectors.metrics.prometheus import serve_metrics
-        from reloop.engine.serve.auth import load_token
 
         host = args.host or config.host
         try:
-            token = load_token(config.auth_token_file, config.auth_token)  # the stack read it just now
-            if token:
-                metrics = _GuardedMetrics(host, args.worker_metrics_port, token)
+            if stack.token:
+                metrics = _GuardedMetrics(host, args.worker_metrics_port, stack.token)
             else:
                 metrics = serve_metrics(host=host, port=args.worker_metrics_port)
         except OSError as exc:

@@ -289,8 +289,8 @@ class ServingStack:
         self.app.mount("/metrics", metrics)
         from reloop.engine.serve.auth import BearerAuth, load_token
 
-        token = load_token(config.auth_token_file, config.auth_token)
-        self.asgi: Any = BearerAuth(self.front, token) if token else self.front
+        self.token = load_token(config.auth_token_file, config.auth_token)  # a worker's own /metrics too
+        self.asgi: Any = BearerAuth(self.front, self.token) if self.token else self.front
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

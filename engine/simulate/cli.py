@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.serve.config import ConfigError, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
@@ -28,36 +28,13 @@ from reloop.engine.streams import Sink
 from rich.console import Console
 
 
-def positive_float(text: str) -> float:
-    """argparse type of --rate and --duration: a NaN or infinite rate sent requests unpaced, a NaN
-    duration never ended, a rate of 0 was silently replaced by the config's."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type of --seed: a negative seed failed with a traceback after the service was up."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections simulate and arms")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the scoring service")
     parser.add_argument("--bootstrap", help="Kafka bootstrap for the clicks (default: kafka.bootstrap)")
     parser.add_argument("--rate", type=positive_float, help="override simulate.rate (requests/s)")
     parser.add_argument("--duration", type=positive_float, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--seed", type=seed_int, help="override simulate.world.seed")
+    parser.add_argument("--seed", type=int_at_least(0), help="override simulate.world.seed")
 
 
 def clicks_topics(doc: dict) -> dict[str, str]:

@@ -43,25 +43,20 @@ def _not_utf8_line(path: Path, number: int, exc: UnicodeDecodeError) -> DatasetE
     return DatasetError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})")
 
 
-def not_utf8(path: Path) -> DatasetError:
-    """The error for a text file a reader found not UTF-8, naming its first such line: the codec's own
-    message names a byte offset in a read buffer, no line ("can't decode byte 0xff in position 8191")."""
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                return _not_utf8_line(path, number, exc)
-    return DatasetError(f"{path}: not UTF-8")
-
-
 @contextmanager
 def utf8_errors_located(path: Path) -> Iterator[None]:
-    """Reading a text file inside: a UnicodeDecodeError becomes :func:`not_utf8`'s error."""
+    """Reading a text file inside: a UnicodeDecodeError becomes a DatasetError naming the file's first line
+    that is not UTF-8 (the codec's message names a byte offset in a read buffer: "position 8191")."""
     try:
         yield
     except UnicodeDecodeError:
-        raise not_utf8(path) from None
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8_line(path, number, exc) from None
+        raise DatasetError(f"{path}: not UTF-8") from None
 
 
 # Event times in ms must fit numpy's int64 with room: beyond, a time is a typo, not a date.
