@@ -94,6 +94,18 @@ class TopicNotFound(ValueError):
     for it (the train stage started before the join stage has created the samples topic)."""
 
 
+class AuthenticationFailed(RuntimeError):
+    """The Kafka cluster refused the client's login (SASL: a wrong user, password or mechanism). The same
+    credentials will be refused again, so this is not retried like an outage: the stage exits 2 with this
+    message, and an orchestrator's restart picks up credentials that were rotated since."""
+
+    def __init__(self, bootstrap: str, reason: str) -> None:
+        super().__init__(
+            f"the Kafka cluster at {bootstrap} refused the login ({reason}); check kafka.security_protocol, "
+            "kafka.sasl_mechanism, kafka.sasl_username and kafka.sasl_password"
+        )
+
+
 class RecordTooLarge(ValueError):
     """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from reloop.connectors.confluent.login import LoginWatch
 from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
@@ -18,8 +19,13 @@ def ensure_topic_like(
 ) -> None:
     """Create ``topic`` when it is missing, with as many partitions as ``like`` (replication 1); an
     existing one is left as it is. Losing a creation race to another process is fine."""
-    admin = AdminClient({**connection, "bootstrap.servers": bootstrap})
-    topics = admin.list_topics(timeout=10).topics
+    login = LoginWatch(bootstrap)
+    admin = AdminClient({**connection, "bootstrap.servers": bootstrap, "error_cb": login})
+    try:
+        topics = admin.list_topics(timeout=10).topics
+    except KafkaException:
+        login.check(admin)
+        raise
     if topic in topics:
         return
     if like not in topics:

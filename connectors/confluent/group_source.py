@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from reloop.connectors.confluent.login import LoginWatch
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
@@ -36,6 +37,7 @@ class ConfluentGroupSource:
                 raise ValueError(f"client_config[{key!r}] is not allowed: {_RESERVED[key]}")
         self.topics = list(topics)
         self.metadata_timeout_s = metadata_timeout_s
+        self._login = LoginWatch(bootstrap)
         self._consumer = Consumer(
             {
                 "auto.offset.reset": "earliest",
@@ -48,6 +50,7 @@ class ConfluentGroupSource:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "on_commit": log_failed_commit,
+                "error_cb": self._login,
             }
         )
         self._listener: Any = None
@@ -66,7 +69,12 @@ class ConfluentGroupSource:
         return bool(self._consumer.memberid())
 
     def partition_count(self, topic: str) -> int:
-        meta = self._consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
+        try:
+            meta = self._consumer.list_topics(topic, timeout=self.metadata_timeout_s).topics.get(topic)
+        except KafkaException:
+            # No poll to serve the error callbacks here: inside a subscription it can run a rebalance.
+            self._login.check()
+            raise
         if meta is None or meta.error is not None or not meta.partitions:
             raise TopicNotFound(f"Kafka topic {topic!r} does not exist")
         return len(meta.partitions)
@@ -127,6 +135,7 @@ class ConfluentGroupSource:
             messages = self._consumer.consume(num_messages=1, timeout=max(0.0, timeout_s))
             if messages and n > 1:
                 messages += self._consumer.consume(num_messages=n - 1, timeout=0)
+        self._login.check()  # consume served the error callbacks
         out: list[Record] = []
         for m in messages:
             err = m.error()

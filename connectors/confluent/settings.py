@@ -20,6 +20,7 @@ CONSUMER_RESERVED = {
     "group.id": "pass group_id=...",
     "enable.auto.commit": "offsets are committed only by the source's commit()",
     "enable.auto.offset.store": "offsets are committed only by the source's commit()",
+    "error_cb": "the source watches client errors (a refused login)",
 }
 PRODUCER_RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from reloop.connectors.confluent.admin import record_limit
+from reloop.connectors.confluent.login import LoginWatch
 from reloop.connectors.confluent.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
@@ -83,7 +84,7 @@ class ConfluentSink:
             "enable.idempotence": True,
             "partitioner": "murmur2_random",
             "delivery.report.only.error": True,
-            "error_cb": self._on_client_error,
+            "error_cb": LoginWatch(bootstrap, then=self._on_client_error),
         }
         self.max_request_size = int(config["message.max.bytes"])
         self._limit_name = "message.max.bytes"
@@ -101,6 +102,7 @@ class ConfluentSink:
         self._error: KafkaError | None = None
         self._failed = 0
         self.client_errors = 0
+        self._login: LoginWatch = config["error_cb"]
         self._producer: Producer | None = Producer(config)
 
     # ------------------------------------------------------------------ sending
@@ -190,6 +192,7 @@ class ConfluentSink:
         if self._producer is None:
             return
         left = self._producer.flush(-1 if timeout_s is None else timeout_s)
+        self._login.check()  # flush served the error callbacks
         if left:
             raise ConfluentSinkError(
                 f"{left} record(s) to {self.topic!r} still undelivered after {timeout_s} s"

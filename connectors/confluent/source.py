@@ -18,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from reloop.connectors.confluent.login import LoginWatch
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
@@ -54,6 +55,7 @@ class ConfluentSource:
         self._closed = False
         self._ends: Positions | None = None
         self._ends_at = 0.0
+        self._login = LoginWatch(bootstrap)
 
     def _client(self) -> Consumer:
         if self._closed:
@@ -71,6 +73,7 @@ class ConfluentSource:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "on_commit": log_failed_commit,
+                "error_cb": self._login,
             }
             self._consumer = Consumer(config)
         return self._consumer
@@ -88,7 +91,12 @@ class ConfluentSource:
         out: list[TopicPartition] = []
         timeout_s = min(self.metadata_timeout_s, 2.0)
         for topic in self.topics:
-            meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            try:
+                meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            except KafkaException:
+                # Serving the error callbacks polls: only safe while nothing is assigned to take a record.
+                self._login.check(None if consumer.assignment() else consumer)
+                raise
             if meta is None or meta.error is not None or not meta.partitions:
                 raise TopicNotFound(f"Kafka topic {topic!r} does not exist at {self.bootstrap}")
             out += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
@@ -129,6 +137,7 @@ class ConfluentSource:
             messages = consumer.consume(num_messages=1, timeout=max(0.0, timeout_s))
             if messages and n > 1:
                 messages += consumer.consume(num_messages=n - 1, timeout=0)
+        self._login.check()  # consume served the error callbacks
         out: list[Record] = []
         for m in messages:
             err = m.error()

@@ -14,14 +14,16 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError
+from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import admin_settings
-from reloop.engine.streams import MissingTopic, Positions, TopicPartition
+from reloop.engine.streams import AuthenticationFailed, MissingTopic, Positions, TopicPartition
 
 _log = logging.getLogger(__name__)
 
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
+    with login_checked(bootstrap):
+        return KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
 
 
 def create_topics(
@@ -106,6 +108,8 @@ def record_limit(bootstrap: str, topic: str, client_config: Mapping[str, Any] | 
             node = str(brokers[0]["broker_id"])
             found = _config_value(admin, ConfigResourceType.BROKER, node, "message.max.bytes")
         return None if found is None else int(found)
+    except AuthenticationFailed:  # the caller's own client would be refused too: say why now
+        raise
     except Exception as exc:  # noqa: BLE001 - a limit we cannot read is not a reason to stop
         _log.warning("could not read the record size limit of topic %r: %r", topic, exc)
         return None
@@ -146,12 +150,13 @@ def offsets_for_times(
 
     Use the result as ``Source.open(positions)`` to start a replay at a point in time.
     """
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        allow_auto_create_topics=False,
-        **dict(client_config or {}),
-    )
+    with login_checked(bootstrap):
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            allow_auto_create_topics=False,
+            **dict(client_config or {}),
+        )
     try:
         pairs: list[KafkaTopicPartition] = []
         for topic in topics:

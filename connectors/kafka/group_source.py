@@ -22,6 +22,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
+from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.kafka.source import fetched_ends
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
@@ -57,9 +58,10 @@ class KafkaGroupSource:
             "fetch_max_wait_ms": 100,
             **dict(client_config or {}),
         }
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
-        )
+        with login_checked(bootstrap):
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
+            )
         # Whether the consumer reads fetched batches straight into Record (connectors/kafka/fetch_records.py).
         self.reads_records_directly = read_records_directly(self._consumer)
         self._listener: Any = None

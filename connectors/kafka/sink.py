@@ -28,6 +28,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import MessageSizeTooLargeError, UnknownError
 from reloop.connectors.kafka.admin import record_limit
+from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
@@ -95,12 +96,13 @@ class KafkaSink:
             self._limit_name = "the topic's max.message.bytes"
             if "batch_size" not in self.client_config:  # a batch over the limit is refused, then split
                 config["batch_size"] = min(config["batch_size"], topic_limit)
-        self._producer: KafkaProducer | None = KafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            **config,
-        )
+        with login_checked(bootstrap):
+            self._producer: KafkaProducer | None = KafkaProducer(
+                bootstrap_servers=bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                **config,
+            )
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._failed = 0

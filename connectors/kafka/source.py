@@ -17,12 +17,20 @@ from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import IllegalStateError, KafkaError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
+from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
-from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
+from reloop.engine.streams import (
+    AuthenticationFailed,
+    PartitionShare,
+    Positions,
+    Record,
+    TopicNotFound,
+    TopicPartition,
+)
 
 # What the client raises for a broker it cannot reach or a request it refuses: for the engine's commands,
 # which know no Kafka client (engine/runtime/deadletters_cmd.py).
-CLIENT_ERRORS: tuple[type[Exception], ...] = (KafkaError,)
+CLIENT_ERRORS: tuple[type[Exception], ...] = (KafkaError, AuthenticationFailed)
 
 
 class KafkaSource:
@@ -75,12 +83,13 @@ class KafkaSource:
                 "metadata_max_age_ms": 30_000,
                 **self.client_config,
             }
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                group_id=self.group_id,
-                enable_auto_commit=False,
-                **config,
-            )
+            with login_checked(self.bootstrap):
+                self._consumer = KafkaConsumer(
+                    bootstrap_servers=self.bootstrap,
+                    group_id=self.group_id,
+                    enable_auto_commit=False,
+                    **config,
+                )
             self.reads_records_directly = read_records_directly(self._consumer)
         return self._consumer
 

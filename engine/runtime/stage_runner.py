@@ -113,6 +113,7 @@ def run_supervised(
     from reloop.engine.runtime.config import ConfigError
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
     from reloop.engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
+    from reloop.engine.streams import AuthenticationFailed
 
     set_young_threshold(cfg.stages.gc_young_threshold)
     metrics_server = None
@@ -177,7 +178,7 @@ def run_supervised(
     code = 0
     try:
         supervisor.run()
-    except (SnapshotMismatch, NoUsableSnapshot, ConfigError) as exc:
+    except (SnapshotMismatch, NoUsableSnapshot, ConfigError, AuthenticationFailed) as exc:
         log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 2

@@ -11,8 +11,8 @@ went through a long outage is never reused).
 Retries back off exponentially (``backoff_initial_s`` doubling up to ``backoff_max_s``). When failures
 have gone on for ``give_up_after_s`` without a single snapshot written in between, the supervisor gives
 up: it raises, the process exits non-zero, and an orchestrator restarts it (where a human can see it).
-Errors that retrying cannot fix (a snapshot made with another config, no usable snapshot) are raised at
-once.
+Errors that retrying cannot fix (a snapshot made with another config, no usable snapshot, a Kafka login
+the cluster refused) are raised at once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
-from reloop.engine.streams import MissingTopic, TopicNotFound
+from reloop.engine.streams import AuthenticationFailed, MissingTopic, TopicNotFound
 
 log = logging.getLogger("reloop.supervisor")
 
@@ -37,7 +37,13 @@ class ProcessFatal(RuntimeError):
     process exits 1 and its orchestrator (torchrun, Kubernetes) restarts it with its peers."""
 
 
-FATAL: tuple[type[BaseException], ...] = (SnapshotMismatch, NoUsableSnapshot, ConfigError, ProcessFatal)
+FATAL: tuple[type[BaseException], ...] = (
+    SnapshotMismatch,
+    NoUsableSnapshot,
+    ConfigError,
+    AuthenticationFailed,
+    ProcessFatal,
+)
 
 
 class Stage(Protocol):
