@@ -133,6 +133,7 @@ class _MixedLoss:
         """(L_i, CE_i, aux_i, has y_last, aux active) per sample: the loss before weights and the mean."""
         logits = logits.reshape(-1)
         labels = labels.reshape(-1).to(logits.dtype)
+        _check_size("y_last", y_last, logits.shape[0])
         ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         mixing = self.strategy != "ce" and self.alpha > 0.0
         if y_last is None or not mixing:
@@ -167,6 +168,7 @@ class _MixedLoss:
         n = logits.shape[0]
         if n == 0:
             raise ValueError("loss of an empty batch")
+        _check_size("weights", weights, n)
         w = torch.ones_like(logits) if weights is None else weights.reshape(-1).to(logits.dtype)
         per_sample, ce, aux, has_last, active = self._per_sample(logits, labels, y_last)
         total = (w * per_sample).sum() / n
@@ -232,8 +234,16 @@ class _MixedLoss:
         z = _tensor(raw).requires_grad_()
         per_sample = self._per_sample(z, _tensor(labels), _tensor(y_last))[0]
         w = _tensor(weights)
+        _check_size("weights", w, z.shape[0])
         (grad,) = torch.autograd.grad((per_sample if w is None else w * per_sample).sum(), z)
         return grad.numpy()
+
+
+def _check_size(name: str, values: torch.Tensor | None, n: int) -> None:
+    """One value per sample or none: a single y_last or weight would broadcast over the whole batch
+    without a word (and count as one sample with a y_last: an sc_active_fraction above 1)."""
+    if values is not None and values.numel() != n:
+        raise ValueError(f"loss: {name} has {values.numel()} values for a batch of {n}")
 
 
 def _tensor(a: np.ndarray | None) -> torch.Tensor | None:

@@ -236,3 +236,20 @@ def test_gated_reloop_is_reloop_where_the_last_model_predicts_the_batch_better_a
     ce_value, ce_grad, _ = _run("ce", 0.0, z, y)
     assert value == pytest.approx(ce_value)
     np.testing.assert_allclose(grad, ce_grad, rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["kd", "reloop"])
+@pytest.mark.parametrize("which", ["y_last", "weights"])
+def test_a_y_last_or_weight_that_is_not_one_per_sample_is_refused_not_broadcast(strategy, which):
+    # One value for a batch of four broadcast over the batch: as y_last it also counted as one sample
+    # with a y_last, and sc_active_fraction came out above 1.
+    loss = make_loss(strategy, 0.5)
+    z, y = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    one = torch.tensor([0.9], dtype=torch.float64)
+    kwargs = {which: one}
+    with pytest.raises(ValueError, match=f"{which} has 1 values for a batch of 4"):
+        loss(z, y, **kwargs)
+    with pytest.raises(ValueError, match=f"{which} has 1 values for a batch of 4"):
+        loss.raw_gradient(z.numpy(), y.numpy(), **{which: one.numpy()})
+    # One per sample is what it takes: the same values spelled out are accepted.
+    loss(z, y, **{which: one.expand(4)})
