@@ -9,9 +9,11 @@ from reloop.engine.features.spec import FeatureSpec
 
 
 class FrozenConfig(BaseModel):
-    """Unknown keys are refused, so a typo in a config fails fast and names the key."""
+    """Unknown keys are refused, so a typo in a config fails fast and names the key. So are infinite
+    and NaN numbers (YAML's ``.inf``): an infinite rate, variance or penalty passes ``gt=0`` and wrecks
+    the model at its first step; a field where infinity means "no limit" says so itself."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class OptimizerConfig(FrozenConfig):
@@ -55,7 +57,7 @@ class OptimizerConfig(FrozenConfig):
         description="FuxiCTR's embedding_regularizer: (lambda/2)||E||^2 over the WHOLE tables, i.e. Adam "
         "weight decay on the embedding parameters; needs sparse_embeddings=false",
     )
-    grad_clip_norm: float | None = Field(default=None, gt=0)
+    grad_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=True)  # inf: no clipping
     small_steps_below: int = Field(
         default=256, ge=0, description="steps averaging fewer samples use the small-step rates (0: never)"
     )

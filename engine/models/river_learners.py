@@ -130,7 +130,7 @@ class RiverLRConfig(BackboneConfig):
     lr: float = Field(default=0.01, gt=0)
     intercept_lr: float = Field(default=0.01, ge=0)
     l2: float = Field(default=0.0, ge=0)
-    clip_gradient: float = Field(default=1e12, gt=0)
+    clip_gradient: float = Field(default=1e12, gt=0, allow_inf_nan=True)  # inf: no clipping
 
 
 class RiverFMConfig(RiverLRConfig):

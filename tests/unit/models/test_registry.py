@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -81,6 +82,33 @@ def test_bad_config_fails_fast_naming_the_key():
         build_learner("fm", SPEC, "ce", 0.0, optimizer={"lrate": 0.1})
 
 
+@pytest.mark.parametrize(
+    ("backbone", "model", "optimizer", "key"),
+    [
+        ("fm", {}, {"lr": math.inf}, "lr"),
+        ("fm", {}, {"embedding_lr": math.inf}, "embedding_lr"),
+        ("fm", {}, {"embedding_l2": math.inf}, "embedding_l2"),
+        ("fm", {}, {"wide": "bayes", "wide_prior_variance": math.inf}, "wide_prior_variance"),
+        ("ftrl", {"ftrl_alpha": math.inf}, None, "ftrl_alpha"),
+        ("ftrl", {"l1": math.inf}, None, "l1"),
+        ("river_lr", {"lr": math.inf}, None, "lr"),
+        ("river_fm_np", {"init_sigma": math.inf}, None, "init_sigma"),
+    ],
+)
+def test_an_infinite_rate_or_penalty_fails_fast_naming_the_key(backbone, model, optimizer, key):
+    # YAML's .inf passed every gt=0/ge=0 bound; an infinite rate turned every prediction into 1.0 at
+    # the first step (and every later step was refused), an infinite l1 left FTRL at zero for ever.
+    with pytest.raises(ValueError, match=rf"\b{key}: Input should be a finite number"):
+        make_config(backbone, SPEC, "ce", 0.0, optimizer=optimizer, **model)
+
+
+def test_infinity_still_means_no_clipping_where_it_is_a_limit():
+    assert make_config("fm", SPEC, "ce", 0.0, optimizer={"grad_clip_norm": math.inf}).optimizer.grad_clip_norm
+    assert make_config("river_lr", SPEC, "ce", 0.0, clip_gradient=math.inf).model.clip_gradient == math.inf
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        make_config("fm", SPEC, "ce", 0.0, optimizer={"grad_clip_norm": math.nan})
+
+
 def test_config_round_trips_through_json_with_its_typed_model_section():
     cfg = make_config("dcnv2", SPEC, "reloop", 0.2, seed=4, optimizer={"lr": 0.005}, structure="stacked")
     back = config_from_dict(json.loads(cfg.to_json()))
@@ -127,6 +155,16 @@ def test_labels_and_y_last_must_match_the_batch():
     learner = build_learner("fm", SPEC, "reloop", 0.5)
     with pytest.raises(ValueError, match="y_last has 3 values for a batch of 10"):
         learner.learn(batch, y, y_last=np.zeros(3))
+
+
+@pytest.mark.parametrize("which", ["y_last", "weights"])
+def test_ftrl_refuses_a_single_y_last_or_weight_for_a_batch(which):
+    # FTRL hands its inputs to the loss unchecked: one value used to broadcast over the whole batch.
+    batch, y = _batch(10)
+    learner = build_learner("ftrl", SPEC, "reloop", 0.5)
+    with pytest.raises(ValueError, match=f"{which} has 1 values for a batch of 10"):
+        learner.learn(batch, y, **{which: np.full(1, 0.5)})
+    assert learner.steps == 0 and not learner.z.any()
 
 
 def test_cli_lists_backbones_with_their_defaults(capsys):
