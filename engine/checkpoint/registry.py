@@ -16,7 +16,9 @@ alternating versions with the first.
 A snapshot becomes visible by one ``rename`` of its finished directory (files and directory fsynced
 first, the root fsynced after), so a reader sees a whole snapshot or none. Versions are the largest
 committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
-(``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+(``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling; a
+part holding what such a load refuses (a numpy scalar, a frozenset ...) is refused when it is prepared
+(``SnapshotError``), never committed in place of an older snapshot that loads.
 A part whose checksum differs from the manifest is refused (``ChecksumError``); a part that passes its
 checksum but does not load (a pickle refused by ``weights_only``, a truncated file resealed) is refused
 too (``SnapshotError``), so ``load()`` falls back to the newest snapshot that loads.
@@ -51,6 +53,7 @@ import pickle
 import re
 import shutil
 import time
+import types
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -235,11 +238,18 @@ class SnapshotRegistry:
         parts: dict[str, io.BytesIO] = {}
         for name, value in state.items():
             buf = io.BytesIO()
-            with _without_zip_crc():
-                torch.save(pack_bytes(value), buf)
+            try:
+                with _without_zip_crc():
+                    torch.save(pack_bytes(value), buf, pickle_module=_CHECKED_PICKLE)
+            except _NotWeightsOnly as exc:
+                raise SnapshotError(f"snapshot part {name!r} {exc}") from None
             parts[name] = buf
-        version = max([self.latest_version() or 0, *self._names_taken()]) + 1
-        return PreparedSnapshot(version, time.time(), dict(meta or {}), parts)
+        return PreparedSnapshot(self.next_version(), time.time(), dict(meta or {}), parts)
+
+    def next_version(self) -> int:
+        """The version the next snapshot takes: past the newest committed one and past any other entry
+        holding a version's name (``_names_taken``)."""
+        return max([self.latest_version() or 0, *self._names_taken()]) + 1
 
     def write(self, prepared: PreparedSnapshot) -> int:
         """The second half of ``publish``: checksums, files and directory fsynced, then one rename."""
@@ -327,6 +337,55 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
         return f"the global {found.group(1)} is not allowed"
     found = re.search(r"WeightsUnpickler error: ([^.]{1,200})", text)
     return found.group(1) if found else "not a weights-only pickle"
+
+
+class _NotWeightsOnly(TypeError):
+    """A value in a part that ``torch.load(weights_only=True)`` would refuse."""
+
+
+_GLOBAL_LOADS: dict[tuple[str, str], bool] = {}  # (module, qualname) -> whether a weights-only load takes it
+
+
+def _loads_weights_only(obj: Any) -> bool:
+    """Whether a weights-only load accepts ``obj`` (a class or function, pickled by name): asked of
+    torch itself once per name, so that this check refuses exactly what the loader refuses."""
+    if isinstance(obj, type) and issubclass(obj, torch.storage.TypedStorage | torch.UntypedStorage):
+        return True  # a tensor's storage type, named in its record's id: the loader's own business
+    key = (getattr(obj, "__module__", None) or "", getattr(obj, "__qualname__", None) or repr(obj))
+    found = _GLOBAL_LOADS.get(key)
+    if found is None:
+        buf = io.BytesIO()
+        try:
+            torch.save({"global": obj}, buf)
+            buf.seek(0)
+            found = torch.load(buf, weights_only=True)["global"] is obj
+        except Exception:  # noqa: BLE001 - refused by the unpickler, or not picklable by name at all
+            found = False
+        _GLOBAL_LOADS[key] = found
+    return found
+
+
+class _CheckedPickler(pickle.Pickler):
+    """torch.save's pickler refusing, while it writes, what a weights-only load would refuse (a numpy
+    scalar or array, a frozenset, a namedtuple, a dataclass ...): such a part was written, committed and
+    counted against ``keep`` as a good snapshot, and failed only at the restore that needed it.
+    Every class and function a pickle names (what the loader checks) passes through ``reducer_override``;
+    plain ints, floats, strings, bytes and containers do not, so the check costs nothing on them."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type | types.FunctionType | types.BuiltinFunctionType) and not _loads_weights_only(
+            obj
+        ):
+            name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+            raise _NotWeightsOnly(
+                f"holds a value that a weights-only load refuses (it pickles as {name}): use tensors and "
+                "plain Python values (int(), float(), torch.from_numpy(...), tuple(...))"
+            )
+        return NotImplemented
+
+
+_CHECKED_PICKLE = types.ModuleType("reloop_checked_pickle")
+_CHECKED_PICKLE.Pickler = _CheckedPickler  # type: ignore[attr-defined]
 
 
 def _without_zip_crc() -> contextlib.AbstractContextManager[Any]:

@@ -7,6 +7,7 @@ import json
 import os
 
 import crc32c
+import numpy as np
 import pytest
 import torch
 from reloop.engine.checkpoint import ChecksumError, SnapshotError, SnapshotRegistry
@@ -87,9 +88,42 @@ def test_tampered_manifest_is_refused(tmp_path):
 
 def test_pickled_objects_are_not_loaded(tmp_path):
     reg = SnapshotRegistry(tmp_path)
-    v = reg.publish({"model": {"obj": fractions.Fraction(1, 3)}})  # any non-allowlisted class
+    v = reg.publish({"model": {"obj": 1}})
+    buf = io.BytesIO()
+    torch.save({"obj": fractions.Fraction(1, 3)}, buf)  # any non-allowlisted class, written by another tool
+    reseal(reg, v, "model", buf.getvalue())
     with pytest.raises(SnapshotError, match="does not load: .* refuses it .the global fractions.Fraction"):
         reg.load(v)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.float64(0.5), np.int64(3), np.zeros(2), frozenset({1}), fractions.Fraction(1, 3), slice(0, 2)],
+    ids=lambda v: type(v).__name__,
+)
+def test_a_part_a_weights_only_load_refuses_is_refused_at_publish_and_the_good_ones_kept(tmp_path, value):
+    # Such a part was written, committed and counted against ``keep``: with keep=1 the one snapshot that
+    # loaded was deleted for one that did not, and the refusal came only at the restore that needed it.
+    reg = SnapshotRegistry(tmp_path, keep=1)
+    good = reg.publish(_state(1.0))
+    with pytest.raises(SnapshotError, match=r"part 'state' holds a value that a weights-only load refuses"):
+        reg.publish({"model": {"w": torch.ones(3)}, "state": {"metric": {"auc": value}}})
+    assert reg.versions() == [good] and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert torch.equal(reg.load().state["model"]["w"], torch.full((3,), 1.0))
+
+
+def test_what_a_weights_only_load_takes_is_published(tmp_path):
+    reg = SnapshotRegistry(tmp_path)
+    state = {
+        "t": [torch.ones(2, dtype=d) for d in (torch.float32, torch.bfloat16, torch.int64, torch.bool)],
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "rng": torch.Generator().manual_seed(3).get_state(),
+        "plain": {"i": 2**70, "f": float("inf"), "s": "x", "b": b"", "big": bytes(5000), "set": {1}, "c": 1j},
+        "torch": (torch.Size([2]), torch.float16, torch.device("cpu")),
+    }
+    loaded = reg.load(reg.publish({"model": state})).state["model"]
+    assert loaded["plain"] == state["plain"] and loaded["torch"] == state["torch"]
+    assert torch.equal(loaded["rng"], state["rng"])
 
 
 def reseal(reg: SnapshotRegistry, version: int, part: str, data: bytes) -> None:
