@@ -201,9 +201,10 @@ def write_bundle(
 
 def publish_serving_bundle(registry: Any, learner: Any, *, keep: int = 3) -> int | None:
     """The call for ``Pipeline.snapshot``, just before ``registry.publish`` of a period snapshot: writes
-    the bundle of the version that publish is about to take (newest + 1). Returns that version, or None
-    when the learner has no torch model."""
-    version = (registry.latest_version() or 0) + 1
+    the bundle of the version that publish is about to take (``registry.next_version()``: newest + 1,
+    past any stray entry holding a version's name, exactly as publish counts). Returns that version, or
+    None when the learner has no torch model."""
+    version = registry.next_version()
     written = write_bundle(serving_dir(registry.root), version, learner, keep=keep)
     return None if written is None else version
 

@@ -237,3 +237,20 @@ def test_what_a_writer_killed_mid_write_left_is_removed_by_the_next_write(tmp_pa
     assert publish_serving_bundle(SnapshotRegistry(tmp_path), learner) == 1
     assert not any(p.exists() for p in stale)
     assert sorted(p.name for p in root.iterdir()) == ["v000000000001.json", "v000000000001.safetensors"]
+
+
+def test_the_bundle_takes_the_version_its_snapshot_takes_past_a_stray_entry(tmp_path):
+    # The registry numbers a snapshot past a stray file holding a version's name; the bundle took the
+    # newest + 1 regardless: a bundle of a version that never existed, served (and logged) as such, and
+    # the real version without one.
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish({"model": learner.state_dict()})
+    (tmp_path / "v000000000002").write_text("not a snapshot")
+    bundle_version = publish_serving_bundle(reg, learner)
+    version = reg.publish({"model": learner.state_dict()})
+    assert bundle_version == version == 3
+    assert bundle_versions(serving_dir(tmp_path)) == [3]
+    rows = _rows(10)
+    served = bundle_or_snapshot_loader(reg)(version).score(rows)
+    np.testing.assert_array_equal(served, learner.predict_proba(Featurizer(SPEC).transform(rows)))
