@@ -64,10 +64,14 @@ def run_replay(
     dead_letter_sink: Sink | None = None,
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
+    on_restored: Callable[[int], None] | None = None,
 ) -> ReplayResult:
     """Replay ``source`` from ``start`` (default: its beginning) to ``end`` (exclusive) into a fresh or
     resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out;
-    refused records go to ``dead_letter_sink`` with their reason (counted either way)."""
+    refused records go to ``dead_letter_sink`` with their reason (counted either way).
+    ``on_restored`` gets, before any sample is sent, how many samples the restored state had already
+    sent to ``samples_sink`` (0 for a fresh replay): a resumed replay sends the ones after its restore
+    point again, so a file sink keeps only that many lines (else they were in the file twice)."""
     from reloop.engine.runtime.build import build_pipeline
 
     set_young_threshold(cfg.stages.gc_young_threshold)  # as every stage process (gc_tuning.py)
@@ -101,12 +105,23 @@ def run_replay(
     t0 = time.perf_counter()
     restored_at = (pipeline.trainer.counters.samples, pipeline.records_processed)
     pipeline.open()
+    if on_restored is not None:
+        # The joiner counts every sample it emitted, in its restored state too; a snapshot or
+        # checkpoint holds all of them (trained, or in the buffer), and the sinks were flushed by it.
+        join = pipeline.joiner.stats
+        on_restored(join.positives + join.negatives + join.corrections)
     last_reported = 0
-    while not replay_source.done():
-        pipeline.step()
-        if on_progress is not None and replay_source.records_out != last_reported:
-            last_reported = replay_source.records_out
-            on_progress(last_reported)
+    try:
+        while not replay_source.done():
+            pipeline.step()
+            if on_progress is not None and replay_source.records_out != last_reported:
+                last_reported = replay_source.records_out
+                on_progress(last_reported)
+    except BaseException:
+        # Ctrl-C, a stalled source: wait for the snapshot write in flight (it was left to a thread the
+        # exit killed) so that --resume starts from the newest period snapshot, then release the rest.
+        pipeline.abort()
+        raise
     pipeline.drain()
     pipeline.flush_join()
     pipeline.train_remaining()

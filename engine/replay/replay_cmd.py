@@ -26,6 +26,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,85 @@ def parse_offsets(text: str) -> Positions:
         topic, sep2, partition = name.rpartition(":")
         if not sep or not sep2 or not partition.isdigit() or not offset.lstrip("-").isdigit():
             raise ValueError(f"offsets must look like topic:partition=offset, got {part!r}")
-        out[TopicPartition(topic, int(partition))] = int(offset)
+        tp = TopicPartition(topic, int(partition))
+        if tp in out:  # the last one silently won
+            raise ValueError(f"{topic}:{partition} is given twice")
+        out[tp] = int(offset)
     return out
+
+
+def _flag_value(flag: str, text: str | None, parse: Callable[[str], Any]) -> Any:
+    """``parse(text)`` (None when not given); a ValueError names the flag (``Invalid isoformat string``
+    or ``month must be in 1..12`` alone did not say which option was wrong)."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text}: {exc}") from None
+
+
+def kafka_range_options(args: argparse.Namespace) -> tuple[int | None, int | None, Positions, Positions]:
+    """(start time, end time, start offsets, end offsets) as given, checked before any connection."""
+    start_ms = _flag_value("--start-time", args.start_time, _parse_time_or_explain)
+    end_ms = _flag_value("--end-time", args.end_time, _parse_time_or_explain)
+    if start_ms is not None and end_ms is not None and start_ms >= end_ms:
+        # The range was empty: exit 0 with an untrained model and a summary of 0 records.
+        raise ValueError(f"--start-time {args.start_time} is not before --end-time {args.end_time}")
+    start = _flag_value("--start-offsets", args.start_offsets, parse_offsets) or {}
+    end = _flag_value("--end-offsets", args.end_offsets, parse_offsets) or {}
+    return start_ms, end_ms, start, end
+
+
+def _parse_time_or_explain(text: str) -> int:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (expected ISO-8601 such as 2026-11-27T10:00:00Z, or epoch ms)") from None
+
+
+def kafka_range(
+    first: Positions,
+    last: Positions,
+    start: Positions,
+    end: Positions,
+    *,
+    given_start: Positions,
+    given_end: Positions,
+) -> tuple[Positions, Positions, list[str]]:
+    """(start, end, warnings) of a Kafka replay: ``start``/``end`` (from the times, else the oldest
+    stored offsets ``first`` and the log ends ``last``) with the offsets given on top, each checked
+    against the partitions. A partition the offsets leave out keeps its time's (or its log's) bound,
+    as a JSONL replay's ends where its file does (it was a traceback: "replay end positions
+    missing"); an offset of a partition the topics do not have was ignored, or a traceback; an end
+    past the log end stalled 30 s and ended in a traceback."""
+    for flag, given in (("--start-offsets", given_start), ("--end-offsets", given_end)):
+        for tp, offset in given.items():
+            if tp not in last:
+                known = ", ".join(f"{t.topic}:{t.partition}" for t in sorted(last))
+                raise ValueError(
+                    f"{flag}: {tp.topic}:{tp.partition} is not a partition of this replay ({known})"
+                )
+            if not 0 <= offset <= last[tp]:
+                raise ValueError(
+                    f"{flag}: {tp.topic}:{tp.partition}={offset} is outside the partition "
+                    f"(offsets 0..{last[tp]}, the oldest still stored {first[tp]})"
+                )
+    start = {**start, **given_start}
+    end = {**end, **given_end}
+    warnings = []
+    for tp in sorted(last):
+        if start[tp] > end[tp]:
+            raise ValueError(
+                f"{tp.topic}:{tp.partition} starts at offset {start[tp]} (--start-offsets/--start-time), "
+                f"past its end {end[tp]} (--end-offsets/--end-time)"
+            )
+        if start[tp] < first[tp] and start[tp] < end[tp]:  # the consumer jumps to the oldest one
+            warnings.append(
+                f"{tp.topic}:{tp.partition}: offsets {start[tp]}..{min(first[tp], end[tp]) - 1} are no "
+                f"longer stored (retention) and are not replayed; the oldest stored is {first[tp]}"
+            )
+    return start, end, warnings
 
 
 def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
@@ -251,6 +329,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    failures: tuple[type[Exception], ...] = ()
     try:
         if args.dataset:
             source, end, timestamps, cfg = _dataset_source(args, load_config, load_config_dict)
@@ -270,6 +349,7 @@ def main(args: argparse.Namespace) -> int:
             if args.kafka:
                 source, start, end = _kafka_source(args, cfg, topics)
                 timestamps = args.timestamps or "record"
+                failures = _client_errors()
             else:
                 from reloop.connectors.files.jsonl import JsonlSource
 
@@ -280,10 +360,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop replay: {exc}", file=sys.stderr)
         return 2
     sink = None
+    keep_samples = None
     if args.samples:
-        from reloop.connectors.files.jsonl import JsonlSink
+        from reloop.connectors.files.jsonl import JsonlSink, partition_path
 
         sink = JsonlSink(root=args.out / "samples", topic="samples")
+        samples_file = partition_path(args.out / "samples", "samples", 0)
+
+        def keep_samples(n: int) -> None:
+            keep_lines(samples_file, n)
+
     dead = _dead_letter_sink(args, cfg)
     total = sum(end.values()) - sum((start or {}).values())
     bar = tqdm(total=max(total, 0), desc="replay", unit="rec")
@@ -305,10 +391,14 @@ def main(args: argparse.Namespace) -> int:
             samples_sink=sink,
             dead_letter_sink=dead,
             on_progress=progress,
+            on_restored=keep_samples,
         ),
+        failures,
     )
-    if result is None:
-        return 2
+    if isinstance(result, int):
+        return result
+    if result.records == 0 and not args.resume:  # exit 0 with an untrained model said nothing
+        print("reloop replay: warning: the range holds no records; nothing was trained", file=sys.stderr)
     imps, clicks, orphans = (
         result.join.get(k, 0) for k in ("too_late_impressions", "too_late_clicks", "orphan_clicks")
     )
@@ -346,6 +436,13 @@ def _options_refused(args: argparse.Namespace) -> str | None:
                 f"{', '.join(stray)}: with --config the config decides them (set them there, or in "
                 "RELOOP__* variables); they are for a --dataset replay without --config"
             )
+    if args.from_samples:
+        # --dataset/--jsonl replayed the raw events as if it was not given; the others were ignored.
+        if not args.kafka:
+            return "--from-samples: with --kafka only (it reads the samples topic)"
+        stray = [flag for flag, v in (("--samples", args.samples), ("--timestamps", args.timestamps)) if v]
+        if stray:
+            return f"{', '.join(stray)}: not with --from-samples (its samples are joined already, in order)"
     if args.jsonl is not None and args.timestamps == "record":
         return "--timestamps record: JSONL files keep no record timestamps; they replay by event time"
     if args.kafka:
@@ -386,28 +483,77 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
             dead_letter_sink=dead,
             on_progress=lambda n: bar.update(n - bar.n),
         ),
+        _client_errors(),
     )
-    return 2 if result is None else 0
+    return result if isinstance(result, int) else 0
 
 
-def _summarised(args: argparse.Namespace, bar: Any, dead: Any, replay: Callable[[], Any]) -> Any | None:
-    """``replay()``'s result, also written to OUT/summary.json and printed; None (and why, on stderr)
-    when ``--resume`` found snapshots it cannot use."""
+def _summarised(
+    args: argparse.Namespace,
+    bar: Any,
+    dead: Any,
+    replay: Callable[[], Any],
+    failures: tuple[type[Exception], ...] = (),
+) -> Any:
+    """``replay()``'s result, also written to OUT/summary.json and printed; else the exit code (and why,
+    on stderr): 2 when ``--resume`` found snapshots it cannot use, 1 when the source stopped delivering
+    or failed (``failures``: the Kafka client's errors), 130 on Ctrl-C (OUT/summary.json then says the
+    replay was interrupted; a summary left by an earlier run would read as this one's result)."""
+    from reloop.engine.replay.sources import ReplayStalled
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
+    summary = args.out / "summary.json"
     try:
         result = replay()
     except (SnapshotMismatch, NoUsableSnapshot) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
-        return None
+        return 2
+    except (ReplayStalled, *failures) as exc:  # was a traceback
+        print(
+            f"reloop replay: {exc}; OUT/snapshots keeps the last snapshot: --resume goes on", file=sys.stderr
+        )
+        summary.unlink(missing_ok=True)
+        return 1
+    except KeyboardInterrupt:
+        args.out.mkdir(parents=True, exist_ok=True)
+        partial = {"interrupted": True, "records_read": bar.n, "snapshots": str(args.out / "snapshots")}
+        summary.write_bytes(orjson.dumps(partial, option=orjson.OPT_INDENT_2))
+        print(
+            f"reloop replay: interrupted after {bar.n} records; {args.out / 'snapshots'} keeps the last "
+            "snapshot: --resume goes on from it",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         dead.close()
         bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     text = orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2)
-    (args.out / "summary.json").write_bytes(text)
+    summary.write_bytes(text)
     print(text.decode())
     return result
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    from reloop.connectors.kafka.source import CLIENT_ERRORS
+
+    return CLIENT_ERRORS
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Cut ``path`` after its first ``n`` lines (a partial last line too): what a resumed replay's
+    restore point had sent; it sends the rest again."""
+    if not path.exists():
+        return
+    size = 0
+    with path.open("rb") as fh:
+        for line in islice(fh, n):
+            if not line.endswith(b"\n"):
+                break
+            size += len(line)
+    if size < path.stat().st_size:
+        with path.open("r+b") as fh:
+            fh.truncate(size)
 
 
 def _dead_letter_sink(args: argparse.Namespace, cfg: Any) -> Any:
@@ -422,24 +568,33 @@ def _dead_letter_sink(args: argparse.Namespace, cfg: Any) -> Any:
 def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
     # Kafka is imported only by this entry point, never by the engine.
     from reloop.connectors.kafka.admin import offsets_for_times
-    from reloop.connectors.kafka.source import KafkaSource
+    from reloop.connectors.kafka.source import CLIENT_ERRORS, KafkaSource
 
+    start_ms, end_ms, given_start, given_end = kafka_range_options(args)  # before any connection
     # kafka-python here whatever kafka.client says: the connection in its names.
     consumer = cfg.consumer.client_config if cfg.kafka.client == "kafka-python" else {}
     client = {**cfg.kafka.connection("kafka-python"), **consumer}
-    if args.start_offsets:
-        start = parse_offsets(args.start_offsets)
-    elif args.start_time:
-        start = offsets_for_times(args.kafka, topics, parse_time(args.start_time), client_config=client)
-    else:
-        start = None
-    if args.end_offsets:
-        end = parse_offsets(args.end_offsets)
-    else:
-        # No record at or after a far-future time: offsets_for_times answers with the end offsets.
-        t = parse_time(args.end_time) if args.end_time else 2**62
-        end = offsets_for_times(args.kafka, topics, t, client_config=client)
     source = KafkaSource(bootstrap=args.kafka, topics=topics, group_id=None, client_config=client)
+    try:
+        source.open()  # assigned at the oldest stored offsets; ReplaySource opens it again at the start
+        first = source.position()
+        last = source.end_positions(timeout_s=30.0)
+        start = (
+            first
+            if start_ms is None
+            else offsets_for_times(args.kafka, topics, start_ms, client_config=client)
+        )
+        # No record at or after the end time: offsets_for_times answers with the end offsets.
+        end = last if end_ms is None else offsets_for_times(args.kafka, topics, end_ms, client_config=client)
+    except CLIENT_ERRORS as exc:  # an unreachable broker, refused credentials: was a traceback
+        source.close()
+        raise ValueError(f"--kafka {args.kafka}: {exc}") from None
+    except ValueError:
+        source.close()
+        raise
+    start, end, warnings = kafka_range(first, last, start, end, given_start=given_start, given_end=given_end)
+    for line in warnings:
+        print(f"reloop replay: warning: {line}", file=sys.stderr)
     return source, start, end
 
 

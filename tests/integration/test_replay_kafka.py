@@ -225,3 +225,30 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     stage.train_remaining()
     for k, v in stage.trainer.learner.model.state_dict().items():
         assert torch.equal(v, replayed[k]), k
+
+
+def test_kafka_offsets_are_checked_against_the_partitions(
+    kafka_broker, logged, tmp_path: Path, capsys
+) -> None:
+    # --end-offsets naming one topic was a traceback ("replay end positions missing"), a partition the
+    # topics do not have was ignored (exit 0) or a traceback, an end past the log stalled 30 s and then
+    # ended in a traceback.
+    imp, clk = logged["topics"]["impressions"], logged["topics"]["clicks"]
+    base = ["replay", "--config", str(logged["config"]), "--kafka", kafka_broker.bootstrap, "--out"]
+    assert main([*base, str(tmp_path / "a"), "--end-offsets", f"{imp}:0=100"]) == 0
+    summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    assert summary["join"]["impressions"] == 100
+    assert summary["join"]["clicks"] == len(logged["events"]) - N  # the clicks end with their log
+    capsys.readouterr()
+    refused = [
+        (["--end-offsets", f"{clk}:3=1"], f"--end-offsets: {clk}:3 is not a partition of this replay"),
+        (["--start-offsets", f"{imp}:0=-1"], f"--start-offsets: {imp}:0=-1 is outside the partition"),
+        (["--end-offsets", f"{imp}:0={N + 1}"], f"--end-offsets: {imp}:0={N + 1} is outside the partition"),
+        (["--start-offsets", f"{imp}:0=50", "--end-offsets", f"{imp}:0=40"], "past its end 40"),
+    ]
+    for k, (extra, needle) in enumerate(refused):
+        t = time.monotonic()
+        assert main([*base, str(tmp_path / f"r{k}"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert time.monotonic() - t < 20

@@ -521,6 +521,7 @@ def test_end_offsets_for_one_topic_end_the_others_with_their_files(tmp_path: Pat
         (["--delay", "fixed"], "--delay fixed: use fixed:MS"),  # was a 0 ms delay
         (["--delay", "immediate:5000"], "--delay immediate:5000: use immediate"),  # was immediate
         (["--delay", "exponential:abc"], "--delay exponential:abc: 'abc' is not milliseconds"),
+        (["--from-samples"], "--from-samples: with --kafka only"),  # replayed the dataset as if not given
     ],
 )
 def test_dataset_options_the_replay_would_ignore_are_refused(tmp_path: Path, capsys, extra, needle):
@@ -531,3 +532,77 @@ def test_dataset_options_the_replay_would_ignore_are_refused(tmp_path: Path, cap
         code = exc.code
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--start-time", "garbage"], "--start-time garbage: Invalid isoformat string"),
+        (["--end-time", "2026-13-01"], "--end-time 2026-13-01: month must be in 1..12"),
+        (["--start-time", "2000", "--end-time", "1000"], "--start-time 2000 is not before --end-time 1000"),
+        (["--end-offsets", "impressions:0=1,impressions:0=5"], "impressions:0 is given twice"),
+        (["--from-samples", "--samples"], "--samples: not with --from-samples"),
+        (["--from-samples", "--timestamps", "event"], "--timestamps: not with --from-samples"),
+    ],
+)
+def test_kafka_range_options_are_checked_naming_the_flag(tmp_path: Path, capsys, extra, needle) -> None:
+    # The parse error did not name the option ("reloop replay: month must be in 1..12"), an empty time
+    # range exited 0 with an untrained model, the last of two offsets silently won, and --from-samples
+    # ignored --samples and --timestamps. All before any connection: no broker listens at port 9.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    argv = ["replay", "--config", str(cfg), "--kafka", "127.0.0.1:9", "--out", str(tmp_path / "a"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "a" / "snapshots").exists()
+
+
+def test_an_interrupted_replay_resumed_writes_each_sample_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The samples written after the last snapshot were written again by the resumed replay: 400
+    # impressions, 400 + k lines in OUT/samples. And the interrupted replay left no summary saying so.
+    from reloop.engine.runtime.pipeline import Pipeline
+
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--samples", "--out"]
+    assert main([*argv, str(tmp_path / "whole")]) == 0
+    step = Pipeline.step
+    calls = 0
+
+    def interrupted_step(self: Pipeline) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 7:  # past the first snapshots (every 96 samples), between two of them
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Pipeline, "step", interrupted_step)
+    out = tmp_path / "cut"
+    assert main([*argv, str(out)]) == 130
+    assert "interrupted after" in capsys.readouterr().err
+    assert orjson.loads((out / "summary.json").read_bytes())["interrupted"] is True
+    written = len(samples_of(out))
+    assert SnapshotRegistry(out / "snapshots").versions()  # resumed from a snapshot, not from scratch
+    monkeypatch.setattr(Pipeline, "step", step)
+    assert main([*argv, str(out), "--resume"]) == 0
+    assert 0 < written < len(rows())
+    assert samples_of(out) == samples_of(tmp_path / "whole")
+    assert "interrupted" not in orjson.loads((out / "summary.json").read_bytes())
+
+
+def test_a_replay_whose_source_stops_delivering_exits_1_with_a_message(tmp_path: Path, monkeypatch, capsys):
+    # ReplayStalled (records deleted by retention while a replay reads them) was a traceback.
+    import reloop.engine.replay.replay as replay_module
+    from reloop.engine.replay.sources import ReplayStalled
+
+    def stalled(*args, **kwargs):
+        raise ReplayStalled("no records for 30.0s from partitions [impressions:0]")
+
+    monkeypatch.setattr(replay_module, "run_replay", stalled)
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    write_jsonl(tmp_path / "log", events()[:20])
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(tmp_path / "log"), "--out", str(tmp_path / "a")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "reloop replay: no records for 30.0s" in err and "Traceback" not in err
