@@ -3,6 +3,10 @@
 Per arm it keeps the expected CTR (mean true probability of the shown items: low-variance), the
 realized CTR (the clicks it drew), a rolling exact AUC of the served predictions against the drawn
 clicks, and the same per model version, so a report can show quality rising as versions advance.
+
+Memory stays bounded however long the world runs (``reloop demo`` until Ctrl-C): the whole-run AUCs are
+counted in fine logit bins (``BinnedAUC``), and a version's exact AUC is kept while it is one of the
+arm's newest ``EXACT_VERSIONS``, then only its value (the exact sorted scores grew ~130 MB an hour).
 """
 
 from __future__ import annotations
@@ -17,12 +21,67 @@ import numpy as np
 from reloop.engine.metrics.online import ExactAUC, RollingBinaryMetrics
 
 
+class BinnedAUC:
+    """ROC AUC over scores counted in ``bins`` equal bins of logit(p) (p clipped to [1e-7, 1 - 1e-7]):
+    fixed memory, and within ``tie_bound()`` of the exact AUC (pairs sharing a bin count as ties).
+    ``get()`` is NaN until both classes are present."""
+
+    LOGIT_MAX = 16.2  # logit(1 - 1e-7) = 16.118
+
+    def __init__(self, bins: int = 1 << 15) -> None:
+        self.bins = bins
+        self._pos = np.zeros(bins, dtype=np.int64)
+        self._neg = np.zeros(bins, dtype=np.int64)
+
+    def update_many(self, y: np.ndarray, p: np.ndarray) -> None:
+        p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+        logit = np.log(p) - np.log1p(-p)
+        scaled = (logit + self.LOGIT_MAX) * (self.bins / (2 * self.LOGIT_MAX))
+        index = np.clip(scaled.astype(np.int64), 0, self.bins - 1)
+        clicked = np.asarray(y).astype(bool)
+        np.add.at(self._pos, index[clicked], 1)
+        np.add.at(self._neg, index[~clicked], 1)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self._pos.sum())
+
+    @property
+    def n_neg(self) -> int:
+        return int(self._neg.sum())
+
+    def get(self) -> float:
+        n_pos, n_neg = self.n_pos, self.n_neg
+        if n_pos == 0 or n_neg == 0:
+            return math.nan
+        below = np.cumsum(self._neg) - self._neg  # negatives in lower bins
+        u = float(np.dot(self._pos, below)) + 0.5 * float(np.dot(self._pos, self._neg))
+        return u / (n_pos * n_neg)
+
+    def tie_bound(self) -> float:
+        """The most the binning can move the AUC: half the share of (click, no click) pairs in one bin."""
+        n = self.n_pos * self.n_neg
+        return 0.5 * float(np.dot(self._pos, self._neg)) / n if n else math.nan
+
+
+#: Versions of an arm whose exact AUC is kept (the newest); older ones keep only its value.
+EXACT_VERSIONS = 3
+
+
 @dataclass
 class VersionStats:
     impressions: int = 0
     clicks: int = 0
     true_p_sum: float = 0.0
-    auc: ExactAUC = field(default_factory=ExactAUC)
+    auc: ExactAUC | None = field(default_factory=ExactAUC)
+    final_auc: float = math.nan  # once ``auc`` is dropped: its value then
+
+    def auc_value(self) -> float:
+        return _safe_auc(self.auc) if self.auc is not None else self.final_auc
+
+    def freeze(self) -> None:
+        if self.auc is not None:
+            self.final_auc, self.auc = _safe_auc(self.auc), None
 
 
 class ArmStats:
@@ -32,8 +91,8 @@ class ArmStats:
         self.impressions = 0
         self.clicks = 0
         self.true_p_sum = 0.0
-        self.oracle_auc = ExactAUC()  # the true probability as a ranker: the ceiling for any model
-        self.served_auc = ExactAUC()
+        self.oracle_auc = BinnedAUC()  # the true probability as a ranker: the ceiling for any model
+        self.served_auc = BinnedAUC()
         self.rolling = RollingBinaryMetrics(window)
         self._rolling_true: deque[float] = deque(maxlen=window)
         self._rolling_true_sum = 0.0
@@ -61,17 +120,22 @@ class ArmStats:
         self.impressions += len(served)
         self.clicks += clicks
         self.true_p_sum += float(true_p.sum())
-        vs = self.by_version.setdefault(version, VersionStats())
+        vs = self.by_version.get(version)
+        if vs is None:
+            vs = self.by_version[version] = VersionStats()
+            for old in sorted(self.by_version)[:-EXACT_VERSIONS]:
+                self.by_version[old].freeze()
         vs.impressions += len(served)
         vs.clicks += clicks
         vs.true_p_sum += float(true_p.sum())
+        self.served_auc.update_many(clicked, served)
+        self.oracle_auc.update_many(clicked, true_p)
         for y, p, t in zip(clicked.tolist(), served.tolist(), true_p.tolist(), strict=True):
             y = int(y)
             p = min(max(float(p), 1e-7), 1 - 1e-7)
-            self.served_auc.update(y, p)
-            self.oracle_auc.update(y, float(t))
             self.rolling.update(y, p)
-            vs.auc.update(y, p)
+            if vs.auc is not None:  # a late request of a version no longer among the newest: counted only
+                vs.auc.update(y, p)
             if len(self._rolling_true) == self._rolling_true.maxlen:
                 self._rolling_true_sum -= self._rolling_true[0]
             self._rolling_true.append(float(t))
@@ -109,20 +173,21 @@ class ArmStats:
             "rolling_auc": self.rolling_auc(),
             "rolling_true_ctr": self.rolling_true_ctr(),
             "oracle_auc": _safe_auc(self.oracle_auc),
+            "served_auc_binning": self.served_auc.tie_bound(),  # at most this far from the exact AUC
             "first_version": self.first_version,
             "last_version": self.last_version,
             "versions": {
                 v: {
                     "impressions": s.impressions,
                     "true_ctr": s.true_p_sum / s.impressions if s.impressions else math.nan,
-                    "auc": _safe_auc(s.auc),
+                    "auc": s.auc_value(),
                 }
                 for v, s in sorted(self.by_version.items())
             },
         }
 
 
-def _safe_auc(auc: ExactAUC) -> float:
+def _safe_auc(auc: ExactAUC | BinnedAUC) -> float:
     return auc.get() if auc.n_pos and auc.n_neg else math.nan
 
 
