@@ -171,22 +171,28 @@ def _cells(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[tuple[int, int], 
 
 
 def _paired(key: tuple[str, str, str, str], cell: dict, base: dict) -> list[Comparison]:
-    """``cell`` against ``base`` over their common (seed, period) pairs, per metric."""
+    """``cell`` against ``base`` over their common (seed, period) pairs, per metric: the periods every
+    seed has (a seed whose run stopped early was averaged over fewer, and periods differ in difficulty
+    far more than strategies do), and of those the pairs where both sides have a finite value."""
     pairs = sorted(set(cell) & set(base))
     seeds = sorted({s for s, _ in pairs})
-    periods = sorted({p for _, p in pairs})
+    per_seed_periods = [{p for s2, p in pairs if s2 == s} for s in seeds]
+    periods = sorted(set.intersection(*per_seed_periods)) if seeds else []
+    pairs = [k for k in pairs if k[1] in periods]
     out = []
     for metric in METRICS:
-        d = {k: cell[k][metric] - base[k][metric] for k in pairs}
-        # A period with one class has no AUC: it is left out, not counted as a period of evidence.
-        per_seed = _finite_means([[d[k] for k in pairs if k[0] == s] for s in seeds])
-        per_period = _finite_means([[d[k] for k in pairs if k[1] == p] for p in periods])
+        # A period with one class has no AUC, a diverged model no finite metric: the pair is left out of
+        # both sides' means too (the strategy's mean was over fewer periods than its baseline's).
+        both = [k for k in pairs if math.isfinite(cell[k][metric]) and math.isfinite(base[k][metric])]
+        d = {k: cell[k][metric] - base[k][metric] for k in both}
+        per_seed = _finite_means([[d[k] for k in both if k[0] == s] for s in seeds])
+        per_period = _finite_means([[d[k] for k in both if k[1] == p] for p in periods])
         out.append(
             Comparison(
                 *key,
                 metric=metric,
-                mean=float(np.nanmean([cell[k][metric] for k in pairs])),
-                ce_mean=float(np.nanmean([base[k][metric] for k in pairs])),
+                mean=float(np.mean([cell[k][metric] for k in both])) if both else math.nan,
+                ce_mean=float(np.mean([base[k][metric] for k in both])) if both else math.nan,
                 diff_seeds=t_interval(per_seed),
                 diff_periods=t_interval(per_period),
                 n_seeds=len(per_seed),

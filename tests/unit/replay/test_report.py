@@ -198,3 +198,27 @@ def test_a_river_lr_learner_is_no_peer_when_told_so() -> None:
     assert against_river(rows + learner, peer=None) == []
     md = markdown_tables(rows + learner, peer=None)
     assert "vs river" not in md and "#### d · streaming · river_lr" in md
+
+
+def test_a_seed_with_fewer_periods_is_compared_over_the_periods_every_seed_has() -> None:
+    # Seed 2's run stopped after period 1: its mean difference was over period 1 alone, the others'
+    # over periods 1..3 (periods differ in level: base AUC 0.71, 0.72, 0.73).
+    rows = [r for r in _rows({0: 0.010, 1: 0.010, 2: 0.010}) if r["seed"] != 2 or r["period"] == 1]
+    rows = [{**r, "auc": r["auc"] + (0.02 * r["period"] if r["strategy"] != "ce" else 0)} for r in rows]
+    auc = next(c for c in compare(rows) if c.metric == "auc")
+    assert auc.n_periods == 1 and auc.n_seeds == 3
+    assert auc.diff_seeds[0] == pytest.approx(0.030)  # period 1 only: 0.010 + 0.02
+    assert auc.ce_mean == pytest.approx(0.711)  # 0.71 + seeds' 0.000, 0.001, 0.002
+
+
+def test_a_pair_without_a_finite_metric_leaves_both_sides_means() -> None:
+    # A strategy's NaN period (a diverged model) left its own mean but stayed in its baseline's: the two
+    # absolute means were over different periods.
+    rows = _rows({0: 0.010, 1: 0.010, 2: 0.010})
+    for r in rows:
+        if r["strategy"] != "ce" and r["period"] == 3:
+            r["auc"] = math.nan
+    auc = next(c for c in compare(rows) if c.metric == "auc")
+    assert auc.mean - auc.ce_mean == pytest.approx(0.010)
+    assert auc.ce_mean == pytest.approx(0.716)  # periods 1 and 2 (0.71, 0.72) and seeds' mean 0.001
+    assert auc.n_periods == 2
