@@ -44,6 +44,8 @@ class StopRequest:
         self.final_saved: Callable[[], Any] = lambda: None
         # True while no stage is running, only being built (run_supervised asks the supervisor).
         self.starting: Callable[[], bool] = lambda: False
+        # Called before a stop during the build exits 0 (a data-parallel rank tells its launcher).
+        self.nothing_owed: Callable[[], None] = lambda: None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -64,6 +66,7 @@ class StopRequest:
             # still connecting took that long to report its train stage's bad config. Ending here is
             # a crash before the first record, which a restart resumes like any other.
             log.info("stopping before the stage started: nothing to save", extra={"fields": {"signal": name}})
+            self.nothing_owed()
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(0)

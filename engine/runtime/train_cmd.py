@@ -21,10 +21,11 @@ from typing import Any
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
-# Set by the launcher for its ranks: its pid (a rank dies with it) and the file a rank writes once the
-# ranks' final checkpoint is saved (the launcher's exit code says whether a stop saved it).
+# Set by the launcher for its ranks: its pid (a rank dies with it) and the folder where each rank marks
+# that it stopped owing nothing: its final checkpoint saved, or stopped while its stage was still being
+# built (nothing read yet). The launcher's exit code says whether a stop left every rank so.
 LAUNCHER_PID = "RELOOP_TRAIN_LAUNCHER_PID"
-FINAL_SAVED_MARK = "RELOOP_TRAIN_FINAL_SAVED_MARK"
+STOPPED_MARKS = "RELOOP_TRAIN_STOPPED_MARKS"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +68,13 @@ def main(args: argparse.Namespace) -> int:
         return _launch(args, cfg)
     setup_json_logging(args.log_level or cfg.log.level)
     from reloop.engine.runtime.kafka_stages import describe_train, train_stage_factory
-    from reloop.engine.runtime.stage_runner import run_supervised
+    from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
 
     port = args.metrics_port if args.metrics_port is not None else cfg.metrics.prometheus_port
+    stop = StopRequest(cfg.recovery.stop_timeout_s)
+    stop.starting = lambda: True  # until run_supervised asks its supervisor: joining the group owes nothing
+    stop.nothing_owed = _mark_stopped
+    stop.install()
     group = None
     if world > 1:
         from reloop.engine.train.data_parallel import RankGroup
@@ -85,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
             close=_close_and_mark,
             describe=describe_train,
             metrics_port=port,
+            stop=stop,
         )
     finally:
         if group is not None:
@@ -93,10 +99,16 @@ def main(args: argparse.Namespace) -> int:
 
 def _close_and_mark(stage: Any) -> int | None:
     number = stage.close(final="checkpoint")
-    mark = os.environ.get(FINAL_SAVED_MARK)
-    if number is not None and mark:
-        Path(mark).touch()
+    if number is not None:
+        _mark_stopped()
     return number
+
+
+def _mark_stopped() -> None:
+    """This rank owes nothing (see STOPPED_MARKS); a process not started by the launcher has no folder."""
+    marks = os.environ.get(STOPPED_MARKS)
+    if marks:
+        Path(marks, f"rank-{os.environ.get('RANK', '0')}").touch()
 
 
 def _refuse_split(args: argparse.Namespace, cfg: RunConfig) -> str | None:
@@ -126,8 +138,10 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     _remove_dead_launchers_scratch(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=f"reloop-train-{os.getpid()}-") as scratch:
         os.environ[LAUNCHER_PID] = str(os.getpid())
-        os.environ[FINAL_SAVED_MARK] = mark = str(Path(scratch, "final-saved"))
-        return _torchrun(args, cfg, Path(mark))
+        marks = Path(scratch, "stopped")
+        marks.mkdir()
+        os.environ[STOPPED_MARKS] = str(marks)
+        return _torchrun(args, cfg, marks)
 
 
 def _remove_dead_launchers_scratch(root: Path) -> None:
@@ -145,7 +159,7 @@ def _remove_dead_launchers_scratch(root: Path) -> None:
             continue
 
 
-def _torchrun(args: argparse.Namespace, cfg: RunConfig, mark: Path) -> int:
+def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path) -> int:
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -164,7 +178,8 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, mark: Path) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except SignalException as exc:  # the agent stopped the ranks
-        return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), mark.exists())
+        owing = {f"rank-{r}" for r in range(args.world_size)} - {p.name for p in marks.iterdir()}
+        return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"reloop train: ranks failed beyond distributed.max_restarts: {exc}", file=sys.stderr)
@@ -174,8 +189,9 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, mark: Path) -> int:
 
 def _stopped(asked: bool, final_saved: bool) -> int:
     """Exit code after torchrun's agent stopped the ranks on a signal: 0 only for a SIGTERM/SIGINT after
-    which the ranks saved their final checkpoint. A rank stuck in a collective is SIGKILLed by the agent
-    after its shutdown timeout: nothing was saved since the last checkpoint, and exit 0 hid that."""
+    which every rank owed nothing (its final checkpoint saved, or stopped before its stage started: a stop
+    during start-up exited 1). A rank stuck in a collective is SIGKILLed by the agent after its shutdown
+    timeout: nothing was saved since the last checkpoint, and exit 0 hid that."""
     if asked and not final_saved:
         print(
             "reloop train: the ranks were stopped before their final checkpoint (a rank did not stop within "

@@ -3,6 +3,7 @@ which `reloop run` forwards it to as well) is one graceful stop; a later second 
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -87,3 +88,48 @@ def test_a_stop_while_the_stage_is_still_connecting_exits_at_once(tmp_path, comm
     assert time.monotonic() - start < 10, out[-2000:]
     assert proc.returncode == 0, out[-2000:]
     assert "stopping before the stage started: nothing to save" in out
+
+
+def test_a_stop_while_data_parallel_ranks_are_still_connecting_exits_0(tmp_path) -> None:
+    # Each rank exited 0 at once ("nothing to save"), but the launcher knew only a mark written after a
+    # final checkpoint: it said "stopped before their final checkpoint" and exited 1.
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # rank r serves /metrics on port + r: their "metrics" lines
+    path = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    path.write_text(yaml.safe_dump({"model": {"backbone": "lr", "spec": spec},
+                                    "kafka": {"bootstrap": "127.0.0.1:1"},
+                                    "checkpoint": {"dir": str(tmp_path / "ckpt")}}))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "train", "--config", str(path),
+         "--world-size", "2", "--metrics-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen: list[str] = []
+    ranks_up = 0
+    try:
+        for line in proc.stdout:  # both ranks past their group and their /metrics, then building
+            seen.append(line)
+            ranks_up += '"msg":"metrics"' in line
+            if ranks_up == 2 and "ECONNREFUSED" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(seen) + out
+    assert time.monotonic() - start < 30, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("stopping before the stage started: nothing to save") == 2, out[-3000:]
+    assert "stopped before their final checkpoint" not in out
