@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import yaml
+from reloop.engine.netaddr import http_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_BIN = REPO_ROOT / ".state" / "prometheus" / "bin"
@@ -67,7 +68,7 @@ class LocalPrometheus:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     def config(self) -> dict[str, Any]:
         return {

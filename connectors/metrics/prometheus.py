@@ -47,6 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from reloop.engine.metrics.stats import STATS, Buckets, EngineStats, Level, Tally
+from reloop.engine.netaddr import http_url
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -271,7 +272,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        return http_url(self.host, self.port, "/metrics")
 
     def close(self) -> None:
         self.server.shutdown()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from reloop.engine.netaddr import http_url
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
 
@@ -137,7 +138,7 @@ def run_supervised(
             return 2
         log.info(
             "metrics",
-            extra={"fields": {"url": f"http://{metrics_server.host}:{metrics_server.port}/metrics"}},
+            extra={"fields": {"url": http_url(metrics_server.host, metrics_server.port, "/metrics")}},
         )
     if stop is None:
         stop = StopRequest(cfg.recovery.stop_timeout_s)

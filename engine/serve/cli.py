@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from reloop.engine.netaddr import http_url
 from reloop.engine.serve.config import ConfigError, load_serve_config
 
 
@@ -131,7 +132,7 @@ class _GuardedMetrics:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise OSError(f"this worker's /metrics did not start on {host}:{port}")
             time.sleep(0.02)
-        self.url = f"http://{host}:{sock.getsockname()[1]}/metrics"
+        self.url = http_url(host, sock.getsockname()[1], "/metrics")
 
     def close(self) -> None:
         self._server.should_exit = True

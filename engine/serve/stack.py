@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reloop.engine.events.codec import encode
+from reloop.engine.netaddr import http_url
 from reloop.engine.runtime.gc_tuning import freeze_live_objects
 from reloop.engine.serve.app import ScoreRoute, create_app
 from reloop.engine.serve.arms import ArmRouter
@@ -356,7 +357,7 @@ class ServingStack:
                 raise RuntimeError(f"the scoring service did not start on {host}:{port}")
             time.sleep(0.02)
         self.port = int(sock.getsockname()[1])
-        return f"http://{host}:{self.port}"
+        return http_url(host, self.port)
 
     def close(self) -> None:
         if self._server is not None:

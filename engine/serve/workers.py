@@ -33,6 +33,8 @@ import sys
 import threading
 import time
 
+from reloop.engine.netaddr import http_url
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
     procs: list[subprocess.Popen | None] = [None] * workers
     started: list[float] = [0.0] * workers
     print(
-        f"reloop serve: {workers} workers on http://{host}:{port}; each one's /metrics on ports "
+        f"reloop serve: {workers} workers on {http_url(host, port)}; each one's /metrics on ports "
         f"{first_metrics}..{first_metrics + workers - 1}",
         flush=True,
     )

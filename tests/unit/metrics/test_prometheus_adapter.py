@@ -8,6 +8,7 @@ import platform
 import sys
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from reloop.connectors.metrics.prometheus import (
@@ -74,6 +75,19 @@ def test_serve_metrics_binds_loopback_and_serves_the_registry():
         text = httpx.get(server.url, timeout=5).text
         assert 'reloop_events_consumed_total{topic="clicks"} 7.0' in text
         assert "process_cpu_seconds_total" in text
+    finally:
+        server.close()
+
+
+def test_serve_metrics_on_ipv6_loopback_gives_a_url_that_reaches_it():
+    # The URL (logged as the stage's "metrics" line) was http://::1:PORT/metrics, which does not parse.
+    try:
+        server = serve_metrics(fed_stats(), host="::1", port=0)
+    except OSError as exc:  # a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        assert server.url == f"http://[::1]:{server.port}/metrics"
+        assert 'reloop_events_consumed_total{topic="clicks"} 7.0' in httpx.get(server.url, timeout=5).text
     finally:
         server.close()
 
