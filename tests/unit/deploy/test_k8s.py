@@ -474,3 +474,115 @@ def test_scale_out_monitors_scrape_joiners_and_ranks_under_the_alerts_job_names(
     }
     # The alert that needs the train stage's job by name knows this one.
     assert "reloop-trainer" in alert_expr("ReloopNoSnapshot")
+
+
+# ------------------------------------------------------------------------- metrics ports, every shape
+# Where each process serves /metrics, from the engine's own parsers and config loaders (never from the
+# manifests' comments), against what the ServiceMonitors, the prometheus.io/* annotations and the
+# NetworkPolicies send Prometheus to.
+
+
+def served_metrics_ports(docs: list[dict], container: dict) -> set[int]:
+    """The ports the container's processes serve /metrics on: its reloop subcommand's arguments, the
+    mounted config with the container's RELOOP__* env, and the rules of engine/runtime/*_cmd.py."""
+    from reloop.engine.runtime.run_cmd import join_metrics_port
+    from reloop.engine.serve.config import serve_config_from_dict
+
+    argv = reloop_argv(container)
+    parser = argparse.ArgumentParser(prog=f"reloop {argv[0]}", exit_on_error=False)
+    importlib.import_module(cli.COMMANDS[argv[0]][0]).configure(parser)
+    args = parser.parse_args(argv[1:])
+    env = container_env(container)
+    (cm,) = of_kind(docs, "ConfigMap")
+    if argv[0] == "serve":
+        serve = serve_config_from_dict(yaml.safe_load(cm["data"]["serve.yaml"]), env=env)
+        assert serve.workers == 1  # more workers: one /metrics port each (serve.worker_metrics_port)
+        return {args.port if args.port is not None else serve.port}  # /metrics on the service's port
+    cfg = run_config(docs, env)
+    if argv[0] == "run":  # the train stage on prometheus_port, with 2 processes the join stage beside it
+        ports = {cfg.metrics.prometheus_port}
+        if cfg.stages.processes == 2:
+            ports.add(join_metrics_port(cfg))
+    elif argv[0] == "join":
+        ports = {args.metrics_port if args.metrics_port is not None else cfg.metrics.join_prometheus_port}
+    elif argv[0] == "train":  # rank r of the ranks this container runs serves on the port + r
+        from torch.distributed.run import get_args_parser
+
+        base = args.metrics_port if args.metrics_port is not None else cfg.metrics.prometheus_port
+        local = args.world_size
+        if "command" in container:  # under torchrun: its --nproc-per-node ranks here
+            local = int(get_args_parser().parse_args(container["args"]).nproc_per_node)
+        ports = {base + r for r in range(local)} if base is not None else {None}
+    else:
+        pytest.fail(f"no metrics rule for reloop {argv[0]}")
+    assert None not in ports, (argv, "a process without a /metrics port")
+    return ports
+
+
+def annotation_scraped_ports(pod_template: dict) -> set[int]:
+    """What the conventional annotation-based scrape job (Prometheus's kubernetes-pods example, the
+    prometheus-community Helm chart) scrapes: one target per declared container port, each moved to
+    the prometheus.io/port annotation's port when the pod has one (so they collapse into one target)."""
+    annotations = pod_template["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true":
+        return set()
+    declared = {p["containerPort"] for c in pod_template["spec"]["containers"] for p in c.get("ports", [])}
+    if "prometheus.io/port" in annotations:
+        return {int(annotations["prometheus.io/port"])}
+    return declared
+
+
+def monitored_ports(docs: list[dict], workload: dict) -> set[int]:
+    """The container ports the ServiceMonitors scrape on this workload's pods (Service port -> targetPort)."""
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    by_name = ports(container)
+    found = set()
+    for mon in of_kind(docs, "ServiceMonitor"):
+        for svc in of_kind(docs, "Service"):
+            if not svc["metadata"]["labels"].items() >= mon["spec"]["selector"]["matchLabels"].items():
+                continue
+            if not pod_labels(workload).items() >= svc["spec"]["selector"].items():
+                continue
+            svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+            for endpoint in mon["spec"]["endpoints"]:
+                target = svc_ports[endpoint["port"]]["targetPort"]
+                found.add(by_name[target] if isinstance(target, str) else target)
+    return found
+
+
+@pytest.mark.parametrize("folder", [K8S, SCALE_OUT], ids=["base", "scale-out"])
+def test_prometheus_finds_every_metrics_port_each_process_serves(tool, folder: Path) -> None:
+    docs = build(tool, folder)
+    policies = of_kind(docs, "NetworkPolicy")
+    for work in workloads(docs):
+        name = work["metadata"]["name"]
+        (container,) = work["spec"]["template"]["spec"]["containers"]
+        served = served_metrics_ports(docs, container)
+        # Declared, so that the Services, the probes and the scrape jobs can name them.
+        assert served <= set(ports(container).values()), (name, served)
+        # The Prometheus Operator's ServiceMonitors scrape each of them, and nothing else.
+        assert monitored_ports(docs, work) == served, name
+        # Without the operator the pods' prometheus.io/* annotations decide (kustomization.yaml): a
+        # prometheus.io/port annotation narrows a pod to that one port, so a pod serving /metrics on
+        # two (`reloop run`: the train and the join stage) must not carry one; the pods that also
+        # declare a port that is not /metrics (the trainer's rendezvous) must.
+        assert annotation_scraped_ports(work["spec"]["template"]) == served, name
+        # Prometheus (the monitoring namespace) may reach them.
+        (policy,) = [p for p in policies if _selects(p["spec"]["podSelector"], pod_labels(work))]
+        from_monitoring = {
+            p["port"]
+            for rule in policy["spec"]["ingress"]
+            if any("namespaceSelector" in peer for peer in rule["from"])
+            for p in rule.get("ports", [])
+        }
+        assert served <= from_monitoring, name
+
+
+def test_the_annotation_rule_reads_the_scrape_job_right() -> None:
+    pod = {"metadata": {"annotations": {"prometheus.io/scrape": "true"}},
+           "spec": {"containers": [{"ports": [{"containerPort": 1}, {"containerPort": 2}]}]}}  # fmt: skip
+    assert annotation_scraped_ports(pod) == {1, 2}
+    pod["metadata"]["annotations"]["prometheus.io/port"] = "2"
+    assert annotation_scraped_ports(pod) == {2}
+    pod["metadata"]["annotations"]["prometheus.io/scrape"] = "false"
+    assert annotation_scraped_ports(pod) == set()
