@@ -17,9 +17,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---------------------------------------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
 # CPU-only torch from the PyTorch index (a few hundred MB instead of the CUDA build's gigabytes); set
-# TORCH_INDEX_URL=https://pypi.org/simple to take PyPI's default wheel instead.
+# TORCH_INDEX_URL=https://pypi.org/simple to take PyPI's default wheel instead. TORCH_SPEC admits no torch
+# that pyproject.toml's requirement refuses: the wheel's install would replace it with PyPI's CUDA build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_SPEC="torch>=2.5"
+ARG TORCH_SPEC="torch>=2.10"
 # The extras in the image: the processor needs none, the scoring service [serve].
 ARG RELOOP_EXTRAS=serve
 ENV PIP_NO_CACHE_DIR=1 \

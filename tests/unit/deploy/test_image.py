@@ -205,3 +205,28 @@ def test_compose_hardens_the_reloop_services_like_k8s() -> None:
         # Docker's default 10 s would SIGKILL the processor's final checkpoint (recovery.stop_timeout_s 30).
         assert int(svc["stop_grace_period"].rstrip("s")) > 30, name
     assert compose["services"]["processor"]["environment"]["RELOOP_HEALTH_URL"].endswith(":9464/metrics")
+
+
+def test_the_torch_layer_satisfies_the_packages_torch_requirement(instructions: list[Instruction]) -> None:
+    """The torch layer is installed from the CPU index before the wheel; a TORCH_SPEC that admits a torch
+    the wheel refuses (pyproject.toml's bound) lets that layer, cached by Docker from an older build, hold
+    one: pip then replaces it with PyPI's default wheel, the CUDA build, gigabytes the image never needs."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = [i.args.split("=", 1) for i in instructions if i.keyword == "ARG" and "=" in i.args]
+    image = Requirement({name: value.strip('"') for name, value in declared}["TORCH_SPEC"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (package,) = [Requirement(r) for r in project if Requirement(r).name == "torch"]
+    assert image.name == package.name == "torch"
+    # Every release the image's spec admits, the package's admits too: probe around each bound.
+    bounds = [Version(s.version) for s in (*image.specifier, *package.specifier)]
+    assert bounds
+    probes = {Version(f"{b.major}.{b.minor + d}.{p}") for b in bounds for d in (-1, 0, 1) for p in (0, 9)
+              if b.minor + d >= 0}  # fmt: skip
+    admitted = [v for v in sorted(probes) if image.specifier.contains(v)]
+    assert admitted, image
+    refused = [str(v) for v in admitted if not package.specifier.contains(v)]
+    assert not refused, f"TORCH_SPEC {image} admits torch {refused}, which pyproject.toml's {package} refuses"
