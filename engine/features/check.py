@@ -28,6 +28,7 @@ that fails is walked row by row to name the bad rows.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from itertools import chain
 from operator import itemgetter
@@ -40,6 +41,7 @@ from reloop.engine.features.spec import CategoricalField, FeatureSpec, MultiCate
 _SCALARS = frozenset({str, int, float, type(None)})
 _NUMBERS = frozenset({int, float, type(None)})
 _MULTI = frozenset({list, type(None)})
+_FLOAT64_MAX = sys.float_info.max
 
 
 class FeatureLimits(BaseModel):
@@ -97,13 +99,23 @@ class SpecChecker:
             strings = column if len(kinds) == 1 else [v for v in column if type(v) is str]
             return max(map(len, strings)) <= limit  # C-level passes: this runs on every impression
         if isinstance(f, NumericField):
-            if not kinds <= _NUMBERS or float not in kinds:
-                return kinds <= _NUMBERS
-            numbers = column if type(None) not in kinds else [v for v in column if v is not None]
-            if not all(map(math.isfinite, numbers)):
+            if not kinds <= _NUMBERS:
                 return False
-            bound = f.max_abs
-            return bound is None or not numbers or max(map(abs, numbers)) <= bound
+            numbers = column if type(None) not in kinds else [v for v in column if v is not None]
+            if not numbers:
+                return True
+            # isfinite on floats only: on an int past the float range it raises OverflowError.
+            if int not in kinds:
+                floats = numbers
+            else:
+                floats = [v for v in numbers if type(v) is float] if float in kinds else []
+            if not all(map(math.isfinite, floats)):
+                return False
+            # Ints are bounded too: the featurizer reads them as floats (an int past float32 was let
+            # through, then refused by the featurizer inside a batch). Exact int/float comparison, so
+            # this may be stricter than the row check, which then decides.
+            bound = _FLOAT64_MAX if f.max_abs is None else f.max_abs
+            return max(map(abs, numbers)) <= bound
         if not kinds <= _MULTI:
             return False
         lists = [v for v in column if v is not None]
@@ -129,7 +141,10 @@ class SpecChecker:
             return None
         if isinstance(f, NumericField):
             if kind is int:
-                return None
+                try:
+                    return _in_range(f, name, float(value))
+                except OverflowError:
+                    return _bad(f"{name} is an integer of {value.bit_length()} bits, beyond any float", f)
             if kind is float:
                 if not math.isfinite(value):
                     return _bad(f"{name} must be finite, got {value!r}", f)

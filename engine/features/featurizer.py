@@ -113,7 +113,10 @@ def log_bucket(x: np.ndarray) -> np.ndarray:
     big = safe > 2
     with np.errstate(divide="ignore", invalid="ignore"):
         logged = np.floor(np.log(np.where(big, safe, 3.0)) ** 2)
-    return np.where(big, logged, np.floor(safe)).astype(np.int64)
+    # Below -2**63 the cast to int64 is undefined in C (numpy warns "invalid value encountered in
+    # cast"); -2**63 is what x86 gives them, so clamping there keeps their rows and defines them.
+    small = np.maximum(np.floor(safe), -(2.0**63))
+    return np.where(big, logged, small).astype(np.int64)
 
 
 class Featurizer:
@@ -195,16 +198,17 @@ class Featurizer:
             if _is_numeric(values):
                 # safe=False: an int64 beyond 2**53 rounds to the nearest double, as float() does
                 # (a safe cast refuses it, and the door accepts any int).
-                return pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null -> nan
+                x = pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null -> nan
+                return _finite(f, x)
             values = values.to_pylist()  # numbers as text (rare): the Python rules below
         try:
             x = np.asarray(values, dtype=np.float64)  # None -> nan already
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past the float range
             pass
         else:
             if x.shape == (len(values),):  # lists of equal length would make a matrix
-                return x
-        return np.fromiter((_float(f, v) for v in values), dtype=np.float64, count=len(values))
+                return _finite(f, x)
+        return _finite(f, np.fromiter((_float(f, v) for v in values), dtype=np.float64, count=len(values)))
 
     def _dense(self, f: NumericField, values: Sequence[Any]) -> np.ndarray:
         x = self._floats(f, values)
@@ -287,6 +291,17 @@ def _float(f: NumericField, value: Any) -> float:
     raise FeatureError(f"field {f.name!r}: numeric values expected, got {type(value).__name__}")
 
 
+def _finite(f: NumericField, x: np.ndarray) -> np.ndarray:
+    """``x`` unless it holds an infinity (NaN is a missing value): +-inf was bucketed by an undefined
+    float -> int64 cast under log_bucket (+inf: row of INT64_MIN on x86, of INT64_MAX on ARM) and
+    clipped under minmax, where the door (check.py) refuses it."""
+    if np.isinf(x).any():
+        raise FeatureError(
+            f"field {f.name!r}: numeric values must be finite, got {float(x[np.isinf(x)][0])!r}"
+        )
+    return x
+
+
 def _is_numeric(values: pa.Array) -> bool:
     kind = values.type
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
@@ -302,6 +317,8 @@ def _spans(f: CategoricalField | MultiCategoricalField, values: Sequence[Any] | 
         return utf8_spans(values)
     except TypeError as exc:
         raise FeatureError(f"field {f.name!r}: {exc}") from exc
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" from json.loads): no UTF-8 bytes to hash
+        raise FeatureError(f"field {f.name!r}: a string that is not valid Unicode ({exc.reason})") from exc
 
 
 def _buckets(block: Sequence[tuple[int, Any, Any]]) -> np.ndarray:

@@ -121,3 +121,26 @@ def _non_finite_number(row) -> bool:
         except (TypeError, ValueError):
             pass
     return False
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        (
+            {"raw": 10**39},
+            "raw",
+        ),  # an int past float32 under identity (a float of the same value was refused)
+        ({"raw": -(10**39)}, "raw"),
+        ({"count": 10**400}, "count"),  # past any float: the featurizer's float() overflows
+        ({"price": 10**400}, "price"),
+    ],
+)
+def test_ints_the_featurizer_cannot_read_are_refused(row, field):
+    for rows in ([row], [{"price": 1.5, "count": 2.5, "raw": 0.5}, row]):  # ints alone, or with floats
+        found = SpecChecker(SPEC, LIMITS).check_rows(rows)
+        assert [i for i, _ in found] == [len(rows) - 1] and found[0][1].field == f"features.{field}"
+        with pytest.raises(FeatureError, match=repr(field)):
+            Featurizer(SPEC).transform(rows)
+    ok = {"raw": 3 * 10**38, "count": 10**300, "price": -(2**63)}  # in range: accepted by both
+    assert SpecChecker(SPEC, LIMITS).check_rows([ok]) == []
+    Featurizer(SPEC).transform([ok])

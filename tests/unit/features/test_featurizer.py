@@ -288,3 +288,35 @@ def test_block_hashing_equals_column_by_column_hashing(columns, cut, same_length
         np.testing.assert_array_equal(mixed[0][j], expected)
         np.testing.assert_array_equal(missing[j], expected_missing)
         np.testing.assert_array_equal(fnv1a_arrow(array)[0], expected)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), "inf", "-Infinity"])
+@pytest.mark.parametrize("field", ["count", "age"])
+def test_infinite_numbers_are_refused_naming_the_field(field, value):
+    """The door refuses +-inf for every numeric field; the featurizer bucketed it under log_bucket by
+    an undefined float -> int64 cast (+inf got INT64_MIN's row on x86, INT64_MAX's on ARM) and clipped
+    it under minmax. From dicts and from Arrow columns alike."""
+    f = Featurizer(SPEC)
+    with pytest.raises(FeatureError, match=repr(field)):
+        f.transform([{field: 1.0}, {field: value}])
+    with pytest.raises(FeatureError, match=repr(field)):
+        f.transform_columns({field: pa.array([1.0, None, float(value)])})
+
+
+def test_log_buckets_of_numbers_past_int64_are_defined_and_silent():
+    import warnings
+
+    x = np.array([-1e300, -(2.0**63), -1e19, float("nan"), 1e300])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "invalid value encountered in cast": C's undefined behaviour
+        got = log_bucket(x)
+    assert got.tolist() == [-(2**63), -(2**63), -(2**63), 0, int(np.floor(np.log(1e300) ** 2))]
+
+
+def test_a_lone_surrogate_is_a_feature_error_naming_the_field():
+    # json.loads gives "\ud800" for the escape; it has no UTF-8 bytes to hash (UnicodeEncodeError).
+    f = Featurizer(SPEC)
+    with pytest.raises(FeatureError, match="'user'"):
+        f.transform([{"user": "ok"}, {"user": "a\ud800"}])
+    with pytest.raises(FeatureError, match="'tags'"):
+        f.transform([{"tags": ["ok", "\udfff"]}])
