@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,16 +50,23 @@ def predict_and_hidden(learner: Any, batch: FeatureBatch) -> tuple[np.ndarray, n
 
 
 class _Ring:
-    """The last ``size`` written samples (featurised) and their labels, oldest first when read."""
+    """The last ``size`` written samples (featurised) and their labels, oldest first when read.
+
+    ``spec`` is the JSON of the feature spec that featurised them (None: unknown, a state saved before
+    it was recorded): the rows are embedding ids of that spec, meaningless (or out of range, an
+    IndexError in the model) for a model with another spec."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.parts: list[tuple[FeatureBatch, np.ndarray]] = []
         self.count = 0
+        self.spec: str | None = None
 
-    def add(self, batch: FeatureBatch, labels: np.ndarray) -> None:
+    def add(self, batch: FeatureBatch, labels: np.ndarray, spec: str | None = None) -> None:
         if self.size == 0:
             return
+        if spec != self.spec:  # rows of another spec cannot be mixed with these: start over
+            self.parts, self.count, self.spec = [], 0, spec
         self.parts.append((batch, labels))
         self.count += len(labels)
         while self.parts and self.count - len(self.parts[0][1]) >= self.size:
@@ -90,10 +99,12 @@ class ServedMemory:
     def score(self, bundle: Any, batch: FeatureBatch) -> np.ndarray:
         """The bundle's probabilities for ``batch``, corrected when the memory is of this version."""
         base, keys = predict_and_hidden(bundle.learner, batch)
-        sketch = self.sketch  # one read: a re-key swaps the whole sketch
-        if sketch is None or self.version != bundle.version or sketch.dim != keys.shape[1]:
-            return base
         with self._lock:
+            # The sketch and its version are read together: a re-key between two unlocked reads gave
+            # the old model's sketch with the new version, i.e. corrections keyed by another model.
+            sketch, version = self.sketch, self.version
+            if sketch is None or version != bundle.version or sketch.dim != keys.shape[1]:
+                return base
             return sketch.correct(base, keys)
 
     # ------------------------------------------------------------------ feed path
@@ -108,11 +119,17 @@ class ServedMemory:
                 self.sketch = ErrorSketch(keys.shape[1], self.config)
             self.sketch.write(keys, scored_y, base)
             self.written += len(scored_y)
-        self.ring.add(batch, y)  # all of them: the next model may score what this one could not
+        # all of them: the next model may score what this one could not
+        self.ring.add(batch, y, _spec_json(bundle))
 
     def rekey(self, bundle: Any) -> None:
         """A fresh sketch for ``bundle``'s model, filled with the ring's samples keyed by it."""
         sketch: ErrorSketch | None = None
+        if not _ring_fits(self.ring, bundle):
+            # Rows of another feature spec (a snapshot whose spec changed): ids this model cannot read;
+            # re-keying them failed with an IndexError at every poll, the memory dead for good.
+            self.ring = _Ring(self.ring.size)
+        self.ring.spec = _spec_json(bundle)
         kept = self.ring.read()
         if kept is not None:
             batch, y = kept
@@ -143,7 +160,7 @@ class ServedMemory:
             }
             if self.sketch is not None:
                 arrays.update({f"sketch.{k}": v for k, v in self.sketch.state_dict().items()})
-            kept = self.ring.read()
+            kept, ring_spec = self.ring.read(), self.ring.spec
         if kept is not None:
             batch, y = kept
             arrays.update(
@@ -155,26 +172,47 @@ class ServedMemory:
                     "ring.labels": y,
                 }  # fmt: skip
             )
+            if ring_spec is not None:
+                arrays["ring.spec"] = np.array(ring_spec, dtype=np.str_)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # A temporary name of its own: two saves at once (close() while the feed thread, not yet
+        # joined, saves too) shared one ".tmp" and interleaved their bytes, or renamed it away under
+        # the other one.
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a ``save``d state (no pickle); a state of another sketch layout is refused."""
-        with np.load(path, allow_pickle=False) as f:
-            a: Mapping[str, np.ndarray] = {k: f[k] for k in f.files}
-        if int(a["format"]) != STATE_FORMAT:
-            raise ValueError(f"error memory state format {int(a['format'])}, expected {STATE_FORMAT}")
+        """Restore a ``save``d state (no pickle); a state of another sketch layout is refused. An
+        unreadable file (empty, truncated, corrupt) is a ValueError too, so callers can start empty."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                a: Mapping[str, np.ndarray] = {k: f[k] for k in f.files}
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - EOFError, BadZipFile, TokenError...: all "unreadable"
+            why = f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"error memory state {path} is unreadable ({why})") from exc
+        found = int(a["format"]) if "format" in a else None
+        if found != STATE_FORMAT:
+            raise ValueError(f"error memory state {path}: format {found}, expected {STATE_FORMAT}")
         sketch = None
         if "sketch.shape" in a:
             sketch = ErrorSketch(int(a["sketch.shape"][0]), self.config)
             sketch.load_state_dict({k[len("sketch.") :]: v for k, v in a.items() if k.startswith("sketch.")})
         ring = _Ring(self.ring.size)
         if "ring.labels" in a:
+            rows = {len(a[f"ring.{k}"]) for k in ("cat", "num", "multi", "multi_mask", "labels")}
+            if len(rows) != 1:  # labels would be paired with other samples' features
+                raise ValueError(f"error memory state {path}: ring arrays of lengths {sorted(rows)}")
             ring.add(
                 FeatureBatch(
                     cat=a["ring.cat"],
@@ -183,6 +221,7 @@ class ServedMemory:
                     multi_mask=a["ring.multi_mask"],
                 ),  # fmt: skip
                 a["ring.labels"],
+                str(a["ring.spec"]) if "ring.spec" in a else None,
             )
         version = int(a["version"])
         with self._lock:
@@ -191,6 +230,32 @@ class ServedMemory:
             self.positions = dict(
                 zip(a["position_keys"].tolist(), a["position_values"].tolist(), strict=True)
             )
+
+
+def _spec_json(bundle: Any) -> str | None:
+    spec = getattr(bundle.featurizer, "spec", None)
+    return spec.to_json() if hasattr(spec, "to_json") else None
+
+
+def _ring_fits(ring: _Ring, bundle: Any) -> bool:
+    """Whether the ring's rows can be read by ``bundle``'s model: rows of the same spec; for a ring
+    of unknown spec, rows of the spec's shape with ids inside its table."""
+    mine = _spec_json(bundle)
+    if ring.spec is not None or mine is None:
+        return ring.spec == mine
+    spec = bundle.featurizer.spec
+    for batch, _ in ring.parts:
+        n = len(batch)
+        if (
+            batch.cat.shape != (n, len(spec.cat_fields))
+            or batch.num.shape != (n, len(spec.dense_fields))
+            or batch.multi.shape != (n, len(spec.multi_fields), spec.max_multi_len)
+            or batch.multi_mask.shape != batch.multi.shape
+            or (batch.cat.size and not 0 <= batch.cat.min() <= batch.cat.max() < spec.total_rows)
+            or (batch.multi.size and not 0 <= batch.multi.min() <= batch.multi.max() < spec.total_rows)
+        ):
+            return False
+    return True
 
 
 def _finite(base: np.ndarray, keys: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -166,9 +166,18 @@ class ErrorSketch:
         if np.asarray(state["shape"]).tolist() != mine:
             raise ValueError(f"error sketch state is for (dim, tables, bits, seed) = "
                              f"{np.asarray(state['shape']).tolist()}, this sketch is {mine}")  # fmt: skip
-        self.labels[:] = state["labels"]
-        self.base[:] = state["base"]
-        self.counts[:] = state["counts"]
+        # Checked before anything is assigned: a short array broadcast silently (one value in every
+        # bucket) and a centre of another length failed every later read, i.e. every scored request.
+        sums = [np.asarray(state[k], dtype=np.float64) for k in ("labels", "base", "counts")]
         center = np.asarray(state["center"], dtype=np.float32)
+        written = int(state["written"])
+        if any(a.shape != self.counts.shape for a in sums) or center.shape not in ((0,), (self.dim,)):
+            raise ValueError(
+                f"error sketch state arrays have shapes {[a.shape for a in sums]} and centre {center.shape}; "
+                f"this sketch needs {self.counts.shape} and ({self.dim},)"
+            )
+        if not all(np.isfinite(a).all() for a in (*sums, center)) or (sums[2] < 0).any() or written < 0:
+            raise ValueError("error sketch state holds non-finite sums or negative counts")
+        self.labels[:], self.base[:], self.counts[:] = sums
         self._set_center(center.copy() if center.size else None)
-        self.written = int(state["written"])
+        self.written = written

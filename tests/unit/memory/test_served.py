@@ -167,3 +167,172 @@ def test_samples_the_model_cannot_score_stay_out_of_the_memory() -> None:
     assert np.isfinite(mem.score(bundle, good)).all()
     mem.rekey(ModelBundle(version=2, learner=learner.clone_frozen(), featurizer=Featurizer(spec)))
     assert mem.sketch is not None and mem.sketch.written == 9  # the ring's rows, less the one again
+
+
+def test_a_snapshot_with_another_feature_spec_rekeys_without_the_old_rows(tmp_path) -> None:
+    # The ring holds embedding ids of the spec that featurised them: a model with another spec read them
+    # out of its table (IndexError) at every re-key, i.e. at every poll: the memory was dead for good.
+    other = FeatureSpec(
+        fields=(CategoricalField(name="user", buckets=7), CategoricalField(name="item", buckets=7))
+    )
+    learner = build_learner("dcn", other, "ce", 0.0, seed=1, hidden_units=(8,), embedding_dim=4)
+    new = ModelBundle(version=2, learner=learner.clone_frozen(), featurizer=Featurizer(other))
+    old = _bundle(1)
+    mem = ServedMemory(CONFIG, buffer=100)
+    mem.write(old, _batch(old, _rows(30)), np.ones(30))
+    mem.save(tmp_path / "m.npz")
+    for m in (mem, ServedMemory(CONFIG, buffer=100)):  # live, and restored from the saved state
+        if m is not mem:
+            m.load(tmp_path / "m.npz")
+        m.rekey(new)
+        assert m.version == 2 and m.sketch is None  # emptied, not filled with another spec's ids
+        x = _batch(new, _rows(10))
+        m.write(new, x, np.ones(10))
+        assert m.sketch is not None and m.sketch.written == 10
+        m.rekey(_bundle(3))  # and back: only rows of the current spec were kept
+        assert m.sketch is None
+
+
+def test_a_state_saved_without_the_rings_spec_is_rekeyed_only_when_its_rows_fit(tmp_path) -> None:
+    old = _bundle(1)
+    mem = ServedMemory(CONFIG, buffer=100)
+    mem.write(old, _batch(old, _rows(30)), np.ones(30))
+    mem.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:  # the state as written before the spec was recorded
+        arrays = {k: f[k] for k in f.files if k != "ring.spec"}
+    np.savez(tmp_path / "legacy.npz", **arrays)
+    back = ServedMemory(CONFIG, buffer=100)
+    back.load(tmp_path / "legacy.npz")
+    back.rekey(_bundle(2, seed=4))
+    assert back.sketch is not None and back.sketch.written == 30
+    small = FeatureSpec(
+        fields=(CategoricalField(name="user", buckets=7), CategoricalField(name="item", buckets=7))
+    )
+    learner = build_learner("dcn", small, "ce", 0.0, seed=1, hidden_units=(8,), embedding_dim=4)
+    back = ServedMemory(CONFIG, buffer=100)
+    back.load(tmp_path / "legacy.npz")
+    back.rekey(ModelBundle(version=2, learner=learner.clone_frozen(), featurizer=Featurizer(small)))
+    assert back.sketch is None
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbled"])
+def test_an_unreadable_state_file_is_refused_and_the_feed_starts_empty(tmp_path, damage) -> None:
+    # EOFError, BadZipFile and tokenize.TokenError escaped the feed's (OSError, ValueError, KeyError):
+    # open() raised at every step, so the feed never read a sample again.
+    b = _bundle(1)
+    mem = ServedMemory(CONFIG, buffer=10)
+    mem.write(b, _batch(b, _rows(20)), np.ones(20))
+    mem.positions = {"samples:0": 3}
+    path = tmp_path / "arm.npz"
+    mem.save(path)
+    data = path.read_bytes()
+    path.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "garbled": data[:100] + b"x" * 50 + data[150:]}[
+            damage
+        ]
+    )
+    with pytest.raises(ValueError):
+        ServedMemory(CONFIG).load(path)
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    feed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), memory=ServedMemory(CONFIG),
+                       holder=ModelHolder(b), state_path=path, poll_timeout_s=0)  # fmt: skip
+    _publish(mlog, 5, 0)
+    assert feed.step() == 5
+    assert feed.memory.sketch is not None and feed.memory.sketch.written == 5
+    feed.close()
+    ServedMemory(CONFIG).load(path)  # the save on close replaced the damaged file
+
+
+def test_a_state_with_inconsistent_arrays_is_refused(tmp_path) -> None:
+    b = _bundle(1)
+    mem = ServedMemory(CONFIG, buffer=10)
+    mem.write(b, _batch(b, _rows(20)), np.ones(20))
+    mem.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:
+        good = {k: f[k] for k in f.files}
+    for key, value in (
+        ("sketch.center", np.zeros(3, np.float32)),  # every later read (every request) failed on it
+        ("sketch.labels", np.ones(1)),  # broadcast into every bucket
+        ("sketch.counts", np.full_like(good["sketch.counts"], np.nan)),
+        ("ring.labels", np.ones(4)),  # labels paired with other samples' features
+    ):
+        np.savez(tmp_path / "bad.npz", **{**good, key: value})
+        with pytest.raises(ValueError):
+            ServedMemory(CONFIG, buffer=10).load(tmp_path / "bad.npz")
+
+
+def test_scoring_reads_the_sketch_and_its_version_together() -> None:
+    """A re-key that lands between the request's read of the sketch and of the version gave the old
+    model's sketch with the new version: corrections keyed by another model."""
+    import threading
+
+    class Racy(ServedMemory):
+        racer: ModelBundle | None = None
+
+        @property
+        def version(self) -> int | None:  # the request reads it: the feed thread re-keys right then
+            racer, self.racer = self.racer, None
+            if racer is not None:
+                t = threading.Thread(target=self.rekey, args=(racer,))
+                t.start()
+                t.join(0.5)  # blocks while the request holds the lock (the fix)
+            return self._version
+
+        @version.setter
+        def version(self, value: int | None) -> None:
+            self._version = value
+
+    old, new = _bundle(1), _bundle(2, seed=7)
+    mem = Racy(CONFIG, buffer=0)  # no ring: the new version's sketch is empty
+    x = _batch(old, _rows(30))
+    mem.write(old, x, np.ones(30))
+    mem.racer = new
+    scores = mem.score(new, x)
+    assert np.array_equal(scores, new.learner.predict_proba(x))  # v2's memory is empty: no correction
+    for _ in range(100):  # the re-key finishes once the request let go of the lock
+        if mem.version == 2:
+            break
+        threading.Event().wait(0.01)
+    assert mem.version == 2 and mem.sketch is None
+
+
+def test_two_saves_at_once_both_succeed_and_leave_a_readable_file(tmp_path, monkeypatch) -> None:
+    """close() saves while a feed thread it could not join may be saving: they shared one '.tmp'
+    file, so one save renamed it away under the other (FileNotFoundError) or mixed their bytes."""
+    import threading
+
+    b = _bundle(1)
+    first, second = ServedMemory(CONFIG, buffer=10), ServedMemory(CONFIG, buffer=10)
+    first.write(b, _batch(b, _rows(20)), np.ones(20))
+    first.positions, second.positions = {"samples:0": 20}, {"samples:0": 7}
+    real = np.savez
+    inside, go = threading.Event(), threading.Event()
+
+    def savez(f, **arrays):
+        if int(arrays["position_values"][0]) == 20:  # the first save: wait inside until the other is done
+            inside.set()
+            go.wait(5)
+        real(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    path = tmp_path / "arm.npz"
+    errors: list[BaseException] = []
+
+    def save_first() -> None:
+        try:
+            first.save(path)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=save_first)
+    t.start()
+    assert inside.wait(5)
+    second.save(path)
+    go.set()
+    t.join(5)
+    assert errors == []
+    back = ServedMemory(CONFIG, buffer=10)
+    back.load(path)
+    assert back.positions == {"samples:0": 20} and back.sketch is not None and back.sketch.written == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arm.npz"]  # no temporary file left behind
