@@ -39,6 +39,18 @@ class MemorySpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Fail here, naming the key: a bad layout failed only at the backtest's first batch, and a lam
+        # outside [0, 1] (or none at all) was never refused.
+        for key, value, allowed in (
+            ("form", self.form, ("residual", "label")),
+            ("reset", self.reset, ("snapshot", "never")),
+            ("key", self.key, ("live", "snapshot")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"memory {key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not self.lams or not all(isinstance(x, int | float) and 0.0 <= x <= 1.0 for x in self.lams):
+            raise ValueError(f"memory lams must be one or more numbers in [0, 1], got {self.lams!r}")
+        SketchConfig(n_tables=self.n_tables, n_bits=self.n_bits, prior_count=self.prior_count, form=self.form)
         if self.key == "snapshot" and self.reset != "snapshot":
             raise ValueError("a memory of the snapshot's errors must be reset with each new snapshot")
 

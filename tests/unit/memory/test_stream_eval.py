@@ -82,3 +82,22 @@ def test_predict_with_memory_then_write_and_reset_on_snapshot() -> None:
 def test_snapshot_memory_must_reset_with_each_snapshot() -> None:
     with pytest.raises(ValueError, match="reset"):
         MemorySpec(key="snapshot", reset="never")
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"lams": (0.3, 1.5)}, "lam"),  # was accepted: corrections past the neighbours' mean error
+        ({"lams": (float("nan"),)}, "lam"),
+        ({"lams": ()}, "lams"),  # no variant at all
+        ({"n_bits": 40}, "n_bits"),  # was refused only at the backtest's first batch
+        ({"n_tables": 0}, "n_tables"),
+        ({"prior_count": -1.0}, "prior_count"),
+        ({"form": "residuals"}, "form"),
+        ({"reset": "period"}, "reset"),  # was accepted: never reset, silently
+        ({"key": "live-model"}, "key"),
+    ],
+)
+def test_a_bad_memory_spec_fails_at_once_naming_the_key(options, key) -> None:
+    with pytest.raises(ValueError, match=key):
+        MemorySpec(**options)
