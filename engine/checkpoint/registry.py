@@ -101,12 +101,15 @@ class Snapshot:
 
 
 class SnapshotRegistry:
-    def __init__(self, root: str | os.PathLike[str], *, keep: int = 5) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, keep: int = 5, create: bool = True) -> None:
+        """``create=False``: a reader's registry (the scoring service's, often on a read-only mount) that
+        leaves a missing folder to its writer and lists no versions until it exists."""
         if keep < 1:
             raise ValueError("keep must be >= 1 (the newest snapshot carries the version counter)")
         self.root = Path(root)
         self.keep = keep
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         self._last_written: int | None = None  # this object's newest version: the fence (``write``)
 
     @property
@@ -119,6 +122,8 @@ class SnapshotRegistry:
     # ------------------------------------------------------------------ reading
     def versions(self) -> list[int]:
         out = []
+        if not self.root.is_dir():  # a reader's registry before its writer made the folder
+            return out
         for entry in os.scandir(self.root):
             m = _DIR_RE.match(entry.name)
             if m and entry.is_dir():

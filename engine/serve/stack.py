@@ -134,7 +134,9 @@ def registry_loader_factory(arm: ArmConfig):
     from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
     from reloop.engine.serve.loader import bundle_or_snapshot_loader, cold_start_bundle
 
-    registry = SnapshotRegistry(arm.registry)
+    # Not created here: serving mounts the snapshots read-only, and a fresh volume has no folder yet
+    # until the processor's first publish (creating it failed with EROFS: the service crash-looped).
+    registry = SnapshotRegistry(arm.registry, create=False)
     bundles = serving_dir(arm.registry)
     load_version = bundle_or_snapshot_loader(registry)
 

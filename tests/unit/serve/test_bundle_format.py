@@ -254,3 +254,17 @@ def test_the_bundle_takes_the_version_its_snapshot_takes_past_a_stray_entry(tmp_
     rows = _rows(10)
     served = bundle_or_snapshot_loader(reg)(version).score(rows)
     np.testing.assert_array_equal(served, learner.predict_proba(Featurizer(SPEC).transform(rows)))
+
+
+def test_the_service_leaves_a_missing_registry_folder_to_its_trainer(tmp_path):
+    # Serving mounts the snapshots read-only; on a fresh volume the registry folder does not exist until
+    # the processor's first publish. The service created it (EROFS there: a crash loop until then).
+    root = tmp_path / "snapshots" / "arm-a"
+    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=root))
+    assert latest() is None and versions() == []
+    assert not root.exists()
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(root)  # the trainer's
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict()})
+    assert latest() == 1 and load(1).version == 1
