@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from reloop.engine.config_common import (
     ENV_PREFIX,
     REDACTED,
@@ -62,8 +62,22 @@ class SourceSection(_Section):
 class SinkSection(_Section):
     """The topics the processor writes (their client settings: kafka, producer)."""
 
-    samples_topic: str | None = None
+    samples_topic: str | None = Field(
+        default=None, description="not used: the samples topic is stages.samples_topic"
+    )
     dead_letter_topic: str | None = "reloop.deadletter"
+
+    @field_validator("samples_topic")
+    @classmethod
+    def _samples_go_to_stages(cls, value: str | None) -> str | None:
+        # Read by nothing since the two stages: a topic named here was silently not the one written
+        # (the example config named "samples"; the join stage wrote stages.samples_topic).
+        if value is not None:
+            raise ValueError(
+                "is not used: the join stage writes its samples to stages.samples_topic "
+                "(default reloop.samples); set the topic there and remove this key"
+            )
+        return value
 
 
 # Keys that moved, refused with their new place (docs/operations.md "Config keys that moved").

@@ -116,3 +116,12 @@ def test_shipped_example_config_is_valid():
     cfg = load_config(root / "deploy/config/reloop.example.yaml", env={})
     assert len(load_feature_spec(cfg.model).fields) == 39
     assert cfg.period.every_event_ms == 3_600_000
+
+
+def test_a_samples_topic_in_the_sink_section_is_refused_naming_where_it_goes(tmp_path):
+    # Read by nothing since the two stages: the example config named "samples" there while the join
+    # stage wrote stages.samples_topic (reloop.samples); null (disabled) stays accepted.
+    with pytest.raises(ConfigError, match=r"sink\.samples_topic: .*stages\.samples_topic"):
+        load_config(_write(tmp_path, BASE + "sink: {samples_topic: samples}\n"), env={})
+    disabled = load_config(_write(tmp_path, BASE + "sink: {samples_topic: null}\n"), env={})
+    assert disabled.sink.samples_topic is None
