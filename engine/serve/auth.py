@@ -41,7 +41,9 @@ class BearerAuth:
         self._expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        # Only lifespan passes unchecked: a websocket (a route added later, a proxy's upgrade) carried no
+        # token past this and reached the app.
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
@@ -49,6 +51,9 @@ class BearerAuth:
         # The scheme is case-insensitive (RFC 7235: "bearer x" is as good as "Bearer x"); the token is not.
         if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._expected):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # refused before the handshake: the server answers 403
+            await send({"type": "websocket.close", "code": 1008})
             return
         await send(
             {

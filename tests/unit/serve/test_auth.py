@@ -1,0 +1,44 @@
+"""The bearer-token middleware at the ASGI level: what it lets through to the app and what it refuses
+(the service end to end: test_hostile_requests.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from reloop.engine.serve.auth import BearerAuth
+
+TOKEN = "s3cret-token"
+
+
+def _through(scope: dict[str, Any]) -> tuple[bool, list[dict[str, Any]]]:
+    """(whether the app was reached, what the middleware sent itself)."""
+    reached: list[bool] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(True)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(BearerAuth(app, TOKEN)(scope, receive, send))
+    return bool(reached), sent
+
+
+def test_a_websocket_without_the_token_is_refused_before_the_app() -> None:
+    # Every scope but "http" passed unchecked: a websocket route carried no token to the app.
+    reached, sent = _through({"type": "websocket", "path": "/score", "headers": []})
+    assert not reached and sent == [{"type": "websocket.close", "code": 1008}]
+    auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    assert _through({"type": "websocket", "path": "/score", "headers": auth}) == (True, [])
+
+
+def test_lifespan_and_the_probes_pass_without_a_token() -> None:
+    assert _through({"type": "lifespan"}) == (True, [])
+    assert _through({"type": "http", "path": "/readyz", "headers": []}) == (True, [])
+    reached, sent = _through({"type": "http", "path": "/metrics", "headers": []})
+    assert not reached and sent[0]["status"] == 401
