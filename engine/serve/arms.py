@@ -16,6 +16,9 @@ import hashlib
 from collections.abc import Sequence
 
 _SCALE = float(2**64)
+# The smallest traffic share an arm may have: below it (one user in a billion) the arm is served no one,
+# and a share that rounds to 0 next to a weight 1e12 times larger never could be.
+MIN_SHARE = 1e-9
 
 
 def _salt_key(salt: str) -> bytes:
@@ -45,7 +48,12 @@ class ArmRouter:
         self.salt = salt
         self._cuts: list[float] = []
         acc = 0.0
-        for _, weight in arms:
+        for name, weight in arms:
+            if weight / total < MIN_SHARE:
+                raise ValueError(
+                    f"arms: arm {name!r} has weight {weight:g} of {total:g} in all, a share of "
+                    f"{weight / total:.3g} of the traffic (below {MIN_SHARE:g}: it would be served no one)"
+                )
             acc += weight / total
             self._cuts.append(acc)
         self._cuts[-1] = 1.0

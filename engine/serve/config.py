@@ -35,6 +35,7 @@ from reloop.engine.config_common import (
     env_values,
     read_document,
 )
+from reloop.engine.serve.arms import ArmRouter
 
 
 class _Frozen(BaseModel):
@@ -188,6 +189,7 @@ class ServeConfig(_Frozen):
             raise ValueError(
                 "arms: each arm needs its own impressions_topic (each arm trains on its own feedback)"
             )
+        ArmRouter([(a.name, a.weight) for a in self.arms], salt="")  # the shares: at load, not at start
         return self
 
 

@@ -92,3 +92,19 @@ def test_an_arm_weight_that_cannot_route_is_a_config_error_naming_it(tmp_path, w
     arms = yaml.safe_load(f"[{{name: A, registry: r, weight: {weight}}}, {{name: B, registry: r}}]")
     with pytest.raises(ValueError, match="weight"):
         serve_config_from_dict({"arms": arms})
+
+
+def test_an_arm_whose_share_rounds_to_nothing_is_refused_naming_it():
+    # 1e-300 next to 1e12: its share rounded to 0, and the arm was accepted and served no one.
+    with pytest.raises(ValueError, match="arm 'B' .* served no one"):
+        ArmRouter([("A", 1e12), ("B", 1e-300)], salt="s")
+    ArmRouter([("A", 1e3), ("B", 1e-3)], salt="s")  # one in a million: small, but served
+
+
+def test_a_tiny_arm_share_is_a_config_error_at_load(tmp_path):
+    from reloop.engine.serve.config import serve_config_from_dict
+
+    arms = [{"name": "A", "registry": "r", "weight": 1e12}, {"name": "B", "registry": "r2", "weight": 1e-6,
+             "impressions_topic": "imp-b"}]  # fmt: skip
+    with pytest.raises(ValueError, match="arm 'B'"):
+        serve_config_from_dict({"arms": arms})
