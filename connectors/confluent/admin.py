@@ -9,6 +9,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from reloop.connectors.confluent.login import LoginWatch
+from reloop.connectors.confluent.logs import logged
 from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ def ensure_topic_like(
     """Create ``topic`` when it is missing, with as many partitions as ``like`` (replication 1); an
     existing one is left as it is. Losing a creation race to another process is fine."""
     login = LoginWatch(bootstrap)
-    admin = AdminClient({**connection, "bootstrap.servers": bootstrap, "error_cb": login})
+    admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap, "error_cb": login}))
     try:
         topics = admin.list_topics(timeout=10).topics
     except KafkaException:
@@ -48,7 +49,7 @@ def record_limit(
     when the cluster does not say (no DescribeConfigs permission, say). As the kafka-python connector's
     ``record_limit``."""
     try:
-        admin = AdminClient({**connection, "bootstrap.servers": bootstrap})
+        admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap}))
         try:
             return int(_config_value(admin, ResourceType.TOPIC, topic, "max.message.bytes", timeout_s))
         except KafkaException as exc:

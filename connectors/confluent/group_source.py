@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.login import LoginWatch
+from reloop.connectors.confluent.logs import logged
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
@@ -39,19 +40,21 @@ class ConfluentGroupSource:
         self.metadata_timeout_s = metadata_timeout_s
         self._login = LoginWatch(bootstrap)
         self._consumer = Consumer(
-            {
-                "auto.offset.reset": "earliest",
-                "allow.auto.create.topics": False,
-                "fetch.wait.max.ms": 100,
-                "partition.assignment.strategy": "range",
-                **dict(client_config or {}),
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "on_commit": log_failed_commit,
-                "error_cb": self._login,
-            }
+            logged(
+                {
+                    "auto.offset.reset": "earliest",
+                    "allow.auto.create.topics": False,
+                    "fetch.wait.max.ms": 100,
+                    "partition.assignment.strategy": "range",
+                    **dict(client_config or {}),
+                    "bootstrap.servers": bootstrap,
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "on_commit": log_failed_commit,
+                    "error_cb": self._login,
+                }
+            )
         )
         self._listener: Any = None
         self._next: Positions = {}
