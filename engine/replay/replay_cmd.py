@@ -183,18 +183,12 @@ def kafka_range(
     as a JSONL replay's ends where its file does (it was a traceback: "replay end positions
     missing"); an offset of a partition the topics do not have was ignored, or a traceback; an end
     past the log end stalled 30 s and ended in a traceback."""
-    for flag, given in (("--start-offsets", given_start), ("--end-offsets", given_end)):
-        for tp, offset in given.items():
-            if tp not in last:
-                known = ", ".join(f"{t.topic}:{t.partition}" for t in sorted(last))
-                raise ValueError(
-                    f"{flag}: {tp.topic}:{tp.partition} is not a partition of this replay ({known})"
-                )
-            if not 0 <= offset <= last[tp]:
-                raise ValueError(
-                    f"{flag}: {tp.topic}:{tp.partition}={offset} is outside the partition "
-                    f"(offsets 0..{last[tp]}, the oldest still stored {first[tp]})"
-                )
+    _check_given(
+        given_start,
+        given_end,
+        last,
+        lambda tp: f"the partition (offsets 0..{last[tp]}, the oldest still stored {first[tp]})",
+    )
     start = {**start, **given_start}
     end = {**end, **given_end}
     warnings = []
@@ -240,23 +234,29 @@ def jsonl_end_positions(root: Path, topics: list[str]) -> Positions:
     return out
 
 
+def _check_given(
+    start: Positions, end: Positions, last: Positions, bounds: Callable[[TopicPartition], str]
+) -> None:
+    """Every offset given (``start``, ``end``) names a partition of the replay and lies within 0..``last``
+    of it; the refusal names the flag and says the partition's ``bounds``."""
+    for flag, given in (("--start-offsets", start), ("--end-offsets", end)):
+        for tp, offset in given.items():
+            if tp not in last:
+                known = ", ".join(f"{t.topic}:{t.partition}" for t in sorted(last))
+                raise ValueError(
+                    f"{flag}: {tp.topic}:{tp.partition} is not a partition of this replay ({known})"
+                )
+            if not 0 <= offset <= last[tp]:
+                raise ValueError(f"{flag}: {tp.topic}:{tp.partition}={offset} is outside {bounds(tp)}")
+
+
 def jsonl_range(args: argparse.Namespace, topics: list[str]) -> tuple[Positions | None, Positions]:
     """(start, end) of a JSONL replay: the offsets given, checked against the files' complete lines;
     a partition the end offsets leave out ends where its file does."""
     files = jsonl_end_positions(args.jsonl, topics)
     start = parse_offsets(args.start_offsets) if args.start_offsets else None
     end = {**files, **(parse_offsets(args.end_offsets) if args.end_offsets else {})}
-    for flag, given in (("--start-offsets", start or {}), ("--end-offsets", end)):
-        for tp, offset in given.items():
-            if tp not in files:
-                known = ", ".join(f"{t.topic}:{t.partition}" for t in sorted(files))
-                raise ValueError(
-                    f"{flag}: {tp.topic}:{tp.partition} is not a partition of this replay ({known})"
-                )
-            if not 0 <= offset <= files[tp]:
-                raise ValueError(
-                    f"{flag}: {tp.topic}:{tp.partition}={offset} is outside its file (0..{files[tp]} lines)"
-                )
+    _check_given(start or {}, end, files, lambda tp: f"its file (0..{files[tp]} lines)")
     for tp, offset in (start or {}).items():
         if offset > end[tp]:
             raise ValueError(

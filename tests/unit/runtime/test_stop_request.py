@@ -59,14 +59,7 @@ def test_a_forced_exit_says_whether_the_final_checkpoint_was_written(
         assert record.fields["final_checkpoint"] == saved
 
 
-@pytest.mark.parametrize("command", ["join", "train", "run"])
-def test_a_stop_while_the_stage_is_still_connecting_exits_at_once(tmp_path, command: str) -> None:
-    # A stage built against an unreachable broker sat in kafka-python's 30 s bootstrap after SIGTERM:
-    # `reloop run` stopping its join because the train stage refused its config took 33 s to say so.
-    import subprocess
-    import sys
-    import time
-
+def _unreachable_broker_config(tmp_path):
     import yaml
 
     path = tmp_path / "run.yaml"
@@ -74,10 +67,27 @@ def test_a_stop_while_the_stage_is_still_connecting_exits_at_once(tmp_path, comm
     path.write_text(yaml.safe_dump({"model": {"backbone": "lr", "spec": spec},
                                     "kafka": {"bootstrap": "127.0.0.1:1"},
                                     "checkpoint": {"dir": str(tmp_path / "ckpt")}}))  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reloop.engine.runtime.cli", command, "--config", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return path
+
+
+def _start(command: str, config, *extra: str):
+    """``reloop COMMAND --config CONFIG EXTRA...`` in a session of its own, its output in one pipe."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", command, "--config", str(config), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["join", "train", "run"])
+def test_a_stop_while_the_stage_is_still_connecting_exits_at_once(tmp_path, command: str) -> None:
+    # A stage built against an unreachable broker sat in kafka-python's 30 s bootstrap after SIGTERM:
+    # `reloop run` stopping its join because the train stage refused its config took 33 s to say so.
+    import time
+
+    proc = _start(command, _unreachable_broker_config(tmp_path))
     assert proc.stdout is not None
     for line in proc.stdout:  # the first refused connection: building, past the imports
         if "ECONNREFUSED" in line:
@@ -94,25 +104,13 @@ def test_a_stop_while_data_parallel_ranks_are_still_connecting_exits_0(tmp_path)
     # Each rank exited 0 at once ("nothing to save"), but the launcher knew only a mark written after a
     # final checkpoint: it said "stopped before their final checkpoint" and exited 1.
     import socket
-    import subprocess
-    import sys
     import time
-
-    import yaml
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # rank r serves /metrics on port + r: their "metrics" lines
-    path = tmp_path / "run.yaml"
-    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
-    path.write_text(yaml.safe_dump({"model": {"backbone": "lr", "spec": spec},
-                                    "kafka": {"bootstrap": "127.0.0.1:1"},
-                                    "checkpoint": {"dir": str(tmp_path / "ckpt")}}))  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reloop.engine.runtime.cli", "train", "--config", str(path),
-         "--world-size", "2", "--metrics-port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    config = _unreachable_broker_config(tmp_path)
+    proc = _start("train", config, "--world-size", "2", "--metrics-port", str(port))
     assert proc.stdout is not None
     seen: list[str] = []
     ranks_up = 0
