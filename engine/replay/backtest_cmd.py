@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shlex
 import sys
 import time
@@ -238,11 +239,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-from",
         type=int,
-        default=1,
+        default=None,
         metavar="PERIOD",
         help="tables and verdicts use periods >= PERIOD (settings chosen on the earlier ones); "
         "the CSV and the plots keep every period. Periods count those with rows: a week without any "
-        "makes no period, so with gaps period t is not the t-th calendar week",
+        "makes no period, so with gaps period t is not the t-th calendar week (default 1; with "
+        "--report-only, the report's own)",
     )
     parser.add_argument("--title", default="")
     parser.add_argument(
@@ -481,6 +483,10 @@ def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     csv_path = args.out / "results.csv"
+    if getattr(args, "report_from", None) is None:
+        # A rebuilt report keeps the run's split (its header names the run's --report-from): with the
+        # default instead, its tables counted the periods its settings were chosen on.
+        args.report_from = _previous_report_from(args.out / "report.md") if args.report_only else 1
     if args.report_only:
         if not csv_path.exists():
             raise Refused(f"--report-only: no {csv_path} to rebuild the report from")
@@ -619,6 +625,16 @@ def _run_header(args: argparse.Namespace, data: BacktestData, time_kind: str) ->
 (sizes {min(sizes)}..{max(sizes)}); period 0 is warm-up (CE for all, not evaluated)
 - {time_note}{noise_note}
 - {learner_settings(args)}"""
+
+
+def _previous_report_from(report: Path) -> int:
+    """The first period of the tables of ``report`` ("- tables: periods N and later"), else 1."""
+    if report.exists():
+        for line in report.read_text().splitlines():
+            found = re.match(r"- tables: periods (\d+) and later", line)
+            if found:
+                return int(found.group(1))
+    return 1
 
 
 def _previous_header(report: Path, rows: list[dict[str, Any]]) -> str:

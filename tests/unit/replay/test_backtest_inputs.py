@@ -214,3 +214,17 @@ def test_a_resume_over_other_rows_or_periods_is_refused(tmp_path: Path, capsys) 
     assert (out / "results.csv").read_text() == before
     assert main([*argv, "--max-rows", "400", "--seeds", "2", "--resume"]) == 0  # the same rows: resumed
     assert {r["seed"] for r in backtest_cmd.read_csv(out / "results.csv")} == {0, 1}
+
+
+def test_report_only_keeps_the_runs_report_from(tmp_path: Path) -> None:
+    # Rebuilt without --report-from, the tables started at period 1 again under a header that named the
+    # run's --report-from: the periods its settings were chosen on were counted as evidence.
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--out", str(out), *TINY, "--backbones", "fm"]
+    argv += ["--strategies", "ce", "--no-river", "--data", str(_movielens(tmp_path / "ml"))]
+    assert main([*argv, "--report-from", "2"]) == 0
+    assert "- tables: periods 2 and later" in (out / "report.md").read_text()
+    assert main([*argv, "--report-only"]) == 0
+    assert "- tables: periods 2 and later" in (out / "report.md").read_text()
+    assert main([*argv, "--report-only", "--report-from", "1"]) == 0  # asked for: done
+    assert "- tables: periods 1 and later" in (out / "report.md").read_text()
