@@ -24,7 +24,9 @@ DEFAULT_OUT = Path("docs/benchmarks.md")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", help=f"comma-separated figures to run, of: {','.join(FIGURES)}")
+    parser.add_argument(
+        "--only", type=_known_figures, help=f"comma-separated figures to run, of: {','.join(FIGURES)}"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="alternation rounds (default 5; quick 2)")
     parser.add_argument(
@@ -62,14 +64,18 @@ def _counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _known_figures(text: str) -> str:
+    """``--only``'s check, in the parser: an unknown figure is a usage error (exit 2), not a failure."""
+    unknown = [k for k in _selected(text) if k not in FIGURES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+    return text
+
+
 def _selected(only: str | None) -> list[str]:
     if not only:
         return list(FIGURES)
-    keys = [k.strip() for k in only.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in FIGURES]
-    if unknown:
-        raise SystemExit(f"bench: unknown figure(s) {unknown}; choose from {list(FIGURES)}")
-    return keys
+    return [k.strip() for k in only.split(",") if k.strip()]
 
 
 def _run_here(key: str, ctx: Context) -> Figure:

@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reloop {name}: not available ({exc})", file=sys.stderr)
         return 2
     try:
-        cmd_parser = argparse.ArgumentParser(prog=f"reloop {name}", description=COMMANDS[name][1])
+        # No abbreviated flags: "--conf" taken for --config would change meaning once a flag sharing the
+        # prefix is added.
+        cmd_parser = argparse.ArgumentParser(
+            prog=f"reloop {name}", description=COMMANDS[name][1], allow_abbrev=False
+        )
         module.configure(cmd_parser)
         args = cmd_parser.parse_args(argv[1:])
         return int(module.main(args) or 0)

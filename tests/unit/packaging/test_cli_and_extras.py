@@ -67,6 +67,19 @@ def test_bad_arguments_of_a_command_exit_2_on_stderr(tmp_path: Path) -> None:
     assert "invalid choice: 'explode'" in done.stderr
 
 
+def test_an_abbreviated_flag_and_an_unknown_bench_figure_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "--conf" was taken for --config (it would change meaning once a flag sharing the prefix came);
+    # an unknown figure exited 1, a failure, not 2.
+    with pytest.raises(SystemExit) as done:
+        cli.main(["models", "--js"])
+    assert done.value.code == 2 and "unrecognized arguments: --js" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "--only", "joiner,nosuch"])
+    assert done.value.code == 2 and "unknown figure(s) ['nosuch']" in capsys.readouterr().err
+
+
 def test_the_cli_names_the_extra_of_every_optional_module() -> None:
     core = {_dist(r) for r in PYPROJECT["project"]["dependencies"]}
     for dist, extra in cli.EXTRAS.items():  # each module here has its distribution's name
