@@ -49,7 +49,14 @@ class Ledger:
         return self._f.tell()
 
     def truncate(self, length: int) -> None:
+        """Cut the file back to ``length`` bytes (a snapshot's ``sync()``); a shorter file lost entries
+        the snapshot counts, and ``truncate`` would pad it with NUL bytes: refused."""
         self._f.flush()
+        size = os.fstat(self._f.fileno()).st_size
+        if length > size:
+            raise ValueError(
+                f"ledger {self.path} has {size} bytes, the snapshot recorded {length}: entries lost"
+            )
         self._f.truncate(length)
         self._f.seek(length)
 
@@ -67,8 +74,11 @@ class Ledger:
 
     @staticmethod
     def read(path: str | os.PathLike[str]) -> list[tuple[int, str, int, bool]]:
+        """The entries of ``path``; a last line without its newline is a write a crash tore (never an
+        entry: the next restart truncates it) and is left out."""
+        data = Path(path).read_bytes()
         out = []
-        for line in Path(path).read_bytes().splitlines():
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
             step, sample_id, label, corr = orjson.loads(line)
             out.append((int(step), sample_id, int(label), bool(corr)))
         return out

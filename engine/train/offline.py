@@ -197,6 +197,12 @@ class OfflineTrainer:
         A validation set of one class has no AUC: its LogLoss decides instead (with AUC's NaN no epoch was
         ever the best, and the last one was kept)."""
         cfg = self.config
+        # An empty validation set has neither AUC nor LogLoss: no epoch would ever be the best, and
+        # training would silently stop after ``patience`` epochs.
+        if len(train) == 0 or (valid is not None and len(valid) == 0):
+            raise ValueError(
+                f"fit needs samples: {len(train)} to train, {0 if valid is None else len(valid)} to validate"
+            )
         rng = np.random.default_rng(cfg.seed)
         result = FitResult()
         best_score = -math.inf

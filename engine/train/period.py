@@ -50,7 +50,9 @@ class PeriodTrigger:
                 return False
             return period > self.last_period
         assert self.every_wall_s is not None
-        if self.last_wall_ms is None:
+        if self.last_wall_ms is None or now_ms < self.last_wall_ms:
+            # A clock stepped back (NTP) would otherwise hold the next boundary back by the whole step:
+            # the period restarts now, as after a restart.
             self.last_wall_ms = now_ms
             return False
         return now_ms - self.last_wall_ms >= self.every_wall_s * 1000
@@ -59,7 +61,9 @@ class PeriodTrigger:
         """A snapshot was taken now."""
         self.last_samples = samples
         if event_time_ms is not None and self.every_event_ms is not None:
-            self.last_period = event_time_ms // self.every_event_ms
+            period = event_time_ms // self.every_event_ms
+            # Never back: a mark with an older event time (out of order) would fire the period again.
+            self.last_period = period if self.last_period is None else max(self.last_period, period)
         self.last_wall_ms = now_ms
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,8 +75,7 @@ class ReplayBuffer:
         n = len(batch)
         if n == 0:
             return
-        if self._cols is None:
-            self._cols = self._allocate(batch)
+        cols = self._allocate(batch) if self._cols is None else self._cols
         values = {
             "cat": batch.cat,
             "num": batch.num,
@@ -94,20 +93,24 @@ class ReplayBuffer:
                 else np.asarray(weights, dtype=np.float32).reshape(-1)
             ),
         }
+        # All checked before any slot is written: a refused batch leaves the held rows as they were.
+        for k, v in values.items():
+            if len(v) != n or v.shape[1:] != cols[k].shape[1:]:
+                raise ValueError(
+                    f"replay buffer: {k} of shape {v.shape} for {n} samples, rows of {cols[k].shape[1:]}"
+                )
+        self._cols = cols
+        added = n  # every sample added owes its ``ratio``, also those the ring cannot keep
         if n > self.capacity:  # only the newest capacity samples can stay
             values = {k: v[n - self.capacity :] for k, v in values.items()}
             n = self.capacity
         slots = (self.head + np.arange(n)) % self.capacity
         for k, v in values.items():
-            if v.shape[1:] != self._cols[k].shape[1:]:
-                raise ValueError(
-                    f"replay buffer: {k} rows of shape {v.shape[1:]}, expected {self._cols[k].shape[1:]}"
-                )
-            self._cols[k][slots] = v
+            cols[k][slots] = v
         self.head = int((self.head + n) % self.capacity)
         self.size = min(self.capacity, self.size + n)
-        self.added += n
-        self.debt += self.ratio * n
+        self.added += added
+        self.debt += self.ratio * added
 
     def take(self) -> list[ReplayDraw]:
         """The replay steps now owed (``ratio`` per sample added so far, in whole batches)."""

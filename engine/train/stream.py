@@ -19,7 +19,7 @@ Learners with ``learn_scored`` (torch learners) score and learn in one call: the
 batch as it was before the step, and a per-event wide part (engine/models/wide.py) scores each sample
 after learning the earlier ones of the batch.
 
-Replay (``replay_size > 0``, off by default): a bounded buffer of the latest samples
+Replay (``replay_size > 0``, off by default): a bounded buffer of the latest samples learnt
 (engine/train/replay_buffer.py) is replayed for ``replay_ratio`` extra samples per new one after each
 batch; the buffer is part of ``state()``, so a restored trainer replays what an uninterrupted one does.
 
@@ -170,26 +170,39 @@ class StreamTrainer:
         n = len(cols)
         if n == 0:
             raise ValueError("train_columns needs at least one sample")
+        # Bad input raises here, before the model, the counters or the replay buffer change (the
+        # progressive metric would only refuse it after the step was learnt).
+        self._check(batch, cols)
         labels = cols.labels
         w = None if bool(np.all(cols.weights == 1.0)) else cols.weights
         skipped_before = _skipped(self.learner)
         learn_scored = getattr(self.learner, "learn_scored", None)
         if learn_scored is not None:
-            y_last = self._y_last(cols, batch)
+            y_last, y_counts = self._y_last(cols, batch)
             scores, stats = learn_scored(batch, labels, y_last, w)
             scores = np.asarray(scores, dtype=np.float64)
         else:
             scores = np.asarray(self.learner.predict_proba(batch), dtype=np.float64)
-            y_last = self._y_last(cols, batch)
+            y_last, y_counts = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
             left_out = getattr(self.learner, "left_out", None)  # engine/models/finite.py
             if left_out is not None:
                 scores[left_out] = np.nan  # as a torch learner scores them: the model cannot
         step_skipped = _skipped(self.learner)[0] > skipped_before[0]  # this batch's step, not a replayed one
+        unscored = np.isnan(scores)
+        unlearnt, why = _unlearnt(n, step_skipped, unscored)
         c = self.counters
+        for name, k in y_counts.items():  # counted once the step happened (a failed one counts nothing)
+            setattr(c, name, getattr(c, name) + k)
         replayed_before = c.replayed
         if self.replay is not None:
-            self.replay.add(batch, labels, y_last, w)
+            # Only rows this step learnt: a row the model cannot take (dead-lettered by the caller) would
+            # come back in every draw that holds it and fail, or skip, that replayed step too.
+            if unlearnt is None:
+                self.replay.add(batch, labels, y_last, w)
+            elif not unlearnt.all():
+                kept = np.flatnonzero(~unlearnt)
+                self.replay.add(batch.take(kept), labels[kept], y_last[kept], None if w is None else w[kept])
             learn_replay = getattr(self.learner, "learn_replay", self.learner.learn)
             for draw in self.replay.take():
                 learn_replay(draw.batch, draw.labels, draw.y_last, draw.weights)
@@ -207,7 +220,6 @@ class StreamTrainer:
         # Corrections were scored before, and a sample the model cannot score (NaN: a value it cannot
         # take; a torch learner then skips the step) has no score to rank.
         keep = ~corrections if k else None
-        unscored = np.isnan(scores)
         if unscored.any():
             keep = ~unscored if keep is None else keep & ~unscored
         if keep is None:
@@ -216,7 +228,6 @@ class StreamTrainer:
             self.progressive.update_many(labels[keep].astype(np.int64), scores[keep])
         self.last_loss = stats
         rates = getattr(self.learner, "learning_rates", None)
-        unlearnt, why = _unlearnt(n, step_skipped, unscored)
         return StepResult(
             None,
             scores,
@@ -236,33 +247,54 @@ class StreamTrainer:
         self.learner.idle_step()
         self.counters.steps += 1
 
-    def _y_last(self, cols: SampleColumns, batch: Any) -> np.ndarray:
+    def _check(self, batch: Any, cols: SampleColumns) -> None:
+        """Refuse a batch the trainer cannot learn as given (ValueError naming the first bad row)."""
         n = len(cols)
-        c = self.counters
+        for name in ("served", "versions", "corrections", "weights"):
+            if len(getattr(cols, name)) != n:
+                raise ValueError(f"sample columns: {len(getattr(cols, name))} {name} for {n} labels")
+        if len(batch) != n:
+            raise ValueError(f"{len(batch)} feature rows for {n} labels")
+        bad = np.flatnonzero((cols.labels != 0) & (cols.labels != 1))  # NaN included
+        if bad.size:
+            raise ValueError(f"label must be 0 or 1, got {cols.labels[bad[0]]!r} (row {bad[0]})")
+        if self.config.y_last == "logged":  # NaN: unknown (plain CE); anything else must be a probability
+            served = cols.served
+            bad = np.flatnonzero((served < 0) | (served > 1))
+            if bad.size:
+                raise ValueError(
+                    f"served prediction must be in [0, 1], got {served[bad[0]]!r} (row {bad[0]})"
+                )
+        bad = np.flatnonzero(cols.weights < 0)  # a non-finite weight is the learner's to leave out
+        if bad.size:
+            raise ValueError(f"sample weight must be >= 0, got {cols.weights[bad[0]]!r} (row {bad[0]})")
+
+    def _y_last(self, cols: SampleColumns, batch: Any) -> tuple[np.ndarray, dict[str, int]]:
+        """y_last for the batch and what to add to the counters (by the caller, once the step is done)."""
+        n = len(cols)
         if self.config.y_last == "snapshot":
             if self.prev_model is None:
-                c.y_last_missing += n
-                return np.full(n, np.nan, dtype=np.float32)
-            c.y_last_recomputed += n
-            return np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)
+                return np.full(n, np.nan, dtype=np.float32), {"y_last_missing": n}
+            y = np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)
+            return y, {"y_last_recomputed": n}
         y = cols.served.astype(np.float32, copy=True)
         if self.prev_version is None:
-            return y
+            return y, {}
         mismatch = cols.versions != self.prev_version
         k = int(mismatch.sum())
         if k == 0:
-            return y
-        c.version_mismatches += k
+            return y, {}
+        counts = {"version_mismatches": k}
         policy = self.config.version_mismatch
         if policy == "skip_sc":
             y[mismatch] = np.nan
-            c.y_last_skipped += k
+            counts["y_last_skipped"] = k
         elif policy == "recompute":
             if self.prev_model is None:
                 raise RuntimeError("version_mismatch=recompute needs the previous snapshot's model")
             y[mismatch] = np.asarray(self.prev_model.predict_proba(batch), dtype=np.float32)[mismatch]
-            c.y_last_recomputed += k
-        return y
+            counts["y_last_recomputed"] = k
+        return y, counts
 
     def on_snapshot(self, version: int) -> None:
         """The model as it is now was published as ``version``: it becomes the previous model."""
@@ -290,6 +322,10 @@ class StreamTrainer:
         if "learner" in state:
             self.learner.load_state_dict(state["learner"])
         self.counters = TrainCounters(**state["counters"])
+        # The previous model is not in the state: drop this object's own (on_snapshot gives it back), so
+        # nothing of what it did before the load survives it.
+        self.prev_version = state.get("prev_version")
+        self.prev_model = None
         if self.replay is not None:
             if "replay" in state:
                 self.replay.load_state_dict(state["replay"])
