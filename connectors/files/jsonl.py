@@ -13,6 +13,8 @@ partition; keyless records go round-robin.
 
 A writer may be appending while a reader tails the file: the reader delivers only lines that end with
 a newline, so a partially written last line is read once it is complete, never half.
+A sink that opens a file whose last line has no newline (a writer crashed mid-line) ends that line
+before its first record, so the torn line reads as one malformed record and the new ones stay whole.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class JsonlSink:
             # Held open across sends and closed by close(), hence no with-block.
             path = partition_path(self.root, self.topic, partition)
             handle = self._files[partition] = open(path, "ab")  # noqa: SIM115
+            if _ends_mid_line(path):
+                # A writer crashed mid-line: appending would glue this record onto that torn line (a
+                # valid record lost inside a malformed one). End the torn line so it is a record of its
+                # own (a reader dead-letters it, visibly) and this one starts a line.
+                value = b"\n" + value
         # One write call per line keeps a concurrent reader from seeing a line without its newline for
         # longer than the OS needs to finish that write.
         handle.write(value + b"\n")
@@ -190,6 +197,15 @@ class JsonlSource:
         for cursor in self._cursors.values():
             cursor.handle.close()
         self._cursors = {}
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file is non-empty and its last byte is not a newline (a torn last line)."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _skip_lines(handle: BinaryIO, lines: int, tp: TopicPartition) -> int:
