@@ -111,8 +111,15 @@ class FrappeRaw:
         return out
 
 
-def _natural(text: str) -> tuple[int, str]:
-    return (int(text), "") if text.isdigit() else (1 << 62, text)
+def _natural(text: str) -> tuple[int, int, str, str]:
+    """Numeric ids in numeric order, then the others; a total order, so the sort's result does not depend
+    on its input's order. (It was ``(int(text), "")``: "1" and "01" tied and kept the order of a set of
+    str, which changes with PYTHONHASHSEED, so a seed gave other negatives in every process; and
+    ``int("²")`` raised although ``"²".isdigit()``.)"""
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0")
+        return (0, len(digits), digits, text)  # numeric order without int(): no digit-count limit
+    return (1, 0, text, text)
 
 
 @dataclass(frozen=True)

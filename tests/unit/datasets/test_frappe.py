@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,31 @@ def test_negatives_below_one_are_refused(frappe_csv: Path, negatives: int) -> No
     # -1 ran as 0; 0 leaves a stream of positives alone (every label 1: nothing to learn or evaluate).
     with pytest.raises(DatasetError, match=rf"negatives must be an int >= 1, got {negatives}"):
         FrappeRaw(frappe_csv, negatives=negatives)
+
+
+_NEGATIVES_SCRIPT = """
+import sys
+from reloop.connectors.files.datasets import FrappeRaw
+print([r.item_id for r in FrappeRaw(sys.argv[1], seed=0).rows() if r.label == 0])
+"""
+
+
+def test_a_seed_gives_the_same_negatives_in_every_process(tmp_path: Path) -> None:
+    """Item ids that read as the same number ("1", "01") must not leave the candidates' order to the
+    order of a set of str, which Python's per-process hash seed decides."""
+    header = "user\titem\tcnt\tdaytime\tweekday\tisweekend\thomework\tcost\tweather\tcountry\tcity\n"
+    ctx = "morning\tsunday\tweekend\tunknown\tfree\tsunny\tSpain\t0"
+    items = ["1", "01", "001", "0001", "2", "3", "x", "²"]  # "²".isdigit() but int("²") fails
+    lines = [f"{u}\t{item}\t1\t{ctx}\n" for u, item in enumerate(items)]
+    path = tmp_path / "frappe.csv"
+    path.write_text(header + "".join(lines))
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-c", _NEGATIVES_SCRIPT, str(path)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    assert len(outputs) == 1, outputs
