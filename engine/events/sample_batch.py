@@ -51,8 +51,9 @@ from typing import Any
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from reloop.engine.events.codec import field_name_keys, keyed_struct
-from reloop.engine.events.schema import LabeledSample
+from reloop.engine.events.schema import MAX_EVENT_TIME_MS, LabeledSample
 from reloop.engine.events.validation import EventError
 
 FORMAT = 1
@@ -416,11 +417,42 @@ def decode_batch(data: bytes) -> SampleBatch:
     w = rb.column("weight").to_numpy()
     if n and not (np.isfinite(w) & (w >= 0)).all():
         raise EventError("bad_value", "weight must be finite and >= 0")
+    _check_contract_columns(rb)
     if first_seq > _INT64_MAX - n or not np.array_equal(
         rb.column("seq").to_numpy(), np.arange(first_seq, first_seq + n, dtype=np.int64)
     ):
         raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
     return SampleBatch(rb, task, first_seq)
+
+
+_FEATURE_TYPES = (pa.string(), pa.int64(), pa.float64(), pa.list_(pa.string()))
+
+
+def _check_contract_columns(rb: pa.RecordBatch) -> None:
+    """The event contract's bounds on the columns the other checks leave open: times in [0, year 9999],
+    versions >= 0, non-empty ids and arms, feature columns of the format's four types with finite
+    floats. A message breaking them came from no join stage (the door refuses such impressions); the
+    train stage read it anyway: a NaN feature as a missing value, a time of -1 into a period."""
+    if not rb.num_rows:
+        return
+    t = rb.column("event_time_ms").to_numpy()
+    if not ((t >= 0) & (t <= MAX_EVENT_TIME_MS)).all():
+        raise EventError("bad_time", f"event_time_ms must be in [0, {MAX_EVENT_TIME_MS}] ms since epoch")
+    if not (rb.column("served_version").to_numpy() >= 0).all():
+        raise EventError("bad_value", "served_version must be >= 0")
+    for name in ("sample_id", "arm"):
+        if pc.min(pc.binary_length(rb.column(name))).as_py() == 0:
+            raise EventError("bad_value", f"column {name} holds an empty string")
+    for i, field in enumerate(rb.schema):
+        if not field.name.startswith(FEATURE_PREFIX):
+            continue
+        if field.type not in _FEATURE_TYPES:
+            raise EventError("wrong_type", f"feature column {field.name} is {field.type}, not utf8, int64, "
+                             "float64 or list<utf8>")  # fmt: skip
+        if field.type == pa.float64():
+            x = rb.column(i).to_numpy(zero_copy_only=False)  # null -> nan
+            if np.isinf(x).any() or np.isnan(x).sum() != rb.column(i).null_count:
+                raise EventError("bad_value", f"feature column {field.name} holds a value that is not finite")
 
 
 def _check_json_columns(rb: pa.RecordBatch) -> None:

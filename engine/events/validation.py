@@ -386,8 +386,16 @@ def _arm(obj: dict) -> str:
     return arm
 
 
+def _overflowed_int(value: object) -> bool:
+    """A float orjson made of an int literal past 64 bits (it reads ints in [-2**63, 2**64) exactly and
+    bigger ones as floats): such a record holds an int out of range, not a float."""
+    return type(value) is float and value.is_integer() and not _I64_MIN <= value < 2.0**64
+
+
 def _time(obj: dict, name: str) -> int:
     value = _required(obj, name)
+    if _overflowed_int(value):  # a time in picoseconds, say: out of range, not "got float"
+        raise EventError("bad_time", f"{name} {value:.0f} is outside [0, {_T}] ms since epoch", name)
     if type(value) is not int:
         raise _wrong_type(name, "an int (ms since epoch)", value)
     if not 0 <= value <= _T:
@@ -416,6 +424,8 @@ def _prediction(obj: dict, name: str) -> float:
 
 def _version(obj: dict, name: str) -> int:
     value = _required(obj, name)
+    if _overflowed_int(value):
+        raise EventError("bad_value", f"{name} {value:.0f} must be in [0, 2**63 - 1]", name)
     if type(value) is not int:
         raise _wrong_type(name, "an int", value)
     if not 0 <= value <= _I64_MAX:

@@ -187,3 +187,33 @@ def test_ints_beyond_int64_are_bad_values_on_both_paths(kind, change, impression
     assert info.value.reason == "bad_value"
     decoded, errors = batch([data])
     assert decoded == [] and [(i, e.reason) for i, e in errors] == [(0, "bad_value")]
+
+
+@pytest.mark.parametrize(
+    "kind, name, reason",
+    [
+        ("impression", "event_time_ms", "bad_time"),
+        ("impression", "model_version", "bad_value"),
+        ("click", "event_time_ms", "bad_time"),
+        ("sample", "event_time_ms", "bad_time"),
+        ("sample", "served_version", "bad_value"),
+    ],
+)
+@pytest.mark.parametrize("literal", [b"100000000000000000000", b"-100000000000000000000"])
+def test_int_literals_past_64_bits_are_out_of_range_not_floats(
+    kind, name, reason, literal, impression_dict, click_dict, sample_dict
+):
+    # orjson reads an int literal past 64 bits as a float: the record said "got float" (wrong_type) for
+    # a time in picoseconds, say, which holds an int, only one out of range.
+    obj = {"impression": impression_dict, "click": click_dict, "sample": sample_dict}[kind]()
+    key = b'"%s":' % name.encode()
+    data = orjson.dumps({**obj, name: 0}).replace(key + b"0", key + literal)
+    assert literal in data
+    single = {"impression": decode_impression, "click": decode_click, "sample": decode_sample}[kind]
+    batch = {"impression": decode_impressions, "click": decode_clicks, "sample": decode_samples}[kind]
+    with pytest.raises(EventError) as info:
+        single(data)
+    assert (info.value.reason, info.value.field) == (reason, name)
+    assert literal.decode() in info.value.detail
+    decoded, errors = batch([data])
+    assert decoded == [] and [(i, e.reason) for i, e in errors] == [(0, reason)]

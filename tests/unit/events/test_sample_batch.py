@@ -268,6 +268,18 @@ def _negative_seqs(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch.replace_schema_metadata({**batch.schema.metadata, b"reloop.first_seq": b"-5"})
 
 
+def _fixed(name: str, values: list):
+    def change(batch: pa.RecordBatch) -> pa.RecordBatch:
+        i = batch.schema.get_field_index(name)
+        return batch.set_column(i, batch.schema.field(i), pa.array(values, batch.schema.field(i).type))
+
+    return change
+
+
+def _feature(values: pa.Array):
+    return lambda batch: batch.append_column(pa.field("f:x", values.type), values)
+
+
 def _json_column(values: pa.Array):
     field = pa.field("f:mixed", values.type, metadata={b"reloop.encoding": b"json"})
     return lambda batch: batch.append_column(field, values)
@@ -295,6 +307,17 @@ def _json_column(values: pa.Array):
         ),
         (lambda good: _rebuilt(good, _json_column(pa.array(['{"a": 1}', "{"]))), "malformed"),
         (lambda good: _rebuilt(good, _json_column(pa.array([1, 2]))), "wrong_type"),
+        # The contract's bounds, which the door applies to every impression (a message breaking them
+        # was read: a time of -1 into a period, a NaN feature as a missing value).
+        (lambda good: _rebuilt(good, _fixed("event_time_ms", [5, -1])), "bad_time"),
+        (lambda good: _rebuilt(good, _fixed("event_time_ms", [2**62, 5])), "bad_time"),
+        (lambda good: _rebuilt(good, _fixed("served_version", [-1, 0])), "bad_value"),
+        (lambda good: _rebuilt(good, _fixed("sample_id", ["a", ""])), "bad_value"),
+        (lambda good: _rebuilt(good, _fixed("arm", ["", "a"])), "bad_value"),
+        (lambda good: _rebuilt(good, _feature(pa.array([1.0, float("nan")]))), "bad_value"),
+        (lambda good: _rebuilt(good, _feature(pa.array([float("-inf"), None]))), "bad_value"),
+        (lambda good: _rebuilt(good, _feature(pa.array([True, False]))), "wrong_type"),
+        (lambda good: _rebuilt(good, _feature(pa.array([1, 2], pa.int32()))), "wrong_type"),
     ],
 )
 def test_bad_messages_are_refused_with_a_reason(make, reason):
@@ -302,6 +325,22 @@ def test_bad_messages_are_refused_with_a_reason(make, reason):
     with pytest.raises(EventError) as err:
         decode_batch(make(good))
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pa.array([1.5, None]),
+        pa.array(["a", None]),
+        pa.array([2**63 - 1, None]),
+        pa.array([["a"], None]),
+        pa.array([None, None], pa.string()),
+    ],
+)
+def test_feature_columns_of_the_format_with_nulls_are_read(values):
+    good = encode_batch(batch_from_samples(_samples([{"user": "u"}, {}]), task=1, first_seq=0))
+    batch = decode_batch(_rebuilt(good, _feature(values)))
+    assert batch.data.column("f:x").to_pylist() == values.to_pylist()
 
 
 def test_corrupt_bytes_are_refused_or_read_but_never_crash_the_reader():
