@@ -73,7 +73,8 @@ def test_round_trip_and_arrow_features_equal_dict_features(rows):
 
 
 _value = st.one_of(
-    st.none(), st.text(max_size=6), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+    st.none(), st.text(max_size=6), st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
     st.booleans(), st.lists(st.one_of(st.none(), st.text(max_size=4)), max_size=3),
     st.lists(st.integers(0, 9), min_size=1, max_size=2),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
