@@ -61,10 +61,16 @@ class DeadlineIndex:
         if deadline_ms < self.horizon:
             self.horizon = deadline_ms
         b = deadline_ms // self.bucket_ms
-        if b == self._active_b:
-            self._seq += 1
-            bisect.insort(self._active, (deadline_ms, self._seq, key), lo=self._pos)
-            return
+        active_b = self._active_b
+        if active_b is not None and b <= active_b:
+            if b == active_b:
+                self._seq += 1
+                bisect.insort(self._active, (deadline_ms, self._seq, key), lo=self._pos)
+                return
+            # Before the active bucket (``pop_earliest`` activates the first bucket however far past the
+            # watermark): ``pop_due`` and ``pop_earliest`` read the active bucket before the heap, so it
+            # goes back among the buckets, in its order, and this key's bucket comes out first.
+            self._deactivate()
         bucket = self._buckets.get(b)
         if bucket is None:
             self._buckets[b] = [key, time_ms]
@@ -82,6 +88,21 @@ class DeadlineIndex:
         entries = [(t + offset, i, key) for i, (key, t) in enumerate(pairs)]
         entries.sort()
         self._active_b, self._active, self._pos, self._seq = b, entries, 0, len(entries)
+
+    def _deactivate(self) -> None:
+        """Put the active bucket's unconsumed entries back as an ordinary bucket, in their sorted order
+        (``_activate`` sorts by deadline, then position: ties keep their order)."""
+        b = self._active_b
+        assert b is not None and b not in self._buckets
+        offset = self.offset_ms
+        flat: list[str | int] = []
+        for d, _, key in self._active[self._pos :]:
+            flat.append(key)
+            flat.append(d - offset)
+        self._active_b, self._active, self._pos = None, [], 0
+        if flat:
+            self._buckets[b] = flat
+            heapq.heappush(self._heap, b)
 
     def _take(self, end: int) -> list[Entry]:
         """Consume the active bucket's entries up to index ``end``."""

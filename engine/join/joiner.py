@@ -3,7 +3,8 @@
 Rules (each has a unit test in tests/unit/join/):
 
 * An impression waits in ``pending`` until a click inside its attribution window arrives (positive,
-  emitted at once) or the watermark passes ``event_time + window_ms`` (negative, emitted then).
+  emitted at once) or the watermark passes ``event_time + window_ms`` (negative, emitted then; at the
+  watermark a click stamped at the window's end may still come, allowed lateness, so not before).
 * A click counts for the window when ``click_time - impression_time <= window_ms`` (a click stamped
   slightly before its impression, clock skew, counts too). A click beyond the window is a *late click*.
 * Watermark = max event time seen - ``allowed_lateness_ms``. It also advances with the wall clock when no
@@ -205,7 +206,7 @@ class Joiner:
             stats.duplicate_impressions += 1
             return out
         deadline = event_time_ms + self._window_ms
-        if deadline + self._retention_ms <= self._watermark:
+        if deadline + self._retention_ms < self._watermark:
             stats.too_late_impressions += 1
             return out
         early_click = self._early.pop(impression_id, None) if self._early else None
@@ -226,7 +227,7 @@ class Joiner:
                 self._observe(event_time_ms, out)
                 return out
             self._late_marked[impression_id] = early_click
-        if deadline <= self._watermark:
+        if deadline < self._watermark:
             # Its window already closed: decide now with what is known.
             stats.late_impressions += 1
             self._emit_negative(impression_id, event_time_ms, payload, out)
@@ -314,7 +315,7 @@ class Joiner:
         out: list[Joined] = []
         ends = [t + self._window_ms for t, _ in self._pending.values()]
         if ends:
-            self._set_watermark(max(ends), out)
+            self._set_watermark(max(ends) + 1, out)
         return out
 
     # ------------------------------------------------------------------ internals
@@ -329,13 +330,16 @@ class Joiner:
         """Move the watermark and act on what fell due. An index entry counts only while its key is still
         there with that deadline (see deadlines.py)."""
         self._watermark = watermark_ms
-        if watermark_ms >= self._pending_idx.horizon:
+        # A window closes once the watermark is past its end: a click stamped at the very end (its
+        # impression's time + window_ms) may still come at the watermark (allowed_lateness_ms late, or in
+        # the millisecond of the latest event, after an impression of that millisecond) and counts.
+        if watermark_ms > self._pending_idx.horizon:
             pending, window = self._pending, self._window_ms
             closed, closed_add = self._closed, self._closed_idx.add
             keep, max_closed, late_marked = self._keep_payload, self._max_closed, self._late_marked
             negatives = 0
             # _emit_negative, inlined.
-            for deadline, _, key in self._pending_idx.pop_due(watermark_ms):
+            for deadline, _, key in self._pending_idx.pop_due(watermark_ms - 1):
                 entry = pending.get(key)
                 if entry is None or entry[0] + window != deadline:
                     continue

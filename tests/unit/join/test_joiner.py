@@ -16,8 +16,14 @@ class FakeClock:
 
 
 def make(**overrides) -> tuple[Joiner, FakeClock]:
-    base = dict(window_ms=1_000, allowed_lateness_ms=100, idle_timeout_ms=5_000, click_grace_ms=500,
-                retention_ms=10_000, bucket_ms=50)
+    base = dict(
+        window_ms=1_000,
+        allowed_lateness_ms=100,
+        idle_timeout_ms=5_000,
+        click_grace_ms=500,
+        retention_ms=10_000,
+        bucket_ms=50,
+    )
     base.update(overrides)
     clock = FakeClock()
     return Joiner(JoinerConfig(**base), clock=clock), clock
@@ -41,9 +47,11 @@ def test_negative_only_when_watermark_passes_window_end():
     j.on_impression("a", 10_000, b"A")
     # watermark = 11_050 - 100 = 10_950 < 11_000: still pending
     assert j.on_impression("b", 11_050, b"B") == []
-    out = j.on_impression("c", 11_100, b"C")  # watermark 11_000 reaches a's deadline
+    # watermark 11_000 reaches a's deadline: a click stamped 11_000 may still come (100 ms late)
+    assert j.on_impression("c", 11_100, b"C") == []
+    out = j.on_impression("d", 11_101, b"D")  # watermark 11_001 passes it
     assert labels(out) == [("a", 0, False)]
-    assert j.stats.negatives == 1 and j.pending_count == 2
+    assert j.stats.negatives == 1 and j.pending_count == 3
 
 
 def test_negatives_come_out_in_deadline_order():
@@ -62,7 +70,7 @@ def test_idle_watermark_advances_with_wall_clock():
     assert j.advance() == []  # not idle long enough
     clock.now += 1  # idle for exactly the timeout: the watermark is still the event one (9_900)
     assert j.advance() == []
-    clock.now += 1_099  # 9_900 + 1_099 = 10_999 < 11_000
+    clock.now += 1_100  # 9_900 + 1_100 = 11_000: at the deadline, not past it
     assert j.advance() == []
     clock.now += 1
     assert labels(j.advance()) == [("a", 0, False)]
@@ -134,7 +142,7 @@ def test_orphan_click_counted_and_dropped_after_grace():
 def test_late_click_policy_drop():
     j, _ = make(late_click_policy="drop")
     j.on_impression("a", 10_000, b"A")
-    assert labels(j.on_impression("x", 11_100, b"")) == [("a", 0, False)]
+    assert labels(j.on_impression("x", 11_101, b"")) == [("a", 0, False)]
     assert j.on_click("a", 11_200) == []
     assert j.stats.late_clicks_dropped == 1 and j.stats.corrections == 0
 
@@ -142,7 +150,7 @@ def test_late_click_policy_drop():
 def test_late_click_policy_correct_emits_one_flagged_positive():
     j, _ = make(late_click_policy="correct")
     j.on_impression("a", 10_000, b"A")
-    j.on_impression("x", 11_100, b"")
+    j.on_impression("x", 11_101, b"")
     out = j.on_click("a", 11_200)
     assert labels(out) == [("a", 1, True)]
     assert out[0].payload == b"A"
@@ -150,13 +158,14 @@ def test_late_click_policy_correct_emits_one_flagged_positive():
     assert j.stats.late_clicks_corrected == 1 and j.stats.duplicate_clicks == 1
 
 
-@pytest.mark.parametrize("policy,expected", [("drop", [("a", 0, False)]),
-                                             ("correct", [("a", 0, False), ("a", 1, True)])])
+@pytest.mark.parametrize(
+    "policy,expected", [("drop", [("a", 0, False)]), ("correct", [("a", 0, False), ("a", 1, True)])]
+)
 def test_click_beyond_window_arriving_early_gives_same_result_as_arriving_late(policy, expected):
     j, _ = make(late_click_policy=policy, allowed_lateness_ms=5_000)
     j.on_impression("a", 10_000, b"A")
     assert j.on_click("a", 11_500) == []  # beyond W, but the negative is not out yet (lateness)
-    out = j.on_impression("x", 16_000, b"")
+    out = j.on_impression("x", 16_001, b"")
     assert labels(out) == expected
 
 
@@ -390,17 +399,21 @@ def _run_hostile(config: JoinerConfig, events, resume: bool, payload=str) -> lis
     return [*out, j.flush(), j.stats.as_dict()]
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),
-    dict(max_pending=20, max_closed=30, max_early_clicks=5, ttl_ms=3_000, bucket_ms=7),
-    dict(emit_policy="fnw", max_closed=40, bucket_ms=1, retention_ms=1_000),
-    dict(late_click_policy="drop", max_pending=50, ttl_ms=20_000, bucket_ms=1_000, retention_ms=700),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(max_pending=20, max_closed=30, max_early_clicks=5, ttl_ms=3_000, bucket_ms=7),
+        dict(emit_policy="fnw", max_closed=40, bucket_ms=1, retention_ms=1_000),
+        dict(late_click_policy="drop", max_pending=50, ttl_ms=20_000, bucket_ms=1_000, retention_ms=700),
+    ],
+)
 @pytest.mark.parametrize("payload", [str, bytes], ids=["lists", "columns"])
 def test_resume_from_snapshots_equals_an_uninterrupted_run_under_bounds_and_redeliveries(overrides, payload):
     # The idle timer restarts on restore by design (downtime is not idleness), so it is off here.
-    base = dict(window_ms=500, allowed_lateness_ms=50, click_grace_ms=300, retention_ms=2_000,
-                idle_timeout_ms=10**12)
+    base = dict(
+        window_ms=500, allowed_lateness_ms=50, click_grace_ms=300, retention_ms=2_000, idle_timeout_ms=10**12
+    )
     config = JoinerConfig(**{**base, **overrides})
     for seed in range(6):
         events = _hostile_stream(seed)
@@ -470,3 +483,93 @@ def test_invalid_config_names_the_field():
         JoinerConfig(window_ms=0)
     with pytest.raises(ValueError, match="late_click_policy"):
         JoinerConfig(late_click_policy="weight")  # type: ignore[arg-type]
+
+
+def _evicted_into_a_future_bucket() -> Joiner:
+    """A joiner whose max_pending eviction left the index's active bucket (a2, a3: deadlines ~11_000)
+    past the watermark (10_500), with one slot free for an impression whose deadline comes earlier."""
+    j, _ = make(max_pending=4, idle_timeout_ms=10**12)
+    for key, t in [("a", 10_000), ("a2", 10_010), ("a3", 10_020), ("b", 10_500), ("c", 10_600)]:
+        j.on_impression(key, t, key.encode())  # c evicts a, the earliest
+    assert j.stats.evicted_pending == 1 and "a" not in j._pending
+    j.on_click("b", 10_600)  # a positive frees a slot
+    return j
+
+
+def test_an_impression_due_before_the_bucket_an_eviction_opened_still_closes_on_time():
+    j = _evicted_into_a_future_bucket()
+    assert j.on_impression("d", 9_800, b"D") == []  # deadline 10_800, before a2's and a3's
+    out = j.on_click("c", 10_950)  # watermark 10_850 passes d's deadline
+    assert labels(out) == [("c", 1, False), ("d", 0, False)]
+    assert j.pending_count == 2 and j.stats.evicted_pending == 1
+
+
+def test_eviction_after_an_earlier_deadline_was_added_takes_the_earliest_and_survives_a_restore():
+    def run(restore: bool) -> tuple[list, dict]:
+        j = _evicted_into_a_future_bucket()
+        out = j.on_impression("d", 9_800, b"D") + j.on_impression("e", 10_700, b"E")  # e evicts one
+        if restore:
+            state = j.state_dict()
+            j = Joiner(j.config, j.clock)
+            j.load_state_dict(state)
+        out += j.on_impression("f", 10_950, b"F") + j.on_impression("g", 12_500, b"G")
+        return labels(out), j.stats.as_dict()
+
+    uninterrupted = run(restore=False)
+    assert uninterrupted == run(restore=True)
+    # Each eviction takes the earliest deadline: d (by e), then a2 (by f), a3 (by g).
+    assert uninterrupted[0] == [("c", 0, False), ("e", 0, False), ("f", 0, False)]
+    assert uninterrupted[1]["evicted_pending"] == 4
+
+
+@pytest.mark.parametrize("lateness", [0, 100])
+@pytest.mark.parametrize("policy", ["drop", "correct"])
+def test_a_click_at_the_end_of_the_window_within_the_lateness_is_a_positive(lateness, policy):
+    # With allowed_lateness_ms 0, the merge hands an impression of the same millisecond to the joiner
+    # before the click (impressions first): the window closed at the watermark's arrival and the click,
+    # in time and in order, became a late click (dropped, or a negative plus a correction).
+    j, _ = make(allowed_lateness_ms=lateness, late_click_policy=policy)
+    j.on_impression("a", 10_000, b"A")
+    assert j.on_impression("b", 11_000 + lateness, b"B") == []  # watermark 11_000: a's deadline
+    assert labels(j.on_click("a", 11_000)) == [("a", 1, False)]
+    j.on_impression("c", 11_500 + lateness, b"C")
+    out = j.on_click("c", 11_500 + lateness + 1_000 + 1)  # 1 ms past c's window: late
+    out += j.on_impression("z", 50_000, b"")
+    late = [("c", 1, True)] if policy == "correct" else []
+    assert labels(out) == [("b", 0, False), ("c", 0, False), *late]
+    assert j.stats.positives == 1 and j.stats.negatives == 2
+
+
+def test_window_edges_against_a_brute_force_join():
+    """In-order streams with clicks at 0, 1, W - 1, W and W + 1 ms after their impression, many sharing
+    a millisecond, merged as the join task does (impressions first): a click counts iff it is 0..W ms
+    after its impression (the first copy of a duplicated impression), whatever the lateness."""
+    window = 100
+    for seed in range(60):
+        rng = random.Random(seed)
+        events, t = [], 0
+        for i in range(80):
+            t += rng.choice([0, 0, 1, 5, 20])
+            events.append(("imp", f"i{i}", t, b"first"))
+            if rng.random() < 0.1:
+                events.append(("imp", f"i{i}", t + rng.choice([0, 3]), b"second"))
+            if rng.random() < 0.6:
+                after = rng.choice([0, 1, window - 1, window, window + 1])
+                events.append(("click", f"i{i}", t + after, None))
+        events.sort(key=lambda e: (e[2], e[0] != "imp"))
+        first: dict[str, int] = {}
+        for kind, key, when, _ in events:
+            if kind == "imp":
+                first.setdefault(key, when)
+        expected = {
+            key: int(any(k == "click" and c == key and 0 <= w - t0 <= window for k, c, w, _ in events))
+            for key, t0 in first.items()
+        }
+        j, _ = make(window_ms=window, allowed_lateness_ms=rng.choice([0, 0, 1, 7]), click_grace_ms=50,
+                    bucket_ms=rng.choice([1, 7, 50]), late_click_policy="drop")  # fmt: skip
+        out = []
+        for kind, key, when, payload in events:
+            out += j.on_impression(key, when, payload) if kind == "imp" else j.on_click(key, when)
+        out += j.flush()
+        assert {x.impression_id: x.label for x in out} == expected, seed
+        assert len(out) == len(expected) and all(x.payload == b"first" for x in out)
