@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ class JoinStage:
                 f"the samples topic {s.samples_topic!r} has {have} partitions; it needs at least {need} "
                 f"(one per join task)"
             )
+        self._task_count = need
 
     def registry(self, partition: int) -> SnapshotRegistry:
         """One registry object per task for this stage's life: its fence (``SnapshotRegistry.write``)
@@ -213,8 +215,14 @@ class JoinStage:
 
     def _assign(self, assigned: list[TopicPartition]) -> None:
         self.rebalances += 1
+        numbers = sorted({tp.partition for tp in assigned})
+        if numbers and numbers[-1] >= self._task_count:
+            # A topic grew while running: a task whose clicks (or impressions) partition does not exist
+            # yet would wait for it for ever, buffering the other's records without bound; refused as
+            # at start-up (one line, exit 2) until the topics are co-partitioned again.
+            self._check_partitions()
         seek: dict[TopicPartition, int | None] = {}
-        for p in sorted({tp.partition for tp in assigned}):
+        for p in numbers:
             if p in self.tasks:
                 continue
             task = self._new_task(p)
@@ -361,7 +369,7 @@ class JoinStage:
             return
         self._send_message(task, first, joined)
         self.samples_sent += len(joined)
-        self._metrics.emitted(joined)
+        self._metrics.emitted(task.partition, first, joined)
         self._last_send[task.partition] = time.monotonic()
 
     def _send_message(self, task: JoinTask, first: int, joined: list[Any]) -> None:
@@ -480,11 +488,29 @@ def _abort(sink: Sink | None) -> None:
         (getattr(sink, "abort", None) or sink.close)()
 
 
+@dataclass(slots=True)
+class _Exported:
+    """What a process exported per task, kept across its stages' rebuilds: a rebuilt stage (or a task
+    taken back) restores a checkpoint and joins the input after it again, which the exported counters
+    already hold."""
+
+    counts: dict[int, dict[str, int]]  # task -> the highest joiner counts exported
+    next_seq: dict[int, int]  # task -> the first seq not counted in joined_samples yet
+
+
+_EXPORTED: weakref.WeakKeyDictionary[EngineStats, _Exported] = weakref.WeakKeyDictionary()
+_PER_MERGER = frozenset({"stamped_ahead"})  # counts that restart with each merger (not checkpointed)
+
+
 class _JoinMetrics(JoinerMetrics):
     """The joiner's metrics summed over the stage's tasks, and the number of tasks it owns."""
 
     def __init__(self, stats: EngineStats) -> None:
         super().__init__(stats)
+        exported = _EXPORTED.get(stats)
+        if exported is None:
+            exported = _EXPORTED[stats] = _Exported({}, {})
+        self._exported = exported
         self.lag = ConsumerLag(stats.consumer_lag)
         self.tasks = stats.join_tasks
         self.restore_fallbacks = stats.snapshot_restore_fallbacks
@@ -496,8 +522,27 @@ class _JoinMetrics(JoinerMetrics):
         self._checkpoint_s.set(seconds)
         self._interval_s.set(interval_s)
 
-    def emitted(self, joined: list[Any]) -> None:
-        self.joined([j.label for j in joined])
+    def emitted(self, partition: int, first: int, joined: list[Any]) -> None:
+        """Samples ``first``, ``first + 1``, ... of a task sent: those this process counted already (sent
+        again after a rebuild restored an earlier checkpoint) are not counted again."""
+        seqs = self._exported.next_seq
+        skip = seqs.get(partition, 0) - first
+        if skip < len(joined):
+            self.joined([j.label for j in joined[max(0, skip) :]])
+            seqs[partition] = first + len(joined)
+
+    def _unexported_base(self, partition: int, now: dict[str, int], last: dict[str, int]) -> dict[str, int]:
+        """``last`` raised to what this process already exported of the task (counted once), and the
+        task's high-water marks raised to ``now``."""
+        high = self._exported.counts.setdefault(partition, {})
+        base: dict[str, int] = {}
+        for name, n in now.items():
+            before = last.get(name, 0)
+            if name not in _PER_MERGER:
+                before = min(n, max(before, high.get(name, 0)))
+                high[name] = max(high.get(name, 0), n)
+            base[name] = before
+        return base
 
     @staticmethod
     def _counts(task: JoinTask) -> dict[str, int]:
@@ -521,7 +566,7 @@ class _JoinMetrics(JoinerMetrics):
                 self._last[p] = now
                 continue
             if now != last:
-                self.joiner_delta(now, last)
+                self.joiner_delta(now, self._unexported_base(p, now, last))
                 self._last[p] = now
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]

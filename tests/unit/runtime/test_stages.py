@@ -1241,3 +1241,57 @@ def test_the_snapshot_period_of_a_count_trigger_is_known_from_the_first_snapshot
     stats = EngineStats()
     _train(cfg, log, clock, tmp_path, stats=stats)
     assert stats.snapshot_version.get() == newest and stats.snapshot_period_s.get() == pytest.approx(gap)
+
+
+@pytest.mark.parametrize("grown", ["impressions", "clicks"])
+def test_a_topic_grown_alone_while_running_is_refused_at_the_next_rebalance(tmp_path, grown):
+    # The new task waited for ever for its partition of the other topic (never at its end), buffering
+    # its records without bound and joining nothing, silently; start-up refuses such topics (exit 2).
+    synth = generate(200, seed=2, pad_to_multiple=BATCH)
+    log = _log(synth)
+    log.create("samples", 2)
+    clock = ManualClock(START)
+    stage = _join(_config(tmp_path), log, clock, tmp_path)
+    _run_join(stage, log, clock)
+    log.create(grown, 2)
+    record = next(r for r in synth.records if r.topic_kind == grown[:-1])
+    log.append(grown, record.value, b"new", record.timestamp_ms, 1)
+    stage.source.revoke_all()  # the group's next rebalance gives partition 1 of the grown topic
+    with pytest.raises(CopartitionError, match="co-partitioned"):
+        stage.step()
+    log.create("impressions" if grown == "clicks" else "clicks", 2)  # grown together: accepted
+    stage.source.revoke_all()
+    stage.step()
+    assert sorted(stage.tasks) == [0, 1]
+
+
+def test_a_rebuilt_join_stage_counts_what_it_joins_again_once(tmp_path):
+    # The supervisor rebuilds the stage in the same process (same counters); the rebuilt one restores
+    # the last checkpoint and joins the input after it again: its samples and joiner counts were
+    # exported twice (the negatives, samples per label, duplicates ... of that span).
+    synth = generate(600, seed=9, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    stats = EngineStats()
+    join = _join(cfg, log, clock, tmp_path, stats)
+    for _ in range(10):
+        join.step()
+        clock.advance(10)
+    join.checkpoint_all()
+    for _ in range(15):  # joined, sent and exported past the checkpoint, then a crash
+        join.step()
+        clock.advance(10)
+    assert join.tasks[0].next_seq > join.registry(0).load().meta["next_seq"]
+    join.abort()
+    again = _join(cfg, log, clock, tmp_path, stats)
+    _run_join(again, log, clock)
+    again.close()
+    labels = list(synth.expected.values())
+    assert len(_samples_on_topic(log)) > len(labels)  # copies on the topic, as designed
+    assert stats.joined_samples.get("1") == sum(labels)
+    assert stats.joined_samples.get("0") == len(labels) - sum(labels)
+    joiner = again.registry(0).load().state["state"]["joiner"]["stats"]
+    assert stats.joiner_expired.get() == joiner["negatives"] == len(labels) - sum(labels) > 0
+    assert stats.joiner_duplicates.get("impression") == joiner["duplicate_impressions"]
+    assert stats.joiner_orphan_clicks.get() == joiner["orphan_clicks"]
