@@ -61,6 +61,7 @@ class ImpressionLogger:
         self._buffer: deque[Impression] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._closed = False  # set by close() once what was left is counted: later events are dropped
         self._thread: threading.Thread | None = None
         # Counters (read by metrics and tests); only ever incremented.
         self.accepted = 0
@@ -74,7 +75,8 @@ class ImpressionLogger:
     def log(self, impressions: Sequence[Impression]) -> int:
         """Queue impressions without blocking; returns how many were dropped because the buffer is full."""
         with self._cond:
-            room = self.max_buffer - len(self._buffer)
+            closed = self._closed  # nothing drains the buffer any more: dropped and counted
+            room = 0 if closed else self.max_buffer - len(self._buffer)
             take = impressions if room >= len(impressions) else impressions[: max(room, 0)]
             self._buffer.extend(take)
             dropped = len(impressions) - len(take)
@@ -82,7 +84,7 @@ class ImpressionLogger:
             if take:
                 self._cond.notify()
         if dropped:
-            self._drop("queue_full", dropped)
+            self._drop("closed" if closed else "queue_full", dropped)
         return dropped
 
     def _drop(self, reason: str, n: int) -> None:
@@ -116,11 +118,12 @@ class ImpressionLogger:
     def _put_back(self, batch: list[Impression]) -> None:
         """Return an unsent batch to the front of the buffer; whatever no longer fits is dropped."""
         with self._cond:
-            room = self.max_buffer - len(self._buffer)
+            closed = self._closed  # close() gave up waiting for this batch: lost at shutdown, counted
+            room = 0 if closed else self.max_buffer - len(self._buffer)
             keep = batch[: max(room, 0)]
             self._buffer.extendleft(reversed(keep))
         if len(keep) < len(batch):
-            self._drop("sink_error", len(batch) - len(keep))
+            self._drop("shutdown" if closed else "sink_error", len(batch) - len(keep))
 
     def _run(self) -> None:
         while True:
@@ -223,6 +226,15 @@ class ImpressionLogger:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(max(deadline - time.monotonic(), 0.1))
+        # What is still buffered (Kafka down, or the timeout passed) is lost: count it as ``shutdown``
+        # (docs/operations.md); a batch the drain thread still holds is counted by _put_back if it fails.
+        with self._cond:
+            left = len(self._buffer)
+            self._buffer.clear()
+            self._closed = True
+        if left:
+            self._drop("shutdown", left)
+            log.warning("impression log %s: %d impressions not delivered before shutdown", self.arm, left)
         try:
             self.sink.close()
         except Exception:  # noqa: BLE001 - closing a dead sink must not hide the shutdown
