@@ -101,8 +101,17 @@ class ReloadWatcher:
                 break
             live = src.holder.version
             if live is not None:
-                src.refused = {v for v in src.refused if v > live}  # bounded: only what is newer
-                src.pending = {v: r for v, r in src.pending.items() if v > live}
+                # Keep what may still be a candidate, so a refused version is tried once, not every
+                # poll: normally what is newer than the live one; while the registry's newest is older
+                # than the live one (nothing of it loaded yet), all of it (else its refused versions,
+                # all older than the live one, were forgotten and loaded, and refused, every poll).
+                # Never what is newer than the registry's newest: those versions were removed, and a
+                # registry started again reuses their numbers for other snapshots.
+                floor = None if latest < live else live
+                src.refused = {v for v in src.refused if v <= latest and (floor is None or v > floor)}
+                src.pending = {
+                    v: r for v, r in src.pending.items() if v <= latest and (floor is None or v > floor)
+                }
             self._fallback(src, latest)
         return swapped
 
