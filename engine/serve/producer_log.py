@@ -48,34 +48,6 @@ class OfferSink(Protocol):
 
     def pending(self) -> int: ...
 
-    def _send_alone(self) -> None:
-        """Send each record refused within a batch on its own through a fresh producer (so it shares a
-        batch with nothing); drop, counted as ``rejected``, exactly the ones refused alone."""
-        with self._lock:
-            todo, self._isolate = self._isolate, []
-        verdict: list[str] = []
-        sink = self._make_sink(lambda reason, detail, payload: verdict.append(reason))
-        try:
-            for value, key, timestamp_ms in todo:
-                verdict.clear()
-                try:
-                    sink.offer(value, key, timestamp_ms)
-                    _flush(sink, self.close_timeout_s)
-                except Exception as exc:  # noqa: BLE001 - this record did not go: counted
-                    verdict.append(f"rejected ({exc})")
-                with self._lock:
-                    self._isolating -= 1
-                    if verdict:
-                        self._failed += 1
-                if verdict:
-                    self._drop("rejected", 1)
-                    log.warning("impression log %s: an impression rejected alone: %s", self.arm, verdict[0])
-        finally:
-            try:
-                sink.close(1.0)
-            except Exception:  # noqa: BLE001 - a failed record was counted above
-                log.debug("closing the isolation producer failed", exc_info=True)
-
     def close(self, timeout_s: float | None = None) -> None: ...
 
 
@@ -226,12 +198,27 @@ class ProducerLogger:
             todo, self._isolate = self._isolate, []
         verdict: list[str] = []
         sink = self._make_sink(lambda reason, detail, payload: verdict.append(reason))
+        # Kafka down while isolating: each record waited close_timeout_s in turn (the poll thread, and
+        # close(), stalled for N x 10 s), and one not acknowledged by then was counted as sent. Now the
+        # first record not acknowledged in time is counted as undelivered, and so is the rest of the
+        # lot without waiting again (if the isolation producer's close still delivers that first
+        # record, it is counted twice: a drop too many, never a loss unseen).
+        gave_up = False
         try:
             for value, key, timestamp_ms in todo:
                 verdict.clear()
+                reason = "rejected"
                 try:
-                    sink.offer(value, key, timestamp_ms)
-                    _flush(sink, self.close_timeout_s)
+                    if gave_up:
+                        reason = "undelivered"
+                        verdict.append("undelivered (Kafka did not acknowledge the one before in time)")
+                    elif not sink.offer(value, key, timestamp_ms):
+                        verdict.append("rejected (the isolation producer's queue is full)")
+                    else:
+                        _flush(sink, self.close_timeout_s)
+                        if not verdict and sink.pending():
+                            reason, gave_up = "undelivered", True
+                            verdict.append(f"undelivered (not acknowledged within {self.close_timeout_s} s)")
                 except Exception as exc:  # noqa: BLE001 - this record did not go: counted
                     verdict.append(f"rejected ({exc})")
                 with self._lock:
@@ -239,8 +226,10 @@ class ProducerLogger:
                     if verdict:
                         self._failed += 1
                 if verdict:
-                    self._drop("rejected", 1)
-                    log.warning("impression log %s: an impression rejected alone: %s", self.arm, verdict[0])
+                    self._drop(reason, 1)
+                    log.warning(
+                        "impression log %s: an impression sent alone was dropped: %s", self.arm, verdict[0]
+                    )
         finally:
             try:
                 sink.close(1.0)
