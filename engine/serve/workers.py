@@ -60,30 +60,46 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     procs: list[subprocess.Popen | None] = [None] * workers
-    started: list[float] = [0.0] * workers
+    started: list[float] = [float("-inf")] * workers  # when each was last started
     print(
         f"reloop serve: {workers} workers on {http_url(host, port)}; each one's /metrics on ports "
         f"{first_metrics}..{first_metrics + workers - 1}",
         flush=True,
     )
     status = 0
-    while not stop.is_set():
-        for i, p in enumerate(procs):
-            if p is None or p.poll() is not None:
-                if p is not None and p.returncode == 2:
-                    # `reloop serve` exits 2 only when it cannot start with this config (a token file
-                    # it cannot read, a port in use): every restart would fail alike, for ever.
-                    log.error("serving worker %d could not start (status 2, said above); stopping", i)
-                    status = 2
-                    stop.set()
-                    break
-                if p is not None:
-                    log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
+    try:
+        while not stop.is_set():
+            for i, p in enumerate(procs):
+                if p is None or p.poll() is not None:
+                    if p is not None and p.returncode == 2:
+                        # `reloop serve` exits 2 only when it cannot start with this config (a token
+                        # file it cannot read, a port in use): every restart would fail alike, for ever.
+                        log.error("serving worker %d could not start (status 2, said above); stopping", i)
+                        status = 2
+                        stop.set()
+                        break
                     if time.monotonic() - started[i] < 1.0:
-                        continue  # at most one restart per second per worker
-                procs[i] = subprocess.Popen([*cmd, "--worker-metrics-port", str(first_metrics + i)])
-                started[i] = time.monotonic()
-        stop.wait(0.5)
+                        continue  # at most one start per second per worker
+                    if p is not None:
+                        log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
+                    started[i] = time.monotonic()
+                    try:
+                        procs[i] = subprocess.Popen([*cmd, "--worker-metrics-port", str(first_metrics + i)])
+                    except OSError as exc:
+                        # fork/exec failing for a moment (EAGAIN, ENOMEM) ended the parent with a
+                        # traceback, its workers left serving as orphans: tried again in a second.
+                        log.error("serving worker %d could not be started (%s); trying again", i, exc)
+                        procs[i] = None
+            stop.wait(0.5)
+    finally:
+        # Whatever ends this loop (an error included), no worker outlives the parent.
+        _stop_all(procs)
+        reserve.close()
+    return status
+
+
+def _stop_all(procs: list[subprocess.Popen | None]) -> None:
+    """SIGTERM every running worker, wait up to 30 s in all, then SIGKILL what is left."""
     for p in procs:
         if p is not None and p.poll() is None:
             p.terminate()
@@ -94,5 +110,4 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-    reserve.close()
-    return status
+                p.wait()
