@@ -66,7 +66,13 @@ from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
+from reloop.engine.runtime.restore import (
+    RestorePoint,
+    SaveKind,
+    check_fingerprint,
+    restore_newest,
+    take_over,
+)
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.serve.bundle_format import publish_serving_bundle
 from reloop.engine.streams import (
@@ -191,6 +197,7 @@ class Pipeline:
 
         if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
             self.ledger.truncate(0)  # lines of a run that died before its first snapshot
+        take_over(self.registry)
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta

@@ -118,3 +118,36 @@ def restore_newest(
             f"(refused: {'; '.join(refused)})"
         )
     return None
+
+
+def take_over(registry: SnapshotRegistry, *, bundles: bool = True) -> None:
+    """What the writer of ``registry`` does once it restored (or found nothing), before it publishes.
+
+    * It follows the newest version on disk: another writer that publishes after this restore (a zombie
+      trainer, a second one started by mistake) then stops this one's next write, as after its first
+      write. Without it, the first write went on unchecked: a version forked from an older one.
+    * ``bundles``: it removes the serving bundles of the versions the next publish will take. A bundle
+      is written just before its snapshot, so a write that failed or a crash in between left one whose
+      snapshot never came; serving takes a version from its bundle alone, and the version number would
+      name those weights there and other ones here (a rebuilt stage's boundaries fall elsewhere, e.g.
+      with wall-clock periods). Removed, serving follows the newest version down and loads the number
+      again once its snapshot is written.
+    """
+    latest = registry.latest_version()
+    if latest is not None:
+        registry.follow(latest)
+    if not bundles:
+        return
+    from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
+
+    root = serving_dir(registry.root)
+    first_free = registry.next_version()
+    for version in bundle_versions(root):
+        if version >= first_free:
+            log.warning(
+                "removing the serving bundle of an unpublished version",
+                extra={"fields": {"version": version}},
+            )
+            # The manifest first: a reader never finds a manifest whose data file is gone for good.
+            for suffix in (".json", ".safetensors"):
+                (root / f"v{version:012d}{suffix}").unlink(missing_ok=True)

@@ -49,7 +49,13 @@ from reloop.engine.runtime.config import (
 )
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
-from reloop.engine.runtime.restore import RestorePoint, SaveKind, check_fingerprint, restore_newest
+from reloop.engine.runtime.restore import (
+    RestorePoint,
+    SaveKind,
+    check_fingerprint,
+    restore_newest,
+    take_over,
+)
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
@@ -266,6 +272,7 @@ class TrainStage:
         if restore_newest(self.registry, self._restore, refused) is None and self.ledger is not None:
             self.ledger.truncate(0)
             self._trim_other_ledgers()
+        take_over(self.registry, bundles=self.share.index == 0)  # rank 0 is the one writer
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
