@@ -120,7 +120,8 @@ class ModelSection(_Section):
     backbone: str
     strategy: Literal["ce", "kd", "reloop"] = "reloop"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
-    seed: int = 0
+    # torch's range: a seed past it failed as "backbone cannot be built: Overflow when unpacking long long"
+    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
     spec_file: str | None = Field(default=None, description="or a JSON/YAML file holding it")
     optimizer: dict[str, Any] = Field(default_factory=dict)

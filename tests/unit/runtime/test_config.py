@@ -125,3 +125,9 @@ def test_a_samples_topic_in_the_sink_section_is_refused_naming_where_it_goes(tmp
         load_config(_write(tmp_path, BASE + "sink: {samples_topic: samples}\n"), env={})
     disabled = load_config(_write(tmp_path, BASE + "sink: {samples_topic: null}\n"), env={})
     assert disabled.sink.samples_topic is None
+
+
+def test_a_seed_past_what_torch_takes_names_model_seed(tmp_path):
+    # It failed later as "model: backbone 'dcn' cannot be built: Overflow when unpacking long long".
+    with pytest.raises(ConfigError, match=r"model\.seed: .*less than or equal to 18446744073709551615"):
+        load_config(_write(tmp_path, BASE), env={"RELOOP__MODEL__SEED": str(2**64)})
