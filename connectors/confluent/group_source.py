@@ -19,7 +19,12 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.login import LoginWatch
 from reloop.connectors.confluent.logs import logged
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
-from reloop.connectors.confluent.source import close_within, fetched_ends, log_failed_commit
+from reloop.connectors.confluent.source import (
+    advance_positions,
+    close_within,
+    fetched_ends,
+    log_failed_commit,
+)
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -152,6 +157,8 @@ class ConfluentGroupSource:
             _, ts = m.timestamp()
             out.append(Record(tp.topic, tp.partition, m.offset(), m.key(), m.value() or b"", ts))
             self._next[tp] = m.offset() + 1
+        # Past transaction markers and deleted ranges too (connectors/confluent/source.py).
+        advance_positions(self._consumer, self._next)
         return out
 
     def position(self) -> Positions:

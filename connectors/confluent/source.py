@@ -150,6 +150,7 @@ class ConfluentSource:
             _, ts = m.timestamp()
             out.append(Record(topic, partition, offset, m.key(), m.value() or b"", ts))
             self._next[TopicPartition(topic, partition)] = offset + 1
+        advance_positions(consumer, self._next)
         return out
 
     def position(self) -> Positions:
@@ -231,6 +232,33 @@ def log_failed_commit(err: KafkaError | None, partitions: list[KafkaTopicPartiti
     """librdkafka's answer to an asynchronous commit (served by a later poll on the consumer's thread)."""
     if err is not None:
         _log.warning("offset commit failed: %s (%d partitions)", err, len(partitions))
+
+
+def advance_positions(consumer: Consumer, positions: Positions) -> None:
+    """Move ``positions`` (one past the last record returned) to where the consumer itself stands:
+    past what librdkafka skipped without returning a record (transaction markers: a transactional
+    topic's log end is one past its last marker; aborted records under read_committed; a compacted
+    tail). Without it a source's position stopped short of the log end there, and whoever waits for
+    ``position >= end_positions`` (the merges, reading the dead-letter topic) waited for ever. Local
+    state, no request. librdkafka knows no position from an assign or a seek until a record is
+    consumed; a position below the log start its fetches reported (a range deleted by retention: the
+    fetch resets to the oldest record left) then moves up to that start."""
+    parts = list(positions)
+    if not parts:
+        return
+    for found in consumer.position([KafkaTopicPartition(tp.topic, tp.partition) for tp in parts]):
+        tp = TopicPartition(found.topic, found.partition)
+        if tp not in positions or found.error is not None:
+            continue
+        if found.offset >= 0:
+            positions[tp] = max(positions[tp], int(found.offset))  # only forward
+            continue
+        try:
+            low, _ = consumer.get_watermark_offsets(found, cached=True)
+        except KafkaException:
+            continue
+        if low > positions[tp]:
+            positions[tp] = int(low)
 
 
 def fetched_ends(consumer: Consumer, parts: Iterable[TopicPartition]) -> Positions | None:

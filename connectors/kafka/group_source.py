@@ -24,7 +24,7 @@ from kafka.coordinator.base import MemberState
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
-from reloop.connectors.kafka.source import fetched_ends
+from reloop.connectors.kafka.source import client_positions, fetched_ends
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -151,6 +151,8 @@ class KafkaGroupSource:
             out += as_records(messages)
             if messages:
                 self._next[tp] = messages[-1].offset + 1
+        # Past transaction markers and skipped ranges too (connectors/kafka/source.py client_positions).
+        self._next.update(client_positions(self._consumer, self._next))
         return out
 
     def _resolve_before(self, batches: Mapping[Any, list[Any]]) -> None:

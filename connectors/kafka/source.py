@@ -144,6 +144,7 @@ class KafkaSource:
             out += as_records(messages)  # a tombstone (null value) is b"": Record.value is always bytes
             if messages:
                 self._next[tp] = messages[-1].offset + 1
+        self._next.update(client_positions(self._client(), self._next))
         return out
 
     def position(self) -> Positions:
@@ -207,6 +208,28 @@ class KafkaSource:
             self._consumer.close(autocommit=False, timeout_ms=2000)
             self._consumer = None
         self._next = {}
+
+
+def client_positions(consumer: KafkaConsumer, parts: Positions) -> Positions:
+    """Each partition's position as the consumer itself keeps it: local state, no request (the public
+    ``position()`` may block on an offset reset). It is one past the last record a poll returned, or
+    further where the client skipped offsets without returning a record: transaction markers (a
+    transactional topic's log end is one past its last marker), aborted records under read_committed,
+    records compaction removed at a batch's end, a range deleted by retention that an out-of-range reset
+    jumped. Without it a source's position stopped short of the log end there, and whoever waits for
+    ``position >= end_positions`` (the merges, reading the dead-letter topic) waited for ever. Partitions
+    whose position is unknown (a reset pending) are left out, and so are positions not past ``parts``':
+    a source's position only moves forward."""
+    states = getattr(getattr(consumer, "_subscription", None), "assignment", None)
+    if states is None:  # not the kafka-python this was written for: keep the sources' own positions
+        return {}
+    out: Positions = {}
+    for tp in parts:
+        state = states.get(tp)  # kafka's TopicPartition is a named tuple equal to (and hashed as) ours
+        position = None if state is None else state.position
+        if position is not None and int(position.offset) > parts[tp]:
+            out[tp] = int(position.offset)
+    return out
 
 
 def fetched_ends(consumer: KafkaConsumer, parts: Iterable[KafkaTopicPartition]) -> Positions | None:

@@ -382,3 +382,142 @@ def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_to
         assert source.partitions() == [TopicPartition(topic, 0)]
     finally:
         source.close()
+
+
+def _source(client: str, bootstrap: str, topic: str, config: dict | None = None):
+    if client == "confluent":
+        from reloop.connectors.confluent.source import ConfluentSource
+
+        return ConfluentSource(bootstrap=bootstrap, topics=[topic], client_config=config)
+    return KafkaSource(bootstrap=bootstrap, topics=[topic], client_config=config)
+
+
+def _group_source(client: str, bootstrap: str, topic: str, config: dict | None = None):
+    if client == "confluent":
+        from reloop.connectors.confluent.group_source import ConfluentGroupSource
+
+        return ConfluentGroupSource(
+            bootstrap=bootstrap, topics=[topic], group_id=f"g-{topic}", client_config=config
+        )
+    return KafkaGroupSource(bootstrap=bootstrap, topics=[topic], group_id=f"g-{topic}", client_config=config)
+
+
+class _SeekTo(_SeekToStart):
+    """Every partition it is given is read from ``offset`` (a task checkpoint's position)."""
+
+    def __init__(self, offset: int | None) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assigned.append(tps)
+        assert self.source is not None
+        self.source.seek(dict.fromkeys(tps, self.offset))
+
+
+def _read_to_end(source, timeout_s: float = 6.0) -> tuple[list, dict, dict]:
+    """Poll until the position reaches the log end (what a merge, or reading the dead-letter topic,
+    waits for) or ``timeout_s`` passed; the records, the position and the ends."""
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got += source.poll(100, 0.1)
+        ends = source.end_positions(max_age_s=0)
+        position = source.position()
+        if ends and position and all(position.get(tp, -1) >= end for tp, end in ends.items()):
+            break
+    return got, source.position(), source.end_positions(max_age_s=0)
+
+
+def _transactional_log(bootstrap: str, topic: str) -> None:
+    """Offsets 0-2 committed, 3 the commit marker, 4-5 aborted, 6 the abort marker: the log end is 7."""
+    import logging
+
+    from confluent_kafka import Producer
+
+    create_topics(bootstrap, {topic: 1})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": topic, "logger": logging.getLogger("librdkafka")}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce(topic, b"c%d" % i, b"k")
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    for i in range(2):
+        producer.produce(topic, b"a%d" % i, b"k")
+    producer.flush(30)
+    producer.abort_transaction(30)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_positions_reach_the_log_end_past_transaction_markers(kafka_broker, unique_topic, client) -> None:
+    """A transactional topic's log end is one past its last control marker, a record no consumer
+    returns. The sources' positions stopped at the last record returned (3 or 6 here, the end 7): a
+    merge waiting for ``position >= end`` (no idle fallback once a source reports its ends) and
+    reading the dead-letter topic to its end waited for ever."""
+    topic = unique_topic("txn")
+    _transactional_log(kafka_broker.bootstrap, topic)
+    tp = TopicPartition(topic, 0)
+    if client == "confluent":
+        levels = {"isolation.level": "read_committed"}, {"isolation.level": "read_uncommitted"}
+    else:
+        levels = {"isolation_level": "read_committed"}, {"isolation_level": "read_uncommitted"}
+    for config, values in zip(
+        levels, ([b"c0", b"c1", b"c2"], [b"c0", b"c1", b"c2", b"a0", b"a1"]), strict=True
+    ):
+        source = _source(client, kafka_broker.bootstrap, topic, config)
+        try:
+            source.open()
+            got, position, ends = _read_to_end(source)
+            assert [r.value for r in got] == values, config
+            assert ends == {tp: 7}
+            assert position == ends, config
+        finally:
+            source.close()
+    group = _group_source(client, kafka_broker.bootstrap, topic)
+    listener = _SeekTo(None)
+    listener.source = group
+    try:
+        group.subscribe(listener)
+        got, position, ends = _read_to_end(group, timeout_s=20)
+        assert len(got) >= 3 and ends == {tp: 7}
+        assert position == ends
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_position_in_a_deleted_range_moves_to_the_log_start(kafka_broker, unique_topic, client) -> None:
+    """A checkpoint's position below the log start (retention deleted the range; here every record):
+    the consumer resets to the oldest record left, and the source's position must follow it, not stay
+    below an end it never reaches."""
+    from confluent_kafka import TopicPartition as ConfluentTopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    topic = unique_topic("deleted")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    fill(kafka_broker.bootstrap, topic, 10)
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    for future in admin.delete_records([ConfluentTopicPartition(topic, 0, 10)]).values():
+        future.result(10)
+    tp = TopicPartition(topic, 0)
+    source = _source(client, kafka_broker.bootstrap, topic)
+    try:
+        source.open({tp: 3})
+        got, position, ends = _read_to_end(source)
+        assert got == [] and ends == {tp: 10}
+        assert position == ends
+    finally:
+        source.close()
+    group = _group_source(client, kafka_broker.bootstrap, topic)
+    listener = _SeekTo(3)
+    listener.source = group
+    try:
+        group.subscribe(listener)
+        got, position, ends = _read_to_end(group, timeout_s=20)
+        assert got == [] and listener.assigned
+        assert position == ends == {tp: 10}
+    finally:
+        group.close()
