@@ -23,7 +23,9 @@ Example (needs Java 17 and Maven)::
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,8 +164,8 @@ class LocalBroker:
         detached: bool = False,
         sasl_plain: tuple[str, str] | None = None,
     ) -> None:
-        if sasl_plain is not None and any(re.search(r'["\\\s]', part) for part in sasl_plain):
-            raise ValueError("sasl_plain: no quotes, backslashes or white space in the user or password")
+        if sasl_plain is not None and any(not part or re.search(r'["\\\s]', part) for part in sasl_plain):
+            raise ValueError("sasl_plain: a non-empty user and password without quotes, backslashes, spaces")
         self.state_dir = Path(state_dir).resolve()
         self.port = port
         self.controller_port = controller_port
@@ -173,6 +176,7 @@ class LocalBroker:
         self.sasl_plain = sasl_plain
         self._proc: subprocess.Popen[bytes] | None = None
         self._info: BrokerInfo | None = None
+        self._lock_depth = 0
 
     # ----------------------------------------------------------------------------------------- paths
     @property
@@ -195,6 +199,35 @@ class LocalBroker:
     def config_path(self) -> Path:
         return self.state_dir / "server.properties"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "broker.lock"
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold ``<state_dir>/broker.lock`` (flock): one start or stop at a time per state folder.
+
+        Without it two shells running `reloop kafka up` both saw no broker, overwrote each other's
+        server.properties, formatted the storage twice and launched two JVMs on one data dir: both failed.
+        Re-entrant within this object, so the CLI can hold it around its status check and ``start``.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:  # not inherited by the broker (close_fds)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # ------------------------------------------------------------------------------------------ jars
     def ensure_jars(self) -> Path:
         """Copy the broker jars into ``lib/`` with Maven unless ``lib/`` already matches the pom.
@@ -205,13 +238,34 @@ class LocalBroker:
         pom = self.kafka_home / "pom.xml"
         if not pom.is_file():
             raise BrokerError(f"no Kafka pom at {pom}")
+        # One fetch at a time per Kafka home (every state folder and test run shares it): a second
+        # process must not wipe lib/ under a Maven run of the first, nor see its marker-less half copy.
+        try:
+            lock = open(self.kafka_home / ".fetch.lock", "a")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            if self._fetched(pom):  # a read-only folder with the jars in it: nothing to write, no lock
+                return self.lib_dir
+            raise BrokerError(f"cannot lock the Kafka folder {self.kafka_home}: {exc}") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._ensure_jars_locked(pom)
+
+    def _fetched(self, pom: Path) -> bool:
+        """Whether ``lib/`` holds a complete fetch of this pom (its marker, written last, names it)."""
         digest = hashlib.sha256(pom.read_bytes()).hexdigest()
         marker = self.lib_dir / _MARKER
-        if marker.is_file() and marker.read_text().strip() == digest and self._kafka_jar() is not None:
+        return marker.is_file() and marker.read_text().strip() == digest and self._kafka_jar() is not None
+
+    def _ensure_jars_locked(self, pom: Path) -> Path:
+        if self._fetched(pom):
             return self.lib_dir
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()
         mvn = shutil.which("mvn")
         if mvn is None:
-            raise BrokerError("Maven ('mvn') is not on PATH; it is needed once to fetch the Kafka jars")
+            raise BrokerError(
+                "Maven ('mvn') is not on PATH; it is needed once to fetch the Kafka jars "
+                "(install it, e.g. `apt-get install maven` or `brew install maven`)"
+            )
         if self.lib_dir.exists():
             shutil.rmtree(self.lib_dir)
         cmd = [mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies"]
@@ -219,7 +273,7 @@ class LocalBroker:
         if done.returncode != 0 or self._kafka_jar() is None:
             output = f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
             raise BrokerError(f"{' '.join(cmd)} failed ({done.returncode}):\n{output}")
-        marker.write_text(digest + "\n")
+        (self.lib_dir / _MARKER).write_text(digest + "\n")
         return self.lib_dir
 
     def _kafka_jar(self) -> Path | None:
@@ -269,10 +323,24 @@ class LocalBroker:
 
     def start(self, timeout_s: float = 90.0) -> BrokerInfo:
         """Format storage if new, start the broker, and return once it answers a metadata request."""
+        with self.exclusive():
+            return self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> BrokerInfo:
         if self.status().running:
             raise BrokerError(f"a broker already runs from {self.state_dir} (pid {self.pid})")
+        if self.port is not None and not _port_is_free(self.port):
+            # Say so before formatting anything; otherwise the JVM dies with a BindException deep in
+            # its stack trace.
+            raise BrokerError(
+                f"port {self.port} on 127.0.0.1 is already in use{_listener(self.port)}: "
+                "choose another port, or stop what listens there"
+            )
         if shutil.which(self.java) is None:
-            raise BrokerError(f"{self.java!r} is not on PATH: the local Kafka broker needs Java 17+")
+            raise BrokerError(
+                f"{self.java!r} is not on PATH: the local Kafka broker needs Java 17+ "
+                "(install a JDK or JRE 17 or newer, e.g. `apt-get install openjdk-17-jre-headless`)"
+            )
         self.ensure_jars()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         previous = _read_info(self.info_path)
@@ -299,24 +367,34 @@ class LocalBroker:
             )
         try:
             self._wait_ready(port, began + timeout_s)
+            info = BrokerInfo(
+                pid=self._proc.pid,
+                port=port,
+                controller_port=controller_port,
+                version=self.version,
+                cluster_id=cluster_id,
+                started_at=time.time(),
+                start_seconds=round(time.monotonic() - began, 3),
+                log_path=str(self.log_path),
+            )
+            self.info_path.write_text(json.dumps(asdict(info), indent=2) + "\n")
         except BaseException:
+            # Also on an interrupt: a broker nobody recorded in broker.json could not be found by
+            # `status`/`down`, and would hold the data dir's lock against every later `up`.
             self._terminate(self._proc.pid, 10.0)
             raise
-        self._info = BrokerInfo(
-            pid=self._proc.pid,
-            port=port,
-            controller_port=controller_port,
-            version=self.version,
-            cluster_id=cluster_id,
-            started_at=time.time(),
-            start_seconds=round(time.monotonic() - began, 3),
-            log_path=str(self.log_path),
-        )
-        self.info_path.write_text(json.dumps(asdict(self._info), indent=2) + "\n")
-        return self._info
+        self._info = info
+        return info
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """SIGTERM (Kafka's clean shutdown), wait, SIGKILL after ``timeout_s``; True if one was stopped."""
+        if not self.state_dir.is_dir() and self._proc is None:
+            return False  # never started here; do not create the folder just to lock it
+        # Under the start lock: a `down` during another shell's `up` waits for it, then stops that broker.
+        with self.exclusive():
+            return self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float) -> bool:
         info = self._info or _read_info(self.info_path)
         stopped = False
         if info is not None and _is_broker_process(info.pid, self.config_path):
@@ -334,7 +412,7 @@ class LocalBroker:
         if info is None:
             return BrokerStatus(False, None, False, None, f"no broker recorded in {self.state_dir}")
         if not _is_broker_process(info.pid, self.config_path):
-            return BrokerStatus(False, info, False, None, f"not running (last pid {info.pid})")
+            return BrokerStatus(False, info, False, None, f"the recorded broker (pid {info.pid}) is gone")
         self._info = info
         reachable, detail = _metadata_ok(info.bootstrap, timeout_s=10.0, client_config=self.client_settings)
         return BrokerStatus(True, info, reachable, self.rss_mb(), detail)
@@ -445,16 +523,21 @@ class LocalBroker:
                 # username/password: what the broker itself logs in with; user_<name>: the users it accepts.
                 "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
                     "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                    f'username="{user}" password="{password}" user_{user}="{password}";'
+                    # The option name is quoted as well: unquoted, a user such as "alice@example.com"
+                    # ends the JAAS token at "@" and the broker dies at startup.
+                    f'username="{user}" password="{password}" "user_{user}"="{password}";'
                 ),
             }
-        return "".join(f"{k}={v}\n" for k, v in props.items())
+        return "".join(f"{k}={_properties_ascii(v)}\n" for k, v in props.items())
 
     def _wait_ready(self, port: int, deadline: float) -> None:
         assert self._proc is not None
         while READY_LINE not in self.log_path.read_text(errors="replace"):
             if self._proc.poll() is not None:
-                raise BrokerError(f"the broker exited with {self._proc.returncode}:\n{self.log_tail()}")
+                raise BrokerError(
+                    f"the broker exited with {self._proc.returncode} (log: {self.log_path}):\n"
+                    f"{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise BrokerError(f"no '{READY_LINE}' in {self.log_path} in time:\n{self.log_tail()}")
             time.sleep(0.1)
@@ -483,6 +566,27 @@ class LocalBroker:
         except psutil.NoSuchProcess:
             return False
         return True
+
+
+def _properties_ascii(value: str) -> str:
+    """``value`` with every non-ASCII character as a \\uXXXX escape: Java reads a .properties file as
+    ISO-8859-1, so a UTF-8 "ä" in a SASL password would reach the broker as two other characters."""
+    if value.isascii():
+        return value
+    units = value.encode("utf-16-be")  # surrogate pairs for characters beyond the BMP, as Java wants
+    chars = (int.from_bytes(units[i : i + 2], "big") for i in range(0, len(units), 2))
+    return "".join(chr(c) if c < 128 else f"\\u{c:04x}" for c in chars)
+
+
+def _listener(port: int) -> str:
+    """Who listens on the port, as ' (pid 123: java)', when the OS tells us (else an empty string)."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f" (pid {conn.pid}: {psutil.Process(conn.pid).name()})"
+    except (psutil.Error, OSError):
+        pass
+    return ""
 
 
 def _reuse(port: int | None) -> int | None:

@@ -10,10 +10,15 @@ are in ``deploy/kafka/lib`` in a checkout, else in ``~/.cache/reloop/kafka/lib``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from reloop.connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
 from reloop.engine.resources import in_checkout, user_state_dir
@@ -56,18 +61,59 @@ def _fetch(broker: LocalBroker, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP while `up` waits for the broker (a closed terminal, `timeout reloop kafka up`)."""
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception, so ``start`` stops the detached JVM it launched: by default
+    Python dies at once and leaves a broker that no broker.json records (`down` cannot find it, and it
+    holds the data dir's lock against every later `up`)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _up(broker: LocalBroker, args: argparse.Namespace) -> int:
-    current = broker.status()
-    if current.running and current.info is not None:
-        info = current.info
-        print(f"already running: Kafka {info.version} at {info.bootstrap} (pid {info.pid})")
-        return 0
-    info = broker.start(timeout_s=args.timeout)
+    # The state folder's lock around check + start: a second `up` from another shell waits for this one
+    # and then reports "already running" instead of launching a second JVM on the same data dir.
+    try:
+        with _stop_on_signals(), broker.exclusive():
+            current = broker.status()
+            if current.running and current.info is not None:
+                info = current.info
+                if args.port is not None and args.port != info.port:
+                    # Exit 0 here would leave the user pointing clients at a port nobody listens on.
+                    print(
+                        f"reloop kafka up: a broker already runs from {broker.state_dir} at {info.bootstrap} "
+                        f"(pid {info.pid}), not on port {args.port}; stop it first: "
+                        f"reloop kafka down --state-dir {broker.state_dir}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                print(f"already running: Kafka {info.version} at {info.bootstrap} (pid {info.pid})")
+                return 0
+            info = broker.start(timeout_s=args.timeout)
+    except _Stopped as exc:
+        print(f"reloop kafka up: stopped by {exc}; the broker it was starting is stopped", file=sys.stderr)
+        return 128 + signal.Signals[str(exc)].value
     print(
         f"Kafka {info.version} started at {info.bootstrap} in {info.start_seconds:.1f} s "
         f"(pid {info.pid}, RSS {broker.rss_mb()} MB, state {broker.state_dir})"
     )
     print(f"  point reloop at it: RELOOP__KAFKA__BOOTSTRAP={info.bootstrap} (or kafka.bootstrap)")
+    print(f"  log: {info.log_path}")
     print(f"  stop it with: reloop kafka down --state-dir {broker.state_dir}")
     return 0
 
