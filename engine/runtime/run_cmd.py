@@ -5,8 +5,9 @@ clicks in, labelled samples out) and the train stage (``reloop train``: samples 
 ``stages.processes: 2`` (the default) runs them as two child processes, so joining and training use two
 cores; ``1`` runs both in this process. The children die with this process (a SIGKILL here is a SIGKILL
 of both); SIGTERM/SIGINT are passed on to them, each writes its final checkpoint and the command exits
-with the worst of their exit codes. When one child ends on its own (it gave up, or a bad config), the
-other is stopped too and its exit code is returned, so an orchestrator restarts the pair.
+with the worst of their exit codes; one still running ``recovery.stop_timeout_s`` + KILL_GRACE_S after
+its stop is SIGKILLed. When one child ends on its own (it gave up, or a bad config), the other is stopped
+too and its exit code is returned, so an orchestrator restarts the pair.
 
 Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
 """
@@ -14,7 +15,9 @@ Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from typing import Any
 
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
-from reloop.engine.runtime.lifeline import die_with_parent
+from reloop.engine.runtime.lifeline import die_with
 
 log = logging.getLogger("reloop.run")
 
@@ -78,44 +81,78 @@ def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     extra = ["--log-level", args.log_level] if args.log_level else []
     ports = {"train": cfg.metrics.prometheus_port, "join": join_metrics_port(cfg)}
     children: dict[str, subprocess.Popen] = {}
+    # die_with(this pid), not die_with_parent: a SIGKILL here between the fork and the child's prctl left
+    # the child running.
+    lifeline = functools.partial(die_with, os.getpid())
     for stage in ("train", "join"):
         port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
         children[stage] = subprocess.Popen(
-            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=die_with_parent
+            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=lifeline
         )
     log.info("started", extra={"fields": {"processes": {k: p.pid for k, p in children.items()}}})
-    stopping = [False]
+    return _supervise(children, cfg.recovery.stop_timeout_s)
+
+
+# How long past recovery.stop_timeout_s a stopping child may take before it is SIGKILLed. Its own watchdog
+# ends it at stop_timeout_s, but only once its signal handler ran: a child stuck in a C call that never
+# returns to the interpreter runs neither, and `reloop run` waited for it forever.
+KILL_GRACE_S = 5.0
+
+
+def _supervise(children: dict[str, subprocess.Popen], stop_timeout_s: float) -> int:
+    """Wait for the stage processes; stop the others when one ends on its own; forward SIGTERM/SIGINT."""
+    signalled: set[str] = set()  # the children sent a stop
+    requests = [0]  # the SIGTERM/SIGINTs this process received
+    kill_at: list[float | None] = [None]
+
+    def stop_children(signum: int, again: bool) -> None:
+        for stage, proc in children.items():
+            if proc.poll() is None and (again or stage not in signalled):
+                proc.send_signal(signum)
+                signalled.add(stage)
+        if kill_at[0] is None:
+            kill_at[0] = time.monotonic() + stop_timeout_s + KILL_GRACE_S
 
     def forward(signum: int, _frame: object) -> None:
-        first = not stopping[0]
-        stopping[0] = True
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
-        if first:
+        requests[0] += 1
+        if requests[0] == 1:
             log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+        # The first request goes only to children not stopped yet: one this process already stopped (its
+        # sibling ended) took it for a second signal and exited without its final checkpoint. A later
+        # request is the second signal that ends them at once (a stage takes one within a second of
+        # its first for the same stop).
+        stop_children(signum, again=requests[0] > 1)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes: dict[str, int] = {}
+    killed: list[str] = []
     while len(codes) < len(children):
         for stage, proc in children.items():
             if stage in codes or proc.poll() is None:
                 continue
             codes[stage] = proc.returncode
-            if not stopping[0]:
+            if not (signalled or requests[0]):
                 log.error(
                     "a stage ended on its own; stopping the other",
                     extra={"fields": {"stage": stage, "exit_code": proc.returncode}},
                 )
-                stopping[0] = True
-                for other in children.values():
-                    if other.poll() is None:
-                        other.send_signal(signal.SIGTERM)
+                stop_children(signal.SIGTERM, again=False)
+        if kill_at[0] is not None and time.monotonic() >= kill_at[0]:
+            for stage, proc in children.items():
+                if stage not in codes and proc.poll() is None and stage not in killed:
+                    log.critical(
+                        "a stage did not exit in time after the stop; killing it (a final checkpoint it did "
+                        "not write leaves its last snapshot the restart point)",
+                        extra={"fields": {"stage": stage, "pid": proc.pid, "stop_timeout_s": stop_timeout_s}},
+                    )
+                    proc.kill()
+                    killed.append(stage)
         time.sleep(0.1)
-    # A child the forwarded signal ended before it could install its handler stopped all the same.
-    forwarded = {-signal.SIGTERM, -signal.SIGINT} if stopping[0] else set()
-    code = max((0 if c in forwarded else c if c >= 0 else 1) for c in codes.values())
+    # A child the stop reached before it installed its handler stopped all the same: killed by the
+    # signal, or (SIGINT) exited 130 from the command line's KeyboardInterrupt.
+    clean = {-signal.SIGTERM, -signal.SIGINT, 130} if signalled or requests[0] else set()
+    code = max((0 if c in clean else c if c >= 0 else 1) for c in codes.values())
     log.info("stopped", extra={"fields": {"exit_codes": codes, "exit_code": code}})
     return code
 
@@ -158,8 +195,11 @@ class BothStages:
         self.train.abort()
 
     def close(self) -> int | None:
-        self.join.close(checkpoint=True)
-        return self.train.close(final="checkpoint")
+        try:
+            self.join.close(checkpoint=True)
+        finally:  # a join stage whose close raised must not cost the train stage its final checkpoint
+            number = self.train.close(final="checkpoint")
+        return number
 
 
 def _one_process(cfg: RunConfig) -> int:

@@ -1,0 +1,290 @@
+"""`reloop run` with two stage processes: how it stops them, when it stops them, and its exit code.
+
+The stage processes are stand-ins (the real StopRequest around a sleep for the final checkpoint) started by
+the real `reloop run` code, itself in a process of its own (it installs signal handlers); the real stages on
+the broker are in tests/integration/test_run_kafka.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+from reloop.engine.runtime.synthetic import SPEC
+
+# `reloop run` whose stage processes are the code in $FAKE_STAGES (one per stage).
+_RUN = """
+import argparse, json, os, subprocess, sys
+from reloop.engine.runtime import run_cmd
+fakes = json.loads(os.environ["FAKE_STAGES"])
+real = subprocess.Popen
+def popen(cmd, **kw):
+    return real([sys.executable, "-c", fakes[cmd[cmd.index("reloop.engine.runtime.cli") + 1]]], **kw)
+subprocess.Popen = popen
+run_cmd.KILL_GRACE_S = 0.5
+sys.exit(run_cmd.main(argparse.Namespace(config=sys.argv[1], log_level=None)))
+"""
+
+# A stage: the real stop handling; "ends" > 0 exits with "code" that long after it started; a stop's final
+# checkpoint takes "save_s"; "ignore": SIGTERM/SIGINT ignored (a stage whose handler never runs).
+_STAGE = """
+import signal, sys, time
+from reloop.engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.stage_runner import StopRequest
+setup_json_logging()
+p = {params}
+if p.get("ignore"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    stop = StopRequest(timeout_s=30)
+    stop.install()
+print("ready", flush=True)
+if p.get("ends"):
+    time.sleep(p["ends"])
+    sys.exit(p["code"])
+if p.get("interruptible"):  # the command line's KeyboardInterrupt, before a stage installed its handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        sys.exit(130)
+if p.get("ignore"):
+    time.sleep(60)
+stop.event.wait()
+time.sleep(p.get("save_s", 0))
+sys.exit(0)
+"""
+
+
+def _stage(**params) -> str:
+    return _STAGE.format(params=repr(params))
+
+
+def _config(tmp: Path, stop_timeout_s: float) -> Path:
+    cfg = {
+        "kafka": {"bootstrap": "127.0.0.1:1"},
+        "model": {"backbone": "dcn", "spec": SPEC},
+        "recovery": {"flush_timeout_s": 0.5, "stop_timeout_s": stop_timeout_s},
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(tmp: Path, stop_timeout_s: float = 1.0, **stages: str) -> subprocess.Popen:
+    env = {**os.environ, "FAKE_STAGES": json.dumps(stages)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(_config(tmp, stop_timeout_s))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
+def _ready(proc: subprocess.Popen, n: int = 2) -> None:
+    for _ in range(n):  # each stage prints "ready" on the inherited stdout once its handler is installed
+        assert proc.stdout.readline().strip() == "ready"
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 30) -> tuple[int, list[dict]]:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its stages die with it (lifeline)
+        _, err = proc.communicate()
+        pytest.fail(f"reloop run did not exit within {timeout_s} s:\n{err[-3000:]}")
+    lines = [orjson.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+    return proc.returncode, lines
+
+
+def _stopped(lines: list[dict]) -> dict:
+    [line] = [ln for ln in lines if ln["msg"] == "stopped" and "exit_codes" in ln]
+    return line
+
+
+def test_a_stop_request_after_run_stopped_a_stage_is_not_a_second_signal_to_it(tmp_path):
+    # The join ended on its own: `reloop run` stopped the train stage, whose final checkpoint takes a
+    # while. The orchestrator's SIGTERM to `reloop run` meanwhile was forwarded to the train stage, which
+    # took it for a second signal and exited 1 without its final checkpoint ("stop forced").
+    proc = _start(tmp_path, stop_timeout_s=10.0, train=_stage(save_s=4.0), join=_stage(ends=0.2, code=0))
+    _ready(proc)
+    time.sleep(1.7)  # the join ended 0.2 s after it was ready and the train stage got its SIGTERM then
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    code, lines = _finish(proc)
+    assert not [ln for ln in lines if "stop forced" in ln["msg"]], lines
+    assert _stopped(lines)["exit_codes"] == {"train": 0, "join": 0} and code == 0
+
+
+def test_a_second_stop_request_still_ends_the_stages_at_once(tmp_path):
+    proc = _start(tmp_path, stop_timeout_s=30.0, train=_stage(save_s=20.0), join=_stage(save_s=20.0))
+    _ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # past StopRequest.SAME_STOP_S: a second request
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, lines = _finish(proc)
+    assert time.monotonic() - t0 < 10
+    assert code == 1 and _stopped(lines)["exit_codes"] == {"train": 1, "join": 1}
+    assert len([ln for ln in lines if "stop forced" in ln["msg"]]) == 2
+
+
+def test_a_stage_that_does_not_exit_after_the_stop_is_killed(tmp_path):
+    # A stage whose signal handler never runs (stuck in a C call) never arms its own watchdog: `reloop
+    # run` waited for it forever after its sibling gave up.
+    proc = _start(tmp_path, train=_stage(ignore=True), join=_stage(ends=0.2, code=2))
+    _ready(proc)
+    t0 = time.monotonic()
+    code, lines = _finish(proc)
+    # stop_timeout_s 1 + KILL_GRACE_S 0.5 after the join ended
+    assert time.monotonic() - t0 < 15
+    assert [ln["stage"] for ln in lines if ln["msg"].startswith("a stage did not exit in time")] == ["train"]
+    assert _stopped(lines)["exit_codes"] == {"train": -signal.SIGKILL, "join": 2} and code == 2
+
+
+def test_a_stage_killed_after_a_stop_request_makes_the_exit_code_1(tmp_path):
+    proc = _start(tmp_path, train=_stage(ignore=True), join=_stage())
+    _ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    code, lines = _finish(proc)
+    assert _stopped(lines)["exit_codes"] == {"train": -signal.SIGKILL, "join": 0} and code == 1
+
+
+def test_ctrl_c_before_the_stages_installed_their_handlers_exits_0(tmp_path):
+    # A stage interrupted while still importing ends in the command line's KeyboardInterrupt: exit 130
+    # ("reloop join: interrupted"); `reloop run` Ctrl-C'd in its first seconds exited 130.
+    proc = _start(tmp_path, train=_stage(interruptible=True), join=_stage(interruptible=True))
+    _ready(proc)
+    time.sleep(0.3)  # the stand-ins put Python's SIGINT handler back after "ready"
+    proc.send_signal(signal.SIGINT)
+    code, lines = _finish(proc)
+    assert _stopped(lines)["exit_codes"] == {"train": 130, "join": 130} and code == 0
+
+
+@pytest.mark.parametrize("code", [1, 2])
+def test_a_stage_that_ends_on_its_own_stops_the_other_and_gives_its_exit_code(tmp_path, code):
+    proc = _start(tmp_path, train=_stage(save_s=0.5), join=_stage(ends=0.2, code=code))
+    _ready(proc)
+    got, lines = _finish(proc)
+    [ended] = [ln for ln in lines if ln["msg"].startswith("a stage ended on its own")]
+    assert ended["stage"] == "join" and ended["exit_code"] == code
+    assert _stopped(lines)["exit_codes"] == {"train": 0, "join": code} and got == code
+
+
+class _Part:
+    """A stage of `stages.processes: 1` whose close records the call and may raise."""
+
+    def __init__(self, calls: list[str], name: str, close_raises: bool = False, step=lambda: None) -> None:
+        self.calls, self.name, self.close_raises, self.step = calls, name, close_raises, step
+        self.snapshots_written, self.final_saved = 0, None
+        self.restored_from = self.served_metrics = None
+
+    def open(self) -> None: ...
+
+    def abort(self) -> None:
+        self.calls.append(f"{self.name} abort")
+
+    def close(self, **_kwargs) -> int:
+        self.calls.append(f"{self.name} close")
+        if self.close_raises:
+            raise OSError(28, "No space left on device")
+        return 5
+
+
+@pytest.fixture
+def _process_state():
+    """run_supervised in this process: its JSON handler (on capsys's stderr) and gc settings are undone."""
+    import gc
+    import logging
+
+    root = logging.getLogger()
+    handlers, level, threshold = root.handlers[:], root.level, gc.get_threshold()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.mark.usefixtures("_process_state")
+def test_a_stop_whose_close_raises_exits_1_with_one_json_line_and_the_train_stage_saved(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    # The join stage's close raised at the stop: the train stage's close (its final checkpoint) never ran,
+    # and the exception left `reloop run` as a raw traceback on stderr.
+    from reloop.engine.runtime.config import load_config
+    from reloop.engine.runtime.jsonlog import setup_json_logging
+    from reloop.engine.runtime.run_cmd import BothStages
+    from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
+
+    cfg = load_config(_config(tmp_path, 1.0))
+    calls: list[str] = []
+    stop = StopRequest(timeout_s=30)  # not installed: the join's first step sets it
+    setup_json_logging("INFO")
+    code = run_supervised(
+        "run",
+        cfg,
+        lambda: BothStages(_Part(calls, "join", True, stop.event.set), _Part(calls, "train")),
+        close=lambda both: both.close(),
+        describe=lambda both: {},
+        metrics_port=None,
+        stop=stop,
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and calls == ["join close", "train close"]
+    [exiting] = [orjson.loads(ln) for ln in err.splitlines() if '"msg":"exiting"' in ln]
+    assert "No space left" in exiting["error"] and "Traceback" in exiting["exc"]
+    assert not [ln for ln in err.splitlines() if not ln.startswith(("{", "reloop run: "))], err
+
+
+def test_a_stage_whose_parent_died_before_its_lifeline_was_armed_does_not_run(tmp_path, monkeypatch) -> None:
+    # The parent-death signal is armed in the child after the fork: a `reloop run` SIGKILLed in between left
+    # that stage running for good (two trainers on one checkpoint folder after the restart).
+    import argparse
+
+    from reloop.engine.runtime import run_cmd
+
+    preexec: list = []
+
+    class _Ended:
+        pid, returncode = 0, 0
+
+        def __init__(self, cmd, preexec_fn=None, **_kw) -> None:
+            preexec.append(preexec_fn)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(run_cmd.subprocess, "Popen", _Ended)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cfg = run_cmd.load_config(_config(tmp_path, 1.0))
+        run_cmd._two_processes(argparse.Namespace(config="x", log_level=None), cfg)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        monkeypatch.undo()  # subprocess.Popen back
+    assert len(preexec) == 2
+    # A stage forked by another process than this `reloop run` (what its SIGKILL makes of the parent).
+    pid = os.fork()
+    if pid == 0:
+        code = 4
+        try:
+            cmd = [sys.executable, "-c", "print('ran on')"]
+            ran = subprocess.run(cmd, preexec_fn=preexec[0], capture_output=True, text=True)
+            code = 3 if "ran on" in ran.stdout else 0
+        except BaseException as exc:  # noqa: BLE001 - said in the parent's failure
+            os.write(2, repr(exc).encode())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the stage ran on without its parent"
