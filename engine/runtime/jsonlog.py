@@ -34,6 +34,9 @@ def setup_json_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python's warnings (torch's sparse Adagrad warns at a train stage's first step) printed two raw lines
+    # on stderr between the JSON ones: logged instead, as "py.warnings".
+    logging.captureWarnings(True)
     # kafka-python logs every reconnect attempt at WARNING/ERROR; keep ours readable.
     logging.getLogger("kafka").setLevel(logging.ERROR)
 

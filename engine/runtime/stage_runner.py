@@ -190,6 +190,11 @@ def run_supervised(
         log.critical("exiting", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 1
+    except Exception as exc:  # noqa: BLE001 - the supervisor retries the rest: a stage's close (its final
+        # save) raised. One JSON line with the traceback under "exc", not a raw traceback on stderr.
+        log.critical("exiting", extra={"fields": {"stage": name, "error": repr(exc)}}, exc_info=exc)
+        print(f"reloop {name}: {exc!r}", file=sys.stderr, flush=True)
+        code = 1
     finally:
         stop.disarm()
         if metrics_server is not None:

@@ -123,18 +123,25 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - not about one record: rebuild from the snapshot
                 if pipeline is not None:
                     pipeline.abort()
+                    # A snapshot written in the step that failed (or by the write in flight, which abort
+                    # waits for) is progress too: no step after it ran to tell _stepped.
+                    self._progress(pipeline)
                 self._failed(exc)
                 continue
             self.final_number = self.close(pipeline)
             return
 
     def _stepped(self, pipeline: Any) -> None:
+        self._progress(pipeline)
+        if self.on_step is not None:
+            self.on_step(pipeline)
+
+    def _progress(self, pipeline: Any) -> None:
+        """Restart the give-up clock and the back-off once ``pipeline`` wrote a snapshot."""
         if pipeline.snapshots_written and self._failing_since is not None:
             log.info("recovered", extra={"fields": {"after_restarts": self._attempt}})
             self._failing_since = None
             self._attempt = 0
-        if self.on_step is not None:
-            self.on_step(pipeline)
 
     def _failed(self, exc: Exception) -> None:
         now = self.monotonic()

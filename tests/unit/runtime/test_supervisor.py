@@ -228,3 +228,48 @@ def test_a_missing_topic_is_waited_for_with_one_line_each_try_and_no_traceback(t
     assert all(r.exc_info is None and "'samples'" in r.fields["error"] for r in waits)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert holder.pipeline.trainer.counters.samples > 0
+
+
+class _SnapshotThenFail:
+    """A stage whose every run writes a snapshot and then fails in that same step (the join stage publishes
+    a checkpoint, then sending its unsent samples raises), or whose snapshot becomes durable only while it
+    is aborted (the train stage's write in flight, which abort waits for). 100 s pass per run."""
+
+    def __init__(self, now: list[float], in_abort: bool) -> None:
+        self.now, self.in_abort = now, in_abort
+        self.snapshots_written = 0
+
+    def run(self, stop, on_step=None) -> None:
+        self.now[0] += 100.0
+        if not self.in_abort:
+            self.snapshots_written += 1
+        raise ConnectionError("broker unreachable (injected)")
+
+    def abort(self) -> None:
+        if self.in_abort:
+            self.snapshots_written += 1
+
+
+@pytest.mark.parametrize("in_abort", [False, True])
+def test_a_snapshot_written_by_the_failing_step_restarts_the_give_up_clock(in_abort):
+    # Each rebuild moved the restart point on (a snapshot per run), yet no step after the snapshot ran to
+    # say so: the supervisor gave up after give_up_after_s as if nothing had been written.
+    now = [0.0]
+    builds = []
+    stop = threading.Event()
+
+    def build():
+        builds.append(1)
+        if len(builds) == 8:
+            stop.set()
+        return _SnapshotThenFail(now, in_abort)
+
+    sup = Supervisor(
+        build,
+        stop=stop,
+        policy=RetryPolicy(backoff_initial_s=0.001, backoff_max_s=0.001, give_up_after_s=250.0),
+        monotonic=lambda: now[0],
+        stats=EngineStats(),
+    )
+    sup.run()  # GaveUp at the fourth failure (300 s) before
+    assert sup.restarts == 8 and sup._attempt == 1
