@@ -70,6 +70,15 @@ def _brokers_of(state: Path) -> list[psutil.Process]:
     return found
 
 
+def _on_path(bin_dir: Path, name: str, script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake ``name`` (``script`` run by this Python) first on PATH."""
+    bin_dir.mkdir()
+    tool = bin_dir / name
+    tool.write_text(script.format(python=sys.executable))
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 @pytest.fixture
 def fake_kafka(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A Kafka home with a fake jar set and a fake `java` first on PATH; kills the fakes it started."""
@@ -80,12 +89,7 @@ def fake_kafka(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     (home / "lib" / "kafka_2.13-9.9.9.jar").write_bytes(b"")
     digest = hashlib.sha256((home / "pom.xml").read_bytes()).hexdigest()
     (home / "lib" / ".complete").write_text(digest + "\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    java = bin_dir / "java"
-    java.write_text(FAKE_JAVA.format(python=sys.executable))
-    java.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    _on_path(tmp_path / "bin", "java", FAKE_JAVA, monkeypatch)
     monkeypatch.setattr(local_broker, "default_kafka_home", lambda: home)
     monkeypatch.setattr(local_broker, "_metadata_ok", lambda *a, **k: (True, "fake cluster answers"))
     try:
@@ -256,12 +260,7 @@ def fake_mvn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "kafka-home"
     home.mkdir()
     (home / "pom.xml").write_text("<project>fake</project>\n")
-    bin_dir = tmp_path / "mvn-bin"
-    bin_dir.mkdir()
-    mvn = bin_dir / "mvn"
-    mvn.write_text(FAKE_MVN.format(python=sys.executable))
-    mvn.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    _on_path(tmp_path / "mvn-bin", "mvn", FAKE_MVN, monkeypatch)
     return home
 
 
