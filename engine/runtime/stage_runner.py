@@ -114,10 +114,7 @@ def run_supervised(
     """Run ``build()``'s stage under a supervisor until a stop signal; returns the exit code.
     ``describe(stage)`` gives the fields of the periodic progress log and of the last log line."""
     from reloop.engine.metrics.stats import STATS
-    from reloop.engine.runtime.config import ConfigError
-    from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
-    from reloop.engine.runtime.supervisor import GaveUp, ProcessFatal, RetryPolicy, Supervisor
-    from reloop.engine.streams import AuthenticationFailed
+    from reloop.engine.runtime.supervisor import REFUSED, GaveUp, ProcessFatal, RetryPolicy, Supervisor
 
     set_young_threshold(cfg.stages.gc_young_threshold)
     metrics_server = None
@@ -182,18 +179,18 @@ def run_supervised(
     code = 0
     try:
         supervisor.run()
-    except (SnapshotMismatch, NoUsableSnapshot, ConfigError, AuthenticationFailed) as exc:
+    except REFUSED as exc:
         log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 2
-    except (GaveUp, ProcessFatal) as exc:
-        log.critical("exiting", extra={"fields": {"stage": name, "error": str(exc)}})
-        print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
-        code = 1
-    except Exception as exc:  # noqa: BLE001 - the supervisor retries the rest: a stage's close (its final
-        # save) raised. One JSON line with the traceback under "exc", not a raw traceback on stderr.
-        log.critical("exiting", extra={"fields": {"stage": name, "error": repr(exc)}}, exc_info=exc)
-        print(f"reloop {name}: {exc!r}", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - gave up, a broken rank group, or a stage's close raised
+        # (the supervisor retries anything else): one JSON line, the traceback under "exc" when unexpected.
+        expected = isinstance(exc, GaveUp | ProcessFatal)
+        error = str(exc) if expected else repr(exc)
+        log.critical(
+            "exiting", extra={"fields": {"stage": name, "error": error}}, exc_info=None if expected else exc
+        )
+        print(f"reloop {name}: {error}", file=sys.stderr, flush=True)
         code = 1
     finally:
         stop.disarm()

@@ -37,13 +37,14 @@ class ProcessFatal(RuntimeError):
     process exits 1 and its orchestrator (torchrun, Kubernetes) restarts it with its peers."""
 
 
-FATAL: tuple[type[BaseException], ...] = (
+# What retrying cannot fix because the settings or the snapshots are wrong: the process exits 2.
+REFUSED: tuple[type[BaseException], ...] = (
     SnapshotMismatch,
     NoUsableSnapshot,
     ConfigError,
     AuthenticationFailed,
-    ProcessFatal,
 )
+FATAL: tuple[type[BaseException], ...] = (*REFUSED, ProcessFatal)
 
 
 class Stage(Protocol):
