@@ -55,8 +55,9 @@ class DeadLetterSink:
     """Counts bad records per reason and forwards their envelopes to ``sink`` (when given).
 
     ``send`` never raises because of the record or the error it is handed. A failure of the wrapped sink
-    itself (the broker is down) does propagate: swallowing it would lose the record, while raising stops
-    the pipeline before its offsets are committed, so the record is read again after a restart.
+    itself (the broker is down, a dead-letter file on a full disk) does propagate, and the record is not
+    counted: swallowing it would lose the record, while raising stops the pipeline before its offsets
+    are committed, so the record is read again after a restart.
     """
 
     def __init__(
@@ -81,20 +82,22 @@ class DeadLetterSink:
     def send(self, record: Record, error: BaseException) -> None:
         """Dead-letter one record with the error that rejected it (normally an EventError)."""
         reason = _text(getattr(error, "reason", None)) or "unknown"
+        truncated = False
+        if self.sink is not None:
+            envelope = self.envelope(record, error, reason)
+            # Exact-size copy: orjson's own output buffer is over-allocated (see engine/events/codec.py).
+            value = bytes(memoryview(orjson.dumps(envelope)))
+            if len(value) > self.max_envelope_bytes:
+                truncated = True
+                value = bytes(memoryview(orjson.dumps(self.envelope(record, error, reason, truncate=True))))
+            # Counted only once the sink took it: a sink that cannot write (a full disk) raises here.
+            self.sink.send(value, key=_bounded_key(getattr(record, "key", None)))
+        self.truncated += truncated
         count = self.counts.get(reason, 0) + 1
         self.counts[reason] = count
         if count == 1:
             # Once per reason: enough to notice a new kind of bad input without flooding the log.
             log.warning("dead-lettering records with reason %r (first: %s)", reason, error)
-        if self.sink is None:
-            return
-        envelope = self.envelope(record, error, reason)
-        # Exact-size copy: orjson's own output buffer is over-allocated (see engine/events/codec.py).
-        value = bytes(memoryview(orjson.dumps(envelope)))
-        if len(value) > self.max_envelope_bytes:
-            self.truncated += 1
-            value = bytes(memoryview(orjson.dumps(self.envelope(record, error, reason, truncate=True))))
-        self.sink.send(value, key=_bounded_key(getattr(record, "key", None)))
 
     def send_many(self, records: Sequence[Record], errors: Sequence[tuple[int, BaseException]]) -> None:
         """Dead-letter the failures of a batch decode: ``errors`` holds (index into ``records``, error)."""

@@ -15,14 +15,24 @@ A writer may be appending while a reader tails the file: the reader delivers onl
 a newline, so a partially written last line is read once it is complete, never half.
 A sink that opens a file whose last line has no newline (a writer crashed mid-line) ends that line
 before its first record, so the torn line reads as one malformed record and the new ones stay whole.
+
+A write or fsync that fails (a full disk, a read-only folder) raises ``OSError`` naming the file. The
+bytes of a line that did land are cut off again (the file keeps whole lines only), and the sink takes
+nothing more: every later ``send`` and ``flush`` raises the same error, so no record is glued onto a
+torn line and no ``flush`` claims records durable that a failed fsync may have dropped. What was sent
+since the last successful ``flush`` is then not in the file: a stage restarts from its last save, made
+after such a flush, and sends it again. ``abort`` releases the files without writing what is pending.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +40,7 @@ from reloop.engine.streams import Positions, Record, TopicPartition
 
 _NO_TIMESTAMP = -1
 _IDLE_SLEEP_S = 0.02
+_BUFFER_BYTES = io.DEFAULT_BUFFER_SIZE  # a sink's lines are written once this many are pending
 
 
 def partition_path(root: Path | str, topic: str, partition: int) -> Path:
@@ -66,13 +77,15 @@ class JsonlSink:
         self.topic = topic
         create_topic(self.root, topic, partitions)
         self.partitions = partitions
-        self._files: dict[int, BinaryIO] = {}
+        self._files: dict[int, _Appender] = {}
         self._round_robin = 0
         self._closed = False
+        self._failed: OSError | None = None  # a write or fsync that failed: the sink takes nothing more
 
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
         if self._closed:
             raise RuntimeError("send on a closed JsonlSink")
+        self._raise_if_failed()
         if b"\n" in value or b"\r" in value:
             raise ValueError("a JSONL record value must not contain a line break")
         if key is None:
@@ -80,33 +93,111 @@ class JsonlSink:
             self._round_robin += 1
         else:
             partition = zlib.crc32(key) % self.partitions
-        handle = self._files.get(partition)
-        if handle is None:
-            # Held open across sends and closed by close(), hence no with-block.
-            path = partition_path(self.root, self.topic, partition)
-            handle = self._files[partition] = open(path, "ab")  # noqa: SIM115
-            if _ends_mid_line(path):
-                # A writer crashed mid-line: appending would glue this record onto that torn line (a
-                # valid record lost inside a malformed one). End the torn line so it is a record of its
-                # own (a reader dead-letters it, visibly) and this one starts a line.
-                value = b"\n" + value
-        # One write call per line keeps a concurrent reader from seeing a line without its newline for
-        # longer than the OS needs to finish that write.
-        handle.write(value + b"\n")
+        appender = self._files.get(partition)
+        if appender is None:
+            appender = self._files[partition] = _Appender(partition_path(self.root, self.topic, partition))
+        with self._final_on_failure():
+            appender.add(value)
 
     def flush(self, timeout_s: float | None = None) -> None:
-        for handle in self._files.values():
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._raise_if_failed()
+        with self._final_on_failure():
+            for appender in self._files.values():
+                appender.write_pending()
+                appender.fsync()
 
     def close(self) -> None:
+        """Write what is pending and release the files; raises (after releasing them) when the sink
+        failed, now or before: what was pending is then not written."""
         if self._closed:
             return
-        self.flush()
-        for handle in self._files.values():
-            handle.close()
+        try:
+            self.flush()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Release the files at once, without writing what is pending (a failed stage is rebuilt from
+        its last save, which sends those records again)."""
+        for appender in self._files.values():
+            with contextlib.suppress(OSError):  # a file being thrown away
+                appender.file.close()
         self._files.clear()
         self._closed = True
+
+    @contextlib.contextmanager
+    def _final_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            self._failed = exc
+            raise
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            exc = self._failed
+            raise OSError(
+                exc.errno, f"JSONL sink takes nothing more: a write or fsync failed ({exc.strerror})"
+            )
+
+
+class _Appender:
+    """One partition file, unbuffered (a failed write is known to the byte), with the lines not written
+    yet gathered here: written ``_BUFFER_BYTES`` at a time, or at ``write_pending``."""
+
+    __slots__ = ("path", "file", "pending")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Held open across sends and closed by the sink, hence no with-block.
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115
+        self.pending = bytearray()
+        if _ends_mid_line(path):
+            # A writer crashed mid-line: appending would glue the next record onto that torn line (a
+            # valid record lost inside a malformed one). End the torn line so it is a record of its own
+            # (a reader dead-letters it, visibly) and the next one starts a line.
+            self.pending += b"\n"
+
+    def add(self, value: bytes) -> None:
+        self.pending += value
+        self.pending += b"\n"
+        if len(self.pending) >= _BUFFER_BYTES:
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write every pending line; a write that fails midway takes its torn bytes back (best effort),
+        so the file ends with a whole line, and raises naming the file."""
+        if not self.pending:
+            return
+        written = 0
+        with memoryview(self.pending) as data:
+            try:
+                # One write call for them all when the OS takes it whole: a concurrent reader sees a line
+                # without its newline only for as long as the OS needs to finish that write.
+                while written < len(data):
+                    n = self.file.write(data[written:])
+                    if not n:  # a regular file that takes nothing and reports no error
+                        raise OSError(errno.ENOSPC, "write took no bytes")
+                    written += n
+            except OSError as exc:
+                torn = written - (bytes(data[:written]).rfind(b"\n") + 1)
+                if torn:
+                    with contextlib.suppress(OSError):
+                        self.file.truncate(os.fstat(self.file.fileno()).st_size - torn)
+                raise _naming(exc, self.path) from exc
+        self.pending.clear()
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise _naming(exc, self.path) from exc
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an ``OSError`` of the same kind (errno) naming ``path`` in its message (a log of
+    ``repr(exc)`` drops an OSError's filename)."""
+    return OSError(exc.errno, f"{exc.strerror or exc}: {path}")
 
 
 class _Cursor:

@@ -14,7 +14,10 @@ version is not its own (``SnapshotError``), so a second trainer on the same fold
 alternating versions with the first.
 
 A snapshot becomes visible by one ``rename`` of its finished directory (files and directory fsynced
-first, the root fsynced after), so a reader sees a whole snapshot or none. Versions are the largest
+first, the root fsynced after), so a reader sees a whole snapshot or none. A write that fails (a full
+disk, a read-only folder, a failed fsync) raises naming the file, removes its temporary folder and
+leaves the versions before it as they were: older versions are pruned (``keep``) only after a new one
+is durable. Versions are the largest
 committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
 (``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling; a
 part holding what such a load refuses (a numpy scalar, a frozenset ...) is refused when it is prepared
@@ -289,11 +292,20 @@ class SnapshotRegistry:
             _write_durable(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
             _fsync_dir(tmp)
             os.rename(tmp, self.path(version))
-            _fsync_dir(self.root)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep the half-written copy
             raise
+        # Visible from here on, and whole (every file and the folder fsynced): this writer's own, even if
+        # the fsync below fails (a retry took it for another writer's and refused to write again).
         self._last_written = version
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:
+            # Older versions stay (no pruning): the rename may not survive a power loss.
+            raise SnapshotError(
+                f"snapshot {version} is in {self.root} but the folder's fsync failed ({exc}): it may not "
+                "survive a power loss; the versions before it are kept"
+            ) from exc
         self._retain()
         return version
 
@@ -320,18 +332,30 @@ def _crc32c(data: bytes | memoryview) -> str:
 
 
 def _write_durable(path: Path, data: bytes | memoryview) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a write or fsync error names no file: the caller's message should
+        raise _naming(exc, path) from exc
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an ``OSError`` of the same kind (errno) naming the file in its message (a log of
+    ``repr(exc)`` drops an OSError's filename)."""
+    return OSError(exc.errno, f"{exc.strerror or exc}: {exc.filename or path}")
 
 
 def _unpickler_reason(exc: pickle.UnpicklingError) -> str:

@@ -81,7 +81,9 @@ class SnapshotWriter:
                 registry.write(prepared)
             except BaseException as exc:
                 with self._lock:
-                    self._error = SnapshotWriteError(f"snapshot {prepared.version} was not written: {exc!r}")
+                    self._error = SnapshotWriteError(
+                        f"snapshot {prepared.version} was not written: {type(exc).__name__}: {exc}"
+                    )
                     self._error.__cause__ = exc
                 raise
             if on_durable is not None:

@@ -6,6 +6,13 @@ contract accepts. The snapshot stores the ledger's length in bytes; a restart tr
 that length, so lines written after the snapshot (by a run that then crashed) disappear together with
 the training they describe.
 
+A write that fails (a full disk, a read-only folder) raises ``OSError`` naming the file, and the bytes
+of it that did land are cut off again, so the file holds whole lines only. From then on the ledger
+refuses every append and ``sync`` until a restore truncates it: the model trained what the ledger
+failed to record, so no snapshot may vouch for this ledger's length. A failed ``sync`` (fsync)
+is as final: Linux reports an fsync error once and may have dropped the pages it could not write, so a
+second fsync that succeeds proves nothing.
+
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.jsonl"
 >>> from reloop.engine.events.schema import LabeledSample
@@ -18,9 +25,12 @@ the training they describe.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 from reloop.engine.events.schema import LabeledSample
@@ -30,40 +40,80 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")  # noqa: SIM115 - held open for the life of the run
+        # Unbuffered: each append is written at once, in one write when the OS takes it whole, so a failed
+        # one is known to the byte (a buffered file dropped the rest of a large write it failed midway and
+        # glued the next line onto the torn one).
+        self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held open for the life of the run
+        self._length = os.fstat(self._f.fileno()).st_size  # whole lines written so far
+        self._failed: OSError | None = None  # a write or sync that failed: the ledger takes nothing more
 
     def append(self, step: int, samples: Iterable[LabeledSample]) -> None:
         dumps = orjson.dumps
-        self._f.write(b"".join(dumps([step, s.sample_id, s.label, s.is_correction]) + b"\n" for s in samples))
+        self._write(b"".join(dumps([step, s.sample_id, s.label, s.is_correction]) + b"\n" for s in samples))
 
     def append_columns(self, step: int, ids: list[str], labels: list[int], corrections: list[bool]) -> None:
         dumps = orjson.dumps
-        self._f.write(
+        self._write(
             b"".join(dumps([step, i, y, c]) + b"\n" for i, y, c in zip(ids, labels, corrections, strict=True))
         )
 
     def sync(self) -> int:
         """Make everything written so far durable; returns the length to store in a snapshot."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        return self._f.tell()
+        self._refuse_if_failed()
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            self._fail(exc, "fsync")
+        return self._length
 
     def truncate(self, length: int) -> None:
         """Cut the file back to ``length`` bytes (a snapshot's ``sync()``); a shorter file lost entries
-        the snapshot counts, and ``truncate`` would pad it with NUL bytes: refused."""
-        self._f.flush()
+        the snapshot counts, and ``truncate`` would pad it with NUL bytes: refused. A ledger that failed
+        a write or sync takes appends again afterwards (a restore: the training it missed is undone)."""
         size = os.fstat(self._f.fileno()).st_size
         if length > size:
             raise ValueError(
                 f"ledger {self.path} has {size} bytes, the snapshot recorded {length}: entries lost"
             )
         self._f.truncate(length)
-        self._f.seek(length)
+        self._length = length
+        self._failed = None
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.flush()
             self._f.close()
+
+    # ------------------------------------------------------------------ internals
+    def _write(self, data: bytes) -> None:
+        self._refuse_if_failed()
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                n = self._f.write(view[written:])
+                if not n:  # a regular file that takes nothing and reports no error
+                    raise OSError(errno.ENOSPC, "write took no bytes")
+                written += n
+        except OSError as exc:
+            if written:  # the bytes that landed end mid-line: cut them off (best effort)
+                with contextlib.suppress(OSError):
+                    self._f.truncate(self._length)
+            self._fail(exc, "append")
+        self._length += written
+
+    def _fail(self, exc: OSError, what: str) -> NoReturn:
+        self._failed = exc
+        # The path in the message itself: a log of ``repr(exc)`` drops an OSError's filename.
+        raise OSError(exc.errno, f"ledger {what} failed: {exc.strerror or exc}: {self.path}") from exc
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            exc = self._failed
+            raise OSError(
+                exc.errno,
+                f"ledger {self.path} takes nothing more until a restore truncates it: a write or fsync "
+                f"failed ({exc.strerror or exc})",
+            )
 
     @staticmethod
     def read_ranks(path: str | os.PathLike[str]) -> list[tuple[int, str, int, bool]]:
