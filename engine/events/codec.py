@@ -1,4 +1,4 @@
-"""THE wire format of events: one compact JSON object per Kafka record, written and read with orjson.
+"""THE wire format of events: one compact JSON object per Kafka record, written with orjson.
 
 orjson won against msgpack on our own events, for encoding and for decode+validate alike
 (bench/codec.py, docs/bench-codec.md), and JSON stays readable in `kafka-console-consumer`.
@@ -6,8 +6,11 @@ orjson won against msgpack on our own events, for encoding and for decode+valida
 Batches of impressions and clicks (the join's door) are decoded by msgspec straight into the event
 dataclasses, with the contract's bounds (engine/events/schema.py) checked in the same C pass: 1.4x
 the speed of orjson plus the hand-written checks on Criteo-shaped impressions (docs/bench-codec.md).
-A record msgspec refuses takes the careful orjson path, which names the reason or accepts an unusual
-but valid event (an older schema version, say), so both paths give the same verdicts (tested).
+A record msgspec refuses takes the careful path (parsed by msgspec into plain objects, then the
+hand-written checks), which names the reason or accepts an unusual but valid event (an older schema
+version, say), so both paths give the same verdicts (tested). Ints are read exactly on every path: an
+int feature value beyond int64 (``2**64``, ``-2**63 - 1``) is a ``bad_value`` at the door, never a
+float (orjson's reading of such a literal; the serving wire refuses it too).
 
 Wire shape: the dataclass fields by name (``dataclasses`` order), no whitespace, ``schema_version``
 always written. Readers ignore fields they do not know (see engine/events/validation.py for the
@@ -45,10 +48,17 @@ Event = Impression | Click | LabeledSample
 E = TypeVar("E")
 
 _dumps = orjson.dumps
-_loads = orjson.loads
-_JSONDecodeError = orjson.JSONDecodeError
+# Records are parsed by msgspec, not orjson: orjson reads an int literal past 64 bits (2**64, -2**63 - 1)
+# as a float, so a feature value the contract refuses (an int beyond int64) came through as a float
+# here while the typed fast path, the serving wire and every later reader of the same bytes (msgspec)
+# saw the int: one value, two featurisations. msgspec keeps every int exact, so the contract's range
+# check refuses it with its reason; it parses as fast (bench/codec.py's shapes), keys are always str
+# and NaN/Infinity refused, as with orjson. ValidationError (a float literal past the double range) is
+# a DecodeError; RecursionError is its answer to deep nesting.
+_loads = msgspec.json.decode
+_JSONDecodeError = (msgspec.DecodeError, RecursionError)
 # Anything msgspec raises sends the record to the careful path, RecursionError included (msgspec
-# raises it on deeply nested JSON, where orjson reports a malformed record).
+# raises it on deeply nested JSON; the careful path reports a malformed record).
 MSGSPEC_REFUSED = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 _decode_impression_fast = msgspec.json.Decoder(Impression).decode
 # msgspec refuses these characters in a renamed struct field's name (``msgspec.defstruct(rename=...)``).
@@ -99,7 +109,7 @@ def _sample_wire(s: LabeledSample) -> dict[str, Any]:
 
 
 def _parse(data: object, max_bytes: int) -> object:
-    """Size check before parsing, then orjson; every failure is an EventError."""
+    """Size check before parsing, then the parser (msgspec); every failure is an EventError."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EventError("malformed", f"record value must be bytes, got {type(data).__name__}")
     size = memoryview(data).nbytes if type(data) is memoryview else len(data)
@@ -153,7 +163,7 @@ def _decode_many(
     bad: list[tuple[int, EventError]] = []
     append = good.append
     loads = _loads
-    # The hot loop: a plain bytes value under the limit goes straight to orjson and the fast check;
+    # The hot loop: a plain bytes value under the limit goes straight to the parser and the fast check;
     # anything else takes the careful single-record path, which raises the right EventError.
     for i, data in enumerate(values):
         try:

@@ -191,7 +191,7 @@ _ABSENT_SCHEMA_VERSION = 1
 _FEATURE_TYPES = frozenset({str, int, float, list})
 _V = SCHEMA_VERSION
 _T = MAX_EVENT_TIME_MS
-# Ints travel as int64 (Arrow, numpy, the snapshot's versions): orjson gives ints up to 2**64 - 1, and
+# Ints travel as int64 (Arrow, numpy, the snapshot's versions): the parser gives ints of any size, and
 # one beyond int64 crashed the join stage at every retry (a poison record), so it is a bad value.
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -202,8 +202,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 def _features_ok(feats: dict, json_safe: bool) -> bool:
     """True when ``feats`` is a valid feature dict (a False only sends the event to the precise path).
 
-    ``json_safe``: the dict came from orjson, whose object keys are always str and which rejects
-    NaN/Infinity, so the key and finiteness checks are skipped.
+    ``json_safe``: the dict came from the codec's JSON parser, whose object keys are always str and
+    which rejects NaN/Infinity, so the key and finiteness checks are skipped.
     """
     vals = feats.values()
     kinds = set(map(type, vals))
@@ -388,7 +388,8 @@ def _arm(obj: dict) -> str:
 
 def _overflowed_int(value: object) -> bool:
     """A float orjson made of an int literal past 64 bits (it reads ints in [-2**63, 2**64) exactly and
-    bigger ones as floats): such a record holds an int out of range, not a float."""
+    bigger ones as floats; the codec parses with msgspec, which keeps them ints, but ``*_from_obj``
+    callers may hand in orjson's dicts): such a record holds an int out of range, not a float."""
     return type(value) is float and value.is_integer() and not _I64_MIN <= value < 2.0**64
 
 

@@ -9,11 +9,16 @@ recomputes its base prediction with that bundle. A reload is noticed on the next
 
 Positions: a feed that starts without saved state begins at the END of the topic (history was
 labelled for older models); with state it resumes from the saved positions, saved with the memory
-every ``save_every_s`` and on close. An undecodable message, or one whose features the live model's spec
-cannot read, is skipped and counted (the train stage
-dead-letters it already). A sample flagged ``is_correction`` (a late click re-emitted as a positive)
-is written as one more positive: the memory then holds its earlier negative too, the same small
-duplication the join's correction policy gives the trainer.
+every ``save_every_s`` and on close. An undecodable message is skipped and counted (the train stage
+dead-letters it already). In a message holding values the live model's spec cannot read, the rows are
+featurised one at a time, as the train stage does: such a sample is skipped and counted (``refused``),
+the others of its message are still written. A message that fails in any other way (the model raising
+on it, say) is skipped and counted in ``write_failures``, and the rest of its poll is still written: the
+source has moved past the poll, so a failure that ended the step lost every message after it. A re-key
+after a reload runs before the poll, so when it fails the step ends having read nothing, and is
+retried. A sample flagged ``is_correction`` (a late click re-emitted as a positive) is written as one
+more positive: the memory then holds its earlier negative too, the same small duplication the join's
+correction policy gives the trainer.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from reloop.engine.events.sample_batch import decode_batch
-from reloop.engine.features.featurizer import FeatureError
+from reloop.engine.events.sample_batch import SampleBatch, decode_batch
+from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.memory.served import ServedMemory
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, positions_from_json, positions_to_json
@@ -59,6 +64,8 @@ class SamplesFeed:
         self.poll_max_records = poll_max_records
         self.clock = clock
         self.undecodable = 0
+        self.refused = 0
+        self.write_failures = 0
         self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,11 +95,11 @@ class SamplesFeed:
         if not self._opened:
             self.open()
         bundle = self.holder.current
+        if bundle is not None and self.memory.version != bundle.version:
+            self.memory.rekey(bundle)  # before the poll: a failure here costs no record (module doc)
         records = self.source.poll(self.poll_max_records, self.poll_timeout_s)
         written = 0
         if bundle is not None:
-            if self.memory.version != bundle.version:
-                self.memory.rekey(bundle)
             for record in records:
                 try:
                     batch = decode_batch(record.value)
@@ -102,17 +109,43 @@ class SamplesFeed:
                 if not len(batch):
                     continue
                 try:
-                    features = bundle.featurizer.transform_columns(batch.features(), rows=len(batch))
-                except FeatureError:  # values this model's spec cannot read: skipped, not the poll's rest
-                    self.undecodable += 1
+                    features, labels = self._featurize(bundle, batch)
+                    if len(labels):
+                        self.memory.write(bundle, features, labels)
+                except Exception:  # noqa: BLE001 - this message is lost to the memory, not the poll's rest
+                    self.write_failures += 1
+                    if self.write_failures & (self.write_failures - 1) == 0:  # the 1st, 2nd, 4th, ...
+                        log.exception("error memory %s: writing a samples message failed (%d so far); "
+                                      "skipped", self.name, self.write_failures)  # fmt: skip
                     continue
-                self.memory.write(bundle, features, batch.numpy("label").astype(np.float64))
-                written += len(batch)
+                written += len(labels)
         # Samples that came before any model was loaded are skipped: there is nothing to key them with.
         self.memory.positions = positions_to_json(self.source.position())
         if self.state_path is not None and self.clock() - self._saved_at >= self.save_every_s:
             self.save()
         return written
+
+    def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray]:
+        """The rows of ``batch`` the live spec can read and their labels: the whole message at once,
+        else (a value the spec cannot read: slow, and rare) one row at a time, the others counted."""
+        featurize = bundle.featurizer.transform_columns
+        labels = batch.numpy("label").astype(np.float64)
+        try:
+            return featurize(batch.features(), rows=len(batch)), labels
+        except FeatureError:
+            pass
+        keep: list[int] = []
+        rows: list[FeatureBatch] = []
+        for i in range(len(batch)):
+            try:
+                rows.append(featurize(batch.take(slice(i, i + 1)).features(), rows=1))
+            except FeatureError:
+                self.refused += 1
+                continue
+            keep.append(i)
+        if not rows:
+            return featurize({}, rows=0), labels[:0]
+        return FeatureBatch.concat(rows), labels[keep]
 
     def save(self) -> None:
         if self.state_path is not None:
@@ -150,4 +183,5 @@ class SamplesFeed:
     def stats(self) -> dict[str, Any]:
         m = self.memory
         return {"written": m.written, "rekeys": m.rekeys, "version": m.version,
-                "undecodable": self.undecodable, "failures": self.failures}  # fmt: skip
+                "undecodable": self.undecodable, "refused": self.refused,
+                "write_failures": self.write_failures, "failures": self.failures}  # fmt: skip

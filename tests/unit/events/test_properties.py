@@ -256,7 +256,8 @@ def _batch_outcome(decode_batch, data):
 @SETTINGS
 @given(mutated_impression())
 def test_batch_decoder_agrees_with_the_single_record_decoder(case):
-    # The batch path decodes with msgspec, the single-record path with orjson: same verdict, same event.
+    # The batch path decodes with msgspec's typed decoder, the single-record path parses into plain objects
+    # and checks by hand: same verdict, same event.
     data = json.dumps(case[0]).encode()  # stdlib json: big ints, NaN tokens and all
     expected = _single_outcome(decode_impression, data)
     got = _batch_outcome(decode_impressions, data)
@@ -276,7 +277,7 @@ def test_click_batch_decoder_agrees_with_the_single_record_decoder(obj):
 @pytest.mark.parametrize(
     "value",
     [
-        {"features": {"big": 2**64}},  # orjson reads it as a float, msgspec would keep the int
+        {"features": {"big": 2**64}},  # orjson read it as a float; the codec now keeps the int (refused)
         {"features": {"big": -(2**63) - 1}},
         {"model_version": 2**63},
         {"served_prediction": 1},  # an int probability is read as a float

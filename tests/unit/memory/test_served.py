@@ -336,3 +336,92 @@ def test_two_saves_at_once_both_succeed_and_leave_a_readable_file(tmp_path, monk
     back.load(path)
     assert back.positions == {"samples:0": 20} and back.sketch is not None and back.sketch.written == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arm.npz"]  # no temporary file left behind
+
+
+class _FailingMemory(ServedMemory):
+    """Raises on the writes whose number (from 1) is in ``fail``."""
+
+    def __init__(self, fail: set[int]) -> None:
+        super().__init__(CONFIG)
+        self.fail, self.calls = fail, 0
+
+    def write(self, bundle, batch, labels) -> None:
+        self.calls += 1
+        if self.calls in self.fail:
+            raise RuntimeError("the model raised on this batch")
+        super().write(bundle, batch, labels)
+
+
+def test_a_write_that_fails_costs_its_message_not_the_rest_of_the_poll() -> None:
+    # The source has moved past the whole poll: a failure that ended the step lost every message after
+    # the failing one (never written, never read again).
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    for k in range(3):
+        _publish(mlog, 4, 4 * k)
+    memory = _FailingMemory({2})
+    f = SamplesFeed(
+        name="A",
+        source=MemorySource(mlog, ["samples"]),
+        memory=memory,
+        holder=ModelHolder(_bundle(1)),
+        poll_timeout_s=0,
+    )
+    f.open()
+    f.source.open({("samples", 0): 0})  # from the start (a fresh feed starts at the end)
+    assert f.step() == 8  # the first and the third message
+    assert f.write_failures == 1 and f.stats()["write_failures"] == 1 and f.undecodable == 0
+    assert memory.sketch is not None and memory.sketch.written == 8
+    assert f.memory.positions and f.step() == 0  # the poll's position was kept: nothing read twice
+
+
+def test_a_rekey_that_fails_reads_nothing_and_is_retried() -> None:
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    holder = ModelHolder(_bundle(1))
+    memory = ServedMemory(CONFIG)
+    f = SamplesFeed(
+        name="A", source=MemorySource(mlog, ["samples"]), memory=memory, holder=holder, poll_timeout_s=0
+    )
+    f.step()  # keyed to version 1, at the end of the (empty) topic
+    _publish(mlog, 4, 0)
+    holder.swap(_bundle(2, seed=3))
+    real = memory.rekey
+
+    def broken(bundle) -> None:
+        raise RuntimeError("re-key failed")
+
+    memory.rekey = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        f.step()
+    memory.rekey = real  # type: ignore[method-assign]
+    assert f.step() == 4 and memory.version == 2  # the message polled after the re-key, not lost
+
+
+def test_a_value_the_live_spec_cannot_read_costs_its_sample_not_its_message() -> None:
+    # As in the train stage (row by row after a FeatureError): the memory skipped the whole message,
+    # so the samples the trainer learnt from were missing from the memory.
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    rows = _rows(4)
+    rows[2] = {**rows[2], "user": ["a", "list"]}  # the join's spec may be another one: not a category here
+    samples = [
+        LabeledSample(f"s{i}", row, 1, served_prediction=0.9, served_version=1, event_time_ms=i)
+        for i, row in enumerate(rows)
+    ]
+    MemorySink(mlog, "samples").send(encode_batch(batch_from_samples(samples, task=0, first_seq=0)))
+    memory = ServedMemory(CONFIG)
+    f = SamplesFeed(
+        name="A",
+        source=MemorySource(mlog, ["samples"]),
+        memory=memory,
+        holder=ModelHolder(_bundle(1)),
+        poll_timeout_s=0,
+    )
+    f.open()
+    f.source.open({("samples", 0): 0})
+    assert f.step() == 3 and f.refused == 1 and f.undecodable == 0 and f.write_failures == 0
+    assert memory.sketch is not None and memory.sketch.written == 3
+    good = _bundle(1).featurizer.transform([r for i, r in enumerate(rows) if i != 2])
+    y, _, n = memory.sketch.read(predict_and_hidden(_bundle(1).learner, good)[1])
+    assert (n > 0).all()  # the three readable samples are in the memory
