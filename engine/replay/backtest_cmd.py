@@ -43,7 +43,15 @@ from reloop.engine.replay.backtest import (
     with_label_noise,
 )
 from reloop.engine.replay.options import key_value
-from reloop.engine.replay.report import MIN_SEEDS, RIVER, markdown_tables, plot, read_csv, write_csv
+from reloop.engine.replay.report import (
+    MIN_SEEDS,
+    RIVER,
+    cut_torn_run,
+    markdown_tables,
+    plot,
+    read_csv,
+    write_csv,
+)
 
 DAY_MS = 86_400_000
 
@@ -517,6 +525,8 @@ def _main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if csv_path.exists() and not args.resume:  # (only now: a refused input keeps the results of before)
         csv_path.unlink()
+    if cut_torn_run(csv_path):
+        print(f"reloop backtest: {csv_path}: its last run was cut short; it runs again", file=sys.stderr)
     if csv_path.exists():
         _check_resumable(csv_path, data, args.dataset_name)
     base = RunSpec(

@@ -11,28 +11,40 @@ files), the pipeline gets its own checkpoint directory, and the clock is a Manua
 ``ReplaySource`` moves to the newest record time it hands out, so windows close by event time and
 nothing waits on the wall clock. At the end of the range the merge is drained, every pending join
 window is closed, the partial batch is trained, and a final snapshot is written.
+
+Resuming (``reloop replay --resume``): every save of a replay carries, in its meta (``REPLAY_META``), what
+the summary needs beyond the state itself: the records processed, the first record's time, and the dead
+letters sent up to that save (how many, and by reason those of records before its positions: a polled
+batch is decoded, and its bad records dead-lettered, before its records are processed one by one). A
+replay that restores a save goes on from those, so its summary equals an uninterrupted run's (but for
+``seconds``, ``records_this_run`` and ``resumed_from``), and ``on_dead_letters_restored`` cuts the dead
+letters written after the save, which the resumed replay sends again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.replay.sources import ReplaySource, TimestampMode
 from reloop.engine.runtime.clock import ManualClock
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.gc_tuning import set_young_threshold
-from reloop.engine.streams import Positions, Sink, Source, positions_to_json
+from reloop.engine.streams import Positions, Sink, Source, TopicPartition, positions_to_json
+
+# The key of a replay's own progress in the meta of its snapshots and checkpoints (see the module doc).
+REPLAY_META = "replay"
 
 
 @dataclass
 class ReplayResult:
     final_version: int | None
-    records: int
+    records: int  # the whole replay's, a resumed one's included
     samples_trained: int
     steps: int
     seconds: float
@@ -43,13 +55,143 @@ class ReplayResult:
     progressive: dict[str, float]
     positions: dict[str, int]
     trainer: dict[str, int] = field(default_factory=dict)
+    records_this_run: int | None = None  # this process's (``seconds`` is its time too); None: ``records``
+    resumed_from: str | None = None  # the snapshot or checkpoint a resumed replay went on from
+
+    def __post_init__(self) -> None:
+        if self.records_this_run is None:
+            self.records_this_run = self.records
 
     @property
     def records_per_s(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
+        """This run's records per second of this run."""
+        return (self.records_this_run or 0) / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "records_per_s": self.records_per_s}
+
+
+# What ``on_dead_letters_restored`` is given: the dead letters the restored save had sent (None: a save
+# without REPLAY_META, from an older reloop) and its positions. It cuts the dead letters written after those
+# (the first ``lines``, less those of records at or past ``positions``, which the replay refuses again)
+# and returns the kept ones' counts by reason.
+DeadLettersRestored = Callable[[int | None, Positions], Mapping[str, int]]
+
+
+class _Progress:
+    """The dead-letter sink as the stage sees it (it forwards to the real one, if any) and the keeper of
+    REPLAY_META: at each save's flush, which comes just before the save is made, it puts the replay's
+    progress into the stage's meta, which every save carries."""
+
+    def __init__(self, sink: Sink | None, source: ReplaySource) -> None:
+        self.sink = sink
+        self.source = source
+        self.stage: Any = None
+        self.records_before = 0  # processed by the replay before the restored save
+        self.first_time_ms: int | None = None  # the whole replay's first record time, once resumed
+        self.resumed = False
+        self.lines = 0  # dead letters sent, the restored save's included
+        self.counts: dict[str, int] = {}  # those of records before the last save's positions, by reason
+        self._pending: list[tuple[TopicPartition | None, int | None, str]] = []
+
+    # -- the Sink the stage's DeadLetterSink forwards to
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
+        if self.sink is not None:
+            self.sink.send(value, key=key, timestamp_ms=timestamp_ms)
+        self.lines += 1
+        self._pending.append(_letter(value))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self.sink is not None:
+            self.sink.flush(timeout_s)
+        self._note()
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            (getattr(self.sink, "abort", None) or self.sink.close)()
+
+    # -- the replay's progress
+    def restored(self, on_dead_letters_restored: DeadLettersRestored | None) -> str | None:
+        """Go on from the save the stage restored (if any); the dead letters after it are cut."""
+        stage = self.stage
+        point = stage.restored_from
+        prior = _replay_meta(stage.registry, point) if point is not None else None
+        if prior is not None:
+            self.records_before = int(prior["records"])
+            self.first_time_ms = prior["first_time_ms"]
+            self.lines = int(prior["dead_letter_lines"])
+            self.counts = {str(k): int(v) for k, v in prior["dead_letters"].items()}
+            self.resumed = True
+        kept = None
+        if on_dead_letters_restored is not None:
+            lines = self.lines if point is None or prior is not None else None
+            kept = on_dead_letters_restored(lines, stage.positions if point is not None else {})
+        if point is not None and prior is None:  # a save without REPLAY_META: what the sink kept
+            self.counts = dict(kept or {})
+        stage.dead_letters.counts = dict(self.counts)
+        return point
+
+    def _note(self) -> None:
+        stage = self.stage
+        positions = stage.positions
+        still = []
+        for tp, offset, reason in self._pending:
+            if tp is not None and offset is not None and offset >= positions.get(tp, offset + 1):
+                still.append((tp, offset, reason))  # its record comes after the save: sent again
+            else:
+                self.counts[reason] = self.counts.get(reason, 0) + 1
+        self._pending = still
+        stage.meta[REPLAY_META] = {
+            "records": self.records,
+            "first_time_ms": self.first_time,
+            "dead_letter_lines": self.lines,
+            "dead_letters": dict(self.counts),
+        }
+
+    @property
+    def records(self) -> int:
+        return self.records_before + self.stage.records_processed
+
+    @property
+    def first_time(self) -> int | None:
+        return self.first_time_ms if self.resumed else self.source.first_timestamp_ms
+
+
+class ReplaySaveFailed(RuntimeError):
+    """The replay's final snapshot (its model) was not written; the period snapshots before it were."""
+
+
+def _final_snapshot(stage: Any, save: Callable[[], int]) -> int:
+    """``save()`` the final snapshot, then close ``stage``. A stage's own close(final="snapshot") logs a
+    failed save ("final save skipped") and returns None: the replay ended 0 without its model."""
+    try:
+        version = save()
+    except Exception as exc:
+        stage.abort()
+        raise ReplaySaveFailed(f"the final snapshot was not written: {exc}") from exc
+    stage.close(final=None)
+    return version
+
+
+def _letter(value: bytes) -> tuple[TopicPartition | None, int | None, str]:
+    """(partition, offset, reason) of a dead-letter envelope (engine/deadletter.py)."""
+    envelope = orjson.loads(value)
+    topic, partition, offset = envelope.get("topic"), envelope.get("partition"), envelope.get("offset")
+    tp = TopicPartition(topic, partition) if isinstance(topic, str) and isinstance(partition, int) else None
+    return tp, offset if isinstance(offset, int) else None, str(envelope.get("reason"))
+
+
+def _replay_meta(registry: Any, point: str) -> dict[str, Any] | None:
+    """REPLAY_META of the save ``point`` ("snapshot 3", "checkpoint 2"); None when it has none."""
+    kind, _, number = point.partition(" ")
+    target = registry.checkpoints if kind == "checkpoint" else registry
+    meta = target.manifest(int(number))["meta"].get(REPLAY_META)
+    keys = ("records", "first_time_ms", "dead_letter_lines", "dead_letters")
+    return meta if isinstance(meta, dict) and all(k in meta for k in keys) else None
 
 
 def run_replay(
@@ -65,13 +207,15 @@ def run_replay(
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
     on_restored: Callable[[int], None] | None = None,
+    on_dead_letters_restored: DeadLettersRestored | None = None,
 ) -> ReplayResult:
     """Replay ``source`` from ``start`` (default: its beginning) to ``end`` (exclusive) into a fresh or
     resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out;
     refused records go to ``dead_letter_sink`` with their reason (counted either way).
     ``on_restored`` gets, before any sample is sent, how many samples the restored state had already
     sent to ``samples_sink`` (0 for a fresh replay): a resumed replay sends the ones after its restore
-    point again, so a file sink keeps only that many lines (else they were in the file twice)."""
+    point again, so a file sink keeps only that many lines (else they were in the file twice).
+    ``on_dead_letters_restored``: the same for ``dead_letter_sink`` (see DeadLettersRestored)."""
     from reloop.engine.runtime.build import build_pipeline
 
     set_young_threshold(cfg.stages.gc_young_threshold)  # as every stage process (gc_tuning.py)
@@ -92,16 +236,19 @@ def run_replay(
         stall_timeout_s=stall_timeout_s,
         first_topics=(cfg.source.impressions_topic,),
     )
+    book = _Progress(dead_letter_sink, replay_source)
     pipeline = build_pipeline(
         cfg,
         source=replay_source,
         samples_sink=samples_sink,
-        dead_letter_sink=dead_letter_sink,
+        dead_letter_sink=book,
         commit=None,  # never touch the live consumer group's offsets
         clock=clock,
         stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
     )
+    book.stage = pipeline
+    resumed_from = book.restored(on_dead_letters_restored)
     t0 = time.perf_counter()
     restored_at = (pipeline.trainer.counters.samples, pipeline.records_processed)
     pipeline.open()
@@ -131,22 +278,25 @@ def run_replay(
         pipeline.close(final=None)
         version = pipeline.version
     else:
-        version = pipeline.close(final="snapshot")
+        timeout_s = pipeline.settings.flush_timeout_s
+        version = _final_snapshot(pipeline, lambda: pipeline.snapshot(flush_timeout_s=timeout_s))
     seconds = time.perf_counter() - t0
     progressive = pipeline.trainer.progressive.get()
     return ReplayResult(
         final_version=version,
-        records=pipeline.records_processed,
+        records=book.records,
         samples_trained=pipeline.trainer.counters.samples,
         steps=pipeline.trainer.counters.steps,
         seconds=seconds,
-        first_time_ms=replay_source.first_timestamp_ms,
+        first_time_ms=book.first_time,
         last_time_ms=replay_source.last_timestamp_ms,
         join=pipeline.joiner.stats.as_dict(),
         dead_letters=dict(pipeline.dead_letters.counts),
         progressive={k: float(v) for k, v in progressive.items()},
         positions=positions_to_json(pipeline.positions),
         trainer=pipeline.trainer.counters.as_dict(),
+        records_this_run=pipeline.records_processed,
+        resumed_from=resumed_from,
     )
 
 
@@ -160,9 +310,11 @@ def run_samples_replay(
     dead_letter_sink: Sink | None = None,
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
+    on_dead_letters_restored: DeadLettersRestored | None = None,
 ) -> ReplayResult:
     """Replay a range of the samples topic through the train stage alone (the join already happened):
-    a new model, feature spec or strategy trained from the same samples at training speed."""
+    a new model, feature spec or strategy trained from the same samples at training speed. A resumed
+    one goes on as ``run_replay`` does."""
     from reloop.engine.runtime.build import build_train_stage
 
     set_young_threshold(cfg.stages.gc_young_threshold)
@@ -184,35 +336,44 @@ def run_samples_replay(
     )
     # Full batches only: a replay is a function of the topic's range, never of how fast it was read.
     full_batches = cfg.train.model_copy(update={"max_wait_ms": None})
+    book = _Progress(dead_letter_sink, replay_source)
     stage = build_train_stage(
         cfg.model_copy(update={"train": full_batches}),
         source=replay_source,
-        dead_letter_sink=dead_letter_sink,
+        dead_letter_sink=book,
         commit=None,
         clock=clock,
         stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
     )
+    book.stage = stage
+    resumed_from = book.restored(on_dead_letters_restored)
     t0 = time.perf_counter()
     stage.open()
     last_reported = 0
-    while not replay_source.done():
-        stage.step()
-        if on_progress is not None and replay_source.records_out != last_reported:
-            last_reported = replay_source.records_out
-            on_progress(last_reported)
-    while stage.records_processed < replay_source.records_out:  # still on the fetch thread's queue
-        stage.step()
+    try:
+        while not replay_source.done():
+            stage.step()
+            if on_progress is not None and replay_source.records_out != last_reported:
+                last_reported = replay_source.records_out
+                on_progress(last_reported)
+        while stage.records_processed < replay_source.records_out:  # still on the fetch thread's queue
+            stage.step()
+    except BaseException:
+        # As run_replay: the snapshot write in flight finished (a resume in this process restored the
+        # one before it, and published its boundary a second time) and the fetch thread stopped.
+        stage.abort()
+        raise
     stage.train_remaining()
-    version = stage.close(final="snapshot")
+    version = _final_snapshot(stage, stage.snapshot)
     progressive = stage.trainer.progressive.get()
     return ReplayResult(
         final_version=version,
-        records=stage.records_processed,
+        records=book.records,
         samples_trained=stage.trainer.counters.samples,
         steps=stage.trainer.counters.steps,
         seconds=time.perf_counter() - t0,
-        first_time_ms=replay_source.first_timestamp_ms,
+        first_time_ms=book.first_time,
         last_time_ms=replay_source.last_timestamp_ms,
         join={
             "duplicates_dropped": stage.duplicates_dropped,
@@ -223,4 +384,6 @@ def run_samples_replay(
         progressive={k: float(v) for k, v in progressive.items()},
         positions=positions_to_json(stage.positions),
         trainer=stage.trainer.counters.as_dict(),
+        records_this_run=stage.records_processed,
+        resumed_from=resumed_from,
     )

@@ -23,6 +23,7 @@ Writes ``OUT/snapshots`` (its own registry), ``OUT/samples/samples/partition-000
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -392,6 +393,7 @@ def main(args: argparse.Namespace) -> int:
             dead_letter_sink=dead,
             on_progress=progress,
             on_restored=keep_samples,
+            on_dead_letters_restored=functools.partial(keep_dead_letters, dead),
         ),
         failures,
     )
@@ -482,6 +484,7 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
             checkpoint_dir=snapshots,
             dead_letter_sink=dead,
             on_progress=lambda n: bar.update(n - bar.n),
+            on_dead_letters_restored=functools.partial(keep_dead_letters, dead),
         ),
         _client_errors(),
     )
@@ -497,8 +500,10 @@ def _summarised(
 ) -> Any:
     """``replay()``'s result, also written to OUT/summary.json and printed; else the exit code (and why,
     on stderr): 2 when ``--resume`` found snapshots it cannot use, 1 when the source stopped delivering
-    or failed (``failures``: the Kafka client's errors), 130 on Ctrl-C (OUT/summary.json then says the
-    replay was interrupted; a summary left by an earlier run would read as this one's result)."""
+    or failed (``failures``: the Kafka client's errors) or the final snapshot was not written, 130 on
+    Ctrl-C (OUT/summary.json then says the replay was interrupted; a summary left by an earlier run would
+    read as this one's result)."""
+    from reloop.engine.replay.replay import ReplaySaveFailed
     from reloop.engine.replay.sources import ReplayStalled
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
@@ -508,7 +513,7 @@ def _summarised(
     except (SnapshotMismatch, NoUsableSnapshot) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
         return 2
-    except (ReplayStalled, *failures) as exc:  # was a traceback
+    except (ReplayStalled, ReplaySaveFailed, *failures) as exc:  # was a traceback (or exit 0: a failed save)
         print(
             f"reloop replay: {exc}; OUT/snapshots keeps the last snapshot: --resume goes on", file=sys.stderr
         )
@@ -556,10 +561,43 @@ def keep_lines(path: Path, n: int) -> None:
             fh.truncate(size)
 
 
+def keep_dead_letters(sink: Any, lines: int | None, positions: Positions) -> dict[str, int]:
+    """Cut the dead-letter file of ``sink`` (a JsonlSink, nothing sent yet) to what a resumed replay's
+    restore point had sent: its first ``lines`` (all: None), less those of records at or past
+    ``positions``, which the resumed replay refuses again. Returns the kept letters' counts by reason."""
+    from reloop.connectors.files.jsonl import partition_path
+
+    path = partition_path(sink.root, sink.topic, 0)
+    counts: dict[str, int] = {}
+    if not path.exists():
+        return counts
+    kept: list[bytes] = []
+    with path.open("rb") as fh:
+        for line in fh if lines is None else islice(fh, lines):
+            if not line.endswith(b"\n"):
+                break  # torn by a kill: the replay sends it again
+            try:
+                letter = orjson.loads(line)
+                topic, partition, offset = letter["topic"], letter["partition"], letter["offset"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if isinstance(partition, int) and isinstance(offset, int):
+                at = positions.get(TopicPartition(topic, partition))
+                if at is not None and offset >= at:
+                    continue
+            kept.append(line)
+            reason = str(letter.get("reason"))
+            counts[reason] = counts.get(reason, 0) + 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(kept))
+    tmp.replace(path)
+    return counts
+
+
 def _dead_letter_sink(args: argparse.Namespace, cfg: Any) -> Any:
     """The refused records, with their reasons, as JSONL under ``OUT/dead-letters`` (never the live
-    dead-letter topic: a replay writes only under OUT). A resumed replay appends, and may repeat the
-    records it refused after its last checkpoint."""
+    dead-letter topic: a replay writes only under OUT). A resumed replay keeps those its restore point
+    had written and writes the rest (keep_dead_letters): each refused record once."""
     from reloop.connectors.files.jsonl import JsonlSink
 
     return JsonlSink(root=args.out / "dead-letters", topic=cfg.sink.dead_letter_topic or "deadletter")

@@ -17,7 +17,9 @@ wide and too unstable to judge on) or fewer than 2 of either (no interval).
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,13 +38,47 @@ MIN_SEEDS = 3  # fewer seeds: verdict "n/a"
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: Path, append: bool = False) -> None:
+    """Write (or append) ``rows`` in one write, made durable: a backtest appends each run's rows so, and
+    a kill can only cut that one write short (``cut_torn_run`` takes such a run back out)."""
     exists = path.exists() and append
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    if not exists:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
     with path.open("a" if append else "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if not exists:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
+        fh.write(text.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def cut_torn_run(path: Path) -> bool:
+    """Take the run cut short by a kill out of the CSV at ``path``: one that does not end with a line
+    break ends in the middle of a run's write (``write_csv``), whose complete rows before the torn one are
+    not all of its periods. Cuts the torn line and the rows of the run it belonged to (when the torn line
+    began a run, the run before it is made again too: it cannot be told apart). True when it cut."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return False
+    lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
+    if len(lines) <= 1:  # at most the header: no run finished
+        path.unlink()
+        return True
+    header = next(csv.reader([lines[0].decode()]))
+    at = [header.index(k) for k in ("protocol", "backbone", "strategy", "seed")]
+
+    def key(line: bytes) -> tuple[str, ...]:
+        cells = next(csv.reader([line.decode()]))
+        return tuple(cells[i] for i in at)
+
+    last = key(lines[-1])
+    while len(lines) > 1 and key(lines[-1]) == last:
+        lines.pop()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(lines))
+    tmp.replace(path)
+    return True
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

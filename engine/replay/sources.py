@@ -204,7 +204,9 @@ class ReplaySource:
         if out:
             self.records_out += len(out)
             if self.first_timestamp_ms is None:
-                self.first_timestamp_ms = out[0].timestamp_ms
+                # The first record with a time: one without (stamped 0 at the head of its partition, the
+                # pipeline dead-letters it) made the summary's first_time_ms 1970.
+                self.first_timestamp_ms = next((r.timestamp_ms for r in out if r.timestamp_ms > 0), None)
             self.last_timestamp_ms = newest
             if self.set_clock is not None:
                 self.set_clock(newest)

@@ -199,10 +199,20 @@ class MetricsSection(_Section):
     max_arms: int = Field(
         default=64, gt=0, description="arms with rolling metrics (the first seen); the rest are counted only"
     )
-    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="/metrics of the train process (null: none; 0: a free port, which the log line "
+        '"metrics" names in its url, as for every port derived from it)',
+    )
     prometheus_host: str = "127.0.0.1"
     join_prometheus_port: int | None = Field(
-        default=None, ge=0, le=65535, description="/metrics of the join process (reloop join)"
+        default=None,
+        ge=0,
+        le=65535,
+        description="/metrics of the join process (reloop join; in reloop run, null: prometheus_port + 1, "
+        "a free port when that is 0, none when it is null)",
     )
 
     @model_validator(mode="after")

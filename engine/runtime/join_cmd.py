@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve /metrics here (default: metrics.join_prometheus_port)",
+        help="serve /metrics here (default: metrics.join_prometheus_port; 0: a free port, named in the log)",
     )
 
 

@@ -9,7 +9,8 @@ with the worst of their exit codes; one still running ``recovery.stop_timeout_s`
 its stop is SIGKILLed. When one child ends on its own (it gave up, or a bad config), the other is stopped
 too and its exit code is returned, so an orchestrator restarts the pair.
 
-Exit codes: 0 stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
+Exit codes: 0 stopped cleanly, 1 gave up, forced out or a stage's final save failed, 2 bad config or
+unusable snapshots.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- two processes
 def join_metrics_port(cfg: RunConfig) -> int | None:
     """Where the join process serves /metrics: ``metrics.join_prometheus_port``, else the train
-    process's port + 1 (none when the train process has none)."""
+    process's port + 1 (none when the train process has none; a free port, as the train process's,
+    when that is 0: 0 had served the train stage on a free port and the join stage on none)."""
     m = cfg.metrics
     if m.join_prometheus_port is not None:
         return m.join_prometheus_port
-    if not m.prometheus_port:
-        return None
+    if m.prometheus_port is None or m.prometheus_port == 0:
+        return m.prometheus_port
     return m.prometheus_port + 1
 
 

@@ -5,7 +5,8 @@ about one record rebuilds the stage from its last checkpoint (engine/runtime/sup
 SIGINT stop it gracefully (a final checkpoint); the process exits at the latest ``recovery.stop_timeout_s``
 after the signal whatever the broker does; a second signal, a second or more after the first, exits at
 once, and so does a signal while the stage is still being built (nothing to save yet). Exit codes: 0
-stopped cleanly, 1 gave up or forced out, 2 bad config or unusable snapshots.
+stopped cleanly (the final checkpoint saved, or nothing to save), 1 gave up, forced out, or stopped
+without its final checkpoint (the save failed: "final save skipped"), 2 bad config or unusable snapshots.
 """
 
 from __future__ import annotations
@@ -133,9 +134,16 @@ def run_supervised(
                 flush=True,
             )
             return 2
+        # The port bound: the only place that names it when metrics_port is 0 (a free port).
         log.info(
             "metrics",
-            extra={"fields": {"url": http_url(metrics_server.host, metrics_server.port, "/metrics")}},
+            extra={
+                "fields": {
+                    "stage": name,
+                    "url": http_url(metrics_server.host, metrics_server.port, "/metrics"),
+                    "port": metrics_server.port,
+                }
+            },
         )
     if stop is None:
         stop = StopRequest(cfg.recovery.stop_timeout_s)
@@ -192,6 +200,22 @@ def run_supervised(
         )
         print(f"reloop {name}: {error}", file=sys.stderr, flush=True)
         code = 1
+    else:
+        if supervisor.closed and not _final_saved(supervisor):
+            # The stop's final save failed (the sinks could not flush, the write failed): the records
+            # after the last save are processed again by the restart, as after a crash. Exit 0 said the
+            # stop was clean.
+            log.critical(
+                "stopped without a final checkpoint (the last save is the restart point)",
+                extra={"fields": {"stage": name}},
+            )
+            print(
+                f'reloop {name}: the stop\'s final save failed (see "final save skipped" in the log); '
+                "the last snapshot or checkpoint is the restart point",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = 1
     finally:
         stop.disarm()
         if metrics_server is not None:
@@ -210,3 +234,10 @@ def run_supervised(
         },
     )
     return code
+
+
+def _final_saved(supervisor: Any) -> bool:
+    """Whether the stage the stop closed saved its final checkpoint: its ``final_saved`` (set once that save
+    is durable), else what its close returned."""
+    saved = getattr(supervisor.pipeline, "final_saved", supervisor.final_number)
+    return saved is not None

@@ -100,6 +100,7 @@ class Supervisor:
         self.building = False  # within build(): no stage runs (a stop has nothing to save)
         self.restarts = 0
         self.final_number: Any = None  # what close returned: a checkpoint number, or one per join task
+        self.closed = False  # a stage ran until the stop and was closed (its final save was attempted)
         self._failing_since: float | None = None
         self._attempt = 0
         self._restarts_metric = stats.pipeline_restarts
@@ -130,6 +131,7 @@ class Supervisor:
                 self._failed(exc)
                 continue
             self.final_number = self.close(pipeline)
+            self.closed = True
             return
 
     def _stepped(self, pipeline: Any) -> None:

@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=None,
-        help="serve /metrics here (default: metrics.prometheus_port; rank r of several: this + r)",
+        help="serve /metrics here (default: metrics.prometheus_port; rank r of several: this + r; "
+        "0: a free port, named in the log)",
     )
     parser.add_argument(
         "--world-size",
@@ -80,8 +81,7 @@ def main(args: argparse.Namespace) -> int:
         from reloop.engine.train.data_parallel import RankGroup
 
         group = RankGroup.start(timeout_s=cfg.distributed.timeout_s)
-        if port is not None:
-            port += int(os.environ.get("LOCAL_RANK", "0"))
+        port = rank_metrics_port(port, int(os.environ.get("LOCAL_RANK", "0")))
     try:
         return run_supervised(
             "train",
@@ -95,6 +95,12 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if group is not None:
             group.close()
+
+
+def rank_metrics_port(port: int | None, local_rank: int) -> int | None:
+    """Where rank ``local_rank`` of this machine serves /metrics: ``port`` + its rank; 0 (a free port,
+    logged) for every rank when ``port`` is 0 (rank r bound port r: refused, or someone else's)."""
+    return port + local_rank if port else port
 
 
 def _close_and_mark(stage: Any) -> int | None:

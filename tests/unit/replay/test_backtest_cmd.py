@@ -377,3 +377,32 @@ def test_run_and_the_backtest_step_on_batches_of_the_same_size_by_default() -> N
 
     backtest = _parse(["--dataset", "d", "--data", "d", "--out", "d"])
     assert TrainSection().batch_size == StreamTrainerConfig().batch_size == backtest.batch_size == 512
+
+
+@pytest.mark.parametrize("cut", ["mid_row", "mid_run"])
+def test_a_resume_after_a_run_cut_short_while_written_makes_that_run_again(tmp_path: Path, cut: str) -> None:
+    # The process killed while it appended a run's rows: --resume took the run for finished with the
+    # periods it had (a report without the rest, silently), or failed on the torn last line.
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    opts = "--period week --min-period-size 50 --backbones fm --strategies ce --seeds 2 --protocols streaming"
+    tiny = "--batch-size 64 --buckets 64 --embedding-dim 4 --no-river"
+    argv = ["backtest", "--dataset", "movielens-100k", *opts.split(" "), *tiny.split(" ")]
+    argv += ["--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    path = out / "results.csv"
+    whole = path.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    assert len(lines) > 4
+    # the last run's rows written up to the middle of its second row (or of its last one)
+    kept = lines[:-2] if cut == "mid_run" else lines[:-1]
+    path.write_bytes(b"".join(kept) + lines[len(kept)][: len(lines[len(kept)]) // 2])
+    assert main([*argv, "--resume"]) == 0
+
+    def rows(data: bytes) -> list[tuple]:
+        return sorted(
+            (r["strategy"], r["seed"], r["period"], r["n"], r["auc"])
+            for r in csv.DictReader(data.decode().splitlines())
+        )
+
+    assert rows(path.read_bytes()) == rows(whole)

@@ -606,3 +606,170 @@ def test_a_replay_whose_source_stops_delivering_exits_1_with_a_message(tmp_path:
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "reloop replay: no records for 30.0s" in err and "Traceback" not in err
+
+
+def _dead_letter_lines(out: Path) -> list[bytes]:
+    return [x for f in sorted((out / "dead-letters").rglob("*.jsonl")) for x in f.read_bytes().splitlines()]
+
+
+def test_a_resumed_replay_summarises_and_dead_letters_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    # A resume counted only its own records in "records" (while the join and trainer counts went on from
+    # the snapshot), its "dead_letters" only those it refused itself, and the bad records after the
+    # restore point went to OUT/dead-letters a second time.
+    from reloop.engine.runtime.pipeline import Pipeline
+
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    path = root / "clicks" / "partition-00000.jsonl"
+    lines = path.read_bytes().splitlines()
+    bad = [b"not json %d" % i for i in range(len(lines) // 20 + 1)]
+    mixed = [x for i, line in enumerate(lines) for x in ((bad[i // 20], line) if i % 20 == 0 else (line,))]
+    path.write_bytes(b"\n".join(mixed) + b"\n")
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out"]
+    assert main([*argv, str(tmp_path / "whole")]) == 0
+    whole = orjson.loads((tmp_path / "whole" / "summary.json").read_bytes())
+    assert sum(whole["dead_letters"].values()) == len(bad) == len(_dead_letter_lines(tmp_path / "whole"))
+    step = Pipeline.step
+    calls = 0
+
+    def interrupted_step(self: Pipeline) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 9:  # past the first snapshots, between two of them
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Pipeline, "step", interrupted_step)
+    out = tmp_path / "cut"
+    assert main([*argv, str(out)]) == 130
+    assert SnapshotRegistry(out / "snapshots").versions()
+    before = len(_dead_letter_lines(out))
+    assert 0 < before < len(bad)
+    monkeypatch.setattr(Pipeline, "step", step)
+    assert main([*argv, str(out), "--resume"]) == 0
+    strip = [
+        {k: v for k, v in orjson.loads(x).items() if k != "dead_lettered_at_ms"}
+        for x in _dead_letter_lines(out)
+    ]
+    assert strip == [
+        {k: v for k, v in orjson.loads(x).items() if k != "dead_lettered_at_ms"}
+        for x in _dead_letter_lines(tmp_path / "whole")
+    ]
+    resumed = orjson.loads((out / "summary.json").read_bytes())
+    for key in ("records", "samples_trained", "steps", "first_time_ms", "last_time_ms", "join",
+                "dead_letters", "positions", "trainer", "final_version"):  # fmt: skip
+        assert resumed[key] == whole[key], key
+    assert resumed["progressive"] == pytest.approx(whole["progressive"])  # a sum's last bit may differ
+    # what is this run's alone says so
+    assert resumed["resumed_from"] is not None and whole["resumed_from"] is None
+    assert 0 < resumed["records_this_run"] < resumed["records"]
+    assert whole["records_this_run"] == whole["records"]
+
+
+def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    # As for the raw replay: a resumed --from-samples replay counted only its own records and its own
+    # dead letters, and wrote again the dead letters of the messages after its restore point.
+    import functools
+
+    from reloop.connectors.memory import MemoryLog, MemorySource
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+    from reloop.engine.replay.replay import run_samples_replay
+    from reloop.engine.replay.replay_cmd import keep_dead_letters
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.synthetic import SPEC
+    from reloop.engine.runtime.train_stage import TrainStage
+    from reloop.engine.streams import TopicPartition
+
+    rng = np.random.default_rng(2)
+    samples = [
+        LabeledSample(
+            f"s{i}",
+            {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": i % 7},
+            int(rng.random() < 0.3),
+            0.3,
+            0,
+            1_700_000_000_000 + i,
+        )  # fmt: skip
+        for i in range(2_560)
+    ]
+    log = MemoryLog()
+    log.create("samples")
+    for i in range(0, len(samples), 64):
+        log.append("samples", encode_batch(batch_from_samples(samples[i : i + 64], task=0, first_seq=i)),
+                   None, samples[i].event_time_ms)  # fmt: skip
+        if i % (64 * 8) == 0:
+            log.append("samples", b"not a batch %d" % i, None, samples[i].event_time_ms)
+    end = {TopicPartition("samples", 0): len(log._data[TopicPartition("samples", 0)])}
+    cfg = load_config_dict(
+        {
+            "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+            "train": {"batch_size": 100, "deterministic": True},
+            "stages": {"samples_topic": "samples"},
+            "period": {"every_samples": 500},
+            "consumer": {"group_id": None},
+        },
+        env={},
+    )
+
+    def replay(out: Path):
+        dead = JsonlSink(root=out / "dead-letters", topic="dl")
+        try:
+            return run_samples_replay(
+                cfg, source=MemorySource(log, ["samples"]), end=end, checkpoint_dir=out / "snapshots",
+                dead_letter_sink=dead, on_dead_letters_restored=functools.partial(keep_dead_letters, dead),
+            )  # fmt: skip
+        finally:
+            dead.close()
+
+    whole = replay(tmp_path / "whole").to_dict()
+    assert sum(whole["dead_letters"].values()) == 5 == len(_dead_letter_lines(tmp_path / "whole"))
+    step = TrainStage.step
+
+    def interrupted_step(self: TrainStage) -> int:
+        if self.trainer.counters.samples >= 1_300:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(TrainStage, "step", interrupted_step)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        replay(out)
+    assert SnapshotRegistry(out / "snapshots").versions()
+    monkeypatch.setattr(TrainStage, "step", step)
+    resumed = replay(out).to_dict()
+    assert [orjson.loads(x)["value"] for x in _dead_letter_lines(out)] == [
+        orjson.loads(x)["value"] for x in _dead_letter_lines(tmp_path / "whole")
+    ]
+    for key in ("records", "samples_trained", "steps", "first_time_ms", "last_time_ms", "join",
+                "dead_letters", "positions", "trainer", "final_version"):  # fmt: skip
+        assert resumed[key] == whole[key], key
+    assert resumed["resumed_from"] is not None and 0 < resumed["records_this_run"] < resumed["records"]
+
+
+def test_a_replay_whose_final_snapshot_fails_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The final snapshot (the replay's model) failed: "final save skipped" in the log, and the replay
+    # exited 0 with a summary of final_version null.
+    from reloop.engine.runtime.pipeline import Pipeline
+
+    snapshot = Pipeline.snapshot
+
+    def full_disk(self: Pipeline, *, wait: bool = True, **kwargs) -> int:
+        if wait:  # the final one (period snapshots go to the writer thread)
+            raise OSError(28, "No space left on device")
+        return snapshot(self, wait=wait, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "snapshot", full_disk)
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    write_jsonl(tmp_path / "log", events())
+    out = tmp_path / "a"
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(tmp_path / "log"), "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "reloop replay: the final snapshot was not written" in err and "No space left" in err
+    assert "Traceback" not in err and not (out / "summary.json").exists()
+    versions = SnapshotRegistry(out / "snapshots").versions()
+    monkeypatch.setattr(Pipeline, "snapshot", snapshot)
+    assert main([*argv, "--resume"]) == 0  # goes on from the last period snapshot
+    assert SnapshotRegistry(out / "snapshots").versions()[-1] == versions[-1] + 1

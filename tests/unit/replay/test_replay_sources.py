@@ -175,3 +175,15 @@ def test_event_list_source_puts_an_impression_before_a_click_of_its_time() -> No
     src = EventListSource(events, "x-impressions", "a-clicks")
     src.open()
     assert [r.topic for r in src.poll(10, 0)] == ["x-impressions", "a-clicks"]
+
+
+def test_a_first_record_without_a_time_is_not_the_replays_first_time() -> None:
+    # A JSONL file whose first line has no event time (not JSON: it is dead-lettered) stamps it 0 and it
+    # goes out first: the summary's first_time_ms said 1970.
+    log = _log(2)
+    log._data[CLK0].insert(0, Record("clk", 0, 0, None, b"not json", 0))
+    log._data[CLK0] = [r._replace(offset=i) for i, r in enumerate(log._data[CLK0])]
+    src = ReplaySource(MemorySource(log, ["imp", "clk"]), end=_ends(log), batch_size=4, timestamps="event")
+    got = [r for p in _drain(src) for r in p]
+    assert got[0].value == b"not json"
+    assert src.first_timestamp_ms == min(r.timestamp_ms for r in got if r.value != b"not json") > 0

@@ -288,3 +288,154 @@ def test_a_stage_whose_parent_died_before_its_lifeline_was_armed_does_not_run(tm
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the stage ran on without its parent"
+
+
+class _DownAtTheStop:
+    """A sink whose broker goes down with the stop: the final save's flush fails."""
+
+    def __init__(self, stop, down: bool) -> None:
+        self.stop, self.down = stop, down
+
+    def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None, **_kw) -> None:
+        return None
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self.down and self.stop.event.is_set():
+            raise TimeoutError("flush timed out: the broker is down")
+
+    def close(self) -> None:  # a producer's close leaves what it could not send behind, with a warning
+        return None
+
+
+def _real_stages(tmp_path, stop, which: str, down: bool = True):
+    """``which`` ("join", "train" or "run": both) built on empty memory topics, whose sinks fail to flush
+    once ``stop`` is set (``down``); the stop comes at the third step."""
+    from reloop.connectors.memory.memory import MemoryGroupSource, MemoryLog, MemorySource
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.build import build_join_stage, build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.run_cmd import BothStages
+
+    log = MemoryLog()
+    for topic in ("impressions", "clicks", "samples"):
+        log.create(topic, 1)
+    cfg = load_config_dict(
+        {
+            "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
+            "stages": {"samples_topic": "samples"},
+            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "recovery": {"stop_timeout_s": 30},
+        },
+        env={},
+    )
+    down = _DownAtTheStop(stop, down)
+    stages = {
+        "join": lambda: build_join_stage(
+            cfg, source=MemoryGroupSource(log, ["impressions", "clicks"]), samples_sink=down,
+            dead_letter_sink=down, stats=EngineStats(), checkpoint_dir=tmp_path / "join",
+        ),
+        "train": lambda: build_train_stage(
+            cfg, source=MemorySource(log, ["samples"]), dead_letter_sink=down, stats=EngineStats(),
+            checkpoint_dir=tmp_path / "train",
+        ),
+    }  # fmt: skip
+
+    def build():
+        stage = BothStages(stages["join"](), stages["train"]()) if which == "run" else stages[which]()
+        step, steps = stage.step if which != "run" else stage.train.step, [0]
+
+        def stepped():
+            steps[0] += 1
+            if steps[0] == 3:
+                stop.event.set()
+            return step()
+
+        if which == "run":
+            stage.train.step = stepped
+        else:
+            stage.step = stepped
+        return stage
+
+    return cfg, build
+
+
+@pytest.mark.usefixtures("_process_state")
+@pytest.mark.parametrize("which", ["join", "train", "run"])
+def test_a_stop_whose_final_save_fails_exits_1(tmp_path, capsys: pytest.CaptureFixture, which: str) -> None:
+    # "final save skipped" (the sinks could not flush: the records after the last save are processed again
+    # after a restart) and the process exited 0, as after a clean stop with its final checkpoint.
+    from reloop.engine.runtime import train_cmd
+    from reloop.engine.runtime.jsonlog import setup_json_logging
+    from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
+
+    stop = StopRequest(timeout_s=30)  # not installed: the third step sets it
+    cfg, build = _real_stages(tmp_path, stop, which)
+    close = {
+        "join": lambda stage: stage.close(checkpoint=True),
+        "train": train_cmd._close_and_mark,
+        "run": lambda both: both.close(),
+    }[which]
+    setup_json_logging("INFO")
+    code = run_supervised(which, cfg, build, close=close, describe=lambda s: {}, metrics_port=None, stop=stop)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    [stopped] = [orjson.loads(ln) for ln in err.splitlines() if '"msg":"stopped"' in ln]
+    assert stopped["exit_code"] == 1 and stopped["final_checkpoint"] is None
+    assert f"reloop {which}: the stop's final save failed" in err
+
+
+@pytest.mark.usefixtures("_process_state")
+@pytest.mark.parametrize("which", ["join", "train", "run"])
+def test_a_stop_whose_final_save_succeeds_exits_0(tmp_path, capsys, which: str) -> None:
+    from reloop.engine.runtime import train_cmd
+    from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
+
+    stop = StopRequest(timeout_s=30)
+    cfg, build = _real_stages(tmp_path, stop, which, down=False)
+    close = {
+        "join": lambda stage: stage.close(checkpoint=True),
+        "train": train_cmd._close_and_mark,
+        "run": lambda both: both.close(),
+    }[which]
+    code = run_supervised(which, cfg, build, close=close, describe=lambda s: {}, metrics_port=None, stop=stop)
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("train", "join", "expected"),
+    [(0, None, 0), (None, None, None), (9464, None, 9465), (0, 9470, 9470), (9464, 0, 0)],
+)
+def test_metrics_port_0_is_a_free_port_for_both_stages(train, join, expected) -> None:
+    # metrics.prometheus_port 0 served the train process on a free port and the join process on none.
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.run_cmd import join_metrics_port
+
+    metrics = {"prometheus_port": train, "join_prometheus_port": join}
+    cfg = load_config_dict({"model": {"backbone": "lr", "spec": SPEC}, "metrics": metrics}, env={})
+    assert join_metrics_port(cfg) == expected
+
+
+@pytest.mark.usefixtures("_process_state")
+def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> None:
+    import urllib.request
+
+    from reloop.engine.runtime.jsonlog import setup_json_logging
+    from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
+
+    stop = StopRequest(timeout_s=30)
+    cfg, build = _real_stages(tmp_path, stop, "join", down=False)
+    scraped: list[bytes] = []
+
+    def scrape(stage) -> None:  # while it runs, at the address its "metrics" line names
+        line = next(ln for ln in capsys.readouterr().err.splitlines() if '"msg":"metrics"' in ln)
+        scraped.append(urllib.request.urlopen(orjson.loads(line)["url"], timeout=10).read())
+
+    setup_json_logging("INFO")
+
+    def close(stage):
+        scrape(stage)
+        return stage.close(checkpoint=True)
+
+    code = run_supervised("join", cfg, build, close=close, describe=lambda s: {}, metrics_port=0, stop=stop)
+    assert code == 0
+    assert b"reloop_join_tasks" in scraped[0]

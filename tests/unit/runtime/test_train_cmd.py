@@ -27,3 +27,13 @@ def test_the_scratch_folders_of_launchers_that_are_gone_are_removed(tmp_path: Pa
     _remove_dead_launchers_scratch(tmp_path)
     assert not dead.exists()
     assert alive.exists() and mine.exists() and other.exists()
+
+
+def test_ranks_on_metrics_port_0_each_take_a_free_port() -> None:
+    # Rank r served /metrics on port + r: with port 0 (a free port) rank 1 bound port 1 (refused: exit 2,
+    # and torchrun restarted the group).
+    from reloop.engine.runtime.train_cmd import rank_metrics_port
+
+    assert [rank_metrics_port(0, r) for r in range(3)] == [0, 0, 0]
+    assert [rank_metrics_port(9464, r) for r in range(3)] == [9464, 9465, 9466]
+    assert rank_metrics_port(None, 1) is None
