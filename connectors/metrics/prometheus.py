@@ -122,6 +122,10 @@ SERIES: tuple[Series, ...] = (
     Series("train_samples_missing", "reloop_train_samples_missing_total", "counter",
            "Samples a join task numbered that the train stage never found on the samples topic (a jump in "
            "the task's seqs: the topic deleted, recreated or cut by retention before they were trained)."),
+    Series("train_join_task_restarts", "reloop_train_join_task_restarts_total", "counter",
+           "Join tasks that started a new numbering (at seq 0, under a new incarnation) after the train "
+           "stage took samples of an earlier one: the task started without its checkpoint folder. Its new "
+           "samples are trained; what it joined again from the oldest input retained is trained twice."),
     Series("train_samples_refused", "reloop_train_samples_refused_total", "counter",
            "Samples the train stage did not train: their features are values its feature spec cannot read "
            "(their message is dead-lettered with reason bad_feature; its other samples train)."),

@@ -26,17 +26,22 @@ find feature columns by name: their order in a message is not part of the format
 
 Schema metadata: ``reloop.samples.format`` (this module's ``FORMAT``, a major version: a reader refuses
 another one), ``reloop.task`` (the join task = samples partition) and ``reloop.first_seq``, both decimal
-ints in [0, 2**63 - 1]. Column names are unique.
+ints in [0, 2**63 - 1], and, optional, ``reloop.incarnation``: which numbering of the task the seqs belong
+to, 1 to 64 ASCII letters, digits, ``-`` or ``_`` (a join task writes 32 hex digits). Without it (a join
+stage from before incarnations, or a task resumed from a checkpoint written by one) the batch belongs to
+the task's numbering without a name, ``""``. Column names are unique.
 
-Identity: ``(task, seq)`` names a sample for ever: a join task numbers what it emits 0, 1, 2, ... and,
-resumed from its checkpoint after a crash, emits exactly the same samples with the same numbers (see
-engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained already.
+Identity: ``(task, incarnation, seq)`` names a sample for ever: a join task numbers what it emits 0, 1,
+2, ... and, resumed from its checkpoint after a crash, emits exactly the same samples with the same
+numbers (see engine/runtime/join_stage.py), so the train stage drops every sample whose seq it has trained
+already. A task started without a checkpoint (its folder lost) starts a new numbering at 0 under a new
+incarnation, which the train stage trains as new samples instead of dropping them as copies.
 
 >>> from reloop.engine.events.schema import LabeledSample
 >>> s = LabeledSample("i1", {"user": "u", "price": 2.5, "tags": ["a"]}, 1, 0.2, 3, 1000)
 >>> batch = decode_batch(encode_batch(batch_from_samples([s], task=4, first_seq=10)))
->>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s]
-(4, [10], True)
+>>> batch.task, batch.seqs().tolist(), batch.to_samples() == [s], batch.incarnation
+(4, [10], True, '')
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ FEATURE_PREFIX = "f:"
 _META_FORMAT = b"reloop.samples.format"
 _META_TASK = b"reloop.task"
 _META_FIRST = b"reloop.first_seq"
+_META_INCARNATION = b"reloop.incarnation"
 _JSON_FIELD = {b"reloop.encoding": b"json"}
 
 _FIXED = pa.schema(
@@ -81,11 +87,13 @@ FIXED_COLUMNS = tuple(_FIXED.names)
 
 @dataclass(frozen=True)
 class SampleBatch:
-    """One decoded message: ``data`` holds the columns above; ``task`` and ``first_seq`` its identity."""
+    """One decoded message: ``data`` holds the columns above; ``task``, ``first_seq`` and ``incarnation``
+    its identity."""
 
     data: pa.RecordBatch
     task: int
     first_seq: int
+    incarnation: str = ""
 
     def __len__(self) -> int:
         return self.data.num_rows
@@ -126,8 +134,8 @@ class SampleBatch:
         else:
             data = self.data.take(pa.array(index, type=pa.int64()))
         first = int(data.column("seq")[0].as_py()) if data.num_rows else self.first_seq
-        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **_metadata(self.task, first)})
-        return SampleBatch(data, self.task, first)
+        meta = {**(data.schema.metadata or {}), **_metadata(self.task, first, self.incarnation)}
+        return SampleBatch(data.replace_schema_metadata(meta), self.task, first, self.incarnation)
 
     def to_samples(self) -> list[LabeledSample]:
         """Python objects (slow: tests, ledgers, the dict-based paths)."""
@@ -155,7 +163,9 @@ class SampleBatch:
         return out
 
 
-def batch_from_samples(samples: Sequence[LabeledSample], *, task: int, first_seq: int) -> SampleBatch:
+def batch_from_samples(
+    samples: Sequence[LabeledSample], *, task: int, first_seq: int, incarnation: str = ""
+) -> SampleBatch:
     """Columns from LabeledSample objects (seq = first_seq, first_seq + 1, ...)."""
     n = len(samples)
     fixed = [
@@ -169,10 +179,12 @@ def batch_from_samples(samples: Sequence[LabeledSample], *, task: int, first_seq
         pa.array([s.weight for s in samples], pa.float32()),
         pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
     ]
-    return _assemble(fixed, feature_columns([s.features for s in samples]), task, first_seq)
+    return _assemble(fixed, feature_columns([s.features for s in samples]), task, first_seq, incarnation)
 
 
-def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> SampleBatch:
+def batch_from_joined(
+    joined: Sequence[Any], *, task: int, first_seq: int, incarnation: str = ""
+) -> SampleBatch:
     """Columns from the joiner's output (``reloop.engine.join.joiner.Joined``: impression id, event time, the
     impression's raw bytes as they were validated on the way in, label, correction flag)."""
     objs, columns = _keyed_payloads.decode([j.payload for j in joined])
@@ -189,7 +201,7 @@ def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> Sa
         pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
     ]
     if columns is None:
-        return _assemble(fixed, feature_columns([o.features for o in objs]), task, first_seq)
+        return _assemble(fixed, feature_columns([o.features for o in objs]), task, first_seq, incarnation)
     strings = _keyed_payloads.string_keys
     built = [(key, *_column(FEATURE_PREFIX + key, values, key in strings)) for key, values in columns]
     # A column of nulls is a key absent from the batch: left out (module doc).
@@ -197,7 +209,7 @@ def batch_from_joined(joined: Sequence[Any], *, task: int, first_seq: int) -> Sa
     _keyed_payloads.string_keys = {
         key for key, field, _ in built if field.type == _STRING and not field.metadata
     }
-    return _assemble(fixed, built, task, first_seq)
+    return _assemble(fixed, built, task, first_seq, incarnation)
 
 
 class _Payload(msgspec.Struct):
@@ -265,15 +277,19 @@ _keyed_payloads = _KeyedPayloads()
 
 
 def _assemble(
-    fixed: list[pa.Array], features: list[tuple[str, pa.Field, pa.Array]], task: int, first_seq: int
+    fixed: list[pa.Array],
+    features: list[tuple[str, pa.Field, pa.Array]],
+    task: int,
+    first_seq: int,
+    incarnation: str,
 ) -> SampleBatch:
     fields = list(_FIXED)
     arrays = list(fixed)
     for _, field, column in features:
         fields.append(field)
         arrays.append(column)
-    schema = pa.schema(fields, metadata=_metadata(task, first_seq))
-    return SampleBatch(pa.RecordBatch.from_arrays(arrays, schema=schema), task, first_seq)
+    schema = pa.schema(fields, metadata=_metadata(task, first_seq, incarnation))
+    return SampleBatch(pa.RecordBatch.from_arrays(arrays, schema=schema), task, first_seq, incarnation)
 
 
 def feature_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, pa.Field, pa.Array]]:
@@ -387,6 +403,7 @@ def decode_batch(data: bytes) -> SampleBatch:
             "unknown_schema_version", f"samples format {fmt!r} is not supported (supported: {FORMAT})"
         )
     task, first_seq = _identity(meta.get(_META_TASK), meta.get(_META_FIRST))
+    incarnation = _incarnation(meta.get(_META_INCARNATION))
     try:
         names = rb.schema.names
     except UnicodeDecodeError:
@@ -422,7 +439,7 @@ def decode_batch(data: bytes) -> SampleBatch:
         rb.column("seq").to_numpy(), np.arange(first_seq, first_seq + n, dtype=np.int64)
     ):
         raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
-    return SampleBatch(rb, task, first_seq)
+    return SampleBatch(rb, task, first_seq, incarnation)
 
 
 _FEATURE_TYPES = (pa.string(), pa.int64(), pa.float64(), pa.list_(pa.string()))
@@ -492,9 +509,29 @@ def _identity(task: bytes | None, first_seq: bytes | None) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def _metadata(task: int, first_seq: int) -> dict[bytes, bytes]:
-    return {
+_INCARNATION = re.compile(rb"[A-Za-z0-9_-]{1,64}")
+
+
+def _incarnation(value: bytes | None) -> str:
+    """``reloop.incarnation`` as a str (``""`` when absent: a batch from before incarnations); EventError
+    when it is not one (it names a numbering in the train stage's snapshot and logs)."""
+    if value is None:
+        return ""
+    if not _INCARNATION.fullmatch(value):
+        raise EventError(
+            "bad_value", f"reloop.incarnation must be 1 to 64 of [A-Za-z0-9_-], got {value[:70]!r}"
+        )
+    return value.decode()
+
+
+def _metadata(task: int, first_seq: int, incarnation: str = "") -> dict[bytes, bytes]:
+    meta = {
         _META_FORMAT: str(FORMAT).encode(),
         _META_TASK: str(task).encode(),
         _META_FIRST: str(first_seq).encode(),
     }
+    if incarnation:  # without one the message is byte for byte what a join stage before incarnations sent
+        if not _INCARNATION.fullmatch(incarnation.encode()):
+            raise ValueError(f"bad incarnation {incarnation!r}")
+        meta[_META_INCARNATION] = incarnation.encode()
+    return meta

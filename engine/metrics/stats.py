@@ -262,6 +262,7 @@ class EngineStats:
     train_duplicates_dropped: Tally = field(default_factory=Tally)
     train_samples_refused: Tally = field(default_factory=Tally)
     train_samples_missing: Tally = field(default_factory=Tally)
+    train_join_task_restarts: Tally = field(default_factory=Tally)
     train_loss: Level = field(default_factory=Level)  # the mini-batch's total loss
     train_loss_parts: Level = field(default_factory=Level)  # (part "ce"/"sc"/"kd",)
     train_sc_active: Level = field(default_factory=Level)

@@ -11,7 +11,8 @@ shared volume).
 
 Delivery argument (exactly-once into training, at-least-once on the topic):
 
-* every sample carries ``(task, seq)``; a task numbers its output 0, 1, 2, ... for its whole life;
+* every sample carries ``(task, seq)`` (and its numbering's incarnation, below); a task numbers its
+  output 0, 1, 2, ... for its whole life;
 * a checkpoint is written only after every sample numbered below its ``sent`` is durable in the samples
   topic (flush first), and samples emitted but not yet sent are stored IN the checkpoint;
 * between checkpoints a task's output is a function of its checkpoint and its input (records merged in
@@ -19,6 +20,23 @@ Delivery argument (exactly-once into training, at-least-once on the topic):
   crash or a move emits the same samples with the same numbers again;
 * the train stage keeps, per task, the highest seq it has taken (in its own snapshot) and drops the
   rest: a sample sent twice is trained once, and no number is skipped, so none is lost.
+
+A task's numbering has a name, its *incarnation* (``reloop.incarnation`` on every batch, in its
+checkpoints). A task that finds no checkpoint starts a new numbering at 0 under a new random name and
+writes its first checkpoint (empty, the name in it) before it sends anything: resumed after a crash
+before its next checkpoint, it is the same numbering and its copies are dropped as above. A task that
+starts afresh although it ran before (its folder lost: a new volume, a wiped or mistyped checkpoint dir)
+numbers again from 0 what it joins from the oldest input retained; the train stage keeps its highest seq
+per numbering, so it trains the new numbering from its first sample, logs an error naming the task and
+both incarnations, and counts it (``reloop_train_join_task_restarts_total``). Before incarnations it
+dropped every new sample until the new seqs passed the old highest one: with the input's retention
+shorter than the task's life, days of samples lost in silence. The other answers were weighed: the join
+stage refusing to start such a task, or continuing the numbering from the samples partition, needs it to
+read the samples topic (and still leaves the operator a lost folder to get past); dropping loses data.
+Taking the new numbering trains a second time what the task joins again (at most the input topics'
+retention); nothing is lost, and the log and the counter say it happened. Data-parallel train ranks
+keep the numberings of the tasks whose partitions they own (engine/runtime/train_state.py). The
+decision is a function of the samples topic, so a replay of the topic decides the same.
 
 Kafka transactions (read_committed) were the other way; they would not cover the checkpoint files, and
 kafka-python's transactional producer serialises on one in-flight transaction, so dedup it is.
@@ -29,6 +47,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -226,7 +245,8 @@ class JoinStage:
             if p in self.tasks:
                 continue
             task = self._new_task(p)
-            self._restore(task)
+            if not self._restore(task):
+                self._start_numbering(task)
             self._metrics.taken(p, task)
             self.tasks[p] = task
             for tp in task.inputs:
@@ -259,11 +279,12 @@ class JoinStage:
             merge_lookahead=s.merge_lookahead,
         )
 
-    def _restore(self, task: JoinTask) -> None:
+    def _restore(self, task: JoinTask) -> bool:
+        """The task as its newest checkpoint that loads left it; False when it has none."""
         reg = self.registry(task.partition)
         versions = reg.versions()
         if not versions:
-            return
+            return False
         try:
             snap = reg.load()  # the newest one that loads
         except SnapshotError as exc:  # none does: starting the task afresh would re-emit its history
@@ -286,7 +307,32 @@ class JoinStage:
         reg.follow(max(versions[-1], snap.version))
         log.info(
             "task restored",
-            extra={"fields": {"task": task.partition, "checkpoint": snap.version, "next_seq": task.next_seq}},
+            extra={
+                "fields": {
+                    "task": task.partition,
+                    "checkpoint": snap.version,
+                    "incarnation": task.incarnation,
+                    "next_seq": task.next_seq,
+                }
+            },
+        )
+        return True
+
+    def _start_numbering(self, task: JoinTask) -> None:
+        """A task without a checkpoint: a new numbering under a new incarnation, checkpointed before its
+        first sample, so that a crash before its next checkpoint resumes this numbering (its copies are
+        then dropped) instead of starting another one (its copies would be trained twice)."""
+        task.incarnation = uuid.uuid4().hex
+        self._checkpoint(task, advance=False)
+        log.info(
+            "task started without a checkpoint: a new numbering from the oldest input retained",
+            extra={
+                "fields": {
+                    "task": task.partition,
+                    "incarnation": task.incarnation,
+                    "checkpoints": str(self.registry(task.partition).root),
+                }
+            },
         )
 
     # ------------------------------------------------------------------ the loop
@@ -369,7 +415,7 @@ class JoinStage:
             return
         self._send_message(task, first, joined)
         self.samples_sent += len(joined)
-        self._metrics.emitted(task.partition, first, joined)
+        self._metrics.emitted(task, first, joined)
         self._last_send[task.partition] = time.monotonic()
 
     def _send_message(self, task: JoinTask, first: int, joined: list[Any]) -> None:
@@ -378,7 +424,7 @@ class JoinStage:
         message too large would otherwise stop the stage again at every restart. A single sample still
         too large is dead-lettered (``oversized``, with the impression's bytes); the train stage then
         counts its seq as a gap."""
-        batch = batch_from_joined(joined, task=task.partition, first_seq=first)
+        batch = batch_from_joined(joined, task=task.partition, first_seq=first, incarnation=task.incarnation)
         wm = task.joiner.watermark_ms
         ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
         try:
@@ -424,6 +470,7 @@ class JoinStage:
                 "fingerprint": self.settings.fingerprint,
                 "task": task.partition,
                 "positions": positions_to_json(positions),
+                "incarnation": task.incarnation,
                 "next_seq": task.next_seq,
                 "watermark_ms": task.joiner.watermark_ms,
                 "pending": task.joiner.pending_count,
@@ -494,8 +541,9 @@ class _Exported:
     taken back) restores a checkpoint and joins the input after it again, which the exported counters
     already hold."""
 
-    counts: dict[int, dict[str, int]]  # task -> the highest joiner counts exported
-    next_seq: dict[int, int]  # task -> the first seq not counted in joined_samples yet
+    # Per (task, incarnation): a task started afresh counts from 0 again, and is counted.
+    counts: dict[tuple[int, str], dict[str, int]]  # the highest joiner counts exported
+    next_seq: dict[tuple[int, str], int]  # the first seq not counted in joined_samples yet
 
 
 _EXPORTED: weakref.WeakKeyDictionary[EngineStats, _Exported] = weakref.WeakKeyDictionary()
@@ -522,19 +570,20 @@ class _JoinMetrics(JoinerMetrics):
         self._checkpoint_s.set(seconds)
         self._interval_s.set(interval_s)
 
-    def emitted(self, partition: int, first: int, joined: list[Any]) -> None:
+    def emitted(self, task: JoinTask, first: int, joined: list[Any]) -> None:
         """Samples ``first``, ``first + 1``, ... of a task sent: those this process counted already (sent
         again after a rebuild restored an earlier checkpoint) are not counted again."""
         seqs = self._exported.next_seq
-        skip = seqs.get(partition, 0) - first
+        key = (task.partition, task.incarnation)
+        skip = seqs.get(key, 0) - first
         if skip < len(joined):
             self.joined([j.label for j in joined[max(0, skip) :]])
-            seqs[partition] = first + len(joined)
+            seqs[key] = first + len(joined)
 
-    def _unexported_base(self, partition: int, now: dict[str, int], last: dict[str, int]) -> dict[str, int]:
+    def _unexported_base(self, task: JoinTask, now: dict[str, int], last: dict[str, int]) -> dict[str, int]:
         """``last`` raised to what this process already exported of the task (counted once), and the
         task's high-water marks raised to ``now``."""
-        high = self._exported.counts.setdefault(partition, {})
+        high = self._exported.counts.setdefault((task.partition, task.incarnation), {})
         base: dict[str, int] = {}
         for name, n in now.items():
             before = last.get(name, 0)
@@ -566,7 +615,7 @@ class _JoinMetrics(JoinerMetrics):
                 self._last[p] = now
                 continue
             if now != last:
-                self.joiner_delta(now, self._unexported_base(p, now, last))
+                self.joiner_delta(now, self._unexported_base(task, now, last))
                 self._last[p] = now
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]

@@ -6,8 +6,10 @@ other partition, and tasks can live in different processes (engine/runtime/join_
 
 A task merges its two partitions by record timestamp (exact, with the log end offsets), passes each
 record through the intake (decode once, limits, dead letters) and the joiner, and numbers what the
-joiner emits: ``seq`` 0, 1, 2, ... for the life of the task. Its state (joiner, input positions, next
-seq, emitted-but-unsent samples) is plain data for a checkpoint.
+joiner emits: ``seq`` 0, 1, 2, ... for the life of the task, under the task's ``incarnation`` (the name
+of that numbering, created when the task starts without a checkpoint: engine/runtime/join_stage.py). Its
+state (joiner, input positions, incarnation, next seq, emitted-but-unsent samples) is plain data for a
+checkpoint.
 
 Determinism, which exactly-once downstream rests on: between two checkpoints the output is a function
 of the checkpoint and the input alone. The only wall-clock actions of a joiner (the idle watermark and
@@ -60,6 +62,9 @@ class JoinTask:
         self.joiner = Joiner(joiner_config, clock=clock)
         self.merger = self._merger(merge_idle_ms, merge_lookahead)
         self.positions: Positions = {}
+        # The numbering's name: "" until the stage gives a task started afresh a new one, or the one of
+        # its checkpoint ("" in one written before incarnations: that numbering goes on unnamed).
+        self.incarnation = ""
         self.sent = 0  # samples handed out by take(): the seq of the first unsent one
         self.unsent: list[Joined] = []  # emitted, not handed out yet: seqs sent, sent + 1, ...
         self.records_processed = 0
@@ -126,6 +131,7 @@ class JoinTask:
             "partition": self.partition,
             "joiner": saveable(self.joiner.state_dict()),  # its columns as tensors (blobs.py)
             "positions": positions_to_json(self.positions),
+            "incarnation": self.incarnation,
             "sent": self.sent,
             "unsent": [
                 [j.impression_id, j.event_time_ms, j.payload, j.label, j.is_correction] for j in self.unsent
@@ -140,6 +146,7 @@ class JoinTask:
         joiner.load_state_dict(loadable(state["joiner"]))
         self.joiner = joiner
         self.positions = positions_from_json(state["positions"])
+        self.incarnation = str(state.get("incarnation", ""))
         self.sent = int(state["sent"])
         self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
         self.records_processed = int(state["records_processed"])

@@ -9,13 +9,16 @@ the topic's content.
 Exactly once: per join task the stage keeps the highest ``seq`` it has taken; rows at or below it are
 dropped (a join task resumed from its checkpoint sends again what it had sent after it). A seq that
 jumps (a gap) would mean samples never reached the topic: counted in ``seq_gaps`` and logged, never
-silently. Its snapshot holds the model, optimizer, trainer state, the samples taken but not trained
-yet, the positions in the samples topic and the per-task seqs, so a restart resumes exactly; period
-snapshots and graceful-stop checkpoints work as in the single-process pipeline (engine/runtime/
-restore.py), and a bad message goes to the dead-letter topic with its reason while the rest of its
-partition is trained. A sample whose features this stage's spec cannot read (the join stage checked its
-own spec, which may be another) is not trained: its message is dead-lettered (``bad_feature``) and the
-message's other samples train.
+silently. The highest seq is kept per numbering of the task (its incarnation, see
+engine/runtime/join_stage.py): a task that started again at 0 without its checkpoint is a new
+numbering, trained from its first sample, logged as an error and counted (``task_restarts``), instead of
+dropped as copies until its seqs passed the old ones. Its snapshot holds the model, optimizer, trainer
+state, the samples taken but not trained yet, the positions in the samples topic and the per-task seqs,
+so a restart resumes exactly; period snapshots and graceful-stop checkpoints work as in the
+single-process pipeline (engine/runtime/restore.py), and a bad message goes to the dead-letter topic
+with its reason while the rest of its partition is trained. A sample whose features this stage's spec
+cannot read (the join stage checked its own spec, which may be another) is not trained: its message is
+dead-lettered (``bad_feature``) and the message's other samples train.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from time import monotonic
@@ -62,6 +66,8 @@ from reloop.engine.runtime.train_state import (
     ledger_lengths,
     merged_positions,
     merged_taken,
+    numberings_of,
+    numberings_to_state,
     rank_parts,
     samples_trained,
     share_of,
@@ -83,6 +89,10 @@ from reloop.engine.train.stream import SampleColumns, StepResult, StreamTrainer
 from reloop.engine.train.unlearnt import dead_letter_unlearnt, learnt
 
 log = logging.getLogger("reloop.train")
+
+# Numberings kept per join task: each is a start without its checkpoint folder; the oldest beyond this go
+# (a batch of one gone would count as a new numbering again: trained, nothing lost).
+_NUMBERINGS_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +255,9 @@ class TrainStage:
         self.samples_missing = 0  # seqs jumped over (reloop_train_samples_missing_total)
         self.samples_refused = 0
         self.seq_gaps = 0
-        self._taken: dict[int, int] = {}  # join task -> highest seq taken (trained or buffered)
+        self.task_restarts = 0  # new numberings of tasks taken before (reloop_train_join_task_restarts_total)
+        # join task -> incarnation -> highest seq taken (trained or buffered), the numbering taken last last
+        self._numberings: dict[int, dict[str, int]] = {}
         self._buffer: list[tuple[SampleBatch, FeatureBatch]] = []
         self._buffered = 0
         self._waiting_since: float | None = None  # monotonic s: when the oldest untrained sample was seen
@@ -258,6 +270,11 @@ class TrainStage:
         self._next_partition_check = 0.0
         self._fetcher: _Fetcher | None = None
         self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
+        # New samples of a numbering after another one's: two join processes with different checkpoint
+        # folders taking the task in turn (each numbering is deduplicated on its own: nothing is lost).
+        self._earlier_numbering = ThrottledWarning(
+            log, "new samples of an earlier numbering of a join task (two checkpoint folders?)"
+        )
         self._opened = False
         self.final_saved: int | None = None  # the stop's final save, once durable (the stop watchdog)
         self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
@@ -312,7 +329,7 @@ class TrainStage:
         self.served_metrics = served
         self._buffer = buffer
         self._buffered = sum(len(b) for b, _ in buffer)
-        self._taken = {int(k): int(v) for k, v in mine["taken"].items()}
+        self._numberings = numberings_of(mine)
         self._event_time_ms = mine["event_time_ms"]
         self._positions = positions_from_json(mine["positions"])
         self._ledger_lengths = ledger_lengths(state)
@@ -455,19 +472,23 @@ class TrainStage:
 
     def _take(self, item: _Prepared) -> None:
         record, batch, features = item.record, item.batch, item.features
+        duplicates = missing = refused = restarts = 0
         if item.error is not None and item.refused is None:
             self.dead_letters.send(record, item.error)
         if batch is not None and features is not None and len(batch):
-            last = self._taken.get(batch.task, -1)
+            seen = self._numberings.setdefault(batch.task, {})
+            restarts = self._new_numbering(batch, seen)
+            last = seen.get(batch.incarnation, -1)
             seqs = batch.seqs()
             if seqs[0] > last + 1:
                 self.seq_gaps += 1
-                self.samples_missing += int(seqs[0]) - (last + 1)
+                missing = int(seqs[0]) - (last + 1)
                 log.error(
                     "samples missing from the topic",
                     extra={
                         "fields": {
                             "task": batch.task,
+                            "incarnation": batch.incarnation,
                             "expected_seq": last + 1,
                             "got_seq": int(seqs[0]),
                             "missing": int(seqs[0]) - (last + 1),
@@ -476,11 +497,16 @@ class TrainStage:
                 )
             new = seqs > last
             k = int(new.sum())
-            self.duplicates_dropped += len(batch) - k
+            duplicates = len(batch) - k
             if k:
-                self._taken[batch.task] = int(seqs[-1])
+                if batch.incarnation in seen and batch.incarnation != next(reversed(seen)):
+                    self._earlier_numbering(task=batch.task, incarnation=batch.incarnation)
+                seen.pop(batch.incarnation, None)  # the numbering taken last goes last
+                seen[batch.incarnation] = int(seqs[-1])
+                while len(seen) > _NUMBERINGS_KEPT:
+                    del seen[next(iter(seen))]
                 if item.refused is not None:
-                    self._refuse(item, new & item.refused)
+                    refused = self._refuse(item, new & item.refused)
                     new &= ~item.refused
                 for rows in _runs(np.flatnonzero(new)):
                     # Consecutive rows only: a buffered batch's seqs run without gaps (its snapshot form).
@@ -488,18 +514,54 @@ class TrainStage:
                     piece = (batch, features) if whole else (batch.take(rows), features.take(rows))
                     self._buffer.append(piece)
                     self._buffered += rows.stop - rows.start
+        self.duplicates_dropped += duplicates
+        self.samples_missing += missing
+        self.samples_refused += refused
+        self.task_restarts += restarts
+        self._metrics.count(
+            record, duplicates=duplicates, missing=missing, refused=refused, restarts=restarts
+        )
         self._positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
         self.records_processed += 1
         self._train_ready()
 
-    def _refuse(self, item: _Prepared, rows: np.ndarray) -> None:
+    def _new_numbering(self, batch: SampleBatch, seen: dict[str, int]) -> int:
+        """1 when ``batch`` starts a new numbering of a task this stage took samples of before (its join
+        task started again at 0 without its checkpoint): logged, and its samples are taken from its
+        first on. ``seen``: the task's numberings (incarnation -> highest seq taken)."""
+        inc = batch.incarnation
+        if not seen or inc in seen:
+            return 0
+        if list(seen) == [""] and batch.first_seq > 0:
+            # The numbering this stage took without a name (its state, or batches, from before
+            # incarnations), named by a join stage upgraded first: the same numbering goes on.
+            seen[inc] = seen.pop("")
+            return 0
+        previous, highest = next(reversed(seen.items()))
+        log.error(
+            "join task started a new numbering: training it from its first sample",
+            extra={
+                "fields": {
+                    "task": batch.task,
+                    "incarnation": inc,
+                    "previous_incarnation": previous,
+                    "previous_highest_seq": highest,
+                    "first_seq": batch.first_seq,
+                    "why": "the task started without its checkpoint folder (lost, wiped, another "
+                    "checkpoint.dir): it joins its input again from the oldest record retained, and "
+                    "what it had joined before is trained a second time; restore the folder to avoid it",
+                }
+            },
+        )
+        return 1
+
+    def _refuse(self, item: _Prepared, rows: np.ndarray) -> int:
         """Dead-letter a message for its rows the feature spec refused (the message as it was, byte for
-        byte; the detail names the rows by seq). Its other rows train."""
+        byte; the detail names the rows by seq). Its other rows train. Returns how many rows."""
         assert item.batch is not None
         n = int(rows.sum())
         if not n:
-            return  # refused before (the copy of a message a resumed join task sent again)
-        self.samples_refused += n
+            return 0  # refused before (the copy of a message a resumed join task sent again)
         seqs = item.batch.seqs()[rows]
         shown = ", ".join(map(str, seqs[:20])) + (", ..." if n > 20 else "")
         detail = (
@@ -507,6 +569,7 @@ class TrainStage:
             f" feature spec cannot read (seq {shown}), first: {item.error}; the others were trained"
         )
         self.dead_letters.send(item.record, EventError("bad_feature", detail))
+        return n
 
     def _train_ready(self) -> None:
         """Train every full batch buffered (the ranks of a data-parallel stage decide together)."""
@@ -644,7 +707,9 @@ class TrainStage:
                 "served_metrics": self.served_metrics.state_dict(),
                 "buffer": [encode_batch(b) for b, _ in self._buffer],
                 "buffered": self._buffered,
-                "taken": {str(k): v for k, v in self._taken.items()},
+                # the last numbering's seq (all that states from before incarnations hold), then all of them
+                "taken": {str(t): next(reversed(n.values())) for t, n in self._numberings.items() if n},
+                "numberings": numberings_to_state(self._numberings),
                 "event_time_ms": self._event_time_ms,
                 "positions": positions_to_json(positions),
                 "ledger_bytes": ledger_bytes,
@@ -843,9 +908,13 @@ class TrainStage:
         return self._buffered
 
 
+# Per process (its stats): samples partition -> the first offset whose messages it has not counted yet.
+_COUNTED: weakref.WeakKeyDictionary[EngineStats, dict[TopicPartition, int]] = weakref.WeakKeyDictionary()
+
+
 class _TrainMetrics(TrainerMetrics):
-    """The trainer's metrics plus what only the train stage counts (copies dropped, samples refused,
-    dead letters)."""
+    """The trainer's metrics plus what only the train stage counts (copies dropped, samples missing or
+    refused, new numberings, dead letters)."""
 
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
         super().__init__(stats, wall_period_s=wall_period_s)
@@ -853,23 +922,34 @@ class _TrainMetrics(TrainerMetrics):
         self._dupes = stats.train_duplicates_dropped
         self._refused = stats.train_samples_refused
         self._missing = stats.train_samples_missing
+        self._restarts = stats.train_join_task_restarts
         self._dead = stats.dead_letters
         self.fallbacks = stats.snapshot_restore_fallbacks
-        self._last_dupes = 0
-        self._last_refused = 0
-        self._last_missing = 0
+        counted = _COUNTED.get(stats)
+        if counted is None:
+            counted = _COUNTED[stats] = {}
+        self._counted = counted
         self._last_dead: dict[str, int] = {}
 
+    def count(self, record: Record, *, duplicates: int, missing: int, refused: int, restarts: int) -> None:
+        """What taking one samples message found, counted once per process: a stage the supervisor
+        rebuilt restores its last save and reads the messages after it again, whose copies, gaps,
+        refused samples and new numberings the exported counters hold already (the same ones: what a
+        message is found to be is a function of the restored state and the topic)."""
+        tp = TopicPartition(record.topic, record.partition)
+        if record.offset < self._counted.get(tp, 0):
+            return
+        self._counted[tp] = record.offset + 1
+        for tally, n in (
+            (self._dupes, duplicates),
+            (self._missing, missing),
+            (self._refused, refused),
+            (self._restarts, restarts),
+        ):
+            if n:
+                tally.add(n=n)
+
     def publish(self, stage: TrainStage) -> None:
-        if stage.duplicates_dropped != self._last_dupes:
-            self._dupes.add(n=stage.duplicates_dropped - self._last_dupes)
-            self._last_dupes = stage.duplicates_dropped
-        if stage.samples_refused != self._last_refused:
-            self._refused.add(n=stage.samples_refused - self._last_refused)
-            self._last_refused = stage.samples_refused
-        if stage.samples_missing != self._last_missing:
-            self._missing.add(n=stage.samples_missing - self._last_missing)
-            self._last_missing = stage.samples_missing
         dead = stage.dead_letters.counts
         if dead != self._last_dead:
             for reason, n in dead.items():

@@ -1,8 +1,10 @@
 """The train stage's saved state, split per data-parallel rank, and how a restart picks its share.
 
 One snapshot holds the model once (every rank has the same weights) and, per rank, what only that rank
-knows: its positions in the samples topic, the highest seq taken per join task, the samples taken but
-not trained yet, its trainer counters and metric windows, its ledger length. A restart with the same
+knows: its positions in the samples topic, the highest seq taken per join task and numbering of the task
+(``numberings``: task -> ``[[incarnation, seq], ...]``, the last one taken last; ``taken``: task -> the
+last one's seq, all that states from before incarnations hold), the samples taken but not trained yet,
+its trainer counters and metric windows, its ledger length. A restart with the same
 number of ranks gives rank i exactly rank i's part (deterministic resume). A restart with another
 number (a rescale, or one process reading a multi-rank snapshot) regroups the parts by partition:
 partition p of the samples topic belongs to rank ``p % M`` (``reloop.engine.streams.PartitionShare``), and a
@@ -46,6 +48,19 @@ def rank_parts(state: Mapping[str, Any], meta: Mapping[str, Any]) -> list[dict[s
     return [dict(r) for r in state["ranks"]]
 
 
+def numberings_of(part: Mapping[str, Any]) -> dict[int, dict[str, int]]:
+    """A rank part's highest seq per join task and numbering (incarnation), the last one taken last. A
+    part saved before incarnations has ``taken`` alone: one unnamed numbering ``""`` per task."""
+    saved = part.get("numberings")
+    if saved is None:
+        return {int(task): {"": int(seq)} for task, seq in part["taken"].items()}
+    return {int(task): {str(inc): int(seq) for inc, seq in pairs} for task, pairs in saved.items()}
+
+
+def numberings_to_state(numberings: Mapping[int, Mapping[str, int]]) -> dict[str, list[list[Any]]]:
+    return {str(task): [[inc, seq] for inc, seq in seen.items()] for task, seen in numberings.items()}
+
+
 def ledger_lengths(state: Mapping[str, Any]) -> dict[int, int]:
     """Rank -> the length its ledger file had at this save, for every rank file ever written (carried
     forward from earlier saves so a smaller restart still truncates the files of ranks it no longer
@@ -61,6 +76,7 @@ def share_of(parts: Sequence[Mapping[str, Any]], share: PartitionShare) -> dict[
         return dict(parts[share.index])
     positions: dict[str, int] = {}
     taken: dict[str, int] = {}
+    numberings: dict[int, dict[str, int]] = {}
     buffer: list[bytes] = []
     event_time: int | None = None
     for part in parts:
@@ -70,6 +86,9 @@ def share_of(parts: Sequence[Mapping[str, Any]], share: PartitionShare) -> dict[
         for task, seq in part["taken"].items():
             if int(task) % share.count == share.index:
                 taken[str(task)] = int(seq)
+        for task, seen in numberings_of(part).items():
+            if task % share.count == share.index:
+                numberings[task] = seen
         buffer += [data for data in part["buffer"] if decode_batch(data).task % share.count == share.index]
         t = part["event_time_ms"]
         if t is not None and (event_time is None or t > event_time):
@@ -81,6 +100,7 @@ def share_of(parts: Sequence[Mapping[str, Any]], share: PartitionShare) -> dict[
         "served_metrics": own["served_metrics"] if own is not None else None,
         "buffer": buffer,
         "taken": taken,
+        "numberings": numberings_to_state(numberings),
         "event_time_ms": event_time,
         "positions": positions,
         "ledger_bytes": None,  # from ledger_lengths: a rank file keeps its own history

@@ -408,3 +408,29 @@ def test_a_slice_takes_the_same_rows_as_an_index_without_copying():
     assert tail.data.column("seq").buffers()[1].address == batch.data.column("seq").buffers()[1].address
     with pytest.raises(ValueError, match="step 1"):
         batch.take(slice(0, 10, 2))
+
+
+def test_a_batchs_incarnation_round_trips_and_a_batch_without_one_is_as_before():
+    samples = _samples([{"user": "u"}, {}, {"tags": ["a"]}])
+    named = decode_batch(
+        encode_batch(batch_from_samples(samples, task=3, first_seq=7, incarnation="ab12_-Z"))
+    )
+    assert (named.task, named.first_seq, named.incarnation) == (3, 7, "ab12_-Z")
+    assert named.to_samples() == samples
+    tail = named.take(slice(1, 3))  # pieces of a buffered batch keep it (the train stage's snapshot)
+    assert decode_batch(encode_batch(tail)).incarnation == "ab12_-Z" and tail.first_seq == 8
+    assert decode_batch(encode_batch(named.take(np.array([1, 2])))).incarnation == "ab12_-Z"
+    plain = batch_from_samples(samples, task=3, first_seq=7)
+    assert decode_batch(encode_batch(plain)).incarnation == ""
+    assert set(plain.data.schema.metadata) == {b"reloop.samples.format", b"reloop.task", b"reloop.first_seq"}
+    assert set(named.data.schema.metadata) - set(plain.data.schema.metadata) == {b"reloop.incarnation"}
+
+
+@pytest.mark.parametrize("value", ["", "a b", "é", "x" * 65, "a/b"])
+def test_a_bad_incarnation_is_refused(value):
+    good = encode_batch(batch_from_samples(_samples([{}]), task=0, first_seq=0))
+    with pytest.raises(EventError) as info:
+        decode_batch(_corrupt(good, **{"reloop.incarnation": value}))
+    assert info.value.reason == "bad_value"
+    with pytest.raises(ValueError):
+        batch_from_samples(_samples([{}]), task=0, first_seq=0, incarnation=value or "\n")

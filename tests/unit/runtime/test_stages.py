@@ -805,7 +805,8 @@ def test_a_join_stage_refuses_a_changed_join_config_unless_allowed(tmp_path, cap
     refused = _join(_config(tmp_path, **longer), log, clock, tmp_path)
     with pytest.raises(
         SnapshotMismatch,
-        match="join task 0's checkpoint 1 was made with config .*checkpoint.allow_fingerprint_change",
+        # (checkpoint 1: the one a task started afresh writes before its first sample)
+        match="join task 0's checkpoint 2 was made with config .*checkpoint.allow_fingerprint_change",
     ):
         for _ in range(5):  # the tasks are restored when the group assigns them
             refused.step()
@@ -816,7 +817,7 @@ def test_a_join_stage_refuses_a_changed_join_config_unless_allowed(tmp_path, cap
     with caplog.at_level("WARNING", logger="reloop.restore"):
         _run_join(allowed, log, clock)
     (warning,) = [r for r in caplog.records if "changed config" in r.getMessage()]
-    assert warning.fields["restore_point"] == "join task 0's checkpoint 1"
+    assert warning.fields["restore_point"] == "join task 0's checkpoint 2"
     assert allowed.tasks[0].records_processed > 0 and allowed.tasks[0].sent > 0
     allowed.abort()
 
@@ -1137,15 +1138,15 @@ def test_a_join_task_whose_newest_checkpoint_is_broken_resumes_from_the_one_befo
             first.checkpoint_all()
     first.abort()
     task = tmp_path / "join-ckpt" / "join" / "task-00000"
-    assert SnapshotRegistry(task).versions() == [1, 2]
-    part = task / "v000000000002" / "state.pt"
+    assert SnapshotRegistry(task).versions() == [2, 3]  # (1: the task's first, before its first sample)
+    part = task / "v000000000003" / "state.pt"
     part.write_bytes(part.read_bytes()[:100])
     stats = EngineStats()
     second = _join(cfg, log, clock, tmp_path, stats=stats)
     second.step()
     assert stats.snapshot_restore_fallbacks.get() == 1  # counted, not only logged
     second.checkpoint_all()
-    assert SnapshotRegistry(task).latest_version() == 3
+    assert SnapshotRegistry(task).latest_version() == 4
     _run_join(second, log, clock)
     train = _train(cfg, log, clock, tmp_path)
     _run_train(train, log, clock)
@@ -1295,3 +1296,338 @@ def test_a_rebuilt_join_stage_counts_what_it_joins_again_once(tmp_path):
     assert stats.joiner_expired.get() == joiner["negatives"] == len(labels) - sum(labels) > 0
     assert stats.joiner_duplicates.get("impression") == joiner["duplicate_impressions"]
     assert stats.joiner_orphan_clicks.get() == joiner["orphan_clicks"]
+
+
+# --- a join task's numbering: incarnations -------------------------------------------------------------
+
+
+class _Retained(MemoryGroupSource):
+    """A consumer group over input topics whose retention deleted the records before ``start``: a task
+    without a checkpoint reads from there (the oldest record retained), as from a Kafka topic."""
+
+    def __init__(self, log, topics, start):
+        super().__init__(log, topics)
+        self.start = start
+
+    def seek(self, positions):
+        super().seek({tp: self.start.get(tp, 0) if o is None else o for tp, o in positions.items()})
+
+
+def _input_log(records) -> MemoryLog:
+    log = MemoryLog()
+    for topic in ("impressions", "clicks", "samples", "dead"):
+        log.create(topic, 1)
+    _append_input(log, records)
+    return log
+
+
+def _append_input(log, records) -> None:
+    for r in records:
+        log.append(
+            "impressions" if r.topic_kind == "impression" else "clicks", r.value, r.key, r.timestamp_ms
+        )
+
+
+def _input_ends(log):
+    return {tp: len(log._data[tp]) for topic in ("impressions", "clicks") for tp in log.partitions(topic)}
+
+
+def _batches_on_topic(log):
+    return [decode_batch(r.value) for tp in log.partitions("samples") for r in log.read(tp, 0, 10**9)]
+
+
+def _keys(batches):
+    return [(s.sample_id, s.is_correction) for b in batches for s in b.to_samples()]
+
+
+def test_a_join_task_that_lost_its_checkpoint_folder_has_its_new_samples_trained_not_dropped(
+    tmp_path, caplog
+):
+    # The task started again at seq 0 while the train stage held its old numbering up to seq N: every new
+    # sample numbered <= N was dropped as a "duplicate" (here all of them), silently.
+    import shutil
+    from collections import Counter
+
+    synth = generate(900, seed=7, pad_to_multiple=4 * BATCH)
+    cut = len(synth.records) * 2 // 3
+    log = _input_log(synth.records[:cut])
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    stats = EngineStats()
+    join = _join(cfg, log, clock, tmp_path)
+    _run_join(join, log, clock)
+    join.close()
+    train = _train(cfg, log, clock, tmp_path, stats=stats)
+    _run_train(train, log, clock)
+    train.close()
+    before = _batches_on_topic(log)
+
+    shutil.rmtree(tmp_path / "join-ckpt")  # a new volume, a wiped directory
+    retained = _input_ends(log)  # the input's retention has deleted what the task joined before
+    _append_input(log, synth.records[cut:])
+    join = build_join_stage(
+        cfg,
+        source=_Retained(log, ["impressions", "clicks"], retained),
+        samples_sink=MemorySink(log, "samples"),
+        dead_letter_sink=MemorySink(log, "dead"),
+        clock=clock,
+        stats=EngineStats(),
+        checkpoint_dir=tmp_path / "join-ckpt",
+    )
+    _run_join(join, log, clock)
+    join.close()
+    after = _batches_on_topic(log)[len(before) :]
+    assert after and after[0].first_seq == 0  # a new numbering
+    assert sum(map(len, after)) <= sum(map(len, before))  # so every new seq is one the train stage took
+
+    train = _train(cfg, log, clock, tmp_path, stats=stats)
+    with caplog.at_level("ERROR", logger="reloop.train"):
+        _run_train(train, log, clock)
+    train.train_remaining()
+    train.close(final=None)
+    assert Counter(_ledger(tmp_path)) == Counter(_keys(before) + _keys(after))
+    old, new = before[0].incarnation, after[0].incarnation
+    assert {b.incarnation for b in before} == {old} and {b.incarnation for b in after} == {new}
+    assert len(old) == len(new) == 32 and old != new
+    assert train.duplicates_dropped == 0 and train.seq_gaps == 0
+    assert train.task_restarts == 1 == stats.train_join_task_restarts.get()
+    (error,) = [r for r in caplog.records if "new numbering" in r.getMessage()]
+    assert error.fields["task"] == 0
+    assert error.fields["incarnation"] == new and error.fields["previous_incarnation"] == old
+    assert error.fields["previous_highest_seq"] == sum(map(len, before)) - 1
+    assert "checkpoint folder" in error.fields["why"]
+    # In its snapshot: a restart keeps both numberings apart.
+    again = _train(cfg, log, clock, tmp_path)
+    assert list(again._numberings[0]) == [old, new]
+    assert again._numberings[0][old] == sum(map(len, before)) - 1
+
+
+def test_a_join_task_that_crashes_before_its_first_periodic_checkpoint_keeps_its_numbering(tmp_path):
+    # A task started afresh writes a checkpoint with its incarnation before its first sample: resumed
+    # after a crash that came before any other checkpoint, its copies are the same numbering (dropped),
+    # not a new one (trained twice).
+    synth = generate(600, seed=4, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    join = _join(cfg, log, clock, tmp_path)
+    join.step()
+    incarnation = join.tasks[0].incarnation
+    assert len(incarnation) == 32
+    assert SnapshotRegistry(tmp_path / "join-ckpt" / "join" / "task-00000").versions() == [1]
+    while join.samples_sent < 3 * BATCH:
+        join.step()
+        clock.advance(10)
+    assert not _join_done(join, log) and join.snapshots_written == 1
+    join.abort()  # no checkpoint since the first one
+    again = _join(cfg, log, clock, tmp_path)
+    _run_join(again, log, clock)
+    again.close()
+    assert again.tasks == {} and {b.incarnation for b in _batches_on_topic(log)} == {incarnation}
+    on_topic = _samples_on_topic(log)
+    assert len(on_topic) > len(synth.expected)  # copies
+    stats = EngineStats()
+    train = _train(cfg, log, clock, tmp_path, stats=stats)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    train.close(final=None)
+    assert train.task_restarts == 0 and train.seq_gaps == 0
+    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+
+
+def test_a_join_checkpoint_from_before_incarnations_goes_on_with_its_unnamed_numbering(tmp_path, monkeypatch):
+    # A join stage from before incarnations: no first checkpoint, batches without reloop.incarnation,
+    # checkpoints without one. Upgraded, the task goes on with that numbering (unnamed), which the train
+    # stage keeps deduplicating: copies dropped, no new numbering.
+    from reloop.engine.runtime.join_stage import JoinStage
+
+    synth = generate(500, seed=6, pad_to_multiple=4 * BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(JoinStage, "_start_numbering", lambda self, task: None)
+        join = _join(cfg, log, clock, tmp_path)
+        for i in range(20):
+            join.step()
+            clock.advance(10)
+            if i == 8:
+                join.checkpoint_all()
+        join.abort()  # sent samples after its checkpoint
+    folder = tmp_path / "join-ckpt" / "join" / "task-00000"
+    snap = SnapshotRegistry(folder).load()
+    state = _without(snap.state["state"], "incarnation")  # as a join stage before incarnations wrote it
+    SnapshotRegistry(folder).publish({"state": state}, _without(snap.meta, "incarnation"))
+    sent = len(log._data[TopicPartition("samples", 0)])
+    again = _join(cfg, log, clock, tmp_path)
+    _run_join(again, log, clock)
+    assert again.tasks[0].incarnation == ""
+    batches = _batches_on_topic(log)
+    assert len(batches) > sent and {b.incarnation for b in batches} == {""}
+    assert all(b"reloop.incarnation" not in b.data.schema.metadata for b in batches)
+    again.close()
+    on_topic = _samples_on_topic(log)
+    assert len(on_topic) > len(synth.expected)  # copies
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    train.close(final=None)
+    assert train.task_restarts == 0 and train.seq_gaps == 0
+    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+
+
+def _some_samples(tmp_path, n):
+    log, _, _ = _joined(tmp_path / "source", 300, seed=2)
+    samples = _samples_on_topic(log)
+    assert len(samples) >= n
+    return samples[:n]
+
+
+def _message_log(messages):
+    """A samples topic of one partition holding ``(samples, first_seq, incarnation)`` messages of task 0."""
+
+    log = MemoryLog()
+    for topic in ("samples", "dead"):
+        log.create(topic, 1)
+    _append_messages(log, messages)
+    return log
+
+
+def _append_messages(log, messages):
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+
+    for samples, first, incarnation in messages:
+        batch = batch_from_samples(samples, task=0, first_seq=first, incarnation=incarnation)
+        log.append(
+            "samples", encode_batch(batch), None, START + len(log._data[TopicPartition("samples", 0)]), 0
+        )
+
+
+def test_numberings_are_kept_apart_so_an_earlier_ones_late_copies_are_still_dropped(tmp_path, caplog):
+    # Two join processes with different checkpoint folders taking the task in turn: each numbering is
+    # deduplicated against itself, nothing of either is lost and the copies of both are dropped.
+    s = _some_samples(tmp_path, 6 * BATCH)
+    a, b = "a" * 32, "b" * 32
+    log = _message_log(
+        [
+            (s[0:16], 0, a),
+            (s[16:32], 16, a),
+            (s[32:48], 0, b),  # a new numbering: trained
+            (s[16:32] + s[48:64], 16, a),  # a again: 16..31 copies, 32..47 new
+            (s[32:48], 0, b),  # copies of b
+            (s[64:80], 16, b),
+        ]
+    )
+    cfg = _config(tmp_path)
+    clock = ManualClock(START)
+    stats = EngineStats()
+    train = _train(cfg, log, clock, tmp_path, stats=stats)
+    with caplog.at_level("WARNING", logger="reloop.train"):
+        _run_train(train, log, clock)
+    train.train_remaining()
+    assert train.trainer.counters.samples == 5 * BATCH
+    assert train.duplicates_dropped == 2 * BATCH == stats.train_duplicates_dropped.get()
+    assert train.task_restarts == 1 and train.seq_gaps == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "join task started a new numbering: training it from its first sample"
+    ]
+    assert sum("earlier numbering" in r.getMessage() for r in caplog.records) == 1  # a again (b: throttled)
+    assert train._numberings == {0: {a: 47, b: 31}}
+    train.close(final=None)
+
+
+def test_a_train_state_from_before_incarnations_loads_and_its_numbering_goes_on(tmp_path, monkeypatch):
+    from reloop.engine.runtime.train_stage import TrainStage
+
+    s = _some_samples(tmp_path, 8 * BATCH)
+    log = _message_log([(s[0:32], 0, "")])  # a join stage before incarnations: no reloop.incarnation
+    cfg = _config(tmp_path)
+    clock = ManualClock(START)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    gather = TrainStage._gather_parts
+    with monkeypatch.context() as m:  # saved as before incarnations: ``taken`` alone
+        m.setattr(TrainStage, "_gather_parts", lambda self, mine: gather(self, _without(mine, "numberings")))
+        train.close()
+    state = SnapshotRegistry(tmp_path / "train-ckpt").checkpoints.load().state["state"]
+    assert "numberings" not in state["ranks"][0] and state["ranks"][0]["taken"] == {"0": 31}
+
+    x, y = "x" * 32, "y" * 32
+    _append_messages(
+        log,
+        [
+            (s[16:48], 16, ""),  # unnamed: 16..31 copies, 32..47 new
+            (s[48:64], 48, x),  # a join stage with incarnations, upgraded before this train stage: the same
+            (s[48:80], 48, x),  # numbering named (x continues it): 48..63 copies
+            (s[80:96], 0, y),  # a task started afresh: a new numbering
+        ],
+    )
+    resumed = _train(cfg, log, clock, tmp_path)
+    assert resumed._numberings == {0: {"": 31}}
+    _run_train(resumed, log, clock)
+    resumed.train_remaining()
+    assert resumed.duplicates_dropped == 2 * BATCH
+    assert resumed.task_restarts == 1 and resumed.seq_gaps == 0
+    assert resumed._numberings == {0: {x: 79, y: 15}}
+    resumed.close(final=None)
+    assert len(_ledger(tmp_path)) == 2 * BATCH + 4 * BATCH
+
+
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+def test_numberings_move_with_their_partition_when_the_ranks_change():
+    from reloop.engine.runtime.train_state import numberings_of, share_of
+    from reloop.engine.streams import PartitionShare
+
+    def part(numberings, taken):
+        fixed = {
+            "served_metrics": None,
+            "buffer": [],
+            "event_time_ms": None,
+            "positions": {},
+            "ledger_bytes": 0,
+        }
+        return {"trainer": {"counters": {"samples": 0}}, "taken": taken, "numberings": numberings, **fixed}
+
+    two = [
+        part({"0": [["a", 5], ["b", 3]], "2": [["", 9]]}, {"0": 3, "2": 9}),
+        part({"1": [["c", 7]]}, {"1": 7}),
+    ]
+    one = share_of(two, PartitionShare(0, 1))
+    assert numberings_of(one) == {0: {"a": 5, "b": 3}, 1: {"c": 7}, 2: {"": 9}}
+    assert list(numberings_of(one)[0]) == ["a", "b"]  # the one taken last stays last
+    back = [share_of([one], PartitionShare(r, 2)) for r in range(2)]
+    assert [numberings_of(p) for p in back] == [{0: {"a": 5, "b": 3}, 2: {"": 9}}, {1: {"c": 7}}]
+    legacy = _without(part(None, {"0": 4, "1": 6}), "numberings")  # a state from before incarnations
+    assert numberings_of(share_of([legacy], PartitionShare(1, 2))) == {1: {"": 6}}
+
+
+def test_a_rebuilt_train_stage_counts_the_copies_and_gaps_it_reads_again_once(tmp_path):
+    # The supervisor rebuilds the stage in the same process (same counters); the rebuilt one restores its
+    # last save and reads the messages after it again: their copies and missing samples were exported
+    # twice.
+    log, clock, _ = _joined(tmp_path, 400, seed=13)
+    messages = log._data[TopicPartition("samples", 0)]
+    lost = decode_batch(messages.pop(3).value)  # the topic lost a message
+    copy = decode_batch(messages[1].value)
+    messages.insert(5, messages[1])  # and holds a copy of another
+    messages[:] = [r._replace(offset=i) for i, r in enumerate(messages)]
+    cfg = _config(tmp_path, period={"every_samples": 10**9})  # no save: the rebuild reads everything again
+    stats = EngineStats()
+    train = _train(cfg, log, clock, tmp_path, stats=stats)
+    _run_train(train, log, clock)
+    assert train.duplicates_dropped == len(copy) and train.samples_missing == len(lost)
+    train.abort()
+    again = _train(cfg, log, clock, tmp_path, stats=stats)
+    assert again.restored_from is None
+    _run_train(again, log, clock)
+    assert again.duplicates_dropped == len(copy) and again.samples_missing == len(lost)
+    assert stats.train_duplicates_dropped.get() == len(copy) > 0
+    assert stats.train_samples_missing.get() == len(lost) > 0
+    again.close(final=None)
