@@ -122,8 +122,11 @@ class Sink(Protocol):
         """Block until every queued record is durable."""
         ...
 
-    def close(self) -> None:
-        """Flush and release resources; calling it twice is harmless."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush and release resources; calling it twice is harmless. ``timeout_s`` bounds the wait for
+        delivery: what is still undelivered then is given up and the sink raises, saying how many
+        records (``undelivered`` on the error where it can count them); None waits as long as the sink
+        itself retries. A sink that never waits ignores it."""
         ...
 
 

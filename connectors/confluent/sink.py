@@ -50,7 +50,10 @@ def failure_reason(err: KafkaError) -> str:
 
 
 class ConfluentSinkError(RuntimeError):
-    """At least one queued record could not be delivered."""
+    """At least one queued record could not be delivered (``undelivered``: how many, when known)."""
+
+    undelivered: int | None = None
+    retriable: bool = True  # set from the broker's error where there is one
 
 
 class ConfluentSink:
@@ -218,6 +221,9 @@ class ConfluentSink:
                 producer.flush(0)
 
     def close(self, timeout_s: float | None = None) -> None:
+        """Deliver what is queued (up to ``timeout_s``; None: for as long as librdkafka retries), then
+        purge what is left, its failures reported to ``on_error`` (``_PURGE_*``: reason ``shutdown``),
+        and raise ``ConfluentSinkError`` with ``undelivered`` = how many were purged."""
         if self._producer is None:
             return
         producer, self._producer = self._producer, None
@@ -227,5 +233,7 @@ class ConfluentSink:
             with contextlib.suppress(Exception):
                 producer.purge(in_queue=True, in_flight=True)
                 producer.flush(0)
-            raise ConfluentSinkError(f"{left} record(s) to {self.topic!r} not delivered before close")
+            exc = ConfluentSinkError(f"{left} record(s) to {self.topic!r} not delivered before close")
+            exc.undelivered = left
+            raise exc
         self._raise_if_failed()

@@ -106,9 +106,10 @@ class JsonlSink:
                 appender.write_pending()
                 appender.fsync()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         """Write what is pending and release the files; raises (after releasing them) when the sink
-        failed, now or before: what was pending is then not written."""
+        failed, now or before: what was pending is then not written. A local write waits for no one:
+        ``timeout_s`` (``Sink.close``) is not needed."""
         if self._closed:
             return
         try:

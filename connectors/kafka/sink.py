@@ -14,6 +14,12 @@ such a record would pass ``send``, be refused by the broker after the caller let
 every ``flush`` after each restart. ``max_block_ms`` defaults to 10 s, not
 kafka-python's 60 s, so a send waiting for metadata of an unreachable broker cannot hold a stop request
 for a minute.
+
+``close(timeout_s)`` is bounded: what Kafka has not acknowledged when ``timeout_s`` ends is given up
+(the producer is closed at once, as ``abort`` does) and counted in the ``KafkaSinkError`` it raises
+(``undelivered``). kafka-python's own ``close`` flushes first, without a bound of ours: with the broker
+down it waited for every batch to expire (``delivery_timeout_ms``, 120 s), and ``close(timeout=0)``
+raised from that flush without closing anything (the producer and its sender thread were left running).
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import MessageSizeTooLargeError, UnknownError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, UnknownError
 from reloop.connectors.kafka.admin import record_limit
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
 _FLUSH_ATTEMPTS = 10
+# How long a producer given up on (close past its timeout, abort) may take to stop its sender thread.
+_RELEASE_S = 1.0
 
 
 class _CancelledInitIsInfo(logging.Filter):
@@ -55,7 +63,11 @@ _RECORD_OVERHEAD = 256
 
 
 class KafkaSinkError(RuntimeError):
-    """At least one queued record could not be delivered."""
+    """At least one queued record could not be delivered (``undelivered``: how many, when known)."""
+
+    def __init__(self, message: str, undelivered: int | None = None) -> None:
+        super().__init__(message)
+        self.undelivered = undelivered
 
 
 class KafkaSink:
@@ -106,6 +118,8 @@ class KafkaSink:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._failed = 0
+        self._unacked = 0  # sent, neither acknowledged nor failed yet
+        self._gave_up = False  # closed past its timeout: a flush still running delivered nothing for sure
 
     def send(
         self,
@@ -128,19 +142,30 @@ class KafkaSink:
             )
         except MessageSizeTooLargeError as exc:
             raise RecordTooLarge(f"{self.topic!r}: {exc}") from exc
+        with self._lock:
+            self._unacked += 1
+        future.add_callback(self._on_sent)
         future.add_errback(self._on_error)
+
+    def _on_sent(self, _metadata: Any) -> None:
+        with self._lock:
+            self._unacked -= 1
 
     def _on_error(self, exc: BaseException) -> None:
         with self._lock:
+            self._unacked -= 1
             self._failed += 1
             if self._error is None:
                 self._error = exc
 
     def flush(self, timeout_s: float | None = None) -> None:
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             return
-        self._flush(self._producer, timeout_s)
+        self._flush(producer, timeout_s)
         self._raise_if_failed()
+        if self._gave_up:  # close() gave up on the records meanwhile: this flush did not deliver them
+            raise KafkaSinkError(f"the sink to {self.topic!r} was closed before its records were delivered")
 
     @staticmethod
     def _flush(producer: KafkaProducer, timeout_s: float | None) -> None:
@@ -163,7 +188,7 @@ class KafkaSink:
             self._error, self._failed = None, 0
         if error is not None:
             raise KafkaSinkError(
-                f"{failed} record(s) to {self.topic!r} were not delivered: {error!r}"
+                f"{failed} record(s) to {self.topic!r} were not delivered: {error!r}", failed
             ) from error
 
     def abort(self) -> None:
@@ -171,15 +196,54 @@ class KafkaSink:
         is rebuilt from its last snapshot, which sends those records again)."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(Exception):  # a broken producer is being thrown away
-                producer.close(timeout=0)
+            _give_up(producer)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
+        """Deliver what is queued, then release the producer. With ``timeout_s``, the whole close takes
+        at most about ``timeout_s`` + 1 s: what is not acknowledged by then is given up and counted
+        (``KafkaSinkError.undelivered``). None waits as long as the producer retries
+        (``delivery_timeout_ms``). Calling it twice is harmless."""
         if self._producer is None:
             return
         producer, self._producer = self._producer, None
+        if timeout_s is None:
+            try:
+                self._flush(producer, None)
+            finally:
+                producer.close()
+            self._raise_if_failed()
+            return
+        deadline = time.monotonic() + max(0.0, timeout_s)
         try:
-            self._flush(producer, None)
-        finally:
-            producer.close()
+            self._flush(producer, timeout_s)
+        except BaseException as exc:
+            self._gave_up = True
+            if not isinstance(exc, Exception):  # KeyboardInterrupt ...: released, not reworded
+                _give_up(producer)
+                raise
+            _give_up(producer)  # the records it held fail now (reaching _on_error)
+            with self._lock:
+                failed, unacked = self._failed, self._unacked
+                error = self._error
+                self._error, self._failed = None, 0
+            undelivered = failed + max(unacked, 0)
+            raise KafkaSinkError(
+                f"{undelivered} record(s) to {self.topic!r} not delivered within the close timeout of "
+                f"{timeout_s} s" + (f" ({error!r})" if error is not None else ""),
+                undelivered,
+            ) from error
+        with contextlib.suppress(KafkaTimeoutError):  # nothing is left to send: only the sender stops
+            producer.close(timeout=max(0.0, deadline - time.monotonic()) + _RELEASE_S)
         self._raise_if_failed()
+
+
+def _give_up(producer: KafkaProducer) -> None:
+    """Close ``producer`` without delivering what it holds: its unsent and in-flight batches fail at
+    once (their futures' errbacks run). kafka-python's ``close(timeout=0)`` flushes first and raises from
+    that flush, closing nothing, while a batch is pending: the sender is force-closed first here."""
+    sender = getattr(producer, "_sender", None)
+    force = getattr(sender, "force_close", None)
+    with contextlib.suppress(Exception):  # a broken producer is being thrown away
+        if force is not None:
+            force()
+        producer.close(timeout=_RELEASE_S)

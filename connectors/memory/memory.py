@@ -91,7 +91,7 @@ class MemorySink:
     def flush(self, timeout_s: float | None = None) -> None:
         return None
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:  # nothing to wait for
         self._closed = True
 
 

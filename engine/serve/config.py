@@ -147,6 +147,14 @@ class ServeConfig(_Frozen):
         "the GIL while a request waits for it; null keeps Python's 5 ms (docs/bench-serve.md)",
     )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
+    shutdown_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=3600,
+        description="after SIGTERM the service stops within this + 3 s, whatever Kafka does: requests in "
+        "flight get up to 5 s of it, the impression loggers the rest; what they have not delivered then "
+        'is counted (reloop_impressions_dropped_total{reason="shutdown"})',
+    )
     workers: int = Field(default=1, ge=1, description="serving processes sharing the port (SO_REUSEPORT)")
     worker_metrics_port: int | None = Field(
         default=None,

@@ -13,10 +13,19 @@ says it will not succeed on retry (``retriable`` False on the error or its cause
 refuses, a record too large) makes the logger send that batch one record at a time, dropping (reason
 ``rejected``) exactly the records that fail that way. A retriable failure (broker unreachable) keeps the
 whole batch for a retry after ``retry_backoff_s``. Every drop is counted by reason.
+
+``close(timeout_s)`` is bounded: it lets the drain thread deliver for up to ``timeout_s``, then counts
+everything not delivered as dropped (``shutdown``: what is buffered and the batch the drain thread still
+holds, e.g. in a flush to a broker that does not answer or while it connects), and gives the sink
+``RELEASE_S`` to let go of its producer (``Sink.close(timeout_s)``: past it, what the producer holds
+is given up). It returns within ``timeout_s`` + ``RELEASE_S`` (+ ~1 s for a Kafka producer's sender
+thread to stop), whatever the broker does. A batch whose delivery was still under way when close gave up
+is counted as ``shutdown`` even if Kafka takes it after all: a drop too many, never a loss unseen.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -30,6 +39,38 @@ from reloop.engine.streams import RecordTooLarge, Sink
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Impression], bytes]
+
+# What close() gives the sink to release its producer after the delivery time is up (what the producer
+# still holds then was counted as dropped already).
+RELEASE_S = 1.0
+
+
+class _Outcome:
+    """What became of one batch: applied to the counters when the drain thread is done with it, unless
+    close() gave up on the batch meanwhile (and counted all of it as ``shutdown``)."""
+
+    __slots__ = ("drops", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.drops: dict[str, int] = {}
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+
+def close_sink(sink: object, timeout_s: float | None) -> None:
+    """``sink.close(timeout_s=...)``; a sink whose close takes no timeout (written before
+    ``Sink.close`` had one) is closed without."""
+    close = sink.close  # type: ignore[attr-defined]
+    try:
+        params = inspect.signature(close).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "timeout_s" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        close(timeout_s=timeout_s)
+    else:
+        close()
 
 
 class ImpressionLogger:
@@ -62,6 +103,7 @@ class ImpressionLogger:
         self._cond = threading.Condition()
         self._stop = False
         self._closed = False  # set by close() once what was left is counted: later events are dropped
+        self._held: list[Impression] | None = None  # the batch the drain thread is sending
         self._thread: threading.Thread | None = None
         # Counters (read by metrics and tests); only ever incremented.
         self.accepted = 0
@@ -113,17 +155,27 @@ class ImpressionLogger:
                 # Linger briefly so a burst becomes one batch (fewer sink calls, one flush).
                 self._cond.wait(self.linger_s)
             n = min(self.batch_size, len(self._buffer))
-            return [self._buffer.popleft() for _ in range(n)]
+            batch = [self._buffer.popleft() for _ in range(n)]
+            self._held = batch or None
+            return batch
 
-    def _put_back(self, batch: list[Impression]) -> None:
-        """Return an unsent batch to the front of the buffer; whatever no longer fits is dropped."""
+    def _settle(self, batch: list[Impression], outcome: _Outcome, unsent: list[Impression]) -> bool:
+        """Count what became of ``batch`` and put its unsent part back at the front of the buffer
+        (whatever no longer fits is dropped). False when close() gave up on the batch: counted there."""
         with self._cond:
-            closed = self._closed  # close() gave up waiting for this batch: lost at shutdown, counted
+            if self._held is not batch:
+                return False
+            self._held = None
+            closed = self._closed
             room = 0 if closed else self.max_buffer - len(self._buffer)
-            keep = batch[: max(room, 0)]
+            keep = unsent[: max(room, 0)]
             self._buffer.extendleft(reversed(keep))
-        if len(keep) < len(batch):
-            self._drop("shutdown" if closed else "sink_error", len(batch) - len(keep))
+        if len(keep) < len(unsent):
+            outcome.drop("shutdown" if closed else "sink_error", len(unsent) - len(keep))
+        for reason, n in outcome.drops.items():
+            self._drop(reason, n)
+        self._count_sent(outcome.sent)
+        return True
 
     def _run(self) -> None:
         while True:
@@ -132,25 +184,27 @@ class ImpressionLogger:
                 if self._stop:
                     return
                 continue
-            unsent = self._send(batch)
+            outcome = _Outcome()
+            unsent = self._send(batch, outcome)
+            if not self._settle(batch, outcome, unsent):
+                return  # close() gave up on this batch and closed the sink
             if unsent:
-                self._put_back(unsent)
                 if self._stop:
                     return
                 time.sleep(self.retry_backoff_s)
 
-    def _encode(self, batch: list[Impression]) -> list[tuple[Impression, bytes]]:
+    def _encode(self, batch: list[Impression], outcome: _Outcome) -> list[tuple[Impression, bytes]]:
         out = []
         for imp in batch:
             try:
                 value = self.encode(imp)
             except Exception:  # noqa: BLE001 - one bad event must not stop the others
                 self.encode_errors += 1
-                self._drop("encode_error", 1)
+                outcome.drop("encode_error")
                 log.exception("impression log: cannot encode impression %s", imp.impression_id)
                 continue
             if len(value) > self.max_record_bytes:
-                self._drop("oversized", 1)
+                outcome.drop("oversized")
                 log.warning(
                     "impression log %s: impression %s is %d bytes (limit %d): dropped",
                     self.arm,
@@ -162,11 +216,11 @@ class ImpressionLogger:
             out.append((imp, value))
         return out
 
-    def _send(self, batch: list[Impression]) -> list[Impression]:
+    def _send(self, batch: list[Impression], outcome: _Outcome) -> list[Impression]:
         """Send a batch; returns the impressions to retry later (empty when done)."""
-        payloads = self._encode(batch)
+        payloads = self._encode(batch, outcome)
         try:
-            sent = self._deliver(payloads)
+            sent = self._deliver(payloads, outcome)
         except Exception as exc:  # noqa: BLE001 - any sink failure: keep or isolate, never lose silently
             self.send_errors += 1
             if _retriable(exc):
@@ -180,32 +234,38 @@ class ImpressionLogger:
             log.warning(
                 "impression log %s: sink refused a batch (%s); sending it record by record", self.arm, exc
             )
-            return self._isolate(payloads)
-        self._count_sent(sent)
+            return self._isolate(payloads, outcome)
+        outcome.sent += sent
         return []
 
-    def _deliver(self, payloads: list[tuple[Impression, bytes]]) -> int:
-        """Send and flush; a record the sink refuses for its size is dropped here. Returns how many went."""
-        n = 0
-        for imp, value in payloads:
+    def _deliver(self, payloads: list[tuple[Impression, bytes]], outcome: _Outcome) -> int:
+        """Send and flush; a record the sink refuses for its size is dropped here and taken out of
+        ``payloads`` (so a retry of the rest does not send and count it again). Returns how many went."""
+        i = 0
+        while i < len(payloads):
+            imp, value = payloads[i]
             try:
                 self.sink.send(value, key=imp.impression_id.encode(), timestamp_ms=imp.event_time_ms)
-                n += 1
+                i += 1
             except RecordTooLarge:
-                self._drop("oversized", 1)
+                outcome.drop("oversized")
+                del payloads[i]
         self.sink.flush(timeout_s=self.flush_timeout_s)
-        return n
+        return len(payloads)
 
-    def _isolate(self, payloads: list[tuple[Impression, bytes]]) -> list[Impression]:
+    def _isolate(self, payloads: list[tuple[Impression, bytes]], outcome: _Outcome) -> list[Impression]:
         """One record per flush: drop those refused for good, keep the rest from a retriable failure on."""
         for k, (imp, value) in enumerate(payloads):
+            one = [(imp, value)]
             try:
-                self._count_sent(self._deliver([(imp, value)]))
+                outcome.sent += self._deliver(one, outcome)
             except Exception as exc:  # noqa: BLE001 - classified below
                 self.send_errors += 1
                 if _retriable(exc):
-                    return [i for i, _ in payloads[k:]]
-                self._drop("rejected", 1)
+                    return [i for i, _ in one] + [i for i, _ in payloads[k + 1 :]]
+                if not one:  # refused for its size (counted) before the flush failed
+                    continue
+                outcome.drop("rejected")
                 log.warning(
                     "impression log %s: impression %s rejected: %s", self.arm, imp.impression_id[:64], exc
                 )
@@ -217,28 +277,41 @@ class ImpressionLogger:
             self._logged_metric.add(n)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Drain what is buffered (up to ``timeout_s``), then close the sink."""
-        deadline = time.monotonic() + timeout_s
-        while self._thread is not None and self.pending and time.monotonic() < deadline:
+        """Let the drain thread deliver what is buffered for up to ``timeout_s``, count what it did not
+        (``shutdown``), then close the sink with ``RELEASE_S`` more. Returns within ``timeout_s`` +
+        ``RELEASE_S`` + the sink's own release (about 1 s for a Kafka producer)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self._draining() and time.monotonic() < deadline:
             time.sleep(0.01)
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(max(deadline - time.monotonic(), 0.1))
-        # What is still buffered (Kafka down, or the timeout passed) is lost: count it as ``shutdown``
-        # (docs/operations.md); a batch the drain thread still holds is counted by _put_back if it fails.
+            self._thread.join(max(deadline - time.monotonic(), 0.0))
+        # What is still buffered, and the batch the drain thread still holds (a flush to a broker that
+        # does not answer, a producer still connecting), is lost: counted as ``shutdown`` now
+        # (docs/operations.md), not when that thread gives up, maybe after the process exited.
         with self._cond:
-            left = len(self._buffer)
+            held, self._held = self._held, None
+            left = len(self._buffer) + (len(held) if held else 0)
             self._buffer.clear()
             self._closed = True
         if left:
             self._drop("shutdown", left)
             log.warning("impression log %s: %d impressions not delivered before shutdown", self.arm, left)
         try:
-            self.sink.close()
-        except Exception:  # noqa: BLE001 - closing a dead sink must not hide the shutdown
-            log.exception("impression log %s: closing the sink failed", self.arm)
+            close_sink(self.sink, RELEASE_S)
+        except Exception as exc:  # noqa: BLE001 - closing a dead sink must not hide the shutdown
+            # What the sink gave up on belongs to batches counted above.
+            log.warning("impression log %s: closing the sink: %s", self.arm, exc)
+
+    def _draining(self) -> bool:
+        """Whether the drain thread runs and has something to deliver (buffered or in hand)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return False
+        with self._cond:
+            return bool(self._buffer) or self._held is not None
 
 
 def _retriable(exc: BaseException) -> bool:

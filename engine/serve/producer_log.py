@@ -16,7 +16,8 @@ Kafka has not acknowledged, retried without a time limit (``message.timeout.ms``
 down; beyond ``max_buffer`` new events are dropped and counted (``queue_full``); an event over
 ``max_record_bytes`` is dropped at once (``oversized``); an event Kafka refuses for good (a timestamp it
 rejects, a size it refuses) is dropped and counted (``rejected`` / ``oversized``) without holding back
-the others; at close, what is still undelivered after ``close_timeout_s`` is counted (``shutdown``).
+the others; at close, what is still undelivered after ``close_timeout_s`` is counted (``shutdown``),
+and ``close`` returns within that timeout + 2 s whatever Kafka does.
 
 Kafka refuses a whole produce batch for one bad record (a timestamp beyond the broker's bound fails
 every record batched with it). A record refused that way (``rejected``) is therefore sent again alone,
@@ -39,6 +40,9 @@ from reloop.engine.streams import RecordTooLarge
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Impression], bytes]
+
+RELEASE_S = 1.0  # what a producer is given to let go after its delivery time is up
+_MIN_ISOLATION_S = 2.0  # less left at close: records waiting to be sent alone are not tried
 
 
 class OfferSink(Protocol):
@@ -191,34 +195,52 @@ class ProducerLogger:
                 log.exception("impression log %s: poll failed", self.arm)
                 self._stop.wait(self.poll_interval_s)
 
-    def _send_alone(self) -> None:
+    def _send_alone(self, deadline: float | None = None) -> None:
         """Send each record refused within a batch on its own through a fresh producer (so it shares a
-        batch with nothing); drop, counted as ``rejected``, exactly the ones refused alone."""
+        batch with nothing); drop, counted as ``rejected``, exactly the ones refused alone. From close(),
+        ``deadline`` ends the attempt: what is not acknowledged by then is counted as ``shutdown``; on
+        the poll thread, close() ends it the same way (it does not wait for the poll thread)."""
         with self._lock:
             todo, self._isolate = self._isolate, []
+        if not todo:
+            return
+        if deadline is not None and deadline - time.monotonic() < _MIN_ISOLATION_S:
+            # No time left to build a producer (its start reads the topic's limit: seconds with Kafka
+            # down): what waited to be sent alone is lost at shutdown, counted.
+            with self._lock:
+                self._isolating -= len(todo)
+                self._failed += len(todo)
+            self._drop("shutdown", len(todo))
+            return
         verdict: list[str] = []
         sink = self._make_sink(lambda reason, detail, payload: verdict.append(reason))
         # Kafka down while isolating: each record waited close_timeout_s in turn (the poll thread, and
         # close(), stalled for N x 10 s), and one not acknowledged by then was counted as sent. Now the
-        # first record not acknowledged in time is counted as undelivered, and so is the rest of the
-        # lot without waiting again (if the isolation producer's close still delivers that first
-        # record, it is counted twice: a drop too many, never a loss unseen).
-        gave_up = False
+        # first record not acknowledged in time is counted as undelivered (shutdown: the logger was
+        # closing), and so is the rest of the lot without waiting again (if the isolation producer's
+        # close still delivers that first record, it is counted twice: a drop too many, never a loss
+        # unseen).
+        gave_up: str | None = None
         try:
             for value, key, timestamp_ms in todo:
                 verdict.clear()
                 reason = "rejected"
                 try:
-                    if gave_up:
-                        reason = "undelivered"
-                        verdict.append("undelivered (Kafka did not acknowledge the one before in time)")
+                    wait = self.close_timeout_s
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                    if gave_up is None and wait <= 0:
+                        gave_up = "shutdown"
+                    if gave_up is not None:
+                        reason = gave_up
+                        verdict.append(f"{gave_up} (Kafka did not acknowledge the one before in time)")
                     elif not sink.offer(value, key, timestamp_ms):
                         verdict.append("rejected (the isolation producer's queue is full)")
                     else:
-                        _flush(sink, self.close_timeout_s)
+                        _flush(sink, wait, self._stop if deadline is None else None)
                         if not verdict and sink.pending():
-                            reason, gave_up = "undelivered", True
-                            verdict.append(f"undelivered (not acknowledged within {self.close_timeout_s} s)")
+                            reason = gave_up = "shutdown" if self._stop.is_set() else "undelivered"
+                            verdict.append(f"{reason} (not acknowledged within {wait:.1f} s)")
                 except Exception as exc:  # noqa: BLE001 - this record did not go: counted
                     verdict.append(f"rejected ({exc})")
                 with self._lock:
@@ -227,36 +249,44 @@ class ProducerLogger:
                         self._failed += 1
                 if verdict:
                     self._drop(reason, 1)
-                    log.warning(
-                        "impression log %s: an impression sent alone was dropped: %s", self.arm, verdict[0]
-                    )
+                    if reason != "shutdown":
+                        log.warning(
+                            "impression log %s: an impression sent alone was dropped: %s",
+                            self.arm,
+                            verdict[0],
+                        )
         finally:
             try:
-                sink.close(1.0)
+                sink.close(RELEASE_S)
             except Exception:  # noqa: BLE001 - a failed record was counted above
                 log.debug("closing the isolation producer failed", exc_info=True)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Deliver what is queued (up to ``timeout_s``), count what is not, release the producer."""
+        """Deliver what is queued for up to ``timeout_s`` (``close_timeout_s``) in all, count what is not
+        (``shutdown``), release the producer. Returns within ``timeout_s`` + 2 x ``RELEASE_S``."""
         if self._closed:
             return
-        self._closed = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.poll_interval_s + 5.0)
         timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._closed = True
+        self._stop.set()  # the poll thread gives up a record it was sending alone at once
+        if self._thread is not None:
+            self._thread.join(
+                min(self.poll_interval_s + 2 * RELEASE_S, max(0.0, deadline - time.monotonic()))
+            )
         try:
             # Undelivered records after the timeout are purged and reported (reason "shutdown").
-            self.sink.close(timeout)
+            self.sink.close(max(deadline - time.monotonic(), RELEASE_S))
         except Exception as exc:  # noqa: BLE001 - what was not delivered is counted by the hook
             log.warning("impression log %s: closing the producer: %s", self.arm, exc)
         if self._isolate:
-            self._send_alone()
+            self._send_alone(deadline)
         self._report()
 
 
-def _flush(sink: OfferSink, timeout_s: float) -> None:
-    """Serve the sink until it holds nothing or ``timeout_s`` passed (its failures reach the hook)."""
+def _flush(sink: OfferSink, timeout_s: float, stop: threading.Event | None = None) -> None:
+    """Serve the sink until it holds nothing, ``timeout_s`` passed or ``stop`` is set (its failures
+    reach the hook)."""
     deadline = time.monotonic() + timeout_s
-    while sink.pending() and time.monotonic() < deadline:
+    while sink.pending() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         sink.poll(0.05)

@@ -9,19 +9,51 @@ rather than staying not-ready. ``reloop_serve_snapshot_fallback`` is 1 while an 
 version than the newest in its registry. A refused version is not retried, but for one whose serving
 bundle was refused before its training snapshot was written (the trainer writes the bundle first): it is
 loaded again, once, when that snapshot is there (the error's ``ready()``, engine/serve/loader.py).
+
+A version that could not be *read* (an ``OSError`` but a missing file: an NFS hiccup such as a stale
+handle, EIO, a volume remounted; or a ``SnapshotError`` raised from one) is not refused: it is tried
+again after 1, 2, 4 ... up to 60 s (``RETRY_FIRST_S``, ``RETRY_MAX_S``), for as long as the registry
+lists it, while the older versions are served meanwhile as for a refused one. What fails its checksum,
+its format or the weights-only load, or misses a file, stays refused.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from reloop.engine.checkpoint.registry import ChecksumError, SnapshotError
 from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 1.0  # a version that could not be read is tried again after this, doubling ...
+RETRY_MAX_S = 60.0  # ... up to this
+
+
+# A file that is not there (a manifest missing, a part the manifest names): the snapshot is incomplete,
+# not unreadable for a moment (versions appear by one rename of a finished folder).
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def unreadable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the snapshot could not be *read* (an I/O error: EIO, ESTALE, EACCES ...,
+    worth trying again) rather than that it is broken: an ``OSError`` but a missing file, or a
+    ``SnapshotError`` raised from one; never a ``ChecksumError`` (nor anything raised from one)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, (ChecksumError, *_MISSING)):
+            return False
+        if isinstance(seen, OSError):
+            return True
+        if not isinstance(seen, SnapshotError):
+            return False
+        seen = seen.__cause__
+    return False
 
 
 @dataclass(slots=True)
@@ -36,6 +68,7 @@ class ArmSource:
     versions: Callable[[], list[int]] | None = None
     refused: set[int] = field(default_factory=set)
     pending: dict[int, Callable[[], bool]] = field(default_factory=dict)  # refused until ready() says
+    retry: dict[int, tuple[float, int]] = field(default_factory=dict)  # unreadable: (next try, tries)
     warned: tuple[int, int] | None = None  # (live, newest) last warned of as removed newer versions
 
 
@@ -81,9 +114,24 @@ class ReloadWatcher:
                     continue
                 if version in src.pending and not self._ready(src, version):
                     continue
+                if version in src.retry and time.monotonic() < src.retry[version][0]:
+                    continue  # could not be read a moment ago: an older one meanwhile
                 try:
                     bundle = src.load(version)
                 except Exception as exc:  # noqa: BLE001 - refuse the snapshot, try the next older one
+                    if unreadable(exc):
+                        tries = src.retry.get(version, (0.0, 0))[1] + 1
+                        wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(tries - 1, 16))
+                        src.retry[version] = (time.monotonic() + wait, tries)
+                        log.warning(
+                            "reload %s: snapshot v%s could not be read (%s): trying again in %.0f s",
+                            src.name,
+                            version,
+                            exc,
+                            wait,
+                        )
+                        continue
+                    src.retry.pop(version, None)
                     ready = getattr(exc, "ready", None)
                     if callable(ready):
                         src.pending[version] = ready
@@ -93,6 +141,7 @@ class ReloadWatcher:
                     STATS.serve_reloads.add("refused")
                     log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
                     continue
+                src.retry.pop(version, None)
                 if src.holder.swap(bundle, rollback=rollback):
                     swapped += 1
                     self.loaded += 1
@@ -111,6 +160,9 @@ class ReloadWatcher:
                 src.refused = {v for v in src.refused if v <= latest and (floor is None or v > floor)}
                 src.pending = {
                     v: r for v, r in src.pending.items() if v <= latest and (floor is None or v > floor)
+                }
+                src.retry = {
+                    v: r for v, r in src.retry.items() if v <= latest and (floor is None or v > floor)
                 }
             self._fallback(src, latest)
         return swapped
@@ -142,7 +194,8 @@ class ReloadWatcher:
             self.poll_once()
             self._stop.wait(self.interval_s)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop polling; a load in progress is left to finish on its own (the thread is a daemon)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(5.0)
+            self._thread.join(timeout_s)

@@ -3,6 +3,12 @@ impression logger; the router; the FastAPI app; and (optionally) an in-thread uv
 
 The Kafka sink is created lazily by the logger thread, so the service starts, scores and stays ready
 while the broker is unreachable (the events wait in the bounded buffer, then are dropped and counted).
+
+``ServingStack.close`` is bounded by ``serve.shutdown_timeout_s`` (+ ``CLOSE_SLACK_S``), whatever Kafka
+does: the HTTP server gets up to 5 s to finish its requests, the reload watcher 2 s, and the impression
+loggers (all arms at once) and error-memory feeds the rest, then each logger counts what it could not
+deliver (``reloop_impressions_dropped_total{reason="shutdown"}``) and gives its producer up; a close
+still running after that is left behind with an error log.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from reloop.engine.serve.app import ScoreRoute, create_app
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 from reloop.engine.serve.config import ArmConfig, ServeConfig
-from reloop.engine.serve.impression_log import ImpressionLogger
+from reloop.engine.serve.impression_log import ImpressionLogger, close_sink
 from reloop.engine.serve.producer_log import ProducerLogger
 from reloop.engine.serve.reload import ArmSource, ReloadWatcher
 from reloop.engine.serve.service import ArmRuntime, ScoringService
@@ -32,6 +38,12 @@ from reloop.engine.streams import Sink, Source
 from starlette.routing import Route
 
 log = logging.getLogger(__name__)
+
+# What ServingStack.close may take beyond serve.shutdown_timeout_s: the loggers' release of their
+# producers (impression_log.RELEASE_S, and about 1 s for a Kafka producer's sender thread to stop).
+CLOSE_SLACK_S = 3.0
+_SERVER_STOP_S = 5.0  # in-flight requests finish within this (part of the shutdown timeout)
+_WATCHER_STOP_S = 2.0
 
 SinkFactory = Callable[[ArmConfig], Sink]
 # The samples topic of an arm with an error memory (arms[].memory), as a Source.
@@ -73,16 +85,29 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
 class LazySink:
     """Builds the real sink on first use and again after a failure, so 'broker down' is one more
     retryable send error rather than a crash at startup, and a producer left in an error state by a
-    refused batch (Kafka's idempotent producer can be) is never reused."""
+    refused batch (Kafka's idempotent producer can be) is never reused. After ``close`` it builds
+    nothing more: a sink the logger thread was still building then (a broker that does not answer holds
+    that for ~35 s) is released as soon as it is built."""
 
     def __init__(self, make: Callable[[], Sink]) -> None:
         self._make = make
         self._sink: Sink | None = None
+        self._closed = False
+        self._lock = threading.Lock()
 
     def _get(self) -> Sink:
-        if self._sink is None:
-            self._sink = self._make()
-        return self._sink
+        sink = self._sink
+        if sink is not None:
+            return sink
+        if self._closed:
+            raise RuntimeError("send on a closed sink")
+        sink = self._make()
+        with self._lock:
+            if not self._closed:
+                self._sink = sink
+                return sink
+        _release(sink)  # closed while it was being built
+        raise RuntimeError("the sink was closed while it was being built")
 
     def send(self, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None) -> None:
         self._get().send(value, key=key, timestamp_ms=timestamp_ms)
@@ -96,18 +121,25 @@ class LazySink:
                 raise
 
     def _discard(self) -> None:
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            release = getattr(sink, "abort", None) or sink.close
-            try:
-                release()
-            except Exception:  # noqa: BLE001 - a failed sink is being thrown away
-                log.debug("releasing a failed sink failed", exc_info=True)
-
-    def close(self) -> None:
-        if self._sink is not None:
+        with self._lock:
             sink, self._sink = self._sink, None
-            sink.close()
+        if sink is not None:
+            _release(sink)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        with self._lock:
+            self._closed = True
+            sink, self._sink = self._sink, None
+        if sink is not None:
+            close_sink(sink, timeout_s)
+
+
+def _release(sink: Sink) -> None:
+    release = getattr(sink, "abort", None) or sink.close
+    try:
+        release()
+    except Exception:  # noqa: BLE001 - a failed sink is being thrown away
+        log.debug("releasing a failed sink failed", exc_info=True)
 
 
 def kafka_sink_factory(config: ServeConfig) -> SinkFactory:
@@ -129,7 +161,8 @@ def registry_loader_factory(arm: ArmConfig):
     """``latest``/``load``/``versions`` over the arm's registry: a version's serving bundle when the
     trainer wrote one (reloop.engine.serve.bundle_format: weights only, visible before the training snapshot
     is), else the training snapshot's learner part; with ``cold_start``, version 0 is an untrained
-    model (the newest version of an empty registry, and the last fallback)."""
+    model (the newest version of an empty registry, and the last fallback) until a trained version
+    loaded, never after."""
     from reloop.engine.checkpoint.registry import SnapshotRegistry
     from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
     from reloop.engine.serve.loader import bundle_or_snapshot_loader, cold_start_bundle
@@ -150,15 +183,46 @@ def registry_loader_factory(arm: ArmConfig):
     if arm.cold_start is None:
         return newest, load_version, available
     cold = arm.cold_start
+    # Once a trained version loaded, the untrained v0 is never the fallback again: a registry that lists
+    # nothing for a moment (an NFS hiccup, a remount: is_dir() says False) swapped v0 in as "the
+    # registry's newest", and the arm served an untrained model until the next poll. The live version is
+    # kept instead (a registry really started again is followed down once its new v1 is there).
+    state = {"trained": False, "warned": False}
 
     def latest() -> int | None:
         v = newest()
-        return 0 if v is None else v
+        if v is not None:
+            state["warned"] = False
+            return v
+        if not state["trained"]:
+            return 0
+        if not state["warned"]:
+            state["warned"] = True
+            log.warning(
+                "arm %s: its registry %s lists no snapshot (unreachable, or emptied): keeping the live "
+                "model, not the untrained cold-start v0",
+                arm.name,
+                arm.registry,
+            )
+        return None
 
     def load(version: int) -> ModelBundle:
-        return cold_start_bundle(cold) if version == 0 else load_version(version)
+        if version != 0:
+            bundle = load_version(version)
+            state["trained"] = True
+            return bundle
+        log.warning(
+            "arm %s: serving the untrained cold-start model v0 (arms[].cold_start) until a snapshot loads "
+            "from %s",
+            arm.name,
+            arm.registry,
+        )
+        return cold_start_bundle(cold)
 
-    return latest, load, lambda: [*available(), 0]
+    def versions() -> list[int]:
+        return available() if state["trained"] else [*available(), 0]
+
+    return latest, load, versions
 
 
 def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
@@ -361,40 +425,60 @@ class ServingStack:
         self.port = int(sock.getsockname()[1])
         return http_url(host, self.port)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop serving and release everything within ``timeout_s`` (``serve.shutdown_timeout_s``) +
+        ``CLOSE_SLACK_S``, whatever Kafka does (module doc)."""
+        timeout = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+
+        def left(most: float | None = None) -> float:
+            remaining = max(0.0, deadline - time.monotonic())
+            return remaining if most is None else min(most, remaining)
+
         if self._server is not None:
             self._server.should_exit = True
             if self._thread is not None:
-                self._thread.join(10)
-        self.watcher.close()
-        for feed in self.feeds.values():
-            feed.close()
-        self._close_loggers()
+                self._thread.join(left(_SERVER_STOP_S))
+                if self._thread.is_alive():  # requests still in flight: cut them off
+                    self._server.force_exit = True
+                    self._thread.join(left(1.0))
+        self.watcher.close(left(_WATCHER_STOP_S))
+        self._close_all(deadline)
         gc.unfreeze()  # let the interpreter's exit clean up what freeze_live_objects() froze
         if self._switch_interval_before is not None:
             sys.setswitchinterval(self._switch_interval_before)
             self._switch_interval_before = None
 
-    def _close_loggers(self) -> None:
-        """Close every arm's impression logger at once: each may wait its flush timeout (10 s) while
-        Kafka is down, and one after the other 4 arms took 40 s and more, past a pod's grace period
-        (SIGKILL: what was left was never counted); one failing close must not skip the others."""
+    def _close_all(self, deadline: float) -> None:
+        """Close every arm's impression logger and memory feed at once, each within what is left of the
+        shutdown timeout: one after the other, 4 arms whose loggers each waited their flush timeout while
+        Kafka was down took 40 s and more, past a pod's grace period (SIGKILL: what was left was never
+        counted); one failing close must not skip the others, and one that hangs is left behind."""
+        budget = max(0.0, deadline - time.monotonic())
 
-        def close(arm: ArmRuntime) -> None:
+        def close(name: str, what: str, closer: Callable[[], None]) -> None:
             try:
-                arm.logger.close()  # type: ignore[union-attr]
+                closer()
             except Exception:  # noqa: BLE001 - the other arms' loggers still close
-                log.exception("impression log %s: close failed", arm.name)
+                log.exception("%s %s: close failed", what, name)
 
+        jobs: list[tuple[str, str, Callable[[], None]]] = []
+        for name, feed in self.feeds.items():
+            jobs.append((name, "memory feed", lambda f=feed: f.close(timeout_s=budget)))
+        for arm in self.arms.values():
+            if arm.logger is not None:
+                jobs.append((arm.name, "impression log", lambda lg=arm.logger: lg.close(timeout_s=budget)))
         threads = [
-            threading.Thread(target=close, args=(arm,), name=f"close-log-{arm.name}", daemon=True)
-            for arm in self.arms.values()
-            if arm.logger is not None
+            threading.Thread(target=close, args=job, name=f"close-{job[1]}-{job[0]}", daemon=True)
+            for job in jobs
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()  # each close is bounded by its logger's own timeout
+        end = deadline + CLOSE_SLACK_S
+        for t, (name, what, _) in zip(threads, jobs, strict=True):
+            t.join(max(0.0, end - time.monotonic()))
+            if t.is_alive():
+                log.error("%s %s: still closing after the shutdown timeout; left behind", what, name)
 
 
 class _AsgiEndpoint:

@@ -19,14 +19,21 @@ over the workers' listening sockets. What that means:
 * the parent restarts a worker that exits (after 1 s), except one that exits 2 (it cannot start with
   this config: every restart would fail alike), which stops them all and the parent with status 2;
   it stops all of them on SIGTERM/SIGINT; the connections a crashing worker held (in flight or queued
-  on its socket) are reset, new ones go to the others at once.
+  on its socket) are reset, new ones go to the others at once;
+* a parent that dies without stopping them (SIGKILL, the OOM killer) takes them along: on Linux each
+  worker gets SIGTERM from the kernel when the parent dies (``PR_SET_PDEATHSIG``) and stops as on any
+  SIGTERM (within ``serve.shutdown_timeout_s`` + 3 s). They kept serving on the port before, as orphans
+  that a restarted parent's new workers shared it with.
 
 On a 2-core machine one worker is the default: a second one pays off only when a core is idle.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +43,19 @@ import time
 from reloop.engine.netaddr import http_url
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """``preexec_fn`` of a worker: the kernel sends it SIGTERM when the parent dies (the thread that
+    started it: run_workers' loop runs on the main thread); exits at once if the parent is already gone.
+    SIGTERM, not the SIGKILL of reloop run's stages (engine/runtime/lifeline.py): a worker has nothing
+    that another process could write twice, and a graceful stop delivers or counts its impression log."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_port: int | None = None) -> int:
@@ -67,6 +87,7 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
         flush=True,
     )
     status = 0
+    lifeline = functools.partial(stop_with_parent, os.getpid())
     try:
         while not stop.is_set():
             for i, p in enumerate(procs):
@@ -84,7 +105,9 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
                         log.error("serving worker %d exited with status %s; restarting it", i, p.returncode)
                     started[i] = time.monotonic()
                     try:
-                        procs[i] = subprocess.Popen([*cmd, "--worker-metrics-port", str(first_metrics + i)])
+                        procs[i] = subprocess.Popen(
+                            [*cmd, "--worker-metrics-port", str(first_metrics + i)], preexec_fn=lifeline
+                        )
                     except OSError as exc:
                         # fork/exec failing for a moment (EAGAIN, ENOMEM) ended the parent with a
                         # traceback, its workers left serving as orphans: tried again in a second.

@@ -60,3 +60,59 @@ def test_impressions_logged_after_close_are_counted_not_kept():
     logger.close()
     assert logger.log([_imp(i) for i in range(3)]) == 3
     assert logger.pending == 0 and logger.dropped_by_reason == {"closed": 3}
+
+
+class _StuckSink:
+    """A sink the drain thread is stuck in (a Kafka producer still connecting to a broker that does not
+    answer: ~35 s), whose close waits for ever unless given a timeout (kafka-python's close did: until
+    every batch expired, 120 s)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.unstick = threading.Event()
+        self.closed_with: list[float | None] = []
+
+    def send(self, value, key=None, timestamp_ms=None):
+        self.entered.set()
+        self.unstick.wait()
+        raise ConnectionError("broker unreachable")
+
+    def flush(self, timeout_s=None):
+        pass
+
+    def close(self, timeout_s=None):
+        self.closed_with.append(timeout_s)
+        self.unstick.wait(timeout_s)  # None: until the broker answers
+
+
+def test_close_is_bounded_and_counts_the_batch_the_stuck_drain_thread_holds():
+    # The drain thread held a batch inside the sink: close() returned without counting it (counted only
+    # when the thread gave up, after the process had exited), then closed the sink without a bound.
+    sink = _StuckSink()
+    logger = ImpressionLogger(sink=sink, encode=_encode, batch_size=4, linger_s=0.0).start()
+    logger.log([_imp(i) for i in range(4)])
+    assert sink.entered.wait(5)
+    logger.log([_imp(i) for i in range(4, 10)])
+    closer = threading.Thread(target=logger.close, kwargs={"timeout_s": 0.5}, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(10)
+    took = time.monotonic() - started
+    sink.unstick.set()
+    assert not closer.is_alive(), "close() waited for the sink without a bound"
+    assert took < 0.5 + 1.0 + 0.5, took  # its timeout + the sink's release + slack
+    assert sink.closed_with and sink.closed_with[0] is not None
+    assert logger.dropped_by_reason == {"shutdown": 10}  # the held batch too, when close returned
+    _accounted(logger, 10)
+    time.sleep(0.1)  # the thread, unstuck, fails its send: counted already, not counted again
+    assert logger.dropped == 10 and logger.sent == 0
+
+
+def test_a_sink_whose_close_takes_no_timeout_is_still_closed():
+    sink = PickySink(refused=set())  # close(self): a Sink written before close had a timeout
+    closed = []
+    sink.close = lambda: closed.append(True)
+    logger = ImpressionLogger(sink=sink, encode=_encode).start()
+    logger.log([_imp(1)])
+    logger.close(timeout_s=2.0)
+    assert closed == [True] and logger.sent == 1

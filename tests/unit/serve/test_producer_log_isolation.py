@@ -77,3 +77,28 @@ def test_records_not_delivered_alone_are_counted_and_waited_for_once():
     assert logger.dropped_by_reason == {"undelivered": 3}
     assert logger.sent == 2 and logger.sent + logger.dropped == 5
     assert took < 0.3 * 3  # one timeout for the lot, not one per record
+
+
+def test_close_does_not_wait_for_a_record_being_sent_alone():
+    # The poll thread was waiting close_timeout_s (10 s) for a record sent alone while Kafka was down:
+    # close() waited for it up to 5 s more than its own timeout, then closed the producer.
+    made: list[object] = []
+
+    def make(hook):
+        sink = _Main(hook, bad={b"imp1"}) if not made else _Down(hook)
+        made.append(sink)
+        return sink
+
+    logger = ProducerLogger(make_sink=make, encode=encode, poll_interval_s=0.01, close_timeout_s=30.0)
+    logger.start()
+    assert logger.log([imp(i) for i in range(3)]) == 0
+    deadline = time.monotonic() + 5
+    while len(made) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the poll thread waits for Kafka to take imp1 alone
+    started = time.monotonic()
+    logger.close(timeout_s=0.5)
+    took = time.monotonic() - started
+    assert took < 0.5 + 2.0, took
+    assert logger.dropped_by_reason == {"shutdown": 1}
+    assert logger.sent == 2 and logger.sent + logger.dropped == 3

@@ -3,6 +3,7 @@ routing; a worker that dies is replaced while the other keeps answering."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from reloop.connectors.kafka.local_broker import free_port
 from reloop.engine.checkpoint.registry import SnapshotRegistry
@@ -157,3 +159,50 @@ def test_a_workers_own_metrics_port_needs_the_token_too(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for init to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_stop_when_the_parent_is_sigkilled(tmp_path):
+    # A SIGKILLed parent (the OOM killer, kill -9) left its workers serving on the port as orphans; a
+    # restarted service then shared the port with them.
+    learner = build_learner("dcn", FeatureSpec.from_dict(SPEC), "ce", 0.0, embedding_dim=4, hidden_units=[8])
+    reg = SnapshotRegistry(tmp_path / "reg")
+    reg.publish({"model": learner.state_dict()})
+    config = tmp_path / "serve.yaml"
+    arms = [{"name": "A", "registry": str(reg.root)}]
+    config.write_text(yaml.safe_dump({"serve": {"log": {"enabled": False}}, "arms": arms}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
+         "--port", str(port), "--workers", "2"],
+        cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    pids: set[int] = set()
+    try:
+        _wait(url, proc)
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= _pids(url, 20)
+        assert len(pids) == 2
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(p) for p in pids), "workers outlived their SIGKILLed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids:  # the old code's orphans must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -44,7 +44,8 @@ def test_a_worker_that_cannot_be_forked_is_started_again_and_stop_ends_all(monke
     calls: list[str] = []
     made: list[_Proc] = []
 
-    def popen(argv):
+    def popen(argv, preexec_fn=None):
+        assert preexec_fn is not None  # each worker dies with the parent
         port = argv[-1]
         calls.append(port)
         if len(calls) == 2:
