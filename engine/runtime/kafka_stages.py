@@ -200,5 +200,6 @@ def describe_train(stage: Any) -> dict[str, Any]:
         "samples_refused": stage.samples_refused,
         "seq_gaps": stage.seq_gaps,
         "samples_missing": stage.samples_missing,
+        "join_task_restarts": stage.task_restarts,
         "dead_letters": stage.dead_letters.counts,
     }
