@@ -10,6 +10,12 @@ identity transform passes every check) and rows whose gradients are not sound (f
 batch), and skips a whole step whose gradients are not sound with no row to blame
 (engine/models/learner.py). The trainer scores every left-out row NaN, and its callers
 dead-letter them (engine/train/unlearnt.py).
+
+A model whose own weights (or optimizer state) are no longer finite, or too large for any input, is
+another matter: leaving rows out cannot help it, every later sample would be dead-lettered, and a
+snapshot of it would serve NaN. That raises ``TrainingDiverged`` (a torch learner's rows refused for
+their logits are first scored again with their dense inputs zeroed: still not finite, the model is to
+blame), and ``first_not_finite`` names the tensor for the trainer's checks before a snapshot.
 """
 
 from __future__ import annotations
@@ -17,15 +23,73 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.loss.losses import LossStats
 
 log = logging.getLogger("reloop.learner")
 L = TypeVar("L", bound=Callable[..., LossStats])
+
+DIVERGED_HINT = (
+    "lower the learning rate (model.optimizer.lr, embedding_lr; river/FTRL: model.params), set"
+    " model.optimizer.grad_clip_norm, or bound numeric features in the feature spec (minmax, log_bucket)"
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The model cannot go on learning: a weight or optimizer moment that is not finite, logits that are
+    not finite whatever the dense inputs, or too many steps in a row that learnt nothing. No snapshot of
+    it is published: the last one stays the production model and the restart point."""
+
+
+def first_not_finite(state: Any, path: str = "") -> str | None:
+    """Where a state (dicts, lists and tuples of tensors, numpy arrays and numbers) first holds a value
+    that is not finite, as ``'path' (k of n values NaN or inf)``; None when every value is finite.
+
+    One ``aminmax`` pass per tensor (a NaN makes both NaN), no copy: 8 ms for a DCN of 82 MB with its
+    Adagrad state here, against 75-89 ms for its ``state_dict()``, a tenth of what a snapshot takes."""
+    if isinstance(state, torch.Tensor):
+        if not (state.is_floating_point() or state.is_complex()) or state.numel() == 0:
+            return None
+        t = state.detach()
+        t = t.coalesce().values() if t.is_sparse else t
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if bool(torch.isfinite(torch.stack(torch.aminmax(t.reshape(-1)))).all()):
+            return None
+        bad = int((~torch.isfinite(t)).sum())
+        return f"{path!r} ({bad} of {t.numel()} values NaN or inf)"
+    if isinstance(state, np.ndarray):
+        if state.dtype.kind not in "fc" or state.size == 0 or np.isfinite(state).all():
+            return None
+        return f"{path!r} ({int((~np.isfinite(state)).sum())} of {state.size} values NaN or inf)"
+    if isinstance(state, float | np.floating):
+        return None if math.isfinite(state) else f"{path!r} ({state})"
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, list | tuple):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = first_not_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def learner_not_finite(learner: Any) -> str | None:
+    """``first_not_finite`` of a learner's state: its own ``not_finite()`` where it has one (a torch
+    learner: no copy of its tensors), else of its ``state_dict()``."""
+    check = getattr(learner, "not_finite", None)
+    if check is not None:
+        return check()
+    state = getattr(learner, "state_dict", None)  # a learner without a state has nothing to check
+    return None if state is None else first_not_finite(state())
 
 
 def finite_rows(batch: FeatureBatch) -> np.ndarray | None:

@@ -23,8 +23,11 @@ from reloop.engine.models.blocks import GenDropout
 from reloop.engine.models.config import LearnerConfig, OptimizerConfig
 from reloop.engine.models.finite import (
     DENSE_NOT_FINITE,
+    DIVERGED_HINT,
+    TrainingDiverged,
     count_unlearnable,
     finite_rows,
+    first_not_finite,
     no_samples_stats,
     take_rows,
 )
@@ -569,11 +572,50 @@ class TorchLearner:
         for buffer, saved in norms:  # first: the training forward just put this batch in them
             buffer.copy_(saved)
         scores = eval_deep if eval_deep is not None else self.logits_tensors(batch).double().cpu().numpy()
-        self.model.train()  # logits_tensors left it in eval mode; the step goes on in training mode
         ok = np.isfinite(scores)
+        if not ok.all():
+            self._check_not_diverged(batch, np.flatnonzero(~ok))
+        self.model.train()  # logits_tensors left it in eval mode; the step goes on in training mode
         if not ok.all():
             self._restart([], rng)
             raise _RowsRefused(np.flatnonzero(ok), _LOGIT_NOT_FINITE)
+
+    def _check_not_diverged(self, batch: TorchFeatureBatch, rows: np.ndarray) -> None:
+        """Rows whose eval-mode logits are not finite: blame the model, not them, when their logits are
+        still not finite with their dense inputs zeroed (their ids alone: weights that are not finite, or
+        too large for any input). Leaving such rows out would dead-letter every later sample that uses
+        them: raise ``TrainingDiverged`` instead. Runs only when rows are refused (one small forward)."""
+        index = torch.from_numpy(rows).to(batch.cat.device)
+        probe = TorchFeatureBatch(
+            cat=batch.cat[index],
+            num=torch.zeros_like(batch.num[index]),
+            multi=batch.multi[index],
+            multi_mask=batch.multi_mask[index],
+        )
+        if bool(torch.isfinite(self.logits_tensors(probe)).all()):
+            return
+        self.model.train()
+        where = self.not_finite()
+        if where is None:
+            name, largest = max(
+                ((n, float(p.detach().abs().max())) for n, p in self.model.named_parameters() if p.numel()),
+                key=lambda item: item[1],
+            )
+            where = f"none is NaN or inf, but the largest |weight| is {largest:.3g} ({name!r})"
+        raise TrainingDiverged(
+            f"training diverged: the model's logits are not finite for {len(rows)} samples even with"
+            f" their dense inputs zeroed; {where}; {DIVERGED_HINT}"
+        )
+
+    def not_finite(self) -> str | None:
+        """Where the model's weights, buffers, optimizer moments or wide part first hold a value that is
+        not finite (engine/models/finite.py), None when none does: one pass, no copy."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        moments = {
+            k: {names.get(id(p), "?"): st for p, st in o.state.items()} for k, o in self.optimizers.items()
+        }
+        wide = {} if self.wide is None else {"wide": {"mean": self.wide.mean, "var": self.wide.var}}
+        return first_not_finite({"model": self.model.state_dict(), "optimizers": moments, **wide})
 
     def _learn_finite_rows(
         self,

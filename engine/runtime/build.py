@@ -114,6 +114,7 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
             replay_size=cfg.train.replay_size,
             replay_ratio=cfg.train.replay_ratio,
             replay_batch_size=cfg.train.replay_batch_size,
+            max_consecutive_skipped=cfg.train.max_consecutive_skipped,
         ),
     )
 

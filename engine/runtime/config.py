@@ -160,6 +160,13 @@ class TrainSection(_Section):
         "stream such steps served worse from 1-minute to 1-hour periods, docs/operations.md); not with "
         "deterministic: true, whose batches are a function of the topic; null (the default): full batches",
     )
+    max_consecutive_skipped: int = Field(
+        default=100,
+        ge=0,
+        description="training steps in a row that learnt nothing (a gradient not finite, every row left "
+        "out) before the stage stops with TrainingDiverged (exit 2) instead of dead-lettering the stream; "
+        "0: never",
+    )
 
 
 class PeriodSection(_Section):
@@ -463,7 +470,7 @@ _NEW_DEFAULTS = {
 
 
 # Keys that change when a step happens, not what a step does: never in the fingerprints.
-_RUNTIME_ONLY = (("train", "max_wait_ms"),)
+_RUNTIME_ONLY = (("train", "max_wait_ms"), ("train", "max_consecutive_skipped"))
 
 
 def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from reloop.engine.metrics.stats import STATS, EngineStats
+from reloop.engine.models.finite import TrainingDiverged
 from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 from reloop.engine.streams import AuthenticationFailed, MissingTopic, TopicNotFound
@@ -43,6 +44,9 @@ REFUSED: tuple[type[BaseException], ...] = (
     NoUsableSnapshot,
     ConfigError,
     AuthenticationFailed,
+    # A model that diverged diverges again from the same snapshot and samples: rebuilding it retried for
+    # recovery.give_up_after_s. The last snapshot stays the production model and the restart point.
+    TrainingDiverged,
 )
 FATAL: tuple[type[BaseException], ...] = (*REFUSED, ProcessFatal)
 

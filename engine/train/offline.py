@@ -32,6 +32,7 @@ from reloop.engine.events.schema import LabeledSample
 from reloop.engine.features.featurizer import FeatureBatch, Featurizer
 from reloop.engine.loss.losses import LossStats
 from reloop.engine.metrics.offline import auc, logloss
+from reloop.engine.models.finite import DIVERGED_HINT, TrainingDiverged, learner_not_finite
 from reloop.engine.models.learner import Learner
 
 
@@ -178,13 +179,20 @@ class OfflineTrainer:
         n = len(data)
         order = rng.permutation(n) if cfg.shuffle else np.arange(n)
         stats: list[LossStats] = []
-        total = 0.0
+        total, counted = 0.0, 0
+        skipped = getattr(learner, "skipped_samples", 0)
         for i in range(0, n, cfg.batch_size):
             part = data.take(order[i : i + cfg.batch_size])
             s = learner.learn(part.batch, part.labels, part.y_last, part.weights)
             stats.append(s)
-            total += s.total * s.n
-        return (total / n if n else math.nan), n, stats
+            if s.n and math.isfinite(s.total):  # a step that learnt nothing has no loss to average
+                total += s.total * s.n
+                counted += s.n
+        if n and getattr(learner, "skipped_samples", 0) - skipped >= n:
+            raise TrainingDiverged(
+                f"training diverged: an epoch learnt none of its {n} samples; {DIVERGED_HINT}"
+            )
+        return (total / counted if counted else math.nan), n, stats
 
     def fit(
         self,
@@ -195,7 +203,8 @@ class OfflineTrainer:
     ) -> FitResult:
         """Train; with ``valid``: stop after ``patience`` epochs without a better AUC, keep the best state.
         A validation set of one class has no AUC: its LogLoss decides instead (with AUC's NaN no epoch was
-        ever the best, and the last one was kept)."""
+        ever the best, and the last one was kept). Raises ``TrainingDiverged`` after an epoch that leaves
+        a learner state that is not finite, or that learnt none of its samples (engine/models/finite.py)."""
         cfg = self.config
         # An empty validation set has neither AUC nor LogLoss: no epoch would ever be the best, and
         # training would silently stop after ``patience`` epochs.
@@ -213,6 +222,11 @@ class OfflineTrainer:
                 t0 = time.perf_counter()
                 loss, n, _ = self.train_epoch(learner, train, rng)
                 seconds = time.perf_counter() - t0
+                where = learner_not_finite(learner)  # once an epoch: evaluating NaN scores says nothing
+                if where is not None:
+                    raise TrainingDiverged(
+                        f"training diverged in epoch {epoch}: the learner's {where}; {DIVERGED_HINT}"
+                    )
                 ev = evaluate(learner, valid, cfg.eval_batch_size) if valid is not None else None
                 er = EpochResult(epoch, loss, n, seconds, ev)
                 result.epochs.append(er)

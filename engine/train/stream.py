@@ -23,6 +23,12 @@ Replay (``replay_size > 0``, off by default): a bounded buffer of the latest sam
 (engine/train/replay_buffer.py) is replayed for ``replay_ratio`` extra samples per new one after each
 batch; the buffer is part of ``state()``, so a restored trainer replays what an uninterrupted one does.
 
+Divergence (engine/models/finite.py): a step whose gradients are not sound is skipped by the learner
+(``skipped_steps``); ``max_consecutive_skipped`` steps in a row that learnt nothing (skipped, or every
+row left out) raise ``TrainingDiverged``, and so does a batch that learnt nothing, or that the model
+scored NaN, while the learner's state is not finite. ``state_dict()`` refuses a learner state that is not
+finite (``TrainingDiverged`` naming the tensor): such a model is never published as the next version.
+
 The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``state()``.
 """
 
@@ -36,6 +42,12 @@ import numpy as np
 from reloop.engine.events.schema import LabeledSample
 from reloop.engine.loss.losses import LossStats
 from reloop.engine.metrics.rolling_batch import BatchRollingMetrics
+from reloop.engine.models.finite import (
+    DIVERGED_HINT,
+    TrainingDiverged,
+    first_not_finite,
+    learner_not_finite,
+)
 from reloop.engine.train.replay_buffer import ReplayBuffer
 
 YLastMode = Literal["logged", "snapshot"]
@@ -51,8 +63,12 @@ class StreamTrainerConfig:
     replay_size: int = 0
     replay_ratio: float = 1.0
     replay_batch_size: int | None = None
+    # Steps in a row that learnt nothing (skipped, or every row left out) before TrainingDiverged; 0: never.
+    max_consecutive_skipped: int = 100
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_skipped < 0:
+            raise ValueError("train.max_consecutive_skipped must be >= 0 (0: never stop)")
         if self.batch_size <= 0:
             raise ValueError("train.batch_size must be positive")
         if self.replay_size < 0 or self.replay_ratio < 0:
@@ -147,6 +163,8 @@ class StreamTrainer:
         self.prev_model: Any | None = None
         self.prev_version: int | None = None
         self.last_loss: LossStats | None = None
+        self.skipped_in_a_row = 0  # this trainer's steps in a row that learnt nothing (not in the state)
+        self.diverged: str | None = None  # why a step raised TrainingDiverged (no state_dict() until a load)
         self.replay: ReplayBuffer | None = None
         if config.replay_size > 0:
             self.replay = ReplayBuffer(
@@ -167,6 +185,13 @@ class StreamTrainer:
 
     def train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
         """``train_batch`` for an already featurised batch and its columns: no Python per sample."""
+        try:
+            return self._train_columns(batch, cols)
+        except TrainingDiverged as exc:
+            self.diverged = str(exc)  # weights merely too large pass the state's check: remembered
+            raise
+
+    def _train_columns(self, batch: Any, cols: SampleColumns) -> StepResult:
         n = len(cols)
         if n == 0:
             raise ValueError("train_columns needs at least one sample")
@@ -186,11 +211,16 @@ class StreamTrainer:
             y_last, y_counts = self._y_last(cols, batch)
             stats = self.learner.learn(batch, labels, y_last, w)
             left_out = getattr(self.learner, "left_out", None)  # engine/models/finite.py
+            model_nan = np.isnan(scores)  # from inputs the learner took: its weights are to blame
             if left_out is not None:
+                model_nan[left_out] = False
                 scores[left_out] = np.nan  # as a torch learner scores them: the model cannot
+            if model_nan.any():
+                self._check_finite()
         step_skipped = _skipped(self.learner)[0] > skipped_before[0]  # this batch's step, not a replayed one
         unscored = np.isnan(scores)
         unlearnt, why = _unlearnt(n, step_skipped, unscored)
+        self._count_learnt_nothing(unlearnt is not None and bool(unlearnt.all()), why)
         c = self.counters
         for name, k in y_counts.items():  # counted once the step happened (a failed one counts nothing)
             setattr(c, name, getattr(c, name) + k)
@@ -240,6 +270,28 @@ class StreamTrainer:
             why,
             c.replayed - replayed_before,
         )
+
+    def _count_learnt_nothing(self, nothing: bool, why: str) -> None:
+        """Raise ``TrainingDiverged`` when this step learnt nothing and the learner's state is not finite
+        (a state pass, only in such steps), or when ``max_consecutive_skipped`` steps in a row learnt
+        nothing: a model that every sample fails is not repaired by dead-lettering the stream."""
+        if not nothing:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        self._check_finite()
+        limit = self.config.max_consecutive_skipped
+        if limit and self.skipped_in_a_row >= limit:
+            raise TrainingDiverged(
+                f"training diverged: {self.skipped_in_a_row} steps in a row learnt nothing (the last: {why}):"
+                " the model cannot learn, or the stream holds only values it cannot take; stopping"
+                f" (train.max_consecutive_skipped = {limit}); {DIVERGED_HINT}"
+            )
+
+    def _check_finite(self) -> None:
+        where = learner_not_finite(self.learner)
+        if where is not None:
+            raise TrainingDiverged(f"training diverged: the learner's {where}; {DIVERGED_HINT}")
 
     def idle_step(self) -> None:
         """This rank's part of a data-parallel step in which it has no samples (the learner applies
@@ -305,9 +357,21 @@ class StreamTrainer:
     # ------------------------------------------------------------------ snapshot
     def state_dict(self) -> dict[str, Any]:
         """The learner's state (``learner``: model, optimizers, RNG: tensors and plain types) and the
-        trainer's own: counters, the progressive metric window, the replay buffer."""
+        trainer's own: counters, the progressive metric window, the replay buffer.
+
+        Raises ``TrainingDiverged`` naming the first learner tensor that is not finite (weights,
+        optimizer moments): such a state is never published, as a model version or a restart point."""
+        if self.diverged is not None:
+            raise TrainingDiverged(f"snapshot refused: {self.diverged}")
+        learner = self.learner.state_dict()
+        where = first_not_finite(learner)
+        if where is not None:
+            raise TrainingDiverged(
+                f"snapshot refused: the learner's {where}; the last snapshot stays the production model"
+                f" and the restart point. Training diverged: {DIVERGED_HINT}"
+            )
         out = {
-            "learner": self.learner.state_dict(),
+            "learner": learner,
             "counters": self.counters.as_dict(),
             "progressive": self.progressive.state_dict(),
             "prev_version": self.prev_version,
@@ -321,6 +385,8 @@ class StreamTrainer:
         ``on_snapshot(version)`` with the version resumed from: its model is the previous model."""
         if "learner" in state:
             self.learner.load_state_dict(state["learner"])
+            self.diverged = None
+        self.skipped_in_a_row = 0
         self.counters = TrainCounters(**state["counters"])
         # The previous model is not in the state: drop this object's own (on_snapshot gives it back), so
         # nothing of what it did before the load survives it.

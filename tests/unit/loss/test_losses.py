@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -253,3 +254,20 @@ def test_a_y_last_or_weight_that_is_not_one_per_sample_is_refused_not_broadcast(
         loss.raw_gradient(z.numpy(), y.numpy(), **{which: one.numpy()})
     # One per sample is what it takes: the same values spelled out are accepted.
     loss(z, y, **{which: one.expand(4)})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES + VARIANTS)
+def test_a_served_prediction_of_exactly_0_or_1_keeps_every_path_finite(strategy):
+    """y_last is logged as served: 0 or 1 exactly where serving saturated. No path takes log(y_last)
+    (KD's soft-target term is BCE with logits; the gate's log loss of y_last is clamped by torch)."""
+    loss = make_loss(strategy, 0.5)
+    z = torch.tensor([-1e4, -50.0, -20.0, 0.0, 20.0, 50.0, 1e4])
+    for y_last, label in itertools.product([0.0, 1.0], [0.0, 1.0]):
+        logits = z.clone().requires_grad_()
+        value, stats = loss(logits, torch.full_like(z, label), torch.full_like(z, y_last))
+        value.backward()
+        raw = loss.raw_gradient(z.double().numpy(), np.full(7, label), np.full(7, y_last))
+        events = [loss.event_gradient(p, label, y_last) for p in (0.0, 0.5, 1.0)]
+        assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+        assert np.isfinite(raw).all() and np.isfinite(events).all()
+        assert np.isfinite([stats.total, stats.ce, stats.aux]).all()

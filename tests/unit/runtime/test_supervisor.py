@@ -155,6 +155,45 @@ def test_a_config_the_client_refuses_fails_fast_instead_of_retrying():
     assert calls == [1] and sup.restarts == 0
 
 
+def test_a_diverged_model_stops_the_stage_instead_of_being_rebuilt():
+    # Rebuilt from the same snapshot, it diverged again on the same samples, for recovery.give_up_after_s.
+    from reloop.engine.models.finite import TrainingDiverged
+
+    builds, aborted = [], []
+
+    class Diverging:
+        snapshots_written = 0
+
+        def run(self, stop, on_step):
+            raise TrainingDiverged("training diverged: the learner's 'model.bias' is NaN")
+
+        def abort(self):
+            aborted.append(1)
+
+    def build():
+        builds.append(1)
+        return Diverging()
+
+    sup = Supervisor(
+        build, stop=threading.Event(), policy=RetryPolicy(backoff_initial_s=0.001), stats=EngineStats()
+    )
+    with pytest.raises(TrainingDiverged, match="model.bias"):
+        sup.run()
+    assert builds == [1] and aborted == [1] and sup.restarts == 0
+
+
+def test_max_consecutive_skipped_reaches_the_trainer():
+    from reloop.engine.runtime.build import build_trainer
+    from reloop.engine.runtime.config import ConfigError, load_config_dict
+
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    model = {"backbone": "lr", "spec": spec}
+    cfg = load_config_dict({"model": model, "train": {"max_consecutive_skipped": 7}})
+    assert build_trainer(cfg).config.max_consecutive_skipped == 7
+    with pytest.raises(ConfigError, match="max_consecutive_skipped"):
+        load_config_dict({"train": {"max_consecutive_skipped": -1}})
+
+
 def _refusal(make) -> BaseException:
     try:
         make()
