@@ -16,8 +16,9 @@ Delivery argument (exactly-once into training, at-least-once on the topic):
 * a checkpoint is written only after every sample numbered below its ``sent`` is durable in the samples
   topic (flush first), and samples emitted but not yet sent are stored IN the checkpoint;
 * between checkpoints a task's output is a function of its checkpoint and its input (records merged in
-  an exact order; wall-clock actions only at checkpoints, see join_task.py), so a task resumed after a
-  crash or a move emits the same samples with the same numbers again;
+  an exact order; wall-clock actions only at checkpoints, the door's time bounds against a clock read
+  only there too, see join_task.py), so a task resumed after a crash or a move emits the same samples
+  with the same numbers again;
 * the train stage keeps, per task, the highest seq it has taken (in its own snapshot) and drops the
   rest: a sample sent twice is trained once, and no number is skipped, so none is lost.
 

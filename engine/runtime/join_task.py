@@ -14,9 +14,14 @@ checkpoint.
 Determinism, which exactly-once downstream rests on: between two checkpoints the output is a function
 of the checkpoint and the input alone. The only wall-clock actions of a joiner (the idle watermark and
 the TTL, ``Joiner.advance``) are therefore taken only inside ``checkpoint_state(advance=True)``, and
-what they emit is stored in that checkpoint before it is sent. Restored after a crash, a task emits the
-very samples with the very numbers it emitted before, and the train stage drops the ones it already
-trained by ``(task, seq)``.
+what they emit is stored in that checkpoint before it is sent. The door's time bounds (``max_future_ms``,
+``max_past_ms``) judge events against the task's ``door`` clock, not the wall clock: it is read from the
+wall clock in ``checkpoint_state`` and stored there, and in between moves with the events let in
+(engine/runtime/intake.py, ``DoorClock``). Judged against the wall clock, a task read again after a crash
+an hour later refused what it had let in (``max_past_ms``), or let in what it had refused (a record
+stamped ahead of the clock), and sent other samples under the numbers of those it had sent. Restored
+after a crash, a task emits the very samples with the very numbers it emitted before, and the train
+stage drops the ones it already trained by ``(task, seq)``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 from reloop.engine.checkpoint.blobs import loadable, saveable
 from reloop.engine.events.schema import Click
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
-from reloop.engine.runtime.intake import EventIntake
+from reloop.engine.runtime.intake import DoorClock, EventIntake
 from reloop.engine.runtime.merge import DEFAULT_LOOKAHEAD, RecordMerger
 from reloop.engine.streams import (
     Positions,
@@ -61,6 +66,8 @@ class JoinTask:
         self.clock = clock
         self.joiner = Joiner(joiner_config, clock=clock)
         self.merger = self._merger(merge_idle_ms, merge_lookahead)
+        # The door's "now" (intake.py): the wall clock now, then at each checkpoint, moved by the input.
+        self.door = DoorClock(clock())
         self.positions: Positions = {}
         # The numbering's name: "" until the stage gives a task started afresh a new one, or the one of
         # its checkpoint ("" in one written before incarnations: that numbering goes on unnamed).
@@ -98,7 +105,7 @@ class JoinTask:
             return 0
         joiner = self.joiner
         out = self.unsent
-        for r, ev in self.intake.events(released):
+        for r, ev in self.intake.events(released, self.door):
             if ev is not None:
                 if type(ev) is Click:
                     out += joiner.on_click(ev.impression_id, ev.event_time_ms)
@@ -123,9 +130,11 @@ class JoinTask:
     # ------------------------------------------------------------------ checkpoint
     def checkpoint_state(self, *, advance: bool) -> dict[str, Any]:
         """The state to save now. ``advance``: first let wall-clock time act on the joiner (idle
-        watermark, TTL); what that emits is in the returned state, so it is sent after the save."""
+        watermark, TTL); what that emits is in the returned state, so it is sent after the save. The
+        door clock takes the wall clock's time (never going back), saved with the rest."""
         if advance:
             self.unsent += self.joiner.advance()
+        self.door.now_ms = max(self.door.now_ms, self.clock())
         return {
             "format": STATE_FORMAT,
             "partition": self.partition,
@@ -137,6 +146,7 @@ class JoinTask:
                 [j.impression_id, j.event_time_ms, j.payload, j.label, j.is_correction] for j in self.unsent
             ],
             "records_processed": self.records_processed,
+            "door_ms": self.door.now_ms,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,4 +160,7 @@ class JoinTask:
         self.sent = int(state["sent"])
         self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
         self.records_processed = int(state["records_processed"])
+        # A checkpoint from before the door clock: the wall clock now (as the door judged then), until
+        # the task's next checkpoint.
+        self.door = DoorClock(int(state.get("door_ms", self.clock())))
         self.merger = self._merger(self.merger.idle_ms, self.merger.lookahead)

@@ -1631,3 +1631,69 @@ def test_a_rebuilt_train_stage_counts_the_copies_and_gaps_it_reads_again_once(tm
     assert stats.train_duplicates_dropped.get() == len(copy) > 0
     assert stats.train_samples_missing.get() == len(lost) > 0
     again.close(final=None)
+
+
+def _samples_by_seq(log):
+    """Each ``(task, incarnation, seq)`` sent on the samples topic with the sample(s) sent under it:
+    a name under which two different samples were sent is one the train stage trains once (the other is
+    lost, or trained under a seq that named a third sample)."""
+    by_seq: dict = {}
+    for b in _batches_on_topic(log):
+        for seq, s in zip(b.seqs().tolist(), b.to_samples(), strict=True):
+            by_seq.setdefault((b.task, b.incarnation, seq), set()).add(
+                (s.sample_id, s.is_correction, s.label)
+            )
+    return by_seq
+
+
+@pytest.mark.parametrize("bound", ["max_past", "max_future"])
+def test_a_join_task_resumed_hours_later_judges_event_times_as_it_did_before(tmp_path, bound):
+    """The door's time bounds judged each event against the wall clock when it was processed: a task
+    that crashed and read its input since its checkpoint again two hours later refused what it had
+    accepted (``max_past_ms``: everything older than an hour then) or accepted what it had refused (an
+    impression stamped 8 minutes ahead by its producer, record and event: then within ``max_future_ms``
+    of its own record time, its watermark closed every window early). Its samples then differed from
+    those it had sent under the same seqs: the train stage dropped the new ones as copies (lost) or
+    trained some twice. The door's reference time is now the task's, taken from the wall clock only at
+    checkpoints: the resumed task sends what it sent before, and training gets every sample once."""
+    synth = generate(700, seed=5, pad_to_multiple=4 * BATCH)
+    records = list(synth.records)
+    if bound == "max_future":
+        at = len(records) // 4  # processed after the checkpoint, before the crash
+        first = next(r for r in records if r.topic_kind == "impression")
+        ahead = records[at].timestamp_ms + 8 * 60_000
+        value = orjson.loads(first.value) | {"impression_id": "ahead", "event_time_ms": ahead}
+        records.insert(at, replace(first, key=b"ahead", value=orjson.dumps(value), timestamp_ms=ahead))
+    log = _log(replace(synth, records=records))
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, validation={"max_past_ms": 3_600_000} if bound == "max_past" else {})
+    join = _join(cfg, log, clock, tmp_path)
+    for _ in range(12):
+        join.step()
+        clock.advance(10)
+    join.checkpoint_all()
+    for _ in range(15):
+        join.step()
+        clock.advance(10)
+    assert join.samples_sent > 0 and not _join_done(join, log)
+    join.abort()  # a crash; the task is back two hours later
+    clock.advance(2 * 3_600_000)
+    again = _join(cfg, log, clock, tmp_path)
+    _run_join(again, log, clock)
+    again.close()
+    assert {k: v for k, v in _samples_by_seq(log).items() if len(v) > 1} == {}
+    letters = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    refused = [e for e in letters if e["reason"] == "bad_time" and "clock" in e["detail"]]
+    if bound == "max_future":  # refused by both runs: 8 minutes ahead of the task's clock
+        assert [orjson.loads(decode_raw(e["value"]))["impression_id"] for e in refused] == ["ahead"] * 2
+    else:
+        assert refused == []
+    on_topic = _samples_on_topic(log)
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.train_remaining()
+    train.close(final=None)
+    assert train.seq_gaps == 0
+    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
