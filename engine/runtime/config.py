@@ -247,8 +247,9 @@ class ValidationSection(_Section):
     max_future_ms: int | None = Field(
         default=300_000,
         ge=0,
-        description="event times further ahead of the processor clock are refused (null: no bound); one "
-        "event from the far future would otherwise move the watermark and drop everything after it",
+        description="event times further ahead of the clock or of the record's own timestamp are refused "
+        "(null: no bound; a join task's clock: docs/operations.md, 'Which clock'); one event from the far "
+        "future would otherwise move the watermark and drop everything after it",
     )
     max_past_ms: int | None = Field(
         default=None, ge=0, description="event times further behind the clock are refused (null: no bound)"
