@@ -399,9 +399,7 @@ def decode_batch(data: bytes) -> SampleBatch:
     meta = rb.schema.metadata or {}
     fmt = meta.get(_META_FORMAT)
     if fmt != str(FORMAT).encode():
-        raise EventError(
-            "unknown_schema_version", f"samples format {fmt!r} is not supported (supported: {FORMAT})"
-        )
+        raise EventError("unknown_schema_version", _format_problem(fmt))
     task, first_seq = _identity(meta.get(_META_TASK), meta.get(_META_FIRST))
     incarnation = _incarnation(meta.get(_META_INCARNATION))
     try:
@@ -440,6 +438,19 @@ def decode_batch(data: bytes) -> SampleBatch:
     ):
         raise EventError("bad_value", f"seq must run from reloop.first_seq={first_seq} without gaps")
     return SampleBatch(rb, task, first_seq, incarnation)
+
+
+def _format_problem(fmt: bytes | None) -> str:
+    """The dead letter's detail for a message of another samples format."""
+    if fmt is None:
+        return "no reloop.samples.format in its schema metadata: not a reloop samples message"
+    text = fmt.decode("utf-8", "backslashreplace")
+    if text.isascii() and text.isdigit() and len(text) < 19 and int(text) > FORMAT:
+        return (
+            f"samples format {text} is not supported (supported: {FORMAT}): written by a newer reloop join "
+            "stage; upgrade the train stage, then redrive these dead letters"
+        )
+    return f"samples format {text!r} is not supported (supported: {FORMAT})"
 
 
 _FEATURE_TYPES = (pa.string(), pa.int64(), pa.float64(), pa.list_(pa.string()))

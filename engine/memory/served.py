@@ -201,13 +201,27 @@ class ServedMemory:
         except Exception as exc:  # noqa: BLE001 - EOFError, BadZipFile, TokenError...: all "unreadable"
             why = f"{type(exc).__name__}: {exc}"
             raise ValueError(f"error memory state {path} is unreadable ({why})") from exc
-        found = int(a["format"]) if "format" in a else None
+        try:
+            found = int(a["format"]) if "format" in a else None
+        except (TypeError, ValueError):
+            found = None
         if found != STATE_FORMAT:
-            raise ValueError(f"error memory state {path}: format {found}, expected {STATE_FORMAT}")
+            newer = " (written by a newer reloop)" if found is not None and found > STATE_FORMAT else ""
+            raise ValueError(
+                f"error memory state {path}: format {found}{newer}, this reloop reads {STATE_FORMAT}"
+            )
+        missing = [k for k in ("version", "position_keys", "position_values") if k not in a]
+        if missing:
+            raise ValueError(f"error memory state {path} lacks {missing}")
         sketch = None
         if "sketch.shape" in a:
-            sketch = ErrorSketch(int(a["sketch.shape"][0]), self.config)
-            sketch.load_state_dict({k[len("sketch.") :]: v for k, v in a.items() if k.startswith("sketch.")})
+            try:
+                sketch = ErrorSketch(int(a["sketch.shape"][0]), self.config)
+                sketch.load_state_dict(
+                    {k[len("sketch.") :]: v for k, v in a.items() if k.startswith("sketch.")}
+                )
+            except (KeyError, TypeError, IndexError) as exc:  # a sketch state of another shape
+                raise ValueError(f"error memory state {path}: its sketch does not load ({exc!r})") from exc
         ring = _Ring(self.ring.size)
         if "ring.labels" in a:
             rows = {len(a[f"ring.{k}"]) for k in ("cat", "num", "multi", "multi_mask", "labels")}

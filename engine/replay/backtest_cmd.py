@@ -46,6 +46,7 @@ from reloop.engine.replay.options import key_value
 from reloop.engine.replay.report import (
     MIN_SEEDS,
     RIVER,
+    columns_problem,
     cut_torn_run,
     markdown_tables,
     plot,
@@ -463,6 +464,9 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
 def _check_resumable(path: Path, data: BacktestData, dataset: str) -> None:
     """``--resume`` skips the runs already in ``path``: only right when they were made from the same rows
     cut into the same periods (a resume with another --max-rows or --period mixed both in one report)."""
+    problem = columns_problem(path)
+    if problem is not None:
+        raise Refused(f"--resume: {problem}; use another --out, or leave out --resume to start again")
     sizes = {t: int(data.bounds[t + 1] - data.bounds[t]) for t in range(data.n_periods)}
     for row in read_csv(path):
         if row.get("dataset", dataset) != dataset or sizes.get(row["period"]) != row["n"]:

@@ -37,10 +37,27 @@ BETTER = {"auc": 1.0, "logloss": -1.0}
 MIN_SEEDS = 3  # fewer seeds: verdict "n/a"
 
 
+def columns_problem(path: Path) -> str | None:
+    """Why this reloop's rows cannot be appended to the CSV at ``path``: its header names other columns
+    (another reloop version wrote it; rows appended in this one's order would sit under the wrong names).
+    None when they can (the header is this one's, or the file is empty)."""
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if header is None or tuple(header) == CSV_COLUMNS:
+        return None
+    return (
+        f"{path} has the columns {header}, this reloop writes {list(CSV_COLUMNS)} (written by another "
+        "reloop version)"
+    )
+
+
 def write_csv(rows: Iterable[dict[str, Any]], path: Path, append: bool = False) -> None:
     """Write (or append) ``rows`` in one write, made durable: a backtest appends each run's rows so, and
-    a kill can only cut that one write short (``cut_torn_run`` takes such a run back out)."""
-    exists = path.exists() and append
+    a kill can only cut that one write short (``cut_torn_run`` takes such a run back out). Appending to a
+    CSV of other columns raises ValueError (``columns_problem``); an empty one gets its header."""
+    exists = append and path.exists() and path.stat().st_size > 0
+    if exists and (problem := columns_problem(path)) is not None:
+        raise ValueError(problem)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     if not exists:

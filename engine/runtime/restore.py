@@ -10,10 +10,12 @@ silently retrain everything.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
+from reloop.engine.checkpoint.registry import FORMAT as SNAPSHOT_FORMAT
 from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
 
 log = logging.getLogger("reloop.restore")
@@ -41,6 +43,12 @@ def check_fingerprint(point: RestorePoint | str, made_with: object, current: str
         "resuming under a changed config (checkpoint.allow_fingerprint_change)",
         extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
     )
+
+
+class NewerFormat(SnapshotMismatch):
+    """A restore point written by a newer reloop, in a format this one does not read (a rollback).
+    Not refused in favour of an older point, which would silently resume from before the upgrade (and
+    train again, or lose, what came since): the stage stops, naming the point and the formats."""
 
 
 class NoUsableSnapshot(SnapshotError):
@@ -95,9 +103,22 @@ def restore_newest(
     for point in restore_points(registry):
         try:
             apply(point, point.load(registry))
+        except NewerFormat as exc:
+            target = registry.checkpoints if point.kind == "checkpoint" else registry
+            raise NewerFormat(
+                f"{point} ({target.path(point.number)}): {exc}; run the reloop that wrote it (or a newer "
+                "one), or start this one from a fresh checkpoint dir"
+            ) from exc
         except SnapshotMismatch:
             raise
         except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
+            newer = _newer_manifest(registry, point) if isinstance(exc, SnapshotError) else None
+            if newer is not None:
+                raise NewerFormat(
+                    f"{point} ({newer[0]}): snapshot format {newer[1]}, written by a newer reloop; this "
+                    f"one reads format {SNAPSHOT_FORMAT}; run the reloop that wrote it (or a newer one), or "
+                    "start this one from a fresh checkpoint dir"
+                ) from exc
             refused.append(f"{point}: {exc!r:.300}")
             if on_refused is not None:
                 on_refused(point, exc)
@@ -117,6 +138,20 @@ def restore_newest(
             f"no snapshot under {registry.root} loads; refusing to start from scratch "
             f"(refused: {'; '.join(refused)})"
         )
+    return None
+
+
+def _newer_manifest(registry: SnapshotRegistry, point: RestorePoint) -> tuple[str, int] | None:
+    """(manifest path, its format) when the point's manifest names a format newer than the registry
+    reads (which refuses it as any unusable snapshot); None otherwise."""
+    target = registry.checkpoints if point.kind == "checkpoint" else registry
+    path = target.path(point.number) / "manifest.json"
+    try:
+        found = json.loads(path.read_bytes()).get("format")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(found, int) and not isinstance(found, bool) and found > SNAPSHOT_FORMAT:
+        return str(path), found
     return None
 
 

@@ -13,7 +13,10 @@ move with their partition and nothing is lost or trained twice. Counters are sum
 where their old rank has no successor, so the global count of trained samples (the period trigger's
 input) is preserved.
 
-Format 1 (one train process, before ranks existed) reads as a one-rank state.
+Format 1 (one train process, before ranks existed) reads as a one-rank state. A format newer than
+``STATE_FORMAT`` (a rollback) raises ``NewerFormat``: the stage stops instead of resuming from an older
+point. Keys added within a format are read with a default (``numberings``: ``taken`` alone) and written
+so that a reader from before them reads what it knows (``taken`` stays the last numbering's seq).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reloop.engine.events.sample_batch import decode_batch
+from reloop.engine.runtime.restore import NewerFormat
 from reloop.engine.streams import PartitionShare, positions_from_json, positions_to_json
 
 STATE_FORMAT = 2
@@ -43,8 +47,14 @@ def rank_parts(state: Mapping[str, Any], meta: Mapping[str, Any]) -> list[dict[s
                 "ledger_bytes": int(state["ledger_bytes"]),
             }
         ]
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"unknown train-stage state format {state.get('format')!r}")
+    found = state.get("format")
+    if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
+        raise NewerFormat(
+            f"train-stage state format {found}, written by a newer reloop; this one reads formats 1 to "
+            f"{STATE_FORMAT}"
+        )
+    if found != STATE_FORMAT:
+        raise ValueError(f"unknown train-stage state format {found!r}")
     return [dict(r) for r in state["ranks"]]
 
 

@@ -26,6 +26,15 @@ part's mean/var; metadata: the learner config) with a JSON manifest holding its 
 * a version without a bundle (snapshots of older trainers, a river/FTRL learner) is loaded from the
   training snapshot's learner part as before (``reloop.engine.serve.loader``).
 
+Versions (a serving fleet older than its trainer, in a rolling upgrade or a rollback): ``FORMAT``, in the
+manifest and in the file's metadata, is what a reader must understand to serve the bundle as it was
+meant. A reader refuses a bundle of another format, and one holding anything it does not know (a tensor
+or a metadata key of a newer writer, which might change what the model computes), naming the file and
+what it did not know; the service then loads the version from its training snapshot, as for a torn
+bundle. A writer that adds anything to the bundle bumps ``FORMAT`` unless old readers may ignore it.
+A learner config holding a model option this reloop does not know is refused the same way (the
+snapshot's copy of it is then refused too: the version is not served, the older one stays).
+
 The checksum guards against torn and corrupted files, which is all a checksum kept next to its file
 can do (whoever can rewrite the file can rewrite the manifest). CRC32C (hardware, ~6 GB/s here, the
 checksum of Kafka's own records) plus the exact length does that job; sha256 (~1 GB/s) cost ~70 ms on
@@ -251,8 +260,11 @@ def read_bundle(
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"serving bundle {version} under {root} cannot be read ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != version:
-        raise SnapshotError(f"serving bundle {version}: unexpected format or version in its manifest")
+    where = root / f"v{version:012d}.json"
+    if manifest.get("format") != FORMAT:
+        raise SnapshotError(f"serving bundle {where}: {_format_problem(manifest.get('format'))}")
+    if manifest.get("version") != version:
+        raise SnapshotError(f"serving bundle {where}: its manifest names version {manifest.get('version')!r}")
     kind = "crc32c" if "crc32c" in manifest else "sha256"  # sha256: manifests written before
     digest = crc32c.CRC32CHash(mapped) if kind == "crc32c" else hashlib.sha256(mapped)
     if size != manifest.get("bytes") or digest.hexdigest() != manifest.get(kind):
@@ -284,6 +296,26 @@ def read_bundle(
     return tensors, dict(header.get("__metadata__") or {})
 
 
+def _format_problem(found: object) -> str:
+    """Why a bundle of format ``found`` (from its manifest or metadata) is not read here."""
+    try:
+        newer = int(str(found)) > FORMAT
+    except ValueError:
+        newer = False
+    if newer:
+        return (
+            f"format {found}, written by a newer reloop; this one reads format {FORMAT} "
+            "(the version is loaded from its training snapshot)"
+        )
+    return f"format {found!r}, this reloop reads format {FORMAT}"
+
+
+# What a bundle of this FORMAT may hold; anything else was written by a newer writer (see the module doc).
+_META_KEYS = frozenset({"format", "config_json"})
+_TENSOR_PREFIXES = ("model.", "buffer.")
+_WIDE = ("wide.mean", "wide.var")
+
+
 _SHELLS: dict[str, tuple[Any, torch.nn.Module]] = {}
 _SHELLS_KEEP = 4
 
@@ -297,12 +329,18 @@ def _shell(config_json: str) -> tuple[Any, torch.nn.Module]:
 
     cached = _SHELLS.get(config_json)
     if cached is None:
-        config = config_from_dict(orjson.loads(config_json))
+        try:
+            config = config_from_dict(orjson.loads(config_json))
+        except ValueError as exc:  # orjson's JSONDecodeError is one
+            raise SnapshotError(
+                f"its learner config does not load in this reloop ({exc}): a model option or backbone of "
+                "a newer reloop?"
+            ) from exc
         with torch.device("meta"):
             shell = learner_from_config(config)
         model = getattr(shell, "model", None)
         if not isinstance(model, torch.nn.Module):
-            raise SnapshotError(f"serving bundle: backbone {config.backbone!r} is not a torch model")
+            raise SnapshotError(f"backbone {config.backbone!r} is not a torch model")
         cached = _SHELLS[config_json] = (config, model)
         while len(_SHELLS) > _SHELLS_KEEP:
             del _SHELLS[next(iter(_SHELLS))]
@@ -310,26 +348,43 @@ def _shell(config_json: str) -> tuple[Any, torch.nn.Module]:
     return config, copy.deepcopy(model)
 
 
-def learner_from_bundle(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Any:
+def learner_from_bundle(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], *, name: str = "serving bundle"
+) -> Any:
     """A predict-only learner from bundle tensors: the model is built on the meta device (no random
     init, no memory) and takes the loaded tensors as they are; every parameter and buffer must be there
-    with its shape, nothing else (else SnapshotError)."""
+    with its shape, nothing else (else SnapshotError, its message starting with ``name``)."""
+    try:
+        return _learner_from_bundle(tensors, meta)
+    except SnapshotError as exc:
+        raise SnapshotError(f"{name}: {exc}") from exc
+
+
+def _learner_from_bundle(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Any:
     from reloop.engine.models.learner import FrozenTorchLearner, _make_wide
 
-    if meta.get("format") != str(FORMAT) or "config_json" not in meta:
-        raise SnapshotError("serving bundle: no config or an unknown format")
+    if meta.get("format") != str(FORMAT):
+        raise SnapshotError(_format_problem(meta.get("format")))
+    if "config_json" not in meta:
+        raise SnapshotError("no learner config in its metadata")
+    unknown = sorted(set(meta) - _META_KEYS) + sorted(
+        k for k in tensors if not k.startswith(_TENSOR_PREFIXES) and k not in _WIDE
+    )
+    if unknown:
+        raise SnapshotError(
+            f"it holds what format {FORMAT} does not have ({unknown[:5]}): written by a newer reloop that "
+            "did not change the format?"
+        )
     config, model = _shell(meta["config_json"])
     expected = {f"model.{n}": t for n, t in model.named_parameters()}
     expected.update({f"buffer.{n}": t for n, t in model.named_buffers()})
     given = {k: v for k, v in tensors.items() if k.startswith(("model.", "buffer."))}
     if set(given) != set(expected):
         missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-        raise SnapshotError(
-            f"serving bundle does not fit its model: missing {missing[:5]}, extra {extra[:5]}"
-        )
+        raise SnapshotError(f"it does not fit its model: missing {missing[:5]}, extra {extra[:5]}")
     for key, value in given.items():
         if tuple(value.shape) != tuple(expected[key].shape) or value.dtype != expected[key].dtype:
-            raise SnapshotError(f"serving bundle: {key} is {tuple(value.shape)} {value.dtype}")
+            raise SnapshotError(f"{key} is {tuple(value.shape)} {value.dtype}")
         kind, _, path = key.partition(".")
         owner_name, _, leaf = path.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -341,11 +396,11 @@ def learner_from_bundle(tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
     wide = _make_wide(config)
     if wide is not None:
         if "wide.mean" not in tensors or "wide.var" not in tensors:
-            raise SnapshotError("serving bundle: the learner has a wide part, the bundle does not")
+            raise SnapshotError("the learner has a wide part, the bundle does not")
         mean, var = tensors["wide.mean"].numpy(), tensors["wide.var"].numpy()
         if mean.shape != (wide.size,) or var.shape != (wide.size,):
-            raise SnapshotError(
-                f"serving bundle: wide part of {mean.shape[0]} rows, the spec needs {wide.size}"
-            )
+            raise SnapshotError(f"wide part of {mean.shape[0]} rows, the spec needs {wide.size}")
         wide.mean, wide.var = mean.astype(np.float64, copy=False), var.astype(np.float64, copy=False)
+    elif any(k in tensors for k in _WIDE):
+        raise SnapshotError("it holds a wide part, its learner config has none")
     return FrozenTorchLearner(model=model, config=config, wide=wide)

@@ -58,7 +58,17 @@ def bundle_from_state(version: int, state: dict[str, Any]) -> ModelBundle:
 
 
 def load_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
-    return bundle_from_state(version, _learner_state(registry, version))
+    state = _learner_state(registry, version)
+    try:
+        return bundle_from_state(version, state)
+    except (KeyError, TypeError, ValueError) as exc:
+        # A learner config or state this reloop does not read (a model option or a state format of a
+        # newer trainer, in a serving fleet not upgraded yet): refused naming the snapshot, not a
+        # bare "Extra inputs are not permitted".
+        raise SnapshotError(
+            f"snapshot {version} under {registry.root}: its learner does not load in this reloop "
+            f"({exc!s:.300}); written by a newer reloop?"
+        ) from exc
 
 
 def registry_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
@@ -69,7 +79,9 @@ def load_serving_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle
     """A version from its serving bundle (reloop.engine.serve.bundle_format): weights only, no optimizer."""
     from reloop.engine.serve.bundle_format import learner_from_bundle, read_bundle, serving_dir
 
-    learner = learner_from_bundle(*read_bundle(serving_dir(registry.root), version))
+    root = serving_dir(registry.root)
+    name = f"serving bundle {root / f'v{version:012d}.safetensors'}"
+    learner = learner_from_bundle(*read_bundle(root, version), name=name)
     return ModelBundle(version=version, learner=learner, featurizer=Featurizer(learner.config.spec))
 
 
