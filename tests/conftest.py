@@ -6,6 +6,9 @@ skipped with the reason, so a laptop without Java can still run the unit tests.
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -73,3 +76,62 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 (pytest's
     if _KAFKA_OUTCOMES:
         counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(_KAFKA_OUTCOMES.items()))
         terminalreporter.write_line(f"kafka-marked tests: {counts}")
+
+
+class FullDisk(io.RawIOBase):
+    """A real file that takes ``room[0]`` more bytes, then fails with ENOSPC (a short write first)."""
+
+    def __init__(self, raw: io.FileIO, room: list[int]) -> None:
+        self.raw, self.room = raw, room
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.raw.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def write(self, data) -> int:  # noqa: ANN001 - a buffer
+        if self.room[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = self.raw.write(bytes(memoryview(data)[: self.room[0]]))
+        self.room[0] -= n
+        return n
+
+    def truncate(self, size=None) -> int:  # noqa: ANN001
+        return self.raw.truncate(size)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``full_disk(module, room, when=...)``: the files ``module`` opens for writing from now on (those
+    ``when(path, mode)`` picks) sit on a disk with ``room[0]`` bytes left (a list: a test may make room);
+    ``patch``: another MonkeyPatch to set it with (a ``monkeypatch.context()``)."""
+
+    def install(
+        module: object,
+        room: list[int],
+        when: Callable[[str, str], bool] | None = None,
+        patch: pytest.MonkeyPatch | None = None,
+    ) -> None:
+        def fake_open(path, mode="r", buffering=-1, **kw):  # noqa: ANN001, ANN202
+            if not ("a" in mode or "w" in mode) or (when is not None and not when(str(path), mode)):
+                return builtins.open(path, mode, buffering, **kw)
+            raw = FullDisk(io.FileIO(path, mode.replace("b", "")), room)
+            return raw if buffering == 0 else io.BufferedWriter(raw)
+
+        (patch or monkeypatch).setattr(module, "open", fake_open, raising=False)
+
+    return install

@@ -4,9 +4,7 @@ write), no temporary folder is left to fill the disk further, and the error name
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 
 import pytest
@@ -24,51 +22,9 @@ def _state(x: float) -> dict:
     return {"model": {"w": torch.full((5000,), x)}, "state": {"step": int(x)}}
 
 
-class _FullDisk(io.RawIOBase):
-    """A real file that takes ``room`` more bytes, then fails with ENOSPC (a short write first)."""
-
-    def __init__(self, raw: io.FileIO, room: int) -> None:
-        self.raw, self.room = raw, room
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.raw.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def truncate(self, size=None) -> int:  # noqa: ANN001
-        return self.raw.truncate(size)
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def write(self, data) -> int:  # noqa: ANN001 - a buffer
-        if self.room <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        n = self.raw.write(bytes(memoryview(data)[: self.room]))
-        self.room -= n
-        return n
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-def _full_disk_at(monkeypatch: pytest.MonkeyPatch, name: str, room: int) -> None:
-    """The snapshot file ``name`` fills the disk after ``room`` bytes."""
-
-    def fake_open(path, mode="r", *args, **kw):  # noqa: ANN001
-        if str(path).endswith(name) and "w" in mode:
-            return io.BufferedWriter(_FullDisk(io.FileIO(path, "w"), room))
-        return builtins.open(path, mode, *args, **kw)
-
-    monkeypatch.setattr(registry_module, "open", fake_open, raising=False)
+def _full_disk_at(name: str, room: int):  # noqa: ANN202
+    """The snapshot file ``name`` fills the disk after ``room`` bytes: (monkeypatch, full_disk) -> None."""
+    return lambda mp, disk: disk(registry_module, [room], lambda path, mode: path.endswith(name), patch=mp)
 
 
 def _raise(exc: OSError):  # noqa: ANN202
@@ -79,22 +35,26 @@ def _raise(exc: OSError):  # noqa: ANN202
 
 
 FAILURES = {
-    "part cut short": lambda mp: _full_disk_at(mp, "model.pt", 3000),
-    "manifest cut short": lambda mp: _full_disk_at(mp, "manifest.json", 10),
-    "fsync fails": lambda mp: mp.setattr(os, "fsync", _raise(OSError(errno.EIO, "Input/output error"))),
-    "read-only folder": lambda mp: mp.setattr(
+    "part cut short": _full_disk_at("model.pt", 3000),
+    "manifest cut short": _full_disk_at("manifest.json", 10),
+    "fsync fails": lambda mp, _: mp.setattr(os, "fsync", _raise(OSError(errno.EIO, "Input/output error"))),
+    "read-only folder": lambda mp, _: mp.setattr(
         os, "mkdir", _raise(OSError(errno.EROFS, "Read-only file system"))
     ),
-    "rename refused": lambda mp: mp.setattr(os, "rename", _raise(OSError(errno.EACCES, "Permission denied"))),
+    "rename refused": lambda mp, _: mp.setattr(
+        os, "rename", _raise(OSError(errno.EACCES, "Permission denied"))
+    ),
 }
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))
-def test_a_failed_write_publishes_nothing_prunes_nothing_and_leaves_no_temp(tmp_path, monkeypatch, failure):
+def test_a_failed_write_publishes_nothing_prunes_nothing_and_leaves_no_temp(
+    tmp_path, monkeypatch, failure, full_disk
+):
     reg = SnapshotRegistry(tmp_path, keep=1)  # keep=1: a prune before durability would lose the only one
     assert reg.publish(_state(1.0)) == 1
     with monkeypatch.context() as mp:
-        FAILURES[failure](mp)
+        FAILURES[failure](mp, full_disk)
         with pytest.raises(OSError):
             reg.publish(_state(2.0))
     assert reg.versions() == [1] and reg.load().state["state"]["step"] == 1
@@ -104,9 +64,9 @@ def test_a_failed_write_publishes_nothing_prunes_nothing_and_leaves_no_temp(tmp_
 
 
 @pytest.mark.parametrize("failure", ["part cut short", "manifest cut short", "fsync fails"])
-def test_the_error_names_the_file_that_failed(tmp_path, monkeypatch, failure):
+def test_the_error_names_the_file_that_failed(tmp_path, monkeypatch, failure, full_disk):
     reg = SnapshotRegistry(tmp_path)
-    FAILURES[failure](monkeypatch)
+    FAILURES[failure](monkeypatch, full_disk)
     with pytest.raises(OSError) as raised:
         reg.publish(_state(1.0))
     for text in (str(raised.value), repr(raised.value)):  # repr too: what the stages' logs write
@@ -150,15 +110,11 @@ def test_a_failed_fsync_of_the_root_after_the_rename_does_not_fence_out_the_writ
     assert reg.versions() == [3]
 
 
-def test_no_save_vouches_for_a_ledger_whose_append_the_disk_cut_short(tmp_path, monkeypatch):
+def test_no_save_vouches_for_a_ledger_whose_append_the_disk_cut_short(tmp_path, monkeypatch, full_disk):
     """The model trained a batch the ledger failed to record: no snapshot may record the ledger's
     length from then on (not even once there is room again), and no offsets are committed."""
-    disk = _FullDisk(io.FileIO(tmp_path / "ledger.jsonl", "a"), 10**9)
-
-    def ledger_open(path, mode="r", buffering=-1, **kw):  # noqa: ANN001
-        return disk if buffering == 0 else io.BufferedWriter(disk)
-
-    monkeypatch.setattr(ledger_module, "open", ledger_open, raising=False)
+    room = [10**9]
+    full_disk(ledger_module, room)
     reg, ledger, commits = SnapshotRegistry(tmp_path / "snapshots"), Ledger(tmp_path / "ledger.jsonl"), []
     checkpointer = Checkpointer([], ledger=ledger, commit=commits.append)
 
@@ -167,10 +123,10 @@ def test_no_save_vouches_for_a_ledger_whose_append_the_disk_cut_short(tmp_path, 
 
     ledger.append(1, [LabeledSample("a", {}, 1, 0.5, 0, 0)])
     assert checkpointer.save(publish, {"p0": 1}) == 1
-    disk.room = 4000
+    room[0] = 4000
     with pytest.raises(OSError):  # a batch of ~25 KB: the disk fills in the middle of a line
         ledger.append(2, [LabeledSample(f"b{i:05d}", {}, 0, 0.5, 0, 0) for i in range(1000)])
-    disk.room = 10**9  # room again
+    room[0] = 10**9  # room again
     with pytest.raises(OSError, match="takes nothing more"):
         checkpointer.save(publish, {"p0": 2})
     assert reg.versions() == [1] and commits == [{"p0": 1}]

@@ -4,9 +4,7 @@ the sink could not take is not counted."""
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 
 import pytest
@@ -16,57 +14,9 @@ from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.streams import Record
 
 
-class _FullDisk(io.RawIOBase):
-    """A real file that takes ``room[0]`` more bytes, then fails with ENOSPC (a short write first)."""
-
-    def __init__(self, raw: io.FileIO, room: list[int]) -> None:
-        self.raw, self.room = raw, room
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.raw.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def write(self, data) -> int:  # noqa: ANN001 - a buffer
-        if self.room[0] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        n = self.raw.write(bytes(memoryview(data)[: self.room[0]]))
-        self.room[0] -= n
-        return n
-
-    def truncate(self, size=None) -> int:  # noqa: ANN001
-        return self.raw.truncate(size)
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-def _disk(monkeypatch: pytest.MonkeyPatch, room: list[int]) -> None:
-    """Files the sink opens for appending from now on sit on a disk with ``room[0]`` bytes left."""
-
-    def fake_open(path, mode="r", buffering=-1, **kw):  # noqa: ANN001
-        if "a" not in mode:
-            return builtins.open(path, mode, buffering, **kw)
-        raw = _FullDisk(io.FileIO(path, mode.replace("b", "")), room)
-        return raw if buffering == 0 else io.BufferedWriter(raw)
-
-    monkeypatch.setattr(jsonl, "open", fake_open, raising=False)
-
-
-def test_a_record_cut_short_by_a_full_disk_is_never_glued_to_the_next(tmp_path, monkeypatch):
+def test_a_record_cut_short_by_a_full_disk_is_never_glued_to_the_next(tmp_path, monkeypatch, full_disk):
     room = [10**9]
-    _disk(monkeypatch, room)
+    full_disk(jsonl, room)
     sink = JsonlSink(root=tmp_path, topic="dead")
     path = partition_path(tmp_path, "dead", 0)
     sink.send(b'{"a":1}')
@@ -93,9 +43,9 @@ def test_a_record_cut_short_by_a_full_disk_is_never_glued_to_the_next(tmp_path, 
     src.close()
 
 
-def test_a_failed_flush_names_the_file_and_close_still_releases_it(tmp_path, monkeypatch):
+def test_a_failed_flush_names_the_file_and_close_still_releases_it(tmp_path, monkeypatch, full_disk):
     room = [10**9]
-    _disk(monkeypatch, room)
+    full_disk(jsonl, room)
     sink = JsonlSink(root=tmp_path, topic="samples")
     sink.send(b'{"s":1}')  # pending in memory
     room[0] = 3
@@ -129,9 +79,9 @@ def test_a_failed_fsync_is_final(tmp_path, monkeypatch):
     sink.abort()  # what a failed stage does: no write, no error
 
 
-def test_a_dead_letter_the_file_cannot_take_is_not_counted(tmp_path, monkeypatch):
+def test_a_dead_letter_the_file_cannot_take_is_not_counted(tmp_path, monkeypatch, full_disk):
     room = [10**9]
-    _disk(monkeypatch, room)
+    full_disk(jsonl, room)
     path = partition_path(tmp_path, "deadletter", 0)
     letters = DeadLetterSink(JsonlSink(root=tmp_path, topic="deadletter"))
     bad = Record("impressions", 0, 7, None, b"y" * 20000, 1)  # an envelope larger than any buffer

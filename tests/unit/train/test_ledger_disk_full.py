@@ -4,7 +4,6 @@ lines only, and no later ``sync`` vouches for a ledger that missed what the mode
 from __future__ import annotations
 
 import errno
-import io
 import os
 
 import pytest
@@ -13,60 +12,16 @@ from reloop.engine.train import ledger as ledger_module
 from reloop.engine.train.ledger import Ledger
 
 
-class _FullDisk(io.RawIOBase):
-    """A real file that takes ``room`` more bytes, then fails with ENOSPC (a short write first)."""
-
-    def __init__(self, raw: io.FileIO, room: list[int]) -> None:
-        self.raw, self.room = raw, room
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.raw.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def write(self, data) -> int:  # noqa: ANN001 - a buffer
-        if self.room[0] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        n = self.raw.write(bytes(memoryview(data)[: self.room[0]]))
-        self.room[0] -= n
-        return n
-
-    def truncate(self, size=None) -> int:  # noqa: ANN001
-        return self.raw.truncate(size)
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-def _disk(monkeypatch: pytest.MonkeyPatch, room: list[int]) -> None:
-    """Ledger files opened from now on sit on a disk with ``room[0]`` bytes left (buffered or not)."""
-
-    def fake_open(path, mode="r", buffering=-1, **kw):  # noqa: ANN001
-        raw = _FullDisk(io.FileIO(path, mode.replace("b", "")), room)
-        return raw if buffering == 0 else io.BufferedWriter(raw)
-
-    monkeypatch.setattr(ledger_module, "open", fake_open, raising=False)
-
-
 def _samples(prefix: str, n: int) -> list[LabeledSample]:
     return [LabeledSample(f"{prefix}-{i:05d}", {}, i % 2, 0.5, 0, 0) for i in range(n)]
 
 
-def test_a_batch_cut_short_by_a_full_disk_leaves_whole_lines_and_refuses_to_vouch(tmp_path, monkeypatch):
+def test_a_batch_cut_short_by_a_full_disk_leaves_whole_lines_and_refuses_to_vouch(
+    tmp_path, monkeypatch, full_disk
+):
     path = tmp_path / "ledger.jsonl"
     room = [10**9]
-    _disk(monkeypatch, room)
+    full_disk(ledger_module, room)
     ledger = Ledger(path)
     ledger.append(1, _samples("a", 3))
     synced = ledger.sync()
@@ -111,10 +66,10 @@ def test_a_failed_fsync_is_final_a_second_one_proves_nothing(tmp_path, monkeypat
     ledger.close()
 
 
-def test_closing_a_ledger_on_a_full_disk_does_not_raise(tmp_path, monkeypatch):
+def test_closing_a_ledger_on_a_full_disk_does_not_raise(tmp_path, monkeypatch, full_disk):
     """A stage torn down after a full disk closes its ledger: nothing is left in a buffer to fail."""
     room = [10**9]
-    _disk(monkeypatch, room)
+    full_disk(ledger_module, room)
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ledger.append(1, _samples("a", 2))  # buffered by the old ledger, written at once now
     room[0] = 0
