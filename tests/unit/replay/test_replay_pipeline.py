@@ -185,24 +185,12 @@ def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path, monke
     the replay goes on until every message handed out is trained (it once stopped with them queued)."""
     from reloop.connectors.memory import MemoryLog, MemorySource
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
-    from reloop.engine.events.schema import LabeledSample
     from reloop.engine.replay.replay import run_samples_replay
     from reloop.engine.runtime.config import load_config_dict
     from reloop.engine.runtime.synthetic import SPEC
     from reloop.engine.streams import TopicPartition
 
-    rng = np.random.default_rng(1)
-    samples = [
-        LabeledSample(
-            f"s{i}",
-            {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": i % 7},
-            int(rng.random() < 0.3),
-            0.3,
-            0,
-            1_700_000_000_000 + i,
-        )  # fmt: skip
-        for i in range(2_560)
-    ]
+    samples = _random_samples(seed=1)
     log = MemoryLog()
     log.create("samples")
     for i in range(0, len(samples), 64):
@@ -674,7 +662,6 @@ def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupte
 
     from reloop.connectors.memory import MemoryLog, MemorySource
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
-    from reloop.engine.events.schema import LabeledSample
     from reloop.engine.replay.replay import run_samples_replay
     from reloop.engine.replay.replay_cmd import keep_dead_letters
     from reloop.engine.runtime.config import load_config_dict
@@ -682,18 +669,7 @@ def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupte
     from reloop.engine.runtime.train_stage import TrainStage
     from reloop.engine.streams import TopicPartition
 
-    rng = np.random.default_rng(2)
-    samples = [
-        LabeledSample(
-            f"s{i}",
-            {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": i % 7},
-            int(rng.random() < 0.3),
-            0.3,
-            0,
-            1_700_000_000_000 + i,
-        )  # fmt: skip
-        for i in range(2_560)
-    ]
+    samples = _random_samples(seed=2)
     log = MemoryLog()
     log.create("samples")
     for i in range(0, len(samples), 64):
@@ -773,3 +749,21 @@ def test_a_replay_whose_final_snapshot_fails_exits_1(tmp_path: Path, monkeypatch
     monkeypatch.setattr(Pipeline, "snapshot", snapshot)
     assert main([*argv, "--resume"]) == 0  # goes on from the last period snapshot
     assert SnapshotRegistry(out / "snapshots").versions()[-1] == versions[-1] + 1
+
+
+def _random_samples(seed: int, n: int = 2_560) -> list:
+    """``n`` labelled samples of the synthetic spec's fields, one a millisecond."""
+    from reloop.engine.events.schema import LabeledSample
+
+    rng = np.random.default_rng(seed)
+    return [
+        LabeledSample(
+            f"s{i}",
+            {"user": f"u{rng.integers(50)}", "item": f"i{rng.integers(80)}", "ctx": i % 7},
+            int(rng.random() < 0.3),
+            0.3,
+            0,
+            1_700_000_000_000 + i,
+        )  # fmt: skip
+        for i in range(n)
+    ]
