@@ -1424,17 +1424,7 @@ def test_a_join_task_that_crashes_before_its_first_periodic_checkpoint_keeps_its
     _run_join(again, log, clock)
     again.close()
     assert again.tasks == {} and {b.incarnation for b in _batches_on_topic(log)} == {incarnation}
-    on_topic = _samples_on_topic(log)
-    assert len(on_topic) > len(synth.expected)  # copies
-    stats = EngineStats()
-    train = _train(cfg, log, clock, tmp_path, stats=stats)
-    _run_train(train, log, clock)
-    train.train_remaining()
-    train.close(final=None)
-    assert train.task_restarts == 0 and train.seq_gaps == 0
-    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
-    keys = _ledger(tmp_path)
-    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+    _copies_trained_once(cfg, log, clock, tmp_path, synth.expected)
 
 
 def test_a_join_checkpoint_from_before_incarnations_goes_on_with_its_unnamed_numbering(tmp_path, monkeypatch):
@@ -1468,16 +1458,22 @@ def test_a_join_checkpoint_from_before_incarnations_goes_on_with_its_unnamed_num
     assert len(batches) > sent and {b.incarnation for b in batches} == {""}
     assert all(b"reloop.incarnation" not in b.data.schema.metadata for b in batches)
     again.close()
+    _copies_trained_once(cfg, log, clock, tmp_path, synth.expected)
+
+
+def _copies_trained_once(cfg, log, clock, tmp_path, expected) -> None:
+    """The samples topic holds copies (a task sent again what it sent after its checkpoint); a train
+    stage trains every expected sample once, drops the copies and sees one numbering per task."""
     on_topic = _samples_on_topic(log)
-    assert len(on_topic) > len(synth.expected)  # copies
+    assert len(on_topic) > len(expected)
     train = _train(cfg, log, clock, tmp_path)
     _run_train(train, log, clock)
     train.train_remaining()
     train.close(final=None)
     assert train.task_restarts == 0 and train.seq_gaps == 0
-    assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
+    assert train.duplicates_dropped == len(on_topic) - len(expected)
     keys = _ledger(tmp_path)
-    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected)
 
 
 def _some_samples(tmp_path, n):
