@@ -24,7 +24,9 @@ part holding what such a load refuses (a numpy scalar, a frozenset ...) is refus
 (``SnapshotError``), never committed in place of an older snapshot that loads.
 A part whose checksum differs from the manifest is refused (``ChecksumError``); a part that passes its
 checksum but does not load (a pickle refused by ``weights_only``, a truncated file resealed) is refused
-too (``SnapshotError``), so ``load()`` falls back to the newest snapshot that loads.
+too (``SnapshotError``), so ``load()`` falls back to the newest snapshot that loads. A manifest of a
+newer ``format`` (written by a newer reloop: a rollback) raises ``NewerFormat`` naming the file and both
+formats, and ``load()`` does not fall back past it: that would resume from before the upgrade.
 
 The checksum guards against torn and corrupted files, which is all a checksum kept next to its file can
 do (whoever can rewrite a part can rewrite the manifest): CRC32C (hardware, the checksum of Kafka's own
@@ -83,6 +85,20 @@ class SnapshotError(Exception):
 
 class ChecksumError(SnapshotError):
     """A snapshot part whose content does not match its manifest checksum."""
+
+
+class SnapshotMismatch(RuntimeError):
+    """The newest snapshot was made with a different training configuration (or format): the stage stops
+    instead of falling back to an older one (engine/runtime/restore.py re-exports it)."""
+
+
+class NewerFormat(SnapshotMismatch, SnapshotError):
+    """A snapshot, checkpoint or state in it written by a newer reloop, in a format this one does not read
+    (a rollback). A resuming stage does not refuse it in favour of an older point, which would silently
+    resume from before the upgrade (and train again, or lose, what came since): it stops, naming the
+    file and both formats (a ``SnapshotMismatch``: exit 2). A reader that serves versions (reloop serve)
+    refuses the version like any unusable snapshot (a ``SnapshotError``) and keeps the one it serves.
+    Defined here, below engine/runtime, so that the registry and the learners can raise it."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +169,9 @@ class SnapshotRegistry:
         return self.root / f"v{version:012d}"
 
     def manifest(self, version: int) -> dict[str, Any]:
+        path = self.path(version) / "manifest.json"
         try:
-            data = json.loads((self.path(version) / "manifest.json").read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
         except OSError as exc:
@@ -163,11 +180,20 @@ class SnapshotRegistry:
             raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc!r:.200})") from exc
         if not isinstance(data, dict):
             raise ChecksumError(f"snapshot {version}: manifest is not a JSON object")
+        found = data.get("format")
+        if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT:
+            # Before the checksum: a newer format may checksum its manifest another way.
+            raise NewerFormat(
+                f"{path}: snapshot format {found}, written by a newer reloop; this one reads format {FORMAT}"
+            )
         body = {k: v for k, v in data.items() if k != "manifest_sha256"}
         if data.get("manifest_sha256") != _sha256(_canonical(body)):
             raise ChecksumError(f"snapshot {version}: manifest checksum mismatch")
-        if data.get("format") != FORMAT or data.get("version") != version:
-            raise SnapshotError(f"snapshot {version}: unexpected format or version in manifest")
+        if type(found) is not int or found != FORMAT or data.get("version") != version:
+            raise SnapshotError(
+                f"snapshot {version}: unexpected format {found!r} (expected {FORMAT}) or version "
+                f"{data.get('version')!r} in manifest"
+            )
         parts = data.get("parts")
         if (
             not isinstance(data.get("meta"), dict)
@@ -188,13 +214,16 @@ class SnapshotRegistry:
 
     def load(self, version: int | None = None, parts: Iterable[str] | None = None) -> Snapshot:
         """Load ``version`` (or the newest snapshot that passes its checksums) with the named parts
-        (all when None). A named version that fails its checksum raises ``ChecksumError``."""
+        (all when None). A named version that fails its checksum raises ``ChecksumError``. A snapshot
+        of a newer format raises ``NewerFormat``, also when looking for the newest one that loads."""
         if version is not None:
             return self._load(version, parts)
         refused: list[str] = []
         for v in reversed(self.versions()):
             try:
                 return self._load(v, parts)
+            except NewerFormat:
+                raise
             except SnapshotError as exc:
                 log.error("refusing snapshot %d: %s", v, exc)
                 refused.append(str(exc))

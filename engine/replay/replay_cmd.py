@@ -499,10 +499,12 @@ def _summarised(
     failures: tuple[type[Exception], ...] = (),
 ) -> Any:
     """``replay()``'s result, also written to OUT/summary.json and printed; else the exit code (and why,
-    on stderr): 2 when ``--resume`` found snapshots it cannot use, 1 when the source stopped delivering
+    on stderr): 2 when ``--resume`` found snapshots it cannot use or training diverged (``TrainingDiverged``:
+    resumed under the same settings, it would diverge again), 1 when the source stopped delivering
     or failed (``failures``: the Kafka client's errors) or the final snapshot was not written, 130 on
     Ctrl-C (OUT/summary.json then says the replay was interrupted; a summary left by an earlier run would
     read as this one's result)."""
+    from reloop.engine.models.finite import TrainingDiverged
     from reloop.engine.replay.replay import ReplaySaveFailed
     from reloop.engine.replay.sources import ReplayStalled
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
@@ -512,6 +514,15 @@ def _summarised(
         result = replay()
     except (SnapshotMismatch, NoUsableSnapshot) as exc:
         print(f"reloop replay: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:  # was a traceback
+        print(
+            f"reloop replay: {exc}. OUT/snapshots keeps the last snapshot from before the divergence, but "
+            "--resume under the same settings would diverge again: change them first (and replay from "
+            "scratch, or --resume with checkpoint.allow_fingerprint_change)",
+            file=sys.stderr,
+        )
+        summary.unlink(missing_ok=True)
         return 2
     except (ReplayStalled, ReplaySaveFailed, *failures) as exc:  # was a traceback (or exit 0: a failed save)
         print(

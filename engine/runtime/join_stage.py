@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import batch_from_joined, encode_batch
 from reloop.engine.events.validation import EventError
@@ -76,7 +76,13 @@ from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.jsonlog import ThrottledWarning
-from reloop.engine.runtime.restore import NoUsableSnapshot, check_fingerprint
+from reloop.engine.runtime.restore import (
+    NewerFormat,
+    NoUsableSnapshot,
+    SnapshotMismatch,
+    check_fingerprint,
+    newer_format,
+)
 from reloop.engine.streams import (
     Positions,
     Record,
@@ -281,27 +287,53 @@ class JoinStage:
         )
 
     def _restore(self, task: JoinTask) -> bool:
-        """The task as its newest checkpoint that loads left it; False when it has none."""
+        """The task as its newest checkpoint that loads and applies left it; False when it has none.
+
+        A checkpoint that does not load (a checksum, a part that does not unpickle) or whose state the
+        task does not take (a key missing, a value of another type) is refused, logged and counted, and
+        the one before it tried: resumed from there, the task emits the same samples under the same
+        numbers again, and the train stage drops the ones it has. When none works the stage stops
+        (``NoUsableSnapshot``, exit 2): started afresh, the task would emit its partition's history
+        again. A checkpoint written by a newer reloop stops it too (``NewerFormat``): the one before it
+        is from before the upgrade (or gone: two are kept), and a rollback is the operator's call."""
         reg = self.registry(task.partition)
         versions = reg.versions()
         if not versions:
             return False
-        try:
-            snap = reg.load()  # the newest one that loads
-        except SnapshotError as exc:  # none does: starting the task afresh would re-emit its history
+        refused: list[str] = []
+        for version in reversed(versions):
+            name = f"join task {task.partition}'s checkpoint {version}"
+            try:
+                snap = reg.load(version)
+                check_fingerprint(
+                    name,
+                    snap.meta.get("fingerprint"),
+                    self.settings.fingerprint,
+                    allow=self.settings.allow_fingerprint_change,
+                )
+                task.load_state_dict(snap.state["state"])
+            except NewerFormat as exc:  # the registry's (its manifest) or the task's (its state)
+                # (A fresh folder is no answer here: the task would join its input again, retained
+                # history and all, under a new numbering that the train stage trains again.)
+                raise newer_format(name, reg.path(version), exc, fresh_dir=False) from exc
+            except SnapshotMismatch:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an unusable checkpoint: the one before it
+                refused.append(f"checkpoint {version}: {exc!s:.300}")
+                log.error(
+                    "refusing join task checkpoint, falling back",
+                    extra={"fields": {"task": task.partition, "checkpoint": version, "error": repr(exc)}},
+                )
+                continue
+            break
+        else:
             raise NoUsableSnapshot(
-                f"join task {task.partition}: {exc}; refusing to start it from scratch"
-            ) from exc
-        check_fingerprint(
-            f"join task {task.partition}'s checkpoint {snap.version}",
-            snap.meta.get("fingerprint"),
-            self.settings.fingerprint,
-            allow=self.settings.allow_fingerprint_change,
-        )
-        task.load_state_dict(snap.state["state"])
-        refused = sum(1 for v in versions if v > snap.version)  # newer ones that did not load
+                f"join task {task.partition}: no checkpoint under {reg.root} loads; refusing to start it "
+                "from scratch, which would emit its partition's history again (refused: "
+                f"{'; '.join(refused)})"
+            )
         if refused:
-            self._metrics.restore_fallbacks.add(n=refused)
+            self._metrics.restore_fallbacks.add(n=len(refused))
         # A checkpoint the previous owner writes after this stops our next one. The newest version in
         # the folder, not the one restored: a newer one that did not load (logged, counted above) is
         # no other writer's, and following the restored one stopped every checkpoint of the task.
@@ -314,6 +346,7 @@ class JoinStage:
                     "checkpoint": snap.version,
                     "incarnation": task.incarnation,
                     "next_seq": task.next_seq,
+                    **({"refused": refused} if refused else {}),
                 }
             },
         )

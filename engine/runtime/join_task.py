@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reloop.engine.checkpoint.blobs import loadable, saveable
+from reloop.engine.checkpoint.registry import NewerFormat
 from reloop.engine.events.schema import Click
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import DoorClock, EventIntake
@@ -150,17 +151,38 @@ class JoinTask:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT or int(state["partition"]) != self.partition:
-            raise ValueError(f"join task {self.partition}: unusable checkpoint state")
+        """Take ``checkpoint_state()``'s state: all of it or, raising, none of it (the stage then tries
+        the task's checkpoint before). A format newer than ``STATE_FORMAT`` raises ``NewerFormat``."""
+        found = state.get("format")
+        if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
+            raise NewerFormat(
+                f"join task {self.partition}: checkpoint state format {found}, written by a newer reloop; "
+                f"this one reads format {STATE_FORMAT}"
+            )
+        if found != STATE_FORMAT:
+            raise ValueError(
+                f"join task {self.partition}: unknown checkpoint state format {found!r}, expected "
+                f"{STATE_FORMAT}"
+            )
+        if int(state["partition"]) != self.partition:
+            raise ValueError(
+                f"join task {self.partition}: the checkpoint state is task {state['partition']}'s"
+            )
         joiner = Joiner(self.joiner.config, self.clock)
         joiner.load_state_dict(loadable(state["joiner"]))
-        self.joiner = joiner
-        self.positions = positions_from_json(state["positions"])
-        self.incarnation = str(state.get("incarnation", ""))
-        self.sent = int(state["sent"])
-        self.unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
-        self.records_processed = int(state["records_processed"])
+        positions = positions_from_json(state["positions"])
+        incarnation = str(state.get("incarnation", ""))
+        sent = int(state["sent"])
+        unsent = [Joined(k, int(t), p, int(y), bool(c)) for k, t, p, y, c in state["unsent"]]
+        records_processed = int(state["records_processed"])
         # A checkpoint from before the door clock: the wall clock now (as the door judged then), until
         # the task's next checkpoint.
-        self.door = DoorClock(int(state.get("door_ms", self.clock())))
+        door = DoorClock(int(state.get("door_ms", self.clock())))
+        self.joiner = joiner
+        self.positions = positions
+        self.incarnation = incarnation
+        self.sent = sent
+        self.unsent = unsent
+        self.records_processed = records_processed
+        self.door = door
         self.merger = self._merger(self.merger.idle_ms, self.merger.lookahead)

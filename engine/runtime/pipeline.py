@@ -28,7 +28,8 @@ final save of a graceful stop) is a *checkpoint* (``registry.checkpoints``): it 
 number, does not re-base the period trigger and does not become the previous model, so a stopped and
 restarted run reaches its next boundary with the same version, the same samples and the same previous
 model as an uninterrupted run. Restoring prefers the newest checkpoint made after the newest usable
-snapshot; a snapshot or checkpoint that does not load is refused and the next older one is tried.
+snapshot; a snapshot or checkpoint that does not load is refused and the next older one is tried,
+but for one written by a newer reloop (``NewerFormat``: exit 2, engine/runtime/restore.py).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
+    NewerFormat,
     RestorePoint,
     SaveKind,
     check_fingerprint,
@@ -208,8 +210,15 @@ class Pipeline:
             allow=self.settings.allow_fingerprint_change,
         )
         state = snap.state["state"]
-        if state.get("format") != STATE_FORMAT:
-            raise SnapshotError(f"{point.kind} {point.number}: unknown state format {state.get('format')!r}")
+        found = state.get("format")
+        if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
+            # A rollback: restore_newest stops the replay instead of resuming from before the upgrade.
+            raise NewerFormat(
+                f"pipeline state format {found}, written by a newer reloop; this one reads format "
+                f"{STATE_FORMAT}"
+            )
+        if found != STATE_FORMAT:
+            raise SnapshotError(f"{point.kind} {point.number}: unknown state format {found!r}")
         learner = self.trainer.learner
         previous = None
         base = point.base_version  # None: a checkpoint from before the first snapshot (no previous model)

@@ -5,25 +5,41 @@ stop's final save, which takes no version), then V itself; last, the checkpoints
 first snapshot (a stop within the first period: without them a restart would read everything again).
 A restore point that fails to load or to apply is refused and the next older one tried; when points
 exist and none works the stage refuses to start from scratch (``NoUsableSnapshot``), which would
-silently retrain everything.
+silently retrain everything. A point written by a newer reloop (``NewerFormat``: its manifest, raised by
+the registry, or a state in it, raised by whoever reads that state) is not refused but stops the stage:
+falling back would resume from before the upgrade.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Literal, NamedTuple
 
-from reloop.engine.checkpoint.registry import FORMAT as SNAPSHOT_FORMAT
-from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+# NewerFormat and SnapshotMismatch live with the registry (which raises NewerFormat for a manifest of a
+# newer format, as the learners do for a state of one); imported from here as before.
+from reloop.engine.checkpoint.registry import (
+    NewerFormat,
+    Snapshot,
+    SnapshotError,
+    SnapshotMismatch,
+    SnapshotRegistry,
+)
 
+__all__ = [
+    "NewerFormat",
+    "NoUsableSnapshot",
+    "RestorePoint",
+    "SnapshotMismatch",
+    "check_fingerprint",
+    "newer_format",
+    "restore_newest",
+    "restore_points",
+    "take_over",
+]
 log = logging.getLogger("reloop.restore")
 SaveKind = Literal["snapshot", "checkpoint"]
-
-
-class SnapshotMismatch(RuntimeError):
-    """The newest snapshot was made with a different training configuration."""
 
 
 def check_fingerprint(point: RestorePoint | str, made_with: object, current: str, *, allow: bool) -> None:
@@ -43,12 +59,6 @@ def check_fingerprint(point: RestorePoint | str, made_with: object, current: str
         "resuming under a changed config (checkpoint.allow_fingerprint_change)",
         extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
     )
-
-
-class NewerFormat(SnapshotMismatch):
-    """A restore point written by a newer reloop, in a format this one does not read (a rollback).
-    Not refused in favour of an older point, which would silently resume from before the upgrade (and
-    train again, or lose, what came since): the stage stops, naming the point and the formats."""
 
 
 class NoUsableSnapshot(SnapshotError):
@@ -103,22 +113,12 @@ def restore_newest(
     for point in restore_points(registry):
         try:
             apply(point, point.load(registry))
-        except NewerFormat as exc:
+        except NewerFormat as exc:  # the registry's (a manifest) or the stage's own (a state in it)
             target = registry.checkpoints if point.kind == "checkpoint" else registry
-            raise NewerFormat(
-                f"{point} ({target.path(point.number)}): {exc}; run the reloop that wrote it (or a newer "
-                "one), or start this one from a fresh checkpoint dir"
-            ) from exc
+            raise newer_format(point, target.path(point.number), exc) from exc
         except SnapshotMismatch:
             raise
         except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
-            newer = _newer_manifest(registry, point) if isinstance(exc, SnapshotError) else None
-            if newer is not None:
-                raise NewerFormat(
-                    f"{point} ({newer[0]}): snapshot format {newer[1]}, written by a newer reloop; this "
-                    f"one reads format {SNAPSHOT_FORMAT}; run the reloop that wrote it (or a newer one), or "
-                    "start this one from a fresh checkpoint dir"
-                ) from exc
             refused.append(f"{point}: {exc!r:.300}")
             if on_refused is not None:
                 on_refused(point, exc)
@@ -141,18 +141,13 @@ def restore_newest(
     return None
 
 
-def _newer_manifest(registry: SnapshotRegistry, point: RestorePoint) -> tuple[str, int] | None:
-    """(manifest path, its format) when the point's manifest names a format newer than the registry
-    reads (which refuses it as any unusable snapshot); None otherwise."""
-    target = registry.checkpoints if point.kind == "checkpoint" else registry
-    path = target.path(point.number) / "manifest.json"
-    try:
-        found = json.loads(path.read_bytes()).get("format")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    if isinstance(found, int) and not isinstance(found, bool) and found > SNAPSHOT_FORMAT:
-        return str(path), found
-    return None
+def newer_format(point: object, where: Path, exc: NewerFormat, *, fresh_dir: bool = True) -> NewerFormat:
+    """``exc``, raised loading or applying the restore point ``point`` (in the folder ``where``), as the
+    error the stage stops with: naming the point, its folder and what to do (raise it ``from exc``).
+    ``fresh_dir``: starting from a fresh checkpoint dir is one of the answers."""
+    folder = "" if str(where) in str(exc) else f" ({where})"
+    fresh = ", or start this one from a fresh checkpoint dir" if fresh_dir else ""
+    return NewerFormat(f"{point}{folder}: {exc}; run the reloop that wrote it (or a newer one){fresh}")
 
 
 def take_over(registry: SnapshotRegistry, *, bundles: bool = True) -> None:

@@ -4,6 +4,13 @@ A trainer snapshot stores the learner's ``state_dict()`` as one part; that state
 config (backbone, feature spec, ...) as JSON, so the service rebuilds exactly what was trained without
 any config of its own. Only the learner part is read (the joiner state and source positions in the
 same snapshot are the trainer's business), checksummed, with ``torch.load(weights_only=True)``.
+
+A version whose weights (parameters, buffers, the wide part) are not all finite is refused
+(``NotFinite``, naming the tensor): it would score NaN. Trainers refuse to publish such a state
+(engine/models/finite.py), but snapshots of older ones, or of another writer, may hold one. Checked once
+per load (one ``aminmax`` pass per tensor, no copy: a few ms for an 80 MB DCN, see ``served_not_finite``);
+the reload watcher then keeps the version it serves (engine/serve/reload.py). The bundle of such a version
+is not followed by its training snapshot: both hold the same weights.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+import torch
+from reloop.engine.checkpoint.registry import NewerFormat, SnapshotError, SnapshotRegistry
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.finite import first_not_finite, learner_not_finite
 from reloop.engine.models.registry import build_learner, config_from_dict, learner_from_state
 from reloop.engine.serve.bundle import ModelBundle
 from reloop.engine.serve.config import ColdStart
@@ -31,6 +40,35 @@ class SnapshotPending(SnapshotError):
     def __init__(self, message: str, ready: Callable[[], bool]) -> None:
         super().__init__(message)
         self.ready = ready
+
+
+class NotFinite(SnapshotError):
+    """A version whose weights are not all finite: refused, never served."""
+
+
+def served_not_finite(learner: Any) -> str | None:
+    """Where the weights a learner scores with first hold a value that is not finite (``'model.w' (k of
+    n values NaN or inf)``), None when all are finite. A torch learner: its model's parameters and
+    buffers and its wide part, read in place (for a bundle, the mapped file); the optimizer state, which
+    serving never reads, is left out. Another learner: its ``state_dict()``."""
+    model = getattr(learner, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return learner_not_finite(learner)
+    wide = getattr(learner, "wide", None)
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if wide is not None:
+        state["wide"] = {"mean": wide.mean, "var": wide.var}
+    return first_not_finite(state)
+
+
+def _finite(bundle: ModelBundle, name: str) -> ModelBundle:
+    where = served_not_finite(bundle.learner)
+    if where is not None:
+        raise NotFinite(
+            f"{name}: its weights are not all finite ({where}), it would score NaN: not served (written by "
+            "a trainer from before snapshots of a diverged model were refused?)"
+        )
+    return bundle
 
 
 # Part names a trainer may use for the learner state, most likely first.
@@ -60,7 +98,9 @@ def bundle_from_state(version: int, state: dict[str, Any]) -> ModelBundle:
 def load_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
     state = _learner_state(registry, version)
     try:
-        return bundle_from_state(version, state)
+        bundle = bundle_from_state(version, state)
+    except NewerFormat as exc:
+        raise NewerFormat(f"snapshot {version} under {registry.root}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         # A learner config or state this reloop does not read (a model option or a state format of a
         # newer trainer, in a serving fleet not upgraded yet): refused naming the snapshot, not a
@@ -69,6 +109,7 @@ def load_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
             f"snapshot {version} under {registry.root}: its learner does not load in this reloop "
             f"({exc!s:.300}); written by a newer reloop?"
         ) from exc
+    return _finite(bundle, f"snapshot {version} under {registry.root}")
 
 
 def registry_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
@@ -82,18 +123,22 @@ def load_serving_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle
     root = serving_dir(registry.root)
     name = f"serving bundle {root / f'v{version:012d}.safetensors'}"
     learner = learner_from_bundle(*read_bundle(root, version), name=name)
-    return ModelBundle(version=version, learner=learner, featurizer=Featurizer(learner.config.spec))
+    bundle = ModelBundle(version=version, learner=learner, featurizer=Featurizer(learner.config.spec))
+    return _finite(bundle, name)
 
 
 def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], ModelBundle]:
     """Load a version from its serving bundle when there is one, else from the training snapshot; a
-    bundle that fails its checksum or does not load falls back to the snapshot of the same version."""
+    bundle that fails its checksum or does not load falls back to the snapshot of the same version (not
+    one whose weights are not finite: ``NotFinite``, the snapshot holds the same)."""
     from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
 
     def load(version: int) -> ModelBundle:
         if version in bundle_versions(serving_dir(registry.root)):
             try:
                 return load_serving_bundle(registry, version)
+            except NotFinite:
+                raise  # its training snapshot holds the same weights
             except SnapshotError as exc:
                 if version not in registry.versions():
                     raise SnapshotPending(

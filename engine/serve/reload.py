@@ -2,13 +2,14 @@
 
 Loading (reading files, verifying the checksum, building the model) happens on the watcher thread,
 off the request path; only the finished immutable bundle is swapped in, by one reference assignment.
-A snapshot that fails to load (bad checksum, wrong format, a part that does not unpickle) is refused
-and counted, and the next older version not yet tried is loaded instead when it is newer than what is
-live: a service that (re)starts next to a broken newest snapshot serves the newest one that loads,
-rather than staying not-ready. ``reloop_serve_snapshot_fallback`` is 1 while an arm serves an older
-version than the newest in its registry. A refused version is not retried, but for one whose serving
-bundle was refused before its training snapshot was written (the trainer writes the bundle first): it is
-loaded again, once, when that snapshot is there (the error's ``ready()``, engine/serve/loader.py).
+A snapshot that fails to load (bad checksum, wrong format, a part that does not unpickle, weights that
+are not all finite: engine/serve/loader.py) is refused and counted, and the next older version not yet
+tried is loaded instead when it is newer than what is live: a service that (re)starts next to a broken
+newest snapshot serves the newest one that loads, rather than staying not-ready.
+``reloop_serve_snapshot_fallback`` is 1 while an arm serves an older version than the newest in its
+registry. A refused version is not retried, but for one whose serving bundle was refused before its
+training snapshot was written (the trainer writes the bundle first): it is loaded again, once, when
+that snapshot is there (the error's ``ready()``, engine/serve/loader.py).
 
 A version that could not be *read* (an ``OSError`` but a missing file: an NFS hiccup such as a stale
 handle, EIO, a volume remounted; or a ``SnapshotError`` raised from one) is not refused: it is tried

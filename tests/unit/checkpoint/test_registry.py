@@ -320,3 +320,45 @@ def test_empty_bytes_written_unpacked_by_an_older_writer_still_load(tmp_path, mo
     v = SnapshotRegistry(tmp_path).publish(state)
     monkeypatch.undo()
     assert SnapshotRegistry(tmp_path).load(v).state == state
+
+
+@pytest.mark.parametrize("resealed", [True, False], ids=["resealed", "checksum-of-another-scheme"])
+def test_a_manifest_of_a_newer_format_names_the_file_and_both_formats(tmp_path, resealed):
+    # It was "unexpected format or version in manifest", a SnapshotError like any broken snapshot:
+    # load() fell back past it, and the restore had to read the manifest again to tell a rollback.
+    from reloop.engine.checkpoint.registry import FORMAT, NewerFormat, SnapshotMismatch
+
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    v2 = reg.publish(_state(2.0))
+    folder = reg.path(v2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format"] = FORMAT + 1
+    if resealed:
+        _write_manifest(folder, manifest)
+    else:  # a newer writer may checksum its manifest another way
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    expected = f"{folder / 'manifest.json'}: snapshot format {FORMAT + 1}, written by a newer reloop; this one reads format {FORMAT}"  # noqa: E501
+    for read in (lambda: reg.manifest(v2), lambda: reg.load(v2), reg.load):
+        with pytest.raises(NewerFormat) as caught:
+            read()
+        assert str(caught.value) == expected
+        # a SnapshotMismatch (a resuming stage stops: exit 2), a SnapshotError (serving refuses it)
+        assert isinstance(caught.value, SnapshotMismatch) and isinstance(caught.value, SnapshotError)
+    assert reg.load(1).version == 1
+
+
+@pytest.mark.parametrize("found", [0, "1", None, True])
+def test_a_manifest_of_an_unknown_format_is_refused_as_broken(tmp_path, found):
+    from reloop.engine.checkpoint.registry import NewerFormat
+
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    v2 = reg.publish(_state(2.0))
+    manifest = json.loads((reg.path(v2) / "manifest.json").read_text())
+    manifest["format"] = found
+    _write_manifest(reg.path(v2), manifest)
+    with pytest.raises(SnapshotError, match=r"unexpected format .* \(expected 1\)") as caught:
+        reg.load(v2)
+    assert not isinstance(caught.value, NewerFormat)
+    assert reg.load().version == 1  # falls back

@@ -767,3 +767,23 @@ def _random_samples(seed: int, n: int = 2_560) -> list:
         )  # fmt: skip
         for i in range(n)
     ]
+
+
+def test_a_replay_whose_training_diverges_exits_2_saying_a_resume_would_diverge_again(
+    tmp_path: Path, capsys
+) -> None:
+    # TrainingDiverged ended the replay in a traceback (exit 1).
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    diverging = yaml.safe_load(cfg.read_text())
+    diverging["model"]["optimizer"] = {"lr": 1e37, "embedding_lr": 1e37, "small_steps_below": 0}
+    cfg.write_text(yaml.safe_dump(diverging))
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's: must not read as this one's
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "reloop replay: training diverged" in err and "Traceback" not in err
+    assert "would diverge again" in err and "model.optimizer.lr" in err
+    assert not (out / "summary.json").exists()

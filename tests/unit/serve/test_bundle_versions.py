@@ -134,3 +134,18 @@ def test_a_model_option_this_reloop_does_not_know_is_refused_naming_the_bundle_a
     with pytest.raises(SnapshotError, match="snapshot 2 under .*gated_cross"):
         bundle_or_snapshot_loader(reg)(2)
     assert watcher.poll_once() == 0 and holder.version == 1 and watcher.refused == 1
+
+
+def test_a_snapshot_whose_learner_state_is_of_a_newer_format_is_refused_naming_it(tmp_path):
+    # The learner's NewerFormat (a stage stops on it) is, for serving, a version refused like any other
+    # unusable snapshot, naming the snapshot.
+    from reloop.engine.checkpoint.registry import NewerFormat
+    from reloop.engine.models.learner import STATE_FORMAT
+
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    reg = SnapshotRegistry(tmp_path)
+    version = reg.publish({"model": {**learner.state_dict(), "format": STATE_FORMAT + 1}})
+    with pytest.raises(NewerFormat) as caught:
+        load_bundle(reg, version)
+    assert isinstance(caught.value, SnapshotError)
+    assert str(caught.value).startswith(f"snapshot {version} under {tmp_path}: learner state format ")
