@@ -101,6 +101,28 @@ class NewerFormat(SnapshotMismatch, SnapshotError):
     Defined here, below engine/runtime, so that the registry and the learners can raise it."""
 
 
+def check_state_format(
+    state: Mapping[str, Any],
+    reads: int,
+    what: str,
+    *,
+    prefix: str = "",
+    oldest: int | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise ``NewerFormat`` when ``state["format"]`` is above ``reads`` (a state written by a newer
+    reloop: a rollback), ``error`` when it is any other value but ``reads``. ``what`` names the state in
+    the message (after ``prefix``); ``oldest``: the oldest format the caller still reads itself."""
+    found = state.get("format")
+    if isinstance(found, int) and not isinstance(found, bool) and found > reads:
+        readable = f"format {reads}" if oldest is None else f"formats {oldest} to {reads}"
+        raise NewerFormat(
+            f"{prefix}{what} format {found}, written by a newer reloop; this one reads {readable}"
+        )
+    if type(found) is not int or found != reads:
+        raise error(f"{prefix}unknown {what} format {found!r}, expected {reads}")
+
+
 @dataclass(frozen=True)
 class PreparedSnapshot:
     """A snapshot serialised in memory and not written yet (``SnapshotRegistry.prepare``)."""

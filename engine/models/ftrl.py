@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
+from reloop.engine.checkpoint.registry import check_state_format
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
@@ -122,8 +123,7 @@ class FTRLLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"FTRL state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        check_state_format(state, STATE_FORMAT, "FTRL state")
         check_same_architecture(state, self.config)
         z = state["z"].numpy().astype(np.float64)
         if z.shape != self.z.shape:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import orjson
 import torch
-from reloop.engine.checkpoint.registry import NewerFormat
+from reloop.engine.checkpoint.registry import check_state_format
 from reloop.engine.features.featurizer import FeatureBatch, TorchFeatureBatch
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
 from reloop.engine.models.blocks import GenDropout
@@ -730,15 +730,8 @@ class TorchLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        found = state.get("format")
-        if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
-            # A rollback: the stage stops (engine/runtime/restore.py) instead of resuming from before it.
-            raise NewerFormat(
-                f"learner state format {found}, written by a newer reloop; this one reads format "
-                f"{STATE_FORMAT}"
-            )
-        if found != STATE_FORMAT:
-            raise ValueError(f"learner state format {found!r}, expected {STATE_FORMAT}")
+        # A newer one (a rollback): the stage stops (engine/runtime/restore.py), not resuming from before it.
+        check_state_format(state, STATE_FORMAT, "learner state")
         check_same_architecture(state, self.config)
         self.model.load_state_dict(state["model"])
         for k, o in self.optimizers.items():

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
+from reloop.engine.checkpoint.registry import check_state_format
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss import Loss, LossStats, make_loss
@@ -181,8 +182,7 @@ class _RiverLearnerBase:
         return {"format": STATE_FORMAT, "config_json": self.config.to_json()}
 
     def _check_state(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{self.backbone} state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        check_state_format(state, STATE_FORMAT, f"{self.backbone} state")
         check_same_architecture(state, self.config)
 
     def clone_frozen(self) -> _RiverLearnerBase:

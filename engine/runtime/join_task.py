@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reloop.engine.checkpoint.blobs import loadable, saveable
-from reloop.engine.checkpoint.registry import NewerFormat
+from reloop.engine.checkpoint.registry import check_state_format
 from reloop.engine.events.schema import Click
 from reloop.engine.join.joiner import Joined, Joiner, JoinerConfig
 from reloop.engine.runtime.intake import DoorClock, EventIntake
@@ -153,17 +153,7 @@ class JoinTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take ``checkpoint_state()``'s state: all of it or, raising, none of it (the stage then tries
         the task's checkpoint before). A format newer than ``STATE_FORMAT`` raises ``NewerFormat``."""
-        found = state.get("format")
-        if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
-            raise NewerFormat(
-                f"join task {self.partition}: checkpoint state format {found}, written by a newer reloop; "
-                f"this one reads format {STATE_FORMAT}"
-            )
-        if found != STATE_FORMAT:
-            raise ValueError(
-                f"join task {self.partition}: unknown checkpoint state format {found!r}, expected "
-                f"{STATE_FORMAT}"
-            )
+        check_state_format(state, STATE_FORMAT, "checkpoint state", prefix=f"join task {self.partition}: ")
         if int(state["partition"]) != self.partition:
             raise ValueError(
                 f"join task {self.partition}: the checkpoint state is task {state['partition']}'s"

@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 from reloop.engine.checkpoint.blobs import loadable, saveable
-from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry
+from reloop.engine.checkpoint.registry import Snapshot, SnapshotError, SnapshotRegistry, check_state_format
 from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink, SampleRecord
 from reloop.engine.events.codec import decode_samples, encode
@@ -68,7 +68,6 @@ from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
-    NewerFormat,
     RestorePoint,
     SaveKind,
     check_fingerprint,
@@ -210,15 +209,14 @@ class Pipeline:
             allow=self.settings.allow_fingerprint_change,
         )
         state = snap.state["state"]
-        found = state.get("format")
-        if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
-            # A rollback: restore_newest stops the replay instead of resuming from before the upgrade.
-            raise NewerFormat(
-                f"pipeline state format {found}, written by a newer reloop; this one reads format "
-                f"{STATE_FORMAT}"
-            )
-        if found != STATE_FORMAT:
-            raise SnapshotError(f"{point.kind} {point.number}: unknown state format {found!r}")
+        # A newer one (a rollback): restore_newest stops the replay instead of resuming from before it.
+        check_state_format(
+            state,
+            STATE_FORMAT,
+            "pipeline state",
+            prefix=f"{point.kind} {point.number}: ",
+            error=SnapshotError,
+        )
         learner = self.trainer.learner
         previous = None
         base = point.base_version  # None: a checkpoint from before the first snapshot (no previous model)

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from reloop.engine.checkpoint.registry import check_state_format
 from reloop.engine.events.sample_batch import decode_batch
-from reloop.engine.runtime.restore import NewerFormat
 from reloop.engine.streams import PartitionShare, positions_from_json, positions_to_json
 
 STATE_FORMAT = 2
@@ -47,14 +47,7 @@ def rank_parts(state: Mapping[str, Any], meta: Mapping[str, Any]) -> list[dict[s
                 "ledger_bytes": int(state["ledger_bytes"]),
             }
         ]
-    found = state.get("format")
-    if isinstance(found, int) and not isinstance(found, bool) and found > STATE_FORMAT:
-        raise NewerFormat(
-            f"train-stage state format {found}, written by a newer reloop; this one reads formats 1 to "
-            f"{STATE_FORMAT}"
-        )
-    if found != STATE_FORMAT:
-        raise ValueError(f"unknown train-stage state format {found!r}")
+    check_state_format(state, STATE_FORMAT, "train-stage state", oldest=1)
     return [dict(r) for r in state["ranks"]]
 
 

@@ -212,3 +212,17 @@ def test_learn_tensors_is_learn_for_batches_already_on_the_device():
     sb = b.learn_tensors(batch.to_torch(), torch.from_numpy(y), torch.from_numpy(y_last))
     assert sa == sb
     np.testing.assert_array_equal(a.predict_proba(batch), b.predict_proba(batch))
+
+
+@pytest.mark.parametrize("backbone", ["ftrl", "dcn", "river_lr"])
+def test_a_learner_state_of_a_newer_format_is_a_rollback_not_a_broken_state(backbone):
+    # A broken state falls back to an older restore point; a newer one stops the stage (exit 2): the older
+    # point is from before the upgrade.
+    from reloop.engine.checkpoint.registry import NewerFormat
+
+    learner = build_learner(backbone, SPEC, "ce", 0.0)
+    state = learner.state_dict()
+    with pytest.raises(NewerFormat, match=f"format {state['format'] + 1}, written by a newer reloop"):
+        learner.load_state_dict({**state, "format": state["format"] + 1})
+    with pytest.raises(ValueError, match="unknown .* format 'x'"):
+        learner.load_state_dict({**state, "format": "x"})

@@ -197,7 +197,11 @@ def test_state_of_another_backbone_is_refused() -> None:
     other = build_river_learner("river_fm_np", SPEC, embedding_dim=4)
     with pytest.raises(ValueError, match="different model"):
         other.load_state_dict(fm.state_dict())
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(ValueError, match="unknown river_fm_np state format 'x'"):
+        fm.load_state_dict({**fm.state_dict(), "format": "x"})
+    from reloop.engine.checkpoint.registry import NewerFormat
+
+    with pytest.raises(NewerFormat, match="format 99, written by a newer reloop"):
         fm.load_state_dict({**fm.state_dict(), "format": 99})
 
 
