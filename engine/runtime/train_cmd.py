@@ -6,6 +6,12 @@ launcher: rendezvous, and a restart of every rank when one fails, up to ``distri
 in a cluster, start ``reloop train`` under torchrun yourself (one process per pod, c10d rendezvous):
 a process that finds torchrun's WORLD_SIZE > 1 in its environment runs as one rank
 (engine/runtime/train_ranks.py).
+
+torchrun restarts the whole group when any rank exits non-zero. A rank that refuses to go on (exit 2: a
+model that diverged, a setting or a snapshot it cannot use) would refuse again after each restart, so
+under the launcher it marks its refusal and exits 0 instead: the group ends without restarts and the
+launcher exits 2. Under a torchrun of your own (no launcher) such a rank exits 2, and that torchrun
+restarts the group ``--max-restarts`` times before it gives up.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from reloop.engine.runtime.jsonlog import setup_json_logging
 # built (nothing read yet). The launcher's exit code says whether a stop left every rank so.
 LAUNCHER_PID = "RELOOP_TRAIN_LAUNCHER_PID"
 STOPPED_MARKS = "RELOOP_TRAIN_STOPPED_MARKS"
+# ... and the folder where each rank that refused to go on (exit 2) marks it before it exits 0.
+REFUSED_MARKS = "RELOOP_TRAIN_REFUSED_MARKS"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +55,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank
+        return _rank_exit(_main(args))
+    return _main(args)
+
+
+def _rank_exit(code: int) -> int:
+    """A rank's exit code for torchrun: 0 after marking a refusal (2) where the launcher collects them
+    (torchrun would restart every rank into the same refusal), else ``code``."""
+    marks = os.environ.get(REFUSED_MARKS)
+    if code != 2 or not marks:
+        return code
+    Path(marks, f"rank-{os.environ.get('RANK', '0')}").touch()
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         if args.world_size < 1:
@@ -144,10 +168,12 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     _remove_dead_launchers_scratch(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=f"reloop-train-{os.getpid()}-") as scratch:
         os.environ[LAUNCHER_PID] = str(os.getpid())
-        marks = Path(scratch, "stopped")
+        marks, refused = Path(scratch, "stopped"), Path(scratch, "refused")
         marks.mkdir()
+        refused.mkdir()
         os.environ[STOPPED_MARKS] = str(marks)
-        return _torchrun(args, cfg, marks)
+        os.environ[REFUSED_MARKS] = str(refused)
+        return _torchrun(args, cfg, marks, refused)
 
 
 def _remove_dead_launchers_scratch(root: Path) -> None:
@@ -165,7 +191,7 @@ def _remove_dead_launchers_scratch(root: Path) -> None:
             continue
 
 
-def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path) -> int:
+def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path, refused: Path) -> int:
     import signal
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -190,7 +216,22 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path) -> int:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"reloop train: ranks failed beyond distributed.max_restarts: {exc}", file=sys.stderr)
         return 2 if codes == {2} else 1  # 2: every rank refused its configuration
-    return 0
+    return _refused(refused)
+
+
+def _refused(marks: Path) -> int:
+    """The launcher's exit code once every rank exited 0: 2 when some refused to go on (each marked it in
+    ``marks`` and said why in its log and on stderr), else 0."""
+    ranks = sorted(int(p.name.removeprefix("rank-")) for p in marks.glob("rank-*"))
+    if not ranks:
+        return 0
+    print(
+        f"reloop train: ranks {ranks} refused to go on (exit 2; each said why above); the group was not "
+        "restarted: it would refuse again",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 2
 
 
 def _stopped(asked: bool, final_saved: bool) -> int:

@@ -15,7 +15,13 @@ always match:
 * every rank has ``batch_per_rank`` samples: one step, each rank on its own; in ``deterministic`` mode
   only this, so a run is a function of the topic's content and a restart resumes exactly; otherwise,
   once a rank's oldest sample waited ``max_wait_ms``, a step on what each rank has (a rank with none
-  contributes zero gradients) so a quiet partition cannot hold the others.
+  contributes zero gradients) so a quiet partition cannot hold the others;
+* divergence (engine/models/finite.py), in the same exchange: whether the last step learnt nothing on
+  this rank, and whether this rank found the model diverged (its rows' logits not finite whatever their
+  dense inputs, a learner state not finite). A divergence anywhere stops every rank at this round with
+  ``TrainingDiverged`` naming the rank and why, before any save; ``train.max_consecutive_skipped``
+  counts the group's steps that learnt nothing on any rank, alike on every rank. A rank whose step
+  diverged still takes part in that step's gradient sync (zero gradients), so no peer waits for it.
 
 Before reading, the ranks compare how many partitions each owns and refuse together (a ConfigError on
 every rank, before any other collective) when one owns none, or, in ``deterministic`` mode, when the
@@ -23,7 +29,9 @@ shares differ: a step takes ``batch_per_rank`` from every rank, so a rank with m
 buffer without bound.
 
 A failure on any rank breaks the group: every rank exits (``RankGroupFailed``) and torchrun restarts all
-of them from the last save, as its elastic agent does for any worker failure.
+of them from the last save, as its elastic agent does for any worker failure. A divergence is no
+failure to restart: every rank raises ``TrainingDiverged`` (exit 2, which ``reloop train --world-size``
+turns into a stop of the group without restarts: engine/runtime/train_cmd.py).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from reloop.engine.models.finite import TrainingDiverged
 from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import RestorePoint
 from reloop.engine.runtime.supervisor import ProcessFatal
@@ -41,7 +50,7 @@ from reloop.engine.runtime.train_stage import TrainStage
 from reloop.engine.streams import PartitionShare
 from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
-_BUFFERED, _STOP, _DUE, _WAITED = range(4)
+_BUFFERED, _STOP, _DUE, _WAITED, _LEARNT_NOTHING, _DIVERGED = range(6)
 
 
 class RankGroupFailed(ProcessFatal):
@@ -94,8 +103,11 @@ class RankedTrainStage(TrainStage):
         self._want_stop = False
         self._global_samples = 0
         self._restored_point: tuple[int, int] = (-1, -1)
+        self._stepped = False  # a step since the last exchange: the next one counts it
+        self._idle = False  # this rank had no samples in that step
         super().__init__(share=PartitionShare(group.rank, group.world_size), **stage)
         self.trainer.learner.grad_sync = sync
+        self.trainer.steps_together = True  # divergence is decided in _rounds, with every rank
         self._agree_on_restore()
 
     # ------------------------------------------------------------------ restore
@@ -137,7 +149,9 @@ class RankedTrainStage(TrainStage):
                 self.step()
                 if on_step is not None:
                     on_step(self)
-        except (RankGroupFailed, ConfigError):  # a ConfigError here is every rank's (check_partition_split)
+        # A ConfigError here is every rank's (check_partition_split); a TrainingDiverged too: decided in
+        # _rounds, or a snapshot refused (every rank refuses: they hold the same state).
+        except (RankGroupFailed, ConfigError, TrainingDiverged):
             raise
         except Exception as exc:  # the peers are inside a collective this rank will never join
             raise RankGroupFailed(f"rank {self.group.rank} failed: {exc!r}") from exc
@@ -159,7 +173,17 @@ class RankedTrainStage(TrainStage):
             due = self.period.due(
                 samples=self._global_samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
             )
-            view = self.group.exchange([self._buffered, int(self._want_stop), int(due), int(waited)])
+            trainer = self.trainer
+            nothing = self._idle or trainer.learnt_nothing is not None
+            view = self.group.exchange(
+                [self._buffered, int(self._want_stop), int(due), int(waited), int(nothing),
+                 int(trainer.diverged is not None)]
+            )  # fmt: skip
+            if view[:, _DIVERGED].any():
+                self._stop_diverged(view[:, _DIVERGED])
+            if self._stepped:
+                self._stepped = False
+                self._count_learnt_nothing(view[:, _LEARNT_NOTHING])
             if view[:, _DUE].any():
                 self.snapshot()
             if view[:, _STOP].any():
@@ -178,12 +202,45 @@ class RankedTrainStage(TrainStage):
     def _step_together(self, takes: np.ndarray) -> None:
         n, total = int(takes[self.group.rank]), int(takes.sum())
         self.sync.total = total
-        if n:
-            self._train(self._cut(n))
-        else:
-            self.trainer.idle_step()
+        synced = self.sync.calls
+        self._stepped, self._idle = True, n == 0
+        try:
+            if n:
+                self._train(self._cut(n))
+            else:
+                self.trainer.idle_step()
+        except TrainingDiverged as exc:
+            # This rank's rows found the model diverged (their logits not finite whatever their dense
+            # inputs) before its gradients were synced: its peers wait in this step's sync. It takes part
+            # with zero gradients, and every rank stops at the next exchange (_stop_diverged).
+            self.trainer.diverged = self.trainer.diverged or str(exc)
+            if self.sync.calls == synced:
+                self.trainer.learner.idle_step()
         self._global_samples += total
         self._waiting_since = None  # what is left starts its wait at the next round
+
+    def _count_learnt_nothing(self, nothing: np.ndarray) -> None:
+        """The last step learnt nothing when it learnt nothing on any rank (``nothing[r]``; a rank without
+        samples in it counts as nothing): every rank counts the same steps and reaches
+        ``train.max_consecutive_skipped`` at the same step."""
+        here = "no samples" if self._idle else self.trainer.learnt_nothing
+        why = f"on all {len(nothing)} ranks; on rank {self.group.rank}: {here}"
+        self.trainer.count_learnt_nothing(bool(nothing.all()), why)
+
+    def _stop_diverged(self, flags: np.ndarray) -> None:
+        """Some rank found the model diverged: every rank raises ``TrainingDiverged`` here, at the same
+        round, before any save, with every such rank's reason (one gather, once)."""
+        whys = self.group.gather_bytes((self.trainer.diverged or "").encode())
+        ranks = np.flatnonzero(flags).tolist()
+        told = "; ".join(f"rank {r}: {whys[r].decode().removeprefix('training diverged: ')}" for r in ranks)
+        why = (
+            f"training diverged on rank {ranks[0]}"
+            if len(ranks) == 1
+            else f"training diverged on ranks {ranks}"
+        )
+        why = f"{why} of {len(flags)}; every rank stops at this step ({told})"
+        self.trainer.diverged = self.trainer.diverged or why  # no rank saves it
+        raise TrainingDiverged(why)
 
     def _maybe_snapshot(self) -> None:
         """Boundaries are decided in ``_rounds`` (all ranks at once)."""

@@ -116,10 +116,12 @@ class GradientSync:
         sparse_ids = {id(p) for p in self.sparse}
         self.dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
         self.total = 0
+        self.calls = 0  # syncs so far: whether a step that failed on this rank still owes its peers one
 
     def __call__(self, n: int) -> int:
         if self.total <= 0:
             raise RuntimeError("GradientSync.total must be the step's samples over all ranks")
+        self.calls += 1
         scale = n / self.total
         self._dense(scale)
         for p in self.sparse:

@@ -28,6 +28,10 @@ Divergence (engine/models/finite.py): a step whose gradients are not sound is sk
 row left out) raise ``TrainingDiverged``, and so does a batch that learnt nothing, or that the model
 scored NaN, while the learner's state is not finite. ``state_dict()`` refuses a learner state that is not
 finite (``TrainingDiverged`` naming the tensor): such a model is never published as the next version.
+Data-parallel ranks (``steps_together``) decide together instead: a step only records what it found
+(``learnt_nothing``, ``diverged``), and the rank stage, once every rank told the others, counts the
+group's step (``count_learnt_nothing``) and stops every rank at the same step
+(engine/runtime/train_ranks.py).
 
 The trainer knows no Kafka and no files: the pipeline feeds it and snapshots ``state()``.
 """
@@ -165,6 +169,12 @@ class StreamTrainer:
         self.last_loss: LossStats | None = None
         self.skipped_in_a_row = 0  # this trainer's steps in a row that learnt nothing (not in the state)
         self.diverged: str | None = None  # why a step raised TrainingDiverged (no state_dict() until a load)
+        # A data-parallel rank: a step raises no TrainingDiverged of its own making (its peers would wait
+        # for it in the next collective); it records why its step learnt nothing (``learnt_nothing``, None
+        # when it learnt) and a learner state found not finite (``diverged``), and the rank stage decides
+        # with every rank (engine/runtime/train_ranks.py).
+        self.steps_together = False
+        self.learnt_nothing: str | None = None
         self.replay: ReplayBuffer | None = None
         if config.replay_size > 0:
             self.replay = ReplayBuffer(
@@ -274,24 +284,44 @@ class StreamTrainer:
     def _count_learnt_nothing(self, nothing: bool, why: str) -> None:
         """Raise ``TrainingDiverged`` when this step learnt nothing and the learner's state is not finite
         (a state pass, only in such steps), or when ``max_consecutive_skipped`` steps in a row learnt
-        nothing: a model that every sample fails is not repaired by dead-lettering the stream."""
+        nothing: a model that every sample fails is not repaired by dead-lettering the stream. With
+        ``steps_together``, only record both (the rank stage decides with the other ranks)."""
+        if nothing:
+            self._check_finite()
+        if self.steps_together:
+            self.learnt_nothing = why if nothing else None
+        else:
+            self.count_learnt_nothing(nothing, why)
+
+    def count_learnt_nothing(self, nothing: bool, why: str) -> None:
+        """Count a step that learnt nothing (``why``), or reset the count after one that learnt; raise
+        ``TrainingDiverged`` at ``max_consecutive_skipped`` in a row. Data-parallel ranks call it with the
+        group's step (nothing learnt on any rank): every rank counts alike and stops at the same step."""
         if not nothing:
             self.skipped_in_a_row = 0
             return
         self.skipped_in_a_row += 1
-        self._check_finite()
         limit = self.config.max_consecutive_skipped
         if limit and self.skipped_in_a_row >= limit:
-            raise TrainingDiverged(
+            self.diverged = (
                 f"training diverged: {self.skipped_in_a_row} steps in a row learnt nothing (the last: {why}):"
                 " the model cannot learn, or the stream holds only values it cannot take; stopping"
                 f" (train.max_consecutive_skipped = {limit}); {DIVERGED_HINT}"
             )
+            raise TrainingDiverged(self.diverged)
 
     def _check_finite(self) -> None:
+        """Raise ``TrainingDiverged`` when the learner's state is not finite; with ``steps_together``,
+        record why in ``diverged`` instead (the rank stage stops every rank)."""
+        if self.steps_together and self.diverged is not None:
+            return
         where = learner_not_finite(self.learner)
-        if where is not None:
-            raise TrainingDiverged(f"training diverged: the learner's {where}; {DIVERGED_HINT}")
+        if where is None:
+            return
+        why = f"training diverged: the learner's {where}; {DIVERGED_HINT}"
+        if not self.steps_together:
+            raise TrainingDiverged(why)
+        self.diverged = why
 
     def idle_step(self) -> None:
         """This rank's part of a data-parallel step in which it has no samples (the learner applies
@@ -387,6 +417,7 @@ class StreamTrainer:
             self.learner.load_state_dict(state["learner"])
             self.diverged = None
         self.skipped_in_a_row = 0
+        self.learnt_nothing = None
         self.counters = TrainCounters(**state["counters"])
         # The previous model is not in the state: drop this object's own (on_snapshot gives it back), so
         # nothing of what it did before the load survives it.

@@ -37,3 +37,35 @@ def test_ranks_on_metrics_port_0_each_take_a_free_port() -> None:
     assert [rank_metrics_port(0, r) for r in range(3)] == [0, 0, 0]
     assert [rank_metrics_port(9464, r) for r in range(3)] == [9464, 9465, 9466]
     assert rank_metrics_port(None, 1) is None
+
+
+def test_ranks_that_refuse_to_go_on_end_the_group_at_once_with_exit_2(tmp_path: Path) -> None:
+    # Every rank refused (exit 2: here a setting data parallelism cannot take, found as each rank built its
+    # stage; a model that diverged ends the same way) and torchrun restarted the group into the same
+    # refusal, distributed.max_restarts times, before giving up. Each rank now marks its refusal and exits
+    # 0, so the group ends without a restart, and the launcher exits 2.
+    import yaml
+    from reloop.engine.runtime.synthetic import SPEC
+
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap": "127.0.0.1:1", "client": "confluent"},  # a client built offline
+                "model": {"backbone": "dcn", "spec": SPEC},
+                "train": {"replay_size": 64, "threads": 1},
+                "checkpoint": {"dir": str(tmp_path / "snaps")},
+                "distributed": {"max_restarts": 1},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__")}
+    train = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "train", "--config", str(config),
+         "--world-size", "2", "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    said = train.stderr.count("reloop train: train.replay_size: the replay buffer is per process")
+    assert train.returncode == 2, train.stderr[-3000:]
+    assert said == 2, train.stderr[-3000:]  # once per rank: no restart (one restart said it 4 times)
+    assert "reloop train: ranks [0, 1] refused to go on" in train.stderr

@@ -23,7 +23,9 @@ PER_PARTITION = 256
 TOPIC = "samples"
 
 
-def _log(partitions: int = PARTITIONS):
+def _log(partitions: int = PARTITIONS, odd: dict | None = None, x: dict | None = None):
+    """The samples topic; ``odd``: features of partition 3's samples from its 101st on (rank 1 of 2 reads
+    partitions 1 and 3); ``x``: the numeric feature ``x`` per partition (None: no such feature)."""
     from reloop.connectors.memory import MemoryLog
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
     from reloop.engine.events.schema import LabeledSample
@@ -36,7 +38,9 @@ def _log(partitions: int = PARTITIONS):
         samples = [
             LabeledSample(
                 f"p{p}-{i}",
-                {"user": f"u{rng.integers(60)}", "item": f"i{rng.integers(90)}", "ctx": int(rng.integers(7))},
+                {"user": f"u{rng.integers(60)}", "item": f"i{rng.integers(90)}", "ctx": int(rng.integers(7))}
+                | (odd if odd and p == 3 and i >= 100 else {})
+                | ({"x": x[p]} if x else {}),
                 int(rng.random() < 0.3),
                 float(rng.uniform(0.05, 0.6)),
                 0,
@@ -224,7 +228,7 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
     def stage(count: int) -> SimpleNamespace:
         return SimpleNamespace(
             share=SimpleNamespace(index=1, count=count), version=4, buffered_samples=0, partial_steps=0,
-            duplicates_dropped=0, samples_refused=0, seq_gaps=0, samples_missing=0,
+            duplicates_dropped=0, samples_refused=0, seq_gaps=0, samples_missing=0, task_restarts=0,
             dead_letters=SimpleNamespace(counts={}),
             trainer=SimpleNamespace(counters=SimpleNamespace(samples=300)), snapshots_written=0,
             _metrics=SimpleNamespace(snapshotted=lambda n: None),
@@ -304,3 +308,121 @@ def test_the_partition_split_check_names_what_to_change(owned, deterministic, re
     else:
         with pytest.raises(ConfigError, match=refused):
             check_partition_split(owned, deterministic=deterministic, topic="s")
+
+
+# ---------------------------------------------------------------------------- divergence
+def _diverging(rank: int, world: int, init: str, cfg_dict: dict, case: str, until: int, out: str) -> None:
+    """Run rank ``rank``'s stage as the process does (``run``) until the ranks trained ``until`` samples or
+    it raised; write what it raised, when, and where the ranks were."""
+    import threading
+    import time
+
+    from reloop.connectors.memory import MemorySource
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.build import build_train_stage
+    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.streams import PartitionShare
+    from reloop.engine.train.data_parallel import RankGroup
+
+    torch.set_num_threads(1)
+    group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=30)
+    log = {
+        "big_row": lambda: _log(odd={"item": "poison"}),
+        "nan_row": _log,
+        "rank1_unlearnable": lambda: _log(x={0: 0.5, 1: 1e30, 2: 0.5, 3: 1e30}),
+        "all_unlearnable": lambda: _log(x=dict.fromkeys(range(PARTITIONS), 1e30)),
+    }[case]()
+    stage = build_train_stage(
+        load_config_dict(cfg_dict, env={}),
+        source=MemorySource(log, [TOPIC], share=PartitionShare(rank, world)),
+        stats=EngineStats(),
+        group=group,
+    )
+    featurizer, table = stage.trainer.featurizer, stage.trainer.learner.model.embedding.table.weight
+    used = {
+        int(r)
+        for r in featurizer.transform(
+            [{"user": f"u{k}", "item": f"i{k}", "ctx": k % 7} for k in range(90)]
+        ).cat.ravel()
+    }
+    if case == "big_row":  # an embedding too large for any input, used by rank 1's rows alone
+        row = int(featurizer.transform([{"user": "u0", "item": "poison", "ctx": 0}]).cat[0, 1])
+        assert row not in used
+        with torch.no_grad():
+            table[row] = 1e30
+    elif case == "nan_row":  # NaN where no sample looks: only a snapshot's check finds it
+        with torch.no_grad():
+            table[min(set(range(len(table))) - used)] = float("nan")
+    stop = threading.Event()
+    started = time.monotonic()
+    try:
+        stage.run(stop, lambda st: st._global_samples >= until and stop.set())
+        error = None
+    except Exception as exc:  # noqa: BLE001 - what the test looks at
+        error = f"{type(exc).__name__}: {exc}"
+        stage.abort()
+    else:
+        stage.close(final="checkpoint")
+    summary = {
+        "error": error,
+        "seconds": time.monotonic() - started,
+        "global_samples": stage._global_samples,
+        "in_a_row": stage.trainer.skipped_in_a_row,
+        "dead_letters": stage.dead_letters.total,
+        "version": stage.version,
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+    group.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "diverged"),
+    [
+        (
+            "big_row",
+            r"on rank 1 of 2; every rank stops at this step \(rank 1: the model's logits are not finite",
+        ),
+        ("nan_row", r"snapshot refused: the learner's 'model.embedding.table.weight' \(10 of"),
+        ("rank1_unlearnable", None),
+        ("all_unlearnable", r"2 steps in a row learnt nothing \(the last: on all 2 ranks; on rank [01]: "),
+    ],
+)
+def test_a_divergence_on_any_rank_stops_every_rank_at_the_same_step(tmp_path, case, diverged):
+    """Rank 1's rows alone overflowed the model (an embedding of 1e30): it raised TrainingDiverged and its
+    peer waited in the step's gradient sync until distributed.timeout_s, both exited 1 (RankGroupFailed)
+    and torchrun restarted them into the same divergence. A snapshot both refused (NaN) exited 1 too. A
+    rank whose own rows were all unlearnable counted steps in a row on its own, stopped alone while the
+    group learnt (from rank 0's rows), and hung its peer. Now: TrainingDiverged on every rank, at the
+    same step, before any save (exit 2); unlearnable rows on one rank are dead-lettered, as they are when
+    one process trains the whole stream."""
+    cfg = _config(tmp_path, True)
+    if "unlearnable" in case:
+        cfg["model"]["spec"] = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
+    cfg["train"]["max_consecutive_skipped"] = 2
+    out = tmp_path / "out"
+    out.mkdir()
+    until = PARTITIONS * PER_PARTITION // 2
+    args = (2, f"file://{out / 'store'}", cfg, case, until, str(out))
+    procs = [mp.get_context("spawn").Process(target=_diverging, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(200)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["global_samples"] == ranks[1]["global_samples"]  # the same step
+    assert all(r["seconds"] < 25 for r in ranks), ranks  # none waited for a peer (timeout_s = 30)
+    if diverged is None:
+        assert [r["error"] for r in ranks] == [None, None]
+        assert ranks[0]["global_samples"] >= until and ranks[0]["dead_letters"] == 0
+        assert ranks[1]["dead_letters"] == ranks[0]["global_samples"] // 2  # every rank-1 sample
+        assert [r["in_a_row"] for r in ranks] == [0, 0]
+        return
+    for r in ranks:
+        assert r["error"] is not None and r["error"].startswith("TrainingDiverged: "), r
+        assert re.search(diverged, r["error"]), r["error"]
+    registry = SnapshotRegistry(tmp_path / "snaps")
+    assert registry.checkpoints.versions() == []  # nothing saved after the divergence
+    assert registry.versions() == list(range(1, (ranks[0]["version"] or 0) + 1))
+    if case == "all_unlearnable":
+        assert [r["in_a_row"] for r in ranks] == [2, 2]
