@@ -17,7 +17,7 @@ A sink that opens a file whose last line has no newline (a writer crashed mid-li
 before its first record, so the torn line reads as one malformed record and the new ones stay whole.
 
 A write or fsync that fails (a full disk, a read-only folder) raises ``OSError`` naming the file. The
-bytes of a line that did land are cut off again (the file keeps whole lines only), and the sink takes
+bytes of that write that did land are cut off again (the file keeps whole lines only), and the sink takes
 nothing more: every later ``send`` and ``flush`` raises the same error, so no record is glued onto a
 torn line and no ``flush`` claims records durable that a failed fsync may have dropped. What was sent
 since the last successful ``flush`` is then not in the file: a stage restarts from its last save, made
@@ -27,7 +27,6 @@ after such a flush, and sends it again. ``abort`` releases the files without wri
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import time
@@ -36,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from reloop.engine.appending import append_whole
 from reloop.engine.streams import Positions, Record, TopicPartition
 
 _NO_TIMESTAMP = -1
@@ -166,26 +166,16 @@ class _Appender:
             self.write_pending()
 
     def write_pending(self) -> None:
-        """Write every pending line; a write that fails midway takes its torn bytes back (best effort),
-        so the file ends with a whole line, and raises naming the file."""
+        """Write every pending line, or none (engine/appending.py: a write that fails midway takes what
+        it wrote back, so the file ends with a whole line) and raise naming the file."""
         if not self.pending:
             return
-        written = 0
-        with memoryview(self.pending) as data:
-            try:
-                # One write call for them all when the OS takes it whole: a concurrent reader sees a line
-                # without its newline only for as long as the OS needs to finish that write.
-                while written < len(data):
-                    n = self.file.write(data[written:])
-                    if not n:  # a regular file that takes nothing and reports no error
-                        raise OSError(errno.ENOSPC, "write took no bytes")
-                    written += n
-            except OSError as exc:
-                torn = written - (bytes(data[:written]).rfind(b"\n") + 1)
-                if torn:
-                    with contextlib.suppress(OSError):
-                        self.file.truncate(os.fstat(self.file.fileno()).st_size - torn)
-                raise _naming(exc, self.path) from exc
+        try:
+            # One write call for them all when the OS takes it whole: a concurrent reader sees a line
+            # without its newline only for as long as the OS needs to finish that write.
+            append_whole(self.file, self.pending, os.fstat(self.file.fileno()).st_size)
+        except OSError as exc:
+            raise _naming(exc, self.path) from exc
         self.pending.clear()
 
     def fsync(self) -> None:

@@ -25,14 +25,13 @@ second fsync that succeeds proves nothing.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
 import orjson
+from reloop.engine.appending import append_whole
 from reloop.engine.events.schema import LabeledSample
 
 
@@ -86,20 +85,10 @@ class Ledger:
     # ------------------------------------------------------------------ internals
     def _write(self, data: bytes) -> None:
         self._refuse_if_failed()
-        view = memoryview(data)
-        written = 0
         try:
-            while written < len(view):
-                n = self._f.write(view[written:])
-                if not n:  # a regular file that takes nothing and reports no error
-                    raise OSError(errno.ENOSPC, "write took no bytes")
-                written += n
+            self._length = append_whole(self._f, data, self._length)
         except OSError as exc:
-            if written:  # the bytes that landed end mid-line: cut them off (best effort)
-                with contextlib.suppress(OSError):
-                    self._f.truncate(self._length)
             self._fail(exc, "append")
-        self._length += written
 
     def _fail(self, exc: OSError, what: str) -> NoReturn:
         self._failed = exc
