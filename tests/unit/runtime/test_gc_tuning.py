@@ -68,8 +68,8 @@ def test_a_supervised_stage_runs_with_the_configured_threshold_and_frozen_start_
         stages.append(_OneStep(stop))
         return stages[-1]
 
-    code = run_supervised(
-        "test", cfg, build, close=lambda _: None, describe=lambda _: {}, metrics_port=None, stop=stop
+    code = run_supervised(  # close: the number of its final checkpoint (None: the save failed, exit 1)
+        "test", cfg, build, close=lambda _: 1, describe=lambda _: {}, metrics_port=None, stop=stop
     )
     assert code == 0
     threshold, frozen = stages[0].seen
