@@ -20,7 +20,8 @@ always match:
   this rank, and whether this rank found the model diverged (its rows' logits not finite whatever their
   dense inputs, a learner state not finite). A divergence anywhere stops every rank at this round with
   ``TrainingDiverged`` naming the rank and why, before any save; ``train.max_consecutive_skipped``
-  counts the group's steps that learnt nothing on any rank, alike on every rank. A rank whose step
+  counts the group's steps that learnt nothing on every rank (one without samples counts as nothing),
+  alike on every rank. A rank whose step
   diverged still takes part in that step's gradient sync (zero gradients), so no peer waits for it.
 
 Before reading, the ranks compare how many partitions each owns and refuse together (a ConfigError on
