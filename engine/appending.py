@@ -1,4 +1,5 @@
-"""Appending to a file whole or not at all: what the training ledger and the JSONL sink write.
+"""Writing files whole or not at all: appending (the training ledger, the JSONL sink) and replacing
+(the files a resumed replay or backtest cuts back).
 
 A buffered file that meets a full disk midway drops the rest of the write and keeps the bytes that
 landed, so the next line is glued onto a torn one. ``append_whole`` writes to an unbuffered file until
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import tempfile
+from pathlib import Path
 from typing import BinaryIO
 
 
@@ -36,3 +40,20 @@ def append_whole(f: BinaryIO, data: bytes | bytearray | memoryview, size: int) -
                     f.truncate(size)
             raise
     return size + written
+
+
+def replace_whole(path: Path, data: bytes) -> None:
+    """Make ``data`` the content of ``path`` at once: written to a temporary file beside it, fsynced and
+    renamed over it, so a reader (or a crash, or a full disk) sees the old content or the new, never a
+    part; the temporary file is removed when that fails."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

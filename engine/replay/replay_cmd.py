@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from reloop.engine.appending import replace_whole
 from reloop.engine.config_common import int_at_least
 from reloop.engine.replay.options import key_value
 from reloop.engine.streams import Positions, TopicPartition
@@ -599,9 +600,7 @@ def keep_dead_letters(sink: Any, lines: int | None, positions: Positions) -> dic
             kept.append(line)
             reason = str(letter.get("reason"))
             counts[reason] = counts.get(reason, 0) + 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(kept))
-    tmp.replace(path)
+    replace_whole(path, b"".join(kept))
     return counts
 
 

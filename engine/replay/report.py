@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reloop.engine.appending import replace_whole
 
 CSV_COLUMNS = (
     "dataset", "protocol", "backbone", "strategy", "loss", "alpha", "seed", "period", "n", "ctr",
@@ -92,9 +93,7 @@ def cut_torn_run(path: Path) -> bool:
     last = key(lines[-1])
     while len(lines) > 1 and key(lines[-1]) == last:
         lines.pop()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(lines))
-    tmp.replace(path)
+    replace_whole(path, b"".join(lines))
     return True
 
 
