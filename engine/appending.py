@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,14 +43,18 @@ def append_whole(f: BinaryIO, data: bytes | bytearray | memoryview, size: int) -
     return size + written
 
 
-def replace_whole(path: Path, data: bytes) -> None:
-    """Make ``data`` the content of ``path`` at once: written to a temporary file beside it, fsynced and
-    renamed over it, so a reader (or a crash, or a full disk) sees the old content or the new, never a
-    part; the temporary file is removed when that fails."""
+def replace_whole(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Make ``data`` (bytes, or what a function writes to the file it is given) the content of ``path``
+    at once: written to a temporary file beside it, fsynced and renamed over it, so a reader (or a
+    crash, or a full disk) sees the old content or the new, never a part; the temporary file is removed
+    when that fails. The temporary name is this call's own: two saves at once never share one."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from reloop.engine.appending import replace_whole
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.memory.sketch import ErrorSketch, SketchConfig
 
@@ -178,17 +177,7 @@ class ServedMemory:
         # A temporary name of its own: two saves at once (close() while the feed thread, not yet
         # joined, saves too) shared one ".tmp" and interleaved their bytes, or renamed it away under
         # the other one.
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_whole(path, lambda f: np.savez(f, **arrays))
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a ``save``d state (no pickle); a state of another sketch layout is refused. An
