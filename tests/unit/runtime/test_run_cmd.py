@@ -35,7 +35,7 @@ sys.exit(run_cmd.main(argparse.Namespace(config=sys.argv[1], log_level=None)))
 # A stage: the real stop handling; "ends" > 0 exits with "code" that long after it started; a stop's final
 # checkpoint takes "save_s"; "ignore": SIGTERM/SIGINT ignored (a stage whose handler never runs).
 _STAGE = """
-import signal, sys, time
+import os, signal, sys, time
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.stage_runner import StopRequest
 setup_json_logging()
@@ -46,7 +46,7 @@ if p.get("ignore"):
 else:
     stop = StopRequest(timeout_s=30)
     stop.install()
-print("ready", flush=True)
+os.write(1, b"ready\\n")  # one write: the two stages share the pipe (print wrote "ready", "\\n" apart)
 if p.get("ends"):
     time.sleep(p["ends"])
     sys.exit(p["code"])
