@@ -589,10 +589,7 @@ class _JoinMetrics(JoinerMetrics):
 
     def __init__(self, stats: EngineStats) -> None:
         super().__init__(stats)
-        exported = _EXPORTED.get(stats)
-        if exported is None:
-            exported = _EXPORTED[stats] = _Exported({}, {})
-        self._exported = exported
+        self._exported = _EXPORTED.setdefault(stats, _Exported({}, {}))
         self.lag = ConsumerLag(stats.consumer_lag)
         self.tasks = stats.join_tasks
         self.restore_fallbacks = stats.snapshot_restore_fallbacks

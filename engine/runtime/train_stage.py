@@ -925,10 +925,7 @@ class _TrainMetrics(TrainerMetrics):
         self._restarts = stats.train_join_task_restarts
         self._dead = stats.dead_letters
         self.fallbacks = stats.snapshot_restore_fallbacks
-        counted = _COUNTED.get(stats)
-        if counted is None:
-            counted = _COUNTED[stats] = {}
-        self._counted = counted
+        self._counted = _COUNTED.setdefault(stats, {})
         self._last_dead: dict[str, int] = {}
 
     def count(self, record: Record, *, duplicates: int, missing: int, refused: int, restarts: int) -> None:

@@ -360,15 +360,7 @@ def test_a_write_that_fails_costs_its_message_not_the_rest_of_the_poll() -> None
     for k in range(3):
         _publish(mlog, 4, 4 * k)
     memory = _FailingMemory({2})
-    f = SamplesFeed(
-        name="A",
-        source=MemorySource(mlog, ["samples"]),
-        memory=memory,
-        holder=ModelHolder(_bundle(1)),
-        poll_timeout_s=0,
-    )
-    f.open()
-    f.source.open({("samples", 0): 0})  # from the start (a fresh feed starts at the end)
+    f = _feed_from_start(mlog, memory)
     assert f.step() == 8  # the first and the third message
     assert f.write_failures == 1 and f.stats()["write_failures"] == 1 and f.undecodable == 0
     assert memory.sketch is not None and memory.sketch.written == 8
@@ -411,6 +403,17 @@ def test_a_value_the_live_spec_cannot_read_costs_its_sample_not_its_message() ->
     ]
     MemorySink(mlog, "samples").send(encode_batch(batch_from_samples(samples, task=0, first_seq=0)))
     memory = ServedMemory(CONFIG)
+    f = _feed_from_start(mlog, memory)
+    assert f.step() == 3 and f.refused == 1 and f.undecodable == 0 and f.write_failures == 0
+    assert memory.sketch is not None and memory.sketch.written == 3
+    good = _bundle(1).featurizer.transform([r for i, r in enumerate(rows) if i != 2])
+    y, _, n = memory.sketch.read(predict_and_hidden(_bundle(1).learner, good)[1])
+    assert (n > 0).all()  # the three readable samples are in the memory
+
+
+def _feed_from_start(mlog: MemoryLog, memory: ServedMemory) -> SamplesFeed:
+    """A feed keyed to model version 1 reading ``mlog``'s samples topic from its start (a fresh feed
+    starts at the end)."""
     f = SamplesFeed(
         name="A",
         source=MemorySource(mlog, ["samples"]),
@@ -420,8 +423,4 @@ def test_a_value_the_live_spec_cannot_read_costs_its_sample_not_its_message() ->
     )
     f.open()
     f.source.open({("samples", 0): 0})
-    assert f.step() == 3 and f.refused == 1 and f.undecodable == 0 and f.write_failures == 0
-    assert memory.sketch is not None and memory.sketch.written == 3
-    good = _bundle(1).featurizer.transform([r for i, r in enumerate(rows) if i != 2])
-    y, _, n = memory.sketch.read(predict_and_hidden(_bundle(1).learner, good)[1])
-    assert (n > 0).all()  # the three readable samples are in the memory
+    return f
