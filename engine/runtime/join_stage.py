@@ -266,7 +266,7 @@ class JoinStage:
         gone = sorted({tp.partition for tp in revoked} & set(self.tasks))
         self._metrics.publish(self)  # the counts since the last step, before the tasks go
         for p in gone:
-            self._checkpoint(self.tasks[p], advance=False)
+            self._checkpoint(self.tasks[p], advance=False, final=True)
         for p in gone:
             del self.tasks[p]
         self._metrics.tasks.set(len(self.tasks))
@@ -350,6 +350,14 @@ class JoinStage:
                 }
             },
         )
+        lag = task.restamp_door()
+        if lag:
+            # Saved before the task judges anything: a crash from here on resumes this clock.
+            self._checkpoint(task, advance=False)
+            log.info(
+                "door clock moved to the wall clock after a stop",
+                extra={"fields": {"task": task.partition, "lag_ms": lag}},
+            )
         return True
 
     def _start_numbering(self, task: JoinTask) -> None:
@@ -492,11 +500,11 @@ class JoinStage:
         self.checkpoint_interval_s = max(s.checkpoint_every_s, took / s.checkpoint_max_share)
         self._metrics.checkpointed(took, self.checkpoint_interval_s)
 
-    def _checkpoint(self, task: JoinTask, *, advance: bool) -> None:
+    def _checkpoint(self, task: JoinTask, *, advance: bool, final: bool = False) -> None:
         """Wall-clock actions, then in the checkpointer's order: everything sent so far made durable, the
         state (with what is emitted but unsent) published and that unsent output sent, the offsets
-        committed."""
-        state = task.checkpoint_state(advance=advance)
+        committed. ``final``: the task judges nothing more (a stop, a revocation)."""
+        state = task.checkpoint_state(advance=advance, final=final)
         positions = dict(task.positions)
 
         def publish(_ledger_bytes: int) -> None:
@@ -526,7 +534,7 @@ class JoinStage:
             if checkpoint:
                 try:
                     for task in list(self.tasks.values()):
-                        self._checkpoint(task, advance=False)
+                        self._checkpoint(task, advance=False, final=True)
                     self.samples.flush(self.settings.flush_timeout_s)
                     final = {str(p): self.registry(p).latest_version() for p in sorted(self.tasks)}
                     self.final_saved = final

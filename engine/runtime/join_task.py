@@ -76,6 +76,7 @@ class JoinTask:
         self.sent = 0  # samples handed out by take(): the seq of the first unsent one
         self.unsent: list[Joined] = []  # emitted, not handed out yet: seqs sent, sent + 1, ...
         self.records_processed = 0
+        self.restored_final = False  # restored from a checkpoint after which nothing was judged
 
     def _merger(self, idle_ms: int, lookahead: int) -> RecordMerger:
         # impressions first among records of one timestamp (merge.py)
@@ -129,10 +130,12 @@ class JoinTask:
         return first, taken
 
     # ------------------------------------------------------------------ checkpoint
-    def checkpoint_state(self, *, advance: bool) -> dict[str, Any]:
+    def checkpoint_state(self, *, advance: bool, final: bool = False) -> dict[str, Any]:
         """The state to save now. ``advance``: first let wall-clock time act on the joiner (idle
         watermark, TTL); what that emits is in the returned state, so it is sent after the save. The
-        door clock takes the wall clock's time (never going back), saved with the rest."""
+        door clock takes the wall clock's time (never going back), saved with the rest. ``final``: the
+        task judges nothing after this save (a stop, a revocation), which lets the next owner move the
+        door clock on (``restamp_door``)."""
         if advance:
             self.unsent += self.joiner.advance()
         self.door.now_ms = max(self.door.now_ms, self.clock())
@@ -148,7 +151,24 @@ class JoinTask:
             ],
             "records_processed": self.records_processed,
             "door_ms": self.door.now_ms,
+            "final": final,
         }
+
+    def restamp_door(self) -> int:
+        """After a restore from a final checkpoint (a stop or a revocation: the task judged nothing after
+        it), move the door clock to the wall clock when it lags by more than half of ``max_future_ms``;
+        the lag in ms (0: not moved). Left where the stop saved it, a door clock judged the first
+        records after a stop and a pause of the producers longer than ``max_future_ms`` (maintenance of
+        the whole pipeline) as stamped too far ahead and dead-lettered them until the task's next
+        checkpoint. After a crash it stays: the samples the task sent after its checkpoint were judged
+        by it, and must be judged the same again. The caller saves a checkpoint before the task judges
+        anything, so a crash after this resumes from the moved clock, not from this decision again."""
+        ahead = self.intake.limits.max_future_ms
+        lag = self.clock() - self.door.now_ms
+        if not self.restored_final or ahead is None or lag <= ahead // 2:
+            return 0
+        self.door.now_ms += lag
+        return lag
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take ``checkpoint_state()``'s state: all of it or, raising, none of it (the stage then tries
@@ -168,6 +188,7 @@ class JoinTask:
         # A checkpoint from before the door clock: the wall clock now (as the door judged then), until
         # the task's next checkpoint.
         door = DoorClock(int(state.get("door_ms", self.clock())))
+        final = bool(state.get("final", False))
         self.joiner = joiner
         self.positions = positions
         self.incarnation = incarnation
@@ -175,4 +196,5 @@ class JoinTask:
         self.unsent = unsent
         self.records_processed = records_processed
         self.door = door
+        self.restored_final = final
         self.merger = self._merger(self.merger.idle_ms, self.merger.lookahead)

@@ -1693,3 +1693,66 @@ def test_a_join_task_resumed_hours_later_judges_event_times_as_it_did_before(tmp
     assert train.duplicates_dropped == len(on_topic) - len(synth.expected)
     keys = _ledger(tmp_path)
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+
+
+def _renamed(synth, prefix: str):
+    """``synth`` with every impression id prefixed: a stream sharing no id with another."""
+    tag, new = b'"impression_id":"', b'"impression_id":"' + prefix.encode()
+    records = [
+        replace(r, key=prefix.encode() + r.key, value=r.value.replace(tag, new)) for r in synth.records
+    ]
+    expected = {(prefix + sid, corr): label for (sid, corr), label in synth.expected.items()}
+    return replace(synth, records=records, expected=expected, sentinel_id=prefix + synth.sentinel_id)
+
+
+def _append(log, records) -> None:
+    for r in records:
+        topic = "impressions" if r.topic_kind == "impression" else "clicks"
+        log.append(topic, r.value, r.key, r.timestamp_ms)
+
+
+@pytest.mark.parametrize("crash_after_resume", [False, True])
+def test_a_join_task_stopped_longer_than_max_future_lets_in_what_comes_after_the_pause(
+    tmp_path, crash_after_resume
+):
+    """The whole pipeline stopped for maintenance (the join stage and the producers) for longer than
+    ``max_future_ms``: the task's door clock stayed where the stop saved it, so every record after the
+    pause was judged stamped too far ahead and dead-lettered until the task's next checkpoint (here all
+    of them). A task restored from a stop's checkpoint (nothing judged after it) now moves its door clock
+    to the wall clock, saved before it judges anything: a crash after that resumes the moved clock, and
+    the task judges the records again as it did (``max_past_ms`` would refuse them from a clock moved
+    again two hours later)."""
+    gap_ms = 10 * 60_000
+    before = generate(200, seed=21, malformed_rate=0)
+    records = [r for r in before.records if r.key != before.sentinel_id.encode()]
+    resumed_at = max(r.timestamp_ms for r in records) + gap_ms
+    after = _renamed(generate(200, seed=22, malformed_rate=0, start_ms=resumed_at), "b")
+    log = MemoryLog()
+    for topic in ("impressions", "clicks", "samples", "dead"):
+        log.create(topic, 1)
+    _append(log, records)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, validation={"max_future_ms": 300_000, "max_past_ms": 60_000})
+    join = _join(cfg, log, clock, tmp_path)
+    _run_join(join, log, clock)
+    join.close()  # the stop; the producers pause too, and everything is back ten minutes later
+    clock.set(resumed_at)
+    _append(log, after.records)
+    again = _join(cfg, log, clock, tmp_path)
+    if crash_after_resume:
+        for _ in range(500):  # until some are sent under the moved clock, not all
+            again.step()
+            clock.advance(10)
+            if again.samples_sent >= 40:
+                break
+        assert again.samples_sent >= 40 and not _join_done(again, log)
+        again.abort()
+        clock.advance(2 * 3_600_000)
+        again = _join(cfg, log, clock, tmp_path)
+    _run_join(again, log, clock)
+    again.close()
+    letters = [orjson.loads(r.value) for tp in log.partitions("dead") for r in log.read(tp, 0, 10**9)]
+    assert [e["detail"] for e in letters if e["reason"] == "bad_time"] == []
+    assert {k: v for k, v in _samples_by_seq(log).items() if len(v) > 1} == {}
+    on_topic = {(s.sample_id, s.is_correction): s.label for s in _samples_on_topic(log)}
+    assert on_topic == before.expected | after.expected
