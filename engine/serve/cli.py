@@ -63,7 +63,14 @@ def main(args: argparse.Namespace) -> int:
         if args.no_log:
             argv.append("--no-log")
         port = config.port if args.port is None else args.port
-        return run_workers(argv, workers, args.host or config.host, port, config.worker_metrics_port)
+        return run_workers(
+            argv,
+            workers,
+            args.host or config.host,
+            port,
+            config.worker_metrics_port,
+            shutdown_timeout_s=config.shutdown_timeout_s,
+        )
 
     from reloop.engine.serve.stack import ServingStack
 

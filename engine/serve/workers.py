@@ -58,11 +58,20 @@ def stop_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_port: int | None = None) -> int:
+def run_workers(
+    argv: list[str],
+    workers: int,
+    host: str,
+    port: int,
+    metrics_port: int | None = None,
+    *,
+    shutdown_timeout_s: float = 20.0,
+) -> int:
     """Run ``workers`` copies of ``reloop serve`` with ``argv`` (+ the worker flags) on host:port.
     The port is reserved here first (port 0 picks a free one), with SO_REUSEPORT like the workers'.
-    Worker i serves its own /metrics on ``metrics_port`` + i (default: the port + 1 + i)."""
-    from reloop.engine.serve.stack import listen_socket
+    Worker i serves its own /metrics on ``metrics_port`` + i (default: the port + 1 + i). At a stop each
+    worker gets its ``serve.shutdown_timeout_s`` (+ its close's slack and its exit) before a SIGKILL."""
+    from reloop.engine.serve.stack import CLOSE_SLACK_S, listen_socket
 
     reserve = listen_socket(host, port, reuse_port=True)  # bound, never listening: takes no connections
     port = int(reserve.getsockname()[1])
@@ -116,17 +125,23 @@ def run_workers(argv: list[str], workers: int, host: str, port: int, metrics_por
             stop.wait(0.5)
     finally:
         # Whatever ends this loop (an error included), no worker outlives the parent.
-        _stop_all(procs)
+        _stop_all(procs, shutdown_timeout_s + CLOSE_SLACK_S + _EXIT_SLACK_S)
         reserve.close()
     return status
 
 
-def _stop_all(procs: list[subprocess.Popen | None]) -> None:
-    """SIGTERM every running worker, wait up to 30 s in all, then SIGKILL what is left."""
+# A worker's exit after its stack closed (threads joined, the interpreter torn down); with the default
+# shutdown_timeout_s (20 s) a stop waits 30 s in all, as before it followed the setting.
+_EXIT_SLACK_S = 7.0
+
+
+def _stop_all(procs: list[subprocess.Popen | None], grace_s: float) -> None:
+    """SIGTERM every running worker, wait up to ``grace_s`` in all, then SIGKILL what is left (a fixed
+    30 s cut a worker given a longer ``serve.shutdown_timeout_s`` short, its impressions undelivered)."""
     for p in procs:
         if p is not None and p.poll() is None:
             p.terminate()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + grace_s
     for p in procs:
         if p is not None:
             try:

@@ -63,3 +63,50 @@ def test_a_worker_that_cannot_be_forked_is_started_again_and_stop_ends_all(monke
     assert status == 0
     assert calls == ["40000", "40001", "40001"]  # worker 1 tried again (after its 1 s pause)
     assert [p.terminated for p in made] == [True, True]
+
+
+class _SlowToStop(_Proc):
+    """A worker whose close takes ``stop_s`` after SIGTERM (its impression loggers draining)."""
+
+    def __init__(self, argv: list[str], stop_s: float) -> None:
+        super().__init__(argv)
+        self.stop_s = stop_s
+        self.killed = False
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.terminated and self.returncode is None:
+            if timeout is not None and timeout < self.stop_s:
+                raise subprocess.TimeoutExpired("reloop serve", timeout)
+            self.returncode = 0
+        return self.returncode
+
+    def kill(self) -> None:
+        self.killed = True
+        self.returncode = -signal.SIGKILL
+
+
+@pytest.mark.parametrize(("shutdown_timeout_s", "killed"), [(20.0, True), (60.0, False)])
+def test_a_stop_gives_each_worker_its_shutdown_timeout_before_a_sigkill(
+    monkeypatch, handlers, shutdown_timeout_s, killed
+):
+    # The parent SIGKILLed its workers 30 s after SIGTERM whatever serve.shutdown_timeout_s said: a
+    # worker given 60 s to deliver its impression log was cut short at 30.
+    made: list[_SlowToStop] = []
+
+    def popen(argv, preexec_fn=None):
+        proc = _SlowToStop(argv, stop_s=45.0)
+        made.append(proc)
+        signal.raise_signal(signal.SIGTERM)
+        return proc
+
+    monkeypatch.setattr(
+        workers, "subprocess", types.SimpleNamespace(Popen=popen, TimeoutExpired=subprocess.TimeoutExpired)
+    )
+    status = workers.run_workers(
+        ["--config", "x.yaml"], 1, "127.0.0.1", 0, shutdown_timeout_s=shutdown_timeout_s
+    )
+    assert status == 0
+    assert [(p.terminated, p.killed) for p in made] == [(True, killed)]
