@@ -11,7 +11,8 @@ frees the per-event objects, which hold no cycles, so collecting less often cost
 Two changes: the young-generation threshold is raised (``stages.gc_young_threshold``; None keeps
 Python's), and once a stage is built (restored state included) ``gc.freeze()`` moves everything alive
 then (modules, torch, the state) out of every later collection, after one collection so that no
-garbage of a stage being rebuilt is frozen with it.
+garbage of a stage being rebuilt is frozen with it (a rebuild unfreezes the previous stage first, or it
+would never be collected).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def set_young_threshold(threshold: int | None) -> None:
 
 
 def freeze_live_objects() -> None:
-    """Collect once, then exclude every object alive now from later collections (``gc.freeze``)."""
+    """Collect once, then exclude every object alive now from later collections (``gc.freeze``).
+
+    What an earlier call froze is unfrozen first: a collection never looks at frozen objects, so a stage
+    the supervisor threw away (its reference cycles: the stage and its checkpointer, its fetch thread)
+    stayed in memory for good, a whole stage (model, optimizer, buffers, metric windows) per rebuild."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
