@@ -15,6 +15,7 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.blocks import (
     CIN,
     MLP,
+    BatchNorm1d,
     CrossNet,
     CrossNetV2,
     FeatureEmbedding,
@@ -80,7 +81,7 @@ class NFM(CTRModel):
         super().__init__()
         self.linear = LinearPart(spec, sparse)
         self.embedding = FeatureEmbedding(spec, cfg.embedding_dim, sparse)
-        self.bn = nn.BatchNorm1d(cfg.embedding_dim) if cfg.batch_norm else nn.Identity()
+        self.bn = BatchNorm1d(cfg.embedding_dim) if cfg.batch_norm else nn.Identity()
         self.mlp = MLP(cfg.embedding_dim, cfg.hidden_units, None, cfg.dropout, cfg.batch_norm)
         self.fc = nn.Linear(self.mlp.out_dim, 1)
         init_linear_layers(self)

@@ -94,6 +94,21 @@ def fm_bi_interaction(emb: torch.Tensor) -> torch.Tensor:
     return 0.5 * (emb.sum(dim=1).square() - emb.square().sum(dim=1))
 
 
+class BatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that trains on a single row: a row has no batch statistics (torch raises
+    "Expected more than 1 value per channel"), so its running statistics stand in, as in eval mode, and
+    are left as they were. A step of one row comes with ``train.batch_size: 1``, a partial step
+    (``train.max_wait_ms``, the end of a replay) or a step whose other rows were left out; it stopped the
+    train stage at every restart. Same parameters and buffers: snapshots load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dim() > 1 and x.numel() == x.shape[1]:  # (N, C) or (N, C, L)
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """Linear -> (BatchNorm) -> ReLU -> (Dropout) per hidden layer, then an optional linear output."""
 
@@ -111,7 +126,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers.append(nn.Linear(dim, h))
             if batch_norm:
-                layers.append(nn.BatchNorm1d(h))
+                layers.append(BatchNorm1d(h))
             layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(GenDropout(dropout))
@@ -275,6 +290,7 @@ def init_linear_layers(module: nn.Module) -> None:
 __all__ = [
     "CIN",
     "MLP",
+    "BatchNorm1d",
     "CrossNet",
     "CrossNetV2",
     "FeatureEmbedding",

@@ -281,6 +281,25 @@ def test_rows_whose_gradients_are_not_sound_are_found_and_the_step_learns_the_ot
     assert _optimizer_state_finite(learner) and np.isfinite(learner.predict_proba(good)).all()
 
 
+@pytest.mark.parametrize("name", [n for n in BACKBONES if "hidden_units" in CONFIGS[n]])
+def test_batch_norm_learns_a_step_of_one_row(name, one_torch_thread):
+    """A step of one row (train.batch_size: 1, a partial step, a step whose other rows were left out)
+    has no batch statistics: it raised "Expected more than 1 value per channel" and stopped the train
+    stage at every restart. Now the running statistics stand in for the row's and stay as they were."""
+    learner, good, labels = _poisonable(name)
+    norms = {k: v.clone() for k, v in learner.model.state_dict().items() if "running" in k}
+    assert norms  # the backbone has batch norm
+    weights = {k: v.clone() for k, v in learner.model.state_dict().items() if "running" not in k}
+    one = good.take(slice(0, 1))
+    probs, _ = learner.learn_scored(one, labels[:1], np.full(1, 0.5))
+    assert np.isfinite(probs).all() and learner.skipped_samples == 0
+    state = learner.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in norms.items())
+    assert any(not torch.equal(state[k], v) for k, v in weights.items())  # the row was learnt
+    learner.learn(good, labels, np.full(64, 0.5))  # a full batch still updates the statistics
+    assert any(not torch.equal(learner.model.state_dict()[k], v) for k, v in norms.items())
+
+
 def _poisonable(name):
     """A small learner (with batch norm where the backbone has an MLP) after one good step, its batch."""
     rng = np.random.default_rng(0)
