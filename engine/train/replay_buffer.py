@@ -119,7 +119,9 @@ class ReplayBuffer:
             return out
         while self.debt >= self.batch_size:
             self.debt -= self.batch_size
-            rng = np.random.default_rng([self.seed, self.draws])
+            # model.seed may be negative (torch's range), which numpy refuses: mod 2**64 leaves every
+            # non-negative seed (and so every existing run's draws) as it was.
+            rng = np.random.default_rng([self.seed % 2**64, self.draws])
             self.draws += 1
             # Positions by age (0 = oldest held), so a restored buffer, laid out oldest first, draws the
             # same samples as the ring it was saved from.
