@@ -27,8 +27,7 @@ Rules (each has a unit test in tests/unit/join/):
   the FNW importance weights (engine/loss/delayed.py, ``train.delayed_feedback: fnw``). Needs
   ``late_click_policy: correct``.
 * Bounds: ``max_pending`` / ``max_closed`` / ``max_early_clicks`` entries and a wall-clock ``ttl_ms`` on
-  pending impressions. Whatever a bound drops is counted in ``stats``. The TTL's arrival list is compacted
-  to the pending impressions once it holds twice as many, so it is bounded by ``max_pending`` too.
+  pending impressions. Whatever a bound drops is counted in ``stats``.
 
 The joiner never looks inside an impression's payload: the caller passes the raw encoded event (about the
 smallest form that still holds everything a sample needs) and gets it back with the label.
@@ -37,11 +36,10 @@ smallest form that still holds everything a sample needs) and gets it back with 
 from __future__ import annotations
 
 from array import array
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from itertools import compress, repeat
-from operator import attrgetter, is_, itemgetter
+from itertools import groupby, islice, repeat
+from operator import attrgetter, itemgetter
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -55,9 +53,8 @@ EmitPolicy = Literal["window", "fnw"]
 
 _NEG, _POS, _CORRECTED = 0, 1, 2
 _NO_WATERMARK = -(2**62)
-# The TTL's arrival list is compacted once it holds this many more entries than twice the pending ones.
-_ARRIVALS_SLACK = 4096
 SNAPSHOT_FORMAT = 2  # 1: lists of [id, time, payload] (still read, and written for non-bytes payloads)
+_Pending = tuple[int, Any, int]  # a pending impression: (event time, payload, arrival second)
 _new = tuple.__new__  # builds a Joined without NamedTuple.__new__'s Python frame
 
 
@@ -165,16 +162,18 @@ class Joiner:
     def _reset(self) -> None:
         config, clock = self.config, self.clock
         self.stats = JoinStats()
-        self._pending: dict[str, tuple[int, Any]] = {}
+        # id -> (event time, payload, arrival second of wall clock: the TTL's). In arrival order: a dict
+        # keeps insertion order and a key added again goes to the end, so the TTL's expired impressions
+        # are its first entries (a list of arrivals beside it held every impression and its payload for
+        # ttl_ms, 6 h, however soon its window closed: 193 MB for 200,000 impressions of 800 B).
+        self._pending: dict[str, _Pending] = {}
         self._late_marked: dict[str, int] = {}
         self._closed: dict[str, tuple[int, int, Any]] = {}
         self._early: dict[str, int] = {}
         self._pending_idx = DeadlineIndex(config.bucket_ms, self._window_ms, self._pending_deadline)
         self._closed_idx = DeadlineIndex(config.bucket_ms, self._closed_ttl_ms, self._closed_deadline)
         self._early_idx = DeadlineIndex(config.bucket_ms, self._grace_ms, self._early_deadline)
-        # [wall_second, [id, entry, id, entry, ...]] in arrival order, for the TTL.
-        self._arrivals: deque[list[Any]] = deque()
-        self._sealed_arrivals = 0  # (id, entry) pairs in _arrivals but its last second's, live or not
+        self._arrival_second = -1  # one int object per second, shared by that second's pending entries
         self._max_event_ms = _NO_WATERMARK
         self._watermark = _NO_WATERMARK
         self._closed_sweep_at = _NO_WATERMARK
@@ -237,23 +236,12 @@ class Joiner:
             self._emit_negative(impression_id, event_time_ms, payload, out)
             self._observe(event_time_ms, out)
             return out
-        entry = pending[impression_id] = (event_time_ms, payload)
-        self._pending_idx.add(impression_id, event_time_ms)
-        # The TTL's arrival list holds the entry too: the TTL of an impression that a bound dropped and a
-        # redelivery brought back counts from the redelivery.
+        # The TTL counts from this arrival (a redelivery of an impression a bound dropped: from it).
         second = now // 1000
-        arrivals = self._arrivals
-        if arrivals and arrivals[-1][0] == second:
-            keys = arrivals[-1][1]
-            keys.append(impression_id)
-            keys.append(entry)
-            if not len(keys) & 0x1FFF:  # every 4,096 arrivals in one second
-                self._bound_arrivals()
-        else:
-            if arrivals:
-                self._sealed_arrivals += len(arrivals[-1][1]) >> 1
-            arrivals.append([second, [impression_id, entry]])
-            self._bound_arrivals()  # once a second
+        if second != self._arrival_second:
+            self._arrival_second = second
+        pending[impression_id] = (event_time_ms, payload, self._arrival_second)
+        self._pending_idx.add(impression_id, event_time_ms)
         if len(pending) > self._max_pending:
             self._evict_pending()
         if event_time_ms > self._max_event_ms:
@@ -270,7 +258,7 @@ class Joiner:
         out: list[Joined] = []
         entry = self._pending.get(impression_id)
         if entry is not None:
-            imp_time, payload = entry
+            imp_time, payload, _ = entry
             if event_time_ms - imp_time <= self._window_ms:
                 del self._pending[impression_id]
                 if self._late_marked:
@@ -322,7 +310,7 @@ class Joiner:
     def flush(self) -> list[Joined]:
         """Close every pending window now (end of a bounded replay)."""
         out: list[Joined] = []
-        ends = [t + self._window_ms for t, _ in self._pending.values()]
+        ends = [t + self._window_ms for t in map(_FIRST, self._pending.values())]
         if ends:
             self._set_watermark(max(ends) + 1, out)
         return out
@@ -353,7 +341,7 @@ class Joiner:
                 if entry is None or entry[0] + window != deadline:
                     continue
                 del pending[key]
-                imp_time, payload = entry
+                imp_time, payload, _ = entry
                 out.append(_new(Joined, (key, imp_time, payload, 0, False)))
                 negatives += 1
                 closed[key] = (imp_time, _NEG, payload if keep else None)
@@ -431,46 +419,21 @@ class Joiner:
             self._late_marked.pop(victim, None)
             self.stats.evicted_pending += 1
 
-    def _bound_arrivals(self) -> None:
-        """Compact the TTL's arrival list once it holds more than twice the pending impressions (plus
-        ``_ARRIVALS_SLACK``). Checked once a second of wall clock and every 4,096 arrivals within one,
-        not per impression (a count per impression cost the joiner about 5%)."""
-        arrived = self._sealed_arrivals + (len(self._arrivals[-1][1]) >> 1)
-        if arrived > 2 * len(self._pending) + _ARRIVALS_SLACK:
-            self._compact_arrivals()
-
-    def _compact_arrivals(self) -> None:
-        """Keep the arrivals of pending impressions only. The others (closed, clicked, evicted) are
-        skipped by the TTL anyway, but held each impression and its payload for ``ttl_ms`` (6 h) of
-        wall clock however soon its window closed: some 20 GB at 1,000 impressions/s of 800 B.
-        At least half of what a compaction scans goes (it runs past twice the pending ones), so its
-        cost per impression is constant: about two lookups (a plain loop: faster here than the C-level
-        map and compress passes, whose slices and second pass cost more than they save)."""
-        get = self._pending.get
-        kept: deque[list[Any]] = deque()
-        n = 0
-        for second, keys in self._arrivals:
-            # An arrival counts while its key holds that very entry (a key re-added has a new one).
-            pairs = iter(keys)
-            live = [x for key, entry in zip(pairs, pairs) if get(key) is entry for x in (key, entry)]
-            if live:
-                kept.append([second, live])
-                n += len(live) >> 1
-        self._arrivals = kept
-        self._sealed_arrivals = n - (len(kept[-1][1]) >> 1) if kept else 0
-
     def _expire_ttl(self, now_ms: int) -> None:
-        ttl_s = self.config.ttl_ms / 1000.0
+        """Drop the pending impressions that arrived more than ``ttl_ms`` of wall clock ago: the first
+        entries of ``_pending``, which is in arrival order."""
+        horizon = now_ms / 1000.0 - self.config.ttl_ms / 1000.0
         pending = self._pending
-        while self._arrivals and (now_ms / 1000.0) - self._arrivals[0][0] > ttl_s:
-            _, keys = self._arrivals.popleft()
-            # The popped second was sealed unless it was the last one left.
-            self._sealed_arrivals = self._sealed_arrivals - (len(keys) >> 1) if self._arrivals else 0
-            for key, entry in zip(keys[::2], keys[1::2], strict=True):
-                if pending.get(key) is entry:
-                    del pending[key]
-                    self._late_marked.pop(key, None)
-                    self.stats.expired_ttl += 1
+        expired: list[str] = []
+        for key, entry in pending.items():
+            if entry[2] >= horizon:
+                break
+            expired.append(key)
+        late_marked = self._late_marked
+        for key in expired:
+            del pending[key]
+            late_marked.pop(key, None)
+        self.stats.expired_ttl += len(expired)
 
     # ------------------------------------------------------------------ snapshot
     def state_dict(self, *, columns: bool = True) -> dict[str, Any]:
@@ -500,15 +463,12 @@ class Joiner:
             return {**state, "format": 1, **self._lists_state()}
         pending_ids = list(pending)
         at = dict(zip(pending_ids, range(len(pending_ids)), strict=True))
-        arrival_seconds, arrival_counts, arrival_positions = array("q"), array("q"), array("q")
-        for second, keys in self._arrivals:
-            # An arrival counts while its key still holds that very entry (identity, not equality).
-            ks = keys[::2]
-            live = list(map(at.__getitem__, compress(ks, map(is_, map(pending.get, ks), keys[1::2]))))
-            if live:
-                arrival_seconds.append(second)
-                arrival_counts.append(len(live))
-                arrival_positions.extend(live)
+        # The TTL's arrivals: pending is in arrival order, so its arrival seconds run by run.
+        seconds = np.fromiter(map(_THIRD, pending.values()), np.int64, len(pending))
+        starts = np.flatnonzero(np.r_[True, seconds[1:] != seconds[:-1]]) if len(seconds) else seconds
+        arrival_counts = np.diff(np.r_[starts, len(seconds)]).astype(np.int64)
+        arrival_seconds = seconds[starts]
+        arrival_positions = np.arange(len(seconds), dtype=np.int64)
         closed_ids = list(closed)
         closed_at = dict(zip(closed_ids, range(len(closed_ids)), strict=True))
         pending_times = np.fromiter(map(_FIRST, pending.values()), np.int64, len(pending))
@@ -530,17 +490,13 @@ class Joiner:
         return {**state, "format": SNAPSHOT_FORMAT, "blobs": blobs}
 
     def _lists_state(self) -> dict[str, Any]:
-        pending = self._pending
-        live_arrivals = [
-            [second, [k for k, e in zip(keys[::2], keys[1::2], strict=True) if pending.get(k) is e]]
-            for second, keys in self._arrivals
-        ]
+        arrivals = groupby(self._pending.items(), key=lambda item: item[1][2])
         return {
-            "pending": [[k, t, p] for k, (t, p) in self._pending.items()],
+            "pending": [[k, t, p] for k, (t, p, _) in self._pending.items()],
             "pending_order": list(self._pending_idx.live_keys()),
             "closed": [[k, t, s, p] for k, (t, s, p) in self._closed.items()],
             "closed_order": list(self._closed_idx.live_keys()),
-            "arrivals": [a for a in live_arrivals if a[1]],
+            "arrivals": [[second, [k for k, _ in run]] for second, run in arrivals],
         }
 
     def load_state_dict(self, data: dict[str, Any]) -> None:
@@ -559,20 +515,23 @@ class Joiner:
             self._load_lists(data)
         else:
             self._load_blobs(data["blobs"])
-        self._sealed_arrivals = sum(len(keys) >> 1 for _, keys in list(self._arrivals)[:-1])
         self.stats = JoinStats(**data["stats"])
 
     def _load_blobs(self, b: dict[str, bytes]) -> None:
         ids = [k.decode() for k in _unpack(b, "pending_ids")]
         times = _ints(b["pending_times"])
-        entries = zip(times, _unpack(b, "pending_payloads"), strict=True)
-        self._pending = pending = dict(zip(ids, entries, strict=True))
+        payloads = _unpack(b, "pending_payloads")
+        positions = iter(_ints(b["arrival_positions"]))
+        arrived = [
+            (i, second)
+            for second, count in zip(_ints(b["arrival_seconds"]), _ints(b["arrival_counts"]), strict=True)
+            for i in islice(positions, count)
+        ]
+        self._pending = self._in_arrival_order(
+            ids, arrived, lambda i, second: (times[i], payloads[i], second)
+        )
         for i in _ints(b["pending_order"]):
             self._pending_idx.add(ids[i], times[i])
-        positions = iter(_ints(b["arrival_positions"]))
-        for second, count in zip(_ints(b["arrival_seconds"]), _ints(b["arrival_counts"]), strict=True):
-            keys = [ids[next(positions)] for _ in range(count)]
-            self._arrivals.append([second, [x for k in keys for x in (k, pending[k])]])
         closed_ids = [k.decode() for k in _unpack(b, "closed_ids")]
         closed_times = _ints(b["closed_times"])
         rows = zip(closed_times, _ints(b["closed_states"]), _unpack(b, "closed_payloads"), strict=True)
@@ -581,17 +540,34 @@ class Joiner:
             self._closed_idx.add(closed_ids[i], closed_times[i])
 
     def _load_lists(self, data: dict[str, Any]) -> None:
-        self._pending = {k: (int(t), p) for k, t, p in data["pending"]}
+        rows = data["pending"]
+        ids = [k for k, _, _ in rows]
+        at = {k: i for i, k in enumerate(ids)}
+        arrived = [(at[k], int(second)) for second, keys in data["arrivals"] for k in keys if k in at]
+        self._pending = self._in_arrival_order(
+            ids, arrived, lambda i, second: (int(rows[i][1]), rows[i][2], second)
+        )
         self._closed = {k: (int(t), int(s), p) for k, t, s, p in data["closed"]}
         for key in data["pending_order"]:
             self._pending_idx.add(key, self._pending[key][0])
         for key in data["closed_order"]:
             self._closed_idx.add(key, self._closed[key][0])
-        pending = self._pending
-        self._arrivals = deque(
-            [int(second), [x for k in keys if k in pending for x in (k, pending[k])]]
-            for second, keys in data["arrivals"]
-        )
+
+    def _in_arrival_order(
+        self, ids: list[str], arrived: list[tuple[int, int]], entry: Callable[[int, int], _Pending]
+    ) -> dict[str, _Pending]:
+        """The pending dict from saved rows: ``arrived`` (row, arrival second) in arrival order, then any
+        row without an arrival (none is written so) as arriving now."""
+        pending: dict[str, _Pending] = {}
+        shared: dict[int, int] = {}  # one int object per second, as on_impression shares them
+        for i, second in arrived:
+            if ids[i] not in pending:
+                pending[ids[i]] = entry(i, shared.setdefault(second, second))
+        now = self.clock() // 1000
+        for i, key in enumerate(ids):
+            if key not in pending:
+                pending[key] = entry(i, now)
+        return pending
 
 
 def _pack(name: str, items: list[bytes | None]) -> dict[str, bytes]:
