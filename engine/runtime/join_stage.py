@@ -350,7 +350,9 @@ class JoinStage:
                 }
             },
         )
-        lag = task.restamp_door()
+        # Not after a fallback: the task may have judged records after the older checkpoint, under the
+        # newer one that did not load, and must judge them the same again.
+        lag = 0 if refused else task.restamp_door()
         if lag:
             # Saved before the task judges anything: a crash from here on resumes this clock.
             self._checkpoint(task, advance=False)

@@ -1756,3 +1756,37 @@ def test_a_join_task_stopped_longer_than_max_future_lets_in_what_comes_after_the
     assert {k: v for k, v in _samples_by_seq(log).items() if len(v) > 1} == {}
     on_topic = {(s.sample_id, s.is_correction): s.label for s in _samples_on_topic(log)}
     assert on_topic == before.expected | after.expected
+
+
+def test_a_task_that_falls_back_to_a_stops_checkpoint_keeps_its_door_clock(tmp_path):
+    """A stop's checkpoint lets the task move its door clock on only when it is the task's newest: one
+    restored as a fallback (the newer one did not load) may have been followed by records the task
+    judged under that newer one, and they must be judged the same again."""
+    log = _log(generate(300, seed=23, pad_to_multiple=BATCH))
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, validation={"max_future_ms": 300_000})
+    first = _join(cfg, log, clock, tmp_path)
+    for _ in range(5):
+        first.step()
+        clock.advance(10)
+    first.close()  # the stop's checkpoint
+    second = _join(cfg, log, clock, tmp_path)  # back at once: its clock lags by nothing
+    for _ in range(500):
+        second.step()
+        clock.advance(10)
+        if second.samples_sent >= 20:
+            break
+    assert second.samples_sent >= 20 and not _join_done(second, log)
+    second.checkpoint_all()
+    second.abort()
+    task = tmp_path / "join-ckpt" / "join" / "task-00000"
+    part = task / f"v{SnapshotRegistry(task).latest_version():012d}" / "state.pt"
+    part.write_bytes(part.read_bytes()[:100])
+    clock.advance(10 * 60_000)
+    stats = EngineStats()
+    third = _join(cfg, log, clock, tmp_path, stats=stats)
+    third.step()
+    (restored,) = third.tasks.values()
+    assert stats.snapshot_restore_fallbacks.get() == 1
+    assert restored.restored_final and restored.door.now_ms < clock() - 300_000
+    third.abort()
