@@ -11,17 +11,18 @@ of that numbering, created when the task starts without a checkpoint: engine/run
 state (joiner, input positions, incarnation, next seq, emitted-but-unsent samples) is plain data for a
 checkpoint.
 
-Determinism, which exactly-once downstream rests on: between two checkpoints the output is a function
-of the checkpoint and the input alone. The only wall-clock actions of a joiner (the idle watermark and
-the TTL, ``Joiner.advance``) are therefore taken only inside ``checkpoint_state(advance=True)``, and
-what they emit is stored in that checkpoint before it is sent. The door's time bounds (``max_future_ms``,
+Determinism, which exactly-once downstream rests on: between two checkpoints the output is a function of
+the checkpoint and the input alone. The only wall-clock actions of a joiner (the idle watermark and the
+TTL, ``Joiner.advance``) are therefore taken only inside ``checkpoint_state(advance=True)``, and what
+they emit is stored in that checkpoint before it is sent. The door's time bounds (``max_future_ms``,
 ``max_past_ms``) judge events against the task's ``door`` clock, not the wall clock: it is read from the
 wall clock in ``checkpoint_state`` and stored there, and in between moves with the events let in
-(engine/runtime/intake.py, ``DoorClock``). Judged against the wall clock, a task read again after a crash
-an hour later refused what it had let in (``max_past_ms``), or let in what it had refused (a record
-stamped ahead of the clock), and sent other samples under the numbers of those it had sent. Restored
-after a crash, a task emits the very samples with the very numbers it emitted before, and the train
-stage drops the ones it already trained by ``(task, seq)``.
+(engine/runtime/intake.py, ``DoorClock``); restored from the checkpoint of a stop, after which it judged
+nothing, a task may first move it to the wall clock (``restamp_door``). Judged against the wall clock, a
+task read again after a crash an hour later refused what it had let in (``max_past_ms``), or let in what
+it had refused (a record stamped ahead of the clock), and sent other samples under the numbers of those
+it had sent. Restored after a crash, a task emits the very samples with the very numbers it emitted
+before, and the train stage drops the ones it already trained by ``(task, seq)``.
 """
 
 from __future__ import annotations
