@@ -8,7 +8,9 @@ Rules (each has a unit test in tests/unit/join/):
 * A click counts for the window when ``click_time - impression_time <= window_ms`` (a click stamped
   slightly before its impression, clock skew, counts too). A click beyond the window is a *late click*.
 * Watermark = max event time seen - ``allowed_lateness_ms``. It also advances with the wall clock when no
-  input arrived for ``idle_timeout_ms``, so negatives still come out when traffic stops (ksqlDB issue 9084).
+  input arrived for ``idle_timeout_ms``, so negatives still come out when traffic stops (ksqlDB issue 9084);
+  idleness and the TTL's ages are measured on a steady clock, which a step of the wall clock does not move
+  (``_step_free``).
   The watermark never goes back.
 * A duplicate impression (same id, still known) is dropped. Several clicks on one impression make one
   positive.
@@ -177,7 +179,10 @@ class Joiner:
         self._max_event_ms = _NO_WATERMARK
         self._watermark = _NO_WATERMARK
         self._closed_sweep_at = _NO_WATERMARK
-        self._last_input_wall_ms = clock()
+        # The wall clock as it reads now, moved on by its steady clock (``_step_free``); anchored again
+        # at each restore, where the saved arrival seconds meet the wall clock of that moment.
+        self._now = _step_free(clock)
+        self._last_input_ms = self._now()
 
     # ------------------------------------------------------------------ queries
     @property
@@ -202,7 +207,7 @@ class Joiner:
     def on_impression(self, impression_id: str, event_time_ms: int, payload: Any) -> list[Joined]:
         stats = self.stats
         stats.impressions += 1
-        now = self._last_input_wall_ms = self.clock()
+        now = self._last_input_ms = self._now()
         out: list[Joined] = []
         pending = self._pending
         if impression_id in pending or impression_id in self._closed:
@@ -254,7 +259,7 @@ class Joiner:
     def on_click(self, impression_id: str, event_time_ms: int) -> list[Joined]:
         stats = self.stats
         stats.clicks += 1
-        self._last_input_wall_ms = self.clock()
+        self._last_input_ms = self._now()
         out: list[Joined] = []
         entry = self._pending.get(impression_id)
         if entry is not None:
@@ -297,8 +302,8 @@ class Joiner:
     def advance(self) -> list[Joined]:
         """Let wall-clock time act: the idle watermark and the TTL. Call it regularly, also when idle."""
         out: list[Joined] = []
-        now = self.clock()
-        idle_for = now - self._last_input_wall_ms - self.config.idle_timeout_ms
+        now = self._now()
+        idle_for = now - self._last_input_ms - self.config.idle_timeout_ms
         if idle_for > 0 and self._max_event_ms != _NO_WATERMARK:
             target = self._max_event_ms - self._lateness_ms + idle_for
             if target > self._watermark:
@@ -563,11 +568,26 @@ class Joiner:
         for i, second in arrived:
             if ids[i] not in pending:
                 pending[ids[i]] = entry(i, shared.setdefault(second, second))
-        now = self.clock() // 1000
+        now = self._now() // 1000
         for i, key in enumerate(ids):
             if key not in pending:
                 pending[key] = entry(i, now)
         return pending
+
+
+def _step_free(clock: Callable[[], int]) -> Callable[[], int]:
+    """``clock`` as it reads now, moved on from here by its ``steady`` clock when it has one (the system
+    clock: monotonic time, engine/runtime/clock.py); else ``clock`` itself (a ManualClock). Read straight
+    from the wall clock, a step forward (NTP, a VM resumed) larger than ``idle_timeout_ms`` moved the
+    watermark by the whole step at the next ``advance`` (an hour: every open window closed as a negative,
+    and the next 45 minutes' impressions labeled negative on arrival; beyond ``window_ms`` plus
+    ``retention_ms``, dropped as too late), and one larger than ``ttl_ms`` dropped every pending
+    impression; a step back held the idle watermark and the TTL back by the step."""
+    steady = getattr(clock, "steady", None)
+    if steady is None:
+        return clock
+    offset = clock() - steady()
+    return lambda: steady() + offset
 
 
 def _pack(name: str, items: list[bytes | None]) -> dict[str, bytes]:

@@ -10,6 +10,17 @@ def system_clock() -> int:
     return time.time_ns() // 1_000_000
 
 
+def monotonic_ms() -> int:
+    """Milliseconds of a clock that no step of the wall clock moves (an NTP correction, a VM resumed)."""
+    return time.monotonic_ns() // 1_000_000
+
+
+# A wall clock may carry ``steady``: a clock in its unit for the durations measured beside it, which
+# must not jump when the wall clock is stepped (the joiner's idle timer and TTL, engine/join/joiner.py).
+# A clock without one (ManualClock: tests and replay) measures its durations itself.
+system_clock.steady = monotonic_ms  # type: ignore[attr-defined]
+
+
 class ManualClock:
     """A clock that moves only when told to (tests and replay).
 

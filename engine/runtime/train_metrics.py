@@ -33,7 +33,10 @@ class TrainerMetrics:
         # Where the interval up to the next snapshot is measured from (count and event-time periods):
         # a fresh stage's first period runs from its start (measured from nothing, the period stayed
         # unknown until the second snapshot, and a stage stalled after its first tripped no alert).
-        self._measure_from: float | None = time.time()
+        # Monotonic seconds: on the wall clock a step back of 4 minutes between snapshots 5 minutes apart
+        # exported a period of 1 minute (a false ReloopSnapshotStale), an hour forward one of 65 minutes
+        # (a stall then went unalerted for over two hours).
+        self._measure_from: float | None = time.monotonic()
 
     def trained(self, result: StepResult) -> None:
         self._steps.add()
@@ -59,7 +62,8 @@ class TrainerMetrics:
         created = float(registry.manifest(version)["created_unix"])
         self._snap_version.set(version)
         self._snap_time.set(created)
-        self._measure_from = created
+        # Written by another process: its age on the wall clock now, counted on from here monotonically.
+        self._measure_from = time.monotonic() - (time.time() - created)
         if self._wall_period_s is not None:
             return
         older = [v for v in registry.versions() if v < version]
@@ -73,9 +77,9 @@ class TrainerMetrics:
             self._measure_from = None
 
     def snapshotted(self, version: int) -> None:
-        now = time.time()
+        now = time.monotonic()
         self._snap_version.set(version)
-        self._snap_time.set(now)
+        self._snap_time.set(time.time())
         self._snaps.add()
         # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
         # last observed interval instead.

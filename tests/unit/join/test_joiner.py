@@ -602,3 +602,62 @@ def test_window_edges_against_a_brute_force_join():
         out += j.flush()
         assert {x.impression_id: x.label for x in out} == expected, seed
         assert len(out) == len(expected) and all(x.payload == b"first" for x in out)
+
+
+class SteppedClock(FakeClock):
+    """A wall clock that an NTP correction can step either way, with the steady clock beside it (what
+    engine/runtime/clock.py's system_clock carries) that no step moves."""
+
+    def __init__(self, now: int = 1_000_000) -> None:
+        super().__init__(now)
+        self.steady_now = 0
+
+    def steady(self) -> int:
+        return self.steady_now
+
+    def run(self, ms: int) -> None:
+        self.now += ms
+        self.steady_now += ms
+
+
+@pytest.mark.parametrize("step_ms", [3_600_000, 7 * 3_600_000])
+def test_a_wall_clock_stepped_forward_neither_closes_open_windows_nor_expires_pending(step_ms):
+    # An hour: every open window closed as a negative and its click came as a correction; seven hours
+    # (beyond ttl_ms) dropped every pending impression unlabeled.
+    clock = SteppedClock()
+    config = JoinerConfig(
+        window_ms=900_000, allowed_lateness_ms=100, idle_timeout_ms=10_000, ttl_ms=6 * 3_600_000
+    )
+    j = Joiner(config, clock=clock)
+    for i in range(10):
+        j.on_impression(f"i{i}", 10_000 + i * 100, b"")
+    clock.run(1_000)
+    clock.now += step_ms  # stepped between the last input and the checkpoint's advance
+    assert j.advance() == []
+    assert j.pending_count == 10 and j.stats.idle_advances == 0 and j.stats.expired_ttl == 0
+    assert labels(j.on_click("i3", 20_000)) == [("i3", 1, False)]
+    assert labels(j.on_impression("new", 21_000, b"")) == []  # its window is open, not late
+    clock.run(10_001)  # then really idle: the idle watermark moves as it would have without the step
+    j.advance()
+    assert j.stats.idle_advances == 1 and j.watermark_ms == 21_000 - 100 + 1
+
+
+def test_a_wall_clock_stepped_back_does_not_hold_the_idle_watermark_back():
+    clock = SteppedClock()
+    j = Joiner(JoinerConfig(window_ms=1_000, allowed_lateness_ms=100, idle_timeout_ms=5_000), clock=clock)
+    j.on_impression("a", 10_000, b"A")
+    clock.now -= 3_600_000  # an hour back, then traffic stops
+    clock.run(5_000 + 1_101)
+    assert labels(j.advance()) == [("a", 0, False)]
+
+
+def test_the_system_clock_carries_the_steady_clock_the_joiner_measures_with(monkeypatch):
+    import time
+
+    from reloop.engine.runtime.clock import system_clock
+
+    j = Joiner(JoinerConfig(window_ms=900_000, idle_timeout_ms=10_000), clock=system_clock)
+    j.on_impression("a", 10_000, b"A")
+    wall_ns = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: wall_ns + 3_600 * 10**9)  # NTP: an hour forward
+    assert j.advance() == [] and j.stats.idle_advances == 0 and j.pending_count == 1
