@@ -15,7 +15,9 @@ Bounded: an envelope must fit the dead-letter topic (Kafka refuses records over 
 escape a value to six times its size). When the whole envelope would exceed ``max_envelope_bytes`` it
 keeps only the first ``TRUNCATED_VALUE_BYTES`` of the value, adds ``"truncated": true``, the value's full
 size (``value_bytes``) and its ``value_sha256``, so the record can still be identified and counted. A key
-over ``MAX_KEY_BYTES`` is replaced, in the envelope and as the dead letter's Kafka key, by its sha256.
+over ``MAX_KEY_BYTES`` is replaced by its sha256 as the dead letter's Kafka key, and in a truncated envelope
+only: a whole envelope keeps the key byte for byte, so a redrive sends the record with its own key (the
+impression id's bytes, which Kafka's partitioner routes to the partition of the impression's clicks).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class DeadLetterSink:
             "partition": _int(getattr(record, "partition", None)),
             "offset": _int(getattr(record, "offset", None)),
             "timestamp_ms": _int(getattr(record, "timestamp_ms", None)),
-            "key": _raw(_bounded_key(getattr(record, "key", None))),
+            "key": _raw(_key(getattr(record, "key", None))),
             "value": _raw(value),
             "reason": reason,
             "detail": detail_text[:MAX_DETAIL_CHARS] if detail_text else detail_text,
@@ -136,11 +138,13 @@ class DeadLetterSink:
         if truncate and isinstance(value, bytes | bytearray | memoryview):
             raw = bytes(value)
             out["value"] = _raw(raw[:TRUNCATED_VALUE_BYTES])
+            out["key"] = _raw(_bounded_key(getattr(record, "key", None)))
             out["truncated"] = True
             out["value_bytes"] = len(raw)
             out["value_sha256"] = hashlib.sha256(raw).hexdigest()
         elif truncate:
             out["value"] = {"encoding": "repr", "data": repr(value)[:TRUNCATED_VALUE_BYTES]}
+            out["key"] = _raw(_bounded_key(getattr(record, "key", None)))
             out["truncated"] = True
         return out
 
@@ -190,6 +194,11 @@ def _text(value: object) -> str | None:
 
 def _int(value: object) -> int | None:
     return value if type(value) is int and -(2**63) <= value < 2**64 else None
+
+
+def _key(value: object) -> bytes | None:
+    """The record's key as bytes (None when it has none, or one that is not bytes)."""
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
 
 
 def _bounded_key(value: object) -> bytes | None:

@@ -110,3 +110,13 @@ def test_a_kept_timestamp_outside_int64_is_left_to_the_producer() -> None:
         moved = DeadLetter({**letter.envelope, "timestamp_ms": stamp}, 0, 0)
         plan = resend(moved, inputs=INPUTS, keep_timestamp=True)
         assert isinstance(plan, Resend) and plan.timestamp_ms == kept, stamp
+
+
+def test_a_record_keyed_by_a_long_id_is_sent_again_with_its_own_key() -> None:
+    # The contract takes an impression id of any length, and producers key its impression and its
+    # clicks by its UTF-8 bytes: one over 1 KiB came back keyed by its sha256, so Kafka's partitioner put
+    # it on another partition than its clicks and the join never paired them.
+    long_id = "imp-😀" * 400  # 3,600 bytes of UTF-8
+    value = orjson.dumps({"impression_id": long_id, "features": {"price": "abc"}})
+    (letter,) = _letters([(_record("impressions", value, key=long_id.encode()), "bad_feature")])
+    assert resend(letter, inputs=INPUTS) == Resend("impressions", long_id.encode(), value, None)
