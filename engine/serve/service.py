@@ -48,6 +48,12 @@ class ArmRuntime:
     memory: Any = None  # reloop.engine.memory.served.ServedMemory: ReLoop2's error memory (arms[].memory)
 
 
+def _feature_path(field: str | None) -> list[str]:
+    """``["features", name]`` from a spec check's ``features.<name>``: cut at the first dot only, since a
+    field name may hold dots ("geo.country")."""
+    return (field or "features").split(".", 1)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -154,7 +160,7 @@ class ScoringService:
             if not bad_ctx:
                 break
             err = bad_ctx[0][1]
-            name = (err.field or "features").split(".")[-1]
+            name = _feature_path(err.field)[-1]
             # A context value every candidate overrides is never scored: only refuse a used one; the
             # context without it is checked again, or a bad value after it was scored (a 500).
             if name not in ctx or not all(name in f for f in features):
@@ -164,7 +170,7 @@ class ScoringService:
         bad = checker.check_rows(features)
         errors += [
             {
-                "loc": ["body", "candidates", i, *(err.field or "features").split(".")],
+                "loc": ["body", "candidates", i, *_feature_path(err.field)],
                 "msg": err.detail,
                 "type": err.reason,
             }

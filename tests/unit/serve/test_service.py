@@ -198,3 +198,32 @@ def test_logger_outage_fails_no_request():
     assert logger.accepted - logger.dropped_by_reason.get("sink_error", 0) <= 2 * 100
     assert logger.dropped >= 500 - 2 * 100
     assert orjson.dumps(responses[0].model_dump())  # responses are complete JSON-able objects
+
+
+def test_a_spec_field_with_a_dot_in_its_name_is_checked_as_one_name():
+    # A spec field may be called "geo.country". Its name was cut at the dot: a bad context value every
+    # candidate overrides got a 422 (for an absent "country") where a field without a dot gets a 200,
+    # and a bad candidate value was reported at features -> geo -> country.
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle import ModelBundle
+    from reloop.engine.serve.service import BadRequest
+
+    spec = FeatureSpec.from_dict({"fields": [{"kind": "categorical", "name": "geo.country", "buckets": 8}]})
+    holder = ModelHolder(ModelBundle(1, build_learner("lr", spec, "ce", 0.0, seed=0), Featurizer(spec)))
+    service = ScoringService(router=ArmRouter([("A", 1.0)], salt="t"), arms={"A": ArmRuntime("A", holder)})
+
+    def request(context: dict, candidate: dict) -> ScoreRequest:
+        return ScoreRequest.model_validate(
+            {"request_id": "r", "user_id": "u", "context": context,
+             "candidates": [{"item_id": "i", "features": candidate}]}
+        )  # fmt: skip
+
+    assert len(service.score(request({"geo.country": ["de", "fr"]}, {"geo.country": "de"})).ranking) == 1
+    with pytest.raises(BadRequest) as refused:
+        service.score(request({}, {"geo.country": ["de"]}))
+    assert [e["loc"] for e in refused.value.errors] == [["body", "candidates", 0, "features", "geo.country"]]
+    with pytest.raises(BadRequest) as refused:
+        service.score(request({"geo.country": ["de"]}, {}))
+    assert [e["loc"] for e in refused.value.errors] == [["body", "context", "geo.country"]]
