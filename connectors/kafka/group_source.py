@@ -24,7 +24,7 @@ from kafka.coordinator.base import MemberState
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
-from reloop.connectors.kafka.source import client_positions, fetched_ends
+from reloop.connectors.kafka.source import client_positions, fetched_ends, poll_checked
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -136,7 +136,7 @@ class KafkaGroupSource:
             self._unresolved.discard(tp)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        batches = self._consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        batches = poll_checked(self._consumer, timeout_s, max_records, self.topics)
         if self._unresolved:
             # Before the records: position() is past what this poll returned, which then sets _next.
             self._resolve_before(batches)

@@ -9,16 +9,18 @@ the committed offset is never ahead of what a restart can rebuild.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
-from kafka.errors import IllegalStateError, KafkaError
+from kafka.errors import IllegalStateError, KafkaError, UnsupportedCodecError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
+from reloop.engine.config_common import ConfigError
 from reloop.engine.streams import (
     AuthenticationFailed,
     PartitionShare,
@@ -137,7 +139,7 @@ class KafkaSource:
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if not self._next:
             raise RuntimeError("KafkaSource.poll before open")
-        batches = self._client().poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        batches = poll_checked(self._client(), timeout_s, max_records, self.topics)
         out: list[Record] = []
         for kafka_tp, messages in batches.items():
             tp = TopicPartition(kafka_tp.topic, kafka_tp.partition)
@@ -208,6 +210,27 @@ class KafkaSource:
             self._consumer.close(autocommit=False, timeout_ms=2000)
             self._consumer = None
         self._next = {}
+
+
+# kafka-python's codecs other than gzip come from optional packages (its extras, reloop's dependencies).
+_CODEC_PACKAGES = {"snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
+
+
+def poll_checked(consumer: KafkaConsumer, timeout_s: float, max_records: int, topics: list[str]) -> Any:
+    """``consumer.poll``, with a batch compressed by a codec whose package is missing raised as a
+    ConfigError (exit 2, one line naming the package): kafka-python raises the same error at every poll
+    from the same batch, which the supervisor rebuilt the stage for until it gave up, reading nothing."""
+    try:
+        return consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+    except UnsupportedCodecError as exc:
+        found = re.search(r"for (\w+) compression", str(exc))
+        codec = found.group(1) if found else "?"
+        package = _CODEC_PACKAGES.get(codec, f"the {codec} codec's package")
+        raise ConfigError(
+            f"a record batch of {', '.join(topics)} is {codec}-compressed and kafka-python cannot read it "
+            f"without {package} (a dependency of reloop: pip install {package}), or set kafka.client: "
+            f"confluent ({exc})"
+        ) from exc
 
 
 def client_positions(consumer: KafkaConsumer, parts: Positions) -> Positions:
