@@ -523,10 +523,13 @@ class OnlineMetricsBook:
         """Publish into ``stats``' ``rolling_*`` levels (the ``reloop_rolling_*`` gauges) before every scrape.
 
         Each publish replaces the levels' series with the versions kept now, so the label set stays
-        bounded by arms x max_versions. Returns the hook (pass it to ``stats.remove_hook``).
+        bounded by arms x max_versions. Returns the hook (pass it to ``stats.remove_hook``). Scrapes
+        may run at once (the exporter serves each on its own thread, and Prometheus often runs as an
+        HA pair): one publish at a time, or two at once both added the same untracked samples.
         """
         untracked = stats.rolling_untracked_samples
         published = [0]
+        lock = threading.Lock()
         levels = {
             "auc": stats.rolling_auc,
             "logloss": stats.rolling_logloss,
@@ -536,6 +539,10 @@ class OnlineMetricsBook:
         }
 
         def publish() -> None:
+            with lock:
+                _publish()
+
+        def _publish() -> None:
             values: dict[str, dict[tuple[str, str, str], float]] = {name: {} for name in levels}
             for row in self.report():
                 key = (row["arm"], str(row["model_version"]), row["slot"])
