@@ -113,23 +113,28 @@ class ServedMemory:
             self.rekey(bundle)
         y = np.asarray(labels, dtype=np.float64)
         base, keys, scored_y = _finite(*predict_and_hidden(bundle.learner, batch), y)
+        spec = _spec_json(bundle)
         with self._lock:
             if self.sketch is None or self.sketch.dim != keys.shape[1]:
                 self.sketch = ErrorSketch(keys.shape[1], self.config)
             self.sketch.write(keys, scored_y, base)
             self.written += len(scored_y)
-        # all of them: the next model may score what this one could not
-        self.ring.add(batch, y, _spec_json(bundle))
+            # all of them: the next model may score what this one could not. Under the lock: save() reads
+            # the ring under it (close() saves while this thread may still write), and a ring changed
+            # between its reads of the features and of the labels saved labels beside other samples.
+            self.ring.add(batch, y, spec)
 
     def rekey(self, bundle: Any) -> None:
         """A fresh sketch for ``bundle``'s model, filled with the ring's samples keyed by it."""
         sketch: ErrorSketch | None = None
-        if not _ring_fits(self.ring, bundle):
-            # Rows of another feature spec (a snapshot whose spec changed): ids this model cannot read;
-            # re-keying them failed with an IndexError at every poll, the memory dead for good.
-            self.ring = _Ring(self.ring.size)
-        self.ring.spec = _spec_json(bundle)
-        kept = self.ring.read()
+        fits = _ring_fits(self.ring, bundle)
+        with self._lock:  # the ring changes under the lock (save() reads it under it; see write)
+            if not fits:
+                # Rows of another feature spec (a snapshot whose spec changed): ids this model cannot read;
+                # re-keying them failed with an IndexError at every poll, the memory dead for good.
+                self.ring = _Ring(self.ring.size)
+            self.ring.spec = _spec_json(bundle)
+        kept = self.ring.read()  # outside the lock: only this (the feed's) thread changes the ring
         if kept is not None:
             batch, y = kept
             for s in range(0, len(y), self.rekey_chunk):
