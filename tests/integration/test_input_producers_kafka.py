@@ -16,10 +16,10 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from reloop.connectors.kafka.admin import admin_client, create_topics
-from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.events.sample_batch import decode_batch
 from reloop.engine.runtime.synthetic import SyntheticLog, generate
 
+from .test_deadletters_kafka import _read as _read_all
 from .test_run_kafka import _config, _now_ms, _topics
 
 pytestmark = pytest.mark.kafka
@@ -36,22 +36,6 @@ def _produce(
         producer.produce(topics[r.topic_kind + "s"], key=r.key, value=r.value, timestamp=r.timestamp_ms)
         producer.poll(0)
     assert producer.flush(30) == 0
-
-
-def _read_all(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic`` up to its end offsets."""
-    source = KafkaSource(bootstrap=bootstrap, topics=[topic])
-    try:
-        source.open()
-        ends = source.end_positions(timeout_s=30)
-        out: list = []
-        deadline = time.monotonic() + 30
-        while any(source.position()[tp] < end for tp, end in ends.items()):
-            assert time.monotonic() < deadline, f"{topic} not read to its end {ends}"
-            out += source.poll(1000, 0.5)
-        return out
-    finally:
-        source.close()
 
 
 def _join(

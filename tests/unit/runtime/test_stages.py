@@ -1711,6 +1711,16 @@ def _append(log, records) -> None:
         log.append(topic, r.value, r.key, r.timestamp_ms)
 
 
+def _join_until_sent(stage, log, clock, n: int) -> None:
+    """Step ``stage`` until it has sent ``n`` samples, not all of its input."""
+    for _ in range(500):
+        stage.step()
+        clock.advance(10)
+        if stage.samples_sent >= n:
+            break
+    assert stage.samples_sent >= n and not _join_done(stage, log)
+
+
 @pytest.mark.parametrize("crash_after_resume", [False, True])
 def test_a_join_task_stopped_longer_than_max_future_lets_in_what_comes_after_the_pause(
     tmp_path, crash_after_resume
@@ -1740,12 +1750,7 @@ def test_a_join_task_stopped_longer_than_max_future_lets_in_what_comes_after_the
     _append(log, after.records)
     again = _join(cfg, log, clock, tmp_path)
     if crash_after_resume:
-        for _ in range(500):  # until some are sent under the moved clock, not all
-            again.step()
-            clock.advance(10)
-            if again.samples_sent >= 40:
-                break
-        assert again.samples_sent >= 40 and not _join_done(again, log)
+        _join_until_sent(again, log, clock, 40)  # some sent under the moved clock, not all
         again.abort()
         clock.advance(2 * 3_600_000)
         again = _join(cfg, log, clock, tmp_path)
@@ -1771,12 +1776,7 @@ def test_a_task_that_falls_back_to_a_stops_checkpoint_keeps_its_door_clock(tmp_p
         clock.advance(10)
     first.close()  # the stop's checkpoint
     second = _join(cfg, log, clock, tmp_path)  # back at once: its clock lags by nothing
-    for _ in range(500):
-        second.step()
-        clock.advance(10)
-        if second.samples_sent >= 20:
-            break
-    assert second.samples_sent >= 20 and not _join_done(second, log)
+    _join_until_sent(second, log, clock, 20)
     second.checkpoint_all()
     second.abort()
     task = tmp_path / "join-ckpt" / "join" / "task-00000"
