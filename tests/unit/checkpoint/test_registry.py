@@ -142,6 +142,12 @@ def _write_manifest(folder, manifest: dict) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _reseal(folder, **fields) -> None:
+    """The manifest in ``folder`` with ``fields`` changed and its checksum made right again."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    _write_manifest(folder, manifest | fields)
+
+
 def test_parts_carry_their_crc32c_and_older_sha256_manifests_still_verify(tmp_path):
     reg = SnapshotRegistry(tmp_path)
     v = reg.publish(_state(1.0))
@@ -294,9 +300,7 @@ def test_a_resealed_manifest_with_an_impossible_time_is_refused_and_load_falls_b
     reg = SnapshotRegistry(tmp_path)
     reg.publish(_state(1.0))
     v2 = reg.publish(_state(2.0))
-    manifest = json.loads((reg.path(v2) / "manifest.json").read_text())
-    manifest["created_unix"] = created
-    _write_manifest(reg.path(v2), manifest)
+    _reseal(reg.path(v2), created_unix=created)
     with pytest.raises(SnapshotError, match="created_unix"):
         reg.load(v2)
     assert reg.load().version == 1
@@ -355,9 +359,7 @@ def test_a_manifest_of_an_unknown_format_is_refused_as_broken(tmp_path, found):
     reg = SnapshotRegistry(tmp_path)
     reg.publish(_state(1.0))
     v2 = reg.publish(_state(2.0))
-    manifest = json.loads((reg.path(v2) / "manifest.json").read_text())
-    manifest["format"] = found
-    _write_manifest(reg.path(v2), manifest)
+    _reseal(reg.path(v2), format=found)
     with pytest.raises(SnapshotError, match=r"unexpected format .* \(expected 1\)") as caught:
         reg.load(v2)
     assert not isinstance(caught.value, NewerFormat)

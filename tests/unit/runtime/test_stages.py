@@ -162,6 +162,15 @@ def _ledger(tmp):
     return [(sid, corr) for _, sid, _, corr in Ledger.read(tmp / "ledger.jsonl")]
 
 
+def _assert_trained_once(cfg, log, clock, tmp_path, expected) -> None:
+    """A train stage over the whole samples topic trains every expected sample, and each once."""
+    train = _train(cfg, log, clock, tmp_path)
+    _run_train(train, log, clock)
+    train.close(final=None)
+    keys = _ledger(tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(expected)
+
+
 def _weights(stage):
     return {k: v.clone() for k, v in stage.trainer.learner.model.state_dict().items()}
 
@@ -1148,11 +1157,7 @@ def test_a_join_task_whose_newest_checkpoint_is_broken_resumes_from_the_one_befo
     second.checkpoint_all()
     assert SnapshotRegistry(task).latest_version() == 4
     _run_join(second, log, clock)
-    train = _train(cfg, log, clock, tmp_path)
-    _run_train(train, log, clock)
-    train.close(final=None)
-    keys = _ledger(tmp_path)
-    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(synth.expected)
+    _assert_trained_once(cfg, log, clock, tmp_path, synth.expected)
 
 
 def test_both_stages_export_their_consumer_lag_and_the_join_its_watermark(tmp_path):

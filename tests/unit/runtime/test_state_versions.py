@@ -200,7 +200,7 @@ def test_a_join_task_checkpoint_whose_state_does_not_apply_falls_back_to_the_one
     # not restored from the checkpoint before it (a KeyError out of the stage, for ever).
     from reloop.engine.metrics.stats import EngineStats
 
-    from .test_stages import _join, _ledger, _run_join, _run_train, _train
+    from .test_stages import _assert_trained_once, _join, _run_join
 
     log, clock, cfg, reg = _join_task_checkpointed(tmp_path)
     before, newest = reg.versions()
@@ -215,12 +215,8 @@ def test_a_join_task_checkpoint_whose_state_does_not_apply_falls_back_to_the_one
     second.checkpoint_all()
     assert reg.versions()[-1] == newest + 1  # the fence follows the newest in the folder
     _run_join(second, log, clock)
-    train = _train(cfg, log, clock, tmp_path)
-    _run_train(train, log, clock)
-    train.close(final=None)
-    keys = _ledger(tmp_path)
     # what the task sent again was trained once, and nothing is missing
-    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(log.expected)
+    _assert_trained_once(cfg, log, clock, tmp_path, log.expected)
 
 
 def test_a_join_task_none_of_whose_checkpoint_states_applies_refuses_to_start(tmp_path):
