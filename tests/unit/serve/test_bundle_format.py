@@ -195,21 +195,28 @@ def test_the_file_is_standard_safetensors(tmp_path):
         assert v.data_ptr() % 64 == 0, k  # aligned as torch aligns its own tensors
 
 
+def _serving_v1(root, learner):
+    """A registry at ``root`` whose v1 (bundle, then snapshot) a reload watcher serves: (the registry,
+    the model holder, the watcher)."""
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+
+    reg = SnapshotRegistry(root)
+    publish_serving_bundle(reg, learner)
+    reg.publish({"model": learner.state_dict()})
+    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=root))
+    holder = ModelHolder()
+    watcher = ReloadWatcher(sources=[ArmSource("A", holder, latest, load, versions)])
+    assert watcher.poll_once() == 1 and holder.version == 1
+    return reg, holder, watcher
+
+
 def test_a_version_whose_bundle_was_refused_before_its_snapshot_was_written_loads_once_it_is(tmp_path):
     # The trainer writes the bundle first. One refused (torn, or read while the trainer rewrote it)
     # before the training snapshot of its version was there was refused for good: the service stayed
     # on the version before for a whole period although that snapshot loaded.
-    from reloop.engine.serve.bundle import ModelHolder
-    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
-
     learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
-    reg = SnapshotRegistry(tmp_path)
-    publish_serving_bundle(reg, learner)
-    reg.publish({"model": learner.state_dict()})
-    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=tmp_path))
-    holder = ModelHolder()
-    watcher = ReloadWatcher(sources=[ArmSource("A", holder, latest, load, versions)])
-    assert watcher.poll_once() == 1 and holder.version == 1
+    reg, holder, watcher = _serving_v1(tmp_path, learner)
     assert publish_serving_bundle(reg, learner) == 2
     path = serving_dir(tmp_path) / "v000000000002.safetensors"
     data = bytearray(path.read_bytes())

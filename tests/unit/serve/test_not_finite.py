@@ -11,14 +11,10 @@ import pytest
 import torch
 from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.features.featurizer import Featurizer
-from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.serve.bundle_format import publish_serving_bundle
-from reloop.engine.serve.config import ArmConfig
 from reloop.engine.serve.loader import NotFinite, bundle_or_snapshot_loader, load_bundle
-from reloop.engine.serve.reload import ArmSource, ReloadWatcher
-from reloop.engine.serve.stack import registry_loader_factory
 
-from .test_bundle_format import SPEC, _rows, _trained
+from .test_bundle_format import SPEC, _rows, _serving_v1, _trained
 
 
 def _poisoned(learner, value: float = math.nan):
@@ -67,13 +63,7 @@ def test_an_ftrl_snapshot_whose_weights_are_not_finite_is_refused(tmp_path):
 
 def test_the_version_before_stays_served_and_the_refusal_is_counted(tmp_path, caplog):
     good = _trained("dcn", embedding_dim=4, hidden_units=[16])
-    reg = SnapshotRegistry(tmp_path)
-    publish_serving_bundle(reg, good)
-    reg.publish({"model": good.state_dict()})
-    latest, load, versions = registry_loader_factory(ArmConfig(name="A", registry=tmp_path))
-    holder = ModelHolder()
-    watcher = ReloadWatcher(sources=[ArmSource("A", holder, latest, load, versions)])
-    assert watcher.poll_once() == 1 and holder.version == 1
+    reg, holder, watcher = _serving_v1(tmp_path, good)
 
     bad, name = _poisoned(_trained("dcn", embedding_dim=4, hidden_units=[16]))
     publish_serving_bundle(reg, bad)  # v2: its bundle, then its snapshot
