@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,9 @@ from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
 
+#: The longest a call that waits on the cluster goes without checking for a refused login.
+LOGIN_CHECK_S = 1.0
+
 
 def ensure_topic_like(
     connection: Mapping[str, Any], bootstrap: str, topic: str, like: str, *, timeout_s: float = 30.0
@@ -22,11 +26,7 @@ def ensure_topic_like(
     existing one is left as it is. Losing a creation race to another process is fine."""
     login = LoginWatch(bootstrap)
     admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap, "error_cb": login}))
-    try:
-        topics = admin.list_topics(timeout=10).topics
-    except KafkaException:
-        login.check(admin)
-        raise
+    topics = _topics(admin, login, timeout_s=10.0)
     if topic in topics:
         return
     if like not in topics:
@@ -38,6 +38,21 @@ def ensure_topic_like(
             future.result(timeout_s)
         except Exception as exc:  # noqa: BLE001 - lost a race with another creator: fine
             if "already exists" not in str(exc).lower():
+                raise
+
+
+def _topics(admin: AdminClient, login: LoginWatch, *, timeout_s: float) -> dict[str, Any]:
+    """The cluster's topics. ``list_topics`` serves no error callback while it waits, so a refused login
+    showed only when the whole timeout had passed (10 s); asked in waits of at most
+    ``LOGIN_CHECK_S``, with the callbacks served between them, a refusal is told within one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        wait = min(LOGIN_CHECK_S, max(deadline - time.monotonic(), 0.001))
+        try:
+            return admin.list_topics(timeout=wait).topics
+        except KafkaException:
+            login.check(admin)
+            if time.monotonic() >= deadline:
                 raise
 
 

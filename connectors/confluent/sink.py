@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from reloop.connectors.confluent.admin import record_limit
+from reloop.connectors.confluent.admin import LOGIN_CHECK_S, record_limit
 from reloop.connectors.confluent.login import LoginWatch
 from reloop.connectors.confluent.logs import logged
 from reloop.connectors.confluent.settings import PRODUCER_RESERVED as _RESERVED
@@ -195,8 +195,15 @@ class ConfluentSink:
     def flush(self, timeout_s: float | None = None) -> None:
         if self._producer is None:
             return
-        left = self._producer.flush(-1 if timeout_s is None else timeout_s)
-        self._login.check()  # flush served the error callbacks
+        # In waits of at most LOGIN_CHECK_S, each serving the error callbacks: a refused login is told
+        # within one instead of after the whole timeout (and a flush without one never ended).
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = LOGIN_CHECK_S if deadline is None else min(LOGIN_CHECK_S, deadline - time.monotonic())
+            left = self._producer.flush(max(wait, 0.0))
+            self._login.check()  # flush served the error callbacks
+            if not left or (deadline is not None and time.monotonic() >= deadline):
+                break
         if left:
             raise ConfluentSinkError(
                 f"{left} record(s) to {self.topic!r} still undelivered after {timeout_s} s"
