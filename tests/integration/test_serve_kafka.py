@@ -69,7 +69,7 @@ class Trainer:
         return self.registry.publish({"learner": self.learner.state_dict()}, meta={})
 
 
-def _stack(tmp_path, bootstrap: str, topic: str, **log) -> ServingStack:
+def _stack(tmp_path, bootstrap: str, topic: str, shutdown_timeout_s: float = 20.0, **log) -> ServingStack:
     """The service with impression logging on (kafka.client: confluent unless ``client=``)."""
     client = log.pop("client", "confluent")
     config = ServeConfig.model_validate(
@@ -77,6 +77,7 @@ def _stack(tmp_path, bootstrap: str, topic: str, **log) -> ServingStack:
             "arms": [{"name": "A", "registry": str(tmp_path / "reg"), "impressions_topic": topic}],
             "kafka": {"bootstrap": bootstrap, "client": client},
             "reload_interval_s": 0.05,
+            "shutdown_timeout_s": shutdown_timeout_s,
             "log": log,
         }
     )
@@ -211,7 +212,10 @@ def test_hot_reload_under_concurrent_requests_fails_nothing(kafka_broker, unique
 def test_kafka_outage_fails_no_request(tmp_path, client):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the broker is down for the whole test
     Trainer(tmp_path / "reg").publish()
-    stack = _stack(tmp_path, dead, "impressions", max_buffer=50, batch_size=10, client=client)
+    # Closing waits out shutdown_timeout_s with Kafka down (tests/unit/serve/test_stack_close.py): short.
+    stack = _stack(
+        tmp_path, dead, "impressions", shutdown_timeout_s=2.0, max_buffer=50, batch_size=10, client=client
+    )
     url = stack.serve_in_thread(port=0)
     with httpx.Client(base_url=url, timeout=10) as client:
         codes = [client.post("/score", json=_body(i)).status_code for i in range(60)]
