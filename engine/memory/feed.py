@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch
+from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.memory.served import ServedMemory
 from reloop.engine.serve.bundle import ModelHolder
@@ -96,33 +97,44 @@ class SamplesFeed:
             self.open()
         bundle = self.holder.current
         if bundle is not None and self.memory.version != bundle.version:
-            self.memory.rekey(bundle)  # before the poll: a failure here costs no record (module doc)
+            # The model's torch calls: the process's exit waits for them (this thread outlives close()'s
+            # wait; inside torch then it aborted the process: engine/exit_guard.py).
+            with native_work():
+                self.memory.rekey(bundle)  # before the poll: a failure here costs no record (module doc)
         records = self.source.poll(self.poll_max_records, self.poll_timeout_s)
-        written = 0
         if bundle is not None:
-            for record in records:
-                try:
-                    batch = decode_batch(record.value)
-                except Exception:  # noqa: BLE001 - the train stage dead-letters it; here it is skipped
-                    self.undecodable += 1
-                    continue
-                if not len(batch):
-                    continue
-                try:
-                    features, labels = self._featurize(bundle, batch)
-                    if len(labels):
-                        self.memory.write(bundle, features, labels)
-                except Exception:  # noqa: BLE001 - this message is lost to the memory, not the poll's rest
-                    self.write_failures += 1
-                    if self.write_failures & (self.write_failures - 1) == 0:  # the 1st, 2nd, 4th, ...
-                        log.exception("error memory %s: writing a samples message failed (%d so far); "
-                                      "skipped", self.name, self.write_failures)  # fmt: skip
-                    continue
-                written += len(labels)
+            with native_work():
+                written = self._write(bundle, records)
+        else:
+            written = 0
         # Samples that came before any model was loaded are skipped: there is nothing to key them with.
         self.memory.positions = positions_to_json(self.source.position())
         if self.state_path is not None and self.clock() - self._saved_at >= self.save_every_s:
             self.save()
+        return written
+
+    def _write(self, bundle: Any, records: list[Any]) -> int:
+        """Decode, featurise and write ``records`` into the memory; returns the samples written."""
+        written = 0
+        for record in records:
+            try:
+                batch = decode_batch(record.value)
+            except Exception:  # noqa: BLE001 - the train stage dead-letters it; here it is skipped
+                self.undecodable += 1
+                continue
+            if not len(batch):
+                continue
+            try:
+                features, labels = self._featurize(bundle, batch)
+                if len(labels):
+                    self.memory.write(bundle, features, labels)
+            except Exception:  # noqa: BLE001 - this message is lost to the memory, not the poll's rest
+                self.write_failures += 1
+                if self.write_failures & (self.write_failures - 1) == 0:  # the 1st, 2nd, 4th, ...
+                    log.exception("error memory %s: writing a samples message failed (%d so far); "
+                                  "skipped", self.name, self.write_failures)  # fmt: skip
+                continue
+            written += len(labels)
         return written
 
     def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray]:

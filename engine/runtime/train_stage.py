@@ -38,6 +38,7 @@ from reloop.engine.checkpoint.writer import SnapshotWriter
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_batch
 from reloop.engine.events.validation import EventError
+from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.online import OnlineMetricsBook
@@ -164,7 +165,10 @@ class _Fetcher:
                 if pending is not None:
                     st._commit_now(pending)
                 for r in st._poll_released():
-                    item = st._prepare(r)
+                    # pyarrow and torch: the process's exit waits for it (a thread that outlived close()
+                    # inside them aborted the process: engine/exit_guard.py).
+                    with native_work():
+                        item = st._prepare(r)
                     while not self._stop.is_set():
                         try:
                             self._out.put(item, timeout=0.1)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from reloop.engine.checkpoint.registry import ChecksumError, SnapshotError
+from reloop.engine.exit_guard import native_work
 from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 
@@ -118,7 +119,10 @@ class ReloadWatcher:
                 if version in src.retry and time.monotonic() < src.retry[version][0]:
                     continue  # could not be read a moment ago: an older one meanwhile
                 try:
-                    bundle = src.load(version)
+                    # A load outlives close()'s wait (a large snapshot): the process's exit waits for it,
+                    # since a daemon thread inside torch then aborts the process (engine/exit_guard.py).
+                    with native_work():
+                        bundle = src.load(version)
                 except Exception as exc:  # noqa: BLE001 - refuse the snapshot, try the next older one
                     if unreadable(exc):
                         tries = src.retry.get(version, (0.0, 0))[1] + 1
@@ -196,7 +200,8 @@ class ReloadWatcher:
             self._stop.wait(self.interval_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop polling; a load in progress is left to finish on its own (the thread is a daemon)."""
+        """Stop polling; a load in progress is left to finish on its own (the thread is a daemon; the
+        process's exit waits for it: engine/exit_guard.py)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
