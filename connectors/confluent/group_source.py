@@ -43,6 +43,11 @@ class ConfluentGroupSource:
                 raise ValueError(f"client_config[{key!r}] is not allowed: {_RESERVED[key]}")
         self.topics = list(topics)
         self.metadata_timeout_s = metadata_timeout_s
+        # librdkafka's defaults: a 45 s session, a heartbeat every 3 s (connectors/kafka/group_source.py).
+        given = dict(client_config or {})
+        self._longest_join_s = (
+            int(given.get("session.timeout.ms", 45_000)) + int(given.get("heartbeat.interval.ms", 3_000))
+        ) / 1000
         self._login = LoginWatch(bootstrap)
         self._consumer = Consumer(
             logged(
@@ -75,6 +80,11 @@ class ConfluentGroupSource:
     def joined(self) -> bool:
         """A member of the group's current generation: librdkafka has given this consumer a member id."""
         return bool(self._consumer.memberid())
+
+    def longest_join_s(self) -> float:
+        """How long a healthy (re)join of the group may take: the session timeout plus the heartbeat
+        interval (the join stage judges membership no sooner)."""
+        return self._longest_join_s
 
     def partition_count(self, topic: str) -> int:
         try:

@@ -62,6 +62,10 @@ class KafkaGroupSource:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
             )
+        # A rebalance waits up to a dead member's session timeout, and for the live members to hear of it
+        # at their next heartbeat (the broker's initial delay, 3 s by default, is shorter than a session).
+        settings = self._consumer.config
+        self._longest_join_s = (settings["session_timeout_ms"] + settings["heartbeat_interval_ms"]) / 1000
         # Whether the consumer reads fetched batches straight into Record (connectors/kafka/fetch_records.py).
         self.reads_records_directly = read_records_directly(self._consumer)
         self._listener: Any = None
@@ -88,6 +92,11 @@ class KafkaGroupSource:
         coordinator = getattr(self._consumer, "_coordinator", None)
         state = getattr(coordinator, "state", None)
         return state is None or state == MemberState.STABLE
+
+    def longest_join_s(self) -> float:
+        """How long a healthy (re)join of the group may take: the session timeout plus the heartbeat
+        interval (the join stage judges membership no sooner; engine/runtime/join_stage.py)."""
+        return self._longest_join_s
 
     def partition_count(self, topic: str) -> int:
         found = self._consumer.partitions_for_topic(topic)

@@ -172,6 +172,9 @@ class MemoryGroupSource:
     def joined(self) -> bool:
         return self._listener is not None
 
+    def longest_join_s(self) -> float:
+        return 0.0  # joined at subscribe
+
     def revoke_all(self) -> None:
         revoked, self._assigned = self._assigned, []
         self._next = {}

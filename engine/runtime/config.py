@@ -300,8 +300,9 @@ class StagesSection(_Section):
     stall_timeout_s: float = Field(
         default=60.0,
         gt=0,
-        description="a join consumer that fetches nothing this long with records waiting "
-        "is rebuilt (from the task checkpoints)",
+        description="a join consumer that fetches nothing this long after its tasks were assigned, with "
+        "records waiting, is rebuilt (from the task checkpoints); one out of its group this long, and at "
+        "least its session timeout plus heartbeat interval (a healthy join's longest wait), too",
     )
     processes: int = Field(  # not Literal[1, 2]: pydantic refuses "1" from RELOOP__STAGES__PROCESSES there
         default=2,

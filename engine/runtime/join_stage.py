@@ -102,6 +102,7 @@ class GroupSource(Protocol):
     def subscribe(self, listener: Any) -> None: ...
     def poll(self, max_records: int, timeout_s: float) -> list[Record]: ...
     def joined(self) -> bool: ...  # a member of the group's current generation (maybe with no partitions)
+    def longest_join_s(self) -> float: ...  # how long a healthy (re)join of the group may take
     def position(self) -> Positions: ...
     def end_positions(self) -> Positions: ...
     def seek(self, positions: Mapping[TopicPartition, int | None]) -> None: ...
@@ -111,9 +112,10 @@ class GroupSource(Protocol):
 
 
 class ConsumerStalled(RuntimeError):
-    """The consumer fetched nothing for ``stall_timeout_s`` while the log holds records for it, or was
-    not a member of its group for that long: the supervisor rebuilds the stage (a fresh client, each
-    task from its checkpoint)."""
+    """The consumer fetched nothing for ``stall_timeout_s`` since its tasks were assigned while the log
+    holds records for it, or was not a member of its group for that long (at least the client's
+    ``longest_join_s``): the supervisor rebuilds the stage (a fresh client, each task from its
+    checkpoint)."""
 
 
 class CopartitionError(ConfigError):
@@ -190,6 +192,12 @@ class JoinStage:
         self.checkpoint_interval_s = settings.checkpoint_every_s
         self._last_records = time.monotonic()
         self._outside_group_since: float | None = None
+        # A join waits for the group (a dead member's session to end, the others to notice the rebalance
+        # at their next heartbeat and rejoin, the broker's group.initial.rebalance.delay.ms): judged by a
+        # stall_timeout_s shorter than that, every rebuild left the group and joined it again, a new
+        # rebalance each time, and the stage never joined (kafka-python, stall_timeout_s 2 on a broker
+        # with Kafka's default 3 s initial delay; two joiners with 1 s and the default 3 s heartbeats).
+        self._membership_timeout_s = max(settings.stall_timeout_s, source.longest_join_s())
         self._last_send: dict[int, float] = {}
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
@@ -259,6 +267,10 @@ class JoinStage:
             for tp in task.inputs:
                 seek[tp] = task.positions.get(tp)
         self.source.seek(seek)
+        # The stall clock starts when the tasks are in place: the rebalance and their restore (a large
+        # join state loads for seconds) fetch nothing, and counted in, they made the first step after an
+        # assignment a stall; when they took longer than stall_timeout_s, after every rebuild again.
+        self._last_records = time.monotonic()
         self._metrics.tasks.set(len(self.tasks))
         log.info("tasks assigned", extra={"fields": {"tasks": sorted(self.tasks)}})
 
@@ -437,13 +449,14 @@ class JoinStage:
 
     def _check_membership(self, now: float) -> None:
         """kafka-python 3.0.12 was seen looking for a new group's coordinator in a busy loop for good
-        (no partitions, so no records waiting either): out of the group this long is a stall too."""
+        (no partitions, so no records waiting either): out of the group for ``stall_timeout_s``, and at
+        least as long as a healthy join may take (the client's ``longest_join_s``), is a stall too."""
         if self.source.joined():
             self._outside_group_since = None
         elif self._outside_group_since is None:
             self._outside_group_since = now
-        elif now - self._outside_group_since >= self.settings.stall_timeout_s:
-            waited = self.settings.stall_timeout_s
+        elif now - self._outside_group_since >= self._membership_timeout_s:
+            waited = self._membership_timeout_s
             raise ConsumerStalled(f"not a member of the consumer group for {waited:g} s")
 
     def _ends(self, *, ask: bool = False) -> Positions:

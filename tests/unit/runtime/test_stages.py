@@ -1001,6 +1001,47 @@ def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
     assert time.monotonic() - started >= 0.3 and not outside.tasks
 
 
+class _SlowJoin(MemoryGroupSource):
+    """A client whose join takes 0.6 s (the group waits for its other members), its tasks 0.4 s to
+    restore, and whose own settings let a healthy join take 1 s."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.joins_at = time.monotonic() + 0.6
+
+    def joined(self) -> bool:
+        return time.monotonic() >= self.joins_at
+
+    def longest_join_s(self) -> float:
+        return 1.0
+
+    def poll(self, max_records, timeout_s):
+        if not self.joined():
+            time.sleep(0.01)
+            return []
+        if not self._assigned:
+            time.sleep(0.4)  # the restore, inside the rebalance
+            super().poll(max_records, timeout_s)  # assigns; the first fetch comes with the next poll
+            return []
+        return super().poll(max_records, timeout_s)
+
+
+def test_a_join_or_restore_longer_than_the_stall_timeout_is_no_stall(tmp_path):
+    """stall_timeout_s 0.3 s: membership is judged no sooner than the client's longest healthy join, and
+    the fetch clock starts when the tasks are in place (tests/integration/test_join_rebalance_kafka.py)."""
+    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
+    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
+    stage = build_join_stage(
+        cfg, source=_SlowJoin(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
+        clock=ManualClock(START), stats=EngineStats(), checkpoint_dir=tmp_path / "a",
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not stage.samples_sent:
+        assert time.monotonic() < deadline
+        stage.step()
+    stage.close()
+
+
 class _Monotonic:
     """A stand-in for time.monotonic in the train stage: moved by hand."""
 

@@ -1,0 +1,159 @@
+"""The join stage's stall clocks against consumer-group rebalances on the real broker.
+
+A join process is rebuilt (engine/runtime/join_stage.py ``ConsumerStalled``) when it is out of its group,
+or fetches nothing while records wait, for ``stages.stall_timeout_s``. A rebalance takes its own time: a
+joiner waits for the other members to rejoin (at their next heartbeat and poll), and a task's restore from
+a large checkpoint takes seconds. Judged by a shorter stall_timeout_s, each rebuild left the group and
+joined it again (a new rebalance each time), and the stage never got to work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from reloop.connectors.kafka.admin import create_topics
+from reloop.connectors.kafka.group_source import KafkaGroupSource
+from reloop.connectors.kafka.sink import KafkaSink
+from reloop.engine.runtime.config import load_config
+from reloop.engine.runtime.join_task import JoinTask
+from reloop.engine.runtime.kafka_stages import join_stage_factory
+from reloop.engine.runtime.supervisor import RetryPolicy, Supervisor
+from reloop.engine.runtime.synthetic import generate
+
+from .test_run_kafka import _config, _now_ms
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+CLIENTS = ["kafka-python", "confluent"]
+STALL_S = 1.0  # shorter than the rebalances below; the group's session is 6 s (FAST_REJOIN)
+
+
+def _setup(kafka_broker, unique_topic, tmp_path: Path, client: str) -> tuple[Any, dict[str, str]]:
+    """Two co-partitioned input topics holding a generated log, and a run config over them."""
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    bootstrap = kafka_broker.bootstrap
+    create_topics(bootstrap, {topics["impressions"]: 2, topics["clicks"]: 2, topics["samples"]: 2})
+    create_topics(bootstrap, {topics["deadletter"]: 1})
+    sinks = {k: KafkaSink(bootstrap=bootstrap, topic=topics[k + "s"]) for k in ("impression", "click")}
+    for r in generate(1500, seed=7, start_ms=_now_ms()).records:
+        sinks[r.topic_kind].send(r.value, key=r.key, timestamp_ms=r.timestamp_ms)
+    for s in sinks.values():
+        s.close()
+    path = _config(
+        tmp_path, bootstrap, topics, "correct", kafka={"client": client}, stages={"stall_timeout_s": STALL_S}
+    )
+    return load_config(path, env={}), topics
+
+
+class _Joiner:
+    """One join process: the stage under its supervisor, on a thread of this process."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.stop = threading.Event()
+        self.supervisor = Supervisor(
+            join_stage_factory(cfg),
+            stop=self.stop,
+            policy=RetryPolicy(backoff_initial_s=0.2, backoff_max_s=0.5),
+            close=lambda stage: stage.close(checkpoint=True),
+        )
+        self.thread = threading.Thread(target=self.supervisor.run, daemon=True)
+        self.thread.start()
+
+    def tasks(self) -> list[int]:
+        stage = self.supervisor.pipeline
+        return sorted(stage.tasks) if stage is not None else []
+
+    def wait(self, until, timeout_s: float) -> float:
+        """Seconds until ``until(self)`` held (fails after ``timeout_s``)."""
+        began = time.monotonic()
+        while not until(self):
+            assert time.monotonic() - began < timeout_s, (self.tasks(), self.supervisor.restarts)
+            assert self.thread.is_alive()
+            time.sleep(0.05)
+        return time.monotonic() - began
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_joiner_waits_out_a_rebalance_longer_than_the_stall_timeout(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    """A member of the group is busy for 3 s (a long step: a checkpoint of a large join state) when a new
+    join process joins: the rebalance waits for its next poll. The newcomer, out of the group meanwhile,
+    was rebuilt after stall_timeout_s (1 s), and its rebuild (a new member, a new rebalance) waited again:
+    kafka-python never joined. It now waits as long as a healthy join may take (session + heartbeat)."""
+    cfg, topics = _setup(kafka_broker, unique_topic, tmp_path, client)
+    busy = KafkaGroupSource(
+        bootstrap=kafka_broker.bootstrap, topics=[topics["impressions"], topics["clicks"]],
+        group_id=cfg.stages.join_group_id,
+        client_config={"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1000},
+    )  # fmt: skip
+    owned: list[Any] = []
+    busy.subscribe(SimpleNamespace(on_assigned=owned.extend, on_revoked=lambda _: owned.clear()))
+    joiner = None
+    try:
+        deadline = time.monotonic() + 20
+        while not owned:
+            assert time.monotonic() < deadline
+            busy.poll(64, 0.1)
+        joiner = _Joiner(cfg)
+        time.sleep(3.0)  # the member does not poll (its heartbeats go on): the rebalance waits for it
+        assert joiner.tasks() == []  # still joining, three times stall_timeout_s on
+        done = threading.Event()
+
+        def poll_again() -> None:
+            while not done.is_set():
+                busy.poll(64, 0.1)
+
+        polling = threading.Thread(target=poll_again)
+        polling.start()
+        try:
+            joiner.wait(lambda j: bool(j.tasks()), timeout_s=15)
+        finally:
+            done.set()
+            polling.join()
+        assert joiner.supervisor.restarts == 0
+    finally:
+        busy.close()
+        if joiner is not None:
+            joiner.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_restore_longer_than_the_stall_timeout_is_no_stall(
+    kafka_broker, unique_topic, tmp_path, client, monkeypatch
+):
+    """Restoring the tasks (1.5 s each here, as a join state of some 200,000 pending impressions takes)
+    happens inside the rebalance, before the first fetch. The stall clock ran from before it, so the first
+    step after the assignment found nothing fetched for longer than stall_timeout_s with records waiting:
+    rebuilt, restored again, rebuilt, for ever (both clients). It now starts when the tasks are in place."""
+    cfg, _ = _setup(kafka_broker, unique_topic, tmp_path, client)
+    first = _Joiner(cfg)  # each task's first checkpoint, written when it is assigned
+    try:
+        first.wait(lambda j: len(j.tasks()) == 2, timeout_s=20)
+    finally:
+        first.close()
+    assert first.supervisor.restarts == 0
+
+    load = JoinTask.load_state_dict
+
+    def slow_load(task: JoinTask, state: Any) -> None:
+        time.sleep(1.5 * STALL_S)
+        load(task, state)
+
+    monkeypatch.setattr(JoinTask, "load_state_dict", slow_load)
+    joiner = _Joiner(cfg)
+    try:
+        joiner.wait(lambda j: j.supervisor.pipeline is not None and j.supervisor.pipeline.samples_sent, 15)
+        time.sleep(2 * STALL_S)  # past another stall check of a stage that now fetches
+        assert joiner.supervisor.restarts == 0
+    finally:
+        joiner.close()
