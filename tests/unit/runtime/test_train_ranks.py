@@ -7,7 +7,6 @@ and repeats no sample."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import re
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from reloop.engine.checkpoint.registry import SnapshotRegistry
 from reloop.engine.runtime.synthetic import SPEC
 from reloop.engine.train.ledger import Ledger
+
+from ..procs import rank_context
 
 PARTITIONS = 4
 PER_PARTITION = 256
@@ -122,7 +123,7 @@ def _run(work: Path, world: int, until: int, deterministic: bool = True, perturb
     if world == 1:
         _train(0, 1, None, cfg, until, str(out))
     else:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         init = f"file://{out / 'store'}"
         args = (world, init, cfg, until, str(out), perturb)
         procs = [ctx.Process(target=_train, args=(r, *args)) for r in range(world)]
@@ -284,7 +285,7 @@ def test_every_rank_refuses_a_split_it_cannot_train_before_reading(
     out = tmp_path / "out"
     out.mkdir()
     args = (2, f"file://{out / 'store'}", _config(tmp_path, deterministic), partitions, str(out))
-    procs = [mp.get_context("spawn").Process(target=_open, args=(r, *args)) for r in range(2)]
+    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -407,7 +408,7 @@ def test_a_divergence_on_any_rank_stops_every_rank_at_the_same_step(tmp_path, ca
     out.mkdir()
     until = PARTITIONS * PER_PARTITION // 2
     args = (2, f"file://{out / 'store'}", cfg, case, until, str(out))
-    procs = [mp.get_context("spawn").Process(target=_diverging, args=(r, *args)) for r in range(2)]
+    procs = [rank_context().Process(target=_diverging, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

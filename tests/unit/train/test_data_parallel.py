@@ -3,7 +3,6 @@ weights, and those are the weights one process reaches on the union of their sam
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.registry import build_learner
 from reloop.engine.runtime.synthetic import SPEC
+
+from ..procs import rank_context
 
 ROWS = 96
 STEPS = 3
@@ -79,7 +80,7 @@ def _rank(
 
 
 def _run_ranks(tmp_path: Path, bounds: list[int], mode: str, poison: str | None = None) -> list[dict]:
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     init = f"file://{tmp_path / 'store'}"
     procs = [
         ctx.Process(target=_rank, args=(r, len(bounds) - 1, init, str(tmp_path), bounds, mode, poison))
