@@ -57,6 +57,13 @@ class RankGroup:
         timeout = timedelta(seconds=timeout_s)
         if dist.is_initialized():
             return cls(rank, world_size)
+        # Before the group exists: this module's functions take ``group=group.WORLD`` as a default, read
+        # when it is imported. Imported after init (torch._dynamo imports it; building the first
+        # optimizer imports torch._dynamo) they would hold the group for ever: destroy_process_group
+        # would free nothing and gloo's threads would still run while the interpreter exits (suspected,
+        # not reproduced, in a rank's SIGABRT at exit: "terminate called without an active exception").
+        import torch.distributed.nn.functional  # noqa: F401
+
         if init_method == "env://" and "TORCHELASTIC_RUN_ID" in os.environ:
             # Under torchrun: the agent's store, with keys of this attempt only. Gloo's plain env://
             # init reads the addresses the previous attempt's ranks left in it after a restart and
