@@ -106,6 +106,23 @@ class AuthenticationFailed(RuntimeError):
         )
 
 
+class TlsRefused(AuthenticationFailed):
+    """The TLS handshake with the Kafka cluster failed on its certificates or keys: the broker's certificate
+    not signed by the CA given or not for the host name, the client's certificate refused, an SSL file that
+    cannot be read. Not an outage (the clients themselves report it as one and keep retrying): the same
+    files fail again, so it exits 2 like a refused login."""
+
+    def __init__(self, bootstrap: str, reason: str) -> None:
+        RuntimeError.__init__(
+            self,
+            f"TLS with the Kafka cluster at {bootstrap} failed ({reason}); check kafka.security_protocol, "
+            "kafka.ssl_cafile (the CA that signed the broker's certificate), the host names in "
+            "kafka.bootstrap and the advertised listeners (the certificate must name them; "
+            "kafka.client_config: ssl_check_hostname, librdkafka's ssl.endpoint.identification.algorithm) "
+            "and, for a client certificate, kafka.ssl_certfile, kafka.ssl_keyfile and kafka.ssl_key_password",
+        )
+
+
 class RecordTooLarge(ValueError):
     """A sink refused ONE record for its size (the sink itself still works): the caller dead-letters it."""
 

@@ -50,6 +50,19 @@ _MARKER = ".complete"
 _JAR_VERSION = re.compile(r"^kafka_2\.\d+-(?P<version>[\w.\-]+)\.jar$")
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """TLS for the client listener (SSL, or SASL_SSL with ``sasl_plain``), as PEM files (Kafka's
+    ssl.keystore.type=PEM): ``keystore`` holds the broker's private key (PKCS#8, unencrypted) and then its
+    certificate chain; ``cafile`` the CA certificates the broker's clients trust (and the broker trusts
+    for client certificates). ``client_auth``: require a client certificate signed by that CA (mutual TLS).
+    """
+
+    keystore: Path
+    cafile: Path
+    client_auth: bool = False
+
+
 class BrokerError(RuntimeError):
     """The broker could not be fetched, started or reached; the message says why (with the log tail)."""
 
@@ -149,7 +162,8 @@ class LocalBroker:
     Python process (``reloop kafka up``); otherwise the broker is terminated when its parent dies (Linux
     PR_SET_PDEATHSIG, which fires when the *thread* that called ``start`` exits: start a non-detached
     broker from a thread that outlives it). ``sasl_plain=(username, password)``: the client (and
-    inter-broker) listener requires SASL/PLAIN with that user instead of PLAINTEXT.
+    inter-broker) listener requires SASL/PLAIN with that user instead of PLAINTEXT. ``tls``: that listener
+    speaks TLS (SSL, or SASL_SSL with ``sasl_plain``) with the broker's key and certificate of ``tls``.
     """
 
     def __init__(
@@ -163,6 +177,7 @@ class LocalBroker:
         java: str = "java",
         detached: bool = False,
         sasl_plain: tuple[str, str] | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         if sasl_plain is not None and any(not part or re.search(r'["\\\s]', part) for part in sasl_plain):
             raise ValueError("sasl_plain: a non-empty user and password without quotes, backslashes, spaces")
@@ -174,6 +189,7 @@ class LocalBroker:
         self.java = java
         self.detached = detached
         self.sasl_plain = sasl_plain
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._info: BrokerInfo | None = None
         self._lock_depth = 0
@@ -294,17 +310,25 @@ class LocalBroker:
         return match.group("version")
 
     @property
+    def security_protocol(self) -> str:
+        """The protocol of the client listener: PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL."""
+        transport = "SSL" if self.tls is not None else "PLAINTEXT"
+        return transport if self.sasl_plain is None else f"SASL_{transport}"
+
+    @property
     def client_settings(self) -> dict[str, str]:
-        """The kafka-python connection settings a client of this broker needs (empty for PLAINTEXT)."""
-        if self.sasl_plain is None:
-            return {}
-        username, password = self.sasl_plain
-        return {
-            "security_protocol": "SASL_PLAINTEXT",
-            "sasl_mechanism": "PLAIN",
-            "sasl_plain_username": username,
-            "sasl_plain_password": password,
-        }
+        """The kafka-python connection settings a client of this broker needs (empty for PLAINTEXT); with
+        ``tls.client_auth`` the broker's own key and certificate serve as the client certificate."""
+        out: dict[str, str] = {}
+        if self.sasl_plain is not None:
+            username, password = self.sasl_plain
+            out |= {"sasl_mechanism": "PLAIN", "sasl_plain_username": username}
+            out["sasl_plain_password"] = password
+        if self.tls is not None:
+            out["ssl_cafile"] = str(self.tls.cafile)
+            if self.tls.client_auth:
+                out["ssl_certfile"] = str(self.tls.keystore)  # key and chain in one file: ssl accepts it
+        return {"security_protocol": self.security_protocol, **out} if out else {}
 
     # --------------------------------------------------------------------------------- lifecycle
     @property
@@ -511,22 +535,37 @@ class LocalBroker:
             "num.io.threads": "2",
             "log.cleaner.dedupe.buffer.size": "2097152",
         }
+        protocol = self.security_protocol
+        if protocol != "PLAINTEXT":
+            name = protocol.lower()
+            props |= {
+                "listeners": f"{protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                "advertised.listeners": f"{protocol}://127.0.0.1:{port}",
+                "inter.broker.listener.name": protocol,
+                "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{protocol}:{protocol}",
+            }
         if self.sasl_plain is not None:
             user, password = self.sasl_plain
             props |= {
-                "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
-                "inter.broker.listener.name": "SASL_PLAINTEXT",
-                "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
                 "sasl.enabled.mechanisms": "PLAIN",
                 "sasl.mechanism.inter.broker.protocol": "PLAIN",
                 # username/password: what the broker itself logs in with; user_<name>: the users it accepts.
-                "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                f"listener.name.{name}.plain.sasl.jaas.config": (
                     "org.apache.kafka.common.security.plain.PlainLoginModule required "
                     # The option name is quoted as well: unquoted, a user such as "alice@example.com"
                     # ends the JAAS token at "@" and the broker dies at startup.
                     f'username="{user}" password="{password}" "user_{user}"="{password}";'
                 ),
+            }
+        if self.tls is not None:
+            # The broker is also a client of this listener (inter-broker): it presents the same key and
+            # certificate and trusts the same CA.
+            props |= {
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(self.tls.keystore),
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": str(self.tls.cafile),
+                "ssl.client.auth": "required" if self.tls.client_auth else "none",
             }
         return "".join(f"{k}={_properties_ascii(v)}\n" for k, v in props.items())
 

@@ -12,17 +12,22 @@ client's failure into ``AuthenticationFailed`` when a refusal was noted while th
 The filter never drops a record, and it sees only what those loggers let through: the refusal is logged at
 ERROR ("Connection lost"), which ``reloop``'s own logging keeps (it sets the ``kafka`` loggers to ERROR).
 Clients of one process share the notes; a reloop process has one set of credentials.
+
+TLS failures go the same way: kafka-python logs a certificate the client cannot verify (wrong CA, another
+host name), a broker's alert refusing the client's certificate, or an SSL file it cannot load (a wrong
+ssl_password), then retries them like an outage until "Unable to bootstrap"; they become ``TlsRefused``.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
-from reloop.engine.streams import AuthenticationFailed
+from reloop.engine.streams import AuthenticationFailed, TlsRefused
 
 # kafka.net.connection logs "Connection lost: <exc>" (ERROR), kafka.net.manager "Connection failed" and
 # "Bootstrap connection to <node> failed: <exc>" (ERROR, WARNING).
@@ -35,25 +40,58 @@ class _RefusalNotes(logging.Filter):
         self._lock = threading.Lock()
         self.count = 0
         self.last = ""
+        self.kind: type[AuthenticationFailed] = AuthenticationFailed
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         for arg in args:
             if isinstance(arg, SaslAuthenticationFailedError):
-                with self._lock:
-                    self.count += 1
-                    self.last = _reason(arg)
+                self._note(AuthenticationFailed, _reason(arg))
+            elif isinstance(arg, BaseException) and (tls := _tls_failure(arg)) is not None:
+                self._note(TlsRefused, tls)
         return True
+
+    def _note(self, kind: type[AuthenticationFailed], reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.last = reason
+            self.kind = kind
 
     def since(self, count: int) -> str | None:
         """The last refusal noted after ``count`` refusals, None when there was none since."""
         with self._lock:
             return self.last if self.count > count else None
 
+    def refusal(self, bootstrap: str, count: int) -> AuthenticationFailed | None:
+        """The last refusal noted after ``count`` refusals as the error to raise, None when none since."""
+        with self._lock:
+            return self.kind(bootstrap, self.last) if self.count > count else None
+
 
 def _reason(exc: SaslAuthenticationFailedError) -> str:
     # "[Error 58] SaslAuthenticationFailedError: SaslAuthenticationFailedError: Authentication failed: ..."
     return str(exc).rpartition("SaslAuthenticationFailedError: ")[2] or type(exc).__name__
+
+
+# Lost connections, not TLS settings: a broker that closed or reset the connection mid-handshake.
+_TRANSIENT_SSL = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLSyscallError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What failed when ``exc`` is (or wraps: kafka-python's "Handshake failed" keeps it as the context,
+    a lost connection as its argument) an SSL error of the settings, None for anything else."""
+    for err in (exc, exc.__cause__, exc.__context__, *exc.args):
+        if isinstance(err, ssl.SSLError) and not isinstance(err, _TRANSIENT_SSL):
+            return str(err)
+        if isinstance(err, (FileNotFoundError, PermissionError)):  # only loading the SSL files opens files
+            return f"cannot read an SSL file: {err}"
+    return None
 
 
 NOTES = _RefusalNotes()
@@ -71,7 +109,7 @@ def login_checked(bootstrap: str) -> Iterator[None]:
     except SaslAuthenticationFailedError as exc:
         raise AuthenticationFailed(bootstrap, _reason(exc)) from exc
     except KafkaError as exc:
-        reason = NOTES.since(before)
-        if reason is None:
+        refusal = NOTES.refusal(bootstrap, before)
+        if refusal is None:
             raise
-        raise AuthenticationFailed(bootstrap, reason) from exc
+        raise refusal from exc
