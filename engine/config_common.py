@@ -136,6 +136,16 @@ class KafkaSection(_Section):
         "consumer/producer.client_config",
     )
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _ssl_file_readable(cls, value: str | None) -> str | None:
+        # Checked here: a missing file failed later as a TLS error (kafka-python, after its bootstrap
+        # timeout) or at the client's build in librdkafka's words ("ssl.ca.location failed").
+        if value is not None and not os.access(value, os.R_OK):
+            why = "does not exist" if not os.path.exists(value) else "cannot be read by this process"
+            raise ValueError(f"{value!r} {why}")
+        return value
+
     @field_validator("sasl_password", "ssl_key_password", mode="before")
     @classmethod
     def _secret_not_empty(cls, value: Any) -> Any:

@@ -260,9 +260,20 @@ def test_credential_like_keys_in_client_config_are_redacted_in_manifests():
     assert PASSWORD not in json.dumps(cfg.redacted_dump())
 
 
-def test_connection_in_the_other_clients_names():
-    k = KafkaSection(client="kafka-python", ssl_cafile="/ca.pem", client_config={"client_id": "x"})
-    assert k.connection("confluent") == {"ssl.ca.location": "/ca.pem", "client.id": "x"}
+def test_connection_in_the_other_clients_names(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-")
+    k = KafkaSection(client="kafka-python", ssl_cafile=str(ca), client_config={"client_id": "x"})
+    assert k.connection("confluent") == {"ssl.ca.location": str(ca), "client.id": "x"}
     c = KafkaSection(client="confluent", client_config={"client.id": "x"})
     with pytest.raises(ConfigError, match="kafka-python"):
         c.connection("kafka-python")
+
+
+@pytest.mark.parametrize("key", ["ssl_cafile", "ssl_certfile", "ssl_keyfile"])
+def test_an_ssl_file_that_cannot_be_read_fails_the_config_naming_its_key(tmp_path, key):
+    # It failed later: kafka-python after its bootstrap timeout (as a TLS error), librdkafka when the
+    # client was built, in its own words ("ssl.ca.location failed"), retried by the supervisor.
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match=rf"kafka\.{key}.*missing\.pem' does not exist"):
+        load_config_dict({"kafka": {"security_protocol": "SSL", key: str(missing)}}, env={})
