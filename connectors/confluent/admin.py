@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from reloop.connectors.confluent.login import LoginWatch
-from reloop.connectors.confluent.logs import logged
+from reloop.connectors.confluent.logs import built, logged
 from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def ensure_topic_like(
     """Create ``topic`` when it is missing, with as many partitions as ``like`` (replication 1); an
     existing one is left as it is. Losing a creation race to another process is fine."""
     login = LoginWatch(bootstrap)
-    admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap, "error_cb": login}))
+    admin = built(AdminClient, {**connection, "bootstrap.servers": bootstrap, "error_cb": login})
     topics = _topics(admin, login, timeout_s=10.0)
     if topic in topics:
         return

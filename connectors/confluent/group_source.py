@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.login import LoginWatch
-from reloop.connectors.confluent.logs import logged
+from reloop.connectors.confluent.logs import built
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.confluent.source import (
     advance_positions,
@@ -49,22 +49,21 @@ class ConfluentGroupSource:
             int(given.get("session.timeout.ms", 45_000)) + int(given.get("heartbeat.interval.ms", 3_000))
         ) / 1000
         self._login = LoginWatch(bootstrap)
-        self._consumer = Consumer(
-            logged(
-                {
-                    "auto.offset.reset": "earliest",
-                    "allow.auto.create.topics": False,
-                    "fetch.wait.max.ms": 100,
-                    "partition.assignment.strategy": "range",
-                    **dict(client_config or {}),
-                    "bootstrap.servers": bootstrap,
-                    "group.id": group_id,
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "on_commit": log_failed_commit,
-                    "error_cb": self._login,
-                }
-            )
+        self._consumer = built(
+            Consumer,
+            {
+                "auto.offset.reset": "earliest",
+                "allow.auto.create.topics": False,
+                "fetch.wait.max.ms": 100,
+                "partition.assignment.strategy": "range",
+                **dict(client_config or {}),
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "on_commit": log_failed_commit,
+                "error_cb": self._login,
+            },
         )
         self._listener: Any = None
         self._next: Positions = {}

@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from reloop.connectors.confluent.admin import LOGIN_CHECK_S, record_limit
 from reloop.connectors.confluent.login import LoginWatch
-from reloop.connectors.confluent.logs import logged
+from reloop.connectors.confluent.logs import built
 from reloop.connectors.confluent.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
 
@@ -107,7 +107,7 @@ class ConfluentSink:
         self._failed = 0
         self.client_errors = 0
         self._login: LoginWatch = config["error_cb"]
-        self._producer: Producer | None = Producer(logged(config))
+        self._producer: Producer | None = built(Producer, config)
 
     # ------------------------------------------------------------------ sending
     def _check_size(self, value: bytes, key: bytes | None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.login import LoginWatch
-from reloop.connectors.confluent.logs import logged
+from reloop.connectors.confluent.logs import built
 from reloop.connectors.confluent.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.engine.streams import PartitionShare, Positions, Record, TopicNotFound, TopicPartition
 
@@ -76,7 +76,7 @@ class ConfluentSource:
                 "on_commit": log_failed_commit,
                 "error_cb": self._login,
             }
-            self._consumer = Consumer(logged(config))
+            self._consumer = built(Consumer, config)
         return self._consumer
 
     def partitions(self) -> list[TopicPartition]:
