@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _config(tmp_path: Path) -> Path:
     doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    # Three arms (the A/A copy left out) and 5 s periods: versions advance several times within the run.
+    # Three arms (the A/A copy left out) and 4 s periods: versions advance several times within the run.
     doc["arms"] = [a for a in doc["arms"] if a["name"] in ("reloop", "ce", "ce_memory")]
-    doc["run"]["period"] = {"every_wall_s": 5}
+    doc["run"]["period"] = {"every_wall_s": 4}
     doc["simulate"]["rate"] = 25
     doc["simulate"]["report"] = {"treatment": "reloop", "control": "ce"}
     path = tmp_path / "demo-test.yaml"
@@ -57,7 +57,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         "--config",
         str(_config(tmp_path)),
         "--duration",
-        "40",
+        "32",
         "--bootstrap",
         kafka_broker.bootstrap,
         "--workdir",
