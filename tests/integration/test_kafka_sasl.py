@@ -143,11 +143,19 @@ def test_reloop_run_trains_over_sasl(sasl_broker: LocalBroker, unique_topic, tmp
     """`reloop run` (join + train stages on ``client``) with only the config's SASL settings: it creates
     the samples topic, joins, trains every sample and writes snapshots; the password is in none of its
     output (log, snapshots, manifests)."""
-    synth = generate(PERIOD * 2, seed=5, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = _topics(unique_topic)
     config = _run_config(tmp_path, sasl_broker, topics, kafka=_sasl(sasl_broker, client))
+    run_trains_and_keeps_the_secret(config, topics, sasl_broker.bootstrap, tmp_path, PASSWORD)
+
+
+def run_trains_and_keeps_the_secret(
+    config: dict, topics: dict, bootstrap: str, tmp_path: Path, secret: str
+) -> None:
+    """A synthetic log written to ``topics`` over ``config``'s own connection; `reloop run` with ``config``
+    trains every sample, writes snapshots, stops with 0, and ``secret`` is in none of its output (log,
+    snapshots, manifests)."""
+    synth = generate(PERIOD * 2, seed=5, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     connection = load_config(config, env={}).kafka.connection("kafka-python")
-    bootstrap = sasl_broker.bootstrap
     create_topics(bootstrap, {t: 1 for k, t in topics.items() if k != "samples"}, client_config=connection)
     sinks = {
         kind: KafkaSink(bootstrap=bootstrap, topic=topics[kind + "s"], client_config=connection)
@@ -164,7 +172,7 @@ def test_reloop_run_trains_over_sasl(sasl_broker: LocalBroker, unique_topic, tmp
     assert _stop(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
     assert reg.latest_version() is not None
     written = [tmp_path / "run.log", *(p for p in (tmp_path / "snaps").rglob("*") if p.is_file())]
-    assert not [p for p in written if PASSWORD.encode() in p.read_bytes()], "the password was written"
+    assert not [p for p in written if secret.encode() in p.read_bytes()], "the secret was written"
 
 
 def _refused(exc: AuthenticationFailed) -> None:

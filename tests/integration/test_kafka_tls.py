@@ -22,18 +22,15 @@ from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.runtime.config import RunConfig, load_config
-from reloop.engine.runtime.synthetic import generate
 from reloop.engine.streams import TlsRefused
 
+from .test_kafka_sasl import run_trains_and_keeps_the_secret
 from .test_run_kafka import (
-    PERIOD,
     _config,
     _kill_leftover_processors,  # noqa: F401 - autouse: no `reloop run` outlives a test
     _now_ms,
     _start,
-    _stop,
     _topics,
-    _wait_trained,
 )
 
 pytestmark = pytest.mark.kafka
@@ -270,29 +267,10 @@ def test_reloop_run_trains_over_mutual_tls(
     """`reloop run` (join + train stages on ``client``) with only the config's TLS settings and a client
     certificate whose key is encrypted: it trains every sample and writes snapshots; the key's password is
     in none of its output (log, snapshots, manifests)."""
-    synth = generate(PERIOD * 2, seed=5, policy="correct", pad_to_multiple=PERIOD, start_ms=_now_ms())
     topics = _topics(unique_topic)
     kafka = _tls(mtls_broker, client, pki / "ca.pem", **_client_cert(pki))
     config = _config(tmp_path, mtls_broker.bootstrap, topics, "correct", kafka=kafka)
-    connection = load_config(config, env={}).kafka.connection("kafka-python")
-    bootstrap = mtls_broker.bootstrap
-    create_topics(bootstrap, {t: 1 for k, t in topics.items() if k != "samples"}, client_config=connection)
-    sinks = {
-        kind: KafkaSink(bootstrap=bootstrap, topic=topics[kind + "s"], client_config=connection)
-        for kind in ("impression", "click")
-    }
-    for r in synth.records:
-        sinks[r.topic_kind].send(r.value, key=r.key, timestamp_ms=r.timestamp_ms)
-    for s in sinks.values():
-        s.close()
-
-    reg = SnapshotRegistry(tmp_path / "snaps")
-    proc = _start(config, tmp_path)
-    _wait_trained(proc, reg, len(synth.expected), tmp_path, timeout_s=60)
-    assert _stop(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    assert reg.latest_version() is not None
-    written = [tmp_path / "run.log", *(p for p in (tmp_path / "snaps").rglob("*") if p.is_file())]
-    assert not [p for p in written if KEY_PASSWORD.encode() in p.read_bytes()], "the key password was written"
+    run_trains_and_keeps_the_secret(config, topics, mtls_broker.bootstrap, tmp_path, KEY_PASSWORD)
 
 
 @pytest.mark.parametrize("client", ["kafka-python"])  # confluent: the same LoginWatch path as the sources
