@@ -985,15 +985,20 @@ class _NeverJoins(MemoryGroupSource):
         return []
 
 
+def _stalls_after_0_3_s(tmp_path, source_type: type[MemoryGroupSource]):
+    """A join stage with ``stall_timeout_s`` 0.3 over a ``source_type`` source of a small log."""
+    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
+    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
+    return build_join_stage(
+        cfg, source=source_type(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
+        clock=ManualClock(START), stats=EngineStats(), checkpoint_dir=tmp_path / "a",
+    )  # fmt: skip
+
+
 def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
     from reloop.engine.runtime.join_stage import ConsumerStalled
 
-    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
-    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
-    outside = build_join_stage(
-        cfg, source=_NeverJoins(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
-        clock=ManualClock(START), stats=EngineStats(), checkpoint_dir=tmp_path / "a",
-    )  # fmt: skip
+    outside = _stalls_after_0_3_s(tmp_path, _NeverJoins)
     started = time.monotonic()
     with pytest.raises(ConsumerStalled, match="not a member of the consumer group for 0.3 s"):
         while time.monotonic() < started + 10:
@@ -1029,12 +1034,7 @@ class _SlowJoin(MemoryGroupSource):
 def test_a_join_or_restore_longer_than_the_stall_timeout_is_no_stall(tmp_path):
     """stall_timeout_s 0.3 s: membership is judged no sooner than the client's longest healthy join, and
     the fetch clock starts when the tasks are in place (tests/integration/test_join_rebalance_kafka.py)."""
-    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
-    cfg = _config(tmp_path, stages={"stall_timeout_s": 0.3})
-    stage = build_join_stage(
-        cfg, source=_SlowJoin(log, ["impressions", "clicks"]), samples_sink=MemorySink(log, "samples"),
-        clock=ManualClock(START), stats=EngineStats(), checkpoint_dir=tmp_path / "a",
-    )  # fmt: skip
+    stage = _stalls_after_0_3_s(tmp_path, _SlowJoin)
     deadline = time.monotonic() + 10
     while not stage.samples_sent:
         assert time.monotonic() < deadline
