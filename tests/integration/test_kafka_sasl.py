@@ -53,12 +53,19 @@ RETRY_FAST = {"reconnect_backoff_max_ms": 300}
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A LocalBroker that takes only SASL/PLAIN clients (user USER, password PASSWORD)."""
-    broker = LocalBroker(tmp_path_factory.mktemp("kafka-sasl"), sasl_plain=(USER, PASSWORD))
+    yield from started(
+        LocalBroker(tmp_path_factory.mktemp("kafka-sasl"), sasl_plain=(USER, PASSWORD)), "SASL"
+    )
+
+
+def started(broker: LocalBroker, kind: str) -> Iterator[LocalBroker]:
+    """``broker`` started for a module's tests and stopped after them; one that does not start fails the
+    tests under CI=true and skips them elsewhere."""
     try:
         broker.start()
     except (BrokerError, OSError) as exc:
         broker.stop()
-        message = f"the local SASL Kafka broker did not start: {exc}"
+        message = f"the local {kind} Kafka broker did not start: {exc}"
         if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
             pytest.fail(message, pytrace=False)
         pytest.skip(message + " (CI=true makes this a failure)")

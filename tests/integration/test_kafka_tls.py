@@ -6,7 +6,6 @@ run config the way the engine builds it, with both client libraries."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -17,14 +16,14 @@ import pytest
 from reloop.connectors.confluent.sink import ConfluentSink
 from reloop.connectors.confluent.source import ConfluentSource
 from reloop.connectors.kafka.admin import create_topics
-from reloop.connectors.kafka.local_broker import BrokerError, BrokerTls, LocalBroker, _metadata_ok
+from reloop.connectors.kafka.local_broker import BrokerTls, LocalBroker, _metadata_ok
 from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.runtime.config import RunConfig, load_config
 from reloop.engine.streams import TlsRefused
 
-from .test_kafka_sasl import run_trains_and_keeps_the_secret
+from .test_kafka_sasl import run_trains_and_keeps_the_secret, started
 from .test_run_kafka import (
     _config,
     _kill_leftover_processors,  # noqa: F401 - autouse: no `reloop run` outlives a test
@@ -77,33 +76,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pki
 
 
-def _started(broker: LocalBroker) -> Iterator[LocalBroker]:
-    try:
-        broker.start()
-    except (BrokerError, OSError) as exc:
-        broker.stop()
-        message = f"the local TLS Kafka broker did not start: {exc}"
-        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message + " (CI=true makes this a failure)")
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 @pytest.fixture(scope="module")
 def ssl_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A LocalBroker whose only client listener is SSL (no client certificate asked)."""
     tls = BrokerTls(pki / "broker.keystore.pem", pki / "ca.pem")
-    yield from _started(LocalBroker(tmp_path_factory.mktemp("kafka-ssl"), tls=tls))
+    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-ssl"), tls=tls), "TLS")
 
 
 @pytest.fixture(scope="module")
 def mtls_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A LocalBroker whose SSL listener requires a client certificate signed by the CA."""
     tls = BrokerTls(pki / "broker.keystore.pem", pki / "ca.pem", client_auth=True)
-    yield from _started(LocalBroker(tmp_path_factory.mktemp("kafka-mtls"), tls=tls))
+    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-mtls"), tls=tls), "TLS")
 
 
 def _tls(broker: LocalBroker, client: str, cafile: Path | None, **extra) -> dict:
