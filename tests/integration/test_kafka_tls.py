@@ -23,12 +23,11 @@ from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.runtime.config import RunConfig, load_config
 from reloop.engine.streams import TlsRefused
 
-from .test_kafka_sasl import run_trains_and_keeps_the_secret, started
+from .test_kafka_sasl import run_exits_2, run_trains_and_keeps_the_secret, started
 from .test_run_kafka import (
     _config,
     _kill_leftover_processors,  # noqa: F401 - autouse: no `reloop run` outlives a test
     _now_ms,
-    _start,
     _topics,
 )
 
@@ -274,16 +273,7 @@ def test_reloop_run_with_an_untrusted_broker_exits_2(
     config = _config(tmp_path, ssl_broker.bootstrap, topics, "correct", kafka=kafka,
                      recovery={"give_up_after_s": 900.0})  # fmt: skip
     began = time.monotonic()
-    proc = _start(config, tmp_path)
-    try:
-        code = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(
-            "still running after 60 s: " + (tmp_path / "run.log").read_text()[-3000:]
-        ) from None
-    log = (tmp_path / "run.log").read_text()
-    assert code == 2, log[-3000:]
+    log = run_exits_2(config, tmp_path, within_s=60)
     print(f"`reloop run` ({client}) exited 2 after {time.monotonic() - began:.1f} s")
     assert "TLS with the Kafka cluster" in log and "kafka.ssl_cafile" in log, log[-3000:]
     assert SnapshotRegistry(tmp_path / "snaps").latest_version() is None
