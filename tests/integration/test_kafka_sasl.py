@@ -133,15 +133,8 @@ def test_records_round_trip_with_sasl(sasl_broker: LocalBroker, unique_topic, tm
 
     for name in (topic, derived):
         source = Source(bootstrap=bootstrap, topics=[name], client_config=cfg.consumer_client_config())
-        try:
-            assert len(source.partitions()) == 2, "ensure_topic_like copies the partition count"
-            source.open()
-            got: list = []
-            deadline = time.monotonic() + 20
-            while len(got) < len(sent) and time.monotonic() < deadline:
-                got += source.poll(1000, 0.2)
-        finally:
-            source.close()
+        assert len(source.partitions()) == 2, "ensure_topic_like copies the partition count"
+        got = received(source, len(sent))
         assert sorted((r.key, r.value) for r in got) == sorted(sent), name
 
 
@@ -309,3 +302,16 @@ def run_exits_2(config: dict, tmp_path: Path, within_s: float) -> str:
     log = (tmp_path / "run.log").read_text()
     assert code == 2, log[-3000:]
     return log
+
+
+def received(source, count: int) -> list:
+    """Up to ``count`` records from ``source`` (opened here and closed), within 20 s."""
+    got: list = []
+    try:
+        source.open()
+        deadline = time.monotonic() + 20
+        while len(got) < count and time.monotonic() < deadline:
+            got += source.poll(1000, 0.2)
+    finally:
+        source.close()
+    return got

@@ -23,7 +23,7 @@ from reloop.engine.checkpoint import SnapshotRegistry
 from reloop.engine.runtime.config import RunConfig, load_config
 from reloop.engine.streams import TlsRefused
 
-from .test_kafka_sasl import run_exits_2, run_trains_and_keeps_the_secret, started
+from .test_kafka_sasl import received, run_exits_2, run_trains_and_keeps_the_secret, started
 from .test_run_kafka import (
     _config,
     _kill_leftover_processors,  # noqa: F401 - autouse: no `reloop run` outlives a test
@@ -121,14 +121,7 @@ def _round_trip(cfg: RunConfig, topic: str) -> None:
         sink.send(value, key=key, timestamp_ms=_now_ms())
     sink.close()
     source = Source(bootstrap=bootstrap, topics=[topic], client_config=cfg.consumer_client_config())
-    try:
-        source.open()
-        got: list = []
-        deadline = time.monotonic() + 20
-        while len(got) < len(sent) and time.monotonic() < deadline:
-            got += source.poll(1000, 0.2)
-    finally:
-        source.close()
+    got = received(source, len(sent))
     assert sorted((r.key, r.value) for r in got) == sorted(sent)
 
 
