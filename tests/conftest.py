@@ -12,6 +12,7 @@ import io
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import pytest
 from reloop.connectors.kafka.local_broker import BrokerError, LocalBroker
@@ -24,6 +25,19 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
+def _unavailable(message: str) -> NoReturn:
+    """A real part the tests need is missing: a failure with CI=true, a skip with the reason elsewhere."""
+    if _in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message + " (CI=true makes this a failure)")
+
+
+@pytest.fixture(scope="session")
+def unavailable() -> Callable[[str], NoReturn]:
+    """``unavailable(reason)``: fail the test with CI=true, skip it elsewhere (a broker, a tool missing)."""
+    return _unavailable
+
+
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A started LocalBroker (``.bootstrap`` = "127.0.0.1:PORT"), stopped after the last test."""
@@ -32,10 +46,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
         info = broker.start()
     except (BrokerError, OSError) as exc:
         broker.stop()
-        message = f"the local Kafka broker did not start: {exc}"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message + " (CI=true makes this a failure)")
+        _unavailable(f"the local Kafka broker did not start: {exc}")
     _BROKER_LINES.append(
         f"kafka_broker: Apache Kafka {info.version} from {broker.lib_dir} at {info.bootstrap} "
         f"started in {info.start_seconds:.1f} s, RSS {broker.rss_mb()} MB"

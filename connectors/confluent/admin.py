@@ -9,14 +9,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
-from reloop.connectors.confluent.login import LoginWatch
+from reloop.connectors.confluent.login import LOGIN_CHECK_S, LoginWatch
 from reloop.connectors.confluent.logs import built, logged
 from reloop.engine.streams import MissingTopic
 
 _log = logging.getLogger(__name__)
-
-#: The longest a call that waits on the cluster goes without checking for a refused login.
-LOGIN_CHECK_S = 1.0
 
 
 def ensure_topic_like(

@@ -23,6 +23,9 @@ from reloop.engine.streams import AuthenticationFailed, TlsRefused
 # "Receive failed: ... ssl/tls alert bad certificate: SSL alert number 42" (_TRANSPORT: the broker refused
 # the client's certificate, or wanted one). Not "Disconnected" or a reset: those are outages.
 _TLS_REFUSAL = re.compile(r"certificate|alert unknown ca", re.IGNORECASE)
+#: The longest a call that waits on the cluster goes without serving the error callbacks, where a refusal
+#: shows (a topic listing, a flush).
+LOGIN_CHECK_S = 1.0
 
 
 class LoginWatch:

@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from reloop.connectors.confluent.admin import LOGIN_CHECK_S, record_limit
-from reloop.connectors.confluent.login import LoginWatch
+from reloop.connectors.confluent.admin import record_limit
+from reloop.connectors.confluent.login import LOGIN_CHECK_S, LoginWatch
 from reloop.connectors.confluent.logs import built
 from reloop.connectors.confluent.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge

@@ -57,11 +57,6 @@ class _RefusalNotes(logging.Filter):
             self.last = reason
             self.kind = kind
 
-    def since(self, count: int) -> str | None:
-        """The last refusal noted after ``count`` refusals, None when there was none since."""
-        with self._lock:
-            return self.last if self.count > count else None
-
     def refusal(self, bootstrap: str, count: int) -> AuthenticationFailed | None:
         """The last refusal noted after ``count`` refusals as the error to raise, None when none since."""
         with self._lock:

@@ -56,11 +56,11 @@ def _leaf(pki: Path, name: str, san: str, *, passphrase: str | None = None) -> N
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pki(tmp_path_factory: pytest.TempPathFactory, unavailable) -> Path:
     """ca.pem (the CA), otherca.pem (a CA that signed nothing here), broker.keystore.pem (the brokers' key
     and certificate, for 127.0.0.1 only: not for "localhost"), client.pem + client.key (encrypted)."""
     if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make the test certificates")
+        unavailable("no openssl command to make the test certificates")
     pki = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "otherca"):
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -76,17 +76,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ssl_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+def ssl_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory, unavailable) -> Iterator[LocalBroker]:
     """A LocalBroker whose only client listener is SSL (no client certificate asked)."""
     tls = BrokerTls(pki / "broker.keystore.pem", pki / "ca.pem")
-    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-ssl"), tls=tls), "TLS")
+    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-ssl"), tls=tls), "TLS", unavailable)
 
 
 @pytest.fixture(scope="module")
-def mtls_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+def mtls_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory, unavailable) -> Iterator[LocalBroker]:
     """A LocalBroker whose SSL listener requires a client certificate signed by the CA."""
     tls = BrokerTls(pki / "broker.keystore.pem", pki / "ca.pem", client_auth=True)
-    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-mtls"), tls=tls), "TLS")
+    yield from started(LocalBroker(tmp_path_factory.mktemp("kafka-mtls"), tls=tls), "TLS", unavailable)
 
 
 def _tls(broker: LocalBroker, client: str, cafile: Path | None, **extra) -> dict:
