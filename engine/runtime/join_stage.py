@@ -15,10 +15,12 @@ Delivery argument (exactly-once into training, at-least-once on the topic):
   output 0, 1, 2, ... for its whole life;
 * a checkpoint is written only after every sample numbered below its ``sent`` is durable in the samples
   topic (flush first), and samples emitted but not yet sent are stored IN the checkpoint;
-* between checkpoints a task's output is a function of its checkpoint and its input (records merged in
-  an exact order; wall-clock actions only at checkpoints, the door's time bounds against a clock read
-  only there too, see join_task.py), so a task resumed after a crash or a move emits the same samples
-  with the same numbers again;
+* between checkpoints a task's output is a function of its checkpoint, its input and its merge journal
+  (records merged in an exact order; wall-clock actions only at checkpoints, the door's time bounds
+  against a clock read only there too; the merge's releases past an input at its end offset, which
+  depend on what the broker held then, written to the checkpoint's merge journal and fsynced before a
+  sample that depends on them is sent: join_task.py, merge_journal.py), so a task resumed after a crash
+  or a move emits the same samples with the same numbers again;
 * the train stage keeps, per task, the highest seq it has taken (in its own snapshot) and drops the
   rest: a sample sent twice is trained once, and no number is skipped, so none is lost.
 
@@ -76,6 +78,7 @@ from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.jsonlog import ThrottledWarning
+from reloop.engine.runtime.merge_journal import MergeDecision, MergeJournal
 from reloop.engine.runtime.restore import (
     NewerFormat,
     NoUsableSnapshot,
@@ -183,6 +186,7 @@ class JoinStage:
             checker=checker,
         )
         self.tasks: dict[int, JoinTask] = {}
+        self._journals: dict[int, MergeJournal] = {}  # task -> the merge journal of its checkpoint
         self.final_saved: dict[str, int | None] | None = None  # the stop's checkpoints (stop watchdog)
         self.rebalances = 0
         self.snapshots_written = 0
@@ -281,6 +285,7 @@ class JoinStage:
             self._checkpoint(self.tasks[p], advance=False, final=True)
         for p in gone:
             del self.tasks[p]
+        self._close_journals(gone)
         self._metrics.tasks.set(len(self.tasks))
         if gone:  # (at a stop the tasks are saved and released before the group revokes them)
             log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
@@ -346,6 +351,9 @@ class JoinStage:
             )
         if refused:
             self._metrics.restore_fallbacks.add(n=len(refused))
+        decisions = self._open_journal(task)
+        if decisions or refused or not task.restored_final:
+            task.replay(decisions)  # and no wall-clock action until past what the previous life saw
         # A checkpoint the previous owner writes after this stops our next one. The newest version in
         # the folder, not the one restored: a newer one that did not load (logged, counted above) is
         # no other writer's, and following the restored one stopped every checkpoint of the task.
@@ -358,21 +366,44 @@ class JoinStage:
                     "checkpoint": snap.version,
                     "incarnation": task.incarnation,
                     "next_seq": task.next_seq,
+                    "merge_decisions_to_replay": len(decisions),
                     **({"refused": refused} if refused else {}),
                 }
             },
         )
         # Not after a fallback: the task may have judged records after the older checkpoint, under the
-        # newer one that did not load, and must judge them the same again.
-        lag = 0 if refused else task.restamp_door()
-        if lag:
-            # Saved before the task judges anything: a crash from here on resumes this clock.
+        # newer one that did not load, and must judge them the same again. Nor before a replay.
+        lag = 0 if refused or decisions else task.restamp_door()
+        if lag or decisions or not task.restored_final or task.partition not in self._journals:
+            # Saved before the task judges anything, with a journal of its own (the decisions to replay
+            # carried into it): a crash from here on resumes this state, and a previous owner still
+            # running (paused past its session) writes to the old journal, never to this task's.
             self._checkpoint(task, advance=False)
+        if lag:
             log.info(
                 "door clock moved to the wall clock after a stop",
                 extra={"fields": {"task": task.partition, "lag_ms": lag}},
             )
         return True
+
+    def _open_journal(self, task: JoinTask) -> list[MergeDecision]:
+        """Open the merge journal of the restored checkpoint; the decisions in it. A journal that does
+        not parse is logged and taken as empty: the task then decides afresh where it would have
+        replayed (what a task did before merge journals)."""
+        if not task.journal:  # a checkpoint from before merge journals
+            return []
+        folder = self.registry(task.partition).root
+        try:
+            journal, decisions = MergeJournal.open(folder, task.journal)
+        except ValueError as exc:
+            log.error(
+                "merge journal unreadable: the task decides afresh where it would have replayed",
+                extra={"fields": {"task": task.partition, "journal": task.journal, "error": str(exc)}},
+            )
+            self._metrics.restore_fallbacks.add()
+            return []
+        self._journals[task.partition] = journal
+        return decisions
 
     def _start_numbering(self, task: JoinTask) -> None:
         """A task without a checkpoint: a new numbering under a new incarnation, checkpointed before its
@@ -467,9 +498,10 @@ class JoinStage:
             return {}
 
     def _send(self, task: JoinTask, n: int | None) -> None:
-        first, joined = task.take(n)
-        if not joined:
+        if not task.unsent:
             return
+        self._sync_journal(task)
+        first, joined = task.take(n)
         self._send_message(task, first, joined)
         self.samples_sent += len(joined)
         self._metrics.emitted(task, first, joined)
@@ -519,7 +551,11 @@ class JoinStage:
         """Wall-clock actions, then in the checkpointer's order: everything sent so far made durable, the
         state (with what is emitted but unsent) published and that unsent output sent, the offsets
         committed. ``final``: the task judges nothing more (a stop, a revocation)."""
-        state = task.checkpoint_state(advance=advance, final=final)
+        folder = self.registry(task.partition).root
+        name = uuid.uuid4().hex
+        # Durable before the checkpoint that names it: the decisions a replay has still to take again.
+        journal = MergeJournal.create(folder, name, task.pending_replay())
+        state = task.checkpoint_state(advance=advance, final=final, journal=name)
         positions = dict(task.positions)
 
         def publish(_ledger_bytes: int) -> None:
@@ -534,10 +570,38 @@ class JoinStage:
             }
             self.registry(task.partition).publish({"state": state}, meta)
             self.snapshots_written += 1
+            self._use_journal(task, journal)
             while task.unsent:
                 self._send(task, self.settings.batch_samples)
 
-        self.checkpointer.save(publish, positions, task=task.partition)
+        try:
+            self.checkpointer.save(publish, positions, task=task.partition)
+        finally:
+            if self._journals.get(task.partition) is not journal:  # not published: no checkpoint names it
+                journal.close()
+                journal.path.unlink(missing_ok=True)
+
+    def _use_journal(self, task: JoinTask, journal: MergeJournal) -> None:
+        """The checkpoint naming ``journal`` is published: the task's decisions go there from now on
+        (those taken so far are in the checkpoint). The journals of checkpoints no longer kept go."""
+        old = self._journals.pop(task.partition, None)
+        if old is not None:
+            old.close()
+        self._journals[task.partition] = journal
+        previous, task.journal = task.journal, journal.name
+        task.decisions.clear()
+        MergeJournal.remove_others(journal.path.parent, keep=(task.journal, previous))
+
+    def _sync_journal(self, task: JoinTask) -> None:
+        """Write down the task's new merge decisions, durably, before a sample that depends on them goes."""
+        journal = self._journals.get(task.partition)
+        if journal is None:  # never for a task taken through _assign (a unit test's own task)
+            task.decisions.clear()
+            return
+        if task.decisions:
+            journal.add(task.decisions)
+            task.decisions.clear()
+        journal.sync()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, *, checkpoint: bool = True) -> dict[str, int | None] | None:
@@ -571,7 +635,14 @@ class JoinStage:
         # Leaving the group revokes every partition: the tasks are already saved (or must not be), so
         # the revocation has nothing left to checkpoint.
         self.tasks.clear()
+        self._close_journals()
         self._metrics.tasks.set(0)
+
+    def _close_journals(self, tasks: list[int] | None = None) -> None:
+        for p in list(self._journals) if tasks is None else tasks:
+            journal = self._journals.pop(p, None)
+            if journal is not None:
+                journal.close()
 
     def abort(self) -> None:
         """Release everything without saving (after a failure)."""

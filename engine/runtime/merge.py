@@ -42,7 +42,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import groupby, islice, pairwise
 from operator import itemgetter, le
 
@@ -105,10 +105,17 @@ class RecordMerger:
     def buffered(self) -> int:
         return sum(len(b) for b in self._buf.values())
 
+    def first_offset(self, tp: TopicPartition, *, default: int) -> int:
+        """The offset of the first record of ``tp`` still buffered (``default``: none is)."""
+        buf = self._buf.get(tp)
+        return buf[0].offset if buf else default
+
     def release(
         self,
         positions: Mapping[TopicPartition, int] | None = None,
         end_positions: Mapping[TopicPartition, int] | None = None,
+        *,
+        complete: Collection[TopicPartition] | None = None,
     ) -> list[Record]:
         """Records that can go out now, in merge order.
 
@@ -118,12 +125,15 @@ class RecordMerger:
         that takes (an empty mapping: ends unknown right now, e.g. the broker is down, so every such
         partition blocks).
         None: the source cannot tell, and the ``idle_ms`` rule decides.
+        ``complete``: instead of the above, the partitions judged complete for this call (``complete()``
+        of an earlier call, replayed): the release is then a function of the buffer and this set alone.
         """
-        now = self.clock()
+        if complete is None:
+            complete = self.complete(positions, end_positions)
         lookahead = self.lookahead
         busy = sum(1 for buf in self._buf.values() if buf)  # partitions with records buffered
         for tp, buf in self._buf.items():
-            if self._short(len(buf), busy) and self._blocks(tp, now, positions, end_positions):
+            if self._short(len(buf), busy) and tp not in complete:
                 return []
         heap = self._heap()
         out: list[Record] = []
@@ -140,11 +150,7 @@ class RecordMerger:
             out.append(record)
             n = len(buf)
             busy -= not n
-            if (
-                n < lookahead
-                and self._short(n, busy)
-                and self._blocks(TopicPartition(topic, partition), now, positions, end_positions)
-            ):
+            if n < lookahead and self._short(n, busy) and (topic, partition) not in complete:
                 break  # what this partition holds next may be older than the other heads, or lower its key
             if n:
                 head = buf[0]
@@ -196,18 +202,19 @@ class RecordMerger:
         lookahead = self.lookahead
         return any(len(buf) < lookahead for buf in self._buf.values())
 
-    def _blocks(
+    def complete(
         self,
-        tp: TopicPartition,
-        now: int,
-        positions: Mapping[TopicPartition, int] | None,
-        end_positions: Mapping[TopicPartition, int] | None,
-    ) -> bool:
-        """Whether a partition ``tp`` with fewer than ``lookahead`` records buffered may still deliver
-        something older than the other heads (or than its own)."""
+        positions: Mapping[TopicPartition, int] | None = None,
+        end_positions: Mapping[TopicPartition, int] | None = None,
+    ) -> frozenset[TopicPartition]:
+        """The partitions that can deliver nothing more right now (``release``'s arguments): at their end
+        offset, or idle for ``idle_ms`` when ends are unknown (None). A partition with fewer than
+        ``lookahead`` records buffered blocks the others unless it is complete. The one input of a
+        release that depends on more than the partitions' contents: the broker's state, the wall clock."""
         if end_positions is not None:
-            return not _at_end(tp, positions, end_positions)
-        return now - self._last_seen[tp] < self.idle_ms
+            return frozenset(tp for tp in self._buf if _at_end(tp, positions, end_positions))
+        now = self.clock()
+        return frozenset(tp for tp in self._buf if now - self._last_seen[tp] >= self.idle_ms)
 
     def drain(self) -> list[Record]:
         """Everything buffered, in merge order, ignoring idleness (end of a bounded replay): each

@@ -5,10 +5,13 @@ impressions producer: any live pair of topics is written independently); its mer
 once the impressions partition was at its end. Its successor, resumed from the task's checkpoint, finds
 both topics complete and merges them in timestamp order: the same (incarnation, seq) then named other
 samples, the train stage dropped as copies samples it had never trained (lost, with seq_gaps 0 and
-samples_missing 0) and trained others twice. Found by a chaos soak (broker crashes mid-stream)."""
+samples_missing 0) and trained others twice (43 seqs here). Found by a chaos soak (broker crashes
+mid-stream). Now the first life writes those releases to its merge journal and the second takes them
+again (engine/runtime/merge_journal.py)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections import Counter
@@ -47,12 +50,6 @@ def _stable(measure, quiet_s: float, timeout_s: float) -> int:
     return last or 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the merge's catch-up releases (a partition at its end offset, or idle) depend on what the "
-    "broker held then, and a task resumed after a crash merges its input again in another order "
-    "(docs/data-plane.md, 'Exactly once into training')",
-)
 def test_a_replayed_join_task_sends_the_same_samples_under_the_same_seqs(
     kafka_broker, unique_topic, tmp_path
 ):
@@ -80,6 +77,8 @@ def test_a_replayed_join_task_sends_the_same_samples_under_the_same_seqs(
     ledger = tmp_path / "ledger.jsonl"
     _stable(lambda: len(ledger.read_text().splitlines()) if ledger.exists() else 0, 3.0, 30)
     assert _stop(join) == 0 and _stop(train) == 0
+    replayed = re.findall(r'"merge_decisions_to_replay": ?(\d+)', (tmp_path / "join.log").read_text())
+    assert replayed and int(replayed[0]) > 0, "the second life had no decisions of the first to take again"
 
     src = KafkaSource(bootstrap=bs, topics=[topics["samples"]])
     src.open()
