@@ -98,6 +98,10 @@ SERIES: tuple[Series, ...] = (
     Series("merge_stamped_ahead", "reloop_merge_stamped_ahead_total", "counter",
            "Input records stamped over 1 s ahead of a record after them in their partition (a producer's "
            "clock), merged with their successors. Many, or runs: consider LogAppendTime for the topic."),
+    Series("join_replays_abandoned", "reloop_join_replays_abandoned_total", "counter",
+           "Join tasks that gave up taking their merge journal's decisions again after a crash: an input "
+           "sat at its end short of a decision's position (the broker lost records). Samples sent before "
+           "the crash may then be named again by other samples: lost or trained twice."),
     Series("joiner_too_late", "reloop_joiner_too_late_total", "counter",
            "Events dropped because their window was already closed and forgotten (retention passed), by "
            "kind (impression or click). A jump means the watermark moved far ahead of the data.", ("kind",)),

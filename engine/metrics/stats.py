@@ -253,6 +253,7 @@ class EngineStats:
     joiner_dropped_by_bound: Tally = field(default_factory=Tally)
     joiner_watermark_s: Level = field(default_factory=Level)
     merge_stamped_ahead: Tally = field(default_factory=Tally)
+    join_replays_abandoned: Tally = field(default_factory=Tally)
 
     train_steps: Tally = field(default_factory=Tally)
     train_samples: Tally = field(default_factory=Tally)

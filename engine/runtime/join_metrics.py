@@ -24,6 +24,7 @@ class JoinerMetrics:
         self._late = stats.joiner_late_clicks
         self._orphans = stats.joiner_orphan_clicks
         self._stamped_ahead = stats.merge_stamped_ahead
+        self._replays_abandoned = stats.join_replays_abandoned
         self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
         self._dupes = stats.joiner_duplicates
         self._bound = stats.joiner_dropped_by_bound
@@ -64,6 +65,8 @@ class JoinerMetrics:
         self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
         if "stamped_ahead" in now:  # the merge's count (not in snapshots: it restarts at 0 with its merger)
             self._stamped_ahead.add(n=max(0, delta("stamped_ahead")))
+        if "replays_abandoned" in now:  # a join task's count (not in its checkpoints either)
+            self._replays_abandoned.add(n=max(0, delta("replays_abandoned")))
         return too_late
 
     def dead_letters(self, counts: dict[str, int]) -> None:

@@ -675,7 +675,8 @@ class _Exported:
 
 
 _EXPORTED: weakref.WeakKeyDictionary[EngineStats, _Exported] = weakref.WeakKeyDictionary()
-_PER_MERGER = frozenset({"stamped_ahead"})  # counts that restart with each merger (not checkpointed)
+# counts that restart with each merger or task object (not checkpointed)
+_PER_MERGER = frozenset({"stamped_ahead", "replays_abandoned"})
 
 
 class _JoinMetrics(JoinerMetrics):
@@ -720,7 +721,11 @@ class _JoinMetrics(JoinerMetrics):
 
     @staticmethod
     def _counts(task: JoinTask) -> dict[str, int]:
-        return {**task.joiner.stats.as_dict(), "stamped_ahead": task.merger.stamped_ahead}
+        return {
+            **task.joiner.stats.as_dict(),
+            "stamped_ahead": task.merger.stamped_ahead,
+            "replays_abandoned": task.replay_abandoned,
+        }
 
     def taken(self, partition: int, task: JoinTask) -> None:
         """A task just taken over, as restored: the counts up to its checkpoint were exported by its

@@ -265,3 +265,28 @@ def test_a_task_restored_after_a_crash_takes_no_wall_clock_action_before_it_pass
     assert not second.catching_up  # past the ends seen at its restore: its own wall-clock actions again
     differ = {q: (v, second_sent.get(q)) for q, v in first_sent.items() if second_sent.get(q) != v}
     assert not differ, f"{len(differ)} seqs name other samples, e.g. {list(differ.items())[:3]}"
+
+
+def test_a_stage_whose_task_gives_up_its_replay_logs_and_counts_it_and_goes_on(tmp_path, caplog):
+    from reloop.engine.metrics.stats import EngineStats
+
+    synth, log, rest = _split_log()
+    _append(log, rest)
+    clock = ManualClock(START)
+    cfg = _config(tmp_path, stages={"join_checkpoint_every_s": 600.0})
+    first = _join(cfg, log, clock, tmp_path)
+    first.step()
+    name = first.tasks[0].journal
+    first.abort()
+    path = MergeJournal.path_of(tmp_path / "join-ckpt" / "join" / "task-00000", name)
+    path.write_bytes(MergeDecision((10**6, 10**6), (True, True)).line())  # offsets the log never reached
+    stats = EngineStats()
+    second = _join(cfg, log, clock, tmp_path, stats=stats)
+    for _ in range(60):  # fetches the whole input, withheld: the decision waits for records that never come
+        second.step()
+    assert second.tasks[0].replaying and stats.join_replays_abandoned.get() == 0
+    clock.advance(join_task_module.REPLAY_LOST_MS)
+    _run_join(second, log, clock)
+    assert stats.join_replays_abandoned.get() == 1  # reloop_join_replays_abandoned_total
+    assert "merge journal replay given up" in caplog.text
+    second.close()
