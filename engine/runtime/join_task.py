@@ -286,7 +286,8 @@ class JoinTask:
         door clock takes the wall clock's time (never going back), saved with the rest. Neither while the
         task is ``catching_up``: the previous life took neither there, and its samples after it are to be
         emitted again as they were. ``final``: the task judges nothing after this save (a stop, a
-        revocation), which lets the next owner move the door clock on (``restamp_door``). ``journal``:
+        revocation), which lets the next owner move the door clock on (``restamp_door``); not kept while
+        catching up. ``journal``:
         the name of the merge journal that goes with this checkpoint (the stage writes it)."""
         if not self.catching_up:
             if advance:
@@ -304,7 +305,9 @@ class JoinTask:
             ],
             "records_processed": self.records_processed,
             "door_ms": self.door.now_ms,
-            "final": final,
+            # Not while catching up: the previous life sent samples past this point, which a next owner
+            # must emit again as they were (no door move, no wall-clock action first).
+            "final": final and not self.catching_up,
             "journal": journal,
         }
 

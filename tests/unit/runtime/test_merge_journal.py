@@ -261,6 +261,8 @@ def test_a_task_restored_after_a_crash_takes_no_wall_clock_action_before_it_pass
     clock.advance(20_000)  # idle for 20 s by the wall clock: an idle watermark would close windows
     assert second.catching_up
     second.checkpoint_state(advance=True)  # (the stage's periodic checkpoint)
+    # a stop now is no stop for the next owner: the crashed life sent samples past this point
+    assert second.checkpoint_state(advance=False, final=True)["final"] is False
     _run(second, chunks[4:], ends, second_sent)
     assert not second.catching_up  # past the ends seen at its restore: its own wall-clock actions again
     differ = {q: (v, second_sent.get(q)) for q, v in first_sent.items() if second_sent.get(q) != v}
