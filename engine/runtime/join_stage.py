@@ -374,7 +374,7 @@ class JoinStage:
         # Not after a fallback: the task may have judged records after the older checkpoint, under the
         # newer one that did not load, and must judge them the same again. Nor before a replay.
         lag = 0 if refused or decisions else task.restamp_door()
-        if lag or decisions or not task.restored_final or task.partition not in self._journals:
+        if lag or task.catching_up or task.partition not in self._journals:
             # Saved before the task judges anything, with a journal of its own (the decisions to replay
             # carried into it): a crash from here on resumes this state, and a previous owner still
             # running (paused past its session) writes to the old journal, never to this task's.
@@ -594,10 +594,7 @@ class JoinStage:
 
     def _sync_journal(self, task: JoinTask) -> None:
         """Write down the task's new merge decisions, durably, before a sample that depends on them goes."""
-        journal = self._journals.get(task.partition)
-        if journal is None:  # never for a task taken through _assign (a unit test's own task)
-            task.decisions.clear()
-            return
+        journal = self._journals[task.partition]  # opened or written by _assign, before any send
         if task.decisions:
             journal.add(task.decisions)
             task.decisions.clear()

@@ -148,21 +148,8 @@ def test_a_torn_last_line_is_cut_off_and_a_bad_line_refused(tmp_path):
 def test_a_replay_whose_records_the_broker_lost_is_given_up_after_a_while(tmp_path):
     # A decision at offsets the log no longer reaches (an unclean leader election truncated it) would
     # hold the task for ever; at the log's end for REPLAY_LOST_MS, it goes on with its own decisions.
-    from reloop.engine.join.joiner import JoinerConfig
-    from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-
     clock = ManualClock(START)
-    intake = EventIntake(
-        impressions_topic="imp", clicks_topic="clk", limits=IntakeLimits(), clock=clock, dead_letters=None
-    )
-    task = JoinTask(
-        partition=0,
-        impressions_topic="imp",
-        clicks_topic="clk",
-        joiner_config=JoinerConfig(window_ms=1000),
-        intake=intake,
-        clock=clock,
-    )
+    task = _task(clock)
     imp, clk = task.inputs
     task.replay([MergeDecision((10, 10), (True, True))])
     fetched = {imp: 4, clk: 10}
