@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,14 +15,8 @@ PROM_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 
 
 @pytest.fixture(scope="session")
-def promtool() -> Path:
-    path = find_binary("promtool")
-    if path is None:
-        message = "promtool not found: run deploy/prometheus/fetch.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+def promtool(unavailable) -> Path:
+    return find_binary("promtool") or unavailable("promtool not found: run deploy/prometheus/fetch.sh")
 
 
 def run(promtool: Path, *args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess:

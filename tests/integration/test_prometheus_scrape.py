@@ -38,16 +38,6 @@ WINDOW_MS = 2_000
 ARMS = {"control": 0.15, "reloop": 0.35}
 
 
-def require_binary(name: str) -> Path:
-    path = find_binary(name)
-    if path is None:
-        message = f"{name} not found: run deploy/prometheus/fetch.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @dataclass
 class Feed:
     bootstrap: str
@@ -134,8 +124,8 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running(kafka_broker, tmp_path_factory) -> Iterator[Running]:
-    binary = require_binary("prometheus")
+def running(kafka_broker, tmp_path_factory, unavailable) -> Iterator[Running]:
+    binary = find_binary("prometheus") or unavailable("prometheus not found: run deploy/prometheus/fetch.sh")
     tmp = tmp_path_factory.mktemp("scrape")
     tag = uuid.uuid4().hex[:10]  # module scope: the conftest's unique_topic is per test
     feed = Feed(kafka_broker.bootstrap, f"impressions-{tag}", f"clicks-{tag}")

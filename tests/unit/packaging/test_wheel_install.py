@@ -116,12 +116,9 @@ def test_version_models_and_demo_help(installed: dict) -> None:
     assert bad.returncode == 2 and bad.stdout == "" and "unknown command" in bad.stderr
 
 
-def test_kafka_and_the_demo_from_the_installed_wheel(installed: dict) -> None:
+def test_kafka_and_the_demo_from_the_installed_wheel(installed: dict, unavailable) -> None:
     if shutil.which("java") is None or shutil.which("mvn") is None:
-        message = "needs Java and Maven (scripts/setup.sh checks for them)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)  # CI: a missing broker toolchain is a failure, never a skip
-        pytest.skip(message)
+        unavailable("needs Java and Maven (scripts/setup.sh checks for them)")
     run = [str(installed["reloop"])]
     env, cwd, work = installed["env"], installed["cwd"], installed["work"]
     env = env | {"MAVEN_OPTS": f"-Dmaven.repo.local={Path.home() / '.m2' / 'repository'}"}  # HOME moved
