@@ -186,6 +186,35 @@ class KafkaGroupSource:
         self._ends_at = now
         return self._ends
 
+    def fetch_state(self) -> dict[str, str]:
+        """Each owned partition as kafka-python's fetcher sees it, for a stall's message: a consumer that
+        fetches nothing with records waiting is held by one of these (a pending offset reset or leader
+        epoch validation, a pause, a revocation in progress) or by the broker."""
+        states = getattr(getattr(self._consumer, "_subscription", None), "assignment", None)
+        if states is None:
+            return {}
+        out: dict[str, str] = {}
+        for tp in self._next:
+            state = states.get(KafkaTopicPartition(tp.topic, tp.partition))
+            if state is None:
+                out[f"{tp.topic}:{tp.partition}"] = "not assigned"
+                continue
+            position = getattr(state, "position", None)
+            flags = [
+                name
+                for name, on in (
+                    ("awaiting reset", getattr(state, "awaiting_reset", False)),
+                    ("awaiting validation", getattr(state, "awaiting_validation", False)),
+                    ("paused", getattr(state, "paused", False)),
+                    ("fetchable", state.is_fetchable()),
+                )
+                if on
+            ]
+            at = "unknown" if position is None else position.offset
+            flagged = ", ".join(flags)
+            out[f"{tp.topic}:{tp.partition}"] = f"position {at}, highwater {state.highwater}; {flagged}"
+        return out
+
     def fetched_ends(self) -> Positions | None:
         """``end_positions`` as the last fetch responses reported it, without a request
         (connectors/kafka/source.py ``fetched_ends``); None until every owned partition has had one."""

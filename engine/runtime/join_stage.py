@@ -473,8 +473,10 @@ class JoinStage:
             if tp in ends and tp in fetched and ends[tp] > fetched[tp]
         }
         if behind:
+            state = getattr(self.source, "fetch_state", None)  # the Kafka client's view, where it has one
             raise ConsumerStalled(
                 f"nothing fetched for {self.settings.stall_timeout_s:g} s with records waiting: {behind}"
+                + (f"; the client's partitions: {state()}" if state is not None else "")
             )
         self._last_records = time.monotonic()  # caught up: idle, not stalled
 

@@ -245,6 +245,8 @@ def test_a_new_member_of_a_new_group_is_assigned_once_and_not_rebalanced(kafka_b
             assert len(got) == 50 and source.joined()
             assert listener.assigned == [[TopicPartition(topic, 0)]], f"member {member} was rebalanced"
             assert not any(listener.revoked), f"member {member} lost its partition to a rebalance"
+            # What a stall's message says of each partition (join_stage.py ConsumerStalled).
+            assert source.fetch_state() == {f"{topic}:0": "position 50, highwater 50; fetchable"}
         finally:
             source.close()
 

@@ -161,8 +161,18 @@ def wait_for(r: Running, promql: str, min_results: int = 1, timeout: float = 90)
     try:
         return r.prom.wait_for(promql, timeout=timeout, min_results=min_results)
     except TimeoutError as exc:
-        tail = r.log.read_text()[-3000:]
-        raise AssertionError(f"{exc}\nprocessor exit={r.proc.poll()} log:\n{tail}") from exc
+        raise AssertionError(f"{exc}\nprocessor exit={r.proc.poll()} log:\n{log_digest(r.log)}") from exc
+
+
+def log_digest(path: Path, keep: int = 60) -> str:
+    """The processor's log for a failure message: every line but its once-a-second progress reports (the
+    starts, restores, warnings and errors that say why), then its last two progress reports."""
+    lines = path.read_text().splitlines()
+    progress = [line for line in lines if '"msg":"progress"' in line]
+    other = [line for line in lines if '"msg":"progress"' not in line]
+    if len(other) > keep:
+        other = [*other[: keep // 2], f"... {len(other) - keep} lines left out ...", *other[-keep // 2 :]]
+    return "\n".join([*other, *progress[-2:]])[-12_000:]
 
 
 def test_rolling_auc_per_arm_is_scraped_from_the_processor(running):
@@ -235,4 +245,4 @@ def test_train_loss_total_and_its_parts_are_separate_series(running):
 def test_processor_stops_cleanly_after_being_scraped(running):
     wait_for(running, "reloop_train_samples_total > 0")
     running.proc.send_signal(signal.SIGTERM)
-    assert running.proc.wait(timeout=60) == 0, running.log.read_text()[-3000:]
+    assert running.proc.wait(timeout=60) == 0, log_digest(running.log)
