@@ -146,7 +146,11 @@ def running(kafka_broker, tmp_path_factory, unavailable) -> Iterator[Running]:
                            workdir=tmp / "prometheus", binary=binary)
     try:
         with prom:
-            yield Running(prom, feed, proc, log)
+            running = Running(prom, feed, proc, log)
+            # Once for the module: a processor that reads nothing fails every test here, each after its own
+            # wait (five times 90 s in a CI run that saw it).
+            wait_for(running, f'reloop_events_consumed_total{{topic="{feed.impressions}"}} > 0', timeout=120)
+            yield running
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
