@@ -9,7 +9,8 @@ Offsets are committed only by ``commit`` (informational: lag monitors), never au
 
 kafka-python 3 runs rebalance callbacks on its IO thread, where a blocking consumer call (offset
 lookups, commits) raises. So inside a callback ``seek`` to "the beginning" only marks the partition
-(its offset is read after the poll returns), and ``commit`` is queued and sent after the poll.
+(its oldest offset is looked up and sought to after the poll returns: ``_resolve``), and ``commit`` is
+queued and sent after the poll.
 """
 
 from __future__ import annotations
@@ -138,24 +139,16 @@ class KafkaGroupSource:
         if not self._in_callback:
             self._resolve()
 
-    def _resolve(self) -> None:
-        """The offsets of partitions sought to their beginning (a blocking lookup: not in a callback)."""
-        for tp in list(self._unresolved):
-            self._next[tp] = int(self._consumer.position(KafkaTopicPartition(tp.topic, tp.partition)))
-            self._unresolved.discard(tp)
-
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         batches = poll_checked(self._consumer, timeout_s, max_records, self.topics)
-        if self._unresolved:
-            # Before the records: position() is past what this poll returned, which then sets _next.
-            self._resolve_before(batches)
+        refetch = self._resolve(batches)
         if self._pending_commit:
             pending, self._pending_commit = self._pending_commit, {}
             self.commit(pending)
         out: list[Record] = []
         for ktp, messages in batches.items():
             tp = TopicPartition(ktp.topic, ktp.partition)
-            if tp not in self._next:  # revoked inside this poll
+            if tp not in self._next or tp in refetch:  # revoked inside this poll; read again from its start
                 continue
             out += as_records(messages)
             if messages:
@@ -164,14 +157,31 @@ class KafkaGroupSource:
         self._next.update(client_positions(self._consumer, self._next))
         return out
 
-    def _resolve_before(self, batches: Mapping[Any, list[Any]]) -> None:
-        first = {TopicPartition(k.topic, k.partition): msgs[0].offset for k, msgs in batches.items() if msgs}
-        for tp in list(self._unresolved):
-            if tp in first:
-                self._next[tp] = first[tp]
-            else:
-                self._next[tp] = int(self._consumer.position(KafkaTopicPartition(tp.topic, tp.partition)))
+    def _resolve(self, batches: Mapping[Any, list[Any]] | None = None) -> set[TopicPartition]:
+        """Start each partition sought to its beginning at the oldest offset the broker stores now, looked
+        up (ListOffsets: blocking, so never inside a callback) and sought to explicitly, as KafkaSource
+        opens. kafka-python's own reset with ``position()`` was seen to put a new member's partition at
+        its END (2 fresh members in about 900 on one broker here, and once in CI, kafka-python 3.0.12):
+        the records before it were never returned, and a join task at the log end waited for more, every
+        count at 0. The records ``batches`` (this poll's) holds for such a partition are kept when they
+        start at or before that offset; otherwise the partition is returned, its records to be dropped and
+        fetched again from there."""
+        if not self._unresolved:
+            return set()
+        tps = sorted(self._unresolved)
+        starts = self._consumer.beginning_offsets([KafkaTopicPartition(tp.topic, tp.partition) for tp in tps])
+        refetch: set[TopicPartition] = set()
+        for tp in tps:
+            ktp = KafkaTopicPartition(tp.topic, tp.partition)
+            start = int(starts[ktp])
+            got = (batches or {}).get(ktp)
+            if not got or got[0].offset > start:
+                if got:
+                    refetch.add(tp)
+                self._consumer.seek(ktp, start)
+            self._next[tp] = start  # poll then moves it past what it returns
             self._unresolved.discard(tp)
+        return refetch
 
     def position(self) -> Positions:
         return dict(self._next)
