@@ -22,6 +22,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
+from kafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
@@ -54,10 +55,12 @@ class KafkaGroupSource:
                 raise ValueError(f"client_config[{key!r}] is not allowed: {_RESERVED[key]}")
         self.topics = list(topics)
         config: dict[str, Any] = {
-            "auto_offset_reset": "earliest",
             "allow_auto_create_topics": False,
             "fetch_max_wait_ms": 100,
             **dict(client_config or {}),
+            # No reset by the client: a position retention passed raises, and poll restarts the partition at
+            # its oldest record itself, counting what was deleted unread (``take_deleted_unread``).
+            "auto_offset_reset": "none",
         }
         with login_checked(bootstrap):
             self._consumer = KafkaConsumer(
@@ -76,6 +79,7 @@ class KafkaGroupSource:
         self._in_callback = False
         self._ends: Positions | None = None
         self._ends_at = 0.0
+        self._deleted_unread: dict[TopicPartition, int] = {}
 
     def subscribe(self, listener: Any) -> None:
         """Join the group; ``listener`` gets ``on_assigned(list)`` / ``on_revoked(list)`` inside poll."""
@@ -140,7 +144,15 @@ class KafkaGroupSource:
             self._resolve()
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        batches = poll_checked(self._consumer, timeout_s, max_records, self.topics)
+        try:
+            batches = poll_checked(self._consumer, timeout_s, max_records, self.topics)
+        except OffsetOutOfRangeError as exc:
+            self._restart_out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})
+            batches = {}
+        except NoOffsetForPartitionError as exc:  # a listener that sought none: read from the beginning
+            unsought = exc.args[0] if exc.args and isinstance(exc.args[0], set | frozenset) else set()
+            self.seek({TopicPartition(k.topic, k.partition): None for k in unsought})
+            batches = {}
         refetch = self._resolve(batches)
         if self._pending_commit:
             pending, self._pending_commit = self._pending_commit, {}
@@ -182,6 +194,28 @@ class KafkaGroupSource:
             self._next[tp] = start  # poll then moves it past what it returns
             self._unresolved.discard(tp)
         return refetch
+
+    def _restart_out_of_range(self, fetched_at: Mapping[Any, int]) -> None:
+        """Partitions whose position the broker no longer holds: below its log start, retention deleted
+        the records in between before they were read (a task that lagged, or was down, longer than the
+        topic's retention), counted here; past its log end, the topic was recreated or truncated. Either
+        way the partition restarts at its oldest record, sought to explicitly."""
+        ktps = [k for k in fetched_at if TopicPartition(k.topic, k.partition) in self._next]
+        if not ktps:
+            return
+        starts = self._consumer.beginning_offsets(ktps)
+        for ktp in ktps:
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            start = int(starts[ktp])
+            if start > fetched_at[ktp]:
+                self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - int(fetched_at[ktp])
+            self._consumer.seek(ktp, start)
+            self._next[tp] = start
+
+    def take_deleted_unread(self) -> dict[TopicPartition, int]:
+        """Records deleted (by retention) before they were read, per partition, since the last call."""
+        taken, self._deleted_unread = self._deleted_unread, {}
+        return taken
 
     def position(self) -> Positions:
         return dict(self._next)

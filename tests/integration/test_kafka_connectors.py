@@ -261,6 +261,42 @@ def test_a_partition_sought_to_its_beginning_starts_there_wherever_the_client_wo
         source.close()
 
 
+class _SeekToCheckpoint(_SeekToStart):
+    """A restored task's listener: every partition read from offset 0, where its checkpoint left it."""
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assigned.append(tps)
+        assert self.source is not None
+        self.source.seek(dict.fromkeys(tps, 0))
+
+
+def test_records_retention_deleted_before_they_were_read_are_counted_and_the_rest_read(
+    kafka_broker, unique_topic
+):
+    """A task whose checkpoint position retention passed (it lagged, or was down, that long): the client
+    reset silently to the oldest record left, and the join stage never knew records were lost."""
+    topic = unique_topic("retained")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    fill(kafka_broker.bootstrap, topic, 30)
+    admin = admin_client(kafka_broker.bootstrap)
+    try:
+        admin.delete_records({KafkaTopicPartition(topic, 0): 12})  # what retention does, at once
+    finally:
+        admin.close()
+    source = KafkaGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
+    listener = _SeekToCheckpoint()
+    listener.source = source
+    try:
+        source.subscribe(listener)
+        got = poll_group(source, 18)
+        assert [r.offset for r in got] == list(range(12, 30))
+        assert source.take_deleted_unread() == {TopicPartition(topic, 0): 12}
+        assert source.take_deleted_unread() == {}  # counted once
+        assert source.position() == {TopicPartition(topic, 0): 30}
+    finally:
+        source.close()
+
+
 def test_a_new_member_of_a_new_group_is_assigned_once_and_not_rebalanced(kafka_broker, unique_topic):
     """kafka-python 3.0.12 builds its coordinator's metadata snapshot only on a metadata update after
     subscribe. When the first assignment came before that update (from the second consumer of a process
