@@ -102,6 +102,9 @@ SERIES: tuple[Series, ...] = (
            "Join tasks that gave up taking their merge journal's decisions again after a crash: an input "
            "sat at its end short of a decision's position (the broker lost records). Samples sent before "
            "the crash may then be named again by other samples: lost or trained twice."),
+    Series("join_input_deleted_unread", "reloop_join_input_deleted_unread_total", "counter",
+           "Input records deleted (by the topic's retention) before a join task read them, by topic: a "
+           "task that lagged, or was down, longer than the retention. They are lost.", ("topic",)),
     Series("joiner_too_late", "reloop_joiner_too_late_total", "counter",
            "Events dropped because their window was already closed and forgotten (retention passed), by "
            "kind (impression or click). A jump means the watermark moved far ahead of the data.", ("kind",)),

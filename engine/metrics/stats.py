@@ -254,6 +254,7 @@ class EngineStats:
     joiner_watermark_s: Level = field(default_factory=Level)
     merge_stamped_ahead: Tally = field(default_factory=Tally)
     join_replays_abandoned: Tally = field(default_factory=Tally)
+    join_input_deleted_unread: Tally = field(default_factory=Tally)  # (topic,)
 
     train_steps: Tally = field(default_factory=Tally)
     train_samples: Tally = field(default_factory=Tally)

@@ -435,6 +435,9 @@ class JoinStage:
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
+        deleted = getattr(self.source, "take_deleted_unread", None)  # the Kafka sources that can tell
+        if deleted is not None:
+            self._count_deleted_unread(deleted())
         if records:
             self._last_records = time.monotonic()
             self._metrics.consumed(records)
@@ -464,6 +467,17 @@ class JoinStage:
             self.checkpoint_all()
         self._metrics.publish(self)
         return processed
+
+    def _count_deleted_unread(self, deleted: Mapping[TopicPartition, int]) -> None:
+        """Input records the topic's retention deleted before the task read them (its position fell below
+        the log start: it lagged, or was down, longer than the retention): lost, counted and logged; the
+        source reads on from the oldest record left."""
+        for tp, n in deleted.items():
+            self._metrics.deleted_unread.add(tp.topic, n=n)
+            log.error(
+                "input records deleted by retention before the join task read them: lost",
+                extra={"fields": {"task": tp.partition, "topic": tp.topic, "records": n}},
+            )
 
     def _check_stalled(self, fetched: Positions, ends: Positions) -> None:
         behind = {
@@ -687,6 +701,7 @@ class _JoinMetrics(JoinerMetrics):
         self.lag = ConsumerLag(stats.consumer_lag)
         self.tasks = stats.join_tasks
         self.restore_fallbacks = stats.snapshot_restore_fallbacks
+        self.deleted_unread = stats.join_input_deleted_unread
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}

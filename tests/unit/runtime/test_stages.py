@@ -978,6 +978,33 @@ def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(t
     idle.close()
 
 
+class _RetentionOvertook(MemoryGroupSource):
+    """A client whose position retention passed once: it restarted at the oldest record left and says
+    how many it never read, as KafkaGroupSource does."""
+
+    deleted = {TopicPartition("impressions", 0): 7}
+
+    def take_deleted_unread(self):
+        taken, self.deleted = self.deleted, {}
+        return taken
+
+
+def test_input_records_deleted_before_they_were_read_are_counted_and_logged(tmp_path, caplog):
+    stats = EngineStats()
+    log = _log(generate(100, seed=5, pad_to_multiple=BATCH))
+    stage = build_join_stage(
+        _config(tmp_path), source=_RetentionOvertook(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"), clock=ManualClock(START), stats=stats,
+        checkpoint_dir=tmp_path / "a",
+    )  # fmt: skip
+    for _ in range(3):
+        stage.step()
+    assert stats.join_input_deleted_unread.get("impressions") == 7  # once, not at every step
+    lost = [r for r in caplog.records if "deleted by retention before the join task read" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelname == "ERROR"
+    stage.close()
+
+
 class _NeverJoins(MemoryGroupSource):
     """A client stuck looking for its group's coordinator: no partitions, so no records waiting either."""
 
