@@ -223,6 +223,14 @@ class _SeekToStart:
         self.revoked.append(tps)
 
 
+def _member(bootstrap: str, topic: str, listener: _SeekToStart) -> KafkaGroupSource:
+    """A member of a group of its own on ``topic``, subscribed, whose ``listener`` seeks what it is given."""
+    source = KafkaGroupSource(bootstrap=bootstrap, topics=[topic], group_id=f"g-{topic}")
+    listener.source = source
+    source.subscribe(listener)
+    return source
+
+
 class _ClientStartsElsewhere(_SeekToStart):
     """The listener asks for each partition's beginning; the client then fetches from ``skip_to`` instead
     (kafka-python 3.0.12's own reset was seen to put a new member's partition at its end, once in CI: the
@@ -246,11 +254,8 @@ def test_a_partition_sought_to_its_beginning_starts_there_wherever_the_client_wo
     topic = unique_topic("start")
     create_topics(kafka_broker.bootstrap, {topic: 1})
     fill(kafka_broker.bootstrap, topic, 20)
-    source = KafkaGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
-    listener = _ClientStartsElsewhere(skip_to)
-    listener.source = source
+    source = _member(kafka_broker.bootstrap, topic, _ClientStartsElsewhere(skip_to))
     try:
-        source.subscribe(listener)
         got = poll_group(source, 20)
         stay = time.monotonic() + 1  # nothing more, and nothing twice
         while time.monotonic() < stay:
@@ -283,11 +288,8 @@ def test_records_retention_deleted_before_they_were_read_are_counted_and_the_res
         admin.delete_records({KafkaTopicPartition(topic, 0): 12})  # what retention does, at once
     finally:
         admin.close()
-    source = KafkaGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
-    listener = _SeekToCheckpoint()
-    listener.source = source
+    source = _member(kafka_broker.bootstrap, topic, _SeekToCheckpoint())
     try:
-        source.subscribe(listener)
         got = poll_group(source, 18)
         assert [r.offset for r in got] == list(range(12, 30))
         assert source.take_deleted_unread() == {TopicPartition(topic, 0): 12}
