@@ -16,7 +16,7 @@ queued and sent after the poll.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
@@ -180,12 +180,9 @@ class KafkaGroupSource:
         fetched again from there."""
         if not self._unresolved:
             return set()
-        tps = sorted(self._unresolved)
-        starts = self._consumer.beginning_offsets([KafkaTopicPartition(tp.topic, tp.partition) for tp in tps])
         refetch: set[TopicPartition] = set()
-        for tp in tps:
+        for tp, start in self._oldest(self._unresolved).items():
             ktp = KafkaTopicPartition(tp.topic, tp.partition)
-            start = int(starts[ktp])
             got = (batches or {}).get(ktp)
             if not got or got[0].offset > start:
                 if got:
@@ -200,17 +197,21 @@ class KafkaGroupSource:
         the records in between before they were read (a task that lagged, or was down, longer than the
         topic's retention), counted here; past its log end, the topic was recreated or truncated. Either
         way the partition restarts at its oldest record, sought to explicitly."""
-        ktps = [k for k in fetched_at if TopicPartition(k.topic, k.partition) in self._next]
-        if not ktps:
-            return
-        starts = self._consumer.beginning_offsets(ktps)
-        for ktp in ktps:
-            tp = TopicPartition(ktp.topic, ktp.partition)
-            start = int(starts[ktp])
-            if start > fetched_at[ktp]:
-                self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - int(fetched_at[ktp])
-            self._consumer.seek(ktp, start)
+        at = {TopicPartition(k.topic, k.partition): int(offset) for k, offset in fetched_at.items()}
+        for tp, start in self._oldest(tp for tp in at if tp in self._next).items():
+            if start > at[tp]:
+                self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - at[tp]
+            self._consumer.seek(KafkaTopicPartition(tp.topic, tp.partition), start)
             self._next[tp] = start
+
+    def _oldest(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The oldest offset the broker stores of each partition now (ListOffsets: blocking, so never
+        inside a callback)."""
+        wanted = [KafkaTopicPartition(tp.topic, tp.partition) for tp in sorted(tps)]
+        if not wanted:
+            return {}
+        found = self._consumer.beginning_offsets(wanted)
+        return {TopicPartition(k.topic, k.partition): int(offset) for k, offset in found.items()}
 
     def take_deleted_unread(self) -> dict[TopicPartition, int]:
         """Records deleted (by retention) before they were read, per partition, since the last call."""

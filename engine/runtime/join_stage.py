@@ -689,7 +689,7 @@ class _Exported:
 
 _EXPORTED: weakref.WeakKeyDictionary[EngineStats, _Exported] = weakref.WeakKeyDictionary()
 # counts that restart with each merger or task object (not checkpointed)
-_PER_MERGER = frozenset({"stamped_ahead", "replays_abandoned"})
+_NOT_CHECKPOINTED = frozenset({"stamped_ahead", "replays_abandoned"})
 
 
 class _JoinMetrics(JoinerMetrics):
@@ -727,7 +727,7 @@ class _JoinMetrics(JoinerMetrics):
         base: dict[str, int] = {}
         for name, n in now.items():
             before = last.get(name, 0)
-            if name not in _PER_MERGER:
+            if name not in _NOT_CHECKPOINTED:
                 before = min(n, max(before, high.get(name, 0)))
                 high[name] = max(high.get(name, 0), n)
             base[name] = before
