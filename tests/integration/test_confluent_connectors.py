@@ -13,7 +13,7 @@ from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.streams import RecordTooLarge, TopicPartition
 
-from .test_kafka_connectors import _SeekToStart, poll_group
+from .test_kafka_connectors import RECENT_MS, _SeekToStart, poll_group
 
 pytestmark = pytest.mark.kafka
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.kafka
 def fill(bootstrap: str, topic: str, n: int) -> None:
     sink = ConfluentSink(bootstrap=bootstrap, topic=topic)
     for i in range(n):
-        sink.send(b"%d" % i, key=b"k", timestamp_ms=1_700_000_000_000 + i)
+        sink.send(b"%d" % i, key=b"k", timestamp_ms=RECENT_MS + i)
     sink.close()
 
 

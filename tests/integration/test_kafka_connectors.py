@@ -17,7 +17,12 @@ from reloop.engine.streams import RecordTooLarge, TopicPartition
 pytestmark = pytest.mark.kafka
 
 
-def fill(bootstrap: str, topic: str, n: int, ts0: int = 1_700_000_000_000) -> None:
+# Recent stamps: the shared broker's time-based retention (7 days) deletes records stamped years ago at its
+# next check (30 s after it starts, then every 5 minutes), before a test reads them.
+RECENT_MS = int(time.time() * 1000) - 3_600_000
+
+
+def fill(bootstrap: str, topic: str, n: int, ts0: int = RECENT_MS) -> None:
     sink = KafkaSink(bootstrap=bootstrap, topic=topic)
     for i in range(n):
         sink.send(b"%d" % i, key=b"k", timestamp_ms=ts0 + 1000 * i)
@@ -83,7 +88,7 @@ def test_commit_without_group_is_refused(kafka_broker, unique_topic) -> None:
 def test_offsets_for_times_starts_a_replay_at_a_time(kafka_broker, unique_topic) -> None:
     topic = unique_topic("times")
     create_topics(kafka_broker.bootstrap, {topic: 1})
-    ts0 = 1_700_000_000_000
+    ts0 = RECENT_MS
     fill(kafka_broker.bootstrap, topic, 10, ts0=ts0)
     tp = TopicPartition(topic, 0)
 
@@ -391,7 +396,7 @@ def test_sources_read_what_kafka_python_reads_from_the_broker(kafka_broker, uniq
                 key=None if i % 7 == 1 and i % 50 else b"key-%d" % (i % 5),  # no record without both
                 value=None if i % 50 == 0 else b"v%d-" % i * (i % 40),
                 headers=[("h", b"x" * i), ("empty", b"")] if i % 3 == 0 else [],
-                timestamp_ms=1_700_000_000_000 + 997 * i,
+                timestamp_ms=RECENT_MS + 997 * i,
             )
             n += 1
         producer.flush()

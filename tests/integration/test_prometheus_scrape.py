@@ -32,7 +32,10 @@ from reloop.engine.runtime.synthetic import SPEC
 pytestmark = [pytest.mark.prometheus, pytest.mark.kafka]
 
 ROOT = Path(__file__).resolve().parents[2]
-START_MS = 1_700_000_000_000
+# Recent stamps: the shared broker's time-based retention (7 days) deletes records stamped years ago at its
+# next check (30 s after it starts, then every 5 minutes). Stamped in 2023, the feed was deleted before the
+# processor read it whenever a check fell between the two (twice in CI: the join stage read nothing).
+START_MS = int(time.time() * 1000) - 600_000
 WINDOW_MS = 2_000
 # Served predictions separate the classes better on the "reloop" arm than on "control".
 ARMS = {"control": 0.15, "reloop": 0.35}
