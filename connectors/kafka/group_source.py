@@ -172,12 +172,11 @@ class KafkaGroupSource:
     def _resolve(self, batches: Mapping[Any, list[Any]] | None = None) -> set[TopicPartition]:
         """Start each partition sought to its beginning at the oldest offset the broker stores now, looked
         up (ListOffsets: blocking, so never inside a callback) and sought to explicitly, as KafkaSource
-        opens. kafka-python's own reset with ``position()`` was seen to put a new member's partition at
-        its END (2 fresh members in about 900 on one broker here, and once in CI, kafka-python 3.0.12):
-        the records before it were never returned, and a join task at the log end waited for more, every
-        count at 0. The records ``batches`` (this poll's) holds for such a partition are kept when they
-        start at or before that offset; otherwise the partition is returned, its records to be dropped and
-        fetched again from there."""
+        opens: the task's start is a known offset from its first step (its lag and the stall check see
+        the records waiting at once), whatever the client's own pending reset would have chosen. The
+        records ``batches`` (this poll's) holds for such a partition are kept when they start at or before
+        that offset; otherwise the partition is returned, its records to be dropped and fetched again from
+        there."""
         if not self._unresolved:
             return set()
         refetch: set[TopicPartition] = set()
