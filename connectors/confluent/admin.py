@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -72,6 +72,21 @@ def record_limit(
     except Exception as exc:  # noqa: BLE001 - a limit we cannot read is not a reason to stop
         _log.warning("could not read the record size limit of topic %r: %r", topic, exc)
         return None
+
+
+def retention_ms(
+    connection: Mapping[str, Any], bootstrap: str, topics: Iterable[str], *, timeout_s: float = 5.0
+) -> dict[str, int]:
+    """Each topic's ``retention.ms`` (-1: no time-based retention); a topic the cluster does not say for
+    is left out, with a warning. As the kafka-python connector's ``retention_ms``."""
+    found: dict[str, int] = {}
+    admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap}))
+    for topic in dict.fromkeys(topics):
+        try:
+            found[topic] = int(_config_value(admin, ResourceType.TOPIC, topic, "retention.ms", timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
+            _log.warning("could not read the retention of topic %r: %r", topic, exc)
+    return found
 
 
 def _config_value(admin: AdminClient, kind: ResourceType, name: str, key: str, timeout_s: float) -> str:

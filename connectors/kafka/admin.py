@@ -118,6 +118,34 @@ def record_limit(bootstrap: str, topic: str, client_config: Mapping[str, Any] | 
             admin.close()
 
 
+def retention_ms(
+    bootstrap: str, topics: Iterable[str], client_config: Mapping[str, Any] | None = None
+) -> dict[str, int]:
+    """Each topic's ``retention.ms`` (-1: no time-based retention). A topic the cluster does not say for
+    (missing, no DescribeConfigs permission) is left out, with a warning: the value only informs one."""
+    found: dict[str, int] = {}
+    settings = {"bootstrap_timeout_ms": 5_000, "request_timeout_ms": 5_000}
+    try:
+        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
+    except AuthenticationFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
+        _log.warning("could not read the retention of topics %r: %r", list(topics), exc)
+        return found
+    try:
+        for topic in dict.fromkeys(topics):
+            try:
+                value = _config_value(admin, ConfigResourceType.TOPIC, topic, "retention.ms")
+                if value is None:
+                    raise LookupError("the cluster did not say (a missing topic?)")
+                found[topic] = int(value)
+            except Exception as exc:  # noqa: BLE001 - as above
+                _log.warning("could not read the retention of topic %r: %r", topic, exc)
+    finally:
+        admin.close()
+    return found
+
+
 def _config_value(admin: KafkaAdminClient, kind: ConfigResourceType, name: str, key: str) -> str | None:
     found = admin.describe_configs([ConfigResource(kind, name, [key])], config_filter="all")
     entry = found.get(kind.name.lower(), {}).get(name, {}).get(key)

@@ -4,7 +4,7 @@ memory): the single-process Pipeline, or the join stage and the train stage of t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -214,8 +214,10 @@ def build_join_stage(
     clock: Callable[[], int] = system_clock,
     stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
+    retention_ms: Mapping[str, int] | None = None,
 ) -> JoinStage:
-    """The join stage: this process's share of the join tasks, into the samples topic."""
+    """The join stage: this process's share of the join tasks, into the samples topic. ``retention_ms``:
+    the topics' time-based retention, where known (warns of records stamped longer ago)."""
     st = cfg.stages
     return JoinStage(
         source=source,
@@ -244,6 +246,7 @@ def build_join_stage(
         clock=clock,
         checker=_checker(cfg),
         stats=stats,
+        retention_ms=retention_ms,
     )
 
 

@@ -86,6 +86,7 @@ from reloop.engine.runtime.restore import (
     check_fingerprint,
     newer_format,
 )
+from reloop.engine.runtime.retention_watch import RetentionWatch
 from reloop.engine.streams import (
     Positions,
     Record,
@@ -164,7 +165,10 @@ class JoinStage:
         clock: Callable[[], int],
         checker: SpecChecker | None = None,
         stats: EngineStats = STATS,
+        retention_ms: Mapping[str, int] | None = None,
     ) -> None:
+        """``retention_ms``: the input and samples topics' ``retention.ms``, where known (a warning for
+        records stamped longer ago: engine/runtime/retention_watch.py)."""
         self.source = source
         self.samples = samples
         self.dead_letters = dead_letters
@@ -176,6 +180,7 @@ class JoinStage:
         self.joiner_config = joiner_config
         self.settings = settings
         self.clock = clock
+        self.retention_watch = RetentionWatch(retention_ms or {}, clock)
         self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
@@ -441,6 +446,8 @@ class JoinStage:
         if records:
             self._last_records = time.monotonic()
             self._metrics.consumed(records)
+            for r in (records[0], records[-1]):  # sampled: a topic stamped too long ago is so for a while
+                self.retention_watch.read(r.topic, r.timestamp_ms)
             by_task: dict[int, list[Record]] = {}
             for r in records:
                 by_task.setdefault(r.partition, []).append(r)
@@ -532,6 +539,7 @@ class JoinStage:
         batch = batch_from_joined(joined, task=task.partition, first_seq=first, incarnation=task.incarnation)
         wm = task.joiner.watermark_ms
         ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
+        self.retention_watch.written(self.settings.samples_topic, ts)
         try:
             self.samples.send(encode_batch(batch), partition=task.partition, timestamp_ms=ts)  # type: ignore[call-arg]
         except RecordTooLarge as exc:

@@ -90,6 +90,19 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
     )
 
 
+def _retention(cfg: RunConfig) -> dict[str, int]:
+    """The input and samples topics' retention.ms, for the join stage's warning about records stamped
+    longer ago (engine/runtime/retention_watch.py); topics it cannot read are left out."""
+    topics = [cfg.source.impressions_topic, cfg.source.clicks_topic, cfg.stages.samples_topic]
+    if cfg.kafka.client == "confluent":
+        from reloop.connectors.confluent.admin import retention_ms as confluent_retention
+
+        return confluent_retention(cfg.kafka.connection(), cfg.kafka.bootstrap, topics)
+    from reloop.connectors.kafka.admin import retention_ms
+
+    return retention_ms(cfg.kafka.bootstrap, topics, cfg.kafka.connection())
+
+
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
     from reloop.engine.runtime.build import build_join_stage
 
@@ -122,7 +135,9 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                     client_config=cfg.producer_client_config(),
                 )
                 opened.append(dead)
-            return build_join_stage(cfg, source=source, samples_sink=samples, dead_letter_sink=dead)
+            return build_join_stage(
+                cfg, source=source, samples_sink=samples, dead_letter_sink=dead, retention_ms=_retention(cfg)
+            )
         except BaseException as exc:
             _release(opened)
             _fail_fast_on_config(exc)

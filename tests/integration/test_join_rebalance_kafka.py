@@ -49,6 +49,28 @@ def _setup(kafka_broker, unique_topic, tmp_path: Path, client: str) -> tuple[Any
     return load_config(path, env={}), topics
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_join_stage_knows_its_topics_retention(kafka_broker, unique_topic, tmp_path, client):
+    """What it warns of records stamped longer ago by (engine/runtime/retention_watch.py): the input
+    topics' own retention.ms and the broker's default for the samples topic it creates."""
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    bootstrap = kafka_broker.bootstrap
+    inputs = {topics["impressions"]: 1, topics["clicks"]: 1}
+    create_topics(bootstrap, inputs, configs={"retention.ms": "3600000"})
+    create_topics(bootstrap, {topics["deadletter"]: 1})
+    cfg = load_config(_config(tmp_path, bootstrap, topics, "correct", kafka={"client": client}), env={})
+    stage = join_stage_factory(cfg)()
+    try:
+        week = 7 * 24 * 3_600_000  # the broker's default (log.retention.hours 168)
+        assert stage.retention_watch.retention_ms == {
+            topics["impressions"]: 3_600_000,
+            topics["clicks"]: 3_600_000,
+            topics["samples"]: week,
+        }
+    finally:
+        stage.close()
+
+
 class _Joiner:
     """One join process: the stage under its supervisor, on a thread of this process."""
 

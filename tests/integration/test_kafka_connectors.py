@@ -8,7 +8,13 @@ import time
 import pytest
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from reloop.connectors.kafka.admin import admin_client, create_topics, offsets_for_times, record_limit
+from reloop.connectors.kafka.admin import (
+    admin_client,
+    create_topics,
+    offsets_for_times,
+    record_limit,
+    retention_ms,
+)
 from reloop.connectors.kafka.group_source import KafkaGroupSource
 from reloop.connectors.kafka.sink import KafkaSink, KafkaSinkError
 from reloop.connectors.kafka.source import KafkaSource
@@ -126,6 +132,27 @@ def test_missing_topic_is_a_clear_error_and_not_created(kafka_broker, unique_top
             source.partitions()
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_topics_retention_is_read_from_the_broker(kafka_broker, unique_topic, client, caplog) -> None:
+    """What the join stage's warning of records stamped longer ago than their topic's retention reads."""
+    short, default, endless = unique_topic("short"), unique_topic("default"), unique_topic("endless")
+    missing = unique_topic("missing")
+    create_topics(kafka_broker.bootstrap, {short: 1}, configs={"retention.ms": "3600000"})
+    create_topics(kafka_broker.bootstrap, {endless: 1}, configs={"retention.ms": "-1"})
+    create_topics(kafka_broker.bootstrap, {default: 1})
+    topics = [short, default, endless, missing]
+    if client == "confluent":
+        from reloop.connectors.confluent.admin import retention_ms as confluent_retention
+
+        got = confluent_retention({}, kafka_broker.bootstrap, topics)
+    else:
+        got = retention_ms(kafka_broker.bootstrap, topics)
+    # The broker's default (log.retention.hours 168) for the topic without its own; the missing topic is
+    # left out with a warning naming it.
+    assert got == {short: 3_600_000, default: 7 * 24 * 3_600_000, endless: -1}
+    assert any(missing in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_a_failed_delivery_is_raised_by_flush(kafka_broker, unique_topic) -> None:

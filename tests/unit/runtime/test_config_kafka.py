@@ -214,6 +214,7 @@ def test_consumer_settings_reach_consumers_only_and_producer_settings_producers_
     _Recorder.made = []
     monkeypatch.setattr(kafka_stages, "_clients", lambda cfg: (_Recorder, _Recorder, _Recorder))
     monkeypatch.setattr(kafka_stages, "_ensure_samples_topic", lambda cfg: None)
+    monkeypatch.setattr(kafka_stages, "_retention", lambda cfg: {})
     monkeypatch.setattr(build, "build_join_stage", lambda *a, **k: "join")
     monkeypatch.setattr(build, "build_train_stage", lambda *a, **k: "train")
     assert kafka_stages.join_stage_factory(cfg)() == "join"

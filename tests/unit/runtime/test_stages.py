@@ -1005,6 +1005,36 @@ def test_input_records_deleted_before_they_were_read_are_counted_and_logged(tmp_
     stage.close()
 
 
+WEEK_MS = 7 * 24 * 3_600_000
+
+
+@pytest.mark.parametrize("age_days", [8, 1])
+def test_records_stamped_longer_ago_than_their_topics_retention_are_warned_of(tmp_path, caplog, age_days):
+    """A backtest's events stamped years ago: the broker deletes them at its next retention check, read
+    or not, and the samples stamped with their watermark too. The operator is told, per topic."""
+    log = _log(generate(200, seed=5, pad_to_multiple=BATCH))
+    clock = ManualClock(START + age_days * 24 * 3_600_000)
+    stage = build_join_stage(
+        _config(tmp_path), source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"), clock=clock, stats=EngineStats(),
+        checkpoint_dir=tmp_path / "a",
+        retention_ms={"impressions": WEEK_MS, "clicks": -1, "samples": WEEK_MS},
+    )  # fmt: skip
+    _run_join(stage, log, clock)
+    stage.close()
+    warned = [r for r in caplog.records if "longer ago than the" in r.getMessage()]
+    if age_days < 7:
+        assert warned == []
+        return
+    by_topic = {r.fields["topic"]: r for r in warned}
+    assert set(by_topic) == {"impressions", "samples"}  # clicks: no time-based retention
+    assert len(warned) == 2  # once a while per topic, not at every record
+    assert by_topic["impressions"].fields["retention_ms"] == WEEK_MS
+    assert by_topic["impressions"].fields["stamp_age_s"] >= 8 * 24 * 3600 - 60
+    assert "read or not" in by_topic["impressions"].getMessage()
+    assert "before the train stage reads them" in by_topic["samples"].getMessage()
+
+
 class _NeverJoins(MemoryGroupSource):
     """A client stuck looking for its group's coordinator: no partitions, so no records waiting either."""
 
