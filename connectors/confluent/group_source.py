@@ -71,6 +71,7 @@ class ConfluentGroupSource:
         self._in_callback = False
         self._ends: Positions | None = None
         self._ends_at = 0.0
+        self._deleted_unread: dict[TopicPartition, int] = {}
 
     def subscribe(self, listener: Any) -> None:
         self._listener = listener
@@ -161,14 +162,40 @@ class ConfluentGroupSource:
                     continue
                 raise KafkaException(err)
             tp = TopicPartition(m.topic(), m.partition())
-            if tp not in self._next:  # revoked meanwhile
+            expected = self._next.get(tp)
+            if expected is None:  # revoked meanwhile
                 continue
+            if m.offset() > expected:
+                self._count_deleted_unread(tp, expected)
             _, ts = m.timestamp()
             out.append(Record(tp.topic, tp.partition, m.offset(), m.key(), m.value() or b"", ts))
             self._next[tp] = m.offset() + 1
         # Past transaction markers and deleted ranges too (connectors/confluent/source.py).
+        before = dict(self._next)
         advance_positions(self._consumer, self._next)
+        for tp, at in before.items():
+            if self._next[tp] > at:
+                self._count_deleted_unread(tp, at)
         return out
+
+    def _count_deleted_unread(self, tp: TopicPartition, expected: int) -> None:
+        """The position jumped from ``expected``: past transaction markers or a compacted range (nothing
+        lost), or past records retention deleted before they were read (librdkafka's reset to the oldest
+        record left, ``auto.offset.reset``), which are counted. The log start the fetch responses reported
+        (cached, no request) tells which: records below it are gone."""
+        try:
+            low, _ = self._consumer.get_watermark_offsets(
+                KafkaTopicPartition(tp.topic, tp.partition), cached=True
+            )
+        except KafkaException:
+            return
+        if low > expected:
+            self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + int(low) - expected
+
+    def take_deleted_unread(self) -> dict[TopicPartition, int]:
+        """Records deleted (by retention) before they were read, per partition, since the last call."""
+        taken, self._deleted_unread = self._deleted_unread, {}
+        return taken
 
     def position(self) -> Positions:
         return dict(self._next)

@@ -264,9 +264,9 @@ def _member(bootstrap: str, topic: str, listener: _SeekToStart) -> KafkaGroupSou
 
 
 class _ClientStartsElsewhere(_SeekToStart):
-    """The listener asks for each partition's beginning; the client then fetches from ``skip_to`` instead
-    (kafka-python 3.0.12's own reset was seen to put a new member's partition at its end, once in CI: the
-    join stage read nothing for 8 minutes)."""
+    """The listener asks for each partition's beginning; the client then fetches from ``skip_to`` instead:
+    the task starts where the source looked the oldest offset up, not where the client's own pending
+    reset happens to put it."""
 
     def __init__(self, skip_to: int) -> None:
         super().__init__()
