@@ -32,18 +32,19 @@ class RetentionWatch:
     ) -> None:
         self.retention_ms = {topic: ms for topic, ms in retention_ms.items() if ms >= 0}
         self.clock = clock
-        self._read = {
-            t: ThrottledWarning(
-                log, "input records stamped longer ago than the topic's retention: the broker deletes such "
-                "records at its next retention check, read or not", every_s=every_s)
-            for t in self.retention_ms
-        }  # fmt: skip
-        self._written = {
-            t: ThrottledWarning(
-                log, "samples stamped longer ago than the samples topic's retention: the broker may delete "
-                "them before the train stage reads them", every_s=every_s)
-            for t in self.retention_ms
-        }  # fmt: skip
+        self._read = self._warnings(
+            "input records stamped longer ago than the topic's retention: the broker deletes such records "
+            "at its next retention check, read or not",
+            every_s,
+        )
+        self._written = self._warnings(
+            "samples stamped longer ago than the samples topic's retention: the broker may delete them "
+            "before the train stage reads them",
+            every_s,
+        )
+
+    def _warnings(self, msg: str, every_s: float) -> dict[str, ThrottledWarning]:
+        return {topic: ThrottledWarning(log, msg, every_s=every_s) for topic in self.retention_ms}
 
     def read(self, topic: str, timestamp_ms: int) -> None:
         """An input record just read; its stamp (the oldest of its batch, say) is checked."""

@@ -4,17 +4,16 @@ the kafka-python connectors (tests/integration/test_kafka_connectors.py)."""
 from __future__ import annotations
 
 import pytest
-from kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.confluent.admin import record_limit
 from reloop.connectors.confluent.group_source import ConfluentGroupSource
 from reloop.connectors.confluent.sink import ConfluentSink
 from reloop.connectors.confluent.source import ConfluentSource
-from reloop.connectors.kafka.admin import admin_client, create_topics
+from reloop.connectors.kafka.admin import create_topics
 from reloop.connectors.kafka.sink import KafkaSink
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.streams import RecordTooLarge, TopicPartition
 
-from .test_kafka_connectors import RECENT_MS, _SeekToCheckpoint, _SeekToStart, poll_group
+from .test_kafka_connectors import RECENT_MS, _SeekToStart, poll_group
 
 pytestmark = pytest.mark.kafka
 
@@ -180,36 +179,6 @@ def test_fetched_ends_are_the_ends_the_last_fetches_reported(kafka_broker, uniqu
         poll_group(group, 35, got)
         assert len(got) == 35
         assert group.fetched_ends() == group.end_positions(max_age_s=0)
-    finally:
-        group.close()
-
-
-def test_records_retention_deleted_before_they_were_read_are_counted_and_the_rest_read(
-    kafka_broker, unique_topic
-):
-    """As the kafka-python member's: librdkafka resets a position retention passed to the oldest record
-    left by itself (auto.offset.reset); the jump is counted from the log start its fetches report."""
-    topic = unique_topic("retained")
-    create_topics(kafka_broker.bootstrap, {topic: 1})
-    fill(kafka_broker.bootstrap, topic, 30)
-    admin = admin_client(kafka_broker.bootstrap)
-    try:
-        admin.delete_records({KafkaTopicPartition(topic, 0): 12})  # what retention does, at once
-    finally:
-        admin.close()
-    group = ConfluentGroupSource(bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"g-{topic}")
-    listener = _SeekToCheckpoint()
-    listener.source = group
-    try:
-        group.subscribe(listener)
-        got = poll_group(group, 18)
-        assert [r.offset for r in got] == list(range(12, 30))
-        assert group.take_deleted_unread() == {TopicPartition(topic, 0): 12}
-        assert group.take_deleted_unread() == {}  # counted once
-        fill(kafka_broker.bootstrap, topic, 5)  # a jump-free read on counts nothing
-        more = poll_group(group, 5)
-        assert [r.offset for r in more] == list(range(30, 35))
-        assert group.take_deleted_unread() == {}
     finally:
         group.close()
 
