@@ -168,7 +168,28 @@ def wait_for(r: Running, promql: str, min_results: int = 1, timeout: float = 90)
     try:
         return r.prom.wait_for(promql, timeout=timeout, min_results=min_results)
     except TimeoutError as exc:
-        raise AssertionError(f"{exc}\nprocessor exit={r.proc.poll()} log:\n{log_digest(r.log)}") from exc
+        raise AssertionError(
+            f"{exc}\nfeed topics (log start, log end): {log_ranges(r.feed)}\n"
+            f"processor exit={r.proc.poll()} log:\n{log_digest(r.log)}"
+        ) from exc
+
+
+def log_ranges(feed: Feed) -> dict[str, tuple[int, int]] | str:
+    """Each feed partition's oldest stored offset and its end: a start at the end means the broker deleted
+    the records (retention) before anything read them; a start at 0 with records left, that they wait."""
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KafkaTopicPartition
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=feed.bootstrap)
+        try:
+            tps = [KafkaTopicPartition(t, p) for t in (feed.impressions, feed.clicks) for p in (0, 1)]
+            starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+            return {f"{tp.topic}:{tp.partition}": (starts[tp], ends[tp]) for tp in tps}
+        finally:
+            consumer.close()
+    except Exception as exc:  # noqa: BLE001 - a failure message must not fail on its own details
+        return f"unknown ({exc!r})"
 
 
 def log_digest(path: Path, keep: int = 60) -> str:
