@@ -203,13 +203,17 @@ class SnapshotRegistry:
         if not isinstance(data, dict):
             raise ChecksumError(f"snapshot {version}: manifest is not a JSON object")
         found = data.get("format")
-        if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT:
-            # Before the checksum: a newer format may checksum its manifest another way.
-            raise NewerFormat(
-                f"{path}: snapshot format {found}, written by a newer reloop; this one reads format {FORMAT}"
-            )
         body = {k: v for k, v in data.items() if k != "manifest_sha256"}
-        if data.get("manifest_sha256") != _sha256(_canonical(body)):
+        sealed = data.get("manifest_sha256") == _sha256(_canonical(body))
+        if isinstance(found, int) and not isinstance(found, bool) and found > FORMAT:
+            # Whatever the checksum says: a newer format may checksum its manifest another way. One that
+            # fails this reloop's may also be a corrupted format field: the message says both.
+            unsure = "" if sealed else " (or a corrupted manifest: it fails this reloop's checksum)"
+            raise NewerFormat(
+                f"{path}: snapshot format {found}, written by a newer reloop{unsure}; this one reads format "
+                f"{FORMAT}"
+            )
+        if not sealed:
             raise ChecksumError(f"snapshot {version}: manifest checksum mismatch")
         if type(found) is not int or found != FORMAT or data.get("version") != version:
             raise SnapshotError(
