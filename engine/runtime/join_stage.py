@@ -208,6 +208,7 @@ class JoinStage:
         # with Kafka's default 3 s initial delay; two joiners with 1 s and the default 3 s heartbeats).
         self._membership_timeout_s = max(settings.stall_timeout_s, source.longest_join_s())
         self._last_send: dict[int, float] = {}
+        self._unreported: set[int] = set()  # tasks assigned whose inputs' start is not logged yet
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
         self._check_partitions()
@@ -276,6 +277,7 @@ class JoinStage:
             for tp in task.inputs:
                 seek[tp] = task.positions.get(tp)
         self.source.seek(seek)
+        self._unreported.update(p for p in numbers if p in self.tasks)
         # The stall clock starts when the tasks are in place: the rebalance and their restore (a large
         # join state loads for seconds) fetch nothing, and counted in, they made the first step after an
         # assignment a stall; when they took longer than stall_timeout_s, after every rebuild again.
@@ -290,6 +292,7 @@ class JoinStage:
             self._checkpoint(self.tasks[p], advance=False, final=True)
         for p in gone:
             del self.tasks[p]
+        self._unreported.difference_update(gone)
         self._close_journals(gone)
         self._metrics.tasks.set(len(self.tasks))
         if gone:  # (at a stop the tasks are saved and released before the group revokes them)
@@ -458,6 +461,8 @@ class JoinStage:
         fetched = self.source.position()
         ends = self._ends()
         self._metrics.lag.observe(fetched, ends)
+        if self._unreported:
+            self._report_start(fetched, ends)
         processed = 0
         now = time.monotonic()
         if not records and now - self._last_records >= s.stall_timeout_s:
@@ -474,6 +479,21 @@ class JoinStage:
             self.checkpoint_all()
         self._metrics.publish(self)
         return processed
+
+    def _report_start(self, fetched: Positions, ends: Positions) -> None:
+        """Once per assignment, where each new task's inputs stand at its first step with known positions
+        and ends: [position, end] per partition. A task at its end with nothing read says the input held
+        nothing retained for it (a fresh task whose records the broker had deleted, say), one far behind
+        its backlog."""
+        known = set(fetched) & set(ends)
+        tasks = self.tasks
+        ready = [p for p in sorted(self._unreported) if p in tasks and set(tasks[p].inputs) <= known]
+        if not ready:
+            return
+        self._unreported.difference_update(ready)
+        tps = [tp for p in ready for tp in self.tasks[p].inputs]
+        inputs = {f"{tp.topic}:{tp.partition}": [fetched[tp], ends[tp]] for tp in tps}
+        log.info("tasks' inputs at their first step: [position, end]", extra={"fields": {"inputs": inputs}})
 
     def _count_deleted_unread(self, deleted: Mapping[TopicPartition, int]) -> None:
         """Input records the topic's retention deleted before the task read them (its position fell below

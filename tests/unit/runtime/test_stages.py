@@ -8,6 +8,7 @@ in tests/integration/test_stages_kafka.py.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import replace
 
@@ -1033,6 +1034,24 @@ def test_records_stamped_longer_ago_than_their_topics_retention_are_warned_of(tm
     assert by_topic["impressions"].fields["stamp_age_s"] >= 8 * 24 * 3600 - 60
     assert "read or not" in by_topic["impressions"].getMessage()
     assert "before the train stage reads them" in by_topic["samples"].getMessage()
+
+
+def test_where_each_new_tasks_inputs_stand_is_logged_once_at_its_first_step(tmp_path, caplog):
+    """A task at its end with nothing read (the CI run whose feed the broker had deleted) or far behind
+    says so in one line, instead of progress lines with every count at 0."""
+    log = _log(generate(100, seed=5, pad_to_multiple=BATCH), partitions=2)
+    ends = {f"{tp.topic}:{tp.partition}": len(log._data[tp]) for t in ("impressions", "clicks")
+            for tp in log.partitions(t)}  # fmt: skip
+    caplog.set_level(logging.INFO, logger="reloop.join")
+    stage = _join(_config(tmp_path), log, ManualClock(START), tmp_path)
+    for _ in range(5):
+        stage.step()
+    stage.close()
+    lines = [r for r in caplog.records if r.getMessage().startswith("tasks' inputs at their first step")]
+    assert len(lines) == 1  # once per assignment, not at every step
+    inputs = lines[0].fields["inputs"]
+    assert set(inputs) == set(ends)
+    assert all(end == ends[tp] and 0 <= position <= end for tp, (position, end) in inputs.items())
 
 
 class _NeverJoins(MemoryGroupSource):
