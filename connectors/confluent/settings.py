@@ -21,6 +21,8 @@ CONSUMER_RESERVED = {
     "enable.auto.commit": "offsets are committed only by the source's commit()",
     "enable.auto.offset.store": "offsets are committed only by the source's commit()",
     "error_cb": "the source watches client errors (a refused login)",
+    "auto.offset.reset": "a source reads from its checkpoint's positions and restarts one that retention "
+    "passed at the oldest record left (the join stage's source also counts what was deleted unread)",
 }
 PRODUCER_RESERVED = {
     "bootstrap.servers": "pass bootstrap=...",

@@ -18,8 +18,8 @@ CONSUMER_RESERVED = {
     "bootstrap_servers": "pass bootstrap=...",
     "group_id": "pass group_id=...",
     "enable_auto_commit": "offsets are committed only by the source's commit()",
-    "auto_offset_reset": "a source reads from its checkpoint's positions; one retention passed restarts at "
-    "the oldest record left (the join stage counts what was deleted unread)",
+    "auto_offset_reset": "a source reads from its checkpoint's positions and restarts one that retention "
+    "passed at the oldest record left (the join stage's source also counts what was deleted unread)",
     "key_deserializer": "records carry raw bytes",
     "value_deserializer": "records carry raw bytes",
 }

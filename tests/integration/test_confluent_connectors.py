@@ -134,7 +134,7 @@ def test_same_key_same_partition_as_kafka_python(kafka_broker, unique_topic) -> 
     assert len(set(where[a].values())) > 1
 
 
-@pytest.mark.parametrize("key", ["group.id", "enable.auto.commit", "bootstrap.servers"])
+@pytest.mark.parametrize("key", ["group.id", "enable.auto.commit", "bootstrap.servers", "auto.offset.reset"])
 def test_source_refuses_client_config_that_breaks_the_contract(key: str) -> None:
     with pytest.raises(ValueError, match=key):
         ConfluentSource(bootstrap="x:1", topics=["t"], client_config={key: "x"})

@@ -207,7 +207,7 @@ def test_a_record_over_the_topics_limit_is_refused_at_send(kafka_broker, unique_
     admin.close()
 
 
-@pytest.mark.parametrize("key", ["enable_auto_commit", "group_id", "value_deserializer"])
+@pytest.mark.parametrize("key", ["enable_auto_commit", "group_id", "value_deserializer", "auto_offset_reset"])
 def test_source_refuses_client_config_that_breaks_the_contract(key: str) -> None:
     with pytest.raises(ValueError, match=key):
         KafkaSource(bootstrap="127.0.0.1:1", topics=["t"], client_config={key: True})
