@@ -209,6 +209,8 @@ class JoinStage:
         self._membership_timeout_s = max(settings.stall_timeout_s, source.longest_join_s())
         self._last_send: dict[int, float] = {}
         self._unreported: set[int] = set()  # tasks assigned whose inputs' start is not logged yet
+        # The Kafka sources tell input records retention deleted before they were read (none: others).
+        self._take_deleted_unread = getattr(source, "take_deleted_unread", None)
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
         self._check_partitions()
@@ -443,9 +445,8 @@ class JoinStage:
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
-        deleted = getattr(self.source, "take_deleted_unread", None)  # the Kafka sources that can tell
-        if deleted is not None:
-            self._count_deleted_unread(deleted())
+        if self._take_deleted_unread is not None:
+            self._count_deleted_unread(self._take_deleted_unread())
         if records:
             self._last_records = time.monotonic()
             self._metrics.consumed(records)
@@ -491,7 +492,7 @@ class JoinStage:
         if not ready:
             return
         self._unreported.difference_update(ready)
-        tps = [tp for p in ready for tp in self.tasks[p].inputs]
+        tps = [tp for p in ready for tp in tasks[p].inputs]
         inputs = {f"{tp.topic}:{tp.partition}": [fetched[tp], ends[tp]] for tp in tps}
         log.info("tasks' inputs at their first step: [position, end]", extra={"fields": {"inputs": inputs}})
 
