@@ -4,6 +4,7 @@ memory): the single-process Pipeline, or the join stage and the train stage of t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def apply_determinism(cfg: RunConfig) -> None:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
+
+
+def leave_a_core_to_join(cfg: RunConfig) -> int | None:
+    """The train process of ``reloop run`` (its join process beside it on the same cores), with
+    ``train.threads`` unset: torch's default intra-op threads less one, at least one; returns them (None
+    where the threads are the user's: ``train.threads``, ``deterministic`` or ``OMP_NUM_THREADS``). With a
+    thread on every core, each of torch's parallel regions waited for the thread the join process had
+    taken the core from: on 2 cores the train stage ran at 0.6x its one-thread rate while the join stage
+    worked (docs/data-plane.md)."""
+    if cfg.train.threads is not None or cfg.train.deterministic or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, torch.get_num_threads() - 1)
+    torch.set_num_threads(threads)
+    why = "train.threads unset: one core left to the join process"
+    log.info("train threads", extra={"fields": {"threads": threads, "why": why}})
+    return threads
 
 
 def check_model(cfg: RunConfig) -> None:

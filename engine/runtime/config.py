@@ -144,7 +144,12 @@ class TrainSection(_Section):
     y_last: Literal["logged", "snapshot"] = "logged"
     version_mismatch: Literal["use_logged", "recompute", "skip_sc"] = "use_logged"
     deterministic: bool = False
-    threads: int | None = Field(default=None, gt=0)
+    threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch's threads; unset: torch's default (one per core), less one in reloop run's train "
+        "process, whose join process needs a core (docs/data-plane.md)",
+    )
     progressive_window: int = Field(default=100_000, gt=0)
     delayed_feedback: Literal["none", "fnw"] = Field(
         default="none", description="fnw: fake-negative importance weights (engine/loss/delayed.py)"

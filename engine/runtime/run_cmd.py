@@ -28,6 +28,7 @@ from typing import Any
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
+from reloop.engine.runtime.train_cmd import BESIDE_JOIN
 
 log = logging.getLogger("reloop.run")
 
@@ -86,10 +87,12 @@ def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     # die_with(this pid), not die_with_parent: a SIGKILL here between the fork and the child's prctl left
     # the child running.
     lifeline = functools.partial(die_with, os.getpid())
+    # The train process leaves a core to the join process where train.threads is unset (build.py).
+    envs = {"train": {**os.environ, BESIDE_JOIN: "1"}, "join": None}
     for stage in ("train", "join"):
         port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
         children[stage] = subprocess.Popen(
-            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=lifeline
+            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=lifeline, env=envs[stage]
         )
     log.info("started", extra={"fields": {"processes": {k: p.pid for k, p in children.items()}}})
     return _supervise(children, cfg.recovery.stop_timeout_s)

@@ -34,6 +34,8 @@ LAUNCHER_PID = "RELOOP_TRAIN_LAUNCHER_PID"
 STOPPED_MARKS = "RELOOP_TRAIN_STOPPED_MARKS"
 # ... and the folder where each rank that refused to go on (exit 2) marks it before it exits 0.
 REFUSED_MARKS = "RELOOP_TRAIN_REFUSED_MARKS"
+# Set ("1") by ``reloop run`` for its train process: a join process shares this machine's cores.
+BESIDE_JOIN = "RELOOP_TRAIN_BESIDE_JOIN"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +94,10 @@ def _main(args: argparse.Namespace) -> int:
         setup_json_logging(args.log_level or cfg.log.level)
         return _launch(args, cfg)
     setup_json_logging(args.log_level or cfg.log.level)
+    if os.environ.get(BESIDE_JOIN) == "1" and world == 1:
+        from reloop.engine.runtime.build import leave_a_core_to_join
+
+        leave_a_core_to_join(cfg)
     from reloop.engine.runtime.kafka_stages import describe_train, train_stage_factory
     from reloop.engine.runtime.stage_runner import StopRequest, run_supervised
 

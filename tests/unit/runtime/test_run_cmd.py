@@ -439,3 +439,22 @@ def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> N
     code = run_supervised("join", cfg, build, close=close, describe=lambda s: {}, metrics_port=0, stop=stop)
     assert code == 0
     assert b"reloop_join_tasks" in scraped[0]
+
+
+# A stage that writes what `reloop run` told it about the join process beside it, then ends.
+_ENV_STAGE = """
+import os, sys
+open(os.environ["ENV_OUT"] + "-{stage}", "w").write(
+    os.environ.get("RELOOP_TRAIN_BESIDE_JOIN", "unset")
+)
+"""
+
+
+def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, monkeypatch):
+    # So that, with train.threads unset, it leaves a core to the join process (build.leave_a_core_to_join).
+    monkeypatch.setenv("ENV_OUT", str(tmp_path / "env"))
+    proc = _start(tmp_path, train=_ENV_STAGE.format(stage="train"), join=_ENV_STAGE.format(stage="join"))
+    code, _ = _finish(proc)
+    assert code == 0
+    assert (tmp_path / "env-train").read_text() == "1"
+    assert (tmp_path / "env-join").read_text() == "unset"
