@@ -15,12 +15,19 @@ Rows (named so they can be found by name):
   same records (``MemoryLog``; its partitions read in turns, as a fetch returns them): the stage's own
   work without a Kafka client, against the kafka-python join stage in the same rounds. No client can
   take the stage past this rate on the same machine.
-* "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on the
-  raw topics until the target samples are trained, against the bare loop with two threads; the same
+* "whole loop, two processes": ``reloop run`` (join and train processes, one torch thread each) on raw
+  topics of four times the other rows' events until the target samples are trained (from both stages
+  started to the period snapshot at the target), against the bare loop with two threads; the same
   with ``kafka.client: confluent`` (both processes on librdkafka) in the same rounds.
-* "whole loop, two processes, reloop run's default threads": the same with ``train.threads`` unset, as
-  ``reloop run`` runs unless told otherwise: the train process at torch's default (one thread per core),
-  sharing the cores with the join process and the broker; with kafka-python and with confluent-kafka.
+* "..., while the join stage works": the same runs' train stage samples/s from its progress lines, from
+  the first with samples trained to the last before the join stage had sent every sample: both stages
+  at work, the start-up and the snapshot left out. A join stage that keeps up with its input needs less
+  of the cores than this one catching up with a backlog: a bound from below. The train stage's rate
+  once the join stage is done (a bound from above) is in the figure's notes.
+* "whole loop, two processes, train at torch's default threads": the same with the train process at
+  torch's default, one thread per core, sharing every core with the join process and the broker (what
+  ``reloop run`` ran with ``train.threads`` unset before it left a core to the join process: on 2 cores
+  it now runs the one-thread rows); with kafka-python and with confluent-kafka.
 * "whole loop's ceiling": the bare loop with one thread (the train process's) against two threads, in
   the whole loop's rounds: a train process as fast as its model's bare loop, with the join process free,
   would reach this ratio and no more.
@@ -359,11 +366,13 @@ def whole_loop_rate(
     batch: int,
     client: str = KP,
     threads: int | None = 1,
+    label: str = "",
 ) -> float:
     """``reloop run`` with two processes (both on the Kafka ``client``, ``threads`` torch threads in the
-    train process; None: ``train.threads`` unset, torch's default, as ``reloop run`` runs) until
+    train process; None: ``train.threads`` unset, ``reloop run``'s own choice) until
     ``target`` samples are trained: samples / (time of the snapshot at target - time both stages had
-    started)."""
+    started). The train stage's rates while the join stage worked and after (``train_rates``) go to
+    ``BUSY[label]``."""
     from reloop.engine.checkpoint.registry import SnapshotRegistry
 
     with tempfile.TemporaryDirectory(prefix="reloop-bench-run-") as tmp:
@@ -383,7 +392,7 @@ def whole_loop_rate(
             "train": {"batch_size": batch} | ({} if threads is None else {"threads": threads}),
             "period": {"every_samples": target},
             "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
-            "log": {"stats_every_s": 60},
+            "log": {"stats_every_s": PROGRESS_EVERY_S},
         }  # fmt: skip
         path = work / "run.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -415,7 +424,65 @@ def whole_loop_rate(
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
             log.close()
+        BUSY.setdefault(label, []).append(train_rates((work / "run.log").read_text(errors="replace")))
     return target / (created - (started or created))
+
+
+# The whole-loop rows' short names (their ``BUSY`` keys and the per-round table's labels).
+LOOPS = (
+    "whole loop, two processes",
+    "whole loop, two processes, confluent-kafka",
+    "whole loop, two processes, torch's default threads",
+    "whole loop, two processes, confluent-kafka, torch's default threads",
+)
+
+# The whole loop's stages log their progress this often (``log.stats_every_s``): ``train_rates`` reads it.
+PROGRESS_EVERY_S = 0.5
+
+# Per whole-loop row, per round: ``train_rates`` of its run.
+BUSY: dict[str, list[tuple[float | None, float | None]]] = {}
+
+
+def train_rates(log_text: str) -> tuple[float | None, float | None]:
+    """The train stage's samples/s from the two stages' progress lines: (while the join stage works, from
+    the train stage's first line with samples trained to its last before the join stage had sent every
+    sample; after it, from that line to the last before the period snapshot). Start-up and the snapshot
+    are outside both windows. None for a window of fewer than two lines.
+
+    >>> line = '{{"ts":{},"msg":"progress","stage":"{}","{}":{}}}'.format
+    >>> train_rates("\\n".join([line(1.0, "join", "samples_sent", 10),
+    ...     line(1.5, "train", "samples_trained", 0), line(2.0, "train", "samples_trained", 100),
+    ...     line(2.5, "join", "samples_sent", 20),
+    ...     line(3.0, "train", "samples_trained", 300), line(3.5, "join", "samples_sent", 30),
+    ...     line(4.0, "join", "samples_sent", 30), line(4.5, "train", "samples_trained", 900)]))
+    (200.0, 400.0)
+    """
+    import orjson
+
+    join: list[tuple[float, int]] = []
+    train: list[tuple[float, int]] = []
+    for text in log_text.splitlines():
+        if '"msg":"progress"' not in text:
+            continue
+        entry = orjson.loads(text)
+        if entry.get("stage") == "join":
+            join.append((entry["ts"], entry["samples_sent"]))
+        elif entry.get("stage") == "train" and entry["samples_trained"] > 0 and entry.get("version") is None:
+            train.append((entry["ts"], entry["samples_trained"]))
+    if not join or not train:
+        return None, None
+    total = max(sent for _, sent in join)
+    done = min(ts for ts, sent in join if sent == total)
+    busy = [(ts, n) for ts, n in train if ts <= done]
+    after = busy[-1:] + [(ts, n) for ts, n in train if ts > done]
+    return _rate(busy), _rate(after)
+
+
+def _rate(window: list[tuple[float, int]]) -> float | None:
+    if len(window) < 2:
+        return None
+    (t0, n0), (t1, n1) = window[0], window[-1]
+    return (n1 - n0) / (t1 - t0)
 
 
 @contextlib.contextmanager
@@ -466,6 +533,7 @@ def run(ctx: Context) -> Figure:
     from reloop.engine.features.spec import criteo_spec
     from reloop.engine.runtime.config import StagesSection, default_of
 
+    every_core = torch.get_num_threads()  # torch's default: one thread per core
     torch.set_num_threads(1)
     n = ctx.pick(40_960, 8_192)
     rounds = min(ctx.rounds, 3)
@@ -477,6 +545,7 @@ def run(ctx: Context) -> Figure:
     rows: list[Row] = []
     lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
     after_first: list[str] = []
+    after_join: list[str] = []
     with local_broker() as bootstrap, stage_gc():  # the engine and the baselines alike
         samples_topic = fill_samples_topic(bootstrap, imps[:n], labels)
         for backbone, batch in configs:
@@ -539,8 +608,12 @@ def run(ctx: Context) -> Figure:
                 "kafka-python consume of the same records (records/s)",
                 ">= 100,000 samples/s", float(np.median(cjoin)) >= 100_000)  # fmt: skip
         batch = 1024
-        target = (n // batch) * batch
         bare2 = _bare("dcn", spec, imps[:n], labels, batch)
+        # The whole loop on four times the events: a run of n would last two seconds, a third of them
+        # start-up and the period snapshot at its end.
+        loop_n = ctx.pick(4 * n, n)
+        loop_raw = fill_topics(bootstrap, *make_events(loop_n, seed=1))
+        target = (loop_n // batch) * batch
 
         def bare_at(threads: int) -> float:
             torch.set_num_threads(threads)
@@ -553,11 +626,22 @@ def run(ctx: Context) -> Figure:
         # so one thread's bare loop over two threads' bounds what the whole loop can reach on this machine.
         whole, cwhole, dwhole, dcwhole, base2, base1 = alternate_many(
             [
-                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch),
-                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch, client="confluent"),
-                lambda: whole_loop_rate(bootstrap, raw, spec, target, batch, threads=None),
+                lambda: whole_loop_rate(bootstrap, loop_raw, spec, target, batch, label=LOOPS[0]),
                 lambda: whole_loop_rate(
-                    bootstrap, raw, spec, target, batch, client="confluent", threads=None
+                    bootstrap, loop_raw, spec, target, batch, client="confluent", label=LOOPS[1]
+                ),
+                lambda: whole_loop_rate(
+                    bootstrap, loop_raw, spec, target, batch, threads=every_core, label=LOOPS[2]
+                ),
+                lambda: whole_loop_rate(
+                    bootstrap,
+                    loop_raw,
+                    spec,
+                    target,
+                    batch,
+                    client="confluent",
+                    threads=every_core,
+                    label=LOOPS[3],
                 ),
                 lambda: bare_at(2),
                 lambda: bare_at(1),
@@ -577,15 +661,13 @@ def run(ctx: Context) -> Figure:
                 "whole loop, two processes, confluent-kafka", cwhole, base2, cwratio,
                 "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
                 ">= 0.6 x bare loop (2 threads)", cwratio >= 0.6)  # fmt: skip
-        # What ``reloop run`` does unless told otherwise: the train process at torch's default threads (one
-        # per core), sharing the cores with the join process.
-        for client_rates, suffix in ((dwhole, ""), (dcwhole, ", confluent-kafka")):
+        # The train process at torch's default threads (one per core), sharing every core with the join
+        # process: what ``reloop run`` did before it left a core to the join process.
+        for client_rates, label in ((dwhole, LOOPS[2]), (dcwhole, LOOPS[3])):
             ratio = median_ratio(client_rates, base2)
-            cores = os.cpu_count()
             _record(rows, lines,
-                    f"whole loop, two processes{suffix}, reloop run's default threads (join + train at "
-                    f"torch's default, {cores} here), DCN 1024",
-                    f"whole loop, two processes{suffix}, default threads", client_rates, base2, ratio,
+                    f"{label} ({every_core} here: one per core), DCN 1024",
+                    label, client_rates, base2, ratio,
                     "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
                     ">= 0.6 x bare loop (2 threads)", ratio >= 0.6)  # fmt: skip
         _record(rows, lines,
@@ -593,10 +675,26 @@ def run(ctx: Context) -> Figure:
                 "whole loop's ceiling: bare, 1 thread", base1, base2, ceiling,
                 "bare torch loop, same model, pre-built tensors, 2 threads (same rounds)",
                 base_note=" (2)")  # fmt: skip
+        # The same runs while both stages worked (start-up and the snapshot at the end left out).
+        for label in LOOPS:
+            runs = BUSY.get(label, [])[-rounds:]
+            busy = [b for b, _ in runs if b is not None]
+            if len(runs) == rounds and len(busy) == rounds:
+                _record(rows, lines, f"{label}, while the join stage works (start-up and snapshot left out)",
+                        f"{label}, while the join stage works", busy, base2, median_ratio(busy, base2),
+                        "bare torch loop, same model, pre-built tensors, 2 threads "
+                        "(same rounds)")  # fmt: skip
+            after = [a for _, a in runs if a is not None]
+            if len(runs) == rounds and len(after) == rounds:
+                after_join.append(
+                    f"{label}: {', '.join(f'{rate:,.0f}' for rate in after)} samples/s once the join stage "
+                    f"had sent every sample (ratio {median_ratio(after, base2):.3f})"
+                )
     load = os.getloadavg()
     notes = "\n".join(
         [
-            f"{n:,} Criteo-shaped impressions ({len(clicks):,} clicks) on the local broker; {rounds} rounds "
+            f"{n:,} Criteo-shaped impressions ({len(clicks):,} clicks) on the local broker ({loop_n:,} for "
+            f"the whole-loop rows); {rounds} rounds "
             f"alternating engine and baseline; load average at the end {load[0]:.1f} / {load[1]:.1f} "
             f"(1/5 min) "
             f"on {os.cpu_count()} cores, shared with the broker (and with other work on this machine: "
@@ -615,6 +713,16 @@ def run(ctx: Context) -> Figure:
             "baseline's data preparation is):",
             "",
             *[f"- {line}" for line in after_first],
+            "",
+            "The whole-loop rows time a run from both stages started to the period snapshot at the "
+            f"target. Their join stage sends the {loop_n:,} samples faster than the train stage trains "
+            'them, and works through its backlog on the cores the train stage needs: the rows "while the '
+            "join stage works\" are the train stage's rate then, from the stages' progress lines (every "
+            f"{PROGRESS_EVERY_S} s), a bound from below for a join stage that only keeps up with its input. "
+            "The same runs' train stage after the join stage had sent every sample (the broker still "
+            "serving it; a bound from above):",
+            "",
+            *[f"- {line}" for line in after_join],
         ]
     )
     return Figure(key="stages", title=TITLE, rows=rows, notes=notes)
