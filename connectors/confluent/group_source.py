@@ -25,6 +25,7 @@ from reloop.connectors.confluent.source import (
     fetched_ends,
     log_failed_commit,
 )
+from reloop.connectors.partition_restart import warn_restarted_below
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -167,6 +168,8 @@ class ConfluentGroupSource:
                 continue
             if m.offset() > expected:
                 self._count_deleted_unread(tp, expected)
+            elif m.offset() < expected:  # librdkafka's reset to the oldest record, from past the log end
+                warn_restarted_below(tp, expected, m.offset())
             _, ts = m.timestamp()
             out.append(Record(tp.topic, tp.partition, m.offset(), m.key(), m.value() or b"", ts))
             self._next[tp] = m.offset() + 1

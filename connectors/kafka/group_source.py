@@ -27,6 +27,7 @@ from reloop.connectors.kafka.fetch_records import as_records, read_records_direc
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.kafka.source import client_positions, fetched_ends, poll_checked
+from reloop.connectors.partition_restart import warn_restarted_below
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -200,6 +201,8 @@ class KafkaGroupSource:
         for tp, start in self._oldest(tp for tp in at if tp in self._next).items():
             if start > at[tp]:
                 self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - at[tp]
+            else:
+                warn_restarted_below(tp, at[tp], start)
             self._consumer.seek(KafkaTopicPartition(tp.topic, tp.partition), start)
             self._next[tp] = start
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -311,6 +312,39 @@ class _SeekToCheckpoint(_SeekToStart):
         self.assigned.append(tps)
         assert self.source is not None
         self.source.seek(dict.fromkeys(tps, 0))
+
+
+class _SeekPastEnd(_SeekToStart):
+    """A restored task whose topic was recreated since its checkpoint: its position, 50, is past the
+    new log's end."""
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self.assigned.append(tps)
+        assert self.source is not None
+        self.source.seek(dict.fromkeys(tps, 50))
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_position_past_the_log_end_restarts_at_the_oldest_record_with_a_warning(
+    kafka_broker, unique_topic, client, caplog
+):
+    """Read again from the oldest record, nothing counted as deleted, and the restart is told: before, it
+    was silent (librdkafka's own reset, or kafka-python's restart after its out-of-range error)."""
+    topic = unique_topic("pastend")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    fill(kafka_broker.bootstrap, topic, 20)
+    source = _member(kafka_broker.bootstrap, topic, _SeekPastEnd(), client)
+    try:
+        with caplog.at_level(logging.WARNING, logger="reloop.connectors"):
+            got = poll_group(source, 20)
+        assert [r.offset for r in got] == list(range(20))
+        assert source.position() == {TopicPartition(topic, 0): 20}
+        assert source.take_deleted_unread() == {}
+        [warning] = [r for r in caplog.records if r.name == "reloop.connectors"]
+        assert "restarted below its position" in warning.getMessage()
+        assert warning.fields == {"partition": f"{topic}:0", "position": 50, "restart": 0}
+    finally:
+        source.close()
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
