@@ -201,7 +201,7 @@ class KafkaGroupSource:
         for tp, start in self._oldest(tp for tp in at if tp in self._next).items():
             if start > at[tp]:
                 self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - at[tp]
-            else:
+            elif start < at[tp]:
                 warn_restarted_below(tp, at[tp], start)
             self._consumer.seek(KafkaTopicPartition(tp.topic, tp.partition), start)
             self._next[tp] = start

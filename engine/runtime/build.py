@@ -52,8 +52,8 @@ def leave_a_core_to_join(cfg: RunConfig) -> int | None:
     ``train.threads`` unset: torch's default intra-op threads less one, at least one; returns them (None
     where the threads are the user's: ``train.threads``, ``deterministic`` or ``OMP_NUM_THREADS``). With a
     thread on every core, each of torch's parallel regions waited for the thread the join process had
-    taken the core from: on 2 cores the train stage ran at 0.6x its one-thread rate while the join stage
-    worked (docs/data-plane.md)."""
+    taken the core from: on 2 cores the train stage ran at 0.57-0.75x its one-thread rate while the join
+    stage worked (docs/data-plane.md)."""
     if cfg.train.threads is not None or cfg.train.deterministic or "OMP_NUM_THREADS" in os.environ:
         return None
     threads = max(1, torch.get_num_threads() - 1)
