@@ -609,7 +609,7 @@ def run(ctx: Context) -> Figure:
                 ">= 100,000 samples/s", float(np.median(cjoin)) >= 100_000)  # fmt: skip
         batch = 1024
         bare2 = _bare("dcn", spec, imps[:n], labels, batch)
-        # The whole loop on four times the events: a run of n would last two seconds, a third of them
+        # The whole loop on four times the events: a run of n would last two seconds, a quarter of them
         # start-up and the period snapshot at its end.
         loop_n = ctx.pick(4 * n, n)
         loop_raw = fill_topics(bootstrap, *make_events(loop_n, seed=1))
