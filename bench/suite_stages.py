@@ -365,11 +365,11 @@ def whole_loop_rate(
     target: int,
     batch: int,
     client: str = KP,
-    threads: int | None = 1,
+    threads: int = 1,
     label: str = "",
 ) -> float:
     """``reloop run`` with two processes (both on the Kafka ``client``, ``threads`` torch threads in the
-    train process; None: ``train.threads`` unset, ``reloop run``'s own choice) until
+    train process) until
     ``target`` samples are trained: samples / (time of the snapshot at target - time both stages had
     started). The train stage's rates while the join stage worked and after (``train_rates``) go to
     ``BUSY[label]``."""
@@ -389,7 +389,7 @@ def whole_loop_rate(
             "validation": {"max_future_ms": None},
             "model": {"backbone": "dcn", "strategy": "reloop", "alpha": 0.2, "spec": spec.to_dict(),
                       "optimizer": {"embedding_optimizer": "adam", "wide": "off"}},
-            "train": {"batch_size": batch} | ({} if threads is None else {"threads": threads}),
+            "train": {"batch_size": batch, "threads": threads},
             "period": {"every_samples": target},
             "checkpoint": {"dir": str(work / "snaps"), "keep": 2},
             "log": {"stats_every_s": PROGRESS_EVERY_S},
@@ -397,8 +397,6 @@ def whole_loop_rate(
         path = work / "run.yaml"
         path.write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        if threads is None:  # torch's own default: one thread per core
-            env.pop("OMP_NUM_THREADS")
         log = open(work / "run.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(path)],

@@ -128,15 +128,15 @@ def retention_ms(
     """Each topic's ``retention.ms`` (-1: no time-based retention). A topic the cluster does not say for
     (missing, no DescribeConfigs permission) is left out, with a warning: the value only informs one."""
     found: dict[str, int] = {}
+    wanted = list(dict.fromkeys(topics))
     settings = {"bootstrap_timeout_ms": int(timeout_s * 1000), "request_timeout_ms": int(timeout_s * 1000)}
     try:
         admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
     except AuthenticationFailed:
         raise
     except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
-        _log.warning("could not read the retention of topics %r: %r", list(topics), exc)
+        _log.warning("could not read the retention of topics %r: %r", wanted, exc)
         return found
-    wanted = list(dict.fromkeys(topics))
     try:  # one request for all: a broker gone meanwhile costs one timeout, not one per topic
         answer = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic, ["retention.ms"]) for topic in wanted],
