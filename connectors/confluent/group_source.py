@@ -25,7 +25,7 @@ from reloop.connectors.confluent.source import (
     fetched_ends,
     log_failed_commit,
 )
-from reloop.connectors.partition_restart import warn_restarted_below
+from reloop.connectors.partition_restart import RestartsBelow
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -73,6 +73,7 @@ class ConfluentGroupSource:
         self._ends: Positions | None = None
         self._ends_at = 0.0
         self._deleted_unread: dict[TopicPartition, int] = {}
+        self._restarts_below = RestartsBelow()
 
     def subscribe(self, listener: Any) -> None:
         self._listener = listener
@@ -169,7 +170,7 @@ class ConfluentGroupSource:
             if m.offset() > expected:
                 self._count_deleted_unread(tp, expected)
             elif m.offset() < expected:  # librdkafka's reset to the oldest record, from past the log end
-                warn_restarted_below(tp, expected, m.offset())
+                self._restarts_below.restarted(tp, expected, m.offset())
             _, ts = m.timestamp()
             out.append(Record(tp.topic, tp.partition, m.offset(), m.key(), m.value() or b"", ts))
             self._next[tp] = m.offset() + 1
@@ -199,6 +200,11 @@ class ConfluentGroupSource:
         """Records deleted (by retention) before they were read, per partition, since the last call."""
         taken, self._deleted_unread = self._deleted_unread, {}
         return taken
+
+    def take_restarted_below(self) -> dict[TopicPartition, int]:
+        """Partitions read again from below their position (each warned of), per partition, since the
+        last call."""
+        return self._restarts_below.take()
 
     def position(self) -> Positions:
         return dict(self._next)

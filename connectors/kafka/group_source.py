@@ -27,7 +27,7 @@ from reloop.connectors.kafka.fetch_records import as_records, read_records_direc
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
 from reloop.connectors.kafka.source import client_positions, fetched_ends, poll_checked
-from reloop.connectors.partition_restart import warn_restarted_below
+from reloop.connectors.partition_restart import RestartsBelow
 from reloop.engine.streams import Positions, Record, TopicNotFound, TopicPartition
 
 
@@ -81,6 +81,7 @@ class KafkaGroupSource:
         self._ends: Positions | None = None
         self._ends_at = 0.0
         self._deleted_unread: dict[TopicPartition, int] = {}
+        self._restarts_below = RestartsBelow()
 
     def subscribe(self, listener: Any) -> None:
         """Join the group; ``listener`` gets ``on_assigned(list)`` / ``on_revoked(list)`` inside poll."""
@@ -202,7 +203,7 @@ class KafkaGroupSource:
             if start > at[tp]:
                 self._deleted_unread[tp] = self._deleted_unread.get(tp, 0) + start - at[tp]
             elif start < at[tp]:
-                warn_restarted_below(tp, at[tp], start)
+                self._restarts_below.restarted(tp, at[tp], start)
             self._consumer.seek(KafkaTopicPartition(tp.topic, tp.partition), start)
             self._next[tp] = start
 
@@ -219,6 +220,11 @@ class KafkaGroupSource:
         """Records deleted (by retention) before they were read, per partition, since the last call."""
         taken, self._deleted_unread = self._deleted_unread, {}
         return taken
+
+    def take_restarted_below(self) -> dict[TopicPartition, int]:
+        """Partitions read again from below their position (each warned of), per partition, since the
+        last call."""
+        return self._restarts_below.take()
 
     def position(self) -> Positions:
         return dict(self._next)

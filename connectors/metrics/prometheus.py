@@ -105,6 +105,19 @@ SERIES: tuple[Series, ...] = (
     Series("join_input_deleted_unread", "reloop_join_input_deleted_unread_total", "counter",
            "Input records deleted (by the topic's retention) before a join task read them, by topic: a "
            "task that lagged, or was down, longer than the retention. They are lost.", ("topic",)),
+    Series("join_input_restarted_below", "reloop_join_input_restarted_below_total", "counter",
+           "Input partitions a join process read again from below its position, by topic: the partition's "
+           "log now ends below it (the topic deleted and created again, or truncated by an unclean leader "
+           "election). Its records are read as new ones: samples may be trained twice.", ("topic",)),
+    Series("join_record_age_s", "reloop_join_record_age_seconds", "gauge",
+           "Wall clock minus the timestamp of the last record the join stage checked, by topic: the first "
+           "and the last record of each poll of an input topic, each message it writes to the samples "
+           "topic (stamped with its task's watermark). How far behind in time it reads and writes.",
+           ("topic",)),
+    Series("topic_retention_s", "reloop_topic_retention_seconds", "gauge",
+           "The topic's time-based retention (retention.ms) as the join stage read it at its start, by "
+           "topic (topics without one are left out): the broker deletes records stamped longer ago, read "
+           "or not.", ("topic",)),
     Series("joiner_too_late", "reloop_joiner_too_late_total", "counter",
            "Events dropped because their window was already closed and forgotten (retention passed), by "
            "kind (impression or click). A jump means the watermark moved far ahead of the data.", ("kind",)),

@@ -255,6 +255,9 @@ class EngineStats:
     merge_stamped_ahead: Tally = field(default_factory=Tally)
     join_replays_abandoned: Tally = field(default_factory=Tally)
     join_input_deleted_unread: Tally = field(default_factory=Tally)  # (topic,)
+    join_input_restarted_below: Tally = field(default_factory=Tally)  # (topic,)
+    join_record_age_s: Level = field(default_factory=Level)  # (topic,)
+    topic_retention_s: Level = field(default_factory=Level)  # (topic,)
 
     train_steps: Tally = field(default_factory=Tally)
     train_samples: Tally = field(default_factory=Tally)

@@ -180,7 +180,7 @@ class JoinStage:
         self.joiner_config = joiner_config
         self.settings = settings
         self.clock = clock
-        self.retention_watch = RetentionWatch(retention_ms or {}, clock)
+        self.retention_watch = RetentionWatch(retention_ms or {}, clock, stats)
         self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
@@ -209,8 +209,10 @@ class JoinStage:
         self._membership_timeout_s = max(settings.stall_timeout_s, source.longest_join_s())
         self._last_send: dict[int, float] = {}
         self._unreported: set[int] = set()  # tasks assigned whose inputs' start is not logged yet
-        # The Kafka sources tell input records retention deleted before they were read (none: others).
+        # The Kafka sources tell input records retention deleted before they were read, and partitions
+        # read again from below their position (none: others).
         self._take_deleted_unread = getattr(source, "take_deleted_unread", None)
+        self._take_restarted_below = getattr(source, "take_restarted_below", None)
         self._metrics = _JoinMetrics(stats)
         self._listener_error: BaseException | None = None
         self._check_partitions()
@@ -447,6 +449,9 @@ class JoinStage:
             raise error
         if self._take_deleted_unread is not None:
             self._count_deleted_unread(self._take_deleted_unread())
+        if self._take_restarted_below is not None:
+            for tp, n in self._take_restarted_below().items():  # each one warned of by the source
+                self._metrics.restarted_below.add(tp.topic, n=n)
         if records:
             self._last_records = time.monotonic()
             self._metrics.consumed(records)
@@ -731,6 +736,7 @@ class _JoinMetrics(JoinerMetrics):
         self.tasks = stats.join_tasks
         self.restore_fallbacks = stats.snapshot_restore_fallbacks
         self.deleted_unread = stats.join_input_deleted_unread
+        self.restarted_below = stats.join_input_restarted_below
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}

@@ -8,7 +8,8 @@ puts records on the topic that the broker deletes within minutes: a join task th
 loses them (counted when its checkpoint position passes the log start; a task without a checkpoint just
 starts at what is left), and samples stamped with such a task's event-time watermark can be deleted before
 the train stage reads them (counted there as samples missing). The join stage tells the operator once a
-while, naming the topic, the stamp's age and the retention.
+while, naming the topic, the stamp's age and the retention, and exports both as gauges per topic (the age
+of the last record checked, the retention), so an alert can compare them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+from reloop.engine.metrics.stats import EngineStats
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 
 log = logging.getLogger("reloop.join")
@@ -25,13 +27,22 @@ ADVICE = "a retention reaching back past the topic's oldest stamp (retention.ms=
 
 class RetentionWatch:
     """``retention_ms``: each watched topic's ``retention.ms`` (topics without time-based retention are
-    left out); ``clock``: wall time in ms."""
+    left out); ``clock``: wall time in ms; ``stats``: where the gauges go (``join_record_age_s``, the age
+    of the last record checked per topic, retention or not, and ``topic_retention_s``)."""
 
     def __init__(
-        self, retention_ms: Mapping[str, int], clock: Callable[[], int], *, every_s: float = 600.0
+        self,
+        retention_ms: Mapping[str, int],
+        clock: Callable[[], int],
+        stats: EngineStats,
+        *,
+        every_s: float = 600.0,
     ) -> None:
         self.retention_ms = {topic: ms for topic, ms in retention_ms.items() if ms >= 0}
         self.clock = clock
+        self._ages = stats.join_record_age_s
+        for topic, ms in self.retention_ms.items():
+            stats.topic_retention_s.set(ms / 1000, topic)
         self._read = self._warnings(
             "input records stamped longer ago than the topic's retention: the broker deletes such records "
             "at its next retention check, read or not",
@@ -55,9 +66,10 @@ class RetentionWatch:
         self._check(self._written, topic, timestamp_ms)
 
     def _check(self, warnings: Mapping[str, ThrottledWarning], topic: str, timestamp_ms: int) -> None:
-        retention = self.retention_ms.get(topic)
-        if retention is None or timestamp_ms < 0:  # -1: the record has no timestamp
+        if timestamp_ms < 0:  # -1: the record has no timestamp
             return
         age = self.clock() - timestamp_ms
-        if age > retention:
+        self._ages.set(age / 1000, topic)
+        retention = self.retention_ms.get(topic)
+        if retention is not None and age > retention:
             warnings[topic](topic=topic, stamp_age_s=round(age / 1000), retention_ms=retention, advice=ADVICE)

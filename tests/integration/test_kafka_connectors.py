@@ -343,6 +343,9 @@ def test_a_position_past_the_log_end_restarts_at_the_oldest_record_with_a_warnin
         [warning] = [r for r in caplog.records if r.name == "reloop.connectors"]
         assert "restarted below its position" in warning.getMessage()
         assert warning.fields == {"partition": f"{topic}:0", "position": 50, "restart": 0}
+        # counted once for the join stage's reloop_join_input_restarted_below_total, then taken
+        assert source.take_restarted_below() == {TopicPartition(topic, 0): 1}
+        assert source.take_restarted_below() == {}
     finally:
         source.close()
 

@@ -981,12 +981,18 @@ def test_a_join_consumer_that_stops_fetching_is_rebuilt_but_an_idle_one_is_not(t
 
 class _RetentionOvertook(MemoryGroupSource):
     """A client whose position retention passed once: it restarted at the oldest record left and says
-    how many it never read, as KafkaGroupSource does."""
+    how many it never read, as KafkaGroupSource does. And one whose clicks partition was read again
+    twice from below its position (a recreated topic), told the same way."""
 
     deleted = {TopicPartition("impressions", 0): 7}
+    restarted = {TopicPartition("clicks", 0): 2}
 
     def take_deleted_unread(self):
         taken, self.deleted = self.deleted, {}
+        return taken
+
+    def take_restarted_below(self):
+        taken, self.restarted = self.restarted, {}
         return taken
 
 
@@ -1001,6 +1007,7 @@ def test_input_records_deleted_before_they_were_read_are_counted_and_logged(tmp_
     for _ in range(3):
         stage.step()
     assert stats.join_input_deleted_unread.get("impressions") == 7  # once, not at every step
+    assert stats.join_input_restarted_below.items() == [(("clicks",), 2)]
     lost = [r for r in caplog.records if "deleted by retention before the join task read" in r.getMessage()]
     assert len(lost) == 1 and lost[0].levelname == "ERROR"
     stage.close()
@@ -1015,14 +1022,23 @@ def test_records_stamped_longer_ago_than_their_topics_retention_are_warned_of(tm
     or not, and the samples stamped with their watermark too. The operator is told, per topic."""
     log = _log(generate(200, seed=5, pad_to_multiple=BATCH))
     clock = ManualClock(START + age_days * 24 * 3_600_000)
+    stats = EngineStats()
     stage = build_join_stage(
         _config(tmp_path), source=MemoryGroupSource(log, ["impressions", "clicks"]),
-        samples_sink=MemorySink(log, "samples"), clock=clock, stats=EngineStats(),
+        samples_sink=MemorySink(log, "samples"), clock=clock, stats=stats,
         checkpoint_dir=tmp_path / "a",
         retention_ms={"impressions": WEEK_MS, "clicks": -1, "samples": WEEK_MS},
     )  # fmt: skip
     _run_join(stage, log, clock)
     stage.close()
+    # The gauges an alert compares: the retention of the topics that have one, and the age of the last
+    # record checked on every topic, retention or not (a lag in time).
+    week_s = WEEK_MS / 1000
+    assert dict(stats.topic_retention_s.items()) == {("impressions",): week_s, ("samples",): week_s}
+    ages = dict(stats.join_record_age_s.items())
+    assert set(ages) == {("impressions",), ("clicks",), ("samples",)}
+    day_s = 24 * 3600
+    assert all((age_days - 1) * day_s < age <= age_days * day_s for age in ages.values()), ages
     warned = [r for r in caplog.records if "longer ago than the" in r.getMessage()]
     if age_days < 7:
         assert warned == []
