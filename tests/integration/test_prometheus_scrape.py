@@ -270,6 +270,21 @@ def test_train_loss_total_and_its_parts_are_separate_series(running):
     assert all(0 < float(s["value"][1]) < 1 for s in rates)
 
 
+def test_record_age_and_retention_match_topic_by_topic_for_the_alert(running):
+    """ReloopRecordsNearRetention compares two gauges label by label: on a real scrape each topic's age and
+    retention carry the same labels. The feed is stamped minutes ago, in seconds (not ms); its topics keep
+    the broker's week, so the alert's own expression finds nothing."""
+    feed = running.feed
+    under = "reloop_join_record_age_seconds < reloop_topic_retention_seconds"
+    by_topic = {s["metric"]["topic"]: float(s["value"][1]) for s in wait_for(running, under, min_results=3)}
+    tag = feed.impressions.removeprefix("impressions-")
+    assert {feed.impressions, feed.clicks, f"samples-g-{tag}"} <= set(by_topic)
+    assert all(0 < age < 2 * 24 * 3600 for age in by_topic.values()), by_topic
+    retention = running.prom.query(f'reloop_topic_retention_seconds{{topic="{feed.impressions}"}}')
+    assert float(retention[0]["value"][1]) == 7 * 24 * 3600  # the broker's default, read at the start
+    assert running.prom.query("reloop_join_record_age_seconds > 0.8 * reloop_topic_retention_seconds") == []
+
+
 def test_processor_stops_cleanly_after_being_scraped(running):
     wait_for(running, "reloop_train_samples_total > 0")
     running.proc.send_signal(signal.SIGTERM)
