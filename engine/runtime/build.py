@@ -25,6 +25,7 @@ from reloop.engine.models.registry import (
 )
 from reloop.engine.runtime.clock import system_clock
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_feature_spec
+from reloop.engine.runtime.cpu_limit import usable_cpus
 from reloop.engine.runtime.intake import IntakeLimits
 from reloop.engine.runtime.join_stage import GroupSource, JoinStage, JoinStageSettings
 from reloop.engine.runtime.pipeline import Pipeline, PipelineSettings
@@ -38,10 +39,23 @@ from reloop.engine.train.stream import StreamTrainer, StreamTrainerConfig
 log = logging.getLogger("reloop.run")
 
 
-def apply_determinism(cfg: RunConfig) -> None:
-    """Deterministic CPU settings when asked (the resume-equals-uninterrupted guarantee is exact then)."""
+def _threads_are_the_users(cfg: RunConfig) -> bool:
+    return cfg.train.threads is not None or cfg.train.deterministic or "OMP_NUM_THREADS" in os.environ
+
+
+def apply_torch_settings(cfg: RunConfig) -> None:
+    """The train stage's torch threads: ``train.threads`` where set; else torch's default capped by the
+    CPUs the process may use, which torch does not know when a cgroup quota limits them
+    (engine/runtime/cpu_limit.py). Deterministic CPU settings when asked (the resume-equals-uninterrupted
+    guarantee is exact then)."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
+    elif not _threads_are_the_users(cfg):
+        cpus = usable_cpus()
+        if torch.get_num_threads() > cpus:
+            torch.set_num_threads(cpus)
+            why = "torch's default (a thread per core) over the CPUs the cgroup's quota allows"
+            log.info("train threads", extra={"fields": {"threads": cpus, "why": why}})
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
@@ -49,14 +63,15 @@ def apply_determinism(cfg: RunConfig) -> None:
 
 def leave_a_core_to_join(cfg: RunConfig) -> int | None:
     """The train process of ``reloop run`` (its join process beside it on the same cores), with
-    ``train.threads`` unset: torch's default intra-op threads less one, at least one; returns them (None
+    ``train.threads`` unset: torch's default intra-op threads (capped by the CPUs the process may use:
+    engine/runtime/cpu_limit.py) less one, at least one; returns them (None
     where the threads are the user's: ``train.threads``, ``deterministic`` or ``OMP_NUM_THREADS``). With a
     thread on every core, each of torch's parallel regions waited for the thread the join process had
     taken the core from: on 2 cores the train stage ran at 0.57-0.75x its one-thread rate while the join
     stage worked (docs/data-plane.md)."""
-    if cfg.train.threads is not None or cfg.train.deterministic or "OMP_NUM_THREADS" in os.environ:
+    if _threads_are_the_users(cfg):
         return None
-    threads = max(1, torch.get_num_threads() - 1)
+    threads = max(1, min(torch.get_num_threads(), usable_cpus()) - 1)
     torch.set_num_threads(threads)
     why = "train.threads unset: one core left to the join process"
     log.info("train threads", extra={"fields": {"threads": threads, "why": why}})
@@ -103,7 +118,7 @@ def check_model(cfg: RunConfig) -> None:
 
 
 def build_trainer(cfg: RunConfig) -> StreamTrainer:
-    apply_determinism(cfg)
+    apply_torch_settings(cfg)
     spec = load_feature_spec(cfg.model)
     learner = build_learner(
         cfg.model.backbone,

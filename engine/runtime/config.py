@@ -147,8 +147,8 @@ class TrainSection(_Section):
     threads: int | None = Field(
         default=None,
         gt=0,
-        description="torch's threads; unset: torch's default (one per core), less one in reloop run's train "
-        "process, whose join process needs a core (docs/data-plane.md)",
+        description="torch's threads; unset: torch's default (one per core) capped by the cgroup's CPU "
+        "quota, less one in reloop run's train process, whose join process needs a core (docs/data-plane.md)",
     )
     progressive_window: int = Field(default=100_000, gt=0)
     delayed_feedback: Literal["none", "fnw"] = Field(

@@ -28,6 +28,7 @@ def torch_threads(monkeypatch):
     state = {"default": 4, "set": []}
     monkeypatch.setattr(build.torch, "get_num_threads", lambda: state["default"])
     monkeypatch.setattr(build.torch, "set_num_threads", state["set"].append)
+    monkeypatch.setattr(build, "usable_cpus", lambda: 64)  # no cgroup quota below torch's default
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return state
 
