@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,55 @@ def test_omp_num_threads_wins_over_the_quota(torch_on_64_cores_with_a_quota_of_4
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     build.apply_torch_settings(_cfg())
     assert torch_on_64_cores_with_a_quota_of_4["set"] == []
+
+
+def _writable_cpu_cgroup(name: str) -> Path | None:
+    """A new cgroup with the cpu controller (v1's cpu hierarchy, or v2's unified one), where this process
+    may make one (root in a container with its cgroups writable); None elsewhere."""
+    for parent, quota in (
+        (Path("/sys/fs/cgroup/cpu"), "cpu.cfs_quota_us"),
+        (Path("/sys/fs/cgroup"), "cpu.max"),
+    ):
+        folder = parent / name
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        if (folder / quota).exists():
+            return folder
+        folder.rmdir()
+    return None
+
+
+def test_a_real_cgroup_quota_lowers_torchs_threads():
+    """The kernel's own files: a process moved into a cgroup of 1.5 CPUs trains with one torch thread."""
+    folder = _writable_cpu_cgroup(f"reloop-test-{os.getpid()}")
+    if folder is None:
+        pytest.skip("no writable cgroup with the cpu controller here (needs root and writable cgroups)")
+    script = (
+        "import torch; from reloop.engine.runtime.build import apply_torch_settings; "
+        "from reloop.engine.runtime.config import load_config_dict; "
+        "from reloop.engine.runtime.synthetic import SPEC; "
+        "from reloop.engine.runtime.cpu_limit import cgroup_cpu_limit; "
+        "apply_torch_settings(load_config_dict({'model': {'backbone': 'dcn', 'spec': SPEC}}, env={})); "
+        "print(cgroup_cpu_limit(), torch.get_num_threads())"
+    )
+    try:
+        if (folder / "cpu.max").exists():
+            (folder / "cpu.max").write_text("150000 100000")
+        else:
+            (folder / "cpu.cfs_quota_us").write_text("150000")
+            (folder / "cpu.cfs_period_us").write_text("100000")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELOOP__") and k != "OMP_NUM_THREADS"}
+        shell = f'echo $$ > {folder / "cgroup.procs"} || exit 77; exec "$0" -c "$1"'
+        out = subprocess.run(
+            ["sh", "-c", shell, sys.executable, script], env=env, capture_output=True, text=True, timeout=120
+        )
+        if out.returncode == 77:
+            pytest.skip(f"this process may not move into {folder}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        limit, threads = out.stdout.split()
+        assert float(limit) == 1.5
+        assert int(threads) == 1
+    finally:
+        folder.rmdir()
