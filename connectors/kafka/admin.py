@@ -14,6 +14,7 @@ from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError
+from reloop.connectors.kafka.client_start import start_client
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import admin_settings
 from reloop.engine.streams import AuthenticationFailed, MissingTopic, Positions, TopicPartition
@@ -23,7 +24,7 @@ _log = logging.getLogger(__name__)
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:
     with login_checked(bootstrap):
-        return KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
+        return start_client(KafkaAdminClient, bootstrap_servers=bootstrap, **dict(client_config or {}))
 
 
 def create_topics(
@@ -189,7 +190,8 @@ def offsets_for_times(
     Use the result as ``Source.open(positions)`` to start a replay at a point in time.
     """
     with login_checked(bootstrap):
-        consumer = KafkaConsumer(
+        consumer = start_client(
+            KafkaConsumer,
             bootstrap_servers=bootstrap,
             enable_auto_commit=False,
             allow_auto_create_topics=False,

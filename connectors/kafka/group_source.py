@@ -23,6 +23,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.coordinator.base import MemberState
 from kafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from reloop.connectors.kafka.client_start import start_client
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
@@ -64,8 +65,12 @@ class KafkaGroupSource:
             "auto_offset_reset": "none",
         }
         with login_checked(bootstrap):
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, **config
+            self._consumer = start_client(
+                KafkaConsumer,
+                bootstrap_servers=bootstrap,
+                group_id=group_id,
+                enable_auto_commit=False,
+                **config,
             )
         # A rebalance waits up to a dead member's session timeout, and for the live members to hear of it
         # at their next heartbeat (the broker's initial delay, 3 s by default, is shorter than a session).

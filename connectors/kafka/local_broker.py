@@ -657,10 +657,12 @@ def _metadata_ok(
     """A real client round trip: the cluster must list an unfenced broker."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
+    from reloop.connectors.kafka.client_start import start_client
 
     timeout_ms = int(max(timeout_s, 1.0) * 1000)
     try:
-        admin = KafkaAdminClient(
+        admin = start_client(
+            KafkaAdminClient,
             bootstrap_servers=bootstrap,
             request_timeout_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,

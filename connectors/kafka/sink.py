@@ -34,6 +34,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, UnknownError
 from reloop.connectors.kafka.admin import record_limit
+from reloop.connectors.kafka.client_start import start_client
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import PRODUCER_RESERVED as _RESERVED
 from reloop.engine.streams import RecordTooLarge
@@ -109,7 +110,8 @@ class KafkaSink:
             if "batch_size" not in self.client_config:  # a batch over the limit is refused, then split
                 config["batch_size"] = min(config["batch_size"], topic_limit)
         with login_checked(bootstrap):
-            self._producer: KafkaProducer | None = KafkaProducer(
+            self._producer: KafkaProducer | None = start_client(
+                KafkaProducer,
                 bootstrap_servers=bootstrap,
                 acks="all",
                 enable_idempotence=True,

@@ -17,6 +17,7 @@ from typing import Any
 from kafka import KafkaConsumer, OffsetAndMetadata
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.errors import IllegalStateError, KafkaError, UnsupportedCodecError
+from reloop.connectors.kafka.client_start import start_client
 from reloop.connectors.kafka.fetch_records import as_records, read_records_directly
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import CONSUMER_RESERVED as _RESERVED
@@ -86,7 +87,8 @@ class KafkaSource:
                 **self.client_config,
             }
             with login_checked(self.bootstrap):
-                self._consumer = KafkaConsumer(
+                self._consumer = start_client(
+                    KafkaConsumer,
                     bootstrap_servers=self.bootstrap,
                     group_id=self.group_id,
                     enable_auto_commit=False,
