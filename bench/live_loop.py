@@ -31,11 +31,10 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 import yaml
 
@@ -59,22 +58,17 @@ class LiveRun:
         return self.trained_rate is not None and self.trained_rate >= 0.97 * self.rate
 
 
-def _events(n: int, seed: int) -> list[tuple[str, dict[str, Any], float, int | None]]:
-    """(impression id, features, served prediction, click delay ms or None) of ``n`` Criteo-shaped
-    impressions, as bench/suite_e2e.py's ``make_events`` draws them."""
-    rng = np.random.default_rng(seed)
-    ints = rng.integers(0, 2000, size=(n, 13))
-    cats = (rng.zipf(1.2, size=(n, 26)) * 2654435761) % (1 << 32)
-    clicked = rng.random(n) < 0.25
-    delays = rng.integers(10, 1500, size=n)
-    served = rng.uniform(0.05, 0.5, size=n)
-    out = []
-    for i in range(n):
-        features: dict[str, Any] = {f"I{k + 1}": int(ints[i, k]) for k in range(13)}
-        features.update({f"C{k + 1}": f"{int(cats[i, k]):08x}" for k in range(26)})
-        iid = uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | i).hex
-        out.append((iid, features, float(served[i]), int(delays[i]) if clicked[i] else None))
-    return out
+def _events(n: int, seed: int) -> list[tuple[Any, int | None]]:
+    """(impression, click delay ms or None) of ``n`` Criteo-shaped impressions, drawn as figure 9 draws
+    them (bench/suite_e2e.py's ``make_events``); each is stamped anew when it is sent."""
+    from reloop.bench.suite_e2e import make_events
+
+    imps, clicks = make_events(n, seed)
+    delays = {c.impression_id: c.event_time_ms for c in clicks}
+    return [
+        (imp, delays[imp.impression_id] - imp.event_time_ms if imp.impression_id in delays else None)
+        for imp in imps[:-1]  # not the closing sentinel
+    ]
 
 
 def _feed(bootstrap: str, topics: tuple[str, str], events: list[Any], rate: int, seconds: float) -> int:
@@ -82,7 +76,7 @@ def _feed(bootstrap: str, topics: tuple[str, str], events: list[Any], rate: int,
     sent. The events are encoded as they are sent, stamped with the send time."""
     from reloop.connectors.confluent.sink import ConfluentSink
     from reloop.engine.events.codec import encode
-    from reloop.engine.events.schema import Click, Impression
+    from reloop.engine.events.schema import Click
 
     imps = ConfluentSink(bootstrap=bootstrap, topic=topics[0])
     clicks = ConfluentSink(bootstrap=bootstrap, topic=topics[1])
@@ -96,11 +90,9 @@ def _feed(bootstrap: str, topics: tuple[str, str], events: list[Any], rate: int,
         now_ms = int(time.time() * 1000)
         target = min(len(events), int(elapsed * rate))
         while sent < target:
-            iid, features, served, delay = events[sent]
-            imp = Impression(impression_id=iid, request_id=f"r{sent // 10}", user_id=f"u{sent % 50_000}",
-                             item_id=f"i{sent % 100_000}", features=features, event_time_ms=now_ms,
-                             served_prediction=served, model_version=1, arm="bench")  # fmt: skip
-            imps.send(encode(imp), key=iid.encode(), timestamp_ms=now_ms)
+            imp, delay = events[sent]
+            iid = imp.impression_id
+            imps.send(encode(replace(imp, event_time_ms=now_ms)), key=iid.encode(), timestamp_ms=now_ms)
             if delay is not None:
                 heapq.heappush(due, (now_ms + delay, iid))
             sent += 1
