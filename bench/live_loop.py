@@ -169,8 +169,9 @@ def live_run(bootstrap: str, rate: int, threads: int, seconds: float, events: li
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-        trained = _progress(work / "run.log")
-        joined = _progress(work / "run.log", "join", "samples_sent")
+        text = (work / "run.log").read_text(errors="replace")
+        trained = _progress(text)
+        joined = _progress(text, "join", "samples_sent")
     steady_from = t_start + seconds / 3
     trained_end, joined_end = _at(trained, t_end), _at(joined, t_end)
     backlog = None if trained_end is None or joined_end is None else round(joined_end - trained_end)
@@ -192,12 +193,12 @@ def _rate(points: list[tuple[float, int]], start: float, end: float) -> float | 
     return None if first is None or last is None else (last - first) / (end - start)
 
 
-def _progress(log: Path, stage: str = "train", count: str = "samples_trained") -> list[tuple[float, int]]:
-    """(Unix time, ``count``) of ``stage``'s progress lines."""
+def _progress(log_text: str, stage: str = "train", count: str = "samples_trained") -> list[tuple[float, int]]:
+    """(Unix time, ``count``) of ``stage``'s progress lines in a run's log."""
     out = []
-    for text in log.read_text(errors="replace").splitlines():
-        if '"msg":"progress"' in text and f'"stage":"{stage}"' in text:
-            entry = orjson.loads(text)
+    for line in log_text.splitlines():
+        if '"msg":"progress"' in line and f'"stage":"{stage}"' in line:
+            entry = orjson.loads(line)
             out.append((entry["ts"], entry[count]))
     return out
 
