@@ -299,6 +299,8 @@ class JoinStage:
         self._unreported.difference_update(gone)
         self._close_journals(gone)
         self._metrics.tasks.set(len(self.tasks))
+        if gone and not self.tasks:
+            self.retention_watch.idle()
         if gone:  # (at a stop the tasks are saved and released before the group revokes them)
             log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
 

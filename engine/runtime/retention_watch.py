@@ -65,6 +65,12 @@ class RetentionWatch:
         """A record the stage is writing, stamped ``timestamp_ms``."""
         self._check(self._written, topic, timestamp_ms)
 
+    def idle(self) -> None:
+        """The process holds no task any more (a rebalance took them all): it reads and writes nothing, so
+        its last ages would stand until it gets a task again, an alert firing on them long after another
+        process took the partitions over and caught up. Its age series go until it checks a record."""
+        self._ages.clear()
+
     def _check(self, warnings: Mapping[str, ThrottledWarning], topic: str, timestamp_ms: int) -> None:
         if timestamp_ms < 0:  # -1: the record has no timestamp
             return

@@ -1052,6 +1052,31 @@ def test_records_stamped_longer_ago_than_their_topics_retention_are_warned_of(tm
     assert "before the train stage reads them" in by_topic["samples"].getMessage()
 
 
+def test_a_process_that_lost_every_task_drops_its_record_ages(tmp_path):
+    """The ages of the last records a process checked stood after a rebalance took all its tasks, so an
+    alert on them fired (or stayed quiet) on another process's partitions for as long as it lived."""
+    log = _log(generate(200, seed=5, pad_to_multiple=BATCH), partitions=2)
+    clock = ManualClock(START + 8 * 24 * 3_600_000)
+    stats = EngineStats()
+    stage = build_join_stage(
+        _config(tmp_path), source=MemoryGroupSource(log, ["impressions", "clicks"]),
+        samples_sink=MemorySink(log, "samples"), clock=clock, stats=stats,
+        checkpoint_dir=tmp_path / "a", retention_ms={"impressions": WEEK_MS, "samples": WEEK_MS},
+    )  # fmt: skip
+    for _ in range(3):
+        stage.step()
+    assert ("impressions",) in dict(stats.join_record_age_s.items())
+    stage.on_revoked([TopicPartition("impressions", 0), TopicPartition("clicks", 0)])
+    assert stage.tasks and stats.join_record_age_s.items()  # one task left: its ages still stand
+    stage.source.revoke_all()
+    assert not stage.tasks
+    assert stats.join_record_age_s.items() == []
+    assert len(stats.topic_retention_s.items()) == 2  # the topics' settings, not this process's reading
+    stage.step()  # the group gives the tasks back: their records are checked again
+    assert ("impressions",) in dict(stats.join_record_age_s.items())
+    stage.close()
+
+
 def test_where_each_new_tasks_inputs_stand_is_logged_once_at_its_first_step(tmp_path, caplog):
     """A task at its end with nothing read (the CI run whose feed the broker had deleted) or far behind
     says so in one line, instead of progress lines with every count at 0."""
