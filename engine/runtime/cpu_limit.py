@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -87,3 +87,24 @@ def _v1_limit(folder: Path) -> float | None:
 
 def _ratio(quota: int, period: int) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
+
+
+# libgomp, the OpenMP runtime of torch's PyPI builds, keeps a worker thread spinning for GOMP_SPINCOUNT
+# iterations (300,000 by default, 1,000 where it sees more of its own threads than CPUs) after a parallel
+# region before it sleeps. Beside a join process that is busy on the same cores, the spinning threads
+# take the time slices the join process needs, and a region then waits for a thread whose core the join
+# process has: two train threads on 2 cores trained 7,919 samples/s of a 15,000/s stream where one thread
+# kept up, and kept up too with a spin count of 1,000 (docs/data-plane.md).
+SHARED_CORES_SPINCOUNT = "1000"
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def shared_cores_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a process whose torch threads share their cores with another busy process: its
+    OpenMP threads sleep soon after each parallel region (GOMP_SPINCOUNT), unless ``environ`` sets how
+    they wait (OMP_WAIT_POLICY or GOMP_SPINCOUNT). Read by libgomp when torch loads it: it must be in
+    the environment the process starts with."""
+    env = dict(environ)
+    if not any(name in env for name in WAIT_SETTINGS):
+        env["GOMP_SPINCOUNT"] = SHARED_CORES_SPINCOUNT
+    return env

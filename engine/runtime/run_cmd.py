@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
 from reloop.engine.runtime.train_cmd import BESIDE_JOIN
@@ -87,14 +88,18 @@ def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     # die_with(this pid), not die_with_parent: a SIGKILL here between the fork and the child's prctl left
     # the child running.
     lifeline = functools.partial(die_with, os.getpid())
-    # The train process leaves a core to the join process where train.threads is unset (build.py).
-    envs = {"train": {**os.environ, BESIDE_JOIN: "1"}, "join": None}
+    # The train process leaves a core to the join process where train.threads is unset (build.py), and
+    # its OpenMP threads do not spin on the cores they share with it (cpu_limit.shared_cores_env).
+    train_env = {**shared_cores_env(os.environ), BESIDE_JOIN: "1"}
+    envs = {"train": train_env, "join": None}
     for stage in ("train", "join"):
         port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
         children[stage] = subprocess.Popen(
             [*base, stage, "--config", args.config, *extra, *port], preexec_fn=lifeline, env=envs[stage]
         )
-    log.info("started", extra={"fields": {"processes": {k: p.pid for k, p in children.items()}}})
+    waits = {name: train_env[name] for name in WAIT_SETTINGS if name in train_env}
+    fields = {"processes": {k: p.pid for k, p in children.items()}, "train_openmp_wait": waits}
+    log.info("started", extra={"fields": fields})
     return _supervise(children, cfg.recovery.stop_timeout_s)
 
 

@@ -444,17 +444,30 @@ def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> N
 # A stage that writes what `reloop run` told it about the join process beside it, then ends.
 _ENV_STAGE = """
 import os, sys
-open(os.environ["ENV_OUT"] + "-{stage}", "w").write(
-    os.environ.get("RELOOP_TRAIN_BESIDE_JOIN", "unset")
-)
+names = ("RELOOP_TRAIN_BESIDE_JOIN", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+open(os.environ["ENV_OUT"] + "-{stage}", "w").write(" ".join(os.environ.get(n, "unset") for n in names))
 """
 
 
-def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, monkeypatch):
-    # So that, with train.threads unset, it leaves a core to the join process (build.leave_a_core_to_join).
+@pytest.mark.parametrize("user_wait", [None, ("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "50000")])
+def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, monkeypatch, user_wait):
+    # So that, with train.threads unset, it leaves a core to the join process (build.leave_a_core_to_join),
+    # and its OpenMP threads sleep soon after a parallel region instead of spinning on the join's cores
+    # (cpu_limit.shared_cores_env), unless the user said how they wait.
     monkeypatch.setenv("ENV_OUT", str(tmp_path / "env"))
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    if user_wait:
+        monkeypatch.setenv(*user_wait)
     proc = _start(tmp_path, train=_ENV_STAGE.format(stage="train"), join=_ENV_STAGE.format(stage="join"))
-    code, _ = _finish(proc)
+    code, lines = _finish(proc)
     assert code == 0
-    assert (tmp_path / "env-train").read_text() == "1"
-    assert (tmp_path / "env-join").read_text() == "unset"
+    user = dict([user_wait]) if user_wait else {}
+    spin = user.get("GOMP_SPINCOUNT", "unset" if user else "1000")
+    policy = user.get("OMP_WAIT_POLICY", "unset")
+    assert (tmp_path / "env-train").read_text() == f"1 {spin} {policy}"
+    join_spin = user.get("GOMP_SPINCOUNT", "unset")
+    assert (tmp_path / "env-join").read_text() == f"unset {join_spin} {policy}"  # the join stage: as given
+    started = [ln for ln in lines if ln.get("msg") == "started" and "processes" in ln]
+    assert started[0]["train_openmp_wait"] == {k: v for k, v in (("OMP_WAIT_POLICY", policy),
+                                               ("GOMP_SPINCOUNT", spin)) if v != "unset"}  # fmt: skip
