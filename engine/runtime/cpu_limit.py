@@ -93,8 +93,8 @@ def _ratio(quota: int, period: int) -> float | None:
 # iterations (300,000 by default, 1,000 where it sees more of its own threads than CPUs) after a parallel
 # region before it sleeps. Beside a join process that is busy on the same cores, the spinning threads
 # take the time slices the join process needs, and a region then waits for a thread whose core the join
-# process has: two train threads on 2 cores trained 7,919 samples/s of a 15,000/s stream where one thread
-# kept up, and kept up too with a spin count of 1,000 (docs/data-plane.md).
+# process has: two train threads on 2 cores trained 6,155-7,229 samples/s of a 15,000/s stream, and
+# 14,198-14,439 with a spin count of 1,000 (one thread: 14,595-14,705; docs/data-plane.md).
 SHARED_CORES_SPINCOUNT = "1000"
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
