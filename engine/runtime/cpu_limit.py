@@ -10,6 +10,9 @@ of 1.5 CPUs gives 1 thread, as Go's automaxprocs rounds: a thread per whole CPU,
 
 Anything that cannot be read (no cgroup file system, a file of another shape) is no limit: this tunes a
 default and must never stop a start.
+
+Also how the OpenMP threads of a process that shares its cores with another busy one wait
+(``shared_cores_env``: ``reloop run``'s train process beside its join process).
 """
 
 from __future__ import annotations
