@@ -97,13 +97,12 @@ def main() -> None:
 
     from reloop.bench.suite import alternate
     from reloop.bench.suite_broker import local_broker
-    from reloop.bench.suite_e2e import BareLoop, engine_pass, fill_topics, make_events
+    from reloop.bench.suite_e2e import BareLoop, click_labels, engine_pass, fill_topics, make_events
     from reloop.engine.features.spec import criteo_spec
 
     spec = criteo_spec()
     imps, clicks = make_events(args.n)
-    clicked = {c.impression_id for c in clicks}
-    labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[: args.n]])
+    labels = click_labels(imps, clicks, args.n)
     target = (args.n // args.batch) * args.batch
     with tempfile.TemporaryDirectory(prefix="reloop-e2e-") as tmp, local_broker() as bootstrap:
         topics = fill_topics(bootstrap, imps, clicks)

@@ -79,20 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     waits = parse_waits(args.waits)
     logging.disable(logging.WARNING)
 
-    import numpy as np
     import torch
     from reloop.bench import suite_stages as stages
     from reloop.bench.suite import alternate_many, median_ratio
     from reloop.bench.suite_broker import local_broker
-    from reloop.bench.suite_e2e import fill_topics, make_events
+    from reloop.bench.suite_e2e import click_labels, fill_topics, make_events
     from reloop.engine.features.spec import criteo_spec
 
     torch.set_num_threads(1)
     spec = criteo_spec()
     n = 40_960
     imps, clicks = make_events(n)
-    clicked = {c.impression_id for c in clicks}
-    labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
+    labels = click_labels(imps, clicks, n)
     configs = [(1, {})] + [(args.threads, w) for w in waits]
     print(f"load at start {os.getloadavg()}, {os.cpu_count()} cores", flush=True)
     with local_broker() as bootstrap, stages.stage_gc():
@@ -109,17 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        def bare_at(threads: int):
-            def run() -> float:
-                torch.set_num_threads(threads)
-                try:
-                    return bare.run()
-                finally:
-                    torch.set_num_threads(1)
-
-            return run
-
-        results = alternate_many([loop(t, w) for t, w in configs] + [bare_at(2), bare_at(1)], args.rounds)
+        bare_loops = [lambda: stages.bare_at(bare, 2), lambda: stages.bare_at(bare, 1)]
+        results = alternate_many([loop(t, w) for t, w in configs] + bare_loops, args.rounds)
     base = results[-2]
     print(f"load at end {os.getloadavg()}")
     print("| train process | samples/s per round | ratio to the bare loop, 2 threads | while the join stage "

@@ -84,6 +84,12 @@ def make_events(n: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
     return imps, clicks
 
 
+def click_labels(imps: list[Any], clicks: list[Any], n: int) -> np.ndarray:
+    """1.0 for each of the first ``n`` impressions that has a click, else 0.0."""
+    clicked = {c.impression_id for c in clicks}
+    return np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
+
+
 def fill_topics(bootstrap: str, imps: list[Any], clicks: list[Any]) -> tuple[str, str]:
     from reloop.connectors.kafka.admin import create_topics
     from reloop.connectors.kafka.sink import KafkaSink
@@ -279,8 +285,7 @@ def run(ctx: Context) -> Figure:
     configs = ctx.pick([("dcn", 1024), ("dcn", 4096), ("deepfm", 1024), ("deepfm", 4096)], [("dcn", 1024)])
     spec = criteo_spec()
     imps, clicks = make_events(n)
-    clicked = {c.impression_id for c in clicks}
-    labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
+    labels = click_labels(imps, clicks, n)
     rows: list[Row] = []
     lines = [
         "| backbone | batch | engine samples/s per round | bare loop samples/s per round | ratio |",

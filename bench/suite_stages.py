@@ -56,7 +56,7 @@ import numpy as np
 import yaml
 from reloop.bench.suite import Context, Figure, Row, alternate, alternate_many, median_ratio
 from reloop.bench.suite_broker import local_broker
-from reloop.bench.suite_e2e import BareLoop, fill_topics, make_events
+from reloop.bench.suite_e2e import BareLoop, click_labels, fill_topics, make_events
 from reloop.connectors.memory.memory import MemoryGroupSource
 
 COMMAND = "python -m reloop.bench --only stages"
@@ -78,6 +78,17 @@ def _bare(backbone: str, spec: Any, imps: list[Any], labels: np.ndarray, batch: 
     learner = _learner(backbone, spec)
     bare.model, bare.optimizers = learner.model, list(learner.optimizers.values())
     return bare
+
+
+def bare_at(bare: BareLoop, threads: int) -> float:
+    """``bare.run()`` with ``threads`` torch threads, and this process back at one thread after it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        return bare.run()
+    finally:
+        torch.set_num_threads(1)
 
 
 def fill_samples_topic(bootstrap: str, imps: list[Any], labels: np.ndarray, per_message: int = 1024) -> str:
@@ -538,8 +549,7 @@ def run(ctx: Context) -> Figure:
     configs = ctx.pick([("dcn", 1024), ("dcn", 4096), ("deepfm", 1024), ("deepfm", 4096)], [("dcn", 1024)])
     spec = criteo_spec()
     imps, clicks = make_events(n)
-    clicked = {c.impression_id for c in clicks}
-    labels = np.array([1.0 if e.impression_id in clicked else 0.0 for e in imps[:n]])
+    labels = click_labels(imps, clicks, n)
     rows: list[Row] = []
     lines = ["| row | engine per round | baseline per round | ratio |", "|---|---|---|---:|"]
     after_first: list[str] = []
@@ -613,13 +623,6 @@ def run(ctx: Context) -> Figure:
         loop_raw = fill_topics(bootstrap, *make_events(loop_n, seed=1))
         target = (loop_n // batch) * batch
 
-        def bare_at(threads: int) -> float:
-            torch.set_num_threads(threads)
-            try:
-                return bare2.run()
-            finally:
-                torch.set_num_threads(1)
-
         # The bare loop with one thread too, in the same rounds: the train process has one torch thread,
         # so one thread's bare loop over two threads' bounds what the whole loop can reach on this machine.
         whole, cwhole, dwhole, dcwhole, base2, base1 = alternate_many(
@@ -641,8 +644,8 @@ def run(ctx: Context) -> Figure:
                     threads=every_core,
                     label=LOOPS[3],
                 ),
-                lambda: bare_at(2),
-                lambda: bare_at(1),
+                lambda: bare_at(bare2, 2),
+                lambda: bare_at(bare2, 1),
             ],
             rounds,
         )

@@ -299,9 +299,9 @@ class JoinStage:
         self._unreported.difference_update(gone)
         self._close_journals(gone)
         self._metrics.tasks.set(len(self.tasks))
-        if gone and not self.tasks:
-            self.retention_watch.idle()
         if gone:  # (at a stop the tasks are saved and released before the group revokes them)
+            if not self.tasks:
+                self.retention_watch.idle()
             log.info("tasks revoked", extra={"fields": {"revoked": gone, "kept": sorted(self.tasks)}})
 
     def _new_task(self, partition: int) -> JoinTask:
