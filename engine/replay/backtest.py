@@ -129,6 +129,29 @@ def with_label_noise(data: BacktestData, rate: float, seed: int = 0) -> Backtest
     return replace(data, labels=noisy, true_labels=true)
 
 
+def with_click_counters(
+    data: BacktestData,
+    fields: Sequence[str],
+    prior_strength: float,
+    label_times_ms: np.ndarray | None = None,
+    windows_s: Sequence[float] = (),
+) -> BacktestData:
+    """``data`` with click-counter features of ``fields`` (engine/features/counters.py) appended to its
+    spec and dense inputs, each row's as a live counter would have served it: with the labels that had
+    arrived by its event time (``label_times_ms``; None: each known once its event time has passed, as
+    this module's protocols assume). The river peer reads ``raw_features`` and does not get them."""
+    from reloop.engine.features.counters import ClickCounters, streamed_counter_values
+
+    counters = ClickCounters(data.spec, fields, prior_strength, windows_s)
+    values = streamed_counter_values(counters, data.batch.cat, data.labels, data.times_ms, label_times_ms)
+    spec = FeatureSpec(fields=(*data.spec.fields, *counters.spec_fields()))
+    b = data.batch
+    batch = FeatureBatch(
+        cat=b.cat, num=np.concatenate([b.num, values], axis=1), multi=b.multi, multi_mask=b.multi_mask
+    )
+    return replace(data, spec=spec, batch=batch)
+
+
 def period_bounds_by_time(times_ms: np.ndarray, period_ms: int, min_size: int = 1) -> tuple[int, ...]:
     """Cut points of fixed event-time periods starting at the first event; a period smaller than
     ``min_size`` is merged into the one before it (the last partial week, say), the first one into the

@@ -40,6 +40,7 @@ from reloop.engine.replay.backtest import (
     run_one,
     run_river_baseline,
     strategy_grid,
+    with_click_counters,
     with_label_noise,
 )
 from reloop.engine.replay.options import key_value
@@ -232,6 +233,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--buckets", type=int_at_least(2), default=10_000, help="hash buckets per field (row 0: missing)"
+    )
+    parser.add_argument(
+        "--counters",
+        default="",
+        metavar="FIELD,...",
+        help="click counters of these categorical fields as dense inputs (engine/features/counters.py): "
+        "each value's smoothed click rate and how often it was shown, counted live, every label known once "
+        "its event time has passed; the river peer does not get them (default: none)",
+    )
+    parser.add_argument(
+        "--counter-prior",
+        type=float,
+        default=5.0,
+        metavar="M",
+        help="the counters' prior strength: a value shown M times weighs as much as the overall click rate",
+    )
+    parser.add_argument(
+        "--counter-windows",
+        default="",
+        metavar="SECONDS,...",
+        help="--counters: also counts that forget, one pair per time constant (a count SECONDS old weighs "
+        "1/e); default none",
     )
     parser.add_argument(
         "--river",
@@ -437,6 +460,14 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
             )
     if not args.river_lr > 0:
         raise Refused(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
+    if _csv_list(args.counters) and not args.counter_prior > 0:
+        raise Refused(f"--counter-prior: expected a strength > 0, got {args.counter_prior:g}")
+    try:
+        windows = [float(w) for w in _csv_list(args.counter_windows)]
+    except ValueError:
+        raise Refused(f"--counter-windows: expected seconds, got {args.counter_windows!r}") from None
+    if windows and not _csv_list(args.counters):
+        raise Refused("--counter-windows: windows of no counters; give --counters")
     try:
         hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
     except ValueError:
@@ -459,6 +490,19 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     if args.river and RIVER in backbones:
         raise Refused(f"--backbones {RIVER}: the river peer writes its rows under that name; pass --no-river")
     return strategies, model_options, publish_every_ms
+
+
+def _with_counters(args: argparse.Namespace, data: BacktestData) -> BacktestData:
+    from reloop.engine.features.counters import CounterError
+
+    fields = _csv_list(getattr(args, "counters", ""))
+    if not fields:
+        return data
+    try:
+        windows = [float(w) for w in _csv_list(getattr(args, "counter_windows", ""))]
+        return with_click_counters(data, fields, args.counter_prior, windows_s=windows)
+    except CounterError as e:
+        raise Refused(f"--counters / --counter-prior: {e}") from None
 
 
 def _check_resumable(path: Path, data: BacktestData, dataset: str) -> None:
@@ -518,6 +562,7 @@ def _main(args: argparse.Namespace) -> int:
             "(--max-rows), shorter periods (--period) or an earlier --report-from"
         )
     _check_publishing(data, publish_every_ms, max(1, report_from))
+    data = _with_counters(args, data)
     ctr = f"ctr {data.judged_labels(slice(None)).mean():.3f}"
     if data.true_labels is not None:  # the flipped labels' rate is not the data's
         ctr += f" ({data.labels.mean():.3f} in the labels trained on, after --label-noise)"
@@ -773,7 +818,19 @@ def learner_settings(args: argparse.Namespace) -> str:
         f"{rates}; {wide}; {replay}; embedding dim {args.embedding_dim}; "
         f"MLP {args.hidden_units}; {args.buckets} hash buckets per field"
         + "".join(f"; error memory {m}" for m in getattr(args, "memory", []))
+        + _counters_setting(args)
     )
+
+
+def _counters_setting(args: argparse.Namespace) -> str:
+    fields = _csv_list(getattr(args, "counters", ""))
+    if not fields:  # (not named: the reports of before say nothing of them)
+        return ""
+    prior = f"prior strength {args.counter_prior:g}"
+    windows = _csv_list(getattr(args, "counter_windows", ""))
+    if windows:
+        prior += f", also forgetting in {', '.join(f'{float(w):g}' for w in windows)} s"
+    return f"; click counters of {', '.join(fields)} ({prior}; not the river peer)"
 
 
 def _rates(opt: Any, backbones: list[str]) -> str:

@@ -1,0 +1,221 @@
+"""Click counters: real-time count features of a field's values, for a model that learns in batches.
+
+A per-event learner adapts to a user within a burst of their events; a deep model that learns in
+batches of 512 scores the whole burst before it has learned any of it (docs/backtest/ablation.md).
+Production rankers close that gap with features rather than with per-event updates: counters of how
+often a user (an item, ...) was shown and clicked, read at serve time. The model learns in batches what a
+click rate means; the counter makes each score as fresh as the last label. Unlike a per-event learner
+they do not depend on the order labels arrive in: an impression is counted when it is shown and a click
+when it arrives, so a join window whose negatives come late only delays nothing it needs.
+
+Each counted field gets two dense inputs, appended to the feature spec as numeric fields:
+
+* ``FIELD#ctr``: the logit of the value's smoothed click rate, ``(clicks + m * p) / (shown + m)``, where
+  ``p`` is the click rate of every counted event so far and ``m`` the prior strength (a value seen
+  rarely reads close to the overall rate);
+* ``FIELD#seen``: ``log1p(shown) * SEEN_SCALE``, how much that rate is worth.
+
+Counts are kept per hash bucket of the field (the same rows as its embedding), so memory is bounded by
+the spec's buckets and values that collide share their counts, as they share an embedding row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
+
+SEEN_SCALE = 0.2  # keeps a few thousand sightings near 1, the scale of the other dense inputs
+
+
+class CounterError(ValueError):
+    """A counted field the spec does not have as a categorical field, or a setting out of range."""
+
+
+class _Counts:
+    """Shown and clicked counts per bucket of one field; with ``tau_s`` they forget with that time
+    constant (each count weighs ``exp(-age / tau_s)``), else they keep everything."""
+
+    def __init__(self, column: int, offset: int, buckets: int, tau_s: float | None) -> None:
+        self.column, self.offset, self.tau_s = column, offset, tau_s
+        self.shown = np.zeros(buckets)
+        self.clicked = np.zeros(buckets)
+        self.stamp_ms = np.zeros(buckets) if tau_s else None  # when each bucket's counts were last aged
+
+    def rows(self, cat: np.ndarray) -> np.ndarray:
+        return cat[:, self.column] - self.offset
+
+    def read(self, rows: np.ndarray, now_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        shown, clicked = self.shown[rows], self.clicked[rows]
+        if self.stamp_ms is not None:
+            kept = self._kept(self.stamp_ms[rows], now_ms)
+            shown, clicked = shown * kept, clicked * kept
+        return shown, clicked
+
+    def add(self, rows: np.ndarray, now_ms: float, shown: float, clicked: np.ndarray | None) -> None:
+        if self.stamp_ms is not None:  # age the touched buckets to now, so the new counts weigh 1
+            touched = np.unique(rows)
+            kept = self._kept(self.stamp_ms[touched], now_ms)
+            self.shown[touched] *= kept
+            self.clicked[touched] *= kept
+            self.stamp_ms[touched] = np.maximum(self.stamp_ms[touched], now_ms)
+        if shown:
+            np.add.at(self.shown, rows, shown)
+        if clicked is not None:
+            np.add.at(self.clicked, rows, clicked)
+
+    def _kept(self, stamp_ms: np.ndarray, now_ms: float) -> np.ndarray:
+        assert self.tau_s is not None
+        return np.exp(-np.maximum(now_ms - stamp_ms, 0.0) / (1000.0 * self.tau_s))
+
+
+class ClickCounters:
+    """Shown and clicked counts per hash bucket of each counted field, and the features they make: for
+    each field, lifetime counts and one more pair of counts per time constant in ``windows_s``."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        fields: Sequence[str],
+        prior_strength: float = 5.0,
+        windows_s: Sequence[float] = (),
+    ) -> None:
+        if not prior_strength > 0:
+            raise CounterError(f"counters: prior strength must be > 0, got {prior_strength:g}")
+        if len(set(fields)) != len(fields) or not fields:
+            raise CounterError(f"counters: expected distinct field names, got {list(fields)}")
+        if any(not w > 0 for w in windows_s) or len(set(windows_s)) != len(windows_s):
+            raise CounterError(f"counters: windows must be distinct and > 0 seconds, got {list(windows_s)}")
+        self.fields = tuple(fields)
+        self.prior_strength = float(prior_strength)
+        self.windows_s = tuple(float(w) for w in windows_s)
+        self._counts: list[_Counts] = []
+        for name in self.fields:
+            j = next((i for i, f in enumerate(spec.cat_fields) if f.name == name), None)
+            field = None if j is None else spec.cat_fields[j]
+            if j is None or not isinstance(field, CategoricalField):
+                known = ", ".join(f.name for f in spec.cat_fields if isinstance(f, CategoricalField))
+                raise CounterError(f"counters: {name!r} is not a categorical field of the spec ({known})")
+            for tau in (None, *self.windows_s):
+                self._counts.append(_Counts(j, spec.cat_offsets[j], field.buckets, tau))
+        self.total_shown = 0.0
+        self.total_clicked = 0.0
+
+    @property
+    def n_columns(self) -> int:
+        return 2 * len(self._counts)
+
+    def spec_fields(self) -> tuple[NumericField, ...]:
+        """The dense fields the counters add to a spec, in the order of ``values``' columns."""
+        names = []
+        for field in self.fields:
+            for window in ("", *(f"@{w:g}s" for w in self.windows_s)):
+                names += [f"{field}#ctr{window}", f"{field}#seen{window}"]
+        return tuple(NumericField(name=n) for n in names)
+
+    def values(self, cat: np.ndarray, now_ms: float = 0.0) -> np.ndarray:
+        """float32 [B, n_columns]: the features of a batch's rows (``FeatureBatch.cat``) as counted at
+        ``now_ms`` (which only counts that forget read)."""
+        out = np.empty((cat.shape[0], self.n_columns), dtype=np.float32)
+        m = self.prior_strength
+        prior = (self.total_clicked + 1.0) / (self.total_shown + 2.0)
+        for k, counts in enumerate(self._counts):
+            shown, clicked = counts.read(counts.rows(cat), now_ms)
+            rate = (clicked + m * prior) / (shown + m)
+            out[:, 2 * k] = np.log(rate / (1.0 - rate))
+            out[:, 2 * k + 1] = np.log1p(shown) * SEEN_SCALE
+        return out
+
+    def count_shown(self, cat: np.ndarray, now_ms: float = 0.0) -> None:
+        """Count a batch of impressions when they are shown."""
+        for counts in self._counts:
+            counts.add(counts.rows(cat), now_ms, 1.0, None)
+        self.total_shown += cat.shape[0]
+
+    def count_clicks(self, cat: np.ndarray, clicks: np.ndarray, now_ms: float = 0.0) -> None:
+        """Count the clicks of a batch of impressions when they arrive (0 rows count nothing)."""
+        for counts in self._counts:
+            counts.add(counts.rows(cat), now_ms, 0.0, clicks)
+        self.total_clicked += float(np.sum(clicks))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fields": list(self.fields),
+            "prior_strength": self.prior_strength,
+            "windows_s": list(self.windows_s),
+            "shown": np.concatenate([c.shown for c in self._counts]),
+            "clicked": np.concatenate([c.clicked for c in self._counts]),
+            "stamp_ms": np.concatenate([c.stamp_ms for c in self._counts if c.stamp_ms is not None] or [[]]),
+            "total_shown": self.total_shown,
+            "total_clicked": self.total_clicked,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        setting = (
+            list(state["fields"]),
+            float(state["prior_strength"]),
+            [float(w) for w in state["windows_s"]],
+        )
+        if setting != (list(self.fields), self.prior_strength, list(self.windows_s)):
+            raise CounterError(
+                f"counters: state of fields {setting[0]} (prior {setting[1]:g}, windows {setting[2]}) does "
+                f"not fit counters of {list(self.fields)} (prior {self.prior_strength:g}, windows "
+                f"{list(self.windows_s)})"
+            )
+        shown, clicked = np.asarray(state["shown"], float), np.asarray(state["clicked"], float)
+        stamps = np.asarray(state["stamp_ms"], float)
+        sizes = [c.shown.shape[0] for c in self._counts]
+        timed = sum(n for n, c in zip(sizes, self._counts, strict=True) if c.stamp_ms is not None)
+        if shown.shape != (sum(sizes),) or clicked.shape != shown.shape or stamps.shape != (timed,):
+            raise CounterError(f"counters: state of {shown.shape[0]} buckets, expected {sum(sizes)}")
+        at = stamp_at = 0
+        for c, n in zip(self._counts, sizes, strict=True):
+            c.shown, c.clicked = shown[at : at + n].copy(), clicked[at : at + n].copy()
+            at += n
+            if c.stamp_ms is not None:
+                c.stamp_ms = stamps[stamp_at : stamp_at + n].copy()
+                stamp_at += n
+        self.total_shown = float(state["total_shown"])
+        self.total_clicked = float(state["total_clicked"])
+
+
+def streamed_counter_values(
+    counters: ClickCounters,
+    cat: np.ndarray,
+    labels: np.ndarray,
+    times_ms: np.ndarray,
+    label_times_ms: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each row's counter features as a live counter would have served them at its event time: every
+    impression of an earlier time counted, and every click whose label had arrived before that time
+    (``label_times_ms``; None: at its own event time, labels known as soon as it has passed). Never a
+    row's own label, nor one of its own time: events that share a timestamp are served together, as
+    ``--batch-by time`` scores them. Rows in time order; ``counters`` ends holding every row."""
+    n = cat.shape[0]
+    out = np.empty((n, counters.n_columns), dtype=np.float32)
+    clicks = np.flatnonzero(labels > 0)
+    arrived = (times_ms if label_times_ms is None else label_times_ms)[clicks]
+    order = np.argsort(arrived, kind="stable")
+    clicks, arrived = clicks[order], arrived[order]
+    done = 0  # clicks counted so far (in arrival order)
+    starts = np.flatnonzero(np.r_[True, times_ms[1:] != times_ms[:-1]]) if n else np.zeros(0, int)
+    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
+        until = int(np.searchsorted(arrived, times_ms[a], side="left"))
+        if until > done:
+            rows = clicks[done:until]
+            if counters.windows_s:  # counts that forget age by each click's arrival
+                for t in np.unique(arrived[done:until]):
+                    at = rows[arrived[done:until] == t]
+                    counters.count_clicks(cat[at], labels[at].astype(np.float64), float(t))
+            else:
+                counters.count_clicks(cat[rows], labels[rows].astype(np.float64))
+            done = until
+        now = float(times_ms[a])
+        out[a:b] = counters.values(cat[a:b], now)
+        counters.count_shown(cat[a:b], now)
+    if done < len(clicks):
+        rows = clicks[done:]
+        counters.count_clicks(cat[rows], labels[rows].astype(np.float64), float(arrived[-1]))
+    return out
