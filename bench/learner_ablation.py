@@ -76,6 +76,8 @@ BASE: dict[str, Any] = {
     "replay_ratio": 1.0,
     "strategy": "ce",  # engine variants: ce | kd | reloop | a variant (y_last = the last period's snapshot)
     "alpha": 0.0,
+    "counters": 0.0,  # > 0: click counters of the data's user and item fields at this prior strength
+    "counter_windows": (),  # and counts of theirs that forget with these time constants (seconds)
 }
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
 # the previous defaults (first reports: lr 1e-2)
@@ -87,6 +89,26 @@ STUDY_TABLES = {"embedding_lr": 0.03}
 NEW = {"engine": 1, "dense_lr": 1e-3, "opt": {**STUDY_TABLES, "small_steps_below": 0}}
 # the new defaults plus the per-event Bayesian wide part
 PER_EVENT = {**NEW, "opt": {**STUDY_TABLES, "wide": "bayes", "small_steps_below": 0}}
+
+
+# the engine's learner defaults of today: each backbone's own rates
+DEFAULTS = {"engine": 1, "dense_lr": None, "opt": {}}
+# Click counters of the data's user and item fields (engine/features/counters.py) on top of the defaults, at
+# three prior strengths, and with counts that forget with one or two time constants (seconds): group
+# "counters".
+COUNTERS = {
+    f"{name}{suffix}": {**DEFAULTS, **over, **counters}
+    for name, counters in (
+        ("defaults", {}),
+        *((f"counters{m:g}", {"counters": m}) for m in (2.0, 5.0, 20.0)),
+        *((f"counters5_w{w}", {"counters": 5.0, "counter_windows": (float(w),)}) for w in (60, 600, 3600)),
+        *(
+            (f"counters5_w{a}_{b}", {"counters": 5.0, "counter_windows": (float(a), float(b))})
+            for a, b in ((60, 600), (600, 3600), (600, 86400))
+        ),
+    )
+    for suffix, over in (("", {}), ("_deepfm", {"backbone": "deepfm"}))
+}
 
 
 def _pe(**opt: Any) -> dict[str, Any]:
@@ -154,6 +176,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "new_deepfm_linear0.1": {**NEW_DEEP, "backbone": "deepfm", "linear_lr": 0.1},
     "new_decay0.99": {**NEW_DEEP, "emb_opt": "adagrad_decay", "emb_decay": 0.99},
     "new_deepfm_decay0.99": {**NEW_DEEP, "backbone": "deepfm", "emb_opt": "adagrad_decay", "emb_decay": 0.99},
+    # click counters of the user and item fields (group "counters")
+    **COUNTERS,
 }
 STRATEGIES = {
     f"{prefix}{strategy}{alpha:g}": {**base, "strategy": strategy, "alpha": alpha}
@@ -324,12 +348,20 @@ DELAYED_PARTIAL = {
 }
 # Another backbone with the defaults' learner (--learners new_deepfm): its rows' "vs new" pairs it with DCN.
 DELAYED_BACKBONES = {"new_deepfm": {**NEW, "backbone": "deepfm"}}
+# The engine's defaults of today without and with the click counters chosen on the selection periods
+# (prior strength 5, a 600-s window; engine/features/counters.py): each impression's counters as served at
+# its time, its impression counted then and a click when it arrives (--learners defaults,counters5_w600,...).
+COUNTED_FIELDS = ("user_id", "item_id", "user", "item")  # MovieLens's user and item; Frappe's
+DELAYED_COUNTERS = {
+    n: COUNTERS[n] for n in ("defaults", "defaults_deepfm", "counters5_w600", "counters5_w600_deepfm")
+}
 DELAYED_ALL = {
     **DELAYED_LEARNERS,
     **DELAYED_STRATEGIES,
     **DELAYED_BATCHES,
     **DELAYED_PARTIAL,
     **DELAYED_BACKBONES,
+    **DELAYED_COUNTERS,
 }
 DELAYED_SETTINGS = (("asym", 900.0), ("asym", 3600.0), ("neutral", 60.0), ("fnw", 60.0))
 
@@ -542,10 +574,25 @@ def run_harness(data: BacktestData, s: dict[str, Any], seed: int, last_period: i
     return rows
 
 
+def counted(data: BacktestData, s: dict[str, Any], label_times_ms: np.ndarray | None = None) -> BacktestData:
+    """``data`` with click counters of its user and item fields when ``s["counters"]`` (their prior
+    strength) is set, served with the labels arrived by each row's time (None: known once it passed)."""
+    if not s.get("counters"):
+        return data
+    from reloop.engine.replay.backtest import with_click_counters
+
+    names = {f.name for f in data.spec.cat_fields}
+    fields = [f for f in COUNTED_FIELDS if f in names]
+    if not fields:
+        raise ValueError(f"counters: the data has none of the user and item fields {COUNTED_FIELDS}")
+    return with_click_counters(data, fields, s["counters"], label_times_ms, s["counter_windows"])
+
+
 def run_engine(data: BacktestData, s: dict[str, Any], seed: int, last_period: int) -> list[dict[str, Any]]:
     """The engine's protocol (``reloop backtest``'s code) on periods 0..last_period."""
     from reloop.engine.replay.backtest import RunSpec, Strategy, run_one
 
+    data = counted(data, s)
     run = RunSpec(
         protocol=s["protocol"],
         backbone=s["backbone"],
@@ -586,6 +633,7 @@ def run_delayed(
     from reloop.engine.models.registry import build_learner
 
     t, y, arrival = _arrivals(data, seed, mode, window_s, mean_delay_s)
+    data = counted(data, s, arrival * 1000.0)
     served_at = _published_at(t, publish_s)
     rows, y_train, arrival = _training_samples(t, y, arrival, mode)
     order = np.argsort(arrival, kind="stable")
@@ -1138,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated names, 'all' (but the slow ones), or a group: 'periodic', 'strategies', "
         "'self-correction', 'embedding-rate', 'embedding-rate-midpoints', 'deepfm-l2', 'dense-rate', "
         "'dense-rate-all', 'dense-rate-periodic', 'dense-rate-fmfm', "
-        "'per-event-rates', 'per-event-rates-all'",
+        "'per-event-rates', 'per-event-rates-all', 'counters'",
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--river", action="store_true", help="also the per-event river LR peer")
@@ -1248,6 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedding-rate-midpoints": EMBEDDING_RATE_MIDPOINTS,
         "deepfm-l2": {n: EMBEDDING_RATE[n] for n in ("rate0.03_deepfm", "rate0.1_deepfm")} | DEEPFM_L2,
         "dense-rate": {n: EMBEDDING_RATE[n] for n in ("rate0.03_deepfm", "rate0.1_dcn")} | DENSE_RATE,
+        "counters": COUNTERS,
         "dense-rate-all": DENSE_RATE_ALL,
         "dense-rate-periodic": DENSE_RATE_PERIODIC,
         "dense-rate-fmfm": DENSE_RATE_FMFM,

@@ -4,6 +4,7 @@ optimizers and the embedding-rate table."""
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,6 +103,39 @@ def test_the_delay_draws_depend_on_the_seed_only(mode):
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     t, y, arrival = a
     assert (arrival >= t).all()
+
+
+def test_under_delayed_feedback_counters_serve_each_impression_the_clicks_arrived_by_its_time(monkeypatch):
+    from reloop.engine.features.counters import SEEN_SCALE
+    from reloop.engine.models import registry
+
+    data = _data()
+    data = replace(
+        data, spec=FeatureSpec(fields=tuple(CategoricalField(name=n, buckets=20) for n in ("user_id", "i")))
+    )
+    s = {**la.BASE, **la.DELAYED_COUNTERS["counters5_w600"], "batch": 32, "hidden": (8,), "dim": 4}
+    t, y, arrival = la._arrivals(data, 0, "asym", 900.0, 60.0)
+    counted = la.counted(data, s, arrival * 1000.0)
+    # the user's lifetime and 600-s counts: four more dense inputs
+    assert counted.batch.num.shape == (300, 4) and counted.spec.dense_fields[0].name == "user_id#ctr"
+    # an impression's user counts every earlier impression of that user, and only clicks that had arrived
+    users = data.batch.cat[:, 0]
+    k = 250
+    shown = np.sum((users[:k] == users[k]) & (t[:k] < t[k]))
+    assert np.expm1(counted.batch.num[k, 1] / SEEN_SCALE) == pytest.approx(shown, rel=1e-5)
+    clicks = np.sum((users == users[k]) & (y > 0.5) & (arrival < t[k]))
+    total_clicks = np.sum((y > 0.5) & (arrival < t[k]))
+    prior = (total_clicks + 1) / (k + 2)
+    rate = (clicks + 5 * prior) / (shown + 5)
+    assert counted.batch.num[k, 0] == pytest.approx(np.log(rate / (1 - rate)), rel=1e-4)
+    # and the learner is fed them: the delayed replay builds it on the counted spec
+    specs = []
+    build = registry.build_learner
+    monkeypatch.setattr(registry, "build_learner", lambda *a, **k: specs.append(a[1]) or build(*a, **k))
+    served, _ = la.run_delayed(data, s, seed=0, mode="asym", window_s=900.0)
+    assert [f.name for f in specs[0].dense_fields][:2] == ["user_id#ctr", "user_id#seen"] and served
+    with pytest.raises(ValueError, match="none of the user and item fields"):
+        la.counted(_data(), s)
 
 
 def test_kd_and_reloop_learn_against_the_period_snapshot_and_period_0_has_none(monkeypatch):
