@@ -54,13 +54,23 @@ class _Counts:
             shown, clicked = shown * kept, clicked * kept
         return shown, clicked
 
-    def add(self, rows: np.ndarray, now_ms: float, shown: float, clicked: np.ndarray | None) -> None:
+    def add(
+        self,
+        rows: np.ndarray,
+        now_ms: float,
+        shown: float,
+        clicked: np.ndarray | None,
+        shown_ms: np.ndarray | None = None,
+    ) -> None:
         if self.stamp_ms is not None:  # age the touched buckets to now, so the new counts weigh 1
             touched = np.unique(rows)
             kept = self._kept(self.stamp_ms[touched], now_ms)
             self.shown[touched] *= kept
             self.clicked[touched] *= kept
             self.stamp_ms[touched] = np.maximum(self.stamp_ms[touched], now_ms)
+            if clicked is not None and shown_ms is not None:
+                # a click weighs what its impression weighs now: never more clicks than showings
+                clicked = clicked * self._kept(shown_ms, now_ms)
         if shown:
             np.add.at(self.shown, rows, shown)
         if clicked is not None:
@@ -134,10 +144,14 @@ class ClickCounters:
             counts.add(counts.rows(cat), now_ms, 1.0, None)
         self.total_shown += cat.shape[0]
 
-    def count_clicks(self, cat: np.ndarray, clicks: np.ndarray, now_ms: float = 0.0) -> None:
-        """Count the clicks of a batch of impressions when they arrive (0 rows count nothing)."""
+    def count_clicks(
+        self, cat: np.ndarray, clicks: np.ndarray, now_ms: float = 0.0, shown_ms: np.ndarray | None = None
+    ) -> None:
+        """Count the clicks of a batch of impressions when they arrive (0 rows count nothing). With
+        ``shown_ms``, when each impression was shown, a click weighs in counts that forget what its
+        impression weighs now, so they never hold more clicks than showings; without, it weighs 1."""
         for counts in self._counts:
-            counts.add(counts.rows(cat), now_ms, 0.0, clicks)
+            counts.add(counts.rows(cat), now_ms, 0.0, clicks, shown_ms)
         self.total_clicked += float(np.sum(clicks))
 
     def state_dict(self) -> dict[str, Any]:
@@ -203,19 +217,14 @@ def streamed_counter_values(
     starts = np.flatnonzero(np.r_[True, times_ms[1:] != times_ms[:-1]]) if n else np.zeros(0, int)
     for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
         until = int(np.searchsorted(arrived, times_ms[a], side="left"))
-        if until > done:
-            rows = clicks[done:until]
-            if counters.windows_s:  # counts that forget age by each click's arrival
-                for t in np.unique(arrived[done:until]):
-                    at = rows[arrived[done:until] == t]
-                    counters.count_clicks(cat[at], labels[at].astype(np.float64), float(t))
-            else:
-                counters.count_clicks(cat[rows], labels[rows].astype(np.float64))
-            done = until
         now = float(times_ms[a])
+        if until > done:  # (counted now, each weighing what its impression weighs now: as at arrival)
+            rows = clicks[done:until]
+            counters.count_clicks(cat[rows], labels[rows].astype(np.float64), now, times_ms[rows])
+            done = until
         out[a:b] = counters.values(cat[a:b], now)
         counters.count_shown(cat[a:b], now)
     if done < len(clicks):
         rows = clicks[done:]
-        counters.count_clicks(cat[rows], labels[rows].astype(np.float64), float(arrived[-1]))
+        counters.count_clicks(cat[rows], labels[rows].astype(np.float64), float(arrived[-1]), times_ms[rows])
     return out

@@ -106,6 +106,19 @@ def test_counts_with_a_window_forget_with_its_time_constant_and_lifetime_ones_do
     ]
 
 
+def test_a_late_click_weighs_what_its_impression_weighs_never_more_clicks_than_showings() -> None:
+    counters = ClickCounters(SPEC, ["user"], prior_strength=1e-6, windows_s=[10.0])
+    cat = _cat([{"user": "a"}] * 3)
+    labels = np.array([1.0, 1.0, 0.0])
+    times = np.array([0, 1_000, 60_000])
+    # both clicks arrive about a minute on, six time constants after their impressions
+    values = streamed_counter_values(counters, cat, labels, times, np.array([59_000, 59_500, 99_000]))
+    assert np.isfinite(values).all()
+    shown, rate = np.expm1(values[2, 3] / SEEN_SCALE), 1 / (1 + np.exp(-values[2, 2]))
+    assert shown == pytest.approx(np.exp(-6) + np.exp(-5.9), rel=1e-4)
+    assert rate == pytest.approx(1.0, abs=1e-3)  # every showing clicked, and no more
+
+
 def test_counts_live_in_the_fields_buckets_and_survive_a_state_round_trip() -> None:
     counters = ClickCounters(SPEC, ["user", "item"], windows_s=[60.0])
     # lifetime and 60-s counts of each field's buckets, and when the 60-s ones last aged
