@@ -5,18 +5,23 @@ batches of 512 scores the whole burst before it has learned any of it (docs/back
 Production rankers close that gap with features rather than with per-event updates: counters of how
 often a user (an item, ...) was shown and clicked, read at serve time. The model learns in batches what a
 click rate means; the counter makes each score as fresh as the last label. Unlike a per-event learner
-they do not depend on the order labels arrive in: an impression is counted when it is shown and a click
-when it arrives, so a join window whose negatives come late only delays nothing it needs.
+they do not learn from the order labels arrive in: an impression is counted when it is shown and a click
+when it arrives, and a negative is never counted at all, so the join window's late negatives do not
+bias them (a click still on its way reads as not yet clicked, as it does at serve time).
 
-Each counted field gets two dense inputs, appended to the feature spec as numeric fields:
+Each counted field gets two dense inputs per set of counts, appended to the feature spec as numeric
+fields:
 
 * ``FIELD#ctr``: the logit of the value's smoothed click rate, ``(clicks + m * p) / (shown + m)``, where
   ``p`` is the click rate of every counted event so far and ``m`` the prior strength (a value seen
   rarely reads close to the overall rate);
 * ``FIELD#seen``: ``log1p(shown) * SEEN_SCALE``, how much that rate is worth.
 
-Counts are kept per hash bucket of the field (the same rows as its embedding), so memory is bounded by
-the spec's buckets and values that collide share their counts, as they share an embedding row.
+The lifetime counts keep everything; each time constant in ``windows_s`` adds counts that forget
+(``FIELD#ctr@600s``, ``FIELD#seen@600s``: a count 600 s old weighs 1/e), which follow a user's last
+few minutes. Counts are kept per hash bucket of the field (the same rows as its embedding), so memory
+is bounded by the spec's buckets and values that collide share their counts, as they share an
+embedding row.
 """
 
 from __future__ import annotations
