@@ -1,0 +1,135 @@
+"""What click counters cost the trainer step: samples/s with and without them, in the same process.
+
+Criteo-shaped synthetic stream (bench/train_throughput.py: 39 fields, pre-featurised), registry
+backbones at their defaults, ReLoop alpha 0.5, ``learn_scored`` as the stream trainer calls it. Three
+contenders, rotated round by round (ABC, BCA, ...):
+
+* ``plain``: the learner on the spec as it is;
+* ``counter inputs``: the spec with the counters' dense fields appended (two counted fields, lifetime
+  and one window: 8 more inputs), their values precomputed: what the model pays for reading them;
+* ``counter inputs + counting``: the same, plus what keeping the counts costs per batch (reading the
+  batch's values, then counting its impressions and its clicks, ``engine/features/counters.py``): what
+  a loop that counts as it trains would add.
+
+    .venv/bin/python -m reloop.bench.counters_throughput [--backbones dcn deepfm] [--rounds 5] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+from reloop.bench.suite import alternate_many
+from reloop.bench.suite_trainer import _step_fn
+
+COUNTED = ("C1", "C2")  # two high-cardinality fields of the Criteo layout
+WINDOWS_S = (600.0,)
+
+
+def _with_counter_inputs(spec: Any, data: tuple, seed: int = 0) -> tuple[Any, tuple, Any]:
+    """The spec with the counters' fields, the data with plausible values for them, and the counters."""
+    from reloop.engine.features.counters import ClickCounters
+    from reloop.engine.features.featurizer import FeatureBatch
+    from reloop.engine.features.spec import FeatureSpec
+
+    counters = ClickCounters(spec, COUNTED, 5.0, WINDOWS_S)
+    batch, labels, y_last = data
+    values = np.random.default_rng(seed).normal(0.0, 1.0, (len(batch), counters.n_columns)).astype(np.float32)
+    wider = FeatureBatch(
+        cat=batch.cat,
+        num=np.concatenate([batch.num, values], 1),
+        multi=batch.multi,
+        multi_mask=batch.multi_mask,
+    )
+    return FeatureSpec(fields=(*spec.fields, *counters.spec_fields())), (wider, labels, y_last), counters
+
+
+def _counting_step(learner: Any, counters: Any, data: tuple, batch_size: int, seconds: float) -> Any:
+    """A trainer step that also reads the batch's counter values and counts its impressions and clicks."""
+    batch, labels, y_last = data
+    n = len(batch)
+    state = {"offset": 0, "now": 0.0}
+
+    def run() -> float:
+        steps, t0 = 0, time.perf_counter()
+        while True:
+            i = state["offset"] % (n - batch_size)
+            state["offset"] += batch_size
+            state["now"] += 1_000.0
+            sl = slice(i, i + batch_size)
+            b = batch.take(sl)
+            counters.values(b.cat, state["now"])
+            counters.count_shown(b.cat, state["now"])
+            counters.count_clicks(b.cat, labels[sl], state["now"])
+            learner.learn_scored(b, labels[sl], y_last[sl])
+            steps += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds and steps >= 3:
+                return steps * batch_size / elapsed
+
+    return run
+
+
+def measure(backbones: list[str], batch_size: int, rounds: int, seconds: float, rows: int) -> dict[str, Any]:
+    import torch
+    from reloop.bench.train_throughput import synthetic_criteo
+    from reloop.engine.features.spec import criteo_spec
+    from reloop.engine.models.registry import build_learner
+
+    torch.set_num_threads(1)
+    spec = criteo_spec()
+    data = synthetic_criteo(spec, rows)
+    wide_spec, wide_data, counters = _with_counter_inputs(spec, data)
+    out: dict[str, Any] = {}
+    for name in backbones:
+        plain = build_learner(name, spec, "reloop", 0.5, seed=0)
+        inputs = build_learner(name, wide_spec, "reloop", 0.5, seed=0)
+        counted = build_learner(name, wide_spec, "reloop", 0.5, seed=0)
+        load = os.getloadavg()[0]
+        a, b, c = alternate_many(
+            [
+                _step_fn(plain, data, batch_size, seconds, scored=True),
+                _step_fn(inputs, wide_data, batch_size, seconds, scored=True),
+                _counting_step(counted, counters, wide_data, batch_size, seconds),
+            ],
+            rounds,
+        )
+        out[name] = {
+            "plain": a,
+            "inputs": b,
+            "counting": c,
+            "inputs_ratio": statistics.median(x / y for x, y in zip(b, a, strict=True)),
+            "counting_ratio": statistics.median(x / y for x, y in zip(c, a, strict=True)),
+            "load": (load, os.getloadavg()[0]),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=["dcn", "deepfm"])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rows", type=int, default=200_000)
+    args = parser.parse_args()
+    res = measure(args.backbones, args.batch_size, args.rounds, args.seconds, args.rows)
+    print("| backbone | plain samples/s | + counter inputs | ratio | + inputs and counting | ratio | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, r in res.items():
+        print(
+            f"| {name} | {statistics.median(r['plain']):,.0f} | {statistics.median(r['inputs']):,.0f} "
+            f"| {r['inputs_ratio']:.2f} | {statistics.median(r['counting']):,.0f} "
+            f"| {r['counting_ratio']:.2f} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
+        )
+    print(
+        f"batch {args.batch_size}, torch 1 thread, {args.rounds} rounds of ~{args.seconds:g} s per contender"
+    )
+
+
+if __name__ == "__main__":
+    main()

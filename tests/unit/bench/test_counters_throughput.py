@@ -1,0 +1,30 @@
+"""bench/counters_throughput.py: the contenders read the counters' inputs and count as they train."""
+
+from __future__ import annotations
+
+import numpy as np
+from reloop.bench import counters_throughput as ct
+from reloop.bench.train_throughput import synthetic_criteo
+from reloop.engine.features.spec import criteo_spec
+
+
+def test_the_counter_contenders_read_eight_more_inputs_and_count_every_batch_they_train() -> None:
+    spec = criteo_spec()
+    data = synthetic_criteo(spec, 3_000)
+    wide_spec, wide_data, counters = ct._with_counter_inputs(spec, data)
+    assert len(wide_spec.dense_fields) == len(spec.dense_fields) + 8
+    assert wide_data[0].num.shape == (3_000, len(spec.dense_fields) + 8)
+    np.testing.assert_array_equal(wide_data[0].cat, data[0].cat)
+
+    class Learner:
+        steps = 0
+
+        def learn_scored(self, batch, labels, y_last) -> None:
+            assert batch.num.shape[1] == len(wide_spec.dense_fields)
+            Learner.steps += 1
+
+    rate = ct._counting_step(Learner(), counters, wide_data, 256, 0.0)()
+    assert rate > 0 and Learner.steps == 3
+    assert counters.total_shown == 3 * 256
+    res = ct.measure(["lr"], batch_size=256, rounds=1, seconds=0.01, rows=3_000)
+    assert set(res["lr"]) >= {"plain", "inputs", "counting", "inputs_ratio", "counting_ratio"}
