@@ -135,10 +135,12 @@ class ClickCounters:
         ``now_ms`` (which only counts that forget read)."""
         out = np.empty((cat.shape[0], self.n_columns), dtype=np.float32)
         m = self.prior_strength
-        prior = (self.total_clicked + 1.0) / (self.total_shown + 2.0)
+        prior = (min(self.total_clicked, self.total_shown) + 1.0) / (self.total_shown + 2.0)
         for k, counts in enumerate(self._counts):
             shown, clicked = counts.read(counts.rows(cat), now_ms)
-            rate = (clicked + m * prior) / (shown + m)
+            # never more clicks than showings (here and in the prior): a click whose impression was counted
+            # elsewhere (before a restart, say) must not make a rate of 1, whose logit is not finite
+            rate = (np.minimum(clicked, shown) + m * prior) / (shown + m)
             out[:, 2 * k] = np.log(rate / (1.0 - rate))
             out[:, 2 * k + 1] = np.log1p(shown) * SEEN_SCALE
         return out

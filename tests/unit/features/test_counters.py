@@ -119,6 +119,17 @@ def test_a_late_click_weighs_what_its_impression_weighs_never_more_clicks_than_s
     assert rate == pytest.approx(1.0, abs=1e-3)  # every showing clicked, and no more
 
 
+def test_clicks_of_impressions_it_never_counted_cannot_make_a_rate_of_one() -> None:
+    counters = ClickCounters(SPEC, ["user"], prior_strength=1.0)
+    cat = _cat([{"user": "a"}])
+    counters.count_shown(cat)
+    counters.count_clicks(_cat([{"user": "a"}] * 3), np.ones(3))  # two clicks of showings it never saw
+    values = counters.values(cat)
+    assert np.isfinite(values).all()
+    prior = (1 + 1) / (1 + 2)  # as if one click in one showing, overall and for the user
+    assert values[0, 0] == pytest.approx(_logit((1 + prior) / (1 + 1)), rel=1e-5)
+
+
 def test_counts_live_in_the_fields_buckets_and_survive_a_state_round_trip() -> None:
     counters = ClickCounters(SPEC, ["user", "item"], windows_s=[60.0])
     # lifetime and 60-s counts of each field's buckets, and when the 60-s ones last aged
