@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -48,30 +47,18 @@ def _with_counter_inputs(spec: Any, data: tuple, seed: int = 0) -> tuple[Any, tu
     return FeatureSpec(fields=(*spec.fields, *counters.spec_fields())), (wider, labels, y_last), counters
 
 
-def _counting_step(learner: Any, counters: Any, data: tuple, batch_size: int, seconds: float) -> Any:
-    """A trainer step that also reads the batch's counter values and counts its impressions and clicks."""
-    batch, labels, y_last = data
-    n = len(batch)
-    state = {"offset": 0, "now": 0.0}
+def _counting(counters: Any, labels: np.ndarray) -> Any:
+    """What a loop that counts as it trains adds ahead of each step: read the batch's counter values,
+    then count its impressions and its clicks (a second of event time per step)."""
+    state = {"now": 0.0}
 
-    def run() -> float:
-        steps, t0 = 0, time.perf_counter()
-        while True:
-            i = state["offset"] % (n - batch_size)
-            state["offset"] += batch_size
-            state["now"] += 1_000.0
-            sl = slice(i, i + batch_size)
-            b = batch.take(sl)
-            counters.values(b.cat, state["now"])
-            counters.count_shown(b.cat, state["now"])
-            counters.count_clicks(b.cat, labels[sl], state["now"])
-            learner.learn_scored(b, labels[sl], y_last[sl])
-            steps += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds and steps >= 3:
-                return steps * batch_size / elapsed
+    def count(batch: Any, rows: slice) -> None:
+        state["now"] += 1_000.0
+        counters.values(batch.cat, state["now"])
+        counters.count_shown(batch.cat, state["now"])
+        counters.count_clicks(batch.cat, labels[rows], state["now"])
 
-    return run
+    return count
 
 
 def measure(backbones: list[str], batch_size: int, rounds: int, seconds: float, rows: int) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def measure(backbones: list[str], batch_size: int, rounds: int, seconds: float, 
             [
                 _step_fn(plain, data, batch_size, seconds, scored=True),
                 _step_fn(inputs, wide_data, batch_size, seconds, scored=True),
-                _counting_step(counted, counters, wide_data, batch_size, seconds),
+                _step_fn(counted, wide_data, batch_size, seconds, True, _counting(counters, wide_data[1])),
             ],
             rounds,
         )

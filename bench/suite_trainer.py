@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,16 @@ TITLE = "8. Streaming trainer: new learner defaults vs the old ones"
 TARGET = ">= 0.8x the old defaults' samples/s (issue 11)"
 
 
-def _step_fn(learner: Any, data: tuple, batch_size: int, seconds: float, scored: bool):
+def _step_fn(
+    learner: Any,
+    data: tuple,
+    batch_size: int,
+    seconds: float,
+    scored: bool,
+    before: Callable[[Any, slice], None] | None = None,
+):
+    """A contender: steps over ``data`` for ``seconds``, returning samples/s; ``before(batch, rows)``
+    runs ahead of each step, inside the timing."""
     batch, labels, y_last = data
     n = len(batch)
     state = {"offset": 0}
@@ -47,6 +57,8 @@ def _step_fn(learner: Any, data: tuple, batch_size: int, seconds: float, scored:
             state["offset"] += batch_size
             sl = slice(i, i + batch_size)
             b = batch.take(sl)
+            if before is not None:
+                before(b, sl)
             if scored:
                 learner.learn_scored(b, labels[sl], y_last[sl])
             else:

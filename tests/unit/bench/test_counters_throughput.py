@@ -23,7 +23,7 @@ def test_the_counter_contenders_read_eight_more_inputs_and_count_every_batch_the
             assert batch.num.shape[1] == len(wide_spec.dense_fields)
             Learner.steps += 1
 
-    rate = ct._counting_step(Learner(), counters, wide_data, 256, 0.0)()
+    rate = ct._step_fn(Learner(), wide_data, 256, 0.0, True, ct._counting(counters, wide_data[1]))()
     assert rate > 0 and Learner.steps == 3
     assert counters.total_shown == 3 * 256
     res = ct.measure(["lr"], batch_size=256, rounds=1, seconds=0.01, rows=3_000)

@@ -412,15 +412,7 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
     data = _movielens(tmp_path / "ml")
     opts = "--period week --min-period-size 50 --seeds 1 --protocols streaming --strategies ce --no-river"
     tiny = "--batch-size 64 --buckets 64 --embedding-dim 4 --hidden-units 8"
-    argv = [
-        "backtest",
-        "--dataset",
-        "movielens-100k",
-        *opts.split(" "),
-        *tiny.split(" "),
-        "--data",
-        str(data),
-    ]
+    argv = ["backtest", "--dataset", "movielens-100k", *opts.split(), *tiny.split(), "--data", str(data)]
 
     def scores(name: str, *extra: str) -> dict[str, list[str]]:
         folder = tmp_path / name
