@@ -132,7 +132,7 @@ class ClickCounters:
 
     def values(self, cat: np.ndarray, now_ms: float = 0.0) -> np.ndarray:
         """float32 [B, n_columns]: the features of a batch's rows (``FeatureBatch.cat``) as counted at
-        ``now_ms`` (which only counts that forget read)."""
+        ``now_ms`` (only the counts that forget depend on it)."""
         out = np.empty((cat.shape[0], self.n_columns), dtype=np.float32)
         m = self.prior_strength
         prior = (min(self.total_clicked, self.total_shown) + 1.0) / (self.total_shown + 2.0)

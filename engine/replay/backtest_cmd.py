@@ -502,7 +502,7 @@ def _with_counters(args: argparse.Namespace, data: BacktestData) -> BacktestData
         windows = [float(w) for w in _csv_list(getattr(args, "counter_windows", ""))]
         return with_click_counters(data, fields, args.counter_prior, windows_s=windows)
     except CounterError as e:
-        raise Refused(f"--counters / --counter-prior: {e}") from None
+        raise Refused(f"--counters / --counter-prior / --counter-windows: {e}") from None
 
 
 def _check_resumable(path: Path, data: BacktestData, dataset: str) -> None:

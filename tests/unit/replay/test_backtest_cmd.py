@@ -436,7 +436,7 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
     # a field the spec lacks, or a strength that is not one, fails with the option's name
     assert main([*argv, "--counters", "user_id,genre", "--out", str(tmp_path / "bad")]) == 2
     assert (
-        "--counters / --counter-prior: counters: 'genre' is not a categorical field"
+        "--counters / --counter-prior / --counter-windows: counters: 'genre' is not a categorical field"
         in capsys.readouterr().err
     )
     assert main([*argv, "--counters", "user_id", "--counter-prior", "0", "--out", str(tmp_path / "bad")]) == 2
