@@ -176,8 +176,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "new_deepfm_linear0.1": {**NEW_DEEP, "backbone": "deepfm", "linear_lr": 0.1},
     "new_decay0.99": {**NEW_DEEP, "emb_opt": "adagrad_decay", "emb_decay": 0.99},
     "new_deepfm_decay0.99": {**NEW_DEEP, "backbone": "deepfm", "emb_opt": "adagrad_decay", "emb_decay": 0.99},
-    # click counters of the user and item fields (group "counters")
-    **COUNTERS,
 }
 STRATEGIES = {
     f"{prefix}{strategy}{alpha:g}": {**base, "strategy": strategy, "alpha": alpha}
@@ -323,6 +321,7 @@ CATALOGUE = {  # every variant by name (the summary's row order)
     **DENSE_RATE_FMFM,
     **PER_EVENT_RATES,
     **PER_EVENT_RATES_ALL,
+    **COUNTERS,
 }
 # Delayed feedback (run_delayed): what the learner serves, not what it scores while training.
 DELAYED_LEARNERS = {"old": OLD, "new": NEW, "per_event": PER_EVENT}
