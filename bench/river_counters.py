@@ -44,12 +44,7 @@ def with_counters_for_the_peer(data: bt.BacktestData, counted: bt.BacktestData) 
 
 
 def peer_rows(data: bt.BacktestData, with_counters: bool) -> list[dict[str, Any]]:
-    original = bt.RiverInputs
-    bt.RiverInputs = InputsWithCounters if with_counters else original  # type: ignore[misc]
-    try:
-        return bt.run_river_baseline(data)
-    finally:
-        bt.RiverInputs = original  # type: ignore[misc]
+    return bt.run_river_baseline(data, inputs=InputsWithCounters if with_counters else bt.RiverInputs)
 
 
 def main(argv: list[str] | None = None) -> int:

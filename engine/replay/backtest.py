@@ -533,8 +533,10 @@ def run_river_baseline(
     batch_by: str = "count",
     batch_size: int = 1,
     publish_every_ms: int = 0,
+    inputs: Callable[[], RiverInputs] = RiverInputs,
 ) -> list[dict[str, Any]]:
-    """Per-event predict-then-learn river LogisticRegression (SGD, CE) on one-hot raw features; with
+    """Per-event predict-then-learn river LogisticRegression (SGD, CE) on one-hot raw features (read by
+    ``inputs()``: ``RiverInputs`` or a subclass); with
     ``batch_by="time"`` the events of one event time are all scored before any of them is learned (the
     rule the deep learners follow then, ``stream_batches``), each still learned one at a time. With
     ``publish_every_ms`` each event is scored by a copy of the model as it was at the last multiple of
@@ -546,7 +548,7 @@ def run_river_baseline(
     if not data.raw_features:
         raise ValueError("the river baseline needs the raw features (prepare(..., keep_raw=True))")
     model = linear_model.LogisticRegression(optimizer=optim.SGD(lr))
-    inputs = RiverInputs()
+    read = inputs()
     published = PublishedScorer(publish_every_ms, lambda: copy.deepcopy(model)) if publish_every_ms else None
     rows = []
     run = RunSpec("streaming", "river_lr", Strategy("ce"), 0)
@@ -557,7 +559,7 @@ def run_river_baseline(
         probs = np.empty(len(labels))
         raw = data.raw_features[sl]
         for b in stream_batches(times, batch_size, batch_by):
-            xs = [inputs(f) for f in raw[b]]
+            xs = [read(f) for f in raw[b]]
             parts = [(slice(0, len(xs)), model)] if published is None else published.models(times[b])
             for part, scorer in parts:
                 for i, x in enumerate(xs[part], b.start + part.start):

@@ -37,4 +37,4 @@ def test_the_peer_reads_each_rows_counter_values_as_they_are() -> None:
     counted_rows = rc.peer_rows(peer_data, with_counters=True)
     assert [r["period"] for r in plain] == [r["period"] for r in counted_rows]
     assert [r["auc"] for r in plain] != [r["auc"] for r in counted_rows]
-    assert bt.RiverInputs is not rc.InputsWithCounters  # put back after the run
+    assert bt.RiverInputs is not rc.InputsWithCounters  # the module's class is left alone
