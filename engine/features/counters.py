@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
 
 SEEN_SCALE = 0.2  # keeps a few thousand sightings near 1, the scale of the other dense inputs
@@ -37,6 +38,59 @@ SEEN_SCALE = 0.2  # keeps a few thousand sightings near 1, the scale of the othe
 
 class CounterError(ValueError):
     """A counted field the spec does not have as a categorical field, or a setting out of range."""
+
+
+class CounterSettings(BaseModel):
+    """What is counted and how (``model.counters`` of a trainer, ``arms[].counters`` of a serving arm):
+    the two must agree, since the model learns the values the arm serves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fields: tuple[str, ...] = Field(min_length=1, description="categorical fields of the spec to count")
+    prior_strength: float = Field(default=5.0, gt=0, allow_inf_nan=False, description="m of the rate")
+    windows_s: tuple[float, ...] = Field(
+        default=(), description="time constants (s) of counts that forget, one set of inputs each"
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _distinct_fields(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v) or not all(v):
+            raise ValueError(f"expected distinct non-empty field names, got {list(v)}")
+        return v
+
+    @field_validator("windows_s")
+    @classmethod
+    def _windows(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < w < float("inf") for w in v) or len(set(v)) != len(v):
+            raise ValueError(f"windows must be distinct, finite and > 0 seconds, got {list(v)}")
+        return v
+
+
+def counter_field_names(fields: Sequence[str], windows_s: Sequence[float] = ()) -> list[str]:
+    """The names of the dense inputs counters of ``fields`` add, in the order of their values' columns."""
+    names = []
+    for field in fields:
+        for window in ("", *(f"@{w:g}s" for w in windows_s)):
+            names += [f"{field}#ctr{window}", f"{field}#seen{window}"]
+    return names
+
+
+def with_counter_fields(spec: FeatureSpec, settings: CounterSettings) -> FeatureSpec:
+    """``spec`` with the dense inputs of ``settings``' counters appended: those it lacks, so a spec that
+    has them already (a snapshot's) comes back unchanged. Refuses counted fields the spec has not as
+    categorical fields, and a field of a counter input's name that is not a plain numeric one."""
+    ClickCounters(spec, settings.fields, settings.prior_strength, settings.windows_s)  # checks the fields
+    have = {f.name: f for f in spec.fields}
+    added = []
+    for name in counter_field_names(settings.fields, settings.windows_s):
+        field = have.get(name)
+        if field is None:
+            added.append(NumericField(name=name))
+        elif not isinstance(field, NumericField) or field.transform != "identity":
+            raise CounterError(f"counters: the spec's field {name!r} is not a numeric field with transform "
+                               "identity, so it cannot carry the counter input of that name")  # fmt: skip
+    return spec if not added else FeatureSpec(fields=(*spec.fields, *added), version=spec.version)
 
 
 class _Counts:
@@ -124,11 +178,7 @@ class ClickCounters:
 
     def spec_fields(self) -> tuple[NumericField, ...]:
         """The dense fields the counters add to a spec, in the order of ``values``' columns."""
-        names = []
-        for field in self.fields:
-            for window in ("", *(f"@{w:g}s" for w in self.windows_s)):
-                names += [f"{field}#ctr{window}", f"{field}#seen{window}"]
-        return tuple(NumericField(name=n) for n in names)
+        return tuple(NumericField(name=n) for n in counter_field_names(self.fields, self.windows_s))
 
     def values(self, cat: np.ndarray, now_ms: float = 0.0) -> np.ndarray:
         """float32 [B, n_columns]: the features of a batch's rows (``FeatureBatch.cat``) as counted at

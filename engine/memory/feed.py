@@ -1,14 +1,16 @@
-"""Joined samples into a serving arm's error memory: a consumer of the arm's samples topic on a thread.
+"""Joined samples into a serving arm's labelled state: a consumer of the arm's samples topic on a thread.
 
-``reloop serve`` learns nothing else from Kafka, so the memory needs its own path for labels: the
+``reloop serve`` learns nothing else from Kafka, so what it keeps from labels needs its own path: the
 join stage already publishes every joined sample (label, features, served prediction) on the samples
 topic (docs/data-plane.md), and this feed reads it. It decodes each message, featurises it with the
-LIVE bundle's featurizer and writes it into the memory (engine/memory/served.py), which keys it and
-recomputes its base prediction with that bundle. A reload is noticed on the next poll (at most
-``poll_timeout_s`` later) and re-keys the memory there, off the request path.
+LIVE bundle's featurizer and writes it into its target: ReLoop2's error memory (engine/memory/served.py),
+which keys it and recomputes its base prediction with that bundle, or the arm's click counters
+(engine/memory/served_counters.py), which count its clicks. A reload is noticed on the next poll (at most
+``poll_timeout_s`` later) and re-keys the target there, off the request path. Each target has a feed of
+its own (its own consumer, positions and state file): the two keep independent state.
 
 Positions: a feed that starts without saved state begins at the END of the topic (history was
-labelled for older models); with state it resumes from the saved positions, saved with the memory
+labelled for older models); with state it resumes from the saved positions, saved with the target
 every ``save_every_s`` and on close. An undecodable message is skipped and counted (the train stage
 dead-letters it already). In a message holding values the live model's spec cannot read, the rows are
 featurised one at a time, as the train stage does: such a sample is skipped and counted (``refused``),
@@ -17,7 +19,7 @@ on it, say) is skipped and counted in ``write_failures``, and the rest of its po
 source has moved past the poll, so a failure that ended the step lost every message after it. A re-key
 after a reload runs before the poll, so when it fails the step ends having read nothing, and is
 retried. A sample flagged ``is_correction`` (a late click re-emitted as a positive) is written as one
-more positive: the memory then holds its earlier negative too, the same small duplication the join's
+more positive: a memory then holds its earlier negative too, the same small duplication the join's
 correction policy gives the trainer.
 """
 
@@ -28,17 +30,30 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch
 from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
-from reloop.engine.memory.served import ServedMemory
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, positions_from_json, positions_to_json
 
 log = logging.getLogger(__name__)
+
+
+class LabelTarget(Protocol):
+    """What a feed writes into (ServedMemory, ServedCounters)."""
+
+    version: int | None
+    positions: dict[str, int]
+    written: int
+    rekeys: int
+
+    def rekey(self, bundle: Any) -> None: ...
+    def write(self, bundle: Any, batch: FeatureBatch, labels: np.ndarray, times_ms: np.ndarray) -> None: ...
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+    def load(self, path: str | os.PathLike[str]) -> None: ...
 
 
 class SamplesFeed:
@@ -47,7 +62,7 @@ class SamplesFeed:
         *,
         name: str,
         source: Source,
-        memory: ServedMemory,
+        target: LabelTarget,
         holder: ModelHolder,
         state_path: str | os.PathLike[str] | None = None,
         save_every_s: float = 30.0,
@@ -57,7 +72,8 @@ class SamplesFeed:
     ) -> None:
         self.name = name
         self.source = source
-        self.memory = memory
+        self.target = target
+        self.kind = type(target).__name__  # in log lines
         self.holder = holder
         self.state_path = state_path
         self.save_every_s = save_every_s
@@ -74,14 +90,14 @@ class SamplesFeed:
         self._saved_at = clock()
 
     def open(self) -> None:
-        """Restore the saved memory (if any) and open the source where it stopped (else at the end)."""
+        """Restore the saved target (if any) and open the source where it stopped (else at the end)."""
         if self.state_path is not None and os.path.exists(self.state_path):
             try:
-                self.memory.load(self.state_path)
+                self.target.load(self.state_path)
             except (OSError, ValueError, KeyError) as exc:
-                log.error("error memory %s: saved state %s refused (%s); starting empty", self.name,
+                log.error("%s %s: saved state %s refused (%s); starting empty", self.kind, self.name,
                           self.state_path, exc)  # fmt: skip
-        positions = positions_from_json(self.memory.positions) if self.memory.positions else None
+        positions = positions_from_json(self.target.positions) if self.target.positions else None
         if positions is None:
             ends = getattr(self.source, "end_positions", None)
             self.source.open(None)
@@ -96,11 +112,11 @@ class SamplesFeed:
         if not self._opened:
             self.open()
         bundle = self.holder.current
-        if bundle is not None and self.memory.version != bundle.version:
+        if bundle is not None and self.target.version != bundle.version:
             # The model's torch calls: the process's exit waits for them (this thread outlives close()'s
             # wait; inside torch then it aborted the process: engine/exit_guard.py).
             with native_work():
-                self.memory.rekey(bundle)  # before the poll: a failure here costs no record (module doc)
+                self.target.rekey(bundle)  # before the poll: a failure here costs no record (module doc)
         records = self.source.poll(self.poll_max_records, self.poll_timeout_s)
         if bundle is not None:
             with native_work():
@@ -108,13 +124,13 @@ class SamplesFeed:
         else:
             written = 0
         # Samples that came before any model was loaded are skipped: there is nothing to key them with.
-        self.memory.positions = positions_to_json(self.source.position())
+        self.target.positions = positions_to_json(self.source.position())
         if self.state_path is not None and self.clock() - self._saved_at >= self.save_every_s:
             self.save()
         return written
 
     def _write(self, bundle: Any, records: list[Any]) -> int:
-        """Decode, featurise and write ``records`` into the memory; returns the samples written."""
+        """Decode, featurise and write ``records`` into the target; returns the samples written."""
         written = 0
         for record in records:
             try:
@@ -125,25 +141,26 @@ class SamplesFeed:
             if not len(batch):
                 continue
             try:
-                features, labels = self._featurize(bundle, batch)
+                features, labels, times = self._featurize(bundle, batch)
                 if len(labels):
-                    self.memory.write(bundle, features, labels)
-            except Exception:  # noqa: BLE001 - this message is lost to the memory, not the poll's rest
+                    self.target.write(bundle, features, labels, times)
+            except Exception:  # noqa: BLE001 - this message is lost to the target, not the poll's rest
                 self.write_failures += 1
                 if self.write_failures & (self.write_failures - 1) == 0:  # the 1st, 2nd, 4th, ...
-                    log.exception("error memory %s: writing a samples message failed (%d so far); "
-                                  "skipped", self.name, self.write_failures)  # fmt: skip
+                    log.exception("%s %s: writing a samples message failed (%d so far); "
+                                  "skipped", self.kind, self.name, self.write_failures)  # fmt: skip
                 continue
             written += len(labels)
         return written
 
-    def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray]:
-        """The rows of ``batch`` the live spec can read and their labels: the whole message at once,
-        else (a value the spec cannot read: slow, and rare) one row at a time, the others counted."""
+    def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray, np.ndarray]:
+        """The rows of ``batch`` the live spec can read, their labels and event times: the whole message
+        at once, else (a value the spec cannot read: slow, and rare) one row at a time, the others counted."""
         featurize = bundle.featurizer.transform_columns
         labels = batch.numpy("label").astype(np.float64)
+        times = batch.numpy("event_time_ms").astype(np.float64)
         try:
-            return featurize(batch.features(), rows=len(batch)), labels
+            return featurize(batch.features(), rows=len(batch)), labels, times
         except FeatureError:
             pass
         keep: list[int] = []
@@ -156,17 +173,17 @@ class SamplesFeed:
                 continue
             keep.append(i)
         if not rows:
-            return featurize({}, rows=0), labels[:0]
-        return FeatureBatch.concat(rows), labels[keep]
+            return featurize({}, rows=0), labels[:0], times[:0]
+        return FeatureBatch.concat(rows), labels[keep], times[keep]
 
     def save(self) -> None:
         if self.state_path is not None:
-            self.memory.save(self.state_path)
+            self.target.save(self.state_path)
             self._saved_at = self.clock()
 
     def start(self) -> SamplesFeed:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"memory-feed-{self.name}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"samples-feed-{self.name}", daemon=True)
             self._thread.start()
         return self
 
@@ -178,7 +195,7 @@ class SamplesFeed:
                 backoff = 1.0
             except Exception:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
                 self.failures += 1
-                log.exception("error memory %s: feed step failed; retrying in %.0fs", self.name, backoff)
+                log.exception("%s %s: feed step failed; retrying in %.0fs", self.kind, self.name, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -193,7 +210,7 @@ class SamplesFeed:
             self.source.close()
 
     def stats(self) -> dict[str, Any]:
-        m = self.memory
+        m = self.target
         return {"written": m.written, "rekeys": m.rekeys, "version": m.version,
                 "undecodable": self.undecodable, "refused": self.refused,
                 "write_failures": self.write_failures, "failures": self.failures}  # fmt: skip

@@ -107,8 +107,11 @@ class ServedMemory:
             return sketch.correct(base, keys)
 
     # ------------------------------------------------------------------ feed path
-    def write(self, bundle: Any, batch: FeatureBatch, labels: np.ndarray) -> None:
-        """Key and predict joined samples with the live ``bundle``, then write them."""
+    def write(
+        self, bundle: Any, batch: FeatureBatch, labels: np.ndarray, times_ms: np.ndarray | None = None
+    ) -> None:
+        """Key and predict joined samples with the live ``bundle``, then write them (``times_ms``, when
+        each was shown, is not used: a memory keys samples by what the model makes of them)."""
         if self.version != bundle.version:
             self.rekey(bundle)
         y = np.asarray(labels, dtype=np.float64)

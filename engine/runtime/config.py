@@ -46,6 +46,7 @@ from reloop.engine.config_common import (
     read_document,
     redact,
 )
+from reloop.engine.features.counters import CounterSettings
 from reloop.engine.join.joiner import JoinerConfig
 
 __all__ = ["ENV_PREFIX", "REDACTED", "ConfigError", "RunConfig", "load_config", "load_config_dict", "redact"]
@@ -126,6 +127,11 @@ class ModelSection(_Section):
     spec_file: str | None = Field(default=None, description="or a JSON/YAML file holding it")
     optimizer: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="backbone settings (hidden_units ...)")
+    counters: CounterSettings | None = Field(
+        default=None,
+        description="click counters as inputs: their dense fields are appended to the spec, and the values "
+        "come with each impression as its arm served them (serve's arms[].counters, same settings)",
+    )
 
     @model_validator(mode="after")
     def _one_spec(self) -> ModelSection:
@@ -548,6 +554,14 @@ def load_feature_spec(section: ModelSection) -> Any:
                 f"invalid config: model.spec_file: {section.spec_file} does not parse ({exc!s:.300})"
             ) from None
     try:
-        return FeatureSpec.model_validate(data)
+        spec = FeatureSpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc).replace("invalid config: ", "invalid config: model.spec.")) from None
+    if section.counters is None:
+        return spec
+    from reloop.engine.features.counters import CounterError, with_counter_fields
+
+    try:
+        return with_counter_fields(spec, section.counters)
+    except CounterError as exc:
+        raise ConfigError(f"invalid config: model.counters: {exc}") from None

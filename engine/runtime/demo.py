@@ -132,6 +132,7 @@ class ArmPlan:
     run_config_path: Path
     log_path: Path
     memory: dict[str, Any] | None = None  # serve's arms[].memory, complete
+    counters: dict[str, Any] | None = None  # serve's arms[].counters, from the arm's model.counters
 
     @property
     def samples_topic(self) -> str:
@@ -141,7 +142,7 @@ class ArmPlan:
 def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
     """Per-arm topics, folders and validated `reloop run` configs (a bad key fails here, before any start)."""
     from reloop.engine.runtime.config import ConfigError as RunConfigError
-    from reloop.engine.runtime.config import load_config_dict
+    from reloop.engine.runtime.config import load_config_dict, load_feature_spec
 
     plans = []
     for arm in config.arms:
@@ -166,7 +167,8 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
             },
         )
         try:
-            load_config_dict(run, env={})
+            # The spec too: counters of a field it lacks fail here, not in a trainer after the start.
+            load_feature_spec(load_config_dict(run, env={}).model)
         except RunConfigError as exc:
             raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
         memory = None
@@ -182,6 +184,20 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
                 ArmMemoryConfig.model_validate(memory)
             except ValidationError as exc:
                 raise ConfigError(f"arm {arm.name}: bad memory section: {describe_errors(exc)}") from exc
+        counters = None
+        if (run.get("model") or {}).get("counters") is not None:
+            from reloop.engine.serve.config import ArmCountersConfig
+
+            # The service counts what the trainer's model.counters says: one setting, in the run config.
+            counters = {
+                **run["model"]["counters"],
+                "samples_topic": run["stages"]["samples_topic"],
+                "state_file": str(folder / "counters.npz"),
+            }
+            try:
+                ArmCountersConfig.model_validate(counters)
+            except ValidationError as exc:
+                raise ConfigError(f"arm {arm.name}: bad model.counters: {describe_errors(exc)}") from exc
         plans.append(
             ArmPlan(
                 name=arm.name,
@@ -193,6 +209,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
                 run_config_path=folder / "run.yaml",
                 log_path=folder / "trainer.log",
                 memory=memory,
+                counters=counters,
             )
         )
     return plans
@@ -216,6 +233,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
                     "params": model.get("params") or {},
                 },
                 **({"memory": plan.memory} if plan.memory is not None else {}),
+                **({"counters": plan.counters} if plan.counters is not None else {}),
             }
         )
     data = {
@@ -447,6 +465,12 @@ def _memory_written(stack: Any, name: str) -> int | None:
     return None if memory is None else int(memory.written)
 
 
+def _clicks_counted(stack: Any, name: str) -> int | None:
+    """Clicks the arm's counters have read from its samples topic (None: the arm has none)."""
+    counters = stack.arms[name].counters
+    return None if counters is None else int(counters.written)
+
+
 def summary_dict(
     *, sim, stack, trainers, registries, sim_config, trainer_rcs, logged, run_id
 ) -> dict[str, Any]:
@@ -464,6 +488,7 @@ def summary_dict(
             "snapshots_published": registries[name].latest_version() if name in registries else None,
             "serving_version": stack.arms[name].holder.version,
             "memory_written": _memory_written(stack, name),
+            "counters_clicks": _clicks_counted(stack, name),
             "impressions_logged": logger.sent if logger else None,
             "impressions_dropped": logger.dropped if logger else None,
             "trainer_exit": trainer_rcs.get(name),
@@ -520,6 +545,7 @@ def print_summary(
         "impressions logged",
         "dropped",
         "memory samples",
+        "clicks counted",
         "trainer exit",
     ):
         rows.add_column(col, justify="left" if col == "arm" else "right")
@@ -549,6 +575,7 @@ def print_summary(
             _fmt(logger.sent if logger else None),
             _fmt(logger.dropped if logger else None),
             _fmt(_memory_written(stack, name)),
+            _fmt(_clicks_counted(stack, name)),
             _fmt(trainer_rcs[name]),
         )
     console.print(rows)
@@ -556,8 +583,9 @@ def print_summary(
         console.print(line)
     report = sim_config.report
     for name, runtime in stack.arms.items():
-        if runtime.memory is not None and report.control and name != report.control:
-            # The arm served with ReLoop2's error memory, read out against the same control.
+        served_with = runtime.memory is not None or runtime.counters is not None
+        if served_with and report.control and name != report.control:
+            # An arm served with ReLoop2's error memory or counters, read out against the same control.
             for line in ab_lines(sim.stats, report.model_copy(update={"treatment": name})):
                 console.print(line)
     if logged and report.treatment and report.control:
@@ -630,8 +658,8 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             for p in plans
             for t in (p.impressions_topic, p.clicks_topic, p.run_config["sink"]["dead_letter_topic"])
         }
-        # The samples topic of an arm with a memory exists before the service's feed subscribes to it.
-        topics.update({p.samples_topic: 1 for p in plans if p.memory is not None})
+        # The samples topic of an arm with a memory or counters exists before the service's feed reads it.
+        topics.update({p.samples_topic: 1 for p in plans if (p.memory or p.counters) is not None})
         create_topics(bootstrap, topics, client_config=config.kafka_settings())
         if stop.is_set():  # Ctrl-C while the broker started: start no trainer only to stop it at once
             raise RuntimeError("stopped while starting")

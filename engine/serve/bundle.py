@@ -71,6 +71,10 @@ class ModelBundle:
             return self.featurizer.transform([{**context, **f} for f in features])
         return self.columns.transform(context, features)
 
+    def score_batch(self, batch: Any) -> np.ndarray:
+        """Scores of rows featurised already (``request_batch``'s, with counter inputs filled in)."""
+        return self._predict(batch, len(batch))
+
     def _predict(self, batch: Any, n: int) -> np.ndarray:
         probs = self.learner.predict_proba(batch)
         if hasattr(probs, "detach"):  # a torch tensor

@@ -35,6 +35,7 @@ from reloop.engine.config_common import (
     env_values,
     read_document,
 )
+from reloop.engine.features.counters import CounterSettings
 from reloop.engine.serve.arms import ArmRouter
 
 
@@ -72,6 +73,18 @@ class ArmMemoryConfig(_Frozen):
     save_every_s: float = Field(default=30.0, gt=0)
 
 
+class ArmCountersConfig(CounterSettings):
+    """Click counters for one arm (engine/memory/served_counters.py): each scored candidate gets its
+    counter inputs, logged with its impression; clicks are read from the arm's samples topic. The arm's
+    model must be trained with the same ``model.counters`` (fields, prior strength, windows)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
+
+    samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
+    state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
+    save_every_s: float = Field(default=30.0, gt=0)
+
+
 class ArmConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     # Relative traffic share; bounded so the weights' sum stays finite (inf took the arm's traffic away).
@@ -81,8 +94,22 @@ class ArmConfig(_Frozen):
     clicks_topic: str = "clicks"
     cold_start: ColdStart | None = None
     memory: ArmMemoryConfig | None = None
+    counters: ArmCountersConfig | None = None
     # Settings for this arm's trainer (the demo passes them to `reloop run`); the service ignores them.
     train: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _counted_fields_in_cold_start(self) -> ArmConfig:
+        # The cold-start model gets the counter inputs appended to its spec, as the trainer's gets them.
+        if self.counters is not None and self.cold_start is not None:
+            from reloop.engine.features.counters import CounterError, with_counter_fields
+            from reloop.engine.features.spec import FeatureSpec
+
+            try:
+                with_counter_fields(FeatureSpec.from_dict(self.cold_start.spec), self.counters)
+            except (CounterError, ValueError) as exc:
+                raise ValueError(f"counters do not fit cold_start.spec: {exc}") from None
+        return self
 
 
 class LogConfig(_Frozen):
@@ -198,6 +225,13 @@ class ServeConfig(_Frozen):
                 "arms: each arm needs its own impressions_topic (each arm trains on its own feedback)"
             )
         ArmRouter([(a.name, a.weight) for a in self.arms], salt="")  # the shares: at load, not at start
+        counted = [a.name for a in self.arms if a.counters is not None]
+        if counted and self.workers > 1:
+            # Each worker would count only what it shows, and every click: rates above the truth.
+            raise ValueError(
+                f"workers: arms {counted} have counters, which must see every impression the arm shows: "
+                "serve them with workers: 1"
+            )
         return self
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import torch
 from reloop.engine.checkpoint.registry import NewerFormat, SnapshotError, SnapshotRegistry
+from reloop.engine.features.counters import CounterSettings, with_counter_fields
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.finite import first_not_finite, learner_not_finite
@@ -151,8 +152,12 @@ def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], Mod
     return load
 
 
-def cold_start_bundle(cold: ColdStart) -> ModelBundle:
-    """Version 0: a fresh, untrained learner (the strategy does not matter for predictions)."""
+def cold_start_bundle(cold: ColdStart, counters: CounterSettings | None = None) -> ModelBundle:
+    """Version 0: a fresh, untrained learner (the strategy does not matter for predictions). With the
+    arm's ``counters``, their inputs are appended to the spec, as ``model.counters`` appends them to the
+    trainer's: the same model as the trainer's initial one."""
     spec = FeatureSpec.from_dict(cold.spec)
+    if counters is not None:
+        spec = with_counter_fields(spec, counters)
     learner = build_learner(cold.backbone, spec, "ce", 0.0, seed=cold.seed, **cold.params)
     return ModelBundle(version=0, learner=learner.clone_frozen(), featurizer=Featurizer(spec))

@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from reloop.engine.events.schema import Impression
 from reloop.engine.features.check import FeatureLimits, SpecChecker
+from reloop.engine.features.counters import CounterError
 from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
@@ -46,6 +47,7 @@ class ArmRuntime:
     holder: ModelHolder
     logger: ImpressionLogger | ProducerLogger | None = None
     memory: Any = None  # reloop.engine.memory.served.ServedMemory: ReLoop2's error memory (arms[].memory)
+    counters: Any = None  # reloop.engine.memory.served_counters.ServedCounters (arms[].counters)
 
 
 def _feature_path(field: str | None) -> list[str]:
@@ -190,11 +192,19 @@ class ScoringService:
         candidates = request.candidates
         features = [c.features for c in candidates]
         self._check(arm.name, bundle, request, context, features)
-        memory = arm.memory
-        if memory is None:
+        memory, counters = arm.memory, arm.counters
+        counted: np.ndarray | None = None
+        if memory is None and counters is None:
             scores = bundle.score_request(context, features)
         else:
-            scores = memory.score(bundle, bundle.request_batch(context, features))
+            batch = bundle.request_batch(context, features)
+            if counters is not None:
+                now = self.clock_ms()  # counters age by the service's clock (memory/served_counters.py)
+                try:
+                    counted = counters.fill(bundle.featurizer.spec, batch, now)
+                except CounterError as exc:  # a model trained without the arm's counters: never scored
+                    raise NotReady(f"arm {arm.name!r}: {exc}") from None
+            scores = bundle.score_batch(batch) if memory is None else memory.score(bundle, batch)
         unscored = np.flatnonzero(np.isnan(scores))
         if len(unscored):
             # Values the spec reads but the model cannot take (a numeric of 1e39 under the identity
@@ -216,6 +226,12 @@ class ScoringService:
         order = np.argsort(-scores, kind="stable")[:k].tolist()
         values = scores.tolist()
         ids = self.new_impression_ids(k)
+        served: dict[int, dict[str, float]] = {}
+        if counted is not None:
+            counters.count_shown(bundle.featurizer.spec, batch.cat[order], now)
+            # the values as served go with each impression: the trainer learns exactly what was scored
+            names = counters.names
+            served = {i: dict(zip(names, counted[i].tolist(), strict=True)) for i in order}
         logger = arm.logger
         if logger is not None:
             event_time = request.event_time_ms if request.event_time_ms is not None else self.clock_ms()
@@ -226,7 +242,7 @@ class ScoringService:
                         request_id=request.request_id,
                         user_id=request.user_id,
                         item_id=candidates[i].item_id,
-                        features={**context, **features[i]},
+                        features={**context, **features[i], **served.get(i, {})},
                         event_time_ms=event_time,
                         served_prediction=values[i],
                         model_version=bundle.version,

@@ -46,8 +46,8 @@ _SERVER_STOP_S = 5.0  # in-flight requests finish within this (part of the shutd
 _WATCHER_STOP_S = 2.0
 
 SinkFactory = Callable[[ArmConfig], Sink]
-# The samples topic of an arm with an error memory (arms[].memory), as a Source.
-SamplesSourceFactory = Callable[[ArmConfig], Source]
+# A samples topic of an arm (arms[].memory's, arms[].counters'), as a Source: (arm, topic) -> Source.
+SamplesSourceFactory = Callable[[ArmConfig, str], Source]
 # (latest version, load a version, every version available) of one arm's registry.
 LoaderFactory = Callable[
     [ArmConfig],
@@ -217,7 +217,7 @@ def registry_loader_factory(arm: ArmConfig):
             arm.name,
             arm.registry,
         )
-        return cold_start_bundle(cold)
+        return cold_start_bundle(cold, arm.counters)
 
     def versions() -> list[int]:
         return available() if state["trained"] else [*available(), 0]
@@ -258,7 +258,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
 
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
-    def make(arm: ArmConfig) -> Source:
+    def make(arm: ArmConfig, topic: str) -> Source:
         settings = config.kafka.connection()
         if config.kafka.client == "confluent":
             from reloop.connectors.confluent.source import ConfluentSource as Kind
@@ -269,9 +269,7 @@ def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
             # kafka.client_config is the impression log producer's too: a producer-only setting made
             # every start of the feed's consumer fail, retried for as long as the service ran.
             settings = consumer_part(settings)
-        assert arm.memory is not None
-        topics = [arm.memory.samples_topic]
-        return Kind(bootstrap=config.kafka.bootstrap, topics=topics, client_config=settings)
+        return Kind(bootstrap=config.kafka.bootstrap, topics=[topic], client_config=settings)
 
     return make
 
@@ -289,8 +287,21 @@ def memory_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
     )
     memory = ServedMemory(sketch, buffer=m.buffer)
     return SamplesFeed(
-        name=arm.name, source=source, memory=memory, holder=holder, state_path=m.state_file,
+        name=arm.name, source=source, target=memory, holder=holder, state_path=m.state_file,
         save_every_s=m.save_every_s,
+    )  # fmt: skip
+
+
+def counters_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
+    """The click counters of an arm and the feed thread that counts the clicks of its samples topic."""
+    from reloop.engine.memory.feed import SamplesFeed
+    from reloop.engine.memory.served_counters import ServedCounters
+
+    c = arm.counters
+    assert c is not None
+    return SamplesFeed(
+        name=arm.name, source=source, target=ServedCounters(c), holder=holder, state_path=c.state_file,
+        save_every_s=c.save_every_s,
     )  # fmt: skip
 
 
@@ -332,11 +343,18 @@ class ServingStack:
                     arm=arm.name,
                 )
             self.arms[arm.name] = ArmRuntime(name=arm.name, holder=holder, logger=logger)
+            if (arm.memory or arm.counters) is not None and samples_source_factory is None:
+                samples_source_factory = kafka_samples_source_factory(config)
             if arm.memory is not None:
-                if samples_source_factory is None:
-                    samples_source_factory = kafka_samples_source_factory(config)
-                feed = self.feeds[arm.name] = memory_feed(arm, holder, samples_source_factory(arm))
-                self.arms[arm.name].memory = feed.memory
+                assert samples_source_factory is not None
+                source = samples_source_factory(arm, arm.memory.samples_topic)
+                feed = self.feeds[arm.name] = memory_feed(arm, holder, source)
+                self.arms[arm.name].memory = feed.target
+            if arm.counters is not None:
+                assert samples_source_factory is not None
+                source = samples_source_factory(arm, arm.counters.samples_topic)
+                feed = self.feeds[f"{arm.name} counters"] = counters_feed(arm, holder, source)
+                self.arms[arm.name].counters = feed.target
             latest, load, versions = loader_factory(arm)
             sources.append(ArmSource(arm.name, holder, latest, load, versions))
         self.router = ArmRouter([(a.name, a.weight) for a in config.arms], salt=config.salt)
@@ -464,7 +482,7 @@ class ServingStack:
 
         jobs: list[tuple[str, str, Callable[[], None]]] = []
         for name, feed in self.feeds.items():
-            jobs.append((name, "memory feed", lambda f=feed: f.close(timeout_s=budget)))
+            jobs.append((name, "samples feed", lambda f=feed: f.close(timeout_s=budget)))
         for arm in self.arms.values():
             if arm.logger is not None:
                 jobs.append((arm.name, "impression log", lambda lg=arm.logger: lg.close(timeout_s=budget)))

@@ -4,6 +4,7 @@ them, impressions on Kafka carry increasing model versions, every process stops 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from reloop.connectors.kafka.source import KafkaSource
 from reloop.engine.events.codec import decode_impression
+from reloop.engine.events.schema import Impression
 from reloop.engine.runtime.demo import DEFAULT_CONFIG
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -25,6 +27,12 @@ def _config(tmp_path: Path) -> Path:
     doc = yaml.safe_load(DEFAULT_CONFIG.read_text())
     # Three arms (the A/A copy left out) and 4 s periods: versions advance several times within the run.
     doc["arms"] = [a for a in doc["arms"] if a["name"] in ("reloop", "ce", "ce_memory")]
+    # The memory arm is served with click counters too (the trainer's model.counters; the demo gives the
+    # service the same): both of the service's samples feeds run, without one more trainer process.
+    counters = {"fields": ["user_id", "item_id"], "windows_s": [60]}
+    for arm in doc["arms"]:
+        if arm["name"] == "ce_memory":
+            arm["train"] = {**arm["train"], "model": {**arm["train"]["model"], "counters": counters}}
     doc["run"]["period"] = {"every_wall_s": 4}
     doc["simulate"]["rate"] = 25
     doc["simulate"]["report"] = {"treatment": "reloop", "control": "ce"}
@@ -33,16 +41,16 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-def _versions_in_topic(bootstrap: str, topic: str) -> list[int]:
+def _impressions_in_topic(bootstrap: str, topic: str) -> list[Impression]:
     source = KafkaSource(bootstrap=bootstrap, topics=[topic])
     source.open()
-    out: list[int] = []
+    out: list[Impression] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         batch = source.poll(5000, 0.5)
         if not batch and out:
             break
-        out += [decode_impression(r.value).model_version for r in sorted(batch, key=lambda r: r.offset)]
+        out += [decode_impression(r.value) for r in sorted(batch, key=lambda r: r.offset)]
     source.close()
     return out
 
@@ -86,8 +94,16 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         assert arm["logged_impressions"] == arm["impressions_logged"]
         assert 0 < arm["logged_clicked"] <= arm["clicks"]
         # What reached Kafka: every logged impression, with versions that advance over the log.
-        versions = _versions_in_topic(kafka_broker.bootstrap, arm["impressions_topic"])
+        impressions = _impressions_in_topic(kafka_broker.bootstrap, arm["impressions_topic"])
+        versions = [imp.model_version for imp in impressions]
         assert len(versions) == arm["impressions_logged"]
+        # Counter inputs travel with the impressions of the arm served with counters, and only with them.
+        counted = [imp.features.get("user_id#ctr@60s") for imp in impressions]
+        if name == "ce_memory":
+            assert all(isinstance(v, float) and math.isfinite(v) for v in counted)
+            assert len(set(counted)) > 1  # they moved as impressions and clicks were counted
+        else:
+            assert set(counted) == {None}
         first_offset = {}
         for offset, v in enumerate(versions):
             first_offset.setdefault(v, offset)
@@ -97,6 +113,10 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
     # The arm served with ReLoop2's error memory wrote joined samples from its samples topic into it.
     written = {name: arm["memory_written"] for name, arm in summary["arms"].items()}
     assert written.pop("ce_memory") > 0 and set(written.values()) == {None}
+    # Its counters read the clicks of its samples topic: each click at most once (on time or late).
+    clicks = {name: arm["counters_clicks"] for name, arm in summary["arms"].items()}
+    assert 0 < clicks.pop("ce_memory") <= summary["arms"]["ce_memory"]["clicks"]
+    assert set(clicks.values()) == {None}
     assert "A/B lift ce_memory vs ce (true CTR)" in output
     expected_ab = {"ab_lift_true", "ab_lift_clicks", "ab_lift_logged", "clicks_plan_detectable"}
     assert expected_ab <= set(summary["ab"])

@@ -358,7 +358,7 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
             "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client, "client_config": linger},
         }
     )
-    source = kafka_samples_source_factory(config)(config.arms[0])
+    source = kafka_samples_source_factory(config)(config.arms[0], topic)
     assert type(source).__name__ == {"confluent": "ConfluentSource", "kafka-python": "KafkaSource"}[client]
     source.open(None)
     source.open(source.end_positions())

@@ -107,7 +107,7 @@ def test_feed_writes_joined_samples_saves_positions_and_resumes(tmp_path) -> Non
     state = tmp_path / "arm.npz"
 
     def feed() -> SamplesFeed:
-        return SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), memory=ServedMemory(CONFIG),
+        return SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), target=ServedMemory(CONFIG),
                            holder=holder, state_path=state, poll_timeout_s=0)  # fmt: skip
 
     f = feed()
@@ -118,10 +118,10 @@ def test_feed_writes_joined_samples_saves_positions_and_resumes(tmp_path) -> Non
     g = feed()
     _publish(mlog, 4, 8)
     assert g.step() == 4  # resumed after what the first feed had read
-    assert g.memory.sketch is not None and g.memory.sketch.written == 12  # the saved 8 + these 4
+    assert g.target.sketch is not None and g.target.sketch.written == 12  # the saved 8 + these 4
     holder.swap(_bundle(2, seed=3))
     g.step()
-    assert g.memory.version == 2 and g.memory.rekeys == 1
+    assert g.target.version == 2 and g.target.rekeys == 1
     g.close()
 
 
@@ -235,11 +235,11 @@ def test_an_unreadable_state_file_is_refused_and_the_feed_starts_empty(tmp_path,
         ServedMemory(CONFIG).load(path)
     mlog = MemoryLog()
     mlog.create("samples", 1)
-    feed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), memory=ServedMemory(CONFIG),
+    feed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), target=ServedMemory(CONFIG),
                        holder=ModelHolder(b), state_path=path, poll_timeout_s=0)  # fmt: skip
     _publish(mlog, 5, 0)
     assert feed.step() == 5
-    assert feed.memory.sketch is not None and feed.memory.sketch.written == 5
+    assert feed.target.sketch is not None and feed.target.sketch.written == 5
     feed.close()
     ServedMemory(CONFIG).load(path)  # the save on close replaced the damaged file
 
@@ -345,11 +345,11 @@ class _FailingMemory(ServedMemory):
         super().__init__(CONFIG)
         self.fail, self.calls = fail, 0
 
-    def write(self, bundle, batch, labels) -> None:
+    def write(self, bundle, batch, labels, times_ms=None) -> None:
         self.calls += 1
         if self.calls in self.fail:
             raise RuntimeError("the model raised on this batch")
-        super().write(bundle, batch, labels)
+        super().write(bundle, batch, labels, times_ms)
 
 
 def test_a_write_that_fails_costs_its_message_not_the_rest_of_the_poll() -> None:
@@ -364,7 +364,7 @@ def test_a_write_that_fails_costs_its_message_not_the_rest_of_the_poll() -> None
     assert f.step() == 8  # the first and the third message
     assert f.write_failures == 1 and f.stats()["write_failures"] == 1 and f.undecodable == 0
     assert memory.sketch is not None and memory.sketch.written == 8
-    assert f.memory.positions and f.step() == 0  # the poll's position was kept: nothing read twice
+    assert f.target.positions and f.step() == 0  # the poll's position was kept: nothing read twice
 
 
 def test_a_rekey_that_fails_reads_nothing_and_is_retried() -> None:
@@ -373,7 +373,7 @@ def test_a_rekey_that_fails_reads_nothing_and_is_retried() -> None:
     holder = ModelHolder(_bundle(1))
     memory = ServedMemory(CONFIG)
     f = SamplesFeed(
-        name="A", source=MemorySource(mlog, ["samples"]), memory=memory, holder=holder, poll_timeout_s=0
+        name="A", source=MemorySource(mlog, ["samples"]), target=memory, holder=holder, poll_timeout_s=0
     )
     f.step()  # keyed to version 1, at the end of the (empty) topic
     _publish(mlog, 4, 0)
@@ -417,7 +417,7 @@ def _feed_from_start(mlog: MemoryLog, memory: ServedMemory) -> SamplesFeed:
     f = SamplesFeed(
         name="A",
         source=MemorySource(mlog, ["samples"]),
-        memory=memory,
+        target=memory,
         holder=ModelHolder(_bundle(1)),
         poll_timeout_s=0,
     )

@@ -100,7 +100,7 @@ def test_a_memory_feed_left_re_keying_at_exit_does_not_abort_the_process(tmp_pat
         log = MemoryLog()
         log.create("samples", 1)
         feed = SamplesFeed(
-            name="A", source=MemorySource(log, ["samples"]), memory=Memory(), holder=ModelHolder(bundle(3))
+            name="A", source=MemorySource(log, ["samples"]), target=Memory(), holder=ModelHolder(bundle(3))
         ).start()
         assert Memory.rekeying.wait(10)
         feed.close(timeout_s=0.1)  # what was left of serve.shutdown_timeout_s

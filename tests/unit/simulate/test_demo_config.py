@@ -57,6 +57,30 @@ def test_shipped_demo_config_plans_valid_arms(tmp_path):
     assert memory["ce_memory"].state_file == tmp_path / "ce_memory" / "memory.npz"
 
 
+def test_an_arm_trained_with_counters_is_served_with_the_same_counters(tmp_path):
+    doc = read_yaml(DEFAULT_CONFIG)
+    counters = {"fields": ["user_id", "item_id"], "prior_strength": 2.0, "windows_s": [60]}
+    doc["arms"][1]["train"] = {**doc["arms"][1]["train"], "model": {"strategy": "ce", "counters": counters}}
+    config = DemoConfig.model_validate(doc)
+    plans = plan_arms(config, workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="abc")
+    serve = serve_config_for(config, plans, "127.0.0.1:1")
+    served = {arm.name: arm.counters for arm in serve.arms}
+    assert [name for name, c in served.items() if c is not None] == ["ce"]
+    c, plan = served["ce"], plans[1]
+    assert (c.fields, c.prior_strength, c.windows_s) == (("user_id", "item_id"), 2.0, (60.0,))
+    assert c.samples_topic == plan.samples_topic and c.state_file == tmp_path / "ce" / "counters.npz"
+    # The cold-start model v0 reads the counter inputs, as the trainer's initial model does.
+    from reloop.engine.runtime.config import load_config_dict, load_feature_spec
+    from reloop.engine.serve.loader import cold_start_bundle
+
+    trained = load_feature_spec(load_config_dict(plan.run_config, env={}).model)
+    assert cold_start_bundle(serve.arms[1].cold_start, c).featurizer.spec == trained
+    assert "user_id#ctr@60s" in [f.name for f in trained.fields]
+    doc["arms"][1]["train"]["model"]["counters"] = {"fields": ["nope"]}
+    with pytest.raises(ConfigError, match="arm ce: bad run config: .*model.counters: .*'nope'"):
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="b:1", run_id="x")
+
+
 def test_bad_memory_key_fails_naming_the_arm(tmp_path):
     doc = read_yaml(DEFAULT_CONFIG)
     doc["arms"][3]["memory"] = {"n_bitz": 8}

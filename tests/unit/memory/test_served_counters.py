@@ -1,0 +1,233 @@
+"""A serving arm's click counters (engine/memory/served_counters.py): the service fills each candidate's
+counter inputs, scores with them, logs them with the impression and counts what it shows; the samples
+feed counts clicks; state and positions survive a restart; a model without the inputs is not served."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
+from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+from reloop.engine.events.schema import LabeledSample
+from reloop.engine.features.counters import ClickCounters, CounterSettings, with_counter_fields
+from reloop.engine.features.featurizer import Featurizer
+from reloop.engine.features.spec import CategoricalField, FeatureSpec
+from reloop.engine.memory.feed import SamplesFeed
+from reloop.engine.memory.served_counters import ServedCounters
+from reloop.engine.models.registry import build_learner
+from reloop.engine.serve.arms import ArmRouter
+from reloop.engine.serve.bundle import ModelBundle, ModelHolder
+from reloop.engine.serve.schema import ScoreRequest
+from reloop.engine.serve.service import ArmRuntime, NotReady, ScoringService
+
+BASE = FeatureSpec(
+    fields=(CategoricalField(name="user", buckets=40), CategoricalField(name="item", buckets=40))
+)
+SETTINGS = CounterSettings(fields=("user", "item"), prior_strength=5.0, windows_s=(600.0,))
+SPEC = with_counter_fields(BASE, SETTINGS)
+
+
+class _Clock:
+    def __init__(self, ms: int = 1_000_000) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+class _ListLogger:
+    def __init__(self) -> None:
+        self.impressions: list = []
+
+    def log(self, impressions) -> int:
+        self.impressions += impressions
+        return len(impressions)
+
+
+def _bundle(version: int = 1, spec: FeatureSpec = SPEC) -> ModelBundle:
+    learner = build_learner("dcn", spec, "ce", 0.0, seed=0, hidden_units=(8,), embedding_dim=4)
+    return ModelBundle(version=version, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+
+
+def _service(bundle: ModelBundle, counters: ServedCounters, clock: _Clock, logger: _ListLogger):
+    arm = ArmRuntime("A", ModelHolder(bundle), logger=logger, counters=counters)
+    return ScoringService(router=ArmRouter([("A", 1.0)], salt="t"), arms={"A": arm}, top_k=3, clock_ms=clock)
+
+
+def _request(user: str, items: range) -> ScoreRequest:
+    return ScoreRequest.model_validate(
+        {
+            "request_id": "r",
+            "user_id": user,
+            "context": {"user": user},
+            "candidates": [{"item_id": f"i{j}", "features": {"item": f"i{j}"}} for j in items],
+        }
+    )
+
+
+def test_spec_gets_the_counter_inputs_once_and_refuses_what_it_cannot_count() -> None:
+    names = [f.name for f in SPEC.fields]
+    assert names == ["user", "item", "user#ctr", "user#seen", "user#ctr@600s", "user#seen@600s",
+                     "item#ctr", "item#seen", "item#ctr@600s", "item#seen@600s"]  # fmt: skip
+    assert with_counter_fields(SPEC, SETTINGS) is SPEC  # a snapshot's spec has them already
+    with pytest.raises(ValueError, match="'device' is not a categorical field"):
+        with_counter_fields(BASE, CounterSettings(fields=("device",)))
+    with pytest.raises(ValueError, match="distinct"):
+        CounterSettings(fields=("user",), windows_s=(60.0, 60.0))
+
+
+def test_service_scores_with_the_counter_inputs_logs_them_and_counts_what_it_shows() -> None:
+    clock, logger = _Clock(), _ListLogger()
+    bundle = _bundle()
+    counters = ServedCounters(SETTINGS, clock_ms=clock)
+    service = _service(bundle, counters, clock, logger)
+
+    first = service.score(_request("u1", range(5)))
+    assert counters.shown == 3 and len(logger.impressions) == 3
+    # Nothing counted yet: every rate is the prior's (1/2, logit 0), nothing seen.
+    for imp in logger.impressions:
+        assert imp.features["user#ctr"] == 0.0 and imp.features["item#seen@600s"] == 0.0
+
+    clock.ms += 60_000
+    logger.impressions.clear()
+    second = service.score(_request("u1", range(5)))
+    shown_before = {r.item_id for r in first.ranking}
+    for imp in logger.impressions:
+        assert imp.features["user#seen"] == pytest.approx(math.log1p(3) * 0.2, rel=1e-6)
+        assert imp.features["user#seen@600s"] == pytest.approx(math.log1p(3 * math.exp(-0.1)) * 0.2, rel=1e-6)
+        seen_item = math.log1p(1) * 0.2 if imp.item_id in shown_before else 0.0
+        assert imp.features["item#seen"] == pytest.approx(seen_item, rel=1e-6)
+    # The logged features reproduce the served scores: the trainer learns what was scored.
+    logged = {imp.item_id: imp for imp in logger.impressions}
+    for item in second.ranking:
+        features = {k: v for k, v in logged[item.item_id].features.items() if k != "user"}
+        again = bundle.score_request({"user": "u1"}, [features])[0]
+        assert again == pytest.approx(item.score, rel=1e-6)
+    # ...and the counter inputs changed the score: the same row without them scores otherwise.
+    top = second.ranking[0]
+    plain = bundle.score_request({"user": "u1"}, [{"item": top.item_id}])[0]
+    assert plain != pytest.approx(top.score, rel=1e-6)
+
+
+def test_a_model_trained_without_the_counter_inputs_is_not_served() -> None:
+    clock = _Clock()
+    service = _service(_bundle(spec=BASE), ServedCounters(SETTINGS, clock_ms=clock), clock, _ListLogger())
+    with pytest.raises(NotReady, match=r"lacks the counter inputs .*model.counters"):
+        service.score(_request("u1", range(3)))
+
+
+def _publish(mlog: MemoryLog, rows: list[tuple[str, str, int]], first_seq: int, time_ms: int) -> None:
+    samples = [
+        LabeledSample(
+            f"s{first_seq + i}",
+            {"user": u, "item": it},
+            y,
+            served_prediction=0.5,
+            served_version=1,
+            event_time_ms=time_ms,
+        )  # fmt: skip
+        for i, (u, it, y) in enumerate(rows)
+    ]
+    MemorySink(mlog, "samples").send(encode_batch(batch_from_samples(samples, task=0, first_seq=first_seq)))
+
+
+def _feed(mlog: MemoryLog, counters: ServedCounters, state) -> SamplesFeed:
+    return SamplesFeed(name="A", source=MemorySource(mlog, ["samples"]), target=counters,
+                       holder=ModelHolder(_bundle()), state_path=state, poll_timeout_s=0)  # fmt: skip
+
+
+def test_feed_counts_the_clicks_of_the_samples_topic_and_resumes_from_its_state(tmp_path) -> None:
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    clock = _Clock()
+    state = tmp_path / "counters.npz"
+    counters = ServedCounters(SETTINGS, clock_ms=clock)
+    feed = _feed(mlog, counters, state)
+    feed.step()  # a fresh feed starts at the end of the topic
+    bundle = _bundle()
+    rows = bundle.featurizer.transform([{"user": "u1", "item": "i1"}, {"user": "u2", "item": "i2"}])
+    counters.count_shown(SPEC, np.repeat(rows.cat, 4, axis=0), clock.ms)  # each shown 4 times
+    _publish(mlog, [("u1", "i1", 1), ("u1", "i1", 1), ("u2", "i2", 0)], 0, clock.ms)
+    clock.ms += 1_000
+    assert feed.step() == 3 and counters.written == 2  # negatives are never counted
+    values = counters.fill(SPEC, bundle.featurizer.transform([{"user": "u1"}, {"user": "u2"}]), clock.ms)
+    prior = math.log(0.3 / 0.7)  # (2 clicks + 1) / (8 shown + 2)
+    assert values[0, 0] > prior > values[1, 0]  # u1 clicked 2 of 4, u2 none of 4
+    # What a ClickCounters given the same events serves.
+    ref = ClickCounters(SPEC, SETTINGS.fields, SETTINGS.prior_strength, SETTINGS.windows_s)
+    ref.count_shown(np.repeat(rows.cat, 4, axis=0), 1_000_000)
+    ref.count_clicks(rows.cat[[0, 0]], np.ones(2), 1_001_000, np.full(2, 1_000_000.0))
+    u = bundle.featurizer.transform([{"user": "u1"}, {"user": "u2"}])
+    assert np.allclose(values, ref.values(u.cat, clock.ms))
+    feed.close()
+
+    again = ServedCounters(SETTINGS, clock_ms=clock)
+    resumed = _feed(mlog, again, state)
+    _publish(mlog, [("u2", "i2", 1)], 3, clock.ms)
+    assert resumed.step() == 1 and again.written == 1  # only what came after the saved position
+    ref.count_clicks(rows.cat[[1]], np.ones(1), clock.ms, np.full(1, float(clock.ms)))
+    assert np.allclose(again.fill(SPEC, bundle.featurizer.transform([{"user": "u1"}, {"user": "u2"}]),
+                                  clock.ms), ref.values(u.cat, clock.ms))  # fmt: skip
+    resumed.close()
+
+
+def test_saved_counts_of_other_settings_are_refused(tmp_path) -> None:
+    counters = ServedCounters(SETTINGS)
+    counters.rekey(_bundle())
+    counters.save(tmp_path / "c.npz")
+    with pytest.raises(ValueError, match="holds counts of"):
+        ServedCounters(CounterSettings(fields=("user", "item"), prior_strength=2.0, windows_s=(600.0,))).load(
+            tmp_path / "c.npz"
+        )
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="unreadable"):
+        ServedCounters(SETTINGS).load(tmp_path / "bad.npz")
+
+
+def test_a_spec_that_lays_the_fields_out_otherwise_starts_the_counts_afresh() -> None:
+    clock = _Clock()
+    counters = ServedCounters(SETTINGS, clock_ms=clock)
+    bundle = _bundle()
+    rows = bundle.featurizer.transform([{"user": "u1", "item": "i1"}])
+    counters.count_shown(SPEC, rows.cat, clock.ms)
+    counters.rekey(_bundle(2))  # same layout: kept
+    assert counters.resets == 0 and counters.fill(SPEC, rows, clock.ms)[0, 1] > 0
+    wider = with_counter_fields(
+        FeatureSpec(
+            fields=(CategoricalField(name="user", buckets=80), CategoricalField(name="item", buckets=40))
+        ),
+        SETTINGS,
+    )
+    counters.rekey(_bundle(3, spec=wider))
+    assert counters.resets == 1
+    fresh = _bundle(3, spec=wider).featurizer.transform([{"user": "u1", "item": "i1"}])
+    assert counters.fill(wider, fresh, clock.ms)[0, 1] == 0.0
+
+
+def test_configs_agree_on_the_counter_inputs_and_refuse_what_cannot_work(tmp_path) -> None:
+    from reloop.engine.runtime.config import ConfigError, load_config_dict, load_feature_spec
+    from reloop.engine.serve.config import ServeConfig
+    from reloop.engine.serve.loader import cold_start_bundle
+
+    counters = {"fields": ["user", "item"], "windows_s": [600]}
+    run = load_config_dict(
+        {"model": {"backbone": "dcn", "spec": BASE.model_dump(), "counters": counters}}, env={}
+    )
+    assert load_feature_spec(run.model) == SPEC  # the trainer's spec
+    arm = {"name": "A", "registry": str(tmp_path), "counters": {**counters, "samples_topic": "s"},
+           "cold_start": {"backbone": "dcn", "spec": BASE.model_dump()}}  # fmt: skip
+    serve = ServeConfig.model_validate({"arms": [arm]})
+    assert cold_start_bundle(serve.arms[0].cold_start, serve.arms[0].counters).featurizer.spec == SPEC
+    with pytest.raises(ValueError, match="workers: .*counters.*workers: 1"):
+        ServeConfig.model_validate({"arms": [arm], "workers": 2})
+    with pytest.raises(ValueError, match="counters do not fit cold_start.spec: .*'device'"):
+        ServeConfig.model_validate(
+            {"arms": [{**arm, "counters": {"fields": ["device"], "samples_topic": "s"}}]}
+        )
+    bad = load_config_dict(
+        {"model": {"backbone": "dcn", "spec": BASE.model_dump(), "counters": {"fields": ["device"]}}}, env={}
+    )
+    with pytest.raises(ConfigError, match="model.counters: .*'device'"):
+        load_feature_spec(bad.model)
