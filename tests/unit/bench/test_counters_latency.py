@@ -1,0 +1,18 @@
+"""bench/counters_latency.py: both arms serve the same requests; the report names them and the ratio."""
+
+from __future__ import annotations
+
+import re
+
+from reloop.bench import counters_latency
+
+
+def test_the_report_times_both_arms_and_the_feed(tmp_path, capsys) -> None:
+    out = tmp_path / "report.md"
+    assert counters_latency.main(["--out", str(out), "--requests", "5", "--candidates", "12"]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    rows = {m[0]: float(m[1]) for m in re.findall(r"\| (counters o\w+)[^|]* \| ([\d.]+) \|", text)}
+    assert set(rows) == {"counters off", "counters on"} and all(v > 0 for v in rows.values())
+    assert re.search(r"throughput on / off: \d+\.\d\dx", text)
+    assert re.search(r"batches of 60, half clicks.*: [\d,]+ samples/s", text)
