@@ -78,6 +78,7 @@ BASE: dict[str, Any] = {
     "alpha": 0.0,
     "counters": 0.0,  # > 0: click counters of the data's user and item fields at this prior strength
     "counter_windows": (),  # and counts of theirs that forget with these time constants (seconds)
+    "counter_crosses": False,  # and of COUNTED_CROSSES (a user's rate on each genre of the item)
 }
 NEW_DEEP = {"dense_lr": 1e-3, "emb_opt": "adagrad", "emb_lr": 0.03}  # the new defaults' backbone optimizer
 # the previous defaults (first reports: lr 1e-2)
@@ -106,6 +107,8 @@ COUNTERS = {
             (f"counters5_w{a}_{b}", {"counters": 5.0, "counter_windows": (float(a), float(b))})
             for a, b in ((60, 600), (600, 3600), (600, 86400))
         ),
+        # and a user's rate on each genre of the item (a cross; the data's that have both fields)
+        ("counters5_w600_cross", {"counters": 5.0, "counter_windows": (600.0,), "counter_crosses": True}),
     )
     for suffix, over in (("", {}), ("_deepfm", {"backbone": "deepfm"}))
 }
@@ -351,8 +354,11 @@ DELAYED_BACKBONES = {"new_deepfm": {**NEW, "backbone": "deepfm"}}
 # (prior strength 5, a 600-s window; engine/features/counters.py): each impression's counters as served at
 # its time, its impression counted then and a click when it arrives (--learners defaults,counters5_w600,...).
 COUNTED_FIELDS = ("user_id", "item_id", "user", "item")  # MovieLens's user and item; Frappe's
+COUNTED_CROSSES = ("user_id*genres",)  # MovieLens's user x the item's genres
 DELAYED_COUNTERS = {
-    n: COUNTERS[n] for n in ("defaults", "defaults_deepfm", "counters5_w600", "counters5_w600_deepfm")
+    n: COUNTERS[n]
+    for n in ("defaults", "defaults_deepfm", "counters5_w600", "counters5_w600_deepfm")
+    + ("counters5_w600_cross", "counters5_w600_cross_deepfm")
 }
 DELAYED_ALL = {
     **DELAYED_LEARNERS,
@@ -580,10 +586,15 @@ def counted(data: BacktestData, s: dict[str, Any], label_times_ms: np.ndarray | 
         return data
     from reloop.engine.replay.backtest import with_click_counters
 
-    names = {f.name for f in data.spec.cat_fields}
+    names = {f.name for f in data.spec.fields}
     fields = [f for f in COUNTED_FIELDS if f in names]
     if not fields:
         raise ValueError(f"counters: the data has none of the user and item fields {COUNTED_FIELDS}")
+    if s.get("counter_crosses"):
+        crosses = [c for c in COUNTED_CROSSES if set(c.split("*")) <= names]
+        if not crosses:
+            raise ValueError(f"counters: the data has the fields of none of the crosses {COUNTED_CROSSES}")
+        fields += crosses
     return with_click_counters(data, fields, s["counters"], label_times_ms, s["counter_windows"])
 
 

@@ -22,10 +22,16 @@ The lifetime counts keep everything; each time constant in ``windows_s`` adds co
 few minutes. Counts are kept per hash bucket of the field (the same rows as its embedding), so memory
 is bounded by the spec's buckets and values that collide share their counts, as they share an
 embedding row.
+
+A cross ``A*B`` counts pairs: a categorical field ``A`` (a user) with a categorical or multi-valued field
+``B`` (an item's genres), so that a user's rate on each genre follows what they clicked of it. Pairs are
+hashed into ``CROSS_BUCKETS`` cells; a row with several values of ``B`` counts one showing (and click) in
+each of its pairs and reads the mean of its pairs' inputs (a row without any: the prior, nothing seen).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
 
 SEEN_SCALE = 0.2  # keeps a few thousand sightings near 1, the scale of the other dense inputs
+_CROSS_BITS = 18
+CROSS_BUCKETS = 1 << _CROSS_BITS  # cells of a cross's pairs: 2 MB per set of counts
 
 
 class CounterError(ValueError):
@@ -46,7 +54,9 @@ class CounterSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    fields: tuple[str, ...] = Field(min_length=1, description="categorical fields of the spec to count")
+    fields: tuple[str, ...] = Field(
+        min_length=1, description="categorical fields of the spec to count, or crosses A*B (user_id*genres)"
+    )
     prior_strength: float = Field(default=5.0, gt=0, allow_inf_nan=False, description="m of the rate")
     windows_s: tuple[float, ...] = Field(
         default=(), description="time constants (s) of counts that forget, one set of inputs each"
@@ -93,18 +103,69 @@ def with_counter_fields(spec: FeatureSpec, settings: CounterSettings) -> Feature
     return spec if not added else FeatureSpec(fields=(*spec.fields, *added), version=spec.version)
 
 
+Ids = Any  # FeatureBatch (anything with cat, multi, multi_mask), or its cat array alone
+
+
+class _Key:
+    """Where a counted key's cells are in a featurised batch: a categorical field's bucket, or for a cross
+    ``A*B`` the hashed pair of A's bucket with each of B's (``cells`` then gives [B, L] and a mask)."""
+
+    def __init__(self, spec: FeatureSpec, name: str) -> None:
+        self.name = name
+        parts = name.split("*")
+        if len(parts) > 2 or not all(parts):
+            raise CounterError(f"counters: {name!r}: a field, or a cross of two fields A*B")
+        self.a = self._cat(spec, parts[0])
+        self.b: tuple[str, int, int, int] | None = None
+        if len(parts) == 2:
+            names = [f.name for f in spec.multi_fields]
+            if parts[1] in names:
+                j = names.index(parts[1])
+                self.b = ("multi", j, spec.multi_offsets[j], spec.multi_fields[j].buckets)
+            else:
+                self.b = ("cat", *self._cat(spec, parts[1]))
+        self.buckets = self.a[2] if self.b is None else CROSS_BUCKETS
+        self.layout = (self.a, self.b)  # counts laid out by one spec fit another of the same layout
+
+    @staticmethod
+    def _cat(spec: FeatureSpec, name: str) -> tuple[int, int, int]:
+        j = next((i for i, f in enumerate(spec.cat_fields) if f.name == name), None)
+        if j is None or not isinstance(spec.cat_fields[j], CategoricalField):
+            known = ", ".join(f.name for f in spec.cat_fields if isinstance(f, CategoricalField))
+            raise CounterError(f"counters: {name!r} is not a categorical field of the spec ({known})")
+        return j, spec.cat_offsets[j], spec.cat_fields[j].buckets
+
+    def cells(self, ids: Ids) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows' cells ([B]; a cross: [B, L]) and which are real ([B, L] bool; None: all)."""
+        cat = ids if isinstance(ids, np.ndarray) else ids.cat
+        col, off, _ = self.a
+        a = cat[:, col] - off
+        if self.b is None:
+            return a, None
+        kind, j, off_b, _ = self.b
+        if kind == "cat":
+            b, mask = (cat[:, j] - off_b)[:, None], None
+        else:
+            if isinstance(ids, np.ndarray):
+                raise CounterError(f"counters: {self.name!r} counts a multi-valued field: pass the batch")
+            b, mask = ids.multi[:, j, :] - off_b, ids.multi_mask[:, j, :] > 0
+        # multiplicative hashing of the pair: the top bits of 64-bit products (they wrap by design)
+        pair = (a.astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            b.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        )
+        cells = (pair * np.uint64(0xFF51AFD7ED558CCD)) >> np.uint64(64 - _CROSS_BITS)
+        return cells.astype(np.int64), mask
+
+
 class _Counts:
-    """Shown and clicked counts per bucket of one field; with ``tau_s`` they forget with that time
+    """Shown and clicked counts per bucket of one key; with ``tau_s`` they forget with that time
     constant (each count weighs ``exp(-age / tau_s)``), else they keep everything."""
 
-    def __init__(self, column: int, offset: int, buckets: int, tau_s: float | None) -> None:
-        self.column, self.offset, self.tau_s = column, offset, tau_s
-        self.shown = np.zeros(buckets)
-        self.clicked = np.zeros(buckets)
-        self.stamp_ms = np.zeros(buckets) if tau_s else None  # when each bucket's counts were last aged
-
-    def rows(self, cat: np.ndarray) -> np.ndarray:
-        return cat[:, self.column] - self.offset
+    def __init__(self, key: _Key, tau_s: float | None) -> None:
+        self.key, self.tau_s = key, tau_s
+        self.shown = np.zeros(key.buckets)
+        self.clicked = np.zeros(key.buckets)
+        self.stamp_ms = np.zeros(key.buckets) if tau_s else None  # when each bucket's counts were last aged
 
     def read(self, rows: np.ndarray, now_ms: float) -> tuple[np.ndarray, np.ndarray]:
         shown, clicked = self.shown[rows], self.clicked[rows]
@@ -160,15 +221,8 @@ class ClickCounters:
         self.fields = tuple(fields)
         self.prior_strength = float(prior_strength)
         self.windows_s = tuple(float(w) for w in windows_s)
-        self._counts: list[_Counts] = []
-        for name in self.fields:
-            j = next((i for i, f in enumerate(spec.cat_fields) if f.name == name), None)
-            field = None if j is None else spec.cat_fields[j]
-            if j is None or not isinstance(field, CategoricalField):
-                known = ", ".join(f.name for f in spec.cat_fields if isinstance(f, CategoricalField))
-                raise CounterError(f"counters: {name!r} is not a categorical field of the spec ({known})")
-            for tau in (None, *self.windows_s):
-                self._counts.append(_Counts(j, spec.cat_offsets[j], field.buckets, tau))
+        self._keys = [_Key(spec, name) for name in self.fields]
+        self._counts = [_Counts(key, tau) for key in self._keys for tau in (None, *self.windows_s)]
         self.total_shown = 0.0
         self.total_clicked = 0.0
 
@@ -180,36 +234,76 @@ class ClickCounters:
         """The dense fields the counters add to a spec, in the order of ``values``' columns."""
         return tuple(NumericField(name=n) for n in counter_field_names(self.fields, self.windows_s))
 
-    def values(self, cat: np.ndarray, now_ms: float = 0.0) -> np.ndarray:
-        """float32 [B, n_columns]: the features of a batch's rows (``FeatureBatch.cat``) as counted at
-        ``now_ms`` (only the counts that forget depend on it)."""
-        out = np.empty((cat.shape[0], self.n_columns), dtype=np.float32)
+    @property
+    def layout(self) -> tuple[Any, ...]:
+        """Where the counted keys live in the spec: counts fit any spec of the same layout."""
+        return tuple(key.layout for key in self._keys)
+
+    def values(self, ids: Ids, now_ms: float = 0.0) -> np.ndarray:
+        """float32 [B, n_columns]: the features of a batch's rows (a FeatureBatch, or its ``cat`` where
+        no cross counts a multi-valued field) as counted at ``now_ms`` (only the counts that forget
+        depend on it)."""
+        out = np.empty((_rows(ids), self.n_columns), dtype=np.float32)
         m = self.prior_strength
         prior = (min(self.total_clicked, self.total_shown) + 1.0) / (self.total_shown + 2.0)
+        cells = {id(key): key.cells(ids) for key in self._keys}
         for k, counts in enumerate(self._counts):
-            shown, clicked = counts.read(counts.rows(cat), now_ms)
+            rows, mask = cells[id(counts.key)]
+            shown, clicked = counts.read(rows, now_ms)
             # never more clicks than showings (here and in the prior): a click whose impression was counted
             # elsewhere (before a restart, say) must not make a rate of 1, whose logit is not finite
             rate = (np.minimum(clicked, shown) + m * prior) / (shown + m)
-            out[:, 2 * k] = np.log(rate / (1.0 - rate))
-            out[:, 2 * k + 1] = np.log1p(shown) * SEEN_SCALE
+            logit, seen = np.log(rate / (1.0 - rate)), np.log1p(shown) * SEEN_SCALE
+            if rows.ndim == 2:  # a cross: the mean over the row's real pairs (none: the prior, not seen)
+                real = np.ones(rows.shape, bool) if mask is None else mask
+                count = real.sum(axis=1)
+                empty = math.log(prior / (1.0 - prior))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    logit = np.where(count > 0, (logit * real).sum(axis=1) / count, empty)
+                    seen = np.where(count > 0, (seen * real).sum(axis=1) / count, 0.0)
+            out[:, 2 * k] = logit
+            out[:, 2 * k + 1] = seen
         return out
 
-    def count_shown(self, cat: np.ndarray, now_ms: float = 0.0) -> None:
+    def count_shown(self, ids: Ids, now_ms: float = 0.0) -> None:
         """Count a batch of impressions when they are shown."""
-        for counts in self._counts:
-            counts.add(counts.rows(cat), now_ms, 1.0, None)
-        self.total_shown += cat.shape[0]
+        for key, counts in self._by_key():
+            rows, _, _ = self._flat(key, ids, None, None)
+            for c in counts:
+                c.add(rows, now_ms, 1.0, None)
+        self.total_shown += _rows(ids)
 
     def count_clicks(
-        self, cat: np.ndarray, clicks: np.ndarray, now_ms: float = 0.0, shown_ms: np.ndarray | None = None
+        self, ids: Ids, clicks: np.ndarray, now_ms: float = 0.0, shown_ms: np.ndarray | None = None
     ) -> None:
         """Count the clicks of a batch of impressions when they arrive (0 rows count nothing). With
         ``shown_ms``, when each impression was shown, a click weighs in counts that forget what its
         impression weighs now, so they never hold more clicks than showings; without, it weighs 1."""
-        for counts in self._counts:
-            counts.add(counts.rows(cat), now_ms, 0.0, clicks, shown_ms)
+        clicks = np.asarray(clicks, dtype=np.float64)
+        for key, counts in self._by_key():
+            rows, weights, times = self._flat(key, ids, clicks, shown_ms)
+            for c in counts:
+                c.add(rows, now_ms, 0.0, weights, times)
         self.total_clicked += float(np.sum(clicks))
+
+    def _by_key(self) -> list[tuple[_Key, list[_Counts]]]:
+        return [(key, [c for c in self._counts if c.key is key]) for key in self._keys]
+
+    @staticmethod
+    def _flat(
+        key: _Key, ids: Ids, clicks: np.ndarray | None, shown_ms: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The key's cells of ``ids`` as one flat array (a cross: its real pairs), each row's click and
+        time repeated alike."""
+        rows, mask = key.cells(ids)
+        if rows.ndim == 1:
+            return rows, clicks, shown_ms
+        real = np.ones(rows.shape, bool) if mask is None else mask
+
+        def spread(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else np.broadcast_to(np.asarray(x)[:, None], rows.shape)[real]
+
+        return rows[real], spread(clicks), spread(shown_ms)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -252,9 +346,22 @@ class ClickCounters:
         self.total_clicked = float(state["total_clicked"])
 
 
+def counter_layout(spec: FeatureSpec, fields: Sequence[str]) -> tuple[Any, ...]:
+    """Where counters of ``fields`` live in ``spec`` (``ClickCounters.layout`` of such counters)."""
+    return tuple(_Key(spec, name).layout for name in fields)
+
+
+def _rows(ids: Ids) -> int:
+    return int((ids if isinstance(ids, np.ndarray) else ids.cat).shape[0])
+
+
+def _take(ids: Ids, index: np.ndarray | slice) -> Ids:
+    return ids[index] if isinstance(ids, np.ndarray) else ids.take(index)
+
+
 def streamed_counter_values(
     counters: ClickCounters,
-    cat: np.ndarray,
+    ids: Ids,
     labels: np.ndarray,
     times_ms: np.ndarray,
     label_times_ms: np.ndarray | None = None,
@@ -263,8 +370,9 @@ def streamed_counter_values(
     impression of an earlier time counted, and every click whose label had arrived before that time
     (``label_times_ms``; None: at its own event time, labels known as soon as it has passed). Never a
     row's own label, nor one of its own time: events that share a timestamp are served together, as
-    ``--batch-by time`` scores them. Rows in time order; ``counters`` ends holding every row."""
-    n = cat.shape[0]
+    ``--batch-by time`` scores them. Rows in time order (``ids``: a FeatureBatch, or its ``cat``);
+    ``counters`` ends holding every row."""
+    n = _rows(ids)
     out = np.empty((n, counters.n_columns), dtype=np.float32)
     clicks = np.flatnonzero(labels > 0)
     arrived = (times_ms if label_times_ms is None else label_times_ms)[clicks]
@@ -277,11 +385,13 @@ def streamed_counter_values(
         now = float(times_ms[a])
         if until > done:  # (counted now, each weighing what its impression weighs now: as at arrival)
             rows = clicks[done:until]
-            counters.count_clicks(cat[rows], labels[rows].astype(np.float64), now, times_ms[rows])
+            counters.count_clicks(_take(ids, rows), labels[rows].astype(np.float64), now, times_ms[rows])
             done = until
-        out[a:b] = counters.values(cat[a:b], now)
-        counters.count_shown(cat[a:b], now)
+        part = _take(ids, slice(a, b))
+        out[a:b] = counters.values(part, now)
+        counters.count_shown(part, now)
     if done < len(clicks):
         rows = clicks[done:]
-        counters.count_clicks(cat[rows], labels[rows].astype(np.float64), float(arrived[-1]), times_ms[rows])
+        last = float(arrived[-1])
+        counters.count_clicks(_take(ids, rows), labels[rows].astype(np.float64), last, times_ms[rows])
     return out

@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 from reloop.engine.appending import replace_whole
-from reloop.engine.features.counters import ClickCounters, CounterError, CounterSettings, counter_field_names
+from reloop.engine.features.counters import (
+    ClickCounters,
+    CounterError,
+    CounterSettings,
+    counter_field_names,
+    counter_layout,
+)
 from reloop.engine.features.featurizer import FeatureBatch
 
 log = logging.getLogger(__name__)
@@ -45,16 +51,6 @@ class CounterInputsMissing(CounterError):
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _layout(spec: Any, fields: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
-    """Where each counted field's ids live in a spec: (column, first row, buckets)."""
-    names = [f.name for f in spec.cat_fields]
-    out = []
-    for name in fields:
-        j = names.index(name) if name in names else -1
-        out.append((j, spec.cat_offsets[j], spec.cat_fields[j].buckets) if j >= 0 else (-1, 0, 0))
-    return tuple(out)
 
 
 class ServedCounters:
@@ -71,7 +67,7 @@ class ServedCounters:
         self.shown = 0  # impressions counted
         self.rekeys = 0
         self.resets = 0
-        self._layout: tuple[tuple[int, int, int], ...] | None = None
+        self._spec: Any = None  # the spec the counts were last checked against
         self._pending: dict[str, Any] | None = None  # loaded counts, kept until a spec lays them out
         self._columns: tuple[Any, np.ndarray] | None = None  # (spec, dense columns of the inputs)
         self._lock = threading.Lock()
@@ -97,35 +93,37 @@ class ServedCounters:
         """Write each row's counter values into ``batch``'s dense columns; returns them [B, inputs]."""
         cols = self.columns(spec)
         with self._lock:
-            values = self._ready(spec).values(batch.cat, now_ms)
+            values = self._ready(spec).values(batch, now_ms)
         batch.num[:, cols] = values
         return values
 
-    def count_shown(self, spec: Any, cat: np.ndarray, now_ms: float) -> None:
-        """Count impressions when they are shown (``cat``: their featurised ids)."""
+    def count_shown(self, spec: Any, batch: FeatureBatch, now_ms: float) -> None:
+        """Count impressions when they are shown (``batch``: their featurised rows)."""
         with self._lock:
-            self._ready(spec).count_shown(cat, now_ms)
-            self.shown += int(cat.shape[0])
+            self._ready(spec).count_shown(batch, now_ms)
+            self.shown += len(batch)
 
     def _ready(self, spec: Any) -> ClickCounters:
         """The counts for ``spec``'s layout (under the lock): built on first use, anew for another one."""
-        fields = self.settings.fields
-        layout = _layout(spec, fields)
-        if self.counters is not None and layout == self._layout:
-            return self.counters
+        counters = self.counters
+        if counters is not None and spec is self._spec:
+            return counters
         s = self.settings
-        counters = ClickCounters(spec, fields, s.prior_strength, s.windows_s)  # CounterError: not in the spec
-        if self.counters is not None:
+        if counters is not None and counter_layout(spec, s.fields) == counters.layout:
+            self._spec = spec
+            return counters
+        fresh = ClickCounters(spec, s.fields, s.prior_strength, s.windows_s)  # CounterError: not in the spec
+        if counters is not None:
             self.resets += 1
-            log.warning("counters: the model's spec lays out %s otherwise; counts start afresh", list(fields))
+            log.warning("counters: the model's spec lays out %s otherwise; counts start anew", list(s.fields))
         elif self._pending is not None:
             try:
-                counters.load_state_dict(self._pending)
+                fresh.load_state_dict(self._pending)
             except CounterError as exc:
                 log.error("counters: saved counts refused (%s); starting empty", exc)
         self._pending = None
-        self.counters, self._layout = counters, layout
-        return counters
+        self.counters, self._spec = fresh, spec
+        return fresh
 
     # ------------------------------------------------------------------ feed path
     def rekey(self, bundle: Any) -> None:
@@ -147,7 +145,7 @@ class ServedCounters:
         now = float(self.clock_ms())
         spec = bundle.featurizer.spec
         with self._lock:
-            self._ready(spec).count_clicks(batch.cat[clicked], np.ones(len(clicked)), now, shown_ms)
+            self._ready(spec).count_clicks(batch.take(clicked), np.ones(len(clicked)), now, shown_ms)
             self.written += len(clicked)
 
     # ------------------------------------------------------------------ state
@@ -210,4 +208,4 @@ class ServedCounters:
             raise ValueError(f"counters state {path} is malformed ({type(exc).__name__}: {exc})") from exc
         with self._lock:
             self.positions = positions
-            self.counters, self._layout, self._pending = None, None, state
+            self.counters, self._spec, self._pending = None, None, state

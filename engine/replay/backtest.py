@@ -143,7 +143,7 @@ def with_click_counters(
     from reloop.engine.features.counters import ClickCounters, streamed_counter_values
 
     counters = ClickCounters(data.spec, fields, prior_strength, windows_s)
-    values = streamed_counter_values(counters, data.batch.cat, data.labels, data.times_ms, label_times_ms)
+    values = streamed_counter_values(counters, data.batch, data.labels, data.times_ms, label_times_ms)
     spec = FeatureSpec(fields=(*data.spec.fields, *counters.spec_fields()))
     b = data.batch
     batch = FeatureBatch(

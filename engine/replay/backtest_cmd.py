@@ -240,7 +240,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD,...",
         help="click counters of these categorical fields as dense inputs (engine/features/counters.py): "
         "each value's smoothed click rate and how often it was shown, counted live, every label known once "
-        "its event time has passed; the river peer does not get them (default: none)",
+        "its event time has passed; A*B counts pairs (user_id*genres: a user's rate on each genre of the "
+        "item); the river peer does not get them (default: none)",
     )
     parser.add_argument(
         "--counter-prior",

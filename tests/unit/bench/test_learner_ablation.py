@@ -397,3 +397,33 @@ def test_the_midpoints_bisect_the_step_each_backbones_climb_failed():
     assert mids == {b: 0.055 if b in ("deepfm", "fmfm") else 0.17 for b in la.TORCH_BACKBONES if b != "afn"}
     for name, s in la.EMBEDDING_RATE_MIDPOINTS.items():  # otherwise the rate group's own settings
         assert {**s, "opt": None} == {**la.EMBEDDING_RATE[f"rate0.03_{name.split('_', 1)[1]}"], "opt": None}
+
+
+def test_the_cross_learner_counts_the_user_with_the_genres_where_the_data_has_both():
+    data = _data()
+    n = len(data.labels)
+    spec = FeatureSpec.model_validate(
+        {
+            "fields": [
+                {"kind": "categorical", "name": "user_id", "buckets": 20},
+                {"kind": "categorical", "name": "i", "buckets": 20},
+                {"kind": "multi", "name": "genres", "buckets": 8, "max_len": 2},
+            ]
+        }
+    )
+    batch = replace(
+        data.batch,
+        multi=np.tile(np.array([[[spec.multi_offsets[0] + 1, spec.multi_offsets[0]]]]), (n, 1, 1)),
+        multi_mask=np.tile(np.array([[[1.0, 0.0]]], dtype=np.float32), (n, 1, 1)),
+    )
+    s = {**la.BASE, **la.DELAYED_COUNTERS["counters5_w600_cross"]}
+    counted = la.counted(replace(data, spec=spec, batch=batch), s)
+    names = [f.name for f in counted.spec.dense_fields]
+    assert names == ["user_id#ctr", "user_id#seen", "user_id#ctr@600s", "user_id#seen@600s",
+                     "user_id*genres#ctr", "user_id*genres#seen", "user_id*genres#ctr@600s",
+                     "user_id*genres#seen@600s"]  # fmt: skip
+    # one genre for every row: each user's pair counts exactly what the user's own counts count
+    np.testing.assert_allclose(counted.batch.num[:, 5], counted.batch.num[:, 1], rtol=1e-5)
+    without = replace(data, spec=FeatureSpec(fields=spec.fields[:2]))
+    with pytest.raises(ValueError, match="none of the crosses"):
+        la.counted(without, s)

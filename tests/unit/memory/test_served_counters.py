@@ -231,3 +231,49 @@ def test_configs_agree_on_the_counter_inputs_and_refuse_what_cannot_work(tmp_pat
     )
     with pytest.raises(ConfigError, match="model.counters: .*'device'"):
         load_feature_spec(bad.model)
+
+
+def test_an_arm_serves_a_cross_of_the_user_with_each_genre_of_the_item() -> None:
+    base = FeatureSpec.model_validate(
+        {
+            "fields": [
+                {"kind": "categorical", "name": "user", "buckets": 40},
+                {"kind": "categorical", "name": "item", "buckets": 40},
+                {"kind": "multi", "name": "genres", "buckets": 16, "max_len": 3},
+            ]
+        }
+    )
+    settings = CounterSettings(fields=("user*genres",))
+    spec = with_counter_fields(base, settings)
+    clock, logger = _Clock(), _ListLogger()
+    counters = ServedCounters(settings, clock_ms=clock)
+    bundle = _bundle(spec=spec)
+    service = _service(bundle, counters, clock, logger)
+
+    def ask(user: str) -> None:
+        service.score(
+            ScoreRequest.model_validate(
+                {
+                    "request_id": "r",
+                    "user_id": user,
+                    "context": {"user": user},
+                    "candidates": [
+                        {"item_id": "war", "features": {"item": "w", "genres": ["war"]}},
+                        {"item_id": "drama", "features": {"item": "d", "genres": ["drama", "war"]}},
+                    ],
+                    "top_k": 2,
+                }
+            )
+        )
+
+    ask("u1")
+    # u1 clicked the war film: the feed counts the click of its pair (u1, war) only.
+    clicked = bundle.featurizer.transform([{"user": "u1", "item": "w", "genres": ["war"]}])
+    counters.write(bundle, clicked, np.ones(1), np.full(1, float(clock.ms)))
+    logger.impressions.clear()
+    ask("u1")
+    ask("u2")
+    served = {(imp.user_id, imp.item_id): imp.features["user*genres#ctr"] for imp in logger.impressions}
+    # u1's war pair: shown once, clicked once; drama: shown once, never clicked; u2: nothing counted.
+    assert served[("u1", "war")] > served[("u1", "drama")] > served[("u2", "drama")]
+    assert served[("u2", "war")] == served[("u2", "drama")]  # the prior, for every pair never seen

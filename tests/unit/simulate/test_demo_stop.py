@@ -40,7 +40,7 @@ class FakeStack:
     closed = False
 
     def __init__(self, config) -> None:
-        self.arms = {a.name: SimpleNamespace(logger=None, memory=None) for a in config.arms}
+        self.arms = {a.name: SimpleNamespace(logger=None, memory=None, counters=None) for a in config.arms}
 
     def start(self) -> FakeStack:
         return self

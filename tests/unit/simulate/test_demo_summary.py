@@ -14,7 +14,7 @@ from rich.console import Console
 def _summary_row(stats: SimStats, arm: str) -> list[str]:
     stack = SimpleNamespace(
         service=SimpleNamespace(versions=lambda: {arm: 2}),
-        arms={arm: SimpleNamespace(logger=None, memory=None)},
+        arms={arm: SimpleNamespace(logger=None, memory=None, counters=None)},
     )
     console = Console(record=True, width=250)
     print_summary(
