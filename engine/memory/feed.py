@@ -18,7 +18,9 @@ the others of its message are still written. A message that fails in any other w
 on it, say) is skipped and counted in ``write_failures``, and the rest of its poll is still written: the
 source has moved past the poll, so a failure that ended the step lost every message after it. A re-key
 after a reload runs before the poll, so when it fails the step ends having read nothing, and is
-retried. A sample flagged ``is_correction`` (a late click re-emitted as a positive) is written as one
+retried. A sample whose identity (join task, incarnation, seq) was written before, re-emitted by a join
+task resumed from its checkpoint, is skipped and counted (``duplicates``; engine/memory/seen.py). A
+sample flagged ``is_correction`` (a late click re-emitted as a positive) is written as one
 more positive: a memory then holds its earlier negative too, the same small duplication the join's
 correction policy gives the trainer.
 """
@@ -36,6 +38,7 @@ import numpy as np
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch
 from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
+from reloop.engine.memory.seen import SeenSeqs
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, positions_from_json, positions_to_json
 
@@ -47,6 +50,7 @@ class LabelTarget(Protocol):
 
     version: int | None
     positions: dict[str, int]
+    seen: SeenSeqs  # saved with the positions
     written: int
     rekeys: int
 
@@ -81,6 +85,7 @@ class SamplesFeed:
         self.poll_max_records = poll_max_records
         self.clock = clock
         self.undecodable = 0
+        self.duplicates = 0
         self.refused = 0
         self.write_failures = 0
         self.failures = 0
@@ -138,8 +143,13 @@ class SamplesFeed:
             except Exception:  # noqa: BLE001 - the train stage dead-letters it; here it is skipped
                 self.undecodable += 1
                 continue
+            new = self.target.seen.new_rows(batch)
+            if not new.all():  # re-emitted by a join task resumed from its checkpoint: written already
+                self.duplicates += int((~new).sum())
+                batch = batch.take(np.flatnonzero(new))
             if not len(batch):
                 continue
+            self.target.seen.mark(batch)  # (a message that fails below is lost to the target, not retried)
             try:
                 features, labels, times = self._featurize(bundle, batch)
                 if len(labels):
@@ -212,5 +222,5 @@ class SamplesFeed:
     def stats(self) -> dict[str, Any]:
         m = self.target
         return {"written": m.written, "rekeys": m.rekeys, "version": m.version,
-                "undecodable": self.undecodable, "refused": self.refused,
+                "undecodable": self.undecodable, "duplicates": self.duplicates, "refused": self.refused,
                 "write_failures": self.write_failures, "failures": self.failures}  # fmt: skip

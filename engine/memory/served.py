@@ -10,8 +10,9 @@
   kept in a ring) are keyed and predicted again by the new model into a fresh sketch, which replaces
   the old one in one assignment; with ``buffer = 0`` the memory is simply emptied.
 * ``save``/``load``: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``): the sketch,
-  the version it belongs to, the ring and the feed's positions, so a restarted service goes on where
-  it stopped (and re-keys if the snapshot changed meanwhile).
+  the version it belongs to, the ring, the feed's positions and the samples it wrote (their
+  identities), so a restarted service goes on where it stopped (and re-keys if the snapshot changed
+  meanwhile).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from reloop.engine.appending import replace_whole
 from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.memory.seen import SeenSeqs
 from reloop.engine.memory.sketch import ErrorSketch, SketchConfig
 
 STATE_FORMAT = 1
@@ -90,6 +92,7 @@ class ServedMemory:
         self.sketch: ErrorSketch | None = None
         self.version: int | None = None
         self.positions: dict[str, int] = {}
+        self.seen = SeenSeqs()  # the feed's: samples written already (engine/memory/seen.py)
         self.written = 0
         self.rekeys = 0
         self._lock = threading.Lock()
@@ -164,6 +167,7 @@ class ServedMemory:
                 "position_values": np.array(
                     [self.positions[k] for k in sorted(self.positions)], dtype=np.int64
                 ),
+                **self.seen.arrays(),
             }
             if self.sketch is not None:
                 arrays.update({f"sketch.{k}": v for k, v in self.sketch.state_dict().items()})
@@ -241,6 +245,7 @@ class ServedMemory:
             self.positions = dict(
                 zip(a["position_keys"].tolist(), a["position_values"].tolist(), strict=True)
             )
+            self.seen.load_arrays(a)
 
 
 def _spec_json(bundle: Any) -> str | None:

@@ -14,9 +14,10 @@ trained on them (``model.counters``; engine/features/counters.py).
 * Counts are kept per hash bucket of the counted fields of the live model's spec. A snapshot whose spec
   lays those fields out alike keeps them; another layout starts them afresh (logged, counted in
   ``resets``): its ids are other rows.
-* ``save``/``load``: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``) with the counts
-  and the feed's positions. The counts of one arm must see every impression that arm shows, so an arm
-  with counters is served by one process (serve's ``workers: 1``).
+* ``save``/``load``: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``) with the counts,
+  the feed's positions and the samples it counted (their identities: a re-emitted click counts once).
+  The counts of one arm must see every impression that arm shows, so an arm with counters is served by
+  one process (serve's ``workers: 1``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from reloop.engine.features.counters import (
     counter_layout,
 )
 from reloop.engine.features.featurizer import FeatureBatch
+from reloop.engine.memory.seen import SeenSeqs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class ServedCounters:
         self.counters: ClickCounters | None = None
         self.version: int | None = None  # the model version the feed last checked (engine/memory/feed.py)
         self.positions: dict[str, int] = {}
+        self.seen = SeenSeqs()  # the feed's: samples counted already (engine/memory/seen.py)
         self.written = 0  # clicks counted
         self.shown = 0  # impressions counted
         self.rekeys = 0
@@ -157,6 +160,7 @@ class ServedCounters:
                 "format": np.array(STATE_FORMAT),
                 "position_keys": np.array(sorted(self.positions), dtype=np.str_),
                 "position_values": np.array([self.positions[k] for k in sorted(self.positions)], np.int64),
+                **self.seen.arrays(),
             }
             if state is not None:
                 arrays.update(
@@ -208,4 +212,5 @@ class ServedCounters:
             raise ValueError(f"counters state {path} is malformed ({type(exc).__name__}: {exc})") from exc
         with self._lock:
             self.positions = positions
+            self.seen.load_arrays(a)
             self.counters, self._spec, self._pending = None, None, state

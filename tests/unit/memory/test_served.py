@@ -424,3 +424,18 @@ def _feed_from_start(mlog: MemoryLog, memory: ServedMemory) -> SamplesFeed:
     f.open()
     f.source.open({("samples", 0): 0})
     return f
+
+
+def test_samples_re_emitted_by_a_resumed_join_task_are_written_once(tmp_path) -> None:
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    memory = ServedMemory(CONFIG)
+    f = _feed_from_start(mlog, memory)
+    _publish(mlog, 4, 0)
+    _publish(mlog, 4, 2)  # seqs 2 and 3 again (the join task resumed from its checkpoint), 4 and 5 new
+    assert f.step() == 6 and f.duplicates == 2
+    assert memory.sketch is not None and memory.sketch.written == 6
+    memory.save(tmp_path / "m.npz")
+    back = ServedMemory(CONFIG)
+    back.load(tmp_path / "m.npz")
+    assert back.seen.highest == {"0/": 5}  # task 0, the numbering without a name

@@ -277,3 +277,40 @@ def test_an_arm_serves_a_cross_of_the_user_with_each_genre_of_the_item() -> None
     # u1's war pair: shown once, clicked once; drama: shown once, never clicked; u2: nothing counted.
     assert served[("u1", "war")] > served[("u1", "drama")] > served[("u2", "drama")]
     assert served[("u2", "war")] == served[("u2", "drama")]  # the prior, for every pair never seen
+
+
+def test_clicks_re_emitted_by_a_resumed_join_task_count_once_across_a_restart(tmp_path) -> None:
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    clock = _Clock()
+    state = tmp_path / "counters.npz"
+
+    def publish(first_seq: int, n: int, incarnation: str = "a") -> None:
+        samples = [
+            LabeledSample(
+                f"s{first_seq + i}",
+                {"user": "u1", "item": "i1"},
+                1,
+                served_prediction=0.5,
+                served_version=1,
+                event_time_ms=clock.ms,
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        batch = batch_from_samples(samples, task=3, first_seq=first_seq, incarnation=incarnation)
+        MemorySink(mlog, "samples").send(encode_batch(batch))
+
+    counters = ServedCounters(SETTINGS, clock_ms=clock)
+    feed = _feed(mlog, counters, state)
+    feed.step()
+    publish(0, 3)
+    publish(1, 4)  # the task resumed from its checkpoint at seq 1: 1 and 2 again, then 3 and 4 new
+    assert feed.step() == 5 and counters.written == 5 and feed.duplicates == 2
+    feed.close()
+    again = ServedCounters(SETTINGS, clock_ms=clock)
+    resumed = _feed(mlog, again, state)
+    publish(3, 3)  # 3 and 4 again, after the service's restart too; 5 new
+    publish(0, 2, incarnation="b")  # a new numbering of the task (its checkpoint lost): new samples
+    assert resumed.step() == 3 and again.written == 3 and resumed.duplicates == 2
+    assert resumed.stats()["duplicates"] == 2
+    resumed.close()
