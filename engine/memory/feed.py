@@ -92,16 +92,25 @@ class SamplesFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opened = False
+        self._restored = False
         self._saved_at = clock()
 
-    def open(self) -> None:
-        """Restore the saved target (if any) and open the source where it stopped (else at the end)."""
+    def restore(self) -> None:
+        """Load the saved target (if any), once. ``start`` does it before the feed's thread starts, so
+        the first requests already read it (loaded on the thread, they were served an empty target)."""
+        if self._restored:
+            return
+        self._restored = True
         if self.state_path is not None and os.path.exists(self.state_path):
             try:
                 self.target.load(self.state_path)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("%s %s: saved state %s refused (%s); starting empty", self.kind, self.name,
                           self.state_path, exc)  # fmt: skip
+
+    def open(self) -> None:
+        """Restore the saved target (if any) and open the source where it stopped (else at the end)."""
+        self.restore()
         positions = positions_from_json(self.target.positions) if self.target.positions else None
         if positions is None:
             ends = getattr(self.source, "end_positions", None)
@@ -192,6 +201,7 @@ class SamplesFeed:
             self._saved_at = self.clock()
 
     def start(self) -> SamplesFeed:
+        self.restore()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"samples-feed-{self.name}", daemon=True)
             self._thread.start()

@@ -371,3 +371,89 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
     source.close()
     sink.close()
     assert [r.value for r in got] == [b"after"]
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_across_a_restart(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    """arms[].counters on the real broker: the impression log carries each item's counter inputs as
+    served; the clicks of the samples topic are counted (a re-emitted one once), and the counts come back
+    after a restart before the first request is scored."""
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
+    from reloop.engine.events.schema import LabeledSample
+
+    impressions, samples = unique_topic("impressions"), unique_topic("samples")
+    create_topics(kafka_broker.bootstrap, {impressions: 1, samples: 1})
+    config = ServeConfig.model_validate(
+        {
+            "arms": [
+                {
+                    "name": "A",
+                    "registry": str(tmp_path / "reg"),
+                    "impressions_topic": impressions,
+                    "cold_start": {
+                        "backbone": "fm",
+                        "spec": world_spec_dict(id_buckets=512),
+                        "params": {"embedding_dim": 4},
+                    },  # fmt: skip
+                    "counters": {
+                        "fields": ["user_id", "item_id"],
+                        "samples_topic": samples,
+                        "state_file": str(tmp_path / "counters.npz"),
+                        "save_every_s": 0.2,
+                    },  # fmt: skip
+                }
+            ],
+            "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
+        }
+    )
+    body = _body(0)
+
+    def score(stack: ServingStack, request: dict) -> dict:
+        with httpx.Client(base_url=stack.serve_in_thread(port=0)) as http:
+            return http.post("/score", json=request).json()
+
+    stack = ServingStack(config).start()
+    first = score(stack, body)
+    counters = stack.arms["A"].counters
+    top = first["ranking"][0]["item_id"]
+    # Later requests: the five items shown first, all shown again.
+    shown = {x["item_id"] for x in first["ranking"]}
+    body = {**body, "candidates": [c for c in body["candidates"] if c["item_id"] in shown]}
+    features = {**body["context"], **next(c["features"] for c in body["candidates"] if c["item_id"] == top)}
+    clicked = [LabeledSample("s0", features, 1, served_prediction=0.5, served_version=0, event_time_ms=1)]
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=samples)
+    deadline = time.monotonic() + 20
+    while stack.feeds["A counters"].target.positions == {} and time.monotonic() < deadline:
+        time.sleep(0.05)  # the feed opens at the end of the topic: publish once it is there
+    for _ in range(2):  # the second: the same sample, as a join task resumed from its checkpoint sends it
+        sink.send(encode_batch(batch_from_samples(clicked, task=0, first_seq=0)), key=b"0")
+    sink.flush(timeout_s=10)
+    sink.close()
+    while counters.written < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # (the duplicate is read too)
+    assert counters.written == 1 and stack.feeds["A counters"].duplicates == 1
+    score(stack, body)
+    stack.close()
+
+    again = ServingStack(config).start()
+    score(again, body)
+    again.close()
+    logged = [decode_impression(r.value) for r in _read_all(kafka_broker.bootstrap, impressions, 15)]
+    assert len(logged) == 15
+    by_request = [logged[i : i + 5] for i in (0, 5, 10)]
+    # The user was shown 0, 5, then 10 items, each item 0, 1, then 2 times (the last request after the
+    # restart: the counts came back before it was scored).
+    for k, part in enumerate(by_request):
+        assert {imp.item_id for imp in part} == shown
+        assert part[0].features["user_id#seen"] == pytest.approx(np.log1p(5 * k) * 0.2, rel=1e-5)
+        assert [imp.features["item_id#seen"] for imp in part] == pytest.approx(
+            [np.log1p(k) * 0.2] * 5, rel=1e-5
+        )
+        ctr = {imp.item_id: imp.features["item_id#ctr"] for imp in part}
+        others = max(v for item, v in ctr.items() if item != top)
+        # the clicked item reads a higher rate than the others once its click is counted, not before
+        assert ctr[top] > others if k else ctr[top] == others

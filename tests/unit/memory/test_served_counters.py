@@ -314,3 +314,30 @@ def test_clicks_re_emitted_by_a_resumed_join_task_count_once_across_a_restart(tm
     assert resumed.step() == 3 and again.written == 3 and resumed.duplicates == 2
     assert resumed.stats()["duplicates"] == 2
     resumed.close()
+
+
+def test_the_saved_counts_are_loaded_before_the_feed_starts_not_on_its_thread(tmp_path) -> None:
+    import threading
+
+    saved = ServedCounters(SETTINGS)
+    saved.rekey(_bundle())
+    saved.positions = {"samples:0": 7}
+    saved.save(tmp_path / "c.npz")
+    release = threading.Event()
+
+    class SlowSource(MemorySource):  # a broker slow to answer: the thread is stuck opening it
+        def open(self, positions=None) -> None:
+            release.wait(10)
+            super().open(positions)
+
+    mlog = MemoryLog()
+    mlog.create("samples", 1)
+    counters = ServedCounters(SETTINGS)
+    feed = SamplesFeed(name="A", source=SlowSource(mlog, ["samples"]), target=counters,
+                       holder=ModelHolder(_bundle()), state_path=tmp_path / "c.npz")  # fmt: skip
+    feed.start()
+    try:
+        assert counters.positions == {"samples:0": 7}  # the first request reads the saved counts
+    finally:
+        release.set()
+        feed.close()
