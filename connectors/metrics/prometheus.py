@@ -207,6 +207,11 @@ SERIES: tuple[Series, ...] = (
     Series("impressions_dropped", "reloop_impressions_dropped_total", "counter",
            "Impression events not logged (reason: queue_full, sink_error, oversized, rejected, "
            "undelivered, encode_error, shutdown, closed).", ("reason",)),
+    Series("serve_feed_samples", "reloop_serve_feed_samples_total", "counter",
+           "Joined samples a serving arm's samples feed took (target: memory, ReLoop2's error memory, or "
+           "counters, the click counters; outcome: written, or for counters the clicks counted; duplicate, "
+           "re-emitted by a resumed join task; undecodable; refused, values the live spec cannot read; "
+           "failed, a write that raised).", ("arm", "target", "outcome")),
 )
 
 BUILD_INFO = "reloop_build_info"

@@ -39,10 +39,14 @@ from reloop.engine.events.sample_batch import SampleBatch, decode_batch
 from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.memory.seen import SeenSeqs
+from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, positions_from_json, positions_to_json
 
 log = logging.getLogger(__name__)
+
+TARGET_LABELS = {"ServedMemory": "memory", "ServedCounters": "counters"}
+OUTCOMES = ("written", "duplicate", "undecodable", "refused", "failed")
 
 
 class LabelTarget(Protocol):
@@ -78,6 +82,9 @@ class SamplesFeed:
         self.source = source
         self.target = target
         self.kind = type(target).__name__  # in log lines
+        # reloop_serve_feed_samples_total{arm, target, outcome}: the feed's thread is their only writer
+        label = TARGET_LABELS.get(self.kind, self.kind)
+        self._tally = {o: STATS.serve_feed_samples.child(name, label, o) for o in OUTCOMES}
         self.holder = holder
         self.state_path = state_path
         self.save_every_s = save_every_s
@@ -151,10 +158,12 @@ class SamplesFeed:
                 batch = decode_batch(record.value)
             except Exception:  # noqa: BLE001 - the train stage dead-letters it; here it is skipped
                 self.undecodable += 1
+                self._tally["undecodable"].add()
                 continue
             new = self.target.seen.new_rows(batch)
             if not new.all():  # re-emitted by a join task resumed from its checkpoint: written already
                 self.duplicates += int((~new).sum())
+                self._tally["duplicate"].add(int((~new).sum()))
                 batch = batch.take(np.flatnonzero(new))
             if not len(batch):
                 continue
@@ -162,9 +171,12 @@ class SamplesFeed:
             try:
                 features, labels, times = self._featurize(bundle, batch)
                 if len(labels):
+                    before = self.target.written
                     self.target.write(bundle, features, labels, times)
+                    self._tally["written"].add(self.target.written - before)  # counters: clicks only
             except Exception:  # noqa: BLE001 - this message is lost to the target, not the poll's rest
                 self.write_failures += 1
+                self._tally["failed"].add()
                 if self.write_failures & (self.write_failures - 1) == 0:  # the 1st, 2nd, 4th, ...
                     log.exception("%s %s: writing a samples message failed (%d so far); "
                                   "skipped", self.kind, self.name, self.write_failures)  # fmt: skip
@@ -189,6 +201,7 @@ class SamplesFeed:
                 rows.append(featurize(batch.take(slice(i, i + 1)).features(), rows=1))
             except FeatureError:
                 self.refused += 1
+                self._tally["refused"].add()
                 continue
             keep.append(i)
         if not rows:

@@ -297,6 +297,7 @@ class EngineStats:
     serve_model_version: Level = field(default_factory=Level)  # (arm,)
     impressions_logged: Tally = field(default_factory=Tally)  # (arm,)
     impressions_dropped: Tally = field(default_factory=Tally)  # (reason,)
+    serve_feed_samples: Tally = field(default_factory=Tally)  # (arm, target, outcome)
 
     hooks: list[Callable[[], None]] = field(default_factory=list)
 

@@ -300,6 +300,10 @@ def test_clicks_re_emitted_by_a_resumed_join_task_count_once_across_a_restart(tm
         batch = batch_from_samples(samples, task=3, first_seq=first_seq, incarnation=incarnation)
         MemorySink(mlog, "samples").send(encode_batch(batch))
 
+    from reloop.engine.metrics.stats import STATS
+
+    was = dict(STATS.serve_feed_samples.items())  # (the process's: other tests' feeds named "A" too)
+    before = (was.get(("A", "counters", "written"), 0), was.get(("A", "counters", "duplicate"), 0))
     counters = ServedCounters(SETTINGS, clock_ms=clock)
     feed = _feed(mlog, counters, state)
     feed.step()
@@ -314,6 +318,10 @@ def test_clicks_re_emitted_by_a_resumed_join_task_count_once_across_a_restart(tm
     assert resumed.step() == 3 and again.written == 3 and resumed.duplicates == 2
     assert resumed.stats()["duplicates"] == 2
     resumed.close()
+    # and for Prometheus (reloop_serve_feed_samples_total): both feeds of this process, added up
+    exported = dict(STATS.serve_feed_samples.items())
+    assert exported[("A", "counters", "written")] - before[0] == 5 + 3
+    assert exported[("A", "counters", "duplicate")] - before[1] == 2 + 2
 
 
 def test_the_saved_counts_are_loaded_before_the_feed_starts_not_on_its_thread(tmp_path) -> None:
