@@ -139,6 +139,21 @@ class ArmPlan:
         return str(self.run_config["stages"]["samples_topic"])
 
 
+def _fed_section(
+    arm: str, section: dict[str, Any] | None, kind: type[BaseModel], what: str, topic: str, state: Path
+) -> dict[str, Any] | None:
+    """Serve's arms[].memory / arms[].counters: ``section`` with the arm's samples topic and a state file
+    in its folder, validated here (a bad key names the arm before anything starts)."""
+    if section is None:
+        return None
+    full = {**section, "samples_topic": topic, "state_file": str(state)}
+    try:
+        kind.model_validate(full)
+    except ValidationError as exc:
+        raise ConfigError(f"arm {arm}: bad {what}: {describe_errors(exc)}") from exc
+    return full
+
+
 def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
     """Per-arm topics, folders and validated `reloop run` configs (a bad key fails here, before any start)."""
     from reloop.engine.runtime.config import ConfigError as RunConfigError
@@ -171,33 +186,17 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
             load_feature_spec(load_config_dict(run, env={}).model)
         except RunConfigError as exc:
             raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
-        memory = None
-        if arm.memory is not None:
-            from reloop.engine.serve.config import ArmMemoryConfig
+        from reloop.engine.serve.config import ArmCountersConfig, ArmMemoryConfig
 
-            memory = {
-                **arm.memory,
-                "samples_topic": run["stages"]["samples_topic"],
-                "state_file": str(folder / "memory.npz"),
-            }
-            try:
-                ArmMemoryConfig.model_validate(memory)
-            except ValidationError as exc:
-                raise ConfigError(f"arm {arm.name}: bad memory section: {describe_errors(exc)}") from exc
-        counters = None
-        if (run.get("model") or {}).get("counters") is not None:
-            from reloop.engine.serve.config import ArmCountersConfig
-
-            # The service counts what the trainer's model.counters says: one setting, in the run config.
-            counters = {
-                **run["model"]["counters"],
-                "samples_topic": run["stages"]["samples_topic"],
-                "state_file": str(folder / "counters.npz"),
-            }
-            try:
-                ArmCountersConfig.model_validate(counters)
-            except ValidationError as exc:
-                raise ConfigError(f"arm {arm.name}: bad model.counters: {describe_errors(exc)}") from exc
+        topic = run["stages"]["samples_topic"]
+        memory = _fed_section(
+            arm.name, arm.memory, ArmMemoryConfig, "memory section", topic, folder / "memory.npz"
+        )
+        # The service counts what the trainer's model.counters says: one setting, in the run config.
+        counted = (run.get("model") or {}).get("counters")
+        counters = _fed_section(
+            arm.name, counted, ArmCountersConfig, "model.counters", topic, folder / "counters.npz"
+        )
         plans.append(
             ArmPlan(
                 name=arm.name,
