@@ -4,8 +4,10 @@ on vs off, and the feed's rate of counting clicks.
     .venv/bin/python -m reloop.bench.counters_latency --out docs/bench-counters-serving.md
 
 Same process, same model (DCN, MLP 400,400,400, embedding dim 10, 8 categorical fields of 100,000 buckets:
-the BARS settings, plus the counter inputs of two fields with one 600-s window: 8 dense inputs), same
-requests, the two arms interleaved request by request so that load on the machine hits both alike:
+the BARS settings, a multi-valued ``tags`` field of 1-3 values per candidate, plus the counter inputs of
+``--counters``, lifetime and one 600-s window: by default two fields, 8 dense inputs; ``f0,f4,f0*tags``
+adds a cross with the multi-valued field), same requests, the two arms interleaved request by request so
+that load on the machine hits both alike:
 
 * off: an arm without counters (the model's counter inputs take their fill value);
 * on: an arm with counters (``arms[].counters``): featurise, read and write the counter inputs, score,
@@ -36,7 +38,7 @@ from reloop.engine.serve.schema import ScoreRequest
 from reloop.engine.serve.service import ArmRuntime, ScoringService
 
 FIELDS = [f"f{i}" for i in range(8)]
-SETTINGS = CounterSettings(fields=("f0", "f4"), windows_s=(600.0,))  # a context field, a candidate field
+COUNTED = "f0,f4"  # a context field, a candidate field; f0*tags: a cross with a multi-valued field
 
 
 class _Discard:
@@ -55,15 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (serve.torch_threads)")
+    ap.add_argument("--counters", default=COUNTED, help="counted fields and crosses (FIELD or A*B, ...)")
     args = ap.parse_args(argv)
+    settings = CounterSettings(fields=tuple(args.counters.split(",")), windows_s=(600.0,))
     torch.set_num_threads(args.threads)
     base = FeatureSpec.model_validate(
-        {"fields": [{"kind": "categorical", "name": f, "buckets": 100_000} for f in FIELDS]}
+        {
+            "fields": [
+                *({"kind": "categorical", "name": f, "buckets": 100_000} for f in FIELDS),
+                {"kind": "multi", "name": "tags", "buckets": 1000, "max_len": 4},
+            ]
+        }
     )
-    spec = with_counter_fields(base, SETTINGS)
+    spec = with_counter_fields(base, settings)
     learner = build_learner("dcn", spec, "ce", 0.0, seed=0)
     bundle = ModelBundle(version=1, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
-    counters = ServedCounters(SETTINGS)
+    counters = ServedCounters(settings)
     services = {
         name: ScoringService(
             router=ArmRouter([("A", 1.0)], salt="b"),
@@ -77,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     def request(i: int) -> ScoreRequest:
         ctx = {f: f"v{rng.integers(1000)}" for f in FIELDS[:4]}
         cands = [
-            {"item_id": f"c{j}", "features": {f: f"v{rng.integers(100_000)}" for f in FIELDS[4:]}}
+            {
+                "item_id": f"c{j}",
+                "features": {
+                    **{f: f"v{rng.integers(100_000)}" for f in FIELDS[4:]},
+                    "tags": [f"t{t}" for t in rng.integers(1000, size=int(rng.integers(1, 4)))],
+                },
+            }
             for j in range(args.candidates)
         ]
         return ScoreRequest.model_validate(
@@ -114,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         f"warm-up; {args.threads} torch thread(s); shared 2-core machine, load average {load[0]:.1f} / "
         f"{load[1]:.1f} (1 / 5 min) at the end",
         "- DCN (MLP 400,400,400, 3 cross layers, embedding dim 10), 8 categorical fields of 100,000 buckets "
-        "and the counter inputs of f0 (context) and f4 (candidate), lifetime and a 600-s window (8 dense "
-        "inputs); both arms score the same model; the service's whole path (`ScoringService.score`), "
-        "impressions handed to a logger that keeps nothing",
+        f"and a multi-valued one (tags, 1-3 per candidate); counters of {', '.join(settings.fields)} (f0: "
+        f"context, f4: candidate), lifetime and a 600-s window ({len(counters.names)} dense inputs); both "
+        "arms score the same model; the service's whole path (`ScoringService.score`), impressions handed "
+        "to a logger that keeps nothing",
         "",
         "| arm | p50 ms | p90 ms | p99 ms | requests/s (1 / mean) |",
         "| --- | --- | --- | --- | --- |",

@@ -16,3 +16,12 @@ def test_the_report_times_both_arms_and_the_feed(tmp_path, capsys) -> None:
     assert set(rows) == {"counters off", "counters on"} and all(v > 0 for v in rows.values())
     assert re.search(r"throughput on / off: \d+\.\d\dx", text)
     assert re.search(r"batches of 60, half clicks.*: [\d,]+ samples/s", text)
+
+
+def test_a_cross_with_the_multi_valued_field_is_served_too(capsys) -> None:
+    assert (
+        counters_latency.main(["--requests", "3", "--candidates", "12", "--counters", "f0,f4,f0*tags"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "counters of f0, f4, f0*tags" in text and "(12 dense inputs)" in text
+    assert re.search(r"\| counters on \(arms\[\]\.counters\) \| [\d.]+ \|", text)
