@@ -172,7 +172,9 @@ def test_ctrl_c_before_the_stages_installed_their_handlers_exits_0(tmp_path):
 
 @pytest.mark.parametrize("code", [1, 2])
 def test_a_stage_that_ends_on_its_own_stops_the_other_and_gives_its_exit_code(tmp_path, code):
-    proc = _start(tmp_path, train=_stage(save_s=0.5), join=_stage(ends=0.2, code=code))
+    # stop_timeout_s 5: the train stand-in's 0.5-s save and exit, with room for a loaded machine (with the
+    # default 1 s a CI run under load killed it: exit -9 instead of 0; the kill is tested above)
+    proc = _start(tmp_path, stop_timeout_s=5.0, train=_stage(save_s=0.5), join=_stage(ends=0.2, code=code))
     _ready(proc)
     got, lines = _finish(proc)
     [ended] = [ln for ln in lines if ln["msg"].startswith("a stage ended on its own")]
