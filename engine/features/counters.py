@@ -222,7 +222,8 @@ class ClickCounters:
         self.prior_strength = float(prior_strength)
         self.windows_s = tuple(float(w) for w in windows_s)
         self._keys = [_Key(spec, name) for name in self.fields]
-        self._counts = [_Counts(key, tau) for key in self._keys for tau in (None, *self.windows_s)]
+        self._groups = [(key, [_Counts(key, tau) for tau in (None, *self.windows_s)]) for key in self._keys]
+        self._counts = [c for _, counts in self._groups for c in counts]  # in the order of values' columns
         self.total_shown = 0.0
         self.total_clicked = 0.0
 
@@ -267,7 +268,7 @@ class ClickCounters:
 
     def count_shown(self, ids: Ids, now_ms: float = 0.0) -> None:
         """Count a batch of impressions when they are shown."""
-        for key, counts in self._by_key():
+        for key, counts in self._groups:
             rows, _, _ = self._flat(key, ids, None, None)
             for c in counts:
                 c.add(rows, now_ms, 1.0, None)
@@ -280,14 +281,11 @@ class ClickCounters:
         ``shown_ms``, when each impression was shown, a click weighs in counts that forget what its
         impression weighs now, so they never hold more clicks than showings; without, it weighs 1."""
         clicks = np.asarray(clicks, dtype=np.float64)
-        for key, counts in self._by_key():
+        for key, counts in self._groups:
             rows, weights, times = self._flat(key, ids, clicks, shown_ms)
             for c in counts:
                 c.add(rows, now_ms, 0.0, weights, times)
         self.total_clicked += float(np.sum(clicks))
-
-    def _by_key(self) -> list[tuple[_Key, list[_Counts]]]:
-        return [(key, [c for c in self._counts if c.key is key]) for key in self._keys]
 
     @staticmethod
     def _flat(
