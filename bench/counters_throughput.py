@@ -5,13 +5,15 @@ backbones at their defaults, ReLoop alpha 0.5, ``learn_scored`` as the stream tr
 contenders, rotated round by round (ABC, BCA, ...):
 
 * ``plain``: the learner on the spec as it is;
-* ``counter inputs``: the spec with the counters' dense fields appended (two counted fields, lifetime
-  and one window: 8 more inputs), their values precomputed: what the model pays for reading them;
+* ``counter inputs``: the spec with the counters' dense fields appended (by default two counted fields,
+  lifetime and one window: 8 more inputs; ``--counters C1,C2,C1*C2`` adds their cross: 12), their
+  values precomputed: what the model pays for reading them;
 * ``counter inputs + counting``: the same, plus what keeping the counts costs per batch (reading the
   batch's values, then counting its impressions and its clicks, ``engine/features/counters.py``): what
   a loop that counts as it trains would add.
 
     .venv/bin/python -m reloop.bench.counters_throughput [--backbones dcn deepfm] [--rounds 5] [--seconds 3]
+        [--counters C1,C2]
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ COUNTED = ("C1", "C2")  # two high-cardinality fields of the Criteo layout
 WINDOWS_S = (600.0,)
 
 
-def _with_counter_inputs(spec: Any, data: tuple, seed: int = 0) -> tuple[Any, tuple, Any]:
+def _with_counter_inputs(
+    spec: Any, data: tuple, seed: int = 0, counted: tuple[str, ...] = COUNTED
+) -> tuple[Any, tuple, Any]:
     """The spec with the counters' fields, the data with plausible values for them, and the counters."""
     from reloop.engine.features.counters import ClickCounters
     from reloop.engine.features.featurizer import FeatureBatch
     from reloop.engine.features.spec import FeatureSpec
 
-    counters = ClickCounters(spec, COUNTED, 5.0, WINDOWS_S)
+    counters = ClickCounters(spec, counted, 5.0, WINDOWS_S)
     batch, labels, y_last = data
     values = np.random.default_rng(seed).normal(0.0, 1.0, (len(batch), counters.n_columns)).astype(np.float32)
     wider = FeatureBatch(
@@ -54,14 +58,21 @@ def _counting(counters: Any, labels: np.ndarray) -> Any:
 
     def count(batch: Any, rows: slice) -> None:
         state["now"] += 1_000.0
-        counters.values(batch.cat, state["now"])
-        counters.count_shown(batch.cat, state["now"])
-        counters.count_clicks(batch.cat, labels[rows], state["now"])
+        counters.values(batch, state["now"])
+        counters.count_shown(batch, state["now"])
+        counters.count_clicks(batch, labels[rows], state["now"])
 
     return count
 
 
-def measure(backbones: list[str], batch_size: int, rounds: int, seconds: float, rows: int) -> dict[str, Any]:
+def measure(
+    backbones: list[str],
+    batch_size: int,
+    rounds: int,
+    seconds: float,
+    rows: int,
+    counted: tuple[str, ...] = COUNTED,
+) -> dict[str, Any]:
     import torch
     from reloop.bench.train_throughput import synthetic_criteo
     from reloop.engine.features.spec import criteo_spec
@@ -70,7 +81,7 @@ def measure(backbones: list[str], batch_size: int, rounds: int, seconds: float, 
     torch.set_num_threads(1)
     spec = criteo_spec()
     data = synthetic_criteo(spec, rows)
-    wide_spec, wide_data, counters = _with_counter_inputs(spec, data)
+    wide_spec, wide_data, counters = _with_counter_inputs(spec, data, counted=counted)
     out: dict[str, Any] = {}
     for name in backbones:
         plain = build_learner(name, spec, "reloop", 0.5, seed=0)
@@ -103,8 +114,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--counters", default=",".join(COUNTED), help="counted fields and crosses (F or A*B)")
     args = parser.parse_args()
-    res = measure(args.backbones, args.batch_size, args.rounds, args.seconds, args.rows)
+    counted = tuple(args.counters.split(","))
+    res = measure(args.backbones, args.batch_size, args.rounds, args.seconds, args.rows, counted)
     print("| backbone | plain samples/s | + counter inputs | ratio | + inputs and counting | ratio | load |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, r in res.items():
@@ -114,7 +127,8 @@ def main() -> None:
             f"| {r['counting_ratio']:.2f} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
         )
     print(
-        f"batch {args.batch_size}, torch 1 thread, {args.rounds} rounds of ~{args.seconds:g} s per contender"
+        f"batch {args.batch_size}, torch 1 thread, {args.rounds} rounds of ~{args.seconds:g} s per "
+        f"contender; counters of {', '.join(counted)}, lifetime and a 600-s window"
     )
 
 

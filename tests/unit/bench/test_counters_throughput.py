@@ -28,3 +28,18 @@ def test_the_counter_contenders_read_eight_more_inputs_and_count_every_batch_the
     assert counters.total_shown == 3 * 256
     res = ct.measure(["lr"], batch_size=256, rounds=1, seconds=0.01, rows=3_000)
     assert set(res["lr"]) >= {"plain", "inputs", "counting", "inputs_ratio", "counting_ratio"}
+
+
+def test_a_cross_adds_its_four_inputs_and_is_counted_per_pair_of_values() -> None:
+    spec = criteo_spec()
+    data = synthetic_criteo(spec, 1_000)
+    wide_spec, wide_data, counters = ct._with_counter_inputs(spec, data, counted=("C1", "C2", "C1*C2"))
+    assert len(wide_spec.dense_fields) == len(spec.dense_fields) + 12
+    before = counters.values(wide_data[0], 0.0)
+    count = ct._counting(counters, np.ones(1_000, dtype=np.float32))
+    count(wide_data[0], slice(0, 1_000))
+    after = counters.values(wide_data[0], 2_000.0)
+    assert after.shape == (1_000, 12)
+    # Every row was shown once: each row's own pair of values now reads as seen (column "C1*C2#seen").
+    seen = [f.name for f in counters.spec_fields()].index("C1*C2#seen")
+    assert np.all(after[:, seen] > before[:, seen])
