@@ -98,8 +98,9 @@ class DeadLetterSink:
         count = self.counts.get(reason, 0) + 1
         self.counts[reason] = count
         if count == 1:
-            # Once per reason: enough to notice a new kind of bad input without flooding the log.
-            log.warning("dead-lettering records with reason %r (first: %s)", reason, error)
+            # Once per reason: enough to notice a new kind of bad input without flooding the log. As text
+            # a UTF-8 log handler can write: a lone surrogate from bad input would lose the line.
+            log.warning("dead-lettering records with reason %r (first: %s)", reason, _text(error))
 
     def send_many(self, records: Sequence[Record], errors: Sequence[tuple[int, BaseException]]) -> None:
         """Dead-letter the failures of a batch decode: ``errors`` holds (index into ``records``, error)."""

@@ -122,12 +122,15 @@ def test_clicks_and_samples_route_the_same_way(click_dict, sample_dict):
         Record("t\udcff", 0, 1, None, b"x", 0),
     ],
 )
-def test_send_never_raises_on_odd_records_or_errors(record):
+def test_send_never_raises_on_odd_records_or_errors(record, caplog):
     log = MemoryLog()
     dead = DeadLetterSink(MemorySink(log, "dl"))
     dead.send(record, EventError("malformed", "bad \udcff detail"))
     dead.send(record, ValueError("not an EventError"))
     assert dead.counts == {"malformed": 1, "unknown": 1}
+    # The warning logged is text a UTF-8 handler can write (the bad byte escaped, not a lone surrogate).
+    assert "bad \\udcff detail" in caplog.text
+    caplog.text.encode("utf-8")
     letters = log.read(log.partitions("dl")[0], 0, 10)
     assert [orjson.loads(x.value)["reason"] for x in letters] == ["malformed", "unknown"]
     assert orjson.loads(letters[1].value)["detail"] == "not an EventError"
