@@ -443,11 +443,16 @@ def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> N
     assert b"reloop_join_tasks" in scraped[0]
 
 
-# A stage that writes what `reloop run` told it about the join process beside it, then ends.
+# A stage that writes what `reloop run` told it about the join process beside it, then ends once the
+# other stage has written too (a stage that ends on its own stops the other, which under load may not
+# have run a line yet).
 _ENV_STAGE = """
-import os, sys
+import os, sys, time
 names = ("RELOOP_TRAIN_BESIDE_JOIN", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 open(os.environ["ENV_OUT"] + "-{stage}", "w").write(" ".join(os.environ.get(n, "unset") for n in names))
+deadline = time.monotonic() + 60
+while not os.path.exists(os.environ["ENV_OUT"] + "-{other}") and time.monotonic() < deadline:
+    time.sleep(0.05)
 """
 
 
@@ -461,7 +466,11 @@ def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, mon
         monkeypatch.delenv(name, raising=False)
     if user_wait:
         monkeypatch.setenv(*user_wait)
-    proc = _start(tmp_path, train=_ENV_STAGE.format(stage="train"), join=_ENV_STAGE.format(stage="join"))
+    train, join = (
+        _ENV_STAGE.format(stage="train", other="join"),
+        _ENV_STAGE.format(stage="join", other="train"),
+    )
+    proc = _start(tmp_path, train=train, join=join)
     code, lines = _finish(proc)
     assert code == 0
     user = dict([user_wait]) if user_wait else {}
