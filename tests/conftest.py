@@ -2,6 +2,12 @@
 
 With CI=true a broker that cannot start fails every test that needs it; elsewhere those tests are
 skipped with the reason, so a laptop without Java can still run the unit tests.
+
+The suite runs in parallel with pytest-xdist (the README's command: ``-n auto --dist loadfile``): each
+test module runs in one worker, so its module-scoped fixtures are built once, and each worker that runs
+a test needing the broker starts its own (topics are unique per test either way). ``--dist loadgroup``
+would keep every broker test in one worker, but pytest-xdist 3.8 does not group on pytest 9.2
+(pytest-xdist issue 1386).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import pytest
 from reloop.connectors.kafka.local_broker import BrokerError, LocalBroker
 
 _KAFKA_OUTCOMES: dict[str, int] = {}
-_BROKER_LINES: list[str] = []
+_BROKER_LINES: list[str] = []  # the broker's start lines, in the process that started it
+_SUMMARY_LINES: dict[str, None] = {}  # those lines as reports brought them (a worker's to the controller)
 
 
 def _in_ci() -> bool:
@@ -72,9 +79,27 @@ def pytest_configure(config: pytest.Config) -> None:
     # kafka-python 3.0 loads its protocol schemas with importlib.resources' legacy API; noise, not ours.
     config.addinivalue_line("filterwarnings", "ignore:read_text is deprecated:DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers share the cores: torch's default (a thread per core) in each would oversubscribe them,
+        # and OpenMP's spinning threads slow each other many times over. Subprocesses choose their own.
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    if _BROKER_LINES and call.when == "teardown":
+        # The broker's lines travel with a report, once: under xdist only the controller writes the summary.
+        outcome.get_result().user_properties.extend(("kafka_broker_line", line) for line in _BROKER_LINES)
+        _BROKER_LINES.clear()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "kafka_broker_line":
+            _SUMMARY_LINES[value] = None
     if "kafka" not in report.keywords:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
@@ -82,7 +107,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 (pytest's own type is private)
-    for line in _BROKER_LINES:
+    for line in _SUMMARY_LINES:
         terminalreporter.write_line(line)
     if _KAFKA_OUTCOMES:
         counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(_KAFKA_OUTCOMES.items()))
