@@ -640,7 +640,13 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
     except ValueError:
         source.close()
         raise
-    start, end, warnings = kafka_range(first, last, start, end, given_start=given_start, given_end=given_end)
+    try:
+        start, end, warnings = kafka_range(
+            first, last, start, end, given_start=given_start, given_end=given_end
+        )
+    except ValueError:  # offsets that are not the partitions': refused, and the client not left running
+        source.close()
+        raise
     for line in warnings:
         print(f"reloop replay: warning: {line}", file=sys.stderr)
     return source, start, end

@@ -8,6 +8,7 @@ final model; a time range (offsets_for_times) replays only the impressions insid
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +228,11 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
         assert torch.equal(v, replayed[k]), k
 
 
+def _kafka_client_threads() -> int:
+    """kafka-python's I/O threads alive in this process: one per open client."""
+    return sum(t.name.startswith("kafka-io") for t in threading.enumerate())
+
+
 def test_kafka_offsets_are_checked_against_the_partitions(
     kafka_broker, logged, tmp_path: Path, capsys
 ) -> None:
@@ -246,9 +252,15 @@ def test_kafka_offsets_are_checked_against_the_partitions(
         (["--end-offsets", f"{imp}:0={N + 1}"], f"--end-offsets: {imp}:0={N + 1} is outside the partition"),
         (["--start-offsets", f"{imp}:0=50", "--end-offsets", f"{imp}:0=40"], "past its end 40"),
     ]
+    clients = _kafka_client_threads()
     for k, (extra, needle) in enumerate(refused):
         t = time.monotonic()
         assert main([*base, str(tmp_path / f"r{k}"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
         assert time.monotonic() - t < 20
+    # A refused replay closes the client it asked the partitions with (it was left running, one per call).
+    deadline = time.monotonic() + 10
+    while _kafka_client_threads() > clients and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _kafka_client_threads() <= clients
