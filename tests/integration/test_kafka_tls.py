@@ -126,14 +126,20 @@ def _round_trip(cfg: RunConfig, topic: str) -> None:
 
 
 def _partitions(cfg: RunConfig, topic: str) -> Callable[[], object]:
-    """Building a source of cfg.kafka.client and asking for its partitions: its first broker contact."""
-    if cfg.kafka.client == "confluent":
-        return lambda: ConfluentSource(
+    """Building a source of cfg.kafka.client and asking for its partitions: its first broker contact
+    (the source closed after, refused or not: a client left open kept retrying the module's broker)."""
+    kind = ConfluentSource if cfg.kafka.client == "confluent" else KafkaSource
+
+    def ask() -> object:
+        source = kind(
             bootstrap=cfg.kafka.bootstrap, topics=[topic], client_config=cfg.consumer_client_config()
-        ).partitions()
-    return lambda: KafkaSource(
-        bootstrap=cfg.kafka.bootstrap, topics=[topic], client_config=cfg.consumer_client_config()
-    ).partitions()
+        )
+        try:
+            return source.partitions()
+        finally:
+            source.close()
+
+    return ask
 
 
 def _refused_tls(attempt: Callable[[], object], *, within_s: float) -> TlsRefused:
