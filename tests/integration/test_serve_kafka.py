@@ -411,12 +411,13 @@ def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_a
     )
     body = _body(0)
 
-    def score(stack: ServingStack, request: dict) -> dict:
-        with httpx.Client(base_url=stack.serve_in_thread(port=0)) as http:
+    def score(url: str, request: dict) -> dict:
+        with httpx.Client(base_url=url) as http:
             return http.post("/score", json=request).json()
 
     stack = ServingStack(config).start()
-    first = score(stack, body)
+    url = stack.serve_in_thread(port=0)  # one server per stack: close() stops the one it started
+    first = score(url, body)
     counters = stack.arms["A"].counters
     top = first["ranking"][0]["item_id"]
     # Later requests: the five items shown first, all shown again.
@@ -436,11 +437,11 @@ def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_a
         time.sleep(0.05)
     time.sleep(0.5)  # (the duplicate is read too)
     assert counters.written == 1 and stack.feeds["A counters"].duplicates == 1
-    score(stack, body)
+    score(url, body)
     stack.close()
 
     again = ServingStack(config).start()
-    score(again, body)
+    score(again.serve_in_thread(port=0), body)
     again.close()
     logged = [decode_impression(r.value) for r in _read_all(kafka_broker.bootstrap, impressions, 15)]
     assert len(logged) == 15
