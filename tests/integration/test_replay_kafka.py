@@ -224,6 +224,7 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     while stage.positions.get(TopicPartition(topic, 0), 0) < len(messages):
         stage.step()
     stage.train_remaining()
+    stage.close(final=None)  # its fetch thread and snapshot writer stopped
     for k, v in stage.trainer.learner.model.state_dict().items():
         assert torch.equal(v, replayed[k]), k
 
