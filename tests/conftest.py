@@ -1,4 +1,4 @@
-"""Shared fixtures: the real local Kafka broker (one per test run) and unique topic names.
+"""Shared fixtures: the real local Kafka broker (one per test process) and unique topic names.
 
 With CI=true a broker that cannot start fails every test that needs it; elsewhere those tests are
 skipped with the reason, so a laptop without Java can still run the unit tests.
