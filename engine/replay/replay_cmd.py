@@ -634,17 +634,13 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
         )
         # No record at or after the end time: offsets_for_times answers with the end offsets.
         end = last if end_ms is None else offsets_for_times(args.kafka, topics, end_ms, client_config=client)
-    except CLIENT_ERRORS as exc:  # an unreachable broker, refused credentials: was a traceback
-        source.close()
-        raise ValueError(f"--kafka {args.kafka}: {exc}") from None
-    except ValueError:
-        source.close()
-        raise
-    try:
         start, end, warnings = kafka_range(
             first, last, start, end, given_start=given_start, given_end=given_end
         )
-    except ValueError:  # offsets that are not the partitions': refused, and the client not left running
+    except CLIENT_ERRORS as exc:  # an unreachable broker, refused credentials: was a traceback
+        source.close()
+        raise ValueError(f"--kafka {args.kafka}: {exc}") from None
+    except ValueError:  # refused (offsets outside the partitions too): the client not left running
         source.close()
         raise
     for line in warnings:
