@@ -23,6 +23,12 @@ task resumed from its checkpoint, is skipped and counted (``duplicates``; engine
 sample flagged ``is_correction`` (a late click re-emitted as a positive) is written as one
 more positive: a memory then holds its earlier negative too, the same small duplication the join's
 correction policy gives the trainer.
+
+A counters feed given ``shown_topic`` (``arms[].counters.shown_from: impressions``) reads the arm's
+impression log too, on the same consumer: each impression of the arm is featurised with the live bundle
+and counted as shown (``count_logged``), so the counts and the positions of both topics are saved
+together, in one state. An undecodable impression, or one the live spec cannot read, is skipped and
+counted as the samples are (``undecodable``, ``refused``); those counted are ``shown``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+from reloop.engine.events.codec import decode_impressions
 from reloop.engine.events.sample_batch import SampleBatch, decode_batch
 from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 
 TARGET_LABELS = {"ServedMemory": "memory", "ServedCounters": "counters"}
 OUTCOMES = ("written", "duplicate", "undecodable", "refused", "failed")
+SHOWN = "shown"  # impressions of the arm's log counted (a counters feed given a shown_topic)
 
 
 class LabelTarget(Protocol):
@@ -77,14 +85,17 @@ class SamplesFeed:
         poll_timeout_s: float = 0.2,
         poll_max_records: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        shown_topic: str | None = None,
     ) -> None:
         self.name = name
         self.source = source
         self.target = target
+        self.shown_topic = shown_topic  # the arm's impression log, counted as shown (module doc)
         self.kind = type(target).__name__  # in log lines
         # reloop_serve_feed_samples_total{arm, target, outcome}: the feed's thread is their only writer
         label = TARGET_LABELS.get(self.kind, self.kind)
-        self._tally = {o: STATS.serve_feed_samples.child(name, label, o) for o in OUTCOMES}
+        outcomes = (*OUTCOMES, SHOWN) if shown_topic is not None else OUTCOMES
+        self._tally = {o: STATS.serve_feed_samples.child(name, label, o) for o in outcomes}
         self.holder = holder
         self.state_path = state_path
         self.save_every_s = save_every_s
@@ -152,6 +163,11 @@ class SamplesFeed:
 
     def _write(self, bundle: Any, records: list[Any]) -> int:
         """Decode, featurise and write ``records`` into the target; returns the samples written."""
+        if self.shown_topic is not None:
+            shown = [r for r in records if r.topic == self.shown_topic]
+            if shown:
+                self._count_shown(bundle, shown)
+                records = [r for r in records if r.topic != self.shown_topic]
         written = 0
         for record in records:
             try:
@@ -183,6 +199,33 @@ class SamplesFeed:
                 continue
             written += len(labels)
         return written
+
+    def _count_shown(self, bundle: Any, records: list[Any]) -> None:
+        """Count the arm's impressions among ``records`` (its impression log) as shown."""
+        impressions, bad = decode_impressions([r.value for r in records])  # never raises on bad data
+        if bad:  # what the join stage dead-letters; here it is skipped
+            self.undecodable += len(bad)
+            self._tally["undecodable"].add(len(bad))
+        # (an impression of another arm in the topic is not this arm's to count)
+        rows = [i.features for i in impressions if i.arm == self.name]
+        if not rows:
+            return
+        transform = bundle.featurizer.transform
+        try:
+            batch = transform(rows)
+        except FeatureError:  # a value the live spec cannot read: the others still count
+            kept = []
+            for row in rows:
+                try:
+                    kept.append(transform([row]))
+                except FeatureError:
+                    self.refused += 1
+                    self._tally["refused"].add()
+            if not kept:
+                return
+            batch = FeatureBatch.concat(kept)
+        self.target.count_logged(bundle, batch)  # type: ignore[attr-defined]
+        self._tally[SHOWN].add(len(batch))
 
     def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray, np.ndarray]:
         """The rows of ``batch`` the live spec can read, their labels and event times: the whole message

@@ -9,6 +9,11 @@ trained on them (``model.counters``; engine/features/counters.py).
 * Clicks (the samples feed's thread, engine/memory/feed.py): every positive of the arm's samples topic
   is counted when it is read, weighing in counts that forget what its impression weighs then. Negatives
   are never counted (their impressions were counted when shown).
+* Shown items, with ``shown_from: impressions``: not counted by the request path but by the same feed,
+  from the arm's impression log read back from Kafka (``count_logged``), so that every worker and
+  replica of the arm counts every impression any of them showed. The price is the log's round trip
+  (the producer's linger, the feed's poll: tens of milliseconds) before an impression counts; the
+  backtests never count an event's own second anyway (engine/features/counters.py).
 * Time is the service's clock (wall time): the feed has no other clock for a click's arrival, and the
   same clock ages shown and clicked counts alike.
 * Counts are kept per hash bucket of the counted fields of the live model's spec. A snapshot whose spec
@@ -16,8 +21,10 @@ trained on them (``model.counters``; engine/features/counters.py).
   ``resets``): its ids are other rows.
 * ``save``/``load``: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``) with the counts,
   the feed's positions and the samples it counted (their identities: a re-emitted click counts once).
-  The counts of one arm must see every impression that arm shows, so an arm with counters is served by
-  one process (serve's ``workers: 1``).
+  The counts of one arm must see every impression that arm shows: an arm counting its requests is
+  served by one process (serve's ``workers: 1``); one counting its impression log by any number, which
+  may share one state file (each save is one process's whole state, counts with the positions they
+  reached, and every process counts the same records).
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class ServedCounters:
 
     def __init__(self, settings: CounterSettings, clock_ms: Callable[[], int] = _wall_ms) -> None:
         self.settings = settings
+        # Count shown items on the request path (else the feed counts them from the impression log).
+        self.counts_requests = getattr(settings, "shown_from", "requests") == "requests"
         self.clock_ms = clock_ms
         self.names = counter_field_names(settings.fields, settings.windows_s)
         self.counters: ClickCounters | None = None
@@ -104,6 +113,13 @@ class ServedCounters:
         """Count impressions when they are shown (``batch``: their featurised rows)."""
         with self._lock:
             self._ready(spec).count_shown(batch, now_ms)
+            self.shown += len(batch)
+
+    def count_logged(self, bundle: Any, batch: FeatureBatch) -> None:
+        """Count impressions read back from the arm's impression log (the feed's thread), now."""
+        now = float(self.clock_ms())
+        with self._lock:
+            self._ready(bundle.featurizer.spec).count_shown(batch, now)
             self.shown += len(batch)
 
     def _ready(self, spec: Any) -> ClickCounters:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from reloop.engine.netaddr import http_url
-from reloop.engine.serve.config import ConfigError, load_serve_config
+from reloop.engine.serve.config import ConfigError, counters_conflict, load_serve_config
 
 
 def _port(text: str) -> int:
@@ -53,6 +53,10 @@ def main(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else config.workers
     if workers < 1:
         print("reloop serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    problem = counters_conflict(config, workers)  # the file was checked without --workers / --no-log
+    if problem:
+        print(f"reloop serve: {problem}", file=sys.stderr)
         return 2
     if workers > 1 and not args.worker:
         from reloop.engine.serve.workers import run_workers

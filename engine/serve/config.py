@@ -81,6 +81,14 @@ class ArmCountersConfig(CounterSettings):
     model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
 
     samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
+    # "requests": the process counts what it shows as it answers (at once; it must be the arm's only
+    # server). "impressions": every process counts what the arm's impression log says was shown, read
+    # back from Kafka as the clicks are, so all workers and replicas of the arm count the same impressions.
+    shown_from: Literal["requests", "impressions"] = Field(
+        default="requests",
+        description="where shown items are counted: this process's requests, or the arm's impression log "
+        "(shared by every worker and replica)",
+    )
     state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
     save_every_s: float = Field(default=30.0, gt=0)
 
@@ -225,14 +233,31 @@ class ServeConfig(_Frozen):
                 "arms: each arm needs its own impressions_topic (each arm trains on its own feedback)"
             )
         ArmRouter([(a.name, a.weight) for a in self.arms], salt="")  # the shares: at load, not at start
-        counted = [a.name for a in self.arms if a.counters is not None]
-        if counted and self.workers > 1:
-            # Each worker would count only what it shows, and every click: rates above the truth.
-            raise ValueError(
-                f"workers: arms {counted} have counters, which must see every impression the arm shows: "
-                "serve them with workers: 1"
-            )
+        problem = counters_conflict(self, self.workers)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def counters_conflict(config: ServeConfig, workers: int) -> str | None:
+    """Why ``config``'s counters cannot be served by ``workers`` processes with its impression log as it
+    is (``--workers`` and ``--no-log`` change both after the file was validated); None when they can."""
+    counted = [a for a in config.arms if a.counters is not None]
+    local = [a.name for a in counted if a.counters.shown_from == "requests"]  # type: ignore[union-attr]
+    if local and workers > 1:
+        # Each worker would count only what it shows, and every click: rates above the truth.
+        return (
+            f"serve.workers: arms {local} count the items they show as they answer, so one process must "
+            "see every impression the arm shows: serve them with workers: 1, or count from the impression "
+            "log (arms[].counters.shown_from: impressions)"
+        )
+    logged = [a.name for a in counted if a.counters.shown_from == "impressions"]  # type: ignore[union-attr]
+    if logged and not config.log.enabled:
+        return (
+            f"serve.log.enabled: arms {logged} count the items they show from their impression log "
+            "(arms[].counters.shown_from: impressions), which is off"
+        )
+    return None
 
 
 # Keys and environment variables that moved, refused with their new place.

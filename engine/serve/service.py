@@ -228,7 +228,8 @@ class ScoringService:
         ids = self.new_impression_ids(k)
         served: dict[int, dict[str, float]] = {}
         if counted is not None:
-            counters.count_shown(bundle.featurizer.spec, batch.take(np.asarray(order)), now)
+            if counters.counts_requests:  # else the feed counts them from the impression log
+                counters.count_shown(bundle.featurizer.spec, batch.take(np.asarray(order)), now)
             # the values as served go with each impression: the trainer learns exactly what was scored
             names = counters.names
             served = {i: dict(zip(names, counted[i].tolist(), strict=True)) for i in order}

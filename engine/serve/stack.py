@@ -46,8 +46,9 @@ _SERVER_STOP_S = 5.0  # in-flight requests finish within this (part of the shutd
 _WATCHER_STOP_S = 2.0
 
 SinkFactory = Callable[[ArmConfig], Sink]
-# A samples topic of an arm (arms[].memory's, arms[].counters'), as a Source: (arm, topic) -> Source.
-SamplesSourceFactory = Callable[[ArmConfig, str], Source]
+# An arm's samples topic (arms[].memory's, arms[].counters'), with its impression log where the counters
+# count it, as one Source: (arm, topics) -> Source.
+SamplesSourceFactory = Callable[[ArmConfig, list[str]], Source]
 # (latest version, load a version, every version available) of one arm's registry.
 LoaderFactory = Callable[
     [ArmConfig],
@@ -258,7 +259,7 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
 
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
-    def make(arm: ArmConfig, topic: str) -> Source:
+    def make(arm: ArmConfig, topics: list[str]) -> Source:
         settings = config.kafka.connection()
         if config.kafka.client == "confluent":
             from reloop.connectors.confluent.source import ConfluentSource as Kind
@@ -269,7 +270,7 @@ def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
             # kafka.client_config is the impression log producer's too: a producer-only setting made
             # every start of the feed's consumer fail, retried for as long as the service ran.
             settings = consumer_part(settings)
-        return Kind(bootstrap=config.kafka.bootstrap, topics=[topic], client_config=settings)
+        return Kind(bootstrap=config.kafka.bootstrap, topics=list(topics), client_config=settings)
 
     return make
 
@@ -292,16 +293,26 @@ def memory_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
     )  # fmt: skip
 
 
+def counters_topics(arm: ArmConfig) -> list[str]:
+    """What an arm's counters feed reads: its samples topic, and its impression log where shown items
+    are counted from it (``shown_from: impressions``)."""
+    c = arm.counters
+    assert c is not None
+    return [c.samples_topic, *([arm.impressions_topic] if c.shown_from == "impressions" else [])]
+
+
 def counters_feed(arm: ArmConfig, holder: ModelHolder, source: Source) -> Any:
-    """The click counters of an arm and the feed thread that counts the clicks of its samples topic."""
+    """The click counters of an arm and the feed thread that counts the clicks of its samples topic (and
+    the impressions of its impression log, with ``shown_from: impressions``), reading ``source``."""
     from reloop.engine.memory.feed import SamplesFeed
     from reloop.engine.memory.served_counters import ServedCounters
 
     c = arm.counters
     assert c is not None
+    shown_topic = arm.impressions_topic if c.shown_from == "impressions" else None
     return SamplesFeed(
         name=arm.name, source=source, target=ServedCounters(c), holder=holder, state_path=c.state_file,
-        save_every_s=c.save_every_s,
+        save_every_s=c.save_every_s, shown_topic=shown_topic,
     )  # fmt: skip
 
 
@@ -347,12 +358,12 @@ class ServingStack:
                 samples_source_factory = kafka_samples_source_factory(config)
             if arm.memory is not None:
                 assert samples_source_factory is not None
-                source = samples_source_factory(arm, arm.memory.samples_topic)
+                source = samples_source_factory(arm, [arm.memory.samples_topic])
                 feed = self.feeds[arm.name] = memory_feed(arm, holder, source)
                 self.arms[arm.name].memory = feed.target
             if arm.counters is not None:
                 assert samples_source_factory is not None
-                source = samples_source_factory(arm, arm.counters.samples_topic)
+                source = samples_source_factory(arm, counters_topics(arm))
                 feed = self.feeds[f"{arm.name} counters"] = counters_feed(arm, holder, source)
                 self.arms[arm.name].counters = feed.target
             latest, load, versions = loader_factory(arm)

@@ -358,7 +358,7 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
             "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client, "client_config": linger},
         }
     )
-    source = kafka_samples_source_factory(config)(config.arms[0], topic)
+    source = kafka_samples_source_factory(config)(config.arms[0], [topic])
     assert type(source).__name__ == {"confluent": "ConfluentSource", "kafka-python": "KafkaSource"}[client]
     source.open(None)
     source.open(source.end_positions())
@@ -458,3 +458,95 @@ def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_a
         others = max(v for item, v in ctr.items() if item != top)
         # the clicked item reads a higher rate than the others once its click is counted, not before
         assert ctr[top] > others if k else ctr[top] == others
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_two_servers_of_an_arm_counting_its_impression_log_count_what_either_showed(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    """arms[].counters.shown_from: impressions on the real broker: two servers of one arm (two workers
+    or replicas) each count every impression either logged, read back from the impression log's
+    partitions, so a user served by the second is served the counts of what the first showed; one state
+    file serves both and a server started from it resumes where the last save stopped."""
+    impressions, samples = unique_topic("impressions"), unique_topic("samples")
+    create_topics(kafka_broker.bootstrap, {impressions: 2, samples: 1})
+    state = tmp_path / "counters.npz"
+    config = ServeConfig.model_validate(
+        {
+            "arms": [
+                {
+                    "name": "A",
+                    "registry": str(tmp_path / "reg"),
+                    "impressions_topic": impressions,
+                    "cold_start": {
+                        "backbone": "fm",
+                        "spec": world_spec_dict(id_buckets=512),
+                        "params": {"embedding_dim": 4},
+                    },  # fmt: skip
+                    "counters": {
+                        "fields": ["user_id", "item_id"],
+                        "samples_topic": samples,
+                        "shown_from": "impressions",
+                        "state_file": str(state),
+                        "save_every_s": 0.2,
+                    },  # fmt: skip
+                }
+            ],
+            "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
+            "workers": 2,
+            "log": {"linger_s": 0.0},
+        }
+    )
+    body = _body(0)
+    stacks = [ServingStack(config).start() for _ in range(2)]
+    urls = [s.serve_in_thread(port=0) for s in stacks]
+    feeds = [s.feeds["A counters"] for s in stacks]
+    deadline = time.monotonic() + 30
+    while any(not f.target.positions for f in feeds) and time.monotonic() < deadline:
+        time.sleep(0.05)  # each feed opens at the end of both topics: serve once they are there
+
+    def score(k: int, request: dict) -> dict:
+        with httpx.Client(base_url=urls[k]) as http:
+            return http.post("/score", json=request).json()
+
+    def counted(n: int) -> None:
+        end = time.monotonic() + 30
+        while any(f.target.shown < n for f in feeds) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert [f.target.shown for f in feeds] == [n, n]
+
+    first = score(0, body)
+    counted(5)  # both servers counted the first's five impressions
+    # Later requests: the five items shown first, all shown again.
+    shown = {x["item_id"] for x in first["ranking"]}
+    body = {**body, "candidates": [c for c in body["candidates"] if c["item_id"] in shown]}
+    score(1, body)
+    counted(10)
+    score(0, body)
+    counted(15)
+    for s in stacks:
+        s.close()
+    logged = [decode_impression(r.value) for r in _read_all(kafka_broker.bootstrap, impressions, 15)]
+    assert len(logged) == 15
+    by_request = sorted(logged, key=lambda imp: imp.features["user_id#seen"])
+    for k in range(3):  # the second request (served by the other server) read the first's five too
+        part = by_request[5 * k : 5 * k + 5]
+        assert [imp.features["user_id#seen"] for imp in part] == pytest.approx(
+            [np.log1p(5 * k) * 0.2] * 5, rel=1e-5
+        )
+        assert {imp.item_id for imp in part} == shown
+        assert [imp.features["item_id#seen"] for imp in part] == pytest.approx(
+            [np.log1p(k) * 0.2] * 5, rel=1e-5
+        )
+
+    # A server started later loads the last save: the counts of all 15, positions past them.
+    again = ServingStack(config).start()
+    try:
+        deadline = time.monotonic() + 20
+        feed = again.feeds["A counters"]
+        while feed.target.counters is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the saved counts are laid out by the first model's spec
+        time.sleep(0.5)  # (nothing more to read)
+        assert feed.target.shown == 0 and feed.target.counters.total_shown == 15
+    finally:
+        again.close()

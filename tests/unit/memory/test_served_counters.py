@@ -220,8 +220,13 @@ def test_configs_agree_on_the_counter_inputs_and_refuse_what_cannot_work(tmp_pat
            "cold_start": {"backbone": "dcn", "spec": BASE.model_dump()}}  # fmt: skip
     serve = ServeConfig.model_validate({"arms": [arm]})
     assert cold_start_bundle(serve.arms[0].cold_start, serve.arms[0].counters).featurizer.spec == SPEC
-    with pytest.raises(ValueError, match="workers: .*counters.*workers: 1"):
+    with pytest.raises(ValueError, match=r"serve.workers: .*workers: 1, or .*shown_from: impressions"):
         ServeConfig.model_validate({"arms": [arm], "workers": 2})
+    # Counting the impression log, any number of workers; but the log must be on.
+    logged = {**arm, "counters": {**counters, "samples_topic": "s", "shown_from": "impressions"}}
+    assert ServeConfig.model_validate({"arms": [logged], "workers": 2}).workers == 2
+    with pytest.raises(ValueError, match=r"serve.log.enabled: arms \['A'\] .*impression log"):
+        ServeConfig.model_validate({"arms": [logged], "log": {"enabled": False}})
     with pytest.raises(ValueError, match="counters do not fit cold_start.spec: .*'device'"):
         ServeConfig.model_validate(
             {"arms": [{**arm, "counters": {"fields": ["device"], "samples_topic": "s"}}]}
@@ -349,3 +354,121 @@ def test_the_saved_counts_are_loaded_before_the_feed_starts_not_on_its_thread(tm
     finally:
         release.set()
         feed.close()
+
+
+class _LogSink:
+    """An impression logger writing to a MemoryLog topic, as the arm's Kafka producer does."""
+
+    def __init__(self, mlog: MemoryLog, topic: str) -> None:
+        from reloop.engine.events.codec import encode
+
+        self.sink, self.encode, self.impressions = MemorySink(mlog, topic), encode, []
+
+    def log(self, impressions) -> int:
+        self.impressions += impressions
+        for imp in impressions:
+            self.sink.send(self.encode(imp), key=imp.impression_id.encode())
+        return len(impressions)
+
+
+def test_processes_counting_the_impression_log_share_what_any_of_them_showed(tmp_path) -> None:
+    """``shown_from: impressions``: two processes of one arm (workers, replicas) count what either showed,
+    read back from the impression log, and serve exactly what one process counting its own requests
+    would; the log's and the samples' positions are saved with the counts, in one state."""
+    from reloop.engine.serve.config import ArmCountersConfig
+
+    shared = ArmCountersConfig(fields=("user", "item"), windows_s=(600.0,), samples_topic="samples",
+                               shown_from="impressions")  # fmt: skip
+    mlog = MemoryLog()
+    for topic in ("samples", "impressions"):
+        mlog.create(topic, 2 if topic == "impressions" else 1)
+    clock = _Clock()
+    bundle = _bundle()
+    procs = []
+    for i in range(2):
+        counters = ServedCounters(shared, clock_ms=clock)
+        logger = _LogSink(mlog, "impressions")
+        feed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples", "impressions"]), target=counters,
+                           holder=ModelHolder(bundle), state_path=tmp_path / f"c{i}.npz", poll_timeout_s=0,
+                           shown_topic="impressions")  # fmt: skip
+        feed.step()  # opens at the end of both topics
+        procs.append((_service(bundle, counters, clock, logger), counters, feed, logger))
+    # The reference: one process counting its requests (the default), seeing both processes' traffic.
+    ref = ServedCounters(SETTINGS, clock_ms=clock)
+    ref_service = _service(bundle, ref, clock, _ListLogger())
+    ref_feed = _feed(mlog, ref, None)
+    ref_feed.step()
+
+    def serve(k: int, user: str, items: range) -> None:
+        procs[k][0].score(_request(user, items))
+        ref_service.score(_request(user, items))
+        for _, _, feed, _ in procs:
+            feed.step()  # the log read back at once (live, tens of ms later: counted then)
+        clock.ms += 1_000
+
+    serve(0, "u1", range(5))
+    serve(1, "u1", range(2, 7))
+    serve(0, "u2", range(5))
+    _publish(mlog, [("u1", "i3", 1)], 0, clock.ms)
+    clock.ms += 1_000
+    assert ref_feed.step() == 1
+    for _, counters, feed, _ in procs:
+        feed.step()
+        assert counters.shown == 9 and counters.written == 1
+    # Process 1 serves u1 what the reference would, though process 0 showed u1 three of the six items.
+    probe = bundle.featurizer.transform([{"user": "u1", "item": f"i{j}"} for j in range(7)])
+    expected = ref.fill(SPEC, probe, clock.ms)
+    procs[1][0].score(_request("u1", range(7)))
+    for imp in procs[1][3].impressions[-3:]:
+        row = expected[int(imp.item_id[1:])]
+        assert [imp.features[n] for n in ref.names] == pytest.approx(row.tolist(), rel=1e-6)
+        assert imp.features["user#seen"] == pytest.approx(math.log1p(6) * 0.2, rel=1e-6)
+    for _, _, feed, _ in procs:
+        feed.step()
+    ref.count_shown(
+        SPEC,
+        bundle.featurizer.transform(
+            [{"user": "u1", "item": imp.item_id} for imp in procs[1][3].impressions[-3:]]
+        ),
+        clock.ms,
+    )
+    for _, counters, feed, _ in procs:
+        assert np.allclose(counters.fill(SPEC, probe, clock.ms), ref.fill(SPEC, probe, clock.ms))
+        feed.close()
+    # Each saved state holds the counts with both topics' positions; a process started from either
+    # resumes where it stopped: only impressions logged after that count.
+    again = ServedCounters(shared, clock_ms=clock)
+    resumed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples", "impressions"]), target=again,
+                          holder=ModelHolder(bundle), state_path=tmp_path / "c0.npz", poll_timeout_s=0,
+                          shown_topic="impressions")  # fmt: skip
+    resumed.step()
+    assert again.shown == 0 and sorted(again.positions) == ["impressions:0", "impressions:1", "samples:0"]
+    assert np.allclose(again.fill(SPEC, probe, clock.ms), ref.fill(SPEC, probe, clock.ms))
+    resumed.close()
+
+
+def test_the_impression_log_feed_skips_what_it_cannot_count_and_counts_the_rest() -> None:
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Impression
+    from reloop.engine.serve.config import ArmCountersConfig
+
+    shared = ArmCountersConfig(fields=("user", "item"), samples_topic="samples", shown_from="impressions")
+    mlog = MemoryLog()
+    for topic in ("samples", "impressions"):
+        mlog.create(topic, 1)
+    counters = ServedCounters(shared, clock_ms=_Clock())
+    feed = SamplesFeed(name="A", source=MemorySource(mlog, ["samples", "impressions"]), target=counters,
+                       holder=ModelHolder(_bundle()), poll_timeout_s=0,
+                       shown_topic="impressions")  # fmt: skip
+    feed.step()
+
+    def imp(i: int, arm: str = "A", **extra: object) -> bytes:
+        features = {"user": "u1", "item": "i1", **extra}
+        return encode(Impression(f"m{i}", "r", "u1", "i1", features, 1, 0.5, 1, arm=arm))
+
+    sink = MemorySink(mlog, "impressions")
+    for value in (imp(0), b"{not json", imp(1, arm="B"), imp(2, **{"user#ctr": "high"}), imp(3)):
+        sink.send(value)
+    feed.step()
+    assert counters.shown == 2 and feed.undecodable == 1 and feed.refused == 1
+    feed.close()

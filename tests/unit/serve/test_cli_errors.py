@@ -98,3 +98,21 @@ def test_run_refuses_one_metrics_port_for_both_stage_processes(tmp_path, monkeyp
     assert "metrics.join_prometheus_port: 9464" in capsys.readouterr().err
     cfg.write_text(yaml.safe_dump(doc))  # the join process takes 9465
     assert _code(["run", "--config", str(cfg)]) == 0 and len(started) == 1
+
+
+def test_serve_refuses_the_workers_or_the_log_its_arms_counters_cannot_take(tmp_path, capsys) -> None:
+    """The file is checked before ``--workers`` and ``--no-log`` apply: the same check runs after them."""
+
+    def config(shown_from: str) -> str:
+        path = tmp_path / f"serve-{shown_from}.yaml"
+        counters = {"fields": ["user_id"], "samples_topic": "s", "shown_from": shown_from}
+        arms = [{"name": "A", "registry": str(tmp_path / "r"), "counters": counters}]
+        path.write_text(yaml.safe_dump({"serve": {}, "arms": arms}))
+        return str(path)
+
+    assert _code(["serve", "--config", config("requests"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.workers: arms ['A']" in err and "shown_from: impressions" in err and "Traceback" not in err
+    assert _code(["serve", "--config", config("impressions"), "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.log.enabled: arms ['A']" in err and "Traceback" not in err, err
