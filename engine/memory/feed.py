@@ -110,6 +110,7 @@ class SamplesFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opened = False
+        self.opened = threading.Event()  # set once the source is open (ServingStack.start waits on it)
         self._restored = False
         self._saved_at = clock()
 
@@ -138,6 +139,7 @@ class SamplesFeed:
         else:
             self.source.open(positions)
         self._opened = True
+        self.opened.set()
 
     def step(self) -> int:
         """One poll: write what came; re-key after a reload; save when due. Returns samples written."""

@@ -3,6 +3,9 @@ impression logger; the router; the FastAPI app; and (optionally) an in-thread uv
 
 The Kafka sink is created lazily by the logger thread, so the service starts, scores and stays ready
 while the broker is unreachable (the events wait in the bounded buffer, then are dropped and counted).
+One wait at start: an arm whose counters count its impression log (``shown_from: impressions``) and
+have no saved positions read it from its end as of when the feed opens, so ``start`` waits for such
+feeds to open (up to ``FEED_OPEN_WAIT_S``, then serves anyway with a warning) before anything is shown.
 
 ``ServingStack.close`` is bounded by ``serve.shutdown_timeout_s`` (+ ``CLOSE_SLACK_S``), whatever Kafka
 does: the HTTP server gets up to 5 s to finish its requests, the reload watcher 2 s, and the impression
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 # What ServingStack.close may take beyond serve.shutdown_timeout_s: the loggers' release of their
 # producers (impression_log.RELEASE_S, and about 1 s for a Kafka producer's sender thread to stop).
 CLOSE_SLACK_S = 3.0
+# How long start() waits for counters feeds to open the impression log before serving (module doc).
+FEED_OPEN_WAIT_S = 5.0
 _SERVER_STOP_S = 5.0  # in-flight requests finish within this (part of the shutdown timeout)
 _WATCHER_STOP_S = 2.0
 
@@ -410,10 +415,27 @@ class ServingStack:
                 arm.logger.start()
         for feed in self.feeds.values():
             feed.start()
+        self._wait_for_impression_logs()
         # After the model and the libraries are loaded: a full collection during serving then scans only
         # what serving allocated since, not the ~10^5 objects of torch, FastAPI and the model (tens of ms).
         freeze_live_objects()
         return self
+
+    def _wait_for_impression_logs(self) -> None:
+        """A counters feed that counts the impression log (``shown_from: impressions``) and has no saved
+        positions opens at the log's end: what this process shows before that is never read back. So
+        serving starts once such feeds are open, or after ``FEED_OPEN_WAIT_S`` (a broker down at start:
+        said in a warning; kafka-python takes 30 s to give up)."""
+        deadline = time.monotonic() + FEED_OPEN_WAIT_S
+        for name, feed in self.feeds.items():
+            if getattr(feed, "shown_topic", None) is None:
+                continue
+            if not feed.opened.wait(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "%s: the impression log %s is not open after %.0f s (broker down?); serving anyway: "
+                    "impressions shown before it opens are not counted",
+                    name, feed.shown_topic, FEED_OPEN_WAIT_S,
+                )  # fmt: skip
 
     def serve_in_thread(
         self, *, host: str | None = None, port: int | None = None, reuse_port: bool = False

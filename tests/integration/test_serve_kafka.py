@@ -499,11 +499,10 @@ def test_two_servers_of_an_arm_counting_its_impression_log_count_what_either_sho
     )
     body = _body(0)
     stacks = [ServingStack(config).start() for _ in range(2)]
-    urls = [s.serve_in_thread(port=0) for s in stacks]
     feeds = [s.feeds["A counters"] for s in stacks]
-    deadline = time.monotonic() + 30
-    while any(not f.target.positions for f in feeds) and time.monotonic() < deadline:
-        time.sleep(0.05)  # each feed opens at the end of both topics: serve once they are there
+    # start() returns once each feed is open at the end of both topics: nothing shown after is missed
+    assert all(f.opened.is_set() for f in feeds)
+    urls = [s.serve_in_thread(port=0) for s in stacks]
 
     def score(k: int, request: dict) -> dict:
         with httpx.Client(base_url=urls[k]) as http:

@@ -472,3 +472,58 @@ def test_the_impression_log_feed_skips_what_it_cannot_count_and_counts_the_rest(
     feed.step()
     assert counters.shown == 2 and feed.undecodable == 1 and feed.refused == 1
     feed.close()
+
+
+class _NeverOpens(MemorySource):
+    """A source whose broker is down: every open fails (the feed's thread retries)."""
+
+    def open(self, positions=None) -> None:
+        raise ConnectionError("broker down")
+
+
+class _SlowOpen(MemorySource):
+    """A source whose open takes a while (connecting, asking for the ends)."""
+
+    def open(self, positions=None) -> None:
+        import time
+
+        time.sleep(0.2)
+        super().open(positions)
+
+
+@pytest.mark.parametrize("broker_up", [True, False])
+def test_serving_starts_once_the_impression_log_is_open_or_after_a_bounded_wait(
+    tmp_path, monkeypatch, caplog, broker_up
+) -> None:
+    """With ``shown_from: impressions`` and no saved positions the feed opens at the log's end, so
+    ``start`` waits for it before anything is shown; a broker down at start costs a bounded wait and a
+    warning, not the service."""
+    import time
+
+    from reloop.engine.serve import stack as stack_module
+    from reloop.engine.serve.config import serve_config_from_dict
+
+    monkeypatch.setattr(stack_module, "FEED_OPEN_WAIT_S", 0.5)
+    mlog = MemoryLog()
+    for topic in ("samples", "imp"):
+        mlog.create(topic, 1)
+    counters = {"fields": ["user", "item"], "samples_topic": "samples", "shown_from": "impressions"}
+    arm = {"name": "A", "registry": str(tmp_path / "r"), "impressions_topic": "imp", "counters": counters,
+           "cold_start": {"backbone": "lr", "spec": BASE.model_dump()}}  # fmt: skip
+    config = serve_config_from_dict({"serve": {"port": 0}, "arms": [arm]})
+    kind = _SlowOpen if broker_up else _NeverOpens
+    stack = stack_module.ServingStack(
+        config,
+        sink_factory=lambda a: MemorySink(mlog, a.impressions_topic),
+        samples_source_factory=lambda a, topics: kind(mlog, topics),
+    )
+    t0 = time.monotonic()
+    stack.start()
+    waited = time.monotonic() - t0
+    feed = stack.feeds["A counters"]
+    try:
+        assert feed.opened.is_set() is broker_up
+        if not broker_up:
+            assert waited >= 0.5 and "the impression log imp is not open after" in caplog.text
+    finally:
+        stack.close()
