@@ -29,6 +29,10 @@ impression log too, on the same consumer: each impression of the arm is featuris
 and counted as shown (``count_logged``), so the counts and the positions of both topics are saved
 together, in one state. An undecodable impression, or one the live spec cannot read, is skipped and
 counted as the samples are (``undecodable``, ``refused``); those counted are ``shown``.
+
+``caught_up`` is set once the source is open and the feed has read what its topics held when it opened
+(from saved positions: what came after the last save; with none it opens at the end, so at once): the
+serving stack waits for it before serving an arm that counts its impression log.
 """
 
 from __future__ import annotations
@@ -110,7 +114,10 @@ class SamplesFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opened = False
-        self.opened = threading.Event()  # set once the source is open (ServingStack.start waits on it)
+        # Set once the source is open and the feed has read what its topics held then (ServingStack.start
+        # waits on it where the counts must be whole before serving: shown_topic).
+        self.caught_up = threading.Event()
+        self._backlog_end: dict[Any, int] | None = None
         self._restored = False
         self._saved_at = clock()
 
@@ -138,8 +145,10 @@ class SamplesFeed:
                 self.source.open(ends())  # KafkaSource: reopen at the log end
         else:
             self.source.open(positions)
+            ends = getattr(self.source, "end_positions", None)
+            self._backlog_end = dict(ends()) if ends is not None else None  # what was there then
         self._opened = True
-        self.opened.set()
+        self._check_caught_up()
 
     def step(self) -> int:
         """One poll: write what came; re-key after a reload; save when due. Returns samples written."""
@@ -159,9 +168,21 @@ class SamplesFeed:
             written = 0
         # Samples that came before any model was loaded are skipped: there is nothing to key them with.
         self.target.positions = positions_to_json(self.source.position())
+        if not self.caught_up.is_set():
+            self._check_caught_up()
         if self.state_path is not None and self.clock() - self._saved_at >= self.save_every_s:
             self.save()
         return written
+
+    def _check_caught_up(self) -> None:
+        """Set ``caught_up`` once every partition is read up to where it ended when the feed opened."""
+        end = self._backlog_end
+        if end is not None:
+            now = self.source.position()
+            if any(now.get(tp, 0) < offset for tp, offset in end.items()):
+                return
+        self._backlog_end = None
+        self.caught_up.set()
 
     def _write(self, bundle: Any, records: list[Any]) -> int:
         """Decode, featurise and write ``records`` into the target; returns the samples written."""

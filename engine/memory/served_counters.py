@@ -2,16 +2,16 @@
 trained on them (``model.counters``; engine/features/counters.py).
 
 * Scoring (request threads): ``fill`` writes each row's counter values into the featurised request's
-  dense columns of the counter inputs (the model's spec names them), and ``count_shown`` counts the
-  impressions the arm shows. The service logs the values with each impression, so the join stage and
-  the trainer see exactly what was served: nothing is recomputed downstream, and replaying the logged
-  topics replays them too.
+  dense columns of the counter inputs (the model's spec names them), and, with ``shown_from:
+  requests``, ``count_shown`` counts the impressions the arm shows. The service logs the values with
+  each impression, so the join stage and the trainer see exactly what was served: nothing is
+  recomputed downstream, and replaying the logged topics replays them too.
 * Clicks (the samples feed's thread, engine/memory/feed.py): every positive of the arm's samples topic
   is counted when it is read, weighing in counts that forget what its impression weighs then. Negatives
   are never counted (their impressions were counted when shown).
-* Shown items, with ``shown_from: impressions``: not counted by the request path but by the same feed,
-  from the arm's impression log read back from Kafka (``count_logged``), so that every worker and
-  replica of the arm counts every impression any of them showed. The price is the log's round trip
+* Shown items, with ``shown_from: impressions`` (the default): not counted by the request path but by
+  the same feed, from the arm's impression log read back from Kafka (``count_logged``), so that every
+  worker and replica of the arm counts every impression any of them showed. The price is the log's round trip
   (the producer's linger, the feed's poll: tens of milliseconds) before an impression counts; the
   backtests never count an event's own second anyway (engine/features/counters.py).
 * Time is the service's clock (wall time): the feed has no other clock for a click's arrival, and the

@@ -81,11 +81,12 @@ class ArmCountersConfig(CounterSettings):
     model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
 
     samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
-    # "requests": the process counts what it shows as it answers (at once; it must be the arm's only
-    # server). "impressions": every process counts what the arm's impression log says was shown, read
-    # back from Kafka as the clicks are, so all workers and replicas of the arm count the same impressions.
+    # "impressions" (the default): every process counts what the arm's impression log says was shown,
+    # read back from Kafka as the clicks are, so all workers and replicas of the arm (which no config
+    # can see: pods) count the same impressions. "requests": the process counts what it shows as it
+    # answers, at once, without Kafka; it must then be the arm's only server.
     shown_from: Literal["requests", "impressions"] = Field(
-        default="requests",
+        default="impressions",
         description="where shown items are counted: this process's requests, or the arm's impression log "
         "(shared by every worker and replica)",
     )

@@ -3,9 +3,11 @@ impression logger; the router; the FastAPI app; and (optionally) an in-thread uv
 
 The Kafka sink is created lazily by the logger thread, so the service starts, scores and stays ready
 while the broker is unreachable (the events wait in the bounded buffer, then are dropped and counted).
-One wait at start: an arm whose counters count its impression log (``shown_from: impressions``) and
-have no saved positions read it from its end as of when the feed opens, so ``start`` waits for such
-feeds to open (up to ``FEED_OPEN_WAIT_S``, then serves anyway with a warning) before anything is shown.
+One wait at start: an arm whose counters count its impression log (``shown_from: impressions``) must
+not show anything before its feed has opened the log (with no saved positions it reads from the log's
+end as of then) and read what the log held then (resuming from saved positions: what came after the
+last save), so ``start`` waits for such feeds to catch up (up to ``FEED_OPEN_WAIT_S``, then serves
+anyway, with a warning).
 
 ``ServingStack.close`` is bounded by ``serve.shutdown_timeout_s`` (+ ``CLOSE_SLACK_S``), whatever Kafka
 does: the HTTP server gets up to 5 s to finish its requests, the reload watcher 2 s, and the impression
@@ -422,18 +424,17 @@ class ServingStack:
         return self
 
     def _wait_for_impression_logs(self) -> None:
-        """A counters feed that counts the impression log (``shown_from: impressions``) and has no saved
-        positions opens at the log's end: what this process shows before that is never read back. So
-        serving starts once such feeds are open, or after ``FEED_OPEN_WAIT_S`` (a broker down at start:
-        said in a warning; kafka-python takes 30 s to give up)."""
+        """Serving starts once every counters feed that counts the impression log has caught up (module
+        doc), or after ``FEED_OPEN_WAIT_S`` (a broker down at start, kafka-python taking 30 s to give up;
+        a long backlog): said in a warning."""
         deadline = time.monotonic() + FEED_OPEN_WAIT_S
         for name, feed in self.feeds.items():
             if getattr(feed, "shown_topic", None) is None:
                 continue
-            if not feed.opened.wait(max(0.0, deadline - time.monotonic())):
+            if not feed.caught_up.wait(max(0.0, deadline - time.monotonic())):
                 log.warning(
-                    "%s: the impression log %s is not open after %.0f s (broker down?); serving anyway: "
-                    "impressions shown before it opens are not counted",
+                    "%s: the impression log %s is not read up to date after %g s (broker down? a long "
+                    "backlog?); serving anyway: impressions not read yet are not in the counts it serves",
                     name, feed.shown_topic, FEED_OPEN_WAIT_S,
                 )  # fmt: skip
 

@@ -377,9 +377,10 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
 def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_across_a_restart(
     kafka_broker, unique_topic, tmp_path, client
 ):
-    """arms[].counters on the real broker: the impression log carries each item's counter inputs as
-    served; the clicks of the samples topic are counted (a re-emitted one once), and the counts come back
-    after a restart before the first request is scored."""
+    """arms[].counters on the real broker, counting the requests it answers (``shown_from: requests``):
+    the impression log carries each item's counter inputs as served; the clicks of the samples topic are
+    counted (a re-emitted one once), and the counts come back after a restart before the first request
+    is scored."""
     from reloop.connectors.kafka.sink import KafkaSink
     from reloop.engine.events.sample_batch import batch_from_samples, encode_batch
     from reloop.engine.events.schema import LabeledSample
@@ -401,6 +402,7 @@ def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_a
                     "counters": {
                         "fields": ["user_id", "item_id"],
                         "samples_topic": samples,
+                        "shown_from": "requests",
                         "state_file": str(tmp_path / "counters.npz"),
                         "save_every_s": 0.2,
                     },  # fmt: skip
@@ -501,7 +503,7 @@ def test_two_servers_of_an_arm_counting_its_impression_log_count_what_either_sho
     stacks = [ServingStack(config).start() for _ in range(2)]
     feeds = [s.feeds["A counters"] for s in stacks]
     # start() returns once each feed is open at the end of both topics: nothing shown after is missed
-    assert all(f.opened.is_set() for f in feeds)
+    assert all(f.caught_up.is_set() for f in feeds)
     urls = [s.serve_in_thread(port=0) for s in stacks]
 
     def score(k: int, request: dict) -> dict:
