@@ -135,17 +135,29 @@ class SamplesFeed:
                           self.state_path, exc)  # fmt: skip
 
     def open(self) -> None:
-        """Restore the saved target (if any) and open the source where it stopped (else at the end)."""
+        """Restore the saved target (if any) and open the source where it stopped (else at the end). A
+        saved topic this feed no longer reads is left out; a topic it reads that the state does not name
+        (``shown_from`` switched to ``impressions``, say) is read from its end, as a fresh feed's topics
+        are: from its beginning it would count the log's whole retention as shown now."""
         self.restore()
         positions = positions_from_json(self.target.positions) if self.target.positions else None
+        ends = getattr(self.source, "end_positions", None)
         if positions is None:
-            ends = getattr(self.source, "end_positions", None)
             self.source.open(None)
             if ends is not None:
                 self.source.open(ends())  # KafkaSource: reopen at the log end
         else:
-            self.source.open(positions)
-            ends = getattr(self.source, "end_positions", None)
+            reads = self.source.partitions()
+            kept = {tp: offset for tp, offset in positions.items() if tp in reads}
+            if len(kept) < len(positions):
+                log.warning("%s %s: saved positions of %s left out (not read any more)", self.kind, self.name,
+                            sorted({tp.topic for tp in positions if tp not in kept}))  # fmt: skip
+            self.source.open(kept)  # a new partition of a saved topic: from its beginning
+            saved_topics = {tp.topic for tp in positions}
+            new = [tp for tp in reads if tp.topic not in saved_topics]
+            if new and ends is not None:
+                at_end = ends()
+                self.source.open({**kept, **{tp: at_end[tp] for tp in new}})
             self._backlog_end = dict(ends()) if ends is not None else None  # what was there then
         self._opened = True
         self._check_caught_up()

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # What ServingStack.close may take beyond serve.shutdown_timeout_s: the loggers' release of their
 # producers (impression_log.RELEASE_S, and about 1 s for a Kafka producer's sender thread to stop).
 CLOSE_SLACK_S = 3.0
-# How long start() waits for counters feeds to open the impression log before serving (module doc).
+# How long start() waits for counters feeds to catch up on the impression log before serving (module doc).
 FEED_OPEN_WAIT_S = 5.0
 _SERVER_STOP_S = 5.0  # in-flight requests finish within this (part of the shutdown timeout)
 _WATCHER_STOP_S = 2.0

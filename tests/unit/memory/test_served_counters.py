@@ -582,3 +582,47 @@ def test_a_restarted_server_serves_once_it_has_read_what_was_shown_since_its_las
         assert again.arms["A"].counters.shown == 640  # read before start() returned
     finally:
         again.close()
+
+
+def test_switching_shown_from_reads_the_impression_log_from_its_end_and_back_drops_its_positions(
+    tmp_path, caplog
+) -> None:
+    """A state saved while the arm counted its requests names no impression log: switched to
+    ``impressions``, the feed reads the log from its end (from its beginning it would count the log's
+    whole retention as shown now). Switched back, the log's saved positions are left out, not refused."""
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Impression
+    from reloop.engine.serve.config import ArmCountersConfig
+
+    mlog = MemoryLog()
+    for topic in ("samples", "imp"):
+        mlog.create(topic, 1)
+    state = tmp_path / "c.npz"
+    sink = MemorySink(mlog, "imp")
+
+    def shown(i: int) -> bytes:
+        return encode(Impression(f"m{i}", "r", "u1", "i1", {"user": "u1", "item": "i1"}, 1, 0.5, 1, arm="A"))
+
+    def feed(shown_from: str) -> SamplesFeed:
+        settings = ArmCountersConfig(fields=("user", "item"), samples_topic="samples", shown_from=shown_from)
+        topics = ["samples", "imp"] if shown_from == "impressions" else ["samples"]
+        return SamplesFeed(name="A", source=_SlowPoll(mlog, topics), target=ServedCounters(settings),
+                           holder=ModelHolder(_bundle()), state_path=state, poll_timeout_s=0,
+                           shown_topic="imp" if shown_from == "impressions" else None)  # fmt: skip
+
+    local = feed("requests")
+    local.step()
+    local.close()  # state: the samples topic's position only
+    for i in range(50):
+        sink.send(shown(i))  # the arm's log, while it counted its requests
+    logged = feed("impressions")
+    logged.step()
+    assert logged.target.shown == 0 and logged.caught_up.is_set()
+    sink.send(shown(50))
+    logged.step()
+    assert logged.target.shown == 1
+    logged.close()  # state: both topics' positions
+    again = feed("requests")
+    again.step()
+    assert again.caught_up.is_set() and "saved positions of ['imp'] left out" in caplog.text
+    again.close()
