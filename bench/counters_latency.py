@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reloop.bench.report import publish
 from reloop.engine.features.counters import CounterSettings, with_counter_fields
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
@@ -213,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         f"impressions/s, {1e6 / log_rate:.1f} us each, in every process serving the arm. At 100 requests/s "
         f"of 10 shown that is {100 * 10 / log_rate:.1%} of a core per process.",
     ]
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":

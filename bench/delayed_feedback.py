@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reloop.bench.report import publish
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.join.joiner import Joiner, JoinerConfig
@@ -238,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {dc.mean():+.3f} ± {_half(dc):.3f} | {da.mean():+.2f} ± {_half(da):.2f} | "
             f"{dl.mean():+.2f} ± {_half(dl):.2f} |"
         )
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(lines, args.out / "report.md")
 
 
 if __name__ == "__main__":

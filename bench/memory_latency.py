@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reloop.bench.report import publish
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.memory.served import ServedMemory, predict_and_hidden
@@ -107,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Added p99 (on − off): {added:+.3f} ms; the sketch's own p99: {_pct(sketch_only, 99):.3f} ms.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":

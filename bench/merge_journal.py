@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reloop.bench.report import publish
 
 
 def sync_latencies(folder: Path, syncs: int) -> np.ndarray:
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"message every `stages.max_delay_ms` ({delay_ms} ms) and a decision before each: "
         f"{p50 / delay_ms:.2%} of the time, and each message {p50:.3f} ms later.",
     ]
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":
