@@ -373,6 +373,27 @@ def test_memory_feed_reads_with_the_kafka_client_from_the_log_end(kafka_broker, 
     assert [r.value for r in got] == [b"after"]
 
 
+def counted_arm(tmp_path, impressions: str, samples: str, **counters) -> dict:
+    """Arm A of a cold-start FM on the simulated world's spec, with counters of its user and item
+    (``counters``: more of ``arms[].counters``; the state file in ``tmp_path``)."""
+    return {
+        "name": "A",
+        "registry": str(tmp_path / "reg"),
+        "impressions_topic": impressions,
+        "cold_start": {
+            "backbone": "fm",
+            "spec": world_spec_dict(id_buckets=512),
+            "params": {"embedding_dim": 4},
+        },
+        "counters": {
+            "fields": ["user_id", "item_id"],
+            "samples_topic": samples,
+            "state_file": str(tmp_path / "counters.npz"),
+            **counters,
+        },
+    }
+
+
 @pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_across_a_restart(
     kafka_broker, unique_topic, tmp_path, client
@@ -389,25 +410,7 @@ def test_an_arm_with_counters_logs_the_values_it_served_and_counts_clicks_once_a
     create_topics(kafka_broker.bootstrap, {impressions: 1, samples: 1})
     config = ServeConfig.model_validate(
         {
-            "arms": [
-                {
-                    "name": "A",
-                    "registry": str(tmp_path / "reg"),
-                    "impressions_topic": impressions,
-                    "cold_start": {
-                        "backbone": "fm",
-                        "spec": world_spec_dict(id_buckets=512),
-                        "params": {"embedding_dim": 4},
-                    },  # fmt: skip
-                    "counters": {
-                        "fields": ["user_id", "item_id"],
-                        "samples_topic": samples,
-                        "shown_from": "requests",
-                        "state_file": str(tmp_path / "counters.npz"),
-                        "save_every_s": 0.2,
-                    },  # fmt: skip
-                }
-            ],
+            "arms": [counted_arm(tmp_path, impressions, samples, shown_from="requests", save_every_s=0.2)],
             "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
         }
     )
@@ -472,28 +475,9 @@ def test_two_servers_of_an_arm_counting_its_impression_log_count_what_either_sho
     file serves both and a server started from it resumes where the last save stopped."""
     impressions, samples = unique_topic("impressions"), unique_topic("samples")
     create_topics(kafka_broker.bootstrap, {impressions: 2, samples: 1})
-    state = tmp_path / "counters.npz"
     config = ServeConfig.model_validate(
         {
-            "arms": [
-                {
-                    "name": "A",
-                    "registry": str(tmp_path / "reg"),
-                    "impressions_topic": impressions,
-                    "cold_start": {
-                        "backbone": "fm",
-                        "spec": world_spec_dict(id_buckets=512),
-                        "params": {"embedding_dim": 4},
-                    },  # fmt: skip
-                    "counters": {
-                        "fields": ["user_id", "item_id"],
-                        "samples_topic": samples,
-                        "shown_from": "impressions",
-                        "state_file": str(state),
-                        "save_every_s": 0.2,
-                    },  # fmt: skip
-                }
-            ],
+            "arms": [counted_arm(tmp_path, impressions, samples, shown_from="impressions", save_every_s=0.2)],
             "kafka": {"bootstrap": kafka_broker.bootstrap, "client": client},
             "workers": 2,
             "log": {"linger_s": 0.0},

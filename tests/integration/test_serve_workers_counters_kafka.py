@@ -18,9 +18,8 @@ import yaml
 from reloop.connectors.kafka.admin import create_topics
 from reloop.connectors.kafka.local_broker import free_port
 from reloop.engine.events.codec import decode_impression
-from reloop.engine.simulate.spec import world_spec_dict
 
-from .test_serve_kafka import _body, _read_all
+from .test_serve_kafka import _body, _read_all, counted_arm
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
@@ -41,22 +40,7 @@ def _family(url: str, name: str, **labels: str) -> float:
 def test_two_workers_serve_the_counts_of_what_either_showed(kafka_broker, unique_topic, tmp_path):
     impressions, samples = unique_topic("impressions"), unique_topic("samples")
     create_topics(kafka_broker.bootstrap, {impressions: 2, samples: 1})
-    arm = {
-        "name": "A",
-        "registry": str(tmp_path / "reg"),
-        "impressions_topic": impressions,
-        "cold_start": {
-            "backbone": "fm",
-            "spec": world_spec_dict(id_buckets=512),
-            "params": {"embedding_dim": 4},
-        },
-        "counters": {
-            "fields": ["user_id", "item_id"],
-            "samples_topic": samples,
-            "shown_from": "impressions",
-            "state_file": str(tmp_path / "counters.npz"),  # one file for both workers
-        },
-    }
+    arm = counted_arm(tmp_path, impressions, samples, shown_from="impressions")  # one state file for both
     serve = {"workers": 2, "log": {"linger_s": 0.0}}
     config = tmp_path / "serve.yaml"
     config.write_text(
