@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 TARGET_LABELS = {"ServedMemory": "memory", "ServedCounters": "counters"}
 OUTCOMES = ("written", "duplicate", "undecodable", "refused", "failed")
 SHOWN = "shown"  # impressions of the arm's log counted (a counters feed given a shown_topic)
+POLL_MAX_RECORDS = 64  # samples messages (1,024 samples each, at most) per poll
+# With the impression log (one impression per record): featurising 256 rows at once costs 3.2 us a row
+# against 6.1 at 64 (9 fields and 8 counter inputs, 2026-12-06).
+SHOWN_POLL_MAX_RECORDS = 256
 
 
 class LabelTarget(Protocol):
@@ -87,7 +91,7 @@ class SamplesFeed:
         state_path: str | os.PathLike[str] | None = None,
         save_every_s: float = 30.0,
         poll_timeout_s: float = 0.2,
-        poll_max_records: int = 64,
+        poll_max_records: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         shown_topic: str | None = None,
     ) -> None:
@@ -104,6 +108,8 @@ class SamplesFeed:
         self.state_path = state_path
         self.save_every_s = save_every_s
         self.poll_timeout_s = poll_timeout_s
+        if poll_max_records is None:
+            poll_max_records = SHOWN_POLL_MAX_RECORDS if shown_topic is not None else POLL_MAX_RECORDS
         self.poll_max_records = poll_max_records
         self.clock = clock
         self.undecodable = 0

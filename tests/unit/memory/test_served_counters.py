@@ -472,6 +472,7 @@ def test_the_impression_log_feed_skips_what_it_cannot_count_and_counts_the_rest(
         sink.send(value)
     feed.step()
     assert counters.shown == 2 and feed.undecodable == 1 and feed.refused == 1
+    assert feed.poll_max_records == 256 and _feed(mlog, counters, None).poll_max_records == 64
     feed.close()
 
 
