@@ -156,6 +156,26 @@ class ConfluentSource:
     def position(self) -> Positions:
         return dict(self._next)
 
+    def positions_at(self, timestamp_ms: int, *, timeout_s: float = 2.0) -> Positions:
+        """Per partition read, the first offset whose record timestamp is >= ``timestamp_ms``, or the log
+        end where no record is that recent yet. Bounded by ``timeout_s``."""
+        consumer = self._client()
+        pairs = self.partitions()
+        asked = [KafkaTopicPartition(tp.topic, tp.partition, int(timestamp_ms)) for tp in pairs]
+        found = {(k.topic, k.partition): k for k in consumer.offsets_for_times(asked, timeout=timeout_s)}
+        out: Positions = {}
+        for tp in pairs:
+            hit = found[(tp.topic, tp.partition)]
+            if hit.error is not None:
+                raise KafkaException(hit.error)
+            offset = int(hit.offset)
+            if offset < 0:  # no record that recent: the log end
+                _, offset = consumer.get_watermark_offsets(
+                    KafkaTopicPartition(tp.topic, tp.partition), timeout=timeout_s
+                )
+            out[tp] = int(offset)
+        return out
+
     def end_positions(self, *, max_age_s: float = 0.1, timeout_s: float = 2.0) -> Positions:
         """The log end offset of every assigned partition (cached for ``max_age_s``, bounded by
         ``timeout_s``: raises KafkaException while the broker is down)."""

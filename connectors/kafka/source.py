@@ -168,6 +168,18 @@ class KafkaSource:
         self._ends_at = now
         return self._ends
 
+    def positions_at(self, timestamp_ms: int, *, timeout_s: float = 2.0) -> Positions:
+        """Per partition read, the first offset whose record timestamp is >= ``timestamp_ms``, or the log
+        end where no record is that recent yet. Bounded by ``timeout_s``."""
+        consumer = self._client()
+        pairs = [KafkaTopicPartition(tp.topic, tp.partition) for tp in self.partitions()]
+        found = consumer.offsets_for_times(dict.fromkeys(pairs, int(timestamp_ms)))
+        ends = consumer.end_offsets(pairs, timeout_ms=int(timeout_s * 1000))
+        return {
+            TopicPartition(tp.topic, tp.partition): int(found[tp].offset) if found.get(tp) else int(ends[tp])
+            for tp in pairs
+        }
+
     def fetched_ends(self) -> Positions | None:
         """``end_positions`` as the last fetch responses reported it, without a request (see
         ``fetched_ends`` below); None until every assigned partition has had one."""

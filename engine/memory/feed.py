@@ -32,7 +32,11 @@ counted as the samples are (``undecodable``, ``refused``); those counted are ``s
 
 ``caught_up`` is set once the source is open and the feed has read what its topics held when it opened
 (from saved positions: what came after the last save; with none it opens at the end, so at once): the
-serving stack waits for it before serving an arm that counts its impression log.
+serving stack waits for it before serving an arm that counts its impression log. A feed with no saved
+positions opens the impression log at the first record stamped at or after its own creation (where the
+source can say, ``positions_at``), not at the end: what the process (or another) shows before the open
+completes is still counted, however late the open (a broker down at start, a topic that the first
+impression creates).
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class SamplesFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opened = False
+        self.created_ms = time.time_ns() // 1_000_000  # a fresh feed counts the impression log from here
         # Set once the source is open and the feed has read what its topics held then (ServingStack.start
         # waits on it where the counts must be whole before serving: shown_topic).
         self.caught_up = threading.Event()
@@ -151,7 +156,14 @@ class SamplesFeed:
         if positions is None:
             self.source.open(None)
             if ends is not None:
-                self.source.open(ends())  # KafkaSource: reopen at the log end
+                start = dict(ends())  # KafkaSource: reopen at the log end
+                at = getattr(self.source, "positions_at", None)
+                if self.shown_topic is not None and at is not None:
+                    # The impression log from when this feed was made, however late the open (a broker
+                    # down at start, a topic created by the first impression): none shown since is missed.
+                    since = at(self.created_ms)
+                    start.update({tp: o for tp, o in since.items() if tp.topic == self.shown_topic})
+                self.source.open(start)
         else:
             reads = self.source.partitions()
             kept = {tp: offset for tp, offset in positions.items() if tp in reads}

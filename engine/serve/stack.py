@@ -4,10 +4,9 @@ impression logger; the router; the FastAPI app; and (optionally) an in-thread uv
 The Kafka sink is created lazily by the logger thread, so the service starts, scores and stays ready
 while the broker is unreachable (the events wait in the bounded buffer, then are dropped and counted).
 One wait at start: an arm whose counters count its impression log (``shown_from: impressions``) must
-not show anything before its feed has opened the log (with no saved positions it reads from the log's
-end as of then) and read what the log held then (resuming from saved positions: what came after the
-last save), so ``start`` waits for such feeds to catch up (up to ``FEED_OPEN_WAIT_S``, then serves
-anyway, with a warning).
+not serve counts that lack what the log held when its feed opened (resuming from saved positions: what
+came after the last save; a fresh feed starts at its own creation), so ``start`` waits for such feeds to
+catch up (up to ``FEED_OPEN_WAIT_S``, then serves anyway, with a warning).
 
 ``ServingStack.close`` is bounded by ``serve.shutdown_timeout_s`` (+ ``CLOSE_SLACK_S``), whatever Kafka
 does: the HTTP server gets up to 5 s to finish its requests, the reload watcher 2 s, and the impression

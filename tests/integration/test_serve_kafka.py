@@ -535,3 +535,32 @@ def test_two_servers_of_an_arm_counting_its_impression_log_count_what_either_sho
         assert feed.target.shown == 0 and feed.target.counters.total_shown == 15
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_a_source_says_where_a_time_starts_in_each_partition(kafka_broker, unique_topic, client):
+    """``positions_at``: the first offset stamped at or after a time, or the log end (a fresh counters
+    feed opens the impression log there)."""
+    from reloop.connectors.confluent.source import ConfluentSource
+    from reloop.connectors.kafka.sink import KafkaSink
+    from reloop.engine.streams import TopicPartition
+
+    topic = unique_topic("stamped")
+    create_topics(kafka_broker.bootstrap, {topic: 2})
+    t0 = 1_700_000_000_000
+    sink = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topic)
+    for partition, stamps in ((0, (t0 - 1000, t0, t0 + 1000)), (1, (t0 - 5000,))):
+        for ts in stamps:
+            sink.send(b"x", key=b"k", timestamp_ms=ts, partition=partition)
+    sink.flush(timeout_s=10)
+    sink.close()
+    kind = ConfluentSource if client == "confluent" else KafkaSource
+    source = kind(bootstrap=kafka_broker.bootstrap, topics=[topic])
+    try:
+        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        assert source.positions_at(t0) == {p0: 1, p1: 1}  # partition 1: nothing that recent, its end
+        assert source.positions_at(t0 + 1) == {p0: 2, p1: 1}
+        assert source.positions_at(0) == {p0: 0, p1: 0}
+        assert source.positions_at(t0 + 60_000) == {p0: 3, p1: 1}
+    finally:
+        source.close()

@@ -627,3 +627,53 @@ def test_switching_shown_from_reads_the_impression_log_from_its_end_and_back_dro
     again.step()
     assert again.caught_up.is_set() and "saved positions of ['imp'] left out" in caplog.text
     again.close()
+
+
+class _LateBroker(_SlowPoll):
+    """A source whose broker is down for its first open, and that can say where a time starts in its
+    partitions (as the Kafka sources' ``positions_at``)."""
+
+    opens = 0
+
+    def open(self, positions=None) -> None:
+        type(self).opens += 1
+        if type(self).opens == 1:
+            raise ConnectionError("broker down")
+        super().open(positions)
+
+    def positions_at(self, timestamp_ms: int):
+        out = {}
+        for tp in self.partitions():
+            records = self.log.read(tp, 0, 10**9)
+            out[tp] = next((r.offset for r in records if r.timestamp_ms >= timestamp_ms), len(records))
+        return out
+
+
+def test_a_fresh_feed_counts_the_impression_log_from_its_creation_however_late_it_opens() -> None:
+    """Shown while the feed could not open (the broker down at start, the topic made by the first
+    impression): still counted once it opens; what was logged before the feed was made is not."""
+    from reloop.engine.events.codec import encode
+    from reloop.engine.events.schema import Impression
+    from reloop.engine.serve.config import ArmCountersConfig
+
+    shared = ArmCountersConfig(fields=("user", "item"), samples_topic="samples")
+    mlog = MemoryLog()
+    for topic in ("samples", "imp"):
+        mlog.create(topic, 1)
+    sink = MemorySink(mlog, "imp")
+
+    def shown(i: int, at_ms: int) -> None:
+        imp = Impression(f"m{i}", "r", "u1", "i1", {"user": "u1", "item": "i1"}, at_ms, 0.5, 1, arm="A")
+        sink.send(encode(imp), timestamp_ms=at_ms)
+
+    counters = ServedCounters(shared, clock_ms=_Clock())
+    feed = SamplesFeed(name="A", source=_LateBroker(mlog, ["samples", "imp"]), target=counters,
+                       holder=ModelHolder(_bundle()), poll_timeout_s=0, shown_topic="imp")  # fmt: skip
+    shown(0, feed.created_ms - 60_000)  # before the feed was made: another life's
+    with pytest.raises(ConnectionError):
+        feed.step()  # the broker is down: the feed's thread retries
+    shown(1, feed.created_ms)
+    shown(2, feed.created_ms + 5)
+    feed.step()
+    assert counters.shown == 2 and feed.caught_up.is_set()
+    feed.close()
