@@ -173,8 +173,9 @@ class KafkaSource:
         end where no record is that recent yet. Bounded by ``timeout_s``."""
         consumer = self._client()
         pairs = [KafkaTopicPartition(tp.topic, tp.partition) for tp in self.partitions()]
-        found = consumer.offsets_for_times(dict.fromkeys(pairs, int(timestamp_ms)))
-        ends = consumer.end_offsets(pairs, timeout_ms=int(timeout_s * 1000))
+        timeout_ms = int(timeout_s * 1000)
+        found = consumer.offsets_for_times(dict.fromkeys(pairs, int(timestamp_ms)), timeout_ms=timeout_ms)
+        ends = consumer.end_offsets(pairs, timeout_ms=timeout_ms)
         return {
             TopicPartition(tp.topic, tp.partition): int(found[tp].offset) if found.get(tp) else int(ends[tp])
             for tp in pairs

@@ -31,8 +31,9 @@ together, in one state. An undecodable impression, or one the live spec cannot r
 counted as the samples are (``undecodable``, ``refused``); those counted are ``shown``.
 
 ``caught_up`` is set once the source is open and the feed has read what its topics held when it opened
-(from saved positions: what came after the last save; with none it opens at the end, so at once): the
-serving stack waits for it before serving an arm that counts its impression log. A feed with no saved
+(from saved positions: what came after the last save; with none, what the impression log got since the
+feed was made): the serving stack waits for it before serving an arm that counts its impression log.
+A feed with no saved
 positions opens the impression log at the first record stamped at or after its own creation (where the
 source can say, ``positions_at``), not at the end: what the process (or another) shows before the open
 completes is still counted, however late the open (a broker down at start, a topic that the first
@@ -156,13 +157,15 @@ class SamplesFeed:
         if positions is None:
             self.source.open(None)
             if ends is not None:
-                start = dict(ends())  # KafkaSource: reopen at the log end
+                end_then = dict(ends())
+                start = dict(end_then)  # KafkaSource: reopen at the log end
                 at = getattr(self.source, "positions_at", None)
                 if self.shown_topic is not None and at is not None:
                     # The impression log from when this feed was made, however late the open (a broker
                     # down at start, a topic created by the first impression): none shown since is missed.
                     since = at(self.created_ms)
                     start.update({tp: o for tp, o in since.items() if tp.topic == self.shown_topic})
+                    self._backlog_end = end_then  # caught up once read from there to the end then
                 self.source.open(start)
         else:
             reads = self.source.partitions()
