@@ -212,6 +212,10 @@ SERIES: tuple[Series, ...] = (
            "counters, the click counters; outcome: written, or for counters the clicks counted; duplicate, "
            "re-emitted by a resumed join task; undecodable; refused, values the live spec cannot read; "
            "failed, a write that raised).", ("arm", "target", "outcome")),
+    Series("serve_feed_lag", "reloop_serve_feed_lag_records", "gauge",
+           "Records a serving arm's feed is behind the end of a topic it reads (the samples topic; for "
+           "counters that count the impression log, that log too), summed over the topic's partitions.",
+           ("arm", "target", "topic")),
 )
 
 BUILD_INFO = "reloop_build_info"

@@ -298,6 +298,7 @@ class EngineStats:
     impressions_logged: Tally = field(default_factory=Tally)  # (arm,)
     impressions_dropped: Tally = field(default_factory=Tally)  # (reason,)
     serve_feed_samples: Tally = field(default_factory=Tally)  # (arm, target, outcome)
+    serve_feed_lag: Level = field(default_factory=Level)  # (arm, target, topic)
 
     hooks: list[Callable[[], None]] = field(default_factory=list)
 
