@@ -394,7 +394,7 @@ def test_processes_counting_the_impression_log_share_what_any_of_them_showed(tmp
                            shown_topic="impressions")  # fmt: skip
         feed.step()  # opens at the end of both topics
         procs.append((_service(bundle, counters, clock, logger), counters, feed, logger))
-    # The reference: one process counting its requests (the default), seeing both processes' traffic.
+    # The reference: one process counting its requests (shown_from: requests), seeing both processes' traffic.
     ref = ServedCounters(SETTINGS, clock_ms=clock)
     ref_service = _service(bundle, ref, clock, _ListLogger())
     ref_feed = _feed(mlog, ref, None)
