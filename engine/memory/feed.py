@@ -180,12 +180,12 @@ class SamplesFeed:
                 log.warning("%s %s: saved positions of %s left out (not read any more)", self.kind, self.name,
                             sorted({tp.topic for tp in positions if tp not in kept}))  # fmt: skip
             self.source.open(kept)  # a new partition of a saved topic: from its beginning
-            saved_topics = {tp.topic for tp in positions}
-            new = [tp for tp in reads if tp.topic not in saved_topics]
-            if new and ends is not None:
-                at_end = ends()
-                self.source.open({**kept, **{tp: at_end[tp] for tp in new}})
-            self._backlog_end = dict(ends()) if ends is not None else None  # what was there then
+            if ends is not None:
+                self._backlog_end = dict(ends())  # what was there then: caught up once read to here
+                saved_topics = {tp.topic for tp in positions}
+                new = [tp for tp in reads if tp.topic not in saved_topics]
+                if new:
+                    self.source.open({**kept, **{tp: self._backlog_end[tp] for tp in new}})
         self._opened = True
         self._check_caught_up()
 

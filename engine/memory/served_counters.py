@@ -117,10 +117,7 @@ class ServedCounters:
 
     def count_logged(self, bundle: Any, batch: FeatureBatch) -> None:
         """Count impressions read back from the arm's impression log (the feed's thread), now."""
-        now = float(self.clock_ms())
-        with self._lock:
-            self._ready(bundle.featurizer.spec).count_shown(batch, now)
-            self.shown += len(batch)
+        self.count_shown(bundle.featurizer.spec, batch, float(self.clock_ms()))
 
     def _ready(self, spec: Any) -> ClickCounters:
         """The counts for ``spec``'s layout (under the lock): built on first use, anew for another one."""

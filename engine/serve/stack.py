@@ -428,7 +428,7 @@ class ServingStack:
         a long backlog): said in a warning."""
         deadline = time.monotonic() + FEED_OPEN_WAIT_S
         for name, feed in self.feeds.items():
-            if getattr(feed, "shown_topic", None) is None:
+            if feed.shown_topic is None:
                 continue
             if not feed.caught_up.wait(max(0.0, deadline - time.monotonic())):
                 log.warning(
