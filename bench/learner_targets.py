@@ -85,14 +85,16 @@ def table(
     strategy: str = "ce",
     river_label: str = "river LR per event (peer)",
     river_peers: tuple[tuple[str, Path], ...] = (),
+    protocol: str = "streaming",
 ) -> str:
     """``river_label`` names the river rows of ``new_path``; ``river_peers``: the river rows of other
-    result files (another batching of the peer, say)."""
+    result files (another batching of the peer, say); ``protocol``: NEW's rows compared (a peer's
+    backbone rows are those of its only protocol)."""
     new_rows = read_csv(new_path)
     new = _cells(new_rows, from_period, strategy)
-    backbones = sorted({b for p, b in new if p == "streaming" and b != "river_lr"})
+    backbones = sorted({b for p, b in new if p == protocol and b != "river_lr"})
     lines = [
-        f"New defaults, streaming, `{strategy}`, periods >= {from_period}; Δ = new − peer (×1e-3), 95% "
+        f"New defaults, {protocol}, `{strategy}`, periods >= {from_period}; Δ = new − peer (×1e-3), 95% "
         "half-widths over seeds / over periods.",
         "",
         "| backbone | peer | peer AUC | peer LogLoss | new AUC | new LogLoss | ΔAUC (seeds) | ΔAUC (periods) "
@@ -106,7 +108,7 @@ def table(
     for label, path in peers:
         others.append((label, _cells(read_csv(path), from_period, strategy), False))
     for b in backbones:
-        mine = new[("streaming", b)]
+        mine = new[(protocol, b)]
         na = np.mean([v[0] for v in mine.values()])
         nl = np.mean([v[1] for v in mine.values()])
         for label, cells, is_river in others:
@@ -135,10 +137,11 @@ def main() -> None:
     p.add_argument("--river-label", default="river LR per event (peer)", help="the name of NEW's river rows")
     p.add_argument("--from-period", type=int, default=1)
     p.add_argument("--strategy", default="ce")
+    p.add_argument("--protocol", default="streaming", help="NEW's rows to compare: streaming or periodic")
     args = p.parse_args()
     peers = [(label, Path(path)) for label, _, path in (x.partition("=") for x in args.peer)]
     rivers = tuple((label, Path(path)) for label, _, path in (x.partition("=") for x in args.river))
-    print(table(args.new, peers, args.from_period, args.strategy, args.river_label, rivers))
+    print(table(args.new, peers, args.from_period, args.strategy, args.river_label, rivers, args.protocol))
 
 
 if __name__ == "__main__":
