@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +56,11 @@ from reloop.engine.replay.report import (
 )
 
 DAY_MS = 86_400_000
+
+
+AUTO, NONE = "auto", "none"  # --counters / --counter-windows: the dataset's own, or none
+#: The counts that forget, chosen on MovieLens's selection weeks (600 s over 60 and 3600; Frappe's tie).
+COUNTER_WINDOWS_S = (600.0,)
 
 
 class Refused(ValueError):
@@ -236,12 +241,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--counters",
-        default="",
+        default=AUTO,
         metavar="FIELD,...",
         help="click counters of these categorical fields as dense inputs (engine/features/counters.py): "
         "each value's smoothed click rate and how often it was shown, counted live, every label known once "
         "its event time has passed; A*B counts pairs (user_id*genres: a user's rate on each genre of the "
-        "item); the river peer does not get them (default: none)",
+        "item); the river peer does not get them. Default auto: the dataset's user and item fields "
+        "(movielens-100k: user_id,item_id,user_id*genres; frappe: user,item; impression-log: "
+        "user_id,item_id; criteo and avazu: none); none: no counters",
     )
     parser.add_argument(
         "--counter-prior",
@@ -252,10 +259,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--counter-windows",
-        default="",
+        default=AUTO,
         metavar="SECONDS,...",
-        help="--counters: also counts that forget, one pair per time constant (a count SECONDS old weighs "
-        "1/e); default none",
+        help="with counters: also counts that forget, one pair per time constant (a count SECONDS old weighs "
+        f"1/e); default auto: {', '.join(f'{w:g}' for w in COUNTER_WINDOWS_S)} s; none: lifetime counts only",
     )
     parser.add_argument(
         "--river",
@@ -388,6 +395,7 @@ def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     ds, spec = open_data(args)
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     args.dataset_name = getattr(ds, "name", None) or args.dataset
+    args.dataset_counters = tuple(ds.counters)
     try:
         samples = list(to_samples(rows))
     except DatasetError as e:  # a missing or malformed file
@@ -461,14 +469,10 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
             )
     if not args.river_lr > 0:
         raise Refused(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
-    if _csv_list(args.counters) and not args.counter_prior > 0:
+    asked = counted_fields(args, ["?"])  # ("?": whatever the dataset names, unknown yet)
+    if asked and not args.counter_prior > 0:
         raise Refused(f"--counter-prior: expected a strength > 0, got {args.counter_prior:g}")
-    try:
-        windows = [float(w) for w in _csv_list(args.counter_windows)]
-    except ValueError:
-        raise Refused(f"--counter-windows: expected seconds, got {args.counter_windows!r}") from None
-    if windows and not _csv_list(args.counters):
-        raise Refused("--counter-windows: windows of no counters; give --counters")
+    counted_windows(args, asked)  # a bad --counter-windows fails before the data is read
     try:
         hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
     except ValueError:
@@ -493,14 +497,50 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     return strategies, model_options, publish_every_ms
 
 
+def counted_fields(args: argparse.Namespace, declared: Sequence[str]) -> list[str]:
+    """The fields ``--counters`` counts: ``auto`` the dataset's ``declared`` ones, ``none`` none."""
+    given = _csv_list(getattr(args, "counters", AUTO))
+    if given == [AUTO]:
+        return list(declared)
+    return [] if given in ([], [NONE]) else given
+
+
+def counted_windows(args: argparse.Namespace, fields: Sequence[str]) -> list[float]:
+    """The time constants ``--counter-windows`` gives ``fields``' counters: ``auto`` the chosen ones
+    (none without counters), ``none`` none. Windows given for no counters are refused."""
+    given = _csv_list(getattr(args, "counter_windows", AUTO))
+    if given == [AUTO]:
+        return list(COUNTER_WINDOWS_S) if fields else []
+    if given in ([], [NONE]):
+        return []
+    try:
+        windows = [float(w) for w in given]
+    except ValueError:
+        raise Refused(
+            f"--counter-windows: expected seconds, auto or none, got {args.counter_windows!r}"
+        ) from None
+    if not fields:
+        auto = _csv_list(getattr(args, "counters", AUTO)) == [AUTO]
+        why = (
+            f" (--counters auto: {getattr(args, 'dataset_name', 'the dataset')} names no user or item)"
+            if auto
+            else ""
+        )
+        raise Refused(f"--counter-windows: windows of no counters{why}; give --counters")
+    return windows
+
+
 def _with_counters(args: argparse.Namespace, data: BacktestData) -> BacktestData:
+    """``data`` with the inputs of the counters ``args`` asks for, resolved against the dataset's own
+    (``args.dataset_counters``) and kept as ``args.counted`` for the report's settings line."""
     from reloop.engine.features.counters import CounterError
 
-    fields = _csv_list(getattr(args, "counters", ""))
+    fields = counted_fields(args, args.dataset_counters)
+    windows = counted_windows(args, fields)
+    args.counted = (fields, windows)
     if not fields:
         return data
     try:
-        windows = [float(w) for w in _csv_list(getattr(args, "counter_windows", ""))]
         return with_click_counters(data, fields, args.counter_prior, windows_s=windows)
     except CounterError as e:
         raise Refused(f"--counters / --counter-prior / --counter-windows: {e}") from None
@@ -824,13 +864,15 @@ def learner_settings(args: argparse.Namespace) -> str:
 
 
 def _counters_setting(args: argparse.Namespace) -> str:
-    fields = _csv_list(getattr(args, "counters", ""))
-    if not fields:  # (not named: the reports of before say nothing of them)
+    counted = getattr(args, "counted", None)
+    if counted is None:  # a report rebuilt from its CSV, or settings never resolved against a dataset
         return ""
+    fields, windows = counted
+    if not fields:
+        return "; no click counters"
     prior = f"prior strength {args.counter_prior:g}"
-    windows = _csv_list(getattr(args, "counter_windows", ""))
     if windows:
-        prior += f", also forgetting in {', '.join(f'{float(w):g}' for w in windows)} s"
+        prior += f", also forgetting in {', '.join(f'{w:g}' for w in windows)} s"
     return f"; click counters of {', '.join(fields)} ({prior}; not the river peer)"
 
 

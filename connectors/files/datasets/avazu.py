@@ -47,6 +47,12 @@ class Avazu:
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
 
+    @property
+    def counters(self) -> tuple[str, ...]:
+        # Avazu names no user (device ids and IPs only stand in for one), so nothing is counted by
+        # default; none was chosen.
+        return ()
+
     def rows(self) -> Iterator[DatasetRow]:
         return refuse_empty(self._rows(), str(self.path))
 

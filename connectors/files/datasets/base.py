@@ -59,9 +59,23 @@ class Dataset(Protocol):
         """The feature fields every row's ``features`` draws from (a row may omit a missing value)."""
         ...
 
+    @property
+    def counters(self) -> tuple[str, ...]:
+        """The click counters a backtest of this data counts by default (``reloop backtest --counters
+        auto``): its user's and item's categorical fields, and crosses of them, as chosen on the data's
+        selection periods (docs/backtest/ablation.md); empty where the data names no user or item."""
+        ...
+
     def rows(self) -> Iterator[DatasetRow]:
         """All rows in non-decreasing ``event_time_ms``."""
         ...
+
+
+def user_and_item_counters(fields: tuple[FieldInfo, ...], user: str, item: str) -> tuple[str, ...]:
+    """Counters of the user's and the item's field, those of the two that are categorical fields (a
+    numeric or absent one cannot be counted)."""
+    categorical = set(field_names(fields, "categorical"))
+    return tuple(name for name in (user, item) if name in categorical)
 
 
 def field_names(fields: tuple[FieldInfo, ...], kind: FieldKind) -> list[str]:

@@ -54,6 +54,11 @@ class Criteo:
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
 
+    @property
+    def counters(self) -> tuple[str, ...]:
+        # Criteo names no user or item (anonymous fields), so nothing is counted by default.
+        return ()
+
     def _format(self, path: Path) -> str:
         if self.format != "auto":
             return self.format

@@ -29,6 +29,8 @@ from reloop.connectors.files.datasets.base import (
 CONTEXT = ("daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city")
 FIELD_NAMES = ("user", "item", *CONTEXT)
 FIELDS: tuple[FieldInfo, ...] = tuple(FieldInfo(name, "categorical") for name in FIELD_NAMES)
+#: A user's and an app's click rate (chosen on chunks 1-3; the apps have no attribute to cross a user with).
+COUNTERS = ("user", "item")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class FrappeRaw:
     @property
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        return COUNTERS
 
     def _file(self) -> Path:
         p = Path(self.path)
@@ -137,6 +143,10 @@ class FrappeLibFM:
     @property
     def fields(self) -> tuple[FieldInfo, ...]:
         return FIELDS
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        return COUNTERS
 
     def rows(self) -> Iterator[DatasetRow]:
         return refuse_empty(self._rows(), ", ".join(map(str, self.paths)) or "frappe-libfm (no files)")

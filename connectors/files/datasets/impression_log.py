@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reloop.connectors.files.datasets._text import checked_ms, refuse_empty, require_file, utf8_errors_located
-from reloop.connectors.files.datasets.base import DatasetError, DatasetRow, FieldInfo, TimeKind
+from reloop.connectors.files.datasets.base import (
+    DatasetError,
+    DatasetRow,
+    FieldInfo,
+    TimeKind,
+    user_and_item_counters,
+)
 
 META = ("impression_id", "request_id", "click_time", "served_prediction", "model_version")
 _TRUE = {"1", "true", "True", "TRUE", "1.0"}
@@ -226,6 +232,13 @@ class ImpressionLog:
     def fields(self) -> tuple[FieldInfo, ...]:
         columns, kinds = self._header()
         return tuple(FieldInfo(c, self._kind(c, kinds)) for c in self._feature_columns(columns))
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        # The columns that name the user and the item, where they are categorical features: the
+        # setting chosen on MovieLens's and Frappe's selection periods, without a cross (a log's
+        # item attributes are its own).
+        return user_and_item_counters(self.fields, "user_id", "item_id")
 
     def _kind(self, column: str, kinds: dict[str, str]) -> Literal["categorical", "numeric", "multi"]:
         if column in self.multi or kinds.get(column) == "multi":

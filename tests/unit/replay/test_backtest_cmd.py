@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reloop.connectors.files.datasets import open_dataset
 from reloop.engine.metrics.offline import logloss
 from reloop.engine.models.config import OptimizerConfig
 from reloop.engine.replay.backtest import learner_options
 from reloop.engine.replay.backtest_cmd import (
     configure,
+    counted_fields,
+    counted_windows,
     learner_settings,
     optimizer_items,
     protocol_optimizer_items,
@@ -319,7 +322,10 @@ def test_a_log_with_no_signal_gives_no_wins(tmp_path: Path) -> None:
     out = tmp_path / "out"
     options = (
         "--period chunks:6 --backbones fm --strategies ce,reloop --alphas 0.5 --seeds 3 "
-        "--protocols streaming --no-river --batch-size 64 --buckets 256 --embedding-dim 4"
+        "--protocols streaming --no-river --batch-size 64 --buckets 256 --embedding-dim 4 "
+        # (the log's user and item counters, on by default, carry the running click rate: a model
+        # with them can match the constant's LogLoss on noise, which is not the premise's point)
+        "--counters none"
     )
     data = ["--dataset", "impression-log", "--data", str(tmp_path / "noise.csv")]
     assert main(["backtest", *data, "--out", str(out), *options.split(" ")]) == 0
@@ -338,8 +344,14 @@ def test_a_log_with_no_signal_gives_no_wins(tmp_path: Path) -> None:
 
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "backtest"
-# The four reports docs/backtest/README.md presents as the learner defaults' results.
-DOCUMENTED = ("movielens-streaming", "movielens-periodic", "frappe-streaming", "frappe-periodic")
+# The four reports docs/backtest/README.md presents as the learner defaults' results (with the datasets'
+# own click counters, the default since 2026-12-06).
+DOCUMENTED = (
+    "counters/movielens-streaming-cross",
+    "counters/movielens-periodic-cross",
+    "counters/frappe-streaming",
+    "counters/frappe-periodic",
+)
 LEARNER = ("y_last", "batch_size", "lr", "optimizer", "replay_size", "embedding_dim", "hidden_units")
 LEARNER += ("buckets",)
 
@@ -358,6 +370,13 @@ def test_cli_defaults_are_the_settings_the_documented_reports_used(name: str) ->
     used = _parse(shlex.split(match.group(1)))
     defaults = _parse(["--dataset", "d", "--data", "d", "--out", "d"])
     assert {k: getattr(defaults, k) for k in LEARNER} == {k: getattr(used, k) for k in LEARNER}
+    # the counters it spelled out are what --counters auto counts on its dataset
+    declared = open_dataset(used.dataset, "unread").counters
+    counted = [counted_fields(a, declared) for a in (defaults, used)]
+    assert counted[0] == counted[1] != []
+    assert counted_windows(defaults, counted[0]) == counted_windows(used, counted[1])
+    assert defaults.counter_prior == used.counter_prior
+    defaults.counted = (counted[0], counted_windows(defaults, counted[0]))
     # The settings line the report printed (the optimizer's own defaults included) is the defaults' line;
     # epochs matter to the periodic protocol only (a streaming report printed the default of its day).
     printed = next(line for line in report.splitlines() if line.startswith("- y_last:"))
@@ -424,7 +443,7 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
     counted = scores(
         "counted", "--counters", "user_id,item_id", "--counter-prior", "3", "--counter-windows", "7200"
     )
-    plain = scores("plain")
+    plain = scores("plain", "--counters", "none")
     # every backbone reads the counters' inputs: none scores as it does without them
     assert all(counted[b] != plain[b] for b in plain), (counted, plain)
     report = (tmp_path / "counted" / "report.md").read_text()
@@ -432,7 +451,14 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
         "click counters of user_id, item_id (prior strength 3, also forgetting in 7200 s; not the river peer)"
     )
     assert line in report
-    assert "click counters" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "; no click counters" in (tmp_path / "plain" / "report.md").read_text()
+    # By default the dataset's own counters, with the window chosen on the selection weeks: the same
+    # scores as those settings spelled out.
+    chosen = ("--counters", "user_id,item_id,user_id*genres", "--counter-windows", "600")
+    assert scores("default") == scores("spelled", *chosen) != plain
+    line = "click counters of user_id, item_id, user_id*genres (prior strength 5, also forgetting in 600 s;"
+    assert line in (tmp_path / "default" / "report.md").read_text()
+    assert scores("lifetime", "--counter-windows", "none") not in (plain, counted, scores("default"))
     # a field the spec lacks, or a strength that is not one, fails with the option's name
     assert main([*argv, "--counters", "user_id,genre", "--out", str(tmp_path / "bad")]) == 2
     assert (
@@ -441,8 +467,12 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
     )
     assert main([*argv, "--counters", "user_id", "--counter-prior", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--counter-prior: expected a strength > 0, got 0" in capsys.readouterr().err
-    assert main([*argv, "--counter-windows", "600", "--out", str(tmp_path / "bad")]) == 2
+    bad = ["--counters", "none", "--counter-windows", "600", "--out", str(tmp_path / "bad")]
+    assert main([*argv, *bad]) == 2
     assert "--counter-windows: windows of no counters; give --counters" in capsys.readouterr().err
+    assert main([*argv, "--counter-windows", "ten", "--out", str(tmp_path / "bad")]) == 2
+    assert "--counter-windows: expected seconds, auto or none, got 'ten'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert (
         main([*argv, "--counters", "user_id", "--counter-windows", "0", "--out", str(tmp_path / "bad")]) == 2
     )
