@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +43,13 @@ from reloop.engine.replay.backtest import (
     with_click_counters,
     with_label_noise,
 )
-from reloop.engine.replay.options import key_value
+from reloop.engine.replay.options import (
+    AUTO,
+    COUNTER_WINDOWS_S,
+    counted_fields,
+    counted_windows,
+    key_value,
+)
 from reloop.engine.replay.report import (
     MIN_SEEDS,
     RIVER,
@@ -56,11 +62,6 @@ from reloop.engine.replay.report import (
 )
 
 DAY_MS = 86_400_000
-
-
-AUTO, NONE = "auto", "none"  # --counters / --counter-windows: the dataset's own, or none
-#: The counts that forget, chosen on MovieLens's selection weeks (600 s over 60 and 3600; Frappe's tie).
-COUNTER_WINDOWS_S = (600.0,)
 
 
 class Refused(ValueError):
@@ -472,7 +473,10 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     asked = counted_fields(args, ["?"])  # ("?": whatever the dataset names, unknown yet)
     if asked and not args.counter_prior > 0:
         raise Refused(f"--counter-prior: expected a strength > 0, got {args.counter_prior:g}")
-    counted_windows(args, asked)  # a bad --counter-windows fails before the data is read
+    try:
+        counted_windows(args, asked)  # a bad --counter-windows fails before the data is read
+    except ValueError as e:
+        raise Refused(str(e)) from None
     try:
         hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
     except ValueError:
@@ -497,46 +501,16 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     return strategies, model_options, publish_every_ms
 
 
-def counted_fields(args: argparse.Namespace, declared: Sequence[str]) -> list[str]:
-    """The fields ``--counters`` counts: ``auto`` the dataset's ``declared`` ones, ``none`` none."""
-    given = _csv_list(getattr(args, "counters", AUTO))
-    if given == [AUTO]:
-        return list(declared)
-    return [] if given in ([], [NONE]) else given
-
-
-def counted_windows(args: argparse.Namespace, fields: Sequence[str]) -> list[float]:
-    """The time constants ``--counter-windows`` gives ``fields``' counters: ``auto`` the chosen ones
-    (none without counters), ``none`` none. Windows given for no counters are refused."""
-    given = _csv_list(getattr(args, "counter_windows", AUTO))
-    if given == [AUTO]:
-        return list(COUNTER_WINDOWS_S) if fields else []
-    if given in ([], [NONE]):
-        return []
-    try:
-        windows = [float(w) for w in given]
-    except ValueError:
-        raise Refused(
-            f"--counter-windows: expected seconds, auto or none, got {args.counter_windows!r}"
-        ) from None
-    if not fields:
-        auto = _csv_list(getattr(args, "counters", AUTO)) == [AUTO]
-        why = (
-            f" (--counters auto: {getattr(args, 'dataset_name', 'the dataset')} names no user or item)"
-            if auto
-            else ""
-        )
-        raise Refused(f"--counter-windows: windows of no counters{why}; give --counters")
-    return windows
-
-
 def _with_counters(args: argparse.Namespace, data: BacktestData) -> BacktestData:
     """``data`` with the inputs of the counters ``args`` asks for, resolved against the dataset's own
     (``args.dataset_counters``) and kept as ``args.counted`` for the report's settings line."""
     from reloop.engine.features.counters import CounterError
 
     fields = counted_fields(args, args.dataset_counters)
-    windows = counted_windows(args, fields)
+    try:
+        windows = counted_windows(args, fields, args.dataset_name)
+    except ValueError as e:
+        raise Refused(str(e)) from None
     args.counted = (fields, windows)
     if not fields:
         return data

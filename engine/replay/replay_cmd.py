@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from reloop.engine.appending import replace_whole
 from reloop.engine.config_common import int_at_least
-from reloop.engine.replay.options import key_value
+from reloop.engine.replay.options import AUTO, counted_fields, counted_windows, key_value
 from reloop.engine.streams import Positions, TopicPartition
 
 
@@ -96,6 +96,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("snapshot", "logged"),
         help="snapshot (default): the previous snapshot recomputed; logged: the placeholder in the events",
     )
+    ds.add_argument(
+        "--counters",
+        metavar="FIELD,...",
+        help="click counters as inputs (model.counters), their values made as a serving arm would have "
+        "logged them with each impression; default auto: the dataset's user and item fields, as reloop "
+        "backtest's; none: no counters",
+    )
+    ds.add_argument(
+        "--counter-windows",
+        metavar="SECONDS,...",
+        help="the counters' forgetting time constants; default: 600",
+    )
 
 
 # What a dataset replay without --config runs with, unless its options say otherwise.
@@ -108,6 +120,8 @@ DATASET_RUN_DEFAULTS: dict[str, Any] = {
     "buckets": 10_000,
     "window_ms": 3_600_000,
     "y_last": "snapshot",
+    "counters": AUTO,
+    "counter_windows": AUTO,
 }
 # Options that only a dataset replay reads, with their defaults.
 _DATASET_ONLY = {"data": None, "delay": "immediate", "delay_seed": 0, "dataset_option": [], "max_rows": 0}
@@ -285,17 +299,27 @@ def _parse_delay(text: str, seed: int):
     return make_delay(kind, ms=ms, sigma=sigma, seed=seed)  # type: ignore[arg-type]
 
 
-def dataset_config(args: argparse.Namespace, fields: tuple) -> dict[str, Any]:
+def dataset_config(
+    args: argparse.Namespace,
+    fields: tuple,
+    declared_counters: Sequence[str] = (),
+    dataset: str = "the dataset",
+) -> dict[str, Any]:
+    """The run config of a dataset replay without --config; ``declared_counters``: the dataset's own
+    (``Dataset.counters``), what ``--counters auto`` counts. ValueError: bad counter windows."""
     from reloop.connectors.files.datasets.spec import feature_spec
 
     given = {k: getattr(args, k) for k in DATASET_RUN_DEFAULTS if getattr(args, k, None) is not None}
     args = argparse.Namespace(**{**vars(args), **DATASET_RUN_DEFAULTS, **given})
+    counted = counted_fields(args, declared_counters)
+    windows = counted_windows(args, counted, dataset)
     return {
         "model": {
             "backbone": args.backbone,
             "strategy": args.strategy,
             "alpha": args.alpha,
             "spec": feature_spec(fields, buckets=args.buckets).to_dict(),
+            **({"counters": {"fields": counted, "windows_s": windows}} if counted else {}),
         },
         # A dataset's logged predictions are placeholders (version 0), so by default y_last is the previous
         # snapshot's prediction, recomputed.
@@ -652,7 +676,9 @@ def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     import itertools
 
     from reloop.connectors.files.datasets import DatasetError, UnknownOption, open_dataset, to_events
+    from reloop.connectors.files.datasets.served_counters import with_served_counters
     from reloop.engine.replay.sources import EventListSource
+    from reloop.engine.runtime.config import load_feature_spec
 
     if args.data is None:
         raise ValueError("--dataset needs --data")
@@ -661,11 +687,15 @@ def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     except (UnknownOption, TypeError) as exc:  # a keyword the loader does not take
         raise ValueError(f"--dataset-option: {exc}") from None
     cfg = (
-        load_config(args.config) if args.config else load_config_dict(dataset_config(args, ds.fields), env={})
+        load_config(args.config)
+        if args.config
+        else load_config_dict(dataset_config(args, ds.fields, ds.counters, ds.name), env={})
     )
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     delay = _parse_delay(args.delay, args.delay_seed)
     try:
+        if cfg.model.counters is not None:  # the inputs an arm serving with them would have logged
+            rows = with_served_counters(rows, load_feature_spec(cfg.model), cfg.model.counters, delay)
         source = EventListSource(  # encodes the events as it reads them: the rows are read here
             to_events(rows, delay), cfg.source.impressions_topic, cfg.source.clicks_topic
         )

@@ -88,18 +88,20 @@ def to_events(
             model_version=version,
         )
         if row.label:
-            if row.click_time_ms is not None:
-                if row.click_time_ms < row.event_time_ms:
-                    raise DatasetError(
-                        f"row {row.row_id}: click at {row.click_time_ms} before its impression"
-                    )
-                t = row.click_time_ms
-            else:
-                t = row.event_time_ms + delay.delay_ms(row.row_id)
+            t = click_time_ms(row, delay)
             heapq.heappush(pending, (t, seq, Click(impression_id=row.row_id, event_time_ms=t)))
             seq += 1
     while pending:
         yield heapq.heappop(pending)[2]
+
+
+def click_time_ms(row: DatasetRow, delay: ClickDelay) -> int:
+    """When a clicked row's click arrives: its own ``click_time_ms``, else its time plus the delay's."""
+    if row.click_time_ms is None:
+        return row.event_time_ms + delay.delay_ms(row.row_id)
+    if row.click_time_ms < row.event_time_ms:
+        raise DatasetError(f"row {row.row_id}: click at {row.click_time_ms} before its impression")
+    return row.click_time_ms
 
 
 def to_samples(

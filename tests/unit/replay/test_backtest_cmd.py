@@ -16,12 +16,11 @@ from reloop.engine.models.config import OptimizerConfig
 from reloop.engine.replay.backtest import learner_options
 from reloop.engine.replay.backtest_cmd import (
     configure,
-    counted_fields,
-    counted_windows,
     learner_settings,
     optimizer_items,
     protocol_optimizer_items,
 )
+from reloop.engine.replay.options import counted_fields, counted_windows
 from reloop.engine.runtime.cli import main
 
 

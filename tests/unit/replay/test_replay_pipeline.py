@@ -180,6 +180,81 @@ def test_dataset_replay_recomputes_y_last_by_default() -> None:
     assert load_config_dict(dataset_config(args, FIELDS), env={}).train.y_last == "logged"
 
 
+def test_dataset_replay_counts_the_datasets_user_and_item_by_default() -> None:
+    """As in ``reloop backtest``: ``--counters auto`` counts what the dataset declares, window 600 s."""
+    import argparse
+
+    from reloop.engine.replay.replay_cmd import configure, dataset_config
+    from reloop.engine.runtime.config import load_config_dict
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    base = ["--dataset", "frappe", "--data", "x", "--out", "y"]
+
+    def counters(*extra: str, declared: tuple[str, ...] = ("user", "item")):
+        cfg = load_config_dict(dataset_config(parser.parse_args([*base, *extra]), FIELDS, declared), env={})
+        return cfg.model.counters
+
+    assert counters().fields == ("user", "item") and counters().windows_s == (600.0,)
+    assert counters(declared=()) is None  # a dataset that names no user: nothing counted
+    assert counters("--counters", "none") is None
+    assert counters("--counters", "item", "--counter-windows", "60,3600").windows_s == (60.0, 3600.0)
+    assert counters("--counter-windows", "none").windows_s == ()
+    with pytest.raises(ValueError, match="windows of no counters"):
+        counters("--counters", "none", "--counter-windows", "600")
+
+
+def test_a_dataset_replay_trains_with_the_counter_inputs_an_arm_would_have_served(tmp_path: Path) -> None:
+    from reloop.engine.checkpoint import SnapshotRegistry
+
+    data = tmp_path / "ml"
+    data.mkdir()
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    lines += [f"{i % 7}\t{i % 11}\t{5 if i % 3 else 1}\t{1_000_000 + i * 60}" for i in range(300)]
+    (data / "ml-100k.inter").write_text("\n".join(lines) + "\n")
+    argv = [
+        "replay",
+        "--dataset",
+        "movielens-100k",
+        "--data",
+        str(data),
+        "--backbone",
+        "fm",
+        "--batch-size",
+        "32",
+    ]
+
+    def spec_names(out: Path, *extra: str) -> list[str]:
+        assert main([*argv, *extra, "--out", str(out)]) == 0
+        snapshot = SnapshotRegistry(out / "snapshots", create=False).load()
+        spec = orjson.loads(snapshot.state["model"]["config_json"])["spec"]  # the model's, as trained
+        return [f["name"] for f in spec["fields"]] + [str(snapshot.meta["config"]["model"].get("counters"))]
+
+    counted = spec_names(tmp_path / "a", "--samples")
+    # each sample trained on carries the values the rows get from with_served_counters, as served
+    from reloop.connectors.files.datasets import open_dataset
+    from reloop.connectors.files.datasets.served_counters import with_served_counters
+    from reloop.connectors.files.datasets.spec import feature_spec
+    from reloop.engine.features.counters import CounterSettings
+
+    ds = open_dataset("movielens-100k", data)
+    settings = CounterSettings(fields=ds.counters, windows_s=(600.0,))
+    rows = with_served_counters(ds.rows(), feature_spec(ds.fields), settings, ImmediateDelay())
+    want = {r.row_id: {k: v for k, v in r.features.items() if "#" in k} for r in rows}
+    samples = (tmp_path / "a" / "samples" / "samples" / "partition-00000.jsonl").read_bytes().splitlines()
+    got = {
+        s["sample_id"]: {k: v for k, v in s["features"].items() if "#" in k}
+        for s in map(orjson.loads, samples)
+    }
+    assert len(got) == 300 and got == want
+    assert len({v["user_id#seen"] for v in got.values()}) > 10  # counts that grow, not a constant
+    assert {"user_id#ctr", "item_id#seen@600s", "user_id*genres#ctr@600s"} <= set(counted)
+    plain = spec_names(tmp_path / "b", "--counters", "none")
+    assert not [n for n in plain if "#" in n] and plain[-1] == "None"
+    summaries = [orjson.loads((tmp_path / x / "summary.json").read_bytes())["progressive"] for x in "ab"]
+    assert summaries[0]["auc"] != summaries[1]["auc"]  # the inputs reached the model
+
+
 def test_samples_replay_trains_what_the_fetch_thread_still_holds(tmp_path, monkeypatch):
     """The replay source runs dry before the train stage has taken what its fetch thread decoded ahead:
     the replay goes on until every message handed out is trained (it once stopped with them queued)."""
@@ -503,6 +578,7 @@ def test_end_offsets_for_one_topic_end_the_others_with_their_files(tmp_path: Pat
     ("extra", "needle"),
     [
         (["--config", "run.yaml", "--backbone", "lr"], "--backbone: with --config"),
+        (["--config", "run.yaml", "--counters", "none"], "--counters: with --config"),
         (["--max-rows", "-3"], "--max-rows: expected an integer >= 0"),
         (["--buckets", "0"], "--buckets: expected an integer >= 2"),  # a multi-line pydantic error
         (["--alpha", "nan"], "model.alpha: Input should be a finite number"),  # "less than or equal to 1"
