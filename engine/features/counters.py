@@ -32,6 +32,7 @@ each of its pairs and reads the mean of its pairs' inputs (a row without any: th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,15 @@ def counter_field_names(fields: Sequence[str], windows_s: Sequence[float] = ()) 
         for window in ("", *(f"@{w:g}s" for w in windows_s)):
             names += [f"{field}#ctr{window}", f"{field}#seen{window}"]
     return names
+
+
+_INPUT_NAME = re.compile(r".+#(ctr|seen)(@[^#@]+s)?")  # as counter_field_names names them
+
+
+def counter_inputs(spec: FeatureSpec) -> list[str]:
+    """The dense fields of ``spec`` named as click-counter inputs (``FIELD#ctr``, ``FIELD#seen@600s``):
+    those a serving arm must fill, or the model scores zeros in their place."""
+    return [f.name for f in spec.dense_fields if _INPUT_NAME.fullmatch(f.name)]
 
 
 def with_counter_fields(spec: FeatureSpec, settings: CounterSettings) -> FeatureSpec:

@@ -178,7 +178,7 @@ def registry_loader_factory(arm: ArmConfig):
     # until the processor's first publish (creating it failed with EROFS: the service crash-looped).
     registry = SnapshotRegistry(arm.registry, create=False)
     bundles = serving_dir(arm.registry)
-    load_version = bundle_or_snapshot_loader(registry)
+    load_version = filling_counter_inputs(arm, bundle_or_snapshot_loader(registry))
 
     def available() -> list[int]:
         return sorted({*registry.versions(), *bundle_versions(bundles)})
@@ -230,6 +230,32 @@ def registry_loader_factory(arm: ArmConfig):
         return available() if state["trained"] else [*available(), 0]
 
     return latest, load, versions
+
+
+def filling_counter_inputs(
+    arm: ArmConfig, load: Callable[[int], ModelBundle]
+) -> Callable[[int], ModelBundle]:
+    """``load``, refusing a version whose model reads click-counter inputs the arm does not fill (an arm
+    without ``counters``, or counting other fields or windows than the trainer's ``model.counters``):
+    served, it would score zeros in their place. The reload watcher counts the refusal and serves the
+    next older version."""
+    from reloop.engine.checkpoint.registry import SnapshotError
+    from reloop.engine.features.counters import counter_field_names, counter_inputs
+
+    c = arm.counters
+    filled = set() if c is None else set(counter_field_names(c.fields, c.windows_s))
+
+    def load_checked(version: int) -> ModelBundle:
+        bundle = load(version)
+        unfilled = [n for n in counter_inputs(bundle.featurizer.spec) if n not in filled]
+        if unfilled:
+            raise SnapshotError(
+                f"arm {arm.name}: version {version}'s model reads the click-counter inputs {unfilled[:4]}, "
+                "which this arm does not fill: give it arms[].counters as the trainer's model.counters"
+            )
+        return bundle
+
+    return load_checked
 
 
 def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:

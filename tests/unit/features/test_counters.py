@@ -10,7 +10,11 @@ from reloop.engine.features.counters import (
     SEEN_SCALE,
     ClickCounters,
     CounterError,
+    CounterSettings,
+    counter_field_names,
+    counter_inputs,
     streamed_counter_values,
+    with_counter_fields,
 )
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
@@ -237,3 +241,11 @@ def test_streamed_values_of_a_cross_see_earlier_pairs_only() -> None:
     seen = np.round(np.expm1(values[:, 1] / SEEN_SCALE)).astype(int)
     assert seen.tolist() == [0, 1, 2]
     assert values[2, 0] > values[1, 0] > values[0, 0]  # more clicks of the pair each time
+
+
+def test_counter_inputs_are_the_dense_fields_the_counters_appended() -> None:
+    # serve refuses a model whose counter inputs its arm does not fill, found by these names
+    settings = CounterSettings(fields=("user", "user*item"), windows_s=(60.0, 1.5))
+    spec = with_counter_fields(SPEC, settings)
+    assert counter_inputs(spec) == counter_field_names(settings.fields, settings.windows_s)
+    assert len(counter_inputs(spec)) == 12 and counter_inputs(SPEC) == []  # "price" is not one

@@ -108,3 +108,31 @@ def test_a_fresh_service_falls_back_to_the_newest_snapshot_that_loads(tmp_path, 
     reg.publish({"model": learner.state_dict()})
     watcher.poll_once()
     assert holder.version == 4 and STATS.serve_fallback.get("fb") == 0.0
+
+
+def test_a_model_reading_counter_inputs_the_arm_does_not_fill_is_refused(tmp_path):
+    """Trained with model.counters and served by an arm without them (or counting other windows), the
+    model scored zeros in their place, silently: such a version is refused, the older one served."""
+    from reloop.engine.features.counters import CounterSettings, with_counter_fields
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.config import ArmConfig
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+    from reloop.engine.serve.stack import registry_loader_factory
+
+    plain, spec = _trained()
+    counted = with_counter_fields(spec, CounterSettings(fields=("user_id",), windows_s=(600.0,)))
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish({"model": plain.state_dict()})
+    reg.publish({"model": build_learner("fm", counted, "ce", 0.0, seed=0, embedding_dim=4).state_dict()})
+
+    def served(**arm) -> tuple[int | None, int]:
+        latest, load, versions = registry_loader_factory(ArmConfig(name="c", registry=tmp_path, **arm))
+        holder = ModelHolder()
+        watcher = ReloadWatcher(sources=[ArmSource("c", holder, latest, load, versions)])
+        watcher.poll_once()
+        return holder.version, watcher.refused
+
+    assert served() == (1, 1)  # no counters: v2 refused, v1 (no counter inputs) served
+    lifetime = {"fields": ["user_id"], "samples_topic": "s", "shown_from": "requests"}
+    assert served(counters=lifetime) == (1, 1)  # the @600s inputs unfilled
+    assert served(counters={**lifetime, "windows_s": [600.0]}) == (2, 0)
