@@ -48,6 +48,8 @@ def _setup(data: Path, rows: int, backbone: str, batch: int):
         window_ms=3_600_000,
         y_last="logged",  # what the offline loop uses too: the samples' served prediction
     )
+    # No click counters (dataset_config without the dataset's declared ones, as `--counters none`): the
+    # offline loop it is compared with has none, and the data plane is what is measured.
     cfg = load_config_dict(dataset_config(args, ds.fields), env={})
     return cfg, events, samples
 
