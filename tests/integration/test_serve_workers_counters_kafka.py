@@ -5,9 +5,7 @@ is served the counts of everything either worker showed before it."""
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,31 +18,11 @@ import yaml
 from reloop.connectors.kafka.admin import create_topics
 from reloop.engine.events.codec import decode_impression
 
+from ..unit.ports import free_consecutive_ports
 from .test_serve_kafka import _body, _read_all, counted_arm
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_ports(n: int) -> int:
-    """The first of ``n`` consecutive ports free on 127.0.0.1 now, below the kernel's ephemeral range:
-    the workers listen on port + 1 + i too, and a port next to an ephemeral one was seen taken by the
-    local end of another test's Kafka connection."""
-    for _ in range(200):
-        base = random.randint(20_000, 30_000)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def _family(url: str, name: str, **labels: str) -> float:
@@ -68,7 +46,7 @@ def test_two_workers_serve_the_counts_of_what_either_showed(kafka_broker, unique
     config.write_text(
         yaml.safe_dump({"serve": serve, "kafka": {"bootstrap": kafka_broker.bootstrap}, "arms": [arm]})
     )
-    port = _free_ports(3)  # the service's, and each worker's /metrics
+    port = free_consecutive_ports(3)  # the service's, and each worker's /metrics
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -20,6 +20,8 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.registry import build_learner
 from reloop.engine.serve.bundle_format import publish_serving_bundle
 
+from ..ports import free_consecutive_ports
+
 REPO = Path(__file__).resolve().parents[3]
 SPEC = {"fields": [{"kind": "categorical", "name": "item", "buckets": 64}]}
 
@@ -70,7 +72,7 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
     config = tmp_path / "serve.yaml"
     arms = [{"name": "A", "registry": str(reg.root)}]
     config.write_text(yaml.safe_dump({"serve": {"log": {"enabled": False}}, "arms": arms}))
-    port = free_port()
+    port = free_consecutive_ports(3)  # the service's, and each worker's /metrics
     proc = subprocess.Popen(
         [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
          "--port", str(port),
@@ -180,7 +182,7 @@ def test_workers_stop_when_the_parent_is_sigkilled(tmp_path):
     config = tmp_path / "serve.yaml"
     arms = [{"name": "A", "registry": str(reg.root)}]
     config.write_text(yaml.safe_dump({"serve": {"log": {"enabled": False}}, "arms": arms}))
-    port = free_port()
+    port = free_consecutive_ports(3)  # the service's, and each worker's /metrics
     proc = subprocess.Popen(
         [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config),
          "--port", str(port), "--workers", "2"],
