@@ -298,45 +298,47 @@ class SamplesFeed:
         if not rows:
             return
         transform = bundle.featurizer.transform
-        try:
-            batch = transform(rows)
-        except FeatureError:  # a value the live spec cannot read: the others still count
-            kept = []
-            for row in rows:
-                try:
-                    kept.append(transform([row]))
-                except FeatureError:
-                    self.refused += 1
-                    self._tally["refused"].add()
-            if not kept:
-                return
-            batch = FeatureBatch.concat(kept)
+        batch, _ = self._readable(len(rows), lambda: transform(rows), lambda i: transform([rows[i]]))
+        if batch is None:
+            return
         self.target.count_logged(bundle, batch)  # type: ignore[attr-defined]
         self._tally[SHOWN].add(len(batch))
 
     def _featurize(self, bundle: Any, batch: SampleBatch) -> tuple[FeatureBatch, np.ndarray, np.ndarray]:
-        """The rows of ``batch`` the live spec can read, their labels and event times: the whole message
-        at once, else (a value the spec cannot read: slow, and rare) one row at a time, the others counted."""
+        """The rows of ``batch`` the live spec can read, their labels and event times."""
         featurize = bundle.featurizer.transform_columns
         labels = batch.numpy("label").astype(np.float64)
         times = batch.numpy("event_time_ms").astype(np.float64)
+        got, keep = self._readable(
+            len(batch),
+            lambda: featurize(batch.features(), rows=len(batch)),
+            lambda i: featurize(batch.take(slice(i, i + 1)).features(), rows=1),
+        )
+        if got is None:
+            return featurize({}, rows=0), labels[:0], times[:0]
+        return (got, labels, times) if keep is None else (got, labels[keep], times[keep])
+
+    def _readable(
+        self, n: int, whole: Callable[[], FeatureBatch], row: Callable[[int], FeatureBatch]
+    ) -> tuple[FeatureBatch | None, list[int] | None]:
+        """The ``n`` rows featurised at once (``whole``), else (a value the live spec cannot read: slow,
+        and rare) one at a time (``row``), each one it cannot read counted as refused. Returns the batch
+        (None: no row readable) and the rows kept (None: all of them)."""
         try:
-            return featurize(batch.features(), rows=len(batch)), labels, times
+            return whole(), None
         except FeatureError:
             pass
         keep: list[int] = []
         rows: list[FeatureBatch] = []
-        for i in range(len(batch)):
+        for i in range(n):
             try:
-                rows.append(featurize(batch.take(slice(i, i + 1)).features(), rows=1))
+                rows.append(row(i))
             except FeatureError:
                 self.refused += 1
                 self._tally["refused"].add()
                 continue
             keep.append(i)
-        if not rows:
-            return featurize({}, rows=0), labels[:0], times[:0]
-        return FeatureBatch.concat(rows), labels[keep], times[keep]
+        return (FeatureBatch.concat(rows) if rows else None), keep
 
     def save(self) -> None:
         if self.state_path is not None:
