@@ -31,7 +31,6 @@ each of its pairs and reads the mean of its pairs' inputs (a row without any: th
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -255,26 +254,19 @@ class ClickCounters:
         no cross counts a multi-valued field) as counted at ``now_ms`` (only the counts that forget
         depend on it)."""
         out = np.empty((_rows(ids), self.n_columns), dtype=np.float32)
-        m = self.prior_strength
         prior = (min(self.total_clicked, self.total_shown) + 1.0) / (self.total_shown + 2.0)
         cells = {id(key): key.cells(ids) for key in self._keys}
         for k, counts in enumerate(self._counts):
             rows, mask = cells[id(counts.key)]
             shown, clicked = counts.read(rows, now_ms)
-            # never more clicks than showings (here and in the prior): a click whose impression was counted
-            # elsewhere (before a restart, say) must not make a rate of 1, whose logit is not finite
-            rate = (np.minimum(clicked, shown) + m * prior) / (shown + m)
-            logit, seen = np.log(rate / (1.0 - rate)), np.log1p(shown) * SEEN_SCALE
-            if rows.ndim == 2:  # a cross: the mean over the row's real pairs (none: the prior, not seen)
-                real = np.ones(rows.shape, bool) if mask is None else mask
-                count = real.sum(axis=1)
-                empty = math.log(prior / (1.0 - prior))
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    logit = np.where(count > 0, (logit * real).sum(axis=1) / count, empty)
-                    seen = np.where(count > 0, (seen * real).sum(axis=1) / count, 0.0)
-            out[:, 2 * k] = logit
-            out[:, 2 * k + 1] = seen
+            out[:, 2 * k], out[:, 2 * k + 1] = rate_inputs(shown, clicked, prior, self.prior_strength, mask)
         return out
+
+    @property
+    def count_sets(self) -> list[tuple[_Key, list[_Counts]]]:
+        """Each counted key with its sets of counts (lifetime first, then one per window), in the order
+        of ``values``' columns."""
+        return self._groups
 
     def count_shown(self, ids: Ids, now_ms: float = 0.0) -> None:
         """Count a batch of impressions when they are shown."""
@@ -354,6 +346,27 @@ class ClickCounters:
         self.total_clicked = float(state["total_clicked"])
 
 
+def rate_inputs(
+    shown: np.ndarray, clicked: np.ndarray, prior: float | np.ndarray, m: float, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two inputs (``#ctr``, ``#seen``) of counts read for a batch's rows, [B] each, from counts of
+    [B], or of a cross's [B, L] pairs (averaged over the real ones, ``mask``; None: all; a row without
+    any: the prior, not seen). ``prior``: the overall rate, one or one per row."""
+    p = prior if np.ndim(prior) == 0 else np.asarray(prior).reshape(-1, *([1] * (shown.ndim - 1)))
+    # never more clicks than showings (here and in the prior): a click whose impression was counted
+    # elsewhere (before a restart, say) must not make a rate of 1, whose logit is not finite
+    rate = (np.minimum(clicked, shown) + m * p) / (shown + m)
+    logit, seen = np.log(rate / (1.0 - rate)), np.log1p(shown) * SEEN_SCALE
+    if shown.ndim == 2:  # a cross: the mean over the row's real pairs
+        real = np.ones(shown.shape, bool) if mask is None else mask
+        count = real.sum(axis=1)
+        empty = np.log(np.asarray(prior) / (1.0 - np.asarray(prior)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            logit = np.where(count > 0, (logit * real).sum(axis=1) / count, empty)
+            seen = np.where(count > 0, (seen * real).sum(axis=1) / count, 0.0)
+    return logit, seen
+
+
 def counter_layout(spec: FeatureSpec, fields: Sequence[str]) -> tuple[Any, ...]:
     """Where counters of ``fields`` live in ``spec`` (``ClickCounters.layout`` of such counters)."""
     return tuple(_Key(spec, name).layout for name in fields)
@@ -361,45 +374,3 @@ def counter_layout(spec: FeatureSpec, fields: Sequence[str]) -> tuple[Any, ...]:
 
 def _rows(ids: Ids) -> int:
     return int((ids if isinstance(ids, np.ndarray) else ids.cat).shape[0])
-
-
-def _take(ids: Ids, index: np.ndarray | slice) -> Ids:
-    return ids[index] if isinstance(ids, np.ndarray) else ids.take(index)
-
-
-def streamed_counter_values(
-    counters: ClickCounters,
-    ids: Ids,
-    labels: np.ndarray,
-    times_ms: np.ndarray,
-    label_times_ms: np.ndarray | None = None,
-) -> np.ndarray:
-    """Each row's counter features as a live counter would have served them at its event time: every
-    impression of an earlier time counted, and every click whose label had arrived before that time
-    (``label_times_ms``; None: at its own event time, labels known as soon as it has passed). Never a
-    row's own label, nor one of its own time: events that share a timestamp are served together, as
-    ``--batch-by time`` scores them. Rows in time order (``ids``: a FeatureBatch, or its ``cat``);
-    ``counters`` ends holding every row."""
-    n = _rows(ids)
-    out = np.empty((n, counters.n_columns), dtype=np.float32)
-    clicks = np.flatnonzero(labels > 0)
-    arrived = (times_ms if label_times_ms is None else label_times_ms)[clicks]
-    order = np.argsort(arrived, kind="stable")
-    clicks, arrived = clicks[order], arrived[order]
-    done = 0  # clicks counted so far (in arrival order)
-    starts = np.flatnonzero(np.r_[True, times_ms[1:] != times_ms[:-1]]) if n else np.zeros(0, int)
-    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
-        until = int(np.searchsorted(arrived, times_ms[a], side="left"))
-        now = float(times_ms[a])
-        if until > done:  # (counted now, each weighing what its impression weighs now: as at arrival)
-            rows = clicks[done:until]
-            counters.count_clicks(_take(ids, rows), labels[rows].astype(np.float64), now, times_ms[rows])
-            done = until
-        part = _take(ids, slice(a, b))
-        out[a:b] = counters.values(part, now)
-        counters.count_shown(part, now)
-    if done < len(clicks):
-        rows = clicks[done:]
-        last = float(arrived[-1])
-        counters.count_clicks(_take(ids, rows), labels[rows].astype(np.float64), last, times_ms[rows])
-    return out

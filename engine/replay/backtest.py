@@ -140,7 +140,8 @@ def with_click_counters(
     spec and dense inputs, each row's as a live counter would have served it: with the labels that had
     arrived by its event time (``label_times_ms``; None: each known once its event time has passed, as
     this module's protocols assume). The river peer reads ``raw_features`` and does not get them."""
-    from reloop.engine.features.counters import ClickCounters, streamed_counter_values
+    from reloop.engine.features.counters import ClickCounters
+    from reloop.engine.features.streamed_counters import streamed_counter_values
 
     counters = ClickCounters(data.spec, fields, prior_strength, windows_s)
     values = streamed_counter_values(counters, data.batch, data.labels, data.times_ms, label_times_ms)

@@ -18,14 +18,10 @@ import numpy as np
 from reloop.connectors.files.datasets.base import DatasetRow
 from reloop.connectors.files.datasets.delay import ClickDelay
 from reloop.connectors.files.datasets.events import click_time_ms
-from reloop.engine.features.counters import (
-    ClickCounters,
-    CounterSettings,
-    counter_field_names,
-    streamed_counter_values,
-)
+from reloop.engine.features.counters import ClickCounters, CounterSettings, counter_field_names
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.features.streamed_counters import streamed_counter_values
 
 
 def with_served_counters(

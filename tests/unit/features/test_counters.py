@@ -13,11 +13,11 @@ from reloop.engine.features.counters import (
     CounterSettings,
     counter_field_names,
     counter_inputs,
-    streamed_counter_values,
     with_counter_fields,
 )
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import CategoricalField, FeatureSpec, NumericField
+from reloop.engine.features.streamed_counters import streamed_counter_values
 
 SPEC = FeatureSpec(
     fields=(
