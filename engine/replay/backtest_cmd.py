@@ -470,13 +470,13 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
             )
     if not args.river_lr > 0:
         raise Refused(f"--river-lr: expected a step > 0, got {args.river_lr:g}")
-    asked = counted_fields(args, ["?"])  # ("?": whatever the dataset names, unknown yet)
-    if asked and not args.counter_prior > 0:
-        raise Refused(f"--counter-prior: expected a strength > 0, got {args.counter_prior:g}")
-    try:
-        counted_windows(args, asked)  # a bad --counter-windows fails before the data is read
+    try:  # bad counters or windows fail before the data is read
+        asked = counted_fields(args, ["?"])  # ("?": whatever the dataset names, unknown yet)
+        counted_windows(args, asked)
     except ValueError as e:
         raise Refused(str(e)) from None
+    if asked and not args.counter_prior > 0:
+        raise Refused(f"--counter-prior: expected a strength > 0, got {args.counter_prior:g}")
     try:
         hidden = tuple(int(x) for x in _csv_list(args.hidden_units))
     except ValueError:

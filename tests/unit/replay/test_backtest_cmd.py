@@ -471,6 +471,10 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert "--counter-windows: windows of no counters; give --counters" in capsys.readouterr().err
     assert main([*argv, "--counter-windows", "ten", "--out", str(tmp_path / "bad")]) == 2
     assert "--counter-windows: expected seconds, auto or none, got 'ten'" in capsys.readouterr().err
+    assert main([*argv, "--counters", "", "--out", str(tmp_path / "bad")]) == 2
+    assert "--counters: empty; give names, auto or none" in capsys.readouterr().err
+    assert main([*argv, "--counters", "none,user_id", "--out", str(tmp_path / "bad")]) == 2
+    assert "--counters: auto and none stand alone, got 'none,user_id'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert (
         main([*argv, "--counters", "user_id", "--counter-windows", "0", "--out", str(tmp_path / "bad")]) == 2

@@ -202,6 +202,15 @@ def test_dataset_replay_counts_the_datasets_user_and_item_by_default() -> None:
     assert counters("--counter-windows", "none").windows_s == ()
     with pytest.raises(ValueError, match="windows of no counters"):
         counters("--counters", "none", "--counter-windows", "600")
+    # an empty value is refused rather than guessed (it read as auto), and auto / none stand alone
+    refused = [
+        (("--counters", ""), "--counters: empty"),
+        (("--counter-windows", " , "), "--counter-windows: empty"),
+        (("--counters", "auto,user"), "auto and none stand alone"),
+    ]
+    for extra, why in refused:
+        with pytest.raises(ValueError, match=why):
+            counters(*extra)
 
 
 def test_a_dataset_replay_trains_with_the_counter_inputs_an_arm_would_have_served(tmp_path: Path) -> None:
