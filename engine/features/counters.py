@@ -76,6 +76,12 @@ class CounterSettings(BaseModel):
             raise ValueError(f"windows must be distinct, finite and > 0 seconds, got {list(v)}")
         return v
 
+    def settings(self) -> CounterSettings:
+        """The counting settings alone (of an arm's counters: without its topic and state file)."""
+        return CounterSettings(
+            fields=self.fields, prior_strength=self.prior_strength, windows_s=self.windows_s
+        )
+
 
 def counter_field_names(fields: Sequence[str], windows_s: Sequence[float] = ()) -> list[str]:
     """The names of the dense inputs counters of ``fields`` add, in the order of their values' columns."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
+from reloop.engine.features.counters import CounterSettings
 from reloop.engine.features.spec import FeatureSpec
 
 
@@ -194,9 +195,16 @@ class LearnerConfig(FrozenConfig):
     spec: FeatureSpec
     model: SerializeAsAny[BackboneConfig]
     optimizer: OptimizerConfig = OptimizerConfig()
+    # The click counters whose inputs the spec ends with (``model.counters``), so that a serving arm can
+    # be checked against every setting, the prior strength included, which the inputs' names do not
+    # carry. Left out of the JSON when None: a reloop from before it reads those snapshots as it did.
+    counters: CounterSettings | None = None
+
+    def _dump_excludes(self) -> set[str] | None:
+        return {"counters"} if self.counters is None else None
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=self._dump_excludes())
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        return self.model_dump_json(exclude=self._dump_excludes())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from reloop.engine.features.counters import CounterSettings
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss.losses import STRATEGIES, VARIANTS
 from reloop.engine.models import backbones as bb
@@ -151,9 +152,12 @@ def make_config(
     alpha: float,
     seed: int = 0,
     optimizer: OptimizerConfig | dict[str, Any] | None = None,
+    *,
+    counters: CounterSettings | None = None,
     **model_config: Any,
 ) -> LearnerConfig:
-    """A validated LearnerConfig; a bad key or value fails here, naming it."""
+    """A validated LearnerConfig; a bad key or value fails here, naming it. ``counters``: the click
+    counters whose inputs ``spec`` ends with (``model.counters``), recorded with the model."""
     if strategy not in available_strategies():
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {available_strategies()}")
     model = model_config_of(backbone, **model_config)
@@ -167,6 +171,7 @@ def make_config(
             spec=spec,
             model=model,
             optimizer=opt,
+            counters=counters,
         )
     except ValidationError as exc:
         raise ValueError(f"learner config: {_validation_message(exc)}") from None
@@ -179,10 +184,13 @@ def build_learner(
     alpha: float,
     seed: int = 0,
     optimizer: OptimizerConfig | dict[str, Any] | None = None,
+    *,
+    counters: CounterSettings | None = None,
     **model_config: Any,
 ) -> Learner:
     """A fresh learner: ``build_learner("dcn", spec, "reloop", 0.2, seed=1, hidden_units=(400, 400))``."""
-    return learner_from_config(make_config(backbone, spec, strategy, alpha, seed, optimizer, **model_config))
+    config = make_config(backbone, spec, strategy, alpha, seed, optimizer, counters=counters, **model_config)
+    return learner_from_config(config)
 
 
 def config_from_dict(data: dict[str, Any]) -> LearnerConfig:

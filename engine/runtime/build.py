@@ -104,6 +104,7 @@ def check_model(cfg: RunConfig) -> None:
             model.alpha,
             model.seed,
             model.optimizer or None,
+            counters=model.counters,
             **model.params,
         )
     except ValueError as exc:
@@ -127,6 +128,7 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
         cfg.model.alpha,
         seed=cfg.model.seed,
         optimizer=cfg.model.optimizer or None,
+        counters=cfg.model.counters,
         **cfg.model.params,
     )
     if cfg.train.delayed_feedback != "none":

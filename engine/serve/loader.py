@@ -159,5 +159,6 @@ def cold_start_bundle(cold: ColdStart, counters: CounterSettings | None = None) 
     spec = FeatureSpec.from_dict(cold.spec)
     if counters is not None:
         spec = with_counter_fields(spec, counters)
-    learner = build_learner(cold.backbone, spec, "ce", 0.0, seed=cold.seed, **cold.params)
+    settings = None if counters is None else counters.settings()
+    learner = build_learner(cold.backbone, spec, "ce", 0.0, seed=cold.seed, counters=settings, **cold.params)
     return ModelBundle(version=0, learner=learner.clone_frozen(), featurizer=Featurizer(spec))

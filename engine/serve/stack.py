@@ -237,8 +237,11 @@ def filling_counter_inputs(
 ) -> Callable[[int], ModelBundle]:
     """``load``, refusing a version whose model reads click-counter inputs the arm does not fill (an arm
     without ``counters``, or counting other fields or windows than the trainer's ``model.counters``):
-    served, it would score zeros in their place. The reload watcher counts the refusal and serves the
-    next older version."""
+    served, it would score zeros in their place. Also one trained with counters of another prior strength
+    (recorded with the model since 2026-12-06; the inputs' names do not carry it), whose rates would
+    differ from those it learnt. An arm may count more than the model reads (add a field to the arm
+    first, then to the trainer). The reload watcher counts the refusal and serves the next older
+    version."""
     from reloop.engine.checkpoint.registry import SnapshotError
     from reloop.engine.features.counters import counter_field_names, counter_inputs
 
@@ -252,6 +255,13 @@ def filling_counter_inputs(
             raise SnapshotError(
                 f"arm {arm.name}: version {version}'s model reads the click-counter inputs {unfilled[:4]}, "
                 "which this arm does not fill: give it arms[].counters as the trainer's model.counters"
+            )
+        trained = getattr(getattr(bundle.learner, "config", None), "counters", None)
+        if trained is not None and c is not None and trained.prior_strength != c.prior_strength:
+            raise SnapshotError(
+                f"arm {arm.name}: version {version}'s model learnt click-counter inputs of prior strength "
+                f"{trained.prior_strength:g}, this arm serves them with {c.prior_strength:g}: give "
+                "arms[].counters.prior_strength the trainer's model.counters.prior_strength"
             )
         return bundle
 

@@ -90,3 +90,16 @@ def test_the_commands_exit_2_at_once_naming_the_key(tmp_path, command: str) -> N
     key = "model.spec_file" if command == "join" else "model.params"
     assert key in out.stderr
     assert time.monotonic() - start < 25  # `run` took 33 s: its join sat in a 30 s bootstrap after SIGTERM
+
+
+def test_the_trainers_model_records_its_click_counters() -> None:
+    # serve checks every counting setting against this record (the inputs' names omit the prior)
+    from reloop.engine.features.counters import CounterSettings
+    from reloop.engine.runtime.build import build_trainer
+
+    spec = {"fields": [{"kind": "categorical", "name": "user_id", "buckets": 64}]}
+    counters = {"fields": ["user_id"], "prior_strength": 3.0, "windows_s": [60.0]}
+    model = {"backbone": "lr", "strategy": "ce", "alpha": 0.0, "spec": spec}
+    with_counters = build_trainer(load_config_dict({"model": {**model, "counters": counters}}))
+    assert with_counters.learner.config.counters == CounterSettings(**counters)
+    assert build_trainer(load_config_dict({"model": model})).learner.config.counters is None

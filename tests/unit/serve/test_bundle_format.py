@@ -275,3 +275,15 @@ def test_the_service_leaves_a_missing_registry_folder_to_its_trainer(tmp_path):
     publish_serving_bundle(reg, learner)
     reg.publish({"model": learner.state_dict()})
     assert latest() == 1 and load(1).version == 1
+
+
+def test_a_bundle_carries_the_counters_its_model_learnt(tmp_path) -> None:
+    """Serve checks an arm's counter prior against the model's record: the bundle must keep it."""
+    from reloop.engine.features.counters import CounterSettings, with_counter_fields
+    from reloop.engine.serve.bundle_format import write_bundle
+
+    settings = CounterSettings(fields=("user", "user*tags"), prior_strength=7.0, windows_s=(60.0,))
+    spec = with_counter_fields(SPEC, settings)
+    learner = build_learner("dcn", spec, "ce", 0.0, seed=0, embedding_dim=4, counters=settings)
+    write_bundle(tmp_path, 3, learner)
+    assert learner_from_bundle(*read_bundle(tmp_path, 3)).config.counters == settings

@@ -136,3 +136,49 @@ def test_a_model_reading_counter_inputs_the_arm_does_not_fill_is_refused(tmp_pat
     lifetime = {"fields": ["user_id"], "samples_topic": "s", "shown_from": "requests"}
     assert served(counters=lifetime) == (1, 1)  # the @600s inputs unfilled
     assert served(counters={**lifetime, "windows_s": [600.0]}) == (2, 0)
+
+
+def test_a_model_learnt_with_another_counter_prior_is_refused_and_an_arm_may_count_more(tmp_path):
+    """The prior strength is recorded with the model (the inputs' names do not carry it): an arm serving
+    the rates with another one is refused; an arm counting more fields and windows than the model reads
+    serves it; an older snapshot without the record is checked by the names alone."""
+    from reloop.engine.features.counters import CounterSettings, with_counter_fields
+    from reloop.engine.serve.bundle import ModelHolder
+    from reloop.engine.serve.config import ArmConfig
+    from reloop.engine.serve.reload import ArmSource, ReloadWatcher
+    from reloop.engine.serve.stack import registry_loader_factory
+
+    _, spec = _trained()
+    settings = CounterSettings(fields=("user_id",), prior_strength=2.0)
+    counted = with_counter_fields(spec, settings)
+    learner = build_learner("fm", counted, "ce", 0.0, seed=0, embedding_dim=4, counters=settings)
+    assert learner.config.counters == settings
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish({"model": learner.state_dict()})
+    unrecorded = build_learner("fm", counted, "ce", 0.0, seed=0, embedding_dim=4)  # a trainer from before
+    assert "counters" not in unrecorded.config.to_dict()  # its JSON as before: an older reloop reads it
+
+    def served(registry, **counters) -> tuple[int | None, int]:
+        arm = {"fields": ["user_id"], "samples_topic": "s", "shown_from": "requests", **counters}
+        latest, load, versions = registry_loader_factory(ArmConfig(name="p", registry=registry, counters=arm))
+        holder = ModelHolder()
+        watcher = ReloadWatcher(sources=[ArmSource("p", holder, latest, load, versions)])
+        watcher.poll_once()
+        return holder.version, watcher.refused
+
+    assert served(tmp_path) == (None, 1)  # the arm's default prior, 5: refused
+    assert served(tmp_path, prior_strength=2.0) == (1, 0)
+    assert served(tmp_path, prior_strength=2.0, fields=["user_id", "item_id"], windows_s=[60.0]) == (1, 0)
+    older = tmp_path / "older"
+    SnapshotRegistry(older).publish({"model": unrecorded.state_dict()})
+    assert served(older) == (1, 0)
+
+
+def test_a_cold_start_model_records_its_arms_counters():
+    from reloop.engine.serve.config import ArmCountersConfig
+
+    counters = ArmCountersConfig(fields=("user_id",), prior_strength=3.0, samples_topic="s")
+    cold = ColdStart(backbone="fm", spec=world_spec_dict(id_buckets=64), params={"embedding_dim": 4})
+    bundle = cold_start_bundle(cold, counters)
+    assert bundle.learner.config.counters == counters.settings()
+    assert type(bundle.learner.config.counters).__name__ == "CounterSettings"  # not the arm's topic
