@@ -17,7 +17,9 @@ For one key, each row (each real pair of a cross) makes three items in the cell 
 Sorted by (cell, time, kind), the count a read sees is the scan ``x_j = a_j * x_(j-1) + b_j`` up to it,
 with ``b`` the item's weight and ``a`` the decay since the item before in the cell (1 for lifetime
 counts, 0 at a cell's first item). The scan runs for every item at once in log2(longest cell) rounds.
-The same sums as the live counter's, added in another order: equal to float rounding.
+The same sums as the live counter's, added in another order: equal to float rounding. The price is
+memory: one key's items at a time, a peak of about 1 KB a row with MovieLens's cross (95 MB at 100,000
+rows, where the live counter needs its counts alone, 13 MB), about what the rows themselves hold.
 """
 
 from __future__ import annotations
