@@ -8,7 +8,7 @@ import pytest
 from reloop.engine.features.counters import ClickCounters
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
-from reloop.engine.features.streamed_counters import live_counter_values, streamed_counter_values
+from reloop.engine.features.streamed_counters import CHUNK_ROWS, live_counter_values, streamed_counter_values
 
 SPEC = FeatureSpec.model_validate(
     {
@@ -41,13 +41,16 @@ def _log(seed: int, n: int):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("windows", [(), (5.0, 120.0)])
-def test_every_rows_inputs_and_the_final_counts_equal_a_live_counters(seed: int, windows) -> None:
+@pytest.mark.parametrize("chunk_rows", [CHUNK_ROWS, 37, 1])
+def test_every_rows_inputs_and_the_final_counts_equal_a_live_counters(seed: int, windows, chunk_rows) -> None:
+    """In one chunk or many (the counts carried from one to the next, clicks counted chunks after their
+    rows, timestamps never split), as the live counter serves them."""
     fields = ["user", "item", "user*genres", "user*item"]
     batch, labels, times, arrived = _log(seed, 600)
     live = ClickCounters(SPEC, fields, prior_strength=3.0, windows_s=windows)
     expected = live_counter_values(live, batch, labels, times, arrived)
     at_once = ClickCounters(SPEC, fields, prior_strength=3.0, windows_s=windows)
-    got = streamed_counter_values(at_once, batch, labels, times, arrived)
+    got = streamed_counter_values(at_once, batch, labels, times, arrived, chunk_rows=chunk_rows)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
     # the counters end as the live one does, so they can go on counting (or be saved) from there
@@ -74,7 +77,7 @@ def test_a_click_that_arrives_at_the_last_rows_time_is_not_read_by_it() -> None:
     arrived = np.array([20, 0, 0])
     expected = live_counter_values(ClickCounters(SPEC, ["user"]), batch, labels, times, arrived)
     counters = ClickCounters(SPEC, ["user"])
-    got = streamed_counter_values(counters, batch, labels, times, arrived)
+    got = streamed_counter_values(counters, batch, labels, times, arrived, chunk_rows=1)
     np.testing.assert_array_equal(got, expected)
     assert counters.total_clicked == 1.0
 
