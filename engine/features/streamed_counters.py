@@ -80,11 +80,13 @@ def streamed_counter_values(
     click_sums = np.r_[0.0, np.cumsum(labels[clicks][~after_last][by_count])]
     earlier_clicks = click_sums[np.searchsorted(counted_ms[~after_last][by_count], times, side="right")]
     prior = (np.minimum(earlier_clicks, earlier_rows) + 1.0) / (earlier_rows + 2.0)
+    in_count_order = np.argsort(counted_ms, kind="stable")
+    counted_sorted = counted_ms[in_count_order]
     for lo, hi in _chunks(times, chunk_rows):
         # the clicks counted from this chunk's first time to the next chunk's (the last: all the rest)
-        counted_here = counted_ms >= times[lo]
-        if hi < n:
-            counted_here &= counted_ms < times[hi]
+        first = np.searchsorted(counted_sorted, times[lo], side="left")
+        end = np.searchsorted(counted_sorted, times[hi], side="left") if hi < n else counted_sorted.size
+        counted_here = in_count_order[first:end]
         chunk_clicks = _Clicks(
             ids=_take(ids, clicks[counted_here]),
             counted_ms=counted_ms[counted_here],
