@@ -93,7 +93,7 @@ def test_the_commands_exit_2_at_once_naming_the_key(tmp_path, command: str) -> N
 
 
 def test_the_trainers_model_records_its_click_counters() -> None:
-    # serve checks every counting setting against this record (the inputs' names omit the prior)
+    # serve checks its arm's prior strength against this record (the inputs' names omit it)
     from reloop.engine.features.counters import CounterSettings
     from reloop.engine.runtime.build import build_trainer
 
