@@ -74,14 +74,14 @@ def streamed_counter_values(
     at = np.searchsorted(stamps, arrived, side="right")
     after_last = at == stamps.size
     counted_ms = np.where(after_last, arrived.max(initial=0), stamps[np.minimum(at, stamps.size - 1)])
-    # The overall rate each row reads: the rows of earlier times, the clicks counted before its time.
-    earlier_rows = np.searchsorted(times, times, side="left").astype(np.float64)
-    by_count = np.argsort(counted_ms[~after_last], kind="stable")
-    click_sums = np.r_[0.0, np.cumsum(labels[clicks][~after_last][by_count])]
-    earlier_clicks = click_sums[np.searchsorted(counted_ms[~after_last][by_count], times, side="right")]
-    prior = (np.minimum(earlier_clicks, earlier_rows) + 1.0) / (earlier_rows + 2.0)
     in_count_order = np.argsort(counted_ms, kind="stable")
     counted_sorted = counted_ms[in_count_order]
+    # The overall rate each row reads: the rows of earlier times, the clicks counted before its time
+    # (those counted after the last row never are).
+    earlier_rows = np.searchsorted(times, times, side="left").astype(np.float64)
+    read_clicks = np.where(after_last, 0.0, labels[clicks])[in_count_order]
+    earlier_clicks = np.r_[0.0, np.cumsum(read_clicks)][np.searchsorted(counted_sorted, times, side="right")]
+    prior = (np.minimum(earlier_clicks, earlier_rows) + 1.0) / (earlier_rows + 2.0)
     for lo, hi in _chunks(times, chunk_rows):
         # the clicks counted from this chunk's first time to the next chunk's (the last: all the rest)
         first = np.searchsorted(counted_sorted, times[lo], side="left")
@@ -139,7 +139,7 @@ class _Clicks(NamedTuple):
 
 def live_counter_values(
     counters: ClickCounters,
-    ids: Any,
+    ids: Ids,
     labels: np.ndarray,
     times_ms: np.ndarray,
     label_times_ms: np.ndarray | None = None,
@@ -148,7 +148,7 @@ def live_counter_values(
     At each timestamp the clicks that arrived before it are counted (weighing what their impressions
     weigh then), that time's rows read, then counted as shown; the clicks still on their way are counted
     at the last one's arrival. What the fast path is tested and benchmarked against (~150 numpy calls a
-    timestamp). ``ids``: a FeatureBatch."""
+    timestamp). ``ids`` as there."""
     times = np.asarray(times_ms, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.float64)
     arrived = times if label_times_ms is None else np.asarray(label_times_ms, dtype=np.int64)
@@ -163,14 +163,14 @@ def live_counter_values(
         until = int(np.searchsorted(when, times[a], side="left"))
         if until > done:
             rows = clicks[done:until]
-            counters.count_clicks(ids.take(rows), labels[rows], now, times[rows])
+            counters.count_clicks(_take(ids, rows), labels[rows], now, times[rows])
             done = until
-        part = ids.take(slice(a, b))
+        part = _take(ids, slice(a, b))
         out[a:b] = counters.values(part, now)
         counters.count_shown(part, now)
     if done < clicks.size:
         rows = clicks[done:]
-        counters.count_clicks(ids.take(rows), labels[rows], float(when[-1]), times[rows])
+        counters.count_clicks(_take(ids, rows), labels[rows], float(when[-1]), times[rows])
     return out
 
 
@@ -220,21 +220,19 @@ class _KeyLog:
         """(shown, clicked) each row's read saw, shaped as the key's cells ([n], or a cross's [n, L] with 0
         where not real). ``counts`` (one set of the key's counts, holding the chunks before) ends holding
         this one's items too, as the live counter leaves it: each cell's counts as of its last count."""
-        shown_w, click_w = self.shown_w.copy(), self.click_w
+        shown_w = self.shown_w.copy()
         carried = self.cell[self.carried]
         held_shown, held_clicked = counts.shown[carried], counts.clicked[carried]
         if counts.tau_s is None:
-            decay = np.ones(self.time.shape)
+            decay, click_w = np.ones(self.time.shape), self.click_w.copy()
         else:
             tau_ms = 1000.0 * counts.tau_s
             decay = np.exp(-np.maximum(np.diff(self.time, prepend=self.time[:1]), 0.0) / tau_ms)
             # a click weighs what its impression weighs when it is counted: never more than the showing
-            click_w = click_w * np.exp(-np.maximum(self.time - self.shown_ms, 0.0) / tau_ms)
+            click_w = self.click_w * np.exp(-np.maximum(self.time - self.shown_ms, 0.0) / tau_ms)
             kept = np.exp(-np.maximum(self.start - counts.stamp_ms[carried], 0.0) / tau_ms)
             held_shown, held_clicked = held_shown * kept, held_clicked * kept
-        shown_w[self.carried] = held_shown
-        click_w = click_w.copy()
-        click_w[self.carried] = held_clicked
+        shown_w[self.carried], click_w[self.carried] = held_shown, held_clicked
         decay[self.first] = 0.0
         x = _scan(decay, np.stack([shown_w, click_w], axis=1))
         last = self.cell[self.last]

@@ -33,11 +33,10 @@ counted as the samples are (``undecodable``, ``refused``); those counted are ``s
 ``caught_up`` is set once the source is open and the feed has read what its topics held when it opened
 (from saved positions: what came after the last save; with none, what the impression log got since the
 feed was made): the serving stack waits for it before serving an arm that counts its impression log.
-A feed with no saved
-positions opens the impression log at the first record stamped at or after its own creation (where the
-source can say, ``positions_at``), not at the end: what the process (or another) shows before the open
-completes is still counted, however late the open (a broker down at start, a topic that the first
-impression creates).
+A feed with no saved positions opens the impression log at the first record stamped at or after its own
+creation (where the source can say, ``positions_at``), not at the end: what the process (or another)
+shows before the open completes is still counted, however late the open (a broker down at start, a
+topic that the first impression creates).
 
 ``reloop_serve_feed_lag_records{arm, target, topic}``: how far the feed is behind each topic's end (alert
 ``ReloopServeFeedBehind``), brought up to date once per ``LAG_EVERY_S``.
