@@ -173,6 +173,12 @@ def test_batch_from_joined_equals_batch_from_samples():
     assert got == want
 
 
+def test_batch_from_joined_of_nothing_is_an_empty_batch():
+    batch = decode_batch(encode_batch(batch_from_joined([], task=2, first_seq=9)))
+    assert (batch.task, batch.first_seq, batch.data.num_rows) == (2, 9, 0)
+    assert batch.data.schema.names == list(FIXED_COLUMNS)
+
+
 def _joined_and_samples(feats):
     imps = [Impression(f"i{k}", "r", "u", "it", f, 1_000 + k, 0.25, 7, "b") for k, f in enumerate(feats)]
     joined = [
