@@ -38,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import EnvSettingsSource, SettingsError
+from reloop.engine.netaddr import bootstrap_problem
 
 ENV_PREFIX = "RELOOP__"
 Client = Literal["kafka-python", "confluent"]
@@ -135,6 +136,14 @@ class KafkaSection(_Section):
         "names of kafka.client; consumer-only or producer-only settings go in "
         "consumer/producer.client_config",
     )
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_list(cls, value: str) -> str:
+        problem = bootstrap_problem(value)
+        if problem is not None:
+            raise ValueError(f"{value!r}: {problem}")
+        return value
 
     @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
     @classmethod

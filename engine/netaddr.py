@@ -3,6 +3,9 @@ URL a log line or a report printed did not parse, and its port read as part of t
 
 from __future__ import annotations
 
+import argparse
+import re
+
 
 def http_url(host: str, port: int, path: str = "") -> str:
     """The URL of ``path`` on ``host:port``.
@@ -13,3 +16,40 @@ def http_url(host: str, port: int, path: str = "") -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"http://{host}:{port}{path}"
+
+
+def bootstrap_problem(value: str) -> str | None:
+    """Why ``value`` is not a Kafka bootstrap list (``host:port`` entries, comma-separated; a port may be
+    left out for 9092, an IPv6 host goes in brackets), or None when it is one. Checked where the value is
+    read: a malformed one failed later inside the client, in words naming neither the key nor the
+    value (kafka-python: "invalid literal for int()"), or never connected (a port over 65535).
+
+    >>> bootstrap_problem("127.0.0.1:9092,[::1]:9093,broker"), bootstrap_problem("a b:1")
+    (None, "entry 'a b:1' is not host:port")
+    >>> bootstrap_problem("127.0.0.1:99999")
+    "entry '127.0.0.1:99999': port 99999 is not in 1..65535"
+    """
+    entries = [e.strip() for e in value.split(",")]
+    if not value.strip() or not all(entries):
+        return "expected host:port entries separated by commas"
+    for entry in entries:
+        match = _ENTRY.fullmatch(entry)
+        if match is None:
+            return f"entry {entry!r} is not host:port"
+        port = match.group("port")
+        if port is not None and not 1 <= int(port) <= 65535:
+            return f"entry {entry!r}: port {int(port)} is not in 1..65535"
+    return None
+
+
+# An optional listener scheme (PLAINTEXT://), a host (a name or IPv4 without ':' or spaces, or [IPv6]),
+# an optional :port.
+_ENTRY = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^\s:/,\[\]]+)(?::(?P<port>\d{1,6}))?")
+
+
+def bootstrap_arg(value: str) -> str:
+    """``bootstrap_problem`` as an argparse ``type``: the command exits 2 naming the option."""
+    problem = bootstrap_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
+    return value

@@ -34,13 +34,16 @@ from typing import Any
 import orjson
 from reloop.engine.appending import replace_whole
 from reloop.engine.config_common import int_at_least
+from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.replay.options import AUTO, counted_fields, counted_windows, key_value
 from reloop.engine.streams import Positions, TopicPartition
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--kafka", metavar="BOOTSTRAP", help="replay the config's topics from this broker")
+    src.add_argument(
+        "--kafka", metavar="BOOTSTRAP", type=bootstrap_arg, help="replay the config's topics from this broker"
+    )
     src.add_argument("--jsonl", type=Path, metavar="ROOT", help="replay JSONL topic files under ROOT")
     src.add_argument("--dataset", help="replay a dataset (movielens-100k, frappe, criteo, avazu, ...)")
     parser.add_argument("--config", type=Path, help="run config (YAML/TOML); required except for --dataset")

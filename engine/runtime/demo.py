@@ -36,6 +36,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from reloop.engine.config_common import describe_errors
+from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
 from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
@@ -334,7 +335,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
     parser.add_argument("--duration", type=positive_float, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--bootstrap", help="use this Kafka broker instead of starting a local one")
+    parser.add_argument(
+        "--bootstrap", type=bootstrap_arg, help="use this Kafka broker instead of starting a local one"
+    )
     parser.add_argument(
         "--workdir", help="folder for snapshots, logs and the broker (default: a temp folder)"
     )

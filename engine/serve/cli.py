@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from reloop.engine.netaddr import http_url
+from reloop.engine.netaddr import bootstrap_arg, http_url
 from reloop.engine.serve.config import ConfigError, counters_conflict, load_serve_config
 
 
@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections serve, arms, kafka")
     parser.add_argument("--host", help="override serve.host (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, help="override serve.port")
-    parser.add_argument("--bootstrap", help="override kafka.bootstrap")
+    parser.add_argument("--bootstrap", type=bootstrap_arg, help="override kafka.bootstrap")
     parser.add_argument("--no-log", action="store_true", help="do not log impressions (benchmarks)")
     parser.add_argument(
         "--workers",

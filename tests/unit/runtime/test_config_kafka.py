@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from reloop.engine.config_common import KafkaSection
@@ -278,3 +279,28 @@ def test_an_ssl_file_that_cannot_be_read_fails_the_config_naming_its_key(tmp_pat
     missing = tmp_path / "missing.pem"
     with pytest.raises(ConfigError, match=rf"kafka\.{key}.*missing\.pem' does not exist"):
         load_config_dict({"kafka": {"security_protocol": "SSL", key: str(missing)}}, env={})
+
+
+@pytest.mark.parametrize(
+    ("bootstrap", "why"),
+    [
+        ("a b c::", "'a b c::' is not host:port"),
+        ("127.0.0.1:99999", "port 99999 is not in 1..65535"),
+        ("127.0.0.1:9092,,b:1", "entries separated by commas"),
+        ("host:port", "'host:port' is not host:port"),
+    ],
+)
+def test_a_malformed_bootstrap_fails_the_config_naming_the_key(bootstrap, why):
+    # It was taken: kafka-python then failed inside the client ("invalid literal for int()"), retried by
+    # the supervisor, and serve logged a failed sink every half second; a port over 65535 never connected.
+    with pytest.raises(ConfigError, match=rf"kafka\.bootstrap.*{re.escape(why)}"):
+        _run({"kafka": {"bootstrap": bootstrap}})
+    with pytest.raises(ConfigError, match=rf"kafka\.bootstrap.*{re.escape(why)}"):
+        serve_config_from_dict({**SERVE_DOC, "kafka": {"bootstrap": bootstrap}}, env={})
+
+
+@pytest.mark.parametrize(
+    "bootstrap", ["127.0.0.1:9092", "kafka:9092,kafka-1:9092", "[::1]:9092", "broker", "SSL://b:9093"]
+)
+def test_bootstrap_lists_kafka_takes_are_accepted(bootstrap):
+    assert _run({"kafka": {"bootstrap": bootstrap}}).kafka.bootstrap == bootstrap
