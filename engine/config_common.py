@@ -478,3 +478,41 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def path_problem(value: str | os.PathLike[str], *, folder: bool) -> str | None:
+    """Why ``value`` cannot be (or become) a folder (``folder``) or a file: it exists as the other kind,
+    or a part of it is a file. None when it can. Whether it may be written is left to the run: a config
+    may be checked on another machine than the one it runs on. A path of the wrong kind failed where it
+    was first opened, in the operating system's words (``FileExistsError``), retried as if the broker
+    had failed."""
+    path = Path(value)
+    if path.exists():
+        if folder != path.is_dir():
+            kind, wanted = ("file", "folder") if folder else ("folder", "file")
+            return f"{str(path)!r} is a {kind}, expected a {wanted}"
+        return None
+    for part in path.parents:  # the nearest part that exists
+        if part.exists():
+            return None if part.is_dir() else f"{str(part)!r} is a file, so {str(path)!r} cannot be made"
+    return None
+
+
+def folder_arg(text: str) -> Path:
+    """An argparse ``type``: a folder that exists or can be made (``path_problem``), else exit 2."""
+    import argparse
+
+    problem = path_problem(text, folder=True)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
+
+
+def port_arg(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1..65535, else exit 2 (a larger one failed inside ``bind``)."""
+    import argparse
+
+    port = int_at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {port}")
+    return port

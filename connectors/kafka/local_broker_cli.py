@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from reloop.connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
+from reloop.engine.config_common import folder_arg, port_arg, positive_float
 from reloop.engine.resources import in_checkout, user_state_dir
 
 
@@ -35,13 +36,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "status", "down", "fetch"], help="what to do")
     parser.add_argument(
         "--state-dir",
-        type=Path,
+        type=folder_arg,
         default=None,
         help="broker state folder (default: $RELOOP_STATE_DIR/kafka, else .state/kafka in a checkout, "
         "else ~/.local/state/reloop/kafka)",
     )
-    parser.add_argument("--port", type=int, default=None, help="client port for `up` (default: a free port)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for `up`/`down`")
+    parser.add_argument(
+        "--port", type=port_arg, default=None, help="client port for `up` (default: a free port)"
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=90.0, help="seconds to wait for `up`/`down`"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from reloop.engine.config_common import int_at_least
+from reloop.engine.config_common import folder_arg, int_at_least
 from reloop.engine.replay.backtest import (
     BATCH_BY,
     PERIODIC_LR,
@@ -275,7 +275,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int_at_least(1), default=1, help="processes (each uses one torch thread)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder for results.csv, report.md, PNGs")
+    parser.add_argument(
+        "--out", type=folder_arg, required=True, help="folder for results.csv, report.md, PNGs"
+    )
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     parser.add_argument(
         "--report-from",
@@ -446,6 +448,9 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     model options and the publishing interval (ms)."""
     from reloop.engine.models.registry import backbone_entry
 
+    for option in ("strategies", "alphas", "backbones", "protocols"):
+        if not _csv_list(getattr(args, option)):  # a grid without a value made no run of its kind
+            raise Refused(f"--{option}: expected comma-separated values, got {getattr(args, option)!r}")
     try:
         strategies = strategy_grid(_csv_list(args.strategies), [float(a) for a in _csv_list(args.alphas)])
     except ValueError as e:

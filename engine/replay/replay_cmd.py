@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 from reloop.engine.appending import replace_whole
-from reloop.engine.config_common import int_at_least
+from reloop.engine.config_common import folder_arg, int_at_least
 from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.replay.options import AUTO, counted_fields, counted_windows, key_value
 from reloop.engine.streams import Positions, TopicPartition
@@ -47,7 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--jsonl", type=Path, metavar="ROOT", help="replay JSONL topic files under ROOT")
     src.add_argument("--dataset", help="replay a dataset (movielens-100k, frappe, criteo, avazu, ...)")
     parser.add_argument("--config", type=Path, help="run config (YAML/TOML); required except for --dataset")
-    parser.add_argument("--out", type=Path, required=True, help="replay state: snapshots, samples, summary")
+    parser.add_argument(
+        "--out", type=folder_arg, required=True, help="replay state: snapshots, samples, summary"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue from OUT/snapshots instead of refusing"
     )
@@ -347,9 +349,6 @@ def main(args: argparse.Namespace) -> int:
     refused = _options_refused(args)
     if refused:
         print(f"reloop replay: {refused}", file=sys.stderr)
-        return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"reloop replay: --out {args.out} is a file, not a folder", file=sys.stderr)
         return 2
     snapshots = args.out / "snapshots"
     if snapshots.exists() and any(snapshots.iterdir()) and not args.resume:

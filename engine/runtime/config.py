@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,7 @@ from reloop.engine.config_common import (
     describe_errors,
     env_origin,
     env_values,
+    path_problem,
     read_document,
     redact,
 )
@@ -211,6 +212,22 @@ class CheckpointSection(_Section):
         "logged) instead of refusing to start; for a deliberate change, such as pinning a learning rate",
     )
 
+    @field_validator("dir")
+    @classmethod
+    def _dir_is_a_folder(cls, value: str) -> str:
+        problem = path_problem(value, folder=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger_is_a_file(cls, value: str | None) -> str | None:
+        problem = None if value is None else path_problem(value, folder=False)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
 
 class MetricsSection(_Section):
     window_size: int = Field(default=100_000, gt=0)
@@ -349,8 +366,12 @@ class DistributedSection(_Section):
     max_restarts: int = Field(default=3, ge=0, description="torchrun restarts of the whole group")
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS = get_args(LogLevel)  # also the choices of the commands' --log-level
+
+
 class LogSection(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: LogLevel = "INFO"
     stats_every_s: float = Field(default=10.0, gt=0)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from reloop.engine.config_common import describe_errors
+from reloop.engine.config_common import describe_errors, folder_arg
 from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
 from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
@@ -339,7 +339,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--bootstrap", type=bootstrap_arg, help="use this Kafka broker instead of starting a local one"
     )
     parser.add_argument(
-        "--workdir", help="folder for snapshots, logs and the broker (default: a temp folder)"
+        "--workdir",
+        type=folder_arg,
+        help="folder for snapshots, logs and the broker (default: a temp folder)",
     )
     parser.add_argument("--rate", type=positive_float, help="override simulate.rate (requests/s)")
     parser.add_argument(

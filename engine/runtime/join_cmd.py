@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reloop.engine.runtime.config import ConfigError, load_config, load_feature_spec
+from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, load_config, load_feature_spec
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
-    parser.add_argument("--log-level", default=None, help="override log.level")
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=None, help="override log.level"
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
@@ -36,7 +36,9 @@ log = logging.getLogger("reloop.run")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
-    parser.add_argument("--log-level", default=None, help="override log.level")
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=None, help="override log.level"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
 # Set by the launcher for its ranks: its pid (a rank dies with it) and the folder where each rank marks
@@ -40,7 +40,9 @@ BESIDE_JOIN = "RELOOP_TRAIN_BESIDE_JOIN"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML or TOML run config (RELOOP__* env overrides)")
-    parser.add_argument("--log-level", default=None, help="override log.level")
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=None, help="override log.level"
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,

@@ -264,6 +264,29 @@ def test_a_bad_strategy_fails_before_the_data_is_read(tmp_path: Path, capsys) ->
     assert "kd@half" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--strategies", "--alphas", "--backbones", "--protocols"])
+def test_an_empty_grid_fails_before_the_data_is_read(tmp_path: Path, capsys, option: str) -> None:
+    # "--backbones ," made no run and failed reading the results it never wrote (a traceback); "--alphas
+    # ''" dropped every strategy that needs one and ran the rest.
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
+    assert main([*argv, "--out", str(tmp_path / "out"), option, " , "]) == 2
+    assert f"{option}: expected comma-separated values, got ' , '" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_is_a_file_fails_at_parse_time(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
+    for out, why in (
+        (tmp_path / "file", "is a file, expected a folder"),
+        (tmp_path / "file" / "x", "is a file, so"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--out", str(out)])
+        assert (
+            stop.value.code == 2 and f"argument --out: '{tmp_path / 'file'}' {why}" in capsys.readouterr().err
+        )
+
+
 def test_a_bad_model_option_fails_before_the_data_is_read(tmp_path: Path, capsys) -> None:
     argv = ["backtest", "--dataset", "movielens-100k", "--data", str(tmp_path / "missing")]
     assert main([*argv, "--out", str(tmp_path / "out"), "--backbones", "fm,dcn", "--embedding-dim", "0"]) == 2

@@ -544,9 +544,15 @@ def test_out_naming_a_file_is_refused(tmp_path: Path, capsys) -> None:
     root = tmp_path / "log"
     write_jsonl(root, events()[:10])
     (tmp_path / "afile").write_text("")
-    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "afile")]
-    assert main(argv) == 2
-    assert "is a file" in capsys.readouterr().err
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out"]
+    # At parse time (exit 2); a path under the file was a NotADirectoryError traceback.
+    for out, why in (("afile", "is a file, expected a folder"), ("afile/x", "is a file, so")):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, str(tmp_path / out)])
+        assert (
+            stop.value.code == 2
+            and f"argument --out: '{tmp_path / 'afile'}' {why}" in capsys.readouterr().err
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
-"""Config files that cannot be read fail with one line naming the file (each was a traceback)."""
+"""Config files that cannot be read fail with one line naming the file (each was a traceback), and paths in
+them of the wrong kind fail naming their key."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from reloop.engine.runtime.config import ConfigError, load_config
+from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
 from reloop.engine.serve.config import read_yaml
 
 BASE = """model:
@@ -85,3 +86,26 @@ def test_a_section_check_names_the_variables_set_not_one_that_does_not_exist(tmp
     message = str(refused.value)
     assert "environment variable RELOOP__RECOVERY)" not in message
     assert "RELOOP__RECOVERY__BACKOFF_MAX_S" in message
+
+
+def _load(data: dict):
+    model = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}}
+    return load_config_dict({"model": model, **data}, env={})
+
+
+def test_checkpoint_paths_of_the_wrong_kind_fail_the_config_naming_the_key(tmp_path):
+    # They failed when the stage was built (FileExistsError, IsADirectoryError), retried by the
+    # supervisor for 15 minutes as if the broker were down, in words naming neither key nor path.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for section, why in (
+        ({"dir": str(afile)}, r"checkpoint\.dir: .*afile' is a file, expected a folder"),
+        ({"dir": str(afile / "snaps")}, r"checkpoint\.dir: .*afile' is a file, so .*snaps' cannot be made"),
+        ({"ledger": str(tmp_path)}, r"checkpoint\.ledger: .* is a folder, expected a file"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            _load({"checkpoint": section})
+    ok = _load(
+        {"checkpoint": {"dir": str(tmp_path / "new" / "snaps"), "ledger": str(tmp_path / "ledger.jsonl")}}
+    )
+    assert ok.checkpoint.dir == str(tmp_path / "new" / "snaps")
