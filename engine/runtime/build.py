@@ -111,11 +111,28 @@ def check_model(cfg: RunConfig) -> None:
         raise ConfigError(f"invalid config: model.optimizer: {exc}") from None
     try:
         with torch.device("meta"):  # the constructors' own checks, without allocating the tables
-            learner_from_config(config)
+            learner = learner_from_config(config)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ConfigError(
             f"invalid config: model: backbone {model.backbone!r} cannot be built: {exc}"
         ) from None
+    module = getattr(learner, "model", None)
+    if isinstance(module, torch.nn.Module):  # river and FTRL learners keep their own weights
+        _check_fits_in_memory(model.backbone, module)
+
+
+def _check_fits_in_memory(backbone: str, module: torch.nn.Module) -> None:
+    """ConfigError when the model's weights and one optimizer state per weight (Adagrad's; Adam keeps
+    two) need more than this machine's memory: the allocation failed inside the stage, and the
+    supervisor retried it as a transient failure for ``recovery.give_up_after_s``."""
+    need = 2 * sum(p.numel() * p.element_size() for p in module.parameters())
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(
+            f"invalid config: model: backbone {backbone!r} needs {need / 2**30:,.1f} GiB for its weights and "
+            f"one optimizer state each, more than this machine's {have / 2**30:,.1f} GiB of memory; "
+            "lower the buckets of the spec's fields (or model.params' embedding_dim)"
+        )
 
 
 def build_trainer(cfg: RunConfig) -> StreamTrainer:

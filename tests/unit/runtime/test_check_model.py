@@ -41,6 +41,20 @@ def test_a_bad_model_section_names_its_key(model: dict, key: str, needle: str) -
     assert needle in str(err.value)
 
 
+def test_tables_larger_than_the_machine_fail_naming_the_buckets() -> None:
+    # The allocation failed inside the stage ("DefaultCPUAllocator: can't allocate memory"), retried
+    # by the supervisor for recovery.give_up_after_s as if the broker were down.
+    huge = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10**12}]}
+    with pytest.raises(ConfigError, match=r"model: backbone 'dcn' needs [\d,.]+ GiB .* lower the buckets"):
+        check_model(load_config_dict({"model": {"backbone": "dcn", "spec": huge}}, env={}))
+    check_model(
+        load_config_dict(
+            {"model": {"backbone": "dcn", "spec": {"fields": [{**huge["fields"][0], "buckets": 10**5}]}}},
+            env={},
+        )
+    )
+
+
 @pytest.mark.parametrize("backbone", ["ftrl", "river_lr", "river_fm_np"])
 def test_optimizer_settings_for_a_backbone_without_one_fail_naming_its_own(backbone) -> None:
     # They were ignored without a word: a run config's learning rate that changed nothing.
