@@ -25,10 +25,11 @@ import tomllib
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -41,6 +42,21 @@ from pydantic_settings import EnvSettingsSource, SettingsError
 from reloop.engine.netaddr import bootstrap_problem
 
 ENV_PREFIX = "RELOOP__"
+
+
+def _kafka_topic_name(value: str) -> str:
+    # Kafka's own rule (kafka.common.internals.Topic): the broker refused the topic only when it was
+    # first created or written, long after the start, in the client's words.
+    if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"{value!r} is not a Kafka topic name (1 to 249 of the characters a-z A-Z 0-9 . _ -, "
+            "not '.' or '..')"
+        )
+    return value
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+TopicName = Annotated[str, AfterValidator(_kafka_topic_name)]
 Client = Literal["kafka-python", "confluent"]
 
 
@@ -354,13 +370,21 @@ def env_values(
     return _decode_free_dicts(model, data)
 
 
+def reportable_errors(exc: ValidationError) -> list[Any]:
+    """pydantic's errors less the "too short" of a list whose items failed (arms: "at least 1 item,
+    not 0" after its only arm's own error): the items' errors say why."""
+    errors = exc.errors()
+    failed_items = {e["loc"][:i] for e in errors for i, part in enumerate(e["loc"]) if isinstance(part, int)}
+    return [e for e in errors if not (e["type"] == "too_short" and e["loc"] in failed_items)]
+
+
 def describe_errors(
     exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
 ) -> str:
     """pydantic's errors on one line, each naming its key (and the variable that set it, ``env_origin``),
     without the values: pydantic's own text spans lines and shows each bad input, secrets included."""
     lines = []
-    for err in exc.errors():
+    for err in reportable_errors(exc):
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {}, names)}")

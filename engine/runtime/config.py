@@ -37,6 +37,7 @@ from reloop.engine.config_common import (
     ConsumerSection,
     KafkaSection,
     ProducerSection,
+    TopicName,
     _Section,
     check_moved,
     deep_merge,
@@ -57,8 +58,8 @@ class SourceSection(_Section):
     """The topics the processor reads (their client settings: kafka, consumer)."""
 
     kind: Literal["kafka"] = "kafka"
-    impressions_topic: str = "impressions"
-    clicks_topic: str = "clicks"
+    impressions_topic: TopicName = "impressions"
+    clicks_topic: TopicName = "clicks"
 
 
 class SinkSection(_Section):
@@ -67,7 +68,7 @@ class SinkSection(_Section):
     samples_topic: str | None = Field(
         default=None, description="not used: the samples topic is stages.samples_topic"
     )
-    dead_letter_topic: str | None = "reloop.deadletter"
+    dead_letter_topic: TopicName | None = "reloop.deadletter"
 
     @field_validator("samples_topic")
     @classmethod
@@ -306,13 +307,15 @@ class RecoverySection(_Section):
     def _stop_after_flush(self) -> RecoverySection:
         if self.stop_timeout_s <= self.flush_timeout_s:
             raise ValueError("stop_timeout_s must exceed flush_timeout_s (the final checkpoint flushes)")
+        if self.backoff_initial_s > self.backoff_max_s:  # the first wait would be over the longest
+            raise ValueError("backoff_initial_s must not exceed backoff_max_s")
         return self
 
 
 class StagesSection(_Section):
     """The two-stage data plane (engine/runtime/join_stage.py, train_stage.py) over the samples topic."""
 
-    samples_topic: str = "reloop.samples"
+    samples_topic: TopicName = "reloop.samples"
     join_group_id: str = Field(default="reloop-join", description="the consumer group of the join processes")
     batch_samples: int = Field(default=1024, gt=0, description="samples per message on the samples topic")
     max_delay_ms: int = Field(default=200, ge=0, description="a partial message waits at most this long")
@@ -450,6 +453,24 @@ class RunConfig(_Section):
     stages: StagesSection = StagesSection()
     distributed: DistributedSection = DistributedSection()
     log: LogSection = LogSection()
+
+    @model_validator(mode="after")
+    def _one_role_per_topic(self) -> RunConfig:
+        # The join stage told the kinds apart by topic (the same topic for both made every click a dead
+        # letter) and read what it wrote where its output was one of its inputs.
+        roles = {
+            "source.impressions_topic": self.source.impressions_topic,
+            "source.clicks_topic": self.source.clicks_topic,
+            "stages.samples_topic": self.stages.samples_topic,
+            "sink.dead_letter_topic": self.sink.dead_letter_topic,
+        }
+        seen: dict[str, str] = {}
+        for key, topic in roles.items():
+            if topic is not None and topic in seen:
+                raise ValueError(f"{key} is {seen[topic]} too ({topic!r}): each of these needs its own topic")
+            if topic is not None:
+                seen[topic] = key
+        return self
 
     @model_validator(mode="after")
     def _delayed_feedback_pairs(self) -> RunConfig:

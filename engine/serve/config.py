@@ -29,11 +29,13 @@ from pydantic import (
 from reloop.engine.config_common import (
     ConfigError,
     KafkaSection,
+    TopicName,
     check_moved,
     deep_merge,
     env_origin,
     env_values,
     read_document,
+    reportable_errors,
 )
 from reloop.engine.features.counters import CounterSettings
 from reloop.engine.serve.arms import ArmRouter
@@ -60,7 +62,9 @@ class ArmMemoryConfig(_Frozen):
     """ReLoop2's error memory for one arm (engine/memory/): the live model's scores are corrected by the
     errors it made on similar samples whose labels came back, read from the arm's samples topic."""
 
-    samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
+    samples_topic: TopicName = Field(
+        description="the topic the arm's join stage writes (stages.samples_topic)"
+    )
     n_tables: int = Field(default=16, ge=1, le=64)
     n_bits: int = Field(default=12, ge=1, le=20, description="2**n_bits buckets per table")
     # Defaults: chosen on MovieLens-100K's selection weeks for DCN (docs/backtest/reloop2/report.md).
@@ -80,7 +84,9 @@ class ArmCountersConfig(CounterSettings):
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_min_length=1)
 
-    samples_topic: str = Field(description="the topic the arm's join stage writes (stages.samples_topic)")
+    samples_topic: TopicName = Field(
+        description="the topic the arm's join stage writes (stages.samples_topic)"
+    )
     # "impressions" (the default): every process counts what the arm's impression log says was shown,
     # read back from Kafka as the clicks are, so all workers and replicas of the arm (which no config
     # can see: pods) count the same impressions. "requests": the process counts what it shows as it
@@ -99,8 +105,8 @@ class ArmConfig(_Frozen):
     # Relative traffic share; bounded so the weights' sum stays finite (inf took the arm's traffic away).
     weight: float = Field(default=1.0, gt=0, le=1e12, allow_inf_nan=False)
     registry: Path = Field(description="snapshot registry root this arm's trainer writes")
-    impressions_topic: str = "impressions"
-    clicks_topic: str = "clicks"
+    impressions_topic: TopicName = "impressions"
+    clicks_topic: TopicName = "clicks"
     cold_start: ColdStart | None = None
     memory: ArmMemoryConfig | None = None
     counters: ArmCountersConfig | None = None
@@ -337,7 +343,7 @@ def _explain(
     exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
 ) -> str:
     lines = []
-    for err in exc.errors():
+    for err in reportable_errors(exc):
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] not in ("arms", "kafka", "salt"):
             loc.insert(0, "serve")  # the key as the document names it

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from reloop.engine.runtime.config import ConfigError, load_config, load_config_dict
-from reloop.engine.serve.config import read_yaml
+from reloop.engine.serve.config import ConfigError as ServeConfigError
+from reloop.engine.serve.config import read_yaml, serve_config_from_dict
 
 BASE = """model:
   backbone: dcn
@@ -109,3 +110,46 @@ def test_checkpoint_paths_of_the_wrong_kind_fail_the_config_naming_the_key(tmp_p
         {"checkpoint": {"dir": str(tmp_path / "new" / "snaps"), "ledger": str(tmp_path / "ledger.jsonl")}}
     )
     assert ok.checkpoint.dir == str(tmp_path / "new" / "snaps")
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (
+            {"stages": {"samples_topic": "impressions"}},
+            r"stages\.samples_topic is source\.impressions_topic too",
+        ),
+        (
+            {"source": {"clicks_topic": "impressions"}},
+            r"source\.clicks_topic is source\.impressions_topic too",
+        ),
+        (
+            {"sink": {"dead_letter_topic": "reloop.samples"}},
+            r"sink\.dead_letter_topic is stages\.samples_topic too",
+        ),
+        (
+            {"source": {"impressions_topic": "bad topic!"}},
+            r"source\.impressions_topic: .*not a Kafka topic name",
+        ),
+        ({"stages": {"samples_topic": "s" * 250}}, r"stages\.samples_topic: .*not a Kafka topic name"),
+        ({"recovery": {"backoff_initial_s": 100, "backoff_max_s": 1}}, r"recovery: .*backoff_initial_s"),
+    ],
+)
+def test_topics_and_backoffs_that_cannot_work_fail_naming_the_key(data, why):
+    # Each was taken: the broker refused a topic name when it was first written; one topic for two roles
+    # dead-lettered every click or fed the join stage its own output.
+    with pytest.raises(ConfigError, match=why):
+        _load(data)
+
+
+def test_a_serve_arm_with_a_bad_topic_fails_naming_it_and_nothing_else():
+    # The arm's error came with "arms: Tuple should have at least 1 item after validation, not 0".
+    arm = {"name": "A", "registry": "/tmp/reg-a", "impressions_topic": "bad topic"}
+    with pytest.raises(ServeConfigError) as refused:
+        serve_config_from_dict({"arms": [arm]}, env={})
+    assert str(refused.value).count(";") == 0
+    assert "arms.0.impressions_topic: Value error, 'bad topic' is not a Kafka topic name" in str(
+        refused.value
+    )
+    with pytest.raises(ServeConfigError, match="arms: Tuple should have at least 1 item"):
+        serve_config_from_dict({"arms": []}, env={})
