@@ -10,8 +10,9 @@ import threading
 import time
 from typing import Any
 
+from reloop.engine.config_common import path_problem
 from reloop.engine.netaddr import bootstrap_arg, http_url
-from reloop.engine.serve.config import ConfigError, counters_conflict, load_serve_config
+from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict, load_serve_config
 
 
 def _port(text: str) -> int:
@@ -37,6 +38,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-metrics-port", type=_port, help=argparse.SUPPRESS)  # that worker's own
 
 
+def _arm_problem(arm: ArmConfig) -> str | None:
+    """What an arm's settings cannot do, as ``KEY: why``, checked before the service listens: each of
+    these failed later, at every poll or save, while the arm served nothing (or nothing it saved)."""
+    from reloop.engine.serve.loader import cold_start_problem
+
+    problem = path_problem(arm.registry, folder=True)
+    if problem:
+        return f"registry: {problem}"
+    for key, feed in (("memory", arm.memory), ("counters", arm.counters)):
+        state_file = None if feed is None else feed.state_file
+        problem = None if state_file is None else path_problem(state_file, folder=False)
+        if problem:
+            return f"{key}.state_file: {problem}"
+    problem = None if arm.cold_start is None else cold_start_problem(arm.cold_start, arm.counters)
+    return f"cold_start: {problem}" if problem else None
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -58,6 +76,11 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"reloop serve: {problem}", file=sys.stderr)
         return 2
+    for i, arm in enumerate(config.arms):
+        problem = _arm_problem(arm)
+        if problem:
+            print(f"reloop serve: bad serve config: arms.{i}.{problem}", file=sys.stderr)
+            return 2
     if workers > 1 and not args.worker:
         from reloop.engine.serve.workers import run_workers
 

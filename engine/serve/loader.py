@@ -21,12 +21,20 @@ from typing import Any
 
 import orjson
 import torch
+from pydantic import ValidationError
 from reloop.engine.checkpoint.registry import NewerFormat, SnapshotError, SnapshotRegistry
+from reloop.engine.config_common import describe_errors
 from reloop.engine.features.counters import CounterSettings, with_counter_fields
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.finite import first_not_finite, learner_not_finite
-from reloop.engine.models.registry import build_learner, config_from_dict, learner_from_state
+from reloop.engine.models.registry import (
+    build_learner,
+    config_from_dict,
+    learner_from_config,
+    learner_from_state,
+    make_config,
+)
 from reloop.engine.serve.bundle import ModelBundle
 from reloop.engine.serve.config import ColdStart
 
@@ -150,6 +158,26 @@ def bundle_or_snapshot_loader(registry: SnapshotRegistry) -> Callable[[int], Mod
         return load_bundle(registry, version)
 
     return load
+
+
+def cold_start_problem(cold: ColdStart, counters: CounterSettings | None = None) -> str | None:
+    """Why ``cold`` cannot be built (its spec, backbone or params), or None: checked as serve starts, on
+    the meta device (no tables allocated). Unchecked, the service started, listened, and refused its own
+    version 0 at every poll: an arm that could never serve."""
+    try:
+        spec = FeatureSpec.from_dict(cold.spec)
+    except ValidationError as exc:
+        return f"spec: {describe_errors(exc)}"
+    try:
+        if counters is not None:
+            spec = with_counter_fields(spec, counters)
+        settings = None if counters is None else counters.settings()
+        config = make_config(cold.backbone, spec, "ce", 0.0, cold.seed, counters=settings, **cold.params)
+        with torch.device("meta"):
+            learner_from_config(config)
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        return " ".join(str(exc).split())
+    return None
 
 
 def cold_start_bundle(cold: ColdStart, counters: CounterSettings | None = None) -> ModelBundle:

@@ -116,3 +116,52 @@ def test_serve_refuses_the_workers_or_the_log_its_arms_counters_cannot_take(tmp_
     assert _code(["serve", "--config", config("impressions"), "--no-log"]) == 2
     err = capsys.readouterr().err
     assert "serve.log.enabled: arms ['A']" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        ({"registry": "{file}"}, "arms.0.registry: '{file}' is a file, expected a folder"),
+        (
+            {"memory": {"samples_topic": "s", "state_file": "{tmp}"}},
+            "arms.0.memory.state_file: '{tmp}' is a folder, expected a file",
+        ),
+        (
+            {
+                "cold_start": {
+                    "backbone": "nosuch",
+                    "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 9}]},
+                }
+            },
+            "arms.0.cold_start: unknown backbone 'nosuch'",
+        ),
+        (
+            {
+                "cold_start": {
+                    "backbone": "dcn",
+                    "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 9}]},
+                    "params": {"embedding_dim": -3},
+                }
+            },
+            "arms.0.cold_start: backbone 'dcn': bad config: embedding_dim",
+        ),
+        ({"cold_start": {"backbone": "dcn", "spec": {"fields": []}}}, "arms.0.cold_start: spec: "),
+    ],
+)
+def test_an_arm_that_could_never_serve_or_save_fails_at_start(tmp_path, capsys, arm, message) -> None:
+    # Each was taken: the service listened and refused its own version 0 at every poll, or failed every
+    # save of its state, or said a registry that was a file did "not exist (yet)".
+    (tmp_path / "afile").write_text("x")
+    fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path)}
+    arm = yaml.safe_load(
+        yaml.safe_dump(arm).replace("'{file}'", fill["file"]).replace("'{tmp}'", fill["tmp"])
+    )
+    path = tmp_path / "serve.yaml"
+    doc = {
+        "serve": {"log": {"enabled": False}},
+        "arms": [{"name": "A", "registry": str(tmp_path / "r"), **arm}],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    assert _code(["serve", "--config", str(path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err and "Traceback" not in err, err
