@@ -79,6 +79,14 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         if args.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1 (got {args.world_size})")
+        cores = len(os.sched_getaffinity(0))
+        if args.world_size > cores and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # Each rank is a training process with its own torch threads: more ranks than cores only
+            # wait for each other at every step (1,000 here took the machine, and 67 outlived a stop).
+            raise ConfigError(
+                f"--world-size {args.world_size} is more ranks than this machine's {cores} cores; "
+                "run at most one rank per core (more ranks: more machines, with torchrun's rendezvous)"
+            )
         from reloop.engine.runtime.build import check_model
 
         check_model(cfg)

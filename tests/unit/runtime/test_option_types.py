@@ -3,6 +3,8 @@ refused at parse time: exit 2 with argparse's line naming the option."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from reloop.engine.runtime.cli import main
 
@@ -28,3 +30,16 @@ def test_a_log_level_in_lower_case_is_taken(tmp_path, capsys):
     # Parsed (upper-cased), then the missing config is what fails: one line, exit 2.
     assert main(["run", "--config", str(tmp_path / "missing.yaml"), "--log-level", "debug"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_more_train_ranks_than_cores_are_refused_before_torchrun_starts(tmp_path, capsys):
+    # 1,000 ranks on 2 cores took the machine, and 67 of them outlived the stop.
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model:\n  backbone: lr\n  spec: {fields: [{kind: categorical, name: u, buckets: 10}]}\n"
+    )
+    cores = len(os.sched_getaffinity(0))
+    assert main(["train", "--config", str(config), "--world-size", str(cores + 1)]) == 2
+    assert (
+        f"--world-size {cores + 1} is more ranks than this machine's {cores} cores" in capsys.readouterr().err
+    )
