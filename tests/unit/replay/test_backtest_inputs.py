@@ -57,6 +57,15 @@ BAD = [
         ["--dataset-option", "foo=1"],
         "--dataset-option: dataset 'movielens-100k' takes no option 'foo' (it takes: click",
     ),
+    # values of the wrong type failed inside the loader in its words, or were taken (time_kind=bogus)
+    (
+        ["--dataset-option", "click_threshold=abc"],
+        "option click_threshold='abc': Input should be a valid number",
+    ),
+    (
+        ["--dataset-option", "time_kind=bogus"],
+        "option time_kind='bogus': Input should be 'event' or 'pseudo'",
+    ),
     (["--report-only"], "--report-only"),
     (["--backbones", "fm,ftrl", "--memory", "n_tables=2,n_bits=4"], "--memory: backbone 'ftrl'"),
     (["--backbones", "fm,river_lr"], "--no-river"),
