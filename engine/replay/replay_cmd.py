@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -295,6 +296,8 @@ def _parse_delay(text: str, seed: int):
         parts = [float(x) for x in rest.split(":")] if rest else []
     except ValueError:
         raise ValueError(f"--delay {text}: {rest!r} is not milliseconds") from None
+    if not all(math.isfinite(x) and x >= 0 for x in parts):  # nan failed converting it to an int
+        raise ValueError(f"--delay {text}: expected finite values >= 0")
     # "fixed" alone was a 0 ms delay, "immediate:5000" immediate: a typo must not change the experiment
     if kind in takes and not (takes[kind] == len(parts) or (kind == "lognormal" and len(parts) == 1)):
         usage = {"immediate": "immediate", "fixed": "fixed:MS", "exponential": "exponential:MEAN_MS"}

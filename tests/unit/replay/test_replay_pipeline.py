@@ -600,6 +600,11 @@ def test_end_offsets_for_one_topic_end_the_others_with_their_files(tmp_path: Pat
         (["--delay", "fixed"], "--delay fixed: use fixed:MS"),  # was a 0 ms delay
         (["--delay", "immediate:5000"], "--delay immediate:5000: use immediate"),  # was immediate
         (["--delay", "exponential:abc"], "--delay exponential:abc: 'abc' is not milliseconds"),
+        (
+            ["--delay", "exponential:nan"],
+            "--delay exponential:nan: expected finite values >= 0",
+        ),  # a traceback
+        (["--delay", "fixed:-5"], "--delay fixed:-5: expected finite values >= 0"),
         (["--from-samples"], "--from-samples: with --kafka only"),  # replayed the dataset as if not given
     ],
 )
