@@ -188,9 +188,10 @@ def _from_file(args: argparse.Namespace) -> int:
         return 2
     files = sorted(args.file.rglob("*.jsonl")) if args.file.is_dir() else [args.file]
     tally = _Tally()
+    others = [0]
     try:
         chosen = select(
-            tally.count(read_dead_letter_files(files)),
+            tally.count(read_dead_letter_files(files, others)),
             reasons=_names(args.reason),
             topics=_names(args.origin),
             since_ms=args.since_ms,
@@ -198,6 +199,15 @@ def _from_file(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"reloop deadletters: cannot read {args.file}: {exc}", file=sys.stderr, flush=True)
         return 2
+    if others[0]:  # not a dead-letter file: "0 of 0 dead letters" and exit 0 said nothing was wrong
+        print(
+            f"reloop deadletters --file: {others[0]} line(s) under {args.file} are not dead letters "
+            "(a replay writes them under OUT/dead-letters)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not tally.read:
+            return 2
     if not tally.origins_known(args, set()):
         return 2
     return _report(args, chosen, f"{tally.read} dead letters in {len(files)} file(s) under {args.file}")
@@ -231,9 +241,10 @@ class _Tally:
         return False
 
 
-def read_dead_letter_files(files: Iterable[Path]) -> Iterator[DeadLetter]:
+def read_dead_letter_files(files: Iterable[Path], others: list[int] | None = None) -> Iterator[DeadLetter]:
     """The envelopes of JSONL dead-letter files (``partition-NNNNN.jsonl``: the partition from the
-    name, else 0; the offset is the line index, as the JSONL source numbers them)."""
+    name, else 0; the offset is the line index, as the JSONL source numbers them). ``others[0]`` counts
+    the non-empty lines that are not dead-letter envelopes."""
     for path in files:
         match = re.fullmatch(r"partition-(\d+)\.jsonl", path.name)
         partition = int(match.group(1)) if match else 0
@@ -242,6 +253,8 @@ def read_dead_letter_files(files: Iterable[Path]) -> Iterator[DeadLetter]:
                 envelope = parse_envelope(line.rstrip(b"\r\n"))
                 if envelope is not None:
                     yield DeadLetter(envelope, partition, offset)
+                elif others is not None and line.strip():
+                    others[0] += 1
 
 
 def _redrive(

@@ -57,3 +57,16 @@ def test_options_out_of_range_are_usage_errors(tmp_path: Path, capsys, option: l
         main(["deadletters", "--config", str(config), "show", *option])
     assert exit_.value.code == 2
     assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_a_file_that_holds_no_dead_letters_says_so(tmp_path: Path, capsys) -> None:
+    # A YAML file or garbage said "0 of 0 dead letters" and exited 0.
+    wrong = tmp_path / "run.yaml"
+    wrong.write_text(CONFIG)
+    assert main(["deadletters", "summary", "--file", str(wrong)]) == 2
+    lines = len([x for x in CONFIG.splitlines() if x.strip()])
+    assert f"{lines} line(s) under {wrong} are not dead letters" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["deadletters", "summary", "--file", str(empty)]) == 0  # a replay that refused nothing
+    assert "0 of 0 dead letters" in capsys.readouterr().out
