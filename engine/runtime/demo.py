@@ -90,6 +90,15 @@ class DemoConfig(_Frozen):
     )
     demo: DemoSection = DemoSection()
 
+    @field_validator("arms")
+    @classmethod
+    def _distinct_names(cls, value: tuple[DemoArm, ...]) -> tuple[DemoArm, ...]:
+        names = [a.name for a in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # one folder, one set of topics and one /stats entry per name
+            raise ValueError(f"arm names must differ; given more than once: {', '.join(twice)}")
+        return value
+
     @field_validator("kafka")
     @classmethod
     def _kafka_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +162,26 @@ def _fed_section(
     except ValidationError as exc:
         raise ConfigError(f"arm {arm}: bad {what}: {describe_errors(exc)}") from exc
     return full
+
+
+def _plans_problem(config: DemoConfig, workdir: Path, run_id: str) -> str | None:
+    """Why an arm could not be planned or its trainer's model built (as ``reloop run`` checks it), or
+    None: the arms' run configs, planned with a stand-in broker address (only the address differs)."""
+    from reloop.engine.runtime.build import check_model
+    from reloop.engine.runtime.config import ConfigError as RunConfigError
+    from reloop.engine.runtime.config import load_config_dict
+
+    try:
+        plans = plan_arms(config, workdir=workdir, bootstrap="127.0.0.1:9092", run_id=run_id)
+        for plan in plans:
+            try:
+                check_model(load_config_dict(plan.run_config, env={}))
+            except RunConfigError as exc:
+                raise ConfigError(f"arm {plan.name}: bad run config: {exc}") from exc
+        serve_config_for(config, plans, "127.0.0.1:9092")
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str) -> list[ArmPlan]:
@@ -626,9 +655,14 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         why = describe_errors(exc) if isinstance(exc, ValidationError) else exc
         print(f"reloop demo: bad config {args.config}: {why}", file=sys.stderr)
         return 2
+    run_id = uuid.uuid4().hex[:8]
+    stand_in = Path(tempfile.gettempdir()) / f"reloop-demo-{run_id}"  # the folder made below, if none given
+    problem = _plans_problem(config, Path(args.workdir) if args.workdir else stand_in, run_id)
+    if problem:  # before the broker: they failed 30 s later, as a Kafka timeout (exit 1)
+        print(f"reloop demo: bad config {args.config}: {problem}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reloop-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex[:8]
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

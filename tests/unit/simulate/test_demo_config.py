@@ -193,3 +193,46 @@ def test_a_report_that_names_no_arm_is_refused_before_anything_starts(
 def test_the_shipped_report_names_its_arms():
     report = simulate_config_from_dict(read_yaml(DEFAULT_CONFIG)).report
     assert (report.treatment, report.control, report.aa) == ("reloop", "ce", ("ce_aa", "ce"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["arms"].append(dict(d["arms"][0])),
+            "arm names must differ; given more than once: reloop",
+        ),
+        (
+            lambda d: d["run"]["model"].update(backbone="nosuch"),
+            "bad run config: invalid config: model.backbone",
+        ),
+        (
+            lambda d: d["run"]["model"].setdefault("params", {}).update(embedding_dim=-3),
+            "bad run config: invalid config: model.params",
+        ),
+    ],
+)
+def test_an_arm_that_cannot_train_fails_before_the_broker_starts(
+    tmp_path, capsys, monkeypatch, change, message
+):
+    # They waited 30 s on Kafka (a broker started, trainers failed) and ended as "reloop demo failed:
+    # KafkaTimeoutError(...)", exit 1.
+    import argparse
+
+    import yaml
+    from reloop.engine.runtime import demo
+
+    def no_broker(*_: object, **__: object) -> None:
+        raise AssertionError("the broker was started")
+
+    monkeypatch.setattr(demo, "start_broker", no_broker)
+    doc = read_yaml(DEFAULT_CONFIG)
+    change(doc)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    assert demo.main(parser.parse_args(["--config", str(path), "--workdir", str(tmp_path / "w")])) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()  # nothing made for a run that never started
