@@ -64,7 +64,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the bad key."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (the last one won in silence: a
     second ``train:`` block dropped the first one's settings)."""
 
@@ -102,7 +102,7 @@ def read_document(path: str | os.PathLike[str], what: str = "config") -> Any:
         raise ConfigError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     toml = p.suffix.lower() == ".toml"
     try:
-        return tomllib.loads(text) if toml else yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe
+        return tomllib.loads(text) if toml else yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - safe
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         detail = " ".join(str(exc).split())  # PyYAML's marks span several lines
         raise ConfigError(f"{what} {p} is not valid {'TOML' if toml else 'YAML'}: {detail}") from None

@@ -38,6 +38,7 @@ from reloop.engine.config_common import (
     KafkaSection,
     ProducerSection,
     TopicName,
+    UniqueKeyLoader,
     _Section,
     check_moved,
     deep_merge,
@@ -589,12 +590,21 @@ def load_feature_spec(section: ModelSection) -> Any:
             raise ConfigError(
                 f"invalid config: model.spec_file: cannot read {section.spec_file} ({exc})"
             ) from None
-        try:
-            data = json.loads(text) if section.spec_file.endswith(".json") else yaml.safe_load(text)
+        try:  # the run config's own YAML loader: a key given twice in one mapping is refused
+            if section.spec_file.endswith(".json"):
+                data = json.loads(text)
+            else:
+                data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except (ValueError, yaml.YAMLError, RecursionError) as exc:
+            why = " ".join(str(exc).split())  # PyYAML's text spans lines
             raise ConfigError(
-                f"invalid config: model.spec_file: {section.spec_file} does not parse ({exc!s:.300})"
+                f"invalid config: model.spec_file: {section.spec_file} does not parse ({why:.300})"
             ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"invalid config: model.spec_file: {section.spec_file} holds {type(data).__name__}, "
+                "not a mapping with a fields list"
+            )
     try:
         spec = FeatureSpec.model_validate(data)
     except ValidationError as exc:

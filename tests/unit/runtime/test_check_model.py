@@ -75,6 +75,19 @@ def test_a_missing_or_unparsable_spec_file_names_the_key_and_the_path(tmp_path) 
     cfg = load_config_dict({"model": {"backbone": "lr", "spec_file": str(bad)}}, env={})
     with pytest.raises(ConfigError, match="model.spec_file"):
         check_model(cfg)
+    # A YAML spec as the run config is read: one line, a key given twice refused, no fields named.
+    for text, why in (
+        ("fields: [\n  {kind: categorical", "does not parse"),
+        ("fields: []\nfields: []\n", "found key 'fields' twice"),
+        ("", "holds NoneType, not a mapping"),
+        ("- a\n- b\n", "holds list, not a mapping"),
+    ):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(text)
+        cfg = load_config_dict({"model": {"backbone": "lr", "spec_file": str(spec)}}, env={})
+        with pytest.raises(ConfigError, match=f"model.spec_file: {spec}.*{why}") as err:
+            check_model(cfg)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("command", ["train", "run", "join"])
