@@ -16,7 +16,10 @@ from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:  # argparse's own line said "invalid _port value"
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
     return port

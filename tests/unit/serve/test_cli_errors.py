@@ -43,6 +43,10 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, busy_port, capsys)
 def test_serve_refuses_a_port_out_of_range_and_an_unreadable_token_file(tmp_path, capsys) -> None:
     assert _code(["serve", "--config", _serve_config(tmp_path), "--port", "70000"]) == 2
     assert "0..65535" in capsys.readouterr().err
+    assert _code(["serve", "--config", _serve_config(tmp_path), "--port", "abc"]) == 2
+    assert (
+        "argument --port: expected a port in 0..65535, got 'abc'" in capsys.readouterr().err
+    )  # "invalid _port"
     missing = tmp_path / "nope" / "token"
     assert _code(["serve", "--config", _serve_config(tmp_path, auth_token_file=str(missing))]) == 2
     err = capsys.readouterr().err
