@@ -118,20 +118,25 @@ def test_world_values_that_would_fail_later_or_silently_are_refused_naming_the_k
         simulate_config_from_dict({"simulate": {"world": world}})
 
 
-def test_a_bad_demo_config_is_one_line_without_its_values(tmp_path, capsys):
-    """pydantic's own text spanned lines and showed each bad input: a kafka section's sasl_password."""
+def _demo_main(tmp_path, doc: dict) -> int:
+    """``reloop demo --config <doc> --workdir tmp_path/w``'s exit code."""
     import argparse
 
     import yaml
     from reloop.engine.runtime import demo
 
-    doc = read_yaml(DEFAULT_CONFIG)
-    doc["kafka"] = {"sasl_password": "s3cr3t", "client_config": {"x": 1}}
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(doc))
     parser = argparse.ArgumentParser()
     demo.configure(parser)
-    assert demo.main(parser.parse_args(["--config", str(path), "--workdir", str(tmp_path / "w")])) == 2
+    return demo.main(parser.parse_args(["--config", str(path), "--workdir", str(tmp_path / "w")]))
+
+
+def test_a_bad_demo_config_is_one_line_without_its_values(tmp_path, capsys):
+    """pydantic's own text spanned lines and showed each bad input: a kafka section's sasl_password."""
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["kafka"] = {"sasl_password": "s3cr3t", "client_config": {"x": 1}}
+    assert _demo_main(tmp_path, doc) == 2
     err = capsys.readouterr().err
     assert "s3cr3t" not in err and err.count("\n") == 1 and "kafka: " in err
     doc["arms"][3]["memory"] = {"n_bitz": 8}
@@ -217,9 +222,6 @@ def test_an_arm_that_cannot_train_fails_before_the_broker_starts(
 ):
     # They waited 30 s on Kafka (a broker started, trainers failed) and ended as "reloop demo failed:
     # KafkaTimeoutError(...)", exit 1.
-    import argparse
-
-    import yaml
     from reloop.engine.runtime import demo
 
     def no_broker(*_: object, **__: object) -> None:
@@ -228,11 +230,7 @@ def test_an_arm_that_cannot_train_fails_before_the_broker_starts(
     monkeypatch.setattr(demo, "start_broker", no_broker)
     doc = read_yaml(DEFAULT_CONFIG)
     change(doc)
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    parser = argparse.ArgumentParser()
-    demo.configure(parser)
-    assert demo.main(parser.parse_args(["--config", str(path), "--workdir", str(tmp_path / "w")])) == 2
+    assert _demo_main(tmp_path, doc) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()  # nothing made for a run that never started
