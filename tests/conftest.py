@@ -182,3 +182,19 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
         (patch or monkeypatch).setattr(module, "open", fake_open, raising=False)
 
     return install
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger's handlers and level as they were before each test. A command run in-process
+    (``reloop train`` in a test) sets up its JSON logging, which replaces the root handlers with one
+    writing to the test's captured stderr; once the capture closed, a later test in the same worker that
+    flushed the root handlers (a forced stop's last line) failed on the closed file, depending on which
+    tests xdist gave that worker before it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
