@@ -532,11 +532,19 @@ def folder_arg(text: str) -> Path:
     return Path(text)
 
 
-def port_arg(text: str) -> int:
-    """An argparse ``type``: a TCP port, 1..65535, else exit 2 (a larger one failed inside ``bind``)."""
+def port_arg(low: int = 1) -> typing.Callable[[str], int]:
+    """An argparse ``type``: a TCP port in ``low``..65535 (0: a free one, where a command takes that),
+    else argparse's one-line usage error (a larger one failed inside ``bind``; text read as "invalid
+    value")."""
     import argparse
 
-    port = int_at_least(1)(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {port}")
-    return port
+    def parse(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a port in {low}..65535, got {text!r}") from None
+        if not low <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"expected a port in {low}..65535, got {port}")
+        return port
+
+    return parse

@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "else ~/.local/state/reloop/kafka)",
     )
     parser.add_argument(
-        "--port", type=port_arg, default=None, help="client port for `up` (default: a free port)"
+        "--port", type=port_arg(1), default=None, help="client port for `up` (default: a free port)"
     )
     parser.add_argument(
         "--timeout", type=positive_float, default=90.0, help="seconds to wait for `up`/`down`"

@@ -10,25 +10,15 @@ import threading
 import time
 from typing import Any
 
-from reloop.engine.config_common import path_problem
+from reloop.engine.config_common import path_problem, port_arg
 from reloop.engine.netaddr import bootstrap_arg, http_url
 from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict, load_serve_config
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:  # argparse's own line said "invalid _port value"
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
-    return port
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections serve, arms, kafka")
     parser.add_argument("--host", help="override serve.host (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, help="override serve.port")
+    parser.add_argument("--port", type=port_arg(0), help="override serve.port")
     parser.add_argument("--bootstrap", type=bootstrap_arg, help="override kafka.bootstrap")
     parser.add_argument("--no-log", action="store_true", help="do not log impressions (benchmarks)")
     parser.add_argument(
@@ -38,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "See engine/serve/workers.py for routing, logging and reload with several",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
-    parser.add_argument("--worker-metrics-port", type=_port, help=argparse.SUPPRESS)  # that worker's own
+    # that worker's own /metrics port
+    parser.add_argument("--worker-metrics-port", type=port_arg(0), help=argparse.SUPPRESS)
 
 
 def _arm_problem(arm: ArmConfig) -> str | None:
@@ -79,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"reloop serve: {problem}", file=sys.stderr)
         return 2
-    for i, arm in enumerate(config.arms):
+    for i, arm in enumerate(config.arms if not args.worker else ()):  # a worker's parent checked them
         problem = _arm_problem(arm)
         if problem:
             print(f"reloop serve: bad serve config: arms.{i}.{problem}", file=sys.stderr)

@@ -27,9 +27,9 @@ from reloop.engine.config_common import describe_errors
 from reloop.engine.features.counters import CounterSettings, with_counter_fields
 from reloop.engine.features.featurizer import Featurizer
 from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.models.config import LearnerConfig
 from reloop.engine.models.finite import first_not_finite, learner_not_finite
 from reloop.engine.models.registry import (
-    build_learner,
     config_from_dict,
     learner_from_config,
     learner_from_state,
@@ -165,16 +165,11 @@ def cold_start_problem(cold: ColdStart, counters: CounterSettings | None = None)
     the meta device (no tables allocated). Unchecked, the service started, listened, and refused its own
     version 0 at every poll: an arm that could never serve."""
     try:
-        spec = FeatureSpec.from_dict(cold.spec)
-    except ValidationError as exc:
-        return f"spec: {describe_errors(exc)}"
-    try:
-        if counters is not None:
-            spec = with_counter_fields(spec, counters)
-        settings = None if counters is None else counters.settings()
-        config = make_config(cold.backbone, spec, "ce", 0.0, cold.seed, counters=settings, **cold.params)
+        _, config = _cold_start_config(cold, counters)
         with torch.device("meta"):
             learner_from_config(config)
+    except ValidationError as exc:  # the spec's (make_config words its own errors)
+        return f"spec: {describe_errors(exc)}"
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         return " ".join(str(exc).split())
     return None
@@ -184,9 +179,17 @@ def cold_start_bundle(cold: ColdStart, counters: CounterSettings | None = None) 
     """Version 0: a fresh, untrained learner (the strategy does not matter for predictions). With the
     arm's ``counters``, their inputs are appended to the spec, as ``model.counters`` appends them to the
     trainer's: the same model as the trainer's initial one."""
+    spec, config = _cold_start_config(cold, counters)
+    learner = learner_from_config(config)
+    return ModelBundle(version=0, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+
+
+def _cold_start_config(
+    cold: ColdStart, counters: CounterSettings | None
+) -> tuple[FeatureSpec, LearnerConfig]:
+    """The cold-start model's spec (the arm's counter inputs appended) and learner config."""
     spec = FeatureSpec.from_dict(cold.spec)
     if counters is not None:
         spec = with_counter_fields(spec, counters)
     settings = None if counters is None else counters.settings()
-    learner = build_learner(cold.backbone, spec, "ce", 0.0, seed=cold.seed, counters=settings, **cold.params)
-    return ModelBundle(version=0, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+    return spec, make_config(cold.backbone, spec, "ce", 0.0, cold.seed, counters=settings, **cold.params)
