@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from urllib.parse import urlsplit
 
 
 def http_url(host: str, port: int, path: str = "") -> str:
@@ -50,6 +51,46 @@ _ENTRY = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^\s:/,\[\]]+)(
 def bootstrap_arg(value: str) -> str:
     """``bootstrap_problem`` as an argparse ``type``: the command exits 2 naming the option."""
     problem = bootstrap_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
+    return value
+
+
+def service_url_problem(value: str) -> str | None:
+    """Why ``value`` is not the base URL of an HTTP service (``http://host[:port][/path]``), or None.
+    A URL without a scheme or host (``notaurl``, ``localhost:8000``) never connects, and the command waiting
+    for the service said only, a minute later, that nothing answered there.
+
+    >>> service_url_problem("http://[::1]:8000"), service_url_problem("localhost:8000")
+    (None, "expected http://host[:port], got scheme 'localhost'")
+    >>> service_url_problem("http://127.0.0.1:99999")
+    'port 99999 is not in 1..65535'
+    """
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        got = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        return f"expected http://host[:port], got {got}"
+    if any(c.isspace() for c in value):
+        return "a URL has no spaces"
+    if not parts.hostname:
+        return "expected http://host[:port], got no host"
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port_text = parts.netloc.rpartition(":")[2]
+        if port_text.isdigit():
+            return f"port {int(port_text)} is not in 1..65535"
+        return f"port {port_text!r} is not a number"
+    if port == 0:
+        return "port 0 is not in 1..65535"
+    if parts.query or parts.fragment:
+        return "a service's base URL takes no query or fragment"
+    return None
+
+
+def service_url_arg(value: str) -> str:
+    """``service_url_problem`` as an argparse ``type``: the command exits 2 naming the option."""
+    problem = service_url_problem(value)
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
     return value

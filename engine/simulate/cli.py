@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from reloop.engine.config_common import int_at_least, positive_float
-from reloop.engine.netaddr import bootstrap_arg
+from reloop.engine.netaddr import bootstrap_arg, service_url_arg
 from reloop.engine.serve.config import ConfigError, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
@@ -31,7 +31,9 @@ from rich.console import Console
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections simulate and arms")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the scoring service")
+    parser.add_argument(
+        "--url", type=service_url_arg, default="http://127.0.0.1:8000", help="the scoring service"
+    )
     parser.add_argument(
         "--bootstrap", type=bootstrap_arg, help="Kafka bootstrap for the clicks (default: kafka.bootstrap)"
     )

@@ -122,3 +122,42 @@ def test_a_run_in_which_every_request_failed_exits_1(tmp_path) -> None:
         server.shutdown()
     assert out.returncode == 1, out.stderr[-2000:]
     assert "no request was answered with a ranking" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("notaurl", "got no scheme"),  # waited 60 s for a service it could never reach
+        ("localhost:8000", "got scheme 'localhost'"),
+        ("ftp://127.0.0.1:8000", "got scheme 'ftp'"),
+        ("http://", "got no host"),
+        ("http://127.0.0.1:99999", "port 99999 is not in 1..65535"),
+        ("http://127.0.0.1:abc", "port 'abc' is not a number"),
+        ("http://127.0.0.1:8000/?x=1", "no query"),
+    ],
+)
+def test_a_url_that_names_no_http_service_is_refused_at_parse_time(url, why, capsys) -> None:
+    import argparse
+
+    from reloop.engine.simulate.cli import configure
+
+    parser = argparse.ArgumentParser(prog="reloop simulate")
+    configure(parser)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--config", "x.yaml", "--url", url])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --url: {url!r}" in err and why in err
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "http://[::1]:8000/", "https://scoring.example:443/base", "http://host"]
+)
+def test_service_urls_of_every_form_are_taken(url) -> None:
+    import argparse
+
+    from reloop.engine.simulate.cli import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args(["--config", "x.yaml", "--url", url]).url == url
