@@ -5,8 +5,9 @@ about one record rebuilds the stage from its last checkpoint (engine/runtime/sup
 SIGINT stop it gracefully (a final checkpoint); the process exits at the latest ``recovery.stop_timeout_s``
 after the signal whatever the broker does; a second signal, a second or more after the first, exits at
 once, and so does a signal while the stage is still being built (nothing to save yet). Exit codes: 0
-stopped cleanly (the final checkpoint saved, or nothing to save), 1 gave up, forced out, or stopped
-without its final checkpoint (the save failed: "final save skipped"), 2 bad config or unusable snapshots.
+stopped cleanly (the final checkpoint saved, or nothing to save), 1 gave up, forced out, stopped
+without its final checkpoint (the save failed: "final save skipped"), or stopped while its stage was
+failing (the last attempt failed and none has run since), 2 bad config or unusable snapshots.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class StopRequest:
         self.final_saved: Callable[[], Any] = lambda: None
         # True while no stage is running, only being built (run_supervised asks the supervisor).
         self.starting: Callable[[], bool] = lambda: False
-        # Called before a stop during the build exits 0 (a data-parallel rank tells its launcher).
+        # Called before a stop during the build exits (a data-parallel rank tells its launcher).
         self.nothing_owed: Callable[[], None] = lambda: None
+        # The last failure of a stage that has not worked since (run_supervised asks the supervisor).
+        self.failure: Callable[[], str | None] = lambda: None
+        self.stage = "stage"  # its name, in that failure's line
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -69,9 +73,10 @@ class StopRequest:
             # a crash before the first record, which a restart resumes like any other.
             log.info("stopping before the stage started: nothing to save", extra={"fields": {"signal": name}})
             self.nothing_owed()
+            code = _stopped_while_failing(self.failure(), self.stage)
             for handler in logging.getLogger().handlers:
                 handler.flush()
-            os._exit(0)
+            os._exit(code)
         log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
         self.event.set()
         self._timer = threading.Timer(
@@ -184,6 +189,8 @@ def run_supervised(
     )
     stop.final_saved = lambda: getattr(supervisor.pipeline, "final_saved", None)
     stop.starting = lambda: supervisor.building
+    stop.failure = lambda: supervisor.failure
+    stop.stage = name
     code = 0
     try:
         supervisor.run()
@@ -201,7 +208,9 @@ def run_supervised(
         print(f"reloop {name}: {error}", file=sys.stderr, flush=True)
         code = 1
     else:
-        if supervisor.closed and not _final_saved(supervisor):
+        if not supervisor.closed:  # stopped between attempts: was the last one a failure?
+            code = _stopped_while_failing(supervisor.failure, name)
+        elif not _final_saved(supervisor):
             # The stop's final save failed (the sinks could not flush, the write failed): the records
             # after the last save are processed again by the restart, as after a crash. Exit 0 said the
             # stop was clean.
@@ -234,6 +243,21 @@ def run_supervised(
         },
     )
     return code
+
+
+def _stopped_while_failing(failure: str | None, name: str) -> int:
+    """The exit code of a stop that found no stage running: 0 before the first attempt or while waiting
+    for a topic, 1 when the last attempt failed (a stage that was not working, which exit 0 hid from an
+    orchestrator), said on stderr with the last error."""
+    if failure is None:
+        return 0
+    log.critical("stopped while the stage was failing", extra={"fields": {"last_error": failure}})
+    print(
+        f"reloop {name}: stopped while the stage was failing; last error: {failure}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
 
 
 def _final_saved(supervisor: Any) -> bool:

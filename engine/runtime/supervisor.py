@@ -107,6 +107,9 @@ class Supervisor:
         self.closed = False  # a stage ran until the stop and was closed (its final save was attempted)
         self._failing_since: float | None = None
         self._attempt = 0
+        # The last failure while no stage has written a snapshot since (None once one has, or while only
+        # waiting for a topic): a stop then ended a stage that was not working, which exit 0 hid.
+        self.failure: str | None = None
         self._restarts_metric = stats.pipeline_restarts
 
     def run(self) -> None:
@@ -149,6 +152,7 @@ class Supervisor:
             log.info("recovered", extra={"fields": {"after_restarts": self._attempt}})
             self._failing_since = None
             self._attempt = 0
+            self.failure = None
 
     def _failed(self, exc: Exception) -> None:
         now = self.monotonic()
@@ -169,12 +173,14 @@ class Supervisor:
             ) from exc
         wait = self.policy.backoff(self._attempt)
         if isinstance(exc, TopicNotFound | MissingTopic):  # not a failure of ours: one line, no traceback
+            self.failure = None
             log.warning(
                 "waiting for a topic",
                 extra={"fields": {"error": str(exc), "attempt": self._attempt, "retry_in_s": wait}},
             )
             self.stop.wait(wait)
             return
+        self.failure = repr(exc)
         log.error(
             "pipeline failed; rebuilding from the last snapshot",
             extra={
