@@ -51,6 +51,7 @@ from reloop.engine.config_common import (
 )
 from reloop.engine.features.counters import CounterSettings
 from reloop.engine.join.joiner import JoinerConfig
+from reloop.engine.runtime.config_pipe import config_base_dir
 
 __all__ = ["ENV_PREFIX", "REDACTED", "ConfigError", "RunConfig", "load_config", "load_config_dict", "redact"]
 
@@ -546,7 +547,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {p}: the top level must be a mapping")
-    return load_config_dict(data, env=env, base_dir=p.parent)
+    return load_config_dict(data, env=env, base_dir=config_base_dir(p))
 
 
 def load_config_dict(

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
+from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
@@ -42,6 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    with reopenable(args.config) as config:  # the stage processes open it again: a pipe they could not
+        return _main(argparse.Namespace(**{**vars(args), "config": config}))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
+from reloop.engine.runtime.config_pipe import remove_dead_owners_folders, reopenable
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
 # Set by the launcher for its ranks: its pid (a rank dies with it) and the folder where each rank marks
@@ -61,7 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank
         return _rank_exit(_main(args))
-    return _main(args)
+    with reopenable(args.config) as config:  # the ranks open it again: a pipe they could not
+        return _main(argparse.Namespace(**{**vars(args), "config": config}))
 
 
 def _rank_exit(code: int) -> int:
@@ -181,7 +182,7 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if refused:
         print(f"reloop train: {refused}", file=sys.stderr, flush=True)
         return 2
-    _remove_dead_launchers_scratch(Path(tempfile.gettempdir()))
+    remove_dead_owners_folders(Path(tempfile.gettempdir()), "reloop-train")
     with tempfile.TemporaryDirectory(prefix=f"reloop-train-{os.getpid()}-") as scratch:
         os.environ[LAUNCHER_PID] = str(os.getpid())
         marks, refused = Path(scratch, "stopped"), Path(scratch, "refused")
@@ -190,21 +191,6 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
         os.environ[STOPPED_MARKS] = str(marks)
         os.environ[REFUSED_MARKS] = str(refused)
         return _torchrun(args, cfg, marks, refused)
-
-
-def _remove_dead_launchers_scratch(root: Path) -> None:
-    """Remove the scratch folders of launchers that are gone: one SIGKILLed has no chance to (the
-    folder names its launcher's pid; a pid that is alive again, or another user's, keeps its folder)."""
-    for folder in root.glob("reloop-train-*-*"):
-        pid = folder.name.split("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # another user's process: alive
-            continue
 
 
 def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path, refused: Path) -> int:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reloop.engine.runtime.train_cmd import _remove_dead_launchers_scratch
+from reloop.engine.runtime.config_pipe import remove_dead_owners_folders
 
 
 def test_the_scratch_folders_of_launchers_that_are_gone_are_removed(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_the_scratch_folders_of_launchers_that_are_gone_are_removed(tmp_path: Pa
     other = tmp_path / "reloop-train-xyz-1"  # not named by a launcher of this version: left alone
     for folder in (alive, mine, other):
         folder.mkdir()
-    _remove_dead_launchers_scratch(tmp_path)
+    remove_dead_owners_folders(tmp_path, "reloop-train")
     assert not dead.exists()
     assert alive.exists() and mine.exists() and other.exists()
 
