@@ -48,8 +48,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from reloop.engine.runtime.build import check_model
+
     try:
         cfg = load_config(args.config)
+        # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. The
+        # config already brought torch in (the counters' settings), and the check builds on the meta
+        # device: about a second, before any stage starts.
+        check_model(cfg)
     except ConfigError as exc:
         print(f"reloop run: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -64,14 +70,7 @@ def _main(args: argparse.Namespace) -> int:
                 flush=True,
             )
             return 2
-        return _two_processes(args, cfg)  # each stage checks the model section as it starts
-    from reloop.engine.runtime.build import check_model
-
-    try:
-        check_model(cfg)
-    except ConfigError as exc:
-        print(f"reloop run: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _two_processes(args, cfg)
     return _one_process(cfg)
 
 

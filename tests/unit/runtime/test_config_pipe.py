@@ -4,6 +4,7 @@ again: `reloop run`'s two stage processes found nothing at /dev/fd/63 and refuse
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -66,11 +67,11 @@ def test_a_relative_spec_file_in_a_pipe_is_taken_from_the_working_folder(tmp_pat
 
 
 def test_reloop_run_s_stage_processes_read_a_config_given_as_a_pipe(tmp_path: Path) -> None:
-    # The stages check the model section as they start: tables larger than the machine are refused
-    # there, which they could say only once they had read the config.
-    huge = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10**12}]}
     config = {
-        "model": {"backbone": "lr", "spec": huge},
+        "model": {
+            "backbone": "lr",
+            "spec": {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]},
+        },
         "kafka": {"bootstrap": "127.0.0.1:1"},
         "checkpoint": {"dir": str(tmp_path / "ckpt")},
         "metrics": {"prometheus_port": None},
@@ -79,13 +80,24 @@ def test_reloop_run_s_stage_processes_read_a_config_given_as_a_pipe(tmp_path: Pa
     proc = subprocess.Popen(
         [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", f"/dev/fd/{read}"],
         pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        start_new_session=True,
     )  # fmt: skip
     os.close(read)
     with os.fdopen(write, "w") as out:
         out.write(yaml.safe_dump(config))
-    out_text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out_text[-3000:]
-    assert "lower the buckets" in out_text, out_text[-3000:]
-    assert "not found" not in out_text and "cannot read" not in out_text, out_text[-3000:]
-    leftovers = list(Path(tempfile.gettempdir()).glob(f"{COPY_PREFIX}-{proc.pid}-*"))
-    assert leftovers == []
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:  # a stage connecting to the broker read its config; EOF if none could
+            seen.append(line)
+            if "ECONNREFUSED" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out_text = "".join(seen) + rest
+    assert proc.returncode == 0, out_text[-3000:]
+    assert "not found" not in out_text and "ended on its own" not in out_text, out_text[-3000:]
+    assert list(Path(tempfile.gettempdir()).glob(f"{COPY_PREFIX}-{proc.pid}-*")) == []

@@ -482,3 +482,31 @@ def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, mon
     started = [ln for ln in lines if ln.get("msg") == "started" and "processes" in ln]
     assert started[0]["train_openmp_wait"] == {k: v for k, v in (("OMP_WAIT_POLICY", policy),
                                                ("GOMP_SPINCOUNT", spin)) if v != "unset"}  # fmt: skip
+
+
+def test_a_model_section_no_learner_can_be_built_from_is_refused_before_any_stage_starts(tmp_path, capsys):
+    # The two stage processes each checked it as they started: the refusal came 4-8 s in, among their log
+    # lines, and a second later the other stage's stop.
+    import argparse
+
+    from reloop.engine.runtime import run_cmd
+
+    huge = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10**12}]}
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"model": {"backbone": "dcn", "spec": huge}, "kafka": {"bootstrap": "x:1"}})
+    )
+    started: list = []
+
+    def popen(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("a stage process was started")
+
+    run_cmd.subprocess.Popen, real = popen, run_cmd.subprocess.Popen
+    try:
+        code = run_cmd.main(argparse.Namespace(config=str(path), log_level=None))
+    finally:
+        run_cmd.subprocess.Popen = real
+    err = capsys.readouterr().err
+    assert code == 2 and started == []
+    assert err.strip().splitlines()[-1].startswith("reloop run: invalid config: model: backbone 'dcn' needs"), err
