@@ -153,9 +153,61 @@ def check_same_architecture(state: dict[str, Any], config: LearnerConfig) -> Non
     for key in ("backbone", "model", "spec"):
         if stored.get(key) != mine[key]:
             raise ValueError(
-                f"learner state has a different {key} ({stored.get('backbone')!r} state, "
-                f"{config.backbone!r} learner); rebuild it with registry.learner_from_state"
+                f"learner state has a different {_WHERE[key]}: {_difference(stored.get(key), mine[key])}; "
+                "a model of another shape cannot resume from it; keep the settings it was made with, or "
+                "start a fresh checkpoint dir"
             )
+
+
+# Where each part of a learner's config comes from in a run config.
+_WHERE = {
+    "backbone": "backbone (model.backbone)",
+    "model": "model (model.params)",
+    "spec": "spec (model.spec)",
+}
+
+
+def _difference(saved: Any, now: Any, limit: int = 3) -> str:
+    """What differs between two config values, briefly: the first few differing keys of two mappings,
+    else both values (``hidden_units: [64, 64] in the state, [64, 32] now``)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        parts = [f"{k}: {_short(saved.get(k))} in the state, {_short(now.get(k))} now" for k in keys[:limit]]
+        return "; ".join(parts) + (f"; {len(keys) - limit} more" if len(keys) > limit else "")
+    return f"{_short(saved)} in the state, {_short(now)} now"
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = orjson.dumps(value).decode() if value is not None else "none"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def check_same_optimizers(saved: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Refuse optimizer states of another kind than the live optimizers (Adagrad's per-row sums where
+    SparseAdam wants its moments): torch loads them without a word, and the first step then failed with
+    ``KeyError('betas')``, retried as a transient failure. Told apart by the settings of their parameter
+    groups, which every version of torch saves."""
+    for name, optimizer in optimizers.items():
+        state = saved.get(name)
+        if state is None:
+            raise ValueError(
+                f"learner state has no {name} optimizer (model.optimizer, model.params.sparse_embeddings "
+                "changed?): keep the settings it was made with, or start a fresh checkpoint dir"
+            )
+        was, now = _kind(state), _kind(optimizer.state_dict())
+        if was != now:
+            key = " (model.optimizer.embedding_optimizer)" if name == "embedding" else ""
+            raise ValueError(
+                f"learner state's {name} optimizer is {was}, this config's is {now}{key}: an optimizer's "
+                "saved state fits only its own kind; keep it, or start a fresh checkpoint dir"
+            )
+
+
+def _kind(optimizer_state: dict[str, Any]) -> str:
+    groups = optimizer_state.get("param_groups") or [{}]
+    if "initial_accumulator_value" in groups[0]:
+        return "adagrad"
+    return "adam" if "betas" in groups[0] else "unknown"
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -733,6 +785,7 @@ class TorchLearner:
         # A newer one (a rollback): the stage stops (engine/runtime/restore.py), not resuming from before it.
         check_state_format(state, STATE_FORMAT, "learner state")
         check_same_architecture(state, self.config)
+        check_same_optimizers(state["optimizers"], self.optimizers)
         self.model.load_state_dict(state["model"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])  # torch casts the state to each parameter's device
