@@ -51,9 +51,12 @@ def check_fingerprint(point: RestorePoint | str, made_with: object, current: str
         return
     if not allow:
         raise SnapshotMismatch(
-            f"{point} was made with config fingerprint {made_with}, this config is {current}; use a fresh "
-            "checkpoint dir, or resume under the changed settings with checkpoint.allow_fingerprint_change: "
-            "true (for one start: RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE=true)"
+            f"{point} was made with config fingerprint {made_with}, this config is {current}; resume under "
+            "the changed settings with checkpoint.allow_fingerprint_change: true (for one start: "
+            "RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE=true; a changed model shape or optimizer kind is "
+            "refused even so), or start a new pipeline: a fresh checkpoint dir with its own "
+            "stages.samples_topic and stages.join_group_id (with the old ones it trains the samples the old "
+            "pipeline wrote, and its join stage writes them again)"
         )
     log.warning(
         "resuming under a changed config (checkpoint.allow_fingerprint_change)",

@@ -552,8 +552,10 @@ class TrainStage:
                     "previous_highest_seq": highest,
                     "first_seq": batch.first_seq,
                     "why": "the task started without its checkpoint folder (lost, wiped, another "
-                    "checkpoint.dir): it joins its input again from the oldest record retained, and "
-                    "what it had joined before is trained a second time; restore the folder to avoid it",
+                    "checkpoint.dir), or another pipeline's join stage writes this samples topic: it joins "
+                    "its input again from the oldest record retained, and what it had joined before is "
+                    "trained a second time; restore the folder, or give each pipeline (each checkpoint.dir) "
+                    "its own stages.samples_topic and stages.join_group_id",
                 }
             },
         )

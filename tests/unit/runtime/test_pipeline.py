@@ -187,8 +187,13 @@ def test_fingerprint_mismatch_refused(tmp_path):
     import pytest
     from reloop.engine.runtime.restore import SnapshotMismatch
 
-    with pytest.raises(SnapshotMismatch, match="fingerprint.*checkpoint.allow_fingerprint_change: true"):
+    with pytest.raises(
+        SnapshotMismatch, match="fingerprint.*checkpoint.allow_fingerprint_change: true"
+    ) as exc:
         _pipeline(_config(tmp_path, policy="drop"), log, clock)
+    # "a fresh checkpoint dir" alone, followed, trained every sample twice: the new pipeline read the old
+    # one's samples topic, and its join stage wrote them again.
+    assert "stages.samples_topic and stages.join_group_id" in str(exc.value)
 
 
 def test_a_fingerprint_change_resumes_when_allowed_and_says_so(tmp_path, caplog):

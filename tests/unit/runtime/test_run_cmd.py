@@ -509,4 +509,5 @@ def test_a_model_section_no_learner_can_be_built_from_is_refused_before_any_stag
         run_cmd.subprocess.Popen = real
     err = capsys.readouterr().err
     assert code == 2 and started == []
-    assert err.strip().splitlines()[-1].startswith("reloop run: invalid config: model: backbone 'dcn' needs"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("reloop run: invalid config: model: backbone 'dcn' needs"), err
