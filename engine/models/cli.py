@@ -12,6 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from reloop.engine.loss.losses import STRATEGIES, VARIANTS
     from reloop.engine.models.registry import available_backbones, available_strategies, backbone_entry
 
     rows = []
@@ -28,7 +29,10 @@ def main(args: argparse.Namespace) -> int:
     strategies = available_strategies()
     if args.json:
         print(
-            orjson.dumps({"backbones": rows, "strategies": strategies}, option=orjson.OPT_INDENT_2).decode()
+            orjson.dumps(
+                {"backbones": rows, "strategies": strategies, "backtest_only_strategies": list(VARIANTS)},
+                option=orjson.OPT_INDENT_2,
+            ).decode()
         )
         return 0
     print("backbones:")
@@ -36,5 +40,8 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"  {r['name']:<{width}} [{r['kind']}] {r['description']}\n      {defaults}")
-    print("strategies: " + ", ".join(strategies) + "  (alpha * aux + (1 - alpha) * CE; see engine/loss)")
+    # The variants are research strategies: `reloop backtest` takes them; model.strategy of the live loop
+    # and `reloop replay --strategy` do not (they were listed alike, and `reloop run` then refused them).
+    print("strategies: " + ", ".join(STRATEGIES) + "  (alpha * aux + (1 - alpha) * CE; see engine/loss)")
+    print("  reloop backtest only: " + ", ".join(VARIANTS) + "  (docs/backtest/self-correction.md)")
     return 0

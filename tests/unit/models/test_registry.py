@@ -243,3 +243,22 @@ def test_optimizer_state_of_another_kind_is_refused_at_load_naming_the_key():
     again = build_learner("dcn", SPEC, "ce", 0.0, seed=0, optimizer={"embedding_optimizer": "adagrad"})
     again.load_state_dict(adagrad.state_dict())  # the same kind (another rate would be fine too)
     np.testing.assert_array_equal(again.predict_proba(batch), adagrad.predict_proba(batch))
+
+
+def test_reloop_models_lists_as_live_strategies_exactly_those_model_strategy_takes(capsys):
+    # It listed the ReLoop variants with the paper's three, and `reloop run` refused them.
+    import argparse
+    import typing
+
+    from reloop.engine.models import cli
+    from reloop.engine.runtime.config import ModelSection
+
+    cli.main(argparse.Namespace(json=False))
+    lines = capsys.readouterr().out.splitlines()
+    live = (
+        next(ln for ln in lines if ln.startswith("strategies: ")).split("  ")[0].removeprefix("strategies: ")
+    )
+    taken = typing.get_args(ModelSection.model_fields["strategy"].annotation)
+    assert live.split(", ") == list(taken)
+    backtest_only = next(ln for ln in lines if "reloop backtest only:" in ln)
+    assert "reloop_gated" in backtest_only and "reloop_gated" not in live
