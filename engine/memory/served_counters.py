@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,23 @@ STATE_FORMAT = 1
 
 class CounterInputsMissing(CounterError):
     """The live model's spec lacks some counter inputs: it was trained without the arm's counters."""
+
+
+# Counter inputs a message names one by one; more are named by field, with how many each has.
+NAMED_INPUTS = 12
+
+
+def describe_inputs(names: Sequence[str]) -> str:
+    """Counter inputs (``FIELD#ctr``, ``FIELD#seen@600s`` ...) for a message, every one of them: their
+    list, or past ``NAMED_INPUTS`` their fields with how many inputs of each."""
+    if len(names) <= NAMED_INPUTS:
+        return str(list(names))
+    per_field: dict[str, int] = {}
+    for name in names:
+        field = name.rsplit("#", 1)[0]  # (the suffix holds no '#': counter_field_names)
+        per_field[field] = per_field.get(field, 0) + 1
+    fields = ", ".join(f"{field} ({n})" for field, n in per_field.items())
+    return f"of the fields {fields}, {len(names)} in all"
 
 
 def _wall_ms() -> int:
@@ -81,32 +98,47 @@ class ServedCounters:
         self.resets = 0
         self._spec: Any = None  # the spec the counts were last checked against
         self._pending: dict[str, Any] | None = None  # loaded counts, kept until a spec lays them out
-        self._columns: tuple[Any, np.ndarray] | None = None  # (spec, dense columns of the inputs)
+        # (spec, which of names it reads, their dense columns in it)
+        self._columns: tuple[Any, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ request path
-    def columns(self, spec: Any) -> np.ndarray:
-        """The dense columns of the counter inputs in ``spec`` (``CounterInputsMissing`` if it lacks any)."""
+    def columns(self, spec: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the arm's counter inputs ``spec`` reads (indices into ``names``) and their dense
+        columns in it. A model may read fewer than the arm counts (a field or window given to the arm
+        first, then to the trainer: docs/models.md); one that reads none was trained without the arm's
+        counters (``CounterInputsMissing``), and would score without them."""
         cached = self._columns
         if cached is not None and cached[0] is spec:
-            return cached[1]
+            return cached[1], cached[2]
         dense = {f.name: i for i, f in enumerate(spec.dense_fields)}
-        missing = [n for n in self.names if n not in dense]
-        if missing:
+        read = [k for k, n in enumerate(self.names) if n in dense]
+        if not read:
             raise CounterInputsMissing(
-                f"the model's spec lacks the counter inputs {missing[:4]}: train it with model.counters "
-                "set as this arm's counters"
+                f"the model's spec lacks the counter inputs {describe_inputs(self.names)}: train it with "
+                "model.counters set as this arm's counters"
             )
-        cols = np.array([dense[n] for n in self.names], dtype=np.int64)
-        self._columns = (spec, cols)
-        return cols
+        which = np.array(read, dtype=np.int64)
+        cols = np.array([dense[self.names[k]] for k in read], dtype=np.int64)
+        self._columns = (spec, which, cols)
+        return which, cols
+
+    def refusal(self, spec: Any) -> str | None:
+        """Why no request is scored with a model of ``spec`` (``columns``' refusal: it lacks counter
+        inputs), or None: the service's readiness (``/readyz``) asks, so no replica refusing every
+        request is routed any."""
+        try:
+            self.columns(spec)
+        except CounterInputsMissing as exc:
+            return str(exc)
+        return None
 
     def fill(self, spec: Any, batch: FeatureBatch, now_ms: float) -> np.ndarray:
         """Write each row's counter values into ``batch``'s dense columns; returns them [B, inputs]."""
-        cols = self.columns(spec)
+        which, cols = self.columns(spec)
         with self._lock:
             values = self._ready(spec).values(batch, now_ms)
-        batch.num[:, cols] = values
+        batch.num[:, cols] = values[:, which]
         return values
 
     def count_shown(self, spec: Any, batch: FeatureBatch, now_ms: float) -> None:

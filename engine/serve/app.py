@@ -158,9 +158,11 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = service.ready()
-        body = {"ready": ready, "versions": service.versions()}
-        return JSONResponse(status_code=200 if ready else 503, content=body)
+        reasons = service.not_ready()  # arm -> why it cannot score
+        body: dict[str, Any] = {"ready": not reasons, "versions": service.versions()}
+        if reasons:
+            body["not_ready"] = reasons
+        return JSONResponse(status_code=503 if reasons else 200, content=body)
 
     @app.get("/stats")
     async def get_stats() -> dict[str, Any]:

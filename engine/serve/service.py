@@ -100,7 +100,22 @@ class ScoringService:
         self.failed = 0
 
     def ready(self) -> bool:
-        return all(arm.holder.current is not None for arm in self.arms.values())
+        return not self.not_ready()
+
+    def not_ready(self) -> dict[str, str]:
+        """Why each arm that cannot score a request does not (``/readyz``): no model loaded yet, or one
+        without the counter inputs its arm's counters fill (arms[].counters), which would refuse every
+        request (503) until a version with them loads."""
+        reasons = {}
+        for name, arm in self.arms.items():
+            bundle = arm.holder.current
+            if bundle is None:
+                reasons[name] = "no model loaded yet"
+            elif arm.counters is not None:
+                refusal = arm.counters.refusal(bundle.featurizer.spec)
+                if refusal is not None:
+                    reasons[name] = f"version {bundle.version}: {refusal}"
+        return reasons
 
     def versions(self) -> dict[str, int | None]:
         return {name: arm.holder.version for name, arm in self.arms.items()}

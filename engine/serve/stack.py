@@ -244,6 +244,7 @@ def filling_counter_inputs(
     version."""
     from reloop.engine.checkpoint.registry import SnapshotError
     from reloop.engine.features.counters import counter_field_names, counter_inputs
+    from reloop.engine.memory.served_counters import describe_inputs
 
     c = arm.counters
     filled = set() if c is None else set(counter_field_names(c.fields, c.windows_s))
@@ -253,8 +254,9 @@ def filling_counter_inputs(
         unfilled = [n for n in counter_inputs(bundle.featurizer.spec) if n not in filled]
         if unfilled:
             raise SnapshotError(
-                f"arm {arm.name}: version {version}'s model reads the click-counter inputs {unfilled[:4]}, "
-                "which this arm does not fill: give it arms[].counters as the trainer's model.counters"
+                f"arm {arm.name}: version {version}'s model reads the click-counter inputs "
+                f"{describe_inputs(unfilled)}, which this arm does not fill: give it arms[].counters as "
+                "the trainer's model.counters"
             )
         trained = getattr(getattr(bundle.learner, "config", None), "counters", None)
         if trained is not None and c is not None and trained.prior_strength != c.prior_strength:

@@ -118,6 +118,82 @@ def test_a_model_trained_without_the_counter_inputs_is_not_served() -> None:
         service.score(_request("u1", range(3)))
 
 
+def test_an_arm_counting_more_than_its_model_reads_serves_it_with_the_inputs_it_reads() -> None:
+    # docs/models.md: to add a field, give it to the arm first, then to the trainer. The arm refused every
+    # request to the model that did not read it yet (and /readyz said not ready).
+    clock, logger = _Clock(), _ListLogger()
+    user_only = with_counter_fields(BASE, CounterSettings(fields=("user",), windows_s=(600.0,)))
+    bundle = _bundle(spec=user_only)
+    service = _service(bundle, ServedCounters(SETTINGS, clock_ms=clock), clock, logger)
+    service.score(_request("u1", range(5)))
+    clock.ms += 60_000
+    logger.impressions.clear()
+    served = service.score(_request("u1", range(5)))
+    assert service.ready()
+    # Every input the arm counts is logged (the trainer that adds item's learns them as served)...
+    assert all("item#seen" in imp.features and "user#seen" in imp.features for imp in logger.impressions)
+    # ...and the model scored with the user's, at their columns: its scores are the logged rows' scores.
+    logged = {imp.item_id: imp for imp in logger.impressions}
+    for item in served.ranking:
+        features = {k: v for k, v in logged[item.item_id].features.items() if k.startswith(("item", "user#"))}
+        again = bundle.score_request({"user": "u1"}, [features])[0]
+        assert again == pytest.approx(item.score, rel=1e-6)
+    assert logged[served.ranking[0].item_id].features["user#seen"] > 0
+
+
+def test_the_refusal_names_every_counter_input_the_model_lacks() -> None:
+    """It named the first four only (the user's: the item's were left out)."""
+    clock = _Clock()
+    service = _service(_bundle(spec=BASE), ServedCounters(SETTINGS, clock_ms=clock), clock, _ListLogger())
+    with pytest.raises(NotReady) as refused:
+        service.score(_request("u1", range(3)))
+    names = ["user#ctr", "user#seen", "user#ctr@600s", "user#seen@600s",
+             "item#ctr", "item#seen", "item#ctr@600s", "item#seen@600s"]  # fmt: skip
+    assert str(names) in str(refused.value)
+    # More than NAMED_INPUTS: every field, with how many of its inputs the spec lacks.
+    many = CounterSettings(fields=("user", "item", "user*item"), windows_s=(60.0, 600.0))
+    service = _service(_bundle(spec=BASE), ServedCounters(many, clock_ms=clock), clock, _ListLogger())
+    with pytest.raises(NotReady, match=r"of the fields user \(6\), item \(6\), user\*item \(6\), 18 in all"):
+        service.score(_request("u1", range(3)))
+
+
+def test_readiness_says_which_arm_serves_a_model_without_its_counter_inputs() -> None:
+    """Every request to such an arm is refused (503): /readyz said ready all the same, so an orchestrator
+    sent it traffic. Not ready now, naming the arm and why, until a version with the inputs loads; an
+    arm without a model is not ready as before, and one serving a model with the inputs is ready."""
+    from fastapi.testclient import TestClient
+    from reloop.engine.serve.app import create_app
+
+    clock = _Clock()
+    counted = ArmRuntime("A", ModelHolder(_bundle(1, spec=BASE)), logger=_ListLogger(),
+                         counters=ServedCounters(SETTINGS, clock_ms=clock))  # fmt: skip
+    plain = ArmRuntime("B", ModelHolder(_bundle(1, spec=BASE)), logger=_ListLogger())
+    service = ScoringService(router=ArmRouter([("A", 1.0), ("B", 1.0)], salt="t"),
+                             arms={"A": counted, "B": plain}, top_k=3, clock_ms=clock)  # fmt: skip
+    client = TestClient(create_app(service))
+    r = client.get("/readyz")
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["ready"] is False and body["versions"] == {"A": 1, "B": 1}
+    assert list(body["not_ready"]) == ["A"]  # B reads no counters: it serves
+    assert body["not_ready"]["A"].startswith("version 1: the model's spec lacks the counter inputs [")
+    assert "item#seen@600s" in body["not_ready"]["A"] and "model.counters" in body["not_ready"]["A"]
+    assert not service.ready()
+
+    counted.holder.swap(_bundle(2))  # trained with the arm's counters
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"ready": True, "versions": {"A": 2, "B": 1}}
+    assert service.ready()
+    assert service.score(_request("u1", range(3))).model_version == 2
+
+    counted.holder.swap(_bundle(3, spec=BASE))  # and back: not ready again
+    assert client.get("/readyz").status_code == 503 and not service.ready()
+    none = ArmRuntime("C", ModelHolder(), counters=ServedCounters(SETTINGS, clock_ms=clock))
+    service = ScoringService(router=ArmRouter([("C", 1.0)], salt="t"), arms={"C": none})
+    r = TestClient(create_app(service)).get("/readyz")
+    assert r.status_code == 503 and r.json()["not_ready"] == {"C": "no model loaded yet"}
+
+
 def _publish(mlog: MemoryLog, rows: list[tuple[str, str, int]], first_seq: int, time_ms: int) -> None:
     samples = [
         LabeledSample(

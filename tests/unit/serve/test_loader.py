@@ -182,3 +182,33 @@ def test_a_cold_start_model_records_its_arms_counters():
     bundle = cold_start_bundle(cold, counters)
     assert bundle.learner.config.counters == counters.settings()
     assert type(bundle.learner.config.counters).__name__ == "CounterSettings"  # not the arm's topic
+
+
+def test_the_load_refusal_names_every_counter_input_the_arm_does_not_fill(tmp_path):
+    """It named the first four only: the user_id's, leaving out the item_id's the arm does not fill."""
+    from types import SimpleNamespace
+
+    from reloop.engine.checkpoint.registry import SnapshotError
+    from reloop.engine.features.counters import CounterSettings, with_counter_fields
+    from reloop.engine.serve.config import ArmConfig
+    from reloop.engine.serve.stack import filling_counter_inputs
+
+    _, spec = _trained()
+
+    def refusal(settings: CounterSettings) -> str:
+        model = SimpleNamespace(
+            featurizer=SimpleNamespace(spec=with_counter_fields(spec, settings)), learner=None
+        )
+        load = filling_counter_inputs(ArmConfig(name="c", registry=tmp_path), lambda version: model)
+        with pytest.raises(SnapshotError) as refused:
+            load(3)
+        return str(refused.value)
+
+    names = ["user_id#ctr", "user_id#seen", "user_id#ctr@600s", "user_id#seen@600s",
+             "item_id#ctr", "item_id#seen", "item_id#ctr@600s", "item_id#seen@600s"]  # fmt: skip
+    assert f"version 3's model reads the click-counter inputs {names}, which" in refusal(
+        CounterSettings(fields=("user_id", "item_id"), windows_s=(600.0,))
+    )
+    # More than NAMED_INPUTS: every field, with how many of its inputs the arm does not fill.
+    many = refusal(CounterSettings(fields=("user_id", "item_id"), windows_s=(60.0, 600.0, 3600.0)))
+    assert "inputs of the fields user_id (8), item_id (8), 16 in all, which" in many
