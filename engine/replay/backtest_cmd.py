@@ -555,7 +555,17 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+def check_extras() -> None:
+    """Import what the command takes from the [replay] extra, before any work: tqdm (the progress bar)
+    and matplotlib (the plots, drawn last; ``--report-only`` draws them too). A missing one raises
+    ModuleNotFoundError, which ``reloop`` (engine/runtime/cli.py) answers with the extra to install and
+    exit 2: matplotlib's came only after every run."""
+    import matplotlib  # noqa: F401
+    import tqdm  # noqa: F401
+
+
 def _main(args: argparse.Namespace) -> int:
+    check_extras()
     from tqdm import tqdm
 
     csv_path = args.out / "results.csv"

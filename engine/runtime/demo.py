@@ -641,7 +641,25 @@ def print_summary(
     )
 
 
+#: The modules of optional extras that the demo's later steps import (engine/runtime/cli.py EXTRAS): rich
+#: (the tables), httpx (the simulator's HTTP client), fastapi and uvicorn (the scoring service, [serve],
+#: which [demo] brings). httptools and uvloop are left out: the service runs without them.
+EXTRA_MODULES = ("rich", "httpx", "fastapi", "uvicorn")
+
+
+def check_extras() -> None:
+    """Import each of ``EXTRA_MODULES`` before any work: a missing one raises ModuleNotFoundError, which
+    ``reloop`` (engine/runtime/cli.py) answers with the extra to install and exit 2. Found only when the
+    service or the simulator was built, it came after the broker and the trainers had started, as
+    "reloop demo failed: ModuleNotFoundError(...)" without the extra."""
+    import importlib
+
+    for name in EXTRA_MODULES:
+        importlib.import_module(name)
+
+
 def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop sequence reads best whole
+    check_extras()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Piped output (CI logs) gets a wide console so the tables stay readable.
     console = Console() if Console().is_terminal else Console(width=160)

@@ -42,18 +42,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int_at_least(0), help="override simulate.world.seed")
 
 
+#: The clicks topic of an arm that names none (serve's ArmConfig.clicks_topic default), and of an arm the
+#: ``arms`` section does not list.
+DEFAULT_CLICKS_TOPIC = "clicks"
+
+log = logging.getLogger(__name__)
+
+
 def clicks_topics(doc: dict) -> dict[str, str]:
     """arm name -> clicks topic, from the ``arms`` section (default topic ``clicks``)."""
-    return {str(a["name"]): str(a.get("clicks_topic", "clicks")) for a in doc.get("arms") or []}
+    return {str(a["name"]): str(a.get("clicks_topic", DEFAULT_CLICKS_TOPIC)) for a in doc.get("arms") or []}
 
 
 def kafka_click_sinks(
     bootstrap: str, topics: dict[str, str], settings: dict | None = None
 ) -> Callable[[str], Sink]:
+    """The click sink of each arm the service answers with (``Simulator.click_sink``), on its topic in
+    ``topics``. An arm that ``topics`` lacks (the service's arms are not the config's) falls back to
+    ``clicks``, with one warning per arm: its clicks went there without a word, where no trainer of the
+    arm read them."""
     from reloop.connectors.kafka.sink import KafkaSink
 
+    warned: set[str] = set()
+    lock = threading.Lock()
+
     def make(arm: str) -> Sink:
-        return KafkaSink(bootstrap=bootstrap, topic=topics.get(arm, "clicks"), client_config=settings or {})
+        topic = topics.get(arm)
+        if topic is None:
+            topic = DEFAULT_CLICKS_TOPIC
+            with lock:
+                first = arm not in warned
+                warned.add(arm)
+            if first:
+                known = ", ".join(sorted(topics)) or "none"
+                log.warning(
+                    "the scoring service answered with arm %r, which the config's arms section does not "
+                    "list (it lists: %s); its clicks go to the default topic %r. Pass the serve config "
+                    "(the one that defines the service's arms and their clicks topics) as --config",
+                    arm,
+                    known,
+                    topic,
+                )
+        return KafkaSink(bootstrap=bootstrap, topic=topic, client_config=settings or {})
 
     return make
 
