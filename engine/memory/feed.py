@@ -59,7 +59,7 @@ from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.memory.seen import SeenSeqs
 from reloop.engine.metrics.stats import STATS
 from reloop.engine.serve.bundle import ModelHolder
-from reloop.engine.streams import Source, positions_from_json, positions_to_json
+from reloop.engine.streams import Source, TopicNotFound, positions_from_json, positions_to_json
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,14 @@ class SamplesFeed:
             try:
                 self.step()
                 backoff = 1.0
+            except (
+                TopicNotFound
+            ) as exc:  # a topic not created yet (or misnamed): one line a try, no traceback
+                self.failures += 1
+                log.warning(
+                    "%s %s: waiting for a topic (%s); retrying in %.0fs", self.kind, self.name, exc, backoff
+                )
+                self._stop.wait(backoff)
             except Exception:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
                 self.failures += 1
                 log.exception("%s %s: feed step failed; retrying in %.0fs", self.kind, self.name, backoff)
