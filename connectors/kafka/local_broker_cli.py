@@ -1,10 +1,13 @@
-"""``reloop kafka up | status | down | fetch``: the local development broker.
+"""``reloop kafka up | status | down | fetch | topics``: the local development broker, and the topics a run
+config reads.
 
 The state folder is ``--state-dir``, or ``$RELOOP_STATE_DIR/kafka``, or ``.state/kafka`` in a checkout,
 or ``~/.local/state/reloop/kafka`` (``$XDG_STATE_HOME/reloop/kafka``) for an installed reloop. The jars
 are in ``deploy/kafka/lib`` in a checkout, else in ``~/.cache/reloop/kafka/lib`` (see local_broker.py).
 ``up`` leaves the broker running in the background; ``status`` and ``down`` find it through
-``<state>/broker.json``.
+``<state>/broker.json``. ``topics --config FILE`` creates the topics that config's ``reloop run`` reads and
+does not create itself (impressions, clicks, dead letters; the join stage creates the samples topic) on its
+``kafka.bootstrap``, with its connection settings: any broker, not only the local one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from reloop.connectors.kafka.local_broker import REPO_ROOT, BrokerError, LocalBroker
-from reloop.engine.config_common import folder_arg, port_arg, positive_float
+from reloop.engine.config_common import folder_arg, int_at_least, port_arg, positive_float
 from reloop.engine.resources import in_checkout, user_state_dir
 
 
@@ -33,7 +36,7 @@ def default_state_dir() -> Path:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "status", "down", "fetch"], help="what to do")
+    parser.add_argument("action", choices=["up", "status", "down", "fetch", "topics"], help="what to do")
     parser.add_argument(
         "--state-dir",
         type=folder_arg,
@@ -47,9 +50,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=positive_float, default=90.0, help="seconds to wait for `up`/`down`"
     )
+    parser.add_argument("--config", help="`topics`: the run config whose input topics to create")
+    parser.add_argument(
+        "--partitions",
+        type=int_at_least(1),
+        default=1,
+        help="`topics`: partitions of the impressions and clicks topics (default 1; a multiple of every "
+        "number of join processes you will run)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "topics":
+        return _topics(args)
     try:
         broker = LocalBroker(args.state_dir or default_state_dir(), port=args.port, detached=True)
         return _ACTIONS[args.action](broker, args)
@@ -143,6 +156,37 @@ def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
         print(f"stopped the broker in {broker.state_dir}")
     else:
         print(f"no running broker in {broker.state_dir}")
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from reloop.connectors.kafka.admin import admin_settings, create_topics
+    from reloop.engine.runtime.config import ConfigError, load_config
+
+    if args.config is None:
+        print("reloop kafka topics: give the run config: --config FILE", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"reloop kafka topics: {exc}", file=sys.stderr)
+        return 2
+    inputs = (cfg.source.impressions_topic, cfg.source.clicks_topic)
+    topics = {**{name: args.partitions for name in inputs}, cfg.sink.dead_letter_topic: 1}
+    bootstrap = cfg.kafka.bootstrap
+    try:
+        created = create_topics(
+            bootstrap,
+            topics,
+            timeout_s=args.timeout,
+            client_config=admin_settings(cfg.kafka.connection("kafka-python")),
+        )
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, fewer partitions: one line, exit 1
+        print(f"reloop kafka topics: at {bootstrap}: {exc}", file=sys.stderr)
+        return 1
+    for name, partitions in topics.items():
+        state = f"created with {partitions} partition(s)" if name in created else "already there"
+        print(f"{name}: {state} at {bootstrap}")
     return 0
 
 
