@@ -85,7 +85,8 @@ class MissingTopic(RuntimeError):
     def __init__(self, like: str, topic: str) -> None:
         super().__init__(
             f"topic {like!r} does not exist; {topic!r} is created with as many partitions as it has "
-            "(create the input topics first, or check source.impressions_topic)"
+            "(create the input topics first: reloop kafka topics --config FILE; or check "
+            "source.impressions_topic)"
         )
 
 
