@@ -425,6 +425,19 @@ def env_origin(loc: Sequence[object], overrides: Mapping[str, Any], names: Itera
     return f" (environment variable {ENV_PREFIX}{'__'.join(path).upper()})"
 
 
+def env_setting(key: str, env: Mapping[str, str] | None = None) -> str:
+    """`` (environment variables RELOOP__MODEL__PARAMS__EMBEDDING_DIM, ...)`` naming the variables of ``env``
+    (default os.environ) that set ``key`` (``model.params``) or a key under it, else ``""``: for the
+    checks made after loading (a backbone's params, built by its registry), which ``env_origin`` does not
+    see, so that an error there sends the reader to the variable, not to a file that does not hold it."""
+    env = os.environ if env is None else env
+    stem = ENV_PREFIX + key.replace(".", "__").upper()
+    names = sorted(n for n in env if n.upper() == stem or n.upper().startswith(stem + "__"))
+    if not names:
+        return ""
+    return f" (environment variable{'s' if len(names) > 1 else ''} {', '.join(names)})"
+
+
 def _decode_free_dicts(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
     out = dict(data)
     for name, value in data.items():

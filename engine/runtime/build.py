@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.config_common import env_setting
 from reloop.engine.deadletter import DeadLetterSink
 from reloop.engine.features.check import FeatureLimits, SpecChecker
 from reloop.engine.features.featurizer import Featurizer
@@ -88,7 +89,7 @@ def check_model(cfg: RunConfig) -> None:
         model_config_of(model.backbone, **model.params)
     except ValueError as exc:
         key = "model.backbone" if model.backbone not in available_backbones() else "model.params"
-        raise ConfigError(f"invalid config: {key}: {exc}") from None
+        raise ConfigError(f"invalid config: {key}: {exc}{env_setting(key)}") from None
     entry = backbone_entry(model.backbone)
     if model.optimizer and entry.kind != "torch":  # it would be ignored without a word
         own = ", ".join(entry.config_cls.model_fields)
@@ -108,7 +109,7 @@ def check_model(cfg: RunConfig) -> None:
             **model.params,
         )
     except ValueError as exc:
-        raise ConfigError(f"invalid config: model.optimizer: {exc}") from None
+        raise ConfigError(f"invalid config: model.optimizer: {exc}{env_setting('model.optimizer')}") from None
     try:
         with torch.device("meta"):  # the constructors' own checks, without allocating the tables
             learner = learner_from_config(config)

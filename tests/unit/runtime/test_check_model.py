@@ -130,3 +130,19 @@ def test_the_trainers_model_records_its_click_counters() -> None:
     with_counters = build_trainer(load_config_dict({"model": {**model, "counters": counters}}))
     assert with_counters.learner.config.counters == CounterSettings(**counters)
     assert build_trainer(load_config_dict({"model": model})).learner.config.counters is None
+
+
+def test_a_bad_backbone_setting_from_the_environment_names_the_variable(monkeypatch) -> None:
+    # "A bad value set by a variable names the variable too" held for every section but the backbone's
+    # params, checked by its registry after loading: the error sent the reader to a file without it.
+    env = {"RELOOP__MODEL__PARAMS__EMBEDDING_DIM": "abc"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config_dict({"model": {"backbone": "dcn", "spec": _SPEC}}, env=env)
+    with pytest.raises(ConfigError, match=r"embedding_dim: .* \(environment variable "
+                                          r"RELOOP__MODEL__PARAMS__EMBEDDING_DIM\)$"):  # fmt: skip
+        check_model(cfg)
+    monkeypatch.delenv("RELOOP__MODEL__PARAMS__EMBEDDING_DIM")
+    with pytest.raises(ConfigError) as from_file:  # the same value from the file names no variable
+        check_model(_cfg(params={"embedding_dim": "abc"}))
+    assert "environment variable" not in str(from_file.value)
