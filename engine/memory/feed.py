@@ -357,9 +357,7 @@ class SamplesFeed:
             try:
                 self.step()
                 backoff = 1.0
-            except (
-                TopicNotFound
-            ) as exc:  # a topic not created yet (or misnamed): one line a try, no traceback
+            except TopicNotFound as exc:  # not created yet, or misnamed: one line a try, no traceback
                 self.failures += 1
                 log.warning(
                     "%s %s: waiting for a topic (%s); retrying in %.0fs", self.kind, self.name, exc, backoff
