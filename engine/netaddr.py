@@ -45,7 +45,24 @@ def bootstrap_problem(value: str) -> str | None:
 
 # An optional listener scheme (PLAINTEXT://), a host (a name or IPv4 without ':' or spaces, or [IPv6]),
 # an optional :port.
-_ENTRY = re.compile(r"(?:[A-Za-z_]+://)?(?:\[[0-9A-Fa-f:.%\w]+\]|[^\s:/,\[\]]+)(?::(?P<port>\d{1,6}))?")
+_ENTRY = re.compile(
+    r"(?:[A-Za-z_]+://)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\s:/,\[\]]+))(?::(?P<port>\d{1,6}))?"
+)
+
+
+def bootstrap_addresses(value: str) -> list[tuple[str, int]]:
+    """The (host, port) of each entry of a bootstrap list that ``bootstrap_problem`` takes (9092 where
+    the port is left out); entries it would refuse are left out.
+
+    >>> bootstrap_addresses("PLAINTEXT://kafka:9093,[::1],broker")
+    [('kafka', 9093), ('::1', 9092), ('broker', 9092)]
+    """
+    out = []
+    for entry in (e.strip() for e in value.split(",")):
+        match = _ENTRY.fullmatch(entry)
+        if match is not None:
+            out.append((match.group("v6") or match.group("host"), int(match.group("port") or 9092)))
+    return out
 
 
 def bootstrap_arg(value: str) -> str:

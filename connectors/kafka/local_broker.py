@@ -663,6 +663,7 @@ def _metadata_ok(
     try:
         admin = start_client(
             KafkaAdminClient,
+            probe=False,  # a readiness probe of a broker still starting: no warning
             bootstrap_servers=bootstrap,
             request_timeout_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,
