@@ -209,6 +209,21 @@ def test_a_fingerprint_change_resumes_when_allowed_and_says_so(tmp_path, caplog)
     resumed.close()
 
 
+def test_an_optimizer_kind_changed_under_the_allowance_is_refused_at_start_not_at_each_step(tmp_path):
+    # Allowed to resume under the changed fingerprint, SparseAdam took the snapshots' Adagrad state, and
+    # each step then failed with KeyError('betas'), rebuilt and failed again until the give-up.
+    import pytest
+    from reloop.engine.runtime.restore import NoUsableSnapshot
+
+    log, clock, _ = _ran_to_end(tmp_path, 100, seed=1)
+    env = {
+        "RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE": "true",
+        "RELOOP__MODEL__OPTIMIZER__EMBEDDING_OPTIMIZER": "adam",
+    }
+    with pytest.raises(NoUsableSnapshot, match="embedding optimizer is adagrad, this config's is adam"):
+        _pipeline(_config(tmp_path, env=env), log, clock)
+
+
 def test_consumer_lag_and_snapshot_period_are_published(tmp_path):
     synth = generate(400, seed=4, pad_to_multiple=BATCH)
     log = _log(synth)
