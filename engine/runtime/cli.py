@@ -19,7 +19,10 @@ import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "kafka": ("reloop.connectors.kafka.local_broker_cli", "start, inspect and stop the local Kafka broker"),
+    "kafka": (
+        "reloop.connectors.kafka.local_broker_cli",
+        "start, inspect and stop the local Kafka broker; create a run config's topics",
+    ),
     "models": ("reloop.engine.models.cli", "list the backbones and the training strategies"),
     "run": ("reloop.engine.runtime.run_cmd", "the long-running stream processor (join + train stages)"),
     "join": ("reloop.engine.runtime.join_cmd", "the join stage alone (one member of the join group)"),
