@@ -160,7 +160,7 @@ def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from reloop.connectors.kafka.admin import admin_settings, create_topics
+    from reloop.connectors.kafka.admin import admin_client, admin_settings, create_topics, partition_counts
     from reloop.engine.runtime.config import ConfigError, load_config
 
     if args.config is None:
@@ -174,19 +174,23 @@ def _topics(args: argparse.Namespace) -> int:
     inputs = (cfg.source.impressions_topic, cfg.source.clicks_topic)
     topics = {**{name: args.partitions for name in inputs}, cfg.sink.dead_letter_topic: 1}
     bootstrap = cfg.kafka.bootstrap
+    settings = admin_settings(cfg.kafka.connection("kafka-python"))
     try:
-        created = create_topics(
-            bootstrap,
-            topics,
-            timeout_s=args.timeout,
-            client_config=admin_settings(cfg.kafka.connection("kafka-python")),
-        )
+        created = create_topics(bootstrap, topics, timeout_s=args.timeout, client_config=settings)
+        admin = admin_client(bootstrap, settings)
+        try:
+            have = partition_counts(admin, list(topics))
+        finally:
+            admin.close()
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, fewer partitions: one line, exit 1
         print(f"reloop kafka topics: at {bootstrap}: {exc}", file=sys.stderr)
         return 1
-    for name, partitions in topics.items():
-        state = f"created with {partitions} partition(s)" if name in created else "already there"
-        print(f"{name}: {state} at {bootstrap}")
+    for name, asked in topics.items():
+        state = "created" if name in created else "already there"
+        # An existing topic keeps its count (create_topics refused fewer than asked): more is said, since
+        # it fixes how many join processes divide the work evenly.
+        more = f" (asked {asked}: a topic's partitions are not changed)" if have[name] != asked else ""
+        print(f"{name}: {state} at {bootstrap} with {have[name]} partition(s){more}")
     return 0
 
 

@@ -159,8 +159,10 @@ class Supervisor:
         if self._failing_since is None:
             self._failing_since = now
         self._attempt += 1
-        self.restarts += 1
-        self._restarts_metric.add()
+        waiting = isinstance(exc, TopicNotFound | MissingTopic)
+        if not waiting:  # a wait for a topic is no rebuild: ReloopPipelineRestarting fired on a train stage
+            self.restarts += 1  # that only waited for the join stage to create the samples topic
+            self._restarts_metric.add()
         failing_for = now - self._failing_since
         if failing_for >= self.policy.give_up_after_s:
             log.critical(
@@ -172,7 +174,7 @@ class Supervisor:
                 f"({self._attempt} attempts); last error: {exc!r}"
             ) from exc
         wait = self.policy.backoff(self._attempt)
-        if isinstance(exc, TopicNotFound | MissingTopic):  # not a failure of ours: one line, no traceback
+        if waiting:  # not a failure of ours: one line, no traceback
             self.failure = None
             log.warning(
                 "waiting for a topic",

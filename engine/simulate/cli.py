@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from reloop.engine.config_common import int_at_least, positive_float
-from reloop.engine.netaddr import bootstrap_arg, service_url_arg
+from reloop.engine.netaddr import bootstrap_arg, http_url, service_url_arg
 from reloop.engine.serve.config import ConfigError, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
@@ -32,7 +32,10 @@ from rich.console import Console
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with sections simulate and arms")
     parser.add_argument(
-        "--url", type=service_url_arg, default="http://127.0.0.1:8000", help="the scoring service"
+        "--url",
+        type=service_url_arg,
+        default=None,
+        help="the scoring service (default: the config's serve.host and serve.port, else http://127.0.0.1:8000)",
     )
     parser.add_argument(
         "--bootstrap", type=bootstrap_arg, help="Kafka bootstrap for the clicks (default: kafka.bootstrap)"
@@ -47,6 +50,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 DEFAULT_CLICKS_TOPIC = "clicks"
 
 log = logging.getLogger(__name__)
+
+
+def service_url(doc: dict) -> str:
+    """Where the config's scoring service listens (``serve.host``, ``serve.port``; a service bound to every
+    interface is reached on loopback): given the serve config, simulate finds its service without --url."""
+    serve = doc.get("serve") or {}
+    host = str(serve.get("host") or "127.0.0.1")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return http_url(host, int(serve.get("port") or 8000))
 
 
 def clicks_topics(doc: dict) -> dict[str, str]:
@@ -126,17 +139,18 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from reloop.engine.simulate.http import HttpScorer
 
-    scorer = HttpScorer(args.url)
+    url = args.url or service_url(doc)
+    scorer = HttpScorer(url)
     console = Console() if Console().is_terminal else Console(width=160)
     # Handlers first: Ctrl-C while the service is awaited ends the wait, not in a traceback.
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if not scorer.ready():
-        print(f"reloop simulate: waiting for the scoring service at {args.url} (up to 60 s)", file=sys.stderr)
+        print(f"reloop simulate: waiting for the scoring service at {url} (up to 60 s)", file=sys.stderr)
     if not wait_ready(scorer, 60, stop):
         why = "stopped while waiting" if stop.is_set() else "it is not ready after 60 s"
-        print(f"reloop simulate: no scoring service at {args.url}: {why}", file=sys.stderr)
+        print(f"reloop simulate: no scoring service at {url}: {why}", file=sys.stderr)
         return 1
     from reloop.engine.config_common import KafkaSection, check_moved
     from reloop.engine.serve.config import MOVED
@@ -183,6 +197,6 @@ def main(args: argparse.Namespace) -> int:
     if not any(a.impressions for a in s.arms.values()) and (s.errors or s.not_ready):
         # Every request failed (the counts are printed above): a run that simulated nothing exited 0.
         print(f"reloop simulate: no request was answered with a ranking ({s.errors} failed, {s.not_ready} "
-              f"not ready): is {args.url} a scoring service with a model?", file=sys.stderr)  # fmt: skip
+              f"not ready): is {url} a scoring service with a model?", file=sys.stderr)  # fmt: skip
         return 1
     return 0

@@ -41,5 +41,11 @@ def test_the_topics_a_run_config_reads_are_created_once(kafka_broker, unique_top
 
     again = _topics_cmd(config, "--partitions", "3")
     assert again.returncode == 0 and again.stdout.count("already there") == 3, again.stdout + again.stderr
+    fewer = _topics_cmd(config, "--partitions", "2")  # kept at 3, and said so
+    assert fewer.returncode == 0, fewer.stderr
+    assert (
+        f"{topics['impressions']}: already there at {kafka_broker.bootstrap} with 3 partition(s) (asked 2"
+        in (fewer.stdout)
+    )
     more = _topics_cmd(config, "--partitions", "6")  # the producers' key routing would change under them
     assert more.returncode == 1 and "fewer partitions than asked" in more.stderr, more.stdout + more.stderr

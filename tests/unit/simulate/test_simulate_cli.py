@@ -161,3 +161,19 @@ def test_service_urls_of_every_form_are_taken(url) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
     assert parser.parse_args(["--config", "x.yaml", "--url", url]).url == url
+
+
+def test_without_url_it_finds_the_service_of_the_serve_config_it_is_given() -> None:
+    # README: `reloop simulate --config SERVE_CONFIG`. It went to http://127.0.0.1:8000 whatever the file's
+    # serve.port said, and waited there.
+    import argparse
+
+    from reloop.engine.simulate.cli import configure, service_url
+
+    assert service_url({"serve": {"port": 18091}}) == "http://127.0.0.1:18091"
+    assert service_url({"serve": {"host": "0.0.0.0", "port": 9000}}) == "http://127.0.0.1:9000"
+    assert service_url({"serve": {"host": "::", "port": 9000}}) == "http://[::1]:9000"
+    assert service_url({}) == "http://127.0.0.1:8000"
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args(["--config", "x.yaml"]).url is None  # --url, when given, wins
