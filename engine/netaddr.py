@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 
@@ -65,12 +66,19 @@ def bootstrap_addresses(value: str) -> list[tuple[str, int]]:
     return out
 
 
-def bootstrap_arg(value: str) -> str:
-    """``bootstrap_problem`` as an argparse ``type``: the command exits 2 naming the option."""
-    problem = bootstrap_problem(value)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
-    return value
+def as_arg(problem: Callable[[str], str | None]) -> Callable[[str], str]:
+    """A ``..._problem`` check as an argparse ``type``: a refused value exits 2 naming the option."""
+
+    def arg(value: str) -> str:
+        why = problem(value)
+        if why is not None:
+            raise argparse.ArgumentTypeError(f"{value!r}: {why}")
+        return value
+
+    return arg
+
+
+bootstrap_arg = as_arg(bootstrap_problem)
 
 
 def service_url_problem(value: str) -> str | None:
@@ -105,9 +113,4 @@ def service_url_problem(value: str) -> str | None:
     return None
 
 
-def service_url_arg(value: str) -> str:
-    """``service_url_problem`` as an argparse ``type``: the command exits 2 naming the option."""
-    problem = service_url_problem(value)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{value!r}: {problem}")
-    return value
+service_url_arg = as_arg(service_url_problem)
