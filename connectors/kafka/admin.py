@@ -42,6 +42,27 @@ def create_topics(
     A topic that already exists with fewer partitions than asked is an error (the key routing of the
     producer would silently differ from what the caller expects).
     """
+    created, _ = create_topics_counted(
+        bootstrap,
+        topics,
+        replication_factor=replication_factor,
+        configs=configs,
+        timeout_s=timeout_s,
+        client_config=client_config,
+    )
+    return created
+
+
+def create_topics_counted(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    configs: Mapping[str, str] | None = None,
+    timeout_s: float = 30.0,
+    client_config: Mapping[str, Any] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """``create_topics``, and the partition count each named topic has (an existing one keeps its own)."""
     admin = admin_client(bootstrap, client_config)
     try:
         existing = set(admin.list_topics())
@@ -68,7 +89,7 @@ def create_topics(
         short = {name: (counts[name], want) for name, want in topics.items() if counts[name] < want}
         if short:
             raise RuntimeError(f"existing topics have fewer partitions than asked (have, want): {short}")
-        return created
+        return created, counts
     finally:
         admin.close()
 

@@ -160,7 +160,7 @@ def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from reloop.connectors.kafka.admin import admin_client, admin_settings, create_topics, partition_counts
+    from reloop.connectors.kafka.admin import admin_settings, create_topics_counted
     from reloop.engine.runtime.config import ConfigError, load_config
 
     if args.config is None:
@@ -171,17 +171,15 @@ def _topics(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"reloop kafka topics: {exc}", file=sys.stderr)
         return 2
-    inputs = (cfg.source.impressions_topic, cfg.source.clicks_topic)
-    topics = {**{name: args.partitions for name in inputs}, cfg.sink.dead_letter_topic: 1}
+    topics = {cfg.source.impressions_topic: args.partitions, cfg.source.clicks_topic: args.partitions}
+    if cfg.sink.dead_letter_topic is not None:  # null: no dead-letter topic
+        topics[cfg.sink.dead_letter_topic] = 1
     bootstrap = cfg.kafka.bootstrap
     settings = admin_settings(cfg.kafka.connection("kafka-python"))
     try:
-        created = create_topics(bootstrap, topics, timeout_s=args.timeout, client_config=settings)
-        admin = admin_client(bootstrap, settings)
-        try:
-            have = partition_counts(admin, list(topics))
-        finally:
-            admin.close()
+        created, have = create_topics_counted(
+            bootstrap, topics, timeout_s=args.timeout, client_config=settings
+        )
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, fewer partitions: one line, exit 1
         print(f"reloop kafka topics: at {bootstrap}: {exc}", file=sys.stderr)
         return 1

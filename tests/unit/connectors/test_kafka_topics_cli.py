@@ -1,0 +1,40 @@
+"""`reloop kafka topics --config FILE`: which topics it asks for (the real broker: tests/integration)."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+from reloop.connectors.kafka import admin, local_broker_cli
+
+
+def _asked(tmp_path, monkeypatch, sink: dict) -> dict[str, int]:
+    config = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    document = {
+        "kafka": {"bootstrap": "127.0.0.1:1"},
+        "sink": sink,
+        "model": {"backbone": "lr", "spec": spec},
+    }
+    config.write_text(yaml.safe_dump(document))
+    asked: dict[str, int] = {}
+
+    def counted(bootstrap, topics, **kwargs):
+        asked.update(topics)
+        return list(topics), dict(topics)
+
+    monkeypatch.setattr(admin, "create_topics_counted", counted)
+    parser = argparse.ArgumentParser()
+    local_broker_cli.configure(parser)
+    args = parser.parse_args(["topics", "--config", str(config), "--partitions", "2"])
+    assert local_broker_cli.main(args) == 0
+    return asked
+
+
+def test_the_inputs_and_the_dead_letter_topic_are_asked_for(tmp_path, monkeypatch) -> None:
+    assert _asked(tmp_path, monkeypatch, {}) == {"impressions": 2, "clicks": 2, "reloop.deadletter": 1}
+
+
+def test_a_config_without_a_dead_letter_topic_asks_for_the_inputs_only(tmp_path, monkeypatch) -> None:
+    # sink.dead_letter_topic: null was asked for as a topic named None.
+    assert _asked(tmp_path, monkeypatch, {"dead_letter_topic": None}) == {"impressions": 2, "clicks": 2}
