@@ -27,30 +27,15 @@ def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None)
         return start_client(KafkaAdminClient, bootstrap_servers=bootstrap, **dict(client_config or {}))
 
 
-def create_topics(
-    bootstrap: str,
-    topics: Mapping[str, int],
-    *,
-    replication_factor: int = 1,
-    configs: Mapping[str, str] | None = None,
-    timeout_s: float = 30.0,
-    client_config: Mapping[str, Any] | None = None,
-) -> list[str]:
+def create_topics(bootstrap: str, topics: Mapping[str, int], **options: Any) -> list[str]:
     """Create each ``{name: partitions}`` topic that does not exist yet and wait until every partition of
-    every named topic has a leader. Returns the names that were newly created.
+    every named topic has a leader. Returns the names that were newly created. ``options``: those of
+    ``create_topics_counted``.
 
     A topic that already exists with fewer partitions than asked is an error (the key routing of the
     producer would silently differ from what the caller expects).
     """
-    created, _ = create_topics_counted(
-        bootstrap,
-        topics,
-        replication_factor=replication_factor,
-        configs=configs,
-        timeout_s=timeout_s,
-        client_config=client_config,
-    )
-    return created
+    return create_topics_counted(bootstrap, topics, **options)[0]
 
 
 def create_topics_counted(
