@@ -180,6 +180,9 @@ SERIES: tuple[Series, ...] = (
     Series("snapshot_period_s", "reloop_snapshot_period_seconds", "gauge",
            "Expected wall-clock seconds between snapshots: the configured period when it is wall-clock "
            "based, otherwise the last observed interval (the stale-snapshot alert fires at twice this)."),
+    Series("period_boundary_time_s", "reloop_period_boundary_timestamp_seconds", "gauge",
+           "Wall-clock time of the last period boundary (Unix seconds): a snapshot written, or a boundary "
+           "passed without one because nothing was trained since the last (a quiet stream)."),
     Series("snapshots", "reloop_snapshots_total", "counter", "Snapshots written."),
     Series("snapshot_restore_fallbacks", "reloop_snapshot_restore_fallbacks_total", "counter",
            "Snapshots or checkpoints refused at restore (corrupt, unloadable) before an older one was used."),

@@ -283,6 +283,7 @@ class EngineStats:
     snapshot_version: Level = field(default_factory=Level)
     snapshot_time_s: Level = field(default_factory=Level)
     snapshot_period_s: Level = field(default_factory=Level)
+    period_boundary_time_s: Level = field(default_factory=Level)
     snapshots: Tally = field(default_factory=Tally)
     snapshot_restore_fallbacks: Tally = field(default_factory=Tally)
     pipeline_restarts: Tally = field(default_factory=Tally)

@@ -180,6 +180,7 @@ class Pipeline:
         self.last_commit_error: str | None = None
         self._opened = False
         self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s)
+        period.on_idle = self._metrics.idle_boundary
         self._restore_latest()
 
     def _publish_serving_bundle(self) -> None:

@@ -26,6 +26,7 @@ class TrainerMetrics:
         self._snap_version = stats.snapshot_version
         self._snap_time = stats.snapshot_time_s
         self._snap_period = stats.snapshot_period_s
+        self._boundary_time = stats.period_boundary_time_s
         self._snaps = stats.snapshots
         self._wall_period_s = wall_period_s
         if wall_period_s is not None:
@@ -62,6 +63,7 @@ class TrainerMetrics:
         created = float(registry.manifest(version)["created_unix"])
         self._snap_version.set(version)
         self._snap_time.set(created)
+        self._boundary_time.set(created)
         # Written by another process: its age on the wall clock now, counted on from here monotonically.
         self._measure_from = time.monotonic() - (time.time() - created)
         if self._wall_period_s is not None:
@@ -77,10 +79,19 @@ class TrainerMetrics:
             self._measure_from = None
 
     def snapshotted(self, version: int) -> None:
-        now = time.monotonic()
         self._snap_version.set(version)
         self._snap_time.set(time.time())
         self._snaps.add()
+        self._boundary()
+
+    def idle_boundary(self) -> None:
+        """A period boundary passed without a snapshot, nothing trained since the last one
+        (engine/train/period.py): a quiet stream, not a stalled one, so the stale alert must not fire."""
+        self._boundary()
+
+    def _boundary(self) -> None:
+        now = time.monotonic()
+        self._boundary_time.set(time.time())
         # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
         # last observed interval instead.
         if self._wall_period_s is None and self._measure_from is not None:

@@ -282,6 +282,7 @@ class TrainStage:
         self._opened = False
         self.final_saved: int | None = None  # the stop's final save, once durable (the stop watchdog)
         self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
+        period.on_idle = self._metrics.idle_boundary
         self._restore_latest()
 
     # ------------------------------------------------------------------ restore

@@ -5,6 +5,12 @@ of ``every_event_ms`` (e.g. each hour of event time, aligned to the epoch), or e
 seconds of wall clock. The pipeline asks after each optimisation step, so the count and event-time
 triggers fire at the same step however the input was chunked (a restart reproduces them exactly).
 
+A boundary with nothing trained since the last one (a quiet stream under a wall-clock or event-time
+period) is passed, not published: the model is the one already published, and the same weights under a
+new version number would push a real version out of the registry's ``checkpoint.keep`` and reset the
+per-version metrics. The trigger moves on as if it had published (``idle_boundaries`` counts them,
+``on_idle`` hears of each), so the next version comes one period after it, not at the next sample.
+
 >>> p = PeriodTrigger(every_event_ms=3_600_000)
 >>> p.due(samples=10, event_time_ms=3_599_999, now_ms=0), p.due(samples=20, event_time_ms=3_600_000, now_ms=0)
 (False, True)
@@ -15,6 +21,7 @@ False
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -37,10 +44,24 @@ class PeriodTrigger:
         self.last_samples = 0
         self.last_period: int | None = None  # event-time period index of the last boundary
         self.last_wall_ms: int | None = None
+        self.idle_boundaries = 0  # boundaries passed with nothing trained (this process; not state)
+        self.on_idle: Callable[[], None] | None = None
 
     def due(self, *, samples: int, event_time_ms: int | None, now_ms: int) -> bool:
         if self.every_samples is not None:
             return samples - self.last_samples >= self.every_samples
+        if not self._reached(event_time_ms=event_time_ms, now_ms=now_ms):
+            return False
+        if samples != self.last_samples:
+            return True
+        self.mark(samples=samples, event_time_ms=event_time_ms, now_ms=now_ms)
+        self.idle_boundaries += 1
+        if self.on_idle is not None:
+            self.on_idle()
+        return False
+
+    def _reached(self, *, event_time_ms: int | None, now_ms: int) -> bool:
+        """Whether the event-time or wall-clock period has run out."""
         if self.every_event_ms is not None:
             if event_time_ms is None:
                 return False

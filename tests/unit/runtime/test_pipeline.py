@@ -25,7 +25,7 @@ class EndAwareSource(MemorySource):
         return {tp: len(self.log._data[tp]) for tp in self.partitions()}
 
 
-def _config(tmp_path, policy="correct", env=None, **train):
+def _config(tmp_path, policy="correct", env=None, period=None, **train):
     return load_config_dict(
         {
             "join": {
@@ -38,7 +38,7 @@ def _config(tmp_path, policy="correct", env=None, **train):
             },
             "model": {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC},
             "train": {"batch_size": BATCH, "deterministic": True, **train},
-            "period": {"every_samples": 4 * BATCH},
+            "period": period or {"every_samples": 4 * BATCH},
             "checkpoint": {
                 "dir": str(tmp_path / "snaps"),
                 "keep": 3,
@@ -302,6 +302,50 @@ def test_too_late_events_are_exported_and_future_events_dead_lettered(tmp_path):
     assert p.joiner.stats.too_late_impressions == 1
     assert p.joiner.watermark_ms < t0 + 61_000  # never moved to the year 3000
     assert stats.joiner_too_late.get("impression") == 1
+    p.close()
+
+
+def test_a_quiet_stream_publishes_no_version_until_something_is_trained(tmp_path):
+    """A wall-clock boundary with nothing trained since the last one passes without a version (the
+    same weights under a new number would push real versions out of ``checkpoint.keep``), and still
+    counts as a boundary for the stale alert."""
+    log = _log(generate(400, seed=4, pad_to_multiple=BATCH))
+    clock = ManualClock(START)
+    stats = EngineStats()
+    p = build_pipeline(
+        _config(tmp_path, period={"every_wall_s": 1}),
+        source=EndAwareSource(log, ["impressions", "clicks"]),
+        clock=clock,
+        stats=stats,
+    )
+    _run_to_end(p, log, clock)
+    for _ in range(3):  # what is left to train: a boundary after it
+        clock.advance(1_000)
+        p.step()
+    p.writer.wait()  # snapshots are written in the background
+    version, samples = stats.snapshot_version.get(), p.trainer.counters.samples
+    assert version >= 1 and samples > 0
+    idle_before, boundary_before = p.period.idle_boundaries, stats.period_boundary_time_s.get()
+    for _ in range(10):  # ten quiet periods
+        clock.advance(1_000)
+        p.step()
+    assert stats.snapshot_version.get() == version and p.trainer.counters.samples == samples
+    assert SnapshotRegistry(tmp_path / "snaps").versions()[-1] == version
+    assert p.period.idle_boundaries - idle_before == 10
+    assert stats.period_boundary_time_s.get() >= boundary_before > 0
+    # Samples again: they are published at the next boundary.
+    start = max(clock(), p.joiner.watermark_ms) + 10_000
+    clock.set(start)
+    for r in generate(400, seed=5, pad_to_multiple=BATCH, start_ms=start).records:
+        log.append(
+            "impressions" if r.topic_kind == "impression" else "clicks", r.value, r.key, r.timestamp_ms
+        )
+    _run_to_end(p, log, clock)
+    clock.advance(1_000)
+    p.step()
+    p.writer.wait()
+    assert p.trainer.counters.samples > samples
+    assert stats.snapshot_version.get() > version
     p.close()
 
 

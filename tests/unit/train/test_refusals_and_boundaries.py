@@ -243,12 +243,12 @@ def test_a_wall_clock_stepped_back_does_not_hold_the_next_boundary_back():
     t0 = 1_700_000_000_000
     assert not w.due(samples=0, event_time_ms=None, now_ms=t0)
     back = t0 - 3_600_000  # NTP steps the clock back an hour
-    assert not w.due(samples=0, event_time_ms=None, now_ms=back)
-    assert not w.due(samples=0, event_time_ms=None, now_ms=back + 59_999)
-    assert w.due(samples=0, event_time_ms=None, now_ms=back + 60_000)
-    w.mark(samples=0, event_time_ms=None, now_ms=back + 60_000)
-    assert not w.due(samples=0, event_time_ms=None, now_ms=back + 119_999)
-    assert w.due(samples=0, event_time_ms=None, now_ms=back + 120_000)
+    assert not w.due(samples=1, event_time_ms=None, now_ms=back)
+    assert not w.due(samples=1, event_time_ms=None, now_ms=back + 59_999)
+    assert w.due(samples=1, event_time_ms=None, now_ms=back + 60_000)
+    w.mark(samples=1, event_time_ms=None, now_ms=back + 60_000)
+    assert not w.due(samples=2, event_time_ms=None, now_ms=back + 119_999)
+    assert w.due(samples=2, event_time_ms=None, now_ms=back + 120_000)
 
 
 # ---------------------------------------------------------------------------- ledger

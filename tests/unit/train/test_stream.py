@@ -127,10 +127,30 @@ def test_period_triggers():
     assert not p.due(samples=150, event_time_ms=None, now_ms=0)
     w = PeriodTrigger(every_wall_s=2)
     assert not w.due(samples=0, event_time_ms=None, now_ms=1000)
-    assert not w.due(samples=0, event_time_ms=None, now_ms=2999)
-    assert w.due(samples=0, event_time_ms=None, now_ms=3000)
+    assert not w.due(samples=5, event_time_ms=None, now_ms=2999)
+    assert w.due(samples=5, event_time_ms=None, now_ms=3000)
     with pytest.raises(ValueError, match="exactly one"):
         PeriodTrigger(every_samples=1, every_wall_s=1)
+
+
+@pytest.mark.parametrize("kind", ["every_wall_s", "every_event_ms"])
+def test_a_boundary_with_nothing_trained_since_the_last_is_passed_not_published(kind):
+    """The next boundary then comes a whole period after the one passed, not at the next sample."""
+    p = PeriodTrigger(**{kind: 1 if kind == "every_wall_s" else 1000})
+    heard: list[int] = []
+    p.on_idle = lambda: heard.append(p.idle_boundaries)
+
+    def due(samples: int, t: int) -> bool:
+        return p.due(samples=samples, event_time_ms=t, now_ms=t)
+
+    assert not due(10, 0)  # the first period starts
+    assert due(10, 1000)
+    p.mark(samples=10, event_time_ms=1000, now_ms=1000)
+    assert not due(10, 2000) and heard == [1]  # quiet: passed
+    assert not due(10, 2500) and heard == [1]  # within the next period: nothing more to pass
+    assert not due(11, 2999)  # a sample trained, within the period that started at 2000
+    assert due(11, 3000)
+    assert p.idle_boundaries == 1
 
 
 @pytest.mark.parametrize("wide", [False, True])
