@@ -578,6 +578,24 @@ def _describe(
     return "invalid config: " + describe_errors(exc, overrides, names)
 
 
+def read_spec_file(path: str | Path, what: str) -> dict[str, Any]:
+    """A FeatureSpec's data from a JSON or YAML file; a ConfigError starting with ``what`` (the key that
+    named the file) when it cannot be read or is not a mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc})") from None
+    try:  # the run config's own YAML loader: a key given twice in one mapping is refused
+        json_file = str(path).endswith(".json")
+        data = json.loads(text) if json_file else yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:
+        why = " ".join(str(exc).split())  # PyYAML's text spans lines
+        raise ConfigError(f"{what}: {path} does not parse ({why:.300})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} holds {type(data).__name__}, not a mapping with a fields list")
+    return data
+
+
 def load_feature_spec(section: ModelSection) -> Any:
     """The FeatureSpec of the model section (inline or from ``spec_file``)."""
     from reloop.engine.features.spec import FeatureSpec
@@ -585,27 +603,7 @@ def load_feature_spec(section: ModelSection) -> Any:
     data = section.spec
     if data is None:
         assert section.spec_file is not None
-        try:
-            text = Path(section.spec_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"invalid config: model.spec_file: cannot read {section.spec_file} ({exc})"
-            ) from None
-        try:  # the run config's own YAML loader: a key given twice in one mapping is refused
-            if section.spec_file.endswith(".json"):
-                data = json.loads(text)
-            else:
-                data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-        except (ValueError, yaml.YAMLError, RecursionError) as exc:
-            why = " ".join(str(exc).split())  # PyYAML's text spans lines
-            raise ConfigError(
-                f"invalid config: model.spec_file: {section.spec_file} does not parse ({why:.300})"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"invalid config: model.spec_file: {section.spec_file} holds {type(data).__name__}, "
-                "not a mapping with a fields list"
-            )
+        data = read_spec_file(section.spec_file, "invalid config: model.spec_file")
     try:
         spec = FeatureSpec.model_validate(data)
     except ValidationError as exc:

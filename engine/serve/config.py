@@ -53,9 +53,20 @@ class ColdStart(_Frozen):
     Built with the same seed as the trainer's initial model, so both agree on what v0 predicted."""
 
     backbone: str
-    spec: dict[str, Any] = Field(description="FeatureSpec as data")
+    spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
+    spec_file: str | None = Field(
+        default=None,
+        description="or a JSON/YAML file holding it, relative to the config file's folder: the trainer's "
+        "model.spec_file, so the two cannot drift apart",
+    )
     seed: int = 0
     params: dict[str, Any] = Field(default_factory=dict, description="backbone settings")
+
+    @model_validator(mode="after")
+    def _one_spec(self) -> ColdStart:
+        if (self.spec is None) == (self.spec_file is None):
+            raise ValueError("give exactly one of spec and spec_file")
+        return self
 
 
 class ArmMemoryConfig(_Frozen):
@@ -115,16 +126,43 @@ class ArmConfig(_Frozen):
 
     @model_validator(mode="after")
     def _counted_fields_in_cold_start(self) -> ArmConfig:
-        # The cold-start model gets the counter inputs appended to its spec, as the trainer's gets them.
-        if self.counters is not None and self.cold_start is not None:
-            from reloop.engine.features.counters import CounterError, with_counter_fields
-            from reloop.engine.features.spec import FeatureSpec
-
-            try:
-                with_counter_fields(FeatureSpec.from_dict(self.cold_start.spec), self.counters)
-            except (CounterError, ValueError) as exc:
-                raise ValueError(f"counters do not fit cold_start.spec: {exc}") from None
+        # The cold-start model gets the counter inputs appended to its spec, as the trainer's gets them
+        # (a spec_file is read, and checked so, once the document is loaded: _read_cold_start_spec).
+        if self.counters is not None and self.cold_start is not None and self.cold_start.spec is not None:
+            problem = _counters_problem(self.cold_start.spec, self.counters)
+            if problem:
+                raise ValueError(problem)
         return self
+
+
+def _counters_problem(spec: dict[str, Any], counters: CounterSettings) -> str | None:
+    from reloop.engine.features.counters import CounterError, with_counter_fields
+    from reloop.engine.features.spec import FeatureSpec
+
+    try:
+        with_counter_fields(FeatureSpec.from_dict(spec), counters)
+    except (CounterError, ValueError) as exc:
+        return f"counters do not fit cold_start.spec: {exc}"
+    return None
+
+
+def _read_cold_start_spec(index: int, arm: ArmConfig, spec_dir: Path | None) -> ArmConfig:
+    """The arm with its ``cold_start.spec_file`` read into ``cold_start.spec`` (relative: to
+    ``spec_dir``, the config file's folder, as ``reloop run`` takes ``model.spec_file``)."""
+    from reloop.engine.runtime.config import read_spec_file
+
+    cold = arm.cold_start
+    if cold is None or cold.spec_file is None:
+        return arm
+    path = Path(cold.spec_file)
+    if spec_dir is not None and not path.is_absolute():
+        path = spec_dir / path
+    key = f"arms.{index}.cold_start.spec_file"
+    spec = read_spec_file(path, f"bad serve config: {key}")
+    problem = None if arm.counters is None else _counters_problem(spec, arm.counters)
+    if problem:
+        raise ConfigError(f"bad serve config: arms.{index}: {problem}")
+    return arm.model_copy(update={"cold_start": cold.model_copy(update={"spec": spec})})
 
 
 class LogConfig(_Frozen):
@@ -297,10 +335,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def serve_config_from_dict(
-    data: dict[str, Any], *, base_dir: Path | None = None, env: Mapping[str, str] | None = None
+    data: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    spec_dir: Path | None = None,
 ) -> ServeConfig:
     """Build a ServeConfig from a whole config document (sections ``serve``, ``arms``, ``kafka``) with the
-    ``RELOOP__`` variables of ``env`` (default os.environ) over it."""
+    ``RELOOP__`` variables of ``env`` (default os.environ) over it. ``base_dir``: where relative registries
+    are; ``spec_dir``: where relative ``cold_start.spec_file`` are (the config file's folder)."""
     env = os.environ if env is None else env
     for old, new in MOVED_ENV.items():
         if old in env:
@@ -326,17 +369,20 @@ def serve_config_from_dict(
         config = ServeConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, overrides, env)) from exc
+    arms = tuple(_read_cold_start_spec(i, a, spec_dir) for i, a in enumerate(config.arms))
     if base_dir is not None:
         arms = tuple(
             a if a.registry.is_absolute() else a.model_copy(update={"registry": base_dir / a.registry})
-            for a in config.arms
+            for a in arms
         )
-        config = config.model_copy(update={"arms": arms})
-    return config
+    return config.model_copy(update={"arms": arms})
 
 
 def load_serve_config(path: str | Path) -> ServeConfig:
-    return serve_config_from_dict(read_yaml(path))
+    from reloop.engine.runtime.config_pipe import config_base_dir
+
+    data = read_yaml(path)
+    return serve_config_from_dict(data, spec_dir=config_base_dir(Path(path)))
 
 
 def _explain(

@@ -188,6 +188,8 @@ def _cold_start_config(
     cold: ColdStart, counters: CounterSettings | None
 ) -> tuple[FeatureSpec, LearnerConfig]:
     """The cold-start model's spec (the arm's counter inputs appended) and learner config."""
+    if cold.spec is None:  # a ColdStart built in code, not loaded from a config document
+        raise ValueError("cold_start.spec_file is read when the config is loaded: give spec")
     spec = FeatureSpec.from_dict(cold.spec)
     if counters is not None:
         spec = with_counter_fields(spec, counters)

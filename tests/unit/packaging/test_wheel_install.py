@@ -79,7 +79,8 @@ def test_the_wheel_declares_a_lean_core_and_the_extras(installed: dict) -> None:
     with zipfile.ZipFile(installed["wheel"]) as zf:
         names = set(zf.namelist())
         meta = email.message_from_bytes(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
-    shipped = {"config/demo.yaml", "config/reloop.example.yaml", "kafka/pom.xml", "kafka/log4j2.xml"}
+    shipped = {"config/demo.yaml", "config/reloop.example.yaml", "config/serve.example.yaml", "kafka/pom.xml",
+               "kafka/log4j2.xml"}  # fmt: skip
     assert {f"reloop/deploy_files/{name}" for name in shipped} <= names
     # One importable top-level name: everything but the metadata is under reloop/.
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"reloop"}

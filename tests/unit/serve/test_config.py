@@ -2,9 +2,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from reloop.engine.serve.config import ConfigError, load_serve_config, serve_config_from_dict
+import yaml
+from reloop.engine.features.spec import FeatureSpec
+from reloop.engine.serve.config import ConfigError, load_serve_config, read_yaml, serve_config_from_dict
+from reloop.engine.serve.loader import cold_start_problem
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _doc(**over):
@@ -87,3 +93,54 @@ def test_an_empty_auth_token_is_refused_not_taken_as_no_token():
     assert serve_config_from_dict(_doc(), env={"RELOOP__SERVE__AUTH_TOKEN": "null"}).auth_token is None
     token = serve_config_from_dict(_doc(), env={"RELOOP__SERVE__AUTH_TOKEN": "t0k"}).auth_token
     assert token is not None and token.get_secret_value() == "t0k"
+
+
+def _cold(**cold):
+    return _doc(arms=[{"name": "A", "registry": "/r", "cold_start": {"backbone": "lr", **cold}}])
+
+
+def test_a_cold_start_spec_file_is_read_from_the_config_files_folder(tmp_path, monkeypatch):
+    spec = {"fields": [{"kind": "categorical", "name": "user", "buckets": 16}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(_cold(spec_file="spec.yaml")))
+    monkeypatch.chdir(tmp_path.parent)  # not the config's folder
+    cfg = load_serve_config(tmp_path / "serve.yaml")
+    assert cfg.arms[0].cold_start.spec == spec
+    assert cold_start_problem(cfg.arms[0].cold_start) is None
+
+
+@pytest.mark.parametrize(
+    ("cold", "match"),
+    [
+        ({}, r"arms\.0\.cold_start: .*exactly one of spec and spec_file"),
+        ({"spec": {"fields": []}, "spec_file": "s.yaml"}, "exactly one of spec and spec_file"),
+        ({"spec_file": "missing.yaml"}, r"arms\.0\.cold_start\.spec_file: cannot read .*missing\.yaml"),
+    ],
+)
+def test_a_cold_start_without_one_spec_or_with_an_unreadable_file_names_the_key(tmp_path, cold, match):
+    with pytest.raises(ConfigError, match=match):
+        serve_config_from_dict(_cold(**cold), env={}, spec_dir=tmp_path)
+
+
+def test_the_serve_example_serves_what_the_run_example_trains(monkeypatch, tmp_path):
+    """deploy/config/serve.example.yaml beside reloop.example.yaml: the registry run writes, the topics run
+    joins, the same broker, and a version 0 that is the trainer's initial model (same spec file, backbone,
+    seed and architecture)."""
+    from reloop.engine.runtime.config import load_config, load_feature_spec
+
+    monkeypatch.chdir(tmp_path)  # relative paths: both from the working folder, wherever the files are
+    run = load_config(ROOT / "deploy/config/reloop.example.yaml", env={})
+    serve = serve_config_from_dict(
+        read_yaml(ROOT / "deploy/config/serve.example.yaml"), env={}, spec_dir=ROOT / "deploy/config"
+    )
+    (arm,) = serve.arms
+    assert arm.registry == Path(run.checkpoint.dir)
+    assert (arm.impressions_topic, arm.clicks_topic) == (
+        run.source.impressions_topic,
+        run.source.clicks_topic,
+    )
+    assert serve.kafka.bootstrap == run.kafka.bootstrap and serve.host == "127.0.0.1"
+    cold = arm.cold_start
+    assert FeatureSpec.from_dict(cold.spec) == load_feature_spec(run.model)
+    assert (cold.backbone, cold.seed, cold.params) == (run.model.backbone, run.model.seed, run.model.params)
+    assert cold_start_problem(cold) is None
