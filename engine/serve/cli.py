@@ -50,9 +50,18 @@ def _arm_problem(arm: ArmConfig) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from reloop.engine.runtime.config_pipe import reopenable
+
+    # A config given as a pipe (--config <(envsubst < serve.yaml)) is read once into a private copy that
+    # the workers (--workers N) open again: they found the pipe drained.
+    with reopenable(args.config) as path:
+        return _main(args, path)
+
+
+def _main(args: argparse.Namespace, config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_serve_config(args.config)
+        config = load_serve_config(config_path)
     except ConfigError as exc:
         print(f"reloop serve: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     if workers > 1 and not args.worker:
         from reloop.engine.serve.workers import run_workers
 
-        argv = ["--config", args.config, "--workers", "1"]
+        argv = ["--config", config_path, "--workers", "1"]
         if args.bootstrap:
             argv += ["--bootstrap", args.bootstrap]
         if args.no_log:

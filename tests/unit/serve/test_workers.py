@@ -208,3 +208,39 @@ def test_workers_stop_when_the_parent_is_sigkilled(tmp_path):
         for pid in pids:  # the old code's orphans must not outlive the test
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_read_a_config_given_as_a_pipe(tmp_path):
+    # `reloop serve --workers 2 --config <(envsubst < serve.yaml)`: the parent read the pipe, and each
+    # worker then found it drained. A relative cold_start.spec_file in it is taken from the working folder.
+    reg = SnapshotRegistry(tmp_path / "reg")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    cold = {"backbone": "dcn", "spec_file": "spec.yaml", "params": {"embedding_dim": 4, "hidden_units": [8]}}
+    doc = {
+        "serve": {"log": {"enabled": False}},
+        "arms": [{"name": "A", "registry": str(reg.root), "cold_start": cold}],
+    }
+    port = free_consecutive_ports(3)
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", f"/dev/fd/{read}",
+         "--port", str(port), "--workers", "2"],
+        pass_fds=(read,), cwd=tmp_path,
+    )  # fmt: skip
+    os.close(read)
+    with os.fdopen(write, "w") as out:
+        out.write(yaml.safe_dump(doc))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, proc)
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= _pids(url, 20)
+        assert len(pids) == 2  # both workers started with the config
+        r = httpx.post(url + "/score", json=_body(0), timeout=10)
+        assert r.status_code == 200 and r.json()["model_version"] == 0  # the cold start, from spec.yaml
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+    assert proc.returncode == 0
