@@ -202,13 +202,12 @@ def describe_join(stage: Any) -> dict[str, Any]:
 
 
 def describe_train(stage: Any) -> dict[str, Any]:
-    # With data-parallel ranks each logs its own progress: say so, since its snapshot lines count all ranks.
-    share = stage.share
-    rank = {"rank": share.index, "ranks": share.count} if share.count > 1 else {}
+    from reloop.engine.runtime.train_stage import samples_fields
+
+    # With data-parallel ranks each logs its progress: every rank's samples and, named so, its own.
     return {
         "version": stage.version,
-        **rank,
-        "samples_trained": stage.trainer.counters.samples,
+        **samples_fields(stage),
         "buffered": stage.buffered_samples,
         "partial_steps": stage.partial_steps,
         "duplicates_dropped": stage.duplicates_dropped,

@@ -120,6 +120,10 @@ class RankedTrainStage(TrainStage):
         super()._restored_parts(parts)
         self._global_samples = sum(int(p["trainer"]["counters"]["samples"]) for p in parts)
 
+    @property
+    def samples_trained_all(self) -> int:
+        return self._global_samples
+
     def _agree_on_restore(self) -> None:
         view = self.group.exchange(self._restored_point)
         if not (view == view[0]).all():

@@ -347,10 +347,7 @@ class TrainStage:
         # trip the snapshot-stale alert without ever writing a snapshot.
         if base is not None:
             self._metrics.restored(self.registry, base)
-        log.info(
-            "restored",
-            extra={"fields": {"from": self.restored_from, "samples_trained": self.trainer.counters.samples}},
-        )
+        log.info("restored", extra={"fields": {"from": self.restored_from, **samples_fields(self)}})
 
     # ------------------------------------------------------------------ the loop
     def open(self) -> None:
@@ -756,10 +753,7 @@ class TrainStage:
         if kind == "snapshot":
             self._metrics.snapshotted(number)
         version = number if kind == "snapshot" else fields["base_version"]
-        fields = {"number": number, "version": version, "samples_trained": fields["samples_trained"]}
-        if self.share.count > 1:  # samples_trained counts every rank's; a rank's progress line its own
-            fields |= {"rank": self.share.index, "ranks": self.share.count}
-            fields["rank_samples_trained"] = self.trainer.counters.samples
+        fields = {"number": number, "version": version, **samples_fields(self, fields["samples_trained"])}
         log.info(kind, extra={"fields": fields})
 
     def _publish(
@@ -913,6 +907,27 @@ class TrainStage:
     @property
     def buffered_samples(self) -> int:
         return self._buffered
+
+    @property
+    def samples_trained_all(self) -> int:
+        """Samples trained by every rank together (one rank: this stage's own)."""
+        return self.trainer.counters.samples
+
+
+def samples_fields(stage: Any, samples_trained: int | None = None) -> dict[str, int]:
+    """A train stage's counts for its log lines: ``samples_trained`` by every rank together (or as of a
+    save: ``samples_trained``); with ranks, which rank this is and ``rank_samples_trained``, its own.
+    Every line means the same by each name (a rank's progress line had counted its own as
+    ``samples_trained``, its snapshot line every rank's)."""
+    fields = {"samples_trained": stage.samples_trained_all if samples_trained is None else samples_trained}
+    share = stage.share
+    if share.count > 1:
+        fields |= {
+            "rank": share.index,
+            "ranks": share.count,
+            "rank_samples_trained": stage.trainer.counters.samples,
+        }
+    return fields
 
 
 # Per process (its stats): samples partition -> the first offset whose messages it has not counted yet.

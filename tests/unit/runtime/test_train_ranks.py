@@ -229,14 +229,19 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
     def stage(count: int) -> SimpleNamespace:
         return SimpleNamespace(
             share=SimpleNamespace(index=1, count=count), version=4, buffered_samples=0, partial_steps=0,
+            samples_trained_all=300 * count,
             duplicates_dropped=0, samples_refused=0, seq_gaps=0, samples_missing=0, task_restarts=0,
             dead_letters=SimpleNamespace(counts={}),
             trainer=SimpleNamespace(counters=SimpleNamespace(samples=300)), snapshots_written=0,
             _metrics=SimpleNamespace(snapshotted=lambda n: None),
         )  # fmt: skip
 
-    assert describe_train(stage(2))["rank"] == 1 and describe_train(stage(2))["ranks"] == 2
-    assert "rank" not in describe_train(stage(1))
+    progress = describe_train(stage(2))
+    assert (progress["rank"], progress["ranks"]) == (1, 2)
+    # One meaning per name in every line: samples_trained is every rank's, rank_samples_trained its own.
+    assert (progress["samples_trained"], progress["rank_samples_trained"]) == (600, 300)
+    alone = describe_train(stage(1))
+    assert "rank" not in alone and "rank_samples_trained" not in alone and alone["samples_trained"] == 300
     with caplog.at_level(logging.INFO):
         TrainStage._durable(stage(2), "snapshot", 5, {"samples_trained": 600, "base_version": 4})
         TrainStage._durable(stage(1), "snapshot", 6, {"samples_trained": 300, "base_version": 5})
