@@ -210,6 +210,8 @@ def run_supervised(
     else:
         if not supervisor.closed:  # stopped between attempts: was the last one a failure?
             code = _stopped_while_failing(supervisor.failure, name)
+            if code == 0:  # waiting for a topic: nothing read since the last save (a rank tells its launcher)
+                stop.nothing_owed()
         elif not _final_saved(supervisor):
             # The stop's final save failed (the sinks could not flush, the write failed): the records
             # after the last save are processed again by the restart, as after a crash. Exit 0 said the

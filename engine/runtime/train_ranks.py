@@ -48,7 +48,7 @@ from reloop.engine.runtime.config import ConfigError
 from reloop.engine.runtime.restore import RestorePoint
 from reloop.engine.runtime.supervisor import ProcessFatal
 from reloop.engine.runtime.train_stage import TrainStage
-from reloop.engine.streams import PartitionShare
+from reloop.engine.streams import PartitionShare, TopicNotFound
 from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
 
 _BUFFERED, _STOP, _DUE, _WAITED, _LEARNT_NOTHING, _DIVERGED = range(6)
@@ -56,6 +56,21 @@ _BUFFERED, _STOP, _DUE, _WAITED, _LEARNT_NOTHING, _DIVERGED = range(6)
 
 class RankGroupFailed(ProcessFatal):
     """A data-parallel rank failed: the group cannot go on without it (torchrun restarts all ranks)."""
+
+
+def rank_failure(rank: int, exc: Exception) -> RankGroupFailed:
+    """What rank ``rank`` says as it leaves the group on ``exc``. A collective that broke (gloo's "Read
+    error ... Connection reset by peer", a timeout) is another rank's failure seen from here: the
+    survivors' lines said "rank 0 failed" when rank 1 was killed, and an alert on them named the wrong one."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    if isinstance(exc, dist.DistError) or "gloo" in text or "Connection reset by peer" in text:
+        return RankGroupFailed(
+            f"rank {rank}: the rank group broke, another rank exited or stopped answering ({exc!r}); "
+            "torchrun's log names a rank that exited"
+        )
+    return RankGroupFailed(f"rank {rank} failed: {exc!r}")
 
 
 class RanksDiverged(RankGroupFailed):
@@ -139,7 +154,16 @@ class RankedTrainStage(TrainStage):
 
     def open(self) -> None:
         if not self._opened:
-            owned = self.group.exchange([len(self.source.partitions())])[:, 0]
+            # A samples topic not created yet (train started before join) is every rank's to wait for,
+            # decided together: a rank that alone raised would rebuild into its peers' next collective.
+            try:
+                mine, missing = len(self.source.partitions()), None
+            except TopicNotFound as exc:
+                mine, missing = -1, exc
+            owned = self.group.exchange([mine])[:, 0]
+            if (owned < 0).any():
+                ranks = np.flatnonzero(owned < 0).tolist()
+                raise missing or TopicNotFound(f"the samples topic does not exist yet on ranks {ranks}")
             check_partition_split(
                 owned.tolist(), deterministic=self.deterministic, topic=self.settings.samples_topic
             )
@@ -155,11 +179,16 @@ class RankedTrainStage(TrainStage):
                 if on_step is not None:
                     on_step(self)
         # A ConfigError here is every rank's (check_partition_split); a TrainingDiverged too: decided in
-        # _rounds, or a snapshot refused (every rank refuses: they hold the same state).
+        # _rounds, or a snapshot refused (every rank refuses: they hold the same state). A TopicNotFound
+        # from open() too: every rank waits for the topic (the supervisor's back-off) and builds again.
         except (RankGroupFailed, ConfigError, TrainingDiverged):
             raise
+        except TopicNotFound as exc:
+            if self._opened:  # a partition check while running: this rank's alone
+                raise RankGroupFailed(f"rank {self.group.rank}: the samples topic is gone") from exc
+            raise
         except Exception as exc:  # the peers are inside a collective this rank will never join
-            raise RankGroupFailed(f"rank {self.group.rank} failed: {exc!r}") from exc
+            raise rank_failure(self.group.rank, exc) from exc
         stop.set()  # a peer's stop is this rank's stop: the supervisor closes (one final checkpoint)
 
     def step(self) -> int:

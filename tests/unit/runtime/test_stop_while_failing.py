@@ -27,10 +27,13 @@ def _root_logger_kept():
     gc.unfreeze()
 
 
-def _stopped_after(error: Exception, capsys) -> tuple[int, str]:
-    """run_supervised over a build that fails with ``error``; the stop arrives during the back-off."""
+def _stopped_after(error: Exception, capsys, owed: list | None = None) -> tuple[int, str]:
+    """run_supervised over a build that fails with ``error``; the stop arrives during the back-off.
+    ``owed``: told (an item) when the stop owes nothing, as a data-parallel rank tells its launcher."""
     cfg = load_config_dict({"model": {"backbone": "lr", "spec": SPEC}, "kafka": {"bootstrap": "127.0.0.1:1"}})
     stop = StopRequest(timeout_s=30)  # not installed: the build sets it, as a SIGTERM in its back-off would
+    if owed is not None:
+        stop.nothing_owed = lambda: owed.append(True)
 
     def build():
         stop.event.set()
@@ -44,8 +47,9 @@ def _stopped_after(error: Exception, capsys) -> tuple[int, str]:
 
 @pytest.mark.usefixtures("_root_logger_kept")
 def test_a_stop_while_retrying_a_failed_stage_exits_1_naming_the_last_error(capsys) -> None:
-    code, err = _stopped_after(ConnectionError("broker unreachable (injected)"), capsys)
-    assert code == 1
+    owed: list = []
+    code, err = _stopped_after(ConnectionError("broker unreachable (injected)"), capsys, owed)
+    assert code == 1 and owed == []
     last = err.strip().splitlines()[-1]
     assert last == (
         "reloop train: stopped while the stage was failing; "
@@ -56,8 +60,12 @@ def test_a_stop_while_retrying_a_failed_stage_exits_1_naming_the_last_error(caps
 @pytest.mark.usefixtures("_root_logger_kept")
 def test_a_stop_while_waiting_for_a_topic_still_exits_0(capsys) -> None:
     # A topic the join stage has not created yet is a state of a new deployment, not a failure.
-    code, err = _stopped_after(TopicNotFound("samples"), capsys)
+    owed: list = []
+    code, err = _stopped_after(TopicNotFound("samples"), capsys, owed)
     assert code == 0 and "stopped while the stage was failing" not in err
+    # A rank of `reloop train --world-size` marks it: its launcher said "the ranks were stopped before
+    # their final checkpoint" (exit 1) although nothing had been read.
+    assert owed == [True]
 
 
 @pytest.mark.parametrize(("failure", "expected"), [(None, 0), ("OSError('read-only file system')", 1)])

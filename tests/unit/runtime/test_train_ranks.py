@@ -250,22 +250,35 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
     assert one == {"number": 6, "version": 6, "samples_trained": 300}
 
 
-def _open(rank: int, world: int, init: str, cfg_dict: dict, partitions: int, out: str) -> None:
-    """Open rank ``rank``'s stage over a topic of ``partitions``; write what it raised."""
+def _open(
+    rank: int, world: int, init: str, cfg_dict: dict, partitions: int, out: str, missing_on: tuple = ()
+) -> None:
+    """Open rank ``rank``'s stage over a topic of ``partitions``; write what it raised. ``missing_on``: the
+    ranks that find no such topic (it is being created: the others see it already)."""
     from reloop.connectors.memory import MemorySource
     from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.runtime.build import build_train_stage
     from reloop.engine.runtime.config import load_config_dict
-    from reloop.engine.streams import PartitionShare
+    from reloop.engine.streams import PartitionShare, TopicNotFound
     from reloop.engine.train.data_parallel import RankGroup
 
+    class NotYet(MemorySource):
+        def partitions(self):
+            raise TopicNotFound(f"Kafka topic {TOPIC!r} does not exist")
+
     group = RankGroup.start(rank=rank, world_size=world, init_method=init, timeout_s=20)
-    source = MemorySource(_log(partitions), [TOPIC], share=PartitionShare(rank, world))
+    kind = NotYet if rank in missing_on else MemorySource
+    source = kind(_log(partitions), [TOPIC], share=PartitionShare(rank, world))
     stage = build_train_stage(
         load_config_dict(cfg_dict, env={}), source=source, stats=EngineStats(), group=group
     )
     try:
-        stage.open()
+        if missing_on:  # as the process runs it: what run() lets the supervisor see
+            import threading
+
+            stage.run(threading.Event())
+        else:
+            stage.open()
         error = None
     except Exception as exc:  # noqa: BLE001 - what the test looks at
         error = f"{type(exc).__name__}: {exc}"
@@ -302,6 +315,25 @@ def test_every_rank_refuses_a_split_it_cannot_train_before_reading(
     else:
         assert all(e is not None and e.startswith("ConfigError") for e in errors), errors
         assert all(re.search(refused, e) for e in errors) and errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("missing_on", [(0, 1), (0,)])
+def test_ranks_wait_together_for_a_samples_topic_not_created_yet(tmp_path, missing_on):
+    # `reloop train --world-size 2` started before the join stage: the ranks raised RankGroupFailed and
+    # torchrun gave up after max_restarts, where one process waits ("waiting for a topic"). Every rank
+    # now raises TopicNotFound (the supervisor's wait), also those that see the topic already: a rank
+    # that alone went back to build again would meet its peers in another collective.
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (2, f"file://{out / 'store'}", _config(tmp_path, False), 2, str(out), missing_on)
+    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    errors = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(e is not None and e.startswith("TopicNotFound") for e in errors), errors
 
 
 @pytest.mark.parametrize(
@@ -436,3 +468,15 @@ def test_a_divergence_on_any_rank_stops_every_rank_at_the_same_step(tmp_path, ca
     assert registry.versions() == list(range(1, (ranks[0]["version"] or 0) + 1))
     if case == "all_unlearnable":
         assert [r["in_a_row"] for r in ranks] == [2, 2]
+
+
+def test_a_broken_collective_is_told_as_another_ranks_failure_not_this_ones():
+    # Rank 1 SIGKILLed: the survivor's only line read "rank 0 failed: RuntimeError('[...gloo...] Read
+    # error ...: Connection reset by peer')", and an alert on it named the healthy rank.
+    from reloop.engine.runtime.train_ranks import rank_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:4496: "
+                        "Connection reset by peer")  # fmt: skip
+    told = str(rank_failure(0, gloo))
+    assert "another rank exited" in told and "rank 0 failed" not in told
+    assert str(rank_failure(1, ValueError("a bug here"))) == "rank 1 failed: ValueError('a bug here')"
