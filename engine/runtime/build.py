@@ -155,6 +155,7 @@ def build_trainer(cfg: RunConfig) -> StreamTrainer:
         learner.loss = with_delayed_feedback(learner.loss, cfg.train.delayed_feedback)
     if getattr(learner, "wide", None) is not None:
         warn_per_event_part(cfg)
+    warn_unused_rates(cfg)
     return StreamTrainer(
         learner=learner,
         featurizer=Featurizer(spec),
@@ -186,6 +187,45 @@ def warn_per_event_part(cfg: RunConfig) -> None:
         measured,
         extra={"fields": {"key": "model.optimizer.wide", "emit_policy": cfg.join.emit_policy}},
     )
+
+
+def unused_rates(cfg: RunConfig) -> list[str]:
+    """The rates ``model.optimizer`` pins that no step will use: with ``train.batch_size`` below
+    ``small_steps_below`` every step learns at the small-step rates (``lr`` 0.02 in the demo's config
+    was inert for five days, its dense part learning at 3e-4)."""
+    from reloop.engine.models.config import OptimizerConfig
+
+    given = cfg.model.optimizer or {}
+    if not given:
+        return []
+    settings = OptimizerConfig.model_validate(given)
+    if cfg.train.batch_size >= settings.small_steps_below:
+        return []
+    unused = ["lr"] if "lr" in given and "small_step_lr" not in given else []
+    # SparseAdam's small steps take embedding_lr itself when it is given (effective_small_step_embedding_lr).
+    if (
+        "embedding_lr" in given
+        and "small_step_embedding_lr" not in given
+        and settings.embedding_optimizer == "adagrad"
+    ):
+        unused.append("embedding_lr")
+    return unused
+
+
+def warn_unused_rates(cfg: RunConfig) -> None:
+    for key in unused_rates(cfg):
+        small = "small_step_lr" if key == "lr" else "small_step_embedding_lr"
+        log.warning(
+            "model.optimizer.%s is never used: train.batch_size (%d) is below "
+            "model.optimizer.small_steps_below, so every step learns at the small-step rates; pin "
+            "model.optimizer.%s for them, or set "
+            "small_steps_below: 0 to learn at %s whatever a step's size",
+            key,
+            cfg.train.batch_size,
+            small,
+            key,
+            extra={"fields": {"key": f"model.optimizer.{key}"}},
+        )
 
 
 def _period(cfg: RunConfig) -> PeriodTrigger:
