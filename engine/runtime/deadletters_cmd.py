@@ -39,19 +39,16 @@ from typing import TYPE_CHECKING
 import orjson
 from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
-from reloop.engine.events.validation import REASONS
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
+from reloop.engine.runtime.dead_letter_reasons import KNOWN_REASONS
 from reloop.engine.streams import Positions
-from reloop.engine.train.unlearnt import REASON as UNLEARNABLE
 
 if TYPE_CHECKING:
     from reloop.connectors.kafka.source import KafkaSource
 
 
-# Every reason a dead letter can carry: the event contract's, the trainer's, and "unknown" (an error
-# without a reason, engine/deadletter.py). A --reason outside them is a typo that chooses nothing; with
-# --group a redrive would still commit past every record read, and the letters meant were never sent.
-KNOWN_REASONS = frozenset({*REASONS, UNLEARNABLE, "unknown"})
+# A --reason outside KNOWN_REASONS is a typo that chooses nothing; with --group a redrive would still
+# commit past every record read, and the letters meant were never sent.
 
 
 def _topic(text: str) -> str:

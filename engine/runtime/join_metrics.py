@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from reloop.engine.metrics.stats import EngineStats
+from reloop.engine.runtime.dead_letter_reasons import KNOWN_REASONS
 from reloop.engine.streams import Record
 
 
@@ -29,6 +30,12 @@ class JoinerMetrics:
         self._dupes = stats.joiner_duplicates
         self._bound = stats.joiner_dropped_by_bound
         self._dead = stats.dead_letters
+        # At zero from the start, as the alerts on them need: a series first exported at its first
+        # event has no increase() over it.
+        for reason in KNOWN_REASONS:
+            self._dead.child(reason)
+        self._stamped_ahead.child()
+        self._replays_abandoned.child()
         self._last_dead: dict[str, int] = {}
 
     def consumed(self, records: list[Record]) -> None:

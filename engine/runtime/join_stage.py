@@ -213,7 +213,7 @@ class JoinStage:
         # read again from below their position (none: others).
         self._take_deleted_unread = getattr(source, "take_deleted_unread", None)
         self._take_restarted_below = getattr(source, "take_restarted_below", None)
-        self._metrics = _JoinMetrics(stats)
+        self._metrics = _JoinMetrics(stats, inputs=(settings.impressions_topic, settings.clicks_topic))
         self._listener_error: BaseException | None = None
         self._check_partitions()
         source.subscribe(self)
@@ -731,7 +731,7 @@ _NOT_CHECKPOINTED = frozenset({"stamped_ahead", "replays_abandoned"})
 class _JoinMetrics(JoinerMetrics):
     """The joiner's metrics summed over the stage's tasks, and the number of tasks it owns."""
 
-    def __init__(self, stats: EngineStats) -> None:
+    def __init__(self, stats: EngineStats, *, inputs: tuple[str, ...] = ()) -> None:
         super().__init__(stats)
         self._exported = _EXPORTED.setdefault(stats, _Exported({}, {}))
         self.lag = ConsumerLag(stats.consumer_lag)
@@ -739,6 +739,9 @@ class _JoinMetrics(JoinerMetrics):
         self.restore_fallbacks = stats.snapshot_restore_fallbacks
         self.deleted_unread = stats.join_input_deleted_unread
         self.restarted_below = stats.join_input_restarted_below
+        for topic in inputs:  # at zero from the start, per input topic (increase() sees the first loss)
+            self.deleted_unread.child(topic)
+            self.restarted_below.child(topic)
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}

@@ -110,7 +110,10 @@ class Supervisor:
         # The last failure while no stage has written a snapshot since (None once one has, or while only
         # waiting for a topic): a stop then ended a stage that was not working, which exit 0 hid.
         self.failure: str | None = None
+        # At zero from the start: ReloopPipelineRestarting (3 in 15 minutes) counted a series that first
+        # appeared at the first restart as 2.
         self._restarts_metric = stats.pipeline_restarts
+        self._restarts_metric.child()
 
     def run(self) -> None:
         while not self.stop.is_set():

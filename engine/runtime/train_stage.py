@@ -52,6 +52,7 @@ from reloop.engine.runtime.config import (
     StagesSection,
     default_of,
 )
+from reloop.engine.runtime.dead_letter_reasons import KNOWN_REASONS
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
@@ -946,6 +947,12 @@ class _TrainMetrics(TrainerMetrics):
         self._missing = stats.train_samples_missing
         self._restarts = stats.train_join_task_restarts
         self._dead = stats.dead_letters
+        # At zero from the start: a series that first appears at its first event has no increase() over
+        # it, and the alerts on these (ReloopSamplesMissing ...) missed the first one.
+        for tally in (self._dupes, self._refused, self._missing, self._restarts):
+            tally.child()
+        for reason in KNOWN_REASONS:
+            self._dead.child(reason)
         self.fallbacks = stats.snapshot_restore_fallbacks
         self._counted = _COUNTED.setdefault(stats, {})
         self._last_dead: dict[str, int] = {}
