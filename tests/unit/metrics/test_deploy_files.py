@@ -219,3 +219,16 @@ def test_k8s_configmap_holds_valid_configs_and_probes_use_declared_ports(folder:
     assert "prometheus.io/port" not in processor["spec"]["template"]["metadata"]["annotations"]
     (container,) = processor["spec"]["template"]["spec"]["containers"]
     assert run.metrics.prometheus_port in {p["containerPort"] for p in container["ports"]}
+
+
+def test_the_snapshot_age_panel_plots_what_the_stale_alert_reads(dashboard):
+    # The alert moved to the period boundary (a quiet stream passes boundaries without a version); the
+    # panel's "alert threshold" line stayed against the snapshot's age, and a quiet stream looked stale.
+    groups = load(DEPLOY / "prometheus" / "alerts.yml")["groups"]
+    rule = next(r for g in groups for r in g["rules"] if r.get("alert") == "ReloopSnapshotStale")
+    aged = re.search(r"time\(\) - (reloop_\w+)", rule["expr"]).group(1)
+    panel = next(
+        p for p in dashboard["panels"]
+        if any(t["expr"] == "2 * reloop_snapshot_period_seconds" for t in p.get("targets", []))
+    )  # fmt: skip
+    assert f"time() - {aged}" in [t["expr"] for t in panel["targets"]]
