@@ -60,9 +60,10 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace, config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # kafka-python logs each reconnect attempt (INFO and WARNING, several a second while the broker is
-    # down): kept to its errors, as the stream processors keep it; ours says once in 10 s what is wrong.
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    from reloop.engine.runtime.jsonlog import quiet_kafka_python
+
+    for handler in logging.getLogger().handlers:  # as the stream processors quiet it
+        quiet_kafka_python(handler)
     try:
         config = load_serve_config(config_path)
     except ConfigError as exc:
