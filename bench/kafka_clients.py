@@ -253,12 +253,13 @@ def reading(rates: dict[str, dict[str, list[float]]]) -> str:
     floor = {kind: min(rates[base][kind]) for kind in ("produce", "consume")}
     first = (
         f"Reading: in this run {other} produced {ratio['produce']:.1f}x and consumed {ratio['consume']:.1f}x "
-        "as fast as kafka-python (median per-round ratios). The engine's connectors use kafka-python (pure "
-        "Python, no native library to ship); its slowest round still moved "
+        "as fast as kafka-python (median per-round ratios). The engine's connectors run on either "
+        "(`kafka.client`): kafka-python, pure Python with no native library to ship, is the stream "
+        "processors' default, and its slowest round still moved "
         f"{floor['produce']:,.0f} records/s "
-        f"in and {floor['consume']:,.0f} records/s out. A deployment whose event rate exceeds that can "
-        "implement the same Source/Sink protocol on confluent-kafka; the contract suite in tests/contract "
-        "is what such an implementation must pass."
+        f"in and {floor['consume']:,.0f} records/s out; a deployment whose event rate exceeds that sets "
+        "`kafka.client: confluent` (librdkafka: connectors/confluent, passing the same contract suite in "
+        "tests/contract; docs/performance.md)."
     )
     second = (
         "Without the `crc32c` package kafka-python falls back to a pure-Python CRC32C for every record "

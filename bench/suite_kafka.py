@@ -59,10 +59,11 @@ client order alternating. Measured by `reloop.bench.kafka_clients.run`
 
 {kc.reading(rates)}
 
-Decision: the engine's connectors stay on kafka-python (pure Python, no native librdkafka to ship or
-match to the platform), although confluent-kafka moved records {ratio_c:.1f}x (consume) and {ratio_p:.1f}x
-(produce) as fast here. That is sound only while kafka-python's consume rate ({kp_consume:,.0f} records/s
-here) stays well above the rest of the stream processor's rate: figure 1's end-to-end samples/s, times
-~1.25 records per sample (an impression, plus a click for a quarter of them). Where it does not, the fix
-is a confluent-kafka `Source`/`Sink` behind the same protocol, passing `tests/contract`."""
+Decision: kafka-python stays the stream processors' default client (pure Python, no native librdkafka to
+ship or match to the platform), although confluent-kafka moved records {ratio_c:.1f}x (consume) and
+{ratio_p:.1f}x (produce) as fast here. That is sound only while kafka-python's consume rate
+({kp_consume:,.0f} records/s here) stays well above the rest of the stream processor's rate: figure 1's
+end-to-end samples/s, times ~1.25 records per sample (an impression, plus a click for a quarter of them).
+Where it does not, `kafka.client: confluent` runs the same stages on librdkafka (connectors/confluent,
+passing the same `tests/contract`)."""
     return Figure(key="kafka", title=TITLE, rows=rows, notes=notes)
