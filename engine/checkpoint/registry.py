@@ -191,17 +191,18 @@ class SnapshotRegistry:
         return self.root / f"v{version:012d}"
 
     def manifest(self, version: int) -> dict[str, Any]:
-        path = self.path(version) / "manifest.json"
+        where = self.path(version)  # in the errors: a checkpoint, a join task's or a model version's
+        path = where / "manifest.json"
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
         except OSError as exc:
-            raise SnapshotError(f"snapshot {version}: manifest cannot be read ({exc})") from exc
+            raise SnapshotError(f"{where}: manifest cannot be read ({exc})") from exc
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ChecksumError(f"snapshot {version}: manifest is not valid JSON ({exc!r:.200})") from exc
+            raise ChecksumError(f"{where}: manifest is not valid JSON ({exc!r:.200})") from exc
         if not isinstance(data, dict):
-            raise ChecksumError(f"snapshot {version}: manifest is not a JSON object")
+            raise ChecksumError(f"{where}: manifest is not a JSON object")
         found = data.get("format")
         body = {k: v for k, v in data.items() if k != "manifest_sha256"}
         sealed = data.get("manifest_sha256") == _sha256(_canonical(body))
@@ -214,10 +215,10 @@ class SnapshotRegistry:
                 f"{FORMAT}"
             )
         if not sealed:
-            raise ChecksumError(f"snapshot {version}: manifest checksum mismatch")
+            raise ChecksumError(f"{where}: manifest checksum mismatch")
         if type(found) is not int or found != FORMAT or data.get("version") != version:
             raise SnapshotError(
-                f"snapshot {version}: unexpected format {found!r} (expected {FORMAT}) or version "
+                f"{where}: unexpected format {found!r} (expected {FORMAT}) or version "
                 f"{data.get('version')!r} in manifest"
             )
         parts = data.get("parts")
@@ -235,7 +236,7 @@ class SnapshotRegistry:
                 for p in parts.values()
             )
         ):
-            raise SnapshotError(f"snapshot {version}: manifest lacks meta, created_unix or parts")
+            raise SnapshotError(f"{where}: manifest lacks meta, created_unix or parts")
         return data
 
     def load(self, version: int | None = None, parts: Iterable[str] | None = None) -> Snapshot:
@@ -258,30 +259,31 @@ class SnapshotRegistry:
 
     def _load(self, version: int, parts: Iterable[str] | None) -> Snapshot:
         manifest = self.manifest(version)
+        where = self.path(version)
         wanted = list(manifest["parts"]) if parts is None else list(parts)
         state: dict[str, Any] = {}
         for name in wanted:
             info = manifest["parts"].get(name)
             if info is None:
-                raise SnapshotError(f"snapshot {version} has no part {name!r}")
+                raise SnapshotError(f"{where} has no part {name!r}")
             try:
                 data = (self.path(version) / info["file"]).read_bytes()
             except OSError as exc:
-                raise SnapshotError(f"snapshot {version}: part {name!r} cannot be read ({exc})") from exc
+                raise SnapshotError(f"{where}: part {name!r} cannot be read ({exc})") from exc
             kind = "crc32c" if "crc32c" in info else "sha256"  # sha256: snapshots written before
             digest = _crc32c(data) if kind == "crc32c" else _sha256(data)
             if len(data) != info["bytes"] or digest != info[kind]:
-                raise ChecksumError(f"snapshot {version}: part {name!r} fails its {kind} checksum")
+                raise ChecksumError(f"{where}: part {name!r} fails its {kind} checksum")
             try:
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:  # torch's own text advises weights_only=False: not here
                 raise SnapshotError(
-                    f"snapshot {version}: part {name!r} does not load: a weights-only load refuses it "
+                    f"{where}: part {name!r} does not load: a weights-only load refuses it "
                     f"({_unpickler_reason(exc)})"
                 ) from exc
             except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses, the part is unusable
                 detail = f"{exc!r:.300}"
-                raise SnapshotError(f"snapshot {version}: part {name!r} does not load ({detail})") from exc
+                raise SnapshotError(f"{where}: part {name!r} does not load ({detail})") from exc
             state[name] = unpack_bytes(loaded)
         return Snapshot(version, float(manifest["created_unix"]), manifest["meta"], state)
 

@@ -53,6 +53,23 @@ def test_corrupt_part_is_refused_and_latest_falls_back(tmp_path):
     assert reg.publish(_state(3.0)) == 3  # the counter does not reuse the refused version
 
 
+def test_a_refusal_names_the_folder_a_checkpoint_and_a_version_of_one_number_are_told_apart(tmp_path):
+    # Every refusal said "snapshot 4: ...", for a checkpoint, a join task's checkpoint and a model
+    # version alike: which folder to move aside (docs/operations.md) was a guess.
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1.0))
+    checkpoint = reg.checkpoints.publish(_state(2.0))
+    for registry, version in ((reg, 1), (reg.checkpoints, checkpoint)):
+        part = registry.path(version) / "model.pt"
+        data = bytearray(part.read_bytes())
+        data[-10] ^= 0xFF
+        part.write_bytes(bytes(data))
+        with pytest.raises(ChecksumError) as caught:
+            registry.load(version)
+        assert str(caught.value) == f"{registry.path(version)}: part 'model' fails its crc32c checksum"
+    assert str(reg.checkpoints.path(checkpoint)) != str(reg.path(1))
+
+
 def test_a_flipped_weight_byte_is_refused_without_the_zip_crc(tmp_path):
     """Parts are written without the zip's own CRC-32 (the manifest's CRC32C covers them): a flipped
     byte inside a tensor's data, which torch.load alone would read as a different weight, is refused."""
