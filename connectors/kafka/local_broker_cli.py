@@ -55,8 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--partitions",
         type=int_at_least(1),
         default=1,
-        help="`topics`: partitions of the impressions and clicks topics (default 1; a multiple of every "
-        "number of join processes you will run)",
+        help="`topics`: partitions of the impressions and clicks topics (default 1; at least the most join "
+        "processes you will run, and a multiple of every number of train ranks: docs/scale-out.md)",
     )
 
 
