@@ -16,7 +16,9 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import signal
 import sys
+import threading
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": (
@@ -90,6 +92,21 @@ def keep_triton_out() -> None:
         sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # None: "import triton" fails
 
 
+# The stream processors, which install their own stop handling once started (engine/runtime/stage_runner.py).
+# A SIGTERM before that (an orchestrator's stop, `reloop demo` ending, while torch was still importing on a
+# loaded machine) ended them by the signal, exit -15, read as a failure: nothing was read yet, so it exits 0.
+STOPPED_EARLY_CLEANLY = frozenset({"run", "join", "train"})
+
+
+class _StoppedBeforeStart(BaseException):
+    """A SIGTERM before the command installed its own handler (BaseException: no ``except Exception``
+    on the way takes it)."""
+
+
+def _stop_before_start(_signum: int, _frame: object) -> None:
+    raise _StoppedBeforeStart
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_triton_out()
@@ -109,6 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reloop: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     name = argv[0]
+    early = name in STOPPED_EARLY_CLEANLY and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_before_start) if early else None
+    try:
+        return _run(name, argv)
+    except _StoppedBeforeStart:
+        # A data-parallel rank tells its launcher it owes nothing (engine/runtime/train_cmd.py).
+        told = getattr(sys.modules.get(COMMANDS[name][0]), "stopped_before_start", None)
+        if told is not None:
+            told()
+        print(
+            f"reloop {name}: stopped (SIGTERM) before it started: nothing read, nothing to save",
+            file=sys.stderr,
+        )
+        return 0
+    finally:  # called in-process (tests): the caller's handler back, unless the command put its own
+        if early and signal.getsignal(signal.SIGTERM) is _stop_before_start:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(name: str, argv: list[str]) -> int:
     try:
         module = _load(name)
     except ModuleNotFoundError as exc:

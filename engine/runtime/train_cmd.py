@@ -151,6 +151,12 @@ def _close_and_mark(stage: Any) -> int | None:
     return number
 
 
+def stopped_before_start() -> None:
+    """A SIGTERM before this process installed its stop handling (engine/runtime/cli.py): a rank owes
+    nothing."""
+    _mark_stopped()
+
+
 def _mark_stopped() -> None:
     """This rank owes nothing (see STOPPED_MARKS); a process not started by the launcher has no folder."""
     marks = os.environ.get(STOPPED_MARKS)

@@ -162,7 +162,10 @@ def test_a_stage_killed_after_a_stop_request_makes_the_exit_code_1(tmp_path):
 def test_ctrl_c_before_the_stages_installed_their_handlers_exits_0(tmp_path):
     # A stage interrupted while still importing ends in the command line's KeyboardInterrupt: exit 130
     # ("reloop join: interrupted"); `reloop run` Ctrl-C'd in its first seconds exited 130.
-    proc = _start(tmp_path, train=_stage(interruptible=True), join=_stage(interruptible=True))
+    # stop_timeout_s 5: room for a loaded machine (at 1 s a CI run at load 6 killed both: -9, not 130)
+    proc = _start(
+        tmp_path, stop_timeout_s=5.0, train=_stage(interruptible=True), join=_stage(interruptible=True)
+    )
     _ready(proc)
     time.sleep(0.3)  # the stand-ins put Python's SIGINT handler back after "ready"
     proc.send_signal(signal.SIGINT)
