@@ -313,9 +313,12 @@ class Joiner:
         return out
 
     def flush(self) -> list[Joined]:
-        """Close every pending window now (end of a bounded replay)."""
+        """Close every pending window now, and count every click still waiting for its impression as an
+        orphan (end of a bounded replay: a range's first clicks, of impressions before it, were held
+        and counted nowhere)."""
         out: list[Joined] = []
         ends = [t + self._window_ms for t in map(_FIRST, self._pending.values())]
+        ends += [t + self._grace_ms for t in self._early.values()]
         if ends:
             self._set_watermark(max(ends) + 1, out)
         return out

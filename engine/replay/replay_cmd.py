@@ -663,6 +663,18 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
         )
         # No record at or after the end time: offsets_for_times answers with the end offsets.
         end = last if end_ms is None else offsets_for_times(args.kafka, topics, end_ms, client_config=client)
+        clicks = cfg.source.clicks_topic
+        if end_ms is not None and clicks in topics:
+            # An impression shortly before the end keeps the click that came after it: clicks are read
+            # one attribution window further (it was labelled 0, 17 of 1,150 in a 10-s range).
+            late = offsets_for_times(args.kafka, [clicks], end_ms + cfg.join.window_ms, client_config=client)
+            end = {**end, **late}
+            print(
+                "reloop replay: clicks are read up to --end-time + join.window_ms "
+                f"({cfg.join.window_ms} ms), so that the range's last impressions keep the clicks that came "
+                "after it",
+                file=sys.stderr,
+            )
         start, end, warnings = kafka_range(
             first, last, start, end, given_start=given_start, given_end=given_end
         )

@@ -147,8 +147,15 @@ def test_time_range_replays_the_impressions_inside_it(kafka_broker, logged, tmp_
         str(end),
     ]
     assert main(argv) == 0
-    ids = {orjson.loads(s)["sample_id"] for s in _samples(out)}
-    assert ids == {f"r{i}" for i in range(100, 300)}
+    got = {orjson.loads(s)["sample_id"]: orjson.loads(s)["label"] for s in _samples(out)}
+    assert set(got) == {f"r{i}" for i in range(100, 300)}
+    # The last impressions keep the clicks that came after the end (read one join window further): they
+    # were labelled 0 (clicks come ~3 s after their impression here, 5 impressions' worth).
+    truth = {r.row_id: r.label for r in logged["rows"]}
+    assert got == {k: truth[k] for k in got}
+    # The first clicks, of impressions before the start, are counted as orphans, not held for ever.
+    join = orjson.loads((out / "summary.json").read_bytes())["join"]
+    assert join["early_clicks_held"] == join["early_clicks_matched"] + join["orphan_clicks"] > 0
 
 
 def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, unique_topic, tmp_path):

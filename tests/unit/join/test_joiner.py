@@ -327,6 +327,17 @@ def test_flush_closes_everything():
     assert j.pending_count == 0
 
 
+def test_flush_counts_the_clicks_still_waiting_for_their_impression_as_orphans():
+    # A replayed time range's first clicks belong to impressions before it: held as early clicks, and
+    # at the end of the replay counted nowhere (early_clicks_held 13, orphan_clicks 0).
+    j, _ = make()
+    j.on_click("before-the-range", 10_000)
+    j.on_impression("a", 10_100, b"")
+    assert j.stats.early_clicks_held == 1 and j.stats.orphan_clicks == 0
+    assert [x.label for x in j.flush()] == [0]
+    assert j.stats.orphan_clicks == 1 and j.early_click_count == 0
+
+
 def _random_stream(seed: int, n: int = 400):
     rng = random.Random(seed)
     events = []
