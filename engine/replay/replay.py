@@ -274,7 +274,9 @@ def run_replay(
     pipeline.train_remaining()
     # A resume that finds nothing left publishes no new model version: the snapshot it restored is it.
     unchanged = (pipeline.trainer.counters.samples, pipeline.records_processed) == restored_at
-    if unchanged and (pipeline.restored_from or "").startswith("snapshot"):
+    resumed_to_nothing = unchanged and (pipeline.restored_from or "").startswith("snapshot")
+    # Nothing trained at all: no untrained model published as version 1 (a service would serve it).
+    if resumed_to_nothing or pipeline.trainer.counters.samples == 0:
         pipeline.close(final=None)
         version = pipeline.version
     else:
@@ -365,7 +367,11 @@ def run_samples_replay(
         stage.abort()
         raise
     stage.train_remaining()
-    version = _final_snapshot(stage, stage.snapshot)
+    if stage.trainer.counters.samples == 0:  # no untrained model published as a version
+        stage.close(final=None)
+        version = stage.version
+    else:
+        version = _final_snapshot(stage, stage.snapshot)
     progressive = stage.trainer.progressive.get()
     return ReplayResult(
         final_version=version,
