@@ -313,10 +313,12 @@ def run_samples_replay(
     on_progress: Callable[[int], None] | None = None,
     stall_timeout_s: float = 30.0,
     on_dead_letters_restored: DeadLettersRestored | None = None,
+    starts_mid_topic: bool = False,
 ) -> ReplayResult:
     """Replay a range of the samples topic through the train stage alone (the join already happened):
     a new model, feature spec or strategy trained from the same samples at training speed. A resumed
-    one goes on as ``run_replay`` does."""
+    one goes on as ``run_replay`` does. ``starts_mid_topic``: the range was given a start, so each
+    numbering's first samples read are where it starts (not samples missing from the topic)."""
     from reloop.engine.runtime.build import build_train_stage
 
     set_young_threshold(cfg.stages.gc_young_threshold)
@@ -350,6 +352,7 @@ def run_samples_replay(
     )
     book.stage = stage
     resumed_from = book.restored(on_dead_letters_restored)
+    stage.starts_mid_topic = starts_mid_topic
     t0 = time.perf_counter()
     stage.open()
     last_reported = 0

@@ -521,6 +521,7 @@ def _replay_samples(args: argparse.Namespace, cfg: Any, snapshots: Path) -> int:
             dead_letter_sink=dead,
             on_progress=lambda n: bar.update(n - bar.n),
             on_dead_letters_restored=functools.partial(keep_dead_letters, dead),
+            starts_mid_topic=args.start_time is not None or args.start_offsets is not None,
         ),
         _client_errors(),
     )

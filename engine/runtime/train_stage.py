@@ -260,6 +260,9 @@ class TrainStage:
         self.samples_missing = 0  # seqs jumped over (reloop_train_samples_missing_total)
         self.samples_refused = 0
         self.seq_gaps = 0
+        # A range replayed from the middle of the topic (reloop replay --from-samples with a start): each
+        # numbering's first samples read are where it starts, not a gap ("samples missing", an ERROR).
+        self.starts_mid_topic = False
         self.task_restarts = 0  # new numberings of tasks taken before (reloop_train_join_task_restarts_total)
         # join task -> incarnation -> highest seq taken (trained or buffered), the numbering taken last last
         self._numberings: dict[int, dict[str, int]] = {}
@@ -483,6 +486,8 @@ class TrainStage:
             restarts = self._new_numbering(batch, seen)
             last = seen.get(batch.incarnation, -1)
             seqs = batch.seqs()
+            if last < 0 and self.starts_mid_topic:
+                last = int(seqs[0]) - 1
             if seqs[0] > last + 1:
                 self.seq_gaps += 1
                 missing = int(seqs[0]) - (last + 1)

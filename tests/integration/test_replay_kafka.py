@@ -211,9 +211,17 @@ def test_replay_of_the_samples_topic_trains_each_sample_once(kafka_broker, uniqu
     assert summary["samples_trained"] == 640
     assert summary["dead_letters"] == {"malformed": 1}
     assert summary["join"]["duplicates_dropped"] == 64
+    assert summary["join"]["seq_gaps"] == 0
     ids = [sid for _, sid, _, _ in Ledger.read(tmp_path / "ledger.jsonl")]
     assert sorted(ids) == sorted(s.sample_id for s in samples)
     replayed = SnapshotRegistry(out / "snapshots").load(parts=["model"]).state["model"]["model"]
+    # From the middle of the topic: where it starts is no gap (it logged "samples missing", an ERROR).
+    middle = tmp_path / "middle"
+    code = main(["replay", "--config", str(cfg_path), "--kafka", kafka_broker.bootstrap, "--from-samples",
+                 "--out", str(middle), "--start-offsets", f"{topic}:0=2"])  # fmt: skip
+    assert code == 0
+    summary = orjson.loads((middle / "summary.json").read_bytes())
+    assert summary["samples_trained"] == 640 - 128 and summary["join"]["seq_gaps"] == 0
 
     log = MemoryLog()
     log.create(topic)
