@@ -41,7 +41,7 @@ from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.deadletter_review import DeadLetter, Resend, parse_envelope, resend, select, summary
 from reloop.engine.runtime.config import ConfigError, RunConfig, load_config
 from reloop.engine.runtime.dead_letter_reasons import KNOWN_REASONS
-from reloop.engine.streams import Positions
+from reloop.engine.streams import Positions, TopicNotFound
 
 if TYPE_CHECKING:
     from reloop.connectors.kafka.source import KafkaSource
@@ -117,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop deadletters: {exc}", file=sys.stderr, flush=True)
         return 2
     reached: Positions = {}
+    others = [0]  # records on the topic that are not envelopes
     tally = _Tally()  # filtered as read: only the chosen envelopes are held
 
     from reloop.connectors.kafka.source import CLIENT_ERRORS  # the command reads through kafka-python
@@ -124,7 +125,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         chosen = select(
             tally.count(
-                read_dead_letters(cfg, connection, timeout_s=args.timeout, group=args.group, reached=reached)
+                read_dead_letters(
+                    cfg, connection, timeout_s=args.timeout, group=args.group, reached=reached, others=others
+                )
             ),
             reasons=_names(args.reason),
             topics=_names(args.origin),
@@ -134,9 +137,19 @@ def main(args: argparse.Namespace) -> int:
         topic = cfg.sink.dead_letter_topic
         print(f"reloop deadletters: cannot read {topic!r}: {exc!r}", file=sys.stderr, flush=True)
         return 1
+    except TopicNotFound as exc:  # was a traceback
+        print(f"reloop deadletters: {exc} (sink.dead_letter_topic)", file=sys.stderr, flush=True)
+        return 2
     if not tally.origins_known(args, {cfg.source.impressions_topic, cfg.source.clicks_topic,
                                       cfg.stages.samples_topic}):  # fmt: skip
         return 2
+    if others[0]:  # skipped without a word, and a redrive --group committed past them
+        print(
+            f"reloop deadletters: {others[0]} record(s) on {cfg.sink.dead_letter_topic!r} are not dead "
+            "letters (not reloop's envelopes): left out",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.action != "redrive":
         after = f" after group {args.group!r}'s offsets" if args.group else ""
         return _report(args, chosen, f"{tally.read} dead letters on {cfg.sink.dead_letter_topic!r}{after}")
@@ -150,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop deadletters: redrive failed after {sent[0]} record(s) handed to the producer: "
               f"{exc!r:.500}{group}", file=sys.stderr, flush=True)  # fmt: skip
         return 1
+    if code:
+        return code
     if args.group and not args.dry_run:
         # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
         _commit(cfg, connection, args.group, reached)
@@ -267,6 +282,15 @@ def _redrive(
         else:
             plans.append(plan)
     sent = Counter(plan.topic for plan in plans)
+    missing = _missing_topics(cfg, connection, set(sent))
+    if missing:  # a typo in --to: the producer created the topic, sent there and the group was committed
+        print(
+            f"reloop deadletters: redrive refused: no topic {', '.join(map(repr, missing))} on "
+            f"{cfg.kafka.bootstrap} (--to?); nothing sent, nothing committed",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     verb = "would send" if args.dry_run else "sent"
     if plans and not args.dry_run:
         _send(cfg, connection, plans, sent_now)
@@ -286,9 +310,11 @@ def read_dead_letters(
     timeout_s: float,
     group: str | None = None,
     reached: Positions | None = None,
+    others: list[int] | None = None,
 ) -> Iterator[DeadLetter]:
     """Every envelope on the dead-letter topic, from ``group``'s committed offsets (else its oldest
-    record) to its end now, as read; ``reached`` gets the positions read up to once it is all read."""
+    record) to its end now, as read; ``reached`` gets the positions read up to once it is all read,
+    ``others[0]`` how many records were not envelopes."""
     # --timeout bounds the bootstrap too (kafka-python waits 30 s for an unreachable broker otherwise).
     bounded = {"bootstrap_timeout_ms": max(1, int(timeout_s * 1000)), **connection}
     source = _dead_letter_source(cfg, bounded, group)
@@ -306,6 +332,8 @@ def read_dead_letters(
                 envelope = parse_envelope(record.value)
                 if envelope is not None:
                     yield DeadLetter(envelope, record.partition, record.offset)
+                elif others is not None:
+                    others[0] += 1
         if reached is not None:
             reached.update(source.position())
     finally:
@@ -346,6 +374,24 @@ def _send(cfg: RunConfig, connection: dict, plans: list[Resend], sent: list[int]
     finally:
         for sink in sinks.values():
             sink.close()  # flushes: raises when a record was not delivered
+
+
+def _missing_topics(cfg: RunConfig, connection: dict, topics: set[str]) -> list[str]:
+    """The topics of ``topics`` the cluster does not have (asked without creating any)."""
+    from reloop.connectors.kafka.source import KafkaSource
+
+    missing = []
+    for topic in sorted(topics):
+        probe = KafkaSource(
+            bootstrap=cfg.kafka.bootstrap, topics=[topic], group_id=None, client_config=connection
+        )
+        try:
+            probe.partitions()
+        except TopicNotFound:
+            missing.append(topic)
+        finally:
+            probe.close()
+    return missing
 
 
 def _names(text: str) -> set[str]:

@@ -69,9 +69,17 @@ def test_dead_letters_are_summarised_and_sent_again_to_their_topics(kafka_broker
     ):  # fmt: skip
         dead.send(record, EventError(reason, "test"))
     dead.close()
+    stray = KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topics["deadletter"])
+    stray.send(b"not an envelope")  # another producer's record on the topic: said, not silently skipped
+    stray.close()
 
     lines = _cli(config, "summary").splitlines()
     assert lines[0].startswith("4 of 4 dead letters")
+    said = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", "summary", "--config",
+         str(config)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "1 record(s) on" in said.stderr and "are not dead letters" in said.stderr
     assert sorted(" ".join(ln.split()) for ln in lines[1:]) == sorted(
         [
             f"1 bad_feature from {topics['impressions']}",
@@ -194,3 +202,29 @@ def test_a_redrive_that_fails_to_send_says_so_in_one_line_and_commits_nothing(
          "--to", "not a topic!"], cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad_to.returncode == 2 and "--to" in bad_to.stderr
+    # A --to naming no topic (a typo): the producer created it, sent there, and the group was committed.
+    typo = unique_topic("typo")
+    missing = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", "redrive", "--config", str(config),
+         "--to", typo, "--group", group, "--timeout", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2 and f"no topic {typo!r}" in missing.stderr, missing.stderr
+    assert "nothing committed" in missing.stderr
+    assert _cli(config, "summary", "--group", group).startswith("1 of 1 dead letters")
+    from reloop.connectors.kafka.admin import admin_client
+
+    admin = admin_client(kafka_broker.bootstrap)
+    try:
+        assert typo not in admin.list_topics()
+    finally:
+        admin.close()
+    # The config's dead-letter topic missing: one line, no traceback.
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(config.read_text().replace(topics["deadletter"], unique_topic("no-such-dlq")))
+    no_dlq = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", "summary", "--config", str(gone)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert no_dlq.returncode == 2 and "Traceback" not in no_dlq.stderr
+    assert "sink.dead_letter_topic" in no_dlq.stderr
