@@ -25,12 +25,13 @@ import sys
 import time
 from typing import Any
 
+from reloop.engine.checkpoint.folder_lock import FolderInUse
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
-from reloop.engine.runtime.train_cmd import BESIDE_JOIN
+from reloop.engine.runtime.train_cmd import BESIDE_JOIN, hold_the_folder
 
 log = logging.getLogger("reloop.run")
 
@@ -56,7 +57,12 @@ def _main(args: argparse.Namespace) -> int:
         # config already brought torch in (the counters' settings), and the check builds on the meta
         # device: about a second, before any stage starts.
         check_model(cfg)
-    except ConfigError as exc:
+        # One train stage per checkpoint folder: held here with one process, else by the train process
+        # (checked here first, before a join process joins the other pipeline's group).
+        lock = hold_the_folder(cfg, "run")
+        if cfg.stages.processes == 2:
+            lock.release()
+    except (ConfigError, FolderInUse) as exc:
         print(f"reloop run: {exc}", file=sys.stderr, flush=True)
         return 2
     setup_json_logging(args.log_level or cfg.log.level)
@@ -71,7 +77,10 @@ def _main(args: argparse.Namespace) -> int:
             )
             return 2
         return _two_processes(args, cfg)
-    return _one_process(cfg)
+    try:
+        return _one_process(cfg)
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------- two processes

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from reloop.engine.checkpoint.folder_lock import FolderInUse, FolderLock
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.config_pipe import remove_dead_owners_folders, reopenable
 from reloop.engine.runtime.jsonlog import setup_json_logging
@@ -91,9 +92,18 @@ def _main(args: argparse.Namespace) -> int:
         from reloop.engine.runtime.build import check_model
 
         check_model(cfg)
-    except ConfigError as exc:
+        lock = hold_the_folder(cfg, "train") if _holds_the_folder() else None
+    except (ConfigError, FolderInUse) as exc:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)
         return 2
+    try:
+        return _train(args, cfg)
+    finally:  # the process ending drops it too; called in-process (tests), a second call must get it
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if LAUNCHER_PID in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         from reloop.engine.runtime.lifeline import die_with
@@ -136,6 +146,29 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         if group is not None:
             group.close()
+
+
+def hold_the_folder(cfg: RunConfig, command: str) -> FolderLock:
+    """The checkpoint folder's lock, waiting for a process that holds it to end its stop (the process of
+    a restart's previous run, stopping within recovery.stop_timeout_s)."""
+
+    def waiting(holder: str) -> None:
+        print(
+            f"reloop {command}: waiting for the train stage that holds checkpoint.dir {cfg.checkpoint.dir} "
+            f"(pid {holder}) to end",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return FolderLock(Path(cfg.checkpoint.dir)).acquire(
+        wait_s=cfg.recovery.stop_timeout_s + 5, on_wait=waiting
+    )
+
+
+def _holds_the_folder() -> bool:
+    """Whether this process holds the checkpoint folder's lock (engine/checkpoint/folder_lock.py): one
+    process, or the launcher of ``--world-size`` ranks; of ranks torchrun started otherwise, rank 0."""
+    return LAUNCHER_PID not in os.environ and os.environ.get("RANK", "0") == "0"
 
 
 def rank_metrics_port(port: int | None, local_rank: int) -> int | None:
