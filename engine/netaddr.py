@@ -4,9 +4,21 @@ URL a log line or a report printed did not parse, and its port read as part of t
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a service on this machine (127.0.0.0/8, ::1, ``localhost``); a name
+    other than localhost counts as not (it may resolve to any interface)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def http_url(host: str, port: int, path: str = "") -> str:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from reloop.engine.config_common import path_problem, port_arg
-from reloop.engine.netaddr import bootstrap_arg, http_url
+from reloop.engine.netaddr import bootstrap_arg, http_url, is_loopback
 from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict, load_serve_config
 
 
@@ -123,6 +123,15 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
         print(f"reloop serve: cannot listen on {host}:{port}: {why} (serve.port or --port)", file=sys.stderr)
         return 2
     print(f"reloop serve: listening on {url} (arms: {', '.join(stack.arms)})", flush=True)
+    host = args.host or config.host
+    if not is_loopback(host) and config.auth_token is None and config.auth_token_file is None:
+        # Open to the network and answering anyone (its /metrics and /stats too): said, not refused (a
+        # mesh or a gateway in front may authenticate).
+        logging.getLogger("reloop.engine.serve").warning(
+            "serving on %s without a token: anyone who reaches it may score and read /metrics "
+            "(serve.auth_token or serve.auth_token_file; fine behind a gateway that authenticates)",
+            host,
+        )
     metrics: Any = None
     if args.worker_metrics_port is not None:
         from reloop.connectors.metrics.prometheus import serve_metrics

@@ -376,11 +376,17 @@ class ServingStack:
         sources: list[ArmSource] = []
         for arm in config.arms:
             if not arm.registry.is_dir():  # a mistyped path: /readyz 503 for ever, and nothing said why
+                # With cold_start it serves v0 meanwhile (it said "not ready", then was ready at once).
+                until = (
+                    "it serves its cold start (v0) until a snapshot is published there"
+                    if arm.cold_start is not None
+                    else "not ready until a snapshot is published there"
+                )
                 log.warning(
-                    "arm %s: its registry %s does not exist (yet): not ready until a snapshot is published "
-                    "there (arms[].registry)",
+                    "arm %s: its registry %s does not exist (yet): %s (arms[].registry)",
                     arm.name,
                     arm.registry,
+                    until,
                 )
             holder = ModelHolder()
             logger: ImpressionLogger | ProducerLogger | None = None
