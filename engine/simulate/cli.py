@@ -62,6 +62,30 @@ def service_url(doc: dict) -> str:
     return http_url(host, int(serve.get("port") or 8000))
 
 
+def with_service_overrides(doc: dict) -> dict:
+    """``doc`` with the ``RELOOP__SERVE__*``, ``RELOOP__KAFKA__*`` and ``RELOOP__ARMS`` variables over it,
+    as the service it drives reads them: it looked for the service on the file's port and sent clicks to
+    the file's broker while the service ran under RELOOP__SERVE__PORT and RELOOP__KAFKA__BOOTSTRAP."""
+    import os
+
+    from reloop.engine.config_common import deep_merge, env_values
+    from reloop.engine.runtime.config import RunConfig
+    from reloop.engine.serve.config import _ServeDocument
+
+    others = frozenset(RunConfig.model_fields) | {"simulate", "demo", "run"}
+    return deep_merge(doc, env_values(_ServeDocument, os.environ, others=others))
+
+
+def service_token(doc: dict) -> str | None:
+    """The bearer token the service asks for (serve.auth_token_file, else serve.auth_token)."""
+    from pydantic import SecretStr
+    from reloop.engine.serve.auth import load_token
+
+    serve = doc.get("serve") or {}
+    token = serve.get("auth_token")
+    return load_token(serve.get("auth_token_file"), SecretStr(str(token)) if token else None)
+
+
 def clicks_topics(doc: dict) -> dict[str, str]:
     """arm name -> clicks topic, from the ``arms`` section (default topic ``clicks``)."""
     return {str(a["name"]): str(a.get("clicks_topic", DEFAULT_CLICKS_TOPIC)) for a in doc.get("arms") or []}
@@ -128,9 +152,10 @@ def build_simulator(config: SimulateConfig, *, score, click_sink, seed: int | No
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        doc = read_yaml(args.config)
+        doc = with_service_overrides(read_yaml(args.config))
         config = simulate_config_from_dict(doc)
-    except ConfigError as exc:
+        token = service_token(doc)
+    except (ConfigError, OSError, ValueError) as exc:
         print(f"reloop simulate: {exc}", file=sys.stderr)
         return 2
     bootstrap = args.bootstrap or (doc.get("kafka") or {}).get("bootstrap")
@@ -140,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.simulate.http import HttpScorer
 
     url = args.url or service_url(doc)
-    scorer = HttpScorer(url)
+    scorer = HttpScorer(url, token=token)
     console = Console() if Console().is_terminal else Console(width=160)
     # Handlers first: Ctrl-C while the service is awaited ends the wait, not in a traceback.
     stop = threading.Event()

@@ -10,9 +10,11 @@ from reloop.engine.simulate.driver import NotReadyYet
 
 
 class HttpScorer:
-    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 5.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        # The service's bearer token (serve.auth_token): every request was a 401 against one with it.
+        auth = {"authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=auth)
 
     def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
         r = self.client.post(

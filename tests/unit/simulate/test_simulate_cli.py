@@ -177,3 +177,33 @@ def test_without_url_it_finds_the_service_of_the_serve_config_it_is_given() -> N
     parser = argparse.ArgumentParser()
     configure(parser)
     assert parser.parse_args(["--config", "x.yaml"]).url is None  # --url, when given, wins
+
+
+def test_it_reads_the_service_as_the_service_reads_itself(tmp_path: Path, monkeypatch) -> None:
+    # Under RELOOP__SERVE__PORT / RELOOP__KAFKA__BOOTSTRAP it went to the file's port and broker, and
+    # against a service with a token every request was a 401.
+    import httpx
+    from reloop.engine.simulate.cli import service_token, service_url, with_service_overrides
+    from reloop.engine.simulate.http import HttpScorer
+
+    doc = {"serve": {"port": 8000}, "kafka": {"bootstrap": "file:9092"}, "simulate": {"rate": 5}}
+    monkeypatch.setenv("RELOOP__SERVE__PORT", "18092")
+    monkeypatch.setenv("RELOOP__KAFKA__BOOTSTRAP", "env:9092")
+    monkeypatch.setenv("RELOOP__SERVE__AUTH_TOKEN", "s3cret")
+    merged = with_service_overrides(doc)
+    assert service_url(merged) == "http://127.0.0.1:18092" and merged["kafka"]["bootstrap"] == "env:9092"
+    assert merged["simulate"] == {"rate": 5} and service_token(merged) == "s3cret"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert service_token({"serve": {"auth_token_file": str(token_file), "auth_token": "x"}}) == "from-file"
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200)
+
+    scorer = HttpScorer("http://service", token="s3cret")
+    scorer.client = httpx.Client(
+        base_url=scorer.url, headers=scorer.client.headers, transport=httpx.MockTransport(handler)
+    )
+    assert scorer.ready() and seen == ["Bearer s3cret"]
