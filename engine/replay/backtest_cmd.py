@@ -68,6 +68,15 @@ class Refused(ValueError):
     """A bad input: ``main`` prints ``reloop backtest: MESSAGE`` and exits 2, before any run where it can."""
 
 
+def _machine() -> str:
+    """What the report's wall time was measured on: the cores this process could use and the load at
+    the end (it said "a shared 2-core machine" wherever it ran)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} cores, load {os.getloadavg()[0]:.1f} when the report was written"
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -775,7 +784,7 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], header: s
         if math.isnan(seconds)
         else f"{seconds / 60:.1f} min"
     } \
-on a shared 2-core machine
+on {_machine()}
 
 Metrics are per period, averaged over periods and seeds; Δ = strategy − CE, paired by seed and period,
 in units of 1e-3, with a 95% Student-t half-width over seeds (per-seed means over periods) and over periods

@@ -68,6 +68,10 @@ def open_dataset(name: str, path: str | Path, /, **options: Any) -> Dataset:
         if not files:
             raise DatasetError(f"{p}: no *.libfm file in this folder")
         return FrappeLibFM(files, **options)
+    if name == "movielens-100k" and p.is_file():  # its ratings file given: its folder holds the rest
+        if "prefix" not in options and p.suffix == ".inter":
+            options["prefix"] = p.stem
+        p = p.parent
     return loader(p, **options)
 
 

@@ -94,3 +94,12 @@ def test_a_utf8_bom_is_not_part_of_the_first_column(movielens_dir: Path) -> None
         path = movielens_dir / f"ml-100k.{suffix}"
         path.write_text(path.read_text(), encoding="utf-8-sig")
     assert list(MovieLens100K(movielens_dir).rows()) == before
+
+
+def test_its_ratings_file_may_be_given_for_its_folder(movielens_dir: Path) -> None:
+    # `--data` is "the dataset's file or folder": the file gave "ml-100k.inter/ml-100k.inter not found".
+    from reloop.connectors.files.datasets import open_dataset
+
+    by_folder = [r.row_id for r in open_dataset("movielens-100k", movielens_dir).rows()]
+    by_file = [r.row_id for r in open_dataset("movielens-100k", movielens_dir / "ml-100k.inter").rows()]
+    assert by_file == by_folder and by_file

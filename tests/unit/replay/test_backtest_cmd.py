@@ -57,6 +57,10 @@ def test_backtest_writes_csv_report_and_plots(tmp_path: Path) -> None:
     assert 0 not in periods and len(periods) >= 3
     report = (out / "report.md").read_text()
     assert "## ReLoop verdicts" in report and "periodic · fm · reloop@0.5" in report
+    import os
+
+    # The machine it ran on, not "a shared 2-core machine" wherever it ran.
+    assert f"on {len(os.sched_getaffinity(0))} cores, load " in report
     assert (out / "differences.png").exists() and (out / "movielens-100k_streaming_fm.png").exists()
     # --resume skips finished runs: the CSV does not grow
     assert main([*argv, "--resume"]) == 0
