@@ -188,7 +188,9 @@ class RecordMerger:
         if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ... time
             log.warning(
                 "record %s[%d]@%d is stamped %d ms ahead of a record after it in its partition (%d so far);"
-                " merged with its successors. Producer clocks off? Consider LogAppendTime for this topic",
+                " merged with its successors. A producer's clock off, or records stamped with their events'"
+                " own times (reloop serve stamps an impression with its request's event_time_ms; JSONL"
+                " replays with the payload's)? Where producers stamp a topic, LogAppendTime orders it",
                 record.topic,
                 record.partition,
                 record.offset,
