@@ -19,7 +19,13 @@ def _f(x: object, fmt: str = ".4f") -> str:
 
 
 def arms_table(stats: SimStats, *, title: str, serving: Mapping[str, int | None] | None = None) -> Table:
-    table = Table(title=title)
+    # "AUC (all)" read 0.46-0.48 beside rolling and per-version AUCs of 0.5-0.75: it pools every version's
+    # scores, whose scales differ (an early version scores all low), so it ranks across versions too.
+    caption = (
+        "pooled AUC: every version's scores ranked together (their scales differ, so it can sit below each "
+        "version's own: the by-version table); rolling AUC: the last window's"
+    )
+    table = Table(title=title, caption=caption)
     for col in (
         "arm",
         "served v",
@@ -28,7 +34,7 @@ def arms_table(stats: SimStats, *, title: str, serving: Mapping[str, int | None]
         "true CTR",
         "click CTR",
         "rolling AUC",
-        "AUC (all)",
+        "pooled AUC",
         "oracle AUC",
         "versions seen",
     ):

@@ -69,3 +69,13 @@ def test_the_summary_file_is_strict_json_with_undefined_values_as_null(tmp_path)
         "arms": {"a": {"auc": None, "impressions": 3, "versions": {"2": {"auc": 0.5}}}},
         "workdir": "/w",
     }
+
+
+def test_the_arms_table_says_what_its_pooled_auc_is() -> None:
+    # "AUC (all)" read 0.46-0.48 for every arm beside per-version AUCs of 0.5-0.75, and nothing said why.
+    from reloop.engine.simulate.report import arms_table
+
+    console = Console(width=200, record=True)
+    console.print(arms_table(SimStats(), title="t"))
+    text = console.export_text()
+    assert "pooled AUC" in text and "every version's scores ranked together" in text
