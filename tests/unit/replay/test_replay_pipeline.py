@@ -216,11 +216,7 @@ def test_dataset_replay_counts_the_datasets_user_and_item_by_default() -> None:
 def test_a_dataset_replay_trains_with_the_counter_inputs_an_arm_would_have_served(tmp_path: Path) -> None:
     from reloop.engine.checkpoint import SnapshotRegistry
 
-    data = tmp_path / "ml"
-    data.mkdir()
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    lines += [f"{i % 7}\t{i % 11}\t{5 if i % 3 else 1}\t{1_000_000 + i * 60}" for i in range(300)]
-    (data / "ml-100k.inter").write_text("\n".join(lines) + "\n")
+    data = _tiny_movielens(tmp_path, 300)
     argv = [
         "replay",
         "--dataset",
@@ -885,11 +881,12 @@ def test_a_replay_whose_training_diverges_exits_2_saying_a_resume_would_diverge_
     assert not (out / "summary.json").exists()
 
 
-def _tiny_movielens(tmp_path: Path) -> Path:
+def _tiny_movielens(tmp_path: Path, n: int = 200) -> Path:
+    """A ratings file of ``n`` rows in MovieLens's layout (7 users, 11 items, a rating a minute)."""
     data = tmp_path / "ml"
     data.mkdir()
     lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    lines += [f"{i % 7}\t{i % 11}\t{5 if i % 3 else 1}\t{1_000_000 + i * 60}" for i in range(200)]
+    lines += [f"{i % 7}\t{i % 11}\t{5 if i % 3 else 1}\t{1_000_000 + i * 60}" for i in range(n)]
     (data / "ml-100k.inter").write_text("\n".join(lines) + "\n")
     return data
 

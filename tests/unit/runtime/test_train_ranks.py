@@ -290,6 +290,20 @@ def _open(
     group.close()
 
 
+def _opened_by_two_ranks(tmp_path, cfg_dict: dict, partitions: int, missing_on: tuple = ()) -> list:
+    """What each of two rank processes raised opening its stage (``_open``), None where nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (2, f"file://{out / 'store'}", cfg_dict, partitions, str(out), missing_on)
+    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.mark.parametrize(
     ("partitions", "deterministic", "refused"),
     [(3, True, "deterministic"), (1, False, r"ranks \[1\] would read none"), (3, False, None)],
@@ -300,16 +314,7 @@ def test_every_rank_refuses_a_split_it_cannot_train_before_reading(
     # Three partitions over two deterministic ranks: rank 0 took two partitions' samples for every one of
     # rank 1's and buffered the rest without bound; one partition over two: rank 1 alone failed and the
     # other waited in a collective until torchrun restarted both, max_restarts times.
-    out = tmp_path / "out"
-    out.mkdir()
-    args = (2, f"file://{out / 'store'}", _config(tmp_path, deterministic), partitions, str(out))
-    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    errors = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    errors = _opened_by_two_ranks(tmp_path, _config(tmp_path, deterministic), partitions)
     if refused is None:
         assert errors == [None, None]  # unequal shares without deterministic: partial steps even them out
     else:
@@ -323,16 +328,7 @@ def test_ranks_wait_together_for_a_samples_topic_not_created_yet(tmp_path, missi
     # torchrun gave up after max_restarts, where one process waits ("waiting for a topic"). Every rank
     # now raises TopicNotFound (the supervisor's wait), also those that see the topic already: a rank
     # that alone went back to build again would meet its peers in another collective.
-    out = tmp_path / "out"
-    out.mkdir()
-    args = (2, f"file://{out / 'store'}", _config(tmp_path, False), 2, str(out), missing_on)
-    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    errors = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    errors = _opened_by_two_ranks(tmp_path, _config(tmp_path, False), 2, missing_on)
     assert all(e is not None and e.startswith("TopicNotFound") for e in errors), errors
 
 

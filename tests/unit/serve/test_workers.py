@@ -52,6 +52,17 @@ def _pids(url: str, n: int = 60) -> set[int]:
     return {httpx.get(url + "/stats", timeout=5).json()["pid"] for _ in range(n)}
 
 
+def _both_workers_answer(url: str, proc: subprocess.Popen) -> set[int]:
+    """The two workers' pids, once the service is ready and each has answered."""
+    _wait(url, proc)
+    deadline = time.monotonic() + 60
+    pids: set[int] = set()
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids |= _pids(url, 20)
+    assert len(pids) == 2
+    return pids
+
+
 def _served(metrics_url: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -81,12 +92,7 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc)
-        deadline = time.monotonic() + 60
-        pids: set[int] = set()
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids |= _pids(url, 20)
-        assert len(pids) == 2
+        pids = _both_workers_answer(url, proc)
         scores = {}
         for i in range(30):
             r = httpx.post(url + "/score", json=_body(i), timeout=10)
@@ -232,12 +238,7 @@ def test_workers_read_a_config_given_as_a_pipe(tmp_path):
         out.write(yaml.safe_dump(doc))
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc)
-        deadline = time.monotonic() + 60
-        pids: set[int] = set()
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids |= _pids(url, 20)
-        assert len(pids) == 2  # both workers started with the config
+        _both_workers_answer(url, proc)  # both started with the config
         r = httpx.post(url + "/score", json=_body(0), timeout=10)
         assert r.status_code == 200 and r.json()["model_version"] == 0  # the cold start, from spec.yaml
     finally:
