@@ -196,6 +196,9 @@ SERIES: tuple[Series, ...] = (
     Series("serve_failed_requests", "reloop_serve_failed_requests_total", "counter",
            "Scoring requests answered without one, by HTTP status: 413 (body too large), 422 (invalid), "
            "503 (no model loaded yet), 500 (scoring failed).", ("status",)),
+    Series("serve_unread_requests", "reloop_serve_unread_requests_total", "counter",
+           "Scoring requests whose context and candidates carry none of the fields the model reads "
+           "(scored with every input missing: feature names that do not match the spec).", ("arm",)),
     Series("serve_latency_s", "reloop_serve_latency_seconds", "histogram", "Time to score one request.",
            ("arm",)),
     Series("serve_reloads", "reloop_serve_reloads_total", "counter",

@@ -292,6 +292,7 @@ class EngineStats:
 
     serve_requests: Tally = field(default_factory=Tally)  # (arm,)
     serve_failed_requests: Tally = field(default_factory=Tally)  # (status,): /score answered other than 200
+    serve_unread_requests: Tally = field(default_factory=Tally)  # (arm,): features the model reads none of
     serve_latency_s: Buckets = field(default_factory=Buckets)  # (arm,)
     serve_reloads: Tally = field(default_factory=Tally)  # (outcome "ok"/"refused",)
     serve_fallback: Level = field(default_factory=Level)  # (arm,)

@@ -7,6 +7,7 @@ log holds exactly what was served (prediction, model version, arm, features, ids
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,12 +22,15 @@ from reloop.engine.events.schema import Impression
 from reloop.engine.features.check import FeatureLimits, SpecChecker
 from reloop.engine.features.counters import CounterError
 from reloop.engine.metrics.stats import STATS
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 from reloop.engine.serve.config import RequestLimits
 from reloop.engine.serve.impression_log import ImpressionLogger
 from reloop.engine.serve.producer_log import ProducerLogger
 from reloop.engine.serve.schema import RankedItem, ScoredItem, ScoreRequest, ScoreResponse
+
+log = logging.getLogger(__name__)
 
 
 class NotReady(RuntimeError):
@@ -88,7 +92,16 @@ class ScoringService:
             max_chars=self.limits.max_feature_chars, max_list=self.limits.max_feature_list
         )
         # Per arm: the bundle a checker was built for (rebuilt after a hot reload; cheap).
-        self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None]] = {}
+        self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None, frozenset[str]]] = {}
+        self._unread = {name: STATS.serve_unread_requests.child(name) for name in self.arms}
+        self._unread_warning = {
+            name: ThrottledWarning(
+                log,
+                "a request whose features the model reads none of: scored with every input missing "
+                "(check the feature names against the model's spec)",
+            )
+            for name in self.arms
+        }
         # Metrics children are single-writer; request threads share them, so updates take this lock.
         self._metrics_lock = threading.Lock()
         self._requests = {name: STATS.serve_requests.child(name) for name in self.arms}
@@ -165,9 +178,20 @@ class ScoringService:
         cached = self._checkers.get(arm)
         if cached is None or cached[0] is not bundle:
             spec = getattr(bundle.featurizer, "spec", None)
-            cached = (bundle, SpecChecker(spec, self._feature_limits) if spec is not None else None)
+            checker = SpecChecker(spec, self._feature_limits) if spec is not None else None
+            # The fields a request may carry (counter inputs, "user_id#ctr", are the arm's to fill).
+            names = [] if spec is None else [f.name for f in spec.fields]
+            reads = frozenset(name for name in names if "#" not in name)
+            cached = (bundle, checker, reads)
             self._checkers[arm] = cached
-        checker = cached[1]
+        checker, reads = cached[1], cached[2]
+        if reads and reads.isdisjoint(context) and all(reads.isdisjoint(f) for f in features[:3]):
+            # Names the spec does not read (`c1` for `C1`): every candidate scored alike, and trained on.
+            with self._metrics_lock:
+                self._unread[arm].add()
+            self._unread_warning[arm](
+                arm=arm, reads=sorted(reads)[:8], got=sorted({*context, *features[0]})[:8] if features else []
+            )
         if checker is None:
             return
         errors = []

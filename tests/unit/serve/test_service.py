@@ -227,3 +227,38 @@ def test_a_spec_field_with_a_dot_in_its_name_is_checked_as_one_name():
     with pytest.raises(BadRequest) as refused:
         service.score(request({"geo.country": ["de"]}, {}))
     assert [e["loc"] for e in refused.value.errors] == [["body", "context", "geo.country"]]
+
+
+def test_a_request_carrying_none_of_the_models_fields_is_counted_and_warned_about(caplog):
+    # `c1` for `C1`: every candidate scored with every input missing (all alike), logged and trained on,
+    # and nothing said so.
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.metrics.stats import STATS
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle import ModelBundle
+
+    spec = FeatureSpec.from_dict({"fields": [{"kind": "categorical", "name": "C1", "buckets": 16}]})
+    learner = build_learner("lr", spec, "ce", 0.0)
+    mlog = MemoryLog()
+    service, runtimes = _service(mlog, arms=("U",))
+    runtimes["U"].holder.swap(
+        ModelBundle(version=1, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+    )
+
+    def ask(name: str) -> None:
+        service.score(ScoreRequest.model_validate({
+            "request_id": "r", "user_id": "u",
+            "candidates": [{"item_id": f"i{j}", "features": {name: f"v{j}"}} for j in range(3)],
+        }))  # fmt: skip
+
+    before = STATS.serve_unread_requests.get("U")
+    with caplog.at_level("WARNING", logger="reloop.engine.serve.service"):
+        ask("C1")
+        assert STATS.serve_unread_requests.get("U") == before
+        ask("c1")
+        ask("c1")
+    runtimes["U"].logger.close()
+    assert STATS.serve_unread_requests.get("U") == before + 2
+    (warned,) = [r for r in caplog.records if "reads none of" in r.getMessage()]  # once per 10 s
+    assert warned.fields["reads"] == ["C1"] and warned.fields["got"] == ["c1"]
