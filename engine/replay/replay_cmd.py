@@ -437,6 +437,16 @@ def main(args: argparse.Namespace) -> int:
             "reloop replay: warning: no sample was trained, so no model version was published",
             file=sys.stderr,
         )
+    span = (result.last_time_ms or 0) - (result.first_time_ms or 0)
+    if result.records and span < cfg.join.window_ms:
+        # 2,000 Frappe rows span 11 minutes: against a 1-hour window every positive (joined when its click
+        # came) was trained before any negative (at the window's close, the replay's end): AUC 0.25.
+        print(
+            f"reloop replay: warning: the events span {span / 1000:,.0f} s, less than join.window_ms "
+            f"({cfg.join.window_ms / 1000:,.0f} s): every negative is joined at the end, after every "
+            "positive, so the progressive metrics read low (a shorter window: --window-ms, or more rows)",
+            file=sys.stderr,
+        )
     imps, clicks, orphans = (
         result.join.get(k, 0) for k in ("too_late_impressions", "too_late_clicks", "orphan_clicks")
     )

@@ -943,3 +943,14 @@ def test_a_replay_that_trains_nothing_publishes_no_model_version(tmp_path: Path,
     assert SnapshotRegistry(out / "snapshots", create=False).versions() == []
     assert not list((out / "snapshots").glob("serving/*"))
     assert "no model version was published" in capsys.readouterr().err
+
+
+def test_a_replay_shorter_than_the_join_window_says_its_metrics_read_low(tmp_path: Path, capsys) -> None:
+    # 2,000 Frappe rows (11 minutes) against a 1-hour window: AUC 0.25, every positive trained before any
+    # negative, and nothing said why.
+    data = _tiny_movielens(tmp_path)  # 200 ratings a minute apart: 3.3 hours
+    argv = ["replay", "--dataset", "movielens-100k", "--data", str(data), "--batch-size", "32", "--out"]
+    assert main([*argv, str(tmp_path / "hour"), "--window-ms", "3600000"]) == 0
+    assert "less than join.window_ms" not in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "day"), "--window-ms", "86400000"]) == 0
+    assert "span 11,940 s, less than join.window_ms (86,400 s)" in capsys.readouterr().err
