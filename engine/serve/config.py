@@ -334,6 +334,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def service_env_overrides(env: Mapping[str, str], *, others: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The ``RELOOP__`` variables of ``env`` the service reads (``serve``, ``arms``, ``kafka``, ``salt``) as
+    nested config data. A shared environment may hold the processor's sections (RELOOP__TRAIN__...) and
+    those named in ``others``: left alone. A section no program has (RELOOP__SERV__PORT) is refused, as
+    `reloop run` refuses it."""
+    from reloop.engine.runtime.config import RunConfig
+
+    return env_values(_ServeDocument, env, others=frozenset(RunConfig.model_fields) | others)
+
+
 def serve_config_from_dict(
     data: dict[str, Any],
     *,
@@ -348,11 +358,7 @@ def serve_config_from_dict(
     for old, new in MOVED_ENV.items():
         if old in env:
             raise ConfigError(f"environment variable {old} was renamed {new}")
-    # A shared environment may hold the processor's sections (RELOOP__TRAIN__...): left to it. A section
-    # neither program has (RELOOP__SERV__PORT) is refused, as `reloop run` refuses it.
-    from reloop.engine.runtime.config import RunConfig
-
-    overrides = env_values(_ServeDocument, env, others=frozenset(RunConfig.model_fields))
+    overrides = service_env_overrides(env)
     doc = deep_merge(data, overrides)
     check_moved(doc, MOVED, where=" (serve)")
     serve = doc.get("serve") or {}

@@ -68,12 +68,10 @@ def with_service_overrides(doc: dict) -> dict:
     the file's broker while the service ran under RELOOP__SERVE__PORT and RELOOP__KAFKA__BOOTSTRAP."""
     import os
 
-    from reloop.engine.config_common import deep_merge, env_values
-    from reloop.engine.runtime.config import RunConfig
-    from reloop.engine.serve.config import _ServeDocument
+    from reloop.engine.config_common import deep_merge
+    from reloop.engine.serve.config import service_env_overrides
 
-    others = frozenset(RunConfig.model_fields) | {"simulate", "demo", "run"}
-    return deep_merge(doc, env_values(_ServeDocument, os.environ, others=others))
+    return deep_merge(doc, service_env_overrides(os.environ, others=frozenset({"simulate", "demo", "run"})))
 
 
 def service_token(doc: dict) -> str | None:
