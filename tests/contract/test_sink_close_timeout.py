@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,25 @@ pytestmark = pytest.mark.kafka
 N = 20
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            stat = (task / "stat").read_text()
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 @contextlib.contextmanager
 def stalled(broker) -> Iterator[None]:
     os.kill(broker.pid, signal.SIGSTOP)
     try:
+        # The signal is delivered thread by thread: on busy cores a broker thread could still answer a
+        # request sent at once (a run at load 6 saw the stalled broker take every record).
+        deadline = time.monotonic() + 10.0
+        while not _all_threads_stopped(broker.pid):
+            assert time.monotonic() < deadline, "the broker did not stop on SIGSTOP"
+            time.sleep(0.01)
         yield
     finally:
         os.kill(broker.pid, signal.SIGCONT)
