@@ -6,6 +6,7 @@ Layout under ``root``::
         manifest.json         version, created time, meta (JSON), CRC32C + size of every part
         model.pt, state.pt    one torch.save file per part: tensors and plain data only
     .tmp-.../                 a snapshot being written (ignored; removed on the next publish)
+    highest_version           the highest version ever committed here (one integer)
     checkpoints/              ``checkpoints``: a registry of its own for state saved between period
                               boundaries (a graceful stop); never a model version, never served
 
@@ -17,10 +18,12 @@ A snapshot becomes visible by one ``rename`` of its finished directory (files an
 first, the root fsynced after), so a reader sees a whole snapshot or none. A write that fails (a full
 disk, a read-only folder, a failed fsync) raises naming the file, removes its temporary folder and
 leaves the versions before it as they were: older versions are pruned (``keep``) only after a new one
-is durable. Versions are the largest
-committed version + 1, so they keep increasing across restarts as long as one snapshot is kept
-(``keep >= 1``). Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling; a
-part holding what such a load refuses (a numpy scalar, a frozenset ...) is refused when it is prepared
+is durable. A version is the highest ever committed here + 1: the folder's newest, or the number in
+``highest_version`` (written at every publish), whichever is higher. Versions removed by hand (a
+rollback) keep their numbers taken, so a number never names two models (serving, the impressions it
+logs and the per-version metrics tell versions apart by number alone).
+Parts are read with ``torch.load(weights_only=True)``: no arbitrary unpickling; a part holding what such
+a load refuses (a numpy scalar, a frozenset ...) is refused when it is prepared
 (``SnapshotError``), never committed in place of an older snapshot that loads.
 A part whose checksum differs from the manifest is refused (``ChecksumError``); a part that passes its
 checksum but does not load (a pickle refused by ``weights_only``, a truncated file resealed) is refused
@@ -73,6 +76,7 @@ FORMAT = 1
 _DIR_RE = re.compile(r"^v(\d{12})$")
 _PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 CHECKPOINTS_DIR = "checkpoints"
+HIGHEST_VERSION_FILE = "highest_version"
 log = logging.getLogger(__name__)
 # Parts written before pack_bytes packed empty ``bytes`` hold b"" as a call of ``bytes()``: allowed, so
 # that they load (a constructor of plain bytes runs no code; torch allows ``_codecs.encode`` for the rest).
@@ -146,7 +150,7 @@ class SnapshotRegistry:
         """``create=False``: a reader's registry (the scoring service's, often on a read-only mount) that
         leaves a missing folder to its writer and lists no versions until it exists."""
         if keep < 1:
-            raise ValueError("keep must be >= 1 (the newest snapshot carries the version counter)")
+            raise ValueError("keep must be >= 1 (the newest snapshot is what a restart resumes from)")
         self.root = Path(root)
         self.keep = keep
         if create:
@@ -312,9 +316,43 @@ class SnapshotRegistry:
         return PreparedSnapshot(self.next_version(), time.time(), dict(meta or {}), parts)
 
     def next_version(self) -> int:
-        """The version the next snapshot takes: past the newest committed one and past any other entry
+        """The version the next snapshot takes: past the newest committed one, past the highest ever
+        committed (``highest_version``: a rollback removes folders, not numbers) and past any other entry
         holding a version's name (``_names_taken``)."""
-        return max([self.latest_version() or 0, *self._names_taken()]) + 1
+        return max([self.latest_version() or 0, self.highest_committed(), *self._names_taken()]) + 1
+
+    def highest_committed(self) -> int:
+        """The number in ``highest_version`` (0 when there is none yet). A file that does not read as
+        one is an error naming it: guessing could give a number a second model."""
+        path = self.root / HIGHEST_VERSION_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"{path} cannot be read ({exc})") from exc
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise SnapshotError(
+                f"{path} should hold the highest version ever published here, and holds {text[:40]!r}: "
+                "write that number into it (at least the newest v* folder's), or remove it if no "
+                "version of this folder was ever removed"
+            )
+        return value
+
+    def _record_highest(self, version: int) -> None:
+        """``highest_version`` = ``version``, replaced in one rename (the caller fsyncs the folder)."""
+        if self.highest_committed() >= version:
+            return
+        tmp = self.root / f".tmp-{HIGHEST_VERSION_FILE}-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_durable(tmp, f"{version}\n".encode())
+            os.replace(tmp, self.root / HIGHEST_VERSION_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write(self, prepared: PreparedSnapshot) -> int:
         """The second half of ``publish``: checksums, files and directory fsynced, then one rename."""
@@ -356,12 +394,13 @@ class SnapshotRegistry:
         # the fsync below fails (a retry took it for another writer's and refused to write again).
         self._last_written = version
         try:
+            self._record_highest(version)
             _fsync_dir(self.root)
         except OSError as exc:
             # Older versions stay (no pruning): the rename may not survive a power loss.
             raise SnapshotError(
-                f"snapshot {version} is in {self.root} but the folder's fsync failed ({exc}): it may not "
-                "survive a power loss; the versions before it are kept"
+                f"snapshot {version} is in {self.root} but the folder's fsync or its {HIGHEST_VERSION_FILE} "
+                f"failed ({exc}): it may not survive a power loss; the versions before it are kept"
             ) from exc
         self._retain()
         return version

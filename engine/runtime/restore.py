@@ -98,7 +98,19 @@ def restore_points(registry: SnapshotRegistry) -> Iterator[RestorePoint]:
     # "points exist": skipped here, the only checkpoint of a first period let the stage start afresh.
     for c in unreadable:
         yield RestorePoint("checkpoint", c, None)
-    for v in reversed(registry.versions()):
+    versions = registry.versions()
+    newest = versions[-1] if versions else 0
+    passed = sorted(
+        c for base, numbers in checkpoints.items() if base is not None and base > newest for c in numbers
+    )
+    if passed:
+        # Saved after versions that are gone (removed by hand: a rollback): resuming from one would
+        # carry on the rolled-back model, so the newest version left is the place to resume from.
+        log.warning(
+            "not resuming from checkpoints saved after versions that were removed",
+            extra={"fields": {"checkpoints": passed, "newest_version": versions[-1] if versions else None}},
+        )
+    for v in reversed(versions):
         for c in checkpoints.get(v, []):
             yield RestorePoint("checkpoint", c, v)
         yield RestorePoint("snapshot", v, v)
@@ -159,27 +171,27 @@ def take_over(registry: SnapshotRegistry, *, bundles: bool = True) -> None:
     * It follows the newest version on disk: another writer that publishes after this restore (a zombie
       trainer, a second one started by mistake) then stops this one's next write, as after its first
       write. Without it, the first write went on unchecked: a version forked from an older one.
-    * ``bundles``: it removes the serving bundles of the versions the next publish will take. A bundle
-      is written just before its snapshot, so a write that failed or a crash in between left one whose
-      snapshot never came; serving takes a version from its bundle alone, and the version number would
-      name those weights there and other ones here (a rebuilt stage's boundaries fall elsewhere, e.g.
-      with wall-clock periods). Removed, serving follows the newest version down and loads the number
-      again once its snapshot is written.
+    * ``bundles``: it removes the serving bundles of versions past the newest snapshot. A bundle is
+      written just before its snapshot, so a write that failed or a crash in between left one whose
+      snapshot never came; serving takes a version from its bundle alone, so that bundle would be served
+      as a version that is not there (or, rolled back, no longer there). Removed, serving follows the
+      newest version down.
     """
     latest = registry.latest_version()
     if latest is not None:
         registry.follow(latest)
+    registry.next_version()  # a highest_version that does not read stops the stage here, at its start
     if not bundles:
         return
     from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
 
     root = serving_dir(registry.root)
-    first_free = registry.next_version()
     for version in bundle_versions(root):
-        if version >= first_free:
+        if version > (latest or 0):
             log.warning(
-                "removing the serving bundle of an unpublished version",
-                extra={"fields": {"version": version}},
+                "removing the serving bundle of a version with no snapshot (its write did not finish, "
+                "or the version was removed)",
+                extra={"fields": {"version": version, "newest_snapshot": latest}},
             )
             # The manifest first: a reader never finds a manifest whose data file is gone for good.
             for suffix in (".json", ".safetensors"):

@@ -58,7 +58,8 @@ def test_a_failed_write_publishes_nothing_prunes_nothing_and_leaves_no_temp(
         with pytest.raises(OSError):
             reg.publish(_state(2.0))
     assert reg.versions() == [1] and reg.load().state["state"]["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000000000001"]  # no .tmp-* left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["highest_version", "v000000000001"]  # no .tmp-*
+    assert (tmp_path / "highest_version").read_text() == "1\n"
     assert reg.publish(_state(3.0)) == 2  # the same writer goes on once there is room again
     assert reg.versions() == [2] and reg.load().state["state"]["step"] == 3
 
@@ -132,3 +133,16 @@ def test_no_save_vouches_for_a_ledger_whose_append_the_disk_cut_short(tmp_path, 
     assert reg.versions() == [1] and commits == [{"p0": 1}]
     assert Ledger.read(tmp_path / "ledger.jsonl") == [(1, "a", 1, False)]
     ledger.close()
+
+
+def test_a_failed_highest_version_write_after_the_rename_is_an_error_and_numbers_go_on(tmp_path, monkeypatch):
+    reg = SnapshotRegistry(tmp_path, keep=1)
+    assert reg.publish(_state(1.0)) == 1
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", _raise(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(SnapshotError, match="highest_version failed"):
+            reg.publish(_state(2.0))
+    assert reg.versions() == [1, 2]  # visible, not pruned past: it may not survive a power loss
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert reg.publish(_state(3.0)) == 3
+    assert (tmp_path / "highest_version").read_text() == "3\n"

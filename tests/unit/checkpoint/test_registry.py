@@ -39,6 +39,37 @@ def test_versions_increase_across_instances_and_retention(tmp_path):
     assert again.versions() == [3, 4]
 
 
+def test_a_version_removed_by_hand_keeps_its_number_taken(tmp_path):
+    # A rollback removes the newest version folders; the restarted trainer took their numbers again, so
+    # v3 named two models (serving, the logged impressions and the per-version metrics tell them apart
+    # by number alone).
+    import shutil
+
+    reg = SnapshotRegistry(tmp_path, keep=5)
+    for i in range(3):
+        reg.publish(_state(i))
+    shutil.rmtree(reg.path(3))
+    shutil.rmtree(reg.path(2))
+    again = SnapshotRegistry(tmp_path)
+    assert again.next_version() == 4
+    assert again.publish(_state(9)) == 4
+    assert again.versions() == [1, 4]
+    (tmp_path / "highest_version").unlink()  # a folder written before the file existed
+    assert SnapshotRegistry(tmp_path).publish(_state(10)) == 5
+    assert (tmp_path / "highest_version").read_text() == "5\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("text", ["", "v3", "-2", "3.5"])
+def test_a_highest_version_that_does_not_read_is_refused_naming_it(tmp_path, text):
+    reg = SnapshotRegistry(tmp_path)
+    reg.publish(_state(1))
+    (tmp_path / "highest_version").write_text(text)
+    with pytest.raises(SnapshotError, match="highest_version should hold the highest version"):
+        reg.publish(_state(2))
+    assert reg.versions() == [1]
+
+
 def test_corrupt_part_is_refused_and_latest_falls_back(tmp_path):
     reg = SnapshotRegistry(tmp_path)
     reg.publish(_state(1.0))

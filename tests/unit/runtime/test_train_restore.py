@@ -4,6 +4,9 @@ weights), and a fence against a second writer that publishes after the restore."
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import pytest
 import torch
 from reloop.engine.checkpoint.registry import SnapshotError
@@ -99,3 +102,30 @@ def test_a_restored_pipeline_stops_at_a_version_another_writer_published_after_i
     assert p.registry.versions()[-1] == n + 1
     p.abort()
     other.abort()
+
+
+def test_a_rollback_resumes_from_the_newest_version_left_and_never_reuses_a_number(tmp_path, caplog):
+    # The documented rollback: stop the trainer, remove the newest version folders and their bundles.
+    # The restart took the removed numbers again (v3 then named two models) and skipped its stop
+    # checkpoint, saved after a removed version, without a word.
+    log, clock, cfg = _joined(tmp_path, 400, seed=12)
+    train = _train(cfg, log, clock, tmp_path)
+    _until_version(train, clock, None)
+    _until_version(train, clock, train.version)
+    removed = train.version
+    assert train.close() is not None  # the stop's checkpoint, saved after the newest version
+    registry = train.registry
+    shutil.rmtree(registry.path(removed))  # a bundle left behind too: the restart removes it
+    kept = registry.versions()[-1]
+    assert kept < removed
+
+    with caplog.at_level(logging.WARNING, logger="reloop"):
+        again = _train(cfg, log, clock, tmp_path)
+    assert again.version == kept
+    skipped = [r for r in caplog.records if r.getMessage().startswith("not resuming from checkpoints")]
+    assert len(skipped) == 1 and skipped[0].fields["newest_version"] == kept
+    root = serving_dir(registry.root)
+    assert max(bundle_versions(root)) == kept
+    _until_version(again, clock, kept)
+    assert again.version == removed + 1  # past every number ever published here
+    again.close(final=None)
