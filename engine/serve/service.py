@@ -92,13 +92,20 @@ class ScoringService:
             max_chars=self.limits.max_feature_chars, max_list=self.limits.max_feature_list
         )
         # Per arm: the bundle a checker was built for (rebuilt after a hot reload; cheap).
-        self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None, frozenset[str]]] = {}
+        self._checkers: dict[str, tuple[ModelBundle, SpecChecker | None, frozenset[str], dict[str, str]]] = {}
         self._unread = {name: STATS.serve_unread_requests.child(name) for name in self.arms}
         self._unread_warning = {
             name: ThrottledWarning(
                 log,
                 "a request whose features the model reads none of: scored with every input missing "
                 "(check the feature names against the model's spec)",
+            )
+            for name in self.arms
+        }
+        self._misnamed_warning = {
+            name: ThrottledWarning(
+                log,
+                "a request feature named like one the model reads but not the same (scored as missing)",
             )
             for name in self.arms
         }
@@ -182,9 +189,9 @@ class ScoringService:
             # The fields a request may carry (counter inputs, "user_id#ctr", are the arm's to fill).
             names = [] if spec is None else [f.name for f in spec.fields]
             reads = frozenset(name for name in names if "#" not in name)
-            cached = (bundle, checker, reads)
+            cached = (bundle, checker, reads, {_loose(name): name for name in reads})
             self._checkers[arm] = cached
-        checker, reads = cached[1], cached[2]
+        checker, reads, loose = cached[1], cached[2], cached[3]
         if reads and reads.isdisjoint(context) and all(reads.isdisjoint(f) for f in features[:3]):
             # Names the spec does not read (`c1` for `C1`): every candidate scored alike, and trained on.
             with self._metrics_lock:
@@ -192,6 +199,8 @@ class ScoringService:
             self._unread_warning[arm](
                 arm=arm, reads=sorted(reads)[:8], got=sorted({*context, *features[0]})[:8] if features else []
             )
+        elif reads:
+            self._warn_misnamed(arm, reads, loose, context, features[0] if features else {})
         if checker is None:
             return
         errors = []
@@ -219,6 +228,21 @@ class ScoringService:
         ]
         if errors:
             raise BadRequest(errors)
+
+    def _warn_misnamed(
+        self, arm: str, reads: frozenset[str], loose: dict[str, str], context: dict, candidate: dict
+    ) -> None:
+        """Warn (once in 10 s) of a context or first-candidate key that the spec reads under another
+        spelling (``userId`` for ``user_id``): that field is scored as missing. Other unread keys are
+        the caller's business (a context logged for other uses)."""
+        given = context.keys() | candidate.keys()
+        misnamed = {
+            key: loose[folded]
+            for key in given - reads
+            if (folded := _loose(key)) in loose and loose[folded] not in given
+        }
+        if misnamed:
+            self._misnamed_warning[arm](arm=arm, misnamed=dict(sorted(misnamed.items())[:8]))
 
     def _score(self, request: Any) -> _Scored:
         """Route, check, score and rank one request (a ScoreRequest or a WireRequest), log its top k."""
@@ -349,3 +373,11 @@ class _Scored(NamedTuple):
     scores: list[float]
     order: list[int]
     impression_ids: list[str]
+
+
+def _loose(name: str) -> str:
+    """A feature name as a near-miss matches it: case, ``_``, ``-``, ``.`` and spaces ignored."""
+    return name.lower().translate(_LOOSE_DROP)
+
+
+_LOOSE_DROP = str.maketrans("", "", "_-. ")

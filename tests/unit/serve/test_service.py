@@ -262,3 +262,37 @@ def test_a_request_carrying_none_of_the_models_fields_is_counted_and_warned_abou
     assert STATS.serve_unread_requests.get("U") == before + 2
     (warned,) = [r for r in caplog.records if "reads none of" in r.getMessage()]  # once per 10 s
     assert warned.fields["reads"] == ["C1"] and warned.fields["got"] == ["c1"]
+
+
+def test_a_feature_spelt_otherwise_than_the_spec_reads_it_is_named_in_a_warning(caplog):
+    # `userId` beside the spec's `C1` and `user_id`: user_id scored as missing for every candidate, without
+    # a word (only a request carrying none of the fields was flagged). Keys the spec reads under no
+    # spelling (a context logged for other uses) are not warned about.
+    from reloop.engine.features.featurizer import Featurizer
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.registry import build_learner
+    from reloop.engine.serve.bundle import ModelBundle
+
+    spec = FeatureSpec.from_dict({"fields": [
+        {"kind": "categorical", "name": "C1", "buckets": 16},
+        {"kind": "categorical", "name": "user_id", "buckets": 16},
+    ]})  # fmt: skip
+    learner = build_learner("lr", spec, "ce", 0.0)
+    service, runtimes = _service(MemoryLog(), arms=("M",))
+    runtimes["M"].holder.swap(
+        ModelBundle(version=1, learner=learner.clone_frozen(), featurizer=Featurizer(spec))
+    )
+
+    def ask(context: dict) -> None:
+        service.score(ScoreRequest.model_validate({
+            "request_id": "r", "user_id": "u", "context": context,
+            "candidates": [{"item_id": f"i{j}", "features": {"C1": f"v{j}"}} for j in range(3)],
+        }))  # fmt: skip
+
+    with caplog.at_level("WARNING", logger="reloop.engine.serve.service"):
+        ask({"user_id": "u1", "page": "home"})
+        ask({"user-ID": "u1", "page": "home"})
+        ask({"userId": "u1"})  # within 10 s of the last: counted in the next one
+    runtimes["M"].logger.close()
+    (warned,) = [r for r in caplog.records if "named like one the model reads" in r.getMessage()]
+    assert warned.fields["misnamed"] == {"user-ID": "user_id"}
