@@ -133,6 +133,7 @@ class SamplesFeed:
         # Set once the source is open and the feed has read what its topics held then (ServingStack.start
         # waits on it where the counts must be whole before serving: shown_topic).
         self.caught_up = threading.Event()
+        self.problem: str | None = None  # why the last step failed (None once one succeeds): said at start
         self._backlog_end: dict[Any, int] | None = None
         self._restored = False
         self._saved_at = clock()
@@ -357,14 +358,17 @@ class SamplesFeed:
             try:
                 self.step()
                 backoff = 1.0
+                self.problem = None
             except TopicNotFound as exc:  # not created yet, or misnamed: one line a try, no traceback
                 self.failures += 1
+                self.problem = f"waiting for a topic ({exc})"
                 log.warning(
                     "%s %s: waiting for a topic (%s); retrying in %.0fs", self.kind, self.name, exc, backoff
                 )
                 self._stop.wait(backoff)
-            except Exception:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
+            except Exception as exc:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
                 self.failures += 1
+                self.problem = f"its steps fail ({exc!r:.200})"
                 log.exception("%s %s: feed step failed; retrying in %.0fs", self.kind, self.name, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -68,6 +68,9 @@ class ArmSource:
     latest: Callable[[], int | None]
     load: Callable[[int], ModelBundle]
     versions: Callable[[], list[int]] | None = None
+    # Why a loaded bundle cannot score this arm's requests (a counters arm's model without the counter
+    # inputs: /readyz says 503), or None: its load is then a warning, not "now serving".
+    unusable: Callable[[ModelBundle], str | None] | None = None
     refused: set[int] = field(default_factory=set)
     pending: dict[int, Callable[[], bool]] = field(default_factory=dict)  # refused until ready() says
     retry: dict[int, tuple[float, int]] = field(default_factory=dict)  # unreadable: (next try, tries)
@@ -151,7 +154,15 @@ class ReloadWatcher:
                     swapped += 1
                     self.loaded += 1
                     STATS.serve_reloads.add("ok")
-                    log.info("reload %s: now serving v%s (newest v%s)", src.name, bundle.version, latest)
+                    why = None if src.unusable is None else src.unusable(bundle)
+                    if why is None:
+                        log.info("reload %s: now serving v%s (newest v%s)", src.name, bundle.version, latest)
+                    else:
+                        log.warning(
+                            "reload %s: loaded v%s (newest v%s), which cannot score this arm's requests "
+                            "(%s): /readyz answers 503 and requests get 503 until a version that can loads",
+                            src.name, bundle.version, latest, why,
+                        )  # fmt: skip
                 break
             live = src.holder.version
             if live is not None:

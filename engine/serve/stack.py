@@ -417,7 +417,13 @@ class ServingStack:
                 feed = self.feeds[f"{arm.name} counters"] = counters_feed(arm, holder, source)
                 self.arms[arm.name].counters = feed.target
             latest, load, versions = loader_factory(arm)
-            sources.append(ArmSource(arm.name, holder, latest, load, versions))
+            counts = self.arms[arm.name].counters
+            unusable = (
+                None
+                if counts is None
+                else (lambda bundle, counts=counts: counts.refusal(bundle.featurizer.spec))
+            )
+            sources.append(ArmSource(arm.name, holder, latest, load, versions, unusable=unusable))
         self.router = ArmRouter([(a.name, a.weight) for a in config.arms], salt=config.salt)
         self.service = ScoringService(
             router=self.router, arms=self.arms, top_k=config.top_k, limits=config.limits
@@ -475,10 +481,11 @@ class ServingStack:
             if feed.shown_topic is None:
                 continue
             if not feed.caught_up.wait(max(0.0, deadline - time.monotonic())):
+                why = feed.problem or "broker down? a long backlog?"
                 log.warning(
-                    "%s: the impression log %s is not read up to date after %g s (broker down? a long "
-                    "backlog?); serving anyway: impressions not read yet are not in the counts it serves",
-                    name, feed.shown_topic, FEED_OPEN_WAIT_S,
+                    "%s: the impression log %s is not read up to date after %g s (%s); serving anyway: "
+                    "impressions not read yet are not in the counts it serves",
+                    name, feed.shown_topic, FEED_OPEN_WAIT_S, why,
                 )  # fmt: skip
 
     def serve_in_thread(

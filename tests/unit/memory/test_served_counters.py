@@ -559,6 +559,15 @@ class _NeverOpens(MemorySource):
         raise ConnectionError("broker down")
 
 
+class _NoTopic(MemorySource):
+    """A source whose samples topic is not created yet: every open says so (the feed waits for it)."""
+
+    def open(self, positions=None) -> None:
+        from reloop.engine.streams import TopicNotFound
+
+        raise TopicNotFound("topic 'samples' does not exist")
+
+
 class _SlowOpen(MemorySource):
     """A source whose open takes a while (connecting, asking for the ends)."""
 
@@ -569,13 +578,13 @@ class _SlowOpen(MemorySource):
         super().open(positions)
 
 
-@pytest.mark.parametrize("broker_up", [True, False])
+@pytest.mark.parametrize("broker_up", [True, False, "no topic"])
 def test_serving_starts_once_the_impression_log_is_open_or_after_a_bounded_wait(
     tmp_path, monkeypatch, caplog, broker_up
 ) -> None:
     """With ``shown_from: impressions`` and no saved positions the feed opens at the log's end, so
     ``start`` waits for it before anything is shown; a broker down at start costs a bounded wait and a
-    warning, not the service."""
+    warning, not the service. The warning says why when the feed knows (a topic not created yet)."""
     import time
 
     from reloop.engine.serve import stack as stack_module
@@ -589,7 +598,7 @@ def test_serving_starts_once_the_impression_log_is_open_or_after_a_bounded_wait(
     arm = {"name": "A", "registry": str(tmp_path / "r"), "impressions_topic": "imp", "counters": counters,
            "cold_start": {"backbone": "lr", "spec": BASE.model_dump()}}  # fmt: skip
     config = serve_config_from_dict({"serve": {"port": 0}, "arms": [arm]})
-    kind = _SlowOpen if broker_up else _NeverOpens
+    kind = {True: _SlowOpen, False: _NeverOpens, "no topic": _NoTopic}[broker_up]
     stack = stack_module.ServingStack(
         config,
         sink_factory=lambda a: MemorySink(mlog, a.impressions_topic),
@@ -600,10 +609,13 @@ def test_serving_starts_once_the_impression_log_is_open_or_after_a_bounded_wait(
     waited = time.monotonic() - t0
     feed = stack.feeds["A counters"]
     try:
-        assert feed.caught_up.is_set() is broker_up
-        if not broker_up:
+        assert feed.caught_up.is_set() is (broker_up is True)
+        if broker_up is not True:
             assert waited >= 0.5
             assert "the impression log imp is not read up to date after 0.5 s" in caplog.text
+            if broker_up == "no topic":
+                assert "(waiting for a topic (topic 'samples' does not exist))" in caplog.text
+                assert "broker down?" not in caplog.text
     finally:
         stack.close()
 

@@ -57,6 +57,29 @@ def test_a_registry_whose_newer_versions_were_removed_is_followed_back(caplog):
     assert holder.version == 4
 
 
+def test_a_version_the_arm_cannot_score_with_is_loaded_with_a_warning_not_now_serving(caplog):
+    # A counters arm given a model without its counter inputs: "now serving v2" at INFO while /readyz
+    # answered 503 and every request was refused.
+    reg = FakeRegistry()
+    holder = ModelHolder()
+    source = ArmSource("A", holder, reg.latest, reg.load,
+                       unusable=lambda b: "lacks the counter inputs" if b.version == 2 else None)  # fmt: skip
+    watcher = ReloadWatcher(sources=[source])
+    reg.versions = [1]
+    with caplog.at_level("INFO", logger="reloop.engine.serve.reload"):
+        watcher.poll_once()
+        reg.versions = [1, 2]
+        watcher.poll_once()
+        reg.versions = [1, 2, 3]
+        watcher.poll_once()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("INFO", "reload A: now serving v1 (newest v1)")
+    assert lines[1][0] == "WARNING" and lines[1][1].startswith("reload A: loaded v2 (newest v2), which")
+    assert "(lacks the counter inputs): /readyz answers 503" in lines[1][1]
+    assert lines[2] == ("INFO", "reload A: now serving v3 (newest v3)")
+    assert holder.version == 3
+
+
 def test_corrupt_snapshot_is_refused_and_the_old_model_keeps_serving():
     reg = FakeRegistry()
     holder = ModelHolder(bundle(1))
