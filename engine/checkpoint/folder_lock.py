@@ -19,7 +19,11 @@ LOCK_NAME = "train.lock"
 
 
 class FolderInUse(RuntimeError):
-    """Another process holds the folder's lock."""
+    """Another process holds the folder's lock (``holder``: its pid as the lock file says)."""
+
+    def __init__(self, message: str, holder: str = "unknown") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class FolderLock:
@@ -46,7 +50,8 @@ class FolderLock:
                     raise FolderInUse(
                         f"checkpoint.dir {self.path.parent} is in use by another train stage (pid {holder}): "
                         "one trainer per checkpoint folder (stop the other, or give this one its own "
-                        "checkpoint.dir, stages.samples_topic and stages.join_group_id)"
+                        "checkpoint.dir, stages.samples_topic and stages.join_group_id)",
+                        holder,
                     ) from None
                 if on_wait is not None and not told:
                     on_wait(holder)

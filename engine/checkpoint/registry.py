@@ -153,6 +153,7 @@ class SnapshotRegistry:
             raise ValueError("keep must be >= 1 (the newest snapshot is what a restart resumes from)")
         self.root = Path(root)
         self.keep = keep
+        self._create = create
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         self._last_written: int | None = None  # this object's newest version: the fence (``write``)
@@ -162,7 +163,7 @@ class SnapshotRegistry:
         """State saved between period boundaries (e.g. at a graceful stop). It lives beside the model
         versions without taking a version number, so a stop never shifts the version sequence and
         serving, which lists only ``v*`` folders here, never loads one."""
-        return SnapshotRegistry(self.root / CHECKPOINTS_DIR, keep=2)
+        return SnapshotRegistry(self.root / CHECKPOINTS_DIR, keep=2, create=self._create)
 
     # ------------------------------------------------------------------ reading
     def versions(self) -> list[int]:
@@ -343,8 +344,9 @@ class SnapshotRegistry:
             )
         return value
 
-    def _record_highest(self, version: int) -> None:
-        """``highest_version`` = ``version``, replaced in one rename (the caller fsyncs the folder)."""
+    def record_highest(self, version: int) -> None:
+        """``highest_version`` = ``version`` unless it holds more, replaced in one rename (the caller
+        fsyncs the folder)."""
         if self.highest_committed() >= version:
             return
         tmp = self.root / f".tmp-{HIGHEST_VERSION_FILE}-{uuid.uuid4().hex[:8]}"
@@ -394,7 +396,7 @@ class SnapshotRegistry:
         # the fsync below fails (a retry took it for another writer's and refused to write again).
         self._last_written = version
         try:
-            self._record_highest(version)
+            self.record_highest(version)
             _fsync_dir(self.root)
         except OSError as exc:
             # Older versions stay (no pruning): the rename may not survive a power loss.
@@ -404,6 +406,17 @@ class SnapshotRegistry:
             ) from exc
         self._retain()
         return version
+
+    def fsync(self) -> None:
+        """Make the folder's entries (renames, removals) durable."""
+        _fsync_dir(self.root)
+
+    def remove(self, version: int) -> None:
+        """Take ``version`` out of the listing in one rename (a reader sees it whole or not at all), then
+        delete it. Its number stays taken (``record_highest`` first when the folder may not hold it)."""
+        hidden = self.root / f".tmp-removed-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.path(version), hidden)
+        shutil.rmtree(hidden, ignore_errors=True)  # what is left is a .tmp-* the next publish removes
 
     def _retain(self) -> None:
         for v in self.versions()[: -self.keep]:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("reloop.engine.simulate.cli", "the simulated world that sends requests and clicks"),
     "demo": ("reloop.engine.runtime.demo", "the whole loop live on a simulated world"),
     "deadletters": ("reloop.engine.runtime.deadletters_cmd", "read the dead letters back, send them again"),
+    "versions": ("reloop.engine.runtime.versions_cmd", "list a checkpoint folder's versions; roll back"),
     "replay": ("reloop.engine.replay.replay_cmd", "replay logged topics through the pipeline"),
     "backtest": ("reloop.engine.replay.backtest_cmd", "strategies x backbones x seeds over periods"),
     "bench": ("reloop.bench.__main__", "the benchmark suite"),

@@ -129,3 +129,30 @@ def test_a_rollback_resumes_from_the_newest_version_left_and_never_reuses_a_numb
     _until_version(again, clock, kept)
     assert again.version == removed + 1  # past every number ever published here
     again.close(final=None)
+
+
+def test_reloop_versions_rollback_then_a_restart_resumes_from_the_chosen_version(tmp_path, caplog, capsys):
+    from reloop.engine.runtime.cli import main
+
+    log, clock, cfg = _joined(tmp_path, 400, seed=12)
+    train = _train(cfg, log, clock, tmp_path)
+    _until_version(train, clock, None)
+    first = train.version
+    _until_version(train, clock, first)
+    newest = train.version
+    assert train.close() is not None
+    root = train.registry.root
+    assert main(["versions", "rollback", "--dir", str(root), "--to", str(first)]) == 0
+    assert f"publishes v{newest + 1} next" in capsys.readouterr().out
+
+    with caplog.at_level(logging.WARNING, logger="reloop"):
+        again = _train(cfg, log, clock, tmp_path)
+    assert again.version == first
+    cleaned_up = ("not resuming", "removing the serving")  # the rollback left nothing for the restart to pass
+    assert not [r for r in caplog.records if r.getMessage().startswith(cleaned_up)]
+    _until_version(again, clock, first)
+    assert again.version == newest + 1
+    tensors, _ = read_bundle(serving_dir(root), newest + 1)  # its bundle is the new weights
+    for name, value in again.registry.load(newest + 1, parts=["model"]).state["model"]["model"].items():
+        assert torch.equal(tensors[f"model.{name}"], value), name
+    again.close(final=None)

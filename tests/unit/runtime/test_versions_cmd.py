@@ -1,0 +1,114 @@
+"""``reloop versions list|rollback``: a checkpoint folder's versions, and the documented rollback done by
+a command (by hand it took removing folders and bundles, and a number could name two models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from reloop.engine.checkpoint.folder_lock import FolderLock
+from reloop.engine.checkpoint.registry import SnapshotRegistry
+from reloop.engine.runtime.cli import main
+from reloop.engine.serve.bundle_format import bundle_versions, serving_dir
+
+
+def _folder(root: Path, n: int = 4, *, bundles: bool = True) -> SnapshotRegistry:
+    """``n`` versions (samples_trained 1000 each), a serving bundle beside each (two files, as the trainer
+    writes them), and a stop checkpoint saved after the newest."""
+    registry = SnapshotRegistry(root)
+    for i in range(1, n + 1):
+        registry.publish({"model": {"w": torch.full((2,), float(i))}}, meta={"samples_trained": 1000 * i})
+        if bundles:
+            serving_dir(root).mkdir(exist_ok=True)
+            for suffix in (".json", ".safetensors"):
+                (serving_dir(root) / f"v{i:012d}{suffix}").write_bytes(b"{}")
+    registry.checkpoints.publish({"model": {"w": torch.zeros(2)}}, meta={"base_version": n})
+    return registry
+
+
+def test_list_names_every_version_its_bundle_the_checkpoints_and_the_next_number(tmp_path, capsys):
+    _folder(tmp_path / "ckpt", 3)
+    assert main(["versions", "list", "--dir", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "3 version(s); the next takes v4" in out
+    lines = [line.split() for line in out.splitlines()[2:5]]
+    assert [line[0] for line in lines] == ["v3", "v2", "v1"]
+    assert [line[3] for line in lines] == ["3,000", "2,000", "1,000"] and {line[4] for line in lines} == {
+        "yes"
+    }
+    assert "stop checkpoint 1: saved after v3" in out
+    assert main(["versions", "list", "--dir", str(tmp_path / "ckpt"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["samples_trained"], r["bundle"]) for r in rows] == [
+        (3, 3000, True), (2, 2000, True), (1, 1000, True)
+    ]  # fmt: skip
+
+
+def test_rollback_removes_newer_versions_bundles_and_checkpoints_and_keeps_their_numbers(tmp_path, capsys):
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 4)
+    (root / "highest_version").unlink()  # a folder an older reloop wrote: the numbers are recorded first
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "2", "--dry-run"]) == 0
+    assert "would remove v4, v3" in capsys.readouterr().out and registry.versions() == [1, 2, 3, 4]
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rolled back to v2: removed v4, v3" in out and "publishes v5 next" in out
+    assert registry.versions() == [1, 2] and bundle_versions(serving_dir(root)) == [1, 2]
+    assert registry.checkpoints.versions() == []  # saved after v4: not a place to resume from any more
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert SnapshotRegistry(root).publish({"model": {"w": torch.zeros(2)}}) == 5
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "5"]) == 0
+    assert "already the newest" in capsys.readouterr().out
+
+
+def test_rollback_is_refused_while_a_trainer_holds_the_folder(tmp_path, capsys):
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 3)
+    lock = FolderLock(root).acquire()
+    try:
+        assert main(["versions", "rollback", "--dir", str(root), "--to", "1"]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert f"a train stage holds {root} (pid " in err and "stop it first" in err
+    assert registry.versions() == [1, 2, 3] and bundle_versions(serving_dir(root)) == [1, 2, 3]
+
+
+def test_rollback_onto_a_version_that_does_not_load_is_refused_and_removes_nothing(tmp_path, capsys):
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 3)
+    part = registry.path(2) / "model.pt"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "2"]) == 2
+    assert "v2 does not load" in capsys.readouterr().err
+    assert registry.versions() == [1, 2, 3] and registry.checkpoints.versions() == [1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--to", "9"], "v9 is not in"),
+        ([], "rollback needs --to N"),
+    ],
+)
+def test_a_rollback_asked_wrongly_is_one_line_and_exit_2(tmp_path, capsys, argv, says):
+    root = tmp_path / "ckpt"
+    _folder(root, 2)
+    assert main(["versions", "rollback", "--dir", str(root), *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_folder_is_the_run_configs_checkpoint_dir(tmp_path, capsys):
+    _folder(tmp_path / "ckpt", 2, bundles=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"checkpoint: {{dir: {tmp_path / 'ckpt'}}}\n"
+        "model: {backbone: lr, spec: {fields: [{kind: categorical, name: user, buckets: 10}]}}\n"
+    )
+    assert main(["versions", "list", "--config", str(config)]) == 0
+    assert "2 version(s)" in capsys.readouterr().out
+    assert main(["versions", "list", "--dir", str(tmp_path / "none")]) == 2
