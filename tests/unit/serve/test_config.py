@@ -122,25 +122,48 @@ def test_a_cold_start_without_one_spec_or_with_an_unreadable_file_names_the_key(
         serve_config_from_dict(_cold(**cold), env={}, spec_dir=tmp_path)
 
 
-def test_the_serve_example_serves_what_the_run_example_trains(monkeypatch, tmp_path):
-    """deploy/config/serve.example.yaml beside reloop.example.yaml: the registry run writes, the topics run
-    joins, the same broker, and a version 0 that is the trainer's initial model (same spec file, backbone,
-    seed and architecture)."""
-    from reloop.engine.runtime.config import load_config, load_feature_spec
+def _compose_configs() -> tuple[dict, dict]:
+    configs = read_yaml(ROOT / "deploy/compose.yaml")["configs"]
+    run, serve = (yaml.safe_load(configs[name]["content"]) for name in ("run-config", "serve-config"))
+    return run, serve
+
+
+PAIRS = {
+    "examples": lambda: (
+        read_yaml(ROOT / "deploy/config/reloop.example.yaml"),
+        read_yaml(ROOT / "deploy/config/serve.example.yaml"),
+    ),
+    "compose": _compose_configs,
+    "k8s": lambda: (
+        read_yaml(ROOT / "deploy/k8s/base/config/run.yaml"),
+        read_yaml(ROOT / "deploy/k8s/base/config/serve.yaml"),
+    ),
+}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_each_shipped_serve_config_serves_what_its_run_config_trains(monkeypatch, tmp_path, pair):
+    """The service beside the processor (deploy/config's examples, compose's and Kubernetes' configs): the
+    registry run writes, the topics run joins, the same broker, and a version 0 that is the trainer's
+    initial model (same spec, backbone, seed and architecture). Compose's and Kubernetes' had no
+    ``cold_start``: /readyz and every /score answered 503 for ever, so no impression was logged and the
+    processor never had a sample to train its first snapshot on."""
+    from reloop.engine.runtime.config import load_config_dict, load_feature_spec
 
     monkeypatch.chdir(tmp_path)  # relative paths: both from the working folder, wherever the files are
-    run = load_config(ROOT / "deploy/config/reloop.example.yaml", env={})
-    serve = serve_config_from_dict(
-        read_yaml(ROOT / "deploy/config/serve.example.yaml"), env={}, spec_dir=ROOT / "deploy/config"
-    )
+    run_doc, serve_doc = PAIRS[pair]()
+    run = load_config_dict(run_doc, env={}, base_dir=ROOT / "deploy/config")
+    serve = serve_config_from_dict(serve_doc, env={}, spec_dir=ROOT / "deploy/config")
     (arm,) = serve.arms
     assert arm.registry == Path(run.checkpoint.dir)
     assert (arm.impressions_topic, arm.clicks_topic) == (
         run.source.impressions_topic,
         run.source.clicks_topic,
     )
-    assert serve.kafka.bootstrap == run.kafka.bootstrap and serve.host == "127.0.0.1"
+    assert serve.kafka.bootstrap == run.kafka.bootstrap
+    assert serve.host == ("127.0.0.1" if pair == "examples" else "0.0.0.0")  # in a container: its network
     cold = arm.cold_start
+    assert cold is not None
     assert FeatureSpec.from_dict(cold.spec) == load_feature_spec(run.model)
     assert (cold.backbone, cold.seed, cold.params) == (run.model.backbone, run.model.seed, run.model.params)
     assert cold_start_problem(cold) is None
