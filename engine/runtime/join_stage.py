@@ -742,6 +742,7 @@ class _JoinMetrics(JoinerMetrics):
         for topic in inputs:  # at zero from the start, per input topic (increase() sees the first loss)
             self.deleted_unread.child(topic)
             self.restarted_below.child(topic)
+            self._events.child(topic)  # ReloopDeadLettersRising's rate() denominator, from the first burst
         self._checkpoint_s = stats.join_checkpoint_seconds
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}
