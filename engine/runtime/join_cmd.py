@@ -4,9 +4,10 @@ start more for more throughput: the tasks spread over them). See engine/runtime/
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, load_config, load_feature_spec
+from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config, load_feature_spec
 from reloop.engine.runtime.jsonlog import setup_json_logging
 
 
@@ -34,12 +35,24 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.runtime.kafka_stages import describe_join, join_stage_factory
     from reloop.engine.runtime.stage_runner import run_supervised
 
-    port = args.metrics_port if args.metrics_port is not None else cfg.metrics.join_prometheus_port
     return run_supervised(
         "join",
         cfg,
         join_stage_factory(cfg),
         close=lambda stage: stage.close(checkpoint=True),
         describe=describe_join,
-        metrics_port=port,
+        metrics_port=metrics_port(args.metrics_port, cfg),
     )
+
+
+def metrics_port(given: int | None, cfg: RunConfig) -> int | None:
+    """Where this join stage serves /metrics: ``--metrics-port``, else ``metrics.join_prometheus_port``.
+    With neither but ``metrics.prometheus_port`` set (the train stage's), a warning says so: an operator
+    who started more joiners by hand got unmonitored processes without a word."""
+    port = given if given is not None else cfg.metrics.join_prometheus_port
+    if port is None and cfg.metrics.prometheus_port is not None:
+        logging.getLogger("reloop.join").warning(
+            "this join stage serves no /metrics: metrics.prometheus_port is the train stage's; set "
+            "metrics.join_prometheus_port or --metrics-port (0: a free port)"
+        )
+    return port

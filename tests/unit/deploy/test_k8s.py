@@ -586,3 +586,21 @@ def test_the_annotation_rule_reads_the_scrape_job_right() -> None:
     assert annotation_scraped_ports(pod) == {2}
     pod["metadata"]["annotations"]["prometheus.io/scrape"] = "false"
     assert annotation_scraped_ports(pod) == set()
+
+
+@pytest.mark.parametrize("folder", [K8S, SCALE_OUT], ids=["base", "scale-out"])
+def test_every_trainer_pod_pins_its_torch_threads_to_the_cpus_it_requests(tool, folder: Path) -> None:
+    # No CPU limit means no cgroup quota to cap torch's default (a thread per node core): 63 threads on a
+    # 64-core node for a pod that requested 2. reloop run's train process leaves one to its join process.
+    docs = build(tool, folder)
+    trainers = 0
+    for name, pod in pods(docs):
+        for container in pod["containers"]:
+            argv = reloop_argv(container)
+            if argv[0] not in ("run", "train"):
+                continue
+            trainers += 1
+            threads = run_config(docs, container_env(container)).train.threads
+            cpus = int(container["resources"]["requests"]["cpu"])
+            assert threads == (cpus - 1 if argv[0] == "run" else cpus), name
+    assert trainers == 1
