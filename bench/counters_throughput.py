@@ -24,6 +24,7 @@ import statistics
 from typing import Any
 
 import numpy as np
+from reloop.bench.backbone_args import Backbones
 from reloop.bench.suite import alternate_many
 from reloop.bench.suite_trainer import _step_fn
 
@@ -109,7 +110,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=["dcn", "deepfm"])
+    parser.add_argument("--backbones", nargs="+", action=Backbones, default=["dcn", "deepfm"])
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)

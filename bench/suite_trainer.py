@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from reloop.bench.backbone_args import Backbones
 from reloop.bench.suite import Context, Figure, Row, alternate_many
 
 COMMAND = "python -m reloop.bench --only trainer"
@@ -210,7 +211,7 @@ def run(ctx: Context) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=["dcn", "deepfm", "fm", "lr"])
+    parser.add_argument("--backbones", nargs="+", action=Backbones, default=["dcn", "deepfm", "fm", "lr"])
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from reloop.bench.backbone_args import Backbones
 from reloop.engine.features.featurizer import FeatureBatch
 from reloop.engine.features.spec import FeatureSpec, criteo_spec
 from reloop.engine.models.config import OptimizerConfig
@@ -113,7 +114,7 @@ def measure(learner, data, batch_size: int, seconds: float, offset: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = [n for n in available_backbones() if backbone_entry(n).kind in {"torch", "numpy"}]
-    parser.add_argument("--backbones", nargs="+", default=default)
+    parser.add_argument("--backbones", nargs="+", action=Backbones, default=default)
     parser.add_argument("--batches", nargs="+", type=int, default=[1024, 4096])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per backbone, batch size and round")
