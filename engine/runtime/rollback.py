@@ -46,10 +46,11 @@ def describe(root: Path) -> FolderListing:
     """What ``root`` holds, from the manifests alone (nothing is loaded)."""
     registry = SnapshotRegistry(root, create=False)
     bundles = set(bundle_versions(serving_dir(root)))
+    snapshots = set(registry.versions())
     found = []
-    for v in sorted({*registry.versions(), *bundles}, reverse=True):
+    for v in sorted(snapshots | bundles, reverse=True):
         created = samples = problem = None
-        if v in registry.versions():
+        if v in snapshots:
             try:
                 manifest = registry.manifest(v)
                 created = float(manifest["created_unix"])
