@@ -4,8 +4,9 @@
     .venv/bin/python -m reloop.bench.e2e --n 16384 --rounds 2
 
 Engine pass: a local broker (started here), Criteo-shaped impressions + clicks in two topics, the
-``Pipeline`` exactly as ``reloop run`` builds it (KafkaSource -> merge -> decode -> joiner -> predict-then-
-learn StreamTrainer, ReLoop with the logged y_last), snapshots off; samples/s = samples trained / wall time
+single-process ``Pipeline`` (the one ``reloop replay`` runs; ``reloop run`` runs the join and train stages
+apart, figure 9 of ``reloop bench``: KafkaSource -> merge -> decode -> joiner -> predict-then-learn
+StreamTrainer, ReLoop with the logged y_last), snapshots off; samples/s = samples trained / wall time
 from opening the source. Baseline: the same backbone config and seed trained by a bare torch loop on
 tensors built beforehand. The two alternate round by round in this process; ratio = median of per-round
 ratios. Data, engine pass and bare loop come from ``reloop.bench.suite_e2e`` (figure 1 of ``reloop bench``),

@@ -139,9 +139,9 @@ def run(ctx: Context) -> Figure:
     rows: list[Row] = []
     lines = [
         "| backbone | old defaults samples/s | new defaults samples/s | per-round ratios new/old | ratio "
-        "| per-event (opt-in) samples/s | per-round ratios | ratio | new defaults at train.batch_size's "
-        "default samples/s | per-round ratios to old at the batch above | ratio "
-        "| load average before -> after |",
+        "| per-event (opt-in) samples/s | per-round ratios per-event/old | ratio "
+        "| new defaults at train.batch_size's default samples/s | per-round ratios to old at the batch above "
+        "| ratio | load average before -> after |",
         "|---|---:|---:|---|---:|---:|---|---:|---:|---|---:|---|",
     ]
     for name, r in res.items():
