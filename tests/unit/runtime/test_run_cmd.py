@@ -117,10 +117,19 @@ def test_a_stop_request_after_run_stopped_a_stage_is_not_a_second_signal_to_it(t
     # took it for a second signal and exited 1 without its final checkpoint ("stop forced").
     proc = _start(tmp_path, stop_timeout_s=10.0, train=_stage(save_s=4.0), join=_stage(ends=0.2, code=0))
     _ready(proc)
-    time.sleep(1.7)  # the join ended 0.2 s after it was ready and the train stage got its SIGTERM then
+    # Until run saw the join end and stopped the train stage (a fixed 1.7 s was too short at load 5: the
+    # SIGTERM reached a join still running, which exited -15).
+    seen = []
+    while not any(ln["msg"].startswith("a stage ended on its own") for ln in seen):
+        line = proc.stderr.readline()
+        assert line, "reloop run ended before the join did"
+        if line.startswith("{"):
+            seen.append(orjson.loads(line))
+    time.sleep(0.5)  # the train stage is in its 4-s final checkpoint
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     code, lines = _finish(proc)
+    lines = seen + lines
     assert not [ln for ln in lines if "stop forced" in ln["msg"]], lines
     assert _stopped(lines)["exit_codes"] == {"train": 0, "join": 0} and code == 0
 
