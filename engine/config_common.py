@@ -385,10 +385,18 @@ def describe_errors(
     without the values: pydantic's own text spans lines and shows each bad input, secrets included."""
     lines = []
     for err in reportable_errors(exc):
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {msg}{env_origin(err['loc'], overrides or {}, names)}")
+        key = ".".join(str(x) for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else error_message(err)
+        where = f"{key}: " if key else ""  # a check of the whole document names its keys itself
+        lines.append(f"{where}{msg}{env_origin(err['loc'], overrides or {}, names)}")
     return "; ".join(lines)
+
+
+def error_message(err: Mapping[str, Any]) -> str:
+    """pydantic's message for one error, without the "Value error, " that it puts before the text of a
+    ``ValueError`` raised by a validator (ours, which say what is wrong in their own words)."""
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ") if err.get("type") == "value_error" else msg
 
 
 def _parses_as_json(value: str) -> bool:

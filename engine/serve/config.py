@@ -34,6 +34,7 @@ from reloop.engine.config_common import (
     deep_merge,
     env_origin,
     env_values,
+    error_message,
     read_document,
     reportable_errors,
 )
@@ -399,6 +400,7 @@ def _explain(
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] not in ("arms", "kafka", "salt"):
             loc.insert(0, "serve")  # the key as the document names it
-        key = ".".join(loc) or "(root)"
-        lines.append(f"{key}: {err['msg']}{env_origin(loc, overrides or {}, names)}")
+        key = ".".join(loc)
+        where = f"{key}: " if key else ""  # a check of the whole document names its keys itself
+        lines.append(f"{where}{error_message(err)}{env_origin(loc, overrides or {}, names)}")
     return "bad serve config: " + "; ".join(lines)

@@ -148,7 +148,7 @@ def test_a_serve_arm_with_a_bad_topic_fails_naming_it_and_nothing_else():
     with pytest.raises(ServeConfigError) as refused:
         serve_config_from_dict({"arms": [arm]}, env={})
     assert str(refused.value).count(";") == 0
-    assert "arms.0.impressions_topic: Value error, 'bad topic' is not a Kafka topic name" in str(
+    assert "arms.0.impressions_topic: 'bad topic' is not a Kafka topic name" in str(
         refused.value
     )
     with pytest.raises(ServeConfigError, match="arms: Tuple should have at least 1 item"):
