@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import orjson
-from reloop.engine.checkpoint.folder_lock import FolderInUse
+from reloop.engine.checkpoint.folder_lock import FolderInUse, FolderLock
 from reloop.engine.checkpoint.registry import SnapshotError
 from reloop.engine.runtime.config import ConfigError, load_config
 from reloop.engine.runtime.rollback import RollbackError, describe, plan_rollback, roll_back, utc
@@ -61,11 +61,12 @@ def main(args: argparse.Namespace) -> int:
     if not plan.versions and not plan.bundles and not plan.checkpoints:
         print(f"{root}: v{plan.to} is already the newest; nothing to remove")
         return 0
-    if args.dry_run:
-        print(f"{root}: would remove {removed} (with their serving bundles){extra}; the next version: "
-              f"v{plan.next_version}")  # fmt: skip
-        return 0
     try:
+        if args.dry_run:
+            FolderLock(root).acquire(wait_s=0.0).release()  # refused now as the rollback would be
+            print(f"{root}: would remove {removed} (with their serving bundles){extra}; the next version: "
+                  f"v{plan.next_version}")  # fmt: skip
+            return 0
         roll_back(plan)
     except FolderInUse as exc:
         _say(f"a train stage holds {root} (pid {exc.holder}): stop it first, then roll back")

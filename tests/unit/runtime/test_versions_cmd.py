@@ -68,11 +68,12 @@ def test_rollback_is_refused_while_a_trainer_holds_the_folder(tmp_path, capsys):
     registry = _folder(root, 3)
     lock = FolderLock(root).acquire()
     try:
-        assert main(["versions", "rollback", "--dir", str(root), "--to", "1"]) == 2
+        for dry_run in ([], ["--dry-run"]):  # the dry run said "would remove" and the rollback then refused
+            assert main(["versions", "rollback", "--dir", str(root), "--to", "1", *dry_run]) == 2
+            out, err = capsys.readouterr()
+            assert f"a train stage holds {root} (pid " in err and "stop it first" in err and not out
     finally:
         lock.release()
-    err = capsys.readouterr().err
-    assert f"a train stage holds {root} (pid " in err and "stop it first" in err
     assert registry.versions() == [1, 2, 3] and bundle_versions(serving_dir(root)) == [1, 2, 3]
 
 
