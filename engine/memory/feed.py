@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 TARGET_LABELS = {"ServedMemory": "memory", "ServedCounters": "counters"}
 OUTCOMES = ("written", "duplicate", "undecodable", "refused", "failed")
+TOPIC_WAIT_LOG_S = 60.0  # "waiting for a topic" at most this often per feed
 SHOWN = "shown"  # impressions of the arm's log counted (a counters feed given a shown_topic)
 POLL_MAX_RECORDS = 64  # samples messages (1,024 samples each, at most) per poll
 # With the impression log (one impression per record): featurising 256 rows at once costs 3.2 us a row
@@ -133,6 +134,7 @@ class SamplesFeed:
         # Set once the source is open and the feed has read what its topics held then (ServingStack.start
         # waits on it where the counts must be whole before serving: shown_topic).
         self.caught_up = threading.Event()
+        self._wait_said_at = float("-inf")  # when "waiting for a topic" was last logged
         self.problem: str | None = None  # why the last step failed (None once one succeeds): said at start
         self._backlog_end: dict[Any, int] | None = None
         self._restored = False
@@ -359,12 +361,16 @@ class SamplesFeed:
                 self.step()
                 backoff = 1.0
                 self.problem = None
-            except TopicNotFound as exc:  # not created yet, or misnamed: one line a try, no traceback
+            except TopicNotFound as exc:  # not created yet, or misnamed: no traceback, once a minute
                 self.failures += 1
                 self.problem = f"waiting for a topic ({exc})"
-                log.warning(
-                    "%s %s: waiting for a topic (%s); retrying in %.0fs", self.kind, self.name, exc, backoff
-                )
+                # The service is started before the trainer creates the samples topic (the documented
+                # order): a line a second per feed was 100 lines in the first 40 s.
+                now = time.monotonic()
+                if now >= self._wait_said_at + TOPIC_WAIT_LOG_S:
+                    self._wait_said_at = now
+                    log.warning("%s %s: waiting for a topic (%s); retrying every %.0f s (said once a minute)",
+                                self.kind, self.name, exc, backoff)  # fmt: skip
                 self._stop.wait(backoff)
             except Exception as exc:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
                 self.failures += 1

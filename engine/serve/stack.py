@@ -483,8 +483,9 @@ class ServingStack:
             if not feed.caught_up.wait(max(0.0, deadline - time.monotonic())):
                 why = feed.problem or "broker down? a long backlog?"
                 log.warning(
-                    "%s: the impression log %s is not read up to date after %g s (%s); serving anyway: "
-                    "impressions not read yet are not in the counts it serves",
+                    "%s: its feed (the samples topic and the impression log %s) is not read up to date "
+                    "after %g s (%s); serving anyway: impressions not read yet are not in the counts it "
+                    "serves",
                     name, feed.shown_topic, FEED_OPEN_WAIT_S, why,
                 )  # fmt: skip
 
