@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -150,12 +151,23 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
             return 2
         print(f"reloop serve: this worker's metrics at {metrics.url}", flush=True)
     stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
+    # The stop in the log, as `reloop run` has it (with --workers N, each worker's pid tells them apart).
+    said = logging.getLogger("reloop.engine.serve")
+    began = time.monotonic()
+    said.info("stopping on %s (pid %d)", received[0] if received else "request", os.getpid())
     if metrics is not None:
         metrics.close()
     stack.close()
+    said.info("stopped in %.1f s (pid %d)", time.monotonic() - began, os.getpid())
     return 0
 
 
