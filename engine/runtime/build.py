@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -212,7 +213,15 @@ def unused_rates(cfg: RunConfig) -> list[str]:
     return unused
 
 
+# The configs already warned about: a stage rebuilt from its config at every retry (waiting for the samples
+# topic) said it again each time. By identity, and weakly: a config that is gone leaves its id free.
+_RATES_SAID: weakref.WeakValueDictionary[int, RunConfig] = weakref.WeakValueDictionary()
+
+
 def warn_unused_rates(cfg: RunConfig) -> None:
+    if _RATES_SAID.get(id(cfg)) is cfg:
+        return
+    _RATES_SAID[id(cfg)] = cfg
     for key in unused_rates(cfg):
         small = "small_step_lr" if key == "lr" else "small_step_embedding_lr"
         log.warning(

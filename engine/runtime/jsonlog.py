@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -24,9 +25,23 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
+        for key, value in _RANK.items():  # a data-parallel rank says which on every line (supervisor too)
+            out.setdefault(key, value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
+
+
+def _rank_fields(env: dict[str, str] | os._Environ[str]) -> dict[str, int]:
+    """``rank`` and ``ranks`` of a process that torchrun started in a group of more than one, else none."""
+    try:
+        ranks, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+    except ValueError:
+        return {}
+    return {"rank": rank, "ranks": ranks} if ranks > 1 else {}
+
+
+_RANK: dict[str, int] = _rank_fields(os.environ)
 
 
 def setup_json_logging(level: str = "INFO") -> None:

@@ -37,6 +37,7 @@ turns into a stop of the group without restarts: engine/runtime/train_cmd.py).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +51,8 @@ from reloop.engine.runtime.supervisor import ProcessFatal
 from reloop.engine.runtime.train_stage import TrainStage
 from reloop.engine.streams import PartitionShare, TopicNotFound
 from reloop.engine.train.data_parallel import GradientSync, RankGroup, weights_digest
+
+log = logging.getLogger("reloop.train")
 
 _BUFFERED, _STOP, _DUE, _WAITED, _LEARNT_NOTHING, _DIVERGED = range(6)
 
@@ -88,6 +91,12 @@ def check_partition_split(owned: Sequence[int], *, deterministic: bool, topic: s
             f"the samples topic {topic!r} has {partitions} partitions for {ranks} train ranks (rank r reads "
             f"the partitions p with p % {ranks} == r): ranks {idle} would read none; run at most "
             f"{partitions} ranks, or give the topic a multiple of {ranks} partitions"
+        )
+    if len(set(owned)) > 1 and not deterministic:
+        log.warning(
+            "the train ranks own unequal shares of the samples topic's partitions: a rank with more trains "
+            "its share more slowly and lags behind the others (keep the partitions a multiple of the ranks)",
+            extra={"fields": {"topic": topic, "partitions": partitions, "owned": list(owned)}},
         )
     if deterministic and len(set(owned)) > 1:
         raise ConfigError(

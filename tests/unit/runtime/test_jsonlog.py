@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 _CODE = """
 import warnings
@@ -21,3 +22,26 @@ def test_a_warning_is_one_json_line() -> None:
     assert done.returncode == 0 and lines
     [record] = [orjson.loads(ln) for ln in lines]  # not JSON: raises
     assert record["logger"] == "py.warnings" and "Sparse invariant" in record["msg"]
+
+
+@pytest.mark.parametrize(
+    ("env", "fields"),
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2"}, {"rank": 1, "ranks": 2}),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, {}),  # one process: nothing to tell apart
+        ({}, {}),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, {}),
+    ],
+)
+def test_a_data_parallel_rank_names_itself_on_every_line(monkeypatch, env, fields) -> None:
+    # The supervisor's "waiting for a topic", "started" and "metrics" lines of two ranks were identical.
+    import logging
+
+    from reloop.engine.runtime import jsonlog
+
+    monkeypatch.setattr(jsonlog, "_RANK", jsonlog._rank_fields(env))
+    record = logging.LogRecord("reloop.supervisor", logging.WARNING, __file__, 1, "waiting", (), None)
+    out = orjson.loads(jsonlog.JsonFormatter().format(record))
+    assert {k: out[k] for k in ("rank", "ranks") if k in out} == fields
+    record.fields = {"rank": 5}  # a line that names a rank itself keeps it
+    assert orjson.loads(jsonlog.JsonFormatter().format(record))["rank"] == 5

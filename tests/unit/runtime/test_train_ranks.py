@@ -337,12 +337,16 @@ def test_ranks_wait_together_for_a_samples_topic_not_created_yet(tmp_path, missi
     [([1, 1, 0], False, r"3 train ranks.*ranks \[2\] would read none"), ([2, 1], True, r"own \[2, 1\]"),
      ([2, 1], False, None), ([2, 2], True, None)],
 )  # fmt: skip
-def test_the_partition_split_check_names_what_to_change(owned, deterministic, refused):
+def test_the_partition_split_check_names_what_to_change(owned, deterministic, refused, caplog):
     from reloop.engine.runtime.config import ConfigError
     from reloop.engine.runtime.train_ranks import check_partition_split
 
     if refused is None:
-        check_partition_split(owned, deterministic=deterministic, topic="s")
+        with caplog.at_level("WARNING", logger="reloop.train"):
+            check_partition_split(owned, deterministic=deterministic, topic="s")
+        # Unequal shares start, said (a rank with more lags): the deterministic refusal alone named them.
+        unequal = [r for r in caplog.records if "unequal shares" in r.getMessage()]
+        assert [r.fields["owned"] for r in unequal] == ([owned] if len(set(owned)) > 1 else [])
     else:
         with pytest.raises(ConfigError, match=refused):
             check_partition_split(owned, deterministic=deterministic, topic="s")

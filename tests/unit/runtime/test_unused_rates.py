@@ -40,6 +40,19 @@ def test_build_trainer_warns_naming_the_key(caplog) -> None:
     assert record.fields == {"key": "model.optimizer.lr"} and "small_step_lr" in record.getMessage()
 
 
+def test_a_stage_rebuilt_from_its_config_warns_once(caplog) -> None:
+    # The supervisor rebuilds a stage at every retry (each rank waiting for the samples topic): the warning
+    # came again at each, 8 copies in 18 s. Another config says it again.
+    from reloop.engine.runtime.build import build_trainer
+
+    cfg = _cfg({"lr": 0.02}, 64)
+    with caplog.at_level("WARNING", logger="reloop.run"):
+        for _ in range(3):
+            build_trainer(cfg)
+        build_trainer(_cfg({"lr": 0.02}, 64))
+    assert len([r for r in caplog.records if r.name == "reloop.run"]) == 2
+
+
 def test_the_shipped_configs_pin_no_rate_they_do_not_use() -> None:
     from pathlib import Path
 
