@@ -162,9 +162,7 @@ def run_supervised(
             for old in hooks:
                 STATS.remove_hook(old)
             hooks[:] = [served.bind()]
-        log.info(
-            "started", extra={"fields": {"stage": name, "restored": getattr(stage, "restored_from", None)}}
-        )
+        log.info("started", extra={"fields": {"stage": name, "restored": _restored(stage)}})
 
     last_log = [time.monotonic()]
 
@@ -267,3 +265,14 @@ def _final_saved(supervisor: Any) -> bool:
     is durable), else what its close returned."""
     saved = getattr(supervisor.pipeline, "final_saved", supervisor.final_number)
     return saved is not None
+
+
+def _restored(stage: object) -> str | None:
+    """What the stage resumed from, for its "started" line: a train stage's snapshot or checkpoint; a join
+    stage restores each task as the group assigns it, later ("task restored" lines), which ``null`` read
+    as a start from scratch."""
+    if hasattr(stage, "restored_from"):
+        return stage.restored_from  # type: ignore[no-any-return]
+    if hasattr(stage, "tasks"):
+        return "per task, as the group assigns them (the 'task restored' lines)"
+    return None

@@ -301,7 +301,8 @@ def counters_conflict(config: ServeConfig, workers: int) -> str | None:
     if logged and not config.log.enabled:
         return (
             f"serve.log.enabled: arms {logged} count the items they show from their impression log "
-            "(arms[].counters.shown_from: impressions), which is off"
+            "(arms[].counters.shown_from: impressions), which is off (serve.log.enabled: false, or "
+            "--no-log)"
         )
     return None
 

@@ -120,6 +120,7 @@ def test_serve_refuses_the_workers_or_the_log_its_arms_counters_cannot_take(tmp_
     assert _code(["serve", "--config", config("impressions"), "--no-log"]) == 2
     err = capsys.readouterr().err
     assert "serve.log.enabled: arms ['A']" in err and "Traceback" not in err, err
+    assert "--no-log" in err  # the flag the user gave, not only the key it set
 
 
 @pytest.mark.parametrize(
