@@ -230,7 +230,12 @@ class ScoringService:
             raise BadRequest(errors)
 
     def _warn_misnamed(
-        self, arm: str, reads: frozenset[str], loose: dict[str, str], context: dict, candidate: dict
+        self,
+        arm: str,
+        reads: frozenset[str],
+        loose: dict[str, str],
+        context: Mapping[str, Any],
+        candidate: Mapping[str, Any],
     ) -> None:
         """Warn (once in 10 s) of a context or first-candidate key that the spec reads under another
         spelling (``userId`` for ``user_id``): that field is scored as missing. Other unread keys are
