@@ -163,12 +163,13 @@ def k8s_docs(folder: Path = K8S) -> list[dict]:
 
 
 def k8s_configs(folder: Path = K8S) -> dict[str, str]:
-    """What the configMapGenerator puts in the reloop-config ConfigMap: file name -> content."""
+    """What the configMapGenerator puts in the reloop-config ConfigMap: file name -> content (the base's
+    generator; an overlay's merges literals into it, scale-out's topic_partitions)."""
     (gen,) = [
         (here, g)
         for here, kust in kustomizations(folder)
         for g in kust.get("configMapGenerator", [])
-        if g["name"] == "reloop-config"
+        if g["name"] == "reloop-config" and "files" in g
     ]
     here, g = gen
     return {Path(f).name: (here / f).read_text() for f in g["files"]}
@@ -179,7 +180,7 @@ def test_k8s_manifests_parse_and_kustomization_lists_them(folder: Path):
     for here, kust in kustomizations(folder):
         listed = {
             *kust.get("resources", []),
-            *(f for g in kust.get("configMapGenerator", []) for f in g["files"]),
+            *(f for g in kust.get("configMapGenerator", []) for f in g.get("files", [])),
         }
         for res in listed:
             assert (here / res).exists(), (here, res)
