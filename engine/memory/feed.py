@@ -58,6 +58,7 @@ from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
 from reloop.engine.memory.seen import SeenSeqs
 from reloop.engine.metrics.stats import STATS
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.serve.bundle import ModelHolder
 from reloop.engine.streams import Source, TopicNotFound, positions_from_json, positions_to_json
 
@@ -134,7 +135,11 @@ class SamplesFeed:
         # Set once the source is open and the feed has read what its topics held then (ServingStack.start
         # waits on it where the counts must be whole before serving: shown_topic).
         self.caught_up = threading.Event()
-        self._wait_said_at = float("-inf")  # when "waiting for a topic" was last logged
+        self._waiting = ThrottledWarning(
+            log,
+            "%s %s: waiting for a topic (%s); retrying every %.0f s (said once a minute)",
+            every_s=TOPIC_WAIT_LOG_S,
+        )
         self.problem: str | None = None  # why the last step failed (None once one succeeds): said at start
         self._backlog_end: dict[Any, int] | None = None
         self._restored = False
@@ -366,11 +371,7 @@ class SamplesFeed:
                 self.problem = f"waiting for a topic ({exc})"
                 # The service is started before the trainer creates the samples topic (the documented
                 # order): a line a second per feed was 100 lines in the first 40 s.
-                now = time.monotonic()
-                if now >= self._wait_said_at + TOPIC_WAIT_LOG_S:
-                    self._wait_said_at = now
-                    log.warning("%s %s: waiting for a topic (%s); retrying every %.0f s (said once a minute)",
-                                self.kind, self.name, exc, backoff)  # fmt: skip
+                self._waiting(self.kind, self.name, exc, backoff)
                 self._stop.wait(backoff)
             except Exception as exc:  # noqa: BLE001 - a broker hiccup or a bad batch must not kill serving
                 self.failures += 1

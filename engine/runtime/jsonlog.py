@@ -122,7 +122,9 @@ class ThrottledWarning:
         self._next_at = float("-inf")
         self._suppressed = 0
 
-    def __call__(self, **fields: Any) -> None:
+    def __call__(self, *args: Any, **fields: Any) -> None:
+        """``args`` fill the message's ``%`` placeholders (for a log read as plain text); ``fields`` go to
+        the JSON line."""
         now = self._clock()
         if now < self._next_at:
             self._suppressed += 1
@@ -130,4 +132,4 @@ class ThrottledWarning:
         self._next_at = now + self._every_s
         if self._suppressed:
             fields["suppressed"], self._suppressed = self._suppressed, 0
-        self._logger.warning(self._msg, extra={"fields": fields})
+        self._logger.warning(self._msg, *args, extra={"fields": fields})
