@@ -290,18 +290,25 @@ def _open(
     group.close()
 
 
-def _opened_by_two_ranks(tmp_path, cfg_dict: dict, partitions: int, missing_on: tuple = ()) -> list:
-    """What each of two rank processes raised opening its stage (``_open``), None where nothing."""
-    out = tmp_path / "out"
+def _two_ranks(target, out, timeout_s: float, *args) -> list:
+    """Run ``target(rank, 2, store, *args)`` as two rank processes (``out`` holds the store); what each
+    wrote to ``out/rank{r}.json``."""
     out.mkdir()
-    args = (2, f"file://{out / 'store'}", cfg_dict, partitions, str(out), missing_on)
-    procs = [rank_context().Process(target=_open, args=(r, *args)) for r in range(2)]
+    procs = [
+        rank_context().Process(target=target, args=(r, 2, f"file://{out / 'store'}", *args)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(timeout_s)
     assert [p.exitcode for p in procs] == [0, 0]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _opened_by_two_ranks(tmp_path, cfg_dict: dict, partitions: int, missing_on: tuple = ()) -> list:
+    """What each of two rank processes raised opening its stage (``_open``), None where nothing."""
+    out = tmp_path / "out"
+    return _two_ranks(_open, out, 120, cfg_dict, partitions, str(out), missing_on)
 
 
 @pytest.mark.parametrize(
@@ -442,16 +449,8 @@ def test_a_divergence_on_any_rank_stops_every_rank_at_the_same_step(tmp_path, ca
         cfg["model"]["spec"] = {"fields": [*SPEC["fields"], {"kind": "numeric", "name": "x"}]}
     cfg["train"]["max_consecutive_skipped"] = 2
     out = tmp_path / "out"
-    out.mkdir()
     until = PARTITIONS * PER_PARTITION // 2
-    args = (2, f"file://{out / 'store'}", cfg, case, until, str(out))
-    procs = [rank_context().Process(target=_diverging, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(200)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _two_ranks(_diverging, out, 200, cfg, case, until, str(out))
     assert ranks[0]["global_samples"] == ranks[1]["global_samples"]  # the same step
     assert all(r["seconds"] < 25 for r in ranks), ranks  # none waited for a peer (timeout_s = 30)
     if diverged is None:
