@@ -109,6 +109,17 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
 
     from reloop.engine.serve.stack import ServingStack
 
+    # From here a SIGTERM or SIGINT is a stop, whenever it comes: one during the start (a stack loading
+    # its models) ends the service once it started, with its stop logged, not by the signal (-15).
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         stack = ServingStack(config).start()
     except (ValueError, OSError) as exc:  # OSError: an auth_token_file that cannot be read
@@ -150,15 +161,6 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
                   f"{why} (serve.worker_metrics_port)", file=sys.stderr)  # fmt: skip
             return 2
         print(f"reloop serve: this worker's metrics at {metrics.url}", flush=True)
-    stop = threading.Event()
-    received: list[str] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
     stop.wait()
     # The stop in the log, as `reloop run` has it (with --workers N, each worker's pid tells them apart).
     said = logging.getLogger("reloop.engine.serve")
