@@ -16,9 +16,10 @@ import argparse
 import importlib
 import importlib.metadata
 import os
-import signal
 import sys
 import threading
+
+from reloop.engine.runtime import early_stop
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": (
@@ -94,18 +95,8 @@ def keep_triton_out() -> None:
 
 
 # The stream processors, which install their own stop handling once started (engine/runtime/stage_runner.py).
-# A SIGTERM before that (an orchestrator's stop, `reloop demo` ending, while torch was still importing on a
-# loaded machine) ended them by the signal, exit -15, read as a failure: nothing was read yet, so it exits 0.
+# A SIGTERM before that exits 0: see engine/runtime/early_stop.py.
 STOPPED_EARLY_CLEANLY = frozenset({"run", "join", "train"})
-
-
-class _StoppedBeforeStart(BaseException):
-    """A SIGTERM before the command installed its own handler (BaseException: no ``except Exception``
-    on the way takes it)."""
-
-
-def _stop_before_start(_signum: int, _frame: object) -> None:
-    raise _StoppedBeforeStart
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     early = name in STOPPED_EARLY_CLEANLY and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop_before_start) if early else None
+    previous = early_stop.arm() if early else None
     try:
         return _run(name, argv)
-    except _StoppedBeforeStart:
+    except early_stop.StoppedBeforeStart:
         # A data-parallel rank tells its launcher it owes nothing (engine/runtime/train_cmd.py).
         told = getattr(sys.modules.get(COMMANDS[name][0]), "stopped_before_start", None)
         if told is not None:
@@ -142,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     finally:  # called in-process (tests): the caller's handler back, unless the command put its own
-        if early and signal.getsignal(signal.SIGTERM) is _stop_before_start:
-            signal.signal(signal.SIGTERM, previous)
+        if early:
+            early_stop.disarm(previous)
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -154,6 +145,7 @@ def _run(name: str, argv: list[str]) -> int:
         if code is None:
             print(f"reloop {name}: not available ({exc})", file=sys.stderr)
         return 2
+    early_stop.raise_if_pending()  # a SIGTERM that came during the imports (early_stop.py)
     try:
         # No abbreviated flags: "--conf" taken for --config would change meaning once a flag sharing the
         # prefix is added.

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from reloop.engine.checkpoint.folder_lock import FolderInUse
+from reloop.engine.runtime import early_stop
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
@@ -151,6 +152,9 @@ def _supervise(children: dict[str, subprocess.Popen], stop_timeout_s: float) -> 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    early = early_stop.take()  # one that came during the imports, its exception swallowed there
+    if early is not None:
+        forward(early, None)
     codes: dict[str, int] = {}
     killed: list[str] = []
     while len(codes) < len(children):

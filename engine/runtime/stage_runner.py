@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reloop.engine.netaddr import http_url
+from reloop.engine.runtime import early_stop
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
 
@@ -56,6 +57,9 @@ class StopRequest:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        early = early_stop.take()  # one that came during the imports, its exception swallowed there
+        if early is not None:
+            self._on_signal(early, None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
