@@ -62,8 +62,29 @@ def quiet_kafka_python(handler: logging.Handler) -> None:
     170 of a run's 198 lines in 45 s were its "Connection failed" and "Metadata refresh: failed"; our own
     warning ("no Kafka broker answers at ...") says once in 10 s what is wrong."""
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    if not any(isinstance(f, DemotedRecords) for f in handler.filters):  # before the throttle edits .msg
+        handler.addFilter(DemotedRecords(KAFKA_PYTHON_NOT_ERRORS))
     if not any(isinstance(f, ThrottledRecords) for f in handler.filters):
         handler.addFilter(ThrottledRecords("kafka"))
+
+
+# kafka-python's ERRORs that are no error of the run: a topic the first message creates (a broker that
+# auto-creates topics) is "not found" at that message. Where it is really missing, reloop's own warning
+# names it ("waiting for a topic", a send that fails).
+KAFKA_PYTHON_NOT_ERRORS = frozenset({("kafka.cluster", "Topic %s not found in cluster metadata")})
+
+
+class DemotedRecords(logging.Filter):
+    """A handler's filter: the ERROR records of these (logger, message template) pairs pass as WARNING."""
+
+    def __init__(self, templates: frozenset[tuple[str, str]]) -> None:
+        super().__init__()
+        self._templates = templates
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and (record.name, record.msg) in self._templates:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class ThrottledRecords(logging.Filter):

@@ -45,3 +45,24 @@ def test_a_data_parallel_rank_names_itself_on_every_line(monkeypatch, env, field
     assert {k: out[k] for k in ("rank", "ranks") if k in out} == fields
     record.fields = {"rank": 5}  # a line that names a rank itself keeps it
     assert orjson.loads(jsonlog.JsonFormatter().format(record))["rank"] == 5
+
+
+_AUTO_CREATED = """
+import logging
+from reloop.engine.runtime.jsonlog import setup_json_logging
+setup_json_logging("INFO")
+for _ in range(2):  # the second within 10 s: throttled, whatever its level
+    logging.getLogger("kafka.cluster").error("Topic %s not found in cluster metadata", "impressions")
+logging.getLogger("kafka.net.manager").error("Connection failed: %s", "ECONNREFUSED")
+"""
+
+
+def test_kafka_pythons_error_for_a_topic_its_first_message_creates_is_a_warning() -> None:
+    # A broker that auto-creates topics: the first impression sent logged an ERROR on the normal path.
+    done = subprocess.run([sys.executable, "-c", _AUTO_CREATED], capture_output=True, text=True, timeout=60)
+    records = [orjson.loads(ln) for ln in done.stderr.splitlines()]
+    assert [(r["logger"], r["level"]) for r in records] == [
+        ("kafka.cluster", "WARNING"),
+        ("kafka.net.manager", "ERROR"),  # a real error stays one
+    ]
+    assert records[0]["msg"] == "Topic impressions not found in cluster metadata"
