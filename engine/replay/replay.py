@@ -89,6 +89,7 @@ class _Progress:
         self.stage: Any = None
         self.records_before = 0  # processed by the replay before the restored save
         self.first_time_ms: int | None = None  # the whole replay's first record time, once resumed
+        self.last_time_ms: int | None = None  # its newest before this run (a resume that reads none)
         self.resumed = False
         self.lines = 0  # dead letters sent, the restored save's included
         self.counts: dict[str, int] = {}  # those of records before the last save's positions, by reason
@@ -123,6 +124,7 @@ class _Progress:
         if prior is not None:
             self.records_before = int(prior["records"])
             self.first_time_ms = prior["first_time_ms"]
+            self.last_time_ms = prior.get("last_time_ms")  # absent from a save of an older reloop
             self.lines = int(prior["dead_letter_lines"])
             self.counts = {str(k): int(v) for k, v in prior["dead_letters"].items()}
             self.resumed = True
@@ -148,6 +150,7 @@ class _Progress:
         stage.meta[REPLAY_META] = {
             "records": self.records,
             "first_time_ms": self.first_time,
+            "last_time_ms": self.last_time,
             "dead_letter_lines": self.lines,
             "dead_letters": dict(self.counts),
         }
@@ -159,6 +162,13 @@ class _Progress:
     @property
     def first_time(self) -> int | None:
         return self.first_time_ms if self.resumed else self.source.first_timestamp_ms
+
+    @property
+    def last_time(self) -> int | None:
+        # A resume of a finished replay reads nothing: its newest time was null in the summary, and the
+        # span from the first time to it negative ("the events span -1,714,550,400 s").
+        newest = self.source.last_timestamp_ms
+        return newest if newest is not None else self.last_time_ms
 
 
 class ReplaySaveFailed(RuntimeError):
@@ -291,7 +301,7 @@ def run_replay(
         steps=pipeline.trainer.counters.steps,
         seconds=seconds,
         first_time_ms=book.first_time,
-        last_time_ms=replay_source.last_timestamp_ms,
+        last_time_ms=book.last_time,
         join=pipeline.joiner.stats.as_dict(),
         dead_letters=dict(pipeline.dead_letters.counts),
         progressive={k: float(v) for k, v in progressive.items()},
@@ -383,7 +393,7 @@ def run_samples_replay(
         steps=stage.trainer.counters.steps,
         seconds=time.perf_counter() - t0,
         first_time_ms=book.first_time,
-        last_time_ms=replay_source.last_timestamp_ms,
+        last_time_ms=book.last_time,
         join={
             "duplicates_dropped": stage.duplicates_dropped,
             "samples_refused": stage.samples_refused,

@@ -338,7 +338,7 @@ def test_a_replay_writing_snapshots_in_the_background_equals_one_waiting_for_eac
         assert_same_model(a.state["model"]["model"], b.state["model"]["model"])
 
 
-def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path) -> None:
+def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path, capsys) -> None:
     # It published version n+1 from the same state, 0 records later: a model version that is no new model.
     cfg = config(tmp_path / "run.yaml", tmp_path / "live")
     root = tmp_path / "log"
@@ -348,10 +348,18 @@ def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path) -> 
     reg = SnapshotRegistry(tmp_path / "a" / "snapshots")
     versions = reg.versions()
     assert versions
+    first = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
+    capsys.readouterr()
     assert main([*argv, "--resume"]) == 0
     assert reg.versions() == versions
     summary = orjson.loads((tmp_path / "a" / "summary.json").read_bytes())
     assert summary["final_version"] == versions[-1]
+    # Its times are the whole replay's: the newest was null, and "the events span -1,714,550,400 s" warned.
+    assert (summary["first_time_ms"], summary["last_time_ms"]) == (
+        first["first_time_ms"],
+        first["last_time_ms"],
+    )
+    assert summary["last_time_ms"] is not None and "events span" not in capsys.readouterr().err
 
 
 def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
