@@ -599,6 +599,7 @@ def _main(args: argparse.Namespace) -> int:
             f"nothing to report: the data makes {data.n_periods} period(s) (0..{data.n_periods - 1}; "
             f"period 0 is warm-up) and the tables start at period {report_from}; give more rows "
             "(--max-rows), shorter periods (--period) or an earlier --report-from"
+            + _few_periods_hint(args, data, time_kind)
         )
     _check_publishing(data, publish_every_ms, max(1, report_from))
     data = _with_counters(args, data)
@@ -698,6 +699,34 @@ def _shown_command(argv: list[str]) -> str:
 def _half(h: float) -> str:
     """A verdict line's half-width in 1e-3 units; n/a where it is undefined (one seed, one period)."""
     return "n/a" if math.isnan(h) else f"{h * 1e3:.2f}"
+
+
+# Event times before this (1973-03-03 in ms) are more likely seconds read as milliseconds.
+_SECONDS_AS_MS_BEFORE = 100_000_000_000
+
+
+def _few_periods_hint(args: argparse.Namespace, data: BacktestData, time_kind: str) -> str:
+    """Why the periods are few where the likely cause is not the rows' number: a calendar period over a
+    dataset without event times (Frappe, Criteo: the default week made one period), or epoch seconds
+    read as milliseconds (all within 1970's first weeks)."""
+    calendar = not args.period.startswith("chunks:")
+    if time_kind == "pseudo" and calendar:
+        return (
+            f". {args.dataset_name} has no event time (its rows are stamped in file order), so calendar "
+            "periods make little sense: cut it into equal chunks with --period chunks:N (e.g. chunks:10)"
+        )
+    times = data.times_ms
+    if (
+        args.dataset == "impression-log"
+        and calendar
+        and len(times)
+        and 0 < int(times.max()) < _SECONDS_AS_MS_BEFORE
+    ):
+        return (
+            ". The event times all fall before 1973 read as milliseconds: if they are epoch seconds, say "
+            "so (--dataset-option time_unit=s)"
+        )
+    return ""
 
 
 def _run_header(args: argparse.Namespace, data: BacktestData, time_kind: str) -> str:

@@ -11,6 +11,10 @@ from reloop.connectors.files.datasets.base import DatasetError, DatasetRow
 
 
 def require_file(path: Path) -> Path:
+    if path.is_dir():  # "not found" for a folder that is there read as a typo in its name
+        names = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        held = f" (it holds: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
+        raise DatasetError(f"{path} is a folder: give the dataset's file itself{held}")
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     return path

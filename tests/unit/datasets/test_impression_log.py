@@ -290,3 +290,16 @@ def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(tmp_path: Path) -> No
     path.write_bytes("timestamp,impression_id,click,caf\xe9\n1,i1,0,x\n".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"latin1.csv:1: not UTF-8"):
         ImpressionLog(path).fields  # noqa: B018 (the header alone is read)
+
+
+@pytest.mark.parametrize("name", ["impression-log", "criteo", "avazu"])
+def test_a_folder_given_for_the_file_is_named_a_folder_with_what_it_holds(tmp_path: Path, name: str) -> None:
+    # `--data criteo-sample` (the folder, not its .tsv) said "dataset file not found": it is there.
+    from reloop.connectors.files.datasets import open_dataset
+
+    (tmp_path / "train.tsv").write_text("")
+    (tmp_path / ".hidden").write_text("")
+    with pytest.raises(
+        DatasetError, match=r"is a folder: give the dataset's file itself \(it holds: train.tsv\)"
+    ):
+        list(open_dataset(name, tmp_path).rows())

@@ -237,3 +237,30 @@ def test_report_only_keeps_the_runs_report_from(tmp_path: Path) -> None:
     assert "- tables: periods 2 and later" in (out / "report.md").read_text()
     assert main([*argv, "--report-only", "--report-from", "1"]) == 0  # asked for: done
     assert "- tables: periods 1 and later" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("options", "hint"),
+    [
+        ([], "if they are epoch seconds, say so (--dataset-option time_unit=s)"),
+        (["--dataset-option", "time_kind=pseudo"], "has no event time (its rows are stamped in file order)"),
+        (["--dataset-option", "time_unit=s", "--max-rows", "100"], None),  # few rows: no hint
+    ],
+)
+def test_too_few_periods_say_the_likely_cause(tmp_path: Path, capsys, options: list[str], hint) -> None:
+    # Frappe and Criteo (no event time) with the default week made 1 period, and epoch seconds read as
+    # ms made 1 week of 1970: both were told to "give more rows".
+    path = tmp_path / "log.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["timestamp", "user_id", "item_id", "click"])
+        for i in range(600):  # 6 weeks in epoch seconds
+            w.writerow([1_714_550_400 + i * 6 * 3600, f"u{i % 7}", f"i{i % 5}", i % 3 == 0])
+    argv = ["backtest", "--dataset", "impression-log", "--data", str(path), "--out", str(tmp_path / "o")]
+    assert _code([*argv, *TINY, "--backbones", "lr", "--no-river", *options]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to report" in err
+    if hint is None:
+        assert "epoch seconds" not in err and "no event time" not in err
+    else:
+        assert hint in err
