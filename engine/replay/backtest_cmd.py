@@ -131,7 +131,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", required=True, help="movielens-100k, frappe, frappe-libfm, criteo, avazu, impression-log"
     )
-    parser.add_argument("--data", required=True, type=Path, help="the dataset's file or folder")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="the dataset's file (movielens-100k, frappe, frappe-libfm: its folder too)",
+    )
     parser.add_argument(
         "--dataset-option",
         action="append",
@@ -140,7 +145,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="passed to the loader, e.g. seed=1 (Frappe negatives)",
     )
-    parser.add_argument("--period", default="week", help="week | day | hours:N | chunks:N (pseudo-time)")
+    parser.add_argument(
+        "--period",
+        default="week",
+        help="week (default) | day | hours:N | chunks:N: N equal parts of the rows (for the datasets "
+        "without event time: frappe, frappe-libfm, criteo)",
+    )
     parser.add_argument(
         "--min-period-size",
         type=int_at_least(1),
@@ -401,19 +411,23 @@ def open_data(args: argparse.Namespace) -> tuple[Any, Any]:
 def load_data(args: argparse.Namespace) -> tuple[BacktestData, str]:
     import itertools
 
-    from reloop.connectors.files.datasets import DatasetError, to_samples
+    from reloop.connectors.files.datasets import DatasetError, UnloggedPredictions, to_samples
 
     period = _period(args.period, args.min_period_size)
     ds, spec = open_data(args)
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
     args.dataset_name = getattr(ds, "name", None) or args.dataset
     args.dataset_counters = tuple(ds.counters)
+    unlogged = UnloggedPredictions()
     try:
-        samples = list(to_samples(rows))
+        samples = list(to_samples(unlogged.counted(rows)))
     except DatasetError as e:  # a missing or malformed file
         raise Refused(str(e)) from None
     except (ValueError, TypeError) as e:  # bytes that are not UTF-8, a --dataset-option value it cannot use
         raise Refused(f"{args.data}: {e}") from None
+    warning = unlogged.warning("backtest", "--y-last recomputed") if args.y_last == "logged" else None
+    if warning is not None:
+        print(warning, file=sys.stderr)
 
     def cut(times: Any) -> tuple[int, ...]:  # an int64 array of event times
         try:

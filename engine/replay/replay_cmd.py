@@ -47,7 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--kafka", metavar="BOOTSTRAP", type=bootstrap_arg, help="replay the config's topics from this broker"
     )
     src.add_argument("--jsonl", type=Path, metavar="ROOT", help="replay JSONL topic files under ROOT")
-    src.add_argument("--dataset", help="replay a dataset (movielens-100k, frappe, criteo, avazu, ...)")
+    src.add_argument(
+        "--dataset",
+        help="replay a dataset: movielens-100k, frappe, frappe-libfm, criteo, avazu, impression-log "
+        "(docs/bring-your-own-log.md)",
+    )
     parser.add_argument("--config", type=Path, help="run config (YAML/TOML); required except for --dataset")
     parser.add_argument(
         "--out", type=folder_arg, required=True, help="replay state: snapshots, samples, summary"
@@ -73,7 +77,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="merge order: record timestamps (Kafka default) or event time in the payload (files default)",
     )
     ds = parser.add_argument_group("dataset replay")
-    ds.add_argument("--data", type=Path, help="the dataset's file or folder")
+    ds.add_argument(
+        "--data", type=Path, help="the dataset's file (movielens-100k, frappe, frappe-libfm: its folder too)"
+    )
     ds.add_argument(
         "--delay",
         default="immediate",
@@ -743,7 +749,13 @@ def _kafka_source(args: argparse.Namespace, cfg: Any, topics: list[str]):
 def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     import itertools
 
-    from reloop.connectors.files.datasets import DatasetError, UnknownOption, open_dataset, to_events
+    from reloop.connectors.files.datasets import (
+        DatasetError,
+        UnknownOption,
+        UnloggedPredictions,
+        open_dataset,
+        to_events,
+    )
     from reloop.connectors.files.datasets.served_counters import with_served_counters
     from reloop.engine.replay.sources import EventListSource
     from reloop.engine.runtime.config import load_feature_spec
@@ -766,6 +778,8 @@ def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
     if args.config:
         _check_spec_reads_dataset(args.config, cfg, ds)
     rows = ds.rows() if args.max_rows <= 0 else itertools.islice(ds.rows(), args.max_rows)
+    unlogged = UnloggedPredictions()
+    rows = unlogged.counted(rows)
     delay = _parse_delay(args.delay, args.delay_seed)
     try:
         if cfg.model.counters is not None:  # the inputs an arm serving with them would have logged
@@ -777,4 +791,7 @@ def _dataset_source(args: argparse.Namespace, load_config, load_config_dict):
         raise
     except (ValueError, TypeError) as exc:  # bytes that are not UTF-8, a --dataset-option value it cannot use
         raise ValueError(f"{args.data}: {exc}") from None
+    warning = unlogged.warning("replay", "--y-last snapshot") if cfg.train.y_last == "logged" else None
+    if warning is not None:
+        print(warning, file=sys.stderr)
     return source, source.end_positions(), args.timestamps or "record", cfg

@@ -300,7 +300,7 @@ def markdown_tables(rows: Sequence[dict[str, Any]], peer: str | None = RIVER) ->
         lines = [f"#### {cell[0]} · {cell[1]} · {cell[2]}".replace("#### ·", "####"), "", header]
         for s in strategies:
             m = means[(*cell, s)]
-            auc_m, ll_m = float(np.nanmean(m["auc"])), float(np.nanmean(m["logloss"]))
+            auc_m, ll_m = _nanmean(m["auc"]), _nanmean(m["logloss"])
             comp = by_cell.get(cell, {}).get(s)
             if s == "ce" or not comp:
                 lines.append(f"| {s} | {auc_m:.4f} | {ll_m:.4f} | | | | | | |")
@@ -373,7 +373,7 @@ def plot(
             ax = axes[0, j]
             for s in strategies:
                 ys = [
-                    np.nanmean([r[metric] for r in cell_rows if r["strategy"] == s and r["period"] == p])
+                    _nanmean([r[metric] for r in cell_rows if r["strategy"] == s and r["period"] == p])
                     for p in periods
                 ]
                 ax.plot(periods, ys, label=s, lw=2 if s == "ce" else 1, color=colour[s])
@@ -448,3 +448,11 @@ def _legend(ax: Any, **kwargs: Any) -> None:
     warn of an empty legend)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kwargs)
+
+
+def _nanmean(values: Any) -> float:
+    """The mean of the values that are numbers; nan, without numpy's "Mean of empty slice" warning on the
+    user's terminal, when none is (AUC is undefined on a period whose labels are all one class)."""
+    a = np.asarray(values, dtype=np.float64)
+    kept = a[~np.isnan(a)]
+    return float(kept.mean()) if kept.size else math.nan

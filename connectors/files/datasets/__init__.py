@@ -26,6 +26,7 @@ from reloop.connectors.files.datasets.delay import (
 from reloop.connectors.files.datasets.events import (
     PLACEHOLDER_VERSION,
     RunningBaseRate,
+    UnloggedPredictions,
     to_events,
     to_samples,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "LogNormalDelay",
     "MovieLens100K",
     "RunningBaseRate",
+    "UnloggedPredictions",
     "field_names",
     "make_delay",
     "open_dataset",

@@ -41,6 +41,31 @@ class RunningBaseRate:
         self.clicks += 1
 
 
+@dataclass(slots=True)
+class UnloggedPredictions:
+    """Counts the rows without a logged ``served_prediction``: under ``y_last`` "logged" theirs is a
+    placeholder (the running click rate), which reads as a production model's prediction in a report."""
+
+    rows: int = 0
+    missing: int = 0
+
+    def counted(self, rows: Iterable[DatasetRow]) -> Iterator[DatasetRow]:
+        for row in rows:
+            self.rows += 1
+            self.missing += row.served_prediction is None
+            yield row
+
+    def warning(self, command: str, recompute: str) -> str | None:
+        """The line to print once the rows were read; None when every row had its prediction."""
+        if not self.missing:
+            return None
+        return (
+            f"reloop {command}: warning: y_last is the logged prediction, but {self.missing:,} of "
+            f"{self.rows:,} rows have no served_prediction: their y_last is a placeholder (the click rate "
+            f"so far), not what a production model predicted ({recompute} recomputes it)"
+        )
+
+
 def _check_order(rows: Iterable[DatasetRow]) -> Iterator[DatasetRow]:
     last = None
     for row in rows:

@@ -18,6 +18,7 @@ docs/bring-your-own-log.md has a worked example.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import operator
@@ -104,6 +105,17 @@ def _names(value: str | Sequence[str], key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _parquet_errors_located(path: Path) -> Iterator[None]:
+    """pyarrow's error named no file ("Parquet magic bytes not found in footer"); every CSV error does."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{path}: cannot be read as Parquet ({exc}); for a CSV file: format=csv") from None
+
+
 @dataclass(frozen=True)
 class ImpressionLog:
     path: Path
@@ -147,7 +159,8 @@ class ImpressionLog:
         if self._fmt() == "parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            with _parquet_errors_located(path):
+                table = pq.read_table(path)
             kinds = _parquet_kinds(table.schema)
             return self._checked(list(table.column_names)), kinds, table.to_pylist()
         # utf-8-sig: Excel's BOM made the first column '\ufeffuser_id' (or '\ufeffimpression_id').
@@ -171,7 +184,8 @@ class ImpressionLog:
         if self._fmt() == "parquet":
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(path)
+            with _parquet_errors_located(path):
+                schema = pq.read_schema(path)
             return self._checked(list(schema.names)), _parquet_kinds(schema)
         with utf8_errors_located(path), path.open(encoding="utf-8-sig", newline="") as fh:
             return self._checked(next(csv.reader(fh), [])), {}
@@ -278,6 +292,12 @@ class ImpressionLog:
             if first != i + 1:  # a replay joined a click to the other row of that id, and dropped this one
                 raise DatasetError(f"{where}: impression_id {row_id!r} repeats row {first}")
             click_t = rec.get("click_time")
+            click_ms = _time(click_t, scale, where, "click_time") if _present(click_t) else None
+            if click_ms is not None and click_ms < t:  # `reloop replay` refused it later, without the file
+                raise DatasetError(
+                    f"{where}: column 'click_time' ({click_t}) is before the impression's "
+                    f"{self.time_column!r} ({rec[self.time_column]}): a click comes after what it clicked"
+                )
             served = rec.get("served_prediction")
             version = rec.get("model_version")
             row = DatasetRow(
@@ -288,7 +308,7 @@ class ImpressionLog:
                 event_time_ms=t,
                 features=features,
                 label=y,
-                click_time_ms=_time(click_t, scale, where, "click_time") if _present(click_t) else None,
+                click_time_ms=click_ms,
                 served_prediction=_prediction(served, where) if _present(served) else None,
                 model_version=_version(version, where) if _present(version) else None,
             )

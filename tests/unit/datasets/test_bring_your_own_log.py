@@ -103,3 +103,40 @@ def test_the_page_s_log_replays_with_the_same_loader_options(ratings: Path, tmp_
     assert summary["samples_trained"] == 12 and summary["join"]["positives"] == 6
     assert not summary["dead_letters"]
     assert main([*argv[:5], "--dataset-option", "nope=1", "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.parametrize("command", ["backtest", "replay"])
+def test_y_last_logged_says_how_many_rows_logged_no_prediction(tmp_path: Path, capsys, command: str) -> None:
+    # It used the running click rate as y_last for every row of a log without served_prediction, and the
+    # report said `y_last: logged` as though a production model's predictions had been read.
+    from reloop.engine.runtime.cli import main
+
+    path = tmp_path / "log.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["timestamp", "user_id", "item_id", "click", "served_prediction", "model_version"])
+        for i in range(40):
+            logged = i % 4 != 0  # every fourth row logged no prediction
+            w.writerow(
+                [i * 3_600_000, f"u{i % 3}", f"i{i % 5}", i % 2, 0.3 if logged else "", 1 if logged else ""]
+            )
+    argv = [command, "--dataset", "impression-log", "--data", str(path), "--out", str(tmp_path / "o")]
+    if command == "backtest":
+        argv += ["--backbones", "lr", "--no-river", "--seeds", "1", "--period", "chunks:2", "--y-last"]
+    else:
+        argv += ["--backbone", "lr", "--batch-size", "4", "--y-last"]
+    assert main([*argv, "logged"]) == 0
+    assert "10 of 40 rows have no served_prediction" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *argv[:-1],
+                "--out",
+                str(tmp_path / "o2"),
+                argv[-1],
+                "snapshot" if command == "replay" else "recomputed",
+            ]
+        )
+        == 0
+    )
+    assert "no served_prediction" not in capsys.readouterr().err  # y_last not the logged one: nothing to say

@@ -303,3 +303,20 @@ def test_a_folder_given_for_the_file_is_named_a_folder_with_what_it_holds(tmp_pa
         DatasetError, match=r"is a folder: give the dataset's file itself \(it holds: train.tsv\)"
     ):
         list(open_dataset(name, tmp_path).rows())
+
+
+def test_a_click_time_before_its_impression_is_named_with_the_file_and_row(tmp_path: Path) -> None:
+    # `reloop backtest` took it silently and `reloop replay` refused it later, naming neither file nor row.
+    path = tmp_path / "early.csv"
+    path.write_text("timestamp,click,click_time\n1000,1,1000\n2000,1,1999\n")
+    with pytest.raises(DatasetError, match=r"early\.csv: row 2: column 'click_time' \(1999\) is before"):
+        list(ImpressionLog(path).rows())
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    # pyarrow's "Parquet magic bytes not found in footer" named no file.
+    path = tmp_path / "fake.parquet"
+    path.write_text("timestamp,click\n1,0\n")
+    with pytest.raises(DatasetError, match=r"fake\.parquet: cannot be read as Parquet .*format=csv"):
+        list(ImpressionLog(path).rows())
+    assert next(ImpressionLog(path, format="csv").rows()).event_time_ms == 1

@@ -222,3 +222,13 @@ def test_a_pair_without_a_finite_metric_leaves_both_sides_means() -> None:
     assert auc.mean - auc.ce_mean == pytest.approx(0.010)
     assert auc.ce_mean == pytest.approx(0.716)  # periods 1 and 2 (0.71, 0.72) and seeds' mean 0.001
     assert auc.n_periods == 2
+
+
+def test_a_period_whose_auc_is_undefined_everywhere_is_nan_without_a_numpy_warning() -> None:
+    # A period with one class left AUC nan in every run: numpy's "Mean of empty slice" reached the terminal.
+    from reloop.engine.replay.report import _nanmean
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(_nanmean([math.nan, math.nan]))
+        assert _nanmean([1.0, math.nan, 3.0]) == 2.0
