@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka import KafkaProducer
@@ -129,7 +129,10 @@ class KafkaSink:
         key: bytes | None = None,
         timestamp_ms: int | None = None,
         partition: int | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_failure(error)`` runs (on the producer's thread) if this record is given up on: a sender
+        that resends exactly the failed records (``reloop simulate``'s clicks after a long outage)."""
         if self._producer is None:
             raise RuntimeError("send on a closed KafkaSink")
         size = len(value) + len(key or b"") + _RECORD_OVERHEAD
@@ -148,6 +151,8 @@ class KafkaSink:
             self._unacked += 1
         future.add_callback(self._on_sent)
         future.add_errback(self._on_error)
+        if on_failure is not None:
+            future.add_errback(on_failure)
 
     def _on_sent(self, _metadata: Any) -> None:
         with self._lock:

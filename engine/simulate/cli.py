@@ -211,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(line)
     s = sim.stats
     console.print(
-        f"clicks sent {s.clicks_sent}, beyond the attribution window {s.clicks_late}, "
+        f"clicks sent {s.clicks_sent} ({s.clicks_resent} of them again after a producer gave up on them), "
+        f"beyond the attribution window {s.clicks_late}, "
         f"still pending at exit {s.clicks_pending_at_end}; not-ready answers {s.not_ready}, errors {s.errors}"
     )
     if failed is not None:

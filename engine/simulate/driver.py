@@ -9,7 +9,9 @@ impression id, stamped with the click's event time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
+import inspect
 import logging
 import threading
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 from reloop.engine.events.codec import encode
 from reloop.engine.events.schema import Click
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.simulate.stats import SimStats
 from reloop.engine.simulate.world import World
 from reloop.engine.streams import Sink
@@ -33,8 +36,8 @@ class NotReadyYet(Exception):
 
 
 class ClickSinkFailed(RuntimeError):
-    """The clicks could not be sent (no broker, refused credentials): the simulation stops; the clicks
-    not sent stay queued and are counted as pending."""
+    """The clicks could not be sent (no broker at the start, refused credentials): the simulation stops;
+    the clicks not sent stay queued and are counted as pending."""
 
 
 class ClickQueue:
@@ -64,6 +67,8 @@ class ClickQueue:
 
 
 class Simulator:
+    SINK_RETRY_S = 5.0  # between tries to make an arm's click sink again while the broker is down
+
     def __init__(
         self,
         *,
@@ -83,6 +88,17 @@ class Simulator:
         self.start_ms = clock_ms()
         self.clicks = ClickQueue()
         self._sinks: dict[str, Sink] = {}
+        # Arms whose sink can say which record it gave up on (KafkaSink's on_failure), and those records:
+        # a broker down past the producer's delivery timeout expired them. Without this the clicks were
+        # lost unseen (counted as sent), and the producer that went through it sent nothing more.
+        self._tracked: dict[str, bool] = {}
+        self._undelivered: list[tuple[str, Click, BaseException]] = []
+        self._undelivered_lock = threading.Lock()
+        self._retry_at: dict[str, float] = {}  # arm -> when its sink may be made again (monotonic)
+        self._request_failed = ThrottledWarning(log, "simulate: request failed: %s")
+        self._sink_waiting = ThrottledWarning(
+            log, "simulate: the clicks of arm %s wait for the broker (a new producer failed: %r)"
+        )
         self._n = 0
         # The world's random generator is not thread-safe; HTTP calls happen outside this lock.
         self._world_lock = threading.Lock()
@@ -123,7 +139,7 @@ class Simulator:
         except Exception as exc:  # noqa: BLE001 - a failed request is counted, the simulation goes on
             with self.stats.lock:
                 self.stats.errors += 1
-            log.warning("simulate: request failed: %s", exc)
+            self._request_failed(exc)  # once in 10 s: each request of a service that is down failed
             return None
         try:  # a 200 of another shape (not the scoring service) is a failed request, not a dead thread
             arm, version, shown = str(response["arm"]), int(response["model_version"]), response["ranking"]
@@ -154,19 +170,26 @@ class Simulator:
         with self._emit_lock:
             if self.failure is not None:
                 raise self.failure
+            self._requeue_undelivered()
             due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
-            sent = 0
+            sent = done = 0
             try:
                 for arm, click in due:
-                    sink = self._sinks.get(arm)
-                    if sink is None:
-                        sink = self._sinks[arm] = self.click_sink(arm)
-                    sink.send(
-                        encode(click), key=click.impression_id.encode(), timestamp_ms=click.event_time_ms
-                    )
-                    sent += 1
+                    sink = self._sinks.get(arm) or self._new_sink(arm)
+                    if sink is None:  # made again after a failure, and the broker is not back yet
+                        self.clicks.push(arm, click)
+                    else:
+                        on_failure = functools.partial(self._gave_up, arm, click)
+                        sink.send(
+                            encode(click),
+                            key=click.impression_id.encode(),
+                            timestamp_ms=click.event_time_ms,
+                            **({"on_failure": on_failure} if self._tracked[arm] else {}),
+                        )
+                        sent += 1
+                    done += 1
             except Exception as exc:  # noqa: BLE001 - any sink error: stop, count what is left
-                for arm, click in due[sent:]:
+                for arm, click in due[done:]:
                     self.clicks.push(arm, click)
                 self.failure = ClickSinkFailed(f"sending clicks failed: {exc!r}")
                 raise self.failure from exc
@@ -175,6 +198,50 @@ class Simulator:
                     with self.stats.lock:
                         self.stats.clicks_sent += sent
         return len(due)
+
+    def _new_sink(self, arm: str) -> Sink | None:
+        """The arm's click sink. A first one that cannot be made stops the simulation (no broker, refused
+        credentials: raised). One made again after a delivery failure waits for the broker instead: None,
+        and no new try for ``SINK_RETRY_S`` (each try can wait a whole bootstrap timeout)."""
+        if time.monotonic() < self._retry_at.get(arm, 0.0):
+            return None
+        try:
+            sink = self.click_sink(arm)
+        except Exception as exc:
+            if arm not in self._tracked:
+                raise
+            self._retry_at[arm] = time.monotonic() + self.SINK_RETRY_S
+            self._sink_waiting(arm, exc)
+            return None
+        self._sinks[arm] = sink
+        self._tracked[arm] = "on_failure" in inspect.signature(sink.send).parameters
+        return sink
+
+    def _gave_up(self, arm: str, click: Click, error: BaseException) -> None:
+        with self._undelivered_lock:
+            self._undelivered.append((arm, click, error))
+
+    def _requeue_undelivered(self) -> None:
+        """The clicks a sink gave up on back in the queue, due at once; that sink is dropped (a producer
+        that went through the outage is not reused) and the next send makes a new one."""
+        with self._undelivered_lock:
+            failed, self._undelivered = self._undelivered, []
+        if not failed:
+            return
+        for arm in {arm for arm, _, _ in failed}:
+            sink = self._sinks.pop(arm, None)
+            if sink is not None:
+                (getattr(sink, "abort", None) or sink.close)()
+        for arm, click, _ in failed:
+            self.clicks.push(arm, click)
+        with self.stats.lock:
+            self.stats.clicks_sent -= len(failed)
+            self.stats.clicks_resent += len(failed)
+        log.warning(
+            "simulate: %d click(s) were not delivered (%r): sending them again with a new producer",
+            len(failed),
+            failed[0][2],
+        )
 
     def run(
         self,

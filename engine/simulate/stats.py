@@ -201,6 +201,7 @@ class SimStats:
         self.not_ready = 0
         self.errors = 0
         self.clicks_sent = 0
+        self.clicks_resent = 0  # given up on by a producer (a long broker outage), sent again
         self.clicks_late = 0  # drawn beyond the attribution window
         self.clicks_pending_at_end = 0
 

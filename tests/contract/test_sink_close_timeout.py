@@ -88,8 +88,9 @@ def test_kafka_python_abort_releases_a_producer_that_holds_records(kafka_broker,
     producer = sink._producer
     sink.send(b"first", key=b"k")
     sink.flush(30)
+    given_up: list[BaseException] = []
     with stalled(kafka_broker):
-        sink.send(b"second", key=b"k")
+        sink.send(b"second", key=b"k", on_failure=given_up.append)
         started = time.monotonic()
         sink.abort()
         assert time.monotonic() - started < 5.0
@@ -97,3 +98,4 @@ def test_kafka_python_abort_releases_a_producer_that_holds_records(kafka_broker,
         while producer._sender.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not producer._sender.is_alive()  # the sender thread stopped: nothing left running
+    assert len(given_up) == 1  # the record's own on_failure ran: a sender can send exactly it again

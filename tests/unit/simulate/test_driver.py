@@ -347,3 +347,68 @@ def test_an_answer_of_the_wrong_shape_is_counted_as_an_error_and_the_run_goes_on
     sim.run(rate=50.0, duration_s=0.4, concurrency=2)
     assert calls["n"] >= 10  # the threads kept going for the whole duration
     assert sim.stats.errors == calls["n"] and not sim.stats.arms
+
+
+class _Expiring(MemorySink):
+    """A sink like KafkaSink: it takes ``on_failure`` and, once ``expire()`` is called, gives up on every
+    record it holds (a broker down past the producer's delivery timeout); ``held`` until ``deliver()``."""
+
+    def __init__(self, log: MemoryLog, topic: str) -> None:
+        super().__init__(log, topic)
+        self.held: list[tuple[bytes, bytes | None, int | None, object]] = []
+        self.aborted = False
+
+    def send(self, value, key=None, timestamp_ms=None, on_failure=None):
+        self.held.append((value, key, timestamp_ms, on_failure))
+
+    def deliver(self) -> None:
+        for value, key, ts, _ in self.held:
+            super().send(value, key=key, timestamp_ms=ts)
+        self.held = []
+
+    def expire(self) -> None:
+        for _, _, _, on_failure in self.held:
+            on_failure(TimeoutError("120002 ms has passed since batch creation"))
+        self.held = []
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def flush(self, timeout_s=None) -> None:
+        self.deliver()
+
+
+def test_clicks_a_producer_gave_up_on_are_sent_again_by_a_new_one_once_the_broker_is_back(monkeypatch):
+    # `reloop simulate` through a broker outage over 2 min: the producer expired its clicks (counted as
+    # sent), then sent nothing more until restarted; every impression served meanwhile trained as a negative.
+    mlog, made, broker_up = MemoryLog(), [], [True]
+
+    def sink(arm):
+        if not broker_up[0]:
+            raise ConnectionError("no broker")
+        made.append(_Expiring(mlog, "c"))
+        return made[-1]
+
+    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
+    clock = FakeClock()
+    sim = Simulator(
+        world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
+    )
+    monkeypatch.setattr(Simulator, "SINK_RETRY_S", 0.0)
+    for _ in range(50):
+        sim.step()
+        clock.ms += 1000
+        sim.emit_due_clicks()
+    first = len(made[0].held)
+    assert first > 0
+    broker_up[0] = False
+    made[0].expire()
+    sim.emit_due_clicks()  # the first sink is dropped; a new one cannot be made yet: no error, they wait
+    assert made[0].aborted and len(made) == 1 and sim.failure is None
+    assert len(sim.clicks) == first and sim.stats.clicks_resent == first
+    broker_up[0] = True
+    sim.emit_due_clicks()
+    sim.close()
+    clicks = [decode_click(r.value) for r in mlog.read(mlog.partitions("c")[0], 0, 100_000)]
+    assert len(made) == 2 and len(clicks) == sum(a.clicks for a in sim.stats.arms.values())
+    assert len({c.impression_id for c in clicks}) == len(clicks) and sim.stats.clicks_sent == len(clicks)
