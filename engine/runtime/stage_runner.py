@@ -223,8 +223,8 @@ def run_supervised(
                 extra={"fields": {"stage": name}},
             )
             print(
-                f'reloop {name}: the stop\'s final save failed (see "final save skipped" in the log); '
-                "the last snapshot or checkpoint is the restart point",
+                f"reloop {name}: the stop's final save failed (see {_SAVE_SKIPPED.get(name, _EITHER)} in the "
+                "log); the last snapshot or checkpoint is the restart point",
                 file=sys.stderr,
                 flush=True,
             )
@@ -247,6 +247,11 @@ def run_supervised(
         },
     )
     return code
+
+
+# The log line a stage's failed final save leaves ("run" in one process: either stage's).
+_SAVE_SKIPPED = {"join": '"final checkpoint skipped"', "train": '"final save skipped"'}
+_EITHER = '"final save skipped" or "final checkpoint skipped"'
 
 
 def _stopped_while_failing(failure: str | None, name: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -396,6 +397,14 @@ def test_a_stop_whose_final_save_fails_exits_1(tmp_path, capsys: pytest.CaptureF
     [stopped] = [orjson.loads(ln) for ln in err.splitlines() if '"msg":"stopped"' in ln]
     assert stopped["exit_code"] == 1 and stopped["final_checkpoint"] is None
     assert f"reloop {which}: the stop's final save failed" in err
+    # The line it sends the reader to is in the log (it said "final save skipped" for the join stage's
+    # "final checkpoint skipped").
+    [said] = [ln for ln in err.splitlines() if "the stop's final save failed" in ln]
+    logged = {orjson.loads(ln)["msg"] for ln in err.splitlines() if ln.startswith("{")}
+    assert set(re.findall(r'"([^"]+)"', said.split("(see ")[1].split(" in the log")[0])) & logged, (
+        said,
+        logged,
+    )
 
 
 @pytest.mark.usefixtures("_process_state")
