@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 Encoder = Callable[[Impression], bytes]
 
+# Every reason an impression is dropped for: each series is exported at zero from the start (it used to
+# appear only at its first drop, so increase() over it missed that burst).
+DROP_REASONS = ("queue_full", "closed", "sink_error", "shutdown", "oversized", "rejected", "encode_error")
+
 # What close() gives the sink to release its producer after the delivery time is up (what the producer
 # still holds then was counted as dropped already).
 RELEASE_S = 1.0
@@ -99,6 +103,9 @@ class ImpressionLogger:
         self.flush_timeout_s = flush_timeout_s
         self.arm = arm
         self._logged_metric = STATS.impressions_logged.child(arm)
+        for reason in DROP_REASONS:
+            STATS.impressions_dropped.child(reason)
+        self._failing_since: float | None = None  # the first failed send of the current outage
         self._buffer: deque[Impression] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -224,6 +231,8 @@ class ImpressionLogger:
         except Exception as exc:  # noqa: BLE001 - any sink failure: keep or isolate, never lose silently
             self.send_errors += 1
             if _retriable(exc):
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 log.warning(
                     "impression log %s: sink failed (%s); %d events kept for retry",
                     self.arm,
@@ -236,6 +245,13 @@ class ImpressionLogger:
             )
             return self._isolate(payloads, outcome)
         outcome.sent += sent
+        if self._failing_since is not None:  # "kept for retry" was the last word: say it is over
+            log.info(
+                "impression log %s: the sink delivers again after %.0f s of failures",
+                self.arm,
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
         return []
 
     def _deliver(self, payloads: list[tuple[Impression, bytes]], outcome: _Outcome) -> int:

@@ -194,3 +194,35 @@ def test_a_retriable_failure_keeps_the_batch_until_the_sink_is_back():
     _wait(lambda: logger.sent == 12)
     logger.close()
     assert sorted(sink.delivered) == sorted(f"imp{i}".encode() for i in range(12))
+
+
+def test_the_end_of_an_outage_is_logged_once(caplog) -> None:
+    # "sink failed ...; N events kept for retry" was the last word about an outage: nothing said it ended.
+    import logging
+
+    sink = FlakySink()
+    logger = ImpressionLogger(sink=sink, encode=_encode, max_buffer=1000, batch_size=16, retry_backoff_s=0.01)
+    with caplog.at_level(logging.INFO, logger="reloop.engine.serve.impression_log"):
+        logger.start()
+        logger.log([_imp(i) for i in range(40)])
+        _wait(lambda: logger.send_errors >= 2)
+        sink.down = False
+        _wait(lambda: logger.sent == 40)
+        logger.log([_imp(i) for i in range(40, 50)])
+        _wait(lambda: logger.sent == 50)
+        logger.close()
+    again = [r for r in caplog.records if "delivers again after" in r.getMessage()]
+    assert len(again) == 1 and again[0].levelname == "INFO"
+
+
+def test_every_drop_reason_is_exported_at_zero_from_the_start(monkeypatch) -> None:
+    # reloop_impressions_dropped_total appeared only at the first drop: increase() over it missed that one.
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.serve import impression_log
+
+    stats = EngineStats()
+    monkeypatch.setattr(impression_log, "STATS", stats)
+    ImpressionLogger(sink=FlakySink(), encode=_encode)
+    assert {labels: value for labels, value in stats.impressions_dropped.items()} == {
+        (reason,): 0 for reason in impression_log.DROP_REASONS
+    }
