@@ -152,6 +152,8 @@ class JoinStageSettings:
 
 
 class JoinStage:
+    WAITING_NOTE_S = 10.0  # out of the group this long: say why it waits
+
     def __init__(
         self,
         *,
@@ -201,6 +203,7 @@ class JoinStage:
         self.checkpoint_interval_s = settings.checkpoint_every_s
         self._last_records = time.monotonic()
         self._outside_group_since: float | None = None
+        self._said_waiting = False  # the wait to join the group logged (once per wait)
         # A join waits for the group (a dead member's session to end, the others to notice the rebalance
         # at their next heartbeat and rejoin, the broker's group.initial.rebalance.delay.ms): judged by a
         # stall_timeout_s shorter than that, every rebuild left the group and joined it again, a new
@@ -535,11 +538,26 @@ class JoinStage:
         least as long as a healthy join may take (the client's ``longest_join_s``), is a stall too."""
         if self.source.joined():
             self._outside_group_since = None
+            self._said_waiting = False
         elif self._outside_group_since is None:
             self._outside_group_since = now
         elif now - self._outside_group_since >= self._membership_timeout_s:
             waited = self._membership_timeout_s
             raise ConsumerStalled(f"not a member of the consumer group for {waited:g} s")
+        elif not self._said_waiting and now - self._outside_group_since >= self.WAITING_NOTE_S:
+            # After a broker outage this wait took about 45 s while the progress lines said only "tasks": [].
+            self._said_waiting = True
+            log.info(
+                "waiting to join the consumer group: its rebalance waits for every member, and after a "
+                "broker outage for this process's consumer from before it (or one stopped without "
+                "leaving), which keeps its partitions until its session times out (session_timeout_ms)",
+                extra={
+                    "fields": {
+                        "waited_s": round(now - self._outside_group_since, 1),
+                        "rebuilt_after_s": self._membership_timeout_s,
+                    }
+                },
+            )
 
     def _ends(self, *, ask: bool = False) -> Positions:
         try:

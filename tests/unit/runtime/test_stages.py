@@ -1126,6 +1126,25 @@ def test_a_join_consumer_that_never_joins_its_group_is_rebuilt(tmp_path):
     assert time.monotonic() - started >= 0.3 and not outside.tasks
 
 
+def test_a_long_wait_to_join_the_group_is_said_once(tmp_path, monkeypatch, caplog):
+    # After a broker outage the rebuilt join stage waited about 45 s for its group, its progress lines saying
+    # only "tasks": [].
+    import logging
+
+    from reloop.engine.runtime.join_stage import ConsumerStalled, JoinStage
+
+    monkeypatch.setattr(JoinStage, "WAITING_NOTE_S", 0.1)
+    outside = _stalls_after_0_3_s(tmp_path, _NeverJoins)
+    with (
+        caplog.at_level(logging.INFO, logger="reloop.join"),
+        pytest.raises(ConsumerStalled),
+    ):
+        while True:
+            outside.step()
+    said = [r for r in caplog.records if r.getMessage().startswith("waiting to join the consumer group")]
+    assert len(said) == 1 and said[0].fields["waited_s"] >= 0.1
+
+
 class _SlowJoin(MemoryGroupSource):
     """A client whose join takes 0.6 s (the group waits for its other members), its tasks 0.4 s to
     restore, and whose own settings let a healthy join take 1 s."""
