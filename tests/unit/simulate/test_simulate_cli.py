@@ -207,3 +207,23 @@ def test_it_reads_the_service_as_the_service_reads_itself(tmp_path: Path, monkey
         base_url=scorer.url, headers=scorer.client.headers, transport=httpx.MockTransport(handler)
     )
     assert scorer.ready() and seen == ["Bearer s3cret"]
+
+
+_LOGGING_AFTER_MAIN = """
+import argparse, logging, sys
+from reloop.engine.runtime.jsonlog import ThrottledRecords
+from reloop.engine.simulate import cli
+cli.main(argparse.Namespace(config=sys.argv[1]))  # a config that is not there: refused after logging is set
+(handler,) = logging.getLogger().handlers
+throttled = any(isinstance(f, ThrottledRecords) for f in handler.filters)
+print(logging.getLevelName(logging.getLogger("kafka").level), throttled)
+"""
+
+
+def test_kafka_pythons_lines_are_quieted_as_in_the_other_processes(tmp_path) -> None:
+    # Through a broker outage the simulator printed every kafka-python reconnect WARNING between its lines.
+    done = subprocess.run(
+        [sys.executable, "-c", _LOGGING_AFTER_MAIN, str(tmp_path / "none.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.split() == ["ERROR", "True"], done.stderr
