@@ -12,14 +12,22 @@ from reloop.engine.streams import TopicPartition
 
 
 class ConsumerLag:
-    """End offset minus position per partition, at most once per ``interval_s``. The gauge is replaced
-    whole, so a partition that moved to another process (a rebalance) leaves this process's series
-    instead of staying at its last value beside the new owner's."""
+    """End offset minus position per partition, at most once per ``interval_s``. This reader's series
+    are replaced whole, so a partition that moved to another process (a rebalance) leaves this process's
+    series instead of staying at its last value beside the new owner's."""
 
     def __init__(
-        self, gauge: Level, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        gauge: Level,
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        owner: str | None = None,
     ) -> None:
+        """``owner``: which reader's series these are, where two readers share the gauge (a rebuilt
+        stage's replace its predecessor's; the other stage of the process keeps its own)."""
         self._gauge = gauge
+        self._owner = owner
         self._interval_s = interval_s
         self._clock = clock
         self._at = float("-inf")
@@ -37,5 +45,6 @@ class ConsumerLag:
                 (tp.topic, str(tp.partition)): float(max(0, end - positions[tp]))
                 for tp, end in ends.items()
                 if tp in positions
-            }
+            },
+            owner=self._owner,
         )

@@ -183,11 +183,20 @@ class Level(_Children):
         """Read ``fn()`` at scrape time instead of a stored value (state the engine already keeps)."""
         self._child(labels).function = fn
 
-    def replace(self, values: Mapping[Labels, float]) -> None:
-        """Exactly these children and values from now on (others are dropped), in one swap."""
-        new = {tuple(k): Cell(v) for k, v in values.items()}
+    def replace(self, values: Mapping[Labels, float], *, owner: str | None = None) -> None:
+        """Exactly these children and values from now on, in one swap: all others dropped, or with an
+        ``owner`` only those it set before (the join and train stages of one process share the lag
+        gauge: each replacing it whole erased the other's series at every refresh)."""
+        cells = {tuple(k): Cell(v) for k, v in values.items()}
         with self._lock:
-            self._children = new
+            owners: dict[str, set[Labels]] = self.__dict__.setdefault("_owners", {})
+            if owner is None:
+                self._children = cells
+                owners.clear()
+                return
+            before = owners.get(owner, set())
+            self._children = {k: c for k, c in self._children.items() if k not in before} | cells
+            owners[owner] = set(cells)
 
     def get(self, *labels: str) -> float | None:
         child = self._children.get(labels)

@@ -752,7 +752,7 @@ class _JoinMetrics(JoinerMetrics):
     def __init__(self, stats: EngineStats, *, inputs: tuple[str, ...] = ()) -> None:
         super().__init__(stats)
         self._exported = _EXPORTED.setdefault(stats, _Exported({}, {}))
-        self.lag = ConsumerLag(stats.consumer_lag)
+        self.lag = ConsumerLag(stats.consumer_lag, owner="join")
         self.tasks = stats.join_tasks
         self.restore_fallbacks = stats.snapshot_restore_fallbacks
         self.deleted_unread = stats.join_input_deleted_unread

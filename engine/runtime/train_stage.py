@@ -946,7 +946,7 @@ class _TrainMetrics(TrainerMetrics):
 
     def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
         super().__init__(stats, wall_period_s=wall_period_s)
-        self.lag = ConsumerLag(stats.consumer_lag)  # observed on the thread that owns the consumer
+        self.lag = ConsumerLag(stats.consumer_lag, owner="train")  # observed on the consumer's thread
         self._dupes = stats.train_duplicates_dropped
         self._refused = stats.train_samples_refused
         self._missing = stats.train_samples_missing
