@@ -28,7 +28,11 @@ class JoinerMetrics:
         self._replays_abandoned = stats.join_replays_abandoned
         self._too_late = {kind: stats.joiner_too_late.child(kind) for kind in ("impression", "click")}
         self._dupes = stats.joiner_duplicates
-        self._bound = stats.joiner_dropped_by_bound
+        # By the bound that dropped them: pending impressions past join.max_pending or join.ttl_ms, and
+        # early clicks past join.max_early_clicks (those were lost without a count before).
+        self._bound = {
+            b: stats.joiner_dropped_by_bound.child(b) for b in ("max_pending", "ttl", "max_early_clicks")
+        }
         self._dead = stats.dead_letters
         # At zero from the start, as the alerts on them need: a series first exported at its first
         # event has no increase() over it.
@@ -69,7 +73,9 @@ class JoinerMetrics:
         self._too_late["click"].add(delta("too_late_clicks"))
         self._dupes.add("impression", n=delta("duplicate_impressions"))
         self._dupes.add("click", n=delta("duplicate_clicks"))
-        self._bound.add(n=delta("evicted_pending") + delta("expired_ttl"))
+        self._bound["max_pending"].add(delta("evicted_pending"))
+        self._bound["ttl"].add(delta("expired_ttl"))
+        self._bound["max_early_clicks"].add(delta("evicted_early_clicks"))
         if "stamped_ahead" in now:  # the merge's count (not in snapshots: it restarts at 0 with its merger)
             self._stamped_ahead.add(n=max(0, delta("stamped_ahead")))
         if "replays_abandoned" in now:  # a join task's count (not in its checkpoints either)
