@@ -78,7 +78,9 @@ SERIES: tuple[Series, ...] = (
            "Malformed or rejected events sent to the dead-letter sink, by reason (a small fixed set).",
            ("reason",)),
     Series("joined_samples", "reloop_joined_samples_total", "counter",
-           "Labelled samples emitted by the joiner, by label (0 or 1).", ("label",)),
+           "Labelled samples emitted by the joiner, by label (0 or 1). A late click's correction is a "
+           "label-1 sample for an impression emitted as 0 before (reloop_joiner_late_clicks_total, policy "
+           "correct): the sum over labels counts samples, not impressions.", ("label",)),
     Series("join_tasks", "reloop_join_tasks", "gauge",
            "Join tasks (co-partitioned partition pairs) this join process owns."),
     Series("join_checkpoint_seconds", "reloop_join_checkpoint_seconds", "gauge",
