@@ -36,14 +36,17 @@ def load_token(token_file: str | Path | None, token: SecretStr | None = None) ->
 class BearerAuth:
     """ASGI middleware: 401 unless the request carries the bearer token (probes excepted)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, *, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+        """``open_paths``: none for an app that answers every path alike (a worker's /metrics port, where
+        the probes' paths served the metrics to anyone)."""
         self.app = app
         self._expected = token.encode()
+        self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         # Only lifespan passes unchecked: a websocket (a route added later, a proxy's upgrade) carried no
         # token past this and reached the app.
-        if scope["type"] not in ("http", "websocket") or scope.get("path") in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self._open:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")

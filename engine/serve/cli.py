@@ -184,7 +184,7 @@ class _GuardedMetrics:
         from reloop.engine.serve.stack import listen_socket
 
         sock = listen_socket(host, port)
-        app = BearerAuth(metrics_asgi_app(), token)
+        app = BearerAuth(metrics_asgi_app(), token, open_paths=frozenset())  # it answers every path
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(

@@ -42,3 +42,27 @@ def test_lifespan_and_the_probes_pass_without_a_token() -> None:
     assert _through({"type": "http", "path": "/readyz", "headers": []}) == (True, [])
     reached, sent = _through({"type": "http", "path": "/metrics", "headers": []})
     assert not reached and sent[0]["status"] == 401
+
+
+def test_a_workers_metrics_port_needs_the_token_on_every_path() -> None:
+    # `reloop serve --workers N` with a token: each worker's own /metrics port answered /healthz and
+    # /readyz, without the token, with the whole exposition (prometheus_client's app answers any path).
+    import urllib.error
+    import urllib.request
+
+    from reloop.engine.serve.cli import _GuardedMetrics
+
+    metrics = _GuardedMetrics("127.0.0.1", 0, TOKEN)
+    try:
+        base = metrics.url.removesuffix("/metrics")
+        for path in ("/healthz", "/readyz", "/metrics"):
+            try:
+                urllib.request.urlopen(base + path, timeout=10)
+                raise AssertionError(f"{path} answered without the token")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, path
+        asked = urllib.request.Request(metrics.url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(asked, timeout=10) as answer:
+            assert b"reloop_" in answer.read()
+    finally:
+        metrics.close()
