@@ -26,7 +26,14 @@ ASGIApp = Callable[[Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitabl
 def load_token(token_file: str | Path | None, token: SecretStr | None = None) -> str | None:
     """The token from ``token_file`` (surrounding whitespace stripped), else ``token`` (serve.auth_token)."""
     if token_file is not None:
-        text = Path(token_file).read_text().strip()
+        try:
+            text = Path(token_file).read_text().strip()
+        except OSError as exc:  # "[Errno 2] No such file or directory: ..." named no setting
+            raise ValueError(
+                f"serve.auth_token_file {token_file} cannot be read: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"serve.auth_token_file {token_file} is not UTF-8 text") from None
         if not text:
             raise ValueError(f"serve.auth_token_file {token_file} is empty")
         return text

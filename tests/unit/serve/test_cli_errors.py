@@ -51,6 +51,7 @@ def test_serve_refuses_a_port_out_of_range_and_an_unreadable_token_file(tmp_path
     assert _code(["serve", "--config", _serve_config(tmp_path, auth_token_file=str(missing))]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err, err
+    assert "serve.auth_token_file" in err and "cannot be read: No such file or directory" in err, err  # named
 
 
 def test_a_stage_whose_metrics_port_is_in_use_exits_2_naming_the_setting(tmp_path, busy_port, capsys) -> None:
