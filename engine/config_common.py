@@ -191,6 +191,15 @@ class KafkaSection(_Section):
             unknown = sorted(k for k in self.client_config if k not in known)
             if unknown:
                 raise ValueError(f"client_config: {unknown} are not kafka-python settings")
+        missing = self._sasl_credentials_missing()
+        if missing:
+            # kafka-python retried the login that could not be made (its "expected str instance,
+            # NoneType found") as a broker outage until recovery.give_up_after_s: an unset variable, a
+            # Secret not mounted.
+            raise ValueError(
+                f"{' and '.join(missing)} must be set with security_protocol {self.security_protocol} and "
+                f"sasl_mechanism {self.sasl_mechanism or 'PLAIN (the default)'}"
+            )
         wrong = consumer_only_settings(self)
         if wrong:
             # The same settings go to the producers, which would refuse these and stop the program.
@@ -199,6 +208,16 @@ class KafkaSection(_Section):
                 "every consumer and producer): put them in consumer.client_config"
             )
         return self
+
+    def _sasl_credentials_missing(self) -> list[str]:
+        """The user and password settings a SASL login by name needs and lacks (PLAIN, SCRAM-*; with
+        no sasl_mechanism given, kafka-python's PLAIN: librdkafka's default, GSSAPI, needs neither)."""
+        if not (self.security_protocol or "").startswith("SASL_"):
+            return []
+        mechanism = self.sasl_mechanism or ("PLAIN" if self.client == "kafka-python" else "GSSAPI")
+        if mechanism.upper() != "PLAIN" and not mechanism.upper().startswith("SCRAM-"):
+            return []
+        return [name for name in ("sasl_username", "sasl_password") if getattr(self, name) is None]
 
     def connection(self, client: Client | None = None) -> dict[str, Any]:
         """The connection settings with the secrets' values, in the names of ``client`` (default: the

@@ -33,12 +33,12 @@ def test_yaml_loads_with_defaults(tmp_path):
 
 def test_env_overrides_nested_keys_and_types(tmp_path):
     env = {"RELOOP__TRAIN__BATCH_SIZE": "512", "reloop__join__late_click_policy": "drop",
-           "RELOOP__KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "RELOOP__CONSUMER__GROUP_ID": "null",
+           "RELOOP__KAFKA__SECURITY_PROTOCOL": "SSL", "RELOOP__CONSUMER__GROUP_ID": "null",
            "RELOOP__KAFKA__CLIENT_CONFIG__REQUEST_TIMEOUT_MS": "5000", "OTHER": "x"}
     cfg = load_config(_write(tmp_path, BASE), env=env)
     assert cfg.train.batch_size == 512
     assert cfg.join.late_click_policy == "drop"
-    assert cfg.kafka.security_protocol == "SASL_SSL" and cfg.consumer.group_id is None
+    assert cfg.kafka.security_protocol == "SSL" and cfg.consumer.group_id is None
     assert cfg.kafka.client_config == {"request_timeout_ms": 5000}
 
 

@@ -304,3 +304,25 @@ def test_a_malformed_bootstrap_fails_the_config_naming_the_key(bootstrap, why):
 )
 def test_bootstrap_lists_kafka_takes_are_accepted(bootstrap):
     assert _run({"kafka": {"bootstrap": bootstrap}}).kafka.bootstrap == bootstrap
+
+
+@pytest.mark.parametrize(
+    ("kafka", "refused"),
+    [
+        ({"sasl_mechanism": "PLAIN", "sasl_username": "u"}, "sasl_password must be set"),
+        ({"sasl_mechanism": "SCRAM-SHA-512"}, "sasl_username and sasl_password must be set"),
+        ({"sasl_username": "u"}, "sasl_password must be set"),  # kafka-python's default mechanism: PLAIN
+        ({"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": PASSWORD}, None),
+        ({"sasl_mechanism": "OAUTHBEARER"}, None),  # no name and password to give
+        ({"client": "confluent"}, None),  # librdkafka's default mechanism, GSSAPI, takes neither
+    ],
+)
+def test_a_sasl_login_by_name_without_its_name_or_password_is_a_config_error(kafka, refused):
+    # kafka-python retried the login it could not make ("expected str instance, NoneType found") as a
+    # broker outage for recovery.give_up_after_s: a Kubernetes Secret not mounted looked like Kafka down.
+    data = {"kafka": {"security_protocol": "SASL_PLAINTEXT", **kafka}}
+    if refused is None:
+        _run(data)
+        return
+    with pytest.raises(ConfigError, match=f"kafka: {refused} with security_protocol SASL_PLAINTEXT"):
+        _run(data)
