@@ -162,6 +162,7 @@ def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from reloop.connectors.kafka.admin import admin_settings, create_topics_counted
     from reloop.engine.runtime.config import ConfigError, load_config
+    from reloop.engine.streams import AuthenticationFailed
 
     if args.config is None:
         print("reloop kafka topics: give the run config: --config FILE", file=sys.stderr)
@@ -180,7 +181,10 @@ def _topics(args: argparse.Namespace) -> int:
         created, have = create_topics_counted(
             bootstrap, topics, timeout_s=args.timeout, client_config=settings
         )
-    except Exception as exc:  # noqa: BLE001 - unreachable, refused, fewer partitions: one line, exit 1
+    except AuthenticationFailed as exc:  # a setting to fix, not an outage: exit 2, as the stages do
+        print(f"reloop kafka topics: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - unreachable, fewer partitions: one line, exit 1
         print(f"reloop kafka topics: at {bootstrap}: {exc}", file=sys.stderr)
         return 1
     for name, asked in topics.items():

@@ -38,3 +38,22 @@ def test_the_inputs_and_the_dead_letter_topic_are_asked_for(tmp_path, monkeypatc
 def test_a_config_without_a_dead_letter_topic_asks_for_the_inputs_only(tmp_path, monkeypatch) -> None:
     # sink.dead_letter_topic: null was asked for as a topic named None.
     assert _asked(tmp_path, monkeypatch, {"dead_letter_topic": None}) == {"impressions": 2, "clicks": 2}
+
+
+def test_a_refused_login_exits_2_as_the_stages_do(tmp_path, monkeypatch, capsys) -> None:
+    # It exited 1, as for a broker that does not answer: a setting to fix read as an outage to wait out.
+    from reloop.engine.streams import AuthenticationFailed
+
+    def refused(bootstrap, topics, **kwargs):
+        raise AuthenticationFailed(bootstrap, "Authentication failed: Invalid username or password")
+
+    monkeypatch.setattr(admin, "create_topics_counted", refused)
+    config = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    config.write_text(
+        yaml.safe_dump({"kafka": {"bootstrap": "127.0.0.1:1"}, "model": {"backbone": "lr", "spec": spec}})
+    )
+    parser = argparse.ArgumentParser()
+    local_broker_cli.configure(parser)
+    assert local_broker_cli.main(parser.parse_args(["topics", "--config", str(config)])) == 2
+    assert "refused the login" in capsys.readouterr().err
