@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from reloop.engine.netaddr import http_url
+from reloop.engine.netaddr import http_url, is_loopback
 from reloop.engine.runtime import early_stop
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
@@ -154,6 +154,12 @@ def run_supervised(
                 }
             },
         )
+        if not is_loopback(cfg.metrics.prometheus_host):  # as `reloop serve` says of its own port
+            log.warning(
+                "serving /metrics on %s without authentication: anyone who reaches the port reads it "
+                "(metrics.prometheus_host; restrict it with a network policy or a firewall)",
+                cfg.metrics.prometheus_host,
+            )
     if stop is None:
         stop = StopRequest(cfg.recovery.stop_timeout_s)
         stop.install()

@@ -439,7 +439,9 @@ def test_metrics_port_0_is_a_free_port_for_both_stages(train, join, expected) ->
 
 
 @pytest.mark.usefixtures("_process_state")
-def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys, host: str) -> None:
+    # Bound beyond loopback it says so, as `reloop serve` does: its /metrics has no authentication.
     import urllib.request
 
     from reloop.engine.runtime.jsonlog import setup_json_logging
@@ -447,11 +449,15 @@ def test_a_stage_on_metrics_port_0_logs_the_port_it_bound(tmp_path, capsys) -> N
 
     stop = StopRequest(timeout_s=30)
     cfg, build = _real_stages(tmp_path, stop, "join", down=False)
+    cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"prometheus_host": host})})
     scraped: list[bytes] = []
 
     def scrape(stage) -> None:  # while it runs, at the address its "metrics" line names
-        line = next(ln for ln in capsys.readouterr().err.splitlines() if '"msg":"metrics"' in ln)
-        scraped.append(urllib.request.urlopen(orjson.loads(line)["url"], timeout=10).read())
+        err = capsys.readouterr().err
+        line = next(ln for ln in err.splitlines() if '"msg":"metrics"' in ln)
+        url = orjson.loads(line)["url"].replace("0.0.0.0", "127.0.0.1")
+        scraped.append(urllib.request.urlopen(url, timeout=10).read())
+        assert ("without authentication" in err) == (host == "0.0.0.0"), err
 
     setup_json_logging("INFO")
 
