@@ -20,22 +20,26 @@ sys.exit(cli.main([sys.argv[1]]))
 """
 
 
-@pytest.mark.parametrize(("command", "expected"), [("run", 0), ("join", 0), ("train", 0), ("replay", -15)])
-def test_a_sigterm_while_a_stream_processor_is_starting_exits_0(command, expected):
+def _sigterm_after(first_line: str, *argv: str) -> tuple[int, str, str]:
+    """``python argv...`` sent SIGTERM once it printed ``first_line``: (exit code, the rest of stdout,
+    stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_START, command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "starting\n"
+        assert proc.stdout is not None and proc.stdout.readline() == first_line
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == expected, err
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize(("command", "expected"), [("run", 0), ("join", 0), ("train", 0), ("replay", -15)])
+def test_a_sigterm_while_a_stream_processor_is_starting_exits_0(command, expected):
+    code, _, err = _sigterm_after("starting\n", "-c", _SLOW_START, command)
+    assert code == expected, err
     if expected == 0:
         assert f"reloop {command}: stopped (SIGTERM) before it started" in err
 
@@ -69,17 +73,8 @@ sys.exit(cli.main([sys.argv[1]]))
 
 @pytest.mark.parametrize("command", ["run", "train"])
 def test_a_sigterm_whose_exception_an_import_swallowed_still_stops_the_command(command):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SWALLOWED, command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "importing\n"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "built" not in out, (out, err)
+    code, out, err = _sigterm_after("importing\n", "-c", _SWALLOWED, command)
+    assert code == 0 and "built" not in out, (out, err)
     assert f"reloop {command}: stopped (SIGTERM) before it started" in err
 
 
@@ -101,17 +96,8 @@ def test_a_sigterm_during_the_imports_waits_for_them_and_stops_the_command(tmp_p
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from reloop.engine.runtime import cli; "
         "cli.COMMANDS['train'] = ('slow_cmd', 'its import takes 2 s'); sys.exit(cli.main(['train']))"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "importing\n"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and out == "imported\n", (out, err)
+    code, out, err = _sigterm_after("importing\n", "-c", script)
+    assert code == 0 and out == "imported\n", (out, err)
     assert "reloop train: stopped (SIGTERM) before it started" in err
 
 
