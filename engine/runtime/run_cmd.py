@@ -152,7 +152,7 @@ def _supervise(children: dict[str, subprocess.Popen], stop_timeout_s: float) -> 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    early = early_stop.take()  # one that came during the imports, its exception swallowed there
+    early = early_stop.take()  # a SIGTERM recorded during the imports (early_stop.py)
     if early is not None:
         forward(early, None)
     codes: dict[str, int] = {}

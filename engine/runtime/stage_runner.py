@@ -57,7 +57,7 @@ class StopRequest:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        early = early_stop.take()  # one that came during the imports, its exception swallowed there
+        early = early_stop.take()  # a SIGTERM recorded during the imports (early_stop.py)
         if early is not None:
             self._on_signal(early, None)
 
