@@ -175,7 +175,9 @@ class Simulator:
             sent = done = 0
             try:
                 for arm, click in due:
-                    sink = self._sinks.get(arm) or self._new_sink(arm)
+                    sink = self._sinks.get(arm)
+                    if sink is None:
+                        sink = self._new_sink(arm)
                     if sink is None:  # made again after a failure, and the broker is not back yet
                         self.clicks.push(arm, click)
                     else:
