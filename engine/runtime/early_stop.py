@@ -13,6 +13,8 @@ command's module is imported, and the stop handling the command installs later (
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -26,9 +28,36 @@ _pending: list[int] = []
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    _pending.append(signum)
+    _pending[:] = [signum]  # one stop, however often it is sent again
     if not _importing(frame):
         raise StoppedBeforeStart
+    _send_again_later()
+
+
+_again: threading.Thread | None = None
+
+
+def _send_again_later() -> None:
+    """The import's end is not always where the command line looks (an import inside the command's own
+    code, a lazy one in the standard library): a thread sends the signal to the main thread again every
+    ``AGAIN_S`` until it lands outside an import, or the command's own handler is in place. A CI run saw
+    a deferred signal sit unseen through a 60-s sleep."""
+    global _again
+    if _again is not None and _again.is_alive():
+        return
+    main = threading.main_thread().ident
+
+    def again() -> None:
+        while _pending and signal.getsignal(signal.SIGTERM) is _on_signal:
+            time.sleep(AGAIN_S)
+            if _pending and signal.getsignal(signal.SIGTERM) is _on_signal and main is not None:
+                signal.pthread_kill(main, signal.SIGTERM)
+
+    _again = threading.Thread(target=again, name="early-stop", daemon=True)
+    _again.start()
+
+
+AGAIN_S = 0.2
 
 
 def _importing(frame: FrameType | None) -> bool:

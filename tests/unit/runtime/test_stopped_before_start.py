@@ -161,3 +161,23 @@ def test_reloop_run_forwards_a_sigterm_swallowed_before_its_handler_to_its_stage
         for proc in children.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+_IMPORT_IN_MAIN = """
+import sys, time, types
+sys.path.insert(0, sys.argv[1])
+from reloop.engine.runtime import cli
+def main(args):
+    import slow_mod  # an import the command line does not watch: the command's own
+    time.sleep(60)
+cli._load = lambda name: types.SimpleNamespace(configure=lambda parser: None, main=main)
+sys.exit(cli.main(["join"]))
+"""
+
+
+def test_a_sigterm_during_an_import_of_the_commands_own_code_still_stops_it(tmp_path):
+    # Deferred inside an import that the command line did not watch, the stop sat unseen through the
+    # command's next 60 s (seen in CI on a loaded machine).
+    (tmp_path / "slow_mod.py").write_text('import time\nprint("importing", flush=True)\ntime.sleep(1.5)\n')
+    code, _, err = _sigterm_after("importing\n", "-c", _IMPORT_IN_MAIN, str(tmp_path))
+    assert code == 0 and "reloop join: stopped (SIGTERM) before it started" in err, err
