@@ -167,6 +167,10 @@ class Tally(_Children):
 class Level(_Children):
     """A value per label-values tuple (a gauge), or a function read at scrape time."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._owners: dict[str, set[Labels]] = {}  # replace(owner=...): the children each owner set
+
     def _new(self) -> Cell:
         return Cell()
 
@@ -189,14 +193,13 @@ class Level(_Children):
         gauge: each replacing it whole erased the other's series at every refresh)."""
         cells = {tuple(k): Cell(v) for k, v in values.items()}
         with self._lock:
-            owners: dict[str, set[Labels]] = self.__dict__.setdefault("_owners", {})
             if owner is None:
                 self._children = cells
-                owners.clear()
+                self._owners.clear()
                 return
-            before = owners.get(owner, set())
+            before = self._owners.get(owner, set())
             self._children = {k: c for k, c in self._children.items() if k not in before} | cells
-            owners[owner] = set(cells)
+            self._owners[owner] = set(cells)
 
     def get(self, *labels: str) -> float | None:
         child = self._children.get(labels)

@@ -40,9 +40,25 @@ log = logging.getLogger(__name__)
 
 Encoder = Callable[[Impression], bytes]
 
-# Every reason an impression is dropped for: each series is exported at zero from the start (it used to
-# appear only at its first drop, so increase() over it missed that burst).
-DROP_REASONS = ("queue_full", "closed", "sink_error", "shutdown", "oversized", "rejected", "encode_error")
+# Every reason an impression is dropped for, by this logger or the librdkafka one (producer_log.py).
+DROP_REASONS = (
+    "queue_full",
+    "closed",
+    "sink_error",
+    "shutdown",
+    "oversized",
+    "rejected",
+    "encode_error",
+    "undelivered",
+)
+
+
+def export_drops_at_zero() -> None:
+    """Each reason's series from the start: it appeared only at its first drop, so increase() over it
+    missed that burst."""
+    for reason in DROP_REASONS:
+        STATS.impressions_dropped.child(reason)
+
 
 # What close() gives the sink to release its producer after the delivery time is up (what the producer
 # still holds then was counted as dropped already).
@@ -103,8 +119,7 @@ class ImpressionLogger:
         self.flush_timeout_s = flush_timeout_s
         self.arm = arm
         self._logged_metric = STATS.impressions_logged.child(arm)
-        for reason in DROP_REASONS:
-            STATS.impressions_dropped.child(reason)
+        export_drops_at_zero()
         self._failing_since: float | None = None  # the first failed send of the current outage
         self._buffer: deque[Impression] = deque()
         self._cond = threading.Condition()

@@ -35,6 +35,7 @@ from typing import Protocol
 
 from reloop.engine.events.schema import Impression
 from reloop.engine.metrics.stats import STATS
+from reloop.engine.serve.impression_log import export_drops_at_zero
 from reloop.engine.streams import RecordTooLarge
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ProducerLogger:
         self.arm = arm
         self._lock = threading.Lock()
         self._logged_metric = STATS.impressions_logged.child(arm)
+        export_drops_at_zero()
         self._reported_sent = 0
         self._failed = 0  # accepted, then refused by Kafka for good
         self.accepted = 0

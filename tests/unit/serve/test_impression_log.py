@@ -4,6 +4,7 @@ import threading
 import time
 
 import orjson
+import pytest
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
 from reloop.engine.events.schema import Impression
 from reloop.engine.serve.impression_log import ImpressionLogger
@@ -215,14 +216,19 @@ def test_the_end_of_an_outage_is_logged_once(caplog) -> None:
     assert len(again) == 1 and again[0].levelname == "INFO"
 
 
-def test_every_drop_reason_is_exported_at_zero_from_the_start(monkeypatch) -> None:
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_every_drop_reason_is_exported_at_zero_from_the_start(monkeypatch, client: str) -> None:
     # reloop_impressions_dropped_total appeared only at the first drop: increase() over it missed that one.
     from reloop.engine.metrics.stats import EngineStats
     from reloop.engine.serve import impression_log
+    from reloop.engine.serve.producer_log import ProducerLogger
 
     stats = EngineStats()
     monkeypatch.setattr(impression_log, "STATS", stats)
-    ImpressionLogger(sink=FlakySink(), encode=_encode)
+    if client == "kafka-python":
+        ImpressionLogger(sink=FlakySink(), encode=_encode)
+    else:  # the librdkafka logger (serve's default client where it is installed)
+        ProducerLogger(make_sink=lambda on_failure: FlakySink(), encode=_encode)
     assert {labels: value for labels, value in stats.impressions_dropped.items()} == {
         (reason,): 0 for reason in impression_log.DROP_REASONS
     }
