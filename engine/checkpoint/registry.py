@@ -157,6 +157,8 @@ class SnapshotRegistry:
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         self._last_written: int | None = None  # this object's newest version: the fence (``write``)
+        self._sound: set[int] = set()  # versions that passed ``verify`` or were written here (``_retain``)
+        self._unsound: set[int] = set()  # versions that failed it, logged once
 
     @property
     def checkpoints(self) -> SnapshotRegistry:
@@ -262,23 +264,35 @@ class SnapshotRegistry:
         detail = f" (refused: {'; '.join(refused)})" if refused else ""
         raise SnapshotError(f"no usable snapshot under {self.root}{detail}")
 
+    def verify(self, version: int) -> None:
+        """Raise ``SnapshotError`` unless ``version``'s manifest and every part pass their checksums
+        (reads every byte, unpickles nothing)."""
+        manifest = self.manifest(version)
+        for name in manifest["parts"]:
+            self._checked_bytes(version, manifest, name)
+
+    def _checked_bytes(self, version: int, manifest: dict[str, Any], name: str) -> bytes:
+        where = self.path(version)
+        info = manifest["parts"].get(name)
+        if info is None:
+            raise SnapshotError(f"{where} has no part {name!r}")
+        try:
+            data = (where / info["file"]).read_bytes()
+        except OSError as exc:
+            raise SnapshotError(f"{where}: part {name!r} cannot be read ({exc})") from exc
+        kind = "crc32c" if "crc32c" in info else "sha256"  # sha256: snapshots written before
+        digest = _crc32c(data) if kind == "crc32c" else _sha256(data)
+        if len(data) != info["bytes"] or digest != info[kind]:
+            raise ChecksumError(f"{where}: part {name!r} fails its {kind} checksum")
+        return data
+
     def _load(self, version: int, parts: Iterable[str] | None) -> Snapshot:
         manifest = self.manifest(version)
         where = self.path(version)
         wanted = list(manifest["parts"]) if parts is None else list(parts)
         state: dict[str, Any] = {}
         for name in wanted:
-            info = manifest["parts"].get(name)
-            if info is None:
-                raise SnapshotError(f"{where} has no part {name!r}")
-            try:
-                data = (self.path(version) / info["file"]).read_bytes()
-            except OSError as exc:
-                raise SnapshotError(f"{where}: part {name!r} cannot be read ({exc})") from exc
-            kind = "crc32c" if "crc32c" in info else "sha256"  # sha256: snapshots written before
-            digest = _crc32c(data) if kind == "crc32c" else _sha256(data)
-            if len(data) != info["bytes"] or digest != info[kind]:
-                raise ChecksumError(f"{where}: part {name!r} fails its {kind} checksum")
+            data = self._checked_bytes(version, manifest, name)
             try:
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:  # torch's own text advises weights_only=False: not here
@@ -395,6 +409,7 @@ class SnapshotRegistry:
         # Visible from here on, and whole (every file and the folder fsynced): this writer's own, even if
         # the fsync below fails (a retry took it for another writer's and refused to write again).
         self._last_written = version
+        self._sound.add(version)
         try:
             self.record_highest(version)
             _fsync_dir(self.root)
@@ -419,8 +434,34 @@ class SnapshotRegistry:
         shutil.rmtree(hidden, ignore_errors=True)  # what is left is a .tmp-* the next publish removes
 
     def _retain(self) -> None:
-        for v in self.versions()[: -self.keep]:
-            shutil.rmtree(self.path(v), ignore_errors=True)
+        """Keep the newest ``keep`` versions that pass their checksums, and any newer that do not (for
+        a look); remove everything older. A corrupt version does not count: pruning by count alone
+        could leave no loadable snapshot behind one that rotted on disk. Each older version is read
+        whole once per writer (the ones it wrote, it knows); a newer format counts as sound."""
+        sound = 0
+        versions = self.versions()
+        for i, v in enumerate(reversed(versions)):
+            if sound == self.keep:
+                for old in versions[: len(versions) - i]:
+                    shutil.rmtree(self.path(old), ignore_errors=True)
+                    self._sound.discard(old)
+                    self._unsound.discard(old)
+                return
+            if v == self._last_written or v in self._sound:
+                sound += 1
+                continue
+            if v in self._unsound or i == len(versions) - 1:
+                continue  # the oldest is not read: whether it counts removes nothing
+            try:
+                self.verify(v)
+            except NewerFormat:
+                pass
+            except SnapshotError as exc:
+                self._unsound.add(v)
+                log.error("snapshot %d fails its checks; kept, not counted toward keep: %s", v, exc)
+                continue
+            self._sound.add(v)
+            sound += 1
 
     def _remove_stale_temps(self) -> None:
         for entry in os.scandir(self.root):

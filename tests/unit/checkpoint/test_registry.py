@@ -39,6 +39,39 @@ def test_versions_increase_across_instances_and_retention(tmp_path):
     assert again.versions() == [3, 4]
 
 
+def test_a_corrupt_version_does_not_count_toward_keep(tmp_path, caplog):
+    # Pruning by count alone kept v3 (rotted) and v4, leaving one loadable snapshot of keep=2.
+    reg = SnapshotRegistry(tmp_path, keep=2)
+    for i in range(3):
+        reg.publish(_state(float(i)))
+    (reg.path(3) / "model.pt").write_bytes(b"rotted")
+    again = SnapshotRegistry(tmp_path, keep=2)  # a restart: it did not write v2 or v3
+    assert again.publish(_state(9.0)) == 4
+    assert again.versions() == [2, 3, 4]  # v3 kept for a look, v2 still the second loadable one
+    assert "snapshot 3 fails its checks" in caplog.text
+    with pytest.raises(ChecksumError):
+        again.load(3)
+    assert torch.equal(again.load(2).state["model"]["w"], torch.full((3,), 1.0))
+    caplog.clear()
+    again.publish(_state(10.0))
+    assert again.versions() == [4, 5]  # two sound ones newer than the corrupt one: it goes
+    assert "fails its checks" not in caplog.text
+
+
+def test_retention_reads_an_older_version_once_and_never_the_oldest(tmp_path, monkeypatch):
+    reg = SnapshotRegistry(tmp_path, keep=2)
+    reg.publish(_state(1.0))
+    reg.publish(_state(2.0))
+    read: list[int] = []
+    again = SnapshotRegistry(tmp_path, keep=2)
+    verify = again.verify
+    monkeypatch.setattr(again, "verify", lambda v: (read.append(v), verify(v)))
+    again.publish(_state(3.0))  # v2 is read: if it failed, v1 would be the second loadable one
+    assert read == [2] and again.versions() == [2, 3]
+    again.publish(_state(4.0))
+    assert read == [2] and again.versions() == [3, 4]  # v3 it wrote, v2 it had read: no more reads
+
+
 def test_a_version_removed_by_hand_keeps_its_number_taken(tmp_path):
     # A rollback removes the newest version folders; the restarted trainer took their numbers again, so
     # v3 named two models (serving, the logged impressions and the per-version metrics tell them apart
