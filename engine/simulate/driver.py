@@ -94,7 +94,12 @@ class Simulator:
         self._tracked: dict[str, bool] = {}
         self._undelivered: list[tuple[str, Click, BaseException]] = []
         self._undelivered_lock = threading.Lock()
-        self._retry_at: dict[str, float] = {}  # arm -> when its sink may be made again (monotonic)
+        # Sinks made again after a failure, on a thread per arm (each try can wait a whole bootstrap
+        # timeout: on the request loop it stalled the requests once per SINK_RETRY_S of an outage).
+        self._remade: dict[str, Sink] = {}
+        self._remaking: set[str] = set()
+        self._remake_lock = threading.Lock()
+        self._closing = threading.Event()
         self._request_failed = ThrottledWarning(log, "simulate: request failed: %s")
         self._sink_waiting = ThrottledWarning(
             log, "simulate: the clicks of arm %s wait for the broker (a new producer failed: %r)"
@@ -203,21 +208,41 @@ class Simulator:
 
     def _new_sink(self, arm: str) -> Sink | None:
         """The arm's click sink. A first one that cannot be made stops the simulation (no broker, refused
-        credentials: raised). One made again after a delivery failure waits for the broker instead: None,
-        and no new try for ``SINK_RETRY_S`` (each try can wait a whole bootstrap timeout)."""
-        if time.monotonic() < self._retry_at.get(arm, 0.0):
-            return None
-        try:
+        credentials: raised). One made again after a delivery failure is made on a thread that waits for
+        the broker (a try every ``SINK_RETRY_S``): None until it is there."""
+        if arm in self._tracked:
+            with self._remake_lock:
+                sink = self._remade.pop(arm, None)
+                if sink is None:
+                    if arm not in self._remaking:
+                        self._remaking.add(arm)
+                        threading.Thread(
+                            target=self._remake, args=(arm,), name=f"simulate-sink-{arm}", daemon=True
+                        ).start()
+                    return None
+        else:
             sink = self.click_sink(arm)
-        except Exception as exc:
-            if arm not in self._tracked:
-                raise
-            self._retry_at[arm] = time.monotonic() + self.SINK_RETRY_S
-            self._sink_waiting(arm, exc)
-            return None
         self._sinks[arm] = sink
         self._tracked[arm] = "on_failure" in inspect.signature(sink.send).parameters
         return sink
+
+    def _remake(self, arm: str) -> None:
+        sink: Sink | None = None
+        try:
+            while sink is None and not self._closing.is_set() and self.failure is None:
+                try:
+                    sink = self.click_sink(arm)
+                except Exception as exc:  # noqa: BLE001 - the broker is not back yet: try again
+                    self._sink_waiting(arm, exc)
+                    self._closing.wait(self.SINK_RETRY_S)
+        finally:
+            with self._remake_lock:
+                self._remaking.discard(arm)
+                if sink is not None and not self._closing.is_set():
+                    self._remade[arm] = sink
+                    sink = None
+        if sink is not None:  # made as the simulation closed: nothing will send through it
+            sink.close()
 
     def _gave_up(self, arm: str, click: Click, error: BaseException) -> None:
         with self._undelivered_lock:
@@ -306,7 +331,10 @@ class Simulator:
             error = exc
         with self.stats.lock:
             self.stats.clicks_pending_at_end = len(self.clicks)
-        sinks, self._sinks = list(self._sinks.values()), {}
+        with self._remake_lock:
+            self._closing.set()  # a sink still being made is closed by its thread
+            remade, self._remade = list(self._remade.values()), {}
+        sinks, self._sinks = [*self._sinks.values(), *remade], {}
         for sink in sinks:
             try:
                 sink.flush(timeout_s=10.0)

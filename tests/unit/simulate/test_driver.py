@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -394,7 +396,7 @@ def test_clicks_a_producer_gave_up_on_are_sent_again_by_a_new_one_once_the_broke
     sim = Simulator(
         world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
     )
-    monkeypatch.setattr(Simulator, "SINK_RETRY_S", 0.0)
+    monkeypatch.setattr(Simulator, "SINK_RETRY_S", 0.01)
     for _ in range(50):
         sim.step()
         clock.ms += 1000
@@ -407,8 +409,82 @@ def test_clicks_a_producer_gave_up_on_are_sent_again_by_a_new_one_once_the_broke
     assert made[0].aborted and len(made) == 1 and sim.failure is None
     assert len(sim.clicks) == first and sim.stats.clicks_resent == first
     broker_up[0] = True
-    sim.emit_due_clicks()
+    _until(lambda: (sim.emit_due_clicks(), len(made) == 2 and not sim.clicks)[1])
     sim.close()
     clicks = [decode_click(r.value) for r in mlog.read(mlog.partitions("c")[0], 0, 100_000)]
     assert len(made) == 2 and len(clicks) == sum(a.clicks for a in sim.stats.arms.values())
     assert len({c.impression_id for c in clicks}) == len(clicks) and sim.stats.clicks_sent == len(clicks)
+
+
+def _until(done, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_sink_made_again_during_an_outage_does_not_hold_up_the_requests(monkeypatch):
+    # Each try to make a producer while the broker is down can wait a whole bootstrap timeout: made on
+    # the request loop, it stalled the requests once per SINK_RETRY_S of an outage.
+    mlog, made = MemoryLog(), []
+    entered, release = threading.Event(), threading.Event()
+
+    def sink(arm):
+        if made:  # the second one: the broker does not answer until released
+            entered.set()
+            release.wait(10)
+        made.append(_Expiring(mlog, "c"))
+        return made[-1]
+
+    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
+    clock = FakeClock()
+    sim = Simulator(
+        world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
+    )
+    while not made or not made[0].held:
+        sim.step()
+        clock.ms += 1000
+        sim.emit_due_clicks()
+    made[0].expire()
+    sim.emit_due_clicks()  # returns while the new sink is still being made
+    assert entered.wait(10) and not release.is_set() and len(made) == 1
+    assert sim.step() is not None  # requests go on meanwhile
+    sim.emit_due_clicks()
+    release.set()
+    clock.ms += 60_000  # the last request's clicks due
+    _until(lambda: (sim.emit_due_clicks(), len(made) == 2 and not sim.clicks)[1])
+    sim.close()
+    clicks = [decode_click(r.value) for r in mlog.read(mlog.partitions("c")[0], 0, 100_000)]
+    assert len(clicks) == sum(a.clicks for a in sim.stats.arms.values()) == sim.stats.clicks_sent
+
+
+def test_a_sink_made_after_close_is_closed_and_not_used():
+    mlog, made = MemoryLog(), []
+    entered, release = threading.Event(), threading.Event()
+
+    def sink(arm):
+        if made:
+            entered.set()
+            release.wait(10)
+        made.append(_Expiring(mlog, "c"))
+        made[-1].closed = False
+        made[-1].close = lambda s=made[-1]: setattr(s, "closed", True)
+        return made[-1]
+
+    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
+    clock = FakeClock()
+    sim = Simulator(
+        world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
+    )
+    while not made or not made[0].held:
+        sim.step()
+        clock.ms += 1000
+        sim.emit_due_clicks()
+    made[0].expire()
+    sim.emit_due_clicks()
+    assert entered.wait(10)
+    sim.close()  # the clicks still wait: counted as pending, not lost unseen
+    assert sim.stats.clicks_pending_at_end > 0
+    release.set()
+    _until(lambda: len(made) == 2 and made[1].closed)
+    assert not made[1].held
