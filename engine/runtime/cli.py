@@ -94,9 +94,10 @@ def keep_triton_out() -> None:
         sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # None: "import triton" fails
 
 
-# The stream processors, which install their own stop handling once started (engine/runtime/stage_runner.py).
-# A SIGTERM before that exits 0: see engine/runtime/early_stop.py.
-STOPPED_EARLY_CLEANLY = frozenset({"run", "join", "train"})
+# The stream processors and the scoring service, which install their own stop handling once started
+# (engine/runtime/stage_runner.py, engine/serve/cli.py). A SIGTERM before that exits 0: see
+# engine/runtime/early_stop.py.
+STOPPED_EARLY_CLEANLY = frozenset({"run", "join", "train", "serve"})
 
 
 def main(argv: list[str] | None = None) -> int:

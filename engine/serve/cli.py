@@ -13,6 +13,7 @@ from typing import Any
 
 from reloop.engine.config_common import path_problem, port_arg
 from reloop.engine.netaddr import bootstrap_arg, http_url, is_loopback
+from reloop.engine.runtime import early_stop
 from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict, load_serve_config
 
 
@@ -120,6 +121,8 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    if early_stop.take() is not None:  # a SIGTERM recorded during the import above (early_stop.py)
+        on_signal(signal.SIGTERM, None)
     try:
         stack = ServingStack(config).start()
     except (ValueError, OSError) as exc:  # OSError: an auth_token_file that cannot be read

@@ -41,6 +41,7 @@ import threading
 import time
 
 from reloop.engine.netaddr import http_url
+from reloop.engine.runtime import early_stop
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def run_workers(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if early_stop.take() is not None:  # a SIGTERM recorded during the imports (early_stop.py)
+        stop.set()
     procs: list[subprocess.Popen | None] = [None] * workers
     started: list[float] = [float("-inf")] * workers  # when each was last started
     print(

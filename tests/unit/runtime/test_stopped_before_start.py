@@ -36,7 +36,9 @@ def _sigterm_after(first_line: str, *argv: str) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize(("command", "expected"), [("run", 0), ("join", 0), ("train", 0), ("replay", -15)])
+@pytest.mark.parametrize(
+    ("command", "expected"), [("run", 0), ("join", 0), ("train", 0), ("serve", 0), ("replay", -15)]
+)
 def test_a_sigterm_while_a_stream_processor_is_starting_exits_0(command, expected):
     code, _, err = _sigterm_after("starting\n", "-c", _SLOW_START, command)
     assert code == expected, err
