@@ -74,17 +74,14 @@ def _work(run: RunSpec) -> list[dict[str, Any]]:
 
 
 def load(path: Path, buckets: int) -> BacktestData:
-    from reloop.engine.replay.backtest_cmd import load_data
+    from reloop.engine.replay.backtest_cmd import configure, load_data
 
-    ns = argparse.Namespace(
-        dataset="movielens-100k",
-        data=path,
-        dataset_option=[],
-        max_rows=0,
-        buckets=buckets,
-        period="week",
-        min_period_size=500,
-    )
+    # The backtest's own parser: its defaults for every option this script does not set (a namespace
+    # built by hand missed each option added to load_data since, and the script failed before reading).
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    given = ["--dataset", "movielens-100k", "--data", str(path), "--buckets", str(buckets)]
+    ns = parser.parse_args([*given, "--period", "week", "--min-period-size", "500", "--out", "unused"])
     return load_data(ns)[0]
 
 
@@ -102,6 +99,11 @@ def _base_of(name: str, strategy: str) -> tuple[str, str]:
 def run_all(args: argparse.Namespace) -> Path:
     data = load(args.data, args.buckets)
     print(f"{len(data.labels)} samples, {data.n_periods} periods", file=sys.stderr)
+    if data.n_periods <= args.select_until + 1:
+        raise SystemExit(
+            f"reloop2_backtest: {data.n_periods} period(s): --select-until {args.select_until} leaves "
+            f"none to report on (period 0 is warm-up, 1..{args.select_until} choose the settings)"
+        )
     runs = [
         RunSpec(
             "streaming",
