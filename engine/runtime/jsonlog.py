@@ -64,6 +64,8 @@ def quiet_kafka_python(handler: logging.Handler) -> None:
     logging.getLogger("kafka").setLevel(logging.ERROR)
     if not any(isinstance(f, DemotedRecords) for f in handler.filters):  # before the throttle edits .msg
         handler.addFilter(DemotedRecords(KAFKA_PYTHON_NOT_ERRORS))
+    if not any(isinstance(f, ClosedSocketRead) for f in handler.filters):
+        handler.addFilter(ClosedSocketRead())
     if not any(isinstance(f, ThrottledRecords) for f in handler.filters):
         handler.addFilter(ThrottledRecords("kafka"))
 
@@ -72,6 +74,21 @@ def quiet_kafka_python(handler: logging.Handler) -> None:
 # auto-creates topics) is "not found" at that message. Where it is really missing, reloop's own warning
 # names it ("waiting for a topic", a send that fails).
 KAFKA_PYTHON_NOT_ERRORS = frozenset({("kafka.cluster", "Topic %s not found in cluster metadata")})
+
+
+class ClosedSocketRead(logging.Filter):
+    """A handler's filter that drops kafka-python's traceback of a read from a connection closed under its
+    reader (``AttributeError: 'NoneType' object has no attribute 'recv'``): a race of its own close, seen
+    as an ERROR with a traceback in a clean stop (exit 0), and no error of the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "kafka.net.transport"
+            and record.msg == "%s: Error receiving network data closing socket"
+            and record.exc_info is not None
+            and isinstance(record.exc_info[1], AttributeError)
+            and "recv" in str(record.exc_info[1])
+        )
 
 
 class DemotedRecords(logging.Filter):

@@ -66,3 +66,25 @@ def test_kafka_pythons_error_for_a_topic_its_first_message_creates_is_a_warning(
         ("kafka.net.manager", "ERROR"),  # a real error stays one
     ]
     assert records[0]["msg"] == "Topic impressions not found in cluster metadata"
+
+
+_CLOSED_UNDER_ITS_READER = """
+import logging
+from reloop.engine.runtime.jsonlog import setup_json_logging
+setup_json_logging("INFO")
+transport = logging.getLogger("kafka.net.transport")
+for exc in (AttributeError("'NoneType' object has no attribute 'recv'"), ConnectionResetError(104, "reset")):
+    try:
+        raise exc
+    except BaseException:
+        transport.exception("%s: Error receiving network data closing socket", "<KafkaTCPTransport (closed)>")
+"""
+
+
+def test_kafka_pythons_traceback_of_a_read_from_a_socket_it_closed_is_left_out() -> None:
+    # A clean SIGTERM (exit 0) logged an ERROR with kafka-python's traceback of its own close race.
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSED_UNDER_ITS_READER], capture_output=True, text=True, timeout=60
+    )
+    records = [orjson.loads(ln) for ln in done.stderr.splitlines()]
+    assert len(records) == 1 and "ConnectionResetError" in records[0]["exc"]  # a real one stays
