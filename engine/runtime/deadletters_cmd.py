@@ -165,6 +165,12 @@ def main(args: argparse.Namespace) -> int:
         return 1
     if code:
         return code
+    if not args.group and not args.dry_run and sent[0]:
+        # Each redrive without a group reads the topic from its start: what it sent, and what is refused
+        # again (a new dead letter), would be sent once more by the next one.
+        print("reloop deadletters: no --group: nothing remembered; a later redrive sends these again, and "
+              "records refused again come back as new dead letters (--group NAME sends only what is new)",
+              file=sys.stderr, flush=True)  # fmt: skip
     if args.group and not args.dry_run:
         # Only now: every record sent is delivered (the sinks' close flushed them, or raised).
         _commit(cfg, connection, args.group, reached)

@@ -23,12 +23,15 @@ pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(config: Path, *args: str) -> str:
+def _cli(config: Path, *args: str, said: list[str] | None = None) -> str:
+    """The command's stdout; its stderr appended to ``said``."""
     out = subprocess.run(
         [sys.executable, "-m", "reloop.engine.runtime.cli", "deadletters", *args, "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    if said is not None:
+        said.append(out.stderr)
     return out.stdout
 
 
@@ -100,8 +103,10 @@ def test_dead_letters_are_summarised_and_sent_again_to_their_topics(kafka_broker
     assert "not sent: 1 (oversized: truncated" in out and "not sent: 1 (unlearnable: not from an input" in out
     assert _read(kafka_broker.bootstrap, topics["impressions"]) == []
 
-    out = _cli(config, "redrive", "--reason", "bad_feature,malformed", "--keep-timestamps")
+    warned: list[str] = []
+    out = _cli(config, "redrive", "--reason", "bad_feature,malformed", "--keep-timestamps", said=warned)
     assert f"sent 1 record(s) to '{topics['impressions']}'" in out and "not sent" not in out
+    assert "no --group: nothing remembered; a later redrive sends these again" in warned[0]
     [imp] = _read(kafka_broker.bootstrap, topics["impressions"])
     assert (imp.key, imp.value, imp.timestamp_ms) == (b"imp-1", feature, t0)
     [click] = _read(kafka_broker.bootstrap, topics["clicks"])
@@ -140,8 +145,10 @@ def test_a_redrive_with_a_group_sends_only_the_dead_letters_written_since_its_la
     assert _cli(config, "summary", "--group", group).startswith("2 of 2 dead letters")  # nothing committed
     assert _cli(config, "summary", "--origin", topics["clicks"]).startswith("0 of 2")  # the config's topic
     assert _cli(config, "redrive", "--group", group, "--dry-run").count("would send 2 record(s)") == 1
-    out = _cli(config, "redrive", "--group", group)
+    warned: list[str] = []
+    out = _cli(config, "redrive", "--group", group, said=warned)
     assert "sent 2 record(s)" in out and f"committed group '{group}' at 2 record(s) read" in out
+    assert "no --group" not in warned[0]
     # A dry run commits nothing, a redrive with the group then sends nothing again; without it, all.
     out = _cli(config, "redrive", "--group", group)
     assert "sent" not in out.replace("committed", "") and "at 0 record(s) read" in out
