@@ -180,7 +180,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int_at_least(1), default=5, help="seeds 0..N-1")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
-    parser.add_argument("--y-last", choices=("recomputed", "logged"), default="recomputed")
+    parser.add_argument(
+        "--y-last",
+        type=lambda v: "recomputed" if v == "snapshot" else v,  # the name train.y_last and replay use
+        choices=("recomputed", "logged"),
+        default="recomputed",
+        help="recomputed (default; also `snapshot`, as train.y_last and `reloop replay` name it): y_last is "
+        "the previous period's model's prediction; logged: the prediction the data logged",
+    )
     # The learner defaults below are the settings the reports in docs/backtest/ used (their "y_last: ..."
     # line; tests/unit/replay/test_backtest_cmd.py holds the two together).
     parser.add_argument(

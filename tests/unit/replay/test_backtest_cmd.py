@@ -507,3 +507,12 @@ def test_click_counters_from_the_command_line(tmp_path: Path, capsys) -> None:
         main([*argv, "--counters", "user_id", "--counter-windows", "0", "--out", str(tmp_path / "bad")]) == 2
     )
     assert "windows must be distinct and > 0 seconds" in capsys.readouterr().err
+
+
+def test_y_last_takes_the_name_the_config_and_replay_use(tmp_path: Path) -> None:
+    # --y-last snapshot (train.y_last's and `reloop replay --y-last`'s name) was refused by the backtest.
+    base = ["--dataset", "movielens-100k", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert _parse([*base, "--y-last", "snapshot"]).y_last == "recomputed"
+    assert _parse([*base, "--y-last", "logged"]).y_last == "logged"
+    with pytest.raises(SystemExit):
+        _parse([*base, "--y-last", "live"])
