@@ -146,6 +146,9 @@ def _run(name: str, argv: list[str]) -> int:
         if code is None:
             print(f"reloop {name}: not available ({exc})", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while torch imports (the first seconds): no 40-line traceback
+        print(f"reloop {name}: interrupted", file=sys.stderr)
+        return 130
     early_stop.raise_if_pending()  # a SIGTERM that came during the imports (early_stop.py)
     try:
         # No abbreviated flags: "--conf" taken for --config would change meaning once a flag sharing the

@@ -183,3 +183,33 @@ def test_a_sigterm_during_an_import_of_the_commands_own_code_still_stops_it(tmp_
     (tmp_path / "slow_mod.py").write_text('import time\nprint("importing", flush=True)\ntime.sleep(1.5)\n')
     code, _, err = _sigterm_after("importing\n", "-c", _IMPORT_IN_MAIN, str(tmp_path))
     assert code == 0 and "reloop join: stopped (SIGTERM) before it started" in err, err
+
+
+_INTERRUPTED_IMPORT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start may inherit it ignored
+from reloop.engine.runtime import cli
+def load(name):
+    print("importing", flush=True)
+    time.sleep(60)
+cli._load = load
+sys.exit(cli.main([sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("command", ["demo", "models"])
+def test_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(command):
+    # Ctrl-C in the demo's first seconds (torch importing) printed a 40-line KeyboardInterrupt traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_IMPORT, command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "importing\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"reloop {command}: interrupted" in err
