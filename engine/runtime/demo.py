@@ -7,7 +7,8 @@ each reading its arm's impressions and clicks topics and publishing snapshots to
 (3) the scoring service (HTTP on loopback) that hot-reloads each arm's newest snapshot and logs what it
 shows, and (4) the simulator that sends page views to the service and clicks to Kafka. A rich table shows
 events/s, the rolling AUC and CTR per arm and the model versions until Ctrl-C or ``--duration``; then
-everything stops in order (simulator, service, trainers, broker) and a per-arm summary is printed.
+everything stops in order (simulator, service, trainers, broker) and a per-arm summary is printed. A
+second Ctrl-C (a second or more after the first) kills the trainers still writing their final snapshots.
 
 Before the first snapshot each arm serves an untrained model as version 0 (``cold_start``), built with the
 trainer's own seed: without it the loop could not start (no snapshot without samples, no samples
@@ -164,6 +165,15 @@ def _fed_section(
     return full
 
 
+def trainer_env() -> dict[str, str]:
+    """The environment every arm's `reloop run` gets: its ``RELOOP__`` overrides apply to the arms' run
+    configs (checked before the start with these), but not a ``RELOOP__KAFKA__BOOTSTRAP``: the broker is
+    the demo's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("RELOOP__KAFKA__BOOTSTRAP", None)
+    return env
+
+
 def _plans_problem(config: DemoConfig, workdir: Path, run_id: str) -> str | None:
     """Why an arm could not be planned or its trainer's model built (as ``reloop run`` checks it), or
     None: the arms' run configs, planned with a stand-in broker address (only the address differs)."""
@@ -175,7 +185,7 @@ def _plans_problem(config: DemoConfig, workdir: Path, run_id: str) -> str | None
         plans = plan_arms(config, workdir=workdir, bootstrap="127.0.0.1:9092", run_id=run_id)
         for plan in plans:
             try:
-                check_model(load_config_dict(plan.run_config, env={}))
+                check_model(load_config_dict(plan.run_config, env=trainer_env()))
             except RunConfigError as exc:
                 raise ConfigError(f"arm {plan.name}: bad run config: {exc}") from exc
         serve_config_for(config, plans, "127.0.0.1:9092")
@@ -213,7 +223,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
         )
         try:
             # The spec too: counters of a field it lacks fail here, not in a trainer after the start.
-            load_feature_spec(load_config_dict(run, env={}).model)
+            load_feature_spec(load_config_dict(run, env=trainer_env()).model)
         except RunConfigError as exc:
             raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
         from reloop.engine.serve.config import ArmCountersConfig, ArmMemoryConfig
@@ -287,14 +297,13 @@ class TrainerProcess:
         plan.run_config_path.parent.mkdir(parents=True, exist_ok=True)
         plan.run_config_path.write_text(yaml.safe_dump(plan.run_config, sort_keys=False))
         self._log = open(plan.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.pop("RELOOP__KAFKA__BOOTSTRAP", None)  # the demo's broker, not one from the environment
+        self._asked = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(plan.run_config_path)],
             cwd=REPO_ROOT if in_checkout() else None,  # installed: the demo's own working folder
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=trainer_env(),
             start_new_session=True,
         )
 
@@ -302,15 +311,30 @@ class TrainerProcess:
     def returncode(self) -> int | None:
         return self.proc.poll()
 
-    def stop(self, timeout_s: float) -> int | None:
-        if self.proc.poll() is None:
+    def ask_to_stop(self) -> None:
+        """SIGTERM (its final snapshot), once: a second one is `reloop run`'s "exit at once" (-15, no final
+        snapshot); ``stop`` waits for it."""
+        if self.proc.poll() is None and not self._asked:
+            self._asked = True
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("trainer %s did not stop in %.0f s; killing it", self.plan.name, timeout_s)
-                self.proc.kill()
-                self.proc.wait(10)
+
+    def stop(self, timeout_s: float, hurry: threading.Event | None = None) -> int | None:
+        """Stopped (SIGTERM, then SIGKILL after ``timeout_s`` or once ``hurry`` is set); its exit code."""
+        self.ask_to_stop()
+        deadline = time.monotonic() + timeout_s
+        why = ""
+        while self.proc.poll() is None and not why:
+            if hurry is not None and hurry.is_set():
+                why = "a second signal"
+            elif time.monotonic() >= deadline:
+                why = f"it did not stop in {timeout_s:.0f} s"
+            else:
+                time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+            if self.proc.returncode == -signal.SIGKILL:  # not one that ended on its own meanwhile
+                log.warning("trainer %s killed (%s): no final snapshot", self.plan.name, why)
         self._log.close()
         return self.proc.returncode
 
@@ -340,22 +364,30 @@ def _count_logged(
     console: Console, bootstrap: str | None, trainers: dict[str, TrainerProcess], settings: dict
 ):
     """Read each arm's impressions and clicks back from Kafka (what a real site could measure)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from reloop.connectors.kafka.source import KafkaSource
     from reloop.engine.simulate.logged import count_logged
 
-    out = {}
     if bootstrap is None:
-        return out
-    for name, trainer in trainers.items():
-        try:
-            out[name] = count_logged(
-                KafkaSource(
-                    bootstrap=bootstrap, topics=[trainer.plan.impressions_topic], client_config=settings
-                ),
-                KafkaSource(bootstrap=bootstrap, topics=[trainer.plan.clicks_topic], client_config=settings),
-            )
-        except Exception as exc:  # noqa: BLE001 - the summary goes on without this line
-            console.print(f"[yellow]reading the logs of arm {name} back failed: {exc!r}[/]")
+        return {}
+    console.print("reading the arms' impressions and clicks back from Kafka ...")
+
+    def count(trainer: TrainerProcess) -> Any:
+        topics = (trainer.plan.impressions_topic, trainer.plan.clicks_topic)
+        return count_logged(
+            *(KafkaSource(bootstrap=bootstrap, topics=[t], client_config=settings) for t in topics)
+        )
+
+    out = {}
+    # The arms at once: one after another, each client's connection and metadata made it seconds each.
+    with ThreadPoolExecutor(max_workers=len(trainers) or 1, thread_name_prefix="count-logged") as pool:
+        counting = {name: pool.submit(count, trainer) for name, trainer in trainers.items()}
+        for name, future in counting.items():
+            try:
+                out[name] = future.result()
+            except Exception as exc:  # noqa: BLE001 - the summary goes on without this line
+                console.print(f"[yellow]reading the logs of arm {name} back failed: {exc!r}[/]")
     return out
 
 
@@ -370,7 +402,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
         type=folder_arg,
-        help="folder for snapshots, logs and the broker (default: a temp folder)",
+        help="folder for snapshots, logs and the broker (default: a new temp folder); a folder another "
+        "demo runs in, or a previous run used, is refused",
     )
     parser.add_argument("--rate", type=positive_float, help="override simulate.rate (requests/s)")
     parser.add_argument(
@@ -658,7 +691,62 @@ def check_extras() -> None:
         importlib.import_module(name)
 
 
-def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop sequence reads best whole
+def claim_workdir(workdir: Path, config: DemoConfig) -> int | str:
+    """A lock on ``workdir`` held while the demo runs (an open file descriptor, closed at the end), or why
+    the demo cannot run there: another demo runs in it (its trainers waited on the first's checkpoint
+    folders and the service served its snapshots), or a previous run left its arms' folders (its
+    snapshots name that run's topics: every trainer failed to resume them, in a loop, while the demo
+    showed them running)."""
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / ".demo.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return f"--workdir {workdir} is in use by another demo (pid {holder}): give each demo its own folder"
+    used = [a.name for a in config.arms if (workdir / a.name).exists()]
+    if used or (workdir / "summary.json").exists():
+        os.close(fd)
+        what = f"its arm folder(s) {', '.join(used)}" if used else "its summary.json"
+        return (
+            f"--workdir {workdir} holds a previous demo run ({what}): a new run has new topics, so its "
+            "trainers could not go on from those snapshots; give a new folder, or remove that one"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def main(args: argparse.Namespace) -> int:
+    held: list[int] = []  # the workdir's lock, released at the end (also when called in-process)
+    try:
+        return _demo(args, held)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _broker_problem(config: DemoConfig, bootstrap: str) -> str | None:
+    """Why the ``--bootstrap`` broker cannot be used, said at once (it was 34 s of client errors, then a
+    timeout's repr); None when it answers, or when a TCP probe would not tell (TLS, SASL)."""
+    from reloop.connectors.kafka.client_start import unreachable
+
+    if str(config.kafka.get("security_protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
+        return None
+    why = unreachable(bootstrap, timeout_s=3.0)
+    if why is None:
+        return None
+    return (
+        f"no Kafka broker answers at {bootstrap} ({why}): start one (reloop kafka up), or leave out "
+        "--bootstrap and the demo starts its own"
+    )
+
+
+def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one linear start/stop sequence
     check_extras()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Piped output (CI logs) gets a wide console so the tables stay readable.
@@ -679,11 +767,35 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
     if problem:  # before the broker: they failed 30 s later, as a Kafka timeout (exit 1)
         print(f"reloop demo: bad config {args.config}: {problem}", file=sys.stderr)
         return 2
+    if args.bootstrap:
+        problem = _broker_problem(config, args.bootstrap)
+        if problem:
+            print(f"reloop demo: {problem}", file=sys.stderr)
+            return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="reloop-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    claimed = claim_workdir(workdir, config)
+    if isinstance(claimed, str):
+        print(f"reloop demo: {claimed}", file=sys.stderr)
+        return 2
+    held.append(claimed)
+    stop, hurry = threading.Event(), threading.Event()
+    signalled: list[float] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # The first stops everything in order (trainers write their final snapshots); a second one, as
+        # `reloop run` takes it, ends the wait: the trainers still running are killed. One within a
+        # second of the first is the same stop (a double tap), as `reloop run` counts it.
+        now = time.monotonic()
+        if signalled and now - signalled[0] < 1.0:
+            return
+        if stop.is_set() and not hurry.is_set():
+            hurry.set()
+            print("reloop demo: second signal: killing what is still running", file=sys.stderr, flush=True)
+        signalled.append(now)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     broker = None
     stack = None
@@ -792,9 +904,14 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
         exit_code = 1
     finally:
         stop.set()
-        console.print("stopping: simulator, service, trainers, broker ...")
+        started = (("simulator", sim_thread), ("service", stack), ("trainers", trainers), ("broker", broker))
+        again = " (Ctrl-C again to kill what is still running)" if trainers or broker is not None else ""
+        running = ", ".join(n for n, part in started if part) or "nothing started"
+        console.print(f"stopping: {running} ...{again}")
         if sim_thread is not None:
-            sim_thread.join(15)
+            deadline = time.monotonic() + 15
+            while sim_thread.is_alive() and not hurry.is_set() and time.monotonic() < deadline:
+                sim_thread.join(0.1)
         if sim is not None:
             try:
                 sim.close()
@@ -804,12 +921,14 @@ def main(args: argparse.Namespace) -> int:  # noqa: C901 - one linear start/stop
             scorer.close()
         if stack is not None:
             stack.close()
+        for trainer in trainers.values():  # all at once: each writes its final snapshot meanwhile
+            trainer.ask_to_stop()
         for name, trainer in trainers.items():
-            trainer_rcs[name] = trainer.stop(config.demo.trainer_stop_timeout_s)
-        if trainers and exit_code == 0:
+            trainer_rcs[name] = trainer.stop(config.demo.trainer_stop_timeout_s, hurry)
+        if trainers and exit_code == 0 and not hurry.is_set():
             logged = _count_logged(console, bootstrap, trainers, config.kafka_settings())
         if broker is not None:
-            broker.stop()
+            broker.stop(timeout_s=1.0 if hurry.is_set() else 30.0)  # then SIGKILL
     if sim is not None and stack is not None:
         parts = {
             "sim": sim,

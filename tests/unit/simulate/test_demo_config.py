@@ -234,3 +234,19 @@ def test_an_arm_that_cannot_train_fails_before_the_broker_starts(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()  # nothing made for a run that never started
+
+
+def test_an_environment_override_a_trainer_would_refuse_fails_before_anything_starts(
+    tmp_path, capsys, monkeypatch
+):
+    # The check read the arms' run configs without the environment the trainers inherit: all of them
+    # started, then exited 2 on the variable.
+    from reloop.engine.runtime import demo
+
+    def no_broker(*_: object, **__: object) -> None:
+        raise AssertionError("the broker was started")
+
+    monkeypatch.setattr(demo, "start_broker", no_broker)
+    monkeypatch.setenv("RELOOP__TRAIN__BATCH_SISE", "512")
+    assert _demo_main(tmp_path, read_yaml(DEFAULT_CONFIG)) == 2
+    assert "train.batch_sise" in capsys.readouterr().err
