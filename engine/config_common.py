@@ -398,17 +398,61 @@ def reportable_errors(exc: ValidationError) -> list[Any]:
 
 
 def describe_errors(
-    exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
+    exc: ValidationError,
+    overrides: Mapping[str, Any] | None = None,
+    names: Iterable[str] = (),
+    model: type[BaseModel] | None = None,
+    prefix: str = "",
 ) -> str:
     """pydantic's errors on one line, each naming its key (and the variable that set it, ``env_origin``),
-    without the values: pydantic's own text spans lines and shows each bad input, secrets included."""
+    without the values: pydantic's own text spans lines and shows each bad input, secrets included.
+    ``model``: the model validated, whose keys an unknown one is compared with (``did you mean``);
+    ``prefix``: where that model sits in the document (``model.spec.``), before every key."""
     lines = []
     for err in reportable_errors(exc):
-        key = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else error_message(err)
+        key = prefix + ".".join(str(x) for x in err["loc"])
         where = f"{key}: " if key else ""  # a check of the whole document names its keys itself
-        lines.append(f"{where}{msg}{env_origin(err['loc'], overrides or {}, names)}")
+        lines.append(f"{where}{error_text(err, model)}{env_origin(err['loc'], overrides or {}, names)}")
     return "; ".join(lines)
+
+
+def error_text(err: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
+    """``error_message``, but "unknown key" for a key the model does not have, with the nearest one it
+    has when one is close (``batch_sise``: did you mean batch_size?)."""
+    if err["type"] != "extra_forbidden":
+        return error_message(err)
+    loc = tuple(err["loc"])
+    near = _nearest_key(model, loc[:-1], str(loc[-1])) if model is not None and loc else None
+    return f"unknown key (did you mean {near}?)" if near else "unknown key"
+
+
+def _nearest_key(model: type[BaseModel], path: Sequence[object], name: str) -> str | None:
+    import difflib
+
+    current: type[BaseModel] | None = model
+    for part in path:  # down the nested models; an index into a list or tuple of them stays put
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        current = _model_in(field.annotation) if field is not None else None
+    if current is None:
+        return None
+    keys = [k for k, f in current.model_fields.items() if not f.exclude]
+    found = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or inside Optional, a union, a list or tuple of them."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def error_message(err: Mapping[str, Any]) -> str:

@@ -575,7 +575,7 @@ def load_config_dict(
 def _describe(
     exc: ValidationError, overrides: Mapping[str, Any] | None = None, names: Iterable[str] = ()
 ) -> str:
-    return "invalid config: " + describe_errors(exc, overrides, names)
+    return "invalid config: " + describe_errors(exc, overrides, names, RunConfig)
 
 
 def read_spec_file(path: str | Path, what: str) -> dict[str, Any]:
@@ -607,7 +607,9 @@ def load_feature_spec(section: ModelSection) -> Any:
     try:
         spec = FeatureSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc).replace("invalid config: ", "invalid config: model.spec.")) from None
+        raise ConfigError(
+            "invalid config: " + describe_errors(exc, model=FeatureSpec, prefix="model.spec.")
+        ) from None
     if section.counters is None:
         return spec
     from reloop.engine.features.counters import CounterError, with_counter_fields

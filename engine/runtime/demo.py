@@ -161,7 +161,7 @@ def _fed_section(
     try:
         kind.model_validate(full)
     except ValidationError as exc:
-        raise ConfigError(f"arm {arm}: bad {what}: {describe_errors(exc)}") from exc
+        raise ConfigError(f"arm {arm}: bad {what}: {describe_errors(exc, model=kind)}") from exc
     return full
 
 
@@ -285,7 +285,7 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"bad serve section: {describe_errors(exc)}") from exc
+        raise ConfigError(f"bad serve section: {describe_errors(exc, model=ServeConfig)}") from exc
 
 
 class TrainerProcess:

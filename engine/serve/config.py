@@ -34,7 +34,7 @@ from reloop.engine.config_common import (
     deep_merge,
     env_origin,
     env_values,
-    error_message,
+    error_text,
     read_document,
     reportable_errors,
 )
@@ -403,5 +403,5 @@ def _explain(
             loc.insert(0, "serve")  # the key as the document names it
         key = ".".join(loc)
         where = f"{key}: " if key else ""  # a check of the whole document names its keys itself
-        lines.append(f"{where}{error_message(err)}{env_origin(loc, overrides or {}, names)}")
+        lines.append(f"{where}{error_text(err, ServeConfig)}{env_origin(loc, overrides or {}, names)}")
     return "bad serve config: " + "; ".join(lines)
