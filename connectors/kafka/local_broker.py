@@ -436,7 +436,12 @@ class LocalBroker:
         if info is None:
             return BrokerStatus(False, None, False, None, f"no broker recorded in {self.state_dir}")
         if not _is_broker_process(info.pid, self.config_path):
-            return BrokerStatus(False, info, False, None, f"the recorded broker (pid {info.pid}) is gone")
+            # The same after a clean `down` as after a crash ("is gone" read as a crash): its log tells.
+            return BrokerStatus(
+                False, info, False, None,
+                f"the broker last started here (pid {info.pid}, {info.bootstrap}) is not running (its log: "
+                f"{info.log_path}); `reloop kafka up` starts it again at the same address",
+            )  # fmt: skip
         self._info = info
         reachable, detail = _metadata_ok(info.bootstrap, timeout_s=10.0, client_config=self.client_settings)
         return BrokerStatus(True, info, reachable, self.rss_mb(), detail)

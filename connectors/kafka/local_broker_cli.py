@@ -48,7 +48,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--port", type=port_arg(1), default=None, help="client port for `up` (default: a free port)"
     )
     parser.add_argument(
-        "--timeout", type=positive_float, default=90.0, help="seconds to wait for `up`/`down`"
+        "--timeout",
+        type=positive_float,
+        default=None,
+        help="seconds to wait: for `up`/`down` (default 90), for `topics` to reach the broker and create "
+        "them (default 30)",
     )
     parser.add_argument("--config", help="`topics`: the run config whose input topics to create")
     parser.add_argument(
@@ -122,7 +126,7 @@ def _up(broker: LocalBroker, args: argparse.Namespace) -> int:
                     return 1
                 print(f"already running: Kafka {info.version} at {info.bootstrap} (pid {info.pid})")
                 return 0
-            info = broker.start(timeout_s=args.timeout)
+            info = broker.start(timeout_s=args.timeout or UP_DOWN_TIMEOUT_S)
     except _Stopped as exc:
         print(f"reloop kafka up: stopped by {exc}; the broker it was starting is stopped", file=sys.stderr)
         return 128 + signal.Signals[str(exc)].value
@@ -152,7 +156,7 @@ def _status(broker: LocalBroker, args: argparse.Namespace) -> int:
 
 
 def _down(broker: LocalBroker, args: argparse.Namespace) -> int:
-    if broker.stop(timeout_s=args.timeout):
+    if broker.stop(timeout_s=args.timeout or UP_DOWN_TIMEOUT_S):
         print(f"stopped the broker in {broker.state_dir}")
     else:
         print(f"no running broker in {broker.state_dir}")
@@ -176,11 +180,12 @@ def _topics(args: argparse.Namespace) -> int:
     if cfg.sink.dead_letter_topic is not None:  # null: no dead-letter topic
         topics[cfg.sink.dead_letter_topic] = 1
     bootstrap = cfg.kafka.bootstrap
-    settings = admin_settings(cfg.kafka.connection("kafka-python"))
+    timeout_s = args.timeout or TOPICS_TIMEOUT_S
+    # The client's own wait for a first broker too (it took 30 s whatever --timeout said), unless set.
+    settings = {"bootstrap_timeout_ms": int(timeout_s * 1000)}
+    settings.update(admin_settings(cfg.kafka.connection("kafka-python")))
     try:
-        created, have = create_topics_counted(
-            bootstrap, topics, timeout_s=args.timeout, client_config=settings
-        )
+        created, have = create_topics_counted(bootstrap, topics, timeout_s=timeout_s, client_config=settings)
     except AuthenticationFailed as exc:  # a setting to fix, not an outage: exit 2, as the stages do
         print(f"reloop kafka topics: {exc}", file=sys.stderr)
         return 2
@@ -195,5 +200,8 @@ def _topics(args: argparse.Namespace) -> int:
         print(f"{name}: {state} at {bootstrap} with {have[name]} partition(s){more}")
     return 0
 
+
+UP_DOWN_TIMEOUT_S = 90.0
+TOPICS_TIMEOUT_S = 30.0
 
 _ACTIONS = {"up": _up, "status": _status, "down": _down, "fetch": _fetch}

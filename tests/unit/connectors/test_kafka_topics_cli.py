@@ -57,3 +57,27 @@ def test_a_refused_login_exits_2_as_the_stages_do(tmp_path, monkeypatch, capsys)
     local_broker_cli.configure(parser)
     assert local_broker_cli.main(parser.parse_args(["topics", "--config", str(config)])) == 2
     assert "refused the login" in capsys.readouterr().err
+
+
+def test_timeout_bounds_the_wait_for_a_first_broker_too(tmp_path, monkeypatch) -> None:
+    # `--timeout 5` against a broker that does not answer took 37 s: the client's own 30-s bootstrap wait.
+    config = tmp_path / "run.yaml"
+    spec = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10}]}
+    kafka = {"bootstrap": "127.0.0.1:1"}
+    seen: list[tuple[float, dict]] = []
+
+    def counted(bootstrap, topics, *, timeout_s, client_config):
+        seen.append((timeout_s, client_config))
+        return list(topics), dict(topics)
+
+    monkeypatch.setattr(admin, "create_topics_counted", counted)
+    parser = argparse.ArgumentParser()
+    local_broker_cli.configure(parser)
+    for given, client_config in ((["--timeout", "5"], {}), ([], {}), ([], {"bootstrap_timeout_ms": 1234})):
+        document = {
+            "kafka": {**kafka, "client_config": client_config},
+            "model": {"backbone": "lr", "spec": spec},
+        }
+        config.write_text(yaml.safe_dump(document))
+        assert local_broker_cli.main(parser.parse_args(["topics", "--config", str(config), *given])) == 0
+    assert [(t, c["bootstrap_timeout_ms"]) for t, c in seen] == [(5.0, 5000), (30.0, 30000), (30.0, 1234)]
