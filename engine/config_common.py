@@ -95,7 +95,11 @@ def read_document(path: str | os.PathLike[str], what: str = "config") -> Any:
     try:
         text = p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {p}") from None
+        from reloop.engine.resources import packaged_copy_of
+
+        copy = packaged_copy_of(p)
+        installed = f" (the copy installed with reloop: {copy})" if copy is not None else ""
+        raise ConfigError(f"{what} file not found: {p}{installed}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

@@ -52,6 +52,17 @@ def deploy_file(relative: str) -> Path:
     raise ResourceError(f"deploy/{relative} not found (looked in {where}); reinstall reloop")
 
 
+def packaged_copy_of(path: str | os.PathLike[str]) -> Path | None:
+    """The installed copy of a ``deploy/...`` path the docs give (relative to a checkout), or None: outside
+    a checkout ``reloop run --config deploy/config/reloop.example.yaml`` named only a missing file."""
+    parts = Path(path).parts
+    packaged = packaged_deploy()
+    if packaged is None or len(parts) < 2 or parts[0] != "deploy":
+        return None
+    found = packaged.joinpath(*parts[1:])
+    return found if found.is_file() else None
+
+
 def _xdg(variable: str, default: str) -> Path:
     value = os.environ.get(variable)
     # The XDG spec: a relative path is invalid and is ignored.

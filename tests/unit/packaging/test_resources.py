@@ -78,3 +78,22 @@ def test_installed_broker_state_goes_to_the_xdg_state_folder(
 def test_a_checkout_keeps_the_broker_state_in_dot_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RELOOP_STATE_DIR", raising=False)
     assert local_broker_cli.default_state_dir() == ROOT / ".state" / "kafka"
+
+
+def test_a_deploy_path_of_the_docs_outside_a_checkout_names_the_installed_copy(
+    installed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's `reloop run --config deploy/config/reloop.example.yaml`, run elsewhere, said only
+    # "config file not found".
+    from reloop.engine.config_common import ConfigError, read_document
+
+    (installed / "config").mkdir()
+    (installed / "config" / "reloop.example.yaml").write_text("kafka: {}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        read_document("deploy/config/reloop.example.yaml")
+    said = str(caught.value)
+    assert said.endswith(f"(the copy installed with reloop: {installed / 'config' / 'reloop.example.yaml'})")
+    with pytest.raises(ConfigError) as caught:
+        read_document("deploy/config/nothing.yaml")
+    assert "installed" not in str(caught.value)
