@@ -90,3 +90,24 @@ def test_a_client_retrying_an_absent_broker_logs_each_kind_once_per_interval(cap
         producer.poll(0.1)
     refusals = [r for r in caplog.records if r.name == "librdkafka" and "refused" in r.getMessage().lower()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
+
+
+def test_a_coordinator_still_loading_at_start_is_info_not_a_warning(caplog) -> None:
+    # 4 of 6 demo logs began with this WARNING; the client retries it itself.
+    text = (
+        "GETPID [rdkafka#producer-2] [thrd:main]: Failed to acquire idempotence PID from broker "
+        "127.0.0.1:19093/1: Broker: Coordinator load in progress: retrying"
+    )
+    REPEATED_LINES.forget()
+    with caplog.at_level(logging.INFO, logger="librdkafka"):
+        LIBRDKAFKA_LOG.warning(text)
+        LIBRDKAFKA_LOG.warning("FAIL [rdkafka#producer-2]: Connect to ipv4#127.0.0.1:1 failed")
+    assert [(r.levelname, r.getMessage()[:6]) for r in caplog.records] == [
+        ("INFO", "GETPID"),
+        ("WARNING", "FAIL ["),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="librdkafka"):
+        REPEATED_LINES.forget()
+        LIBRDKAFKA_LOG.warning(text)
+    assert caplog.records == []
