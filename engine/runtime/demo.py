@@ -949,5 +949,7 @@ def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one
     if bad:
         console.print(f"[red]trainers ended with errors: {bad}[/] (logs under {workdir})")
         exit_code = exit_code or 1
-    console.print(f"run folder: {workdir}")
+    summarised = sim is not None and stack is not None
+    written = " (summary.json, <arm>/snapshots, <arm>/trainer.log)" if summarised else ""
+    console.print(f"run folder: {workdir}{written}")
     return exit_code
