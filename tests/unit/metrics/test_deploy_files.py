@@ -233,3 +233,23 @@ def test_the_snapshot_age_panel_plots_what_the_stale_alert_reads(dashboard):
         if any(t["expr"] == "2 * reloop_snapshot_period_seconds" for t in p.get("targets", []))
     )  # fmt: skip
     assert f"time() - {aged}" in [t["expr"] for t in panel["targets"]]
+
+
+def test_a_panel_that_mixes_rates_and_counts_puts_them_on_two_axes(dashboard):
+    # "Joiner state" drew impressions pending (thousands) and expired per second on one axis, in one unit.
+    def per_second(expr: str) -> bool:
+        return "rate(" in expr and "increase(" not in expr
+
+    for panel in (p for p in dashboard["panels"] if p["type"] == "timeseries"):
+        kinds = {t["refId"]: per_second(t["expr"]) for t in panel["targets"]}
+        if len(set(kinds.values())) < 2:
+            continue
+        on_right = {
+            o["matcher"]["options"]
+            for o in panel["fieldConfig"]["overrides"]
+            if o["matcher"]["id"] == "byFrameRefID"
+            and {"id": "custom.axisPlacement", "value": "right"} in o["properties"]
+        }
+        assert on_right, panel["title"]
+        assert len({kinds[r] for r in on_right}) == 1, panel["title"]  # one kind on the right
+        assert {r for r, k in kinds.items() if k == kinds[next(iter(on_right))]} == on_right, panel["title"]
