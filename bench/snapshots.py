@@ -37,6 +37,8 @@ from reloop.bench.suite import Context, Figure, Row, alternate, fmt_number
 
 COMMAND = "python -m reloop.bench --only snapshots"
 WATCH_INTERVAL_S = 0.05
+NUMERIC_ROWS = 13 * 1001  # the Criteo spec's numeric fields, bucketed
+MIN_ROWS = NUMERIC_ROWS + 26 * 3  # every categorical field 2 buckets or more
 TITLE = "5. Snapshots: write and publish-to-serving time"
 
 
@@ -49,7 +51,7 @@ def trained_learner(rows: int, dim: int = 16, seed: int = 0) -> tuple[Any, int]:
     from reloop.engine.features.spec import criteo_spec
     from reloop.engine.models.registry import build_learner
 
-    numeric_rows = 13 * 1001
+    numeric_rows = NUMERIC_ROWS
     spec = criteo_spec(buckets=max(1, (rows - numeric_rows) // 26 - 1), numeric_buckets=1000)
     torch.set_num_threads(1)
     learner = build_learner("dcn", spec, "reloop", 0.2, seed=seed, embedding_dim=dim)
@@ -399,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.watch is not None:
         return watch(args.watch, args.interval)
+    sizes = [int(float(x)) for x in args.rows.split(",")]
+    if min(sizes) < MIN_ROWS:  # a traceback (a spec of 1 bucket per field) said it
+        parser.error(f"--rows: at least {MIN_ROWS:,} (13 numeric fields of 1,001 rows, 26 of 2 or more)")
     with tempfile.TemporaryDirectory(prefix="reloop-bench-snap-") as tmp:
-        for n in (int(float(x)) for x in args.rows.split(",")):
+        for n in sizes:
             r = measure(n, args.rounds, Path(tmp))
             print(
                 f"{r['rows']:,} rows, {r['bytes'] / 2**20:.0f} MB: "
