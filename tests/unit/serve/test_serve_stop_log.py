@@ -11,17 +11,22 @@ import sys
 import yaml
 
 
-def test_a_sigterm_is_logged_as_stopping_then_stopped(tmp_path):
+def _serve(tmp_path, *command: str) -> subprocess.Popen:
+    """``python COMMAND serve --config`` a service of one cold-started arm, on a free port, not logging."""
     cold = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "item", "buckets": 8}]}}
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "serve": {"port": 0, "log": {"enabled": False}},
         "arms": [{"name": "A", "registry": str(tmp_path / "reg"), "cold_start": cold}],
     }))  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reloop.engine.runtime.cli", "serve", "--config", str(config)],
+    return subprocess.Popen(
+        [sys.executable, *command, "serve", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def test_a_sigterm_is_logged_as_stopping_then_stopped(tmp_path):
+    proc = _serve(tmp_path, "-m", "reloop.engine.runtime.cli")
     try:
         while "listening on" not in (line := proc.stdout.readline()):
             assert line, "reloop serve ended before it listened"
@@ -64,16 +69,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_a_sigterm_while_the_service_imports_stops_it_once_started(tmp_path):
-    cold = {"backbone": "lr", "spec": {"fields": [{"kind": "categorical", "name": "item", "buckets": 8}]}}
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "serve": {"port": 0, "log": {"enabled": False}},
-        "arms": [{"name": "A", "registry": str(tmp_path / "reg"), "cold_start": cold}],
-    }))  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_STACK_IMPORT, "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _serve(tmp_path, "-c", _SLOW_STACK_IMPORT)
     try:
         assert proc.stdout.readline() == "importing\n"
         proc.send_signal(signal.SIGTERM)

@@ -423,68 +423,63 @@ def _until(done, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_sink_made_again_during_an_outage_does_not_hold_up_the_requests(monkeypatch):
-    # Each try to make a producer while the broker is down can wait a whole bootstrap timeout: made on
-    # the request loop, it stalled the requests once per SINK_RETRY_S of an outage.
-    mlog, made = MemoryLog(), []
-    entered, release = threading.Event(), threading.Event()
+class _SlowSecondSink:
+    """Click sinks whose second one (made again after the first gave up its clicks) waits for
+    ``release``: a broker that does not answer. ``entered`` is set once that one is being made."""
 
-    def sink(arm):
-        if made:  # the second one: the broker does not answer until released
-            entered.set()
-            release.wait(10)
-        made.append(_Expiring(mlog, "c"))
-        return made[-1]
+    def __init__(self) -> None:
+        self.log, self.made = MemoryLog(), []
+        self.entered, self.release = threading.Event(), threading.Event()
 
+    def __call__(self, arm: str) -> _Expiring:
+        if self.made:
+            self.entered.set()
+            self.release.wait(10)
+        sink = _Expiring(self.log, "c")
+        sink.closed = False
+        sink.close = lambda: setattr(sink, "closed", True)
+        self.made.append(sink)
+        return sink
+
+
+def _through_an_outage(sinks: _SlowSecondSink) -> tuple[Simulator, FakeClock]:
+    """A simulator whose first sink gave up the clicks it held, its second being made (not yet back)."""
     world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
     clock = FakeClock()
     sim = Simulator(
-        world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
+        world=world, score=_ranker(world, clock, oracle=True), click_sink=sinks, top_k=10, clock_ms=clock
     )
-    while not made or not made[0].held:
+    while not sinks.made or not sinks.made[0].held:
         sim.step()
         clock.ms += 1000
         sim.emit_due_clicks()
-    made[0].expire()
+    sinks.made[0].expire()
     sim.emit_due_clicks()  # returns while the new sink is still being made
-    assert entered.wait(10) and not release.is_set() and len(made) == 1
+    assert sinks.entered.wait(10)
+    return sim, clock
+
+
+def test_a_sink_made_again_during_an_outage_does_not_hold_up_the_requests():
+    # Each try to make a producer while the broker is down can wait a whole bootstrap timeout: made on
+    # the request loop, it stalled the requests once per SINK_RETRY_S of an outage.
+    sinks = _SlowSecondSink()
+    sim, clock = _through_an_outage(sinks)
+    assert not sinks.release.is_set() and len(sinks.made) == 1
     assert sim.step() is not None  # requests go on meanwhile
     sim.emit_due_clicks()
-    release.set()
+    sinks.release.set()
     clock.ms += 60_000  # the last request's clicks due
-    _until(lambda: (sim.emit_due_clicks(), len(made) == 2 and not sim.clicks)[1])
+    _until(lambda: (sim.emit_due_clicks(), len(sinks.made) == 2 and not sim.clicks)[1])
     sim.close()
-    clicks = [decode_click(r.value) for r in mlog.read(mlog.partitions("c")[0], 0, 100_000)]
+    clicks = [decode_click(r.value) for r in sinks.log.read(sinks.log.partitions("c")[0], 0, 100_000)]
     assert len(clicks) == sum(a.clicks for a in sim.stats.arms.values()) == sim.stats.clicks_sent
 
 
 def test_a_sink_made_after_close_is_closed_and_not_used():
-    mlog, made = MemoryLog(), []
-    entered, release = threading.Event(), threading.Event()
-
-    def sink(arm):
-        if made:
-            entered.set()
-            release.wait(10)
-        made.append(_Expiring(mlog, "c"))
-        made[-1].closed = False
-        made[-1].close = lambda s=made[-1]: setattr(s, "closed", True)
-        return made[-1]
-
-    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
-    clock = FakeClock()
-    sim = Simulator(
-        world=world, score=_ranker(world, clock, oracle=True), click_sink=sink, top_k=10, clock_ms=clock
-    )
-    while not made or not made[0].held:
-        sim.step()
-        clock.ms += 1000
-        sim.emit_due_clicks()
-    made[0].expire()
-    sim.emit_due_clicks()
-    assert entered.wait(10)
+    sinks = _SlowSecondSink()
+    sim, _ = _through_an_outage(sinks)
     sim.close()  # the clicks still wait: counted as pending, not lost unseen
     assert sim.stats.clicks_pending_at_end > 0
-    release.set()
-    _until(lambda: len(made) == 2 and made[1].closed)
-    assert not made[1].held
+    sinks.release.set()
+    _until(lambda: len(sinks.made) == 2 and sinks.made[1].closed)
+    assert not sinks.made[1].held
