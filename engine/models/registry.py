@@ -17,6 +17,7 @@ Other modules add backbones with ``register_backbone`` (river backbones live in
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 import pkgutil
 from collections.abc import Callable
@@ -61,7 +62,10 @@ def register_backbone(
     _REGISTRY[name] = BackboneEntry(name, config_cls, make, description, kind)
 
 
-def _torch_maker(model_cls: type[bb.CTRModel]) -> Callable[[LearnerConfig], Learner]:
+def torch_backbone(model_cls: type[bb.CTRModel]) -> Callable[[LearnerConfig], Learner]:
+    """The ``make`` of a torch backbone: ``model_cls(spec, model_config, sparse_embeddings)`` in a
+    TorchLearner (its optimizers, losses, snapshots), seeded from the config."""
+
     def make(config: LearnerConfig) -> Learner:
         import torch
 
@@ -87,7 +91,7 @@ for _name, _cfg, _cls, _desc in (
     ("fmfm", bb.FMConfig, bb.FmFM, "field-matrixed FM"),
     ("afn", bb.AFNConfig, bb.AFN, "adaptive factorization network (AFN+ with ensemble_dnn)"),
 ):
-    register_backbone(_name, _cfg, _torch_maker(_cls), _desc)
+    register_backbone(_name, _cfg, torch_backbone(_cls), _desc)
 register_backbone(
     "ftrl",
     FTRLConfig,
@@ -97,8 +101,14 @@ register_backbone(
 )
 
 
+PLUGIN_GROUP = "reloop.backbones"  # entry points of installed packages that register backbones
+
+
 def _load_plugins() -> None:
-    """Import engine/models/river_*.py once so their register_backbone calls run."""
+    """Import engine/models/river_*.py once so their register_backbone calls run, then load the
+    ``reloop.backbones`` entry points of installed packages: each names a module whose import registers
+    its backbones, or a function that does when called (docs/models.md, "Your own backbone"). Every
+    process that builds or loads a learner (the trainer, serving, a backtest) finds them the same way."""
     global _plugins_loaded
     if _plugins_loaded:
         return
@@ -111,6 +121,13 @@ def _load_plugins() -> None:
                 importlib.import_module(f"reloop.engine.models.{info.name}")
             except ImportError as exc:
                 log.warning("backbone module reloop.engine.models.%s not loaded: %s", info.name, exc)
+    for point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            loaded = point.load()
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the built-in backbones
+            log.warning("backbone plugin %s = %s not loaded: %r", point.name, point.value, exc)
 
 
 def available_backbones() -> list[str]:
