@@ -7,6 +7,7 @@ exported counters count since the process started).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from reloop.engine.metrics.stats import EngineStats
@@ -57,9 +58,9 @@ class JoinerMetrics:
         self._joined[1].add(ones)
         self._joined[0].add(len(labels) - ones)
 
-    def joiner_delta(self, now: dict[str, int], last: dict[str, int]) -> int:
-        """Add what a joiner's ``stats.as_dict()`` counted since ``last``; returns the impressions
-        dropped as too late in that span (worth a log line)."""
+    def joiner_delta(self, now: dict[str, int], last: dict[str, int]) -> tuple[int, int]:
+        """Add what a joiner's ``stats.as_dict()`` counted since ``last``; returns the impressions and
+        the clicks dropped as too late in that span (worth a log line: ``log_too_late``)."""
 
         def delta(name: str) -> int:
             return now[name] - last.get(name, 0)
@@ -68,9 +69,9 @@ class JoinerMetrics:
         self._late.add("drop", n=delta("late_clicks_dropped"))
         self._late.add("correct", n=delta("late_clicks_corrected"))
         self._orphans.add(n=delta("orphan_clicks"))
-        too_late = delta("too_late_impressions")
-        self._too_late["impression"].add(too_late)
-        self._too_late["click"].add(delta("too_late_clicks"))
+        too_late = delta("too_late_impressions"), delta("too_late_clicks")
+        self._too_late["impression"].add(too_late[0])
+        self._too_late["click"].add(too_late[1])
         self._dupes.add("impression", n=delta("duplicate_impressions"))
         self._dupes.add("click", n=delta("duplicate_clicks"))
         self._bound["max_pending"].add(delta("evicted_pending"))
@@ -91,3 +92,19 @@ class JoinerMetrics:
             if d:
                 self._dead.add(reason, n=d)
         self._last_dead = dict(counts)
+
+
+def log_too_late(
+    logger: logging.Logger, too_late: tuple[int, int], watermark_ms: int, **fields: object
+) -> None:
+    """One WARNING for the events a join dropped as too late since its last publish (their window was
+    closed and forgotten: event times in seconds, a producer's clock hours behind, a replay of old
+    events); the counters alone went unseen."""
+    impressions, clicks = too_late
+    if impressions or clicks:
+        logger.warning(
+            "events dropped as too late (their window closed and was forgotten: event_time_ms in "
+            "milliseconds? a producer's clock behind?)",
+            extra={"fields": {"impressions": impressions, "clicks": clicks, "watermark_ms": watermark_ms,
+                              **fields}},
+        )  # fmt: skip

@@ -75,7 +75,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-from reloop.engine.runtime.join_metrics import JoinerMetrics
+from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge_journal import MergeDecision, MergeJournal
@@ -818,7 +818,8 @@ class _JoinMetrics(JoinerMetrics):
                 self._last[p] = now
                 continue
             if now != last:
-                self.joiner_delta(now, self._unexported_base(task, now, last))
+                too_late = self.joiner_delta(now, self._unexported_base(task, now, last))
+                log_too_late(log, too_late, task.joiner.watermark_ms, task=p)
                 self._last[p] = now
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]

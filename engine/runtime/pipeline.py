@@ -64,7 +64,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-from reloop.engine.runtime.join_metrics import JoinerMetrics
+from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
@@ -629,11 +629,6 @@ class _Publisher(TrainerMetrics):
         if p._merger is not None:
             now["stamped_ahead"] = p._merger.stamped_ahead
         if now != self._last_join:
-            too_late = self.join.joiner_delta(now, self._last_join)
-            if too_late:
-                log.warning(
-                    "impressions dropped as too late",
-                    extra={"fields": {"count": too_late, "watermark_ms": j.watermark_ms}},
-                )
+            log_too_late(log, self.join.joiner_delta(now, self._last_join), j.watermark_ms)
             self._last_join = now
         self.join.dead_letters(p.dead_letters.counts)
