@@ -19,6 +19,7 @@ pipeline, whose snapshot holds what it trained, reads its clock once a batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +29,10 @@ from reloop.engine.events.codec import decode_clicks
 from reloop.engine.events.validation import EventError
 from reloop.engine.features.check import SpecChecker
 from reloop.engine.features.checked_decode import CheckedImpressionDecoder
+from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.streams import Record
+
+log = logging.getLogger("reloop.intake")
 
 Kind = Literal["impression", "click"]
 
@@ -61,6 +65,7 @@ class DoorClock:
         return f"DoorClock({self.now_ms})"
 
 
+KEY_CHECK_FIRST = 64  # records whose key is checked against their impression id, then one a batch
 _UNBOUNDED = 1 << 62  # a time bound that is not set, as a number (one comparison an event either way)
 
 
@@ -74,7 +79,10 @@ class EventIntake:
         clock: Callable[[], int],
         dead_letters: DeadLetterSink,
         checker: SpecChecker | None = None,
+        check_keys: bool = False,
     ) -> None:
+        """``check_keys``: warn when records are not keyed by their impression id (Kafka inputs read by
+        partition; a file's records have no key)."""
         self.impressions_topic = impressions_topic
         self.clicks_topic = clicks_topic
         self.limits = limits
@@ -82,6 +90,15 @@ class EventIntake:
         self.dead_letters = dead_letters
         self.checker = checker
         self._impressions = CheckedImpressionDecoder(checker)
+        self._check_keys = check_keys
+        self._keys_checked = 0
+        self._misrouted = ThrottledWarning(
+            log,
+            "a record on %s is keyed %r, not by its impression_id %r: with more than one partition a click "
+            "meets its impression only if both are keyed by the impression id (docs/event-contract.md); "
+            "others are orphans and their impressions train as negatives",
+            every_s=600.0,
+        )
 
     def events(self, records: list[Record], door: DoorClock | None = None) -> Iterator[tuple[Record, Any]]:
         """``(record, event)`` for every record in order: a ``Click``, an impression (an ``Impression``
@@ -118,6 +135,12 @@ class EventIntake:
         floor = now - behind_ms
         send = self.dead_letters.send
         i_imp = i_clk = 0
+        # The keys of a sample: the first records read, then the first of each batch (a producer that
+        # keys otherwise does so on all its records; a check of every one cost 6% of this loop).
+        keys_to_check = 0
+        if self._check_keys:
+            keys_to_check = max(1, KEY_CHECK_FIRST - self._keys_checked)
+            self._keys_checked += keys_to_check
         for r, kind in zip(records, kinds, strict=True):
             if kind == 0:
                 ev: Any = imps[i_imp]
@@ -132,6 +155,11 @@ class EventIntake:
             else:
                 send(r, EventError("bad_value", f"record from unexpected topic {r.topic!r}"))
                 ev = None
+            if keys_to_check and ev is not None:
+                keys_to_check -= 1
+                iid = ev.impression_id
+                if r.key is None or r.key != iid.encode():
+                    self._misrouted(r.topic, r.key, iid, topic=r.topic, partition=r.partition)
             if timed and ev is not None:
                 # Against the record's own time when it is earlier than the clock (a backlog: the data
                 # behind the clock), else against the clock (a record stamped ahead proves nothing).

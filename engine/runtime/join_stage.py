@@ -191,6 +191,7 @@ class JoinStage:
             clock=clock,
             dead_letters=dead_letters,
             checker=checker,
+            check_keys=True,
         )
         self.tasks: dict[int, JoinTask] = {}
         self._journals: dict[int, MergeJournal] = {}  # task -> the merge journal of its checkpoint
