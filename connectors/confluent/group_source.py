@@ -57,6 +57,7 @@ class ConfluentGroupSource:
                 "allow.auto.create.topics": False,
                 "fetch.wait.max.ms": 100,
                 "partition.assignment.strategy": "range",
+                "topic.metadata.refresh.interval.ms": 30_000,  # as the kafka-python group source (its note)
                 **dict(client_config or {}),
                 "bootstrap.servers": bootstrap,
                 "group.id": group_id,

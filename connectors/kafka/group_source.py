@@ -59,6 +59,9 @@ class KafkaGroupSource:
         config: dict[str, Any] = {
             "allow_auto_create_topics": False,
             "fetch_max_wait_ms": 100,
+            # Partitions added to an input reach the group at a metadata refresh: every 5 min by default,
+            # during which their records were not read (and a lost co-partitioning not refused).
+            "metadata_max_age_ms": 30_000,
             **dict(client_config or {}),
             # No reset by the client: a position retention passed raises, and poll restarts the partition at
             # its oldest record itself, counting what was deleted unread (``take_deleted_unread``).

@@ -681,3 +681,46 @@ def test_a_position_in_a_deleted_range_moves_to_the_log_start(kafka_broker, uniq
         assert position == ends == {tp: 10}
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_group_is_given_partitions_added_while_it_runs(kafka_broker, unique_topic, client) -> None:
+    # The join stage's group learnt of new input partitions at a metadata refresh, every 5 min by the
+    # clients' defaults: their records went unread, and co-partitioning lost (impressions grown, clicks
+    # not) went unrefused, for minutes. The group sources refresh every 30 s; 2 s here, to be quick.
+    from kafka.admin import NewPartitions
+
+    topic = unique_topic(f"grow-{client}")
+    create_topics(kafka_broker.bootstrap, {topic: 1})
+    refresh = (
+        {"topic.metadata.refresh.interval.ms": 2000}
+        if client == "confluent"
+        else {"metadata_max_age_ms": 2000}
+    )
+    source = _group_source(client, kafka_broker.bootstrap, topic, refresh)
+    listener = _SeekToStart()
+    listener.source = source
+    try:
+        if client == "kafka-python":
+            assert source._consumer.config["metadata_max_age_ms"] == 2000
+            default = KafkaGroupSource(
+                bootstrap=kafka_broker.bootstrap, topics=[topic], group_id=f"d-{topic}"
+            )
+            assert default._consumer.config["metadata_max_age_ms"] == 30_000
+            default.close()
+        source.subscribe(listener)
+        deadline = time.monotonic() + 30
+        while not listener.assigned and time.monotonic() < deadline:
+            source.poll(10, 0.1)
+        assert listener.assigned == [[TopicPartition(topic, 0)]]
+        admin = admin_client(kafka_broker.bootstrap)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=2)})
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 30
+        while TopicPartition(topic, 1) not in {tp for tps in listener.assigned for tp in tps}:
+            assert time.monotonic() < deadline, listener.assigned
+            source.poll(10, 0.1)
+    finally:
+        source.close()
