@@ -141,6 +141,9 @@ SERIES: tuple[Series, ...] = (
     Series("train_replayed_samples", "reloop_train_replayed_samples_total", "counter",
            "Samples of the replay buffer learnt again (train.replay_size; not in "
            "reloop_train_samples_total)."),
+    Series("train_version_mismatches", "reloop_train_version_mismatches_total", "counter",
+           "Samples served by another model version than the trainer's previous snapshot, whose y_last "
+           "train.version_mismatch decided (use_logged, recompute or skip_sc)."),
     Series("train_duplicates_dropped", "reloop_train_duplicates_dropped_total", "counter",
            "Samples the train stage received again (a join task resumed from its checkpoint) and dropped."),
     Series("train_samples_missing", "reloop_train_samples_missing_total", "counter",

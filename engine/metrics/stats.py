@@ -276,6 +276,7 @@ class EngineStats:
     train_skipped_steps: Tally = field(default_factory=Tally)
     train_skipped_samples: Tally = field(default_factory=Tally)
     train_replayed_samples: Tally = field(default_factory=Tally)
+    train_version_mismatches: Tally = field(default_factory=Tally)
     train_duplicates_dropped: Tally = field(default_factory=Tally)
     train_samples_refused: Tally = field(default_factory=Tally)
     train_samples_missing: Tally = field(default_factory=Tally)

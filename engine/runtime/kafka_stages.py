@@ -215,5 +215,6 @@ def describe_train(stage: Any) -> dict[str, Any]:
         "seq_gaps": stage.seq_gaps,
         "samples_missing": stage.samples_missing,
         "join_task_restarts": stage.task_restarts,
+        "version_mismatches": stage.trainer.counters.version_mismatches,
         "dead_letters": stage.dead_letters.counts,
     }

@@ -19,6 +19,7 @@ class TrainerMetrics:
         self._skipped = stats.train_skipped_steps.child()
         self._skipped_samples = stats.train_skipped_samples.child()
         self._replayed = stats.train_replayed_samples.child()
+        self._mismatches = stats.train_version_mismatches.child()  # at zero from the start
         self._loss = stats.train_loss
         self._loss_parts = stats.train_loss_parts
         self._sc_active = stats.train_sc_active
@@ -48,6 +49,8 @@ class TrainerMetrics:
             self._skipped_samples.add(result.skipped_samples)
         if result.replayed:
             self._replayed.add(result.replayed)
+        if result.version_mismatches:
+            self._mismatches.add(result.version_mismatches)
         loss = result.loss
         self._loss.set(loss.total)
         for part, value in (("ce", loss.ce), ("sc", loss.sc), ("kd", loss.kd)):

@@ -149,6 +149,7 @@ class StepResult:
     unlearnt: np.ndarray | None = None
     unlearnt_why: str = ""
     replayed: int = 0  # samples of the replay buffer learnt again after this batch (train.replay_size)
+    version_mismatches: int = 0  # samples served by another version than the previous snapshot
 
     @property
     def n(self) -> int:
@@ -279,6 +280,7 @@ class StreamTrainer:
             unlearnt,
             why,
             c.replayed - replayed_before,
+            y_counts.get("version_mismatches", 0),
         )
 
     def _count_learnt_nothing(self, nothing: bool, why: str) -> None:

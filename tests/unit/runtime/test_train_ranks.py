@@ -232,7 +232,8 @@ def test_a_ranks_log_lines_say_which_count_is_its_own(caplog):
             samples_trained_all=300 * count,
             duplicates_dropped=0, samples_refused=0, seq_gaps=0, samples_missing=0, task_restarts=0,
             dead_letters=SimpleNamespace(counts={}),
-            trainer=SimpleNamespace(counters=SimpleNamespace(samples=300)), snapshots_written=0,
+            trainer=SimpleNamespace(counters=SimpleNamespace(samples=300, version_mismatches=0)),
+            snapshots_written=0,
             _metrics=SimpleNamespace(snapshotted=lambda n: None),
         )  # fmt: skip
 

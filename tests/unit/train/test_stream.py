@@ -84,10 +84,18 @@ def test_version_mismatch_policies(policy):
     t.on_snapshot(7)
     frozen = t.prev_model
     mixed = _samples(4, version=7, pred=0.4)[:2] + _samples(4, version=3, pred=0.4)[2:]
-    t.train_batch(mixed)
+    result = t.train_batch(mixed)
     y_last = t.learner.calls[-1][1]
     np.testing.assert_allclose(y_last[:2], 0.4)
     assert t.counters.version_mismatches == 2
+    # Exported (reloop_train_version_mismatches_total): a service logging versions of its own numbering
+    # had every sample's y_last decided by the policy, seen nowhere.
+    from reloop.engine.metrics.stats import EngineStats
+    from reloop.engine.runtime.train_metrics import TrainerMetrics
+
+    stats = EngineStats()
+    TrainerMetrics(stats, wall_period_s=None).trained(result)
+    assert result.version_mismatches == 2 and stats.train_version_mismatches.get() == 2
     if policy == "use_logged":
         np.testing.assert_allclose(y_last[2:], 0.4)
     elif policy == "skip_sc":
