@@ -203,6 +203,10 @@ class SnapshotRegistry:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
+            if where.is_dir():  # the folder without its manifest: not the same as no such version
+                raise SnapshotError(
+                    f"{where} has no manifest.json (removed by hand, or not a snapshot reloop wrote)"
+                ) from exc
             raise SnapshotError(f"snapshot {version} does not exist under {self.root}") from exc
         except OSError as exc:
             raise SnapshotError(f"{where}: manifest cannot be read ({exc})") from exc

@@ -39,11 +39,14 @@ class FolderListing:
     root: Path
     versions: list[VersionInfo]  # newest first
     highest_published: int  # the highest number ever published here (past every version listed)
-    checkpoints: list[tuple[int, int | None]] = field(default_factory=list)  # (number, base version)
+    # (number, base version, why it does not load or None)
+    checkpoints: list[tuple[int, int | None, str | None]] = field(default_factory=list)
 
 
 def describe(root: Path) -> FolderListing:
-    """What ``root`` holds, from the manifests alone (nothing is loaded)."""
+    """What ``root`` holds: each version's manifest, and whether its parts pass their checksums (read
+    whole, nothing unpickled: a corrupt version looked like any other in the listing a rollback's
+    target is chosen from)."""
     registry = SnapshotRegistry(root, create=False)
     bundles = set(bundle_versions(serving_dir(root)))
     snapshots = set(registry.versions())
@@ -55,18 +58,22 @@ def describe(root: Path) -> FolderListing:
                 manifest = registry.manifest(v)
                 created = float(manifest["created_unix"])
                 samples = _int_or_none(manifest["meta"].get("samples_trained"))
+                registry.verify(v)
             except (SnapshotError, KeyError, TypeError, ValueError) as exc:
                 problem = str(exc)
         else:
             problem = "a serving bundle without its snapshot (written, or removed, a moment ago)"
         found.append(VersionInfo(v, created, samples, v in bundles, problem))
     checkpoints = []
-    for c in reversed(registry.checkpoints.versions()):
+    saved = registry.checkpoints
+    for c in reversed(saved.versions()):
+        base = problem = None
         try:
-            base = _int_or_none(registry.checkpoints.manifest(c)["meta"].get("base_version"))
-        except (SnapshotError, KeyError, TypeError):
-            base = None
-        checkpoints.append((c, base))
+            base = _int_or_none(saved.manifest(c)["meta"].get("base_version"))
+            saved.verify(c)
+        except (SnapshotError, KeyError, TypeError) as exc:
+            problem = str(exc)
+        checkpoints.append((c, base, problem))
     highest = max([registry.highest_committed(), *(info.version for info in found)], default=0)
     return FolderListing(root, found, highest, checkpoints)
 
@@ -89,15 +96,24 @@ def plan_rollback(root: Path, to: int) -> RollbackPlan:
     if to not in versions:
         listed = ", ".join(f"v{v}" for v in versions[-8:]) or "none"
         raise RollbackError(f"v{to} is not in {root} (its versions: {listed})")
+    _check_loads(registry, to)  # said by --dry-run too, and for the newest version
     listing = describe(root)
     return RollbackPlan(
         root,
         to,
         [v for v in reversed(versions) if v > to],
         [v for v in reversed(bundle_versions(serving_dir(root))) if v > to],
-        [c for c, base in listing.checkpoints if base is not None and base > to],
+        # Saved after vN too: it holds what was trained after vN, and a restart resumed from it.
+        [c for c, base, _ in listing.checkpoints if base is not None and base >= to],
         max(listing.highest_published, registry.next_version() - 1) + 1,
     )
+
+
+def _check_loads(registry: SnapshotRegistry, to: int) -> None:
+    try:
+        registry.load(to)  # every part checked: never roll back onto a version that does not load
+    except SnapshotError as exc:
+        raise RollbackError(f"v{to} does not load ({exc}): choose another version") from exc
 
 
 def roll_back(plan: RollbackPlan) -> None:
@@ -105,10 +121,7 @@ def roll_back(plan: RollbackPlan) -> None:
     lock = FolderLock(plan.root).acquire(wait_s=0.0)
     try:
         registry = SnapshotRegistry(plan.root, create=False)
-        try:
-            registry.load(plan.to)  # every part checked: never roll back onto a version that does not load
-        except SnapshotError as exc:
-            raise RollbackError(f"v{plan.to} does not load ({exc}): choose another version") from exc
+        _check_loads(registry, plan.to)  # again, under the lock
         registry.record_highest(plan.next_version - 1)
         registry.fsync()
         bundles = serving_dir(plan.root)

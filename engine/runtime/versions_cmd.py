@@ -57,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         _say(str(exc))
         return 2
     removed = ", ".join(f"v{v}" for v in plan.versions) or "no version"
-    extra = f" and {len(plan.checkpoints)} stop checkpoint(s) saved after them" if plan.checkpoints else ""
+    saved = len(plan.checkpoints)
+    extra = f" and {saved} stop checkpoint(s) saved after v{plan.to}" if saved else ""
     if not plan.versions and not plan.bundles and not plan.checkpoints:
         print(f"{root}: v{plan.to} is already the newest; nothing to remove")
         return 0
@@ -106,7 +107,7 @@ def _list(root: Path, *, as_json: bool) -> int:
         line = f"{'v' + str(info.version):>9}  {utc(info.created_unix):19}  {samples:>15}  "
         line += "yes" if info.bundle else "no"
         print(line + (f"  ({info.problem})" if info.problem else ""))
-    for number, base in listing.checkpoints:
+    for number, base, problem in listing.checkpoints:
         after = "before the first version" if base is None else f"after v{base}"
-        print(f"stop checkpoint {number}: saved {after}")
+        print(f"stop checkpoint {number}: saved {after}" + (f" ({problem})" if problem else ""))
     return 0

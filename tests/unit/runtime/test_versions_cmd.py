@@ -113,3 +113,57 @@ def test_the_folder_is_the_run_configs_checkpoint_dir(tmp_path, capsys):
     assert main(["versions", "list", "--config", str(config)]) == 0
     assert "2 version(s)" in capsys.readouterr().out
     assert main(["versions", "list", "--dir", str(tmp_path / "none")]) == 2
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_rollback_to_vn_removes_the_stop_checkpoint_saved_after_vn(tmp_path, capsys):
+    # The restart resumed from it ("restored from checkpoint 9"), with what was trained after vN, while
+    # the command said it would resume from vN.
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 3)  # its stop checkpoint: saved after v3
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "3", "--dry-run"]) == 0
+    assert "would remove no version (with their serving bundles) and 1 stop checkpoint(s) saved after v3" in (
+        capsys.readouterr().out
+    )
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "3"]) == 0
+    assert "resumes from v3" in capsys.readouterr().out
+    assert registry.versions() == [1, 2, 3] and registry.checkpoints.versions() == []
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "3"]) == 0
+    assert "already the newest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_target_that_does_not_load_is_refused_by_a_dry_run_and_when_newest(tmp_path, capsys, dry_run):
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 3)
+    _corrupt(registry.path(2) / "model.pt")
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "2", *dry_run]) == 2
+    assert "v2 does not load" in capsys.readouterr().err
+    registry.checkpoints.remove(1)
+    _corrupt(registry.path(3) / "model.pt")  # the newest ("already the newest; nothing to remove")
+    assert main(["versions", "rollback", "--dir", str(root), "--to", "3", *dry_run]) == 2
+    assert "v3 does not load" in capsys.readouterr().err
+    assert registry.versions() == [1, 2, 3]
+
+
+def test_list_says_which_versions_and_checkpoints_do_not_load(tmp_path, capsys):
+    root = tmp_path / "ckpt"
+    registry = _folder(root, 3)
+    _corrupt(registry.path(2) / "model.pt")
+    _corrupt(registry.checkpoints.path(1) / "model.pt")
+    (registry.path(1) / "manifest.json").unlink()
+    assert main(["versions", "list", "--dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    [v2] = [line for line in out.splitlines() if line.split()[:1] == ["v2"]]
+    assert "fails its crc32c checksum" in v2
+    [v1] = [line for line in out.splitlines() if line.split()[:1] == ["v1"]]
+    assert "has no manifest.json" in v1  # it said "snapshot 1 does not exist" beside its folder
+    assert "stop checkpoint 1: saved after v3 (" in out and "fails its crc32c checksum" in out
+    assert main(["versions", "list", "--dir", str(root), "--json"]) == 0
+    rows = {r["version"]: r["problem"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows[3] is None and "checksum" in rows[2] and "manifest" in rows[1]
