@@ -32,6 +32,7 @@ from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
+from reloop.engine.runtime.stage_runner import StopRequest
 from reloop.engine.runtime.train_cmd import BESIDE_JOIN, hold_the_folder
 
 log = logging.getLogger("reloop.run")
@@ -140,15 +141,27 @@ def _supervise(children: dict[str, subprocess.Popen], stop_timeout_s: float) -> 
         if kill_at[0] is None:
             kill_at[0] = time.monotonic() + stop_timeout_s + KILL_GRACE_S
 
+    first_at: list[float] = []
+
     def forward(signum: int, _frame: object) -> None:
         requests[0] += 1
+        now = time.monotonic()
         if requests[0] == 1:
+            first_at.append(now)
             log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
         # The first request goes only to children not stopped yet: one this process already stopped (its
         # sibling ended) took it for a second signal and exited without its final checkpoint. A later
         # request is the second signal that ends them at once (a stage takes one within a second of
         # its first for the same stop).
         stop_children(signum, again=requests[0] > 1)
+        if requests[0] > 1 and now - first_at[0] >= StopRequest.SAME_STOP_S:
+            # A stage that cannot take it (stuck in a C call, stopped) is killed KILL_GRACE_S from now,
+            # not at the first stop's deadline (a second signal waited out stop_timeout_s + 5 s).
+            deadline = now + KILL_GRACE_S
+            if kill_at[0] is None or deadline < kill_at[0]:
+                kill_at[0] = deadline
+                log.warning("a second signal: stages still running then are killed", extra={"fields": {
+                    "signal": signal.Signals(signum).name, "kill_in_s": KILL_GRACE_S}})  # fmt: skip
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -213,3 +213,31 @@ def test_ctrl_c_while_the_command_imports_exits_130_without_a_traceback(command)
             proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert f"reloop {command}: interrupted" in err
+
+
+def test_a_second_signal_to_reloop_run_kills_a_stage_that_cannot_take_it(handlers_kept) -> None:
+    # A stage stuck in a C call (or stopped) runs no handler: the second signal was forwarded to it, and
+    # `reloop run` waited out the first stop's stop_timeout_s + 5 s (37 s) before killing it.
+    import os
+    import threading
+    import time
+
+    from reloop.engine.runtime.run_cmd import KILL_GRACE_S, _supervise
+
+    stuck = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); "
+        "time.sleep(120)"
+    )
+    children = {"train": subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE)}
+    try:
+        assert children["train"].stdout.readline() == b"\n"
+        me = os.getpid()
+        threading.Timer(0.2, os.kill, (me, signal.SIGTERM)).start()
+        threading.Timer(1.5, os.kill, (me, signal.SIGTERM)).start()  # a second request, past the double tap
+        t0 = time.monotonic()
+        assert _supervise(children, stop_timeout_s=60) == 1
+        assert time.monotonic() - t0 < 1.5 + KILL_GRACE_S + 10  # not 65 s
+        assert children["train"].returncode == -signal.SIGKILL
+    finally:
+        if children["train"].poll() is None:
+            children["train"].kill()
