@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import signal
 import sys
 import threading
 
@@ -101,6 +102,7 @@ STOPPED_EARLY_CLEANLY = frozenset({"run", "join", "train", "serve"})
 
 
 def main(argv: list[str] | None = None) -> int:
+    whole_process = argv is None  # the `reloop` command itself, not a call from a test or a script
     argv = sys.argv[1:] if argv is None else argv
     keep_triton_out()
     parser = argparse.ArgumentParser(prog="reloop", description="Streaming continual learning with ReLoop.")
@@ -136,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # called in-process (tests): the caller's handler back, unless the command put its own
         if early:
             early_stop.disarm(previous)
+            if whole_process:
+                # Stopped, its exit code decided: a second signal during the interpreter's exit (0.5-3 s)
+                # turned a clean stop into 130 or 143. SIGKILL still ends a hung exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(name: str, argv: list[str]) -> int:

@@ -241,3 +241,20 @@ def test_a_second_signal_to_reloop_run_kills_a_stage_that_cannot_take_it(handler
     finally:
         if children["train"].poll() is None:
             children["train"].kill()
+
+
+_SLOW_EXIT = """
+import atexit, sys, time, types
+from reloop.engine.runtime import cli
+atexit.register(lambda: (print("exiting", flush=True), time.sleep(1.5)))  # the interpreter's own exit
+cli._load = lambda name: types.SimpleNamespace(configure=lambda parser: None, main=lambda args: 0)
+sys.argv = ["reloop", sys.argv[1]]
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_a_signal_during_the_interpreters_exit_keeps_the_stops_exit_code(command):
+    # A double Ctrl-C, the second landing after "stopped" was logged, exited 130 (serve: 143).
+    code, _, err = _sigterm_after("exiting\n", "-c", _SLOW_EXIT, command)
+    assert code == 0, err
