@@ -71,6 +71,7 @@ from reloop.engine.runtime.restore import (
     RestorePoint,
     SaveKind,
     check_fingerprint,
+    config_changes,
     restore_newest,
     take_over,
 )
@@ -208,6 +209,7 @@ class Pipeline:
             meta.get("fingerprint"),
             self.settings.fingerprint,
             allow=self.settings.allow_fingerprint_change,
+            changes=config_changes(meta.get("config"), self.meta.get("config"), ("model", "train", "join")),
         )
         state = snap.state["state"]
         # A newer one (a rollback): restore_newest stops the replay instead of resuming from before it.

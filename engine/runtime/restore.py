@@ -33,6 +33,7 @@ __all__ = [
     "RestorePoint",
     "SnapshotMismatch",
     "check_fingerprint",
+    "config_changes",
     "newer_format",
     "restore_newest",
     "restore_points",
@@ -42,25 +43,62 @@ log = logging.getLogger("reloop.restore")
 SaveKind = Literal["snapshot", "checkpoint"]
 
 
-def check_fingerprint(point: RestorePoint | str, made_with: object, current: str, *, allow: bool) -> None:
+def config_changes(saved: object, current: object, sections: tuple[str, ...]) -> list[str]:
+    """The dotted keys of ``sections`` whose values differ between two config dumps (a snapshot's meta
+    ``config`` and this run's), as ``key: saved -> current``; keys one side lacks are left out (a key
+    added to reloop since, at its default, is left out of the fingerprint too)."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return []
+    out: list[str] = []
+
+    def walk(a: object, b: object, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) & set(b)):
+                walk(a[key], b[key], f"{path}.{key}")
+        elif a != b:
+            out.append(f"{path}: {a!r:.60} -> {b!r:.60}")
+
+    for section in sections:
+        if section in saved and section in current:
+            walk(saved[section], current[section], section)
+    return out
+
+
+def check_fingerprint(
+    point: RestorePoint | str,
+    made_with: object,
+    current: str,
+    *,
+    allow: bool,
+    changes: list[str] | None = None,
+) -> None:
     """Refuse a restore point made under other settings than ``current`` fingerprints (the train
     stage's: model, train, join; a join task's: join, validation) with ``SnapshotMismatch``: state built
     one way resumed under settings of another is rarely what was meant. ``allow``
-    (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both."""
+    (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both. ``changes``:
+    the settings that differ (``config_changes``), when the restore point recorded its config."""
     if made_with == current:
         return
+    changed = f" (changed: {'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''})" if changes else ""
     if not allow:
         raise SnapshotMismatch(
-            f"{point} was made with config fingerprint {made_with}, this config is {current}; resume under "
-            "the changed settings with checkpoint.allow_fingerprint_change: true (for one start: "
-            "RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE=true; a changed model shape or optimizer kind is "
-            "refused even so), or start a new pipeline: a fresh checkpoint dir with its own "
+            f"{point} was made with config fingerprint {made_with}, this config is {current}{changed}; "
+            "resume under the changed settings with checkpoint.allow_fingerprint_change: true (for one "
+            "start: RELOOP__CHECKPOINT__ALLOW_FINGERPRINT_CHANGE=true; a changed model shape or optimizer "
+            "kind is refused even so), or start a new pipeline: a fresh checkpoint dir with its own "
             "stages.samples_topic and stages.join_group_id (with the old ones it trains the samples the old "
             "pipeline wrote, and its join stage writes them again)"
         )
     log.warning(
         "resuming under a changed config (checkpoint.allow_fingerprint_change)",
-        extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
+        extra={
+            "fields": {
+                "restore_point": str(point),
+                "made_with": made_with,
+                "config": current,
+                **({"changed": changes} if changes else {}),
+            }
+        },  # fmt: skip
     )
 
 

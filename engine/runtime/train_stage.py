@@ -59,6 +59,7 @@ from reloop.engine.runtime.restore import (
     RestorePoint,
     SaveKind,
     check_fingerprint,
+    config_changes,
     restore_newest,
     take_over,
 )
@@ -307,6 +308,7 @@ class TrainStage:
             meta.get("fingerprint"),
             self.settings.fingerprint,
             allow=self.settings.allow_fingerprint_change,
+            changes=config_changes(meta.get("config"), self.meta.get("config"), ("model", "train", "join")),
         )
         state = snap.state["state"]
         if state.get("stage") != "train":

@@ -194,6 +194,8 @@ def test_fingerprint_mismatch_refused(tmp_path):
     # "a fresh checkpoint dir" alone, followed, trained every sample twice: the new pipeline read the old
     # one's samples topic, and its join stage wrote them again.
     assert "stages.samples_topic and stages.join_group_id" in str(exc.value)
+    # Which setting changed, from the config the snapshot recorded (it named two hashes only).
+    assert "(changed: join.late_click_policy: 'correct' -> 'drop')" in str(exc.value)
 
 
 def test_a_fingerprint_change_resumes_when_allowed_and_says_so(tmp_path, caplog):
