@@ -515,7 +515,6 @@ def test_sources_read_what_kafka_python_reads_from_the_broker(kafka_broker, uniq
 def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_topic, client) -> None:
     # partitions() keeps what the source opened with; the train stage asks partitions_now() to notice a
     # samples topic grown while it runs (it read the old partitions only, silently, until a restart).
-    from kafka.admin import NewPartitions
 
     topic = unique_topic("grow")
     create_topics(kafka_broker.bootstrap, {topic: 1})
@@ -530,11 +529,7 @@ def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_to
     try:
         source.open()
         assert source.partitions() == source.partitions_now() == [TopicPartition(topic, 0)]
-        admin = admin_client(kafka_broker.bootstrap)
-        try:
-            admin.create_partitions({topic: NewPartitions(total_count=3)})
-        finally:
-            admin.close()
+        _grow(kafka_broker.bootstrap, topic, 3)
         deadline = time.monotonic() + 20
         while len(source.partitions_now()) < 3 and time.monotonic() < deadline:
             source.poll(10, 0.2)
@@ -542,6 +537,17 @@ def test_partitions_now_sees_partitions_added_after_open(kafka_broker, unique_to
         assert source.partitions() == [TopicPartition(topic, 0)]
     finally:
         source.close()
+
+
+def _grow(bootstrap: str, topic: str, partitions: int) -> None:
+    """``topic`` grown to ``partitions`` partitions."""
+    from kafka.admin import NewPartitions
+
+    admin = admin_client(bootstrap)
+    try:
+        admin.create_partitions({topic: NewPartitions(total_count=partitions)})
+    finally:
+        admin.close()
 
 
 def _source(client: str, bootstrap: str, topic: str, config: dict | None = None):
@@ -688,7 +694,6 @@ def test_a_group_is_given_partitions_added_while_it_runs(kafka_broker, unique_to
     # The join stage's group learnt of new input partitions at a metadata refresh, every 5 min by the
     # clients' defaults: their records went unread, and co-partitioning lost (impressions grown, clicks
     # not) went unrefused, for minutes. The group sources refresh every 30 s; 2 s here, to be quick.
-    from kafka.admin import NewPartitions
 
     topic = unique_topic(f"grow-{client}")
     create_topics(kafka_broker.bootstrap, {topic: 1})
@@ -713,11 +718,7 @@ def test_a_group_is_given_partitions_added_while_it_runs(kafka_broker, unique_to
         while not listener.assigned and time.monotonic() < deadline:
             source.poll(10, 0.1)
         assert listener.assigned == [[TopicPartition(topic, 0)]]
-        admin = admin_client(kafka_broker.bootstrap)
-        try:
-            admin.create_partitions({topic: NewPartitions(total_count=2)})
-        finally:
-            admin.close()
+        _grow(kafka_broker.bootstrap, topic, 2)
         deadline = time.monotonic() + 30
         while TopicPartition(topic, 1) not in {tp for tps in listener.assigned for tp in tps}:
             assert time.monotonic() < deadline, listener.assigned
