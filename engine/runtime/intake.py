@@ -159,7 +159,8 @@ class EventIntake:
                 keys_to_check -= 1
                 iid = ev.impression_id
                 if r.key is None or r.key != iid.encode():
-                    self._misrouted(r.topic, r.key, iid, topic=r.topic, partition=r.partition)
+                    key = r.key if r.key is None else r.key[:100]  # cut short in the line: a key may be large
+                    self._misrouted(r.topic, key, iid[:100], topic=r.topic, partition=r.partition)
             if timed and ev is not None:
                 # Against the record's own time when it is earlier than the clock (a backlog: the data
                 # behind the clock), else against the clock (a record stamped ahead proves nothing).
