@@ -43,10 +43,10 @@ class FolderListing:
     checkpoints: list[tuple[int, int | None, str | None]] = field(default_factory=list)
 
 
-def describe(root: Path) -> FolderListing:
-    """What ``root`` holds: each version's manifest, and whether its parts pass their checksums (read
-    whole, nothing unpickled: a corrupt version looked like any other in the listing a rollback's
-    target is chosen from)."""
+def describe(root: Path, *, verify: bool = True) -> FolderListing:
+    """What ``root`` holds: each version's manifest and, with ``verify``, whether its parts pass their
+    checksums (read whole, nothing unpickled: a corrupt version looked like any other in the listing a
+    rollback's target is chosen from; a rollback's plan reads its target alone)."""
     registry = SnapshotRegistry(root, create=False)
     bundles = set(bundle_versions(serving_dir(root)))
     snapshots = set(registry.versions())
@@ -58,7 +58,8 @@ def describe(root: Path) -> FolderListing:
                 manifest = registry.manifest(v)
                 created = float(manifest["created_unix"])
                 samples = _int_or_none(manifest["meta"].get("samples_trained"))
-                registry.verify(v)
+                if verify:
+                    registry.verify(v)
             except (SnapshotError, KeyError, TypeError, ValueError) as exc:
                 problem = str(exc)
         else:
@@ -70,7 +71,8 @@ def describe(root: Path) -> FolderListing:
         base = problem = None
         try:
             base = _int_or_none(saved.manifest(c)["meta"].get("base_version"))
-            saved.verify(c)
+            if verify:
+                saved.verify(c)
         except (SnapshotError, KeyError, TypeError) as exc:
             problem = str(exc)
         checkpoints.append((c, base, problem))
@@ -97,7 +99,7 @@ def plan_rollback(root: Path, to: int) -> RollbackPlan:
         listed = ", ".join(f"v{v}" for v in versions[-8:]) or "none"
         raise RollbackError(f"v{to} is not in {root} (its versions: {listed})")
     _check_loads(registry, to)  # said by --dry-run too, and for the newest version
-    listing = describe(root)
+    listing = describe(root, verify=False)
     return RollbackPlan(
         root,
         to,
