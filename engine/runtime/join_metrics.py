@@ -41,6 +41,9 @@ class JoinerMetrics:
             self._dead.child(reason)
         self._stamped_ahead.child()
         self._replays_abandoned.child()
+        self._orphans.child()
+        for kind in ("impression", "click"):
+            self._dupes.child(kind)
         self._last_dead: dict[str, int] = {}
 
     def consumed(self, records: list[Record]) -> None:
