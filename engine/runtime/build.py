@@ -341,6 +341,7 @@ def build_join_stage(
             checkpoint_max_share=st.join_checkpoint_max_share,
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             fingerprint=cfg.join_fingerprint(),
+            fingerprinted=cfg.join_fingerprinted(),
             allow_fingerprint_change=cfg.checkpoint.allow_fingerprint_change,
             stall_timeout_s=st.stall_timeout_s,
         ),

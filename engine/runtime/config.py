@@ -496,8 +496,13 @@ class RunConfig(_Section):
 
     def join_fingerprint(self) -> str:
         """sha256 of what decides the join's output (join settings and record limits): in join checkpoints."""
-        data = _without_new_defaults({k: self.model_dump(mode="json")[k] for k in ("join", "validation")})
+        data = _without_new_defaults(self.join_fingerprinted())
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def join_fingerprinted(self) -> dict[str, Any]:
+        """The sections ``join_fingerprint`` covers, as JSON data: join checkpoints record them, so that a
+        refused change can be named (``restore.config_changes``)."""
+        return {k: self.model_dump(mode="json")[k] for k in ("join", "validation")}
 
     def redacted_dump(self) -> dict[str, Any]:
         """The config as JSON data with every secret-looking client setting replaced: what may be

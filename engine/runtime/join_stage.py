@@ -53,7 +53,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +84,7 @@ from reloop.engine.runtime.restore import (
     NoUsableSnapshot,
     SnapshotMismatch,
     check_fingerprint,
+    config_changes,
     newer_format,
 )
 from reloop.engine.runtime.retention_watch import RetentionWatch
@@ -145,6 +146,9 @@ class JoinStageSettings:
     checkpoint_max_share: float = default_of(StagesSection, "join_checkpoint_max_share")
     flush_timeout_s: float = default_of(RecoverySection, "flush_timeout_s")
     fingerprint: str = ""
+    # The settings the fingerprint covers (join, validation), recorded in each checkpoint: a refused
+    # change then names the keys that changed, not only two hashes.
+    fingerprinted: Mapping[str, Any] = field(default_factory=dict)
     allow_fingerprint_change: bool = False
     # A client that stops fetching while records wait (kafka-python 3.0.12 once spun in poll for 600 s
     # returning nothing) is replaced, never waited on for ever.
@@ -345,6 +349,9 @@ class JoinStage:
                     snap.meta.get("fingerprint"),
                     self.settings.fingerprint,
                     allow=self.settings.allow_fingerprint_change,
+                    changes=config_changes(
+                        snap.meta.get("config"), dict(self.settings.fingerprinted), ("join", "validation")
+                    ),
                 )
                 task.load_state_dict(snap.state["state"])
             except NewerFormat as exc:  # the registry's (its manifest) or the task's (its state)
@@ -632,6 +639,7 @@ class JoinStage:
         def publish(_ledger_bytes: int) -> None:
             meta = {
                 "fingerprint": self.settings.fingerprint,
+                "config": dict(self.settings.fingerprinted),
                 "task": task.partition,
                 "positions": positions_to_json(positions),
                 "incarnation": task.incarnation,

@@ -819,7 +819,8 @@ def test_a_join_stage_refuses_a_changed_join_config_unless_allowed(tmp_path, cap
     with pytest.raises(
         SnapshotMismatch,
         # (checkpoint 1: the one a task started afresh writes before its first sample)
-        match="join task 0's checkpoint 2 was made with config .*checkpoint.allow_fingerprint_change",
+        match="join task 0's checkpoint 2 was made with config .*"
+        r"\(changed: join.window_ms: \d+ -> 3000\).*checkpoint.allow_fingerprint_change",
     ):
         for _ in range(5):  # the tasks are restored when the group assigns them
             refused.step()
@@ -831,6 +832,7 @@ def test_a_join_stage_refuses_a_changed_join_config_unless_allowed(tmp_path, cap
         _run_join(allowed, log, clock)
     (warning,) = [r for r in caplog.records if "changed config" in r.getMessage()]
     assert warning.fields["restore_point"] == "join task 0's checkpoint 2"
+    assert [c.split(":")[0] for c in warning.fields["changed"]] == ["join.window_ms"]
     assert allowed.tasks[0].records_processed > 0 and allowed.tasks[0].sent > 0
     allowed.abort()
 
