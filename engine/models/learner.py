@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import orjson
 import torch
-from reloop.engine.checkpoint.registry import check_state_format
+from reloop.engine.checkpoint.registry import SnapshotMismatch, check_state_format
 from reloop.engine.features.featurizer import FeatureBatch, TorchFeatureBatch
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
 from reloop.engine.models.blocks import GenDropout
@@ -143,6 +143,12 @@ def _fused_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimize
         return torch.optim.Adam(groups, lr=lr)
 
 
+class StateDoesNotFit(SnapshotMismatch, ValueError):
+    """A learner state made for another model or optimizer kind than the config builds: every restore
+    point of the run fails alike, so a resuming stage stops at the first (a ``SnapshotMismatch``: exit
+    2) instead of refusing them one by one."""
+
+
 def check_same_architecture(state: dict[str, Any], config: LearnerConfig) -> None:
     """Refuse a state made for another backbone, model config or feature spec (the loss and the
     optimizer settings may differ: a CE-trained state can continue under ReLoop)."""
@@ -152,7 +158,7 @@ def check_same_architecture(state: dict[str, Any], config: LearnerConfig) -> Non
     mine = config.to_dict()
     for key in ("backbone", "model", "spec"):
         if stored.get(key) != mine[key]:
-            raise ValueError(
+            raise StateDoesNotFit(
                 f"learner state has a different {_WHERE[key]}: {_difference(stored.get(key), mine[key])}; "
                 "a model of another shape cannot resume from it; keep the settings it was made with, or "
                 "start a fresh checkpoint dir"
@@ -190,14 +196,14 @@ def check_same_optimizers(saved: dict[str, Any], optimizers: dict[str, torch.opt
     for name, optimizer in optimizers.items():
         state = saved.get(name)
         if state is None:
-            raise ValueError(
+            raise StateDoesNotFit(
                 f"learner state has no {name} optimizer (model.optimizer, model.params.sparse_embeddings "
                 "changed?): keep the settings it was made with, or start a fresh checkpoint dir"
             )
         was, now = _kind(state), _kind(optimizer.state_dict())
         if was != now:
             key = " (model.optimizer.embedding_optimizer)" if name == "embedding" else ""
-            raise ValueError(
+            raise StateDoesNotFit(
                 f"learner state's {name} optimizer is {was}, this config's is {now}{key}: an optimizer's "
                 "saved state fits only its own kind; keep it, or start a fresh checkpoint dir"
             )

@@ -169,8 +169,10 @@ def restore_newest(
         except NewerFormat as exc:  # the registry's (a manifest) or the stage's own (a state in it)
             target = registry.checkpoints if point.kind == "checkpoint" else registry
             raise newer_format(point, target.path(point.number), exc) from exc
-        except SnapshotMismatch:
-            raise
+        except SnapshotMismatch as exc:  # other settings (or a model of another shape): every point alike
+            if str(point) in str(exc):
+                raise
+            raise SnapshotMismatch(f"{point}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - an unusable snapshot: fall back to an older one
             refused.append(f"{point}: {exc!r:.300}")
             if on_refused is not None:

@@ -1977,3 +1977,23 @@ def test_a_task_that_falls_back_to_a_stops_checkpoint_keeps_its_door_clock(tmp_p
     assert stats.snapshot_restore_fallbacks.get() == 1
     assert restored.restored_final and restored.door.now_ms < clock() - 300_000
     third.abort()
+
+
+def test_a_model_that_no_longer_fits_its_snapshots_stops_at_the_first_with_one_error(tmp_path, caplog):
+    """A changed model shape resumed with allow_fingerprint_change: every restore point fails alike,
+    so the stage stops at the newest one, naming what does not fit (it logged one ERROR per restore
+    point, then listed them all)."""
+    from reloop.engine.runtime.restore import SnapshotMismatch
+
+    log, clock, cfg = _joined(tmp_path, 600, seed=5)
+    first = _train(cfg, log, clock, tmp_path)
+    _run_train(first, log, clock)
+    assert len(first.registry.versions()) >= 2
+    first.abort()
+    wider = _config(tmp_path, model={"backbone": "fm"}, checkpoint={"allow_fingerprint_change": True})
+    newest = first.registry.versions()[-1]
+    with caplog.at_level("ERROR"), pytest.raises(SnapshotMismatch) as refused:
+        _train(wider, log, clock, tmp_path)
+    assert str(refused.value).startswith(f"snapshot {newest}: learner state has a different backbone")
+    assert '"lr" in the state, "fm" now' in str(refused.value)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
