@@ -47,6 +47,18 @@ class BackboneEntry:
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 _plugins_loaded = False
+# While an entry point loads: its name and value (``dot = dotplug:register``), which its backbones
+# record as their origin. Names two plugins register are used by neither (``_CONFLICTS``): which one
+# won would depend on the order entry points are found, and the other's snapshots would be served by
+# a model that is not theirs. Plugins that did not load are named when a backbone is not found.
+_loading_plugin: str | None = None
+_ORIGIN: dict[str, str] = {}
+_CONFLICTS: dict[str, list[str]] = {}
+_FAILED_PLUGINS: dict[str, str] = {}
+
+
+class UnknownBackbone(ValueError):
+    """A backbone name nothing registered here (a plugin not installed, or one of a newer reloop)."""
 
 
 def register_backbone(
@@ -57,9 +69,25 @@ def register_backbone(
     kind: str = "torch",
 ) -> None:
     """Add a backbone; ``make`` builds a Learner from a validated LearnerConfig (seed it from config.seed)."""
+    if name in _CONFLICTS and _loading_plugin is not None:
+        _CONFLICTS[name].append(_loading_plugin)
+        raise ValueError(f"backbone {name!r} is registered by more than one plugin")
     if name in _REGISTRY and _REGISTRY[name].make is not make:
+        first = _ORIGIN.get(name)
+        if first is not None and _loading_plugin is not None and first != _loading_plugin:
+            del _REGISTRY[name]
+            _CONFLICTS[name] = [first, _loading_plugin]
+            log.warning(
+                "backbone %r is registered by two plugins (%s; %s): neither is used",
+                name,
+                first,
+                _loading_plugin,
+            )
+            raise ValueError(f"backbone {name!r} is registered by more than one plugin")
         raise ValueError(f"backbone {name!r} is already registered")
     _REGISTRY[name] = BackboneEntry(name, config_cls, make, description, kind)
+    if _loading_plugin is not None:
+        _ORIGIN[name] = _loading_plugin
 
 
 def torch_backbone(model_cls: type[bb.CTRModel]) -> Callable[[LearnerConfig], Learner]:
@@ -73,9 +101,43 @@ def torch_backbone(model_cls: type[bb.CTRModel]) -> Callable[[LearnerConfig], Le
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = model_cls(config.spec, config.model, config.optimizer.sparse_embeddings)
+            check_forward(model, config)
         return TorchLearner(model=model, config=config)
 
     return make
+
+
+def check_forward(model: bb.CTRModel, config: LearnerConfig) -> None:
+    """Refuse a model whose forward breaks the contract (``{"logit": [B], "hidden": [B, H], ...}``) on
+    two rows of missing values, when it is built: a plugin's [B, 1] logit otherwise failed later, and
+    differently in each command (a traceback in a backtest, restarts until the give-up in ``reloop
+    run``, a 500 for every request in serving). Skipped for a model built on the meta device (serving
+    builds its shells there: what it loads was trained, so checked)."""
+    import torch
+    from reloop.engine.features.featurizer import Featurizer
+
+    devices = {p.device for p in model.parameters()}
+    if any(d.type == "meta" for d in devices):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(Featurizer(config.spec).transform([{}, {}]).to_torch(next(iter(devices), None)))
+    finally:
+        model.train(was_training)
+    shapes = (
+        {k: tuple(v.shape) for k, v in out.items() if isinstance(v, torch.Tensor)}
+        if isinstance(out, dict)
+        else {}
+    )
+    logit, hidden = shapes.get("logit"), shapes.get("hidden")
+    if logit != (2,) or hidden is None or len(hidden) != 2 or hidden[0] != 2:
+        got = shapes or type(out).__name__
+        raise ValueError(
+            f"backbone {config.backbone!r}: its forward must return {{'logit': [B], 'hidden': [B, H], "
+            f"'embeddings': [...]}}; for a batch of 2 it returned {got}"
+        )
 
 
 for _name, _cfg, _cls, _desc in (
@@ -121,13 +183,18 @@ def _load_plugins() -> None:
                 importlib.import_module(f"reloop.engine.models.{info.name}")
             except ImportError as exc:
                 log.warning("backbone module reloop.engine.models.%s not loaded: %s", info.name, exc)
+    global _loading_plugin
     for point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        _loading_plugin = f"{point.name} = {point.value}"
         try:
             loaded = point.load()
             if callable(loaded) and not isinstance(loaded, type):
                 loaded()
         except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the built-in backbones
-            log.warning("backbone plugin %s = %s not loaded: %r", point.name, point.value, exc)
+            _FAILED_PLUGINS[_loading_plugin] = f"{exc!r:.200}"
+            log.warning("backbone plugin %s not loaded: %r", _loading_plugin, exc)
+        finally:
+            _loading_plugin = None
 
 
 def available_backbones() -> list[str]:
@@ -141,7 +208,27 @@ def backbone_entry(name: str) -> BackboneEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_REGISTRY)}") from None
+        raise UnknownBackbone(_not_found(name)) from None
+
+
+def not_registered_here(exc: UnknownBackbone) -> str:
+    """What a reader of a snapshot (serving) says of one whose backbone is not registered here."""
+    return (
+        f"its backbone is not registered in this process ({exc}): install the package that registers "
+        "it (a backbone plugin: serving needs it as the trainer does), or it was written by a newer reloop"
+    )
+
+
+def _not_found(name: str) -> str:
+    if name in _CONFLICTS:
+        return (
+            f"backbone {name!r} is registered by more than one installed plugin "
+            f"({'; '.join(_CONFLICTS[name])}): neither is used; uninstall all but one"
+        )
+    failed = "; ".join(f"{point}: {error}" for point, error in _FAILED_PLUGINS.items())
+    return f"unknown backbone {name!r}; choose one of {sorted(_REGISTRY)}" + (
+        f" (backbone plugins that did not load: {failed})" if failed else ""
+    )
 
 
 def available_strategies() -> list[str]:

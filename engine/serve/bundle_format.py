@@ -325,12 +325,19 @@ def _shell(config_json: str) -> tuple[Any, torch.nn.Module]:
     constructors and their inits on meta (~3.5 ms of Python for the benchmark's DCN, holding the GIL
     that requests need); a version with the same config as the last ones deep-copies a cached shell
     instead (~0.7 ms). Bounded: the newest few configs."""
-    from reloop.engine.models.registry import config_from_dict, learner_from_config
+    from reloop.engine.models.registry import (
+        UnknownBackbone,
+        config_from_dict,
+        learner_from_config,
+        not_registered_here,
+    )
 
     cached = _SHELLS.get(config_json)
     if cached is None:
         try:
             config = config_from_dict(orjson.loads(config_json))
+        except UnknownBackbone as exc:
+            raise SnapshotError(not_registered_here(exc)) from exc
         except ValueError as exc:  # orjson's JSONDecodeError is one
             raise SnapshotError(
                 f"its learner config does not load in this reloop ({exc}): a model option or backbone of "

@@ -30,10 +30,12 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.models.config import LearnerConfig
 from reloop.engine.models.finite import first_not_finite, learner_not_finite
 from reloop.engine.models.registry import (
+    UnknownBackbone,
     config_from_dict,
     learner_from_config,
     learner_from_state,
     make_config,
+    not_registered_here,
 )
 from reloop.engine.serve.bundle import ModelBundle
 from reloop.engine.serve.config import ColdStart
@@ -110,6 +112,8 @@ def load_bundle(registry: SnapshotRegistry, version: int) -> ModelBundle:
         bundle = bundle_from_state(version, state)
     except NewerFormat as exc:
         raise NewerFormat(f"snapshot {version} under {registry.root}: {exc}") from exc
+    except UnknownBackbone as exc:
+        raise SnapshotError(f"snapshot {version} under {registry.root}: {not_registered_here(exc)}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         # A learner config or state this reloop does not read (a model option or a state format of a
         # newer trainer, in a serving fleet not upgraded yet): refused naming the snapshot, not a

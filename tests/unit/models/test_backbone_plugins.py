@@ -4,11 +4,16 @@ finds it)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "models.md"
 
@@ -68,3 +73,134 @@ def test_a_plugin_that_fails_to_load_is_named_and_the_others_stay(tmp_path: Path
     used = subprocess.run([sys.executable, "-c", _USE], env=env, capture_output=True, text=True, timeout=120)
     assert used.returncode == 0, used.stderr[-3000:]
     assert "backbone plugin broken = no_such_module not loaded" in used.stderr
+
+
+# --- in one process: entry points stubbed, the registry restored after each test ----------------------
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The registry as before any plugin loaded (built-ins and river kept), plugins found anew."""
+    from reloop.engine.models import registry
+
+    registry.available_backbones()  # the river modules registered, as any process has them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    for name in ("_ORIGIN", "_CONFLICTS", "_FAILED_PLUGINS"):
+        monkeypatch.setattr(registry, name, {})
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    return registry
+
+
+def _plugins(monkeypatch, registry, modules: dict[str, Callable[[], None]]) -> None:
+    """Entry points ``name = module:register``, one per module, in the order given."""
+    points = []
+    for name, register in modules.items():
+        module = types.ModuleType(name)
+        module.register = register
+        monkeypatch.setitem(sys.modules, name, module)
+        points.append(importlib.metadata.EntryPoint("dot", f"{name}:register", registry.PLUGIN_GROUP))
+    real = importlib.metadata.entry_points
+
+    def entry_points(**select):  # others (torch's triton backends) look up their own groups
+        return points if select.get("group") == registry.PLUGIN_GROUP else real(**select)
+
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
+
+
+def _dot(sign: float):
+    from reloop.engine.models.blocks import FeatureEmbedding
+    from reloop.engine.models.config import BackboneConfig
+    from reloop.engine.models.learner import CTRModel
+    from reloop.engine.models.registry import register_backbone, torch_backbone
+
+    class Dot(CTRModel):
+        def __init__(self, spec, cfg, sparse) -> None:
+            super().__init__()
+            self.embedding = FeatureEmbedding(spec, cfg.embedding_dim, sparse)
+
+        def forward(self, x):
+            emb = self.embedding(x)
+            pairs = 0.5 * (emb.sum(1).square() - emb.square().sum(1))
+            return {"logit": sign * pairs.sum(-1), "hidden": pairs, "embeddings": [emb]}
+
+    return lambda: register_backbone("dot", BackboneConfig, torch_backbone(Dot), f"dot {sign}")
+
+
+SPEC = {
+    "fields": [
+        {"name": "u", "kind": "categorical", "buckets": 20},
+        {"name": "i", "kind": "categorical", "buckets": 20},
+    ]
+}
+
+
+@pytest.mark.parametrize("order", [("plug_a", "plug_b"), ("plug_b", "plug_a")])
+def test_two_plugins_with_one_name_leave_it_unused_whichever_is_found_first(
+    monkeypatch, fresh_registry, order
+):
+    # The second one found replaced nothing but was refused, the first kept: which model served a
+    # snapshot of "dot" depended on the order the entry points were found.
+    makers = {"plug_a": _dot(1.0), "plug_b": _dot(-1.0)}
+    _plugins(monkeypatch, fresh_registry, {name: makers[name] for name in order})
+    assert "dot" not in fresh_registry.available_backbones() and "dcn" in fresh_registry.available_backbones()
+    with pytest.raises(fresh_registry.UnknownBackbone) as refused:
+        fresh_registry.backbone_entry("dot")
+    message = str(refused.value)
+    assert "more than one installed plugin" in message
+    assert "dot = plug_a:register" in message and "dot = plug_b:register" in message
+
+
+def test_a_backbone_not_found_names_the_plugins_that_did_not_load(monkeypatch, fresh_registry):
+    def boom() -> None:
+        raise RuntimeError("needs CUDA 13")
+
+    _plugins(monkeypatch, fresh_registry, {"plug_boom": boom})
+    with pytest.raises(
+        fresh_registry.UnknownBackbone,
+        match=r"unknown backbone 'dot'.*did not load: dot = plug_boom:register: "
+        r"RuntimeError\('needs CUDA 13'\)",
+    ):
+        fresh_registry.backbone_entry("dot")
+
+
+@pytest.mark.parametrize("logit", ["[B, 1]", "[B, 2]", "none"])
+def test_a_forward_that_breaks_the_contract_is_refused_when_the_learner_is_built(fresh_registry, logit):
+    import torch
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.blocks import FeatureEmbedding
+    from reloop.engine.models.config import BackboneConfig
+    from reloop.engine.models.learner import CTRModel
+
+    class Wrong(CTRModel):
+        def __init__(self, spec, cfg, sparse) -> None:
+            super().__init__()
+            self.embedding = FeatureEmbedding(spec, cfg.embedding_dim, sparse)
+
+        def forward(self, x):
+            emb = self.embedding(x)
+            hidden = emb.flatten(1)
+            out = {"hidden": hidden, "embeddings": [emb]}
+            if logit != "none":
+                out["logit"] = hidden[:, :1] if logit == "[B, 1]" else torch.cat([hidden[:, 0], hidden[:, 1]])
+            return out
+
+    fresh_registry.register_backbone("wrong", BackboneConfig, fresh_registry.torch_backbone(Wrong), "wrong")
+    with pytest.raises(
+        ValueError, match=r"backbone 'wrong': its forward must return .*for a batch of 2 it returned"
+    ):
+        fresh_registry.build_learner("wrong", FeatureSpec.from_dict(SPEC), "reloop", 0.2)
+
+
+def test_serving_a_snapshot_whose_plugin_is_not_installed_says_so(tmp_path, monkeypatch, fresh_registry):
+    from reloop.engine.checkpoint.registry import SnapshotError, SnapshotRegistry
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.serve.loader import load_bundle
+
+    _plugins(monkeypatch, fresh_registry, {"plug_a": _dot(1.0)})
+    learner = fresh_registry.build_learner("dot", FeatureSpec.from_dict(SPEC), "reloop", 0.2, embedding_dim=4)
+    reg = SnapshotRegistry(tmp_path)
+    version = reg.publish({"model": learner.state_dict()})
+    del fresh_registry._REGISTRY["dot"]  # a serving host without the package
+    with pytest.raises(SnapshotError, match="install the package that registers it") as refused:
+        load_bundle(reg, version)
+    assert "newer reloop?" not in str(refused.value)
