@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from reloop.engine.config_common import (
     ENV_PREFIX,
     REDACTED,
@@ -533,6 +534,23 @@ _NEW_DEFAULTS = {
 
 # Keys that change when a step happens, not what a step does: never in the fingerprints.
 _RUNTIME_ONLY = (("train", "max_wait_ms"), ("train", "max_consecutive_skipped"))
+RUNTIME_ONLY_KEYS = tuple(".".join(key) for key in _RUNTIME_ONLY)
+
+
+def fingerprinted_defaults() -> dict[str, Any]:
+    """The defaults of the fingerprinted sections' settings, nested, as JSON data: a setting this run
+    has and a restore point's recorded config lacks (added to reloop since) at its default does what
+    the point's run did (``restore.config_changes``). Required settings have none."""
+    sections = (("model", ModelSection), ("train", TrainSection), ("join", JoinSection))
+    return {name: _defaults(cls) for name, cls in (*sections, ("validation", ValidationSection))}
+
+
+def _defaults(cls: type[_Section]) -> dict[str, Any]:
+    return {
+        name: to_jsonable_python(field.get_default(call_default_factory=True))
+        for name, field in cls.model_fields.items()
+        if not field.is_required()
+    }
 
 
 def _without_new_defaults(data: dict[str, Any]) -> dict[str, Any]:

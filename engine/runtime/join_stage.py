@@ -73,6 +73,7 @@ from reloop.engine.runtime.config import (
     SourceSection,
     StagesSection,
     default_of,
+    fingerprinted_defaults,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
@@ -350,7 +351,10 @@ class JoinStage:
                     self.settings.fingerprint,
                     allow=self.settings.allow_fingerprint_change,
                     changes=config_changes(
-                        snap.meta.get("config"), dict(self.settings.fingerprinted), ("join", "validation")
+                        snap.meta.get("config"),
+                        dict(self.settings.fingerprinted),
+                        ("join", "validation"),
+                        defaults=fingerprinted_defaults(),
                     ),
                 )
                 task.load_state_dict(snap.state["state"])

@@ -56,12 +56,14 @@ from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
+    RUNTIME_ONLY_KEYS,
     CheckpointSection,
     ConsumerSection,
     RecoverySection,
     SourceSection,
     ValidationSection,
     default_of,
+    fingerprinted_defaults,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
@@ -209,7 +211,13 @@ class Pipeline:
             meta.get("fingerprint"),
             self.settings.fingerprint,
             allow=self.settings.allow_fingerprint_change,
-            changes=config_changes(meta.get("config"), self.meta.get("config"), ("model", "train", "join")),
+            changes=config_changes(
+                meta.get("config"),
+                self.meta.get("config"),
+                ("model", "train", "join"),
+                defaults=fingerprinted_defaults(),
+                ignore=RUNTIME_ONLY_KEYS,
+            ),
         )
         state = snap.state["state"]
         # A newer one (a rollback): restore_newest stops the replay instead of resuming from before it.

@@ -13,9 +13,9 @@ falling back would resume from before the upgrade.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 # NewerFormat and SnapshotMismatch live with the registry (which raises NewerFormat for a manifest of a
 # newer format, as the learners do for a state of one); imported from here as before.
@@ -43,24 +43,40 @@ log = logging.getLogger("reloop.restore")
 SaveKind = Literal["snapshot", "checkpoint"]
 
 
-def config_changes(saved: object, current: object, sections: tuple[str, ...]) -> list[str]:
-    """The dotted keys of ``sections`` whose values differ between two config dumps (a snapshot's meta
-    ``config`` and this run's), as ``key: saved -> current``; keys one side lacks are left out (a key
-    added to reloop since, at its default, is left out of the fingerprint too)."""
+def config_changes(
+    saved: object,
+    current: object,
+    sections: tuple[str, ...],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> list[str] | None:
+    """The dotted keys of ``sections`` whose values differ between two config dumps (a restore point's
+    meta ``config`` and this run's), as ``key: saved -> current``; None when the point recorded no
+    config. A key only this run has (added to reloop since the point was written) counts when it is
+    not at its default in ``defaults`` (at it, the run does what the point's did); a key only the point
+    has (removed from reloop since) is left out, and so are the keys in ``ignore``."""
     if not isinstance(saved, dict) or not isinstance(current, dict):
-        return []
+        return None
     out: list[str] = []
+    missing = object()
 
-    def walk(a: object, b: object, path: str) -> None:
+    def walk(a: object, b: object, default: object, path: str) -> None:
+        if path in ignore:
+            return
         if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) & set(b)):
-                walk(a[key], b[key], f"{path}.{key}")
+            for key in sorted(b):
+                below = default.get(key, missing) if isinstance(default, dict) else missing
+                if key in a:
+                    walk(a[key], b[key], below, f"{path}.{key}")
+                elif b[key] != below and f"{path}.{key}" not in ignore:
+                    out.append(f"{path}.{key}: (not recorded) -> {b[key]!r:.60}")
         elif a != b:
             out.append(f"{path}: {a!r:.60} -> {b!r:.60}")
 
     for section in sections:
         if section in saved and section in current:
-            walk(saved[section], current[section], section)
+            walk(saved[section], current[section], (defaults or {}).get(section, missing), section)
     return out
 
 
@@ -76,8 +92,17 @@ def check_fingerprint(
     stage's: model, train, join; a join task's: join, validation) with ``SnapshotMismatch``: state built
     one way resumed under settings of another is rarely what was meant. ``allow``
     (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both. ``changes``:
-    the settings that differ (``config_changes``), when the restore point recorded its config."""
+    the settings that differ (``config_changes``), when the restore point recorded its config; none
+    (an empty list) resumes: the fingerprints then differ only by what a newer reloop added at its
+    defaults, or left out of them (an upgrade with the config unchanged)."""
     if made_with == current:
+        return
+    if changes is not None and not changes:
+        log.info(
+            "resuming: the fingerprints differ only by settings added since the restore point was "
+            "written, at their defaults",
+            extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
+        )
         return
     changed = f" (changed: {'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''})" if changes else ""
     if not allow:

@@ -45,12 +45,14 @@ from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
+    RUNTIME_ONLY_KEYS,
     CheckpointSection,
     ConfigError,
     ConsumerSection,
     RecoverySection,
     StagesSection,
     default_of,
+    fingerprinted_defaults,
 )
 from reloop.engine.runtime.dead_letter_reasons import KNOWN_REASONS
 from reloop.engine.runtime.jsonlog import ThrottledWarning
@@ -308,7 +310,13 @@ class TrainStage:
             meta.get("fingerprint"),
             self.settings.fingerprint,
             allow=self.settings.allow_fingerprint_change,
-            changes=config_changes(meta.get("config"), self.meta.get("config"), ("model", "train", "join")),
+            changes=config_changes(
+                meta.get("config"),
+                self.meta.get("config"),
+                ("model", "train", "join"),
+                defaults=fingerprinted_defaults(),
+                ignore=RUNTIME_ONLY_KEYS,
+            ),
         )
         state = snap.state["state"]
         if state.get("stage") != "train":

@@ -1997,3 +1997,45 @@ def test_a_model_that_no_longer_fits_its_snapshots_stops_at_the_first_with_one_e
     assert str(refused.value).startswith(f"snapshot {newest}: learner state has a different backbone")
     assert '"lr" in the state, "fm" now' in str(refused.value)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def _written_by_an_older_reloop(monkeypatch, cfg, log, clock, tmp_path, without=("train", "replay_size")):
+    """A train stage whose snapshots record a config without ``without`` (a key reloop added since)
+    and a fingerprint computed otherwise (an older reloop's): they are what an upgrade finds."""
+    from reloop.engine.runtime.config import RunConfig
+
+    real_dump = RunConfig.redacted_dump
+
+    def older_dump(self):
+        data = real_dump(self)
+        del data[without[0]][without[1]]
+        return data
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RunConfig, "redacted_dump", older_dump)
+        patched.setattr(RunConfig, "fingerprint", lambda self: "0ldf1ngerpr1nt00")
+        first = _train(cfg, log, clock, tmp_path)
+        _run_train(first, log, clock)
+    first.abort()
+    return first.version
+
+
+def test_an_upgrade_with_the_config_unchanged_resumes(tmp_path, monkeypatch, caplog):
+    # The fingerprint of a config that sets nothing new changed with keys reloop added since (at their
+    # defaults): every upgrade's resume was refused until allow_fingerprint_change was set.
+    log, clock, cfg = _joined(tmp_path, 300, seed=4)
+    version = _written_by_an_older_reloop(monkeypatch, cfg, log, clock, tmp_path)
+    with caplog.at_level("INFO", logger="reloop.restore"):
+        resumed = _train(cfg, log, clock, tmp_path)
+    assert resumed.version == version
+    assert any("differ only by settings added since" in r.getMessage() for r in caplog.records)
+    resumed.abort()
+
+
+def test_an_upgrade_that_sets_a_new_key_is_refused_naming_it(tmp_path, monkeypatch):
+    from reloop.engine.runtime.restore import SnapshotMismatch
+
+    log, clock, cfg = _joined(tmp_path, 300, seed=4)
+    _written_by_an_older_reloop(monkeypatch, cfg, log, clock, tmp_path)
+    with pytest.raises(SnapshotMismatch, match=r"changed: train.replay_size: \(not recorded\) -> 64\)"):
+        _train(_config(tmp_path, train={"replay_size": 64}), log, clock, tmp_path)
