@@ -162,7 +162,9 @@ def test_a_stage_that_does_not_exit_after_the_stop_is_killed(tmp_path):
 
 
 def test_a_stage_killed_after_a_stop_request_makes_the_exit_code_1(tmp_path):
-    proc = _start(tmp_path, train=_stage(ignore=True), join=_stage())
+    # stop_timeout_s 5: the join stand-in's stop with room for a loaded machine (with 1 s a run at load
+    # 10 killed it too: -9 instead of 0)
+    proc = _start(tmp_path, stop_timeout_s=5.0, train=_stage(ignore=True), join=_stage())
     _ready(proc)
     proc.send_signal(signal.SIGTERM)
     code, lines = _finish(proc)
