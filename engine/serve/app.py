@@ -45,16 +45,21 @@ _FAILED = {status: STATS.serve_failed_requests.child(str(status)) for status in 
 
 def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
     """``POST /score``: (status, JSON body); an answer other than 200 is counted by its status
-    (``reloop_serve_failed_requests_total``)."""
+    (``reloop_serve_failed_requests_total``, and ``failed_requests`` in ``GET /stats``)."""
     status, content = _score_body(service, body)
     if status != 200:
-        _FAILED[status].add()
+        _count_failed(service, status)
     return status, content
 
 
-def body_too_large(limit: int) -> tuple[int, bytes]:
-    _FAILED[413].add()
+def body_too_large(service: ScoringService, limit: int) -> tuple[int, bytes]:
+    _count_failed(service, 413)
     return 413, too_large(limit)
+
+
+def _count_failed(service: ScoringService, status: int) -> None:
+    _FAILED[status].add()
+    service.failed[status] = service.failed.get(status, 0) + 1
 
 
 def _score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
@@ -72,7 +77,6 @@ def _score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
     except BadRequest as exc:
         return 422, error_body(exc.errors)
     except Exception:
-        service.failed += 1
         log.exception("scoring request %s failed", request.request_id[:256])
         return 500, b'{"detail":"scoring failed; see the service log"}'
 
@@ -118,7 +122,9 @@ class ScoreRoute:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        status, content = body_too_large(limit) if status == 413 else score_body(self.service, body)
+        status, content = (
+            body_too_large(self.service, limit) if status == 413 else score_body(self.service, body)
+        )
         headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -149,7 +155,9 @@ def create_app(
         # Served by ScoreRoute in front of this app (reloop.engine.serve.stack); this route is its documented
         # twin and what an app without the front door answers (the same score_body).
         body = await _bounded_body(http_request, max_body_bytes)
-        status, content = body_too_large(max_body_bytes) if body is None else score_body(service, body)
+        status, content = (
+            body_too_large(service, max_body_bytes) if body is None else score_body(service, body)
+        )
         return Response(content=content, status_code=status, media_type="application/json")
 
     @app.get("/healthz")
@@ -168,7 +176,8 @@ def create_app(
     async def get_stats() -> dict[str, Any]:
         body: dict[str, Any] = {
             "versions": service.versions(),
-            "failed_requests": service.failed,
+            # By status, as reloop_serve_failed_requests_total counts them (it read 0 for 413s and 422s).
+            "failed_requests": {str(status): n for status, n in sorted(service.failed.items())},
             "pid": os.getpid(),  # which worker answered (reloop serve --workers N)
         }
         body["arms"] = {

@@ -117,7 +117,9 @@ class ScoringService:
             STATS.serve_model_version.set_function(
                 lambda h=arm.holder: float(h.version) if h.version is not None else -1.0, name
             )
-        self.failed = 0
+        # Answers other than 200 by status (413, 422, 500, 503), as reloop_serve_failed_requests_total
+        # counts them: GET /stats reports these.
+        self.failed: dict[int, int] = {}
 
     def ready(self) -> bool:
         return not self.not_ready()

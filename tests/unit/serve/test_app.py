@@ -85,6 +85,17 @@ def test_stats_reports_versions_and_log_counters():
     logger.close()
 
 
+def test_stats_counts_failed_requests_by_status_as_the_metric_does():
+    # It counted 500s only: after 413s and 422s it read 0 while the metric counted them.
+    client, _, logger, _ = _client(loaded=False)
+    client.post("/score", json={**BODY, "top_k": 0})  # 422
+    client.post("/score", content=b"{not json", headers={"content-type": "application/json"})  # 422
+    client.post("/score", json=BODY)  # 503: no model yet
+    client.post("/score", content=b"x" * ((1 << 20) + 1))  # 413
+    assert client.get("/stats").json()["failed_requests"] == {"413": 1, "422": 2, "503": 1}
+    logger.close()
+
+
 def test_openapi_documents_the_request_body():
     client, _, logger, _ = _client()
     doc = client.get("/openapi.json").json()
