@@ -202,7 +202,8 @@ SERIES: tuple[Series, ...] = (
            "Scoring requests answered with a ranking (200).", ("arm",)),
     Series("serve_failed_requests", "reloop_serve_failed_requests_total", "counter",
            "Scoring requests answered without one, by HTTP status: 413 (body too large), 422 (invalid), "
-           "503 (no model loaded yet), 500 (scoring failed).", ("status",)),
+           "503 (no model loaded yet), 500 (scoring failed); 408: connections closed at "
+           "serve.read_timeout_s before their request arrived whole.", ("status",)),
     Series("serve_unread_requests", "reloop_serve_unread_requests_total", "counter",
            "Scoring requests whose context and candidates carry none of the fields the model reads "
            "(scored with every input missing: feature names that do not match the spec).", ("arm",)),

@@ -40,7 +40,8 @@ def too_large(limit: int) -> bytes:
     return orjson.dumps({"detail": f"request body larger than {limit} bytes"})
 
 
-_FAILED = {status: STATS.serve_failed_requests.child(str(status)) for status in (413, 422, 500, 503)}
+# 408: a connection closed at serve.read_timeout_s before its request arrived whole (engine/serve/stack.py).
+_FAILED = {status: STATS.serve_failed_requests.child(str(status)) for status in (408, 413, 422, 500, 503)}
 
 
 def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
@@ -48,16 +49,16 @@ def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
     (``reloop_serve_failed_requests_total``, and ``failed_requests`` in ``GET /stats``)."""
     status, content = _score_body(service, body)
     if status != 200:
-        _count_failed(service, status)
+        count_failed(service, status)
     return status, content
 
 
 def body_too_large(service: ScoringService, limit: int) -> tuple[int, bytes]:
-    _count_failed(service, 413)
+    count_failed(service, 413)
     return 413, too_large(limit)
 
 
-def _count_failed(service: ScoringService, status: int) -> None:
+def count_failed(service: ScoringService, status: int) -> None:
     _FAILED[status].add()
     service.failed[status] = service.failed.get(status, 0) + 1
 
@@ -160,11 +161,12 @@ def create_app(
         )
         return Response(content=content, status_code=status, media_type="application/json")
 
-    @app.get("/healthz")
+    # HEAD too: load balancers probe with it (it got 405).
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
         reasons = service.not_ready()  # arm -> why it cannot score
         body: dict[str, Any] = {"ready": not reasons, "versions": service.versions()}

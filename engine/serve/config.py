@@ -228,6 +228,13 @@ class ServeConfig(_Frozen):
         "the GIL while a request waits for it; null keeps Python's 5 ms (docs/bench-serve.md)",
     )
     keep_alive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after")
+    read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request must arrive whole (headers and body) within this of its connection's "
+        "start or of the answer before it, or the connection is closed: slow or silent clients cannot "
+        "hold connections (and file descriptors) for ever",
+    )
     shutdown_timeout_s: float = Field(
         default=20.0,
         gt=0,

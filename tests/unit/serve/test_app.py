@@ -96,6 +96,15 @@ def test_stats_counts_failed_requests_by_status_as_the_metric_does():
     logger.close()
 
 
+def test_health_and_readiness_answer_head_as_load_balancers_probe():
+    client, _, logger, _ = _client()
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
+    logger.close()
+    client, _, logger, _ = _client(loaded=False)
+    assert client.head("/readyz").status_code == 503
+    logger.close()
+
+
 def test_openapi_documents_the_request_body():
     client, _, logger, _ = _client()
     doc = client.get("/openapi.json").json()

@@ -37,14 +37,18 @@ def _body(n: int = 100, **extra) -> dict:
     return {"request_id": "r", "user_id": "u1", "context": {"user": "u1"}, "candidates": cands, **extra}
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+def _published(root) -> None:
     spec = FeatureSpec.from_dict(SPEC)
     learner = build_learner("dcn", spec, "ce", 0.0, seed=0, embedding_dim=8, hidden_units=[32, 32])
     batch = Featurizer(spec).transform(_rows(64))
     learner.learn(batch, (np.arange(64) % 3 == 0).astype(np.float32))
     SnapshotRegistry(root / "reg").publish({"model": learner.state_dict()})
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    _published(root)
     (root / "token").write_text("s3cret-token\n")
     config = serve_config_from_dict(
         {
@@ -237,3 +241,52 @@ def test_answers_without_a_ranking_are_counted_by_status(service):
     assert after.get("422", 0) - before.get("422", 0) == 2
     assert after.get("413", 0) - before.get("413", 0) == 1
     assert after.get("500", 0) == before.get("500", 0)
+
+
+def test_slow_or_silent_clients_are_closed_at_the_read_timeout_and_others_are_served(tmp_path):
+    # uvicorn times nothing before a request is read whole: a client that sent nothing, part of its
+    # headers or part of its body held its connection for ever (20,000 of them used up the process's
+    # file descriptors).
+    import socket
+
+    _published(tmp_path)
+    config = serve_config_from_dict(
+        {
+            "serve": {"port": 0, "log": {"enabled": False}, "read_timeout_s": 1.0, "keep_alive_s": 30},
+            "arms": [{"name": "A", "registry": str(tmp_path / "reg")}],
+        }
+    )
+    stack = ServingStack(config).start()
+    url = stack.serve_in_thread()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = orjson.dumps(_body(3))
+    sends = {
+        "nothing": b"",
+        "part of its headers": b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Le",
+        "part of its body": b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body[:10]),
+        "a request, then part of the next": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /heal",
+    }
+    slow = {}
+    try:
+        for what, data in sends.items():
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(data)
+            sock.settimeout(10)
+            slow[what] = sock
+        with httpx.Client(base_url=url, timeout=10) as client:  # others are served meanwhile
+            assert client.post("/score", content=body).status_code == 200
+        start = time.monotonic()
+        for what, sock in slow.items():
+            received = b""
+            while chunk := sock.recv(65536):  # b"": the service closed it
+                received += chunk
+            assert time.monotonic() - start < 5, what
+            if what.startswith("a request"):
+                assert received.startswith(b"HTTP/1.1 200"), received
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.get("/stats").json()["failed_requests"] == {"408": 4}
+    finally:
+        for sock in slow.values():
+            sock.close()
+        stack.close()
