@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from reloop.engine.config_common import describe_errors, folder_arg
 from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
+from reloop.engine.runtime.jsonlog import setup_text_logging
 from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
 from rich.live import Live
@@ -748,7 +749,7 @@ def _broker_problem(config: DemoConfig, bootstrap: str) -> str | None:
 
 def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one linear start/stop sequence
     check_extras()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_text_logging(logging.WARNING)
     # Piped output (CI logs) gets a wide console so the tables stay readable.
     console = Console() if Console().is_terminal else Console(width=160)
     try:

@@ -32,6 +32,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines for a person at a terminal (``reloop serve``, ``simulate``, ``demo``), with the record's
+    fields as JSON after the message: a warning's fields (which feature names were misspelt, which
+    arm) were dropped from these lines, leaving a warning that named nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if not isinstance(fields, dict) or not fields:
+            return line
+        head, sep, rest = line.partition("\n")  # a traceback stays below the message and its fields
+        return f"{head} {orjson.dumps(fields, default=str).decode()}{sep}{rest}"
+
+
+def setup_text_logging(level: int | str = logging.INFO) -> None:
+    """Plain lines on stderr (``TextFormatter``) for a process that logs through the root logger."""
+    logging.basicConfig(level=level)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(TextFormatter())
+
+
 def _rank_fields(env: dict[str, str] | os._Environ[str]) -> dict[str, int]:
     """``rank`` and ``ranks`` of a process that torchrun started in a group of more than one, else none."""
     try:

@@ -61,8 +61,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace, config_path: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from reloop.engine.runtime.jsonlog import quiet_kafka_python
+    from reloop.engine.runtime.jsonlog import quiet_kafka_python, setup_text_logging
+
+    setup_text_logging(logging.INFO)
 
     for handler in logging.getLogger().handlers:  # as the stream processors quiet it
         quiet_kafka_python(handler)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.netaddr import bootstrap_arg, http_url, service_url_arg
-from reloop.engine.runtime.jsonlog import quiet_kafka_python
+from reloop.engine.runtime.jsonlog import quiet_kafka_python, setup_text_logging
 from reloop.engine.serve.config import ConfigError, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
@@ -149,7 +149,7 @@ def build_simulator(config: SimulateConfig, *, score, click_sink, seed: int | No
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_text_logging(logging.WARNING)
     # kafka-python's reconnect lines, once in 10 s each, as in every reloop process (a broker outage made
     # hundreds of them between the simulator's own lines).
     for handler in logging.getLogger().handlers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -88,3 +89,22 @@ def test_kafka_pythons_traceback_of_a_read_from_a_socket_it_closed_is_left_out()
     )
     records = [orjson.loads(ln) for ln in done.stderr.splitlines()]
     assert len(records) == 1 and "ConnectionResetError" in records[0]["exc"]  # a real one stays
+
+
+def test_plain_lines_carry_the_fields_after_the_message():
+    # reloop serve's plain lines dropped them: "a request feature named like one the model reads but
+    # not the same" named neither name.
+    from reloop.engine.runtime.jsonlog import TextFormatter
+
+    record = logging.LogRecord("reloop.engine.serve.service", logging.WARNING, "f", 1, "misnamed", (), None)
+    record.fields = {"arm": "A", "misnamed": {"user-ID": "user_id"}}
+    line = TextFormatter().format(record)
+    assert line.endswith(
+        ' WARNING reloop.engine.serve.service: misnamed {"arm":"A","misnamed":{"user-ID":"user_id"}}'
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    first, *rest = TextFormatter().format(record).splitlines()
+    assert first.endswith('{"user-ID":"user_id"}}') and rest[0] == "Traceback (most recent call last):"
