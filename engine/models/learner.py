@@ -253,6 +253,8 @@ class TorchLearner:
         # Samples per step, a moving average: it picks the learning rates (OptimizerConfig.rates). An average,
         # not each step's size, so that the last partial batch of a run of full ones keeps the batch rates.
         self.step_size_average: float | None = None
+        # The rates a restored snapshot last stepped at, when only the first step tells this run's.
+        self._rates_unchecked: dict[str, list[Any]] | None = None
         self._pending_rng: tuple[str, torch.Tensor] | None = None
         # Data parallel (engine/train/data_parallel.py): called after backward with this rank's sample
         # count; it replaces every gradient with the average over all ranks' samples and returns their count.
@@ -728,6 +730,9 @@ class TorchLearner:
         )
         opt = self.config.optimizer
         self._set_rates(*opt.rates(self.step_size_average, self.config.backbone))
+        if self._rates_unchecked is not None:
+            saved_lrs, self._rates_unchecked = self._rates_unchecked, None
+            self._warn_changed_rates(saved_lrs)
         if opt.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.grad is not None and not p.grad.is_sparse],
@@ -805,9 +810,19 @@ class TorchLearner:
         average = state.get("step_size_average")  # absent from states saved before it existed
         self.step_size_average = None if average is None else float(average)
         _load_wide(self.wide, state)
-        self._warn_changed_rates(state["optimizers"])
+        saved_lrs = {
+            name: [g.get("lr") for g in optimizer.get("param_groups", [])]
+            for name, optimizer in state["optimizers"].items()
+        }
+        self._rates_unchecked = None
+        if self.step_size_average is None and self.steps > 0:
+            # Saved before the average was recorded (an upgrade): the rates this config steps at are
+            # known at the first step, and compared then (they were never compared).
+            self._rates_unchecked = saved_lrs
+        else:
+            self._warn_changed_rates(saved_lrs)
 
-    def _warn_changed_rates(self, saved: dict[str, Any]) -> None:
+    def _warn_changed_rates(self, saved_lrs: dict[str, list[Any]]) -> None:
         """Log where the rates this config steps at differ from those the snapshot last stepped at: a
         changed setting, or a changed default (the tables' rate per backbone), moves a resumed run's
         learning without any config edit; ``model.optimizer`` pins a rate."""
@@ -818,7 +833,7 @@ class TorchLearner:
         small = self.step_size_average < opt.small_steps_below
         for name in self.optimizers:
             now, key = (tables, "embedding_lr") if name == "embedding" else (dense, "lr")
-            before = [g.get("lr") for g in saved[name].get("param_groups", [])]
+            before = saved_lrs.get(name, [])
             if any(isinstance(lr, float) and not math.isclose(lr, now, rel_tol=1e-9) for lr in before):
                 log.warning(
                     "resumed learner steps at another learning rate than its snapshot did",

@@ -168,3 +168,19 @@ def test_learning_rates_name_each_optimizers_rate_of_the_last_step() -> None:
 
 def _records(caplog: pytest.LogCaptureFixture, logger: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == logger]
+
+
+def test_a_snapshot_saved_before_step_sizes_were_recorded_is_compared_at_the_first_step(caplog) -> None:
+    # Such a snapshot (an upgrade's) was never compared: the check needed the step size average.
+    before = _learner("dcn", embedding_lr=0.03)
+    before.learn(*_batch(300))
+    state = {k: v for k, v in before.state_dict().items() if k != "step_size_average"}
+    with caplog.at_level("WARNING", logger="reloop.learner"):
+        resumed = _learner("dcn")
+        resumed.load_state_dict(state)
+        assert not _records(caplog, "reloop.learner")  # the rates are known at the first step
+        resumed.learn(*_batch(300, seed=1))
+        resumed.learn(*_batch(300, seed=2))
+    (record,) = _records(caplog, "reloop.learner")  # once, at the first step
+    assert record.fields["optimizer"] == "embedding" and record.fields["snapshot_lr"] == 0.03
+    assert record.fields["lr"] == 0.1
