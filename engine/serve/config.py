@@ -175,6 +175,14 @@ class LogConfig(_Frozen):
     max_buffer: int = Field(default=100_000, ge=1)
     batch_size: int = Field(default=500, ge=1)
     linger_s: float = Field(default=0.02, ge=0)
+    max_record_bytes: int = Field(
+        default=512 * 1024,
+        gt=0,
+        le=900 * 1024,
+        description="an impression event larger than this is dropped and counted (oversized): keep it at "
+        "or below the trainer's validation.max_event_bytes (512 KiB by default), which dead-letters larger "
+        "ones; at most 900 KiB (under Kafka's default max.request.size)",
+    )
 
 
 class RequestLimits(_Frozen):

@@ -350,7 +350,9 @@ def confluent_logger(config: ServeConfig, arm: ArmConfig) -> ProducerLogger:
             ),
         )
 
-    return ProducerLogger(make_sink=make_sink, encode=encode, arm=arm.name)
+    return ProducerLogger(
+        make_sink=make_sink, encode=encode, arm=arm.name, max_record_bytes=log_cfg.max_record_bytes
+    )
 
 
 def kafka_samples_source_factory(config: ServeConfig) -> SamplesSourceFactory:
@@ -452,6 +454,7 @@ class ServingStack:
                     max_buffer=config.log.max_buffer,
                     batch_size=config.log.batch_size,
                     linger_s=config.log.linger_s,
+                    max_record_bytes=config.log.max_record_bytes,
                     arm=arm.name,
                 )
             self.arms[arm.name] = ArmRuntime(name=arm.name, holder=holder, logger=logger)

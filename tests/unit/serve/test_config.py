@@ -167,3 +167,19 @@ def test_each_shipped_serve_config_serves_what_its_run_config_trains(monkeypatch
     assert FeatureSpec.from_dict(cold.spec) == load_feature_spec(run.model)
     assert (cold.backbone, cold.seed, cold.params) == (run.model.backbone, run.model.seed, run.model.params)
     assert cold_start_problem(cold) is None
+
+
+def test_impressions_the_trainer_would_refuse_as_oversized_are_not_logged():
+    # The loggers took events up to 900 KiB; the join stage dead-letters those over
+    # validation.max_event_bytes (512 KiB): a request answered 200 whose impressions never trained.
+    from reloop.engine.runtime.config import ValidationSection, default_of
+    from reloop.engine.serve.config import ServeConfig
+    from reloop.engine.serve.stack import confluent_logger
+
+    config = ServeConfig.model_validate(
+        {"arms": [{"name": "A", "registry": "/nonexistent"}], "kafka": {"bootstrap": "127.0.0.1:1"}}
+    )
+    assert config.log.max_record_bytes == default_of(ValidationSection, "max_event_bytes")
+    logger = confluent_logger(config, config.arms[0])
+    assert logger.max_record_bytes == config.log.max_record_bytes
+    logger.close(timeout_s=0.1)
