@@ -53,6 +53,9 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     from reloop.engine.runtime.build import check_model
 
+    # JSON lines from the start: the model check loads backbone plugins, whose warnings (one that
+    # failed to import) came out as plain text before the stages' JSON lines.
+    setup_json_logging(args.log_level or "INFO")
     try:
         cfg = load_config(args.config)
         # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. The

@@ -13,6 +13,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "models.md"
@@ -204,3 +205,25 @@ def test_serving_a_snapshot_whose_plugin_is_not_installed_says_so(tmp_path, monk
     with pytest.raises(SnapshotError, match="install the package that registers it") as refused:
         load_bundle(reg, version)
     assert "newer reloop?" not in str(refused.value)
+
+
+def test_reloop_run_logs_a_plugin_that_did_not_load_as_json_and_names_it_for_an_unknown_backbone(tmp_path):
+    # The warning came out as plain text before the stages' JSON lines; "unknown backbone" did not say
+    # that a plugin had failed to load.
+    env = _installed(tmp_path, "[reloop.backbones]\nbroken = no_such_module\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "kafka: {bootstrap: '127.0.0.1:1'}\n"
+        "model: {backbone: dot2, spec: {fields: [{name: u, kind: categorical, buckets: 10}]}}\n"
+        f"checkpoint: {{dir: '{tmp_path / 'ckpt'}'}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "run", "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    *logged, last = done.stderr.splitlines()
+    assert done.returncode == 2 and logged, done.stderr
+    warning = orjson.loads(logged[-1])  # not JSON: raises
+    assert warning["msg"].startswith("backbone plugin broken = no_such_module not loaded")
+    assert last.startswith("reloop run: invalid config: model.backbone: unknown backbone 'dot2'")
+    assert "did not load: broken = no_such_module: ModuleNotFoundError" in last
