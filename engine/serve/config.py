@@ -293,6 +293,15 @@ class ServeConfig(_Frozen):
             raise ValueError(
                 "arms: each arm needs its own impressions_topic (each arm trains on its own feedback)"
             )
+        registries = [str(Path(a.registry).resolve()) for a in self.arms]
+        shared = sorted({r for r in registries if registries.count(r) > 1})
+        if shared:
+            # Both would serve one trainer's model while the other arm's trainer (its own registry is
+            # this one: a registry has one writer) cannot run: one arm's feedback trains another model.
+            raise ValueError(
+                "arms: each arm needs its own registry (each arm serves the model its own trainer writes "
+                f"from that arm's feedback); shared: {shared}"
+            )
         ArmRouter([(a.name, a.weight) for a in self.arms], salt="")  # the shares: at load, not at start
         problem = counters_conflict(self, self.workers)
         if problem:

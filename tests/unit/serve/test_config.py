@@ -183,3 +183,20 @@ def test_impressions_the_trainer_would_refuse_as_oversized_are_not_logged():
     logger = confluent_logger(config, config.arms[0])
     assert logger.max_record_bytes == config.log.max_record_bytes
     logger.close(timeout_s=0.1)
+
+
+@pytest.mark.parametrize(
+    ("second", "refused"),
+    [
+        ({"registry": "/reg/a/../a", "impressions_topic": "imp_b"}, "each arm needs its own registry"),
+        ({"registry": "/reg/b", "impressions_topic": "imp_a"}, "each arm needs its own impressions_topic"),
+    ],
+)
+def test_two_arms_sharing_a_registry_or_an_impressions_topic_are_refused(second, refused):
+    # A shared registry was accepted: both arms served arm A's trainer's model, and B's trainer (one
+    # writer per registry) could not run beside it.
+    arms = [{"name": "A", "registry": "/reg/a", "impressions_topic": "imp_a"}, {"name": "B", **second}]
+    with pytest.raises(ConfigError, match=refused):
+        serve_config_from_dict({"arms": arms})
+    ok = [arms[0], {"name": "B", "registry": "/reg/b", "impressions_topic": "imp_b"}]
+    assert [a.name for a in serve_config_from_dict({"arms": ok}).arms] == ["A", "B"]
