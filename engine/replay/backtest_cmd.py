@@ -476,7 +476,7 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     """Every input that can be checked before the data is read (Refused): the strategies, the run's
     learner configs, the protocols, the period, the memory, the river peer. Returns the strategies, the
     model options and the publishing interval (ms)."""
-    from reloop.engine.models.registry import backbone_entry
+    from reloop.engine.models.registry import UnknownBackbone, backbone_entry
 
     for option in ("strategies", "alphas", "backbones", "protocols"):
         if not _csv_list(getattr(args, option)):  # a grid without a value made no run of its kind
@@ -523,6 +523,8 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     optimizers = [protocol_optimizer_items(args, p) for p in protocols]
     try:  # before the data is read and the first run: not after the runs before a bad one
         check_learner_options(backbones, model_options, strategies, optimizers)
+    except UnknownBackbone as e:
+        raise Refused(f"--backbones: {e}") from None
     except ValueError as e:
         raise Refused(f"--backbones / --strategies / --alphas / --optimizer / --embedding-dim: {e}") from None
     # The error memory is keyed by a hidden layer, which only the torch backbones have.

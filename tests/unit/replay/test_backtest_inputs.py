@@ -69,6 +69,7 @@ BAD = [
     (["--report-only"], "--report-only"),
     (["--backbones", "fm,ftrl", "--memory", "n_tables=2,n_bits=4"], "--memory: backbone 'ftrl'"),
     (["--backbones", "fm,river_lr"], "--no-river"),
+    (["--backbones", "fm,nosuch"], "reloop backtest: --backbones: unknown backbone 'nosuch'"),
     # streaming options without the streaming protocol steered only the river peer
     (["--protocols", "periodic", "--batch-by", "time"], "--batch-by"),
     (["--protocols", "periodic", "--publish-every", "3600"], "--publish-every"),
