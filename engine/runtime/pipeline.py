@@ -56,14 +56,12 @@ from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
 from reloop.engine.runtime.checkpointer import Checkpointer
 from reloop.engine.runtime.config import (
-    RUNTIME_ONLY_KEYS,
     CheckpointSection,
     ConsumerSection,
     RecoverySection,
     SourceSection,
     ValidationSection,
     default_of,
-    fingerprinted_defaults,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
 from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
@@ -72,8 +70,7 @@ from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
     RestorePoint,
     SaveKind,
-    check_fingerprint,
-    config_changes,
+    check_train_fingerprint,
     restore_newest,
     take_over,
 )
@@ -206,18 +203,8 @@ class Pipeline:
 
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
-        check_fingerprint(
-            point,
-            meta.get("fingerprint"),
-            self.settings.fingerprint,
-            allow=self.settings.allow_fingerprint_change,
-            changes=config_changes(
-                meta.get("config"),
-                self.meta.get("config"),
-                ("model", "train", "join"),
-                defaults=fingerprinted_defaults(),
-                ignore=RUNTIME_ONLY_KEYS,
-            ),
+        check_train_fingerprint(
+            point, meta, self.meta, self.settings.fingerprint, allow=self.settings.allow_fingerprint_change
         )
         state = snap.state["state"]
         # A newer one (a rollback): restore_newest stops the replay instead of resuming from before it.

@@ -26,6 +26,7 @@ from reloop.engine.checkpoint.registry import (
     SnapshotMismatch,
     SnapshotRegistry,
 )
+from reloop.engine.runtime.config import RUNTIME_ONLY_KEYS, fingerprinted_defaults
 
 __all__ = [
     "NewerFormat",
@@ -33,6 +34,7 @@ __all__ = [
     "RestorePoint",
     "SnapshotMismatch",
     "check_fingerprint",
+    "check_train_fingerprint",
     "config_changes",
     "newer_format",
     "restore_newest",
@@ -125,6 +127,21 @@ def check_fingerprint(
             }
         },  # fmt: skip
     )
+
+
+def check_train_fingerprint(
+    point: RestorePoint, saved: Mapping[str, Any], run: Mapping[str, Any], current: str, *, allow: bool
+) -> None:
+    """``check_fingerprint`` for a train stage's (or the one-process pipeline's) restore point: ``saved``
+    its meta, ``run`` the meta this run writes (both with the config they were made with)."""
+    changes = config_changes(
+        saved.get("config"),
+        run.get("config"),
+        ("model", "train", "join"),
+        defaults=fingerprinted_defaults(),
+        ignore=RUNTIME_ONLY_KEYS,
+    )
+    check_fingerprint(point, saved.get("fingerprint"), current, allow=allow, changes=changes)
 
 
 class NoUsableSnapshot(SnapshotError):
