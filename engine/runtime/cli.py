@@ -13,6 +13,7 @@ exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import os
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     early = name in STOPPED_EARLY_CLEANLY and threading.current_thread() is threading.main_thread()
     previous = early_stop.arm() if early else None
     try:
-        return _run(name, argv)
+        code = _run(name, argv)
     except early_stop.StoppedBeforeStart:
         # A data-parallel rank tells its launcher it owes nothing (engine/runtime/train_cmd.py).
         told = getattr(sys.modules.get(COMMANDS[name][0]), "stopped_before_start", None)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             f"reloop {name}: stopped (SIGTERM) before it started: nothing read, nothing to save",
             file=sys.stderr,
         )
-        return 0
+        code = 0
     finally:  # called in-process (tests): the caller's handler back, unless the command put its own
         if early:
             early_stop.disarm(previous)
@@ -143,6 +144,31 @@ def main(argv: list[str] | None = None) -> int:
                 # turned a clean stop into 130 or 143. SIGKILL still ends a hung exit.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if whole_process and early:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End a stopped stream processor or scoring service as the interpreter would, less its teardown:
+    threads that are not daemons are waited for and the ``atexit`` hooks run (the exit guard, clients'
+    cleanups), then the logs and stdio are flushed and the process ends. The teardown (every module's
+    objects freed, a last collection over torch's and the models' objects) took 0.5-4 s after "stopped
+    in 0.2 s", for nothing a stopped process still owes (a pod's stop, a supervisor's restart, waited
+    on it)."""
+    import atexit
+    import logging
+
+    main_thread = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that left; a closed stream
+            stream.flush()
+    os._exit(code)
 
 
 def _run(name: str, argv: list[str]) -> int:

@@ -178,3 +178,31 @@ def test_after_the_exit_began_daemon_threads_wait_outside_torch_and_the_main_thr
     _exited_cleanly(proc)
     assert proc.stdout.split() == ["main", "thread", "ran"]
     assert "still inside torch" not in proc.stderr  # the exit did not wait its EXIT_WAIT_S out
+
+
+def test_the_commands_exit_waits_for_threads_and_exit_hooks_then_skips_the_teardown(tmp_path: Path) -> None:
+    # A stopped stream processor or scoring service spent 0.5-4 s in the interpreter's teardown (a last
+    # collection over torch's objects) after "stopped in 0.2 s". exit_now skips it, and only it: the
+    # threads that are not daemons finish, the atexit hooks run, what was printed or logged is out.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import atexit, logging, sys, threading, time
+            from reloop.engine.runtime.cli import exit_now
+
+            def late():
+                time.sleep(0.3)
+                open({str(tmp_path / "thread")!r}, "w").write("done")
+
+            atexit.register(lambda: open({str(tmp_path / "hook")!r}, "w").write("ran"))
+            threading.Thread(target=late).start()
+            logging.basicConfig(stream=sys.stderr)
+            logging.getLogger("x").warning("logged")
+            print("printed", end="")  # no newline: a buffered line of a pipe
+            exit_now(3)
+            raise AssertionError("not reached")
+        """)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "printed" and "logged" in done.stderr
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "hook").read_text() == "ran"
