@@ -23,7 +23,7 @@ from reloop.engine.runtime.jsonlog import quiet_kafka_python, setup_text_logging
 from reloop.engine.serve.config import ConfigError, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
-from reloop.engine.simulate.report import ab_lines, arms_table, versions_table
+from reloop.engine.simulate.report import ab_lines, arms_table, progress_line, versions_table
 from reloop.engine.simulate.stats import SimStats
 from reloop.engine.simulate.world import World
 from reloop.engine.streams import Sink
@@ -148,6 +148,15 @@ def build_simulator(config: SimulateConfig, *, score, click_sink, seed: int | No
     )
 
 
+PROGRESS_EVERY_S = 30.0  # a line on stderr: a long run said nothing until it stopped
+
+
+def _report_progress(stats: SimStats, stop: threading.Event) -> None:
+    start = time.monotonic()
+    while not stop.wait(PROGRESS_EVERY_S):
+        print(progress_line(stats, time.monotonic() - start), file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     setup_text_logging(logging.WARNING)
     # kafka-python's reconnect lines, once in 10 s each, as in every reloop process (a broker outage made
@@ -198,6 +207,8 @@ def main(args: argparse.Namespace) -> int:
     from reloop.engine.simulate.driver import ClickSinkFailed
 
     failed: ClickSinkFailed | None = None
+    progress = threading.Thread(target=_report_progress, args=(sim.stats, stop), daemon=True, name="progress")
+    progress.start()
     try:
         sim.run(
             rate=args.rate or config.rate, duration_s=args.duration, stop=stop, concurrency=config.concurrency

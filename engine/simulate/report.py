@@ -66,11 +66,27 @@ def versions_table(stats: SimStats, arm: str, *, max_rows: int = 12) -> Table:
     with stats.lock:
         versions = stats.arms[arm].summary()["versions"]
     items = list(versions.items())  # type: ignore[union-attr]
-    if len(items) > max_rows:  # keep the first and the most recent ones
-        items = items[:2] + items[-(max_rows - 2) :]
-    for v, s in items:
+    left_out = len(items) - max_rows
+    for i, (v, s) in enumerate(items):
+        if left_out > 0 and 2 <= i < 2 + left_out:  # keep the first and the most recent ones
+            if i == 2:  # where they were, saying so (40 versions went without a mark)
+                table.add_row(f"... {left_out} more", "", "", "")
+            continue
         table.add_row(str(v), str(s["impressions"]), _f(s["true_ctr"]), _f(s["auc"]))
     return table
+
+
+def progress_line(stats: SimStats, elapsed_s: float) -> str:
+    """One line of what was sent so far (``reloop simulate`` prints it every PROGRESS_EVERY_S)."""
+    with stats.lock:
+        arms = sorted(stats.arms.items())
+        requests = ", ".join(f"{name} {a.requests:,}" for name, a in arms)
+        impressions = sum(a.impressions for _, a in arms)
+        return (
+            f"reloop simulate: {elapsed_s:.0f} s: requests answered {requests or 0}; impressions "
+            f"{impressions:,}; clicks sent {stats.clicks_sent:,}; not-ready answers {stats.not_ready}, "
+            f"errors {stats.errors}"
+        )
 
 
 def ab_lines(stats: SimStats, report: ReportConfig) -> list[str]:

@@ -62,3 +62,26 @@ def test_an_arm_that_runs_for_long_keeps_its_memory_bounded_and_its_version_aucs
     versions = arm.summary()["versions"]
     for version, exact in {**first, **later}.items():
         assert versions[version]["auc"] == exact  # a dropped version keeps its exact value
+
+
+def test_the_versions_table_marks_the_versions_it_leaves_out_and_progress_counts_what_was_sent():
+    # 40 versions went from the table without a mark; a 20-minute run printed nothing until it stopped.
+    from reloop.engine.simulate.report import progress_line, versions_table
+    from reloop.engine.simulate.stats import SimStats
+    from rich.console import Console
+
+    stats = SimStats()
+    p = np.full(4, 0.5)
+    for version in range(15):
+        stats.arm("A").record(version, p, p, np.array([1, 0, 0, 0]))
+    stats.arm("B").record(14, p, p, np.zeros(4, dtype=int))
+    stats.clicks_sent = 15
+    console = Console(width=120, record=True)
+    console.print(versions_table(stats, "A", max_rows=12))
+    rows = [ln.split("│")[1].strip() for ln in console.export_text().splitlines() if ln.count("│") == 5]
+    assert rows == ["0", "1", "... 3 more", *map(str, range(5, 15))]
+    line = progress_line(stats, 61.2)
+    assert line == (
+        "reloop simulate: 61 s: requests answered A 15, B 1; impressions 64; clicks sent 15; "
+        "not-ready answers 0, errors 0"
+    )
