@@ -48,6 +48,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--port", type=port_arg(1), default=None, help="client port for `up` (default: a free port)"
     )
     parser.add_argument(
+        "--controller-port",
+        type=port_arg(1),
+        default=None,
+        help="the KRaft controller's port for `up`, also on 127.0.0.1 (default: the previous run's when "
+        "free, else a free port)",
+    )
+    parser.add_argument(
         "--timeout",
         type=positive_float,
         default=None,
@@ -68,7 +75,12 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "topics":
         return _topics(args)
     try:
-        broker = LocalBroker(args.state_dir or default_state_dir(), port=args.port, detached=True)
+        broker = LocalBroker(
+            args.state_dir or default_state_dir(),
+            port=args.port,
+            controller_port=args.controller_port,
+            detached=True,
+        )
         return _ACTIONS[args.action](broker, args)
     except BrokerError as exc:
         print(f"reloop kafka {args.action}: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from reloop.connectors.kafka.local_broker import LocalBroker, read_bootstrap
+from reloop.connectors.kafka.local_broker import LocalBroker, free_port, read_bootstrap
 
 pytestmark = pytest.mark.kafka
 
@@ -41,11 +41,16 @@ def test_up_status_down(tmp_path: Path) -> None:
     before = reloop_kafka("status", state=state)
     assert before.returncode == 1, before.stdout
 
-    up = reloop_kafka("up", state=state)
+    # Both ports chosen: the controller's was always a random one (a range of ports to keep to could not be).
+    port, controller_port = free_port(), free_port()
+    up = reloop_kafka("up", "--port", str(port), "--controller-port", str(controller_port), state=state)
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         info = LocalBroker(state).status().info
         assert info is not None
+        assert (info.port, info.controller_port) == (port, controller_port)
+        listening = psutil.Process(info.pid).net_connections("tcp")
+        assert {c.laddr.port for c in listening if c.status == "LISTEN"} == {port, controller_port}
         # `up` returned, yet the broker lives on: it was started detached.
         assert psutil.pid_exists(info.pid)
         assert read_bootstrap(state) == info.bootstrap
