@@ -74,6 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.action == "topics":
         return _topics(args)
+    if args.controller_port is not None and args.controller_port == args.port:
+        print("reloop kafka: --port and --controller-port must differ", file=sys.stderr)
+        return 2
     try:
         broker = LocalBroker(
             args.state_dir or default_state_dir(),

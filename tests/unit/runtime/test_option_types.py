@@ -43,3 +43,11 @@ def test_more_train_ranks_than_cores_are_refused_before_torchrun_starts(tmp_path
     assert (
         f"--world-size {cores + 1} is more ranks than this machine's {cores} cores" in capsys.readouterr().err
     )
+
+
+def test_one_port_for_the_broker_and_its_controller_is_refused(tmp_path, capsys):
+    # The broker moved the controller to a random port without a word.
+    argv = ["kafka", "up", "--state-dir", str(tmp_path), "--port", "19999", "--controller-port", "19999"]
+    assert main(argv) == 2
+    assert "--port and --controller-port must differ" in capsys.readouterr().err
+    assert not (tmp_path / "broker.json").exists()
