@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from reloop.engine.config_common import ConfigError
 from reloop.engine.features.counters import CounterSettings
 from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss.losses import STRATEGIES, VARIANTS
@@ -59,6 +60,11 @@ _FAILED_PLUGINS: dict[str, str] = {}
 
 class UnknownBackbone(ValueError):
     """A backbone name nothing registered here (a plugin not installed, or one of a newer reloop)."""
+
+
+class BackboneContractError(ConfigError):
+    """A backbone whose forward breaks the output contract (``check_forward``): a configuration error
+    (a stage exits 2; retrying builds the same model), not a failure a rebuild could fix."""
 
 
 def register_backbone(
@@ -134,7 +140,7 @@ def check_forward(model: bb.CTRModel, config: LearnerConfig) -> None:
     logit, hidden = shapes.get("logit"), shapes.get("hidden")
     if logit != (2,) or hidden is None or len(hidden) != 2 or hidden[0] != 2:
         got = shapes or type(out).__name__
-        raise ValueError(
+        raise BackboneContractError(
             f"backbone {config.backbone!r}: its forward must return {{'logit': [B], 'hidden': [B, H], "
             f"'embeddings': [...]}}; for a batch of 2 it returned {got}"
         )

@@ -580,10 +580,15 @@ def _done_keys(path: Path) -> set[tuple]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from reloop.engine.models.registry import BackboneContractError
+
     try:
         return _main(args)
     except Refused as e:
         print(f"reloop backtest: {e}", file=sys.stderr)
+        return 2
+    except BackboneContractError as e:  # known once a learner is built on the data's spec: its first run
+        print(f"reloop backtest: --backbones: {e}", file=sys.stderr)
         return 2
 
 
@@ -679,24 +684,24 @@ def _main(args: argparse.Namespace) -> int:
     }
     if args.river and ("streaming", RIVER, "ce", 0) not in done:
         write_csv(({**r, **tag} for r in run_river_baseline(data, **river_batching)), csv_path, append=True)
-    bar = tqdm(total=len(runs), desc="backtest runs", unit="run")
-    if args.workers <= 1:
-        _init_worker(data)
-        for run in runs:
-            write_csv(({**r, **tag} for r in _work(run)), csv_path, append=True)
-            bar.update()
-    else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            args.workers, mp_context=ctx, initializer=_init_worker, initargs=(data,)
-        ) as ex:
-            futures = [ex.submit(_work, run) for run in runs]
-            for fut in as_completed(futures):
-                write_csv(({**r, **tag} for r in fut.result()), csv_path, append=True)
+    # Closed however the runs end: a refusal's line then starts a line of its own, after the bar's.
+    with tqdm(total=len(runs), desc="backtest runs", unit="run") as bar:
+        if args.workers <= 1:
+            _init_worker(data)
+            for run in runs:
+                write_csv(({**r, **tag} for r in _work(run)), csv_path, append=True)
                 bar.update()
-    bar.close()
+        else:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                args.workers, mp_context=ctx, initializer=_init_worker, initargs=(data,)
+            ) as ex:
+                futures = [ex.submit(_work, run) for run in runs]
+                for fut in as_completed(futures):
+                    write_csv(({**r, **tag} for r in fut.result()), csv_path, append=True)
+                    bar.update()
     rows = read_csv(csv_path)
     write_report(args, rows, _run_header(args, data, time_kind), time.perf_counter() - t0)
     print(f"wrote {args.out / 'report.md'}", file=sys.stderr)

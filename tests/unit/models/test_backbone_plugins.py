@@ -9,12 +9,15 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
+from reloop.engine.metrics.stats import EngineStats
+from reloop.engine.runtime.supervisor import RetryPolicy, Supervisor
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "models.md"
 
@@ -190,6 +193,19 @@ def test_a_forward_that_breaks_the_contract_is_refused_when_the_learner_is_built
         ValueError, match=r"backbone 'wrong': its forward must return .*for a batch of 2 it returned"
     ):
         fresh_registry.build_learner("wrong", FeatureSpec.from_dict(SPEC), "reloop", 0.2)
+
+    # A stage that builds it stops at once (exit 2), not rebuilt until recovery.give_up_after_s.
+    builds = []
+
+    def build():
+        builds.append(1)
+        return fresh_registry.build_learner("wrong", FeatureSpec.from_dict(SPEC), "reloop", 0.2)
+
+    policy = RetryPolicy(backoff_initial_s=0.001)
+    supervisor = Supervisor(build, stop=threading.Event(), policy=policy, stats=EngineStats())
+    with pytest.raises(fresh_registry.BackboneContractError):
+        supervisor.run()
+    assert builds == [1] and supervisor.restarts == 0
 
 
 def test_serving_a_snapshot_whose_plugin_is_not_installed_says_so(tmp_path, monkeypatch, fresh_registry):

@@ -265,3 +265,35 @@ def test_too_few_periods_say_the_likely_cause(tmp_path: Path, capsys, options: l
         assert "epoch seconds" not in err and "no event time" not in err
     else:
         assert hint in err
+
+
+def test_a_backbone_that_breaks_the_output_contract_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch, capsys
+):
+    # Known only once a learner is built on the data's spec: it ended the run in a traceback.
+    import torch
+    from reloop.engine.models import registry
+    from reloop.engine.models.blocks import FeatureEmbedding
+    from reloop.engine.models.config import BackboneConfig
+    from reloop.engine.models.learner import CTRModel
+
+    class ColumnLogit(CTRModel):  # a [B, 1] logit
+        def __init__(self, spec, cfg, sparse) -> None:
+            super().__init__()
+            self.embedding = FeatureEmbedding(spec, cfg.embedding_dim, sparse)
+            self.out = torch.nn.Linear(cfg.embedding_dim, 1)
+
+        def forward(self, x):
+            emb = self.embedding(x)
+            return {"logit": self.out(emb.sum(1)), "hidden": emb.sum(1), "embeddings": [emb]}
+
+    registry.available_backbones()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_backbone("column", BackboneConfig, registry.torch_backbone(ColumnLogit), "[B, 1]")
+    data = _movielens(tmp_path / "ml")
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(tmp_path / "out")]
+    assert _code([*argv, *TINY, "--backbones", "column", "--strategies", "ce", "--no-river"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    refused = "reloop backtest: --backbones: backbone 'column': its forward must return"
+    assert any(line.startswith(refused) for line in err.splitlines()), err  # (after tqdm's bar)
