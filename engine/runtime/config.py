@@ -19,6 +19,7 @@ read, ``sink`` the topics written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -537,12 +538,25 @@ _RUNTIME_ONLY = (("train", "max_wait_ms"), ("train", "max_consecutive_skipped"))
 RUNTIME_ONLY_KEYS = tuple(".".join(key) for key in _RUNTIME_ONLY)
 
 
-def fingerprinted_defaults() -> dict[str, Any]:
+def fingerprinted_defaults(backbone: str | None = None, *, learner: bool = True) -> dict[str, Any]:
     """The defaults of the fingerprinted sections' settings, nested, as JSON data: a setting this run
     has and a restore point's recorded config lacks (added to reloop since) at its default does what
-    the point's run did (``restore.config_changes``). Required settings have none."""
+    the point's run did (``restore.config_changes``). Required settings have none. ``model.optimizer``
+    and ``model.params`` (``backbone``'s) are mappings in the config: their defaults are the learner's
+    (imported here, when a train stage restores: the config module stays free of torch; ``learner``
+    False leaves them out, for the join stage, which imports no torch)."""
     sections = (("model", ModelSection), ("train", TrainSection), ("join", JoinSection))
-    return {name: _defaults(cls) for name, cls in (*sections, ("validation", ValidationSection))}
+    out = {name: _defaults(cls) for name, cls in (*sections, ("validation", ValidationSection))}
+    if not learner:
+        return out
+    from reloop.engine.models.config import OptimizerConfig
+    from reloop.engine.models.registry import backbone_entry
+
+    out["model"]["optimizer"] = OptimizerConfig().model_dump(mode="json")
+    if backbone is not None:
+        with contextlib.suppress(ValueError, TypeError):  # unknown, or a config with required settings
+            out["model"]["params"] = backbone_entry(backbone).config_cls().model_dump(mode="json")
+    return out
 
 
 def _defaults(cls: type[_Section]) -> dict[str, Any]:

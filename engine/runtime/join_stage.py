@@ -354,7 +354,7 @@ class JoinStage:
                         snap.meta.get("config"),
                         dict(self.settings.fingerprinted),
                         ("join", "validation"),
-                        defaults=fingerprinted_defaults(),
+                        defaults=fingerprinted_defaults(learner=False),
                     ),
                 )
                 task.load_state_dict(snap.state["state"])

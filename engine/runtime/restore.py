@@ -72,14 +72,19 @@ def config_changes(
                 if key in a:
                     walk(a[key], b[key], below, f"{path}.{key}")
                 elif b[key] != below and f"{path}.{key}" not in ignore:
-                    out.append(f"{path}.{key}: (not recorded) -> {b[key]!r:.60}")
+                    out.append(f"{path}.{key}: (not recorded) -> {_short(b[key])}")
         elif a != b:
-            out.append(f"{path}: {a!r:.60} -> {b!r:.60}")
+            out.append(f"{path}: {_short(a)} -> {_short(b)}")
 
     for section in sections:
         if section in saved and section in current:
             walk(saved[section], current[section], (defaults or {}).get(section, missing), section)
     return out
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_fingerprint(
@@ -134,11 +139,13 @@ def check_train_fingerprint(
 ) -> None:
     """``check_fingerprint`` for a train stage's (or the one-process pipeline's) restore point: ``saved``
     its meta, ``run`` the meta this run writes (both with the config they were made with)."""
+    config = run.get("config")
+    backbone = config.get("model", {}).get("backbone") if isinstance(config, dict) else None
     changes = config_changes(
         saved.get("config"),
-        run.get("config"),
+        config,
         ("model", "train", "join"),
-        defaults=fingerprinted_defaults(),
+        defaults=fingerprinted_defaults(backbone),
         ignore=RUNTIME_ONLY_KEYS,
     )
     check_fingerprint(point, saved.get("fingerprint"), current, allow=allow, changes=changes)

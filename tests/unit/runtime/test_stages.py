@@ -2039,3 +2039,32 @@ def test_an_upgrade_that_sets_a_new_key_is_refused_naming_it(tmp_path, monkeypat
     _written_by_an_older_reloop(monkeypatch, cfg, log, clock, tmp_path)
     with pytest.raises(SnapshotMismatch, match=r"changed: train.replay_size: \(not recorded\) -> 64\)"):
         _train(_config(tmp_path, train={"replay_size": 64}), log, clock, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ({"optimizer": {"small_steps_below": 256}}, None),  # the learner's default, written out
+        ({"params": {"embedding_dim": 1}}, None),  # the backbone's default
+        (
+            {"optimizer": {"small_steps_below": 128}},
+            r"model.optimizer.small_steps_below: \(not recorded\) -> 128",
+        ),
+    ],
+)
+def test_an_upgrade_whose_config_writes_out_a_learner_default_resumes(tmp_path, monkeypatch, model, refused):
+    # model.optimizer and model.params are mappings: their keys' defaults are the learner's, and one
+    # written out at its default was refused as a change.
+    from reloop.engine.runtime.restore import SnapshotMismatch
+
+    log, clock, cfg = _joined(tmp_path, 300, seed=4)
+    version = _written_by_an_older_reloop(monkeypatch, cfg, log, clock, tmp_path)
+    base = {"backbone": "lr", "strategy": "reloop", "alpha": 0.3, "spec": SPEC}
+    upgraded = _config(tmp_path, model={**base, **model})
+    if refused is not None:
+        with pytest.raises(SnapshotMismatch, match=refused):
+            _train(upgraded, log, clock, tmp_path)
+        return
+    resumed = _train(upgraded, log, clock, tmp_path)
+    assert resumed.version == version
+    resumed.abort()
