@@ -59,7 +59,12 @@ _FAILED_PLUGINS: dict[str, str] = {}
 
 
 class UnknownBackbone(ValueError):
-    """A backbone name nothing registered here (a plugin not installed, or one of a newer reloop)."""
+    """A backbone name nothing registered here (a plugin not installed, or one of a newer reloop), or
+    one that more than one plugin registers (``conflict``: neither is used)."""
+
+    def __init__(self, message: str, *, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
 
 
 class BackboneContractError(ConfigError):
@@ -214,11 +219,13 @@ def backbone_entry(name: str) -> BackboneEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownBackbone(_not_found(name)) from None
+        raise UnknownBackbone(_not_found(name), conflict=name in _CONFLICTS) from None
 
 
 def not_registered_here(exc: UnknownBackbone) -> str:
     """What a reader of a snapshot (serving) says of one whose backbone is not registered here."""
+    if exc.conflict:
+        return f"its backbone is not usable in this process: {exc}"
     return (
         f"its backbone is not registered in this process ({exc}): install the package that registers "
         "it (a backbone plugin: serving needs it as the trainer does), or it was written by a newer reloop"

@@ -92,6 +92,8 @@ class ModelHolder:
         self._bundle = bundle
         self._lock = threading.Lock()  # serialises writers only; readers never take it
         self.reloads = 0
+        # The last version the reload watcher refused and why: /readyz says it while nothing is loaded.
+        self.last_refusal: str | None = None
 
     @property
     def current(self) -> ModelBundle | None:

@@ -148,6 +148,7 @@ class ReloadWatcher:
                     self.refused += 1
                     STATS.serve_reloads.add("refused")
                     log.error("reload %s: snapshot v%s refused: %s", src.name, version, exc)
+                    src.holder.last_refusal = f"v{version}: {exc!s:.300}"
                     continue
                 src.retry.pop(version, None)
                 if src.holder.swap(bundle, rollback=rollback):

@@ -132,7 +132,8 @@ class ScoringService:
         for name, arm in self.arms.items():
             bundle = arm.holder.current
             if bundle is None:
-                reasons[name] = "no model loaded yet"
+                refused = arm.holder.last_refusal
+                reasons[name] = "no model loaded yet" + (f" (refused {refused})" if refused else "")
             elif arm.counters is not None:
                 refusal = arm.counters.refusal(bundle.featurizer.spec)
                 if refusal is not None:

@@ -221,6 +221,10 @@ def test_serving_a_snapshot_whose_plugin_is_not_installed_says_so(tmp_path, monk
     with pytest.raises(SnapshotError, match="install the package that registers it") as refused:
         load_bundle(reg, version)
     assert "newer reloop?" not in str(refused.value)
+    fresh_registry._CONFLICTS["dot"] = ["dot = plug_a:register", "dot = plug_b:register"]  # both installed
+    with pytest.raises(SnapshotError, match="more than one installed plugin") as refused:
+        load_bundle(reg, version)
+    assert "install the package" not in str(refused.value)  # advice that contradicted "uninstall"
 
 
 def test_reloop_run_logs_a_plugin_that_did_not_load_as_json_and_names_it_for_an_unknown_backbone(tmp_path):

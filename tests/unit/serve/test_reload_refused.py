@@ -43,3 +43,20 @@ def test_a_version_number_refused_before_the_registry_started_again_is_loaded_af
     reg.versions = [1, 2, 3, 4]  # the new run's v4, a snapshot that loads
     watcher.poll_once()
     assert holder.version == 4
+
+
+def test_readyz_says_which_version_was_refused_while_none_is_loaded():
+    # It said "no model loaded yet" while every version was refused (a plugin not installed here).
+    from reloop.engine.serve.arms import ArmRouter
+    from reloop.engine.serve.service import ArmRuntime, ScoringService
+
+    reg = FakeRegistry()
+    holder = ModelHolder()
+    service = ScoringService(
+        router=ArmRouter([("A", 1.0)], salt="s"), arms={"A": ArmRuntime("A", holder, None)}
+    )
+    assert service.not_ready() == {"A": "no model loaded yet"}
+    reg.versions, reg.corrupt = [1], {1}
+    _watcher(reg, holder).poll_once()
+    (reason,) = service.not_ready().values()
+    assert reason.startswith("no model loaded yet (refused v1: ")
