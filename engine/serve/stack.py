@@ -86,12 +86,26 @@ def with_read_deadline(
 
     class ReadDeadline(base):  # type: ignore[misc, valid-type]
         _read_deadline: asyncio.TimerHandle | None = None
+        # Requests begun (their first bytes parsed) and answered on this connection: equal and not 0 at
+        # the deadline, it is a keep-alive connection idle between requests, closed but not counted.
+        _begun = 0
+        _answered = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_read_deadline()
 
+        def on_message_begin(self) -> None:  # httptools' parser callback
+            self._begun += 1
+            super().on_message_begin()
+
+        def data_received(self, data: bytes) -> None:
+            if not hasattr(base, "on_message_begin") and self._begun == self._answered:
+                self._begun += 1  # h11: any bytes after an answer begin the next request
+            super().data_received(data)
+
         def on_response_complete(self) -> None:
+            self._answered += 1
             super().on_response_complete()
             self._arm_read_deadline()
 
@@ -114,7 +128,8 @@ def with_read_deadline(
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete and not cycle.more_body:
                 return  # read whole, being answered
-            on_timeout()
+            if not (self._answered and self._begun == self._answered):
+                on_timeout()  # not a keep-alive connection idle between requests (closed, not counted)
             if not self.transport.is_closing():
                 self.transport.close()
 
