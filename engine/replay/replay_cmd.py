@@ -361,11 +361,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"reloop replay: {refused}", file=sys.stderr)
         return 2
     snapshots = args.out / "snapshots"
-    if snapshots.exists() and any(snapshots.iterdir()) and not args.resume:
+    started = snapshots.exists() and any(snapshots.iterdir())
+    if started and not args.resume:
         print(
             f"reloop replay: {snapshots} already holds snapshots; use --resume or another --out",
             file=sys.stderr,
         )
+        return 2
+    refused = check_replay_options(args, resuming=started)
+    if refused:
+        print(f"reloop replay: {refused}", file=sys.stderr)
         return 2
     failures: tuple[type[Exception], ...] = ()
     try:
@@ -473,6 +478,58 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+# What a replay is, recorded in OUT at its start: a --resume that says otherwise is refused (a changed
+# --start-time was ignored, the positions going on from the snapshot; a --samples given to one run of
+# the two left a samples file with part of the samples; another mode named a "newer format").
+OPTIONS_FILE = "replay-options.json"
+
+
+def replay_options(args: argparse.Namespace) -> dict[str, Any]:
+    mode = (
+        "dataset"
+        if args.dataset
+        else "jsonl"
+        if args.jsonl
+        else "kafka-samples"
+        if args.from_samples
+        else "kafka"
+    )
+    options: dict[str, Any] = {"mode": mode, "--samples": bool(args.samples), "--timestamps": args.timestamps}
+    if args.dataset:
+        data = None if args.data is None else str(args.data.resolve())
+        options |= {"--dataset": args.dataset, "--data": data, "--max-rows": args.max_rows}
+    else:
+        options |= {"--start-time": args.start_time, "--start-offsets": args.start_offsets}
+    return options
+
+
+def check_replay_options(args: argparse.Namespace, *, resuming: bool) -> str | None:
+    """Record this replay's options in OUT (a fresh start), or compare them with those recorded (a
+    resume): the refusal naming what differs, or None. An OUT from before the record is not checked."""
+    path = args.out / OPTIONS_FILE
+    now = replay_options(args)
+    if not resuming:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(orjson.dumps(now, option=orjson.OPT_INDENT_2) + b"\n")
+        return None
+    try:
+        recorded = orjson.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    changed = [
+        f"{key} {recorded.get(key)!r} -> {value!r}"
+        for key, value in now.items()
+        if recorded.get(key) != value
+    ]
+    if not changed:
+        return None
+    return (
+        f"--resume with other options than the replay in {args.out} was started with ({'; '.join(changed)}): "
+        "a resume goes on from its snapshot's positions, in the same mode, writing the same outputs; "
+        "give the first run's options (an end may change: --end-time, --end-offsets), or another --out"
+    )
 
 
 def _options_refused(args: argparse.Namespace) -> str | None:

@@ -362,6 +362,25 @@ def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path, cap
     assert summary["last_time_ms"] is not None and "events span" not in capsys.readouterr().err
 
 
+def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_path: Path, capsys) -> None:
+    # A changed --start-time was ignored (the positions went on from the snapshot); --samples given to one
+    # of the two runs left part of the samples in the file; neither said a word.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for extra, named in (
+        (["--samples"], "--samples False -> True"),
+        (["--start-offsets", "impressions:0=5"], "--start-offsets None -> 'impressions:0=5'"),
+    ):
+        assert main([*argv, "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("reloop replay: --resume with other options") and named in err, err
+    assert main([*argv, "--resume"]) == 0  # the same options
+
+
 def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
     # ``--delay immediate`` stamps a click with its impression's own time; the merge ordered the topics
     # by name ("clicks" < "impressions"), so every click reached the joiner before its impression.
