@@ -365,6 +365,7 @@ def run_samples_replay(
     stage.starts_mid_topic = starts_mid_topic
     t0 = time.perf_counter()
     stage.open()
+    restored_at = (stage.trainer.counters.samples, stage.records_processed)
     last_reported = 0
     try:
         while not replay_source.done():
@@ -380,7 +381,11 @@ def run_samples_replay(
         stage.abort()
         raise
     stage.train_remaining()
-    if stage.trainer.counters.samples == 0:  # no untrained model published as a version
+    # As run_replay: a resume that finds nothing left publishes no new version (it published the
+    # restored snapshot's model again as the next one), nor does a replay that trained nothing.
+    unchanged = (stage.trainer.counters.samples, stage.records_processed) == restored_at
+    resumed_to_nothing = unchanged and (stage.restored_from or "").startswith("snapshot")
+    if resumed_to_nothing or stage.trainer.counters.samples == 0:
         stage.close(final=None)
         version = stage.version
     else:

@@ -841,6 +841,12 @@ def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupte
                 "dead_letters", "positions", "trainer", "final_version"):  # fmt: skip
         assert resumed[key] == whole[key], key
     assert resumed["resumed_from"] is not None and 0 < resumed["records_this_run"] < resumed["records"]
+    # A resume of the finished replay (killed after its final snapshot) publishes no new version: it
+    # published the same model again as version n+1.
+    versions = SnapshotRegistry(out / "snapshots").versions()
+    again = replay(out).to_dict()
+    assert again["final_version"] == whole["final_version"] == versions[-1]
+    assert SnapshotRegistry(out / "snapshots").versions() == versions and again["records_this_run"] == 0
 
 
 def test_a_replay_whose_final_snapshot_fails_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
