@@ -26,7 +26,9 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from itertools import islice
@@ -620,6 +622,10 @@ def _summarised(
     from reloop.engine.runtime.restore import NoUsableSnapshot, SnapshotMismatch
 
     summary = args.out / "summary.json"
+    # SIGTERM as Ctrl-C: the snapshot write in flight finished, the summary marked interrupted (it died
+    # at once, leaving a serving bundle without its snapshot and no summary).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         result = replay()
     except (SnapshotMismatch, NoUsableSnapshot) as exc:
@@ -636,21 +642,26 @@ def _summarised(
         return 2
     except (ReplayStalled, ReplaySaveFailed, *failures) as exc:  # was a traceback (or exit 0: a failed save)
         print(
-            f"reloop replay: {exc}; OUT/snapshots keeps the last snapshot: --resume goes on", file=sys.stderr
+            f"reloop replay: {exc}{_broker_note(args, exc)}; OUT/snapshots keeps the last snapshot: --resume "
+            "goes on",
+            file=sys.stderr,
         )
         summary.unlink(missing_ok=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         args.out.mkdir(parents=True, exist_ok=True)
         partial = {"interrupted": True, "records_read": bar.n, "snapshots": str(args.out / "snapshots")}
         summary.write_bytes(orjson.dumps(partial, option=orjson.OPT_INDENT_2))
+        how = " (SIGTERM)" if isinstance(exc, Terminated) else ""
         print(
-            f"reloop replay: interrupted after {bar.n} records; {args.out / 'snapshots'} keeps the last "
+            f"reloop replay: interrupted{how} after {bar.n} records; {args.out / 'snapshots'} keeps the last "
             "snapshot: --resume goes on from it",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         dead.close()
         bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -658,6 +669,27 @@ def _summarised(
     summary.write_bytes(text)
     print(text.decode())
     return result
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is (exit 143)."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
+def _broker_note(args: argparse.Namespace, exc: BaseException) -> str:
+    """For a replay from Kafka that stopped receiving: whether the broker answers at all (a stall
+    blamed retention while the broker was down)."""
+    from reloop.engine.replay.sources import ReplayStalled
+
+    if not isinstance(exc, ReplayStalled) or not getattr(args, "kafka", None):
+        return ""
+    from reloop.connectors.kafka.client_start import unreachable
+
+    down = unreachable(args.kafka)
+    return f" (no Kafka broker answers at {args.kafka} now: {down})" if down else ""
 
 
 def _client_errors() -> tuple[type[Exception], ...]:

@@ -3,6 +3,8 @@ same samples and the same final model; the replay keeps its state to itself."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -664,9 +666,14 @@ def test_kafka_range_options_are_checked_naming_the_flag(tmp_path: Path, capsys,
     assert not (tmp_path / "a" / "snapshots").exists()
 
 
-def test_an_interrupted_replay_resumed_writes_each_sample_once(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_replay_resumed_writes_each_sample_once(
+    tmp_path: Path, monkeypatch, capsys, signum
+) -> None:
     # The samples written after the last snapshot were written again by the resumed replay: 400
     # impressions, 400 + k lines in OUT/samples. And the interrupted replay left no summary saying so.
+    # A SIGTERM ended the process at once (no summary, a serving bundle without its snapshot): now as
+    # Ctrl-C, exit 143.
     from reloop.engine.runtime.pipeline import Pipeline
 
     cfg = config(tmp_path / "run.yaml", tmp_path / "live")
@@ -681,13 +688,13 @@ def test_an_interrupted_replay_resumed_writes_each_sample_once(tmp_path: Path, m
         nonlocal calls
         calls += 1
         if calls == 7:  # past the first snapshots (every 96 samples), between two of them
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)  # the Python handler runs here, in the main thread
         return step(self)
 
     monkeypatch.setattr(Pipeline, "step", interrupted_step)
     out = tmp_path / "cut"
-    assert main([*argv, str(out)]) == 130
-    assert "interrupted after" in capsys.readouterr().err
+    assert main([*argv, str(out)]) == (130 if signum == signal.SIGINT else 143)
+    assert "interrupted" in capsys.readouterr().err
     assert orjson.loads((out / "summary.json").read_bytes())["interrupted"] is True
     written = len(samples_of(out))
     assert SnapshotRegistry(out / "snapshots").versions()  # resumed from a snapshot, not from scratch
@@ -713,6 +720,13 @@ def test_a_replay_whose_source_stops_delivering_exits_1_with_a_message(tmp_path:
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "reloop replay: no records for 30.0s" in err and "Traceback" not in err
+    # From Kafka, with the broker gone: said (the message blamed retention alone).
+    from types import SimpleNamespace
+
+    from reloop.engine.replay.replay_cmd import _broker_note
+
+    note = _broker_note(SimpleNamespace(kafka="127.0.0.1:1"), ReplayStalled("no records"))
+    assert note.startswith(" (no Kafka broker answers at 127.0.0.1:1 now: 127.0.0.1:1: "), note
 
 
 def _dead_letter_lines(out: Path) -> list[bytes]:
