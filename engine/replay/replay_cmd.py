@@ -374,6 +374,11 @@ def main(args: argparse.Namespace) -> int:
     if refused:
         print(f"reloop replay: {refused}", file=sys.stderr)
         return 2
+    if args.resume and not started:
+        print(
+            f"reloop replay: --resume: {snapshots} holds no snapshot yet: starting from the beginning",
+            file=sys.stderr,
+        )
     failures: tuple[type[Exception], ...] = ()
     try:
         if args.dataset:

@@ -381,6 +381,10 @@ def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_p
         err = capsys.readouterr().err
         assert err.startswith("reloop replay: --resume with other options") and named in err, err
     assert main([*argv, "--resume"]) == 0  # the same options
+    capsys.readouterr()
+    fresh = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "b"), "--resume"]
+    assert main(fresh) == 0  # nothing to resume: said, then a whole replay
+    assert "holds no snapshot yet: starting from the beginning" in capsys.readouterr().err
 
 
 def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
