@@ -220,7 +220,9 @@ def run_replay(
     on_dead_letters_restored: DeadLettersRestored | None = None,
 ) -> ReplayResult:
     """Replay ``source`` from ``start`` (default: its beginning) to ``end`` (exclusive) into a fresh or
-    resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out;
+    resumed pipeline under ``checkpoint_dir``; ``on_progress`` gets the number of records handed out,
+    a resumed replay's counting those before its restore point (a bar over the whole range then shows
+    the whole replay's progress: it ended a resumed replay at 56%);
     refused records go to ``dead_letter_sink`` with their reason (counted either way).
     ``on_restored`` gets, before any sample is sent, how many samples the restored state had already
     sent to ``samples_sink`` (0 for a fresh replay): a resumed replay sends the ones after its restore
@@ -273,7 +275,7 @@ def run_replay(
             pipeline.step()
             if on_progress is not None and replay_source.records_out != last_reported:
                 last_reported = replay_source.records_out
-                on_progress(last_reported)
+                on_progress(book.records_before + last_reported)
     except BaseException:
         # Ctrl-C, a stalled source: wait for the snapshot write in flight (it was left to a thread the
         # exit killed) so that --resume starts from the newest period snapshot, then release the rest.
@@ -372,9 +374,11 @@ def run_samples_replay(
             stage.step()
             if on_progress is not None and replay_source.records_out != last_reported:
                 last_reported = replay_source.records_out
-                on_progress(last_reported)
+                on_progress(book.records_before + last_reported)
         while stage.records_processed < replay_source.records_out:  # still on the fetch thread's queue
             stage.step()
+        if on_progress is not None:  # the last count (a fetch thread may hand all out before the loop)
+            on_progress(book.records_before + replay_source.records_out)
     except BaseException:
         # As run_replay: the snapshot write in flight finished (a resume in this process restored the
         # one before it, and published its boundary a second time) and the fetch thread stopped.

@@ -826,12 +826,13 @@ def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupte
         env={},
     )
 
-    def replay(out: Path):
+    def replay(out: Path, on_progress=None):
         dead = JsonlSink(root=out / "dead-letters", topic="dl")
         try:
             return run_samples_replay(
                 cfg, source=MemorySource(log, ["samples"]), end=end, checkpoint_dir=out / "snapshots",
                 dead_letter_sink=dead, on_dead_letters_restored=functools.partial(keep_dead_letters, dead),
+                on_progress=on_progress,
             )  # fmt: skip
         finally:
             dead.close()
@@ -851,7 +852,9 @@ def test_a_resumed_samples_replay_summarises_and_dead_letters_as_an_uninterrupte
         replay(out)
     assert SnapshotRegistry(out / "snapshots").versions()
     monkeypatch.setattr(TrainStage, "step", step)
-    resumed = replay(out).to_dict()
+    progress: list[int] = []
+    resumed = replay(out, progress.append).to_dict()
+    assert progress[-1] == whole["records"]  # the whole replay's count (a bar ended a resume at 56%)
     assert [orjson.loads(x)["value"] for x in _dead_letter_lines(out)] == [
         orjson.loads(x)["value"] for x in _dead_letter_lines(tmp_path / "whole")
     ]
