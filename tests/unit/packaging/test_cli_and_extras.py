@@ -126,3 +126,12 @@ def test_license_is_the_apache_2_text_pyproject_declares() -> None:
     assert PYPROJECT["project"]["license"] == "Apache-2.0"
     assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 150
+
+
+def test_python_dash_m_reloop_is_the_reloop_command() -> None:
+    # "No module named reloop.__main__": the command was reachable only as `reloop` or through the
+    # module path of its CLI.
+    done = subprocess.run(
+        [sys.executable, "-m", "reloop", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.startswith("reloop "), done.stderr
