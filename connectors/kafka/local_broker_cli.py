@@ -74,14 +74,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.action == "topics":
         return _topics(args)
-    if args.controller_port is not None and args.controller_port == args.port:
+    controller_port = getattr(args, "controller_port", None)  # (a Namespace made by a caller may lack it)
+    if controller_port is not None and controller_port == args.port:
         print("reloop kafka: --port and --controller-port must differ", file=sys.stderr)
         return 2
     try:
         broker = LocalBroker(
             args.state_dir or default_state_dir(),
             port=args.port,
-            controller_port=args.controller_port,
+            controller_port=controller_port,
             detached=True,
         )
         return _ACTIONS[args.action](broker, args)
