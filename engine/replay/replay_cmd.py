@@ -494,15 +494,8 @@ OPTIONS_FILE = "replay-options.json"
 
 
 def replay_options(args: argparse.Namespace) -> dict[str, Any]:
-    mode = (
-        "dataset"
-        if args.dataset
-        else "jsonl"
-        if args.jsonl
-        else "kafka-samples"
-        if args.from_samples
-        else "kafka"
-    )
+    modes = (("dataset", args.dataset), ("jsonl", args.jsonl), ("kafka-samples", args.from_samples))
+    mode = next((name for name, given in modes if given), "kafka")
     options: dict[str, Any] = {"mode": mode, "--samples": bool(args.samples), "--timestamps": args.timestamps}
     if args.dataset:
         data = None if args.data is None else str(args.data.resolve())
