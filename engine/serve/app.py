@@ -40,8 +40,26 @@ def too_large(limit: int) -> bytes:
     return orjson.dumps({"detail": f"request body larger than {limit} bytes"})
 
 
+def encoded(encoding: bytes | str) -> bytes:
+    """The 415 answer to a body sent with a Content-Encoding (gzip ...): it was parsed as JSON as it
+    came, and refused as "invalid JSON at byte 0", which did not say why."""
+    name = encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding
+    return orjson.dumps(
+        {"detail": f"Content-Encoding {name[:40]} is not supported: send the JSON body as is"}
+    )
+
+
+def _encoding_refused(encoding: bytes | str | None) -> bool:
+    if encoding is None:
+        return False
+    value = encoding.strip().lower()
+    return value not in (b"", b"identity", "", "identity")
+
+
 # 408: a connection closed at serve.read_timeout_s before its request arrived whole (engine/serve/stack.py).
-_FAILED = {status: STATS.serve_failed_requests.child(str(status)) for status in (408, 413, 422, 500, 503)}
+_FAILED = {
+    status: STATS.serve_failed_requests.child(str(status)) for status in (408, 413, 415, 422, 500, 503)
+}
 
 
 def score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
@@ -101,11 +119,17 @@ class ScoreRoute:
             return
         limit = self.limit
         status = 0
+        encoding = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > limit:
                     status = 413
-                break
+            elif name == b"content-encoding":
+                encoding = value
+        if not status and _encoding_refused(encoding):
+            count_failed(self.service, 415)
+            await _answer(send, 415, encoded(encoding))  # type: ignore[arg-type]
+            return
         body = b""
         if not status:
             chunks: list[bytes] = []
@@ -126,9 +150,13 @@ class ScoreRoute:
         status, content = (
             body_too_large(self.service, limit) if status == 413 else score_body(self.service, body)
         )
-        headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await _answer(send, status, content)
+
+
+async def _answer(send: Any, status: int, content: bytes) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 def create_app(
@@ -145,6 +173,7 @@ def create_app(
         response_model=ScoreResponse,
         responses={
             413: {"description": "request body too large"},
+            415: {"description": "a Content-Encoding (gzip ...): send the JSON body as is"},
             422: {"description": "invalid request"},
             503: {"description": "no model loaded yet"},
         },
@@ -155,6 +184,10 @@ def create_app(
     async def score(http_request: Request) -> Response:
         # Served by ScoreRoute in front of this app (reloop.engine.serve.stack); this route is its documented
         # twin and what an app without the front door answers (the same score_body).
+        encoding = http_request.headers.get("content-encoding")
+        if _encoding_refused(encoding):
+            count_failed(service, 415)
+            return Response(content=encoded(encoding), status_code=415, media_type="application/json")
         body = await _bounded_body(http_request, max_body_bytes)
         status, content = (
             body_too_large(service, max_body_bytes) if body is None else score_body(service, body)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gzip
+
 from fastapi.testclient import TestClient
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
 from reloop.engine.events.codec import decode_impression, encode
@@ -92,7 +94,10 @@ def test_stats_counts_failed_requests_by_status_as_the_metric_does():
     client.post("/score", content=b"{not json", headers={"content-type": "application/json"})  # 422
     client.post("/score", json=BODY)  # 503: no model yet
     client.post("/score", content=b"x" * ((1 << 20) + 1))  # 413
-    assert client.get("/stats").json()["failed_requests"] == {"413": 1, "422": 2, "503": 1}
+    # 415: a gzip body was parsed as JSON as it came ("invalid JSON at byte 0")
+    gzipped = client.post("/score", content=gzip.compress(b"{}"), headers={"content-encoding": "gzip"})
+    assert gzipped.status_code == 415 and "Content-Encoding gzip is not supported" in gzipped.text
+    assert client.get("/stats").json()["failed_requests"] == {"413": 1, "415": 1, "422": 2, "503": 1}
     logger.close()
 
 

@@ -195,6 +195,18 @@ def test_oversized_bodies_get_413_fast(service):
     assert r.status_code == 422 and "candidates" in r.text and took < 2.0
 
 
+def test_a_compressed_body_gets_415_saying_so(service):
+    # Parsed as JSON as it came: "invalid JSON ... (byte 0)", with no word of the encoding.
+    import gzip
+
+    client, _ = service
+    body = gzip.compress(orjson.dumps(_body(3)))
+    r = client.post("/score", content=body, headers={"content-encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding gzip is not supported" in r.json()["detail"]
+    same = client.post("/score", content=orjson.dumps(_body(3)), headers={"content-encoding": "identity"})
+    assert same.status_code == 200  # the identity encoding is none
+
+
 def test_a_token_protects_everything_but_the_probes(service):
     _, url = service
     with httpx.Client(base_url=url, timeout=10) as anonymous:
