@@ -350,8 +350,8 @@ class JoinStage:
                     snap.meta.get("fingerprint"),
                     self.settings.fingerprint,
                     allow=self.settings.allow_fingerprint_change,
-                    changes=config_changes(
-                        snap.meta.get("config"),
+                    changes=lambda meta=snap.meta: config_changes(
+                        meta.get("config"),
                         dict(self.settings.fingerprinted),
                         ("join", "validation"),
                         defaults=fingerprinted_defaults(learner=False),

@@ -93,25 +93,28 @@ def check_fingerprint(
     current: str,
     *,
     allow: bool,
-    changes: list[str] | None = None,
+    changes: Callable[[], list[str] | None] | None = None,
 ) -> None:
     """Refuse a restore point made under other settings than ``current`` fingerprints (the train
     stage's: model, train, join; a join task's: join, validation) with ``SnapshotMismatch``: state built
     one way resumed under settings of another is rarely what was meant. ``allow``
-    (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both. ``changes``:
-    the settings that differ (``config_changes``), when the restore point recorded its config; none
-    (an empty list) resumes: the fingerprints then differ only by what a newer reloop added at its
-    defaults, or left out of them (an upgrade with the config unchanged)."""
+    (``checkpoint.allow_fingerprint_change``) resumes anyway, with a warning naming both. ``changes``
+    gives the settings that differ (``config_changes``; called only when the fingerprints do), or
+    None when the restore point recorded no config; none (an empty list) resumes: the fingerprints then
+    differ only by what a newer reloop added at its defaults, or left out of them (an upgrade with the
+    config unchanged)."""
     if made_with == current:
         return
-    if changes is not None and not changes:
+    changed_keys = None if changes is None else changes()
+    if changed_keys is not None and not changed_keys:
         log.info(
             "resuming: the fingerprints differ only by settings added since the restore point was "
             "written, at their defaults",
             extra={"fields": {"restore_point": str(point), "made_with": made_with, "config": current}},
         )
         return
-    changed = f" (changed: {'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''})" if changes else ""
+    keys = changed_keys or []
+    changed = f" (changed: {'; '.join(keys[:5])}{' ...' if len(keys) > 5 else ''})" if keys else ""
     if not allow:
         raise SnapshotMismatch(
             f"{point} was made with config fingerprint {made_with}, this config is {current}{changed}; "
@@ -128,7 +131,7 @@ def check_fingerprint(
                 "restore_point": str(point),
                 "made_with": made_with,
                 "config": current,
-                **({"changed": changes} if changes else {}),
+                **({"changed": keys} if keys else {}),
             }
         },  # fmt: skip
     )
@@ -141,13 +144,12 @@ def check_train_fingerprint(
     its meta, ``run`` the meta this run writes (both with the config they were made with)."""
     config = run.get("config")
     backbone = config.get("model", {}).get("backbone") if isinstance(config, dict) else None
-    changes = config_changes(
-        saved.get("config"),
-        config,
-        ("model", "train", "join"),
-        defaults=fingerprinted_defaults(backbone),
-        ignore=RUNTIME_ONLY_KEYS,
-    )
+
+    def changes() -> list[str] | None:
+        defaults, ignore = fingerprinted_defaults(backbone), RUNTIME_ONLY_KEYS
+        sections = ("model", "train", "join")
+        return config_changes(saved.get("config"), config, sections, defaults=defaults, ignore=ignore)
+
     check_fingerprint(point, saved.get("fingerprint"), current, allow=allow, changes=changes)
 
 

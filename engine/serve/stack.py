@@ -84,6 +84,8 @@ def with_read_deadline(
     clients were reset). A request read whole is not timed: its answer is the service's to give.
     ``on_timeout`` counts each connection closed so (on the event loop's thread)."""
 
+    parses_messages = hasattr(base, "on_message_begin")  # httptools; h11 has no such callback
+
     class ReadDeadline(base):  # type: ignore[misc, valid-type]
         _read_deadline: asyncio.TimerHandle | None = None
         # Requests begun (their first bytes parsed) and answered on this connection: equal and not 0 at
@@ -100,7 +102,7 @@ def with_read_deadline(
             super().on_message_begin()
 
         def data_received(self, data: bytes) -> None:
-            if not hasattr(base, "on_message_begin") and self._begun == self._answered:
+            if not parses_messages and self._begun == self._answered:
                 self._begun += 1  # h11: any bytes after an answer begin the next request
             super().data_received(data)
 
