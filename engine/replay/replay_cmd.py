@@ -370,15 +370,6 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    refused = check_replay_options(args, resuming=started)
-    if refused:
-        print(f"reloop replay: {refused}", file=sys.stderr)
-        return 2
-    if args.resume and not started:
-        print(
-            f"reloop replay: --resume: {snapshots} holds no snapshot yet: starting from the beginning",
-            file=sys.stderr,
-        )
     failures: tuple[type[Exception], ...] = ()
     try:
         if args.dataset:
@@ -391,6 +382,16 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             cfg = load_config(args.config)
             check_model(cfg)
+        refused = check_replay_options(args, cfg.period.model_dump(), resuming=started)
+        if refused:
+            print(f"reloop replay: {refused}", file=sys.stderr)
+            return 2
+        if args.resume and not started:
+            print(
+                f"reloop replay: --resume: {snapshots} holds no snapshot yet: starting from the beginning",
+                file=sys.stderr,
+            )
+        if not args.dataset:
             topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
             if args.from_samples:
                 if not args.kafka:
@@ -493,7 +494,7 @@ def main(args: argparse.Namespace) -> int:
 OPTIONS_FILE = "replay-options.json"
 
 
-def replay_options(args: argparse.Namespace) -> dict[str, Any]:
+def replay_options(args: argparse.Namespace, period: dict[str, Any]) -> dict[str, Any]:
     modes = (("dataset", args.dataset), ("jsonl", args.jsonl), ("kafka-samples", args.from_samples))
     mode = next((name for name, given in modes if given), "kafka")
     options: dict[str, Any] = {"mode": mode, "--samples": bool(args.samples), "--timestamps": args.timestamps}
@@ -502,14 +503,17 @@ def replay_options(args: argparse.Namespace) -> dict[str, Any]:
         options |= {"--dataset": args.dataset, "--data": data, "--max-rows": args.max_rows}
     else:
         options |= {"--start-time": args.start_time, "--start-offsets": args.start_offsets}
-    return options
+    # Where versions are cut: not in the config fingerprint (a live service may change its cadence at a
+    # restart), but a resumed replay cut at another one is not the replay it resumes.
+    return options | {f"period.{key}": value for key, value in period.items()}
 
 
-def check_replay_options(args: argparse.Namespace, *, resuming: bool) -> str | None:
+def check_replay_options(args: argparse.Namespace, period: dict[str, Any], *, resuming: bool) -> str | None:
     """Record this replay's options in OUT (a fresh start), or compare them with those recorded (a
-    resume): the refusal naming what differs, or None. An OUT from before the record is not checked."""
+    resume): the refusal naming what differs, or None. An OUT from before the record is not checked,
+    nor an option the record lacks (written by a reloop that did not record it)."""
     path = args.out / OPTIONS_FILE
-    now = replay_options(args)
+    now = replay_options(args, period)
     if not resuming:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_bytes(orjson.dumps(now, option=orjson.OPT_INDENT_2) + b"\n")
@@ -521,14 +525,15 @@ def check_replay_options(args: argparse.Namespace, *, resuming: bool) -> str | N
     changed = [
         f"{key} {recorded.get(key)!r} -> {value!r}"
         for key, value in now.items()
-        if recorded.get(key) != value
+        if key in recorded and recorded[key] != value
     ]
     if not changed:
         return None
     return (
         f"--resume with other options than the replay in {args.out} was started with ({'; '.join(changed)}): "
         "a resume goes on from its snapshot's positions, in the same mode, writing the same outputs; "
-        "give the first run's options (an end may change: --end-time, --end-offsets), or another --out"
+        "give the first run's options and period settings (an end may change: --end-time, "
+        "--end-offsets), or another --out"
     )
 
 

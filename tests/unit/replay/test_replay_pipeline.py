@@ -387,6 +387,30 @@ def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_p
     assert "holds no snapshot yet: starting from the beginning" in capsys.readouterr().err
 
 
+def test_a_resume_cutting_versions_elsewhere_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    # period.* is not in the config fingerprint (a live service may change its cadence at a restart), so
+    # a resumed replay with another period was accepted without a word: not the replay it resumed.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    root = tmp_path / "log"
+    write_jsonl(root, events())
+    out = tmp_path / "a"
+    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    other = yaml.safe_load(cfg.read_text())
+    other["period"] = {"every_samples": 192}
+    changed = tmp_path / "other.yaml"
+    changed.write_text(yaml.safe_dump(other))
+    assert main([*argv[:2], str(changed), *argv[3:], "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "period.every_samples 96 -> 192" in err, err
+    # An OUT recorded by a reloop that did not record the period resumes under any.
+    options = out / "replay-options.json"
+    recorded = orjson.loads(options.read_bytes())
+    options.write_bytes(orjson.dumps({k: v for k, v in recorded.items() if not k.startswith("period.")}))
+    assert main([*argv[:2], str(changed), *argv[3:], "--resume"]) == 0
+
+
 def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
     # ``--delay immediate`` stamps a click with its impression's own time; the merge ordered the topics
     # by name ("clicks" < "impressions"), so every click reached the joiner before its impression.
