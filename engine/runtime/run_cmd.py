@@ -32,6 +32,7 @@ from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
+from reloop.engine.runtime.model_check import check_in_a_child
 from reloop.engine.runtime.stage_runner import StopRequest
 from reloop.engine.runtime.train_cmd import BESIDE_JOIN, hold_the_folder
 
@@ -51,17 +52,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from reloop.engine.runtime.build import check_model
-
     # JSON lines from the start: the model check loads backbone plugins, whose warnings (one that
     # failed to import) came out as plain text before the stages' JSON lines.
     setup_json_logging(args.log_level or "INFO")
     try:
         cfg = load_config(args.config)
-        # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. The
-        # config already brought torch in (the counters' settings), and the check builds on the meta
-        # device: about a second, before any stage starts.
-        check_model(cfg)
+        # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. With
+        # two stage processes, in a child of its own: this process then never imports torch.
+        if cfg.stages.processes == 2:
+            code = check_in_a_child(args.config, args.log_level or cfg.log.level)
+            if code:
+                return code
+        else:
+            from reloop.engine.runtime.build import check_model
+
+            check_model(cfg)
         # One train stage per checkpoint folder: held here with one process, else by the train process
         # (checked here first, before a join process joins the other pipeline's group).
         lock = hold_the_folder(cfg, "run")
