@@ -7,6 +7,8 @@ Rules (each has a unit test in tests/unit/join/):
   watermark a click stamped at the window's end may still come, allowed lateness, so not before).
 * A click counts for the window when ``click_time - impression_time <= window_ms`` (a click stamped
   slightly before its impression, clock skew, counts too). A click beyond the window is a *late click*.
+  A click stamped more than ``click_grace_ms`` before its impression does not count (a clock hours
+  behind, event times in seconds): dropped and counted as too late, whichever of the two came first.
 * Watermark = max event time seen - ``allowed_lateness_ms``. It also advances with the wall clock when no
   input arrived for ``idle_timeout_ms``, so negatives still come out when traffic stops (ksqlDB issue 9084);
   idleness and the TTL's ages are measured on a steady clock, which a step of the wall clock does not move
@@ -218,6 +220,9 @@ class Joiner:
             stats.too_late_impressions += 1
             return out
         early_click = self._early.pop(impression_id, None) if self._early else None
+        if early_click is not None and early_click + self._grace_ms < event_time_ms:
+            stats.too_late_clicks += 1  # held, but stamped before its impression beyond the skew allowed
+            early_click = None
         if self._fnw:
             # Out at once as a (fake) negative; a click held before it arrived re-emits it as a positive.
             if early_click is not None:
@@ -264,7 +269,9 @@ class Joiner:
         entry = self._pending.get(impression_id)
         if entry is not None:
             imp_time, payload, _ = entry
-            if event_time_ms - imp_time <= self._window_ms:
+            if event_time_ms + self._grace_ms < imp_time:
+                stats.too_late_clicks += 1  # stamped before its impression by more than the skew allowed
+            elif event_time_ms - imp_time <= self._window_ms:
                 del self._pending[impression_id]
                 if self._late_marked:
                     self._late_marked.pop(impression_id, None)
@@ -281,7 +288,9 @@ class Joiner:
             closed = self._closed.get(impression_id)
             if closed is not None:
                 imp_time, state, payload = closed
-                if state == _NEG:
+                if event_time_ms + self._grace_ms < imp_time:
+                    stats.too_late_clicks += 1
+                elif state == _NEG:
                     self._late_click(impression_id, imp_time, payload, out)
                 else:
                     stats.duplicate_clicks += 1

@@ -127,6 +127,39 @@ def test_click_before_impression_is_held_for_grace():
     assert j.stats.early_clicks_held == 1 and j.stats.early_clicks_matched == 1
 
 
+@pytest.mark.parametrize("emit_policy", ["window", "fnw"])
+@pytest.mark.parametrize("click_first", [False, True])
+def test_a_click_stamped_before_its_impression_beyond_the_grace_is_too_late_not_a_positive(
+    emit_policy, click_first
+):
+    # Event times in seconds, or a click producer's clock hours behind: such a click met a pending
+    # impression (no lower bound on click - impression time) and trained a positive, counted nowhere;
+    # arriving first it was held and matched the same way.
+    j, _ = make(emit_policy=emit_policy, late_click_policy="correct")
+    out = []
+    if click_first:
+        out += j.on_click("a", 9_499)  # 501 ms before its impression: held (the watermark allows it)
+    out += j.on_impression("a", 10_000, b"A")
+    if not click_first:
+        out += j.on_click("a", 9_499)
+    assert j.stats.too_late_clicks == 1 and j.stats.positives == 0 and j.stats.corrections == 0
+    out += j.on_impression("x", 20_000, b"")  # a's window closes without a click that counts
+    assert [x for x in labels(out) if x[0] == "a"] == [("a", 0, False)]
+    # Within the grace a click before its impression still counts (clock skew).
+    k, _ = make(emit_policy=emit_policy, late_click_policy="correct")
+    k.on_impression("b", 10_000, b"B")
+    assert labels(k.on_click("b", 9_500)) == [("b", 1, emit_policy == "fnw")]
+
+
+def test_a_click_stamped_long_before_a_closed_negative_is_no_correction():
+    j, _ = make(late_click_policy="correct")
+    j.on_impression("a", 10_000, b"A")
+    assert labels(j.on_impression("x", 11_101, b"")) == [("a", 0, False)]
+    assert j.on_click("a", 5_000) == []  # before its impression by 5 s (grace 500 ms)
+    assert j.stats.too_late_clicks == 1 and j.stats.corrections == 0
+    assert labels(j.on_click("a", 11_200)) == [("a", 1, True)]  # a late click that is one
+
+
 def test_orphan_click_counted_and_dropped_after_grace():
     j, _ = make()
     j.on_click("ghost", 10_000)
