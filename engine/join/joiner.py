@@ -12,7 +12,7 @@ Rules (each has a unit test in tests/unit/join/):
 * Watermark = max event time seen - ``allowed_lateness_ms``. It also advances with the wall clock when no
   input arrived for ``idle_timeout_ms``, so negatives still come out when traffic stops (ksqlDB issue 9084);
   idleness and the TTL's ages are measured on a steady clock, which a step of the wall clock does not move
-  (``_step_free``).
+  (``step_free``).
   The watermark never goes back.
 * A duplicate impression (same id, still known) is dropped. Several clicks on one impression make one
   positive.
@@ -181,9 +181,9 @@ class Joiner:
         self._max_event_ms = _NO_WATERMARK
         self._watermark = _NO_WATERMARK
         self._closed_sweep_at = _NO_WATERMARK
-        # The wall clock as it reads now, moved on by its steady clock (``_step_free``); anchored again
+        # The wall clock as it reads now, moved on by its steady clock (``step_free``); anchored again
         # at each restore, where the saved arrival seconds meet the wall clock of that moment.
-        self._now = _step_free(clock)
+        self._now = step_free(clock)
         self._last_input_ms = self._now()
 
     # ------------------------------------------------------------------ queries
@@ -587,7 +587,7 @@ class Joiner:
         return pending
 
 
-def _step_free(clock: Callable[[], int]) -> Callable[[], int]:
+def step_free(clock: Callable[[], int]) -> Callable[[], int]:
     """``clock`` as it reads now, moved on from here by its ``steady`` clock when it has one (the system
     clock: monotonic time, engine/runtime/clock.py); else ``clock`` itself (a ManualClock). Read straight
     from the wall clock, a step forward (NTP, a VM resumed) larger than ``idle_timeout_ms`` moved the

@@ -258,6 +258,7 @@ def run_replay(
         clock=clock,
         stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
+        replay=True,
     )
     book.stage = pipeline
     resumed_from = book.restored(on_dead_letters_restored)
@@ -361,6 +362,7 @@ def run_samples_replay(
         clock=clock,
         stats=EngineStats(),
         checkpoint_dir=checkpoint_dir,
+        replay=True,
     )
     book.stage = stage
     resumed_from = book.restored(on_dead_letters_restored)

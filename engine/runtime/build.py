@@ -269,8 +269,10 @@ def build_pipeline(
     clock: Callable[[], int] = system_clock,
     stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
+    replay: bool = False,
 ) -> Pipeline:
-    """The single-process pipeline (source -> join -> train in one loop)."""
+    """The single-process pipeline (source -> join -> train in one loop). ``replay``: a bounded replay,
+    whose versions are a function of the range, never of the wall clock (no idle period clock)."""
     trainer = build_trainer(cfg)
     lim = _limits(cfg)
     return Pipeline(
@@ -293,6 +295,7 @@ def build_pipeline(
             max_event_bytes=lim.max_event_bytes,
             max_future_ms=lim.max_future_ms,
             max_past_ms=lim.max_past_ms,
+            periods_when_idle=not (replay or cfg.train.deterministic),
         ),
         clock=clock,
         samples_sink=samples_sink,
@@ -362,9 +365,11 @@ def build_train_stage(
     stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
     group: RankGroup | None = None,
+    replay: bool = False,
 ) -> TrainStage:
     """The train stage: the samples topic in, model versions (snapshots) out. With ``group`` (more
-    than one rank) one data-parallel rank of it, reading ``source`` = its share of the partitions."""
+    than one rank) one data-parallel rank of it, reading ``source`` = its share of the partitions.
+    ``replay``: a bounded replay (no idle period clock, as ``build_pipeline``)."""
     rank = group.rank if group is not None else 0
     trainer = build_trainer(cfg)
     stage = dict(
@@ -383,6 +388,7 @@ def build_train_stage(
             flush_timeout_s=cfg.recovery.flush_timeout_s,
             background_writes=cfg.checkpoint.background_writes,
             max_wait_ms=None if cfg.train.deterministic else cfg.train.max_wait_ms,
+            idle_timeout_ms=None if replay or cfg.train.deterministic else cfg.join.idle_timeout_ms,
         ),
         clock=clock,
         dead_letters=DeadLetterSink(dead_letter_sink),

@@ -114,6 +114,10 @@ class PipelineSettings:
     max_event_bytes: int = default_of(ValidationSection, "max_event_bytes")
     max_future_ms: int | None = default_of(ValidationSection, "max_future_ms")
     max_past_ms: int | None = default_of(ValidationSection, "max_past_ms")
+    # Event-time periods checked at polls that released nothing too, where the joiner's idle watermark
+    # moves on: a quiet stream then reaches its boundaries (else only a training step asks, and with no
+    # input none comes). Off where deterministic: boundaries at steps alone, however input is chunked.
+    periods_when_idle: bool = False
 
 
 class Pipeline:
@@ -179,7 +183,7 @@ class Pipeline:
         self.restored_from: str | None = None
         self.last_commit_error: str | None = None
         self._opened = False
-        self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s)
+        self._metrics = _Publisher(stats, wall_period_s=period.every_wall_s, event_period_s=period.length_s)
         period.on_idle = self._metrics.idle_boundary
         self._restore_latest()
 
@@ -355,7 +359,8 @@ class Pipeline:
             self._accept(idle_out)
         self._metrics.publish(self)
         self._metrics.lag(self.source)
-        if self.period.every_wall_s is not None:
+        idle = not released and self.settings.periods_when_idle and self.period.every_event_ms is not None
+        if self.period.every_wall_s is not None or idle:
             self._maybe_snapshot()
         return len(released)
 
@@ -578,9 +583,14 @@ class _Publisher(TrainerMetrics):
     """The trainer's metrics, plus the joiner's (``JoinerMetrics``) and the consumer's lag."""
 
     def __init__(
-        self, stats: EngineStats, *, wall_period_s: float | None = None, lag_interval_s: float = 1.0
+        self,
+        stats: EngineStats,
+        *,
+        wall_period_s: float | None = None,
+        event_period_s: float | None = None,
+        lag_interval_s: float = 1.0,
     ) -> None:
-        super().__init__(stats, wall_period_s=wall_period_s)
+        super().__init__(stats, wall_period_s=wall_period_s, event_period_s=event_period_s)
         self.join = JoinerMetrics(stats)
         self._lag_interval_s = lag_interval_s
         self._lag_at = float("-inf")

@@ -13,7 +13,9 @@ from reloop.engine.train.stream import StepResult
 
 
 class TrainerMetrics:
-    def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
+    def __init__(
+        self, stats: EngineStats, *, wall_period_s: float | None, event_period_s: float | None = None
+    ) -> None:
         self._steps = stats.train_steps.child()
         self._samples = stats.train_samples.child()
         self._skipped = stats.train_skipped_steps.child()
@@ -30,6 +32,9 @@ class TrainerMetrics:
         self._boundary_time = stats.period_boundary_time_s
         self._snaps = stats.snapshots
         self._wall_period_s = wall_period_s
+        # A period of event time lasts that long on the wall clock once the stream is live: the interval
+        # observed while a backlog was caught up (0.01 s) made the stale alert fire on live data.
+        self._event_period_s = event_period_s or 0.0
         if wall_period_s is not None:
             self._snap_period.set(wall_period_s)
         # Where the interval up to the next snapshot is measured from (count and event-time periods):
@@ -77,7 +82,7 @@ class TrainerMetrics:
         except SnapshotError:  # an older version that does not read: its time is unknown
             before = None
         if before is not None and created > before:
-            self._snap_period.set(created - before)
+            self._snap_period.set(max(created - before, self._event_period_s))
             # The next interval spans the downtime and part of a period: not a period's length.
             self._measure_from = None
 
@@ -96,7 +101,7 @@ class TrainerMetrics:
         now = time.monotonic()
         self._boundary_time.set(time.time())
         # Count and event-time periods have no fixed wall length: the stale-snapshot alert uses the
-        # last observed interval instead.
+        # last observed interval instead (an event-time period's length at least).
         if self._wall_period_s is None and self._measure_from is not None:
-            self._snap_period.set(now - self._measure_from)
+            self._snap_period.set(max(now - self._measure_from, self._event_period_s))
         self._measure_from = now

@@ -214,7 +214,7 @@ class RankedTrainStage(TrainStage):
         while not self.stop_agreed:
             waited = self._waited(self.max_wait_ms)
             due = self.period.due(
-                samples=self._global_samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+                samples=self._global_samples, event_time_ms=self._period_time_ms(), now_ms=self.clock()
             )
             trainer = self.trainer
             nothing = self._idle or trainer.learnt_nothing is not None

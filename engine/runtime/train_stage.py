@@ -40,6 +40,7 @@ from reloop.engine.events.sample_batch import SampleBatch, decode_batch, encode_
 from reloop.engine.events.validation import EventError
 from reloop.engine.exit_guard import native_work
 from reloop.engine.features.featurizer import FeatureBatch, FeatureError
+from reloop.engine.join.joiner import step_free
 from reloop.engine.metrics.lag import ConsumerLag
 from reloop.engine.metrics.online import OnlineMetricsBook
 from reloop.engine.metrics.stats import STATS, EngineStats
@@ -116,6 +117,12 @@ class TrainStageSettings:
     # stream is learned within about this delay instead of when a full batch has gathered. None: full
     # batches only, what deterministic runs and replays need (build.py passes train.max_wait_ms otherwise).
     max_wait_ms: int | None = None
+    # With event-time periods: once no sample arrived for this long (wall clock), the period clock goes on
+    # from the newest event time trained with the wall clock, as the join's watermark does when its input
+    # stops (the join's idle_timeout_ms), so a quiet stream still reaches its boundaries: the version of
+    # what was trained comes out, and the stale alert sees a boundary. None: the clock moves with the
+    # samples alone, what deterministic runs and replays need (build.py passes join.idle_timeout_ms).
+    idle_timeout_ms: int | None = None
     # How often the stage asks the broker whether the samples topic has more partitions than it opened
     # with (a join task added by growing the input topics): it then rebuilds to read them too.
     partition_check_s: float = 30.0
@@ -285,7 +292,13 @@ class TrainStage:
         )
         self._opened = False
         self.final_saved: int | None = None  # the stop's final save, once durable (the stop watchdog)
-        self._metrics = _TrainMetrics(stats, wall_period_s=period.every_wall_s)
+        # The idle period clock: the wall clock moved on by its steady clock (as the joiner's idleness),
+        # and when the last samples message came by it.
+        self._now_ms = step_free(clock)
+        self._last_input_ms = self._now_ms()
+        self._metrics = _TrainMetrics(
+            stats, wall_period_s=period.every_wall_s, event_period_s=period.length_s
+        )
         period.on_idle = self._metrics.idle_boundary
         self._restore_latest()
 
@@ -386,7 +399,7 @@ class TrainStage:
     def step(self) -> int:
         items = self._fetch()
         self._train_waited()
-        if self.period.every_wall_s is not None:
+        if self.period.every_wall_s is not None or self._idle_clock:
             self._maybe_snapshot()
         self._metrics.publish(self)
         return len(items)
@@ -400,7 +413,22 @@ class TrainStage:
             items = [self._prepare(r) for r in self._poll_released()]
         for item in items:
             self._take(item)
+        if items:
+            self._last_input_ms = self._now_ms()
         return items
+
+    @property
+    def _idle_clock(self) -> bool:
+        return self.period.every_event_ms is not None and self.settings.idle_timeout_ms is not None
+
+    def _period_time_ms(self) -> int | None:
+        """The event time periods are cut at: the newest trained, moved on with the wall clock once no
+        input came for ``idle_timeout_ms`` (``TrainStageSettings.idle_timeout_ms``)."""
+        t = self._event_time_ms
+        if t is None or not self._idle_clock:
+            return t
+        idle_ms = self._now_ms() - self._last_input_ms - self.settings.idle_timeout_ms
+        return t + idle_ms if idle_ms > 0 else t
 
     def _poll_released(self) -> list[Record]:
         """One poll, then what the merge can release in exact order (on the fetch thread if any)."""
@@ -685,7 +713,7 @@ class TrainStage:
     def _maybe_snapshot(self) -> None:
         self.writer.check()  # a period snapshot whose write failed: the supervisor rebuilds from the last
         if self.period.due(
-            samples=self.trainer.counters.samples, event_time_ms=self._event_time_ms, now_ms=self.clock()
+            samples=self.trainer.counters.samples, event_time_ms=self._period_time_ms(), now_ms=self.clock()
         ):
             self.snapshot(wait=False)
 
@@ -941,8 +969,10 @@ class _TrainMetrics(TrainerMetrics):
     """The trainer's metrics plus what only the train stage counts (copies dropped, samples missing or
     refused, new numberings, dead letters)."""
 
-    def __init__(self, stats: EngineStats, *, wall_period_s: float | None) -> None:
-        super().__init__(stats, wall_period_s=wall_period_s)
+    def __init__(
+        self, stats: EngineStats, *, wall_period_s: float | None, event_period_s: float | None
+    ) -> None:
+        super().__init__(stats, wall_period_s=wall_period_s, event_period_s=event_period_s)
         self.lag = ConsumerLag(stats.consumer_lag, owner="train")  # observed on the consumer's thread
         self._dupes = stats.train_duplicates_dropped
         self._refused = stats.train_samples_refused

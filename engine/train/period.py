@@ -47,6 +47,11 @@ class PeriodTrigger:
         self.idle_boundaries = 0  # boundaries passed with nothing trained (this process; not state)
         self.on_idle: Callable[[], None] | None = None
 
+    @property
+    def length_s(self) -> float | None:
+        """An event-time period's length in seconds (the wall time it lasts on a live stream), else None."""
+        return None if self.every_event_ms is None else self.every_event_ms / 1000
+
     def due(self, *, samples: int, event_time_ms: int | None, now_ms: int) -> bool:
         if self.every_samples is not None:
             return samples - self.last_samples >= self.every_samples

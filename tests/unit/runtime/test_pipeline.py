@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 import torch
 from reloop.connectors.memory.memory import MemoryLog, MemorySink, MemorySource
 from reloop.engine.checkpoint import SnapshotRegistry
@@ -350,6 +351,31 @@ def test_a_quiet_stream_publishes_no_version_until_something_is_trained(tmp_path
     p.writer.wait()
     assert p.trainer.counters.samples > samples
     assert stats.snapshot_version.get() > version
+    p.close()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_quiet_stream_reaches_its_event_time_boundaries(tmp_path, deterministic):
+    """Event-time periods were checked after training steps only: with no input none came, so the
+    idle watermark's boundaries were never seen (the stale alert fired on a quiet stream). Where not
+    deterministic, polls that release nothing check them too."""
+    log = _log(generate(400, seed=4, pad_to_multiple=BATCH))
+    clock = ManualClock(START)
+    stats = EngineStats()
+    cfg = _config(tmp_path, period={"every_event_ms": 10_000}, deterministic=deterministic)
+    cfg = cfg.model_copy(update={"join": cfg.join.model_copy(update={"idle_timeout_ms": 1_000})})
+    p = build_pipeline(cfg, source=EndAwareSource(log, ["impressions", "clicks"]), clock=clock, stats=stats)
+    _run_to_end(p, log, clock)
+    before = p.period.idle_boundaries
+    for _ in range(60):  # a minute without input
+        clock.advance(1_000)
+        p.step()
+    p.writer.wait()
+    if deterministic:
+        assert p.period.idle_boundaries == before
+    else:
+        assert p.period.idle_boundaries - before >= 4
+        assert stats.snapshot_period_s.get() >= 10.0  # an event-time period's length at least
     p.close()
 
 

@@ -786,6 +786,37 @@ def test_a_restored_train_stage_exports_its_snapshot_version_and_time_at_once(tm
     assert stats.snapshot_time_s.get() == created
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_quiet_stream_reaches_its_event_time_boundaries(tmp_path, deterministic):
+    """The train stage's event clock was the newest sample trained: when samples stopped, no period ever
+    ended (the last period's version never came out, and the stale alert fired on a quiet stream). As
+    the join's watermark, it now goes on with the wall clock after join.idle_timeout_ms without input
+    (not where deterministic: there boundaries are a function of the samples alone)."""
+    log, clock, cfg = _joined(tmp_path, 400, seed=11)
+    cfg = _config(tmp_path, train={"deterministic": deterministic}, join={"idle_timeout_ms": 1_000})
+    cfg = cfg.model_copy(update={"period": type(cfg.period)(every_event_ms=10_000)})
+    stats = EngineStats()
+    stage = _train(cfg, log, clock, tmp_path, stats=stats)
+    _run_train(stage, log, clock)
+    trained = stage.trainer.counters.samples
+    assert trained > 0 and stage.period.idle_boundaries == 0
+    for _ in range(60):  # a minute without samples
+        clock.advance(1_000)
+        stage.step()
+    stage.writer.wait()
+    newest = stage.registry.versions()[-1] if stage.registry.versions() else None
+    published = None if newest is None else stage.registry.manifest(newest)["meta"]["samples_trained"]
+    if deterministic:
+        assert stage.period.idle_boundaries == 0
+        return
+    assert published == trained  # what was trained came out as a version
+    assert stage.period.idle_boundaries >= 4  # then a boundary each 10 s of quiet
+    # An event-time period lasts its length on a live stream: the interval observed while the samples
+    # were caught up (milliseconds here) would have made the stale alert fire on the next quiet minute.
+    assert stats.snapshot_period_s.get() >= 10.0
+    stage.abort()
+
+
 def test_a_train_stage_refuses_a_changed_config_unless_allowed(tmp_path):
     from reloop.engine.runtime.restore import SnapshotMismatch
 
