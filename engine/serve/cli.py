@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         help="serving processes sharing the port (SO_REUSEPORT); default serve.workers (1). "
-        "See engine/serve/workers.py for routing, logging and reload with several",
+        "Each worker serves its own /metrics on serve.worker_metrics_port + i: scrape those "
+        "(docs/bench-serve.md, 'Several workers')",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
     # that worker's own /metrics port
