@@ -95,7 +95,7 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
     if workers > 1 and not args.worker:
         from reloop.engine.serve.workers import run_workers
 
-        argv = ["--config", config_path, "--workers", "1"]
+        argv = ["--config", config_path, "--workers", str(workers)]  # with --worker: one of them
         if args.bootstrap:
             argv += ["--bootstrap", args.bootstrap]
         if args.no_log:
@@ -125,8 +125,17 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
         signal.signal(sig, on_signal)
     if early_stop.take() is not None:  # a SIGTERM recorded during the import above (early_stop.py)
         on_signal(signal.SIGTERM, None)
+    # One worker of several: the shared port's /metrics answered for whichever worker a connection
+    # reached (each scrape another's counters: resets, wild rates), so it refuses and names the ports.
+    elsewhere = None
+    if args.worker:
+        elsewhere = (
+            f"this service runs {workers} workers: scrape each on its own /metrics port, "
+            f"serve.worker_metrics_port + i (this worker's: {args.worker_metrics_port}); this port's "
+            "/metrics would answer for whichever worker a connection reached\n"
+        )
     try:
-        stack = ServingStack(config).start()
+        stack = ServingStack(config, metrics_elsewhere=elsewhere).start()
     except (ValueError, OSError) as exc:  # OSError: an auth_token_file that cannot be read
         print(f"reloop serve: {exc}", file=sys.stderr)
         return 2

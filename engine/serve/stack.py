@@ -40,6 +40,7 @@ from reloop.engine.serve.producer_log import ProducerLogger
 from reloop.engine.serve.reload import ArmSource, ReloadWatcher
 from reloop.engine.serve.service import ArmRuntime, ScoringService
 from reloop.engine.streams import Sink, Source
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 log = logging.getLogger(__name__)
@@ -438,7 +439,10 @@ class ServingStack:
         sink_factory: SinkFactory | None = None,
         loader_factory: LoaderFactory = registry_loader_factory,
         samples_source_factory: SamplesSourceFactory | None = None,
+        metrics_elsewhere: str | None = None,
     ) -> None:
+        """``metrics_elsewhere``: this port's /metrics answers 404 with this text (one worker of several,
+        each serving its own /metrics on another port)."""
         self.config = config
         self._switch_interval_before: float | None = None
         self.arms: dict[str, ArmRuntime] = {}
@@ -505,7 +509,11 @@ class ServingStack:
         # The one metrics adapter serves the canonical registry (serve latency, reloads, impressions).
         from reloop.connectors.metrics.prometheus import metrics_asgi_app
 
-        metrics = metrics_asgi_app()
+        metrics = (
+            metrics_asgi_app()
+            if metrics_elsewhere is None
+            else PlainTextResponse(metrics_elsewhere, status_code=404)  # an ASGI app, sent as it is
+        )
         # A Route for the path itself: the mount alone answers /metrics with a redirect to /metrics/,
         # which Prometheus follows but a plain curl or a probe without redirects does not.
         self.app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(metrics)))

@@ -99,9 +99,15 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path):
             assert r.status_code == 200 and r.json()["model_version"] == 1
             scores[i] = [s["score"] for s in r.json()["scores"]]
         assert all(s == scores[0] for s in scores.values())  # one model, whichever worker answered
-        # The shared port's /metrics answers for one worker; each serves its own on port + 1 + i.
+        # Each worker serves its own /metrics on port + 1 + i.
         answered = [_served(f"http://127.0.0.1:{port + 1 + i}/metrics") for i in range(2)]
         assert sum(answered) == 30 and all(n > 0 for n in answered), answered
+        # The shared port's answered for whichever worker a connection reached (each scrape another's
+        # counters): it refuses, naming the workers' own ports.
+        for _ in range(4):  # fresh connections: either worker
+            shared = httpx.get(url + "/metrics", timeout=10)
+            assert shared.status_code == 404 and "serve.worker_metrics_port + i" in shared.text, shared.text
+            assert f"this worker's: {port + 1}" in shared.text or f"this worker's: {port + 2}" in shared.text
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         # The connections the dead worker held (accepted or queued on its socket) are reset; once its
