@@ -472,10 +472,11 @@ def main(args: argparse.Namespace) -> int:
     if imps or clicks or orphans:  # lost to the join, counted only in the summary: say it where it is seen
         print(
             f"reloop replay: warning: {imps} impression(s) and {clicks} click(s) came after the watermark "
-            f"had passed them, and {orphans} click(s) found no impression: are the input files (or "
-            "partitions) in event-time order? (join.allowed_lateness_ms bounds the disorder taken; a range "
-            "that starts after some impressions, or an impression sent to the dead letters, also leaves "
-            "its clicks without one)",
+            f"had passed them (or, clicks, were stamped more than join.click_grace_ms before their "
+            f"impression), and {orphans} click(s) found no impression: are the input files (or "
+            "partitions) in event-time order, and the event times in milliseconds? "
+            "(join.allowed_lateness_ms bounds the disorder taken; a range that starts after some "
+            "impressions, or an impression sent to the dead letters, also leaves its clicks without one)",
             file=sys.stderr,
         )
     dupes = result.join.get("duplicate_impressions", 0)

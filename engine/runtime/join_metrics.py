@@ -8,6 +8,8 @@ exported counters count since the process started).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from reloop.engine.metrics.stats import EngineStats
@@ -97,17 +99,36 @@ class JoinerMetrics:
         self._last_dead = dict(counts)
 
 
-def log_too_late(
-    logger: logging.Logger, too_late: tuple[int, int], watermark_ms: int, **fields: object
-) -> None:
-    """One WARNING for the events a join dropped as too late since its last publish (their window was
-    closed and forgotten: event times in seconds, a producer's clock hours behind, a replay of old
-    events); the counters alone went unseen."""
-    impressions, clicks = too_late
-    if impressions or clicks:
-        logger.warning(
-            "events dropped as too late (their window closed and was forgotten: event_time_ms in "
-            "milliseconds? a producer's clock behind?)",
-            extra={"fields": {"impressions": impressions, "clicks": clicks, "watermark_ms": watermark_ms,
-                              **fields}},
+class TooLateLog:
+    """WARNING lines for the events a join dropped as too late (their window closed and was forgotten:
+    event times in seconds, a producer's clock hours behind, a replay of old events; or a click stamped
+    long before its impression): the counters alone went unseen. The first at once, then at most one
+    every ``every_s`` with the counts since the line before (a producer sending seconds logged a line
+    per poll). Call it at every publish, with (0, 0) too: counts held back go out once ``every_s`` is up."""
+
+    def __init__(
+        self, logger: logging.Logger, *, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._logger = logger
+        self._every_s = every_s
+        self._clock = clock
+        self._next_at = float("-inf")
+        self._impressions = self._clicks = 0
+
+    def __call__(self, too_late: tuple[int, int], watermark_ms: int, **fields: object) -> None:
+        self._impressions += too_late[0]
+        self._clicks += too_late[1]
+        if not (self._impressions or self._clicks):
+            return
+        now = self._clock()
+        if now < self._next_at:
+            return
+        self._next_at = now + self._every_s
+        self._logger.warning(
+            "events dropped as too late (their window closed and was forgotten, or a click was stamped "
+            "more than join.click_grace_ms before its impression: event_time_ms in milliseconds? a "
+            "producer's clock behind?)",
+            extra={"fields": {"impressions": self._impressions, "clicks": self._clicks,
+                              "watermark_ms": watermark_ms, **fields}},
         )  # fmt: skip
+        self._impressions = self._clicks = 0

@@ -64,7 +64,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-from reloop.engine.runtime.join_metrics import JoinerMetrics, log_too_late
+from reloop.engine.runtime.join_metrics import JoinerMetrics, TooLateLog
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
@@ -597,6 +597,7 @@ class _Publisher(TrainerMetrics):
         self._lag = ConsumerLag(stats.consumer_lag, interval_s=0.0)  # (rate-limited here: it asks)
         self._fallbacks = stats.snapshot_restore_fallbacks
         self._last_join: dict[str, int] = {}
+        self._too_late_log = TooLateLog(log)
 
     def restore(self, p: Pipeline) -> None:
         # Counters restart at zero in a new process (Prometheus handles resets); start deltas from the
@@ -635,7 +636,9 @@ class _Publisher(TrainerMetrics):
         now = j.stats.as_dict()
         if p._merger is not None:
             now["stamped_ahead"] = p._merger.stamped_ahead
+        too_late = (0, 0)
         if now != self._last_join:
-            log_too_late(log, self.join.joiner_delta(now, self._last_join), j.watermark_ms)
+            too_late = self.join.joiner_delta(now, self._last_join)
             self._last_join = now
+        self._too_late_log(too_late, j.watermark_ms)
         self.join.dead_letters(p.dead_letters.counts)

@@ -53,3 +53,34 @@ def test_the_join_stage_logs_events_dropped_as_too_late(caplog) -> None:
     assert record.getMessage().startswith("events dropped as too late")
     assert record.fields == {"impressions": 2, "clicks": 1, "watermark_ms": 1_000, "task": 3}
     assert stats.joiner_too_late.get("impression") == 2 and stats.joiner_too_late.get("click") == 1
+
+
+def test_events_dropped_as_too_late_are_logged_at_most_every_10_s_with_the_counts_between() -> None:
+    # A producer sending event times in seconds logged one WARNING per poll (74 lines in 0.2 s).
+    import logging
+
+    from reloop.engine.runtime.join_metrics import TooLateLog
+
+    lines: list[dict] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.fields)  # type: ignore[attr-defined]
+
+    logger = logging.getLogger("test.too_late")
+    logger.addHandler(Catch())
+    logger.propagate = False
+    now = [0.0]
+    too_late = TooLateLog(logger, every_s=10.0, clock=lambda: now[0])
+    too_late((0, 2), 5, task=1)  # the first at once
+    for t in (1.0, 2.0, 3.0):
+        now[0] = t
+        too_late((1, 3), 6, task=1)  # held back
+    now[0] = 9.0
+    too_late((0, 0), 7, task=1)
+    assert lines == [{"impressions": 0, "clicks": 2, "watermark_ms": 5, "task": 1}]
+    now[0] = 10.0
+    too_late((0, 0), 8, task=1)  # none new, but some held back: out now
+    now[0] = 30.0
+    too_late((0, 0), 9, task=1)  # nothing held: no line
+    assert lines[1:] == [{"impressions": 3, "clicks": 9, "watermark_ms": 8, "task": 1}]
