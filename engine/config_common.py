@@ -150,6 +150,13 @@ class KafkaSection(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_key_password: SecretStr | None = Field(default=None, description="a secret: never printed")
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="replication of the topics reloop creates (reloop kafka topics, the samples topic); "
+        "null: the broker's default.replication.factor, as Kafka Streams takes it. Give 3 where the "
+        "cluster's min.insync.replicas is 2 and its default is lower (reloop produces with acks=all)",
+    )
     client_config: dict[str, Any] = Field(
         default_factory=dict,
         description="settings for every client, consumer and producer (client_id, timeouts ...), in the "

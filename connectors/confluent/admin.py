@@ -17,10 +17,17 @@ _log = logging.getLogger(__name__)
 
 
 def ensure_topic_like(
-    connection: Mapping[str, Any], bootstrap: str, topic: str, like: str, *, timeout_s: float = 30.0
+    connection: Mapping[str, Any],
+    bootstrap: str,
+    topic: str,
+    like: str,
+    *,
+    timeout_s: float = 30.0,
+    replication_factor: int | None = None,
 ) -> None:
-    """Create ``topic`` when it is missing, with as many partitions as ``like`` (replication 1); an
-    existing one is left as it is. Losing a creation race to another process is fine."""
+    """Create ``topic`` when it is missing, with as many partitions as ``like`` (``replication_factor``;
+    None: the broker's default); an existing one is left as it is. Losing a creation race to another
+    process is fine."""
     login = LoginWatch(bootstrap)
     admin = built(AdminClient, {**connection, "bootstrap.servers": bootstrap, "error_cb": login})
     topics = _topics(admin, login, timeout_s=10.0)
@@ -29,7 +36,8 @@ def ensure_topic_like(
     if like not in topics:
         raise MissingTopic(like, topic)
     partitions = len(topics[like].partitions)
-    futures = admin.create_topics([NewTopic(topic, partitions, 1)])
+    replication = -1 if replication_factor is None else replication_factor  # -1: the broker's default
+    futures = admin.create_topics([NewTopic(topic, partitions, replication)])
     for future in futures.values():
         try:
             future.result(timeout_s)

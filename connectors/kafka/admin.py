@@ -20,6 +20,8 @@ from reloop.connectors.kafka.settings import admin_settings
 from reloop.engine.streams import AuthenticationFailed, MissingTopic, Positions, TopicPartition
 
 _log = logging.getLogger(__name__)
+# A topic's replication factor left to the broker (its default.replication.factor; KIP-464, Kafka 2.4).
+BROKER_DEFAULT = -1
 
 
 def admin_client(bootstrap: str, client_config: Mapping[str, Any] | None = None) -> KafkaAdminClient:
@@ -42,7 +44,7 @@ def create_topics_counted(
     bootstrap: str,
     topics: Mapping[str, int],
     *,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     configs: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
     client_config: Mapping[str, Any] | None = None,
@@ -54,7 +56,7 @@ def create_topics_counted(
         wanted = {
             name: {
                 "num_partitions": int(partitions),
-                "replication_factor": replication_factor,
+                "replication_factor": BROKER_DEFAULT if replication_factor is None else replication_factor,
                 "configs": dict(configs or {}),
             }
             for name, partitions in topics.items()
@@ -79,9 +81,17 @@ def create_topics_counted(
         admin.close()
 
 
-def ensure_topic_like(client_config: Mapping[str, Any], bootstrap: str, topic: str, like: str) -> None:
+def ensure_topic_like(
+    client_config: Mapping[str, Any],
+    bootstrap: str,
+    topic: str,
+    like: str,
+    *,
+    replication_factor: int | None = None,
+) -> None:
     """Create ``topic`` when it is missing, with as many partitions as ``like``; an existing one is left
-    as it is. ``client_config``: the connection settings (what an admin client refuses is dropped)."""
+    as it is. ``client_config``: the connection settings (what an admin client refuses is dropped).
+    ``replication_factor``: None takes the broker's default."""
     client = admin_settings(client_config)
     admin = admin_client(bootstrap, client)
     try:
@@ -93,7 +103,7 @@ def ensure_topic_like(client_config: Mapping[str, Any], bootstrap: str, topic: s
         partitions = partition_counts(admin, [like])[like]
     finally:
         admin.close()
-    create_topics(bootstrap, {topic: partitions}, client_config=client)
+    create_topics(bootstrap, {topic: partitions}, client_config=client, replication_factor=replication_factor)
 
 
 def record_limit(bootstrap: str, topic: str, client_config: Mapping[str, Any] | None = None) -> int | None:

@@ -201,7 +201,13 @@ def _topics(args: argparse.Namespace) -> int:
     settings = {"bootstrap_timeout_ms": int(timeout_s * 1000)}
     settings.update(admin_settings(cfg.kafka.connection("kafka-python")))
     try:
-        created, have = create_topics_counted(bootstrap, topics, timeout_s=timeout_s, client_config=settings)
+        created, have = create_topics_counted(
+            bootstrap,
+            topics,
+            timeout_s=timeout_s,
+            client_config=settings,
+            replication_factor=cfg.kafka.replication_factor,
+        )
     except AuthenticationFailed as exc:  # a setting to fix, not an outage: exit 2, as the stages do
         print(f"reloop kafka topics: {exc}", file=sys.stderr)
         return 2

@@ -86,7 +86,11 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
     else:
         from reloop.connectors.kafka.admin import ensure_topic_like
     ensure_topic_like(
-        cfg.kafka.connection(), cfg.kafka.bootstrap, cfg.stages.samples_topic, cfg.source.impressions_topic
+        cfg.kafka.connection(),
+        cfg.kafka.bootstrap,
+        cfg.stages.samples_topic,
+        cfg.source.impressions_topic,
+        replication_factor=cfg.kafka.replication_factor,
     )
 
 

@@ -3,6 +3,7 @@ run`` reads (it waited for them, and no reloop command made them), once, and ref
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,37 @@ def test_the_topics_a_run_config_reads_are_created_once(kafka_broker, unique_top
     )
     more = _topics_cmd(config, "--partitions", "6")  # the producers' key routing would change under them
     assert more.returncode == 1 and "fewer partitions than asked" in more.stderr, more.stdout + more.stderr
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_the_replication_of_the_topics_reloop_creates_is_a_setting(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    # Every topic was created with replication 1, whatever the cluster: on one whose min.insync.replicas
+    # is 2, every acks=all produce failed. Unset, the broker's default is taken (one broker here: 1); a
+    # factor the cluster cannot hold is refused by the broker, named.
+    from reloop.engine.runtime.config import load_config
+    from reloop.engine.runtime.kafka_stages import _ensure_samples_topic
+
+    topics = _topics(unique_topic)
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct")
+    env = {"RELOOP__KAFKA__REPLICATION_FACTOR": "2"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "kafka", "topics", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )  # fmt: skip
+    assert refused.returncode == 1 and "replication factor" in refused.stderr.lower(), refused.stderr
+    assert _topics_cmd(config).returncode == 0  # unset: the broker's default
+    cfg = load_config(str(config))
+    cfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"client": client})})
+    with pytest.raises(Exception, match="(?i)replication"):  # the samples topic, by the join stage
+        _ensure_samples_topic(
+            cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"replication_factor": 2})})
+        )
+    _ensure_samples_topic(cfg)
+    admin = admin_client(kafka_broker.bootstrap)
+    try:
+        replicas = admin.describe_topics([topics["samples"], topics["impressions"]])
+    finally:
+        admin.close()
+    assert [len(t["partitions"][0]["replica_nodes"]) for t in replicas] == [1, 1]

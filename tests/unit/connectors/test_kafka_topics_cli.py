@@ -66,7 +66,7 @@ def test_timeout_bounds_the_wait_for_a_first_broker_too(tmp_path, monkeypatch) -
     kafka = {"bootstrap": "127.0.0.1:1"}
     seen: list[tuple[float, dict]] = []
 
-    def counted(bootstrap, topics, *, timeout_s, client_config):
+    def counted(bootstrap, topics, *, timeout_s, client_config, replication_factor):
         seen.append((timeout_s, client_config))
         return list(topics), dict(topics)
 
