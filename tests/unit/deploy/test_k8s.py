@@ -106,7 +106,7 @@ def validate_all(docs: list[dict]) -> list[str]:
 def test_every_resource_matches_the_kubernetes_schema(rendered: list[dict]) -> None:
     kinds = validate_all(rendered)
     assert kinds == ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
-                     "PersistentVolumeClaim", "Service", "Service"], kinds  # fmt: skip
+                     "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "Service"], kinds  # fmt: skip
 
 
 def test_the_schema_check_is_not_vacuous(rendered: list[dict]) -> None:
@@ -304,7 +304,7 @@ def test_scale_out_resources_match_the_schemas_and_replace_the_processor(scaled:
     kinds = validate_all(scaled)
     assert kinds == ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
                      "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "PodDisruptionBudget",
-                     "Service", "Service", "Service", "StatefulSet"], kinds  # fmt: skip
+                     "PodDisruptionBudget", "Service", "Service", "Service", "StatefulSet"], kinds  # fmt: skip
     names = {(d["kind"], d["metadata"]["name"]) for d in scaled}
     assert not [n for n in names if "processor" in n[1]], names  # no `reloop run` beside the stages
     assert {("Deployment", "reloop-joiner"), ("StatefulSet", "reloop-trainer"),
@@ -424,7 +424,7 @@ def _selects(selector: dict, labels: dict) -> bool:
     return labels.items() >= selector["matchLabels"].items()
 
 
-def test_disruption_budgets_cover_the_joiners_and_the_trainers(scaled: list[dict]) -> None:
+def test_disruption_budgets_cover_the_joiners_the_trainers_and_the_service(scaled: list[dict]) -> None:
     budgets = of_kind(scaled, "PodDisruptionBudget")
     covered = {}
     for pdb in budgets:
@@ -434,7 +434,7 @@ def test_disruption_budgets_cover_the_joiners_and_the_trainers(scaled: list[dict
         assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
         assert work["spec"]["replicas"] > 1
         covered[work["metadata"]["name"]] = pdb["metadata"]["name"]
-    assert set(covered) == {"reloop-joiner", "reloop-trainer"}
+    assert set(covered) == {"reloop-joiner", "reloop-trainer", "reloop-serve"}
 
 
 def test_network_policies_let_the_ranks_talk_and_prometheus_scrape(scaled: list[dict]) -> None:
