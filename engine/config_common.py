@@ -108,7 +108,7 @@ def read_document(path: str | os.PathLike[str], what: str = "config") -> Any:
     try:
         return tomllib.loads(text) if toml else yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - safe
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        detail = " ".join(str(exc).split())  # PyYAML's marks span several lines
+        detail = yaml_error_text(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
         raise ConfigError(f"{what} {p} is not valid {'TOML' if toml else 'YAML'}: {detail}") from None
     except RecursionError:
         raise ConfigError(f"{what} {p} is nested too deeply to read") from None
@@ -303,8 +303,21 @@ def consumer_only_settings(kafka: KafkaSection) -> list[str]:
     return [k for k in kafka.client_config if k.startswith(("fetch.", "auto.", "group.", "session."))]
 
 
-# Client settings whose values are credentials (kafka-python and librdkafka names).
-_SECRET_KEY = re.compile(r"password|secret|token|credential|oauth|jaas|private|api_?key", re.IGNORECASE)
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, where it is, without the snippet of the file it quotes (a password on
+    that line was printed with it)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return "; ".join(p for p in (exc.context, exc.problem) if p) + where
+    return " ".join(str(exc).split())
+
+
+# Client settings whose values are credentials (kafka-python and librdkafka names): librdkafka's
+# ssl.key.pem and ssl.keystore.* hold a private key inline, sasl.kerberos.keytab names a credential file.
+_SECRET_KEY = re.compile(
+    r"password|secret|token|credential|oauth|jaas|private|api_?key|pem|keytab|ssl[._]key\b", re.IGNORECASE
+)
 REDACTED = "<redacted>"
 
 

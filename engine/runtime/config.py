@@ -50,6 +50,7 @@ from reloop.engine.config_common import (
     path_problem,
     read_document,
     redact,
+    yaml_error_text,
 )
 from reloop.engine.features.counters import CounterSettings
 from reloop.engine.join.joiner import JoinerConfig
@@ -626,7 +627,7 @@ def read_spec_file(path: str | Path, what: str) -> dict[str, Any]:
         json_file = str(path).endswith(".json")
         data = json.loads(text) if json_file else yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (ValueError, yaml.YAMLError, RecursionError) as exc:
-        why = " ".join(str(exc).split())  # PyYAML's text spans lines
+        why = yaml_error_text(exc) if isinstance(exc, yaml.YAMLError) else " ".join(str(exc).split())
         raise ConfigError(f"{what}: {path} does not parse ({why:.300})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} holds {type(data).__name__}, not a mapping with a fields list")

@@ -262,6 +262,31 @@ def test_credential_like_keys_in_client_config_are_redacted_in_manifests():
     assert PASSWORD not in json.dumps(cfg.redacted_dump())
 
 
+def test_an_inline_private_key_is_redacted_in_manifests():
+    # librdkafka's ssl.key.pem holds the client's private key as text: snapshot manifests kept it.
+    client = {"ssl.key.pem": PASSWORD, "sasl.kerberos.keytab": PASSWORD}
+    cfg = _run({"kafka": {"client": "confluent", "client_config": client}})
+    assert PASSWORD not in json.dumps(cfg.redacted_dump())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'kafka:\n  bootstrap: "127.0.0.1:1"\n  sasl_password: "{PASSWORD}" : x\n',  # a syntax error
+        f"kafka:\n  sasl_password: {PASSWORD}\n  sasl_password: {PASSWORD}\n",  # a key twice
+    ],
+)
+def test_a_config_that_does_not_parse_is_refused_without_quoting_its_lines(tmp_path, text):
+    # PyYAML's error quotes the line it stopped at: a password on it was printed with the refusal.
+    from reloop.engine.runtime.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert PASSWORD not in str(err.value) and "line 3" in str(err.value), err.value
+
+
 def test_connection_in_the_other_clients_names(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("-")
