@@ -253,14 +253,19 @@ def read_bundle(
     cache): no copy, so a loaded version costs its weights once in resident memory. A file replaced or
     pruned later does not change a mapping already made (a new version is a new file)."""
     root = Path(directory)
+    where = root / f"v{version:012d}.json"
     try:
-        manifest = json.loads((root / f"v{version:012d}.json").read_text())
-        with open(root / manifest["file"], "rb") as f:
+        manifest = json.loads(where.read_text())
+        # Its own file, in this folder, not through a link: a manifest naming "../x" or "/x" had the
+        # service map and serve any file it could read.
+        if manifest["file"] != f"v{version:012d}.safetensors":
+            raise ValueError(f"its manifest names file {manifest['file']!r:.100}, not this version's")
+        fd = os.open(root / manifest["file"], os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"serving bundle {version} under {root} cannot be read ({exc})") from exc
-    where = root / f"v{version:012d}.json"
     if manifest.get("format") != FORMAT:
         raise SnapshotError(f"serving bundle {where}: {_format_problem(manifest.get('format'))}")
     if manifest.get("version") != version:
@@ -272,6 +277,9 @@ def read_bundle(
     try:
         n = int.from_bytes(mapped[:8], "little")
         header = json.loads(bytes(mapped[8 : 8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a {type(header).__name__}, not an object")
+        metadata = dict(header.get("__metadata__") or {})
         start = 8 + n
         tensors: dict[str, torch.Tensor] = {}
         with warnings.catch_warnings():
@@ -291,9 +299,9 @@ def read_bundle(
                 else:
                     t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
                 tensors[name] = t.reshape(info["shape"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         raise SnapshotError(f"serving bundle {version} does not load ({exc!r:.300})") from exc
-    return tensors, dict(header.get("__metadata__") or {})
+    return tensors, metadata
 
 
 def _format_problem(found: object) -> str:

@@ -159,6 +159,42 @@ def test_the_checksum_is_crc32c_of_the_file_and_older_sha256_manifests_still_ver
         read_bundle(root, 1)
 
 
+def test_a_bundle_manifest_naming_another_file_or_a_link_is_refused(tmp_path):
+    # read_bundle opened whatever the manifest named: "../x" or "/x" had the service map and serve any
+    # file it could read (a checksum in the manifest written to match it).
+    import json
+    import os
+
+    import crc32c
+
+    learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
+    publish_serving_bundle(SnapshotRegistry(tmp_path / "reg"), learner)
+    root = serving_dir(tmp_path / "reg")
+    manifest_path, own = root / "v000000000001.json", root / "v000000000001.safetensors"
+    manifest = json.loads(manifest_path.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(own.read_bytes())
+    for named in (str(outside), os.path.relpath(outside, root)):
+        manifest_path.write_text(json.dumps({**manifest, "file": named}))
+        with pytest.raises(SnapshotError, match="not this version's"):
+            read_bundle(root, 1)
+    manifest_path.write_text(json.dumps(manifest))
+    own.unlink()
+    own.symlink_to(outside)
+    with pytest.raises(SnapshotError, match="cannot be read"):
+        read_bundle(root, 1)
+    # A header that is not an object: refused as unusable (it escaped as an AttributeError).
+    own.unlink()
+    header = b"[]"
+    data = len(header).to_bytes(8, "little") + header
+    own.write_bytes(data)
+    manifest_path.write_text(
+        json.dumps({**manifest, "bytes": len(data), "crc32c": f"{crc32c.crc32c(data):08x}"})
+    )
+    with pytest.raises(SnapshotError, match="not an object"):
+        read_bundle(root, 1)
+
+
 def test_a_bundle_that_does_not_fit_its_model_is_refused(tmp_path):
     learner = _trained("dcn", embedding_dim=4, hidden_units=[16])
     publish_serving_bundle(SnapshotRegistry(tmp_path), learner)
