@@ -373,6 +373,9 @@ class LocalBroker:
         controller_port = controller_port or free_port()
         if controller_port == port:
             controller_port = free_port()
+        # Owner-only: with SASL it holds the users' passwords (the JAAS line).
+        self.config_path.touch(mode=0o600)
+        self.config_path.chmod(0o600)
         self.config_path.write_text(self._server_properties(port, controller_port))
         began = time.monotonic()
         cluster_id = self._format_storage()

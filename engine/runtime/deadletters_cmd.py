@@ -178,12 +178,20 @@ def main(args: argparse.Namespace) -> int:
     return code
 
 
+def _printable(text: object) -> str:
+    """``text`` with its control characters (ESC, CR ...) written as escapes."""
+    s = str(text)
+    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
+
+
 def _report(args: argparse.Namespace, chosen: list[DeadLetter], read: str) -> int:
     """``summary`` or ``show`` of the chosen letters; ``read`` says how many were read, from where."""
     if args.action == "summary":
         print(f"{len(chosen)} of {read}")
         for reason, topic, n in summary(chosen):
-            print(f"{n:>10}  {reason:<24} from {topic}")
+            # As text the file gave them: control characters escaped (an envelope is anyone's to write,
+            # and an escape sequence reached the terminal raw).
+            print(f"{n:>10}  {_printable(reason):<24} from {_printable(topic)}")
         return 0
     for letter in chosen[: max(0, args.limit)]:
         # The envelope's partition and offset are the refused record's; the letter's own go apart.

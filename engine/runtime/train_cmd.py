@@ -229,6 +229,9 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
         refused.mkdir()
         os.environ[STOPPED_MARKS] = str(marks)
         os.environ[REFUSED_MARKS] = str(refused)
+        # The ranks' gloo sockets on loopback (they listened on every interface): all ranks are on this
+        # machine. torch's rendezvous store has no such setting (docs/scale-out.md, "Security").
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         return _torchrun(args, cfg, marks, refused)
 
 

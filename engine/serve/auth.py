@@ -10,6 +10,7 @@ constant-time. The token is never logged and never written anywhere by the servi
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,13 @@ def load_token(token_file: str | Path | None, token: SecretStr | None = None) ->
             raise ValueError(f"serve.auth_token_file {token_file} is not UTF-8 text") from None
         if not text:
             raise ValueError(f"serve.auth_token_file {token_file} is empty")
+        mode = Path(token_file).stat().st_mode & 0o777
+        if mode & 0o077:  # said, not refused: a container's mounted secret may be 0644 by design
+            logging.getLogger("reloop.engine.serve").warning(
+                "serve.auth_token_file %s is readable by other users (mode %o): chmod 600 it",
+                token_file,
+                mode,
+            )
         return text
     return (token.get_secret_value().strip() if token is not None else "") or None
 

@@ -92,6 +92,7 @@ def _run_config(tmp: Path, broker: LocalBroker, topics: dict[str, str], **overri
 def test_broker_requires_sasl(sasl_broker: LocalBroker) -> None:
     """The client listener is SASL only (no PLAINTEXT way in): what the other tests prove needs it."""
     props = sasl_broker.config_path.read_text()
+    assert sasl_broker.config_path.stat().st_mode & 0o077 == 0  # the users' passwords: owner-only
     assert f"listeners=SASL_PLAINTEXT://{sasl_broker.bootstrap},CONTROLLER://" in props
     assert f"advertised.listeners=SASL_PLAINTEXT://{sasl_broker.bootstrap}\n" in props
     ok, detail = _metadata_ok(sasl_broker.bootstrap, timeout_s=2.0)

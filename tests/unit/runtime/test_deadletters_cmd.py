@@ -70,3 +70,19 @@ def test_a_file_that_holds_no_dead_letters_says_so(tmp_path: Path, capsys) -> No
     empty.write_text("\n")
     assert main(["deadletters", "summary", "--file", str(empty)]) == 0  # a replay that refused nothing
     assert "0 of 0 dead letters" in capsys.readouterr().out
+
+
+def test_a_summary_writes_control_characters_in_an_envelope_as_escapes(tmp_path: Path, capsys) -> None:
+    # An envelope is anyone's to write (the topic, a file): its reason and topic reached the terminal raw,
+    # escape sequences and a carriage return that overwrote the line included.
+    import orjson
+
+    letter = {"topic": "imp\x1b[2Jressions\r", "partition": 0, "offset": 1, "timestamp_ms": 0, "key": None,
+              "value": {"encoding": "utf8", "data": "{}"}, "reason": "bad\x1b[31m_json",
+              "detail": "x", "dead_lettered_at_ms": 0}  # fmt: skip
+    path = tmp_path / "dead-letters.jsonl"
+    path.write_bytes(orjson.dumps(letter) + b"\n")
+    assert main(["deadletters", "summary", "--file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out, repr(out)
+    assert "bad\\x1b[31m_json" in out and "imp\\x1b[2Jressions\\r" in out, out

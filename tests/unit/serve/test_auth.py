@@ -66,3 +66,21 @@ def test_a_workers_metrics_port_needs_the_token_on_every_path() -> None:
             assert b"reloop_" in answer.read()
     finally:
         metrics.close()
+
+
+def test_a_token_file_other_users_can_read_is_taken_with_a_warning(tmp_path, caplog) -> None:
+    import logging
+
+    from reloop.engine.serve.auth import load_token
+
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    path.chmod(0o600)
+    with caplog.at_level(logging.WARNING):
+        assert load_token(path) == "s3cret"
+    assert not caplog.records
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        assert load_token(path) == "s3cret"
+    [record] = caplog.records
+    assert "readable by other users (mode 644)" in record.getMessage() and "s3cret" not in record.getMessage()
