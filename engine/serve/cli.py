@@ -129,8 +129,9 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
     # reached (each scrape another's counters: resets, wild rates), so it refuses and names the ports.
     elsewhere = None
     if args.worker:
+        several = f"{workers} workers" if workers > 1 else "several workers"
         elsewhere = (
-            f"this service runs {workers} workers: scrape each on its own /metrics port, "
+            f"this service runs {several}: scrape each on its own /metrics port, "
             f"serve.worker_metrics_port + i (this worker's: {args.worker_metrics_port}); this port's "
             "/metrics would answer for whichever worker a connection reached\n"
         )
