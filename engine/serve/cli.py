@@ -129,11 +129,14 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
     # reached (each scrape another's counters: resets, wild rates), so it refuses and names the ports.
     elsewhere = None
     if args.worker:
-        several = f"{workers} workers" if workers > 1 else "several workers"
+        port = config.port if args.port is None else args.port
+        first = port + 1 if config.worker_metrics_port is None else config.worker_metrics_port
+        ports = ", ".join(str(first + i) for i in range(workers)) if workers > 1 else "their own ports"
+        several = str(workers) if workers > 1 else "several"
         elsewhere = (
-            f"this service runs {several}: scrape each on its own /metrics port, "
-            f"serve.worker_metrics_port + i (this worker's: {args.worker_metrics_port}); this port's "
-            "/metrics would answer for whichever worker a connection reached\n"
+            f"this service runs {several} workers: scrape each on its own /metrics port "
+            f"(serve.worker_metrics_port + i): {ports}; this one's is {args.worker_metrics_port}. This "
+            "port's /metrics would answer for whichever worker a connection reached\n"
         )
     try:
         stack = ServingStack(config, metrics_elsewhere=elsewhere).start()
