@@ -70,7 +70,8 @@ def create_topics_counted(
                 if code == 0:
                     created.append(topic["name"])
                 elif code != TopicAlreadyExistsError.errno:  # lost a race with another creator: fine
-                    raise RuntimeError(f"creating topic {topic['name']!r} failed: {topic}")
+                    why = topic.get("error_message") or f"error code {code}"
+                    raise RuntimeError(f"creating topic {topic['name']!r} failed: {why} (error code {code})")
         admin.wait_for_topics(list(topics), timeout_ms=int(timeout_s * 1000))
         counts = partition_counts(admin, topics)
         short = {name: (counts[name], want) for name, want in topics.items() if counts[name] < want}

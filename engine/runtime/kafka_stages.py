@@ -85,13 +85,25 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
         from reloop.connectors.confluent.admin import ensure_topic_like
     else:
         from reloop.connectors.kafka.admin import ensure_topic_like
-    ensure_topic_like(
-        cfg.kafka.connection(),
-        cfg.kafka.bootstrap,
-        cfg.stages.samples_topic,
-        cfg.source.impressions_topic,
-        replication_factor=cfg.kafka.replication_factor,
-    )
+    try:
+        ensure_topic_like(
+            cfg.kafka.connection(),
+            cfg.kafka.bootstrap,
+            cfg.stages.samples_topic,
+            cfg.source.impressions_topic,
+            replication_factor=cfg.kafka.replication_factor,
+        )
+    except Exception as exc:
+        if "replicat" not in str(exc).lower():
+            raise
+        # A factor the cluster cannot hold is refused again at every rebuild: exit 2 at once, not
+        # retried for recovery.give_up_after_s.
+        from reloop.engine.runtime.config import ConfigError
+
+        raise ConfigError(
+            f"invalid config: kafka.replication_factor: the cluster refused it for the samples topic "
+            f"{cfg.stages.samples_topic!r}: {exc}"
+        ) from exc
 
 
 def _retention(cfg: RunConfig) -> dict[str, int]:

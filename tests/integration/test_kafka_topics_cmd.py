@@ -59,7 +59,7 @@ def test_the_replication_of_the_topics_reloop_creates_is_a_setting(
     # Every topic was created with replication 1, whatever the cluster: on one whose min.insync.replicas
     # is 2, every acks=all produce failed. Unset, the broker's default is taken (one broker here: 1); a
     # factor the cluster cannot hold is refused by the broker, named.
-    from reloop.engine.runtime.config import load_config
+    from reloop.engine.runtime.config import ConfigError, load_config
     from reloop.engine.runtime.kafka_stages import _ensure_samples_topic
 
     topics = _topics(unique_topic)
@@ -73,7 +73,8 @@ def test_the_replication_of_the_topics_reloop_creates_is_a_setting(
     assert _topics_cmd(config).returncode == 0  # unset: the broker's default
     cfg = load_config(str(config))
     cfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"client": client})})
-    with pytest.raises(Exception, match="(?i)replication"):  # the samples topic, by the join stage
+    # The samples topic, by the join stage: a config error (exit 2), not a failure retried for 15 minutes.
+    with pytest.raises(ConfigError, match=r"kafka\.replication_factor: the cluster refused it"):
         _ensure_samples_topic(
             cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"replication_factor": 2})})
         )
