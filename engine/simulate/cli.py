@@ -174,6 +174,21 @@ def main(args: argparse.Namespace) -> int:
     if not bootstrap:
         print("reloop simulate: no Kafka bootstrap (give --bootstrap or kafka.bootstrap)", file=sys.stderr)
         return 2
+    from pydantic import ValidationError
+    from reloop.engine.config_common import KafkaSection, check_moved, describe_errors
+    from reloop.engine.serve.config import MOVED
+
+    # Checked before the wait for the service: a misspelt key was refused only after up to 60 s.
+    try:  # the clicks producer: kafka-python, with the connection of the kafka section
+        check_moved({"kafka": doc.get("kafka") or {}}, MOVED)
+        settings = KafkaSection.model_validate(doc.get("kafka") or {}).connection("kafka-python")
+    except ValidationError as exc:  # named, without the values (pydantic's text shows each input)
+        why = describe_errors(exc, model=KafkaSection, prefix="kafka.")
+        print(f"reloop simulate: {why}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError) as exc:
+        print(f"reloop simulate: kafka: {exc}", file=sys.stderr)
+        return 2
     from reloop.engine.simulate.http import HttpScorer
 
     url = args.url or service_url(doc)
@@ -189,15 +204,6 @@ def main(args: argparse.Namespace) -> int:
         why = "stopped while waiting" if stop.is_set() else "it is not ready after 60 s"
         print(f"reloop simulate: no scoring service at {url}: {why}", file=sys.stderr)
         return 1
-    from reloop.engine.config_common import KafkaSection, check_moved
-    from reloop.engine.serve.config import MOVED
-
-    try:  # the clicks producer: kafka-python, with the connection of the kafka section
-        check_moved({"kafka": doc.get("kafka") or {}}, MOVED)
-        settings = KafkaSection.model_validate(doc.get("kafka") or {}).connection("kafka-python")
-    except (ConfigError, ValueError) as exc:
-        print(f"reloop simulate: kafka: {exc}", file=sys.stderr)
-        return 2
     sim = build_simulator(
         config,
         score=scorer,

@@ -91,6 +91,22 @@ def test_an_infinite_rate_in_the_config_is_refused() -> None:
         simulate_config_from_dict({"simulate": {"rate": float("inf")}})
 
 
+def test_a_misspelt_kafka_key_is_refused_at_once_naming_it_without_its_value(tmp_path) -> None:
+    # It was checked after the wait for the service (up to 60 s), and refused in pydantic's words, which
+    # print each input: a misspelt sasl_password printed the password.
+    config = tmp_path / "sim.yaml"
+    config.write_text("kafka: {bootstrap: '127.0.0.1:1', sasl_pasword: hunter2}\narms: [{name: a}]\n")
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "simulate", "--config", str(config),
+         "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and time.monotonic() - began < 30, done.stderr
+    assert "kafka.sasl_pasword: unknown key (did you mean sasl_password?)" in done.stderr, done.stderr
+    assert "hunter2" not in done.stderr
+
+
 def test_a_run_in_which_every_request_failed_exits_1(tmp_path) -> None:
     # The failures were counted and printed, and the command exited 0 as if it had simulated something.
     import threading
