@@ -303,8 +303,9 @@ def trainer_parts(docs: list[dict]) -> tuple[dict, dict, argparse.Namespace]:
 def test_scale_out_resources_match_the_schemas_and_replace_the_processor(scaled: list[dict]) -> None:
     kinds = validate_all(scaled)
     assert kinds == ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
-                     "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "PodDisruptionBudget",
-                     "PodDisruptionBudget", "Service", "Service", "Service", "StatefulSet"], kinds  # fmt: skip
+                     "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget",
+                     "PodDisruptionBudget", "PodDisruptionBudget", "Service", "Service", "Service",
+                     "StatefulSet"], kinds  # fmt: skip
     names = {(d["kind"], d["metadata"]["name"]) for d in scaled}
     assert not [n for n in names if "processor" in n[1]], names  # no `reloop run` beside the stages
     assert {("Deployment", "reloop-joiner"), ("StatefulSet", "reloop-trainer"),
