@@ -178,6 +178,15 @@ def main(args: argparse.Namespace) -> int:
     return code
 
 
+# Characters a terminal draws as nothing or uses to reorder text (zero-width, bidirectional overrides):
+# orjson writes them raw, and JSON may carry them escaped instead (\uXXXX), the line meaning the same.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def _printable(text: object) -> str:
     """``text`` with its control characters (ESC, CR ...) written as escapes."""
     s = str(text)
@@ -197,7 +206,7 @@ def _report(args: argparse.Namespace, chosen: list[DeadLetter], read: str) -> in
         # The envelope's partition and offset are the refused record's; the letter's own go apart.
         line = {**letter.envelope, "dead_letter_partition": letter.partition,
                 "dead_letter_offset": letter.offset}  # fmt: skip
-        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+        sys.stdout.write(_INVISIBLE.sub(_json_escape, orjson.dumps(line).decode()) + "\n")
     return 0
 
 

@@ -86,3 +86,20 @@ def test_a_summary_writes_control_characters_in_an_envelope_as_escapes(tmp_path:
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out, repr(out)
     assert "bad\\x1b[31m_json" in out and "imp\\x1b[2Jressions\\r" in out, out
+
+
+def test_show_escapes_invisible_and_reordering_characters_in_valid_json(tmp_path: Path, capsys) -> None:
+    # orjson wrote U+202E (right-to-left override) and U+200B (zero-width space) raw: the terminal showed
+    # text other than the envelope's.
+    import orjson
+
+    data = '{"id":"a\u202eb\u200bc", "é": 1}'
+    letter = {"topic": "impressions", "partition": 0, "offset": 1, "timestamp_ms": 0, "key": None,
+              "value": {"encoding": "utf8", "data": data}, "reason": "bad_json", "detail": "x",
+              "dead_lettered_at_ms": 0}  # fmt: skip
+    path = tmp_path / "dead-letters.jsonl"
+    path.write_bytes(orjson.dumps(letter) + b"\n")
+    assert main(["deadletters", "show", "--file", str(path)]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert "\u202e" not in line and "\u200b" not in line and "\\u202e" in line and "é" in line, line
+    assert orjson.loads(line)["value"]["data"] == data  # the same JSON
