@@ -340,13 +340,20 @@ def test_a_replay_writing_snapshots_in_the_background_equals_one_waiting_for_eac
         assert_same_model(a.state["model"]["model"], b.state["model"]["model"])
 
 
-def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path, capsys) -> None:
-    # It published version n+1 from the same state, 0 records later: a model version that is no new model.
+def _replayed(tmp_path: Path) -> list[str]:
+    """The argv of a finished ``--jsonl`` replay of ``events()`` into ``tmp_path/a`` (its config is
+    ``argv[2]``), run once."""
     cfg = config(tmp_path / "run.yaml", tmp_path / "live")
     root = tmp_path / "log"
     write_jsonl(root, events())
     argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]
     assert main(argv) == 0
+    return argv
+
+
+def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path, capsys) -> None:
+    # It published version n+1 from the same state, 0 records later: a model version that is no new model.
+    argv = _replayed(tmp_path)
     reg = SnapshotRegistry(tmp_path / "a" / "snapshots")
     versions = reg.versions()
     assert versions
@@ -367,11 +374,7 @@ def test_a_resume_with_nothing_left_publishes_no_new_version(tmp_path: Path, cap
 def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_path: Path, capsys) -> None:
     # A changed --start-time was ignored (the positions went on from the snapshot); --samples given to one
     # of the two runs left part of the samples in the file; neither said a word.
-    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
-    root = tmp_path / "log"
-    write_jsonl(root, events())
-    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]
-    assert main(argv) == 0
+    argv = _replayed(tmp_path)
     capsys.readouterr()
     for extra, named in (
         (["--samples"], "--samples False -> True"),
@@ -382,7 +385,7 @@ def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_p
         assert err.startswith("reloop replay: --resume with other options") and named in err, err
     assert main([*argv, "--resume"]) == 0  # the same options
     capsys.readouterr()
-    fresh = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "b"), "--resume"]
+    fresh = [*argv[:-1], str(tmp_path / "b"), "--resume"]  # another --out
     assert main(fresh) == 0  # nothing to resume: said, then a whole replay
     assert "holds no snapshot yet: starting from the beginning" in capsys.readouterr().err
 
@@ -390,12 +393,8 @@ def test_a_resume_with_other_options_than_its_start_is_refused_naming_them(tmp_p
 def test_a_resume_cutting_versions_elsewhere_is_refused_naming_it(tmp_path: Path, capsys) -> None:
     # period.* is not in the config fingerprint (a live service may change its cadence at a restart), so
     # a resumed replay with another period was accepted without a word: not the replay it resumed.
-    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
-    root = tmp_path / "log"
-    write_jsonl(root, events())
-    out = tmp_path / "a"
-    argv = ["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(out)]
-    assert main(argv) == 0
+    argv = _replayed(tmp_path)
+    cfg, out = Path(argv[2]), tmp_path / "a"
     capsys.readouterr()
     other = yaml.safe_load(cfg.read_text())
     other["period"] = {"every_samples": 192}
