@@ -90,6 +90,11 @@ class MissingTopic(RuntimeError):
         )
 
 
+class ReplicationRefused(ValueError):
+    """The cluster cannot hold the replication factor a topic is created with (fewer brokers than it
+    asks): refused again at every try, a setting to change (``kafka.replication_factor``)."""
+
+
 class TopicNotFound(ValueError):
     """A topic a source reads does not exist (yet): the stage is rebuilt after a backoff, which waits
     for it (the train stage started before the join stage has created the samples topic)."""

@@ -11,7 +11,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from reloop.connectors.confluent.login import LOGIN_CHECK_S, LoginWatch
 from reloop.connectors.confluent.logs import built, logged
-from reloop.engine.streams import MissingTopic
+from reloop.engine.streams import MissingTopic, ReplicationRefused
 
 _log = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ def ensure_topic_like(
     for future in futures.values():
         try:
             future.result(timeout_s)
-        except Exception as exc:  # noqa: BLE001 - lost a race with another creator: fine
-            if "already exists" not in str(exc).lower():
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.INVALID_REPLICATION_FACTOR:
+                raise ReplicationRefused(f"creating topic {topic!r} failed: {exc.args[0].str()}") from exc
+            if "already exists" not in str(exc).lower():  # lost a race with another creator: fine
                 raise
 
 

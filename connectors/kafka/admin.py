@@ -13,11 +13,17 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError
 from reloop.connectors.kafka.client_start import start_client
 from reloop.connectors.kafka.login import login_checked
 from reloop.connectors.kafka.settings import admin_settings
-from reloop.engine.streams import AuthenticationFailed, MissingTopic, Positions, TopicPartition
+from reloop.engine.streams import (
+    AuthenticationFailed,
+    MissingTopic,
+    Positions,
+    ReplicationRefused,
+    TopicPartition,
+)
 
 _log = logging.getLogger(__name__)
 # A topic's replication factor left to the broker (its default.replication.factor; KIP-464, Kafka 2.4).
@@ -71,7 +77,8 @@ def create_topics_counted(
                     created.append(topic["name"])
                 elif code != TopicAlreadyExistsError.errno:  # lost a race with another creator: fine
                     why = topic.get("error_message") or f"error code {code}"
-                    raise RuntimeError(f"creating topic {topic['name']!r} failed: {why} (error code {code})")
+                    kind = ReplicationRefused if code == InvalidReplicationFactorError.errno else RuntimeError
+                    raise kind(f"creating topic {topic['name']!r} failed: {why} (error code {code})")
         admin.wait_for_topics(list(topics), timeout_ms=int(timeout_s * 1000))
         counts = partition_counts(admin, topics)
         short = {name: (counts[name], want) for name, want in topics.items() if counts[name] < want}

@@ -10,6 +10,7 @@ from typing import Any
 
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.supervisor import FATAL, ProcessFatal
+from reloop.engine.streams import ReplicationRefused
 
 log = logging.getLogger("reloop.run")
 
@@ -93,9 +94,7 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
             cfg.source.impressions_topic,
             replication_factor=cfg.kafka.replication_factor,
         )
-    except Exception as exc:
-        if "replicat" not in str(exc).lower():
-            raise
+    except ReplicationRefused as exc:
         # A factor the cluster cannot hold is refused again at every rebuild: exit 2 at once, not
         # retried for recovery.give_up_after_s.
         from reloop.engine.runtime.config import ConfigError
