@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 
+import orjson
 from fastapi.testclient import TestClient
 from reloop.connectors.memory.memory import MemoryLog, MemorySink
 from reloop.engine.events.codec import decode_impression, encode
@@ -115,4 +116,20 @@ def test_openapi_documents_the_request_body():
     doc = client.get("/openapi.json").json()
     body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "candidates" in body["properties"] and "Candidate" in body["$defs"]
+    logger.close()
+
+
+def test_a_body_declared_as_other_than_json_is_refused_with_415():
+    # A page on any site can POST text/plain or a form to a loopback service without a CORS preflight:
+    # each such request was scored and its impressions logged (trained as negatives).
+    client, _, logger, _ = _client()
+    raw = orjson.dumps(BODY)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"):
+        r = client.post("/score", content=raw, headers={"content-type": content_type})
+        assert r.status_code == 415 and f"Content-Type {content_type} is not JSON" in r.text
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"):
+        assert client.post("/score", content=raw, headers={"content-type": content_type}).status_code == 200
+    assert client.post("/score", content=raw).status_code == 200  # none declared: read as JSON
+    assert logger.accepted == 4 * 2  # top 2 of each of the 4 requests scored
+    assert client.get("/stats").json()["failed_requests"] == {"415": 3}
     logger.close()

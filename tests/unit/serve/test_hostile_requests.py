@@ -207,6 +207,17 @@ def test_a_compressed_body_gets_415_saying_so(service):
     assert same.status_code == 200  # the identity encoding is none
 
 
+def test_a_body_declared_as_other_than_json_gets_415(service):
+    # text/plain and forms need no CORS preflight: a web page could have scored (and logged) requests
+    # on a loopback service from the user's browser.
+    client, _ = service
+    raw = orjson.dumps(_body(3))
+    r = client.post("/score", content=raw, headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type text/plain is not JSON" in r.json()["detail"]
+    ok = client.post("/score", content=raw, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
 def test_a_token_protects_everything_but_the_probes(service):
     _, url = service
     with httpx.Client(base_url=url, timeout=10) as anonymous:
