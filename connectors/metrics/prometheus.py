@@ -128,7 +128,9 @@ SERIES: tuple[Series, ...] = (
     Series("joiner_dropped_by_bound", "reloop_joiner_dropped_by_bound_total", "counter",
            "Events the joiner dropped at a bound, by reason: pending impressions past join.max_pending "
            "(max_pending) or older than join.ttl_ms (ttl), clicks waiting for their impression past "
-           "join.max_early_clicks (max_early_clicks).", ("reason",)),
+           "join.max_early_clicks (max_early_clicks); closed windows forgotten before join.retention_ms "
+           "past join.max_closed (max_closed: nothing lost, a duplicate or late click for them is not "
+           "recognised).", ("reason",)),
     Series("joiner_watermark_s", "reloop_joiner_watermark_timestamp_seconds", "gauge",
            "The joiner's event-time watermark (Unix seconds)."),
     Series("train_steps", "reloop_train_steps_total", "counter", "Optimizer steps taken."),

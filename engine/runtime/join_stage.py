@@ -76,7 +76,7 @@ from reloop.engine.runtime.config import (
     fingerprinted_defaults,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-from reloop.engine.runtime.join_metrics import JoinerMetrics, TooLateLog
+from reloop.engine.runtime.join_metrics import BoundDropLog, JoinDrops, JoinerMetrics, TooLateLog
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge_journal import MergeDecision, MergeJournal
@@ -778,6 +778,7 @@ class _JoinMetrics(JoinerMetrics):
         self._interval_s = stats.join_checkpoint_interval_seconds
         self._last: dict[int, dict[str, int]] = {}
         self._too_late_logs: dict[int, TooLateLog] = {}  # per task
+        self._bound_drop_logs: dict[int, BoundDropLog] = {}
 
     def checkpointed(self, seconds: float, interval_s: float) -> None:
         self._checkpoint_s.set(seconds)
@@ -831,14 +832,17 @@ class _JoinMetrics(JoinerMetrics):
             if last is None:  # not taken through _assign (a test's stage): counts from here
                 self._last[p] = now
                 continue
-            too_late = (0, 0)
+            drops = JoinDrops((0, 0), {})
             if now != last:
-                too_late = self.joiner_delta(now, self._unexported_base(task, now, last))
+                drops = self.joiner_delta(now, self._unexported_base(task, now, last))
                 self._last[p] = now
             if p not in self._too_late_logs:
                 self._too_late_logs[p] = TooLateLog(log)
-            self._too_late_logs[p](too_late, task.joiner.watermark_ms, task=p)
+                self._bound_drop_logs[p] = BoundDropLog(log)
+            self._too_late_logs[p](drops.too_late, task.joiner.watermark_ms, task=p)
+            self._bound_drop_logs[p](drops.at_bounds, task=p, pending=task.joiner.pending_count)
         for p in set(self._last) - set(stage.tasks):
             del self._last[p]
             self._too_late_logs.pop(p, None)
+            self._bound_drop_logs.pop(p, None)
         self.dead_letters(stage.dead_letters.counts)

@@ -195,3 +195,36 @@ class ThrottledWarning:
         if self._suppressed:
             fields["suppressed"], self._suppressed = self._suppressed, 0
         self._logger.warning(self._msg, *args, extra={"fields": fields})
+
+
+class ThrottledCountLog:
+    """One WARNING for counts that may come at every poll: the first at once, then at most one every
+    ``every_s`` with the counts since the line before. Call it at every publish, with nothing new too:
+    counts held back go out once ``every_s`` is up."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        *,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._every_s = every_s
+        self._clock = clock
+        self._next_at = float("-inf")
+        self._held: dict[str, int] = {}
+
+    def add(self, counts: dict[str, int], **fields: object) -> None:
+        for name, n in counts.items():
+            self._held[name] = self._held.get(name, 0) + n
+        if not any(self._held.values()):
+            return
+        now = self._clock()
+        if now < self._next_at:
+            return
+        self._next_at = now + self._every_s
+        self._logger.warning(self._message, extra={"fields": {**self._held, **fields}})
+        self._held = {}

@@ -64,7 +64,7 @@ from reloop.engine.runtime.config import (
     default_of,
 )
 from reloop.engine.runtime.intake import EventIntake, IntakeLimits
-from reloop.engine.runtime.join_metrics import JoinerMetrics, TooLateLog
+from reloop.engine.runtime.join_metrics import BoundDropLog, JoinDrops, JoinerMetrics, TooLateLog
 from reloop.engine.runtime.jsonlog import ThrottledWarning
 from reloop.engine.runtime.merge import RecordMerger
 from reloop.engine.runtime.restore import (
@@ -598,6 +598,7 @@ class _Publisher(TrainerMetrics):
         self._fallbacks = stats.snapshot_restore_fallbacks
         self._last_join: dict[str, int] = {}
         self._too_late_log = TooLateLog(log)
+        self._bound_drop_log = BoundDropLog(log)
 
     def restore(self, p: Pipeline) -> None:
         # Counters restart at zero in a new process (Prometheus handles resets); start deltas from the
@@ -636,9 +637,10 @@ class _Publisher(TrainerMetrics):
         now = j.stats.as_dict()
         if p._merger is not None:
             now["stamped_ahead"] = p._merger.stamped_ahead
-        too_late = (0, 0)
+        drops = JoinDrops((0, 0), {})
         if now != self._last_join:
-            too_late = self.join.joiner_delta(now, self._last_join)
+            drops = self.join.joiner_delta(now, self._last_join)
             self._last_join = now
-        self._too_late_log(too_late, j.watermark_ms)
+        self._too_late_log(drops.too_late, j.watermark_ms)
+        self._bound_drop_log(drops.at_bounds, pending=j.pending_count)
         self.join.dead_letters(p.dead_letters.counts)

@@ -12,13 +12,18 @@ def test_what_each_bound_dropped_is_exported_under_that_bound() -> None:
     # and clicks dropped past join.max_early_clicks were lost without any count.
     stats = EngineStats()
     metrics = JoinerMetrics(stats)
-    before, now = JoinStats(), JoinStats(evicted_pending=2, expired_ttl=5, evicted_early_clicks=3)
-    metrics.joiner_delta(now.as_dict(), before.as_dict())
+    # Closed windows forgotten at join.max_closed were counted in the joiner and exported nowhere.
+    before = JoinStats()
+    now = JoinStats(evicted_pending=2, expired_ttl=5, evicted_early_clicks=3, evicted_closed=7)
+    drops = metrics.joiner_delta(now.as_dict(), before.as_dict())
     assert dict(stats.joiner_dropped_by_bound.items()) == {
         ("max_pending",): 2,
         ("ttl",): 5,
         ("max_early_clicks",): 3,
+        ("max_closed",): 7,
     }
+    # What lost events is worth a log line; a forgotten window lost nothing.
+    assert drops.at_bounds == {"max_pending": 2, "ttl": 5, "max_early_clicks": 3}
     later = JoinStats(evicted_pending=2, expired_ttl=6, evicted_early_clicks=3)
     metrics.joiner_delta(later.as_dict(), now.as_dict())
     assert stats.joiner_dropped_by_bound.get("ttl") == 6
@@ -84,3 +89,36 @@ def test_events_dropped_as_too_late_are_logged_at_most_every_10_s_with_the_count
     now[0] = 30.0
     too_late((0, 0), 9, task=1)  # nothing held: no line
     assert lines[1:] == [{"impressions": 3, "clicks": 9, "watermark_ms": 8, "task": 1}]
+
+
+def test_the_join_stage_logs_events_dropped_at_its_memory_bounds(caplog) -> None:
+    # 472 of 2,000 impressions dropped at join.max_pending were counted with no word in the log.
+    import logging
+    from types import SimpleNamespace
+
+    from reloop.engine.runtime.join_stage import _JoinMetrics
+
+    metrics = _JoinMetrics(EngineStats())
+    joiner = SimpleNamespace(stats=JoinStats(), pending_count=1000, watermark_ms=1_000)
+    task = SimpleNamespace(
+        joiner=joiner,
+        merger=SimpleNamespace(stamped_ahead=0),
+        replay_abandoned=0,
+        partition=0,
+        incarnation="x",
+    )
+    stage = SimpleNamespace(tasks={0: task}, dead_letters=SimpleNamespace(counts={}))
+    metrics.taken(0, task)
+    with caplog.at_level(logging.WARNING, logger="reloop.join"):
+        joiner.stats = JoinStats(evicted_closed=50)  # nothing lost: no line
+        metrics.publish(stage)
+        assert not caplog.records
+        joiner.stats = JoinStats(evicted_closed=50, evicted_pending=472, evicted_early_clicks=100)
+        metrics.publish(stage)
+        joiner.stats = JoinStats(evicted_closed=50, evicted_pending=480, evicted_early_clicks=100)
+        metrics.publish(stage)  # within 10 s of the first line: held back
+    [record] = caplog.records
+    assert record.getMessage().startswith("events dropped at the join's memory bounds")
+    assert record.fields == {
+        "max_pending": 472, "ttl": 0, "max_early_clicks": 100, "task": 0, "pending": 1000
+    }  # fmt: skip
