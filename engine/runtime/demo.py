@@ -175,6 +175,56 @@ def trainer_env() -> dict[str, str]:
     return env
 
 
+# What the demo sets for each arm (its own topics, consumer groups and folder). A RELOOP__ variable
+# setting one reached every arm's trainer over the demo's value: two trainers on one folder or one
+# samples topic.
+_ARM_KEYS = (
+    ("source", "impressions_topic"),
+    ("source", "clicks_topic"),
+    ("consumer", "group_id"),
+    ("sink", "dead_letter_topic"),
+    ("stages", "samples_topic"),
+    ("stages", "join_group_id"),
+    ("stages", "processes"),
+    ("checkpoint", "dir"),
+)
+
+
+def _env_over_arm_keys(env: dict[str, str]) -> None:
+    from reloop.engine.config_common import SERVE_ONLY_SECTIONS, env_values
+    from reloop.engine.runtime.config import ConfigError as RunConfigError
+    from reloop.engine.runtime.config import RunConfig
+
+    try:
+        over = env_values(RunConfig, env, others=SERVE_ONLY_SECTIONS)
+    except RunConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    for section, key in _ARM_KEYS:
+        if key in (over.get(section) or {}):
+            raise ConfigError(
+                f"environment variable RELOOP__{section.upper()}__{key.upper()} (or RELOOP__"
+                f"{section.upper()}) sets {section}.{key}, which the demo sets for each arm: unset it"
+            )
+
+
+def _metrics_ports_shared(plans: list[ArmPlan], env: dict[str, str]) -> None:
+    """Two arms whose trainers would serve /metrics on one port: the second exited at its start."""
+    from reloop.engine.runtime.config import load_config_dict
+
+    arms_on: dict[int, list[str]] = {}
+    for plan in plans:
+        port = load_config_dict(plan.run_config, env=env).metrics.prometheus_port
+        if port:  # None: no /metrics; 0: a free port
+            arms_on.setdefault(port, []).append(plan.name)
+    for port, arms in arms_on.items():
+        if len(arms) > 1:
+            raise ConfigError(
+                f"arms {', '.join(arms)} would all serve /metrics on port {port} "
+                "(metrics.prometheus_port): give each arm its own in arms[].train.metrics, or 0 for a "
+                "free one"
+            )
+
+
 def _plans_problem(config: DemoConfig, workdir: Path, run_id: str) -> str | None:
     """Why an arm could not be planned or its trainer's model built (as ``reloop run`` checks it), or
     None: the arms' run configs, planned with a stand-in broker address (only the address differs)."""
@@ -200,6 +250,8 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
     from reloop.engine.runtime.config import ConfigError as RunConfigError
     from reloop.engine.runtime.config import load_config_dict, load_feature_spec
 
+    env = trainer_env()
+    _env_over_arm_keys(env)
     plans = []
     for arm in config.arms:
         folder = workdir / arm.name
@@ -224,7 +276,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
         )
         try:
             # The spec too: counters of a field it lacks fail here, not in a trainer after the start.
-            load_feature_spec(load_config_dict(run, env=trainer_env()).model)
+            load_feature_spec(load_config_dict(run, env=env).model)
         except RunConfigError as exc:
             raise ConfigError(f"arm {arm.name}: bad run config: {exc}") from exc
         from reloop.engine.serve.config import ArmCountersConfig, ArmMemoryConfig
@@ -252,6 +304,7 @@ def plan_arms(config: DemoConfig, *, workdir: Path, bootstrap: str, run_id: str)
                 counters=counters,
             )
         )
+    _metrics_ports_shared(plans, env)
     return plans
 
 
@@ -277,8 +330,8 @@ def serve_config_for(config: DemoConfig, plans: list[ArmPlan], bootstrap: str) -
             }
         )
     data = {
+        "port": 0,  # a free port, printed at the start, unless the serve section names one
         **config.serve,
-        "port": 0,
         "salt": config.salt,
         "arms": arms,
         "kafka": {"client": SERVE_KAFKA_CLIENT, **config.kafka, "bootstrap": bootstrap},
@@ -842,7 +895,7 @@ def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one
         from reloop.engine.simulate.http import HttpScorer
 
         stack = ServingStack(serve_config_for(config, plans, bootstrap)).start()
-        url = stack.serve_in_thread(port=0)
+        url = stack.serve_in_thread()
         registries = {p.name: SnapshotRegistry(p.registry) for p in plans}
         console.print(f"scoring service at {url} (GET /stats, /metrics)")
         scorer = HttpScorer(url)

@@ -250,3 +250,58 @@ def test_an_environment_override_a_trainer_would_refuse_fails_before_anything_st
     monkeypatch.setenv("RELOOP__TRAIN__BATCH_SISE", "512")
     assert _demo_main(tmp_path, read_yaml(DEFAULT_CONFIG)) == 2
     assert "train.batch_sise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("RELOOP__CHECKPOINT__DIR", "checkpoint.dir"),
+        ("RELOOP__STAGES__SAMPLES_TOPIC", "stages.samples_topic"),
+        ("reloop__source__clicks_topic", "source.clicks_topic"),
+    ],
+)
+def test_an_environment_override_of_what_the_demo_sets_per_arm_fails_before_anything_starts(
+    tmp_path, capsys, monkeypatch, name, key
+):
+    # It reached every arm's trainer over the demo's own value: two trainers on one folder (one exited 2
+    # "in use by another train stage") or one samples topic, the service on a registry nobody wrote.
+    from reloop.engine.runtime import demo
+
+    def no_broker(*_: object, **__: object) -> None:
+        raise AssertionError("the broker was started")
+
+    monkeypatch.setattr(demo, "start_broker", no_broker)
+    monkeypatch.setenv(name, str(tmp_path / "shared"))
+    assert _demo_main(tmp_path, read_yaml(DEFAULT_CONFIG)) == 2
+    err = capsys.readouterr().err
+    assert f"sets {key}, which the demo sets for each arm" in err and err.count("\n") == 1, err
+
+
+def test_arms_that_would_share_a_metrics_port_are_refused(tmp_path, monkeypatch):
+    # The second trainer exited at its start ("Address already in use") and the demo went on without it.
+    doc = read_yaml(DEFAULT_CONFIG)
+    doc["run"]["metrics"] = {"prometheus_port": 19451}
+    with pytest.raises(
+        ConfigError, match=r"arms reloop, ce, ce_aa, ce_memory would all serve /metrics on port 19451"
+    ):
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="a")
+    # One port each, or a free one each: planned.
+    for i, arm in enumerate(doc["arms"]):
+        arm.setdefault("train", {})["metrics"] = {"prometheus_port": 19451 + i}
+    plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="a")
+    monkeypatch.setenv("RELOOP__METRICS__PROMETHEUS_PORT", "19460")  # over every arm's again
+    with pytest.raises(ConfigError, match="on port 19460"):
+        plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="a")
+    monkeypatch.setenv("RELOOP__METRICS__PROMETHEUS_PORT", "0")
+    plan_arms(DemoConfig.model_validate(doc), workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="a")
+
+
+def test_the_serve_sections_port_is_the_demo_services_port(tmp_path):
+    # It was replaced by a free port without a word.
+    doc = read_yaml(DEFAULT_CONFIG)
+    config = DemoConfig.model_validate(doc)
+    plans = plan_arms(config, workdir=tmp_path, bootstrap="127.0.0.1:1", run_id="a")
+    assert serve_config_for(config, plans, "127.0.0.1:1").port == 0  # none given: a free one
+    doc["serve"]["port"] = 19450
+    config = DemoConfig.model_validate(doc)
+    assert serve_config_for(config, plans, "127.0.0.1:1").port == 19450
