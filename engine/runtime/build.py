@@ -80,10 +80,11 @@ def leave_a_core_to_join(cfg: RunConfig) -> int | None:
     return threads
 
 
-def check_model(cfg: RunConfig) -> None:
+def check_model(cfg: RunConfig, *, trains_here: bool = True) -> None:
     """ConfigError naming the key when no learner can be built from ``cfg.model``. Commands call this
     before their supervised stage starts: inside it the same error would be retried as a failure until
-    ``recovery.give_up_after_s`` and end with exit 1 instead of 2."""
+    ``recovery.give_up_after_s`` and end with exit 1 instead of 2. ``trains_here`` False (the join
+    stage, on a machine of its own): whether the tables fit this machine's memory is not its concern."""
     spec = load_feature_spec(cfg.model)
     model = cfg.model
     try:
@@ -119,7 +120,7 @@ def check_model(cfg: RunConfig) -> None:
             f"invalid config: model: backbone {model.backbone!r} cannot be built: {exc}"
         ) from None
     module = getattr(learner, "model", None)
-    if isinstance(module, torch.nn.Module):  # river and FTRL learners keep their own weights
+    if trains_here and isinstance(module, torch.nn.Module):  # river and FTRL keep their own weights
         _check_fits_in_memory(model.backbone, module)
 
 

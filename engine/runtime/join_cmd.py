@@ -28,6 +28,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         load_feature_spec(cfg.model)  # the door checks by it: a bad spec fails here, not in a retry loop
+        # The model section too, as run and train check it: joiners sharing a config with trainers that
+        # refuse it ran on, feeding a samples topic nobody would train from.
+        from reloop.engine.runtime.build import check_model
+
+        check_model(cfg, trains_here=False)
     except ConfigError as exc:
         print(f"reloop join: {exc}", file=sys.stderr, flush=True)
         return 2

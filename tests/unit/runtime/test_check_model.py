@@ -55,6 +55,12 @@ def test_tables_larger_than_the_machine_fail_naming_the_buckets() -> None:
     )
 
 
+def test_a_join_stage_does_not_judge_the_tables_by_its_own_machine() -> None:
+    # A joiner may run on a smaller machine than the trainer: the fit is the train stage's to check.
+    huge = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10**12}]}
+    check_model(load_config_dict({"model": {"backbone": "dcn", "spec": huge}}, env={}), trains_here=False)
+
+
 @pytest.mark.parametrize("backbone", ["ftrl", "river_lr", "river_fm_np"])
 def test_optimizer_settings_for_a_backbone_without_one_fail_naming_its_own(backbone) -> None:
     # They were ignored without a word: a run config's learning rate that changed nothing.

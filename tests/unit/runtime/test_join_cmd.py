@@ -29,3 +29,29 @@ def test_a_join_stage_serves_its_own_port_and_says_when_it_serves_none(caplog, m
     assert bool(said) is warned
     if warned:
         assert "metrics.join_prometheus_port or --metrics-port" in said[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({**MODEL, "backbone": "dcnn"}, "model.backbone: unknown backbone 'dcnn'"),
+        ({**MODEL, "backbone": "dcn", "params": {"embeding_dim": 4}}, "model.params"),
+        ({**MODEL, "backbone": "dcn", "optimizer": {"lr": -1}}, "model.optimizer"),
+    ],
+)
+def test_a_model_section_no_learner_can_be_built_from_stops_the_join_stage_at_its_start(
+    tmp_path, capsys, model, needle
+):
+    # reloop run and train refused these (exit 2); reloop join ran on, a joiner feeding a samples topic
+    # no trainer of that config would train from.
+    import argparse
+
+    import yaml
+    from reloop.engine.runtime.join_cmd import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "checkpoint": {"dir": str(tmp_path / "c")}}))
+    args = argparse.Namespace(config=str(path), log_level=None, metrics_port=None)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reloop join: ") and needle in err, err
