@@ -370,6 +370,42 @@ def service_env_overrides(env: Mapping[str, str], *, others: frozenset[str] = fr
     return env_values(_ServeDocument, env, others=frozenset(RunConfig.model_fields) | others)
 
 
+# The top-level sections of the service's config file: `reloop simulate`, which drives the service, reads
+# the same file (and its simulate section).
+SERVICE_FILE_SECTIONS = ("serve", "arms", "kafka", "salt", "simulate")
+
+
+def check_service_sections(doc: Mapping[str, Any]) -> None:
+    """ConfigError for a top-level key the service's file has no use for: a misspelt ``serv:`` was
+    ignored (the service listened on the default port), and a run config given to ``reloop simulate``
+    sent its clicks to a default topic."""
+    import difflib
+
+    from reloop.engine.runtime.config import RunConfig
+
+    unknown = [str(k) for k in doc if k not in SERVICE_FILE_SECTIONS]
+    if not unknown:
+        return
+    for whose, sections in (
+        ("a run config's (reloop run, join, train)", RunConfig.model_fields),
+        ("the demo's (reloop demo)", ("run", "demo")),
+    ):
+        theirs = [k for k in unknown if k in sections]
+        if theirs:
+            raise ConfigError(
+                f"sections {', '.join(theirs)} are {whose}: the service's file has "
+                f"{', '.join(SERVICE_FILE_SECTIONS)}"
+            )
+    name = unknown[0]
+    near = difflib.get_close_matches(name, SERVICE_FILE_SECTIONS, n=1, cutoff=0.6)
+    hint = (
+        f" (did you mean {near[0]}?)"
+        if near
+        else f" (the service's file has {', '.join(SERVICE_FILE_SECTIONS)})"
+    )
+    raise ConfigError(f"{name}: unknown section{hint}")
+
+
 def serve_config_from_dict(
     data: dict[str, Any],
     *,
@@ -387,6 +423,7 @@ def serve_config_from_dict(
     overrides = service_env_overrides(env)
     doc = deep_merge(data, overrides)
     check_moved(doc, MOVED, where=" (serve)")
+    check_service_sections(doc)
     serve = doc.get("serve") or {}
     if not isinstance(serve, Mapping):  # (dict() of it raised a TypeError, a traceback at the CLI)
         raise ConfigError(f"bad serve config: serve: a mapping of settings expected, got {serve!r:.80}")

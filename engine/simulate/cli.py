@@ -20,7 +20,7 @@ from collections.abc import Callable
 from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.netaddr import bootstrap_arg, http_url, service_url_arg
 from reloop.engine.runtime.jsonlog import quiet_kafka_python, setup_text_logging
-from reloop.engine.serve.config import ConfigError, read_yaml
+from reloop.engine.serve.config import ConfigError, check_service_sections, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
 from reloop.engine.simulate.report import ab_lines, arms_table, progress_line, versions_table
@@ -165,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
         quiet_kafka_python(handler)
     try:
         doc = with_service_overrides(read_yaml(args.config))
+        check_service_sections(doc)
         config = simulate_config_from_dict(doc)
         token = service_token(doc)
     except (ConfigError, OSError, ValueError) as exc:

@@ -47,7 +47,7 @@ class FakeStack:
     def start(self) -> FakeStack:
         return self
 
-    def serve_in_thread(self, port: int) -> str:
+    def serve_in_thread(self, port: int | None = None) -> str:
         return "http://127.0.0.1:1"  # nothing answers: the demo waits for the service
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ def test_ctrl_c_while_waiting_for_the_service_ends_at_once_with_a_message() -> N
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "reloop.engine.runtime.cli", "simulate",
-            "--config", str(ROOT / "deploy" / "config" / "demo.yaml"),
+            "--config", str(ROOT / "deploy" / "config" / "serve.example.yaml"),
             "--url", "http://127.0.0.1:1", "--bootstrap", "127.0.0.1:1", "--duration", "5",
         ],
         stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -129,7 +129,7 @@ def test_a_run_in_which_every_request_failed_exits_1(tmp_path) -> None:
     try:
         out = subprocess.run(
             [sys.executable, "-m", "reloop.engine.runtime.cli", "simulate",
-             "--config", str(ROOT / "deploy" / "config" / "demo.yaml"),
+             "--config", str(ROOT / "deploy" / "config" / "serve.example.yaml"),
              "--url", f"http://127.0.0.1:{server.server_port}", "--bootstrap", "127.0.0.1:1",
              "--duration", "1", "--rate", "20"],
             capture_output=True, text=True, cwd=ROOT, timeout=120,
@@ -243,3 +243,31 @@ def test_kafka_pythons_lines_are_quieted_as_in_the_other_processes(tmp_path) -> 
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout.split() == ["ERROR", "True"], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        ("serv: {port: 19420}\narms: [{name: a}]\n", "serv: unknown section (did you mean serve?)"),
+        ("simulat: {rate: 1}\narms: [{name: a}]\n", "simulat: unknown section (did you mean simulate?)"),
+        # A run config: its clicks went to the default topic 'clicks', not the arm's.
+        ("model: {backbone: lr}\nsource: {clicks_topic: c}\n", "sections model, source are a run config's"),
+    ],
+)
+def test_a_section_the_services_file_has_no_use_for_is_refused(tmp_path, doc, needle) -> None:
+    # Ignored: a misspelt serve section, and the service listened on the default port; a misspelt
+    # simulate section ran at the default rate.
+    from reloop.engine.serve.config import serve_config_from_dict
+
+    config = tmp_path / "sim.yaml"
+    config.write_text(doc)
+    done = subprocess.run(
+        [sys.executable, "-m", "reloop.engine.runtime.cli", "simulate", "--config", str(config),
+         "--url", "http://127.0.0.1:9", "--bootstrap", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and needle in done.stderr, done.stderr
+    from reloop.engine.serve.config import ConfigError, read_yaml
+
+    with pytest.raises(ConfigError, match=needle.split(" (")[0]):
+        serve_config_from_dict(read_yaml(config), env={})
