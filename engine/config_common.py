@@ -57,6 +57,11 @@ def _kafka_topic_name(value: str) -> str:
 
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 TopicName = Annotated[str, AfterValidator(_kafka_topic_name)]
+
+# A path a user writes: ``~`` is their home, as in a shell (it made a folder named "~" in the working
+# folder, which a later ``rm -rf ~`` would take for the home).
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
+UserFilePath = Annotated[Path, AfterValidator(Path.expanduser)]
 Client = Literal["kafka-python", "confluent"]
 
 
@@ -177,6 +182,8 @@ class KafkaSection(_Section):
     def _ssl_file_readable(cls, value: str | None) -> str | None:
         # Checked here: a missing file failed later as a TLS error (kafka-python, after its bootstrap
         # timeout) or at the client's build in librdkafka's words ("ssl.ca.location failed").
+        if value is not None:
+            value = os.path.expanduser(value)
         if value is not None and not os.access(value, os.R_OK):
             why = "does not exist" if not os.path.exists(value) else "cannot be read by this process"
             raise ValueError(f"{value!r} {why}")

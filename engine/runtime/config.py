@@ -41,6 +41,7 @@ from reloop.engine.config_common import (
     ProducerSection,
     TopicName,
     UniqueKeyLoader,
+    UserPath,
     _Section,
     check_moved,
     deep_merge,
@@ -131,7 +132,7 @@ class ModelSection(_Section):
     # torch's range: a seed past it failed as "backbone cannot be built: Overflow when unpacking long long"
     seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
-    spec_file: str | None = Field(default=None, description="or a JSON/YAML file holding it")
+    spec_file: UserPath | None = Field(default=None, description="or a JSON/YAML file holding it")
     optimizer: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="backbone settings (hidden_units ...)")
     counters: CounterSettings | None = Field(
@@ -204,9 +205,11 @@ class PeriodSection(_Section):
 
 
 class CheckpointSection(_Section):
-    dir: str = "runs/snapshots"
+    dir: UserPath = "runs/snapshots"
     keep: int = Field(default=5, ge=1)
-    ledger: str | None = Field(default=None, description="append-only list of trained sample ids (tests)")
+    ledger: UserPath | None = Field(
+        default=None, description="append-only list of trained sample ids (tests)"
+    )
     background_writes: bool = Field(
         default=True,
         description="the train stage writes period snapshots on a writer thread while it trains on "

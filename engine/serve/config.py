@@ -30,6 +30,8 @@ from reloop.engine.config_common import (
     ConfigError,
     KafkaSection,
     TopicName,
+    UserFilePath,
+    UserPath,
     check_moved,
     deep_merge,
     env_origin,
@@ -55,7 +57,7 @@ class ColdStart(_Frozen):
 
     backbone: str
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
-    spec_file: str | None = Field(
+    spec_file: UserPath | None = Field(
         default=None,
         description="or a JSON/YAML file holding it, relative to the config file's folder: the trainer's "
         "model.spec_file, so the two cannot drift apart",
@@ -85,7 +87,9 @@ class ArmMemoryConfig(_Frozen):
     form: Literal["residual", "label"] = "label"
     seed: int = 0
     buffer: int = Field(default=20_000, ge=0, description="samples kept to re-key the memory on a reload")
-    state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
+    state_file: UserFilePath | None = Field(
+        default=None, description=".npz saved every save_every_s and on stop"
+    )
     save_every_s: float = Field(default=30.0, gt=0)
 
 
@@ -108,7 +112,9 @@ class ArmCountersConfig(CounterSettings):
         description="where shown items are counted: this process's requests, or the arm's impression log "
         "(shared by every worker and replica)",
     )
-    state_file: Path | None = Field(default=None, description=".npz saved every save_every_s and on stop")
+    state_file: UserFilePath | None = Field(
+        default=None, description=".npz saved every save_every_s and on stop"
+    )
     save_every_s: float = Field(default=30.0, gt=0)
 
 
@@ -116,7 +122,7 @@ class ArmConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     # Relative traffic share; bounded so the weights' sum stays finite (inf took the arm's traffic away).
     weight: float = Field(default=1.0, gt=0, le=1e12, allow_inf_nan=False)
-    registry: Path = Field(description="snapshot registry root this arm's trainer writes")
+    registry: UserFilePath = Field(description="snapshot registry root this arm's trainer writes")
     impressions_topic: TopicName = "impressions"
     clicks_topic: TopicName = "clicks"
     cold_start: ColdStart | None = None
@@ -214,7 +220,7 @@ SERVE_KAFKA_CLIENT = "confluent"  # the service's client when kafka.client is no
 
 class ServeConfig(_Frozen):
     host: str = "127.0.0.1"
-    auth_token_file: Path | None = Field(
+    auth_token_file: UserFilePath | None = Field(
         default=None,
         description="require 'Authorization: Bearer <token>' (file content) on everything but the probes",
     )
