@@ -227,10 +227,12 @@ class SnapshotRegistry:
             )
         if not sealed:
             raise ChecksumError(f"{where}: manifest checksum mismatch")
-        if type(found) is not int or found != FORMAT or data.get("version") != version:
+        if type(found) is not int or found != FORMAT:
+            raise SnapshotError(f"{where}: unexpected format {found!r} in manifest (expected {FORMAT})")
+        if data.get("version") != version:  # a version folder copied or renamed by hand
             raise SnapshotError(
-                f"{where}: unexpected format {found!r} (expected {FORMAT}) or version "
-                f"{data.get('version')!r} in manifest"
+                f"{where}: its manifest is version {data.get('version')!r}'s, not {version}'s (a version "
+                "folder copied or renamed?)"
             )
         parts = data.get("parts")
         if (

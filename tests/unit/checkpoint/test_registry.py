@@ -446,3 +446,16 @@ def test_a_manifest_of_an_unknown_format_is_refused_as_broken(tmp_path, found):
         reg.load(v2)
     assert not isinstance(caught.value, NewerFormat)
     assert reg.load().version == 1  # falls back
+
+
+def test_a_version_folder_copied_under_another_number_is_refused_saying_so(tmp_path):
+    # It said "unexpected format 1 (expected 1) or version 4 in manifest": the format was fine.
+    import shutil
+
+    reg = SnapshotRegistry(tmp_path)
+    v1 = reg.publish(_state(1.0))
+    copy = reg.path(v1).with_name(reg.path(v1).name.replace("1", "5"))
+    shutil.copytree(reg.path(v1), copy)
+    with pytest.raises(SnapshotError, match=r"its manifest is version 1's, not 5's") as caught:
+        reg.load(5)
+    assert "format" not in str(caught.value)
