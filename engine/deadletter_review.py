@@ -38,6 +38,23 @@ class DeadLetter:
         topic = self.envelope.get("topic")
         return topic if isinstance(topic, str) else None
 
+    @property
+    def origin(self) -> tuple[str, int, int, bytes] | None:
+        """The refused record: its topic, partition, offset and content (key and value as the envelope
+        holds them). One record dead-lettered again after a restart (the join resumes from its last
+        checkpoint) has several letters of one origin; records of one place but other content (written
+        by hand, or by a tool that numbers its own) stay apart."""
+        topic, partition, offset = (self.envelope.get(k) for k in ("topic", "partition", "offset"))
+        if isinstance(topic, str) and type(partition) is int and type(offset) is int:
+            try:
+                content = orjson.dumps(
+                    [self.envelope.get("key"), self.envelope.get("value")], option=orjson.OPT_SORT_KEYS
+                )
+            except (TypeError, orjson.JSONEncodeError):  # (an integer past 64 bits): a letter of its own
+                return None
+            return topic, partition, offset, content
+        return None
+
 
 @dataclass(frozen=True)
 class Resend:
@@ -82,10 +99,16 @@ def select(
     return out
 
 
-def summary(letters: Iterable[DeadLetter]) -> list[tuple[str, str, int]]:
-    """(reason, origin topic, count), most frequent first."""
-    counts = Counter((letter.reason, letter.topic or "-") for letter in letters)
-    return [(reason, topic, n) for (reason, topic), n in counts.most_common()]
+def summary(letters: Iterable[DeadLetter]) -> list[tuple[str, str, int, int]]:
+    """(reason, origin topic, count, distinct records), most frequent first: a record dead-lettered
+    again after a restart counts once among the distinct ones."""
+    counts: Counter[tuple[str, str]] = Counter()
+    origins: dict[tuple[str, str], set[object]] = {}
+    for letter in letters:
+        group = (letter.reason, letter.topic or "-")
+        counts[group] += 1
+        origins.setdefault(group, set()).add(letter.origin or object())  # no origin: its own
+    return [(reason, topic, n, len(origins[reason, topic])) for (reason, topic), n in counts.most_common()]
 
 
 def resend(

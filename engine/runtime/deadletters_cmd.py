@@ -197,10 +197,11 @@ def _report(args: argparse.Namespace, chosen: list[DeadLetter], read: str) -> in
     """``summary`` or ``show`` of the chosen letters; ``read`` says how many were read, from where."""
     if args.action == "summary":
         print(f"{len(chosen)} of {read}")
-        for reason, topic, n in summary(chosen):
+        for reason, topic, n, distinct in summary(chosen):
             # As text the file gave them: control characters escaped (an envelope is anyone's to write,
             # and an escape sequence reached the terminal raw).
-            print(f"{n:>10}  {_printable(reason):<24} from {_printable(topic)}")
+            again = f" ({distinct} distinct records; the others dead-lettered again)" if distinct < n else ""
+            print(f"{n:>10}  {_printable(reason):<24} from {_printable(topic)}{again}")
         return 0
     for letter in chosen[: max(0, args.limit)]:
         # The envelope's partition and offset are the refused record's; the letter's own go apart.
@@ -298,7 +299,15 @@ def _redrive(
     inputs = {cfg.source.impressions_topic, cfg.source.clicks_topic}
     plans: list[Resend] = []
     refused: Counter[str] = Counter()
+    origins: set[tuple[str, int, int, bytes]] = set()
     for letter in chosen:
+        # A record dead-lettered again after a restart: sent once (the join would take a second copy of
+        # an impression as a duplicate, of a click after its window as a late click).
+        if letter.origin is not None:
+            if letter.origin in origins:
+                refused["a copy of a record chosen already: dead-lettered again after a restart"] += 1
+                continue
+            origins.add(letter.origin)
         plan = resend(letter, inputs=inputs, to=args.to, keep_timestamp=args.keep_timestamps)
         if isinstance(plan, str):
             refused[f"{letter.reason}: {plan}"] += 1

@@ -162,6 +162,32 @@ def test_a_redrive_with_a_group_sends_only_the_dead_letters_written_since_its_la
     assert sent == [b"imp-1", b"imp-2", b"imp-3"]
 
 
+def test_a_record_dead_lettered_again_after_a_restart_is_summarised_and_sent_once(
+    kafka_broker, unique_topic, tmp_path
+):
+    # A join stage rebuilt from its last checkpoint dead-letters what it reads again: the summary said
+    # "10 oversized" for 2 records, and a redrive sent each as often as it was dead-lettered.
+    topics = _topics(unique_topic)
+    create_topics(kafka_broker.bootstrap, {t: 1 for t in topics.values()})
+    config = _config(tmp_path, kafka_broker.bootstrap, topics, "correct")
+    t0 = _now_ms()
+    dead = DeadLetterSink(KafkaSink(bootstrap=kafka_broker.bootstrap, topic=topics["deadletter"]))
+    for _ in range(3):  # three incarnations of the join stage
+        for offset, key in ((5, b"imp-5"), (6, b"imp-6")):
+            value = b'{"impression_id": "%s", "features": 1}' % key
+            dead.send(
+                Record(topics["impressions"], 0, offset, key, value, t0), EventError("bad_feature", "t")
+            )
+    dead.close()
+    lines = _cli(config, "summary").splitlines()
+    assert lines[0].startswith("6 of 6 dead letters")
+    assert "(2 distinct records; the others dead-lettered again)" in lines[1]
+    out = _cli(config, "redrive")
+    assert f"sent 2 record(s) to '{topics['impressions']}'" in out
+    assert "not sent: 4 (a copy of a record chosen already: dead-lettered again after a restart)" in out
+    assert [r.key for r in _read(kafka_broker.bootstrap, topics["impressions"])] == [b"imp-5", b"imp-6"]
+
+
 def test_a_redrive_that_fails_to_send_says_so_in_one_line_and_commits_nothing(
     kafka_broker, unique_topic, tmp_path
 ):

@@ -27,8 +27,10 @@ def _letters(records: list[tuple[Record, str]], max_envelope_bytes: int = 256 * 
     return out
 
 
-def _record(topic: str, value: bytes, key: bytes | None = b"imp-1", ts: int = 1_700_000_000_000) -> Record:
-    return Record(topic, 0, 7, key, value, ts)
+def _record(
+    topic: str, value: bytes, key: bytes | None = b"imp-1", ts: int = 1_700_000_000_000, offset: int = 7
+) -> Record:
+    return Record(topic, 0, offset, key, value, ts)
 
 
 def test_a_dead_letter_is_sent_again_byte_for_byte_to_its_topic() -> None:
@@ -69,16 +71,16 @@ def test_what_the_envelope_does_not_hold_is_not_sent() -> None:
 def test_select_and_summary() -> None:
     letters = _letters(
         [
-            (_record("impressions", b"{"), "malformed"),
-            (_record("impressions", b"{}"), "missing_field"),
-            (_record("clicks", b"{"), "malformed"),
-            (_record("impressions", b"["), "malformed"),
+            (_record("impressions", b"{", offset=1), "malformed"),
+            (_record("impressions", b"{}", offset=2), "missing_field"),
+            (_record("clicks", b"{", offset=1), "malformed"),
+            (_record("impressions", b"[", offset=3), "malformed"),
         ]
     )
     assert summary(letters) == [
-        ("malformed", "impressions", 2),
-        ("missing_field", "impressions", 1),
-        ("malformed", "clicks", 1),
+        ("malformed", "impressions", 2, 2),
+        ("missing_field", "impressions", 1, 1),
+        ("malformed", "clicks", 1, 1),
     ]
     assert [x.offset for x in select(letters, reasons={"malformed"})] == [0, 2, 3]
     assert [x.offset for x in select(letters, reasons={"malformed"}, topics={"clicks"})] == [2]
@@ -120,3 +122,19 @@ def test_a_record_keyed_by_a_long_id_is_sent_again_with_its_own_key() -> None:
     value = orjson.dumps({"impression_id": long_id, "features": {"price": "abc"}})
     (letter,) = _letters([(_record("impressions", value, key=long_id.encode()), "bad_feature")])
     assert resend(letter, inputs=INPUTS) == Resend("impressions", long_id.encode(), value, None)
+
+
+def test_a_record_dead_lettered_again_counts_once_among_the_distinct_ones() -> None:
+    # A join stage rebuilt from its last checkpoint reads its input again and dead-letters the same
+    # records again: "10 oversized" were 2 records, 5 times each, and nothing said so.
+    again = [(_record("impressions", b"{", offset=o), "malformed") for o in (4, 5)] * 5
+    letters = _letters([*again, (_record("clicks", b"[", offset=4), "malformed")])
+    assert summary(letters) == [("malformed", "impressions", 10, 2), ("malformed", "clicks", 1, 1)]
+    assert {letter.origin[:3] for letter in letters if letter.origin} == {
+        ("impressions", 0, 4),
+        ("impressions", 0, 5),
+        ("clicks", 0, 4),
+    }
+    # One place, other content (written by hand, a tool numbering its own records): not the same record.
+    same_place = _letters([(_record("impressions", v), "malformed") for v in (b"{", b"[")])
+    assert summary(same_place) == [("malformed", "impressions", 2, 2)]

@@ -103,3 +103,18 @@ def test_show_escapes_invisible_and_reordering_characters_in_valid_json(tmp_path
     [line] = capsys.readouterr().out.splitlines()
     assert "\u202e" not in line and "\u200b" not in line and "\\u202e" in line and "é" in line, line
     assert orjson.loads(line)["value"]["data"] == data  # the same JSON
+
+
+def test_a_summary_says_how_many_records_were_dead_lettered_again(tmp_path: Path, capsys) -> None:
+    import orjson
+
+    def letter(offset: int) -> bytes:
+        return orjson.dumps({"topic": "impressions", "partition": 0, "offset": offset, "timestamp_ms": 0,
+                             "key": None, "value": {"encoding": "utf8", "data": "{"}, "reason": "malformed",
+                             "detail": "x", "dead_lettered_at_ms": 0})  # fmt: skip
+
+    path = tmp_path / "dead-letters.jsonl"
+    path.write_bytes(b"\n".join(letter(o) for o in (1, 2, 1, 2, 1)) + b"\n")
+    assert main(["deadletters", "summary", "--file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "from impressions (2 distinct records; the others dead-lettered again)" in out, out
