@@ -1031,3 +1031,17 @@ def test_a_replay_shorter_than_the_join_window_says_its_metrics_read_low(tmp_pat
     assert "less than join.window_ms" not in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "day"), "--window-ms", "86400000"]) == 0
     assert "span 11,940 s, less than join.window_ms (86,400 s)" in capsys.readouterr().err
+
+
+def test_a_wall_clock_period_in_a_replay_is_warned_about(tmp_path: Path, capsys) -> None:
+    # Replayed at its own speed, 137 s of records gave 1 version at every_wall_s 10 and 8 at
+    # every_event_ms 10000, without a word.
+    cfg = config(tmp_path / "run.yaml", tmp_path / "live")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["period"] = {"every_wall_s": 10}
+    cfg.write_text(yaml.safe_dump(doc))
+    root = tmp_path / "log"
+    write_jsonl(root, events()[:40])
+    assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "period.every_wall_s (10 s) counts this replay's own running time" in err, err
