@@ -441,7 +441,8 @@ def describe_errors(
     ``prefix``: where that model sits in the document (``model.spec.``), before every key."""
     lines = []
     for err in reportable_errors(exc):
-        key = prefix + ".".join(str(x) for x in err["loc"])
+        # A check of the whole model has no loc: the prefix alone names it ("model.spec", not "model.spec.").
+        key = (prefix + ".".join(str(x) for x in err["loc"])).rstrip(".")
         where = f"{key}: " if key else ""  # a check of the whole document names its keys itself
         lines.append(f"{where}{error_text(err, model)}{env_origin(err['loc'], overrides or {}, names)}")
     return "; ".join(lines)
