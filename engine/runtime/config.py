@@ -383,13 +383,13 @@ LOG_LEVELS = get_args(LogLevel)  # also the choices of the commands' --log-level
 
 class LogSection(_Section):
     level: LogLevel = "INFO"
+    stats_every_s: float = Field(default=10.0, gt=0)
 
     @field_validator("level", mode="before")
     @classmethod
     def _any_case(cls, value: Any) -> Any:
         # As the variable names are (and logging's own names): RELOOP__LOG__LEVEL=debug was refused.
         return value.upper() if isinstance(value, str) else value
-    stats_every_s: float = Field(default=10.0, gt=0)
 
 
 def _reserved(client: str) -> tuple[dict[str, str], dict[str, str]]:
