@@ -146,14 +146,23 @@ class KafkaSection(_Section):
         description="the Kafka client library: kafka-python (pure Python) or confluent (librdkafka: ~5x the "
         "consume rate). client_config keys are in its names (librdkafka's for confluent: 'client.id')",
     )
-    bootstrap: str = "127.0.0.1:9092"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    bootstrap: str = Field(
+        default="127.0.0.1:9092",
+        description="host:port of the brokers, comma-separated (a host without a port takes 9092)",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = Field(
+        default=None, description="null: PLAINTEXT; SSL, SASL_PLAINTEXT or SASL_SSL with the settings below"
+    )
     sasl_mechanism: str | None = Field(default=None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ...")
-    sasl_username: str | None = None
+    sasl_username: str | None = Field(default=None, description="with sasl_mechanism and sasl_password")
     sasl_password: SecretStr | None = Field(default=None, description="a secret: never printed")
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    ssl_cafile: str | None = Field(
+        default=None, description="PEM file of the CA that signed the brokers' certificates"
+    )
+    ssl_certfile: str | None = Field(
+        default=None, description="PEM file of this client's certificate (mutual TLS)"
+    )
+    ssl_keyfile: str | None = Field(default=None, description="PEM file of that certificate's private key")
     ssl_key_password: SecretStr | None = Field(default=None, description="a secret: never printed")
     replication_factor: int | None = Field(
         default=None,
@@ -276,8 +285,8 @@ class ConsumerSection(_Section):
     client_config: dict[str, Any] = Field(
         default_factory=dict, description="consumer-only settings (fetch_max_wait_ms ...), over kafka's"
     )
-    poll_max_records: int = Field(default=4096, gt=0)
-    poll_timeout_s: float = Field(default=0.1, ge=0)
+    poll_max_records: int = Field(default=4096, gt=0, description="records a poll returns at most")
+    poll_timeout_s: float = Field(default=0.1, ge=0, description="how long a poll waits for records")
     merge_idle_ms: int = Field(
         default=2_000,
         ge=0,

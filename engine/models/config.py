@@ -48,8 +48,14 @@ class OptimizerConfig(FrozenConfig):
     embedding_lr: float | None = Field(
         default=None, gt=0, description="default: the backbone's Adagrad rate (adagrad), lr (adam)"
     )
-    sparse_embeddings: bool = True
-    embedding_optimizer: Literal["adam", "adagrad"] = "adagrad"
+    sparse_embeddings: bool = Field(
+        default=True,
+        description="the tables learn with a sparse optimizer: only the rows a batch looks up are touched",
+    )
+    embedding_optimizer: Literal["adam", "adagrad"] = Field(
+        default="adagrad",
+        description="the tables' optimizer with sparse_embeddings: adagrad (a rate per row) or adam",
+    )
     embedding_l2: float = Field(default=0.0, ge=0, description="L2 on the embedding rows a batch looks up")
     weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay on dense parameters")
     embedding_weight_decay: float = Field(
@@ -58,7 +64,12 @@ class OptimizerConfig(FrozenConfig):
         description="FuxiCTR's embedding_regularizer: (lambda/2)||E||^2 over the WHOLE tables, i.e. Adam "
         "weight decay on the embedding parameters; needs sparse_embeddings=false",
     )
-    grad_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=True)  # inf: no clipping
+    grad_clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=True,
+        description="clip the gradients' total norm at this; null: no clipping",
+    )  # inf: no clipping
     small_steps_below: int = Field(
         default=256, ge=0, description="steps averaging fewer samples use the small-step rates (0: never)"
     )
@@ -66,9 +77,17 @@ class OptimizerConfig(FrozenConfig):
     small_step_embedding_lr: float | None = Field(
         default=None, gt=0, description="default: 0.1 (adagrad); small_step_lr (adam, unless embedding_lr)"
     )
-    wide: Literal["bayes", "off"] = "off"
-    wide_prior_variance: float = Field(default=1.0, gt=0)
-    wide_moderate: bool = True
+    wide: Literal["bayes", "off"] = Field(
+        default="off",
+        description="bayes: a first-order part learnt per event (opt-in: its gain needs labels in event "
+        "order, docs/backtest/ablation.md)",
+    )
+    wide_prior_variance: float = Field(default=1.0, gt=0, description="the per-event part's prior variance")
+    wide_moderate: bool = Field(
+        default=True,
+        description="the per-event part scores with its predictive probability (its uncertainty moderates "
+        "the score)",
+    )
 
     @model_validator(mode="after")
     def _check_sparse(self) -> OptimizerConfig:

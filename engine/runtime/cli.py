@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("reloop.engine.serve.cli", "the scoring service"),
     "simulate": ("reloop.engine.simulate.cli", "the simulated world that sends requests and clicks"),
     "demo": ("reloop.engine.runtime.demo", "the whole loop live on a simulated world"),
+    "config": (
+        "reloop.engine.runtime.config_cmd",
+        "check a config file, show it as the commands read it, or list every key",
+    ),
     "deadletters": ("reloop.engine.runtime.deadletters_cmd", "read the dead letters back, send them again"),
     "versions": ("reloop.engine.runtime.versions_cmd", "list a checkpoint folder's versions; roll back"),
     "replay": ("reloop.engine.replay.replay_cmd", "replay logged topics through the pipeline"),

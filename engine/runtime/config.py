@@ -63,9 +63,12 @@ __all__ = ["ENV_PREFIX", "REDACTED", "ConfigError", "RunConfig", "load_config", 
 class SourceSection(_Section):
     """The topics the processor reads (their client settings: kafka, consumer)."""
 
-    kind: Literal["kafka"] = "kafka"
-    impressions_topic: TopicName = "impressions"
-    clicks_topic: TopicName = "clicks"
+    kind: Literal["kafka"] = Field(default="kafka", description="where the events come from")
+    impressions_topic: TopicName = Field(
+        default="impressions",
+        description="the impressions (docs/event-contract.md): what was served, with its prediction",
+    )
+    clicks_topic: TopicName = Field(default="clicks", description="the clicks, keyed by their impression id")
 
 
 class SinkSection(_Section):
@@ -74,7 +77,11 @@ class SinkSection(_Section):
     samples_topic: str | None = Field(
         default=None, description="not used: the samples topic is stages.samples_topic"
     )
-    dead_letter_topic: TopicName | None = "reloop.deadletter"
+    dead_letter_topic: TopicName | None = Field(
+        default="reloop.deadletter",
+        description="refused records, with the reason (reloop deadletters reads them back); null: counted "
+        "and logged once per reason, not kept",
+    )
 
     @field_validator("samples_topic")
     @classmethod
@@ -104,33 +111,103 @@ MOVED = {
 
 
 class JoinSection(_Section):
-    window_ms: int = Field(default=15 * 60_000, gt=0)
-    allowed_lateness_ms: int = Field(default=5_000, ge=0)
-    idle_timeout_ms: int = Field(default=10_000, ge=0)
-    click_grace_ms: int = Field(default=60_000, ge=0)
-    retention_ms: int = Field(default=60 * 60_000, ge=0)
-    late_click_policy: Literal["drop", "correct"] = "correct"
+    window_ms: int = Field(
+        default=15 * 60_000,
+        gt=0,
+        description="attribution window: an impression with a click within this is a positive, a negative "
+        "once it closes",
+    )
+    allowed_lateness_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description="the watermark trails the newest event time by this: events this much out of order "
+        "still join",
+    )
+    idle_timeout_ms: int = Field(
+        default=10_000,
+        ge=0,
+        description="with no input for this long the watermark goes on with the wall clock, so windows "
+        "still close on a quiet stream",
+    )
+    click_grace_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="a click may wait this long (event time) for its impression; one stamped more than this"
+        " before its impression is dropped as too late",
+    )
+    retention_ms: int = Field(
+        default=60 * 60_000,
+        ge=0,
+        description="closed windows are remembered this long (event time): duplicates are dropped, late "
+        "clicks follow late_click_policy",
+    )
+    late_click_policy: Literal["drop", "correct"] = Field(
+        default="correct",
+        description="a click after its impression's window closed: correct (a positive that corrects the "
+        "negative) or drop (counted)",
+    )
     emit_policy: Literal["window", "fnw"] = Field(
         default="window",
         description="window: negatives when the window closes | fnw: every impression at once as a negative, "
         "each click as one more positive (train with train.delayed_feedback: fnw; engine/join/joiner.py)",
     )
-    max_pending: int = Field(default=2_000_000, gt=0)
-    max_closed: int = Field(default=2_000_000, gt=0)
-    max_early_clicks: int = Field(default=200_000, gt=0)
-    ttl_ms: int = Field(default=6 * 60 * 60_000, gt=0)
-    bucket_ms: int = Field(default=1_000, gt=0)
+    max_pending: int = Field(
+        default=2_000_000,
+        gt=0,
+        description="impressions waiting for their window, per join task; past it the oldest is dropped "
+        "(counted, alerted)",
+    )
+    max_closed: int = Field(
+        default=2_000_000,
+        gt=0,
+        description="closed windows remembered, per join task; past it the oldest is forgotten (counted)",
+    )
+    max_early_clicks: int = Field(
+        default=200_000,
+        gt=0,
+        description="clicks waiting for their impression, per join task; past it the oldest is dropped "
+        "(counted, alerted)",
+    )
+    ttl_ms: int = Field(
+        default=6 * 60 * 60_000,
+        gt=0,
+        description="a pending impression that arrived this long ago (wall clock) is dropped (counted, "
+        "alerted)",
+    )
+    bucket_ms: int = Field(
+        default=1_000,
+        gt=0,
+        description="the time index's step: windows close and retention ends a bucket at a time",
+    )
 
     def joiner_config(self) -> JoinerConfig:
         return JoinerConfig(**self.model_dump())
 
 
 class ModelSection(_Section):
-    backbone: str
-    strategy: Literal["ce", "kd", "reloop"] = "reloop"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    backbone: str = Field(
+        description="lr, ftrl, fm, nfm, pnn, dcn, wide_deep, deepfm, xdeepfm, fmfm, afn, the river learners"
+        " or a plugin's (reloop models)"
+    )
+    strategy: Literal["ce", "kd", "reloop"] = Field(
+        default="reloop",
+        description="the loss: ce (cross-entropy), kd (distillation from y_last) or reloop (self-correction"
+        " against y_last)",
+    )
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="weight of the kd or self-correction term: alpha * L_sc + (1 - alpha) * L_ce",
+    )
     # torch's range: a seed past it failed as "backbone cannot be built: Overflow when unpacking long long"
-    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
+    seed: int = Field(
+        default=0,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="the model's initial weights (and the order of a deterministic run)",
+    )
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
     spec_file: UserPath | None = Field(default=None, description="or a JSON/YAML file holding it")
     optimizer: dict[str, Any] = Field(default_factory=dict)
@@ -155,16 +232,32 @@ class TrainSection(_Section):
         description="samples per predict-then-learn step; 512 served better than 1024 on both backtests' "
         "selection periods (docs/operations.md), at 0.78-0.90x the samples/s of 1024",
     )
-    y_last: Literal["logged", "snapshot"] = "logged"
-    version_mismatch: Literal["use_logged", "recompute", "skip_sc"] = "use_logged"
-    deterministic: bool = False
+    y_last: Literal["logged", "snapshot"] = Field(
+        default="logged",
+        description="the previous model's prediction: logged (served with the impression) or snapshot "
+        "(recomputed with the previous version)",
+    )
+    version_mismatch: Literal["use_logged", "recompute", "skip_sc"] = Field(
+        default="use_logged",
+        description="y_last logged by a version other than the previous one: use_logged, recompute, or "
+        "skip_sc (plain CE for that sample)",
+    )
+    deterministic: bool = Field(
+        default=False,
+        description="batches and periods a function of the input alone (one thread): a resumed run trains "
+        "bit for bit as one that never stopped",
+    )
     threads: int | None = Field(
         default=None,
         gt=0,
         description="torch's threads; unset: torch's default (one per core) capped by the cgroup's CPU "
         "quota, less one in reloop run's train process, whose join process needs a core (docs/data-plane.md)",
     )
-    progressive_window: int = Field(default=100_000, gt=0)
+    progressive_window: int = Field(
+        default=100_000,
+        gt=0,
+        description="samples in the trainer's own rolling metrics (each scored before it is learnt)",
+    )
     delayed_feedback: Literal["none", "fnw"] = Field(
         default="none", description="fnw: fake-negative importance weights (engine/loss/delayed.py)"
     )
@@ -191,9 +284,15 @@ class TrainSection(_Section):
 class PeriodSection(_Section):
     """Exactly one trigger: every N trained samples, every N ms of event time, or every N wall seconds."""
 
-    every_samples: int | None = Field(default=None, gt=0)
-    every_event_ms: int | None = Field(default=None, gt=0)
-    every_wall_s: float | None = Field(default=None, gt=0)
+    every_samples: int | None = Field(
+        default=None, gt=0, description="a new model version every this many trained samples"
+    )
+    every_event_ms: int | None = Field(
+        default=None, gt=0, description="a new model version every this much event time"
+    )
+    every_wall_s: float | None = Field(
+        default=None, gt=0, description="a new model version every this many seconds of wall clock"
+    )
 
     @model_validator(mode="after")
     def _one_trigger(self) -> PeriodSection:
@@ -205,8 +304,12 @@ class PeriodSection(_Section):
 
 
 class CheckpointSection(_Section):
-    dir: UserPath = "runs/snapshots"
-    keep: int = Field(default=5, ge=1)
+    dir: UserPath = Field(
+        default="runs/snapshots",
+        description="the snapshot registry (model versions, the serving bundles reloop serve reads) and the"
+        " stages' checkpoints",
+    )
+    keep: int = Field(default=5, ge=1, description="model versions kept; older ones are removed")
     ledger: UserPath | None = Field(
         default=None, description="append-only list of trained sample ids (tests)"
     )
@@ -239,7 +342,11 @@ class CheckpointSection(_Section):
 
 
 class MetricsSection(_Section):
-    window_size: int = Field(default=100_000, gt=0)
+    window_size: int = Field(
+        default=100_000,
+        gt=0,
+        description="labelled samples in each rolling window (AUC, LogLoss, calibration) per arm and version",
+    )
     max_arms: int = Field(
         default=64, gt=0, description="arms with rolling metrics (the first seen); the rest are counted only"
     )
@@ -250,7 +357,9 @@ class MetricsSection(_Section):
         description="/metrics of the train process (null: none; 0: a free port, which the log line "
         '"metrics" names in its url, as for every port derived from it)',
     )
-    prometheus_host: str = "127.0.0.1"
+    prometheus_host: str = Field(
+        default="127.0.0.1", description="the address /metrics binds (loopback by default)"
+    )
     join_prometheus_port: int | None = Field(
         default=None,
         ge=0,
@@ -296,8 +405,12 @@ class ValidationSection(_Section):
 class RecoverySection(_Section):
     """What happens on a failure that is not about one record (broker or sink down, a bug)."""
 
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
+    backoff_initial_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="wait before rebuilding a failed stage; doubles at each failure in a row",
+    )
+    backoff_max_s: float = Field(default=30.0, gt=0, description="the longest wait between rebuilds")
     give_up_after_s: float = Field(
         default=900.0,
         gt=0,
@@ -323,7 +436,10 @@ class RecoverySection(_Section):
 class StagesSection(_Section):
     """The two-stage data plane (engine/runtime/join_stage.py, train_stage.py) over the samples topic."""
 
-    samples_topic: TopicName = "reloop.samples"
+    samples_topic: TopicName = Field(
+        default="reloop.samples",
+        description="the joined samples, from the join stage to the train stage: one per pipeline",
+    )
     join_group_id: str = Field(default="reloop-join", description="the consumer group of the join processes")
     batch_samples: int = Field(default=1024, gt=0, description="samples per message on the samples topic")
     max_delay_ms: int = Field(default=200, ge=0, description="a partial message waits at most this long")
@@ -382,8 +498,8 @@ LOG_LEVELS = get_args(LogLevel)  # also the choices of the commands' --log-level
 
 
 class LogSection(_Section):
-    level: LogLevel = "INFO"
-    stats_every_s: float = Field(default=10.0, gt=0)
+    level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR (any case)")
+    stats_every_s: float = Field(default=10.0, gt=0, description="a progress line every this many seconds")
 
     @field_validator("level", mode="before")
     @classmethod

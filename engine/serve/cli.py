@@ -14,7 +14,13 @@ from typing import Any
 from reloop.engine.config_common import path_problem, port_arg
 from reloop.engine.netaddr import bootstrap_arg, http_url, is_loopback
 from reloop.engine.runtime import early_stop
-from reloop.engine.serve.config import ArmConfig, ConfigError, counters_conflict, load_serve_config
+from reloop.engine.serve.config import (
+    ArmConfig,
+    ConfigError,
+    ServeConfig,
+    counters_conflict,
+    load_serve_config,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +58,18 @@ def _arm_problem(arm: ArmConfig) -> str | None:
     return f"cold_start: {problem}" if problem else None
 
 
+def config_problem(config: ServeConfig, workers: int) -> str | None:
+    """What the service refuses at its start beyond the file's own validation, or None."""
+    problem = counters_conflict(config, workers)
+    if problem:
+        return problem
+    for i, arm in enumerate(config.arms):
+        problem = _arm_problem(arm)
+        if problem:
+            return f"bad serve config: arms.{i}.{problem}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from reloop.engine.runtime.config_pipe import reopenable
 
@@ -83,15 +101,11 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
     if workers < 1:
         print("reloop serve: --workers must be >= 1", file=sys.stderr)
         return 2
-    problem = counters_conflict(config, workers)  # the file was checked without --workers / --no-log
+    # The file was checked without --workers / --no-log; a worker's parent checked the arms.
+    problem = counters_conflict(config, workers) if args.worker else config_problem(config, workers)
     if problem:
         print(f"reloop serve: {problem}", file=sys.stderr)
         return 2
-    for i, arm in enumerate(config.arms if not args.worker else ()):  # a worker's parent checked them
-        problem = _arm_problem(arm)
-        if problem:
-            print(f"reloop serve: bad serve config: arms.{i}.{problem}", file=sys.stderr)
-            return 2
     if workers > 1 and not args.worker:
         from reloop.engine.serve.workers import run_workers
 

@@ -55,14 +55,14 @@ class ColdStart(_Frozen):
     loop could never start: no snapshot without samples, no samples without served impressions.
     Built with the same seed as the trainer's initial model, so both agree on what v0 predicted."""
 
-    backbone: str
+    backbone: str = Field(description="the trainer's model.backbone")
     spec: dict[str, Any] | None = Field(default=None, description="FeatureSpec as data")
     spec_file: UserPath | None = Field(
         default=None,
         description="or a JSON/YAML file holding it, relative to the config file's folder: the trainer's "
         "model.spec_file, so the two cannot drift apart",
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="the trainer's model.seed: both build the same initial model")
     params: dict[str, Any] = Field(default_factory=dict, description="backbone settings")
 
     @model_validator(mode="after")
@@ -79,18 +79,21 @@ class ArmMemoryConfig(_Frozen):
     samples_topic: TopicName = Field(
         description="the topic the arm's join stage writes (stages.samples_topic)"
     )
-    n_tables: int = Field(default=16, ge=1, le=64)
+    n_tables: int = Field(default=16, ge=1, le=64, description="hash tables of the memory")
     n_bits: int = Field(default=12, ge=1, le=20, description="2**n_bits buckets per table")
     # Defaults: chosen on MovieLens-100K's selection weeks for DCN (docs/backtest/reloop2/report.md).
     lam: float = Field(default=0.3, ge=0.0, le=1.0, description="weight of the neighbours' error")
     prior_count: float = Field(default=200.0, ge=0.0, description="pseudo-samples shrinking towards the base")
-    form: Literal["residual", "label"] = "label"
-    seed: int = 0
+    form: Literal["residual", "label"] = Field(
+        default="label",
+        description="label: correct towards the neighbours' labels; residual: add their mean error",
+    )
+    seed: int = Field(default=0, description="the hash functions' seed")
     buffer: int = Field(default=20_000, ge=0, description="samples kept to re-key the memory on a reload")
     state_file: UserFilePath | None = Field(
         default=None, description=".npz saved every save_every_s and on stop"
     )
-    save_every_s: float = Field(default=30.0, gt=0)
+    save_every_s: float = Field(default=30.0, gt=0, description="the state is saved this often (and at stop)")
 
 
 class ArmCountersConfig(CounterSettings):
@@ -115,21 +118,41 @@ class ArmCountersConfig(CounterSettings):
     state_file: UserFilePath | None = Field(
         default=None, description=".npz saved every save_every_s and on stop"
     )
-    save_every_s: float = Field(default=30.0, gt=0)
+    save_every_s: float = Field(
+        default=30.0, gt=0, description="the counts are saved this often (and at stop)"
+    )
 
 
 class ArmConfig(_Frozen):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the arm's name (labels, /stats, the impressions' arm field)",
+    )
     # Relative traffic share; bounded so the weights' sum stays finite (inf took the arm's traffic away).
-    weight: float = Field(default=1.0, gt=0, le=1e12, allow_inf_nan=False)
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1e12,
+        allow_inf_nan=False,
+        description="relative share of the users routed to this arm",
+    )
     registry: UserFilePath = Field(description="snapshot registry root this arm's trainer writes")
-    impressions_topic: TopicName = "impressions"
-    clicks_topic: TopicName = "clicks"
+    impressions_topic: TopicName = Field(
+        default="impressions", description="where this arm's impressions are logged (one topic per arm)"
+    )
+    clicks_topic: TopicName = Field(
+        default="clicks", description="this arm's clicks (read for the click counters and the error memory)"
+    )
     cold_start: ColdStart | None = None
     memory: ArmMemoryConfig | None = None
     counters: ArmCountersConfig | None = None
     # Settings for this arm's trainer (the demo passes them to `reloop run`); the service ignores them.
-    train: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="reloop demo only: this arm's overrides of the demo's run config; the service ignores "
+        "them",
+    )
 
     @model_validator(mode="after")
     def _counted_fields_in_cold_start(self) -> ArmConfig:
@@ -177,10 +200,16 @@ class LogConfig(_Frozen):
     straight into librdkafka's queue (C threads do the rest); kafka-python has a Python drain thread and
     kafka-python's sender (they compete with scoring for the GIL; docs/bench-serve.md)."""
 
-    enabled: bool = True
-    max_buffer: int = Field(default=100_000, ge=1)
-    batch_size: int = Field(default=500, ge=1)
-    linger_s: float = Field(default=0.02, ge=0)
+    enabled: bool = Field(
+        default=True, description="log every served impression to the arm's impressions_topic"
+    )
+    max_buffer: int = Field(
+        default=100_000,
+        ge=1,
+        description="impressions held while the broker is slow or down; more are dropped (counted)",
+    )
+    batch_size: int = Field(default=500, ge=1, description="impressions per produce call")
+    linger_s: float = Field(default=0.02, ge=0, description="how long a partial batch waits for more")
     max_record_bytes: int = Field(
         default=512 * 1024,
         gt=0,
@@ -219,7 +248,11 @@ SERVE_KAFKA_CLIENT = "confluent"  # the service's client when kafka.client is no
 
 
 class ServeConfig(_Frozen):
-    host: str = "127.0.0.1"
+    host: str = Field(
+        default="127.0.0.1",
+        description="the address the service binds (loopback by default; another without a token is warned "
+        "about)",
+    )
     auth_token_file: UserFilePath | None = Field(
         default=None,
         description="require 'Authorization: Bearer <token>' (file content) on everything but the probes",
@@ -229,12 +262,12 @@ class ServeConfig(_Frozen):
         description="the token itself, e.g. from RELOOP__SERVE__AUTH_TOKEN (a Kubernetes Secret); a secret, "
         "never printed; auth_token_file wins when both are given",
     )
-    port: int = Field(default=8000, ge=0, le=65535)
-    top_k: int = Field(default=10, ge=1)
+    port: int = Field(default=8000, ge=0, le=65535, description="the scoring port (0: a free one, printed)")
+    top_k: int = Field(default=10, ge=1, description="items in the ranking when a request names no top_k")
     reload_interval_s: float = Field(
         default=0.2, gt=0, description="registry poll period: a poll is two directory listings"
     )
-    torch_threads: int = Field(default=1, ge=1)
+    torch_threads: int = Field(default=1, ge=1, description="torch's threads per serving process")
     gil_switch_interval_ms: float | None = Field(
         default=0.5,
         gt=0,
@@ -266,7 +299,9 @@ class ServeConfig(_Frozen):
         "scrape each (the shared port answers for whichever worker a connection lands on); default: "
         "serve.port + 1",
     )
-    salt: str = "reloop"
+    salt: str = Field(
+        default="reloop", description="hashed with user_id to pick the arm: another salt reshuffles the users"
+    )
     arms: tuple[ArmConfig, ...] = Field(min_length=1)
     log: LogConfig = LogConfig()
     kafka: KafkaSection = KafkaSection(client=SERVE_KAFKA_CLIENT)
@@ -313,6 +348,14 @@ class ServeConfig(_Frozen):
         if problem:
             raise ValueError(problem)
         return self
+
+    def redacted_dump(self) -> dict[str, Any]:
+        """The config as JSON data with the token and every secret-looking client setting hidden."""
+        from reloop.engine.config_common import redact
+
+        data = self.model_dump(mode="json")  # SecretStr fields: "**********"
+        data["kafka"]["client_config"] = redact(data["kafka"]["client_config"])
+        return data
 
 
 def counters_conflict(config: ServeConfig, workers: int) -> str | None:

@@ -15,9 +15,13 @@ class _Frozen(BaseModel):
 class ReportConfig(_Frozen):
     """Which arms the A/B readout compares; ``aa`` names two arms that run the same model."""
 
-    treatment: str | None = None
-    control: str | None = None
-    aa: tuple[str, str] | None = None
+    treatment: str | None = Field(default=None, description="the arm the A/B readout judges")
+    control: str | None = Field(default=None, description="the arm it is judged against")
+    aa: tuple[str, str] | None = Field(
+        default=None,
+        description="two arms that run the same model: their difference is the noise the lift is read "
+        "against",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> ReportConfig:
