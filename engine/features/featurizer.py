@@ -29,6 +29,7 @@ from reloop.engine.features.hashing import (
     arrow_spans,
     fnv1a_many,
     fnv1a_spans,
+    is_missing,
     splitmix64,
     to_bucket,
     utf8_spans,
@@ -234,10 +235,12 @@ class Featurizer:
             values = values.to_pylist()
         lists = []
         for v in values:
-            if v is None or v == "":
-                lists.append(())
-            elif isinstance(v, list | tuple):
+            if isinstance(v, list | tuple):
                 lists.append(v[: f.max_len])
+            elif isinstance(v, np.ndarray) and v.ndim == 1:  # what pandas.read_parquet gives a list cell
+                lists.append(v[: f.max_len].tolist())
+            elif is_missing(v) or (isinstance(v, str) and v == ""):
+                lists.append(())
             else:
                 raise FeatureError(f"field {f.name!r}: a list of strings expected, got {type(v).__name__}")
         counts = np.fromiter(map(len, lists), dtype=np.int64, count=n)
@@ -281,7 +284,7 @@ class Featurizer:
 def _float(f: NumericField, value: Any) -> float:
     """One numeric value the slow way: None and "" are missing (nan), anything float() cannot read
     (a numeric string can be read) raises FeatureError naming the field."""
-    if value is None or value == "":
+    if is_missing(value) or (isinstance(value, str) and value == ""):
         return np.nan
     if isinstance(value, int | float | str):
         try:

@@ -10,6 +10,7 @@ integers the splitmix64 finaliser: the same value gets the same row in every pro
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,20 @@ _U64 = np.uint64
 _SCALARS = (str, int, float, bool, np.integer, np.floating)
 
 
+def is_missing(value: Any) -> bool:
+    """None, a float NaN or pandas' NA: a missing value, as dataframes write one (a NaN in a column of
+    strings was hashed as the category "nan", and pandas.NA refused)."""
+    if value is None:
+        return True
+    if isinstance(value, float | np.floating):
+        return bool(value != value)
+    pandas = sys.modules.get("pandas")  # only where pandas is in use: never imported here
+    return pandas is not None and value is getattr(pandas, "NA", None)
+
+
 def _as_strings(values: Sequence[Any]) -> list[str]:
-    out = ["" if v is None else (v if type(v) is str else str(v)) for v in values]
-    bad = next((v for v in values if v is not None and not isinstance(v, _SCALARS)), None)
+    out = ["" if is_missing(v) else (v if type(v) is str else str(v)) for v in values]
+    bad = next((v for v in values if not is_missing(v) and not isinstance(v, _SCALARS)), None)
     if bad is not None:
         raise TypeError(f"a scalar value expected, got {type(bad).__name__}")
     return out

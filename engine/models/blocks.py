@@ -59,7 +59,7 @@ class FeatureEmbedding(nn.Module):
         if self.n_dense:
             parts.append(self.dense_rows.expand(b, self.n_dense))
         if self.n_multi:
-            parts.append(x.multi.reshape(b, -1))
+            parts.append(x.multi.flatten(1))  # (reshape(b, -1) cannot infer -1 for an empty batch)
         ids = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         emb = self.table(ids)  # one lookup: one sparse gradient per step
         out = [emb[:, : self.n_cat]]
@@ -68,7 +68,7 @@ class FeatureEmbedding(nn.Module):
             out.append(emb[:, pos : pos + self.n_dense] * x.num.unsqueeze(-1))
             pos += self.n_dense
         if self.n_multi:
-            m = emb[:, pos:].reshape(b, self.n_multi, -1, self.dim)
+            m = emb[:, pos:].reshape(b, self.n_multi, x.multi.shape[2], self.dim)
             mask = x.multi_mask.unsqueeze(-1)
             count = x.multi_mask.sum(-1, keepdim=True).clamp_min(1.0)
             out.append((m * mask).sum(2) / count)

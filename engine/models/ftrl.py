@@ -46,8 +46,8 @@ def _active(spec: FeatureSpec, batch: FeatureBatch) -> tuple[np.ndarray, np.ndar
     vals = [np.ones(batch.cat.shape, dtype=np.float64), batch.num.astype(np.float64)]
     if spec.multi_fields:
         count = np.maximum(batch.multi_mask.sum(-1, keepdims=True), 1.0)
-        rows.append(batch.multi.reshape(b, -1))
-        vals.append((batch.multi_mask / count).reshape(b, -1).astype(np.float64))
+        rows.append(batch.multi.reshape(b, batch.multi.shape[1] * batch.multi.shape[2]))
+        vals.append((batch.multi_mask / count).reshape(b, rows[-1].shape[1]).astype(np.float64))
     rows.append(np.full((b, 1), spec.total_rows, dtype=np.int64))
     vals.append(np.ones((b, 1), dtype=np.float64))
     return np.concatenate(rows, axis=1), np.concatenate(vals, axis=1)

@@ -95,8 +95,9 @@ class _Layout:
             vals.append(batch.num.astype(np.float64))
         if batch.multi.shape[1]:
             counts = batch.multi_mask.sum(axis=2, keepdims=True)
-            ids.append(batch.multi.reshape(n, -1))
-            vals.append((batch.multi_mask / np.maximum(counts, 1.0)).reshape(n, -1).astype(np.float64))
+            width = batch.multi.shape[1] * batch.multi.shape[2]  # not -1: an empty batch has none to infer
+            ids.append(batch.multi.reshape(n, width))
+            vals.append((batch.multi_mask / np.maximum(counts, 1.0)).reshape(n, width).astype(np.float64))
         return np.concatenate(ids, axis=1), np.concatenate(vals, axis=1)
 
     def dicts(self, batch: FeatureBatch) -> list[dict[int, float]]:

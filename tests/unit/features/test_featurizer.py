@@ -320,3 +320,48 @@ def test_a_lone_surrogate_is_a_feature_error_naming_the_field():
         f.transform([{"user": "ok"}, {"user": "a\ud800"}])
     with pytest.raises(FeatureError, match="'tags'"):
         f.transform([{"tags": ["ok", "\udfff"]}])
+
+
+def test_a_dataframes_missing_values_are_missing_not_categories(monkeypatch) -> None:
+    # A NaN in a column of strings (what pandas writes for None) was hashed as the category "nan", pandas'
+    # NA was refused ("a scalar value expected, got NAType" / "boolean value of NA is ambiguous"), and a
+    # list cell as pandas.read_parquet gives it (a numpy array) raised an unnamed ValueError.
+    from types import SimpleNamespace
+
+    na = type("NAType", (), {"__bool__": lambda self: (_ for _ in ()).throw(TypeError("ambiguous"))})()
+    monkeypatch.setitem(sys.modules, "pandas", SimpleNamespace(NA=na))
+    spec = FeatureSpec(
+        fields=(
+            CategoricalField(name="u", buckets=64),
+            NumericField(name="x"),
+            MultiCategoricalField(name="tags", buckets=64, max_len=2),
+        )
+    )
+    f = Featurizer(spec)
+    batch = f.transform_columns(
+        {
+            "u": ["a", float("nan"), np.float32("nan"), na, "nan"],
+            "x": [1.0, na, float("nan"), None, 2.0],
+            "tags": [np.array(["p", "q", "r"]), float("nan"), na, None, ["p"]],
+        }
+    )
+    same = f.transform(
+        [{"u": "a", "x": 1.0, "tags": ["p", "q"]}, {}, {}, {}, {"u": "nan", "x": 2.0, "tags": ["p"]}]
+    )
+    np.testing.assert_array_equal(batch.cat, same.cat)  # the string "nan" stays a category
+    np.testing.assert_array_equal(batch.num, same.num)
+    np.testing.assert_array_equal(batch.multi, same.multi)
+    np.testing.assert_array_equal(batch.multi_mask, same.multi_mask)
+    assert batch.cat[1:4, 0].tolist() == [0, 0, 0] and batch.cat[4, 0] != 0
+
+
+@pytest.mark.parametrize("backbone", ["lr", "fm", "dcn", "ftrl", "river_lr"])
+def test_an_empty_batch_scores_to_nothing_with_a_multi_valued_field(backbone: str) -> None:
+    # "cannot reshape tensor of 0 elements into shape [0, -1]" for every backbone with a multi field.
+    from reloop.engine.models.registry import build_learner
+
+    spec = FeatureSpec(
+        fields=(CategoricalField(name="u", buckets=8), MultiCategoricalField(name="t", buckets=8, max_len=3))
+    )
+    learner = build_learner(backbone, spec, "ce", 0.0)
+    assert learner.predict_proba(Featurizer(spec).transform([])).shape == (0,)
