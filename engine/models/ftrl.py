@@ -19,7 +19,7 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss.losses import Loss, LossStats, make_loss
 from reloop.engine.models.config import BackboneConfig, LearnerConfig
 from reloop.engine.models.finite import learns_finite_rows
-from reloop.engine.models.learner import check_same_architecture
+from reloop.engine.models.learner import check_labels, check_same_architecture
 
 STATE_FORMAT = 1
 
@@ -94,6 +94,7 @@ class FTRLLearner:
             raise RuntimeError("a frozen learner only predicts")
         logits, rows, vals = self._logits(batch)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+        check_labels(labels)
         _, stats = self.loss(
             torch.from_numpy(logits),
             torch.from_numpy(labels),

@@ -93,7 +93,17 @@ def _as_tensor(a: np.ndarray | None, name: str, n: int) -> torch.Tensor | None:
     arr = np.asarray(a, dtype=np.float32).reshape(-1)
     if arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} values for a batch of {n}")
+    if name == "labels":
+        check_labels(arr)
     return torch.from_numpy(arr)
+
+
+def check_labels(labels: np.ndarray) -> None:
+    """ValueError unless every label is a probability: -1/1 or 0/2 labels trained without a word (the
+    loss went negative), and a NaN one was left out as if a feature value were too large."""
+    if not bool(((labels >= 0) & (labels <= 1)).all()):  # NaN fails both comparisons
+        bad = labels[~((labels >= 0) & (labels <= 1))]
+        raise ValueError(f"labels must be in [0, 1] (clicked 1, not 0), got {float(bad[0])!r}")
 
 
 def _numpy_batch(batch: TorchFeatureBatch) -> FeatureBatch:

@@ -44,7 +44,7 @@ from reloop.engine.features.spec import FeatureSpec
 from reloop.engine.loss import Loss, LossStats, make_loss
 from reloop.engine.models.config import BackboneConfig, LearnerConfig
 from reloop.engine.models.finite import learns_finite_rows
-from reloop.engine.models.learner import check_same_architecture
+from reloop.engine.models.learner import check_labels, check_same_architecture
 from reloop.engine.models.registry import build_learner, register_backbone
 from river import facto, linear_model, optim, utils
 
@@ -199,6 +199,7 @@ class _RiverLearnerBase:
         _check_lengths(len(batch), labels, y_last, weights)
         n = len(batch)
         y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        check_labels(y)
         yl = np.full(n, np.nan) if y_last is None else np.asarray(y_last, dtype=np.float64).reshape(-1)
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
         return y, yl, w
