@@ -139,8 +139,12 @@ class Featurizer:
     def transform_columns(
         self, columns: Mapping[str, Sequence[Any] | pa.Array], *, rows: int | None = None
     ) -> FeatureBatch:
-        """Rows from columnar input (field name -> one value per sample, a sequence or a pyarrow array);
-        absent fields are missing. ``rows`` gives the count when no column may be present."""
+        """Rows from columnar input (field name -> one value per sample, a sequence or a pyarrow array;
+        or a pandas DataFrame); absent fields are missing. ``rows`` gives the count when no column may be
+        present."""
+        if not isinstance(columns, Mapping) and hasattr(columns, "columns"):  # a DataFrame: by its columns
+            frame = columns
+            columns = {str(name): frame[name] for name in frame.columns}
         lengths = {len(c) for c in columns.values()}
         if rows is not None:
             lengths.add(rows)

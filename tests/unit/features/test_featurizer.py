@@ -365,3 +365,21 @@ def test_an_empty_batch_scores_to_nothing_with_a_multi_valued_field(backbone: st
     )
     learner = build_learner(backbone, spec, "ce", 0.0)
     assert learner.predict_proba(Featurizer(spec).transform([])).shape == (0,)
+
+
+def test_a_dataframe_is_taken_by_its_columns() -> None:
+    # transform_columns(df) failed with "'numpy.ndarray' object is not callable" (df.values is an array).
+    class Frame:  # what the featurizer reads of a pandas DataFrame: .columns and frame[name]
+        def __init__(self, data: dict) -> None:
+            self._data = data
+            self.columns = list(data)
+            self.values = np.zeros((1, 1))  # as pandas has it: not the Mapping method
+
+        def __getitem__(self, name: str) -> list:
+            return self._data[name]
+
+    spec = FeatureSpec(fields=(CategoricalField(name="u", buckets=64), NumericField(name="x")))
+    f = Featurizer(spec)
+    data = {"u": ["a", "b"], "x": [1.0, 2.0], "other": [0, 0]}
+    got = f.transform_columns(Frame(data))  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got.cat, f.transform_columns(data).cat)
