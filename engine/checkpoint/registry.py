@@ -124,7 +124,14 @@ def check_state_format(
             f"{prefix}{what} format {found}, written by a newer reloop; this one reads {readable}"
         )
     if type(found) is not int or found != reads:
-        raise error(f"{prefix}unknown {what} format {found!r}, expected {reads}")
+        hint = ""
+        if found is None and state and all(isinstance(k, str) and "." in k for k in state):
+            # learner.load_state_dict(learner.model.state_dict()): a PyTorch habit
+            hint = (
+                ": this looks like a torch module's state_dict (parameter names); a learner loads what "
+                "its own state_dict() returns (model, optimizers and config)"
+            )
+        raise error(f"{prefix}unknown {what} format {found!r}, expected {reads}{hint}")
 
 
 @dataclass(frozen=True)

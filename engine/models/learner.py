@@ -183,14 +183,22 @@ _WHERE = {
 }
 
 
-def _difference(saved: Any, now: Any, limit: int = 3) -> str:
-    """What differs between two config values, briefly: the first few differing keys of two mappings,
-    else both values (``hidden_units: [64, 64] in the state, [64, 32] now``)."""
+def _difference(saved: Any, now: Any, limit: int = 3, at: str = "") -> str:
+    """What differs between two config values, briefly: the first few differing keys of two mappings and
+    the first differing mapping of two lists of one length, followed down to the values that differ
+    (``fields[2].buckets: 64 in the state, 65 now``), else both values."""
     if isinstance(saved, dict) and isinstance(now, dict):
         keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        parts = [f"{k}: {_short(saved.get(k))} in the state, {_short(now.get(k))} now" for k in keys[:limit]]
+        parts = [
+            _difference(saved.get(k), now.get(k), limit, f"{at}.{k}" if at else str(k)) for k in keys[:limit]
+        ]
         return "; ".join(parts) + (f"; {len(keys) - limit} more" if len(keys) > limit else "")
-    return f"{_short(saved)} in the state, {_short(now)} now"
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
+        if isinstance(saved[i], dict) and isinstance(now[i], dict):  # a list of scalars reads whole
+            return _difference(saved[i], now[i], limit, f"{at}[{i}]")
+    where = f"{at}: " if at else ""
+    return f"{where}{_short(saved)} in the state, {_short(now)} now"
 
 
 def _short(value: Any, width: int = 80) -> str:

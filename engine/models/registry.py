@@ -332,6 +332,11 @@ def learner_from_state(state: dict[str, Any]) -> Learner:
     """Rebuild a learner from ``Learner.state_dict()`` alone (what a snapshot restore needs)."""
     import orjson
 
+    if "config_json" not in state:
+        raise ValueError(
+            "not a learner's state (no config_json): learner_from_state takes what Learner.state_dict() "
+            "returns, not a torch module's state_dict (learner.model.state_dict())"
+        )
     learner = learner_from_config(config_from_dict(orjson.loads(state["config_json"])))
     learner.load_state_dict(state)
     return learner

@@ -262,3 +262,27 @@ def test_reloop_models_lists_as_live_strategies_exactly_those_model_strategy_tak
     assert live.split(", ") == list(taken)
     backtest_only = next(ln for ln in lines if "reloop backtest only:" in ln)
     assert "reloop_gated" in backtest_only and "reloop_gated" not in live
+
+
+def test_a_spec_that_differs_names_the_field_and_setting() -> None:
+    # The message showed the two specs' JSON cut at 80 characters, before the field that differed.
+    from reloop.engine.features.spec import FeatureSpec
+
+    fields = [{"kind": "categorical", "name": f"f{i}", "buckets": 64} for i in range(4)]
+    a = build_learner("fm", FeatureSpec.from_dict({"fields": fields}), "ce", 0.0)
+    fields[3] = {**fields[3], "buckets": 65}
+    b = build_learner("fm", FeatureSpec.from_dict({"fields": fields}), "ce", 0.0)
+    with pytest.raises(ValueError, match=r"fields\[3\]\.buckets: 64 in the state, 65 now"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_a_torch_modules_state_dict_is_told_apart_from_a_learners() -> None:
+    # PyTorch habits: learner.load_state_dict(learner.model.state_dict()) said "unknown learner state
+    # format None", and learner_from_state(model.state_dict()) raised a bare KeyError('config_json').
+    from reloop.engine.models.registry import learner_from_state
+
+    learner = build_learner("dcn", SPEC, "ce", 0.0, hidden_units=(8,))
+    with pytest.raises(ValueError, match="looks like a torch module's state_dict"):
+        learner.load_state_dict(learner.model.state_dict())
+    with pytest.raises(ValueError, match="not a learner's state"):
+        learner_from_state(learner.model.state_dict())
