@@ -56,6 +56,8 @@ _loading_plugin: str | None = None
 _ORIGIN: dict[str, str] = {}
 _CONFLICTS: dict[str, list[str]] = {}
 _FAILED_PLUGINS: dict[str, str] = {}
+# reloop's own backbones (registered by this module and engine/models/river_learners.py): never replaced.
+BUILT_IN: set[str] = set()
 
 
 class UnknownBackbone(ValueError):
@@ -78,11 +80,19 @@ def register_backbone(
     make: Callable[[LearnerConfig], Learner],
     description: str,
     kind: str = "torch",
+    *,
+    replace: bool = False,
 ) -> None:
-    """Add a backbone; ``make`` builds a Learner from a validated LearnerConfig (seed it from config.seed)."""
+    """Add a backbone; ``make`` builds a Learner from a validated LearnerConfig (seed it from config.seed).
+    ``replace``: a name registered before gets this backbone (a notebook cell defining it run again; not
+    for plugins, whose clashes are refused)."""
     if name in _CONFLICTS and _loading_plugin is not None:
         _CONFLICTS[name].append(_loading_plugin)
         raise ValueError(f"backbone {name!r} is registered by more than one plugin")
+    if replace and _loading_plugin is None and name in _REGISTRY:
+        if name in BUILT_IN:
+            raise ValueError(f"backbone {name!r} is built in: give yours another name")
+        del _REGISTRY[name]
     if name in _REGISTRY and _REGISTRY[name].make is not make:
         first = _ORIGIN.get(name)
         if first is not None and _loading_plugin is not None and first != _loading_plugin:
@@ -172,6 +182,7 @@ register_backbone(
     "FTRL-Proximal logistic regression",
     "numpy",
 )
+BUILT_IN.update(_REGISTRY)
 
 
 PLUGIN_GROUP = "reloop.backbones"  # entry points of installed packages that register backbones

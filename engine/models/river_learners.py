@@ -45,7 +45,7 @@ from reloop.engine.loss import Loss, LossStats, make_loss
 from reloop.engine.models.config import BackboneConfig, LearnerConfig
 from reloop.engine.models.finite import learns_finite_rows
 from reloop.engine.models.learner import check_labels, check_same_architecture
-from reloop.engine.models.registry import build_learner, register_backbone
+from reloop.engine.models.registry import BUILT_IN, build_learner, register_backbone
 from river import facto, linear_model, optim, utils
 
 RIVER_BACKBONES: tuple[str, ...] = ("river_lr", "river_fm", "river_fm_np")
@@ -492,6 +492,7 @@ register_backbone("river_fm", RiverFMConfig, RiverFM,
                   "river FMClassifier, learn_one per sample (slow beyond a few fields)", "river")
 register_backbone("river_fm_np", NumpyFMConfig, NumpyFM,
                   "river FMClassifier math in numpy: sequential (exact) or minibatch", "river")
+BUILT_IN.update(("river_lr", "river_fm", "river_fm_np"))
 
 
 def build_river_learner(backbone: str, spec: FeatureSpec, strategy: str = "ce", alpha: float = 0.0,

@@ -247,3 +247,23 @@ def test_reloop_run_logs_a_plugin_that_did_not_load_as_json_and_names_it_for_an_
     assert warning["msg"].startswith("backbone plugin broken = no_such_module not loaded")
     assert last.startswith("reloop run: invalid config: model.backbone: unknown backbone 'dot2'")
     assert "did not load: broken = no_such_module: ModuleNotFoundError" in last
+
+
+def test_a_backbone_registered_again_with_replace_takes_the_name(fresh_registry):
+    # A notebook cell that defines and registers a backbone, run again, raised "already registered".
+    from reloop.engine.features.spec import FeatureSpec
+    from reloop.engine.models.config import BackboneConfig
+
+    spec = FeatureSpec.from_dict(SPEC)
+    first, second = _dot(1.0), _dot(-1.0)
+    first()
+    with pytest.raises(ValueError, match="already registered"):
+        second()  # without replace: still refused
+    entry = fresh_registry.backbone_entry("dot")
+    fresh_registry.register_backbone("dot", BackboneConfig, entry.make, "dot again", replace=True)
+    assert fresh_registry.backbone_entry("dot").description == "dot again"
+    fresh_registry.build_learner("dot", spec, "ce", 0.0)
+    with pytest.raises(ValueError, match="built in"):
+        fresh_registry.register_backbone("dcn", BackboneConfig, entry.make, "mine", replace=True)
+    assert "dcn" in fresh_registry.available_backbones()
+    assert fresh_registry.backbone_entry("dcn").description != "mine"
