@@ -58,6 +58,10 @@ def _kafka_topic_name(value: str) -> str:
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 TopicName = Annotated[str, AfterValidator(_kafka_topic_name)]
 
+# What pydantic prints for a secret (`reloop config show`): given back as a value, it would be the password.
+SECRET_MASK = "**********"
+MASKED = "is the mask reloop config show prints for a secret, not the secret: give the value itself"
+
 # A path a user writes: ``~`` is their home, as in a shell (it made a folder named "~" in the working
 # folder, which a later ``rm -rf ~`` would take for the home).
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
@@ -203,6 +207,8 @@ class KafkaSection(_Section):
     def _secret_not_empty(cls, value: Any) -> Any:
         if value == "":  # an unset variable's expansion; str_min_length's message would be 'not a string'
             raise ValueError("is empty; unset it (or give null) for none")
+        if value == SECRET_MASK:
+            raise ValueError(MASKED)
         return value
 
     @model_validator(mode="after")

@@ -103,7 +103,7 @@ def check_labels(labels: np.ndarray) -> None:
     loss went negative), and a NaN one was left out as if a feature value were too large."""
     if not bool(((labels >= 0) & (labels <= 1)).all()):  # NaN fails both comparisons
         bad = labels[~((labels >= 0) & (labels <= 1))]
-        raise ValueError(f"labels must be in [0, 1] (clicked 1, not 0), got {float(bad[0])!r}")
+        raise ValueError(f"labels must be in [0, 1] (1 = clicked, 0 = not), got {float(bad[0])!r}")
 
 
 def _numpy_batch(batch: TorchFeatureBatch) -> FeatureBatch:
@@ -193,12 +193,23 @@ def _difference(saved: Any, now: Any, limit: int = 3, at: str = "") -> str:
             _difference(saved.get(k), now.get(k), limit, f"{at}.{k}" if at else str(k)) for k in keys[:limit]
         ]
         return "; ".join(parts) + (f"; {len(keys) - limit} more" if len(keys) > limit else "")
+    if isinstance(saved, list) and isinstance(now, list) and _named(saved) and _named(now):
+        names_saved, names_now = [d["name"] for d in saved], [d["name"] for d in now]
+        if names_saved != names_now:  # fields added, removed or reordered: name them
+            gone = [n for n in names_saved if n not in names_now]
+            new = [n for n in names_now if n not in names_saved]
+            what = f"only in the state: {', '.join(gone) or '-'}; only now: {', '.join(new) or '-'}"
+            return f"{at}: {what}" if gone or new else f"{at}: the same names in another order"
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
         i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
         if isinstance(saved[i], dict) and isinstance(now[i], dict):  # a list of scalars reads whole
             return _difference(saved[i], now[i], limit, f"{at}[{i}]")
     where = f"{at}: " if at else ""
     return f"{where}{_short(saved)} in the state, {_short(now)} now"
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in items)
 
 
 def _short(value: Any, width: int = 80) -> str:

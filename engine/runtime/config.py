@@ -75,7 +75,7 @@ class SinkSection(_Section):
     """The topics the processor writes (their client settings: kafka, producer)."""
 
     samples_topic: str | None = Field(
-        default=None, description="not used: the samples topic is stages.samples_topic"
+        default=None, description="refused: the samples topic is stages.samples_topic (this key moved there)"
     )
     dead_letter_topic: TopicName | None = Field(
         default="reloop.deadletter",

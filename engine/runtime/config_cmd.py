@@ -41,12 +41,16 @@ def main(args: argparse.Namespace) -> int:
     if args.config is None:
         _say(f"{args.action} needs --config FILE")
         return 2
-    try:
-        kind = args.kind or kind_of(read_document(args.config))
-        effective = _checked(args.config, kind, build_model=args.action == "check")
-    except (ConfigError, OSError) as exc:
-        _say(str(exc))
-        return 2
+    from reloop.engine.runtime.config_pipe import reopenable
+
+    # A piped config (--config <(envsubst < f)) is read twice, for its kind and then as that kind.
+    with reopenable(args.config) as path:
+        try:
+            kind = args.kind or kind_of(read_document(path))
+            effective = _checked(path, kind, build_model=args.action == "check")
+        except (ConfigError, OSError) as exc:
+            _say(str(exc))
+            return 2
     if args.action == "show":
         sys.stdout.write(yaml.safe_dump(effective, sort_keys=False, allow_unicode=True))
     else:
@@ -58,7 +62,10 @@ def kind_of(doc: Any) -> Kind:
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a mapping")
     if "run" in doc or "demo" in doc:
-        raise ConfigError("a demo config (reloop demo checks it at its start, before anything runs)")
+        raise ConfigError(
+            "a demo config: reloop config reads run configs and the service's file; reloop demo checks "
+            "its own at its start, before anything runs"
+        )
     return "serve" if "serve" in doc or "arms" in doc else "run"
 
 
@@ -75,6 +82,9 @@ def _checked(path: str, kind: Kind, *, build_model: bool) -> dict[str, Any]:
 
             check_model(cfg)
         return cfg.redacted_dump()
+    from pathlib import Path
+
+    from reloop.engine.runtime.config_pipe import config_base_dir
     from reloop.engine.serve.config import load_serve_config
 
     config = load_serve_config(path)
@@ -85,6 +95,11 @@ def _checked(path: str, kind: Kind, *, build_model: bool) -> dict[str, Any]:
         if problem:
             raise ConfigError(problem)
     data = config.redacted_dump()
+    for arm in data["arms"]:  # as read: a spec_file's spec is inlined, so name the file alone (absolute)
+        cold = arm.get("cold_start") or {}
+        if cold.get("spec_file"):
+            cold["spec_file"] = str(config_base_dir(Path(path)) / Path(cold["spec_file"]).expanduser())
+            cold["spec"] = None
     at_top = {key: data.pop(key) for key in ("arms", "kafka", "salt")}
     return {"serve": data, **at_top}  # the file's own shape
 

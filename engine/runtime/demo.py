@@ -819,7 +819,8 @@ def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one
     stand_in = Path(tempfile.gettempdir()) / f"reloop-demo-{run_id}"  # the folder made below, if none given
     problem = _plans_problem(config, Path(args.workdir) if args.workdir else stand_in, run_id)
     if problem:  # before the broker: they failed 30 s later, as a Kafka timeout (exit 1)
-        print(f"reloop demo: bad config {args.config}: {problem}", file=sys.stderr)
+        where = "" if problem.startswith("environment variable") else f"bad config {args.config}: "
+        print(f"reloop demo: {where}{problem}", file=sys.stderr)
         return 2
     if args.bootstrap:
         problem = _broker_problem(config, args.bootstrap)

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 from reloop.engine.config_common import (
+    MASKED,
+    SECRET_MASK,
     ConfigError,
     KafkaSection,
     TopicName,
@@ -314,6 +316,8 @@ class ServeConfig(_Frozen):
         text = token.get_secret_value() if isinstance(token, SecretStr) else token
         if isinstance(text, str) and not text.strip():
             raise ValueError("is empty; unset it (or give null) to serve without a token")
+        if text == SECRET_MASK:
+            raise ValueError(MASKED)
         return token
 
     @model_validator(mode="before")
@@ -442,7 +446,8 @@ def check_service_sections(doc: Mapping[str, Any]) -> None:
         theirs = [k for k in unknown if k in sections]
         if theirs:
             raise ConfigError(
-                f"sections {', '.join(theirs)} are {whose}: the service's file has "
+                f"{'sections' if len(theirs) > 1 else 'section'} {', '.join(theirs)} "
+                f"{'are' if len(theirs) > 1 else 'is'} {whose}: the service's file has "
                 f"{', '.join(SERVICE_FILE_SECTIONS)}"
             )
     name = unknown[0]

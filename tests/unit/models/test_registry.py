@@ -286,3 +286,16 @@ def test_a_torch_modules_state_dict_is_told_apart_from_a_learners() -> None:
         learner.load_state_dict(learner.model.state_dict())
     with pytest.raises(ValueError, match="not a learner's state"):
         learner_from_state(learner.model.state_dict())
+
+
+def test_a_spec_with_other_fields_names_them() -> None:
+    # With a field more or less, the message fell back to both specs' JSON cut at 80 characters.
+    from reloop.engine.features.spec import FeatureSpec
+
+    fields = [{"kind": "categorical", "name": f"f{i}", "buckets": 8} for i in range(3)]
+    a = build_learner("fm", FeatureSpec.from_dict({"fields": fields}), "ce", 0.0)
+    b = build_learner(
+        "fm", FeatureSpec.from_dict({"fields": [*fields[:2], {**fields[2], "name": "g"}]}), "ce", 0.0
+    )
+    with pytest.raises(ValueError, match="fields: only in the state: f2; only now: g"):
+        b.load_state_dict(a.state_dict())

@@ -68,3 +68,42 @@ def test_show_fills_in_defaults_applies_the_environment_and_hides_secrets(
 def test_a_demo_config_is_sent_to_the_demo(capsys) -> None:
     assert main(["config", "check", "--config", str(ROOT / "deploy" / "config" / "demo.yaml")]) == 2
     assert "a demo config" in capsys.readouterr().err
+
+
+def test_a_piped_config_is_read_once_for_its_kind_and_again_as_it(tmp_path: Path, capsys) -> None:
+    # Read once to tell its kind, the pipe was empty for the check: "model: Field required".
+    import os
+    import subprocess
+    import sys
+
+    for source, said in ((RUN, "a valid run config"), (SERVE, "a valid service config")):
+        read, write = os.pipe()
+        os.write(write, source.read_bytes())
+        os.close(write)
+        done = subprocess.run(
+            [sys.executable, "-m", "reloop.engine.runtime.cli", "config", "check", "--config",
+             f"/dev/fd/{read}"],
+            pass_fds=(read,), cwd=source.parent, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        os.close(read)
+        assert done.returncode == 0 and said in done.stdout, done.stderr
+
+
+def test_what_show_prints_is_taken_back_but_its_masked_secrets(tmp_path: Path, capsys, monkeypatch) -> None:
+    # The service's show printed the spec read from spec_file and the spec_file: "give exactly one of
+    # spec and spec_file"; and a masked password given back was taken as the password.
+    for source in (RUN, SERVE):
+        assert main(["config", "show", "--config", str(source)]) == 0
+        shown = tmp_path / f"shown-{source.name}"
+        shown.write_text(capsys.readouterr().out)
+        code = main(["config", "check", "--config", str(shown)])
+        said = capsys.readouterr()
+        assert code == 0 and "a valid" in said.out, said.err
+    monkeypatch.setenv("RELOOP__KAFKA__SASL_PASSWORD", "**********")
+    assert main(["config", "check", "--config", str(RUN)]) == 2
+    assert "is the mask reloop config show prints" in capsys.readouterr().err
+    monkeypatch.delenv("RELOOP__KAFKA__SASL_PASSWORD")
+    monkeypatch.setenv("RELOOP__SERVE__AUTH_TOKEN", "**********")
+    assert main(["config", "check", "--config", str(SERVE)]) == 2
+    err = capsys.readouterr().err
+    assert "auth_token" in err and "is the mask reloop config show prints" in err, err

@@ -275,6 +275,7 @@ def test_an_environment_override_of_what_the_demo_sets_per_arm_fails_before_anyt
     assert _demo_main(tmp_path, read_yaml(DEFAULT_CONFIG)) == 2
     err = capsys.readouterr().err
     assert f"sets {key}, which the demo sets for each arm" in err and err.count("\n") == 1, err
+    assert err.startswith("reloop demo: environment variable"), err  # not "bad config demo.yaml"
 
 
 def test_arms_that_would_share_a_metrics_port_are_refused(tmp_path, monkeypatch):
