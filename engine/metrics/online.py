@@ -23,10 +23,12 @@
       0.5
 
 * ``OnlineMetricsBook``: the same metrics per (arm, model version), keeping the ``max_versions``
-  newest versions of each arm; ``bind()`` publishes them into ``EngineStats``' rolling levels (the
-  ``reloop_rolling_*`` gauges) at scrape time. It holds ``rolling_batch.BatchRollingMetrics`` (same
-  semantics, numpy, updates buffered and applied a batch at a time: well under 1 us per sample
-  instead of ~20 us), because the book sits on the trainer's hot path.
+  newest versions of each arm, and per arm over every version it kept (slot ``all``: the arm's model
+  whatever version served, which a version published every few seconds never fills alone); ``bind()``
+  publishes them into ``EngineStats``' rolling levels (the ``reloop_rolling_*`` gauges) at scrape
+  time. It holds ``rolling_batch.BatchRollingMetrics`` (same semantics, numpy, updates buffered and
+  applied a batch at a time: well under 1 us per sample instead of ~20 us), because the book sits on
+  the trainer's hot path.
 
 ``state_dict()`` / ``from_state_dict()`` return and accept plain data (lists, dicts, numbers; the book's
 windows as bytes, see ``rolling_batch.window_arrays``) for the engine's snapshot.
@@ -334,6 +336,29 @@ def slot_name(rank: int) -> str:
     return "current" if rank == 0 else "previous" if rank == 1 else f"previous_{rank}"
 
 
+class _Both:
+    """A sample's two windows, its version's and its arm's, fed alike."""
+
+    __slots__ = ("version", "arm")
+
+    def __init__(self, version: BatchRollingMetrics, arm: BatchRollingMetrics) -> None:
+        self.version, self.arm = version, arm
+
+    def update(self, y: int, p: float) -> None:
+        self.version.update(y, p)
+        self.arm.update(y, p)
+
+    def update_many(self, ys: Any, ps: Any) -> None:
+        self.version.update_many(ys, ps)
+        self.arm.update_many(ys, ps)
+
+    def revert(self, y: int, p: float) -> bool:
+        if not self.version.revert(y, p):
+            return False
+        self.arm.revert(y, p)
+        return True
+
+
 class OnlineMetricsBook:
     """Rolling metrics per (arm, model version), keeping the ``max_versions`` newest versions per arm.
 
@@ -357,13 +382,24 @@ class OnlineMetricsBook:
         self.max_arms = max_arms
         self.untracked_samples = 0  # samples of arms beyond max_arms
         self._arms: dict[str, dict[int, BatchRollingMetrics]] = {}
+        self._all: dict[str, BatchRollingMetrics] = {}  # per arm, every version's samples it counted
         self._lock = threading.Lock()
 
     def settings(self) -> dict[str, int]:
         """This book's bounds, as keyword arguments: a restored or a fresh book like this one."""
         return {"window_size": self.window_size, "max_versions": self.max_versions, "max_arms": self.max_arms}
 
-    def _metrics_for(self, arm: str, version: int, n: int = 1) -> BatchRollingMetrics | None:
+    def _metrics_for(self, arm: str, version: int, n: int = 1) -> _Both | None:
+        """The windows a sample of (arm, version) goes to: its version's and its arm's."""
+        m = self._version_metrics(arm, version, n)
+        if m is None:
+            return None
+        whole = self._all.get(arm)
+        if whole is None:
+            whole = self._all[arm] = BatchRollingMetrics(self.window_size)
+        return _Both(m, whole)
+
+    def _version_metrics(self, arm: str, version: int, n: int = 1) -> BatchRollingMetrics | None:
         versions = self._arms.get(arm)
         if versions is None:
             if len(self._arms) >= self.max_arms:
@@ -396,7 +432,10 @@ class OnlineMetricsBook:
     def revert(self, arm: str, version: int, y: int, p: float) -> bool:
         with self._lock:
             m = self._arms.get(arm, {}).get(int(version))
-            return m.revert(y, p) if m is not None else False
+            if m is None or not m.revert(y, p):
+                return False
+            self._all[arm].revert(y, p)
+            return True
 
     def update_sample(self, s: LabeledSample) -> bool:
         """Feed one joined sample; a correction replaces the negative emitted earlier for it."""
@@ -471,6 +510,11 @@ class OnlineMetricsBook:
         with self._lock:
             return self._arms[arm][int(version)].get()
 
+    def get_arm(self, arm: str) -> dict[str, float]:
+        """The arm's window over every version it counted (slot ``all``)."""
+        with self._lock:
+            return self._all[arm].get()
+
     def report(self) -> list[dict[str, Any]]:
         """One row per (arm, version), newest version first: arm, model_version, slot and the values."""
         rows: list[dict[str, Any]] = []
@@ -482,6 +526,14 @@ class OnlineMetricsBook:
                     rows.append({**row, **versions[version].get()})
         return rows
 
+    def arm_report(self) -> list[dict[str, Any]]:
+        """One row per arm, its window over every version (``model_version`` "": no such label)."""
+        with self._lock:
+            return [
+                {"arm": arm, "model_version": "", "slot": "all", **self._all[arm].get()}
+                for arm in sorted(self._all)
+            ]
+
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -492,6 +544,7 @@ class OnlineMetricsBook:
                     arm: {str(v): m.state_dict() for v, m in versions.items()}
                     for arm, versions in self._arms.items()
                 },
+                "all": {arm: m.state_dict() for arm, m in self._all.items()},
             }
 
     @classmethod
@@ -515,6 +568,13 @@ class OnlineMetricsBook:
                 for v in sorted((int(k) for k in versions), reverse=True)[: book.max_versions]:
                     part = dict(versions[str(v)], window_size=book.window_size)
                     book._arms.setdefault(str(arm), {})[v] = BatchRollingMetrics.from_state_dict(part)
+            for arm in book._arms:  # a state written before the arms' windows: they start empty
+                part = state.get("all", {}).get(arm)
+                book._all[arm] = (
+                    BatchRollingMetrics.from_state_dict(dict(part, window_size=book.window_size))
+                    if part is not None
+                    else BatchRollingMetrics(book.window_size)
+                )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad online metrics state: missing or malformed {exc}") from exc
         return book
@@ -544,7 +604,7 @@ class OnlineMetricsBook:
 
         def _publish() -> None:
             values: dict[str, dict[tuple[str, str, str], float]] = {name: {} for name in levels}
-            for row in self.report():
+            for row in self.report() + self.arm_report():
                 key = (row["arm"], str(row["model_version"]), row["slot"])
                 for name, per_key in values.items():
                     value = row[name]

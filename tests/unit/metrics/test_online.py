@@ -237,12 +237,17 @@ def test_bind_publishes_bounded_series_at_collect_time():
         return dict(stats.rolling_auc.items())
 
     got = series()
-    assert got == {("a", "2", "current"): 1.0, ("a", "1", "previous"): 1.0}
-    assert dict(stats.rolling_samples.items()) == {("a", "2", "current"): 2, ("a", "1", "previous"): 2}
+    # The arm's window (slot "all", no version label) holds every version's samples.
+    assert got == {("a", "2", "current"): 1.0, ("a", "1", "previous"): 1.0, ("a", "", "all"): 1.0}
+    assert dict(stats.rolling_samples.items()) == {
+        ("a", "2", "current"): 2, ("a", "1", "previous"): 2, ("a", "", "all"): 4
+    }  # fmt: skip
     book.update("a", 3, 1, 0.2)  # version 1 retires; version 3 has one class only -> no AUC yet
     got = series()
-    assert got == {("a", "2", "previous"): 1.0}
-    assert dict(stats.rolling_samples.items()) == {("a", "3", "current"): 1, ("a", "2", "previous"): 2}
+    assert got == {("a", "2", "previous"): 1.0, ("a", "", "all"): 1.0}
+    assert dict(stats.rolling_samples.items()) == {
+        ("a", "3", "current"): 1, ("a", "2", "previous"): 2, ("a", "", "all"): 5
+    }  # fmt: skip
 
 
 # The batch-fed numpy version must match the same model, batch boundaries anywhere.
@@ -410,3 +415,24 @@ def test_arms_beyond_max_arms_are_counted_not_tracked_and_the_bound_survives_a_r
     assert again.max_arms == 2 and not again.update("e", 1, 1, 0.5) and again.arms() == ["a", "b"]
     with pytest.raises(ValueError, match="max_arms"):
         OnlineMetricsBook(max_arms=0)
+
+
+def test_the_arms_window_spans_its_versions_and_survives_a_restore():
+    # With a version every few seconds no version's window reached the 1000 samples an alert judges:
+    # the arm's window (slot "all") counts every version's samples, corrections included.
+    book = OnlineMetricsBook(window_size=6, max_versions=2)
+    for v in range(1, 5):  # four versions, two samples each: only the last two versions kept
+        book.update("a", v, 1, 0.8)
+        book.update("a", v, 0, 0.3)
+    assert book.versions("a") == [4, 3]
+    whole = book.get_arm("a")
+    assert whole["samples"] == 6 and whole["auc"] == pytest.approx(1.0)  # the newest 6 of 8
+    book.update_sample(sample("a", 4, 0, 0.9))
+    book.update_sample(sample("a", 4, 1, 0.9, correction=True))  # replaces the negative in both
+    assert book.get_arm("a")["observed_ctr"] == pytest.approx(3 / 6)  # 2 / 6 had the negative stayed
+    assert book.get("a", 4)["observed_ctr"] == pytest.approx(2 / 3)
+    restored = OnlineMetricsBook.from_state_dict(book.state_dict())
+    [got], [want] = restored.arm_report(), book.arm_report()
+    assert got == pytest.approx(want)  # the sums rebuilt from the window: last-digit differences
+    old = {k: v for k, v in book.state_dict().items() if k != "all"}  # written before the arms' windows
+    assert OnlineMetricsBook.from_state_dict(old).get_arm("a")["samples"] == 0

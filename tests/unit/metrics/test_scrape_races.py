@@ -42,4 +42,4 @@ def test_concurrent_scrapes_add_the_untracked_samples_once(caplog) -> None:
         t.join(10)
     # Each scrape read published = 0 before any of them stored 3: the counter said 12.
     assert stats.rolling_untracked_samples.get() == book.untracked_samples == 3
-    assert stats.rolling_samples.items() == [(("a", "1", "current"), 1.0)]
+    assert dict(stats.rolling_samples.items()) == {("a", "1", "current"): 1.0, ("a", "", "all"): 1.0}
