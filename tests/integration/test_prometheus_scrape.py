@@ -204,13 +204,19 @@ def log_digest(path: Path, keep: int = 60) -> str:
 
 
 def test_rolling_auc_per_arm_is_scraped_from_the_processor(running):
-    series = wait_for(running, 'reloop_rolling_auc{job="reloop-processor"}', min_results=2)
+    series = wait_for(running, 'reloop_rolling_auc{job="reloop-processor",slot="current"}', min_results=2)
     by_arm = {s["metric"]["arm"]: s for s in series}
     assert set(by_arm) == set(ARMS)
     for s in series:
         assert s["metric"]["model_version"] == "3"
-        assert s["metric"]["slot"] == "current"
         assert 0.0 <= float(s["value"][1]) <= 1.0
+    # Each arm's window over every version (slot "all", no model_version label): one version fed here,
+    # so it holds the same samples.
+    whole = wait_for(running, 'reloop_rolling_auc{job="reloop-processor",slot="all"}', min_results=2)
+    assert {s["metric"]["arm"] for s in whole} == set(ARMS)
+    for s in whole:
+        assert "model_version" not in s["metric"]
+        assert float(s["value"][1]) == pytest.approx(float(by_arm[s["metric"]["arm"]]["value"][1]))
     # The feed separates clicks better on the reloop arm: the scraped AUCs say so.
     assert float(by_arm["reloop"]["value"][1]) > float(by_arm["control"]["value"][1]) > 0.5
     samples = wait_for(running, "reloop_rolling_window_samples", min_results=2)
