@@ -483,7 +483,7 @@ def _nearest_key(model: type[BaseModel], path: Sequence[object], name: str) -> s
         if isinstance(part, int):
             continue
         field = current.model_fields.get(str(part))
-        current = _model_in(field.annotation) if field is not None else None
+        current = model_in(field.annotation) if field is not None else None
     if current is None:
         return None
     keys = [k for k, f in current.model_fields.items() if not f.exclude]
@@ -491,12 +491,12 @@ def _nearest_key(model: type[BaseModel], path: Sequence[object], name: str) -> s
     return found[0] if found else None
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     """The model an annotation holds: itself, or inside Optional, a union, a list or tuple of them."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

@@ -15,6 +15,7 @@ import annotated_types
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
+from reloop.engine.config_common import model_in
 
 INTRO = """# Configuration reference
 
@@ -94,7 +95,7 @@ def reference_markdown() -> str:
 
 def _about(field: FieldInfo) -> list[str]:
     """The first paragraph of the section model's docstring, when it has one."""
-    model = _model_in(field.annotation)
+    model = model_in(field.annotation)
     doc = (model.__doc__ or "").strip() if model is not None else ""
     if not doc or model.__doc__ == BaseModel.__doc__:
         return []
@@ -115,7 +116,7 @@ def _rows_of(key: str, field: FieldInfo, default: Any) -> Iterator[_Row]:
     """The row of ``key``, or of every key under it: nested sections and typed mappings followed, each
     key's default read from its parent's default where that is a section (the service's kafka.client is
     confluent, the run config's kafka-python)."""
-    nested = _model_in(field.annotation)
+    nested = model_in(field.annotation)
     if key in _TYPED_DICTS:
         yield _Row(key, field, default)
         yield from _flat(key, _import(_TYPED_DICTS[key]), None)
@@ -151,8 +152,8 @@ def _table(rows: list[_Row]) -> list[str]:
         meaning = _FREE_DICTS.get(key) or field.description or ""
         if key in _TYPED_DICTS:
             meaning = meaning or "a mapping of the keys below"
-        elif not meaning and default is None and _model_in(field.annotation) is not None:
-            meaning = (_model_in(field.annotation).__doc__ or "").strip().split("\n\n")[0]
+        elif not meaning and default is None and model_in(field.annotation) is not None:
+            meaning = (model_in(field.annotation).__doc__ or "").strip().split("\n\n")[0]
         shown = _default(default)
         if absent is not _NOTHING:
             section = key.rsplit(".", 1)[0]
@@ -222,16 +223,6 @@ def _type_text(annotation: Any) -> str:
         names = {str: "string", int: "int", float: "number", bool: "bool", SecretStr: "secret", Path: "path"}
         return names.get(annotation, annotation.__name__)
     return str(annotation)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_sequence(annotation: Any) -> bool:

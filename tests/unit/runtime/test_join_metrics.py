@@ -29,26 +29,33 @@ def test_what_each_bound_dropped_is_exported_under_that_bound() -> None:
     assert stats.joiner_dropped_by_bound.get("ttl") == 6
 
 
-def test_the_join_stage_logs_events_dropped_as_too_late(caplog) -> None:
-    # Only the single-process pipeline logged them (operations.md says "counted and logged"); under
-    # `reloop run`'s join stage, events stamped in seconds were dropped with nothing in the log.
-    import logging
+def _stage_with_one_task(stats: EngineStats, *, partition: int, pending: int):
+    """The join stage's metrics over a stand-in stage holding one task: (metrics, its joiner, stage)."""
     from types import SimpleNamespace
 
     from reloop.engine.runtime.join_stage import _JoinMetrics
 
-    stats = EngineStats()
     metrics = _JoinMetrics(stats)
-    joiner = SimpleNamespace(stats=JoinStats(), pending_count=0, watermark_ms=1_000)
+    joiner = SimpleNamespace(stats=JoinStats(), pending_count=pending, watermark_ms=1_000)
     task = SimpleNamespace(
         joiner=joiner,
         merger=SimpleNamespace(stamped_ahead=0),
         replay_abandoned=0,
-        partition=3,
+        partition=partition,
         incarnation="x",
     )
-    stage = SimpleNamespace(tasks={3: task}, dead_letters=SimpleNamespace(counts={}))
-    metrics.taken(3, task)
+    stage = SimpleNamespace(tasks={partition: task}, dead_letters=SimpleNamespace(counts={}))
+    metrics.taken(partition, task)
+    return metrics, joiner, stage
+
+
+def test_the_join_stage_logs_events_dropped_as_too_late(caplog) -> None:
+    # Only the single-process pipeline logged them (operations.md says "counted and logged"); under
+    # `reloop run`'s join stage, events stamped in seconds were dropped with nothing in the log.
+    import logging
+
+    stats = EngineStats()
+    metrics, joiner, stage = _stage_with_one_task(stats, partition=3, pending=0)
     with caplog.at_level(logging.WARNING, logger="reloop.join"):
         metrics.publish(stage)
         assert not caplog.records
@@ -94,21 +101,8 @@ def test_events_dropped_as_too_late_are_logged_at_most_every_10_s_with_the_count
 def test_the_join_stage_logs_events_dropped_at_its_memory_bounds(caplog) -> None:
     # 472 of 2,000 impressions dropped at join.max_pending were counted with no word in the log.
     import logging
-    from types import SimpleNamespace
 
-    from reloop.engine.runtime.join_stage import _JoinMetrics
-
-    metrics = _JoinMetrics(EngineStats())
-    joiner = SimpleNamespace(stats=JoinStats(), pending_count=1000, watermark_ms=1_000)
-    task = SimpleNamespace(
-        joiner=joiner,
-        merger=SimpleNamespace(stamped_ahead=0),
-        replay_abandoned=0,
-        partition=0,
-        incarnation="x",
-    )
-    stage = SimpleNamespace(tasks={0: task}, dead_letters=SimpleNamespace(counts={}))
-    metrics.taken(0, task)
+    metrics, joiner, stage = _stage_with_one_task(EngineStats(), partition=0, pending=1000)
     with caplog.at_level(logging.WARNING, logger="reloop.join"):
         joiner.stats = JoinStats(evicted_closed=50)  # nothing lost: no line
         metrics.publish(stage)
