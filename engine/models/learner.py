@@ -198,8 +198,9 @@ def _difference(saved: Any, now: Any, limit: int = 3, at: str = "") -> str:
         if names_saved != names_now:  # fields added, removed or reordered: name them
             gone = [n for n in names_saved if n not in names_now]
             new = [n for n in names_now if n not in names_saved]
-            what = f"only in the state: {', '.join(gone) or '-'}; only now: {', '.join(new) or '-'}"
-            return f"{at}: {what}" if gone or new else f"{at}: the same names in another order"
+            parts = [f"only in the state: {', '.join(gone)}"] if gone else []
+            parts += [f"only now: {', '.join(new)}"] if new else []
+            return f"{at}: {'; '.join(parts) or 'the same names in another order'}"
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
         i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
         if isinstance(saved[i], dict) and isinstance(now[i], dict):  # a list of scalars reads whole

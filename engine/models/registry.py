@@ -58,6 +58,7 @@ _CONFLICTS: dict[str, list[str]] = {}
 _FAILED_PLUGINS: dict[str, str] = {}
 # reloop's own backbones (registered by this module and engine/models/river_learners.py): never replaced.
 BUILT_IN: set[str] = set()
+_built_ins_registered = False  # this module's own registrations done
 
 
 class UnknownBackbone(ValueError):
@@ -89,6 +90,11 @@ def register_backbone(
     if name in _CONFLICTS and _loading_plugin is not None:
         _CONFLICTS[name].append(_loading_plugin)
         raise ValueError(f"backbone {name!r} is registered by more than one plugin")
+    if _built_ins_registered and _loading_plugin is None and not _plugins_loaded:
+        # Registered by a user's own code: the river backbones (built in, imported on first use) and the
+        # plugins first, so that a name of theirs is refused here; registered before them, it took the
+        # river module's place and every later lookup raised "already registered".
+        _load_plugins()
     if replace and _loading_plugin is None and name in _REGISTRY:
         if name in BUILT_IN:
             raise ValueError(f"backbone {name!r} is built in: give yours another name")
@@ -183,6 +189,7 @@ register_backbone(
     "numpy",
 )
 BUILT_IN.update(_REGISTRY)
+_built_ins_registered = True
 
 
 PLUGIN_GROUP = "reloop.backbones"  # entry points of installed packages that register backbones

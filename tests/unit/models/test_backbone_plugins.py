@@ -267,3 +267,26 @@ def test_a_backbone_registered_again_with_replace_takes_the_name(fresh_registry)
         fresh_registry.register_backbone("dcn", BackboneConfig, entry.make, "mine", replace=True)
     assert "dcn" in fresh_registry.available_backbones()
     assert fresh_registry.backbone_entry("dcn").description != "mine"
+
+
+def test_a_river_backbones_name_is_built_in_before_river_is_first_used():
+    # In a fresh process the river backbones register on first use of the registry: a user's
+    # register_backbone("river_lr", ...) before that took the name, and every later lookup raised
+    # "backbone 'river_lr' is already registered" (river_fm and the plugins were never loaded).
+    script = (
+        "from reloop.engine.models.config import BackboneConfig\n"
+        "from reloop.engine.models.registry import available_backbones, backbone_entry, register_backbone\n"
+        "for replace in (False, True):\n"
+        "    try:\n"
+        "        register_backbone('river_lr', BackboneConfig, lambda c: None, 'MINE', replace=replace)\n"
+        "    except ValueError as exc:\n"
+        "        print('refused:', exc)\n"
+        "print('river_fm' in available_backbones(), backbone_entry('river_lr').description != 'MINE')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "refused: backbone 'river_lr' is already registered",
+        "refused: backbone 'river_lr' is built in: give yours another name",
+        "True True",
+    ], out.stdout

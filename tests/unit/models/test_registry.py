@@ -299,3 +299,15 @@ def test_a_spec_with_other_fields_names_them() -> None:
     )
     with pytest.raises(ValueError, match="fields: only in the state: f2; only now: g"):
         b.load_state_dict(a.state_dict())
+
+
+def test_a_spec_with_a_field_more_names_it_alone() -> None:
+    from reloop.engine.features.spec import FeatureSpec
+
+    fields = [{"kind": "categorical", "name": f"f{i}", "buckets": 8} for i in range(2)]
+    a = build_learner("fm", FeatureSpec.from_dict({"fields": fields}), "ce", 0.0)
+    more = [*fields, {"kind": "categorical", "name": "extra", "buckets": 8}]
+    b = build_learner("fm", FeatureSpec.from_dict({"fields": more}), "ce", 0.0)
+    with pytest.raises(ValueError, match=r"fields: only now: extra; a model") as refused:
+        b.load_state_dict(a.state_dict())
+    assert "only in the state" not in str(refused.value)
