@@ -128,7 +128,10 @@ class World:
         c = self.config
         user = int(self._rng.choice(c.n_users, p=self._user_p))
         candidates = self._rng.choice(c.n_items, size=c.n_candidates, replace=False)
-        hour = int((t_s // 60) % 24)  # a simulated day passes in 24 minutes
+        # A simulated day passes in 24 minutes. Clicks do not depend on it: a feature the model can only
+        # memorise, whose new value each minute a version published just after sees in clicks alone
+        # (docs/observability.md, "Reading a young version's window").
+        hour = int((t_s // 60) % 24)
         return Request(
             user=user, device=int(self._rng.integers(len(DEVICES))), hour=hour, candidates=candidates
         )
