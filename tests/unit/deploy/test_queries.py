@@ -58,7 +58,7 @@ def label_problems(
     for label in re.findall(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)", templates) + re.findall(
         r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}", templates
     ):
-        if label not in anywhere:
+        if label not in anywhere and label not in ("end", "else"):  # Go template actions, not labels
             problems.append(f"template names {label!r}, which no queried series carries")
     return problems
 
