@@ -36,10 +36,16 @@ def is_missing(value: Any) -> bool:
 
 
 def _as_strings(values: Sequence[Any]) -> list[str]:
-    out = ["" if is_missing(v) else (v if type(v) is str else str(v)) for v in values]
-    bad = next((v for v in values if not is_missing(v) and not isinstance(v, _SCALARS)), None)
-    if bad is not None:
-        raise TypeError(f"a scalar value expected, got {type(bad).__name__}")
+    out = []
+    for v in values:
+        if type(v) is str:
+            out.append(v)
+        elif is_missing(v):
+            out.append("")
+        elif isinstance(v, _SCALARS):
+            out.append(str(v))
+        else:
+            raise TypeError(f"a scalar value expected, got {type(v).__name__}")
     return out
 
 

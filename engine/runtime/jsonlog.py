@@ -165,9 +165,8 @@ class ThrottledRecords(logging.Filter):
         return True
 
 
-class ThrottledWarning:
-    """A warning that a loop may hit at every step (each 100 ms while the broker is down): logged at most
-    once every ``every_s``, with how many were left out since the last one ("suppressed")."""
+class _Throttle:
+    """At most one line every ``every_s`` (the first at once), on ``clock``."""
 
     def __init__(
         self,
@@ -182,49 +181,48 @@ class ThrottledWarning:
         self._every_s = every_s
         self._clock = clock
         self._next_at = float("-inf")
+
+    def _due(self) -> bool:
+        """Whether a line may go out now (and if so, the next one not before ``every_s``)."""
+        now = self._clock()
+        if now < self._next_at:
+            return False
+        self._next_at = now + self._every_s
+        return True
+
+
+class ThrottledWarning(_Throttle):
+    """A warning that a loop may hit at every step (each 100 ms while the broker is down): logged at most
+    once every ``every_s``, with how many were left out since the last one ("suppressed")."""
+
+    def __init__(self, logger: logging.Logger, msg: str, **kwargs: Any) -> None:
+        super().__init__(logger, msg, **kwargs)
         self._suppressed = 0
 
     def __call__(self, *args: Any, **fields: Any) -> None:
         """``args`` fill the message's ``%`` placeholders (for a log read as plain text); ``fields`` go to
         the JSON line."""
-        now = self._clock()
-        if now < self._next_at:
+        if not self._due():
             self._suppressed += 1
             return
-        self._next_at = now + self._every_s
         if self._suppressed:
             fields["suppressed"], self._suppressed = self._suppressed, 0
         self._logger.warning(self._msg, *args, extra={"fields": fields})
 
 
-class ThrottledCountLog:
+class ThrottledCountLog(_Throttle):
     """One WARNING for counts that may come at every poll: the first at once, then at most one every
     ``every_s`` with the counts since the line before. Call it at every publish, with nothing new too:
     counts held back go out once ``every_s`` is up."""
 
-    def __init__(
-        self,
-        logger: logging.Logger,
-        message: str,
-        *,
-        every_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._logger = logger
-        self._message = message
-        self._every_s = every_s
-        self._clock = clock
-        self._next_at = float("-inf")
+    def __init__(self, logger: logging.Logger, msg: str, **kwargs: Any) -> None:
+        super().__init__(logger, msg, **kwargs)
         self._held: dict[str, int] = {}
 
     def add(self, counts: dict[str, int], **fields: object) -> None:
         for name, n in counts.items():
             self._held[name] = self._held.get(name, 0) + n
-        if not any(self._held.values()):
+        if not any(self._held.values()) or not self._due():
             return
-        now = self._clock()
-        if now < self._next_at:
-            return
-        self._next_at = now + self._every_s
-        self._logger.warning(self._message, extra={"fields": {**self._held, **fields}})
+        self._logger.warning(self._msg, extra={"fields": {**self._held, **fields}})
         self._held = {}
