@@ -9,6 +9,7 @@ import sys
 
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config, load_feature_spec
 from reloop.engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.state_layout import refuse_one_process_state
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def main(args: argparse.Namespace) -> int:
         from reloop.engine.runtime.build import check_model
 
         check_model(cfg, trains_here=False)
+        # Before any sample is sent: with no join checkpoints beside a one-process state, this stage
+        # sent the whole retained history again while the train stage refused to start.
+        refuse_one_process_state(cfg)
     except ConfigError as exc:
         print(f"reloop join: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -34,6 +34,7 @@ from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
 from reloop.engine.runtime.model_check import check_in_a_child
 from reloop.engine.runtime.stage_runner import StopRequest
+from reloop.engine.runtime.state_layout import refuse_one_process_state
 from reloop.engine.runtime.train_cmd import BESIDE_JOIN, hold_the_folder
 
 log = logging.getLogger("reloop.run")
@@ -57,6 +58,7 @@ def _main(args: argparse.Namespace) -> int:
     setup_json_logging(args.log_level or "INFO")
     try:
         cfg = load_config(args.config)
+        refuse_one_process_state(cfg)
         # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. With
         # two stage processes, in a child of its own: this process then never imports torch.
         if cfg.stages.processes == 2:

@@ -27,6 +27,7 @@ from reloop.engine.checkpoint.folder_lock import FolderInUse, FolderLock
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.config_pipe import remove_dead_owners_folders, reopenable
 from reloop.engine.runtime.jsonlog import setup_json_logging
+from reloop.engine.runtime.state_layout import refuse_one_process_state
 
 # Set by the launcher for its ranks: its pid (a rank dies with it) and the folder where each rank marks
 # that it stopped owing nothing: its final checkpoint saved, or stopped while its stage was still being
@@ -92,6 +93,7 @@ def _main(args: argparse.Namespace) -> int:
         from reloop.engine.runtime.build import check_model
 
         check_model(cfg)
+        refuse_one_process_state(cfg)
         lock = hold_the_folder(cfg, "train") if _holds_the_folder() else None
     except (ConfigError, FolderInUse) as exc:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)

@@ -63,6 +63,7 @@ from reloop.engine.runtime.restore import (
     restore_newest,
     take_over,
 )
+from reloop.engine.runtime.state_layout import one_process_message
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
@@ -320,6 +321,8 @@ class TrainStage:
         )
         state = snap.state["state"]
         if state.get("stage") != "train":
+            if "stage" not in meta:  # the CLI refuses such a folder before starting (state_layout.py)
+                raise SnapshotError(one_process_message(f"{point} under {self.registry.root}"))
             raise SnapshotError(f"{point}: not a train-stage state")
         try:
             parts = rank_parts(state, meta)
