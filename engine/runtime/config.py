@@ -656,6 +656,7 @@ _NEW_DEFAULTS = {
     ("train", "replay_size"): 0,
     ("train", "replay_ratio"): 1.0,
     ("train", "replay_batch_size"): None,
+    ("model", "counters"): None,
 }
 
 

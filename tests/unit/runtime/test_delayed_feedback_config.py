@@ -43,6 +43,7 @@ def test_fingerprints_unchanged_unless_fnw_is_used() -> None:
     del old["join"]["emit_policy"], old["train"]["delayed_feedback"]
     del old["train"]["replay_size"], old["train"]["replay_ratio"], old["train"]["replay_batch_size"]
     del old["train"]["max_wait_ms"], old["train"]["max_consecutive_skipped"]  # runtime knobs: never in it
+    del old["model"]["counters"]
     assert plain.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     fnw = load_config_dict(
         {"model": model, "join": {"emit_policy": "fnw"}, "train": {"delayed_feedback": "fnw"}}
