@@ -530,6 +530,14 @@ def check_replay_options(args: argparse.Namespace, period: dict[str, Any], *, re
         return None
     try:
         recorded = orjson.loads(path.read_bytes())
+    except FileNotFoundError:  # an OUT an older reloop wrote: later resumes are checked against this one
+        path.write_bytes(orjson.dumps(now, option=orjson.OPT_INDENT_2) + b"\n")
+        print(
+            f"reloop replay: warning: {args.out} has no record of the options its replay was started with "
+            "(a replay by an older reloop): they could not be checked; this resume's are recorded now",
+            file=sys.stderr,
+        )
+        return None
     except (OSError, ValueError):
         return None
     changed = [

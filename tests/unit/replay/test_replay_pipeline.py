@@ -408,6 +408,13 @@ def test_a_resume_cutting_versions_elsewhere_is_refused_naming_it(tmp_path: Path
     recorded = orjson.loads(options.read_bytes())
     options.write_bytes(orjson.dumps({k: v for k, v in recorded.items() if not k.startswith("period.")}))
     assert main([*argv[:2], str(changed), *argv[3:], "--resume"]) == 0
+    # An OUT with no record (a replay by a reloop from before it): said, and recorded from this resume on.
+    options.unlink()
+    capsys.readouterr()
+    assert main([*argv[:2], str(changed), *argv[3:], "--resume"]) == 0
+    assert "has no record of the options its replay was started with" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 2
+    assert "period.every_samples 192 -> 96" in capsys.readouterr().err
 
 
 def test_a_click_stamped_with_its_impressions_time_is_not_held_as_early(tmp_path: Path) -> None:
