@@ -224,11 +224,16 @@ class JoinStage:
         self._take_restarted_below = getattr(source, "take_restarted_below", None)
         self._metrics = _JoinMetrics(stats, inputs=(settings.impressions_topic, settings.clicks_topic))
         self._listener_error: BaseException | None = None
+        self._samples_topic_checked = False
         self._check_partitions()
         source.subscribe(self)
 
     # ------------------------------------------------------------------ membership
     def _check_partitions(self) -> None:
+        self._check_inputs()
+        self._check_samples_topic()
+
+    def _check_inputs(self) -> None:
         s = self.settings
         counts = {t: self.source.partition_count(t) for t in (s.impressions_topic, s.clicks_topic)}
         if len(set(counts.values())) != 1:
@@ -236,14 +241,18 @@ class JoinStage:
                 f"impressions and clicks must be co-partitioned (same partition count, keyed by impression "
                 f"id): {counts}"
             )
-        need = counts[s.impressions_topic]
+        self._task_count = counts[s.impressions_topic]
+
+    def _check_samples_topic(self) -> None:
+        s = self.settings
+        need = self._task_count
         have = self.source.partition_count(s.samples_topic)
         if have < need:
             raise CopartitionError(
                 f"the samples topic {s.samples_topic!r} has {have} partitions; it needs at least {need} "
                 f"(one per join task)"
             )
-        self._task_count = need
+        self._samples_topic_checked = True
 
     def registry(self, partition: int) -> SnapshotRegistry:
         """One registry object per task for this stage's life: its fence (``SnapshotRegistry.write``)
@@ -276,8 +285,12 @@ class JoinStage:
         if numbers and numbers[-1] >= self._task_count:
             # A topic grew while running: a task whose clicks (or impressions) partition does not exist
             # yet would wait for it for ever, buffering the other's records without bound; refused as
-            # at start-up (one line, exit 2) until the topics are co-partitioned again.
-            self._check_partitions()
+            # at start-up (one line, exit 2) until the topics are co-partitioned again. The samples
+            # topic after this poll (``step``): inside the client's rebalance callback only what the
+            # group subscribes to is at hand (kafka-python cannot fetch metadata there: "Cannot block
+            # on net.run() from the IO thread itself", and each growth failed the stage).
+            self._check_inputs()
+            self._samples_topic_checked = False
         seek: dict[TopicPartition, int | None] = {}
         for p in numbers:
             if p in self.tasks:
@@ -464,6 +477,8 @@ class JoinStage:
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
+        if not self._samples_topic_checked:  # before any of the new tasks' samples is sent
+            self._check_samples_topic()
         if self._take_deleted_unread is not None:
             self._count_deleted_unread(self._take_deleted_unread())
         if self._take_restarted_below is not None:

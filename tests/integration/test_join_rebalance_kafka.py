@@ -179,3 +179,45 @@ def test_a_restore_longer_than_the_stall_timeout_is_no_stall(
         assert joiner.supervisor.restarts == 0
     finally:
         joiner.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_topics_grown_together_while_running_give_the_group_a_new_task(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    # data-plane.md's procedure: the samples topic grown first, then both inputs. kafka-python's rebalance
+    # callback, where the stage checks the new partition counts, cannot fetch metadata ("Cannot block on
+    # net.run() from the IO thread itself"): the samples topic, which the join group does not subscribe
+    # to, was missing from its cache, and each such growth failed the stage and rebuilt it.
+    from kafka.admin import NewPartitions
+    from reloop.connectors.kafka.admin import admin_client
+
+    cfg, topics = _setup(kafka_broker, unique_topic, tmp_path, client)
+    refresh = (
+        {"topic.metadata.refresh.interval.ms": 1000}
+        if client == "confluent"
+        else {"metadata_max_age_ms": 1000}
+    )
+    stages = cfg.stages.model_copy(
+        update={"join_client_config": {**cfg.stages.join_client_config, **refresh}}
+    )
+    cfg = cfg.model_copy(update={"stages": stages})
+    stage = join_stage_factory(cfg)()
+    try:
+        deadline = time.monotonic() + 60
+        while sorted(stage.tasks) != [0, 1]:
+            assert time.monotonic() < deadline, sorted(stage.tasks)
+            stage.step()
+        admin = admin_client(kafka_broker.bootstrap)
+        try:
+            for kind in ("samples", "impressions", "clicks"):
+                admin.create_partitions({topics[kind]: NewPartitions(total_count=3)})
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 60
+        while 2 not in stage.tasks:
+            assert time.monotonic() < deadline, sorted(stage.tasks)
+            stage.step()  # raised what the rebalance callback failed with
+        assert sorted(stage.tasks) == [0, 1, 2]
+    finally:
+        stage.close()

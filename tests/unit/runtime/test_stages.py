@@ -1484,6 +1484,23 @@ def test_a_topic_grown_alone_while_running_is_refused_at_the_next_rebalance(tmp_
     assert sorted(stage.tasks) == [0, 1]
 
 
+def test_inputs_grown_past_the_samples_topic_while_running_are_refused_before_a_new_task_sends(tmp_path):
+    # The samples topic is checked after the poll whose rebalance gave the new task (inside the client's
+    # callback kafka-python cannot fetch its metadata): still before any of that task's samples is sent.
+    synth = generate(200, seed=2, pad_to_multiple=BATCH)
+    log = _log(synth)
+    clock = ManualClock(START)
+    stage = _join(_config(tmp_path), log, clock, tmp_path)
+    _run_join(stage, log, clock)
+    sent = [len(log.read(tp, 0, 10**6)) for tp in log.partitions("samples")]
+    log.create("impressions", 2)
+    log.create("clicks", 2)
+    stage.source.revoke_all()
+    with pytest.raises(CopartitionError, match="'samples' has 1 partitions; it needs at least 2"):
+        stage.step()
+    assert [len(log.read(tp, 0, 10**6)) for tp in log.partitions("samples")] == sent
+
+
 def test_a_rebuilt_join_stage_counts_what_it_joins_again_once(tmp_path):
     # The supervisor rebuilds the stage in the same process (same counters); the rebuilt one restores
     # the last checkpoint and joins the input after it again: its samples and joiner counts were
