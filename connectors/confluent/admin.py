@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from reloop.connectors.confluent.login import LOGIN_CHECK_S, LoginWatch
 from reloop.connectors.confluent.logs import built, logged
@@ -100,6 +101,32 @@ def retention_ms(
             found[resource.name] = int(entries["retention.ms"].value)
         except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
             _log.warning("could not read the retention of topic %r: %r", resource.name, exc)
+    return found
+
+
+def topic_ids(
+    connection: Mapping[str, Any], bootstrap: str, topics: Iterable[str], *, timeout_s: float = 5.0
+) -> dict[str, str]:
+    """Each topic's id (KIP-516) as a UUID string, as the kafka-python connector's ``topic_ids``
+    (librdkafka prints it in base64: the same id is written the same way whichever client wrote it)."""
+    found: dict[str, str] = {}
+    admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap}))
+    futures = admin.describe_topics(TopicCollection(list(dict.fromkeys(topics))))
+    deadline = time.monotonic() + timeout_s
+    mask = (1 << 64) - 1
+    for name, future in futures.items():
+        try:
+            uid = future.result(max(0.0, deadline - time.monotonic())).topic_id
+            bits = ((uid.get_most_significant_bits() & mask) << 64) | (
+                uid.get_least_significant_bits() & mask
+            )
+            found[name] = str(uuid.UUID(int=bits))
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue  # a missing topic has no id: its absence is said elsewhere
+            _log.warning("could not read the id of topic %r: %r", name, exc)
+        except Exception as exc:  # noqa: BLE001 - ids we cannot read are not a reason to stop
+            _log.warning("could not read the id of topic %r: %r", name, exc)
     return found
 
 

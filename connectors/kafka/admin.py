@@ -181,6 +181,39 @@ def retention_ms(
     return found
 
 
+def topic_ids(
+    bootstrap: str,
+    topics: Iterable[str],
+    client_config: Mapping[str, Any] | None = None,
+    *,
+    timeout_s: float = 5.0,
+) -> dict[str, str]:
+    """Each topic's id (KIP-516) as a UUID string: a topic deleted and created again under its name has
+    another. A topic the cluster does not say for (missing, an old broker) is left out, with a warning
+    when the cluster cannot be asked: the ids only tell a recreated topic."""
+    wanted = list(dict.fromkeys(topics))
+    settings = {"bootstrap_timeout_ms": int(timeout_s * 1000), "request_timeout_ms": int(timeout_s * 1000)}
+    try:
+        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
+    except AuthenticationFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ids we cannot read are not a reason to stop
+        _log.warning("could not read the ids of topics %r: %r", wanted, exc)
+        return {}
+    try:
+        described = admin.describe_topics(wanted)
+    except Exception as exc:  # noqa: BLE001 - as above
+        _log.warning("could not read the ids of topics %r: %r", wanted, exc)
+        return {}
+    finally:
+        admin.close()
+    return {
+        t["name"]: str(t["topic_id"])
+        for t in described
+        if not t.get("error_code") and t.get("topic_id") and t.get("name") in wanted
+    }
+
+
 def _config_value(admin: KafkaAdminClient, kind: ConfigResourceType, name: str, key: str) -> str | None:
     found = admin.describe_configs([ConfigResource(kind, name, [key])], config_filter="all")
     entry = found.get(kind.name.lower(), {}).get(name, {}).get(key)

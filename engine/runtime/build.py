@@ -320,9 +320,11 @@ def build_join_stage(
     stats: EngineStats = STATS,
     checkpoint_dir: str | Path | None = None,
     retention_ms: Mapping[str, int] | None = None,
+    topic_ids: Mapping[str, str] | None = None,
 ) -> JoinStage:
     """The join stage: this process's share of the join tasks, into the samples topic. ``retention_ms``:
-    the topics' time-based retention, where known (warns of records stamped longer ago)."""
+    the topics' time-based retention, where known (warns of records stamped longer ago); ``topic_ids``:
+    the input topics' ids, where known (tells a topic created again since a task's checkpoint)."""
     st = cfg.stages
     return JoinStage(
         source=source,
@@ -353,6 +355,7 @@ def build_join_stage(
         checker=_checker(cfg),
         stats=stats,
         retention_ms=retention_ms,
+        topic_ids=topic_ids,
     )
 
 

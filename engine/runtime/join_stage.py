@@ -173,9 +173,11 @@ class JoinStage:
         checker: SpecChecker | None = None,
         stats: EngineStats = STATS,
         retention_ms: Mapping[str, int] | None = None,
+        topic_ids: Mapping[str, str] | None = None,
     ) -> None:
         """``retention_ms``: the input and samples topics' ``retention.ms``, where known (a warning for
-        records stamped longer ago: engine/runtime/retention_watch.py)."""
+        records stamped longer ago: engine/runtime/retention_watch.py). ``topic_ids``: the input topics'
+        ids when the stage starts, where known (``_recreated_inputs``)."""
         self.source = source
         self.samples = samples
         self.dead_letters = dead_letters
@@ -188,6 +190,7 @@ class JoinStage:
         self.settings = settings
         self.clock = clock
         self.retention_watch = RetentionWatch(retention_ms or {}, clock, stats)
+        self._topic_ids = dict(topic_ids or {})
         self._ends_unavailable = ThrottledWarning(log, "end offsets unavailable")
         self.intake = EventIntake(
             impressions_topic=settings.impressions_topic,
@@ -237,9 +240,12 @@ class JoinStage:
         s = self.settings
         counts = {t: self.source.partition_count(t) for t in (s.impressions_topic, s.clicks_topic)}
         if len(set(counts.values())) != 1:
+            most = max(counts.values())
+            behind = [t for t, n in counts.items() if n < most]
             raise CopartitionError(
                 f"impressions and clicks must be co-partitioned (same partition count, keyed by impression "
-                f"id): {counts}"
+                f"id): {counts}; grow {', '.join(behind)} to {most} partitions too (and the samples topic "
+                "to at least as many), then start the join stage again"
             )
         self._task_count = counts[s.impressions_topic]
 
@@ -393,6 +399,7 @@ class JoinStage:
             )
         if refused:
             self._metrics.restore_fallbacks.add(n=len(refused))
+        self._recreated_inputs(task, snap.meta)
         decisions = self._open_journal(task)
         if decisions or refused or not task.restored_final:
             task.replay(decisions)  # and no wall-clock action until past what the previous life saw
@@ -644,6 +651,32 @@ class JoinStage:
         self.checkpoint_interval_s = max(s.checkpoint_every_s, took / s.checkpoint_max_share)
         self._metrics.checkpointed(took, self.checkpoint_interval_s)
 
+    def _recreated_inputs(self, task: JoinTask, meta: Mapping[str, Any]) -> None:
+        """Read an input topic deleted and created again since the task's checkpoint (its id differs)
+        from its oldest record: the checkpoint's position is the old topic's. Past the new topic's end
+        the client noticed it; below, the task read on from there, and the new topic's records before
+        it were never read, without a word (600 of 1,000 in a walkthrough)."""
+        recorded = meta.get("topic_ids")
+        if not isinstance(recorded, dict):  # a checkpoint from before the ids were recorded
+            return
+        for tp in task.inputs:
+            was, now = recorded.get(tp.topic), self._topic_ids.get(tp.topic)
+            if was and now and was != now and tp in task.positions:
+                log.warning(
+                    "input topic created again since the task's checkpoint: read from its oldest record",
+                    extra={
+                        "fields": {
+                            "task": task.partition,
+                            "topic": tp.topic,
+                            "position": task.positions[tp],
+                            "topic_id_was": was,
+                            "topic_id": now,
+                        }
+                    },
+                )
+                del task.positions[tp]
+                self._metrics.restarted_below.add(tp.topic)
+
     def _checkpoint(self, task: JoinTask, *, advance: bool, final: bool = False) -> None:
         """Wall-clock actions, then in the checkpointer's order: everything sent so far made durable, the
         state (with what is emitted but unsent) published and that unsent output sent, the offsets
@@ -665,6 +698,9 @@ class JoinStage:
                 "next_seq": task.next_seq,
                 "watermark_ms": task.joiner.watermark_ms,
                 "pending": task.joiner.pending_count,
+                "topic_ids": {
+                    tp.topic: self._topic_ids[tp.topic] for tp in task.inputs if tp.topic in self._topic_ids
+                },
             }
             self.registry(task.partition).publish({"state": state}, meta)
             self.snapshots_written += 1

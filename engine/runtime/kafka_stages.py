@@ -118,6 +118,19 @@ def _retention(cfg: RunConfig) -> dict[str, int]:
     return retention_ms(cfg.kafka.bootstrap, topics, cfg.kafka.connection())
 
 
+def _topic_ids(cfg: RunConfig) -> dict[str, str]:
+    """The input topics' ids, which each join task checkpoint records: a topic deleted and created again
+    since is read from its oldest record (engine/runtime/join_stage.py ``_recreated_inputs``)."""
+    topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
+    if cfg.kafka.client == "confluent":
+        from reloop.connectors.confluent.admin import topic_ids as confluent_topic_ids
+
+        return confluent_topic_ids(cfg.kafka.connection(), cfg.kafka.bootstrap, topics)
+    from reloop.connectors.kafka.admin import topic_ids
+
+    return topic_ids(cfg.kafka.bootstrap, topics, cfg.kafka.connection())
+
+
 def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
     from reloop.engine.runtime.build import build_join_stage
 
@@ -151,7 +164,12 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             return build_join_stage(
-                cfg, source=source, samples_sink=samples, dead_letter_sink=dead, retention_ms=_retention(cfg)
+                cfg,
+                source=source,
+                samples_sink=samples,
+                dead_letter_sink=dead,
+                retention_ms=_retention(cfg),
+                topic_ids=_topic_ids(cfg),
             )
         except BaseException as exc:
             _release(opened)
