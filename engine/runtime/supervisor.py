@@ -38,6 +38,12 @@ class ProcessFatal(RuntimeError):
     process exits 1 and its orchestrator (torchrun, Kubernetes) restarts it with its peers."""
 
 
+class PlannedRebuild(RuntimeError):
+    """A stage asking to be rebuilt from its last save, not failing (the train stage seeing the samples
+    topic grown): one INFO line, no back-off, not counted as a restart. Logged as a pipeline failure with
+    its traceback, it counted towards ReloopPipelineRestarting after the growth the docs prescribe."""
+
+
 # What retrying cannot fix because the settings or the snapshots are wrong: the process exits 2.
 REFUSED: tuple[type[BaseException], ...] = (
     SnapshotMismatch,
@@ -138,6 +144,9 @@ class Supervisor:
                     # A snapshot written in the step that failed (or by the write in flight, which abort
                     # waits for) is progress too: no step after it ran to tell _stepped.
                     self._progress(pipeline)
+                if isinstance(exc, PlannedRebuild):
+                    log.info("rebuilding from the last save", extra={"fields": {"reason": str(exc)}})
+                    continue
                 self._failed(exc)
                 continue
             self.final_number = self.close(pipeline)

@@ -64,6 +64,7 @@ from reloop.engine.runtime.restore import (
     take_over,
 )
 from reloop.engine.runtime.state_layout import one_process_message
+from reloop.engine.runtime.supervisor import PlannedRebuild
 from reloop.engine.runtime.train_metrics import TrainerMetrics
 from reloop.engine.runtime.train_state import (
     STATE_FORMAT,
@@ -141,7 +142,7 @@ class _Prepared(NamedTuple):
     refused: np.ndarray | None = None
 
 
-class SamplesTopicGrew(RuntimeError):
+class SamplesTopicGrew(PlannedRebuild):
     """The samples topic has partitions the stage did not open: the supervisor rebuilds the stage, which
     resumes from its last save and reads them from their beginning (they were silently never read)."""
 

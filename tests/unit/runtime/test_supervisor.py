@@ -272,6 +272,39 @@ def test_a_missing_topic_is_waited_for_with_one_line_each_try_and_no_traceback(t
     assert holder.pipeline.trainer.counters.samples > 0
 
 
+@pytest.mark.timeout(20)
+def test_a_planned_rebuild_is_one_info_line_and_no_restart(caplog):
+    # The train stage seeing the samples topic grown (the growth the docs prescribe) asks to be rebuilt to
+    # read the new partitions: it was logged as "pipeline failed" with a traceback, after a back-off,
+    # and counted towards ReloopPipelineRestarting.
+    from reloop.engine.runtime.train_stage import SamplesTopicGrew
+
+    stop = threading.Event()
+    runs: list[int] = []
+
+    class Stage:
+        snapshots_written = 0
+
+        def run(self, stop, on_step=None) -> None:
+            runs.append(1)
+            if len(runs) == 1:
+                raise SamplesTopicGrew("the samples topic has partitions this stage does not read: s:1")
+            stop.set()
+
+        def abort(self) -> None:
+            pass
+
+    stats = EngineStats()
+    policy = RetryPolicy(backoff_initial_s=30, give_up_after_s=60)  # a back-off would fail the timeout
+    sup = Supervisor(Stage, stop=stop, policy=policy, close=lambda p: None, stats=stats)
+    with caplog.at_level("INFO", logger="reloop.supervisor"):
+        sup.run()
+    assert len(runs) == 2 and sup.restarts == 0 and stats.pipeline_restarts.get() == 0 and sup.failure is None
+    said = [r for r in caplog.records if r.name == "reloop.supervisor"]
+    assert [(r.levelname, r.getMessage()) for r in said] == [("INFO", "rebuilding from the last save")]
+    assert said[0].exc_info is None and "s:1" in said[0].fields["reason"]
+
+
 class _SnapshotThenFail:
     """A stage whose every run writes a snapshot and then fails in that same step (the join stage publishes
     a checkpoint, then sending its unsent samples raises), or whose snapshot becomes durable only while it
