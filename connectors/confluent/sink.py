@@ -192,6 +192,24 @@ class ConfluentSink:
         """Records queued or in flight, not yet acknowledged."""
         return 0 if self._producer is None else len(self._producer)
 
+    def wait_for_partitions(self, count: int, timeout_s: float) -> bool:
+        """Whether this producer knows at least ``count`` partitions of its topic, asking the cluster
+        until it does or ``timeout_s`` passed: as the kafka-python sink's (librdkafka refuses a record
+        for a partition it does not know yet: "Local: Unknown partition"; a metadata request made
+        through the producer updates what it knows)."""
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("wait_for_partitions on a closed ConfluentSink")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            found = producer.list_topics(self.topic, timeout=max(0.5, left)).topics.get(self.topic)
+            if found is not None and found.error is None and len(found.partitions) >= count:
+                return True
+            if left <= 0:
+                return False
+            time.sleep(0.2)
+
     def flush(self, timeout_s: float | None = None) -> None:
         if self._producer is None:
             return

@@ -154,6 +154,26 @@ class KafkaSink:
         if on_failure is not None:
             future.add_errback(on_failure)
 
+    def wait_for_partitions(self, count: int, timeout_s: float) -> bool:
+        """Whether this producer knows at least ``count`` partitions of its topic, asking the cluster
+        again until it does or ``timeout_s`` passed. A producer learns of partitions added to its topic
+        at its metadata refresh (every 5 minutes by default) and refuses a record for one it does not
+        know yet ("Unrecognized partition"): a join task taken on a grown samples topic failed its stage
+        at its first send."""
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("wait_for_partitions on a closed KafkaSink")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if len(producer.partitions_for(self.topic)) >= count:  # cached once known; fetched before
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            # kafka-python has no public refresh: what its own send does for a topic it does not know.
+            producer._metadata.request_update()  # noqa: SLF001
+            producer._sender.wakeup()  # noqa: SLF001
+            time.sleep(0.1)
+
     def _on_sent(self, _metadata: Any) -> None:
         with self._lock:
             self._unacked -= 1

@@ -124,6 +124,11 @@ class ConsumerStalled(RuntimeError):
     checkpoint)."""
 
 
+class SamplesPartitionsUnknown(RuntimeError):
+    """The samples producer did not learn of the samples topic's new partitions in time: rebuilt (a new
+    producer starts from the cluster's metadata)."""
+
+
 class CopartitionError(ConfigError):
     """The impressions and clicks topics (or the samples topic) have partition counts that do not fit: a
     configuration error (one line, exit 2), not a failure a rebuild could fix (it retried for 15 minutes,
@@ -257,6 +262,14 @@ class JoinStage:
             raise CopartitionError(
                 f"the samples topic {s.samples_topic!r} has {have} partitions; it needs at least {need} "
                 f"(one per join task)"
+            )
+        # The samples producer must know every task's partition before a task sends: at its clients'
+        # default metadata age (5 minutes) the new tasks' first sends failed the stage.
+        wait = getattr(self.samples, "wait_for_partitions", None)
+        if wait is not None and not wait(need, self.settings.stall_timeout_s):
+            raise SamplesPartitionsUnknown(
+                f"the samples producer does not know {need} partitions of {s.samples_topic!r} after "
+                f"{self.settings.stall_timeout_s:g} s"
             )
         self._samples_topic_checked = True
 
