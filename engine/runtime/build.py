@@ -370,10 +370,13 @@ def build_train_stage(
     checkpoint_dir: str | Path | None = None,
     group: RankGroup | None = None,
     replay: bool = False,
+    samples_topic_id: str | None = None,
 ) -> TrainStage:
     """The train stage: the samples topic in, model versions (snapshots) out. With ``group`` (more
     than one rank) one data-parallel rank of it, reading ``source`` = its share of the partitions.
-    ``replay``: a bounded replay (no idle period clock, as ``build_pipeline``)."""
+    ``replay``: a bounded replay (no idle period clock, as ``build_pipeline``). ``samples_topic_id``: the
+    samples topic's id, where known (each save records it: a topic created again since is read from its
+    oldest record)."""
     rank = group.rank if group is not None else 0
     trainer = build_trainer(cfg)
     stage = dict(
@@ -399,7 +402,10 @@ def build_train_stage(
         served_metrics=OnlineMetricsBook(window_size=cfg.metrics.window_size, max_arms=cfg.metrics.max_arms),
         ledger=Ledger(rank_ledger_path(cfg.checkpoint.ledger, rank)) if cfg.checkpoint.ledger else None,
         commit=commit,
-        meta={"config": cfg.redacted_dump()},
+        meta={
+            "config": cfg.redacted_dump(),
+            **({"samples_topic_id": samples_topic_id} if samples_topic_id else {}),
+        },
         stats=stats,
     )
     if group is None or group.world_size == 1:

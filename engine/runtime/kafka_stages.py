@@ -118,10 +118,9 @@ def _retention(cfg: RunConfig) -> dict[str, int]:
     return retention_ms(cfg.kafka.bootstrap, topics, cfg.kafka.connection())
 
 
-def _topic_ids(cfg: RunConfig) -> dict[str, str]:
-    """The input topics' ids, which each join task checkpoint records: a topic deleted and created again
-    since is read from its oldest record (engine/runtime/join_stage.py ``_recreated_inputs``)."""
-    topics = [cfg.source.impressions_topic, cfg.source.clicks_topic]
+def _topic_ids(cfg: RunConfig, topics: list[str]) -> dict[str, str]:
+    """Topics' ids, which the join tasks' checkpoints (the input topics') and the train stage's saves (the
+    samples topic's) record: a topic deleted and created again since is read from its oldest record."""
     if cfg.kafka.client == "confluent":
         from reloop.connectors.confluent.admin import topic_ids as confluent_topic_ids
 
@@ -169,7 +168,7 @@ def join_stage_factory(cfg: RunConfig) -> Callable[[], Any]:
                 samples_sink=samples,
                 dead_letter_sink=dead,
                 retention_ms=_retention(cfg),
-                topic_ids=_topic_ids(cfg),
+                topic_ids=_topic_ids(cfg, [src.impressions_topic, src.clicks_topic]),
             )
         except BaseException as exc:
             _release(opened)
@@ -209,7 +208,15 @@ def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             commit = source.commit if group_id else None
-            return build_train_stage(cfg, source=source, dead_letter_sink=dead, commit=commit, group=group)
+            samples_id = _topic_ids(cfg, [cfg.stages.samples_topic]).get(cfg.stages.samples_topic)
+            return build_train_stage(
+                cfg,
+                source=source,
+                dead_letter_sink=dead,
+                commit=commit,
+                group=group,
+                samples_topic_id=samples_id,
+            )
         except BaseException as exc:
             _release(opened)
             _fail_fast_on_config(exc)

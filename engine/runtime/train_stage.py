@@ -315,6 +315,25 @@ class TrainStage:
             self._trim_other_ledgers()
         take_over(self.registry, bundles=self.share.index == 0)  # rank 0 is the one writer
 
+    def _recreated_samples_topic(self, meta: Mapping[str, Any]) -> None:
+        """Read a samples topic deleted and created again since the save (its id differs) from its oldest
+        record: the save's positions are the old topic's. Read on from them, the new topic's samples
+        below them were skipped and counted as missing from the topic, while they were in it (the train
+        stage drops what it trained already by (task, seq), so reading from the start loses nothing)."""
+        was, now = meta.get("samples_topic_id"), self.meta.get("samples_topic_id")
+        if was and now and was != now and self._positions:
+            log.warning(
+                "samples topic created again since the save: read from its oldest record",
+                extra={
+                    "fields": {
+                        "positions": positions_to_json(self._positions),
+                        "topic_id_was": was,
+                        "topic_id": now,
+                    }
+                },
+            )
+            self._positions = {}
+
     def _restore(self, point: RestorePoint, snap: Snapshot) -> None:
         meta = snap.meta
         check_train_fingerprint(
@@ -355,6 +374,7 @@ class TrainStage:
         self._numberings = numberings_of(mine)
         self._event_time_ms = mine["event_time_ms"]
         self._positions = positions_from_json(mine["positions"])
+        self._recreated_samples_topic(meta)
         self._ledger_lengths = ledger_lengths(state)
         if self.ledger is not None:
             self.ledger.truncate(self._ledger_lengths.get(self.share.index, 0))

@@ -1548,6 +1548,54 @@ def test_an_input_topic_created_again_past_the_checkpoint_position_is_read_from_
         assert read == {t: whole[t] - was[TopicPartition(t, 0)] for t in whole}
 
 
+@pytest.mark.parametrize("recreated", [True, False])
+def test_a_samples_topic_created_again_past_the_saved_position_is_read_from_its_oldest_record(
+    tmp_path, caplog, recreated
+):
+    # Deleted and created again while the train stage was stopped, the join stage going on into the new
+    # topic: the train stage read on from its save's position, skipped the new topic's samples below it
+    # and reported them "missing from the topic" (132 of 450 in a walkthrough), though they were in it.
+    log, clock, cfg = _joined(tmp_path, 600, seed=5)
+    (tp,) = log.partitions("samples")
+    messages = log.read(tp, 0, 10**9)
+    cut = len(messages) // 3
+    assert cut >= 2
+
+    def stage(samples: MemoryLog, topic_id: str):
+        return build_train_stage(
+            cfg,
+            source=EndAware(samples, ["samples"]),
+            clock=clock,
+            stats=EngineStats(),
+            checkpoint_dir=tmp_path / "train-ckpt",
+            samples_topic_id=topic_id,
+        )
+
+    def topic(part: list) -> MemoryLog:
+        out = MemoryLog()
+        out.create("samples", 1)
+        for r in part:
+            out.append("samples", r.value, r.key, r.timestamp_ms)
+        return out
+
+    old = topic(messages[:cut])
+    first = stage(old, "s-1")
+    _run_train(first, old, clock)
+    first.close(final="checkpoint")
+    new = topic(messages[cut:])  # the rest of the join's output, in the new topic from offset 0
+    second = stage(new, "s-2" if recreated else "s-1")
+    with caplog.at_level(logging.WARNING, logger="reloop.train"):
+        _run_train(second, new, clock)
+    second.close(final=None)
+    said = [r for r in caplog.records if "samples topic created again" in r.getMessage()]
+    keys = _ledger(tmp_path)
+    every = [(s.sample_id, s.is_correction) for r in messages for s in decode_batch(r.value).to_samples()]
+    if recreated:
+        assert len(said) == 1 and sorted(keys) == sorted(every)  # each sample once, none skipped
+    else:  # the same topic: on from the position, the samples below it never read
+        assert not said and len(keys) < len(every)
+
+
 def test_a_rebuilt_join_stage_counts_what_it_joins_again_once(tmp_path):
     # The supervisor rebuilds the stage in the same process (same counters); the rebuilt one restores
     # the last checkpoint and joins the input after it again: its samples and joiner counts were
