@@ -23,6 +23,10 @@ MAX_EVENT_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 FeatureValue = str | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | float | list[str]
 Features = dict[str, FeatureValue]
 _Id = Annotated[str, Meta(min_length=1)]
+# The arm is a metric label (the train stage's rolling metrics per arm): a 100 KB arm made every scrape
+# of the train stage 860 KB, and kept it so through restarts (the windows are in the snapshots).
+MAX_ARM_CHARS = 64
+_Arm = Annotated[str, Meta(min_length=1, max_length=MAX_ARM_CHARS)]
 _Time = Annotated[int, Meta(ge=0, le=MAX_EVENT_TIME_MS)]
 _Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 _Version = Annotated[int, Meta(ge=0, le=2**63 - 1)]
@@ -41,7 +45,7 @@ class Impression:
     event_time_ms: _Time
     served_prediction: _Probability
     model_version: _Version
-    arm: _Id = "default"
+    arm: _Arm = "default"
     schema_version: _Major = SCHEMA_VERSION
 
 

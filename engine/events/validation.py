@@ -32,7 +32,14 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from reloop.engine.events.schema import MAX_EVENT_TIME_MS, SCHEMA_VERSION, Click, Impression, LabeledSample
+from reloop.engine.events.schema import (
+    MAX_ARM_CHARS,
+    MAX_EVENT_TIME_MS,
+    SCHEMA_VERSION,
+    Click,
+    Impression,
+    LabeledSample,
+)
 
 REASONS = frozenset(
     {
@@ -262,7 +269,7 @@ def _impression(obj: object, json_safe: bool = True) -> Impression:
             and type(mv) is int
             and 0 <= mv <= _I64_MAX
             and type(arm) is str
-            and arm
+            and 0 < len(arm) <= MAX_ARM_CHARS
             and type(sv) is int
             and sv == _V
             and type(feats) is dict
@@ -318,7 +325,7 @@ def _sample(obj: object, json_safe: bool = True) -> LabeledSample:
             and type(t) is int
             and 0 <= t <= _T
             and type(arm) is str
-            and arm
+            and 0 < len(arm) <= MAX_ARM_CHARS
             and type(w) is float
             and 0.0 <= w < math.inf
             and type(corr) is bool
@@ -383,6 +390,8 @@ def _arm(obj: dict) -> str:
         raise _wrong_type("arm", "a string", arm)
     if not arm:
         raise EventError("bad_value", "arm must not be empty", "arm")
+    if len(arm) > MAX_ARM_CHARS:
+        raise EventError("bad_value", f"arm is {len(arm)} characters, longer than {MAX_ARM_CHARS}", "arm")
     return arm
 
 

@@ -42,6 +42,7 @@ from reloop.engine.config_common import (
     read_document,
     reportable_errors,
 )
+from reloop.engine.events.schema import MAX_ARM_CHARS
 from reloop.engine.features.counters import CounterSettings
 from reloop.engine.serve.arms import ArmRouter
 
@@ -128,6 +129,7 @@ class ArmCountersConfig(CounterSettings):
 class ArmConfig(_Frozen):
     name: str = Field(
         min_length=1,
+        max_length=MAX_ARM_CHARS,  # the impressions' arm field: longer ones are dead-lettered at the join
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="the arm's name (labels, /stats, the impressions' arm field)",
     )

@@ -213,3 +213,40 @@ def test_fast_builder_refuses_a_changed_schema():
 
     with pytest.raises(RuntimeError, match="fields changed"):
         _setters(Click, ("impression_id", "event_time_ms", "value"))
+
+
+def test_an_arm_longer_than_a_label_should_be_is_refused_by_every_path(impression_dict):
+    # The arm is a label of the train stage's rolling metrics: one impression with a 100 KB arm made every
+    # scrape 860 KB, for good (the windows are in the snapshots).
+    import orjson
+    from reloop.engine.events.codec import decode_impression
+    from reloop.engine.events.schema import MAX_ARM_CHARS
+
+    longest = impression_dict(arm="a" * MAX_ARM_CHARS)
+    assert impression_from_obj(longest).arm == decode_impression(orjson.dumps(longest)).arm == longest["arm"]
+    too_long = impression_dict(arm="a" * (MAX_ARM_CHARS + 1))
+    for check in (
+        lambda: _impression(too_long),
+        lambda: _impression_precise(too_long),
+        lambda: decode_impression(orjson.dumps(too_long)),
+        lambda: _sample({**sample_dict_like(), "arm": too_long["arm"]}),
+    ):
+        with pytest.raises(EventError) as raised:
+            check()
+        assert (raised.value.reason, raised.value.field) == ("bad_value", "arm")
+        assert f"longer than {MAX_ARM_CHARS}" in str(raised.value)
+
+
+def sample_dict_like() -> dict:
+    from .conftest import _sample_dict
+
+    return _sample_dict()
+
+
+def test_a_served_arm_name_is_no_longer_than_the_join_takes() -> None:
+    from pydantic import ValidationError
+    from reloop.engine.events.schema import MAX_ARM_CHARS
+    from reloop.engine.serve.config import ArmConfig
+
+    with pytest.raises(ValidationError, match="at most 64 characters"):
+        ArmConfig(name="a" * (MAX_ARM_CHARS + 1), registry="/tmp/x")
