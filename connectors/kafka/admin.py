@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as KafkaTopicPartition
@@ -26,6 +26,7 @@ from reloop.engine.streams import (
 )
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 # A topic's replication factor left to the broker (its default.replication.factor; KIP-464, Kafka 2.4).
 BROKER_DEFAULT = -1
 
@@ -143,6 +144,32 @@ def record_limit(bootstrap: str, topic: str, client_config: Mapping[str, Any] | 
             admin.close()
 
 
+def _asked(
+    bootstrap: str,
+    client_config: Mapping[str, Any] | None,
+    timeout_s: float,
+    what: str,
+    ask: Callable[[KafkaAdminClient], T],
+) -> T | None:
+    """``ask(admin)``'s answer, or None with a warning naming ``what`` when the cluster cannot be asked
+    (the facts asked for here only inform: no reason to stop); bounded by ``timeout_s``."""
+    settings = {"bootstrap_timeout_ms": int(timeout_s * 1000), "request_timeout_ms": int(timeout_s * 1000)}
+    try:
+        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
+    except AuthenticationFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        _log.warning("could not read the %s: %r", what, exc)
+        return None
+    try:  # one request for all: a broker gone meanwhile costs one timeout, not one per topic
+        return ask(admin)
+    except Exception as exc:  # noqa: BLE001 - as above
+        _log.warning("could not read the %s: %r", what, exc)
+        return None
+    finally:
+        admin.close()
+
+
 def retention_ms(
     bootstrap: str,
     topics: Iterable[str],
@@ -154,24 +181,18 @@ def retention_ms(
     (missing, no DescribeConfigs permission) is left out, with a warning: the value only informs one."""
     found: dict[str, int] = {}
     wanted = list(dict.fromkeys(topics))
-    settings = {"bootstrap_timeout_ms": int(timeout_s * 1000), "request_timeout_ms": int(timeout_s * 1000)}
-    try:
-        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
-    except AuthenticationFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
-        _log.warning("could not read the retention of topics %r: %r", wanted, exc)
-        return found
-    try:  # one request for all: a broker gone meanwhile costs one timeout, not one per topic
-        answer = admin.describe_configs(
+    answer = _asked(
+        bootstrap,
+        client_config,
+        timeout_s,
+        f"retention of topics {wanted!r}",
+        lambda admin: admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic, ["retention.ms"]) for topic in wanted],
             config_filter="all",
-        ).get("topic", {})
-    except Exception as exc:  # noqa: BLE001 - as above
-        _log.warning("could not read the retention of topics %r: %r", wanted, exc)
+        ).get("topic", {}),
+    )
+    if answer is None:
         return found
-    finally:
-        admin.close()
     for topic in wanted:
         entry = answer.get(topic, {}).get("retention.ms")
         if entry is None:
@@ -192,24 +213,12 @@ def topic_ids(
     another. A topic the cluster does not say for (missing, an old broker) is left out, with a warning
     when the cluster cannot be asked: the ids only tell a recreated topic."""
     wanted = list(dict.fromkeys(topics))
-    settings = {"bootstrap_timeout_ms": int(timeout_s * 1000), "request_timeout_ms": int(timeout_s * 1000)}
-    try:
-        admin = admin_client(bootstrap, settings | admin_settings(client_config or {}))
-    except AuthenticationFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ids we cannot read are not a reason to stop
-        _log.warning("could not read the ids of topics %r: %r", wanted, exc)
-        return {}
-    try:
-        described = admin.describe_topics(wanted)
-    except Exception as exc:  # noqa: BLE001 - as above
-        _log.warning("could not read the ids of topics %r: %r", wanted, exc)
-        return {}
-    finally:
-        admin.close()
+    described = _asked(
+        bootstrap, client_config, timeout_s, f"ids of topics {wanted!r}", lambda a: a.describe_topics(wanted)
+    )
     return {
         t["name"]: str(t["topic_id"])
-        for t in described
+        for t in described or []
         if not t.get("error_code") and t.get("topic_id") and t.get("name") in wanted
     }
 

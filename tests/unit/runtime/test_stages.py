@@ -83,7 +83,7 @@ def _log(synth, partitions: int = 1) -> MemoryLog:
     return log
 
 
-def _join(cfg, log, clock, tmp, stats=None):
+def _join(cfg, log, clock, tmp, stats=None, topic_ids=None):
     return build_join_stage(
         cfg,
         source=MemoryGroupSource(log, ["impressions", "clicks"]),
@@ -92,6 +92,7 @@ def _join(cfg, log, clock, tmp, stats=None):
         clock=clock,
         stats=stats or EngineStats(),
         checkpoint_dir=tmp / "join-ckpt",
+        topic_ids=topic_ids,
     )
 
 
@@ -1513,16 +1514,7 @@ def test_an_input_topic_created_again_past_the_checkpoint_position_is_read_from_
     clock = ManualClock(START)
 
     def stage(log: MemoryLog, ids: dict[str, str], stats: EngineStats):
-        return build_join_stage(
-            cfg,
-            source=MemoryGroupSource(log, ["impressions", "clicks"]),
-            samples_sink=MemorySink(log, "samples"),
-            dead_letter_sink=MemorySink(log, "dead"),
-            clock=clock,
-            stats=stats,
-            checkpoint_dir=tmp_path / "join-ckpt",
-            topic_ids=ids,
-        )
+        return _join(cfg, log, clock, tmp_path, stats, topic_ids=ids)
 
     old = _log(generate(150, seed=2, pad_to_multiple=BATCH))
     first = stage(old, {"impressions": "i-1", "clicks": "c-1"}, EngineStats())
