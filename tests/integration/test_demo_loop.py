@@ -65,7 +65,7 @@ def test_demo_runs_the_whole_loop(kafka_broker, tmp_path):
         "--config",
         str(_config(tmp_path)),
         "--duration",
-        "32",
+        "45",  # 32 s published 2 versions per arm on a busy machine (trainers start in ~10 s)
         "--bootstrap",
         kafka_broker.bootstrap,
         "--workdir",

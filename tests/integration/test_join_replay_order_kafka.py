@@ -25,7 +25,7 @@ from reloop.engine.runtime.synthetic import generate
 from reloop.engine.train.ledger import Ledger
 
 from .test_run_kafka import PERIOD, _config, _now_ms, _stop
-from .test_stages_kafka import _CHILDREN, _kill_leftovers, _stage  # noqa: F401 - the fixture
+from .test_stages_kafka import _CHILDREN, _kill_leftovers, _stage, _wait_log  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -72,6 +72,9 @@ def test_a_replayed_join_task_sends_the_same_samples_under_the_same_seqs(
     join.wait()
     _produce(bs, topics, [r for r in synth.records if id(r) not in taken])
     join = _stage("join", config, tmp_path / "join.log")
+    # The task restored first: until the group's rebalance gives it (the killed member's session runs out
+    # first) the second life sends nothing, and on a busy machine that outlasted the quiet time below.
+    _wait_log(tmp_path / "join.log", '"msg":"task restored"', timeout_s=60)
     _stable(lambda: sum(watcher.end_positions().values()), 3.0, 60)
     watcher.close()
     ledger = tmp_path / "ledger.jsonl"

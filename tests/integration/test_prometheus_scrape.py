@@ -214,9 +214,12 @@ def test_rolling_auc_per_arm_is_scraped_from_the_processor(running):
     # so it holds the same samples.
     whole = wait_for(running, 'reloop_rolling_auc{job="reloop-processor",slot="all"}', min_results=2)
     assert {s["metric"]["arm"] for s in whole} == set(ARMS)
-    for s in whole:
+    # Both slots in one query, so from one scrape: two queries read two scrapes of windows still filling.
+    both = wait_for(running, 'reloop_rolling_auc{job="reloop-processor",slot=~"current|all"}', min_results=4)
+    current = {s["metric"]["arm"]: s for s in both if s["metric"]["slot"] == "current"}
+    for s in (s for s in both if s["metric"]["slot"] == "all"):
         assert "model_version" not in s["metric"]
-        assert float(s["value"][1]) == pytest.approx(float(by_arm[s["metric"]["arm"]]["value"][1]))
+        assert float(s["value"][1]) == pytest.approx(float(current[s["metric"]["arm"]]["value"][1]))
     # The feed separates clicks better on the reloop arm: the scraped AUCs say so.
     assert float(by_arm["reloop"]["value"][1]) > float(by_arm["control"]["value"][1]) > 0.5
     samples = wait_for(running, "reloop_rolling_window_samples", min_results=2)
