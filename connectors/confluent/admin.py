@@ -85,12 +85,18 @@ def record_limit(
         return None
 
 
-def retention_ms(
-    connection: Mapping[str, Any], bootstrap: str, topics: Iterable[str], *, timeout_s: float = 5.0
-) -> dict[str, int]:
-    """Each topic's ``retention.ms`` (-1: no time-based retention); a topic the cluster does not say for
-    is left out, with a warning. As the kafka-python connector's ``retention_ms``."""
-    found: dict[str, int] = {}
+def topic_settings(
+    connection: Mapping[str, Any],
+    bootstrap: str,
+    topics: Iterable[str],
+    keys: Iterable[str],
+    *,
+    timeout_s: float = 5.0,
+) -> dict[str, dict[str, str]]:
+    """Each topic's values of the topic settings ``keys``; a topic the cluster does not say for is left
+    out, with a warning. As the kafka-python connector's ``topic_settings``."""
+    found: dict[str, dict[str, str]] = {}
+    names = list(keys)
     admin = AdminClient(logged({**connection, "bootstrap.servers": bootstrap}))
     # One request for all, one deadline: a broker gone meanwhile costs one timeout, not one per topic.
     futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in dict.fromkeys(topics)])
@@ -98,9 +104,9 @@ def retention_ms(
     for resource, future in futures.items():
         try:
             entries = future.result(max(0.0, deadline - time.monotonic()))
-            found[resource.name] = int(entries["retention.ms"].value)
-        except Exception as exc:  # noqa: BLE001 - a retention we cannot read is not a reason to stop
-            _log.warning("could not read the retention of topic %r: %r", resource.name, exc)
+            found[resource.name] = {k: str(entries[k].value) for k in names if k in entries}
+        except Exception as exc:  # noqa: BLE001 - settings we cannot read are not a reason to stop
+            _log.warning("could not read the settings of topic %r: %r", resource.name, exc)
     return found
 
 

@@ -170,35 +170,38 @@ def _asked(
         admin.close()
 
 
-def retention_ms(
+def topic_settings(
     bootstrap: str,
     topics: Iterable[str],
+    keys: Iterable[str],
     client_config: Mapping[str, Any] | None = None,
     *,
     timeout_s: float = 5.0,
-) -> dict[str, int]:
-    """Each topic's ``retention.ms`` (-1: no time-based retention). A topic the cluster does not say for
-    (missing, no DescribeConfigs permission) is left out, with a warning: the value only informs one."""
-    found: dict[str, int] = {}
-    wanted = list(dict.fromkeys(topics))
+) -> dict[str, dict[str, str]]:
+    """Each topic's values of the topic settings ``keys`` (``retention.ms``, ``cleanup.policy``...), as
+    the cluster reports them (its defaults included). A topic the cluster does not say for (missing, no
+    DescribeConfigs permission) is left out, with a warning: the values only inform a check."""
+    found: dict[str, dict[str, str]] = {}
+    wanted, names = list(dict.fromkeys(topics)), list(keys)
     answer = _asked(
         bootstrap,
         client_config,
         timeout_s,
-        f"retention of topics {wanted!r}",
+        f"settings of topics {wanted!r}",
         lambda admin: admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, ["retention.ms"]) for topic in wanted],
+            [ConfigResource(ConfigResourceType.TOPIC, topic, names) for topic in wanted],
             config_filter="all",
         ).get("topic", {}),
     )
     if answer is None:
         return found
     for topic in wanted:
-        entry = answer.get(topic, {}).get("retention.ms")
-        if entry is None:
-            _log.warning("could not read the retention of topic %r: the cluster did not say", topic)
+        entries = answer.get(topic, {})
+        values = {k: str(entries[k]["value"]) for k in names if entries.get(k) is not None}
+        if not values:
+            _log.warning("could not read the settings of topic %r: the cluster did not say", topic)
         else:
-            found[topic] = int(entry["value"])
+            found[topic] = values
     return found
 
 

@@ -210,7 +210,7 @@ class JoinStage:
         self._journals: dict[int, MergeJournal] = {}  # task -> the merge journal of its checkpoint
         self.final_saved: dict[str, int | None] | None = None  # the stop's checkpoints (stop watchdog)
         self.rebalances = 0
-        self.snapshots_written = 0
+        self.snapshots_written = 0  # periodic checkpoints published, their output sent: progress
         self.samples_sent = 0
         self.messages_split = 0  # samples messages sent as halves: too large for the topic (_send_message)
         self._last_checkpoint = time.monotonic()
@@ -716,10 +716,14 @@ class JoinStage:
                 },
             }
             self.registry(task.partition).publish({"state": state}, meta)
-            self.snapshots_written += 1
             self._use_journal(task, journal)
             while task.unsent:
                 self._send(task, self.settings.batch_samples)
+            if advance:
+                # Progress (the supervisor's give-up clock) is a task that moved on, its output sent: the
+                # save that every rebuild writes when it restores or starts a task is none. Counted, a
+                # samples topic that refused every message (compacted) crash-looped the stage for ever.
+                self.snapshots_written += 1
 
         try:
             self.checkpointer.save(publish, positions, task=task.partition)

@@ -107,15 +107,29 @@ def _ensure_samples_topic(cfg: RunConfig) -> None:
 
 def _retention(cfg: RunConfig) -> dict[str, int]:
     """The input and samples topics' retention.ms, for the join stage's warning about records stamped
-    longer ago (engine/runtime/retention_watch.py); topics it cannot read are left out."""
+    longer ago (engine/runtime/retention_watch.py); topics it cannot read are left out. A compacted
+    samples topic is refused (a ConfigError, exit 2): the broker refuses every samples message (they
+    have no key), and the stage was rebuilt and refused again for as long as it ran."""
     topics = [cfg.source.impressions_topic, cfg.source.clicks_topic, cfg.stages.samples_topic]
+    keys = ["retention.ms", "cleanup.policy"]
     if cfg.kafka.client == "confluent":
-        from reloop.connectors.confluent.admin import retention_ms as confluent_retention
+        from reloop.connectors.confluent.admin import topic_settings as confluent_settings
 
-        return confluent_retention(cfg.kafka.connection(), cfg.kafka.bootstrap, topics)
-    from reloop.connectors.kafka.admin import retention_ms
+        found = confluent_settings(cfg.kafka.connection(), cfg.kafka.bootstrap, topics, keys)
+    else:
+        from reloop.connectors.kafka.admin import topic_settings
 
-    return retention_ms(cfg.kafka.bootstrap, topics, cfg.kafka.connection())
+        found = topic_settings(cfg.kafka.bootstrap, topics, keys, cfg.kafka.connection())
+    policy = found.get(cfg.stages.samples_topic, {}).get("cleanup.policy", "delete")
+    if "compact" in policy.split(","):
+        from reloop.engine.runtime.config import ConfigError
+
+        raise ConfigError(
+            f"the samples topic {cfg.stages.samples_topic!r} has cleanup.policy={policy}: its messages have "
+            "no key, which a compacted topic refuses (and compaction would drop samples); give it "
+            "cleanup.policy=delete, or name another topic in stages.samples_topic"
+        )
+    return {t: int(v["retention.ms"]) for t, v in found.items() if "retention.ms" in v}
 
 
 def _topic_ids(cfg: RunConfig, topics: list[str]) -> dict[str, str]:

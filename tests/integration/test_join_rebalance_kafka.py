@@ -21,7 +21,7 @@ from kafka import TopicPartition as KafkaTopicPartition
 from reloop.connectors.kafka.admin import create_topics
 from reloop.connectors.kafka.group_source import KafkaGroupSource
 from reloop.connectors.kafka.sink import KafkaSink
-from reloop.engine.runtime.config import load_config
+from reloop.engine.runtime.config import ConfigError, load_config
 from reloop.engine.runtime.join_stage import ConsumerStalled
 from reloop.engine.runtime.join_task import JoinTask
 from reloop.engine.runtime.kafka_stages import join_stage_factory
@@ -72,6 +72,21 @@ def test_a_join_stage_knows_its_topics_retention(kafka_broker, unique_topic, tmp
         }
     finally:
         stage.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_compacted_samples_topic_is_refused_before_the_join_stage_starts(
+    kafka_broker, unique_topic, tmp_path, client
+):
+    """The broker refuses every samples message of a compacted topic (they have no key): the stage was
+    rebuilt and refused again every few seconds for as long as it ran. Now a ConfigError (exit 2)."""
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    bootstrap = kafka_broker.bootstrap
+    create_topics(bootstrap, {topics["impressions"]: 1, topics["clicks"]: 1, topics["deadletter"]: 1})
+    create_topics(bootstrap, {topics["samples"]: 1}, configs={"cleanup.policy": "compact,delete"})
+    cfg = load_config(_config(tmp_path, bootstrap, topics, "correct", kafka={"client": client}), env={})
+    with pytest.raises(ConfigError, match=rf"samples topic '{topics['samples']}' has cleanup.policy=compact"):
+        join_stage_factory(cfg)()
 
 
 class _Joiner:

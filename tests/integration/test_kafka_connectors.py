@@ -15,7 +15,7 @@ from reloop.connectors.kafka.admin import (
     create_topics,
     offsets_for_times,
     record_limit,
-    retention_ms,
+    topic_settings,
 )
 from reloop.connectors.kafka.group_source import KafkaGroupSource
 from reloop.connectors.kafka.sink import KafkaSink, KafkaSinkError
@@ -137,23 +137,31 @@ def test_missing_topic_is_a_clear_error_and_not_created(kafka_broker, unique_top
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_topics_retention_is_read_from_the_broker(kafka_broker, unique_topic, client, caplog) -> None:
-    """What the join stage's warning of records stamped longer ago than their topic's retention reads."""
+def test_topics_settings_are_read_from_the_broker(kafka_broker, unique_topic, client, caplog) -> None:
+    """What the join stage's checks read: the retention (its warning of records stamped longer ago than
+    it) and the cleanup policy (a compacted samples topic is refused)."""
     short, default, endless = unique_topic("short"), unique_topic("default"), unique_topic("endless")
     missing = unique_topic("missing")
-    create_topics(kafka_broker.bootstrap, {short: 1}, configs={"retention.ms": "3600000"})
+    create_topics(
+        kafka_broker.bootstrap, {short: 1}, configs={"retention.ms": "3600000", "cleanup.policy": "compact"}
+    )
     create_topics(kafka_broker.bootstrap, {endless: 1}, configs={"retention.ms": "-1"})
     create_topics(kafka_broker.bootstrap, {default: 1})
     topics = [short, default, endless, missing]
+    keys = ["retention.ms", "cleanup.policy"]
     if client == "confluent":
-        from reloop.connectors.confluent.admin import retention_ms as confluent_retention
+        from reloop.connectors.confluent.admin import topic_settings as confluent_settings
 
-        got = confluent_retention({}, kafka_broker.bootstrap, topics)
+        got = confluent_settings({}, kafka_broker.bootstrap, topics, keys)
     else:
-        got = retention_ms(kafka_broker.bootstrap, topics)
-    # The broker's default (log.retention.hours 168) for the topic without its own; the missing topic is
-    # left out with a warning naming it.
-    assert got == {short: 3_600_000, default: 7 * 24 * 3_600_000, endless: -1}
+        got = topic_settings(kafka_broker.bootstrap, topics, keys)
+    # The broker's defaults (log.retention.hours 168, delete) for a topic without its own; the missing
+    # topic is left out with a warning naming it.
+    assert got == {
+        short: {"retention.ms": "3600000", "cleanup.policy": "compact"},
+        default: {"retention.ms": str(7 * 24 * 3_600_000), "cleanup.policy": "delete"},
+        endless: {"retention.ms": "-1", "cleanup.policy": "delete"},
+    }
     assert any(missing in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
