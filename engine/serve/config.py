@@ -238,6 +238,13 @@ class RequestLimits(_Frozen):
         "the context, so a context of many keys the model does not read multiplied the request into the log "
         "(69,000 keys: 1 MB in, 90 MB to Kafka, 1.1 s of the event loop)",
     )
+    max_logged_bytes: int = Field(
+        default=16 << 20,
+        gt=0,
+        description="most bytes of context one request may write to the impression log: its context's size "
+        "(keys and values) times the impressions it logs (top_k); a 590 KB context with top_k 2000 wrote "
+        "~1 GB to Kafka and held the event loop 2.3 s",
+    )
     max_future_ms: int | None = Field(
         default=300_000, ge=0, description="event_time_ms further ahead of the service clock is refused"
     )

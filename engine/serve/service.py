@@ -232,6 +232,24 @@ class ScoringService:
         if errors:
             raise BadRequest(errors)
 
+    def _check_logged(self, context: Mapping[str, Any], k: int) -> None:
+        """Refuse a request whose logged impressions would carry more than ``max_logged_bytes`` of context
+        (each carries it whole): within the body limit, a large context times a large top_k wrote a
+        gigabyte to the log and held the event loop for seconds."""
+        most = self.limits.max_logged_bytes
+        size = context_bytes(context)
+        if k * size > most:
+            raise BadRequest(
+                [
+                    {
+                        "loc": ["body", "top_k"],
+                        "msg": f"{k} logged impressions, each with the context's ~{size} bytes: ~{k * size} "
+                        f"bytes to the impression log; at most {most} (a smaller top_k or context)",
+                        "type": "too_large",
+                    }
+                ]
+            )
+
     def _warn_misnamed(
         self,
         arm: str,
@@ -263,6 +281,10 @@ class ScoringService:
         candidates = request.candidates
         features = [c.features for c in candidates]
         self._check(arm.name, bundle, request, context, features)
+        n = len(candidates)
+        k = min(request.top_k or self.top_k, n)
+        if context:  # (also where nothing is logged: one request is valid or not wherever it is sent)
+            self._check_logged(context, k)
         memory, counters = arm.memory, arm.counters
         counted: np.ndarray | None = None
         if memory is None and counters is None:
@@ -291,8 +313,6 @@ class ScoringService:
                     for i in unscored[:20]
                 ]
             )
-        n = len(candidates)
-        k = min(request.top_k or self.top_k, n)
         # Stable sort: equal scores keep request order, so the ranking is deterministic.
         order = np.argsort(-scores, kind="stable")[:k].tolist()
         values = scores.tolist()
@@ -381,6 +401,23 @@ class _Scored(NamedTuple):
     scores: list[float]
     order: list[int]
     impression_ids: list[str]
+
+
+def context_bytes(context: Mapping[str, Any]) -> int:
+    """About the bytes ``context`` takes in an encoded impression: its keys and string values by their
+    length, 8 for any other value, lists item by item (a lower bound of JSON's size)."""
+    size = 0
+    for key, value in context.items():
+        size += len(key) + _value_bytes(value)
+    return size
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return sum(len(v) if isinstance(v, str) else 8 for v in value)
+    return 8
 
 
 def _loose(name: str) -> str:

@@ -175,6 +175,21 @@ def test_a_context_of_thousands_of_keys_is_refused_before_it_is_multiplied_into_
     assert _post(client, body)[0].status_code == 200
 
 
+def test_a_large_context_times_a_large_top_k_is_refused_before_it_is_multiplied_into_the_log(service):
+    # Within every other limit: 120 keys of 4,000 characters (480 KB) logged with each of 2,000 impressions
+    # wrote ~1 GB to Kafka and held the event loop 2.3 s.
+    client, _ = service
+    body = _body(2000, top_k=2000)
+    body["context"] = {"user": "u1", **{f"k{i}": "x" * 4000 for i in range(120)}}
+    r, took = _post(client, body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "top_k"] and "impression log" in detail["msg"], detail
+    body["top_k"] = 30  # 30 x 480 KB: under the 16 MiB
+    r, _ = _post(client, body)
+    assert r.status_code == 200 and len(r.json()["ranking"]) == 30, r.text
+
+
 def test_oversized_bodies_get_413_fast(service):
     client, _ = service
     ten_mb = (
