@@ -222,6 +222,10 @@ def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             commit = source.commit if group_id else None
+            # The topic's id once the source found the topic (a missing one: "waiting for a topic"). Asked
+            # before, a train stage built a moment before the join stage created the topic recorded no
+            # id in its saves, and a later recreation of the topic went unnoticed.
+            source.partitions()
             samples_id = _topic_ids(cfg, [cfg.stages.samples_topic]).get(cfg.stages.samples_topic)
             return build_train_stage(
                 cfg,

@@ -89,6 +89,44 @@ def test_a_compacted_samples_topic_is_refused_before_the_join_stage_starts(
         join_stage_factory(cfg)()
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_train_stage_records_the_id_of_a_samples_topic_created_while_it_was_built(
+    kafka_broker, unique_topic, tmp_path, client, monkeypatch
+):
+    """Built while the join stage created the samples topic (``reloop run`` starts both at once), a train
+    stage asked for the topic's id before the topic existed and recorded none in its saves: a later
+    recreation of the topic went unnoticed. It now asks once its source found the topic, and waits for
+    the topic before that (the supervisor's "waiting for a topic")."""
+    from reloop.connectors.kafka.admin import topic_ids
+    from reloop.engine.runtime import kafka_stages
+    from reloop.engine.streams import TopicNotFound
+
+    topics = {k: unique_topic(k) for k in ("impressions", "clicks", "samples", "deadletter")}
+    bootstrap = kafka_broker.bootstrap
+    create_topics(bootstrap, {topics["impressions"]: 1, topics["clicks"]: 1, topics["deadletter"]: 1})
+    cfg = load_config(_config(tmp_path, bootstrap, topics, "correct", kafka={"client": client}), env={})
+    asked = kafka_stages._topic_ids
+
+    def join_creates_it_meanwhile(cfg_, names):
+        found = asked(cfg_, names)
+        if not found:
+            create_topics(bootstrap, {topics["samples"]: 1})
+        return found
+
+    monkeypatch.setattr(kafka_stages, "_topic_ids", join_creates_it_meanwhile)
+    build = kafka_stages.train_stage_factory(cfg)
+    try:
+        stage = build()
+    except TopicNotFound:  # the supervisor waits, then builds again
+        create_topics(bootstrap, {topics["samples"]: 1})
+        stage = build()
+    try:
+        wanted = topic_ids(bootstrap, [topics["samples"]])[topics["samples"]]
+        assert stage.meta.get("samples_topic_id") == wanted
+    finally:
+        stage.close()
+
+
 class _Joiner:
     """One join process: the stage under its supervisor, on a thread of this process."""
 
