@@ -224,6 +224,10 @@ SERIES: tuple[Series, ...] = (
     Series("impressions_dropped", "reloop_impressions_dropped_total", "counter",
            "Impression events not logged (reason: queue_full, sink_error, oversized, rejected, "
            "undelivered, encode_error, shutdown, closed).", ("reason",)),
+    Series("impressions_pending", "reloop_impressions_pending", "gauge",
+           "Impression events an arm's logger accepted and Kafka has not acknowledged yet (held while the "
+           "broker is unreachable, up to serve.log.max_buffer; beyond it they are dropped, queue_full).",
+           ("arm",)),
     Series("serve_feed_samples", "reloop_serve_feed_samples_total", "counter",
            "Joined samples a serving arm's samples feed took (target: memory, ReLoop2's error memory, or "
            "counters, the click counters; outcome: written, or for counters the clicks counted; duplicate, "

@@ -312,6 +312,7 @@ class EngineStats:
     serve_model_version: Level = field(default_factory=Level)  # (arm,)
     impressions_logged: Tally = field(default_factory=Tally)  # (arm,)
     impressions_dropped: Tally = field(default_factory=Tally)  # (reason,)
+    impressions_pending: Level = field(default_factory=Level)  # (arm,): accepted, not acknowledged yet
     serve_feed_samples: Tally = field(default_factory=Tally)  # (arm, target, outcome)
     serve_feed_lag: Level = field(default_factory=Level)  # (arm, target, topic)
 

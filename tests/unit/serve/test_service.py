@@ -296,3 +296,22 @@ def test_a_feature_spelt_otherwise_than_the_spec_reads_it_is_named_in_a_warning(
     runtimes["M"].logger.close()
     (warned,) = [r for r in caplog.records if "named like one the model reads" in r.getMessage()]
     assert warned.fields["misnamed"] == {"user-ID": "user_id"}
+
+
+def test_each_arm_s_pending_impressions_are_a_gauge_read_at_scrape_time():
+    # /stats said how many impressions wait for Kafka (a broker outage fills the buffer); /metrics did not.
+    from reloop.engine.metrics.stats import STATS
+
+    class Waiting:
+        pending = 42
+
+        def log(self, impressions):
+            self.pending += len(impressions)
+
+    logger = Waiting()
+    service = ScoringService(
+        router=ArmRouter([("P", 1.0)], salt="t"), arms={"P": ArmRuntime("P", ModelHolder(bundle(1)), logger)}
+    )
+    assert STATS.impressions_pending.get("P") == 42
+    service.score(_request(0))
+    assert STATS.impressions_pending.get("P") == 52
