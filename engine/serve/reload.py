@@ -75,6 +75,12 @@ class ArmSource:
     pending: dict[int, Callable[[], bool]] = field(default_factory=dict)  # refused until ready() says
     retry: dict[int, tuple[float, int]] = field(default_factory=dict)  # unreadable: (next try, tries)
     warned: tuple[int, int] | None = None  # (live, newest) last warned of as removed newer versions
+    # The registry could not be listed: (the error, when last logged, polls failed since), or None.
+    list_failing: tuple[str, float, int] | None = None
+
+
+# A registry that cannot be listed is logged at most this often (the watcher polls it 5 times a second).
+LIST_FAILURE_LOG_EVERY_S = 60.0
 
 
 class ReloadWatcher:
@@ -94,6 +100,7 @@ class ReloadWatcher:
                 latest = src.latest()
                 live = src.holder.version
                 if latest is None or latest == live:
+                    self._listed(src)
                     self._fallback(src, latest)
                     continue
                 # Newer versions removed (a rollback, or a registry started again): the live one may
@@ -111,9 +118,10 @@ class ReloadWatcher:
                 if rollback:
                     live = None
                 candidates = [latest] if src.versions is None else sorted(src.versions(), reverse=True)
-            except Exception:  # noqa: BLE001 - a registry hiccup must not kill the watcher
-                log.exception("reload %s: cannot list the registry", src.name)
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not kill the watcher
+                self._list_failed(src, exc)
                 continue
+            self._listed(src)
             for version in candidates:
                 if (live is not None and version <= live) or version > latest or version in src.refused:
                     continue
@@ -194,6 +202,30 @@ class ReloadWatcher:
         if ready:
             del src.pending[version]
         return ready
+
+    def _list_failed(self, src: ArmSource, exc: Exception) -> None:
+        """Log a registry that cannot be listed with its traceback once, then (the same error at every
+        poll, 5 a second: out of file descriptors wrote 770 traceback lines in 10 s) once a minute."""
+        now, what = time.monotonic(), repr(exc)
+        failing = src.list_failing
+        if failing is not None and failing[0] == what and now - failing[1] < LIST_FAILURE_LOG_EVERY_S:
+            src.list_failing = (what, failing[1], failing[2] + 1)
+            return
+        if failing is None or failing[0] != what:
+            log.exception("reload %s: cannot list the registry", src.name)
+        else:
+            log.error(
+                "reload %s: still cannot list the registry (%d polls failed since): %s",
+                src.name,
+                failing[2] + 1,
+                what,
+            )
+        src.list_failing = (what, now, 0)
+
+    def _listed(self, src: ArmSource) -> None:
+        if src.list_failing is not None:
+            src.list_failing = None
+            log.info("reload %s: the registry is listed again", src.name)
 
     @staticmethod
     def _fallback(src: ArmSource, latest: int | None) -> None:

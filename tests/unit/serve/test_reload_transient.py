@@ -183,3 +183,30 @@ def test_a_cold_start_arm_says_it_serves_v0_and_takes_the_first_snapshot(tmp_pat
     SnapshotRegistry(root).publish({"model": learner.state_dict()})
     watcher.poll_once()
     assert holder.version == 1
+
+
+def test_a_registry_that_cannot_be_listed_is_logged_once_a_minute_not_at_every_poll(clock, caplog):
+    # Out of file descriptors, the watcher logged a whole traceback at every poll (5 a second): 770 lines
+    # in 10 s, burying what the operator needed to see.
+    class Unlistable(_FlakyRegistry):
+        failing = True
+
+        def latest(self):
+            if self.failing:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().latest()
+
+    reg = Unlistable([1], {})
+    watcher = _watcher(reg, ModelHolder())
+    with caplog.at_level(logging.INFO, logger="reloop.engine.serve.reload"):
+        for _ in range(300):  # a minute of polls
+            watcher.poll_once()
+            clock.now += 0.2
+        watcher.poll_once()  # a minute after the first line: one line saying how many failed since
+        reg.failing = False
+        watcher.poll_once()
+    lines = [r for r in caplog.records if r.name == "reloop.engine.serve.reload"]
+    assert [r.levelname for r in lines] == ["ERROR", "ERROR", "INFO", "INFO"], [r.getMessage() for r in lines]
+    assert lines[0].exc_info is not None and "cannot list the registry" in lines[0].getMessage()
+    assert "300 polls failed since" in lines[1].getMessage() and lines[1].exc_info is None
+    assert "listed again" in lines[2].getMessage()
