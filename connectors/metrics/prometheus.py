@@ -205,7 +205,8 @@ SERIES: tuple[Series, ...] = (
     Series("serve_failed_requests", "reloop_serve_failed_requests_total", "counter",
            "Scoring requests answered without one, by HTTP status: 413 (body too large), 415 (a "
            "Content-Encoding), 422 (invalid), "
-           "503 (no model loaded yet), 500 (scoring failed); 408: connections closed at "
+           "503 (no model loaded yet, or shed after serve.limits.max_queue_ms), 500 (scoring failed); 408: "
+           "connections closed at "
            "serve.read_timeout_s before their request arrived whole.", ("status",)),
     Series("serve_unread_requests", "reloop_serve_unread_requests_total", "counter",
            "Scoring requests whose context and candidates carry none of the fields the model reads "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,18 @@ def _score_body(service: ScoringService, body: bytes) -> tuple[int, bytes]:
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+# The scope key under which the HTTP protocol notes when a request arrived whole (monotonic seconds).
+RECEIVED_KEY = "reloop.received_s"
+_RETRY_AFTER = [(b"retry-after", b"1")]
+
+
+def overloaded(waited_s: float, most_s: float) -> bytes:
+    return orjson.dumps(
+        {
+            "detail": f"overloaded: the request waited {waited_s * 1000:.0f} ms for its turn, more than "
+            f"serve.limits.max_queue_ms ({most_s * 1000:g}); not scored, try again"
+        }
+    )
 
 
 class ScoreRoute:
@@ -132,6 +145,8 @@ class ScoreRoute:
         self.app = app
         self.service = service
         self.limit = service.limits.max_body_bytes
+        most = service.limits.max_queue_ms
+        self.max_queue_s = None if most is None else most / 1000
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/score" or scope["method"] != "POST":
@@ -174,14 +189,22 @@ class ScoreRoute:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not status and self.max_queue_s is not None:
+                received = scope.get(RECEIVED_KEY)  # set by the HTTP protocol (engine/serve/stack.py)
+                if received is not None and (waited := time.monotonic() - received) > self.max_queue_s:
+                    count_failed(self.service, 503)
+                    await _answer(send, 503, overloaded(waited, self.max_queue_s), _RETRY_AFTER)
+                    return
         status, content = (
             body_too_large(self.service, limit) if status == 413 else score_body(self.service, body)
         )
         await _answer(send, status, content)
 
 
-async def _answer(send: Any, status: int, content: bytes) -> None:
-    headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content))]
+async def _answer(
+    send: Any, status: int, content: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", b"%d" % len(content)), *(extra or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
 

@@ -245,6 +245,13 @@ class RequestLimits(_Frozen):
         "(keys and values) times the impressions it logs (top_k); a 590 KB context with top_k 2000 wrote "
         "~1 GB to Kafka and held the event loop 2.3 s",
     )
+    max_queue_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="shed load: a scoring request that waited longer than this from its last byte to its "
+        "turn (requests queue while the service scores others) is answered 503 at once, unscored, with "
+        "Retry-After; null: every request is scored however late (set it near your clients' timeout)",
+    )
     max_future_ms: int | None = Field(
         default=300_000, ge=0, description="event_time_ms further ahead of the service clock is refused"
     )

@@ -32,7 +32,7 @@ from typing import Any
 from reloop.engine.events.codec import encode
 from reloop.engine.netaddr import http_url
 from reloop.engine.runtime.gc_tuning import freeze_live_objects
-from reloop.engine.serve.app import ScoreRoute, count_failed, create_app
+from reloop.engine.serve.app import RECEIVED_KEY, ScoreRoute, count_failed, create_app
 from reloop.engine.serve.arms import ArmRouter
 from reloop.engine.serve.bundle import ModelBundle, ModelHolder
 from reloop.engine.serve.config import ArmConfig, ServeConfig
@@ -104,6 +104,10 @@ def with_read_deadline(
         def on_message_begin(self) -> None:  # httptools' parser callback
             self._begun += 1
             super().on_message_begin()
+
+        def on_message_complete(self) -> None:  # httptools': the request arrived whole
+            self.scope[RECEIVED_KEY] = time.monotonic()  # its wait for its turn (serve.limits.max_queue_ms)
+            super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             if not parses_messages and self._begun == self._answered:
