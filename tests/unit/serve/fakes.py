@@ -36,3 +36,15 @@ def bundle(version: int, **kw) -> ModelBundle:
 def version_of(score: float, x: float, w: float = 1.0) -> int:
     logit = np.log(score / (1 - score))
     return round((logit - w * x) * 100)
+
+
+def raw_score_request(i: int) -> bytes:
+    """A whole HTTP/1.1 ``POST /score`` of two candidates, as bytes for a plain socket: tests that need
+    to know exactly when a request's bytes were sent."""
+    import orjson
+
+    body = orjson.dumps(
+        {"request_id": f"r{i}", "user_id": f"u{i}", "candidates": [{"item_id": "a"}, {"item_id": "b"}]}
+    )
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body

@@ -7,20 +7,13 @@ from __future__ import annotations
 import socket
 import time
 
-import orjson
 import pytest
 from reloop.engine.serve.config import serve_config_from_dict
 from reloop.engine.serve.stack import ServingStack
 
+from .fakes import raw_score_request
+
 SPEC = {"fields": [{"kind": "categorical", "name": "user", "buckets": 10}]}
-
-
-def _request(i: int) -> bytes:
-    body = orjson.dumps(
-        {"request_id": f"r{i}", "user_id": f"u{i}", "candidates": [{"item_id": "a"}, {"item_id": "b"}]}
-    )
-    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    return head.encode() + b"\r\n\r\n" + body
 
 
 def _answer(conn: socket.socket) -> tuple[int, bytes]:
@@ -50,7 +43,7 @@ def test_requests_that_waited_past_max_queue_ms_are_answered_503_unscored(tmp_pa
     try:
         time.sleep(0.2)
         for i, conn in enumerate(conns):
-            conn.sendall(_request(i))
+            conn.sendall(raw_score_request(i))
         answers = [_answer(c) for c in conns]
     finally:
         for c in conns:

@@ -9,19 +9,12 @@ import socket
 import threading
 import time
 
-import orjson
 from reloop.engine.serve.config import serve_config_from_dict
 from reloop.engine.serve.stack import ServingStack
 
+from .fakes import raw_score_request
+
 SPEC = {"fields": [{"kind": "categorical", "name": "user", "buckets": 10}]}
-
-
-def _request(i: int) -> bytes:
-    body = orjson.dumps(
-        {"request_id": f"r{i}", "user_id": f"u{i}", "candidates": [{"item_id": "a"}, {"item_id": "b"}]}
-    )
-    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    return head.encode() + b"\r\n\r\n" + body
 
 
 def _status(conn: socket.socket) -> str:
@@ -54,7 +47,7 @@ def test_a_request_still_unread_in_its_socket_when_the_stop_begins_is_answered(t
         paused = threading.Event()
         protocol.loop.call_soon_threadsafe(lambda: (protocol.transport.pause_reading(), paused.set()))
         assert paused.wait(5)
-        conn.sendall(_request(0))
+        conn.sendall(raw_score_request(0))
         time.sleep(0.2)  # arrived, unread
         stopping = threading.Thread(target=stack.close)
         stopping.start()
