@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -82,11 +83,20 @@ def main() -> int:
     ap.add_argument("--backbone", default="fm")
     ap.add_argument("--embedding-dim", type=int, default=8)
     args = ap.parse_args()
-    from reloop.connectors.kafka.local_broker import free_port
-
     params = {"embedding_dim": args.embedding_dim}
     requests = _framed(_bodies(500, args.candidates))
     work = Path(tempfile.mkdtemp(prefix="reloop-bench-overload-"))
+    try:
+        pooled = _run(args, work, requests, params)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report(args, pooled)
+    return 0
+
+
+def _run(args: argparse.Namespace, work: Path, requests: list[bytes], params: dict) -> dict[str, list[dict]]:
+    from reloop.connectors.kafka.local_broker import free_port
+
     _publish_snapshot(work / "reg", args.backbone, params)
     modes = {"unbounded": None, f"max_queue_ms {args.max_queue_ms:g}": args.max_queue_ms}
     pooled: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -105,6 +115,10 @@ def main() -> int:
             finally:
                 proc.terminate()
                 proc.wait(30)
+    return pooled
+
+
+def _report(args: argparse.Namespace, pooled: dict[str, list[dict]]) -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the "
         f"end; one serve worker (torch 1 thread), {args.candidates} candidates, {args.backbone} "
@@ -127,7 +141,6 @@ def main() -> int:
             f"| {mode} | {len(lat) / seconds:.0f} | {p50:.0f} | {p99:.0f} | {lat.max():.0f} | "
             f"{shed / seconds:.0f} | {statuses or '-'} |"
         )
-    return 0
 
 
 if __name__ == "__main__":

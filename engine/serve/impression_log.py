@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 from reloop.engine.events.schema import Impression
 from reloop.engine.metrics.stats import STATS
+from reloop.engine.runtime.jsonlog import ThrottledCountLog
 from reloop.engine.streams import RecordTooLarge, Sink
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,17 @@ DROP_REASONS = (
     "encode_error",
     "undelivered",
 )
+
+
+def full_buffer_log(arm: str) -> ThrottledCountLog:
+    """The WARNING for impressions dropped at a full buffer (the first at once, then once a minute with
+    the count since): only the metrics said so, and an operator reading the log saw nothing."""
+    return ThrottledCountLog(
+        log,
+        f"arm {arm}: impression events dropped, the buffer full (serve.log.max_buffer): Kafka unreachable "
+        "or too slow; they are never joined nor trained on",
+        every_s=60.0,
+    )
 
 
 def export_drops_at_zero() -> None:
@@ -134,6 +146,7 @@ class ImpressionLogger:
         self.send_errors = 0
         self.encode_errors = 0
         self.dropped_by_reason: dict[str, int] = {}
+        self._full_log = full_buffer_log(arm)
 
     # ------------------------------------------------------------------ request path
     def log(self, impressions: Sequence[Impression]) -> int:
@@ -149,6 +162,8 @@ class ImpressionLogger:
                 self._cond.notify()
         if dropped:
             self._drop("closed" if closed else "queue_full", dropped)
+            if not closed:
+                self._full_log.add({"queue_full": dropped})
         return dropped
 
     def _drop(self, reason: str, n: int) -> None:

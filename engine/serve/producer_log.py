@@ -35,7 +35,7 @@ from typing import Protocol
 
 from reloop.engine.events.schema import Impression
 from reloop.engine.metrics.stats import STATS
-from reloop.engine.serve.impression_log import export_drops_at_zero
+from reloop.engine.serve.impression_log import export_drops_at_zero, full_buffer_log
 from reloop.engine.streams import RecordTooLarge
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class ProducerLogger:
         self.send_errors = 0
         self.encode_errors = 0
         self.dropped_by_reason: dict[str, int] = {}
+        self._full_log = full_buffer_log(arm)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -137,6 +138,8 @@ class ProducerLogger:
         for reason, n in (("queue_full", full), ("oversized", oversized), ("sink_error", failed)):
             if n:
                 self._drop(reason, n)
+        if full:
+            self._full_log.add({"queue_full": full})
         return full + oversized + failed
 
     def _drop(self, reason: str, n: int) -> None:

@@ -137,8 +137,8 @@ def with_read_deadline(
             """uvicorn's graceful stop closes at once a connection with no request in progress: one
             whose request sat in the socket unread (a busy event loop) was reset, and its client could
             not tell whether it was scored (35 of 60 requests sent 150 ms before a SIGTERM). Such a
-            connection is closed only once what arrived is read: its request is then answered, with
-            ``Connection: close``."""
+            connection is closed only once what arrived is read: its request is then answered, and the
+            connection closed."""
             if (self.cycle is None or self.cycle.response_complete) and _has_unread_bytes(self.transport):
                 self.loop.call_later(_UNREAD_RECHECK_S, self.shutdown)
                 return

@@ -187,7 +187,12 @@ def test_a_large_context_times_a_large_top_k_is_refused_before_it_is_multiplied_
     assert detail["loc"] == ["body", "top_k"] and "impression log" in detail["msg"], detail
     body["top_k"] = 30  # 30 x 480 KB: under the 16 MiB
     r, _ = _post(client, body)
-    assert r.status_code == 200 and len(r.json()["ranking"]) == 30, r.text
+    assert r.status_code == 200 and len(r.json()["ranking"]) == 30, r.text[:300]
+    # Bytes, not characters: 150,000 emoji are 600 KB of UTF-8, 30 of them 18 MB (counted as 150 KB each,
+    # they passed).
+    body["context"] = {"user": "u1", "note": "\N{GRINNING FACE}" * 150_000}
+    r, _ = _post(client, body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "top_k"], r.text[:300]
 
 
 def test_oversized_bodies_get_413_fast(service):

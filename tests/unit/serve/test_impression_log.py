@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -81,6 +82,21 @@ def test_log_never_blocks_and_drops_beyond_the_bound():
     _wait(lambda: logger.sent == logger.accepted)
     logger.close()
     assert len(sink.sent) == logger.accepted
+
+
+def test_drops_at_a_full_buffer_are_logged_at_once_then_once_a_minute(caplog):
+    # Only the metrics said impressions were being dropped; the service log said nothing.
+    sink = BlockingSink()
+    logger = ImpressionLogger(sink=sink, encode=_encode, max_buffer=5, batch_size=5, linger_s=0, arm="Q")
+    logger.start()
+    with caplog.at_level(logging.WARNING, logger="reloop.engine.serve.impression_log"):
+        for i in range(100):
+            logger.log([_imp(i)])
+    sink.release.set()
+    logger.close()
+    lines = [r for r in caplog.records if "buffer full" in r.getMessage()]
+    assert len(lines) == 1 and "arm Q" in lines[0].getMessage()
+    assert lines[0].fields["queue_full"] >= 1  # the first drop, at once
 
 
 class FlakySink:

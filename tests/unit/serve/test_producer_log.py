@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -93,15 +94,19 @@ def test_everything_is_delivered_or_counted():
     assert got == [f"imp{i}" for i in range(50) if i not in (3, 7)]
 
 
-def test_a_full_queue_drops_and_counts_without_blocking():
+def test_a_full_queue_drops_and_counts_without_blocking(caplog):
     producer = FakeProducer(capacity=20)
     producer.down = True  # Kafka down: nothing leaves the queue
     logger = _logger(producer).start()
     began = time.perf_counter()
-    for r in range(10):
-        logger.log([imp(r * 10 + j) for j in range(10)])
+    with caplog.at_level(logging.WARNING, logger="reloop.engine.serve.impression_log"):
+        for r in range(10):
+            logger.log([imp(r * 10 + j) for j in range(10)])
     assert time.perf_counter() - began < 0.5
     assert logger.accepted == 20 and logger.dropped_by_reason == {"queue_full": 80}
+    # Said in the log too, once (then once a minute): only the metrics said it.
+    (line,) = [r for r in caplog.records if "buffer full" in r.getMessage()]
+    assert line.fields["queue_full"] == 10
     assert logger.pending == 20 and logger.sent == 0
     logger.close()  # still down: what is left is counted, not lost silently
     assert logger.dropped_by_reason == {"queue_full": 80, "shutdown": 20}
