@@ -618,17 +618,16 @@ class JoinStage:
             return
         self._sync_journal(task)
         first, joined = task.take(n)
-        self._send_message(task, first, joined)
-        self.samples_sent += len(joined)
+        self.samples_sent += self._send_message(task, first, joined)
         self._metrics.emitted(task, first, joined)
         self._last_send[task.partition] = time.monotonic()
 
-    def _send_message(self, task: JoinTask, first: int, joined: list[Any]) -> None:
+    def _send_message(self, task: JoinTask, first: int, joined: list[Any]) -> int:
         """One samples message, or, when the topic refuses its size (large impressions times
         ``batch_samples`` over the producer's or broker's record limit), its two halves, and so on: a
         message too large would otherwise stop the stage again at every restart. A single sample still
         too large is dead-lettered (``oversized``, with the impression's bytes); the train stage then
-        counts its seq as a gap."""
+        counts its seq as a gap. Returns the samples sent to the samples topic (not dead-lettered)."""
         batch = batch_from_joined(joined, task=task.partition, first_seq=first, incarnation=task.incarnation)
         wm = task.joiner.watermark_ms
         ts = wm if wm > 0 else max(j.event_time_ms for j in joined)
@@ -639,14 +638,15 @@ class JoinStage:
             if len(joined) > 1:
                 self.messages_split += 1
                 half = len(joined) // 2
-                self._send_message(task, first, joined[:half])
-                self._send_message(task, first + half, joined[half:])
-                return
+                sent = self._send_message(task, first, joined[:half])
+                return sent + self._send_message(task, first + half, joined[half:])
             (sample,) = joined
             record = Record(
                 task.inputs[0].topic, task.partition, -1, sample.impression_id.encode(), sample.payload, ts
             )
             self.dead_letters.send(record, EventError("oversized", f"its samples message: {exc}"))
+            return 0
+        return len(joined)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_all(self) -> None:

@@ -203,7 +203,8 @@ def run_supervised(
     try:
         supervisor.run()
     except REFUSED as exc:
-        log.critical("cannot resume", extra={"fields": {"stage": name, "error": str(exc)}})
+        # (a config, snapshot or login the stage refuses to run with: retrying cannot fix it)
+        log.critical("refused to run", extra={"fields": {"stage": name, "error": str(exc)}})
         print(f"reloop {name}: {exc}", file=sys.stderr, flush=True)
         code = 2
     except Exception as exc:  # noqa: BLE001 - gave up, a broken rank group, or a stage's close raised

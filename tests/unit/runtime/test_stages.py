@@ -623,6 +623,7 @@ def test_messages_too_large_for_the_samples_topic_are_split_and_an_oversized_sam
     assert {(s.sample_id, s.is_correction): s.label for s in got} == {
         k: v for k, v in synth.expected.items() if k not in lost
     }
+    assert join.samples_sent == len(got)  # (the dead-lettered one is not reported as sent)
     train = _train(cfg, log, clock, tmp_path)
     _run_train(train, log, clock)
     train.train_remaining()
