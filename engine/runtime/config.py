@@ -127,7 +127,8 @@ class JoinSection(_Section):
         default=10_000,
         ge=0,
         description="with no input for this long the watermark goes on with the wall clock, so windows "
-        "still close on a quiet stream",
+        "still close on a quiet stream (the join stage looks at its join checkpoints: up to one checkpoint "
+        "interval later, docs/data-plane.md)",
     )
     click_grace_ms: int = Field(
         default=60_000,
