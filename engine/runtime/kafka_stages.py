@@ -222,12 +222,9 @@ def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
                 )
                 opened.append(dead)
             commit = source.commit if group_id else None
-            # The topic's id once the source found the topic (a missing one: "waiting for a topic"). Asked
-            # before, a train stage built a moment before the join stage created the topic recorded no
-            # id in its saves, and a later recreation of the topic went unnoticed.
-            source.partitions()
-            samples_id = _topic_ids(cfg, [cfg.stages.samples_topic]).get(cfg.stages.samples_topic)
-            return build_train_stage(
+            topic = cfg.stages.samples_topic
+            samples_id = _topic_ids(cfg, [topic]).get(topic)
+            stage = build_train_stage(
                 cfg,
                 source=source,
                 dead_letter_sink=dead,
@@ -235,6 +232,15 @@ def train_stage_factory(cfg: RunConfig, group: Any = None) -> Callable[[], Any]:
                 group=group,
                 samples_topic_id=samples_id,
             )
+            meta = getattr(stage, "meta", None)
+            if samples_id is None and meta is not None:
+                # Asked again once the stage opened its source on the topic: a train stage built while
+                # the join stage created the topic (`reloop run` starts both) recorded no id in its saves,
+                # and a later recreation of the topic went unnoticed.
+                samples_id = _topic_ids(cfg, [topic]).get(topic)
+                if samples_id is not None:
+                    meta["samples_topic_id"] = samples_id
+            return stage
         except BaseException as exc:
             _release(opened)
             _fail_fast_on_config(exc)

@@ -95,8 +95,7 @@ def test_a_train_stage_records_the_id_of_a_samples_topic_created_while_it_was_bu
 ):
     """Built while the join stage created the samples topic (``reloop run`` starts both at once), a train
     stage asked for the topic's id before the topic existed and recorded none in its saves: a later
-    recreation of the topic went unnoticed. It now asks once its source found the topic, and waits for
-    the topic before that (the supervisor's "waiting for a topic")."""
+    recreation of the topic went unnoticed. It now asks again once the stage is built on the topic."""
     from reloop.connectors.kafka.admin import topic_ids
     from reloop.engine.runtime import kafka_stages
     from reloop.engine.streams import TopicNotFound
