@@ -118,7 +118,10 @@ class ScoringService:
                 lambda h=arm.holder: float(h.version) if h.version is not None else -1.0, name
             )
             if arm.logger is not None:  # read at scrape time: /stats said it, /metrics did not
-                STATS.impressions_pending.set_function(lambda lg=arm.logger: float(lg.pending), name)
+                # (never raising: a scrape-time error answers every later /metrics with a 500)
+                STATS.impressions_pending.set_function(
+                    lambda lg=arm.logger: float(getattr(lg, "pending", 0) or 0), name
+                )
         # Answers other than 200 by status (413, 422, 500, 503), as reloop_serve_failed_requests_total
         # counts them: GET /stats reports these.
         self.failed: dict[int, int] = {}

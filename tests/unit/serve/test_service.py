@@ -315,3 +315,19 @@ def test_each_arm_s_pending_impressions_are_a_gauge_read_at_scrape_time():
     assert STATS.impressions_pending.get("P") == 42
     service.score(_request(0))
     assert STATS.impressions_pending.get("P") == 52
+
+
+def test_a_logger_without_a_pending_count_never_breaks_a_scrape():
+    # A logger without `pending` (a double) made the gauge raise at every later scrape: /metrics 500.
+    from reloop.connectors.metrics.prometheus import render_metrics
+    from reloop.engine.metrics.stats import STATS
+
+    class Bare:
+        def log(self, impressions):
+            pass
+
+    ScoringService(
+        router=ArmRouter([("B", 1.0)], salt="t"), arms={"B": ArmRuntime("B", ModelHolder(bundle(1)), Bare())}
+    )
+    assert STATS.impressions_pending.get("B") == 0
+    assert b"reloop_impressions_pending" in render_metrics(STATS, process_metrics=False)[0]
