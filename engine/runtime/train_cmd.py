@@ -232,20 +232,20 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
         os.environ[STOPPED_MARKS] = str(marks)
         os.environ[REFUSED_MARKS] = str(refused)
         # The ranks' gloo sockets on loopback (they listened on every interface): all ranks are on this
-        # machine. torch's rendezvous store has no such setting (docs/scale-out.md, "Security").
+        # machine. torchrun's stores are kept there by run_local.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        return _torchrun(args, cfg, marks, refused)
+        return _torchrun(args, cfg, Path(scratch), marks, refused)
 
 
-def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path, refused: Path) -> int:
+def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Path, refused: Path) -> int:
     import signal
 
+    from reloop.engine.runtime.local_rendezvous import run_local
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
 
     argv = [
-        "--standalone", "--nnodes=1", f"--nproc-per-node={args.world_size}",
+        f"--nproc-per-node={args.world_size}",
         f"--max-restarts={cfg.distributed.max_restarts}", "--monitor-interval=1",
         "-m", "reloop.engine.runtime.cli", "train", "--config", str(args.config),
     ]  # fmt: skip
@@ -254,7 +254,7 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, marks: Path, refused: Pa
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port)]
     try:
-        run(get_args_parser().parse_args(argv))
+        run_local(scratch, argv)
     except SignalException as exc:  # the agent stopped the ranks
         owing = {f"rank-{r}" for r in range(args.world_size)} - {p.name for p in marks.iterdir()}
         return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
