@@ -12,6 +12,7 @@ could reach those ports could run code in the agent. Here the rendezvous keeps i
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import uuid
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,10 @@ def rendezvous_args(scratch: Path) -> list[str]:
     ]  # fmt: skip
 
 
+class NoLoopbackStore(RuntimeError):
+    """This torch builds the ranks' store somewhere reloop cannot bind to loopback."""
+
+
 @contextlib.contextmanager
 def loopback_store_server() -> Iterator[None]:
     """While open, the agent's store for the ranks listens on loopback only.
@@ -41,7 +46,7 @@ def loopback_store_server() -> Iterator[None]:
     name = "_create_tcp_store_server"
     original = getattr(DynamicRendezvousHandler, name, None)
     if original is None:
-        raise RuntimeError(
+        raise NoLoopbackStore(
             f"this torch has no DynamicRendezvousHandler.{name}: reloop cannot keep torchrun's store on "
             "loopback; run the ranks under a torchrun of your own (docs/scale-out.md, Security)"
         )
@@ -71,5 +76,8 @@ def run_local(scratch: Path, tail: Sequence[str]) -> None:
     """torchrun with ``tail`` (``--nproc-per-node=M ... -m module args``) on this machine, on loopback."""
     from torch.distributed.run import get_args_parser, run
 
+    # The ranks meet at the agent's store (data_parallel.RankGroup.start): with torch's opt-out of sharing
+    # it set, no store was started, and the ranks timed out and restarted until max_restarts.
+    os.environ.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     with loopback_store_server():
         run(get_args_parser().parse_args([*rendezvous_args(scratch), *tail]))
