@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from reloop.engine.runtime import start_gate
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config, load_feature_spec
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.state_layout import refuse_one_process_state
@@ -26,14 +27,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    gated = start_gate.gated()  # started by `reloop run`, whose train process checks the model
     try:
         cfg = load_config(args.config)
-        load_feature_spec(cfg.model)  # the door checks by it: a bad spec fails here, not in a retry loop
-        # The model section too, as run and train check it: joiners sharing a config with trainers that
-        # refuse it ran on, feeding a samples topic nobody would train from.
-        from reloop.engine.runtime.build import check_model
+        if not gated:
+            load_feature_spec(cfg.model)  # the door checks by it: a bad spec fails here, not in a retry loop
+            # The model section too, as run and train check it: joiners sharing a config with trainers
+            # that refuse it ran on, feeding a samples topic nobody would train from.
+            from reloop.engine.runtime.build import check_model
 
-        check_model(cfg, trains_here=False)
+            check_model(cfg, trains_here=False)
         # Before any sample is sent: with no join checkpoints beside a one-process state, this stage
         # sent the whole retained history again while the train stage refused to start.
         refuse_one_process_state(cfg)
@@ -43,6 +46,9 @@ def main(args: argparse.Namespace) -> int:
     setup_json_logging(args.log_level or cfg.log.level)
     from reloop.engine.runtime.kafka_stages import describe_join, join_stage_factory
     from reloop.engine.runtime.stage_runner import run_supervised
+
+    if gated and not start_gate.wait_for_go():
+        return 0  # `reloop run` refused to go on (and said why)
 
     return run_supervised(
         "join",

@@ -32,8 +32,8 @@ from reloop.engine.runtime.config_pipe import reopenable
 from reloop.engine.runtime.cpu_limit import WAIT_SETTINGS, shared_cores_env
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.lifeline import die_with
-from reloop.engine.runtime.model_check import check_in_a_child
 from reloop.engine.runtime.stage_runner import StopRequest
+from reloop.engine.runtime.start_gate import StartGate, refusal_of
 from reloop.engine.runtime.state_layout import refuse_one_process_state
 from reloop.engine.runtime.train_cmd import BESIDE_JOIN, hold_the_folder
 
@@ -59,21 +59,13 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         refuse_one_process_state(cfg)
-        # Here, not only in the stage processes: their refusal came 4-8 s in, among their log lines. With
-        # two stage processes, in a child of its own: this process then never imports torch.
-        if cfg.stages.processes == 2:
-            code = check_in_a_child(args.config, args.log_level or cfg.log.level)
-            if code:
-                return code
-        else:
+        if cfg.stages.processes == 1:
             from reloop.engine.runtime.build import check_model
 
             check_model(cfg)
-        # One train stage per checkpoint folder: held here with one process, else by the train process
-        # (checked here first, before a join process joins the other pipeline's group).
-        lock = hold_the_folder(cfg, "run")
-        if cfg.stages.processes == 2:
-            lock.release()
+            # One train stage per checkpoint folder: held here with one process, else by the train
+            # process (checked by this one first: _start_stages).
+            lock = hold_the_folder(cfg, "run")
     except (ConfigError, FolderInUse) as exc:
         print(f"reloop run: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -120,15 +112,70 @@ def _two_processes(args: argparse.Namespace, cfg: RunConfig) -> int:
     # its OpenMP threads do not spin on the cores they share with it (cpu_limit.shared_cores_env).
     train_env = {**shared_cores_env(os.environ), BESIDE_JOIN: "1"}
     envs = {"train": train_env, "join": None}
-    for stage in ("train", "join"):
-        port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
-        children[stage] = subprocess.Popen(
-            [*base, stage, "--config", args.config, *extra, *port], preexec_fn=lifeline, env=envs[stage]
-        )
+    gate = StartGate()
+    try:
+        for stage in ("train", "join"):
+            port = [] if ports[stage] is None else ["--metrics-port", str(ports[stage])]
+            gate_env, fds = gate.child_env(stage, reports=stage == "train")
+            children[stage] = subprocess.Popen(
+                [*base, stage, "--config", args.config, *extra, *port],
+                preexec_fn=lifeline,
+                env={**(envs[stage] or os.environ), **gate_env},
+                pass_fds=fds,
+            )
+        gate.spawned()
+        refused = _start_stages(gate, children, cfg)
+    except BaseException:  # a stop before the stages started (early_stop), a bug: they did nothing yet
+        gate.close()
+        _end_gated(children, wait_s=0.0)
+        raise
+    if refused is not None:
+        gate.close()
+        _end_gated(children, wait_s=30.0)
+        code, why = refused
+        print(f"reloop run: {why}", file=sys.stderr, flush=True)  # last: after what the stages printed
+        return code
     waits = {name: train_env[name] for name in WAIT_SETTINGS if name in train_env}
     fields = {"processes": {k: p.pid for k, p in children.items()}, "train_openmp_wait": waits}
     log.info("started", extra={"fields": fields})
     return _supervise(children, cfg.recovery.stop_timeout_s)
+
+
+def _start_stages(
+    gate: StartGate, children: dict[str, subprocess.Popen], cfg: RunConfig
+) -> tuple[int, str] | None:
+    """Open the gate of the started stage processes once the train process found the model buildable and
+    the checkpoint folder is free (None); else the exit code and why not."""
+    train = children["train"]
+    verdict = gate.verdict(alive=lambda: train.poll() is None)
+    refusal = refusal_of(verdict)
+    if refusal is not None:
+        return 2, refusal
+    if verdict is None:  # its end closed the pipe: its traceback or message is on stderr above
+        try:
+            code = train.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # (it closed the pipe some other way)
+            train.kill()
+            code = train.wait()
+        return 1, f"the train process ended (exit code {code}) before its model check said anything"
+    try:  # checked here before the join process joins the other pipeline's group; the train process holds it
+        hold_the_folder(cfg, "run").release()
+    except FolderInUse as exc:
+        return 2, str(exc)
+    gate.open()
+    return None
+
+
+def _end_gated(children: dict[str, subprocess.Popen], wait_s: float) -> None:
+    """Stage processes whose gate was closed: they exit 0 at it; ones that do not within ``wait_s`` (still
+    importing, or a stop under way) are killed, having read nothing and written nothing."""
+    deadline = time.monotonic() + wait_s
+    for proc in children.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # How long past recovery.stop_timeout_s a stopping child may take before it is SIGKILLed. Its own watchdog

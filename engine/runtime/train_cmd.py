@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from reloop.engine.checkpoint.folder_lock import FolderInUse, FolderLock
+from reloop.engine.runtime import start_gate
 from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, load_config
 from reloop.engine.runtime.config_pipe import remove_dead_owners_folders, reopenable
 from reloop.engine.runtime.jsonlog import setup_json_logging
@@ -73,8 +74,21 @@ def _rank_exit(code: int) -> int:
     marks = os.environ.get(REFUSED_MARKS)
     if code != 2 or not marks:
         return code
-    Path(marks, f"rank-{os.environ.get('RANK', '0')}").touch()
+    _mark(marks)
     return 0
+
+
+def _mark(folder: str) -> None:
+    """This rank's mark in the launcher's ``folder``, made again if a /tmp cleaner took it (a launcher
+    that ran for days: nothing touches the empty folder, and the rank's final checkpoint ended in
+    FileNotFoundError, reported as not saved)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, f"rank-{os.environ.get('RANK', '0')}").touch()
+
+
+def _marked(folder: Path) -> set[str]:
+    """The ranks marked in ``folder`` (none when it is gone)."""
+    return {p.name for p in folder.glob("rank-*")}
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -92,10 +106,21 @@ def _main(args: argparse.Namespace) -> int:
             )
         from reloop.engine.runtime.build import check_model
 
+        if start_gate.gated():  # backbone plugins' warnings at the check, as JSON lines like the rest
+            setup_json_logging(args.log_level or cfg.log.level)
         check_model(cfg)
         refuse_one_process_state(cfg)
+        if start_gate.gated():  # started by `reloop run`: it says the verdict, then opens the gate
+            import reloop.engine.runtime.kafka_stages  # noqa: F401  # imported while the join process waits
+
+            start_gate.report(None)
+            if not start_gate.wait_for_go():
+                return 0  # `reloop run` refused to go on (and said why)
         lock = hold_the_folder(cfg, "train") if _holds_the_folder() else None
     except (ConfigError, FolderInUse) as exc:
+        if start_gate.gated():
+            start_gate.report(str(exc))  # `reloop run` prints it as its own refusal
+            return 2
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
@@ -196,7 +221,7 @@ def _mark_stopped() -> None:
     """This rank owes nothing (see STOPPED_MARKS); a process not started by the launcher has no folder."""
     marks = os.environ.get(STOPPED_MARKS)
     if marks:
-        Path(marks, f"rank-{os.environ.get('RANK', '0')}").touch()
+        _mark(marks)
 
 
 def _refuse_split(args: argparse.Namespace, cfg: RunConfig) -> str | None:
@@ -240,7 +265,7 @@ def _launch(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Path, refused: Path) -> int:
     import signal
 
-    from reloop.engine.runtime.local_rendezvous import run_local
+    from reloop.engine.runtime.local_rendezvous import NoLoopbackStore, run_local
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -256,8 +281,11 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Pa
     try:
         run_local(scratch, argv)
     except SignalException as exc:  # the agent stopped the ranks
-        owing = {f"rank-{r}" for r in range(args.world_size)} - {p.name for p in marks.iterdir()}
+        owing = {f"rank-{r}" for r in range(args.world_size)} - _marked(marks)
         return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
+    except NoLoopbackStore as exc:
+        print(f"reloop train: {exc}", file=sys.stderr, flush=True)
+        return 2
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"reloop train: ranks failed beyond distributed.max_restarts: {exc}", file=sys.stderr)
@@ -268,7 +296,7 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Pa
 def _refused(marks: Path) -> int:
     """The launcher's exit code once every rank exited 0: 2 when some refused to go on (each marked it in
     ``marks`` and said why in its log and on stderr), else 0."""
-    ranks = sorted(int(p.name.removeprefix("rank-")) for p in marks.glob("rank-*"))
+    ranks = sorted(int(name.removeprefix("rank-")) for name in _marked(marks))
     if not ranks:
         return 0
     print(

@@ -20,19 +20,34 @@ import pytest
 import yaml
 from reloop.engine.runtime.synthetic import SPEC
 
+# What a stage process does first: the train process says the model is fine (the real one checks it:
+# tests below), then both wait for `reloop run` to open the gate (engine/runtime/start_gate.py).
+_GATE = """
+import sys
+from reloop.engine.runtime import start_gate
+if start_gate.gated():
+    start_gate.report(None)
+    if not start_gate.wait_for_go():
+        sys.exit(0)
+"""
+
 # `reloop run` whose stage processes are the code in $FAKE_STAGES (one per stage).
-_RUN = """
+_RUN = (
+    "_GATE = "
+    + repr(_GATE)
+    + """
 import argparse, json, os, subprocess, sys
 from reloop.engine.runtime import run_cmd
 fakes = json.loads(os.environ["FAKE_STAGES"])
 real = subprocess.Popen
 def popen(cmd, **kw):
-    return real([sys.executable, "-c", fakes[cmd[cmd.index("reloop.engine.runtime.cli") + 1]]], **kw)
+    code = fakes[cmd[cmd.index("reloop.engine.runtime.cli") + 1]]
+    return real([sys.executable, "-c", code if code.startswith("# own gate") else _GATE + code], **kw)
 subprocess.Popen = popen
-run_cmd.check_in_a_child = lambda config, log_level: 0  # the model check (its own tests below)
 run_cmd.KILL_GRACE_S = 0.5
 sys.exit(run_cmd.main(argparse.Namespace(config=sys.argv[1], log_level=None)))
 """
+)
 
 # A stage: the real stop handling; "ends" > 0 exits with "code" that long after it started; a stop's final
 # checkpoint takes "save_s"; "ignore": SIGTERM/SIGINT ignored (a stage whose handler never runs).
@@ -282,6 +297,9 @@ def test_a_stage_whose_parent_died_before_its_lifeline_was_armed_does_not_run(tm
         def poll(self) -> int:
             return 0
 
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
     monkeypatch.setattr(run_cmd.subprocess, "Popen", _Ended)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -514,12 +532,18 @@ def test_the_train_process_is_told_a_join_process_shares_its_cores(tmp_path, mon
                                                ("GOMP_SPINCOUNT", spin)) if v != "unset"}  # fmt: skip
 
 
-# The parent of a two-process run, in a process of its own: it checks the model config (in a child) and
-# holds the folder, then its stages would start (replaced here by a stand-in that starts none).
+# The parent of a two-process run, in a process of its own: its stage processes start, the train process
+# checks the model config, and the parent opens their gate; supervising them is replaced here by a
+# stand-in that kills them before they read anything.
 PARENT = """
 import argparse, sys
 from reloop.engine.runtime import run_cmd
-run_cmd._two_processes = lambda args, cfg: print("stages started", flush=True) or 0
+def supervise(children, stop_timeout_s):
+    for p in children.values():
+        p.kill()
+    print("stages started", flush=True)
+    return 0
+run_cmd._supervise = supervise
 code = run_cmd.main(argparse.Namespace(config=sys.argv[1], log_level=None))
 print("exit", code, "torch imported" if "torch" in sys.modules else "no torch", flush=True)
 """
@@ -535,12 +559,14 @@ def _parent(tmp_path: Path, model: dict) -> subprocess.CompletedProcess:
 
 def test_a_model_section_no_learner_can_be_built_from_is_refused_before_any_stage_starts(tmp_path):
     # The two stage processes each checked it as they started: the refusal came 4-8 s in, among their log
-    # lines, and a second later the other stage's stop.
+    # lines, and a second later the other stage's stop. The train process checks it behind the gate, and
+    # the refusal is the parent's last line: no stage started (none logged "started").
     huge = {"fields": [{"kind": "categorical", "name": "u", "buckets": 10**12}]}
     done = _parent(tmp_path, {"backbone": "dcn", "spec": huge})
     assert done.stdout.splitlines() == ["exit 2 no torch"], done
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("reloop run: invalid config: model: backbone 'dcn' needs"), done.stderr
+    assert '"msg":"started"' not in done.stderr and "reloop train:" not in done.stderr, done.stderr
 
 
 def test_the_supervising_parent_of_two_stage_processes_never_imports_torch(tmp_path):
@@ -548,3 +574,73 @@ def test_the_supervising_parent_of_two_stage_processes_never_imports_torch(tmp_p
     # built the learner on the meta device, and the config and the folder lock imported torch too.
     done = _parent(tmp_path, {"backbone": "dcn", "spec": SPEC})
     assert done.stdout.splitlines() == ["stages started", "exit 0 no torch"], done
+
+
+# A stage that speaks the gate itself (the `reloop run` harness adds none).
+_OWN_GATE = """# own gate
+import sys, time
+from pathlib import Path
+from reloop.engine.runtime import start_gate
+"""
+
+
+def test_the_join_process_starts_while_the_train_process_checks_the_model(tmp_path):
+    # The parent ran the model check (a torch import and a model built) in a child of its own, and started
+    # both stages once it ended: three imports of torch in a row, 16 s before a stage joined on 2 cores.
+    train = (
+        _OWN_GATE
+        + f"""
+time.sleep(2.0)  # the check
+Path({str(tmp_path / "checked")!r}).write_text(repr(time.time()))
+start_gate.report(None)
+Path({str(tmp_path / "train-go")!r}).write_text(str(start_gate.wait_for_go()))
+"""
+    )
+    join = (
+        _OWN_GATE
+        + f"""
+Path({str(tmp_path / "join-started")!r}).write_text(repr(time.time()))
+Path({str(tmp_path / "join-go")!r}).write_text(str(start_gate.wait_for_go()))
+"""
+    )
+    code, lines = _finish(_start(tmp_path, train=train, join=join))
+    assert code == 0, lines
+    assert float((tmp_path / "join-started").read_text()) < float((tmp_path / "checked").read_text())
+    assert (tmp_path / "train-go").read_text() == (tmp_path / "join-go").read_text() == "True"
+    assert [ln for ln in lines if ln["msg"] == "started" and "processes" in ln]
+
+
+@pytest.mark.parametrize("train_ends", ["refuses", "crashes"])
+def test_no_stage_passes_the_gate_when_the_train_process_refuses_or_ends_before_its_verdict(
+    tmp_path, train_ends
+) -> None:
+    refuses = train_ends == "refuses"
+    train = _OWN_GATE + (
+        "start_gate.report('invalid config: model.params: no such thing')\nsys.exit(2)\n"
+        if refuses
+        else "sys.exit(3)\n"
+    )
+    join = (
+        _OWN_GATE
+        + f"""
+go = start_gate.wait_for_go()
+Path({str(tmp_path / "join-go")!r}).write_text(str(go))
+sys.exit(0 if not go else 5)
+"""
+    )
+    proc = _start(tmp_path, train=train, join=join)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("reloop run did not end")
+    assert (tmp_path / "join-go").read_text() == "False"  # it read the gate's end, and ended
+    last = err.strip().splitlines()[-1]
+    if refuses:
+        assert proc.returncode == 2 and last == "reloop run: invalid config: model.params: no such thing"
+    else:
+        assert proc.returncode == 1, err
+        assert (
+            last == "reloop run: the train process ended (exit code 3) before its model check said anything"
+        )
+    assert '"msg":"started"' not in err
