@@ -60,6 +60,7 @@ from reloop.engine.replay.report import (
     read_csv,
     write_csv,
 )
+from reloop.engine.replay.resume_settings import check_or_record, run_settings
 
 DAY_MS = 86_400_000
 
@@ -646,6 +647,9 @@ def _main(args: argparse.Namespace) -> int:
         print(f"reloop backtest: {csv_path}: its last run was cut short; it runs again", file=sys.stderr)
     if csv_path.exists():
         _check_resumable(csv_path, data, args.dataset_name)
+    problem = check_or_record(args.out, run_settings(args), resuming=csv_path.exists())
+    if problem is not None:
+        raise Refused(f"--resume: {problem}; use another --out, or leave out --resume to start again")
     base = RunSpec(
         protocol="",
         backbone="",

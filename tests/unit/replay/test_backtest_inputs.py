@@ -297,3 +297,37 @@ def test_a_backbone_that_breaks_the_output_contract_is_refused_in_one_line(
     assert "Traceback" not in err, err
     refused = "reloop backtest: --backbones: backbone 'column': its forward must return"
     assert any(line.startswith(refused) for line in err.splitlines()), err  # (after tqdm's bar)
+
+
+def test_a_resume_with_other_learner_settings_is_refused_and_more_seeds_are_not(
+    tmp_path: Path, capsys
+) -> None:
+    # --resume checked the data and periods only: seeds made without counters were averaged with a seed
+    # made with them, under a settings line that said every run counted clicks.
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(out), *TINY]
+    argv += ["--backbones", "fm", "--strategies", "ce", "--no-river", "--max-rows", "400"]
+    assert main([*argv, "--counters", "none"]) == 0
+    before = (out / "results.csv").read_text()
+    assert main([*argv, "--seeds", "2", "--resume"]) == 2  # the default counters now
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "other settings" in err and "counters: 'none' then, 'auto' now" in err, err
+    assert main([*argv, "--counters", "none", "--batch-size", "32", "--seeds", "2", "--resume"]) == 2
+    assert "batch-size: " in capsys.readouterr().err
+    assert (out / "results.csv").read_text() == before
+    # The same settings, more seeds and another backbone: resumed.
+    assert main([*argv, "--counters", "none", "--seeds", "2", "--backbones", "fm,lr", "--resume"]) == 0
+    rows = backtest_cmd.read_csv(out / "results.csv")
+    assert {(r["backbone"], r["seed"]) for r in rows} == {("fm", 0), ("fm", 1), ("lr", 0), ("lr", 1)}
+
+
+def test_a_resume_of_a_folder_that_recorded_no_settings_is_refused(tmp_path: Path, capsys) -> None:
+    data = _movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["backtest", "--dataset", "movielens-100k", "--data", str(data), "--out", str(out), *TINY]
+    argv += ["--backbones", "fm", "--strategies", "ce", "--no-river", "--max-rows", "400"]
+    assert main(argv) == 0
+    (out / "settings.json").unlink()  # a folder from before the record was kept
+    assert main([*argv, "--resume"]) == 2
+    assert "records no settings.json" in capsys.readouterr().err
