@@ -73,11 +73,17 @@ def loopback_store_server() -> Iterator[None]:
 
 
 def run_local(scratch: Path, tail: Sequence[str]) -> None:
-    """torchrun with ``tail`` (``--nproc-per-node=M ... -m module args``) on this machine, on loopback."""
+    """torchrun with ``tail`` (``--nproc-per-node=M ... -m module args``) on this machine, on loopback.
+    Its per-attempt folders (the ranks' error files) go in ``scratch`` too: by default torchrun made a
+    /tmp/torchelastic_* tree at every launch and never removed it."""
     from torch.distributed.run import get_args_parser, run
 
     # The ranks meet at the agent's store (data_parallel.RankGroup.start): with torch's opt-out of sharing
     # it set, no store was started, and the ranks timed out and restarted until max_restarts.
     os.environ.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     with loopback_store_server():
-        run(get_args_parser().parse_args([*rendezvous_args(scratch), *tail]))
+        run(
+            get_args_parser().parse_args(
+                [*rendezvous_args(scratch), f"--log-dir={scratch / 'torchelastic'}", *tail]
+            )
+        )

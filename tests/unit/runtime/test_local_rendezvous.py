@@ -99,6 +99,8 @@ def test_the_launchers_stores_and_the_ranks_listen_on_loopback_only(tmp_path: Pa
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # torchrun's per-attempt folders in the launcher's scratch (removed with it), not a new /tmp tree
+    assert list((scratch / "torchelastic").glob("*/attempt_0")), proc.stderr[-3000:]
     report = json.loads(out.read_text())
     listening = report["listening"]
     assert len(listening) == 3, listening  # the agent and its two ranks
