@@ -169,18 +169,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="flip this fraction of the TRAINING labels (the same flips for every run); every score is "
         "still judged against the true labels",
     )
-    parser.add_argument("--backbones", default="deepfm,dcn")
+    parser.add_argument("--backbones", default="deepfm,dcn", help="comma-separated (default: %(default)s)")
     parser.add_argument(
         "--strategies",
         default="ce,kd,reloop",
         help="ce, kd, reloop: a bare name runs at each of --alphas, NAME@ALPHA at that alpha only "
-        "(e.g. ce,kd@0.5,reloop@0.2,reloop@0.5: KD at 0.5 alone, ReLoop at 0.2 and 0.5)",
+        "(e.g. ce,kd@0.5,reloop@0.2,reloop@0.5: KD at 0.5 alone, ReLoop at 0.2 and 0.5; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--alphas", default="0.2,0.5", help="the alpha grid of every strategy named without @ALPHA"
     )
-    parser.add_argument("--seeds", type=int_at_least(1), default=5, help="seeds 0..N-1")
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument(
+        "--seeds", type=int_at_least(1), default=5, help="seeds 0..N-1 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--protocols", default=",".join(PROTOCOLS), help="comma-separated (default: %(default)s)"
+    )
     parser.add_argument(
         "--y-last",
         type=lambda v: "recomputed" if v == "snapshot" else v,  # the name train.y_last and replay use
@@ -201,7 +206,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Adam's dense rate in the periodic protocol unless --lr is given (default 1e-3: chosen for it "
         "with its 3 epochs on the selection periods; the learner's own defaults were chosen for streaming)",
     )
-    parser.add_argument("--batch-size", type=int_at_least(1), default=512)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=512, help="(default: %(default)s)")
     parser.add_argument(
         "--batch-by",
         choices=BATCH_BY,
