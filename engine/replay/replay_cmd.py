@@ -511,6 +511,9 @@ def replay_options(args: argparse.Namespace, period: dict[str, Any]) -> dict[str
     if args.dataset:
         data = None if args.data is None else str(args.data.resolve())
         options |= {"--dataset": args.dataset, "--data": data, "--max-rows": args.max_rows}
+        # The clicks' arrival: a resume under another delay model labelled the rest of the stream otherwise.
+        options |= {"--delay": args.delay, "--delay-seed": args.delay_seed}
+        options |= {"--dataset-option": list(args.dataset_option or [])}
     else:
         options |= {"--start-time": args.start_time, "--start-offsets": args.start_offsets}
     # Where versions are cut: not in the config fingerprint (a live service may change its cadence at a

@@ -1052,3 +1052,21 @@ def test_a_wall_clock_period_in_a_replay_is_warned_about(tmp_path: Path, capsys)
     assert main(["replay", "--config", str(cfg), "--jsonl", str(root), "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "period.every_wall_s (10 s) counts this replay's own running time" in err, err
+
+
+def test_a_dataset_replay_resumed_under_another_click_delay_is_refused(tmp_path: Path, capsys) -> None:
+    # --delay and --delay-seed were not among the options a resume is checked against: the rest of the
+    # stream was labelled by another delay model, in one summary with the first part.
+    data = _tiny_movielens(tmp_path)
+    argv = ["replay", "--dataset", "movielens-100k", "--data", str(data), "--batch-size", "32"]
+    argv += ["--delay", "fixed:1000", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for extra, named in (
+        (["--delay", "fixed:5000"], "--delay 'fixed:1000' -> 'fixed:5000'"),
+        (["--delay-seed", "3"], "--delay-seed 0 -> 3"),
+    ):
+        assert main([*argv, "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("reloop replay: --resume with other options") and named in err, err
+    assert main([*argv, "--resume"]) == 0  # the same options
