@@ -620,7 +620,10 @@ def _main(args: argparse.Namespace) -> int:
         if not csv_path.exists():
             raise Refused(f"--report-only: no {csv_path} to rebuild the report from")
         rows = read_csv(csv_path)
-        write_report(args, rows, _previous_header(args.out / "report.md", rows), math.nan)
+        header = _previous_header(args.out / "report.md", rows)
+        # The command above is the run's: its --report-from need not be the tables' now.
+        header += f"\n{REBUILT} from results.csv by --report-only, the tables from period {args.report_from}"
+        write_report(args, rows, header, math.nan)
         return 0
     strategies, model_options, publish_every_ms = _check(args)
     t0 = time.perf_counter()
@@ -801,6 +804,9 @@ def _previous_report_from(report: Path) -> int:
     return 1
 
 
+REBUILT = "- rebuilt"
+
+
 def _previous_header(report: Path, rows: list[dict[str, Any]]) -> str:
     """For ``--report-only``: the run's lines of the report it replaces (the CSV holds no settings; the
     arguments of now need not be the run's), else a note that they are not known."""
@@ -809,7 +815,8 @@ def _previous_header(report: Path, rows: list[dict[str, Any]]) -> str:
         start = next((i for i, line in enumerate(lines) if line.startswith("Command:")), None)
         end = next((i for i, line in enumerate(lines) if line.startswith("- tables:")), None)
         if start is not None and end is not None and start < end:
-            return "\n".join(lines[start:end])
+            kept = [line for line in lines[start:end] if not line.startswith(REBUILT)]
+            return "\n".join(kept).rstrip("\n")
     periods = sorted({r["period"] for r in rows})
     span = f"{periods[0]}..{periods[-1]}" if periods else "none"
     return (

@@ -237,7 +237,12 @@ def test_report_only_keeps_the_runs_report_from(tmp_path: Path) -> None:
     assert main([*argv, "--report-only"]) == 0
     assert "- tables: periods 2 and later" in (out / "report.md").read_text()
     assert main([*argv, "--report-only", "--report-from", "1"]) == 0  # asked for: done
-    assert "- tables: periods 1 and later" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "- tables: periods 1 and later" in text
+    # The run's command line stays (with its --report-from); the rebuild says where its tables start, once.
+    assert text.count("- rebuilt from results.csv by --report-only, the tables from period 1") == 1, text
+    assert main([*argv, "--report-only", "--report-from", "1"]) == 0
+    assert (out / "report.md").read_text().count("- rebuilt") == 1
 
 
 @pytest.mark.parametrize(
