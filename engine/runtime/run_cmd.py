@@ -157,7 +157,8 @@ def _start_stages(
         except subprocess.TimeoutExpired:  # (it closed the pipe some other way)
             train.kill()
             code = train.wait()
-        return 1, f"the train process ended (exit code {code}) before its model check said anything"
+        # 2: it refused to start and said why (a missing extra: ``reloop`` names it), as a stage would.
+        return (2 if code == 2 else 1), f"the train process ended (exit code {code}) before it could start"
     try:  # checked here before the join process joins the other pipeline's group; the train process holds it
         hold_the_folder(cfg, "run").release()
     except FolderInUse as exc:
