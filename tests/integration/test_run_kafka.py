@@ -456,7 +456,9 @@ def test_broker_outages_neither_lose_samples_nor_wedge_the_processor(tmp_path, u
         watcher = KafkaSource(bootstrap=broker.bootstrap, topics=[topics["samples"]])
         watcher.open()
         deadline = time.monotonic() + 120
-        while not sum(watcher.end_positions().values()) and time.monotonic() < deadline:
+        # A few messages, not the first: under load the first one held 11 samples, the join stage's fetches
+        # had nothing more yet, and nothing needed the broker during the outage (CI on 2026-12-07).
+        while sum(watcher.end_positions().values()) < 4 and time.monotonic() < deadline:
             assert proc.poll() is None, (run_dir / "run.log").read_text()[-3000:]
             time.sleep(0.005)
         watcher.close()
