@@ -147,7 +147,7 @@ def _start_stages(
     """Open the gate of the started stage processes once the train process found the model buildable and
     the checkpoint folder is free (None); else the exit code and why not."""
     train = children["train"]
-    verdict = gate.verdict(alive=lambda: train.poll() is None)
+    verdict = gate.verdict()
     refusal = refusal_of(verdict)
     if refusal is not None:
         return 2, refusal

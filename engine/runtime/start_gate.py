@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 GATE_ENV = "RELOOP_START_GATE"
@@ -84,25 +81,14 @@ class StartGate:
         if self._verdict is not None:
             os.close(self._verdict[1])
 
-    def verdict(self, alive: Callable[[], bool], timeout_s: float | None = None) -> str | None:
-        """The train process's verdict: "ok", "refused <why>", or None when it ended (or ``timeout_s``
-        passed) without one. ``alive`` is asked between reads."""
+    def verdict(self) -> str | None:
+        """The train process's verdict: "ok", "refused <why>", or None when it ended without one (the
+        pipe's write end is its alone once ``spawned``: its end is the pipe's end)."""
         assert self._verdict is not None
         fd = self._verdict[0]
         data = b""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while not data.endswith(b"\n"):
-                if deadline is not None and time.monotonic() > deadline:
-                    return None
-                ready, _, _ = select.select([fd], [], [], 0.2)
-                if not ready:
-                    if not alive():
-                        # It may have written just before ending: one last read.
-                        ready, _, _ = select.select([fd], [], [], 0)
-                        if not ready:
-                            return None
-                    continue
                 chunk = os.read(fd, 4096)
                 if not chunk:
                     return None
