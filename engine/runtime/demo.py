@@ -40,6 +40,7 @@ from reloop.engine.config_common import describe_errors, folder_arg
 from reloop.engine.netaddr import bootstrap_arg
 from reloop.engine.resources import ResourceError, deploy_file, in_checkout
 from reloop.engine.runtime.jsonlog import setup_text_logging
+from reloop.engine.runtime.signal_event import SignalSafeEvent
 from reloop.engine.serve.config import SERVE_KAFKA_CLIENT, ConfigError, ServeConfig, read_yaml
 from rich.console import Console, Group
 from rich.live import Live
@@ -833,7 +834,7 @@ def _demo(args: argparse.Namespace, held: list[int]) -> int:  # noqa: C901 - one
         print(f"reloop demo: {claimed}", file=sys.stderr)
         return 2
     held.append(claimed)
-    stop, hurry = threading.Event(), threading.Event()
+    stop, hurry = SignalSafeEvent(), SignalSafeEvent()  # set by on_signal (signal_event.py)
     signalled: list[float] = []
 
     def on_signal(signum: int, _frame: object) -> None:

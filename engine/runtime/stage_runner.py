@@ -25,6 +25,7 @@ from reloop.engine.netaddr import http_url, is_loopback
 from reloop.engine.runtime import early_stop
 from reloop.engine.runtime.config import RunConfig
 from reloop.engine.runtime.gc_tuning import freeze_live_objects, set_young_threshold
+from reloop.engine.runtime.signal_event import SignalSafeEvent
 
 log = logging.getLogger("reloop.run")
 
@@ -39,7 +40,7 @@ class StopRequest:
     SAME_STOP_S = 1.0
 
     def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.event = threading.Event()
+        self.event = SignalSafeEvent()  # set by the signal handler (signal_event.py)
         self.timeout_s = timeout_s
         self._clock = clock
         self._first_at: float | None = None

@@ -14,6 +14,7 @@ from typing import Any
 from reloop.engine.config_common import path_problem, port_arg
 from reloop.engine.netaddr import bootstrap_arg, http_url, is_loopback
 from reloop.engine.runtime import early_stop
+from reloop.engine.runtime.signal_event import SignalSafeEvent
 from reloop.engine.serve.config import (
     ArmConfig,
     ConfigError,
@@ -128,7 +129,7 @@ def _main(args: argparse.Namespace, config_path: str) -> int:
 
     # From here a SIGTERM or SIGINT is a stop, whenever it comes: one during the start (a stack loading
     # its models) ends the service once it started, with its stop logged, not by the signal (-15).
-    stop = threading.Event()
+    stop = SignalSafeEvent()  # set by the handler: a threading.Event could hang it in stop.wait()
     received: list[str] = []
 
     def on_signal(signum: int, _frame: object) -> None:

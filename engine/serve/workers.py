@@ -37,11 +37,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 from reloop.engine.netaddr import http_url
 from reloop.engine.runtime import early_stop
+from reloop.engine.runtime.signal_event import SignalSafeEvent
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_workers(
         print(f"reloop serve: worker metrics ports {first_metrics}..{first_metrics + workers - 1} go past "
               "65535 (serve.worker_metrics_port)", file=sys.stderr)  # fmt: skip
         return 2
-    stop = threading.Event()
+    stop = SignalSafeEvent()  # set by the handlers below (signal_event.py)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if early_stop.take() is not None:  # a SIGTERM recorded during the imports (early_stop.py)

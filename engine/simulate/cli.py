@@ -20,6 +20,7 @@ from collections.abc import Callable
 from reloop.engine.config_common import int_at_least, positive_float
 from reloop.engine.netaddr import bootstrap_arg, http_url, service_url_arg
 from reloop.engine.runtime.jsonlog import quiet_kafka_python, setup_text_logging
+from reloop.engine.runtime.signal_event import SignalSafeEvent
 from reloop.engine.serve.config import ConfigError, check_service_sections, read_yaml
 from reloop.engine.simulate.config import SimulateConfig, simulate_config_from_dict
 from reloop.engine.simulate.driver import Simulator
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     scorer = HttpScorer(url, token=token)
     console = Console() if Console().is_terminal else Console(width=160)
     # Handlers first: Ctrl-C while the service is awaited ends the wait, not in a traceback.
-    stop = threading.Event()
+    stop = SignalSafeEvent()  # set by the handlers (signal_event.py)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if not scorer.ready():
