@@ -86,11 +86,17 @@ def run_workers(
         print(f"reloop serve: worker metrics ports {first_metrics}..{first_metrics + workers - 1} go past "
               "65535 (serve.worker_metrics_port)", file=sys.stderr)  # fmt: skip
         return 2
-    stop = SignalSafeEvent()  # set by the handlers below (signal_event.py)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if early_stop.take() is not None:  # a SIGTERM recorded during the imports (early_stop.py)
+    stop = SignalSafeEvent()  # set by the handler below (signal_event.py)
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
         stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    if early_stop.take() is not None:  # a SIGTERM recorded during the imports (early_stop.py)
+        on_signal(signal.SIGTERM, None)
     procs: list[subprocess.Popen | None] = [None] * workers
     started: list[float] = [float("-inf")] * workers  # when each was last started
     print(
@@ -127,10 +133,22 @@ def run_workers(
                         procs[i] = None
             stop.wait(0.5)
     finally:
-        # Whatever ends this loop (an error included), no worker outlives the parent.
-        _stop_all(procs, shutdown_timeout_s + CLOSE_SLACK_S + _EXIT_SLACK_S)
+        # Whatever ends this loop (an error included), no worker outlives the parent. The stop is in
+        # the log as a worker's is: a worker killed for not stopping in time was not said at all.
+        began = time.monotonic()
+        if received:
+            plural = "s" if workers > 1 else ""
+            log.info("stopping on %s (pid %d): %d worker%s", received[0], os.getpid(), workers, plural)
+        grace_s = shutdown_timeout_s + CLOSE_SLACK_S + _EXIT_SLACK_S
+        killed = _stop_all(procs, grace_s)
+        for i in killed:
+            log.error("serving worker %d had not stopped %.0f s after its SIGTERM: killed (its impressions "
+                      "not yet delivered are lost)", i, grace_s)  # fmt: skip
         reserve.close()
-    return status
+        if received:
+            log.info("stopped in %.1f s (pid %d)", time.monotonic() - began, os.getpid())
+    # A killed worker's stop was not clean (exit 1, as a stream processor's that ran out of time).
+    return status or (1 if killed else 0)
 
 
 # A worker's exit after its stack closed (threads joined, the interpreter torn down); with the default
@@ -138,17 +156,21 @@ def run_workers(
 _EXIT_SLACK_S = 7.0
 
 
-def _stop_all(procs: list[subprocess.Popen | None], grace_s: float) -> None:
+def _stop_all(procs: list[subprocess.Popen | None], grace_s: float) -> list[int]:
     """SIGTERM every running worker, wait up to ``grace_s`` in all, then SIGKILL what is left (a fixed
-    30 s cut a worker given a longer ``serve.shutdown_timeout_s`` short, its impressions undelivered)."""
+    30 s cut a worker given a longer ``serve.shutdown_timeout_s`` short, its impressions undelivered);
+    returns the indices of the workers killed."""
+    killed: list[int] = []
     for p in procs:
         if p is not None and p.poll() is None:
             p.terminate()
     deadline = time.monotonic() + grace_s
-    for p in procs:
+    for i, p in enumerate(procs):
         if p is not None:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+                killed.append(i)
+    return killed

@@ -92,3 +92,34 @@ def test_it_cannot_be_cleared():
     with pytest.raises(TypeError, match="cannot be cleared"):
         event.clear()
     assert event.is_set()
+
+
+# The kernel may hand a signal to any thread (a Ctrl-C to the process group, then a parent's SIGTERM, a
+# millisecond apart: the second found the main thread with one pending). Aimed at a thread of its own
+# here: it interrupts nothing in the main thread, which must still stop.
+_SIGNAL_TO_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from reloop.engine.runtime.signal_event import SignalSafeEvent
+
+stop = SignalSafeEvent()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+def signal_from_here():
+    time.sleep(0.3)  # the main thread is in its wait by then
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=signal_from_here).start()
+print("stopped" if stop.wait(float(sys.argv[1])) else "not stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout", ["1e9", "30"])
+def test_a_signal_the_kernel_gives_another_thread_still_ends_the_main_threads_wait(timeout: str):
+    # A single poll until set (or until 30 s) in the main thread never woke: `reloop serve --workers 2`
+    # stopped by a Ctrl-C hung until its parent killed the worker 30 s later.
+    began = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_TO_ANOTHER_THREAD, timeout], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "stopped\n", proc.stdout + proc.stderr
+    assert time.monotonic() - began < 20

@@ -90,10 +90,11 @@ class _SlowToStop(_Proc):
 
 @pytest.mark.parametrize(("shutdown_timeout_s", "killed"), [(20.0, True), (60.0, False)])
 def test_a_stop_gives_each_worker_its_shutdown_timeout_before_a_sigkill(
-    monkeypatch, handlers, shutdown_timeout_s, killed
+    monkeypatch, handlers, caplog, shutdown_timeout_s, killed
 ):
     # The parent SIGKILLed its workers 30 s after SIGTERM whatever serve.shutdown_timeout_s said: a
     # worker given 60 s to deliver its impression log was cut short at 30.
+    caplog.set_level("INFO", logger="reloop.engine.serve.workers")
     made: list[_SlowToStop] = []
 
     def popen(argv, preexec_fn=None):
@@ -108,5 +109,10 @@ def test_a_stop_gives_each_worker_its_shutdown_timeout_before_a_sigkill(
     status = workers.run_workers(
         ["--config", "x.yaml"], 1, "127.0.0.1", 0, shutdown_timeout_s=shutdown_timeout_s
     )
-    assert status == 0
     assert [(p.terminated, p.killed) for p in made] == [(True, killed)]
+    # A killed worker's stop was not clean, and is said: it was a silent exit 0.
+    assert status == (1 if killed else 0)
+    said = [r.getMessage() for r in caplog.records if r.name == "reloop.engine.serve.workers"]
+    assert said[0].startswith("stopping on SIGTERM (pid ") and said[0].endswith("): 1 worker")
+    assert ("serving worker 0 had not stopped" in said[1]) is killed
+    assert said[-1].startswith("stopped in ")
