@@ -161,9 +161,11 @@ class LocalBroker:
     ``kafka_home`` defaults to ``default_kafka_home()``. ``detached=True`` lets the broker outlive this
     Python process (``reloop kafka up``); otherwise the broker is terminated when its parent dies (Linux
     PR_SET_PDEATHSIG, which fires when the *thread* that called ``start`` exits: start a non-detached
-    broker from a thread that outlives it). ``sasl_plain=(username, password)``: the client (and
-    inter-broker) listener requires SASL/PLAIN with that user instead of PLAINTEXT. ``tls``: that listener
-    speaks TLS (SSL, or SASL_SSL with ``sasl_plain``) with the broker's key and certificate of ``tls``.
+    broker from a thread that outlives it). Either way it runs in a session of its own: signals to the
+    owner's process group (a terminal's Ctrl-C) do not reach it, and the owner stops it.
+    ``sasl_plain=(username, password)``: the client (and inter-broker) listener requires SASL/PLAIN with
+    that user instead of PLAINTEXT. ``tls``: that listener speaks TLS (SSL, or SASL_SSL with
+    ``sasl_plain``) with the broker's key and certificate of ``tls``.
     """
 
     def __init__(
@@ -389,7 +391,10 @@ class LocalBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.state_dir,
-                start_new_session=self.detached,
+                # Always a session of its own: a Ctrl-C to the owner's group (a terminal's) reached the
+                # broker too, so `reloop demo` stopped its trainers against a broker already gone.
+                # The owner stops it last; PDEATHSIG still ends it with a non-detached owner.
+                start_new_session=True,
                 preexec_fn=None if self.detached else _die_with_parent,
             )
         try:

@@ -237,6 +237,43 @@ def test_sigterm_during_up_stops_the_broker_it_launched(fake_kafka: Path, tmp_pa
             cli.wait()
 
 
+def test_a_ctrl_c_to_the_owners_group_does_not_reach_its_broker_but_the_owners_death_does(
+    fake_kafka: Path, tmp_path: Path
+) -> None:
+    # `reloop demo` stopped by a Ctrl-C in its terminal: the broker it had started was in its process
+    # group and got the SIGINT too, so the demo's orderly stop (trainers' final snapshots, then the
+    # broker) ran against a broker already gone: 58 s of bootstrap timeouts, no snapshot published.
+    state = tmp_path / "state"
+    owner_script = (
+        "import signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from reloop.connectors.kafka import local_broker\n"
+        "local_broker.default_kafka_home = lambda: Path(sys.argv[1])\n"
+        "local_broker._metadata_ok = lambda *a, **k: (True, 'fake')\n"
+        "signal.signal(signal.SIGINT, lambda *_: print('interrupted', flush=True))\n"
+        "local_broker.LocalBroker(Path(sys.argv[2])).start(timeout_s=60)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_script, str(fake_kafka), str(state)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "started\n"
+        (broker,) = _brokers_of(state)
+        os.killpg(owner.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        assert owner.stdout.readline() == "interrupted\n"
+        time.sleep(0.5)
+        assert broker.is_running() and broker.status() != psutil.STATUS_ZOMBIE
+        owner.kill()  # an owner that dies without stopping it still takes it along
+        broker.wait(15)  # raises TimeoutExpired if the broker outlived its owner
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        owner.wait()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fetching the jars with a fake `mvn` (copies a fake jar set into <pom dir>/lib).
 
