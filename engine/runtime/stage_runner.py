@@ -67,7 +67,7 @@ class StopRequest:
         now = self._clock()
         if self._first_at is not None:
             if now - self._first_at < self.SAME_STOP_S:
-                log.info("stopping already", extra={"fields": {"signal": name}})
+                log.info("stopping already", extra={"fields": {**self._who(), "signal": name}})
                 return
             self._force(f"a second {name}", in_time=False)
         self._first_at = now
@@ -76,19 +76,28 @@ class StopRequest:
             # an unreachable broker for kafka-python's 30 s bootstrap: `reloop run` stopping a join
             # still connecting took that long to report its train stage's bad config. Ending here is
             # a crash before the first record, which a restart resumes like any other.
-            log.info("stopping before the stage started: nothing to save", extra={"fields": {"signal": name}})
+            log.info(
+                "stopping before the stage started: nothing to save",
+                extra={"fields": {**self._who(), "signal": name}},
+            )
             self.nothing_owed()
             code = _stopped_while_failing(self.failure(), self.stage)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(code)
-        log.info("stopping", extra={"fields": {"signal": name, "exit_within_s": self.timeout_s}})
+        log.info(
+            "stopping", extra={"fields": {**self._who(), "signal": name, "exit_within_s": self.timeout_s}}
+        )
         self.event.set()
         self._timer = threading.Timer(
             self.timeout_s, self._force, args=(f"{self.timeout_s:g} s after {name}",)
         )
         self._timer.daemon = True
         self._timer.start()
+
+    def _who(self) -> dict[str, Any]:
+        """Which process stops: `reloop run` merges its stages' logs, all under one logger."""
+        return {"stage": self.stage, "pid": os.getpid()}
 
     def disarm(self) -> None:
         if self._timer is not None:
@@ -100,12 +109,12 @@ class StopRequest:
         if saved is None:
             log.critical(
                 f"{what}: exiting without a final checkpoint (the last snapshot stays the restart point)",
-                extra={"fields": {"why": why}},
+                extra={"fields": {**self._who(), "why": why}},
             )
         else:  # only releasing the clients was left (a broker that does not answer)
             log.error(
                 f"{what}: exiting after the final checkpoint, before every client was closed",
-                extra={"fields": {"why": why, "final_checkpoint": saved}},
+                extra={"fields": {**self._who(), "why": why, "final_checkpoint": saved}},
             )
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -163,6 +172,7 @@ def run_supervised(
             )
     if stop is None:
         stop = StopRequest(cfg.recovery.stop_timeout_s)
+        stop.stage = name
         stop.install()
     hooks: list[Any] = []
 
@@ -268,7 +278,10 @@ def _stopped_while_failing(failure: str | None, name: str) -> int:
     orchestrator), said on stderr with the last error."""
     if failure is None:
         return 0
-    log.critical("stopped while the stage was failing", extra={"fields": {"last_error": failure}})
+    log.critical(
+        "stopped while the stage was failing",
+        extra={"fields": {"stage": name, "pid": os.getpid(), "last_error": failure}},
+    )
     print(
         f"reloop {name}: stopped while the stage was failing; last error: {failure}",
         file=sys.stderr,

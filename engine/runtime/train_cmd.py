@@ -151,6 +151,7 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     port = args.metrics_port if args.metrics_port is not None else cfg.metrics.prometheus_port
     stop = StopRequest(cfg.recovery.stop_timeout_s)
+    stop.stage = "train"
     stop.starting = lambda: True  # until run_supervised asks its supervisor: joining the group owes nothing
     stop.nothing_owed = _mark_stopped
     stop.install()

@@ -135,3 +135,16 @@ def test_a_stop_while_data_parallel_ranks_are_still_connecting_exits_0(tmp_path)
     assert proc.returncode == 0, out[-3000:]
     assert out.count("stopping before the stage started: nothing to save") == 2, out[-3000:]
     assert "stopped before their final checkpoint" not in out
+
+
+def test_the_stop_says_which_stage_and_process_stops(
+    forced: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # `reloop run` merges its stages' logs under one logger: "stopping" could not be told apart.
+    stop = StopRequest(timeout_s=30)
+    stop.stage = "join"
+    caplog.set_level("INFO", logger="reloop.run")
+    stop._on_signal(signal.SIGTERM, None)
+    stop.disarm()
+    (record,) = [r for r in caplog.records if r.getMessage() == "stopping"]
+    assert record.fields == {"stage": "join", "pid": os.getpid(), "signal": "SIGTERM", "exit_within_s": 30}
