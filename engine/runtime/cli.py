@@ -135,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         told = getattr(sys.modules.get(COMMANDS[name][0]), "stopped_before_start", None)
         if told is not None:
             told()
-        print(
-            f"reloop {name}: stopped (SIGTERM) before it started: nothing read, nothing to save",
-            file=sys.stderr,
-        )
+        # (A stream processor had read nothing; a scoring service had answered no request.)
+        what = "nothing served" if name == "serve" else "nothing read, nothing to save"
+        print(f"reloop {name}: stopped (SIGTERM) before it started: {what}", file=sys.stderr)
         code = 0
     finally:  # called in-process (tests): the caller's handler back, unless the command put its own
         if early:

@@ -212,9 +212,11 @@ def _supervise(children: dict[str, subprocess.Popen], stop_timeout_s: float) -> 
         # request is the second signal that ends them at once (a stage takes one within a second of
         # its first for the same stop).
         stop_children(signum, again=requests[0] > 1)
-        if requests[0] > 1 and now - first_at[0] >= StopRequest.SAME_STOP_S:
+        running = any(proc.poll() is None for proc in children.values())
+        if running and requests[0] > 1 and now - first_at[0] >= StopRequest.SAME_STOP_S:
             # A stage that cannot take it (stuck in a C call, stopped) is killed KILL_GRACE_S from now,
-            # not at the first stop's deadline (a second signal waited out stop_timeout_s + 5 s).
+            # not at the first stop's deadline (a second signal waited out stop_timeout_s + 5 s). With
+            # every stage already ended there is nothing to kill, and no warning that there is.
             deadline = now + KILL_GRACE_S
             if kill_at[0] is None or deadline < kill_at[0]:
                 kill_at[0] = deadline

@@ -162,6 +162,8 @@ def test_a_second_stop_request_still_ends_the_stages_at_once(tmp_path):
     assert time.monotonic() - t0 < 10
     assert code == 1 and _stopped(lines)["exit_codes"] == {"train": 1, "join": 1}
     assert len([ln for ln in lines if "stop forced" in ln["msg"]]) == 2
+    # said while the stages still ran (with none left, nothing is killed and it is not said)
+    assert [ln for ln in lines if ln["msg"].startswith("a second signal: stages still running")]
 
 
 def test_a_stage_that_does_not_exit_after_the_stop_is_killed(tmp_path):
