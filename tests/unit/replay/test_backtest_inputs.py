@@ -239,6 +239,11 @@ def test_report_only_keeps_the_runs_report_from(tmp_path: Path) -> None:
     assert main([*argv, "--report-only", "--report-from", "1"]) == 0  # asked for: done
     text = (out / "report.md").read_text()
     assert "- tables: periods 1 and later" in text
+    # Every period of MovieLens, where the defaults were chosen on weeks 1-10: said, with the way out
+    # (a bare run's report counted those weeks as results without a word).
+    assert "defaults were chosen on weeks 1-10 of MovieLens-100K; --report-from 11" in text
+    assert main([*argv, "--report-only", "--report-from", "2"]) == 0
+    assert "defaults were chosen on" not in (out / "report.md").read_text()
     # The run's command line stays (with its --report-from); the rebuild says where its tables start, once.
     assert text.count("- rebuilt from results.csv by --report-only, the tables from period 1") == 1, text
     assert main([*argv, "--report-only", "--report-from", "1"]) == 0
