@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import importlib.metadata
 import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from reloop.engine.runtime import early_stop
 
@@ -189,9 +191,7 @@ def _run(name: str, argv: list[str]) -> int:
     try:
         # No abbreviated flags: "--conf" taken for --config would change meaning once a flag sharing the
         # prefix is added.
-        cmd_parser = argparse.ArgumentParser(
-            prog=f"reloop {name}", description=COMMANDS[name][1], allow_abbrev=False
-        )
+        cmd_parser = CommandParser(prog=f"reloop {name}", description=COMMANDS[name][1], allow_abbrev=False)
         module.configure(cmd_parser)
         args = cmd_parser.parse_args(argv[1:])
         return int(module.main(args) or 0)
@@ -206,6 +206,32 @@ def _run(name: str, argv: list[str]) -> int:
     except BrokenPipeError:  # `reloop models --json | head`: the reader left; no traceback (Python's advice)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's usage error in two lines: the error, with the nearest option to one misspelled, and
+    where the options are listed. argparse put the whole usage first: 20 lines for `reloop backtest`,
+    which buried the one that mattered."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            2,
+            f"{self.prog}: error: {message}{self._nearest(message)}\n{self.prog} --help lists every option\n",
+        )
+
+    def _nearest(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        guesses: dict[str, str] = {}
+        for word in message[len(prefix) :].split():
+            flag = word.split("=", 1)[0]
+            if flag.startswith("-"):
+                guesses.update((flag, match) for match in difflib.get_close_matches(flag, known, n=1))
+        if len(guesses) < 2:
+            return "".join(f" (did you mean {match}?)" for match in guesses.values())
+        return f" (did you mean {', '.join(f'{match} for {flag}' for flag, match in guesses.items())}?)"
 
 
 if __name__ == "__main__":
