@@ -209,15 +209,12 @@ def _run(name: str, argv: list[str]) -> int:
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A command's usage error in two lines: the error, with the nearest option to one misspelled, and
-    where the options are listed. argparse put the whole usage first: 20 lines for `reloop backtest`,
-    which buried the one that mattered."""
+    """A command's usage error in one line: the error, the nearest option to one misspelled, and where
+    the options are listed. argparse put the whole usage first: 20 lines for `reloop backtest`, which
+    buried the one that mattered."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(
-            2,
-            f"{self.prog}: error: {message}{self._nearest(message)}\n{self.prog} --help lists every option\n",
-        )
+        self.exit(2, f"{self.prog}: error: {message}{self._nearest(message)}; see {self.prog} --help\n")
 
     def _nearest(self, message: str) -> str:
         prefix = "unrecognized arguments: "
