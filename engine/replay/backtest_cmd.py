@@ -129,14 +129,15 @@ def memory_spec(text: str) -> Any:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    # Both needed for runs, neither by --report-only (it rebuilds from OUT/results.csv): checked in _check.
     parser.add_argument(
-        "--dataset", required=True, help="movielens-100k, frappe, frappe-libfm, criteo, avazu, impression-log"
+        "--dataset",
+        help="movielens-100k, frappe, frappe-libfm, criteo, avazu, impression-log (not with --report-only)",
     )
     parser.add_argument(
         "--data",
-        required=True,
         type=Path,
-        help="the dataset's file (movielens-100k, frappe, frappe-libfm: its folder too)",
+        help="the dataset's file (MovieLens, Frappe: its folder too); not with --report-only",
     )
     parser.add_argument(
         "--dataset-option",
@@ -484,6 +485,9 @@ def _check(args: argparse.Namespace) -> tuple[tuple[Strategy, ...], tuple[tuple[
     model options and the publishing interval (ms)."""
     from reloop.engine.models.registry import UnknownBackbone, backbone_entry
 
+    missing = [f"--{name}" for name in ("dataset", "data") if getattr(args, name, None) is None]
+    if missing:  # (argparse's "required" would ask --report-only for them too)
+        raise Refused(f"the following arguments are required: {', '.join(missing)} (not with --report-only)")
     for option in ("strategies", "alphas", "backbones", "protocols"):
         if not _csv_list(getattr(args, option)):  # a grid without a value made no run of its kind
             raise Refused(f"--{option}: expected comma-separated values, got {getattr(args, option)!r}")
@@ -853,14 +857,14 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], header: s
         if c.strategy.startswith("reloop")
     ]
     datasets = sorted({r.get("dataset", "") for r in rows} - {""})
-    title = args.title or getattr(args, "dataset_name", None) or ", ".join(datasets) or args.dataset
+    title = args.title or getattr(args, "dataset_name", None) or ", ".join(datasets) or args.dataset or "?"
     text = f"""# Backtest: {title}
 
 {header}
 - tables: periods {report_from} and later{
         " (the earlier ones were used to choose settings; the plots show every period)"
         if report_from > 1
-        else _EVERY_PERIOD_NOTE.get(args.dataset, "")
+        else _EVERY_PERIOD_NOTE.get(args.dataset or "".join(datasets[:1] if len(datasets) == 1 else []), "")
     }
 - wall time: {
         "(report rebuilt by --report-only from results.csv)"

@@ -244,6 +244,9 @@ def test_report_only_keeps_the_runs_report_from(tmp_path: Path) -> None:
     assert "defaults were chosen on weeks 1-10 of MovieLens-100K; --report-from 11" in text
     assert main([*argv, "--report-only", "--report-from", "2"]) == 0
     assert "defaults were chosen on" not in (out / "report.md").read_text()
+    # The rebuild reads results.csv alone: the data's flags are not asked for (they were required).
+    assert main(["backtest", "--out", str(out), "--report-only", "--report-from", "1"]) == 0
+    assert "defaults were chosen on weeks 1-10" in (out / "report.md").read_text()
     # The run's command line stays (with its --report-from); the rebuild says where its tables start, once.
     assert text.count("- rebuilt from results.csv by --report-only, the tables from period 1") == 1, text
     assert main([*argv, "--report-only", "--report-from", "1"]) == 0
@@ -341,3 +344,10 @@ def test_a_resume_of_a_folder_that_recorded_no_settings_is_refused(tmp_path: Pat
     (out / "settings.json").unlink()  # a folder from before the record was kept
     assert main([*argv, "--resume"]) == 2
     assert "records no settings.json" in capsys.readouterr().err
+
+
+def test_a_run_names_the_data_flags_it_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backtest", "--out", str(tmp_path / "out"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "reloop backtest: the following arguments are required: --dataset (not with --report-only)" in err
+    assert not (tmp_path / "out").exists()
