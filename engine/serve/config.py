@@ -300,6 +300,14 @@ class ServeConfig(_Frozen):
         "start or of the answer before it, or the connection is closed: slow or silent clients cannot "
         "hold connections (and file descriptors) for ever",
     )
+    max_connections: int | None = Field(
+        default=4096,
+        ge=1,
+        description="open connections one serving process keeps; one beyond is answered 503 with "
+        "Retry-After and closed at once (counted as a failed request, status 503), so a flood of "
+        "connections cannot use up the process's file descriptors (its registry watcher, its Kafka "
+        "client); null: no cap. Keep it under the process's open-file limit (ulimit -n)",
+    )
     shutdown_timeout_s: float = Field(
         default=20.0,
         gt=0,

@@ -67,14 +67,49 @@ LoaderFactory = Callable[
 ]
 
 
-def _http_impl(read_timeout_s: float, on_timeout: Callable[[], None]) -> type[asyncio.Protocol]:
+def _http_impl(
+    read_timeout_s: float,
+    on_timeout: Callable[[], None],
+    max_connections: int | None = None,
+    on_refused: Callable[[], None] = lambda: None,
+) -> type[asyncio.Protocol]:
     """httptools (C HTTP/1.1 parser) when installed: ~4x less parser CPU per request than h11; with a
-    read deadline (``with_read_deadline``)."""
+    read deadline (``with_read_deadline``) and a cap on open connections (``with_connection_cap``)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    return with_read_deadline(base, read_timeout_s, on_timeout)
+    return with_connection_cap(
+        with_read_deadline(base, read_timeout_s, on_timeout), max_connections, on_refused
+    )
+
+
+_TOO_MANY = b"too many connections (serve.max_connections); try again\n"
+_TOO_MANY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_MANY), _TOO_MANY)
+)
+
+
+def with_connection_cap(
+    base: type[Any], most: int | None, on_refused: Callable[[], None]
+) -> type[asyncio.Protocol]:
+    """``base`` answering a connection beyond ``most`` open ones 503 (Retry-After: 1) and closing it
+    at once. uvicorn's ``limit_concurrency`` answers 503 too, but only once a request arrives, and keeps
+    the connection: a flood of them still used up the file descriptors. ``on_refused`` counts each."""
+    if most is None:
+        return base
+
+    class ConnectionCap(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)  # (uvicorn adds it to the server's open connections)
+            if len(self.server_state.connections) > most:
+                on_refused()
+                transport.write(_TOO_MANY_RESPONSE)
+                transport.close()  # (sent first: a transport writes out its buffer before it closes)
+
+    ConnectionCap.__name__ = ConnectionCap.__qualname__ = f"ConnectionCap{base.__name__}"
+    return ConnectionCap
 
 
 def with_read_deadline(
@@ -618,7 +653,12 @@ class ServingStack:
                 self.asgi,
                 log_level="warning",
                 access_log=False,
-                http=_http_impl(self.config.read_timeout_s, lambda: count_failed(self.service, 408)),
+                http=_http_impl(
+                    self.config.read_timeout_s,
+                    lambda: count_failed(self.service, 408),
+                    self.config.max_connections,
+                    lambda: count_failed(self.service, 503),
+                ),
                 loop=_loop_impl(),
                 timeout_keep_alive=self.config.keep_alive_s,
                 backlog=2048,

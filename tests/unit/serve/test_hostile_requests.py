@@ -335,3 +335,46 @@ def test_slow_or_silent_clients_are_closed_at_the_read_timeout_and_others_are_se
         for sock in slow.values():
             sock.close()
         stack.close()
+
+
+def test_connections_beyond_the_cap_get_a_503_at_once_and_the_others_are_served(tmp_path):
+    # No cap: every connection was kept (until its read timeout), so a flood of them used up the file
+    # descriptors the registry watcher and the Kafka client need.
+    import socket
+
+    _published(tmp_path)
+    config = serve_config_from_dict(
+        {
+            "serve": {"port": 0, "log": {"enabled": False}, "max_connections": 3, "keep_alive_s": 30},
+            "arms": [{"name": "A", "registry": str(tmp_path / "reg")}],
+        }
+    )
+    stack = ServingStack(config).start()
+    url = stack.serve_in_thread()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):  # the cap's worth, sending nothing yet
+            held.append(socket.create_connection((host, int(port))))
+        time.sleep(0.3)  # accepted by the service
+        with socket.create_connection((host, int(port))) as extra:
+            extra.settimeout(10)
+            answer = b""
+            while chunk := extra.recv(65536):  # closed by the service after its answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Retry-After: 1" in answer and b"serve.max_connections" in answer
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # one within the cap is served
+        held[0].settimeout(10)
+        assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(0.3)  # their slots are free again
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.post("/score", content=orjson.dumps(_body(3))).status_code == 200
+            assert client.get("/stats").json()["failed_requests"] == {"503": 1}
+    finally:
+        for sock in held:
+            sock.close()
+        stack.close()
