@@ -91,6 +91,10 @@ _TOO_MANY_RESPONSE = (
 )
 
 
+# How long a connection refused by the cap is read (and what arrives dropped) before it is closed.
+_REFUSED_LINGER_S = 1.0
+
+
 def with_connection_cap(
     base: type[Any], most: int | None, on_refused: Callable[[], None]
 ) -> type[asyncio.Protocol]:
@@ -101,12 +105,28 @@ def with_connection_cap(
         return base
 
     class ConnectionCap(base):  # type: ignore[misc, valid-type]
+        _refused = False
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)  # (uvicorn adds it to the server's open connections)
-            if len(self.server_state.connections) > most:
-                on_refused()
-                transport.write(_TOO_MANY_RESPONSE)
-                transport.close()  # (sent first: a transport writes out its buffer before it closes)
+            if len(self.server_state.connections) <= most:
+                return
+            self._refused = True
+            on_refused()
+            disarm = getattr(self, "_disarm_read_deadline", None)
+            if disarm is not None:  # not a slow client: answered already
+                disarm()
+            transport.write(_TOO_MANY_RESPONSE)
+            # A close with the client's request unread sends a reset, on which a client's stack may
+            # drop the 503 it has not read yet (a web server's "lingering close"): half-close, read
+            # and drop what comes for a moment, then close.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(_REFUSED_LINGER_S, transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:  # a refused connection's request is dropped unread
+                super().data_received(data)
 
     ConnectionCap.__name__ = ConnectionCap.__qualname__ = f"ConnectionCap{base.__name__}"
     return ConnectionCap

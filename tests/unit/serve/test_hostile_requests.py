@@ -352,6 +352,7 @@ def test_connections_beyond_the_cap_get_a_503_at_once_and_the_others_are_served(
     stack = ServingStack(config).start()
     url = stack.serve_in_thread()
     host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = orjson.dumps(_body(3))
     held: list[socket.socket] = []
     try:
         for _ in range(3):  # the cap's worth, sending nothing yet
@@ -364,6 +365,13 @@ def test_connections_beyond_the_cap_get_a_503_at_once_and_the_others_are_served(
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 503 "), answer
         assert b"Retry-After: 1" in answer and b"serve.max_connections" in answer
+        for _ in range(5):  # a client that sends its request at once gets the 503 too, not a reset
+            with socket.create_connection((host, int(port))) as extra:
+                extra.sendall(
+                    b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                extra.settimeout(10)
+                assert extra.recv(65536).startswith(b"HTTP/1.1 503 ")
         held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # one within the cap is served
         held[0].settimeout(10)
         assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
@@ -372,8 +380,8 @@ def test_connections_beyond_the_cap_get_a_503_at_once_and_the_others_are_served(
         held.clear()
         time.sleep(0.3)  # their slots are free again
         with httpx.Client(base_url=url, timeout=10) as client:
-            assert client.post("/score", content=orjson.dumps(_body(3))).status_code == 200
-            assert client.get("/stats").json()["failed_requests"] == {"503": 1}
+            assert client.post("/score", content=body).status_code == 200
+            assert client.get("/stats").json()["failed_requests"] == {"503": 6}
     finally:
         for sock in held:
             sock.close()
