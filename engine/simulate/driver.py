@@ -108,6 +108,7 @@ class Simulator:
         # The world's random generator is not thread-safe; HTTP calls happen outside this lock.
         self._world_lock = threading.Lock()
         self._emit_lock = threading.Lock()
+        self._in_hand = 0  # clicks the thread sending them has taken off the queue
         # The first click-sink failure: every thread stops, and nothing tries the broker again (each try
         # could wait a whole bootstrap timeout).
         self.failure: ClickSinkFailed | None = None
@@ -177,6 +178,7 @@ class Simulator:
                 raise self.failure
             self._requeue_undelivered()
             due = self.clicks.pop_due(self.clock_ms() if now_ms is None else now_ms)
+            self._in_hand = len(due)  # (close counts them if this thread is stuck with them)
             sent = done = 0
             try:
                 for arm, click in due:
@@ -201,6 +203,7 @@ class Simulator:
                 self.failure = ClickSinkFailed(f"sending clicks failed: {exc!r}")
                 raise self.failure from exc
             finally:
+                self._in_hand = 0
                 if sent:
                     with self.stats.lock:
                         self.stats.clicks_sent += sent
@@ -281,24 +284,42 @@ class Simulator:
         """Send ``rate`` requests per second (paced, not bursty) until ``duration_s`` or ``stop``, from
         ``concurrency`` threads (each at rate / concurrency) so one slow answer does not stall the rest."""
         stop = stop or threading.Event()
-        if concurrency > 1:
-            workers = [
-                threading.Thread(
-                    target=self._worker,
-                    args=(rate / concurrency, duration_s, stop),
-                    name=f"simulator-{i}",
-                    daemon=True,
-                )
-                for i in range(concurrency)
-            ]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            if self.failure is not None:
-                raise self.failure
-            return
-        self._paced(rate, duration_s, stop)
+        # On threads even when there is one: this thread must be free to end the run at a stop while a
+        # request thread is stuck making a click producer (kafka-python waits up to 30 s for a broker
+        # that is down): `reloop simulate` ignored every signal until that wait gave up.
+        workers = [
+            threading.Thread(
+                target=self._worker,
+                args=(rate / concurrency, duration_s, stop),
+                name=f"simulator-{i}",
+                daemon=True,
+            )
+            for i in range(concurrency)
+        ]
+        for w in workers:
+            w.start()
+        while any(w.is_alive() for w in workers):
+            if stop.wait(0.1):
+                self._join_after_stop(workers)
+                break
+        if self.failure is not None:
+            raise self.failure
+
+    # How long a stop waits for the request threads (and close for the one sending clicks).
+    STOP_GRACE_S = 2.0
+
+    def _join_after_stop(self, workers: list[threading.Thread]) -> None:
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(w.is_alive() for w in workers)
+        if busy:
+            log.warning(
+                "simulate: %d request thread(s) still busy %g s after the stop (making a click producer "
+                "while the broker is down?): not waited for",
+                busy,
+                self.STOP_GRACE_S,
+            )
 
     def _worker(self, rate: float, duration_s: float | None, stop: threading.Event) -> None:
         with contextlib.suppress(ClickSinkFailed):  # kept in self.failure: run() raises it once
@@ -325,12 +346,17 @@ class Simulator:
         """Send the clicks already due, flush the sinks; clicks still in the future (or not sent after a
         sink failure) are counted, not sent. Raises ``ClickSinkFailed`` after a sink failure."""
         error: ClickSinkFailed | None = None
-        try:
-            self.emit_due_clicks()
-        except ClickSinkFailed as exc:
-            error = exc
+        # A request thread stuck sending (making a producer for a broker that is down) holds the send:
+        # its clicks are counted as pending, not waited for.
+        stuck = not self._emit_lock.acquire(timeout=self.STOP_GRACE_S)
+        if not stuck:
+            self._emit_lock.release()
+            try:
+                self.emit_due_clicks()
+            except ClickSinkFailed as exc:
+                error = exc
         with self.stats.lock:
-            self.stats.clicks_pending_at_end = len(self.clicks)
+            self.stats.clicks_pending_at_end = len(self.clicks) + (self._in_hand if stuck else 0)
         with self._remake_lock:
             self._closing.set()  # a sink still being made is closed by its thread
             remade, self._remade = list(self._remade.values()), {}

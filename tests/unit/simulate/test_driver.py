@@ -483,3 +483,30 @@ def test_a_sink_made_after_close_is_closed_and_not_used():
     sinks.release.set()
     _until(lambda: len(sinks.made) == 2 and sinks.made[1].closed)
     assert not sinks.made[1].held
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_stop_ends_the_run_while_a_request_thread_waits_for_a_broker_that_is_down(concurrency):
+    # The first click producer waits for the broker (kafka-python: up to 30 s): the run, and `reloop
+    # simulate` with it, ignored the stop (and every signal after it) until that wait gave up.
+    released = threading.Event()
+
+    def waits_for_the_broker(arm):
+        released.wait(60)
+        raise ConnectionError("no broker")
+
+    world = World(WorldConfig(seed=0, delay_median_s=0.001, delay_sigma=0.1))
+    clock = FakeClock()
+    sim = Simulator(world=world, score=_ranker(world, clock, oracle=False), click_sink=waits_for_the_broker)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    try:
+        began = time.monotonic()
+        sim.run(rate=100.0, duration_s=60.0, stop=stop, concurrency=concurrency)
+        sim.close()
+        assert time.monotonic() - began < 0.5 + 2 * Simulator.STOP_GRACE_S + 2
+        clicks = sum(a.clicks for a in sim.stats.arms.values())
+        # every click drawn is accounted for: none sent, the stuck thread's as pending too
+        assert clicks > 0 and sim.stats.clicks_sent == 0 and sim.stats.clicks_pending_at_end == clicks
+    finally:
+        released.set()
