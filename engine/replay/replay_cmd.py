@@ -673,6 +673,7 @@ def _summarised(
         summary.unlink(missing_ok=True)
         return 1
     except KeyboardInterrupt as exc:
+        bar.close()  # its line ended first: the message was written after the bar's, on the same line
         args.out.mkdir(parents=True, exist_ok=True)
         partial = {"interrupted": True, "records_read": bar.n, "snapshots": str(args.out / "snapshots")}
         summary.write_bytes(orjson.dumps(partial, option=orjson.OPT_INDENT_2))

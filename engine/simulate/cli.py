@@ -203,8 +203,10 @@ def main(args: argparse.Namespace) -> int:
     if not scorer.ready():
         print(f"reloop simulate: waiting for the scoring service at {url} (up to 60 s)", file=sys.stderr)
     if not wait_ready(scorer, 60, stop):
-        why = "stopped while waiting" if stop.is_set() else "it is not ready after 60 s"
-        print(f"reloop simulate: no scoring service at {url}: {why}", file=sys.stderr)
+        if stop.is_set():  # the operator's stop, not a failure (exit 1 read as one)
+            print(f"reloop simulate: stopped while waiting for the scoring service at {url}", file=sys.stderr)
+            return 0
+        print(f"reloop simulate: no scoring service at {url}: it is not ready after 60 s", file=sys.stderr)
         return 1
     sim = build_simulator(
         config,

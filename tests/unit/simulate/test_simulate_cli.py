@@ -34,7 +34,7 @@ def test_ctrl_c_while_waiting_for_the_service_ends_at_once_with_a_message() -> N
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=30)
-    assert proc.returncode == 1
+    assert proc.returncode == 0  # the operator's stop (it exited 1, a failure)
     assert time.monotonic() - start < 5
     assert "stopped while waiting" in rest and "Traceback" not in rest
 
