@@ -286,22 +286,27 @@ def test_answers_without_a_ranking_are_counted_by_status(service):
     assert after.get("500", 0) == before.get("500", 0)
 
 
+def _serving(tmp_path, **serve) -> tuple[ServingStack, str, str, str]:
+    """A published model served on a free port with these serve settings (keep-alive 30 s, no log):
+    the stack, its URL, host and port."""
+    _published(tmp_path)
+    settings = {"port": 0, "log": {"enabled": False}, "keep_alive_s": 30, **serve}
+    config = serve_config_from_dict(
+        {"serve": settings, "arms": [{"name": "A", "registry": str(tmp_path / "reg")}]}
+    )
+    stack = ServingStack(config).start()
+    url = stack.serve_in_thread()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return stack, url, host, port
+
+
 def test_slow_or_silent_clients_are_closed_at_the_read_timeout_and_others_are_served(tmp_path):
     # uvicorn times nothing before a request is read whole: a client that sent nothing, part of its
     # headers or part of its body held its connection for ever (20,000 of them used up the process's
     # file descriptors).
     import socket
 
-    _published(tmp_path)
-    config = serve_config_from_dict(
-        {
-            "serve": {"port": 0, "log": {"enabled": False}, "read_timeout_s": 1.0, "keep_alive_s": 30},
-            "arms": [{"name": "A", "registry": str(tmp_path / "reg")}],
-        }
-    )
-    stack = ServingStack(config).start()
-    url = stack.serve_in_thread()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stack, url, host, port = _serving(tmp_path, read_timeout_s=1.0)
     body = orjson.dumps(_body(3))
     sends = {
         "nothing": b"",
@@ -342,16 +347,7 @@ def test_connections_beyond_the_cap_get_a_503_at_once_and_the_others_are_served(
     # descriptors the registry watcher and the Kafka client need.
     import socket
 
-    _published(tmp_path)
-    config = serve_config_from_dict(
-        {
-            "serve": {"port": 0, "log": {"enabled": False}, "max_connections": 3, "keep_alive_s": 30},
-            "arms": [{"name": "A", "registry": str(tmp_path / "reg")}],
-        }
-    )
-    stack = ServingStack(config).start()
-    url = stack.serve_in_thread()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stack, url, host, port = _serving(tmp_path, max_connections=3)
     body = orjson.dumps(_body(3))
     held: list[socket.socket] = []
     try:
