@@ -858,13 +858,14 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], header: s
     ]
     datasets = sorted({r.get("dataset", "") for r in rows} - {""})
     title = args.title or getattr(args, "dataset_name", None) or ", ".join(datasets) or args.dataset or "?"
+    dataset = args.dataset or (datasets[0] if len(datasets) == 1 else "")  # (--report-only: the CSV's)
     text = f"""# Backtest: {title}
 
 {header}
 - tables: periods {report_from} and later{
         " (the earlier ones were used to choose settings; the plots show every period)"
         if report_from > 1
-        else _EVERY_PERIOD_NOTE.get(args.dataset or "".join(datasets[:1] if len(datasets) == 1 else []), "")
+        else _EVERY_PERIOD_NOTE.get(dataset, "")
     }
 - wall time: {
         "(report rebuilt by --report-only from results.csv)"
