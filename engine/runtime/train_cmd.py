@@ -17,6 +17,7 @@ restarts the group ``--max-restarts`` times before it gives up.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from reloop.engine.runtime.config import LOG_LEVELS, ConfigError, RunConfig, loa
 from reloop.engine.runtime.config_pipe import remove_dead_owners_folders, reopenable
 from reloop.engine.runtime.jsonlog import setup_json_logging
 from reloop.engine.runtime.state_layout import refuse_one_process_state
+
+log = logging.getLogger("reloop.run")
 
 # Set by the launcher for its ranks: its pid (a rank dies with it) and the folder where each rank marks
 # that it stopped owing nothing: its final checkpoint saved, or stopped while its stage was still being
@@ -283,7 +286,18 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Pa
         run_local(scratch, argv)
     except SignalException as exc:  # the agent stopped the ranks
         owing = {f"rank-{r}" for r in range(args.world_size)} - _marked(marks)
-        return _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
+        code = _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
+        # The launcher's own last line, as `reloop run`'s and `serve --workers`' (the ranks' were last).
+        fields = {
+            "stage": "train launcher",
+            "pid": os.getpid(),
+            "signal": signal.Signals(exc.sigval).name,
+            "ranks": args.world_size,
+            "ranks_owing_a_final_checkpoint": sorted(owing),
+            "exit_code": code,
+        }
+        log.info("stopped", extra={"fields": fields})
+        return code
     except NoLoopbackStore as exc:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)
         return 2

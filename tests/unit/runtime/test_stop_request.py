@@ -135,6 +135,12 @@ def test_a_stop_while_data_parallel_ranks_are_still_connecting_exits_0(tmp_path)
     assert proc.returncode == 0, out[-3000:]
     assert out.count("stopping before the stage started: nothing to save") == 2, out[-3000:]
     assert "stopped before their final checkpoint" not in out
+    # the launcher's own last line (the ranks' were the last ones)
+    import json
+
+    said = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert said[-1]["msg"] == "stopped" and said[-1]["stage"] == "train launcher", said[-1]
+    assert said[-1]["exit_code"] == 0 and said[-1]["ranks_owing_a_final_checkpoint"] == [], said[-1]
 
 
 def test_the_stop_says_which_stage_and_process_stops(
