@@ -70,8 +70,8 @@ LoaderFactory = Callable[
 def _http_impl(
     read_timeout_s: float,
     on_timeout: Callable[[], None],
-    max_connections: int | None = None,
-    on_refused: Callable[[], None] = lambda: None,
+    max_connections: int | None,
+    on_refused: Callable[[], None],
 ) -> type[asyncio.Protocol]:
     """httptools (C HTTP/1.1 parser) when installed: ~4x less parser CPU per request than h11; with a
     read deadline (``with_read_deadline``) and a cap on open connections (``with_connection_cap``)."""
