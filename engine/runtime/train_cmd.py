@@ -287,7 +287,8 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Pa
     except SignalException as exc:  # the agent stopped the ranks
         owing = {f"rank-{r}" for r in range(args.world_size)} - _marked(marks)
         code = _stopped(exc.sigval in (signal.SIGTERM, signal.SIGINT), not owing)
-        # The launcher's own last line, as `reloop run`'s and `serve --workers`' (the ranks' were last).
+        # The launcher's own last line, as `reloop run`'s and `serve --workers`' (the ranks' were last);
+        # not "stopped", which is each rank's line with its own counts (log queries select those).
         fields = {
             "stage": "train launcher",
             "pid": os.getpid(),
@@ -296,7 +297,7 @@ def _torchrun(args: argparse.Namespace, cfg: RunConfig, scratch: Path, marks: Pa
             "ranks_owing_a_final_checkpoint": sorted(owing),
             "exit_code": code,
         }
-        log.info("stopped", extra={"fields": fields})
+        log.info("launcher stopped", extra={"fields": fields})
         return code
     except NoLoopbackStore as exc:
         print(f"reloop train: {exc}", file=sys.stderr, flush=True)

@@ -139,7 +139,7 @@ def test_a_stop_while_data_parallel_ranks_are_still_connecting_exits_0(tmp_path)
     import json
 
     said = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    assert said[-1]["msg"] == "stopped" and said[-1]["stage"] == "train launcher", said[-1]
+    assert said[-1]["msg"] == "launcher stopped" and said[-1]["stage"] == "train launcher", said[-1]
     assert said[-1]["exit_code"] == 0 and said[-1]["ranks_owing_a_final_checkpoint"] == [], said[-1]
 
 
